@@ -1,0 +1,105 @@
+"""Message bodies: the bytes of DATA, as they are kept on disk.
+
+On disk a body is exactly what crosses the wire between ``DATA`` and the
+final ``.`` line: CRLF line endings and dot-stuffing (a line starting with
+``.`` gets one more). A non-empty message always ends with CRLF, since SMTP
+cannot carry a message whose last line has no line ending: content submitted
+without one gets it. Apart from that, :meth:`Body.content` gives back the
+submitted bytes exactly.
+
+A bare CR or bare LF in submitted content could let a peer see a different
+message boundary than we do (SMTP smuggling). :class:`LineEndingPolicy`
+decides: ``REJECT`` raises :class:`~spoold.errors.BareLineEndingError`,
+``NORMALIZE`` turns each into CRLF. It is never passed through.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+from email.message import EmailMessage, Message
+from enum import StrEnum
+
+from spoold.errors import BareLineEndingError
+
+__all__ = ["Body", "LineEndingPolicy", "find_bare_line_ending", "normalize_line_endings"]
+
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_ANY_EOL = re.compile(rb"\r\n|\r|\n")
+_STUFF = re.compile(rb"^\.", re.MULTILINE)
+
+
+class LineEndingPolicy(StrEnum):
+    REJECT = "reject"
+    NORMALIZE = "normalize"
+
+
+def find_bare_line_ending(content: bytes) -> int:
+    """Offset of the first bare CR or LF in ``content``, or -1."""
+    m = _BARE.search(content)
+    return -1 if m is None else m.start()
+
+
+def normalize_line_endings(content: bytes) -> bytes:
+    """Every CR, LF or CRLF becomes CRLF."""
+    return _ANY_EOL.sub(b"\r\n", content) if _BARE.search(content) else content
+
+
+class Body:
+    """A message body in its on-disk (wire) form. Immutable."""
+
+    __slots__ = ("_wire",)
+
+    def __init__(self, wire: bytes) -> None:
+        """Wrap bytes already in wire form (as read from disk)."""
+        self._wire = wire
+
+    @classmethod
+    def from_content(
+        cls, content: bytes, policy: LineEndingPolicy = LineEndingPolicy.REJECT
+    ) -> Body:
+        """Encode submitted message bytes (headers and body, not dot-stuffed)."""
+        bare = find_bare_line_ending(content)
+        if bare >= 0:
+            if policy is LineEndingPolicy.REJECT:
+                kind = "CR" if content[bare : bare + 1] == b"\r" else "LF"
+                raise BareLineEndingError(
+                    f"message has a bare {kind} at byte {bare}; lines must end with CRLF"
+                )
+            content = _ANY_EOL.sub(b"\r\n", content)
+        if content and not content.endswith(b"\r\n"):
+            content += b"\r\n"
+        return cls(_STUFF.sub(b"..", content))
+
+    @classmethod
+    def from_email(cls, message: Message) -> Body:
+        """Encode an :mod:`email` message object (line endings become CRLF)."""
+        content = message.as_bytes(policy=email.policy.SMTP)
+        return cls.from_content(content, LineEndingPolicy.NORMALIZE)
+
+    @property
+    def wire(self) -> bytes:
+        """The bytes to send after DATA (before the final ``.`` line)."""
+        return self._wire
+
+    def content(self) -> bytes:
+        """The message as submitted (dot-stuffing undone; CRLF line endings)."""
+        return _STUFF.sub(b"", self._wire)
+
+    def to_email(self) -> EmailMessage:
+        parsed = email.message_from_bytes(self.content(), policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+    def __len__(self) -> int:
+        return len(self._wire)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Body) and other._wire == self._wire
+
+    def __hash__(self) -> int:
+        return hash(self._wire)
+
+    def __repr__(self) -> str:
+        return f"Body({len(self._wire)} bytes)"

@@ -1,0 +1,66 @@
+"""The errors of spoold.
+
+Every error raised on purpose is a :class:`SpooldError`. A caller branches on
+the few subclasses below; ``str(error)`` is written for an operator and names
+the message id or path concerned. Subclasses mix in the builtin they refine,
+so ``except ValueError`` still catches a bad id.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SpooldError",
+    "InvalidIdError",
+    "SpoolLockedError",
+    "StoreError",
+    "NotFoundError",
+    "RecordError",
+    "BareLineEndingError",
+    "OperationRefusedError",
+    "SpoolClosedError",
+]
+
+
+class SpooldError(Exception):
+    """Root of every error spoold raises on purpose."""
+
+
+class InvalidIdError(SpooldError, ValueError):
+    """A string that is not a message id was given where an id is needed."""
+
+
+class SpoolLockedError(SpooldError):
+    """Another process owns the spool (holds its lock)."""
+
+    def __init__(self, spool_dir: str, holder_pid: int | None) -> None:
+        self.spool_dir = spool_dir
+        self.holder_pid = holder_pid
+        holder = f"pid {holder_pid}" if holder_pid is not None else "another process"
+        super().__init__(f"spool {spool_dir} is already owned by {holder}")
+
+
+class StoreError(SpooldError, OSError):
+    """A filesystem operation of the spool store failed."""
+
+
+class NotFoundError(SpooldError, KeyError):
+    """No message with that id in the queue(s) looked at."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want plain text
+        return str(self.args[0]) if self.args else "not found"
+
+
+class RecordError(SpooldError, ValueError):
+    """A metadata record cannot be read: corrupt, or of an unknown version."""
+
+
+class BareLineEndingError(SpooldError, ValueError):
+    """Submitted content holds a bare CR or LF and the policy is to refuse it."""
+
+
+class OperationRefusedError(SpooldError):
+    """An operator operation is not allowed for the message's current status."""
+
+
+class SpoolClosedError(SpooldError):
+    """The spool is closed, or closing, and takes no new work."""

@@ -1,0 +1,65 @@
+"""Message ids: generation and validation.
+
+An id is 1 to 64 characters of ``[A-Za-z0-9_-]``: safe as a file name on any
+filesystem and never a path. Generated ids are 17 characters, a fixed-width
+base-62 timestamp in microseconds followed by 8 random base-62 characters.
+The alphabet is in ASCII order, so sorting ids as strings sorts them by time
+of creation. Randomness keeps ids unique across restarts; the spool registry
+(``.registry/ID`` created with ``O_CREAT|O_EXCL``) makes uniqueness certain
+across processes sharing a spool.
+
+Every id that comes from outside (CLI, control socket, file names found on
+disk) goes through :func:`validate_id` before a path is built from it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+from spoold.errors import InvalidIdError
+
+__all__ = ["MAX_ID_LENGTH", "is_valid_id", "new_id", "validate_id"]
+
+MAX_ID_LENGTH = 64
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_TIME_WIDTH = 9  # 62**9 microseconds is about 428 years after 1970
+_RANDOM_WIDTH = 8
+
+
+def _base62(value: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        value, digit = divmod(value, 62)
+        digits.append(_ALPHABET[digit])
+    return "".join(reversed(digits))
+
+
+def new_id(now_us: int | None = None) -> str:
+    """A fresh id; ``now_us`` (microseconds since the epoch) is for tests."""
+    stamp = time.time_ns() // 1000 if now_us is None else now_us
+    return _base62(stamp, _TIME_WIDTH) + _base62(secrets.randbits(47), _RANDOM_WIDTH)
+
+
+def is_valid_id(value: object) -> bool:
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def validate_id(value: object) -> str:
+    """Return ``value`` if it is an id; raise :class:`InvalidIdError` otherwise."""
+    if is_valid_id(value):
+        assert isinstance(value, str)
+        return value
+    if not isinstance(value, str):
+        raise InvalidIdError(f"not a message id: expected a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidIdError("not a message id: empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidIdError(
+            f"not a message id: {len(value)} characters, at most {MAX_ID_LENGTH} allowed"
+        )
+    raise InvalidIdError(
+        f"not a message id: {value!r} (only letters, digits, '_' and '-' are allowed)"
+    )

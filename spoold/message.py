@@ -1,0 +1,398 @@
+"""The spooled message: its metadata record, status, queue and record codec.
+
+A :class:`Message` is the small metadata record of one spooled message; its
+body is kept apart (:mod:`spoold.body`). The record says everything needed to
+schedule and relay the message, and its :attr:`Message.status` is the single
+truth about where it stands: :func:`queue_of` maps a status to the queue
+(directory) that holds the record, and nothing else decides that.
+
+On disk a record is one line of JSON whose ``"version"`` field names its
+schema. :func:`decode_record` reads every version this code has ever written
+and upgrades it to the current one; anything else (corrupt bytes, an unknown
+version, a record whose id is not an id) raises
+:class:`~spoold.errors.RecordError`, which the spool answers by setting the
+file aside in ``quarantine``, never by deleting it.
+
+Messages are changed only through the spool, which writes every change to
+disk; the setters here change the in-memory record alone.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import ClassVar, Final
+
+import msgspec
+
+from spoold.body import Body
+from spoold.errors import InvalidIdError, RecordError
+from spoold.ids import validate_id
+
+__all__ = [
+    "RECORD_VERSION",
+    "Queue",
+    "SendNow",
+    "SendAt",
+    "Sending",
+    "Frozen",
+    "Removed",
+    "Quarantined",
+    "Delivered",
+    "Status",
+    "SEND_NOW",
+    "queue_of",
+    "RetryInterval",
+    "RelayAttempt",
+    "EnvelopeInfo",
+    "Message",
+    "RoutedEnvelope",
+    "RoutedBatch",
+    "of_envelope_batch",
+    "encode_record",
+    "decode_record",
+    "utcnow",
+]
+
+RECORD_VERSION: Final = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Queue(StrEnum):
+    """The directories a record can live in."""
+
+    ACTIVE = "active"
+    FROZEN = "frozen"
+    REMOVED = "removed"
+    QUARANTINE = "quarantine"
+
+
+# ----------------------------------------------------------------- status
+
+
+class _StatusBase(msgspec.Struct, frozen=True, tag_field="kind"):
+    name: ClassVar[str]
+
+
+class SendNow(_StatusBase, frozen=True, tag="send_now"):
+    name: ClassVar[str] = "send_now"
+
+
+class SendAt(_StatusBase, frozen=True, tag="send_at"):
+    at: datetime
+    name: ClassVar[str] = "send_at"
+
+
+class Sending(_StatusBase, frozen=True, tag="sending"):
+    name: ClassVar[str] = "sending"
+
+
+class Frozen(_StatusBase, frozen=True, tag="frozen"):
+    name: ClassVar[str] = "frozen"
+
+
+class Removed(_StatusBase, frozen=True, tag="removed"):
+    name: ClassVar[str] = "removed"
+
+
+class Quarantined(_StatusBase, frozen=True, tag="quarantined"):
+    reason: str
+    name: ClassVar[str] = "quarantined"
+
+
+class Delivered(_StatusBase, frozen=True, tag="delivered"):
+    name: ClassVar[str] = "delivered"
+
+
+Status = SendNow | SendAt | Sending | Frozen | Removed | Quarantined | Delivered
+SEND_NOW: Final = SendNow()
+
+_QUEUE_OF: dict[type[_StatusBase], Queue | None] = {
+    SendNow: Queue.ACTIVE,
+    SendAt: Queue.ACTIVE,
+    Sending: Queue.ACTIVE,
+    Frozen: Queue.FROZEN,
+    Removed: Queue.REMOVED,
+    Quarantined: Queue.QUARANTINE,
+    Delivered: None,
+}
+
+
+def queue_of(status: Status) -> Queue | None:
+    """The queue that holds a record with this status (``None``: delivered,
+    the record is deleted). The one place this mapping is defined."""
+    return _QUEUE_OF[type(status)]
+
+
+# ---------------------------------------------------------- record parts
+
+
+class RetryInterval(msgspec.Struct, frozen=True):
+    """Wait this long after a failed attempt, give or take ``jitter``."""
+
+    span: timedelta
+    jitter: timedelta | None = None
+
+    def draw(self, rng: random.Random | None = None) -> timedelta:
+        """The span with jitter applied: uniform in ``span ± jitter``, >= 0."""
+        if not self.jitter:
+            return self.span
+        offset = (rng or random).uniform(-1.0, 1.0) * self.jitter.total_seconds()
+        return max(timedelta(0), self.span + timedelta(seconds=offset))
+
+
+class RelayAttempt(msgspec.Struct, frozen=True):
+    time: datetime
+    error: str
+
+
+class EnvelopeInfo(msgspec.Struct, frozen=True):
+    """The SMTP envelope as submitted. ``sender`` is ``""`` for the null
+    sender ``<>``; ``mail_params`` are the ESMTP MAIL parameters as given
+    (e.g. ``"BODY=8BITMIME"``, ``"SMTPUTF8"``)."""
+
+    sender: str
+    recipients: list[str]
+    mail_params: list[str] = msgspec.field(default_factory=list)
+    envelope_id: str = ""
+
+
+# ---------------------------------------------------------------- record
+
+
+class Message(
+    msgspec.Struct,
+    kw_only=True,
+    tag_field="version",
+    tag=RECORD_VERSION,
+    dict=True,  # room for attributes that are not part of the record
+):
+    """The metadata record of one spooled message (schema version 1)."""
+
+    id: str
+    parent_id: str
+    related_ids: list[str] = msgspec.field(default_factory=list)
+    flows: list[str] = msgspec.field(default_factory=list)
+    spool_date: datetime
+    next_hop_choices: list[str]
+    retry_intervals: list[RetryInterval] = msgspec.field(default_factory=list)
+    remaining_recipients: list[str]
+    failed_recipients: list[str] = msgspec.field(default_factory=list)
+    relay_attempts: list[RelayAttempt] = msgspec.field(default_factory=list)
+    status: Status = SEND_NOW
+    envelope_info: EnvelopeInfo
+
+    # -- where it lives
+
+    @property
+    def spool_dir(self) -> Path | None:
+        """The spool directory this message belongs to, once it is spooled."""
+        value = self.__dict__.get("_spool_dir")
+        return value if isinstance(value, Path) else None
+
+    @spool_dir.setter
+    def spool_dir(self, value: Path | None) -> None:
+        self.__dict__["_spool_dir"] = value
+
+    @property
+    def queue(self) -> Queue | None:
+        return queue_of(self.status)
+
+    # -- derived values
+
+    def time_on_spool(self, now: datetime | None = None) -> timedelta:
+        return (now or utcnow()) - self.spool_date
+
+    @property
+    def last_relay_attempt(self) -> RelayAttempt | None:
+        return self.relay_attempts[0] if self.relay_attempts else None
+
+    def effective_status(self, now: datetime | None = None) -> Status:
+        """The status, except that a ``send_at`` whose time has passed reads
+        as ``send_now``."""
+        status = self.status
+        if isinstance(status, SendAt) and status.at <= (now or utcnow()):
+            return SendNow()
+        return status
+
+    # -- changes (in memory; the spool writes them to disk)
+
+    def add_retry_intervals(self, intervals: Sequence[RetryInterval]) -> None:
+        """Put ``intervals`` at the head: they are used first."""
+        self.retry_intervals = [*intervals, *self.retry_intervals]
+
+    def add_relay_attempt(self, attempt: RelayAttempt) -> None:
+        """Record an attempt; the newest is first."""
+        self.relay_attempts = [attempt, *self.relay_attempts]
+
+    def move_failed_to_remaining(self) -> None:
+        """Failed recipients are tried again (an operator sent the message)."""
+        seen = set(self.remaining_recipients)
+        self.remaining_recipients = self.remaining_recipients + [
+            r for r in self.failed_recipients if r not in seen
+        ]
+        self.failed_recipients = []
+
+    def copy(self) -> Message:
+        """A deep copy (the spool hands these out, never its own records)."""
+        clone = decode_record(encode_record(self))
+        clone.spool_dir = self.spool_dir
+        return clone
+
+    def __lt__(self, other: Message) -> bool:
+        """Total order: by id, which is by time of spooling."""
+        return (self.id, self.spool_date) < (other.id, other.spool_date)
+
+
+# ------------------------------------------------------- routed batches
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedEnvelope:
+    """One envelope of a submission, with where and how to relay it."""
+
+    sender: str
+    recipients: Sequence[str]
+    next_hop_choices: Sequence[str]
+    retry_intervals: Sequence[RetryInterval] = ()
+    mail_params: Sequence[str] = ()
+    envelope_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedBatch:
+    """A submission after routing: envelopes sharing one body."""
+
+    envelopes: Sequence[RoutedEnvelope]
+    body: Body
+    original_recipients: Sequence[str] = field(default=())
+
+
+def message_for_envelope(
+    envelope: RoutedEnvelope,
+    *,
+    id: str,
+    spool_date: datetime,
+    parent_id: str,
+    status: Status = SEND_NOW,
+    flows: Sequence[str] = (),
+    failed_recipients: Sequence[str] = (),
+    relay_attempts: Sequence[RelayAttempt] = (),
+    related_ids: Sequence[str] = (),
+    spool_dir: Path | None = None,
+) -> Message:
+    msg = Message(
+        id=validate_id(id),
+        parent_id=parent_id,
+        related_ids=list(related_ids),
+        flows=list(flows),
+        spool_date=spool_date,
+        next_hop_choices=list(envelope.next_hop_choices),
+        retry_intervals=list(envelope.retry_intervals),
+        remaining_recipients=list(envelope.recipients),
+        failed_recipients=list(failed_recipients),
+        relay_attempts=list(relay_attempts),
+        status=status,
+        envelope_info=EnvelopeInfo(
+            sender=envelope.sender,
+            recipients=list(envelope.recipients),
+            mail_params=list(envelope.mail_params),
+            envelope_id=envelope.envelope_id,
+        ),
+    )
+    msg.spool_dir = spool_dir
+    return msg
+
+
+def of_envelope_batch(
+    batch: RoutedBatch,
+    *,
+    gen_id: Callable[[], str],
+    spool_dir: Path | None,
+    spool_date: datetime,
+    parent_id: str,
+    status: Status = SEND_NOW,
+    flows: Sequence[str] = (),
+    failed_recipients: Sequence[str] = (),
+    relay_attempts: Sequence[RelayAttempt] = (),
+) -> list[tuple[Message, Body]]:
+    """One message (and its body) per envelope of ``batch``; siblings name
+    each other in ``related_ids``."""
+    ids = [gen_id() for _ in batch.envelopes]
+    return [
+        (
+            message_for_envelope(
+                env,
+                id=mid,
+                spool_date=spool_date,
+                parent_id=parent_id,
+                status=status,
+                flows=flows,
+                failed_recipients=failed_recipients,
+                relay_attempts=relay_attempts,
+                related_ids=[other for other in ids if other != mid],
+                spool_dir=spool_dir,
+            ),
+            batch.body,
+        )
+        for env, mid in zip(batch.envelopes, ids, strict=True)
+    ]
+
+
+# ----------------------------------------------------------------- codec
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Message)
+
+
+class _VersionOnly(msgspec.Struct):
+    version: object = None
+
+
+_version_decoder = msgspec.json.Decoder(_VersionOnly)
+
+# Readers for older schema versions: version -> function from the raw bytes
+# to a current Message. Version 1 is the first; when version 2 comes, the
+# version 1 struct is kept here with its upgrade.
+_UPGRADES: dict[int, Callable[[bytes], Message]] = {}
+
+
+def encode_record(message: Message) -> bytes:
+    return _encoder.encode(message) + b"\n"
+
+
+def decode_record(data: bytes, *, expected_id: str | None = None) -> Message:
+    """Read a record of any known version; raise :class:`RecordError`."""
+    try:
+        msg = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        try:
+            version = _version_decoder.decode(data).version
+        except msgspec.DecodeError:
+            raise RecordError(f"corrupt record: {exc}") from None
+        upgrade = _UPGRADES.get(version) if isinstance(version, int) else None
+        if upgrade is None:
+            if version == RECORD_VERSION:
+                raise RecordError(f"invalid version {version} record: {exc}") from None
+            raise RecordError(f"unknown record version {version!r}") from None
+        try:
+            msg = upgrade(data)
+        except msgspec.DecodeError as exc2:
+            raise RecordError(f"invalid version {version} record: {exc2}") from None
+    try:
+        validate_id(msg.id)
+    except InvalidIdError as exc:
+        raise RecordError(f"record has a bad id: {exc}") from None
+    if expected_id is not None and msg.id != expected_id:
+        raise RecordError(f"record says id {msg.id!r} but is stored as {expected_id!r}")
+    for t in [msg.spool_date, *(a.time for a in msg.relay_attempts)]:
+        if t.tzinfo is None:
+            raise RecordError("record has a time without a time zone")
+    return msg

@@ -1,0 +1,234 @@
+"""Mail plugged into the generic store: messages and bodies on disk.
+
+:class:`OnDiskSpool` is a :class:`~spoold.store.Store` whose queues are the
+:class:`~spoold.message.Queue` values, whose records are encoded
+:class:`~spoold.message.Message` values and whose bodies are
+:class:`~spoold.body.Body` wire bytes. It adds the two rules that need to
+know what a record means:
+
+* the queue a record is saved into is always ``queue_of(message.status)``;
+  a delivered message is deleted;
+* when the owner loads a queue, a record that cannot be read is set aside in
+  ``quarantine`` with the reason (never deleted), and a record whose status
+  belongs to another queue (a crash between the two renames of a move) is
+  moved to where its status says.
+
+It holds no state of its own beyond the open store; scheduling is the
+spool's (:mod:`spoold.spool`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from spoold.body import Body
+from spoold.errors import RecordError
+from spoold.message import (
+    Delivered,
+    Message,
+    Queue,
+    Status,
+    decode_record,
+    encode_record,
+    queue_of,
+)
+from spoold.store import NewEntry, Problem, RecoveryReport, StepHook, Store, StoredRecord
+
+__all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES"]
+
+QUEUES: tuple[str, ...] = tuple(q.value for q in Queue)
+
+log = structlog.get_logger("spoold.ondisk")
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to add: ``build`` makes its record, with status ``status``,
+    from the id the store reserved."""
+
+    body: Body
+    status: Status
+    build: Callable[[str], Message]
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A record file that could not be read, and why."""
+
+    id: str
+    queue: Queue
+    path: Path
+    reason: str
+
+
+class OnDiskSpool:
+    """The spool directory as messages and bodies. Use :meth:`open`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.dir = store.root
+
+    @classmethod
+    async def open(
+        cls,
+        spool_dir: str | os.PathLike[str],
+        *,
+        owner: bool = True,
+        create: bool = True,
+        max_threads: int = 16,
+        on_step: StepHook | None = None,
+    ) -> tuple[OnDiskSpool, RecoveryReport]:
+        store, report = await Store.open(
+            spool_dir,
+            QUEUES,
+            owner=owner,
+            create=create,
+            max_threads=max_threads,
+            on_step=on_step,
+        )
+        if report:
+            log.info(
+                "spool recovered",
+                spool_dir=str(store.root),
+                returned_checkouts=len(report.returned_checkouts),
+                removed_tmp=len(report.removed_tmp),
+                removed_unacknowledged=report.removed_unacknowledged,
+            )
+        return cls(store), report
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def __aenter__(self) -> OnDiskSpool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- add
+
+    async def add(self, new: Sequence[NewMessage]) -> list[Message]:
+        """Durably write new messages; return them (with their ids) in order.
+
+        Each record goes to the queue of its status. Nothing is left behind
+        if this raises.
+        """
+        built: dict[str, Message] = {}
+
+        def make_record(n: NewMessage) -> Callable[[str], bytes]:
+            def encode(name: str) -> bytes:
+                msg = n.build(name)
+                if msg.id != name or msg.status != n.status:
+                    raise ValueError(f"message {msg.id} was not built as announced")
+                msg.spool_dir = self.dir
+                built[name] = msg
+                return encode_record(msg)
+
+            return encode
+
+        entries = []
+        for n in new:
+            queue = queue_of(n.status)
+            if queue is None:
+                raise ValueError("a new message cannot be delivered already")
+            entries.append(NewEntry(queue.value, n.body.wire, make_record(n)))
+        names = await self.store.enqueue(entries)
+        return [built[name] for name in names]
+
+    # ------------------------------------------------------------ changes
+
+    async def save(self, msg: Message, *, from_queue: Queue, checked_out: bool = False) -> None:
+        """Write ``msg`` to disk in the queue of its status (or delete it,
+        with its body, when delivered)."""
+        to_queue = queue_of(msg.status)
+        if to_queue is None:
+            await self.store.delete(from_queue.value, msg.id, checked_out=checked_out)
+            return
+        await self.store.write(
+            from_queue.value,
+            msg.id,
+            encode_record(msg),
+            to_queue=to_queue.value,
+            checked_out=checked_out,
+        )
+
+    async def checkout(self, msg: Message) -> None:
+        queue = queue_of(msg.status)
+        assert queue is not None and not isinstance(msg.status, Delivered)
+        await self.store.checkout(queue.value, msg.id)
+
+    async def release(self, msg: Message, queue: Queue) -> None:
+        await self.store.release(queue.value, msg.id)
+
+    async def read_body(self, message_id: str) -> Body:
+        return Body(await self.store.read_body(message_id))
+
+    def body_path(self, message_id: str) -> Path:
+        return self.store.body_path(message_id)
+
+    # ------------------------------------------------------------ reading
+
+    def _decode(self, rec: StoredRecord) -> Message | RecordError:
+        try:
+            msg = decode_record(rec.data, expected_id=rec.name)
+        except RecordError as exc:
+            return exc
+        msg.spool_dir = self.dir
+        return msg
+
+    async def load(self, queue: Queue) -> tuple[list[Message], list[Unreadable]]:
+        """Read every record of ``queue``.
+
+        As owner: unreadable records are set aside in ``quarantine`` with
+        their reason, and records whose status belongs elsewhere are moved
+        there (and not returned). Without ownership nothing is changed and
+        unreadable records are only reported.
+        """
+        messages: list[Message] = []
+        unreadable: list[Unreadable] = []
+        for rec in await self.store.read_queue(queue.value):
+            path = self.dir / queue.value / rec.name
+            result = self._decode(rec)
+            if isinstance(result, RecordError):
+                reason = f"unreadable record: {result}"
+                if queue is Queue.QUARANTINE:
+                    reason = await self.store.set_aside_reason(queue.value, rec.name) or reason
+                elif self.store.owner:
+                    log.error("record set aside", id=rec.name, path=str(path), reason=reason)
+                    await self.store.set_aside(
+                        queue.value, rec.name, Queue.QUARANTINE.value, reason
+                    )
+                    path = self.dir / Queue.QUARANTINE.value / rec.name
+                unreadable.append(Unreadable(rec.name, queue, path, reason))
+                continue
+            home = queue_of(result.status)
+            if home is not queue and self.store.owner:
+                log.warning(
+                    "record moved to the queue of its status",
+                    id=rec.name,
+                    found_in=queue.value,
+                    status=result.status.name,
+                )
+                await self.save(result, from_queue=queue, checked_out=rec.checked_out)
+                continue
+            messages.append(result)
+        return messages, unreadable
+
+    async def read_message(self, queue: Queue, message_id: str) -> Message:
+        """One record; raises NotFoundError or RecordError."""
+        rec = await self.store.read(queue.value, message_id)
+        result = self._decode(rec)
+        if isinstance(result, RecordError):
+            raise RecordError(f"{message_id}: {result}")
+        return result
+
+    async def count(self, queue: Queue) -> int:
+        return len(await self.store.list_queue(queue.value))
+
+    async def check(self, max_age: float = 3600.0) -> list[Problem]:
+        return await self.store.check(max_age)

@@ -1,0 +1,704 @@
+"""A durable, generic on-disk queue store. It knows nothing about mail.
+
+Layout of a store directory::
+
+    lock              flock()ed by the owner; holds the owner's pid
+    .registry/NAME    one per live entry, created O_CREAT|O_EXCL; holds the
+                      pid of the process that created the entry
+    tmp/              staging: PID.NAME.KIND.RANDOM, never read back
+    data/NAME         the entry's body (opaque bytes)
+    QUEUE/NAME        the entry's record (opaque bytes), one directory per queue
+    QUEUE/.checkout/NAME   a record a worker has checked out of QUEUE
+    QUEUE/.reasons/NAME    why an unreadable record was set aside in QUEUE
+
+Invariants:
+
+* A name lives in at most one place among all ``QUEUE/`` and
+  ``QUEUE/.checkout/`` directories. Every change of place is one rename.
+* New files are written under ``tmp/``, fsynced, then renamed into place, and
+  the directories touched are fsynced before the call returns. So a record is
+  either wholly there or absent, and once a call returns its effect survives
+  a crash or power loss.
+* ``enqueue`` renames the body into ``data/`` first and the record into its
+  queue last: the record's rename is the commit point. A crash before it
+  leaves a body and a registry entry with no record; recovery removes those
+  when the process that wrote them is gone (it never acknowledged them).
+* ``delete`` marks the registry entry as deleted, then unlinks the record
+  (the commit point), then the body and the registry entry.
+* A checked-out record belongs to its queue: recovery renames it back.
+
+One process owns a store at a time (``owner=True`` takes the lock); only the
+owner recovers, checks out, moves and deletes. Any number of other processes
+may open it with ``owner=False`` and ``enqueue`` concurrently.
+
+Every public operation is a coroutine that makes exactly one hop to a worker
+thread, behind a :class:`anyio.CapacityLimiter`, so no file I/O ever runs on
+the event loop. Errors from the filesystem are raised as
+:class:`~spoold.errors.StoreError` naming the path; an ``enqueue`` that fails
+removes whatever it had written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+
+from spoold.errors import NotFoundError, SpoolLockedError, StoreError
+from spoold.ids import is_valid_id, new_id, validate_id
+
+__all__ = [
+    "Store",
+    "NewEntry",
+    "StoredRecord",
+    "Problem",
+    "RecoveryReport",
+    "StepHook",
+]
+
+CHECKOUT = ".checkout"
+REASONS = ".reasons"
+_DIR_MODE = 0o750
+_FILE_MODE = 0o640
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+_T = TypeVar("_T")
+
+StepHook = Callable[[str], None]
+"""Called with the name of each filesystem step just before it runs (tests
+use it to simulate a crash at that step)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    """One entry to enqueue. ``make_record`` turns the name the store reserved
+    into the record's bytes (so a record can contain its own id)."""
+
+    queue: str
+    body: bytes
+    make_record: Callable[[str], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    name: str
+    queue: str
+    data: bytes
+    checked_out: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding of the consistency check."""
+
+    kind: str  # orphan_body | orphan_registry | missing_body | duplicate |
+    # stale_tmp | stale_checkout | stray_file
+    name: str
+    path: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.name}: {self.detail} ({self.path})"
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What opening the store as owner found and repaired."""
+
+    returned_checkouts: list[tuple[str, str]] = field(default_factory=list)
+    removed_tmp: list[str] = field(default_factory=list)
+    removed_unacknowledged: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.returned_checkouts or self.removed_tmp or self.removed_unacknowledged)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class Store:
+    """A store directory opened by this process. Use :meth:`open`."""
+
+    def __init__(
+        self,
+        root: Path,
+        queues: Sequence[str],
+        *,
+        owner: bool,
+        max_threads: int,
+        on_step: StepHook | None,
+    ) -> None:
+        self.root = root
+        self.queues = tuple(queues)
+        self.owner = owner
+        self._limiter = anyio.CapacityLimiter(max_threads)
+        self._on_step = on_step
+        self._pid = os.getpid()
+        self._root_s = str(root)
+        self._tmp = f"{root}/tmp"
+        self._data = f"{root}/data"
+        self._registry = f"{root}/.registry"
+        self._lock_fd: int | None = None
+        self._dir_fds: dict[str, int] = {}
+        self._closed = False
+
+    # ----------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def open(
+        cls,
+        root: str | os.PathLike[str],
+        queues: Sequence[str],
+        *,
+        owner: bool = True,
+        create: bool = True,
+        max_threads: int = 16,
+        on_step: StepHook | None = None,
+    ) -> tuple[Store, RecoveryReport]:
+        """Open (and create) the store at ``root``.
+
+        As owner, take the lock (raising :class:`SpoolLockedError` at once if
+        another process holds it) and recover: checked-out records go back to
+        their queues, and leftovers of writers that died before committing
+        are removed. Returns the store and what recovery did.
+        """
+        for q in queues:
+            if not q or q.startswith(".") or "/" in q or q in ("tmp", "data"):
+                raise ValueError(f"bad queue name {q!r}")
+        store = cls(
+            Path(os.path.abspath(root)),  # noqa: ASYNC240 (no I/O: joins with the cwd)
+            queues,
+            owner=owner,
+            max_threads=max_threads,
+            on_step=on_step,
+        )
+        try:
+            report = await anyio.to_thread.run_sync(store._open_sync, create)
+        except BaseException:
+            store._close_sync()
+            raise
+        return store, report
+
+    async def close(self) -> None:
+        if not self._closed:
+            await anyio.to_thread.run_sync(self._close_sync)
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _open_sync(self, create: bool) -> RecoveryReport:
+        root = self._root_s
+        dirs = [root, self._tmp, self._data, self._registry]
+        for q in self.queues:
+            dirs += [f"{root}/{q}", f"{root}/{q}/{CHECKOUT}", f"{root}/{q}/{REASONS}"]
+        if create:
+            for d in dirs:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d, _DIR_MODE)
+        missing = [d for d in dirs if not os.path.isdir(d)]
+        if missing:
+            raise StoreError(f"{root} is not a spool directory (missing {missing[0]})")
+        for d in dirs:
+            self._dir_fds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if not self.owner:
+            return RecoveryReport()
+        lock_path = f"{root}/lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLockedError(root, _read_pid(lock_path)) from None
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self._pid}\n".encode(), 0)
+        return self._recover_sync()
+
+    def _close_sync(self) -> None:
+        self._closed = True
+        for fd in self._dir_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dir_fds.clear()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    # ------------------------------------------------------------ helpers
+
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        if self._closed:
+            raise StoreError(f"store {self.root} is closed")
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _step(self, name: str) -> None:
+        if self._on_step is not None:
+            self._on_step(name)
+
+    def _require_owner(self) -> None:
+        if not self.owner:
+            raise StoreError(f"only the owner of {self.root} may change existing entries")
+
+    def _check_queue(self, queue: str) -> str:
+        if queue not in self.queues:
+            raise ValueError(f"unknown queue {queue!r}")
+        return queue
+
+    def _qdir(self, queue: str, checked_out: bool = False) -> str:
+        base = f"{self._root_s}/{self._check_queue(queue)}"
+        return f"{base}/{CHECKOUT}" if checked_out else base
+
+    def _fsync_dirs(self, dirs: Iterable[str]) -> None:
+        for d in dict.fromkeys(dirs):
+            os.fsync(self._dir_fds[d])
+
+    def _write_tmp(self, name: str, kind: str, data: bytes) -> str:
+        path = f"{self._tmp}/{self._pid}.{name}.{kind}.{secrets.token_hex(4)}"
+        fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        return path
+
+    def _reserve_sync(self) -> str:
+        for _ in range(100):
+            name = new_id()
+            try:
+                fd = os.open(f"{self._registry}/{name}", _OPEN_FLAGS, _FILE_MODE)
+            except FileExistsError:
+                continue
+            try:
+                os.write(fd, f"{self._pid}\n".encode())
+            finally:
+                os.close(fd)
+            return name
+        raise StoreError(f"could not reserve a unique id in {self._registry}")
+
+    def _unlink_quiet(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    # --------------------------------------------------------- operations
+
+    async def reserve_id(self) -> str:
+        """Reserve a fresh name in the registry (for callers that need the id
+        before they enqueue; :meth:`enqueue` reserves on its own)."""
+        return await self._run(self._reserve_sync)
+
+    async def enqueue(self, entries: Sequence[NewEntry]) -> list[str]:
+        """Durably add ``entries``; return their names, in order.
+
+        All entries are committed before the call returns (the directories are
+        fsynced once for the batch). If it raises, nothing it wrote remains.
+        """
+        for e in entries:
+            self._check_queue(e.queue)
+        return await self._run(self._enqueue_sync, entries)
+
+    def _enqueue_sync(self, entries: Sequence[NewEntry]) -> list[str]:
+        names: list[str] = []
+        written: list[str] = []  # every path to remove if we fail
+        try:
+            staged: list[tuple[str, str, str, str]] = []
+            for e in entries:
+                self._step("reserve")
+                name = self._reserve_sync()
+                names.append(name)
+                written.append(f"{self._registry}/{name}")
+                self._step("write_body")
+                body_tmp = self._write_tmp(name, "body", e.body)
+                written.append(body_tmp)
+                self._step("write_record")
+                record_tmp = self._write_tmp(name, "record", e.make_record(name))
+                written.append(record_tmp)
+                staged.append((name, e.queue, body_tmp, record_tmp))
+            for name, queue, body_tmp, record_tmp in staged:
+                self._step("rename_body")
+                os.rename(body_tmp, f"{self._data}/{name}")
+                written.append(f"{self._data}/{name}")
+                self._step("rename_record")
+                os.rename(record_tmp, f"{self._root_s}/{queue}/{name}")
+                written.append(f"{self._root_s}/{queue}/{name}")
+            self._step("fsync_dirs")
+            # .registry is not fsynced: a committed record does not need its
+            # registry entry to survive a power loss (ids stay unique by
+            # time and randomness; recovery and delete tolerate its absence).
+            self._fsync_dirs([self._data] + [f"{self._root_s}/{e.queue}" for e in entries])
+        except Exception as exc:
+            for path in reversed(written):
+                self._unlink_quiet(path)
+            if isinstance(exc, OSError) and not isinstance(exc, StoreError):
+                raise StoreError(
+                    exc.errno, f"enqueue into {self.root} failed: {exc.strerror}", exc.filename
+                ) from exc
+            raise
+        self._step("done")
+        return names
+
+    async def read(self, queue: str, name: str) -> StoredRecord:
+        """Read a record from ``queue`` (or its checkout directory)."""
+        validate_id(name)
+        return await self._run(self._read_sync, queue, name)
+
+    def _read_sync(self, queue: str, name: str) -> StoredRecord:
+        for checked_out in (False, True):
+            try:
+                with open(f"{self._qdir(queue, checked_out)}/{name}", "rb") as f:
+                    return StoredRecord(name, queue, f.read(), checked_out)
+            except FileNotFoundError:
+                continue
+        raise NotFoundError(f"{name}: not in queue {queue}")
+
+    async def read_queue(self, queue: str) -> list[StoredRecord]:
+        """Every record of ``queue``, checked-out ones included, in name order.
+        Files whose names are not ids are skipped (the check reports them)."""
+        return await self._run(self._read_queue_sync, queue)
+
+    def _read_queue_sync(self, queue: str) -> list[StoredRecord]:
+        out = []
+        for checked_out in (False, True):
+            d = self._qdir(queue, checked_out)
+            for name in sorted(self._names(d)):
+                try:
+                    with open(f"{d}/{name}", "rb") as f:
+                        out.append(StoredRecord(name, queue, f.read(), checked_out))
+                except FileNotFoundError:
+                    continue  # moved away under us (we are not the owner)
+        out.sort(key=lambda r: r.name)
+        return out
+
+    async def list_queue(self, queue: str) -> list[tuple[str, bool]]:
+        """Names in ``queue`` as ``(name, checked_out)``, in name order."""
+        return await self._run(self._list_queue_sync, queue)
+
+    def _list_queue_sync(self, queue: str) -> list[tuple[str, bool]]:
+        out = [(n, False) for n in self._names(self._qdir(queue))]
+        out += [(n, True) for n in self._names(self._qdir(queue, True))]
+        out.sort()
+        return out
+
+    @staticmethod
+    def _names(directory: str) -> list[str]:
+        with os.scandir(directory) as it:
+            return [e.name for e in it if is_valid_id(e.name) and not e.is_dir()]
+
+    def body_path(self, name: str) -> Path:
+        """Where the body of ``name`` is (for streaming it without a copy)."""
+        return Path(self._data, validate_id(name))
+
+    async def read_body(self, name: str) -> bytes:
+        validate_id(name)
+        return await self._run(self._read_body_sync, name)
+
+    def _read_body_sync(self, name: str) -> bytes:
+        try:
+            with open(f"{self._data}/{name}", "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFoundError(f"{name}: no body in {self._data}") from None
+
+    async def checkout(self, queue: str, name: str) -> None:
+        """Mark a record as taken by a worker (``QUEUE/.checkout/NAME``).
+
+        Not fsynced: before and after, the record belongs to ``queue``.
+        """
+        self._require_owner()
+        validate_id(name)
+        await self._run(self._checkout_sync, queue, name)
+
+    def _checkout_sync(self, queue: str, name: str) -> None:
+        try:
+            os.rename(f"{self._qdir(queue)}/{name}", f"{self._qdir(queue, True)}/{name}")
+        except FileNotFoundError:
+            raise NotFoundError(f"{name}: not in queue {queue}") from None
+
+    async def write(
+        self,
+        queue: str,
+        name: str,
+        record: bytes | None,
+        *,
+        to_queue: str | None = None,
+        checked_out: bool = False,
+    ) -> None:
+        """Replace a record's content and/or move it to ``to_queue``.
+
+        ``checked_out`` says the record is in ``queue``'s checkout directory;
+        it leaves it (returned to ``to_queue`` or ``queue``). The new content
+        is written under ``tmp/``, fsynced and renamed over the old file; then
+        the file is renamed to its new place and both directories fsynced.
+        A crash between the two renames leaves the new content in the old
+        place; callers that derive the queue from the content repair that.
+        """
+        self._require_owner()
+        validate_id(name)
+        self._check_queue(to_queue or queue)
+        await self._run(self._write_sync, queue, name, record, to_queue or queue, checked_out)
+
+    def _write_sync(
+        self, queue: str, name: str, record: bytes | None, to_queue: str, checked_out: bool
+    ) -> None:
+        src_dir = self._qdir(queue, checked_out)
+        dst_dir = self._qdir(to_queue)
+        src = f"{src_dir}/{name}"
+        if not os.path.exists(src):
+            raise NotFoundError(f"{name}: not in queue {queue}")
+        tmp = None
+        try:
+            if record is not None:
+                self._step("write_record")
+                tmp = self._write_tmp(name, "record", record)
+                self._step("replace")
+                os.rename(tmp, src)
+                tmp = None
+            if src_dir != dst_dir:
+                self._step("move")
+                os.rename(src, f"{dst_dir}/{name}")
+            self._step("fsync_dirs")
+            self._fsync_dirs([src_dir, dst_dir])
+        except OSError as exc:
+            if tmp is not None:
+                self._unlink_quiet(tmp)
+            raise StoreError(
+                exc.errno, f"writing {name} in {self.root} failed: {exc.strerror}", exc.filename
+            ) from exc
+        self._step("done")
+
+    async def release(self, queue: str, name: str) -> None:
+        """Return a checked-out record to its queue unchanged."""
+        await self.write(queue, name, None, checked_out=True)
+
+    async def delete(self, queue: str, name: str, *, checked_out: bool = False) -> None:
+        """Remove a record, its body and its registry entry, in that order."""
+        self._require_owner()
+        validate_id(name)
+        await self._run(self._delete_sync, queue, name, checked_out)
+
+    def _delete_sync(self, queue: str, name: str, checked_out: bool) -> None:
+        d = self._qdir(queue, checked_out)
+        if not os.path.exists(f"{d}/{name}"):
+            raise NotFoundError(f"{name}: not in queue {queue}")
+        # The registry entry names the writer that created the entry, which
+        # may still be alive; mark it so recovery knows a body left behind
+        # by a crash below belongs to nobody. Not fsynced: after a power
+        # loss every writer is gone anyway.
+        self._step("mark_registry")
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(f"{self._registry}/{name}", os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"deleted\n")
+            finally:
+                os.close(fd)
+        try:
+            self._step("unlink_record")
+            os.unlink(f"{d}/{name}")
+        except FileNotFoundError:
+            raise NotFoundError(f"{name}: not in queue {queue}") from None
+        self._step("unlink_body")
+        self._unlink_quiet(f"{self._data}/{name}")
+        self._step("unlink_registry")
+        self._unlink_quiet(f"{self._registry}/{name}")
+        self._step("fsync_dirs")
+        self._fsync_dirs([d, self._data, self._registry])
+        self._step("done")
+
+    async def set_aside(self, queue: str, name: str, to_queue: str, reason: str) -> None:
+        """Move a record that cannot be read, byte for byte, to ``to_queue``
+        and keep ``reason`` beside it in ``to_queue/.reasons/NAME``."""
+        self._require_owner()
+        validate_id(name)
+        self._check_queue(to_queue)
+        await self._run(self._set_aside_sync, queue, name, to_queue, reason)
+
+    def _set_aside_sync(self, queue: str, name: str, to_queue: str, reason: str) -> None:
+        reasons_dir = f"{self._qdir(to_queue)}/{REASONS}"
+        tmp = self._write_tmp(name, "reason", reason.encode("utf-8", "replace") + b"\n")
+        os.rename(tmp, f"{reasons_dir}/{name}")
+        for checked_out in (False, True):
+            src_dir = self._qdir(queue, checked_out)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(f"{src_dir}/{name}", f"{self._qdir(to_queue)}/{name}")
+                self._fsync_dirs([reasons_dir, src_dir, self._qdir(to_queue)])
+                return
+        raise NotFoundError(f"{name}: not in queue {queue}")
+
+    async def set_aside_reason(self, queue: str, name: str) -> str | None:
+        """The reason kept by :meth:`set_aside`, if any."""
+        validate_id(name)
+        return await self._run(self._reason_sync, queue, name)
+
+    def _reason_sync(self, queue: str, name: str) -> str | None:
+        try:
+            with open(f"{self._qdir(queue)}/{REASONS}/{name}", "rb") as f:
+                return f.read().decode("utf-8", "replace").strip()
+        except FileNotFoundError:
+            return None
+
+    async def clear_reason(self, queue: str, name: str) -> None:
+        validate_id(name)
+        await self._run(self._unlink_quiet, f"{self._qdir(queue)}/{REASONS}/{name}")
+
+    # ---------------------------------------------- recovery and checking
+
+    def _all_records(self) -> dict[str, list[tuple[str, bool]]]:
+        found: dict[str, list[tuple[str, bool]]] = {}
+        for q in self.queues:
+            for name, checked_out in self._list_queue_sync(q):
+                found.setdefault(name, []).append((q, checked_out))
+        return found
+
+    def _writer_gone(self, registry_name: str) -> bool:
+        pid = _read_pid(f"{self._registry}/{registry_name}")
+        return pid is None or (pid != self._pid and not _pid_alive(pid))
+
+    def _recover_sync(self) -> RecoveryReport:
+        report = RecoveryReport()
+        touched: list[str] = []
+        for q in self.queues:
+            for name in self._names(self._qdir(q, True)):
+                dst = f"{self._qdir(q)}/{name}"
+                if os.path.exists(dst):
+                    continue  # a duplicate: leave both for the check to report
+                os.rename(f"{self._qdir(q, True)}/{name}", dst)
+                report.returned_checkouts.append((q, name))
+                touched += [self._qdir(q, True), self._qdir(q)]
+        with os.scandir(self._tmp) as it:
+            tmp_names = [e.name for e in it]
+        for tmp_name in tmp_names:
+            pid_text = tmp_name.split(".", 1)[0]
+            if pid_text.isdigit() and int(pid_text) != self._pid and _pid_alive(int(pid_text)):
+                continue  # a live writer's work in progress
+            # Anything in tmp/ was never renamed into place: it was never
+            # acknowledged, and the committed copy (if any) is elsewhere.
+            self._unlink_quiet(f"{self._tmp}/{tmp_name}")
+            report.removed_tmp.append(tmp_name)
+        records = self._all_records()
+        for name in self._names(self._data):
+            if name not in records and self._writer_gone(name):
+                self._unlink_quiet(f"{self._data}/{name}")
+                self._unlink_quiet(f"{self._registry}/{name}")
+                report.removed_unacknowledged.append(name)
+                touched += [self._data, self._registry]
+        for name in self._names(self._registry):
+            if name not in records and self._writer_gone(name):
+                self._unlink_quiet(f"{self._registry}/{name}")
+                if name not in report.removed_unacknowledged:
+                    report.removed_unacknowledged.append(name)
+                touched.append(self._registry)
+        if touched:
+            self._fsync_dirs(touched)
+        return report
+
+    async def check(self, max_age: float = 3600.0) -> list[Problem]:
+        """Report inconsistencies; change nothing.
+
+        Finds bodies and registry entries with no record (once their writer
+        is gone or they are older than ``max_age`` seconds), records with no
+        body, one name in two places, files in ``tmp/`` or a checkout older
+        than ``max_age``, and files in a queue whose names are not ids.
+        """
+        return await self._run(self._check_sync, max_age)
+
+    def _check_sync(self, max_age: float) -> list[Problem]:
+        problems: list[Problem] = []
+        now = time.time()
+
+        def old(path: str) -> bool:
+            try:
+                return now - os.lstat(path).st_mtime > max_age
+            except FileNotFoundError:
+                return False
+
+        records = self._all_records()
+        for name, places in sorted(records.items()):
+            if len(places) > 1:
+                where = ", ".join(q + ("/.checkout" if c else "") for q, c in places)
+                problems.append(
+                    Problem("duplicate", name, f"{self.root}", f"one id in several places: {where}")
+                )
+            for q, checked_out in places:
+                path = f"{self._qdir(q, checked_out)}/{name}"
+                if checked_out and old(path):
+                    problems.append(
+                        Problem("stale_checkout", name, path, f"checked out over {max_age:.0f}s")
+                    )
+            if not os.path.exists(f"{self._data}/{name}"):
+                q, c = places[0]
+                problems.append(
+                    Problem(
+                        "missing_body", name, f"{self._qdir(q, c)}/{name}", "record has no body"
+                    )
+                )
+        for name in self._names(self._data):
+            path = f"{self._data}/{name}"
+            if name not in records and (self._writer_gone(name) or old(path)):
+                problems.append(Problem("orphan_body", name, path, "body with no record"))
+        for name in self._names(self._registry):
+            path = f"{self._registry}/{name}"
+            if (
+                name not in records
+                and not os.path.exists(f"{self._data}/{name}")
+                and (self._writer_gone(name) or old(path))
+            ):
+                problems.append(Problem("orphan_registry", name, path, "registry entry, no record"))
+        with os.scandir(self._tmp) as it:
+            for e in it:
+                if old(e.path):
+                    problems.append(Problem("stale_tmp", e.name, e.path, "left in tmp/"))
+        for q in self.queues:
+            for checked_out in (False, True):
+                d = self._qdir(q, checked_out)
+                with os.scandir(d) as it:
+                    for e in it:
+                        if e.name in (CHECKOUT, REASONS):
+                            continue
+                        if not is_valid_id(e.name) or e.is_dir():
+                            problems.append(
+                                Problem("stray_file", e.name, e.path, "not a record name")
+                            )
+        return problems
+
+    # -------------------------------------------------------------- errors
+
+    @staticmethod
+    def is_disk_full(exc: BaseException) -> bool:
+        return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
