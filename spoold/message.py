@@ -234,10 +234,9 @@ class Message(
 
     def move_failed_to_remaining(self) -> None:
         """Failed recipients are tried again (an operator sent the message)."""
-        seen = set(self.remaining_recipients)
-        self.remaining_recipients = self.remaining_recipients + [
-            r for r in self.failed_recipients if r not in seen
-        ]
+        self.remaining_recipients = list(
+            dict.fromkeys([*self.remaining_recipients, *self.failed_recipients])
+        )
         self.failed_recipients = []
 
     def copy(self) -> Message:
@@ -392,7 +391,14 @@ def decode_record(data: bytes, *, expected_id: str | None = None) -> Message:
         raise RecordError(f"record has a bad id: {exc}") from None
     if expected_id is not None and msg.id != expected_id:
         raise RecordError(f"record says id {msg.id!r} but is stored as {expected_id!r}")
-    for t in [msg.spool_date, *(a.time for a in msg.relay_attempts)]:
-        if t.tzinfo is None:
-            raise RecordError("record has a time without a time zone")
+    times = [msg.spool_date, *(a.time for a in msg.relay_attempts)]
+    if isinstance(msg.status, SendAt):
+        times.append(msg.status.at)
+    if any(t.tzinfo is None for t in times):
+        raise RecordError("record has a time without a time zone")
+    if any(
+        r.span < timedelta(0) or (r.jitter or timedelta(0)) < timedelta(0)
+        for r in msg.retry_intervals
+    ):
+        raise RecordError("record has a negative retry interval")
     return msg

@@ -99,7 +99,8 @@ statuses: st.SearchStrategy[Status] = st.one_of(
     st.builds(Quarantined, reason=st.text()),
     st.just(Delivered()),
 )
-retry_intervals = st.builds(RetryInterval, span=st.timedeltas(), jitter=st.none() | st.timedeltas())
+_nonneg = st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=3650))
+retry_intervals = st.builds(RetryInterval, span=_nonneg, jitter=st.none() | _nonneg)
 relay_attempts = st.builds(RelayAttempt, time=aware_times, error=st.text(max_size=60))
 envelopes = st.builds(
     EnvelopeInfo,
@@ -705,3 +706,17 @@ def test_explicit_zero_offset_reads_as_utc() -> None:
     message = decode_record(dumps(record))
     assert message.spool_date == T0
     assert message.spool_date.utcoffset() == timedelta(0)
+
+
+def test_negative_retry_interval_is_a_record_error() -> None:
+    msg = Message(
+        id="neg",
+        parent_id="p",
+        spool_date=datetime(2026, 1, 1, tzinfo=UTC),
+        next_hop_choices=["127.0.0.1:25"],
+        retry_intervals=[RetryInterval(span=timedelta(seconds=-5))],
+        remaining_recipients=["a@example.com"],
+        envelope_info=EnvelopeInfo(sender="", recipients=["a@example.com"]),
+    )
+    with pytest.raises(RecordError, match="negative retry interval"):
+        decode_record(encode_record(msg))
