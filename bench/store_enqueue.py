@@ -32,7 +32,7 @@ from spoold.ondisk import NewMessage, OnDiskSpool
 BODY = Body.from_content((b"x" * 78 + b"\r\n") * 51 + b"x" * 14 + b"\r\n")  # 4096 bytes
 
 
-def build(mid: str) -> Message:
+def build(mid: str, related: list[str]) -> Message:
     return Message(
         id=mid,
         parent_id=mid,

@@ -8,7 +8,6 @@ calls :meth:`FakeClock.advance`, so schedules are tested without sleeping.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -70,14 +69,17 @@ class FakeClock:
         if deadline is not None and deadline <= self._now:
             await anyio.lowlevel.checkpoint()
             return
-        entry = (deadline or datetime.max.replace(tzinfo=self._now.tzinfo), event)
+        timer = anyio.Event()
+        entry = (deadline or datetime.max.replace(tzinfo=self._now.tzinfo), timer)
         self._waiters.append(entry)
         try:
-            await event.wait()
+            async with anyio.create_task_group() as tg:
+
+                async def first(e: anyio.Event) -> None:
+                    await e.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(first, event)
+                tg.start_soon(first, timer)
         finally:
             self._waiters.remove(entry)
-
-
-def seconds_until(clock: Clock, when: datetime) -> float:
-    s = (when - clock.now()).total_seconds()
-    return s if math.isfinite(s) else 0.0

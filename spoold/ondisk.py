@@ -48,12 +48,13 @@ log = structlog.get_logger("spoold.ondisk")
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
-    """A message to add: ``build`` makes its record, with status ``status``,
-    from the id the store reserved."""
+    """A message to add: ``build(id, related_ids)`` makes its record, with
+    status ``status``, from the id the store reserved and the ids of the
+    other messages added with it."""
 
     body: Body
     status: Status
-    build: Callable[[str], Message]
+    build: Callable[[str, list[str]], Message]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +121,9 @@ class OnDiskSpool:
         """
         built: dict[str, Message] = {}
 
-        def make_record(n: NewMessage) -> Callable[[str], bytes]:
-            def encode(name: str) -> bytes:
-                msg = n.build(name)
+        def make_record(n: NewMessage) -> Callable[[str, Sequence[str]], bytes]:
+            def encode(name: str, batch: Sequence[str]) -> bytes:
+                msg = n.build(name, [other for other in batch if other != name])
                 if msg.id != name or msg.status != n.status:
                     raise ValueError(f"message {msg.id} was not built as announced")
                 msg.spool_dir = self.dir

@@ -80,12 +80,14 @@ use it to simulate a crash at that step)."""
 
 @dataclass(frozen=True, slots=True)
 class NewEntry:
-    """One entry to enqueue. ``make_record`` turns the name the store reserved
-    into the record's bytes (so a record can contain its own id)."""
+    """One entry to enqueue. ``make_record(name, batch_names)`` turns the
+    name the store reserved (and those of the whole batch, in order) into
+    the record's bytes, so a record can contain its own and its siblings'
+    ids."""
 
     queue: str
     body: bytes
-    make_record: Callable[[str], bytes]
+    make_record: Callable[[str, Sequence[str]], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,17 +340,18 @@ class Store:
         names: list[str] = []
         written: list[str] = []  # every path to remove if we fail
         try:
-            staged: list[tuple[str, str, str, str]] = []
-            for e in entries:
+            for _ in entries:
                 self._step("reserve")
                 name = self._reserve_sync()
                 names.append(name)
                 written.append(f"{self._registry}/{name}")
+            staged: list[tuple[str, str, str, str]] = []
+            for name, e in zip(names, entries, strict=True):
                 self._step("write_body")
                 body_tmp = self._write_tmp(name, "body", e.body)
                 written.append(body_tmp)
                 self._step("write_record")
-                record_tmp = self._write_tmp(name, "record", e.make_record(name))
+                record_tmp = self._write_tmp(name, "record", e.make_record(name, names))
                 written.append(record_tmp)
                 staged.append((name, e.queue, body_tmp, record_tmp))
             for name, queue, body_tmp, record_tmp in staged:

@@ -46,7 +46,7 @@ def new_message(
     status: Status = SEND_NOW,
     recipients: list[str] | None = None,
 ) -> NewMessage:
-    def build(mid: str) -> Message:
+    def build(mid: str, related: list[str]) -> Message:
         return make_message(mid, status=status, recipients=recipients)
 
     return NewMessage(Body.from_content(body), status, build)

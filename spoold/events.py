@@ -1,0 +1,142 @@
+"""The spool's event stream: fan-out to any number of subscribers.
+
+Each subscriber has its own bounded buffer. Publishing never waits: when a
+subscriber's buffer is full, further events for it are counted instead of
+queued, and before its next event it receives one ``overflow`` event saying
+how many it missed. A slow subscriber therefore never stalls the spool, and
+never loses events without being told.
+
+Event kinds: ``spooled``, ``presend`` (detail: the decision), ``delivered``,
+``frozen``, ``removed``, ``unfrozen``, ``recovered`` (detail: from which
+queue), ``quarantined`` (detail: the reason), ``delayed`` and
+``delayed_rate_limited`` (``at``: when it will be tried), ``ping`` (every
+30 s, no message), and ``overflow`` (detail: how many were missed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+
+from spoold.message import EnvelopeInfo
+
+__all__ = ["SpoolEvent", "EventHub", "Subscription", "EVENT_KINDS"]
+
+EVENT_KINDS = frozenset(
+    {
+        "spooled",
+        "presend",
+        "delivered",
+        "frozen",
+        "removed",
+        "unfrozen",
+        "recovered",
+        "quarantined",
+        "delayed",
+        "delayed_rate_limited",
+        "ping",
+        "overflow",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEvent:
+    time: datetime
+    kind: str
+    id: str | None = None
+    envelope_info: EnvelopeInfo | None = None
+    detail: str | None = None
+    at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"time": self.time, "event": self.kind}
+        if self.id is not None:
+            out["id"] = self.id
+        if self.detail is not None:
+            out["detail"] = self.detail
+        if self.at is not None:
+            out["at"] = self.at
+        if self.envelope_info is not None:
+            out["sender"] = self.envelope_info.sender
+            out["recipients"] = self.envelope_info.recipients
+        return out
+
+
+class Subscription:
+    """One subscriber's view of the stream; iterate it with ``async for``."""
+
+    def __init__(self, hub: EventHub, max_buffer: int) -> None:
+        self._hub = hub
+        self._buffer: deque[SpoolEvent] = deque()
+        self._max = max_buffer
+        self._missed = 0
+        self._wake = anyio.Event()
+        self._closed = False
+
+    def _offer(self, event: SpoolEvent) -> None:
+        # Once a gap has opened, keep counting until the consumer has been
+        # told, so the overflow event stands exactly where events are missing.
+        if self._missed or len(self._buffer) >= self._max:
+            self._missed += 1
+        else:
+            self._buffer.append(event)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._hub._subscribers.discard(self)
+        self._wake.set()
+
+    def __aiter__(self) -> AsyncIterator[SpoolEvent]:
+        return self
+
+    async def __anext__(self) -> SpoolEvent:
+        while True:
+            if self._buffer:
+                event = self._buffer.popleft()
+                if self._missed and not self._buffer:
+                    # Everything queued before the gap is out: say what was lost.
+                    self._buffer.append(
+                        SpoolEvent(event.time, "overflow", detail=str(self._missed))
+                    )
+                    self._missed = 0
+                return event
+            if self._closed:
+                raise StopAsyncIteration
+            self._wake = anyio.Event()
+            await self._wake.wait()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventHub:
+    def __init__(self, max_buffer: int = 10_000) -> None:
+        self._subscribers: set[Subscription] = set()
+        self._max_buffer = max_buffer
+
+    def subscribe(self, max_buffer: int | None = None) -> Subscription:
+        sub = Subscription(self, max_buffer or self._max_buffer)
+        self._subscribers.add(sub)
+        return sub
+
+    def publish(self, event: SpoolEvent) -> None:
+        for sub in list(self._subscribers):
+            sub._offer(event)
+
+    def close(self) -> None:
+        for sub in list(self._subscribers):
+            sub.close()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)

@@ -1,0 +1,797 @@
+"""The spool: in-memory index, scheduler, operator operations and events.
+
+A :class:`Spool` owns one spool directory (through
+:class:`~spoold.ondisk.OnDiskSpool`) and keeps the records of ``active`` and
+``frozen`` in memory (never the bodies). It is opened with
+``async with Spool.open(...) as spool`` and runs its scheduler in a task
+group that the context owns; leaving the context stops sending, waits up to
+``flush_timeout`` for attempts under way, then cancels what is left (a
+cancelled attempt leaves its record checked out, and the next open tries it
+again: delivery is at least once).
+
+Invariants:
+
+* Every change is written to disk before it is applied in memory, before an
+  event is published and before the operation returns.
+* A message is "busy" while one attempt or one operator change is under way
+  on it; nothing else touches it then. Operator operations on a message that
+  is being sent are refused with a clear error.
+* The scheduler keeps one heap of ``(time, seq, id, generation)``. Any change
+  to a message bumps its generation, so a stale timer entry is skipped when
+  it comes up: it never sends a message that was frozen, removed,
+  quarantined, rescheduled or is being sent.
+* At most ``max_concurrent_send_jobs`` attempts run at once (changeable
+  while running).
+
+Outcome of an attempt (see :meth:`Spool._finish_attempt`): recipients the
+hop accepted, or that ``on_error`` answers ``done`` for, are dealt with;
+``fail_permanently`` moves a recipient to ``failed_recipients``;
+``try_later`` keeps it in ``remaining_recipients``. Then:
+
+* nobody left to try and nobody failed: delivered, files deleted;
+* nobody left to try but someone failed: frozen, for an operator to triage;
+* someone left to try and a retry interval left: ``send_at(now + interval)``
+  (the head interval is consumed; a rate-limited delay reuses it without
+  consuming it), event ``delayed`` or ``delayed_rate_limited``;
+* someone left to try and no interval left: frozen.
+
+Every attempt that did not deliver to everyone appends a relay attempt
+(time, error text) to the record, written with the new status.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+import structlog
+
+from spoold.clock import Clock, SystemClock
+from spoold.errors import (
+    NotFoundError,
+    OperationRefusedError,
+    RecordError,
+    SpoolClosedError,
+)
+from spoold.events import EventHub, SpoolEvent, Subscription
+from spoold.hooks import (
+    PRESEND_CHOICES,
+    ErrorAction,
+    OnErrorHook,
+    PresendDecision,
+    PresendHook,
+    call_hook,
+    default_on_error,
+    default_presend,
+)
+from spoold.ids import new_id, validate_id
+from spoold.message import (
+    SEND_NOW,
+    Delivered,
+    Frozen,
+    Message,
+    Quarantined,
+    Queue,
+    RelayAttempt,
+    Removed,
+    RetryInterval,
+    RoutedBatch,
+    SendAt,
+    Sending,
+    SendNow,
+    Status,
+    message_for_envelope,
+)
+from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
+from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
+
+__all__ = ["Spool", "DEFAULT_RETRY_INTERVALS", "retry_intervals_from_spans"]
+
+log = structlog.get_logger("spoold.spool")
+
+
+def retry_intervals_from_spans(spans: Iterable[timedelta], jitter: float) -> list[RetryInterval]:
+    """Intervals with ``jitter`` as a fraction of each span."""
+    return [RetryInterval(s, s * jitter if jitter else None) for s in spans]
+
+
+DEFAULT_RETRY_INTERVALS = retry_intervals_from_spans(
+    [timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480)], 0.1
+)
+
+_LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    msg: Message  # status reads Sending() in memory while an attempt runs
+    queue: Queue  # where the record is on disk now
+    gen: int = 0
+    busy: bool = False
+
+
+class Spool:
+    """A running spool. Create it with :meth:`open`."""
+
+    def __init__(
+        self,
+        ondisk: OnDiskSpool,
+        *,
+        relay: Relay,
+        presend: PresendHook | None,
+        on_error: OnErrorHook | None,
+        clock: Clock,
+        max_concurrent_send_jobs: int,
+        default_retry_intervals: Sequence[RetryInterval],
+        ping_interval: float,
+        rng: random.Random | None,
+    ) -> None:
+        self._od = ondisk
+        self.relay = relay
+        self.presend: PresendHook = presend or default_presend
+        self.on_error: OnErrorHook = on_error or default_on_error
+        self.clock = clock
+        self.default_retry_intervals = list(default_retry_intervals)
+        self._max_jobs = max_concurrent_send_jobs
+        self._ping_interval = ping_interval
+        self._rng = rng or random.Random()
+        self._index: dict[str, _Entry] = {}
+        self._heap: list[tuple[float, int, str, int]] = []
+        self._seq = itertools.count()
+        self._wake = anyio.Event()
+        self._running = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._closed = False
+        self._op_lock = anyio.Lock()
+        self._hub = EventHub()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # ----------------------------------------------------------- lifecycle
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        spool_dir: str | Path,
+        *,
+        relay: Relay,
+        presend: PresendHook | None = None,
+        on_error: OnErrorHook | None = None,
+        clock: Clock | None = None,
+        max_concurrent_send_jobs: int = 64,
+        default_retry_intervals: Sequence[RetryInterval] = DEFAULT_RETRY_INTERVALS,
+        flush_timeout: float = 10.0,
+        ping_interval: float = 30.0,
+        rng: random.Random | None = None,
+        max_threads: int = 16,
+    ) -> AsyncIterator[Spool]:
+        """Open the spool at ``spool_dir`` as its owner and start scheduling.
+
+        Raises :class:`~spoold.errors.SpoolLockedError` at once if another
+        process owns it.
+        """
+        if max_concurrent_send_jobs < 1:
+            raise ValueError("max_concurrent_send_jobs must be at least 1")
+        ondisk, _ = await OnDiskSpool.open(spool_dir, max_threads=max_threads)
+        try:
+            spool = cls(
+                ondisk,
+                relay=relay,
+                presend=presend,
+                on_error=on_error,
+                clock=clock or SystemClock(),
+                max_concurrent_send_jobs=max_concurrent_send_jobs,
+                default_retry_intervals=default_retry_intervals,
+                ping_interval=ping_interval,
+                rng=rng,
+            )
+            await spool._load()
+            async with anyio.create_task_group() as tg:
+                spool._tg = tg
+                tg.start_soon(spool._dispatch_loop, tg)
+                tg.start_soon(spool._ping_loop)
+                try:
+                    yield spool
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await spool.kill_and_flush(flush_timeout)
+                        except TimeoutError:
+                            log.warning(
+                                "attempts still running at close; they will be retried",
+                                running=spool._running,
+                            )
+                    spool._closed = True
+                    spool._hub.close()
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ondisk.close()
+
+    async def _load(self) -> None:
+        for queue in _LOADED_QUEUES:
+            messages, _unreadable = await self._od.load(queue)
+            for msg in messages:
+                if isinstance(msg.status, Sending):
+                    msg.status = SEND_NOW  # an attempt was under way: try again
+                entry = _Entry(msg, queue)
+                self._index[msg.id] = entry
+                self._schedule(entry)
+        log.info(
+            "spool opened",
+            spool_dir=str(self._od.dir),
+            active=sum(1 for e in self._index.values() if e.queue is Queue.ACTIVE),
+            frozen=sum(1 for e in self._index.values() if e.queue is Queue.FROZEN),
+        )
+
+    @property
+    def spool_dir(self) -> Path:
+        return self._od.dir
+
+    @property
+    def ondisk(self) -> OnDiskSpool:
+        return self._od
+
+    @property
+    def max_concurrent_send_jobs(self) -> int:
+        return self._max_jobs
+
+    @max_concurrent_send_jobs.setter
+    def max_concurrent_send_jobs(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("max_concurrent_send_jobs must be at least 1")
+        self._max_jobs = value
+        self._poke()
+
+    @property
+    def running_sends(self) -> int:
+        return self._running
+
+    async def kill_and_flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Start no new attempt; wait for those under way. Raises
+        :class:`TimeoutError` if they are not done within ``timeout``."""
+        self._stopping = True
+        self._poke()
+        with anyio.fail_after(timeout):
+            await self._idle.wait()
+
+    # ---------------------------------------------------------- scheduling
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    def _schedule(self, entry: _Entry) -> None:
+        """(Re)schedule ``entry`` by its status; stale heap entries die."""
+        entry.gen += 1
+        status = entry.msg.status
+        if isinstance(status, SendNow):
+            when = 0.0
+        elif isinstance(status, SendAt):
+            when = status.at.timestamp()
+        else:
+            return
+        heapq.heappush(self._heap, (when, next(self._seq), entry.msg.id, entry.gen))
+        self._poke()
+
+    async def _dispatch_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            wake = self._wake
+            now_ts = self.clock.now().timestamp()
+            heap = self._heap
+            while not self._stopping and self._running < self._max_jobs and heap:
+                when, _, mid, gen = heap[0]
+                if when > now_ts:
+                    break
+                heapq.heappop(heap)
+                entry = self._index.get(mid)
+                if entry is None or entry.gen != gen or entry.busy:
+                    continue
+                entry.busy = True
+                self._running += 1
+                self._idle = anyio.Event() if self._idle.is_set() else self._idle
+                tg.start_soon(self._send, entry, name=f"send {mid}")
+            deadline = None
+            if heap and not self._stopping and self._running < self._max_jobs:
+                deadline = datetime.fromtimestamp(heap[0][0], UTC)
+            await self.clock.wait(wake, deadline)
+            if wake.is_set():
+                self._wake = anyio.Event()
+
+    async def _ping_loop(self) -> None:
+        never = anyio.Event()
+        while True:
+            await self.clock.wait(never, self.clock.now() + timedelta(seconds=self._ping_interval))
+            self._publish("ping")
+
+    # ------------------------------------------------------------- sending
+
+    async def _send(self, entry: _Entry) -> None:
+        try:
+            await self._attempt(entry)
+        except Exception:
+            log.exception("attempt failed unexpectedly; retrying in a minute", id=entry.msg.id)
+            await self._recover_from_failed_attempt(entry)
+        finally:
+            entry.busy = False
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+            self._poke()
+
+    async def _attempt(self, entry: _Entry) -> None:
+        msg = entry.msg
+        mlog = log.bind(id=msg.id, flows=msg.flows)
+        before = msg.status
+        msg.status = Sending()
+        try:
+            decision = await self._ask_presend(msg)
+        except Exception as exc:  # noqa: BLE001 (a hook's failure must not lose the message)
+            mlog.exception("presend hook failed; trying later")
+            msg.status = before
+            await self._checkout(entry)
+            await self._finish_attempt(entry, AttemptFailed(f"presend hook failed: {exc!r}"))
+            return
+        self._publish("presend", msg, detail=_decision_name(decision))
+        if not isinstance(decision, SendNow):
+            msg.status = before
+            await self._change(entry, decision)
+            return
+        await self._checkout(entry)
+        snapshot = msg.copy()
+        try:
+            outcome = await self.relay.relay(
+                snapshot,
+                BodyHandle(self._od.body_path(msg.id)),
+                list(msg.remaining_recipients),
+            )
+        except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
+            mlog.exception("relay raised; trying later")
+            outcome = AttemptFailed(f"relay error: {exc!r}")
+        await self._finish_attempt(entry, outcome)
+
+    async def _recover_from_failed_attempt(self, entry: _Entry) -> None:
+        """An attempt broke in an unexpected way: put the record back in its
+        queue (if it was checked out) and try again in a minute. What is on
+        disk stays the truth; at worst the next open retries it."""
+        if isinstance(entry.msg.status, Sending):
+            entry.msg.status = SendAt(at=self.clock.now() + timedelta(minutes=1))
+        try:
+            await self._od.store.release(entry.queue.value, entry.msg.id)
+        except NotFoundError:
+            pass  # it was not checked out
+        except Exception:
+            log.exception("could not return a checked-out record", id=entry.msg.id)
+        self._schedule(entry)
+
+    async def _ask_presend(self, msg: Message) -> PresendDecision:
+        decision = await call_hook(self.presend, msg.copy())
+        if not isinstance(decision, PRESEND_CHOICES):
+            raise TypeError(f"presend answered {decision!r}, not one of its choices")
+        return decision
+
+    async def _checkout(self, entry: _Entry) -> None:
+        await self._od.store.checkout(entry.queue.value, entry.msg.id)
+
+    async def _finish_attempt(self, entry: _Entry, outcome: Delivery | AttemptFailed) -> None:
+        old = entry.msg
+        new = old.copy()
+        now = self.clock.now()
+        remaining = list(old.remaining_recipients)
+        later: list[str] = []
+        permanent: list[str] = []
+        errors: list[str] = []
+        rate_limited = False
+        if isinstance(outcome, AttemptFailed):
+            later = remaining
+            errors.append(outcome.error)
+        else:
+            for rcpt in remaining:
+                result = outcome.recipients.get(rcpt) or RecipientResult(
+                    451, "no reply for this recipient"
+                )
+                if result.accepted:
+                    continue
+                errors.append(f"{rcpt}: {result}")
+                action = await self._ask_on_error(new, rcpt, result)
+                if action is ErrorAction.FAIL_PERMANENTLY:
+                    permanent.append(rcpt)
+                elif action is ErrorAction.TRY_LATER_RATE_LIMITED:
+                    later.append(rcpt)
+                    rate_limited = True
+                elif action is ErrorAction.TRY_LATER:
+                    later.append(rcpt)
+        new.remaining_recipients = later
+        new.failed_recipients = list(dict.fromkeys([*old.failed_recipients, *permanent]))
+        if errors:
+            via = f" via {outcome.hop}" if isinstance(outcome, Delivery) and outcome.hop else ""
+            new.add_relay_attempt(RelayAttempt(now, "; ".join(errors) + via))
+        event: str
+        at: datetime | None = None
+        status: Status
+        if not later:
+            status, event = (
+                (Frozen(), "frozen") if new.failed_recipients else (Delivered(), "delivered")
+            )
+        elif not new.retry_intervals:
+            status, event = Frozen(), "frozen"
+        else:
+            interval = new.retry_intervals[0]
+            if not rate_limited:
+                new.retry_intervals = new.retry_intervals[1:]
+            at = now + interval.draw(self._rng)
+            status = SendAt(at=at)
+            event = "delayed_rate_limited" if rate_limited else "delayed"
+        new.status = status
+        await self._od.save(new, from_queue=entry.queue, checked_out=True)
+        self._apply(entry, new)
+        self._publish(event, new, at=at)
+        log.info(
+            "attempt done",
+            id=new.id,
+            flows=new.flows,
+            outcome=event,
+            delivered=len(remaining) - len(later) - len(permanent),
+            failed=len(permanent),
+            later=len(later),
+            at=at,
+        )
+
+    async def _ask_on_error(self, msg: Message, rcpt: str, result: RecipientResult) -> ErrorAction:
+        try:
+            action = await call_hook(self.on_error, msg.copy(), rcpt, result)
+            return ErrorAction(action)
+        except Exception:
+            log.exception("on_error hook failed; trying later", id=msg.id)
+            return ErrorAction.TRY_LATER
+
+    # --------------------------------------------------- applying changes
+
+    def _apply(self, entry: _Entry, new: Message) -> None:
+        """Put a record already written to disk into the index."""
+        queue = new.queue
+        if queue in _LOADED_QUEUES:
+            entry.msg = new
+            entry.queue = queue
+            self._index[new.id] = entry
+            self._schedule(entry)
+        else:
+            entry.gen += 1
+            self._index.pop(new.id, None)
+
+    async def _change(
+        self, entry: _Entry, status: Status, *, edit: Callable[[Message], None] | None = None
+    ) -> Message:
+        """Write ``entry`` with a new status (and edits), then apply it."""
+        new = entry.msg.copy()
+        new.status = status
+        if edit is not None:
+            edit(new)
+        await self._od.save(new, from_queue=entry.queue)
+        self._apply(entry, new)
+        event = {Frozen: "frozen", Removed: "removed"}.get(type(status))
+        if event:
+            self._publish(event, new)
+        return new
+
+    def _publish(
+        self,
+        kind: str,
+        msg: Message | None = None,
+        *,
+        detail: str | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        self._hub.publish(
+            SpoolEvent(
+                self.clock.now(),
+                kind,
+                msg.id if msg else None,
+                msg.envelope_info if msg else None,
+                detail,
+                at,
+            )
+        )
+
+    # -------------------------------------------------------------- adding
+
+    async def add(
+        self,
+        batch: RoutedBatch,
+        *,
+        frozen: bool = False,
+        flows: Sequence[str] = (),
+        parent_id: str | None = None,
+    ) -> list[str]:
+        """Spool one submission: one message per envelope of ``batch``.
+
+        Returns once every message is durable on disk; their ids in order.
+        """
+        status: Status = Frozen() if frozen else SEND_NOW
+        messages = await self._write_new(batch, status, flows, parent_id)
+        for msg in messages:
+            entry = _Entry(msg, Queue.FROZEN if frozen else Queue.ACTIVE)
+            self._index[msg.id] = entry
+            self._schedule(entry)
+            self._publish("spooled", msg)
+            if frozen:
+                self._publish("frozen", msg)
+            log.info(
+                "spooled",
+                id=msg.id,
+                flows=msg.flows,
+                sender=msg.envelope_info.sender,
+                recipients=len(msg.remaining_recipients),
+                next_hops=msg.next_hop_choices,
+            )
+        return [m.id for m in messages]
+
+    async def quarantine(
+        self,
+        reason: str,
+        batch: RoutedBatch,
+        *,
+        flows: Sequence[str] = (),
+        parent_id: str | None = None,
+    ) -> list[str]:
+        """Spool a submission straight into ``quarantine`` with ``reason``."""
+        messages = await self._write_new(batch, Quarantined(reason=reason), flows, parent_id)
+        for msg in messages:
+            self._publish("quarantined", msg, detail=reason)
+            log.warning("quarantined", id=msg.id, flows=msg.flows, reason=reason)
+        return [m.id for m in messages]
+
+    async def _write_new(
+        self,
+        batch: RoutedBatch,
+        status: Status,
+        flows: Sequence[str],
+        parent_id: str | None,
+    ) -> list[Message]:
+        if self._closed or self._stopping:
+            raise SpoolClosedError(f"spool {self.spool_dir} is closing and takes no new mail")
+        if not batch.envelopes:
+            raise ValueError("a submission needs at least one envelope")
+        parent = parent_id or new_id()
+        spool_date = self.clock.now()
+        new = []
+        for env in batch.envelopes:
+            if not env.recipients:
+                raise ValueError("an envelope needs at least one recipient")
+            if not env.next_hop_choices:
+                raise ValueError("an envelope needs at least one next hop")
+
+            def build(mid: str, related: list[str], env: Any = env) -> Message:
+                msg = message_for_envelope(
+                    env,
+                    id=mid,
+                    spool_date=spool_date,
+                    parent_id=parent,
+                    status=status,
+                    flows=flows,
+                    related_ids=related,
+                )
+                if not msg.retry_intervals:
+                    msg.retry_intervals = list(self.default_retry_intervals)
+                return msg
+
+            new.append(NewMessage(batch.body, status, build))
+        return await self._od.add(new)
+
+    # ----------------------------------------------- operator operations
+
+    def _lookup(self, ids: Iterable[str]) -> list[_Entry]:
+        entries = []
+        for raw in ids:
+            mid = validate_id(raw)
+            entry = self._index.get(mid)
+            if entry is None:
+                raise NotFoundError(f"{mid}: no such message in active or frozen")
+            entries.append(entry)
+        return entries
+
+    @staticmethod
+    def _refuse_if_busy(entries: Sequence[_Entry], verb: str) -> None:
+        for e in entries:
+            if e.busy:
+                raise OperationRefusedError(
+                    f"cannot {verb} {e.msg.id}: it is being sent; try again when the attempt ends"
+                )
+
+    async def freeze(self, ids: Iterable[str]) -> None:
+        """Freeze messages in ``active`` (send_now or send_at)."""
+        async with self._op_lock:
+            entries = self._lookup(ids)
+            self._refuse_if_busy(entries, "freeze")
+            for e in entries:
+                if e.queue is not Queue.ACTIVE:
+                    raise OperationRefusedError(f"cannot freeze {e.msg.id}: it is already frozen")
+            await self._each(entries, lambda e: self._change(e, Frozen()))
+
+    async def send(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        which: Literal["ids", "all", "frozen_only"] = "ids",
+        retry_intervals: Sequence[RetryInterval] = (),
+    ) -> list[str]:
+        """Send now: thaw frozen messages and kick delayed ones.
+
+        ``which="all"`` takes every frozen and delayed message, ``"frozen_only"``
+        every frozen one, ``"ids"`` (the default) the ones given. Failed
+        recipients go back to remaining; ``retry_intervals`` are added at the
+        head of each message's intervals. Returns the ids sent.
+        """
+        async with self._op_lock:
+            if which == "ids":
+                if ids is None:
+                    raise ValueError("send needs ids, or which='all' / 'frozen_only'")
+                entries = self._lookup(ids)
+                self._refuse_if_busy(entries, "send")
+            elif which in ("all", "frozen_only"):
+                entries = [
+                    e
+                    for e in self._index.values()
+                    if not e.busy
+                    and (e.queue is Queue.FROZEN or (which == "all" and e.msg.status != SEND_NOW))
+                ]
+            else:
+                raise ValueError(f"send: unknown selection {which!r}")
+
+            def edit(m: Message) -> None:
+                m.move_failed_to_remaining()
+                m.add_retry_intervals(retry_intervals)
+
+            async def one(e: _Entry) -> None:
+                was_frozen = e.queue is Queue.FROZEN
+                new = await self._change(e, SEND_NOW, edit=edit)
+                if was_frozen:
+                    self._publish("unfrozen", new)
+
+            await self._each(entries, one)
+            return [e.msg.id for e in entries]
+
+    async def remove(self, ids: Iterable[str]) -> None:
+        """Move frozen messages to ``removed``."""
+        async with self._op_lock:
+            entries = self._lookup(ids)
+            self._refuse_if_busy(entries, "remove")
+            for e in entries:
+                if e.queue is not Queue.FROZEN:
+                    raise OperationRefusedError(
+                        f"cannot remove {e.msg.id}: only frozen messages can be removed "
+                        "(freeze it first)"
+                    )
+            await self._each(entries, lambda e: self._change(e, Removed()))
+
+    async def recover(
+        self, ids: Iterable[str], *, from_: Literal["removed", "quarantine"] | Queue
+    ) -> None:
+        """Bring messages back from ``removed`` or ``quarantine`` as frozen."""
+        source = Queue(from_)
+        if source not in (Queue.REMOVED, Queue.QUARANTINE):
+            raise ValueError(f"recover takes messages from removed or quarantine, not {source}")
+        async with self._op_lock:
+            found: list[Message] = []
+            for raw in ids:
+                mid = validate_id(raw)
+                try:
+                    found.append(await self._od.read_message(source, mid))
+                except NotFoundError:
+                    raise NotFoundError(f"{mid}: no such message in {source}") from None
+                except RecordError as exc:
+                    raise OperationRefusedError(
+                        f"cannot recover {mid}: its record cannot be read ({exc})"
+                    ) from None
+            for msg in found:
+                new = msg.copy()
+                new.status = Frozen()
+                await self._od.save(new, from_queue=source)
+                if source is Queue.QUARANTINE:
+                    await self._od.store.clear_reason(source.value, new.id)
+                entry = _Entry(new, Queue.FROZEN)
+                self._index[new.id] = entry
+                self._publish("recovered", new, detail=source.value)
+
+    @staticmethod
+    async def _each(entries: Sequence[_Entry], fn: Callable[[_Entry], Any]) -> None:
+        for e in entries:
+            e.busy = True
+        try:
+            for e in entries:
+                await fn(e)
+        finally:
+            for e in entries:
+                e.busy = False
+
+    # -------------------------------------------------------------- reading
+
+    def status(self) -> list[Message]:
+        """Snapshots of every message in ``active`` and ``frozen``, by id.
+        From memory: no file is read."""
+        now = self.clock.now()
+        out = []
+        for e in self._index.values():
+            snap = e.msg.copy()
+            if not e.busy:
+                snap.status = e.msg.effective_status(now)
+            out.append(snap)
+        out.sort(key=lambda m: m.id)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """How many messages per state, from memory."""
+        out = {"active": 0, "frozen": 0, "sending": 0}
+        for e in self._index.values():
+            out[e.queue.value] += 1
+            if isinstance(e.msg.status, Sending):
+                out["sending"] += 1
+        return out
+
+    async def get_message(self, message_id: str) -> Message:
+        """A snapshot of one message, from memory or (removed, quarantine)
+        from disk."""
+        mid = validate_id(message_id)
+        entry = self._index.get(mid)
+        if entry is not None:
+            return entry.msg.copy()
+        for queue in (Queue.REMOVED, Queue.QUARANTINE):
+            try:
+                return await self._od.read_message(queue, mid)
+            except NotFoundError:
+                continue
+        raise NotFoundError(f"{mid}: no such message")
+
+    def events(self, max_buffer: int | None = None) -> Subscription:
+        """Subscribe to the event stream (``async for event in ...``).
+        Use as ``async with spool.events() as stream`` to unsubscribe."""
+        return self._hub.subscribe(max_buffer)
+
+    @staticmethod
+    async def status_from_disk(
+        spool_dir: str | Path,
+        queues: Sequence[Queue] = tuple(Queue),
+    ) -> tuple[list[Message], list[Unreadable]]:
+        """Read messages straight from disk, with or without a daemon
+        running; changes nothing. Checked-out records read as ``sending``."""
+        ondisk, _ = await OnDiskSpool.open(spool_dir, owner=False, create=False)
+        try:
+            messages: list[Message] = []
+            unreadable: list[Unreadable] = []
+            for queue in queues:
+                checked_out = {n for n, c in await ondisk.store.list_queue(queue.value) if c}
+                msgs, bad = await ondisk.load(queue)
+                for m in msgs:
+                    if m.id in checked_out:
+                        m.status = Sending()
+                messages += msgs
+                unreadable += bad
+            messages.sort(key=lambda m: m.id)
+            return messages, unreadable
+        finally:
+            await ondisk.close()
+
+    @staticmethod
+    async def count_from_disk(spool_dir: str | Path) -> dict[str, int]:
+        """Records per queue, counted from the directory listing alone."""
+        ondisk, _ = await OnDiskSpool.open(spool_dir, owner=False, create=False)
+        try:
+            return {q.value: await ondisk.count(q) for q in Queue}
+        finally:
+            await ondisk.close()
+
+
+def _decision_name(decision: PresendDecision) -> str:
+    return {SendNow: "send_now", SendAt: "send_at", Frozen: "freeze", Removed: "remove"}[
+        type(decision)
+    ]
