@@ -35,6 +35,7 @@ from spoold.message import (
     Status,
     decode_record,
     encode_record,
+    gc_paused,
     queue_of,
 )
 from spoold.store import NewEntry, Problem, RecoveryReport, StepHook, Store, StoredRecord
@@ -192,10 +193,13 @@ class OnDiskSpool:
         """
         messages: list[Message] = []
         unreadable: list[Unreadable] = []
-        for rec in await self.store.read_queue(queue.value):
-            path = self.dir / queue.value / rec.name
-            result = self._decode(rec)
+        records = await self.store.read_queue(queue.value)
+        with gc_paused():
+            decoded = [(rec, self._decode(rec)) for rec in records]
+        del records
+        for rec, result in decoded:
             if isinstance(result, RecordError):
+                path = self.dir / queue.value / rec.name
                 reason = f"unreadable record: {result}"
                 if queue is Queue.QUARANTINE:
                     reason = await self.store.set_aside_reason(queue.value, rec.name) or reason

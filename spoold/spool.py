@@ -89,6 +89,7 @@ from spoold.message import (
     Sending,
     SendNow,
     Status,
+    gc_paused,
     message_for_envelope,
 )
 from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
@@ -220,9 +221,11 @@ class Spool:
                 await ondisk.close()
 
     async def _load(self) -> None:
+        shared: dict[object, object] = {}
         for queue in _LOADED_QUEUES:
             messages, _unreadable = await self._od.load(queue)
             for msg in messages:
+                msg.intern(shared)
                 if isinstance(msg.status, Sending):
                     msg.status = SEND_NOW  # an attempt was under way: try again
                 entry = _Entry(msg, queue)
@@ -721,11 +724,12 @@ class Spool:
         From memory: no file is read."""
         now = self.clock.now()
         out = []
-        for e in self._index.values():
-            snap = e.msg.copy()
-            if not e.busy:
-                snap.status = e.msg.effective_status(now)
-            out.append(snap)
+        with gc_paused():
+            for e in self._index.values():
+                snap = e.msg.copy()
+                if not e.busy:
+                    snap.status = e.msg.effective_status(now)
+                out.append(snap)
         out.sort(key=lambda m: m.id)
         return out
 

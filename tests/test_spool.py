@@ -1,0 +1,1101 @@
+"""The spool: operator operations per status, scheduling on a fake clock,
+attempt outcomes, hooks, events, concurrency, shutdown and reading.
+
+Every test runs a real :class:`~spoold.spool.Spool` on a temp dir with an
+in-memory relay and a :class:`~spoold.clock.FakeClock`; nothing sleeps in
+real time. Where it matters the test asserts the directory tree, since the
+queue a record is in is the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from spoold.clock import FakeClock
+from spoold.errors import (
+    InvalidIdError,
+    NotFoundError,
+    OperationRefusedError,
+    SpoolClosedError,
+    SpooldError,
+    SpoolLockedError,
+)
+from spoold.events import Subscription
+from spoold.hooks import ErrorAction, PresendDecision
+from spoold.message import (
+    Frozen,
+    Message,
+    Quarantined,
+    RelayAttempt,
+    Removed,
+    RoutedBatch,
+    RoutedEnvelope,
+    SendAt,
+    Sending,
+    SendNow,
+    encode_record,
+)
+from spoold.relay import AttemptFailed, BodyHandle, InMemoryRelay, RecipientResult, RelayOutcome
+from spoold.spool import Spool
+from tests.spool_helpers import (
+    BODY,
+    MINUTE,
+    NO_SUCH_USER,
+    SENDER,
+    START,
+    TRY_LATER,
+    Answer,
+    attempts_for,
+    batch,
+    intervals,
+    is_delivered,
+    is_gone,
+    kinds,
+    next_events,
+    open_spool,
+    places,
+    read_record,
+    relay_answering,
+    round_trip,
+    settle,
+    spool_files,
+    status_of,
+    wait_for,
+)
+
+RCPT = "rcpt@example.com"
+
+
+def delivered_ids(relay: InMemoryRelay) -> list[str]:
+    return [mid for mid, _, _ in relay.delivered]
+
+
+def status_snapshot(spool: Spool) -> list[bytes]:
+    return [encode_record(m) for m in spool.status()]
+
+
+async def assert_no_event_since(spool: Spool, stream: Subscription) -> None:
+    """The next event on ``stream`` is the one of a marker spooled now, so
+    nothing was published in between."""
+    (marker,) = await spool.add(batch("marker@example.com"), frozen=True)
+    (event,) = await next_events(stream, 1)
+    assert (event.kind, event.id) == ("spooled", marker)
+
+
+# ================================================ every status x every operation
+
+STATUSES = ("send_now", "send_at", "sending", "frozen", "removed", "quarantined")
+OPERATIONS = (
+    "freeze",
+    "send",
+    "send_all",
+    "send_frozen_only",
+    "remove",
+    "recover_removed",
+    "recover_quarantine",
+)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The operation raises ``error`` naming the id; nothing changes."""
+
+    error: type[SpooldError]
+    says: str
+
+
+@dataclass(frozen=True)
+class NotSelected:
+    """A bulk send that does not take the message; nothing changes."""
+
+
+@dataclass(frozen=True)
+class Moves:
+    """The record moves to ``queue`` with a status of type ``status``."""
+
+    queue: str
+    status: type
+    event: str
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class SendsNow:
+    """The message is sent at once (no clock change) and delivered."""
+
+    event: str | None = None
+
+
+Expected = Refused | NotSelected | Moves | SendsNow
+
+ONLY_FROZEN = Refused(OperationRefusedError, "only frozen messages can be removed")
+BEING_SENT = Refused(OperationRefusedError, "it is being sent")
+ALREADY_FROZEN = Refused(OperationRefusedError, "already frozen")
+NOT_INDEXED = Refused(NotFoundError, "no such message in active or frozen")
+NOT_REMOVED = Refused(NotFoundError, "no such message in removed")
+NOT_QUARANTINED = Refused(NotFoundError, "no such message in quarantine")
+NOT_SELECTED = NotSelected()
+
+EXPECTED: dict[str, dict[str, Expected]] = {
+    "send_now": {
+        "freeze": Moves("frozen", Frozen, "frozen"),
+        "send": SendsNow(),
+        "send_all": NOT_SELECTED,  # it is to be sent already
+        "send_frozen_only": NOT_SELECTED,
+        "remove": ONLY_FROZEN,
+        "recover_removed": NOT_REMOVED,
+        "recover_quarantine": NOT_QUARANTINED,
+    },
+    "send_at": {
+        "freeze": Moves("frozen", Frozen, "frozen"),
+        "send": SendsNow(),
+        "send_all": SendsNow(),
+        "send_frozen_only": NOT_SELECTED,
+        "remove": ONLY_FROZEN,
+        "recover_removed": NOT_REMOVED,
+        "recover_quarantine": NOT_QUARANTINED,
+    },
+    "sending": {
+        "freeze": BEING_SENT,
+        "send": BEING_SENT,
+        "send_all": NOT_SELECTED,
+        "send_frozen_only": NOT_SELECTED,
+        "remove": BEING_SENT,
+        "recover_removed": NOT_REMOVED,
+        "recover_quarantine": NOT_QUARANTINED,
+    },
+    "frozen": {
+        "freeze": ALREADY_FROZEN,
+        "send": SendsNow("unfrozen"),
+        "send_all": SendsNow("unfrozen"),
+        "send_frozen_only": SendsNow("unfrozen"),
+        "remove": Moves("removed", Removed, "removed"),
+        "recover_removed": NOT_REMOVED,
+        "recover_quarantine": NOT_QUARANTINED,
+    },
+    "removed": {
+        "freeze": NOT_INDEXED,
+        "send": NOT_INDEXED,
+        "send_all": NOT_SELECTED,
+        "send_frozen_only": NOT_SELECTED,
+        "remove": NOT_INDEXED,
+        "recover_removed": Moves("frozen", Frozen, "recovered", "removed"),
+        "recover_quarantine": NOT_QUARANTINED,
+    },
+    "quarantined": {
+        "freeze": NOT_INDEXED,
+        "send": NOT_INDEXED,
+        "send_all": NOT_SELECTED,
+        "send_frozen_only": NOT_SELECTED,
+        "remove": NOT_INDEXED,
+        "recover_removed": NOT_REMOVED,
+        "recover_quarantine": Moves("frozen", Frozen, "recovered", "quarantine"),
+    },
+}
+
+
+@dataclass
+class Held:
+    """A spool with message ``mid`` in a known status."""
+
+    spool: Spool
+    relay: InMemoryRelay
+    gate: anyio.Event
+    mid: str
+    root: Path
+
+
+@asynccontextmanager
+async def message_in_status(root: Path, status: str) -> AsyncIterator[Held]:
+    """Open a spool and bring one message into ``status``.
+
+    ``send_now`` is held there by a limit of one send job, taken by another
+    message that the relay's gate holds in ``sending``; ``send_at`` is the
+    result of a 451 (the next hop answers 250 from then on)."""
+    gate = anyio.Event()
+    answers: dict[str, Answer] = {}
+    relay = relay_answering(answers, gate)
+    clock = FakeClock(START)
+    limit = 1 if status == "send_now" else 8
+    async with open_spool(root, relay, clock, max_concurrent_send_jobs=limit) as spool:
+        try:
+            if status == "send_now":
+                await spool.add(batch("blocker@example.com"))
+                await wait_for(relay.started.is_set, "the blocker to be sent")
+                (mid,) = await spool.add(batch(RCPT))
+            elif status == "send_at":
+                gate.set()
+                answers[RCPT] = TRY_LATER
+                (mid,) = await spool.add(batch(RCPT))
+                await wait_for(lambda: isinstance(status_of(spool, mid), SendAt), "send_at")
+                answers[RCPT] = RecipientResult(250, "ok")
+            elif status == "sending":
+                (mid,) = await spool.add(batch(RCPT))
+                await wait_for(relay.started.is_set, "the attempt to start")
+            elif status == "frozen":
+                (mid,) = await spool.add(batch(RCPT), frozen=True)
+            elif status == "removed":
+                (mid,) = await spool.add(batch(RCPT), frozen=True)
+                await spool.remove([mid])
+            else:
+                (mid,) = await spool.quarantine("virus found", batch(RCPT))
+            assert (await spool.get_message(mid)).status.name == status
+            yield Held(spool, relay, gate, mid, root)
+        finally:
+            gate.set()
+
+
+async def run_operation(spool: Spool, operation: str, mid: str) -> list[str] | None:
+    if operation == "freeze":
+        await spool.freeze([mid])
+    elif operation == "send":
+        return await spool.send([mid])
+    elif operation == "send_all":
+        return await spool.send(which="all")
+    elif operation == "send_frozen_only":
+        return await spool.send(which="frozen_only")
+    elif operation == "remove":
+        await spool.remove([mid])
+    elif operation == "recover_removed":
+        await spool.recover([mid], from_="removed")
+    else:
+        assert operation == "recover_quarantine"
+        await spool.recover([mid], from_="quarantine")
+    return None
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+@pytest.mark.parametrize("status", STATUSES)
+async def test_every_operation_on_every_status(tmp_path: Path, status: str, operation: str) -> None:
+    expected = EXPECTED[status][operation]
+    async with message_in_status(tmp_path, status) as held:
+        spool, mid = held.spool, held.mid
+        async with spool.events() as stream:
+            files_before = spool_files(tmp_path)
+            status_before = status_snapshot(spool)
+
+            if isinstance(expected, Refused):
+                with pytest.raises(expected.error) as info:
+                    await run_operation(spool, operation, mid)
+                assert mid in str(info.value)
+                assert expected.says in str(info.value)
+                assert spool_files(tmp_path) == files_before
+                assert status_snapshot(spool) == status_before
+                await assert_no_event_since(spool, stream)
+
+            elif isinstance(expected, NotSelected):
+                selected = await run_operation(spool, operation, mid)
+                assert selected is not None
+                assert mid not in selected
+                assert spool_files(tmp_path) == files_before
+                assert status_snapshot(spool) == status_before
+                await assert_no_event_since(spool, stream)
+
+            elif isinstance(expected, Moves):
+                await run_operation(spool, operation, mid)
+                assert places(tmp_path, mid) == [expected.queue]
+                assert isinstance((await spool.get_message(mid)).status, expected.status)
+                listed = status_of(spool, mid) is not None
+                assert listed == (expected.queue in ("active", "frozen"))
+                (event,) = await next_events(stream, 1)
+                assert (event.kind, event.id, event.detail) == (
+                    expected.event,
+                    mid,
+                    expected.detail,
+                )
+                assert not (tmp_path / "quarantine" / ".reasons" / mid).exists()
+
+            else:
+                selected = await run_operation(spool, operation, mid)
+                if selected is not None:
+                    assert mid in selected
+                assert places(tmp_path, mid) in (["active"], ["active/.checkout"])
+                if expected.event:
+                    (event,) = await next_events(stream, 1)
+                    assert (event.kind, event.id) == (expected.event, mid)
+                held.gate.set()  # the clock stays put: it must go now
+                await wait_for(lambda: is_delivered(spool, tmp_path, mid), f"{mid} to be delivered")
+                assert held.relay.delivered.count((mid, RCPT, BODY.wire)) == 1
+                assert status_of(spool, mid) is None
+
+
+BAD_IDS = ["../x", "a/b", ""]
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS)
+async def test_ids_that_are_not_ids_are_refused_and_touch_nothing(
+    tmp_path: Path, bad_id: str
+) -> None:
+    root = tmp_path / "spool"
+    answers: dict[str, Answer] = {RCPT: TRY_LATER}
+    relay = relay_answering(answers)
+    async with open_spool(root, relay, FakeClock(START)) as spool:
+        (delayed,) = await spool.add(batch(RCPT))
+        (frozen,) = await spool.add(batch(RCPT), frozen=True)
+        (removed,) = await spool.add(batch(RCPT), frozen=True)
+        await spool.remove([removed])
+        (quarantined,) = await spool.quarantine("bad", batch(RCPT))
+        await wait_for(lambda: isinstance(status_of(spool, delayed), SendAt), "send_at")
+        (tmp_path / "x").write_bytes(b"not a record")
+        (root / "frozen" / "a").mkdir()
+        files_before = spool_files(tmp_path)
+        status_before = status_snapshot(spool)
+
+        operations = [
+            spool.freeze([bad_id]),
+            spool.freeze([delayed, bad_id]),
+            spool.send([bad_id]),
+            spool.send([frozen, bad_id]),
+            spool.remove([bad_id]),
+            spool.remove([frozen, bad_id]),
+            spool.recover([bad_id], from_="removed"),
+            spool.recover([removed, bad_id], from_="removed"),
+            spool.recover([quarantined, bad_id], from_="quarantine"),
+            spool.get_message(bad_id),
+        ]
+        for operation in operations:
+            with pytest.raises(InvalidIdError, match="not a message id"):
+                await operation
+            assert spool_files(tmp_path) == files_before
+            assert status_snapshot(spool) == status_before
+
+
+# ====================================================== stale retry timers
+
+
+class RecordingPresend:
+    """A presend hook that answers from a script (then ``SendNow()``) and
+    records whom it was asked about. An exception in the script is raised."""
+
+    def __init__(self, *script: PresendDecision | Exception) -> None:
+        self.script = list(script)
+        self.asked: list[str] = []
+
+    def __call__(self, message: Message) -> PresendDecision:
+        self.asked.append(message.id)
+        answer = self.script.pop(0) if self.script else SendNow()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.mark.parametrize("operations", [("freeze",), ("freeze", "remove")])
+async def test_stale_retry_timer_after_an_operator_change_sends_nothing(
+    tmp_path: Path, operations: tuple[str, ...]
+) -> None:
+    answers: dict[str, Answer] = {RCPT: TRY_LATER}
+    relay = relay_answering(answers)
+    presend = RecordingPresend()
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay, clock, presend=presend) as spool:
+        (mid,) = await spool.add(batch(RCPT))
+        await wait_for(lambda: status_of(spool, mid) == SendAt(at=START + MINUTE), "send_at")
+        answers.pop(RCPT)  # were it sent again, it would be delivered
+        for operation in operations:
+            await run_operation(spool, operation, mid)
+
+        clock.advance(MINUTE * 2)  # past the pending retry timer
+        await settle()
+        await round_trip(spool, relay, "probe@example.com")
+
+        assert presend.asked.count(mid) == 1
+        assert attempts_for(relay, mid) == [(RCPT,)]
+        assert mid not in delivered_ids(relay)
+        queue = "removed" if "remove" in operations else "frozen"
+        assert places(tmp_path, mid) == [queue]
+
+
+async def test_send_reschedules_and_the_old_timer_fires_nothing(tmp_path: Path) -> None:
+    answers: dict[str, Answer] = {RCPT: TRY_LATER}
+    relay = relay_answering(answers)
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay, clock, default_retry_intervals=intervals(1, 5)) as spool:
+        (mid,) = await spool.add(batch(RCPT))
+        await wait_for(lambda: status_of(spool, mid) == SendAt(at=START + MINUTE), "retry in 1m")
+
+        assert await spool.send([mid]) == [mid]  # at START: tried now, fails, waits 5m
+        await wait_for(lambda: status_of(spool, mid) == SendAt(at=START + 5 * MINUTE), "5m")
+        assert len(attempts_for(relay, mid)) == 2
+
+        clock.advance(2 * MINUTE)  # the 1-minute timer from the first failure comes up
+        await settle()
+        await round_trip(spool, relay, "probe@example.com")
+        assert len(attempts_for(relay, mid)) == 2
+        assert status_of(spool, mid) == SendAt(at=START + 5 * MINUTE)
+
+        clock.advance(3 * MINUTE)  # the live timer: third attempt, no interval left
+        await wait_for(lambda: isinstance(status_of(spool, mid), Frozen), "frozen")
+        assert len(attempts_for(relay, mid)) == 3
+
+
+# ======================================================== attempt outcomes
+
+
+async def test_partial_refusal_then_frozen_then_sent_again(tmp_path: Path) -> None:
+    perm, later = "gone@example.com", "busy@example.com"
+    answers: dict[str, Answer] = {perm: NO_SUCH_USER, later: TRY_LATER}
+    relay = relay_answering(answers)
+    clock = FakeClock(START)
+    async with (
+        open_spool(tmp_path, relay, clock, default_retry_intervals=intervals(1, 5)) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(perm, later))
+        events = await next_events(stream, 3)
+        assert kinds(events) == [("spooled", None), ("presend", "send_now"), ("delayed", None)]
+        assert events[2].at == START + MINUTE
+
+        msg = read_record(tmp_path, "active", mid)
+        assert msg.status == SendAt(at=START + MINUTE)
+        assert msg.failed_recipients == [perm]
+        assert msg.remaining_recipients == [later]
+        assert msg.retry_intervals == intervals(5)
+        assert len(msg.relay_attempts) == 1
+        attempt = msg.relay_attempts[0]
+        assert attempt.time == START
+        assert perm in attempt.error and "550" in attempt.error
+        assert later in attempt.error and "451" in attempt.error
+        assert msg == await spool.get_message(mid)
+
+        clock.advance(MINUTE)  # second attempt, only the one left to try
+        events = await next_events(stream, 2)
+        assert kinds(events) == [("presend", "send_now"), ("delayed", None)]
+        assert events[1].at == START + 6 * MINUTE
+        assert attempts_for(relay, mid) == [(perm, later), (later,)]
+
+        clock.advance(5 * MINUTE)  # third attempt: no interval left
+        events = await next_events(stream, 2)
+        assert kinds(events) == [("presend", "send_now"), ("frozen", None)]
+        assert places(tmp_path, mid) == ["frozen"]
+        msg = read_record(tmp_path, "frozen", mid)
+        assert msg.status == Frozen()
+        assert msg.retry_intervals == []
+        assert msg.failed_recipients == [perm]
+        assert msg.remaining_recipients == [later]
+        assert [a.time for a in msg.relay_attempts] == [
+            START + 6 * MINUTE,
+            START + MINUTE,
+            START,
+        ]
+
+        # The operator fixes things and sends it again with new intervals;
+        # hold the attempt to look at the message it is made with.
+        answers.clear()
+        relay.gate = anyio.Event()
+        assert await spool.send([mid], retry_intervals=intervals(2)) == [mid]
+        (event,) = await next_events(stream, 1)
+        assert (event.kind, event.id) == ("unfrozen", mid)
+        await wait_for(lambda: len(attempts_for(relay, mid)) == 4, "the fourth attempt")
+        sending = await spool.get_message(mid)
+        assert sending.status == Sending()
+        assert sending.failed_recipients == []
+        assert set(sending.remaining_recipients) == {perm, later}
+        assert sending.retry_intervals == intervals(2)
+        assert set(attempts_for(relay, mid)[-1]) == {perm, later}
+
+        relay.gate.set()
+        events = await next_events(stream, 2)
+        assert kinds(events) == [("presend", "send_now"), ("delivered", None)]
+        assert not (tmp_path / "data" / mid).exists()
+        assert not (tmp_path / "active" / mid).exists()
+        assert is_gone(tmp_path, mid)
+        assert sorted(r for m, r, _ in relay.delivered if m == mid) == sorted([perm, later])
+
+
+async def test_relay_attempt_failed_is_try_later_with_its_error(tmp_path: Path) -> None:
+    error = "no next hop reachable: mx.example.net:25 connection refused"
+    relay = relay_answering({RCPT: AttemptFailed(error)})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool, spool.events() as stream:
+        (mid,) = await spool.add(batch(RCPT))
+        events = await next_events(stream, 3)
+        assert kinds(events)[2] == ("delayed", None)
+        msg = read_record(tmp_path, "active", mid)
+        assert msg.status == SendAt(at=START + MINUTE)
+        assert msg.relay_attempts == [RelayAttempt(START, error)]
+        assert msg.remaining_recipients == [RCPT]
+        assert msg.failed_recipients == []
+
+
+class RaisingRelay:
+    """A relay with a bug: it raises instead of returning an outcome."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def relay(
+        self, message: Message, body: BodyHandle, recipients: Sequence[str]
+    ) -> RelayOutcome:
+        self.calls += 1
+        raise RuntimeError("relay bug: boom")
+
+
+async def test_a_relay_that_raises_is_try_later(tmp_path: Path) -> None:
+    relay = RaisingRelay()
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool, spool.events() as stream:
+        (mid,) = await spool.add(batch(RCPT))
+        events = await next_events(stream, 3)
+        assert (events[2].kind, events[2].at) == ("delayed", START + MINUTE)
+        msg = read_record(tmp_path, "active", mid)
+        assert relay.calls == 1
+        assert msg.status == SendAt(at=START + MINUTE)
+        assert len(msg.relay_attempts) == 1
+        assert "relay error" in msg.relay_attempts[0].error
+        assert "boom" in msg.relay_attempts[0].error
+        assert places(tmp_path, mid) == ["active"]
+
+
+# ================================================================== hooks
+
+
+async def test_presend_answering_send_at_waits_until_then(tmp_path: Path) -> None:
+    presend = RecordingPresend(SendAt(at=START + 10 * MINUTE))
+    relay = relay_answering({})
+    clock = FakeClock(START)
+    async with (
+        open_spool(tmp_path, relay, clock, presend=presend) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT))
+        events = await next_events(stream, 2)
+        assert kinds(events) == [("spooled", None), ("presend", "send_at")]
+        await wait_for(lambda: not spool.running_sends, "the attempt to end")
+        assert relay.attempts == []
+        assert read_record(tmp_path, "active", mid).status == SendAt(at=START + 10 * MINUTE)
+        assert read_record(tmp_path, "active", mid).relay_attempts == []
+
+        clock.advance(9 * MINUTE)
+        await settle()
+        assert presend.asked == [mid]
+        clock.advance(MINUTE)
+        events = await next_events(stream, 2)
+        assert kinds(events) == [("presend", "send_now"), ("delivered", None)]
+        assert presend.asked == [mid, mid]
+        assert is_gone(tmp_path, mid)
+
+
+@pytest.mark.parametrize(
+    ("decision", "queue", "event"),
+    [(Frozen(), "frozen", "frozen"), (Removed(), "removed", "removed")],
+)
+async def test_presend_answering_freeze_or_remove(
+    tmp_path: Path, decision: PresendDecision, queue: str, event: str
+) -> None:
+    presend = RecordingPresend(decision)
+    relay = relay_answering({})
+    async with (
+        open_spool(tmp_path, relay, FakeClock(START), presend=presend) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT))
+        events = await next_events(stream, 3)
+        detail = "freeze" if queue == "frozen" else "remove"
+        assert kinds(events) == [("spooled", None), ("presend", detail), (event, None)]
+        assert places(tmp_path, mid) == [queue]
+        assert (tmp_path / "data" / mid).exists()
+        assert relay.attempts == []
+        assert (await spool.get_message(mid)).status == decision
+        assert (status_of(spool, mid) is not None) == (queue == "frozen")
+
+
+async def test_presend_that_raises_is_try_later(tmp_path: Path) -> None:
+    presend = RecordingPresend(RuntimeError("policy database down"))
+    relay = relay_answering({})
+    async with (
+        open_spool(tmp_path, relay, FakeClock(START), presend=presend) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT))
+        events = await next_events(stream, 2)
+        assert kinds(events) == [("spooled", None), ("delayed", None)]
+        assert events[1].at == START + MINUTE
+        assert relay.attempts == []
+        assert places(tmp_path, mid) == ["active"]
+        msg = read_record(tmp_path, "active", mid)
+        assert msg.status == SendAt(at=START + MINUTE)
+        assert len(msg.relay_attempts) == 1
+        assert msg.relay_attempts[0].error.startswith("presend hook failed")
+        assert "policy database down" in msg.relay_attempts[0].error
+        assert msg.retry_intervals == intervals(5)
+
+
+async def test_presend_answering_a_time_without_zone_does_not_break_the_spool(
+    tmp_path: Path,
+) -> None:
+    """A send_at time without a time zone cannot be written in a record
+    (it would not read back). hooks.py: an answer that is not one of the
+    choices is taken as try later. The spool must not write it."""
+    naive = (START + 10 * MINUTE).replace(tzinfo=None)
+    presend = RecordingPresend(SendAt(at=naive))
+    relay = relay_answering({})
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay, clock, presend=presend) as spool:
+        (mid,) = await spool.add(batch(RCPT))
+        await wait_for(lambda: presend.asked and not spool.running_sends, "the attempt to end")
+        statuses = spool.status()  # must not raise
+        assert [m.id for m in statuses] == [mid]
+    async with open_spool(tmp_path, relay, clock) as spool:
+        assert places(tmp_path, mid) == ["active"]
+        assert status_of(spool, mid) is not None
+
+
+async def test_on_error_done_counts_the_recipient_as_dealt_with(tmp_path: Path) -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def on_error(message: Message, rcpt: str, result: RecipientResult) -> ErrorAction:
+        seen.append((rcpt, result.code))
+        return ErrorAction.DONE
+
+    relay = relay_answering({"gone@example.com": NO_SUCH_USER})
+    async with (
+        open_spool(tmp_path, relay, FakeClock(START), on_error=on_error) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT, "gone@example.com"))
+        events = await next_events(stream, 3)
+        assert kinds(events)[2] == ("delivered", None)
+        assert seen == [("gone@example.com", 550)]
+        assert is_gone(tmp_path, mid)
+        assert [r for _, r, _ in relay.delivered] == [RCPT]
+
+
+async def test_on_error_rate_limited_keeps_the_head_interval(tmp_path: Path) -> None:
+    answer = [ErrorAction.TRY_LATER_RATE_LIMITED]
+
+    def on_error(message: Message, rcpt: str, result: RecipientResult) -> ErrorAction:
+        return answer[0]
+
+    relay = relay_answering({RCPT: TRY_LATER})
+    clock = FakeClock(START)
+    async with (
+        open_spool(
+            tmp_path, relay, clock, on_error=on_error, default_retry_intervals=intervals(1, 5)
+        ) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT))
+        events = await next_events(stream, 3)
+        assert (events[2].kind, events[2].at) == ("delayed_rate_limited", START + MINUTE)
+        msg = read_record(tmp_path, "active", mid)
+        assert msg.status == SendAt(at=START + MINUTE)
+        assert msg.retry_intervals == intervals(1, 5)  # not consumed
+        assert len(msg.relay_attempts) == 1
+
+        answer[0] = ErrorAction.TRY_LATER  # a plain try-later consumes the head
+        clock.advance(MINUTE)
+        events = await next_events(stream, 2)
+        assert (events[1].kind, events[1].at) == ("delayed", START + 2 * MINUTE)
+        msg = read_record(tmp_path, "active", mid)
+        assert msg.retry_intervals == intervals(5)
+        assert len(msg.relay_attempts) == 2
+
+
+async def test_on_error_that_raises_is_try_later(tmp_path: Path) -> None:
+    def on_error(message: Message, rcpt: str, result: RecipientResult) -> ErrorAction:
+        raise RuntimeError("hook bug")
+
+    # A 550 would fail permanently by default; the broken hook makes it try later.
+    relay = relay_answering({RCPT: NO_SUCH_USER})
+    async with (
+        open_spool(tmp_path, relay, FakeClock(START), on_error=on_error) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT))
+        events = await next_events(stream, 3)
+        assert (events[2].kind, events[2].at) == ("delayed", START + MINUTE)
+        msg = read_record(tmp_path, "active", mid)
+        assert msg.status == SendAt(at=START + MINUTE)
+        assert msg.remaining_recipients == [RCPT]
+        assert msg.failed_recipients == []
+        assert len(msg.relay_attempts) == 1
+        assert "550" in msg.relay_attempts[0].error
+
+
+# ================================================================== events
+
+
+async def test_events_of_a_whole_life(tmp_path: Path) -> None:
+    answers: dict[str, Answer] = {RCPT: TRY_LATER}
+    relay = relay_answering(answers)
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay, clock) as spool, spool.events() as stream:
+        (mid,) = await spool.add(batch(RCPT))
+        life = await next_events(stream, 3)
+        await wait_for(lambda: not spool.running_sends, "the attempt to end")
+        await spool.freeze([mid])
+        life += await next_events(stream, 1)
+        answers.clear()
+        await spool.send([mid])
+        life += await next_events(stream, 3)
+
+        assert kinds(life) == [
+            ("spooled", None),
+            ("presend", "send_now"),
+            ("delayed", None),
+            ("frozen", None),
+            ("unfrozen", None),
+            ("presend", "send_now"),
+            ("delivered", None),
+        ]
+        assert {e.id for e in life} == {mid}
+        assert [e.at for e in life] == [None, None, START + MINUTE, None, None, None, None]
+        assert all(e.time == START for e in life)
+        assert all(e.envelope_info is not None for e in life)
+        assert {e.envelope_info.sender for e in life if e.envelope_info} == {SENDER}
+        assert is_gone(tmp_path, mid)
+
+
+async def test_ping_every_interval(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    relay = relay_answering({})
+    async with (
+        open_spool(tmp_path, relay, clock, ping_interval=30.0) as spool,
+        spool.events() as stream,
+    ):
+        await settle()
+        clock.advance(30)
+        (ping,) = await next_events(stream, 1)
+        assert (ping.kind, ping.id, ping.time) == ("ping", None, START + timedelta(seconds=30))
+
+
+async def test_a_slow_subscriber_does_not_stall_delivery(tmp_path: Path) -> None:
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        slow = spool.events(max_buffer=3)
+        full = spool.events()
+        ids = [(await spool.add(batch(f"r{i}@example.com")))[0] for i in range(50)]
+        await wait_for(lambda: len(relay.delivered) == 50 and not spool.status(), "50 deliveries")
+        assert sorted(delivered_ids(relay)) == sorted(ids)
+        assert not spool.running_sends
+
+        everything = await next_events(full, 150)
+        assert sorted(e.kind for e in everything) == sorted(
+            ["spooled", "presend", "delivered"] * 50
+        )
+        first = await next_events(slow, 4)
+        assert first[:3] == everything[:3]
+        assert (first[3].kind, first[3].detail) == ("overflow", str(150 - 3))
+
+        # Nothing is lost silently afterwards: the next events come through.
+        (later,) = await spool.add(batch("late@example.com"))
+        after = await next_events(slow, 3)
+        assert after == await next_events(full, 3)
+        assert [(e.kind, e.id) for e in after] == [
+            ("spooled", later),
+            ("presend", later),
+            ("delivered", later),
+        ]
+        slow.close()
+        full.close()
+
+
+# ============================================================= concurrency
+
+
+async def test_max_concurrent_send_jobs_is_honoured_and_changeable(tmp_path: Path) -> None:
+    gate = anyio.Event()
+    relay = relay_answering({}, gate)
+    async with open_spool(tmp_path, relay, FakeClock(START), max_concurrent_send_jobs=3) as spool:
+        for i in range(10):
+            await spool.add(batch(f"r{i}@example.com"))
+        await wait_for(lambda: len(relay.attempts) == 3, "three attempts")
+        await settle()
+        assert len(relay.attempts) == 3
+        assert spool.running_sends == 3
+        assert spool.counts() == {"active": 10, "frozen": 0, "sending": 3}
+
+        spool.max_concurrent_send_jobs = 5
+        await wait_for(lambda: len(relay.attempts) == 5, "five attempts")
+        await settle()
+        assert len(relay.attempts) == 5
+        assert spool.running_sends == 5
+
+        gate.set()
+        await wait_for(lambda: len(relay.delivered) == 10 and not spool.status(), "all sent")
+        assert len({mid for mid, _ in relay.attempts}) == 10
+
+
+async def test_kill_and_flush_waits_for_running_sends(tmp_path: Path) -> None:
+    gate = anyio.Event()
+    relay = relay_answering({}, gate)
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        (frozen,) = await spool.add(batch(RCPT), frozen=True)
+        (mid,) = await spool.add(batch(RCPT))
+        await wait_for(relay.started.is_set, "the attempt to start")
+
+        with pytest.raises(TimeoutError):
+            await spool.kill_and_flush(0.05)
+        assert places(tmp_path, mid) == ["active/.checkout"]
+        with pytest.raises(SpoolClosedError):
+            await spool.add(batch(RCPT))
+
+        flushed = anyio.Event()
+
+        async def flush() -> None:
+            await spool.kill_and_flush(5)
+            flushed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flush)
+            await settle()
+            assert not flushed.is_set()
+            gate.set()
+            with anyio.fail_after(5):
+                await flushed.wait()
+            assert delivered_ids(relay) == [mid]
+            assert is_gone(tmp_path, mid)
+
+        # Stopped: a message sent now waits for the next start.
+        await spool.send([frozen])
+        await settle()
+        assert attempts_for(relay, frozen) == []
+        assert places(tmp_path, frozen) == ["active"]
+
+
+async def test_close_with_messages_waiting_and_sending_then_reopen(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    answers: dict[str, Answer] = {"later@example.com": TRY_LATER}
+    relay = relay_answering(answers)
+    async with open_spool(
+        tmp_path, relay, clock, flush_timeout=0.2, default_retry_intervals=intervals(10)
+    ) as spool:
+        (waiting,) = await spool.add(batch("later@example.com"))
+        await wait_for(lambda: isinstance(status_of(spool, waiting), SendAt), "send_at")
+        relay.gate = anyio.Event()
+        (sending,) = await spool.add(batch(RCPT))
+        await wait_for(lambda: attempts_for(relay, sending), "the attempt to start")
+    # Closing cancelled the held attempt: its record stays checked out.
+    relay.gate.set()
+    assert places(tmp_path, waiting) == ["active"]
+    assert places(tmp_path, sending) == ["active/.checkout"]
+    assert relay.delivered == []
+    on_disk, unreadable = await Spool.status_from_disk(tmp_path)
+    assert unreadable == []
+    assert {m.id: m.status for m in on_disk} == {
+        waiting: SendAt(at=START + 10 * MINUTE),
+        sending: Sending(),
+    }
+
+    fresh = relay_answering({})
+    async with open_spool(tmp_path, fresh, clock) as spool:
+        await wait_for(
+            lambda: is_delivered(spool, tmp_path, sending), "the interrupted one to be delivered"
+        )
+        assert fresh.attempts == [(sending, (RCPT,))]
+        assert status_of(spool, waiting) == SendAt(at=START + 10 * MINUTE)
+        await settle()
+        assert attempts_for(fresh, waiting) == []
+
+        clock.advance(10 * MINUTE)
+        await wait_for(
+            lambda: is_delivered(spool, tmp_path, waiting), "the waiting one to be delivered"
+        )
+        assert sorted(delivered_ids(fresh)) == sorted([waiting, sending])
+        assert spool.status() == []
+
+
+# ========================================================= adding messages
+
+
+async def test_add_frozen_goes_to_frozen(tmp_path: Path) -> None:
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool, spool.events() as stream:
+        (mid,) = await spool.add(batch(RCPT), frozen=True)
+        assert kinds(await next_events(stream, 2)) == [("spooled", None), ("frozen", None)]
+        assert places(tmp_path, mid) == ["frozen"]
+        assert (tmp_path / "data" / mid).read_bytes() == BODY.wire
+        assert status_of(spool, mid) == Frozen()
+        await settle()
+        assert relay.attempts == []
+
+
+async def test_quarantine_writes_into_quarantine_with_the_reason(tmp_path: Path) -> None:
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool, spool.events() as stream:
+        (mid,) = await spool.quarantine("virus found: Eicar", batch(RCPT))
+        (event,) = await next_events(stream, 1)
+        assert (event.kind, event.id, event.detail) == ("quarantined", mid, "virus found: Eicar")
+        assert places(tmp_path, mid) == ["quarantine"]
+        assert read_record(tmp_path, "quarantine", mid).status == Quarantined(
+            reason="virus found: Eicar"
+        )
+        assert (await spool.get_message(mid)).status == Quarantined(reason="virus found: Eicar")
+        assert spool.status() == []
+        await settle()
+        assert relay.attempts == []
+
+
+async def test_one_submission_with_three_envelopes(tmp_path: Path) -> None:
+    envelopes = [
+        RoutedEnvelope(SENDER, [f"r{i}@example.com"], [f"mx{i}.example.net:25"]) for i in range(3)
+    ]
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        ids = await spool.add(RoutedBatch(envelopes, BODY), frozen=True, flows=["flow-1"])
+        assert len(set(ids)) == 3
+        records = [read_record(tmp_path, "frozen", mid) for mid in ids]
+        assert len({m.parent_id for m in records}) == 1
+        assert records[0].parent_id not in ids
+        for mid, msg in zip(ids, records, strict=True):
+            assert sorted(msg.related_ids) == sorted(set(ids) - {mid})
+            assert msg.flows == ["flow-1"]
+            assert (tmp_path / "data" / mid).read_bytes() == BODY.wire
+        assert [m.next_hop_choices for m in records] == [[e.next_hop_choices[0]] for e in envelopes]
+        assert [m.remaining_recipients for m in records] == [list(e.recipients) for e in envelopes]
+
+
+# ================================================================ reading
+
+
+async def test_status_reads_no_body(tmp_path: Path) -> None:
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        (mid,) = await spool.add(batch(RCPT), frozen=True)
+        (tmp_path / "data" / mid).unlink()
+        (msg,) = spool.status()
+        assert (msg.id, msg.status, msg.remaining_recipients) == (mid, Frozen(), [RCPT])
+        on_disk, _ = await Spool.status_from_disk(tmp_path)
+        assert [m.id for m in on_disk] == [mid]
+
+
+async def test_status_and_count_from_disk_with_and_without_an_owner(tmp_path: Path) -> None:
+    gate = anyio.Event()
+    answers: dict[str, Answer] = {"later@example.com": TRY_LATER}
+    relay = relay_answering(answers)
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay, clock) as spool:
+        (waiting,) = await spool.add(batch("later@example.com"))
+        await wait_for(lambda: isinstance(status_of(spool, waiting), SendAt), "send_at")
+        relay.gate = gate
+        (frozen,) = await spool.add(batch(RCPT), frozen=True)
+        (removed,) = await spool.add(batch(RCPT), frozen=True)
+        await spool.remove([removed])
+        (quarantined,) = await spool.quarantine("spam", batch(RCPT))
+        (sending,) = await spool.add(batch(RCPT))
+        await wait_for(lambda: attempts_for(relay, sending), "the attempt to start")
+
+        files = spool_files(tmp_path)
+        on_disk, unreadable = await Spool.status_from_disk(tmp_path)
+        assert unreadable == []
+        assert {m.id: m.status for m in on_disk} == {
+            waiting: SendAt(at=START + MINUTE),
+            frozen: Frozen(),
+            removed: Removed(),
+            quarantined: Quarantined(reason="spam"),
+            sending: Sending(),
+        }
+        assert await Spool.count_from_disk(tmp_path) == {
+            "active": 2,
+            "frozen": 1,
+            "removed": 1,
+            "quarantine": 1,
+        }
+        assert spool_files(tmp_path) == files  # reading changed nothing
+
+        gate.set()  # the owner carries on
+        await wait_for(lambda: is_delivered(spool, tmp_path, sending), "delivery")
+
+    assert await Spool.count_from_disk(tmp_path) == {
+        "active": 1,
+        "frozen": 1,
+        "removed": 1,
+        "quarantine": 1,
+    }
+    on_disk, _ = await Spool.status_from_disk(tmp_path)
+    assert [m.id for m in on_disk] == sorted([waiting, frozen, removed, quarantined])
+
+
+async def test_get_message_from_memory_and_from_disk(tmp_path: Path) -> None:
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        (frozen,) = await spool.add(batch(RCPT), frozen=True)
+        (removed,) = await spool.add(batch("other@example.com"), frozen=True)
+        await spool.remove([removed])
+
+        msg = await spool.get_message(frozen)
+        assert (msg.id, msg.status, msg.remaining_recipients) == (frozen, Frozen(), [RCPT])
+        msg.remaining_recipients.append("tamper@example.com")  # a snapshot: changes nothing
+        assert (await spool.get_message(frozen)).remaining_recipients == [RCPT]
+
+        gone = await spool.get_message(removed)
+        assert (gone.id, gone.status) == (removed, Removed())
+        assert gone.remaining_recipients == ["other@example.com"]
+
+        with pytest.raises(NotFoundError) as info:
+            await spool.get_message("NoSuchMessage")
+        assert "NoSuchMessage" in str(info.value)
+
+
+async def test_a_second_open_of_the_same_spool_is_refused(tmp_path: Path) -> None:
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        (mid,) = await spool.add(batch(RCPT), frozen=True)
+        with pytest.raises(SpoolLockedError, match="already owned"):
+            async with open_spool(tmp_path, relay, FakeClock(START)):
+                pass
+        assert status_of(spool, mid) == Frozen()  # the owner is unaffected
+        await spool.send([mid])
+        await wait_for(lambda: is_delivered(spool, tmp_path, mid), "delivery")
+
+
+# ================================================== several ids at once
+
+
+@pytest.mark.parametrize("which", ["ids", "frozen_only", "all"])
+async def test_sending_several_messages_sends_every_one(tmp_path: Path, which: str) -> None:
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        ids = [(await spool.add(batch(f"r{i}@example.com"), frozen=True))[0] for i in range(3)]
+        if which == "ids":
+            selected = await spool.send(ids)
+        else:
+            selected = await spool.send(which="all" if which == "all" else "frozen_only")
+        assert sorted(selected) == sorted(ids)
+
+        def left() -> str:
+            stuck = [(m.id, m.status.name) for m in spool.status()]
+            return f"all three to be delivered; delivered {delivered_ids(relay)}, left {stuck}"
+
+        await wait_for(
+            lambda: all(is_delivered(spool, tmp_path, mid) for mid in ids), left, timeout=1
+        )
+
+
+@pytest.mark.parametrize("operation", ["freeze", "remove", "recover_removed"])
+async def test_an_id_given_twice_is_handled_once_or_refused(tmp_path: Path, operation: str) -> None:
+    relay = relay_answering({RCPT: TRY_LATER})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool, spool.events() as stream:
+        if operation == "freeze":
+            (mid,) = await spool.add(batch(RCPT))
+            await wait_for(lambda: isinstance(status_of(spool, mid), SendAt), "send_at")
+            target, events_before = "frozen", 3
+        else:
+            (mid,) = await spool.add(batch(RCPT), frozen=True)
+            target, events_before = "removed", 2
+            if operation == "recover_removed":
+                await spool.remove([mid])
+                target, events_before = "frozen", 3
+        await next_events(stream, events_before)
+        files = spool_files(tmp_path)
+
+        call = {
+            "freeze": lambda: spool.freeze([mid, mid]),
+            "remove": lambda: spool.remove([mid, mid]),
+            "recover_removed": lambda: spool.recover([mid, mid], from_="removed"),
+        }[operation]
+        try:
+            await call()
+        except SpooldError as exc:
+            # Refusing is fine, but then nothing may have changed.
+            assert spool_files(tmp_path) == files, f"{operation} raised {exc!r} after changing"
+        else:
+            assert places(tmp_path, mid) == [target]
+            (event,) = await next_events(stream, 1)
+            assert event.id == mid
+            await assert_no_event_since(spool, stream)
