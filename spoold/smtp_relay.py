@@ -1,0 +1,547 @@
+"""Relay over SMTP to next hops, with a connection cache of our own.
+
+:class:`SmtpRelay` implements :class:`spoold.relay.Relay` with aiosmtplib.
+aiosmtplib gives one connection per client object and no pool, so
+:class:`ConnectionCache` keeps connections per next hop (and per set of
+route settings) for reuse across messages.
+
+An attempt tries ``next_hop_choices`` in order. A hop that cannot be reached
+(connect, greeting, EHLO, STARTTLS or AUTH fails, or no free connection
+within the give-up time) is skipped for the next; when every hop fails, the
+attempt is :class:`~spoold.relay.AttemptFailed` with every hop's error. Once
+a hop has greeted us, the attempt ends there:
+
+* a refusal at MAIL FROM or at DATA applies to every recipient;
+* each RCPT reply is that recipient's result;
+* recipients count as delivered only after a 2xx reply to the end of DATA;
+* a 421, a disconnect or a timeout at any point ends the attempt as
+  try-later (:class:`AttemptFailed`) and the connection is dropped;
+* a missing extension the message needs (8BITMIME, SMTPUTF8) or a message
+  over the hop's SIZE limit is a permanent refusal (554 / 552) with a text
+  saying why.
+
+Cache rules: at most ``max_per_hop`` connections per hop and ``max_total``
+overall; an idle connection is closed after ``idle_timeout``; a connection
+idle for more than ``check_after`` seconds is checked with NOOP before reuse;
+a connection that saw 421, a protocol error or a timeout is never reused;
+after a transaction that did not complete, RSET is sent before reuse.
+:meth:`ConnectionCache.close_and_flush` says QUIT to every idle connection at
+shutdown. The body is read from disk in a worker thread and sent from
+memory; the file is never rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import ssl
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiosmtplib
+import anyio
+import structlog
+
+from spoold.errors import SpooldError
+from spoold.message import Message
+from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, RelayOutcome
+
+__all__ = [
+    "RouteSettings",
+    "ConnectionCache",
+    "SmtpRelay",
+    "HopUnavailableError",
+    "load_auth_file",
+    "parse_hop",
+]
+
+log = structlog.get_logger("spoold.relay")
+
+TlsMode = Literal["none", "opportunistic", "required"]
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
+_NEEDS_8BIT = re.compile(rb"[\x80-\xff]")
+
+
+class HopUnavailableError(SpooldError):
+    """This next hop could not be used for the attempt (try the next one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    """How to talk to the next hops of one route. Hashable: it is part of
+    the cache key, so a reload with new settings never reuses an old
+    connection."""
+
+    tls: TlsMode = "opportunistic"
+    verify_certificates: bool = True
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    message_timeout: float = 600.0
+    # DATA may take command_timeout plus one second per data_rate bytes.
+    data_rate: int = 64 * 1024
+    helo_name: str | None = None
+
+    def data_timeout(self, size: int) -> float:
+        return self.command_timeout + size / self.data_rate
+
+
+def load_auth_file(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """Read ``user:password`` from a file that only its owner may read."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            text = f.read().decode("utf-8").strip()
+    except OSError as exc:
+        raise SpooldError(f"auth file {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SpooldError(
+            f"auth file {path} is readable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); make it 0600"
+        )
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise SpooldError(f"auth file {path}: expected one line 'user:password'")
+    return user, password
+
+
+def parse_hop(hop: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6addr]:port`` (port defaults to 25)."""
+    if hop.startswith("["):
+        host, _, rest = hop[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif hop.count(":") == 1:
+        host, _, port = hop.partition(":")
+    else:
+        host, port = hop, ""
+    if not host:
+        raise ValueError(f"next hop {hop!r}: no host")
+    try:
+        number = int(port) if port else 25
+    except ValueError:
+        raise ValueError(f"next hop {hop!r}: port is not a number") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"next hop {hop!r}: port out of range")
+    return host, number
+
+
+def _result(code: int, text: str) -> RecipientResult:
+    m = _ENHANCED.match(text)
+    if m:
+        return RecipientResult(code, text[m.end() :], m.group(1))
+    return RecipientResult(code, text)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------- cache
+
+
+@dataclass(eq=False)
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    key: tuple[str, RouteSettings]
+    last_used: float = field(default_factory=time.monotonic)
+    transactions: int = 0
+
+
+class ConnectionCache:
+    """Open SMTP connections per (next hop, route settings)."""
+
+    def __init__(
+        self,
+        *,
+        max_per_hop: int = 10,
+        max_total: int = 100,
+        idle_timeout: float = 30.0,
+        check_after: float = 2.0,
+        acquire_timeout: float = 60.0,
+    ) -> None:
+        self.max_per_hop = max_per_hop
+        self.max_total = max_total
+        self.idle_timeout = idle_timeout
+        self.check_after = check_after
+        self.acquire_timeout = acquire_timeout
+        self._idle: dict[tuple[str, RouteSettings], list[_Connection]] = {}
+        self._open: dict[tuple[str, RouteSettings], int] = {}
+        self._total = 0
+        self._changed = anyio.Event()
+        self._closing = False
+        self.connections_made = 0
+
+    @property
+    def open_connections(self) -> int:
+        return self._total
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _forget(self, conn: _Connection) -> None:
+        self._open[conn.key] -= 1
+        self._total -= 1
+        self._signal()
+
+    def _drop(self, conn: _Connection) -> None:
+        """Close without a goodbye (the connection is suspect)."""
+        conn.smtp.close()
+        self._forget(conn)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for conns in self._idle.values():
+            for conn in [c for c in conns if now - c.last_used > self.idle_timeout]:
+                conns.remove(conn)
+                self._drop(conn)
+
+    def _evict_idle_elsewhere(self, key: tuple[str, RouteSettings]) -> bool:
+        """Close the least recently used idle connection of another hop to
+        make room under ``max_total``."""
+        oldest: _Connection | None = None
+        for k, conns in self._idle.items():
+            if k != key and conns and (oldest is None or conns[0].last_used < oldest.last_used):
+                oldest = conns[0]
+        if oldest is None:
+            return False
+        self._idle[oldest.key].remove(oldest)
+        self._drop(oldest)
+        return True
+
+    @asynccontextmanager
+    async def connection(self, hop: str, settings: RouteSettings) -> AsyncIterator[_Connection]:
+        """A connection to ``hop``, reused or new; returned to the cache
+        afterwards if the body left it healthy (see :meth:`release`).
+
+        Raises :class:`HopUnavailableError` if none can be had.
+        """
+        conn = await self._acquire(hop, settings)
+        healthy = False
+        try:
+            yield conn
+            healthy = True
+        finally:
+            if healthy:
+                self.release(conn)
+            else:
+                self._drop(conn)
+
+    async def _acquire(self, hop: str, settings: RouteSettings) -> _Connection:
+        key = (hop, settings)
+        deadline = time.monotonic() + self.acquire_timeout
+        while True:
+            if self._closing:
+                raise HopUnavailableError(f"{hop}: relay is shutting down")
+            self._reap()
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()  # most recently used first
+                if await self._usable(conn):
+                    return conn
+            if self._open.get(key, 0) < self.max_per_hop and (
+                self._total < self.max_total or self._evict_idle_elsewhere(key)
+            ):
+                self._open[key] = self._open.get(key, 0) + 1
+                self._total += 1
+                try:
+                    smtp = await _connect(hop, settings)
+                except BaseException:
+                    self._open[key] -= 1
+                    self._total -= 1
+                    self._signal()
+                    raise
+                self.connections_made += 1
+                return _Connection(smtp, key)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HopUnavailableError(
+                    f"{hop}: no free connection within {self.acquire_timeout:g}s"
+                )
+            changed = self._changed
+            with anyio.move_on_after(remaining):
+                await changed.wait()
+
+    async def _usable(self, conn: _Connection) -> bool:
+        if not conn.smtp.is_connected:
+            self._forget(conn)
+            return False
+        if time.monotonic() - conn.last_used <= self.check_after:
+            return True
+        try:
+            reply = await conn.smtp.noop(timeout=min(10.0, conn.key[1].command_timeout))
+        except (aiosmtplib.SMTPException, OSError):
+            self._drop(conn)
+            return False
+        if reply.code != 250:
+            self._drop(conn)
+            return False
+        return True
+
+    def release(self, conn: _Connection) -> None:
+        if self._closing or not conn.smtp.is_connected:
+            self._drop(conn)
+            return
+        conn.last_used = time.monotonic()
+        self._idle.setdefault(conn.key, []).append(conn)
+        self._signal()
+
+    async def warm(self, hop: str, settings: RouteSettings, count: int) -> int:
+        """Open up to ``count`` idle connections to ``hop`` ahead of need;
+        returns how many are idle for it afterwards. Failures are logged."""
+        key = (hop, settings)
+        opened: list[_Connection] = []
+        try:
+            while len(self._idle.get(key, [])) + len(opened) < count:
+                if self._open.get(key, 0) >= self.max_per_hop or self._total >= self.max_total:
+                    break
+                opened.append(await self._acquire(hop, settings))
+        except (HopUnavailableError, aiosmtplib.SMTPException, OSError) as exc:
+            log.warning("could not warm a connection", hop=hop, error=str(exc))
+        for conn in opened:
+            conn.last_used = time.monotonic()
+            self._idle.setdefault(key, []).append(conn)
+        self._signal()
+        return len(self._idle.get(key, []))
+
+    async def close_and_flush(self) -> None:
+        """Take no more connections out; QUIT every idle one."""
+        self._closing = True
+        idle = [c for conns in self._idle.values() for c in conns]
+        self._idle.clear()
+        for conn in idle:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError), anyio.move_on_after(5):
+                await conn.smtp.quit()
+            conn.smtp.close()
+            self._forget(conn)
+
+
+async def _connect(hop: str, settings: RouteSettings) -> aiosmtplib.SMTP:
+    host, port = parse_hop(hop)
+    tls_context: ssl.SSLContext | None = None
+    if settings.tls != "none":
+        tls_context = ssl.create_default_context(cafile=settings.ca_file)
+        if not settings.verify_certificates:
+            tls_context.check_hostname = False
+            tls_context.verify_mode = ssl.CERT_NONE
+        if settings.client_cert:
+            tls_context.load_cert_chain(settings.client_cert, settings.client_key)
+    smtp = aiosmtplib.SMTP(
+        hostname=host,
+        port=port,
+        timeout=settings.command_timeout,
+        local_hostname=settings.helo_name,
+        start_tls={"none": False, "opportunistic": None, "required": True}[settings.tls],
+        tls_context=tls_context,
+    )
+    try:
+        await smtp.connect(timeout=settings.connect_timeout)
+        if settings.tls == "required" and not _tls_on(smtp):
+            raise HopUnavailableError(f"{hop}: TLS is required but the hop does not offer it")  # noqa: TRY301
+        if settings.auth is not None:
+            await _authenticate(smtp, hop, settings.auth)
+    except HopUnavailableError:
+        smtp.close()
+        raise
+    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+        smtp.close()
+        raise HopUnavailableError(f"{hop}: {_describe(exc)}") from exc
+    return smtp
+
+
+def _tls_on(smtp: aiosmtplib.SMTP) -> bool:
+    transport = smtp.transport
+    return transport is not None and transport.get_extra_info("sslcontext") is not None
+
+
+async def _authenticate(smtp: aiosmtplib.SMTP, hop: str, auth: tuple[str, str]) -> None:
+    user, password = auth
+    methods = {m.lower() for m in smtp.server_auth_methods}
+    if "plain" in methods:
+        await smtp.auth_plain(user, password)
+    elif "login" in methods:
+        await smtp.auth_login(user, password)
+    else:
+        raise HopUnavailableError(f"{hop}: offers neither AUTH PLAIN nor AUTH LOGIN")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {_one_line(exc.message)}"
+    if isinstance(exc, aiosmtplib.SMTPException):
+        return _one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+# ----------------------------------------------------------------- relay
+
+
+class _TryLater(Exception):
+    """The attempt ends on this hop as try-later; the connection is dropped."""
+
+
+class SmtpRelay:
+    """Relays messages over SMTP through a :class:`ConnectionCache`.
+
+    ``settings_for(hop)`` gives the route settings for a next hop (the
+    daemon builds it from its routes, and swaps it on reload).
+    """
+
+    def __init__(
+        self,
+        settings_for: Callable[[str], RouteSettings] | RouteSettings | None = None,
+        cache: ConnectionCache | None = None,
+    ) -> None:
+        if settings_for is None:
+            settings_for = RouteSettings()
+        if isinstance(settings_for, RouteSettings):
+            fixed = settings_for
+            self.settings_for: Callable[[str], RouteSettings] = lambda _hop: fixed
+        else:
+            self.settings_for = settings_for
+        self.cache = cache or ConnectionCache()
+
+    async def relay(
+        self, message: Message, body: BodyHandle, recipients: Sequence[str]
+    ) -> RelayOutcome:
+        wire = await body.read()
+        content = wire.content()
+        hop_errors: list[str] = []
+        for hop in message.next_hop_choices:
+            settings = self.settings_for(hop)
+            try:
+                with anyio.fail_after(settings.message_timeout):
+                    async with self.cache.connection(hop, settings) as conn:
+                        return await self._transaction(
+                            conn, hop, settings, message, content, recipients
+                        )
+            except HopUnavailableError as exc:
+                hop_errors.append(str(exc))
+                log.warning("next hop unavailable", id=message.id, hop=hop, error=str(exc))
+            except _TryLater as exc:
+                return AttemptFailed(f"{hop}: {exc}")
+            except TimeoutError:
+                return AttemptFailed(
+                    f"{hop}: no answer within the message timeout of {settings.message_timeout:g}s"
+                )
+        return AttemptFailed("no hops available: " + "; ".join(hop_errors))
+
+    async def _transaction(
+        self,
+        conn: _Connection,
+        hop: str,
+        settings: RouteSettings,
+        message: Message,
+        content: bytes,
+        recipients: Sequence[str],
+    ) -> Delivery:
+        smtp = conn.smtp
+        env = message.envelope_info
+        options: list[str] = []
+        needs_utf8 = "SMTPUTF8" in (p.upper() for p in env.mail_params) or any(
+            not a.isascii() for a in [env.sender, *recipients]
+        )
+        needs_8bit = _NEEDS_8BIT.search(content) is not None or any(
+            p.upper() == "BODY=8BITMIME" for p in env.mail_params
+        )
+
+        def everyone(code: int, text: str) -> Delivery:
+            result = _result(code, text)
+            return Delivery(dict.fromkeys(recipients, result), hop)
+
+        if smtp.supports_extension("size"):
+            limit = smtp.esmtp_extensions.get("size", "")
+            if limit.isdigit() and 0 < int(limit) < len(content):
+                return everyone(
+                    552, f"5.3.4 message of {len(content)} bytes exceeds {hop}'s limit of {limit}"
+                )
+            options.append(f"SIZE={len(content)}")
+        if needs_8bit:
+            if not smtp.supports_extension("8bitmime"):
+                return everyone(
+                    554, f"5.6.3 {hop} does not offer 8BITMIME, which this message needs"
+                )
+            options.append("BODY=8BITMIME")
+        if needs_utf8:
+            if not smtp.supports_extension("smtputf8"):
+                return everyone(
+                    554, f"5.6.7 {hop} does not offer SMTPUTF8, which this message needs"
+                )
+            options.append("SMTPUTF8")
+        encoding = "utf-8" if needs_utf8 else "ascii"
+        try:
+            try:
+                await smtp.mail(env.sender, options=options, encoding=encoding)
+            except aiosmtplib.SMTPSenderRefused as exc:
+                self._check_421(exc)
+                await self._reset(conn)
+                return everyone(exc.code, exc.message)
+            results: dict[str, RecipientResult] = {}
+            accepted: list[str] = []
+            for rcpt in recipients:
+                try:
+                    reply = await smtp.rcpt(rcpt, encoding=encoding)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    self._check_421(exc)
+                    results[rcpt] = _result(exc.code, exc.message)
+                else:
+                    results[rcpt] = _result(reply.code, reply.message)
+                    accepted.append(rcpt)
+            if not accepted:
+                await self._reset(conn)
+                return Delivery(results, hop)
+            try:
+                reply = await smtp.data(content, timeout=settings.data_timeout(len(content)))
+            except aiosmtplib.SMTPDataError as exc:
+                self._check_421(exc)
+                await self._reset(conn)
+                refused = _result(exc.code, exc.message)
+                results.update(dict.fromkeys(accepted, refused))
+                return Delivery(results, hop)
+            done = _result(reply.code, reply.message)
+            results.update(dict.fromkeys(accepted, done))
+            conn.transactions += 1
+            return Delivery(results, hop)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise _TryLater(f"connection lost: {_describe(exc)}") from None
+        except aiosmtplib.SMTPTimeoutError as exc:
+            raise _TryLater(f"timeout: {_describe(exc)}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _TryLater(f"protocol error: {_describe(exc)}") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise _TryLater(_describe(exc)) from None
+
+    @staticmethod
+    def _check_421(exc: aiosmtplib.SMTPResponseException) -> None:
+        if exc.code == 421:
+            raise _TryLater(f"421 {_one_line(exc.message)}")
+
+    @staticmethod
+    async def _reset(conn: _Connection) -> None:
+        """After an incomplete transaction: RSET. If that fails the
+        connection is closed (the cache then drops it); the replies already
+        received still stand."""
+        try:
+            reply = await conn.smtp.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            conn.smtp.close()
+            return
+        if reply.code != 250:
+            conn.smtp.close()
+
+    async def close_and_flush(self) -> None:
+        await self.cache.close_and_flush()
