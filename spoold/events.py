@@ -125,7 +125,9 @@ class EventHub:
         self._max_buffer = max_buffer
 
     def subscribe(self, max_buffer: int | None = None) -> Subscription:
-        sub = Subscription(self, max_buffer or self._max_buffer)
+        if max_buffer is not None and max_buffer < 1:
+            raise ValueError("max_buffer must be at least 1")
+        sub = Subscription(self, self._max_buffer if max_buffer is None else max_buffer)
         self._subscribers.add(sub)
         return sub
 

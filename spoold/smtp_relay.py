@@ -32,12 +32,15 @@ memory; the file is never rewritten.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import os
 import re
 import ssl
 import stat
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -115,17 +118,24 @@ def load_auth_file(path: str | os.PathLike[str]) -> tuple[str, str]:
 
 def parse_hop(hop: str) -> tuple[str, int]:
     """``host:port`` or ``[v6addr]:port`` (port defaults to 25)."""
+    port: str | None
     if hop.startswith("["):
-        host, _, rest = hop[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
+        host, bracket, rest = hop[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"next hop {hop!r}: expected [address]:port")
+        port = rest[1:] if rest else None
     elif hop.count(":") == 1:
         host, _, port = hop.partition(":")
+    elif ":" in hop:
+        raise ValueError(f"next hop {hop!r}: write an IPv6 address as [address]:port")
     else:
-        host, port = hop, ""
+        host, port = hop, None
     if not host:
         raise ValueError(f"next hop {hop!r}: no host")
+    if port == "":
+        raise ValueError(f"next hop {hop!r}: empty port")
     try:
-        number = int(port) if port else 25
+        number = 25 if port is None else int(port)
     except ValueError:
         raise ValueError(f"next hop {hop!r}: port is not a number") from None
     if not 0 < number < 65536:
@@ -147,16 +157,37 @@ def _one_line(text: str) -> str:
 # ----------------------------------------------------------------- cache
 
 
+_Key = tuple[str, RouteSettings]
+
+
 @dataclass(eq=False)
 class _Connection:
     smtp: aiosmtplib.SMTP
-    key: tuple[str, RouteSettings]
+    key: _Key
     last_used: float = field(default_factory=time.monotonic)
     transactions: int = 0
+    expiry: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One acquirer waiting its turn: it is handed a connection, or a slot
+    (already counted) in which to open one."""
+
+    key: _Key
+    seq: int
+    event: anyio.Event = field(default_factory=anyio.Event)
+    conn: _Connection | None = None
+    slot: bool = False
 
 
 class ConnectionCache:
-    """Open SMTP connections per (next hop, route settings)."""
+    """Open SMTP connections per (next hop, route settings).
+
+    Waiters are served first come, first served: a released connection, or
+    a freed slot, is handed to the oldest waiter for it, so under load no
+    message waits longer than its turn.
+    """
 
     def __init__(
         self,
@@ -172,10 +203,11 @@ class ConnectionCache:
         self.idle_timeout = idle_timeout
         self.check_after = check_after
         self.acquire_timeout = acquire_timeout
-        self._idle: dict[tuple[str, RouteSettings], list[_Connection]] = {}
-        self._open: dict[tuple[str, RouteSettings], int] = {}
+        self._idle: dict[_Key, list[_Connection]] = {}
+        self._open: dict[_Key, int] = {}
         self._total = 0
-        self._changed = anyio.Event()
+        self._waiters: dict[_Key, deque[_Waiter]] = {}
+        self._seq = itertools.count()
         self._closing = False
         self.connections_made = 0
 
@@ -187,28 +219,66 @@ class ConnectionCache:
     def idle_connections(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
-    def _signal(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+    # -- slots and hand-off
 
-    def _forget(self, conn: _Connection) -> None:
-        self._open[conn.key] -= 1
+    def _has_room(self, key: _Key) -> bool:
+        if self._open.get(key, 0) >= self.max_per_hop:
+            return False
+        return self._total < self.max_total or self._evict_idle_elsewhere(key)
+
+    def _take_slot(self, key: _Key) -> None:
+        self._open[key] = self._open.get(key, 0) + 1
+        self._total += 1
+
+    def _free_slot(self, key: _Key) -> None:
+        self._open[key] -= 1
         self._total -= 1
-        self._signal()
+        self._serve_waiters()
+
+    def _serve_waiters(self) -> None:
+        """Hand idle connections and free slots to waiters, oldest first."""
+        while True:
+            queues = [q for q in self._waiters.values() if q]
+            if not queues:
+                return
+            served = False
+            for q in sorted(queues, key=lambda q: q[0].seq):
+                w = q[0]
+                idle = self._idle.get(w.key)
+                if idle:
+                    w.conn = self._unidle(idle.pop())
+                elif self._has_room(w.key):
+                    self._take_slot(w.key)
+                    w.slot = True
+                else:
+                    continue
+                q.popleft()
+                w.event.set()
+                served = True
+                break
+            if not served:
+                return
+
+    def _unidle(self, conn: _Connection) -> _Connection:
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        return conn
 
     def _drop(self, conn: _Connection) -> None:
-        """Close without a goodbye (the connection is suspect)."""
+        """Close without a goodbye (the connection is suspect or expired)."""
+        self._unidle(conn)
         conn.smtp.close()
-        self._forget(conn)
+        self._free_slot(conn.key)
 
-    def _reap(self) -> None:
-        now = time.monotonic()
-        for conns in self._idle.values():
-            for conn in [c for c in conns if now - c.last_used > self.idle_timeout]:
-                conns.remove(conn)
-                self._drop(conn)
+    def _expire(self, conn: _Connection) -> None:
+        idle = self._idle.get(conn.key, [])
+        if conn in idle:
+            idle.remove(conn)
+            conn.expiry = None
+            self._drop(conn)
 
-    def _evict_idle_elsewhere(self, key: tuple[str, RouteSettings]) -> bool:
+    def _evict_idle_elsewhere(self, key: _Key) -> bool:
         """Close the least recently used idle connection of another hop to
         make room under ``max_total``."""
         oldest: _Connection | None = None
@@ -218,13 +288,18 @@ class ConnectionCache:
         if oldest is None:
             return False
         self._idle[oldest.key].remove(oldest)
-        self._drop(oldest)
+        self._unidle(oldest)
+        oldest.smtp.close()
+        self._open[oldest.key] -= 1
+        self._total -= 1
         return True
+
+    # -- public
 
     @asynccontextmanager
     async def connection(self, hop: str, settings: RouteSettings) -> AsyncIterator[_Connection]:
         """A connection to ``hop``, reused or new; returned to the cache
-        afterwards if the body left it healthy (see :meth:`release`).
+        afterwards if the body ended normally, dropped otherwise.
 
         Raises :class:`HopUnavailableError` if none can be had.
         """
@@ -245,40 +320,60 @@ class ConnectionCache:
         while True:
             if self._closing:
                 raise HopUnavailableError(f"{hop}: relay is shutting down")
-            self._reap()
+            conn: _Connection | None = None
+            slot = False
+            queue = self._waiters.setdefault(key, deque())
             idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()  # most recently used first
+            if not queue and idle:
+                conn = self._unidle(idle.pop())  # most recently used first
+            elif not queue and self._has_room(key):
+                self._take_slot(key)
+                slot = True
+            else:
+                waiter = _Waiter(key, next(self._seq))
+                queue.append(waiter)
+                try:
+                    with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                        await waiter.event.wait()
+                except BaseException:
+                    self._give_back(waiter)  # cancelled: pass on what we were handed
+                    raise
+                if not waiter.event.is_set():
+                    queue.remove(waiter)
+                    raise HopUnavailableError(
+                        f"{hop}: no free connection within {self.acquire_timeout:g}s"
+                    )
+                conn, slot = waiter.conn, waiter.slot
+                if conn is None and not slot:
+                    continue  # woken without a grant (shutting down)
+            if conn is not None:
                 if await self._usable(conn):
                     return conn
-            if self._open.get(key, 0) < self.max_per_hop and (
-                self._total < self.max_total or self._evict_idle_elsewhere(key)
-            ):
-                self._open[key] = self._open.get(key, 0) + 1
-                self._total += 1
-                try:
-                    smtp = await _connect(hop, settings)
-                except BaseException:
-                    self._open[key] -= 1
-                    self._total -= 1
-                    self._signal()
-                    raise
-                self.connections_made += 1
-                return _Connection(smtp, key)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise HopUnavailableError(
-                    f"{hop}: no free connection within {self.acquire_timeout:g}s"
-                )
-            changed = self._changed
-            with anyio.move_on_after(remaining):
-                await changed.wait()
+                continue  # it was dropped (and its slot passed on); try again
+            assert slot
+            try:
+                smtp = await _connect(hop, settings)
+            except BaseException:
+                self._free_slot(key)
+                raise
+            self.connections_made += 1
+            return _Connection(smtp, key)
+
+    def _give_back(self, waiter: _Waiter) -> None:
+        queue = self._waiters.get(waiter.key)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+        if waiter.conn is not None:
+            self.release(waiter.conn)
+        elif waiter.slot:
+            self._free_slot(waiter.key)
 
     async def _usable(self, conn: _Connection) -> bool:
-        if not conn.smtp.is_connected:
-            self._forget(conn)
+        idle_for = time.monotonic() - conn.last_used
+        if not conn.smtp.is_connected or idle_for > self.idle_timeout:
+            self._drop(conn)  # gone, or expired while its timer was late
             return False
-        if time.monotonic() - conn.last_used <= self.check_after:
+        if idle_for <= self.check_after:
             return True
         try:
             reply = await conn.smtp.noop(timeout=min(10.0, conn.key[1].command_timeout))
@@ -291,41 +386,45 @@ class ConnectionCache:
         return True
 
     def release(self, conn: _Connection) -> None:
+        """Give a healthy connection back: to the oldest waiter, or idle."""
         if self._closing or not conn.smtp.is_connected:
             self._drop(conn)
             return
         conn.last_used = time.monotonic()
+        conn.expiry = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, conn)
         self._idle.setdefault(conn.key, []).append(conn)
-        self._signal()
+        self._serve_waiters()
 
     async def warm(self, hop: str, settings: RouteSettings, count: int) -> int:
         """Open up to ``count`` idle connections to ``hop`` ahead of need;
         returns how many are idle for it afterwards. Failures are logged."""
         key = (hop, settings)
-        opened: list[_Connection] = []
-        try:
-            while len(self._idle.get(key, [])) + len(opened) < count:
-                if self._open.get(key, 0) >= self.max_per_hop or self._total >= self.max_total:
-                    break
-                opened.append(await self._acquire(hop, settings))
-        except (HopUnavailableError, aiosmtplib.SMTPException, OSError) as exc:
-            log.warning("could not warm a connection", hop=hop, error=str(exc))
-        for conn in opened:
-            conn.last_used = time.monotonic()
-            self._idle.setdefault(key, []).append(conn)
-        self._signal()
+        while len(self._idle.get(key, [])) < count and self._has_room(key):
+            self._take_slot(key)
+            try:
+                smtp = await _connect(hop, settings)
+            except (HopUnavailableError, aiosmtplib.SMTPException, OSError) as exc:
+                self._free_slot(key)
+                log.warning("could not warm a connection", hop=hop, error=str(exc))
+                break
+            self.connections_made += 1
+            self.release(_Connection(smtp, key))
         return len(self._idle.get(key, []))
 
     async def close_and_flush(self) -> None:
         """Take no more connections out; QUIT every idle one."""
         self._closing = True
-        idle = [c for conns in self._idle.values() for c in conns]
+        for queue in self._waiters.values():
+            for w in queue:
+                w.event.set()  # they wake, see no grant... and give up
+        idle = [self._unidle(c) for conns in self._idle.values() for c in conns]
         self._idle.clear()
         for conn in idle:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError), anyio.move_on_after(5):
                 await conn.smtp.quit()
             conn.smtp.close()
-            self._forget(conn)
+            self._open[conn.key] -= 1
+            self._total -= 1
 
 
 async def _connect(hop: str, settings: RouteSettings) -> aiosmtplib.SMTP:
@@ -348,6 +447,14 @@ async def _connect(hop: str, settings: RouteSettings) -> aiosmtplib.SMTP:
     )
     try:
         await smtp.connect(timeout=settings.connect_timeout)
+        # connect() leaves EHLO for later when it did not upgrade to TLS, and
+        # forgets the extensions after STARTTLS: ask now, since SIZE,
+        # 8BITMIME, SMTPUTF8 and AUTH are read before MAIL.
+        if smtp.is_ehlo_or_helo_needed:
+            try:
+                await smtp.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await smtp.helo()
         if settings.tls == "required" and not _tls_on(smtp):
             raise HopUnavailableError(f"{hop}: TLS is required but the hop does not offer it")  # noqa: TRY301
         if settings.auth is not None:
@@ -355,6 +462,9 @@ async def _connect(hop: str, settings: RouteSettings) -> aiosmtplib.SMTP:
     except HopUnavailableError:
         smtp.close()
         raise
+    except aiosmtplib.SMTPTimeoutError as exc:
+        smtp.close()
+        raise HopUnavailableError(f"{hop}: timeout: {_describe(exc)}") from exc
     except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
         smtp.close()
         raise HopUnavailableError(f"{hop}: {_describe(exc)}") from exc

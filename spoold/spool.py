@@ -226,8 +226,6 @@ class Spool:
             messages, _unreadable = await self._od.load(queue)
             for msg in messages:
                 msg.intern(shared)
-                if isinstance(msg.status, Sending):
-                    msg.status = SEND_NOW  # an attempt was under way: try again
                 entry = _Entry(msg, queue)
                 self._index[msg.id] = entry
                 self._schedule(entry)
@@ -381,6 +379,8 @@ class Spool:
         decision = await call_hook(self.presend, msg.copy())
         if not isinstance(decision, PRESEND_CHOICES):
             raise TypeError(f"presend answered {decision!r}, not one of its choices")
+        if isinstance(decision, SendAt) and decision.at.tzinfo is None:
+            raise TypeError(f"presend answered {decision!r}: the time needs a time zone")
         return decision
 
     async def _checkout(self, entry: _Entry) -> None:
@@ -595,7 +595,7 @@ class Spool:
 
     def _lookup(self, ids: Iterable[str]) -> list[_Entry]:
         entries = []
-        for raw in ids:
+        for raw in dict.fromkeys(ids):  # an id given twice is handled once
             mid = validate_id(raw)
             entry = self._index.get(mid)
             if entry is None:
@@ -686,7 +686,7 @@ class Spool:
             raise ValueError(f"recover takes messages from removed or quarantine, not {source}")
         async with self._op_lock:
             found: list[Message] = []
-            for raw in ids:
+            for raw in dict.fromkeys(ids):
                 mid = validate_id(raw)
                 try:
                     found.append(await self._od.read_message(source, mid))
@@ -708,13 +708,21 @@ class Spool:
 
     @staticmethod
     async def _each(entries: Sequence[_Entry], fn: Callable[[_Entry], Any]) -> None:
-        for e in entries:
+        """Apply ``fn`` to each entry in turn. All are busy from the start (no
+        attempt may begin on one not yet changed), and each is released as
+        soon as its own change is done, before the scheduler can look at the
+        timer that change set."""
+        pending = list(entries)
+        for e in pending:
             e.busy = True
         try:
-            for e in entries:
+            while pending:
+                e = pending[0]
                 await fn(e)
+                e.busy = False
+                pending.pop(0)
         finally:
-            for e in entries:
+            for e in pending:
                 e.busy = False
 
     # -------------------------------------------------------------- reading

@@ -1,0 +1,357 @@
+"""The spool and the SMTP relay against Postfix's ``smtp-sink``.
+
+A real :class:`~spoold.spool.Spool` on a temp dir relays through
+:class:`~spoold.smtp_relay.SmtpRelay` to ``smtp-sink`` started as a
+subprocess on a free ``127.0.0.1`` port, with its fault options (``-r``
+soft reject, ``-f`` hard reject, ``-Q`` 421 and disconnect) and its ``-d``
+dump for byte-exact checks. ``-c`` makes it print ``sess= quit= mesg=``
+counters, which tell how many SMTP sessions the relay opened.
+
+The spool runs on a :class:`~spoold.clock.FakeClock`: messages are
+``send_now`` so they go at once, and a delayed message stays delayed (the
+clock never reaches its retry time). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+
+from spoold.body import Body
+from spoold.clock import FakeClock
+from spoold.events import SpoolEvent, Subscription
+from spoold.message import RoutedBatch, RoutedEnvelope
+from spoold.smtp_relay import RouteSettings, SmtpRelay
+from spoold.spool import Spool
+from tests.spool_helpers import MINUTE, START, is_gone, open_spool, read_record, wait_for
+
+pytestmark = pytest.mark.interop
+
+SENDER = "sender@example.org"
+ALICE = "alice@example.com"
+BOB = "bob@example.com"
+CONTENT = (
+    b"From: sender@example.org\r\n"
+    b"To: alice@example.com\r\n"
+    b"Subject: interop\r\n"
+    b"\r\n"
+    b"first line\r\n"
+    b".hidden\r\n"
+    b"..two dots\r\n"
+    b".\r\n"
+    b" . not at the start\r\n"
+    b"last line\r\n"
+)
+OUTCOMES = frozenset({"delivered", "delayed", "delayed_rate_limited", "frozen"})
+_COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
+
+
+# ------------------------------------------------------------- smtp-sink
+
+
+def smtp_sink_path() -> str:
+    found = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin:/usr/bin")
+    if found is None:
+        pytest.skip(
+            "smtp-sink not found: install Debian package 'postfix' (apt-get install postfix)"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class SmtpSink:
+    """One ``smtp-sink`` process and what it wrote."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    output: Path  # its stdout: the -c counters
+    dump_dir: Path | None
+
+    @property
+    def hop(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def counters(self) -> dict[str, int]:
+        """The latest ``-c`` counters (ended sessions, QUITs, messages)."""
+        found = _COUNTERS.findall(self.output.read_bytes())
+        sess, quit_, mesg = (int(x) for x in found[-1]) if found else (0, 0, 0)
+        return {"sess": sess, "quit": quit_, "mesg": mesg}
+
+    def dumps(self) -> list[bytes]:
+        assert self.dump_dir is not None, "start the sink with dump=True"
+        return [p.read_bytes() for p in sorted(self.dump_dir.iterdir())]
+
+    def stop(self) -> dict[str, int]:
+        """Terminate it (idempotent); its final counters."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        return self.counters()
+
+
+StartSink = Callable[..., Awaitable[SmtpSink]]
+
+
+@pytest.fixture
+async def start_sink(tmp_path: Path) -> AsyncIterator[StartSink]:
+    """``await start_sink("-r", "RCPT", dump=True)``: an smtp-sink with those
+    options, accepting connections; every one is terminated at teardown."""
+    binary = smtp_sink_path()
+    sinks: list[SmtpSink] = []
+    scratch: list[Path] = []
+
+    async def start(*options: str, dump: bool = False) -> SmtpSink:
+        port = free_port()
+        output = tmp_path / f"smtp-sink-{port}.out"
+        argv = [binary, "-c"]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]  # required as root; it then writes dumps as nobody
+        dump_dir = None
+        if dump:
+            # Outside tmp_path, whose parents only root may enter.
+            dump_dir = Path(tempfile.mkdtemp(prefix="spoold-sink-dump-"))
+            dump_dir.chmod(0o777)
+            scratch.append(dump_dir)
+            argv += ["-d", f"{dump_dir}/msg."]
+        argv += [*options, f"127.0.0.1:{port}", "256"]
+        with output.open("wb") as out:
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        sink = SmtpSink(process, port, output, dump_dir)
+        sinks.append(sink)
+        with anyio.fail_after(5):
+            while True:
+                if process.poll() is not None:
+                    raise AssertionError(
+                        f"smtp-sink exited with {process.returncode}: {output.read_text()}"
+                    )
+                try:
+                    stream = await anyio.connect_tcp("127.0.0.1", port)
+                except OSError:
+                    await anyio.sleep(0.02)
+                    continue
+                await stream.aclose()  # counts as one session
+                break
+        return sink
+
+    try:
+        yield start
+    finally:
+        for sink in sinks:
+            sink.stop()
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- spool
+
+
+def submission(
+    hop: str, recipients: Sequence[str] = (ALICE,), content: bytes = CONTENT
+) -> RoutedBatch:
+    return RoutedBatch(
+        [RoutedEnvelope(SENDER, list(recipients), [hop])], Body.from_content(content)
+    )
+
+
+@asynccontextmanager
+async def spool_relaying_to_sink(
+    spool_dir: Path, **options: object
+) -> AsyncIterator[tuple[Spool, SmtpRelay]]:
+    """A spool on a fake clock relaying with plain-text SMTP; the relay's
+    connections are closed (QUIT) after the spool."""
+    relay = SmtpRelay(
+        RouteSettings(tls="none", connect_timeout=5, command_timeout=10, message_timeout=30)
+    )
+    try:
+        async with open_spool(spool_dir, relay, FakeClock(START), **options) as spool:
+            yield spool, relay
+    finally:
+        with anyio.move_on_after(5):
+            await relay.close_and_flush()
+
+
+async def outcome_of(stream: Subscription, message_id: str, timeout: float = 10.0) -> SpoolEvent:
+    """The event that ends the attempt on ``message_id``."""
+    with anyio.fail_after(timeout):
+        async for event in stream:
+            if event.id == message_id and event.kind in OUTCOMES:
+                return event
+    raise AssertionError(f"event stream closed before an outcome for {message_id}")
+
+
+def files_under(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def assert_spool_empty(spool: Spool) -> None:
+    """Nothing in memory, and no file left in data/, active/ (with its
+    checkout) or the registry."""
+    root = spool.spool_dir
+    assert spool.counts() == {"active": 0, "frozen": 0, "sending": 0}
+    for directory in ("data", "active", ".registry"):
+        assert files_under(root / directory) == [], directory
+
+
+# ----------------------------------------------------------------- tests
+
+
+async def test_delivers_through_smtp_sink(start_sink: StartSink, tmp_path: Path) -> None:
+    sink = await start_sink()
+    async with spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay):
+        async with spool.events() as stream:
+            (mid,) = await spool.add(submission(sink.hop, [ALICE, BOB]))
+            event = await outcome_of(stream, mid)
+
+        assert event.kind == "delivered"
+        assert is_gone(spool.spool_dir, mid)
+        assert_spool_empty(spool)
+        assert await spool.ondisk.check(max_age=0) == []
+    await wait_for(lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message")
+
+
+async def test_soft_reject_at_rcpt_delays_the_message(
+    start_sink: StartSink, tmp_path: Path
+) -> None:
+    sink = await start_sink("-r", "RCPT")
+    async with spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay):
+        async with spool.events() as stream:
+            (mid,) = await spool.add(submission(sink.hop))
+            event = await outcome_of(stream, mid)
+
+        assert event.kind == "delayed"
+        assert event.at == START + MINUTE
+        record = read_record(spool.spool_dir, "active", mid)
+        assert record.remaining_recipients == [ALICE]
+        assert record.failed_recipients == []
+        error = record.relay_attempts[0].error
+        assert error.startswith(f"{ALICE}: 450 4.3.0 ")
+        assert error.endswith(f"via {sink.hop}")
+    assert sink.counters()["mesg"] == 0
+
+
+async def test_hard_reject_at_rcpt_freezes_the_message(
+    start_sink: StartSink, tmp_path: Path
+) -> None:
+    sink = await start_sink("-f", "RCPT")
+    async with spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay):
+        async with spool.events() as stream:
+            (mid,) = await spool.add(submission(sink.hop))
+            event = await outcome_of(stream, mid)
+
+        assert event.kind == "frozen"
+        record = read_record(spool.spool_dir, "frozen", mid)
+        assert record.remaining_recipients == []
+        assert record.failed_recipients == [ALICE]
+        assert record.relay_attempts[0].error.startswith(f"{ALICE}: 500 5.3.0 ")
+        assert spool.counts() == {"active": 0, "frozen": 1, "sending": 0}
+    assert sink.counters()["mesg"] == 0
+
+
+async def test_421_at_data_delays_the_message(start_sink: StartSink, tmp_path: Path) -> None:
+    sink = await start_sink("-Q", "DATA")
+    async with spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay):
+        async with spool.events() as stream:
+            (mid,) = await spool.add(submission(sink.hop, [ALICE, BOB]))
+            event = await outcome_of(stream, mid)
+
+        assert event.kind == "delayed"
+        record = read_record(spool.spool_dir, "active", mid)
+        assert record.remaining_recipients == [ALICE, BOB]
+        error = record.relay_attempts[0].error
+        assert error.startswith(f"{sink.hop}: 421")
+    assert sink.counters()["mesg"] == 0
+
+
+async def test_message_arrives_byte_exact(start_sink: StartSink, tmp_path: Path) -> None:
+    sink = await start_sink(dump=True)
+    async with (
+        spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay),
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(submission(sink.hop, [ALICE, BOB]))
+        assert (await outcome_of(stream, mid)).kind == "delivered"
+    await wait_for(lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message")
+
+    (dump,) = sink.dumps()
+    # The dump: smtp-sink's own headers ending with a three-line Received
+    # header, then the message as received, one "\n" per line (CR dropped,
+    # dot-stuffing undone), then an empty line.
+    lines = dump.split(b"\n")
+    received = next(i for i, line in enumerate(lines) if line.startswith(b"Received: "))
+    assert lines[received + 1].startswith(b"\tby ")
+    own = lines[:received]
+    assert f"X-Mail-Args: <{SENDER}>".encode() in own
+    assert [x for x in own if x.startswith(b"X-Rcpt-Args: ")] == [
+        f"X-Rcpt-Args: <{ALICE}>".encode(),
+        f"X-Rcpt-Args: <{BOB}>".encode(),
+    ]
+    message = b"\n".join(lines[received + 3 :])
+    assert message == CONTENT.replace(b"\r\n", b"\n") + b"\n"
+
+
+async def test_a_thousand_messages_through_a_few_sessions(
+    start_sink: StartSink, tmp_path: Path
+) -> None:
+    sink = await start_sink()
+    total, adders = 1000, 20
+    async with spool_relaying_to_sink(tmp_path / "spool", max_concurrent_send_jobs=20) as (
+        spool,
+        relay,
+    ):
+        async with spool.events(max_buffer=10 * total) as stream:
+            delivered: set[str] = set()
+            added: list[str] = []
+
+            async def add_some(worker: int) -> None:
+                for n in range(total // adders):
+                    rcpt = f"w{worker}-{n}@example.com"
+                    added.extend(
+                        await spool.add(submission(sink.hop, [rcpt], b"Subject: x\r\n\r\nhi\r\n"))
+                    )
+
+            async def collect() -> None:
+                async for event in stream:
+                    assert event.kind not in {"delayed", "frozen", "overflow"}, event
+                    if event.kind == "delivered":
+                        assert event.id is not None
+                        delivered.add(event.id)
+                        if len(delivered) == total:
+                            return
+
+            with anyio.fail_after(45):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(collect)
+                    for worker in range(adders):
+                        tg.start_soon(add_some, worker)
+
+        assert delivered == set(added)
+        assert len(added) == total
+        assert_spool_empty(spool)
+        assert await spool.ondisk.check(max_age=0) == []
+        assert relay.cache.connections_made <= relay.cache.max_per_hop
+
+    counters = sink.stop()
+    assert counters["mesg"] == total
+    # One session was the fixture's readiness probe.
+    assert counters["sess"] <= 1 + relay.cache.max_per_hop, counters

@@ -1,0 +1,1191 @@
+"""The SMTP relay against a real SMTP server with injected faults.
+
+Every test runs :class:`~spoold.smtp_relay.SmtpRelay` against aiosmtpd
+servers in the test's own event loop (:mod:`tests.smtp_server`) and asserts
+what the relay returns and what the server saw: replies per recipient,
+which commands were sent, the exact bytes received, how many connections
+were opened and closed. Timeouts are made small in :class:`RouteSettings`
+so that a slow reply costs a fraction of a second, and every attempt runs
+under :func:`anyio.fail_after`.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import pytest
+
+from spoold import smtp_relay
+from spoold.body import Body
+from spoold.errors import SpooldError
+from spoold.ids import new_id
+from spoold.message import Message, RoutedEnvelope, message_for_envelope, utcnow
+from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, RelayOutcome
+from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay, load_auth_file, parse_hop
+from tests.smtp_server import (
+    DISCONNECT,
+    Behaviour,
+    Reply,
+    SmtpTestServer,
+    StartServer,
+    TlsCertificate,
+    smtp_server,  # noqa: F401 (fixture)
+    start_smtp_server,  # noqa: F401 (fixture)
+    tls_certificate,  # noqa: F401 (fixture)
+)
+from tests.spool_helpers import settle, wait_for
+
+SENDER = "sender@example.org"
+ALICE = "alice@example.com"
+BOB = "bob@example.com"
+CAROL = "carol@example.com"
+# Lines starting with "." are dot-stuffed on disk and must arrive unstuffed.
+CONTENT = (
+    b"From: sender@example.org\r\n"
+    b"To: alice@example.com\r\n"
+    b"Subject: relay test\r\n"
+    b"\r\n"
+    b"hello\r\n"
+    b".hidden\r\n"
+    b"..two dots\r\n"
+    b".\r\n"
+    b"last line\r\n"
+)
+EIGHT_BIT = (
+    b"Subject: caf\xc3\xa9\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ncaf\xc3\xa9\r\n"
+)
+UTF8_RCPT = "j\u00fcrgen@b\u00fccher.example"
+USER, PASSWORD = "relay-user", "s3cret:with-colon"
+
+MakeRelay = Callable[..., SmtpRelay]
+
+
+def route(**changes: Any) -> RouteSettings:
+    """Route settings for tests: no TLS and timeouts short enough that a
+    hung test fails fast, long enough not to trip on a busy machine."""
+    options: dict[str, Any] = {
+        "tls": "none",
+        "connect_timeout": 2.0,
+        "command_timeout": 2.0,
+        "message_timeout": 10.0,
+    }
+    options.update(changes)
+    return RouteSettings(**options)
+
+
+@pytest.fixture
+async def make_relay(start_smtp_server: StartServer) -> AsyncIterator[MakeRelay]:  # noqa: F811
+    """``make_relay(route(...), max_per_hop=...)``: a relay with its own
+    connection cache, flushed at teardown (before the servers stop)."""
+    relays: list[SmtpRelay] = []
+
+    def make(settings: RouteSettings | None = None, **cache_options: Any) -> SmtpRelay:
+        relay = SmtpRelay(settings or route(), ConnectionCache(**cache_options))
+        relays.append(relay)
+        return relay
+
+    yield make
+    for relay in relays:
+        with anyio.move_on_after(5):
+            await relay.close_and_flush()
+
+
+def message_to(
+    directory: Path,
+    hops: Sequence[str],
+    recipients: Sequence[str] = (ALICE,),
+    content: bytes = CONTENT,
+    *,
+    sender: str = SENDER,
+    mail_params: Sequence[str] = (),
+) -> tuple[Message, BodyHandle]:
+    """A message as the spool hands it to a relay: a record and the body
+    file in its on-disk (dot-stuffed) form."""
+    mid = new_id()
+    path = directory / mid
+    path.write_bytes(Body.from_content(content).wire)
+    envelope = RoutedEnvelope(sender, list(recipients), list(hops), mail_params=list(mail_params))
+    msg = message_for_envelope(envelope, id=mid, spool_date=utcnow(), parent_id=mid)
+    return msg, BodyHandle(path)
+
+
+async def relay_message(
+    relay: SmtpRelay,
+    directory: Path,
+    hops: Sequence[str],
+    recipients: Sequence[str] = (ALICE,),
+    content: bytes = CONTENT,
+    *,
+    timeout: float = 10.0,
+    **options: Any,
+) -> RelayOutcome:
+    """One relay attempt, bounded in time."""
+    msg, body = message_to(directory, hops, recipients, content, **options)
+    with anyio.fail_after(timeout):
+        return await relay.relay(msg, body, list(recipients))
+
+
+def delivery(outcome: RelayOutcome) -> Delivery:
+    assert isinstance(outcome, Delivery), outcome
+    return outcome
+
+
+def failure(outcome: RelayOutcome) -> str:
+    assert isinstance(outcome, AttemptFailed), outcome
+    return outcome.error
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 with nothing listening (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def silent_hop() -> Iterator[str]:
+    """A hop that completes the TCP handshake (the kernel queues it) but
+    never accepts, never greets and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+OK = RecipientResult(250, "OK: queued", "2.0.0")
+
+# ------------------------------------------------------------- delivery
+
+
+async def test_delivers_the_original_content_to_every_recipient(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    relay = make_relay()
+    msg, body = message_to(tmp_path, [smtp_server.hop], [ALICE, BOB])
+    assert b"\r\n...two dots\r\n" in body.path.read_bytes()  # on disk: dot-stuffed
+
+    with anyio.fail_after(10):
+        outcome = await relay.relay(msg, body, [ALICE, BOB])
+
+    assert delivery(outcome) == Delivery({ALICE: OK, BOB: OK}, smtp_server.hop)
+    (received,) = smtp_server.messages
+    assert received.content == CONTENT
+    assert received.mail_from == SENDER
+    assert received.rcpt_tos == (ALICE, BOB)
+    assert smtp_server.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA", "."]
+    assert body.path.read_bytes() == Body.from_content(CONTENT).wire  # never rewritten
+
+
+async def test_delivers_only_to_the_recipients_it_is_given(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    msg, body = message_to(tmp_path, [smtp_server.hop], [ALICE, BOB, CAROL])
+    with anyio.fail_after(10):
+        outcome = await make_relay().relay(msg, body, [CAROL])
+    assert delivery(outcome).recipients == {CAROL: OK}
+    assert smtp_server.messages[0].rcpt_tos == (CAROL,)
+
+
+async def test_null_sender_is_sent_as_empty_reverse_path(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    outcome = await relay_message(make_relay(), tmp_path, [smtp_server.hop], sender="")
+    assert delivery(outcome).recipients == {ALICE: OK}
+    assert smtp_server.args("MAIL")[0].split()[0] == "<>"
+
+
+# ------------------------------------------------------------- refusals
+
+REFUSALS = [
+    pytest.param("451 4.3.0 try later", RecipientResult(451, "try later", "4.3.0"), id="451"),
+    pytest.param(
+        "550 5.7.1 sender rejected", RecipientResult(550, "sender rejected", "5.7.1"), id="550"
+    ),
+    pytest.param("554 no enhanced code", RecipientResult(554, "no enhanced code"), id="554-plain"),
+]
+
+
+@pytest.mark.parametrize(("reply", "expected"), REFUSALS)
+async def test_refusal_at_mail_applies_to_every_recipient(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    reply: str,
+    expected: RecipientResult,
+) -> None:
+    relay = make_relay()
+    smtp_server.behaviour.mail = Reply(reply)
+
+    outcome = await relay_message(relay, tmp_path, [smtp_server.hop], [ALICE, BOB])
+
+    assert delivery(outcome) == Delivery({ALICE: expected, BOB: expected}, smtp_server.hop)
+    assert smtp_server.verbs() == ["EHLO", "MAIL", "RSET"]
+    assert smtp_server.messages == []
+
+    # The connection was reset, kept, and carries the next message.
+    smtp_server.behaviour.mail = None
+    assert delivery(await relay_message(relay, tmp_path, [smtp_server.hop])).recipients == {
+        ALICE: OK
+    }
+    assert smtp_server.connections_opened == 1
+
+
+@pytest.mark.parametrize(("reply", "expected"), REFUSALS)
+async def test_refusal_at_end_of_data_applies_to_every_recipient(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    reply: str,
+    expected: RecipientResult,
+) -> None:
+    relay = make_relay()
+    smtp_server.behaviour.data_end = Reply(reply)
+
+    outcome = await relay_message(relay, tmp_path, [smtp_server.hop], [ALICE, BOB])
+
+    assert delivery(outcome) == Delivery({ALICE: expected, BOB: expected}, smtp_server.hop)
+    assert smtp_server.messages == []
+    assert smtp_server.verbs()[-3:] == ["DATA", ".", "RSET"]
+
+    smtp_server.behaviour.data_end = None
+    assert delivery(await relay_message(relay, tmp_path, [smtp_server.hop])).recipients == {
+        ALICE: OK
+    }
+    assert smtp_server.connections_opened == 1
+
+
+async def test_refusal_of_the_data_command_applies_to_every_accepted_recipient(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    smtp_server.behaviour.data = Reply("554 5.5.1 no valid recipients")
+    smtp_server.behaviour.rcpt[BOB] = Reply("550 5.1.1 no such user")
+
+    outcome = await relay_message(make_relay(), tmp_path, [smtp_server.hop], [ALICE, BOB])
+
+    assert delivery(outcome).recipients == {
+        ALICE: RecipientResult(554, "no valid recipients", "5.5.1"),
+        BOB: RecipientResult(550, "no such user", "5.1.1"),
+    }
+    assert smtp_server.messages == []
+    assert smtp_server.count(".") == 0
+
+
+async def test_mixed_rcpt_replies_give_one_result_per_recipient(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    smtp_server.behaviour.rcpt[BOB] = Reply("550 5.1.1 no such user")
+    smtp_server.behaviour.rcpt[CAROL] = Reply("450 4.2.1 mailbox busy")
+
+    outcome = await relay_message(make_relay(), tmp_path, [smtp_server.hop], [ALICE, BOB, CAROL])
+
+    assert delivery(outcome) == Delivery(
+        {
+            ALICE: OK,
+            BOB: RecipientResult(550, "no such user", "5.1.1"),
+            CAROL: RecipientResult(450, "mailbox busy", "4.2.1"),
+        },
+        smtp_server.hop,
+    )
+    # DATA went out once, for the one recipient the hop took.
+    (received,) = smtp_server.messages
+    assert received.rcpt_tos == (ALICE,)
+    assert received.content == CONTENT
+
+
+async def test_every_rcpt_refused_sends_no_data_and_keeps_the_connection(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    relay = make_relay()
+    smtp_server.behaviour.rcpt[ALICE] = Reply("550 5.1.1 no such user")
+    smtp_server.behaviour.rcpt[BOB] = Reply("452 4.5.3 too many recipients")
+
+    outcome = await relay_message(relay, tmp_path, [smtp_server.hop], [ALICE, BOB])
+
+    assert delivery(outcome).recipients == {
+        ALICE: RecipientResult(550, "no such user", "5.1.1"),
+        BOB: RecipientResult(452, "too many recipients", "4.5.3"),
+    }
+    assert smtp_server.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "RSET"]
+
+    assert delivery(await relay_message(relay, tmp_path, [smtp_server.hop], [CAROL])).recipients
+    assert smtp_server.connections_opened == 1
+
+
+# ----------------------------------------------------------- disconnects
+
+
+async def test_disconnect_before_greeting_tries_the_next_hop(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    rude, good = await start_smtp_server(), await start_smtp_server()
+    rude.behaviour.greeting = DISCONNECT
+
+    outcome = await relay_message(make_relay(), tmp_path, [rude.hop, good.hop])
+
+    assert delivery(outcome) == Delivery({ALICE: OK}, good.hop)
+    assert rude.connections_opened == 1
+    assert rude.commands == []
+    assert len(good.messages) == 1
+
+
+async def test_disconnect_before_greeting_on_the_only_hop_fails_naming_it(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    smtp_server.behaviour.greeting = DISCONNECT
+
+    error = failure(await relay_message(make_relay(), tmp_path, [smtp_server.hop]))
+
+    assert error.startswith("no hops available: ")
+    assert smtp_server.hop in error
+
+
+async def test_refusing_greeting_makes_the_hop_unavailable(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    smtp_server.behaviour.greeting = Reply("554 5.3.2 no service today")
+
+    error = failure(await relay_message(make_relay(), tmp_path, [smtp_server.hop]))
+
+    assert error.startswith("no hops available: ")
+    assert f"{smtp_server.hop}: 554" in error
+    assert "no service today" in error
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["at-rcpt", "in-data", "instead-of-data-end-reply"],
+)
+async def test_disconnect_mid_transaction_fails_and_the_next_message_reconnects(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    where: str,
+) -> None:
+    relay = make_relay()
+    behaviour = smtp_server.behaviour
+    if where == "at-rcpt":
+        behaviour.rcpt[BOB] = DISCONNECT
+    elif where == "in-data":
+        behaviour.disconnect_in_data = True
+    else:
+        behaviour.data_end = DISCONNECT
+
+    error = failure(await relay_message(relay, tmp_path, [smtp_server.hop], [ALICE, BOB]))
+
+    assert error.startswith(f"{smtp_server.hop}: ")
+    assert "connection lost" in error
+    assert smtp_server.messages == []
+    assert relay.cache.open_connections == 0
+
+    smtp_server.behaviour = Behaviour()
+    outcome = await relay_message(relay, tmp_path, [smtp_server.hop], [ALICE, BOB])
+    assert delivery(outcome).recipients == {ALICE: OK, BOB: OK}
+    assert smtp_server.connections_opened == 2
+    assert smtp_server.messages[0].connection == 2
+
+
+# -------------------------------------------------------------- timeouts
+
+
+async def test_connect_timeout_when_the_hop_never_greets(
+    silent_hop: str, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    relay = make_relay(route(connect_timeout=0.3))
+    started = time.monotonic()
+
+    error = failure(await relay_message(relay, tmp_path, [silent_hop]))
+
+    assert time.monotonic() - started < 2.0
+    assert error.startswith("no hops available: ")
+    assert silent_hop in error
+    assert "timed out" in error.lower() or "timeout" in error.lower()
+
+
+async def test_greeting_slower_than_connect_timeout_makes_the_hop_unavailable(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    slow, good = await start_smtp_server(), await start_smtp_server()
+    slow.behaviour.greeting = Reply(delay=1.5)
+    relay = make_relay(route(connect_timeout=0.3))
+
+    error = failure(await relay_message(relay, tmp_path, [slow.hop]))
+    assert error.startswith("no hops available: ")
+    assert slow.hop in error
+    assert "timed out" in error.lower() or "timeout" in error.lower()
+
+    # With a second hop, the slow one is skipped.
+    outcome = await relay_message(relay, tmp_path, [slow.hop, good.hop])
+    assert delivery(outcome).hop == good.hop
+
+
+async def test_command_timeout_fails_the_attempt_and_drops_the_connection(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    relay = make_relay(route(command_timeout=0.3))
+    smtp_server.behaviour.mail = Reply(delay=1.0)
+    started = time.monotonic()
+
+    error = failure(await relay_message(relay, tmp_path, [smtp_server.hop]))
+
+    assert time.monotonic() - started < 1.0
+    assert error.startswith(f"{smtp_server.hop}: ")
+    assert "timeout" in error
+    await wait_for(lambda: smtp_server.connections_closed == 1, "the client to hang up")
+
+    # The late reply is never read as the answer to a later command.
+    smtp_server.behaviour.mail = None
+    assert delivery(await relay_message(relay, tmp_path, [smtp_server.hop])).recipients == {
+        ALICE: OK
+    }
+    assert smtp_server.connections_opened == 2
+
+
+async def test_end_of_data_waits_for_the_data_timeout_not_the_command_timeout(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    # data timeout = command_timeout + size / data_rate = 0.2 + 0.6 s
+    settings = route(command_timeout=0.2, data_rate=max(1, int(len(CONTENT) / 0.6)))
+    assert 0.7 < settings.data_timeout(len(CONTENT)) < 0.9
+    relay = make_relay(settings)
+
+    smtp_server.behaviour.data_end = Reply(delay=0.4)
+    assert delivery(await relay_message(relay, tmp_path, [smtp_server.hop])).recipients == {
+        ALICE: OK
+    }
+
+    smtp_server.behaviour.data_end = Reply(delay=3.0)
+    started = time.monotonic()
+    error = failure(await relay_message(relay, tmp_path, [smtp_server.hop]))
+    assert time.monotonic() - started < 2.0
+    assert error.startswith(f"{smtp_server.hop}: ")
+    assert "timeout" in error
+    await wait_for(lambda: smtp_server.connections_closed == 1, "the client to hang up")
+
+
+async def test_message_timeout_bounds_the_whole_attempt(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    # Each reply is within the command timeout; together they are not.
+    relay = make_relay(route(command_timeout=1.0, message_timeout=0.5))
+    smtp_server.behaviour.mail = Reply(delay=0.3)
+    smtp_server.behaviour.rcpt[ALICE] = Reply(delay=0.3)
+    started = time.monotonic()
+
+    error = failure(await relay_message(relay, tmp_path, [smtp_server.hop]))
+
+    assert time.monotonic() - started < 1.0
+    assert error.startswith(f"{smtp_server.hop}: ")
+    assert "timeout" in error
+    assert smtp_server.messages == []
+    await wait_for(lambda: smtp_server.connections_closed == 1, "the client to hang up")
+    assert relay.cache.open_connections == 0
+
+
+# ------------------------------------------------------------------ 421
+
+
+@pytest.mark.parametrize("where", ["mail", "rcpt", "data-end"])
+async def test_421_fails_the_attempt_as_try_later_and_drops_the_connection(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    where: str,
+) -> None:
+    relay = make_relay()
+    closing = Reply("421 4.7.0 mx.test closing connection")
+    if where == "mail":
+        smtp_server.behaviour.mail = closing
+    elif where == "rcpt":
+        smtp_server.behaviour.rcpt[ALICE] = closing
+    else:
+        smtp_server.behaviour.data_end = closing
+
+    error = failure(await relay_message(relay, tmp_path, [smtp_server.hop], [ALICE, BOB]))
+
+    assert error.startswith(f"{smtp_server.hop}: 421")
+    assert "closing connection" in error
+    # The server keeps the connection open; the client must hang up.
+    await wait_for(lambda: smtp_server.connections_closed == 1, "the client to hang up")
+    assert "RSET" not in smtp_server.verbs()
+    assert relay.cache.open_connections == 0
+
+    smtp_server.behaviour = Behaviour()
+    assert delivery(await relay_message(relay, tmp_path, [smtp_server.hop])).recipients
+    assert smtp_server.connections_opened == 2
+
+
+# ------------------------------------------------------------- STARTTLS
+
+
+async def test_required_tls_with_verification_refuses_a_self_signed_certificate(
+    start_smtp_server: StartServer,  # noqa: F811
+    tls_certificate: TlsCertificate,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    server = await start_smtp_server(tls_context=tls_certificate.server_context())
+    relay = make_relay(route(tls="required", verify_certificates=True))
+
+    error = failure(await relay_message(relay, tmp_path, [server.hop]))
+
+    assert error.startswith("no hops available: ")
+    assert server.hop in error
+    assert "certificate" in error.lower()
+    assert "MAIL" not in server.verbs()
+    assert server.messages == []
+
+
+async def test_required_tls_with_the_certificate_as_ca_file_delivers_over_tls(
+    start_smtp_server: StartServer,  # noqa: F811
+    tls_certificate: TlsCertificate,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    server = await start_smtp_server(tls_context=tls_certificate.server_context())
+    relay = make_relay(route(tls="required", ca_file=str(tls_certificate.cert)))
+
+    assert delivery(await relay_message(relay, tmp_path, [server.hop])).recipients == {ALICE: OK}
+    (received,) = server.messages
+    assert received.tls
+    assert received.content == CONTENT
+
+
+async def test_opportunistic_tls_without_verification_delivers_over_tls(
+    start_smtp_server: StartServer,  # noqa: F811
+    tls_certificate: TlsCertificate,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    server = await start_smtp_server(tls_context=tls_certificate.server_context())
+    relay = make_relay(route(tls="opportunistic", verify_certificates=False))
+
+    assert delivery(await relay_message(relay, tmp_path, [server.hop])).recipients == {ALICE: OK}
+    assert server.verbs()[:3] == ["EHLO", "STARTTLS", "EHLO"]
+    (received,) = server.messages
+    assert received.tls
+    assert received.content == CONTENT
+
+
+async def test_opportunistic_tls_falls_back_to_plain_text_when_not_offered(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    relay = make_relay(route(tls="opportunistic"))
+    assert delivery(await relay_message(relay, tmp_path, [smtp_server.hop])).recipients
+    assert not smtp_server.messages[0].tls
+
+
+async def test_required_tls_against_a_hop_without_starttls_makes_it_unavailable(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    relay = make_relay(route(tls="required"))
+
+    error = failure(await relay_message(relay, tmp_path, [smtp_server.hop]))
+
+    assert error.startswith("no hops available: ")
+    assert smtp_server.hop in error
+    assert "STARTTLS" in error or "TLS" in error
+    assert "MAIL" not in smtp_server.verbs()
+
+
+# ------------------------------------------------------------------ AUTH
+
+
+@pytest.mark.parametrize("tls", ["none", "opportunistic"])
+async def test_auth_with_the_right_password_delivers(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    tls: Literal["none", "opportunistic"],
+) -> None:
+    # A plain-text hop that offers AUTH; with "opportunistic" the relay finds
+    # no STARTTLS and goes on in plain text.
+    server = await start_smtp_server(credentials=(USER, PASSWORD))
+    relay = make_relay(route(tls=tls, auth=(USER, PASSWORD)))
+
+    outcome = await relay_message(relay, tmp_path, [server.hop])
+
+    assert delivery(outcome).recipients == {ALICE: OK}
+    assert server.auth_attempts == [(USER, True)]
+    assert server.messages[0].login == USER
+
+
+async def test_auth_after_starttls_delivers(
+    start_smtp_server: StartServer,  # noqa: F811
+    tls_certificate: TlsCertificate,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    # The usual submission set-up: AUTH is offered only once TLS is on.
+    server = await start_smtp_server(
+        tls_context=tls_certificate.server_context(),
+        credentials=(USER, PASSWORD),
+        auth_require_tls=True,
+    )
+    relay = make_relay(route(tls="required", verify_certificates=False, auth=(USER, PASSWORD)))
+
+    outcome = await relay_message(relay, tmp_path, [server.hop])
+
+    assert delivery(outcome).recipients == {ALICE: OK}
+    assert server.auth_attempts == [(USER, True)]
+    (received,) = server.messages
+    assert received.tls
+    assert received.login == USER
+
+
+@pytest.mark.parametrize("tls", ["none", "opportunistic"])
+async def test_auth_with_a_wrong_password_makes_the_hop_unavailable(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    tls: Literal["none", "opportunistic"],
+) -> None:
+    server = await start_smtp_server(credentials=(USER, PASSWORD))
+    relay = make_relay(route(tls=tls, auth=(USER, "wrong")))
+
+    error = failure(await relay_message(relay, tmp_path, [server.hop]))
+
+    assert error.startswith("no hops available: ")
+    assert f"{server.hop}: 535" in error
+    assert server.auth_attempts == [(USER, False)]
+    assert "MAIL" not in server.verbs()
+
+
+def test_route_settings_do_not_show_the_password() -> None:
+    assert PASSWORD not in repr(route(auth=(USER, PASSWORD)))
+
+
+def test_load_auth_file_accepts_an_owner_only_file(tmp_path: Path) -> None:
+    path = tmp_path / "auth"
+    path.write_text(f"{USER}:{PASSWORD}\n")
+    path.chmod(0o600)
+    assert load_auth_file(path) == (USER, PASSWORD)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_load_auth_file_refuses_a_file_others_can_read(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "auth"
+    path.write_text(f"{USER}:{PASSWORD}\n")
+    path.chmod(mode)
+    with pytest.raises(SpooldError) as info:
+        load_auth_file(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"mode {mode:04o}" in message
+    assert "0600" in message
+
+
+@pytest.mark.parametrize("text", ["just-a-user\n", ":password-only\n", ""])
+def test_load_auth_file_refuses_a_file_without_user_colon_password(
+    tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "auth"
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(SpooldError, match="expected one line 'user:password'"):
+        load_auth_file(path)
+
+
+def test_load_auth_file_names_a_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere"
+    with pytest.raises(SpooldError, match="No such file") as info:
+        load_auth_file(path)
+    assert str(path) in str(info.value)
+
+
+# ------------------------------------------------------------ next hops
+
+
+async def test_falls_back_to_the_second_hop_when_the_first_refuses_connections(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+
+    outcome = await relay_message(make_relay(), tmp_path, [dead, smtp_server.hop])
+
+    assert delivery(outcome) == Delivery({ALICE: OK}, smtp_server.hop)
+    assert len(smtp_server.messages) == 1
+
+
+async def test_no_hop_reachable_names_every_hop(make_relay: MakeRelay, tmp_path: Path) -> None:
+    first, second = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+
+    error = failure(await relay_message(make_relay(), tmp_path, [first, second]))
+
+    assert error.startswith("no hops available: ")
+    assert error.index(first) < error.index(second)
+
+
+async def test_a_hop_that_greeted_ends_the_attempt_even_on_refusal(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    first, second = await start_smtp_server(), await start_smtp_server()
+    first.behaviour.mail = Reply("451 4.3.0 try later")
+
+    outcome = await relay_message(make_relay(), tmp_path, [first.hop, second.hop])
+
+    assert delivery(outcome).hop == first.hop
+    assert second.connections_opened == 0
+
+
+# ------------------------------------------------------ connection cache
+
+
+async def test_sequential_messages_share_one_connection(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    relay = make_relay()
+    for n in range(50):
+        outcome = await relay_message(relay, tmp_path, [smtp_server.hop], [f"r{n}@example.com"])
+        assert delivery(outcome).recipients == {f"r{n}@example.com": OK}
+
+    assert smtp_server.connections_opened == 1
+    assert smtp_server.transactions == 50
+    assert smtp_server.count("MAIL") == 50
+    assert smtp_server.count("EHLO") == 1
+    assert relay.cache.connections_made == 1
+    assert relay.cache.idle_connections == 1
+
+
+async def test_concurrent_messages_use_at_most_max_per_hop_connections(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    relay = make_relay(max_per_hop=3)
+    smtp_server.behaviour.data_end = Reply(delay=0.01)  # let senders overlap
+    outcomes: list[RelayOutcome] = []
+
+    async def sender(worker: int) -> None:
+        for n in range(10):
+            rcpt = f"w{worker}-{n}@example.com"
+            outcomes.append(await relay_message(relay, tmp_path, [smtp_server.hop], [rcpt]))
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for worker in range(5):
+                tg.start_soon(sender, worker)
+
+    assert len(outcomes) == 50
+    assert all(isinstance(o, Delivery) for o in outcomes)
+    assert smtp_server.transactions == 50
+    assert 1 < smtp_server.connections_opened <= 3
+    assert smtp_server.max_open_connections <= 3
+    assert relay.cache.open_connections <= 3
+
+
+async def test_a_connection_idle_longer_than_check_after_is_checked_with_noop(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    relay = make_relay(check_after=0)
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+
+    assert smtp_server.connections_opened == 1
+    assert smtp_server.verbs(1)[5:] == ["NOOP", "MAIL", "RCPT", "DATA", "."]
+    assert smtp_server.transactions == 2
+
+
+@pytest.mark.parametrize("noop", [Reply("421 4.4.2 idle too long"), Reply("500 what?"), DISCONNECT])
+async def test_a_connection_failing_the_noop_check_is_replaced(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    noop: Reply,
+) -> None:
+    relay = make_relay(check_after=0)
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+    smtp_server.behaviour.noop = noop
+
+    outcome = await relay_message(relay, tmp_path, [smtp_server.hop])
+
+    assert delivery(outcome).recipients == {ALICE: OK}
+    assert smtp_server.connections_opened == 2
+    assert [m.connection for m in smtp_server.messages] == [1, 2]
+    await wait_for(lambda: smtp_server.connections_closed == 1, "the old connection to close")
+
+
+class _Monotonic:
+    """Stands in for the ``time`` module in :mod:`spoold.smtp_relay`: the
+    real monotonic clock plus an offset a test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+async def test_a_connection_idle_longer_than_idle_timeout_is_closed_and_replaced(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _Monotonic()
+    monkeypatch.setattr(smtp_relay, "time", clock)
+    relay = make_relay(idle_timeout=30, check_after=0)
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+    assert relay.cache.idle_connections == 1
+
+    clock.offset += 31
+    outcome = await relay_message(relay, tmp_path, [smtp_server.hop])
+
+    assert delivery(outcome).recipients == {ALICE: OK}
+    assert smtp_server.connections_opened == 2
+    assert "NOOP" not in smtp_server.verbs()  # closed unasked, not checked
+    await wait_for(lambda: smtp_server.connections_closed == 1, "the idle connection to close")
+    assert [m.connection for m in smtp_server.messages] == [1, 2]
+
+
+async def test_an_idle_connection_is_closed_after_idle_timeout_without_more_traffic(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    # The contract: "an idle connection is closed after idle_timeout", not
+    # only when the next message for the hop comes along.
+    relay = make_relay(idle_timeout=0.1)
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+    assert smtp_server.open_connections == 1
+
+    await wait_for(
+        lambda: smtp_server.connections_closed == 1,
+        lambda: f"the idle connection to close; {relay.cache.idle_connections} still idle",
+        timeout=2.0,
+    )
+    assert relay.cache.open_connections == 0
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    relay = make_relay()  # check_after=2: no NOOP for a connection just used
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+    await smtp_server.cut_connections()
+    await wait_for(lambda: smtp_server.connections_closed == 1, "the server to hang up")
+    await settle()  # the client reads the end of the stream
+
+    outcome = await relay_message(relay, tmp_path, [smtp_server.hop])
+
+    assert delivery(outcome).recipients == {ALICE: OK}
+    assert smtp_server.connections_opened == 2
+
+
+async def test_close_and_flush_says_quit_to_idle_connections(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    one, two = await start_smtp_server(), await start_smtp_server()
+    relay = make_relay()
+    await relay_message(relay, tmp_path, [one.hop])
+    await relay_message(relay, tmp_path, [two.hop])
+    assert relay.cache.idle_connections == 2
+
+    with anyio.fail_after(10):
+        await relay.close_and_flush()
+
+    for server in (one, two):
+        assert server.verbs()[-1] == "QUIT"
+        await wait_for(lambda s=server: s.connections_closed == 1, "the connection to close")
+    assert relay.cache.open_connections == 0
+
+    # A closed relay takes no more connections out.
+    error = failure(await relay_message(relay, tmp_path, [one.hop]))
+    assert "shutting down" in error
+    assert one.connections_opened == 1
+
+
+async def test_route_settings_are_part_of_the_cache_key(
+    smtp_server: SmtpTestServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    first = route()
+    settings = {"now": first}
+    relay = SmtpRelay(lambda _hop: settings["now"], ConnectionCache())
+    try:
+        await relay_message(relay, tmp_path, [smtp_server.hop])
+        await relay_message(relay, tmp_path, [smtp_server.hop])
+        assert smtp_server.connections_opened == 1
+        settings["now"] = replace(first, command_timeout=3.0)  # a reload
+        await relay_message(relay, tmp_path, [smtp_server.hop])
+        assert smtp_server.connections_opened == 2
+    finally:
+        await relay.close_and_flush()
+
+
+# ------------------------------------------------------------ extensions
+#
+# The relay decides on SIZE, 8BITMIME and SMTPUTF8 from the hop's EHLO
+# reply. Each such test runs on a connection in three states: "new" (the
+# message is the first on a fresh plain-text connection), "reused" (a
+# plain ASCII message went first on the same connection) and "starttls" (the
+# first message after STARTTLS, opportunistic without verification).
+
+WAYS = ["new", "reused", "starttls"]
+
+
+async def server_for(
+    way: str,
+    start: StartServer,
+    request: pytest.FixtureRequest,
+    **options: Any,
+) -> tuple[SmtpTestServer, RouteSettings]:
+    if way == "starttls":
+        cert: TlsCertificate = request.getfixturevalue("tls_certificate")
+        server = await start(tls_context=cert.server_context(), **options)
+        return server, route(tls="opportunistic", verify_certificates=False)
+    return await start(**options), route()
+
+
+async def warm_up(way: str, relay: SmtpRelay, server: SmtpTestServer, directory: Path) -> None:
+    if way == "reused":
+        outcome = await relay_message(
+            relay, directory, [server.hop], [CAROL], b"Subject: a\r\n\r\n"
+        )
+        assert delivery(outcome).recipients == {CAROL: OK}
+        server.commands.clear()
+        server.messages.clear()
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_message_over_the_size_limit_is_refused_without_sending(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    way: str,
+) -> None:
+    server, settings = await server_for(way, start_smtp_server, request, data_size_limit=100)
+    relay = make_relay(settings)
+    await warm_up(way, relay, server, tmp_path)
+    assert len(CONTENT) > 100
+
+    outcome = await relay_message(relay, tmp_path, [server.hop], [ALICE, BOB])
+
+    results = delivery(outcome).recipients
+    assert set(results) == {ALICE, BOB}
+    for result in results.values():
+        assert (result.code, result.enhanced_status) == (552, "5.3.4")
+        assert f"{len(CONTENT)} bytes" in result.text
+        assert "limit of 100" in result.text
+    assert "MAIL" not in server.verbs()
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_size_is_declared_on_mail_when_offered(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    way: str,
+) -> None:
+    server, settings = await server_for(way, start_smtp_server, request)
+    relay = make_relay(settings)
+    await warm_up(way, relay, server, tmp_path)
+
+    assert delivery(await relay_message(relay, tmp_path, [server.hop])).recipients
+    assert server.messages[0].mail_options == (f"SIZE={len(CONTENT)}",)
+
+
+async def test_size_is_not_declared_when_not_offered(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    server = await start_smtp_server(data_size_limit=None)
+    relay = make_relay()
+    await warm_up("reused", relay, server, tmp_path)
+
+    assert delivery(await relay_message(relay, tmp_path, [server.hop])).recipients
+    assert server.messages[0].mail_options == ()
+
+
+@pytest.mark.parametrize("way", ["new", "reused"])
+async def test_8bit_message_to_a_hop_without_8bitmime_is_refused(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    way: str,
+) -> None:
+    # aiosmtpd leaves 8BITMIME out of EHLO when it decodes data.
+    server, settings = await server_for(way, start_smtp_server, request, decode_data=True)
+    relay = make_relay(settings)
+    await warm_up(way, relay, server, tmp_path)
+
+    outcome = await relay_message(relay, tmp_path, [server.hop], [ALICE, BOB], EIGHT_BIT)
+
+    results = delivery(outcome).recipients
+    assert set(results) == {ALICE, BOB}
+    for result in results.values():
+        assert (result.code, result.enhanced_status) == (554, "5.6.3")
+        assert "8BITMIME" in result.text
+    assert "MAIL" not in server.verbs()
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_8bit_message_goes_as_body_8bitmime_when_offered(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    way: str,
+) -> None:
+    server, settings = await server_for(way, start_smtp_server, request)
+    relay = make_relay(settings)
+    await warm_up(way, relay, server, tmp_path)
+
+    outcome = await relay_message(relay, tmp_path, [server.hop], [ALICE], EIGHT_BIT)
+
+    assert delivery(outcome).recipients == {ALICE: OK}
+    (received,) = server.messages
+    assert "BODY=8BITMIME" in received.mail_options
+    assert received.content == EIGHT_BIT
+
+
+async def test_body_8bitmime_is_sent_when_the_submission_asked_for_it(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    server = await start_smtp_server()
+    relay = make_relay()
+    await warm_up("reused", relay, server, tmp_path)
+
+    outcome = await relay_message(relay, tmp_path, [server.hop], mail_params=["BODY=8BITMIME"])
+
+    assert delivery(outcome).recipients == {ALICE: OK}
+    assert "BODY=8BITMIME" in server.messages[0].mail_options
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_non_ascii_recipient_goes_with_smtputf8_when_offered(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    way: str,
+) -> None:
+    server, settings = await server_for(way, start_smtp_server, request, smtputf8=True)
+    relay = make_relay(settings)
+    await warm_up(way, relay, server, tmp_path)
+
+    outcome = await relay_message(relay, tmp_path, [server.hop], [UTF8_RCPT])
+
+    assert delivery(outcome).recipients == {UTF8_RCPT: OK}
+    (received,) = server.messages
+    assert "SMTPUTF8" in received.mail_options
+    assert received.rcpt_tos == (UTF8_RCPT,)
+
+
+@pytest.mark.parametrize("way", ["new", "reused"])
+async def test_non_ascii_recipient_to_a_hop_without_smtputf8_is_refused(
+    start_smtp_server: StartServer,  # noqa: F811
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    way: str,
+) -> None:
+    server, settings = await server_for(way, start_smtp_server, request)
+    relay = make_relay(settings)
+    await warm_up(way, relay, server, tmp_path)
+
+    outcome = await relay_message(relay, tmp_path, [server.hop], [ALICE, UTF8_RCPT])
+
+    results = delivery(outcome).recipients
+    assert set(results) == {ALICE, UTF8_RCPT}
+    for result in results.values():
+        assert (result.code, result.enhanced_status) == (554, "5.6.7")
+        assert "SMTPUTF8" in result.text
+    assert "MAIL" not in server.verbs()
+
+
+# ------------------------------------------------------------- parse_hop
+
+
+@pytest.mark.parametrize(
+    ("hop", "expected"),
+    [
+        ("h:25", ("h", 25)),
+        ("mx.example.com:2525", ("mx.example.com", 2525)),
+        ("host", ("host", 25)),
+        ("127.0.0.1:65535", ("127.0.0.1", 65535)),
+        ("[::1]:2525", ("::1", 2525)),
+        ("[::1]", ("::1", 25)),
+        ("[2001:db8::1]:1", ("2001:db8::1", 1)),
+    ],
+)
+def test_parse_hop(hop: str, expected: tuple[str, int]) -> None:
+    assert parse_hop(hop) == expected
+
+
+@pytest.mark.parametrize(
+    ("hop", "complaint"),
+    [
+        ("h:0", "port out of range"),
+        ("h:65536", "port out of range"),
+        ("h:-1", "port out of range"),
+        ("h:smtp", "port is not a number"),
+        ("[::1]:x", "port is not a number"),
+        (":25", "no host"),
+        ("[]:25", "no host"),
+    ],
+)
+def test_parse_hop_refuses_bad_hops(hop: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint) as info:
+        parse_hop(hop)
+    assert repr(hop) in str(info.value)
+
+
+@pytest.mark.parametrize("hop", ["h:", "[::1]:", "[::1]junk", "[::1"])
+def test_parse_hop_refuses_malformed_hops(hop: str) -> None:
+    # Neither "host:port" nor "[v6addr]:port" nor a bare host.
+    with pytest.raises(ValueError, match=r"next hop"):
+        parse_hop(hop)
