@@ -87,5 +87,5 @@ def load_hook(spec: str) -> Callable[..., object]:
         except AttributeError:
             raise ValueError(f"hook {spec!r}: {module_name} has no {attr}") from None
     if not callable(target):
-        raise ValueError(f"hook {spec!r}: {attr} is not callable")  # noqa: TRY004
+        raise ValueError(f"hook {spec!r}: {attr} is not callable")
     return target

@@ -255,6 +255,11 @@ class Spool:
         self._max_jobs = value
         self._poke()
 
+    def set_hooks(self, presend: PresendHook | None, on_error: OnErrorHook | None) -> None:
+        """Replace both hooks at once (None: the default)."""
+        self.presend = presend or default_presend
+        self.on_error = on_error or default_on_error
+
     @property
     def running_sends(self) -> int:
         return self._running
@@ -264,6 +269,8 @@ class Spool:
         :class:`TimeoutError` if they are not done within ``timeout``."""
         self._stopping = True
         self._poke()
+        if self._running == 0:
+            return
         with anyio.fail_after(timeout):
             await self._idle.wait()
 

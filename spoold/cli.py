@@ -1,0 +1,375 @@
+"""The ``spoold`` command: the daemon and a thin client of its control socket.
+
+Every command finds the daemon through ``--socket PATH``, or the
+``control.socket`` of ``--config PATH`` (default ``$SPOOLD_CONFIG``, then
+``/etc/spoold/spoold.toml``). ``status``, ``count`` and ``check`` also work
+with no daemon running: they then read the spool directory (``--spool-dir``,
+or ``spool.dir`` of the config).
+
+Exit codes: 0 done; 1 the daemon refused (e.g. removing a message that is
+not frozen) or no such message; 2 usage error, bad id or no daemon.
+Every id is validated here before anything is sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import anyio
+import click
+
+from spoold.config import ConfigError, load_config
+from spoold.control import ControlClient, ControlError, message_view
+from spoold.errors import InvalidIdError, SpooldError
+from spoold.ids import validate_id
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = "/etc/spoold/spoold.toml"
+_T = TypeVar("_T")
+
+
+class _Target:
+    def __init__(self, config: str | None, socket: str | None, spool_dir: str | None) -> None:
+        self.config_path = config or os.environ.get("SPOOLD_CONFIG") or DEFAULT_CONFIG
+        self.explicit_config = config is not None or "SPOOLD_CONFIG" in os.environ
+        self.socket = socket
+        self.spool_dir = spool_dir
+
+    def _config(self) -> Any:
+        try:
+            return load_config(self.config_path)
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+
+    def client(self) -> ControlClient:
+        if self.socket:
+            return ControlClient(self.socket)
+        return ControlClient(self._config().control.socket)
+
+    def spool_directory(self) -> Path:
+        if self.spool_dir:
+            return Path(self.spool_dir)
+        return Path(self._config().spool.dir)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"spoold: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(fn: Callable[[], Awaitable[_T]]) -> _T:
+    try:
+        return anyio.run(fn)
+    except ControlError as exc:
+        _fail(str(exc), 1 if exc.kind in ("refused", "not_found") else 2)
+    except InvalidIdError as exc:
+        _fail(str(exc), 2)
+    except SpooldError as exc:
+        _fail(str(exc), 2)
+
+
+def _valid_ids(ids: Sequence[str]) -> list[str]:
+    try:
+        return [validate_id(i) for i in ids]
+    except InvalidIdError as exc:
+        _fail(str(exc), 2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", metavar="PATH", help="config file (finds the socket)")
+@click.option("--socket", "socket", metavar="PATH", help="control socket of the daemon")
+@click.option("--spool-dir", metavar="PATH", help="spool directory (when no daemon runs)")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, socket: str | None, spool_dir: str | None) -> None:
+    """spoold: a mail spool daemon and its admin commands."""
+    ctx.obj = _Target(config, socket, spool_dir)
+
+
+# ----------------------------------------------------------------- daemon
+
+
+@main.command()
+@click.option("--config", "config", metavar="PATH", help="config file")
+@click.pass_obj
+def run(target: _Target, config: str | None) -> None:
+    """Run the daemon in the foreground (for systemd, Type=notify)."""
+    from spoold.daemon import run as run_daemon
+
+    sys.exit(anyio.run(run_daemon, config or target.config_path))
+
+
+# ------------------------------------------------------------ read-only
+
+
+async def _daemon_or_disk(
+    target: _Target, op: str, params: dict[str, Any], from_disk: Callable[[], Awaitable[Any]]
+) -> Any:
+    """Ask the daemon; with no daemon (or with --spool-dir) read the disk."""
+    if not target.spool_dir:
+        try:
+            return await target.client().request(op, **params)
+        except ControlError as exc:
+            if exc.kind != "unavailable":
+                raise
+    return await from_disk()
+
+
+def _age(spool_date: str) -> str:
+    when = datetime.fromisoformat(spool_date.replace("Z", "+00:00"))
+    seconds = int((datetime.now(UTC) - when).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def _print_status(views: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "json":
+        for v in views:
+            click.echo(json.dumps(v, separators=(",", ":")))
+    elif fmt == "id":
+        for v in views:
+            click.echo(v["id"])
+    elif fmt == "exim":
+        for v in views:
+            sender = v["envelope_info"]["sender"]
+            frozen = " *** frozen ***" if v["status"] == "frozen" else ""
+            click.echo(f"{_age(v['spool_date']):>4} {v['id']} <{sender}>{frozen}")
+            for rcpt in v["remaining_recipients"]:
+                click.echo(f"          {rcpt}")
+            for rcpt in v["failed_recipients"]:
+                click.echo(f"        F {rcpt}")
+            click.echo("")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False, show_edge=False)
+        for col in ("ID", "STATUS", "AGE", "RCPTS", "SENDER", "LAST ERROR"):
+            table.add_column(col, overflow="fold" if col != "ID" else "ignore")
+        for v in views:
+            status = v["status"]
+            if status == "send_at":
+                status = "at " + v["send_at"][11:19]
+            attempts = v["relay_attempts"]
+            table.add_row(
+                v["id"],
+                status,
+                _age(v["spool_date"]),
+                str(len(v["remaining_recipients"])),
+                v["envelope_info"]["sender"] or "<>",
+                attempts[0]["error"][:40] if attempts else "",
+            )
+        Console(width=max(80, min(200, _terminal_width()))).print(table)
+        click.echo(f"{len(views)} message(s)")
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 80
+
+
+@main.command()
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "exim", "json", "id"]), default="table"
+)
+@click.option("--frozen-only", is_flag=True, help="only frozen messages")
+@click.option("--active-only", is_flag=True, help="only active messages")
+@click.pass_obj
+def status(target: _Target, fmt: str, frozen_only: bool, active_only: bool) -> None:
+    """List the queue (from the daemon, or from disk when none runs)."""
+    if frozen_only and active_only:
+        _fail("--frozen-only and --active-only exclude each other", 2)
+    queue = "frozen" if frozen_only else "active" if active_only else "all"
+
+    async def from_disk() -> list[dict[str, Any]]:
+        from spoold.message import Queue
+        from spoold.spool import Spool
+
+        queues = {
+            "all": (Queue.ACTIVE, Queue.FROZEN),
+            "active": (Queue.ACTIVE,),
+            "frozen": (Queue.FROZEN,),
+        }[queue]
+        messages, unreadable = await Spool.status_from_disk(target.spool_directory(), queues)
+        for u in unreadable:
+            click.echo(f"spoold: unreadable record {u.path}: {u.reason}", err=True)
+        return [message_view(m) for m in messages]
+
+    async def go() -> list[dict[str, Any]]:
+        views: list[dict[str, Any]] = await _daemon_or_disk(
+            target, "status", {"queue": queue}, from_disk
+        )
+        return views
+
+    _print_status(_run(go), fmt)
+
+
+@main.command()
+@click.pass_obj
+def count(target: _Target) -> None:
+    """How many messages per queue."""
+
+    async def from_disk() -> dict[str, int]:
+        from spoold.spool import Spool
+
+        return await Spool.count_from_disk(target.spool_directory())
+
+    async def go() -> dict[str, int]:
+        counts: dict[str, int] = await _daemon_or_disk(target, "count", {}, from_disk)
+        return counts
+
+    for name, n in _run(go).items():
+        click.echo(f"{name} {n}")
+
+
+@main.command()
+@click.option("--max-age", default=3600, show_default=True, help="seconds before stale")
+@click.pass_obj
+def check(target: _Target, max_age: int) -> None:
+    """Consistency check of the spool directory (exit 1 if problems)."""
+
+    async def from_disk() -> list[str]:
+        from spoold.ondisk import OnDiskSpool
+
+        ondisk, _ = await OnDiskSpool.open(target.spool_directory(), owner=False, create=False)
+        async with ondisk:
+            return [str(p) for p in await ondisk.check(float(max_age))]
+
+    async def go() -> list[str]:
+        found: list[str] = await _daemon_or_disk(target, "check", {"max_age": max_age}, from_disk)
+        return found
+
+    problems = _run(go)
+    for p in problems:
+        click.echo(p)
+    if problems:
+        sys.exit(1)
+    click.echo("spool is consistent")
+
+
+@main.command()
+@click.argument("message_id")
+@click.option("--body", is_flag=True, help="also print the message itself")
+@click.pass_obj
+def show(target: _Target, message_id: str, body: bool) -> None:
+    """Show one message's record (JSON) and, with --body, its content."""
+    (mid,) = _valid_ids([message_id])
+    view = _run(lambda: target.client().request("show", id=mid, body=body))
+    content = view.pop("body", None)
+    click.echo(json.dumps(view, indent=2))
+    if content is not None:
+        click.echo("")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(base64.b64decode(content))
+
+
+# ---------------------------------------------------------- operations
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True)
+@click.pass_obj
+def freeze(target: _Target, ids: tuple[str, ...]) -> None:
+    """Freeze messages (no more attempts until sent)."""
+    valid = _valid_ids(ids)
+    _run(lambda: target.client().request("freeze", ids=valid))
+    click.echo(f"frozen: {' '.join(valid)}")
+
+
+@main.command()
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every frozen and delayed message")
+@click.option("--frozen-only", is_flag=True, help="every frozen message")
+@click.option(
+    "--retry-interval",
+    "spans",
+    multiple=True,
+    metavar="SPAN",
+    help="add a retry interval at the head (repeatable)",
+)
+@click.pass_obj
+def send(
+    target: _Target, ids: tuple[str, ...], all_: bool, frozen_only: bool, spans: tuple[str, ...]
+) -> None:
+    """Send now: thaw frozen messages, kick delayed ones."""
+    chosen = sum([bool(ids), all_, frozen_only])
+    if chosen != 1:
+        _fail("give message ids, --all or --frozen-only (one of them)", 2)
+    from spoold.config import parse_span
+
+    for s in spans:
+        try:
+            parse_span(s)
+        except ValueError as exc:
+            _fail(f"--retry-interval: {exc}", 2)
+    params: dict[str, Any] = {"retry_intervals": list(spans)}
+    if ids:
+        params.update(which="ids", ids=_valid_ids(ids))
+    else:
+        params["which"] = "all" if all_ else "frozen_only"
+    sent = _run(lambda: target.client().request("send", **params))
+    click.echo(f"sending {len(sent)} message(s)")
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True)
+@click.pass_obj
+def remove(target: _Target, ids: tuple[str, ...]) -> None:
+    """Move frozen messages to the removed queue."""
+    valid = _valid_ids(ids)
+    _run(lambda: target.client().request("remove", ids=valid))
+    click.echo(f"removed: {' '.join(valid)}")
+
+
+@main.command()
+@click.option("--from", "source", type=click.Choice(["removed", "quarantine"]), required=True)
+@click.argument("ids", nargs=-1, required=True)
+@click.pass_obj
+def recover(target: _Target, source: str, ids: tuple[str, ...]) -> None:
+    """Bring messages back from removed or quarantine, frozen."""
+    valid = _valid_ids(ids)
+    _run(lambda: target.client().request("recover", ids=valid, **{"from": source}))
+    click.echo(f"recovered (frozen): {' '.join(valid)}")
+
+
+@main.command()
+@click.pass_obj
+def events(target: _Target) -> None:
+    """Stream events as JSON lines until interrupted."""
+
+    async def go() -> None:
+        async for event in target.client().events():
+            click.echo(json.dumps(event, separators=(",", ":")))
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(go)
+
+
+@main.command()
+@click.pass_obj
+def reload(target: _Target) -> None:
+    """Re-read the daemon's config (like SIGHUP)."""
+    result = _run(lambda: target.client().request("reload"))
+    if not result.get("applied"):
+        for problem in result.get("errors", []):
+            click.echo(f"spoold: {problem}", err=True)
+        _fail("reload refused; the running config stays", 1)
+    for setting in result.get("restart_needed", []):
+        click.echo(f"needs a restart to change: {setting}")
+    click.echo("reloaded")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,509 @@
+"""The daemon's configuration: one TOML file, read into frozen values.
+
+:func:`load_config` reads and validates the whole file before anything uses
+it and raises :class:`ConfigError` listing every problem found, each naming
+its key (``spool.max_concurrent_send_jobs: expected an integer >= 1, got
+'ten'``). Unknown keys are errors. Relative paths are resolved against the
+directory of the file. Spans are ``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``
+(or a number of seconds); sizes are ``"32MiB"``, ``"500KB"`` (or bytes).
+
+A reload builds a new :class:`Config` and the daemon swaps it in one step;
+:func:`restart_needed` names the settings that a reload cannot change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from spoold.errors import SpooldError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "SpoolConfig",
+    "ControlConfig",
+    "SmtpConfig",
+    "LogConfig",
+    "MetricsConfig",
+    "HooksConfig",
+    "RelayConfig",
+    "RouteConfig",
+    "load_config",
+    "parse_config",
+    "parse_span",
+    "parse_size",
+    "format_span",
+    "restart_needed",
+]
+
+_T = TypeVar("_T")
+
+
+class ConfigError(SpooldError, ValueError):
+    """The configuration is not valid; ``problems`` lists every finding."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+
+_SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_SPAN_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def parse_span(value: object) -> timedelta:
+    """``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1w"``, ``"250ms"`` or seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a span like '5m', got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"expected a span >= 0, got {value!r}")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        m = _SPAN_RE.match(value)
+        if m:
+            return timedelta(seconds=float(m.group(1)) * _SPAN_UNITS[m.group(2)])
+    raise ValueError(f"expected a span like '30s', '5m', '2h' or '1d', got {value!r}")
+
+
+def format_span(span: timedelta) -> str:
+    seconds = span.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def parse_size(value: object) -> int:
+    """``"32MiB"``, ``"500KB"``, ``"1GB"`` or a number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+    raise ValueError(f"expected a size like '32MiB' or a number of bytes, got {value!r}")
+
+
+# ------------------------------------------------------------ the values
+
+
+DEFAULT_RETRY_SPANS = tuple(timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480))
+DEFAULT_LISTEN = ("127.0.0.1:2525",)
+DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    dir: Path
+    max_concurrent_send_jobs: int = 64
+    retry_intervals: tuple[timedelta, ...] = DEFAULT_RETRY_SPANS
+    retry_jitter: float = 0.1
+    flush_timeout: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    socket: Path
+    mode: int = 0o660
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    max_message_size: int = 32 * 1024 * 1024
+    max_recipients: int = 100
+    max_connections: int = 100
+    max_line_length: int = 998
+    bare_line_endings: str = "reject"
+    relay_networks: tuple[str, ...] = DEFAULT_RELAY_NETWORKS
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HooksConfig:
+    presend: str = ""
+    on_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    default_route: str = ""
+    connect_timeout: timedelta = timedelta(seconds=30)
+    command_timeout: timedelta = timedelta(minutes=5)
+    message_timeout: timedelta = timedelta(minutes=10)
+    max_connections_per_hop: int = 10
+    max_connections: int = 100
+    idle_timeout: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    domains: tuple[str, ...] = ()
+    next_hops: tuple[str, ...] = ()
+    mx: bool = False
+    tls: str = "opportunistic"
+    verify_certificates: bool = True
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    auth_file: Path | None = None
+    retry_intervals: tuple[timedelta, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    spool: SpoolConfig
+    control: ControlConfig
+    smtp: SmtpConfig | None
+    log: LogConfig
+    metrics: MetricsConfig
+    hooks: HooksConfig
+    relay: RelayConfig
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """Settings that differ between ``old`` and ``new`` but only take effect
+    after a restart."""
+    changed = []
+    if old.spool.dir != new.spool.dir:
+        changed.append("spool.dir")
+    if old.control != new.control:
+        changed.append("control")
+    if (old.smtp is None) != (new.smtp is None) or (
+        old.smtp and new.smtp and old.smtp.listen != new.smtp.listen
+    ):
+        changed.append("smtp.listen")
+    if old.metrics != new.metrics:
+        changed.append("metrics.listen")
+    return changed
+
+
+# ------------------------------------------------------------ the reader
+
+
+class _Table:
+    """Reads one TOML table, collecting problems instead of stopping."""
+
+    def __init__(self, raw: object, prefix: str, problems: list[str], base: Path) -> None:
+        self.prefix = prefix
+        self.problems = problems
+        self.base = base
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            problems.append(f"{prefix}: expected a table")
+            raw = {}
+        self.raw: dict[str, Any] = raw
+        self.seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def get(self, key: str, default: _T, convert: Callable[[object], _T]) -> _T:
+        self.seen.add(key)
+        if key not in self.raw:
+            return default
+        try:
+            return convert(self.raw[key])
+        except (ValueError, TypeError) as exc:
+            self.problems.append(f"{self._key(key)}: {exc}")
+            return default
+
+    def require(self, key: str, convert: Callable[[object], _T], default: _T) -> _T:
+        if key not in self.raw:
+            self.seen.add(key)
+            self.problems.append(f"{self._key(key)}: required")
+            return default
+        return self.get(key, default, convert)
+
+    def done(self) -> None:
+        for key in sorted(set(self.raw) - self.seen):
+            self.problems.append(f"{self._key(key)}: unknown key")
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
+    def convert(v: object) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ValueError(f"expected an integer >= {minimum}, got {v!r}")
+        if maximum is not None and v > maximum:
+            raise ValueError(f"expected an integer <= {maximum}, got {v!r}")
+        return v
+
+    return convert
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def convert(v: object) -> str:
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
+        return str(v)
+
+    return convert
+
+
+def _fraction(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+        raise ValueError(f"expected a number from 0 to 1, got {v!r}")
+    return float(v)
+
+
+def _list(item: Callable[[object], _T]) -> Callable[[object], tuple[_T, ...]]:
+    def convert(v: object) -> tuple[_T, ...]:
+        if not isinstance(v, list):
+            raise ValueError(f"expected a list, got {v!r}")
+        return tuple(item(x) for x in v)
+
+    return convert
+
+
+def _hop(v: object) -> str:
+    from spoold.smtp_relay import parse_hop  # the relay owns the hop syntax
+
+    hop = _str(v)
+    parse_hop(hop)
+    return hop
+
+
+def _listen_address(v: object) -> str:
+    address = _str(v)
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected 'address:port', got {v!r}")
+    return address
+
+
+def _network(v: object) -> str:
+    text = _str(v)
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"expected a network like '127.0.0.0/8', got {v!r}") from None
+    return text
+
+
+def _mode(v: object) -> int:
+    if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3}", v):
+        mode = int(v, 8)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        mode = v
+    else:
+        raise ValueError(f"expected an octal mode like '0660', got {v!r}")
+    if mode & 0o007:
+        raise ValueError(f"the control socket must not be open to others, got {v!r}")
+    return mode
+
+
+def _hook(v: object) -> str:
+    text = _str(v)
+    if text and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text):
+        raise ValueError(f"expected 'package.module:function', got {v!r}")
+    return text
+
+
+def _domain(v: object) -> str:
+    text = _str(v).strip().lower()
+    if not text or not re.fullmatch(r"\.?[a-z0-9]([a-z0-9.-]*[a-z0-9])?", text):
+        raise ValueError(f"expected a domain like 'example.com' or '.example.org', got {v!r}")
+    return text
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    """Validate a decoded TOML document; raise :class:`ConfigError`."""
+    problems: list[str] = []
+    base = path.parent
+
+    def resolve(v: object) -> Path:
+        text = _str(v)
+        if not text:
+            raise ValueError("expected a path")
+        return Path(os.path.normpath(base / text))
+
+    def optional_path(v: object) -> Path | None:
+        return resolve(v) if _str(v) else None
+
+    top = _Table(raw, "", problems, base)
+    for key in ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes"):
+        top.seen.add(key)
+    top.done()
+
+    t = _Table(raw.get("spool"), "spool", problems, base)
+    spool_dir = t.require("dir", resolve, base / "spool")
+    spool = SpoolConfig(
+        dir=spool_dir,
+        max_concurrent_send_jobs=t.get("max_concurrent_send_jobs", 64, _int(1, 100_000)),
+        retry_intervals=t.get("retry_intervals", DEFAULT_RETRY_SPANS, _list(parse_span)),
+        retry_jitter=t.get("retry_jitter", 0.1, _fraction),
+        flush_timeout=t.get("flush_timeout", timedelta(seconds=30), parse_span),
+    )
+    t.done()
+
+    t = _Table(raw.get("control"), "control", problems, base)
+    control = ControlConfig(
+        socket=t.get("socket", spool_dir / "control.sock", resolve),
+        mode=t.get("mode", 0o660, _mode),
+    )
+    t.done()
+
+    smtp: SmtpConfig | None = None
+    if "smtp" in raw:
+        t = _Table(raw.get("smtp"), "smtp", problems, base)
+        smtp = SmtpConfig(
+            listen=t.get("listen", DEFAULT_LISTEN, _list(_listen_address)),
+            max_message_size=t.get("max_message_size", 32 * 1024 * 1024, parse_size),
+            max_recipients=t.get("max_recipients", 100, _int(1)),
+            max_connections=t.get("max_connections", 100, _int(1)),
+            max_line_length=t.get("max_line_length", 998, _int(78)),
+            bare_line_endings=t.get("bare_line_endings", "reject", _choice("reject", "normalize")),
+            relay_networks=t.get("relay_networks", DEFAULT_RELAY_NETWORKS, _list(_network)),
+        )
+        t.done()
+
+    t = _Table(raw.get("log"), "log", problems, base)
+    log = LogConfig(
+        format=t.get("format", "auto", _choice("auto", "json", "console")),
+        level=t.get("level", "info", _choice("debug", "info", "warning", "error")),
+    )
+    t.done()
+
+    t = _Table(raw.get("metrics"), "metrics", problems, base)
+    metrics_listen = t.get("listen", "", _str)
+    if metrics_listen:
+        try:
+            _listen_address(metrics_listen)
+        except ValueError as exc:
+            problems.append(f"metrics.listen: {exc}")
+    metrics = MetricsConfig(listen=metrics_listen)
+    t.done()
+
+    t = _Table(raw.get("hooks"), "hooks", problems, base)
+    hooks = HooksConfig(presend=t.get("presend", "", _hook), on_error=t.get("on_error", "", _hook))
+    t.done()
+
+    t = _Table(raw.get("relay"), "relay", problems, base)
+    relay = RelayConfig(
+        default_route=t.get("default_route", "", _str),
+        connect_timeout=t.get("connect_timeout", timedelta(seconds=30), parse_span),
+        command_timeout=t.get("command_timeout", timedelta(minutes=5), parse_span),
+        message_timeout=t.get("message_timeout", timedelta(minutes=10), parse_span),
+        max_connections_per_hop=t.get("max_connections_per_hop", 10, _int(1)),
+        max_connections=t.get("max_connections", 100, _int(1)),
+        idle_timeout=t.get("idle_timeout", timedelta(seconds=30), parse_span),
+    )
+    t.done()
+
+    routes: dict[str, RouteConfig] = {}
+    raw_routes = raw.get("routes", {})
+    if not isinstance(raw_routes, dict):
+        problems.append("routes: expected tables [routes.NAME]")
+        raw_routes = {}
+    hop_owner: dict[str, str] = {}
+    for name, body in raw_routes.items():
+        t = _Table(body, f"routes.{name}", problems, base)
+        route = RouteConfig(
+            name=name,
+            domains=t.get("domains", (), _list(_domain)),
+            next_hops=t.get("next_hops", (), _list(_hop)),
+            mx=t.get("mx", False, _bool),
+            tls=t.get("tls", "opportunistic", _choice("none", "opportunistic", "required")),
+            verify_certificates=t.get("verify_certificates", True, _bool),
+            ca_file=t.get("ca_file", None, optional_path),
+            client_cert=t.get("client_cert", None, optional_path),
+            client_key=t.get("client_key", None, optional_path),
+            auth_file=t.get("auth_file", None, optional_path),
+            retry_intervals=t.get("retry_intervals", None, _list(parse_span)),
+        )
+        t.done()
+        if not route.mx and not route.next_hops:
+            problems.append(f"routes.{name}.next_hops: required unless mx = true")
+        if route.mx and route.next_hops:
+            problems.append(f"routes.{name}: give next_hops or mx = true, not both")
+        for hop in route.next_hops:
+            other = hop_owner.setdefault(hop, name)
+            if other != name:
+                problems.append(
+                    f"routes.{name}.next_hops: {hop} is also a next hop of route {other}; "
+                    "a hop belongs to one route"
+                )
+        routes[name] = route
+
+    if relay.default_route and relay.default_route not in routes:
+        problems.append(
+            f"relay.default_route: no route named {relay.default_route!r} "
+            f"(routes: {', '.join(sorted(routes)) or 'none'})"
+        )
+    if smtp is not None and not relay.default_route:
+        problems.append("relay.default_route: required when [smtp] is on")
+
+    if problems:
+        raise ConfigError(str(path), problems)
+    return Config(
+        path=path,
+        spool=spool,
+        control=control,
+        smtp=smtp,
+        log=log,
+        metrics=metrics,
+        hooks=hooks,
+        relay=relay,
+        routes=routes,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the file at ``path``; raise :class:`ConfigError`."""
+    p = Path(path).absolute()
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(p), [f"cannot read: {exc.strerror}"]) from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(p), [f"not valid TOML: {exc}"]) from None
+    return parse_config(raw, p)

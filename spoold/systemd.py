@@ -1,0 +1,65 @@
+"""Talking to systemd: our own small ``sd_notify``.
+
+One datagram per call on ``$NOTIFY_SOCKET`` (a leading ``@`` means the
+abstract namespace), with every field in it, newline-separated: systemd
+applies ``RELOADING=1`` and ``MONOTONIC_USEC=...`` together only when they
+arrive in one datagram. Without ``NOTIFY_SOCKET`` every call does nothing.
+A send that fails raises :class:`OSError`: the caller decides whether that
+matters (the daemon logs it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+__all__ = ["Notifier", "watchdog_interval"]
+
+
+class Notifier:
+    def __init__(self, address: str | None = None) -> None:
+        if address is None:
+            address = os.environ.get("NOTIFY_SOCKET") or None
+        if address and address.startswith("@"):
+            address = "\0" + address[1:]
+        self.address = address
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, *fields: str) -> None:
+        """Send ``fields`` (``"READY=1"``, ``"STATUS=..."``) in one datagram."""
+        if self.address is None:
+            return
+        payload = "\n".join(f.replace("\n", " ") for f in fields).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(payload, self.address)
+
+    def ready(self, status: str) -> None:
+        self.notify("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+
+    def stopping(self) -> None:
+        self.notify("STOPPING=1", "STATUS=stopping")
+
+    def status(self, text: str) -> None:
+        self.notify(f"STATUS={text}")
+
+    def watchdog(self) -> None:
+        self.notify("WATCHDOG=1")
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of ``WATCHDOG_USEC``), or
+    None when systemd asked for none (or asked another process)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and pid.isdigit() and int(pid) != os.getpid():
+        return None
+    return int(usec) / 1_000_000 / 2
