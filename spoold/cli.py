@@ -359,6 +359,13 @@ def events(target: _Target) -> None:
 
 @main.command()
 @click.pass_obj
+def info(target: _Target) -> None:
+    """What the running daemon is using (pid, config, live limits), as JSON."""
+    click.echo(json.dumps(_run(lambda: target.client().request("info")), indent=2))
+
+
+@main.command()
+@click.pass_obj
 def reload(target: _Target) -> None:
     """Re-read the daemon's config (like SIGHUP)."""
     result = _run(lambda: target.client().request("reload"))

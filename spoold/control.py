@@ -15,8 +15,8 @@ Operations mirror the Python API of :class:`~spoold.spool.Spool`:
 ``status`` (``queue``: all|active|frozen), ``count``, ``freeze``, ``send``
 (``ids`` or ``which``: all|frozen_only, ``retry_intervals``: spans),
 ``remove``, ``recover`` (``from``: removed|quarantine), ``show`` (``id``,
-``body``), ``events``, ``reload``, ``check``, ``submit`` (a message for
-``spoold sendmail``) and ``ping``.
+``body``), ``events``, ``reload``, ``check``, ``info`` (pid, config and
+live limits), ``submit`` (a message for ``spoold sendmail``) and ``ping``.
 
 The socket file gets the configured mode (0660 by default); the server
 refuses to start in a directory anyone may write to unless it is sticky.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 from collections.abc import Callable
 from typing import Any, cast
@@ -137,7 +138,11 @@ class Daemon:
                 self._spool = spool
                 server = ControlServer(
                     spool,
-                    extra={"reload": self._reload_request, "check": self._check_request},
+                    extra={
+                        "reload": self._reload_request,
+                        "check": self._check_request,
+                        "info": self._info_request,
+                    },
                 )
                 async with anyio.create_task_group() as services:
                     await services.start(server.serve, cfg.control.socket, cfg.control.mode)
@@ -275,6 +280,19 @@ class Daemon:
 
     async def _reload_request(self, request: dict[str, Any]) -> Any:
         return await self.reload()
+
+    async def _info_request(self, request: dict[str, Any]) -> Any:
+        cfg = self.live.config
+        return {
+            "pid": os.getpid(),
+            "config": str(cfg.path),
+            "spool_dir": str(cfg.spool.dir),
+            "max_concurrent_send_jobs": self._spool.max_concurrent_send_jobs
+            if self._spool
+            else cfg.spool.max_concurrent_send_jobs,
+            "routes": sorted(cfg.routes),
+            "log_level": cfg.log.level,
+        }
 
     async def _check_request(self, request: dict[str, Any]) -> Any:
         assert self._spool is not None
