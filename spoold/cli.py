@@ -378,5 +378,97 @@ def reload(target: _Target) -> None:
     click.echo("reloaded")
 
 
+# --------------------------------------------------------------- sendmail
+
+EX_DATAERR = 65
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+
+
+def _header_recipients(content: bytes) -> tuple[list[str], bytes]:
+    """Recipients from To/Cc/Bcc (for -t), and the content without Bcc."""
+    import email.parser
+    import email.policy
+    import email.utils
+    import re
+
+    end = re.search(rb"\r?\n\r?\n", content)
+    head = content[: end.start()] if end else content
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    fields = parsed.get_all("To", []) + parsed.get_all("Cc", []) + parsed.get_all("Bcc", [])
+    found = [addr for _, addr in email.utils.getaddresses([str(f) for f in fields]) if addr]
+    without_bcc = re.sub(rb"(?im)^bcc:.*(?:\r?\n[ \t].*)*\r?\n", b"", head)
+    return found, without_bcc + (content[end.start() :] if end else b"")
+
+
+def _cut_at_dot_line(content: bytes) -> bytes:
+    """Traditional sendmail input: a line holding only '.' ends the message."""
+    kept = []
+    for line in content.splitlines(keepends=True):
+        if line.rstrip(b"\r\n") == b".":
+            break
+        kept.append(line)
+    return b"".join(kept)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("-t", "from_headers", is_flag=True, help="recipients from To/Cc/Bcc headers")
+@click.option("-f", "-r", "sender", metavar="ADDRESS", help="envelope sender")
+@click.option("-i", "ignore_dots", is_flag=True, help="a line with a single '.' is not the end")
+@click.option("-o", "legacy", multiple=True, metavar="OPT", help="-oi is -i; others ignored")
+@click.option("-F", "full_name", metavar="NAME", help="accepted and ignored")
+@click.option("-B", "body_type", metavar="TYPE", help="accepted and ignored")
+@click.argument("recipients", nargs=-1)
+@click.pass_obj
+def sendmail(
+    target: _Target,
+    from_headers: bool,
+    sender: str | None,
+    ignore_dots: bool,
+    legacy: tuple[str, ...],
+    full_name: str | None,
+    body_type: str | None,
+    recipients: tuple[str, ...],
+) -> None:
+    """Read a message on stdin and hand it to the daemon (sendmail style).
+
+    Exits 0 once the message is on disk; 75 (try again later) when the
+    daemon is down or refuses for now; 65 for a message it cannot take.
+    """
+    import getpass
+    import socket
+
+    ignore_dots = ignore_dots or "i" in legacy
+    content = sys.stdin.buffer.read()
+    if not ignore_dots:
+        content = _cut_at_dot_line(content)
+    rcpts = [r for r in recipients if not r.startswith("-")]
+    if from_headers:
+        found, content = _header_recipients(content)
+        rcpts += found
+    if not rcpts:
+        _fail("no recipients (give addresses, or -t to read them from the headers)", EX_DATAERR)
+    envelope_sender = sender if sender is not None else f"{getpass.getuser()}@{socket.getfqdn()}"
+
+    async def go() -> list[str]:
+        ids: list[str] = await target.client().request(
+            "submit",
+            sender=envelope_sender,
+            recipients=rcpts,
+            content=base64.b64encode(content).decode(),
+        )
+        return ids
+
+    try:
+        anyio.run(go)
+    except ControlError as exc:
+        code = EX_DATAERR if exc.kind == "invalid" else EX_TEMPFAIL
+        if exc.kind == "internal":
+            code = EX_SOFTWARE
+        _fail(f"message not accepted: {exc}", code)
+    except SpooldError as exc:
+        _fail(f"message not accepted: {exc}", EX_TEMPFAIL)
+
+
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ around a reload, and ``STOPPING=1``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import os
 import signal
@@ -33,11 +34,14 @@ import anyio
 import structlog
 
 from spoold import logs
-from spoold.config import Config, ConfigError, load_config, restart_needed
+from spoold.body import LineEndingPolicy
+from spoold.config import Config, ConfigError, SmtpConfig, load_config, restart_needed
 from spoold.control import ControlServer
 from spoold.errors import SpooldError
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
+from spoold.ingest import Origin, Submitter
 from spoold.routing import Router
+from spoold.smtp_listener import SmtpListener
 from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
 from spoold.spool import Spool, retry_intervals_from_spans
 from spoold.systemd import Notifier, watchdog_interval
@@ -77,6 +81,7 @@ class Daemon:
         self._stop_requested = anyio.Event()
         self._force_stop = anyio.Event()
         self._spool: Spool | None = None
+        self._submitter: Submitter | None = None
         self.cache = ConnectionCache(
             max_per_hop=config.relay.max_connections_per_hop,
             max_total=config.relay.max_connections,
@@ -136,16 +141,21 @@ class Daemon:
                 flush_timeout=0,  # the daemon flushes before leaving (see _stop)
             ) as spool:
                 self._spool = spool
+                self._submitter = Submitter(spool, lambda: self.live.router)
                 server = ControlServer(
                     spool,
                     extra={
                         "reload": self._reload_request,
                         "check": self._check_request,
                         "info": self._info_request,
+                        "submit": self._submit_request,
                     },
                 )
                 async with anyio.create_task_group() as services:
                     await services.start(server.serve, cfg.control.socket, cfg.control.mode)
+                    if cfg.smtp is not None:
+                        listener = SmtpListener(self._submitter, self._smtp_config)
+                        await services.start(listener.serve)
                     services.start_soon(self._watchdog_loop)
                     log.info(
                         "spoold ready",
@@ -280,6 +290,32 @@ class Daemon:
 
     async def _reload_request(self, request: dict[str, Any]) -> Any:
         return await self.reload()
+
+    def _smtp_config(self) -> SmtpConfig:
+        smtp = self.live.config.smtp
+        assert smtp is not None
+        return smtp
+
+    async def _submit_request(self, request: dict[str, Any]) -> Any:
+        """A message from ``spoold sendmail``: envelope and base64 content."""
+        assert self._submitter is not None
+        sender = request.get("sender", "")
+        recipients = request.get("recipients")
+        if not isinstance(sender, str):
+            raise ValueError("sender must be a string")
+        if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+            raise ValueError("recipients must be a list of addresses")
+        try:
+            content = base64.b64decode(request.get("content", ""), validate=True)
+        except (ValueError, TypeError):
+            raise ValueError("content must be base64") from None
+        return await self._submitter.submit(
+            sender,
+            recipients,
+            content,
+            origin=Origin("local", "localhost"),
+            policy=LineEndingPolicy.NORMALIZE,  # local programs write LF
+        )
 
     async def _info_request(self, request: dict[str, Any]) -> Any:
         cfg = self.live.config

@@ -1,0 +1,101 @@
+"""Taking mail in: what the SMTP listener and ``spoold sendmail`` share.
+
+:class:`Submitter` turns one submission (envelope + message bytes) into
+spooled messages: it applies the bare CR/LF policy, adds a ``Received:``
+trace header and, when missing, ``Message-ID:`` and ``Date:``, routes each
+recipient (one message per route, siblings sharing ``parent_id``), and
+returns once every message is durable. It raises
+:class:`~spoold.errors.BareLineEndingError` for content it refuses, and lets
+store errors (:class:`~spoold.errors.StoreError`) through for the caller to
+turn into a temporary failure; nothing half-written remains either way.
+
+The router is read through a callable so a reload's new routes apply to the
+next submission; messages already spooled keep their next hops.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from spoold.body import Body, LineEndingPolicy
+from spoold.ids import new_id
+from spoold.message import RoutedBatch
+from spoold.routing import Router
+from spoold.spool import Spool
+
+__all__ = ["Submitter", "Origin", "add_trace_headers"]
+
+_HEADER_END = re.compile(rb"\r\n\r\n|\n\n")
+_HAS_MESSAGE_ID = re.compile(rb"^message-id:", re.IGNORECASE | re.MULTILINE)
+_HAS_DATE = re.compile(rb"^date:", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a submission came from, for the Received: header."""
+
+    protocol: str  # "ESMTP", "SMTP", "local"
+    helo: str = ""
+    peer: str = ""  # the client's address, "" for local
+
+
+def add_trace_headers(content: bytes, origin: Origin, submission_id: str, hostname: str) -> bytes:
+    """Prepend ``Received:``; add ``Message-ID:``/``Date:`` when missing.
+    Works on CRLF content (the caller normalises or refuses first)."""
+    m = _HEADER_END.search(content)
+    header = content[: m.start()] if m else content
+    extra = b""
+    if not _HAS_MESSAGE_ID.search(header):
+        extra += f"Message-ID: <{submission_id}@{hostname}>\r\n".encode()
+    if not _HAS_DATE.search(header):
+        extra += f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode()
+    source = f"from {origin.helo or 'localhost'}"
+    if origin.peer:
+        source += f" ([{origin.peer}])"
+    received = (
+        f"Received: {source}\r\n\tby {hostname} (spoold) with {origin.protocol} "
+        f"id {submission_id};\r\n\t{email.utils.formatdate(localtime=True)}\r\n"
+    ).encode()
+    if m is None and content and not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    # New headers go after Received and before the original headers.
+    return received + extra + content
+
+
+class Submitter:
+    def __init__(
+        self,
+        spool: Spool,
+        router: Callable[[], Router],
+        *,
+        hostname: str | None = None,
+    ) -> None:
+        self.spool = spool
+        self.router = router
+        self.hostname = hostname or socket.getfqdn()
+
+    async def submit(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        *,
+        origin: Origin,
+        policy: LineEndingPolicy,
+        mail_params: Sequence[str] = (),
+        envelope_id: str = "",
+    ) -> list[str]:
+        """Spool one submission; return the new message ids."""
+        if not recipients:
+            raise ValueError("a message needs at least one recipient")
+        submission_id = new_id()
+        # Check line endings before adding our own (CRLF) headers.
+        checked = Body.from_content(content, policy).content()
+        traced = add_trace_headers(checked, origin, submission_id, self.hostname)
+        envelopes = self.router().route(sender, recipients, mail_params, envelope_id)
+        batch = RoutedBatch(envelopes, Body.from_content(traced, LineEndingPolicy.REJECT))
+        return await self.spool.add(batch, parent_id=submission_id, flows=[submission_id])

@@ -1,0 +1,168 @@
+"""The SMTP ingest listener (aiosmtpd), run inside the daemon's task group.
+
+Replies:
+
+* 250 after DATA only once every resulting message is durable on disk;
+* 451 (or 452 when the disk is full) when the spool cannot write: nothing
+  half-written remains, the client retries later;
+* 550 for content with a bare CR or LF under ``bare_line_endings =
+  "reject"`` (with ``"normalize"`` they become CRLF); the sequences used for
+  SMTP smuggling therefore never split one message into two;
+* 552 past ``max_message_size`` (SIZE is advertised), 452 past
+  ``max_recipients``, 500 for a line over ``max_line_length``;
+* 421 to a connection over ``max_connections``; 554 to a client outside
+  ``relay_networks``.
+
+Limits are read from the live config on each connection and command, so a
+reload applies them to new sessions; the listen addresses need a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+from aiosmtpd.smtp import SMTP as SMTPProtocol
+
+from spoold.body import LineEndingPolicy
+from spoold.config import SmtpConfig
+from spoold.errors import BareLineEndingError, SpoolClosedError, StoreError
+from spoold.ingest import Origin, Submitter
+from spoold.routing import NoRouteError
+from spoold.store import Store
+
+__all__ = ["SmtpListener"]
+
+log = structlog.get_logger("spoold.smtp")
+
+
+class _Handler:
+    def __init__(self, listener: SmtpListener) -> None:
+        self.listener = listener
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        limit = self.listener.config().max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            return f"452 4.5.3 Too many recipients (at most {limit} per message)"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        cfg = self.listener.config()
+        sender = envelope.mail_from or ""
+        if sender == "<>":
+            sender = ""
+        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
+        origin = Origin("ESMTP" if session.extended_smtp else "SMTP", session.host_name or "", peer)
+        try:
+            ids = await self.listener.submitter.submit(
+                sender,
+                list(envelope.rcpt_tos),
+                envelope.original_content or b"",
+                origin=origin,
+                policy=LineEndingPolicy(cfg.bare_line_endings),
+                mail_params=[o for o in envelope.mail_options if not o.upper().startswith("SIZE=")],
+            )
+        except BareLineEndingError as exc:
+            return f"550 5.6.0 {exc}"
+        except NoRouteError as exc:
+            return f"550 5.1.2 {exc}"
+        except SpoolClosedError:
+            return "421 4.3.2 Service shutting down, try again later"
+        except StoreError as exc:
+            log.error("could not spool a message", error=str(exc), peer=peer)
+            if Store.is_disk_full(exc):
+                return "452 4.3.1 Insufficient system storage, try again later"
+            return "451 4.3.0 Could not write the message, try again later"
+        log.info("accepted", ids=ids, peer=peer, recipients=len(envelope.rcpt_tos))
+        return f"250 2.0.0 OK queued as {' '.join(ids)}"
+
+
+class SmtpListener:
+    """Listens on ``config().listen`` and spools what it accepts."""
+
+    def __init__(self, submitter: Submitter, config: Callable[[], SmtpConfig]) -> None:
+        self.submitter = submitter
+        self.config = config
+        self.handler = _Handler(self)
+        self.connections = 0
+
+    def _factory(self) -> asyncio.Protocol:
+        cfg = self.config()
+        listener = self
+
+        class Session(SMTPProtocol):
+            line_length_limit = cfg.max_line_length + 2  # with its CRLF
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                peer = transport.get_extra_info("peername")
+                live = listener.config()
+                if not _allowed(peer, live.relay_networks):
+                    _refuse(transport, b"554 5.7.1 Your address may not send mail here\r\n")
+                    return
+                if listener.connections >= live.max_connections:
+                    _refuse(transport, b"421 4.7.0 Too many connections, try again later\r\n")
+                    return
+                listener.connections += 1
+                self._counted = True
+                super().connection_made(transport)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if getattr(self, "_counted", False):
+                    listener.connections -= 1
+                    self._counted = False
+                    super().connection_lost(exc)
+
+        return Session(
+            self.handler,
+            data_size_limit=cfg.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            ident="spoold",
+        )
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen until cancelled; reports started once every address listens."""
+        loop = asyncio.get_running_loop()
+        servers: list[asyncio.Server] = []
+        try:
+            for address in self.config().listen:
+                host, _, port = address.rpartition(":")
+                server = await loop.create_server(self._factory, host.strip("[]"), int(port))
+                servers.append(server)
+                log.info("smtp listening", address=address)
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            for server in servers:
+                server.close()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                for server in servers:
+                    await server.wait_closed()
+
+
+def _allowed(peer: object, networks: tuple[str, ...]) -> bool:
+    if not isinstance(peer, tuple) or not peer:
+        return True  # not an IP peer (e.g. a test transport)
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def _refuse(transport: asyncio.BaseTransport, reply: bytes) -> None:
+    with contextlib.suppress(Exception):
+        transport.write(reply)  # type: ignore[attr-defined]
+    transport.close()
