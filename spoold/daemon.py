@@ -40,6 +40,7 @@ from spoold.control import ControlServer
 from spoold.errors import SpooldError
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.ingest import Origin, Submitter
+from spoold.metrics import Metrics
 from spoold.routing import Router
 from spoold.smtp_listener import SmtpListener
 from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
@@ -153,6 +154,8 @@ class Daemon:
                 )
                 async with anyio.create_task_group() as services:
                     await services.start(server.serve, cfg.control.socket, cfg.control.mode)
+                    if cfg.metrics.listen:
+                        await services.start(Metrics().serve, spool, cfg.metrics.listen)
                     if cfg.smtp is not None:
                         listener = SmtpListener(self._submitter, self._smtp_config)
                         await services.start(listener.serve)

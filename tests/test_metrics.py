@@ -1,0 +1,59 @@
+"""Prometheus metrics: queue gauges and event counters over HTTP."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from pathlib import Path
+
+import anyio
+
+from spoold.body import Body
+from spoold.message import RoutedBatch, RoutedEnvelope
+from spoold.metrics import Metrics
+from spoold.relay import InMemoryRelay
+from spoold.spool import Spool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def scrape(port: int) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    return await anyio.to_thread.run_sync(get)
+
+
+async def test_metrics_count_queue_and_events(tmp_path: Path) -> None:
+    port = free_port()
+    batch = RoutedBatch(
+        [RoutedEnvelope("s@example.org", ["r@example.com"], ["127.0.0.1:25"])],
+        Body.from_content(b"Subject: m\r\n\r\nx\r\n"),
+    )
+    metrics = Metrics()
+    with anyio.fail_after(10):
+        async with Spool.open(tmp_path, relay=InMemoryRelay()) as spool:
+            async with anyio.create_task_group() as tg:
+                await tg.start(metrics.serve, spool, f"127.0.0.1:{port}")
+                async with spool.events() as events:
+                    await spool.add(batch, frozen=True)
+                    await spool.add(batch)
+                    async for event in events:
+                        if event.kind == "delivered":
+                            break
+                await anyio.sleep(0)  # let the metrics task see the last event
+                for _ in range(100):
+                    text = await scrape(port)
+                    if 'spoold_events_total{event="delivered"} 1.0' in text:
+                        break
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+    assert 'spoold_messages{state="frozen"} 1.0' in text
+    assert 'spoold_messages{state="active"} 0.0' in text
+    assert 'spoold_events_total{event="spooled"} 2.0' in text
+    assert 'spoold_events_total{event="delivered"} 1.0' in text
