@@ -37,22 +37,24 @@ async def test_metrics_count_queue_and_events(tmp_path: Path) -> None:
     )
     metrics = Metrics()
     with anyio.fail_after(10):
-        async with Spool.open(tmp_path, relay=InMemoryRelay()) as spool:
-            async with anyio.create_task_group() as tg:
-                await tg.start(metrics.serve, spool, f"127.0.0.1:{port}")
-                async with spool.events() as events:
-                    await spool.add(batch, frozen=True)
-                    await spool.add(batch)
-                    async for event in events:
-                        if event.kind == "delivered":
-                            break
-                await anyio.sleep(0)  # let the metrics task see the last event
-                for _ in range(100):
-                    text = await scrape(port)
-                    if 'spoold_events_total{event="delivered"} 1.0' in text:
+        async with (
+            Spool.open(tmp_path, relay=InMemoryRelay()) as spool,
+            anyio.create_task_group() as tg,
+        ):
+            await tg.start(metrics.serve, spool, f"127.0.0.1:{port}")
+            async with spool.events() as events:
+                await spool.add(batch, frozen=True)
+                await spool.add(batch)
+                async for event in events:
+                    if event.kind == "delivered":
                         break
-                    await anyio.sleep(0.01)
-                tg.cancel_scope.cancel()
+            await anyio.sleep(0)  # let the metrics task see the last event
+            for _ in range(100):
+                text = await scrape(port)
+                if 'spoold_events_total{event="delivered"} 1.0' in text:
+                    break
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
     assert 'spoold_messages{state="frozen"} 1.0' in text
     assert 'spoold_messages{state="active"} 0.0' in text
     assert 'spoold_events_total{event="spooled"} 2.0' in text
