@@ -58,6 +58,7 @@ class ConfigError(SpooldError, ValueError):
 
 _SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _SPAN_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_MAX_SPAN_SECONDS = 100 * 365 * 86400.0
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     "b": 1,
@@ -74,15 +75,20 @@ def parse_span(value: object) -> timedelta:
     """``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1w"``, ``"250ms"`` or seconds."""
     if isinstance(value, bool):
         raise ValueError(f"expected a span like '5m', got {value!r}")
+    seconds: float | None = None
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"expected a span >= 0, got {value!r}")
-        return timedelta(seconds=value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         m = _SPAN_RE.match(value)
         if m:
-            return timedelta(seconds=float(m.group(1)) * _SPAN_UNITS[m.group(2)])
-    raise ValueError(f"expected a span like '30s', '5m', '2h' or '1d', got {value!r}")
+            seconds = float(m.group(1)) * _SPAN_UNITS[m.group(2)]
+    if seconds is None:
+        raise ValueError(f"expected a span like '30s', '5m', '2h' or '1d', got {value!r}")
+    if not seconds <= _MAX_SPAN_SECONDS:  # also refuses inf and nan
+        raise ValueError(f"span {value!r} is too long (at most 100 years)")
+    return timedelta(seconds=seconds)
 
 
 def format_span(span: timedelta) -> str:
@@ -335,7 +341,7 @@ def _mode(v: object) -> int:
     else:
         raise ValueError(f"expected an octal mode like '0660', got {v!r}")
     if mode & 0o007:
-        raise ValueError(f"the control socket must not be open to others, got {v!r}")
+        raise ValueError(f"the control socket must not be open to others, got {mode:04o}")
     return mode
 
 
@@ -443,6 +449,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         problems.append("routes: expected tables [routes.NAME]")
         raw_routes = {}
     hop_owner: dict[str, str] = {}
+    domain_owner: dict[str, str] = {}
     for name, body in raw_routes.items():
         t = _Table(body, f"routes.{name}", problems, base)
         route = RouteConfig(
@@ -459,7 +466,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             retry_intervals=t.get("retry_intervals", None, _list(parse_span)),
         )
         t.done()
-        if not route.mx and not route.next_hops:
+        if not route.mx and "next_hops" not in t.raw:
             problems.append(f"routes.{name}.next_hops: required unless mx = true")
         if route.mx and route.next_hops:
             problems.append(f"routes.{name}: give next_hops or mx = true, not both")
@@ -469,6 +476,12 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                 problems.append(
                     f"routes.{name}.next_hops: {hop} is also a next hop of route {other}; "
                     "a hop belongs to one route"
+                )
+        for domain in route.domains:
+            other = domain_owner.setdefault(domain, name)
+            if other != name:
+                problems.append(
+                    f"routes.{name}.domains: {domain} is also a domain of route {other}"
                 )
         routes[name] = route
 

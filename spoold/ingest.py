@@ -96,6 +96,6 @@ class Submitter:
         # Check line endings before adding our own (CRLF) headers.
         checked = Body.from_content(content, policy).content()
         traced = add_trace_headers(checked, origin, submission_id, self.hostname)
-        envelopes = self.router().route(sender, recipients, mail_params, envelope_id)
+        envelopes = await self.router().route_with_mx(sender, recipients, mail_params, envelope_id)
         batch = RoutedBatch(envelopes, Body.from_content(traced, LineEndingPolicy.REJECT))
         return await self.spool.add(batch, parent_id=submission_id, flows=[submission_id])

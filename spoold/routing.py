@@ -7,7 +7,9 @@ only the settings used to talk to a hop follow the current routes.
 
 A route's ``domains`` match a recipient's domain exactly, or, written with
 a leading dot (``.example.org``), any subdomain of it. A recipient no route
-names goes to ``relay.default_route``.
+names goes to ``relay.default_route``. An ``mx = true`` route takes its next
+hops from DNS (:mod:`spoold.mx`), one envelope per recipient domain; the
+settings of such a hop follow the route that first resolved it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import timedelta
 
 from spoold.config import Config, RouteConfig
 from spoold.message import RetryInterval, RoutedEnvelope
+from spoold.mx import MxResolver
 from spoold.smtp_relay import RouteSettings, load_auth_file
 from spoold.spool import retry_intervals_from_spans
 
@@ -36,7 +39,8 @@ class _Route:
 
 
 class Router:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, resolver: MxResolver | None = None) -> None:
+        self.resolver = resolver or MxResolver()
         relay = config.relay
         self.default_route = relay.default_route or None
         self._routes: dict[str, _Route] = {}
@@ -71,14 +75,52 @@ class Router:
         return self._by_hop.get(hop, self.default_settings)
 
     def route_name_for(self, recipient: str) -> str:
+        """The most specific match wins: an exact domain, else the longest
+        ``.suffix`` rule; else the default route."""
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
+        best: tuple[int, str] | None = None
         for name, route in self._routes.items():
             for d in route.config.domains:
-                if domain == d or (d.startswith(".") and (domain.endswith(d) or domain == d[1:])):
-                    return name
+                if domain == d.lstrip(".") if d.startswith(".") else domain == d:
+                    score = 1_000_000 if not d.startswith(".") else len(d)
+                elif d.startswith(".") and domain.endswith(d):
+                    score = len(d)
+                else:
+                    continue
+                if best is None or score > best[0]:
+                    best = (score, name)
+        if best is not None:
+            return best[1]
         if self.default_route is None:
             raise NoRouteError(f"no route for {recipient} and no relay.default_route")
         return self.default_route
+
+    def _groups(self, recipients: Sequence[str]) -> dict[tuple[str, str], list[str]]:
+        """Recipients per (route, domain); the domain only for MX routes."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for rcpt in recipients:
+            name = self.route_name_for(rcpt)
+            domain = rcpt.rpartition("@")[2].lower() if self._routes[name].config.mx else ""
+            groups.setdefault((name, domain), []).append(rcpt)
+        return groups
+
+    def _envelope(
+        self,
+        name: str,
+        rcpts: list[str],
+        hops: Sequence[str],
+        sender: str,
+        mail_params: Sequence[str],
+        envelope_id: str,
+    ) -> RoutedEnvelope:
+        return RoutedEnvelope(
+            sender=sender,
+            recipients=rcpts,
+            next_hop_choices=tuple(hops),
+            retry_intervals=self._routes[name].retry_intervals,
+            mail_params=mail_params,
+            envelope_id=envelope_id,
+        )
 
     def route(
         self,
@@ -87,23 +129,37 @@ class Router:
         mail_params: Sequence[str] = (),
         envelope_id: str = "",
     ) -> list[RoutedEnvelope]:
-        """One envelope per route the recipients take, in first-seen order."""
-        groups: dict[str, list[str]] = {}
-        for rcpt in recipients:
-            groups.setdefault(self.route_name_for(rcpt), []).append(rcpt)
+        """One envelope per route the recipients take, in first-seen order.
+        MX routes need :meth:`route_with_mx`."""
         out = []
-        for name, rcpts in groups.items():
+        for (name, _domain), rcpts in self._groups(recipients).items():
             route = self._routes[name]
             if route.config.mx:
-                raise NoRouteError(f"route {name}: MX routes are not implemented yet")
+                raise NoRouteError(f"route {name}: MX routes need a lookup (route_with_mx)")
             out.append(
-                RoutedEnvelope(
-                    sender=sender,
-                    recipients=rcpts,
-                    next_hop_choices=route.config.next_hops,
-                    retry_intervals=route.retry_intervals,
-                    mail_params=mail_params,
-                    envelope_id=envelope_id,
+                self._envelope(
+                    name, rcpts, route.config.next_hops, sender, mail_params, envelope_id
                 )
             )
+        return out
+
+    async def route_with_mx(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        mail_params: Sequence[str] = (),
+        envelope_id: str = "",
+    ) -> list[RoutedEnvelope]:
+        """Like :meth:`route`; an MX route gets one envelope per domain with
+        the domain's exchangers as next hops. Raises MxError."""
+        out = []
+        for (name, domain), rcpts in self._groups(recipients).items():
+            route = self._routes[name]
+            if route.config.mx:
+                hops = await self.resolver.next_hops(domain)
+                for hop in hops:
+                    self._by_hop.setdefault(hop, route.settings)
+            else:
+                hops = list(route.config.next_hops)
+            out.append(self._envelope(name, rcpts, hops, sender, mail_params, envelope_id))
         return out

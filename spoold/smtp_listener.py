@@ -34,6 +34,7 @@ from spoold.body import LineEndingPolicy
 from spoold.config import SmtpConfig
 from spoold.errors import BareLineEndingError, SpoolClosedError, StoreError
 from spoold.ingest import Origin, Submitter
+from spoold.mx import MxError
 from spoold.routing import NoRouteError
 from spoold.store import Store
 
@@ -76,6 +77,8 @@ class _Handler:
             return f"550 5.6.0 {exc}"
         except NoRouteError as exc:
             return f"550 5.1.2 {exc}"
+        except MxError as exc:
+            return f"550 5.1.2 {exc}" if exc.permanent else f"451 4.4.3 {exc}"
         except SpoolClosedError:
             return "421 4.3.2 Service shutting down, try again later"
         except StoreError as exc:

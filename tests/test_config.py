@@ -1,0 +1,721 @@
+"""The configuration contract (DESIGN.md §6): the sample file, every kind of
+bad file and the exact problems reported, spans and sizes, and which
+changes a reload cannot apply."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spoold.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_RETRY_SPANS,
+    Config,
+    ConfigError,
+    RouteConfig,
+    format_span,
+    load_config,
+    parse_config,
+    parse_size,
+    parse_span,
+    restart_needed,
+)
+from spoold.errors import SpooldError
+
+REPO = Path(__file__).absolute().parent.parent
+SAMPLE = REPO / "config" / "spoold.toml"
+
+# ------------------------------------------------------------ good files
+
+
+def test_sample_config_loads_and_resolves_paths_against_its_directory() -> None:
+    cfg = load_config(SAMPLE)
+
+    assert cfg.path == SAMPLE
+    assert cfg.spool.dir == REPO / "var" / "spool"
+    assert ".." not in cfg.spool.dir.parts
+    assert cfg.control.socket == REPO / "var" / "run" / "spoold.sock"
+    assert ".." not in cfg.control.socket.parts
+    assert cfg.control.mode == 0o660
+    assert cfg.spool.max_concurrent_send_jobs == 64
+    assert cfg.spool.retry_intervals == DEFAULT_RETRY_SPANS
+    assert cfg.spool.retry_jitter == 0.1
+    assert cfg.spool.flush_timeout == timedelta(seconds=30)
+    assert cfg.smtp is None  # the [smtp] table is commented out in the sample
+    assert cfg.log.format == "auto"
+    assert cfg.log.level == "info"
+    assert cfg.metrics.listen == ""
+    assert cfg.hooks.presend == ""
+    assert cfg.hooks.on_error == ""
+    assert cfg.relay.default_route == "smarthost"
+    assert cfg.relay.connect_timeout == timedelta(seconds=30)
+    assert cfg.relay.command_timeout == timedelta(minutes=5)
+    assert cfg.relay.message_timeout == timedelta(minutes=10)
+    assert cfg.relay.idle_timeout == timedelta(seconds=30)
+    assert cfg.routes == {
+        "smarthost": RouteConfig(
+            name="smarthost",
+            next_hops=("127.0.0.1:25",),
+            tls="opportunistic",
+            verify_certificates=True,
+            auth_file=None,  # "" means no auth file
+        )
+    }
+
+
+def test_relative_path_given_to_load_config_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "spoold.toml").write_text('[spool]\ndir = "../spool/./x/.."\n')
+    monkeypatch.chdir(tmp_path)
+
+    cfg = load_config("etc/spoold.toml")
+
+    assert cfg.path == tmp_path / "etc" / "spoold.toml"
+    assert cfg.spool.dir == tmp_path / "spool"
+    # the control socket defaults to a file in the spool directory
+    assert cfg.control.socket == tmp_path / "spool" / "control.sock"
+
+
+DESIGN_EXAMPLE = """
+[spool]
+dir = "../var/spool"
+max_concurrent_send_jobs = 64
+retry_intervals = ["1m", "5m", "15m", "1h", "2h", "4h", "8h"]
+retry_jitter = 0.1
+
+[control]
+socket = "../var/run/spoold.sock"
+mode = "0660"
+
+[smtp]
+listen = ["127.0.0.1:2525"]
+max_message_size = "32MiB"
+max_recipients = 100
+bare_line_endings = "reject"
+relay_networks = ["127.0.0.0/8", "::1/128"]
+
+[log]
+format = "auto"
+level = "info"
+
+[metrics]
+listen = ""
+
+[hooks]
+presend = ""
+on_error = ""
+
+[relay]
+default_route = "smarthost"
+connect_timeout = "30s"
+command_timeout = "5m"
+
+[routes.smarthost]
+next_hops = ["127.0.0.1:25"]
+tls = "opportunistic"
+verify_certificates = true
+auth_file = ""
+
+[routes.partners]
+domains = ["example.com", ".example.org"]
+next_hops = ["mx1.example.com:25", "mx2.example.com:25"]
+"""
+
+
+def test_design_example_is_valid(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    path = tmp_path / "config" / "spoold.toml"
+    path.write_text(DESIGN_EXAMPLE)
+
+    cfg = load_config(path)
+
+    assert cfg.spool.dir == tmp_path / "var" / "spool"
+    assert cfg.smtp is not None
+    assert cfg.smtp.listen == ("127.0.0.1:2525",)
+    assert cfg.smtp.max_message_size == 32 * 1024 * 1024
+    assert cfg.smtp.relay_networks == ("127.0.0.0/8", "::1/128")
+    assert list(cfg.routes) == ["smarthost", "partners"]
+    assert cfg.routes["partners"].domains == ("example.com", ".example.org")
+    assert cfg.routes["partners"].next_hops == ("mx1.example.com:25", "mx2.example.com:25")
+
+
+def test_minimal_file_gets_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "spoold.toml"
+    path.write_text(
+        '[spool]\ndir = "/srv/spool"\n\n[smtp]\n\n[relay]\ndefault_route = "r"\n'
+        "\n[routes.r]\nmx = true\n"
+    )
+
+    cfg = load_config(path)
+
+    assert cfg.spool.dir == Path("/srv/spool")  # absolute paths stay as given
+    assert cfg.spool.max_concurrent_send_jobs == 64
+    assert cfg.smtp is not None
+    assert cfg.smtp.listen == DEFAULT_LISTEN
+    assert cfg.smtp.bare_line_endings == "reject"
+    assert cfg.smtp.max_line_length == 998
+    assert cfg.routes["r"].mx is True
+    assert cfg.routes["r"].next_hops == ()
+    assert cfg.routes["r"].retry_intervals is None
+
+
+def test_route_paths_and_values_are_converted(tmp_path: Path) -> None:
+    path = tmp_path / "spoold.toml"
+    path.write_text(
+        """
+[spool]
+dir = "spool"
+max_concurrent_send_jobs = 8
+retry_intervals = ["30s", 90, "1.5h"]
+retry_jitter = 0
+
+[control]
+mode = 0o600
+
+[relay]
+default_route = "secure"
+
+[routes.secure]
+domains = ["Example.COM", " .Example.org "]
+next_hops = ["[2001:db8::1]:587", "relay.example.net"]
+tls = "required"
+verify_certificates = false
+ca_file = "tls/ca.pem"
+client_cert = "/etc/ssl/client.pem"
+client_key = ""
+retry_intervals = ["1m"]
+"""
+    )
+
+    cfg = load_config(path)
+
+    assert cfg.spool.max_concurrent_send_jobs == 8
+    assert cfg.spool.retry_intervals == (
+        timedelta(seconds=30),
+        timedelta(seconds=90),
+        timedelta(minutes=90),
+    )
+    assert cfg.spool.retry_jitter == 0.0
+    assert cfg.control.mode == 0o600
+    route = cfg.routes["secure"]
+    assert route.domains == ("example.com", ".example.org")  # lower-cased, stripped
+    assert route.next_hops == ("[2001:db8::1]:587", "relay.example.net")
+    assert route.tls == "required"
+    assert route.verify_certificates is False
+    assert route.ca_file == tmp_path / "tls" / "ca.pem"
+    assert route.client_cert == Path("/etc/ssl/client.pem")
+    assert route.client_key is None
+    assert route.retry_intervals == (timedelta(minutes=1),)
+
+
+# ------------------------------------------------------------ bad files
+
+BASE = '[spool]\ndir = "spool"\n'
+ROUTED = '\n[relay]\ndefault_route = "smarthost"\n\n[routes.smarthost]\nnext_hops = ["h0:25"]\n'
+
+
+def _smtp(body: str) -> str:
+    """A valid file with [smtp] on, plus ``body`` in the [smtp] table."""
+    return BASE + "\n[smtp]\n" + body + ROUTED
+
+
+def _toml_error(text: str) -> str:
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return str(exc)
+    raise AssertionError(f"{text!r} is valid TOML")
+
+
+NOT_TOML = "[spool\ndir = 'x'\n"
+SPAN_ERROR = "expected a span like '30s', '5m', '2h' or '1d', got"
+
+BAD_FILES: list[tuple[str, str, list[str]]] = [
+    ("not TOML", NOT_TOML, [f"not valid TOML: {_toml_error(NOT_TOML)}"]),
+    ("unknown top-level key", 'colour = "blue"\n' + BASE, ["colour: unknown key"]),
+    (
+        "unknown keys in tables, sorted",
+        BASE + 'spool_dir = "x"\n[log]\nlevel = "info"\ncolour = 1\nzebra = 2\n',
+        ["spool.spool_dir: unknown key", "log.colour: unknown key", "log.zebra: unknown key"],
+    ),
+    (
+        "unknown key in a route",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\nport = 25\n',
+        ["routes.a.port: unknown key"],
+    ),
+    ("empty file", "", ["spool.dir: required"]),
+    ("spool.dir missing", "[spool]\nmax_concurrent_send_jobs = 4\n", ["spool.dir: required"]),
+    ("spool.dir empty", '[spool]\ndir = ""\n', ["spool.dir: expected a path"]),
+    ("spool.dir not a string", "[spool]\ndir = 5\n", ["spool.dir: expected a string, got 5"]),
+    ("spool not a table", 'spool = "x"\n', ["spool: expected a table", "spool.dir: required"]),
+    (
+        "concurrency 0",
+        BASE + "max_concurrent_send_jobs = 0\n",
+        ["spool.max_concurrent_send_jobs: expected an integer >= 1, got 0"],
+    ),
+    (
+        "concurrency 'ten'",
+        BASE + 'max_concurrent_send_jobs = "ten"\n',
+        ["spool.max_concurrent_send_jobs: expected an integer >= 1, got 'ten'"],
+    ),
+    (
+        "concurrency true",
+        BASE + "max_concurrent_send_jobs = true\n",
+        ["spool.max_concurrent_send_jobs: expected an integer >= 1, got True"],
+    ),
+    (
+        "concurrency too large",
+        BASE + "max_concurrent_send_jobs = 100001\n",
+        ["spool.max_concurrent_send_jobs: expected an integer <= 100000, got 100001"],
+    ),
+    (
+        "retry_intervals with a bad span",
+        BASE + 'retry_intervals = ["1m", "5 minutes", "1h"]\n',
+        [f"spool.retry_intervals: {SPAN_ERROR} '5 minutes'"],
+    ),
+    (
+        "retry_intervals not a list",
+        BASE + 'retry_intervals = "1m"\n',
+        ["spool.retry_intervals: expected a list, got '1m'"],
+    ),
+    (
+        "retry_jitter 2",
+        BASE + "retry_jitter = 2\n",
+        ["spool.retry_jitter: expected a number from 0 to 1, got 2"],
+    ),
+    (
+        "flush_timeout negative",
+        BASE + 'flush_timeout = "-1s"\n',
+        [f"spool.flush_timeout: {SPAN_ERROR} '-1s'"],
+    ),
+    (
+        "control.mode open to others",
+        BASE + '[control]\nmode = "0666"\n',
+        ["control.mode: the control socket must not be open to others, got 0666"],
+    ),
+    (
+        "control.mode not octal",
+        BASE + '[control]\nmode = "abc"\n',
+        ["control.mode: expected an octal mode like '0660', got 'abc'"],
+    ),
+    (
+        "control.mode as an integer open to others",
+        BASE + "[control]\nmode = 0o604\n",
+        ["control.mode: the control socket must not be open to others, got 0604"],
+    ),
+    (
+        "smtp.listen without a port",
+        _smtp('listen = ["127.0.0.1:2525", "localhost"]\n'),
+        ["smtp.listen: expected 'address:port', got 'localhost'"],
+    ),
+    (
+        "smtp.listen port out of range",
+        _smtp('listen = ["127.0.0.1:65536"]\n'),
+        ["smtp.listen: expected 'address:port', got '127.0.0.1:65536'"],
+    ),
+    (
+        "smtp.max_message_size '32 lots'",
+        _smtp('max_message_size = "32 lots"\n'),
+        ["smtp.max_message_size: expected a size like '32MiB' or a number of bytes, got '32 lots'"],
+    ),
+    (
+        "smtp.bare_line_endings 'keep'",
+        _smtp('bare_line_endings = "keep"\n'),
+        ["smtp.bare_line_endings: expected one of reject, normalize, got 'keep'"],
+    ),
+    (
+        "smtp.relay_networks bad network",
+        _smtp('relay_networks = ["127.0.0.0/8", "10.0.0.0/33"]\n'),
+        ["smtp.relay_networks: expected a network like '127.0.0.0/8', got '10.0.0.0/33'"],
+    ),
+    (
+        "smtp.max_line_length too small",
+        _smtp("max_line_length = 77\n"),
+        ["smtp.max_line_length: expected an integer >= 78, got 77"],
+    ),
+    ("smtp unknown key", _smtp("tls = true\n"), ["smtp.tls: unknown key"]),
+    (
+        "log.format bad",
+        BASE + '[log]\nformat = "xml"\n',
+        ["log.format: expected one of auto, json, console, got 'xml'"],
+    ),
+    (
+        "log.level bad",
+        BASE + '[log]\nlevel = "verbose"\n',
+        ["log.level: expected one of debug, info, warning, error, got 'verbose'"],
+    ),
+    (
+        "metrics.listen without a port",
+        BASE + '[metrics]\nlisten = "9469"\n',
+        ["metrics.listen: expected 'address:port', got '9469'"],
+    ),
+    (
+        "metrics.listen not a string",
+        BASE + "[metrics]\nlisten = 9469\n",
+        ["metrics.listen: expected a string, got 9469"],
+    ),
+    (
+        "hooks.presend without a colon",
+        BASE + '[hooks]\npresend = "nocolon"\n',
+        ["hooks.presend: expected 'package.module:function', got 'nocolon'"],
+    ),
+    (
+        "relay.default_route names no route",
+        BASE + ROUTED.replace('"smarthost"\n', '"nowhere"\n', 1),
+        ["relay.default_route: no route named 'nowhere' (routes: smarthost)"],
+    ),
+    (
+        "relay.default_route with no routes at all",
+        BASE + '[relay]\ndefault_route = "nowhere"\n',
+        ["relay.default_route: no route named 'nowhere' (routes: none)"],
+    ),
+    (
+        "[smtp] on without relay.default_route",
+        BASE + "[smtp]\n",
+        ["relay.default_route: required when [smtp] is on"],
+    ),
+    (
+        "relay span bad",
+        BASE + '[relay]\ncommand_timeout = "5 minutes"\n',
+        [f"relay.command_timeout: {SPAN_ERROR} '5 minutes'"],
+    ),
+    (
+        "route without next_hops and without mx",
+        BASE + '[routes.a]\ndomains = ["example.com"]\n',
+        ["routes.a.next_hops: required unless mx = true"],
+    ),
+    (
+        "route with next_hops and mx",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\nmx = true\n',
+        ["routes.a: give next_hops or mx = true, not both"],
+    ),
+    (
+        "a hop in two routes",
+        BASE + '[routes.a]\nnext_hops = ["h1:25", "shared:25"]\n'
+        '[routes.b]\nnext_hops = ["shared:25"]\n',
+        ["routes.b.next_hops: shared:25 is also a next hop of route a; a hop belongs to one route"],
+    ),
+    (
+        # Only the bad hop is reported, not a second "required" for the list.
+        "a bad hop 'h:'",
+        BASE + '[routes.a]\nnext_hops = ["h:"]\n',
+        ["routes.a.next_hops: next hop 'h:': empty port"],
+    ),
+    (
+        "an IPv6 hop without brackets",
+        BASE + '[routes.a]\nmx = true\n[routes.b]\nnext_hops = ["2001:db8::1:25"]\n',
+        [
+            "routes.b.next_hops: next hop '2001:db8::1:25': write an IPv6 address as"
+            " [address]:port",
+        ],
+    ),
+    (
+        "route tls 'maybe'",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\ntls = "maybe"\n',
+        ["routes.a.tls: expected one of none, opportunistic, required, got 'maybe'"],
+    ),
+    (
+        "route bad domain",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\ndomains = ["exa mple.com"]\n',
+        [
+            "routes.a.domains: expected a domain like 'example.com' or '.example.org',"
+            " got 'exa mple.com'"
+        ],
+    ),
+    (
+        "routes not a table",
+        'routes = ["smarthost"]\n' + BASE,
+        ["routes: expected tables [routes.NAME]"],
+    ),
+    (
+        "several errors, all reported in order",
+        """colour = "blue"
+
+[spool]
+retry_jitter = 2
+bogus = 1
+
+[control]
+mode = "abc"
+
+[log]
+level = "verbose"
+
+[hooks]
+on_error = "x"
+
+[relay]
+default_route = "nowhere"
+connect_timeout = "soon"
+
+[routes.a]
+tls = "maybe"
+""",
+        [
+            "colour: unknown key",
+            "spool.dir: required",
+            "spool.retry_jitter: expected a number from 0 to 1, got 2",
+            "spool.bogus: unknown key",
+            "control.mode: expected an octal mode like '0660', got 'abc'",
+            "log.level: expected one of debug, info, warning, error, got 'verbose'",
+            "hooks.on_error: expected 'package.module:function', got 'x'",
+            f"relay.connect_timeout: {SPAN_ERROR} 'soon'",
+            "routes.a.tls: expected one of none, opportunistic, required, got 'maybe'",
+            "routes.a.next_hops: required unless mx = true",
+            "relay.default_route: no route named 'nowhere' (routes: a)",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "problems"), [(t, p) for _, t, p in BAD_FILES], ids=[n for n, _, _ in BAD_FILES]
+)
+def test_bad_file_reports_exact_problems(tmp_path: Path, text: str, problems: list[str]) -> None:
+    path = tmp_path / "spoold.toml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    err = info.value
+    assert err.problems == problems
+    assert err.path == str(path)
+    assert str(err).startswith(f"{path}: ")
+    assert str(err) == f"{path}: " + "; ".join(problems)
+    assert isinstance(err, SpooldError)
+    assert isinstance(err, ValueError)
+
+
+@pytest.mark.parametrize(
+    "value", ['"99999999999d"', "1e15", "inf"], ids=["huge string", "huge number", "inf"]
+)
+def test_span_out_of_range_is_a_config_problem(tmp_path: Path, value: str) -> None:
+    # DESIGN §6 / config.py: load_config reports every bad value as a
+    # ConfigError problem naming its key; a span too large for a timedelta
+    # must not escape as an OverflowError (the daemon's reload does not catch it).
+    path = tmp_path / "spoold.toml"
+    path.write_text(BASE + f"flush_timeout = {value}\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    (problem,) = info.value.problems
+    assert problem.startswith("spool.flush_timeout: ")
+
+
+def test_file_not_utf8_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "spoold.toml"
+    path.write_bytes(b'[spool]\ndir = "\xff"\n')
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    (problem,) = info.value.problems
+    assert problem.startswith("not valid TOML: 'utf-8' codec can't decode byte 0xff")
+
+
+def test_missing_file_cannot_be_read(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert info.value.problems == ["cannot read: No such file or directory"]
+    assert str(info.value).startswith(str(path))
+    assert str(info.value) == f"{path}: cannot read: No such file or directory"
+
+
+def test_directory_cannot_be_read(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+
+    (problem,) = info.value.problems
+    assert problem.startswith("cannot read: ")
+    assert str(info.value).startswith(f"{tmp_path}: cannot read")
+
+
+# ------------------------------------------------------------ spans and sizes
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("30s", timedelta(seconds=30)),
+        ("5m", timedelta(minutes=5)),
+        ("2h", timedelta(hours=2)),
+        ("1d", timedelta(days=1)),
+        ("1w", timedelta(weeks=1)),
+        ("250ms", timedelta(milliseconds=250)),
+        ("1.5h", timedelta(minutes=90)),
+        (" 10 m ", timedelta(minutes=10)),
+        ("45", timedelta(seconds=45)),
+        ("0s", timedelta(0)),
+        (90, timedelta(seconds=90)),
+        (1.5, timedelta(seconds=1.5)),
+        (0, timedelta(0)),
+    ],
+)
+def test_parse_span(value: object, expected: timedelta) -> None:
+    assert parse_span(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["-1s", "5 minutes", "5M", "1y", "", "m", True, False, None, -1, -0.5, [1]]
+)
+def test_parse_span_refuses(value: object) -> None:
+    with pytest.raises(ValueError, match="expected a span"):
+        parse_span(value)
+
+
+@pytest.mark.parametrize("value", ["99999999999d", 1e15, float("inf")])
+def test_parse_span_refuses_out_of_range(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_span(value)
+
+
+@pytest.mark.parametrize(
+    ("span", "text"),
+    [
+        (timedelta(seconds=30), "30s"),
+        (timedelta(minutes=5), "5m"),
+        (timedelta(hours=2), "2h"),
+        (timedelta(days=1), "1d"),
+        (timedelta(weeks=1), "7d"),
+        (timedelta(seconds=90), "90s"),
+        (timedelta(minutes=90), "90m"),
+        (timedelta(milliseconds=250), "0.25s"),
+        (timedelta(0), "0s"),
+    ],
+)
+def test_format_span(span: timedelta, text: str) -> None:
+    assert format_span(span) == text
+    assert parse_span(text) == span  # it round-trips
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("32MiB", 32 * 1024 * 1024),
+        ("500KB", 500_000),
+        ("1GB", 1_000_000_000),
+        ("2KiB", 2048),
+        ("1gib", 1024**3),
+        ("7mb", 7_000_000),
+        ("10B", 10),
+        ("4096", 4096),
+        (100, 100),
+        (0, 0),
+    ],
+)
+def test_parse_size(value: object, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["32 lots", "1TB", "1.5MB", "-1", "", -1, True, 1.5, None])
+def test_parse_size_refuses(value: object) -> None:
+    with pytest.raises(ValueError, match="expected a size like '32MiB' or a number of bytes"):
+        parse_size(value)
+
+
+# ------------------------------------------------------------ reload
+
+RELOAD_BASE: dict[str, Any] = {
+    "spool": {"dir": "spool", "max_concurrent_send_jobs": 64},
+    "control": {"socket": "run/spoold.sock", "mode": "0660"},
+    "smtp": {"listen": ["127.0.0.1:2525"], "max_message_size": "32MiB"},
+    "log": {"level": "info"},
+    "metrics": {"listen": "127.0.0.1:9469"},
+    "relay": {"default_route": "smarthost"},
+    "routes": {"smarthost": {"next_hops": ["127.0.0.1:25"]}},
+}
+
+
+def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    table, key = path.split(".")
+
+    def change(raw: dict[str, Any]) -> None:
+        raw[table][key] = value
+
+    return change
+
+
+def _drop_smtp(raw: dict[str, Any]) -> None:
+    del raw["smtp"]
+
+
+def _everything(raw: dict[str, Any]) -> None:
+    for change in (
+        _set("spool.dir", "other"),
+        _set("control.mode", "0600"),
+        _set("smtp.listen", ["[::1]:25"]),
+        _set("metrics.listen", ""),
+        _set("spool.max_concurrent_send_jobs", 2),
+    ):
+        change(raw)
+
+
+RELOAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
+    ("nothing", lambda raw: None, []),
+    ("concurrency", _set("spool.max_concurrent_send_jobs", 10), []),
+    ("retry intervals", _set("spool.retry_intervals", ["1m"]), []),
+    ("log level", _set("log.level", "debug"), []),
+    ("smtp size", _set("smtp.max_message_size", "1MiB"), []),
+    ("relay timeout", _set("relay.connect_timeout", "5s"), []),
+    ("route hops", _set("routes.smarthost", {"next_hops": ["10.0.0.1:25"]}), []),
+    ("spool.dir", _set("spool.dir", "elsewhere"), ["spool.dir"]),
+    ("control socket", _set("control.socket", "run/other.sock"), ["control"]),
+    ("control mode", _set("control.mode", "0600"), ["control"]),
+    ("smtp listen", _set("smtp.listen", ["127.0.0.1:2526"]), ["smtp.listen"]),
+    ("smtp off", _drop_smtp, ["smtp.listen"]),
+    ("metrics listen", _set("metrics.listen", "127.0.0.1:9470"), ["metrics.listen"]),
+    ("all at once", _everything, ["spool.dir", "control", "smtp.listen", "metrics.listen"]),
+]
+
+
+def _config(raw: dict[str, Any]) -> Config:
+    return parse_config(raw, Path("/etc/spoold/spoold.toml"))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [(c, e) for _, c, e in RELOAD_CASES],
+    ids=[n for n, _, _ in RELOAD_CASES],
+)
+def test_restart_needed(change: Callable[[dict[str, Any]], None], expected: list[str]) -> None:
+    new_raw = copy.deepcopy(RELOAD_BASE)
+    change(new_raw)
+    old, new = _config(copy.deepcopy(RELOAD_BASE)), _config(new_raw)
+
+    assert restart_needed(old, new) == expected
+
+
+def test_restart_needed_when_smtp_turned_on() -> None:
+    old_raw = copy.deepcopy(RELOAD_BASE)
+    del old_raw["smtp"]
+
+    assert restart_needed(_config(old_raw), _config(RELOAD_BASE)) == ["smtp.listen"]
+
+
+def test_spool_dir_move_also_moves_the_default_control_socket() -> None:
+    old = _config({"spool": {"dir": "a"}})
+    new = _config({"spool": {"dir": "b"}})
+
+    assert new.control.socket == Path("/etc/spoold/b/control.sock")
+    assert restart_needed(old, new) == ["spool.dir", "control"]
+
+
+def test_parse_config_resolves_against_the_given_path() -> None:
+    cfg = _config(RELOAD_BASE)
+
+    assert cfg.path == Path("/etc/spoold/spoold.toml")
+    assert cfg.spool.dir == Path("/etc/spoold/spool")
+    assert cfg.control.socket == Path("/etc/spoold/run/spoold.sock")
