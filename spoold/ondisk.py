@@ -140,6 +140,8 @@ class OnDiskSpool:
                 raise ValueError("a new message cannot be delivered already")
             entries.append(NewEntry(queue.value, n.body.wire, make_record(n)))
         names = await self.store.enqueue(entries)
+        if not self.store.owner:
+            await self.store.notify_owner(names)
         return [built[name] for name in names]
 
     # ------------------------------------------------------------ changes

@@ -202,6 +202,7 @@ class Spool:
                 spool._tg = tg
                 tg.start_soon(spool._dispatch_loop, tg)
                 tg.start_soon(spool._ping_loop)
+                await tg.start(spool._wakeup_loop)
                 try:
                     yield spool
                 finally:
@@ -316,11 +317,58 @@ class Spool:
             if wake.is_set():
                 self._wake = anyio.Event()
 
+    async def _wakeup_loop(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Adopt messages other processes added (they send their ids)."""
+        async with self._od.store.wakeups() as batches:
+            task_status.started()
+            async for names in batches:
+                await self._adopt(names)
+
+    async def _rescan(self) -> None:
+        """Backstop for lost wake-ups: adopt records on disk that the index
+        does not know (a directory listing; records are read only for new
+        names)."""
+        unknown = []
+        for queue in _LOADED_QUEUES:
+            for name, checked_out in await self._od.store.list_queue(queue.value):
+                if not checked_out and name not in self._index:
+                    unknown.append(name)
+        if unknown:
+            await self._adopt(unknown)
+
+    async def _adopt(self, names: Sequence[str]) -> None:
+        async with self._op_lock:  # no operator change runs meanwhile
+            await self._adopt_locked(names)
+
+    async def _adopt_locked(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name in self._index:
+                continue
+            for queue in _LOADED_QUEUES:
+                try:
+                    msg = await self._od.read_message(queue, name)
+                except NotFoundError:
+                    continue
+                except RecordError as exc:
+                    log.error("added record cannot be read", id=name, error=str(exc))
+                    break
+                if msg.queue is not queue:
+                    break  # written elsewhere than its status says: next open repairs it
+                entry = _Entry(msg, queue)
+                self._index[name] = entry
+                self._schedule(entry)
+                self._publish("spooled", msg)
+                log.info("adopted", id=name, flows=msg.flows, queue=queue.value)
+                break
+
     async def _ping_loop(self) -> None:
         never = anyio.Event()
         while True:
             await self.clock.wait(never, self.clock.now() + timedelta(seconds=self._ping_interval))
             self._publish("ping")
+            await self._rescan()
 
     # ------------------------------------------------------------- sending
 

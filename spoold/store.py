@@ -3,6 +3,8 @@
 Layout of a store directory::
 
     lock              flock()ed by the owner; holds the owner's pid
+    wakeup            the owner's datagram socket: other writers send the
+                      names they enqueued, so the owner need not poll
     .registry/NAME    one per live entry, created O_CREAT|O_EXCL; holds the
                       pid of the process that created the entry
     tmp/              staging: PID.NAME.KIND.RANDOM, never read back
@@ -45,8 +47,10 @@ import errno
 import fcntl
 import os
 import secrets
+import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -320,6 +324,52 @@ class Store:
             os.unlink(path)
 
     # --------------------------------------------------------- operations
+
+    # ------------------------------------------------------------ wake-ups
+
+    @property
+    def wakeup_path(self) -> str:
+        return f"{self._root_s}/wakeup"
+
+    @asynccontextmanager
+    async def wakeups(self) -> AsyncIterator[AsyncIterator[list[str]]]:
+        """(Owner) bind the wake-up socket; yields an iterator of the name
+        batches other processes report. A stale socket file is replaced."""
+        self._require_owner()
+        path = self.wakeup_path
+        with contextlib.suppress(FileNotFoundError):
+            await anyio.Path(path).unlink()
+        sock = await anyio.create_unix_datagram_socket(local_path=path, local_mode=0o660)
+
+        async def batches() -> AsyncIterator[list[str]]:
+            async for packet, _ in sock:
+                names = [n for n in packet.decode("ascii", "replace").split() if is_valid_id(n)]
+                if names:
+                    yield names
+
+        try:
+            yield batches()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sock.aclose()
+                with contextlib.suppress(OSError):
+                    await anyio.Path(path).unlink()
+
+    async def notify_owner(self, names: Sequence[str]) -> bool:
+        """(Writer) tell the owner about new entries; False if no owner
+        listens or it is too busy to take the datagram within 2 s (it will
+        still find them, at its next rescan or open)."""
+        return await self._run(self._notify_owner_sync, names)
+
+    def _notify_owner_sync(self, names: Sequence[str]) -> bool:
+        payload = " ".join(names).encode("ascii")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(2.0)  # the owner's queue may be full for a moment
+            try:
+                sock.sendto(payload, self.wakeup_path)
+            except OSError:
+                return False
+        return True
 
     async def reserve_id(self) -> str:
         """Reserve a fresh name in the registry (for callers that need the id

@@ -53,11 +53,12 @@ def new_message(
 
 
 def tree(root: Path) -> set[str]:
-    """Every file below ``root`` (relative, '/'-separated), without the lock."""
+    """Every regular file below ``root`` (relative, '/'-separated), without
+    the lock (the owner's wake-up socket is not a file)."""
     out = set()
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
             rel = os.path.relpath(os.path.join(dirpath, f), root)
-            if rel != "lock":
+            if rel != "lock" and os.path.isfile(os.path.join(dirpath, f)):
                 out.add(rel)
     return out

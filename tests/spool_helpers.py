@@ -128,13 +128,15 @@ def status_of(spool: Spool, message_id: str) -> Status | None:
 
 
 def spool_files(root: Path) -> dict[str, bytes]:
-    """Every file below ``root`` with its content, without the lock."""
+    """Every regular file below ``root`` with its content, without the lock
+    (the owner's wake-up socket is not a file)."""
     out: dict[str, bytes] = {}
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if rel != "lock":
-                out[rel] = Path(dirpath, name).read_bytes()
+            path = Path(dirpath, name)
+            if rel != "lock" and path.is_file():
+                out[rel] = path.read_bytes()
     return out
 
 
