@@ -8,7 +8,8 @@ One request per connection, one JSON object per line::
 
 ``kind`` is ``invalid`` (a bad request or id), ``not_found``, ``refused``
 (the operation is not allowed for the message's status), ``closed`` (the
-daemon is stopping) or ``internal``. ``events`` answers with one
+daemon is stopping), ``temporary`` (try again later: a disk error, a DNS
+timeout) or ``internal``. ``events`` answers with one
 ``{"ok": true, "event": {...}}`` line per event until the client hangs up.
 
 Operations mirror the Python API of :class:`~spoold.spool.Spool`:
@@ -48,8 +49,10 @@ from spoold.errors import (
     OperationRefusedError,
     SpoolClosedError,
     SpooldError,
+    StoreError,
 )
 from spoold.message import Message, Quarantined, SendAt, queue_of
+from spoold.mx import MxError
 from spoold.spool import Spool, retry_intervals_from_spans
 
 __all__ = [
@@ -223,6 +226,10 @@ class ControlServer:
             return _error("refused", str(exc))
         except SpoolClosedError as exc:
             return _error("closed", str(exc))
+        except StoreError as exc:
+            return _error("temporary", f"{op}: {exc}")
+        except MxError as exc:
+            return _error("invalid" if exc.permanent else "temporary", str(exc))
         except (ValueError, TypeError, KeyError) as exc:
             return _error("invalid", f"{op}: {exc}")
         except SpooldError as exc:
