@@ -397,8 +397,23 @@ def _header_recipients(content: bytes) -> tuple[list[str], bytes]:
     parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
     fields = parsed.get_all("To", []) + parsed.get_all("Cc", []) + parsed.get_all("Bcc", [])
     found = [addr for _, addr in email.utils.getaddresses([str(f) for f in fields]) if addr]
-    without_bcc = re.sub(rb"(?im)^bcc:.*(?:\r?\n[ \t].*)*\r?\n", b"", head)
-    return found, without_bcc + (content[end.start() :] if end else b"")
+    kept: list[bytes] = []
+    in_bcc = False
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):  # a continuation belongs to the field above
+            if not in_bcc:
+                kept.append(line)
+            continue
+        in_bcc = line[:4].lower() == b"bcc:"
+        if not in_bcc:
+            kept.append(line)
+    new_head = b"".join(kept)
+    rest = content[end.start() :] if end else b""
+    if rest and not new_head:
+        rest = rest.lstrip(b"\r\n")  # no headers left: no separator either
+    elif new_head and not new_head.endswith(b"\n") and rest[:1] not in (b"\r", b"\n"):
+        new_head += b"\n"
+    return found, new_head.rstrip(b"\r\n") + rest if kept else rest
 
 
 def _cut_at_dot_line(content: bytes) -> bytes:

@@ -241,6 +241,9 @@ class ControlServer:
 
     async def _run(self, op: object, request: dict[str, Any]) -> Any:
         spool = self.spool
+        override = self.extra.get(op) if isinstance(op, str) else None
+        if override is not None:
+            return await override(request)
         if op == "ping":
             return "pong"
         if op == "status":

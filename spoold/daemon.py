@@ -40,6 +40,7 @@ from spoold.control import ControlServer
 from spoold.errors import SpooldError
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.ingest import Origin, Submitter
+from spoold.message import Queue
 from spoold.metrics import Metrics
 from spoold.routing import Router
 from spoold.smtp_listener import SmtpListener
@@ -91,6 +92,9 @@ class Daemon:
 
     # -------------------------------------------------------------- signals
 
+    def _on_reload_signal(self) -> None:
+        self._reload_requested.set()  # whichever event the main loop waits on now
+
     def _on_stop_signal(self) -> None:
         if self._stop_requested.is_set():
             self._force_stop.set()
@@ -98,7 +102,7 @@ class Daemon:
 
     def _install_signals(self) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
 
@@ -149,6 +153,7 @@ class Daemon:
                         "reload": self._reload_request,
                         "check": self._check_request,
                         "info": self._info_request,
+                        "count": self._count_request,
                         "submit": self._submit_request,
                     },
                 )
@@ -320,6 +325,15 @@ class Daemon:
             policy=LineEndingPolicy.NORMALIZE,  # local programs write LF
         )
 
+    async def _count_request(self, request: dict[str, Any]) -> Any:
+        """The same keys as ``count`` without a daemon: active and frozen
+        from memory, removed and quarantine from the directory listing."""
+        assert self._spool is not None
+        counts: dict[str, int] = dict(self._spool.counts())
+        for queue in (Queue.REMOVED, Queue.QUARANTINE):
+            counts[queue.value] = await self._spool.ondisk.count(queue)
+        return counts
+
     async def _info_request(self, request: dict[str, Any]) -> Any:
         cfg = self.live.config
         return {
@@ -350,9 +364,17 @@ async def run(config_path: str) -> int:
         log.error("invalid configuration", config=exc.path, problems=exc.problems)
         return 2
     logs.configure(config.log.format, config.log.level)
+    failure: BaseException | None = None
     try:
         daemon = Daemon(config)
         return await daemon.run()
-    except SpooldError as exc:
-        log.error("cannot start", error=str(exc))
-        return 1
+    except* SpooldError as group:  # raised directly or from inside a task group
+        failure = group
+    log.error("cannot start", error="; ".join(str(e) for e in _leaves(failure)))
+    return 1
+
+
+def _leaves(error: BaseException | None) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for e in error.exceptions for leaf in _leaves(e)]
+    return [] if error is None else [error]

@@ -53,9 +53,9 @@ def add_trace_headers(content: bytes, origin: Origin, submission_id: str, hostna
         extra += f"Message-ID: <{submission_id}@{hostname}>\r\n".encode()
     if not _HAS_DATE.search(header):
         extra += f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode()
-    source = f"from {origin.helo or 'localhost'}"
+    source = f"from {_clean(origin.helo) or 'localhost'}"
     if origin.peer:
-        source += f" ([{origin.peer}])"
+        source += f" ([{_clean(origin.peer)}])"
     received = (
         f"Received: {source}\r\n\tby {hostname} (spoold) with {origin.protocol} "
         f"id {submission_id};\r\n\t{email.utils.formatdate(localtime=True)}\r\n"
@@ -64,6 +64,15 @@ def add_trace_headers(content: bytes, origin: Origin, submission_id: str, hostna
         content += b"\r\n"
     # New headers go after Received and before the original headers.
     return received + extra + content
+
+
+_UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+def _clean(text: str) -> str:
+    """What a client told us (its HELO name) made safe for a header: printable
+    ASCII without spaces, at most 255 characters; anything else becomes '?'."""
+    return _UNSAFE.sub("?", text[:255])
 
 
 class Submitter:

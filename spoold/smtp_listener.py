@@ -131,6 +131,7 @@ class SmtpListener:
             enable_SMTPUTF8=True,
             decode_data=False,
             ident="spoold",
+            hostname=self.submitter.hostname,
         )
 
     async def serve(

@@ -850,10 +850,18 @@ class Spool:
 
     @staticmethod
     async def count_from_disk(spool_dir: str | Path) -> dict[str, int]:
-        """Records per queue, counted from the directory listing alone."""
+        """Records per queue from the directory listing alone, with
+        ``sending`` (checked-out records) as the daemon counts it."""
         ondisk, _ = await OnDiskSpool.open(spool_dir, owner=False, create=False)
         try:
-            return {q.value: await ondisk.count(q) for q in Queue}
+            active = await ondisk.store.list_queue(Queue.ACTIVE.value)
+            return {
+                "active": len(active),
+                "frozen": await ondisk.count(Queue.FROZEN),
+                "sending": sum(1 for _, checked_out in active if checked_out),
+                "removed": await ondisk.count(Queue.REMOVED),
+                "quarantine": await ondisk.count(Queue.QUARANTINE),
+            }
         finally:
             await ondisk.close()
 

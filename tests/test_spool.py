@@ -993,6 +993,7 @@ async def test_status_and_count_from_disk_with_and_without_an_owner(tmp_path: Pa
         assert await Spool.count_from_disk(tmp_path) == {
             "active": 2,
             "frozen": 1,
+            "sending": 1,
             "removed": 1,
             "quarantine": 1,
         }
@@ -1004,6 +1005,7 @@ async def test_status_and_count_from_disk_with_and_without_an_owner(tmp_path: Pa
     assert await Spool.count_from_disk(tmp_path) == {
         "active": 1,
         "frozen": 1,
+        "sending": 0,
         "removed": 1,
         "quarantine": 1,
     }

@@ -1,0 +1,601 @@
+"""The admin CLI end to end: ``spoold <command>`` as a subprocess against a
+running daemon (``spoold run`` as a subprocess), and against a spool with no
+daemon.
+
+The spool is pre-filled before the daemon starts with two messages delayed
+far into the future (``send_at``, so no attempt starts by itself) and two
+frozen ones, all with one next hop where nothing listens: every attempt an
+operator starts fails at once (connection refused) and is recorded as a
+relay attempt. Each test asserts the exit code, what is printed and what
+changed, through the daemon and on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spoold.control import ControlClient
+from spoold.message import Frozen, SendAt, utcnow
+from tests.daemon_helpers import (
+    BODY,
+    DaemonFactory,
+    DaemonProcess,
+    cli,
+    far_future,
+    prefill,
+    records_in,
+    spooled,
+    start_daemon,  # noqa: F401 (fixture)
+    unused_port,
+    write_config,
+)
+
+# The record's field names (DESIGN §1), every one a key of the JSON listing.
+RECORD_FIELDS = {
+    "id",
+    "parent_id",
+    "related_ids",
+    "flows",
+    "spool_date",
+    "next_hop_choices",
+    "retry_intervals",
+    "remaining_recipients",
+    "failed_recipients",
+    "relay_attempts",
+    "status",
+    "envelope_info",
+}
+
+BAD_IDS = ["../../etc/passwd", "a/b", ""]
+
+
+@dataclass
+class FilledSpool:
+    """A spool with two delayed and two frozen messages."""
+
+    config: Path
+    spool_dir: Path
+    hop: str
+    later: list[str]  # send_at, far in the future
+    frozen: list[str]
+    daemon: DaemonProcess | None = None
+
+    @property
+    def all_ids(self) -> list[str]:
+        return sorted(self.later + self.frozen)
+
+    def cli(self, *args: str) -> Any:
+        return cli("--config", str(self.config), *args)
+
+
+async def fill(tmp_path: Path) -> FilledSpool:
+    hop = f"127.0.0.1:{unused_port()}"
+    config = write_config(tmp_path, next_hops=[hop])
+    spool_dir = tmp_path / "spool"
+    send_at = SendAt(at=utcnow() + far_future())
+    later = await prefill(
+        spool_dir,
+        [
+            spooled(hop, status=send_at, recipients=["later-1@example.com"]),
+            spooled(hop, status=send_at, recipients=["later-2@example.com"]),
+        ],
+    )
+    frozen = await prefill(
+        spool_dir,
+        [
+            spooled(hop, status=Frozen(), recipients=["frozen-1@example.com"]),
+            spooled(hop, status=Frozen(), recipients=["frozen-2@example.com", "x@example.net"]),
+        ],
+    )
+    return FilledSpool(config, spool_dir, hop, later, frozen)
+
+
+@pytest.fixture
+async def queue(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> FilledSpool:
+    q = await fill(tmp_path)
+    q.daemon = await start_daemon(q.config)
+    return q
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def by_id(text: str) -> dict[str, dict[str, Any]]:
+    return {v["id"]: v for v in json_lines(text)}
+
+
+def when(text: str) -> datetime:
+    assert text.endswith("Z"), text
+    return datetime.fromisoformat(text[:-1] + "+00:00")
+
+
+def spool_tree(spool_dir: Path) -> dict[str, bytes]:
+    """Every file below the spool and its content (the lock's content is the pid)."""
+    return {
+        str(p.relative_to(spool_dir)): p.read_bytes() for p in spool_dir.rglob("*") if p.is_file()
+    }
+
+
+async def views(q: FilledSpool) -> dict[str, dict[str, Any]]:
+    assert q.daemon is not None
+    listing = await ControlClient(q.daemon.socket, timeout=10).request("status")
+    return {v["id"]: v for v in listing}
+
+
+async def wait_for_views(
+    q: FilledSpool, done: Callable[[dict[str, dict[str, Any]]], bool], timeout: float = 10.0
+) -> dict[str, dict[str, Any]]:
+    """Poll the daemon's listing until ``done`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = await views(q)
+        if done(current):
+            return current
+        if time.monotonic() > deadline:
+            pytest.fail(f"not reached within {timeout}s: {json.dumps(current, indent=1)}")
+        await asyncio.sleep(0.05)
+
+
+def attempted(*ids: str, times: int = 1) -> Callable[[dict[str, dict[str, Any]]], bool]:
+    """Each of ``ids`` has ``times`` relay attempts and is not being sent."""
+    return lambda vs: all(
+        len(vs[i]["relay_attempts"]) == times and vs[i]["status"] != "sending" for i in ids
+    )
+
+
+# -------------------------------------------------------------- status
+
+
+async def test_status_json_lists_every_record_field(queue: FilledSpool) -> None:
+    done = queue.cli("status", "--format", "json")
+    assert done.code == 0, done.err
+    lines = done.out.splitlines()
+    assert len(lines) == 4
+    listing = by_id(done.out)
+    assert sorted(listing) == queue.all_ids
+
+    now = datetime.now(UTC)
+    for mid, view in listing.items():
+        assert RECORD_FIELDS | {"queue"} <= set(view), sorted(view)
+        assert isinstance(view["status"], str)
+        assert view["id"] == mid
+        assert now - timedelta(minutes=5) < when(view["spool_date"]) <= now
+        assert view["relay_attempts"] == []
+        assert view["next_hop_choices"] == [queue.hop]
+        assert view["envelope_info"]["sender"] == "sender@example.org"
+        assert view["envelope_info"]["recipients"] == view["remaining_recipients"]
+        assert view["failed_recipients"] == []
+        assert isinstance(view["related_ids"], list) and isinstance(view["flows"], list)
+    for mid in queue.later:
+        assert listing[mid]["status"] == "send_at"
+        assert listing[mid]["queue"] == "active"
+        assert when(listing[mid]["send_at"]) > now + far_future() - timedelta(minutes=5)
+    for mid in queue.frozen:
+        assert listing[mid]["status"] == "frozen"
+        assert listing[mid]["queue"] == "frozen"
+        assert "send_at" not in listing[mid]
+        assert "quarantine_reason" not in listing[mid]
+    assert listing[queue.frozen[1]]["remaining_recipients"] == [
+        "frozen-2@example.com",
+        "x@example.net",
+    ]
+
+    # The same listing through --socket.
+    assert queue.daemon is not None
+    again = cli("--socket", str(queue.daemon.socket), "status", "--format", "json")
+    assert again.code == 0
+    assert by_id(again.out) == listing
+
+
+async def test_status_id_table_and_exim_formats(queue: FilledSpool) -> None:
+    done = queue.cli("status", "--format", "id")
+    assert done.code == 0
+    assert done.out.splitlines() == queue.all_ids
+
+    done = queue.cli("status")  # table is the default
+    assert done.code == 0, done.err
+    header = done.out.splitlines()[0].split()
+    assert header[:3] == ["ID", "STATUS", "AGE"]
+    rows = {line.split()[0]: line for line in done.out.splitlines()[1:] if line.strip()}
+    for mid in queue.frozen:
+        assert rows[mid].split()[1] == "frozen"
+    for mid in queue.later:
+        assert rows[mid].split()[1] == "at"  # "at HH:MM:SS"
+    assert done.out.rstrip().endswith("4 message(s)")
+    assert queue.cli("status", "--format", "table").out == done.out
+
+    done = queue.cli("status", "--format", "exim")
+    assert done.code == 0
+    blocks = [b.splitlines() for b in done.out.strip("\n").split("\n\n")]
+    assert len(blocks) == 4
+    heads = {b[0].split()[1]: b for b in blocks}
+    assert sorted(heads) == queue.all_ids
+    for mid in queue.frozen:
+        assert heads[mid][0].endswith("<sender@example.org> *** frozen ***")
+    for mid in queue.later:
+        assert heads[mid][0].endswith("<sender@example.org>")
+    assert [line.strip() for line in heads[queue.frozen[1]][1:]] == [
+        "frozen-2@example.com",
+        "x@example.net",
+    ]
+
+
+async def test_status_frozen_only_and_active_only(queue: FilledSpool) -> None:
+    done = queue.cli("status", "--frozen-only", "--format", "id")
+    assert done.code == 0
+    assert done.out.splitlines() == sorted(queue.frozen)
+    done = queue.cli("status", "--active-only", "--format", "id")
+    assert done.code == 0
+    assert done.out.splitlines() == sorted(queue.later)
+    done = queue.cli("status", "--active-only", "--frozen-only")
+    assert done.code == 2
+    assert "exclude each other" in done.err
+
+
+async def test_count(queue: FilledSpool) -> None:
+    done = queue.cli("count")
+    assert done.code == 0, done.err
+    counts = dict(line.split() for line in done.out.splitlines())
+    assert counts["active"] == "2"
+    assert counts["frozen"] == "2"
+
+
+# ---------------------------------------------------------- operations
+
+
+async def test_freeze(queue: FilledSpool) -> None:
+    mid = queue.later[0]
+    done = queue.cli("freeze", mid)
+    assert done.code == 0, done.err
+    assert done.out.strip() == f"frozen: {mid}"
+    assert queue.cli("status", "--frozen-only", "--format", "id").out.splitlines() == sorted(
+        [*queue.frozen, mid]
+    )
+    assert mid in records_in(queue.spool_dir, "frozen")
+    assert mid not in records_in(queue.spool_dir, "active")
+
+    again = queue.cli("freeze", mid)
+    assert again.code == 1
+    assert mid in again.err and "already frozen" in again.err
+
+    unknown = queue.cli("freeze", "0000000000000000A")
+    assert unknown.code == 1
+    assert "0000000000000000A" in unknown.err
+
+
+async def test_send_one_with_a_retry_interval(queue: FilledSpool) -> None:
+    mid = queue.frozen[0]
+    started = datetime.now(UTC)
+    done = queue.cli("send", mid, "--retry-interval", "1h")
+    assert done.code == 0, done.err
+    assert done.out.strip() == "sending 1 message(s)"
+
+    # Refused at the next hop; the added interval is used: delayed by an hour.
+    view = (await wait_for_views(queue, attempted(mid)))[mid]
+    listed = by_id(queue.cli("status", "--format", "json").out)[mid]
+    assert listed == view
+    assert view["status"] == "send_at" and view["queue"] == "active"
+    at = when(view["send_at"])
+    assert started + timedelta(minutes=59) < at < datetime.now(UTC) + timedelta(minutes=61)
+    assert view["retry_intervals"] == []
+    (attempt,) = view["relay_attempts"]
+    assert set(attempt) == {"time", "error"}
+    assert started - timedelta(seconds=1) < when(attempt["time"]) <= datetime.now(UTC)
+    assert attempt["error"]
+    assert mid in records_in(queue.spool_dir, "active")
+
+
+async def test_send_one_with_no_interval_left_freezes_it_again(queue: FilledSpool) -> None:
+    mid = queue.frozen[0]
+    done = queue.cli("send", mid)
+    assert done.code == 0, done.err
+    view = (await wait_for_views(queue, attempted(mid)))[mid]
+    assert view["status"] == "frozen"
+    assert len(view["relay_attempts"]) == 1
+    assert mid in records_in(queue.spool_dir, "frozen")
+
+
+async def test_send_frozen_only_then_all(queue: FilledSpool) -> None:
+    done = queue.cli("send", "--frozen-only", "--retry-interval", "2h")
+    assert done.code == 0, done.err
+    assert done.out.strip() == "sending 2 message(s)"
+    current = await wait_for_views(queue, attempted(*queue.frozen))
+    for mid in queue.frozen:
+        assert current[mid]["status"] == "send_at"
+        assert when(current[mid]["send_at"]) > datetime.now(UTC) + timedelta(minutes=110)
+    for mid in queue.later:  # not frozen: not sent
+        assert current[mid]["relay_attempts"] == []
+        assert when(current[mid]["send_at"]) > datetime.now(UTC) + timedelta(days=29)
+
+    done = queue.cli("send", "--all", "--retry-interval", "1h", "--retry-interval", "3h")
+    assert done.code == 0, done.err
+    assert done.out.strip() == "sending 4 message(s)"
+    current = await wait_for_views(
+        queue, lambda vs: attempted(*queue.frozen, times=2)(vs) and attempted(*queue.later)(vs)
+    )
+    for mid in queue.all_ids:
+        view = current[mid]
+        assert view["status"] == "send_at"
+        # 1h used, 3h left at the head of what was there.
+        assert [r["span"] for r in view["retry_intervals"]] == [3 * 3600.0]
+        assert when(view["send_at"]) < datetime.now(UTC) + timedelta(minutes=61)
+
+
+async def test_send_usage_errors(queue: FilledSpool) -> None:
+    for args in (
+        [],
+        ["--all", queue.frozen[0]],
+        ["--all", "--frozen-only"],
+    ):
+        done = queue.cli("send", *args)
+        assert done.code == 2, args
+        assert "give message ids, --all or --frozen-only" in done.err
+    done = queue.cli("send", "--all", "--retry-interval", "soon")
+    assert done.code == 2
+    assert "--retry-interval" in done.err and "soon" in done.err
+    assert all(v["relay_attempts"] == [] for v in (await views(queue)).values())
+
+
+async def test_remove_then_recover(queue: FilledSpool) -> None:
+    mid = queue.frozen[0]
+    done = queue.cli("remove", mid)
+    assert done.code == 0, done.err
+    assert done.out.strip() == f"removed: {mid}"
+    assert mid not in queue.cli("status", "--format", "id").out.split()
+    assert mid in records_in(queue.spool_dir, "removed")
+    shown = queue.cli("show", mid)
+    assert shown.code == 0, shown.err
+    assert json.loads(shown.out)["status"] == "removed"
+    assert json.loads(shown.out)["queue"] == "removed"
+
+    done = queue.cli("recover", "--from", "removed", mid)
+    assert done.code == 0, done.err
+    assert done.out.strip() == f"recovered (frozen): {mid}"
+    assert queue.cli("status", "--frozen-only", "--format", "id").out.split() == sorted(
+        queue.frozen
+    )
+    assert mid in records_in(queue.spool_dir, "frozen")
+    assert not records_in(queue.spool_dir, "removed")
+
+    again = queue.cli("recover", "--from", "removed", mid)
+    assert again.code == 1
+    assert mid in again.err
+    assert queue.cli("recover", "--from", "active", mid).code == 2
+
+
+async def test_remove_refuses_a_message_that_is_not_frozen(queue: FilledSpool) -> None:
+    mid = queue.later[0]
+    before = spool_tree(queue.spool_dir)
+    done = queue.cli("remove", mid)
+    assert done.code == 1
+    assert mid in done.err
+    assert "only frozen messages can be removed" in done.err
+    assert spool_tree(queue.spool_dir) == before
+    assert (await views(queue))[mid]["status"] == "send_at"
+
+
+async def test_events_streams_json_lines(queue: FilledSpool) -> None:
+    assert queue.daemon is not None
+    with (queue.daemon.directory / "events.err").open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "spoold.cli",
+            "--config",
+            str(queue.config),
+            "events",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    try:
+        await wait_for_connection(queue.daemon.socket)
+        # Once the subscription is up, one freeze is enough; should the first
+        # freeze race the subscription, the second message tells.
+        for mid in queue.later:
+            assert queue.cli("freeze", mid).code == 0
+            try:
+                assert proc.stdout is not None
+                line = await asyncio.wait_for(proc.stdout.readline(), 5)
+            except TimeoutError:
+                continue
+            event = json.loads(line)
+            assert event["event"] == "frozen"
+            assert event["id"] == mid
+            assert event["sender"] == "sender@example.org"
+            assert event["recipients"] == [f"later-{queue.later.index(mid) + 1}@example.com"]
+            assert when(event["time"]) <= datetime.now(UTC)
+            break
+        else:
+            pytest.fail("no frozen event from spoold events")
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) in (0, -signal.SIGTERM)
+    assert queue.daemon.running
+
+
+async def wait_for_connection(path: Path, timeout: float = 10.0) -> None:
+    """Wait until a client is connected to the listening socket ``path``
+    (Linux lists accepted Unix connections under the listener's path)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/net/unix") as f:
+            entries = [line for line in f if line.rstrip("\n").endswith(" " + str(path))]
+        if len(entries) >= 2:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"no client connected to {path} within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def test_show_a_record_and_its_body(queue: FilledSpool) -> None:
+    mid = queue.later[1]
+    done = queue.cli("show", mid)
+    assert done.code == 0, done.err
+    record = json.loads(done.out)
+    assert record["id"] == mid
+    assert record["status"] == "send_at"
+    assert RECORD_FIELDS | {"queue"} <= set(record)
+    assert record == (await views(queue))[mid]
+
+    done = queue.cli("show", "--body", mid)
+    assert done.code == 0, done.err
+    assert done.stdout.endswith(b"\n\n" + BODY)  # as submitted: dot-stuffing undone
+    assert json.loads(done.stdout[: -len(BODY)]) == record
+
+    missing = queue.cli("show", "0000000000000000A")
+    assert missing.code == 1
+    assert "0000000000000000A" in missing.err
+
+
+async def test_reload_check_and_info(queue: FilledSpool) -> None:
+    assert queue.daemon is not None
+    done = queue.cli("reload")
+    assert done.code == 0, done.err
+    assert done.out.strip() == "reloaded"
+
+    done = queue.cli("check")
+    assert done.code == 0, done.err
+    assert done.out.strip() == "spool is consistent"
+
+    done = queue.cli("info")
+    assert done.code == 0, done.err
+    info = json.loads(done.out)
+    assert info["pid"] == queue.daemon.pid
+    assert info["config"] == str(queue.config)
+    assert info["spool_dir"] == str(queue.spool_dir)
+    assert info["max_concurrent_send_jobs"] == 4
+    assert info["routes"] == ["smarthost"]
+
+
+async def test_check_reports_problems_and_exits_1(queue: FilledSpool) -> None:
+    assert queue.daemon is not None
+    mid = queue.frozen[0]
+    (queue.spool_dir / "removed" / mid).write_bytes((queue.spool_dir / "frozen" / mid).read_bytes())
+    (queue.spool_dir / "active" / "not.an.id").write_bytes(b"")
+    for where in (["--config", str(queue.config)], ["--spool-dir", str(queue.spool_dir)]):
+        done = cli(*where, "check")
+        assert done.code == 1, where
+        problems = done.out.splitlines()
+        assert len(problems) == 2, problems
+        assert any(p.startswith(f"duplicate: {mid}: ") and "frozen, removed" in p for p in problems)
+        assert any(p.startswith("stray_file: not.an.id: ") for p in problems)
+
+
+# ------------------------------------------------------ without a daemon
+
+
+async def test_status_count_and_check_read_the_disk_when_no_daemon_runs(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    q = await fill(tmp_path)
+    before = spool_tree(q.spool_dir)
+    socket_path = tmp_path / "run" / "ctl.sock"
+    assert not socket_path.exists()
+
+    for where in (["--spool-dir", str(q.spool_dir)], ["--config", str(q.config)]):
+        done = cli(*where, "status", "--format", "json")
+        assert done.code == 0, (where, done.err)
+        assert sorted(by_id(done.out)) == q.all_ids
+        assert cli(*where, "status", "--frozen-only", "--format", "id").out.split() == sorted(
+            q.frozen
+        )
+        table = cli(*where, "status")
+        assert table.code == 0 and table.out.rstrip().endswith("4 message(s)")
+
+        done = cli(*where, "count")
+        assert done.code == 0, done.err
+        assert dict(line.split() for line in done.out.splitlines()) == {
+            "active": "2",
+            "frozen": "2",
+            "sending": "0",
+            "removed": "0",
+            "quarantine": "0",
+        }
+        done = cli(*where, "check")
+        assert done.code == 0, done.err
+        assert done.out.strip() == "spool is consistent"
+    assert spool_tree(q.spool_dir) == before  # reading changed nothing
+
+    # The disk listing is the daemon's listing.
+    from_disk = by_id(cli("--spool-dir", str(q.spool_dir), "status", "--format", "json").out)
+    daemon = await start_daemon(q.config)
+    from_daemon = by_id(cli("--config", str(q.config), "status", "--format", "json").out)
+    assert from_disk == from_daemon
+
+    # A daemon killed outright leaves its socket behind: reading falls back
+    # to the disk, an operation says it cannot reach the daemon, and the
+    # next daemon takes the socket over.
+    daemon.send_signal(signal.SIGKILL)
+    assert await daemon.wait_exit() == -signal.SIGKILL
+    assert socket_path.is_socket()
+    done = q.cli("status", "--format", "id")
+    assert done.code == 0, done.err
+    assert done.out.split() == q.all_ids
+    assert dict(line.split() for line in q.cli("count").out.splitlines())["frozen"] == "2"
+    done = q.cli("freeze", q.later[0])
+    assert done.code == 2
+    assert f"cannot reach the daemon at {socket_path}" in done.err
+    daemon = await start_daemon(q.config)
+    assert json.loads(q.cli("info").out)["pid"] == daemon.pid
+
+
+async def test_a_command_that_needs_the_daemon_says_there_is_none(tmp_path: Path) -> None:
+    q = await fill(tmp_path)
+    socket_path = tmp_path / "run" / "ctl.sock"
+    before = spool_tree(q.spool_dir)
+    for where in (["--config", str(q.config)], ["--socket", str(socket_path)]):
+        done = cli(*where, "freeze", q.later[0])
+        assert done.code == 2
+        assert f"control socket {socket_path} does not exist" in done.err
+    for args in (["info"], ["reload"], ["show", q.frozen[0]], ["send", "--all"]):
+        done = q.cli(*args)
+        assert done.code == 2, args
+        assert "does not exist" in done.err
+    assert spool_tree(q.spool_dir) == before
+
+
+# --------------------------------------------------------------- bad ids
+
+
+async def test_ids_that_are_not_ids_are_refused_and_touch_nothing(queue: FilledSpool) -> None:
+    before = spool_tree(queue.spool_dir)
+    for bad in BAD_IDS:
+        for command in (
+            ["freeze", bad],
+            ["send", bad],
+            ["remove", bad],
+            ["recover", "--from", "removed", bad],
+            ["recover", "--from", "quarantine", bad],
+            ["show", bad],
+            # One bad id among good ones: nothing is done to the good ones.
+            ["freeze", queue.later[0], bad],
+            ["remove", queue.frozen[0], bad],
+        ):
+            done = queue.cli(*command)
+            assert done.code == 2, (command, done.out, done.err)
+            assert "not a message id" in done.err, command
+            assert done.out == "", command
+    assert spool_tree(queue.spool_dir) == before
+    assert sorted(await views(queue)) == queue.all_ids
+    assert not (queue.spool_dir / "etc").exists()
+    assert os.path.exists("/etc/passwd")

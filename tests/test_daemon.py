@@ -1,0 +1,506 @@
+"""The daemon end to end: ``spoold run`` as a subprocess, as systemd runs it.
+
+Each test writes a config in its temp dir, binds the ``$NOTIFY_SOCKET``
+datagram socket, starts the daemon and asserts what an operator or systemd
+can observe: the notify datagrams (READY, STATUS, WATCHDOG, RELOADING with
+MONOTONIC_USEC, STOPPING), the JSON log lines, the control socket, the exit
+code, and the spool directory after the process is gone. Sends in flight are
+held by an aiosmtpd server in the test's loop that delays its DATA reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spoold.control import ControlClient
+from spoold.message import Frozen, SendAt, utcnow
+from spoold.spool import Spool
+from tests.daemon_helpers import (
+    BODY,
+    DaemonFactory,
+    DaemonProcess,
+    cli,
+    far_future,
+    prefill,
+    records_in,
+    set_config_value,
+    spooled,
+    start_daemon,  # noqa: F401 (fixture)
+    unused_port,
+    write_config,
+)
+from tests.smtp_server import (
+    Reply,
+    SmtpTestServer,
+    smtp_server,  # noqa: F401 (fixture)
+    start_smtp_server,  # noqa: F401 (fixture)
+)
+
+
+async def info(daemon: DaemonProcess) -> dict[str, Any]:
+    result: dict[str, Any] = await ControlClient(daemon.socket, timeout=10).request("info")
+    return result
+
+
+async def ping(daemon: DaemonProcess) -> str:
+    result: str = await ControlClient(daemon.socket, timeout=10).request("ping")
+    return result
+
+
+def raw_request(path: Path, data: bytes) -> dict[str, Any]:
+    """Send ``data`` on a fresh control connection; the one-line reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.count(b"\n") == 1, reply
+    decoded: dict[str, Any] = json.loads(reply)
+    return decoded
+
+
+async def wait_until_data(server: SmtpTestServer, count: int, timeout: float = 10.0) -> None:
+    """Wait until the server has seen ``count`` DATA commands."""
+    deadline = time.monotonic() + timeout
+    while server.count("DATA") < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server saw {server.verbs()} within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+# ------------------------------------------------------------- systemd
+
+
+async def test_ready_comes_after_the_control_socket_with_status(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    hop = f"127.0.0.1:{unused_port()}"
+    later = SendAt(at=utcnow() + far_future())
+    await prefill(tmp_path / "spool", [spooled(hop, status=later), spooled(hop, status=Frozen())])
+    # systemd asked another process for watchdog pings: this one sends none.
+    daemon = await start_daemon(
+        config, env={"WATCHDOG_USEC": "400000", "WATCHDOG_PID": "1"}, wait_ready=False
+    )
+    ready, before = await daemon.notify.wait_for("READY")
+
+    # The socket is there (and answers) the moment systemd hears READY=1.
+    assert stat.S_ISSOCK(daemon.socket.stat().st_mode)
+    assert await ping(daemon) == "pong"
+    assert ready["STATUS"] == "1 active, 1 frozen, 0 sending"
+    assert all("READY" not in d and "STOPPING" not in d for d in before[:-1])
+    assert any(line["event"] == "spoold ready" for line in daemon.log_lines())
+
+    # Long enough for two pings at 0.2 s had they been wrongly sent.
+    assert cli("--config", str(config), "info").code == 0
+    assert cli("--config", str(config), "reload").code == 0
+    _, during = await daemon.notify.wait_for("READY")
+    assert all("WATCHDOG" not in d for d in [*before, *during])
+
+
+async def test_watchdog_pings_repeat_when_watchdog_usec_is_set(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    hop = f"127.0.0.1:{unused_port()}"
+    config = write_config(tmp_path, next_hops=[hop])
+    later = SendAt(at=utcnow() + far_future())
+    (mid,) = await prefill(tmp_path / "spool", [spooled(hop, status=later)])
+    daemon = await start_daemon(config, env={"WATCHDOG_USEC": "400000"})
+    started = time.monotonic()
+    for _ in range(4):
+        await daemon.notify.wait_for("WATCHDOG", timeout=2)
+    # Every 0.2 s (half of WatchdogSec): four pings take at least 0.4 s.
+    assert time.monotonic() - started >= 0.4
+
+    # The same loop tells systemd when the counts change.
+    assert cli("--config", str(config), "freeze", mid).code == 0
+    await daemon.notify.wait_for("STATUS", "0 active, 1 frozen, 0 sending", timeout=3)
+    assert daemon.running
+
+
+# -------------------------------------------------------------- reload
+
+
+async def test_sighup_applies_max_concurrent_send_jobs(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    daemon = await start_daemon(config)
+    assert (await info(daemon))["max_concurrent_send_jobs"] == 4
+
+    set_config_value(config, "max_concurrent_send_jobs", "7")
+    daemon.send_signal(signal.SIGHUP)
+    reloading, _ = await daemon.notify.wait_for("RELOADING")
+    # RELOADING=1 and MONOTONIC_USEC= in one datagram, on the clock systemd reads.
+    usec = int(reloading["MONOTONIC_USEC"])
+    assert abs(usec - time.monotonic_ns() // 1000) < 60_000_000
+    ready, _ = await daemon.notify.wait_for("READY")
+    assert "STATUS" in ready
+
+    assert (await info(daemon))["max_concurrent_send_jobs"] == 7
+    done = cli("--config", str(config), "info")
+    assert done.code == 0, done.err
+    assert json.loads(done.out)["max_concurrent_send_jobs"] == 7
+    reloaded = [line for line in daemon.log_lines() if line["event"] == "reloaded"]
+    assert [line["max_concurrent_send_jobs"] for line in reloaded] == [7]
+
+
+async def test_reload_command_applies_and_names_what_needs_a_restart(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    daemon = await start_daemon(config)
+
+    set_config_value(config, "max_concurrent_send_jobs", "9")
+    set_config_value(config, "mode", '"0600"')  # the socket: only after a restart
+    set_config_value(config, "dir", '"elsewhere"')  # the spool: only after a restart
+    done = cli("--config", str(config), "reload")
+    assert done.code == 0, done.err
+    assert "needs a restart to change: spool.dir" in done.out
+    assert "needs a restart to change: control" in done.out
+    assert done.out.rstrip().endswith("reloaded")
+    _, seen = await daemon.notify.wait_for("READY")
+    assert next(d for d in seen if "RELOADING" in d or "READY" in d).get("RELOADING") == "1"
+    assert "MONOTONIC_USEC" in next(d for d in seen if "RELOADING" in d)
+
+    now = await info(daemon)
+    assert now["max_concurrent_send_jobs"] == 9
+    assert now["spool_dir"] == str(tmp_path / "spool")  # unchanged until a restart
+    assert not (tmp_path / "elsewhere").exists()
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660
+    assert any(
+        line["event"] == "these settings change only after a restart"
+        and line["settings"] == ["spool.dir", "control"]
+        for line in daemon.log_lines()
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "broken", "problem"),
+    [
+        ("max_concurrent_send_jobs = 4", "max_concurrent_send_jobs = [4", "not valid TOML"),
+        (
+            "max_concurrent_send_jobs = 4",
+            "max_concurrent_send_jobs = 0",
+            "spool.max_concurrent_send_jobs: expected an integer >= 1, got 0",
+        ),
+        (
+            "[log]",
+            '[hooks]\npresend = "no_such_module_zz:hook"\n[log]',
+            "cannot import no_such_module_zz",
+        ),
+    ],
+    ids=["bad-toml", "bad-value", "bad-hook"],
+)
+async def test_sighup_with_a_broken_config_keeps_the_old_one(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+    line: str,
+    broken: str,
+    problem: str,
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    daemon = await start_daemon(config)
+    good = config.read_text()
+    before = await info(daemon)
+
+    assert line in good
+    config.write_text(good.replace(line, broken))
+    daemon.send_signal(signal.SIGHUP)
+    await daemon.notify.wait_for("RELOADING")
+    ready, _ = await daemon.notify.wait_for("READY")
+    assert "STATUS" in ready
+
+    assert await info(daemon) == before
+    refused = [line for line in daemon.log_lines() if "reload refused" in line["event"]]
+    assert len(refused) == 1, daemon.log_text()
+    assert refused[0]["level"] == "error"
+    assert any(problem in p for p in refused[0]["problems"]), refused[0]
+
+    # The same through the socket: refused, exit 1, the problem on stderr.
+    done = cli("--socket", str(daemon.socket), "reload")
+    assert done.code == 1
+    assert problem in done.err
+    assert "reload refused" in done.err
+    await daemon.notify.wait_for("READY")
+
+    # Still serving, on the old config; a fixed file applies again.
+    assert await info(daemon) == before
+    config.write_text(good.replace("max_concurrent_send_jobs = 4", "max_concurrent_send_jobs = 5"))
+    assert cli("--socket", str(daemon.socket), "reload").code == 0
+    assert (await info(daemon))["max_concurrent_send_jobs"] == 5
+    assert daemon.running
+
+
+async def test_every_sighup_reloads_not_only_the_first(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    daemon = await start_daemon(config)
+    for jobs in (5, 6, 7):
+        set_config_value(config, "max_concurrent_send_jobs", str(jobs))
+        daemon.send_signal(signal.SIGHUP)
+        await daemon.notify.wait_for("RELOADING", timeout=5)
+        await daemon.notify.wait_for("READY", timeout=5)
+        assert (await info(daemon))["max_concurrent_send_jobs"] == jobs
+
+
+# ------------------------------------------------------------- stopping
+
+
+async def test_sigterm_with_sends_in_flight_exits_0_and_loses_nothing(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+    smtp_server: SmtpTestServer,  # noqa: F811
+) -> None:
+    smtp_server.behaviour.data = Reply(delay=10)  # longer than flush_timeout
+    config = write_config(
+        tmp_path, next_hops=[smtp_server.hop], max_concurrent_send_jobs=8, flush_timeout="1s"
+    )
+    spool_dir = tmp_path / "spool"
+    ids = await prefill(spool_dir, [spooled(smtp_server.hop) for _ in range(5)])
+    daemon = await start_daemon(config)
+    await wait_until_data(smtp_server, 5)
+    assert records_in(spool_dir, "active/.checkout") == set(ids)
+
+    stopped_at = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout=8) == 0
+    assert time.monotonic() - stopped_at < 6  # the flush timeout, not the server's 10 s
+    stopping, _ = await daemon.notify.wait_for("STOPPING", timeout=1)
+    assert stopping.get("STATUS") == "stopping"
+    events = [line["event"] for line in daemon.log_lines()]
+    assert "attempts still running after the flush timeout; they will be retried" in events
+    assert events[-1] == "spoold stopped"
+
+    # Nothing was delivered and nothing is lost: all five are in active
+    # (checked out, returned by the next owner).
+    assert smtp_server.transactions == 0
+    assert records_in(spool_dir, "active") == set(ids)
+    counts = await Spool.count_from_disk(spool_dir)
+    # The cut attempts left their records checked out: they count as sending.
+    assert counts == {"active": 5, "frozen": 0, "sending": 5, "removed": 0, "quarantine": 0}
+    messages, unreadable = await Spool.status_from_disk(spool_dir)
+    assert sorted(m.id for m in messages) == sorted(ids) and not unreadable
+    assert {sorted(m.remaining_recipients)[0] for m in messages} == {"rcpt@example.com"}
+    assert sorted(p.name for p in (spool_dir / "data").iterdir()) == sorted(ids)
+    done = cli("--spool-dir", str(spool_dir), "check")
+    assert done.code == 0, done.out + done.err
+
+    # The next daemon sends them all (at least once, never zero times).
+    smtp_server.behaviour.data = None
+    daemon = await start_daemon(config)
+    deadline = time.monotonic() + 10
+    while smtp_server.transactions < 5 or records_in(spool_dir, "active"):
+        assert time.monotonic() < deadline, (smtp_server.transactions, daemon.log_text())
+        await asyncio.sleep(0.05)
+    assert smtp_server.transactions == 5
+    assert all(m.content == BODY for m in smtp_server.messages)
+
+
+async def test_a_second_sigterm_while_flushing_exits_at_once(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+    smtp_server: SmtpTestServer,  # noqa: F811
+) -> None:
+    smtp_server.behaviour.data = Reply(delay=10)
+    config = write_config(tmp_path, next_hops=[smtp_server.hop], flush_timeout="30s")
+    spool_dir = tmp_path / "spool"
+    ids = await prefill(spool_dir, [spooled(smtp_server.hop) for _ in range(2)])
+    daemon = await start_daemon(config)
+    await wait_until_data(smtp_server, 2)
+
+    daemon.send_signal(signal.SIGTERM)
+    await daemon.notify.wait_for("STOPPING")
+    await daemon.wait_log(lambda line: line["event"] == "stopping: no new work taken")
+    assert daemon.running  # flushing: it would wait up to 30 s for the server
+    stopped_at = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout=5) == 0
+    assert time.monotonic() - stopped_at < 3
+    events = [line["event"] for line in daemon.log_lines()]
+    assert "second stop signal: exiting now; messages are safe on disk" in events
+    assert smtp_server.transactions == 0
+    assert records_in(spool_dir, "active") == set(ids)
+
+
+async def test_sigint_stops_like_sigterm(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    daemon = await start_daemon(config)
+    daemon.send_signal(signal.SIGINT)
+    assert await daemon.wait_exit() == 0
+    await daemon.notify.wait_for("STOPPING", timeout=1)
+    assert not daemon.socket.exists()  # removed on the way out
+
+
+# ------------------------------------------------------------ start-up
+
+
+async def test_a_second_daemon_on_the_same_spool_fails_naming_the_pid(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    first = await start_daemon(config)
+    second_config = tmp_path / "second.toml"
+    second_config.write_text(config.read_text())
+    second = await start_daemon(second_config, wait_ready=False)
+
+    assert await second.wait_exit(timeout=10) != 0
+    cannot = [line for line in second.log_lines() if line["event"] == "cannot start"]
+    assert cannot, second.log_text()
+    assert f"already owned by pid {first.pid}" in cannot[0]["error"]
+    assert str(tmp_path / "spool") in cannot[0]["error"]
+    assert not any("READY" in d for d in second.notify.drain())
+
+    # The first one is untouched and still answers on its socket.
+    assert await ping(first) == "pong"
+    assert (await info(first))["pid"] == first.pid
+
+
+async def test_an_invalid_config_exits_2_and_prints_every_problem(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    text = config.read_text()
+    text = text.replace("max_concurrent_send_jobs = 4", "max_concurrent_send_jobs = 0\nbogus = 1")
+    text = text.replace('default_route = "smarthost"', 'default_route = "nowhere"')
+    config.write_text(text)
+
+    daemon = await start_daemon(config, wait_ready=False)
+    assert await daemon.wait_exit() == 2
+    log = daemon.log_text()
+    for problem in (
+        "spool.max_concurrent_send_jobs: expected an integer >= 1, got 0",
+        "spool.bogus: unknown key",
+        "relay.default_route: no route named 'nowhere'",
+    ):
+        assert problem in log
+    assert not daemon.socket.exists()
+    assert not (tmp_path / "spool").exists()  # nothing was touched
+    assert daemon.notify.drain() == []
+
+    config.write_text("[spool\n")
+    daemon = await start_daemon(config, wait_ready=False)
+    assert await daemon.wait_exit() == 2
+    assert "not valid TOML" in daemon.log_text()
+
+
+async def test_the_control_socket_gets_the_configured_mode(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    daemon = await start_daemon(config)
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660
+    daemon.send_signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"], socket_mode="0600")
+    daemon = await start_daemon(config)
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+
+
+async def test_a_world_writable_socket_directory_refuses_to_start(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o777)  # anyone may write, not sticky
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    daemon = await start_daemon(config, wait_ready=False)
+
+    assert await daemon.wait_exit() != 0
+    assert not daemon.socket.exists()
+    assert not any("READY" in d for d in daemon.notify.drain())
+    assert f"control socket directory {run_dir} is writable by anyone and not sticky" in (
+        daemon.log_text()
+    )
+    # Said as a clear log line, like any other refusal to start, not a traceback.
+    assert any(
+        line["event"] == "cannot start" and "writable by anyone" in line["error"]
+        for line in daemon.log_lines()
+    ), daemon.log_text()
+    assert "Traceback" not in daemon.log_text()
+
+    # Sticky (like /tmp): allowed.
+    run_dir.chmod(0o1777)
+    daemon = await start_daemon(config)
+    assert await ping(daemon) == "pong"
+
+
+# ------------------------------------------------------ control socket
+
+
+async def test_bad_control_requests_get_error_replies_and_serving_goes_on(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,  # noqa: F811
+) -> None:
+    hop = f"127.0.0.1:{unused_port()}"
+    config = write_config(tmp_path, next_hops=[hop])
+    (frozen_id,) = await prefill(tmp_path / "spool", [spooled(hop, status=Frozen())])
+    daemon = await start_daemon(config)
+    tree_before = sorted(str(p) for p in (tmp_path / "spool").rglob("*"))
+
+    cases = {
+        b"this is not json\n": "not a JSON request",
+        b"[1, 2]\n": "a request is a JSON object",
+        b'{"v": 2, "op": "ping"}\n': "unsupported protocol version 2",
+        b'{"op": "ping"}\n': "unsupported protocol version None",
+        b'{"v": 1, "op": "launch"}\n': "unknown operation 'launch'",
+        b'{"v": 1}\n': "unknown operation None",
+        b'{"v": 1, "op": "freeze", "ids": "' + frozen_id.encode() + b'"}\n': "'ids'",
+        b'{"v": 1, "op": "freeze", "ids": []}\n': "'ids'",
+        b'{"v": 1, "op": "remove", "ids": [1, 2]}\n': "'ids'",
+        b'{"v": 1, "op": "remove", "ids": ["../../etc/passwd"]}\n': "not a message id",
+        b'{"v": 1, "op": "show", "id": "a/b"}\n': "not a message id",
+        b'{"v": 1, "op": "status", "queue": "removed"}\n': "queue must be",
+        b'{"v": 1, "op": "send", "which": "everything"}\n': "which must be",
+        b'{"v": 1, "op": "send", "ids": ["x"], "retry_intervals": ["soon"]}\n': "span",
+        b'{"v": 1, "op": "recover", "ids": ["x"], "from": "active"}\n': "'from'",
+        b'{"v": 1, "op": "check", "max_age": "old"}\n': "max_age",
+    }
+    for request, text in cases.items():
+        reply = raw_request(daemon.socket, request)
+        assert reply["ok"] is False, (request, reply)
+        assert reply["kind"] == "invalid", (request, reply)
+        assert text in reply["error"], (request, reply)
+
+    # A connection that says nothing, or half a line, gets nothing and harms nothing.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(daemon.socket))
+        s.sendall(b'{"v": 1, "op": "pi')
+    assert raw_request(daemon.socket, b'{"v": 1, "op": "ping"}\n') == {
+        "ok": True,
+        "result": "pong",
+    }
+    assert await ping(daemon) == "pong"
+    assert daemon.running
+    assert sorted(str(p) for p in (tmp_path / "spool").rglob("*")) == tree_before
+    assert os.path.exists(tmp_path / "spool" / "frozen" / frozen_id)

@@ -1,0 +1,893 @@
+"""Mail ingest in one process: the SMTP listener, the submitter and a spool.
+
+Each test starts a :class:`~spoold.spool.Spool` on a temp dir, a
+:class:`~spoold.ingest.Submitter` and an :class:`~spoold.smtp_listener.SmtpListener`
+on a free ``127.0.0.1`` port, all in the test's own task group, and talks
+SMTP to it: with :mod:`smtplib` (in a worker thread), with raw bytes over a
+socket where a real client would normalise what we want to send (smuggling
+probes, exact reply codes), or with Postfix's ``smtp-source``.
+
+Unless a test relays on purpose, the spool's relay holds every attempt
+(:class:`HeldRelay`): what was spooled stays on disk (checked out) to be
+looked at, and nothing leaves the machine. The interop tests (marked
+``interop``) open the gate and relay to Postfix's ``smtp-sink``.
+
+Every test is bounded by :func:`anyio.fail_after`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import os
+import re
+import shutil
+import smtplib
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from spoold.body import Body
+from spoold.config import Config, SmtpConfig, parse_config
+from spoold.ingest import Submitter
+from spoold.message import Message
+from spoold.relay import BodyHandle, InMemoryRelay, RelayOutcome
+from spoold.routing import Router
+from spoold.smtp_listener import SmtpListener
+from spoold.smtp_relay import RouteSettings, SmtpRelay
+from spoold.spool import Spool
+from tests.factories import tree
+from tests.smtp_server import SmtpTestServer
+
+HOSTNAME = "mx.test.example"
+SMARTHOST = "smart.example.net:25"
+SENDER = "sender@example.org"
+RCPT = "rcpt@example.com"
+TIMEOUT = 20.0  # no test here may take longer
+_COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
+
+
+# ------------------------------------------------------------ plumbing
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class HeldRelay:
+    """Holds every attempt until :attr:`gate` is set, then hands it to
+    ``inner`` (by default an in-memory relay that accepts everything)."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.gate = anyio.Event()
+        self.inner = inner if inner is not None else InMemoryRelay()
+
+    async def relay(
+        self, message: Message, body: BodyHandle, recipients: Sequence[str]
+    ) -> RelayOutcome:
+        await self.gate.wait()
+        outcome: RelayOutcome = await self.inner.relay(message, body, recipients)
+        return outcome
+
+
+def make_config(
+    tmp_path: Path,
+    port: int,
+    *,
+    smtp: dict[str, Any] | None = None,
+    routes: dict[str, Any] | None = None,
+) -> Config:
+    raw = {
+        "spool": {"dir": "spool"},
+        "smtp": {"listen": [f"127.0.0.1:{port}"], **(smtp or {})},
+        "relay": {"default_route": "smarthost"},
+        "routes": routes or {"smarthost": {"next_hops": [SMARTHOST], "tls": "none"}},
+    }
+    return parse_config(raw, tmp_path / "spoold.toml")
+
+
+@dataclass
+class Ingest:
+    """A running listener and spool; ``router`` and ``smtp`` are what the
+    submitter and the listener read on each use (swap them to reload)."""
+
+    spool: Spool
+    relay: Any
+    port: int
+    router: Router
+    smtp: SmtpConfig
+    listener: SmtpListener | None = None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.spool.spool_dir
+
+    def messages(self) -> list[Message]:
+        return self.spool.status()
+
+    async def content(self, message_id: str) -> bytes:
+        return (await self.spool.ondisk.read_body(message_id)).content()
+
+    async def wire(self, message_id: str) -> bytes:
+        return (await self.spool.ondisk.read_body(message_id)).wire
+
+
+@asynccontextmanager
+async def running_ingest(
+    tmp_path: Path,
+    *,
+    smtp: dict[str, Any] | None = None,
+    routes: dict[str, Any] | None = None,
+    relay: Any = None,
+) -> AsyncIterator[Ingest]:
+    port = free_port()
+    config = make_config(tmp_path, port, smtp=smtp, routes=routes)
+    assert config.smtp is not None
+    relay = relay if relay is not None else HeldRelay()
+    async with Spool.open(
+        config.spool.dir, relay=relay, flush_timeout=0.1, ping_interval=10.0**9
+    ) as spool:
+        ingest = Ingest(spool, relay, port, Router(config), config.smtp)
+        submitter = Submitter(spool, lambda: ingest.router, hostname=HOSTNAME)
+        ingest.listener = SmtpListener(submitter, lambda: ingest.smtp)
+        async with anyio.create_task_group() as tg:
+            await tg.start(ingest.listener.serve)
+            try:
+                yield ingest
+            finally:
+                tg.cancel_scope.cancel()
+
+
+def records(spool_dir: Path, queue: str = "active") -> set[str]:
+    """Ids with a record in ``queue`` (checked out or not)."""
+    out: set[str] = set()
+    for where in (spool_dir / queue, spool_dir / queue / ".checkout"):
+        if where.is_dir():
+            out |= {p.name for p in where.iterdir() if p.is_file()}
+    return out
+
+
+def files_in(spool_dir: Path, *directories: str) -> list[str]:
+    return sorted(f for f in tree(spool_dir) if f.split("/", 1)[0] in directories)
+
+
+def assert_nothing_spooled(ingest: Ingest) -> None:
+    assert ingest.messages() == []
+    assert files_in(ingest.spool_dir, "data", "active", "tmp", ".registry") == []
+
+
+async def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    try:
+        with anyio.fail_after(timeout):
+            while not condition():
+                await anyio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+# -------------------------------------------------------- raw SMTP client
+
+
+class RawSmtp:
+    """SMTP as bytes: nothing is normalised or dot-stuffed for us."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.reader = BufferedByteReceiveStream(stream)
+
+    async def reply(self) -> tuple[int, str]:
+        """One (possibly multi-line) reply: its code and its lines joined."""
+        lines = []
+        while True:
+            line = await self.reader.receive_until(b"\r\n", 65536)
+            lines.append(line.decode())
+            if line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send(data)
+
+    async def command(self, line: str) -> tuple[int, str]:
+        await self.stream.send(line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def rest(self) -> bytes:
+        """Everything the server still sends until it closes."""
+        out = bytearray(self.reader.buffer)
+        try:
+            while True:
+                out += await self.stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
+            pass
+        return bytes(out)
+
+    async def quit(self) -> None:
+        """QUIT; assert that its 221 is the only reply still to come (so
+        nothing sent before was taken as a command)."""
+        await self.stream.send(b"QUIT\r\n")
+        rest = await self.rest()
+        assert rest.startswith(b"221 "), rest
+        assert rest.count(b"\r\n") == 1, rest
+
+    async def transaction(
+        self, sender: str, recipients: Sequence[str], data: bytes
+    ) -> tuple[int, str]:
+        """MAIL, RCPTs (each must get 250), DATA and ``data`` as given
+        (which must carry its own end ``\\r\\n.\\r\\n``); the final reply."""
+        code, text = await self.command(f"MAIL FROM:<{sender}>")
+        assert code == 250, text
+        for rcpt in recipients:
+            code, text = await self.command(f"RCPT TO:<{rcpt}>")
+            assert code == 250, text
+        code, text = await self.command("DATA")
+        assert code == 354, text
+        await self.send(data)
+        return await self.reply()
+
+
+@asynccontextmanager
+async def raw_smtp(port: int, ehlo: str | None = "client.example") -> AsyncIterator[RawSmtp]:
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    async with stream:
+        client = RawSmtp(stream)
+        code, text = await client.reply()
+        assert code == 220, text
+        if ehlo is not None:
+            code, text = await client.command(f"EHLO {ehlo}")
+            assert code == 250, text
+        yield client
+
+
+def queued_ids(text: str) -> list[str]:
+    """The ids of a ``250 2.0.0 OK queued as ID ...`` reply."""
+    m = re.match(r"250 2\.0\.0 OK queued as (.+)$", text)
+    assert m, text
+    return m.group(1).split()
+
+
+def smtplib_send(
+    port: int,
+    messages: Sequence[tuple[str, Sequence[str], bytes]],
+    helo: str = "client.example",
+) -> list[dict[str, tuple[int, bytes]]]:
+    """Send with :mod:`smtplib` over one connection (run it in a thread)."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname=helo, timeout=10) as client:
+        return [client.sendmail(s, list(r), data) for s, r, data in messages]
+
+
+def headers_named(content: bytes, name: str) -> list[bytes]:
+    """The values of header ``name`` (case-insensitive) in the header block."""
+    head = content.split(b"\r\n\r\n", 1)[0]
+    pattern = re.compile(rb"^" + re.escape(name.encode()) + rb":[ \t]*(.*)$", re.I | re.M)
+    return [m.group(1).rstrip(b"\r") for m in pattern.finditer(head)]
+
+
+# ------------------------------------------------------- smtp-sink/source
+
+
+def postfix_tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    if found is None:
+        pytest.skip(
+            f"{name} not found in PATH or /usr/sbin: install Debian package 'postfix' "
+            "(apt-get install postfix)"
+        )
+    return found
+
+
+@dataclass
+class SmtpSink:
+    process: subprocess.Popen[bytes]
+    port: int
+    output: Path  # stdout (the -c counters): a file, never an unread pipe
+
+    @property
+    def hop(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def messages(self) -> int:
+        found = _COUNTERS.findall(self.output.read_bytes())
+        return int(found[-1][2]) if found else 0
+
+
+@pytest.fixture
+async def smtp_sink(tmp_path: Path) -> AsyncIterator[SmtpSink]:
+    binary = postfix_tool("smtp-sink")
+    port = free_port()
+    output = tmp_path / "smtp-sink.out"
+    argv = [binary, "-c"]
+    if os.geteuid() == 0:
+        argv += ["-u", "nobody"]
+    argv += [f"127.0.0.1:{port}", "256"]
+    with output.open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with anyio.fail_after(5):
+            while True:
+                assert process.poll() is None, output.read_text()
+                try:
+                    stream = await anyio.connect_tcp("127.0.0.1", port)
+                except OSError:
+                    await anyio.sleep(0.02)
+                    continue
+                await stream.aclose()
+                break
+        yield SmtpSink(process, port, output)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+
+def sink_routes(sink: SmtpSink) -> dict[str, Any]:
+    return {"smarthost": {"next_hops": [sink.hop], "tls": "none"}}
+
+
+def sink_relay() -> SmtpRelay:
+    return SmtpRelay(
+        RouteSettings(tls="none", connect_timeout=5, command_timeout=10, message_timeout=30)
+    )
+
+
+async def relay_all_and_check_empty(
+    ingest: Ingest, relay: SmtpRelay, sink: SmtpSink, n: int
+) -> None:
+    """Open the gate; wait until every message is delivered; the spool is
+    empty and consistent; the sink counted ``n`` messages."""
+    ingest.relay.gate.set()
+    await wait_until(
+        lambda: ingest.spool.counts() == {"active": 0, "frozen": 0, "sending": 0},
+        "every message to be delivered",
+        timeout=30,
+    )
+    assert files_in(ingest.spool_dir, "data", "active", ".registry", "tmp", "frozen") == []
+    assert await ingest.spool.ondisk.check(max_age=0) == []
+    with anyio.fail_after(5):
+        await relay.close_and_flush()  # QUIT: smtp-sink prints its counters
+    await wait_until(lambda: sink.messages() == n, f"smtp-sink to count {n} messages", 5)
+
+
+# ------------------------------------------------------------- interop
+
+
+@pytest.mark.interop
+async def test_smtplib_50_messages_spooled_then_relayed_to_smtp_sink(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    n = 50
+    relay = sink_relay()
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(
+            tmp_path, routes=sink_routes(smtp_sink), relay=HeldRelay(relay)
+        ) as ingest:
+            messages = [
+                (SENDER, [f"user{i}@example.com"], f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode())
+                for i in range(n)
+            ]
+            refused = await anyio.to_thread.run_sync(smtplib_send, ingest.port, messages)
+            assert refused == [{}] * n
+
+            # Every message is on disk before anything is relayed.
+            assert len(records(ingest.spool_dir)) == n
+            assert len(os.listdir(ingest.spool_dir / "data")) == n
+            assert {m.remaining_recipients[0] for m in ingest.messages()} == {
+                f"user{i}@example.com" for i in range(n)
+            }
+
+            await relay_all_and_check_empty(ingest, relay, smtp_sink, n)
+
+
+@pytest.mark.interop
+async def test_smtp_source_200_messages_relayed_to_smtp_sink(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    source = postfix_tool("smtp-source")
+    n = 200
+    relay = sink_relay()
+    with anyio.fail_after(40):
+        async with running_ingest(
+            tmp_path, routes=sink_routes(smtp_sink), relay=HeldRelay(relay)
+        ) as ingest:
+            out_path = tmp_path / "smtp-source.out"
+            with out_path.open("wb") as out:
+                argv = [source, "-s", "5", "-m", str(n), "-l", "2048"]
+                argv += ["-f", "from@example.org", "-t", "to@example.com"]
+                argv += [f"127.0.0.1:{ingest.port}"]
+                process = await anyio.open_process(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            async with process:
+                code = await process.wait()
+            output = out_path.read_text(errors="replace")
+            assert code == 0, output
+
+            assert len(records(ingest.spool_dir)) == n, output
+            assert len(os.listdir(ingest.spool_dir / "data")) == n
+            messages = ingest.messages()
+            assert all(m.envelope_info.sender == "from@example.org" for m in messages)
+            assert all(m.remaining_recipients == ["to@example.com"] for m in messages)
+
+            await relay_all_and_check_empty(ingest, relay, smtp_sink, n)
+
+
+@pytest.fixture
+async def next_hop() -> AsyncIterator[SmtpTestServer]:
+    """An aiosmtpd server in this loop that accepts everything."""
+    server = SmtpTestServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+# --------------------------------------------------------------- limits
+
+
+async def test_size_is_advertised_in_ehlo(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, smtp={"max_message_size": 4321}) as ingest:
+            async with raw_smtp(ingest.port, ehlo=None) as c:
+                code, text = await c.command("EHLO client.example")
+                assert code == 250
+                assert "250-SIZE 4321" in text.splitlines() or "250 SIZE 4321" in text
+                await c.quit()
+            async with raw_smtp(ingest.port, ehlo=None) as c:
+                code, text = await c.command("HELO client.example")
+                assert code == 250
+                assert "SIZE" not in text  # HELO: no extensions
+                await c.quit()
+
+
+async def test_message_over_the_size_limit_gets_552_and_nothing_is_spooled(
+    tmp_path: Path,
+) -> None:
+    limit = 1000
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, smtp={"max_message_size": limit}) as ingest:
+            big = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n"
+            big = big * (limit // len(big) + 2)
+            assert len(big) > limit
+            # No SIZE parameter: refused at the end of DATA.
+            async with raw_smtp(ingest.port) as c:
+                code, text = await c.transaction(SENDER, [RCPT], big + b".\r\n")
+                assert code == 552, text
+                await c.quit()
+            # smtplib declares SIZE=: refused at MAIL FROM.
+            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                await anyio.to_thread.run_sync(smtplib_send, ingest.port, [(SENDER, [RCPT], big)])
+            assert refused.value.smtp_code == 552
+            assert_nothing_spooled(ingest)
+
+            # Just under the limit (with the trace headers we add) still goes.
+            small = b"Subject: small\r\n\r\n" + b"y" * (limit // 2) + b"\r\n"
+            async with raw_smtp(ingest.port) as c:
+                code, text = await c.transaction(SENDER, [RCPT], small + b".\r\n")
+                assert code == 250, text
+                await c.quit()
+            assert len(ingest.messages()) == 1
+
+
+async def test_recipient_over_the_limit_gets_452_and_the_rest_are_spooled(
+    tmp_path: Path,
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, smtp={"max_recipients": 3}) as ingest:
+            rcpts = [f"r{i}@example.com" for i in range(5)]
+            async with raw_smtp(ingest.port) as c:
+                assert (await c.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
+                codes = [(await c.command(f"RCPT TO:<{r}>"))[0] for r in rcpts]
+                assert codes == [250, 250, 250, 452, 452]
+                assert (await c.command("DATA"))[0] == 354
+                await c.send(b"Subject: many\r\n\r\nhello\r\n.\r\n")
+                code, text = await c.reply()
+                assert code == 250, text
+                (mid,) = queued_ids(text)
+                await c.quit()
+            (msg,) = ingest.messages()
+            assert msg.id == mid
+            assert msg.remaining_recipients == rcpts[:3]
+            assert msg.envelope_info.recipients == rcpts[:3]
+
+
+# ------------------------------------------------------- store failures
+
+
+def fail_at(step: str, code: int) -> Callable[[str], None]:
+    def on_step(name: str) -> None:
+        if name == step:
+            raise OSError(code, os.strerror(code))
+
+    return on_step
+
+
+@pytest.mark.parametrize(
+    ("error", "reply"),
+    [(errno.ENOSPC, 452), (errno.EIO, 451)],
+    ids=["ENOSPC", "EIO"],
+)
+async def test_a_failed_write_answers_4xx_and_leaves_nothing_behind(
+    tmp_path: Path, error: int, reply: int
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path) as ingest:
+            store = ingest.spool.ondisk.store
+            store._on_step = fail_at("rename_record", error)
+            async with raw_smtp(ingest.port) as c:
+                content = b"Subject: fails\r\n\r\nhello\r\n.\r\n"
+                code, text = await c.transaction(SENDER, [RCPT, "other@example.net"], content)
+                assert code == reply, text
+                assert text.startswith(f"{reply} 4.3."), text
+
+                assert_nothing_spooled(ingest)
+                assert await ingest.spool.ondisk.check(max_age=0) == []
+
+                # The same session goes on once the disk is back.
+                store._on_step = None
+                code, text = await c.transaction(SENDER, [RCPT], content)
+                assert code == 250, text
+                await c.quit()
+            assert len(records(ingest.spool_dir)) == 1
+            assert await ingest.spool.ondisk.check() == []  # (it is checked out: held)
+
+
+# -------------------------------------------------------------- smuggling
+
+PROBES = [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n"]
+PROBE_IDS = ["LF.LF", "CRLF.LF", "LF.CRLF", "CR.CRLF"]
+SMUGGLED = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nSubject: smuggled\r\n\r\nx"
+
+
+def smuggling_data(probe: bytes) -> bytes:
+    return b"Subject: probe\r\n\r\nhello" + probe + SMUGGLED + b"\r\n.\r\n"
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=PROBE_IDS)
+async def test_smuggling_probe_is_refused_under_reject(tmp_path: Path, probe: bytes) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, smtp={"bare_line_endings": "reject"}) as ingest:
+            async with raw_smtp(ingest.port) as c:
+                code, text = await c.transaction(SENDER, [RCPT], smuggling_data(probe))
+                assert code == 550, text
+                await c.quit()  # nothing smuggled was taken as a command
+            assert_nothing_spooled(ingest)
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=PROBE_IDS)
+async def test_smuggling_probe_makes_one_message_under_normalize(
+    tmp_path: Path, probe: bytes, next_hop: SmtpTestServer
+) -> None:
+    server = next_hop
+    relay = HeldRelay(SmtpRelay(RouteSettings(tls="none", connect_timeout=5)))
+    routes = {"smarthost": {"next_hops": [server.hop], "tls": "none"}}
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(
+            tmp_path, smtp={"bare_line_endings": "normalize"}, routes=routes, relay=relay
+        ) as ingest:
+            async with raw_smtp(ingest.port) as c:
+                code, text = await c.transaction(SENDER, [RCPT], smuggling_data(probe))
+                assert code == 250, text
+                (mid,) = queued_ids(text)
+                await c.quit()  # nothing smuggled was taken as a command
+
+            (msg,) = ingest.messages()
+            assert msg.id == mid
+            assert msg.envelope_info.sender == SENDER
+            assert msg.remaining_recipients == [RCPT]
+            assert len(records(ingest.spool_dir)) == 1
+            content = await ingest.content(mid)
+            head, _, body = content.partition(b"\r\n\r\n")
+            assert b"smuggled" not in head
+            assert b"Subject: smuggled" in body
+            assert b"MAIL FROM:<evil@x>" in body
+            assert Body.from_content(content).content() == content  # only CRLF left
+            wire = await ingest.wire(mid)
+            assert b"\r\n.\r\n" not in wire and not wire.startswith(b".\r\n")
+
+            # What the next hop gets is one message too.
+            relay.gate.set()
+            await wait_until(lambda: not ingest.messages(), "the message to be delivered")
+            with anyio.fail_after(5):
+                await relay.inner.close_and_flush()
+    assert len(server.messages) == 1
+    (received,) = server.messages
+    assert received.mail_from == SENDER
+    assert received.rcpt_tos == (RCPT,)
+    assert received.content == content
+    assert "evil@x" not in server.args("MAIL")
+
+
+# ---------------------------------------------------------------- routes
+
+ROUTES = {
+    "smarthost": {"next_hops": [SMARTHOST], "tls": "none"},
+    "partners": {
+        "domains": ["example.com"],
+        "next_hops": ["mx1.example.com:25", "mx2.example.com:25"],
+        "tls": "none",
+    },
+    "org": {"domains": [".example.org"], "next_hops": ["org.example.net:2525"], "tls": "none"},
+}
+
+
+async def test_recipients_of_three_routes_make_three_related_messages(tmp_path: Path) -> None:
+    rcpts = ["a@example.com", "b@sub.example.org", "c@example.net", "d@example.com"]
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, routes=ROUTES) as ingest:
+            async with raw_smtp(ingest.port) as c:
+                code, text = await c.transaction(
+                    SENDER, rcpts, b"Subject: fan out\r\n\r\nhello\r\n.\r\n"
+                )
+                assert code == 250, text
+                ids = queued_ids(text)
+                await c.quit()
+
+            on_disk, unreadable = await Spool.status_from_disk(ingest.spool_dir)
+            assert unreadable == []
+            assert sorted(ids) == sorted(m.id for m in on_disk) and len(ids) == 3
+            by_hops = {tuple(m.next_hop_choices): m for m in on_disk}
+            assert set(by_hops) == {
+                ("mx1.example.com:25", "mx2.example.com:25"),
+                ("org.example.net:2525",),
+                (SMARTHOST,),
+            }
+            partners = by_hops[("mx1.example.com:25", "mx2.example.com:25")]
+            assert partners.remaining_recipients == ["a@example.com", "d@example.com"]
+            assert by_hops[("org.example.net:2525",)].remaining_recipients == ["b@sub.example.org"]
+            assert by_hops[(SMARTHOST,)].remaining_recipients == ["c@example.net"]
+
+            (parent,) = {m.parent_id for m in on_disk}
+            assert parent not in ids
+            for m in on_disk:
+                assert sorted(m.related_ids) == sorted(set(ids) - {m.id})
+                assert m.flows == [parent]
+                assert m.envelope_info.sender == SENDER
+            # One body per message, all the same submission (one Received id).
+            contents = {await ingest.content(i) for i in ids}
+            assert len(contents) == 1
+            assert f"id {parent};".encode() in contents.pop()
+
+
+async def test_a_reload_of_routes_applies_to_new_mail_only(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, routes=ROUTES) as ingest:
+            content = b"Subject: before\r\n\r\nhello\r\n.\r\n"
+            async with raw_smtp(ingest.port) as c:
+                code, text = await c.transaction(
+                    SENDER, ["a@example.com", "z@example.net"], content
+                )
+                assert code == 250, text
+                before = queued_ids(text)
+
+                changed = {
+                    **ROUTES,
+                    "smarthost": {"next_hops": ["new-smart.example.net:587"], "tls": "none"},
+                    "partners": {**ROUTES["partners"], "domains": ["example.co.uk"]},
+                }
+                ingest.router = Router(make_config(tmp_path, ingest.port, routes=changed))
+
+                code, text = await c.transaction(
+                    SENDER, ["a@example.com", "z@example.net"], content
+                )
+                assert code == 250, text
+                (after,) = queued_ids(text)  # both recipients take the default route now
+                await c.quit()
+
+            on_disk, _ = await Spool.status_from_disk(ingest.spool_dir)
+            hops = {m.id: m.next_hop_choices for m in on_disk}
+            assert sorted(hops[i] for i in before) == [
+                ["mx1.example.com:25", "mx2.example.com:25"],
+                [SMARTHOST],
+            ]
+            assert hops[after] == ["new-smart.example.net:587"]
+            assert {m.id: m.next_hop_choices for m in ingest.messages()} == hops
+
+
+# ------------------------------------------------------------ trace headers
+
+
+async def test_received_message_id_and_date_are_added(tmp_path: Path) -> None:
+    content = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: trace\r\n\r\nbody\r\n"
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path) as ingest:
+            refused = await anyio.to_thread.run_sync(
+                smtplib_send, ingest.port, [(SENDER, [RCPT], content)]
+            )
+            assert refused == [{}]
+            (msg,) = ingest.messages()
+            spooled = await ingest.content(msg.id)
+
+    parent = msg.parent_id
+    received = re.match(
+        rb"Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n"
+        rb"\tby "
+        + re.escape(HOSTNAME.encode())
+        + rb" \(spoold\) with ESMTP id "
+        + re.escape(parent.encode())
+        + rb";\r\n\t([^\r\n]+)\r\n",
+        spooled,
+    )
+    assert received, spooled
+    rest = spooled[received.end() :]
+    assert headers_named(spooled, "Message-ID") == [f"<{parent}@{HOSTNAME}>".encode()]
+    (date,) = headers_named(spooled, "Date")
+    for stamp in (date, received.group(1)):
+        when = email.utils.parsedate_to_datetime(stamp.decode())
+        assert abs(datetime.now(UTC) - when) < timedelta(minutes=5)
+    # Our headers come before the original ones, which are kept as they were.
+    assert rest.endswith(content)
+    assert rest[: -len(content)].startswith(b"Message-ID: ")
+
+
+async def test_message_id_and_date_are_kept_when_present(tmp_path: Path) -> None:
+    content = (
+        b"From: a@example.org\r\n"
+        b"Message-Id: <original@client.example>\r\n"
+        b"DATE: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+        b"Subject: keep\r\n"
+        b"\r\n"
+        b"body\r\n"
+    )
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path) as ingest:
+            await anyio.to_thread.run_sync(smtplib_send, ingest.port, [(SENDER, [RCPT], content)])
+            (msg,) = ingest.messages()
+            spooled = await ingest.content(msg.id)
+    assert headers_named(spooled, "Message-ID") == [b"<original@client.example>"]
+    assert headers_named(spooled, "Date") == [b"Mon, 01 Jan 2024 00:00:00 +0000"]
+    assert len(headers_named(spooled, "Received")) == 1
+    assert spooled.startswith(b"Received: ")
+    assert spooled.endswith(content)
+
+
+async def test_headers_in_the_body_do_not_count_as_present(tmp_path: Path) -> None:
+    content = b"Subject: quoted\r\n\r\nMessage-ID: <in-body@example>\r\nDate: yesterday\r\n"
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path) as ingest:
+            async with raw_smtp(ingest.port, ehlo=None) as c:
+                assert (await c.command("HELO old.example"))[0] == 250
+                code, text = await c.transaction("", [RCPT], content + b".\r\n")
+                assert code == 250, text
+                await c.quit()
+            (msg,) = ingest.messages()
+            spooled = await ingest.content(msg.id)
+    assert msg.envelope_info.sender == ""  # the null sender <>
+    assert headers_named(spooled, "Message-ID") == [f"<{msg.parent_id}@{HOSTNAME}>".encode()]
+    assert len(headers_named(spooled, "Date")) == 1
+    assert b"\tby " + HOSTNAME.encode() + b" (spoold) with SMTP id " in spooled
+    assert spooled.endswith(content)
+
+
+# ------------------------------------------------------------ connections
+
+
+async def test_a_client_outside_relay_networks_gets_554(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, smtp={"relay_networks": ["10.0.0.0/8"]}) as ingest:
+            stream = await anyio.connect_tcp("127.0.0.1", ingest.port)
+            async with stream:
+                rest = await RawSmtp(stream).rest()
+            assert rest.startswith(b"554 "), rest
+            assert rest.count(b"\r\n") == 1, rest
+            with pytest.raises(smtplib.SMTPConnectError) as refused:
+                await anyio.to_thread.run_sync(
+                    smtplib_send, ingest.port, [(SENDER, [RCPT], b"Subject: x\r\n\r\nx\r\n")]
+                )
+            assert refused.value.smtp_code == 554
+            assert ingest.listener is not None and ingest.listener.connections == 0
+            assert_nothing_spooled(ingest)
+
+
+async def test_a_connection_over_max_connections_gets_421(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, smtp={"max_connections": 2}) as ingest:
+            listener = ingest.listener
+            assert listener is not None
+            async with raw_smtp(ingest.port) as first, raw_smtp(ingest.port):
+                assert listener.connections == 2
+                stream = await anyio.connect_tcp("127.0.0.1", ingest.port)
+                async with stream:
+                    rest = await RawSmtp(stream).rest()
+                assert rest.startswith(b"421 "), rest
+                assert rest.count(b"\r\n") == 1, rest
+                assert listener.connections == 2
+
+                # A slot frees when a session ends.
+                await first.quit()
+                await wait_until(lambda: listener.connections == 1, "the slot to free")
+                async with raw_smtp(ingest.port) as third:
+                    code, text = await third.transaction(
+                        SENDER, [RCPT], b"Subject: ok\r\n\r\nfine\r\n.\r\n"
+                    )
+                    assert code == 250, text
+                    await third.quit()
+            await wait_until(lambda: listener.connections == 0, "every slot to free")
+            assert len(ingest.messages()) == 1
+
+
+async def test_a_line_over_max_line_length_gets_500(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, smtp={"max_line_length": 100}) as ingest:
+            async with raw_smtp(ingest.port) as c:
+                long_line = b"Subject: long\r\n\r\n" + b"x" * 101 + b"\r\n.\r\n"
+                code, text = await c.transaction(SENDER, [RCPT], long_line)
+                assert code == 500, text
+                assert_nothing_spooled(ingest)
+                fits = b"Subject: fits\r\n\r\n" + b"x" * 100 + b"\r\n.\r\n"
+                code, text = await c.transaction(SENDER, [RCPT], fits)
+                assert code == 250, text
+                await c.quit()
+            assert len(ingest.messages()) == 1
+
+
+async def test_new_limits_apply_to_new_sessions(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, smtp={"max_recipients": 5}) as ingest:
+            new = make_config(
+                tmp_path, ingest.port, smtp={"max_recipients": 1, "max_message_size": 2000}
+            )
+            assert new.smtp is not None
+            ingest.smtp = new.smtp
+            async with raw_smtp(ingest.port, ehlo=None) as c:
+                code, text = await c.command("EHLO client.example")
+                assert "SIZE 2000" in text
+                assert (await c.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
+                assert (await c.command("RCPT TO:<one@example.com>"))[0] == 250
+                code, text = await c.command("RCPT TO:<two@example.com>")
+                assert code == 452, text
+                assert "at most 1 " in text
+                await c.quit()
+
+
+async def test_a_closing_spool_answers_421(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path) as ingest:
+            async with raw_smtp(ingest.port) as c:
+                await ingest.spool.kill_and_flush(1)  # takes no new work from now on
+                code, text = await c.transaction(SENDER, [RCPT], b"Subject: x\r\n\r\nx\r\n.\r\n")
+                assert code == 421, text
+            assert_nothing_spooled(ingest)
+
+
+@pytest.mark.parametrize("policy", ["reject", "normalize"])
+async def test_an_ehlo_name_with_a_bare_cr_does_not_break_the_trace_header(
+    tmp_path: Path, policy: str
+) -> None:
+    """The EHLO argument goes into our Received: header. One with a bare CR
+    must either be refused at EHLO or be cleaned up: the message itself is
+    clean and must not be refused for a bare CR we put there, nor may the
+    name start a header line of its own."""
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path, smtp={"bare_line_endings": policy}) as ingest:
+            async with raw_smtp(ingest.port, ehlo=None) as c:
+                code, text = await c.command("EHLO client\rX-Injected: yes")
+                if code != 250:
+                    assert 500 <= code < 600, text
+                    return
+                content = b"Subject: clean\r\n\r\nclean\r\n"
+                code, text = await c.transaction(SENDER, [RCPT], content + b".\r\n")
+                assert code == 250, text
+                await c.quit()
+            (msg,) = ingest.messages()
+            spooled = await ingest.content(msg.id)
+    assert Body.from_content(spooled).content() == spooled  # only CRLF line endings
+    assert headers_named(spooled, "X-Injected") == []

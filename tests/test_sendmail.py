@@ -1,0 +1,329 @@
+"""``spoold sendmail`` against a real daemon (``spoold run`` in a subprocess).
+
+The daemon's only route points at a ``127.0.0.1`` port nothing listens on:
+a spooled message's first attempt is refused at once and it waits in
+``active`` for an hour, so the test reads it from disk
+(:meth:`Spool.status_from_disk` and ``data/ID``) while the daemon runs.
+``spoold sendmail`` runs as a subprocess too, its stdin given, its stdout
+and stderr written to files. One test runs the daemon's submit path in this
+process instead, to inject a full disk. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import errno
+import getpass
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+
+from spoold.body import Body
+from spoold.config import load_config
+from spoold.control import ControlServer
+from spoold.daemon import Daemon
+from spoold.ingest import Submitter
+from spoold.message import Message, SendAt
+from spoold.relay import InMemoryRelay
+from spoold.spool import Spool
+from tests.daemon_helpers import (
+    DaemonFactory,
+    DaemonProcess,
+    unused_port,
+    write_config,
+)
+
+TIMEOUT = 20.0
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def daemons(tmp_path: Path) -> AsyncIterator[DaemonFactory]:
+    """``await daemons(config)`` starts ``spoold run`` and waits for READY=1;
+    every daemon started is killed at teardown."""
+    factory = DaemonFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        await factory.close()
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+_runs = 0
+
+
+def _env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "SPOOLD_CONFIG")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _sendmail_sync(config: Path, args: tuple[str, ...], stdin: bytes) -> Result:
+    global _runs
+    _runs += 1
+    out_path = config.parent / f"sendmail-{_runs}.out"
+    err_path = config.parent / f"sendmail-{_runs}.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        done = subprocess.run(
+            [sys.executable, "-m", "spoold.cli", "--config", str(config), "sendmail", *args],
+            input=stdin,
+            stdout=out,
+            stderr=err,
+            timeout=15,
+            check=False,
+            env=_env(),
+        )
+    return Result(
+        done.returncode,
+        out_path.read_text(errors="replace"),
+        err_path.read_text(errors="replace"),
+    )
+
+
+async def sendmail(config: Path, *args: str, stdin: bytes) -> Result:
+    """``spoold --config CONFIG sendmail ARGS < stdin``."""
+    return await anyio.to_thread.run_sync(_sendmail_sync, config, args, stdin)
+
+
+async def daemon_with_unreachable_hop(tmp_path: Path, start: DaemonFactory) -> DaemonProcess:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    return await start(config)
+
+
+async def waiting_messages(spool_dir: Path, count: int, timeout: float = 10.0) -> list[Message]:
+    """The ``count`` messages on disk once each has had its (refused) first
+    attempt and waits for its retry: then nothing moves them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages, unreadable = await Spool.status_from_disk(spool_dir)
+        assert unreadable == []
+        if len(messages) == count and all(isinstance(m.status, SendAt) for m in messages):
+            return messages
+        assert len(messages) <= count, messages
+        if time.monotonic() > deadline:
+            pytest.fail(f"expected {count} waiting message(s) within {timeout}s, got {messages}")
+        await anyio.sleep(0.05)
+
+
+def content_of(spool_dir: Path, message_id: str) -> bytes:
+    """The message as submitted (dot-stuffing of the body file undone)."""
+    return Body((spool_dir / "data" / message_id).read_bytes()).content()
+
+
+def header_block(content: bytes) -> bytes:
+    return content.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+# ----------------------------------------------------------------- tests
+
+
+async def test_recipients_as_arguments_and_a_dot_line_ends_the_input(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        stdin = b"Subject: args\n\nline one\n.\nafter the dot\n"
+        done = await sendmail(
+            daemon.config,
+            "-f",
+            "sender@example.org",
+            "alice@example.com",
+            "bob@example.net",
+            stdin=stdin,
+        )
+        assert done.code == 0, done
+        (msg,) = await waiting_messages(daemon.spool_dir, 1)
+    assert msg.envelope_info.sender == "sender@example.org"
+    assert msg.envelope_info.recipients == ["alice@example.com", "bob@example.net"]
+    assert msg.remaining_recipients == ["alice@example.com", "bob@example.net"]
+    content = content_of(daemon.spool_dir, msg.id)
+    assert content.endswith(b"Subject: args\r\n\r\nline one\r\n")  # LF became CRLF
+    assert b"after the dot" not in content
+    assert content.startswith(b"Received: from localhost\r\n\tby ")
+    assert f"(spoold) with local id {msg.parent_id};".encode() in content
+    assert b"\r\nMessage-ID: <" in header_block(content)
+    assert b"\r\nDate: " in header_block(content)
+
+
+@pytest.mark.parametrize("flag", ["-i", "-oi"])
+async def test_with_i_a_dot_line_is_content(
+    tmp_path: Path, daemons: DaemonFactory, flag: str
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        stdin = b"Subject: dots\n\nline one\n.\nafter the dot\n"
+        done = await sendmail(daemon.config, flag, "alice@example.com", stdin=stdin)
+        assert done.code == 0, done
+        (msg,) = await waiting_messages(daemon.spool_dir, 1)
+    content = content_of(daemon.spool_dir, msg.id)
+    assert content.endswith(b"Subject: dots\r\n\r\nline one\r\n.\r\nafter the dot\r\n")
+    wire = (daemon.spool_dir / "data" / msg.id).read_bytes()
+    assert b"\r\n..\r\nafter the dot\r\n" in wire  # dot-stuffed on disk
+    assert msg.remaining_recipients == ["alice@example.com"]
+
+
+async def test_t_takes_recipients_from_to_cc_bcc_and_removes_bcc(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        stdin = (
+            b"From: Sender <sender@example.org>\n"
+            b"To: Alice <alice@example.com>, bob@example.net\n"
+            b"Bcc: hidden@example.org,\n"
+            b" also-hidden@example.org\n"
+            b"Cc: carol@example.com\n"
+            b"Subject: headers\n"
+            b"\n"
+            b"Bcc: this line is body text\n"
+        )
+        done = await sendmail(daemon.config, "-t", stdin=stdin)
+        assert done.code == 0, done
+        (msg,) = await waiting_messages(daemon.spool_dir, 1)
+    assert sorted(msg.remaining_recipients) == sorted(
+        [
+            "alice@example.com",
+            "bob@example.net",
+            "carol@example.com",
+            "hidden@example.org",
+            "also-hidden@example.org",
+        ]
+    )
+    # Without -f the sender is the user at this host.
+    assert msg.envelope_info.sender == f"{getpass.getuser()}@{socket.getfqdn()}"
+    content = content_of(daemon.spool_dir, msg.id)
+    head = header_block(content)
+    assert b"hidden" not in head
+    assert b"\nbcc:" not in head.lower()
+    assert b"To: Alice <alice@example.com>, bob@example.net\r\n" in head
+    assert b"Cc: carol@example.com\r\n" in head
+    assert content.endswith(b"Subject: headers\r\n\r\nBcc: this line is body text\r\n")
+
+
+async def test_t_removes_bcc_when_it_is_the_last_header(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A Bcc: line just before the blank line must go too (it is the usual
+    place for it when a program writes To, Subject, then Bcc)."""
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        stdin = b"To: alice@example.com\nSubject: last\nBcc: hidden@example.org\n\nbody\n"
+        done = await sendmail(daemon.config, "-t", "-f", "s@example.org", stdin=stdin)
+        assert done.code == 0, done
+        (msg,) = await waiting_messages(daemon.spool_dir, 1)
+    assert sorted(msg.remaining_recipients) == ["alice@example.com", "hidden@example.org"]
+    head = header_block(content_of(daemon.spool_dir, msg.id))
+    assert b"hidden" not in head, head
+
+
+async def test_t_with_arguments_adds_both(tmp_path: Path, daemons: DaemonFactory) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        stdin = b"To: alice@example.com\nSubject: both\n\nbody\n"
+        done = await sendmail(
+            daemon.config, "-t", "-f", "s@example.org", "extra@example.net", stdin=stdin
+        )
+        assert done.code == 0, done
+        (msg,) = await waiting_messages(daemon.spool_dir, 1)
+    assert sorted(msg.remaining_recipients) == ["alice@example.com", "extra@example.net"]
+
+
+async def test_no_recipients_is_a_data_error(tmp_path: Path, daemons: DaemonFactory) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        done = await sendmail(daemon.config, "-t", stdin=b"Subject: nobody\n\nbody\n")
+        assert done.code == 65, done
+        assert "no recipients" in done.err
+        messages, _ = await Spool.status_from_disk(daemon.spool_dir)
+        assert messages == []
+
+
+async def test_with_no_daemon_the_exit_code_is_75(tmp_path: Path) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    socket_path = tmp_path / "run" / "ctl.sock"
+    with anyio.fail_after(TIMEOUT):
+        done = await sendmail(config, "alice@example.com", stdin=b"Subject: lost?\n\nbody\n")
+    assert done.code == 75, done  # EX_TEMPFAIL: the caller keeps the message
+    assert f"control socket {socket_path} does not exist" in done.err, done
+    assert done.err.startswith("spoold: message not accepted:"), done
+    assert not (tmp_path / "spool").exists()
+
+
+async def test_after_the_daemon_stops_the_exit_code_is_75(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        done = await sendmail(daemon.config, "alice@example.com", stdin=b"Subject: 1\n\n1\n")
+        assert done.code == 0, done
+        await waiting_messages(daemon.spool_dir, 1)
+        daemon.send_signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0
+
+        done = await sendmail(daemon.config, "alice@example.com", stdin=b"Subject: 2\n\n2\n")
+        assert done.code == 75, done
+        assert "does not exist" in done.err, done
+        messages, _ = await Spool.status_from_disk(daemon.spool_dir)
+        assert len(messages) == 1  # the first one, safe; the second was refused
+
+
+async def test_a_killed_daemon_leaves_a_stale_socket_and_the_exit_code_is_75(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon.send_signal(signal.SIGKILL)
+        await daemon.wait_exit()
+        assert daemon.socket.is_socket()
+        done = await sendmail(daemon.config, "alice@example.com", stdin=b"Subject: x\n\nx\n")
+        assert done.code == 75, done
+        assert f"cannot reach the daemon at {daemon.socket}" in done.err, done
+
+
+async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
+    """The daemon's submit path in this process (its real ``submit``
+    handler, control server and submitter, a full disk injected into the
+    store) and ``spoold sendmail`` as a subprocess: a full disk is a
+    temporary failure, so the exit code must be 75 (EX_TEMPFAIL), as the
+    SMTP listener answers 452 for it, not 70 (EX_SOFTWARE)."""
+    config_path = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = load_config(config_path)
+
+    def disk_full(step: str) -> None:
+        if step == "rename_record":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with anyio.fail_after(TIMEOUT):
+        async with Spool.open(
+            config.spool.dir, relay=InMemoryRelay(gate=anyio.Event()), flush_timeout=0.1
+        ) as spool:
+            spool.ondisk.store._on_step = disk_full
+            daemon = Daemon(config)
+            daemon._submitter = Submitter(spool, lambda: daemon.live.router)
+            server = ControlServer(spool, extra={"submit": daemon._submit_request})
+            async with anyio.create_task_group() as tg:
+                await tg.start(server.serve, config.control.socket, config.control.mode)
+                done = await sendmail(config_path, "alice@example.com", stdin=b"Subject: x\n\nx\n")
+                tg.cancel_scope.cancel()
+            assert spool.status() == []
+    assert done.code != 0, done  # nothing lost: the caller knows
+    assert "No space left on device" in done.err, done
+    assert done.code == 75, done
