@@ -142,6 +142,10 @@ class SmtpConfig:
     max_line_length: int = 998
     bare_line_endings: str = "reject"
     relay_networks: tuple[str, ...] = DEFAULT_RELAY_NETWORKS
+    tls_cert: Path | None = None  # with tls_key: offer STARTTLS
+    tls_key: Path | None = None
+    require_tls: bool = False  # refuse MAIL before STARTTLS
+    auth_file: Path | None = None  # "user:password" lines, mode 0600: offer AUTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,8 +411,16 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             max_line_length=t.get("max_line_length", 998, _int(78)),
             bare_line_endings=t.get("bare_line_endings", "reject", _choice("reject", "normalize")),
             relay_networks=t.get("relay_networks", DEFAULT_RELAY_NETWORKS, _list(_network)),
+            tls_cert=t.get("tls_cert", None, optional_path),
+            tls_key=t.get("tls_key", None, optional_path),
+            require_tls=t.get("require_tls", False, _bool),
+            auth_file=t.get("auth_file", None, optional_path),
         )
         t.done()
+        if (smtp.tls_cert is None) != (smtp.tls_key is None):
+            problems.append("smtp.tls_cert, smtp.tls_key: give both or neither")
+        if smtp.require_tls and smtp.tls_cert is None:
+            problems.append("smtp.require_tls: needs smtp.tls_cert and smtp.tls_key")
 
     t = _Table(raw.get("log"), "log", problems, base)
     log = LogConfig(

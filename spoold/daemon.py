@@ -35,7 +35,7 @@ import structlog
 
 from spoold import logs
 from spoold.body import LineEndingPolicy
-from spoold.config import Config, ConfigError, SmtpConfig, load_config, restart_needed
+from spoold.config import Config, ConfigError, load_config, restart_needed
 from spoold.control import ControlServer
 from spoold.errors import SpooldError
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
@@ -43,7 +43,7 @@ from spoold.ingest import Origin, Submitter
 from spoold.message import Queue
 from spoold.metrics import Metrics
 from spoold.routing import Router
-from spoold.smtp_listener import SmtpListener
+from spoold.smtp_listener import ListenerSettings, SmtpListener, listener_settings
 from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
 from spoold.spool import Spool, retry_intervals_from_spans
 from spoold.systemd import Notifier, watchdog_interval
@@ -63,16 +63,19 @@ class _Live:
     router: Router
     presend: PresendHook | None
     on_error: OnErrorHook | None
+    listener: ListenerSettings | None
 
 
 def _build(config: Config) -> _Live:
-    """Everything derived from a config; raises on any problem."""
+    """Everything derived from a config (reads files: run it off the event
+    loop, except once at start); raises on any problem."""
     router = Router(config)
+    listener = listener_settings(config.smtp) if config.smtp is not None else None
     presend = cast(PresendHook, load_hook(config.hooks.presend)) if config.hooks.presend else None
     on_error = (
         cast(OnErrorHook, load_hook(config.hooks.on_error)) if config.hooks.on_error else None
     )
-    return _Live(config, router, presend, on_error)
+    return _Live(config, router, presend, on_error, listener)
 
 
 class Daemon:
@@ -162,7 +165,7 @@ class Daemon:
                     if cfg.metrics.listen:
                         await services.start(Metrics().serve, spool, cfg.metrics.listen)
                     if cfg.smtp is not None:
-                        listener = SmtpListener(self._submitter, self._smtp_config)
+                        listener = SmtpListener(self._submitter, self._listener_settings)
                         await services.start(listener.serve)
                     services.start_soon(self._watchdog_loop)
                     log.info(
@@ -299,10 +302,10 @@ class Daemon:
     async def _reload_request(self, request: dict[str, Any]) -> Any:
         return await self.reload()
 
-    def _smtp_config(self) -> SmtpConfig:
-        smtp = self.live.config.smtp
-        assert smtp is not None
-        return smtp
+    def _listener_settings(self) -> ListenerSettings:
+        settings = self.live.listener
+        assert settings is not None
+        return settings
 
     async def _submit_request(self, request: dict[str, Any]) -> Any:
         """A message from ``spoold sendmail``: envelope and base64 content."""

@@ -11,7 +11,13 @@ Replies:
 * 552 past ``max_message_size`` (SIZE is advertised), 452 past
   ``max_recipients``, 500 for a line over ``max_line_length``;
 * 421 to a connection over ``max_connections``; 554 to a client outside
-  ``relay_networks``.
+  ``relay_networks`` (when AUTH is on, such a client may connect and must
+  authenticate: 530 to MAIL before that).
+
+With ``tls_cert``/``tls_key`` STARTTLS is offered (``require_tls``: 530 to
+MAIL before it); with ``auth_file`` AUTH PLAIN and LOGIN are offered, only
+over TLS when TLS is configured. :func:`listener_settings` reads the
+certificate and the users file off the event loop, at start and on reload.
 
 Limits are read from the live config on each connection and command, so a
 reload applies them to new sessions; the listen addresses need a restart.
@@ -21,36 +27,85 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
 import structlog
 from aiosmtpd.smtp import SMTP as SMTPProtocol
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from spoold.body import LineEndingPolicy
 from spoold.config import SmtpConfig
-from spoold.errors import BareLineEndingError, SpoolClosedError, StoreError
+from spoold.errors import BareLineEndingError, SpoolClosedError, SpooldError, StoreError
 from spoold.ingest import Origin, Submitter
 from spoold.mx import MxError
 from spoold.routing import NoRouteError
+from spoold.smtp_relay import read_private_file
 from spoold.store import Store
 
-__all__ = ["SmtpListener"]
+__all__ = ["SmtpListener", "ListenerSettings", "listener_settings"]
 
 log = structlog.get_logger("spoold.smtp")
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """The listener's config plus what was read from files for it."""
+
+    config: SmtpConfig
+    tls_context: ssl.SSLContext | None = None
+    users: Mapping[str, str] = field(default_factory=dict)  # login -> password
+
+
+def listener_settings(config: SmtpConfig) -> ListenerSettings:
+    """Load the certificate and users file of ``config`` (blocking: run it
+    in a worker thread). Raises SpooldError or OSError with the path."""
+    context = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise SpooldError(f"smtp.tls_cert {config.tls_cert}: {exc}") from None
+    users: dict[str, str] = {}
+    if config.auth_file is not None:
+        for number, line in enumerate(read_private_file(config.auth_file).splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            login, sep, password = line.partition(":")
+            if not sep or not login:
+                raise SpooldError(f"{config.auth_file}:{number}: expected 'user:password'")
+            users[login] = password
+    return ListenerSettings(config, context, users)
 
 
 class _Handler:
     def __init__(self, listener: SmtpListener) -> None:
         self.listener = listener
 
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        settings = self.listener.settings()
+        if settings.config.require_tls and session.ssl is None:
+            return "530 5.7.0 Must issue a STARTTLS command first"
+        peer = session.peer
+        if not session.authenticated and not _allowed(peer, settings.config.relay_networks):
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        limit = self.listener.config().max_recipients
+        limit = self.listener.settings().config.max_recipients
         if len(envelope.rcpt_tos) >= limit:
             return f"452 4.5.3 Too many recipients (at most {limit} per message)"
         envelope.rcpt_tos.append(address)
@@ -58,7 +113,7 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        cfg = self.listener.config()
+        cfg = self.listener.settings().config
         sender = envelope.mail_from or ""
         if sender == "<>":
             sender = ""
@@ -93,14 +148,38 @@ class _Handler:
 class SmtpListener:
     """Listens on ``config().listen`` and spools what it accepts."""
 
-    def __init__(self, submitter: Submitter, config: Callable[[], SmtpConfig]) -> None:
+    def __init__(
+        self, submitter: Submitter, settings: Callable[[], ListenerSettings | SmtpConfig]
+    ) -> None:
         self.submitter = submitter
-        self.config = config
+        self._settings = settings
         self.handler = _Handler(self)
         self.connections = 0
 
+    def settings(self) -> ListenerSettings:
+        value = self._settings()
+        return value if isinstance(value, ListenerSettings) else ListenerSettings(value)
+
+    def config(self) -> SmtpConfig:
+        return self.settings().config
+
+    def _authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        users = self.settings().users
+        if isinstance(auth_data, LoginPassword):
+            login = auth_data.login.decode("utf-8", "replace")
+            expected = users.get(login)
+            given = auth_data.password.decode("utf-8", "replace")
+            if expected is not None and hmac.compare_digest(expected, given):
+                log.info("authenticated", login=login, mechanism=mechanism)
+                return AuthResult(success=True)
+            log.warning("authentication failed", login=login, mechanism=mechanism)
+        return AuthResult(success=False, handled=False)
+
     def _factory(self) -> asyncio.Protocol:
-        cfg = self.config()
+        settings = self.settings()
+        cfg = settings.config
         listener = self
 
         class Session(SMTPProtocol):
@@ -108,11 +187,11 @@ class SmtpListener:
 
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 peer = transport.get_extra_info("peername")
-                live = listener.config()
-                if not _allowed(peer, live.relay_networks):
+                live = listener.settings()
+                if not live.users and not _allowed(peer, live.config.relay_networks):
                     _refuse(transport, b"554 5.7.1 Your address may not send mail here\r\n")
                     return
-                if listener.connections >= live.max_connections:
+                if listener.connections >= live.config.max_connections:
                     _refuse(transport, b"421 4.7.0 Too many connections, try again later\r\n")
                     return
                 listener.connections += 1
@@ -132,6 +211,10 @@ class SmtpListener:
             decode_data=False,
             ident="spoold",
             hostname=self.submitter.hostname,
+            tls_context=settings.tls_context,
+            require_starttls=False,  # checked at MAIL, with a clearer reply
+            authenticator=self._authenticate if settings.users else None,
+            auth_require_tls=settings.tls_context is not None,
         )
 
     async def serve(

@@ -60,6 +60,7 @@ __all__ = [
     "SmtpRelay",
     "HopUnavailableError",
     "load_auth_file",
+    "read_private_file",
     "parse_hop",
 ]
 
@@ -97,12 +98,12 @@ class RouteSettings:
         return self.command_timeout + size / self.data_rate
 
 
-def load_auth_file(path: str | os.PathLike[str]) -> tuple[str, str]:
-    """Read ``user:password`` from a file that only its owner may read."""
+def read_private_file(path: str | os.PathLike[str]) -> str:
+    """The text of a secrets file that only its owner may read."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            text = f.read().decode("utf-8").strip()
+            text = f.read().decode("utf-8")
     except OSError as exc:
         raise SpooldError(f"auth file {path}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -110,6 +111,12 @@ def load_auth_file(path: str | os.PathLike[str]) -> tuple[str, str]:
             f"auth file {path} is readable by group or others "
             f"(mode {stat.S_IMODE(st.st_mode):04o}); make it 0600"
         )
+    return text
+
+
+def load_auth_file(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """Read ``user:password`` from a file that only its owner may read."""
+    text = read_private_file(path).strip()
     user, sep, password = text.partition(":")
     if not sep or not user:
         raise SpooldError(f"auth file {path}: expected one line 'user:password'")
