@@ -38,7 +38,6 @@ from tests.daemon_helpers import (
     prefill,
     records_in,
     spooled,
-    start_daemon,  # noqa: F401 (fixture)
     unused_port,
     write_config,
 )
@@ -106,7 +105,7 @@ async def fill(tmp_path: Path) -> FilledSpool:
 @pytest.fixture
 async def queue(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> FilledSpool:
     q = await fill(tmp_path)
     q.daemon = await start_daemon(q.config)
@@ -505,7 +504,7 @@ async def test_check_reports_problems_and_exits_1(queue: FilledSpool) -> None:
 
 async def test_status_count_and_check_read_the_disk_when_no_daemon_runs(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     q = await fill(tmp_path)
     before = spool_tree(q.spool_dir)

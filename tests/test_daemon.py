@@ -35,15 +35,12 @@ from tests.daemon_helpers import (
     records_in,
     set_config_value,
     spooled,
-    start_daemon,  # noqa: F401 (fixture)
     unused_port,
     write_config,
 )
 from tests.smtp_server import (
     Reply,
     SmtpTestServer,
-    smtp_server,  # noqa: F401 (fixture)
-    start_smtp_server,  # noqa: F401 (fixture)
 )
 
 
@@ -89,7 +86,7 @@ async def wait_until_data(server: SmtpTestServer, count: int, timeout: float = 1
 
 async def test_ready_comes_after_the_control_socket_with_status(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     hop = f"127.0.0.1:{unused_port()}"
@@ -117,7 +114,7 @@ async def test_ready_comes_after_the_control_socket_with_status(
 
 async def test_watchdog_pings_repeat_when_watchdog_usec_is_set(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     hop = f"127.0.0.1:{unused_port()}"
     config = write_config(tmp_path, next_hops=[hop])
@@ -141,7 +138,7 @@ async def test_watchdog_pings_repeat_when_watchdog_usec_is_set(
 
 async def test_sighup_applies_max_concurrent_send_jobs(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     daemon = await start_daemon(config)
@@ -166,7 +163,7 @@ async def test_sighup_applies_max_concurrent_send_jobs(
 
 async def test_reload_command_applies_and_names_what_needs_a_restart(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     daemon = await start_daemon(config)
@@ -214,7 +211,7 @@ async def test_reload_command_applies_and_names_what_needs_a_restart(
 )
 async def test_sighup_with_a_broken_config_keeps_the_old_one(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
     line: str,
     broken: str,
     problem: str,
@@ -254,7 +251,7 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
 
 async def test_every_sighup_reloads_not_only_the_first(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     daemon = await start_daemon(config)
@@ -271,8 +268,8 @@ async def test_every_sighup_reloads_not_only_the_first(
 
 async def test_sigterm_with_sends_in_flight_exits_0_and_loses_nothing(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
-    smtp_server: SmtpTestServer,  # noqa: F811
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
 ) -> None:
     smtp_server.behaviour.data = Reply(delay=10)  # longer than flush_timeout
     config = write_config(
@@ -321,8 +318,8 @@ async def test_sigterm_with_sends_in_flight_exits_0_and_loses_nothing(
 
 async def test_a_second_sigterm_while_flushing_exits_at_once(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
-    smtp_server: SmtpTestServer,  # noqa: F811
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
 ) -> None:
     smtp_server.behaviour.data = Reply(delay=10)
     config = write_config(tmp_path, next_hops=[smtp_server.hop], flush_timeout="30s")
@@ -347,7 +344,7 @@ async def test_a_second_sigterm_while_flushing_exits_at_once(
 
 async def test_sigint_stops_like_sigterm(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     daemon = await start_daemon(config)
@@ -362,7 +359,7 @@ async def test_sigint_stops_like_sigterm(
 
 async def test_a_second_daemon_on_the_same_spool_fails_naming_the_pid(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     first = await start_daemon(config)
@@ -384,7 +381,7 @@ async def test_a_second_daemon_on_the_same_spool_fails_naming_the_pid(
 
 async def test_an_invalid_config_exits_2_and_prints_every_problem(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     text = config.read_text()
@@ -413,7 +410,7 @@ async def test_an_invalid_config_exits_2_and_prints_every_problem(
 
 async def test_the_control_socket_gets_the_configured_mode(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     daemon = await start_daemon(config)
@@ -428,7 +425,7 @@ async def test_the_control_socket_gets_the_configured_mode(
 
 async def test_a_world_writable_socket_directory_refuses_to_start(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -460,7 +457,7 @@ async def test_a_world_writable_socket_directory_refuses_to_start(
 
 async def test_bad_control_requests_get_error_replies_and_serving_goes_on(
     tmp_path: Path,
-    start_daemon: DaemonFactory,  # noqa: F811
+    start_daemon: DaemonFactory,
 ) -> None:
     hop = f"127.0.0.1:{unused_port()}"
     config = write_config(tmp_path, next_hops=[hop])

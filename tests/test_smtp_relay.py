@@ -35,9 +35,6 @@ from tests.smtp_server import (
     SmtpTestServer,
     StartServer,
     TlsCertificate,
-    smtp_server,  # noqa: F401 (fixture)
-    start_smtp_server,  # noqa: F401 (fixture)
-    tls_certificate,  # noqa: F401 (fixture)
 )
 from tests.spool_helpers import settle, wait_for
 
@@ -80,7 +77,7 @@ def route(**changes: Any) -> RouteSettings:
 
 
 @pytest.fixture
-async def make_relay(start_smtp_server: StartServer) -> AsyncIterator[MakeRelay]:  # noqa: F811
+async def make_relay(start_smtp_server: StartServer) -> AsyncIterator[MakeRelay]:
     """``make_relay(route(...), max_per_hop=...)``: a relay with its own
     connection cache, flushed at teardown (before the servers stop)."""
     relays: list[SmtpRelay] = []
@@ -164,7 +161,7 @@ OK = RecipientResult(250, "OK: queued", "2.0.0")
 
 
 async def test_delivers_the_original_content_to_every_recipient(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -185,7 +182,7 @@ async def test_delivers_the_original_content_to_every_recipient(
 
 
 async def test_delivers_only_to_the_recipients_it_is_given(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -197,7 +194,7 @@ async def test_delivers_only_to_the_recipients_it_is_given(
 
 
 async def test_null_sender_is_sent_as_empty_reverse_path(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -219,7 +216,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize(("reply", "expected"), REFUSALS)
 async def test_refusal_at_mail_applies_to_every_recipient(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     reply: str,
@@ -244,7 +241,7 @@ async def test_refusal_at_mail_applies_to_every_recipient(
 
 @pytest.mark.parametrize(("reply", "expected"), REFUSALS)
 async def test_refusal_at_end_of_data_applies_to_every_recipient(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     reply: str,
@@ -267,7 +264,7 @@ async def test_refusal_at_end_of_data_applies_to_every_recipient(
 
 
 async def test_refusal_of_the_data_command_applies_to_every_accepted_recipient(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -285,7 +282,7 @@ async def test_refusal_of_the_data_command_applies_to_every_accepted_recipient(
 
 
 async def test_mixed_rcpt_replies_give_one_result_per_recipient(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -309,7 +306,7 @@ async def test_mixed_rcpt_replies_give_one_result_per_recipient(
 
 
 async def test_every_rcpt_refused_sends_no_data_and_keeps_the_connection(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -333,7 +330,7 @@ async def test_every_rcpt_refused_sends_no_data_and_keeps_the_connection(
 
 
 async def test_disconnect_before_greeting_tries_the_next_hop(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -349,7 +346,7 @@ async def test_disconnect_before_greeting_tries_the_next_hop(
 
 
 async def test_disconnect_before_greeting_on_the_only_hop_fails_naming_it(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -362,7 +359,7 @@ async def test_disconnect_before_greeting_on_the_only_hop_fails_naming_it(
 
 
 async def test_refusing_greeting_makes_the_hop_unavailable(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -380,7 +377,7 @@ async def test_refusing_greeting_makes_the_hop_unavailable(
     ["at-rcpt", "in-data", "instead-of-data-end-reply"],
 )
 async def test_disconnect_mid_transaction_fails_and_the_next_message_reconnects(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     where: str,
@@ -426,7 +423,7 @@ async def test_connect_timeout_when_the_hop_never_greets(
 
 
 async def test_greeting_slower_than_connect_timeout_makes_the_hop_unavailable(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -445,7 +442,7 @@ async def test_greeting_slower_than_connect_timeout_makes_the_hop_unavailable(
 
 
 async def test_command_timeout_fails_the_attempt_and_drops_the_connection(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -469,7 +466,7 @@ async def test_command_timeout_fails_the_attempt_and_drops_the_connection(
 
 
 async def test_end_of_data_waits_for_the_data_timeout_not_the_command_timeout(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -493,7 +490,7 @@ async def test_end_of_data_waits_for_the_data_timeout_not_the_command_timeout(
 
 
 async def test_message_timeout_bounds_the_whole_attempt(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -518,7 +515,7 @@ async def test_message_timeout_bounds_the_whole_attempt(
 
 @pytest.mark.parametrize("where", ["mail", "rcpt", "data-end"])
 async def test_421_fails_the_attempt_as_try_later_and_drops_the_connection(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     where: str,
@@ -550,8 +547,8 @@ async def test_421_fails_the_attempt_as_try_later_and_drops_the_connection(
 
 
 async def test_required_tls_with_verification_refuses_a_self_signed_certificate(
-    start_smtp_server: StartServer,  # noqa: F811
-    tls_certificate: TlsCertificate,  # noqa: F811
+    start_smtp_server: StartServer,
+    tls_certificate: TlsCertificate,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -568,8 +565,8 @@ async def test_required_tls_with_verification_refuses_a_self_signed_certificate(
 
 
 async def test_required_tls_with_the_certificate_as_ca_file_delivers_over_tls(
-    start_smtp_server: StartServer,  # noqa: F811
-    tls_certificate: TlsCertificate,  # noqa: F811
+    start_smtp_server: StartServer,
+    tls_certificate: TlsCertificate,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -583,8 +580,8 @@ async def test_required_tls_with_the_certificate_as_ca_file_delivers_over_tls(
 
 
 async def test_opportunistic_tls_without_verification_delivers_over_tls(
-    start_smtp_server: StartServer,  # noqa: F811
-    tls_certificate: TlsCertificate,  # noqa: F811
+    start_smtp_server: StartServer,
+    tls_certificate: TlsCertificate,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -599,7 +596,7 @@ async def test_opportunistic_tls_without_verification_delivers_over_tls(
 
 
 async def test_opportunistic_tls_falls_back_to_plain_text_when_not_offered(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -609,7 +606,7 @@ async def test_opportunistic_tls_falls_back_to_plain_text_when_not_offered(
 
 
 async def test_required_tls_against_a_hop_without_starttls_makes_it_unavailable(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -628,7 +625,7 @@ async def test_required_tls_against_a_hop_without_starttls_makes_it_unavailable(
 
 @pytest.mark.parametrize("tls", ["none", "opportunistic"])
 async def test_auth_with_the_right_password_delivers(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     tls: Literal["none", "opportunistic"],
@@ -646,8 +643,8 @@ async def test_auth_with_the_right_password_delivers(
 
 
 async def test_auth_after_starttls_delivers(
-    start_smtp_server: StartServer,  # noqa: F811
-    tls_certificate: TlsCertificate,  # noqa: F811
+    start_smtp_server: StartServer,
+    tls_certificate: TlsCertificate,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -670,7 +667,7 @@ async def test_auth_after_starttls_delivers(
 
 @pytest.mark.parametrize("tls", ["none", "opportunistic"])
 async def test_auth_with_a_wrong_password_makes_the_hop_unavailable(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     tls: Literal["none", "opportunistic"],
@@ -732,7 +729,7 @@ def test_load_auth_file_names_a_missing_file(tmp_path: Path) -> None:
 
 
 async def test_falls_back_to_the_second_hop_when_the_first_refuses_connections(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -754,7 +751,7 @@ async def test_no_hop_reachable_names_every_hop(make_relay: MakeRelay, tmp_path:
 
 
 async def test_a_hop_that_greeted_ends_the_attempt_even_on_refusal(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -771,7 +768,7 @@ async def test_a_hop_that_greeted_ends_the_attempt_even_on_refusal(
 
 
 async def test_sequential_messages_share_one_connection(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -789,7 +786,7 @@ async def test_sequential_messages_share_one_connection(
 
 
 async def test_concurrent_messages_use_at_most_max_per_hop_connections(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -816,7 +813,7 @@ async def test_concurrent_messages_use_at_most_max_per_hop_connections(
 
 
 async def test_a_connection_idle_longer_than_check_after_is_checked_with_noop(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -831,7 +828,7 @@ async def test_a_connection_idle_longer_than_check_after_is_checked_with_noop(
 
 @pytest.mark.parametrize("noop", [Reply("421 4.4.2 idle too long"), Reply("500 what?"), DISCONNECT])
 async def test_a_connection_failing_the_noop_check_is_replaced(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     noop: Reply,
@@ -860,7 +857,7 @@ class _Monotonic:
 
 
 async def test_a_connection_idle_longer_than_idle_timeout_is_closed_and_replaced(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -882,7 +879,7 @@ async def test_a_connection_idle_longer_than_idle_timeout_is_closed_and_replaced
 
 
 async def test_an_idle_connection_is_closed_after_idle_timeout_without_more_traffic(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -901,7 +898,7 @@ async def test_an_idle_connection_is_closed_after_idle_timeout_without_more_traf
 
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -918,7 +915,7 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(
 
 
 async def test_close_and_flush_says_quit_to_idle_connections(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -943,7 +940,7 @@ async def test_close_and_flush_says_quit_to_idle_connections(
 
 
 async def test_route_settings_are_part_of_the_cache_key(
-    smtp_server: SmtpTestServer,  # noqa: F811
+    smtp_server: SmtpTestServer,
     tmp_path: Path,
 ) -> None:
     first = route()
@@ -996,7 +993,7 @@ async def warm_up(way: str, relay: SmtpRelay, server: SmtpTestServer, directory:
 
 @pytest.mark.parametrize("way", WAYS)
 async def test_message_over_the_size_limit_is_refused_without_sending(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     request: pytest.FixtureRequest,
@@ -1020,7 +1017,7 @@ async def test_message_over_the_size_limit_is_refused_without_sending(
 
 @pytest.mark.parametrize("way", WAYS)
 async def test_size_is_declared_on_mail_when_offered(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     request: pytest.FixtureRequest,
@@ -1035,7 +1032,7 @@ async def test_size_is_declared_on_mail_when_offered(
 
 
 async def test_size_is_not_declared_when_not_offered(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -1049,7 +1046,7 @@ async def test_size_is_not_declared_when_not_offered(
 
 @pytest.mark.parametrize("way", ["new", "reused"])
 async def test_8bit_message_to_a_hop_without_8bitmime_is_refused(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     request: pytest.FixtureRequest,
@@ -1072,7 +1069,7 @@ async def test_8bit_message_to_a_hop_without_8bitmime_is_refused(
 
 @pytest.mark.parametrize("way", WAYS)
 async def test_8bit_message_goes_as_body_8bitmime_when_offered(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     request: pytest.FixtureRequest,
@@ -1091,7 +1088,7 @@ async def test_8bit_message_goes_as_body_8bitmime_when_offered(
 
 
 async def test_body_8bitmime_is_sent_when_the_submission_asked_for_it(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
 ) -> None:
@@ -1107,7 +1104,7 @@ async def test_body_8bitmime_is_sent_when_the_submission_asked_for_it(
 
 @pytest.mark.parametrize("way", WAYS)
 async def test_non_ascii_recipient_goes_with_smtputf8_when_offered(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     request: pytest.FixtureRequest,
@@ -1127,7 +1124,7 @@ async def test_non_ascii_recipient_goes_with_smtputf8_when_offered(
 
 @pytest.mark.parametrize("way", ["new", "reused"])
 async def test_non_ascii_recipient_to_a_hop_without_smtputf8_is_refused(
-    start_smtp_server: StartServer,  # noqa: F811
+    start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     request: pytest.FixtureRequest,

@@ -19,7 +19,7 @@ from spoold.relay import InMemoryRelay
 from spoold.routing import Router
 from spoold.smtp_listener import SmtpListener, listener_settings
 from spoold.spool import Spool
-from tests.smtp_server import TlsCertificate, tls_certificate  # noqa: F401 (fixture)
+from tests.smtp_server import TlsCertificate
 from tests.test_ingest import free_port
 
 MESSAGE = b"Subject: submitted\r\n\r\nhello\r\n"
@@ -77,7 +77,7 @@ async def session(port: int, steps: Any) -> Any:
 
 async def test_starttls_then_auth_then_mail(
     tmp_path: Path,
-    tls_certificate: TlsCertificate,  # noqa: F811
+    tls_certificate: TlsCertificate,
 ) -> None:
     smtp = {
         "tls_cert": str(tls_certificate.cert),
@@ -121,7 +121,7 @@ async def test_starttls_then_auth_then_mail(
 
 async def test_wrong_password_is_refused_and_nothing_spooled(
     tmp_path: Path,
-    tls_certificate: TlsCertificate,  # noqa: F811
+    tls_certificate: TlsCertificate,
 ) -> None:
     smtp = {
         "tls_cert": str(tls_certificate.cert),
