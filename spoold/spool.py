@@ -61,6 +61,7 @@ from spoold.errors import (
     OperationRefusedError,
     RecordError,
     SpoolClosedError,
+    SpooldError,
 )
 from spoold.events import EventHub, SpoolEvent, Subscription
 from spoold.hooks import (
@@ -118,6 +119,7 @@ class _Entry:
     queue: Queue  # where the record is on disk now
     gen: int = 0
     busy: bool = False
+    checked_out: bool = False  # this entry's attempt holds the record's checkout
 
 
 class Spool:
@@ -148,6 +150,7 @@ class Spool:
         self._index: dict[str, _Entry] = {}
         self._heap: list[tuple[float, int, str, int]] = []
         self._seq = itertools.count()
+        self._gens = itertools.count(1)  # unique across entries: a timer matches one entry
         self._wake = anyio.Event()
         self._running = 0
         self._idle = anyio.Event()
@@ -282,7 +285,7 @@ class Spool:
 
     def _schedule(self, entry: _Entry) -> None:
         """(Re)schedule ``entry`` by its status; stale heap entries die."""
-        entry.gen += 1
+        entry.gen = next(self._gens)
         status = entry.msg.status
         if isinstance(status, SendNow):
             when = 0.0
@@ -324,7 +327,10 @@ class Spool:
         async with self._od.store.wakeups() as batches:
             task_status.started()
             async for names in batches:
-                await self._adopt(names)
+                try:
+                    await self._adopt(names)
+                except (SpooldError, OSError):
+                    log.exception("could not adopt added messages; the next rescan will")
 
     async def _rescan(self) -> None:
         """Backstop for lost wake-ups: adopt records on disk that the index
@@ -354,6 +360,8 @@ class Spool:
                 except RecordError as exc:
                     log.error("added record cannot be read", id=name, error=str(exc))
                     break
+                if name in self._index:
+                    break  # add() of this process indexed it meanwhile
                 if msg.queue is not queue:
                     break  # written elsewhere than its status says: next open repairs it
                 entry = _Entry(msg, queue)
@@ -368,7 +376,10 @@ class Spool:
         while True:
             await self.clock.wait(never, self.clock.now() + timedelta(seconds=self._ping_interval))
             self._publish("ping")
-            await self._rescan()
+            try:
+                await self._rescan()
+            except (SpooldError, OSError):
+                log.exception("rescan of the spool failed; trying again at the next ping")
 
     # ------------------------------------------------------------- sending
 
@@ -417,17 +428,18 @@ class Spool:
         await self._finish_attempt(entry, outcome)
 
     async def _recover_from_failed_attempt(self, entry: _Entry) -> None:
-        """An attempt broke in an unexpected way: put the record back in its
-        queue (if it was checked out) and try again in a minute. What is on
-        disk stays the truth; at worst the next open retries it."""
-        if isinstance(entry.msg.status, Sending):
+        """An attempt broke in an unexpected way (e.g. a disk error): return
+        the record to its queue if this attempt checked it out, and try
+        again in a minute (in memory only: what is on disk stays the truth,
+        and at worst the next open retries it)."""
+        if entry.queue is Queue.ACTIVE:
             entry.msg.status = SendAt(at=self.clock.now() + timedelta(minutes=1))
-        try:
-            await self._od.store.release(entry.queue.value, entry.msg.id)
-        except NotFoundError:
-            pass  # it was not checked out
-        except Exception:
-            log.exception("could not return a checked-out record", id=entry.msg.id)
+        if entry.checked_out:
+            try:
+                await self._od.release(entry.msg, entry.queue)
+                entry.checked_out = False
+            except Exception:
+                log.exception("could not return a checked-out record", id=entry.msg.id)
         self._schedule(entry)
 
     async def _ask_presend(self, msg: Message) -> PresendDecision:
@@ -440,6 +452,7 @@ class Spool:
 
     async def _checkout(self, entry: _Entry) -> None:
         await self._od.store.checkout(entry.queue.value, entry.msg.id)
+        entry.checked_out = True
 
     async def _finish_attempt(self, entry: _Entry, outcome: Delivery | AttemptFailed) -> None:
         old = entry.msg
@@ -492,6 +505,7 @@ class Spool:
             event = "delayed_rate_limited" if rate_limited else "delayed"
         new.status = status
         await self._od.save(new, from_queue=entry.queue, checked_out=True)
+        entry.checked_out = False
         self._apply(entry, new)
         self._publish(event, new, at=at)
         log.info(
@@ -524,7 +538,7 @@ class Spool:
             self._index[new.id] = entry
             self._schedule(entry)
         else:
-            entry.gen += 1
+            entry.gen = next(self._gens)
             self._index.pop(new.id, None)
 
     async def _change(
@@ -578,6 +592,8 @@ class Spool:
         status: Status = Frozen() if frozen else SEND_NOW
         messages = await self._write_new(batch, status, flows, parent_id)
         for msg in messages:
+            if msg.id in self._index:
+                continue  # a rescan adopted it while we were writing
             entry = _Entry(msg, Queue.FROZEN if frozen else Queue.ACTIVE)
             self._index[msg.id] = entry
             self._schedule(entry)
@@ -761,8 +777,7 @@ class Spool:
                 self._index[new.id] = entry
                 self._publish("recovered", new, detail=source.value)
 
-    @staticmethod
-    async def _each(entries: Sequence[_Entry], fn: Callable[[_Entry], Any]) -> None:
+    async def _each(self, entries: Sequence[_Entry], fn: Callable[[_Entry], Any]) -> None:
         """Apply ``fn`` to each entry in turn. All are busy from the start (no
         attempt may begin on one not yet changed), and each is released as
         soon as its own change is done, before the scheduler can look at the
@@ -777,8 +792,9 @@ class Spool:
                 e.busy = False
                 pending.pop(0)
         finally:
-            for e in pending:
-                e.busy = False
+            for e in pending:  # not changed (an error stopped us): their timers
+                e.busy = False  # may have been dropped while they were busy
+                self._schedule(e)
 
     # -------------------------------------------------------------- reading
 

@@ -266,7 +266,12 @@ class Store:
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
         if self._closed:
             raise StoreError(f"store {self.root} is closed")
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except StoreError:
+            raise
+        except OSError as exc:  # every filesystem error leaves as a StoreError
+            raise StoreError(exc.errno, f"{self.root}: {exc.strerror}", exc.filename) from exc
 
     def _step(self, name: str) -> None:
         if self._on_step is not None:
