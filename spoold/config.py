@@ -478,8 +478,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             retry_intervals=t.get("retry_intervals", None, _list(parse_span)),
         )
         t.done()
-        if not route.mx and "next_hops" not in t.raw:
+        if not route.mx and ("next_hops" not in t.raw or t.raw["next_hops"] == []):
             problems.append(f"routes.{name}.next_hops: required unless mx = true")
+        if route.auth_file is not None and route.tls == "none":
+            problems.append(
+                f"routes.{name}.auth_file: credentials are only sent over TLS; "
+                "set tls to opportunistic or required"
+            )
         if route.mx and route.next_hops:
             problems.append(f"routes.{name}: give next_hops or mx = true, not both")
         for hop in route.next_hops:

@@ -173,6 +173,14 @@ class ControlServer:
                 await anyio.Path(path).unlink()
 
     async def _connection(self, stream: anyio.abc.ByteStream) -> None:
+        try:
+            await self._serve_one(stream)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:  # one bad connection must never end the server
+            log.exception("control connection failed")
+
+    async def _serve_one(self, stream: anyio.abc.ByteStream) -> None:
         async with stream:
             reader = BufferedByteReceiveStream(stream)
             try:
@@ -184,7 +192,7 @@ class ControlServer:
                 return
             try:
                 request = json.loads(line)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 await self._reply(stream, _error("invalid", f"not a JSON request: {exc}"))
                 return
             if not isinstance(request, dict):
@@ -255,8 +263,6 @@ class ControlServer:
                 for m in spool.status()
                 if queue == "all" or queue_of(m.status) == queue
             ]
-        if op == "count":
-            return spool.counts()
         if op == "freeze":
             await spool.freeze(_ids(request))
             return None
@@ -288,10 +294,7 @@ class ControlServer:
                 body = await spool.ondisk.read_body(msg.id)
                 view["body"] = base64.b64encode(body.content()).decode()
             return view
-        handler = self.extra.get(op) if isinstance(op, str) else None
-        if handler is None:
-            raise ValueError(f"unknown operation {op!r}")
-        return await handler(request)
+        raise ValueError(f"unknown operation {op!r}")
 
 
 def _error(kind: str, text: str) -> dict[str, Any]:

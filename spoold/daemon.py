@@ -27,6 +27,7 @@ import base64
 import dataclasses
 import os
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -87,6 +88,7 @@ class Daemon:
         self._force_stop = anyio.Event()
         self._spool: Spool | None = None
         self._submitter: Submitter | None = None
+        self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.cache = ConnectionCache(
             max_per_hop=config.relay.max_connections_per_hop,
             max_total=config.relay.max_connections,
@@ -149,7 +151,8 @@ class Daemon:
                 flush_timeout=0,  # the daemon flushes before leaving (see _stop)
             ) as spool:
                 self._spool = spool
-                self._submitter = Submitter(spool, lambda: self.live.router)
+                hostname = await anyio.to_thread.run_sync(socket.getfqdn)
+                self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
                 server = ControlServer(
                     spool,
                     extra={
@@ -241,7 +244,12 @@ class Daemon:
     # ------------------------------------------------------------- reload
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the config file and apply it in one step."""
+        """Re-read the config file and apply it in one step (one reload at
+        a time, so the newest file read is the one applied last)."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
         old = self.live.config
         self._notify(self.notifier.reloading)
         log.info("reloading", config=str(old.path))
@@ -371,7 +379,7 @@ async def run(config_path: str) -> int:
     try:
         daemon = Daemon(config)
         return await daemon.run()
-    except* SpooldError as group:  # raised directly or from inside a task group
+    except* (SpooldError, OSError) as group:  # directly or from inside a task group
         failure = group
     log.error("cannot start", error="; ".join(str(e) for e in _leaves(failure)))
     return 1

@@ -2,7 +2,7 @@
 
 The registry is the daemon's own (never the process-global one), so tests
 and embedders can run several. Values are set from the event loop: queue
-gauges on every event and ping, event counters per kind. prometheus-client
+gauges at start and on every ping (30 s), event counters per kind. prometheus-client
 serves them from its own HTTP thread, which only reads them.
 """
 
@@ -52,9 +52,10 @@ class Metrics:
             task_status.started()
             async with spool.events() as stream:
                 async for event in stream:
-                    if event.kind != "ping":
+                    if event.kind == "ping":
+                        self.update(spool)  # walks the queue: not on every event
+                    else:
                         self.events.labels(event.kind).inc()
-                    self.update(spool)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(server.shutdown)

@@ -41,15 +41,28 @@ async def _dns_lookup(domain: str) -> tuple[list[tuple[int, str]], float]:
     except dns.resolver.NXDOMAIN:
         raise MxError(f"domain {domain} does not exist", permanent=True) from None
     except dns.resolver.NoAnswer:
-        try:
-            await resolver.resolve(domain, dns.rdatatype.A, lifetime=10)
-        except dns.resolver.NoAnswer:
-            await resolver.resolve(domain, dns.rdatatype.AAAA, lifetime=10)
-        return [(0, domain)], 300.0
-    except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+        return await _implicit_mx(resolver, domain)
+    except dns.exception.DNSException as exc:
         raise MxError(f"MX lookup of {domain} failed: {exc}", permanent=False) from None
     ttl = float(answer.rrset.ttl) if answer.rrset is not None else 300.0
     return [(r.preference, r.exchange.to_text().rstrip(".")) for r in answer], ttl
+
+
+async def _implicit_mx(
+    resolver: dns.asyncresolver.Resolver, domain: str
+) -> tuple[list[tuple[int, str]], float]:
+    """No MX: the domain is its own exchanger if it has an address."""
+    for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        try:
+            await resolver.resolve(domain, rdtype, lifetime=10)
+        except dns.resolver.NoAnswer:
+            continue
+        except dns.resolver.NXDOMAIN:
+            break
+        except dns.exception.DNSException as exc:
+            raise MxError(f"address lookup of {domain} failed: {exc}", permanent=False) from None
+        return [(0, domain)], 300.0
+    raise MxError(f"domain {domain} has no MX and no address", permanent=True)
 
 
 class MxResolver:

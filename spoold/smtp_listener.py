@@ -60,7 +60,7 @@ class ListenerSettings:
 
     config: SmtpConfig
     tls_context: ssl.SSLContext | None = None
-    users: Mapping[str, str] = field(default_factory=dict)  # login -> password
+    users: Mapping[str, str] = field(default_factory=dict, repr=False)  # login -> password
 
 
 def listener_settings(config: SmtpConfig) -> ListenerSettings:
@@ -141,6 +141,9 @@ class _Handler:
             if Store.is_disk_full(exc):
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Could not write the message, try again later"
+        except Exception:  # never a permanent 5xx for our own trouble
+            log.exception("unexpected error taking a message", peer=peer)
+            return "451 4.3.0 Local error, try again later"
         log.info("accepted", ids=ids, peer=peer, recipients=len(envelope.rcpt_tos))
         return f"250 2.0.0 OK queued as {' '.join(ids)}"
 
@@ -170,8 +173,9 @@ class SmtpListener:
         if isinstance(auth_data, LoginPassword):
             login = auth_data.login.decode("utf-8", "replace")
             expected = users.get(login)
-            given = auth_data.password.decode("utf-8", "replace")
-            if expected is not None and hmac.compare_digest(expected, given):
+            if expected is not None and hmac.compare_digest(
+                expected.encode("utf-8"), auth_data.password
+            ):
                 log.info("authenticated", login=login, mechanism=mechanism)
                 return AuthResult(success=True)
             log.warning("authentication failed", login=login, mechanism=mechanism)

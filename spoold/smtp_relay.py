@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import re
@@ -436,14 +437,7 @@ class ConnectionCache:
 
 async def _connect(hop: str, settings: RouteSettings) -> aiosmtplib.SMTP:
     host, port = parse_hop(hop)
-    tls_context: ssl.SSLContext | None = None
-    if settings.tls != "none":
-        tls_context = ssl.create_default_context(cafile=settings.ca_file)
-        if not settings.verify_certificates:
-            tls_context.check_hostname = False
-            tls_context.verify_mode = ssl.CERT_NONE
-        if settings.client_cert:
-            tls_context.load_cert_chain(settings.client_cert, settings.client_key)
+    tls_context = _tls_context(settings) if settings.tls != "none" else None
     smtp = aiosmtplib.SMTP(
         hostname=host,
         port=port,
@@ -465,6 +459,10 @@ async def _connect(hop: str, settings: RouteSettings) -> aiosmtplib.SMTP:
         if settings.tls == "required" and not _tls_on(smtp):
             raise HopUnavailableError(f"{hop}: TLS is required but the hop does not offer it")  # noqa: TRY301
         if settings.auth is not None:
+            if not _tls_on(smtp):
+                raise HopUnavailableError(  # noqa: TRY301
+                    f"{hop}: refusing to send credentials without TLS (STARTTLS not offered)"
+                )
             await _authenticate(smtp, hop, settings.auth)
     except HopUnavailableError:
         smtp.close()
@@ -476,6 +474,19 @@ async def _connect(hop: str, settings: RouteSettings) -> aiosmtplib.SMTP:
         smtp.close()
         raise HopUnavailableError(f"{hop}: {_describe(exc)}") from exc
     return smtp
+
+
+@functools.lru_cache(maxsize=64)
+def _tls_context(settings: RouteSettings) -> ssl.SSLContext:
+    """One context per route settings (reading the CA bundle is slow: done
+    once, not per connection)."""
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if not settings.verify_certificates:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if settings.client_cert:
+        context.load_cert_chain(settings.client_cert, settings.client_key)
+    return context
 
 
 def _tls_on(smtp: aiosmtplib.SMTP) -> bool:

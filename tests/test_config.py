@@ -418,6 +418,19 @@ BAD_FILES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "an empty next_hops list",
+        BASE + "[routes.a]\nnext_hops = []\n",
+        ["routes.a.next_hops: required unless mx = true"],
+    ),
+    (
+        "credentials on a route without TLS",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\ntls = "none"\nauth_file = "/x"\n',
+        [
+            "routes.a.auth_file: credentials are only sent over TLS; "
+            "set tls to opportunistic or required"
+        ],
+    ),
+    (
         "route tls 'maybe'",
         BASE + '[routes.a]\nnext_hops = ["h:25"]\ntls = "maybe"\n',
         ["routes.a.tls: expected one of none, opportunistic, required, got 'maybe'"],

@@ -482,6 +482,7 @@ async def test_bad_control_requests_get_error_replies_and_serving_goes_on(
         b'{"v": 1, "op": "send", "ids": ["x"], "retry_intervals": ["soon"]}\n': "span",
         b'{"v": 1, "op": "recover", "ids": ["x"], "from": "active"}\n': "'from'",
         b'{"v": 1, "op": "check", "max_age": "old"}\n': "max_age",
+        b"[" * 200_000 + b"\n": "not a JSON request",  # RecursionError in json
     }
     for request, text in cases.items():
         reply = raw_request(daemon.socket, request)

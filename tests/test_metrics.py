@@ -38,7 +38,7 @@ async def test_metrics_count_queue_and_events(tmp_path: Path) -> None:
     metrics = Metrics()
     with anyio.fail_after(10):
         async with (
-            Spool.open(tmp_path, relay=InMemoryRelay()) as spool,
+            Spool.open(tmp_path, relay=InMemoryRelay(), ping_interval=0.05) as spool,
             anyio.create_task_group() as tg,
         ):
             await tg.start(metrics.serve, spool, f"127.0.0.1:{port}")
@@ -51,7 +51,11 @@ async def test_metrics_count_queue_and_events(tmp_path: Path) -> None:
             await anyio.sleep(0)  # let the metrics task see the last event
             for _ in range(100):
                 text = await scrape(port)
-                if 'spoold_events_total{event="delivered"} 1.0' in text:
+                if (
+                    'spoold_events_total{event="delivered"} 1.0' in text
+                    and 'spoold_messages{state="frozen"} 1.0' in text
+                    and 'spoold_messages{state="active"} 0.0' in text
+                ):
                     break
                 await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
