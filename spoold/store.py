@@ -174,6 +174,8 @@ class Store:
         self._lock_fd: int | None = None
         self._dir_fds: dict[str, int] = {}
         self._closed = False
+        self._inflight = 0  # operations running in worker threads
+        self._drained = anyio.Event()
 
     # ----------------------------------------------------------- lifecycle
 
@@ -213,8 +215,15 @@ class Store:
         return store, report
 
     async def close(self) -> None:
-        if not self._closed:
-            await anyio.to_thread.run_sync(self._close_sync)
+        """Take no new operation, wait for those under way (their directory
+        fsyncs use the cached directory descriptors), then close."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._inflight:
+            with anyio.CancelScope(shield=True):
+                await self._drained.wait()
+        await anyio.to_thread.run_sync(self._close_sync)
 
     async def __aenter__(self) -> Store:
         return self
@@ -266,12 +275,18 @@ class Store:
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
         if self._closed:
             raise StoreError(f"store {self.root} is closed")
+        self._inflight += 1
         try:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except StoreError:
             raise
         except OSError as exc:  # every filesystem error leaves as a StoreError
             raise StoreError(exc.errno, f"{self.root}: {exc.strerror}", exc.filename) from exc
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._drained.set()
+                self._drained = anyio.Event()
 
     def _step(self, name: str) -> None:
         if self._on_step is not None:

@@ -6,8 +6,10 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
 from spoold.errors import InvalidIdError, NotFoundError, SpoolLockedError, StoreError
@@ -401,3 +403,38 @@ async def test_two_processes_enqueue_concurrently(tmp_path: Path) -> None:
 
 def test_make_message_helper_is_valid() -> None:
     assert make_message("abc").id == "abc"
+
+
+async def test_close_waits_for_operations_under_way(tmp_path: Path) -> None:
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(step: str) -> None:
+        if step == "fsync_dirs":
+            reached.set()
+            release.wait(10)
+
+    od, _ = await OnDiskSpool.open(tmp_path, on_step=hold)
+    added: list[str] = []
+    closed = anyio.Event()
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+
+            async def add() -> None:
+                (msg,) = await od.add([new_message()])
+                added.append(msg.id)
+
+            async def close() -> None:
+                await od.close()
+                closed.set()
+
+            tg.start_soon(add)
+            await anyio.to_thread.run_sync(reached.wait, 10)
+            tg.start_soon(close)
+            for _ in range(50):
+                await anyio.sleep(0)
+            assert not closed.is_set()  # the enqueue is still fsyncing
+            release.set()
+    assert closed.is_set() and len(added) == 1
+    assert (tmp_path / "active" / added[0]).exists()
+    with pytest.raises(StoreError, match="is closed"):
+        await od.add([new_message()])
