@@ -41,7 +41,7 @@ from spoold.control import ControlServer
 from spoold.errors import SpooldError
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.ingest import Origin, Submitter
-from spoold.message import Queue
+from spoold.message import Message, Queue
 from spoold.metrics import Metrics
 from spoold.routing import Router
 from spoold.smtp_listener import ListenerSettings, SmtpListener, listener_settings
@@ -119,8 +119,8 @@ class Daemon:
 
     # ------------------------------------------------------------ running
 
-    def _settings_for(self, hop: str) -> RouteSettings:
-        return self.live.router.settings_for(hop)
+    def _settings_for(self, hop: str, message: Message) -> RouteSettings:
+        return self.live.router.settings_for(hop, message)
 
     def _status_text(self) -> str:
         if self._spool is None:

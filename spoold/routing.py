@@ -8,8 +8,9 @@ only the settings used to talk to a hop follow the current routes.
 A route's ``domains`` match a recipient's domain exactly, or, written with
 a leading dot (``.example.org``), any subdomain of it. A recipient no route
 names goes to ``relay.default_route``. An ``mx = true`` route takes its next
-hops from DNS (:mod:`spoold.mx`), one envelope per recipient domain; the
-settings of such a hop follow the route that first resolved it.
+hops from DNS (:mod:`spoold.mx`), one envelope per recipient domain; such a
+hop is talked to with the settings of the MX route the message's
+recipients take (all recipients of a message share one route).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from spoold.config import Config, RouteConfig
-from spoold.message import RetryInterval, RoutedEnvelope
+from spoold.message import Message, RetryInterval, RoutedEnvelope
 from spoold.mx import MxResolver
 from spoold.smtp_relay import RouteSettings, load_auth_file
 from spoold.spool import retry_intervals_from_spans
@@ -70,9 +71,24 @@ class Router:
             for hop in rc.next_hops:
                 self._by_hop[hop] = settings
 
-    def settings_for(self, hop: str) -> RouteSettings:
-        """How to talk to ``hop``: its route's settings, or the defaults."""
-        return self._by_hop.get(hop, self.default_settings)
+    def settings_for(self, hop: str, message: Message | None = None) -> RouteSettings:
+        """How to talk to ``hop`` for ``message``: the settings of the route
+        that names the hop; else (an exchanger found by MX) those of the MX
+        route the message's recipients take now, so they survive restarts
+        and reloads; else the defaults."""
+        settings = self._by_hop.get(hop)
+        if settings is not None:
+            return settings
+        if message is not None:
+            recipients = message.remaining_recipients or message.envelope_info.recipients
+            if recipients:
+                try:
+                    route = self._routes[self.route_name_for(recipients[0])]
+                except NoRouteError:
+                    return self.default_settings
+                if route.config.mx:
+                    return route.settings
+        return self.default_settings
 
     def route_name_for(self, recipient: str) -> str:
         """The most specific match wins: an exact domain, else the longest
@@ -157,8 +173,6 @@ class Router:
             route = self._routes[name]
             if route.config.mx:
                 hops = await self.resolver.next_hops(domain)
-                for hop in hops:
-                    self._by_hop.setdefault(hop, route.settings)
             else:
                 hops = list(route.config.next_hops)
             out.append(self._envelope(name, rcpts, hops, sender, mail_params, envelope_id))

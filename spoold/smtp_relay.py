@@ -525,20 +525,20 @@ class _TryLater(Exception):
 class SmtpRelay:
     """Relays messages over SMTP through a :class:`ConnectionCache`.
 
-    ``settings_for(hop)`` gives the route settings for a next hop (the
-    daemon builds it from its routes, and swaps it on reload).
+    ``settings_for(hop, message)`` gives the route settings for a next hop
+    (the daemon reads them from its current routes, so a reload applies).
     """
 
     def __init__(
         self,
-        settings_for: Callable[[str], RouteSettings] | RouteSettings | None = None,
+        settings_for: Callable[[str, Message], RouteSettings] | RouteSettings | None = None,
         cache: ConnectionCache | None = None,
     ) -> None:
         if settings_for is None:
             settings_for = RouteSettings()
         if isinstance(settings_for, RouteSettings):
             fixed = settings_for
-            self.settings_for: Callable[[str], RouteSettings] = lambda _hop: fixed
+            self.settings_for: Callable[[str, Message], RouteSettings] = lambda _h, _m: fixed
         else:
             self.settings_for = settings_for
         self.cache = cache or ConnectionCache()
@@ -550,7 +550,7 @@ class SmtpRelay:
         content = wire.content()
         hop_errors: list[str] = []
         for hop in message.next_hop_choices:
-            settings = self.settings_for(hop)
+            settings = self.settings_for(hop, message)
             try:
                 with anyio.fail_after(settings.message_timeout):
                     async with self.cache.connection(hop, settings) as conn:

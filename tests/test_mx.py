@@ -9,6 +9,7 @@ import pytest
 from spoold.config import parse_config
 from spoold.mx import MxError, MxResolver
 from spoold.routing import NoRouteError, Router
+from tests.factories import make_message
 
 
 class FakeDns:
@@ -99,7 +100,13 @@ async def test_mx_route_makes_one_envelope_per_domain(tmp_path: Path) -> None:
         (["y@b.example"], ["mx.b.example:25"]),
         (["w@corp.example"], ["10.0.0.1:25"]),
     ]
-    # The exchangers use the MX route's settings.
-    assert r.settings_for("mx.a.example:25").tls == "required"
+    # An exchanger is talked to with the settings of the MX route the
+    # message takes, also from a new Router (after a restart or reload).
+    message = make_message("m1", recipients=["x@a.example"], next_hops=["mx.a.example:25"])
+    assert r.settings_for("mx.a.example:25", message).tls == "required"
+    assert router(tmp_path, dns).settings_for("mx.a.example:25", message).tls == "required"
+    assert r.settings_for("mx.a.example:25").tls == "opportunistic"  # no message: defaults
+    local = make_message("m2", recipients=["w@corp.example"], next_hops=["10.0.0.1:25"])
+    assert r.settings_for("10.0.0.1:25", local).tls == "opportunistic"
     with pytest.raises(NoRouteError, match="MX routes need a lookup"):
         r.route("s@corp.example", ["x@a.example"])

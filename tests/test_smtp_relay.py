@@ -948,7 +948,7 @@ async def test_route_settings_are_part_of_the_cache_key(
 ) -> None:
     first = route()
     settings = {"now": first}
-    relay = SmtpRelay(lambda _hop: settings["now"], ConnectionCache())
+    relay = SmtpRelay(lambda _hop, _message: settings["now"], ConnectionCache())
     try:
         await relay_message(relay, tmp_path, [smtp_server.hop])
         await relay_message(relay, tmp_path, [smtp_server.hop])
