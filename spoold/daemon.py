@@ -36,7 +36,7 @@ import structlog
 
 from spoold import logs
 from spoold.body import LineEndingPolicy
-from spoold.config import Config, ConfigError, load_config, restart_needed
+from spoold.config import Config, ConfigError, SmtpConfig, load_config, restart_needed
 from spoold.control import ControlServer
 from spoold.errors import SpooldError
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
@@ -328,6 +328,17 @@ class Daemon:
             content = base64.b64decode(request.get("content", ""), validate=True)
         except (ValueError, TypeError):
             raise ValueError("content must be base64") from None
+        limits = self.live.config.smtp or SmtpConfig()  # the listener's limits apply too
+        if len(content) > limits.max_message_size:
+            raise ValueError(
+                f"message of {len(content)} bytes exceeds the limit of "
+                f"{limits.max_message_size} (smtp.max_message_size)"
+            )
+        if len(recipients) > limits.max_recipients:
+            raise ValueError(
+                f"{len(recipients)} recipients exceed the limit of "
+                f"{limits.max_recipients} (smtp.max_recipients)"
+            )
         return await self._submitter.submit(
             sender,
             recipients,

@@ -256,6 +256,19 @@ async def test_no_recipients_is_a_data_error(tmp_path: Path, daemons: DaemonFact
         assert messages == []
 
 
+async def test_the_listener_limits_apply_to_sendmail_too(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        rcpts = [f"r{i}@example.com" for i in range(101)]  # default max_recipients: 100
+        done = await sendmail(daemon.config, *rcpts, stdin=b"Subject: many\n\nbody\n")
+        assert done.code == 65, done
+        assert "101 recipients exceed the limit of 100 (smtp.max_recipients)" in done.err
+        messages, _ = await Spool.status_from_disk(daemon.spool_dir)
+        assert messages == []
+
+
 async def test_with_no_daemon_the_exit_code_is_75(tmp_path: Path) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     socket_path = tmp_path / "run" / "ctl.sock"
