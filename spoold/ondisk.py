@@ -20,7 +20,8 @@ spool's (:mod:`spoold.spool`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,6 @@ import structlog
 from spoold.body import Body
 from spoold.errors import RecordError
 from spoold.message import (
-    Delivered,
     Message,
     Queue,
     Status,
@@ -161,13 +161,29 @@ class OnDiskSpool:
             checked_out=checked_out,
         )
 
-    async def checkout(self, msg: Message) -> None:
-        queue = queue_of(msg.status)
-        assert queue is not None and not isinstance(msg.status, Delivered)
-        await self.store.checkout(queue.value, msg.id)
+    async def checkout(self, msg: Message, queue: Queue | None = None) -> None:
+        """Mark ``msg`` as taken by an attempt; it is in ``queue`` (by
+        default the queue of its status)."""
+        where = queue or queue_of(msg.status)
+        if where is None:
+            raise ValueError(f"{msg.id}: a delivered message has no record to check out")
+        await self.store.checkout(where.value, msg.id)
 
     async def release(self, msg: Message, queue: Queue) -> None:
+        """Give a checked-out record back to ``queue`` unchanged."""
         await self.store.release(queue.value, msg.id)
+
+    async def clear_reason(self, queue: Queue, message_id: str) -> None:
+        """Forget why a record was set aside (it left ``queue``)."""
+        await self.store.clear_reason(queue.value, message_id)
+
+    async def names(self, queue: Queue) -> list[tuple[str, bool]]:
+        """Ids in ``queue`` as ``(id, checked_out)``: a listing, no record read."""
+        return await self.store.list_queue(queue.value)
+
+    def wakeups(self) -> AbstractAsyncContextManager[AsyncIterator[list[str]]]:
+        """(Owner) ids that other processes report adding; see Store.wakeups."""
+        return self.store.wakeups()
 
     async def read_body(self, message_id: str) -> Body:
         return Body(await self.store.read_body(message_id))

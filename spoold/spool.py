@@ -324,7 +324,7 @@ class Spool:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Adopt messages other processes added (they send their ids)."""
-        async with self._od.store.wakeups() as batches:
+        async with self._od.wakeups() as batches:
             task_status.started()
             async for names in batches:
                 try:
@@ -338,7 +338,7 @@ class Spool:
         names)."""
         unknown = []
         for queue in _LOADED_QUEUES:
-            for name, checked_out in await self._od.store.list_queue(queue.value):
+            for name, checked_out in await self._od.names(queue):
                 if not checked_out and name not in self._index:
                     unknown.append(name)
         if unknown:
@@ -451,7 +451,7 @@ class Spool:
         return decision
 
     async def _checkout(self, entry: _Entry) -> None:
-        await self._od.store.checkout(entry.queue.value, entry.msg.id)
+        await self._od.checkout(entry.msg, entry.queue)
         entry.checked_out = True
 
     async def _finish_attempt(self, entry: _Entry, outcome: Delivery | AttemptFailed) -> None:
@@ -772,7 +772,7 @@ class Spool:
                 new.status = Frozen()
                 await self._od.save(new, from_queue=source)
                 if source is Queue.QUARANTINE:
-                    await self._od.store.clear_reason(source.value, new.id)
+                    await self._od.clear_reason(source, new.id)
                 entry = _Entry(new, Queue.FROZEN)
                 self._index[new.id] = entry
                 self._publish("recovered", new, detail=source.value)
@@ -852,7 +852,7 @@ class Spool:
             messages: list[Message] = []
             unreadable: list[Unreadable] = []
             for queue in queues:
-                checked_out = {n for n, c in await ondisk.store.list_queue(queue.value) if c}
+                checked_out = {n for n, c in await ondisk.names(queue) if c}
                 msgs, bad = await ondisk.load(queue)
                 for m in msgs:
                     if m.id in checked_out:
@@ -870,7 +870,7 @@ class Spool:
         ``sending`` (checked-out records) as the daemon counts it."""
         ondisk, _ = await OnDiskSpool.open(spool_dir, owner=False, create=False)
         try:
-            active = await ondisk.store.list_queue(Queue.ACTIVE.value)
+            active = await ondisk.names(Queue.ACTIVE)
             return {
                 "active": len(active),
                 "frozen": await ondisk.count(Queue.FROZEN),
