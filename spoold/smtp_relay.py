@@ -559,7 +559,13 @@ class SmtpRelay:
                         )
             except HopUnavailableError as exc:
                 hop_errors.append(str(exc))
-                log.warning("next hop unavailable", id=message.id, hop=hop, error=str(exc))
+                log.warning(
+                    "next hop unavailable",
+                    id=message.id,
+                    flows=message.flows,
+                    hop=hop,
+                    error=str(exc),
+                )
             except _TryLater as exc:
                 return AttemptFailed(f"{hop}: {exc}")
             except TimeoutError:

@@ -387,7 +387,11 @@ class Spool:
         try:
             await self._attempt(entry)
         except Exception:
-            log.exception("attempt failed unexpectedly; retrying in a minute", id=entry.msg.id)
+            log.exception(
+                "attempt failed unexpectedly; retrying in a minute",
+                id=entry.msg.id,
+                flows=entry.msg.flows,
+            )
             await self._recover_from_failed_attempt(entry)
         finally:
             entry.busy = False
@@ -439,7 +443,11 @@ class Spool:
                 await self._od.release(entry.msg, entry.queue)
                 entry.checked_out = False
             except Exception:
-                log.exception("could not return a checked-out record", id=entry.msg.id)
+                log.exception(
+                    "could not return a checked-out record",
+                    id=entry.msg.id,
+                    flows=entry.msg.flows,
+                )
         self._schedule(entry)
 
     async def _ask_presend(self, msg: Message) -> PresendDecision:
@@ -524,7 +532,7 @@ class Spool:
             action = await call_hook(self.on_error, msg.copy(), rcpt, result)
             return ErrorAction(action)
         except Exception:
-            log.exception("on_error hook failed; trying later", id=msg.id)
+            log.exception("on_error hook failed; trying later", id=msg.id, flows=msg.flows)
             return ErrorAction.TRY_LATER
 
     # --------------------------------------------------- applying changes
