@@ -67,7 +67,7 @@ class Body:
                 raise BareLineEndingError(
                     f"message has a bare {kind} at byte {bare}; lines must end with CRLF"
                 )
-            content = _ANY_EOL.sub(b"\r\n", content)
+            content = normalize_line_endings(content)
         if content and not content.endswith(b"\r\n"):
             content += b"\r\n"
         return cls(_STUFF.sub(b"..", content))

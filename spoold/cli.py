@@ -407,13 +407,10 @@ def _header_recipients(content: bytes) -> tuple[list[str], bytes]:
         in_bcc = line[:4].lower() == b"bcc:"
         if not in_bcc:
             kept.append(line)
-    new_head = b"".join(kept)
     rest = content[end.start() :] if end else b""
-    if rest and not new_head:
-        rest = rest.lstrip(b"\r\n")  # no headers left: no separator either
-    elif new_head and not new_head.endswith(b"\n") and rest[:1] not in (b"\r", b"\n"):
-        new_head += b"\n"
-    return found, new_head.rstrip(b"\r\n") + rest if kept else rest
+    if not kept:
+        return found, rest.lstrip(b"\r\n")  # no headers left: no separator either
+    return found, b"".join(kept).rstrip(b"\r\n") + rest
 
 
 def _cut_at_dot_line(content: bytes) -> bytes:

@@ -23,7 +23,7 @@ import gc
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -320,7 +320,6 @@ class RoutedBatch:
 
     envelopes: Sequence[RoutedEnvelope]
     body: Body
-    original_recipients: Sequence[str] = field(default=())
 
 
 def message_for_envelope(

@@ -184,31 +184,9 @@ class SmtpListener:
     def _factory(self) -> asyncio.Protocol:
         settings = self.settings()
         cfg = settings.config
-        listener = self
-
-        class Session(SMTPProtocol):
-            line_length_limit = cfg.max_line_length + 2  # with its CRLF
-
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                peer = transport.get_extra_info("peername")
-                live = listener.settings()
-                if not live.users and not _allowed(peer, live.config.relay_networks):
-                    _refuse(transport, b"554 5.7.1 Your address may not send mail here\r\n")
-                    return
-                if listener.connections >= live.config.max_connections:
-                    _refuse(transport, b"421 4.7.0 Too many connections, try again later\r\n")
-                    return
-                listener.connections += 1
-                self._counted = True
-                super().connection_made(transport)
-
-            def connection_lost(self, exc: Exception | None) -> None:
-                if getattr(self, "_counted", False):
-                    listener.connections -= 1
-                    self._counted = False
-                    super().connection_lost(exc)
-
-        return Session(
+        return _Session(
+            self,
+            cfg.max_line_length + 2,  # with its CRLF
             self.handler,
             data_size_limit=cfg.max_message_size,
             enable_SMTPUTF8=True,
@@ -241,6 +219,39 @@ class SmtpListener:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 for server in servers:
                     await server.wait_closed()
+
+
+class _Session(SMTPProtocol):
+    """One SMTP session: refuses clients outside relay_networks (unless
+    AUTH is on) and past max_connections before greeting them."""
+
+    def __init__(
+        self, listener: SmtpListener, line_length_limit: int, *args: Any, **kwargs: Any
+    ) -> None:
+        self._listener = listener
+        self._counted = False
+        self.line_length_limit = line_length_limit  # read by SMTP.__init__
+        super().__init__(*args, **kwargs)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        listener = self._listener
+        peer = transport.get_extra_info("peername")
+        live = listener.settings()
+        if not live.users and not _allowed(peer, live.config.relay_networks):
+            _refuse(transport, b"554 5.7.1 Your address may not send mail here\r\n")
+            return
+        if listener.connections >= live.config.max_connections:
+            _refuse(transport, b"421 4.7.0 Too many connections, try again later\r\n")
+            return
+        listener.connections += 1
+        self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._listener.connections -= 1
+            self._counted = False
+            super().connection_lost(exc)
 
 
 def _allowed(peer: object, networks: tuple[str, ...]) -> bool:
