@@ -8,6 +8,8 @@ so ``except ValueError`` still catches a bad id.
 
 from __future__ import annotations
 
+from typing import Literal
+
 __all__ = [
     "SpooldError",
     "InvalidIdError",
@@ -18,6 +20,8 @@ __all__ = [
     "BareLineEndingError",
     "OperationRefusedError",
     "SpoolClosedError",
+    "AddressError",
+    "AddressProblem",
 ]
 
 
@@ -64,3 +68,17 @@ class OperationRefusedError(SpooldError):
 
 class SpoolClosedError(SpooldError):
     """The spool is closed, or closing, and takes no new work."""
+
+
+AddressProblem = Literal["syntax", "null", "control", "non_ascii", "too_long"]
+
+
+class AddressError(SpooldError, ValueError):
+    """An address that may not be used where it was given. ``kind`` says
+    what is wrong (SMTP answers each with its own code); ``address`` is the
+    address as given."""
+
+    def __init__(self, message: str, address: str, *, kind: AddressProblem = "syntax") -> None:
+        self.address = address
+        self.kind: AddressProblem = kind
+        super().__init__(message)
