@@ -125,6 +125,7 @@ class SpoolConfig:
     retry_intervals: tuple[timedelta, ...] = DEFAULT_RETRY_SPANS
     retry_jitter: float = 0.1
     flush_timeout: timedelta = timedelta(seconds=30)
+    min_free_space: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +391,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         retry_intervals=t.get("retry_intervals", DEFAULT_RETRY_SPANS, _list(parse_span)),
         retry_jitter=t.get("retry_jitter", 0.1, _fraction),
         flush_timeout=t.get("flush_timeout", timedelta(seconds=30), parse_span),
+        min_free_space=t.get("min_free_space", 64 * 1024 * 1024, parse_size),
     )
     t.done()
 

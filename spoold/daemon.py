@@ -149,6 +149,7 @@ class Daemon:
                     cfg.spool.retry_intervals, cfg.spool.retry_jitter
                 ),
                 flush_timeout=0,  # the daemon flushes before leaving (see _stop)
+                min_free_space=cfg.spool.min_free_space,
             ) as spool:
                 self._spool = spool
                 hostname = await anyio.to_thread.run_sync(socket.getfqdn)
@@ -300,6 +301,7 @@ class Daemon:
         spool = self._spool
         if spool is not None:
             spool.max_concurrent_send_jobs = cfg.spool.max_concurrent_send_jobs
+            spool.min_free_space = cfg.spool.min_free_space
             spool.default_retry_intervals = retry_intervals_from_spans(
                 cfg.spool.retry_intervals, cfg.spool.retry_jitter
             )

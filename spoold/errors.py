@@ -8,6 +8,7 @@ so ``except ValueError`` still catches a bad id.
 
 from __future__ import annotations
 
+import errno
 from typing import Literal
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "InvalidIdError",
     "SpoolLockedError",
     "StoreError",
+    "InsufficientStorageError",
     "NotFoundError",
     "RecordError",
     "BareLineEndingError",
@@ -44,7 +46,19 @@ class SpoolLockedError(SpooldError):
 
 
 class StoreError(SpooldError, OSError):
-    """A filesystem operation of the spool store failed."""
+    """A filesystem operation of the spool store failed. Temporary by
+    nature: the caller may try again later (SMTP answers 4xx)."""
+
+    @property
+    def disk_full(self) -> bool:
+        """The disk (or the quota, or the spool's free-space floor) is full."""
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class InsufficientStorageError(StoreError):
+    """Free space in the spool is below its floor (``spool.min_free_space``):
+    new messages are refused before the disk is actually full, so the
+    messages already queued can still be updated and delivered."""
 
 
 class NotFoundError(SpooldError, KeyError):

@@ -84,6 +84,7 @@ class OnDiskSpool:
         create: bool = True,
         max_threads: int = 16,
         on_step: StepHook | None = None,
+        min_free_bytes: int = 0,
     ) -> tuple[OnDiskSpool, RecoveryReport]:
         store, report = await Store.open(
             spool_dir,
@@ -92,6 +93,7 @@ class OnDiskSpool:
             create=create,
             max_threads=max_threads,
             on_step=on_step,
+            min_free_bytes=min_free_bytes,
         )
         if report:
             log.info(

@@ -55,6 +55,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from spoold.address import validate_address, validate_recipients
 from spoold.clock import Clock, SystemClock
 from spoold.errors import (
     NotFoundError,
@@ -62,6 +63,7 @@ from spoold.errors import (
     RecordError,
     SpoolClosedError,
     SpooldError,
+    StoreError,
 )
 from spoold.events import EventHub, SpoolEvent, Subscription
 from spoold.hooks import (
@@ -95,6 +97,7 @@ from spoold.message import (
 )
 from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
+from spoold.store import StepHook
 
 __all__ = ["Spool", "DEFAULT_RETRY_INTERVALS", "retry_intervals_from_spans"]
 
@@ -106,11 +109,15 @@ def retry_intervals_from_spans(spans: Iterable[timedelta], jitter: float) -> lis
     return [RetryInterval(s, s * jitter if jitter else None) for s in spans]
 
 
+DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
+
 DEFAULT_RETRY_INTERVALS = retry_intervals_from_spans(
     [timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480)], 0.1
 )
 
 _LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
+_OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
+_OUTCOME_RETRY_MAX = 60.0
 
 
 @dataclass(slots=True, eq=False)
@@ -179,6 +186,8 @@ class Spool:
         ping_interval: float = 30.0,
         rng: random.Random | None = None,
         max_threads: int = 16,
+        min_free_space: int = DEFAULT_MIN_FREE_SPACE,
+        on_step: StepHook | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -187,7 +196,11 @@ class Spool:
         """
         if max_concurrent_send_jobs < 1:
             raise ValueError("max_concurrent_send_jobs must be at least 1")
-        ondisk, _ = await OnDiskSpool.open(spool_dir, max_threads=max_threads)
+        if min_free_space < 0:
+            raise ValueError("min_free_space must be >= 0")
+        ondisk, _ = await OnDiskSpool.open(
+            spool_dir, max_threads=max_threads, min_free_bytes=min_free_space, on_step=on_step
+        )
         try:
             spool = cls(
                 ondisk,
@@ -258,6 +271,19 @@ class Spool:
             raise ValueError("max_concurrent_send_jobs must be at least 1")
         self._max_jobs = value
         self._poke()
+
+    @property
+    def min_free_space(self) -> int:
+        """Bytes that must stay free in the spool's filesystem: below it,
+        :meth:`add` raises :class:`~spoold.errors.InsufficientStorageError`
+        (a temporary error); 0 turns the check off. Changeable while open."""
+        return self._od.store.min_free_bytes
+
+    @min_free_space.setter
+    def min_free_space(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("min_free_space must be >= 0")
+        self._od.store.min_free_bytes = value
 
     def set_hooks(self, presend: PresendHook | None, on_error: OnErrorHook | None) -> None:
         """Replace both hooks at once (None: the default)."""
@@ -512,7 +538,7 @@ class Spool:
             status = SendAt(at=at)
             event = "delayed_rate_limited" if rate_limited else "delayed"
         new.status = status
-        await self._od.save(new, from_queue=entry.queue, checked_out=True)
+        await self._save_outcome(entry, new)
         entry.checked_out = False
         self._apply(entry, new)
         self._publish(event, new, at=at)
@@ -526,6 +552,52 @@ class Spool:
             later=len(later),
             at=at,
         )
+
+    async def _save_outcome(self, entry: _Entry, new: Message) -> None:
+        """Write the record an attempt produced, however long the disk needs.
+
+        The next hop has answered: recipients it accepted must never be sent
+        again, so the outcome is kept in memory and its write retried with
+        backoff (1 s doubling to 60 s, on the spool's clock) until it is on
+        disk; the message stays busy (no new attempt, no operator change)
+        meanwhile. Only a process that dies before the write succeeds sends
+        again (at least once).
+        """
+        delay = _OUTCOME_RETRY_FIRST
+        retried = False
+        never = anyio.Event()
+        while True:
+            try:
+                if retried:
+                    await self._rewrite_outcome(entry, new)
+                else:
+                    await self._od.save(new, from_queue=entry.queue, checked_out=True)
+            except StoreError as exc:
+                log.error(
+                    "could not write the outcome of an attempt; keeping it and trying again",
+                    id=new.id,
+                    flows=new.flows,
+                    error=str(exc),
+                    disk_full=exc.disk_full,
+                    retry_in=delay,
+                )
+                await self.clock.wait(never, self.clock.now() + timedelta(seconds=delay))
+                delay = min(delay * 2, _OUTCOME_RETRY_MAX)
+                retried = True
+                continue
+            if retried:
+                log.info("outcome of an attempt written", id=new.id, flows=new.flows)
+            return
+
+    async def _rewrite_outcome(self, entry: _Entry, new: Message) -> None:
+        """A retry of :meth:`_save_outcome`: an earlier try may have got as far
+        as moving the record (a failure after a rename), so look where it is."""
+        try:
+            await self._od.save(new, from_queue=entry.queue, checked_out=True)
+        except NotFoundError:
+            target = new.queue
+            if target is not None:  # None: delivered, the record is already gone
+                await self._od.save(new, from_queue=target)
 
     async def _ask_on_error(self, msg: Message, rcpt: str, result: RecipientResult) -> ErrorAction:
         try:
@@ -648,8 +720,8 @@ class Spool:
         spool_date = self.clock.now()
         new = []
         for env in batch.envelopes:
-            if not env.recipients:
-                raise ValueError("an envelope needs at least one recipient")
+            validate_address(env.sender, role="sender")
+            validate_recipients(list(env.recipients))
             if not env.next_hop_choices:
                 raise ValueError("an envelope needs at least one next hop")
 

@@ -57,7 +57,7 @@ from typing import TypeVar
 
 import anyio
 
-from spoold.errors import NotFoundError, SpoolLockedError, StoreError
+from spoold.errors import InsufficientStorageError, NotFoundError, SpoolLockedError, StoreError
 from spoold.ids import is_valid_id, new_id, validate_id
 
 __all__ = [
@@ -160,8 +160,10 @@ class Store:
         owner: bool,
         max_threads: int,
         on_step: StepHook | None,
+        min_free_bytes: int = 0,
     ) -> None:
         self.root = root
+        self.min_free_bytes = min_free_bytes
         self.queues = tuple(queues)
         self.owner = owner
         self._limiter = anyio.CapacityLimiter(max_threads)
@@ -189,8 +191,14 @@ class Store:
         create: bool = True,
         max_threads: int = 16,
         on_step: StepHook | None = None,
+        min_free_bytes: int = 0,
     ) -> tuple[Store, RecoveryReport]:
         """Open (and create) the store at ``root``.
+
+        ``min_free_bytes`` is the floor of free space under which
+        :meth:`enqueue` refuses new entries (changes of existing ones are
+        never refused for it, so a full queue can still drain); it may be
+        changed while open.
 
         As owner, take the lock (raising :class:`SpoolLockedError` at once if
         another process holds it) and recover: checked-out records go back to
@@ -206,6 +214,7 @@ class Store:
             owner=owner,
             max_threads=max_threads,
             on_step=on_step,
+            min_free_bytes=min_free_bytes,
         )
         try:
             report = await anyio.to_thread.run_sync(store._open_sync, create)
@@ -406,7 +415,27 @@ class Store:
             self._check_queue(e.queue)
         return await self._run(self._enqueue_sync, entries)
 
+    def free_bytes(self) -> int:
+        """Bytes free for this process on the store's filesystem (blocking:
+        one ``fstatvfs``)."""
+        st = os.fstatvfs(self._dir_fds[self._tmp])
+        return st.f_bavail * st.f_frsize
+
+    def _check_free_space(self, needed: int) -> None:
+        if not self.min_free_bytes:
+            return
+        free = self.free_bytes()
+        if free - needed < self.min_free_bytes:
+            raise InsufficientStorageError(
+                errno.ENOSPC,
+                f"{self.root}: only {free} bytes free, below the floor of "
+                f"{self.min_free_bytes} (spool.min_free_space); new mail is refused "
+                "until space is freed",
+            )
+
     def _enqueue_sync(self, entries: Sequence[NewEntry]) -> list[str]:
+        self._step("check_space")
+        self._check_free_space(sum(len(e.body) for e in entries))
         names: list[str] = []
         written: list[str] = []  # every path to remove if we fail
         try:
