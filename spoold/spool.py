@@ -23,20 +23,11 @@ Invariants:
 * At most ``max_concurrent_send_jobs`` attempts run at once (changeable
   while running).
 
-Outcome of an attempt (see :meth:`Spool._finish_attempt`): recipients the
-hop accepted, or that ``on_error`` answers ``done`` for, are dealt with;
-``fail_permanently`` moves a recipient to ``failed_recipients``;
-``try_later`` keeps it in ``remaining_recipients``. Then:
-
-* nobody left to try and nobody failed: delivered, files deleted;
-* nobody left to try but someone failed: frozen, for an operator to triage;
-* someone left to try and a retry interval left: ``send_at(now + interval)``
-  (the head interval is consumed; a rate-limited delay reuses it without
-  consuming it), event ``delayed`` or ``delayed_rate_limited``;
-* someone left to try and no interval left: frozen.
-
-Every attempt that did not deliver to everyone appends a relay attempt
-(time, error text) to the record, written with the new status.
+The outcome of an attempt (which recipients are done, failed or left, and
+the message's next status) is decided by :func:`spoold.outcome.attempt_outcome`,
+a pure function; the spool asks ``on_error`` about each refusal, writes the
+record it returns (retrying until the disk takes it: the hop's answers are
+never thrown away) and publishes its event.
 """
 
 from __future__ import annotations
@@ -79,12 +70,10 @@ from spoold.hooks import (
 from spoold.ids import new_id, validate_id
 from spoold.message import (
     SEND_NOW,
-    Delivered,
     Frozen,
     Message,
     Quarantined,
     Queue,
-    RelayAttempt,
     Removed,
     RetryInterval,
     RoutedBatch,
@@ -96,6 +85,7 @@ from spoold.message import (
     message_for_envelope,
 )
 from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
+from spoold.outcome import attempt_outcome, refusals
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
 from spoold.store import StepHook
 
@@ -127,6 +117,7 @@ class _Entry:
     gen: int = 0
     busy: bool = False
     checked_out: bool = False  # this entry's attempt holds the record's checkout
+    kicked: bool = False  # an operator asked for the next attempt (spoold send)
 
 
 class Spool:
@@ -429,6 +420,7 @@ class Spool:
     async def _attempt(self, entry: _Entry) -> None:
         msg = entry.msg
         mlog = log.bind(id=msg.id, flows=msg.flows)
+        kicked, entry.kicked = entry.kicked, False
         before = msg.status
         msg.status = Sending()
         try:
@@ -437,7 +429,11 @@ class Spool:
             mlog.exception("presend hook failed; trying later")
             msg.status = before
             await self._checkout(entry)
-            await self._finish_attempt(entry, AttemptFailed(f"presend hook failed: {exc!r}"))
+            await self._finish_attempt(
+                entry,
+                AttemptFailed(f"presend hook failed: {exc!r}"),
+                operator_kick=kicked,
+            )
             return
         self._publish("presend", msg, detail=_decision_name(decision))
         if not isinstance(decision, SendNow):
@@ -455,7 +451,7 @@ class Spool:
         except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
             mlog.exception("relay raised; trying later")
             outcome = AttemptFailed(f"relay error: {exc!r}")
-        await self._finish_attempt(entry, outcome)
+        await self._finish_attempt(entry, outcome, operator_kick=kicked)
 
     async def _recover_from_failed_attempt(self, entry: _Entry) -> None:
         """An attempt broke in an unexpected way (e.g. a disk error): return
@@ -488,69 +484,36 @@ class Spool:
         await self._od.checkout(entry.msg, entry.queue)
         entry.checked_out = True
 
-    async def _finish_attempt(self, entry: _Entry, outcome: Delivery | AttemptFailed) -> None:
+    async def _finish_attempt(
+        self, entry: _Entry, outcome: Delivery | AttemptFailed, *, operator_kick: bool
+    ) -> None:
         old = entry.msg
-        new = old.copy()
-        now = self.clock.now()
-        remaining = list(old.remaining_recipients)
-        later: list[str] = []
-        permanent: list[str] = []
-        errors: list[str] = []
-        rate_limited = False
-        if isinstance(outcome, AttemptFailed):
-            later = remaining
-            errors.append(outcome.error)
-        else:
-            for rcpt in remaining:
-                result = outcome.recipients.get(rcpt) or RecipientResult(
-                    451, "no reply for this recipient"
-                )
-                if result.accepted:
-                    continue
-                errors.append(f"{rcpt}: {result}")
-                action = await self._ask_on_error(new, rcpt, result)
-                if action is ErrorAction.FAIL_PERMANENTLY:
-                    permanent.append(rcpt)
-                elif action is ErrorAction.TRY_LATER_RATE_LIMITED:
-                    later.append(rcpt)
-                    rate_limited = True
-                elif action is ErrorAction.TRY_LATER:
-                    later.append(rcpt)
-        new.remaining_recipients = later
-        new.failed_recipients = list(dict.fromkeys([*old.failed_recipients, *permanent]))
-        if errors:
-            via = f" via {outcome.hop}" if isinstance(outcome, Delivery) and outcome.hop else ""
-            new.add_relay_attempt(RelayAttempt(now, "; ".join(errors) + via))
-        event: str
-        at: datetime | None = None
-        status: Status
-        if not later:
-            status, event = (
-                (Frozen(), "frozen") if new.failed_recipients else (Delivered(), "delivered")
-            )
-        elif not new.retry_intervals:
-            status, event = Frozen(), "frozen"
-        else:
-            interval = new.retry_intervals[0]
-            if not rate_limited:
-                new.retry_intervals = new.retry_intervals[1:]
-            at = now + interval.draw(self._rng)
-            status = SendAt(at=at)
-            event = "delayed_rate_limited" if rate_limited else "delayed"
-        new.status = status
+        actions = {
+            rcpt: await self._ask_on_error(old, rcpt, result)
+            for rcpt, result in refusals(old, outcome).items()
+        }
+        result = attempt_outcome(
+            old,
+            outcome,
+            actions,
+            now=self.clock.now(),
+            draw=lambda interval: interval.draw(self._rng),
+            operator_kick=operator_kick,
+        )
+        new = result.record
         await self._save_outcome(entry, new)
         entry.checked_out = False
         self._apply(entry, new)
-        self._publish(event, new, at=at)
+        self._publish(result.event, new, at=result.at)
         log.info(
             "attempt done",
             id=new.id,
             flows=new.flows,
-            outcome=event,
-            delivered=len(remaining) - len(later) - len(permanent),
-            failed=len(permanent),
-            later=len(later),
-            at=at,
+            outcome=result.event,
+            delivered=len(result.delivered),
+            failed=len(result.failed),
+            later=len(result.later),
+            at=result.at,
         )
 
     async def _save_outcome(self, entry: _Entry, new: Message) -> None:
@@ -809,6 +772,7 @@ class Spool:
             async def one(e: _Entry) -> None:
                 was_frozen = e.queue is Queue.FROZEN
                 new = await self._change(e, SEND_NOW, edit=edit)
+                e.kicked = True
                 if was_frozen:
                     self._publish("unfrozen", new)
 

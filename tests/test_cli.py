@@ -286,14 +286,15 @@ async def test_send_one_with_a_retry_interval(queue: FilledSpool) -> None:
     assert done.code == 0, done.err
     assert done.out.strip() == "sending 1 message(s)"
 
-    # Refused at the next hop; the added interval is used: delayed by an hour.
+    # Refused at the next hop; the added interval is used: delayed by an hour,
+    # and kept, since an operator's kick never uses an interval up.
     view = (await wait_for_views(queue, attempted(mid)))[mid]
     listed = by_id(queue.cli("status", "--format", "json").out)[mid]
     assert listed == view
     assert view["status"] == "send_at" and view["queue"] == "active"
     at = when(view["send_at"])
     assert started + timedelta(minutes=59) < at < datetime.now(UTC) + timedelta(minutes=61)
-    assert view["retry_intervals"] == []
+    assert view["retry_intervals"] == [{"span": 3600.0, "jitter": None}]
     (attempt,) = view["relay_attempts"]
     assert set(attempt) == {"time", "error"}
     assert started - timedelta(seconds=1) < when(attempt["time"]) <= datetime.now(UTC)
@@ -332,8 +333,11 @@ async def test_send_frozen_only_then_all(queue: FilledSpool) -> None:
     for mid in queue.all_ids:
         view = current[mid]
         assert view["status"] == "send_at"
-        # 1h used, 3h left at the head of what was there.
-        assert [r["span"] for r in view["retry_intervals"]] == [3 * 3600.0]
+        # 1h and 3h added at the head of what was there; the 1h one sets the
+        # delay and stays (an operator's kick uses no interval up).
+        spans = [r["span"] for r in view["retry_intervals"]]
+        kept = [2 * 3600.0] if mid in queue.frozen else []
+        assert spans == [3600.0, 3 * 3600.0, *kept]
         assert when(view["send_at"]) < datetime.now(UTC) + timedelta(minutes=61)
 
 

@@ -420,7 +420,9 @@ async def test_send_reschedules_and_the_old_timer_fires_nothing(tmp_path: Path) 
         (mid,) = await spool.add(batch(RCPT))
         await wait_for(lambda: status_of(spool, mid) == SendAt(at=START + MINUTE), "retry in 1m")
 
-        assert await spool.send([mid]) == [mid]  # at START: tried now, fails, waits 5m
+        # At START: tried now, fails, waits the 5 minutes at the head (an
+        # operator's kick does not use it up).
+        assert await spool.send([mid]) == [mid]
         await wait_for(lambda: status_of(spool, mid) == SendAt(at=START + 5 * MINUTE), "5m")
         assert len(attempts_for(relay, mid)) == 2
 
@@ -430,9 +432,30 @@ async def test_send_reschedules_and_the_old_timer_fires_nothing(tmp_path: Path) 
         assert len(attempts_for(relay, mid)) == 2
         assert status_of(spool, mid) == SendAt(at=START + 5 * MINUTE)
 
-        clock.advance(3 * MINUTE)  # the live timer: third attempt, no interval left
+        clock.advance(3 * MINUTE)  # the live timer: third attempt uses the last interval
+        await wait_for(lambda: status_of(spool, mid) == SendAt(at=START + 10 * MINUTE), "10m")
+        clock.advance(5 * MINUTE)  # fourth attempt: no interval left
         await wait_for(lambda: isinstance(status_of(spool, mid), Frozen), "frozen")
-        assert len(attempts_for(relay, mid)) == 3
+        assert len(attempts_for(relay, mid)) == 4
+
+
+async def test_operator_kicks_never_bring_a_message_closer_to_freezing(tmp_path: Path) -> None:
+    """A route with two retry intervals; the operator sends the message
+    twice while its hop still defers it: it is not frozen, and both
+    intervals are still there for the scheduler's own attempts."""
+    relay = relay_answering({RCPT: TRY_LATER})
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay, clock) as spool:
+        (mid,) = await spool.add(batch(RCPT, retry_intervals=intervals(1, 5)))
+        await wait_for(lambda: status_of(spool, mid) == SendAt(at=START + MINUTE), "1st failure")
+        for kick in (1, 2):
+            await spool.send([mid])
+            await wait_for(lambda kick=kick: len(attempts_for(relay, mid)) == 1 + kick, "kick")
+            await wait_for(lambda: isinstance(status_of(spool, mid), SendAt), "delayed again")
+        record = read_record(tmp_path, "active", mid)
+        assert record.retry_intervals == intervals(5)  # only the first, automatic, failure used one
+        assert len(record.relay_attempts) == 3  # every kick is recorded
+        assert record.status == SendAt(at=START + 5 * MINUTE)
 
 
 # ======================================================== attempt outcomes

@@ -1,0 +1,146 @@
+"""The rules that turn one relay attempt into a message's next state.
+
+This module is pure: no I/O, no clock, no randomness of its own. The spool
+gathers what an attempt produced (the relay's outcome, and ``on_error``'s
+answer for each refused recipient), calls :func:`attempt_outcome`, writes
+the record it returns and publishes its event. Every rule about what an
+attempt means lives here, so it is tested as a table of cases.
+
+The rules, for the recipients that were still to be delivered:
+
+* a recipient the hop accepted (2xx) is done; so is one ``on_error``
+  answers ``done`` for;
+* ``fail_permanently`` moves a recipient to ``failed_recipients``;
+* ``try_later`` and ``try_later_rate_limited`` keep it in
+  ``remaining_recipients``;
+* a recipient the relay gave no result for counts as refused with
+  ``451 no reply for this recipient`` (never as delivered);
+* an attempt that reached no hop (:class:`~spoold.relay.AttemptFailed`)
+  keeps every recipient for later.
+
+Then the message's status:
+
+* nobody left to try and nobody failed: ``delivered`` (files deleted);
+* nobody left to try but someone failed: ``frozen``, for an operator;
+* someone left to try and a retry interval left: ``send_at(now +
+  interval)``, event ``delayed``; the head interval is consumed, except
+  when the delay is rate-limited (``delayed_rate_limited``) or the attempt
+  was one an operator asked for (``spoold send``): those reuse it, so an
+  operator's kick never brings a message closer to freezing;
+* someone left to try and no interval left: ``frozen``.
+
+Every attempt that did not deliver to everyone adds a relay attempt (time,
+error text) to the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from spoold.hooks import ErrorAction
+from spoold.message import Delivered, Frozen, Message, RelayAttempt, RetryInterval, SendAt, Status
+from spoold.relay import AttemptFailed, Delivery, RecipientResult, RelayOutcome
+
+__all__ = ["NO_REPLY", "AttemptOutcome", "OutcomeEvent", "attempt_outcome", "refusals"]
+
+NO_REPLY = RecipientResult(451, "no reply for this recipient", "4.4.0")
+
+OutcomeEvent = Literal["delivered", "frozen", "delayed", "delayed_rate_limited"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptOutcome:
+    """What one attempt did to a message: its new record (status
+    included), the event to publish, and who ended where."""
+
+    record: Message
+    event: OutcomeEvent
+    at: datetime | None
+    delivered: tuple[str, ...]
+    failed: tuple[str, ...]
+    later: tuple[str, ...]
+
+
+def refusals(record: Message, outcome: RelayOutcome) -> dict[str, RecipientResult]:
+    """The recipients of ``record`` the hop did not accept, with its answer
+    (``NO_REPLY`` for one it gave no answer for); empty when the attempt
+    reached no hop. These are the ones ``on_error`` is asked about."""
+    if isinstance(outcome, AttemptFailed):
+        return {}
+    out: dict[str, RecipientResult] = {}
+    for rcpt in record.remaining_recipients:
+        result = outcome.recipients.get(rcpt, NO_REPLY)
+        if not result.accepted:
+            out[rcpt] = result
+    return out
+
+
+def attempt_outcome(
+    record: Message,
+    outcome: RelayOutcome,
+    actions: Mapping[str, ErrorAction],
+    *,
+    now: datetime,
+    draw: Callable[[RetryInterval], timedelta],
+    operator_kick: bool = False,
+) -> AttemptOutcome:
+    """The next state of ``record`` after an attempt.
+
+    ``actions`` holds ``on_error``'s answer for each recipient of
+    :func:`refusals`; a refused recipient missing from it is tried later.
+    ``draw`` turns a retry interval into a wait (jitter applied).
+    ``operator_kick`` says an operator asked for this attempt. ``record``
+    is not changed.
+    """
+    new = record.copy()
+    remaining = list(record.remaining_recipients)
+    later: list[str] = []
+    permanent: list[str] = []
+    errors: list[str] = []
+    rate_limited = False
+    if isinstance(outcome, AttemptFailed):
+        later = remaining
+        errors.append(outcome.error)
+    else:
+        refused = refusals(record, outcome)
+        for rcpt in remaining:
+            result = refused.get(rcpt)
+            if result is None:
+                continue  # accepted
+            errors.append(f"{rcpt}: {result}")
+            action = actions.get(rcpt, ErrorAction.TRY_LATER)
+            if action is ErrorAction.FAIL_PERMANENTLY:
+                permanent.append(rcpt)
+            elif action is ErrorAction.TRY_LATER_RATE_LIMITED:
+                later.append(rcpt)
+                rate_limited = True
+            elif action is ErrorAction.TRY_LATER:
+                later.append(rcpt)
+            # ErrorAction.DONE: dealt with, neither retried nor failed
+    new.remaining_recipients = later
+    new.failed_recipients = list(dict.fromkeys([*record.failed_recipients, *permanent]))
+    if errors:
+        via = f" via {outcome.hop}" if isinstance(outcome, Delivery) and outcome.hop else ""
+        new.add_relay_attempt(RelayAttempt(now, "; ".join(errors) + via))
+    event: OutcomeEvent
+    at: datetime | None = None
+    status: Status
+    if not later:
+        status, event = (
+            (Frozen(), "frozen") if new.failed_recipients else (Delivered(), "delivered")
+        )
+    elif not new.retry_intervals:
+        status, event = Frozen(), "frozen"
+    else:
+        interval = new.retry_intervals[0]
+        if not rate_limited and not operator_kick:
+            new.retry_intervals = new.retry_intervals[1:]
+        at = now + draw(interval)
+        status = SendAt(at=at)
+        event = "delayed_rate_limited" if rate_limited else "delayed"
+    new.status = status
+    delivered = tuple(r for r in remaining if r not in later and r not in permanent)
+    return AttemptOutcome(new, event, at, delivered, tuple(permanent), tuple(later))

@@ -1,0 +1,185 @@
+"""The attempt-outcome rules as a table: relay answers and on_error's
+choices in, the next record and event out. No spool, no disk, no clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from spoold.hooks import ErrorAction
+from spoold.message import Delivered, Frozen, RetryInterval, SendAt
+from spoold.outcome import NO_REPLY, attempt_outcome, refusals
+from spoold.relay import AttemptFailed, Delivery, RecipientResult
+from tests.factories import make_message
+
+NOW = datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
+OK = RecipientResult(250, "ok", "2.0.0")
+LATER = RecipientResult(451, "later", "4.3.0")
+NO = RecipientResult(550, "no such user", "5.1.1")
+A, B, C = "a@example.com", "b@example.com", "c@example.com"
+FAIL = ErrorAction.FAIL_PERMANENTLY
+TRY = ErrorAction.TRY_LATER
+RATE = ErrorAction.TRY_LATER_RATE_LIMITED
+DONE = ErrorAction.DONE
+
+
+def minutes(*values: int) -> list[RetryInterval]:
+    return [RetryInterval(timedelta(minutes=m)) for m in values]
+
+
+@dataclass
+class Case:
+    remaining: list[str]
+    answers: dict[str, RecipientResult] | str  # a str: the attempt reached no hop
+    actions: dict[str, ErrorAction] = field(default_factory=dict)
+    intervals: list[int] = field(default_factory=lambda: [1, 5])
+    failed_before: list[str] = field(default_factory=list)
+    kick: bool = False
+    # expected
+    event: str = "delivered"
+    left: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    intervals_after: list[int] | None = None
+    wait: int | None = None  # minutes until send_at
+    attempt_logged: bool = True
+
+
+CASES = {
+    "everyone accepted": Case([A, B], {A: OK, B: OK}, attempt_logged=False),
+    "one refused for good freezes": Case(
+        [A, B], {A: OK, B: NO}, {B: FAIL}, event="frozen", failed=[B]
+    ),
+    "one deferred waits the head interval and uses it": Case(
+        [A, B], {A: OK, B: LATER}, {B: TRY}, event="delayed", left=[B], intervals_after=[5], wait=1
+    ),
+    "a permanent failure beside a deferral keeps retrying the deferral": Case(
+        [A, B],
+        {A: NO, B: LATER},
+        {A: FAIL, B: TRY},
+        event="delayed",
+        left=[B],
+        failed=[A],
+        intervals_after=[5],
+        wait=1,
+    ),
+    "rate limited reuses the head interval": Case(
+        [A],
+        {A: LATER},
+        {A: RATE},
+        event="delayed_rate_limited",
+        left=[A],
+        intervals_after=[1, 5],
+        wait=1,
+    ),
+    "an operator's kick reuses the head interval": Case(
+        [A],
+        {A: LATER},
+        {A: TRY},
+        kick=True,
+        event="delayed",
+        left=[A],
+        intervals_after=[1, 5],
+        wait=1,
+    ),
+    "an operator's kick that fails for good still freezes": Case(
+        [A], {A: NO}, {A: FAIL}, kick=True, event="frozen", failed=[A]
+    ),
+    "no interval left freezes": Case(
+        [A], {A: LATER}, {A: TRY}, intervals=[], event="frozen", left=[A]
+    ),
+    "a kick with no interval left freezes again": Case(
+        [A], {A: LATER}, {A: TRY}, intervals=[], kick=True, event="frozen", left=[A]
+    ),
+    "no hop reached keeps everyone": Case(
+        [A, B],
+        "no hops available: refused",
+        event="delayed",
+        left=[A, B],
+        intervals_after=[5],
+        wait=1,
+    ),
+    "a recipient with no reply is tried later, never delivered": Case(
+        [A, B], {A: OK}, event="delayed", left=[B], intervals_after=[5], wait=1
+    ),
+    "done counts as dealt with": Case([A, B], {A: OK, B: NO}, {B: DONE}),
+    "earlier failures keep the message frozen once the rest is delivered": Case(
+        [A], {A: OK}, failed_before=[C], event="frozen", failed=[C], attempt_logged=False
+    ),
+    "a failure already recorded is not recorded twice": Case(
+        [A], {A: NO}, {A: FAIL}, failed_before=[A], event="frozen", failed=[A]
+    ),
+    "a refusal on_error gave no answer for is tried later": Case(
+        [A], {A: NO}, {}, event="delayed", left=[A], intervals_after=[5], wait=1
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_outcome_table(case: Case) -> None:
+    record = make_message("M1", recipients=case.remaining, retry_intervals=minutes(*case.intervals))
+    record.failed_recipients = list(case.failed_before)
+    if isinstance(case.answers, str):
+        relay = AttemptFailed(case.answers)
+    else:
+        relay = Delivery(case.answers, hop="mx.example.net:25")
+    before = record.copy()
+
+    got = attempt_outcome(
+        record, relay, case.actions, now=NOW, draw=lambda i: i.span, operator_kick=case.kick
+    )
+
+    assert record == before  # the input is not changed
+    new = got.record
+    assert got.event == case.event
+    assert new.remaining_recipients == case.left
+    assert new.failed_recipients == case.failed
+    if case.event == "delivered":
+        assert new.status == Delivered()
+    elif case.event == "frozen":
+        assert new.status == Frozen()
+    else:
+        assert case.wait is not None
+        assert new.status == SendAt(at=NOW + timedelta(minutes=case.wait))
+        assert got.at == NOW + timedelta(minutes=case.wait)
+    if case.intervals_after is not None:
+        assert new.retry_intervals == minutes(*case.intervals_after)
+    if case.attempt_logged:
+        assert len(new.relay_attempts) == 1
+        assert new.relay_attempts[0].time == NOW
+    else:
+        assert new.relay_attempts == []
+    assert set(got.delivered) | set(got.failed) | set(got.later) == set(case.remaining)
+
+
+def test_the_relay_attempt_text_names_each_refusal_and_the_hop() -> None:
+    record = make_message("M1", recipients=[A, B], retry_intervals=minutes(1))
+    got = attempt_outcome(
+        record,
+        Delivery({A: NO, B: LATER}, hop="mx.example.net:25"),
+        {A: FAIL, B: TRY},
+        now=NOW,
+        draw=lambda i: i.span,
+    )
+    assert got.record.relay_attempts[0].error == (
+        f"{A}: 550 5.1.1 no such user; {B}: 451 4.3.0 later via mx.example.net:25"
+    )
+
+
+def test_refusals_name_the_recipients_on_error_is_asked_about() -> None:
+    record = make_message("M1", recipients=[A, B, C])
+    assert refusals(record, Delivery({A: OK, B: NO})) == {B: NO, C: NO_REPLY}
+    assert refusals(record, AttemptFailed("down")) == {}
+
+
+def test_jitter_comes_from_draw() -> None:
+    record = make_message("M1", recipients=[A], retry_intervals=minutes(10))
+    got = attempt_outcome(
+        record,
+        Delivery({A: LATER}),
+        {A: TRY},
+        now=NOW,
+        draw=lambda i: i.span + timedelta(seconds=7),
+    )
+    assert got.at == NOW + timedelta(minutes=10, seconds=7)
