@@ -334,6 +334,19 @@ def remove(target: _Target, ids: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every message in active and frozen")
+@click.pass_obj
+def reroute(target: _Target, ids: tuple[str, ...], all_: bool) -> None:
+    """Route messages again through the current routes (may split them)."""
+    if bool(ids) == all_:
+        _fail("give message ids or --all (one of them)", 2)
+    params: dict[str, Any] = {"which": "all"} if all_ else {"which": "ids", "ids": _valid_ids(ids)}
+    result = _run(lambda: target.client().request("reroute", **params))
+    click.echo(f"rerouted: {len(result)} message(s) {' '.join(result)}".rstrip())
+
+
+@main.command()
 @click.option("--from", "source", type=click.Choice(["removed", "quarantine"]), required=True)
 @click.argument("ids", nargs=-1, required=True)
 @click.pass_obj

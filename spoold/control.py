@@ -15,7 +15,8 @@ timeout) or ``internal``. ``events`` answers with one
 Operations mirror the Python API of :class:`~spoold.spool.Spool`:
 ``status`` (``queue``: all|active|frozen), ``count``, ``freeze``, ``send``
 (``ids`` or ``which``: all|frozen_only, ``retry_intervals``: spans),
-``remove``, ``recover`` (``from``: removed|quarantine), ``show`` (``id``,
+``remove``, ``reroute`` (``ids`` or ``which``: all), ``recover`` (``from``:
+removed|quarantine), ``show`` (``id``,
 ``body``), ``events``, ``reload``, ``check``, ``info`` (pid, config and
 live limits), ``submit`` (a message for ``spoold sendmail``) and ``ping``.
 
@@ -108,6 +109,7 @@ def message_view(msg: Message) -> dict[str, Any]:
             "mail_params": list(env.mail_params),
             "envelope_id": env.envelope_id,
         },
+        "route": msg.route,
     }
     if isinstance(status, SendAt):
         view["send_at"] = rfc3339(status.at)
@@ -280,6 +282,13 @@ class ControlServer:
         if op == "remove":
             await spool.remove(_ids(request))
             return None
+        if op == "reroute":
+            which = request.get("which", "ids")
+            if which == "ids":
+                return await spool.reroute(_ids(request))
+            if which == "all":
+                return await spool.reroute(which="all")
+            raise ValueError("which must be ids or all")
         if op == "recover":
             source = request.get("from")
             if source not in ("removed", "quarantine"):

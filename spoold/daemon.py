@@ -150,6 +150,7 @@ class Daemon:
                 ),
                 flush_timeout=0,  # the daemon flushes before leaving (see _stop)
                 min_free_space=cfg.spool.min_free_space,
+                routes=self.live.router,
             ) as spool:
                 self._spool = spool
                 hostname = await anyio.to_thread.run_sync(socket.getfqdn)
@@ -279,6 +280,17 @@ class Daemon:
             self._notify(self.notifier.ready, self._status_text())
             return {"applied": False, "errors": [str(exc)]}
         self._apply(live)
+        moved = [
+            name
+            for name, route in new.routes.items()
+            if name in old.routes and old.routes[name].next_hops != route.next_hops
+        ]
+        if moved:
+            log.info(
+                "routes with new next hops: their queued messages use them from their "
+                "next attempt on",
+                routes=moved,
+            )
         if restart:
             log.warning("these settings change only after a restart", settings=restart)
         log.info(
@@ -306,6 +318,7 @@ class Daemon:
                 cfg.spool.retry_intervals, cfg.spool.retry_jitter
             )
             spool.set_hooks(live.presend, live.on_error)
+            spool.routes = live.router
 
     # ---------------------------------------------------- control extras
 

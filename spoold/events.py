@@ -9,7 +9,8 @@ never loses events without being told.
 Event kinds: ``spooled``, ``presend`` (detail: the decision), ``delivered``,
 ``frozen``, ``removed``, ``unfrozen``, ``recovered`` (detail: from which
 queue), ``quarantined`` (detail: the reason), ``delayed`` and
-``delayed_rate_limited`` (``at``: when it will be tried), ``ping`` (every
+``delayed_rate_limited`` (``at``: when it will be tried), ``rerouted``
+(detail: the new next hops), ``ping`` (every
 30 s, no message), and ``overflow`` (detail: how many were missed).
 """
 
@@ -39,6 +40,7 @@ EVENT_KINDS = frozenset(
         "quarantined",
         "delayed",
         "delayed_rate_limited",
+        "rerouted",
         "ping",
         "overflow",
     }

@@ -60,7 +60,7 @@ __all__ = [
     "utcnow",
 ]
 
-RECORD_VERSION: Final = 1
+RECORD_VERSION: Final = 2
 
 
 def utcnow() -> datetime:
@@ -196,7 +196,13 @@ class Message(
     tag=RECORD_VERSION,
     dict=True,  # room for attributes that are not part of the record
 ):
-    """The metadata record of one spooled message (schema version 1)."""
+    """The metadata record of one spooled message (schema version 2).
+
+    ``route`` names the configured route that chose ``next_hop_choices``
+    (``None``: hops given explicitly through the API, or a record written
+    before version 2); after a reload that changes that route's hops, the
+    message uses the new ones from its next attempt on.
+    """
 
     id: str
     parent_id: str
@@ -210,6 +216,7 @@ class Message(
     relay_attempts: list[RelayAttempt] = msgspec.field(default_factory=list)
     status: Status = SEND_NOW
     envelope_info: EnvelopeInfo
+    route: str | None = None
 
     # -- where it lives
 
@@ -312,6 +319,7 @@ class RoutedEnvelope:
     retry_intervals: Sequence[RetryInterval] = ()
     mail_params: Sequence[str] = ()
     envelope_id: str = ""
+    route: str | None = None  # the configured route that chose the hops, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +361,7 @@ def message_for_envelope(
             mail_params=list(envelope.mail_params),
             envelope_id=envelope.envelope_id,
         ),
+        route=envelope.route,
     )
     msg.spool_dir = spool_dir
     return msg
@@ -405,10 +414,27 @@ class _VersionOnly(msgspec.Struct):
 
 _version_decoder = msgspec.json.Decoder(_VersionOnly)
 
-# Readers for older schema versions: version -> function from the raw bytes
-# to a current Message. Version 1 is the first; when version 2 comes, the
-# version 1 struct is kept here with its upgrade.
-_UPGRADES: dict[int, Callable[[bytes], Message]] = {}
+
+def _v1_to_v2(record: dict[str, object]) -> dict[str, object]:
+    """Version 2 adds ``route``: unknown for a version 1 record."""
+    record["route"] = None
+    return record
+
+
+# Upgrades of older schema versions: version N -> a function from the
+# decoded JSON object of version N to one of version N + 1. A record is
+# upgraded step by step and then read as the current version.
+_UPGRADES: dict[int, Callable[[dict[str, object]], dict[str, object]]] = {1: _v1_to_v2}
+_generic_decoder = msgspec.json.Decoder(dict[str, object])
+
+
+def _upgrade(data: bytes, version: int) -> Message:
+    record = _generic_decoder.decode(data)
+    while version < RECORD_VERSION:
+        record = _UPGRADES[version](record)
+        version += 1
+    record["version"] = RECORD_VERSION
+    return _decoder.decode(_encoder.encode(record))
 
 
 def encode_record(message: Message) -> bytes:
@@ -424,13 +450,12 @@ def decode_record(data: bytes, *, expected_id: str | None = None) -> Message:
             version = _version_decoder.decode(data).version
         except msgspec.DecodeError:
             raise RecordError(f"corrupt record: {exc}") from None
-        upgrade = _UPGRADES.get(version) if isinstance(version, int) else None
-        if upgrade is None:
-            if version == RECORD_VERSION:
-                raise RecordError(f"invalid version {version} record: {exc}") from None
+        if version == RECORD_VERSION:
+            raise RecordError(f"invalid version {version} record: {exc}") from None
+        if isinstance(version, bool) or not (isinstance(version, int) and version in _UPGRADES):
             raise RecordError(f"unknown record version {version!r}") from None
         try:
-            msg = upgrade(data)
+            msg = _upgrade(data, version)
         except msgspec.DecodeError as exc2:
             raise RecordError(f"invalid version {version} record: {exc2}") from None
     try:

@@ -2,8 +2,12 @@
 
 A :class:`Router` is built from a :class:`~spoold.config.Config` and is
 immutable; a reload builds a new one and the daemon swaps it in one step.
-Messages already spooled keep their next hops (the record holds them);
-only the settings used to talk to a hop follow the current routes.
+A spooled message records the route that chose its next hops; when a
+reload changes that route's ``next_hops``, the spool asks
+:meth:`Router.current_hops` before each attempt and the message goes to the
+new hops from then on. :meth:`Router.reroute` routes a message's recipients
+again (``spoold reroute``), which may split it. The settings used to talk to
+a hop always follow the current routes.
 
 A route's ``domains`` match a recipient's domain exactly, or, written with
 a leading dot (``.example.org``), any subdomain of it. A recipient no route
@@ -90,6 +94,24 @@ class Router:
                     return route.settings
         return self.default_settings
 
+    def current_hops(self, message: Message) -> Sequence[str] | None:
+        """The next hops the message's route has now, or None to keep the
+        message's own: no route recorded (hops given through the API, or a
+        record older than routes), a route that is gone, or an MX route
+        (its hops came from DNS for the message's domain)."""
+        route = self._routes.get(message.route) if message.route else None
+        if route is None or route.config.mx:
+            return None
+        return route.config.next_hops
+
+    async def reroute(self, message: Message) -> list[RoutedEnvelope]:
+        """Route the message's remaining recipients again through the current
+        routes (one envelope per way they now go)."""
+        env = message.envelope_info
+        return await self.route_with_mx(
+            env.sender, message.remaining_recipients, env.mail_params, env.envelope_id
+        )
+
     def route_name_for(self, recipient: str) -> str:
         """The most specific match wins: an exact domain, else the longest
         ``.suffix`` rule; else the default route."""
@@ -136,6 +158,7 @@ class Router:
             retry_intervals=self._routes[name].retry_intervals,
             mail_params=mail_params,
             envelope_id=envelope_id,
+            route=name,
         )
 
     def route(

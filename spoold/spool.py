@@ -40,7 +40,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
@@ -77,6 +77,7 @@ from spoold.message import (
     Removed,
     RetryInterval,
     RoutedBatch,
+    RoutedEnvelope,
     SendAt,
     Sending,
     SendNow,
@@ -120,6 +121,22 @@ class _Entry:
     kicked: bool = False  # an operator asked for the next attempt (spoold send)
 
 
+class Routes(Protocol):
+    """What the spool asks of the routing of its owner (the daemon's
+    :class:`~spoold.routing.Router` is one; a library user may give none).
+
+    ``current_hops(message)`` gives the next hops the message's route has
+    now, or None to keep the message's own; it is asked before each attempt
+    and must not block. ``reroute(message)`` routes the message's remaining
+    recipients again, one envelope per way they go (it may look up DNS);
+    it raises a :class:`~spoold.errors.SpooldError` when it cannot.
+    """
+
+    def current_hops(self, message: Message) -> Sequence[str] | None: ...
+
+    async def reroute(self, message: Message) -> list[RoutedEnvelope]: ...
+
+
 class Spool:
     """A running spool. Create it with :meth:`open`."""
 
@@ -135,9 +152,11 @@ class Spool:
         default_retry_intervals: Sequence[RetryInterval],
         ping_interval: float,
         rng: random.Random | None,
+        routes: Routes | None = None,
     ) -> None:
         self._od = ondisk
         self.relay = relay
+        self.routes = routes  # may be replaced while open (a reload)
         self.presend: PresendHook = presend or default_presend
         self.on_error: OnErrorHook = on_error or default_on_error
         self.clock = clock
@@ -179,6 +198,7 @@ class Spool:
         max_threads: int = 16,
         min_free_space: int = DEFAULT_MIN_FREE_SPACE,
         on_step: StepHook | None = None,
+        routes: Routes | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -203,6 +223,7 @@ class Spool:
                 default_retry_intervals=default_retry_intervals,
                 ping_interval=ping_interval,
                 rng=rng,
+                routes=routes,
             )
             await spool._load()
             async with anyio.create_task_group() as tg:
@@ -441,6 +462,7 @@ class Spool:
             await self._change(entry, decision)
             return
         await self._checkout(entry)
+        self._follow_route(msg)
         snapshot = msg.copy()
         try:
             outcome = await self.relay.relay(
@@ -452,6 +474,32 @@ class Spool:
             mlog.exception("relay raised; trying later")
             outcome = AttemptFailed(f"relay error: {exc!r}")
         await self._finish_attempt(entry, outcome, operator_kick=kicked)
+
+    def _follow_route(self, msg: Message) -> None:
+        """Before an attempt: if the message's route now has other hops (a
+        reload changed it), use them. Changed in memory only; the record
+        written after the attempt carries them."""
+        if self.routes is None or msg.route is None:
+            return
+        try:
+            hops = self.routes.current_hops(msg)
+        except Exception:
+            log.exception("routes could not say the current hops", id=msg.id, flows=msg.flows)
+            return
+        if hops is None or list(hops) == msg.next_hop_choices:
+            return
+        old = msg.next_hop_choices
+        msg.next_hop_choices = list(hops)
+        detail = f"{' '.join(old)} -> {' '.join(hops)}"
+        self._publish("rerouted", msg, detail=detail)
+        log.info(
+            "route changed: using its new next hops",
+            id=msg.id,
+            flows=msg.flows,
+            route=msg.route,
+            old_next_hops=old,
+            next_hops=list(hops),
+        )
 
     async def _recover_from_failed_attempt(self, entry: _Entry) -> None:
         """An attempt broke in an unexpected way (e.g. a disk error): return
@@ -593,9 +641,10 @@ class Spool:
         if edit is not None:
             edit(new)
         await self._od.save(new, from_queue=entry.queue)
+        was = type(entry.msg.status)
         self._apply(entry, new)
         event = {Frozen: "frozen", Removed: "removed"}.get(type(status))
-        if event:
+        if event and was is not type(status):
             self._publish(event, new)
         return new
 
@@ -820,6 +869,113 @@ class Spool:
                 entry = _Entry(new, Queue.FROZEN)
                 self._index[new.id] = entry
                 self._publish("recovered", new, detail=source.value)
+
+    async def reroute(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        which: Literal["ids", "all"] = "ids",
+    ) -> list[str]:
+        """Route the remaining recipients of messages again through the
+        current :attr:`routes` (``which="all"``: every message in active and
+        frozen not being sent).
+
+        Recipients that still go one way keep the message (new next hops
+        and route, same id, status unchanged). Recipients that now go
+        different ways split it: the first way keeps the message, each other
+        way becomes a new message (new id; same body, parent id, flows,
+        spool date, retry intervals and relay attempts; every part names the
+        others in ``related_ids``). Failed recipients stay with the original
+        message. Returns the ids of every resulting message. The new parts
+        are written before the original is narrowed: a crash in between may
+        send to some recipients twice, never to none.
+        """
+        routes = self.routes
+        if routes is None:
+            raise OperationRefusedError("cannot reroute: this spool has no routes to ask")
+        async with self._op_lock:
+            if which == "ids":
+                if ids is None:
+                    raise ValueError("reroute needs ids, or which='all'")
+                entries = self._lookup(ids)
+                self._refuse_if_busy(entries, "reroute")
+            elif which == "all":
+                entries = [e for e in self._index.values() if not e.busy]
+            else:
+                raise ValueError(f"reroute: unknown selection {which!r}")
+            out: list[str] = []
+
+            async def one(e: _Entry) -> None:
+                out.extend(await self._reroute_one(e, routes))
+
+            await self._each(entries, one)
+            return out
+
+    async def _reroute_one(self, entry: _Entry, routes: Routes) -> list[str]:
+        msg = entry.msg
+        if not msg.remaining_recipients:
+            return [msg.id]
+        envelopes = await routes.reroute(msg.copy())
+        if not envelopes:
+            raise OperationRefusedError(f"cannot reroute {msg.id}: the routes gave no way")
+        first, *others = envelopes
+        added: list[Message] = []
+        if others:
+            body = await self._od.read_body(msg.id)
+            status = msg.status
+
+            def builder(env: RoutedEnvelope) -> Callable[[str, list[str]], Message]:
+                def build(mid: str, related: list[str]) -> Message:
+                    part = message_for_envelope(
+                        env,
+                        id=mid,
+                        spool_date=msg.spool_date,
+                        parent_id=msg.parent_id,
+                        status=status,
+                        flows=msg.flows,
+                        relay_attempts=msg.relay_attempts,
+                        related_ids=[*msg.related_ids, msg.id, *related],
+                    )
+                    part.retry_intervals = list(msg.retry_intervals)
+                    part.envelope_info = msg.envelope_info
+                    return part
+
+                return build
+
+            added = await self._od.add([NewMessage(body, status, builder(env)) for env in others])
+        new_ids = [m.id for m in added]
+
+        def narrow(m: Message) -> None:
+            m.remaining_recipients = list(first.recipients)
+            m.next_hop_choices = list(first.next_hop_choices)
+            m.route = first.route
+            m.related_ids = list(dict.fromkeys([*m.related_ids, *new_ids]))
+
+        new = await self._change(entry, msg.status, edit=narrow)
+        self._publish("rerouted", new, detail=" ".join(new.next_hop_choices))
+        log.info(
+            "rerouted",
+            id=new.id,
+            flows=new.flows,
+            route=new.route,
+            next_hops=new.next_hop_choices,
+            split_into=new_ids,
+        )
+        for part in added:
+            part_entry = _Entry(part, entry.queue)
+            self._index[part.id] = part_entry
+            self._schedule(part_entry)
+            self._publish("spooled", part)
+            log.info(
+                "rerouted part spooled",
+                id=part.id,
+                flows=part.flows,
+                parent_id=part.parent_id,
+                split_from=new.id,
+                route=part.route,
+                next_hops=part.next_hop_choices,
+            )
+        return [new.id, *new_ids]
 
     async def _each(self, entries: Sequence[_Entry], fn: Callable[[_Entry], Any]) -> None:
         """Apply ``fn`` to each entry in turn. All are busy from the start (no

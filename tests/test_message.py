@@ -41,6 +41,7 @@ from spoold.message import (
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "record_v1.json"
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "record_v2.json"
 T0 = datetime(2024, 3, 5, 6, 7, 8, 123456, tzinfo=UTC)
 
 ALL_STATUSES: list[Status] = [
@@ -229,18 +230,32 @@ def test_version_1_fixture_decodes_to_every_field() -> None:
     )
     assert message.queue is Queue.ACTIVE
     assert message.last_relay_attempt == message.relay_attempts[0]
+    assert message.route is None  # version 1 did not know its route
 
 
-def test_version_1_fixture_re_encodes_to_the_same_json() -> None:
+def test_version_1_fixture_upgrades_to_version_2() -> None:
     data = FIXTURE.read_bytes()
-    again = encode_record(decode_record(data))
-    assert json.loads(again) == json.loads(data)
+    again = json.loads(encode_record(decode_record(data)))
+    assert again == {**json.loads(data), "version": 2, "route": None}
 
 
-def test_version_1_fields_are_exactly_the_record_fields() -> None:
+def test_version_2_fixture_is_version_1_plus_the_route() -> None:
+    v1 = decode_record(FIXTURE.read_bytes())
+    v2 = decode_record(FIXTURE_V2.read_bytes())
+    assert v2.route == "partners"
+    v1.route = "partners"
+    assert v2 == v1
+
+
+def test_version_2_fixture_re_encodes_to_the_same_json() -> None:
+    data = FIXTURE_V2.read_bytes()
+    assert json.loads(encode_record(decode_record(data))) == json.loads(data)
+
+
+def test_version_2_fields_are_exactly_the_record_fields() -> None:
     # A field added or renamed without a new schema version shows up here.
-    assert set(fixture_dict()) == {"version", *Message.__struct_fields__}
-    assert RECORD_VERSION == 1
+    assert set(json.loads(FIXTURE_V2.read_bytes())) == {"version", *Message.__struct_fields__}
+    assert RECORD_VERSION == 2
 
 
 # -------------------------------------------------------------- bad records

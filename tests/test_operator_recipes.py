@@ -1,0 +1,128 @@
+"""The moments an operator reaches for the tool, end to end through a real
+daemon (``spoold run`` in a subprocess) and the ``spoold`` CLI, with
+in-process SMTP servers as next hops.
+
+* The smarthost was wrong: fix the route, reload, send, and the queue drains
+  to the new hop.
+* A new route takes some recipients: reroute splits the queued messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+from spoold.control import ControlClient
+from tests.daemon_helpers import DaemonFactory, cli, set_config_value, unused_port, write_config
+from tests.smtp_server import SmtpTestServer, StartServer
+
+TIMEOUT = 20.0
+CONTENT = b"Subject: recipe\r\n\r\nhello\r\n"
+
+
+async def submit(client: ControlClient, *recipients: str) -> list[str]:
+    ids: list[str] = await client.request(
+        "submit",
+        sender="app@example.org",
+        recipients=list(recipients),
+        content=base64.b64encode(CONTENT).decode(),
+    )
+    return ids
+
+
+async def views(client: ControlClient) -> dict[str, dict[str, Any]]:
+    return {v["id"]: v for v in await client.request("status")}
+
+
+async def until(what: str, check: Any) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_fix_the_smarthost_reload_send_and_the_queue_drains(
+    tmp_path: Path, start_daemon: DaemonFactory, smtp_server: SmtpTestServer
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    await start_daemon(config)
+    client = ControlClient(tmp_path / "run" / "ctl.sock")
+    ids = [mid for _ in range(14) for mid in await submit(client, "rcpt@example.com")]
+
+    async def all_deferred() -> bool:
+        current = await views(client)
+        return all(current[i]["relay_attempts"] for i in ids)
+
+    await until("every message to fail once", all_deferred)
+    assert {v["route"] for v in (await views(client)).values()} == {"smarthost"}
+
+    set_config_value(config, "next_hops", f'["{smtp_server.hop}"]')
+    reloaded = cli("--config", str(config), "reload")
+    assert reloaded.code == 0, reloaded.err
+    sent = cli("--config", str(config), "send", "--all")
+    assert sent.code == 0, sent.err
+    assert sent.out.strip() == "sending 14 message(s)"
+
+    async def drained() -> bool:
+        return smtp_server.transactions == 14 and not await views(client)
+
+    await until("the queue to drain to the new hop", drained)
+    assert all(m.rcpt_tos == ("rcpt@example.com",) for m in smtp_server.messages)
+
+
+async def test_a_new_route_and_reroute_split_queued_messages(
+    tmp_path: Path, start_daemon: DaemonFactory, start_smtp_server: StartServer
+) -> None:
+    smart = await start_smtp_server()
+    partner = await start_smtp_server()
+    dead = f"127.0.0.1:{unused_port()}"
+    config = write_config(tmp_path, next_hops=[dead])
+    await start_daemon(config)
+    client = ControlClient(tmp_path / "run" / "ctl.sock")
+    (mid,) = await submit(client, "a@one.example", "b@partner.example")
+
+    async def deferred() -> bool:
+        return bool((await views(client))[mid]["relay_attempts"])
+
+    await until("the first attempt", deferred)
+
+    set_config_value(config, "next_hops", f'["{smart.hop}"]')
+    with config.open("a") as f:
+        f.write(
+            f'\n[routes.partners]\ndomains = ["partner.example"]\nnext_hops = ["{partner.hop}"]\n'
+            'tls = "none"\n'
+        )
+    assert cli("--config", str(config), "reload").code == 0
+    done = cli("--config", str(config), "reroute", mid)
+    assert done.code == 0, done.err
+    assert done.out.startswith("rerouted: 2 message(s)")
+    current = await views(client)
+    assert len(current) == 2
+    other = next(i for i in current if i != mid)
+    assert current[mid]["remaining_recipients"] == ["a@one.example"]
+    assert current[mid]["next_hop_choices"] == [smart.hop]
+    assert current[other]["remaining_recipients"] == ["b@partner.example"]
+    assert current[other]["next_hop_choices"] == [partner.hop]
+    assert current[other]["route"] == "partners"
+    assert current[other]["parent_id"] == current[mid]["parent_id"]
+    assert other in current[mid]["related_ids"]
+
+    assert cli("--config", str(config), "send", "--all").code == 0
+
+    async def delivered() -> bool:
+        return smart.transactions == 1 and partner.transactions == 1
+
+    await until("both parts to be delivered", delivered)
+    assert smart.messages[0].rcpt_tos == ("a@one.example",)
+    assert partner.messages[0].rcpt_tos == ("b@partner.example",)
+
+
+def test_reroute_usage_errors(tmp_path: Path) -> None:
+    config = write_config(tmp_path, next_hops=["127.0.0.1:25"])
+    for args in ([], ["--all", "8DsdYFTK43e1xdIEW"]):
+        done = cli("--config", str(config), "reroute", *args)
+        assert done.code == 2
+        assert "give message ids or --all" in done.err
