@@ -14,9 +14,9 @@ Every id is validated here before anything is sent.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -26,8 +26,14 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 import click
 
-from spoold.config import ConfigError, load_config
-from spoold.control import ControlClient, ControlError, message_view
+from spoold.config import ConfigError, find_control_socket, load_config
+from spoold.control import (
+    ControlClient,
+    ControlError,
+    describe_view,
+    message_view,
+    unreadable_view,
+)
 from spoold.errors import InvalidIdError, SpooldError
 from spoold.ids import validate_id
 
@@ -51,9 +57,24 @@ class _Target:
             _fail(str(exc), 2)
 
     def client(self) -> ControlClient:
+        """The daemon's control socket: ``--socket``, else the config's. A
+        config that is not valid still names its socket (read on its own),
+        so a broken file never locks the operator out of the daemon."""
         if self.socket:
             return ControlClient(self.socket)
-        return ControlClient(self._config().control.socket)
+        if not Path(self.config_path).is_file():
+            self._config()  # fails with the reason the file cannot be read
+        try:
+            load_config(self.config_path)
+        except ConfigError as exc:
+            where = find_control_socket(self.config_path)
+            click.echo(
+                f"spoold: note: {self.config_path} is not valid ({len(exc.problems)} "
+                f"problem(s)); reaching the daemon at {where}",
+                err=True,
+            )
+            return ControlClient(where)
+        return ControlClient(find_control_socket(self.config_path))
 
     def spool_directory(self) -> Path:
         if self.spool_dir:
@@ -85,6 +106,7 @@ def _valid_ids(ids: Sequence[str]) -> list[str]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spoold", prog_name="spoold", message="%(prog)s %(version)s")
 @click.option("--config", "config", metavar="PATH", help="config file (finds the socket)")
 @click.option("--socket", "socket", metavar="PATH", help="control socket of the daemon")
 @click.option("--spool-dir", metavar="PATH", help="spool directory (when no daemon runs)")
@@ -113,26 +135,54 @@ def run(target: _Target, config: str | None) -> None:
 async def _daemon_or_disk(
     target: _Target, op: str, params: dict[str, Any], from_disk: Callable[[], Awaitable[Any]]
 ) -> Any:
-    """Ask the daemon; with no daemon (or with --spool-dir) read the disk."""
+    """Ask the daemon; with no daemon (or with --spool-dir) read the disk.
+    With ``--socket`` alone there is no spool directory to read: no daemon
+    there is an error."""
     if not target.spool_dir:
         try:
             return await target.client().request(op, **params)
         except ControlError as exc:
-            if exc.kind != "unavailable":
+            if exc.kind != "unavailable" or target.socket:
                 raise
     return await from_disk()
 
 
-def _age(spool_date: str) -> str:
+def _age(spool_date: str | None, now: datetime) -> str:
+    if not spool_date:
+        return "?"
     when = datetime.fromisoformat(spool_date.replace("Z", "+00:00"))
-    seconds = int((datetime.now(UTC) - when).total_seconds())
+    seconds = int((now - when).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{max(seconds, 0)}s"
 
 
-def _print_status(views: list[dict[str, Any]], fmt: str) -> None:
+def exim_size(size: int | None) -> str:
+    """A size the way ``exim -bp`` shows it: bytes up to 1 KiB, then K or M
+    with one decimal below ten of them, five characters wide."""
+    if size is None:
+        return "    ?"
+    if size < 1024:
+        return f"{size:5d}"
+    if size < 10 * 1024:
+        return f"{size / 1024:4.1f}K"
+    if size < 1024 * 1024:
+        return f"{(size + 512) // 1024:4d}K"
+    if size < 10 * 1024 * 1024:
+        return f"{size / (1024 * 1024):4.1f}M"
+    return f"{(size + 512 * 1024) // (1024 * 1024):4d}M"
+
+
+def _last_error(view: dict[str, Any]) -> str:
+    if view.get("quarantine_reason"):
+        return str(view["quarantine_reason"])
+    attempts = view.get("relay_attempts") or []
+    return str(attempts[0]["error"]) if attempts else ""
+
+
+def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> None:
+    now = datetime.now(UTC)  # one "now" for the whole listing
     if fmt == "json":
         for v in views:
             click.echo(json.dumps(v, separators=(",", ":")))
@@ -141,9 +191,16 @@ def _print_status(views: list[dict[str, Any]], fmt: str) -> None:
             click.echo(v["id"])
     elif fmt == "exim":
         for v in views:
+            if v.get("unreadable"):
+                click.echo(f"{'?':>3} {exim_size(None)} {v['id']} <?> *** unreadable ***")
+                click.echo(f"          {v['quarantine_reason']}\n")
+                continue
             sender = v["envelope_info"]["sender"]
-            frozen = " *** frozen ***" if v["status"] == "frozen" else ""
-            click.echo(f"{_age(v['spool_date']):>4} {v['id']} <{sender}>{frozen}")
+            mark = {"frozen": " *** frozen ***", "quarantined": " *** quarantined ***"}.get(
+                v["status"], ""
+            )
+            age = _age(v.get("spool_date"), now)
+            click.echo(f"{age:>3} {exim_size(v.get('size'))} {v['id']} <{sender}>{mark}")
             for rcpt in v["remaining_recipients"]:
                 click.echo(f"          {rcpt}")
             for rcpt in v["failed_recipients"]:
@@ -153,45 +210,73 @@ def _print_status(views: list[dict[str, Any]], fmt: str) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(box=None, pad_edge=False, show_edge=False)
-        for col in ("ID", "STATUS", "AGE", "RCPTS", "SENDER", "LAST ERROR"):
-            table.add_column(col, overflow="fold" if col != "ID" else "ignore")
+        rows = []
         for v in views:
             status = v["status"]
             if status == "send_at":
                 status = "at " + v["send_at"][11:19]
-            attempts = v["relay_attempts"]
-            table.add_row(
-                v["id"],
-                status,
-                _age(v["spool_date"]),
-                str(len(v["remaining_recipients"])),
-                v["envelope_info"]["sender"] or "<>",
-                attempts[0]["error"][:40] if attempts else "",
+            envelope = v.get("envelope_info") or {}
+            rows.append(
+                (
+                    v["id"],
+                    status,
+                    _age(v.get("spool_date"), now),
+                    exim_size(v.get("size")).strip(),
+                    str(len(v.get("remaining_recipients") or [])),
+                    (envelope.get("sender") or "<>") if envelope else "?",
+                    _last_error(v),
+                )
             )
-        Console(width=max(80, min(200, _terminal_width()))).print(table)
+        heads = ("ID", "STATUS", "AGE", "SIZE", "RCPTS", "SENDER", "LAST ERROR")
+        width = max(60, shutil.get_terminal_size((100, 24)).columns)  # COLUMNS when piped
+        fits = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(heads[:-1])]
+        if not wide:
+            fits[-1] = min(fits[-1], 24)  # a long sender is cut, not the error
+        # Short columns keep their width; the last error takes what is left
+        # (cut short here, whole and wrapped with --wide).
+        left = max(10, width - sum(fits) - 2 * (len(heads) - 1))
+        table = Table(box=None, pad_edge=False, show_edge=False)
+        for head, fit in zip(heads[:-1], fits, strict=True):
+            table.add_column(head, no_wrap=True, width=fit, overflow="ellipsis")
+        table.add_column(
+            heads[-1], no_wrap=not wide, max_width=left, overflow="fold" if wide else "ellipsis"
+        )
+        for row in rows:
+            table.add_row(*row)
+        Console(width=width, soft_wrap=False).print(table)
         click.echo(f"{len(views)} message(s)")
-
-
-def _terminal_width() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 80
 
 
 @main.command()
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "exim", "json", "id"]), default="table"
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "exim", "json", "id"]),
+    default="table",
+    help="table (default), exim (like exim -bp), json (one object per line) or id",
 )
 @click.option("--frozen-only", is_flag=True, help="only frozen messages")
 @click.option("--active-only", is_flag=True, help="only active messages")
+@click.option(
+    "--quarantined", is_flag=True, help="only quarantined messages, with the reason of each"
+)
+@click.option("--wide", is_flag=True, help="table: show every column whole, wrapping lines")
 @click.pass_obj
-def status(target: _Target, fmt: str, frozen_only: bool, active_only: bool) -> None:
+def status(
+    target: _Target, fmt: str, frozen_only: bool, active_only: bool, quarantined: bool, wide: bool
+) -> None:
     """List the queue (from the daemon, or from disk when none runs)."""
-    if frozen_only and active_only:
-        _fail("--frozen-only and --active-only exclude each other", 2)
-    queue = "frozen" if frozen_only else "active" if active_only else "all"
+    if frozen_only + active_only + quarantined > 1:
+        _fail("--frozen-only, --active-only and --quarantined exclude each other", 2)
+    queue = (
+        "frozen"
+        if frozen_only
+        else "active"
+        if active_only
+        else "quarantine"
+        if quarantined
+        else "all"
+    )
 
     async def from_disk() -> list[dict[str, Any]]:
         from spoold.message import Queue
@@ -201,11 +286,16 @@ def status(target: _Target, fmt: str, frozen_only: bool, active_only: bool) -> N
             "all": (Queue.ACTIVE, Queue.FROZEN),
             "active": (Queue.ACTIVE,),
             "frozen": (Queue.FROZEN,),
+            "quarantine": (Queue.QUARANTINE,),
         }[queue]
         messages, unreadable = await Spool.status_from_disk(target.spool_directory(), queues)
-        for u in unreadable:
-            click.echo(f"spoold: unreadable record {u.path}: {u.reason}", err=True)
-        return [message_view(m) for m in messages]
+        views = [message_view(m) for m in messages]
+        if queue == "quarantine":
+            views += [unreadable_view(u) for u in unreadable]
+        else:
+            for u in unreadable:
+                click.echo(f"spoold: unreadable record {u.path}: {u.reason}", err=True)
+        return sorted(views, key=lambda v: str(v["id"]))
 
     async def go() -> list[dict[str, Any]]:
         views: list[dict[str, Any]] = await _daemon_or_disk(
@@ -213,7 +303,7 @@ def status(target: _Target, fmt: str, frozen_only: bool, active_only: bool) -> N
         )
         return views
 
-    _print_status(_run(go), fmt)
+    _print_status(_run(go), fmt, wide)
 
 
 @main.command()
@@ -264,9 +354,30 @@ def check(target: _Target, max_age: int) -> None:
 @click.option("--body", is_flag=True, help="also print the message itself")
 @click.pass_obj
 def show(target: _Target, message_id: str, body: bool) -> None:
-    """Show one message's record (JSON) and, with --body, its content."""
+    """Show one message's record (JSON) and, with --body, its content.
+
+    Works for every queue (active, frozen, removed, quarantine); a record
+    that cannot be read shows the reason it was set aside."""
     (mid,) = _valid_ids([message_id])
-    view = _run(lambda: target.client().request("show", id=mid, body=body))
+
+    async def from_disk() -> dict[str, Any]:
+        from spoold.ondisk import OnDiskSpool
+
+        ondisk, _ = await OnDiskSpool.open(target.spool_directory(), owner=False, create=False)
+        async with ondisk:
+            view = describe_view(await ondisk.find(mid))
+            if body:
+                content = (await ondisk.read_body(mid)).content()
+                view["body"] = base64.b64encode(content).decode()
+            return view
+
+    async def go() -> dict[str, Any]:
+        view: dict[str, Any] = await _daemon_or_disk(
+            target, "show", {"id": mid, "body": body}, from_disk
+        )
+        return view
+
+    view = _run(go)
     content = view.pop("body", None)
     click.echo(json.dumps(view, indent=2))
     if content is not None:
@@ -366,8 +477,11 @@ def events(target: _Target) -> None:
         async for event in target.client().events():
             click.echo(json.dumps(event, separators=(",", ":")))
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         _run(go)
+    except KeyboardInterrupt:
+        return
+    _fail("the daemon closed the event stream (it stopped or restarted)", 1)
 
 
 @main.command()

@@ -42,6 +42,8 @@ __all__ = [
     "parse_size",
     "format_span",
     "restart_needed",
+    "find_control_socket",
+    "DEFAULT_CONTROL_SOCKET",
 ]
 
 _T = TypeVar("_T")
@@ -525,6 +527,51 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         relay=relay,
         routes=routes,
     )
+
+
+DEFAULT_CONTROL_SOCKET = Path("/run/spoold/spoold.sock")
+_TABLE_LINE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?$")
+_STRING_KEY = re.compile(r"""^\s*(socket|dir)\s*=\s*(?:"([^"\\]*)"|'([^']*)')\s*(#.*)?$""")
+
+
+def find_control_socket(path: str | os.PathLike[str]) -> Path:
+    """Where the daemon of the config at ``path`` listens, even when the
+    file as a whole is not valid (so an operator can still reach the daemon,
+    and ``reload`` can show its refusal): ``[control] socket``, else
+    ``SPOOL/control.sock`` from ``[spool] dir``, read with a tolerant
+    line-by-line scan when the TOML does not parse; else
+    :data:`DEFAULT_CONTROL_SOCKET`. Relative paths are resolved against the
+    file's directory, as always."""
+    p = Path(path).absolute()
+    base = p.parent
+    try:
+        text = p.read_text("utf-8", errors="replace")
+    except OSError:
+        return DEFAULT_CONTROL_SOCKET
+    found: dict[str, str] = {}
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        table = ""
+        for line in text.splitlines():
+            header = _TABLE_LINE.match(line)
+            if header:
+                table = header.group(1)
+                continue
+            m = _STRING_KEY.match(line)
+            if m and (table, m.group(1)) in (("control", "socket"), ("spool", "dir")):
+                found.setdefault(f"{table}.{m.group(1)}", m.group(2) or m.group(3) or "")
+    else:
+        for table, key in (("control", "socket"), ("spool", "dir")):
+            section = raw.get(table)
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, str):
+                found[f"{table}.{key}"] = value
+    if found.get("control.socket"):
+        return Path(os.path.normpath(base / found["control.socket"]))
+    if found.get("spool.dir"):
+        return Path(os.path.normpath(base / found["spool.dir"] / "control.sock"))
+    return DEFAULT_CONTROL_SOCKET
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

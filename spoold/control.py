@@ -13,7 +13,9 @@ timeout) or ``internal``. ``events`` answers with one
 ``{"ok": true, "event": {...}}`` line per event until the client hangs up.
 
 Operations mirror the Python API of :class:`~spoold.spool.Spool`:
-``status`` (``queue``: all|active|frozen), ``count``, ``freeze``, ``send``
+``status`` (``queue``: all|active|frozen|quarantine; a quarantined record
+that cannot be read is listed with ``unreadable: true`` and its reason),
+``count``, ``freeze``, ``send``
 (``ids`` or ``which``: all|frozen_only, ``retry_intervals``: spans),
 ``remove``, ``reroute`` (``ids`` or ``which``: all), ``recover`` (``from``:
 removed|quarantine), ``show`` (``id``,
@@ -52,8 +54,9 @@ from spoold.errors import (
     SpooldError,
     StoreError,
 )
-from spoold.message import Message, Quarantined, SendAt, queue_of
+from spoold.message import Message, Quarantined, Queue, SendAt, queue_of
 from spoold.mx import MxError
+from spoold.ondisk import Unreadable
 from spoold.spool import Spool, retry_intervals_from_spans
 
 __all__ = [
@@ -62,6 +65,8 @@ __all__ = [
     "ControlClient",
     "ControlError",
     "message_view",
+    "unreadable_view",
+    "describe_view",
     "rfc3339",
 ]
 
@@ -110,12 +115,29 @@ def message_view(msg: Message) -> dict[str, Any]:
             "envelope_id": env.envelope_id,
         },
         "route": msg.route,
+        "size": msg.size,
     }
     if isinstance(status, SendAt):
         view["send_at"] = rfc3339(status.at)
     if isinstance(status, Quarantined):
         view["quarantine_reason"] = status.reason
     return view
+
+
+def unreadable_view(item: Unreadable) -> dict[str, Any]:
+    """The listing of a record that cannot be read: what is known of it."""
+    return {
+        "id": item.id,
+        "queue": item.queue.value,
+        "status": "quarantined" if item.queue is Queue.QUARANTINE else "unreadable",
+        "quarantine_reason": item.reason,
+        "unreadable": True,
+        "path": str(item.path),
+    }
+
+
+def describe_view(found: Message | Unreadable) -> dict[str, Any]:
+    return unreadable_view(found) if isinstance(found, Unreadable) else message_view(found)
 
 
 class ControlError(SpooldError):
@@ -258,8 +280,13 @@ class ControlServer:
             return "pong"
         if op == "status":
             queue = request.get("queue", "all")
+            if queue == "quarantine":
+                readable, unreadable = await spool.quarantined()
+                views = [message_view(m) for m in readable]
+                views += [unreadable_view(u) for u in unreadable]
+                return sorted(views, key=lambda v: str(v["id"]))
             if queue not in ("all", "active", "frozen"):
-                raise ValueError("queue must be all, active or frozen")
+                raise ValueError("queue must be all, active, frozen or quarantine")
             return [
                 message_view(m)
                 for m in spool.status()
@@ -297,10 +324,10 @@ class ControlServer:
             return None
         if op == "show":
             mid = request.get("id")
-            msg = await spool.get_message(mid if isinstance(mid, str) else "")
-            view = message_view(msg)
+            found = await spool.describe(mid if isinstance(mid, str) else "")
+            view = describe_view(found)
             if request.get("body"):
-                body = await spool.ondisk.read_body(msg.id)
+                body = await spool.ondisk.read_body(found.id)
                 view["body"] = base64.b64encode(body.content()).decode()
             return view
         raise ValueError(f"unknown operation {op!r}")

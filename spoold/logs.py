@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 
 import structlog
 
@@ -24,6 +25,17 @@ _LEVELS = {
 }
 
 
+def _json_default(value: object) -> object:
+    """What the JSON renderer cannot encode itself: times as RFC 3339 UTC
+    (as everywhere else in spoold), sets as lists, anything else as its
+    text (never a Python repr)."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, set | frozenset):
+        return sorted(str(v) for v in value)
+    return str(value)
+
+
 def configure(format: str = "auto", level: str = "info") -> None:
     json_lines = format == "json" or (format == "auto" and not sys.stderr.isatty())
     shared: list[structlog.types.Processor] = [
@@ -32,7 +44,7 @@ def configure(format: str = "auto", level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(default=_json_default)
         if json_lines
         else structlog.dev.ConsoleRenderer(
             colors=sys.stderr.isatty(),

@@ -198,7 +198,8 @@ class Message(
 ):
     """The metadata record of one spooled message (schema version 2).
 
-    ``route`` names the configured route that chose ``next_hop_choices``
+    ``size`` is the body's size in bytes, as on disk. ``route`` names the
+    configured route that chose ``next_hop_choices``
     (``None``: hops given explicitly through the API, or a record written
     before version 2); after a reload that changes that route's hops, the
     message uses the new ones from its next attempt on.
@@ -217,6 +218,7 @@ class Message(
     status: Status = SEND_NOW
     envelope_info: EnvelopeInfo
     route: str | None = None
+    size: int | None = None  # bytes of the body on disk (None: before version 2)
 
     # -- where it lives
 
@@ -342,6 +344,7 @@ def message_for_envelope(
     relay_attempts: Sequence[RelayAttempt] = (),
     related_ids: Sequence[str] = (),
     spool_dir: Path | None = None,
+    size: int | None = None,
 ) -> Message:
     msg = Message(
         id=validate_id(id),
@@ -362,6 +365,7 @@ def message_for_envelope(
             envelope_id=envelope.envelope_id,
         ),
         route=envelope.route,
+        size=size,
     )
     msg.spool_dir = spool_dir
     return msg
@@ -395,6 +399,7 @@ def of_envelope_batch(
                 relay_attempts=relay_attempts,
                 related_ids=[other for other in ids if other != mid],
                 spool_dir=spool_dir,
+                size=len(batch.body),
             ),
             batch.body,
         )
@@ -416,8 +421,9 @@ _version_decoder = msgspec.json.Decoder(_VersionOnly)
 
 
 def _v1_to_v2(record: dict[str, object]) -> dict[str, object]:
-    """Version 2 adds ``route``: unknown for a version 1 record."""
+    """Version 2 adds ``route`` and ``size``: unknown for a version 1 record."""
     record["route"] = None
+    record["size"] = None
     return record
 
 

@@ -25,10 +25,11 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import structlog
 
 from spoold.body import Body
-from spoold.errors import RecordError
+from spoold.errors import NotFoundError, RecordError
 from spoold.message import (
     Message,
     Queue,
@@ -38,7 +39,15 @@ from spoold.message import (
     gc_paused,
     queue_of,
 )
-from spoold.store import NewEntry, Problem, RecoveryReport, StepHook, Store, StoredRecord
+from spoold.store import (
+    CHECKOUT,
+    NewEntry,
+    Problem,
+    RecoveryReport,
+    StepHook,
+    Store,
+    StoredRecord,
+)
 
 __all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES"]
 
@@ -252,8 +261,58 @@ class OnDiskSpool:
             raise RecordError(f"{message_id}: {result}")
         return result
 
+    async def find(
+        self, message_id: str, queues: Sequence[Queue] = tuple(Queue)
+    ) -> Message | Unreadable:
+        """The record of ``message_id`` from the first of ``queues`` that
+        holds it, or what is known of it when it cannot be read (in
+        quarantine: the reason it was set aside). Changes nothing; raises
+        NotFoundError when no queue holds it."""
+        for queue in queues:
+            try:
+                rec = await self.store.read(queue.value, message_id)
+            except NotFoundError:
+                continue
+            result = self._decode(rec)
+            if not isinstance(result, RecordError):
+                return result
+            where = f"{queue.value}/{CHECKOUT}" if rec.checked_out else queue.value
+            reason = f"unreadable record: {result}"
+            if queue is Queue.QUARANTINE:
+                reason = await self.store.set_aside_reason(queue.value, message_id) or reason
+            return Unreadable(message_id, queue, self.dir / where / message_id, reason)
+        raise NotFoundError(f"{message_id}: no such message")
+
     async def count(self, queue: Queue) -> int:
         return len(await self.store.list_queue(queue.value))
 
     async def check(self, max_age: float = 3600.0) -> list[Problem]:
-        return await self.store.check(max_age)
+        """The store's consistency check, plus every record of ``active``,
+        ``frozen`` and ``removed`` that cannot be read (kind
+        ``unreadable``; quarantine holds such records on purpose). Reads
+        and decodes every record off the event loop; changes nothing."""
+        problems = await self.store.check(max_age)
+        for queue in (Queue.ACTIVE, Queue.FROZEN, Queue.REMOVED):
+            records = await self.store.read_queue(queue.value)
+            bad = await anyio.to_thread.run_sync(_unreadable_records, records)
+            for rec, error in bad:
+                where = f"{queue.value}/{CHECKOUT}" if rec.checked_out else queue.value
+                problems.append(
+                    Problem("unreadable", rec.name, str(self.dir / where / rec.name), str(error))
+                )
+        return problems
+
+    async def set_aside_reason(self, queue: Queue, message_id: str) -> str | None:
+        """Why a record was set aside in ``queue`` (None: no reason kept)."""
+        return await self.store.set_aside_reason(queue.value, message_id)
+
+
+def _unreadable_records(records: list[StoredRecord]) -> list[tuple[StoredRecord, RecordError]]:
+    out = []
+    with gc_paused():
+        for rec in records:
+            try:
+                decode_record(rec.data, expected_id=rec.name)
+            except RecordError as exc:
+                out.append((rec, exc))
+    return out

@@ -746,6 +746,7 @@ class Spool:
                     status=status,
                     flows=flows,
                     related_ids=related,
+                    size=len(batch.body),
                 )
                 if not msg.retry_intervals:
                     msg.retry_intervals = list(self.default_retry_intervals)
@@ -935,6 +936,7 @@ class Spool:
                         flows=msg.flows,
                         relay_attempts=msg.relay_attempts,
                         related_ids=[*msg.related_ids, msg.id, *related],
+                        size=len(body),
                     )
                     part.retry_intervals = list(msg.retry_intervals)
                     part.envelope_info = msg.envelope_info
@@ -1034,6 +1036,21 @@ class Spool:
             except NotFoundError:
                 continue
         raise NotFoundError(f"{mid}: no such message")
+
+    async def describe(self, message_id: str) -> Message | Unreadable:
+        """Like :meth:`get_message`, but a record that cannot be read (set
+        aside in quarantine, or damaged in removed) is described by an
+        :class:`~spoold.ondisk.Unreadable` instead of raising."""
+        mid = validate_id(message_id)
+        entry = self._index.get(mid)
+        if entry is not None:
+            return entry.msg.copy()
+        return await self._od.find(mid, (Queue.REMOVED, Queue.QUARANTINE))
+
+    async def quarantined(self) -> tuple[list[Message], list[Unreadable]]:
+        """What is in ``quarantine``, read from disk: the records that can
+        be read, and the others with the reason they were set aside."""
+        return await self._od.load(Queue.QUARANTINE)
 
     def events(self, max_buffer: int | None = None) -> Subscription:
         """Subscribe to the event stream (``async for event in ...``).

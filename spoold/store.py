@@ -107,7 +107,7 @@ class Problem:
     """One finding of the consistency check."""
 
     kind: str  # orphan_body | orphan_registry | missing_body | duplicate |
-    # stale_tmp | stale_checkout | stray_file
+    # stale_tmp | stale_checkout | stray_file | unreadable (a record: ondisk)
     name: str
     path: str
     detail: str

@@ -236,14 +236,14 @@ def test_version_1_fixture_decodes_to_every_field() -> None:
 def test_version_1_fixture_upgrades_to_version_2() -> None:
     data = FIXTURE.read_bytes()
     again = json.loads(encode_record(decode_record(data)))
-    assert again == {**json.loads(data), "version": 2, "route": None}
+    assert again == {**json.loads(data), "version": 2, "route": None, "size": None}
 
 
 def test_version_2_fixture_is_version_1_plus_the_route() -> None:
     v1 = decode_record(FIXTURE.read_bytes())
     v2 = decode_record(FIXTURE_V2.read_bytes())
-    assert v2.route == "partners"
-    v1.route = "partners"
+    assert (v2.route, v2.size) == ("partners", 4398)
+    v1.route, v1.size = "partners", 4398
     assert v2 == v1
 
 

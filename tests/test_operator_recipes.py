@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from spoold.control import ControlClient
-from tests.daemon_helpers import DaemonFactory, cli, set_config_value, unused_port, write_config
+from spoold.message import Frozen
+from tests.daemon_helpers import (
+    DaemonFactory,
+    cli,
+    prefill,
+    set_config_value,
+    spooled,
+    unused_port,
+    write_config,
+)
 from tests.smtp_server import SmtpTestServer, StartServer
 
 TIMEOUT = 20.0
@@ -126,3 +136,86 @@ def test_reroute_usage_errors(tmp_path: Path) -> None:
         done = cli("--config", str(config), "reroute", *args)
         assert done.code == 2
         assert "give message ids or --all" in done.err
+
+
+# ------------------------------------------------------ a broken config
+
+
+async def test_the_cli_reaches_the_daemon_when_the_config_is_broken(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    config = write_config(tmp_path, next_hops=["127.0.0.1:25"])
+    daemon = await start_daemon(config)
+    good = config.read_text()
+    for broken in (
+        good.replace('dir = "spool"', 'dir = "spool"\nmax_concurrent_send_jobs = = 3'),  # TOML
+        good + "\n[spool2]\ntypo = 1\n",  # valid TOML, invalid config
+    ):
+        config.write_text(broken)
+        for args in (["status"], ["count"], ["info"]):
+            done = cli("--config", str(config), *args)
+            assert done.code == 0, (args, done.err)
+            assert "is not valid" in done.err  # said once, then served
+        assert json.loads(cli("--config", str(config), "info").out)["pid"] == daemon.pid
+        done = cli("--config", str(config), "reload")
+        assert done.code == 1
+        assert "reload refused; the running config stays" in done.err
+    assert daemon.running
+    config.write_text(good)
+    assert cli("--config", str(config), "reload").code == 0
+
+
+async def test_socket_alone_needs_no_config(tmp_path: Path, start_daemon: DaemonFactory) -> None:
+    config = write_config(tmp_path, next_hops=["127.0.0.1:25"])
+    await start_daemon(config)
+    config.unlink()
+    socket = str(tmp_path / "run" / "ctl.sock")
+    for args in (["status"], ["count"], ["info"]):
+        done = cli("--socket", socket, *args)
+        assert done.code == 0, (args, done.err)
+        assert done.err == ""
+
+
+# ---------------------------------------------------- damaged records
+
+
+DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: b"\x00\xff not a record \xfe",
+}
+
+
+async def test_check_finds_damaged_records_and_they_stay_visible(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    config = write_config(tmp_path, next_hops=["127.0.0.1:25"])
+    spool_dir = tmp_path / "spool"
+    ids = await prefill(spool_dir, [spooled("127.0.0.1:25", status=Frozen()) for _ in DAMAGE])
+    for mid, damage in zip(ids, DAMAGE.values(), strict=True):
+        path = spool_dir / "frozen" / mid
+        path.write_bytes(damage(path.read_bytes()))
+
+    done = cli("--config", str(config), "check")  # no daemon: read from disk
+    assert done.code == 1
+    found = [line for line in done.out.splitlines() if line.startswith("unreadable: ")]
+    assert sorted(line.split()[1].rstrip(":") for line in found) == sorted(ids)
+    assert "spool is consistent" not in done.out
+
+    await start_daemon(config)  # sets them aside in quarantine
+    listed = cli("--config", str(config), "status", "--quarantined", "--format", "json")
+    assert listed.code == 0, listed.err
+    views = {v["id"]: v for v in map(json.loads, listed.out.splitlines())}
+    assert sorted(views) == sorted(ids)
+    for view in views.values():
+        assert view["queue"] == "quarantine"
+        assert view["unreadable"] is True
+        assert view["quarantine_reason"].startswith("unreadable record:")
+    shown = cli("--config", str(config), "show", ids[0])
+    assert shown.code == 0, shown.err
+    assert json.loads(shown.out)["quarantine_reason"] == views[ids[0]]["quarantine_reason"]
+    table = cli("--config", str(config), "status", "--quarantined", "--wide")
+    assert table.code == 0
+    assert all(mid in table.out for mid in ids)
+    assert "unreadable record" in table.out
+    assert cli("--config", str(config), "check").code == 0  # set aside: nothing left to report
