@@ -21,8 +21,8 @@ Invariants:
   ``max_message_size`` the rest is read and dropped (552), never buffered.
 * Anything pipelined after STARTTLS is dropped (RFC 3207); after the
   handshake the session starts over (EHLO again, no transaction, no AUTH).
-* AUTH is offered only by a host that has users, and only after STARTTLS when
-  a certificate is configured. A failed AUTH is answered after a delay that
+* AUTH is offered only when the policy says so (an ``auth_file`` is set), and
+  only after STARTTLS when a certificate is configured. A failed AUTH is answered after a delay that
   doubles with each failure on the connection; after ``max_auth_failures``
   the connection gets 421 and is closed.
 * A client idle for ``timeout`` (waiting for a command or message data, not
@@ -30,6 +30,27 @@ Invariants:
   ``max_junk_commands`` junk commands (NOOP, RSET, VRFY, HELP, a repeated
   HELO/EHLO, and any command refused as unknown, malformed or out of
   sequence; the count restarts after each accepted message).
+
+Addresses (MAIL FROM and RCPT TO paths are ``<...>``, a source route
+``@a,@b:`` is dropped; the mailbox goes through
+:func:`~spoold.address.validate_address`, non-ASCII only when MAIL carried
+SMTPUTF8; a line that is not UTF-8 is decoded with surrogateescape, so its
+bytes fail validation rather than decoding):
+
+=============================================  ==========  ==========
+problem                                        MAIL        RCPT
+=============================================  ==========  ==========
+no ``FROM:`` / ``TO:``                         501 5.5.4   501 5.5.4
+path that does not parse                       553 5.1.7   501 5.1.3
+syntax or control character                    553 5.1.7   501 5.1.3
+too long, or ``<>`` as a recipient             553 5.1.7   553 5.1.3
+non-ASCII without SMTPUTF8                     553 5.6.7   553 5.6.7
+not UTF-8 (with SMTPUTF8)                      553 5.1.7   501 5.1.3
+unknown parameter                              555 5.5.4   555 5.5.4
+=============================================  ==========  ==========
+
+A refused recipient leaves the transaction going: the message goes to the
+recipients that were accepted.
 
 Work that waits (handing a message over, the delay of a failed AUTH, the TLS
 handshake) runs as a task in the host's task group; meanwhile input is
@@ -46,7 +67,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import structlog
 
@@ -272,7 +293,7 @@ class SmtpSession(asyncio.Protocol):
     # ------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's too)
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
@@ -342,6 +363,7 @@ class SmtpSession(asyncio.Protocol):
             if end < 0:
                 if len(buf) > MAX_AUTH_LINE and not self._discarding:
                     self._discarding = True
+                    self._mode, self._auth_step = _COMMAND, None  # (an AUTH exchange ends)
                     self._error(b"500 5.5.2 Line too long\r\n")
                 if self._discarding:
                     buf.clear()
@@ -681,6 +703,8 @@ class SmtpSession(asyncio.Protocol):
         assert self._loop is not None and self._policy is not None
         transport = self._transport
         assert transport is not None
+        if self._mode == _CLOSED or transport.is_closing():
+            return  # the client left before the handshake
         try:
             tls = await self._loop.start_tls(
                 transport,
@@ -791,7 +815,12 @@ class SmtpSession(asyncio.Protocol):
             return
         self._auth_failures += 1
         failures = self._auth_failures
-        log.warning("authentication failed", login=login[:64], peer=self._peer, failures=failures)
+        log.warning(
+            "authentication failed",
+            login=_UNPRINTABLE.sub("?", login[:64]),
+            peer=self._peer,
+            failures=failures,
+        )
         delay = policy.auth_failure_delay * 2 ** min(failures - 1, _MAX_AUTH_DELAY_DOUBLINGS)
         final = failures >= policy.max_auth_failures
         self._start_work(lambda: self._auth_failed(delay, final))

@@ -346,6 +346,24 @@ async def test_pipelined_commands_are_answered_in_order(tmp_path: Path) -> None:
             assert msg.remaining_recipients == ["one@example.com", "two@example.com"]
 
 
+async def test_a_client_that_half_closes_still_gets_every_reply(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port) as c:
+            await c.send(
+                f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode()
+                + MESSAGE
+                + b".\r\nQUIT\r\n"
+            )
+            await c.stream.send_eof()
+            rest = await c.rest()
+            assert re.fullmatch(
+                rb"250 2\.1\.0 OK\r\n250 2\.1\.5 OK\r\n354 [^\r\n]*\r\n"
+                rb"250 2\.0\.0 OK queued as \S+\r\n221 2\.0\.0 Bye\r\n",
+                rest,
+            ), rest
+            assert len(served.messages()) == 1
+
+
 # ------------------------------------------------------------ DATA
 
 
@@ -460,6 +478,19 @@ async def test_commands_pipelined_after_starttls_are_dropped(
             code, text = await tls.command(f"MAIL FROM:<{SENDER}>")
             assert code == 250, text
             await tls.quit()
+            assert served.messages() == []
+
+
+async def test_a_failed_handshake_closes_the_session(
+    tmp_path: Path, tls_certificate: TlsCertificate
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, tls=tls_certificate) as served:
+            async with client(served.port) as c:
+                assert (await c.command("STARTTLS"))[0] == 220
+                await c.send(b"MAIL FROM:<not-tls@example.org>\r\n")
+                assert await c.rest() != b"250 2.1.0 OK\r\n"  # whatever TLS says: not SMTP
+            await wait_until(lambda: served.listener.connections == 0, "the slot to free")
             assert served.messages() == []
 
 

@@ -277,3 +277,14 @@ async def test_auth_plain_with_an_initial_response_and_login_in_steps() -> None:
         smtp.data_received(b"AUTH PLAIN " + b64(b"\0alice\0right") + b"\r\n")
         assert transport.writes[-1] == b"503 5.5.1 Already authenticated\r\n"
         assert host.sleeps == []
+
+
+async def test_an_overlong_auth_response_ends_the_exchange() -> None:
+    async with session(auth=True) as (smtp, transport, host):
+        smtp.data_received(b"EHLO c\r\nAUTH PLAIN\r\n")
+        assert transport.writes[-1].endswith(b"334 \r\n")
+        smtp.data_received(b"A" * 20_000)
+        assert transport.writes[-1] == b"500 5.5.2 Line too long\r\n"
+        smtp.data_received(b"AAAA\r\nNOOP\r\n")  # the end of it is dropped; NOOP is a command
+        assert transport.writes[-1] == b"250 2.0.0 OK\r\n"
+        assert host.sleeps == []
