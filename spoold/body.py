@@ -28,6 +28,7 @@ __all__ = ["Body", "LineEndingPolicy", "find_bare_line_ending", "normalize_line_
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
 _STUFF = re.compile(rb"^\.", re.MULTILINE)
+_STUFFED_AFTER_CRLF = re.compile(rb"(?:\A|(?<=\r\n))\.")
 
 
 class LineEndingPolicy(StrEnum):
@@ -37,6 +38,9 @@ class LineEndingPolicy(StrEnum):
 
 def find_bare_line_ending(content: bytes) -> int:
     """Offset of the first bare CR or LF in ``content``, or -1."""
+    crlf = content.count(b"\r\n")
+    if content.count(b"\r") == crlf and content.count(b"\n") == crlf:
+        return -1  # the common case, found by three C-speed counts
     m = _BARE.search(content)
     return -1 if m is None else m.start()
 
@@ -71,6 +75,25 @@ class Body:
         if content and not content.endswith(b"\r\n"):
             content += b"\r\n"
         return cls(_STUFF.sub(b"..", content))
+
+    @classmethod
+    def from_wire(cls, wire: bytes, policy: LineEndingPolicy = LineEndingPolicy.REJECT) -> Body:
+        """Take bytes received in wire form (what an SMTP client sent between
+        DATA and the final ``.`` line, already dot-stuffed by it). Without a
+        bare CR or LF they are kept as they are, with no copy. ``REJECT``
+        refuses a bare one; ``NORMALIZE`` undoes the client's dot-stuffing
+        (lines are CRLF-delimited), then encodes as :meth:`from_content`
+        does: a line that only normalisation starts gets its dot stuffed, so
+        no ``CRLF . CRLF`` can appear that the client did not send. Raises
+        ValueError for bytes that hold the end-of-data line itself."""
+        if wire.startswith(b".\r\n") or b"\r\n.\r\n" in wire:
+            raise ValueError("not in wire form: the bytes hold an end-of-data line")
+        if find_bare_line_ending(wire) < 0:
+            if wire and not wire.endswith(b"\r\n"):
+                wire += b"\r\n"  # not from SMTP (which cannot send that); keep it whole
+            return cls(wire)
+        content = _STUFFED_AFTER_CRLF.sub(b"", wire)
+        return cls.from_content(content, policy)
 
     @classmethod
     def from_email(cls, message: Message) -> Body:

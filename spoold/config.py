@@ -149,6 +149,11 @@ class SmtpConfig:
     tls_key: Path | None = None
     require_tls: bool = False  # refuse MAIL before STARTTLS
     auth_file: Path | None = None  # "user:password" lines, mode 0600: offer AUTH
+    max_connections_per_client: int = 10  # per client IP address
+    timeout: timedelta = timedelta(minutes=5)  # idle wait for a command or DATA content
+    max_junk_commands: int = 100  # NOOP, RSET, errors...: past it, 421 and close
+    max_auth_failures: int = 3  # failed AUTH on one connection: then 421 and close
+    auth_failure_delay: timedelta = timedelta(seconds=1)  # before the first 535; doubles
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +336,22 @@ def _listen_address(v: object) -> str:
     return address
 
 
+def _is_loopback(address: str) -> bool:
+    """Whether a listen address ('host:port') is on 127.0.0.0/8 or ::1."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _positive_span(v: object) -> timedelta:
+    span = parse_span(v)
+    if span <= timedelta(0):
+        raise ValueError(f"expected a span > 0, got {v!r}")
+    return span
+
+
 def _network(v: object) -> str:
     text = _str(v)
     try:
@@ -419,12 +440,26 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             tls_key=t.get("tls_key", None, optional_path),
             require_tls=t.get("require_tls", False, _bool),
             auth_file=t.get("auth_file", None, optional_path),
+            max_connections_per_client=t.get("max_connections_per_client", 10, _int(1)),
+            timeout=t.get("timeout", timedelta(minutes=5), _positive_span),
+            max_junk_commands=t.get("max_junk_commands", 100, _int(1)),
+            max_auth_failures=t.get("max_auth_failures", 3, _int(1)),
+            auth_failure_delay=t.get("auth_failure_delay", timedelta(seconds=1), parse_span),
         )
         t.done()
         if (smtp.tls_cert is None) != (smtp.tls_key is None):
             problems.append("smtp.tls_cert, smtp.tls_key: give both or neither")
         if smtp.require_tls and smtp.tls_cert is None:
             problems.append("smtp.require_tls: needs smtp.tls_cert and smtp.tls_key")
+        if (
+            smtp.auth_file is not None
+            and smtp.tls_cert is None
+            and not all(_is_loopback(a) for a in smtp.listen)
+        ):
+            problems.append(
+                "smtp.auth_file: passwords would cross the network in clear; set "
+                "smtp.tls_cert and smtp.tls_key, or listen on loopback addresses only"
+            )
 
     t = _Table(raw.get("log"), "log", problems, base)
     log = LogConfig(

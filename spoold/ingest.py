@@ -4,7 +4,11 @@
 spooled messages: it applies the bare CR/LF policy, adds a ``Received:``
 trace header and, when missing, ``Message-ID:`` and ``Date:``, routes each
 recipient (one message per route, siblings sharing ``parent_id``), and
-returns once every message is durable. It raises
+returns once every message is durable. :meth:`Submitter.submit` takes the
+message as content (``spoold sendmail``); :meth:`Submitter.submit_wire`
+takes what an SMTP client sent after DATA, already in the on-disk wire form
+(CRLF, dot-stuffed), and keeps those bytes as they are: the trace headers
+are prepended, nothing is decoded or encoded again. It raises
 :class:`~spoold.errors.BareLineEndingError` for content it refuses, and lets
 store errors (:class:`~spoold.errors.StoreError`) through for the caller to
 turn into a temporary failure; nothing half-written remains either way.
@@ -45,20 +49,22 @@ class Origin:
 
 def add_trace_headers(content: bytes, origin: Origin, submission_id: str, hostname: str) -> bytes:
     """Prepend ``Received:``; add ``Message-ID:``/``Date:`` when missing.
-    Works on CRLF content (the caller normalises or refuses first)."""
+    Works on CRLF content (the caller normalises or refuses first) and on
+    the wire form alike: none of the added lines starts with a dot."""
     m = _HEADER_END.search(content)
     header = content[: m.start()] if m else content
+    now = email.utils.formatdate(localtime=True)
     extra = b""
     if not _HAS_MESSAGE_ID.search(header):
         extra += f"Message-ID: <{submission_id}@{hostname}>\r\n".encode()
     if not _HAS_DATE.search(header):
-        extra += f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode()
+        extra += f"Date: {now}\r\n".encode()
     source = f"from {_clean(origin.helo) or 'localhost'}"
     if origin.peer:
         source += f" ([{_clean(origin.peer)}])"
     received = (
         f"Received: {source}\r\n\tby {hostname} (spoold) with {origin.protocol} "
-        f"id {submission_id};\r\n\t{email.utils.formatdate(localtime=True)}\r\n"
+        f"id {submission_id};\r\n\t{now}\r\n"
     ).encode()
     if m is None and content and not content.endswith(b"\r\n"):
         content += b"\r\n"
@@ -98,13 +104,44 @@ class Submitter:
         mail_params: Sequence[str] = (),
         envelope_id: str = "",
     ) -> list[str]:
-        """Spool one submission; return the new message ids."""
+        """Spool one submission given as message content; return the new
+        message ids."""
+        return await self._spool(
+            sender, recipients, Body.from_content(content, policy), origin, mail_params, envelope_id
+        )
+
+    async def submit_wire(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        wire: bytes,
+        *,
+        origin: Origin,
+        policy: LineEndingPolicy,
+        mail_params: Sequence[str] = (),
+        envelope_id: str = "",
+    ) -> list[str]:
+        """Spool one submission given in wire form (what an SMTP client sent
+        between DATA and the final ``.`` line); return the new message ids.
+        The bytes go to disk as they came, after our trace headers."""
+        return await self._spool(
+            sender, recipients, Body.from_wire(wire, policy), origin, mail_params, envelope_id
+        )
+
+    async def _spool(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: Body,
+        origin: Origin,
+        mail_params: Sequence[str],
+        envelope_id: str,
+    ) -> list[str]:
         if not recipients:
             raise ValueError("a message needs at least one recipient")
         submission_id = new_id()
-        # Check line endings before adding our own (CRLF) headers.
-        checked = Body.from_content(content, policy).content()
-        traced = add_trace_headers(checked, origin, submission_id, self.hostname)
+        # The policy was applied above, before our own (CRLF) headers exist.
+        traced = Body(add_trace_headers(body.wire, origin, submission_id, self.hostname))
         envelopes = await self.router().route_with_mx(sender, recipients, mail_params, envelope_id)
-        batch = RoutedBatch(envelopes, Body.from_content(traced, LineEndingPolicy.REJECT))
+        batch = RoutedBatch(envelopes, traced)
         return await self.spool.add(batch, parent_id=submission_id, flows=[submission_id])

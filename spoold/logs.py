@@ -1,9 +1,9 @@
 """Logging: structlog for everything, stdlib loggers routed through it.
 
 ``configure(format, level)`` sets up JSON lines (``format="json"``, or
-``"auto"`` when stderr is not a terminal) or a readable console. The
-stdlib loggers of aiosmtpd and aiosmtplib go through the same pipeline, so
-every line has one shape. Calling it again (a reload) changes the level and
+``"auto"`` when stderr is not a terminal) or a readable console. Stdlib
+loggers (aiosmtplib's, asyncio's) go through the same pipeline, so every
+line has one shape. Calling it again (a reload) changes the level and
 format in one step; tests may call it freely.
 """
 
@@ -71,8 +71,3 @@ def configure(format: str = "auto", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    # aiosmtpd logs every session at INFO as "mail.log"; keep it at warning
-    # unless debugging.
-    logging.getLogger("mail.log").setLevel(
-        max(numeric, logging.WARNING) if numeric > logging.DEBUG else numeric
-    )

@@ -1,44 +1,61 @@
-"""The SMTP ingest listener (aiosmtpd), run inside the daemon's task group.
+"""The SMTP ingest listener, run inside the daemon's task group.
+
+:class:`SmtpListener` listens (``loop.create_server``) on ``smtp.listen``
+and runs one :class:`~spoold.smtp_server.SmtpSession` per connection (the
+protocol itself lives in :mod:`spoold.smtp_server`). It decides who may
+connect, whose password is right and what becomes of a message; every task
+a session needs runs in the listener's own task group, and stopping the
+listener (cancelling :meth:`SmtpListener.serve`) answers 421 to every open
+session.
 
 Replies:
 
 * 250 after DATA only once every resulting message is durable on disk;
 * 451 (or 452 when the disk is full) when the spool cannot write: nothing
-  half-written remains, the client retries later;
+  half-written remains, the client retries later; 421 while the spool
+  closes; 550 5.1.2 when no route takes a recipient or its domain does not
+  exist in DNS, 451 4.4.3 for a temporary DNS failure; any other error of
+  ours is a 451, never a 5xx;
 * 550 for content with a bare CR or LF under ``bare_line_endings =
   "reject"`` (with ``"normalize"`` they become CRLF); the sequences used for
   SMTP smuggling therefore never split one message into two;
 * 552 past ``max_message_size`` (SIZE is advertised), 452 past
-  ``max_recipients``, 500 for a line over ``max_line_length``;
-* 421 to a connection over ``max_connections``; 554 to a client outside
+  ``max_recipients``, 500 for a message line over ``max_line_length``;
+  501/553 for a bad address (see :mod:`spoold.smtp_server`);
+* 421 to a connection over ``max_connections`` or
+  ``max_connections_per_client``; 554 to a client outside
   ``relay_networks`` (when AUTH is on, such a client may connect and must
   authenticate: 530 to MAIL before that).
 
 With ``tls_cert``/``tls_key`` STARTTLS is offered (``require_tls``: 530 to
 MAIL before it); with ``auth_file`` AUTH PLAIN and LOGIN are offered, only
-over TLS when TLS is configured. :func:`listener_settings` reads the
-certificate and the users file off the event loop, at start and on reload.
+after STARTTLS when TLS is configured (the config refuses an ``auth_file``
+without TLS unless the listener is on loopback only). Passwords are compared
+in constant time; a failed AUTH is answered after ``auth_failure_delay``,
+doubling per failure on the connection, waited with :attr:`SmtpListener.sleep`
+(injectable for tests); ``max_auth_failures`` failures close the connection.
+:func:`listener_settings` reads the certificate and the users file off the
+event loop, at start and on reload.
 
-Limits are read from the live config on each connection and command, so a
-reload applies them to new sessions; the listen addresses need a restart.
+Limits are read from the live settings when a connection opens, so a reload
+applies them to new sessions; the listen addresses need a restart. An error
+accepting a connection (EMFILE...) is asyncio's to handle: it pauses
+accepting for a while and goes on; it never stops the listener.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import ipaddress
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
 import structlog
-from aiosmtpd.smtp import SMTP as SMTPProtocol
-from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from spoold.body import LineEndingPolicy
 from spoold.config import SmtpConfig
@@ -47,11 +64,14 @@ from spoold.ingest import Origin, Submitter
 from spoold.mx import MxError
 from spoold.routing import NoRouteError
 from spoold.smtp_relay import read_private_file
+from spoold.smtp_server import Delivery, SessionPolicy, SmtpSession
 from spoold.store import Store
 
 __all__ = ["SmtpListener", "ListenerSettings", "listener_settings"]
 
 log = structlog.get_logger("spoold.smtp")
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -85,48 +105,122 @@ def listener_settings(config: SmtpConfig) -> ListenerSettings:
     return ListenerSettings(config, context, users)
 
 
-class _Handler:
-    def __init__(self, listener: SmtpListener) -> None:
-        self.listener = listener
+@dataclass(frozen=True)
+class _Derived:
+    """What a session needs from one :class:`ListenerSettings`, worked out
+    once per settings value rather than once per connection."""
 
-    async def handle_MAIL(
-        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
-    ) -> str:
-        settings = self.listener.settings()
-        if settings.config.require_tls and session.ssl is None:
-            return "530 5.7.0 Must issue a STARTTLS command first"
-        peer = session.peer
-        if not session.authenticated and not _allowed(peer, settings.config.relay_networks):
-            return "530 5.7.0 Authentication required"
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
+    settings: ListenerSettings
+    policy: SessionPolicy
+    networks: tuple[_Network, ...]
+    line_endings: LineEndingPolicy
 
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
-    ) -> str:
-        limit = self.listener.settings().config.max_recipients
-        if len(envelope.rcpt_tos) >= limit:
-            return f"452 4.5.3 Too many recipients (at most {limit} per message)"
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        cfg = self.listener.settings().config
-        sender = envelope.mail_from or ""
-        if sender == "<>":
-            sender = ""
-        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
-        origin = Origin("ESMTP" if session.extended_smtp else "SMTP", session.host_name or "", peer)
+def _derive(settings: ListenerSettings, hostname: str) -> _Derived:
+    cfg = settings.config
+    policy = SessionPolicy(
+        hostname=hostname,
+        max_message_size=cfg.max_message_size,
+        max_recipients=cfg.max_recipients,
+        max_line_length=cfg.max_line_length,
+        timeout=cfg.timeout.total_seconds(),
+        max_junk_commands=cfg.max_junk_commands,
+        max_auth_failures=cfg.max_auth_failures,
+        auth_failure_delay=cfg.auth_failure_delay.total_seconds(),
+        tls_context=settings.tls_context,
+        require_tls=cfg.require_tls,
+        auth=cfg.auth_file is not None,
+    )
+    networks = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.relay_networks)
+    return _Derived(settings, policy, networks, LineEndingPolicy(cfg.bare_line_endings))
+
+
+class SmtpListener:
+    """Listens on ``config().listen`` and spools what it accepts."""
+
+    def __init__(
+        self,
+        submitter: Submitter,
+        settings: Callable[[], ListenerSettings | SmtpConfig],
+        *,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.submitter = submitter
+        self._settings = settings
+        self.sleep = sleep  # waits out the delay of a failed AUTH
+        self.connections = 0
+        self.connections_by_client: dict[str, int] = {}
+        self._sessions: set[SmtpSession] = set()
+        self._derived: _Derived | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    def settings(self) -> ListenerSettings:
+        value = self._settings()
+        return value if isinstance(value, ListenerSettings) else ListenerSettings(value)
+
+    def config(self) -> SmtpConfig:
+        return self.settings().config
+
+    def _current(self) -> _Derived:
+        value = self._settings()
+        derived = self._derived
+        if derived is not None and (derived.settings is value or derived.settings.config is value):
+            return derived
+        settings = value if isinstance(value, ListenerSettings) else ListenerSettings(value)
+        self._derived = derived = _derive(settings, self.submitter.hostname)
+        return derived
+
+    # ------------------------------------------- what sessions ask of us
+
+    def open_session(self, session: SmtpSession, peer: str) -> tuple[SessionPolicy, bool] | str:
+        derived = self._current()
+        cfg = derived.settings.config
+        trusted = _allowed(peer, derived.networks)
+        if not trusted and not derived.policy.auth:
+            return "554 5.7.1 Your address may not send mail here"
+        if self.connections >= cfg.max_connections:
+            return "421 4.7.0 Too many connections, try again later"
+        if self.connections_by_client.get(peer, 0) >= cfg.max_connections_per_client:
+            return "421 4.7.0 Too many connections from your address, try again later"
+        self.connections += 1
+        self.connections_by_client[peer] = self.connections_by_client.get(peer, 0) + 1
+        self._sessions.add(session)
+        return derived.policy, trusted
+
+    def close_session(self, session: SmtpSession, peer: str) -> None:
+        self._sessions.discard(session)
+        self.connections -= 1
+        left = self.connections_by_client[peer] - 1
+        if left:
+            self.connections_by_client[peer] = left
+        else:
+            del self.connections_by_client[peer]
+
+    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        if self._task_group is None:
+            raise RuntimeError("the listener is not serving")
+        self._task_group.start_soon(work)
+
+    def check_password(self, login: str, password: bytes) -> bool:
+        expected = self._current().settings.users.get(login)
+        # Compare against something even for an unknown login: the time
+        # taken says nothing about which logins exist.
+        reference = (expected if expected is not None else "\0unknown login\0").encode("utf-8")
+        return hmac.compare_digest(reference, password) and expected is not None
+
+    async def deliver(self, delivery: Delivery) -> str:
+        """Spool one message; the reply for the client."""
+        derived = self._current()
+        peer = delivery.peer
+        origin = Origin(delivery.protocol, delivery.helo, peer)
         try:
-            ids = await self.listener.submitter.submit(
-                sender,
-                list(envelope.rcpt_tos),
-                envelope.original_content or b"",
+            ids = await self.submitter.submit_wire(
+                delivery.sender,
+                delivery.recipients,
+                delivery.wire,
                 origin=origin,
-                policy=LineEndingPolicy(cfg.bare_line_endings),
-                mail_params=[o for o in envelope.mail_options if not o.upper().startswith("SIZE=")],
+                policy=derived.line_endings,
+                mail_params=delivery.mail_params,
             )
         except BareLineEndingError as exc:
             return f"550 5.6.0 {exc}"
@@ -144,60 +238,10 @@ class _Handler:
         except Exception:  # never a permanent 5xx for our own trouble
             log.exception("unexpected error taking a message", peer=peer)
             return "451 4.3.0 Local error, try again later"
-        log.info("accepted", ids=ids, peer=peer, recipients=len(envelope.rcpt_tos))
+        log.info("accepted", ids=ids, peer=peer, recipients=len(delivery.recipients))
         return f"250 2.0.0 OK queued as {' '.join(ids)}"
 
-
-class SmtpListener:
-    """Listens on ``config().listen`` and spools what it accepts."""
-
-    def __init__(
-        self, submitter: Submitter, settings: Callable[[], ListenerSettings | SmtpConfig]
-    ) -> None:
-        self.submitter = submitter
-        self._settings = settings
-        self.handler = _Handler(self)
-        self.connections = 0
-
-    def settings(self) -> ListenerSettings:
-        value = self._settings()
-        return value if isinstance(value, ListenerSettings) else ListenerSettings(value)
-
-    def config(self) -> SmtpConfig:
-        return self.settings().config
-
-    def _authenticate(
-        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        users = self.settings().users
-        if isinstance(auth_data, LoginPassword):
-            login = auth_data.login.decode("utf-8", "replace")
-            expected = users.get(login)
-            if expected is not None and hmac.compare_digest(
-                expected.encode("utf-8"), auth_data.password
-            ):
-                log.info("authenticated", login=login, mechanism=mechanism)
-                return AuthResult(success=True)
-            log.warning("authentication failed", login=login, mechanism=mechanism)
-        return AuthResult(success=False, handled=False)
-
-    def _factory(self) -> asyncio.Protocol:
-        settings = self.settings()
-        cfg = settings.config
-        return _Session(
-            self,
-            cfg.max_line_length + 2,  # with its CRLF
-            self.handler,
-            data_size_limit=cfg.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            ident="spoold",
-            hostname=self.submitter.hostname,
-            tls_context=settings.tls_context,
-            require_starttls=False,  # checked at MAIL, with a clearer reply
-            authenticator=self._authenticate if settings.users else None,
-            auth_require_tls=settings.tls_context is not None,
-        )
+    # ------------------------------------------------------------ serving
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -205,66 +249,35 @@ class SmtpListener:
         """Listen until cancelled; reports started once every address listens."""
         loop = asyncio.get_running_loop()
         servers: list[asyncio.Server] = []
-        try:
-            for address in self.config().listen:
-                host, _, port = address.rpartition(":")
-                server = await loop.create_server(self._factory, host.strip("[]"), int(port))
-                servers.append(server)
-                log.info("smtp listening", address=address)
-            task_status.started()
-            await anyio.sleep_forever()
-        finally:
-            for server in servers:
-                server.close()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            try:
+                for address in self.config().listen:
+                    host, _, port = address.rpartition(":")
+                    server = await loop.create_server(
+                        lambda: SmtpSession(self), host.strip("[]"), int(port)
+                    )
+                    servers.append(server)
+                    log.info("smtp listening", address=address)
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
                 for server in servers:
-                    await server.wait_closed()
+                    server.close()
+                for session in list(self._sessions):
+                    session.shutdown()
+                tg.cancel_scope.cancel()
+                self._task_group = None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            for server in servers:
+                await server.wait_closed()
 
 
-class _Session(SMTPProtocol):
-    """One SMTP session: refuses clients outside relay_networks (unless
-    AUTH is on) and past max_connections before greeting them."""
-
-    def __init__(
-        self, listener: SmtpListener, line_length_limit: int, *args: Any, **kwargs: Any
-    ) -> None:
-        self._listener = listener
-        self._counted = False
-        self.line_length_limit = line_length_limit  # read by SMTP.__init__
-        super().__init__(*args, **kwargs)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        listener = self._listener
-        peer = transport.get_extra_info("peername")
-        live = listener.settings()
-        if not live.users and not _allowed(peer, live.config.relay_networks):
-            _refuse(transport, b"554 5.7.1 Your address may not send mail here\r\n")
-            return
-        if listener.connections >= live.config.max_connections:
-            _refuse(transport, b"421 4.7.0 Too many connections, try again later\r\n")
-            return
-        listener.connections += 1
-        self._counted = True
-        super().connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._counted:
-            self._listener.connections -= 1
-            self._counted = False
-            super().connection_lost(exc)
-
-
-def _allowed(peer: object, networks: tuple[str, ...]) -> bool:
-    if not isinstance(peer, tuple) or not peer:
+def _allowed(peer: str, networks: tuple[_Network, ...]) -> bool:
+    if not peer:
         return True  # not an IP peer (e.g. a test transport)
     try:
-        address = ipaddress.ip_address(peer[0])
+        address = ipaddress.ip_address(peer)
     except ValueError:
         return False
-    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
-
-
-def _refuse(transport: asyncio.BaseTransport, reply: bytes) -> None:
-    with contextlib.suppress(Exception):
-        transport.write(reply)  # type: ignore[attr-defined]
-    transport.close()
+    return any(address in network for network in networks)

@@ -250,6 +250,59 @@ def test_normalize_stuffs_the_lone_dot_of_smuggling_sequences(content: bytes) ->
     assert body.content() == b"a\r\n.\r\nb\r\n"
 
 
+# ------------------------------------------------- as an SMTP client sent it
+
+
+def unstuffed(wire: bytes) -> bytes:
+    """Undo dot-stuffing per CRLF-delimited line (RFC 5321 4.5.2)."""
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in wire.split(b"\r\n"))
+
+
+received_wire = any_bytes.filter(lambda b: not b.startswith(b".\r\n") and b"\r\n.\r\n" not in b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(crlf_content)
+def test_received_wire_without_bare_line_endings_is_kept_as_it_is(content: bytes) -> None:
+    wire = Body.from_content(content).wire
+    for policy in (REJECT, NORMALIZE):
+        body = Body.from_wire(wire, policy)
+        assert body.wire is wire  # no copy, no re-encoding
+        assert body.content() == with_final_crlf(content)
+
+
+@settings(max_examples=300, deadline=None)
+@given(received_wire)
+def test_received_wire_with_bare_line_endings(wire: bytes) -> None:
+    if not has_bare_line_ending(wire):
+        assert Body.from_wire(wire, REJECT).wire == with_final_crlf(wire)
+        return
+    with pytest.raises(BareLineEndingError):
+        Body.from_wire(wire, REJECT)
+    body = Body.from_wire(wire, NORMALIZE)
+    assert_safe_wire(body.wire)
+    assert body.content() == with_final_crlf(normalized(unstuffed(wire)))
+
+
+@pytest.mark.parametrize(
+    ("probe", "wire"),
+    [
+        (b"a\n.\nb", b"a\r\n..\r\nb\r\n"),
+        (b"a\r\n.\nb", b"a\r\n\r\nb\r\n"),  # that dot starts a CRLF line: the client's stuffing
+        (b"a\n.\r\nb", b"a\r\n..\r\nb\r\n"),
+        (b"a\r.\r\nb", b"a\r\n..\r\nb\r\n"),
+    ],
+)
+def test_normalized_wire_never_holds_a_lone_dot_line(probe: bytes, wire: bytes) -> None:
+    assert Body.from_wire(probe + b"\r\n", NORMALIZE).wire == wire
+
+
+@pytest.mark.parametrize("wire", [b".\r\n", b"a\r\n.\r\n", b"a\r\n.\r\nb\r\n"])
+def test_wire_holding_the_end_of_data_line_is_refused(wire: bytes) -> None:
+    with pytest.raises(ValueError, match="end-of-data"):
+        Body.from_wire(wire, NORMALIZE)
+
+
 # ------------------------------------------------------------ email objects
 
 

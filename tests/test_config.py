@@ -162,6 +162,11 @@ def test_minimal_file_gets_the_defaults(tmp_path: Path) -> None:
     assert cfg.smtp.listen == DEFAULT_LISTEN
     assert cfg.smtp.bare_line_endings == "reject"
     assert cfg.smtp.max_line_length == 998
+    assert cfg.smtp.max_connections_per_client == 10
+    assert cfg.smtp.timeout == timedelta(minutes=5)
+    assert cfg.smtp.max_junk_commands == 100
+    assert cfg.smtp.max_auth_failures == 3
+    assert cfg.smtp.auth_failure_delay == timedelta(seconds=1)
     assert cfg.routes["r"].mx is True
     assert cfg.routes["r"].next_hops == ()
     assert cfg.routes["r"].retry_intervals is None
@@ -343,6 +348,44 @@ BAD_FILES: list[tuple[str, str, list[str]]] = [
     ),
     ("smtp unknown key", _smtp("tls = true\n"), ["smtp.tls: unknown key"]),
     (
+        "smtp.max_connections_per_client 0",
+        _smtp("max_connections_per_client = 0\n"),
+        ["smtp.max_connections_per_client: expected an integer >= 1, got 0"],
+    ),
+    ("smtp.timeout 0", _smtp('timeout = "0s"\n'), ["smtp.timeout: expected a span > 0, got '0s'"]),
+    ("smtp.timeout bad", _smtp('timeout = "soon"\n'), [f"smtp.timeout: {SPAN_ERROR} 'soon'"]),
+    (
+        "smtp.max_junk_commands 0",
+        _smtp("max_junk_commands = 0\n"),
+        ["smtp.max_junk_commands: expected an integer >= 1, got 0"],
+    ),
+    (
+        "smtp.max_auth_failures 0",
+        _smtp("max_auth_failures = 0\n"),
+        ["smtp.max_auth_failures: expected an integer >= 1, got 0"],
+    ),
+    (
+        "smtp.auth_failure_delay bad",
+        _smtp('auth_failure_delay = "a while"\n'),
+        [f"smtp.auth_failure_delay: {SPAN_ERROR} 'a while'"],
+    ),
+    (
+        "smtp.auth_file without TLS on a public address",
+        _smtp('listen = ["127.0.0.1:25", "192.0.2.1:25"]\nauth_file = "users"\n'),
+        [
+            "smtp.auth_file: passwords would cross the network in clear; set "
+            "smtp.tls_cert and smtp.tls_key, or listen on loopback addresses only"
+        ],
+    ),
+    (
+        "smtp.auth_file without TLS on a host name",
+        _smtp('listen = ["localhost:25"]\nauth_file = "users"\n'),
+        [
+            "smtp.auth_file: passwords would cross the network in clear; set "
+            "smtp.tls_cert and smtp.tls_key, or listen on loopback addresses only"
+        ],
+    ),
+    (
         "log.format bad",
         BASE + '[log]\nformat = "xml"\n',
         ["log.format: expected one of auto, json, console, got 'xml'"],
@@ -506,6 +549,28 @@ def test_bad_file_reports_exact_problems(tmp_path: Path, text: str, problems: li
     assert str(err) == f"{path}: " + "; ".join(problems)
     assert isinstance(err, SpooldError)
     assert isinstance(err, ValueError)
+
+
+@pytest.mark.parametrize(
+    "listen", ['["127.0.0.1:2525", "127.1.2.3:25"]', '["[::1]:25"]'], ids=["IPv4", "IPv6"]
+)
+def test_auth_in_clear_is_allowed_on_loopback_only_listeners(tmp_path: Path, listen: str) -> None:
+    path = tmp_path / "spoold.toml"
+    path.write_text(
+        _smtp(
+            f'listen = {listen}\nauth_file = "users"\nmax_connections_per_client = 2\n'
+            'timeout = "90s"\nmax_junk_commands = 7\nmax_auth_failures = 5\n'
+            'auth_failure_delay = "250ms"\n'
+        )
+    )
+    smtp = load_config(path).smtp
+    assert smtp is not None
+    assert smtp.auth_file == tmp_path / "users"
+    assert smtp.max_connections_per_client == 2
+    assert smtp.timeout == timedelta(seconds=90)
+    assert smtp.max_junk_commands == 7
+    assert smtp.max_auth_failures == 5
+    assert smtp.auth_failure_delay == timedelta(milliseconds=250)
 
 
 @pytest.mark.parametrize(

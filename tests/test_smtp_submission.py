@@ -128,6 +128,7 @@ async def test_wrong_password_is_refused_and_nothing_spooled(
         "tls_key": str(tls_certificate.key),
         "auth_file": str(users_file(tmp_path)),
         "relay_networks": ["10.0.0.0/8"],
+        "auth_failure_delay": "0s",  # (the delays have their own tests)
     }
     async with listening(tmp_path, smtp) as (port, spool):
 

@@ -1,0 +1,711 @@
+"""The SMTP listener against hostile and odd clients, over real sockets.
+
+Each test runs a :class:`~spoold.smtp_listener.SmtpListener` on a free
+``127.0.0.1`` port in its own task group, with a spool whose relay holds
+every attempt (what was spooled stays on disk to be looked at), and talks to
+it with raw bytes (nothing normalised for us) or :mod:`smtplib` in a worker
+thread. The delay of a failed AUTH goes through an injected sleep that
+records what was asked and returns at once (or waits for the test).
+
+Every test is bounded by :func:`anyio.fail_after`.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import smtplib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+from anyio.streams.tls import TLSStream
+
+from spoold.ingest import Submitter
+from spoold.message import Message
+from spoold.routing import Router
+from spoold.smtp_listener import SmtpListener, listener_settings
+from spoold.spool import Spool
+from tests.smtp_server import TlsCertificate
+from tests.test_ingest import (
+    HOSTNAME,
+    RCPT,
+    SENDER,
+    HeldRelay,
+    RawSmtp,
+    free_port,
+    make_config,
+    queued_ids,
+    wait_until,
+)
+
+TIMEOUT = 20.0
+PASSWORD = "s3cret"
+MESSAGE = b"Subject: test\r\n\r\nhello\r\n"
+
+
+@dataclass
+class Served:
+    spool: Spool
+    listener: SmtpListener
+    port: int
+
+    def messages(self) -> list[Message]:
+        return self.spool.status()
+
+
+class RecordedSleep:
+    """The listener's sleep: records each delay; returns at once unless
+    :attr:`hold` is set, then waits for :attr:`release`."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self.hold = False
+        self.release = anyio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        if self.hold:
+            await self.release.wait()
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path,
+    smtp: dict[str, Any] | None = None,
+    *,
+    tls: TlsCertificate | None = None,
+    auth: bool = False,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+) -> AsyncIterator[Served]:
+    port = free_port()
+    smtp = dict(smtp or {})
+    if tls is not None:
+        smtp.update(tls_cert=str(tls.cert), tls_key=str(tls.key))
+    if auth:
+        users = tmp_path / "users"
+        users.write_text(f"alice:{PASSWORD}\n")
+        users.chmod(0o600)
+        smtp["auth_file"] = str(users)
+    config = make_config(tmp_path, port, smtp=smtp)
+    assert config.smtp is not None
+    settings = await anyio.to_thread.run_sync(listener_settings, config.smtp)
+    async with Spool.open(
+        config.spool.dir, relay=HeldRelay(), flush_timeout=0.1, ping_interval=10.0**9
+    ) as spool:
+        router = Router(config)
+        submitter = Submitter(spool, lambda: router, hostname=HOSTNAME)
+        options = {"sleep": sleep} if sleep is not None else {}
+        listener = SmtpListener(submitter, lambda: settings, **options)
+        async with anyio.create_task_group() as tg:
+            await tg.start(listener.serve)
+            try:
+                yield Served(spool, listener, port)
+            finally:
+                tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def client(
+    port: int, *, ehlo: str | None = "client.example", local_host: str | None = None
+) -> AsyncIterator[RawSmtp]:
+    stream = await anyio.connect_tcp("127.0.0.1", port, local_host=local_host)
+    async with stream:
+        c = RawSmtp(stream)
+        code, text = await c.reply()
+        assert code == 220, text
+        if ehlo is not None:
+            code, text = await c.command(f"EHLO {ehlo}")
+            assert code == 250, text
+        yield c
+
+
+async def send_line(c: RawSmtp, line: bytes) -> tuple[int, str]:
+    await c.send(line + b"\r\n")
+    return await c.reply()
+
+
+def plain(login: str, password: str) -> str:
+    return base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+
+
+def extensions(ehlo_text: str) -> set[str]:
+    return {line[4:].split()[0].upper() for line in ehlo_text.splitlines()[1:]}
+
+
+def client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def ends_with(c: RawSmtp, code: str) -> bytes:
+    """The rest of what the server sends before it closes: must be one
+    reply starting with ``code``."""
+    with anyio.fail_after(10):
+        rest = await c.rest()
+    assert rest.startswith(code.encode() + b" "), rest
+    assert rest.count(b"\r\n") == 1, rest
+    return rest
+
+
+# --------------------------------------------- addresses: the reply table
+
+GOOD_MAIL = f"MAIL FROM:<{SENDER}>".encode()
+
+
+@pytest.mark.parametrize(
+    ("mail", "rcpt", "reply"),
+    [
+        # What the review saw: accepted, or 451 for ever.
+        (GOOD_MAIL, b"RCPT TO:<>", "553 5.1.3"),
+        (GOOD_MAIL, b"RCPT TO:<a\x00b@example.com>", "501 5.1.3"),
+        (GOOD_MAIL, b"RCPT TO:<\xff\xfe@example.com>", "553 5.6.7"),
+        # Syntax, length, parameters.
+        (GOOD_MAIL, b"RCPT TO:<a..b@example.com>", "501 5.1.3"),
+        (GOOD_MAIL, b"RCPT TO:b@example.com", "501 5.1.3"),
+        (GOOD_MAIL, b"RCPT TO:<b@example.com", "501 5.1.3"),
+        (GOOD_MAIL, b"RCPT <b@example.com>", "501 5.5.4"),
+        (GOOD_MAIL, b"RCPT TO:<" + b"a" * 65 + b"@example.com>", "553 5.1.3"),
+        (GOOD_MAIL, b"RCPT TO:<b@example.com> NOTIFY=NEVER", "555 5.5.4"),
+        # Non-ASCII: only with SMTPUTF8, and only valid UTF-8.
+        (GOOD_MAIL, "RCPT TO:<dörte@example.com>".encode(), "553 5.6.7"),
+        (GOOD_MAIL + b" SMTPUTF8", b"RCPT TO:<\xff\xfe@example.com>", "501 5.1.3"),
+    ],
+)
+async def test_a_refused_recipient_gets_its_code_and_the_good_one_is_spooled(
+    tmp_path: Path, mail: bytes, rcpt: bytes, reply: str
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port) as c:
+            code, text = await send_line(c, mail)
+            assert code == 250, text
+            code, text = await send_line(c, rcpt)
+            assert text.startswith(reply + " "), text
+            code, text = await c.command(f"RCPT TO:<{RCPT}>")
+            assert code == 250, text
+            assert (await c.command("DATA"))[0] == 354
+            await c.send(MESSAGE + b".\r\n")
+            code, text = await c.reply()
+            assert code == 250, text
+            await c.quit()
+            (msg,) = served.messages()
+            assert msg.remaining_recipients == [RCPT]
+            assert msg.envelope_info.recipients == [RCPT]
+
+
+@pytest.mark.parametrize(
+    ("mail", "reply"),
+    [
+        (b"MAIL FROM:<>", "250 2.1.0"),
+        (b"MAIL FROM: <a@example.org>", "250 2.1.0"),
+        (b"MAIL FROM:<@relay.example,@b.example:a@example.org>", "250 2.1.0"),
+        (b"MAIL <a@example.org>", "501 5.5.4"),
+        (b"MAIL FROM:a@example.org", "553 5.1.7"),
+        (b"MAIL FROM:<a b@example.org>", "553 5.1.7"),
+        (b"MAIL FROM:<a\rb@example.org>", "553 5.1.7"),
+        ("MAIL FROM:<dörte@example.org>".encode(), "553 5.6.7"),
+        ("MAIL FROM:<dörte@example.org> SMTPUTF8".encode(), "250 2.1.0"),
+        (b"MAIL FROM:<\xff@example.org>", "553 5.6.7"),
+        (b"MAIL FROM:<a@example.org> FOO=bar", "555 5.5.4"),
+        (b"MAIL FROM:<a@example.org> BODY=BINARYMIME", "501 5.5.4"),
+        (b"MAIL FROM:<a@example.org> SIZE=x", "501 5.5.4"),
+        (b"MAIL FROM:<a@example.org> SIZE=1000001", "552 5.3.4"),
+        (b"MAIL FROM:<a@example.org> SIZE=1000000 BODY=8BITMIME", "250 2.1.0"),
+    ],
+)
+async def test_mail_from_replies(tmp_path: Path, mail: bytes, reply: str) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            serving(tmp_path, {"max_message_size": 1_000_000}) as served,
+            client(served.port) as c,
+        ):
+            _, text = await send_line(c, mail)
+            assert text.startswith(reply + " "), text
+            await c.quit()
+
+
+async def test_the_source_route_is_dropped_and_parameters_kept(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port) as c:
+            mail = "MAIL FROM:<@relay.example:dörte@bücher.example> BODY=8BITMIME SMTPUTF8 SIZE=99"
+            assert (await send_line(c, mail.encode()))[0] == 250
+            assert (await send_line(c, "RCPT TO:<@x.example:jürgen@example.com>".encode()))[
+                0
+            ] == 250
+            assert (await c.command("DATA"))[0] == 354
+            await c.send(MESSAGE + b".\r\n")
+            assert (await c.reply())[0] == 250
+            await c.quit()
+            (msg,) = served.messages()
+            assert msg.envelope_info.sender == "dörte@bücher.example"
+            assert msg.remaining_recipients == ["jürgen@example.com"]
+            assert msg.envelope_info.mail_params == ["BODY=8BITMIME", "SMTPUTF8"]
+
+
+# ------------------------------------------------------------ sequence
+
+
+@pytest.mark.parametrize(
+    ("lines", "reply"),
+    [
+        ([b"MAIL FROM:<a@example.org>"], "503 5.5.1"),  # before EHLO
+        ([b"EHLO c", b"RCPT TO:<b@example.com>"], "503 5.5.1"),
+        ([b"EHLO c", b"DATA"], "503 5.5.1"),
+        ([b"EHLO c", b"MAIL FROM:<a@example.org>", b"DATA"], "503 5.5.1"),
+        ([b"EHLO c", b"MAIL FROM:<a@example.org>", b"RCPT TO:<>", b"DATA"], "554 5.5.1"),
+        ([b"EHLO c", b"MAIL FROM:<a@example.org>", b"MAIL FROM:<a@example.org>"], "503 5.5.1"),
+        ([b"EHLO"], "501 5.5.4"),
+        ([b"HELO c", b"MAIL FROM:<a@example.org> BODY=8BITMIME"], "555 5.5.4"),
+        ([b"EHLO c", b"EXPN staff"], "500 5.5.1"),
+        ([b"EHLO c", b"BDAT 10 LAST"], "500 5.5.1"),
+        ([b"EHLO c", b"VRFY someone"], "252 2.5.0"),
+        ([b"EHLO c", b"HELP"], "214 2.0.0"),
+        ([b"EHLO c", b"NOOP " + b"x" * 600], "500 5.5.2"),
+        ([b"EHLO c", b"STARTTLS"], "502 5.5.1"),  # no certificate
+        ([b"EHLO c", b"AUTH PLAIN " + plain("alice", "x").encode()], "502 5.5.1"),  # no users
+        ([b"EHLO c", b"DATA x"], "501 5.5.4"),
+    ],
+)
+async def test_commands_out_of_sequence_or_malformed(
+    tmp_path: Path, lines: list[bytes], reply: str
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port, ehlo=None) as c:
+            for line in lines:
+                _, text = await send_line(c, line)
+            assert text.startswith(reply + " "), text
+            await c.quit()
+            assert served.messages() == []
+
+
+async def test_an_endless_line_is_refused_once_and_the_session_goes_on(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port) as c:
+            await c.send(b"NOOP " + b"x" * 100_000)
+            _, text = await c.reply()
+            assert text.startswith("500 5.5.2 "), text
+            await c.send(b"x" * 10_000 + b"\r\n")  # the rest of it, dropped
+            _, text = await c.command("NOOP")
+            assert text.startswith("250 2.0.0 "), text
+            await c.quit()
+
+
+async def test_replies_are_printable_ascii_whatever_the_client_sends(tmp_path: Path) -> None:
+    hostile = [
+        b"EHLO \xff\xfe\x00\x1b[31m",
+        b"MAIL FROM:<\x00\xff@\x1b.example>",
+        b"MAIL FROM:<a@example.org>",
+        b"RCPT TO:<\x1b]0;title\x07@example.com>",
+        b"RCPT TO:<" + "é".encode() * 40 + b"@example.com>",
+        b"RCPT TO:<ok@\xc3\xa9.example>",
+        b"VRFY \x00\r",
+        b"\x00\x01\x02",
+        b"AUTH \xff",
+        b"QUIT",
+    ]
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port, ehlo=None) as c:
+            await c.send(b"".join(line + b"\r\n" for line in hostile))
+            replies = await c.rest()
+    lines = replies.split(b"\r\n")
+    assert lines[-1] == b"" and lines[-2].startswith(b"221 ")
+    finals = [line for line in lines if line[3:4] == b" "]
+    assert len(finals) == len(hostile)  # one reply each, nothing taken apart
+    for line in lines[:-1]:
+        assert re.fullmatch(rb"[2-5][0-9][0-9][ -][\x20-\x7e]*", line), line
+
+
+# ------------------------------------------------------------ pipelining
+
+
+async def test_pipelined_commands_are_answered_in_order(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port) as c:
+            await c.send(
+                f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<one@example.com>\r\n"
+                "RCPT TO:<>\r\nRCPT TO:<two@example.com>\r\nDATA\r\n".encode()
+            )
+            # One write on the server: one read here gets them all.
+            first = await c.stream.receive()
+            assert first == (
+                b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n553 5.1.3 Recipient address not allowed\r\n"
+                b"250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+            )
+            await c.send(MESSAGE + b".\r\nQUIT\r\n")
+            rest = await c.rest()
+            assert re.fullmatch(rb"250 2\.0\.0 OK queued as \S+\r\n221 2\.0\.0 Bye\r\n", rest), rest
+            (msg,) = served.messages()
+            assert msg.remaining_recipients == ["one@example.com", "two@example.com"]
+
+
+async def test_a_client_that_half_closes_still_gets_every_reply(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port) as c:
+            await c.send(
+                f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode()
+                + MESSAGE
+                + b".\r\nQUIT\r\n"
+            )
+            await c.stream.send_eof()
+            rest = await c.rest()
+            assert re.fullmatch(
+                rb"250 2\.1\.0 OK\r\n250 2\.1\.5 OK\r\n354 [^\r\n]*\r\n"
+                rb"250 2\.0\.0 OK queued as \S+\r\n221 2\.0\.0 Bye\r\n",
+                rest,
+            ), rest
+            assert len(served.messages()) == 1
+
+
+# ------------------------------------------------------------ DATA
+
+
+async def test_dot_stuffed_content_goes_to_disk_byte_for_byte(tmp_path: Path) -> None:
+    wire = (
+        b"From: a@example.org\r\nSubject: dots\r\n\r\n"
+        b"..\r\n"  # a line that is one dot
+        b"..leading dot\r\n"
+        b"...two\r\n"
+        b"\r\n"
+        b"8bit \xe9t\xe9\r\n"
+        b" trailing space \r\n"
+    )
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port) as c:
+            code, text = await c.transaction(SENDER, [RCPT], wire + b".\r\n")
+            assert code == 250, text
+            (mid,) = queued_ids(text)
+            await c.quit()
+            on_disk = (served.spool.spool_dir / "data" / mid).read_bytes()
+            (msg,) = served.messages()
+    trace = on_disk[: -len(wire)]
+    assert on_disk.endswith(wire)
+    assert re.fullmatch(
+        rb"Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n"
+        rb"\tby mx\.test\.example \(spoold\) with ESMTP id " + msg.parent_id.encode() + rb";\r\n"
+        rb"\t[^\r\n]+\r\n"
+        rb"Message-ID: <[^>]+>\r\nDate: [^\r\n]+\r\n",
+        trace,
+    ), trace
+
+
+async def test_a_line_over_the_limit_fails_only_its_message(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, {"max_line_length": 100}) as served:
+            async with client(served.port) as c:
+                # Pipelined after the refused message: a good one.
+                long_line = b"Subject: long\r\n\r\n" + b"x" * 101 + b"\r\n.\r\n"
+                code, text = await c.transaction(SENDER, [RCPT], long_line)
+                assert text.startswith("500 5.5.2 Line too long (at most 100 octets)"), text
+                code, text = await c.transaction(SENDER, [RCPT], MESSAGE + b".\r\n")
+                assert code == 250, text
+                await c.quit()
+            assert len(served.messages()) == 1
+
+
+# ------------------------------------------------------------ STARTTLS
+
+
+async def starttls(c: RawSmtp) -> RawSmtp:
+    """STARTTLS on ``c``; a raw client over the TLS stream."""
+    code, text = await c.command("STARTTLS")
+    assert code == 220, text
+    assert c.reader.buffer == b""
+    tls = await TLSStream.wrap(
+        c.stream, ssl_context=client_context(), server_side=False, standard_compatible=False
+    )
+    return RawSmtp(tls)
+
+
+async def test_ehlo_offers_auth_only_after_starttls(
+    tmp_path: Path, tls_certificate: TlsCertificate
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            serving(tmp_path, tls=tls_certificate, auth=True) as served,
+            client(served.port, ehlo=None) as c,
+        ):
+            code, text = await c.command("EHLO client.example")
+            assert "STARTTLS" in extensions(text)
+            assert "AUTH" not in extensions(text)
+            code, text = await c.command(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+            assert text.startswith("538 5.7.11 "), text  # never a password in clear
+
+            tls = await starttls(c)
+            code, text = await tls.command("MAIL FROM:<a@example.org>")
+            assert text.startswith("503 5.5.1 "), text  # the session started over
+            code, text = await tls.command("EHLO client.example")
+            assert "STARTTLS" not in extensions(text)
+            assert "AUTH" in extensions(text)
+            assert text.splitlines()[-2:] == ["250-AUTH PLAIN LOGIN", "250 HELP"]
+            code, text = await tls.command(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+            assert text.startswith("235 2.7.0 "), text
+            code, text = await tls.transaction(SENDER, [RCPT], MESSAGE + b".\r\n")
+            assert code == 250, text
+            await tls.quit()
+            content = await served.spool.ondisk.read_body(served.messages()[0].id)
+            assert b" with ESMTPSA id " in content.wire
+
+
+async def test_commands_pipelined_after_starttls_are_dropped(
+    tmp_path: Path, tls_certificate: TlsCertificate
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            serving(tmp_path, tls=tls_certificate) as served,
+            client(served.port) as c,
+        ):
+            await c.send(b"STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n")
+            code, text = await c.reply()
+            assert code == 220, text
+            tls = RawSmtp(
+                await TLSStream.wrap(
+                    c.stream,
+                    ssl_context=client_context(),
+                    server_side=False,
+                    standard_compatible=False,
+                )
+            )
+            # Had the MAIL counted, this would be a nested MAIL (503).
+            assert (await tls.command("EHLO client.example"))[0] == 250
+            code, text = await tls.command(f"MAIL FROM:<{SENDER}>")
+            assert code == 250, text
+            await tls.quit()
+            assert served.messages() == []
+
+
+async def test_a_failed_handshake_closes_the_session(
+    tmp_path: Path, tls_certificate: TlsCertificate
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, tls=tls_certificate) as served:
+            async with client(served.port) as c:
+                assert (await c.command("STARTTLS"))[0] == 220
+                await c.send(b"MAIL FROM:<not-tls@example.org>\r\n")
+                assert await c.rest() != b"250 2.1.0 OK\r\n"  # whatever TLS says: not SMTP
+            await wait_until(lambda: served.listener.connections == 0, "the slot to free")
+            assert served.messages() == []
+
+
+async def test_smtplib_starttls_and_login_interoperate(
+    tmp_path: Path, tls_certificate: TlsCertificate
+) -> None:
+    smtp = {"relay_networks": ["10.0.0.0/8"]}  # 127.0.0.1 must authenticate
+
+    def run(port: int) -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.starttls(context=client_context())
+            s.login("alice", PASSWORD)
+            return s.sendmail(SENDER, [RCPT], MESSAGE)
+
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, smtp, tls=tls_certificate, auth=True) as served:
+            assert await anyio.to_thread.run_sync(run, served.port) == {}
+            assert len(served.messages()) == 1
+
+
+# ------------------------------------------------------------ AUTH
+
+
+async def test_no_auth_is_offered_without_an_auth_file(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, client(served.port, ehlo=None) as c:
+            _, text = await c.command("EHLO client.example")
+            assert "AUTH" not in extensions(text)
+            _, text = await c.command(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+            assert text.startswith("502 5.5.1 "), text
+
+
+async def test_failed_auth_waits_longer_each_time_then_closes(tmp_path: Path) -> None:
+    sleep = RecordedSleep()
+    smtp = {"auth_failure_delay": "2s", "max_auth_failures": 3, "relay_networks": ["10.0.0.0/8"]}
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, smtp, auth=True, sleep=sleep) as served:
+            async with client(served.port) as c:
+                # Four attempts at once, the right password last: it is never tried.
+                await c.send(
+                    "".join(
+                        f"AUTH PLAIN {plain('alice', p)}\r\n"
+                        for p in ("wrong1", "wrong2", "wrong3", PASSWORD)
+                    ).encode()
+                )
+                assert (await c.reply())[1].startswith("535 5.7.8 ")
+                assert (await c.reply())[1].startswith("535 5.7.8 ")
+                await ends_with(c, "421")
+            assert sleep.delays == [2.0, 4.0, 8.0]
+
+            # A new connection starts again; the right password works there.
+            async with client(served.port) as c:
+                code, text = await c.command(f"AUTH PLAIN {plain('alice', 'wrong')}")
+                assert code == 535, text
+                assert sleep.delays[3:] == [2.0]
+                code, text = await c.command(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+                assert code == 235, text
+                code, text = await c.transaction(SENDER, [RCPT], MESSAGE + b".\r\n")
+                assert code == 250, text
+                await c.quit()
+
+
+async def test_auth_login_failures_count_too(tmp_path: Path) -> None:
+    sleep = RecordedSleep()
+    b64 = base64.b64encode
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, {"max_auth_failures": 2}, auth=True, sleep=sleep) as served:
+            async with client(served.port) as c:
+                assert (await c.command("AUTH LOGIN"))[0] == 334
+                assert (await send_line(c, b64(b"alice")))[0] == 334
+                assert (await send_line(c, b64(b"nope")))[0] == 535
+                assert (await send_line(c, b"AUTH LOGIN " + b64(b"mallory")))[0] == 334
+                await c.send(b64(PASSWORD.encode()) + b"\r\n")
+                await ends_with(c, "421")
+            assert sleep.delays == [1.0, 2.0]
+
+
+async def test_an_auth_delay_does_not_hold_up_other_sessions(tmp_path: Path) -> None:
+    sleep = RecordedSleep()
+    sleep.hold = True
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            serving(tmp_path, auth=True, sleep=sleep) as served,
+            client(served.port) as slow,
+        ):
+            await slow.send(f"AUTH PLAIN {plain('alice', 'wrong')}\r\nNOOP\r\n".encode())
+            await wait_until(lambda: sleep.delays == [1.0], "the AUTH delay to start")
+            async with client(served.port) as other:
+                code, text = await other.transaction(SENDER, [RCPT], MESSAGE + b".\r\n")
+                assert code == 250, text
+                await other.quit()
+            sleep.release.set()
+            assert (await slow.reply())[1].startswith("535 5.7.8 ")
+            assert (await slow.reply())[1].startswith("250 2.0.0 ")  # then the NOOP
+            await slow.quit()
+
+
+async def test_auth_cancelled_and_bad_base64(tmp_path: Path) -> None:
+    sleep = RecordedSleep()
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, auth=True, sleep=sleep) as served:
+            async with client(served.port) as c:
+                _, text = await c.command("AUTH PLAIN")
+                assert text == "334 ", text
+                _, text = await c.command("*")
+                assert text.startswith("501 5.7.0 "), text
+                _, text = await c.command("AUTH PLAIN not*base64")
+                assert text.startswith("501 5.5.2 "), text
+                _, text = await c.command("AUTH CRAM-MD5")
+                assert text.startswith("504 5.5.4 "), text
+                _, text = await c.command("AUTH PLAIN")
+                _, text = await c.command(plain("alice", PASSWORD))
+                assert text.startswith("235 2.7.0 "), text
+                await c.quit()
+            assert sleep.delays == []  # none of that was a failed password
+
+
+# ------------------------------------------------------------ limits
+
+
+async def test_connections_per_client_are_limited(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, {"max_connections_per_client": 3}) as served:
+            async with client(served.port), client(served.port), client(served.port):
+                stream = await anyio.connect_tcp("127.0.0.1", served.port)
+                async with stream:
+                    refused = await RawSmtp(stream).rest()
+                assert refused.startswith(b"421 4.7.0 "), refused
+                assert refused.count(b"\r\n") == 1
+                # Another client address is not held up.
+                async with client(served.port, local_host="127.0.0.2") as c:
+                    code, text = await c.transaction(SENDER, [RCPT], MESSAGE + b".\r\n")
+                    assert code == 250, text
+                    await c.quit()
+                assert served.listener.connections_by_client == {"127.0.0.1": 3}
+            await wait_until(lambda: served.listener.connections == 0, "every slot to free")
+            assert served.listener.connections_by_client == {}
+
+
+async def test_the_default_allows_ten_connections_per_client(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served:
+            streams = [await anyio.connect_tcp("127.0.0.1", served.port) for _ in range(11)]
+            try:
+                greetings = [await RawSmtp(s).reply() for s in streams[:10]]
+                assert all(code == 220 for code, _ in greetings)
+                refused = await RawSmtp(streams[10]).rest()
+                assert refused.startswith(b"421 4.7.0 "), refused
+            finally:
+                for s in streams:
+                    await s.aclose()
+
+
+async def test_an_idle_client_is_told_and_dropped(tmp_path: Path) -> None:
+    # Everything a client says goes in one write, so that only the idle
+    # wait itself can take longer than the (short) timeout.
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, {"timeout": "0.3s"}) as served:
+            async with client(served.port, ehlo=None) as c:
+                await ends_with(c, "421 4.4.2")
+            # In the middle of a message too.
+            async with client(served.port, ehlo=None) as c:
+                await c.send(
+                    f"EHLO c\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode()
+                    + b"Subject: never ends\r\n"
+                )
+                with anyio.fail_after(10):
+                    rest = await c.rest()
+                assert re.fullmatch(
+                    rb"(250[- ][^\r\n]*\r\n)+250 2\.1\.0 OK\r\n250 2\.1\.5 OK\r\n"
+                    rb"354 [^\r\n]*\r\n421 4\.4\.2 [^\r\n]*\r\n",
+                    rest,
+                ), rest
+            await wait_until(lambda: served.listener.connections == 0, "every slot to free")
+            assert served.messages() == []
+
+
+async def test_junk_commands_past_the_limit_close_the_session(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, {"max_junk_commands": 5}) as served:
+            async with client(served.port) as c:
+                for _ in range(5):
+                    assert (await c.command("NOOP"))[0] == 250
+                await c.send(b"NOOP\r\n")
+                await ends_with(c, "421 4.7.0")
+            # A delivered message starts the count again.
+            async with client(served.port) as c:
+                for line in ("NOOP", "RSET", "VRFY x", "HELP"):
+                    assert (await c.command(line))[0] in (250, 252, 214)
+                code, text = await c.transaction(SENDER, [RCPT], MESSAGE + b".\r\n")
+                assert code == 250, text
+                for _ in range(5):
+                    assert (await c.command("XYZZY"))[0] == 500
+                await c.send(b"NOOP\r\n")
+                await ends_with(c, "421 4.7.0")
+
+
+async def test_stopping_the_listener_tells_open_sessions(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        port = free_port()
+        config = make_config(tmp_path, port)
+        assert config.smtp is not None
+        smtp_config = config.smtp
+        async with Spool.open(config.spool.dir, relay=HeldRelay(), flush_timeout=0.1) as spool:
+            router = Router(config)
+            listener = SmtpListener(Submitter(spool, lambda: router), lambda: smtp_config)
+            serving_scope = anyio.CancelScope()
+
+            async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                with serving_scope:
+                    await listener.serve(task_status=task_status)
+
+            async with anyio.create_task_group() as tg:
+                await tg.start(serve)
+                async with client(port) as c:
+                    serving_scope.cancel()
+                    await ends_with(c, "421 4.3.2")
+            assert listener.connections == 0

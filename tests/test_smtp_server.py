@@ -1,0 +1,290 @@
+"""The ESMTP session protocol on its own: a :class:`SmtpSession` fed bytes
+directly, with a transport that records every ``write`` and a host that
+records every delivery. What only shows at this level: how many writes a
+batch of replies takes, how reads split at awkward places are put together,
+and how much of an oversized message is kept.
+
+The listener over real sockets is tested in ``test_smtp_listener.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+
+from spoold.smtp_server import Delivery, SessionPolicy, SmtpSession, has_long_line, parse_path
+
+TIMEOUT = 10.0
+
+
+class RecordingTransport(asyncio.Transport):
+    """Collects what the session writes; one entry per ``write`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.reading = True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "write after close"
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.7", 40000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+class RecordingHost:
+    """A :class:`~spoold.smtp_server.SessionHost` that accepts everything."""
+
+    def __init__(self, tg: anyio.abc.TaskGroup, policy: SessionPolicy) -> None:
+        self.tg = tg
+        self.policy = policy
+        self.deliveries: list[Delivery] = []
+        self.sleeps: list[float] = []
+
+    def open_session(self, session: SmtpSession, peer: str) -> tuple[SessionPolicy, bool]:
+        return self.policy, True
+
+    def close_session(self, session: SmtpSession, peer: str) -> None:
+        pass
+
+    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.tg.start_soon(work)
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def check_password(self, login: str, password: bytes) -> bool:
+        return (login, password) == ("alice", b"right")
+
+    async def deliver(self, delivery: Delivery) -> str:
+        self.deliveries.append(delivery)
+        return f"250 2.0.0 OK queued as M{len(self.deliveries)}"
+
+
+def policy(**changes: Any) -> SessionPolicy:
+    values: dict[str, Any] = {
+        "hostname": "mx.test.example",
+        "max_message_size": 10_000,
+        "max_recipients": 10,
+        "max_line_length": 998,
+        "timeout": 3600.0,
+        "max_junk_commands": 100,
+        "max_auth_failures": 3,
+        "auth_failure_delay": 1.0,
+    }
+    values.update(changes)
+    return SessionPolicy(**values)
+
+
+@asynccontextmanager
+async def session(
+    **changes: Any,
+) -> AsyncIterator[tuple[SmtpSession, RecordingTransport, RecordingHost]]:
+    async with anyio.create_task_group() as tg:
+        host = RecordingHost(tg, policy(**changes))
+        transport = RecordingTransport()
+        smtp = SmtpSession(host)
+        smtp.connection_made(transport)
+        assert transport.writes == [b"220 mx.test.example ESMTP spoold\r\n"]
+        transport.writes.clear()
+        try:
+            yield smtp, transport, host
+        finally:
+            smtp.connection_lost(None)
+            tg.cancel_scope.cancel()
+
+
+async def next_write(transport: RecordingTransport, count: int) -> None:
+    """Yield to the loop until ``count`` writes were made."""
+    with anyio.fail_after(TIMEOUT):
+        while len(transport.writes) < count:
+            await anyio.sleep(0)
+
+
+def codes(write: bytes) -> list[str]:
+    return [line[:3].decode() for line in write.split(b"\r\n") if line and line[3:4] == b" "]
+
+
+# ------------------------------------------------------------ pipelining
+
+
+async def test_the_ehlo_reply_is_one_write() -> None:
+    async with session() as (smtp, transport, _host):
+        smtp.data_received(b"EHLO client.example\r\n")
+        (reply,) = transport.writes
+        assert reply == (
+            b"250-mx.test.example\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
+            b"250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 HELP\r\n"
+        )
+
+
+async def test_a_pipelined_batch_is_answered_in_order_in_one_write() -> None:
+    async with session() as (smtp, transport, host):
+        smtp.data_received(b"EHLO client.example\r\n")
+        transport.writes.clear()
+        smtp.data_received(
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n"
+            b"RCPT TO:<>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n"
+        )
+        (batch,) = transport.writes
+        assert batch == (
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n553 5.1.3 Recipient address not allowed\r\n"
+            b"250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        )
+        # The message, and QUIT in the same read: the 250 (after the host
+        # took the message) and the 221 leave together.
+        smtp.data_received(b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        await next_write(transport, 2)
+        assert transport.writes[1] == b"250 2.0.0 OK queued as M1\r\n221 2.0.0 Bye\r\n"
+        assert transport.closed
+        (delivery,) = host.deliveries
+        assert delivery.recipients == ("b@example.com", "c@example.com")
+        assert delivery.wire == b"Subject: x\r\n\r\nhi\r\n"
+
+
+async def test_commands_split_across_reads_wait_for_their_line_end() -> None:
+    async with session() as (smtp, transport, _host):
+        for byte in b"HELO client.example\r\nNO":
+            smtp.data_received(bytes([byte]))
+        assert transport.writes == [b"250 mx.test.example\r\n"]
+        smtp.data_received(b"OP\r\n")
+        assert transport.writes[1:] == [b"250 2.0.0 OK\r\n"]
+
+
+# ------------------------------------------------------------ DATA
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 4096])
+async def test_the_end_of_data_is_found_however_the_reads_split_it(chunk: int) -> None:
+    wire = b"Subject: split\r\n\r\n..leading dot\r\n..\r\n\r\n...\r\nend\r\n"
+    stream = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+    stream += wire + b".\r\nNOOP\r\n"
+    async with session() as (smtp, transport, host):
+        for i in range(0, len(stream), chunk):
+            smtp.data_received(stream[i : i + chunk])
+        with anyio.fail_after(TIMEOUT):
+            while not any(b"250 2.0.0 OK\r\n" in w for w in transport.writes):
+                await anyio.sleep(0)
+        (delivery,) = host.deliveries
+        assert delivery.wire == wire  # as received: still dot-stuffed
+
+
+async def test_an_empty_message_is_one_too() -> None:
+    async with session() as (smtp, transport, host):
+        smtp.data_received(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        assert codes(transport.writes[0]) == ["250", "250", "250", "354"]
+        smtp.data_received(b".\r\n")
+        await next_write(transport, 2)
+        assert transport.writes[1] == b"250 2.0.0 OK queued as M1\r\n"
+        (delivery,) = host.deliveries
+        assert delivery.wire == b""
+        assert delivery.sender == ""
+
+
+async def test_an_oversized_message_is_dropped_as_it_comes() -> None:
+    limit = 10_000
+    async with session(max_message_size=limit) as (smtp, transport, host):
+        smtp.data_received(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n")
+        smtp.data_received(b"DATA\r\n")
+        line = b"x" * 70 + b"\r\n"
+        kept = []
+        for _ in range(2000):  # 144 kB, 14 times the limit, in reads of 720 bytes
+            smtp.data_received(line * 10)
+            kept.append(len(smtp._data))
+        assert max(kept) <= limit + 720 + 4
+        smtp.data_received(b".\r\nNOOP\r\n")
+        assert transport.writes[-1] == (
+            b"552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 OK\r\n"
+        )
+        assert host.deliveries == []
+
+
+def test_long_lines_are_found_wherever_they_are() -> None:
+    assert not has_long_line(b"x" * 10 + b"\r\n", 10)
+    assert has_long_line(b"x" * 11 + b"\r\n", 10)
+    assert has_long_line(b"ok\r\n" + b"x" * 11, 10)
+    assert has_long_line(b"x" * 11 + b"\n", 10)
+    assert not has_long_line(b"x" * 10 + b"\r" + b"y" * 10 + b"\r\n", 10)  # a bare CR ends a line
+    assert not has_long_line(b"ok\r\n" * 100, 10)
+
+
+# ------------------------------------------------------------ parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("<a@example.org>", ("a@example.org", "")),
+        ("<>", ("", "")),
+        ("<a@example.org> SIZE=10 BODY=8BITMIME", ("a@example.org", "SIZE=10 BODY=8BITMIME")),
+        ("<@relay.example,@b.example:a@example.org>", ("a@example.org", "")),
+        ('<"odd > quoted"@example.org>', ('"odd > quoted"@example.org', "")),
+        ("a@example.org", None),
+        ("<a@example.org", None),
+        ("<a@example.org>SIZE=10", None),
+        ('<"unterminated@example.org>', None),
+        ("<@relay.example:>", None),
+        ("<@relay.example a@example.org>", None),
+    ],
+)
+def test_parse_path(text: str, parsed: tuple[str, str] | None) -> None:
+    assert parse_path(text) == parsed
+
+
+# ------------------------------------------------------------ AUTH
+
+
+async def test_auth_plain_with_an_initial_response_and_login_in_steps() -> None:
+    import base64
+
+    def b64(data: bytes) -> bytes:
+        return base64.b64encode(data)
+
+    async with session(auth=True) as (smtp, transport, host):
+        smtp.data_received(b"EHLO c\r\n")
+        assert b"250-AUTH PLAIN LOGIN\r\n" in transport.writes[-1]  # no TLS configured
+        smtp.data_received(b"AUTH LOGIN\r\n")
+        assert transport.writes[-1] == b"334 VXNlcm5hbWU6\r\n"
+        smtp.data_received(b"*\r\n")
+        assert transport.writes[-1] == b"501 5.7.0 Authentication cancelled\r\n"
+        smtp.data_received(b"AUTH LOGIN " + b64(b"alice") + b"\r\n")
+        assert transport.writes[-1] == b"334 UGFzc3dvcmQ6\r\n"
+        smtp.data_received(b64(b"right") + b"\r\n")
+        assert transport.writes[-1] == b"235 2.7.0 Authentication successful\r\n"
+        smtp.data_received(b"AUTH PLAIN " + b64(b"\0alice\0right") + b"\r\n")
+        assert transport.writes[-1] == b"503 5.5.1 Already authenticated\r\n"
+        assert host.sleeps == []
+
+
+async def test_an_overlong_auth_response_ends_the_exchange() -> None:
+    async with session(auth=True) as (smtp, transport, host):
+        smtp.data_received(b"EHLO c\r\nAUTH PLAIN\r\n")
+        assert transport.writes[-1].endswith(b"334 \r\n")
+        smtp.data_received(b"A" * 20_000)
+        assert transport.writes[-1] == b"500 5.5.2 Line too long\r\n"
+        smtp.data_received(b"AAAA\r\nNOOP\r\n")  # the end of it is dropped; NOOP is a command
+        assert transport.writes[-1] == b"250 2.0.0 OK\r\n"
+        assert host.sleeps == []
