@@ -28,8 +28,9 @@ Invariants:
 * A client idle for ``timeout`` (waiting for a command or message data, not
   while we work) gets 421 and is closed; so is one past
   ``max_junk_commands`` junk commands (NOOP, RSET, VRFY, HELP, a repeated
-  HELO/EHLO, and any command refused as unknown, malformed or out of
-  sequence; the count restarts after each accepted message).
+  HELO/EHLO, any command refused as unknown, malformed or out of
+  sequence, and every refused recipient, so a client cannot send RCPTs
+  without end; the count restarts after each accepted message).
 
 Addresses (MAIL FROM and RCPT TO paths are ``<...>``, a source route
 ``@a,@b:`` is dropped; the mailbox goes through
@@ -617,14 +618,14 @@ class SmtpSession(asyncio.Protocol):
             validate_address(address, role="recipient", smtputf8=self._smtputf8)
         except AddressError as exc:
             if exc.kind == "non_ascii" and not self._smtputf8:
-                self._out.append(_NEEDS_SMTPUTF8)
+                self._error(_NEEDS_SMTPUTF8)
             elif exc.kind in ("null", "too_long"):
-                self._out.append(b"553 5.1.3 Recipient address not allowed\r\n")
+                self._error(b"553 5.1.3 Recipient address not allowed\r\n")
             else:  # syntax, control, or bytes that are not UTF-8 at all
                 self._error(b"501 5.1.3 Bad recipient address syntax\r\n")
             return
         if len(self._recipients) >= policy.max_recipients:
-            self._out.append(
+            self._error(  # refused recipients count as junk: no endless RCPTs
                 reply_line(
                     f"452 4.5.3 Too many recipients (at most {policy.max_recipients} per message)"
                 )

@@ -709,3 +709,21 @@ async def test_stopping_the_listener_tells_open_sessions(tmp_path: Path) -> None
                     serving_scope.cancel()
                     await ends_with(c, "421 4.3.2")
             assert listener.connections == 0
+
+
+async def test_refused_recipients_count_as_junk(tmp_path: Path) -> None:
+    """A client cannot keep a session busy with recipients it may not use."""
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, {"max_junk_commands": 5, "max_recipients": 1}) as served:
+            async with client(served.port) as c:
+                batch = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\n".encode()
+                batch += b"RCPT TO:<>\r\n" * 3 + b"RCPT TO:<extra@example.com>\r\n" * 10
+                await c.send(batch)
+                with anyio.fail_after(10):
+                    rest = await c.rest()
+            lines = rest.decode().splitlines()
+            assert lines[:2] == ["250 2.1.0 OK", "250 2.1.5 OK"]
+            assert lines[2:5] == ["553 5.1.3 Recipient address not allowed"] * 3
+            assert [line[:9] for line in lines[5:7]] == ["452 4.5.3"] * 2
+            assert lines[7].startswith("421 4.7.0 ")
+            assert len(lines) == 8
