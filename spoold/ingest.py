@@ -2,7 +2,8 @@
 
 :class:`Submitter` turns one submission (envelope + message bytes) into
 spooled messages: it applies the bare CR/LF policy, adds a ``Received:``
-trace header and, when missing, ``Message-ID:`` and ``Date:``, routes each
+trace header naming each message's own id and, when missing, ``Message-ID:``
+and ``Date:`` (and ``From:`` for local submissions), routes each
 recipient (one message per route, siblings sharing ``parent_id``), and
 returns once every message is durable. :meth:`Submitter.submit` takes the
 message as content (``spoold sendmail``); :meth:`Submitter.submit_wire`
@@ -31,11 +32,13 @@ from spoold.message import RoutedBatch
 from spoold.routing import Router
 from spoold.spool import Spool
 
-__all__ = ["Submitter", "Origin", "add_trace_headers"]
+__all__ = ["Submitter", "Origin", "missing_headers", "received_header"]
 
 _HEADER_END = re.compile(rb"\r\n\r\n|\n\n")
 _HAS_MESSAGE_ID = re.compile(rb"^message-id:", re.IGNORECASE | re.MULTILINE)
 _HAS_DATE = re.compile(rb"^date:", re.IGNORECASE | re.MULTILINE)
+_HAS_FROM = re.compile(rb"^from:", re.IGNORECASE | re.MULTILINE)
+_STARTS_WITH_HEADER = re.compile(rb"[!-9;-~]+:")  # an RFC 5322 field name and its colon
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,29 +50,34 @@ class Origin:
     peer: str = ""  # the client's address, "" for local
 
 
-def add_trace_headers(content: bytes, origin: Origin, submission_id: str, hostname: str) -> bytes:
-    """Prepend ``Received:``; add ``Message-ID:``/``Date:`` when missing.
-    Works on CRLF content (the caller normalises or refuses first) and on
-    the wire form alike: none of the added lines starts with a dot."""
+def missing_headers(
+    content: bytes, submission_id: str, hostname: str, *, sender: str | None = None
+) -> bytes:
+    """Header lines to add to a message that lacks them: ``Message-ID:``
+    and ``Date:`` always, ``From:`` too when ``sender`` is given (local
+    submissions, as Postfix's cleanup does for sendmail). Works on CRLF
+    content and on the wire form alike: no line starts with a dot."""
     m = _HEADER_END.search(content)
     header = content[: m.start()] if m else content
-    now = email.utils.formatdate(localtime=True)
     extra = b""
+    if sender is not None and not _HAS_FROM.search(header):
+        extra += f"From: <{sender or 'MAILER-DAEMON'}>\r\n".encode()
     if not _HAS_MESSAGE_ID.search(header):
         extra += f"Message-ID: <{submission_id}@{hostname}>\r\n".encode()
     if not _HAS_DATE.search(header):
-        extra += f"Date: {now}\r\n".encode()
+        extra += f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode()
+    return extra
+
+
+def received_header(origin: Origin, message_id: str, hostname: str) -> bytes:
+    """The ``Received:`` trace header naming the message's own spool id."""
     source = f"from {_clean(origin.helo) or 'localhost'}"
     if origin.peer:
         source += f" ([{_clean(origin.peer)}])"
-    received = (
+    return (
         f"Received: {source}\r\n\tby {hostname} (spoold) with {origin.protocol} "
-        f"id {submission_id};\r\n\t{now}\r\n"
+        f"id {message_id};\r\n\t{email.utils.formatdate(localtime=True)}\r\n"
     ).encode()
-    if m is None and content and not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    # New headers go after Received and before the original headers.
-    return received + extra + content
 
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
@@ -141,7 +149,21 @@ class Submitter:
             raise ValueError("a message needs at least one recipient")
         submission_id = new_id()
         # The policy was applied above, before our own (CRLF) headers exist.
-        traced = Body(add_trace_headers(body.wire, origin, submission_id, self.hostname))
+        local = origin.protocol == "local"
+        extra = missing_headers(
+            body.wire, submission_id, self.hostname, sender=sender if local else None
+        )
+        if extra:
+            wire = body.wire
+            if not _STARTS_WITH_HEADER.match(wire):
+                extra += b"\r\n"  # no header section at all: ours ends before the text
+            body = Body(extra + wire)
         envelopes = await self.router().route_with_mx(sender, recipients, mail_params, envelope_id)
-        batch = RoutedBatch(envelopes, traced)
-        return await self.spool.add(batch, parent_id=submission_id, flows=[submission_id])
+        batch = RoutedBatch(envelopes, body)
+
+        def received(message_id: str) -> bytes:
+            return received_header(origin, message_id, self.hostname)
+
+        return await self.spool.add(
+            batch, parent_id=submission_id, flows=[submission_id], prefix=received
+        )

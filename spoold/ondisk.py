@@ -65,6 +65,9 @@ class NewMessage:
     body: Body
     status: Status
     build: Callable[[str, list[str]], Message]
+    # Wire bytes to put before ``body`` for this id (e.g. a Received: line
+    # naming it); called once per message, before ``build``.
+    prefix: Callable[[str], bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +152,7 @@ class OnDiskSpool:
             queue = queue_of(n.status)
             if queue is None:
                 raise ValueError("a new message cannot be delivered already")
-            entries.append(NewEntry(queue.value, n.body.wire, make_record(n)))
+            entries.append(NewEntry(queue.value, n.body.wire, make_record(n), n.prefix))
         names = await self.store.enqueue(entries)
         if not self.store.owner:
             await self.store.notify_owner(names)

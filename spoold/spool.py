@@ -676,13 +676,18 @@ class Spool:
         frozen: bool = False,
         flows: Sequence[str] = (),
         parent_id: str | None = None,
+        prefix: Callable[[str], bytes] | None = None,
     ) -> list[str]:
         """Spool one submission: one message per envelope of ``batch``.
 
-        Returns once every message is durable on disk; their ids in order.
+        ``prefix(id)``, when given, makes wire-form lines (CRLF, none
+        starting with a dot) put before the body of the message with that
+        id: the SMTP listener's ``Received:`` header names the message's own
+        id this way. Returns once every message is durable on disk; their
+        ids in order.
         """
         status: Status = Frozen() if frozen else SEND_NOW
-        messages = await self._write_new(batch, status, flows, parent_id)
+        messages = await self._write_new(batch, status, flows, parent_id, prefix)
         for msg in messages:
             if msg.id in self._index:
                 continue  # a rescan adopted it while we were writing
@@ -723,6 +728,7 @@ class Spool:
         status: Status,
         flows: Sequence[str],
         parent_id: str | None,
+        prefix: Callable[[str], bytes] | None = None,
     ) -> list[Message]:
         if self._closed or self._stopping:
             raise SpoolClosedError(f"spool {self.spool_dir} is closing and takes no new mail")
@@ -730,6 +736,15 @@ class Spool:
             raise ValueError("a submission needs at least one envelope")
         parent = parent_id or new_id()
         spool_date = self.clock.now()
+        prefixes: dict[str, bytes] = {}
+
+        def prefix_of(mid: str) -> bytes:
+            if prefix is None:
+                return b""
+            if mid not in prefixes:
+                prefixes[mid] = prefix(mid)
+            return prefixes[mid]
+
         new = []
         for env in batch.envelopes:
             validate_address(env.sender, role="sender")
@@ -746,13 +761,13 @@ class Spool:
                     status=status,
                     flows=flows,
                     related_ids=related,
-                    size=len(batch.body),
+                    size=len(prefix_of(mid)) + len(batch.body),
                 )
                 if not msg.retry_intervals:
                     msg.retry_intervals = list(self.default_retry_intervals)
                 return msg
 
-            new.append(NewMessage(batch.body, status, build))
+            new.append(NewMessage(batch.body, status, build, prefix_of if prefix else None))
         return await self._od.add(new)
 
     # ----------------------------------------------- operator operations

@@ -92,6 +92,9 @@ class NewEntry:
     queue: str
     body: bytes
     make_record: Callable[[str, Sequence[str]], bytes]
+    # Bytes written before ``body`` in the body file, given the name (e.g.
+    # a header naming the entry); ``body`` itself is never copied for it.
+    make_prefix: Callable[[str], bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,13 +321,14 @@ class Store:
         for d in dict.fromkeys(dirs):
             os.fsync(self._dir_fds[d])
 
-    def _write_tmp(self, name: str, kind: str, data: bytes) -> str:
+    def _write_tmp(self, name: str, kind: str, data: bytes, prefix: bytes = b"") -> str:
         path = f"{self._tmp}/{self._pid}.{name}.{kind}.{secrets.token_hex(4)}"
         fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for part in (prefix, data):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -447,7 +451,8 @@ class Store:
             staged: list[tuple[str, str, str, str]] = []
             for name, e in zip(names, entries, strict=True):
                 self._step("write_body")
-                body_tmp = self._write_tmp(name, "body", e.body)
+                prefix = e.make_prefix(name) if e.make_prefix is not None else b""
+                body_tmp = self._write_tmp(name, "body", e.body, prefix)
                 written.append(body_tmp)
                 self._step("write_record")
                 record_tmp = self._write_tmp(name, "record", e.make_record(name, names))

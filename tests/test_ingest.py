@@ -37,9 +37,9 @@ import anyio.abc
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from spoold.body import Body
+from spoold.body import Body, LineEndingPolicy
 from spoold.config import Config, SmtpConfig, parse_config
-from spoold.ingest import Submitter
+from spoold.ingest import Origin, Submitter
 from spoold.message import Message
 from spoold.relay import BodyHandle, InMemoryRelay, RelayOutcome
 from spoold.routing import Router
@@ -661,10 +661,12 @@ async def test_recipients_of_three_routes_make_three_related_messages(tmp_path: 
                 assert sorted(m.related_ids) == sorted(set(ids) - {m.id})
                 assert m.flows == [parent]
                 assert m.envelope_info.sender == SENDER
-            # One body per message, all the same submission (one Received id).
-            contents = {await ingest.content(i) for i in ids}
-            assert len(contents) == 1
-            assert f"id {parent};".encode() in contents.pop()
+            # One body per message: the same submission (one Message-ID), each
+            # with a Received: line naming its own id.
+            for i in ids:
+                content = await ingest.content(i)
+                assert f"id {i};".encode() in content
+                assert headers_named(content, "Message-ID") == [f"<{parent}@{HOSTNAME}>".encode()]
 
 
 async def test_a_reload_of_routes_applies_to_new_mail_only(tmp_path: Path) -> None:
@@ -722,7 +724,7 @@ async def test_received_message_id_and_date_are_added(tmp_path: Path) -> None:
         rb"\tby "
         + re.escape(HOSTNAME.encode())
         + rb" \(spoold\) with ESMTP id "
-        + re.escape(parent.encode())
+        + re.escape(msg.id.encode())  # the message's own id, as status shows it
         + rb";\r\n\t([^\r\n]+)\r\n",
         spooled,
     )
@@ -891,3 +893,62 @@ async def test_an_ehlo_name_with_a_bare_cr_does_not_break_the_trace_header(
             spooled = await ingest.content(msg.id)
     assert Body.from_content(spooled).content() == spooled  # only CRLF line endings
     assert headers_named(spooled, "X-Injected") == []
+
+
+# ------------------------------------------------- local submissions
+
+
+@pytest.mark.parametrize(
+    ("content", "added", "blank_line"),
+    [
+        (b"Subject: bare\r\n\r\nbody\r\n", ["From", "Message-ID", "Date"], False),
+        (b"From: Me <me@example.org>\r\nSubject: s\r\n\r\nx\r\n", ["Message-ID", "Date"], False),
+        (
+            b"From: a@example.org\r\nDate: Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+            b"Message-ID: <m1@example.org>\r\n\r\nx\r\n",
+            [],
+            False,
+        ),
+        (b"no headers at all, just text\r\n", ["From", "Message-ID", "Date"], True),
+    ],
+)
+async def test_local_submissions_get_the_headers_they_lack(
+    tmp_path: Path, content: bytes, added: list[str], blank_line: bool
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path) as ingest:
+            submitter = Submitter(ingest.spool, lambda: ingest.router, hostname=HOSTNAME)
+            (mid,) = await submitter.submit(
+                "app@example.org",
+                [RCPT],
+                content,
+                origin=Origin("local"),
+                policy=LineEndingPolicy.NORMALIZE,
+            )
+            (msg,) = ingest.messages()
+            spooled = await ingest.content(mid)
+    lines = spooled.split(b"\r\n")
+    assert lines[0] == b"Received: from localhost"
+    assert f"(spoold) with local id {mid};".encode() in lines[1]
+    ours = [line.split(b":", 1)[0].decode() for line in lines[3 : 3 + len(added)]]
+    assert ours == added
+    if "From" in added:
+        assert headers_named(spooled, "From") == [b"<app@example.org>"]
+    if "Message-ID" in added:
+        assert headers_named(spooled, "Message-ID") == [f"<{msg.parent_id}@{HOSTNAME}>".encode()]
+    rest = b"\r\n".join(lines[3 + len(added) :])
+    assert rest == (b"\r\n" + content if blank_line else content)
+    assert msg.size == len(Body.from_content(spooled).wire)
+
+
+async def test_smtp_submissions_get_no_from_header(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path) as ingest:
+            async with raw_smtp(ingest.port) as c:
+                code, text = await c.transaction(SENDER, [RCPT], b"Subject: x\r\n\r\nbody\r\n.\r\n")
+                assert code == 250, text
+                await c.quit()
+            (msg,) = ingest.messages()
+            spooled = await ingest.content(msg.id)
+    assert headers_named(spooled, "From") == []
+    assert len(headers_named(spooled, "Message-ID")) == 1

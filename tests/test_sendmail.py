@@ -158,7 +158,7 @@ async def test_recipients_as_arguments_and_a_dot_line_ends_the_input(
     assert content.endswith(b"Subject: args\r\n\r\nline one\r\n")  # LF became CRLF
     assert b"after the dot" not in content
     assert content.startswith(b"Received: from localhost\r\n\tby ")
-    assert f"(spoold) with local id {msg.parent_id};".encode() in content
+    assert f"(spoold) with local id {msg.id};".encode() in content
     assert b"\r\nMessage-ID: <" in header_block(content)
     assert b"\r\nDate: " in header_block(content)
 

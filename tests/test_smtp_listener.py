@@ -389,7 +389,7 @@ async def test_dot_stuffed_content_goes_to_disk_byte_for_byte(tmp_path: Path) ->
     assert on_disk.endswith(wire)
     assert re.fullmatch(
         rb"Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n"
-        rb"\tby mx\.test\.example \(spoold\) with ESMTP id " + msg.parent_id.encode() + rb";\r\n"
+        rb"\tby mx\.test\.example \(spoold\) with ESMTP id " + msg.id.encode() + rb";\r\n"
         rb"\t[^\r\n]+\r\n"
         rb"Message-ID: <[^>]+>\r\nDate: [^\r\n]+\r\n",
         trace,
