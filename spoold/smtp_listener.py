@@ -46,10 +46,12 @@ accepting for a while and goes on; it never stops the listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
+import socket
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,16 +246,32 @@ class SmtpListener:
     # ------------------------------------------------------------ serving
 
     async def serve(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        inherited: Sequence[socket.socket] = (),
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen until cancelled; reports started once every address listens."""
+        """Listen until cancelled; reports started once every address listens.
+
+        ``inherited`` are listening sockets opened by someone else (systemd
+        socket activation): each is served as it is, and an ``smtp.listen``
+        address none of them has is bound here.
+        """
         loop = asyncio.get_running_loop()
         servers: list[asyncio.Server] = []
         async with anyio.create_task_group() as tg:
             self._task_group = tg
             try:
+                covered = set()
+                for sock in inherited:
+                    server = await loop.create_server(lambda: SmtpSession(self), sock=sock)
+                    servers.append(server)
+                    covered.add(_sockname_key(sock.getsockname()))
+                    log.info("smtp listening", address=_show(sock.getsockname()), inherited=True)
                 for address in self.config().listen:
                     host, _, port = address.rpartition(":")
+                    if _sockname_key((host.strip("[]"), int(port))) in covered:
+                        continue
                     server = await loop.create_server(
                         lambda: SmtpSession(self), host.strip("[]"), int(port)
                     )
@@ -271,6 +289,20 @@ class SmtpListener:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             for server in servers:
                 await server.wait_closed()
+
+
+def _sockname_key(name: Any) -> tuple[str, int]:
+    """(address, port) of a socket name or a listen entry, the address in
+    its canonical form, so ``[::1]:25`` and a socket on ``::1`` match."""
+    host, port = str(name[0]), int(name[1])
+    with contextlib.suppress(ValueError):
+        host = str(ipaddress.ip_address(host))
+    return host, port
+
+
+def _show(name: Any) -> str:
+    host, port = _sockname_key(name)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _allowed(peer: str, networks: tuple[_Network, ...]) -> bool:

@@ -14,7 +14,9 @@ import os
 import socket
 import time
 
-__all__ = ["Notifier", "watchdog_interval"]
+__all__ = ["Notifier", "watchdog_interval", "listen_fds", "LISTEN_FDS_START"]
+
+LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at this fd
 
 
 class Notifier:
@@ -63,3 +65,26 @@ def watchdog_interval() -> float | None:
     if pid and pid.isdigit() and int(pid) != os.getpid():
         return None
     return int(usec) / 1_000_000 / 2
+
+
+def listen_fds(*, unset: bool = True) -> list[socket.socket]:
+    """The listening sockets systemd passed (socket activation), or none.
+
+    Read from ``LISTEN_FDS`` when ``LISTEN_PID`` names this process; fds
+    ``3 .. 3+n-1`` become :class:`socket.socket` objects (close-on-exec
+    set, non-blocking). The variables are removed afterwards (``unset``) so
+    that no child process takes the sockets for its own.
+    """
+    pid, count = os.environ.get("LISTEN_PID", ""), os.environ.get("LISTEN_FDS", "")
+    if unset:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+    if not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+        return []
+    sockets = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets

@@ -1,0 +1,119 @@
+"""Socket activation: listening sockets handed over by systemd.
+
+``listen_fds`` reads ``LISTEN_PID``/``LISTEN_FDS`` the way sd_listen_fds(3)
+does; the listener serves a handed-over socket as it is and binds only the
+``smtp.listen`` addresses none covers. The daemon end to end, with a
+hand-made ``LISTEN_FDS`` environment, is in test_daemon.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+
+from spoold.ingest import Submitter
+from spoold.routing import Router
+from spoold.smtp_listener import SmtpListener
+from spoold.spool import Spool
+from spoold.systemd import listen_fds
+from tests.test_ingest import HeldRelay, free_port, make_config
+
+
+def run_child(code: str, env: dict[str, str], pass_fd: int | None = None) -> str:
+    """Run ``code`` in a child whose fd 3 is ``pass_fd``; ``LISTEN_PID`` in
+    ``env`` may be ``"self"`` for the child's own pid."""
+    prelude = textwrap.dedent(
+        """
+        import os, sys
+        if os.environ.get("LISTEN_PID") == "self":
+            os.environ["LISTEN_PID"] = str(os.getpid())
+        """
+    )
+
+    def dup_to_3() -> None:
+        if pass_fd is not None:
+            os.dup2(pass_fd, 3)
+
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        env={**os.environ, **env},
+        preexec_fn=dup_to_3,
+        capture_output=True,
+        timeout=30,
+        check=True,
+        close_fds=False,
+    )
+    return done.stdout.decode()
+
+
+def test_listen_fds_takes_the_passed_socket_and_forgets_the_variables() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        out = run_child(
+            """
+            from spoold.systemd import listen_fds
+            (sock,) = listen_fds()
+            print(sock.getsockname()[1], sock.getblocking(), os.get_inheritable(sock.fileno()))
+            print(sorted(k for k in os.environ if k.startswith("LISTEN_")))
+            """,
+            {"LISTEN_PID": "self", "LISTEN_FDS": "1"},
+            pass_fd=listener.fileno(),
+        )
+    assert out.splitlines() == [f"{port} False False", "[]"]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"LISTEN_PID": "1", "LISTEN_FDS": "1"},  # meant for another process
+        {"LISTEN_PID": "self", "LISTEN_FDS": "x"},
+    ],
+)
+def test_listen_fds_ignores_what_is_not_for_this_process(env: dict[str, str]) -> None:
+    out = run_child("from spoold.systemd import listen_fds\nprint(listen_fds())", env)
+    assert out.strip() == "[]"
+
+
+def test_in_this_process_without_variables_there_is_nothing() -> None:
+    assert listen_fds(unset=False) == []
+
+
+async def test_the_listener_serves_a_handed_over_socket_and_binds_the_rest(
+    tmp_path: Path,
+) -> None:
+    handed = socket.socket()
+    handed.bind(("127.0.0.1", 0))
+    handed.listen()
+    handed.setblocking(False)
+    port, other = handed.getsockname()[1], free_port()
+    # Both addresses are in smtp.listen; binding the handed-over one again
+    # would fail with EADDRINUSE, so serving proves it was taken as it is.
+    config = make_config(
+        tmp_path, port, smtp={"listen": [f"127.0.0.1:{port}", f"127.0.0.1:{other}"]}
+    )
+    assert config.smtp is not None
+    smtp = config.smtp
+    with anyio.fail_after(20):
+        async with Spool.open(config.spool.dir, relay=HeldRelay(), flush_timeout=0.1) as spool:
+            router = Router(config)
+            listener = SmtpListener(
+                Submitter(spool, lambda: router, hostname="mx.test"), lambda: smtp
+            )
+            async with anyio.create_task_group() as tg:
+                await tg.start(listener.serve, [handed])
+                for p in (port, other):
+                    stream = await anyio.connect_tcp("127.0.0.1", p)
+                    async with stream:
+                        greeting = await stream.receive()
+                    assert greeting.startswith(b"220 "), (p, greeting)
+                tg.cancel_scope.cancel()
