@@ -1126,13 +1126,15 @@ async def test_non_ascii_recipient_goes_with_smtputf8_when_offered(
 
 
 @pytest.mark.parametrize("way", ["new", "reused"])
-async def test_non_ascii_recipient_to_a_hop_without_smtputf8_is_refused(
+async def test_non_ascii_recipient_to_a_hop_without_smtputf8_fails_alone(
     start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     request: pytest.FixtureRequest,
     way: str,
 ) -> None:
+    # The message itself is ASCII (sender, no SMTPUTF8 asked for): only the
+    # recipient that needs SMTPUTF8 fails; the others are delivered.
     server, settings = await server_for(way, start_smtp_server, request)
     relay = make_relay(settings)
     await warm_up(way, relay, server, tmp_path)
@@ -1140,11 +1142,39 @@ async def test_non_ascii_recipient_to_a_hop_without_smtputf8_is_refused(
     outcome = await relay_message(relay, tmp_path, [server.hop], [ALICE, UTF8_RCPT])
 
     results = delivery(outcome).recipients
+    assert results[ALICE] == OK
+    refused = results[UTF8_RCPT]
+    assert (refused.code, refused.enhanced_status) == (553, "5.6.7")
+    assert "SMTPUTF8" in refused.text
+    (received,) = server.messages
+    assert received.rcpt_tos == (ALICE,)
+    assert "SMTPUTF8" not in received.mail_options
+    assert server.args("RCPT") == [ALICE]
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [
+        pytest.param({"sender": "j\u00fcrgen@example.org"}, id="non-ascii-sender"),
+        pytest.param({"mail_params": ["SMTPUTF8"]}, id="smtputf8-submission"),
+    ],
+)
+async def test_message_needing_smtputf8_to_a_hop_without_it_is_refused_for_everyone(
+    smtp_server: SmtpTestServer,
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    needs: dict[str, Any],
+) -> None:
+    outcome = await relay_message(
+        make_relay(), tmp_path, [smtp_server.hop], [ALICE, UTF8_RCPT], **needs
+    )
+
+    results = delivery(outcome).recipients
     assert set(results) == {ALICE, UTF8_RCPT}
     for result in results.values():
         assert (result.code, result.enhanced_status) == (554, "5.6.7")
         assert "SMTPUTF8" in result.text
-    assert "MAIL" not in server.verbs()
+    assert "MAIL" not in smtp_server.verbs()
 
 
 # ------------------------------------------------------------- parse_hop
