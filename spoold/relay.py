@@ -118,8 +118,9 @@ class BodyHandle:
         try:
             yield reader
         finally:
-            with anyio.CancelScope(shield=True):
-                await reader.aclose()
+            if reader.holds_file:
+                with anyio.CancelScope(shield=True):
+                    await reader.aclose()
 
     def __repr__(self) -> str:
         return f"BodyHandle({str(self.path)!r})"
@@ -178,6 +179,12 @@ class BodyReader:
             os.close(fd)
             return cls(path, None, len(head), head, chunk_size)
         return cls(path, fd, size, head, chunk_size)
+
+    @property
+    def holds_file(self) -> bool:
+        """Whether the file is still open (a small body is read and closed
+        at once)."""
+        return self._fd is not None
 
     async def aclose(self) -> None:
         fd, self._fd = self._fd, None

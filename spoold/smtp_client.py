@@ -573,7 +573,7 @@ class SmtpClient:
         try:
             held: bytes = b""
             tail = _CRLF  # empty content: the "." line follows DATA directly
-            async for chunk in chunks or _NO_CONTENT:
+            async for chunk in _NO_CONTENT if chunks is None else chunks:
                 if not chunk:
                     continue
                 if held:
@@ -583,7 +583,6 @@ class SmtpClient:
                 tail = chunk[-2:] if len(chunk) >= 2 else (tail + chunk)[-2:]
             end = b".\r\n" if tail == _CRLF else b"\r\n.\r\n"
             self._write(held + end)  # one write for a small message
-            del held
             await self._reader.drain(self.command_timeout)
             return _final(await self._next("the end of the message", timeout), "the message")
         except BaseException:

@@ -175,6 +175,21 @@ async def test_size_counts_the_content_without_stuffing_dots(
     assert mail.endswith(f" SIZE={len(content)}".encode())
 
 
+async def test_a_body_file_that_cannot_be_read_fails_the_attempt_naming_it(
+    start_raw_server: StartRawServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    server = await start_raw_server()
+    msg, body = message_to(tmp_path, [server.hop], [ALICE])
+    body.path.unlink()
+
+    with anyio.fail_after(10):
+        error = failure(await make_relay().relay(msg, body, [ALICE]))
+
+    assert str(body.path) in error
+    assert "No such file" in error
+    assert server.connections_opened == 0
+
+
 # ------------------------------------------ pipelined refusals and faults
 
 
