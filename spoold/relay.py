@@ -18,7 +18,9 @@ loads it whole (for tests and small tools); :meth:`BodyHandle.open` gives a
 :class:`BodyReader` that streams the file as it is on disk, in chunks read
 in worker threads, so relaying a message of any size takes a few chunks of
 memory. A small body (one chunk) costs one thread hop in all: open, size,
-read and close together. The file is only ever read, never rewritten. A
+read and close together (anyio's worker threads rather than aiofiles, which
+would take a hop each for open, read and close: about 60 us of CPU apiece
+here, more than the rest of a small message's relay). The file is only ever read, never rewritten. A
 failure to read it is a :class:`~spoold.errors.StoreError` naming the file.
 """
 
