@@ -24,6 +24,14 @@ __all__ = [
     "SpoolClosedError",
     "AddressError",
     "AddressProblem",
+    "HopUnavailableError",
+    "SmtpError",
+    "SmtpConnectionError",
+    "SmtpTimeoutError",
+    "SmtpProtocolError",
+    "SmtpTlsError",
+    "SmtpReplyError",
+    "SmtpServiceClosingError",
 ]
 
 
@@ -96,3 +104,52 @@ class AddressError(SpooldError, ValueError):
         self.address = address
         self.kind: AddressProblem = kind
         super().__init__(message)
+
+
+class HopUnavailableError(SpooldError):
+    """A next hop could not be used for a relay attempt (the relay tries the
+    next one). ``str(error)`` starts with the hop."""
+
+
+class SmtpError(SpooldError):
+    """The SMTP client's dialogue with a server cannot go on. The client
+    that raised it is closed. ``str(error)`` says what happened, without the
+    server's name (the relay prefixes the hop)."""
+
+
+class SmtpConnectionError(SmtpError, ConnectionError):
+    """The connection could not be made, or was lost (reset, closed by the
+    server) before the reply the client was waiting for."""
+
+
+class SmtpTimeoutError(SmtpError, TimeoutError):
+    """No connection, reply or write progress within the time allowed."""
+
+
+class SmtpProtocolError(SmtpError):
+    """The server broke the protocol: a malformed or overlong reply, a reply
+    code that makes no sense for the command, or data sent ahead of a TLS
+    handshake."""
+
+
+class SmtpTlsError(SmtpError):
+    """STARTTLS was accepted but the TLS handshake failed (e.g. the
+    certificate could not be verified)."""
+
+
+class SmtpReplyError(SmtpError):
+    """A reply refusing something the session needs (the greeting, EHLO and
+    HELO, STARTTLS, AUTH). ``str(error)`` is the reply on one line, starting
+    with its code."""
+
+    def __init__(self, code: int, text: str, enhanced_status: str | None = None) -> None:
+        self.code = code
+        self.text = text
+        self.enhanced_status = enhanced_status
+        words = [str(code), *([enhanced_status] if enhanced_status else []), *text.split()]
+        super().__init__(" ".join(words))
+
+
+class SmtpServiceClosingError(SmtpReplyError):
+    """The server answered 421: it is closing the connection. Whatever was
+    under way is to be tried again later, on a new connection."""

@@ -2,7 +2,7 @@
 
 ``configure(format, level)`` sets up JSON lines (``format="json"``, or
 ``"auto"`` when stderr is not a terminal) or a readable console. Stdlib
-loggers (aiosmtplib's, asyncio's) go through the same pipeline, so every
+loggers (asyncio's among them) go through the same pipeline, so every
 line has one shape. Calling it again (a reload) changes the level and
 format in one step; tests may call it freely.
 """

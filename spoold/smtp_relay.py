@@ -1,9 +1,16 @@
 """Relay over SMTP to next hops, with a connection cache of our own.
 
-:class:`SmtpRelay` implements :class:`spoold.relay.Relay` with aiosmtplib.
-aiosmtplib gives one connection per client object and no pool, so
+:class:`SmtpRelay` implements :class:`spoold.relay.Relay` on
+:class:`spoold.smtp_client.SmtpClient` (one client per connection), and
 :class:`ConnectionCache` keeps connections per next hop (and per set of
 route settings) for reuse across messages.
+
+Before any connection, the sender and every recipient are checked with
+:func:`spoold.address.validate_address` (SMTPUTF8 allowed): an invalid
+recipient gets a permanent ``553 5.1.3`` result of its own and is not sent;
+an invalid sender fails every recipient with ``553 5.1.7`` and no hop is
+contacted. The others of the message go on: whatever is wrong with one
+recipient becomes that recipient's result, never an exception.
 
 An attempt tries ``next_hop_choices`` in order. A hop that cannot be reached
 (connect, greeting, EHLO, STARTTLS or AUTH fails, or no free connection
@@ -11,23 +18,38 @@ within the give-up time) is skipped for the next; when every hop fails, the
 attempt is :class:`~spoold.relay.AttemptFailed` with every hop's error. Once
 a hop has greeted us, the attempt ends there:
 
-* a refusal at MAIL FROM or at DATA applies to every recipient;
+* MAIL, every RCPT and DATA go in one write when the hop offers PIPELINING,
+  one by one otherwise;
+* a refusal at MAIL FROM or at DATA applies to every recipient sent;
 * each RCPT reply is that recipient's result;
 * recipients count as delivered only after a 2xx reply to the end of DATA;
-* a 421, a disconnect or a timeout at any point ends the attempt as
-  try-later (:class:`AttemptFailed`) and the connection is dropped;
-* a missing extension the message needs (8BITMIME, SMTPUTF8) or a message
-  over the hop's SIZE limit is a permanent refusal (554 / 552) with a text
-  saying why.
+* a 421, a disconnect, a protocol error or a timeout at any point ends the
+  attempt as try-later (:class:`AttemptFailed`) and the connection is
+  dropped;
+* a missing extension the message needs (8BITMIME, or SMTPUTF8 for a
+  non-ASCII sender or an SMTPUTF8 submission) or a message over the hop's
+  SIZE limit is a permanent refusal of every recipient (554 / 552) with a
+  text saying why; a non-ASCII recipient of an otherwise ASCII message on a
+  hop without SMTPUTF8 fails alone (553 5.6.7).
+
+TLS per route: ``none``, ``opportunistic`` (STARTTLS when offered) or
+``required`` (a hop without it is unavailable); credentials are never sent
+without TLS. The SSL context is built once per route settings.
 
 Cache rules: at most ``max_per_hop`` connections per hop and ``max_total``
-overall; an idle connection is closed after ``idle_timeout``; a connection
-idle for more than ``check_after`` seconds is checked with NOOP before reuse;
-a connection that saw 421, a protocol error or a timeout is never reused;
-after a transaction that did not complete, RSET is sent before reuse.
+overall; a released connection or a freed slot goes to the oldest waiter; an
+idle connection is closed after ``idle_timeout``; a connection idle for more
+than ``check_after`` seconds is checked with NOOP before reuse; a connection
+that saw 421, a protocol error or a timeout is never reused; after a
+transaction that did not complete, RSET is sent before reuse.
 :meth:`ConnectionCache.close_and_flush` says QUIT to every idle connection at
-shutdown. The body is read from disk in a worker thread and sent from
-memory; the file is never rewritten.
+shutdown.
+
+The body is streamed from its file as it is on disk (already CRLF and
+dot-stuffed) in chunks read in worker threads
+(:meth:`spoold.relay.BodyHandle.open`); it is never held whole in memory,
+and never rewritten. Its SIZE (without the stuffing dots) and whether it
+needs 8BITMIME are found by one scan in chunks, off the event loop.
 """
 
 from __future__ import annotations
@@ -37,7 +59,7 @@ import contextlib
 import functools
 import itertools
 import os
-import re
+import socket
 import ssl
 import stat
 import time
@@ -47,13 +69,21 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-import aiosmtplib
 import anyio
 import structlog
 
-from spoold.errors import SpooldError
+from spoold.address import validate_address
+from spoold.errors import AddressError, HopUnavailableError, SmtpError, SpooldError, StoreError
 from spoold.message import Message
-from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, RelayOutcome
+from spoold.relay import (
+    AttemptFailed,
+    BodyHandle,
+    BodyReader,
+    Delivery,
+    RecipientResult,
+    RelayOutcome,
+)
+from spoold.smtp_client import SmtpClient, SmtpReply
 
 __all__ = [
     "RouteSettings",
@@ -68,12 +98,6 @@ __all__ = [
 log = structlog.get_logger("spoold.relay")
 
 TlsMode = Literal["none", "opportunistic", "required"]
-_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
-_NEEDS_8BIT = re.compile(rb"[\x80-\xff]")
-
-
-class HopUnavailableError(SpooldError):
-    """This next hop could not be used for the attempt (try the next one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +175,8 @@ def parse_hop(hop: str) -> tuple[str, int]:
     return host, number
 
 
-def _result(code: int, text: str) -> RecipientResult:
-    m = _ENHANCED.match(text)
-    if m:
-        return RecipientResult(code, text[m.end() :], m.group(1))
-    return RecipientResult(code, text)
+def _result(reply: SmtpReply) -> RecipientResult:
+    return RecipientResult(reply.code, reply.text, reply.enhanced_status)
 
 
 def _one_line(text: str) -> str:
@@ -170,7 +191,7 @@ _Key = tuple[str, RouteSettings]
 
 @dataclass(eq=False)
 class _Connection:
-    smtp: aiosmtplib.SMTP
+    client: SmtpClient
     key: _Key
     last_used: float = field(default_factory=time.monotonic)
     transactions: int = 0
@@ -217,6 +238,7 @@ class ConnectionCache:
         self._waiters: dict[_Key, deque[_Waiter]] = {}
         self._seq = itertools.count()
         self._closing = False
+        self._local_name: str | None = None
         self.connections_made = 0
 
     @property
@@ -276,7 +298,7 @@ class ConnectionCache:
     def _drop(self, conn: _Connection) -> None:
         """Close without a goodbye (the connection is suspect or expired)."""
         self._unidle(conn)
-        conn.smtp.close()
+        conn.client.close()
         self._free_slot(conn.key)
 
     def _expire(self, conn: _Connection) -> None:
@@ -297,7 +319,7 @@ class ConnectionCache:
             return False
         self._idle[oldest.key].remove(oldest)
         self._unidle(oldest)
-        oldest.smtp.close()
+        oldest.client.close()
         self._open[oldest.key] -= 1
         self._total -= 1
         return True
@@ -307,7 +329,8 @@ class ConnectionCache:
     @asynccontextmanager
     async def connection(self, hop: str, settings: RouteSettings) -> AsyncIterator[_Connection]:
         """A connection to ``hop``, reused or new; returned to the cache
-        afterwards if the body ended normally, dropped otherwise.
+        afterwards if the body ended normally (and the client is still in
+        step with the server), dropped otherwise.
 
         Raises :class:`HopUnavailableError` if none can be had.
         """
@@ -360,12 +383,12 @@ class ConnectionCache:
                 continue  # it was dropped (and its slot passed on); try again
             assert slot
             try:
-                smtp = await _connect(hop, settings)
+                client = await self._connect(hop, settings)
             except BaseException:
                 self._free_slot(key)
                 raise
             self.connections_made += 1
-            return _Connection(smtp, key)
+            return _Connection(client, key)
 
     def _give_back(self, waiter: _Waiter) -> None:
         queue = self._waiters.get(waiter.key)
@@ -378,14 +401,14 @@ class ConnectionCache:
 
     async def _usable(self, conn: _Connection) -> bool:
         idle_for = time.monotonic() - conn.last_used
-        if not conn.smtp.is_connected or idle_for > self.idle_timeout:
-            self._drop(conn)  # gone, or expired while its timer was late
+        if not conn.client.usable or idle_for > self.idle_timeout:
+            self._drop(conn)  # gone, out of step, or expired while its timer was late
             return False
         if idle_for <= self.check_after:
             return True
         try:
-            reply = await conn.smtp.noop(timeout=min(10.0, conn.key[1].command_timeout))
-        except (aiosmtplib.SMTPException, OSError):
+            reply = await conn.client.noop(timeout=min(10.0, conn.key[1].command_timeout))
+        except SmtpError:
             self._drop(conn)
             return False
         if reply.code != 250:
@@ -395,7 +418,7 @@ class ConnectionCache:
 
     def release(self, conn: _Connection) -> None:
         """Give a healthy connection back: to the oldest waiter, or idle."""
-        if self._closing or not conn.smtp.is_connected:
+        if self._closing or not conn.client.usable:
             self._drop(conn)
             return
         conn.last_used = time.monotonic()
@@ -410,13 +433,13 @@ class ConnectionCache:
         while len(self._idle.get(key, [])) < count and self._has_room(key):
             self._take_slot(key)
             try:
-                smtp = await _connect(hop, settings)
-            except (HopUnavailableError, aiosmtplib.SMTPException, OSError) as exc:
+                client = await self._connect(hop, settings)
+            except HopUnavailableError as exc:
                 self._free_slot(key)
                 log.warning("could not warm a connection", hop=hop, error=str(exc))
                 break
             self.connections_made += 1
-            self.release(_Connection(smtp, key))
+            self.release(_Connection(client, key))
         return len(self._idle.get(key, []))
 
     async def close_and_flush(self) -> None:
@@ -428,52 +451,68 @@ class ConnectionCache:
         idle = [self._unidle(c) for conns in self._idle.values() for c in conns]
         self._idle.clear()
         for conn in idle:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError), anyio.move_on_after(5):
-                await conn.smtp.quit()
-            conn.smtp.close()
+            with contextlib.suppress(SmtpError), anyio.move_on_after(5):
+                await conn.client.quit(timeout=min(5.0, conn.key[1].command_timeout))
+            conn.client.close()
             self._open[conn.key] -= 1
             self._total -= 1
 
+    # -- opening
 
-async def _connect(hop: str, settings: RouteSettings) -> aiosmtplib.SMTP:
-    host, port = parse_hop(hop)
-    tls_context = _tls_context(settings) if settings.tls != "none" else None
-    smtp = aiosmtplib.SMTP(
-        hostname=host,
-        port=port,
-        timeout=settings.command_timeout,
-        local_hostname=settings.helo_name,
-        start_tls={"none": False, "opportunistic": None, "required": True}[settings.tls],
-        tls_context=tls_context,
-    )
-    try:
-        await smtp.connect(timeout=settings.connect_timeout)
-        # connect() leaves EHLO for later when it did not upgrade to TLS, and
-        # forgets the extensions after STARTTLS: ask now, since SIZE,
-        # 8BITMIME, SMTPUTF8 and AUTH are read before MAIL.
-        if smtp.is_ehlo_or_helo_needed:
-            try:
-                await smtp.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await smtp.helo()
-        if settings.tls == "required" and not _tls_on(smtp):
-            raise HopUnavailableError(f"{hop}: TLS is required but the hop does not offer it")  # noqa: TRY301
-        if settings.auth is not None:
-            if not _tls_on(smtp):
+    async def _helo_name(self, settings: RouteSettings) -> str:
+        """The route's HELO name, or this host's name (looked up once, in a
+        worker thread: it may ask DNS)."""
+        if settings.helo_name:
+            return settings.helo_name
+        if self._local_name is None:
+            name = await anyio.to_thread.run_sync(socket.getfqdn)
+            usable = name.isascii() and "." in name and all(c.isalnum() or c in ".-" for c in name)
+            self._local_name = name if usable else "localhost.localdomain"
+        return self._local_name
+
+    async def _connect(self, hop: str, settings: RouteSettings) -> SmtpClient:
+        """A new connection to ``hop``, greeted, EHLO'd, with TLS and AUTH
+        as the route says; every failure is :class:`HopUnavailableError`."""
+        host, port = parse_hop(hop)
+        name = await self._helo_name(settings)
+        try:
+            context = _tls_context(settings) if settings.tls != "none" else None
+        except (OSError, ssl.SSLError) as exc:
+            raise HopUnavailableError(f"{hop}: cannot set up TLS: {_describe(exc)}") from exc
+        try:
+            client = await SmtpClient.connect(
+                host,
+                port,
+                connect_timeout=settings.connect_timeout,
+                command_timeout=settings.command_timeout,
+            )
+        except SmtpError as exc:
+            raise HopUnavailableError(f"{hop}: {exc}") from exc
+        try:
+            await client.hello(name)
+            if context is not None and client.supports("STARTTLS"):
+                await client.starttls(context, server_hostname=host)
+                await client.hello(name)
+            if settings.tls == "required" and not client.tls_active:
                 raise HopUnavailableError(  # noqa: TRY301
-                    f"{hop}: refusing to send credentials without TLS (STARTTLS not offered)"
+                    f"{hop}: TLS is required but the hop does not offer STARTTLS"
                 )
-            await _authenticate(smtp, hop, settings.auth)
-    except HopUnavailableError:
-        smtp.close()
-        raise
-    except aiosmtplib.SMTPTimeoutError as exc:
-        smtp.close()
-        raise HopUnavailableError(f"{hop}: timeout: {_describe(exc)}") from exc
-    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-        smtp.close()
-        raise HopUnavailableError(f"{hop}: {_describe(exc)}") from exc
-    return smtp
+            if settings.auth is not None:
+                if not client.tls_active:
+                    raise HopUnavailableError(  # noqa: TRY301
+                        f"{hop}: refusing to send credentials without TLS (STARTTLS not offered)"
+                    )
+                await client.authenticate(*settings.auth)
+        except HopUnavailableError:
+            client.close()
+            raise
+        except SmtpError as exc:
+            client.close()
+            raise HopUnavailableError(f"{hop}: {exc}") from exc
+        except BaseException:
+            client.close()
+            raise
+        return client
 
 
 @functools.lru_cache(maxsize=64)
@@ -489,29 +528,9 @@ def _tls_context(settings: RouteSettings) -> ssl.SSLContext:
     return context
 
 
-def _tls_on(smtp: aiosmtplib.SMTP) -> bool:
-    transport = smtp.transport
-    return transport is not None and transport.get_extra_info("sslcontext") is not None
-
-
-async def _authenticate(smtp: aiosmtplib.SMTP, hop: str, auth: tuple[str, str]) -> None:
-    user, password = auth
-    methods = {m.lower() for m in smtp.server_auth_methods}
-    if "plain" in methods:
-        await smtp.auth_plain(user, password)
-    elif "login" in methods:
-        await smtp.auth_login(user, password)
-    else:
-        raise HopUnavailableError(f"{hop}: offers neither AUTH PLAIN nor AUTH LOGIN")
-
-
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return f"{exc.code} {_one_line(exc.message)}"
-    if isinstance(exc, aiosmtplib.SMTPException):
-        return _one_line(str(exc)) or type(exc).__name__
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     return _one_line(str(exc)) or type(exc).__name__
 
 
@@ -520,6 +539,28 @@ def _describe(exc: BaseException) -> str:
 
 class _TryLater(Exception):
     """The attempt ends on this hop as try-later; the connection is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """The recipients of an attempt after validation: those to send, and
+    the results of those that will not be sent."""
+
+    sendable: list[str]
+    refused: dict[str, RecipientResult]
+
+
+def _check_recipients(recipients: Sequence[str]) -> _Checked:
+    sendable: list[str] = []
+    refused: dict[str, RecipientResult] = {}
+    for rcpt in dict.fromkeys(recipients):  # a recipient listed twice gets one RCPT
+        try:
+            validate_address(rcpt, role="recipient", smtputf8=True)
+        except AddressError as exc:
+            refused[rcpt] = RecipientResult(553, f"recipient cannot be relayed: {exc}", "5.1.3")
+        else:
+            sendable.append(rcpt)
+    return _Checked(sendable, refused)
 
 
 class SmtpRelay:
@@ -546,8 +587,28 @@ class SmtpRelay:
     async def relay(
         self, message: Message, body: BodyHandle, recipients: Sequence[str]
     ) -> RelayOutcome:
-        wire = await body.read()
-        content = wire.content()
+        sender = message.envelope_info.sender
+        try:
+            validate_address(sender, role="sender", smtputf8=True)
+        except AddressError as exc:
+            bad_sender = RecipientResult(553, f"sender cannot be relayed: {exc}", "5.1.7")
+            return Delivery(dict.fromkeys(recipients, bad_sender))
+        checked = _check_recipients(recipients)
+        if not checked.sendable:
+            return Delivery(checked.refused)
+        try:
+            async with body.open() as content:
+                outcome = await self._to_next_hops(message, content, checked.sendable)
+        except StoreError as exc:
+            return AttemptFailed(str(exc))
+        if isinstance(outcome, Delivery) and checked.refused:
+            results = {**checked.refused, **outcome.recipients}
+            return Delivery({r: results[r] for r in dict.fromkeys(recipients)}, outcome.hop)
+        return outcome
+
+    async def _to_next_hops(
+        self, message: Message, content: BodyReader, recipients: list[str]
+    ) -> RelayOutcome:
         hop_errors: list[str] = []
         for hop in message.next_hop_choices:
             settings = self.settings_for(hop, message)
@@ -570,7 +631,8 @@ class SmtpRelay:
                 return AttemptFailed(f"{hop}: {exc}")
             except TimeoutError:
                 return AttemptFailed(
-                    f"{hop}: no answer within the message timeout of {settings.message_timeout:g}s"
+                    f"{hop}: timeout: no answer within the message timeout of "
+                    f"{settings.message_timeout:g}s"
                 )
         return AttemptFailed("no hops available: " + "; ".join(hop_errors))
 
@@ -580,102 +642,113 @@ class SmtpRelay:
         hop: str,
         settings: RouteSettings,
         message: Message,
-        content: bytes,
-        recipients: Sequence[str],
+        content: BodyReader,
+        recipients: list[str],
     ) -> Delivery:
-        smtp = conn.smtp
+        client = conn.client
         env = message.envelope_info
+        params = {p.upper() for p in env.mail_params}
+        facts = await content.facts()
+        size = facts.content_size
+
+        def everyone(code: int, enhanced: str, text: str) -> Delivery:
+            return Delivery(dict.fromkeys(recipients, RecipientResult(code, text, enhanced)), hop)
+
         options: list[str] = []
-        needs_utf8 = "SMTPUTF8" in (p.upper() for p in env.mail_params) or any(
-            not a.isascii() for a in [env.sender, *recipients]
-        )
-        needs_8bit = _NEEDS_8BIT.search(content) is not None or any(
-            p.upper() == "BODY=8BITMIME" for p in env.mail_params
-        )
-
-        def everyone(code: int, text: str) -> Delivery:
-            result = _result(code, text)
-            return Delivery(dict.fromkeys(recipients, result), hop)
-
-        if smtp.supports_extension("size"):
-            limit = smtp.esmtp_extensions.get("size", "")
-            if limit.isdigit() and 0 < int(limit) < len(content):
+        limit = client.size_limit
+        if limit is not None:
+            if 0 < limit < size:
                 return everyone(
-                    552, f"5.3.4 message of {len(content)} bytes exceeds {hop}'s limit of {limit}"
+                    552, "5.3.4", f"message of {size} bytes exceeds {hop}'s limit of {limit}"
                 )
-            options.append(f"SIZE={len(content)}")
-        if needs_8bit:
-            if not smtp.supports_extension("8bitmime"):
+            options.append(f"SIZE={size}")
+        if facts.eight_bit or "BODY=8BITMIME" in params:
+            if not client.supports("8BITMIME"):
                 return everyone(
-                    554, f"5.6.3 {hop} does not offer 8BITMIME, which this message needs"
+                    554, "5.6.3", f"{hop} does not offer 8BITMIME, which this message needs"
                 )
             options.append("BODY=8BITMIME")
-        if needs_utf8:
-            if not smtp.supports_extension("smtputf8"):
-                return everyone(
-                    554, f"5.6.7 {hop} does not offer SMTPUTF8, which this message needs"
-                )
-            options.append("SMTPUTF8")
-        encoding = "utf-8" if needs_utf8 else "ascii"
-        try:
-            try:
-                await smtp.mail(env.sender, options=options, encoding=encoding)
-            except aiosmtplib.SMTPSenderRefused as exc:
-                self._check_421(exc)
-                await self._reset(conn)
-                return everyone(exc.code, exc.message)
-            results: dict[str, RecipientResult] = {}
-            accepted: list[str] = []
+        hop_utf8 = client.supports("SMTPUTF8")
+        message_needs_utf8 = "SMTPUTF8" in params or not env.sender.isascii()
+        if message_needs_utf8 and not hop_utf8:
+            return everyone(
+                554, "5.6.7", f"{hop} does not offer SMTPUTF8, which this message needs"
+            )
+        results: dict[str, RecipientResult] = {}
+        to_send = recipients
+        if not hop_utf8:
+            to_send = []
             for rcpt in recipients:
-                try:
-                    reply = await smtp.rcpt(rcpt, encoding=encoding)
-                except aiosmtplib.SMTPRecipientRefused as exc:
-                    self._check_421(exc)
-                    results[rcpt] = _result(exc.code, exc.message)
+                if rcpt.isascii():
+                    to_send.append(rcpt)
                 else:
-                    results[rcpt] = _result(reply.code, reply.message)
-                    accepted.append(rcpt)
-            if not accepted:
-                await self._reset(conn)
-                return Delivery(results, hop)
+                    results[rcpt] = RecipientResult(
+                        553,
+                        f"{hop} does not offer SMTPUTF8, which this non-ASCII recipient needs",
+                        "5.6.7",
+                    )
+        use_utf8 = hop_utf8 and (message_needs_utf8 or not all(r.isascii() for r in to_send))
+        if use_utf8:
+            options.append("SMTPUTF8")
+        encoding = "utf-8" if use_utf8 else "ascii"
+        sent: list[str] = []
+        rcpt_lines: list[bytes] = []
+        for rcpt in to_send:
             try:
-                reply = await smtp.data(content, timeout=settings.data_timeout(len(content)))
-            except aiosmtplib.SMTPDataError as exc:
-                self._check_421(exc)
-                await self._reset(conn)
-                refused = _result(exc.code, exc.message)
-                results.update(dict.fromkeys(accepted, refused))
-                return Delivery(results, hop)
-            done = _result(reply.code, reply.message)
-            results.update(dict.fromkeys(accepted, done))
-            conn.transactions += 1
+                rcpt_lines.append(f"RCPT TO:<{rcpt}>\r\n".encode(encoding))
+            except ValueError as exc:  # cannot happen after validation; never fail the others
+                results[rcpt] = RecipientResult(553, f"recipient cannot be relayed: {exc}", "5.1.3")
+            else:
+                sent.append(rcpt)
+        if not sent:
             return Delivery(results, hop)
-        except aiosmtplib.SMTPServerDisconnected as exc:
-            raise _TryLater(f"connection lost: {_describe(exc)}") from None
-        except aiosmtplib.SMTPTimeoutError as exc:
-            raise _TryLater(f"timeout: {_describe(exc)}") from None
-        except aiosmtplib.SMTPResponseException as exc:
-            raise _TryLater(f"protocol error: {_describe(exc)}") from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise _TryLater(_describe(exc)) from None
-
-    @staticmethod
-    def _check_421(exc: aiosmtplib.SMTPResponseException) -> None:
-        if exc.code == 421:
-            raise _TryLater(f"421 {_one_line(exc.message)}")
-
-    @staticmethod
-    async def _reset(conn: _Connection) -> None:
-        """After an incomplete transaction: RSET. If that fails the
-        connection is closed (the cache then drops it); the replies already
-        received still stand."""
+        mail_line = " ".join([f"MAIL FROM:<{env.sender}>", *options]) + "\r\n"
         try:
-            reply = await conn.smtp.rset()
-        except (aiosmtplib.SMTPException, OSError):
-            conn.smtp.close()
+            replies = await client.send_envelope(mail_line.encode(encoding), rcpt_lines)
+            if not replies.mail.positive:
+                await self._reset(client, replies.data)
+                results.update(dict.fromkeys(sent, _result(replies.mail)))
+                return Delivery(results, hop)
+            accepted: list[str] = []
+            for rcpt, reply in zip(sent, replies.rcpts, strict=True):
+                assert reply is not None  # MAIL was accepted: every RCPT was sent
+                results[rcpt] = _result(reply)
+                if reply.positive:
+                    accepted.append(rcpt)
+            data = replies.data
+            if not accepted or data is None or data.code != 354:
+                if accepted and data is not None:
+                    results.update(dict.fromkeys(accepted, _result(data)))
+                await self._reset(client, data)
+                return Delivery(results, hop)
+            final = await client.send_content(
+                content.chunks(), timeout=settings.data_timeout(content.size)
+            )
+            results.update(dict.fromkeys(accepted, _result(final)))
+            if final.positive:
+                conn.transactions += 1
+            else:
+                await self._reset(client, None)
+            return Delivery(results, hop)
+        except SmtpError as exc:
+            raise _TryLater(str(exc)) from None
+
+    @staticmethod
+    async def _reset(client: SmtpClient, data: SmtpReply | None) -> None:
+        """After an incomplete transaction: end a DATA the server accepted
+        (with PIPELINING, DATA may get 354 although no recipient was
+        accepted: RFC 2920 says to send the lone "."), then RSET. If that
+        fails the client is closed (the cache then drops it); the replies
+        already received still stand."""
+        try:
+            if data is not None and data.code == 354:
+                await client.send_content(None, timeout=client.command_timeout)
+            reply = await client.rset()
+        except SmtpError:
+            client.close()
             return
         if reply.code != 250:
-            conn.smtp.close()
+            client.close()
 
     async def close_and_flush(self) -> None:
         await self.cache.close_and_flush()

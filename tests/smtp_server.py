@@ -10,7 +10,10 @@ What the server does is set per test through :attr:`SmtpTestServer.behaviour`
 a delay before it, or a disconnect instead of it), per recipient at RCPT, at
 the greeting, at the DATA command, at the end of DATA, and a disconnect in
 the middle of the message content. Options that aiosmtpd fixes per protocol
-instance (SIZE limit, SMTPUTF8, STARTTLS, AUTH) are constructor arguments.
+instance (SIZE limit, SMTPUTF8, STARTTLS, AUTH) are constructor arguments,
+and so is ``pipelining``: aiosmtpd reads pipelined commands correctly but does
+not say so in its EHLO reply; with ``pipelining=True`` the reply offers
+PIPELINING (so a client sends MAIL, every RCPT and DATA in one batch).
 
 What the server saw is kept for assertions: connections opened, closed and
 open at once (counted in the protocol factory and ``connection_lost``), every
@@ -177,6 +180,8 @@ class _Handler:
         session.host_name = hostname
         drop = {k.upper() for k in self.owner.behaviour.ehlo_drop}
         lines = [r[4:] for r in responses]
+        if self.owner.pipelining:
+            lines.insert(1, "PIPELINING")
         kept = [lines[0]] + [x for x in lines[1:] if x.split(" ")[0].upper() not in drop]
         return [f"250-{x}" for x in kept[:-1]] + [f"250 {kept[-1]}"]
 
@@ -262,8 +267,10 @@ class SmtpTestServer:
         tls_context: ssl.SSLContext | None = None,
         credentials: tuple[str, str] | None = None,
         auth_require_tls: bool = False,
+        pipelining: bool = False,
     ) -> None:
         self.behaviour = Behaviour()
+        self.pipelining = pipelining
         self.connections_opened = 0
         self.connections_closed = 0
         self.max_open_connections = 0

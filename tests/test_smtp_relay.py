@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,10 +24,27 @@ import pytest
 from spoold import smtp_relay
 from spoold.body import Body
 from spoold.errors import SpooldError
-from spoold.ids import new_id
-from spoold.message import Message, RoutedEnvelope, message_for_envelope, utcnow
-from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, RelayOutcome
+from spoold.relay import Delivery, RecipientResult, RelayOutcome
 from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay, load_auth_file, parse_hop
+from tests.relay_helpers import (
+    ALICE,
+    BOB,
+    CAROL,
+    CONTENT,
+    EIGHT_BIT,
+    OK,
+    PASSWORD,
+    SENDER,
+    USER,
+    UTF8_RCPT,
+    MakeRelay,
+    delivery,
+    failure,
+    free_port,
+    message_to,
+    relay_message,
+    route,
+)
 from tests.smtp_server import (
     DISCONNECT,
     Behaviour,
@@ -37,112 +54,6 @@ from tests.smtp_server import (
     TlsCertificate,
 )
 from tests.spool_helpers import settle, wait_for
-
-SENDER = "sender@example.org"
-ALICE = "alice@example.com"
-BOB = "bob@example.com"
-CAROL = "carol@example.com"
-# Lines starting with "." are dot-stuffed on disk and must arrive unstuffed.
-CONTENT = (
-    b"From: sender@example.org\r\n"
-    b"To: alice@example.com\r\n"
-    b"Subject: relay test\r\n"
-    b"\r\n"
-    b"hello\r\n"
-    b".hidden\r\n"
-    b"..two dots\r\n"
-    b".\r\n"
-    b"last line\r\n"
-)
-EIGHT_BIT = (
-    b"Subject: caf\xc3\xa9\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ncaf\xc3\xa9\r\n"
-)
-UTF8_RCPT = "j\u00fcrgen@b\u00fccher.example"
-USER, PASSWORD = "relay-user", "s3cret:with-colon"
-
-MakeRelay = Callable[..., SmtpRelay]
-
-
-def route(**changes: Any) -> RouteSettings:
-    """Route settings for tests: no TLS and timeouts short enough that a
-    hung test fails fast, long enough not to trip on a busy machine."""
-    options: dict[str, Any] = {
-        "tls": "none",
-        "connect_timeout": 2.0,
-        "command_timeout": 2.0,
-        "message_timeout": 10.0,
-    }
-    options.update(changes)
-    return RouteSettings(**options)
-
-
-@pytest.fixture
-async def make_relay(start_smtp_server: StartServer) -> AsyncIterator[MakeRelay]:
-    """``make_relay(route(...), max_per_hop=...)``: a relay with its own
-    connection cache, flushed at teardown (before the servers stop)."""
-    relays: list[SmtpRelay] = []
-
-    def make(settings: RouteSettings | None = None, **cache_options: Any) -> SmtpRelay:
-        relay = SmtpRelay(settings or route(), ConnectionCache(**cache_options))
-        relays.append(relay)
-        return relay
-
-    yield make
-    for relay in relays:
-        with anyio.move_on_after(5):
-            await relay.close_and_flush()
-
-
-def message_to(
-    directory: Path,
-    hops: Sequence[str],
-    recipients: Sequence[str] = (ALICE,),
-    content: bytes = CONTENT,
-    *,
-    sender: str = SENDER,
-    mail_params: Sequence[str] = (),
-) -> tuple[Message, BodyHandle]:
-    """A message as the spool hands it to a relay: a record and the body
-    file in its on-disk (dot-stuffed) form."""
-    mid = new_id()
-    path = directory / mid
-    path.write_bytes(Body.from_content(content).wire)
-    envelope = RoutedEnvelope(sender, list(recipients), list(hops), mail_params=list(mail_params))
-    msg = message_for_envelope(envelope, id=mid, spool_date=utcnow(), parent_id=mid)
-    return msg, BodyHandle(path)
-
-
-async def relay_message(
-    relay: SmtpRelay,
-    directory: Path,
-    hops: Sequence[str],
-    recipients: Sequence[str] = (ALICE,),
-    content: bytes = CONTENT,
-    *,
-    timeout: float = 10.0,
-    **options: Any,
-) -> RelayOutcome:
-    """One relay attempt, bounded in time."""
-    msg, body = message_to(directory, hops, recipients, content, **options)
-    with anyio.fail_after(timeout):
-        return await relay.relay(msg, body, list(recipients))
-
-
-def delivery(outcome: RelayOutcome) -> Delivery:
-    assert isinstance(outcome, Delivery), outcome
-    return outcome
-
-
-def failure(outcome: RelayOutcome) -> str:
-    assert isinstance(outcome, AttemptFailed), outcome
-    return outcome.error
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 with nothing listening (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -154,8 +65,6 @@ def silent_hop() -> Iterator[str]:
         s.listen(8)
         yield f"127.0.0.1:{s.getsockname()[1]}"
 
-
-OK = RecipientResult(250, "OK: queued", "2.0.0")
 
 # ------------------------------------------------------------- delivery
 
@@ -1126,13 +1035,15 @@ async def test_non_ascii_recipient_goes_with_smtputf8_when_offered(
 
 
 @pytest.mark.parametrize("way", ["new", "reused"])
-async def test_non_ascii_recipient_to_a_hop_without_smtputf8_is_refused(
+async def test_non_ascii_recipient_to_a_hop_without_smtputf8_fails_alone(
     start_smtp_server: StartServer,
     make_relay: MakeRelay,
     tmp_path: Path,
     request: pytest.FixtureRequest,
     way: str,
 ) -> None:
+    # The message itself is ASCII (sender, no SMTPUTF8 asked for): only the
+    # recipient that needs SMTPUTF8 fails; the others are delivered.
     server, settings = await server_for(way, start_smtp_server, request)
     relay = make_relay(settings)
     await warm_up(way, relay, server, tmp_path)
@@ -1140,11 +1051,39 @@ async def test_non_ascii_recipient_to_a_hop_without_smtputf8_is_refused(
     outcome = await relay_message(relay, tmp_path, [server.hop], [ALICE, UTF8_RCPT])
 
     results = delivery(outcome).recipients
+    assert results[ALICE] == OK
+    refused = results[UTF8_RCPT]
+    assert (refused.code, refused.enhanced_status) == (553, "5.6.7")
+    assert "SMTPUTF8" in refused.text
+    (received,) = server.messages
+    assert received.rcpt_tos == (ALICE,)
+    assert "SMTPUTF8" not in received.mail_options
+    assert server.args("RCPT") == [ALICE]
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [
+        pytest.param({"sender": "j\u00fcrgen@example.org"}, id="non-ascii-sender"),
+        pytest.param({"mail_params": ["SMTPUTF8"]}, id="smtputf8-submission"),
+    ],
+)
+async def test_message_needing_smtputf8_to_a_hop_without_it_is_refused_for_everyone(
+    smtp_server: SmtpTestServer,
+    make_relay: MakeRelay,
+    tmp_path: Path,
+    needs: dict[str, Any],
+) -> None:
+    outcome = await relay_message(
+        make_relay(), tmp_path, [smtp_server.hop], [ALICE, UTF8_RCPT], **needs
+    )
+
+    results = delivery(outcome).recipients
     assert set(results) == {ALICE, UTF8_RCPT}
     for result in results.values():
         assert (result.code, result.enhanced_status) == (554, "5.6.7")
         assert "SMTPUTF8" in result.text
-    assert "MAIL" not in server.verbs()
+    assert "MAIL" not in smtp_server.verbs()
 
 
 # ------------------------------------------------------------- parse_hop

@@ -1,0 +1,149 @@
+"""Shared by the relay tests: messages on disk as the spool hands them to a
+relay, route settings with short timeouts, relays whose connections are
+closed at teardown, and bounded relay attempts."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from spoold.body import Body
+from spoold.ids import new_id
+from spoold.message import Message, RoutedEnvelope, message_for_envelope, utcnow
+from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, RelayOutcome
+from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
+
+__all__ = [
+    "SENDER",
+    "ALICE",
+    "BOB",
+    "CAROL",
+    "CONTENT",
+    "EIGHT_BIT",
+    "UTF8_RCPT",
+    "USER",
+    "PASSWORD",
+    "OK",
+    "MakeRelay",
+    "route",
+    "make_relay",
+    "message_to",
+    "relay_message",
+    "delivery",
+    "failure",
+    "free_port",
+]
+
+SENDER = "sender@example.org"
+ALICE = "alice@example.com"
+BOB = "bob@example.com"
+CAROL = "carol@example.com"
+# Lines starting with "." are dot-stuffed on disk and must arrive unstuffed.
+CONTENT = (
+    b"From: sender@example.org\r\n"
+    b"To: alice@example.com\r\n"
+    b"Subject: relay test\r\n"
+    b"\r\n"
+    b"hello\r\n"
+    b".hidden\r\n"
+    b"..two dots\r\n"
+    b".\r\n"
+    b"last line\r\n"
+)
+EIGHT_BIT = (
+    b"Subject: caf\xc3\xa9\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ncaf\xc3\xa9\r\n"
+)
+UTF8_RCPT = "j\u00fcrgen@b\u00fccher.example"
+USER, PASSWORD = "relay-user", "s3cret:with-colon"
+
+MakeRelay = Callable[..., SmtpRelay]
+
+
+def route(**changes: Any) -> RouteSettings:
+    """Route settings for tests: no TLS and timeouts short enough that a
+    hung test fails fast, long enough not to trip on a busy machine."""
+    options: dict[str, Any] = {
+        "tls": "none",
+        "connect_timeout": 2.0,
+        "command_timeout": 2.0,
+        "message_timeout": 10.0,
+    }
+    options.update(changes)
+    return RouteSettings(**options)
+
+
+@pytest.fixture
+async def make_relay() -> AsyncIterator[MakeRelay]:
+    """``make_relay(route(...), max_per_hop=...)``: a relay with its own
+    connection cache, flushed at teardown (before the servers stop)."""
+    relays: list[SmtpRelay] = []
+
+    def make(settings: RouteSettings | None = None, **cache_options: Any) -> SmtpRelay:
+        relay = SmtpRelay(settings or route(), ConnectionCache(**cache_options))
+        relays.append(relay)
+        return relay
+
+    yield make
+    for relay in relays:
+        with anyio.move_on_after(5):
+            await relay.close_and_flush()
+
+
+def message_to(
+    directory: Path,
+    hops: Sequence[str],
+    recipients: Sequence[str] = (ALICE,),
+    content: bytes = CONTENT,
+    *,
+    sender: str = SENDER,
+    mail_params: Sequence[str] = (),
+) -> tuple[Message, BodyHandle]:
+    """A message as the spool hands it to a relay: a record and the body
+    file in its on-disk (dot-stuffed) form."""
+    mid = new_id()
+    path = directory / mid
+    path.write_bytes(Body.from_content(content).wire)
+    envelope = RoutedEnvelope(sender, list(recipients), list(hops), mail_params=list(mail_params))
+    msg = message_for_envelope(envelope, id=mid, spool_date=utcnow(), parent_id=mid)
+    return msg, BodyHandle(path)
+
+
+async def relay_message(
+    relay: SmtpRelay,
+    directory: Path,
+    hops: Sequence[str],
+    recipients: Sequence[str] = (ALICE,),
+    content: bytes = CONTENT,
+    *,
+    timeout: float = 10.0,
+    **options: Any,
+) -> RelayOutcome:
+    """One relay attempt, bounded in time."""
+    msg, body = message_to(directory, hops, recipients, content, **options)
+    with anyio.fail_after(timeout):
+        return await relay.relay(msg, body, list(recipients))
+
+
+def delivery(outcome: RelayOutcome) -> Delivery:
+    assert isinstance(outcome, Delivery), outcome
+    return outcome
+
+
+def failure(outcome: RelayOutcome) -> str:
+    assert isinstance(outcome, AttemptFailed), outcome
+    return outcome.error
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 with nothing listening (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+OK = RecipientResult(250, "OK: queued", "2.0.0")
