@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from spoold import logs
@@ -441,13 +442,13 @@ async def run(config_path: str) -> int:
         raise_open_files_limit()
         failure: BaseException | None = None
         try:
-            if _stopped_while_starting(signals, "reading the config"):
+            if await _stopped_while_starting(signals, "reading the config"):
                 return 0
             try:
                 live = await anyio.to_thread.run_sync(_build, config)  # imports the hooks
             except ValueError as exc:  # a hook that cannot be loaded
                 raise SpooldError(str(exc)) from exc
-            if _stopped_while_starting(signals, "loading hooks and routes"):
+            if await _stopped_while_starting(signals, "loading hooks and routes"):
                 return 0
             return await Daemon(config, signals=signals, live=live).run()
         except* (SpooldError, OSError) as group:  # directly or from inside a task group
@@ -456,7 +457,10 @@ async def run(config_path: str) -> int:
         return 1
 
 
-def _stopped_while_starting(signals: Signals, step: str) -> bool:
+async def _stopped_while_starting(signals: Signals, step: str) -> bool:
+    # A signal that arrived while a worker thread did the step is already
+    # queued on the loop, maybe behind the thread's own wake-up: let it run.
+    await anyio.lowlevel.checkpoint()
     if signals.stop.is_set():
         log.info("stop signal while starting: not starting", after=step)
         return True

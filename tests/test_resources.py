@@ -59,23 +59,67 @@ def enough_descriptors_here() -> None:
 
 
 @contextmanager
-def idle_connections(address: str | tuple[str, int], count: int) -> Iterator[list[socket.socket]]:
-    """``count`` non-blocking connects to ``address`` that never send a
-    byte (a connect the server's backlog cannot take just stays pending);
-    all closed on the way out."""
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+def idle_connections(
+    address: str | tuple[str, int] | None, count: int, family: int = socket.AF_UNIX
+) -> Iterator[list[socket.socket]]:
+    """``count`` non-blocking sockets that never send a byte, connected to
+    ``address`` (None: the caller connects them); all closed on the way out."""
     opened: list[socket.socket] = []
     try:
         for _ in range(count):
             s = socket.socket(family, socket.SOCK_STREAM)
             opened.append(s)
             s.setblocking(False)
-            code = s.connect_ex(address)
-            assert code in (0, errno.EINPROGRESS), errno.errorcode.get(code, code)
+            if address is not None:
+                code = s.connect_ex(address)
+                assert code in (0, errno.EINPROGRESS), errno.errorcode.get(code, code)
         yield opened
     finally:
         for s in opened:
             s.close()
+
+
+def ready(sockets: list[socket.socket], events: int, timeout: float = 0) -> list[socket.socket]:
+    """Those of ``sockets`` ready for ``events`` (poll: no FD_SETSIZE limit)."""
+    poller = select.poll()
+    by_fd = {s.fileno(): s for s in sockets}
+    for fd in by_fd:
+        poller.register(fd, events)
+    ready_fds = {fd for fd, got in poller.poll(timeout * 1000) if got & events}
+    return [s for s in sockets if s.fileno() in ready_fds]
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of 127.0.0.1:``port``
+    (``/proc/net/tcp`` shows it as rx_queue of the LISTEN socket)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+async def fill_descriptors(daemon: DaemonProcess, clients: list[socket.socket], port: int) -> None:
+    """Connect the first of ``clients`` to ``port`` a batch at a time,
+    each batch once the daemon has accepted the one before (a TCP backlog
+    drops SYNs when full, and a dropped SYN is retried only seconds later),
+    until accept() fails for want of descriptors; then the rest."""
+    batch = 20
+
+    def exhausted() -> bool:
+        return bool(logged(daemon, OUT_OF, f"127.0.0.1:{port}"))
+
+    for start in range(0, len(clients), batch):
+        chunk = clients[start : start + batch]
+        for s in chunk:
+            code = s.connect_ex(("127.0.0.1", port))
+            assert code in (0, errno.EINPROGRESS), errno.errorcode.get(code, code)
+        deadline = time.monotonic() + 15
+        while not exhausted():
+            if ready(chunk, select.POLLOUT) == chunk and accept_queue(port) == 0:
+                break  # all taken by the daemon
+            assert time.monotonic() < deadline, (accept_queue(port), daemon.log_text())
+            await asyncio.sleep(0.02)
 
 
 def logged(daemon: DaemonProcess, event: str, listener: str) -> list[dict[str, Any]]:
@@ -106,7 +150,7 @@ def busy_replies(clients: list[socket.socket], expected: int, timeout: float = 1
     busy: set[int] = set()
     deadline = time.monotonic() + timeout
     while len(busy) < expected and time.monotonic() < deadline:
-        readable, _, _ = select.select([s for s in clients if s.fileno() not in busy], [], [], 0.2)
+        readable = ready([s for s in clients if s.fileno() not in busy], select.POLLIN, 0.2)
         for s in readable:
             data = s.recv(4096)
             if data and json.loads(data)["kind"] == "busy":
@@ -152,7 +196,8 @@ async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
     smtp = f"127.0.0.1:{smtp_port}"
     control = str(daemon.socket)
 
-    with idle_connections(("127.0.0.1", smtp_port), IDLE):
+    with idle_connections(None, IDLE, socket.AF_INET) as smtp_clients:
+        await fill_descriptors(daemon, smtp_clients, smtp_port)
         await daemon.wait_log(lambda line: line["event"] == OUT_OF and line["listener"] == smtp)
         with idle_connections(control, IDLE):
             await daemon.wait_log(
