@@ -92,7 +92,11 @@ from spoold.spool import Spool, retry_intervals_from_spans
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "MAX_REQUEST",
+    "REQUEST_TIMEOUT",
+    "MAX_CLIENTS",
     "ControlServer",
+    "SubmitHandler",
     "ControlClient",
     "ControlError",
     "message_view",
@@ -190,7 +194,7 @@ SubmitHandler = Callable[[dict[str, Any], bytes], Awaitable[Any]]
 ``recipients``) and the message, already read and within the size limit."""
 
 
-def size_text(size: int) -> str:
+def _size_text(size: int) -> str:
     """A size as an operator writes it: ``1 MiB``, ``64 KiB``, ``1000 bytes``."""
     for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= factor and size % factor == 0:
@@ -359,7 +363,7 @@ class ControlServer:
                 line = None
             if line is None or len(line) > self.max_request:
                 # The rest is never read: hanging up is what bounds the memory.
-                return None, _error("invalid", f"request over {size_text(self.max_request)}")
+                return None, _error("invalid", f"request over {_size_text(self.max_request)}")
             return line, None
         return None, _error(
             "invalid", f"no request within {self.request_timeout:g} s; disconnected"

@@ -67,7 +67,7 @@ from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
 from spoold.spool import Spool, retry_intervals_from_spans
 from spoold.systemd import Notifier, watchdog_interval
 
-__all__ = ["Daemon", "run"]
+__all__ = ["Daemon", "Signals", "run"]
 
 log = structlog.get_logger("spoold.daemon")
 
