@@ -7,8 +7,12 @@ with no daemon running: they then read the spool directory (``--spool-dir``,
 or ``spool.dir`` of the config).
 
 Exit codes: 0 done; 1 the daemon refused (e.g. removing a message that is
-not frozen) or no such message; 2 usage error, bad id or no daemon.
-Every id is validated here before anything is sent.
+not frozen) or no such message; 2 usage error, bad id, no daemon, or a
+daemon busy with too many control clients. Every id is validated here
+before anything is sent. ``sendmail`` uses sendmail's codes instead (0, 65
+for a message or address it cannot take, 75 to try later, 70 for a bug);
+it validates every address here, and the message goes to the daemon as raw
+bytes after the request line (no size limit but the daemon's).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 import click
 
+from spoold.address import AddressRole, validate_address
 from spoold.config import ConfigError, find_control_socket, load_config
 from spoold.control import (
     ControlClient,
@@ -34,7 +39,7 @@ from spoold.control import (
     message_view,
     unreadable_view,
 )
-from spoold.errors import InvalidIdError, SpooldError
+from spoold.errors import AddressError, InvalidIdError, SpooldError
 from spoold.ids import validate_id
 
 __all__ = ["main"]
@@ -550,6 +555,17 @@ def _cut_at_dot_line(content: bytes) -> bytes:
     return b"".join(kept)
 
 
+def _valid_address(address: str, role: AddressRole, what: str = "") -> None:
+    """Exit 65 (EX_DATAERR), naming the address, unless it may be a ``role``."""
+    try:
+        validate_address(address, role=role, smtputf8=True)
+    except AddressError as exc:
+        why = str(exc)  # names the address itself, mostly
+        if not why.startswith(repr(address)):
+            why = f"{address!r}: {why}"
+        _fail(f"bad {what or role} address {why}; nothing was sent", EX_DATAERR)
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("-t", "from_headers", is_flag=True, help="recipients from To/Cc/Bcc headers")
 @click.option("-f", "-r", "sender", metavar="ADDRESS", help="envelope sender")
@@ -572,31 +588,40 @@ def sendmail(
     """Read a message on stdin and hand it to the daemon (sendmail style).
 
     Exits 0 once the message is on disk; 75 (try again later) when the
-    daemon is down or refuses for now; 65 for a message it cannot take.
+    daemon is down or refuses for now; 65 for a message it cannot take: a
+    bad recipient or sender address (checked before the daemon is asked;
+    nothing is rewritten), no recipients, or an empty message.
     """
     import getpass
     import socket
 
+    rcpts = [r for r in recipients if not r.startswith("-")]
+    for rcpt in rcpts:
+        _valid_address(rcpt, "recipient")
+    if sender is not None:
+        _valid_address(sender, "sender")
     ignore_dots = ignore_dots or "i" in legacy
     content = sys.stdin.buffer.read()
+    if not content:
+        _fail("empty message: nothing on standard input; nothing was sent", EX_DATAERR)
     if not ignore_dots:
         content = _cut_at_dot_line(content)
-    rcpts = [r for r in recipients if not r.startswith("-")]
     if from_headers:
         found, content = _header_recipients(content)
+        for rcpt in found:
+            _valid_address(rcpt, "recipient", "recipient (from the headers)")
         rcpts += found
     if not rcpts:
         _fail("no recipients (give addresses, or -t to read them from the headers)", EX_DATAERR)
-    envelope_sender = sender if sender is not None else f"{getpass.getuser()}@{socket.getfqdn()}"
+    if not content:
+        _fail("empty message: nothing before the '.' line; nothing was sent", EX_DATAERR)
+    envelope_sender = sender
+    if envelope_sender is None:
+        envelope_sender = f"{getpass.getuser()}@{socket.getfqdn()}"
+        _valid_address(envelope_sender, "sender", "sender (user@host; give -f)")
 
     async def go() -> list[str]:
-        ids: list[str] = await target.client().request(
-            "submit",
-            sender=envelope_sender,
-            recipients=rcpts,
-            content=base64.b64encode(content).decode(),
-        )
-        return ids
+        return await target.client().submit(envelope_sender, rcpts, content)
 
     try:
         anyio.run(go)

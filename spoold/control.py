@@ -1,16 +1,17 @@
 """The control socket: a JSON-lines protocol over a Unix socket.
 
-One request per connection, one JSON object per line::
+One request per connection: one JSON object on one line, then the reply::
 
     -> {"v": 1, "op": "freeze", "ids": ["8Dq..."]}
     <- {"ok": true, "result": null}
     <- {"ok": false, "kind": "refused", "error": "cannot remove 8Dq...: ..."}
 
-``kind`` is ``invalid`` (a bad request or id), ``not_found``, ``refused``
-(the operation is not allowed for the message's status), ``closed`` (the
-daemon is stopping), ``temporary`` (try again later: a disk error, a DNS
-timeout) or ``internal``. ``events`` answers with one
-``{"ok": true, "event": {...}}`` line per event until the client hangs up.
+``kind`` is ``invalid`` (a bad request, id or address), ``not_found``,
+``refused`` (the operation is not allowed for the message's status),
+``closed`` (the daemon is stopping), ``temporary`` (try again later: a disk
+error, a DNS timeout), ``busy`` (too many clients at once: try again) or
+``internal``. ``events`` answers with one ``{"ok": true, "event": {...}}``
+line per event until the client hangs up.
 
 Operations mirror the Python API of :class:`~spoold.spool.Spool`:
 ``status`` (``queue``: all|active|frozen|quarantine; a quarantined record
@@ -22,9 +23,41 @@ removed|quarantine), ``show`` (``id``,
 ``body``), ``events``, ``reload``, ``check``, ``info`` (pid, config and
 live limits), ``submit`` (a message for ``spoold sendmail``) and ``ping``.
 
+``submit`` carries the message outside the JSON line: the line holds
+``sender``, ``recipients`` and ``"content_length": N``, and exactly N raw
+bytes follow its newline. A length over the submit size limit
+(``smtp.max_message_size``, given by the daemon) is refused before a byte
+of the message is read. An older client's base64 ``"content"`` inside the
+line still works while the whole line is under the line limit. Addresses
+are checked by the handler the daemon gives (``kind`` ``invalid`` for a bad
+one); nothing in a request is ever rewritten.
+
+Limits (constructor parameters; defaults in brackets) keep one client, or
+many, from taking the daemon's memory or descriptors:
+
+* a request line is at most ``max_request`` bytes [1 MiB]; a longer one gets
+  ``{"ok": false, "kind": "invalid", "error": "request over 1 MiB"}`` and the
+  connection is closed without reading the rest;
+* the request line must arrive within ``request_timeout`` seconds of the
+  connection [30 s], and a submit's content may pause at most that long
+  between two reads; a client that stays silent is told so and
+  disconnected. Once ``events`` is requested, the stream has no timeout;
+* at most ``max_clients`` connections are served at once [64]. Every open
+  connection holds one place from accept to close, an ``events`` subscriber
+  included, for as long as it stays subscribed. One more client is answered
+  ``{"ok": false, "kind": "busy", ...}`` and disconnected at once, by the
+  accept loop itself (no task, no read).
+
+The accept loop is our own: an ``accept()`` that fails for lack of
+resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged once per burst (see
+:class:`~spoold.resources.AcceptFailures`) and retried after a pause that
+grows from 0.1 s to 1 s; the server, and every connection it already has,
+goes on. Any other accept error ends the server (it is a bug, not load).
+
 The socket file gets the configured mode (0660 by default); the server
 refuses to start in a directory anyone may write to unless it is sticky.
-A request the server cannot parse gets an error reply, never a crash.
+A request the server cannot parse gets an error reply, never a crash; one
+connection's failure is logged and never ends the server.
 """
 
 from __future__ import annotations
@@ -35,7 +68,7 @@ import json
 import os
 import socket as socketlib
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,8 +78,9 @@ import anyio.abc
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from spoold.config import parse_span
+from spoold.config import SmtpConfig, parse_span
 from spoold.errors import (
+    AddressError,
     InvalidIdError,
     NotFoundError,
     OperationRefusedError,
@@ -57,11 +91,16 @@ from spoold.errors import (
 from spoold.message import Message, Quarantined, Queue, SendAt, queue_of
 from spoold.mx import MxError
 from spoold.ondisk import Unreadable
+from spoold.resources import RESOURCE_ERRNOS, AcceptFailures
 from spoold.spool import Spool, retry_intervals_from_spans
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "MAX_REQUEST",
+    "REQUEST_TIMEOUT",
+    "MAX_CLIENTS",
     "ControlServer",
+    "SubmitHandler",
     "ControlClient",
     "ControlError",
     "message_view",
@@ -71,7 +110,15 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-MAX_REQUEST = 64 * 1024 * 1024 + 1024 * 1024  # a submitted message and its envelope
+MAX_REQUEST = 1024 * 1024  # one request line, without its newline
+REQUEST_TIMEOUT = 30.0  # seconds from accept to the request's newline
+MAX_CLIENTS = 64  # connections served at once, events subscribers included
+DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024  # smtp.max_message_size's default
+
+_FIRST_PAUSE = 0.1  # after an accept failed for lack of resources
+_LONGEST_PAUSE = 1.0
+_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+_READ_CHUNK = 256 * 1024
 
 log = structlog.get_logger("spoold.control")
 
@@ -166,18 +213,62 @@ def _encode(obj: object) -> bytes:
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+SubmitHandler = Callable[[dict[str, Any], bytes], Awaitable[Any]]
+"""``submit(request, content)``: the request's fields (``sender``,
+``recipients``) and the message, already read and within the size limit."""
+
+
+def _size_text(size: int) -> str:
+    """A size as an operator writes it: ``1 MiB``, ``64 KiB``, ``1000 bytes``."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
+
+
+def _default_max_message_size() -> int:
+    return SmtpConfig().max_message_size
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"submit: message of {size} bytes exceeds the limit of {limit} (smtp.max_message_size)"
 
 
 class ControlServer:
-    """Serves the control protocol for a running spool.
+    """Serves the control protocol for a running spool (see the module
+    docstring for the limits).
 
-    ``extra`` maps further operations (``reload``, ``check``, ``submit``)
-    to coroutines the daemon provides.
+    ``extra`` maps further operations (``reload``, ``check``, ``info``,
+    ``count``) to coroutines the daemon provides; ``submit`` takes the
+    messages of ``spoold sendmail``, at most ``max_message_size()`` bytes
+    each (read at every submit, so a reload applies). ``accept_failures``
+    is where accept errors for lack of resources are counted and logged
+    (the daemon shares one with its other listeners).
     """
 
-    def __init__(self, spool: Spool, extra: dict[str, Handler] | None = None) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        extra: dict[str, Handler] | None = None,
+        *,
+        submit: SubmitHandler | None = None,
+        max_message_size: Callable[[], int] = _default_max_message_size,
+        accept_failures: AcceptFailures | None = None,
+        max_request: int = MAX_REQUEST,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
+        if max_request < 1 or max_clients < 1 or not request_timeout > 0:
+            raise ValueError("control server limits must be positive")
         self.spool = spool
         self.extra = dict(extra or {})
+        self.submit = submit
+        self.max_message_size = max_message_size
+        self.accept_failures = accept_failures or AcceptFailures()
+        self.max_request = max_request
+        self.request_timeout = request_timeout
+        self.max_clients = max_clients
+        self.clients = 0  # connections being served now, events subscribers included
 
     async def serve(
         self,
@@ -187,70 +278,203 @@ class ControlServer:
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``path`` until cancelled; reports started once listening."""
-        listener = await _listen(path, mode)
+        sock = await _listen(path, mode)
         try:
-            async with listener, anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as tg:
                 task_status.started()
-                await listener.serve(self._connection, task_group=tg)
+                await self._accept_loop(sock, str(path), tg)
         finally:
+            sock.close()
             with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
                 await anyio.Path(path).unlink()
 
-    async def _connection(self, stream: anyio.abc.ByteStream) -> None:
+    async def _accept_loop(
+        self, sock: socketlib.socket, where: str, tg: anyio.abc.TaskGroup
+    ) -> None:
+        pause = _FIRST_PAUSE
+        while True:
+            await anyio.wait_readable(sock)
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue  # taken back by the client before we got to it
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise
+                self.accept_failures.failed(where, exc)
+                await anyio.sleep(pause)  # the connection waits in the backlog meanwhile
+                pause = min(pause * 2, _LONGEST_PAUSE)
+                continue
+            pause = _FIRST_PAUSE
+            self.accept_failures.recovered(where)
+            if self.clients >= self.max_clients:
+                self._turn_away(conn)
+                continue
+            self.clients += 1
+            tg.start_soon(self._connection, conn)
+
+    def _turn_away(self, conn: socketlib.socket) -> None:
+        """Answer ``busy`` and close, without a task: the reply is far
+        smaller than a new socket's buffer, so a non-blocking send takes it."""
+        reply = _error(
+            "busy",
+            f"the daemon is serving {self.clients} control clients, the most it takes; "
+            "try again later",
+        )
+        with conn, contextlib.suppress(OSError):
+            conn.setblocking(False)
+            conn.send(_encode(reply))
+
+    async def _connection(self, conn: socketlib.socket) -> None:
         try:
-            await self._serve_one(stream)
+            try:
+                conn.setblocking(False)
+                stream = await anyio.abc.UNIXSocketStream.from_socket(conn)
+            except BaseException:
+                conn.close()
+                raise
+            async with stream:
+                await self._serve_one(stream)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception:  # one bad connection must never end the server
             log.exception("control connection failed")
+        finally:
+            self.clients -= 1
 
     async def _serve_one(self, stream: anyio.abc.ByteStream) -> None:
-        async with stream:
-            reader = BufferedByteReceiveStream(stream)
-            try:
-                line = await reader.receive_until(b"\n", MAX_REQUEST)
-            except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
-                return
-            except anyio.DelimiterNotFound:
-                await self._reply(stream, _error("invalid", "request too long"))
-                return
-            try:
-                request = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                await self._reply(stream, _error("invalid", f"not a JSON request: {exc}"))
-                return
-            if not isinstance(request, dict):
-                await self._reply(stream, _error("invalid", "a request is a JSON object"))
-                return
-            if request.get("v") != PROTOCOL_VERSION:
-                await self._reply(
-                    stream,
-                    _error("invalid", f"unsupported protocol version {request.get('v')!r}"),
-                )
-                return
-            if request.get("op") == "events":
-                await self._events(stream)
-                return
-            await self._reply(stream, await self._dispatch(request))
+        reader = BufferedByteReceiveStream(stream)
+        line, refusal = await self._read_line(reader)
+        if line is None:
+            if refusal is not None:
+                await self._reply(stream, refusal)
+            return
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            await self._reply(stream, _error("invalid", f"not a JSON request: {exc}"))
+            return
+        if not isinstance(request, dict):
+            await self._reply(stream, _error("invalid", "a request is a JSON object"))
+            return
+        if request.get("v") != PROTOCOL_VERSION:
+            await self._reply(
+                stream,
+                _error("invalid", f"unsupported protocol version {request.get('v')!r}"),
+            )
+            return
+        op = request.get("op")
+        if op == "events":
+            await self._events(stream, reader)
+            return
+        if op == "submit" and self.submit is not None:
+            reply = await self._submit(reader, request, self.submit)
+        else:
+            reply = await self._dispatch(op, lambda: self._run(op, request))
+        await self._reply(stream, reply)
 
-    @staticmethod
-    async def _reply(stream: anyio.abc.ByteStream, reply: dict[str, Any]) -> None:
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+    async def _read_line(
+        self, reader: BufferedByteReceiveStream
+    ) -> tuple[bytes | None, dict[str, Any] | None]:
+        """The request line; or None and the reply to send before hanging
+        up (None too when the client left without a request)."""
+        with anyio.move_on_after(self.request_timeout):
+            try:
+                line = await reader.receive_until(b"\n", self.max_request + 1)
+            except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+                return None, None
+            except anyio.DelimiterNotFound:
+                line = None
+            if line is None or len(line) > self.max_request:
+                # The rest is never read: hanging up is what bounds the memory.
+                return None, _error("invalid", f"request over {_size_text(self.max_request)}")
+            return line, None
+        return None, _error(
+            "invalid", f"no request within {self.request_timeout:g} s; disconnected"
+        )
+
+    async def _submit(
+        self,
+        reader: BufferedByteReceiveStream,
+        request: dict[str, Any],
+        submit: SubmitHandler,
+    ) -> dict[str, Any]:
+        if "content_length" in request and "content" in request:
+            return _error("invalid", "submit: give content_length or content, not both")
+        limit = self.max_message_size()
+        if "content_length" in request:
+            length = request["content_length"]
+            if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+                return _error("invalid", "submit: content_length must be a number of bytes")
+            if length > limit:
+                return _error("invalid", _too_large(length, limit))  # before reading any of it
+            content = await self._read_content(reader, length)
+            if content is None:
+                return _error(
+                    "invalid",
+                    f"submit: the message ended before its {length} bytes, or paused for "
+                    f"{self.request_timeout:g} s",
+                )
+        else:  # an older client: base64 inside the line
+            try:
+                content = base64.b64decode(request.get("content", ""), validate=True)
+            except (ValueError, TypeError):
+                return _error("invalid", "submit: content must be base64")
+            if len(content) > limit:
+                return _error("invalid", _too_large(len(content), limit))
+        return await self._dispatch("submit", lambda: submit(request, content))
+
+    async def _read_content(self, reader: BufferedByteReceiveStream, length: int) -> bytes | None:
+        """Exactly ``length`` bytes, or None if the client stops short or
+        pauses longer than the request timeout."""
+        chunks: list[bytes] = []
+        left = length
+        while left:
+            with anyio.move_on_after(self.request_timeout):
+                try:
+                    chunk = await reader.receive(min(left, _READ_CHUNK))
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return None
+                chunks.append(chunk)
+                left -= len(chunk)
+                continue
+            return None
+        return b"".join(chunks)
+
+    async def _reply(self, stream: anyio.abc.ByteStream, reply: dict[str, Any]) -> None:
+        """Send one reply; a client that does not take it within the
+        request timeout is dropped (it would hold its place forever)."""
+        with (
+            anyio.move_on_after(self.request_timeout),
+            contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError),
+        ):
             await stream.send(_encode(reply))
 
-    async def _events(self, stream: anyio.abc.ByteStream) -> None:
-        async with self.spool.events() as events:
-            try:
+    async def _events(
+        self, stream: anyio.abc.ByteStream, reader: BufferedByteReceiveStream
+    ) -> None:
+        """Stream events until the client hangs up: noticed at once (not at
+        the next event), so a gone subscriber frees its place at once."""
+        async with self.spool.events() as events, anyio.create_task_group() as tg:
+
+            async def until_hung_up() -> None:
+                with contextlib.suppress(
+                    anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError
+                ):
+                    while True:
+                        await reader.receive()  # nothing more is expected: dropped
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(until_hung_up)
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 async for event in events:
                     await stream.send(_encode({"ok": True, "event": event.to_dict()}))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
+            tg.cancel_scope.cancel()
 
-    async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request.get("op")
+    async def _dispatch(self, op: object, call: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
         try:
-            result = await self._run(op, request)
-        except InvalidIdError as exc:
+            result = await call()
+        except (InvalidIdError, AddressError) as exc:
             return _error("invalid", str(exc))
         except NotFoundError as exc:
             return _error("not_found", str(exc))
@@ -337,7 +561,9 @@ def _error(kind: str, text: str) -> dict[str, Any]:
     return {"ok": False, "kind": kind, "error": text}
 
 
-async def _listen(path: Path, mode: int) -> anyio.abc.SocketListener:
+async def _listen(path: Path, mode: int) -> socketlib.socket:
+    """A listening, non-blocking Unix socket at ``path`` with ``mode``."""
+
     def prepare() -> None:
         directory = path.parent
         st = directory.stat()
@@ -359,13 +585,20 @@ async def _listen(path: Path, mode: int) -> anyio.abc.SocketListener:
                 probe.close()
 
     await anyio.to_thread.run_sync(prepare)
-    old_umask = os.umask(0o777 & ~mode)  # the socket is born with the right mode
+    sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
     try:
-        listener = await anyio.create_unix_listener(path)
-    finally:
-        os.umask(old_umask)
-    await anyio.to_thread.run_sync(os.chmod, path, mode)
-    return listener
+        old_umask = os.umask(0o777 & ~mode)  # the socket is born with the right mode
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+        await anyio.to_thread.run_sync(os.chmod, path, mode)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class ControlClient:
@@ -389,14 +622,36 @@ class ControlClient:
 
     async def request(self, op: str, **params: Any) -> Any:
         """Send one request; return its result or raise :class:`ControlError`."""
+        return await self._exchange({"v": PROTOCOL_VERSION, "op": op, **params})
+
+    async def submit(self, sender: str, recipients: Sequence[str], content: bytes) -> list[str]:
+        """Hand one message to the daemon (``spoold sendmail``); return the
+        ids of the messages spooled. The content follows the request line
+        as raw bytes (``content_length``), never inside the JSON."""
+        request = {
+            "v": PROTOCOL_VERSION,
+            "op": "submit",
+            "sender": sender,
+            "recipients": list(recipients),
+            "content_length": len(content),
+        }
+        ids = await self._exchange(request, content)
+        return [str(i) for i in ids]
+
+    async def _exchange(self, request: dict[str, Any], content: bytes = b"") -> Any:
         with anyio.fail_after(self.timeout):
             stream = await self._connect()
             async with stream:
-                await stream.send(_encode({"v": PROTOCOL_VERSION, "op": op, **params}))
+                # A daemon that refuses before reading everything (a message
+                # over its limit) answers and hangs up: its reply says why.
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await stream.send(_encode(request))
+                    if content:
+                        await stream.send(content)
                 reader = BufferedByteReceiveStream(stream)
                 try:
                     line = await reader.receive_until(b"\n", 1 << 30)
-                except (anyio.IncompleteRead, anyio.EndOfStream):
+                except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
                     raise ControlError("the daemon closed the connection", "internal") from None
         reply = json.loads(line)
         if not reply.get("ok"):

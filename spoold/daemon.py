@@ -14,6 +14,21 @@ loop acts on them:
   attempts under way, exit 0. A second signal stops at once: messages are
   on disk and a cut attempt is retried at the next start.
 
+The handlers are installed first thing in :func:`run`, before the config is
+read, hooks are imported and the spool is opened, so a signal during
+start-up never kills the process: a SIGHUP then is one reload once the
+daemon is ready; a SIGTERM/SIGINT ends start-up at the next step (exit 0,
+before the spool is opened if it comes that early) or, once the spool is
+open, stops the daemon as soon as it is ready, the usual way. (Before
+``run`` starts, while Python itself starts, the default actions apply.)
+
+Running short of resources never stops the daemon: the soft open-files
+limit is raised to the hard one at start (see :mod:`spoold.resources`), the
+control server retries accept errors for lack of descriptors or memory, and
+a loop exception handler logs asyncio's own servers' (the SMTP listener's)
+accept failures of that kind once per burst instead of a traceback each
+time; bursts that went quiet are closed by the status loop.
+
 systemd (``Type=notify``) hears ``READY=1`` once every service is up,
 ``STATUS=`` with the queue counts, ``WATCHDOG=1`` at half of
 ``WatchdogSec`` while the event loop runs, ``RELOADING=1`` and ``READY=1``
@@ -23,18 +38,20 @@ around a reload, and ``STOPPING=1``.
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import dataclasses
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from spoold import logs
+from spoold.address import validate_address, validate_recipients
 from spoold.body import LineEndingPolicy
 from spoold.config import Config, ConfigError, SmtpConfig, load_config, restart_needed
 from spoold.control import ControlServer
@@ -43,13 +60,14 @@ from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.ingest import Origin, Submitter
 from spoold.message import Message, Queue
 from spoold.metrics import Metrics
+from spoold.resources import AcceptFailures, install_accept_error_handler, raise_open_files_limit
 from spoold.routing import Router
 from spoold.smtp_listener import ListenerSettings, SmtpListener, listener_settings
 from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
 from spoold.spool import Spool, retry_intervals_from_spans
 from spoold.systemd import Notifier, watchdog_interval
 
-__all__ = ["Daemon", "run"]
+__all__ = ["Daemon", "Signals", "run"]
 
 log = structlog.get_logger("spoold.daemon")
 
@@ -79,43 +97,68 @@ def _build(config: Config) -> _Live:
     return _Live(config, router, presend, on_error, listener)
 
 
+class Signals:
+    """What SIGHUP, SIGTERM and SIGINT ask of the main loop. The handlers
+    only set these events; :meth:`installed` puts them in place (on the
+    running asyncio loop) for as long as its ``with`` block lasts."""
+
+    def __init__(self) -> None:
+        self.reload = anyio.Event()
+        self.stop = anyio.Event()
+        self.force_stop = anyio.Event()  # a second stop signal
+
+    def on_reload(self) -> None:
+        self.reload.set()
+
+    def on_stop(self) -> None:
+        if self.stop.is_set():
+            self.force_stop.set()
+        self.stop.set()
+
+    def take_reload(self) -> None:
+        """The main loop acts on the pending reload: the next SIGHUP is new."""
+        self.reload = anyio.Event()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.on_reload)
+        loop.add_signal_handler(signal.SIGTERM, self.on_stop)
+        loop.add_signal_handler(signal.SIGINT, self.on_stop)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
 class Daemon:
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
-        self.live = _build(config)
+    """One daemon run. ``signals`` are those :func:`run` installed before
+    start-up (a Daemon made without them installs its own in :meth:`run`);
+    ``live`` is what :func:`_build` made of ``config`` (built here, on the
+    event loop, when not given)."""
+
+    def __init__(
+        self,
+        config: Config,
+        notifier: Notifier | None = None,
+        *,
+        signals: Signals | None = None,
+        live: _Live | None = None,
+    ) -> None:
+        self.live = live or _build(config)
         self.notifier = notifier or Notifier()
-        self._reload_requested = anyio.Event()
-        self._stop_requested = anyio.Event()
-        self._force_stop = anyio.Event()
+        self._own_signals = signals is None
+        self.signals = signals or Signals()
         self._spool: Spool | None = None
         self._submitter: Submitter | None = None
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
+        self.accept_failures = AcceptFailures()
         self.cache = ConnectionCache(
             max_per_hop=config.relay.max_connections_per_hop,
             max_total=config.relay.max_connections,
             idle_timeout=config.relay.idle_timeout.total_seconds(),
         )
-
-    # -------------------------------------------------------------- signals
-
-    def _on_reload_signal(self) -> None:
-        self._reload_requested.set()  # whichever event the main loop waits on now
-
-    def _on_stop_signal(self) -> None:
-        if self._stop_requested.is_set():
-            self._force_stop.set()
-        self._stop_requested.set()
-
-    def _install_signals(self) -> Callable[[], None]:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
-        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
-        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
-
-        def remove() -> None:
-            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-
-        return remove
 
     # ------------------------------------------------------------ running
 
@@ -137,73 +180,84 @@ class Daemon:
     async def run(self) -> int:
         cfg = self.live.config
         relay = SmtpRelay(self._settings_for, self.cache)
-        remove_signals = self._install_signals()
+        restore_handler = install_accept_error_handler(
+            asyncio.get_running_loop(), self.accept_failures
+        )
         try:
-            async with Spool.open(
-                cfg.spool.dir,
-                relay=relay,
-                presend=self.live.presend,
-                on_error=self.live.on_error,
-                max_concurrent_send_jobs=cfg.spool.max_concurrent_send_jobs,
-                default_retry_intervals=retry_intervals_from_spans(
-                    cfg.spool.retry_intervals, cfg.spool.retry_jitter
-                ),
-                flush_timeout=0,  # the daemon flushes before leaving (see _stop)
-                min_free_space=cfg.spool.min_free_space,
-                routes=self.live.router,
-            ) as spool:
-                self._spool = spool
-                hostname = await anyio.to_thread.run_sync(socket.getfqdn)
-                self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
-                server = ControlServer(
-                    spool,
-                    extra={
-                        "reload": self._reload_request,
-                        "check": self._check_request,
-                        "info": self._info_request,
-                        "count": self._count_request,
-                        "submit": self._submit_request,
-                    },
-                )
-                async with anyio.create_task_group() as services:
-                    await services.start(server.serve, cfg.control.socket, cfg.control.mode)
-                    if cfg.metrics.listen:
-                        await services.start(Metrics().serve, spool, cfg.metrics.listen)
-                    if cfg.smtp is not None:
-                        listener = SmtpListener(self._submitter, self._listener_settings)
-                        await services.start(listener.serve)
-                    services.start_soon(self._watchdog_loop)
-                    log.info(
-                        "spoold ready",
-                        spool_dir=str(cfg.spool.dir),
-                        control_socket=str(cfg.control.socket),
-                        config=str(cfg.path),
-                    )
-                    self._notify(self.notifier.ready, self._status_text())
-                    await self._main_loop()
-                    self._notify(self.notifier.stopping)
-                    log.info("stopping: no new work taken")
-                    services.cancel_scope.cancel()
-                await self._flush(spool)
+            with self.signals.installed() if self._own_signals else contextlib.nullcontext():
+                await self._run(cfg, relay)
         finally:
-            remove_signals()
+            restore_handler()
             with anyio.CancelScope(shield=True):
                 await relay.close_and_flush()
         log.info("spoold stopped")
         return 0
 
+    async def _run(self, cfg: Config, relay: SmtpRelay) -> None:
+        async with Spool.open(
+            cfg.spool.dir,
+            relay=relay,
+            presend=self.live.presend,
+            on_error=self.live.on_error,
+            max_concurrent_send_jobs=cfg.spool.max_concurrent_send_jobs,
+            default_retry_intervals=retry_intervals_from_spans(
+                cfg.spool.retry_intervals, cfg.spool.retry_jitter
+            ),
+            flush_timeout=0,  # the daemon flushes before leaving (see _stop)
+            min_free_space=cfg.spool.min_free_space,
+            routes=self.live.router,
+        ) as spool:
+            self._spool = spool
+            hostname = await anyio.to_thread.run_sync(socket.getfqdn)
+            self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
+            server = ControlServer(
+                spool,
+                extra={
+                    "reload": self._reload_request,
+                    "check": self._check_request,
+                    "info": self._info_request,
+                    "count": self._count_request,
+                },
+                submit=self._submit_request,
+                max_message_size=self._max_message_size,
+                accept_failures=self.accept_failures,
+            )
+            async with anyio.create_task_group() as services:
+                await services.start(server.serve, cfg.control.socket, cfg.control.mode)
+                if cfg.metrics.listen:
+                    await services.start(Metrics().serve, spool, cfg.metrics.listen)
+                if cfg.smtp is not None:
+                    listener = SmtpListener(self._submitter, self._listener_settings)
+                    await services.start(listener.serve)
+                services.start_soon(self._watchdog_loop)
+                log.info(
+                    "spoold ready",
+                    spool_dir=str(cfg.spool.dir),
+                    control_socket=str(cfg.control.socket),
+                    config=str(cfg.path),
+                )
+                self._notify(self.notifier.ready, self._status_text())
+                await self._main_loop()
+                self._notify(self.notifier.stopping)
+                log.info("stopping: no new work taken")
+                services.cancel_scope.cancel()
+            await self._flush(spool)
+
     async def _main_loop(self) -> None:
-        while not self._stop_requested.is_set():
+        """Act on signals until a stop; one that came during start-up is
+        acted on at once (a stop before a reload)."""
+        signals = self.signals
+        while not signals.stop.is_set():
             async with anyio.create_task_group() as tg:
 
                 async def wait_for(event: anyio.Event) -> None:
                     await event.wait()
                     tg.cancel_scope.cancel()
 
-                tg.start_soon(wait_for, self._reload_requested)
-                tg.start_soon(wait_for, self._stop_requested)
-            if self._reload_requested.is_set() and not self._stop_requested.is_set():
-                self._reload_requested = anyio.Event()
+                tg.start_soon(wait_for, signals.reload)
+                tg.start_soon(wait_for, signals.stop)
+            if signals.reload.is_set() and not signals.stop.is_set():
+                signals.take_reload()
                 await self.reload()
 
     async def _flush(self, spool: Spool) -> None:
@@ -223,7 +277,7 @@ class Daemon:
                 tg.cancel_scope.cancel()
 
             async def forced() -> None:
-                await self._force_stop.wait()
+                await self.signals.force_stop.wait()
                 log.warning("second stop signal: exiting now; messages are safe on disk")
                 tg.cancel_scope.cancel()
 
@@ -237,6 +291,7 @@ class Daemon:
         while True:
             if interval:
                 self._notify(self.notifier.watchdog)
+            self.accept_failures.close_quiet()
             status = self._status_text()
             if status != last_status:
                 self._notify(self.notifier.status, status)
@@ -330,25 +385,20 @@ class Daemon:
         assert settings is not None
         return settings
 
-    async def _submit_request(self, request: dict[str, Any]) -> Any:
-        """A message from ``spoold sendmail``: envelope and base64 content."""
+    def _max_message_size(self) -> int:
+        """The listener's size limit applies to ``spoold sendmail`` too."""
+        return (self.live.config.smtp or SmtpConfig()).max_message_size
+
+    async def _submit_request(self, request: dict[str, Any], content: bytes) -> Any:
+        """A message from ``spoold sendmail`` (the control server has read
+        its content and checked its size). The control socket is a way in
+        of its own: the envelope is validated here again, never rewritten."""
         assert self._submitter is not None
-        sender = request.get("sender", "")
-        recipients = request.get("recipients")
-        if not isinstance(sender, str):
-            raise ValueError("sender must be a string")
-        if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
-            raise ValueError("recipients must be a list of addresses")
-        try:
-            content = base64.b64decode(request.get("content", ""), validate=True)
-        except (ValueError, TypeError):
-            raise ValueError("content must be base64") from None
+        sender = validate_address(request.get("sender", ""), role="sender", smtputf8=True)
+        recipients = validate_recipients(request.get("recipients"), smtputf8=True)
+        if not content:
+            raise ValueError("an empty message (no content) is not accepted")
         limits = self.live.config.smtp or SmtpConfig()  # the listener's limits apply too
-        if len(content) > limits.max_message_size:
-            raise ValueError(
-                f"message of {len(content)} bytes exceeds the limit of "
-                f"{limits.max_message_size} (smtp.max_message_size)"
-            )
         if len(recipients) > limits.max_recipients:
             raise ValueError(
                 f"{len(recipients)} recipients exceed the limit of "
@@ -393,22 +443,43 @@ class Daemon:
 
 
 async def run(config_path: str) -> int:
-    """Entry point of ``spoold run``: 0 on a clean stop, 2 on a bad config."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        logs.configure()
-        log.error("invalid configuration", config=exc.path, problems=exc.problems)
-        return 2
-    logs.configure(config.log.format, config.log.level)
-    failure: BaseException | None = None
-    try:
-        daemon = Daemon(config)
-        return await daemon.run()
-    except* (SpooldError, OSError) as group:  # directly or from inside a task group
-        failure = group
-    log.error("cannot start", error="; ".join(str(e) for e in _leaves(failure)))
-    return 1
+    """Entry point of ``spoold run``: 0 on a clean stop (a stop signal
+    during start-up included), 2 on a bad config, 1 when it cannot start."""
+    signals = Signals()
+    with signals.installed():  # first thing: a signal while starting is never fatal
+        try:
+            config = await anyio.to_thread.run_sync(load_config, config_path)
+        except ConfigError as exc:
+            logs.configure()
+            log.error("invalid configuration", config=exc.path, problems=exc.problems)
+            return 2
+        logs.configure(config.log.format, config.log.level)
+        raise_open_files_limit()
+        failure: BaseException | None = None
+        try:
+            if await _stopped_while_starting(signals, "reading the config"):
+                return 0
+            try:
+                live = await anyio.to_thread.run_sync(_build, config)  # imports the hooks
+            except ValueError as exc:  # a hook that cannot be loaded
+                raise SpooldError(str(exc)) from exc
+            if await _stopped_while_starting(signals, "loading hooks and routes"):
+                return 0
+            return await Daemon(config, signals=signals, live=live).run()
+        except* (SpooldError, OSError) as group:  # directly or from inside a task group
+            failure = group
+        log.error("cannot start", error="; ".join(str(e) for e in _leaves(failure)))
+        return 1
+
+
+async def _stopped_while_starting(signals: Signals, step: str) -> bool:
+    # A signal that arrived while a worker thread did the step is already
+    # queued on the loop, maybe behind the thread's own wake-up: let it run.
+    await anyio.lowlevel.checkpoint()
+    if signals.stop.is_set():
+        log.info("stop signal while starting: not starting", after=step)
+        return True
+    return False
 
 
 def _leaves(error: BaseException | None) -> list[BaseException]:

@@ -22,6 +22,9 @@ Invariants:
   quarantined, rescheduled or is being sent.
 * At most ``max_concurrent_send_jobs`` attempts run at once (changeable
   while running).
+* ``sending`` is a status this spool holds in memory only, during an
+  attempt. A record stored as ``sending`` (by hand or by another tool) is
+  loaded, or adopted, as ``send_now``: never left unscheduled.
 
 The outcome of an attempt (which recipients are done, failed or left, and
 the message's next status) is decided by :func:`spoold.outcome.attempt_outcome`,
@@ -255,6 +258,7 @@ class Spool:
             messages, _unreadable = await self._od.load(queue)
             for msg in messages:
                 msg.intern(shared)
+                _sending_reads_as_send_now(msg)
                 entry = _Entry(msg, queue)
                 self._index[msg.id] = entry
                 self._schedule(entry)
@@ -402,6 +406,7 @@ class Spool:
                     break  # add() of this process indexed it meanwhile
                 if msg.queue is not queue:
                     break  # written elsewhere than its status says: next open repairs it
+                _sending_reads_as_send_now(msg)
                 entry = _Entry(msg, queue)
                 self._index[name] = entry
                 self._schedule(entry)
@@ -1112,6 +1117,14 @@ class Spool:
             }
         finally:
             await ondisk.close()
+
+
+def _sending_reads_as_send_now(msg: Message) -> None:
+    """A record stored as ``sending`` (written by hand or by another tool:
+    this spool only says so in memory) has no attempt under way in this
+    process: it is due now, else nothing would ever schedule it."""
+    if isinstance(msg.status, Sending):
+        msg.status = SEND_NOW
 
 
 def _decision_name(decision: PresendDecision) -> str:

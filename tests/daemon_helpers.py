@@ -275,6 +275,13 @@ class NotifySocket:
 # --------------------------------------------------------------- daemon
 
 
+_SET_NOFILE_AND_EXEC = (
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[3:]])"
+)
+
+
 class DaemonProcess:
     """One ``spoold run`` subprocess (see the module docstring)."""
 
@@ -287,10 +294,19 @@ class DaemonProcess:
         self.socket = directory / "run" / "ctl.sock"
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, env: dict[str, str] | None = None) -> None:
+    async def start(
+        self, env: dict[str, str] | None = None, nofile: tuple[int, int] | None = None
+    ) -> None:
+        """Start ``spoold run``; with ``nofile`` = (soft, hard) its
+        RLIMIT_NOFILE is set first (by a small Python that then execs the
+        daemon: same pid, no preexec_fn in this threaded process)."""
+        limit: list[str] = []
+        if nofile is not None:
+            limit = ["-c", _SET_NOFILE_AND_EXEC, str(nofile[0]), str(nofile[1])]
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                *limit,
                 "-m",
                 "spoold.cli",
                 "run",
@@ -402,12 +418,13 @@ class DaemonFactory:
         env: dict[str, str] | None = None,
         wait_ready: bool = True,
         notify: NotifySocket | None = None,
+        nofile: tuple[int, int] | None = None,
     ) -> DaemonProcess:
         if notify is None:
             notify = self.notify_socket(f"notify{len(self.sockets)}.sock")
         daemon = DaemonProcess(config.parent, config, notify)
         self.daemons.append(daemon)
-        await daemon.start(env)
+        await daemon.start(env, nofile)
         if wait_ready:
             await daemon.wait_ready()
         return daemon

@@ -452,6 +452,105 @@ async def test_a_world_writable_socket_directory_refuses_to_start(
     assert await ping(daemon) == "pong"
 
 
+# ------------------------------------------------- signals while starting
+
+# A hook module whose import says it has started, then waits (bounded) for
+# the test to say go: start-up made slow and observable, without sleeping
+# in the test. The daemon imports hooks while starting.
+SLOW_HOOK_MODULE = """
+import os, pathlib, time
+
+_dir = pathlib.Path(os.environ["SPOOLD_TEST_HOOK_DIR"])
+with (_dir / "started").open("a") as f:
+    f.write("imported\\n")
+_deadline = time.monotonic() + 20
+while not (_dir / "go").exists() and time.monotonic() < _deadline:
+    time.sleep(0.01)
+
+
+def presend(message):
+    from spoold.message import SendNow
+
+    return SendNow()
+"""
+
+
+async def start_slowly(tmp_path: Path, start_daemon: DaemonFactory) -> DaemonProcess:
+    """A daemon held in start-up (importing its presend hook) until
+    :func:`let_go`; returns once it is held there."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "tests_slow_hook.py").write_text(SLOW_HOOK_MODULE)
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config.write_text(
+        config.read_text().replace("[log]", '[hooks]\npresend = "tests_slow_hook:presend"\n\n[log]')
+    )
+    project = Path(__file__).resolve().parent.parent
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(hooks), str(project)]),
+        "SPOOLD_TEST_HOOK_DIR": str(tmp_path),
+    }
+    daemon = await start_daemon(config, env=env, wait_ready=False)
+    deadline = time.monotonic() + 15
+    while not (tmp_path / "started").exists():
+        assert daemon.running, daemon.log_text()
+        assert time.monotonic() < deadline, daemon.log_text()
+        await asyncio.sleep(0.02)
+    return daemon
+
+
+def let_go(tmp_path: Path) -> None:
+    (tmp_path / "go").touch()
+
+
+async def test_a_sighup_while_starting_is_one_reload_once_ready(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """Seen: a SIGHUP before the handlers were installed killed the daemon."""
+    (mid,) = await prefill(
+        tmp_path / "spool",
+        [spooled(f"127.0.0.1:{unused_port()}", status=SendAt(at=utcnow() + far_future()))],
+    )
+    daemon = await start_slowly(tmp_path, start_daemon)
+    daemon.send_signal(signal.SIGHUP)
+    daemon.send_signal(signal.SIGHUP)  # two while starting: still one reload
+    let_go(tmp_path)
+
+    await daemon.wait_ready()
+    await daemon.notify.wait_for("RELOADING")
+    await daemon.notify.wait_for("READY")
+    assert [line["event"] for line in daemon.log_lines()].count("reloaded") == 1
+    assert await ping(daemon) == "pong"
+    assert daemon.running
+    assert (tmp_path / "started").read_text() == "imported\n"  # the reload did not re-import
+    assert records_in(tmp_path / "spool", "active") == {mid}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_while_starting_exits_0_and_touches_nothing(
+    tmp_path: Path, start_daemon: DaemonFactory, sig: signal.Signals
+) -> None:
+    """Seen: a SIGTERM before the handlers were installed killed the
+    daemon by the signal. Now start-up ends at its next step, exit 0."""
+    spool_dir = tmp_path / "spool"
+    (mid,) = await prefill(spool_dir, [spooled(f"127.0.0.1:{unused_port()}")])
+    before = sorted(str(p) for p in spool_dir.rglob("*") if p.name != "lock")
+    daemon = await start_slowly(tmp_path, start_daemon)
+    daemon.send_signal(sig)
+    let_go(tmp_path)
+
+    assert await daemon.wait_exit() == 0
+    assert not any("READY" in d for d in daemon.notify.drain())
+    assert any(
+        line["event"] == "stop signal while starting: not starting" for line in daemon.log_lines()
+    ), daemon.log_text()
+    assert "Traceback" not in daemon.log_text()
+    # Nothing lost, nothing touched: the spool was never opened.
+    assert records_in(spool_dir, "active") == {mid}
+    assert sorted(str(p) for p in spool_dir.rglob("*") if p.name != "lock") == before
+    assert not daemon.socket.exists()
+
+
 # ------------------------------------------------------ control socket
 
 

@@ -11,6 +11,7 @@ process instead, to inject a full disk. Every wait is bounded.
 
 from __future__ import annotations
 
+import base64
 import errno
 import getpass
 import os
@@ -28,7 +29,7 @@ import pytest
 
 from spoold.body import Body
 from spoold.config import load_config
-from spoold.control import ControlServer
+from spoold.control import ControlClient, ControlError, ControlServer
 from spoold.daemon import Daemon
 from spoold.ingest import Submitter
 from spoold.message import Message, SendAt
@@ -331,7 +332,7 @@ async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
             spool.ondisk.store._on_step = disk_full
             daemon = Daemon(config)
             daemon._submitter = Submitter(spool, lambda: daemon.live.router)
-            server = ControlServer(spool, extra={"submit": daemon._submit_request})
+            server = ControlServer(spool, submit=daemon._submit_request)
             async with anyio.create_task_group() as tg:
                 await tg.start(server.serve, config.control.socket, config.control.mode)
                 done = await sendmail(config_path, "alice@example.com", stdin=b"Subject: x\n\nx\n")
@@ -340,3 +341,165 @@ async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
     assert done.code != 0, done  # nothing lost: the caller knows
     assert "No space left on device" in done.err, done
     assert done.code == 75, done
+
+
+# ------------------------------------------------------------ addresses
+
+
+BAD_ARGUMENTS = [
+    ("a b@example.com",),
+    ("not an address",),
+    ("bad@@example.com",),
+    ("bad\r\nDATA@example.com",),  # was delivered as badDATA@example.com
+    ("",),
+    ("-f", "x\r\ny@example.com", "good@example.com"),
+    ("-f", "no at sign", "good@example.com"),
+]
+
+
+async def test_a_bad_address_exits_65_and_nothing_is_queued(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """Seen: these were queued (and CR LF silently dropped on the wire while
+    the record kept it). Now each is refused before the daemon is asked,
+    naming the address; a good one beside it does not change that."""
+    with anyio.fail_after(TIMEOUT * 2):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        for args in BAD_ARGUMENTS:
+            if args[0] != "-f":
+                args = ("-f", "s@example.org", "good@example.com", *args)
+            bad = args[1] if args[1] != "s@example.org" else args[-1]
+            done = await sendmail(daemon.config, *args, stdin=b"Subject: x\n\nx\n")
+            assert done.code == 65, (args, done)
+            assert repr(bad) in done.err, (args, done)
+            assert "nothing was sent" in done.err, (args, done)
+            assert ("sender" if args[1] == bad else "recipient") in done.err, (args, done)
+        messages, _ = await Spool.status_from_disk(daemon.spool_dir)
+        assert messages == []
+        assert not any(line.get("event") == "spooled" for line in daemon.log_lines())
+
+        # A good address, UTF-8 included, is taken exactly as given.
+        done = await sendmail(
+            daemon.config, "-f", "jörg@exämple.org", "zoë@exämple.com", stdin=b"Subject: y\n\ny\n"
+        )
+        assert done.code == 0, done
+        (msg,) = await waiting_messages(daemon.spool_dir, 1)
+    assert msg.envelope_info.sender == "jörg@exämple.org"
+    assert msg.remaining_recipients == ["zoë@exämple.com"]
+
+
+async def test_a_bad_recipient_in_the_headers_with_t_exits_65(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        stdin = b"To: good@example.com, user@-bad-.example\nSubject: t\n\nbody\n"
+        done = await sendmail(daemon.config, "-t", "-f", "s@example.org", stdin=stdin)
+        assert done.code == 65, done
+        assert "'user@-bad-.example'" in done.err, done
+        messages, _ = await Spool.status_from_disk(daemon.spool_dir)
+        assert messages == []
+
+
+async def test_the_control_submit_validates_addresses_itself(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """The control socket is a way in of its own: a client that skips the
+    CLI's checks gets kind 'invalid', in the new framing and the old."""
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        client = ControlClient(daemon.socket, timeout=10)
+        content = b"Subject: x\r\n\r\nx\r\n"
+        cases = [
+            ("s@example.org", ["a b@example.com"], "'a b@example.com'"),
+            ("s@example.org", ["good@example.com", "bad\r\nDATA@example.com"], "control"),
+            ("x\r\ny@example.com", ["good@example.com"], "control"),
+            ("s@example.org", [""], "null address"),
+            ("s@example.org", [], "at least one recipient"),
+        ]
+        for sender, recipients, text in cases:
+            with pytest.raises(ControlError) as refused:
+                await client.submit(sender, recipients, content)
+            assert refused.value.kind == "invalid", (sender, recipients, refused.value)
+            assert text in str(refused.value), (sender, recipients, refused.value)
+            with pytest.raises(ControlError) as refused:  # an older client
+                await client.request(
+                    "submit",
+                    sender=sender,
+                    recipients=recipients,
+                    content=base64.b64encode(content).decode(),
+                )
+            assert refused.value.kind == "invalid", (sender, recipients, refused.value)
+        with pytest.raises(ControlError) as refused:
+            await client.submit("s@example.org", ["good@example.com"], b"")
+        assert refused.value.kind == "invalid"
+        assert "empty message" in str(refused.value)
+        messages, _ = await Spool.status_from_disk(daemon.spool_dir)
+        assert messages == []
+
+
+# --------------------------------------------------------------- content
+
+
+async def test_an_empty_message_exits_65(tmp_path: Path, daemons: DaemonFactory) -> None:
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        done = await sendmail(daemon.config, "alice@example.com", stdin=b"")
+        assert done.code == 65, done
+        assert "empty message: nothing on standard input" in done.err, done
+        done = await sendmail(daemon.config, "alice@example.com", stdin=b".\nafter\n")
+        assert done.code == 65, done
+        assert "empty message" in done.err, done
+        messages, _ = await Spool.status_from_disk(daemon.spool_dir)
+        assert messages == []
+
+
+def big_message(size: int) -> bytes:
+    """CRLF lines (some starting with a dot) adding up to at least ``size``."""
+    lines = [b"Subject: big\r\n", b"\r\n"]
+    n = 0
+    total = sum(map(len, lines))
+    while total < size:
+        line = (b"." if n % 7 == 0 else b"") + b"line %08d " % n + b"x" * 60 + b"\r\n"
+        lines.append(line)
+        total += len(line)
+        n += 1
+    return b"".join(lines)
+
+
+async def test_a_message_over_1_mib_is_spooled_byte_for_byte(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """Seen: the whole message rode inside the JSON request line. Now it
+    follows the line as raw bytes, so a request line stays small (1 MiB
+    cap) while messages go up to smtp.max_message_size."""
+    message = big_message(3 * 1024 * 1024)
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        done = await sendmail(daemon.config, "-f", "s@example.org", "a@example.com", stdin=message)
+        assert done.code == 0, done
+        (msg,) = await waiting_messages(daemon.spool_dir, 1)
+    content = content_of(daemon.spool_dir, msg.id)
+    assert content.endswith(message)
+    added = content[: -len(message)]
+    assert added.startswith(b"Received: from localhost\r\n")
+    assert len(added) < 1000  # only the trace headers were added
+
+
+async def test_a_message_over_max_message_size_exits_65_naming_the_limit(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    with config.open("a") as f:
+        f.write(f'\n[smtp]\nlisten = ["127.0.0.1:{unused_port()}"]\nmax_message_size = "1MiB"\n')
+    message = big_message(1024 * 1024 + 1)
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemons(config)
+        done = await sendmail(daemon.config, "a@example.com", stdin=message)
+        assert done.code == 65, done
+        assert (
+            f"message of {len(message)} bytes exceeds the limit of 1048576 "
+            "(smtp.max_message_size)" in done.err
+        ), done
+        messages, _ = await Spool.status_from_disk(daemon.spool_dir)
+        assert messages == []

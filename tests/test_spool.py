@@ -42,8 +42,10 @@ from spoold.message import (
     SendNow,
     encode_record,
 )
+from spoold.ondisk import OnDiskSpool
 from spoold.relay import AttemptFailed, BodyHandle, InMemoryRelay, RecipientResult, RelayOutcome
 from spoold.spool import Spool
+from tests.factories import new_message
 from tests.spool_helpers import (
     BODY,
     MINUTE,
@@ -1124,3 +1126,39 @@ async def test_an_id_given_twice_is_handled_once_or_refused(tmp_path: Path, oper
             (event,) = await next_events(stream, 1)
             assert event.id == mid
             await assert_no_event_since(spool, stream)
+
+
+# ===================================== a record stored as "sending" (not by us)
+
+
+async def test_a_record_stored_as_sending_loads_as_send_now(tmp_path: Path) -> None:
+    """``sending`` is this spool's in-memory status during an attempt; a
+    record written with it (by hand, or by another tool) must still be sent,
+    not sit unscheduled in ``active`` for ever."""
+    writer, _ = await OnDiskSpool.open(tmp_path)
+    async with writer:
+        (stored,) = await writer.add([new_message(status=Sending())])
+    assert read_record(tmp_path, "active", stored.id).status == Sending()
+
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        await wait_for(lambda: is_delivered(spool, tmp_path, stored.id), "it to be delivered")
+    assert attempts_for(relay, stored.id) == [("rcpt@example.com",)]
+
+
+async def test_a_record_added_as_sending_by_another_process_is_adopted_as_send_now(
+    tmp_path: Path,
+) -> None:
+    relay = relay_answering({})
+    async with (
+        open_spool(tmp_path, relay, FakeClock(START)) as spool,
+        spool.events() as events,
+    ):
+        writer, _ = await OnDiskSpool.open(tmp_path, owner=False)
+        async with writer:
+            (stored,) = await writer.add([new_message(status=Sending())])
+        with anyio.fail_after(10):
+            async for event in events:
+                if event.kind == "delivered" and event.id == stored.id:
+                    break
+    assert attempts_for(relay, stored.id) == [("rcpt@example.com",)]

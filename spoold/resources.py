@@ -1,0 +1,177 @@
+"""When the system runs short of descriptors or memory: the daemon serves on.
+
+* :func:`raise_open_files_limit`, called once at start-up, raises the soft
+  ``RLIMIT_NOFILE`` to the hard limit when the soft one is lower (every
+  connection and open spool file takes a descriptor; systemd's default soft
+  limit is 1024). It never calls ``setrlimit`` when there is nothing to
+  raise, and a refusal (``EPERM``, e.g. from a seccomp filter) is logged as
+  a warning, never raised.
+* :class:`AcceptFailures` logs an ``accept()`` that failed for lack of
+  resources (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) once per burst
+  and per listening socket: one error line when a burst starts, a debug
+  line at the 2nd, 4th, 8th, ... failure, one info line with the count
+  when it ends. A burst ends at the next successful accept
+  (:meth:`AcceptFailures.recovered`, for servers that see it) or after
+  ``quiet`` seconds without a failure (:meth:`AcceptFailures.close_quiet`,
+  called periodically, for servers that do not).
+* :func:`install_accept_error_handler` routes asyncio's own report of such a
+  failure to an :class:`AcceptFailures`. asyncio's servers (Python 3.11)
+  survive it: they stop watching the socket for a second, but report each
+  failed try (up to 100 per second) to the loop's exception handler, which
+  by default logs a traceback every time. Every other report goes to the
+  handler that was there before (by default the loop's own).
+
+Nothing here holds a task: the caller owns the loops that retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+__all__ = [
+    "RESOURCE_ERRNOS",
+    "AcceptFailures",
+    "install_accept_error_handler",
+    "raise_open_files_limit",
+]
+
+#: accept() errors that mean "no resources now": retry later, never give up.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# What asyncio's selector event loop says when accept() fails for lack of
+# resources (asyncio/selector_events.py, _accept_connection).
+_ASYNCIO_ACCEPT_MESSAGE = "socket.accept() out of system resource"
+
+log = structlog.get_logger("spoold.resources")
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise the soft open-files limit to the hard one. Returns ``(old,
+    new)`` when it was raised, None when there was nothing to do or it could
+    not be done (then a warning is logged)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the open files limit", error=str(exc))
+        return None
+    infinity = resource.RLIM_INFINITY
+    if soft == infinity or hard == infinity or soft >= hard:
+        return None  # nothing to raise: no setrlimit call at all
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "could not raise the open files limit; going on with it",
+            soft=soft,
+            hard=hard,
+            error=str(exc),
+        )
+        return None
+    log.info("raised the open files limit", old=soft, new=hard)
+    return soft, hard
+
+
+@dataclass(slots=True)
+class _Burst:
+    failures: int
+    last: float
+
+
+class AcceptFailures:
+    """Accept failures for lack of resources, logged once per burst (see the
+    module docstring). ``where`` names the listening socket in the log."""
+
+    def __init__(self, *, quiet: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.quiet = quiet
+        self._clock = clock
+        self._bursts: dict[str, _Burst] = {}
+
+    def in_burst(self, where: str) -> bool:
+        return where in self._bursts
+
+    def failed(self, where: str, exc: OSError) -> None:
+        """An accept on ``where`` failed with ``exc`` (one of RESOURCE_ERRNOS)."""
+        now = self._clock()
+        burst = self._bursts.get(where)
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        if burst is None:
+            self._bursts[where] = _Burst(1, now)
+            log.error(
+                _ASYNCIO_ACCEPT_MESSAGE,  # the same words as asyncio's own report
+                listener=where,
+                errno=code,
+                error=exc.strerror or str(exc),
+            )
+            return
+        burst.failures += 1
+        burst.last = now
+        if burst.failures & (burst.failures - 1):
+            return  # a debug line at 2, 4, 8, ... failures: asyncio retries in bursts of 100
+        log.debug(
+            "socket.accept() still out of system resource",
+            listener=where,
+            errno=code,
+            failures=burst.failures,
+        )
+
+    def recovered(self, where: str) -> None:
+        """An accept on ``where`` worked: its burst, if any, is over."""
+        burst = self._bursts.pop(where, None)
+        if burst is not None:
+            log.info("socket.accept() works again", listener=where, failures=burst.failures)
+
+    def close_quiet(self) -> None:
+        """End every burst without a failure for ``quiet`` seconds."""
+        now = self._clock()
+        for where, burst in list(self._bursts.items()):
+            if now - burst.last >= self.quiet:
+                self.recovered(where)
+
+
+def _listener_name(context: dict[str, Any]) -> str:
+    sock = context.get("socket")
+    try:
+        name = sock.getsockname() if sock is not None else None
+    except OSError:
+        name = None
+    if isinstance(name, tuple) and len(name) >= 2:
+        host = str(name[0])
+        return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
+    return str(name) if name else "?"
+
+
+def install_accept_error_handler(
+    loop: asyncio.AbstractEventLoop, failures: AcceptFailures
+) -> Callable[[], None]:
+    """Send asyncio's accept-out-of-resources reports to ``failures``;
+    return a function that puts the previous handler back."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if (
+            context.get("message") == _ASYNCIO_ACCEPT_MESSAGE
+            and isinstance(exc, OSError)
+            and exc.errno in RESOURCE_ERRNOS
+        ):
+            failures.failed(_listener_name(context), exc)
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+    def restore() -> None:
+        loop.set_exception_handler(previous)
+
+    return restore
