@@ -43,7 +43,7 @@ import dataclasses
 import os
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import anyio
@@ -65,7 +65,7 @@ from spoold.routing import Router
 from spoold.smtp_listener import ListenerSettings, SmtpListener, listener_settings
 from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
 from spoold.spool import Spool, retry_intervals_from_spans
-from spoold.systemd import Notifier, watchdog_interval
+from spoold.systemd import Notifier, listen_fds, watchdog_interval
 
 __all__ = ["Daemon", "Signals", "run"]
 
@@ -145,8 +145,10 @@ class Daemon:
         *,
         signals: Signals | None = None,
         live: _Live | None = None,
+        inherited: Sequence[socket.socket] = (),
     ) -> None:
         self.live = live or _build(config)
+        self.inherited = list(inherited)  # listening sockets systemd handed over
         self.notifier = notifier or Notifier()
         self._own_signals = signals is None
         self.signals = signals or Signals()
@@ -228,7 +230,14 @@ class Daemon:
                     await services.start(Metrics().serve, spool, cfg.metrics.listen)
                 if cfg.smtp is not None:
                     listener = SmtpListener(self._submitter, self._listener_settings)
-                    await services.start(listener.serve)
+                    await services.start(listener.serve, self.inherited)
+                elif self.inherited:
+                    log.warning(
+                        "systemd handed over listening sockets but [smtp] is off; closing them",
+                        sockets=[str(s.getsockname()) for s in self.inherited],
+                    )
+                    for sock in self.inherited:
+                        sock.close()
                 services.start_soon(self._watchdog_loop)
                 log.info(
                     "spoold ready",
@@ -446,6 +455,7 @@ async def run(config_path: str) -> int:
     """Entry point of ``spoold run``: 0 on a clean stop (a stop signal
     during start-up included), 2 on a bad config, 1 when it cannot start."""
     signals = Signals()
+    inherited = listen_fds()  # socket activation; forgotten by any child process
     with signals.installed():  # first thing: a signal while starting is never fatal
         try:
             config = await anyio.to_thread.run_sync(load_config, config_path)
@@ -465,7 +475,7 @@ async def run(config_path: str) -> int:
                 raise SpooldError(str(exc)) from exc
             if await _stopped_while_starting(signals, "loading hooks and routes"):
                 return 0
-            return await Daemon(config, signals=signals, live=live).run()
+            return await Daemon(config, signals=signals, live=live, inherited=inherited).run()
         except* (SpooldError, OSError) as group:  # directly or from inside a task group
             failure = group
         log.error("cannot start", error="; ".join(str(e) for e in _leaves(failure)))

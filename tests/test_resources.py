@@ -191,7 +191,10 @@ async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     set_config_value(config, "level", '"debug"')
     with config.open("a") as f:
-        f.write(f'\n[smtp]\nlisten = ["127.0.0.1:{smtp_port}"]\nmax_connections = 10000\n')
+        f.write(
+            f'\n[smtp]\nlisten = ["127.0.0.1:{smtp_port}"]\nmax_connections = 10000\n'
+            "max_connections_per_client = 10000\n"
+        )
     daemon = await start_daemon(config, nofile=(NOFILE, NOFILE))
     smtp = f"127.0.0.1:{smtp_port}"
     control = str(daemon.socket)

@@ -8,7 +8,10 @@ hand-made ``LISTEN_FDS`` environment, is in test_daemon.py.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +26,7 @@ from spoold.routing import Router
 from spoold.smtp_listener import SmtpListener
 from spoold.spool import Spool
 from spoold.systemd import listen_fds
+from tests.daemon_helpers import NotifySocket, write_config
 from tests.test_ingest import HeldRelay, free_port, make_config
 
 
@@ -117,3 +121,52 @@ async def test_the_listener_serves_a_handed_over_socket_and_binds_the_rest(
                         greeting = await stream.receive()
                     assert greeting.startswith(b"220 "), (p, greeting)
                 tg.cancel_scope.cancel()
+
+
+async def test_the_daemon_takes_its_smtp_socket_from_listen_fds(tmp_path: Path) -> None:
+    """``spoold run`` started the way systemd starts it with spoold.socket:
+    the listening socket on fd 3, ``LISTEN_PID`` and ``LISTEN_FDS`` set. The
+    daemon must serve that socket (binding the address again would fail:
+    it is taken) and its child processes must not see the variables."""
+    handed = socket.socket()
+    handed.bind(("127.0.0.1", 0))
+    handed.listen()
+    port = handed.getsockname()[1]
+    config = write_config(tmp_path, next_hops=["127.0.0.1:25"])
+    with config.open("a") as f:
+        f.write(f'\n[smtp]\nlisten = ["127.0.0.1:{port}"]\n')
+    notify = NotifySocket(tmp_path / "notify.sock")
+    log_path = tmp_path / "daemon.log"
+
+    def fd_3() -> None:
+        os.dup2(handed.fileno(), 3)
+
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "LISTEN_FDS": "1"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env.pop("SPOOLD_CONFIG", None)
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            f'LISTEN_PID=$$ exec "{sys.executable}" -m spoold.cli run --config "{config}"',
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            preexec_fn=fd_3,
+            pass_fds=(3,),
+        )
+    handed.close()  # the daemon has its own copy now
+    try:
+        await notify.wait_for("READY", "1")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert s.recv(512).startswith(b"220 ")
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        listening = [line for line in lines if line["event"] == "smtp listening"]
+        assert [(line["address"], line.get("inherited")) for line in listening] == [
+            (f"127.0.0.1:{port}", True)
+        ]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        notify.close()
