@@ -952,3 +952,19 @@ async def test_smtp_submissions_get_no_from_header(tmp_path: Path) -> None:
             spooled = await ingest.content(msg.id)
     assert headers_named(spooled, "From") == []
     assert len(headers_named(spooled, "Message-ID")) == 1
+
+
+async def test_below_min_free_space_smtp_answers_452_and_takes_mail_again_later(
+    tmp_path: Path,
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with running_ingest(tmp_path) as ingest:
+            ingest.spool.min_free_space = 2**62  # more than any disk has free
+            async with raw_smtp(ingest.port) as c:
+                code, text = await c.transaction(SENDER, [RCPT], b"Subject: x\r\n\r\nx\r\n.\r\n")
+                assert code == 452 and "4.3.1" in text, text
+                ingest.spool.min_free_space = 64 * 1024 * 1024  # space came back
+                code, text = await c.transaction(SENDER, [RCPT], b"Subject: x\r\n\r\nx\r\n.\r\n")
+                assert code == 250, text
+                await c.quit()
+            assert len(ingest.messages()) == 1

@@ -38,6 +38,7 @@ from spoold.spool import Spool
 from tests.daemon_helpers import (
     DaemonFactory,
     DaemonProcess,
+    set_config_value,
     unused_port,
     write_config,
 )
@@ -503,3 +504,24 @@ async def test_a_message_over_max_message_size_exits_65_naming_the_limit(
         ), done
         messages, _ = await Spool.status_from_disk(daemon.spool_dir)
         assert messages == []
+
+
+async def test_below_min_free_space_sendmail_exits_75_until_there_is_room(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    set_config_value(config, "flush_timeout", '"1s"\nmin_free_space = "1000000GiB"')
+    with anyio.fail_after(TIMEOUT * 2):
+        daemon = await daemons(config)
+        done = await sendmail(config, "rcpt@example.com", stdin=b"Subject: x\n\nx\n")
+        assert done.code == 75, done
+        assert "spool.min_free_space" in done.err
+        messages, _ = await Spool.status_from_disk(daemon.spool_dir)
+        assert messages == []
+
+        set_config_value(config, "min_free_space", '"64MiB"')  # room again: a reload
+        daemon.send_signal(signal.SIGHUP)
+        await daemon.wait_log(lambda line: line.get("event") == "reloaded")
+        done = await sendmail(config, "rcpt@example.com", stdin=b"Subject: x\n\nx\n")
+        assert done.code == 0, done
+        assert len(await waiting_messages(daemon.spool_dir, 1)) == 1
