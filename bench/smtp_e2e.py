@@ -98,7 +98,7 @@ tls = "none"
         with open(work / "daemon.log", "wb") as log:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "spoold.cli", "run", "--config", str(config)],
+                    [sys.executable, "-m", "spoold.daemon.cli", "run", "--config", str(config)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )

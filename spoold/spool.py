@@ -126,7 +126,7 @@ class _Entry:
 
 class Routes(Protocol):
     """What the spool asks of the routing of its owner (the daemon's
-    :class:`~spoold.routing.Router` is one; a library user may give none).
+    :class:`~spoold.daemon.routing.Router` is one; a library user may give none).
 
     ``current_hops(message)`` gives the next hops the message's route has
     now, or None to keep the message's own; it is asked before each attempt

@@ -179,7 +179,7 @@ class CliResult:
 def cli(*args: str, timeout: float = _TIMEOUT) -> CliResult:
     """Run ``spoold ARGS`` and return its exit code and output."""
     done = subprocess.run(
-        [sys.executable, "-m", "spoold.cli", *args],
+        [sys.executable, "-m", "spoold.daemon.cli", *args],
         capture_output=True,
         timeout=timeout,
         check=False,
@@ -308,7 +308,7 @@ class DaemonProcess:
                 sys.executable,
                 *limit,
                 "-m",
-                "spoold.cli",
+                "spoold.daemon.cli",
                 "run",
                 "--config",
                 str(self.config),

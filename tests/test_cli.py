@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from spoold.control import ControlClient
+from spoold.daemon.control import ControlClient
 from spoold.message import Frozen, SendAt, utcnow
 from tests.daemon_helpers import (
     BODY,
@@ -407,7 +407,7 @@ async def test_events_streams_json_lines(queue: FilledSpool) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "spoold.cli",
+            "spoold.daemon.cli",
             "--config",
             str(queue.config),
             "events",
@@ -636,7 +636,7 @@ def test_version() -> None:
     ],
 )
 def test_sizes_are_shown_as_exim_shows_them(size: int | None, shown: str) -> None:
-    from spoold.cli import exim_size
+    from spoold.daemon.cli import exim_size
 
     assert exim_size(size) == shown
 
@@ -657,7 +657,7 @@ async def test_the_table_uses_the_width_it_is_given_and_wide_shows_errors_whole(
 
     def run(*args: str, columns: int) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "spoold.cli", "--config", str(q.config), "status", *args],
+            [sys.executable, "-m", "spoold.daemon.cli", "--config", str(q.config), "status", *args],
             capture_output=True,
             timeout=30,
             check=True,
@@ -680,7 +680,7 @@ async def test_events_exit_1_when_the_daemon_goes_away(queue: FilledSpool) -> No
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "spoold.cli",
+        "spoold.daemon.cli",
         "--config",
         str(queue.config),
         "events",

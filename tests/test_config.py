@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from spoold.config import (
+from spoold.daemon.config import (
     DEFAULT_LISTEN,
     DEFAULT_RETRY_SPANS,
     Config,

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import pytest
 
-from spoold.control import ControlClient, ControlError, ControlServer
+from spoold.daemon.control import ControlClient, ControlError, ControlServer
 from spoold.relay import InMemoryRelay
 from spoold.spool import Spool
 from tests.spool_helpers import batch, wait_for

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from spoold.control import ControlClient
+from spoold.daemon.control import ControlClient
 from spoold.message import Frozen, SendAt, utcnow
 from spoold.spool import Spool
 from tests.daemon_helpers import (

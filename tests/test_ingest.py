@@ -1,7 +1,7 @@
 """Mail ingest in one process: the SMTP listener, the submitter and a spool.
 
 Each test starts a :class:`~spoold.spool.Spool` on a temp dir, a
-:class:`~spoold.ingest.Submitter` and an :class:`~spoold.smtp_listener.SmtpListener`
+:class:`~spoold.daemon.ingest.Submitter` and an :class:`~spoold.daemon.listener.SmtpListener`
 on a free ``127.0.0.1`` port, all in the test's own task group, and talks
 SMTP to it: with :mod:`smtplib` (in a worker thread), with raw bytes over a
 socket where a real client would normalise what we want to send (smuggling
@@ -38,12 +38,12 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from spoold.body import Body, LineEndingPolicy
-from spoold.config import Config, SmtpConfig, parse_config
-from spoold.ingest import Origin, Submitter
+from spoold.daemon.config import Config, SmtpConfig, parse_config
+from spoold.daemon.ingest import Origin, Submitter
+from spoold.daemon.listener import SmtpListener
+from spoold.daemon.routing import Router
 from spoold.message import Message
 from spoold.relay import BodyHandle, InMemoryRelay, RelayOutcome
-from spoold.routing import Router
-from spoold.smtp_listener import SmtpListener
 from spoold.smtp_relay import RouteSettings, SmtpRelay
 from spoold.spool import Spool
 from tests.factories import tree

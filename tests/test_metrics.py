@@ -9,8 +9,8 @@ from pathlib import Path
 import anyio
 
 from spoold.body import Body
+from spoold.daemon.metrics import Metrics
 from spoold.message import RoutedBatch, RoutedEnvelope
-from spoold.metrics import Metrics
 from spoold.relay import InMemoryRelay
 from spoold.spool import Spool
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from spoold.config import parse_config
-from spoold.mx import MxError, MxResolver
-from spoold.routing import NoRouteError, Router
+from spoold.daemon.config import parse_config
+from spoold.daemon.mx import MxError, MxResolver
+from spoold.daemon.routing import NoRouteError, Router
 from tests.factories import make_message
 
 
@@ -33,7 +33,7 @@ async def test_exchangers_by_preference_then_dns_order() -> None:
 
 async def test_answers_are_cached_for_their_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
-    monkeypatch.setattr("spoold.mx.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("spoold.daemon.mx.time.monotonic", lambda: now[0])
     dns = FakeDns({"example.com": ([(10, "mx1")], 60)})
     resolver = MxResolver(dns)
     await resolver.next_hops("example.com")
@@ -47,7 +47,7 @@ async def test_answers_are_cached_for_their_ttl(monkeypatch: pytest.MonkeyPatch)
 
 async def test_failures_are_cached_and_keep_their_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
-    monkeypatch.setattr("spoold.mx.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("spoold.daemon.mx.time.monotonic", lambda: now[0])
     dns = FakeDns(
         {
             "gone.example": MxError("domain gone.example does not exist", permanent=True),

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spoold.control import ControlClient
+from spoold.daemon.control import ControlClient
 from spoold.message import Frozen
 from tests.daemon_helpers import (
     DaemonFactory,

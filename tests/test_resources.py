@@ -29,9 +29,13 @@ from typing import Any
 import pytest
 import structlog
 
-from spoold import logs
-from spoold.control import MAX_CLIENTS, ControlClient
-from spoold.resources import AcceptFailures, install_accept_error_handler, raise_open_files_limit
+from spoold.daemon import logs
+from spoold.daemon.control import MAX_CLIENTS, ControlClient
+from spoold.daemon.resources import (
+    AcceptFailures,
+    install_accept_error_handler,
+    raise_open_files_limit,
+)
 from tests.daemon_helpers import (
     DaemonFactory,
     DaemonProcess,

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from spoold.config import Config, load_config, parse_config
+from spoold.daemon.config import Config, load_config, parse_config
+from spoold.daemon.routing import NoRouteError, Router
 from spoold.errors import SpooldError
 from spoold.message import RetryInterval, RoutedEnvelope
-from spoold.routing import NoRouteError, Router
 from spoold.smtp_relay import RouteSettings
 
 

@@ -28,10 +28,10 @@ import anyio
 import pytest
 
 from spoold.body import Body
-from spoold.config import load_config
-from spoold.control import ControlClient, ControlError, ControlServer
-from spoold.daemon import Daemon
-from spoold.ingest import Submitter
+from spoold.daemon.config import load_config
+from spoold.daemon.control import ControlClient, ControlError, ControlServer
+from spoold.daemon.ingest import Submitter
+from spoold.daemon.main import Daemon
 from spoold.message import Message, SendAt
 from spoold.relay import InMemoryRelay
 from spoold.spool import Spool
@@ -85,7 +85,7 @@ def _sendmail_sync(config: Path, args: tuple[str, ...], stdin: bytes) -> Result:
     err_path = config.parent / f"sendmail-{_runs}.err"
     with out_path.open("wb") as out, err_path.open("wb") as err:
         done = subprocess.run(
-            [sys.executable, "-m", "spoold.cli", "--config", str(config), "sendmail", *args],
+            [sys.executable, "-m", "spoold.daemon.cli", "--config", str(config), "sendmail", *args],
             input=stdin,
             stdout=out,
             stderr=err,

@@ -1,6 +1,6 @@
 """The SMTP listener against hostile and odd clients, over real sockets.
 
-Each test runs a :class:`~spoold.smtp_listener.SmtpListener` on a free
+Each test runs a :class:`~spoold.daemon.listener.SmtpListener` on a free
 ``127.0.0.1`` port in its own task group, with a spool whose relay holds
 every attempt (what was spooled stays on disk to be looked at), and talks to
 it with raw bytes (nothing normalised for us) or :mod:`smtplib` in a worker
@@ -27,10 +27,10 @@ import anyio.abc
 import pytest
 from anyio.streams.tls import TLSStream
 
-from spoold.ingest import Submitter
+from spoold.daemon.ingest import Submitter
+from spoold.daemon.listener import SmtpListener, listener_settings
+from spoold.daemon.routing import Router
 from spoold.message import Message
-from spoold.routing import Router
-from spoold.smtp_listener import SmtpListener, listener_settings
 from spoold.spool import Spool
 from tests.smtp_server import TlsCertificate
 from tests.test_ingest import (

@@ -18,7 +18,13 @@ import anyio
 import anyio.abc
 import pytest
 
-from spoold.smtp_server import Delivery, SessionPolicy, SmtpSession, has_long_line, parse_path
+from spoold.daemon.smtp_server import (
+    Delivery,
+    SessionPolicy,
+    SmtpSession,
+    has_long_line,
+    parse_path,
+)
 
 TIMEOUT = 10.0
 
@@ -56,7 +62,7 @@ class RecordingTransport(asyncio.Transport):
 
 
 class RecordingHost:
-    """A :class:`~spoold.smtp_server.SessionHost` that accepts everything."""
+    """A :class:`~spoold.daemon.smtp_server.SessionHost` that accepts everything."""
 
     def __init__(self, tg: anyio.abc.TaskGroup, policy: SessionPolicy) -> None:
         self.tg = tg

@@ -12,12 +12,12 @@ from typing import Any
 import anyio
 import pytest
 
-from spoold.config import parse_config
+from spoold.daemon.config import parse_config
+from spoold.daemon.ingest import Submitter
+from spoold.daemon.listener import SmtpListener, listener_settings
+from spoold.daemon.routing import Router
 from spoold.errors import SpooldError
-from spoold.ingest import Submitter
 from spoold.relay import InMemoryRelay
-from spoold.routing import Router
-from spoold.smtp_listener import SmtpListener, listener_settings
 from spoold.spool import Spool
 from tests.smtp_server import TlsCertificate
 from tests.test_ingest import free_port
@@ -168,7 +168,7 @@ async def test_a_group_readable_users_file_is_refused(tmp_path: Path) -> None:
     ],
 )
 def test_tls_settings_are_validated(tmp_path: Path, smtp: dict[str, Any], problem: str) -> None:
-    from spoold.config import ConfigError
+    from spoold.daemon.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
         parse_config(

@@ -21,11 +21,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from spoold.ingest import Submitter
-from spoold.routing import Router
-from spoold.smtp_listener import SmtpListener
+from spoold.daemon.ingest import Submitter
+from spoold.daemon.listener import SmtpListener
+from spoold.daemon.routing import Router
+from spoold.daemon.systemd import listen_fds
 from spoold.spool import Spool
-from spoold.systemd import listen_fds
 from tests.daemon_helpers import NotifySocket, write_config
 from tests.test_ingest import HeldRelay, free_port, make_config
 
@@ -64,7 +64,7 @@ def test_listen_fds_takes_the_passed_socket_and_forgets_the_variables() -> None:
         port = listener.getsockname()[1]
         out = run_child(
             """
-            from spoold.systemd import listen_fds
+            from spoold.daemon.systemd import listen_fds
             (sock,) = listen_fds()
             print(sock.getsockname()[1], sock.getblocking(), os.get_inheritable(sock.fileno()))
             print(sorted(k for k in os.environ if k.startswith("LISTEN_")))
@@ -84,7 +84,7 @@ def test_listen_fds_takes_the_passed_socket_and_forgets_the_variables() -> None:
     ],
 )
 def test_listen_fds_ignores_what_is_not_for_this_process(env: dict[str, str]) -> None:
-    out = run_child("from spoold.systemd import listen_fds\nprint(listen_fds())", env)
+    out = run_child("from spoold.daemon.systemd import listen_fds\nprint(listen_fds())", env)
     assert out.strip() == "[]"
 
 
@@ -148,7 +148,7 @@ async def test_the_daemon_takes_its_smtp_socket_from_listen_fds(tmp_path: Path) 
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh",
             "-c",
-            f'LISTEN_PID=$$ exec "{sys.executable}" -m spoold.cli run --config "{config}"',
+            f'LISTEN_PID=$$ exec "{sys.executable}" -m spoold.daemon.cli run --config "{config}"',
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

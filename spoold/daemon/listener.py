@@ -1,8 +1,8 @@
 """The SMTP ingest listener, run inside the daemon's task group.
 
 :class:`SmtpListener` listens (``loop.create_server``) on ``smtp.listen``
-and runs one :class:`~spoold.smtp_server.SmtpSession` per connection (the
-protocol itself lives in :mod:`spoold.smtp_server`). It decides who may
+and runs one :class:`~spoold.daemon.smtp_server.SmtpSession` per connection (the
+protocol itself lives in :mod:`spoold.daemon.smtp_server`). It decides who may
 connect, whose password is right and what becomes of a message; every task
 a session needs runs in the listener's own task group, and stopping the
 listener (cancelling :meth:`SmtpListener.serve`) answers 421 to every open
@@ -21,7 +21,7 @@ Replies:
   SMTP smuggling therefore never split one message into two;
 * 552 past ``max_message_size`` (SIZE is advertised), 452 past
   ``max_recipients``, 500 for a message line over ``max_line_length``;
-  501/553 for a bad address (see :mod:`spoold.smtp_server`);
+  501/553 for a bad address (see :mod:`spoold.daemon.smtp_server`);
 * 421 to a connection over ``max_connections`` or
   ``max_connections_per_client``; 554 to a client outside
   ``relay_networks`` (when AUTH is on, such a client may connect and must
@@ -60,13 +60,13 @@ import anyio.abc
 import structlog
 
 from spoold.body import LineEndingPolicy
-from spoold.config import SmtpConfig
+from spoold.daemon.config import SmtpConfig
+from spoold.daemon.ingest import Origin, Submitter
+from spoold.daemon.mx import MxError
+from spoold.daemon.routing import NoRouteError
+from spoold.daemon.smtp_server import Delivery, SessionPolicy, SmtpSession
 from spoold.errors import BareLineEndingError, SpoolClosedError, SpooldError, StoreError
-from spoold.ingest import Origin, Submitter
-from spoold.mx import MxError
-from spoold.routing import NoRouteError
 from spoold.smtp_relay import read_private_file
-from spoold.smtp_server import Delivery, SessionPolicy, SmtpSession
 from spoold.store import Store
 
 __all__ = ["SmtpListener", "ListenerSettings", "listener_settings"]

@@ -31,8 +31,8 @@ import anyio
 import click
 
 from spoold.address import AddressRole, validate_address
-from spoold.config import ConfigError, find_control_socket, load_config
-from spoold.control import (
+from spoold.daemon.config import ConfigError, find_control_socket, load_config
+from spoold.daemon.control import (
     ControlClient,
     ControlError,
     describe_view,
@@ -129,7 +129,7 @@ def main(ctx: click.Context, config: str | None, socket: str | None, spool_dir: 
 @click.pass_obj
 def run(target: _Target, config: str | None) -> None:
     """Run the daemon in the foreground (for systemd, Type=notify)."""
-    from spoold.daemon import run as run_daemon
+    from spoold.daemon.main import run as run_daemon
 
     sys.exit(anyio.run(run_daemon, config or target.config_path))
 
@@ -423,7 +423,7 @@ def send(
     chosen = sum([bool(ids), all_, frozen_only])
     if chosen != 1:
         _fail("give message ids, --all or --frozen-only (one of them)", 2)
-    from spoold.config import parse_span
+    from spoold.daemon.config import parse_span
 
     for s in spans:
         try:

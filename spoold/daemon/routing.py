@@ -1,6 +1,6 @@
 """Routing: which route a recipient takes, and how to talk to each hop.
 
-A :class:`Router` is built from a :class:`~spoold.config.Config` and is
+A :class:`Router` is built from a :class:`~spoold.daemon.config.Config` and is
 immutable; a reload builds a new one and the daemon swaps it in one step.
 A spooled message records the route that chose its next hops; when a
 reload changes that route's ``next_hops``, the spool asks
@@ -12,7 +12,7 @@ a hop always follow the current routes.
 A route's ``domains`` match a recipient's domain exactly, or, written with
 a leading dot (``.example.org``), any subdomain of it. A recipient no route
 names goes to ``relay.default_route``. An ``mx = true`` route takes its next
-hops from DNS (:mod:`spoold.mx`), one envelope per recipient domain; such a
+hops from DNS (:mod:`spoold.daemon.mx`), one envelope per recipient domain; such a
 hop is talked to with the settings of the MX route the message's
 recipients take (all recipients of a message share one route).
 """
@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from spoold.config import Config, RouteConfig
+from spoold.daemon.config import Config, RouteConfig
+from spoold.daemon.mx import MxResolver
 from spoold.message import Message, RetryInterval, RoutedEnvelope
-from spoold.mx import MxResolver
 from spoold.smtp_relay import RouteSettings, load_auth_file
 from spoold.spool import retry_intervals_from_spans
 

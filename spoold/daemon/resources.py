@@ -50,7 +50,7 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 # resources (asyncio/selector_events.py, _accept_connection).
 _ASYNCIO_ACCEPT_MESSAGE = "socket.accept() out of system resource"
 
-log = structlog.get_logger("spoold.resources")
+log = structlog.get_logger("spoold.daemon.resources")
 
 
 def raise_open_files_limit() -> tuple[int, int] | None:

@@ -50,7 +50,7 @@ many, from taking the daemon's memory or descriptors:
 
 The accept loop is our own: an ``accept()`` that fails for lack of
 resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged once per burst (see
-:class:`~spoold.resources.AcceptFailures`) and retried after a pause that
+:class:`~spoold.daemon.resources.AcceptFailures`) and retried after a pause that
 grows from 0.1 s to 1 s; the server, and every connection it already has,
 goes on. Any other accept error ends the server (it is a bug, not load).
 
@@ -78,7 +78,9 @@ import anyio.abc
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from spoold.config import SmtpConfig, parse_span
+from spoold.daemon.config import SmtpConfig, parse_span
+from spoold.daemon.mx import MxError
+from spoold.daemon.resources import RESOURCE_ERRNOS, AcceptFailures
 from spoold.errors import (
     AddressError,
     InvalidIdError,
@@ -89,9 +91,7 @@ from spoold.errors import (
     StoreError,
 )
 from spoold.message import Message, Quarantined, Queue, SendAt, queue_of
-from spoold.mx import MxError
 from spoold.ondisk import Unreadable
-from spoold.resources import RESOURCE_ERRNOS, AcceptFailures
 from spoold.spool import Spool, retry_intervals_from_spans
 
 __all__ = [
@@ -120,7 +120,7 @@ _LONGEST_PAUSE = 1.0
 _BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _READ_CHUNK = 256 * 1024
 
-log = structlog.get_logger("spoold.control")
+log = structlog.get_logger("spoold.daemon.control")
 
 
 def rfc3339(t: datetime) -> str:

@@ -23,7 +23,7 @@ open, stops the daemon as soon as it is ready, the usual way. (Before
 ``run`` starts, while Python itself starts, the default actions apply.)
 
 Running short of resources never stops the daemon: the soft open-files
-limit is raised to the hard one at start (see :mod:`spoold.resources`), the
+limit is raised to the hard one at start (see :mod:`spoold.daemon.resources`), the
 control server retries accept errors for lack of descriptors or memory, and
 a loop exception handler logs asyncio's own servers' (the SMTP listener's)
 accept failures of that kind once per burst instead of a traceback each
@@ -50,26 +50,30 @@ import anyio
 import anyio.lowlevel
 import structlog
 
-from spoold import logs
+from spoold.daemon import logs
 from spoold.address import validate_address, validate_recipients
 from spoold.body import LineEndingPolicy
-from spoold.config import Config, ConfigError, SmtpConfig, load_config, restart_needed
-from spoold.control import ControlServer
+from spoold.daemon.config import Config, ConfigError, SmtpConfig, load_config, restart_needed
+from spoold.daemon.control import ControlServer
+from spoold.daemon.ingest import Origin, Submitter
+from spoold.daemon.listener import ListenerSettings, SmtpListener, listener_settings
+from spoold.daemon.metrics import Metrics
+from spoold.daemon.resources import (
+    AcceptFailures,
+    install_accept_error_handler,
+    raise_open_files_limit,
+)
+from spoold.daemon.routing import Router
+from spoold.daemon.systemd import Notifier, listen_fds, watchdog_interval
 from spoold.errors import SpooldError
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
-from spoold.ingest import Origin, Submitter
 from spoold.message import Message, Queue
-from spoold.metrics import Metrics
-from spoold.resources import AcceptFailures, install_accept_error_handler, raise_open_files_limit
-from spoold.routing import Router
-from spoold.smtp_listener import ListenerSettings, SmtpListener, listener_settings
 from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
 from spoold.spool import Spool, retry_intervals_from_spans
-from spoold.systemd import Notifier, listen_fds, watchdog_interval
 
 __all__ = ["Daemon", "Signals", "run"]
 
-log = structlog.get_logger("spoold.daemon")
+log = structlog.get_logger("spoold.daemon.main")
 
 _STATUS_EVERY = 5.0
 

@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from spoold.body import Body, LineEndingPolicy
+from spoold.daemon.routing import Router
 from spoold.ids import new_id
 from spoold.message import RoutedBatch
-from spoold.routing import Router
 from spoold.spool import Spool
 
 __all__ = ["Submitter", "Origin", "missing_headers", "received_header"]

@@ -1,0 +1,5 @@
+"""``python -m spoold``: the ``spoold`` command."""
+
+from spoold.daemon.cli import main
+
+main()
