@@ -26,8 +26,9 @@ import anyio
 import structlog
 
 from spoold.body import Body
+from spoold.connection_cache import ConnectionCache, RouteSettings
 from spoold.message import RoutedBatch, RoutedEnvelope
-from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
+from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 
 BODY = Body.from_content(

@@ -27,9 +27,10 @@ from pathlib import Path
 import anyio
 
 from spoold.ids import new_id
-from spoold.message import EnvelopeInfo, Message, SendAt, encode_record, utcnow
+from spoold.message import EnvelopeInfo, Message, SendAt, encode_record
 from spoold.relay import InMemoryRelay
 from spoold.spool import DEFAULT_RETRY_INTERVALS, Spool
+from spoold.times import utcnow
 
 
 def rss_bytes() -> int:

@@ -26,8 +26,9 @@ from pathlib import Path
 import anyio
 
 from spoold.body import Body
-from spoold.message import SEND_NOW, EnvelopeInfo, Message, utcnow
+from spoold.message import SEND_NOW, EnvelopeInfo, Message
 from spoold.ondisk import NewMessage, OnDiskSpool
+from spoold.times import utcnow
 
 BODY = Body.from_content((b"x" * 78 + b"\r\n") * 51 + b"x" * 14 + b"\r\n")  # 4096 bytes
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import anyio
 
-from spoold.message import utcnow
+from spoold.times import utcnow
 
 __all__ = ["Clock", "SystemClock", "FakeClock"]
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import gc
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar, Final
@@ -34,6 +34,7 @@ import msgspec
 from spoold.body import Body
 from spoold.errors import InvalidIdError, RecordError
 from spoold.ids import validate_id
+from spoold.times import utcnow
 
 __all__ = [
     "RECORD_VERSION",
@@ -57,14 +58,9 @@ __all__ = [
     "of_envelope_batch",
     "encode_record",
     "decode_record",
-    "utcnow",
 ]
 
 RECORD_VERSION: Final = 2
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @contextmanager
@@ -161,6 +157,11 @@ class RetryInterval(msgspec.Struct, frozen=True, gc=False):
 
     span: timedelta
     jitter: timedelta | None = None
+
+    @classmethod
+    def from_spans(cls, spans: Iterable[timedelta], jitter: float) -> list[RetryInterval]:
+        """Intervals with ``jitter`` as a fraction of each span."""
+        return [cls(s, s * jitter if jitter else None) for s in spans]
 
     def draw(self, rng: random.Random | None = None) -> timedelta:
         """The span with jitter applied: uniform in ``span ± jitter``, >= 0."""

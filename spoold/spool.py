@@ -93,19 +93,14 @@ from spoold.outcome import attempt_outcome, refusals
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
 from spoold.store import StepHook
 
-__all__ = ["Spool", "DEFAULT_RETRY_INTERVALS", "retry_intervals_from_spans"]
+__all__ = ["Spool", "Routes", "DEFAULT_RETRY_INTERVALS", "DEFAULT_MIN_FREE_SPACE"]
 
 log = structlog.get_logger("spoold.spool")
 
 
-def retry_intervals_from_spans(spans: Iterable[timedelta], jitter: float) -> list[RetryInterval]:
-    """Intervals with ``jitter`` as a fraction of each span."""
-    return [RetryInterval(s, s * jitter if jitter else None) for s in spans]
-
-
 DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
 
-DEFAULT_RETRY_INTERVALS = retry_intervals_from_spans(
+DEFAULT_RETRY_INTERVALS = RetryInterval.from_spans(
     [timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480)], 0.1
 )
 

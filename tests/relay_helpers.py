@@ -13,10 +13,12 @@ import anyio
 import pytest
 
 from spoold.body import Body
+from spoold.connection_cache import ConnectionCache, RouteSettings
 from spoold.ids import new_id
-from spoold.message import Message, RoutedEnvelope, message_for_envelope, utcnow
+from spoold.message import Message, RoutedEnvelope, message_for_envelope
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, RelayOutcome
-from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
+from spoold.smtp_relay import SmtpRelay
+from spoold.times import utcnow
 
 __all__ = [
     "SENDER",

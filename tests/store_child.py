@@ -10,8 +10,9 @@ import anyio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spoold.message import Frozen, Queue, SendAt, utcnow
+from spoold.message import Frozen, Queue, SendAt
 from spoold.ondisk import OnDiskSpool
+from spoold.times import utcnow
 from tests.factories import new_message
 
 CRASH_EXIT = 77

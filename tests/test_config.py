@@ -19,14 +19,12 @@ from spoold.daemon.config import (
     Config,
     ConfigError,
     RouteConfig,
-    format_span,
     load_config,
     parse_config,
-    parse_size,
-    parse_span,
     restart_needed,
 )
 from spoold.errors import SpooldError
+from spoold.times import format_span, parse_size, parse_span
 
 REPO = Path(__file__).absolute().parent.parent
 SAMPLE = REPO / "config" / "spoold.toml"

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 from spoold.daemon.control import ControlClient
-from spoold.message import Frozen, SendAt, utcnow
+from spoold.message import Frozen, SendAt
 from spoold.spool import Spool
+from spoold.times import utcnow
 from tests.daemon_helpers import (
     BODY,
     DaemonFactory,

@@ -38,13 +38,14 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from spoold.body import Body, LineEndingPolicy
+from spoold.connection_cache import RouteSettings
 from spoold.daemon.config import Config, SmtpConfig, parse_config
 from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import SmtpListener
 from spoold.daemon.routing import Router
 from spoold.message import Message
 from spoold.relay import BodyHandle, InMemoryRelay, RelayOutcome
-from spoold.smtp_relay import RouteSettings, SmtpRelay
+from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from tests.factories import tree
 from tests.smtp_server import SmtpTestServer

@@ -30,9 +30,10 @@ import pytest
 
 from spoold.body import Body
 from spoold.clock import FakeClock
+from spoold.connection_cache import RouteSettings
 from spoold.events import SpoolEvent, Subscription
 from spoold.message import RoutedBatch, RoutedEnvelope
-from spoold.smtp_relay import RouteSettings, SmtpRelay
+from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from tests.spool_helpers import MINUTE, START, is_gone, open_spool, read_record, wait_for
 

@@ -20,9 +20,10 @@ import pytest
 
 from spoold.body import Body
 from spoold.clock import FakeClock
+from spoold.connection_cache import ConnectionCache
 from spoold.message import SEND_NOW, Message, RoutedEnvelope, message_for_envelope
 from spoold.ondisk import NewMessage, OnDiskSpool
-from spoold.smtp_relay import ConnectionCache, SmtpRelay
+from spoold.smtp_relay import SmtpRelay
 from tests.relay_helpers import (
     ALICE,
     BOB,

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from spoold.connection_cache import RouteSettings
 from spoold.daemon.config import Config, load_config, parse_config
 from spoold.daemon.routing import NoRouteError, Router
 from spoold.errors import SpooldError
 from spoold.message import RetryInterval, RoutedEnvelope
-from spoold.smtp_relay import RouteSettings
 
 
 def _config(tmp_path: Path, raw: dict[str, Any]) -> Config:

@@ -21,11 +21,13 @@ from typing import Any, Literal
 import anyio
 import pytest
 
-from spoold import smtp_relay
 from spoold.body import Body
+from spoold.connection_cache import ConnectionCache, RouteSettings
+from spoold.credentials import load_auth_file
 from spoold.errors import SpooldError
+from spoold.hops import parse_hop
 from spoold.relay import Delivery, RecipientResult, RelayOutcome
-from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay, load_auth_file, parse_hop
+from spoold.smtp_relay import SmtpRelay
 from tests.relay_helpers import (
     ALICE,
     BOB,
@@ -758,7 +760,7 @@ async def test_a_connection_failing_the_noop_check_is_replaced(
 
 
 class _Monotonic:
-    """Stands in for the ``time`` module in :mod:`spoold.smtp_relay`: the
+    """The connection cache's clock (its ``monotonic``): the
     real monotonic clock plus an offset a test moves forward."""
 
     def __init__(self) -> None:
@@ -772,11 +774,9 @@ async def test_a_connection_idle_longer_than_idle_timeout_is_closed_and_replaced
     smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = _Monotonic()
-    monkeypatch.setattr(smtp_relay, "time", clock)
-    relay = make_relay(idle_timeout=30, check_after=0)
+    relay = make_relay(idle_timeout=30, check_after=0, monotonic=clock.monotonic)
     await relay_message(relay, tmp_path, [smtp_server.hop])
     assert relay.cache.idle_connections == 1
 

@@ -11,10 +11,11 @@ import pytest
 
 from spoold.body import Body
 from spoold.clock import FakeClock
+from spoold.connection_cache import RouteSettings
 from spoold.errors import AddressError, InsufficientStorageError, StoreError
 from spoold.message import Frozen, Message, RoutedBatch, RoutedEnvelope, SendAt, Sending
 from spoold.relay import InMemoryRelay
-from spoold.smtp_relay import RouteSettings, SmtpRelay
+from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from tests.smtp_server import Reply, SmtpTestServer
 from tests.spool_helpers import (

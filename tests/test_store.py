@@ -13,9 +13,10 @@ import anyio
 import pytest
 
 from spoold.errors import InvalidIdError, NotFoundError, SpoolLockedError, StoreError
-from spoold.message import Frozen, Queue, Removed, SendAt, encode_record, utcnow
+from spoold.message import Frozen, Queue, Removed, SendAt, encode_record
 from spoold.ondisk import OnDiskSpool
 from spoold.store import Store
+from spoold.times import utcnow
 from tests.factories import make_message, new_message, tree
 
 CHILD = str(Path(__file__).with_name("store_child.py"))

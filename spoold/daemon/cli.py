@@ -423,7 +423,7 @@ def send(
     chosen = sum([bool(ids), all_, frozen_only])
     if chosen != 1:
         _fail("give message ids, --all or --frozen-only (one of them)", 2)
-    from spoold.daemon.config import parse_span
+    from spoold.times import parse_span
 
     for s in spans:
         try:

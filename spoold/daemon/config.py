@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from spoold.errors import SpooldError
+from spoold.hops import parse_hop
+from spoold.times import parse_size, parse_span
 
 __all__ = [
     "Config",
@@ -38,9 +40,6 @@ __all__ = [
     "RouteConfig",
     "load_config",
     "parse_config",
-    "parse_span",
-    "parse_size",
-    "format_span",
     "restart_needed",
     "find_control_socket",
     "DEFAULT_CONTROL_SOCKET",
@@ -56,60 +55,6 @@ class ConfigError(SpooldError, ValueError):
         self.path = path
         self.problems = problems
         super().__init__(f"{path}: " + "; ".join(problems))
-
-
-_SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_SPAN_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-_MAX_SPAN_SECONDS = 100 * 365 * 86400.0
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-}
-
-
-def parse_span(value: object) -> timedelta:
-    """``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1w"``, ``"250ms"`` or seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a span like '5m', got {value!r}")
-    seconds: float | None = None
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"expected a span >= 0, got {value!r}")
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _SPAN_RE.match(value)
-        if m:
-            seconds = float(m.group(1)) * _SPAN_UNITS[m.group(2)]
-    if seconds is None:
-        raise ValueError(f"expected a span like '30s', '5m', '2h' or '1d', got {value!r}")
-    if not seconds <= _MAX_SPAN_SECONDS:  # also refuses inf and nan
-        raise ValueError(f"span {value!r} is too long (at most 100 years)")
-    return timedelta(seconds=seconds)
-
-
-def format_span(span: timedelta) -> str:
-    seconds = span.total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
-def parse_size(value: object) -> int:
-    """``"32MiB"``, ``"500KB"``, ``"1GB"`` or a number of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
-    raise ValueError(f"expected a size like '32MiB' or a number of bytes, got {value!r}")
 
 
 # ------------------------------------------------------------ the values
@@ -320,7 +265,6 @@ def _list(item: Callable[[object], _T]) -> Callable[[object], tuple[_T, ...]]:
 
 
 def _hop(v: object) -> str:
-    from spoold.smtp_relay import parse_hop  # the relay owns the hop syntax
 
     hop = _str(v)
     parse_hop(hop)

@@ -69,7 +69,7 @@ import os
 import socket as socketlib
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ import anyio.abc
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from spoold.daemon.config import SmtpConfig, parse_span
+from spoold.daemon.config import SmtpConfig
 from spoold.daemon.mx import MxError
 from spoold.daemon.resources import RESOURCE_ERRNOS, AcceptFailures
 from spoold.errors import (
@@ -90,9 +90,10 @@ from spoold.errors import (
     SpooldError,
     StoreError,
 )
-from spoold.message import Message, Quarantined, Queue, SendAt, queue_of
+from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, queue_of
 from spoold.ondisk import Unreadable
-from spoold.spool import Spool, retry_intervals_from_spans
+from spoold.spool import Spool
+from spoold.times import parse_span, rfc3339
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -106,7 +107,6 @@ __all__ = [
     "message_view",
     "unreadable_view",
     "describe_view",
-    "rfc3339",
 ]
 
 PROTOCOL_VERSION = 1
@@ -121,11 +121,6 @@ _BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _READ_CHUNK = 256 * 1024
 
 log = structlog.get_logger("spoold.daemon.control")
-
-
-def rfc3339(t: datetime) -> str:
-    """An aware time as RFC 3339 in UTC, e.g. ``2026-11-24T03:40:30.533104Z``."""
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def message_view(msg: Message) -> dict[str, Any]:
@@ -523,7 +518,7 @@ class ControlServer:
             spans = request.get("retry_intervals", [])
             if not isinstance(spans, list):
                 raise ValueError("retry_intervals must be a list of spans")
-            intervals = retry_intervals_from_spans([parse_span(s) for s in spans], 0.0)
+            intervals = RetryInterval.from_spans([parse_span(s) for s in spans], 0.0)
             which = request.get("which", "ids")
             if which == "ids":
                 return await spool.send(_ids(request), retry_intervals=intervals)

@@ -50,9 +50,10 @@ import anyio
 import anyio.lowlevel
 import structlog
 
-from spoold.daemon import logs
 from spoold.address import validate_address, validate_recipients
 from spoold.body import LineEndingPolicy
+from spoold.connection_cache import ConnectionCache, RouteSettings
+from spoold.daemon import logs
 from spoold.daemon.config import Config, ConfigError, SmtpConfig, load_config, restart_needed
 from spoold.daemon.control import ControlServer
 from spoold.daemon.ingest import Origin, Submitter
@@ -67,9 +68,9 @@ from spoold.daemon.routing import Router
 from spoold.daemon.systemd import Notifier, listen_fds, watchdog_interval
 from spoold.errors import SpooldError
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
-from spoold.message import Message, Queue
-from spoold.smtp_relay import ConnectionCache, RouteSettings, SmtpRelay
-from spoold.spool import Spool, retry_intervals_from_spans
+from spoold.message import Message, Queue, RetryInterval
+from spoold.smtp_relay import SmtpRelay
+from spoold.spool import Spool
 
 __all__ = ["Daemon", "Signals", "run"]
 
@@ -206,7 +207,7 @@ class Daemon:
             presend=self.live.presend,
             on_error=self.live.on_error,
             max_concurrent_send_jobs=cfg.spool.max_concurrent_send_jobs,
-            default_retry_intervals=retry_intervals_from_spans(
+            default_retry_intervals=RetryInterval.from_spans(
                 cfg.spool.retry_intervals, cfg.spool.retry_jitter
             ),
             flush_timeout=0,  # the daemon flushes before leaving (see _stop)
@@ -382,7 +383,7 @@ class Daemon:
         if spool is not None:
             spool.max_concurrent_send_jobs = cfg.spool.max_concurrent_send_jobs
             spool.min_free_space = cfg.spool.min_free_space
-            spool.default_retry_intervals = retry_intervals_from_spans(
+            spool.default_retry_intervals = RetryInterval.from_spans(
                 cfg.spool.retry_intervals, cfg.spool.retry_jitter
             )
             spool.set_hooks(live.presend, live.on_error)

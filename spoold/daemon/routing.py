@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+from spoold.connection_cache import RouteSettings
+from spoold.credentials import load_auth_file
 from spoold.daemon.config import Config, RouteConfig
 from spoold.daemon.mx import MxResolver
 from spoold.message import Message, RetryInterval, RoutedEnvelope
-from spoold.smtp_relay import RouteSettings, load_auth_file
-from spoold.spool import retry_intervals_from_spans
 
 __all__ = ["Router", "NoRouteError"]
 
@@ -70,7 +70,7 @@ class Router:
             )
             spans: Sequence[timedelta] = rc.retry_intervals or ()
             self._routes[name] = _Route(
-                rc, settings, tuple(retry_intervals_from_spans(spans, jitter))
+                rc, settings, tuple(RetryInterval.from_spans(spans, jitter))
             )
             for hop in rc.next_hops:
                 self._by_hop[hop] = settings

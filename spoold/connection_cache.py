@@ -1,0 +1,414 @@
+"""Open SMTP connections to next hops, kept for reuse across messages.
+
+:class:`RouteSettings` says how to talk to the hops of one route (TLS,
+credentials, timeouts); :class:`ConnectionCache` keeps connections per
+(next hop, route settings), opening them with the route's TLS and AUTH.
+
+Rules: at most ``max_per_hop`` connections per hop and ``max_total``
+overall (an idle connection of another hop is closed to make room); a
+released connection or a freed slot goes to the oldest waiter, so under
+load no message waits longer than its turn; a waiter gives up after
+``acquire_timeout``; an idle connection is closed after ``idle_timeout``;
+one idle for more than ``check_after`` seconds is checked with NOOP before
+reuse; a connection the relay does not hand back healthy is dropped.
+:meth:`ConnectionCache.close_and_flush` says QUIT to every idle connection
+at shutdown.
+
+Opening a connection (greeting, EHLO, STARTTLS, AUTH) either gives a ready
+:class:`~spoold.smtp_client.SmtpClient` or raises
+:class:`~spoold.errors.HopUnavailableError` saying why: TLS ``none``,
+``opportunistic`` (STARTTLS when offered) or ``required`` (a hop without it
+is unavailable); credentials are never sent without TLS; the SSL context is
+built once per route settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from spoold.errors import HopUnavailableError, SmtpError
+from spoold.hops import parse_hop
+from spoold.smtp_client import SmtpClient
+
+__all__ = ["TlsMode", "RouteSettings", "ConnectionCache", "Connection"]
+
+
+TlsMode = Literal["none", "opportunistic", "required"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    """How to talk to the next hops of one route. Hashable: it is part of
+    the cache key, so a reload with new settings never reuses an old
+    connection."""
+
+    tls: TlsMode = "opportunistic"
+    verify_certificates: bool = True
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    message_timeout: float = 600.0
+    # DATA may take command_timeout plus one second per data_rate bytes.
+    data_rate: int = 64 * 1024
+    helo_name: str | None = None
+
+    def data_timeout(self, size: int) -> float:
+        return self.command_timeout + size / self.data_rate
+
+
+_Key = tuple[str, RouteSettings]
+
+
+@dataclass(eq=False)
+class Connection:
+    """One open connection, as the cache lends it out."""
+
+    client: SmtpClient
+    key: _Key
+    last_used: float
+    transactions: int = 0
+    expiry: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One acquirer waiting its turn: it is handed a connection, or a slot
+    (already counted) in which to open one."""
+
+    key: _Key
+    seq: int
+    event: anyio.Event = field(default_factory=anyio.Event)
+    conn: Connection | None = None
+    slot: bool = False
+
+
+class ConnectionCache:
+    """Open SMTP connections per (next hop, route settings).
+
+    Waiters are served first come, first served: a released connection, or
+    a freed slot, is handed to the oldest waiter for it, so under load no
+    message waits longer than its turn.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_per_hop: int = 10,
+        max_total: int = 100,
+        idle_timeout: float = 30.0,
+        check_after: float = 2.0,
+        acquire_timeout: float = 60.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``monotonic`` is the clock idle times are measured by (tests move
+        it forward; the expiry timers themselves run on the event loop)."""
+        self._monotonic = monotonic
+        self.max_per_hop = max_per_hop
+        self.max_total = max_total
+        self.idle_timeout = idle_timeout
+        self.check_after = check_after
+        self.acquire_timeout = acquire_timeout
+        self._idle: dict[_Key, list[Connection]] = {}
+        self._open: dict[_Key, int] = {}
+        self._total = 0
+        self._waiters: dict[_Key, deque[_Waiter]] = {}
+        self._seq = itertools.count()
+        self._closing = False
+        self._local_name: str | None = None
+        self.connections_made = 0
+
+    @property
+    def open_connections(self) -> int:
+        return self._total
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    # -- slots and hand-off
+
+    def _has_room(self, key: _Key) -> bool:
+        if self._open.get(key, 0) >= self.max_per_hop:
+            return False
+        return self._total < self.max_total or self._evict_idle_elsewhere(key)
+
+    def _take_slot(self, key: _Key) -> None:
+        self._open[key] = self._open.get(key, 0) + 1
+        self._total += 1
+
+    def _free_slot(self, key: _Key) -> None:
+        self._open[key] -= 1
+        self._total -= 1
+        self._serve_waiters()
+
+    def _serve_waiters(self) -> None:
+        """Hand idle connections and free slots to waiters, oldest first."""
+        while True:
+            queues = [q for q in self._waiters.values() if q]
+            if not queues:
+                return
+            served = False
+            for q in sorted(queues, key=lambda q: q[0].seq):
+                w = q[0]
+                idle = self._idle.get(w.key)
+                if idle:
+                    w.conn = self._unidle(idle.pop())
+                elif self._has_room(w.key):
+                    self._take_slot(w.key)
+                    w.slot = True
+                else:
+                    continue
+                q.popleft()
+                w.event.set()
+                served = True
+                break
+            if not served:
+                return
+
+    def _unidle(self, conn: Connection) -> Connection:
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        return conn
+
+    def _drop(self, conn: Connection) -> None:
+        """Close without a goodbye (the connection is suspect or expired)."""
+        self._unidle(conn)
+        conn.client.close()
+        self._free_slot(conn.key)
+
+    def _expire(self, conn: Connection) -> None:
+        idle = self._idle.get(conn.key, [])
+        if conn in idle:
+            idle.remove(conn)
+            conn.expiry = None
+            self._drop(conn)
+
+    def _evict_idle_elsewhere(self, key: _Key) -> bool:
+        """Close the least recently used idle connection of another hop to
+        make room under ``max_total``."""
+        oldest: Connection | None = None
+        for k, conns in self._idle.items():
+            if k != key and conns and (oldest is None or conns[0].last_used < oldest.last_used):
+                oldest = conns[0]
+        if oldest is None:
+            return False
+        self._idle[oldest.key].remove(oldest)
+        self._unidle(oldest)
+        oldest.client.close()
+        self._open[oldest.key] -= 1
+        self._total -= 1
+        return True
+
+    # -- public
+
+    @asynccontextmanager
+    async def connection(self, hop: str, settings: RouteSettings) -> AsyncIterator[Connection]:
+        """A connection to ``hop``, reused or new; returned to the cache
+        afterwards if the body ended normally (and the client is still in
+        step with the server), dropped otherwise.
+
+        Raises :class:`HopUnavailableError` if none can be had.
+        """
+        conn = await self._acquire(hop, settings)
+        healthy = False
+        try:
+            yield conn
+            healthy = True
+        finally:
+            if healthy:
+                self.release(conn)
+            else:
+                self._drop(conn)
+
+    async def _acquire(self, hop: str, settings: RouteSettings) -> Connection:
+        key = (hop, settings)
+        deadline = self._monotonic() + self.acquire_timeout
+        while True:
+            if self._closing:
+                raise HopUnavailableError(f"{hop}: relay is shutting down")
+            conn: Connection | None = None
+            slot = False
+            queue = self._waiters.setdefault(key, deque())
+            idle = self._idle.get(key)
+            if not queue and idle:
+                conn = self._unidle(idle.pop())  # most recently used first
+            elif not queue and self._has_room(key):
+                self._take_slot(key)
+                slot = True
+            else:
+                waiter = _Waiter(key, next(self._seq))
+                queue.append(waiter)
+                try:
+                    with anyio.move_on_after(max(0.0, deadline - self._monotonic())):
+                        await waiter.event.wait()
+                except BaseException:
+                    self._give_back(waiter)  # cancelled: pass on what we were handed
+                    raise
+                if not waiter.event.is_set():
+                    queue.remove(waiter)
+                    raise HopUnavailableError(
+                        f"{hop}: no free connection within {self.acquire_timeout:g}s"
+                    )
+                conn, slot = waiter.conn, waiter.slot
+                if conn is None and not slot:
+                    continue  # woken without a grant (shutting down)
+            if conn is not None:
+                if await self._usable(conn):
+                    return conn
+                continue  # it was dropped (and its slot passed on); try again
+            assert slot
+            try:
+                client = await self._connect(hop, settings)
+            except BaseException:
+                self._free_slot(key)
+                raise
+            self.connections_made += 1
+            return Connection(client, key, self._monotonic())
+
+    def _give_back(self, waiter: _Waiter) -> None:
+        queue = self._waiters.get(waiter.key)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+        if waiter.conn is not None:
+            self.release(waiter.conn)
+        elif waiter.slot:
+            self._free_slot(waiter.key)
+
+    async def _usable(self, conn: Connection) -> bool:
+        idle_for = self._monotonic() - conn.last_used
+        if not conn.client.usable or idle_for > self.idle_timeout:
+            self._drop(conn)  # gone, out of step, or expired while its timer was late
+            return False
+        if idle_for <= self.check_after:
+            return True
+        try:
+            reply = await conn.client.noop(timeout=min(10.0, conn.key[1].command_timeout))
+        except SmtpError:
+            self._drop(conn)
+            return False
+        if reply.code != 250:
+            self._drop(conn)
+            return False
+        return True
+
+    def release(self, conn: Connection) -> None:
+        """Give a healthy connection back: to the oldest waiter, or idle."""
+        if self._closing or not conn.client.usable:
+            self._drop(conn)
+            return
+        conn.last_used = self._monotonic()
+        conn.expiry = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, conn)
+        self._idle.setdefault(conn.key, []).append(conn)
+        self._serve_waiters()
+
+    async def close_and_flush(self) -> None:
+        """Take no more connections out; QUIT every idle one."""
+        self._closing = True
+        for queue in self._waiters.values():
+            for w in queue:
+                w.event.set()  # they wake, see no grant... and give up
+        idle = [self._unidle(c) for conns in self._idle.values() for c in conns]
+        self._idle.clear()
+        for conn in idle:
+            with contextlib.suppress(SmtpError), anyio.move_on_after(5):
+                await conn.client.quit(timeout=min(5.0, conn.key[1].command_timeout))
+            conn.client.close()
+            self._open[conn.key] -= 1
+            self._total -= 1
+
+    # -- opening
+
+    async def _helo_name(self, settings: RouteSettings) -> str:
+        """The route's HELO name, or this host's name (looked up once, in a
+        worker thread: it may ask DNS)."""
+        if settings.helo_name:
+            return settings.helo_name
+        if self._local_name is None:
+            name = await anyio.to_thread.run_sync(socket.getfqdn)
+            usable = name.isascii() and "." in name and all(c.isalnum() or c in ".-" for c in name)
+            self._local_name = name if usable else "localhost.localdomain"
+        return self._local_name
+
+    async def _connect(self, hop: str, settings: RouteSettings) -> SmtpClient:
+        """A new connection to ``hop``, greeted, EHLO'd, with TLS and AUTH
+        as the route says; every failure is :class:`HopUnavailableError`."""
+        host, port = parse_hop(hop)
+        name = await self._helo_name(settings)
+        try:
+            context = _tls_context(settings) if settings.tls != "none" else None
+        except (OSError, ssl.SSLError) as exc:
+            raise HopUnavailableError(f"{hop}: cannot set up TLS: {_describe(exc)}") from exc
+        try:
+            client = await SmtpClient.connect(
+                host,
+                port,
+                connect_timeout=settings.connect_timeout,
+                command_timeout=settings.command_timeout,
+            )
+        except SmtpError as exc:
+            raise HopUnavailableError(f"{hop}: {exc}") from exc
+        try:
+            await client.hello(name)
+            if context is not None and client.supports("STARTTLS"):
+                await client.starttls(context, server_hostname=host)
+                await client.hello(name)
+            if settings.tls == "required" and not client.tls_active:
+                raise HopUnavailableError(  # noqa: TRY301
+                    f"{hop}: TLS is required but the hop does not offer STARTTLS"
+                )
+            if settings.auth is not None:
+                if not client.tls_active:
+                    raise HopUnavailableError(  # noqa: TRY301
+                        f"{hop}: refusing to send credentials without TLS (STARTTLS not offered)"
+                    )
+                await client.authenticate(*settings.auth)
+        except HopUnavailableError:
+            client.close()
+            raise
+        except SmtpError as exc:
+            client.close()
+            raise HopUnavailableError(f"{hop}: {exc}") from exc
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+
+@functools.lru_cache(maxsize=64)
+def _tls_context(settings: RouteSettings) -> ssl.SSLContext:
+    """One context per route settings (reading the CA bundle is slow: done
+    once, not per connection)."""
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if not settings.verify_certificates:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if settings.client_cert:
+        context.load_cert_chain(settings.client_cert, settings.client_key)
+    return context
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return _one_line(str(exc)) or type(exc).__name__
