@@ -32,6 +32,11 @@ __all__ = [
     "SmtpTlsError",
     "SmtpReplyError",
     "SmtpServiceClosingError",
+    "NoRouteError",
+    "MxError",
+    "ConfigError",
+    "ControlError",
+    "ControlErrorKind",
 ]
 
 
@@ -153,3 +158,47 @@ class SmtpReplyError(SmtpError):
 class SmtpServiceClosingError(SmtpReplyError):
     """The server answered 421: it is closing the connection. Whatever was
     under way is to be tried again later, on a new connection."""
+
+
+class NoRouteError(SpooldError, ValueError):
+    """No route takes this recipient (and there is no default route)."""
+
+
+class MxError(SpooldError):
+    """An MX lookup failed. ``permanent``: the domain does not exist or
+    takes no mail (SMTP answers 5xx); otherwise DNS failed for now (4xx)."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        self.permanent = permanent
+        super().__init__(message)
+
+
+class ConfigError(SpooldError, ValueError):
+    """The configuration is not valid; ``problems`` lists every finding,
+    each naming its key."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+
+ControlErrorKind = Literal[
+    "invalid",  # a bad request, id or address
+    "not_found",  # no such message
+    "refused",  # not allowed for the message's status
+    "closed",  # the daemon is stopping
+    "temporary",  # try again later: a disk error, a DNS timeout, a full disk
+    "busy",  # too many control clients at once
+    "internal",  # a bug: the daemon's log says more
+    "unavailable",  # (client side) no daemon answers on the socket
+]
+
+
+class ControlError(SpooldError):
+    """An error reply from the daemon over its control socket, or no daemon
+    to talk to; ``kind`` says which (the CLI's exit code follows it)."""
+
+    def __init__(self, message: str, kind: ControlErrorKind = "internal") -> None:
+        self.kind: ControlErrorKind = kind
+        super().__init__(message)

@@ -17,13 +17,15 @@ from spoold.daemon.config import (
     DEFAULT_LISTEN,
     DEFAULT_RETRY_SPANS,
     Config,
-    ConfigError,
     RouteConfig,
     load_config,
     parse_config,
     restart_needed,
 )
-from spoold.errors import SpooldError
+from spoold.errors import (
+    ConfigError,
+    SpooldError,
+)
 from spoold.times import format_span, parse_size, parse_span
 
 REPO = Path(__file__).absolute().parent.parent

@@ -21,7 +21,8 @@ from typing import Any
 import anyio
 import pytest
 
-from spoold.daemon.control import ControlClient, ControlError, ControlServer
+from spoold.daemon.control import ControlClient, ControlServer
+from spoold.errors import ControlError
 from spoold.relay import InMemoryRelay
 from spoold.spool import Spool
 from tests.spool_helpers import batch, wait_for

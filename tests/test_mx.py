@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from spoold.daemon.config import parse_config
-from spoold.daemon.mx import MxError, MxResolver
-from spoold.daemon.routing import NoRouteError, Router
+from spoold.daemon.mx import MxResolver
+from spoold.daemon.routing import Router
+from spoold.errors import MxError, NoRouteError
 from tests.factories import make_message
 
 

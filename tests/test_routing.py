@@ -12,8 +12,11 @@ import pytest
 
 from spoold.connection_cache import RouteSettings
 from spoold.daemon.config import Config, load_config, parse_config
-from spoold.daemon.routing import NoRouteError, Router
-from spoold.errors import SpooldError
+from spoold.daemon.routing import Router
+from spoold.errors import (
+    NoRouteError,
+    SpooldError,
+)
 from spoold.message import RetryInterval, RoutedEnvelope
 
 

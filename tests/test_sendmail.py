@@ -29,9 +29,10 @@ import pytest
 
 from spoold.body import Body
 from spoold.daemon.config import load_config
-from spoold.daemon.control import ControlClient, ControlError, ControlServer
+from spoold.daemon.control import ControlClient, ControlServer
 from spoold.daemon.ingest import Submitter
 from spoold.daemon.main import Daemon
+from spoold.errors import ControlError
 from spoold.message import Message, SendAt
 from spoold.relay import InMemoryRelay
 from spoold.spool import Spool

@@ -31,15 +31,15 @@ import anyio
 import click
 
 from spoold.address import AddressRole, validate_address
-from spoold.daemon.config import ConfigError, find_control_socket, load_config
-from spoold.daemon.control import (
-    ControlClient,
+from spoold.daemon.config import find_control_socket, load_config
+from spoold.daemon.control import ControlClient, describe_view, message_view, unreadable_view
+from spoold.errors import (
+    AddressError,
+    ConfigError,
     ControlError,
-    describe_view,
-    message_view,
-    unreadable_view,
+    InvalidIdError,
+    SpooldError,
 )
-from spoold.errors import AddressError, InvalidIdError, SpooldError
 from spoold.ids import validate_id
 
 __all__ = ["main"]

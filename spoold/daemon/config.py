@@ -23,13 +23,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from spoold.errors import SpooldError
+from spoold.errors import (
+    ConfigError,
+)
 from spoold.hops import parse_hop
 from spoold.times import parse_size, parse_span
 
 __all__ = [
     "Config",
-    "ConfigError",
     "SpoolConfig",
     "ControlConfig",
     "SmtpConfig",
@@ -46,15 +47,6 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-
-
-class ConfigError(SpooldError, ValueError):
-    """The configuration is not valid; ``problems`` lists every finding."""
-
-    def __init__(self, path: str, problems: list[str]) -> None:
-        self.path = path
-        self.problems = problems
-        super().__init__(f"{path}: " + "; ".join(problems))
 
 
 # ------------------------------------------------------------ the values

@@ -71,7 +71,7 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import anyio
 import anyio.abc
@@ -79,11 +79,13 @@ import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from spoold.daemon.config import SmtpConfig
-from spoold.daemon.mx import MxError
 from spoold.daemon.resources import RESOURCE_ERRNOS, AcceptFailures
 from spoold.errors import (
     AddressError,
+    ControlError,
+    ControlErrorKind,
     InvalidIdError,
+    MxError,
     NotFoundError,
     OperationRefusedError,
     SpoolClosedError,
@@ -103,7 +105,6 @@ __all__ = [
     "ControlServer",
     "SubmitHandler",
     "ControlClient",
-    "ControlError",
     "message_view",
     "unreadable_view",
     "describe_view",
@@ -182,12 +183,13 @@ def describe_view(found: Message | Unreadable) -> dict[str, Any]:
     return unreadable_view(found) if isinstance(found, Unreadable) else message_view(found)
 
 
-class ControlError(SpooldError):
-    """An error reply from the daemon, or no daemon to talk to."""
+_KINDS: frozenset[str] = frozenset(get_args(ControlErrorKind))
 
-    def __init__(self, message: str, kind: str = "internal") -> None:
-        self.kind = kind
-        super().__init__(message)
+
+def _reply_kind(reply: dict[str, Any]) -> ControlErrorKind:
+    """The ``kind`` of an error reply (an unknown one reads as internal)."""
+    kind = reply.get("kind")
+    return cast(ControlErrorKind, kind) if kind in _KINDS else "internal"
 
 
 def _ids(request: dict[str, Any]) -> list[str]:
@@ -552,7 +554,7 @@ class ControlServer:
         raise ValueError(f"unknown operation {op!r}")
 
 
-def _error(kind: str, text: str) -> dict[str, Any]:
+def _error(kind: ControlErrorKind, text: str) -> dict[str, Any]:
     return {"ok": False, "kind": kind, "error": text}
 
 
@@ -650,7 +652,7 @@ class ControlClient:
                     raise ControlError("the daemon closed the connection", "internal") from None
         reply = json.loads(line)
         if not reply.get("ok"):
-            raise ControlError(reply.get("error", "unknown error"), reply.get("kind", "internal"))
+            raise ControlError(reply.get("error", "unknown error"), _reply_kind(reply))
         return reply.get("result")
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
@@ -666,5 +668,5 @@ class ControlClient:
                     return
                 reply = json.loads(line)
                 if not reply.get("ok"):
-                    raise ControlError(reply.get("error", "?"), reply.get("kind", "internal"))
+                    raise ControlError(reply.get("error", "?"), _reply_kind(reply))
                 yield reply["event"]

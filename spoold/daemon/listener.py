@@ -63,10 +63,15 @@ from spoold.body import LineEndingPolicy
 from spoold.credentials import read_private_file
 from spoold.daemon.config import SmtpConfig
 from spoold.daemon.ingest import Origin, Submitter
-from spoold.daemon.mx import MxError
-from spoold.daemon.routing import NoRouteError
 from spoold.daemon.smtp_server import Delivery, SessionPolicy, SmtpSession
-from spoold.errors import BareLineEndingError, SpoolClosedError, SpooldError, StoreError
+from spoold.errors import (
+    BareLineEndingError,
+    MxError,
+    NoRouteError,
+    SpoolClosedError,
+    SpooldError,
+    StoreError,
+)
 from spoold.store import Store
 
 __all__ = ["SmtpListener", "ListenerSettings", "listener_settings"]

@@ -54,7 +54,7 @@ from spoold.address import validate_address, validate_recipients
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import ConnectionCache, RouteSettings
 from spoold.daemon import logs
-from spoold.daemon.config import Config, ConfigError, SmtpConfig, load_config, restart_needed
+from spoold.daemon.config import Config, SmtpConfig, load_config, restart_needed
 from spoold.daemon.control import ControlServer
 from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import ListenerSettings, SmtpListener, listener_settings
@@ -66,7 +66,10 @@ from spoold.daemon.resources import (
 )
 from spoold.daemon.routing import Router
 from spoold.daemon.systemd import Notifier, listen_fds, watchdog_interval
-from spoold.errors import SpooldError
+from spoold.errors import (
+    ConfigError,
+    SpooldError,
+)
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.message import Message, Queue, RetryInterval
 from spoold.smtp_relay import SmtpRelay

@@ -20,18 +20,14 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
-from spoold.errors import SpooldError
+from spoold.errors import (
+    MxError,
+)
 
-__all__ = ["MxResolver", "MxError", "Lookup"]
+__all__ = ["MxResolver", "Lookup"]
 
 # (domain) -> (list of (preference, host), ttl seconds)
 Lookup = Callable[[str], Awaitable[tuple[list[tuple[int, str]], float]]]
-
-
-class MxError(SpooldError):
-    def __init__(self, message: str, *, permanent: bool) -> None:
-        self.permanent = permanent
-        super().__init__(message)
 
 
 async def _dns_lookup(domain: str) -> tuple[list[tuple[int, str]], float]:

@@ -27,13 +27,10 @@ from spoold.connection_cache import RouteSettings
 from spoold.credentials import load_auth_file
 from spoold.daemon.config import Config, RouteConfig
 from spoold.daemon.mx import MxResolver
+from spoold.errors import NoRouteError
 from spoold.message import Message, RetryInterval, RoutedEnvelope
 
-__all__ = ["Router", "NoRouteError"]
-
-
-class NoRouteError(ValueError):
-    pass
+__all__ = ["Router"]
 
 
 @dataclass(frozen=True)
