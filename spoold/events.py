@@ -20,44 +20,48 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import anyio
 
 from spoold.message import EnvelopeInfo
 
-__all__ = ["SpoolEvent", "EventHub", "Subscription", "EVENT_KINDS"]
+__all__ = ["EventKind", "SpoolEvent", "EventHub", "Subscription", "EVENT_KINDS"]
 
-EVENT_KINDS = frozenset(
-    {
-        "spooled",
-        "presend",
-        "delivered",
-        "frozen",
-        "removed",
-        "unfrozen",
-        "recovered",
-        "quarantined",
-        "delayed",
-        "delayed_rate_limited",
-        "rerouted",
-        "ping",
-        "overflow",
-    }
-)
+
+class EventKind(StrEnum):
+    """What happened (the ``event`` of the JSON form)."""
+
+    SPOOLED = "spooled"
+    PRESEND = "presend"
+    DELIVERED = "delivered"
+    FROZEN = "frozen"
+    REMOVED = "removed"
+    UNFROZEN = "unfrozen"
+    RECOVERED = "recovered"
+    QUARANTINED = "quarantined"
+    DELAYED = "delayed"
+    DELAYED_RATE_LIMITED = "delayed_rate_limited"
+    REROUTED = "rerouted"
+    PING = "ping"
+    OVERFLOW = "overflow"
+
+
+EVENT_KINDS = frozenset(EventKind)
 
 
 @dataclass(frozen=True, slots=True)
 class SpoolEvent:
     time: datetime
-    kind: str
+    kind: EventKind
     id: str | None = None
     envelope_info: EnvelopeInfo | None = None
     detail: str | None = None
     at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"time": self.time, "event": self.kind}
+        out: dict[str, Any] = {"time": self.time, "event": str(self.kind)}
         if self.id is not None:
             out["id"] = self.id
         if self.detail is not None:
@@ -105,7 +109,7 @@ class Subscription:
                 if self._missed and not self._buffer:
                     # Everything queued before the gap is out: say what was lost.
                     self._buffer.append(
-                        SpoolEvent(event.time, "overflow", detail=str(self._missed))
+                        SpoolEvent(event.time, EventKind.OVERFLOW, detail=str(self._missed))
                     )
                     self._missed = 0
                 return event

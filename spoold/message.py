@@ -23,7 +23,7 @@ import gc
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -292,21 +292,24 @@ class Message(
         clone.spool_dir = self.spool_dir
         return clone
 
-    def intern(self, table: dict[object, object]) -> None:
+    def intern(self, shared: SharedParts) -> None:
         """Share equal immutable parts (retry intervals, next hops) with
-        other records through ``table``: saves memory in a large queue."""
-        self.retry_intervals = [
-            table.setdefault(r, r)  # type: ignore[misc]
-            for r in self.retry_intervals
-        ]
-        self.next_hop_choices = [
-            table.setdefault(h, h)  # type: ignore[misc]
-            for h in self.next_hop_choices
-        ]
+        other records: saves memory in a large queue."""
+        intervals, hops = shared.intervals, shared.hops
+        self.retry_intervals = [intervals.setdefault(r, r) for r in self.retry_intervals]
+        self.next_hop_choices = [hops.setdefault(h, h) for h in self.next_hop_choices]
 
     def __lt__(self, other: Message) -> bool:
         """Total order: by id, which is by time of spooling."""
         return (self.id, self.spool_date) < (other.id, other.spool_date)
+
+
+@dataclass(slots=True)
+class SharedParts:
+    """Equal parts of many records, kept once (see :meth:`Message.intern`)."""
+
+    intervals: dict[RetryInterval, RetryInterval] = field(default_factory=dict)
+    hops: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------- routed batches

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+from spoold.events import EventKind
 from spoold.hooks import ErrorAction
 from spoold.message import Delivered, Frozen, Message, RelayAttempt, RetryInterval, SendAt, Status
 from spoold.relay import AttemptFailed, Delivery, RecipientResult, RelayOutcome
@@ -48,7 +49,9 @@ __all__ = ["NO_REPLY", "AttemptOutcome", "OutcomeEvent", "attempt_outcome", "ref
 
 NO_REPLY = RecipientResult(451, "no reply for this recipient", "4.4.0")
 
-OutcomeEvent = Literal["delivered", "frozen", "delayed", "delayed_rate_limited"]
+OutcomeEvent = Literal[
+    EventKind.DELIVERED, EventKind.FROZEN, EventKind.DELAYED, EventKind.DELAYED_RATE_LIMITED
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,19 +131,19 @@ def attempt_outcome(
     event: OutcomeEvent
     at: datetime | None = None
     status: Status
-    if not later:
-        status, event = (
-            (Frozen(), "frozen") if new.failed_recipients else (Delivered(), "delivered")
-        )
+    if not later and new.failed_recipients:
+        status, event = Frozen(), EventKind.FROZEN
+    elif not later:
+        status, event = Delivered(), EventKind.DELIVERED
     elif not new.retry_intervals:
-        status, event = Frozen(), "frozen"
+        status, event = Frozen(), EventKind.FROZEN
     else:
         interval = new.retry_intervals[0]
         if not rate_limited and not operator_kick:
             new.retry_intervals = new.retry_intervals[1:]
         at = now + draw(interval)
         status = SendAt(at=at)
-        event = "delayed_rate_limited" if rate_limited else "delayed"
+        event = EventKind.DELAYED_RATE_LIMITED if rate_limited else EventKind.DELAYED
     new.status = status
     delivered = tuple(r for r in remaining if r not in later and r not in permanent)
     return AttemptOutcome(new, event, at, delivered, tuple(permanent), tuple(later))

@@ -59,7 +59,7 @@ from spoold.errors import (
     SpooldError,
     StoreError,
 )
-from spoold.events import EventHub, SpoolEvent, Subscription
+from spoold.events import EventHub, EventKind, SpoolEvent, Subscription
 from spoold.hooks import (
     PRESEND_CHOICES,
     ErrorAction,
@@ -84,6 +84,7 @@ from spoold.message import (
     SendAt,
     Sending,
     SendNow,
+    SharedParts,
     Status,
     gc_paused,
     message_for_envelope,
@@ -248,7 +249,7 @@ class Spool:
                 await ondisk.close()
 
     async def _load(self) -> None:
-        shared: dict[object, object] = {}
+        shared = SharedParts()
         for queue in _LOADED_QUEUES:
             messages, _unreadable = await self._od.load(queue)
             for msg in messages:
@@ -405,7 +406,7 @@ class Spool:
                 entry = _Entry(msg, queue)
                 self._index[name] = entry
                 self._schedule(entry)
-                self._publish("spooled", msg)
+                self._publish(EventKind.SPOOLED, msg)
                 log.info("adopted", id=name, flows=msg.flows, queue=queue.value)
                 break
 
@@ -413,7 +414,7 @@ class Spool:
         never = anyio.Event()
         while True:
             await self.clock.wait(never, self.clock.now() + timedelta(seconds=self._ping_interval))
-            self._publish("ping")
+            self._publish(EventKind.PING)
             try:
                 await self._rescan()
             except (SpooldError, OSError):
@@ -456,7 +457,7 @@ class Spool:
                 operator_kick=kicked,
             )
             return
-        self._publish("presend", msg, detail=_decision_name(decision))
+        self._publish(EventKind.PRESEND, msg, detail=_decision_name(decision))
         if not isinstance(decision, SendNow):
             msg.status = before
             await self._change(entry, decision)
@@ -491,7 +492,7 @@ class Spool:
         old = msg.next_hop_choices
         msg.next_hop_choices = list(hops)
         detail = f"{' '.join(old)} -> {' '.join(hops)}"
-        self._publish("rerouted", msg, detail=detail)
+        self._publish(EventKind.REROUTED, msg, detail=detail)
         log.info(
             "route changed: using its new next hops",
             id=msg.id,
@@ -643,14 +644,14 @@ class Spool:
         await self._od.save(new, from_queue=entry.queue)
         was = type(entry.msg.status)
         self._apply(entry, new)
-        event = {Frozen: "frozen", Removed: "removed"}.get(type(status))
+        event = {Frozen: EventKind.FROZEN, Removed: EventKind.REMOVED}.get(type(status))
         if event and was is not type(status):
             self._publish(event, new)
         return new
 
     def _publish(
         self,
-        kind: str,
+        kind: EventKind,
         msg: Message | None = None,
         *,
         detail: str | None = None,
@@ -694,9 +695,9 @@ class Spool:
             entry = _Entry(msg, Queue.FROZEN if frozen else Queue.ACTIVE)
             self._index[msg.id] = entry
             self._schedule(entry)
-            self._publish("spooled", msg)
+            self._publish(EventKind.SPOOLED, msg)
             if frozen:
-                self._publish("frozen", msg)
+                self._publish(EventKind.FROZEN, msg)
             log.info(
                 "spooled",
                 id=msg.id,
@@ -718,7 +719,7 @@ class Spool:
         """Spool a submission straight into ``quarantine`` with ``reason``."""
         messages = await self._write_new(batch, Quarantined(reason=reason), flows, parent_id)
         for msg in messages:
-            self._publish("quarantined", msg, detail=reason)
+            self._publish(EventKind.QUARANTINED, msg, detail=reason)
             log.warning("quarantined", id=msg.id, flows=msg.flows, reason=reason)
         return [m.id for m in messages]
 
@@ -839,7 +840,7 @@ class Spool:
                 new = await self._change(e, SEND_NOW, edit=edit)
                 e.kicked = True
                 if was_frozen:
-                    self._publish("unfrozen", new)
+                    self._publish(EventKind.UNFROZEN, new)
 
             await self._each(entries, one)
             return [e.msg.id for e in entries]
@@ -884,7 +885,7 @@ class Spool:
                     await self._od.clear_reason(source, new.id)
                 entry = _Entry(new, Queue.FROZEN)
                 self._index[new.id] = entry
-                self._publish("recovered", new, detail=source.value)
+                self._publish(EventKind.RECOVERED, new, detail=source.value)
 
     async def reroute(
         self,
@@ -969,7 +970,7 @@ class Spool:
             m.related_ids = list(dict.fromkeys([*m.related_ids, *new_ids]))
 
         new = await self._change(entry, msg.status, edit=narrow)
-        self._publish("rerouted", new, detail=" ".join(new.next_hop_choices))
+        self._publish(EventKind.REROUTED, new, detail=" ".join(new.next_hop_choices))
         log.info(
             "rerouted",
             id=new.id,
@@ -982,7 +983,7 @@ class Spool:
             part_entry = _Entry(part, entry.queue)
             self._index[part.id] = part_entry
             self._schedule(part_entry)
-            self._publish("spooled", part)
+            self._publish(EventKind.SPOOLED, part)
             log.info(
                 "rerouted part spooled",
                 id=part.id,

@@ -53,7 +53,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 
@@ -65,6 +65,7 @@ __all__ = [
     "NewEntry",
     "StoredRecord",
     "Problem",
+    "ProblemKind",
     "RecoveryReport",
     "StepHook",
 ]
@@ -105,12 +106,23 @@ class StoredRecord:
     checked_out: bool
 
 
+ProblemKind = Literal[
+    "orphan_body",  # a body no record names (its writer is gone, or it is old)
+    "orphan_registry",  # a registry entry with nothing behind it
+    "missing_body",  # a record whose body is gone
+    "duplicate",  # one name in two places
+    "stale_tmp",  # a file left in tmp/ past the age limit
+    "stale_checkout",  # a record checked out past the age limit
+    "stray_file",  # a file in a queue whose name is not an id
+    "unreadable",  # (ondisk) a record that cannot be decoded
+]
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """One finding of the consistency check."""
 
-    kind: str  # orphan_body | orphan_registry | missing_body | duplicate |
-    # stale_tmp | stale_checkout | stray_file | unreadable (a record: ondisk)
+    kind: ProblemKind
     name: str
     path: str
     detail: str

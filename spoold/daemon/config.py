@@ -20,9 +20,12 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast, get_args
 
+from spoold.body import LineEndingPolicy
+from spoold.connection_cache import TlsMode
 from spoold.errors import (
     ConfigError,
 )
@@ -80,7 +83,7 @@ class SmtpConfig:
     max_recipients: int = 100
     max_connections: int = 100
     max_line_length: int = 998
-    bare_line_endings: str = "reject"
+    bare_line_endings: LineEndingPolicy = LineEndingPolicy.REJECT
     relay_networks: tuple[str, ...] = DEFAULT_RELAY_NETWORKS
     tls_cert: Path | None = None  # with tls_key: offer STARTTLS
     tls_key: Path | None = None
@@ -127,7 +130,7 @@ class RouteConfig:
     domains: tuple[str, ...] = ()
     next_hops: tuple[str, ...] = ()
     mx: bool = False
-    tls: str = "opportunistic"
+    tls: TlsMode = "opportunistic"
     verify_certificates: bool = True
     ca_file: Path | None = None
     client_cert: Path | None = None
@@ -239,6 +242,27 @@ def _choice(*choices: str) -> Callable[[object], str]:
         return str(v)
 
     return convert
+
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def _enum(kind: type[_E]) -> Callable[[object], _E]:
+    def convert(v: object) -> _E:
+        for member in kind:
+            if v == member.value:
+                return member
+        choices = ", ".join(e.value for e in kind)
+        raise ValueError(f"expected one of {choices}, got {v!r}")
+
+    return convert
+
+
+def _tls_mode(v: object) -> TlsMode:
+    for mode in get_args(TlsMode):
+        if v == mode:
+            return cast(TlsMode, mode)
+    raise ValueError(f"expected one of {', '.join(get_args(TlsMode))}, got {v!r}")
 
 
 def _fraction(v: object) -> float:
@@ -370,7 +394,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             max_recipients=t.get("max_recipients", 100, _int(1)),
             max_connections=t.get("max_connections", 100, _int(1)),
             max_line_length=t.get("max_line_length", 998, _int(78)),
-            bare_line_endings=t.get("bare_line_endings", "reject", _choice("reject", "normalize")),
+            bare_line_endings=t.get(
+                "bare_line_endings", LineEndingPolicy.REJECT, _enum(LineEndingPolicy)
+            ),
             relay_networks=t.get("relay_networks", DEFAULT_RELAY_NETWORKS, _list(_network)),
             tls_cert=t.get("tls_cert", None, optional_path),
             tls_key=t.get("tls_key", None, optional_path),
@@ -444,7 +470,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             domains=t.get("domains", (), _list(_domain)),
             next_hops=t.get("next_hops", (), _list(_hop)),
             mx=t.get("mx", False, _bool),
-            tls=t.get("tls", "opportunistic", _choice("none", "opportunistic", "required")),
+            tls=t.get("tls", "opportunistic", _tls_mode),
             verify_certificates=t.get("verify_certificates", True, _bool),
             ca_file=t.get("ca_file", None, optional_path),
             client_cert=t.get("client_cert", None, optional_path),

@@ -139,7 +139,7 @@ def _derive(settings: ListenerSettings, hostname: str) -> _Derived:
         auth=cfg.auth_file is not None,
     )
     networks = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.relay_networks)
-    return _Derived(settings, policy, networks, LineEndingPolicy(cfg.bare_line_endings))
+    return _Derived(settings, policy, networks, cfg.bare_line_endings)
 
 
 class SmtpListener:

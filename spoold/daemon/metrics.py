@@ -12,6 +12,7 @@ import anyio
 import anyio.abc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from spoold.events import EventKind
 from spoold.spool import Spool
 
 __all__ = ["Metrics"]
@@ -52,7 +53,7 @@ class Metrics:
             task_status.started()
             async with spool.events() as stream:
                 async for event in stream:
-                    if event.kind == "ping":
+                    if event.kind is EventKind.PING:
                         self.update(spool)  # walks the queue: not on every event
                     else:
                         self.events.labels(event.kind).inc()

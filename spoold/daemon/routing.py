@@ -55,7 +55,7 @@ class Router:
         )
         for name, rc in config.routes.items():
             settings = RouteSettings(
-                tls=rc.tls,  # type: ignore[arg-type]
+                tls=rc.tls,
                 verify_certificates=rc.verify_certificates,
                 ca_file=str(rc.ca_file) if rc.ca_file else None,
                 client_cert=str(rc.client_cert) if rc.client_cert else None,
