@@ -28,8 +28,8 @@ import anyio
 
 from spoold.ids import new_id
 from spoold.message import EnvelopeInfo, Message, SendAt, encode_record
-from spoold.relay import InMemoryRelay
 from spoold.spool import DEFAULT_RETRY_INTERVALS, Spool
+from spoold.testing import InMemoryRelay
 from spoold.times import utcnow
 
 

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
 from typing import ClassVar, Final
 
 import msgspec
@@ -195,7 +194,6 @@ class Message(
     kw_only=True,
     tag_field="version",
     tag=RECORD_VERSION,
-    dict=True,  # room for attributes that are not part of the record
 ):
     """The metadata record of one spooled message (schema version 2).
 
@@ -222,16 +220,6 @@ class Message(
     size: int | None = None  # bytes of the body on disk (None: before version 2)
 
     # -- where it lives
-
-    @property
-    def spool_dir(self) -> Path | None:
-        """The spool directory this message belongs to, once it is spooled."""
-        value = self.__dict__.get("_spool_dir")
-        return value if isinstance(value, Path) else None
-
-    @spool_dir.setter
-    def spool_dir(self, value: Path | None) -> None:
-        self.__dict__["_spool_dir"] = value
 
     @property
     def queue(self) -> Queue | None:
@@ -289,7 +277,6 @@ class Message(
                 env, recipients=list(env.recipients), mail_params=list(env.mail_params)
             ),
         )
-        clone.spool_dir = self.spool_dir
         return clone
 
     def intern(self, shared: SharedParts) -> None:
@@ -347,7 +334,6 @@ def message_for_envelope(
     failed_recipients: Sequence[str] = (),
     relay_attempts: Sequence[RelayAttempt] = (),
     related_ids: Sequence[str] = (),
-    spool_dir: Path | None = None,
     size: int | None = None,
 ) -> Message:
     msg = Message(
@@ -371,7 +357,6 @@ def message_for_envelope(
         route=envelope.route,
         size=size,
     )
-    msg.spool_dir = spool_dir
     return msg
 
 
@@ -379,7 +364,6 @@ def of_envelope_batch(
     batch: RoutedBatch,
     *,
     gen_id: Callable[[], str],
-    spool_dir: Path | None,
     spool_date: datetime,
     parent_id: str,
     status: Status = SEND_NOW,
@@ -402,7 +386,6 @@ def of_envelope_batch(
                 failed_recipients=failed_recipients,
                 relay_attempts=relay_attempts,
                 related_ids=[other for other in ids if other != mid],
-                spool_dir=spool_dir,
                 size=len(batch.body),
             ),
             batch.body,

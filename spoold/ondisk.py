@@ -141,7 +141,6 @@ class OnDiskSpool:
                 msg = n.build(name, [other for other in batch if other != name])
                 if msg.id != name or msg.status != n.status:
                     raise ValueError(f"message {msg.id} was not built as announced")
-                msg.spool_dir = self.dir
                 built[name] = msg
                 return encode_record(msg)
 
@@ -212,7 +211,6 @@ class OnDiskSpool:
             msg = decode_record(rec.data, expected_id=rec.name)
         except RecordError as exc:
             return exc
-        msg.spool_dir = self.dir
         return msg
 
     async def load(self, queue: Queue) -> tuple[list[Message], list[Unreadable]]:

@@ -27,9 +27,9 @@ failure to read it is a :class:`~spoold.errors.StoreError` naming the file.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -49,7 +49,6 @@ __all__ = [
     "BodyFacts",
     "CHUNK_SIZE",
     "Relay",
-    "InMemoryRelay",
 ]
 
 
@@ -267,37 +266,3 @@ class Relay(Protocol):
     async def relay(
         self, message: Message, body: BodyHandle, recipients: Sequence[str]
     ) -> RelayOutcome: ...
-
-
-Responder = Callable[[Message, str], RecipientResult | AttemptFailed]
-
-
-@dataclass
-class InMemoryRelay:
-    """A relay for tests: answers each recipient by ``respond`` (default 250)
-    and keeps what it delivered. While ``gate`` is not set, attempts wait on
-    it (to hold messages in ``sending``)."""
-
-    respond: Responder = field(default=lambda _m, _r: RecipientResult(250, "ok"))
-    gate: anyio.Event | None = None
-    delivered: list[tuple[str, str, bytes]] = field(default_factory=list)
-    attempts: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
-    started: anyio.Event = field(default_factory=anyio.Event)
-
-    async def relay(
-        self, message: Message, body: BodyHandle, recipients: Sequence[str]
-    ) -> RelayOutcome:
-        self.attempts.append((message.id, tuple(recipients)))
-        self.started.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        wire = (await body.read()).wire
-        results: dict[str, RecipientResult] = {}
-        for rcpt in recipients:
-            answer = self.respond(message, rcpt)
-            if isinstance(answer, AttemptFailed):
-                return answer
-            results[rcpt] = answer
-            if answer.accepted:
-                self.delivered.append((message.id, rcpt, wire))
-        return Delivery(results, hop="memory")

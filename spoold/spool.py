@@ -153,7 +153,7 @@ class Spool:
         rng: random.Random | None,
         routes: Routes | None = None,
     ) -> None:
-        self._od = ondisk
+        self._disk = ondisk
         self.relay = relay
         self.routes = routes  # may be replaced while open (a reload)
         self.presend: PresendHook = presend or default_presend
@@ -251,7 +251,7 @@ class Spool:
     async def _load(self) -> None:
         shared = SharedParts()
         for queue in _LOADED_QUEUES:
-            messages, _unreadable = await self._od.load(queue)
+            messages, _unreadable = await self._disk.load(queue)
             for msg in messages:
                 msg.intern(shared)
                 _sending_reads_as_send_now(msg)
@@ -260,18 +260,18 @@ class Spool:
                 self._schedule(entry)
         log.info(
             "spool opened",
-            spool_dir=str(self._od.dir),
+            spool_dir=str(self._disk.dir),
             active=sum(1 for e in self._index.values() if e.queue is Queue.ACTIVE),
             frozen=sum(1 for e in self._index.values() if e.queue is Queue.FROZEN),
         )
 
     @property
     def spool_dir(self) -> Path:
-        return self._od.dir
+        return self._disk.dir
 
     @property
     def ondisk(self) -> OnDiskSpool:
-        return self._od
+        return self._disk
 
     @property
     def max_concurrent_send_jobs(self) -> int:
@@ -289,13 +289,13 @@ class Spool:
         """Bytes that must stay free in the spool's filesystem: below it,
         :meth:`add` raises :class:`~spoold.errors.InsufficientStorageError`
         (a temporary error); 0 turns the check off. Changeable while open."""
-        return self._od.store.min_free_bytes
+        return self._disk.store.min_free_bytes
 
     @min_free_space.setter
     def min_free_space(self, value: int) -> None:
         if value < 0:
             raise ValueError("min_free_space must be >= 0")
-        self._od.store.min_free_bytes = value
+        self._disk.store.min_free_bytes = value
 
     def set_hooks(self, presend: PresendHook | None, on_error: OnErrorHook | None) -> None:
         """Replace both hooks at once (None: the default)."""
@@ -362,7 +362,7 @@ class Spool:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Adopt messages other processes added (they send their ids)."""
-        async with self._od.wakeups() as batches:
+        async with self._disk.wakeups() as batches:
             task_status.started()
             async for names in batches:
                 try:
@@ -376,7 +376,7 @@ class Spool:
         names)."""
         unknown = []
         for queue in _LOADED_QUEUES:
-            for name, checked_out in await self._od.names(queue):
+            for name, checked_out in await self._disk.names(queue):
                 if not checked_out and name not in self._index:
                     unknown.append(name)
         if unknown:
@@ -392,7 +392,7 @@ class Spool:
                 continue
             for queue in _LOADED_QUEUES:
                 try:
-                    msg = await self._od.read_message(queue, name)
+                    msg = await self._disk.read_message(queue, name)
                 except NotFoundError:
                     continue
                 except RecordError as exc:
@@ -468,7 +468,7 @@ class Spool:
         try:
             outcome = await self.relay.relay(
                 snapshot,
-                BodyHandle(self._od.body_path(msg.id)),
+                BodyHandle(self._disk.body_path(msg.id)),
                 list(msg.remaining_recipients),
             )
         except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
@@ -511,7 +511,7 @@ class Spool:
             entry.msg.status = SendAt(at=self.clock.now() + timedelta(minutes=1))
         if entry.checked_out:
             try:
-                await self._od.release(entry.msg, entry.queue)
+                await self._disk.release(entry.msg, entry.queue)
                 entry.checked_out = False
             except Exception:
                 log.exception(
@@ -530,7 +530,7 @@ class Spool:
         return decision
 
     async def _checkout(self, entry: _Entry) -> None:
-        await self._od.checkout(entry.msg, entry.queue)
+        await self._disk.checkout(entry.msg, entry.queue)
         entry.checked_out = True
 
     async def _finish_attempt(
@@ -583,7 +583,7 @@ class Spool:
                 if retried:
                     await self._rewrite_outcome(entry, new)
                 else:
-                    await self._od.save(new, from_queue=entry.queue, checked_out=True)
+                    await self._disk.save(new, from_queue=entry.queue, checked_out=True)
             except StoreError as exc:
                 log.error(
                     "could not write the outcome of an attempt; keeping it and trying again",
@@ -605,11 +605,11 @@ class Spool:
         """A retry of :meth:`_save_outcome`: an earlier try may have got as far
         as moving the record (a failure after a rename), so look where it is."""
         try:
-            await self._od.save(new, from_queue=entry.queue, checked_out=True)
+            await self._disk.save(new, from_queue=entry.queue, checked_out=True)
         except NotFoundError:
             target = new.queue
             if target is not None:  # None: delivered, the record is already gone
-                await self._od.save(new, from_queue=target)
+                await self._disk.save(new, from_queue=target)
 
     async def _ask_on_error(self, msg: Message, rcpt: str, result: RecipientResult) -> ErrorAction:
         try:
@@ -641,7 +641,7 @@ class Spool:
         new.status = status
         if edit is not None:
             edit(new)
-        await self._od.save(new, from_queue=entry.queue)
+        await self._disk.save(new, from_queue=entry.queue)
         was = type(entry.msg.status)
         self._apply(entry, new)
         event = {Frozen: EventKind.FROZEN, Removed: EventKind.REMOVED}.get(type(status))
@@ -769,7 +769,7 @@ class Spool:
                 return msg
 
             new.append(NewMessage(batch.body, status, build, prefix_of if prefix else None))
-        return await self._od.add(new)
+        return await self._disk.add(new)
 
     # ----------------------------------------------- operator operations
 
@@ -870,7 +870,7 @@ class Spool:
             for raw in dict.fromkeys(ids):
                 mid = validate_id(raw)
                 try:
-                    found.append(await self._od.read_message(source, mid))
+                    found.append(await self._disk.read_message(source, mid))
                 except NotFoundError:
                     raise NotFoundError(f"{mid}: no such message in {source}") from None
                 except RecordError as exc:
@@ -880,9 +880,9 @@ class Spool:
             for msg in found:
                 new = msg.copy()
                 new.status = Frozen()
-                await self._od.save(new, from_queue=source)
+                await self._disk.save(new, from_queue=source)
                 if source is Queue.QUARANTINE:
-                    await self._od.clear_reason(source, new.id)
+                    await self._disk.clear_reason(source, new.id)
                 entry = _Entry(new, Queue.FROZEN)
                 self._index[new.id] = entry
                 self._publish(EventKind.RECOVERED, new, detail=source.value)
@@ -938,7 +938,7 @@ class Spool:
         first, *others = envelopes
         added: list[Message] = []
         if others:
-            body = await self._od.read_body(msg.id)
+            body = await self._disk.read_body(msg.id)
             status = msg.status
 
             def builder(env: RoutedEnvelope) -> Callable[[str, list[str]], Message]:
@@ -960,7 +960,7 @@ class Spool:
 
                 return build
 
-            added = await self._od.add([NewMessage(body, status, builder(env)) for env in others])
+            added = await self._disk.add([NewMessage(body, status, builder(env)) for env in others])
         new_ids = [m.id for m in added]
 
         def narrow(m: Message) -> None:
@@ -1048,7 +1048,7 @@ class Spool:
             return entry.msg.copy()
         for queue in (Queue.REMOVED, Queue.QUARANTINE):
             try:
-                return await self._od.read_message(queue, mid)
+                return await self._disk.read_message(queue, mid)
             except NotFoundError:
                 continue
         raise NotFoundError(f"{mid}: no such message")
@@ -1061,12 +1061,12 @@ class Spool:
         entry = self._index.get(mid)
         if entry is not None:
             return entry.msg.copy()
-        return await self._od.find(mid, (Queue.REMOVED, Queue.QUARANTINE))
+        return await self._disk.find(mid, (Queue.REMOVED, Queue.QUARANTINE))
 
     async def quarantined(self) -> tuple[list[Message], list[Unreadable]]:
         """What is in ``quarantine``, read from disk: the records that can
         be read, and the others with the reason they were set aside."""
-        return await self._od.load(Queue.QUARANTINE)
+        return await self._disk.load(Queue.QUARANTINE)
 
     def events(self, max_buffer: int | None = None) -> Subscription:
         """Subscribe to the event stream (``async for event in ...``).

@@ -416,11 +416,6 @@ class Store:
                 return False
         return True
 
-    async def reserve_id(self) -> str:
-        """Reserve a fresh name in the registry (for callers that need the id
-        before they enqueue; :meth:`enqueue` reserves on its own)."""
-        return await self._run(self._reserve_sync)
-
     async def enqueue(self, entries: Sequence[NewEntry]) -> list[str]:
         """Durably add ``entries``; return their names, in order.
 

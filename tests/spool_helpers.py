@@ -18,7 +18,6 @@ from typing import Any
 import anyio
 
 from spoold.body import Body
-from spoold.clock import FakeClock
 from spoold.events import SpoolEvent, Subscription
 from spoold.message import (
     Message,
@@ -29,8 +28,9 @@ from spoold.message import (
     Status,
     decode_record,
 )
-from spoold.relay import AttemptFailed, InMemoryRelay, RecipientResult
+from spoold.relay import AttemptFailed, RecipientResult
 from spoold.spool import Spool
+from spoold.testing import FakeClock, InMemoryRelay
 
 START = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)

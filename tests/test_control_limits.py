@@ -23,8 +23,8 @@ import pytest
 
 from spoold.daemon.control import ControlClient, ControlServer
 from spoold.errors import ControlError
-from spoold.relay import InMemoryRelay
 from spoold.spool import Spool
+from spoold.testing import InMemoryRelay
 from tests.spool_helpers import batch, wait_for
 
 TIMEOUT = 20.0

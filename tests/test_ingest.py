@@ -44,9 +44,10 @@ from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import SmtpListener
 from spoold.daemon.routing import Router
 from spoold.message import Message
-from spoold.relay import BodyHandle, InMemoryRelay, RelayOutcome
+from spoold.relay import BodyHandle, RelayOutcome
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
+from spoold.testing import Faults, InMemoryRelay
 from tests.factories import tree
 from tests.smtp_server import SmtpTestServer
 
@@ -132,13 +133,14 @@ async def running_ingest(
     smtp: dict[str, Any] | None = None,
     routes: dict[str, Any] | None = None,
     relay: Any = None,
+    faults: Faults | None = None,
 ) -> AsyncIterator[Ingest]:
     port = free_port()
     config = make_config(tmp_path, port, smtp=smtp, routes=routes)
     assert config.smtp is not None
     relay = relay if relay is not None else HeldRelay()
     async with Spool.open(
-        config.spool.dir, relay=relay, flush_timeout=0.1, ping_interval=10.0**9
+        config.spool.dir, relay=relay, flush_timeout=0.1, ping_interval=10.0**9, on_step=faults
     ) as spool:
         ingest = Ingest(spool, relay, port, Router(config), config.smtp)
         submitter = Submitter(spool, lambda: ingest.router, hostname=HOSTNAME)
@@ -513,14 +515,6 @@ async def test_recipient_over_the_limit_gets_452_and_the_rest_are_spooled(
 # ------------------------------------------------------- store failures
 
 
-def fail_at(step: str, code: int) -> Callable[[str], None]:
-    def on_step(name: str) -> None:
-        if name == step:
-            raise OSError(code, os.strerror(code))
-
-    return on_step
-
-
 @pytest.mark.parametrize(
     ("error", "reply"),
     [(errno.ENOSPC, 452), (errno.EIO, 451)],
@@ -529,10 +523,10 @@ def fail_at(step: str, code: int) -> Callable[[str], None]:
 async def test_a_failed_write_answers_4xx_and_leaves_nothing_behind(
     tmp_path: Path, error: int, reply: int
 ) -> None:
+    faults = Faults()
     with anyio.fail_after(TIMEOUT):
-        async with running_ingest(tmp_path) as ingest:
-            store = ingest.spool.ondisk.store
-            store._on_step = fail_at("rename_record", error)
+        async with running_ingest(tmp_path, faults=faults) as ingest:
+            faults.fail("rename_record", OSError(error, os.strerror(error)))
             async with raw_smtp(ingest.port) as c:
                 content = b"Subject: fails\r\n\r\nhello\r\n.\r\n"
                 code, text = await c.transaction(SENDER, [RCPT, "other@example.net"], content)
@@ -543,7 +537,7 @@ async def test_a_failed_write_answers_4xx_and_leaves_nothing_behind(
                 assert await ingest.spool.ondisk.check(max_age=0) == []
 
                 # The same session goes on once the disk is back.
-                store._on_step = None
+                faults.clear()
                 code, text = await c.transaction(SENDER, [RCPT], content)
                 assert code == 250, text
                 await c.quit()

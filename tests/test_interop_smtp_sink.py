@@ -7,7 +7,7 @@ soft reject, ``-f`` hard reject, ``-Q`` 421 and disconnect) and its ``-d``
 dump for byte-exact checks. ``-c`` makes it print ``sess= quit= mesg=``
 counters, which tell how many SMTP sessions the relay opened.
 
-The spool runs on a :class:`~spoold.clock.FakeClock`: messages are
+The spool runs on a :class:`~spoold.testing.FakeClock`: messages are
 ``send_now`` so they go at once, and a delayed message stays delayed (the
 clock never reaches its retry time). Every wait is bounded.
 """
@@ -29,12 +29,12 @@ import anyio
 import pytest
 
 from spoold.body import Body
-from spoold.clock import FakeClock
 from spoold.connection_cache import RouteSettings
 from spoold.events import SpoolEvent, Subscription
 from spoold.message import RoutedBatch, RoutedEnvelope
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
+from spoold.testing import FakeClock
 from tests.spool_helpers import MINUTE, START, is_gone, open_spool, read_record, wait_for
 
 pytestmark = pytest.mark.interop

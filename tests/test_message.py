@@ -158,22 +158,10 @@ def test_null_sender_round_trips() -> None:
     assert decode_record(encode_record(message)).envelope_info.sender == ""
 
 
-def test_spool_dir_is_not_part_of_the_record() -> None:
-    message = make_message()
-    message.spool_dir = Path("/var/spool/x")
-    data = encode_record(message)
-    assert b"/var/spool/x" not in data
-    decoded = decode_record(data)
-    assert decoded.spool_dir is None
-    assert decoded == message
-
-
-def test_copy_is_deep_and_keeps_the_spool_dir() -> None:
+def test_copy_is_deep() -> None:
     message = make_message(relay_attempts=[RelayAttempt(time=T0, error="e")])
-    message.spool_dir = Path("/spool")
     clone = message.copy()
     assert clone == message
-    assert clone.spool_dir == Path("/spool")
     clone.remaining_recipients.append("other@example.com")
     clone.status = Frozen()
     assert message.remaining_recipients == ["rcpt@example.com"]
@@ -627,7 +615,6 @@ def test_of_envelope_batch_makes_one_message_per_envelope() -> None:
     out = of_envelope_batch(
         batch,
         gen_id=lambda: next(generated),
-        spool_dir=Path("/spool"),
         spool_date=T0,
         parent_id="parent-0",
         status=Frozen(),
@@ -645,7 +632,6 @@ def test_of_envelope_batch_makes_one_message_per_envelope() -> None:
     assert msgs[1].related_ids == ["id-1", "id-3"]
     assert msgs[2].related_ids == ["id-1", "id-2"]
     for message, envelope in zip(msgs, envelopes, strict=True):
-        assert message.spool_dir == Path("/spool")
         assert message.spool_date == T0
         assert message.status == Frozen()
         assert message.flows == ["flow-x"]
@@ -677,13 +663,12 @@ def test_of_envelope_batch_defaults() -> None:
         body=body,
     )
     [(message, out_body)] = of_envelope_batch(
-        batch, gen_id=lambda: "only-one", spool_dir=None, spool_date=T0, parent_id="p"
+        batch, gen_id=lambda: "only-one", spool_date=T0, parent_id="p"
     )
     assert out_body is body
     assert message.id == "only-one"
     assert message.related_ids == []
     assert message.status == SendNow()
-    assert message.spool_dir is None
     assert message.failed_recipients == []
     assert message.relay_attempts == []
     assert message.flows == []
@@ -695,9 +680,7 @@ def test_of_envelope_batch_refuses_a_bad_generated_id() -> None:
         body=Body.from_content(b"x\r\n"),
     )
     with pytest.raises(InvalidIdError):
-        of_envelope_batch(
-            batch, gen_id=lambda: "../escape", spool_dir=None, spool_date=T0, parent_id="p"
-        )
+        of_envelope_batch(batch, gen_id=lambda: "../escape", spool_date=T0, parent_id="p")
 
 
 def test_of_envelope_batch_with_generated_ids_gives_unique_related_ids() -> None:
@@ -708,7 +691,7 @@ def test_of_envelope_batch_with_generated_ids_gives_unique_related_ids() -> None
         ],
         body=Body.from_content(b"x\r\n"),
     )
-    out = of_envelope_batch(batch, gen_id=new_id, spool_dir=None, spool_date=T0, parent_id="p")
+    out = of_envelope_batch(batch, gen_id=new_id, spool_date=T0, parent_id="p")
     all_ids = {m.id for m, _ in out}
     assert len(all_ids) == 5
     for message, _ in out:

@@ -11,8 +11,8 @@ import anyio
 from spoold.body import Body
 from spoold.daemon.metrics import Metrics
 from spoold.message import RoutedBatch, RoutedEnvelope
-from spoold.relay import InMemoryRelay
 from spoold.spool import Spool
+from spoold.testing import InMemoryRelay
 
 
 def free_port() -> int:

@@ -19,11 +19,11 @@ import anyio
 import pytest
 
 from spoold.body import Body
-from spoold.clock import FakeClock
 from spoold.connection_cache import ConnectionCache
 from spoold.message import SEND_NOW, Message, RoutedEnvelope, message_for_envelope
 from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.smtp_relay import SmtpRelay
+from spoold.testing import FakeClock
 from tests.relay_helpers import (
     ALICE,
     BOB,

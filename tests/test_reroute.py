@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from spoold.clock import FakeClock
 from spoold.errors import OperationRefusedError
 from spoold.message import Frozen, Message, RoutedBatch, RoutedEnvelope, SendAt
-from spoold.relay import BodyHandle, InMemoryRelay, RecipientResult, RelayOutcome
+from spoold.relay import BodyHandle, RecipientResult, RelayOutcome
+from spoold.testing import FakeClock, InMemoryRelay
 from tests.spool_helpers import (
     BODY,
     OK,

@@ -34,8 +34,8 @@ from spoold.daemon.ingest import Submitter
 from spoold.daemon.main import Daemon
 from spoold.errors import ControlError
 from spoold.message import Message, SendAt
-from spoold.relay import InMemoryRelay
 from spoold.spool import Spool
+from spoold.testing import Faults, InMemoryRelay
 from tests.daemon_helpers import (
     DaemonFactory,
     DaemonProcess,
@@ -323,15 +323,15 @@ async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
     config_path = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     config = load_config(config_path)
 
-    def disk_full(step: str) -> None:
-        if step == "rename_record":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
+    faults = Faults()
+    faults.fail("rename_record", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with anyio.fail_after(TIMEOUT):
         async with Spool.open(
-            config.spool.dir, relay=InMemoryRelay(gate=anyio.Event()), flush_timeout=0.1
+            config.spool.dir,
+            relay=InMemoryRelay(gate=anyio.Event()),
+            flush_timeout=0.1,
+            on_step=faults,
         ) as spool:
-            spool.ondisk.store._on_step = disk_full
             daemon = Daemon(config)
             daemon._submitter = Submitter(spool, lambda: daemon.live.router)
             server = ControlServer(spool, submit=daemon._submit_request)

@@ -17,8 +17,8 @@ from spoold.daemon.ingest import Submitter
 from spoold.daemon.listener import SmtpListener, listener_settings
 from spoold.daemon.routing import Router
 from spoold.errors import SpooldError
-from spoold.relay import InMemoryRelay
 from spoold.spool import Spool
+from spoold.testing import InMemoryRelay
 from tests.smtp_server import TlsCertificate
 from tests.test_ingest import free_port
 

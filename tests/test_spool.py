@@ -2,7 +2,7 @@
 attempt outcomes, hooks, events, concurrency, shutdown and reading.
 
 Every test runs a real :class:`~spoold.spool.Spool` on a temp dir with an
-in-memory relay and a :class:`~spoold.clock.FakeClock`; nothing sleeps in
+in-memory relay and a :class:`~spoold.testing.FakeClock`; nothing sleeps in
 real time. Where it matters the test asserts the directory tree, since the
 queue a record is in is the truth.
 """
@@ -18,7 +18,6 @@ from pathlib import Path
 import anyio
 import pytest
 
-from spoold.clock import FakeClock
 from spoold.errors import (
     InvalidIdError,
     NotFoundError,
@@ -43,8 +42,9 @@ from spoold.message import (
     encode_record,
 )
 from spoold.ondisk import OnDiskSpool
-from spoold.relay import AttemptFailed, BodyHandle, InMemoryRelay, RecipientResult, RelayOutcome
+from spoold.relay import AttemptFailed, BodyHandle, RecipientResult, RelayOutcome
 from spoold.spool import Spool
+from spoold.testing import FakeClock, InMemoryRelay
 from tests.factories import new_message
 from tests.spool_helpers import (
     BODY,

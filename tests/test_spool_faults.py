@@ -10,13 +10,12 @@ import anyio
 import pytest
 
 from spoold.body import Body
-from spoold.clock import FakeClock
 from spoold.connection_cache import RouteSettings
 from spoold.errors import AddressError, InsufficientStorageError, StoreError
 from spoold.message import Frozen, Message, RoutedBatch, RoutedEnvelope, SendAt, Sending
-from spoold.relay import InMemoryRelay
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
+from spoold.testing import FakeClock, Faults, InMemoryRelay
 from tests.smtp_server import Reply, SmtpTestServer
 from tests.spool_helpers import (
     attempts_for,
@@ -25,6 +24,7 @@ from tests.spool_helpers import (
     open_spool,
     places,
     read_record,
+    settle,
     spool_files,
     status_of,
     wait_for,
@@ -38,29 +38,28 @@ BATCH = RoutedBatch(
 
 async def test_a_disk_error_after_presend_backs_off_instead_of_spinning(tmp_path: Path) -> None:
     calls = []
-    failing = {"on": True}
 
     def presend(message: Message) -> Frozen:
         calls.append(message.id)
         return Frozen()
 
-    def fail(step: str) -> None:
-        if failing["on"] and step == "replace":
-            raise OSError(errno.EIO, "Input/output error")
-
+    faults = Faults()
     clock = FakeClock()
     with anyio.fail_after(10):
         async with Spool.open(
-            tmp_path, relay=InMemoryRelay(), clock=clock, presend=presend
+            tmp_path, relay=InMemoryRelay(), clock=clock, presend=presend, on_step=faults
         ) as spool:
-            spool.ondisk.store._on_step = fail
+            faults.fail("replace", OSError(errno.EIO, "Input/output error"))
             (mid,) = await spool.add(BATCH)
-            while not isinstance(spool.status()[0].status, SendAt):
-                await anyio.sleep(0.01)  # the failed write happens in a worker thread
-            # The busy loop this guards against made thousands of calls in 0.1 s.
-            await anyio.sleep(0.1)
+            await wait_for(
+                lambda: isinstance(spool.status()[0].status, SendAt), "the retry in a minute"
+            )
+            # The fake clock stands still: a busy loop would call presend again
+            # within these rounds of the event loop; a backing-off spool never.
+            await settle(1000)
             assert calls == [mid]  # tried once, then waits a minute
-            failing["on"] = False
+            assert faults.raised["replace"] == 1
+            faults.clear()
             async with spool.events() as events:
                 clock.advance(timedelta(minutes=1, seconds=1))
                 async for event in events:
@@ -124,14 +123,13 @@ async def test_a_full_disk_after_the_hop_answered_never_resends_what_it_accepted
     room the outcome is written as it was (B remaining, one interval used)
     and B goes out at the next attempt."""
     smtp_server.behaviour.rcpt["b@example.com"] = Reply("452 4.2.2 mailbox full")
-    failures = [0]
-    disk_full = {"on": True}
-
-    def fail(step: str) -> None:
-        # Full from the moment the hop has the message (the add went through).
-        if disk_full["on"] and step == "write_record" and smtp_server.messages:
-            failures[0] += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
+    faults = Faults()
+    # Full from the moment the hop has the message (the add went through).
+    faults.fail(
+        "write_record",
+        OSError(errno.ENOSPC, "No space left on device"),
+        when=lambda: bool(smtp_server.messages),
+    )
 
     clock = FakeClock()
     batch = RoutedBatch(
@@ -140,21 +138,23 @@ async def test_a_full_disk_after_the_hop_answered_never_resends_what_it_accepted
     )
     relay = SmtpRelay(RouteSettings(tls="none"))
     with anyio.fail_after(30):
-        async with open_spool(tmp_path, relay, clock, on_step=fail, min_free_space=0) as spool:
+        async with open_spool(tmp_path, relay, clock, on_step=faults, min_free_space=0) as spool:
             (mid,) = await spool.add(batch)
-            await wait_for(lambda: failures[0] >= 1, "the outcome write to fail")
+            await wait_for(lambda: faults.raised["write_record"] >= 1, "the outcome write to fail")
             assert [m.rcpt_tos for m in smtp_server.messages] == [("a@example.com",)]
             # 2.5 minutes of a full disk: the write is retried, nothing is sent.
             for _ in range(5):
-                seen = failures[0]
+                seen = faults.raised["write_record"]
                 await backing_off(clock)
                 clock.advance(timedelta(seconds=30))
-                await wait_for(lambda seen=seen: failures[0] > seen, "another write attempt")
+                await wait_for(
+                    lambda seen=seen: faults.raised["write_record"] > seen, "another write attempt"
+                )
                 assert status_of(spool, mid) == Sending()
             assert [m.rcpt_tos for m in smtp_server.messages] == [("a@example.com",)]
             assert places(tmp_path, mid) == ["active/.checkout"]
 
-            disk_full["on"] = False
+            faults.clear()
             await backing_off(clock)
             clock.advance(timedelta(seconds=60))
             await wait_for(lambda: places(tmp_path, mid) == ["active"], "the outcome on disk")
@@ -179,28 +179,22 @@ async def test_a_full_disk_after_the_hop_answered_never_resends_what_it_accepted
 async def test_a_delivery_whose_record_delete_fails_is_not_sent_again(tmp_path: Path) -> None:
     """Everyone accepted, but deleting the files fails for a while: the
     message stays delivered-in-waiting, never attempted again."""
-    failing = {"on": True}
-    failures = [0]
-
-    def fail(step: str) -> None:
-        if failing["on"] and step == "unlink_record":
-            failures[0] += 1
-            raise OSError(errno.EIO, "Input/output error")
-
+    faults = Faults()
+    faults.fail("unlink_record", OSError(errno.EIO, "Input/output error"))
     relay = InMemoryRelay()
     clock = FakeClock()
     with anyio.fail_after(30):
-        async with open_spool(tmp_path, relay, clock, on_step=fail, min_free_space=0) as spool:
-            failing["on"] = False
-            (mid,) = await spool.add(BATCH)  # the add itself must not fail
-            failing["on"] = True
-            await wait_for(lambda: failures[0] >= 1, "the delete to fail")
+        async with open_spool(tmp_path, relay, clock, on_step=faults, min_free_space=0) as spool:
+            (mid,) = await spool.add(BATCH)  # an add unlinks nothing
+            await wait_for(lambda: faults.raised["unlink_record"] >= 1, "the delete to fail")
             for _ in range(3):
-                seen = failures[0]
+                seen = faults.raised["unlink_record"]
                 await backing_off(clock)
                 clock.advance(timedelta(minutes=1))
-                await wait_for(lambda seen=seen: failures[0] > seen, "another try")
-            failing["on"] = False
+                await wait_for(
+                    lambda seen=seen: faults.raised["unlink_record"] > seen, "another try"
+                )
+            faults.clear()
             await backing_off(clock)
             clock.advance(timedelta(minutes=1))
             await wait_for(lambda: is_delivered(spool, tmp_path, mid), "the delete to finish")

@@ -9,10 +9,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from spoold.clock import FakeClock
 from spoold.ondisk import OnDiskSpool
-from spoold.relay import InMemoryRelay
 from spoold.spool import Spool
+from spoold.testing import FakeClock, InMemoryRelay
 from tests.factories import new_message
 
 CHILD = str(Path(__file__).with_name("store_child.py"))

@@ -27,10 +27,6 @@ class Notifier:
             address = "\0" + address[1:]
         self.address = address
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def notify(self, *fields: str) -> None:
         """Send ``fields`` (``"READY=1"``, ``"STATUS=..."``) in one datagram."""
         if self.address is None:
