@@ -1,20 +1,51 @@
-"""spoold: an asyncio-native mail spool daemon.
+"""spoold: an asyncio-native mail spool.
 
-The public Python API is re-exported here; see the modules for contracts.
+This package is the library: everything a program needs to spool mail
+durably and relay it is importable from here (``from spoold import Spool,
+SmtpRelay, RouteSettings, RoutedBatch, RoutedEnvelope, Body``). Test doubles
+are in :mod:`spoold.testing`. The daemon, its CLI and its configuration
+(``spoold run``) live in :mod:`spoold.daemon` and are not library API.
+
+The layers, bottom up: :mod:`spoold.store` (durable files, no mail) →
+:mod:`spoold.message` and :mod:`spoold.body` (the record and the wire form)
+→ :mod:`spoold.ondisk` (mail on the store) → :mod:`spoold.spool` (index,
+scheduler, operations, events) with its rules in :mod:`spoold.outcome` →
+:mod:`spoold.smtp_relay` (over :mod:`spoold.connection_cache` and
+:mod:`spoold.smtp_client`).
 """
 
+from spoold.address import validate_address
 from spoold.body import Body, LineEndingPolicy
+from spoold.clock import Clock, SystemClock
+from spoold.connection_cache import ConnectionCache, RouteSettings, TlsMode
 from spoold.errors import (
+    AddressError,
     BareLineEndingError,
+    ConfigError,
+    ControlError,
+    HopUnavailableError,
+    InsufficientStorageError,
     InvalidIdError,
+    MxError,
+    NoRouteError,
     NotFoundError,
     OperationRefusedError,
     RecordError,
+    SmtpConnectionError,
+    SmtpError,
+    SmtpProtocolError,
+    SmtpReplyError,
+    SmtpServiceClosingError,
+    SmtpTimeoutError,
+    SmtpTlsError,
     SpoolClosedError,
     SpooldError,
     SpoolLockedError,
     StoreError,
 )
+from spoold.events import EventKind, SpoolEvent, Subscription
+from spoold.hooks import ErrorAction, OnErrorHook, PresendDecision, PresendHook
+from spoold.ids import new_id, validate_id
 from spoold.message import (
     Delivered,
     EnvelopeInfo,
@@ -25,35 +56,96 @@ from spoold.message import (
     RelayAttempt,
     Removed,
     RetryInterval,
+    RoutedBatch,
+    RoutedEnvelope,
     SendAt,
     Sending,
     SendNow,
     Status,
 )
+from spoold.ondisk import Unreadable
+from spoold.relay import (
+    AttemptFailed,
+    BodyHandle,
+    Delivery,
+    RecipientResult,
+    Relay,
+    RelayOutcome,
+)
+from spoold.smtp_relay import SmtpRelay
+from spoold.spool import DEFAULT_MIN_FREE_SPACE, DEFAULT_RETRY_INTERVALS, Routes, Spool
 
 __all__ = [
+    # the spool
+    "Spool",
+    "Routes",
+    "DEFAULT_RETRY_INTERVALS",
+    "DEFAULT_MIN_FREE_SPACE",
+    # submissions and records
+    "RoutedBatch",
+    "RoutedEnvelope",
     "Body",
     "LineEndingPolicy",
+    "Message",
+    "EnvelopeInfo",
+    "RetryInterval",
+    "RelayAttempt",
+    "Queue",
+    "Status",
+    "SendNow",
+    "SendAt",
+    "Sending",
+    "Frozen",
+    "Removed",
+    "Quarantined",
+    "Delivered",
+    "Unreadable",
+    "validate_address",
+    "new_id",
+    "validate_id",
+    # relaying
+    "Relay",
+    "RelayOutcome",
+    "Delivery",
+    "AttemptFailed",
+    "RecipientResult",
+    "BodyHandle",
+    "SmtpRelay",
+    "RouteSettings",
+    "TlsMode",
+    "ConnectionCache",
+    # hooks, events, time
+    "PresendHook",
+    "PresendDecision",
+    "OnErrorHook",
+    "ErrorAction",
+    "SpoolEvent",
+    "EventKind",
+    "Subscription",
+    "Clock",
+    "SystemClock",
+    # errors
+    "SpooldError",
+    "AddressError",
     "BareLineEndingError",
+    "ConfigError",
+    "ControlError",
+    "HopUnavailableError",
+    "InsufficientStorageError",
     "InvalidIdError",
+    "MxError",
+    "NoRouteError",
     "NotFoundError",
     "OperationRefusedError",
     "RecordError",
+    "SmtpError",
+    "SmtpConnectionError",
+    "SmtpProtocolError",
+    "SmtpReplyError",
+    "SmtpServiceClosingError",
+    "SmtpTimeoutError",
+    "SmtpTlsError",
     "SpoolClosedError",
-    "SpooldError",
     "SpoolLockedError",
     "StoreError",
-    "Delivered",
-    "EnvelopeInfo",
-    "Frozen",
-    "Message",
-    "Quarantined",
-    "Queue",
-    "RelayAttempt",
-    "Removed",
-    "RetryInterval",
-    "SendAt",
-    "Sending",
-    "SendNow",
-    "Status",
 ]
