@@ -43,7 +43,26 @@ from spoold.errors import HopUnavailableError, SmtpError
 from spoold.hops import parse_hop
 from spoold.smtp_client import SmtpClient
 
-__all__ = ["TlsMode", "RouteSettings", "ConnectionCache", "Connection"]
+__all__ = [
+    "TlsMode",
+    "RouteSettings",
+    "ConnectionCache",
+    "Connection",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_COMMAND_TIMEOUT",
+    "DEFAULT_MESSAGE_TIMEOUT",
+    "DEFAULT_MAX_PER_HOP",
+    "DEFAULT_MAX_TOTAL",
+    "DEFAULT_IDLE_TIMEOUT",
+]
+
+# The one place these defaults are written (the daemon's config reads them).
+DEFAULT_CONNECT_TIMEOUT = 30.0  # seconds
+DEFAULT_COMMAND_TIMEOUT = 300.0
+DEFAULT_MESSAGE_TIMEOUT = 600.0
+DEFAULT_MAX_PER_HOP = 10
+DEFAULT_MAX_TOTAL = 100
+DEFAULT_IDLE_TIMEOUT = 30.0
 
 
 TlsMode = Literal["none", "opportunistic", "required"]
@@ -61,9 +80,9 @@ class RouteSettings:
     client_cert: str | None = None
     client_key: str | None = None
     auth: tuple[str, str] | None = field(default=None, repr=False)
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    message_timeout: float = 600.0
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    message_timeout: float = DEFAULT_MESSAGE_TIMEOUT
     # DATA may take command_timeout plus one second per data_rate bytes.
     data_rate: int = 64 * 1024
     helo_name: str | None = None
@@ -109,9 +128,9 @@ class ConnectionCache:
     def __init__(
         self,
         *,
-        max_per_hop: int = 10,
-        max_total: int = 100,
-        idle_timeout: float = 30.0,
+        max_per_hop: int = DEFAULT_MAX_PER_HOP,
+        max_total: int = DEFAULT_MAX_TOTAL,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         check_after: float = 2.0,
         acquire_timeout: float = 60.0,
         monotonic: Callable[[], float] = time.monotonic,

@@ -94,16 +94,29 @@ from spoold.outcome import attempt_outcome, refusals
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
 from spoold.store import StepHook
 
-__all__ = ["Spool", "Routes", "DEFAULT_RETRY_INTERVALS", "DEFAULT_MIN_FREE_SPACE"]
+__all__ = [
+    "Spool",
+    "Routes",
+    "DEFAULT_MAX_CONCURRENT_SEND_JOBS",
+    "DEFAULT_RETRY_SPANS",
+    "DEFAULT_RETRY_JITTER",
+    "DEFAULT_RETRY_INTERVALS",
+    "DEFAULT_FLUSH_TIMEOUT",
+    "DEFAULT_PING_INTERVAL",
+    "DEFAULT_MIN_FREE_SPACE",
+]
 
 log = structlog.get_logger("spoold.spool")
 
 
+# The one place the spool's defaults are written (the daemon's config reads them).
+DEFAULT_MAX_CONCURRENT_SEND_JOBS = 64
+DEFAULT_RETRY_SPANS = tuple(timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480))
+DEFAULT_RETRY_JITTER = 0.1  # a fraction of each interval
+DEFAULT_RETRY_INTERVALS = RetryInterval.from_spans(DEFAULT_RETRY_SPANS, DEFAULT_RETRY_JITTER)
+DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds
+DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
-
-DEFAULT_RETRY_INTERVALS = RetryInterval.from_spans(
-    [timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480)], 0.1
-)
 
 _LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
 _OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
@@ -189,10 +202,10 @@ class Spool:
         presend: PresendHook | None = None,
         on_error: OnErrorHook | None = None,
         clock: Clock | None = None,
-        max_concurrent_send_jobs: int = 64,
+        max_concurrent_send_jobs: int = DEFAULT_MAX_CONCURRENT_SEND_JOBS,
         default_retry_intervals: Sequence[RetryInterval] = DEFAULT_RETRY_INTERVALS,
-        flush_timeout: float = 10.0,
-        ping_interval: float = 30.0,
+        flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
+        ping_interval: float = DEFAULT_PING_INTERVAL,
         rng: random.Random | None = None,
         max_threads: int = 16,
         min_free_space: int = DEFAULT_MIN_FREE_SPACE,

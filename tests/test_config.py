@@ -15,7 +15,6 @@ import pytest
 
 from spoold.daemon.config import (
     DEFAULT_LISTEN,
-    DEFAULT_RETRY_SPANS,
     Config,
     RouteConfig,
     load_config,
@@ -26,6 +25,7 @@ from spoold.errors import (
     ConfigError,
     SpooldError,
 )
+from spoold.spool import DEFAULT_RETRY_SPANS
 from spoold.times import format_span, parse_size, parse_span
 
 REPO = Path(__file__).absolute().parent.parent

@@ -24,6 +24,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar, cast, get_args
 
+from spoold import connection_cache as _cache
+from spoold import spool as _spool
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import TlsMode
 from spoold.errors import (
@@ -55,7 +57,6 @@ _T = TypeVar("_T")
 # ------------------------------------------------------------ the values
 
 
-DEFAULT_RETRY_SPANS = tuple(timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480))
 DEFAULT_LISTEN = ("127.0.0.1:2525",)
 DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1/128")
 
@@ -63,11 +64,11 @@ DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1/128")
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     dir: Path
-    max_concurrent_send_jobs: int = 64
-    retry_intervals: tuple[timedelta, ...] = DEFAULT_RETRY_SPANS
-    retry_jitter: float = 0.1
-    flush_timeout: timedelta = timedelta(seconds=30)
-    min_free_space: int = 64 * 1024 * 1024
+    max_concurrent_send_jobs: int = _spool.DEFAULT_MAX_CONCURRENT_SEND_JOBS
+    retry_intervals: tuple[timedelta, ...] = _spool.DEFAULT_RETRY_SPANS
+    retry_jitter: float = _spool.DEFAULT_RETRY_JITTER
+    flush_timeout: timedelta = timedelta(seconds=_spool.DEFAULT_FLUSH_TIMEOUT)
+    min_free_space: int = _spool.DEFAULT_MIN_FREE_SPACE
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +117,12 @@ class HooksConfig:
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
     default_route: str = ""
-    connect_timeout: timedelta = timedelta(seconds=30)
-    command_timeout: timedelta = timedelta(minutes=5)
-    message_timeout: timedelta = timedelta(minutes=10)
-    max_connections_per_hop: int = 10
-    max_connections: int = 100
-    idle_timeout: timedelta = timedelta(seconds=30)
+    connect_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_CONNECT_TIMEOUT)
+    command_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_COMMAND_TIMEOUT)
+    message_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_MESSAGE_TIMEOUT)
+    max_connections_per_hop: int = _cache.DEFAULT_MAX_PER_HOP
+    max_connections: int = _cache.DEFAULT_MAX_TOTAL
+    idle_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_IDLE_TIMEOUT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +174,14 @@ def restart_needed(old: Config, new: Config) -> list[str]:
 
 
 class _Table:
-    """Reads one TOML table, collecting problems instead of stopping."""
+    """Reads one TOML table, collecting problems instead of stopping. A key
+    that is absent (or wrong) takes its value from ``defaults``, an instance
+    of the table's dataclass: defaults are written there, and only there."""
 
-    def __init__(self, raw: object, prefix: str, problems: list[str], base: Path) -> None:
+    def __init__(
+        self, raw: object, prefix: str, problems: list[str], base: Path, defaults: object = None
+    ) -> None:
+        self.defaults = defaults
         self.prefix = prefix
         self.problems = problems
         self.base = base
@@ -190,7 +196,8 @@ class _Table:
     def _key(self, key: str) -> str:
         return f"{self.prefix}.{key}" if self.prefix else key
 
-    def get(self, key: str, default: _T, convert: Callable[[object], _T]) -> _T:
+    def get(self, key: str, convert: Callable[[object], _T]) -> _T:
+        default: _T = getattr(self.defaults, key)
         self.seen.add(key)
         if key not in self.raw:
             return default
@@ -200,12 +207,13 @@ class _Table:
             self.problems.append(f"{self._key(key)}: {exc}")
             return default
 
-    def require(self, key: str, convert: Callable[[object], _T], default: _T) -> _T:
+    def require(self, key: str, convert: Callable[[object], _T]) -> _T:
         if key not in self.raw:
             self.seen.add(key)
             self.problems.append(f"{self._key(key)}: required")
+            default: _T = getattr(self.defaults, key)
             return default
-        return self.get(key, default, convert)
+        return self.get(key, convert)
 
     def done(self) -> None:
         for key in sorted(set(self.raw) - self.seen):
@@ -366,47 +374,51 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         top.seen.add(key)
     top.done()
 
-    t = _Table(raw.get("spool"), "spool", problems, base)
-    spool_dir = t.require("dir", resolve, base / "spool")
+    t = _Table(raw.get("spool"), "spool", problems, base, SpoolConfig(dir=base / "spool"))
+    spool_dir = t.require("dir", resolve)
     spool = SpoolConfig(
         dir=spool_dir,
-        max_concurrent_send_jobs=t.get("max_concurrent_send_jobs", 64, _int(1, 100_000)),
-        retry_intervals=t.get("retry_intervals", DEFAULT_RETRY_SPANS, _list(parse_span)),
-        retry_jitter=t.get("retry_jitter", 0.1, _fraction),
-        flush_timeout=t.get("flush_timeout", timedelta(seconds=30), parse_span),
-        min_free_space=t.get("min_free_space", 64 * 1024 * 1024, parse_size),
+        max_concurrent_send_jobs=t.get("max_concurrent_send_jobs", _int(1, 100_000)),
+        retry_intervals=t.get("retry_intervals", _list(parse_span)),
+        retry_jitter=t.get("retry_jitter", _fraction),
+        flush_timeout=t.get("flush_timeout", parse_span),
+        min_free_space=t.get("min_free_space", parse_size),
     )
     t.done()
 
-    t = _Table(raw.get("control"), "control", problems, base)
+    t = _Table(
+        raw.get("control"),
+        "control",
+        problems,
+        base,
+        ControlConfig(socket=spool_dir / "control.sock"),
+    )
     control = ControlConfig(
-        socket=t.get("socket", spool_dir / "control.sock", resolve),
-        mode=t.get("mode", 0o660, _mode),
+        socket=t.get("socket", resolve),
+        mode=t.get("mode", _mode),
     )
     t.done()
 
     smtp: SmtpConfig | None = None
     if "smtp" in raw:
-        t = _Table(raw.get("smtp"), "smtp", problems, base)
+        t = _Table(raw.get("smtp"), "smtp", problems, base, SmtpConfig())
         smtp = SmtpConfig(
-            listen=t.get("listen", DEFAULT_LISTEN, _list(_listen_address)),
-            max_message_size=t.get("max_message_size", 32 * 1024 * 1024, parse_size),
-            max_recipients=t.get("max_recipients", 100, _int(1)),
-            max_connections=t.get("max_connections", 100, _int(1)),
-            max_line_length=t.get("max_line_length", 998, _int(78)),
-            bare_line_endings=t.get(
-                "bare_line_endings", LineEndingPolicy.REJECT, _enum(LineEndingPolicy)
-            ),
-            relay_networks=t.get("relay_networks", DEFAULT_RELAY_NETWORKS, _list(_network)),
-            tls_cert=t.get("tls_cert", None, optional_path),
-            tls_key=t.get("tls_key", None, optional_path),
-            require_tls=t.get("require_tls", False, _bool),
-            auth_file=t.get("auth_file", None, optional_path),
-            max_connections_per_client=t.get("max_connections_per_client", 10, _int(1)),
-            timeout=t.get("timeout", timedelta(minutes=5), _positive_span),
-            max_junk_commands=t.get("max_junk_commands", 100, _int(1)),
-            max_auth_failures=t.get("max_auth_failures", 3, _int(1)),
-            auth_failure_delay=t.get("auth_failure_delay", timedelta(seconds=1), parse_span),
+            listen=t.get("listen", _list(_listen_address)),
+            max_message_size=t.get("max_message_size", parse_size),
+            max_recipients=t.get("max_recipients", _int(1)),
+            max_connections=t.get("max_connections", _int(1)),
+            max_line_length=t.get("max_line_length", _int(78)),
+            bare_line_endings=t.get("bare_line_endings", _enum(LineEndingPolicy)),
+            relay_networks=t.get("relay_networks", _list(_network)),
+            tls_cert=t.get("tls_cert", optional_path),
+            tls_key=t.get("tls_key", optional_path),
+            require_tls=t.get("require_tls", _bool),
+            auth_file=t.get("auth_file", optional_path),
+            max_connections_per_client=t.get("max_connections_per_client", _int(1)),
+            timeout=t.get("timeout", _positive_span),
+            max_junk_commands=t.get("max_junk_commands", _int(1)),
+            max_auth_failures=t.get("max_auth_failures", _int(1)),
+            auth_failure_delay=t.get("auth_failure_delay", parse_span),
         )
         t.done()
         if (smtp.tls_cert is None) != (smtp.tls_key is None):
@@ -423,15 +435,15 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                 "smtp.tls_cert and smtp.tls_key, or listen on loopback addresses only"
             )
 
-    t = _Table(raw.get("log"), "log", problems, base)
+    t = _Table(raw.get("log"), "log", problems, base, LogConfig())
     log = LogConfig(
-        format=t.get("format", "auto", _choice("auto", "json", "console")),
-        level=t.get("level", "info", _choice("debug", "info", "warning", "error")),
+        format=t.get("format", _choice("auto", "json", "console")),
+        level=t.get("level", _choice("debug", "info", "warning", "error")),
     )
     t.done()
 
-    t = _Table(raw.get("metrics"), "metrics", problems, base)
-    metrics_listen = t.get("listen", "", _str)
+    t = _Table(raw.get("metrics"), "metrics", problems, base, MetricsConfig())
+    metrics_listen = t.get("listen", _str)
     if metrics_listen:
         try:
             _listen_address(metrics_listen)
@@ -440,19 +452,19 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     metrics = MetricsConfig(listen=metrics_listen)
     t.done()
 
-    t = _Table(raw.get("hooks"), "hooks", problems, base)
-    hooks = HooksConfig(presend=t.get("presend", "", _hook), on_error=t.get("on_error", "", _hook))
+    t = _Table(raw.get("hooks"), "hooks", problems, base, HooksConfig())
+    hooks = HooksConfig(presend=t.get("presend", _hook), on_error=t.get("on_error", _hook))
     t.done()
 
-    t = _Table(raw.get("relay"), "relay", problems, base)
+    t = _Table(raw.get("relay"), "relay", problems, base, RelayConfig())
     relay = RelayConfig(
-        default_route=t.get("default_route", "", _str),
-        connect_timeout=t.get("connect_timeout", timedelta(seconds=30), parse_span),
-        command_timeout=t.get("command_timeout", timedelta(minutes=5), parse_span),
-        message_timeout=t.get("message_timeout", timedelta(minutes=10), parse_span),
-        max_connections_per_hop=t.get("max_connections_per_hop", 10, _int(1)),
-        max_connections=t.get("max_connections", 100, _int(1)),
-        idle_timeout=t.get("idle_timeout", timedelta(seconds=30), parse_span),
+        default_route=t.get("default_route", _str),
+        connect_timeout=t.get("connect_timeout", parse_span),
+        command_timeout=t.get("command_timeout", parse_span),
+        message_timeout=t.get("message_timeout", parse_span),
+        max_connections_per_hop=t.get("max_connections_per_hop", _int(1)),
+        max_connections=t.get("max_connections", _int(1)),
+        idle_timeout=t.get("idle_timeout", parse_span),
     )
     t.done()
 
@@ -464,19 +476,19 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     hop_owner: dict[str, str] = {}
     domain_owner: dict[str, str] = {}
     for name, body in raw_routes.items():
-        t = _Table(body, f"routes.{name}", problems, base)
+        t = _Table(body, f"routes.{name}", problems, base, RouteConfig(name=name))
         route = RouteConfig(
             name=name,
-            domains=t.get("domains", (), _list(_domain)),
-            next_hops=t.get("next_hops", (), _list(_hop)),
-            mx=t.get("mx", False, _bool),
-            tls=t.get("tls", "opportunistic", _tls_mode),
-            verify_certificates=t.get("verify_certificates", True, _bool),
-            ca_file=t.get("ca_file", None, optional_path),
-            client_cert=t.get("client_cert", None, optional_path),
-            client_key=t.get("client_key", None, optional_path),
-            auth_file=t.get("auth_file", None, optional_path),
-            retry_intervals=t.get("retry_intervals", None, _list(parse_span)),
+            domains=t.get("domains", _list(_domain)),
+            next_hops=t.get("next_hops", _list(_hop)),
+            mx=t.get("mx", _bool),
+            tls=t.get("tls", _tls_mode),
+            verify_certificates=t.get("verify_certificates", _bool),
+            ca_file=t.get("ca_file", optional_path),
+            client_cert=t.get("client_cert", optional_path),
+            client_key=t.get("client_key", optional_path),
+            auth_file=t.get("auth_file", optional_path),
+            retry_intervals=t.get("retry_intervals", _list(parse_span)),
         )
         t.done()
         if not route.mx and ("next_hops" not in t.raw or t.raw["next_hops"] == []):
