@@ -572,15 +572,22 @@ async def test_bad_control_requests_get_error_replies_and_serving_goes_on(
         b'{"op": "ping"}\n': "unsupported protocol version None",
         b'{"v": 1, "op": "launch"}\n': "unknown operation 'launch'",
         b'{"v": 1}\n': "unknown operation None",
-        b'{"v": 1, "op": "freeze", "ids": "' + frozen_id.encode() + b'"}\n': "'ids'",
-        b'{"v": 1, "op": "freeze", "ids": []}\n': "'ids'",
-        b'{"v": 1, "op": "remove", "ids": [1, 2]}\n': "'ids'",
+        b'{"v": 1, "op": "freeze", "ids": "' + frozen_id.encode() + b'"}\n': "at `$.ids`",
+        b'{"v": 1, "op": "freeze", "ids": []}\n': "a non-empty list of message ids",
+        b'{"v": 1, "op": "remove", "ids": [1, 2]}\n': "at `$.ids[0]`",
+        b'{"v": 1, "op": "freeze", "idz": ["x"]}\n': "unknown field `idz`",
         b'{"v": 1, "op": "remove", "ids": ["../../etc/passwd"]}\n': "not a message id",
         b'{"v": 1, "op": "show", "id": "a/b"}\n': "not a message id",
-        b'{"v": 1, "op": "status", "queue": "removed"}\n': "queue must be",
-        b'{"v": 1, "op": "send", "which": "everything"}\n': "which must be",
+        b'{"v": 1, "op": "status", "queue": "removed"}\n': (
+            "queue must be one of all, active, frozen, quarantine, got 'removed'"
+        ),
+        b'{"v": 1, "op": "send", "which": "everything"}\n': (
+            "which must be one of ids, all, frozen_only"
+        ),
         b'{"v": 1, "op": "send", "ids": ["x"], "retry_intervals": ["soon"]}\n': "span",
-        b'{"v": 1, "op": "recover", "ids": ["x"], "from": "active"}\n': "'from'",
+        b'{"v": 1, "op": "recover", "ids": ["x"], "from": "active"}\n': (
+            "from must be one of removed, quarantine, got 'active'"
+        ),
         b'{"v": 1, "op": "check", "max_age": "old"}\n': "max_age",
         b"[" * 200_000 + b"\n": "not a JSON request",  # RecursionError in json
     }

@@ -334,7 +334,7 @@ async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
         ) as spool:
             daemon = Daemon(config)
             daemon._submitter = Submitter(spool, lambda: daemon.live.router)
-            server = ControlServer(spool, submit=daemon._submit_request)
+            server = ControlServer(spool, daemon)
             async with anyio.create_task_group() as tg:
                 await tg.start(server.serve, config.control.socket, config.control.mode)
                 done = await sendmail(config_path, "alice@example.com", stdin=b"Subject: x\n\nx\n")

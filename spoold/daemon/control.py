@@ -66,15 +66,17 @@ import base64
 import contextlib
 import json
 import os
+import re
 import socket as socketlib
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, Literal, Protocol, TypeVar, cast, get_args, get_origin
 
 import anyio
 import anyio.abc
+import msgspec
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -103,7 +105,8 @@ __all__ = [
     "REQUEST_TIMEOUT",
     "MAX_CLIENTS",
     "ControlServer",
-    "SubmitHandler",
+    "DaemonOperations",
+    "OPERATIONS",
     "ControlClient",
     "message_view",
     "unreadable_view",
@@ -183,6 +186,8 @@ def describe_view(found: Message | Unreadable) -> dict[str, Any]:
     return unreadable_view(found) if isinstance(found, Unreadable) else message_view(found)
 
 
+_P = TypeVar("_P", bound="_Params")
+
 _KINDS: frozenset[str] = frozenset(get_args(ControlErrorKind))
 
 
@@ -190,13 +195,6 @@ def _reply_kind(reply: dict[str, Any]) -> ControlErrorKind:
     """The ``kind`` of an error reply (an unknown one reads as internal)."""
     kind = reply.get("kind")
     return cast(ControlErrorKind, kind) if kind in _KINDS else "internal"
-
-
-def _ids(request: dict[str, Any]) -> list[str]:
-    ids = request.get("ids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise InvalidIdError("expected 'ids': a non-empty list of message ids")
-    return ids
 
 
 def _json_default(value: object) -> object:
@@ -209,10 +207,186 @@ def _encode(obj: object) -> bytes:
     return json.dumps(obj, default=_json_default, separators=(",", ":")).encode() + b"\n"
 
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-SubmitHandler = Callable[[dict[str, Any], bytes], Awaitable[Any]]
-"""``submit(request, content)``: the request's fields (``sender``,
-``recipients``) and the message, already read and within the size limit."""
+class DaemonOperations(Protocol):
+    """What the daemon adds to the spool's own operations (the
+    :class:`~spoold.daemon.main.Daemon` is one)."""
+
+    async def reload(self) -> dict[str, Any]: ...
+
+    async def info(self) -> dict[str, Any]: ...
+
+    async def count(self) -> dict[str, int]: ...
+
+    async def check(self, max_age: float) -> list[str]: ...
+
+    async def submit(self, sender: str, recipients: list[str], content: bytes) -> list[str]: ...
+
+
+# ------------------------------------------------------ the operations
+# One table: operation name -> (its parameters, its handler). The request
+# object (without "v" and "op") is decoded into the parameters' type, which
+# refuses unknown or ill-typed fields with a message naming the field.
+
+
+class _Params(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class _NoParams(_Params):
+    pass
+
+
+class _StatusParams(_Params):
+    queue: Literal["all", "active", "frozen", "quarantine"] = "all"
+
+
+class _IdsParams(_Params):
+    ids: list[str]
+
+
+class _SendParams(_Params):
+    which: Literal["ids", "all", "frozen_only"] = "ids"
+    ids: list[str] = []
+    retry_intervals: list[str] = []
+
+
+class _RerouteParams(_Params):
+    which: Literal["ids", "all"] = "ids"
+    ids: list[str] = []
+
+
+class _RecoverParams(_Params):
+    ids: list[str]
+    source: Literal["removed", "quarantine"] = msgspec.field(name="from")
+
+
+class _ShowParams(_Params):
+    id: str
+    body: bool = False
+
+
+class _CheckParams(_Params):
+    max_age: float = 3600.0
+
+
+class _SubmitParams(_Params):
+    sender: str
+    recipients: list[str]
+    content_length: int | msgspec.UnsetType = msgspec.UNSET  # the message follows, raw
+    content: str | msgspec.UnsetType = msgspec.UNSET  # or (older clients) base64 in the line
+
+
+def _require_ids(ids: list[str]) -> list[str]:
+    if not ids:
+        raise InvalidIdError("expected 'ids': a non-empty list of message ids")
+    return ids
+
+
+async def _ping(server: ControlServer, p: _NoParams) -> Any:
+    return "pong"
+
+
+async def _status(server: ControlServer, p: _StatusParams) -> Any:
+    if p.queue == "quarantine":
+        readable, unreadable = await server.spool.quarantined()
+        views = [message_view(m) for m in readable] + [unreadable_view(u) for u in unreadable]
+        return sorted(views, key=lambda v: str(v["id"]))
+    return [
+        message_view(m)
+        for m in server.spool.status()
+        if p.queue == "all" or queue_of(m.status) == p.queue
+    ]
+
+
+async def _freeze(server: ControlServer, p: _IdsParams) -> Any:
+    await server.spool.freeze(_require_ids(p.ids))
+
+
+async def _send(server: ControlServer, p: _SendParams) -> Any:
+    intervals = RetryInterval.from_spans([parse_span(s) for s in p.retry_intervals], 0.0)
+    if p.which == "ids":
+        return await server.spool.send(_require_ids(p.ids), retry_intervals=intervals)
+    return await server.spool.send(which=p.which, retry_intervals=intervals)
+
+
+async def _remove(server: ControlServer, p: _IdsParams) -> Any:
+    await server.spool.remove(_require_ids(p.ids))
+
+
+async def _reroute(server: ControlServer, p: _RerouteParams) -> Any:
+    if p.which == "ids":
+        return await server.spool.reroute(_require_ids(p.ids))
+    return await server.spool.reroute(which="all")
+
+
+async def _recover(server: ControlServer, p: _RecoverParams) -> Any:
+    await server.spool.recover(_require_ids(p.ids), from_=p.source)
+
+
+async def _show(server: ControlServer, p: _ShowParams) -> Any:
+    found = await server.spool.describe(p.id)
+    view = describe_view(found)
+    if p.body:
+        body = await server.spool.ondisk.read_body(found.id)
+        view["body"] = base64.b64encode(body.content()).decode()
+    return view
+
+
+async def _reload(server: ControlServer, p: _NoParams) -> Any:
+    return await server.daemon_operations().reload()
+
+
+async def _info(server: ControlServer, p: _NoParams) -> Any:
+    return await server.daemon_operations().info()
+
+
+async def _count(server: ControlServer, p: _NoParams) -> Any:
+    return await server.daemon_operations().count()
+
+
+async def _check(server: ControlServer, p: _CheckParams) -> Any:
+    return await server.daemon_operations().check(p.max_age)
+
+
+_Handler = Callable[["ControlServer", Any], Awaitable[Any]]
+
+OPERATIONS: dict[str, tuple[type[_Params], _Handler]] = {
+    "ping": (_NoParams, _ping),
+    "status": (_StatusParams, _status),
+    "freeze": (_IdsParams, _freeze),
+    "send": (_SendParams, _send),
+    "remove": (_IdsParams, _remove),
+    "reroute": (_RerouteParams, _reroute),
+    "recover": (_RecoverParams, _recover),
+    "show": (_ShowParams, _show),
+    "reload": (_NoParams, _reload),
+    "info": (_NoParams, _info),
+    "count": (_NoParams, _count),
+    "check": (_CheckParams, _check),
+    # and two with a framing of their own, served by ControlServer itself:
+    # "submit" (_SubmitParams, then the message) and "events" (a stream)
+}
+
+
+def _params(op: str, kind: type[_P], request: dict[str, Any]) -> _P:
+    fields = {k: v for k, v in request.items() if k not in ("v", "op")}
+    try:
+        return msgspec.convert(fields, kind)
+    except msgspec.ValidationError as exc:
+        raise ValueError(_explain(kind, fields, str(exc))) from None
+
+
+def _explain(kind: type[_Params], fields: dict[str, Any], text: str) -> str:
+    """msgspec's text, or for a closed choice the choices themselves."""
+    m = re.search(r"- at `\$\.(\w+)`$", text)
+    if m is None:
+        return text
+    name = m.group(1)
+    for info in msgspec.structs.fields(kind):
+        if info.encode_name == name and get_origin(info.type) is Literal:
+            choices = ", ".join(str(c) for c in get_args(info.type))
+            return f"{name} must be one of {choices}, got {fields.get(name)!r}"
+    return text
 
 
 def _size_text(size: int) -> str:
@@ -235,20 +409,20 @@ class ControlServer:
     """Serves the control protocol for a running spool (see the module
     docstring for the limits).
 
-    ``extra`` maps further operations (``reload``, ``check``, ``info``,
-    ``count``) to coroutines the daemon provides; ``submit`` takes the
-    messages of ``spoold sendmail``, at most ``max_message_size()`` bytes
-    each (read at every submit, so a reload applies). ``accept_failures``
-    is where accept errors for lack of resources are counted and logged
-    (the daemon shares one with its other listeners).
+    The operations are :data:`OPERATIONS`; those the daemon adds (``reload``,
+    ``info``, ``count``, ``check``, ``submit``) go to ``daemon`` (without
+    one, they are refused as unavailable). ``submit`` takes the messages of
+    ``spoold sendmail``, at most ``max_message_size()`` bytes each (read at
+    every submit, so a reload applies). ``accept_failures`` is where accept
+    errors for lack of resources are counted and logged (the daemon shares
+    one with its other listeners).
     """
 
     def __init__(
         self,
         spool: Spool,
-        extra: dict[str, Handler] | None = None,
+        daemon: DaemonOperations | None = None,
         *,
-        submit: SubmitHandler | None = None,
         max_message_size: Callable[[], int] = _default_max_message_size,
         accept_failures: AcceptFailures | None = None,
         max_request: int = MAX_REQUEST,
@@ -258,14 +432,18 @@ class ControlServer:
         if max_request < 1 or max_clients < 1 or not request_timeout > 0:
             raise ValueError("control server limits must be positive")
         self.spool = spool
-        self.extra = dict(extra or {})
-        self.submit = submit
+        self.daemon = daemon
         self.max_message_size = max_message_size
         self.accept_failures = accept_failures or AcceptFailures()
         self.max_request = max_request
         self.request_timeout = request_timeout
         self.max_clients = max_clients
         self.clients = 0  # connections being served now, events subscribers included
+
+    def daemon_operations(self) -> DaemonOperations:
+        if self.daemon is None:
+            raise OperationRefusedError("this control server has no daemon to ask")
+        return self.daemon
 
     async def serve(
         self,
@@ -364,10 +542,13 @@ class ControlServer:
         if op == "events":
             await self._events(stream, reader)
             return
-        if op == "submit" and self.submit is not None:
-            reply = await self._submit(reader, request, self.submit)
+        if op == "submit":
+            reply = await self._submit(reader, request)
+        elif isinstance(op, str) and op in OPERATIONS:
+            kind, handler = OPERATIONS[op]
+            reply = await self._dispatch(op, lambda: handler(self, _params(op, kind, request)))
         else:
-            reply = await self._dispatch(op, lambda: self._run(op, request))
+            reply = _error("invalid", f"unknown operation {op!r}")
         await self._reply(stream, reply)
 
     async def _read_line(
@@ -391,17 +572,18 @@ class ControlServer:
         )
 
     async def _submit(
-        self,
-        reader: BufferedByteReceiveStream,
-        request: dict[str, Any],
-        submit: SubmitHandler,
+        self, reader: BufferedByteReceiveStream, request: dict[str, Any]
     ) -> dict[str, Any]:
-        if "content_length" in request and "content" in request:
+        try:
+            p = _params("submit", _SubmitParams, request)
+        except ValueError as exc:
+            return _error("invalid", f"submit: {exc}")
+        if p.content_length is not msgspec.UNSET and p.content is not msgspec.UNSET:
             return _error("invalid", "submit: give content_length or content, not both")
         limit = self.max_message_size()
-        if "content_length" in request:
-            length = request["content_length"]
-            if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        if not isinstance(p.content_length, msgspec.UnsetType):
+            length = p.content_length
+            if length < 0:
                 return _error("invalid", "submit: content_length must be a number of bytes")
             if length > limit:
                 return _error("invalid", _too_large(length, limit))  # before reading any of it
@@ -414,12 +596,18 @@ class ControlServer:
                 )
         else:  # an older client: base64 inside the line
             try:
-                content = base64.b64decode(request.get("content", ""), validate=True)
+                encoded = "" if isinstance(p.content, msgspec.UnsetType) else p.content
+                content = base64.b64decode(encoded, validate=True)
             except (ValueError, TypeError):
                 return _error("invalid", "submit: content must be base64")
             if len(content) > limit:
                 return _error("invalid", _too_large(len(content), limit))
-        return await self._dispatch("submit", lambda: submit(request, content))
+        daemon = self.daemon
+        if daemon is None:
+            return _error("refused", "submit: this control server has no daemon to ask")
+        return await self._dispatch(
+            "submit", lambda: daemon.submit(p.sender, p.recipients, content)
+        )
 
     async def _read_content(self, reader: BufferedByteReceiveStream, length: int) -> bytes | None:
         """Exactly ``length`` bytes, or None if the client stops short or
@@ -491,67 +679,6 @@ class ControlServer:
             log.exception("control request failed", op=op)
             return _error("internal", f"{op}: {exc!r}")
         return {"ok": True, "result": result}
-
-    async def _run(self, op: object, request: dict[str, Any]) -> Any:
-        spool = self.spool
-        override = self.extra.get(op) if isinstance(op, str) else None
-        if override is not None:
-            return await override(request)
-        if op == "ping":
-            return "pong"
-        if op == "status":
-            queue = request.get("queue", "all")
-            if queue == "quarantine":
-                readable, unreadable = await spool.quarantined()
-                views = [message_view(m) for m in readable]
-                views += [unreadable_view(u) for u in unreadable]
-                return sorted(views, key=lambda v: str(v["id"]))
-            if queue not in ("all", "active", "frozen"):
-                raise ValueError("queue must be all, active, frozen or quarantine")
-            return [
-                message_view(m)
-                for m in spool.status()
-                if queue == "all" or queue_of(m.status) == queue
-            ]
-        if op == "freeze":
-            await spool.freeze(_ids(request))
-            return None
-        if op == "send":
-            spans = request.get("retry_intervals", [])
-            if not isinstance(spans, list):
-                raise ValueError("retry_intervals must be a list of spans")
-            intervals = RetryInterval.from_spans([parse_span(s) for s in spans], 0.0)
-            which = request.get("which", "ids")
-            if which == "ids":
-                return await spool.send(_ids(request), retry_intervals=intervals)
-            if which in ("all", "frozen_only"):
-                return await spool.send(which=which, retry_intervals=intervals)
-            raise ValueError("which must be ids, all or frozen_only")
-        if op == "remove":
-            await spool.remove(_ids(request))
-            return None
-        if op == "reroute":
-            which = request.get("which", "ids")
-            if which == "ids":
-                return await spool.reroute(_ids(request))
-            if which == "all":
-                return await spool.reroute(which="all")
-            raise ValueError("which must be ids or all")
-        if op == "recover":
-            source = request.get("from")
-            if source not in ("removed", "quarantine"):
-                raise ValueError("'from' must be removed or quarantine")
-            await spool.recover(_ids(request), from_=source)
-            return None
-        if op == "show":
-            mid = request.get("id")
-            found = await spool.describe(mid if isinstance(mid, str) else "")
-            view = describe_view(found)
-            if request.get("body"):
-                body = await spool.ondisk.read_body(found.id)
-                view["body"] = base64.b64encode(body.content()).decode()
-            return view
-        raise ValueError(f"unknown operation {op!r}")
 
 
 def _error(kind: ControlErrorKind, text: str) -> dict[str, Any]:

@@ -222,13 +222,7 @@ class Daemon:
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
             server = ControlServer(
                 spool,
-                extra={
-                    "reload": self._reload_request,
-                    "check": self._check_request,
-                    "info": self._info_request,
-                    "count": self._count_request,
-                },
-                submit=self._submit_request,
+                self,
                 max_message_size=self._max_message_size,
                 accept_failures=self.accept_failures,
             )
@@ -394,9 +388,6 @@ class Daemon:
 
     # ---------------------------------------------------- control extras
 
-    async def _reload_request(self, request: dict[str, Any]) -> Any:
-        return await self.reload()
-
     def _listener_settings(self) -> ListenerSettings:
         settings = self.live.listener
         assert settings is not None
@@ -406,13 +397,15 @@ class Daemon:
         """The listener's size limit applies to ``spoold sendmail`` too."""
         return (self.live.config.smtp or SmtpConfig()).max_message_size
 
-    async def _submit_request(self, request: dict[str, Any], content: bytes) -> Any:
+    # ------------------------------------ what the control socket adds
+
+    async def submit(self, sender: str, recipients: list[str], content: bytes) -> list[str]:
         """A message from ``spoold sendmail`` (the control server has read
         its content and checked its size). The control socket is a way in
         of its own: the envelope is validated here again, never rewritten."""
         assert self._submitter is not None
-        sender = validate_address(request.get("sender", ""), role="sender", smtputf8=True)
-        recipients = validate_recipients(request.get("recipients"), smtputf8=True)
+        sender = validate_address(sender, role="sender", smtputf8=True)
+        recipients = validate_recipients(recipients, smtputf8=True)
         if not content:
             raise ValueError("an empty message (no content) is not accepted")
         limits = self.live.config.smtp or SmtpConfig()  # the listener's limits apply too
@@ -429,7 +422,7 @@ class Daemon:
             policy=LineEndingPolicy.NORMALIZE,  # local programs write LF
         )
 
-    async def _count_request(self, request: dict[str, Any]) -> Any:
+    async def count(self) -> dict[str, int]:
         """The same keys as ``count`` without a daemon: active and frozen
         from memory, removed and quarantine from the directory listing."""
         assert self._spool is not None
@@ -438,7 +431,7 @@ class Daemon:
             counts[queue.value] = await self._spool.ondisk.count(queue)
         return counts
 
-    async def _info_request(self, request: dict[str, Any]) -> Any:
+    async def info(self) -> dict[str, Any]:
         cfg = self.live.config
         return {
             "pid": os.getpid(),
@@ -451,12 +444,9 @@ class Daemon:
             "log_level": cfg.log.level,
         }
 
-    async def _check_request(self, request: dict[str, Any]) -> Any:
+    async def check(self, max_age: float) -> list[str]:
         assert self._spool is not None
-        max_age = request.get("max_age", 3600)
-        if not isinstance(max_age, int | float):
-            raise ValueError("max_age must be a number of seconds")
-        return [str(p) for p in await self._spool.ondisk.check(float(max_age))]
+        return [str(p) for p in await self._spool.ondisk.check(max_age)]
 
 
 async def run(config_path: str) -> int:
