@@ -599,7 +599,7 @@ class Sandbox:
         "\n__SKIP='^declare -[a-zA-Z-]*r|^declare -[a-zA-Z-]* (BASH[A-Z_]*|FUNCNAME|GROUPS"
         "|DIRSTACK|PIPESTATUS|S?RANDOM|SECONDS|LINENO|HISTCMD|EPOCH[A-Z]*|OPTIND|OPTARG"
         "|PWD|OLDPWD|SHLVL|_|__rc|__STATE|__SKIP|COLUMNS|LINES)(=|$)'\n"
-        "__save_state() { { declare -p | grep -Ev \"$__SKIP\"; declare -f; "
+        '__save_state() { { declare -p | grep -Ev "$__SKIP"; declare -f; '
         'printf "cd %q\\n" "$PWD"; } > "$__STATE"; }\n'
     )
 
