@@ -22,10 +22,12 @@ Conventions (also stated in docs/README.md):
 How a file runs: its blocks run in order, like a reader's terminal, in a
 fresh sandbox (a temporary copy of the project layout: ``config/``,
 ``docs/``, ``systemd/``, README, Makefile, pyproject.toml, and ``.venv``
-linking to this checkout's venv; ``var/`` is the sandbox's own). Exported
-variables, shell functions and the working directory carry over from one
-block to the next. Each block is bounded in time; a block that fails fails
-the test with its file, line and output.
+linking to this checkout's venv; ``var/`` is the sandbox's own), with a
+fixed locale (``C.UTF-8``). Shell variables, functions and the working
+directory carry over from one block to the next. Each block is bounded in
+time; a block that fails fails the test with its file, line and output. At
+the end the daemon must stop cleanly, and whatever the blocks left running
+is killed.
 
 * README.md runs as a fresh checkout: nothing on PATH but the system's, no
   daemon until the README starts one (``make run``).
@@ -41,7 +43,7 @@ the test with its file, line and output.
   --root``, ``systemd-tmpfiles --root``, ``systemctl --root``), and the
   staged tree is checked afterwards.
 
-Before each console command (but in install blocks) the test waits until
+Before each console command (except in install blocks) the test waits until
 the daemon, if one runs, has no attempt under way or about to start, as a
 person typing the next command would find it: outputs do not depend on how
 fast the machine is.
