@@ -17,6 +17,7 @@ from spoold.daemon.config import (
     DEFAULT_LISTEN,
     Config,
     RouteConfig,
+    SmtpConfig,
     load_config,
     parse_config,
     restart_needed,
@@ -47,7 +48,7 @@ def test_sample_config_loads_and_resolves_paths_against_its_directory() -> None:
     assert cfg.spool.retry_intervals == DEFAULT_RETRY_SPANS
     assert cfg.spool.retry_jitter == 0.1
     assert cfg.spool.flush_timeout == timedelta(seconds=30)
-    assert cfg.smtp is None  # the [smtp] table is commented out in the sample
+    assert cfg.smtp == SmtpConfig()  # on, at 127.0.0.1:2525, every limit at its default
     assert cfg.log.format == "auto"
     assert cfg.log.level == "info"
     assert cfg.metrics.listen == ""
