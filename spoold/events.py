@@ -126,6 +126,12 @@ class Subscription:
 
 
 class EventHub:
+    """Fans each published event out to every subscriber. Publishing never
+    waits and never fails: a subscriber whose buffer (``max_buffer`` events)
+    is full misses events and is told how many with one ``overflow`` event.
+    Events reach a subscriber in the order they were published; a
+    subscription sees only events published after it was made."""
+
     def __init__(self, max_buffer: int = 10_000) -> None:
         self._subscribers: set[Subscription] = set()
         self._max_buffer = max_buffer

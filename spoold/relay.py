@@ -79,12 +79,18 @@ class RecipientResult:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
+    """A hop answered: ``recipients`` maps each recipient to its answer;
+    ``hop`` is the next hop that gave them."""
+
     recipients: Mapping[str, RecipientResult]
     hop: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class AttemptFailed:
+    """No hop answered for any recipient (none reachable, a timeout, a 421
+    or a lost connection before the end of DATA): everyone is tried later."""
+
     error: str
 
 
@@ -263,6 +269,21 @@ class _Chunks:
 
 
 class Relay(Protocol):
+    """What the spool asks of a relay: one attempt at one message.
+
+    ``relay(message, body, recipients)`` gets a snapshot of the record
+    (changing it changes nothing), a handle on the body file (read it
+    through :meth:`BodyHandle.open`, never write it) and the recipients
+    still to deliver. It returns a :class:`Delivery` with one
+    :class:`RecipientResult` per recipient it reached a hop for (a
+    recipient it gives no result for counts as ``451``), or
+    :class:`AttemptFailed` when no hop answered. It must not raise for an
+    SMTP outcome; an exception that escapes is a bug, which the spool logs
+    and treats as :class:`AttemptFailed`. Several attempts (of different
+    messages) run at once; cancellation (a shutdown) may cut one short, and
+    the message is then tried again at the next start.
+    """
+
     async def relay(
         self, message: Message, body: BodyHandle, recipients: Sequence[str]
     ) -> RelayOutcome: ...

@@ -16,10 +16,10 @@ Invariants:
 * A message is "busy" while one attempt or one operator change is under way
   on it; nothing else touches it then. Operator operations on a message that
   is being sent are refused with a clear error.
-* The scheduler keeps one heap of ``(time, seq, id, generation)``. Any change
-  to a message bumps its generation, so a stale timer entry is skipped when
-  it comes up: it never sends a message that was frozen, removed,
-  quarantined, rescheduled or is being sent.
+* The scheduler arms one timer per message (:class:`~spoold.timers.Timers`);
+  any change to a message re-arms or cancels it, so a stale timer is
+  skipped when it comes up: it never sends a message that was frozen,
+  removed, quarantined, rescheduled or is being sent.
 * At most ``max_concurrent_send_jobs`` attempts run at once (changeable
   while running).
 * ``sending`` is a status this spool holds in memory only, during an
@@ -35,8 +35,6 @@ never thrown away) and publishes its event.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -93,6 +91,7 @@ from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
 from spoold.outcome import attempt_outcome, refusals
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
 from spoold.store import StepHook
+from spoold.timers import Timers
 
 __all__ = [
     "Spool",
@@ -177,9 +176,7 @@ class Spool:
         self._ping_interval = ping_interval
         self._rng = rng or random.Random()
         self._index: dict[str, _Entry] = {}
-        self._heap: list[tuple[float, int, str, int]] = []
-        self._seq = itertools.count()
-        self._gens = itertools.count(1)  # unique across entries: a timer matches one entry
+        self._timers = Timers()
         self._wake = anyio.Event()
         self._running = 0
         self._idle = anyio.Event()
@@ -214,8 +211,34 @@ class Spool:
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
+        ``spool_dir``: the spool directory, created if missing.
+        ``relay``: what sends messages (:class:`~spoold.relay.Relay`; usually
+        :class:`~spoold.smtp_relay.SmtpRelay`). The spool does not close it.
+        ``presend`` / ``on_error``: the policy hooks (:mod:`spoold.hooks`);
+        None is the default policy. Replaceable later with :meth:`set_hooks`.
+        ``clock``: the time source (:class:`~spoold.clock.Clock`); default the
+        wall clock; tests give :class:`spoold.testing.FakeClock`.
+        ``max_concurrent_send_jobs``: attempts under way at most (changeable).
+        ``default_retry_intervals``: the intervals of a message added without
+        its own (changeable through :attr:`default_retry_intervals`).
+        ``flush_timeout``: seconds that attempts under way may take to finish
+        when the context is left; then they are cut (and retried at the next
+        open).
+        ``ping_interval``: seconds between ``ping`` events; each also rescans
+        the directories for messages added by other processes.
+        ``rng``: the random source of retry jitter (seed it for exact tests).
+        ``max_threads``: worker threads the store may use at once.
+        ``min_free_space``: bytes that must stay free on the spool's disk, or
+        :meth:`add` refuses with a temporary error (0: no floor; changeable).
+        ``on_step``: called with the name of each filesystem step before it
+        runs (fault injection: :class:`spoold.testing.Faults`).
+        ``routes``: the routing to ask for a message's current next hops and
+        for :meth:`reroute` (:class:`Routes`); None: messages keep their hops.
+
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
-        process owns it.
+        process owns it. Leaving the context stops new attempts, waits up to
+        ``flush_timeout`` for those under way and closes the directory;
+        an exception raised in the body leaves the context unchanged.
         """
         if max_concurrent_send_jobs < 1:
             raise ValueError("max_concurrent_send_jobs must be at least 1")
@@ -335,28 +358,27 @@ class Spool:
         self._wake.set()
 
     def _schedule(self, entry: _Entry) -> None:
-        """(Re)schedule ``entry`` by its status; stale heap entries die."""
-        entry.gen = next(self._gens)
+        """(Re)arm ``entry``'s timer by its status; any older timer is stale."""
         status = entry.msg.status
         if isinstance(status, SendNow):
-            when = 0.0
+            entry.gen = self._timers.arm(entry.msg.id, 0.0)
         elif isinstance(status, SendAt):
-            when = status.at.timestamp()
+            entry.gen = self._timers.arm(entry.msg.id, status.at.timestamp())
         else:
+            entry.gen = self._timers.new_generation()
             return
-        heapq.heappush(self._heap, (when, next(self._seq), entry.msg.id, entry.gen))
         self._poke()
 
     async def _dispatch_loop(self, tg: anyio.abc.TaskGroup) -> None:
         while True:
             wake = self._wake
             now_ts = self.clock.now().timestamp()
-            heap = self._heap
-            while not self._stopping and self._running < self._max_jobs and heap:
-                when, _, mid, gen = heap[0]
-                if when > now_ts:
+            timers = self._timers
+            while not self._stopping and self._running < self._max_jobs:
+                due = timers.pop_due(now_ts)
+                if due is None:
                     break
-                heapq.heappop(heap)
+                mid, gen = due
                 entry = self._index.get(mid)
                 if entry is None or entry.gen != gen or entry.busy:
                     continue
@@ -365,8 +387,9 @@ class Spool:
                 self._idle = anyio.Event() if self._idle.is_set() else self._idle
                 tg.start_soon(self._send, entry, name=f"send {mid}")
             deadline = None
-            if heap and not self._stopping and self._running < self._max_jobs:
-                deadline = datetime.fromtimestamp(heap[0][0], UTC)
+            first = timers.next_time()
+            if first is not None and not self._stopping and self._running < self._max_jobs:
+                deadline = datetime.fromtimestamp(first, UTC)
             await self.clock.wait(wake, deadline)
             if wake.is_set():
                 self._wake = anyio.Event()
@@ -643,7 +666,7 @@ class Spool:
             self._index[new.id] = entry
             self._schedule(entry)
         else:
-            entry.gen = next(self._gens)
+            entry.gen = self._timers.new_generation()
             self._index.pop(new.id, None)
 
     async def _change(

@@ -90,6 +90,14 @@ def _clean(text: str) -> str:
 
 
 class Submitter:
+    """Turns submissions (SMTP, sendmail) into spooled messages: the line
+    ending policy, trace headers, routing through the router the callable
+    gives now (so a reload applies to the next submission), then
+    :meth:`Spool.add <spoold.spool.Spool.add>`. Returns only once the
+    messages are durable; raises for what the caller must refuse (bad
+    content, no route, DNS) or report as temporary (store errors). Safe to
+    use from many sessions at once."""
+
     def __init__(
         self,
         spool: Spool,

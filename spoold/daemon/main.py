@@ -141,10 +141,19 @@ class Signals:
 
 
 class Daemon:
-    """One daemon run. ``signals`` are those :func:`run` installed before
-    start-up (a Daemon made without them installs its own in :meth:`run`);
-    ``live`` is what :func:`_build` made of ``config`` (built here, on the
-    event loop, when not given)."""
+    """One daemon run: :meth:`run` opens the spool, serves the control
+    socket, the SMTP listener (on ``inherited`` sockets from systemd and the
+    addresses of ``smtp.listen``) and the metrics, acts on signals until a
+    stop, flushes and returns the exit code. It owns every task it starts
+    (one task group tree); a failure to start raises.
+
+    ``signals`` are those :func:`run` installed before start-up (a Daemon
+    made without them installs its own in :meth:`run`); ``live`` is what
+    :func:`_build` made of ``config`` (built here, on the event loop, when
+    not given). A reload (:meth:`reload`) builds a whole new ``live`` off
+    the event loop and swaps it in one step, or changes nothing. It also
+    serves the control socket's own operations (:class:`DaemonOperations
+    <spoold.daemon.control.DaemonOperations>`)."""
 
     def __init__(
         self,

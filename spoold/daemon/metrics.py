@@ -19,6 +19,10 @@ __all__ = ["Metrics"]
 
 
 class Metrics:
+    """The daemon's Prometheus metrics, in a registry of its own (never the
+    process-wide one), served over HTTP by :meth:`serve` until cancelled.
+    Values are only set from the event loop; the HTTP thread only reads."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.messages = Gauge(

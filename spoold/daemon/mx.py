@@ -62,6 +62,11 @@ async def _implicit_mx(
 
 
 class MxResolver:
+    """MX lookups with a cache: ``next_hops(domain)`` gives the domain's
+    exchangers as hops, best first, or raises :class:`~spoold.errors.MxError`
+    (``permanent`` or not). Answers are kept for their TTL, failures for
+    ``negative_ttl`` seconds. ``lookup`` replaces DNS (tests)."""
+
     def __init__(self, lookup: Lookup | None = None, negative_ttl: float = 60.0) -> None:
         self._lookup = lookup or _dns_lookup
         self.negative_ttl = negative_ttl

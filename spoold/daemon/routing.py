@@ -41,6 +41,16 @@ class _Route:
 
 
 class Router:
+    """The routes of one configuration, immutable (a reload builds a new
+    one). It answers which route a recipient takes (:meth:`route_name_for`),
+    splits a submission into one envelope per route (and per domain for MX
+    routes: :meth:`route_with_mx`), says how to talk to a hop
+    (:meth:`settings_for`), and implements the spool's
+    :class:`~spoold.spool.Routes` (current hops of a message's route,
+    reroute). Errors: :class:`~spoold.errors.NoRouteError`,
+    :class:`~spoold.errors.MxError`. Building it reads the routes'
+    credential files (blocking: the daemon does it in a worker thread)."""
+
     def __init__(self, config: Config, resolver: MxResolver | None = None) -> None:
         self.resolver = resolver or MxResolver()
         relay = config.relay
