@@ -194,6 +194,10 @@ class OnDiskSpool:
         """Ids in ``queue`` as ``(id, checked_out)``: a listing, no record read."""
         return await self.store.list_queue(queue.value)
 
+    async def written_elsewhere(self, ids: Sequence[str]) -> list[str]:
+        """Those of ``ids`` another process added (see Store.written_elsewhere)."""
+        return await self.store.written_elsewhere(ids)
+
     def wakeups(self) -> AbstractAsyncContextManager[AsyncIterator[list[str]]]:
         """(Owner) ids that other processes report adding; see Store.wakeups."""
         return self.store.wakeups()

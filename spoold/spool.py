@@ -423,7 +423,11 @@ class Spool:
             await self._adopt_locked(names)
 
     async def _adopt_locked(self, names: Sequence[str]) -> None:
-        for name in names:
+        # Only what other processes added: a message this process is adding
+        # is indexed by add() itself, and adopting it here first could bring
+        # it back after it was delivered.
+        unknown = [n for n in names if n not in self._index]
+        for name in await self._disk.written_elsewhere(unknown) if unknown else ():
             if name in self._index:
                 continue
             for queue in _LOADED_QUEUES:
