@@ -128,7 +128,9 @@ class OnDiskSpool:
 
     # ---------------------------------------------------------------- add
 
-    async def add(self, new: Sequence[NewMessage]) -> list[Message]:
+    async def add(
+        self, new: Sequence[NewMessage], on_reserve: Callable[[str], None] | None = None
+    ) -> list[Message]:
         """Durably write new messages; return them (with their ids) in order.
 
         Each record goes to the queue of its status. Nothing is left behind
@@ -152,7 +154,7 @@ class OnDiskSpool:
             if queue is None:
                 raise ValueError("a new message cannot be delivered already")
             entries.append(NewEntry(queue.value, n.body.wire, make_record(n), n.prefix))
-        names = await self.store.enqueue(entries)
+        names = await self.store.enqueue(entries, on_reserve)
         if not self.store.owner:
             await self.store.notify_owner(names)
         return [built[name] for name in names]
@@ -193,10 +195,6 @@ class OnDiskSpool:
     async def names(self, queue: Queue) -> list[tuple[str, bool]]:
         """Ids in ``queue`` as ``(id, checked_out)``: a listing, no record read."""
         return await self.store.list_queue(queue.value)
-
-    async def written_elsewhere(self, ids: Sequence[str]) -> list[str]:
-        """Those of ``ids`` another process added (see Store.written_elsewhere)."""
-        return await self.store.written_elsewhere(ids)
 
     def wakeups(self) -> AbstractAsyncContextManager[AsyncIterator[list[str]]]:
         """(Owner) ids that other processes report adding; see Store.wakeups."""

@@ -177,6 +177,7 @@ class Spool:
         self._rng = rng or random.Random()
         self._index: dict[str, _Entry] = {}
         self._timers = Timers()
+        self._adding: set[str] = set()  # ids add()/reroute() are writing now
         self._wake = anyio.Event()
         self._running = 0
         self._idle = anyio.Event()
@@ -423,11 +424,11 @@ class Spool:
             await self._adopt_locked(names)
 
     async def _adopt_locked(self, names: Sequence[str]) -> None:
-        # Only what other processes added: a message this process is adding
-        # is indexed by add() itself, and adopting it here first could bring
-        # it back after it was delivered.
-        unknown = [n for n in names if n not in self._index]
-        for name in await self._disk.written_elsewhere(unknown) if unknown else ():
+        for name in names:
+            if name in self._adding:
+                # This spool is adding it and indexes it itself; adopting it
+                # first could bring it back after it was delivered.
+                continue
             if name in self._index:
                 continue
             for queue in _LOADED_QUEUES:
@@ -746,6 +747,7 @@ class Spool:
                 recipients=len(msg.remaining_recipients),
                 next_hops=msg.next_hop_choices,
             )
+        self._adding.difference_update(m.id for m in messages)
         return [m.id for m in messages]
 
     async def quarantine(
@@ -761,6 +763,7 @@ class Spool:
         for msg in messages:
             self._publish(EventKind.QUARANTINED, msg, detail=reason)
             log.warning("quarantined", id=msg.id, flows=msg.flows, reason=reason)
+        self._adding.difference_update(m.id for m in messages)
         return [m.id for m in messages]
 
     async def _write_new(
@@ -809,7 +812,22 @@ class Spool:
                 return msg
 
             new.append(NewMessage(batch.body, status, build, prefix_of if prefix else None))
-        return await self._disk.add(new)
+        return await self._add_to_disk(new)
+
+    async def _add_to_disk(self, new: Sequence[NewMessage]) -> list[Message]:
+        """Write new messages; their ids stay in ``_adding`` (so rescans leave
+        them alone) until the caller has indexed them and discards them."""
+        reserved: list[str] = []
+
+        def on_reserve(name: str) -> None:  # in the store's worker thread
+            reserved.append(name)
+            self._adding.add(name)
+
+        try:
+            return await self._disk.add(new, on_reserve)
+        except BaseException:
+            self._adding.difference_update(reserved)
+            raise
 
     # ----------------------------------------------- operator operations
 
@@ -1000,8 +1018,25 @@ class Spool:
 
                 return build
 
-            added = await self._disk.add([NewMessage(body, status, builder(env)) for env in others])
+            added = await self._add_to_disk(
+                [NewMessage(body, status, builder(env)) for env in others]
+            )
         new_ids = [m.id for m in added]
+        for part in added:  # live at once: if narrowing fails below, they still go
+            part_entry = _Entry(part, entry.queue)
+            self._index[part.id] = part_entry
+            self._schedule(part_entry)
+            self._publish(EventKind.SPOOLED, part)
+            log.info(
+                "rerouted part spooled",
+                id=part.id,
+                flows=part.flows,
+                parent_id=part.parent_id,
+                split_from=msg.id,
+                route=part.route,
+                next_hops=part.next_hop_choices,
+            )
+        self._adding.difference_update(new_ids)
 
         def narrow(m: Message) -> None:
             m.remaining_recipients = list(first.recipients)
@@ -1019,20 +1054,6 @@ class Spool:
             next_hops=new.next_hop_choices,
             split_into=new_ids,
         )
-        for part in added:
-            part_entry = _Entry(part, entry.queue)
-            self._index[part.id] = part_entry
-            self._schedule(part_entry)
-            self._publish(EventKind.SPOOLED, part)
-            log.info(
-                "rerouted part spooled",
-                id=part.id,
-                flows=part.flows,
-                parent_id=part.parent_id,
-                split_from=new.id,
-                route=part.route,
-                next_hops=part.next_hop_choices,
-            )
         return [new.id, *new_ids]
 
     async def _each(self, entries: Sequence[_Entry], fn: Callable[[_Entry], Any]) -> None:

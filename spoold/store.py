@@ -419,24 +419,20 @@ class Store:
                 return False
         return True
 
-    async def written_elsewhere(self, names: Sequence[str]) -> list[str]:
-        """Those of ``names`` whose entry another process created (its
-        registry entry does not name this process): what the owner may
-        adopt. Entries this process is writing are its own to index."""
-        return await self._run(self._written_elsewhere_sync, names)
-
-    def _written_elsewhere_sync(self, names: Sequence[str]) -> list[str]:
-        return [n for n in names if _read_pid(f"{self._registry}/{validate_id(n)}") != self._pid]
-
-    async def enqueue(self, entries: Sequence[NewEntry]) -> list[str]:
+    async def enqueue(
+        self, entries: Sequence[NewEntry], on_reserve: Callable[[str], None] | None = None
+    ) -> list[str]:
         """Durably add ``entries``; return their names, in order.
+
+        ``on_reserve(name)`` is called (in the worker thread) as each name is
+        reserved, before anything of it can be seen in a queue.
 
         All entries are committed before the call returns (the directories are
         fsynced once for the batch). If it raises, nothing it wrote remains.
         """
         for e in entries:
             self._check_queue(e.queue)
-        return await self._run(self._enqueue_sync, entries)
+        return await self._run(self._enqueue_sync, entries, on_reserve)
 
     def free_bytes(self) -> int:
         """Bytes free for this process on the store's filesystem (blocking:
@@ -456,7 +452,9 @@ class Store:
                 "until space is freed",
             )
 
-    def _enqueue_sync(self, entries: Sequence[NewEntry]) -> list[str]:
+    def _enqueue_sync(
+        self, entries: Sequence[NewEntry], on_reserve: Callable[[str], None] | None = None
+    ) -> list[str]:
         self._step("check_space")
         self._check_free_space(sum(len(e.body) for e in entries))
         names: list[str] = []
@@ -465,6 +463,8 @@ class Store:
             for _ in entries:
                 self._step("reserve")
                 name = self._reserve_sync()
+                if on_reserve is not None:
+                    on_reserve(name)
                 names.append(name)
                 written.append(f"{self._registry}/{name}")
             staged: list[tuple[str, str, str, str]] = []
