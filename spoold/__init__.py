@@ -74,10 +74,12 @@ from spoold.relay import (
 )
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import DEFAULT_MIN_FREE_SPACE, DEFAULT_RETRY_INTERVALS, Routes, Spool
+from spoold.writer import SpoolWriter
 
 __all__ = [
     # the spool
     "Spool",
+    "SpoolWriter",
     "Routes",
     "DEFAULT_RETRY_INTERVALS",
     "DEFAULT_MIN_FREE_SPACE",

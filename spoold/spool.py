@@ -47,7 +47,6 @@ import anyio
 import anyio.abc
 import structlog
 
-from spoold.address import validate_address, validate_recipients
 from spoold.clock import Clock, SystemClock
 from spoold.errors import (
     NotFoundError,
@@ -68,7 +67,7 @@ from spoold.hooks import (
     default_on_error,
     default_presend,
 )
-from spoold.ids import new_id, validate_id
+from spoold.ids import validate_id
 from spoold.message import (
     SEND_NOW,
     Frozen,
@@ -92,6 +91,7 @@ from spoold.outcome import attempt_outcome, refusals
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
 from spoold.store import StepHook
 from spoold.timers import Timers
+from spoold.writer import new_messages
 
 __all__ = [
     "Spool",
@@ -776,42 +776,15 @@ class Spool:
     ) -> list[Message]:
         if self._closed or self._stopping:
             raise SpoolClosedError(f"spool {self.spool_dir} is closing and takes no new mail")
-        if not batch.envelopes:
-            raise ValueError("a submission needs at least one envelope")
-        parent = parent_id or new_id()
-        spool_date = self.clock.now()
-        prefixes: dict[str, bytes] = {}
-
-        def prefix_of(mid: str) -> bytes:
-            if prefix is None:
-                return b""
-            if mid not in prefixes:
-                prefixes[mid] = prefix(mid)
-            return prefixes[mid]
-
-        new = []
-        for env in batch.envelopes:
-            validate_address(env.sender, role="sender")
-            validate_recipients(list(env.recipients))
-            if not env.next_hop_choices:
-                raise ValueError("an envelope needs at least one next hop")
-
-            def build(mid: str, related: list[str], env: Any = env) -> Message:
-                msg = message_for_envelope(
-                    env,
-                    id=mid,
-                    spool_date=spool_date,
-                    parent_id=parent,
-                    status=status,
-                    flows=flows,
-                    related_ids=related,
-                    size=len(prefix_of(mid)) + len(batch.body),
-                )
-                if not msg.retry_intervals:
-                    msg.retry_intervals = list(self.default_retry_intervals)
-                return msg
-
-            new.append(NewMessage(batch.body, status, build, prefix_of if prefix else None))
+        new = new_messages(
+            batch,
+            status=status,
+            spool_date=self.clock.now(),
+            default_retry_intervals=self.default_retry_intervals,
+            flows=flows,
+            parent_id=parent_id,
+            prefix=prefix,
+        )
         return await self._add_to_disk(new)
 
     async def _add_to_disk(self, new: Sequence[NewMessage]) -> list[Message]:

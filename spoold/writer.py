@@ -1,0 +1,168 @@
+"""Adding messages to a spool another process owns.
+
+A spool has one owner (a :class:`~spoold.spool.Spool`, usually the daemon)
+that schedules and changes messages; any number of other processes may add
+new ones at the same time (the registry keeps ids unique). A
+:class:`SpoolWriter` is such a process's handle: :meth:`SpoolWriter.add`
+checks the submission, writes every message durably (the same commit rules
+as the owner's own ``add``) and tells the owner through its wake-up socket,
+which adopts them at once (or at its next rescan, if the datagram is lost).
+The daemon's SMTP ingest workers are writers.
+
+:func:`new_messages` is the one place a submission becomes new records; the
+owner's :meth:`Spool.add <spoold.spool.Spool.add>` uses it too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+
+from spoold.address import validate_address, validate_recipients
+from spoold.ids import new_id
+from spoold.message import (
+    SEND_NOW,
+    Frozen,
+    Message,
+    RetryInterval,
+    RoutedBatch,
+    RoutedEnvelope,
+    Status,
+    message_for_envelope,
+)
+from spoold.ondisk import NewMessage, OnDiskSpool
+from spoold.times import utcnow
+
+__all__ = ["SpoolWriter", "new_messages"]
+
+
+def new_messages(
+    batch: RoutedBatch,
+    *,
+    status: Status,
+    spool_date: datetime,
+    default_retry_intervals: Sequence[RetryInterval],
+    flows: Sequence[str] = (),
+    parent_id: str | None = None,
+    prefix: Callable[[str], bytes] | None = None,
+) -> list[NewMessage]:
+    """The new records of one submission, one per envelope, after checking
+    every address (:class:`~spoold.errors.AddressError`) and that each
+    envelope has a next hop. ``prefix(id)``: wire lines put before the body
+    of the message with that id (called once per message)."""
+    if not batch.envelopes:
+        raise ValueError("a submission needs at least one envelope")
+    parent = parent_id or new_id()
+    prefixes: dict[str, bytes] = {}
+
+    def prefix_of(mid: str) -> bytes:
+        if prefix is None:
+            return b""
+        if mid not in prefixes:
+            prefixes[mid] = prefix(mid)
+        return prefixes[mid]
+
+    def builder(env: RoutedEnvelope) -> Callable[[str, list[str]], Message]:
+        def build(mid: str, related: list[str]) -> Message:
+            msg = message_for_envelope(
+                env,
+                id=mid,
+                spool_date=spool_date,
+                parent_id=parent,
+                status=status,
+                flows=flows,
+                related_ids=related,
+                size=len(prefix_of(mid)) + len(batch.body),
+            )
+            if not msg.retry_intervals:
+                msg.retry_intervals = list(default_retry_intervals)
+            return msg
+
+        return build
+
+    new = []
+    for env in batch.envelopes:
+        validate_address(env.sender, role="sender")
+        validate_recipients(list(env.recipients))
+        if not env.next_hop_choices:
+            raise ValueError("an envelope needs at least one next hop")
+        new.append(NewMessage(batch.body, status, builder(env), prefix_of if prefix else None))
+    return new
+
+
+class SpoolWriter:
+    """Adds messages to a spool owned by another process. Use :meth:`open`."""
+
+    def __init__(
+        self,
+        disk: OnDiskSpool,
+        default_retry_intervals: Sequence[RetryInterval],
+        now: Callable[[], datetime],
+    ) -> None:
+        self._disk = disk
+        self.default_retry_intervals = list(default_retry_intervals)
+        self._now = now
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        spool_dir: str | os.PathLike[str],
+        *,
+        default_retry_intervals: Sequence[RetryInterval],
+        min_free_space: int = 0,
+        max_threads: int = 16,
+        now: Callable[[], datetime] | None = None,
+    ) -> AsyncIterator[SpoolWriter]:
+        """Open an existing spool directory for adding (never creates one,
+        never takes its lock). ``min_free_space`` as for the owner."""
+        disk, _ = await OnDiskSpool.open(
+            spool_dir,
+            owner=False,
+            create=False,
+            max_threads=max_threads,
+            min_free_bytes=min_free_space,
+        )
+        try:
+            yield cls(disk, default_retry_intervals, now or utcnow)
+        finally:
+            await disk.close()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self._disk.dir
+
+    @property
+    def min_free_space(self) -> int:
+        return self._disk.store.min_free_bytes
+
+    @min_free_space.setter
+    def min_free_space(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("min_free_space must be >= 0")
+        self._disk.store.min_free_bytes = value
+
+    async def add(
+        self,
+        batch: RoutedBatch,
+        *,
+        frozen: bool = False,
+        flows: Sequence[str] = (),
+        parent_id: str | None = None,
+        prefix: Callable[[str], bytes] | None = None,
+    ) -> list[str]:
+        """Like :meth:`Spool.add <spoold.spool.Spool.add>`: durable when it
+        returns; the owner is told (it adopts the messages)."""
+        new = new_messages(
+            batch,
+            status=Frozen() if frozen else SEND_NOW,
+            spool_date=self._now(),
+            default_retry_intervals=self.default_retry_intervals,
+            flows=flows,
+            parent_id=parent_id,
+            prefix=prefix,
+        )
+        return [m.id for m in await self._disk.add(new)]
