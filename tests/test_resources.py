@@ -186,11 +186,12 @@ async def test_idle_control_connections_past_the_descriptor_limit(
 async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    """IDLE SMTP connections take every descriptor (the listener allows
-    more than that); then IDLE control connections cannot be accepted
-    either. The daemon keeps running, logs one error per listener for the
-    whole burst (debug lines count the retries), and serves again once the
-    connections are gone."""
+    """IDLE SMTP connections take every descriptor of the ingest worker
+    (the listener allows more than that); the daemon's own limit is then
+    set just above what it holds, so IDLE control connections cannot be
+    accepted either. Both processes keep running, log one error per
+    listener for the whole burst (debug lines count the retries), and serve
+    again once the connections are gone."""
     smtp_port = unused_port()
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
     set_config_value(config, "level", '"debug"')
@@ -198,6 +199,7 @@ async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
         f.write(
             f'\n[smtp]\nlisten = ["127.0.0.1:{smtp_port}"]\nmax_connections = 10000\n'
             "max_connections_per_client = 10000\n"
+            "workers = 1\n"  # one process, so one burst per listener to count
         )
     daemon = await start_daemon(config, nofile=(NOFILE, NOFILE))
     smtp = f"127.0.0.1:{smtp_port}"
@@ -206,6 +208,9 @@ async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
     with idle_connections(None, IDLE, socket.AF_INET) as smtp_clients:
         await fill_descriptors(daemon, smtp_clients, smtp_port)
         await daemon.wait_log(lambda line: line["event"] == OUT_OF and line["listener"] == smtp)
+        assert await ControlClient(daemon.socket, timeout=5).request("ping") == "pong"
+        held = len(list(Path(f"/proc/{daemon.pid}/fd").iterdir()))
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (held + 8, NOFILE))
         with idle_connections(control, IDLE):
             await daemon.wait_log(
                 lambda line: line["event"] == OUT_OF and line["listener"] == control

@@ -26,9 +26,10 @@ def batch(*recipients: str) -> RoutedBatch:
 async def test_the_owner_adopts_what_a_writer_adds_and_sends_it(tmp_path: Path) -> None:
     relay = InMemoryRelay()
     with anyio.fail_after(20):
-        async with Spool.open(tmp_path, relay=relay) as spool, SpoolWriter.open(
-            tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS
-        ) as writer:
+        async with (
+            Spool.open(tmp_path, relay=relay) as spool,
+            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+        ):
             ids = await writer.add(batch("a@example.com"))
             (mid,) = ids
             await wait_for(lambda: is_delivered(spool, tmp_path, mid), "the owner to send it")

@@ -95,6 +95,7 @@ class SmtpConfig:
     max_junk_commands: int = 100  # NOOP, RSET, errors...: past it, 421 and close
     max_auth_failures: int = 3  # failed AUTH on one connection: then 421 and close
     auth_failure_delay: timedelta = timedelta(seconds=1)  # before the first 535; doubles
+    workers: int = 0  # ingest processes sharing the listening sockets; 0: one per CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         old.smtp and new.smtp and old.smtp.listen != new.smtp.listen
     ):
         changed.append("smtp.listen")
+    if old.smtp and new.smtp and old.smtp.workers != new.smtp.workers:
+        changed.append("smtp.workers")
     if old.metrics != new.metrics:
         changed.append("metrics.listen")
     return changed
@@ -419,6 +422,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             max_junk_commands=t.get("max_junk_commands", _int(1)),
             max_auth_failures=t.get("max_auth_failures", _int(1)),
             auth_failure_delay=t.get("auth_failure_delay", parse_span),
+            workers=t.get("workers", _int(0, 256)),
         )
         t.done()
         if (smtp.tls_cert is None) != (smtp.tls_key is None):

@@ -25,12 +25,12 @@ import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from spoold.body import Body, LineEndingPolicy
 from spoold.daemon.routing import Router
 from spoold.ids import new_id
 from spoold.message import RoutedBatch
-from spoold.spool import Spool
 
 __all__ = ["Submitter", "Origin", "missing_headers", "received_header"]
 
@@ -89,6 +89,21 @@ def _clean(text: str) -> str:
     return _UNSAFE.sub("?", text[:255])
 
 
+class MessageAdder(Protocol):
+    """Where a submission goes: the owner's :class:`~spoold.spool.Spool`, or
+    a :class:`~spoold.writer.SpoolWriter` in an ingest worker process."""
+
+    async def add(
+        self,
+        batch: RoutedBatch,
+        *,
+        frozen: bool = False,
+        flows: Sequence[str] = (),
+        parent_id: str | None = None,
+        prefix: Callable[[str], bytes] | None = None,
+    ) -> list[str]: ...
+
+
 class Submitter:
     """Turns submissions (SMTP, sendmail) into spooled messages: the line
     ending policy, trace headers, routing through the router the callable
@@ -100,7 +115,7 @@ class Submitter:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: MessageAdder,
         router: Callable[[], Router],
         *,
         hostname: str | None = None,

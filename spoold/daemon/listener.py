@@ -143,7 +143,12 @@ def _derive(settings: ListenerSettings, hostname: str) -> _Derived:
 
 
 class SmtpListener:
-    """Listens on ``config().listen`` and spools what it accepts."""
+    """Listens on ``config().listen`` and spools what it accepts.
+
+    :meth:`serve` runs until cancelled (sessions are cut with 421) or until
+    :meth:`stop`: then it stops accepting, lets the messages being spooled
+    finish (up to ``drain_timeout`` seconds: a client whose DATA we took
+    gets its 250), says 421 to the sessions left and returns."""
 
     def __init__(
         self,
@@ -160,6 +165,13 @@ class SmtpListener:
         self._sessions: set[SmtpSession] = set()
         self._derived: _Derived | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._stopping = anyio.Event()
+        self._working = 0  # deliveries under way (spawned work)
+        self._all_done = anyio.Event()
+
+    def stop(self) -> None:
+        """Stop accepting and return from :meth:`serve` once drained."""
+        self._stopping.set()
 
     def settings(self) -> ListenerSettings:
         value = self._settings()
@@ -206,7 +218,17 @@ class SmtpListener:
     def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         if self._task_group is None:
             raise RuntimeError("the listener is not serving")
-        self._task_group.start_soon(work)
+        self._working += 1
+        self._task_group.start_soon(self._counted, work)
+
+    async def _counted(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await work()
+        finally:
+            self._working -= 1
+            if self._working == 0:
+                self._all_done.set()
+                self._all_done = anyio.Event()
 
     def check_password(self, login: str, password: bytes) -> bool:
         expected = self._current().settings.users.get(login)
@@ -254,6 +276,7 @@ class SmtpListener:
         self,
         inherited: Sequence[socket.socket] = (),
         *,
+        drain_timeout: float = 30.0,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen until cancelled; reports started once every address listens.
@@ -283,7 +306,16 @@ class SmtpListener:
                     servers.append(server)
                     log.info("smtp listening", address=address)
                 task_status.started()
-                await anyio.sleep_forever()
+                await self._stopping.wait()
+                for server in servers:
+                    server.close()  # no new connections; those open go on
+                log.info("smtp listener stopping", deliveries_under_way=self._working)
+                for session in list(self._sessions):
+                    if not session.busy:
+                        session.shutdown()
+                with anyio.move_on_after(drain_timeout):
+                    while self._working:
+                        await self._all_done.wait()
             finally:
                 for server in servers:
                     server.close()

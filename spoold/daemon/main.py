@@ -41,9 +41,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import signal
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import anyio
@@ -57,7 +56,7 @@ from spoold.daemon import logs
 from spoold.daemon.config import Config, SmtpConfig, load_config, restart_needed
 from spoold.daemon.control import ControlServer
 from spoold.daemon.ingest import Origin, Submitter
-from spoold.daemon.listener import ListenerSettings, SmtpListener, listener_settings
+from spoold.daemon.listener import ListenerSettings, listener_settings
 from spoold.daemon.metrics import Metrics
 from spoold.daemon.resources import (
     AcceptFailures,
@@ -65,7 +64,9 @@ from spoold.daemon.resources import (
     raise_open_files_limit,
 )
 from spoold.daemon.routing import Router
+from spoold.daemon.signals import Signals
 from spoold.daemon.systemd import Notifier, listen_fds, watchdog_interval
+from spoold.daemon.workers import IngestWorkers, listening_sockets, worker_count
 from spoold.errors import (
     ConfigError,
     SpooldError,
@@ -105,41 +106,6 @@ def _build(config: Config) -> _Live:
     return _Live(config, router, presend, on_error, listener)
 
 
-class Signals:
-    """What SIGHUP, SIGTERM and SIGINT ask of the main loop. The handlers
-    only set these events; :meth:`installed` puts them in place (on the
-    running asyncio loop) for as long as its ``with`` block lasts."""
-
-    def __init__(self) -> None:
-        self.reload = anyio.Event()
-        self.stop = anyio.Event()
-        self.force_stop = anyio.Event()  # a second stop signal
-
-    def on_reload(self) -> None:
-        self.reload.set()
-
-    def on_stop(self) -> None:
-        if self.stop.is_set():
-            self.force_stop.set()
-        self.stop.set()
-
-    def take_reload(self) -> None:
-        """The main loop acts on the pending reload: the next SIGHUP is new."""
-        self.reload = anyio.Event()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self.on_reload)
-        loop.add_signal_handler(signal.SIGTERM, self.on_stop)
-        loop.add_signal_handler(signal.SIGINT, self.on_stop)
-        try:
-            yield
-        finally:
-            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-
-
 class Daemon:
     """One daemon run: :meth:`run` opens the spool, serves the control
     socket, the SMTP listener (on ``inherited`` sockets from systemd and the
@@ -171,6 +137,7 @@ class Daemon:
         self.signals = signals or Signals()
         self._spool: Spool | None = None
         self._submitter: Submitter | None = None
+        self._workers: IngestWorkers | None = None
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.accept_failures = AcceptFailures()
         self.cache = ConnectionCache(
@@ -240,8 +207,16 @@ class Daemon:
                 if cfg.metrics.listen:
                     await services.start(Metrics().serve, spool, cfg.metrics.listen)
                 if cfg.smtp is not None:
-                    listener = SmtpListener(self._submitter, self._listener_settings)
-                    await services.start(listener.serve, self.inherited)
+                    sockets = await anyio.to_thread.run_sync(
+                        listening_sockets, cfg.smtp.listen, self.inherited
+                    )
+                    self._workers = IngestWorkers(
+                        str(cfg.path),
+                        sockets,
+                        worker_count(cfg.smtp.workers),
+                        grace=cfg.spool.flush_timeout.total_seconds(),
+                    )
+                    await services.start(self._workers.run)
                 elif self.inherited:
                     log.warning(
                         "systemd handed over listening sockets but [smtp] is off; closing them",
@@ -260,6 +235,8 @@ class Daemon:
                 await self._main_loop()
                 self._notify(self.notifier.stopping)
                 log.info("stopping: no new work taken")
+                if self._workers is not None:
+                    await self._workers.stop()  # they finish the messages under way
                 services.cancel_scope.cancel()
             await self._flush(spool)
 
@@ -340,7 +317,7 @@ class Daemon:
                 control=old.control,
                 metrics=old.metrics,
                 smtp=(
-                    dataclasses.replace(new.smtp, listen=old.smtp.listen)
+                    dataclasses.replace(new.smtp, listen=old.smtp.listen, workers=old.smtp.workers)
                     if new.smtp and old.smtp
                     else old.smtp
                 ),
@@ -394,6 +371,8 @@ class Daemon:
             )
             spool.set_hooks(live.presend, live.on_error)
             spool.routes = live.router
+        if self._workers is not None:
+            self._workers.reload()  # they read the same (now validated) file
 
     # ---------------------------------------------------- control extras
 

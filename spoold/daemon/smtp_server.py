@@ -907,6 +907,11 @@ class SmtpSession(asyncio.Protocol):
         self._out.append(reply_line(reply))
         self._work_done()
 
+    @property
+    def busy(self) -> bool:
+        """A delivery (or an AUTH check) of this session is under way."""
+        return self._busy
+
     def shutdown(self) -> None:
         """The listener stops: tell the client and close."""
         if self._mode != _CLOSED:

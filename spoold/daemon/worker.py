@@ -1,0 +1,167 @@
+"""An SMTP ingest worker: one of the processes that take mail for the daemon.
+
+The daemon (the spool's owner) starts ``smtp.workers`` of these with
+``python -m spoold.daemon.worker --config PATH --fds N,... --ready-fd R``.
+Each serves the listening sockets it inherited (fds ``N,...``: the same
+sockets in every worker, so the kernel spreads connections over them),
+writes what it accepts into the spool as a
+:class:`~spoold.writer.SpoolWriter` (durable before the 250; the owner is
+woken through the spool's wake-up socket and adopts the messages), and
+writes one byte to fd ``R`` once it serves.
+
+Signals, as for the daemon: SIGHUP reads the config file again and applies
+what it can (routes, listener limits, retry defaults, the free-space floor;
+a file that does not validate changes nothing); SIGTERM or SIGINT stop
+accepting, let the messages being spooled finish (up to
+``spool.flush_timeout``) and exit 0. Exit codes: 0 stopped, 2 bad config,
+1 could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import anyio
+import structlog
+
+from spoold.daemon import logs
+from spoold.daemon.config import Config, load_config
+from spoold.daemon.ingest import Submitter
+from spoold.daemon.listener import ListenerSettings, SmtpListener, listener_settings
+from spoold.daemon.resources import (
+    AcceptFailures,
+    install_accept_error_handler,
+    raise_open_files_limit,
+)
+from spoold.daemon.routing import Router
+from spoold.daemon.signals import Signals
+from spoold.errors import ConfigError, SpooldError
+from spoold.message import RetryInterval
+from spoold.writer import SpoolWriter
+
+__all__ = ["run_worker", "main"]
+
+log = structlog.get_logger("spoold.worker")
+
+
+@dataclass(frozen=True)
+class _State:
+    config: Config
+    router: Router
+    listener: ListenerSettings
+
+
+def _build(config: Config) -> _State:
+    """What a worker derives from a config (reads files: a worker thread)."""
+    if config.smtp is None:
+        raise SpooldError(f"{config.path}: [smtp] is off; an ingest worker has nothing to do")
+    return _State(config, Router(config), listener_settings(config.smtp))
+
+
+def _intervals(config: Config) -> list[RetryInterval]:
+    return RetryInterval.from_spans(config.spool.retry_intervals, config.spool.retry_jitter)
+
+
+async def run_worker(config_path: str, fds: list[int], ready_fd: int) -> int:
+    signals = Signals()
+    with signals.installed():
+        try:
+            config = await anyio.to_thread.run_sync(load_config, config_path)
+        except ConfigError as exc:
+            logs.configure()
+            log.error("invalid configuration", config=exc.path, problems=exc.problems)
+            return 2
+        logs.configure(config.log.format, config.log.level)
+        raise_open_files_limit()
+        errors: list[str] = []
+        try:
+            return await _serve(config, fds, ready_fd, signals)
+        except* (SpooldError, OSError) as group:
+            errors = [str(e) for e in group.exceptions]
+        log.error("ingest worker cannot run", error="; ".join(errors))
+        return 1
+
+
+async def _serve(config: Config, fds: list[int], ready_fd: int, signals: Signals) -> int:
+    state = await anyio.to_thread.run_sync(_build, config)
+    sockets = []
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        sockets.append(sock)
+    failures = AcceptFailures()
+    restore = install_accept_error_handler(asyncio.get_running_loop(), failures)
+    try:
+        async with SpoolWriter.open(
+            config.spool.dir,
+            default_retry_intervals=_intervals(config),
+            min_free_space=config.spool.min_free_space,
+        ) as writer:
+            hostname = await anyio.to_thread.run_sync(socket.getfqdn)
+            submitter = Submitter(writer, lambda: state.router, hostname=hostname)
+            listener = SmtpListener(submitter, lambda: state.listener)
+            drain = config.spool.flush_timeout.total_seconds()
+            async with anyio.create_task_group() as tg:
+                await tg.start(functools.partial(listener.serve, sockets, drain_timeout=drain))
+                os.write(ready_fd, b"1")
+                os.close(ready_fd)
+                log.info("ingest worker ready", pid=os.getpid())
+                while not signals.stop.is_set():
+                    async with anyio.create_task_group() as waits:
+
+                        async def wait_for(event: anyio.Event) -> None:
+                            await event.wait()
+                            waits.cancel_scope.cancel()
+
+                        waits.start_soon(wait_for, signals.reload)
+                        waits.start_soon(wait_for, signals.stop)
+                        while True:  # close bursts of accept failures now and then
+                            await anyio.sleep(failures.quiet)
+                            failures.close_quiet()
+                    if signals.reload.is_set() and not signals.stop.is_set():
+                        signals.take_reload()
+                        state = await _reload(state, writer)
+                listener.stop()
+    finally:
+        restore()
+    log.info("ingest worker stopped", pid=os.getpid())
+    return 0
+
+
+async def _reload(state: _State, writer: SpoolWriter) -> _State:
+    """A new state from the config file, or the old one if it does not
+    validate. What needs a restart (addresses, the spool) keeps its value."""
+    try:
+        config = await anyio.to_thread.run_sync(load_config, state.config.path)
+        new = await anyio.to_thread.run_sync(_build, config)
+    except ConfigError as exc:
+        log.error("reload refused; the running config stays", problems=exc.problems)
+        return state
+    except (SpooldError, ValueError, OSError) as exc:
+        log.error("reload refused; the running config stays", problems=[str(exc)])
+        return state
+    logs.configure(config.log.format, config.log.level)
+    writer.min_free_space = config.spool.min_free_space
+    writer.default_retry_intervals = _intervals(config)
+    log.info("ingest worker reloaded", pid=os.getpid())
+    return new
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="spoold-ingest-worker", description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--fds", required=True, help="listening socket fds, comma-separated")
+    parser.add_argument("--ready-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    fds = [int(f) for f in args.fds.split(",") if f]
+    sys.exit(anyio.run(run_worker, args.config, fds, args.ready_fd))
+
+
+if __name__ == "__main__":
+    main()

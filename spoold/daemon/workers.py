@@ -1,0 +1,214 @@
+"""The daemon's SMTP ingest worker processes, seen from the owner.
+
+With ``[smtp]`` on, the daemon itself does not take SMTP connections: it
+opens the listening sockets (or takes those systemd handed over) and starts
+``smtp.workers`` processes (0: one per CPU) of :mod:`spoold.daemon.worker`
+that all serve the same sockets. Python runs one thread at a time per
+process; several processes use every core for the protocol work, while the
+owner schedules and relays. A worker writes into the spool as a non-owner
+and wakes the owner, which adopts the messages.
+
+:class:`IngestWorkers` starts them and waits until each serves (a worker
+that cannot start makes the daemon's start fail), restarts one that dies
+(with a growing pause, logged), passes a reload on as SIGHUP (after the
+owner has validated the file), and on :meth:`IngestWorkers.stop` asks each
+to stop (SIGTERM: they stop accepting and finish the messages being
+spooled) and kills those still running after the grace time. The workers
+share the daemon's stdout/stderr (one log stream) but not its systemd
+notification socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import select
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+import structlog
+
+from spoold.errors import SpooldError
+
+__all__ = ["IngestWorkers", "listening_sockets", "worker_count"]
+
+log = structlog.get_logger("spoold.workers")
+
+_READY_TIMEOUT = 60.0  # seconds a new worker may take to serve
+_FIRST_RESTART_PAUSE = 1.0
+_LONGEST_RESTART_PAUSE = 30.0
+_BACKLOG = 1024
+# What a worker must not inherit: systemd talks to the main process only.
+_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS")
+
+
+def worker_count(configured: int) -> int:
+    """``smtp.workers``, 0 meaning one per CPU this process may use."""
+    if configured > 0:
+        return configured
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _key(host: str, port: int) -> tuple[str, int]:
+    with contextlib.suppress(ValueError):
+        host = str(ipaddress.ip_address(host))
+    return host, port
+
+
+def listening_sockets(
+    listen: Sequence[str], inherited: Sequence[socket.socket]
+) -> list[socket.socket]:
+    """The sockets to serve: every inherited one, and one bound here for
+    each ``listen`` address none of them has (blocking: a few syscalls)."""
+    sockets = list(inherited)
+    covered = {_key(*s.getsockname()[:2]) for s in inherited}
+    for address in listen:
+        host, _, port_text = address.rpartition(":")
+        host = host.strip("[]")
+        if _key(host, int(port_text)) in covered:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, int(port_text)))
+            sock.listen(_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            for s in sockets[len(inherited) :]:
+                s.close()
+            raise SpooldError(f"smtp.listen {address}: {exc.strerror or exc}") from None
+        sockets.append(sock)
+    return sockets
+
+
+class IngestWorkers:
+    """``count`` worker processes serving ``sockets``; see the module docstring."""
+
+    def __init__(
+        self, config_path: str, sockets: Sequence[socket.socket], count: int, grace: float
+    ) -> None:
+        self.config_path = config_path
+        self.sockets = list(sockets)
+        self.count = count
+        self.grace = grace
+        self._processes: dict[int, anyio.abc.Process] = {}  # slot -> process
+        self._stopping = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes.values() if p.returncode is None]
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start every worker, report started once all serve, then keep
+        them running until cancelled (which kills those left)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for slot in range(self.count):
+                    await self._start(slot)
+                task_status.started()
+                for slot in range(self.count):
+                    tg.start_soon(self._supervise, slot)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for process in self._processes.values():
+                    if process.returncode is None:
+                        process.kill()
+                        with anyio.move_on_after(5):
+                            await process.wait()
+
+    async def _start(self, slot: int) -> None:
+        read_end, write_end = os.pipe()
+        fds = [s.fileno() for s in self.sockets]
+        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        command = [
+            sys.executable,
+            "-m",
+            "spoold.daemon.worker",
+            "--config",
+            self.config_path,
+            "--fds",
+            ",".join(map(str, fds)),
+            "--ready-fd",
+            str(write_end),
+        ]
+        try:
+            process = await anyio.open_process(
+                command, stdin=None, stdout=None, stderr=None, env=env, pass_fds=[*fds, write_end]
+            )
+        finally:
+            os.close(write_end)
+        try:
+            with anyio.move_on_after(_READY_TIMEOUT):
+                await anyio.wait_readable(read_end)
+            ready = os.read(read_end, 1) if _readable(read_end) else b""
+        finally:
+            os.close(read_end)
+        if ready != b"1":
+            if process.returncode is None:
+                process.kill()
+            code = await process.wait()
+            raise SpooldError(
+                f"an SMTP ingest worker did not start (exit code {code}); its log says why"
+            )
+        self._processes[slot] = process
+        log.info("ingest worker started", pid=process.pid, slot=slot)
+
+    async def _supervise(self, slot: int) -> None:
+        pause = _FIRST_RESTART_PAUSE
+        while True:
+            process = self._processes[slot]
+            code = await process.wait()
+            if self._stopping:
+                return
+            log.error("ingest worker died; starting another", pid=process.pid, exit_code=code)
+            await anyio.sleep(pause)
+            if self._stopping:
+                return
+            try:
+                await self._start(slot)
+                pause = _FIRST_RESTART_PAUSE
+            except SpooldError as exc:
+                log.error("could not start an ingest worker", error=str(exc), retry_in=pause)
+                pause = min(pause * 2, _LONGEST_RESTART_PAUSE)
+
+    def reload(self) -> None:
+        """Pass a (validated) reload on to every worker."""
+        self._signal(signal.SIGHUP)
+
+    async def stop(self) -> None:
+        """Ask every worker to stop, wait up to the grace time, kill the rest."""
+        self._stopping = True
+        self._signal(signal.SIGTERM)
+        with anyio.move_on_after(self.grace + 5):
+            for process in self._processes.values():
+                await process.wait()
+        for process in self._processes.values():
+            if process.returncode is None:
+                log.warning("ingest worker did not stop in time; killed", pid=process.pid)
+                process.kill()
+        for sock in self.sockets:
+            sock.close()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        for process in self._processes.values():
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(sig)
+
+
+def _readable(fd: int) -> bool:
+    ready, _, _ = select.select([fd], [], [], 0)
+    return bool(ready)
