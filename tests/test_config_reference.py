@@ -1,0 +1,45 @@
+"""docs/configuration.md names every key the config reader takes."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from spoold.daemon import config
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+TABLES = {
+    "spool": config.SpoolConfig,
+    "control": config.ControlConfig,
+    "smtp": config.SmtpConfig,
+    "log": config.LogConfig,
+    "metrics": config.MetricsConfig,
+    "hooks": config.HooksConfig,
+    "relay": config.RelayConfig,
+    "routes.NAME": config.RouteConfig,
+}
+
+
+def documented() -> dict[str, set[str]]:
+    """Keys in the first column of each section's table."""
+    out: dict[str, set[str]] = {}
+    section = ""
+    for line in DOC.read_text().splitlines():
+        heading = re.match(r"^## `\[(.+)\]`", line)
+        if heading:
+            section = heading.group(1)
+            out.setdefault(section, set())
+        elif section and line.startswith("| `"):
+            first = line.split("|")[1]
+            out[section] |= set(re.findall(r"`([a-z_]+)`", first))
+    return out
+
+
+def test_every_key_is_documented() -> None:
+    docs = documented()
+    for table, kind in TABLES.items():
+        keys = {f.name for f in dataclasses.fields(kind)} - {"name"}
+        assert table in docs, f"no section for [{table}] in {DOC.name}"
+        missing = keys - docs[table]
+        assert not missing, f"[{table}] keys missing from {DOC.name}: {sorted(missing)}"
