@@ -71,6 +71,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -283,6 +284,7 @@ class LatencySink:
         self._failure: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._open: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._thread = threading.Thread(target=self._thread_main, name="latency-sink", daemon=True)
         self.err_path = workdir / "latency-sink.err"
         logs.add("latency sink errors", self.err_path)
@@ -320,8 +322,16 @@ class LatencySink:
         async with server:
             self._ready.set()
             await self._stop.wait()
+        # Sessions still open (cached by a relay): end them by closing the
+        # connection (their read sees the end), and wait for them.
+        for writer in self._open.values():
+            writer.close()
+        await asyncio.gather(*self._open, return_exceptions=True)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[task] = writer
         try:
             writer.write(b"220 latency-sink ESMTP\r\n")
             while line := await reader.readline():
@@ -351,6 +361,7 @@ class LatencySink:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            del self._open[task]
             writer.close()
 
     @staticmethod
@@ -1056,15 +1067,15 @@ def filesystem(path: Path) -> str:
 
 
 def commit() -> str:
+    git = ["git", "-C", str(ROOT)]
     try:
-        head = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], timeout=30).stdout
-        dirty = run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", ".", ":!bench/RESULTS.md"],
-            timeout=30,
-        ).stdout
+        head = run([*git, "rev-parse", "--short", "HEAD"], timeout=30).stdout.strip()
+        dirty = run([*git, "status", "--porcelain", "--", ".", ":!bench/RESULTS.md"], timeout=30)
+        code = run([*git, "log", "-1", "--format=%h", "--", "spoold"], timeout=30).stdout.strip()
     except BenchError:
         return "? (not a git checkout)"
-    return f"{head.strip()} ({'dirty' if dirty.strip() else 'clean'})"
+    state = "dirty" if dirty.stdout.strip() else "clean"
+    return f"{head} ({state}); the last commit that changed spoold/ is {code}"
 
 
 def loadavg() -> str:
@@ -1121,6 +1132,15 @@ Compare ratios, not absolute figures, between machines and days.
 
 
 # ---------------------------------------------------------------- main
+
+
+def closed_parent(path: Path) -> Path | None:
+    """The first of path and its parents that others may not enter, if any
+    (Postfix's processes run as user postfix and must reach their queue)."""
+    for p in (path, *path.parents):
+        if not p.stat().st_mode & stat.S_IXOTH:
+            return p
+    return None
 
 
 def ensure_postfix() -> None:
@@ -1245,6 +1265,11 @@ def main(argv: Sequence[str]) -> int:
             if os.geteuid() != 0:
                 raise BenchError("scenarios a, b and c start Postfix: run as root")
             ensure_postfix()
+            if closed := closed_parent(workdir):
+                raise BenchError(
+                    f"Postfix (user postfix) cannot reach {workdir}: others may not enter "
+                    f"{closed}; give a --workdir that they can (default: the system temp dir)"
+                )
             context["postfix"] = (
                 f"{PostfixInstance.version()}, a private instance (stock settings, relay to "
                 "the sink, chroot off, logging to a file)"
