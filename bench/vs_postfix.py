@@ -6,8 +6,11 @@ spoold/reference ratio of the medians):
 
 a. 10,000 x 4 KiB from ``smtp-source`` (20 sessions, a new connection per
    message): *ingest* = N / smtp-source's wall time; *end to end* = N / the
-   time from smtp-source's start until the sink has counted N.
-b. 2,000 x 100 KiB, the same two figures.
+   time from smtp-source's start until the sink has counted N; and the CPU
+   time (user + system) the server's processes spent per message, from just
+   before smtp-source starts until the queue is empty again (the figure
+   other jobs on the machine disturb least).
+b. 2,000 x 100 KiB, the same three figures.
 c. Latency from submission to delivery at a steady rate (100 msg/s, 2,000
    messages): our own paced SMTP client opens one connection per message
    and tags it with an ``X-Bench-Seq`` header; our own small asyncio sink
@@ -144,6 +147,35 @@ def run(argv: Sequence[str], timeout: float, **kw: Any) -> subprocess.CompletedP
         said = "\n".join((done.stderr or done.stdout).strip().splitlines()[-20:])
         raise BenchError(f"{shlex.join(argv)} exited {done.returncode}: {said}")
     return done
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) used so far by process ``root`` and everything
+    under it: each live process's own time, plus the time of the children it
+    has already reaped (cutime/cstime). A server's processes come and go during
+    a run (Postfix's smtpd, cleanup, smtp; spoold's workers, if any): the
+    difference of two readings is what the whole server spent between them."""
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (ppid, seconds)
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # after the name: state ppid ... utime(11) stime(12) cutime(13) cstime(14)
+        stats[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+            todo.extend(children.get(pid, []))
+    return total
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -516,6 +548,13 @@ class PostfixInstance:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the whole instance so far (the master and its daemons)."""
+        pid = self.master_pid()
+        if pid is None:
+            raise BenchError("Postfix's master is not running")
+        return tree_cpu_seconds(pid)
+
     def queued(self) -> dict[str, int]:
         return {
             q: sum(len(files) for _, _, files in os.walk(self.queue_dir / q))
@@ -650,6 +689,12 @@ class SpooldInstance:
         if self._notify is not None:
             self._notify.close()
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the daemon (and any processes of its own) so far."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise BenchError("spoold is not running")
+        return tree_cpu_seconds(self._proc.pid)
+
     def counts(self) -> dict[str, int]:
         out = run([self.binary, "--socket", str(self.socket_path), "count"], timeout=30).stdout
         return {k: int(v) for k, v in (line.split() for line in out.splitlines() if line.strip())}
@@ -757,9 +802,9 @@ def smtp_source(port: int, count: int, size: int, sessions: int, timeout: float)
     )
 
 
-def warm_up(servers: Sequence[Server], timeout: float) -> None:
+def warm_up(servers: Sequence[Server], count: int, timeout: float) -> None:
     for server in servers:
-        smtp_source(server.port, WARM_UP, 4096, 5, timeout)
+        smtp_source(server.port, min(WARM_UP, count), 4096, 5, timeout)
         server.wait_empty()
 
 
@@ -769,6 +814,9 @@ def throughput_scenario(
     n = plan.counts[key]
     ingest = Metric(key, title.format(n=n), "ingest msg/s", "Postfix")
     e2e = Metric(key, title.format(n=n), "end to end msg/s", "Postfix")
+    cpu = Metric(
+        key, title.format(n=n), "server CPU ms per message (lower is better)", "Postfix", "{:.2f}"
+    )
     print(f"\n== {key}: {ingest.title}", flush=True)
     home = workdir / key
     home.mkdir()
@@ -782,15 +830,17 @@ def throughput_scenario(
                 )
             ),
         ]
-        warm_up(servers, plan.timeout)
+        warm_up(servers, n, plan.timeout)
         for rnd in range(1, plan.rounds + 1):
             for server in servers:
                 base = sink.count()
+                cpu0 = server.cpu_seconds()
                 t0 = time.monotonic()
                 smtp_source(server.port, n, size, 20, plan.timeout)
                 t1 = time.monotonic()
                 t2 = sink.wait_for(base + n, plan.timeout)
                 server.wait_empty()
+                cpu_ms = (server.cpu_seconds() - cpu0) * 1000 / n
                 got = sink.count() - base
                 if got != n:
                     raise BenchError(f"{server.name}: the sink got {got} messages, not {n}")
@@ -798,12 +848,14 @@ def throughput_scenario(
                 is_ref = server.name == "postfix"
                 (ingest.ref if is_ref else ingest.spoold).append(r_ingest)
                 (e2e.ref if is_ref else e2e.spoold).append(r_e2e)
+                (cpu.ref if is_ref else cpu.spoold).append(cpu_ms)
                 print(
                     f"{key} round {rnd} {server.name:8s} ingest {r_ingest:7.1f} msg/s "
-                    f"({t1 - t0:6.2f} s)   end to end {r_e2e:7.1f} msg/s ({t2 - t0:6.2f} s)",
+                    f"({t1 - t0:6.2f} s)   end to end {r_e2e:7.1f} msg/s ({t2 - t0:6.2f} s)"
+                    f"   CPU {cpu_ms:.2f} ms/msg",
                     flush=True,
                 )
-    return [ingest, e2e]
+    return [ingest, e2e, cpu]
 
 
 def message_bytes(token: str, seq: int) -> bytes:
@@ -894,7 +946,7 @@ def latency_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
                 )
             ),
         ]
-        warm_up(servers, plan.timeout)
+        warm_up(servers, n, plan.timeout)
         for rnd in range(1, plan.rounds + 1):
             for server in servers:
                 token = f"r{rnd}{server.name}"
@@ -1126,8 +1178,12 @@ Sections appended by `bench/vs_postfix.py` (see its docstring for what each
 scenario measures). Scenarios a-c compare spoold with a private Postfix
 instance on the same machine, alternated run by run; d compares `Spool.add`
 with the disk's own write+fsync+rename+fsync(dir) loop. A ratio above 1
-means spoold is faster, except for latency, where it means spoold is slower.
-Compare ratios, not absolute figures, between machines and days.
+means spoold is faster, except for the figures marked "lower is better"
+(latency, and the CPU time the server spent per message: all its processes,
+user + system), where it means spoold is slower or costlier. Other jobs share
+the machine: compare ratios, not absolute figures, and look at the load
+average each section records. CPU per message is the figure that load
+disturbs least.
 """
 
 
