@@ -36,10 +36,15 @@ from one address; one route to the sink; JSON logs to a file), readiness by
 the systemd notify protocol (``READY=1`` on a socket of ours), ``spoold
 count`` on its control socket, SIGTERM to stop it; and, for (d),
 ``from spoold import ...``. The next hop of both is Postfix's ``smtp-sink``
-(a) and (b), whose ``-c`` counters are read live from a pipe that a thread
-drains, or our latency sink (c). A fresh sink, Postfix and spoold are made
-for each scenario; every run waits for the queue of the server it measured
-to be empty again before the next one starts.
+in (a) and (b), whose ``-c`` counters are read live from a pipe that a
+thread drains, and our latency sink in (c). A fresh sink, Postfix and spoold
+are made for each scenario, and each server first relays a few messages
+that are not measured (processes and connections warm); every run waits for
+the queue of the server it measured to be empty again before the next one
+starts. CPU time is read from /proc: the server's main process (Postfix's
+master, the ``spoold run`` process) and every process under it, in clock
+ticks (10 ms) per process: a figure for thousands of messages, not for a
+``--quick`` run.
 
 Bounded and tidy: every step has a timeout (``--timeout``); on a failure, on
 Ctrl-C or SIGTERM it stops what it started (only that: by the pids it holds,
@@ -50,8 +55,10 @@ Results: printed, and appended as a section to ``--results`` (default
 ``bench/RESULTS.md``; a ``--quick`` run writes only when ``--results`` is
 given) with the date, the machine, the commit, the command and the versions.
 
-Needs root (Postfix's master runs as root) and the Debian package
-``postfix`` (installed without questions when missing). Usage::
+Scenarios a-c need root (Postfix's master runs as root), the Debian package
+``postfix`` (installed without questions when missing) and a work directory
+that user postfix can reach (``--workdir``, default the system temp dir).
+Usage::
 
     bench/vs_postfix.sh                      # 3 rounds of a, b, c, d
     bench/vs_postfix.sh --quick              # small counts, 1 round: a smoke run
@@ -486,14 +493,13 @@ class PostfixInstance:
 
     name = "postfix"
 
-    def __init__(self, home: Path, next_hop_port: int, logs: Logs, timeout: float) -> None:
+    def __init__(self, home: Path, next_hop_port: int, logs: Logs) -> None:
         self.home = home
         self.config_dir = home / "etc"
         self.queue_dir = home / "queue"
         self.maillog = home / "maillog"
         self.port = free_port()
         self.next_hop_port = next_hop_port
-        self.timeout = timeout
         logs.add("postfix maillog", self.maillog)
 
     def _postfix(self, command: str) -> None:
@@ -823,7 +829,7 @@ def throughput_scenario(
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(SmtpSink(home, logs))
         servers: list[Server] = [
-            stack.enter_context(PostfixInstance(home / "postfix", sink.port, logs, plan.timeout)),
+            stack.enter_context(PostfixInstance(home / "postfix", sink.port, logs)),
             stack.enter_context(
                 SpooldInstance(
                     home / "spoold", plan.spoold, sink.port, logs, plan.log_level, plan.overrides
@@ -939,7 +945,7 @@ def latency_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(LatencySink(logs, home))
         servers: list[Server] = [
-            stack.enter_context(PostfixInstance(home / "postfix", sink.port, logs, plan.timeout)),
+            stack.enter_context(PostfixInstance(home / "postfix", sink.port, logs)),
             stack.enter_context(
                 SpooldInstance(
                     home / "spoold", plan.spoold, sink.port, logs, plan.log_level, plan.overrides

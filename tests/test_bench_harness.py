@@ -91,8 +91,10 @@ def test_scenarios_a_and_d_write_a_results_section(tmp_path: Path, workdir: Path
         "durable adds/s, 16 at once",
     ]
     for row in rows:
-        ratio = row.rstrip(" |").rsplit("| ", 1)[1]
-        assert float(ratio) > 0, row
+        cells = row.strip("| ").split(" | ")
+        assert re.fullmatch(r"\*\*[\d.]+\*\* \([\d.]+-[\d.]+\)", cells[4]), row
+        if "CPU" not in cells[1]:  # CPU time comes in 10 ms ticks: 0 is possible for 10 messages
+            assert float(cells[5]) > 0, row
     assert list(workdir.iterdir()) == []
     assert processes_in(workdir) == []
 
