@@ -25,11 +25,15 @@ from pathlib import Path
 import anyio
 import structlog
 
-from spoold.body import Body
-from spoold.connection_cache import ConnectionCache, RouteSettings
-from spoold.message import RoutedBatch, RoutedEnvelope
-from spoold.smtp_relay import SmtpRelay
-from spoold.spool import Spool
+from spoold import (
+    Body,
+    ConnectionCache,
+    RoutedBatch,
+    RoutedEnvelope,
+    RouteSettings,
+    SmtpRelay,
+    Spool,
+)
 
 BODY = Body.from_content(
     b"Subject: bench\r\n\r\n" + (b"x" * 78 + b"\r\n") * 50 + b"x" * 58 + b"\r\n"
@@ -40,6 +44,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def sink_sessions_open(port: int) -> int:
+    """Connections to ``port`` whose sink end is still open (ESTABLISHED or
+    CLOSE_WAIT in /proc/net/tcp). smtp-sink writes its counters before it
+    closes a session, so at 0 the counters are final."""
+    suffix = f":{port:04X}"
+    with open("/proc/net/tcp") as fh:
+        next(fh)
+        return sum(
+            1
+            for line in fh
+            if (fields := line.split())[1].endswith(suffix) and fields[3] in ("01", "08")
+        )
 
 
 def sink_binary() -> str:
@@ -92,6 +110,10 @@ async def one_run(count: int, submitters: int, jobs: int, per_hop: int) -> tuple
                         break
             rate = delivered / (time.perf_counter() - start)
         await relay.close_and_flush()
+        # The relay has sent QUIT; the sink counts a session when it ends it.
+        with anyio.fail_after(10):
+            while sink_sessions_open(port):
+                await anyio.sleep(0.02)
     finally:
         sink.terminate()
         sink.wait(timeout=10)

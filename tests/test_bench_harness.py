@@ -1,0 +1,112 @@
+"""The side-by-side harness ``bench/vs_postfix.py`` runs and cleans up.
+
+Two small runs as a subprocess, each bounded in count (10 messages) and
+time: scenario a (smtp-source -> private Postfix / spoold daemon ->
+smtp-sink) and d (``Spool.add`` next to the disk loop) write a results
+section whose figures are all numbers; a run that fails after both servers
+started (spoold refusing smtp-source's sessions) exits 1 and prints the
+logs' tails. Either way nothing of the run is left: no work directory, no
+process still working in it. Needs root (Postfix's master) and Postfix's
+tools; skipped otherwise. Nothing here looks at how fast anything is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.interop
+
+HARNESS = Path(__file__).resolve().parent.parent / "bench" / "vs_postfix.py"
+SPOOLD = Path(sys.executable).parent / "spoold"
+TOOLS = ("postfix", "postconf", "smtp-sink", "smtp-source")
+
+if os.geteuid() != 0 or not all(
+    shutil.which(t) or shutil.which(t, path="/usr/sbin") for t in TOOLS
+):
+    pytest.skip("needs root and Postfix (postfix, smtp-sink, smtp-source)", allow_module_level=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """An empty directory that user postfix can reach (pytest's tmp_path is
+    in a directory only root may enter)."""
+    path = Path(tempfile.mkdtemp(prefix="spoold-bench-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_harness(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    common = ["--quick", "--count", "10", "--timeout", "60", "--spoold", str(SPOOLD)]
+    return subprocess.run(
+        [sys.executable, str(HARNESS), *common, "--workdir", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def processes_in(workdir: Path) -> list[str]:
+    """Processes whose command line or working directory is under workdir."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if str(workdir) in cmdline or cwd.startswith(str(workdir)):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_scenarios_a_and_d_write_a_results_section(tmp_path: Path, workdir: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+
+    done = run_harness(workdir, "--scenarios", "a,d", "--results", str(results))
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = results.read_text()
+    assert "Postfix: 3." in text
+    rows = [line for line in text.splitlines() if re.match(r"\| [ad]: ", line)]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "ingest msg/s",
+        "end to end msg/s",
+        "server CPU ms per message (lower is better)",
+        "durable adds/s, 1 at once",
+        "durable adds/s, 16 at once",
+    ]
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        assert re.fullmatch(r"\*\*[\d.]+\*\* \([\d.]+-[\d.]+\)", cells[4]), row
+        if "CPU" not in cells[1]:  # CPU time comes in 10 ms ticks: 0 is possible for 10 messages
+            assert float(cells[5]) > 0, row
+    assert list(workdir.iterdir()) == []
+    assert processes_in(workdir) == []
+
+
+def test_a_failure_stops_both_servers_and_prints_the_logs(workdir: Path) -> None:
+    done = run_harness(
+        workdir, "--scenarios", "a", "--spoold-set", "smtp.max_connections_per_client=1"
+    )
+
+    assert done.returncode == 1
+    assert "FAILED" in done.stderr and "421" in done.stderr
+    assert "----- spoold log:" in done.stderr
+    assert "----- postfix maillog:" in done.stderr
+    assert list(workdir.iterdir()) == []
+    assert processes_in(workdir) == []
