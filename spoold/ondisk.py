@@ -129,7 +129,11 @@ class OnDiskSpool:
     # ---------------------------------------------------------------- add
 
     async def add(
-        self, new: Sequence[NewMessage], on_reserve: Callable[[str], None] | None = None
+        self,
+        new: Sequence[NewMessage],
+        on_reserve: Callable[[str], None] | None = None,
+        *,
+        notify: bool = True,
     ) -> list[Message]:
         """Durably write new messages; return them (with their ids) in order.
 
@@ -155,7 +159,7 @@ class OnDiskSpool:
                 raise ValueError("a new message cannot be delivered already")
             entries.append(NewEntry(queue.value, n.body.wire, make_record(n), n.prefix))
         names = await self.store.enqueue(entries, on_reserve)
-        if not self.store.owner:
+        if notify and not self.store.owner:
             await self.store.notify_owner(names)
         return [built[name] for name in names]
 
@@ -263,6 +267,15 @@ class OnDiskSpool:
         if isinstance(result, RecordError):
             raise RecordError(f"{message_id}: {result}")
         return result
+
+    async def read_new(
+        self, ids: Sequence[str], queues: Sequence[Queue]
+    ) -> dict[str, tuple[Queue, Message | RecordError]]:
+        """Records of ``ids`` (messages other processes added), each from the
+        first of ``queues`` that holds it, in one worker-thread hop; ids
+        found nowhere are left out. Changes nothing."""
+        records = await self.store.read_many([q.value for q in queues], ids)
+        return {rec.name: (Queue(rec.queue), self._decode(rec)) for rec in records}
 
     async def find(
         self, message_id: str, queues: Sequence[Queue] = tuple(Queue)

@@ -424,32 +424,27 @@ class Spool:
             await self._adopt_locked(names)
 
     async def _adopt_locked(self, names: Sequence[str]) -> None:
-        for name in names:
-            if name in self._adding:
-                # This spool is adding it and indexes it itself; adopting it
-                # first could bring it back after it was delivered.
+        # Not what this spool is adding: add() indexes it itself, and
+        # adopting it first could bring it back after it was delivered.
+        wanted = [n for n in dict.fromkeys(names) if n not in self._adding and n not in self._index]
+        if not wanted:
+            return
+        found = await self._disk.read_new(wanted, _LOADED_QUEUES)  # one thread hop for all
+        for name, (queue, result) in found.items():
+            if isinstance(result, RecordError):
+                log.error("added record cannot be read", id=name, error=str(result))
                 continue
-            if name in self._index:
-                continue
-            for queue in _LOADED_QUEUES:
-                try:
-                    msg = await self._disk.read_message(queue, name)
-                except NotFoundError:
-                    continue
-                except RecordError as exc:
-                    log.error("added record cannot be read", id=name, error=str(exc))
-                    break
-                if name in self._index:
-                    break  # add() of this process indexed it meanwhile
-                if msg.queue is not queue:
-                    break  # written elsewhere than its status says: next open repairs it
-                _sending_reads_as_send_now(msg)
-                entry = _Entry(msg, queue)
-                self._index[name] = entry
-                self._schedule(entry)
-                self._publish(EventKind.SPOOLED, msg)
-                log.info("adopted", id=name, flows=msg.flows, queue=queue.value)
-                break
+            msg = result
+            if name in self._index or name in self._adding:
+                continue  # indexed meanwhile
+            if msg.queue is not queue:
+                continue  # written elsewhere than its status says: next open repairs it
+            _sending_reads_as_send_now(msg)
+            entry = _Entry(msg, queue)
+            self._index[name] = entry
+            self._schedule(entry)
+            self._publish(EventKind.SPOOLED, msg)
+            log.info("adopted", id=name, flows=msg.flows, queue=queue.value)
 
     async def _ping_loop(self) -> None:
         never = anyio.Event()

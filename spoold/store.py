@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import anyio
+import anyio.abc
 
 from spoold.errors import InsufficientStorageError, NotFoundError, SpoolLockedError, StoreError
 from spoold.ids import is_valid_id, new_id, validate_id
@@ -80,6 +81,9 @@ _FILE_MODE = 0o640
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 _T = TypeVar("_T")
+
+NotifyResult = Literal["sent", "busy", "absent"]
+_WAKEUP_DATAGRAM = 8192  # bytes: a few hundred ids a datagram
 
 StepHook = Callable[[str], None]
 """Called with the name of each filesystem step just before it runs (tests
@@ -192,6 +196,7 @@ class Store:
         self._data = f"{root}/data"
         self._registry = f"{root}/.registry"
         self._lock_fd: int | None = None
+        self._notify_socket: socket.socket | None = None
         self._dir_fds: dict[str, int] = {}
         self._closed = False
         self._inflight = 0  # operations running in worker threads
@@ -288,6 +293,9 @@ class Store:
 
     def _close_sync(self) -> None:
         self._closed = True
+        if self._notify_socket is not None:
+            self._notify_socket.close()
+            self._notify_socket = None
         for fd in self._dir_fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -389,9 +397,22 @@ class Store:
             await anyio.Path(path).unlink()
         sock = await anyio.create_unix_datagram_socket(local_path=path, local_mode=0o660)
 
+        raw: socket.socket = sock.extra(anyio.abc.SocketAttribute.raw_socket)
+
+        def names_in(packet: bytes) -> list[str]:
+            return [n for n in packet.decode("ascii", "replace").split() if is_valid_id(n)]
+
         async def batches() -> AsyncIterator[list[str]]:
             async for packet, _ in sock:
-                names = [n for n in packet.decode("ascii", "replace").split() if is_valid_id(n)]
+                names = names_in(packet)
+                # Take every datagram already queued too: one batch for all
+                # (the queue is short, and writers wait while it is full).
+                while True:
+                    try:
+                        more = raw.recv(_WAKEUP_DATAGRAM)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    names += names_in(more)
                 if names:
                     yield names
 
@@ -403,21 +424,39 @@ class Store:
                 with contextlib.suppress(OSError):
                     await anyio.Path(path).unlink()
 
-    async def notify_owner(self, names: Sequence[str]) -> bool:
-        """(Writer) tell the owner about new entries; False if no owner
-        listens or it is too busy to take the datagram within 2 s (it will
-        still find them, at its next rescan or open)."""
-        return await self._run(self._notify_owner_sync, names)
-
-    def _notify_owner_sync(self, names: Sequence[str]) -> bool:
-        payload = " ".join(names).encode("ascii")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.settimeout(2.0)  # the owner's queue may be full for a moment
+    def try_notify_owner(self, names: Sequence[str]) -> NotifyResult:
+        """(Writer) tell the owner about new entries, without waiting: a
+        non-blocking send (fit for the event loop). ``"sent"``; ``"busy"``
+        when the owner's queue is full (try again shortly: ``names`` not
+        sent yet); ``"absent"`` when no owner listens (it will find them
+        when it opens the spool). Long lists go in several datagrams."""
+        if self._notify_socket is None:
+            self._notify_socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
+        chunk = _WAKEUP_DATAGRAM // (17 + 1)
+        for start in range(0, len(names), chunk):
+            payload = " ".join(names[start : start + chunk]).encode("ascii")
             try:
-                sock.sendto(payload, self.wakeup_path)
+                self._notify_socket.sendto(payload, self.wakeup_path)
+            except (BlockingIOError, InterruptedError):
+                return "busy"
             except OSError:
-                return False
-        return True
+                return "absent"
+        return "sent"
+
+    async def notify_owner(self, names: Sequence[str]) -> bool:
+        """(Writer) tell the owner about new entries, waiting up to 2 s while
+        its queue is full; False if no owner listens or it stayed busy (it
+        will still find them, at its next rescan or open)."""
+        pause = 0.005
+        for _ in range(9):  # about 2.5 s in all
+            result = self.try_notify_owner(names)
+            if result != "busy":
+                return result == "sent"
+            await anyio.sleep(pause)
+            pause *= 2
+        return False
 
     async def enqueue(
         self, entries: Sequence[NewEntry], on_reserve: Callable[[str], None] | None = None
@@ -513,6 +552,27 @@ class Store:
             except FileNotFoundError:
                 continue
         raise NotFoundError(f"{name}: not in queue {queue}")
+
+    async def read_many(self, queues: Sequence[str], names: Sequence[str]) -> list[StoredRecord]:
+        """The records of ``names``, each from the first of ``queues`` that
+        holds it (not checked out), in one thread hop; missing ones skipped."""
+        for name in names:
+            validate_id(name)
+        for q in queues:
+            self._check_queue(q)
+        return await self._run(self._read_many_sync, queues, names)
+
+    def _read_many_sync(self, queues: Sequence[str], names: Sequence[str]) -> list[StoredRecord]:
+        out = []
+        for name in names:
+            for q in queues:
+                try:
+                    with open(f"{self._qdir(q)}/{name}", "rb") as f:
+                        out.append(StoredRecord(name, q, f.read(), False))
+                    break
+                except FileNotFoundError:
+                    continue
+        return out
 
     async def read_queue(self, queue: str) -> list[StoredRecord]:
         """Every record of ``queue``, checked-out ones included, in name order.

@@ -5,8 +5,9 @@ that schedules and changes messages; any number of other processes may add
 new ones at the same time (the registry keeps ids unique). A
 :class:`SpoolWriter` is such a process's handle: :meth:`SpoolWriter.add`
 checks the submission, writes every message durably (the same commit rules
-as the owner's own ``add``) and tells the owner through its wake-up socket,
-which adopts them at once (or at its next rescan, if the datagram is lost).
+as the owner's own ``add``) and tells the owner through its wake-up socket
+(batched, never making ``add`` wait: the message is durable already), which
+adopts them at once (or at its next rescan, if no datagram got through).
 The daemon's SMTP ingest workers are writers.
 
 :func:`new_messages` is the one place a submission becomes new records; the
@@ -20,6 +21,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
+
+import anyio
 
 from spoold.address import validate_address, validate_recipients
 from spoold.ids import new_id
@@ -93,6 +96,39 @@ def new_messages(
     return new
 
 
+class _Notifier:
+    """Tells the owner about new messages without making ``add`` wait: the
+    ids collect here and go out in as few datagrams as the owner's queue
+    takes; while it is full, they wait and collect more (a few ms)."""
+
+    def __init__(self, disk: OnDiskSpool) -> None:
+        self._disk = disk
+        self._pending: list[str] = []
+        self._wake = anyio.Event()
+
+    def tell(self, ids: Sequence[str]) -> None:
+        self._pending += ids
+        self._wake.set()
+
+    def flush(self) -> None:
+        """One last try, without waiting (the owner rescans for the rest)."""
+        if self._pending:
+            self._disk.store.try_notify_owner(self._pending)
+            self._pending = []
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            pause = 0.002
+            while self._pending:
+                ids, self._pending = self._pending, []
+                if self._disk.store.try_notify_owner(ids) == "busy":
+                    self._pending = ids + self._pending
+                    await anyio.sleep(pause)
+                    pause = min(pause * 2, 0.2)
+
+
 class SpoolWriter:
     """Adds messages to a spool owned by another process. Use :meth:`open`."""
 
@@ -105,6 +141,7 @@ class SpoolWriter:
         self._disk = disk
         self.default_retry_intervals = list(default_retry_intervals)
         self._now = now
+        self._notifier = _Notifier(disk)
 
     @classmethod
     @asynccontextmanager
@@ -127,7 +164,14 @@ class SpoolWriter:
             min_free_bytes=min_free_space,
         )
         try:
-            yield cls(disk, default_retry_intervals, now or utcnow)
+            writer = cls(disk, default_retry_intervals, now or utcnow)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer._notifier.run)
+                try:
+                    yield writer
+                finally:
+                    writer._notifier.flush()
+                    tg.cancel_scope.cancel()
         finally:
             await disk.close()
 
@@ -165,4 +209,6 @@ class SpoolWriter:
             parent_id=parent_id,
             prefix=prefix,
         )
-        return [m.id for m in await self._disk.add(new)]
+        ids = [m.id for m in await self._disk.add(new, notify=False)]
+        self._notifier.tell(ids)
+        return ids
