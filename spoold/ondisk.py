@@ -47,6 +47,7 @@ from spoold.store import (
     StepHook,
     Store,
     StoredRecord,
+    SyncMode,
 )
 
 __all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES"]
@@ -97,6 +98,7 @@ class OnDiskSpool:
         max_threads: int = 16,
         on_step: StepHook | None = None,
         min_free_bytes: int = 0,
+        sync: SyncMode = "fsync",
     ) -> tuple[OnDiskSpool, RecoveryReport]:
         store, report = await Store.open(
             spool_dir,
@@ -106,6 +108,7 @@ class OnDiskSpool:
             max_threads=max_threads,
             on_step=on_step,
             min_free_bytes=min_free_bytes,
+            sync=sync,
         )
         if report:
             log.info(

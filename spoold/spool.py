@@ -89,7 +89,7 @@ from spoold.message import (
 from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
 from spoold.outcome import attempt_outcome, refusals
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
-from spoold.store import StepHook
+from spoold.store import StepHook, SyncMode
 from spoold.timers import Timers
 from spoold.writer import new_messages
 
@@ -103,6 +103,7 @@ __all__ = [
     "DEFAULT_FLUSH_TIMEOUT",
     "DEFAULT_PING_INTERVAL",
     "DEFAULT_MIN_FREE_SPACE",
+    "DEFAULT_SYNC",
 ]
 
 log = structlog.get_logger("spoold.spool")
@@ -116,6 +117,7 @@ DEFAULT_RETRY_INTERVALS = RetryInterval.from_spans(DEFAULT_RETRY_SPANS, DEFAULT_
 DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
+DEFAULT_SYNC: SyncMode = "syncfs"  # group commit: see spoold.store
 
 _LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
 _OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
@@ -209,6 +211,7 @@ class Spool:
         min_free_space: int = DEFAULT_MIN_FREE_SPACE,
         on_step: StepHook | None = None,
         routes: Routes | None = None,
+        sync: SyncMode = DEFAULT_SYNC,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -235,6 +238,9 @@ class Spool:
         runs (fault injection: :class:`spoold.testing.Faults`).
         ``routes``: the routing to ask for a message's current next hops and
         for :meth:`reroute` (:class:`Routes`); None: messages keep their hops.
+        ``sync``: how new messages are made durable: ``"fsync"`` (each file
+        and directory) or ``"syncfs"`` (concurrent adds share two syncs of
+        the filesystem: group commit). Changeable through :attr:`sync`.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -246,7 +252,11 @@ class Spool:
         if min_free_space < 0:
             raise ValueError("min_free_space must be >= 0")
         ondisk, _ = await OnDiskSpool.open(
-            spool_dir, max_threads=max_threads, min_free_bytes=min_free_space, on_step=on_step
+            spool_dir,
+            max_threads=max_threads,
+            min_free_bytes=min_free_space,
+            on_step=on_step,
+            sync=sync,
         )
         try:
             spool = cls(
@@ -333,6 +343,14 @@ class Spool:
         if value < 0:
             raise ValueError("min_free_space must be >= 0")
         self._disk.store.min_free_bytes = value
+
+    @property
+    def sync(self) -> SyncMode:
+        return self._disk.store.sync
+
+    @sync.setter
+    def sync(self, value: SyncMode) -> None:
+        self._disk.store.sync = value
 
     def set_hooks(self, presend: PresendHook | None, on_error: OnErrorHook | None) -> None:
         """Replace both hooks at once (None: the default)."""

@@ -46,6 +46,7 @@ removes whatever it had written.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -83,6 +84,21 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _T = TypeVar("_T")
 
 NotifyResult = Literal["sent", "busy", "absent"]
+SyncMode = Literal["fsync", "syncfs"]
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(eq=False)
+class _Job:
+    """One enqueue call waiting in a group commit."""
+
+    entries: Sequence[NewEntry]
+    on_reserve: Callable[[str], None] | None
+    names: list[str] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
 _WAKEUP_DATAGRAM = 8192  # bytes: a few hundred ids a datagram
 
 StepHook = Callable[[str], None]
@@ -183,6 +199,7 @@ class Store:
         max_threads: int,
         on_step: StepHook | None,
         min_free_bytes: int = 0,
+        sync: SyncMode = "fsync",
     ) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
@@ -197,6 +214,10 @@ class Store:
         self._registry = f"{root}/.registry"
         self._lock_fd: int | None = None
         self._notify_socket: socket.socket | None = None
+        self.sync: SyncMode = sync
+        self._pending: list[_Job] = []  # group commit (sync="syncfs")
+        self._committing = False
+        self._batch_over = anyio.Event()
         self._dir_fds: dict[str, int] = {}
         self._closed = False
         self._inflight = 0  # operations running in worker threads
@@ -215,13 +236,17 @@ class Store:
         max_threads: int = 16,
         on_step: StepHook | None = None,
         min_free_bytes: int = 0,
+        sync: SyncMode = "fsync",
     ) -> tuple[Store, RecoveryReport]:
         """Open (and create) the store at ``root``.
 
         ``min_free_bytes`` is the floor of free space under which
         :meth:`enqueue` refuses new entries (changes of existing ones are
         never refused for it, so a full queue can still drain); it may be
-        changed while open.
+        changed while open. ``sync`` is how :meth:`enqueue` makes new
+        entries durable: ``"fsync"``, each file and directory of each call;
+        ``"syncfs"``, the calls under way at once as one batch with two
+        ``syncfs`` of the filesystem (group commit).
 
         As owner, take the lock (raising :class:`SpoolLockedError` at once if
         another process holds it) and recover: checked-out records go back to
@@ -238,6 +263,7 @@ class Store:
             max_threads=max_threads,
             on_step=on_step,
             min_free_bytes=min_free_bytes,
+            sync=sync,
         )
         try:
             report = await anyio.to_thread.run_sync(store._open_sync, create)
@@ -344,7 +370,9 @@ class Store:
         for d in dict.fromkeys(dirs):
             os.fsync(self._dir_fds[d])
 
-    def _write_tmp(self, name: str, kind: str, data: bytes, prefix: bytes = b"") -> str:
+    def _write_tmp(
+        self, name: str, kind: str, data: bytes, prefix: bytes = b"", *, sync: bool = True
+    ) -> str:
         path = f"{self._tmp}/{self._pid}.{name}.{kind}.{secrets.token_hex(4)}"
         fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
         try:
@@ -352,7 +380,8 @@ class Store:
                 view = memoryview(part)
                 while view:
                     view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -471,7 +500,134 @@ class Store:
         """
         for e in entries:
             self._check_queue(e.queue)
-        return await self._run(self._enqueue_sync, entries, on_reserve)
+        if self.sync == "fsync":
+            return await self._run(self._enqueue_sync, entries, on_reserve)
+        return await self._enqueue_grouped(_Job(entries, on_reserve))
+
+    async def _enqueue_grouped(self, job: _Job) -> list[str]:
+        """Group commit: the first caller to find no batch under way commits
+        every job waiting then (its own included) in one thread hop; the
+        others wait for their job to be done, by that batch or the next."""
+        self._pending.append(job)
+        while not job.done:
+            if self._committing:
+                await self._batch_over.wait()
+                continue
+            batch, self._pending = self._pending, []
+            self._committing = True
+            try:
+                await self._run(self._commit_sync, batch)
+            except BaseException as exc:  # the store closed, or the hop failed
+                for other in batch:
+                    if not other.done:
+                        other.error, other.done = exc, True
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                self._committing = False
+                over, self._batch_over = self._batch_over, anyio.Event()
+                over.set()
+        if job.error is not None:
+            raise job.error
+        assert job.names is not None
+        return job.names
+
+    def _commit_sync(self, batch: Sequence[_Job]) -> None:
+        """Commit the jobs of a batch with two ``syncfs`` in all: the new
+        files are written (no fsync), the filesystem synced (their content
+        is durable), then renamed into place and the filesystem synced again
+        (the renames are). A job that fails alone is undone alone; if a sync
+        fails, every job of the batch is undone."""
+        staged: list[tuple[_Job, list[str], list[str], list[tuple[str, str, str, str]]]] = []
+        for job in batch:
+            names: list[str] = []
+            written: list[str] = []
+            try:
+                self._step("check_space")
+                self._check_free_space(sum(len(e.body) for e in job.entries))
+                moves = self._stage(job.entries, job.on_reserve, names, written, sync=False)
+            except Exception as exc:  # noqa: BLE001 (undone, and given to its caller)
+                self._undo(written)
+                job.error, job.done = self._store_error(exc, "enqueue"), True
+                continue
+            staged.append((job, names, written, moves))
+        if not staged:
+            return
+        try:
+            self._step("sync_data")
+            self._syncfs()
+            for _job, _names, written, moves in staged:
+                self._move_into_place(moves, written)
+            self._step("fsync_dirs")
+            self._syncfs()
+        except Exception as exc:  # noqa: BLE001 (undone, and given to every caller)
+            for job, _names, written, _moves in staged:
+                self._undo(written)
+                job.error, job.done = self._store_error(exc, "enqueue"), True
+            return
+        for job, names, _written, _moves in staged:
+            job.names, job.done = names, True
+        self._step("done")
+
+    def _syncfs(self) -> None:
+        if _libc.syncfs(self._dir_fds[self._tmp]) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), self._root_s)
+
+    def _stage(
+        self,
+        entries: Sequence[NewEntry],
+        on_reserve: Callable[[str], None] | None,
+        names: list[str],
+        written: list[str],
+        *,
+        sync: bool,
+    ) -> list[tuple[str, str, str, str]]:
+        """Reserve names and write the tmp files of ``entries`` (filling
+        ``names`` and ``written``, every path to remove on failure)."""
+        for _ in entries:
+            self._step("reserve")
+            name = self._reserve_sync()
+            if on_reserve is not None:
+                on_reserve(name)
+            names.append(name)
+            written.append(f"{self._registry}/{name}")
+        moves: list[tuple[str, str, str, str]] = []
+        for name, e in zip(names, entries, strict=True):
+            self._step("write_body")
+            prefix = e.make_prefix(name) if e.make_prefix is not None else b""
+            body_tmp = self._write_tmp(name, "body", e.body, prefix, sync=sync)
+            written.append(body_tmp)
+            self._step("write_record")
+            record_tmp = self._write_tmp(name, "record", e.make_record(name, names), sync=sync)
+            written.append(record_tmp)
+            moves.append((name, e.queue, body_tmp, record_tmp))
+        return moves
+
+    def _move_into_place(
+        self, moves: Sequence[tuple[str, str, str, str]], written: list[str]
+    ) -> None:
+        """The body into ``data/`` first, the record (the commit point) last."""
+        for name, queue, body_tmp, record_tmp in moves:
+            self._step("rename_body")
+            os.rename(body_tmp, f"{self._data}/{name}")
+            written.append(f"{self._data}/{name}")
+            self._step("rename_record")
+            os.rename(record_tmp, f"{self._root_s}/{queue}/{name}")
+            written.append(f"{self._root_s}/{queue}/{name}")
+
+    def _undo(self, written: Sequence[str]) -> None:
+        for path in reversed(written):
+            self._unlink_quiet(path)
+
+    def _store_error(self, exc: Exception, what: str) -> Exception:
+        if isinstance(exc, OSError) and not isinstance(exc, StoreError):
+            error = StoreError(
+                exc.errno, f"{what} into {self.root} failed: {exc.strerror}", exc.filename
+            )
+            error.__cause__ = exc  # as "raise ... from exc" would
+            return error
+        return exc
 
     def free_bytes(self) -> int:
         """Bytes free for this process on the store's filesystem (blocking:
@@ -494,48 +650,25 @@ class Store:
     def _enqueue_sync(
         self, entries: Sequence[NewEntry], on_reserve: Callable[[str], None] | None = None
     ) -> list[str]:
+        """One call's entries: each file fsynced, then the directories."""
         self._step("check_space")
         self._check_free_space(sum(len(e.body) for e in entries))
         names: list[str] = []
         written: list[str] = []  # every path to remove if we fail
         try:
-            for _ in entries:
-                self._step("reserve")
-                name = self._reserve_sync()
-                if on_reserve is not None:
-                    on_reserve(name)
-                names.append(name)
-                written.append(f"{self._registry}/{name}")
-            staged: list[tuple[str, str, str, str]] = []
-            for name, e in zip(names, entries, strict=True):
-                self._step("write_body")
-                prefix = e.make_prefix(name) if e.make_prefix is not None else b""
-                body_tmp = self._write_tmp(name, "body", e.body, prefix)
-                written.append(body_tmp)
-                self._step("write_record")
-                record_tmp = self._write_tmp(name, "record", e.make_record(name, names))
-                written.append(record_tmp)
-                staged.append((name, e.queue, body_tmp, record_tmp))
-            for name, queue, body_tmp, record_tmp in staged:
-                self._step("rename_body")
-                os.rename(body_tmp, f"{self._data}/{name}")
-                written.append(f"{self._data}/{name}")
-                self._step("rename_record")
-                os.rename(record_tmp, f"{self._root_s}/{queue}/{name}")
-                written.append(f"{self._root_s}/{queue}/{name}")
+            moves = self._stage(entries, on_reserve, names, written, sync=True)
+            self._move_into_place(moves, written)
             self._step("fsync_dirs")
             # .registry is not fsynced: a committed record does not need its
             # registry entry to survive a power loss (ids stay unique by
             # time and randomness; recovery and delete tolerate its absence).
             self._fsync_dirs([self._data] + [f"{self._root_s}/{e.queue}" for e in entries])
         except Exception as exc:
-            for path in reversed(written):
-                self._unlink_quiet(path)
-            if isinstance(exc, OSError) and not isinstance(exc, StoreError):
-                raise StoreError(
-                    exc.errno, f"enqueue into {self.root} failed: {exc.strerror}", exc.filename
-                ) from exc
-            raise
+            self._undo(written)
+            error = self._store_error(exc, "enqueue")
+            if error is exc:
+                raise
+            raise error from exc
         self._step("done")
         return names
 

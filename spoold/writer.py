@@ -37,6 +37,7 @@ from spoold.message import (
     message_for_envelope,
 )
 from spoold.ondisk import NewMessage, OnDiskSpool
+from spoold.store import SyncMode
 from spoold.times import utcnow
 
 __all__ = ["SpoolWriter", "new_messages"]
@@ -153,6 +154,7 @@ class SpoolWriter:
         min_free_space: int = 0,
         max_threads: int = 16,
         now: Callable[[], datetime] | None = None,
+        sync: SyncMode = "fsync",
     ) -> AsyncIterator[SpoolWriter]:
         """Open an existing spool directory for adding (never creates one,
         never takes its lock). ``min_free_space`` as for the owner."""
@@ -162,6 +164,7 @@ class SpoolWriter:
             create=False,
             max_threads=max_threads,
             min_free_bytes=min_free_space,
+            sync=sync,
         )
         try:
             writer = cls(disk, default_retry_intervals, now or utcnow)
@@ -178,6 +181,14 @@ class SpoolWriter:
     @property
     def spool_dir(self) -> Path:
         return self._disk.dir
+
+    @property
+    def sync(self) -> SyncMode:
+        return self._disk.store.sync
+
+    @sync.setter
+    def sync(self, value: SyncMode) -> None:
+        self._disk.store.sync = value
 
     @property
     def min_free_space(self) -> int:

@@ -45,8 +45,9 @@ async def main(spool_dir: str, op: str, arg: str) -> None:
                 tg.start_soon(run)
         return
     hook = crash_at(arg)
-    if op == "enqueue":
-        od, _ = await OnDiskSpool.open(spool_dir, owner=True, on_step=hook)
+    if op in ("enqueue", "enqueue_syncfs"):
+        sync = "syncfs" if op == "enqueue_syncfs" else "fsync"
+        od, _ = await OnDiskSpool.open(spool_dir, owner=True, on_step=hook, sync=sync)
         await od.add([new_message(b".leading dot\r\nbody\r\n")])
     elif op in ("move", "move_checked_out"):
         od, _ = await OnDiskSpool.open(spool_dir, owner=True, on_step=hook)

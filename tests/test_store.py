@@ -301,7 +301,6 @@ ENQUEUE_STEPS = [
     "fsync_dirs",
     "done",
 ]
-COMMITTED_AFTER = ENQUEUE_STEPS.index("fsync_dirs")  # rename_record has run
 
 
 async def everything(od: OnDiskSpool) -> dict[str, Queue]:
@@ -315,12 +314,28 @@ async def everything(od: OnDiskSpool) -> dict[str, Queue]:
     return where
 
 
-@pytest.mark.parametrize("step", ENQUEUE_STEPS)
-async def test_crash_at_each_step_of_enqueue(tmp_path: Path, step: str) -> None:
-    assert run_child(tmp_path, "enqueue", step) == 77
+GROUPED_STEPS = [  # sync="syncfs": a group commit
+    "reserve",
+    "write_body",
+    "write_record",
+    "sync_data",
+    "rename_body",
+    "rename_record",
+    "fsync_dirs",
+    "done",
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "step"),
+    [("enqueue", s) for s in ENQUEUE_STEPS] + [("enqueue_syncfs", s) for s in GROUPED_STEPS],
+)
+async def test_crash_at_each_step_of_enqueue(tmp_path: Path, op: str, step: str) -> None:
+    assert run_child(tmp_path, op, step) == 77
     od, _ = await OnDiskSpool.open(tmp_path)
     where = await everything(od)
-    if ENQUEUE_STEPS.index(step) < COMMITTED_AFTER:
+    steps = ENQUEUE_STEPS if op == "enqueue" else GROUPED_STEPS
+    if steps.index(step) < steps.index("fsync_dirs"):  # before: rename_record has not run
         assert where == {}
         assert tree(tmp_path) == set()
     else:

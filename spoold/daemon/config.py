@@ -32,6 +32,7 @@ from spoold.errors import (
     ConfigError,
 )
 from spoold.hops import parse_hop
+from spoold.store import SyncMode
 from spoold.times import parse_size, parse_span
 
 __all__ = [
@@ -69,6 +70,7 @@ class SpoolConfig:
     retry_jitter: float = _spool.DEFAULT_RETRY_JITTER
     flush_timeout: timedelta = timedelta(seconds=_spool.DEFAULT_FLUSH_TIMEOUT)
     min_free_space: int = _spool.DEFAULT_MIN_FREE_SPACE
+    sync: SyncMode = _spool.DEFAULT_SYNC
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +278,13 @@ def _tls_mode(v: object) -> TlsMode:
     raise ValueError(f"expected one of {', '.join(get_args(TlsMode))}, got {v!r}")
 
 
+def _sync_mode(v: object) -> SyncMode:
+    for mode in get_args(SyncMode):
+        if v == mode:
+            return cast(SyncMode, mode)
+    raise ValueError(f"expected one of {', '.join(get_args(SyncMode))}, got {v!r}")
+
+
 def _fraction(v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
         raise ValueError(f"expected a number from 0 to 1, got {v!r}")
@@ -386,6 +395,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         retry_jitter=t.get("retry_jitter", _fraction),
         flush_timeout=t.get("flush_timeout", parse_span),
         min_free_space=t.get("min_free_space", parse_size),
+        sync=t.get("sync", _sync_mode),
     )
     t.done()
 

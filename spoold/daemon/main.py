@@ -192,6 +192,7 @@ class Daemon:
             flush_timeout=0,  # the daemon flushes before leaving (see _stop)
             min_free_space=cfg.spool.min_free_space,
             routes=self.live.router,
+            sync=cfg.spool.sync,
         ) as spool:
             self._spool = spool
             hostname = await anyio.to_thread.run_sync(socket.getfqdn)
@@ -366,6 +367,7 @@ class Daemon:
         if spool is not None:
             spool.max_concurrent_send_jobs = cfg.spool.max_concurrent_send_jobs
             spool.min_free_space = cfg.spool.min_free_space
+            spool.sync = cfg.spool.sync
             spool.default_retry_intervals = RetryInterval.from_spans(
                 cfg.spool.retry_intervals, cfg.spool.retry_jitter
             )

@@ -102,6 +102,7 @@ async def _serve(config: Config, fds: list[int], ready_fd: int, signals: Signals
             config.spool.dir,
             default_retry_intervals=_intervals(config),
             min_free_space=config.spool.min_free_space,
+            sync=config.spool.sync,
         ) as writer:
             hostname = await anyio.to_thread.run_sync(socket.getfqdn)
             submitter = Submitter(writer, lambda: state.router, hostname=hostname)
@@ -148,6 +149,7 @@ async def _reload(state: _State, writer: SpoolWriter) -> _State:
         return state
     logs.configure(config.log.format, config.log.level)
     writer.min_free_space = config.spool.min_free_space
+    writer.sync = config.spool.sync
     writer.default_retry_intervals = _intervals(config)
     log.info("ingest worker reloaded", pid=os.getpid())
     return new
