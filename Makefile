@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # Reinstall when the project metadata changes.
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,fast]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -301,7 +301,10 @@ def test_a_burst_is_logged_once_and_ends_with_a_count(captured: LogCapture) -> N
         failures.failed("a.sock", emfile)
         now[0] += 1.0
     failures.failed("b:25", OSError(errno.ENOBUFS, "No buffer space available"))
-    failures.recovered("a.sock")
+    failures.recovered("a.sock")  # 0 s after the last failure: still the same burst
+    assert failures.in_burst("a.sock")
+    now[0] += 3.0
+    failures.recovered("a.sock")  # quiet for 3 s, then a success: over
     failures.recovered("a.sock")  # no burst: nothing to say
     assert captured.events() == [
         ("error", OUT_OF),
@@ -315,7 +318,8 @@ def test_a_burst_is_logged_once_and_ends_with_a_count(captured: LogCapture) -> N
     assert captured.lines[4]["errno"] == "ENOBUFS"
     assert captured.lines[-1]["failures"] == 10
 
-    # A listener that cannot tell it works again: quiet for 3 s ends it.
+    # Without a success, quiet for 3 s ends it too.
+    failures.failed("b:25", OSError(errno.ENOBUFS, "No buffer space available"))
     failures.close_quiet()
     assert failures.in_burst("b:25")
     now[0] += 3.0
@@ -324,7 +328,7 @@ def test_a_burst_is_logged_once_and_ends_with_a_count(captured: LogCapture) -> N
     assert captured.lines[-1] == {
         "event": AGAIN,
         "listener": "b:25",
-        "failures": 1,
+        "failures": 2,
         "level": "info",
     }
 

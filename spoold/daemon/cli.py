@@ -130,8 +130,11 @@ def main(ctx: click.Context, config: str | None, socket: str | None, spool_dir: 
 def run(target: _Target, config: str | None) -> None:
     """Run the daemon in the foreground (for systemd, Type=notify)."""
     from spoold.daemon.main import run as run_daemon
+    from spoold.daemon.resources import event_loop_options
 
-    sys.exit(anyio.run(run_daemon, config or target.config_path))
+    sys.exit(
+        anyio.run(run_daemon, config or target.config_path, backend_options=event_loop_options())
+    )
 
 
 # ------------------------------------------------------------ read-only

@@ -81,7 +81,7 @@ import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from spoold.daemon.config import SmtpConfig
-from spoold.daemon.resources import RESOURCE_ERRNOS, AcceptFailures
+from spoold.daemon.resources import AcceptFailures, accept_forever
 from spoold.errors import (
     AddressError,
     ControlError,
@@ -119,8 +119,6 @@ REQUEST_TIMEOUT = 30.0  # seconds from accept to the request's newline
 MAX_CLIENTS = 64  # connections served at once, events subscribers included
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024  # smtp.max_message_size's default
 
-_FIRST_PAUSE = 0.1  # after an accept failed for lack of resources
-_LONGEST_PAUSE = 1.0
 _BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _READ_CHUNK = 256 * 1024
 
@@ -466,27 +464,14 @@ class ControlServer:
     async def _accept_loop(
         self, sock: socketlib.socket, where: str, tg: anyio.abc.TaskGroup
     ) -> None:
-        pause = _FIRST_PAUSE
-        while True:
-            await anyio.wait_readable(sock)
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue  # taken back by the client before we got to it
-            except OSError as exc:
-                if exc.errno not in RESOURCE_ERRNOS:
-                    raise
-                self.accept_failures.failed(where, exc)
-                await anyio.sleep(pause)  # the connection waits in the backlog meanwhile
-                pause = min(pause * 2, _LONGEST_PAUSE)
-                continue
-            pause = _FIRST_PAUSE
-            self.accept_failures.recovered(where)
+        def take(conn: socketlib.socket) -> None:
             if self.clients >= self.max_clients:
                 self._turn_away(conn)
-                continue
+                return
             self.clients += 1
             tg.start_soon(self._connection, conn)
+
+        await accept_forever(sock, where, self.accept_failures, take)
 
     def _turn_away(self, conn: socketlib.socket) -> None:
         """Answer ``busy`` and close, without a task: the reply is far

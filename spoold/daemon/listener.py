@@ -63,6 +63,7 @@ from spoold.body import LineEndingPolicy
 from spoold.credentials import read_private_file
 from spoold.daemon.config import SmtpConfig
 from spoold.daemon.ingest import Origin, Submitter
+from spoold.daemon.resources import AcceptFailures, accept_forever
 from spoold.daemon.smtp_server import Delivery, SessionPolicy, SmtpSession
 from spoold.errors import (
     BareLineEndingError,
@@ -77,6 +78,8 @@ from spoold.store import Store
 __all__ = ["SmtpListener", "ListenerSettings", "listener_settings"]
 
 log = structlog.get_logger("spoold.smtp")
+
+_BACKLOG = 1024
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -156,8 +159,10 @@ class SmtpListener:
         settings: Callable[[], ListenerSettings | SmtpConfig],
         *,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        accept_failures: AcceptFailures | None = None,
     ) -> None:
         self.submitter = submitter
+        self.accept_failures = accept_failures or AcceptFailures()
         self._settings = settings
         self.sleep = sleep  # waits out the delay of a failed AUTH
         self.connections = 0
@@ -286,46 +291,89 @@ class SmtpListener:
         address none of them has is bound here.
         """
         loop = asyncio.get_running_loop()
-        servers: list[asyncio.Server] = []
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            try:
-                covered = set()
-                for sock in inherited:
-                    server = await loop.create_server(lambda: SmtpSession(self), sock=sock)
-                    servers.append(server)
-                    covered.add(_sockname_key(sock.getsockname()))
-                    log.info("smtp listening", address=_show(sock.getsockname()), inherited=True)
-                for address in self.config().listen:
-                    host, _, port = address.rpartition(":")
-                    if _sockname_key((host.strip("[]"), int(port))) in covered:
-                        continue
-                    server = await loop.create_server(
-                        lambda: SmtpSession(self), host.strip("[]"), int(port)
-                    )
-                    servers.append(server)
-                    log.info("smtp listening", address=address)
-                task_status.started()
-                await self._stopping.wait()
-                for server in servers:
-                    server.close()  # no new connections; those open go on
-                log.info("smtp listener stopping", deliveries_under_way=self._working)
-                for session in list(self._sessions):
-                    if not session.busy:
+        inherited_keys = {_sockname_key(sock.getsockname()) for sock in inherited}
+        own = await anyio.to_thread.run_sync(listening_sockets, self.config().listen, inherited)
+        own = own[len(inherited) :]  # the ones bound here, closed here
+        sockets = [*inherited, *own]
+
+        def take(conn: socket.socket) -> None:
+            assert self._task_group is not None
+            self._task_group.start_soon(self._attach, loop, conn)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                try:
+                    async with anyio.create_task_group() as accepting:
+                        for sock in sockets:
+                            sock.setblocking(False)
+                            where = _show(sock.getsockname())
+                            accepting.start_soon(
+                                accept_forever, sock, where, self.accept_failures, take
+                            )
+                            log.info(
+                                "smtp listening",
+                                address=where,
+                                **(
+                                    {"inherited": True}
+                                    if _sockname_key(sock.getsockname()) in inherited_keys
+                                    else {}
+                                ),
+                            )
+                        task_status.started()
+                        await self._stopping.wait()
+                        accepting.cancel_scope.cancel()  # no new connections; those open go on
+                    log.info("smtp listener stopping", deliveries_under_way=self._working)
+                    for session in list(self._sessions):
+                        if not session.busy:
+                            session.shutdown()
+                    with anyio.move_on_after(drain_timeout):
+                        while self._working:
+                            await self._all_done.wait()
+                finally:
+                    for session in list(self._sessions):
                         session.shutdown()
-                with anyio.move_on_after(drain_timeout):
-                    while self._working:
-                        await self._all_done.wait()
-            finally:
-                for server in servers:
-                    server.close()
-                for session in list(self._sessions):
-                    session.shutdown()
-                tg.cancel_scope.cancel()
-                self._task_group = None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            for server in servers:
-                await server.wait_closed()
+                    tg.cancel_scope.cancel()
+                    self._task_group = None
+        finally:
+            for sock in own:
+                sock.close()
+
+    async def _attach(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        """Run a session on an accepted connection."""
+        try:
+            await loop.connect_accepted_socket(lambda: SmtpSession(self), conn)
+        except OSError:
+            conn.close()  # gone before we got to it
+
+
+def listening_sockets(
+    listen: Sequence[str], inherited: Sequence[socket.socket]
+) -> list[socket.socket]:
+    """The sockets to serve: every inherited one, and one bound here for
+    each ``listen`` address none of them has (blocking: a few syscalls)."""
+    sockets = list(inherited)
+    covered = {_sockname_key(s.getsockname()) for s in inherited}
+    for address in listen:
+        host, _, port_text = address.rpartition(":")
+        host = host.strip("[]")
+        if _sockname_key((host, int(port_text))) in covered:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, int(port_text)))
+            sock.listen(_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            for s in sockets[len(inherited) :]:
+                s.close()
+            raise SpooldError(f"smtp.listen {address}: {exc.strerror or exc}") from None
+        sockets.append(sock)
+    return sockets
 
 
 def _sockname_key(name: Any) -> tuple[str, int]:

@@ -56,7 +56,7 @@ from spoold.daemon import logs
 from spoold.daemon.config import Config, SmtpConfig, load_config, restart_needed
 from spoold.daemon.control import ControlServer
 from spoold.daemon.ingest import Origin, Submitter
-from spoold.daemon.listener import ListenerSettings, listener_settings
+from spoold.daemon.listener import ListenerSettings, listener_settings, listening_sockets
 from spoold.daemon.metrics import Metrics
 from spoold.daemon.resources import (
     AcceptFailures,
@@ -66,7 +66,7 @@ from spoold.daemon.resources import (
 from spoold.daemon.routing import Router
 from spoold.daemon.signals import Signals
 from spoold.daemon.systemd import Notifier, listen_fds, watchdog_interval
-from spoold.daemon.workers import IngestWorkers, listening_sockets, worker_count
+from spoold.daemon.workers import IngestWorkers, worker_count
 from spoold.errors import (
     ConfigError,
     SpooldError,
@@ -228,6 +228,7 @@ class Daemon:
                 services.start_soon(self._watchdog_loop)
                 log.info(
                     "spoold ready",
+                    event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
                     spool_dir=str(cfg.spool.dir),
                     control_socket=str(cfg.control.socket),
                     config=str(cfg.path),

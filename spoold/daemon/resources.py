@@ -10,10 +10,11 @@
   resources (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) once per burst
   and per listening socket: one error line when a burst starts, a debug
   line at the 2nd, 4th, 8th, ... failure, one info line with the count
-  when it ends. A burst ends at the next successful accept
-  (:meth:`AcceptFailures.recovered`, for servers that see it) or after
+  when it ends. A burst ends at a successful accept ``quiet`` seconds or
+  more after its last failure (:meth:`AcceptFailures.recovered`), or after
   ``quiet`` seconds without a failure (:meth:`AcceptFailures.close_quiet`,
-  called periodically, for servers that do not).
+  called periodically). A success in the middle (a descriptor came free
+  for a moment) does not end it.
 * :func:`install_accept_error_handler` routes asyncio's own report of such a
   failure to an :class:`AcceptFailures`. asyncio's servers (Python 3.11)
   survive it: they stop watching the socket for a second, but report each
@@ -28,17 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.util
+import os
 import resource
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import structlog
 
 __all__ = [
     "RESOURCE_ERRNOS",
     "AcceptFailures",
+    "accept_forever",
     "install_accept_error_handler",
     "raise_open_files_limit",
 ]
@@ -51,6 +57,17 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 _ASYNCIO_ACCEPT_MESSAGE = "socket.accept() out of system resource"
 
 log = structlog.get_logger("spoold.daemon.resources")
+
+
+def event_loop_options() -> dict[str, Any]:
+    """anyio's asyncio options for the daemon's processes: uvloop when it is
+    installed (``pip install 'spoold[fast]'``; a quicker event loop),
+    asyncio's own loop otherwise. ``SPOOLD_UVLOOP=0`` turns it off."""
+    if os.environ.get("SPOOLD_UVLOOP", "1") == "0":
+        return {}
+    if importlib.util.find_spec("uvloop") is None:
+        return {}
+    return {"use_uvloop": True}
 
 
 def raise_open_files_limit() -> tuple[int, int] | None:
@@ -123,7 +140,14 @@ class AcceptFailures:
         )
 
     def recovered(self, where: str) -> None:
-        """An accept on ``where`` worked: its burst, if any, is over."""
+        """An accept on ``where`` worked: its burst, if any, is over, unless
+        it failed less than ``quiet`` seconds ago (a descriptor came free
+        for a moment: the shortage goes on, and one burst is one report)."""
+        burst = self._bursts.get(where)
+        if burst is not None and self._clock() - burst.last >= self.quiet:
+            self._end(where)
+
+    def _end(self, where: str) -> None:
         burst = self._bursts.pop(where, None)
         if burst is not None:
             log.info("socket.accept() works again", listener=where, failures=burst.failures)
@@ -133,7 +157,7 @@ class AcceptFailures:
         now = self._clock()
         for where, burst in list(self._bursts.items()):
             if now - burst.last >= self.quiet:
-                self.recovered(where)
+                self._end(where)
 
 
 def _listener_name(context: dict[str, Any]) -> str:
@@ -146,6 +170,46 @@ def _listener_name(context: dict[str, Any]) -> str:
         host = str(name[0])
         return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
     return str(name) if name else "?"
+
+
+_FIRST_PAUSE = 0.1  # seconds after an accept failed for lack of resources
+_LONGEST_PAUSE = 1.0
+
+
+async def accept_forever(
+    sock: socket.socket,
+    where: str,
+    failures: AcceptFailures,
+    take: Callable[[socket.socket], None],
+) -> None:
+    """Accept connections on the non-blocking listening ``sock`` until
+    cancelled, handing each (non-blocking) to ``take``. An accept that fails
+    for lack of resources is counted in ``failures`` and tried again after a
+    pause growing from 0.1 s to 1 s, while the connection waits in the
+    backlog; any other error is raised. Our own loop, not the event loop's
+    server: every event loop then behaves the same (uvloop's libuv closes
+    the connections it cannot take, without a word)."""
+    pause = _FIRST_PAUSE
+    while True:
+        await anyio.wait_readable(sock)
+        while True:  # take every connection that is waiting
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue  # taken back by the client before we got to it
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise
+                failures.failed(where, exc)
+                await anyio.sleep(pause)
+                pause = min(pause * 2, _LONGEST_PAUSE)
+                break
+            pause = _FIRST_PAUSE
+            failures.recovered(where)
+            conn.setblocking(False)
+            take(conn)
 
 
 def install_accept_error_handler(

@@ -36,6 +36,7 @@ from spoold.daemon.ingest import Submitter
 from spoold.daemon.listener import ListenerSettings, SmtpListener, listener_settings
 from spoold.daemon.resources import (
     AcceptFailures,
+    event_loop_options,
     install_accept_error_handler,
     raise_open_files_limit,
 )
@@ -106,13 +107,17 @@ async def _serve(config: Config, fds: list[int], ready_fd: int, signals: Signals
         ) as writer:
             hostname = await anyio.to_thread.run_sync(socket.getfqdn)
             submitter = Submitter(writer, lambda: state.router, hostname=hostname)
-            listener = SmtpListener(submitter, lambda: state.listener)
+            listener = SmtpListener(submitter, lambda: state.listener, accept_failures=failures)
             drain = config.spool.flush_timeout.total_seconds()
             async with anyio.create_task_group() as tg:
                 await tg.start(functools.partial(listener.serve, sockets, drain_timeout=drain))
                 os.write(ready_fd, b"1")
                 os.close(ready_fd)
-                log.info("ingest worker ready", pid=os.getpid())
+                log.info(
+                    "ingest worker ready",
+                    pid=os.getpid(),
+                    event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+                )
                 while not signals.stop.is_set():
                     async with anyio.create_task_group() as waits:
 
@@ -162,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args(argv)
     fds = [int(f) for f in args.fds.split(",") if f]
-    sys.exit(anyio.run(run_worker, args.config, fds, args.ready_fd))
+    sys.exit(
+        anyio.run(run_worker, args.config, fds, args.ready_fd, backend_options=event_loop_options())
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ notification socket.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import select
 import signal
@@ -35,14 +34,13 @@ import structlog
 
 from spoold.errors import SpooldError
 
-__all__ = ["IngestWorkers", "listening_sockets", "worker_count"]
+__all__ = ["IngestWorkers", "worker_count"]
 
 log = structlog.get_logger("spoold.workers")
 
 _READY_TIMEOUT = 60.0  # seconds a new worker may take to serve
 _FIRST_RESTART_PAUSE = 1.0
 _LONGEST_RESTART_PAUSE = 30.0
-_BACKLOG = 1024
 # What a worker must not inherit: systemd talks to the main process only.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS")
 
@@ -55,41 +53,6 @@ def worker_count(configured: int) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
-
-
-def _key(host: str, port: int) -> tuple[str, int]:
-    with contextlib.suppress(ValueError):
-        host = str(ipaddress.ip_address(host))
-    return host, port
-
-
-def listening_sockets(
-    listen: Sequence[str], inherited: Sequence[socket.socket]
-) -> list[socket.socket]:
-    """The sockets to serve: every inherited one, and one bound here for
-    each ``listen`` address none of them has (blocking: a few syscalls)."""
-    sockets = list(inherited)
-    covered = {_key(*s.getsockname()[:2]) for s in inherited}
-    for address in listen:
-        host, _, port_text = address.rpartition(":")
-        host = host.strip("[]")
-        if _key(host, int(port_text)) in covered:
-            continue
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, int(port_text)))
-            sock.listen(_BACKLOG)
-        except OSError as exc:
-            sock.close()
-            for s in sockets[len(inherited) :]:
-                s.close()
-            raise SpooldError(f"smtp.listen {address}: {exc.strerror or exc}") from None
-        sockets.append(sock)
-    return sockets
 
 
 class IngestWorkers:
