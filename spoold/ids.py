@@ -14,6 +14,8 @@ disk) goes through :func:`validate_id` before a path is built from it.
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import secrets
 import time
@@ -37,10 +39,23 @@ def _base62(value: int, width: int) -> str:
     return "".join(reversed(digits))
 
 
+# The random part comes from a generator seeded from the system's randomness
+# (and seeded again in a forked child): ids need to be unique, not secret,
+# and a system call per id is a cost the hot path need not pay.
+_random = random.Random(secrets.randbits(128))
+
+
+def _reseed() -> None:
+    _random.seed(secrets.randbits(128))
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def new_id(now_us: int | None = None) -> str:
     """A fresh id; ``now_us`` (microseconds since the epoch) is for tests."""
     stamp = time.time_ns() // 1000 if now_us is None else now_us
-    return _base62(stamp, _TIME_WIDTH) + _base62(secrets.randbits(47), _RANDOM_WIDTH)
+    return _base62(stamp, _TIME_WIDTH) + _base62(_random.getrandbits(47), _RANDOM_WIDTH)
 
 
 def is_valid_id(value: object) -> bool:

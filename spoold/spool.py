@@ -462,7 +462,7 @@ class Spool:
             self._index[name] = entry
             self._schedule(entry)
             self._publish(EventKind.SPOOLED, msg)
-            log.info("adopted", id=name, flows=msg.flows, queue=queue.value)
+            log.debug("adopted", id=name, flows=msg.flows, queue=queue.value)
 
     async def _ping_loop(self) -> None:
         never = anyio.Event()

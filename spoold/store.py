@@ -49,8 +49,8 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import os
-import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -214,6 +214,7 @@ class Store:
         self._registry = f"{root}/.registry"
         self._lock_fd: int | None = None
         self._notify_socket: socket.socket | None = None
+        self._tmp_count = itertools.count()
         self.sync: SyncMode = sync
         self._pending: list[_Job] = []  # group commit (sync="syncfs")
         self._committing = False
@@ -373,7 +374,8 @@ class Store:
     def _write_tmp(
         self, name: str, kind: str, data: bytes, prefix: bytes = b"", *, sync: bool = True
     ) -> str:
-        path = f"{self._tmp}/{self._pid}.{name}.{kind}.{secrets.token_hex(4)}"
+        # Unique without randomness: the name is this process's, the count too.
+        path = f"{self._tmp}/{self._pid}.{name}.{kind}.{next(self._tmp_count)}"
         fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
         try:
             for part in (prefix, data):
@@ -539,12 +541,15 @@ class Store:
         (the renames are). A job that fails alone is undone alone; if a sync
         fails, every job of the batch is undone."""
         staged: list[tuple[_Job, list[str], list[str], list[tuple[str, str, str, str]]]] = []
+        free = self.free_bytes() if self.min_free_bytes else 0  # once for the batch
         for job in batch:
             names: list[str] = []
             written: list[str] = []
             try:
                 self._step("check_space")
-                self._check_free_space(sum(len(e.body) for e in job.entries))
+                needed = sum(len(e.body) for e in job.entries)
+                self._check_free_space(needed, free)
+                free -= needed
                 moves = self._stage(job.entries, job.on_reserve, names, written, sync=False)
             except Exception as exc:  # noqa: BLE001 (undone, and given to its caller)
                 self._undo(written)
@@ -635,10 +640,11 @@ class Store:
         st = os.fstatvfs(self._dir_fds[self._tmp])
         return st.f_bavail * st.f_frsize
 
-    def _check_free_space(self, needed: int) -> None:
+    def _check_free_space(self, needed: int, free: int | None = None) -> None:
         if not self.min_free_bytes:
             return
-        free = self.free_bytes()
+        if free is None:
+            free = self.free_bytes()
         if free - needed < self.min_free_bytes:
             raise InsufficientStorageError(
                 errno.ENOSPC,
