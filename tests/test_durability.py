@@ -330,13 +330,11 @@ def mutated_package(where: Path, mutant: str) -> Path:
 # ------------------------------------------------------------- running
 
 
+_NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "SPOOLD_CONFIG", "PYTHONPATH")
+
+
 def _env(python_path: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "SPOOLD_CONFIG", "PYTHONPATH")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
     env["PYTHONPATH"] = str(python_path)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
