@@ -211,3 +211,31 @@ async def test_recovery_reports_a_registry_entry_without_a_body_once(tmp_path: P
         assert report.removed_unacknowledged == ["OnlyARegistryEntry"]
         assert store.fsynced == [f"{tmp_path}/.registry"]
         assert not (tmp_path / ".registry" / "OnlyARegistryEntry").exists()
+
+
+@pytest.mark.parametrize(
+    ("step", "nth"),
+    [("rename_body", 2), ("rename_record", 2), ("fsync_dirs", 1)],
+    ids=["second-body-rename", "second-record-rename", "directory-fsync"],
+)
+async def test_a_batch_failing_after_its_first_renames_takes_them_back(
+    tmp_path: Path, step: str, nth: int
+) -> None:
+    """Some entries of the batch are already in place when the failure
+    comes: they are removed too (nothing was acknowledged)."""
+    faults = Faults()
+    store, _ = await Store.open(tmp_path, QUEUES, on_step=faults)
+    async with store:
+        faults.fail(
+            step,
+            OSError(errno.EIO, os.strerror(errno.EIO), f"{tmp_path}/where"),
+            when=lambda: faults.seen[step] == nth,
+        )
+        with pytest.raises(StoreError) as raised:
+            await store.enqueue([entry(), entry()])
+        assert faults.raised[step] == 1
+        assert raised.value.errno == errno.EIO
+        assert raised.value.filename == f"{tmp_path}/where"
+        assert f"enqueue into {tmp_path} failed" in str(raised.value)
+        for directory in ("tmp", "data", "active", ".registry"):
+            assert [p.name for p in (tmp_path / directory).iterdir() if p.is_file()] == []
