@@ -1,0 +1,38 @@
+"""Run under strace by tests/test_durability.py: add messages through
+``Spool.add`` and write ``ADDED <ids>`` on stdout (one ``write`` each) as
+soon as each call returns, so the trace shows what came before the caller
+was told its message is safe.
+
+It imports :mod:`spoold` from wherever ``PYTHONPATH`` points (the test may
+point it at a copy with a mutated store), never from this checkout on its
+own. The relay holds every attempt, so the only writes are the adds and
+the checkouts of the attempts.
+
+Usage: ``python durability_child.py SPOOL_DIR COUNT``
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import anyio
+
+from spoold.body import Body
+from spoold.message import RoutedBatch, RoutedEnvelope
+from spoold.spool import Spool
+from spoold.testing import InMemoryRelay
+
+
+async def main(spool_dir: str, count: str) -> None:
+    relay = InMemoryRelay(gate=anyio.Event())  # never opened: attempts wait
+    body = Body.from_content(b"Subject: durability\r\n\r\nhello\r\n.a dot line\r\n")
+    async with Spool.open(spool_dir, relay=relay, flush_timeout=0) as spool:
+        for n in range(int(count)):
+            envelope = RoutedEnvelope("sender@example.org", [f"r{n}@example.com"], ["127.0.0.1:9"])
+            ids = await spool.add(RoutedBatch([envelope], body))
+            os.write(1, f"ADDED {' '.join(ids)}\n".encode())
+
+
+if __name__ == "__main__":
+    anyio.run(main, sys.argv[1], sys.argv[2])

@@ -1,0 +1,198 @@
+"""The connection cache's rules under contention, against real SMTP servers
+on 127.0.0.1 (tests/smtp_server.py): a waiter gives up after
+``acquire_timeout`` and leaves no trace; freed connections and slots go to
+the oldest waiter, whatever hop it waits for; and under ``max_total`` the
+least recently used idle connection of another hop is closed to make room.
+
+Connections are held by tasks inside ``cache.connection(...)`` until the
+test sets their event; :func:`anyio.wait_all_tasks_blocked` says when every
+task has got as far as it can (queued as a waiter, or holding), so the
+order of arrival is the order the test chose, without sleeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import pytest
+
+from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
+from spoold.errors import HopUnavailableError
+from tests.smtp_server import SmtpTestServer, StartServer
+
+SETTINGS = RouteSettings(tls="none", connect_timeout=5.0, command_timeout=5.0)
+TIMEOUT = 20.0
+
+
+class FakeMonotonic:
+    """The clock idle times are measured by; moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Holder:
+    """A task that takes a connection to ``hop`` and keeps it until
+    :attr:`done` is set."""
+
+    hop: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    conn: Connection | None = None
+    error: Exception | None = None
+    got: anyio.Event = field(default_factory=anyio.Event)
+
+    async def run(self, cache: ConnectionCache, order: list[str], name: str) -> None:
+        try:
+            async with cache.connection(self.hop, SETTINGS) as conn:
+                self.conn = conn
+                order.append(name)
+                self.got.set()
+                await self.done.wait()
+        except HopUnavailableError as exc:
+            self.error = exc
+            self.got.set()
+
+
+async def until_closed(server: SmtpTestServer, count: int) -> None:
+    """Wait until the server has seen ``count`` connections end."""
+    with anyio.fail_after(5):
+        while server.connections_closed < count:
+            await anyio.sleep(0.01)
+
+
+async def test_a_waiter_gives_up_after_acquire_timeout_and_leaves_no_trace(
+    start_smtp_server: StartServer,
+) -> None:
+    server = await start_smtp_server()
+    cache = ConnectionCache(max_per_hop=1, acquire_timeout=0.2, idle_timeout=3600)
+    order: list[str] = []
+    holder, waiter = Holder(server.hop), Holder(server.hop)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder.run, cache, order, "holder")
+            await holder.got.wait()
+            tg.start_soon(waiter.run, cache, order, "waiter")
+            await waiter.got.wait()  # it gave up: the holder still holds
+
+            assert isinstance(waiter.error, HopUnavailableError)
+            assert str(waiter.error) == f"{server.hop}: no free connection within 0.2s"
+            assert order == ["holder"]
+
+            holder.done.set()
+        # The released connection went idle, not to the waiter that left.
+        assert cache.idle_connections == 1
+        assert cache.open_connections == 1
+        async with cache.connection(server.hop, SETTINGS) as again:
+            assert again is holder.conn
+    assert cache.connections_made == 1
+    assert server.connections_opened == 1
+
+
+async def test_a_released_connection_goes_to_the_oldest_waiter(
+    start_smtp_server: StartServer,
+) -> None:
+    server = await start_smtp_server()
+    cache = ConnectionCache(max_per_hop=1, idle_timeout=3600)
+    order: list[str] = []
+    holders = {name: Holder(server.hop) for name in ("first", "w1", "w2", "w3", "late")}
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holders["first"].run, cache, order, "first")
+            await holders["first"].got.wait()
+            for name in ("w1", "w2", "w3"):
+                tg.start_soon(holders[name].run, cache, order, name)
+                await anyio.wait_all_tasks_blocked()  # queued, in this order
+            assert order == ["first"]
+
+            holders["first"].done.set()
+            # One arriving while others wait queues behind them, even with
+            # the connection between two users.
+            tg.start_soon(holders["late"].run, cache, order, "late")
+            for name in ("w1", "w2", "w3"):
+                await holders[name].got.wait()
+                assert order[-1] == name
+                holders[name].done.set()
+            await holders["late"].got.wait()
+            holders["late"].done.set()
+    assert order == ["first", "w1", "w2", "w3", "late"]
+    assert {id(h.conn) for h in holders.values()} == {id(holders["first"].conn)}
+    assert server.connections_opened == 1
+
+
+async def test_a_freed_slot_goes_to_the_oldest_waiter_of_any_hop(
+    start_smtp_server: StartServer,
+) -> None:
+    """max_total = 1: one waiter for hop B, then one for hop A. When A's
+    connection is released, B waited longer: A's idle connection is closed
+    to make room and B gets the slot, before the second A waiter."""
+    a, b = await start_smtp_server(), await start_smtp_server()
+    cache = ConnectionCache(max_per_hop=1, max_total=1, idle_timeout=3600)
+    order: list[str] = []
+    holder, for_b, for_a = Holder(a.hop), Holder(b.hop), Holder(a.hop)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder.run, cache, order, "holder A")
+            await holder.got.wait()
+            tg.start_soon(for_b.run, cache, order, "waiter B")
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(for_a.run, cache, order, "waiter A")
+            await anyio.wait_all_tasks_blocked()
+
+            holder.done.set()
+            await for_b.got.wait()
+            assert order == ["holder A", "waiter B"]
+            await until_closed(a, 1)  # A's connection made room
+            for_b.done.set()
+            await for_a.got.wait()
+            for_a.done.set()
+    assert order == ["holder A", "waiter B", "waiter A"]
+    assert cache.open_connections == 1
+
+
+@pytest.mark.parametrize("older", ["A", "C"])
+async def test_max_total_closes_the_least_recently_used_idle_connection_of_another_hop(
+    start_smtp_server: StartServer, older: str
+) -> None:
+    servers = {name: await start_smtp_server() for name in "ABC"}
+    clock = FakeMonotonic()
+    cache = ConnectionCache(max_per_hop=2, max_total=2, idle_timeout=3600, monotonic=clock)
+    with anyio.fail_after(TIMEOUT):
+        first, second = (older, "C" if older == "A" else "A")
+        for name in (first, second):  # each released (idle) at its own time
+            async with cache.connection(servers[name].hop, SETTINGS):
+                pass
+            clock.now += 1.0
+        assert cache.idle_connections == 2
+
+        async with cache.connection(servers["B"].hop, SETTINGS):
+            await until_closed(servers[first], 1)
+            assert servers[second].connections_closed == 0
+            assert cache.open_connections == 2
+            assert cache.idle_connections == 1
+    assert servers["B"].connections_opened == 1
+
+
+async def test_no_idle_connection_to_close_means_waiting_not_exceeding_max_total(
+    start_smtp_server: StartServer,
+) -> None:
+    a, b = await start_smtp_server(), await start_smtp_server()
+    cache = ConnectionCache(max_per_hop=5, max_total=1, acquire_timeout=0.2, idle_timeout=3600)
+    order: list[str] = []
+    holder, waiter = Holder(a.hop), Holder(b.hop)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder.run, cache, order, "holder A")
+            await holder.got.wait()
+            tg.start_soon(waiter.run, cache, order, "waiter B")
+            await waiter.got.wait()
+            assert isinstance(waiter.error, HopUnavailableError)
+            assert a.connections_closed == 0  # a busy connection is never closed
+            holder.done.set()
+    assert b.connections_opened == 0
+    assert order == ["holder A"]

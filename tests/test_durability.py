@@ -1,0 +1,581 @@
+"""Durability proven at the syscall level, under strace.
+
+The crash tests of the store end a child with ``os._exit``: the page cache
+survives, so they cannot tell an fsync from no fsync. These tests watch the
+system calls instead. They run the real code under ``strace -f`` and check,
+for every message whose submitter was told it is safe, that before the
+telling:
+
+* its body and its record were each created under ``tmp/``, written and
+  fsynced (the fsync starting after the last write and ending before the
+  rename);
+* the body was renamed into ``data/`` and the record into ``active/``;
+* ``data/`` and ``active/`` were fsynced, each fsync starting after the
+  rename into that directory and ending before the acknowledgement.
+
+"Told it is safe" is the ``250 ... queued as ID`` reply written to the SMTP
+client's TCP socket (the daemon, ``python -m spoold run``, with its
+listener on), or a marker line the child ``tests/durability_child.py``
+writes once ``Spool.add`` has returned.
+
+The order of lines in one ``strace -f -o`` file is causal for what matters
+here: a worker thread's fsync is logged as finished before that thread
+runs again, so before the event loop hears of it and writes the reply.
+Calls cut in two (``<unfinished ...>`` / ``<... resumed>``) are joined; a
+call's start and end are the lines where it began and finished.
+
+The test has teeth: :data:`MUTANTS` are copies of ``spoold/store.py`` with
+one fsync removed (the file fsync of ``_write_tmp``, the directory fsyncs of
+``_enqueue_sync``, or only one of the two directories). Each copy is put in
+a copy of the package in a temp dir that ``PYTHONPATH`` names first (the
+child runs in another directory, so ``python -m`` does not put this
+checkout first); the trace itself shows which ``store.py`` was loaded. The
+checker must find the missing step in every one of them.
+
+strace must be installed (Debian package ``strace``; ``.ci/run`` installs
+it) and allowed to trace; otherwise these tests skip, saying so. Every run
+is bounded: a few messages, a timeout on every wait.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+CHILD = Path(__file__).resolve().parent / "durability_child.py"
+STRACE = shutil.which("strace")
+TIMEOUT = 60.0  # the longest any one traced run may take
+SMTP_MESSAGES = 20
+API_MESSAGES = 10
+MUTANT_MESSAGES = 3
+
+# A regular expression, so a syscall this architecture lacks (rename on
+# arm64) is no error.
+TRACED = (
+    "/^(open|openat|creat|write|writev|pwrite64|sendto|sendmsg|fsync|fdatasync|syncfs|sync"
+    "|rename|renameat|renameat2|unlink|unlinkat)$"
+)
+
+
+@functools.cache
+def _strace_usable() -> str | None:
+    """Why strace cannot be used here, or None."""
+    if STRACE is None:
+        return "strace not found: install Debian package 'strace' (apt-get install strace)"
+    done = subprocess.run(
+        [STRACE, "-f", "-qq", "-o", os.devnull, "true"], capture_output=True, timeout=30
+    )
+    if done.returncode != 0:
+        return f"strace cannot trace here (ptrace not permitted?): {done.stderr.decode().strip()}"
+    return None
+
+
+needs_strace = pytest.mark.skipif(_strace_usable() is not None, reason=str(_strace_usable() or ""))
+
+
+# ------------------------------------------------------------- the trace
+
+
+@dataclass(frozen=True)
+class Call:
+    """One system call of the trace; ``start`` and ``end`` are line numbers."""
+
+    pid: int
+    name: str
+    args: str
+    result: str
+    start: int
+    end: int
+
+    @property
+    def ok(self) -> bool:
+        return re.match(r"\d", self.result) is not None
+
+    @property
+    def fd_path(self) -> str | None:
+        """What strace -y says the first argument, a descriptor, is."""
+        m = re.match(r"-?\d+<(.*?)>(?:,|$)", self.args)
+        return m.group(1) if m else None
+
+    def strings(self) -> list[str]:
+        return [_unescape(s) for s in re.findall(r'"((?:[^"\\]|\\.)*)"', self.args)]
+
+
+def _unescape(text: str) -> str:
+    return text.replace('\\"', '"').replace("\\\\", "\\")
+
+
+_LINE = re.compile(r"^(\d+)\s+[\d:.]+\s+(.*)$")
+_WHOLE = re.compile(r"^(\w+)\((.*)\)\s+=\s+(.*)$")
+_UNFINISHED = re.compile(r"^(\w+)\((.*) <unfinished \.\.\.>$")
+_RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(.*)$")
+
+
+def parse_trace(text: str) -> list[Call]:
+    """The calls of an ``strace -f -tt -y -o`` file, in the order they ended."""
+    calls: list[Call] = []
+    pending: dict[int, tuple[str, str, int]] = {}
+    for number, line in enumerate(text.splitlines()):
+        m = _LINE.match(line)
+        if m is None:
+            continue
+        pid, rest = int(m.group(1)), m.group(2)
+        if whole := _WHOLE.match(rest):
+            calls.append(Call(pid, whole[1], whole[2], whole[3], number, number))
+        elif unfinished := _UNFINISHED.match(rest):
+            pending[pid] = (unfinished[1], unfinished[2], number)
+        elif (resumed := _RESUMED.match(rest)) and pid in pending:
+            name, args, start = pending.pop(pid)
+            calls.append(Call(pid, name, args + resumed[2], resumed[3], start, number))
+    return calls
+
+
+WRITES = ("write", "writev", "pwrite64")
+SYNCS = ("fsync", "fdatasync")
+
+
+def durability_problems(calls: list[Call], spool: Path, acks: dict[str, int]) -> list[str]:
+    """Every commit step missing before the acknowledgement of each id.
+    ``acks`` maps an id to the line where its acknowledgement starts."""
+    root = os.path.realpath(spool)
+    problems = []
+    for mid, ack in acks.items():
+        problems += _problems_of(calls, root, mid, ack)
+    return problems
+
+
+def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
+    problems: list[str] = []
+    renames = {}
+    for directory in ("data", "active"):
+        target = f"{root}/{directory}/{mid}"
+        found = [
+            c
+            for c in calls
+            if c.name.startswith("rename")
+            and c.ok
+            and c.end < ack
+            and len(c.strings()) >= 2
+            and c.strings()[1] == target
+            and c.strings()[0].startswith(f"{root}/tmp/")
+        ]
+        if not found:
+            problems.append(f"{mid}: no rename from tmp/ into {directory}/ before the ack")
+            continue
+        renames[directory] = found[0]
+    for directory, rename in renames.items():
+        what = "body" if directory == "data" else "record"
+        tmp = rename.strings()[0]
+        created = [
+            c
+            for c in calls
+            if c.name in ("open", "openat", "creat")
+            and c.ok
+            and tmp in c.strings()
+            and "O_CREAT" in c.args
+            and c.end < rename.start
+        ]
+        if not created:
+            problems.append(f"{mid}: the {what} {tmp} was not created before its rename")
+        writes = [
+            c
+            for c in calls
+            if c.name in WRITES and c.ok and c.fd_path == tmp and c.end < rename.start
+        ]
+        if not writes:
+            problems.append(f"{mid}: nothing was written to the {what} {tmp} before its rename")
+            continue
+        last_write = max(c.end for c in writes)
+        synced = [
+            c
+            for c in calls
+            if c.name in SYNCS
+            and c.result == "0"
+            and c.fd_path == tmp
+            and c.start > last_write
+            and c.end < rename.start
+        ]
+        if not synced:
+            problems.append(
+                f"{mid}: the {what} {tmp} was not fsynced between its last write and its rename "
+                f"into {directory}/"
+            )
+    for directory, rename in renames.items():
+        path = f"{root}/{directory}"
+        synced = [
+            c
+            for c in calls
+            if c.name in SYNCS
+            and c.result == "0"
+            and c.fd_path == path
+            and c.start > rename.end
+            and c.end < ack
+        ]
+        if not synced:
+            problems.append(
+                f"{mid}: directory {directory}/ was not fsynced between the rename into it "
+                "and the ack"
+            )
+    return problems
+
+
+_QUEUED = re.compile(r"queued as ([A-Za-z0-9_ -]+)\\r\\n")
+
+
+def smtp_acks(calls: list[Call]) -> dict[str, int]:
+    """id -> start line of the ``250 ... queued as`` written to a TCP socket."""
+    acks = {}
+    for c in calls:
+        if c.name in (*WRITES, "sendto", "sendmsg") and (c.fd_path or "").startswith("TCP"):
+            for m in _QUEUED.finditer(c.args):
+                for mid in m.group(1).split():
+                    acks.setdefault(mid, c.start)
+    return acks
+
+
+def api_acks(calls: list[Call]) -> dict[str, int]:
+    """id -> start line of the child's ``ADDED`` marker."""
+    acks = {}
+    for c in calls:
+        if c.name in WRITES:
+            for m in re.finditer(r"ADDED ([A-Za-z0-9_ -]+)\\n", c.args):
+                for mid in m.group(1).split():
+                    acks.setdefault(mid, c.start)
+    return acks
+
+
+def store_loaded_from(calls: list[Call]) -> list[str]:
+    """Where the traced process read ``spoold/store.py`` (or its bytecode) from."""
+    out = []
+    for c in calls:
+        if c.name in ("open", "openat") and c.ok:
+            for s in c.strings():
+                if re.search(r"spoold/(__pycache__/)?store(\.cpython-\d+)?\.pyc?$", s):
+                    out.append(s)
+    return out
+
+
+# ------------------------------------------------------------- mutants
+
+
+_DIR_FSYNC = (
+    '            self._fsync_dirs([self._data] + [f"{self._root_s}/{e.queue}" for e in entries])\n'
+)
+_RENAME_LOOP = "            for name, queue, body_tmp, record_tmp in staged:\n"
+
+# name -> the (text, replacement) pairs that make it, and what the checker must say.
+MUTANTS: dict[str, tuple[list[tuple[str, str]], str]] = {
+    "no fsync of the file in _write_tmp": (
+        [("            os.fsync(fd)\n", "            pass  # mutant\n")],
+        "was not fsynced between its last write",
+    ),
+    "no fsync of the directories in _enqueue_sync": (
+        [(_DIR_FSYNC, "            pass  # mutant\n")],
+        "was not fsynced between the rename",
+    ),
+    "no fsync of data/ in _enqueue_sync": (
+        [
+            (
+                _DIR_FSYNC,
+                '            self._fsync_dirs([f"{self._root_s}/{e.queue}" for e in entries])\n',
+            )
+        ],
+        "directory data/ was not fsynced",
+    ),
+    "no fsync of the queue in _enqueue_sync": (
+        [(_DIR_FSYNC, "            self._fsync_dirs([self._data])\n")],
+        "directory active/ was not fsynced",
+    ),
+    "no os.fsync in _fsync_dirs": (
+        [("            os.fsync(self._dir_fds[d])\n", "            pass  # mutant\n")],
+        "was not fsynced between the rename",
+    ),
+    "the directories fsynced before the renames": (
+        [(_DIR_FSYNC, "            pass  # mutant\n"), (_RENAME_LOOP, _DIR_FSYNC + _RENAME_LOOP)],
+        "was not fsynced between the rename",
+    ),
+}
+
+
+def mutated_package(where: Path, mutant: str) -> Path:
+    """A copy of the spoold package under ``where`` whose store.py has
+    ``mutant`` applied; returns the directory to put first on PYTHONPATH."""
+    overlay = where / "overlay"
+    shutil.copytree(
+        PROJECT / "spoold", overlay / "spoold", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    store = overlay / "spoold" / "store.py"
+    source = store.read_text()
+    for original, replacement in MUTANTS[mutant][0]:
+        assert source.count(original) == 1, f"the mutant {mutant!r} no longer applies to store.py"
+        source = source.replace(original, replacement)
+    store.write_text(source)
+    return overlay
+
+
+# ------------------------------------------------------------- running
+
+
+_NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "SPOOLD_CONFIG", "PYTHONPATH")
+
+
+def _env(python_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+    env["PYTHONPATH"] = str(python_path)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def _strace(log: Path, *command: str) -> list[str]:
+    assert STRACE is not None
+    return [
+        STRACE, "-f", "-qq", "-tt", "-yy", "-s", "512", "-e", "signal=none",
+        "-e", f"trace={TRACED}", "-o", str(log), *command,
+    ]  # fmt: skip
+
+
+def run_api_child(work: Path, python_path: Path, count: int) -> tuple[list[Call], Path]:
+    """Trace the child that adds ``count`` messages; its calls and spool."""
+    spool = work / "spool"
+    log = work / "api.strace"
+    done = subprocess.run(
+        _strace(log, sys.executable, str(CHILD), str(spool), str(count)),
+        cwd=work,
+        env=_env(python_path),
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    assert done.stdout.count(b"ADDED ") == count, done.stdout
+    return parse_trace(log.read_text(errors="replace")), spool
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_daemon_config(work: Path, port: int, hop: str) -> Path:
+    (work / "run").mkdir(mode=0o750)
+    config = work / "spoold.toml"
+    config.write_text(
+        "[spool]\n"
+        'dir = "spool"\n'
+        'retry_intervals = ["1h"]\n'
+        'flush_timeout = "1s"\n'
+        "\n[control]\n"
+        'socket = "run/ctl.sock"\n'
+        "\n[log]\n"
+        'format = "json"\n'
+        "\n[relay]\n"
+        'default_route = "smarthost"\n'
+        'connect_timeout = "10m"\n'
+        "\n[routes.smarthost]\n"
+        f'next_hops = ["{hop}"]\n'
+        'tls = "none"\n'
+        "\n[smtp]\n"
+        f'listen = ["127.0.0.1:{port}"]\n'
+    )
+    return config
+
+
+class SmtpLine:
+    """A blocking SMTP client on one connection, every read bounded."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.file = self.sock.makefile("rb")
+
+    def reply(self) -> str:
+        lines = []
+        while True:
+            line = self.file.readline(4096)
+            assert line.endswith(b"\r\n"), f"connection ended: {lines} {line!r}"
+            lines.append(line.decode())
+            if line[3:4] != b"-":
+                return "".join(lines)
+
+    def command(self, line: str) -> str:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def submit_over_smtp(port: int, count: int) -> list[str]:
+    client = SmtpLine(port)
+    try:
+        assert client.reply().startswith("220 ")
+        assert client.command("EHLO client.example").startswith("250")
+        ids = []
+        for n in range(count):
+            assert client.command("MAIL FROM:<sender@example.org>").startswith("250")
+            assert client.command(f"RCPT TO:<r{n}@example.com>").startswith("250")
+            assert client.command("DATA").startswith("354")
+            client.sock.sendall(f"Subject: message {n}\r\n\r\nhello\r\n..dot\r\n.\r\n".encode())
+            reply = client.reply()
+            m = re.match(r"250 2\.0\.0 OK queued as (\S+)\r\n$", reply)
+            assert m, reply
+            ids.append(m.group(1))
+        assert client.command("QUIT").startswith("221")
+    finally:
+        client.close()
+    return ids
+
+
+@contextmanager
+def traced_daemon(work: Path, python_path: Path) -> Iterator[tuple[int, Path]]:
+    """``spoold run`` under strace with its SMTP listener on; yields the
+    listener's port and the trace file once it accepts connections; stops
+    the daemon (SIGTERM to its pid, from the spool's lock file) after."""
+    port = _free_port()
+    log = work / "daemon.strace"
+    out = work / "daemon.out"
+    # The next hop never greets: every attempt waits (its checkout is a
+    # rename without fsync), so no other fsync of active/ mixes into the
+    # trace and stands in for the one under test.
+    with socket.socket() as silent_hop, out.open("wb") as output:
+        silent_hop.bind(("127.0.0.1", 0))
+        silent_hop.listen(64)
+        config = _write_daemon_config(work, port, f"127.0.0.1:{silent_hop.getsockname()[1]}")
+        proc = subprocess.Popen(
+            _strace(log, sys.executable, "-m", "spoold", "run", "--config", str(config)),
+            cwd=work,
+            env=_env(python_path),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while True:  # poll: the daemon is ready when its listener accepts
+                assert proc.poll() is None, out.read_text(errors="replace")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the traced daemon never listened"
+                    time.sleep(0.05)
+            yield port, log
+            pid = int((work / "spool" / "lock").read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            assert proc.wait(timeout=TIMEOUT) == 0, out.read_text(errors="replace")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group this test started
+                proc.wait(timeout=TIMEOUT)
+
+
+def run_smtp_daemon(work: Path, python_path: Path, count: int) -> tuple[list[Call], Path]:
+    with traced_daemon(work, python_path) as (port, log):
+        ids = submit_over_smtp(port, count)
+    calls = parse_trace(log.read_text(errors="replace"))
+    assert sorted(smtp_acks(calls)) == sorted(ids), "every 250 reply is in the trace"
+    return calls, work / "spool"
+
+
+# ------------------------------------------------------------- the tests
+
+
+@needs_strace
+def test_every_smtp_250_comes_after_the_files_and_directories_are_fsynced(
+    tmp_path: Path,
+) -> None:
+    calls, spool = run_smtp_daemon(tmp_path, PROJECT, SMTP_MESSAGES)
+    acks = smtp_acks(calls)
+    assert len(acks) == SMTP_MESSAGES
+    assert store_loaded_from(calls) and all(
+        p.startswith(str(PROJECT)) for p in store_loaded_from(calls)
+    )
+    assert durability_problems(calls, spool, acks) == []
+
+
+@needs_strace
+def test_spool_add_returns_after_the_files_and_directories_are_fsynced(tmp_path: Path) -> None:
+    calls, spool = run_api_child(tmp_path, PROJECT, API_MESSAGES)
+    acks = api_acks(calls)
+    assert len(acks) == API_MESSAGES
+    assert durability_problems(calls, spool, acks) == []
+
+
+@needs_strace
+@pytest.mark.parametrize("way", ["api", "smtp"])
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_a_store_without_one_of_its_fsyncs_is_caught(tmp_path: Path, mutant: str, way: str) -> None:
+    overlay = mutated_package(tmp_path, mutant)
+    if way == "api":
+        calls, spool = run_api_child(tmp_path, overlay, MUTANT_MESSAGES)
+        acks = api_acks(calls)
+    else:
+        calls, spool = run_smtp_daemon(tmp_path, overlay, MUTANT_MESSAGES)
+        acks = smtp_acks(calls)
+    loaded = store_loaded_from(calls)
+    assert loaded and all(p.startswith(str(overlay)) for p in loaded), loaded
+    assert len(acks) == MUTANT_MESSAGES
+
+    problems = durability_problems(calls, spool, acks)
+
+    assert problems, f"the checker missed the mutant {mutant!r}"
+    for mid in acks:  # every acknowledged message is reported, for the right reason
+        mine = [p for p in problems if p.startswith(f"{mid}: ")]
+        assert any(MUTANTS[mutant][1] in p for p in mine), (mid, problems)
+
+
+def test_the_checker_reads_cut_calls_and_wants_each_step_in_order() -> None:
+    """The checker on a hand-written trace: joined unfinished calls pass;
+    the same trace with a step moved after the ack fails, naming it."""
+    root = "/s"
+    good = [
+        '1 10:00:00.000001 openat(AT_FDCWD</w>, "/s/tmp/1.M.body.a", O_WRONLY|O_CREAT|O_EXCL, '
+        "0640) = 5</s/tmp/1.M.body.a>",
+        '1 10:00:00.000002 write(5</s/tmp/1.M.body.a>, "x", 1) = 1',
+        "1 10:00:00.000003 fsync(5</s/tmp/1.M.body.a> <unfinished ...>",
+        '2 10:00:00.000004 write(9<TCP:[1.2.3.4:25->1.2.3.4:9]>, "250 other", 9) = 9',
+        "1 10:00:00.000005 <... fsync resumed>) = 0",
+        '1 10:00:00.000006 openat(AT_FDCWD</w>, "/s/tmp/1.M.record.b", O_WRONLY|O_CREAT|O_EXCL, '
+        "0640) = 5</s/tmp/1.M.record.b>",
+        '1 10:00:00.000007 write(5</s/tmp/1.M.record.b>, "{}", 2) = 2',
+        "1 10:00:00.000008 fdatasync(5</s/tmp/1.M.record.b>) = 0",
+        '1 10:00:00.000009 rename("/s/tmp/1.M.body.a", "/s/data/M") = 0',
+        '1 10:00:00.000010 rename("/s/tmp/1.M.record.b", "/s/active/M") = 0',
+        "1 10:00:00.000011 fsync(6</s/data>) = 0",
+        "1 10:00:00.000012 fsync(7</s/active>) = 0",
+        '2 10:00:00.000013 sendto(9<TCP:[1.2.3.4:25->1.2.3.4:9]>, "250 2.0.0 OK queued as M\\r\\n"'
+        ", 27, 0, NULL, 0) = 27",
+    ]
+
+    def check(lines: list[str]) -> list[str]:
+        calls = parse_trace("\n".join(lines))
+        return durability_problems(calls, Path(root), smtp_acks(calls))
+
+    assert check(good) == []
+    late_dir_fsync = [*good[:11], good[12], good[11]]
+    assert check(late_dir_fsync) == [
+        "M: directory active/ was not fsynced between the rename into it and the ack"
+    ]
+    fsync_fails = [line.replace("resumed>) = 0", "resumed>) = -1 EIO (I/O error)") for line in good]
+    assert check(fsync_fails) == [
+        "M: the body /s/tmp/1.M.body.a was not fsynced between its last write and its rename "
+        "into data/"
+    ]
+    no_rename = [line for line in good if '"/s/data/M"' not in line]
+    assert check(no_rename) == ["M: no rename from tmp/ into data/ before the ack"]
