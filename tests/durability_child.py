@@ -8,7 +8,7 @@ point it at a copy with a mutated store), never from this checkout on its
 own. The relay holds every attempt, so the only writes are the adds and
 the checkouts of the attempts.
 
-Usage: ``python durability_child.py SPOOL_DIR COUNT``
+Usage: ``python durability_child.py SPOOL_DIR COUNT fsync|syncfs``
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
 
 
-async def main(spool_dir: str, count: str) -> None:
+async def main(spool_dir: str, count: str, sync: str) -> None:
     relay = InMemoryRelay(gate=anyio.Event())  # never opened: attempts wait
     body = Body.from_content(b"Subject: durability\r\n\r\nhello\r\n.a dot line\r\n")
-    async with Spool.open(spool_dir, relay=relay, flush_timeout=0) as spool:
+    async with Spool.open(spool_dir, relay=relay, flush_timeout=0, sync=sync) as spool:  # type: ignore[arg-type]
         for n in range(int(count)):
             envelope = RoutedEnvelope("sender@example.org", [f"r{n}@example.com"], ["127.0.0.1:9"])
             ids = await spool.add(RoutedBatch([envelope], body))
@@ -35,4 +35,4 @@ async def main(spool_dir: str, count: str) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], sys.argv[2])
+    anyio.run(main, sys.argv[1], sys.argv[2], sys.argv[3])

@@ -7,11 +7,16 @@ for every message whose submitter was told it is safe, that before the
 telling:
 
 * its body and its record were each created under ``tmp/``, written and
-  fsynced (the fsync starting after the last write and ending before the
-  rename);
+  synced before their rename: an fsync of the file, or a ``syncfs`` of the
+  spool's filesystem, starting after the last write and ending before the
+  rename;
 * the body was renamed into ``data/`` and the record into ``active/``;
-* ``data/`` and ``active/`` were fsynced, each fsync starting after the
-  rename into that directory and ending before the acknowledgement.
+* ``data/`` and ``active/`` were synced after the renames: an fsync of the
+  directory, or a ``syncfs``, starting after the rename into it and ending
+  before the acknowledgement.
+
+Both ways of the store (``spool.sync = "fsync"`` and ``"syncfs"``, the group
+commit) are run.
 
 "Told it is safe" is the ``250 ... queued as ID`` reply written to the SMTP
 client's TCP socket (the daemon, ``python -m spoold run``, with its
@@ -25,8 +30,9 @@ Calls cut in two (``<unfinished ...>`` / ``<... resumed>``) are joined; a
 call's start and end are the lines where it began and finished.
 
 The test has teeth: :data:`MUTANTS` are copies of ``spoold/store.py`` with
-one fsync removed (the file fsync of ``_write_tmp``, the directory fsyncs of
-``_enqueue_sync``, or only one of the two directories). Each copy is put in
+one sync removed (the file fsync of ``_write_tmp``, the directory fsyncs of
+``_enqueue_sync``, or only one of the two directories; either ``syncfs`` of
+a group commit). Each copy is put in
 a copy of the package in a temp dir that ``PYTHONPATH`` names first (the
 child runs in another directory, so ``python -m`` does not put this
 checkout first); the trace itself shows which ``store.py`` was loaded. The
@@ -146,6 +152,7 @@ def parse_trace(text: str) -> list[Call]:
 
 WRITES = ("write", "writev", "pwrite64")
 SYNCS = ("fsync", "fdatasync")
+SYNCFS = "syncfs"
 
 
 def durability_problems(calls: list[Call], spool: Path, acks: dict[str, int]) -> list[str]:
@@ -203,15 +210,14 @@ def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
         synced = [
             c
             for c in calls
-            if c.name in SYNCS
+            if ((c.name in SYNCS and c.fd_path == tmp) or (c.name == SYNCFS and _on_spool(c, root)))
             and c.result == "0"
-            and c.fd_path == tmp
             and c.start > last_write
             and c.end < rename.start
         ]
         if not synced:
             problems.append(
-                f"{mid}: the {what} {tmp} was not fsynced between its last write and its rename "
+                f"{mid}: the {what} {tmp} was not synced between its last write and its rename "
                 f"into {directory}/"
             )
     for directory, rename in renames.items():
@@ -219,18 +225,25 @@ def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
         synced = [
             c
             for c in calls
-            if c.name in SYNCS
+            if (
+                (c.name in SYNCS and c.fd_path == path) or (c.name == SYNCFS and _on_spool(c, root))
+            )
             and c.result == "0"
-            and c.fd_path == path
             and c.start > rename.end
             and c.end < ack
         ]
         if not synced:
             problems.append(
-                f"{mid}: directory {directory}/ was not fsynced between the rename into it "
+                f"{mid}: directory {directory}/ was not synced between the rename into it "
                 "and the ack"
             )
     return problems
+
+
+def _on_spool(call: Call, root: str) -> bool:
+    """A syncfs of the spool's filesystem (through a descriptor of the spool)."""
+    path = call.fd_path
+    return path is not None and (path == root or path.startswith(root + "/"))
 
 
 _QUEUED = re.compile(r"queued as ([A-Za-z0-9_ -]+)\\r\\n")
@@ -275,38 +288,60 @@ def store_loaded_from(calls: list[Call]) -> list[str]:
 _DIR_FSYNC = (
     '            self._fsync_dirs([self._data] + [f"{self._root_s}/{e.queue}" for e in entries])\n'
 )
-_RENAME_LOOP = "            for name, queue, body_tmp, record_tmp in staged:\n"
+_MOVE = (
+    "            moves = self._stage(entries, on_reserve, names, written, sync=True)\n"
+    "            self._move_into_place(moves, written)\n"
+)
+_FIRST_SYNCFS = '            self._step("sync_data")\n            self._syncfs()\n'
+_SECOND_SYNCFS = '            self._step("fsync_dirs")\n            self._syncfs()\n'
 
-# name -> the (text, replacement) pairs that make it, and what the checker must say.
-MUTANTS: dict[str, tuple[list[tuple[str, str]], str]] = {
+# name -> the store's sync mode, the (text, replacement) pairs that make it,
+# and what the checker must say.
+MUTANTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "no fsync of the file in _write_tmp": (
-        [("            os.fsync(fd)\n", "            pass  # mutant\n")],
-        "was not fsynced between its last write",
+        "fsync",
+        [("                os.fsync(fd)\n", "                pass  # mutant\n")],
+        "was not synced between its last write",
     ),
     "no fsync of the directories in _enqueue_sync": (
+        "fsync",
         [(_DIR_FSYNC, "            pass  # mutant\n")],
-        "was not fsynced between the rename",
+        "was not synced between the rename",
     ),
     "no fsync of data/ in _enqueue_sync": (
+        "fsync",
         [
             (
                 _DIR_FSYNC,
                 '            self._fsync_dirs([f"{self._root_s}/{e.queue}" for e in entries])\n',
             )
         ],
-        "directory data/ was not fsynced",
+        "directory data/ was not synced",
     ),
     "no fsync of the queue in _enqueue_sync": (
+        "fsync",
         [(_DIR_FSYNC, "            self._fsync_dirs([self._data])\n")],
-        "directory active/ was not fsynced",
+        "directory active/ was not synced",
     ),
     "no os.fsync in _fsync_dirs": (
+        "fsync",
         [("            os.fsync(self._dir_fds[d])\n", "            pass  # mutant\n")],
-        "was not fsynced between the rename",
+        "was not synced between the rename",
     ),
     "the directories fsynced before the renames": (
-        [(_DIR_FSYNC, "            pass  # mutant\n"), (_RENAME_LOOP, _DIR_FSYNC + _RENAME_LOOP)],
-        "was not fsynced between the rename",
+        "fsync",
+        [(_DIR_FSYNC, "            pass  # mutant\n"), (_MOVE, _DIR_FSYNC + _MOVE)],
+        "was not synced between the rename",
+    ),
+    "group commit without its first syncfs": (
+        "syncfs",
+        [(_FIRST_SYNCFS, "            pass  # mutant\n")],
+        "was not synced between its last write",
+    ),
+    "group commit without its second syncfs": (
+        "syncfs",
+        [(_SECOND_SYNCFS, "            pass  # mutant\n")],
+        "was not synced between the rename",
     ),
 }
 
@@ -320,7 +355,7 @@ def mutated_package(where: Path, mutant: str) -> Path:
     )
     store = overlay / "spoold" / "store.py"
     source = store.read_text()
-    for original, replacement in MUTANTS[mutant][0]:
+    for original, replacement in MUTANTS[mutant][1]:
         assert source.count(original) == 1, f"the mutant {mutant!r} no longer applies to store.py"
         source = source.replace(original, replacement)
     store.write_text(source)
@@ -348,12 +383,12 @@ def _strace(log: Path, *command: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_api_child(work: Path, python_path: Path, count: int) -> tuple[list[Call], Path]:
+def run_api_child(work: Path, python_path: Path, count: int, sync: str) -> tuple[list[Call], Path]:
     """Trace the child that adds ``count`` messages; its calls and spool."""
     spool = work / "spool"
     log = work / "api.strace"
     done = subprocess.run(
-        _strace(log, sys.executable, str(CHILD), str(spool), str(count)),
+        _strace(log, sys.executable, str(CHILD), str(spool), str(count), sync),
         cwd=work,
         env=_env(python_path),
         capture_output=True,
@@ -371,7 +406,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _write_daemon_config(work: Path, port: int, hop: str) -> Path:
+def _write_daemon_config(work: Path, port: int, hop: str, sync: str) -> Path:
     (work / "run").mkdir(mode=0o750)
     config = work / "spoold.toml"
     config.write_text(
@@ -379,6 +414,7 @@ def _write_daemon_config(work: Path, port: int, hop: str) -> Path:
         'dir = "spool"\n'
         'retry_intervals = ["1h"]\n'
         'flush_timeout = "1s"\n'
+        f'sync = "{sync}"\n'
         "\n[control]\n"
         'socket = "run/ctl.sock"\n'
         "\n[log]\n"
@@ -442,7 +478,7 @@ def submit_over_smtp(port: int, count: int) -> list[str]:
 
 
 @contextmanager
-def traced_daemon(work: Path, python_path: Path) -> Iterator[tuple[int, Path]]:
+def traced_daemon(work: Path, python_path: Path, sync: str) -> Iterator[tuple[int, Path]]:
     """``spoold run`` under strace with its SMTP listener on; yields the
     listener's port and the trace file once it accepts connections; stops
     the daemon (SIGTERM to its pid, from the spool's lock file) after."""
@@ -455,7 +491,8 @@ def traced_daemon(work: Path, python_path: Path) -> Iterator[tuple[int, Path]]:
     with socket.socket() as silent_hop, out.open("wb") as output:
         silent_hop.bind(("127.0.0.1", 0))
         silent_hop.listen(64)
-        config = _write_daemon_config(work, port, f"127.0.0.1:{silent_hop.getsockname()[1]}")
+        hop = f"127.0.0.1:{silent_hop.getsockname()[1]}"
+        config = _write_daemon_config(work, port, hop, sync)
         proc = subprocess.Popen(
             _strace(log, sys.executable, "-m", "spoold", "run", "--config", str(config)),
             cwd=work,
@@ -485,8 +522,10 @@ def traced_daemon(work: Path, python_path: Path) -> Iterator[tuple[int, Path]]:
                 proc.wait(timeout=TIMEOUT)
 
 
-def run_smtp_daemon(work: Path, python_path: Path, count: int) -> tuple[list[Call], Path]:
-    with traced_daemon(work, python_path) as (port, log):
+def run_smtp_daemon(
+    work: Path, python_path: Path, count: int, sync: str
+) -> tuple[list[Call], Path]:
+    with traced_daemon(work, python_path, sync) as (port, log):
         ids = submit_over_smtp(port, count)
     calls = parse_trace(log.read_text(errors="replace"))
     assert sorted(smtp_acks(calls)) == sorted(ids), "every 250 reply is in the trace"
@@ -496,11 +535,15 @@ def run_smtp_daemon(work: Path, python_path: Path, count: int) -> tuple[list[Cal
 # ------------------------------------------------------------- the tests
 
 
+SYNC_MODES = ["fsync", "syncfs"]
+
+
 @needs_strace
-def test_every_smtp_250_comes_after_the_files_and_directories_are_fsynced(
-    tmp_path: Path,
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_every_smtp_250_comes_after_the_files_and_directories_are_synced(
+    tmp_path: Path, sync: str
 ) -> None:
-    calls, spool = run_smtp_daemon(tmp_path, PROJECT, SMTP_MESSAGES)
+    calls, spool = run_smtp_daemon(tmp_path, PROJECT, SMTP_MESSAGES, sync)
     acks = smtp_acks(calls)
     assert len(acks) == SMTP_MESSAGES
     assert store_loaded_from(calls) and all(
@@ -510,8 +553,11 @@ def test_every_smtp_250_comes_after_the_files_and_directories_are_fsynced(
 
 
 @needs_strace
-def test_spool_add_returns_after_the_files_and_directories_are_fsynced(tmp_path: Path) -> None:
-    calls, spool = run_api_child(tmp_path, PROJECT, API_MESSAGES)
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_spool_add_returns_after_the_files_and_directories_are_synced(
+    tmp_path: Path, sync: str
+) -> None:
+    calls, spool = run_api_child(tmp_path, PROJECT, API_MESSAGES, sync)
     acks = api_acks(calls)
     assert len(acks) == API_MESSAGES
     assert durability_problems(calls, spool, acks) == []
@@ -520,13 +566,14 @@ def test_spool_add_returns_after_the_files_and_directories_are_fsynced(tmp_path:
 @needs_strace
 @pytest.mark.parametrize("way", ["api", "smtp"])
 @pytest.mark.parametrize("mutant", list(MUTANTS))
-def test_a_store_without_one_of_its_fsyncs_is_caught(tmp_path: Path, mutant: str, way: str) -> None:
+def test_a_store_without_one_of_its_syncs_is_caught(tmp_path: Path, mutant: str, way: str) -> None:
     overlay = mutated_package(tmp_path, mutant)
+    sync = MUTANTS[mutant][0]
     if way == "api":
-        calls, spool = run_api_child(tmp_path, overlay, MUTANT_MESSAGES)
+        calls, spool = run_api_child(tmp_path, overlay, MUTANT_MESSAGES, sync)
         acks = api_acks(calls)
     else:
-        calls, spool = run_smtp_daemon(tmp_path, overlay, MUTANT_MESSAGES)
+        calls, spool = run_smtp_daemon(tmp_path, overlay, MUTANT_MESSAGES, sync)
         acks = smtp_acks(calls)
     loaded = store_loaded_from(calls)
     assert loaded and all(p.startswith(str(overlay)) for p in loaded), loaded
@@ -537,7 +584,7 @@ def test_a_store_without_one_of_its_fsyncs_is_caught(tmp_path: Path, mutant: str
     assert problems, f"the checker missed the mutant {mutant!r}"
     for mid in acks:  # every acknowledged message is reported, for the right reason
         mine = [p for p in problems if p.startswith(f"{mid}: ")]
-        assert any(MUTANTS[mutant][1] in p for p in mine), (mid, problems)
+        assert any(MUTANTS[mutant][2] in p for p in mine), (mid, problems)
 
 
 def test_the_checker_reads_cut_calls_and_wants_each_step_in_order() -> None:
@@ -570,11 +617,11 @@ def test_the_checker_reads_cut_calls_and_wants_each_step_in_order() -> None:
     assert check(good) == []
     late_dir_fsync = [*good[:11], good[12], good[11]]
     assert check(late_dir_fsync) == [
-        "M: directory active/ was not fsynced between the rename into it and the ack"
+        "M: directory active/ was not synced between the rename into it and the ack"
     ]
     fsync_fails = [line.replace("resumed>) = 0", "resumed>) = -1 EIO (I/O error)") for line in good]
     assert check(fsync_fails) == [
-        "M: the body /s/tmp/1.M.body.a was not fsynced between its last write and its rename "
+        "M: the body /s/tmp/1.M.body.a was not synced between its last write and its rename "
         "into data/"
     ]
     no_rename = [line for line in good if '"/s/data/M"' not in line]

@@ -75,11 +75,21 @@ async def test_each_operation_passes_its_named_steps_in_order(tmp_path: Path) ->
         await store.release("active", b)
         assert steps.take() == ["move", "fsync_dirs", "done"]
         await store.delete("frozen", a)
+        assert steps.take() == ["unlink_registry", "unlink_record", "unlink_body", "done"]
+
+
+async def test_a_group_commit_passes_its_named_steps_in_order(tmp_path: Path) -> None:
+    steps = Steps()
+    store, _ = await Store.open(tmp_path, QUEUES, on_step=steps, sync="syncfs")
+    async with store:
+        steps.take()
+        await store.enqueue([entry(), entry()])
         assert steps.take() == [
-            "mark_registry",
-            "unlink_record",
-            "unlink_body",
-            "unlink_registry",
+            "check_space",
+            *["reserve"] * 2,
+            *["write_body", "write_record"] * 2,
+            "sync_data",
+            *["rename_body", "rename_record"] * 2,
             "fsync_dirs",
             "done",
         ]
