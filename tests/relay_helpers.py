@@ -4,7 +4,6 @@ closed at teardown, and bounded relay attempts."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,13 @@ __all__ = [
     "PASSWORD",
     "OK",
     "MakeRelay",
+    "ManualClock",
     "route",
     "make_relay",
     "message_to",
     "relay_message",
     "delivery",
     "failure",
-    "free_port",
 ]
 
 SENDER = "sender@example.org"
@@ -79,13 +78,33 @@ def route(**changes: Any) -> RouteSettings:
     return RouteSettings(**options)
 
 
+class ManualClock:
+    """A monotonic clock for the connection cache that moves only when a test
+    moves it: how long a connection has been idle is then what the test says,
+    not how fast the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
 async def make_relay() -> AsyncIterator[MakeRelay]:
     """``make_relay(route(...), max_per_hop=...)``: a relay with its own
-    connection cache, flushed at teardown (before the servers stop)."""
+    connection cache, flushed at teardown (before the servers stop). The
+    cache's clock is a :class:`ManualClock` unless ``monotonic`` is given:
+    no connection is ever checked with NOOP or dropped for being idle unless
+    a test moves the clock (the cache's idle timer itself runs on the event
+    loop, after ``idle_timeout`` seconds)."""
     relays: list[SmtpRelay] = []
 
     def make(settings: RouteSettings | None = None, **cache_options: Any) -> SmtpRelay:
+        cache_options.setdefault("monotonic", ManualClock())
         relay = SmtpRelay(settings or route(), ConnectionCache(**cache_options))
         relays.append(relay)
         return relay
@@ -139,13 +158,6 @@ def delivery(outcome: RelayOutcome) -> Delivery:
 def failure(outcome: RelayOutcome) -> str:
     assert isinstance(outcome, AttemptFailed), outcome
     return outcome.error
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 with nothing listening (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 OK = RecipientResult(250, "OK: queued", "2.0.0")

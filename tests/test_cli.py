@@ -41,9 +41,9 @@ from tests.daemon_helpers import (
     prefill,
     records_in,
     spooled,
-    unused_port,
     write_config,
 )
+from tests.support import free_port
 
 # The record's field names (DESIGN §1), every one a key of the JSON listing.
 RECORD_FIELDS = {
@@ -84,7 +84,7 @@ class FilledSpool:
 
 
 async def fill(tmp_path: Path) -> FilledSpool:
-    hop = f"127.0.0.1:{unused_port()}"
+    hop = f"127.0.0.1:{free_port()}"
     config = write_config(tmp_path, next_hops=[hop])
     spool_dir = tmp_path / "spool"
     send_at = SendAt(at=utcnow() + far_future())

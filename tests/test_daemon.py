@@ -36,13 +36,13 @@ from tests.daemon_helpers import (
     records_in,
     set_config_value,
     spooled,
-    unused_port,
     write_config,
 )
 from tests.smtp_server import (
     Reply,
     SmtpTestServer,
 )
+from tests.support import free_port
 
 
 async def info(daemon: DaemonProcess) -> dict[str, Any]:
@@ -89,8 +89,8 @@ async def test_ready_comes_after_the_control_socket_with_status(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
-    hop = f"127.0.0.1:{unused_port()}"
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
+    hop = f"127.0.0.1:{free_port()}"
     later = SendAt(at=utcnow() + far_future())
     await prefill(tmp_path / "spool", [spooled(hop, status=later), spooled(hop, status=Frozen())])
     # systemd asked another process for watchdog pings: this one sends none.
@@ -117,7 +117,7 @@ async def test_watchdog_pings_repeat_when_watchdog_usec_is_set(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    hop = f"127.0.0.1:{unused_port()}"
+    hop = f"127.0.0.1:{free_port()}"
     config = write_config(tmp_path, next_hops=[hop])
     later = SendAt(at=utcnow() + far_future())
     (mid,) = await prefill(tmp_path / "spool", [spooled(hop, status=later)])
@@ -141,7 +141,7 @@ async def test_sighup_applies_max_concurrent_send_jobs(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config)
     assert (await info(daemon))["max_concurrent_send_jobs"] == 4
 
@@ -166,7 +166,7 @@ async def test_reload_command_applies_and_names_what_needs_a_restart(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config)
 
     set_config_value(config, "max_concurrent_send_jobs", "9")
@@ -217,7 +217,7 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
     broken: str,
     problem: str,
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config)
     good = config.read_text()
     before = await info(daemon)
@@ -254,7 +254,7 @@ async def test_every_sighup_reloads_not_only_the_first(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config)
     for jobs in (5, 6, 7):
         set_config_value(config, "max_concurrent_send_jobs", str(jobs))
@@ -347,7 +347,7 @@ async def test_sigint_stops_like_sigterm(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config)
     daemon.send_signal(signal.SIGINT)
     assert await daemon.wait_exit() == 0
@@ -362,7 +362,7 @@ async def test_a_second_daemon_on_the_same_spool_fails_naming_the_pid(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     first = await start_daemon(config)
     second_config = tmp_path / "second.toml"
     second_config.write_text(config.read_text())
@@ -384,7 +384,7 @@ async def test_an_invalid_config_exits_2_and_prints_every_problem(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     text = config.read_text()
     text = text.replace("max_concurrent_send_jobs = 4", "max_concurrent_send_jobs = 0\nbogus = 1")
     text = text.replace('default_route = "smarthost"', 'default_route = "nowhere"')
@@ -413,13 +413,13 @@ async def test_the_control_socket_gets_the_configured_mode(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config)
     assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660
     daemon.send_signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0
 
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"], socket_mode="0600")
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"], socket_mode="0600")
     daemon = await start_daemon(config)
     assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
 
@@ -431,7 +431,7 @@ async def test_a_world_writable_socket_directory_refuses_to_start(
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     run_dir.chmod(0o777)  # anyone may write, not sticky
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config, wait_ready=False)
 
     assert await daemon.wait_exit() != 0
@@ -482,7 +482,7 @@ async def start_slowly(tmp_path: Path, start_daemon: DaemonFactory) -> DaemonPro
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "tests_slow_hook.py").write_text(SLOW_HOOK_MODULE)
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     config.write_text(
         config.read_text().replace("[log]", '[hooks]\npresend = "tests_slow_hook:presend"\n\n[log]')
     )
@@ -510,7 +510,7 @@ async def test_a_sighup_while_starting_is_one_reload_once_ready(
     """Seen: a SIGHUP before the handlers were installed killed the daemon."""
     (mid,) = await prefill(
         tmp_path / "spool",
-        [spooled(f"127.0.0.1:{unused_port()}", status=SendAt(at=utcnow() + far_future()))],
+        [spooled(f"127.0.0.1:{free_port()}", status=SendAt(at=utcnow() + far_future()))],
     )
     daemon = await start_slowly(tmp_path, start_daemon)
     daemon.send_signal(signal.SIGHUP)
@@ -534,7 +534,7 @@ async def test_a_stop_signal_while_starting_exits_0_and_touches_nothing(
     """Seen: a SIGTERM before the handlers were installed killed the
     daemon by the signal. Now start-up ends at its next step, exit 0."""
     spool_dir = tmp_path / "spool"
-    (mid,) = await prefill(spool_dir, [spooled(f"127.0.0.1:{unused_port()}")])
+    (mid,) = await prefill(spool_dir, [spooled(f"127.0.0.1:{free_port()}")])
     before = sorted(str(p) for p in spool_dir.rglob("*") if p.name != "lock")
     daemon = await start_slowly(tmp_path, start_daemon)
     daemon.send_signal(sig)
@@ -559,7 +559,7 @@ async def test_bad_control_requests_get_error_replies_and_serving_goes_on(
     tmp_path: Path,
     start_daemon: DaemonFactory,
 ) -> None:
-    hop = f"127.0.0.1:{unused_port()}"
+    hop = f"127.0.0.1:{free_port()}"
     config = write_config(tmp_path, next_hops=[hop])
     (frozen_id,) = await prefill(tmp_path / "spool", [spooled(hop, status=Frozen())])
     daemon = await start_daemon(config)

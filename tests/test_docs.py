@@ -78,6 +78,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import free_port
+
 REPO = Path(__file__).absolute().parent.parent
 VENV = REPO / ".venv"
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
@@ -437,12 +439,6 @@ while time.monotonic() < deadline:
         sys.exit(0)
     time.sleep(0.05)
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until_listening(port: int) -> None:

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import smtplib
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -50,6 +49,7 @@ from spoold.spool import Spool
 from spoold.testing import Faults, InMemoryRelay
 from tests.factories import tree
 from tests.smtp_server import SmtpTestServer
+from tests.support import free_port
 
 HOSTNAME = "mx.test.example"
 SMARTHOST = "smart.example.net:25"
@@ -60,12 +60,6 @@ _COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
 
 
 # ------------------------------------------------------------ plumbing
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class HeldRelay:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -35,7 +34,14 @@ from spoold.message import RoutedBatch, RoutedEnvelope
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from spoold.testing import FakeClock
-from tests.spool_helpers import MINUTE, START, is_gone, open_spool, read_record, wait_for
+from tests.spool_helpers import (
+    MINUTE,
+    START,
+    is_gone,
+    open_spool,
+    read_record,
+)
+from tests.support import free_port, wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -68,12 +74,6 @@ def smtp_sink_path() -> str:
             "smtp-sink not found: install Debian package 'postfix' (apt-get install postfix)"
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -228,7 +228,7 @@ async def test_delivers_through_smtp_sink(start_sink: StartSink, tmp_path: Path)
         assert is_gone(spool.spool_dir, mid)
         assert_spool_empty(spool)
         assert await spool.ondisk.check(max_age=0) == []
-    await wait_for(lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message")
+    await wait_until(lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message")
 
 
 async def test_soft_reject_at_rcpt_delays_the_message(
@@ -292,7 +292,7 @@ async def test_message_arrives_byte_exact(start_sink: StartSink, tmp_path: Path)
     ):
         (mid,) = await spool.add(submission(sink.hop, [ALICE, BOB]))
         assert (await outcome_of(stream, mid)).kind == "delivered"
-    await wait_for(lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message")
+    await wait_until(lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message")
 
     (dump,) = sink.dumps()
     # The dump: smtp-sink's own headers ending with a three-line Received

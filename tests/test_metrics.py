@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -13,12 +12,7 @@ from spoold.daemon.metrics import Metrics
 from spoold.message import RoutedBatch, RoutedEnvelope
 from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import free_port
 
 
 async def scrape(port: int) -> str:

@@ -24,10 +24,10 @@ from tests.daemon_helpers import (
     prefill,
     set_config_value,
     spooled,
-    unused_port,
     write_config,
 )
 from tests.smtp_server import SmtpTestServer, StartServer
+from tests.support import free_port
 
 TIMEOUT = 20.0
 CONTENT = b"Subject: recipe\r\n\r\nhello\r\n"
@@ -57,7 +57,7 @@ async def until(what: str, check: Any) -> None:
 async def test_fix_the_smarthost_reload_send_and_the_queue_drains(
     tmp_path: Path, start_daemon: DaemonFactory, smtp_server: SmtpTestServer
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     await start_daemon(config)
     client = ControlClient(tmp_path / "run" / "ctl.sock")
     ids = [mid for _ in range(14) for mid in await submit(client, "rcpt@example.com")]
@@ -88,7 +88,7 @@ async def test_a_new_route_and_reroute_split_queued_messages(
 ) -> None:
     smart = await start_smtp_server()
     partner = await start_smtp_server()
-    dead = f"127.0.0.1:{unused_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     config = write_config(tmp_path, next_hops=[dead])
     await start_daemon(config)
     client = ControlClient(tmp_path / "run" / "ctl.sock")

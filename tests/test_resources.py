@@ -36,14 +36,8 @@ from spoold.daemon.resources import (
     install_accept_error_handler,
     raise_open_files_limit,
 )
-from tests.daemon_helpers import (
-    DaemonFactory,
-    DaemonProcess,
-    cli,
-    set_config_value,
-    unused_port,
-    write_config,
-)
+from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, set_config_value, write_config
+from tests.support import free_port
 
 NOFILE = 256
 IDLE = 300  # connections of each kind: more than the daemon has descriptors
@@ -171,7 +165,7 @@ async def test_idle_control_connections_past_the_descriptor_limit(
     """Seen: 200 idle control connections at nofile=256 (1,100 at 1024)
     ended the daemon with an unhandled exception group. Now at most
     MAX_CLIENTS are served at once; the rest are told busy and dropped."""
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config, nofile=(NOFILE, NOFILE))
     with idle_connections(str(daemon.socket), IDLE) as clients:
         assert busy_replies(clients, IDLE - MAX_CLIENTS) == IDLE - MAX_CLIENTS
@@ -191,8 +185,8 @@ async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
     either. The daemon keeps running, logs one error per listener for the
     whole burst (debug lines count the retries), and serves again once the
     connections are gone."""
-    smtp_port = unused_port()
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    smtp_port = free_port()
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     set_config_value(config, "level", '"debug"')
     with config.open("a") as f:
         f.write(
@@ -246,7 +240,7 @@ async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
 async def test_the_soft_open_files_limit_is_raised_to_the_hard_one(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config, nofile=(200, NOFILE))
     raised = [line for line in daemon.log_lines() if line["event"] == "raised the open files limit"]
     assert [(line["old"], line["new"]) for line in raised] == [(200, NOFILE)]
@@ -256,7 +250,7 @@ async def test_the_soft_open_files_limit_is_raised_to_the_hard_one(
 
     # soft == hard: nothing to raise, no setrlimit call, no log line.
     (tmp_path / "b").mkdir()
-    config_b = write_config(tmp_path / "b", next_hops=[f"127.0.0.1:{unused_port()}"])
+    config_b = write_config(tmp_path / "b", next_hops=[f"127.0.0.1:{free_port()}"])
     other = await start_daemon(config_b, nofile=(NOFILE, NOFILE))
     assert not any("open files limit" in line["event"] for line in other.log_lines())
 

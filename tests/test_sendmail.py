@@ -36,13 +36,8 @@ from spoold.errors import ControlError
 from spoold.message import Message, SendAt
 from spoold.spool import Spool
 from spoold.testing import Faults, InMemoryRelay
-from tests.daemon_helpers import (
-    DaemonFactory,
-    DaemonProcess,
-    set_config_value,
-    unused_port,
-    write_config,
-)
+from tests.daemon_helpers import DaemonFactory, DaemonProcess, set_config_value, write_config
+from tests.support import free_port
 
 TIMEOUT = 20.0
 PROJECT = Path(__file__).resolve().parent.parent
@@ -107,7 +102,7 @@ async def sendmail(config: Path, *args: str, stdin: bytes) -> Result:
 
 
 async def daemon_with_unreachable_hop(tmp_path: Path, start: DaemonFactory) -> DaemonProcess:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     return await start(config)
 
 
@@ -273,7 +268,7 @@ async def test_the_listener_limits_apply_to_sendmail_too(
 
 
 async def test_with_no_daemon_the_exit_code_is_75(tmp_path: Path) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     socket_path = tmp_path / "run" / "ctl.sock"
     with anyio.fail_after(TIMEOUT):
         done = await sendmail(config, "alice@example.com", stdin=b"Subject: lost?\n\nbody\n")
@@ -320,7 +315,7 @@ async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
     store) and ``spoold sendmail`` as a subprocess: a full disk is a
     temporary failure, so the exit code must be 75 (EX_TEMPFAIL), as the
     SMTP listener answers 452 for it, not 70 (EX_SOFTWARE)."""
-    config_path = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config_path = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     config = load_config(config_path)
 
     faults = Faults()
@@ -491,9 +486,9 @@ async def test_a_message_over_1_mib_is_spooled_byte_for_byte(
 async def test_a_message_over_max_message_size_exits_65_naming_the_limit(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     with config.open("a") as f:
-        f.write(f'\n[smtp]\nlisten = ["127.0.0.1:{unused_port()}"]\nmax_message_size = "1MiB"\n')
+        f.write(f'\n[smtp]\nlisten = ["127.0.0.1:{free_port()}"]\nmax_message_size = "1MiB"\n')
     message = big_message(1024 * 1024 + 1)
     with anyio.fail_after(TIMEOUT):
         daemon = await daemons(config)
@@ -510,7 +505,7 @@ async def test_a_message_over_max_message_size_exits_65_naming_the_limit(
 async def test_below_min_free_space_sendmail_exits_75_until_there_is_room(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     set_config_value(config, "flush_timeout", '"1s"\nmin_free_space = "1000000GiB"')
     with anyio.fail_after(TIMEOUT * 2):
         daemon = await daemons(config)

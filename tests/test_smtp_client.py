@@ -27,7 +27,7 @@ from spoold.errors import (
 )
 from spoold.smtp_client import MAX_REPLY_SIZE, SmtpClient, SmtpReply
 from tests.raw_smtp_server import NO_REPLY, RawSmtpServer, StartRawServer
-from tests.spool_helpers import wait_for
+from tests.support import wait_until
 
 
 async def connect(server: RawSmtpServer, max_reply_size: int = MAX_REPLY_SIZE) -> SmtpClient:
@@ -111,7 +111,7 @@ async def test_a_malformed_reply_is_a_protocol_error_and_closes_the_client(
         await client.noop()
 
     assert not client.usable
-    await wait_for(lambda: server.connections_closed == 1, "the client to hang up")
+    await wait_until(lambda: server.connections_closed == 1, "the client to hang up")
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ async def test_a_reply_that_never_comes_times_out_and_closes_the_client(
         await client.noop(timeout=0.2)
 
     assert not client.usable
-    await wait_for(lambda: server.connections_closed == 1, "the client to hang up")
+    await wait_until(lambda: server.connections_closed == 1, "the client to hang up")
 
 
 async def test_421_to_any_command_is_service_closing(start_raw_server: StartRawServer) -> None:
@@ -166,7 +166,7 @@ async def test_something_unasked_for_makes_an_idle_client_unusable(
     server = await start_raw_server(replies={"NOOP": b"250 ok\r\n250 extra\r\n"})
     client = await connect(server)
     await client.noop()
-    await wait_for(lambda: not client.usable, "the extra reply to arrive")
+    await wait_until(lambda: not client.usable, "the extra reply to arrive")
 
 
 # ------------------------------------------------------------- greeting
@@ -176,7 +176,7 @@ async def test_a_refusing_greeting_is_a_reply_error(start_raw_server: StartRawSe
     server = await start_raw_server(replies={"GREETING": b"554 5.3.2 not today\r\n"})
     with pytest.raises(SmtpReplyError, match=r"^554 5\.3\.2 not today$"):
         await connect(server)
-    await wait_for(lambda: server.connections_closed == 1, "the client to hang up")
+    await wait_until(lambda: server.connections_closed == 1, "the client to hang up")
 
 
 async def test_connection_refused_is_a_connection_error() -> None:
@@ -246,7 +246,7 @@ async def test_data_after_the_starttls_reply_is_refused_as_injection(
         await client.starttls(ssl.create_default_context(), "127.0.0.1")
 
     assert not client.tls_active
-    await wait_for(lambda: server.connections_closed == 1, "the client to hang up")
+    await wait_until(lambda: server.connections_closed == 1, "the client to hang up")
 
 
 # ----------------------------------------------------------------- AUTH
@@ -408,7 +408,7 @@ async def test_a_failing_content_source_closes_the_client(
     with pytest.raises(OSError, match="Input/output"):
         await client.send_content(broken(), timeout=2)
     assert not client.usable
-    await wait_for(lambda: server.connections_closed == 1, "the client to hang up")
+    await wait_until(lambda: server.connections_closed == 1, "the client to hang up")
     assert server.messages == []
 
 
@@ -420,4 +420,4 @@ async def test_quit_says_goodbye_and_closes(start_raw_server: StartRawServer) ->
 
     assert commands(server) == [b"QUIT"]
     assert not client.usable
-    await wait_for(lambda: server.connections_closed == 1, "the connection to close")
+    await wait_until(lambda: server.connections_closed == 1, "the connection to close")

@@ -33,13 +33,13 @@ from spoold.daemon.routing import Router
 from spoold.message import Message
 from spoold.spool import Spool
 from tests.smtp_server import TlsCertificate
+from tests.support import free_port
 from tests.test_ingest import (
     HOSTNAME,
     RCPT,
     SENDER,
     HeldRelay,
     RawSmtp,
-    free_port,
     make_config,
     queued_ids,
     wait_until,

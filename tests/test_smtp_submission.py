@@ -20,7 +20,7 @@ from spoold.errors import SpooldError
 from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
 from tests.smtp_server import TlsCertificate
-from tests.test_ingest import free_port
+from tests.support import free_port
 
 MESSAGE = b"Subject: submitted\r\n\r\nhello\r\n"
 
