@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import smtplib
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from spoold.daemon.routing import Router
 from spoold.errors import SpooldError
 from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
+from tests.ingest_helpers import client_context
 from tests.smtp_server import TlsCertificate
 from tests.support import free_port
 
@@ -57,13 +57,6 @@ def users_file(tmp_path: Path, mode: int = 0o600) -> Path:
     path.write_text("# submission users\nalice:s3cret:with:colons\nbob:hunter2\n")
     path.chmod(mode)
     return path
-
-
-def client_context() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 async def session(port: int, steps: Any) -> Any:

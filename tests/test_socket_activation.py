@@ -27,8 +27,8 @@ from spoold.daemon.routing import Router
 from spoold.daemon.systemd import listen_fds
 from spoold.spool import Spool
 from tests.daemon_helpers import NotifySocket, write_config
+from tests.ingest_helpers import HeldRelay, make_config
 from tests.support import free_port
-from tests.test_ingest import HeldRelay, make_config
 
 
 def run_child(code: str, env: dict[str, str], pass_fd: int | None = None) -> str:
