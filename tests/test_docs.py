@@ -62,23 +62,23 @@ unrunnable after the rules fails its block.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 REPO = Path(__file__).absolute().parent.parent
 VENV = REPO / ".venv"
@@ -442,14 +442,19 @@ while time.monotonic() < deadline:
 
 
 def wait_until_listening(port: int) -> None:
-    deadline = time.monotonic() + WAIT_TIMEOUT
-    while True:
+    """From these synchronous tests: wait until something accepts on ``port``."""
+
+    async def listening() -> bool:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            stream = await anyio.connect_tcp("127.0.0.1", port)
         except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on 127.0.0.1:{port}"
-            time.sleep(0.05)
+            return False
+        await stream.aclose()
+        return True
+
+    anyio.run(
+        functools.partial(wait_until, listening, f"a listener on 127.0.0.1:{port}", interval=0.05)
+    )
 
 
 class Sandbox:

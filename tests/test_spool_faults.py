@@ -90,13 +90,11 @@ async def test_rescans_racing_adds_deliver_each_message_once(tmp_path: Path) -> 
                     delivered.add(event.id or "")
                     if len(delivered) == count:
                         break
-            for _ in range(100):
-                await anyio.sleep(0)
             assert spool.counts() == {"active": 0, "frozen": 0, "sending": 0}
     ids = [mid for mid, _, _ in relay.delivered]
     assert len(ids) == count
     assert len(set(ids)) == count
-    assert [p.name for p in (tmp_path / "active").iterdir() if p.is_file()] == []
+    assert spool_files(tmp_path, "active", "data", ".registry") == {}
 
 
 # ------------------------------------------- the outcome of an attempt
@@ -162,8 +160,8 @@ async def test_a_full_disk_after_the_hop_answered_never_resends_what_it_accepted
             record = read_record(tmp_path, "active", mid)
             assert record.remaining_recipients == ["b@example.com"]
             assert record.failed_recipients == []
-            assert len(record.relay_attempts) == 1
-            assert "452" in record.relay_attempts[0].error
+            (attempt,) = record.relay_attempts
+            assert attempt.error == f"b@example.com: 452 4.2.2 mailbox full via {smtp_server.hop}"
             assert record.retry_intervals == intervals(5)  # the 1 minute one was used
             assert isinstance(record.status, SendAt)
 
@@ -240,6 +238,7 @@ async def test_the_null_sender_is_accepted(tmp_path: Path) -> None:
             )
             (mid,) = await spool.add(batch)
             await wait_until(lambda: is_delivered(spool, tmp_path, mid), "delivery")
+    assert relay.delivered == [(mid, "r@example.com", BATCH.body.wire)]
 
 
 async def test_below_the_free_space_floor_add_is_refused_until_there_is_room(
