@@ -486,8 +486,9 @@ async def test_partial_refusal_then_frozen_then_sent_again(tmp_path: Path) -> No
         assert len(msg.relay_attempts) == 1
         attempt = msg.relay_attempts[0]
         assert attempt.time == START
-        assert perm in attempt.error and "550" in attempt.error
-        assert later in attempt.error and "451" in attempt.error
+        assert attempt.error == (
+            f"{perm}: 550 5.1.1 no such user; {later}: 451 4.7.1 try again later via memory"
+        )
         assert msg == await spool.get_message(mid)
 
         clock.advance(MINUTE)  # second attempt, only the one left to try
@@ -571,9 +572,9 @@ async def test_a_relay_that_raises_is_try_later(tmp_path: Path) -> None:
         msg = read_record(tmp_path, "active", mid)
         assert relay.calls == 1
         assert msg.status == SendAt(at=START + MINUTE)
-        assert len(msg.relay_attempts) == 1
-        assert "relay error" in msg.relay_attempts[0].error
-        assert "boom" in msg.relay_attempts[0].error
+        assert [a.error for a in msg.relay_attempts] == [
+            "relay error: RuntimeError('relay bug: boom')"
+        ]
         assert places(tmp_path, mid) == ["active"]
 
 
@@ -645,9 +646,9 @@ async def test_presend_that_raises_is_try_later(tmp_path: Path) -> None:
         assert places(tmp_path, mid) == ["active"]
         msg = read_record(tmp_path, "active", mid)
         assert msg.status == SendAt(at=START + MINUTE)
-        assert len(msg.relay_attempts) == 1
-        assert msg.relay_attempts[0].error.startswith("presend hook failed")
-        assert "policy database down" in msg.relay_attempts[0].error
+        assert [a.error for a in msg.relay_attempts] == [
+            "presend hook failed: RuntimeError('policy database down')"
+        ]
         assert msg.retry_intervals == intervals(5)
 
 
@@ -739,8 +740,9 @@ async def test_on_error_that_raises_is_try_later(tmp_path: Path) -> None:
         assert msg.status == SendAt(at=START + MINUTE)
         assert msg.remaining_recipients == [RCPT]
         assert msg.failed_recipients == []
-        assert len(msg.relay_attempts) == 1
-        assert "550" in msg.relay_attempts[0].error
+        assert [a.error for a in msg.relay_attempts] == [
+            f"{RCPT}: 550 5.1.1 no such user via memory"
+        ]
 
 
 # ================================================================== events
@@ -1095,37 +1097,31 @@ async def test_sending_several_messages_sends_every_one(tmp_path: Path, which: s
 
 
 @pytest.mark.parametrize("operation", ["freeze", "remove", "recover_removed"])
-async def test_an_id_given_twice_is_handled_once_or_refused(tmp_path: Path, operation: str) -> None:
+async def test_an_id_given_twice_is_handled_once(tmp_path: Path, operation: str) -> None:
     relay = relay_answering({RCPT: TRY_LATER})
     async with open_spool(tmp_path, relay, FakeClock(START)) as spool, spool.events() as stream:
         if operation == "freeze":
             (mid,) = await spool.add(batch(RCPT))
             await wait_until(lambda: isinstance(status_of(spool, mid), SendAt), "send_at")
-            target, events_before = "frozen", 3
+            target, event_kind, events_before = "frozen", "frozen", 3
         else:
             (mid,) = await spool.add(batch(RCPT), frozen=True)
-            target, events_before = "removed", 2
+            target, event_kind, events_before = "removed", "removed", 2
             if operation == "recover_removed":
                 await spool.remove([mid])
-                target, events_before = "frozen", 3
+                target, event_kind, events_before = "frozen", "recovered", 3
         await next_events(stream, events_before)
-        files = spool_files(tmp_path)
 
         call = {
             "freeze": lambda: spool.freeze([mid, mid]),
             "remove": lambda: spool.remove([mid, mid]),
             "recover_removed": lambda: spool.recover([mid, mid], from_="removed"),
         }[operation]
-        try:
-            await call()
-        except SpooldError as exc:
-            # Refusing is fine, but then nothing may have changed.
-            assert spool_files(tmp_path) == files, f"{operation} raised {exc!r} after changing"
-        else:
-            assert places(tmp_path, mid) == [target]
-            (event,) = await next_events(stream, 1)
-            assert event.id == mid
-            await assert_no_event_since(spool, stream)
+        await call()
+        assert places(tmp_path, mid) == [target]
+        (event,) = await next_events(stream, 1)
+        assert (event.kind, event.id) == (event_kind, mid)
+        await assert_no_event_since(spool, stream)
 
 
 # ===================================== a record stored as "sending" (not by us)
