@@ -194,7 +194,9 @@ async def test_the_client_over_max_clients_is_told_busy_at_once(tmp_path: Path) 
             assert reply == {
                 "ok": False,
                 "kind": "busy",
-                "error": "the daemon is serving 2 control clients, the most it takes; try again later",
+                "error": (
+                    "the daemon is serving 2 control clients, the most it takes; try again later"
+                ),
             }
             with pytest.raises(ControlError) as refused:
                 await ping(path)
