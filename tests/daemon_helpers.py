@@ -49,6 +49,7 @@ __all__ = [
     "DaemonProcess",
     "DaemonFactory",
     "NotifySocket",
+    "child_env",
     "cli",
     "far_future",
     "prefill",
@@ -169,7 +170,7 @@ def cli(*args: str, stdin: bytes = b"", timeout: float = _TIMEOUT) -> CliResult:
         capture_output=True,
         timeout=timeout,
         check=False,
-        env=_child_env(),
+        env=child_env(),
     )
     return CliResult(
         done.returncode,
@@ -179,7 +180,9 @@ def cli(*args: str, stdin: bytes = b"", timeout: float = _TIMEOUT) -> CliResult:
     )
 
 
-def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``spoold`` child process: this one's, without
+    what systemd or the user set for spoold, with this project importable."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -296,7 +299,7 @@ class DaemonProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env=_child_env({"NOTIFY_SOCKET": str(self.notify.path), **(env or {})}),
+                env=child_env({"NOTIFY_SOCKET": str(self.notify.path), **(env or {})}),
             )
 
     @property

@@ -24,10 +24,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 import pytest
 
-from tests.support import free_port, wait_until
+from tests.support import accepting, free_port, wait_until
 
 __all__ = ["SmtpSink", "StartSmtpSink", "postfix_tool", "start_smtp_sink"]
 
@@ -116,12 +115,7 @@ async def start_smtp_sink(tmp_path: Path) -> AsyncIterator[StartSmtpSink]:
                 raise AssertionError(
                     f"smtp-sink exited with {process.returncode}: {output.read_text()}"
                 )
-            try:
-                stream = await anyio.connect_tcp("127.0.0.1", port)
-            except OSError:
-                return False
-            await stream.aclose()  # counts as one session
-            return True
+            return await accepting(port)  # a connection accepted counts as one session
 
         await wait_until(accepts, f"smtp-sink to accept on port {port}", interval=0.02)
         return sink

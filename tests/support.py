@@ -1,7 +1,8 @@
 """What every kind of test here shares: a free port, waiting for a
 condition, and the files of a spool.
 
-* :func:`free_port` -- a ``127.0.0.1`` port nothing listens on.
+* :func:`free_port` -- a ``127.0.0.1`` port nothing listens on;
+  :func:`accepting` -- whether something accepts connections on one.
 * :func:`wait_until` -- the one way a test waits for something it cannot
   await directly (a count in a server, a file, a daemon's log line, a reply
   of a control socket). It polls a condition until it holds; the deadline is
@@ -25,7 +26,7 @@ from typing import Any
 
 import anyio
 
-__all__ = ["WAIT_TIMEOUT", "free_port", "wait_until", "spool_files", "records_in"]
+__all__ = ["WAIT_TIMEOUT", "free_port", "accepting", "wait_until", "spool_files", "records_in"]
 
 WAIT_TIMEOUT = 30.0
 """How long :func:`wait_until` waits by default: far more than anything here
@@ -38,6 +39,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def accepting(port: int) -> bool:
+    """Whether a connection to ``127.0.0.1:port`` is accepted now (it is
+    closed at once): a condition for :func:`wait_until` while a server
+    starts."""
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
 
 
 async def wait_until(

@@ -34,6 +34,7 @@ from tests.daemon_helpers import (
     BODY,
     DaemonFactory,
     DaemonProcess,
+    child_env,
     cli,
     far_future,
     prefill,
@@ -59,6 +60,9 @@ RECORD_FIELDS = {
 }
 
 BAD_IDS = ["../../etc/passwd", "a/b", ""]
+
+# What ``spoold count`` prints for a FilledSpool (as text).
+FILLED_COUNTS = {"active": "2", "frozen": "2", "sending": "0", "removed": "0", "quarantine": "0"}
 
 
 @dataclass
@@ -258,13 +262,7 @@ async def test_status_frozen_only_and_active_only(queue: FilledSpool) -> None:
 async def test_count(queue: FilledSpool) -> None:
     done = queue.cli("count")
     assert done.code == 0, done.err
-    assert dict(line.split() for line in done.out.splitlines()) == {
-        "active": "2",
-        "frozen": "2",
-        "sending": "0",
-        "removed": "0",
-        "quarantine": "0",
-    }
+    assert dict(line.split() for line in done.out.splitlines()) == FILLED_COUNTS
 
 
 # ---------------------------------------------------------- operations
@@ -426,7 +424,7 @@ class EventsCommand:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            env=child_env(),
         )
         return cls(proc)
 
@@ -564,13 +562,7 @@ async def test_status_count_and_check_read_the_disk_when_no_daemon_runs(
 
         done = cli(*where, "count")
         assert done.code == 0, done.err
-        assert dict(line.split() for line in done.out.splitlines()) == {
-            "active": "2",
-            "frozen": "2",
-            "sending": "0",
-            "removed": "0",
-            "quarantine": "0",
-        }
+        assert dict(line.split() for line in done.out.splitlines()) == FILLED_COUNTS
         done = cli(*where, "check")
         assert done.code == 0, done.err
         assert done.out.strip() == "spool is consistent"
@@ -692,7 +684,7 @@ async def test_the_table_uses_the_width_it_is_given_and_wide_shows_errors_whole(
             capture_output=True,
             timeout=30,
             check=True,
-            env={**os.environ, "COLUMNS": str(columns)},
+            env=child_env({"COLUMNS": str(columns)}),
         )
         return done.stdout.decode()
 

@@ -78,7 +78,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.support import free_port, wait_until
+from tests.support import accepting, free_port, wait_until
 
 REPO = Path(__file__).absolute().parent.parent
 VENV = REPO / ".venv"
@@ -443,17 +443,9 @@ while time.monotonic() < deadline:
 
 def wait_until_listening(port: int) -> None:
     """From these synchronous tests: wait until something accepts on ``port``."""
-
-    async def listening() -> bool:
-        try:
-            stream = await anyio.connect_tcp("127.0.0.1", port)
-        except OSError:
-            return False
-        await stream.aclose()
-        return True
-
+    what = f"a listener on 127.0.0.1:{port}"
     anyio.run(
-        functools.partial(wait_until, listening, f"a listener on 127.0.0.1:{port}", interval=0.05)
+        functools.partial(wait_until, functools.partial(accepting, port), what, interval=0.05)
     )
 
 

@@ -360,13 +360,20 @@ async def test_without_pipelining_nothing_follows_a_refused_mail(
     assert client.usable
 
 
+async def ready_for_content(server: RawSmtpServer) -> SmtpClient:
+    """A client whose transaction (one recipient) has had its 354."""
+    client = await connect(server)
+    await client.hello("client.example")
+    replies = await client.send_envelope(MAIL, RCPTS[:1])
+    assert replies.data == SmtpReply(354, ("go ahead",))
+    return client
+
+
 async def test_content_is_sent_as_given_and_ended_with_a_dot_line(
     start_raw_server: StartRawServer,
 ) -> None:
     server = await start_raw_server()
-    client = await connect(server)
-    await client.hello("client.example")
-    await client.send_envelope(MAIL, RCPTS[:1])
+    client = await ready_for_content(server)
 
     reply = await client.send_content(chunks(b"a\r\n..b\r", b"\n", b"c\r\n"), timeout=PATIENT)
 
@@ -387,9 +394,7 @@ async def test_content_edges(
     start_raw_server: StartRawServer, parts: tuple[bytes, ...], wire: bytes
 ) -> None:
     server = await start_raw_server()
-    client = await connect(server)
-    await client.hello("client.example")
-    await client.send_envelope(MAIL, RCPTS[:1])
+    client = await ready_for_content(server)
 
     await client.send_content(chunks(*parts), timeout=PATIENT)
 
@@ -400,9 +405,7 @@ async def test_a_failing_content_source_closes_the_client(
     start_raw_server: StartRawServer,
 ) -> None:
     server = await start_raw_server()
-    client = await connect(server)
-    await client.hello("client.example")
-    await client.send_envelope(MAIL, RCPTS[:1])
+    client = await ready_for_content(server)
 
     async def broken() -> AsyncIterator[bytes]:
         yield b"first\r\n"
