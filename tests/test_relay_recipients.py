@@ -86,8 +86,8 @@ async def test_only_invalid_recipients_contact_no_hop(
     )
 
     results = delivery(outcome).recipients
-    assert {r.code for r in results.values()} == {553}
     assert set(results) == {"", "a\x00b@example.com"}
+    assert {(r.code, r.enhanced_status) for r in results.values()} == {(553, "5.1.3")}
     assert smtp_server.connections_opened == 0
 
 
