@@ -41,7 +41,7 @@ from spoold.body import Body
 from spoold.message import SEND_NOW, Message, RetryInterval, Status
 from spoold.ondisk import NewMessage, OnDiskSpool
 from tests.factories import make_message
-from tests.support import wait_until
+from tests.support import WAIT_TIMEOUT, wait_until
 
 __all__ = [
     "BODY",
@@ -61,7 +61,7 @@ __all__ = [
 
 BODY = b"Subject: hello\r\n\r\nfirst line\r\n.a line that starts with a dot\r\nlast\r\n"
 
-_TIMEOUT = 30.0  # a safety net for every wait here: reaching it means a bug
+_TIMEOUT = WAIT_TIMEOUT  # a safety net for every wait here: reaching it means a bug
 
 
 # ------------------------------------------------------------- messages

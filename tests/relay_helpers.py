@@ -1,6 +1,7 @@
 """Shared by the relay tests: messages on disk as the spool hands them to a
-relay, route settings with short timeouts, relays whose connections are
-closed at teardown, and bounded relay attempts."""
+relay, route settings whose timeouts no answer on loopback comes near,
+relays (on a :class:`ManualClock`) whose connections are closed at teardown,
+and relay attempts bounded by a safety deadline."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from spoold.message import Message, RoutedEnvelope, message_for_envelope
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, RelayOutcome
 from spoold.smtp_relay import SmtpRelay
 from spoold.times import utcnow
+from tests.support import WAIT_TIMEOUT
 
 __all__ = [
     "SENDER",
@@ -66,8 +68,8 @@ MakeRelay = Callable[..., SmtpRelay]
 
 
 def route(**changes: Any) -> RouteSettings:
-    """Route settings for tests: no TLS and timeouts short enough that a
-    hung test fails fast, long enough not to trip on a busy machine."""
+    """Route settings for tests: no TLS, and timeouts long enough not to
+    trip on a busy machine (a test of a timeout sets its own)."""
     options: dict[str, Any] = {
         "tls": "none",
         "connect_timeout": 2.0,
@@ -141,10 +143,10 @@ async def relay_message(
     recipients: Sequence[str] = (ALICE,),
     content: bytes = CONTENT,
     *,
-    timeout: float = 10.0,
+    timeout: float = WAIT_TIMEOUT,
     **options: Any,
 ) -> RelayOutcome:
-    """One relay attempt, bounded in time."""
+    """One relay attempt, bounded in time (a safety net)."""
     msg, body = message_to(directory, hops, recipients, content, **options)
     with anyio.fail_after(timeout):
         return await relay.relay(msg, body, list(recipients))

@@ -28,7 +28,7 @@ from spoold.testing import InMemoryRelay
 from tests.spool_helpers import batch
 from tests.support import wait_until
 
-TIMEOUT = 20.0
+TIMEOUT = 60.0  # a safety net per test: none comes near it
 MiB = 1024 * 1024
 
 

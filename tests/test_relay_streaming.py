@@ -43,7 +43,7 @@ from tests.relay_helpers import (
     route,
 )
 from tests.smtp_server import DISCONNECT, Behaviour, Reply, StartServer, TlsCertificate
-from tests.support import wait_until
+from tests.support import WAIT_TIMEOUT, wait_until
 
 QUEUED = RecipientResult(250, "queued", "2.0.0")  # the raw server's answer to "."
 MiB = 1024 * 1024
@@ -153,7 +153,7 @@ async def test_the_body_on_the_wire_is_the_body_file_then_the_dot_line(
     server = await start_raw_server()
     msg, body = message_to(tmp_path, [server.hop], [ALICE], content)
 
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         outcome = await make_relay().relay(msg, body, [ALICE])
 
     assert delivery(outcome).recipients == {ALICE: QUEUED}
@@ -169,7 +169,7 @@ async def test_size_counts_the_content_without_stuffing_dots(
     msg, body = message_to(tmp_path, [server.hop], [ALICE], content)
     assert body.path.stat().st_size > len(content)  # stuffed on disk
 
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         await make_relay().relay(msg, body, [ALICE])
 
     mail = next(line for _, line in server.lines if line.startswith(b"MAIL"))
@@ -183,7 +183,7 @@ async def test_a_body_file_that_cannot_be_read_fails_the_attempt_naming_it(
     msg, body = message_to(tmp_path, [server.hop], [ALICE])
     body.path.unlink()
 
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         error = failure(await make_relay().relay(msg, body, [ALICE]))
 
     assert str(body.path) in error
@@ -319,7 +319,7 @@ async def test_a_disconnect_in_data_fails_the_attempt_and_drops_the_connection(
     else:
         server.behaviour.data_end = DISCONNECT
 
-    with anyio.fail_after(20):
+    with anyio.fail_after(WAIT_TIMEOUT):
         error = failure(await relay.relay(msg, body, [ALICE, BOB]))
 
     assert error.startswith(f"{server.hop}: connection lost")
@@ -353,7 +353,7 @@ async def test_starttls_then_auth_then_a_multi_chunk_body(
     msg, body = message_to(tmp_path, [server.hop], [ALICE, BOB], content)
     assert body.path.read_bytes()[:CHUNK_SIZE].isascii()
 
-    with anyio.fail_after(20):
+    with anyio.fail_after(WAIT_TIMEOUT):
         outcome = await relay.relay(msg, body, [ALICE, BOB])
 
     assert delivery(outcome) == Delivery({ALICE: OK, BOB: OK}, server.hop)

@@ -45,7 +45,7 @@ from tests.ingest_helpers import (
 from tests.smtp_server import TlsCertificate
 from tests.support import free_port, wait_until
 
-TIMEOUT = 20.0
+TIMEOUT = 60.0  # a safety net per test: none comes near it
 PASSWORD = "s3cret"
 MESSAGE = b"Subject: test\r\n\r\nhello\r\n"
 

@@ -4,9 +4,12 @@ Every test runs :class:`~spoold.smtp_relay.SmtpRelay` against aiosmtpd
 servers in the test's own event loop (:mod:`tests.smtp_server`) and asserts
 what the relay returns and what the server saw: replies per recipient,
 which commands were sent, the exact bytes received, how many connections
-were opened and closed. Timeouts are made small in :class:`RouteSettings`
-so that a slow reply costs a fraction of a second, and every attempt runs
-under :func:`anyio.fail_after`.
+were opened and closed. A timeout is tested against a hop that never
+answers and asserted by the error naming it; a timeout that must not fire
+is far longer than any answer on loopback takes (``PROMPT``). The cache's
+idle clock is a :class:`~tests.relay_helpers.ManualClock`, so whether a
+connection is checked or expired is what the test says, not how fast the
+machine is. Every attempt runs under a safety deadline.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from tests.smtp_server import (
     TlsCertificate,
 )
 from tests.spool_helpers import settle
-from tests.support import free_port, wait_until
+from tests.support import WAIT_TIMEOUT, free_port, wait_until
 
 
 @pytest.fixture
@@ -82,7 +85,7 @@ async def test_delivers_the_original_content_to_every_recipient(
     msg, body = message_to(tmp_path, [smtp_server.hop], [ALICE, BOB])
     assert b"\r\n...two dots\r\n" in body.path.read_bytes()  # on disk: dot-stuffed
 
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         outcome = await relay.relay(msg, body, [ALICE, BOB])
 
     assert delivery(outcome) == Delivery({ALICE: OK, BOB: OK}, smtp_server.hop)
@@ -100,7 +103,7 @@ async def test_delivers_only_to_the_recipients_it_is_given(
     tmp_path: Path,
 ) -> None:
     msg, body = message_to(tmp_path, [smtp_server.hop], [ALICE, BOB, CAROL])
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         outcome = await make_relay().relay(msg, body, [CAROL])
     assert delivery(outcome).recipients == {CAROL: OK}
     assert smtp_server.messages[0].rcpt_tos == (CAROL,)
@@ -858,7 +861,7 @@ async def test_close_and_flush_says_quit_to_idle_connections(
     await relay_message(relay, tmp_path, [two.hop])
     assert relay.cache.idle_connections == 2
 
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         await relay.close_and_flush()
 
     for server in (one, two):

@@ -20,7 +20,7 @@ from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
 from tests.ingest_helpers import client_context
 from tests.smtp_server import TlsCertificate
-from tests.support import free_port
+from tests.support import WAIT_TIMEOUT, free_port
 
 MESSAGE = b"Subject: submitted\r\n\r\nhello\r\n"
 
@@ -64,7 +64,7 @@ async def session(port: int, steps: Any) -> Any:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             return steps(client)
 
-    with anyio.fail_after(20):
+    with anyio.fail_after(WAIT_TIMEOUT):
         return await anyio.to_thread.run_sync(run)
 
 

@@ -28,7 +28,7 @@ from spoold.daemon.systemd import listen_fds
 from spoold.spool import Spool
 from tests.daemon_helpers import NotifySocket, child_env, write_config
 from tests.ingest_helpers import HeldRelay, make_config
-from tests.support import free_port
+from tests.support import WAIT_TIMEOUT, free_port
 
 
 def run_child(code: str, env: dict[str, str], pass_fd: int | None = None) -> str:
@@ -108,7 +108,7 @@ async def test_the_listener_serves_a_handed_over_socket_and_binds_the_rest(
     )
     assert config.smtp is not None
     smtp = config.smtp
-    with anyio.fail_after(20):
+    with anyio.fail_after(WAIT_TIMEOUT):
         async with Spool.open(config.spool.dir, relay=HeldRelay(), flush_timeout=0.1) as spool:
             router = Router(config)
             listener = SmtpListener(

@@ -69,7 +69,7 @@ from tests.spool_helpers import (
     settle,
     status_of,
 )
-from tests.support import spool_files, wait_until
+from tests.support import WAIT_TIMEOUT, spool_files, wait_until
 
 RCPT = "rcpt@example.com"
 
@@ -880,7 +880,7 @@ async def test_kill_and_flush_waits_for_running_sends(tmp_path: Path) -> None:
             await settle()
             assert not flushed.is_set()
             gate.set()
-            with anyio.fail_after(5):
+            with anyio.fail_after(WAIT_TIMEOUT):
                 await flushed.wait()
             assert delivered_ids(relay) == [mid]
             assert is_gone(tmp_path, mid)
@@ -1159,7 +1159,7 @@ async def test_a_record_added_as_sending_by_another_process_is_adopted_as_send_n
         writer, _ = await OnDiskSpool.open(tmp_path, owner=False)
         async with writer:
             (stored,) = await writer.add([new_message(status=Sending())])
-        with anyio.fail_after(10):
+        with anyio.fail_after(WAIT_TIMEOUT):
             async for event in events:
                 if event.kind == "delivered" and event.id == stored.id:
                     break

@@ -27,7 +27,7 @@ from tests.spool_helpers import (
     settle,
     status_of,
 )
-from tests.support import spool_files, wait_until
+from tests.support import WAIT_TIMEOUT, spool_files, wait_until
 
 BATCH = RoutedBatch(
     [RoutedEnvelope("s@example.org", ["r@example.com"], ["127.0.0.1:25"])],
@@ -44,7 +44,7 @@ async def test_a_disk_error_after_presend_backs_off_instead_of_spinning(tmp_path
 
     faults = Faults()
     clock = FakeClock()
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         async with Spool.open(
             tmp_path, relay=InMemoryRelay(), clock=clock, presend=presend, on_step=faults
         ) as spool:
@@ -217,7 +217,7 @@ async def test_a_delivery_whose_record_delete_fails_is_not_sent_again(tmp_path: 
 async def test_add_refuses_a_bad_address_and_writes_nothing(
     tmp_path: Path, sender: str, recipients: list[str], kind: str
 ) -> None:
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         async with Spool.open(tmp_path, relay=InMemoryRelay(), clock=FakeClock()) as spool:
             before = spool_files(tmp_path)
             batch = RoutedBatch([RoutedEnvelope(sender, recipients, ["127.0.0.1:25"])], BATCH.body)
@@ -231,7 +231,7 @@ async def test_add_refuses_a_bad_address_and_writes_nothing(
 
 async def test_the_null_sender_is_accepted(tmp_path: Path) -> None:
     relay = InMemoryRelay()
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         async with Spool.open(tmp_path, relay=relay) as spool:
             batch = RoutedBatch(
                 [RoutedEnvelope("", ["r@example.com"], ["127.0.0.1:25"])], BATCH.body
@@ -244,7 +244,7 @@ async def test_the_null_sender_is_accepted(tmp_path: Path) -> None:
 async def test_below_the_free_space_floor_add_is_refused_until_there_is_room(
     tmp_path: Path,
 ) -> None:
-    with anyio.fail_after(10):
+    with anyio.fail_after(WAIT_TIMEOUT):
         async with Spool.open(tmp_path, relay=InMemoryRelay(), clock=FakeClock()) as spool:
             before = spool_files(tmp_path)
             spool.min_free_space = 2**62  # more than any disk has free

@@ -14,7 +14,7 @@ from spoold.spool import Spool
 from spoold.testing import FakeClock, InMemoryRelay
 from tests.factories import new_message
 from tests.spool_helpers import settle
-from tests.support import records_in, spool_files
+from tests.support import WAIT_TIMEOUT, records_in, spool_files
 
 CHILD = str(Path(__file__).with_name("store_child.py"))
 
@@ -52,7 +52,7 @@ async def test_a_lost_wakeup_is_made_good_at_the_next_ping(
 ) -> None:
     clock = FakeClock()
     relay = InMemoryRelay()
-    with anyio.fail_after(20):
+    with anyio.fail_after(WAIT_TIMEOUT):
         async with (
             Spool.open(tmp_path, relay=relay, clock=clock, ping_interval=30) as spool,
             spool.events() as events,
