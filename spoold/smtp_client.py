@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import re
 import ssl
 from collections import deque
@@ -347,7 +348,10 @@ class SmtpClient:
                 client.close()
             raise SmtpTimeoutError(f"timeout: {stage} within {connect_timeout:g}s") from None
         except OSError as exc:
-            raise SmtpConnectionError(f"cannot connect: {exc.strerror or exc}") from exc
+            # The errno's own words: asyncio and uvloop word the same failure
+            # differently ("Connect call failed (...)", "Connection refused").
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise SmtpConnectionError(f"cannot connect: {why}") from exc
         except BaseException:
             if client is not None:
                 client.close()

@@ -14,8 +14,8 @@ daemon loads them at start-up). :func:`cli` runs one ``spoold`` command in
 a subprocess with a timeout.
 
 Every wait here is bounded; nothing sleeps for a fixed time except the
-short polling of a file or a process that has no other way to say it has
-changed.
+polling (:func:`tests.support.wait_until`) of a file or a process that has
+no other way to say it has changed.
 """
 
 from __future__ import annotations
@@ -28,19 +28,20 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from spoold.body import Body
 from spoold.message import SEND_NOW, Message, RetryInterval, Status
 from spoold.ondisk import NewMessage, OnDiskSpool
 from tests.factories import make_message
+from tests.support import WAIT_TIMEOUT, wait_until
 
 __all__ = [
     "BODY",
@@ -48,30 +49,22 @@ __all__ = [
     "DaemonProcess",
     "DaemonFactory",
     "NotifySocket",
+    "child_env",
     "cli",
     "far_future",
-    "records_in",
     "prefill",
     "set_config_value",
     "spooled",
     "start_daemon",
-    "unused_port",
     "write_config",
 ]
 
 BODY = b"Subject: hello\r\n\r\nfirst line\r\n.a line that starts with a dot\r\nlast\r\n"
 
-_TIMEOUT = 15.0  # the longest any single wait in these tests may take
+_TIMEOUT = WAIT_TIMEOUT  # a safety net for every wait here: reaching it means a bug
 
 
 # ------------------------------------------------------------- messages
-
-
-def unused_port() -> int:
-    """A 127.0.0.1 port nothing listens on (a connection is refused at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spooled(
@@ -105,15 +98,6 @@ async def prefill(spool_dir: Path, messages: Sequence[NewMessage]) -> list[str]:
     finally:
         await ondisk.close()
     return [m.id for m in added]
-
-
-def records_in(spool_dir: Path, queue: str) -> set[str]:
-    """Ids whose record is in ``queue``, checked out or not."""
-    out: set[str] = set()
-    for where in (spool_dir / queue, spool_dir / queue / ".checkout"):
-        if where.is_dir():
-            out |= {p.name for p in where.iterdir() if p.is_file()}
-    return out
 
 
 # --------------------------------------------------------------- config
@@ -176,14 +160,17 @@ class CliResult:
     stdout: bytes
 
 
-def cli(*args: str, timeout: float = _TIMEOUT) -> CliResult:
-    """Run ``spoold ARGS`` and return its exit code and output."""
+def cli(*args: str, stdin: bytes = b"", timeout: float = _TIMEOUT) -> CliResult:
+    """Run ``spoold ARGS < stdin`` and return its exit code and output. It
+    blocks: from a test whose own loop serves the other end, run it in a
+    worker thread."""
     done = subprocess.run(
         [sys.executable, "-m", "spoold.daemon.cli", *args],
+        input=stdin,
         capture_output=True,
         timeout=timeout,
         check=False,
-        env=_child_env(),
+        env=child_env(),
     )
     return CliResult(
         done.returncode,
@@ -193,7 +180,9 @@ def cli(*args: str, timeout: float = _TIMEOUT) -> CliResult:
     )
 
 
-def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``spoold`` child process: this one's, without
+    what systemd or the user set for spoold, with this project importable."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -246,30 +235,25 @@ class NotifySocket:
         self.received.append(fields)
         return fields
 
-    async def next(self, timeout: float = _TIMEOUT) -> Fields:
-        """The next datagram; fails the test after ``timeout`` seconds."""
+    async def next(self) -> Fields:
+        """The next datagram (unbounded: callers bound their wait)."""
         loop = asyncio.get_running_loop()
-        try:
-            data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), timeout)
-        except TimeoutError:
-            pytest.fail(f"no notify datagram within {timeout}s; so far: {self.received}")
-        return self._record(data)
+        return self._record(await loop.sock_recv(self.sock, 65536))
 
     async def wait_for(
         self, key: str, value: str = "1", timeout: float = _TIMEOUT
     ) -> tuple[Fields, list[Fields]]:
         """Read datagrams until one has ``key=value``; return it and every
-        datagram read on the way (itself included)."""
-        deadline = time.monotonic() + timeout
+        datagram read on the way (itself included). Fails the test after
+        ``timeout`` seconds (a safety net)."""
         seen: list[Fields] = []
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"no {key}={value} within {timeout}s; got: {seen}")
-            fields = await self.next(left)
-            seen.append(fields)
-            if fields.get(key) == value:
-                return fields, seen
+        with anyio.move_on_after(timeout):
+            while True:
+                fields = await self.next()
+                seen.append(fields)
+                if fields.get(key) == value:
+                    return fields, seen
+        pytest.fail(f"no {key}={value} within {timeout}s; got: {seen}")
 
 
 # --------------------------------------------------------------- daemon
@@ -315,7 +299,7 @@ class DaemonProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env=_child_env({"NOTIFY_SOCKET": str(self.notify.path), **(env or {})}),
+                env=child_env({"NOTIFY_SOCKET": str(self.notify.path), **(env or {})}),
             )
 
     @property
@@ -386,14 +370,13 @@ class DaemonProcess:
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = _TIMEOUT
     ) -> dict[str, Any]:
         """The first log line matching ``predicate``, polling the log file."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.log_lines():
-                if predicate(line):
-                    return line
-            if time.monotonic() > deadline:
-                pytest.fail(f"no such log line within {timeout}s:\n{self.log_text()}")
-            await asyncio.sleep(0.05)
+        line: dict[str, Any] = await wait_until(
+            lambda: next((line for line in self.log_lines() if predicate(line)), None),
+            lambda: f"such a log line:\n{self.log_text()}",
+            timeout=timeout,
+            interval=0.05,
+        )
+        return line
 
 
 class DaemonFactory:

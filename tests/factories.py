@@ -1,10 +1,8 @@
-"""Builders of test messages and helpers to look at a spool directory."""
+"""Builders of test messages."""
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
-from pathlib import Path
 
 from spoold.body import Body
 from spoold.message import (
@@ -50,15 +48,3 @@ def new_message(
         return make_message(mid, status=status, recipients=recipients)
 
     return NewMessage(Body.from_content(body), status, build)
-
-
-def tree(root: Path) -> set[str]:
-    """Every regular file below ``root`` (relative, '/'-separated), without
-    the lock (the owner's wake-up socket is not a file)."""
-    out = set()
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            rel = os.path.relpath(os.path.join(dirpath, f), root)
-            if rel != "lock" and os.path.isfile(os.path.join(dirpath, f)):
-                out.add(rel)
-    return out

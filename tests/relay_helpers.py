@@ -1,10 +1,10 @@
 """Shared by the relay tests: messages on disk as the spool hands them to a
-relay, route settings with short timeouts, relays whose connections are
-closed at teardown, and bounded relay attempts."""
+relay, route settings whose timeouts no answer on loopback comes near,
+relays (on a :class:`ManualClock`) whose connections are closed at teardown,
+and relay attempts bounded by a safety deadline."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from spoold.message import Message, RoutedEnvelope, message_for_envelope
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, RelayOutcome
 from spoold.smtp_relay import SmtpRelay
 from spoold.times import utcnow
+from tests.support import WAIT_TIMEOUT
 
 __all__ = [
     "SENDER",
@@ -32,13 +33,13 @@ __all__ = [
     "PASSWORD",
     "OK",
     "MakeRelay",
+    "ManualClock",
     "route",
     "make_relay",
     "message_to",
     "relay_message",
     "delivery",
     "failure",
-    "free_port",
 ]
 
 SENDER = "sender@example.org"
@@ -67,8 +68,8 @@ MakeRelay = Callable[..., SmtpRelay]
 
 
 def route(**changes: Any) -> RouteSettings:
-    """Route settings for tests: no TLS and timeouts short enough that a
-    hung test fails fast, long enough not to trip on a busy machine."""
+    """Route settings for tests: no TLS, and timeouts long enough not to
+    trip on a busy machine (a test of a timeout sets its own)."""
     options: dict[str, Any] = {
         "tls": "none",
         "connect_timeout": 2.0,
@@ -79,13 +80,33 @@ def route(**changes: Any) -> RouteSettings:
     return RouteSettings(**options)
 
 
+class ManualClock:
+    """A monotonic clock for the connection cache that moves only when a test
+    moves it: how long a connection has been idle is then what the test says,
+    not how fast the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
 async def make_relay() -> AsyncIterator[MakeRelay]:
     """``make_relay(route(...), max_per_hop=...)``: a relay with its own
-    connection cache, flushed at teardown (before the servers stop)."""
+    connection cache, flushed at teardown (before the servers stop). The
+    cache's clock is a :class:`ManualClock` unless ``monotonic`` is given:
+    no connection is ever checked with NOOP or dropped for being idle unless
+    a test moves the clock (the cache's idle timer itself runs on the event
+    loop, after ``idle_timeout`` seconds)."""
     relays: list[SmtpRelay] = []
 
     def make(settings: RouteSettings | None = None, **cache_options: Any) -> SmtpRelay:
+        cache_options.setdefault("monotonic", ManualClock())
         relay = SmtpRelay(settings or route(), ConnectionCache(**cache_options))
         relays.append(relay)
         return relay
@@ -122,10 +143,10 @@ async def relay_message(
     recipients: Sequence[str] = (ALICE,),
     content: bytes = CONTENT,
     *,
-    timeout: float = 10.0,
+    timeout: float = WAIT_TIMEOUT,
     **options: Any,
 ) -> RelayOutcome:
-    """One relay attempt, bounded in time."""
+    """One relay attempt, bounded in time (a safety net)."""
     msg, body = message_to(directory, hops, recipients, content, **options)
     with anyio.fail_after(timeout):
         return await relay.relay(msg, body, list(recipients))
@@ -139,13 +160,6 @@ def delivery(outcome: RelayOutcome) -> Delivery:
 def failure(outcome: RelayOutcome) -> str:
     assert isinstance(outcome, AttemptFailed), outcome
     return outcome.error
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 with nothing listening (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 OK = RecipientResult(250, "OK: queued", "2.0.0")

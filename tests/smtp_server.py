@@ -7,7 +7,8 @@ fault can be changed between two messages.
 
 What the server does is set per test through :attr:`SmtpTestServer.behaviour`
 (a mutable :class:`Behaviour`): a :class:`Reply` per command (a reply line,
-a delay before it, or a disconnect instead of it), per recipient at RCPT, at
+held until an event or for a delay, never sent, or a disconnect instead of
+it), per recipient at RCPT, at
 the greeting, at the DATA command, at the end of DATA, and a disconnect in
 the middle of the message content. Options that aiosmtpd fixes per protocol
 instance (SIZE limit, SMTPUTF8, STARTTLS, AUTH) are constructor arguments,
@@ -43,6 +44,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 __all__ = [
     "Reply",
     "DISCONNECT",
+    "HANG",
     "Behaviour",
     "Command",
     "ReceivedMessage",
@@ -63,16 +65,23 @@ HOST = "127.0.0.1"
 @dataclass(frozen=True, slots=True)
 class Reply:
     """What the server does in place of its normal answer to one command:
-    wait ``delay`` seconds, then close the connection without a word
-    (``disconnect``), or send ``text`` (a full reply such as
-    ``"451 4.3.0 try later"``; ``None`` keeps aiosmtpd's own answer)."""
+    wait until ``gate`` is set (if given) and ``delay`` seconds more, then
+    close the connection without a word (``disconnect``), or send ``text``
+    (a full reply such as ``"451 4.3.0 try later"``; ``None`` keeps
+    aiosmtpd's own answer). With ``hang`` it never answers at all: the
+    command waits until the client hangs up or the server stops."""
 
     text: str | None = None
     delay: float = 0.0
     disconnect: bool = False
+    gate: asyncio.Event | None = None
+    hang: bool = False
 
 
 DISCONNECT = Reply(disconnect=True)
+HANG = Reply(hang=True)
+"""No answer, ever: for timeouts, whose tests must not depend on how late a
+late answer is."""
 
 
 @dataclass(slots=True)
@@ -360,6 +369,10 @@ class SmtpTestServer:
         """Carry out ``reply``; the text to send, or None for the default."""
         if reply is None:
             return None
+        if reply.hang:
+            await asyncio.Event().wait()  # until connection_lost cancels this task
+        if reply.gate is not None:
+            await reply.gate.wait()
         if reply.delay:
             await asyncio.sleep(reply.delay)
         if reply.disconnect:

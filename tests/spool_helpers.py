@@ -1,15 +1,15 @@
 """Builders, a scripted relay and bounded waits for the spool tests.
 
-Nothing here sleeps in real time: waits yield to the event loop (``sleep(0)``)
-until a condition holds, inside :func:`anyio.fail_after`, so a bug makes a
-test fail with a clear message instead of hanging the suite.
+Nothing here sleeps in real time: the spool runs on a
+:class:`~spoold.testing.FakeClock`, and waits yield to the event loop until
+a condition holds (:func:`tests.support.wait_until`) or the next events come,
+so a bug makes a test fail with a clear message instead of hanging the suite.
 """
 
 from __future__ import annotations
 
-import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +31,7 @@ from spoold.message import (
 from spoold.relay import AttemptFailed, RecipientResult
 from spoold.spool import Spool
 from spoold.testing import FakeClock, InMemoryRelay
+from tests.support import WAIT_TIMEOUT, wait_until
 
 START = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -79,28 +80,18 @@ def open_spool(
 # ------------------------------------------------------------------ waiting
 
 
-async def wait_for(
-    condition: Callable[[], object], what: str | Callable[[], str], timeout: float = 5.0
-) -> None:
-    """Yield to the event loop until ``condition()`` is true. ``what`` says
-    what is awaited; a callable is asked only on failure (to show state)."""
-    try:
-        with anyio.fail_after(timeout):
-            while not condition():
-                await anyio.sleep(0)
-    except TimeoutError:
-        text = what() if callable(what) else what
-        raise AssertionError(f"timed out waiting for {text}") from None
-
-
 async def settle(checkpoints: int = 100) -> None:
-    """Let every task that is ready run for a while (to show that something
-    does *not* happen). Bounded: never waits on real time."""
+    """Let every task that is ready run for a while. Bounded: never waits on
+    real time. It cannot prove on its own that something does *not* happen
+    (a worker thread may take longer); tests follow it with an event that
+    does (e.g. :func:`round_trip`)."""
     for _ in range(checkpoints):
         await anyio.sleep(0)
 
 
-async def next_events(stream: Subscription, count: int, timeout: float = 5.0) -> list[SpoolEvent]:
+async def next_events(
+    stream: Subscription, count: int, timeout: float = WAIT_TIMEOUT
+) -> list[SpoolEvent]:
     """The next ``count`` events of ``stream``."""
     out: list[SpoolEvent] = []
     try:
@@ -125,19 +116,6 @@ def status_of(spool: Spool, message_id: str) -> Status | None:
         if msg.id == message_id:
             return msg.status
     return None
-
-
-def spool_files(root: Path) -> dict[str, bytes]:
-    """Every regular file below ``root`` with its content, without the lock
-    (the owner's wake-up socket is not a file)."""
-    out: dict[str, bytes] = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
-            path = Path(dirpath, name)
-            if rel != "lock" and path.is_file():
-                out[rel] = path.read_bytes()
-    return out
 
 
 def places(root: Path, message_id: str) -> list[str]:
@@ -177,7 +155,7 @@ async def round_trip(spool: Spool, relay: InMemoryRelay, recipient: str) -> str:
     """Spool a probe message and wait until it is delivered: proves the
     scheduler has gone round since the last clock change."""
     (probe,) = await spool.add(batch(recipient))
-    await wait_for(
+    await wait_until(
         lambda: (
             any(mid == probe for mid, _, _ in relay.delivered) and status_of(spool, probe) is None
         ),

@@ -25,9 +25,10 @@ from spoold.daemon.control import ControlClient, ControlServer
 from spoold.errors import ControlError
 from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
-from tests.spool_helpers import batch, wait_for
+from tests.spool_helpers import batch
+from tests.support import wait_until
 
-TIMEOUT = 20.0
+TIMEOUT = 60.0  # a safety net per test: none comes near it
 MiB = 1024 * 1024
 
 
@@ -162,15 +163,15 @@ async def test_a_silent_client_is_told_and_disconnected_but_an_events_stream_is_
             return read_all(s)
 
     with anyio.fail_after(TIMEOUT):
-        async with serving(tmp_path, request_timeout=0.3) as (server, path):
+        async with serving(tmp_path, request_timeout=1.0) as (server, path):
             with subscribe(server, path) as events:
-                await wait_for(lambda: subscribers(server) == 1, "the subscription", timeout=10)
+                await wait_until(lambda: subscribers(server) == 1, "the subscription")
                 for prefix in (b"", b'{"v": 1, "op": "pi'):
                     reply = one_reply(await anyio.to_thread.run_sync(silent, prefix))
                     assert reply == {
                         "ok": False,
                         "kind": "invalid",
-                        "error": "no request within 0.3 s; disconnected",
+                        "error": "no request within 1 s; disconnected",
                     }
                 # The subscription is older than both silent clients, which
                 # timed out meanwhile: it is still served.
@@ -187,27 +188,32 @@ async def test_the_client_over_max_clients_is_told_busy_at_once(tmp_path: Path) 
     with anyio.fail_after(TIMEOUT):
         async with serving(tmp_path, max_clients=2) as (server, path):
             idle = [connect(path), connect(path)]
-            await wait_for(lambda: server.clients == 2, "two clients served", timeout=10)
+            await wait_until(lambda: server.clients == 2, "two clients served")
 
             reply = one_reply(await anyio.to_thread.run_sync(read_all, connect(path)))
-            assert reply["ok"] is False and reply["kind"] == "busy", reply
-            assert "serving 2 control clients" in reply["error"]
+            assert reply == {
+                "ok": False,
+                "kind": "busy",
+                "error": (
+                    "the daemon is serving 2 control clients, the most it takes; try again later"
+                ),
+            }
             with pytest.raises(ControlError) as refused:
                 await ping(path)
             assert refused.value.kind == "busy"
 
             # An events subscriber holds a place like any other client.
             idle.pop().close()
-            await wait_for(lambda: server.clients == 1, "a place to free up", timeout=10)
+            await wait_until(lambda: server.clients == 1, "a place to free up")
             with subscribe(server, path):
-                await wait_for(lambda: subscribers(server) == 1, "the subscription", timeout=10)
+                await wait_until(lambda: subscribers(server) == 1, "the subscription")
                 assert server.clients == 2
                 with pytest.raises(ControlError) as refused:
                     await ping(path)
                 assert refused.value.kind == "busy"
 
             idle.pop().close()
-            await wait_for(lambda: server.clients == 0, "every place to free up", timeout=10)
+            await wait_until(lambda: server.clients == 0, "every place to free up")
             assert await ping(path) == "pong"
 
 
@@ -354,7 +360,7 @@ async def test_a_submit_whose_content_stops_short_is_not_submitted(tmp_path: Pat
             return read_all(s)
 
     with anyio.fail_after(TIMEOUT):
-        async with serving(tmp_path, daemon=Submitting(submit), request_timeout=0.3) as (_, path):
+        async with serving(tmp_path, daemon=Submitting(submit), request_timeout=1.0) as (_, path):
             for close in (True, False):  # the client hangs up / goes silent
                 reply = one_reply(await anyio.to_thread.run_sync(short, close))
                 assert reply["kind"] == "invalid"

@@ -52,10 +52,10 @@ from tests.daemon_helpers import (
     prefill,
     set_config_value,
     spooled,
-    unused_port,
     write_config,
 )
 from tests.smtp_server import StartServer
+from tests.support import free_port
 
 TIMEOUT = 15.0
 
@@ -209,8 +209,8 @@ def refuses_connections(port: int) -> bool:
 async def test_a_reload_keeps_smtp_and_metrics_listening_where_they_were(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    smtp_port, metrics_port = unused_port(), unused_port()
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    smtp_port, metrics_port = free_port(), free_port()
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     config.write_text(
         config.read_text()
         + f'\n[smtp]\nlisten = ["127.0.0.1:{smtp_port}"]\nmax_recipients = 3\n'
@@ -226,7 +226,7 @@ async def test_a_reload_keeps_smtp_and_metrics_listening_where_they_were(
     await poll_metrics(metrics_port, 1.0)
 
     # New limits, and new addresses that need a restart.
-    new_smtp, new_metrics = unused_port(), unused_port()
+    new_smtp, new_metrics = free_port(), free_port()
     set_config_value(config, "max_recipients", "2")
     set_config_value(config, "max_concurrent_send_jobs", "6")
     text = config.read_text()
@@ -269,7 +269,7 @@ async def control_error(daemon: DaemonProcess, op: str, **params: Any) -> Contro
 async def test_each_control_error_kind_from_a_running_daemon(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    hop = f"127.0.0.1:{unused_port()}"
+    hop = f"127.0.0.1:{free_port()}"
     config = write_config(tmp_path, next_hops=[hop])
     config.write_text(
         config.read_text().replace("[control]", 'min_free_space = "1000000GiB"\n\n[control]')

@@ -62,21 +62,23 @@ unrunnable after the rules fails its block.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import pytest
+
+from tests.support import accepting, free_port, wait_until
 
 REPO = Path(__file__).absolute().parent.parent
 VENV = REPO / ".venv"
@@ -439,21 +441,12 @@ while time.monotonic() < deadline:
 """
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until_listening(port: int) -> None:
-    deadline = time.monotonic() + WAIT_TIMEOUT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on 127.0.0.1:{port}"
-            time.sleep(0.05)
+    """From these synchronous tests: wait until something accepts on ``port``."""
+    what = f"a listener on 127.0.0.1:{port}"
+    anyio.run(
+        functools.partial(wait_until, functools.partial(accepting, port), what, interval=0.05)
+    )
 
 
 class Sandbox:

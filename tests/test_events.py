@@ -9,6 +9,7 @@ import anyio
 from spoold.events import EVENT_KINDS, EventHub, SpoolEvent, Subscription
 from spoold.message import EnvelopeInfo
 from tests.spool_helpers import next_events, settle
+from tests.support import WAIT_TIMEOUT
 
 T0 = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)
 
@@ -107,13 +108,13 @@ async def test_closing_the_hub_ends_iteration_after_what_was_buffered() -> None:
         await settle()
         assert not ended.is_set()  # blocked, waiting for more
         hub.close()
-        with anyio.fail_after(5):
+        with anyio.fail_after(WAIT_TIMEOUT):
             await ended.wait()
     assert seen == []
     assert hub.subscriber_count == 0
 
     hub.publish(event(2))  # nobody listens any more
-    with anyio.fail_after(5):
+    with anyio.fail_after(WAIT_TIMEOUT):
         assert [ev async for ev in buffered] == [event(0), event(1)]
 
 
@@ -125,7 +126,7 @@ async def test_leaving_a_subscription_unsubscribes_it() -> None:
         assert await next_events(sub, 1) == [event(0)]
     assert hub.subscriber_count == 0
     hub.publish(event(1))
-    with anyio.fail_after(5):
+    with anyio.fail_after(WAIT_TIMEOUT):
         assert [ev async for ev in sub] == []
 
 

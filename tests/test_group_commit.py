@@ -13,7 +13,8 @@ from spoold.errors import StoreError
 from spoold.message import Queue
 from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.testing import Faults
-from tests.factories import new_message, tree
+from tests.factories import new_message
+from tests.support import spool_files
 
 
 async def add_many(od: OnDiskSpool, count: int) -> list[str | BaseException]:
@@ -91,7 +92,7 @@ async def test_a_failed_sync_undoes_the_whole_batch(tmp_path: Path, step: str) -
     for r in results:
         assert isinstance(r, StoreError)
         assert r.errno == errno.EIO
-    assert tree(tmp_path) == set()  # nothing of any job is left
+    assert set(spool_files(tmp_path)) == set()  # nothing of any job is left
     faults.clear()
     with anyio.fail_after(30):
         assert all(isinstance(r, str) for r in await add_many(od, 5))

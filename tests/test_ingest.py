@@ -21,83 +21,47 @@ import email.utils
 import errno
 import os
 import re
-import shutil
 import smtplib
-import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.abc
 import pytest
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from spoold.body import Body, LineEndingPolicy
 from spoold.connection_cache import RouteSettings
-from spoold.daemon.config import Config, SmtpConfig, parse_config
+from spoold.daemon.config import SmtpConfig
 from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import SmtpListener
 from spoold.daemon.routing import Router
 from spoold.message import Message
-from spoold.relay import BodyHandle, RelayOutcome
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
-from spoold.testing import Faults, InMemoryRelay
-from tests.factories import tree
+from spoold.testing import Faults
+from tests.ingest_helpers import (
+    HOSTNAME,
+    RCPT,
+    SENDER,
+    SMARTHOST,
+    HeldRelay,
+    RawSmtp,
+    make_config,
+    queued_ids,
+    raw_smtp,
+)
 from tests.smtp_server import SmtpTestServer
+from tests.smtp_sink import SmtpSink, StartSmtpSink, postfix_tool
+from tests.support import free_port, records_in, spool_files, wait_until
 
-HOSTNAME = "mx.test.example"
-SMARTHOST = "smart.example.net:25"
-SENDER = "sender@example.org"
-RCPT = "rcpt@example.com"
-TIMEOUT = 20.0  # no test here may take longer
-_COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
+TIMEOUT = 60.0  # a safety net: no test here comes near it
 
 
 # ------------------------------------------------------------ plumbing
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class HeldRelay:
-    """Holds every attempt until :attr:`gate` is set, then hands it to
-    ``inner`` (by default an in-memory relay that accepts everything)."""
-
-    def __init__(self, inner: Any = None) -> None:
-        self.gate = anyio.Event()
-        self.inner = inner if inner is not None else InMemoryRelay()
-
-    async def relay(
-        self, message: Message, body: BodyHandle, recipients: Sequence[str]
-    ) -> RelayOutcome:
-        await self.gate.wait()
-        outcome: RelayOutcome = await self.inner.relay(message, body, recipients)
-        return outcome
-
-
-def make_config(
-    tmp_path: Path,
-    port: int,
-    *,
-    smtp: dict[str, Any] | None = None,
-    routes: dict[str, Any] | None = None,
-) -> Config:
-    raw = {
-        "spool": {"dir": "spool"},
-        "smtp": {"listen": [f"127.0.0.1:{port}"], **(smtp or {})},
-        "relay": {"default_route": "smarthost"},
-        "routes": routes or {"smarthost": {"next_hops": [SMARTHOST], "tls": "none"}},
-    }
-    return parse_config(raw, tmp_path / "spoold.toml")
 
 
 @dataclass
@@ -153,111 +117,9 @@ async def running_ingest(
                 tg.cancel_scope.cancel()
 
 
-def records(spool_dir: Path, queue: str = "active") -> set[str]:
-    """Ids with a record in ``queue`` (checked out or not)."""
-    out: set[str] = set()
-    for where in (spool_dir / queue, spool_dir / queue / ".checkout"):
-        if where.is_dir():
-            out |= {p.name for p in where.iterdir() if p.is_file()}
-    return out
-
-
-def files_in(spool_dir: Path, *directories: str) -> list[str]:
-    return sorted(f for f in tree(spool_dir) if f.split("/", 1)[0] in directories)
-
-
 def assert_nothing_spooled(ingest: Ingest) -> None:
     assert ingest.messages() == []
-    assert files_in(ingest.spool_dir, "data", "active", "tmp", ".registry") == []
-
-
-async def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    try:
-        with anyio.fail_after(timeout):
-            while not condition():
-                await anyio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
-# -------------------------------------------------------- raw SMTP client
-
-
-class RawSmtp:
-    """SMTP as bytes: nothing is normalised or dot-stuffed for us."""
-
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
-        self.stream = stream
-        self.reader = BufferedByteReceiveStream(stream)
-
-    async def reply(self) -> tuple[int, str]:
-        """One (possibly multi-line) reply: its code and its lines joined."""
-        lines = []
-        while True:
-            line = await self.reader.receive_until(b"\r\n", 65536)
-            lines.append(line.decode())
-            if line[3:4] != b"-":
-                return int(line[:3]), "\n".join(lines)
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send(data)
-
-    async def command(self, line: str) -> tuple[int, str]:
-        await self.stream.send(line.encode() + b"\r\n")
-        return await self.reply()
-
-    async def rest(self) -> bytes:
-        """Everything the server still sends until it closes."""
-        out = bytearray(self.reader.buffer)
-        try:
-            while True:
-                out += await self.stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
-            pass
-        return bytes(out)
-
-    async def quit(self) -> None:
-        """QUIT; assert that its 221 is the only reply still to come (so
-        nothing sent before was taken as a command)."""
-        await self.stream.send(b"QUIT\r\n")
-        rest = await self.rest()
-        assert rest.startswith(b"221 "), rest
-        assert rest.count(b"\r\n") == 1, rest
-
-    async def transaction(
-        self, sender: str, recipients: Sequence[str], data: bytes
-    ) -> tuple[int, str]:
-        """MAIL, RCPTs (each must get 250), DATA and ``data`` as given
-        (which must carry its own end ``\\r\\n.\\r\\n``); the final reply."""
-        code, text = await self.command(f"MAIL FROM:<{sender}>")
-        assert code == 250, text
-        for rcpt in recipients:
-            code, text = await self.command(f"RCPT TO:<{rcpt}>")
-            assert code == 250, text
-        code, text = await self.command("DATA")
-        assert code == 354, text
-        await self.send(data)
-        return await self.reply()
-
-
-@asynccontextmanager
-async def raw_smtp(port: int, ehlo: str | None = "client.example") -> AsyncIterator[RawSmtp]:
-    stream = await anyio.connect_tcp("127.0.0.1", port)
-    async with stream:
-        client = RawSmtp(stream)
-        code, text = await client.reply()
-        assert code == 220, text
-        if ehlo is not None:
-            code, text = await client.command(f"EHLO {ehlo}")
-            assert code == 250, text
-        yield client
-
-
-def queued_ids(text: str) -> list[str]:
-    """The ids of a ``250 2.0.0 OK queued as ID ...`` reply."""
-    m = re.match(r"250 2\.0\.0 OK queued as (.+)$", text)
-    assert m, text
-    return m.group(1).split()
+    assert spool_files(ingest.spool_dir, "data", "active", "tmp", ".registry") == {}
 
 
 def smtplib_send(
@@ -280,64 +142,6 @@ def headers_named(content: bytes, name: str) -> list[bytes]:
 # ------------------------------------------------------- smtp-sink/source
 
 
-def postfix_tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
-    if found is None:
-        pytest.skip(
-            f"{name} not found in PATH or /usr/sbin: install Debian package 'postfix' "
-            "(apt-get install postfix)"
-        )
-    return found
-
-
-@dataclass
-class SmtpSink:
-    process: subprocess.Popen[bytes]
-    port: int
-    output: Path  # stdout (the -c counters): a file, never an unread pipe
-
-    @property
-    def hop(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def messages(self) -> int:
-        found = _COUNTERS.findall(self.output.read_bytes())
-        return int(found[-1][2]) if found else 0
-
-
-@pytest.fixture
-async def smtp_sink(tmp_path: Path) -> AsyncIterator[SmtpSink]:
-    binary = postfix_tool("smtp-sink")
-    port = free_port()
-    output = tmp_path / "smtp-sink.out"
-    argv = [binary, "-c"]
-    if os.geteuid() == 0:
-        argv += ["-u", "nobody"]
-    argv += [f"127.0.0.1:{port}", "256"]
-    with output.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        with anyio.fail_after(5):
-            while True:
-                assert process.poll() is None, output.read_text()
-                try:
-                    stream = await anyio.connect_tcp("127.0.0.1", port)
-                except OSError:
-                    await anyio.sleep(0.02)
-                    continue
-                await stream.aclose()
-                break
-        yield SmtpSink(process, port, output)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-
-
 def sink_routes(sink: SmtpSink) -> dict[str, Any]:
     return {"smarthost": {"next_hops": [sink.hop], "tls": "none"}}
 
@@ -357,13 +161,13 @@ async def relay_all_and_check_empty(
     await wait_until(
         lambda: ingest.spool.counts() == {"active": 0, "frozen": 0, "sending": 0},
         "every message to be delivered",
-        timeout=30,
     )
-    assert files_in(ingest.spool_dir, "data", "active", ".registry", "tmp", "frozen") == []
+    assert spool_files(ingest.spool_dir, "data", "active", ".registry", "tmp", "frozen") == {}
     assert await ingest.spool.ondisk.check(max_age=0) == []
-    with anyio.fail_after(5):
-        await relay.close_and_flush()  # QUIT: smtp-sink prints its counters
-    await wait_until(lambda: sink.messages() == n, f"smtp-sink to count {n} messages", 5)
+    await relay.close_and_flush()  # QUIT: smtp-sink prints its counters
+    await wait_until(
+        lambda: sink.counters()["mesg"] == n, f"smtp-sink to count {n} messages", interval=0.02
+    )
 
 
 # ------------------------------------------------------------- interop
@@ -371,8 +175,9 @@ async def relay_all_and_check_empty(
 
 @pytest.mark.interop
 async def test_smtplib_50_messages_spooled_then_relayed_to_smtp_sink(
-    tmp_path: Path, smtp_sink: SmtpSink
+    tmp_path: Path, start_smtp_sink: StartSmtpSink
 ) -> None:
+    smtp_sink = await start_smtp_sink()
     n = 50
     relay = sink_relay()
     with anyio.fail_after(TIMEOUT):
@@ -387,8 +192,9 @@ async def test_smtplib_50_messages_spooled_then_relayed_to_smtp_sink(
             assert refused == [{}] * n
 
             # Every message is on disk before anything is relayed.
-            assert len(records(ingest.spool_dir)) == n
-            assert len(os.listdir(ingest.spool_dir / "data")) == n
+            ids = {m.id for m in ingest.messages()}
+            assert records_in(ingest.spool_dir, "active") == ids
+            assert {p.rsplit("/")[-1] for p in spool_files(ingest.spool_dir, "data")} == ids
             assert {m.remaining_recipients[0] for m in ingest.messages()} == {
                 f"user{i}@example.com" for i in range(n)
             }
@@ -398,12 +204,13 @@ async def test_smtplib_50_messages_spooled_then_relayed_to_smtp_sink(
 
 @pytest.mark.interop
 async def test_smtp_source_200_messages_relayed_to_smtp_sink(
-    tmp_path: Path, smtp_sink: SmtpSink
+    tmp_path: Path, start_smtp_sink: StartSmtpSink
 ) -> None:
+    smtp_sink = await start_smtp_sink()
     source = postfix_tool("smtp-source")
     n = 200
     relay = sink_relay()
-    with anyio.fail_after(40):
+    with anyio.fail_after(TIMEOUT):
         async with running_ingest(
             tmp_path, routes=sink_routes(smtp_sink), relay=HeldRelay(relay)
         ) as ingest:
@@ -423,24 +230,14 @@ async def test_smtp_source_200_messages_relayed_to_smtp_sink(
             output = out_path.read_text(errors="replace")
             assert code == 0, output
 
-            assert len(records(ingest.spool_dir)) == n, output
-            assert len(os.listdir(ingest.spool_dir / "data")) == n
             messages = ingest.messages()
+            assert records_in(ingest.spool_dir, "active") == {m.id for m in messages}, output
+            assert len(messages) == n
+            assert len(spool_files(ingest.spool_dir, "data")) == n
             assert all(m.envelope_info.sender == "from@example.org" for m in messages)
             assert all(m.remaining_recipients == ["to@example.com"] for m in messages)
 
             await relay_all_and_check_empty(ingest, relay, smtp_sink, n)
-
-
-@pytest.fixture
-async def next_hop() -> AsyncIterator[SmtpTestServer]:
-    """An aiosmtpd server in this loop that accepts everything."""
-    server = SmtpTestServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 # --------------------------------------------------------------- limits
@@ -452,12 +249,19 @@ async def test_size_is_advertised_in_ehlo(tmp_path: Path) -> None:
             async with raw_smtp(ingest.port, ehlo=None) as c:
                 code, text = await c.command("EHLO client.example")
                 assert code == 250
-                assert "250-SIZE 4321" in text.splitlines() or "250 SIZE 4321" in text
+                assert text.splitlines() == [
+                    f"250-{HOSTNAME}",
+                    "250-SIZE 4321",
+                    "250-8BITMIME",
+                    "250-SMTPUTF8",
+                    "250-PIPELINING",
+                    "250-ENHANCEDSTATUSCODES",
+                    "250 HELP",
+                ]
                 await c.quit()
             async with raw_smtp(ingest.port, ehlo=None) as c:
                 code, text = await c.command("HELO client.example")
-                assert code == 250
-                assert "SIZE" not in text  # HELO: no extensions
+                assert (code, text) == (250, f"250 {HOSTNAME}")  # HELO: no extensions
                 await c.quit()
 
 
@@ -541,7 +345,8 @@ async def test_a_failed_write_answers_4xx_and_leaves_nothing_behind(
                 code, text = await c.transaction(SENDER, [RCPT], content)
                 assert code == 250, text
                 await c.quit()
-            assert len(records(ingest.spool_dir)) == 1
+            (msg,) = ingest.messages()
+            assert records_in(ingest.spool_dir, "active") == {msg.id}
             assert await ingest.spool.ondisk.check() == []  # (it is checked out: held)
 
 
@@ -569,9 +374,9 @@ async def test_smuggling_probe_is_refused_under_reject(tmp_path: Path, probe: by
 
 @pytest.mark.parametrize("probe", PROBES, ids=PROBE_IDS)
 async def test_smuggling_probe_makes_one_message_under_normalize(
-    tmp_path: Path, probe: bytes, next_hop: SmtpTestServer
+    tmp_path: Path, probe: bytes, smtp_server: SmtpTestServer
 ) -> None:
-    server = next_hop
+    server = smtp_server
     relay = HeldRelay(SmtpRelay(RouteSettings(tls="none", connect_timeout=5)))
     routes = {"smarthost": {"next_hops": [server.hop], "tls": "none"}}
     with anyio.fail_after(TIMEOUT):
@@ -588,7 +393,7 @@ async def test_smuggling_probe_makes_one_message_under_normalize(
             assert msg.id == mid
             assert msg.envelope_info.sender == SENDER
             assert msg.remaining_recipients == [RCPT]
-            assert len(records(ingest.spool_dir)) == 1
+            assert records_in(ingest.spool_dir, "active") == {mid}
             content = await ingest.content(mid)
             head, _, body = content.partition(b"\r\n\r\n")
             assert b"smuggled" not in head
@@ -601,8 +406,7 @@ async def test_smuggling_probe_makes_one_message_under_normalize(
             # What the next hop gets is one message too.
             relay.gate.set()
             await wait_until(lambda: not ingest.messages(), "the message to be delivered")
-            with anyio.fail_after(5):
-                await relay.inner.close_and_flush()
+            await relay.inner.close_and_flush()
     assert len(server.messages) == 1
     (received,) = server.messages
     assert received.mail_from == SENDER
@@ -706,9 +510,11 @@ async def test_received_message_id_and_date_are_added(tmp_path: Path) -> None:
     content = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: trace\r\n\r\nbody\r\n"
     with anyio.fail_after(TIMEOUT):
         async with running_ingest(tmp_path) as ingest:
+            before = datetime.now(UTC).replace(microsecond=0)  # Date: has whole seconds
             refused = await anyio.to_thread.run_sync(
                 smtplib_send, ingest.port, [(SENDER, [RCPT], content)]
             )
+            after = datetime.now(UTC)
             assert refused == [{}]
             (msg,) = ingest.messages()
             spooled = await ingest.content(msg.id)
@@ -729,7 +535,7 @@ async def test_received_message_id_and_date_are_added(tmp_path: Path) -> None:
     (date,) = headers_named(spooled, "Date")
     for stamp in (date, received.group(1)):
         when = email.utils.parsedate_to_datetime(stamp.decode())
-        assert abs(datetime.now(UTC) - when) < timedelta(minutes=5)
+        assert before <= when <= after, (before, stamp, after)
     # Our headers come before the original ones, which are kept as they were.
     assert rest.endswith(content)
     assert rest[: -len(content)].startswith(b"Message-ID: ")
@@ -870,16 +676,14 @@ async def test_an_ehlo_name_with_a_bare_cr_does_not_break_the_trace_header(
     tmp_path: Path, policy: str
 ) -> None:
     """The EHLO argument goes into our Received: header. One with a bare CR
-    must either be refused at EHLO or be cleaned up: the message itself is
-    clean and must not be refused for a bare CR we put there, nor may the
+    is taken (under either policy) and cleaned up there: the message itself
+    is clean and must not be refused for a bare CR we put there, nor may the
     name start a header line of its own."""
     with anyio.fail_after(TIMEOUT):
         async with running_ingest(tmp_path, smtp={"bare_line_endings": policy}) as ingest:
             async with raw_smtp(ingest.port, ehlo=None) as c:
                 code, text = await c.command("EHLO client\rX-Injected: yes")
-                if code != 250:
-                    assert 500 <= code < 600, text
-                    return
+                assert code == 250, text
                 content = b"Subject: clean\r\n\r\nclean\r\n"
                 code, text = await c.transaction(SENDER, [RCPT], content + b".\r\n")
                 assert code == 250, text
@@ -888,6 +692,7 @@ async def test_an_ehlo_name_with_a_bare_cr_does_not_break_the_trace_header(
             spooled = await ingest.content(msg.id)
     assert Body.from_content(spooled).content() == spooled  # only CRLF line endings
     assert headers_named(spooled, "X-Injected") == []
+    assert spooled.split(b"\r\n", 1)[0] == b"Received: from client?X-Injected:?yes ([127.0.0.1])"
 
 
 # ------------------------------------------------- local submissions
@@ -957,7 +762,10 @@ async def test_below_min_free_space_smtp_answers_452_and_takes_mail_again_later(
             ingest.spool.min_free_space = 2**62  # more than any disk has free
             async with raw_smtp(ingest.port) as c:
                 code, text = await c.transaction(SENDER, [RCPT], b"Subject: x\r\n\r\nx\r\n.\r\n")
-                assert code == 452 and "4.3.1" in text, text
+                assert (code, text) == (
+                    452,
+                    "452 4.3.1 Insufficient system storage, try again later",
+                )
                 ingest.spool.min_free_space = 64 * 1024 * 1024  # space came back
                 code, text = await c.transaction(SENDER, [RCPT], b"Subject: x\r\n\r\nx\r\n.\r\n")
                 assert code == 250, text

@@ -1,11 +1,11 @@
 """The spool and the SMTP relay against Postfix's ``smtp-sink``.
 
 A real :class:`~spoold.spool.Spool` on a temp dir relays through
-:class:`~spoold.smtp_relay.SmtpRelay` to ``smtp-sink`` started as a
-subprocess on a free ``127.0.0.1`` port, with its fault options (``-r``
-soft reject, ``-f`` hard reject, ``-Q`` 421 and disconnect) and its ``-d``
-dump for byte-exact checks. ``-c`` makes it print ``sess= quit= mesg=``
-counters, which tell how many SMTP sessions the relay opened.
+:class:`~spoold.smtp_relay.SmtpRelay` to ``smtp-sink`` (the
+``start_smtp_sink`` fixture of :mod:`tests.smtp_sink`), with its fault
+options (``-r`` soft reject, ``-f`` hard reject, ``-Q`` 421 and disconnect)
+and its ``-d`` dump for byte-exact checks. Its ``sess= quit= mesg=``
+counters tell how many SMTP sessions the relay opened.
 
 The spool runs on a :class:`~spoold.testing.FakeClock`: messages are
 ``send_now`` so they go at once, and a delayed message stays delayed (the
@@ -14,15 +14,9 @@ clock never reaches its retry time). Every wait is bounded.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -35,7 +29,15 @@ from spoold.message import RoutedBatch, RoutedEnvelope
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from spoold.testing import FakeClock
-from tests.spool_helpers import MINUTE, START, is_gone, open_spool, read_record, wait_for
+from tests.smtp_sink import StartSmtpSink
+from tests.spool_helpers import (
+    MINUTE,
+    START,
+    is_gone,
+    open_spool,
+    read_record,
+)
+from tests.support import WAIT_TIMEOUT, spool_files, wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -56,112 +58,6 @@ CONTENT = (
 )
 OUTCOMES = frozenset({"delivered", "delayed", "delayed_rate_limited", "frozen"})
 _COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")
-
-
-# ------------------------------------------------------------- smtp-sink
-
-
-def smtp_sink_path() -> str:
-    found = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin:/usr/bin")
-    if found is None:
-        pytest.skip(
-            "smtp-sink not found: install Debian package 'postfix' (apt-get install postfix)"
-        )
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class SmtpSink:
-    """One ``smtp-sink`` process and what it wrote."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    output: Path  # its stdout: the -c counters
-    dump_dir: Path | None
-
-    @property
-    def hop(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def counters(self) -> dict[str, int]:
-        """The latest ``-c`` counters (ended sessions, QUITs, messages)."""
-        found = _COUNTERS.findall(self.output.read_bytes())
-        sess, quit_, mesg = (int(x) for x in found[-1]) if found else (0, 0, 0)
-        return {"sess": sess, "quit": quit_, "mesg": mesg}
-
-    def dumps(self) -> list[bytes]:
-        assert self.dump_dir is not None, "start the sink with dump=True"
-        return [p.read_bytes() for p in sorted(self.dump_dir.iterdir())]
-
-    def stop(self) -> dict[str, int]:
-        """Terminate it (idempotent); its final counters."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        return self.counters()
-
-
-StartSink = Callable[..., Awaitable[SmtpSink]]
-
-
-@pytest.fixture
-async def start_sink(tmp_path: Path) -> AsyncIterator[StartSink]:
-    """``await start_sink("-r", "RCPT", dump=True)``: an smtp-sink with those
-    options, accepting connections; every one is terminated at teardown."""
-    binary = smtp_sink_path()
-    sinks: list[SmtpSink] = []
-    scratch: list[Path] = []
-
-    async def start(*options: str, dump: bool = False) -> SmtpSink:
-        port = free_port()
-        output = tmp_path / f"smtp-sink-{port}.out"
-        argv = [binary, "-c"]
-        if os.geteuid() == 0:
-            argv += ["-u", "nobody"]  # required as root; it then writes dumps as nobody
-        dump_dir = None
-        if dump:
-            # Outside tmp_path, whose parents only root may enter.
-            dump_dir = Path(tempfile.mkdtemp(prefix="spoold-sink-dump-"))
-            dump_dir.chmod(0o777)
-            scratch.append(dump_dir)
-            argv += ["-d", f"{dump_dir}/msg."]
-        argv += [*options, f"127.0.0.1:{port}", "256"]
-        with output.open("wb") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        sink = SmtpSink(process, port, output, dump_dir)
-        sinks.append(sink)
-        with anyio.fail_after(5):
-            while True:
-                if process.poll() is not None:
-                    raise AssertionError(
-                        f"smtp-sink exited with {process.returncode}: {output.read_text()}"
-                    )
-                try:
-                    stream = await anyio.connect_tcp("127.0.0.1", port)
-                except OSError:
-                    await anyio.sleep(0.02)
-                    continue
-                await stream.aclose()  # counts as one session
-                break
-        return sink
-
-    try:
-        yield start
-    finally:
-        for sink in sinks:
-            sink.stop()
-        for path in scratch:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------- spool
@@ -192,17 +88,13 @@ async def spool_relaying_to_sink(
             await relay.close_and_flush()
 
 
-async def outcome_of(stream: Subscription, message_id: str, timeout: float = 10.0) -> SpoolEvent:
+async def outcome_of(stream: Subscription, message_id: str) -> SpoolEvent:
     """The event that ends the attempt on ``message_id``."""
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(WAIT_TIMEOUT):
         async for event in stream:
             if event.id == message_id and event.kind in OUTCOMES:
                 return event
     raise AssertionError(f"event stream closed before an outcome for {message_id}")
-
-
-def files_under(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
 def assert_spool_empty(spool: Spool) -> None:
@@ -210,15 +102,14 @@ def assert_spool_empty(spool: Spool) -> None:
     checkout) or the registry."""
     root = spool.spool_dir
     assert spool.counts() == {"active": 0, "frozen": 0, "sending": 0}
-    for directory in ("data", "active", ".registry"):
-        assert files_under(root / directory) == [], directory
+    assert spool_files(root, "data", "active", ".registry") == {}
 
 
 # ----------------------------------------------------------------- tests
 
 
-async def test_delivers_through_smtp_sink(start_sink: StartSink, tmp_path: Path) -> None:
-    sink = await start_sink()
+async def test_delivers_through_smtp_sink(start_smtp_sink: StartSmtpSink, tmp_path: Path) -> None:
+    sink = await start_smtp_sink()
     async with spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay):
         async with spool.events() as stream:
             (mid,) = await spool.add(submission(sink.hop, [ALICE, BOB]))
@@ -228,13 +119,15 @@ async def test_delivers_through_smtp_sink(start_sink: StartSink, tmp_path: Path)
         assert is_gone(spool.spool_dir, mid)
         assert_spool_empty(spool)
         assert await spool.ondisk.check(max_age=0) == []
-    await wait_for(lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message")
+    await wait_until(
+        lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message", interval=0.02
+    )
 
 
 async def test_soft_reject_at_rcpt_delays_the_message(
-    start_sink: StartSink, tmp_path: Path
+    start_smtp_sink: StartSmtpSink, tmp_path: Path
 ) -> None:
-    sink = await start_sink("-r", "RCPT")
+    sink = await start_smtp_sink("-r", "RCPT")
     async with spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay):
         async with spool.events() as stream:
             (mid,) = await spool.add(submission(sink.hop))
@@ -252,9 +145,9 @@ async def test_soft_reject_at_rcpt_delays_the_message(
 
 
 async def test_hard_reject_at_rcpt_freezes_the_message(
-    start_sink: StartSink, tmp_path: Path
+    start_smtp_sink: StartSmtpSink, tmp_path: Path
 ) -> None:
-    sink = await start_sink("-f", "RCPT")
+    sink = await start_smtp_sink("-f", "RCPT")
     async with spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay):
         async with spool.events() as stream:
             (mid,) = await spool.add(submission(sink.hop))
@@ -269,8 +162,10 @@ async def test_hard_reject_at_rcpt_freezes_the_message(
     assert sink.counters()["mesg"] == 0
 
 
-async def test_421_at_data_delays_the_message(start_sink: StartSink, tmp_path: Path) -> None:
-    sink = await start_sink("-Q", "DATA")
+async def test_421_at_data_delays_the_message(
+    start_smtp_sink: StartSmtpSink, tmp_path: Path
+) -> None:
+    sink = await start_smtp_sink("-Q", "DATA")
     async with spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay):
         async with spool.events() as stream:
             (mid,) = await spool.add(submission(sink.hop, [ALICE, BOB]))
@@ -284,15 +179,17 @@ async def test_421_at_data_delays_the_message(start_sink: StartSink, tmp_path: P
     assert sink.counters()["mesg"] == 0
 
 
-async def test_message_arrives_byte_exact(start_sink: StartSink, tmp_path: Path) -> None:
-    sink = await start_sink(dump=True)
+async def test_message_arrives_byte_exact(start_smtp_sink: StartSmtpSink, tmp_path: Path) -> None:
+    sink = await start_smtp_sink(dump=True)
     async with (
         spool_relaying_to_sink(tmp_path / "spool") as (spool, _relay),
         spool.events() as stream,
     ):
         (mid,) = await spool.add(submission(sink.hop, [ALICE, BOB]))
         assert (await outcome_of(stream, mid)).kind == "delivered"
-    await wait_for(lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message")
+    await wait_until(
+        lambda: sink.counters()["mesg"] == 1, "smtp-sink to count the message", interval=0.02
+    )
 
     (dump,) = sink.dumps()
     # The dump: smtp-sink's own headers ending with a three-line Received
@@ -312,9 +209,9 @@ async def test_message_arrives_byte_exact(start_sink: StartSink, tmp_path: Path)
 
 
 async def test_a_thousand_messages_through_a_few_sessions(
-    start_sink: StartSink, tmp_path: Path
+    start_smtp_sink: StartSmtpSink, tmp_path: Path
 ) -> None:
-    sink = await start_sink()
+    sink = await start_smtp_sink()
     total, adders = 1000, 20
     async with spool_relaying_to_sink(tmp_path / "spool", max_concurrent_send_jobs=20) as (
         spool,
@@ -340,7 +237,7 @@ async def test_a_thousand_messages_through_a_few_sessions(
                         if len(delivered) == total:
                             return
 
-            with anyio.fail_after(45):
+            with anyio.fail_after(4 * WAIT_TIMEOUT):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(collect)
                     for worker in range(adders):

@@ -41,7 +41,7 @@ from spoold.daemon.routing import Router
 from spoold.errors import MxError, SpooldError
 from spoold.spool import Spool
 from spoold.testing import Faults, InMemoryRelay
-from tests.factories import tree
+from tests.support import spool_files
 
 TIMEOUT = 20.0
 SENDER = "sender@example.org"
@@ -212,7 +212,9 @@ async def listening(
 
 def _on_disk(spool_dir: Path) -> list[str]:
     return sorted(
-        f for f in tree(spool_dir) if f.split("/", 1)[0] in ("tmp", "data", "active", ".registry")
+        f
+        for f in set(spool_files(spool_dir))
+        if f.split("/", 1)[0] in ("tmp", "data", "active", ".registry")
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -13,12 +12,7 @@ from spoold.daemon.metrics import Metrics
 from spoold.message import RoutedBatch, RoutedEnvelope
 from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import WAIT_TIMEOUT, free_port, wait_until
 
 
 async def scrape(port: int) -> str:
@@ -36,7 +30,13 @@ async def test_metrics_count_queue_and_events(tmp_path: Path) -> None:
         Body.from_content(b"Subject: m\r\n\r\nx\r\n"),
     )
     metrics = Metrics()
-    with anyio.fail_after(10):
+    expected = {
+        'spoold_messages{state="frozen"} 1.0',
+        'spoold_messages{state="active"} 0.0',
+        'spoold_events_total{event="spooled"} 2.0',
+        'spoold_events_total{event="delivered"} 1.0',
+    }
+    with anyio.fail_after(WAIT_TIMEOUT):
         async with (
             Spool.open(tmp_path, relay=InMemoryRelay(), ping_interval=0.05) as spool,
             anyio.create_task_group() as tg,
@@ -48,18 +48,10 @@ async def test_metrics_count_queue_and_events(tmp_path: Path) -> None:
                 async for event in events:
                     if event.kind == "delivered":
                         break
-            await anyio.sleep(0)  # let the metrics task see the last event
-            for _ in range(100):
-                text = await scrape(port)
-                if (
-                    'spoold_events_total{event="delivered"} 1.0' in text
-                    and 'spoold_messages{state="frozen"} 1.0' in text
-                    and 'spoold_messages{state="active"} 0.0' in text
-                ):
-                    break
-                await anyio.sleep(0.01)
+
+            # The metrics task sees the events in its own time.
+            async def counted() -> bool:
+                return expected <= set((await scrape(port)).splitlines())
+
+            await wait_until(counted, lambda: f"{expected} in the metrics", interval=0.01)
             tg.cancel_scope.cancel()
-    assert 'spoold_messages{state="frozen"} 1.0' in text
-    assert 'spoold_messages{state="active"} 0.0' in text
-    assert 'spoold_events_total{event="spooled"} 2.0' in text
-    assert 'spoold_events_total{event="delivered"} 1.0' in text

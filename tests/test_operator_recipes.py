@@ -9,10 +9,8 @@ in-process SMTP servers as next hops.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +22,11 @@ from tests.daemon_helpers import (
     prefill,
     set_config_value,
     spooled,
-    unused_port,
     write_config,
 )
 from tests.smtp_server import SmtpTestServer, StartServer
+from tests.support import free_port, wait_until
 
-TIMEOUT = 20.0
 CONTENT = b"Subject: recipe\r\n\r\nhello\r\n"
 
 
@@ -47,17 +44,10 @@ async def views(client: ControlClient) -> dict[str, dict[str, Any]]:
     return {v["id"]: v for v in await client.request("status")}
 
 
-async def until(what: str, check: Any) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_fix_the_smarthost_reload_send_and_the_queue_drains(
     tmp_path: Path, start_daemon: DaemonFactory, smtp_server: SmtpTestServer
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     await start_daemon(config)
     client = ControlClient(tmp_path / "run" / "ctl.sock")
     ids = [mid for _ in range(14) for mid in await submit(client, "rcpt@example.com")]
@@ -66,7 +56,7 @@ async def test_fix_the_smarthost_reload_send_and_the_queue_drains(
         current = await views(client)
         return all(current[i]["relay_attempts"] for i in ids)
 
-    await until("every message to fail once", all_deferred)
+    await wait_until(all_deferred, "every message to fail once", interval=0.05)
     assert {v["route"] for v in (await views(client)).values()} == {"smarthost"}
 
     set_config_value(config, "next_hops", f'["{smtp_server.hop}"]')
@@ -79,7 +69,7 @@ async def test_fix_the_smarthost_reload_send_and_the_queue_drains(
     async def drained() -> bool:
         return smtp_server.transactions == 14 and not await views(client)
 
-    await until("the queue to drain to the new hop", drained)
+    await wait_until(drained, "the queue to drain to the new hop", interval=0.05)
     assert all(m.rcpt_tos == ("rcpt@example.com",) for m in smtp_server.messages)
 
 
@@ -88,7 +78,7 @@ async def test_a_new_route_and_reroute_split_queued_messages(
 ) -> None:
     smart = await start_smtp_server()
     partner = await start_smtp_server()
-    dead = f"127.0.0.1:{unused_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     config = write_config(tmp_path, next_hops=[dead])
     await start_daemon(config)
     client = ControlClient(tmp_path / "run" / "ctl.sock")
@@ -97,7 +87,7 @@ async def test_a_new_route_and_reroute_split_queued_messages(
     async def deferred() -> bool:
         return bool((await views(client))[mid]["relay_attempts"])
 
-    await until("the first attempt", deferred)
+    await wait_until(deferred, "the first attempt", interval=0.05)
 
     set_config_value(config, "next_hops", f'["{smart.hop}"]')
     with config.open("a") as f:
@@ -125,7 +115,7 @@ async def test_a_new_route_and_reroute_split_queued_messages(
     async def delivered() -> bool:
         return smart.transactions == 1 and partner.transactions == 1
 
-    await until("both parts to be delivered", delivered)
+    await wait_until(delivered, "both parts to be delivered", interval=0.05)
     assert smart.messages[0].rcpt_tos == ("a@one.example",)
     assert partner.messages[0].rcpt_tos == ("b@partner.example",)
 

@@ -18,15 +18,17 @@ def test_every_public_name_is_exported_and_importable() -> None:
 
 
 def test_the_names_a_library_user_needs_are_at_the_top() -> None:
-    from spoold import (  # noqa: F401
-        Body,
-        RoutedBatch,
-        RoutedEnvelope,
-        RouteSettings,
-        SmtpRelay,
-        Spool,
-        SpooldError,
-    )
+    from spoold.body import Body
+    from spoold.connection_cache import RouteSettings
+    from spoold.errors import SpooldError
+    from spoold.message import RoutedBatch, RoutedEnvelope
+    from spoold.smtp_relay import SmtpRelay
+    from spoold.spool import Spool
+
+    needed = [Body, RoutedBatch, RoutedEnvelope, RouteSettings, SmtpRelay, Spool, SpooldError]
+    for value in needed:  # the very objects, exported by their own names
+        assert value.__name__ in spoold.__all__, value.__name__
+        assert getattr(spoold, value.__name__) is value
 
 
 def test_importing_the_library_loads_nothing_of_the_daemon() -> None:

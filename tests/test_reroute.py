@@ -28,10 +28,9 @@ from tests.spool_helpers import (
     next_events,
     open_spool,
     read_record,
-    spool_files,
     status_of,
-    wait_for,
 )
+from tests.support import spool_files, wait_until
 
 A, B, C = "a@one.example", "b@two.example", "c@one.example"
 
@@ -92,13 +91,13 @@ async def test_a_route_with_new_hops_is_used_from_the_next_attempt(tmp_path: Pat
     async with open_spool(tmp_path, relay, clock, routes=routes) as spool:
         async with spool.events() as events:
             (mid,) = await spool.add(routed(A, hops=["old.example:25"], route="smarthost"))
-            await wait_for(lambda: isinstance(status_of(spool, mid), SendAt), "1st attempt")
+            await wait_until(lambda: isinstance(status_of(spool, mid), SendAt), "1st attempt")
             assert read_record(tmp_path, "active", mid).next_hop_choices == ["old.example:25"]
 
             routes.table["smarthost"] = ("one.example", ["new.example:25", "new2.example:25"])
             await spool.send([mid])
-            await wait_for(lambda: len(relay.attempts) == 2, "2nd attempt")
-            await wait_for(lambda: isinstance(status_of(spool, mid), SendAt), "delayed")
+            await wait_until(lambda: len(relay.attempts) == 2, "2nd attempt")
+            await wait_until(lambda: isinstance(status_of(spool, mid), SendAt), "delayed")
             seen = [(e.kind, e.detail) for e in await next_events(events, 5)]
         assert ("rerouted", "old.example:25 -> new.example:25 new2.example:25") in seen
         record = read_record(tmp_path, "active", mid)
@@ -115,7 +114,7 @@ async def test_explicit_hops_and_unknown_routes_keep_their_hops(
     relay = answering({})
     async with open_spool(tmp_path, relay, FakeClock(START), routes=routes) as spool:
         (mid,) = await spool.add(routed(A, hops=["mine.example:25"], route=route))
-        await wait_for(lambda: is_delivered(spool, tmp_path, mid), "delivery")
+        await wait_until(lambda: is_delivered(spool, tmp_path, mid), "delivery")
     assert hops_tried(relay) == [["mine.example:25"]]
 
 
@@ -154,7 +153,9 @@ async def test_reroute_splits_a_message_whose_recipients_now_go_two_ways(tmp_pat
         assert body[f"data/{other}"] == body[f"data/{mid}"]
 
         await spool.send(ids)
-        await wait_for(lambda: all(is_delivered(spool, tmp_path, i) for i in ids), "both delivered")
+        await wait_until(
+            lambda: all(is_delivered(spool, tmp_path, i) for i in ids), "both delivered"
+        )
     assert sorted((m, r) for m, r, _ in relay.delivered) == sorted([(mid, A), (mid, C), (other, B)])
 
 
@@ -165,7 +166,7 @@ async def test_reroute_all_one_way_keeps_the_id_and_the_status(tmp_path: Path) -
         tmp_path, relay, FakeClock(START), routes=routes, default_retry_intervals=intervals(60)
     ) as spool:
         (mid,) = await spool.add(routed(A, hops=["dead.example:25"], route=None))
-        await wait_for(lambda: isinstance(status_of(spool, mid), SendAt), "delayed")
+        await wait_until(lambda: isinstance(status_of(spool, mid), SendAt), "delayed")
         before = status_of(spool, mid)
         routes.table = {"fixed": ("one.example", ["alive.example:25"])}
         assert await spool.reroute(which="all") == [mid]

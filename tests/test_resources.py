@@ -20,7 +20,6 @@ import logging
 import resource
 import select
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,14 +35,9 @@ from spoold.daemon.resources import (
     install_accept_error_handler,
     raise_open_files_limit,
 )
-from tests.daemon_helpers import (
-    DaemonFactory,
-    DaemonProcess,
-    cli,
-    set_config_value,
-    unused_port,
-    write_config,
-)
+from spoold.errors import ControlError
+from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, set_config_value, write_config
+from tests.support import free_port, wait_until
 
 NOFILE = 256
 IDLE = 300  # connections of each kind: more than the daemon has descriptors
@@ -118,12 +112,19 @@ async def fill_descriptors(daemon: DaemonProcess, clients: list[socket.socket], 
         for s in chunk:
             code = s.connect_ex(("127.0.0.1", port))
             assert code in (0, errno.EINPROGRESS), errno.errorcode.get(code, code)
-        deadline = time.monotonic() + 15
-        while not exhausted():
-            if ready(chunk, select.POLLOUT) == chunk and accept_queue(port) == 0:
-                break  # all taken by the daemon
-            assert time.monotonic() < deadline, (accept_queue(port), daemon.log_text())
-            await asyncio.sleep(0.02)
+
+        def taken(chunk: list[socket.socket] = chunk) -> bool:
+            connected = ready(chunk, select.POLLOUT) == chunk and accept_queue(port) == 0
+            return connected or exhausted()
+
+        await wait_until(
+            taken,
+            lambda: (
+                f"the daemon to accept or run out ({accept_queue(port)} queued):\n"
+                + daemon.log_text()
+            ),
+            interval=0.02,
+        )
 
 
 def logged(daemon: DaemonProcess, event: str, listener: str) -> list[dict[str, Any]]:
@@ -134,32 +135,33 @@ def logged(daemon: DaemonProcess, event: str, listener: str) -> list[dict[str, A
     ]
 
 
-async def answers_again(daemon: DaemonProcess, timeout: float = 15.0) -> None:
+async def answers_again(daemon: DaemonProcess) -> None:
     """Poll ``ping`` until the daemon answers it (it takes a moment to see
     every hung-up client)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def pong() -> bool:
         try:
-            assert await ControlClient(daemon.socket, timeout=5).request("ping") == "pong"
-            return
-        except Exception:  # busy, or not accepted yet
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
+            return await ControlClient(daemon.socket, timeout=5).request("ping") == "pong"
+        except (ControlError, OSError):  # busy, or not accepted yet
+            return False
+
+    await wait_until(pong, lambda: f"a pong:\n{daemon.log_text()}", interval=0.1)
 
 
-def busy_replies(clients: list[socket.socket], expected: int, timeout: float = 15.0) -> int:
-    """How many of ``clients`` got a ``busy`` reply, waiting (bounded) for
-    ``expected`` of them."""
+async def busy_replies(clients: list[socket.socket], expected: int) -> set[int]:
+    """Wait until ``expected`` of ``clients`` got a ``busy`` reply; the
+    descriptors of those that did."""
     busy: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while len(busy) < expected and time.monotonic() < deadline:
-        readable = ready([s for s in clients if s.fileno() not in busy], select.POLLIN, 0.2)
-        for s in readable:
+
+    def enough() -> bool:
+        for s in ready([s for s in clients if s.fileno() not in busy], select.POLLIN):
             data = s.recv(4096)
             if data and json.loads(data)["kind"] == "busy":
                 busy.add(s.fileno())
-    return len(busy)
+        return len(busy) >= expected
+
+    await wait_until(enough, lambda: f"{expected} busy replies, got {len(busy)}", interval=0.05)
+    return busy
 
 
 # ---------------------------------------------------------------- e2e
@@ -171,10 +173,10 @@ async def test_idle_control_connections_past_the_descriptor_limit(
     """Seen: 200 idle control connections at nofile=256 (1,100 at 1024)
     ended the daemon with an unhandled exception group. Now at most
     MAX_CLIENTS are served at once; the rest are told busy and dropped."""
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config, nofile=(NOFILE, NOFILE))
     with idle_connections(str(daemon.socket), IDLE) as clients:
-        assert busy_replies(clients, IDLE - MAX_CLIENTS) == IDLE - MAX_CLIENTS
+        assert len(await busy_replies(clients, IDLE - MAX_CLIENTS)) == IDLE - MAX_CLIENTS
         assert daemon.running
     await answers_again(daemon)
     done = cli("--socket", str(daemon.socket), "status", "--format", "json")
@@ -192,8 +194,8 @@ async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
     accepted either. Both processes keep running, log one error per
     listener for the whole burst (debug lines count the retries), and serve
     again once the connections are gone."""
-    smtp_port = unused_port()
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    smtp_port = free_port()
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     set_config_value(config, "level", '"debug"')
     with config.open("a") as f:
         f.write(
@@ -233,7 +235,7 @@ async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
         lambda line: line["event"] == AGAIN and line["listener"] == control
     )
     smtp_again = await daemon.wait_log(
-        lambda line: line["event"] == AGAIN and line["listener"] == smtp, timeout=20
+        lambda line: line["event"] == AGAIN and line["listener"] == smtp
     )
     assert control_again["failures"] >= 4 and smtp_again["failures"] >= 4
     assert len(logged(daemon, OUT_OF, control)) == 1
@@ -251,7 +253,7 @@ async def test_descriptor_exhaustion_is_logged_once_per_burst_and_survived(
 async def test_the_soft_open_files_limit_is_raised_to_the_hard_one(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     daemon = await start_daemon(config, nofile=(200, NOFILE))
     raised = [line for line in daemon.log_lines() if line["event"] == "raised the open files limit"]
     assert [(line["old"], line["new"]) for line in raised] == [(200, NOFILE)]
@@ -261,7 +263,7 @@ async def test_the_soft_open_files_limit_is_raised_to_the_hard_one(
 
     # soft == hard: nothing to raise, no setrlimit call, no log line.
     (tmp_path / "b").mkdir()
-    config_b = write_config(tmp_path / "b", next_hops=[f"127.0.0.1:{unused_port()}"])
+    config_b = write_config(tmp_path / "b", next_hops=[f"127.0.0.1:{free_port()}"])
     other = await start_daemon(config_b, nofile=(NOFILE, NOFILE))
     assert not any("open files limit" in line["event"] for line in other.log_lines())
 

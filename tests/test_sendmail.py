@@ -4,8 +4,8 @@ The daemon's only route points at a ``127.0.0.1`` port nothing listens on:
 a spooled message's first attempt is refused at once and it waits in
 ``active`` for an hour, so the test reads it from disk
 (:meth:`Spool.status_from_disk` and ``data/ID``) while the daemon runs.
-``spoold sendmail`` runs as a subprocess too, its stdin given, its stdout
-and stderr written to files. One test runs the daemon's submit path in this
+``spoold sendmail`` runs as a subprocess too (:func:`tests.daemon_helpers.cli`),
+its stdin given. One test runs the daemon's submit path in this
 process instead, to inject a full disk. Every wait is bounded.
 """
 
@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import getpass
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -37,93 +33,46 @@ from spoold.message import Message, SendAt
 from spoold.spool import Spool
 from spoold.testing import Faults, InMemoryRelay
 from tests.daemon_helpers import (
+    CliResult,
     DaemonFactory,
     DaemonProcess,
+    cli,
     set_config_value,
-    unused_port,
     write_config,
 )
+from tests.support import free_port, wait_until
 
-TIMEOUT = 20.0
-PROJECT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def daemons(tmp_path: Path) -> AsyncIterator[DaemonFactory]:
-    """``await daemons(config)`` starts ``spoold run`` and waits for READY=1;
-    every daemon started is killed at teardown."""
-    factory = DaemonFactory(tmp_path)
-    try:
-        yield factory
-    finally:
-        await factory.close()
+TIMEOUT = 60.0  # a safety net per test: none comes near it
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-_runs = 0
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "SPOOLD_CONFIG")
-    }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _sendmail_sync(config: Path, args: tuple[str, ...], stdin: bytes) -> Result:
-    global _runs
-    _runs += 1
-    out_path = config.parent / f"sendmail-{_runs}.out"
-    err_path = config.parent / f"sendmail-{_runs}.err"
-    with out_path.open("wb") as out, err_path.open("wb") as err:
-        done = subprocess.run(
-            [sys.executable, "-m", "spoold.daemon.cli", "--config", str(config), "sendmail", *args],
-            input=stdin,
-            stdout=out,
-            stderr=err,
-            timeout=15,
-            check=False,
-            env=_env(),
-        )
-    return Result(
-        done.returncode,
-        out_path.read_text(errors="replace"),
-        err_path.read_text(errors="replace"),
+async def sendmail(config: Path, *args: str, stdin: bytes) -> CliResult:
+    """``spoold --config CONFIG sendmail ARGS < stdin``, in a worker thread
+    (the other end may be served by this test's own loop)."""
+    return await anyio.to_thread.run_sync(
+        functools.partial(cli, "--config", str(config), "sendmail", *args, stdin=stdin)
     )
 
 
-async def sendmail(config: Path, *args: str, stdin: bytes) -> Result:
-    """``spoold --config CONFIG sendmail ARGS < stdin``."""
-    return await anyio.to_thread.run_sync(_sendmail_sync, config, args, stdin)
-
-
 async def daemon_with_unreachable_hop(tmp_path: Path, start: DaemonFactory) -> DaemonProcess:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     return await start(config)
 
 
-async def waiting_messages(spool_dir: Path, count: int, timeout: float = 10.0) -> list[Message]:
+async def waiting_messages(spool_dir: Path, count: int) -> list[Message]:
     """The ``count`` messages on disk once each has had its (refused) first
     attempt and waits for its retry: then nothing moves them."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def waiting() -> list[Message] | None:
         messages, unreadable = await Spool.status_from_disk(spool_dir)
         assert unreadable == []
-        if len(messages) == count and all(isinstance(m.status, SendAt) for m in messages):
-            return messages
         assert len(messages) <= count, messages
-        if time.monotonic() > deadline:
-            pytest.fail(f"expected {count} waiting message(s) within {timeout}s, got {messages}")
-        await anyio.sleep(0.05)
+        done = len(messages) == count and all(isinstance(m.status, SendAt) for m in messages)
+        return messages if done else None
+
+    found: list[Message] = await wait_until(
+        waiting, f"{count} waiting message(s) in {spool_dir}", interval=0.05
+    )
+    return found
 
 
 def content_of(spool_dir: Path, message_id: str) -> bytes:
@@ -139,10 +88,10 @@ def header_block(content: bytes) -> bytes:
 
 
 async def test_recipients_as_arguments_and_a_dot_line_ends_the_input(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         stdin = b"Subject: args\n\nline one\n.\nafter the dot\n"
         done = await sendmail(
             daemon.config,
@@ -168,10 +117,10 @@ async def test_recipients_as_arguments_and_a_dot_line_ends_the_input(
 
 @pytest.mark.parametrize("flag", ["-i", "-oi"])
 async def test_with_i_a_dot_line_is_content(
-    tmp_path: Path, daemons: DaemonFactory, flag: str
+    tmp_path: Path, start_daemon: DaemonFactory, flag: str
 ) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         stdin = b"Subject: dots\n\nline one\n.\nafter the dot\n"
         done = await sendmail(daemon.config, flag, "alice@example.com", stdin=stdin)
         assert done.code == 0, done
@@ -184,10 +133,10 @@ async def test_with_i_a_dot_line_is_content(
 
 
 async def test_t_takes_recipients_from_to_cc_bcc_and_removes_bcc(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         stdin = (
             b"From: Sender <sender@example.org>\n"
             b"To: Alice <alice@example.com>, bob@example.net\n"
@@ -222,12 +171,12 @@ async def test_t_takes_recipients_from_to_cc_bcc_and_removes_bcc(
 
 
 async def test_t_removes_bcc_when_it_is_the_last_header(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     """A Bcc: line just before the blank line must go too (it is the usual
     place for it when a program writes To, Subject, then Bcc)."""
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         stdin = b"To: alice@example.com\nSubject: last\nBcc: hidden@example.org\n\nbody\n"
         done = await sendmail(daemon.config, "-t", "-f", "s@example.org", stdin=stdin)
         assert done.code == 0, done
@@ -237,9 +186,9 @@ async def test_t_removes_bcc_when_it_is_the_last_header(
     assert b"hidden" not in head, head
 
 
-async def test_t_with_arguments_adds_both(tmp_path: Path, daemons: DaemonFactory) -> None:
+async def test_t_with_arguments_adds_both(tmp_path: Path, start_daemon: DaemonFactory) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         stdin = b"To: alice@example.com\nSubject: both\n\nbody\n"
         done = await sendmail(
             daemon.config, "-t", "-f", "s@example.org", "extra@example.net", stdin=stdin
@@ -249,9 +198,9 @@ async def test_t_with_arguments_adds_both(tmp_path: Path, daemons: DaemonFactory
     assert sorted(msg.remaining_recipients) == ["alice@example.com", "extra@example.net"]
 
 
-async def test_no_recipients_is_a_data_error(tmp_path: Path, daemons: DaemonFactory) -> None:
+async def test_no_recipients_is_a_data_error(tmp_path: Path, start_daemon: DaemonFactory) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         done = await sendmail(daemon.config, "-t", stdin=b"Subject: nobody\n\nbody\n")
         assert done.code == 65, done
         assert "no recipients" in done.err
@@ -260,10 +209,10 @@ async def test_no_recipients_is_a_data_error(tmp_path: Path, daemons: DaemonFact
 
 
 async def test_the_listener_limits_apply_to_sendmail_too(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         rcpts = [f"r{i}@example.com" for i in range(101)]  # default max_recipients: 100
         done = await sendmail(daemon.config, *rcpts, stdin=b"Subject: many\n\nbody\n")
         assert done.code == 65, done
@@ -273,7 +222,7 @@ async def test_the_listener_limits_apply_to_sendmail_too(
 
 
 async def test_with_no_daemon_the_exit_code_is_75(tmp_path: Path) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     socket_path = tmp_path / "run" / "ctl.sock"
     with anyio.fail_after(TIMEOUT):
         done = await sendmail(config, "alice@example.com", stdin=b"Subject: lost?\n\nbody\n")
@@ -284,13 +233,13 @@ async def test_with_no_daemon_the_exit_code_is_75(tmp_path: Path) -> None:
 
 
 async def test_after_the_daemon_stops_the_exit_code_is_75(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         done = await sendmail(daemon.config, "alice@example.com", stdin=b"Subject: 1\n\n1\n")
         assert done.code == 0, done
-        await waiting_messages(daemon.spool_dir, 1)
+        (first,) = await waiting_messages(daemon.spool_dir, 1)
         daemon.send_signal(signal.SIGTERM)
         assert await daemon.wait_exit() == 0
 
@@ -298,14 +247,14 @@ async def test_after_the_daemon_stops_the_exit_code_is_75(
         assert done.code == 75, done
         assert "does not exist" in done.err, done
         messages, _ = await Spool.status_from_disk(daemon.spool_dir)
-        assert len(messages) == 1  # the first one, safe; the second was refused
+        assert [m.id for m in messages] == [first.id]  # safe; the second was refused
 
 
 async def test_a_killed_daemon_leaves_a_stale_socket_and_the_exit_code_is_75(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         daemon.send_signal(signal.SIGKILL)
         await daemon.wait_exit()
         assert daemon.socket.is_socket()
@@ -320,7 +269,7 @@ async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
     store) and ``spoold sendmail`` as a subprocess: a full disk is a
     temporary failure, so the exit code must be 75 (EX_TEMPFAIL), as the
     SMTP listener answers 452 for it, not 70 (EX_SOFTWARE)."""
-    config_path = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config_path = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     config = load_config(config_path)
 
     faults = Faults()
@@ -340,9 +289,8 @@ async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
                 done = await sendmail(config_path, "alice@example.com", stdin=b"Subject: x\n\nx\n")
                 tg.cancel_scope.cancel()
             assert spool.status() == []
-    assert done.code != 0, done  # nothing lost: the caller knows
+    assert done.code == 75, done  # nothing lost: the caller keeps the message
     assert "No space left on device" in done.err, done
-    assert done.code == 75, done
 
 
 # ------------------------------------------------------------ addresses
@@ -360,13 +308,13 @@ BAD_ARGUMENTS = [
 
 
 async def test_a_bad_address_exits_65_and_nothing_is_queued(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     """Seen: these were queued (and CR LF silently dropped on the wire while
     the record kept it). Now each is refused before the daemon is asked,
     naming the address; a good one beside it does not change that."""
     with anyio.fail_after(TIMEOUT * 2):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         for args in BAD_ARGUMENTS:
             if args[0] != "-f":
                 args = ("-f", "s@example.org", "good@example.com", *args)
@@ -391,10 +339,10 @@ async def test_a_bad_address_exits_65_and_nothing_is_queued(
 
 
 async def test_a_bad_recipient_in_the_headers_with_t_exits_65(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         stdin = b"To: good@example.com, user@-bad-.example\nSubject: t\n\nbody\n"
         done = await sendmail(daemon.config, "-t", "-f", "s@example.org", stdin=stdin)
         assert done.code == 65, done
@@ -404,12 +352,12 @@ async def test_a_bad_recipient_in_the_headers_with_t_exits_65(
 
 
 async def test_the_control_submit_validates_addresses_itself(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     """The control socket is a way in of its own: a client that skips the
     CLI's checks gets kind 'invalid', in the new framing and the old."""
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         client = ControlClient(daemon.socket, timeout=10)
         content = b"Subject: x\r\n\r\nx\r\n"
         cases = [
@@ -443,9 +391,9 @@ async def test_the_control_submit_validates_addresses_itself(
 # --------------------------------------------------------------- content
 
 
-async def test_an_empty_message_exits_65(tmp_path: Path, daemons: DaemonFactory) -> None:
+async def test_an_empty_message_exits_65(tmp_path: Path, start_daemon: DaemonFactory) -> None:
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         done = await sendmail(daemon.config, "alice@example.com", stdin=b"")
         assert done.code == 65, done
         assert "empty message: nothing on standard input" in done.err, done
@@ -470,14 +418,14 @@ def big_message(size: int) -> bytes:
 
 
 async def test_a_message_over_1_mib_is_spooled_byte_for_byte(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     """Seen: the whole message rode inside the JSON request line. Now it
     follows the line as raw bytes, so a request line stays small (1 MiB
     cap) while messages go up to smtp.max_message_size."""
     message = big_message(3 * 1024 * 1024)
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemon_with_unreachable_hop(tmp_path, daemons)
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         done = await sendmail(daemon.config, "-f", "s@example.org", "a@example.com", stdin=message)
         assert done.code == 0, done
         (msg,) = await waiting_messages(daemon.spool_dir, 1)
@@ -489,14 +437,14 @@ async def test_a_message_over_1_mib_is_spooled_byte_for_byte(
 
 
 async def test_a_message_over_max_message_size_exits_65_naming_the_limit(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     with config.open("a") as f:
-        f.write(f'\n[smtp]\nlisten = ["127.0.0.1:{unused_port()}"]\nmax_message_size = "1MiB"\n')
+        f.write(f'\n[smtp]\nlisten = ["127.0.0.1:{free_port()}"]\nmax_message_size = "1MiB"\n')
     message = big_message(1024 * 1024 + 1)
     with anyio.fail_after(TIMEOUT):
-        daemon = await daemons(config)
+        daemon = await start_daemon(config)
         done = await sendmail(daemon.config, "a@example.com", stdin=message)
         assert done.code == 65, done
         assert (
@@ -508,12 +456,12 @@ async def test_a_message_over_max_message_size_exits_65_naming_the_limit(
 
 
 async def test_below_min_free_space_sendmail_exits_75_until_there_is_room(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{unused_port()}"])
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
     set_config_value(config, "flush_timeout", '"1s"\nmin_free_space = "1000000GiB"')
     with anyio.fail_after(TIMEOUT * 2):
-        daemon = await daemons(config)
+        daemon = await start_daemon(config)
         done = await sendmail(config, "rcpt@example.com", stdin=b"Subject: x\n\nx\n")
         assert done.code == 75, done
         assert "spool.min_free_space" in done.err

@@ -25,8 +25,7 @@ from spoold.daemon.smtp_server import (
     has_long_line,
     parse_path,
 )
-
-TIMEOUT = 10.0
+from tests.support import wait_until
 
 
 class RecordingTransport(asyncio.Transport):
@@ -125,9 +124,7 @@ async def session(
 
 async def next_write(transport: RecordingTransport, count: int) -> None:
     """Yield to the loop until ``count`` writes were made."""
-    with anyio.fail_after(TIMEOUT):
-        while len(transport.writes) < count:
-            await anyio.sleep(0)
+    await wait_until(lambda: len(transport.writes) >= count, f"{count} writes")
 
 
 def codes(write: bytes) -> list[str]:
@@ -191,9 +188,9 @@ async def test_the_end_of_data_is_found_however_the_reads_split_it(chunk: int) -
     async with session() as (smtp, transport, host):
         for i in range(0, len(stream), chunk):
             smtp.data_received(stream[i : i + chunk])
-        with anyio.fail_after(TIMEOUT):
-            while not any(b"250 2.0.0 OK\r\n" in w for w in transport.writes):
-                await anyio.sleep(0)
+        await wait_until(
+            lambda: any(b"250 2.0.0 OK\r\n" in w for w in transport.writes), "the NOOP's reply"
+        )
         (delivery,) = host.deliveries
         assert delivery.wire == wire  # as received: still dot-stuffed
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import smtplib
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,8 +18,9 @@ from spoold.daemon.routing import Router
 from spoold.errors import SpooldError
 from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
+from tests.ingest_helpers import client_context
 from tests.smtp_server import TlsCertificate
-from tests.test_ingest import free_port
+from tests.support import WAIT_TIMEOUT, free_port
 
 MESSAGE = b"Subject: submitted\r\n\r\nhello\r\n"
 
@@ -59,19 +59,12 @@ def users_file(tmp_path: Path, mode: int = 0o600) -> Path:
     return path
 
 
-def client_context() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 async def session(port: int, steps: Any) -> Any:
     def run() -> Any:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             return steps(client)
 
-    with anyio.fail_after(20):
+    with anyio.fail_after(WAIT_TIMEOUT):
         return await anyio.to_thread.run_sync(run)
 
 

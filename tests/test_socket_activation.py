@@ -26,8 +26,9 @@ from spoold.daemon.listener import SmtpListener
 from spoold.daemon.routing import Router
 from spoold.daemon.systemd import listen_fds
 from spoold.spool import Spool
-from tests.daemon_helpers import NotifySocket, write_config
-from tests.test_ingest import HeldRelay, free_port, make_config
+from tests.daemon_helpers import NotifySocket, child_env, write_config
+from tests.ingest_helpers import HeldRelay, make_config
+from tests.support import WAIT_TIMEOUT, free_port
 
 
 def run_child(code: str, env: dict[str, str], pass_fd: int | None = None) -> str:
@@ -107,7 +108,7 @@ async def test_the_listener_serves_a_handed_over_socket_and_binds_the_rest(
     )
     assert config.smtp is not None
     smtp = config.smtp
-    with anyio.fail_after(20):
+    with anyio.fail_after(WAIT_TIMEOUT):
         async with Spool.open(config.spool.dir, relay=HeldRelay(), flush_timeout=0.1) as spool:
             router = Router(config)
             listener = SmtpListener(
@@ -141,9 +142,7 @@ async def test_the_daemon_takes_its_smtp_socket_from_listen_fds(tmp_path: Path) 
     def fd_3() -> None:
         os.dup2(handed.fileno(), 3)
 
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "LISTEN_FDS": "1"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    env.pop("SPOOLD_CONFIG", None)
+    env = child_env({"NOTIFY_SOCKET": str(notify.path), "LISTEN_FDS": "1"})
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh",

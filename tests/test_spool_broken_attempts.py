@@ -30,8 +30,8 @@ from tests.spool_helpers import (
     open_spool,
     places,
     status_of,
-    wait_for,
 )
+from tests.support import wait_until
 
 TIMEOUT = 10.0
 
@@ -66,7 +66,7 @@ async def test_a_relay_returning_no_outcome_releases_the_record_and_retries(
 
             # The attempt broke: the record is back in its queue, nothing
             # stays checked out, and it waits one minute (in memory).
-            await wait_for(
+            await wait_until(
                 lambda: (
                     places(tmp_path, mid) == ["active"]
                     and status_of(spool, mid) == SendAt(at=START + MINUTE)
@@ -80,7 +80,7 @@ async def test_a_relay_returning_no_outcome_releases_the_record_and_retries(
             assert relay.inner.delivered == []
 
             clock.advance(MINUTE)
-            await wait_for(
+            await wait_until(
                 lambda: is_delivered(spool, tmp_path, mid),
                 lambda: f"{mid} delivered by the retry: {places(tmp_path, mid)}",
             )
@@ -107,7 +107,7 @@ async def test_an_unexpected_error_writing_the_outcome_releases_the_record_and_r
         async with open_spool(tmp_path, relay, clock, on_step=faults) as spool:
             (mid,) = await spool.add(batch("rcpt@example.com"))
             added = True  # no await since add returned: no attempt has run yet
-            await wait_for(
+            await wait_until(
                 lambda: (
                     faults.raised["write_record"] == 1
                     and places(tmp_path, mid) == ["active"]
@@ -122,7 +122,7 @@ async def test_an_unexpected_error_writing_the_outcome_releases_the_record_and_r
             assert relay.delivered == []
 
             clock.advance(MINUTE)
-            await wait_for(
+            await wait_until(
                 lambda: is_delivered(spool, tmp_path, mid),
                 lambda: f"{mid} delivered by the retry: {places(tmp_path, mid)}",
             )

@@ -17,7 +17,9 @@ from spoold.message import Frozen, Queue, Removed, SendAt, encode_record
 from spoold.ondisk import OnDiskSpool
 from spoold.store import Store
 from spoold.times import utcnow
-from tests.factories import make_message, new_message, tree
+from tests.factories import make_message, new_message
+from tests.spool_helpers import settle
+from tests.support import WAIT_TIMEOUT, spool_files
 
 CHILD = str(Path(__file__).with_name("store_child.py"))
 
@@ -25,33 +27,37 @@ CHILD = str(Path(__file__).with_name("store_child.py"))
 async def test_tree_after_each_operation(tmp_path: Path) -> None:
     od, report = await OnDiskSpool.open(tmp_path)
     assert not report
-    assert tree(tmp_path) == set()
+    assert spool_files(tmp_path) == {}
     for d in ["tmp", "data", ".registry", "active/.checkout", "frozen/.reasons", "quarantine"]:
         assert (tmp_path / d).is_dir()
 
     (msg,) = await od.add([new_message(b"Subject: x\r\n\r\nbody\r\n")])
     mid = msg.id
-    assert tree(tmp_path) == {f".registry/{mid}", f"data/{mid}", f"active/{mid}"}
+    assert set(spool_files(tmp_path)) == {f".registry/{mid}", f"data/{mid}", f"active/{mid}"}
     assert (tmp_path / "data" / mid).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
 
     await od.checkout(msg)
-    assert tree(tmp_path) == {f".registry/{mid}", f"data/{mid}", f"active/.checkout/{mid}"}
+    assert set(spool_files(tmp_path)) == {
+        f".registry/{mid}",
+        f"data/{mid}",
+        f"active/.checkout/{mid}",
+    }
 
     msg.status = SendAt(at=utcnow())
     await od.save(msg, from_queue=Queue.ACTIVE, checked_out=True)
-    assert tree(tmp_path) == {f".registry/{mid}", f"data/{mid}", f"active/{mid}"}
+    assert set(spool_files(tmp_path)) == {f".registry/{mid}", f"data/{mid}", f"active/{mid}"}
     assert (tmp_path / "active" / mid).read_bytes() == encode_record(msg)
 
     msg.status = Frozen()
     await od.save(msg, from_queue=Queue.ACTIVE)
-    assert tree(tmp_path) == {f".registry/{mid}", f"data/{mid}", f"frozen/{mid}"}
+    assert set(spool_files(tmp_path)) == {f".registry/{mid}", f"data/{mid}", f"frozen/{mid}"}
 
     msg.status = Removed()
     await od.save(msg, from_queue=Queue.FROZEN)
-    assert tree(tmp_path) == {f".registry/{mid}", f"data/{mid}", f"removed/{mid}"}
+    assert set(spool_files(tmp_path)) == {f".registry/{mid}", f"data/{mid}", f"removed/{mid}"}
 
     await od.store.set_aside("removed", mid, "quarantine", "operator says so")
-    assert tree(tmp_path) == {
+    assert set(spool_files(tmp_path)) == {
         f".registry/{mid}",
         f"data/{mid}",
         f"quarantine/{mid}",
@@ -61,7 +67,7 @@ async def test_tree_after_each_operation(tmp_path: Path) -> None:
 
     await od.store.delete("quarantine", mid)
     await od.store.clear_reason("quarantine", mid)
-    assert tree(tmp_path) == set()
+    assert spool_files(tmp_path) == {}
     assert await od.check(max_age=0) == []
     await od.close()
 
@@ -169,7 +175,11 @@ async def test_record_in_the_wrong_queue_moves_to_its_status(tmp_path: Path) -> 
     assert active == []
     frozen, _ = await od.load(Queue.FROZEN)
     assert [m.id for m in frozen] == [msg.id]
-    assert tree(tmp_path) == {f".registry/{msg.id}", f"data/{msg.id}", f"frozen/{msg.id}"}
+    assert set(spool_files(tmp_path)) == {
+        f".registry/{msg.id}",
+        f"data/{msg.id}",
+        f"frozen/{msg.id}",
+    }
     await od.close()
 
 
@@ -238,7 +248,7 @@ async def test_recovery_returns_checkouts_and_clears_dead_writers(tmp_path: Path
     assert report.returned_checkouts == [("active", msg.id)]
     assert report.removed_tmp == [f"{dead_pid}.X.record.aaaa"]
     assert report.removed_unacknowledged == ["Unacked"]
-    assert tree(tmp_path) == {
+    assert set(spool_files(tmp_path)) == {
         f".registry/{msg.id}",
         f"data/{msg.id}",
         f"active/{msg.id}",
@@ -259,7 +269,7 @@ async def test_failed_enqueue_leaves_nothing(tmp_path: Path) -> None:
         await od.add([new_message(), new_message()])
     assert Store.is_disk_full(info.value)
     assert "No space left on device" in str(info.value)
-    assert tree(tmp_path) == set()
+    assert spool_files(tmp_path) == {}
     assert await od.check(max_age=0) == []
     await od.close()
 
@@ -279,7 +289,7 @@ async def test_failed_rewrite_keeps_the_old_record(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="I/O error"):
         await od.save(msg, from_queue=Queue.ACTIVE)
     assert (tmp_path / "active" / msg.id).read_bytes() == before
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert spool_files(tmp_path, "tmp") == {}
     await od.close()
 
 
@@ -337,7 +347,7 @@ async def test_crash_at_each_step_of_enqueue(tmp_path: Path, op: str, step: str)
     steps = ENQUEUE_STEPS if op == "enqueue" else GROUPED_STEPS
     if steps.index(step) < steps.index("fsync_dirs"):  # before: rename_record has not run
         assert where == {}
-        assert tree(tmp_path) == set()
+        assert spool_files(tmp_path) == {}
     else:
         ((mid, queue),) = where.items()
         assert queue is Queue.ACTIVE
@@ -392,7 +402,7 @@ async def test_crash_at_each_step_of_delete(tmp_path: Path, step: str) -> None:
         assert (await od.read_body(msg.id)).content() == b"Subject: hi\r\n\r\nhello\r\n"
     else:
         assert where == {}
-        assert tree(tmp_path) == set()
+        assert spool_files(tmp_path) == {}
     assert await od.check(max_age=0) == []
     await od.close()
 
@@ -412,7 +422,7 @@ async def test_two_processes_enqueue_concurrently(tmp_path: Path) -> None:
     assert len(set(ids)) == 2000
     for m in messages[::100]:
         assert (await od.read_body(m.id)).content() == b"Subject: hi\r\n\r\nhello\r\n"
-    assert len(os.listdir(tmp_path / "data")) == 2000
+    assert len(spool_files(tmp_path, "data")) == 2000
     assert await od.check(max_age=0) == []
     await od.close()
 
@@ -427,12 +437,12 @@ async def test_close_waits_for_operations_under_way(tmp_path: Path) -> None:
     def hold(step: str) -> None:
         if step == "fsync_dirs":
             reached.set()
-            release.wait(10)
+            release.wait(WAIT_TIMEOUT)  # a safety net: the test releases it
 
     od, _ = await OnDiskSpool.open(tmp_path, on_step=hold)
     added: list[str] = []
     closed = anyio.Event()
-    with anyio.fail_after(20):
+    with anyio.fail_after(2 * WAIT_TIMEOUT):
         async with anyio.create_task_group() as tg:
 
             async def add() -> None:
@@ -444,11 +454,10 @@ async def test_close_waits_for_operations_under_way(tmp_path: Path) -> None:
                 closed.set()
 
             tg.start_soon(add)
-            await anyio.to_thread.run_sync(reached.wait, 10)
+            assert await anyio.to_thread.run_sync(reached.wait, WAIT_TIMEOUT)
             tg.start_soon(close)
-            for _ in range(50):
-                await anyio.sleep(0)
-            assert not closed.is_set()  # the enqueue is still fsyncing
+            await settle()  # the close is under way...
+            assert not closed.is_set()  # ...but the enqueue is still fsyncing
             release.set()
     assert closed.is_set() and len(added) == 1
     assert (tmp_path / "active" / added[0]).exists()

@@ -29,7 +29,7 @@ import pytest
 import spoold.store
 from spoold.errors import StoreError
 from spoold.store import NewEntry, Store
-from tests.factories import tree
+from tests.support import spool_files
 
 QUEUES = ["active", "frozen"]
 
@@ -40,7 +40,7 @@ def entry(body: bytes, record: bytes = b'{"record": true}\n') -> NewEntry:
 
 def leftovers(root: Path) -> list[str]:
     """Files of entries: anything in tmp/, data/, a queue or .registry."""
-    return sorted(tree(root))
+    return sorted(set(spool_files(root)))
 
 
 def open_files_under(directory: Path) -> list[str]:

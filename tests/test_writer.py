@@ -14,7 +14,8 @@ from spoold import AddressError, InsufficientStorageError, SpoolWriter, StoreErr
 from spoold.message import RoutedBatch, RoutedEnvelope
 from spoold.spool import DEFAULT_RETRY_INTERVALS, Spool
 from spoold.testing import InMemoryRelay
-from tests.spool_helpers import BODY, is_delivered, wait_for
+from tests.spool_helpers import BODY, is_delivered
+from tests.support import wait_until
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +33,7 @@ async def test_the_owner_adopts_what_a_writer_adds_and_sends_it(tmp_path: Path) 
         ):
             ids = await writer.add(batch("a@example.com"))
             (mid,) = ids
-            await wait_for(lambda: is_delivered(spool, tmp_path, mid), "the owner to send it")
+            await wait_until(lambda: is_delivered(spool, tmp_path, mid), "the owner to send it")
     assert [(m, r) for m, r, _ in relay.delivered] == [(mid, "a@example.com")]
 
 
@@ -66,7 +67,7 @@ def test_a_writer_in_another_process_is_heard_by_the_owner(tmp_path: Path) -> No
                 )
             )
             mid = done.stdout.strip()
-            await wait_for(lambda: is_delivered(spool, tmp_path, mid), "adoption and delivery")
+            await wait_until(lambda: is_delivered(spool, tmp_path, mid), "adoption and delivery")
         return mid, relay.delivered
 
     mid, delivered = anyio.run(scenario)

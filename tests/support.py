@@ -1,0 +1,110 @@
+"""What every kind of test here shares: a free port, waiting for a
+condition, and the files of a spool.
+
+* :func:`free_port` -- a ``127.0.0.1`` port nothing listens on;
+  :func:`accepting` -- whether something accepts connections on one.
+* :func:`wait_until` -- the one way a test waits for something it cannot
+  await directly (a count in a server, a file, a daemon's log line, a reply
+  of a control socket). It polls a condition until it holds; the deadline is
+  only a safety net that turns a hang into a failure saying what was awaited,
+  never the thing a test measures. A test that must show that something does
+  *not* happen waits instead for a later event that proves the moment has
+  passed (a probe message delivered, a connection closed).
+* :func:`spool_files` -- every file of a spool with its content, to compare
+  a spool before and after (the lock left out); :func:`records_in` -- the ids
+  whose record is in one queue, checked out or not.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+__all__ = ["WAIT_TIMEOUT", "free_port", "accepting", "wait_until", "spool_files", "records_in"]
+
+WAIT_TIMEOUT = 30.0
+"""How long :func:`wait_until` waits by default: far more than anything here
+takes on a loaded machine, so reaching it means a bug, not a slow run."""
+
+
+def free_port() -> int:
+    """A ``127.0.0.1`` TCP port nothing listens on now: a connection to it is
+    refused at once, and a server may bind it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def accepting(port: int) -> bool:
+    """Whether a connection to ``127.0.0.1:port`` is accepted now (it is
+    closed at once): a condition for :func:`wait_until` while a server
+    starts."""
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
+async def wait_until(
+    condition: Callable[[], Any],
+    what: str | Callable[[], str],
+    *,
+    timeout: float = WAIT_TIMEOUT,
+    interval: float = 0.0,
+) -> Any:
+    """Call ``condition`` (a function, or one returning an awaitable) until
+    its value is true; return that value.
+
+    ``interval`` is the pause between two calls: 0 (yield to the event loop)
+    for state that tasks of this loop change, a few hundredths of a second
+    for state another process changes (a file, a daemon's socket), so that
+    the wait leaves the CPU to that process. ``what`` names what is awaited
+    for the failure; a callable is asked only then (to show the state).
+    Exceptions of ``condition`` propagate; after ``timeout`` seconds the test
+    fails with an :class:`AssertionError`.
+    """
+    with anyio.move_on_after(timeout):
+        while True:
+            value = condition()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            await anyio.sleep(interval)
+    text = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {text}")
+
+
+def spool_files(root: Path, *under: str) -> dict[str, bytes]:
+    """Every regular file below ``root`` -- or below its subdirectories
+    ``under`` (``"data"``, ``"active/.checkout"``) -- by its path relative to
+    ``root`` ('/'-separated), with its content. The lock is left out (its
+    content is the owner's pid); sockets are not regular files."""
+    out: dict[str, bytes] = {}
+    for top in [root / u for u in under] if under else [root]:
+        for dirpath, _dirs, files in os.walk(top):
+            for name in files:
+                path = Path(dirpath, name)
+                rel = path.relative_to(root).as_posix()
+                if rel != "lock" and path.is_file():
+                    out[rel] = path.read_bytes()
+    return dict(sorted(out.items()))
+
+
+def records_in(root: Path, queue: str) -> set[str]:
+    """The ids whose record is in ``queue`` (``"active"``, ``"frozen"``, ...),
+    checked out or not; ``"active/.checkout"`` gives the checked-out ones
+    only. Reasons kept beside set-aside records are not records."""
+    return {
+        Path(rel).name
+        for rel in spool_files(root, queue)
+        if Path(rel).parent.name in (Path(queue).name, ".checkout")
+    }
