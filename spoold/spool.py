@@ -179,6 +179,7 @@ class Spool:
         self._rng = rng or random.Random()
         self._index: dict[str, _Entry] = {}
         self._timers = Timers()
+        self._queue_counts: dict[Queue, int] = dict.fromkeys(_LOADED_QUEUES, 0)
         self._adding: set[str] = set()  # ids add()/reroute() are writing now
         self._wake = anyio.Event()
         self._running = 0
@@ -303,7 +304,7 @@ class Spool:
                 msg.intern(shared)
                 _sending_reads_as_send_now(msg)
                 entry = _Entry(msg, queue)
-                self._index[msg.id] = entry
+                self._index_put(entry)
                 self._schedule(entry)
         log.info(
             "spool opened",
@@ -459,7 +460,7 @@ class Spool:
                 continue  # written elsewhere than its status says: next open repairs it
             _sending_reads_as_send_now(msg)
             entry = _Entry(msg, queue)
-            self._index[name] = entry
+            self._index_put(entry)
             self._schedule(entry)
             self._publish(EventKind.SPOOLED, msg)
             log.debug("adopted", id=name, flows=msg.flows, queue=queue.value)
@@ -680,12 +681,11 @@ class Spool:
         queue = new.queue
         if queue in _LOADED_QUEUES:
             entry.msg = new
-            entry.queue = queue
-            self._index[new.id] = entry
+            self._index_put(entry, queue)
             self._schedule(entry)
         else:
             entry.gen = self._timers.new_generation()
-            self._index.pop(new.id, None)
+            self._index_drop(new.id)
 
     async def _change(
         self, entry: _Entry, status: Status, *, edit: Callable[[Message], None] | None = None
@@ -747,7 +747,7 @@ class Spool:
             if msg.id in self._index:
                 continue  # a rescan adopted it while we were writing
             entry = _Entry(msg, Queue.FROZEN if frozen else Queue.ACTIVE)
-            self._index[msg.id] = entry
+            self._index_put(entry)
             self._schedule(entry)
             self._publish(EventKind.SPOOLED, msg)
             if frozen:
@@ -928,7 +928,7 @@ class Spool:
                 if source is Queue.QUARANTINE:
                     await self._disk.clear_reason(source, new.id)
                 entry = _Entry(new, Queue.FROZEN)
-                self._index[new.id] = entry
+                self._index_put(entry)
                 self._publish(EventKind.RECOVERED, new, detail=source.value)
 
     async def reroute(
@@ -1010,7 +1010,7 @@ class Spool:
         new_ids = [m.id for m in added]
         for part in added:  # live at once: if narrowing fails below, they still go
             part_entry = _Entry(part, entry.queue)
-            self._index[part.id] = part_entry
+            self._index_put(part_entry)
             self._schedule(part_entry)
             self._publish(EventKind.SPOOLED, part)
             log.info(
@@ -1077,14 +1077,35 @@ class Spool:
         out.sort(key=lambda m: m.id)
         return out
 
-    def counts(self) -> dict[str, int]:
-        """How many messages per state, from memory."""
-        out = {"active": 0, "frozen": 0, "sending": 0}
-        for e in self._index.values():
-            out[e.queue.value] += 1
-            if isinstance(e.msg.status, Sending):
-                out["sending"] += 1
-        return out
+    def counts(self) -> dict[Queue, int]:
+        """How many messages each queue held in memory has (``active`` and
+        ``frozen``). Kept up to date as messages move: no walk of the queue.
+        How many of ``active`` are being sent now is :attr:`sending`."""
+        return dict(self._queue_counts)
+
+    @property
+    def sending(self) -> int:
+        """How many messages of ``active`` are in a send job now (their
+        status is, or is about to be, ``sending``)."""
+        return self._running
+
+    # --------------------------------------------------------------- index
+
+    def _index_put(self, entry: _Entry, queue: Queue | None = None) -> None:
+        """Index ``entry`` (in ``queue``, when it moves there), keeping the
+        per-queue counts."""
+        old = self._index.get(entry.msg.id)
+        if old is not None:
+            self._queue_counts[old.queue] -= 1
+        if queue is not None:
+            entry.queue = queue
+        self._index[entry.msg.id] = entry
+        self._queue_counts[entry.queue] += 1
+
+    def _index_drop(self, message_id: str) -> None:
+        old = self._index.pop(message_id, None)
+        if old is not None:
+            self._queue_counts[old.queue] -= 1
 
     async def get_message(self, message_id: str) -> Message:
         """A snapshot of one message, from memory or (removed, quarantine)

@@ -39,7 +39,7 @@ from spoold.daemon.config import SmtpConfig
 from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import SmtpListener
 from spoold.daemon.routing import Router
-from spoold.message import Message
+from spoold.message import Message, Queue
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from spoold.testing import Faults
@@ -159,7 +159,7 @@ async def relay_all_and_check_empty(
     empty and consistent; the sink counted ``n`` messages."""
     ingest.relay.gate.set()
     await wait_until(
-        lambda: ingest.spool.counts() == {"active": 0, "frozen": 0, "sending": 0},
+        lambda: ingest.spool.counts() == {Queue.ACTIVE: 0, Queue.FROZEN: 0},
         "every message to be delivered",
     )
     assert spool_files(ingest.spool_dir, "data", "active", ".registry", "tmp", "frozen") == {}

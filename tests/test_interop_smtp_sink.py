@@ -25,7 +25,7 @@ import pytest
 from spoold.body import Body
 from spoold.connection_cache import RouteSettings
 from spoold.events import SpoolEvent, Subscription
-from spoold.message import RoutedBatch, RoutedEnvelope
+from spoold.message import Queue, RoutedBatch, RoutedEnvelope
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from spoold.testing import FakeClock
@@ -101,7 +101,7 @@ def assert_spool_empty(spool: Spool) -> None:
     """Nothing in memory, and no file left in data/, active/ (with its
     checkout) or the registry."""
     root = spool.spool_dir
-    assert spool.counts() == {"active": 0, "frozen": 0, "sending": 0}
+    assert spool.counts() == {Queue.ACTIVE: 0, Queue.FROZEN: 0}
     assert spool_files(root, "data", "active", ".registry") == {}
 
 
@@ -158,7 +158,7 @@ async def test_hard_reject_at_rcpt_freezes_the_message(
         assert record.remaining_recipients == []
         assert record.failed_recipients == [ALICE]
         assert record.relay_attempts[0].error.startswith(f"{ALICE}: 500 5.3.0 ")
-        assert spool.counts() == {"active": 0, "frozen": 1, "sending": 0}
+        assert spool.counts() == {Queue.ACTIVE: 0, Queue.FROZEN: 1}
     assert sink.counters()["mesg"] == 0
 
 

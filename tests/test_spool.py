@@ -32,6 +32,7 @@ from spoold.message import (
     Frozen,
     Message,
     Quarantined,
+    Queue,
     RelayAttempt,
     Removed,
     RoutedBatch,
@@ -842,7 +843,8 @@ async def test_max_concurrent_send_jobs_is_honoured_and_changeable(tmp_path: Pat
         await settle()
         assert len(relay.attempts) == 3
         assert spool.running_sends == 3
-        assert spool.counts() == {"active": 10, "frozen": 0, "sending": 3}
+        assert spool.counts() == {Queue.ACTIVE: 10, Queue.FROZEN: 0}
+        assert spool.sending == 3
 
         spool.max_concurrent_send_jobs = 5
         await wait_until(lambda: len(relay.attempts) == 5, "five attempts")

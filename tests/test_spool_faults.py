@@ -12,7 +12,7 @@ import pytest
 from spoold.body import Body
 from spoold.connection_cache import RouteSettings
 from spoold.errors import AddressError, InsufficientStorageError, StoreError
-from spoold.message import Frozen, Message, RoutedBatch, RoutedEnvelope, SendAt, Sending
+from spoold.message import Frozen, Message, Queue, RoutedBatch, RoutedEnvelope, SendAt, Sending
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from spoold.testing import FakeClock, Faults, InMemoryRelay
@@ -90,7 +90,7 @@ async def test_rescans_racing_adds_deliver_each_message_once(tmp_path: Path) -> 
                     delivered.add(event.id or "")
                     if len(delivered) == count:
                         break
-            assert spool.counts() == {"active": 0, "frozen": 0, "sending": 0}
+            assert spool.counts() == {Queue.ACTIVE: 0, Queue.FROZEN: 0}
     ids = [mid for mid, _, _ in relay.delivered]
     assert len(ids) == count
     assert len(set(ids)) == count
@@ -226,7 +226,7 @@ async def test_add_refuses_a_bad_address_and_writes_nothing(
             assert info.value.kind == kind
             assert isinstance(info.value, ValueError)
             assert spool_files(tmp_path) == before
-            assert spool.counts() == {"active": 0, "frozen": 0, "sending": 0}
+            assert spool.counts() == {Queue.ACTIVE: 0, Queue.FROZEN: 0}
 
 
 async def test_the_null_sender_is_accepted(tmp_path: Path) -> None:

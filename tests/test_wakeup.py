@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from spoold.message import Queue
 from spoold.ondisk import OnDiskSpool
 from spoold.spool import Spool
 from spoold.testing import FakeClock, InMemoryRelay
@@ -33,7 +34,7 @@ async def test_owner_adopts_messages_another_process_adds(tmp_path: Path) -> Non
                     delivered.add(event.id)
                     if len(delivered) == 100:
                         break
-            assert spool.counts() == {"active": 0, "frozen": 0, "sending": 0}
+            assert spool.counts() == {Queue.ACTIVE: 0, Queue.FROZEN: 0}
     assert len({mid for mid, _, _ in relay.delivered}) == 100
     assert not (tmp_path / "wakeup").exists()
 

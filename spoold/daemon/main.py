@@ -155,7 +155,7 @@ class Daemon:
         if self._spool is None:
             return "starting"
         c = self._spool.counts()
-        return f"{c['active']} active, {c['frozen']} frozen, {c['sending']} sending"
+        return f"{c[Queue.ACTIVE]} active, {c[Queue.FROZEN]} frozen, {self._spool.sending} sending"
 
     def _notify(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -414,13 +414,19 @@ class Daemon:
         )
 
     async def count(self) -> dict[str, int]:
-        """The same keys as ``count`` without a daemon: active and frozen
-        from memory, removed and quarantine from the directory listing."""
-        assert self._spool is not None
-        counts: dict[str, int] = dict(self._spool.counts())
-        for queue in (Queue.REMOVED, Queue.QUARANTINE):
-            counts[queue.value] = await self._spool.ondisk.count(queue)
-        return counts
+        """The same keys as ``count`` without a daemon: the messages of
+        each queue (active and frozen from memory, removed and quarantine
+        from the directory listing), and how many of active are being sent."""
+        spool = self._spool
+        assert spool is not None
+        in_memory = spool.counts()
+        return {
+            "active": in_memory[Queue.ACTIVE],
+            "frozen": in_memory[Queue.FROZEN],
+            "sending": spool.sending,
+            "removed": await spool.ondisk.count(Queue.REMOVED),
+            "quarantine": await spool.ondisk.count(Queue.QUARANTINE),
+        }
 
     async def info(self) -> dict[str, Any]:
         cfg = self.live.config

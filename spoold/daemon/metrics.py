@@ -36,8 +36,9 @@ class Metrics:
         )
 
     def update(self, spool: Spool) -> None:
-        for state, n in spool.counts().items():
-            self.messages.labels(state).set(n)
+        for queue, n in spool.counts().items():
+            self.messages.labels(queue.value).set(n)
+        self.messages.labels("sending").set(spool.sending)
         self.running_sends.set(spool.running_sends)
 
     async def serve(
