@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 __all__ = ["FieldLogger", "LogLine", "event_fields", "get_logger"]
@@ -40,8 +41,16 @@ class LogLine:
     def __str__(self) -> str:
         if not self.fields:
             return self.event
-        rendered = " ".join(f"{key}={value!r}" for key, value in self.fields.items())
+        rendered = " ".join(f"{key}={_render(value)}" for key, value in self.fields.items())
         return f"{self.event} {rendered}"
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, str):  # str(): an enum member by its value
+        return repr(str(value))
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(value)
 
 
 def event_fields(record: logging.LogRecord) -> tuple[str, Mapping[str, Any]] | None:

@@ -35,6 +35,7 @@ never thrown away) and publishes its event.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -1164,28 +1165,30 @@ class Spool:
         message still in ``active`` is waited for; if an operator thaws a
         frozen message, a later ``wait`` waits for its next outcome.
 
-        ``timeout``: seconds to wait at most (None: no limit); then it raises
-        :class:`~spoold.errors.WaitTimeoutError` (a ``TimeoutError``). An id
-        this spool knows nothing of raises
+        ``timeout``: seconds to wait at most (None: no limit; 0: look once);
+        then it raises :class:`~spoold.errors.WaitTimeoutError` (a
+        ``TimeoutError``). An id this spool knows nothing of raises
         :class:`~spoold.errors.NotFoundError`; a string that is not an id,
         :class:`~spoold.errors.InvalidIdError`. Raises
         :class:`~spoold.errors.SpoolClosedError` if the spool closes first.
         """
         mid = validate_id(message_id)
-        with anyio.move_on_after(timeout):
-            while True:
-                if self._closed:
-                    raise SpoolClosedError(f"spool {self.spool_dir} closed while waiting for {mid}")
-                change = self._outcomes.watch(mid)  # before looking: nothing slips between
-                try:
-                    outcome = await self._outcome_now(mid)
-                    if outcome is not None:
-                        return outcome
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        while True:
+            if self._closed:
+                raise SpoolClosedError(f"spool {self.spool_dir} closed while waiting for {mid}")
+            change = self._outcomes.watch(mid)  # before looking: nothing slips between
+            try:
+                outcome = await self._outcome_now(mid)  # looking is not cut by the deadline
+                if outcome is not None:
+                    return outcome
+                with anyio.move_on_at(deadline) as waiting:
                     await change.wait()
-                finally:
-                    self._outcomes.unwatch(mid, change)
-        assert timeout is not None  # only a deadline ends the loop without returning
-        raise WaitTimeoutError(mid, timeout)
+            finally:
+                self._outcomes.unwatch(mid, change)
+            if waiting.cancelled_caught:
+                assert timeout is not None
+                raise WaitTimeoutError(mid, timeout)
 
     async def _outcome_now(self, mid: str) -> MessageOutcome | None:
         """The outcome ``mid`` has now; None while it is still to be sent."""
