@@ -22,6 +22,11 @@ Invariants:
   removed, quarantined, rescheduled or is being sent.
 * At most ``max_concurrent_send_jobs`` attempts run at once (changeable
   while running).
+* A message's events are published in the order of its changes, after
+  each is written; ``spooled`` before ``add`` returns and before any
+  attempt can start on the message (see :mod:`spoold.events`). The
+  outcomes among them (delivered, frozen, removed, quarantined, bounced)
+  are also remembered for :meth:`Spool.wait` (:mod:`spoold.waiting`).
 * ``sending`` is a status this spool holds in memory only, during an
   attempt. A record stored as ``sending`` (by hand or by another tool) is
   loaded, or adopted, as ``send_now``: never left unscheduled.
@@ -470,7 +475,7 @@ class Spool:
                 continue  # written elsewhere than its status says: next open repairs it
             _sending_reads_as_send_now(msg)
             entry = _Entry(msg, queue)
-            self._index_put(entry)
+            self._index_put(entry)  # no await before the publish (as in add)
             self._schedule(entry)
             self._publish(EventKind.SPOOLED, msg)
             log.debug("adopted", id=name, flows=msg.flows, queue=queue.value)
@@ -750,7 +755,8 @@ class Spool:
         starting with a dot) put before the body of the message with that
         id: the SMTP listener's ``Received:`` header names the message's own
         id this way. Returns once every message is durable on disk; their
-        ids in order.
+        ids in order. Each message's ``spooled`` event is published before
+        this returns and before any attempt on it can start.
         """
         status: Status = Frozen() if frozen else SEND_NOW
         messages = await self._write_new(batch, status, flows, parent_id, prefix)
@@ -758,6 +764,8 @@ class Spool:
             if msg.id in self._index:
                 continue  # a rescan adopted it while we were writing
             entry = _Entry(msg, Queue.FROZEN if frozen else Queue.ACTIVE)
+            # No await from here to the publish: the scheduler cannot start
+            # an attempt before ``spooled`` is out (spoold.events' ordering).
             self._index_put(entry)
             self._schedule(entry)
             self._publish(EventKind.SPOOLED, msg)
@@ -1149,7 +1157,10 @@ class Spool:
 
     def events(self, max_buffer: int | None = None) -> Subscription:
         """Subscribe to the event stream (``async for event in ...``).
-        Use as ``async with spool.events() as stream`` to unsubscribe."""
+        Use as ``async with spool.events() as stream`` to unsubscribe.
+        The subscription starts when this returns: opened before
+        :meth:`add`, it sees the message's ``spooled`` event and everything
+        after it (the ordering is in :mod:`spoold.events`)."""
         return self._hub.subscribe(max_buffer)
 
     # ---------------------------------------------------- waiting for outcomes
