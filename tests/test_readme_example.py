@@ -52,3 +52,23 @@ async def test_the_readme_library_example_runs_as_written(
     # Delivered, so the spool it made holds no message any more.
     spool = workdir / "var" / "myapp-spool"
     assert records_in(spool, "active") == set() and list((spool / "data").iterdir()) == []
+
+
+def test_every_name_the_docs_import_from_spoold_is_public() -> None:
+    import spoold
+
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    imported: dict[str, str] = {}
+    for doc in docs:
+        for block in re.findall(r"^```python\n(.*?)^```$", doc.read_text(), re.S | re.M):
+            for names in re.findall(
+                r"^from spoold import \(?([^)\n]*(?:\n[^)]*)?)\)?$", block, re.M
+            ):
+                for name in re.split(r"[\s,]+", names.strip()):
+                    if name:
+                        imported[name] = doc.name
+    assert {"Spool", "SmtpRelay", "RouteSettings", "RoutedBatch", "RoutedEnvelope", "Body"} <= set(
+        imported
+    )
+    for name, doc in imported.items():
+        assert name in spoold.__all__, f"{doc} imports {name}, which spoold does not export"
