@@ -181,3 +181,21 @@ def test_a_watch_is_woken_by_the_outcome_of_its_message_only() -> None:
     assert not watch.is_set()
     board.reached(MessageOutcome(first, OutcomeKind.REMOVED, START, None))
     assert watch.is_set() and board.watched == 0
+
+
+async def test_a_quarantined_message_and_its_recovery(tmp_path: Path) -> None:
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        (mid,) = await spool.quarantine("looks like spam", batch("a@example.com"))
+        held = await spool.wait(mid, timeout=0)
+        assert (held.kind, held.detail, held.time) == (
+            OutcomeKind.QUARANTINED,
+            "looks like spam",
+            START,
+        )
+        await spool.recover([mid], from_="quarantine")
+        recovered = await spool.wait(mid, timeout=0)  # recovered messages are frozen
+        assert (recovered.kind, recovered.detail) == (OutcomeKind.FROZEN, None)
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        assert (await spool.wait(mid, timeout=0)).kind is OutcomeKind.FROZEN
+    assert relay.attempts == []
