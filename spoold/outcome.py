@@ -248,7 +248,7 @@ def attempt_outcome(
         assert policy.max_queue_lifetime is not None
         lifetime = _span_text(policy.max_queue_lifetime)
         why = f"expired: not delivered within the queue lifetime ({lifetime})"
-        errors.append(why)
+        errors.append(f"{EXPIRED_STATUS} {why}")
         for rcpt in later:
             last = notes[rcpt]
             reason = f"{why}; last error: {last.reason}"
