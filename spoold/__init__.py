@@ -64,6 +64,13 @@ from spoold.message import (
     Status,
 )
 from spoold.ondisk import Unreadable
+from spoold.outcome import (
+    DeliveryPolicy,
+    OnPermanentFailure,
+    PlannedAttempt,
+    PlannedEnd,
+    RetryPlan,
+)
 from spoold.relay import (
     AttemptFailed,
     BodyHandle,
@@ -73,7 +80,13 @@ from spoold.relay import (
     RelayOutcome,
 )
 from spoold.smtp_relay import SmtpRelay
-from spoold.spool import DEFAULT_MIN_FREE_SPACE, DEFAULT_RETRY_INTERVALS, Routes, Spool
+from spoold.spool import (
+    DEFAULT_MIN_FREE_SPACE,
+    DEFAULT_RETRY_INTERVALS,
+    AfterCrash,
+    Routes,
+    Spool,
+)
 from spoold.writer import SpoolWriter
 
 __all__ = [
@@ -83,6 +96,13 @@ __all__ = [
     "Routes",
     "DEFAULT_RETRY_INTERVALS",
     "DEFAULT_MIN_FREE_SPACE",
+    # delivery policy (issue 13)
+    "DeliveryPolicy",
+    "OnPermanentFailure",
+    "AfterCrash",
+    "RetryPlan",
+    "PlannedAttempt",
+    "PlannedEnd",
     # submissions and records
     "RoutedBatch",
     "RoutedEnvelope",
