@@ -66,6 +66,13 @@ from spoold.message import (
     Status,
 )
 from spoold.ondisk import Unreadable
+from spoold.outcome import (
+    DeliveryPolicy,
+    OnPermanentFailure,
+    PlannedAttempt,
+    PlannedEnd,
+    RetryPlan,
+)
 from spoold.relay import (
     AttemptFailed,
     BodyHandle,
@@ -75,7 +82,13 @@ from spoold.relay import (
     RelayOutcome,
 )
 from spoold.smtp_relay import SmtpRelay
-from spoold.spool import DEFAULT_MIN_FREE_SPACE, DEFAULT_RETRY_INTERVALS, Routes, Spool
+from spoold.spool import (
+    DEFAULT_MIN_FREE_SPACE,
+    DEFAULT_RETRY_INTERVALS,
+    AfterCrash,
+    Routes,
+    Spool,
+)
 from spoold.waiting import MessageOutcome, OutcomeKind
 from spoold.writer import SpoolWriter
 
@@ -88,6 +101,13 @@ __all__ = [
     "DEFAULT_MIN_FREE_SPACE",
     "MessageOutcome",
     "OutcomeKind",
+    # delivery policy (issue 13)
+    "DeliveryPolicy",
+    "OnPermanentFailure",
+    "AfterCrash",
+    "RetryPlan",
+    "PlannedAttempt",
+    "PlannedEnd",
     # submissions and records
     "RoutedBatch",
     "RoutedEnvelope",

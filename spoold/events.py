@@ -7,7 +7,8 @@ how many it missed. A slow subscriber therefore never stalls the spool, and
 never loses events without being told.
 
 Event kinds: ``spooled``, ``presend`` (detail: the decision), ``delivered``,
-``frozen``, ``removed``, ``unfrozen``, ``recovered`` (detail: from which
+``frozen``, ``removed`` (detail ``bounced`` when the sender was sent a
+delivery status notification), ``unfrozen``, ``recovered`` (detail: from which
 queue), ``quarantined`` (detail: the reason), ``delayed`` and
 ``delayed_rate_limited`` (``at``: when it will be tried), ``rerouted``
 (detail: the new next hops), ``ping`` (every

@@ -202,6 +202,13 @@ class Message(
     (``None``: hops given explicitly through the API, or a record written
     before version 2); after a reload that changes that route's hops, the
     message uses the new ones from its next attempt on.
+
+    ``in_doubt`` says an attempt was under way when the process that made
+    it died (the record was found checked out, or stored as ``sending``, at
+    open): the next hop may already have the message, so a resend may be a
+    duplicate. It stays set for as long as the message is on the spool.
+    ``delay_warned_at`` is when the one "delayed" delivery status
+    notification was sent to the sender (None: not sent), so it is sent once.
     """
 
     id: str
@@ -218,6 +225,10 @@ class Message(
     envelope_info: EnvelopeInfo
     route: str | None = None
     size: int | None = None  # bytes of the body on disk (None: before version 2)
+    # Fields added by issue 13 (defaults: a record written before reads as
+    # "nothing of this happened"):
+    in_doubt: bool = False  # an attempt was under way when a process died
+    delay_warned_at: datetime | None = None  # when the one delay warning was sent
 
     # -- where it lives
 
@@ -460,6 +471,8 @@ def decode_record(data: bytes, *, expected_id: str | None = None) -> Message:
     times = [msg.spool_date, *(a.time for a in msg.relay_attempts)]
     if isinstance(msg.status, SendAt):
         times.append(msg.status.at)
+    if msg.delay_warned_at is not None:
+        times.append(msg.delay_warned_at)
     if any(t.tzinfo is None for t in times):
         raise RecordError("record has a time without a time zone")
     if any(

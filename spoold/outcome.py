@@ -31,27 +31,135 @@ Then the message's status:
 
 Every attempt that did not deliver to everyone adds a relay attempt (time,
 error text) to the record.
+
+A :class:`DeliveryPolicy` adds the rules of queue lifetime, bounces and
+delay warnings (its default is none of them: the rules above alone):
+
+* lifetime: an attempt made at or after ``spool_date + max_queue_lifetime``
+  (one an operator asked for excepted) fails every recipient still to be
+  tried permanently, with status ``4.4.7``; and a retry that would fall
+  after that moment is brought forward to it, so the last attempt is made
+  exactly when the lifetime ends;
+* ``on_permanent_failure = bounce`` and a sender that is not null: the
+  recipients that failed permanently in this attempt are reported to the
+  sender (a :class:`Notice` of kind ``failed``), and a message with nobody
+  left to try is ``removed`` (event ``removed``) instead of frozen. A
+  null-sender message is never bounced: it is frozen as without the policy;
+* ``delay_warning``: the first attempt at or after ``spool_date +
+  delay_warning`` that leaves someone for later reports them to the sender
+  (a :class:`Notice` of kind ``delayed``), once: the record remembers it in
+  ``delay_warned_at``. Never for a null sender.
+
+The notices are values: the spool turns them into delivery status
+notifications (:mod:`spoold.dsn`). :func:`retry_plan` foresees the attempts
+of a message by applying :func:`attempt_outcome` to failing attempts, so the
+plan and what happens follow the same rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Literal
 
 from spoold.events import EventKind
 from spoold.hooks import ErrorAction
-from spoold.message import Delivered, Frozen, Message, RelayAttempt, RetryInterval, SendAt, Status
+from spoold.message import (
+    Delivered,
+    Frozen,
+    Message,
+    RelayAttempt,
+    Removed,
+    RetryInterval,
+    SendAt,
+    Sending,
+    SendNow,
+    Status,
+)
 from spoold.relay import AttemptFailed, Delivery, RecipientResult, RelayOutcome
 
-__all__ = ["NO_REPLY", "AttemptOutcome", "OutcomeEvent", "attempt_outcome", "refusals"]
+__all__ = [
+    "NO_REPLY",
+    "AttemptOutcome",
+    "OutcomeEvent",
+    "attempt_outcome",
+    "refusals",
+    "OnPermanentFailure",
+    "DeliveryPolicy",
+    "NoticeKind",
+    "RecipientNotice",
+    "Notice",
+    "PlannedAttempt",
+    "PlannedEnd",
+    "RetryPlan",
+    "retry_plan",
+]
 
 NO_REPLY = RecipientResult(451, "no reply for this recipient", "4.4.0")
+EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+NO_ANSWER_STATUS = "4.4.1"  # RFC 3463: no answer from host
 
 OutcomeEvent = Literal[
-    EventKind.DELIVERED, EventKind.FROZEN, EventKind.DELAYED, EventKind.DELAYED_RATE_LIMITED
+    EventKind.DELIVERED,
+    EventKind.FROZEN,
+    EventKind.DELAYED,
+    EventKind.DELAYED_RATE_LIMITED,
+    EventKind.REMOVED,
 ]
+
+
+class OnPermanentFailure(StrEnum):
+    """What becomes of a message whose recipients failed for good."""
+
+    FREEZE = "freeze"  # kept in frozen/ for an operator (the seed's rule)
+    BOUNCE = "bounce"  # reported to the sender, then moved to removed/
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    """The rules of lifetime, bounces and delay warnings for one message.
+    ``None`` turns a rule off; the default is the seed's rules alone."""
+
+    max_queue_lifetime: timedelta | None = None
+    on_permanent_failure: OnPermanentFailure = OnPermanentFailure.FREEZE
+    delay_warning: timedelta | None = None
+
+    def expiry(self, record: Message) -> datetime | None:
+        """When ``record``'s lifetime ends (None: never)."""
+        if self.max_queue_lifetime is None:
+            return None
+        return record.spool_date + self.max_queue_lifetime
+
+
+class NoticeKind(StrEnum):
+    """The ``Action`` of a delivery status notification."""
+
+    FAILED = "failed"
+    DELAYED = "delayed"
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientNotice:
+    """What to tell the sender about one recipient. ``status`` is an RFC
+    3463 code (``5.1.1``); ``reply`` the next hop's answer, when there was
+    one; ``remote_mta`` the hop that gave it; ``reason`` a sentence for a
+    person."""
+
+    recipient: str
+    status: str
+    reason: str
+    reply: RecipientResult | None = None
+    remote_mta: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A delivery status notification to send to the message's sender."""
+
+    kind: NoticeKind
+    recipients: tuple[RecipientNotice, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +173,8 @@ class AttemptOutcome:
     delivered: tuple[str, ...]
     failed: tuple[str, ...]
     later: tuple[str, ...]
+    notices: tuple[Notice, ...] = ()
+    expired: bool = False  # the lifetime ended: who was left failed with 4.4.7
 
 
 def refusals(record: Message, outcome: RelayOutcome) -> dict[str, RecipientResult]:
@@ -89,21 +199,25 @@ def attempt_outcome(
     now: datetime,
     draw: Callable[[RetryInterval], timedelta],
     operator_kick: bool = False,
+    policy: DeliveryPolicy = DeliveryPolicy(),
 ) -> AttemptOutcome:
     """The next state of ``record`` after an attempt.
 
     ``actions`` holds ``on_error``'s answer for each recipient of
     :func:`refusals`; a refused recipient missing from it is tried later.
     ``draw`` turns a retry interval into a wait (jitter applied).
-    ``operator_kick`` says an operator asked for this attempt. ``record``
-    is not changed.
+    ``operator_kick`` says an operator asked for this attempt. ``policy``
+    adds lifetime, bounce and delay-warning rules. ``record`` is not
+    changed.
     """
     new = record.copy()
     remaining = list(record.remaining_recipients)
     later: list[str] = []
     permanent: list[str] = []
     errors: list[str] = []
+    answers: dict[str, RecipientResult] = {}
     rate_limited = False
+    hop = outcome.hop if isinstance(outcome, Delivery) else None
     if isinstance(outcome, AttemptFailed):
         later = remaining
         errors.append(outcome.error)
@@ -113,6 +227,7 @@ def attempt_outcome(
             result = refused.get(rcpt)
             if result is None:
                 continue  # accepted
+            answers[rcpt] = result
             errors.append(f"{rcpt}: {result}")
             action = actions.get(rcpt, ErrorAction.TRY_LATER)
             if action is ErrorAction.FAIL_PERMANENTLY:
@@ -123,16 +238,43 @@ def attempt_outcome(
             elif action is ErrorAction.TRY_LATER:
                 later.append(rcpt)
             # ErrorAction.DONE: dealt with, neither retried nor failed
+    notes = {
+        rcpt: _recipient_notice(rcpt, answers.get(rcpt), hop, outcome)
+        for rcpt in [*permanent, *later]
+    }
+    expiry = policy.expiry(record)
+    expired = bool(later) and expiry is not None and now >= expiry and not operator_kick
+    if expired:
+        assert policy.max_queue_lifetime is not None
+        lifetime = _span_text(policy.max_queue_lifetime)
+        why = f"expired: not delivered within the queue lifetime ({lifetime})"
+        errors.append(f"{EXPIRED_STATUS} {why}")
+        for rcpt in later:
+            last = notes[rcpt]
+            reason = f"{why}; last error: {last.reason}"
+            notes[rcpt] = RecipientNotice(rcpt, EXPIRED_STATUS, reason, last.reply, last.remote_mta)
+        permanent += later
+        later = []
     new.remaining_recipients = later
     new.failed_recipients = list(dict.fromkeys([*record.failed_recipients, *permanent]))
     if errors:
-        via = f" via {outcome.hop}" if isinstance(outcome, Delivery) and outcome.hop else ""
+        via = f" via {hop}" if hop else ""
         new.add_relay_attempt(RelayAttempt(now, "; ".join(errors) + via))
+    bounce = (
+        policy.on_permanent_failure is OnPermanentFailure.BOUNCE
+        and record.envelope_info.sender != ""
+    )
+    notices: list[Notice] = []
+    if bounce and permanent:
+        notices.append(Notice(NoticeKind.FAILED, tuple(notes[r] for r in permanent)))
     event: OutcomeEvent
     at: datetime | None = None
     status: Status
     if not later and new.failed_recipients:
-        status, event = Frozen(), EventKind.FROZEN
+        if bounce:
+            status, event = Removed(), EventKind.REMOVED
+        else:
+            status, event = Frozen(), EventKind.FROZEN
     elif not later:
         status, event = Delivered(), EventKind.DELIVERED
     elif not new.retry_intervals:
@@ -142,8 +284,166 @@ def attempt_outcome(
         if not rate_limited and not operator_kick:
             new.retry_intervals = new.retry_intervals[1:]
         at = now + draw(interval)
+        if expiry is not None and at > expiry:
+            at = max(expiry, now)  # the last attempt is made when the lifetime ends
         status = SendAt(at=at)
         event = EventKind.DELAYED_RATE_LIMITED if rate_limited else EventKind.DELAYED
+        warn_after = policy.delay_warning
+        if (
+            warn_after is not None
+            and record.delay_warned_at is None
+            and record.envelope_info.sender != ""
+            and now >= record.spool_date + warn_after
+        ):
+            notices.append(Notice(NoticeKind.DELAYED, tuple(notes[r] for r in later)))
+            new.delay_warned_at = now
     new.status = status
     delivered = tuple(r for r in remaining if r not in later and r not in permanent)
-    return AttemptOutcome(new, event, at, delivered, tuple(permanent), tuple(later))
+    return AttemptOutcome(
+        new, event, at, delivered, tuple(permanent), tuple(later), tuple(notices), expired
+    )
+
+
+def _recipient_notice(
+    rcpt: str, reply: RecipientResult | None, hop: str | None, outcome: RelayOutcome
+) -> RecipientNotice:
+    if reply is None:  # the attempt reached no hop
+        error = outcome.error if isinstance(outcome, AttemptFailed) else "no answer"
+        return RecipientNotice(rcpt, NO_ANSWER_STATUS, error)
+    status = reply.enhanced_status or f"{reply.code // 100}.0.0"
+    return RecipientNotice(rcpt, status, str(reply), reply, hop)
+
+
+def _span_text(span: timedelta) -> str:
+    """A span as an operator writes it (``5d``, ``4h``, ``90s``)."""
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+# ------------------------------------------------------------ retry plan
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedAttempt:
+    """One future attempt: it starts between ``earliest`` and ``latest``
+    (retry jitter). ``conditional``: only when the jitter brings it before
+    the message's end (it happens on the early path, not the late one)."""
+
+    number: int
+    earliest: datetime
+    latest: datetime
+    conditional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedEnd:
+    """How the message ends if every attempt fails: ``action`` is
+    ``freeze`` or ``bounce``; ``reason`` is ``lifetime`` (the queue lifetime
+    ends) or ``intervals`` (no retry interval left); between ``earliest``
+    and ``latest``."""
+
+    action: Literal["freeze", "bounce"]
+    reason: Literal["lifetime", "intervals"]
+    earliest: datetime
+    latest: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPlan:
+    """What would happen to a message if every attempt from now on failed
+    with a temporary error (nothing is sent to find out). A message that is
+    not waiting to be sent (frozen, removed, ...) has no attempts and no
+    end; ``note`` says why."""
+
+    id: str
+    now: datetime
+    attempts: tuple[PlannedAttempt, ...] = ()
+    ends: tuple[PlannedEnd, ...] = ()
+    delay_warning: tuple[datetime, datetime] | None = None
+    expiry: datetime | None = None
+    note: str = ""
+    policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+
+
+_PLANNED_FAILURE = AttemptFailed("planned attempt (assumed to fail)")
+
+
+@dataclass(slots=True)
+class _Path:
+    times: list[datetime]
+    end: PlannedEnd
+    warned: datetime | None
+
+
+def _follow(
+    record: Message,
+    first: datetime,
+    policy: DeliveryPolicy,
+    draw: Callable[[RetryInterval], timedelta],
+) -> _Path:
+    """Apply failing attempts to ``record`` from ``first`` until it ends."""
+    rec, t = record, first
+    times: list[datetime] = []
+    warned: datetime | None = None
+    while True:  # ends: each delayed attempt consumes one interval
+        times.append(t)
+        result = attempt_outcome(rec, _PLANNED_FAILURE, {}, now=t, draw=draw, policy=policy)
+        if any(n.kind is NoticeKind.DELAYED for n in result.notices):
+            warned = t
+        if isinstance(result.record.status, SendAt):
+            assert result.at is not None
+            rec, t = result.record, result.at
+            continue
+        action: Literal["freeze", "bounce"] = (
+            "bounce" if isinstance(result.record.status, Removed) else "freeze"
+        )
+        reason: Literal["lifetime", "intervals"] = "lifetime" if result.expired else "intervals"
+        return _Path(times, PlannedEnd(action, reason, t, t), warned)
+
+
+def _early(interval: RetryInterval) -> timedelta:
+    return max(timedelta(0), interval.span - (interval.jitter or timedelta(0)))
+
+
+def _late(interval: RetryInterval) -> timedelta:
+    return interval.span + (interval.jitter or timedelta(0))
+
+
+def retry_plan(record: Message, *, now: datetime, policy: DeliveryPolicy) -> RetryPlan:
+    """The attempts ``record`` would get from ``now`` if each failed with a
+    temporary error, with their jitter bounds, and how and when it would
+    end (frozen or bounced). Worked out by applying :func:`attempt_outcome`
+    to failing attempts twice: once with every wait as short as the jitter
+    allows, once as long; times between are what can happen."""
+    plan = RetryPlan(record.id, now, expiry=policy.expiry(record), policy=policy)
+    status = record.status
+    if isinstance(status, SendAt):
+        first = max(status.at, now)
+    elif isinstance(status, SendNow | Sending):
+        first = now
+    else:
+        return replace(plan, note=f"{status.name}: no attempt is planned")
+    if not record.remaining_recipients:
+        return replace(plan, note="no recipient is left to try")
+    early = _follow(record, first, policy, _early)
+    late = _follow(record, first, policy, _late)
+    attempts = []
+    for i, t in enumerate(early.times):
+        if i < len(late.times):
+            attempts.append(PlannedAttempt(i + 1, t, late.times[i]))
+        else:
+            attempts.append(PlannedAttempt(i + 1, t, late.end.latest, conditional=True))
+    ends: tuple[PlannedEnd, ...]
+    if (early.end.action, early.end.reason) == (late.end.action, late.end.reason):
+        ends = (
+            PlannedEnd(early.end.action, early.end.reason, early.end.earliest, late.end.latest),
+        )
+    else:
+        ends = (early.end, late.end)
+    warning = None
+    if early.warned is not None:
+        warning = (early.warned, late.warned or early.warned)
+    return replace(plan, attempts=tuple(attempts), ends=ends, delay_warning=warning)

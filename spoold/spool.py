@@ -30,19 +30,35 @@ Invariants:
 * ``sending`` is a status this spool holds in memory only, during an
   attempt. A record stored as ``sending`` (by hand or by another tool) is
   loaded, or adopted, as ``send_now``: never left unscheduled.
+* In doubt after a crash: a record found checked out when the spool is
+  opened (an attempt was under way when the owner died), or stored as
+  ``sending``, may already be at the next hop. It is marked ``in_doubt``
+  on disk and, by ``after_crash``, sent again at once (``resend``: at least
+  once) or frozen for an operator (``freeze``).
 
 The outcome of an attempt (which recipients are done, failed or left, and
 the message's next status) is decided by :func:`spoold.outcome.attempt_outcome`,
 a pure function; the spool asks ``on_error`` about each refusal, writes the
 record it returns (retrying until the disk takes it: the hop's answers are
-never thrown away) and publishes its event.
+never thrown away) and publishes its event. The message's
+:class:`~spoold.outcome.DeliveryPolicy` (lifetime, bounce or freeze, delay
+warning) is an input of that function; the delivery status notifications it
+asks for (:mod:`spoold.dsn`) are added as new messages, with the null sender,
+routed like any other mail, before the outcome is written (a crash in
+between may send a notification twice, never lose it). A bounce that cannot
+be added (disk full, no route) leaves the message frozen instead of
+removed; a delay warning that cannot be added is tried again at the next
+attempt. :meth:`Spool.retry_plan` applies the same function to foresee a
+message's attempts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import socket
+from collections.abc import AsyncIterator, Callable, Container, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -53,6 +69,7 @@ import anyio
 import anyio.abc
 
 from spoold.clock import Clock, SystemClock
+from spoold.dsn import build_dsn, dsn_body, header_section
 from spoold.errors import (
     NotFoundError,
     OperationRefusedError,
@@ -94,7 +111,15 @@ from spoold.message import (
     message_for_envelope,
 )
 from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
-from spoold.outcome import attempt_outcome, refusals
+from spoold.outcome import (
+    DeliveryPolicy,
+    Notice,
+    NoticeKind,
+    RetryPlan,
+    attempt_outcome,
+    refusals,
+    retry_plan,
+)
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
 from spoold.store import StepHook, SyncMode
 from spoold.tasks import own_tasks
@@ -113,6 +138,9 @@ __all__ = [
     "DEFAULT_PING_INTERVAL",
     "DEFAULT_MIN_FREE_SPACE",
     "DEFAULT_SYNC",
+    "DEFAULT_MAX_QUEUE_LIFETIME",
+    "DEFAULT_AFTER_CRASH",
+    "AfterCrash",
 ]
 
 log = get_logger("spoold.spool")
@@ -127,6 +155,11 @@ DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
 DEFAULT_SYNC: SyncMode = "syncfs"  # group commit: see spoold.store
+# The daemon's default queue lifetime (spool.max_queue_lifetime); a library
+# user opts in through ``delivery_policy`` (the default policy has none).
+DEFAULT_MAX_QUEUE_LIFETIME = timedelta(days=5)
+AfterCrash = Literal["resend", "freeze"]
+DEFAULT_AFTER_CRASH: AfterCrash = "resend"
 
 _LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
 _OUTCOME_NAMES = frozenset(kind.value for kind in OutcomeKind)
@@ -176,8 +209,20 @@ class Spool:
         ping_interval: float,
         rng: random.Random | None,
         routes: Routes | None = None,
+        delivery_policy: DeliveryPolicy = DeliveryPolicy(),  # noqa: B008
+        route_lifetimes: Mapping[str, timedelta] | None = None,
+        after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
+        reporting_mta: str | None = None,
     ) -> None:
         self._disk = ondisk
+        # Replaceable while open (a reload): the policy of every message, the
+        # queue lifetime of messages of some routes, what to do with a
+        # message found in doubt at open, and the host name notifications
+        # report as.
+        self.delivery_policy = delivery_policy
+        self.route_lifetimes: dict[str, timedelta] = dict(route_lifetimes or {})
+        self.after_crash: AfterCrash = after_crash
+        self.reporting_mta = reporting_mta or socket.gethostname()
         self.relay = relay
         self.routes = routes  # may be replaced while open (a reload)
         self.presend: PresendHook = presend or default_presend
@@ -224,6 +269,10 @@ class Spool:
         on_step: StepHook | None = None,
         routes: Routes | None = None,
         sync: SyncMode = DEFAULT_SYNC,
+        delivery_policy: DeliveryPolicy = DeliveryPolicy(),  # noqa: B008
+        route_lifetimes: Mapping[str, timedelta] | None = None,
+        after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
+        reporting_mta: str | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -253,6 +302,14 @@ class Spool:
         ``sync``: how new messages are made durable: ``"fsync"`` (each file
         and directory) or ``"syncfs"`` (concurrent adds share two syncs of
         the filesystem: group commit). Changeable through :attr:`sync`.
+        ``delivery_policy``: queue lifetime, bounce or freeze on permanent
+        failure, delay warning (:class:`~spoold.outcome.DeliveryPolicy`;
+        default: none of them, the seed's rules); ``route_lifetimes``:
+        the queue lifetime of messages of the named routes, overriding the
+        policy's. ``after_crash``: what to do with a message found in doubt
+        (``resend`` or ``freeze``). ``reporting_mta``: the host name that
+        delivery status notifications report as (default: this host's).
+        All four are changeable through the attributes of the same names.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -266,7 +323,7 @@ class Spool:
             raise ValueError("max_concurrent_send_jobs must be at least 1")
         if min_free_space < 0:
             raise ValueError("min_free_space must be >= 0")
-        ondisk, _ = await OnDiskSpool.open(
+        ondisk, report = await OnDiskSpool.open(
             spool_dir,
             max_threads=max_threads,
             min_free_bytes=min_free_space,
@@ -285,8 +342,13 @@ class Spool:
                 ping_interval=ping_interval,
                 rng=rng,
                 routes=routes,
+                delivery_policy=delivery_policy,
+                route_lifetimes=route_lifetimes,
+                after_crash=after_crash,
+                reporting_mta=reporting_mta,
             )
-            await spool._load()
+            returned = {name for queue, name in report.returned_checkouts if queue == Queue.ACTIVE}
+            await spool._load(returned)
             async with own_tasks(f"spool {spool.spool_dir}") as tg:
                 spool._tg = tg
                 tg.start_soon(spool._dispatch_loop, tg)
@@ -311,14 +373,23 @@ class Spool:
             with anyio.CancelScope(shield=True):
                 await ondisk.close()
 
-    async def _load(self) -> None:
+    async def _load(self, returned_checkouts: Container[str] = ()) -> None:
+        """Index ``active`` and ``frozen``. ``returned_checkouts``: ids of
+        ``active`` the store found checked out (an attempt under way when
+        the last owner died): they are in doubt."""
         shared = SharedParts()
         for queue in _LOADED_QUEUES:
             messages, _unreadable = await self._disk.load(queue)
             for msg in messages:
                 msg.intern(shared)
+                where = queue
+                if queue is Queue.ACTIVE and (
+                    msg.id in returned_checkouts or isinstance(msg.status, Sending)
+                ):
+                    msg = await self._mark_in_doubt(msg)
+                    where = Queue.FROZEN if isinstance(msg.status, Frozen) else Queue.ACTIVE
                 _sending_reads_as_send_now(msg)
-                entry = _Entry(msg, queue)
+                entry = _Entry(msg, where)
                 self._index_put(entry)
                 self._schedule(entry)
         log.info(
@@ -327,6 +398,22 @@ class Spool:
             active=sum(1 for e in self._index.values() if e.queue is Queue.ACTIVE),
             frozen=sum(1 for e in self._index.values() if e.queue is Queue.FROZEN),
         )
+
+    async def _mark_in_doubt(self, msg: Message) -> Message:
+        """A message whose attempt was cut by a crash: write it ``in_doubt``,
+        due now (``after_crash = resend``) or frozen (``freeze``)."""
+        new = msg.copy()
+        new.in_doubt = True
+        new.status = Frozen() if self.after_crash == "freeze" else SEND_NOW
+        await self._disk.save(new, from_queue=Queue.ACTIVE)
+        log.warning(
+            "message was being sent when the spool was last closed uncleanly; "
+            "the next hop may already have it",
+            id=new.id,
+            flows=new.flows,
+            after_crash=self.after_crash,
+        )
+        return new
 
     @property
     def spool_dir(self) -> Path:
@@ -611,29 +698,125 @@ class Spool:
             rcpt: await self._ask_on_error(old, rcpt, result)
             for rcpt, result in refusals(old, outcome).items()
         }
+        now = self.clock.now()
+        policy = self.policy_for(old)
         result = attempt_outcome(
             old,
             outcome,
             actions,
-            now=self.clock.now(),
+            now=now,
             draw=lambda interval: interval.draw(self._rng),
             operator_kick=operator_kick,
+            policy=policy,
         )
         new = result.record
+        event = result.event
+        for notice in result.notices:
+            dsn_id = await self._spool_notice(old, notice, now, policy)
+            if dsn_id is not None:
+                new.related_ids = [*new.related_ids, dsn_id]
+            elif notice.kind is NoticeKind.DELAYED:
+                new.delay_warned_at = None  # try again at the next attempt
+            elif isinstance(new.status, Removed):
+                new.status, event = Frozen(), EventKind.FROZEN  # the sender was not told
         await self._save_outcome(entry, new)
         entry.checked_out = False
         self._apply(entry, new)
-        self._publish(result.event, new, at=result.at)
+        detail = "bounced" if event is EventKind.REMOVED else None
+        self._publish(event, new, at=result.at, detail=detail)
         log.info(
             "attempt done",
             id=new.id,
             flows=new.flows,
-            outcome=result.event,
+            outcome=event,
             delivered=len(result.delivered),
             failed=len(result.failed),
             later=len(result.later),
             at=result.at,
         )
+
+    def policy_for(self, msg: Message) -> DeliveryPolicy:
+        """The delivery policy of ``msg``: the spool's, with the queue
+        lifetime of its route when :attr:`route_lifetimes` names one."""
+        policy = self.delivery_policy
+        lifetime = self.route_lifetimes.get(msg.route) if msg.route else None
+        if lifetime is None:
+            return policy
+        return dataclasses.replace(policy, max_queue_lifetime=lifetime)
+
+    async def _spool_notice(
+        self, original: Message, notice: Notice, now: datetime, policy: DeliveryPolicy
+    ) -> str | None:
+        """Add the delivery status notification ``notice`` about
+        ``original`` as a new message from the null sender to its sender,
+        routed like any other mail; its id, or None when it could not be
+        added (logged)."""
+        mlog = log.bind(id=original.id, flows=original.flows, notice=notice.kind.value)
+        sender = original.envelope_info.sender
+        try:
+            body = await self._disk.read_body(original.id)
+            expiry = policy.expiry(original)
+            dsn = build_dsn(
+                original,
+                notice,
+                original_headers=header_section(body.content()),
+                reporting_mta=self.reporting_mta,
+                now=now,
+                retry_until=expiry,
+            )
+            wire = dsn_body(dsn)
+            params = [] if sender.isascii() else ["SMTPUTF8"]
+            probe = RoutedEnvelope("", [sender], original.next_hop_choices, mail_params=params)
+            envelopes = [probe]
+            if self.routes is not None:
+                envelopes = await self.routes.reroute(
+                    message_for_envelope(
+                        probe, id=original.id, spool_date=now, parent_id=original.id
+                    )
+                )
+            if len(envelopes) != 1:
+                raise OperationRefusedError(f"the sender {sender} has no single route")
+            env = envelopes[0]
+            intervals = list(env.retry_intervals) or list(self.default_retry_intervals)
+
+            def build(mid: str, related: list[str]) -> Message:
+                msg = message_for_envelope(
+                    env,
+                    id=mid,
+                    spool_date=now,
+                    parent_id=original.id,
+                    flows=original.flows,
+                    related_ids=[original.id],
+                    size=len(wire),
+                )
+                msg.retry_intervals = intervals
+                return msg
+
+            (added,) = await self._add_to_disk([NewMessage(wire, SEND_NOW, build)])
+        except (SpooldError, OSError, ValueError) as exc:
+            mlog.error("could not add a delivery status notification", error=str(exc))
+            return None
+        if added.id not in self._index:
+            entry = _Entry(added, Queue.ACTIVE)
+            self._index_put(entry)
+            self._schedule(entry)
+            self._publish(EventKind.SPOOLED, added)
+        self._adding.discard(added.id)
+        mlog.info("delivery status notification spooled", dsn_id=added.id, to=sender)
+        return added.id
+
+    def retry_plan(self, message_id: str) -> RetryPlan:
+        """What would happen to a message of ``active`` or ``frozen`` if
+        every attempt from now failed with a temporary error: its attempt
+        times (with jitter bounds) and when it would freeze or bounce, by its
+        retry intervals, lifetime and the current policy
+        (:func:`spoold.outcome.retry_plan`). Sends nothing, reads no file."""
+        mid = validate_id(message_id)
+        entry = self._index.get(mid)
+        if entry is None:
+            raise NotFoundError(f"{mid}: no such message in active or frozen")
+        msg = entry.msg.copy()
+        return retry_plan(msg, now=self.clock.now(), policy=self.policy_for(msg))
 
     async def _save_outcome(self, entry: _Entry, new: Message) -> None:
         """Write the record an attempt produced, however long the disk needs.
@@ -1257,9 +1440,11 @@ class Spool:
     def _note_outcome(self, event: SpoolEvent, msg: Message) -> None:
         """Remember the outcome an event stands for (if it is one) and wake
         the :meth:`wait` calls for its message. An event named like an
-        outcome is one (``bounced`` among them); ``recovered`` leaves the
-        message frozen."""
+        outcome is one; ``removed`` with detail ``bounced`` is ``bounced``;
+        ``recovered`` leaves the message frozen."""
         name = OutcomeKind.FROZEN.value if event.kind is EventKind.RECOVERED else event.kind.value
+        if event.kind is EventKind.REMOVED and event.detail == "bounced":
+            name = OutcomeKind.BOUNCED.value  # removed after a report to its sender
         if name not in _OUTCOME_NAMES:
             return
         kind = OutcomeKind(name)

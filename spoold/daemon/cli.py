@@ -207,6 +207,8 @@ def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> 
             mark = {"frozen": " *** frozen ***", "quarantined": " *** quarantined ***"}.get(
                 v["status"], ""
             )
+            if v.get("in_doubt"):
+                mark += " *** in doubt ***"
             age = _age(v.get("spool_date"), now)
             click.echo(f"{age:>3} {exim_size(v.get('size'))} {v['id']} <{sender}>{mark}")
             for rcpt in v["remaining_recipients"]:
@@ -223,6 +225,8 @@ def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> 
             status = v["status"]
             if status == "send_at":
                 status = "at " + v["send_at"][11:19]
+            if v.get("in_doubt"):
+                status += " (in doubt)"
             envelope = v.get("envelope_info") or {}
             rows.append(
                 (
@@ -392,6 +396,50 @@ def show(target: _Target, message_id: str, body: bool) -> None:
         click.echo("")
         sys.stdout.flush()
         sys.stdout.buffer.write(base64.b64decode(content))
+
+
+@main.command("retry-plan")
+@click.argument("message_id")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    help="table (default) or json (one object)",
+)
+@click.pass_obj
+def retry_plan(target: _Target, message_id: str, fmt: str) -> None:
+    """When a message would be tried again, and when it would freeze or
+    bounce, if every attempt from now failed. Sends nothing."""
+    (mid,) = _valid_ids([message_id])
+    plan: dict[str, Any] = _run(lambda: target.client().request("retry_plan", id=mid))
+    if fmt == "json":
+        click.echo(json.dumps(plan, indent=2))
+        return
+    click.echo(f"retry plan of {plan['id']} (now {plan['now']})")
+    if plan["note"]:
+        click.echo(plan["note"])
+        return
+    expiry = plan["expiry"] or "never"
+    click.echo(
+        f"queue lifetime ends: {expiry}; on permanent failure: {plan['on_permanent_failure']}"
+    )
+    click.echo(f"{'#':>3}  {'EARLIEST':<20}  {'LATEST':<20}")
+    for a in plan["attempts"]:
+        note = "  (only if not ended before)" if a["conditional"] else ""
+        click.echo(f"{a['number']:>3}  {a['earliest']:<20}  {a['latest']:<20}{note}")
+    reasons = {"lifetime": "the queue lifetime ends", "intervals": "no retry interval left"}
+    for end in plan["ends"]:
+        when = end["earliest"]
+        if end["latest"] != when:
+            when = f"between {when} and {end['latest']}"
+        click.echo(f"then {end['action']} ({reasons[end['reason']]}): {when}")
+    warning = plan["delay_warning"]
+    if warning:
+        when = warning["earliest"]
+        if warning["latest"] != when:
+            when = f"between {when} and {warning['latest']}"
+        click.echo(f"delay warning to the sender: {when}")
 
 
 # ---------------------------------------------------------- operations

@@ -32,6 +32,7 @@ from spoold.errors import (
     ConfigError,
 )
 from spoold.hops import parse_hop
+from spoold.outcome import DeliveryPolicy, OnPermanentFailure
 from spoold.store import SyncMode
 from spoold.times import parse_size, parse_span
 
@@ -48,6 +49,8 @@ __all__ = [
     "load_config",
     "parse_config",
     "restart_needed",
+    "delivery_policy",
+    "route_lifetimes",
     "find_control_socket",
     "DEFAULT_CONTROL_SOCKET",
 ]
@@ -71,6 +74,10 @@ class SpoolConfig:
     flush_timeout: timedelta = timedelta(seconds=_spool.DEFAULT_FLUSH_TIMEOUT)
     min_free_space: int = _spool.DEFAULT_MIN_FREE_SPACE
     sync: SyncMode = _spool.DEFAULT_SYNC
+    max_queue_lifetime: timedelta = _spool.DEFAULT_MAX_QUEUE_LIFETIME
+    on_permanent_failure: OnPermanentFailure = OnPermanentFailure.FREEZE
+    delay_warning: timedelta | None = None  # None: off
+    after_crash: _spool.AfterCrash = _spool.DEFAULT_AFTER_CRASH
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,7 @@ class RouteConfig:
     client_key: Path | None = None
     auth_file: Path | None = None
     retry_intervals: tuple[timedelta, ...] | None = None
+    max_queue_lifetime: timedelta | None = None  # None: spool.max_queue_lifetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +162,24 @@ class Config:
     hooks: HooksConfig
     relay: RelayConfig
     routes: dict[str, RouteConfig] = field(default_factory=dict)
+
+
+def delivery_policy(config: Config) -> DeliveryPolicy:
+    """The spool's delivery policy (lifetime, bounce, delay warning)."""
+    return DeliveryPolicy(
+        max_queue_lifetime=config.spool.max_queue_lifetime,
+        on_permanent_failure=config.spool.on_permanent_failure,
+        delay_warning=config.spool.delay_warning,
+    )
+
+
+def route_lifetimes(config: Config) -> dict[str, timedelta]:
+    """The routes that have a queue lifetime of their own."""
+    return {
+        name: route.max_queue_lifetime
+        for name, route in config.routes.items()
+        if route.max_queue_lifetime is not None
+    }
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
@@ -332,6 +358,20 @@ def _positive_span(v: object) -> timedelta:
     return span
 
 
+def _optional_span(v: object) -> timedelta | None:
+    """A span > 0, or ``""`` for none."""
+    if v == "":
+        return None
+    return _positive_span(v)
+
+
+def _after_crash(v: object) -> _spool.AfterCrash:
+    for mode in get_args(_spool.AfterCrash):
+        if v == mode:
+            return cast(_spool.AfterCrash, mode)
+    raise ValueError(f"expected one of {', '.join(get_args(_spool.AfterCrash))}, got {v!r}")
+
+
 def _network(v: object) -> str:
     text = _str(v)
     try:
@@ -396,8 +436,17 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         flush_timeout=t.get("flush_timeout", parse_span),
         min_free_space=t.get("min_free_space", parse_size),
         sync=t.get("sync", _sync_mode),
+        max_queue_lifetime=t.get("max_queue_lifetime", _positive_span),
+        on_permanent_failure=t.get("on_permanent_failure", _enum(OnPermanentFailure)),
+        delay_warning=t.get("delay_warning", _optional_span),
+        after_crash=t.get("after_crash", _after_crash),
     )
     t.done()
+    if spool.delay_warning is not None and spool.delay_warning >= spool.max_queue_lifetime:
+        problems.append(
+            "spool.delay_warning: must be shorter than spool.max_queue_lifetime "
+            "(the message would fail before the warning)"
+        )
 
     t = _Table(
         raw.get("control"),
@@ -503,6 +552,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             client_key=t.get("client_key", optional_path),
             auth_file=t.get("auth_file", optional_path),
             retry_intervals=t.get("retry_intervals", _list(parse_span)),
+            max_queue_lifetime=t.get("max_queue_lifetime", _optional_span),
         )
         t.done()
         if not route.mx and ("next_hops" not in t.raw or t.raw["next_hops"] == []):

@@ -20,7 +20,8 @@ that cannot be read is listed with ``unreadable: true`` and its reason),
 (``ids`` or ``which``: all|frozen_only, ``retry_intervals``: spans),
 ``remove``, ``reroute`` (``ids`` or ``which``: all), ``recover`` (``from``:
 removed|quarantine), ``show`` (``id``,
-``body``), ``events``, ``reload``, ``check``, ``info`` (pid, config and
+``body``), ``retry_plan`` (``id``: the message's future attempts, see
+:func:`retry_plan_view`), ``events``, ``reload``, ``check``, ``info`` (pid, config and
 live limits), ``submit`` (a message for ``spoold sendmail``) and ``ping``.
 
 ``submit`` carries the message outside the JSON line: the line holds
@@ -96,6 +97,7 @@ from spoold.errors import (
 )
 from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, queue_of
 from spoold.ondisk import Unreadable
+from spoold.outcome import RetryPlan
 from spoold.spool import Spool
 from spoold.times import parse_span, rfc3339
 
@@ -111,6 +113,7 @@ __all__ = [
     "message_view",
     "unreadable_view",
     "describe_view",
+    "retry_plan_view",
 ]
 
 PROTOCOL_VERSION = 1
@@ -160,12 +163,52 @@ def message_view(msg: Message) -> dict[str, Any]:
         },
         "route": msg.route,
         "size": msg.size,
+        "in_doubt": msg.in_doubt,
+        "delay_warned_at": rfc3339(msg.delay_warned_at) if msg.delay_warned_at else None,
     }
     if isinstance(status, SendAt):
         view["send_at"] = rfc3339(status.at)
     if isinstance(status, Quarantined):
         view["quarantine_reason"] = status.reason
     return view
+
+
+def retry_plan_view(plan: RetryPlan) -> dict[str, Any]:
+    """The JSON form of a :class:`~spoold.outcome.RetryPlan` (times RFC
+    3339 UTC): ``attempts`` (``number``, ``earliest``, ``latest``,
+    ``conditional``), ``ends`` (``action`` freeze|bounce, ``reason``
+    lifetime|intervals, ``earliest``, ``latest``), ``delay_warning``
+    (``earliest``, ``latest``, or null), ``expiry``, the policy's
+    ``on_permanent_failure``, and ``note`` when nothing is planned."""
+    warning = plan.delay_warning
+    return {
+        "id": plan.id,
+        "now": rfc3339(plan.now),
+        "expiry": rfc3339(plan.expiry) if plan.expiry else None,
+        "on_permanent_failure": plan.policy.on_permanent_failure.value,
+        "attempts": [
+            {
+                "number": a.number,
+                "earliest": rfc3339(a.earliest),
+                "latest": rfc3339(a.latest),
+                "conditional": a.conditional,
+            }
+            for a in plan.attempts
+        ],
+        "ends": [
+            {
+                "action": e.action,
+                "reason": e.reason,
+                "earliest": rfc3339(e.earliest),
+                "latest": rfc3339(e.latest),
+            }
+            for e in plan.ends
+        ],
+        "delay_warning": (
+            {"earliest": rfc3339(warning[0]), "latest": rfc3339(warning[1])} if warning else None
+        ),
+        "note": plan.note,
+    }
 
 
 def unreadable_view(item: Unreadable) -> dict[str, Any]:
@@ -263,6 +306,10 @@ class _ShowParams(_Params):
     body: bool = False
 
 
+class _IdParams(_Params):
+    id: str
+
+
 class _CheckParams(_Params):
     max_age: float = 3600.0
 
@@ -330,6 +377,10 @@ async def _show(server: ControlServer, p: _ShowParams) -> Any:
     return view
 
 
+async def _retry_plan(server: ControlServer, p: _IdParams) -> Any:
+    return retry_plan_view(server.spool.retry_plan(p.id))
+
+
 async def _reload(server: ControlServer, p: _NoParams) -> Any:
     return await server.daemon_operations().reload()
 
@@ -357,6 +408,7 @@ OPERATIONS: dict[str, tuple[type[_Params], _Handler]] = {
     "reroute": (_RerouteParams, _reroute),
     "recover": (_RecoverParams, _recover),
     "show": (_ShowParams, _show),
+    "retry_plan": (_IdParams, _retry_plan),
     "reload": (_NoParams, _reload),
     "info": (_NoParams, _info),
     "count": (_NoParams, _count),

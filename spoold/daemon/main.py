@@ -53,7 +53,14 @@ from spoold.address import validate_address, validate_recipients
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import ConnectionCache, RouteSettings
 from spoold.daemon import logs
-from spoold.daemon.config import Config, SmtpConfig, load_config, restart_needed
+from spoold.daemon.config import (
+    Config,
+    SmtpConfig,
+    delivery_policy,
+    load_config,
+    restart_needed,
+    route_lifetimes,
+)
 from spoold.daemon.control import ControlServer
 from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import ListenerSettings, listener_settings, listening_sockets
@@ -180,6 +187,7 @@ class Daemon:
         return 0
 
     async def _run(self, cfg: Config, relay: SmtpRelay) -> None:
+        hostname = await anyio.to_thread.run_sync(socket.getfqdn)
         async with Spool.open(
             cfg.spool.dir,
             relay=relay,
@@ -193,9 +201,12 @@ class Daemon:
             min_free_space=cfg.spool.min_free_space,
             routes=self.live.router,
             sync=cfg.spool.sync,
+            delivery_policy=delivery_policy(cfg),
+            route_lifetimes=route_lifetimes(cfg),
+            after_crash=cfg.spool.after_crash,
+            reporting_mta=hostname,
         ) as spool:
             self._spool = spool
-            hostname = await anyio.to_thread.run_sync(socket.getfqdn)
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
             server = ControlServer(
                 spool,
@@ -374,6 +385,9 @@ class Daemon:
             )
             spool.set_hooks(live.presend, live.on_error)
             spool.routes = live.router
+            spool.delivery_policy = delivery_policy(cfg)
+            spool.route_lifetimes = route_lifetimes(cfg)
+            spool.after_crash = cfg.spool.after_crash
         if self._workers is not None:
             self._workers.reload()  # they read the same (now validated) file
 

@@ -1,0 +1,111 @@
+"""A message that was being sent when the process died is in doubt at the
+next open: ``in_doubt`` on its record, in ``status()`` and the JSON listing,
+and ``after_crash`` decides whether it is sent again or frozen.
+
+The crash is simulated by writing the spool as a dead process leaves it: a
+record checked out (``active/.checkout/ID``) by an attempt that never ended,
+or (a record written by another tool) stored as ``sending``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from spoold.daemon.control import message_view
+from spoold.message import Frozen, SendAt, Sending, encode_record
+from spoold.spool import AfterCrash
+from spoold.testing import FakeClock, InMemoryRelay
+from tests.spool_helpers import (
+    MINUTE,
+    START,
+    TRY_LATER,
+    attempts_for,
+    batch,
+    open_spool,
+    places,
+    read_record,
+    relay_answering,
+    status_of,
+)
+from tests.support import wait_until
+
+RCPT = "rcpt@example.com"
+
+
+async def crashed_spool(root: Path, how: str) -> tuple[str, str]:
+    """A spool with two messages, as a crash mid-send leaves it: the first
+    was being sent (``how``: ``checkout`` or ``sending``), the second was
+    waiting its turn. Returns their ids."""
+    clock = FakeClock(START)
+    async with open_spool(root, InMemoryRelay(), clock) as spool:
+        (cut,) = await spool.add(batch(RCPT), frozen=True)
+        (waiting,) = await spool.add(batch(RCPT), frozen=True)
+    for mid, status in ((cut, Sending()), (waiting, SendAt(at=START + MINUTE))):
+        record = read_record(root, "frozen", mid)
+        record.status = status
+        (root / "active" / mid).write_bytes(encode_record(record))
+        os.unlink(root / "frozen" / mid)
+    if how == "checkout":
+        record = read_record(root, "active", cut)
+        record.status = SendAt(at=START)  # what it was before the attempt began
+        (root / "active" / ".checkout" / cut).write_bytes(encode_record(record))
+        os.unlink(root / "active" / cut)
+    return cut, waiting
+
+
+@pytest.mark.parametrize("how", ["checkout", "sending"])
+async def test_resend_marks_it_in_doubt_and_sends_it_again(tmp_path: Path, how: str) -> None:
+    cut, waiting = await crashed_spool(tmp_path, how)
+    relay = relay_answering({RCPT: TRY_LATER})
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay, clock, after_crash="resend") as spool:
+        await wait_until(lambda: isinstance(status_of(spool, cut), SendAt), "the resend to end")
+        assert attempts_for(relay, cut) == [(RCPT,)]
+        (shown,) = [m for m in spool.status() if m.id == cut]
+        assert shown.in_doubt is True
+        assert message_view(shown)["in_doubt"] is True
+        (other,) = [m for m in spool.status() if m.id == waiting]
+        assert other.in_doubt is False
+        assert message_view(other)["in_doubt"] is False
+
+    record = read_record(tmp_path, "active", cut)
+    assert record.in_doubt is True  # on disk: it survives another restart
+    assert places(tmp_path, cut) == ["active"]
+    assert read_record(tmp_path, "active", waiting).in_doubt is False
+
+
+@pytest.mark.parametrize("how", ["checkout", "sending"])
+async def test_freeze_marks_it_in_doubt_and_holds_it(tmp_path: Path, how: str) -> None:
+    cut, waiting = await crashed_spool(tmp_path, how)
+    relay = relay_answering({RCPT: TRY_LATER})
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay, clock, after_crash="freeze") as spool:
+        assert status_of(spool, cut) == Frozen()
+        (shown,) = [m for m in spool.status() if m.id == cut]
+        assert message_view(shown)["in_doubt"] is True
+        assert message_view(shown)["status"] == "frozen"
+        clock.advance(MINUTE)  # the other one's time comes; it is sent as usual
+        await wait_until(lambda: attempts_for(relay, waiting) == [(RCPT,)], "the other attempt")
+        await wait_until(
+            lambda: status_of(spool, waiting) == SendAt(at=START + 2 * MINUTE), "its retry"
+        )
+        assert attempts_for(relay, cut) == []  # never sent: the operator decides
+
+    assert places(tmp_path, cut) == ["frozen"]
+    assert read_record(tmp_path, "frozen", cut).in_doubt is True
+    assert read_record(tmp_path, "active", waiting).in_doubt is False
+
+
+async def test_a_clean_close_leaves_nothing_in_doubt(tmp_path: Path) -> None:
+    relay = relay_answering({RCPT: TRY_LATER})
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay, clock) as spool:
+        (mid,) = await spool.add(batch(RCPT))
+        await wait_until(lambda: isinstance(status_of(spool, mid), SendAt), "first attempt")
+    mode: AfterCrash
+    for mode in ("freeze", "resend"):
+        async with open_spool(tmp_path, relay, clock, after_crash=mode) as spool:
+            assert isinstance(status_of(spool, mid), SendAt)
+            assert [m.in_doubt for m in spool.status()] == [False]
