@@ -37,6 +37,7 @@ __all__ = [
     "ConfigError",
     "ControlError",
     "ControlErrorKind",
+    "WaitTimeoutError",
 ]
 
 
@@ -192,6 +193,7 @@ ControlErrorKind = Literal[
     "busy",  # too many control clients at once
     "internal",  # a bug: the daemon's log says more
     "unavailable",  # (client side) no daemon answers on the socket
+    "timeout",  # ``wait``: the message had no outcome within the time given
 ]
 
 
@@ -202,3 +204,8 @@ class ControlError(SpooldError):
     def __init__(self, message: str, kind: ControlErrorKind = "internal") -> None:
         self.kind: ControlErrorKind = kind
         super().__init__(message)
+
+
+class WaitTimeoutError(SpooldError, TimeoutError):
+    """A wait for a message's outcome ran out of time: the message is still
+    queued (active), and the wait may simply be made again."""
