@@ -197,6 +197,10 @@ def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> 
     elif fmt == "id":
         for v in views:
             click.echo(v["id"])
+    elif fmt == "qshape":
+        from spoold.daemon.qshape import queue_shape, render_queue_shape
+
+        click.echo(render_queue_shape(queue_shape(views, now)))
     elif fmt == "exim":
         for v in views:
             if v.get("unreadable"):
@@ -259,9 +263,12 @@ def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> 
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "exim", "json", "id"]),
+    type=click.Choice(["table", "exim", "json", "id", "qshape"]),
     default="table",
-    help="table (default), exim (like exim -bp), json (one object per line) or id",
+    help=(
+        "table (default), exim (like exim -bp), json (one object per line), id, "
+        "or qshape (recipient domains by age in minutes, like Postfix's qshape)"
+    ),
 )
 @click.option("--frozen-only", is_flag=True, help="only frozen messages")
 @click.option("--active-only", is_flag=True, help="only active messages")
