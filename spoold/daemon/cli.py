@@ -500,6 +500,25 @@ def events(target: _Target) -> None:
 
 
 @main.command()
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="SECONDS",
+    help="time between two refreshes",
+)
+@click.pass_obj
+def top(target: _Target, interval: float) -> None:
+    """A live view of the daemon: queues, rates, next hops, oldest
+    messages, latest events. q or Ctrl-C quits."""
+    from spoold.daemon.top import run_top
+
+    client = target.client()
+    _run(lambda: run_top(client, interval, where=str(client.path)))
+
+
+@main.command()
 @click.pass_obj
 def info(target: _Target) -> None:
     """What the running daemon is using (pid, config, live limits), as JSON."""
