@@ -42,6 +42,7 @@ from spoold.errors import (
     SmtpTlsError,
     SpoolClosedError,
     SpooldError,
+    SpoolFailedError,
     SpoolLockedError,
     StoreError,
     WaitTimeoutError,
@@ -77,6 +78,7 @@ from spoold.relay import (
 )
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import DEFAULT_MIN_FREE_SPACE, DEFAULT_RETRY_INTERVALS, Routes, Spool
+from spoold.waiting import MessageOutcome, OutcomeKind
 from spoold.writer import SpoolWriter
 
 __all__ = [
@@ -86,6 +88,8 @@ __all__ = [
     "Routes",
     "DEFAULT_RETRY_INTERVALS",
     "DEFAULT_MIN_FREE_SPACE",
+    "MessageOutcome",
+    "OutcomeKind",
     # submissions and records
     "RoutedBatch",
     "RoutedEnvelope",
@@ -153,6 +157,7 @@ __all__ = [
     "SmtpTimeoutError",
     "SmtpTlsError",
     "SpoolClosedError",
+    "SpoolFailedError",
     "SpoolLockedError",
     "StoreError",
     "WaitTimeoutError",

@@ -58,11 +58,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
-import structlog
 
 from spoold.address import validate_address
 from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
 from spoold.errors import AddressError, HopUnavailableError, SmtpError, StoreError
+from spoold.log import get_logger
 from spoold.message import Message
 from spoold.relay import (
     AttemptFailed,
@@ -76,7 +76,7 @@ from spoold.smtp_client import SmtpClient, SmtpReply
 
 __all__ = ["SmtpRelay"]
 
-log = structlog.get_logger("spoold.relay")
+log = get_logger("spoold.relay")
 
 
 def _result(reply: SmtpReply) -> RecipientResult:

@@ -239,7 +239,7 @@ class Store:
         min_free_bytes: int = 0,
         sync: SyncMode = "fsync",
     ) -> tuple[Store, RecoveryReport]:
-        """Open (and create) the store at ``root``.
+        """Open (and create, missing parent directories too) the store at ``root``.
 
         ``min_free_bytes`` is the floor of free space under which
         :meth:`enqueue` refuses new entries (changes of existing ones are
@@ -296,6 +296,7 @@ class Store:
         for q in self.queues:
             dirs += [f"{root}/{q}", f"{root}/{q}/{CHECKOUT}", f"{root}/{q}/{REASONS}"]
         if create:
+            os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)  # e.g. var/
             for d in dirs:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(d, _DIR_MODE)

@@ -79,9 +79,7 @@ def subscribe(server: ControlServer, path: Path) -> socket.socket:
 
 
 def subscribers(server: ControlServer) -> int:
-    """Event subscribers of the clients (the server's own one, which
-    remembers deliveries for ``wait``, left out)."""
-    return server.spool._hub.subscriber_count - 1
+    return server.spool._hub.subscriber_count
 
 
 def next_event(s: socket.socket, kind: str) -> dict[str, Any]:
