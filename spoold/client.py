@@ -16,6 +16,10 @@ Errors are those of the asyncio API, from :mod:`spoold.errors`:
   :class:`~spoold.errors.SpoolClosedError`, ``temporary``
   :class:`~spoold.errors.StoreError` (try again later), ``timeout`` (of
   :meth:`Client.wait`) :class:`~spoold.errors.WaitTimeoutError`;
+
+:meth:`Client.wait` returns the :class:`~spoold.waiting.MessageOutcome`
+that :meth:`spoold.Spool.wait` gives the daemon (with the envelope's
+sender and recipients only).
 * anything else (a request the daemon calls invalid, a daemon that is busy,
   absent, or answers nothing within ``timeout``) is a
   :class:`~spoold.errors.ControlError` whose ``kind`` says which.
@@ -29,7 +33,7 @@ import json
 import os
 import socket as socketlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
 
@@ -44,27 +48,15 @@ from spoold.errors import (
     WaitTimeoutError,
 )
 from spoold.ids import validate_id
+from spoold.message import EnvelopeInfo
+from spoold.waiting import MessageOutcome, OutcomeKind
 
-__all__ = ["Client", "MessageOutcome", "OutcomeKind"]
+__all__ = ["Client"]
 
 _PROTOCOL_VERSION = 1
 _CLIENT_KINDS: frozenset[str] = frozenset(
     {"invalid", "not_found", "refused", "closed", "temporary", "busy", "internal", "timeout"}
 )
-
-OutcomeKind = Literal["delivered", "frozen", "removed", "quarantined"]
-
-
-@dataclass(frozen=True, slots=True)
-class MessageOutcome:
-    """What became of a message (:meth:`Client.wait`). ``failed_recipients``
-    are those refused for good (a frozen message); ``detail`` is the last
-    relay error, or the reason a message was quarantined."""
-
-    id: str
-    outcome: OutcomeKind
-    failed_recipients: tuple[str, ...] = ()
-    detail: str | None = None
 
 
 def _ids(ids: str | Iterable[str]) -> list[str]:
@@ -94,8 +86,6 @@ def _raise_for(reply: dict[str, Any]) -> NoReturn:
         raise SpoolClosedError(text)
     if kind == "temporary":
         raise StoreError(text)
-    if kind == "timeout":
-        raise WaitTimeoutError(text)
     known = cast(ControlErrorKind, kind) if kind in _CLIENT_KINDS else "internal"
     raise ControlError(text, known)
 
@@ -215,19 +205,31 @@ class Client:
         return [str(i) for i in ids]
 
     def wait(self, message_id: str, timeout: float | None = None) -> MessageOutcome:
-        """Block until the message has an outcome and return it: at once
-        for one already frozen, removed, quarantined or delivered (since the
-        daemon started). :class:`~spoold.errors.WaitTimeoutError` if it is
-        still queued after ``timeout`` seconds (None: no limit)."""
+        """Block until the message has an outcome and return it (as
+        :meth:`spoold.Spool.wait` does in the daemon): at once for one that
+        already has one. :class:`~spoold.errors.WaitTimeoutError` if it is
+        still queued after ``timeout`` seconds (None: no limit; 0: look once)."""
         mid = validate_id(message_id)
-        if timeout is not None and not timeout >= 0:
+        if timeout is not None and not 0 <= timeout < float("inf"):
             raise ValueError("timeout must be a number of seconds, or None")
         limit = None if timeout is None else timeout + self.timeout
-        found = self._exchange({"op": "wait", "id": mid, "timeout": timeout}, timeout=limit)
+        try:
+            found = self._exchange({"op": "wait", "id": mid, "timeout": timeout}, timeout=limit)
+        except ControlError as exc:
+            if exc.kind == "timeout" and timeout is not None:
+                raise WaitTimeoutError(mid, timeout) from None
+            raise
+        envelope = None
+        if "sender" in found:
+            envelope = EnvelopeInfo(sender=found["sender"], recipients=list(found["recipients"]))
+        when = found.get("time")
         return MessageOutcome(
             id=str(found["id"]),
-            outcome=found["outcome"],
+            kind=OutcomeKind(found["outcome"]),
+            time=datetime.fromisoformat(when.replace("Z", "+00:00")) if when else None,
+            envelope_info=envelope,
             failed_recipients=tuple(found.get("failed_recipients") or ()),
+            last_error=found.get("last_error"),
             detail=found.get("detail"),
         )
 

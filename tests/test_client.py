@@ -18,7 +18,6 @@ import pytest
 
 import spoold
 from spoold import Client
-from spoold.client import MessageOutcome
 from spoold.errors import (
     AddressError,
     ControlError,
@@ -27,6 +26,8 @@ from spoold.errors import (
     OperationRefusedError,
     WaitTimeoutError,
 )
+from spoold.message import EnvelopeInfo
+from spoold.waiting import OutcomeKind
 from tests.daemon_helpers import DaemonFactory, write_config
 from tests.smtp_server import Reply, SmtpTestServer
 from tests.support import WAIT_TIMEOUT, wait_until
@@ -69,12 +70,14 @@ async def test_submit_then_wait_for_delivery(
         lambda: client.submit("app@example.org", ["ops@example.com"], letter("by the client"))
     )
     outcome = await call(lambda: client.wait(mid, timeout=WAIT_TIMEOUT))
-    assert outcome == MessageOutcome(mid, "delivered")
+    assert (outcome.id, outcome.kind, outcome.failed_recipients) == (mid, "delivered", ())
+    assert outcome.envelope_info == EnvelopeInfo("app@example.org", ["ops@example.com"])
+    assert outcome.time is not None
     (received,) = smtp_server.messages
     assert received.rcpt_tos == ("ops@example.com",)
     assert b"Subject: by the client\r\n" in received.content
     # Asked again after it left: the daemon remembers the delivery.
-    assert (await call(lambda: client.wait(mid, timeout=0))).outcome == "delivered"
+    assert (await call(lambda: client.wait(mid, timeout=0))).kind is OutcomeKind.DELIVERED
     assert await call(client.count) == {
         "active": 0,
         "frozen": 0,
@@ -104,14 +107,15 @@ async def test_freeze_wait_send_and_remove(
     await wait_until(attempted, "a first attempt", interval=0.02)
     await call(lambda: client.freeze(mid))
     frozen = await call(lambda: client.wait(mid, timeout=0))
-    assert frozen.outcome == "frozen"
-    assert frozen.detail is not None and "451 4.3.0 try later" in frozen.detail
+    assert frozen.kind is OutcomeKind.FROZEN
+    assert frozen.failed_recipients == ()
+    assert frozen.last_error is not None and "451 4.3.0 try later" in frozen.last_error
     assert [v["id"] for v in await call(lambda: client.status("frozen"))] == [mid]
 
     del smtp_server.behaviour.rcpt["later@example.com"]
     assert await call(lambda: client.send(mid)) == [mid]
     delivered = await call(lambda: client.wait(mid, timeout=WAIT_TIMEOUT))
-    assert delivered == MessageOutcome(mid, "delivered")
+    assert (delivered.id, delivered.kind) == (mid, OutcomeKind.DELIVERED)
     assert smtp_server.messages[-1].rcpt_tos == ("later@example.com",)
 
 
@@ -124,14 +128,14 @@ async def test_wait_for_frozen_with_failed_recipients_then_removed(
         lambda: client.submit("app@example.org", ["nobody@example.com"], b"Subject: b\n\nx\n")
     )
     frozen = await call(lambda: client.wait(mid, timeout=WAIT_TIMEOUT))
-    assert frozen.outcome == "frozen"
+    assert frozen.kind is OutcomeKind.FROZEN
     assert frozen.failed_recipients == ("nobody@example.com",)
+    assert frozen.last_error is not None and "550 5.1.1 no such user" in frozen.last_error
     await call(lambda: client.remove([mid]))
-    assert await call(lambda: client.wait(mid)) == MessageOutcome(
-        mid, "removed", ("nobody@example.com",), frozen.detail
-    )
+    removed = await call(lambda: client.wait(mid))
+    assert (removed.kind, removed.failed_recipients) == ("removed", ("nobody@example.com",))
     await call(lambda: client.recover(mid, from_="removed"))
-    assert (await call(lambda: client.wait(mid))).outcome == "frozen"
+    assert (await call(lambda: client.wait(mid))).kind is OutcomeKind.FROZEN
 
 
 async def test_typed_errors(

@@ -24,14 +24,12 @@ removed|quarantine), ``show`` (``id``,
 live limits), ``submit`` (a message for ``spoold sendmail``), ``wait``
 and ``ping``.
 
-``wait`` (``id``, ``timeout`` in seconds or null) answers once the message
-has an outcome: ``delivered``, ``frozen`` (with its failed recipients),
-``removed`` or ``quarantined``; at once if it already has one, including a
-delivery since the server started (the last :data:`RECENT_DELIVERIES` are
-remembered). A message still active when the time is up is answered with
-kind ``timeout``; an id neither queued nor remembered as delivered is
-``not_found``. A waiting client holds its place among ``max_clients``, and
-hanging up ends its wait at once.
+``wait`` (``id``, ``timeout`` in seconds or null) is
+:meth:`~spoold.spool.Spool.wait`: it answers once the message has an
+outcome (:func:`outcome_view`), at once if it already has one. A message
+still queued when the time is up is answered with kind ``timeout``; an id
+the spool knows nothing of is ``not_found``. A waiting client holds its
+place among ``max_clients``, and hanging up ends its wait at once.
 
 ``submit`` carries the message outside the JSON line: the line holds
 ``sender``, ``recipients`` and ``"content_length": N``, and exactly N raw
@@ -80,7 +78,6 @@ import os
 import re
 import socket as socketlib
 import stat
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -107,28 +104,17 @@ from spoold.errors import (
     StoreError,
     WaitTimeoutError,
 )
-from spoold.events import EventKind, Subscription
-from spoold.ids import validate_id
-from spoold.message import (
-    Frozen,
-    Message,
-    Quarantined,
-    Queue,
-    Removed,
-    RetryInterval,
-    SendAt,
-    queue_of,
-)
+from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, queue_of
 from spoold.ondisk import Unreadable
 from spoold.spool import Spool
 from spoold.times import parse_span, rfc3339
+from spoold.waiting import MessageOutcome
 
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_REQUEST",
     "REQUEST_TIMEOUT",
     "MAX_CLIENTS",
-    "RECENT_DELIVERIES",
     "ControlServer",
     "DaemonOperations",
     "OPERATIONS",
@@ -143,7 +129,6 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST = 1024 * 1024  # one request line, without its newline
 REQUEST_TIMEOUT = 30.0  # seconds from accept to the request's newline
 MAX_CLIENTS = 64  # connections served at once, events subscribers included
-RECENT_DELIVERIES = 100_000  # delivered ids ``wait`` remembers
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024  # smtp.max_message_size's default
 
 _BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
@@ -211,81 +196,27 @@ def describe_view(found: Message | Unreadable) -> dict[str, Any]:
     return unreadable_view(found) if isinstance(found, Unreadable) else message_view(found)
 
 
-def outcome_view(found: Message | Unreadable) -> dict[str, Any] | None:
-    """The ``wait`` answer for a message that is still on disk: its
-    outcome, or None while it is active (no outcome yet)."""
-    if isinstance(found, Unreadable):
-        return {
-            "id": found.id,
-            "outcome": "quarantined",
-            "failed_recipients": [],
-            "detail": found.reason,
-        }
-    status = found.status
-    last = found.relay_attempts[0].error if found.relay_attempts else None
-    if isinstance(status, Frozen):
-        outcome, detail = "frozen", last
-    elif isinstance(status, Removed):
-        outcome, detail = "removed", last
-    elif isinstance(status, Quarantined):
-        outcome, detail = "quarantined", status.reason
-    else:
-        return None
-    return {
-        "id": found.id,
-        "outcome": outcome,
-        "failed_recipients": list(found.failed_recipients),
-        "detail": detail,
+def outcome_view(outcome: MessageOutcome) -> dict[str, Any]:
+    """The ``wait`` result: a :class:`~spoold.waiting.MessageOutcome` as
+    JSON (``outcome`` is its kind; ``sender`` and ``recipients`` are the
+    envelope's, when known)."""
+    view: dict[str, Any] = {
+        "id": outcome.id,
+        "outcome": outcome.kind.value,
+        "time": rfc3339(outcome.time) if outcome.time else None,
+        "failed_recipients": list(outcome.failed_recipients),
+        "last_error": outcome.last_error,
+        "detail": outcome.detail,
     }
-
-
-class _RecentDeliveries:
-    """The ids delivered since the server started (the newest ``limit``),
-    so ``wait`` can answer for a message that left before it asked.
-
-    Fed from one event subscription by :meth:`follow` (a task of the
-    server); :meth:`catch_up` takes what is already published but not yet
-    read, without waiting, so an answer never depends on when that task
-    last ran. Both read the same subscription, only ever on the event loop.
-
-    A stopgap until the spool answers this itself (``Spool.wait``)."""
-
-    def __init__(self, spool: Spool, limit: int = RECENT_DELIVERIES) -> None:
-        self.limit = limit
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        self._events: Subscription = spool.events()
-
-    def _take(self, kind: EventKind, message_id: str | None) -> None:
-        if kind is EventKind.DELIVERED and message_id is not None:
-            self._ids[message_id] = None
-            if len(self._ids) > self.limit:
-                self._ids.popitem(last=False)
-
-    async def follow(self) -> None:
-        async for event in self._events:
-            self._take(event.kind, event.id)
-
-    def close(self) -> None:
-        self._events.close()
-
-    async def catch_up(self) -> None:
-        with anyio.move_on_after(0):  # ends at the first wait for a new event
-            while True:
-                event = await self._events.__anext__()
-                self._take(event.kind, event.id)
-
-    def __contains__(self, message_id: str) -> bool:
-        return message_id in self._ids
+    if outcome.envelope_info is not None:
+        view["sender"] = outcome.envelope_info.sender
+        view["recipients"] = list(outcome.envelope_info.recipients)
+    return view
 
 
 _P = TypeVar("_P", bound="_Params")
 
 _KINDS: frozenset[str] = frozenset(get_args(ControlErrorKind))
-
-# Events after which a waited-for message may have its outcome.
-_OUTCOME_EVENTS = frozenset(
-    {EventKind.DELIVERED, EventKind.FROZEN, EventKind.REMOVED, EventKind.QUARANTINED}
-)
 
 
 def _reply_kind(reply: dict[str, Any]) -> ControlErrorKind:
@@ -541,7 +472,6 @@ class ControlServer:
         self.request_timeout = request_timeout
         self.max_clients = max_clients
         self.clients = 0  # connections being served now, events subscribers included
-        self._delivered: _RecentDeliveries | None = None  # while serving
 
     def daemon_operations(self) -> DaemonOperations:
         if self.daemon is None:
@@ -559,13 +489,9 @@ class ControlServer:
         sock = await _listen(path, mode)
         try:
             async with anyio.create_task_group() as tg:
-                self._delivered = _RecentDeliveries(self.spool)  # subscribed from here on
-                tg.start_soon(self._delivered.follow)
                 task_status.started()
                 await self._accept_loop(sock, str(path), tg)
         finally:
-            if self._delivered is not None:
-                self._delivered.close()
             sock.close()
             with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
                 await anyio.Path(path).unlink()
@@ -787,34 +713,7 @@ class ControlServer:
         return reply
 
     async def _outcome(self, message_id: str, seconds: float | None) -> dict[str, Any]:
-        # Once Spool.wait exists, this is a call to it (its outcome mapped
-        # to this dict), and _RecentDeliveries goes.
-        mid = validate_id(message_id)
-        async with self.spool.events() as events:  # before looking: nothing is missed
-            found = await self._outcome_now(mid)
-            if found is not None:
-                return found
-            with anyio.move_on_after(math.inf if seconds is None else seconds):
-                async for event in events:
-                    if event.id == mid and event.kind in _OUTCOME_EVENTS:
-                        found = await self._outcome_now(mid)
-                        if found is not None:
-                            return found
-        raise WaitTimeoutError(f"{mid}: no outcome within {seconds:g} s; still queued")
-
-    async def _outcome_now(self, mid: str) -> dict[str, Any] | None:
-        """The outcome ``mid`` has now, None if it has none yet."""
-        try:
-            return outcome_view(await self.spool.describe(mid))
-        except NotFoundError:
-            pass
-        if self._delivered is not None:
-            await self._delivered.catch_up()
-            if mid in self._delivered:
-                return {"id": mid, "outcome": "delivered", "failed_recipients": [], "detail": None}
-        raise NotFoundError(
-            f"{mid}: no such message (not queued, and not delivered since the daemon started)"
-        )
+        return outcome_view(await self.spool.wait(message_id, seconds))
 
     async def _dispatch(self, op: object, call: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
         try:
