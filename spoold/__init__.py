@@ -2,8 +2,9 @@
 
 This package is the library: everything a program needs to spool mail
 durably and relay it is importable from here (``from spoold import Spool,
-SmtpRelay, RouteSettings, RoutedBatch, RoutedEnvelope, Body``). Test doubles
-are in :mod:`spoold.testing`. The daemon, its CLI and its configuration
+SmtpRelay, RouteSettings, RoutedBatch, RoutedEnvelope, Body``), and so is
+:class:`~spoold.client.Client`, the synchronous client of a running daemon.
+Test doubles are in :mod:`spoold.testing`. The daemon, its CLI and its configuration
 (``spoold run``) live in :mod:`spoold.daemon` and are not library API.
 
 The layers, bottom up: :mod:`spoold.store` (durable files, no mail) →
@@ -16,6 +17,7 @@ scheduler, operations, events) with its rules in :mod:`spoold.outcome` →
 
 from spoold.address import validate_address
 from spoold.body import Body, LineEndingPolicy
+from spoold.client import Client
 from spoold.clock import Clock, SystemClock
 from spoold.connection_cache import ConnectionCache, RouteSettings, TlsMode
 from spoold.errors import (
@@ -130,6 +132,8 @@ __all__ = [
     "validate_address",
     "new_id",
     "validate_id",
+    # a running daemon, from synchronous code
+    "Client",
     # relaying
     "Relay",
     "RelayOutcome",

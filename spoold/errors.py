@@ -212,6 +212,7 @@ ControlErrorKind = Literal[
     "busy",  # too many control clients at once
     "internal",  # a bug: the daemon's log says more
     "unavailable",  # (client side) no daemon answers on the socket
+    "timeout",  # ``wait``: the message had no outcome within the time given
 ]
 
 

@@ -1291,6 +1291,18 @@ class Spool:
         status is, or is about to be, ``sending``)."""
         return self._running
 
+    def oldest_spool_dates(self) -> dict[Queue, datetime]:
+        """The spool date of the oldest message of each queue held in
+        memory (a queue with no message is left out). One pass over the
+        index, nothing copied, no file read (for gauges refreshed often)."""
+        oldest: dict[Queue, datetime] = {}
+        for entry in self._index.values():
+            when = entry.msg.spool_date
+            seen = oldest.get(entry.queue)
+            if seen is None or when < seen:
+                oldest[entry.queue] = when
+        return oldest
+
     # --------------------------------------------------------------- index
 
     def _index_put(self, entry: _Entry, queue: Queue | None = None) -> None:

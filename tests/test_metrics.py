@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from pathlib import Path
 
@@ -55,3 +56,14 @@ async def test_metrics_count_queue_and_events(tmp_path: Path) -> None:
 
             await wait_until(counted, lambda: f"{expected} in the metrics", interval=0.01)
             tg.cancel_scope.cancel()
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/metrics.md lists every metric the daemon serves, and no other."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(spoold_\w+)` \|", doc, re.M))
+    served = set()
+    for family in Metrics().registry.collect():
+        suffix = "_total" if family.type == "counter" else ""
+        served.add(family.name + suffix)
+    assert documented == served

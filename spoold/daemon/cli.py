@@ -197,6 +197,10 @@ def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> 
     elif fmt == "id":
         for v in views:
             click.echo(v["id"])
+    elif fmt == "qshape":
+        from spoold.daemon.qshape import queue_shape, render_queue_shape
+
+        click.echo(render_queue_shape(queue_shape(views, now)))
     elif fmt == "exim":
         for v in views:
             if v.get("unreadable"):
@@ -263,9 +267,12 @@ def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> 
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "exim", "json", "id"]),
+    type=click.Choice(["table", "exim", "json", "id", "qshape"]),
     default="table",
-    help="table (default), exim (like exim -bp), json (one object per line) or id",
+    help=(
+        "table (default), exim (like exim -bp), json (one object per line), id, "
+        "or qshape (recipient domains by age in minutes, like Postfix's qshape)"
+    ),
 )
 @click.option("--frozen-only", is_flag=True, help="only frozen messages")
 @click.option("--active-only", is_flag=True, help="only active messages")
@@ -538,6 +545,25 @@ def events(target: _Target) -> None:
     except KeyboardInterrupt:
         return
     _fail("the daemon closed the event stream (it stopped or restarted)", 1)
+
+
+@main.command()
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="SECONDS",
+    help="time between two refreshes",
+)
+@click.pass_obj
+def top(target: _Target, interval: float) -> None:
+    """A live view of the daemon: queues, rates, next hops, oldest
+    messages, latest events. q or Ctrl-C quits."""
+    from spoold.daemon.top import run_top
+
+    client = target.client()
+    _run(lambda: run_top(client, interval, where=str(client.path)))
 
 
 @main.command()

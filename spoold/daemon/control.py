@@ -22,7 +22,15 @@ that cannot be read is listed with ``unreadable: true`` and its reason),
 removed|quarantine), ``show`` (``id``,
 ``body``), ``retry_plan`` (``id``: the message's future attempts, see
 :func:`retry_plan_view`), ``events``, ``reload``, ``check``, ``info`` (pid, config and
-live limits), ``submit`` (a message for ``spoold sendmail``) and ``ping``.
+live limits), ``submit`` (a message for ``spoold sendmail``), ``wait``
+and ``ping``.
+
+``wait`` (``id``, ``timeout`` in seconds or null) is
+:meth:`~spoold.spool.Spool.wait`: it answers once the message has an
+outcome (:func:`outcome_view`), at once if it already has one. A message
+still queued when the time is up is answered with kind ``timeout``; an id
+the spool knows nothing of is ``not_found``. A waiting client holds its
+place among ``max_clients``, and hanging up ends its wait at once.
 
 ``submit`` carries the message outside the JSON line: the line holds
 ``sender``, ``recipients`` and ``"content_length": N``, and exactly N raw
@@ -66,6 +74,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import re
 import socket as socketlib
@@ -94,12 +103,14 @@ from spoold.errors import (
     SpoolClosedError,
     SpooldError,
     StoreError,
+    WaitTimeoutError,
 )
 from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, queue_of
 from spoold.ondisk import Unreadable
 from spoold.outcome import RetryPlan
 from spoold.spool import Spool
 from spoold.times import parse_span, rfc3339
+from spoold.waiting import MessageOutcome
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -114,6 +125,7 @@ __all__ = [
     "unreadable_view",
     "describe_view",
     "retry_plan_view",
+    "outcome_view",
 ]
 
 PROTOCOL_VERSION = 1
@@ -227,6 +239,24 @@ def describe_view(found: Message | Unreadable) -> dict[str, Any]:
     return unreadable_view(found) if isinstance(found, Unreadable) else message_view(found)
 
 
+def outcome_view(outcome: MessageOutcome) -> dict[str, Any]:
+    """The ``wait`` result: a :class:`~spoold.waiting.MessageOutcome` as
+    JSON (``outcome`` is its kind; ``sender`` and ``recipients`` are the
+    envelope's, when known)."""
+    view: dict[str, Any] = {
+        "id": outcome.id,
+        "outcome": outcome.kind.value,
+        "time": rfc3339(outcome.time) if outcome.time else None,
+        "failed_recipients": list(outcome.failed_recipients),
+        "last_error": outcome.last_error,
+        "detail": outcome.detail,
+    }
+    if outcome.envelope_info is not None:
+        view["sender"] = outcome.envelope_info.sender
+        view["recipients"] = list(outcome.envelope_info.recipients)
+    return view
+
+
 _P = TypeVar("_P", bound="_Params")
 
 _KINDS: frozenset[str] = frozenset(get_args(ControlErrorKind))
@@ -312,6 +342,11 @@ class _IdParams(_Params):
 
 class _CheckParams(_Params):
     max_age: float = 3600.0
+
+
+class _WaitParams(_Params):
+    id: str
+    timeout: float | None = None
 
 
 class _SubmitParams(_Params):
@@ -579,6 +614,11 @@ class ControlServer:
         if op == "events":
             await self._events(stream, reader)
             return
+        if op == "wait":
+            reply = await self._wait(reader, request)
+            if reply is not None:
+                await self._reply(stream, reply)
+            return
         if op == "submit":
             reply = await self._submit(reader, request)
         elif isinstance(op, str) and op in OPERATIONS:
@@ -693,6 +733,40 @@ class ControlServer:
                     await stream.send(_encode({"ok": True, "event": event.to_dict()}))
             tg.cancel_scope.cancel()
 
+    async def _wait(
+        self, reader: BufferedByteReceiveStream, request: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """``wait``: the reply once the message has an outcome; None if the
+        client hung up first (that ends the wait at once)."""
+        try:
+            p = _params("wait", _WaitParams, request)
+        except ValueError as exc:
+            return _error("invalid", f"wait: {exc}")
+        if p.timeout is not None and not 0 <= p.timeout < math.inf:
+            return _error("invalid", "wait: timeout must be a number of seconds, or null")
+        reply: dict[str, Any] | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def until_hung_up() -> None:
+                with contextlib.suppress(
+                    anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError
+                ):
+                    while True:
+                        await reader.receive()  # nothing more is expected: dropped
+                tg.cancel_scope.cancel()
+
+            async def answer() -> None:
+                nonlocal reply
+                reply = await self._dispatch("wait", lambda: self._outcome(p.id, p.timeout))
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(until_hung_up)
+            tg.start_soon(answer)
+        return reply
+
+    async def _outcome(self, message_id: str, seconds: float | None) -> dict[str, Any]:
+        return outcome_view(await self.spool.wait(message_id, seconds))
+
     async def _dispatch(self, op: object, call: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
         try:
             result = await call()
@@ -704,6 +778,8 @@ class ControlServer:
             return _error("refused", str(exc))
         except SpoolClosedError as exc:
             return _error("closed", str(exc))
+        except WaitTimeoutError as exc:
+            return _error("timeout", str(exc))
         except StoreError as exc:
             return _error("temporary", f"{op}: {exc}")
         except MxError as exc:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -147,6 +148,7 @@ class Daemon:
         self._workers: IngestWorkers | None = None
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.accept_failures = AcceptFailures()
+        self.metrics = Metrics()  # served when [metrics] listen is set
         self.cache = ConnectionCache(
             max_per_hop=config.relay.max_connections_per_hop,
             max_total=config.relay.max_connections,
@@ -190,7 +192,7 @@ class Daemon:
         hostname = await anyio.to_thread.run_sync(socket.getfqdn)
         async with Spool.open(
             cfg.spool.dir,
-            relay=relay,
+            relay=self.metrics.measured(relay) if cfg.metrics.listen else relay,
             presend=self.live.presend,
             on_error=self.live.on_error,
             max_concurrent_send_jobs=cfg.spool.max_concurrent_send_jobs,
@@ -217,7 +219,11 @@ class Daemon:
             async with anyio.create_task_group() as services:
                 await services.start(server.serve, cfg.control.socket, cfg.control.mode)
                 if cfg.metrics.listen:
-                    await services.start(Metrics().serve, spool, cfg.metrics.listen)
+                    await services.start(
+                        functools.partial(self.metrics.serve, cache=self.cache),
+                        spool,
+                        cfg.metrics.listen,
+                    )
                 if cfg.smtp is not None:
                     sockets = await anyio.to_thread.run_sync(
                         listening_sockets, cfg.smtp.listen, self.inherited
@@ -314,7 +320,9 @@ class Daemon:
         """Re-read the config file and apply it in one step (one reload at
         a time, so the newest file read is the one applied last)."""
         async with self._reload_lock:
-            return await self._reload()
+            result = await self._reload()
+        self.metrics.reloaded(bool(result.get("applied")))
+        return result
 
     async def _reload(self) -> dict[str, Any]:
         old = self.live.config

@@ -1,0 +1,278 @@
+"""A synchronous client of a running daemon, for programs that are not asyncio.
+
+:class:`Client` speaks the control protocol (``docs/control-protocol.md``)
+over the daemon's Unix socket with plain blocking sockets: no event loop, no
+thread, nothing of the daemon imported. One request is one connection, so a
+client object holds no resource between calls and may be shared by threads.
+
+Errors are those of the asyncio API, from :mod:`spoold.errors`:
+
+* before anything is sent, a bad id raises
+  :class:`~spoold.errors.InvalidIdError` and a bad address
+  :class:`~spoold.errors.AddressError` (checked here as the daemon would);
+* the daemon's refusals come back typed by their ``kind``: ``not_found``
+  :class:`~spoold.errors.NotFoundError`, ``refused``
+  :class:`~spoold.errors.OperationRefusedError`, ``closed``
+  :class:`~spoold.errors.SpoolClosedError`, ``temporary``
+  :class:`~spoold.errors.StoreError` (try again later), ``timeout`` (of
+  :meth:`Client.wait`) :class:`~spoold.errors.WaitTimeoutError`;
+
+:meth:`Client.wait` returns the :class:`~spoold.waiting.MessageOutcome`
+that :meth:`spoold.Spool.wait` gives the daemon (with the envelope's
+sender and recipients only).
+* anything else (a request the daemon calls invalid, a daemon that is busy,
+  absent, or answers nothing within ``timeout``) is a
+  :class:`~spoold.errors.ControlError` whose ``kind`` says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.message
+import json
+import os
+import socket as socketlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, NoReturn, cast
+
+from spoold.address import validate_address
+from spoold.errors import (
+    ControlError,
+    ControlErrorKind,
+    NotFoundError,
+    OperationRefusedError,
+    SpoolClosedError,
+    StoreError,
+    WaitTimeoutError,
+)
+from spoold.ids import validate_id
+from spoold.message import EnvelopeInfo
+from spoold.waiting import MessageOutcome, OutcomeKind
+
+__all__ = ["Client"]
+
+_PROTOCOL_VERSION = 1
+_CLIENT_KINDS: frozenset[str] = frozenset(
+    {"invalid", "not_found", "refused", "closed", "temporary", "busy", "internal", "timeout"}
+)
+
+
+def _ids(ids: str | Iterable[str]) -> list[str]:
+    """A list of valid ids (a single string is one id, never its letters)."""
+    out = [validate_id(ids)] if isinstance(ids, str) else [validate_id(i) for i in ids]
+    if not out:
+        raise ValueError("no message ids given")
+    return out
+
+
+def _content(message: bytes | email.message.Message) -> bytes:
+    if isinstance(message, bytes | bytearray | memoryview):
+        return bytes(message)
+    if isinstance(message, email.message.Message):
+        return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+    raise TypeError(f"a message is bytes or an email.message.Message, not {type(message).__name__}")
+
+
+def _raise_for(reply: dict[str, Any]) -> NoReturn:
+    text = str(reply.get("error", "unknown error"))
+    kind = reply.get("kind")
+    if kind == "not_found":
+        raise NotFoundError(text)
+    if kind == "refused":
+        raise OperationRefusedError(text)
+    if kind == "closed":
+        raise SpoolClosedError(text)
+    if kind == "temporary":
+        raise StoreError(text)
+    known = cast(ControlErrorKind, kind) if kind in _CLIENT_KINDS else "internal"
+    raise ControlError(text, known)
+
+
+class Client:
+    """The daemon at control socket ``socket``. ``timeout`` bounds each
+    request (connect, send, reply) in seconds; :meth:`wait` adds its own."""
+
+    def __init__(self, socket: str | os.PathLike[str], *, timeout: float = 60.0) -> None:
+        self.socket = Path(socket)
+        self.timeout = timeout
+
+    # ------------------------------------------------------------ plumbing
+
+    def _exchange(
+        self, request: dict[str, Any], content: bytes = b"", *, timeout: float | None = None
+    ) -> Any:
+        line = json.dumps({"v": _PROTOCOL_VERSION, **request}, separators=(",", ":"))
+        with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(self.socket))
+            except FileNotFoundError:
+                raise ControlError(
+                    f"no daemon: control socket {self.socket} does not exist", "unavailable"
+                ) from None
+            except TimeoutError:
+                raise ControlError(
+                    f"the daemon at {self.socket} did not answer within {timeout:g} s",
+                    "unavailable",
+                ) from None
+            except OSError as exc:
+                raise ControlError(
+                    f"cannot reach the daemon at {self.socket}: {exc.strerror or exc}",
+                    "unavailable",
+                ) from None
+            try:
+                # A daemon that refuses before reading everything (a message
+                # over its limit) answers and hangs up: its reply says why.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(line.encode() + b"\n" + content)
+                with sock.makefile("rb") as reader:
+                    answer = reader.readline()
+            except TimeoutError:
+                raise ControlError(
+                    f"no reply from the daemon at {self.socket} within {timeout:g} s",
+                    "unavailable",
+                ) from None
+            except OSError as exc:
+                raise ControlError(
+                    f"lost the daemon at {self.socket}: {exc.strerror or exc}", "unavailable"
+                ) from None
+        if not answer.endswith(b"\n"):
+            raise ControlError("the daemon closed the connection without a reply", "internal")
+        reply = json.loads(answer)
+        if not reply.get("ok"):
+            _raise_for(reply)
+        return reply.get("result")
+
+    def request(self, op: str, **params: Any) -> Any:
+        """Any operation of the protocol by name; its ``result``."""
+        return self._exchange({"op": op, **params}, timeout=self.timeout)
+
+    # ------------------------------------------------------------- reading
+
+    def ping(self) -> bool:
+        return bool(self.request("ping") == "pong")
+
+    def status(
+        self, queue: Literal["all", "active", "frozen", "quarantine"] = "all"
+    ) -> list[dict[str, Any]]:
+        """The listing of ``spoold status --format json``: one dict per
+        message (``all``: active and frozen)."""
+        views: list[dict[str, Any]] = self.request("status", queue=queue)
+        return views
+
+    def count(self) -> dict[str, int]:
+        """Messages per queue: ``active``, ``frozen``, ``sending``,
+        ``removed``, ``quarantine``."""
+        counts: dict[str, int] = self.request("count")
+        return counts
+
+    def show(self, message_id: str) -> dict[str, Any]:
+        """One message's listing, from any queue."""
+        view: dict[str, Any] = self.request("show", id=validate_id(message_id))
+        return view
+
+    def info(self) -> dict[str, Any]:
+        """What the daemon runs with (pid, config, live limits)."""
+        found: dict[str, Any] = self.request("info")
+        return found
+
+    # ------------------------------------------------------------- writing
+
+    def submit(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes | email.message.Message,
+    ) -> list[str]:
+        """Spool one message (``sender`` ``""`` is the null sender); return
+        the ids of the messages spooled (one per route), once they are on
+        disk. The content may use LF or CRLF line endings."""
+        if isinstance(recipients, str):
+            raise TypeError("recipients is a list of addresses, not one string")
+        validate_address(sender, role="sender", smtputf8=True)
+        for rcpt in recipients:
+            validate_address(rcpt, role="recipient", smtputf8=True)
+        content = _content(message)
+        request = {
+            "op": "submit",
+            "sender": sender,
+            "recipients": list(recipients),
+            "content_length": len(content),
+        }
+        ids = self._exchange(request, content, timeout=self.timeout)
+        return [str(i) for i in ids]
+
+    def wait(self, message_id: str, timeout: float | None = None) -> MessageOutcome:
+        """Block until the message has an outcome and return it (as
+        :meth:`spoold.Spool.wait` does in the daemon): at once for one that
+        already has one. :class:`~spoold.errors.WaitTimeoutError` if it is
+        still queued after ``timeout`` seconds (None: no limit; 0: look once)."""
+        mid = validate_id(message_id)
+        if timeout is not None and not 0 <= timeout < float("inf"):
+            raise ValueError("timeout must be a number of seconds, or None")
+        limit = None if timeout is None else timeout + self.timeout
+        try:
+            found = self._exchange({"op": "wait", "id": mid, "timeout": timeout}, timeout=limit)
+        except ControlError as exc:
+            if exc.kind == "timeout" and timeout is not None:
+                raise WaitTimeoutError(mid, timeout) from None
+            raise
+        envelope = None
+        if "sender" in found:
+            envelope = EnvelopeInfo(sender=found["sender"], recipients=list(found["recipients"]))
+        when = found.get("time")
+        return MessageOutcome(
+            id=str(found["id"]),
+            kind=OutcomeKind(found["outcome"]),
+            time=datetime.fromisoformat(when.replace("Z", "+00:00")) if when else None,
+            envelope_info=envelope,
+            failed_recipients=tuple(found.get("failed_recipients") or ()),
+            last_error=found.get("last_error"),
+            detail=found.get("detail"),
+        )
+
+    def freeze(self, ids: str | Iterable[str]) -> None:
+        self.request("freeze", ids=_ids(ids))
+
+    def send(
+        self,
+        ids: str | Iterable[str] = (),
+        *,
+        which: Literal["ids", "all", "frozen_only"] = "ids",
+        retry_intervals: Sequence[str] = (),
+    ) -> list[str]:
+        """Send now: thaw frozen messages (their failed recipients return to
+        the remaining ones), kick delayed ones. ``retry_intervals`` (spans
+        such as ``"10m"``) go first. Returns the ids sent."""
+        params: dict[str, Any] = {"which": which, "retry_intervals": list(retry_intervals)}
+        if which == "ids":
+            params["ids"] = _ids(ids)
+        sent: list[str] = self.request("send", **params)
+        return sent
+
+    def remove(self, ids: str | Iterable[str]) -> None:
+        """Move frozen messages to the removed queue."""
+        self.request("remove", ids=_ids(ids))
+
+    def recover(self, ids: str | Iterable[str], *, from_: Literal["removed", "quarantine"]) -> None:
+        """Bring messages back from removed or quarantine, frozen."""
+        self.request("recover", ids=_ids(ids), **{"from": from_})
+
+    def reroute(
+        self, ids: str | Iterable[str] = (), *, which: Literal["ids", "all"] = "ids"
+    ) -> list[str]:
+        """Route messages again through the current routes; the ids of
+        every resulting message."""
+        params: dict[str, Any] = {"which": which}
+        if which == "ids":
+            params["ids"] = _ids(ids)
+        result: list[str] = self.request("reroute", **params)
+        return result
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the daemon's config: ``{"applied": true, "restart_needed":
+        [...]}`` or ``{"applied": false, "errors": [...]}``."""
+        result: dict[str, Any] = self.request("reload")
+        return result
