@@ -31,12 +31,23 @@ Then the message's status:
 
 Every attempt that did not deliver to everyone adds a relay attempt (time,
 error text) to the record.
+
+What the attempt says about its next hop (:func:`hop_feedback`, in
+:attr:`AttemptOutcome.hops`): the hop *throttled* us when a refusal is a
+throttling reply (:attr:`~spoold.relay.RecipientResult.throttling`: ``421``,
+or an enhanced status ``4.7.x``) or ``on_error`` answered
+``try_later_rate_limited`` for one, and when the relay says a hop it could
+not use turned us away so (:attr:`~spoold.relay.AttemptFailed.throttled_hops`);
+the spool then backs that hop off for every message (:mod:`spoold.limits`).
+A hop that answered without throttling has *answered*, which ends its
+backoff. The hop is the one the relay names, else the message's first next
+hop. None of this changes the message's own next state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -45,13 +56,32 @@ from spoold.hooks import ErrorAction
 from spoold.message import Delivered, Frozen, Message, RelayAttempt, RetryInterval, SendAt, Status
 from spoold.relay import AttemptFailed, Delivery, RecipientResult, RelayOutcome
 
-__all__ = ["NO_REPLY", "AttemptOutcome", "OutcomeEvent", "attempt_outcome", "refusals"]
+__all__ = [
+    "NO_REPLY",
+    "AttemptOutcome",
+    "HopFeedback",
+    "OutcomeEvent",
+    "attempt_outcome",
+    "hop_feedback",
+    "refusals",
+]
 
 NO_REPLY = RecipientResult(451, "no reply for this recipient", "4.4.0")
 
 OutcomeEvent = Literal[
     EventKind.DELIVERED, EventKind.FROZEN, EventKind.DELAYED, EventKind.DELAYED_RATE_LIMITED
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class HopFeedback:
+    """What an attempt says about next hops: ``answered``, the hop that
+    answered without throttling (None if none did); ``throttled``, the hops
+    that throttled us, with ``reason`` (the reply, for the log)."""
+
+    answered: str | None = None
+    throttled: tuple[str, ...] = ()
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +95,24 @@ class AttemptOutcome:
     delivered: tuple[str, ...]
     failed: tuple[str, ...]
     later: tuple[str, ...]
+    hops: HopFeedback = field(default_factory=HopFeedback)
+
+
+def hop_feedback(
+    record: Message, outcome: RelayOutcome, actions: Mapping[str, ErrorAction]
+) -> HopFeedback:
+    """The next hop part of an attempt's outcome (module docstring)."""
+    if isinstance(outcome, AttemptFailed):
+        return HopFeedback(None, tuple(outcome.throttled_hops), outcome.error)
+    hop = outcome.hop or (record.next_hop_choices[0] if record.next_hop_choices else None)
+    if hop is None:
+        return HopFeedback()
+    for rcpt, result in refusals(record, outcome).items():
+        if result.throttling:
+            return HopFeedback(None, (hop,), str(result))
+        if actions.get(rcpt) is ErrorAction.TRY_LATER_RATE_LIMITED:
+            return HopFeedback(None, (hop,), f"{result} (on_error: rate limited)")
+    return HopFeedback(hop)
 
 
 def refusals(record: Message, outcome: RelayOutcome) -> dict[str, RecipientResult]:
@@ -146,4 +194,12 @@ def attempt_outcome(
         event = EventKind.DELAYED_RATE_LIMITED if rate_limited else EventKind.DELAYED
     new.status = status
     delivered = tuple(r for r in remaining if r not in later and r not in permanent)
-    return AttemptOutcome(new, event, at, delivered, tuple(permanent), tuple(later))
+    return AttemptOutcome(
+        new,
+        event,
+        at,
+        delivered,
+        tuple(permanent),
+        tuple(later),
+        hop_feedback(record, outcome, actions),
+    )

@@ -193,6 +193,7 @@ class Daemon:
             min_free_space=cfg.spool.min_free_space,
             routes=self.live.router,
             sync=cfg.spool.sync,
+            limits=self.live.router,
         ) as spool:
             self._spool = spool
             hostname = await anyio.to_thread.run_sync(socket.getfqdn)
@@ -374,6 +375,7 @@ class Daemon:
             )
             spool.set_hooks(live.presend, live.on_error)
             spool.routes = live.router
+            spool.limits = live.router
         if self._workers is not None:
             self._workers.reload()  # they read the same (now validated) file
 
