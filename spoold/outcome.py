@@ -103,7 +103,8 @@ def hop_feedback(
 ) -> HopFeedback:
     """The next hop part of an attempt's outcome (module docstring)."""
     if isinstance(outcome, AttemptFailed):
-        return HopFeedback(None, tuple(outcome.throttled_hops), outcome.error)
+        throttled = tuple(outcome.throttled_hops)
+        return HopFeedback(None, throttled, outcome.error if throttled else "")
     hop = outcome.hop or (record.next_hop_choices[0] if record.next_hop_choices else None)
     if hop is None:
         return HopFeedback()
