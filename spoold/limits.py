@@ -199,6 +199,17 @@ class DestinationGate(Generic[_T]):
         open_ = [h for h in hops if self.backoff(h, now) is None]
         return open_ + [h for h in hops if h not in open_]
 
+    def hops_hold(self, hops: Sequence[str], now: float) -> Hold | None:
+        """A :class:`Hold` until the first window ends when every one of
+        ``hops`` is backed off at ``now``; else None."""
+        if not hops:
+            return None
+        backed = [self.backoff(h, now) for h in hops]
+        if any(b is None for b in backed):
+            return None
+        until = min(b.until for b in backed if b is not None)
+        return Hold(None, until, "every next hop is backed off")
+
     # -- destinations
 
     def admit(
@@ -210,11 +221,9 @@ class DestinationGate(Generic[_T]):
         """May an attempt start at ``now``? None: yes, and a connection
         and a token of the destination are taken (give the connection back
         with :meth:`done`). Else why not: a :class:`Hold`."""
-        if hops:
-            backed = [self.backoff(h, now) for h in hops]
-            if all(b is not None for b in backed):
-                until = min(b.until for b in backed if b is not None)
-                return Hold(None, until, "every next hop is backed off")
+        hold = self.hops_hold(hops, now)
+        if hold is not None:
+            return hold
         if destination is None:
             return None
         name, limits = destination
@@ -244,7 +253,8 @@ class DestinationGate(Generic[_T]):
         """Items that may start now, oldest first per destination; each one
         yielded has been admitted (a connection and a token taken). The
         caller must :meth:`done` it, or :meth:`give_back` one it will not
-        start after all."""
+        start after all (stale, or its hops backed off meanwhile: the
+        caller checks :meth:`hops_hold`)."""
         for name, d in self._destinations.items():
             while d.waiting:
                 start = d.open_at(now)

@@ -438,6 +438,9 @@ class Spool:
                     current = self._index.get(waiting.msg.id)
                     if current is not waiting or waiting.gen != gen or waiting.busy:
                         gate.give_back(name)  # changed while it waited: not for us
+                    elif hold := gate.hops_hold(waiting.msg.next_hop_choices, now_ts):
+                        gate.give_back(name)  # its hops were backed off while it waited
+                        self._hold(waiting, gen, hold)
                     else:
                         self._start(tg, waiting, name)
                     if self._running >= self._max_jobs:
