@@ -116,7 +116,9 @@ async def test_a_throttling_hop_is_backed_off_and_a_rate_is_kept_while_others_go
             await delivered_through(spool, router, free)
             assert limited.transactions == second
         assert throttling.count("MAIL") == 1
-        assert {m.rcpt_tos for m in limited.messages} == {(f"l{i}@limited.example",) for i in range(5)}
+        assert {m.rcpt_tos for m in limited.messages} == {
+            (f"l{i}@limited.example",) for i in range(5)
+        }
 
         # The window ends: the hop is tried again, throttles again, and the
         # next window is twice as long.

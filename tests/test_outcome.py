@@ -248,6 +248,10 @@ def test_a_throttled_attempt_follows_the_usual_rules_for_the_message() -> None:
     got = attempt_outcome(
         record, Delivery({A: CLOSING}, hop=HOP), {A: TRY}, now=NOW, draw=lambda i: i.span
     )
-    assert (got.event, got.at, got.hops.throttled) == ("delayed", NOW + timedelta(minutes=1), (HOP,))
+    assert (got.event, got.at, got.hops.throttled) == (
+        "delayed",
+        NOW + timedelta(minutes=1),
+        (HOP,),
+    )
     assert got.record.retry_intervals == minutes(5)
     assert got.hops.reason == "421 4.7.0 closing"
