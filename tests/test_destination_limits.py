@@ -6,6 +6,7 @@ here depends on how fast the machine is."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -16,10 +17,18 @@ from spoold.daemon.config import parse_config
 from spoold.daemon.routing import Router
 from spoold.events import EventKind, Subscription
 from spoold.limits import BACKOFF_FIRST
-from spoold.message import SEND_NOW, RoutedBatch
+from spoold.message import SEND_NOW, Message, RoutedBatch
+from spoold.ondisk import NewMessage
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from spoold.testing import FakeClock
+from tests.daemon_helpers import (
+    DaemonFactory,
+    prefill,
+    set_config_value,
+    spooled,
+    write_config,
+)
 from tests.relay_helpers import MakeRelay, route
 from tests.smtp_server import Reply, SmtpTestServer, StartServer
 from tests.spool_helpers import BODY, SENDER, START, intervals, next_events, open_spool, settle
@@ -206,3 +215,43 @@ async def test_a_reload_that_lifts_the_limit_frees_those_waiting(
         await wait_until(lambda: few.count("DATA") == 3, "the two waiting to start")
         hold_data.set()
         await wait_until(lambda: few.transactions == 3, "the route to drain")
+
+
+def on_route(message: NewMessage, route_name: str) -> NewMessage:
+    """``message`` as if the route ``route_name`` had chosen its hops."""
+
+    def build(mid: str, related: list[str]) -> Message:
+        msg = message.build(mid, related)
+        msg.route = route_name
+        return msg
+
+    return NewMessage(message.body, message.status, build)
+
+
+async def test_the_daemon_applies_a_new_max_connections_at_a_reload(
+    tmp_path: Path, start_daemon: DaemonFactory, start_smtp_server: StartServer
+) -> None:
+    hold_data = asyncio.Event()
+    server = await start_smtp_server()
+    server.behaviour.data_end = Reply(gate=hold_data)
+    config = write_config(tmp_path, next_hops=[server.hop])
+    config.write_text(config.read_text() + "max_connections = 1\n")
+    await prefill(
+        tmp_path / "spool",
+        [
+            on_route(spooled(server.hop, recipients=[f"r{i}@x.example"]), "smarthost")
+            for i in range(3)
+        ],
+    )
+    daemon = await start_daemon(config)
+    await wait_until(lambda: server.count("DATA") == 1, "one transaction at a time")
+    await daemon.wait_log(lambda line: line["event"] == "spoold ready")
+    assert server.max_open_connections == 1
+
+    set_config_value(config, "max_connections", "3")
+    daemon.send_signal(signal.SIGHUP)
+    await daemon.wait_log(lambda line: line["event"] == "reloaded")
+    await wait_until(lambda: server.count("DATA") == 3, "the two waiting to start")
+    hold_data.set()
+    await wait_until(lambda: server.transactions == 3, "all three delivered")
+    assert server.max_open_connections == 3
