@@ -40,8 +40,10 @@ from spoold.errors import (
     SmtpTlsError,
     SpoolClosedError,
     SpooldError,
+    SpoolFailedError,
     SpoolLockedError,
     StoreError,
+    WaitTimeoutError,
 )
 from spoold.events import EventKind, SpoolEvent, Subscription
 from spoold.hooks import ErrorAction, OnErrorHook, PresendDecision, PresendHook
@@ -74,6 +76,7 @@ from spoold.relay import (
 )
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import DEFAULT_MIN_FREE_SPACE, DEFAULT_RETRY_INTERVALS, Routes, Spool
+from spoold.waiting import MessageOutcome, OutcomeKind
 from spoold.writer import SpoolWriter
 
 __all__ = [
@@ -83,6 +86,8 @@ __all__ = [
     "Routes",
     "DEFAULT_RETRY_INTERVALS",
     "DEFAULT_MIN_FREE_SPACE",
+    "MessageOutcome",
+    "OutcomeKind",
     # submissions and records
     "RoutedBatch",
     "RoutedEnvelope",
@@ -148,6 +153,8 @@ __all__ = [
     "SmtpTimeoutError",
     "SmtpTlsError",
     "SpoolClosedError",
+    "SpoolFailedError",
     "SpoolLockedError",
     "StoreError",
+    "WaitTimeoutError",
 ]

@@ -22,6 +22,8 @@ __all__ = [
     "BareLineEndingError",
     "OperationRefusedError",
     "SpoolClosedError",
+    "SpoolFailedError",
+    "WaitTimeoutError",
     "AddressError",
     "AddressProblem",
     "HopUnavailableError",
@@ -95,6 +97,24 @@ class OperationRefusedError(SpooldError):
 
 class SpoolClosedError(SpooldError):
     """The spool is closed, or closing, and takes no new work."""
+
+
+class SpoolFailedError(SpooldError):
+    """One of the tasks a spool (or a spool writer) runs for itself failed,
+    so it stopped. Raised on leaving its ``async with`` block; the failure
+    is the ``__cause__`` (one exception, or an ExceptionGroup when several
+    failed at once). An exception raised in the block itself is never
+    wrapped in this: it comes out as it was raised."""
+
+
+class WaitTimeoutError(SpooldError, TimeoutError):
+    """:meth:`spoold.Spool.wait` gave up: the message reached no outcome
+    within the time allowed (it is still in the queue)."""
+
+    def __init__(self, message_id: str, timeout: float) -> None:
+        self.message_id = message_id
+        self.timeout = timeout
+        super().__init__(f"{message_id}: no outcome within {timeout:g} s; still in the queue")
 
 
 AddressProblem = Literal["syntax", "null", "control", "non_ascii", "too_long"]

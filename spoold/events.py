@@ -14,6 +14,24 @@ queue), ``quarantined`` (detail: the reason), ``delayed`` and
 of the message away with a throttling reply; detail: the hop, ``at``: the
 end of the hop's backoff, during which no message goes to it), ``ping`` (every
 30 s, no message), and ``overflow`` (detail: how many were missed).
+
+Ordering, as a subscriber sees it:
+
+* A subscription starts when :meth:`EventHub.subscribe` (``spool.events()``)
+  returns, not when it is first iterated; it gets every event published
+  from then on, in the order published, and none from before.
+* The spool publishes a message's events in the order its changes happen,
+  each once the change is on disk. ``add`` publishes ``spooled`` (then
+  ``frozen`` for a frozen add) before it returns and before any attempt on
+  the message can start; a message another process added is ``spooled``
+  when the spool adopts it, before its first attempt too. So a
+  subscription opened before ``add`` is called sees that message's
+  ``spooled`` event first, then every later event of it (``presend``,
+  ``delivered``, ``delayed``, ``frozen``, ...).
+* Events of different messages interleave in the order they happened.
+* The one exception is overflow: a subscriber too slow to keep its buffer
+  below ``max_buffer`` misses events, and the ``overflow`` event stands
+  exactly where they are missing.
 """
 
 from __future__ import annotations

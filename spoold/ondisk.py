@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import structlog
 
 from spoold.body import Body
 from spoold.errors import NotFoundError, RecordError
+from spoold.log import get_logger
 from spoold.message import (
     Message,
     Queue,
@@ -54,7 +54,7 @@ __all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES"]
 
 QUEUES: tuple[str, ...] = tuple(q.value for q in Queue)
 
-log = structlog.get_logger("spoold.ondisk")
+log = get_logger("spoold.ondisk")
 
 
 @dataclass(frozen=True, slots=True)

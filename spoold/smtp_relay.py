@@ -65,7 +65,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
-import structlog
 
 from spoold.address import validate_address
 from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
@@ -77,6 +76,7 @@ from spoold.errors import (
     SmtpServiceClosingError,
     StoreError,
 )
+from spoold.log import get_logger
 from spoold.message import Message
 from spoold.relay import (
     AttemptFailed,
@@ -90,7 +90,7 @@ from spoold.smtp_client import SmtpClient, SmtpReply
 
 __all__ = ["SmtpRelay"]
 
-log = structlog.get_logger("spoold.relay")
+log = get_logger("spoold.relay")
 
 
 def _result(reply: SmtpReply) -> RecipientResult:

@@ -22,6 +22,11 @@ Invariants:
   removed, quarantined, rescheduled or is being sent.
 * At most ``max_concurrent_send_jobs`` attempts run at once (changeable
   while running).
+* A message's events are published in the order of its changes, after
+  each is written; ``spooled`` before ``add`` returns and before any
+  attempt can start on the message (see :mod:`spoold.events`). The
+  outcomes among them (delivered, frozen, removed, quarantined, bounced)
+  are also remembered for :meth:`Spool.wait` (:mod:`spoold.waiting`).
 * Per destination (a route), at most ``max_connections`` attempts at once
   and at most its ``rate``; a next hop that throttled us is backed off for
   every message (:mod:`spoold.limits`). A message held by these waits in
@@ -44,6 +49,7 @@ never thrown away) and publishes its event.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -54,7 +60,6 @@ from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
-import structlog
 
 from spoold.clock import Clock, SystemClock
 from spoold.errors import (
@@ -64,6 +69,7 @@ from spoold.errors import (
     SpoolClosedError,
     SpooldError,
     StoreError,
+    WaitTimeoutError,
 )
 from spoold.events import EventHub, EventKind, SpoolEvent, Subscription
 from spoold.hooks import (
@@ -78,6 +84,7 @@ from spoold.hooks import (
 )
 from spoold.ids import validate_id
 from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
+from spoold.log import get_logger
 from spoold.message import (
     SEND_NOW,
     Frozen,
@@ -100,7 +107,9 @@ from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
 from spoold.outcome import HopFeedback, attempt_outcome, refusals
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
 from spoold.store import StepHook, SyncMode
+from spoold.tasks import own_tasks
 from spoold.timers import Timers
+from spoold.waiting import MessageOutcome, OutcomeBoard, OutcomeKind
 from spoold.writer import new_messages
 
 __all__ = [
@@ -116,7 +125,7 @@ __all__ = [
     "DEFAULT_SYNC",
 ]
 
-log = structlog.get_logger("spoold.spool")
+log = get_logger("spoold.spool")
 
 
 # The one place the spool's defaults are written (the daemon's config reads them).
@@ -130,6 +139,7 @@ DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
 DEFAULT_SYNC: SyncMode = "syncfs"  # group commit: see spoold.store
 
 _LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
+_OUTCOME_NAMES = frozenset(kind.value for kind in OutcomeKind)
 _OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
 _OUTCOME_RETRY_MAX = 60.0
 
@@ -201,6 +211,7 @@ class Spool:
         self._closed = False
         self._op_lock = anyio.Lock()
         self._hub = EventHub()
+        self._outcomes = OutcomeBoard()
         self._tg: anyio.abc.TaskGroup | None = None
         self._limits = limits
         # Messages held by their destination wait here as (entry, generation).
@@ -265,8 +276,11 @@ class Spool:
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
-        ``flush_timeout`` for those under way and closes the directory;
-        an exception raised in the body leaves the context unchanged.
+        ``flush_timeout`` for those under way and closes the directory.
+        An exception raised in the body comes out unchanged (never wrapped
+        in an ``ExceptionGroup``); a failure of the spool's own tasks comes
+        out as :class:`~spoold.errors.SpoolFailedError`, the failure as its
+        ``__cause__`` (see :mod:`spoold.tasks`).
         """
         if max_concurrent_send_jobs < 1:
             raise ValueError("max_concurrent_send_jobs must be at least 1")
@@ -294,7 +308,7 @@ class Spool:
                 limits=limits,
             )
             await spool._load()
-            async with anyio.create_task_group() as tg:
+            async with own_tasks(f"spool {spool.spool_dir}") as tg:
                 spool._tg = tg
                 tg.start_soon(spool._dispatch_loop, tg)
                 tg.start_soon(spool._ping_loop)
@@ -312,6 +326,7 @@ class Spool:
                             )
                     spool._closed = True
                     spool._hub.close()
+                    spool._outcomes.close()
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -546,7 +561,7 @@ class Spool:
                 continue  # written elsewhere than its status says: next open repairs it
             _sending_reads_as_send_now(msg)
             entry = _Entry(msg, queue)
-            self._index_put(entry)
+            self._index_put(entry)  # no await before the publish (as in add)
             self._schedule(entry)
             self._publish(EventKind.SPOOLED, msg)
             log.debug("adopted", id=name, flows=msg.flows, queue=queue.value)
@@ -829,16 +844,17 @@ class Spool:
         detail: str | None = None,
         at: datetime | None = None,
     ) -> None:
-        self._hub.publish(
-            SpoolEvent(
-                self.clock.now(),
-                kind,
-                msg.id if msg else None,
-                msg.envelope_info if msg else None,
-                detail,
-                at,
-            )
+        event = SpoolEvent(
+            self.clock.now(),
+            kind,
+            msg.id if msg else None,
+            msg.envelope_info if msg else None,
+            detail,
+            at,
         )
+        self._hub.publish(event)
+        if msg is not None:
+            self._note_outcome(event, msg)
 
     # -------------------------------------------------------------- adding
 
@@ -857,7 +873,8 @@ class Spool:
         starting with a dot) put before the body of the message with that
         id: the SMTP listener's ``Received:`` header names the message's own
         id this way. Returns once every message is durable on disk; their
-        ids in order.
+        ids in order. Each message's ``spooled`` event is published before
+        this returns and before any attempt on it can start.
         """
         status: Status = Frozen() if frozen else SEND_NOW
         messages = await self._write_new(batch, status, flows, parent_id, prefix)
@@ -865,6 +882,8 @@ class Spool:
             if msg.id in self._index:
                 continue  # a rescan adopted it while we were writing
             entry = _Entry(msg, Queue.FROZEN if frozen else Queue.ACTIVE)
+            # No await from here to the publish: the scheduler cannot start
+            # an attempt before ``spooled`` is out (spoold.events' ordering).
             self._index_put(entry)
             self._schedule(entry)
             self._publish(EventKind.SPOOLED, msg)
@@ -1268,8 +1287,114 @@ class Spool:
 
     def events(self, max_buffer: int | None = None) -> Subscription:
         """Subscribe to the event stream (``async for event in ...``).
-        Use as ``async with spool.events() as stream`` to unsubscribe."""
+        Use as ``async with spool.events() as stream`` to unsubscribe.
+        The subscription starts when this returns: opened before
+        :meth:`add`, it sees the message's ``spooled`` event and everything
+        after it (the ordering is in :mod:`spoold.events`)."""
         return self._hub.subscribe(max_buffer)
+
+    # ---------------------------------------------------- waiting for outcomes
+
+    async def wait(self, message_id: str, timeout: float | None = None) -> MessageOutcome:  # noqa: ASYNC109
+        """The outcome of a message (:class:`~spoold.waiting.MessageOutcome`):
+        delivered, frozen (with its failed recipients), removed, quarantined
+        or bounced; waits until it has one.
+
+        Returns at once for a message that is frozen, removed or quarantined
+        now, or that reached its outcome while this spool was open (the
+        latest outcomes of the most recent messages are remembered). A
+        message still in ``active`` is waited for; if an operator thaws a
+        frozen message, a later ``wait`` waits for its next outcome.
+
+        ``timeout``: seconds to wait at most (None: no limit; 0: look once);
+        then it raises :class:`~spoold.errors.WaitTimeoutError` (a
+        ``TimeoutError``). An id this spool knows nothing of raises
+        :class:`~spoold.errors.NotFoundError`; a string that is not an id,
+        :class:`~spoold.errors.InvalidIdError`. Raises
+        :class:`~spoold.errors.SpoolClosedError` if the spool closes first.
+        """
+        mid = validate_id(message_id)
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        while True:
+            if self._closed:
+                raise SpoolClosedError(f"spool {self.spool_dir} closed while waiting for {mid}")
+            change = self._outcomes.watch(mid)  # before looking: nothing slips between
+            try:
+                outcome = await self._outcome_now(mid)  # looking is not cut by the deadline
+                if outcome is not None:
+                    return outcome
+                with anyio.move_on_at(deadline) as waiting:
+                    await change.wait()
+            finally:
+                self._outcomes.unwatch(mid, change)
+            if waiting.cancelled_caught:
+                assert timeout is not None
+                raise WaitTimeoutError(mid, timeout)
+
+    async def _outcome_now(self, mid: str) -> MessageOutcome | None:
+        """The outcome ``mid`` has now; None while it is still to be sent."""
+        entry = self._index.get(mid)
+        if entry is None and mid not in self._adding:
+            remembered = self._outcomes.recent(mid)
+            if remembered is not None:
+                return remembered
+            try:
+                found = await self._disk.find(mid)
+            except NotFoundError:
+                found = None
+            if isinstance(found, Unreadable):
+                if found.queue is not Queue.QUARANTINE:
+                    return None  # the next open sets it aside; its outcome comes then
+                return MessageOutcome(mid, OutcomeKind.QUARANTINED, None, None, detail=found.reason)
+            if found is not None and found.queue in _LOADED_QUEUES:
+                await self._adopt([mid])  # added by another process, not adopted yet
+                entry = self._index.get(mid)
+            elif found is not None:
+                return self._outcome_of_record(found)
+            else:
+                from_history = await self._outcome_from_history(mid)
+                if from_history is not None:
+                    return from_history
+                raise NotFoundError(
+                    f"{mid}: no such message: not in the spool, and no outcome remembered for it"
+                )
+        if entry is not None and entry.queue is Queue.FROZEN:
+            remembered = self._outcomes.recent(mid)
+            if remembered is not None and remembered.kind is OutcomeKind.FROZEN:
+                return remembered
+            return self._outcome_of_record(entry.msg)
+        return None
+
+    async def _outcome_from_history(self, message_id: str) -> MessageOutcome | None:
+        """The outcome of a message that left the spool before it was opened
+        (or so long ago that it is no longer remembered), from the spool's
+        history; None when there is none. The history journal plugs in here."""
+        return None
+
+    @staticmethod
+    def _outcome_of_record(msg: Message) -> MessageOutcome | None:
+        """The outcome a record stored now stands for (no time: the record
+        does not say when it was reached); None for one still to be sent."""
+        status = msg.status
+        if isinstance(status, Frozen):
+            return MessageOutcome.of(OutcomeKind.FROZEN, msg, None)
+        if isinstance(status, Removed):
+            return MessageOutcome.of(OutcomeKind.REMOVED, msg, None)
+        if isinstance(status, Quarantined):
+            return MessageOutcome.of(OutcomeKind.QUARANTINED, msg, None, status.reason)
+        return None
+
+    def _note_outcome(self, event: SpoolEvent, msg: Message) -> None:
+        """Remember the outcome an event stands for (if it is one) and wake
+        the :meth:`wait` calls for its message. An event named like an
+        outcome is one (``bounced`` among them); ``recovered`` leaves the
+        message frozen."""
+        name = OutcomeKind.FROZEN.value if event.kind is EventKind.RECOVERED else event.kind.value
+        if name not in _OUTCOME_NAMES:
+            return
+        kind = OutcomeKind(name)
+        detail = event.detail if kind is OutcomeKind.QUARANTINED else None
+        self._outcomes.reached(MessageOutcome.of(kind, msg, event.time, detail))
 
     @staticmethod
     async def status_from_disk(

@@ -241,7 +241,7 @@ class Store:
         min_free_bytes: int = 0,
         sync: SyncMode = "fsync",
     ) -> tuple[Store, RecoveryReport]:
-        """Open (and create) the store at ``root``.
+        """Open (and create, missing parent directories too) the store at ``root``.
 
         ``min_free_bytes`` is the floor of free space under which
         :meth:`enqueue` refuses new entries (changes of existing ones are
@@ -298,6 +298,7 @@ class Store:
         for q in self.queues:
             dirs += [f"{root}/{q}", f"{root}/{q}/{CHECKOUT}", f"{root}/{q}/{REASONS}"]
         if create:
+            os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)  # e.g. var/
             self._refuse_foreign_dir_sync()
             for d in dirs:
                 with contextlib.suppress(FileExistsError):

@@ -38,6 +38,7 @@ from spoold.message import (
 )
 from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.store import SyncMode
+from spoold.tasks import own_tasks
 from spoold.times import utcnow
 
 __all__ = ["SpoolWriter", "new_messages"]
@@ -157,7 +158,9 @@ class SpoolWriter:
         sync: SyncMode = "fsync",
     ) -> AsyncIterator[SpoolWriter]:
         """Open an existing spool directory for adding (never creates one,
-        never takes its lock). ``min_free_space`` as for the owner."""
+        never takes its lock). ``min_free_space`` as for the owner. An
+        exception raised in the body comes out unchanged; a failure of the
+        writer's own task, as :class:`~spoold.errors.SpoolFailedError`."""
         disk, _ = await OnDiskSpool.open(
             spool_dir,
             owner=False,
@@ -168,7 +171,7 @@ class SpoolWriter:
         )
         try:
             writer = cls(disk, default_retry_intervals, now or utcnow)
-            async with anyio.create_task_group() as tg:
+            async with own_tasks(f"spool writer on {disk.dir}") as tg:
                 tg.start_soon(writer._notifier.run)
                 try:
                     yield writer

@@ -5,6 +5,12 @@
 loggers (asyncio's among them) go through the same pipeline, so every
 line has one shape. Calling it again (a reload) changes the level and
 format in one step; tests may call it freely.
+
+Only the daemon configures logging. The library logs through stdlib
+loggers (:mod:`spoold.log`) with an event and fields; here each of its
+lines becomes the same line structlog would have written (the fields as
+keys, no ``logger`` key), so the daemon's output does not depend on which
+side of the library/daemon line the code that logged is on.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import sys
 from datetime import UTC, datetime
 
 import structlog
+from structlog.types import EventDict, WrappedLogger
+
+from spoold.log import event_fields
 
 __all__ = ["configure"]
 
@@ -34,6 +43,28 @@ def _json_default(value: object) -> object:
     if isinstance(value, set | frozenset):
         return sorted(str(v) for v in value)
     return str(value)
+
+
+def _library_fields(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    """A line the library logged (:mod:`spoold.log`): its fields as keys
+    and its bare event, in the order structlog gives its own lines."""
+    record = event_dict.get("_record")
+    parts = event_fields(record) if isinstance(record, logging.LogRecord) else None
+    if parts is None:
+        return event_dict
+    event, fields = parts
+    rest = {key: value for key, value in event_dict.items() if key != "event"}
+    return {**fields, "event": event, **rest}
+
+
+def _logger_name_unless_library(
+    logger: WrappedLogger, method: str, event_dict: EventDict
+) -> EventDict:
+    """Other stdlib lines (asyncio's) say which logger wrote them."""
+    record = event_dict.get("_record")
+    if isinstance(record, logging.LogRecord) and event_fields(record) is not None:
+        return event_dict
+    return structlog.stdlib.add_logger_name(logger, method, event_dict)
 
 
 def configure(format: str = "auto", level: str = "info") -> None:
@@ -63,7 +94,12 @@ def configure(format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        foreign_pre_chain=[
+            _library_fields,
+            *shared,
+            _logger_name_unless_library,
+            *([structlog.processors.format_exc_info] if json_lines else []),
+        ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)

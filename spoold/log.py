@@ -1,0 +1,102 @@
+"""The library's logging: standard :mod:`logging`, with fields.
+
+The library logs through stdlib loggers named ``spoold.*`` and nothing
+else: it configures no handler, so a program that embeds spoold prints
+nothing unless it configures logging itself (Python's last-resort handler
+shows warnings and errors of a program that configured nothing; spoold
+adds a :class:`logging.NullHandler` to its ``spoold`` logger so that one
+stays quiet too). The daemon configures structlog and routes these records
+through it (:mod:`spoold.daemon.logs`).
+
+A line is an *event* (a short fixed text, e.g. ``"attempt done"``) plus
+fields (``id=``, ``flows=``, ...), as :meth:`FieldLogger.info` takes them.
+The record's message reads ``event key=value ...`` for plain logging
+configurations; :func:`event_fields` gives a formatter the two apart (the
+daemon's JSON lines carry each field as its own key).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+__all__ = ["FieldLogger", "LogLine", "event_fields", "get_logger"]
+
+logging.getLogger("spoold").addHandler(logging.NullHandler())
+
+
+class LogLine:
+    """A record's message: the event and its fields. ``str()`` renders
+    ``event key=value ...`` (what :meth:`logging.LogRecord.getMessage`
+    returns)."""
+
+    __slots__ = ("event", "fields")
+
+    def __init__(self, event: str, fields: Mapping[str, Any]) -> None:
+        self.event = event
+        self.fields = fields
+
+    def __str__(self) -> str:
+        if not self.fields:
+            return self.event
+        rendered = " ".join(f"{key}={_render(value)}" for key, value in self.fields.items())
+        return f"{self.event} {rendered}"
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, str):  # str(): an enum member by its value
+        return repr(str(value))
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(value)
+
+
+def event_fields(record: logging.LogRecord) -> tuple[str, Mapping[str, Any]] | None:
+    """The event and fields of a record the library logged (None for any
+    other record)."""
+    if isinstance(record.msg, LogLine):
+        return record.msg.event, record.msg.fields
+    return None
+
+
+class FieldLogger:
+    """A stdlib logger that takes fields as keyword arguments:
+    ``log.info("spooled", id=mid, flows=flows)``. ``bind(**fields)`` gives
+    one that adds those fields to every line."""
+
+    __slots__ = ("_bound", "_logger")
+
+    def __init__(self, logger: logging.Logger, bound: Mapping[str, Any] | None = None) -> None:
+        self._logger = logger
+        self._bound: Mapping[str, Any] = bound or {}
+
+    def bind(self, **fields: Any) -> FieldLogger:
+        return FieldLogger(self._logger, {**self._bound, **fields})
+
+    def _log(self, level: int, event: str, fields: dict[str, Any], exc_info: bool) -> None:
+        if self._logger.isEnabledFor(level):
+            line = LogLine(event, {**self._bound, **fields} if self._bound else fields)
+            self._logger.log(level, line, exc_info=exc_info, stacklevel=3)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, fields, False)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, fields, False)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, fields, False)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, fields, False)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        """An error with the exception being handled."""
+        self._log(logging.ERROR, event, fields, True)
+
+
+def get_logger(name: str) -> FieldLogger:
+    """The library's logger ``name`` (which starts with ``spoold.``)."""
+    return FieldLogger(logging.getLogger(name))
