@@ -11,7 +11,9 @@ Event kinds: ``spooled``, ``presend`` (detail: the decision), ``delivered``,
 delivery status notification), ``unfrozen``, ``recovered`` (detail: from which
 queue), ``quarantined`` (detail: the reason), ``delayed`` and
 ``delayed_rate_limited`` (``at``: when it will be tried), ``rerouted``
-(detail: the new next hops), ``ping`` (every
+(detail: the new next hops), ``throttled`` (a next hop turned an attempt
+of the message away with a throttling reply; detail: the hop, ``at``: the
+end of the hop's backoff, during which no message goes to it), ``ping`` (every
 30 s, no message), and ``overflow`` (detail: how many were missed).
 
 Ordering, as a subscriber sees it:
@@ -63,6 +65,7 @@ class EventKind(StrEnum):
     DELAYED = "delayed"
     DELAYED_RATE_LIMITED = "delayed_rate_limited"
     REROUTED = "rerouted"
+    THROTTLED = "throttled"
     PING = "ping"
     OVERFLOW = "overflow"
 

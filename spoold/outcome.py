@@ -54,6 +54,17 @@ The notices are values: the spool turns them into delivery status
 notifications (:mod:`spoold.dsn`). :func:`retry_plan` foresees the attempts
 of a message by applying :func:`attempt_outcome` to failing attempts, so the
 plan and what happens follow the same rules.
+
+What the attempt says about its next hop (:func:`hop_feedback`, in
+:attr:`AttemptOutcome.hops`): the hop *throttled* us when a refusal is a
+throttling reply (:attr:`~spoold.relay.RecipientResult.throttling`: ``421``,
+or an enhanced status ``4.7.x``) or ``on_error`` answered
+``try_later_rate_limited`` for one, and when the relay says a hop it could
+not use turned us away so (:attr:`~spoold.relay.AttemptFailed.throttled_hops`);
+the spool then backs that hop off for every message (:mod:`spoold.limits`).
+A hop that answered without throttling has *answered*, which ends its
+backoff. The hop is the one the relay names, else the message's first next
+hop. None of this changes the message's own next state.
 """
 
 from __future__ import annotations
@@ -95,6 +106,8 @@ __all__ = [
     "PlannedEnd",
     "RetryPlan",
     "retry_plan",
+    "HopFeedback",
+    "hop_feedback",
 ]
 
 NO_REPLY = RecipientResult(451, "no reply for this recipient", "4.4.0")
@@ -163,6 +176,17 @@ class Notice:
 
 
 @dataclass(frozen=True, slots=True)
+class HopFeedback:
+    """What an attempt says about next hops: ``answered``, the hop that
+    answered without throttling (None if none did); ``throttled``, the hops
+    that throttled us, with ``reason`` (the reply, for the log)."""
+
+    answered: str | None = None
+    throttled: tuple[str, ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptOutcome:
     """What one attempt did to a message: its new record (status
     included), the event to publish, and who ended where."""
@@ -175,6 +199,25 @@ class AttemptOutcome:
     later: tuple[str, ...]
     notices: tuple[Notice, ...] = ()
     expired: bool = False  # the lifetime ended: who was left failed with 4.4.7
+    hops: HopFeedback = field(default_factory=HopFeedback)
+
+
+def hop_feedback(
+    record: Message, outcome: RelayOutcome, actions: Mapping[str, ErrorAction]
+) -> HopFeedback:
+    """The next hop part of an attempt's outcome (module docstring)."""
+    if isinstance(outcome, AttemptFailed):
+        throttled = tuple(outcome.throttled_hops)
+        return HopFeedback(None, throttled, outcome.error if throttled else "")
+    hop = outcome.hop or (record.next_hop_choices[0] if record.next_hop_choices else None)
+    if hop is None:
+        return HopFeedback()
+    for rcpt, result in refusals(record, outcome).items():
+        if result.throttling:
+            return HopFeedback(None, (hop,), str(result))
+        if actions.get(rcpt) is ErrorAction.TRY_LATER_RATE_LIMITED:
+            return HopFeedback(None, (hop,), f"{result} (on_error: rate limited)")
+    return HopFeedback(hop)
 
 
 def refusals(record: Message, outcome: RelayOutcome) -> dict[str, RecipientResult]:
@@ -300,7 +343,15 @@ def attempt_outcome(
     new.status = status
     delivered = tuple(r for r in remaining if r not in later and r not in permanent)
     return AttemptOutcome(
-        new, event, at, delivered, tuple(permanent), tuple(later), tuple(notices), expired
+        new,
+        event,
+        at,
+        delivered,
+        tuple(permanent),
+        tuple(later),
+        tuple(notices),
+        expired,
+        hop_feedback(record, outcome, actions),
     )
 
 

@@ -68,6 +68,12 @@ class RecipientResult:
     def permanent(self) -> bool:
         return 500 <= self.code < 600
 
+    @property
+    def throttling(self) -> bool:
+        """Whether the hop asks us to slow down: ``421``, or an enhanced
+        status of class 4, subject 7 (``4.7.x``: a policy deferral)."""
+        return self.code == 421 or (self.enhanced_status or "").startswith("4.7.")
+
     def __str__(self) -> str:
         parts = [str(self.code)]
         if self.enhanced_status:
@@ -88,10 +94,13 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class AttemptFailed:
-    """No hop answered for any recipient (none reachable, a timeout, a 421
-    or a lost connection before the end of DATA): everyone is tried later."""
+    """No hop answered for any recipient (none reachable, a timeout or a
+    lost connection before the end of DATA): everyone is tried later.
+    ``throttled_hops``: the hops that turned us away with a throttling
+    reply before any transaction (a ``421`` greeting, say)."""
 
     error: str
+    throttled_hops: tuple[str, ...] = ()
 
 
 RelayOutcome = Delivery | AttemptFailed

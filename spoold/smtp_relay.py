@@ -23,9 +23,16 @@ a hop has greeted us, the attempt ends there:
 * a refusal at MAIL FROM or at DATA applies to every recipient sent;
 * each RCPT reply is that recipient's result;
 * recipients count as delivered only after a 2xx reply to the end of DATA;
-* a 421, a disconnect, a protocol error or a timeout at any point ends the
+* a 421 at MAIL, RCPT, DATA or the end of DATA ends the attempt on that
+  hop: it is the result of every recipient that has no refusal of its own
+  (so ``on_error`` sees it, and may answer rate-limited), and the
+  connection is dropped;
+* a disconnect, a protocol error or a timeout at any point ends the
   attempt as try-later (:class:`AttemptFailed`) and the connection is
   dropped;
+* a hop that greets us (or answers EHLO) with a throttling reply (421, or
+  an enhanced status 4.7.x) is skipped like any unavailable hop, and named
+  in :attr:`AttemptFailed.throttled_hops` when no hop could be used;
 * a missing extension the message needs (8BITMIME, or SMTPUTF8 for a
   non-ASCII sender or an SMTPUTF8 submission) or a message over the hop's
   SIZE limit is a permanent refusal of every recipient (554 / 552) with a
@@ -61,7 +68,14 @@ import anyio
 
 from spoold.address import validate_address
 from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
-from spoold.errors import AddressError, HopUnavailableError, SmtpError, StoreError
+from spoold.errors import (
+    AddressError,
+    HopUnavailableError,
+    SmtpError,
+    SmtpReplyError,
+    SmtpServiceClosingError,
+    StoreError,
+)
 from spoold.log import get_logger
 from spoold.message import Message
 from spoold.relay import (
@@ -84,6 +98,14 @@ def _result(reply: SmtpReply) -> RecipientResult:
 
 
 # ----------------------------------------------------------------- relay
+
+
+def _throttling_refusal(cause: BaseException | None) -> bool:
+    """Whether a hop was unavailable because it said to slow down (a
+    ``421``, or an enhanced status ``4.7.x``, at the greeting or EHLO)."""
+    if not isinstance(cause, SmtpReplyError):
+        return False
+    return RecipientResult(cause.code, cause.text, cause.enhanced_status).throttling
 
 
 class _TryLater(Exception):
@@ -159,6 +181,7 @@ class SmtpRelay:
         self, message: Message, content: BodyReader, recipients: list[str]
     ) -> RelayOutcome:
         hop_errors: list[str] = []
+        throttled: list[str] = []
         for hop in message.next_hop_choices:
             settings = self.settings_for(hop, message)
             try:
@@ -169,6 +192,8 @@ class SmtpRelay:
                         )
             except HopUnavailableError as exc:
                 hop_errors.append(str(exc))
+                if _throttling_refusal(exc.__cause__):
+                    throttled.append(hop)
                 log.warning(
                     "next hop unavailable",
                     id=message.id,
@@ -183,7 +208,7 @@ class SmtpRelay:
                     f"{hop}: timeout: no answer within the message timeout of "
                     f"{settings.message_timeout:g}s"
                 )
-        return AttemptFailed("no hops available: " + "; ".join(hop_errors))
+        return AttemptFailed("no hops available: " + "; ".join(hop_errors), tuple(throttled))
 
     async def _transaction(
         self,
@@ -278,6 +303,14 @@ class SmtpRelay:
                 conn.transactions += 1
             else:
                 await self._reset(client, None)
+            return Delivery(results, hop)
+        except SmtpServiceClosingError as exc:
+            # The hop is closing on us (often: too much, too fast). Its 421
+            # is the answer for everyone it had not refused already.
+            closing = RecipientResult(exc.code, exc.text, exc.enhanced_status)
+            for rcpt in sent:
+                if rcpt not in results or results[rcpt].accepted:
+                    results[rcpt] = closing
             return Delivery(results, hop)
         except SmtpError as exc:
             raise _TryLater(str(exc)) from None

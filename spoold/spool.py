@@ -27,6 +27,15 @@ Invariants:
   attempt can start on the message (see :mod:`spoold.events`). The
   outcomes among them (delivered, frozen, removed, quarantined, bounced)
   are also remembered for :meth:`Spool.wait` (:mod:`spoold.waiting`).
+* Per destination (a route), at most ``max_connections`` attempts at once
+  and at most its ``rate``; a next hop that throttled us is backed off for
+  every message (:mod:`spoold.limits`). A message held by these waits in
+  memory, due as it was: it is not an attempt, so nothing is written, no
+  retry interval is used and no relay attempt is recorded; other
+  destinations are not slowed by it (a held message takes no send job).
+* After :meth:`Spool.kill_and_flush` (and while closing) the operator
+  operations and :meth:`Spool.add` are refused with
+  :class:`~spoold.errors.SpoolClosedError`.
 * ``sending`` is a status this spool holds in memory only, during an
   attempt. A record stored as ``sending`` (by hand or by another tool) is
   loaded, or adopted, as ``send_now``: never left unscheduled.
@@ -91,6 +100,7 @@ from spoold.hooks import (
     default_presend,
 )
 from spoold.ids import validate_id
+from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
 from spoold.log import get_logger
 from spoold.message import (
     SEND_NOW,
@@ -113,6 +123,7 @@ from spoold.message import (
 from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
 from spoold.outcome import (
     DeliveryPolicy,
+    HopFeedback,
     Notice,
     NoticeKind,
     RetryPlan,
@@ -175,6 +186,7 @@ class _Entry:
     busy: bool = False
     checked_out: bool = False  # this entry's attempt holds the record's checkout
     kicked: bool = False  # an operator asked for the next attempt (spoold send)
+    destination: str | None = None  # the destination whose slot its attempt holds
 
 
 class Routes(Protocol):
@@ -213,6 +225,7 @@ class Spool:
         route_lifetimes: Mapping[str, timedelta] | None = None,
         after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
         reporting_mta: str | None = None,
+        limits: LimitsSource | None = None,
     ) -> None:
         self._disk = ondisk
         # Replaceable while open (a reload): the policy of every message, the
@@ -246,6 +259,9 @@ class Spool:
         self._hub = EventHub()
         self._outcomes = OutcomeBoard()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._limits = limits
+        # Messages held by their destination wait here as (entry, generation).
+        self._gate: DestinationGate[tuple[_Entry, int]] = DestinationGate()
 
     # ----------------------------------------------------------- lifecycle
 
@@ -273,6 +289,7 @@ class Spool:
         route_lifetimes: Mapping[str, timedelta] | None = None,
         after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
         reporting_mta: str | None = None,
+        limits: LimitsSource | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -310,6 +327,10 @@ class Spool:
         (``resend`` or ``freeze``). ``reporting_mta``: the host name that
         delivery status notifications report as (default: this host's).
         All four are changeable through the attributes of the same names.
+        ``limits``: where a message's destination limits come from
+        (:class:`~spoold.limits.LimitsSource`; the daemon's router); None:
+        no limits (next hops that throttle are backed off all the same).
+        Replaceable through :attr:`limits`.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -346,6 +367,7 @@ class Spool:
                 route_lifetimes=route_lifetimes,
                 after_crash=after_crash,
                 reporting_mta=reporting_mta,
+                limits=limits,
             )
             returned = {name for queue, name in report.returned_checkouts if queue == Queue.ACTIVE}
             await spool._load(returned)
@@ -455,6 +477,20 @@ class Spool:
     def sync(self, value: SyncMode) -> None:
         self._disk.store.sync = value
 
+    @property
+    def limits(self) -> LimitsSource | None:
+        """Where destination limits come from (None: none). Replacing it
+        (a reload) applies the new limits to messages already waiting."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, value: LimitsSource | None) -> None:
+        self._limits = value
+        for name, (entry, _gen) in self._gate.heads():
+            found = self._destination_of(entry.msg)
+            self._gate.set_limits(name, found[1] if found and found[0] == name else None)
+        self._poke()
+
     def set_hooks(self, presend: PresendHook | None, on_error: OnErrorHook | None) -> None:
         """Replace both hooks at once (None: the default)."""
         self.presend = presend or default_presend
@@ -466,7 +502,9 @@ class Spool:
 
     async def kill_and_flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Start no new attempt; wait for those under way. Raises
-        :class:`TimeoutError` if they are not done within ``timeout``."""
+        :class:`TimeoutError` if they are not done within ``timeout``.
+        From then on :meth:`add` and the operator operations are refused
+        (:class:`~spoold.errors.SpoolClosedError`)."""
         self._stopping = True
         self._poke()
         if self._running == 0:
@@ -492,10 +530,24 @@ class Spool:
         self._poke()
 
     async def _dispatch_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        gate = self._gate
         while True:
             wake = self._wake
             now_ts = self.clock.now().timestamp()
             timers = self._timers
+            if not self._stopping and self._running < self._max_jobs:
+                # Those waiting on their destination first: they were due earlier.
+                for name, (waiting, gen) in gate.ready(now_ts):
+                    current = self._index.get(waiting.msg.id)
+                    if current is not waiting or waiting.gen != gen or waiting.busy:
+                        gate.give_back(name)  # changed while it waited: not for us
+                    elif hold := gate.hops_hold(waiting.msg.next_hop_choices, now_ts):
+                        gate.give_back(name)  # its hops were backed off while it waited
+                        self._hold(waiting, gen, hold)
+                    else:
+                        self._start(tg, waiting, name)
+                    if self._running >= self._max_jobs:
+                        break
             while not self._stopping and self._running < self._max_jobs:
                 due = timers.pop_due(now_ts)
                 if due is None:
@@ -504,17 +556,52 @@ class Spool:
                 entry = self._index.get(mid)
                 if entry is None or entry.gen != gen or entry.busy:
                     continue
-                entry.busy = True
-                self._running += 1
-                self._idle = anyio.Event() if self._idle.is_set() else self._idle
-                tg.start_soon(self._send, entry, name=f"send {mid}")
+                destination = self._destination_of(entry.msg)
+                hold = gate.admit(destination, entry.msg.next_hop_choices, now_ts)
+                if hold is not None:
+                    self._hold(entry, gen, hold)
+                    continue
+                self._start(tg, entry, destination[0] if destination else None)
             deadline = None
-            first = timers.next_time()
-            if first is not None and not self._stopping and self._running < self._max_jobs:
-                deadline = datetime.fromtimestamp(first, UTC)
+            if not self._stopping and self._running < self._max_jobs:
+                times = [t for t in (timers.next_time(), gate.next_wake(now_ts)) if t is not None]
+                if times:
+                    deadline = datetime.fromtimestamp(min(times), UTC)
             await self.clock.wait(wake, deadline)
             if wake.is_set():
                 self._wake = anyio.Event()
+
+    def _start(self, tg: anyio.abc.TaskGroup, entry: _Entry, destination: str | None) -> None:
+        entry.busy = True
+        entry.destination = destination
+        self._running += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        tg.start_soon(self._send, entry, name=f"send {entry.msg.id}")
+
+    def _destination_of(self, msg: Message) -> tuple[str, DestinationLimits] | None:
+        source = self._limits
+        if source is None:
+            return None
+        try:
+            return source.limits_for(msg)
+        except Exception:
+            log.exception("limits could not be found; sending unlimited", id=msg.id)
+            return None
+
+    def _hold(self, entry: _Entry, gen: int, hold: Hold) -> None:
+        """Keep a due message back for its destination's limits or its
+        hops' backoff; in memory only (its record still says it is due)."""
+        if hold.until is not None:
+            entry.gen = self._timers.arm(entry.msg.id, hold.until)
+        elif hold.destination is not None:
+            self._gate.wait(hold.destination, (entry, gen))
+        log.debug(
+            "held by its destination",
+            id=entry.msg.id,
+            flows=entry.msg.flows,
+            destination=hold.destination,
+            reason=hold.reason,
+        )
 
     async def _wakeup_loop(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -591,6 +678,9 @@ class Spool:
             await self._recover_from_failed_attempt(entry)
         finally:
             entry.busy = False
+            if entry.destination is not None:
+                self._gate.done(entry.destination)
+                entry.destination = None
             self._running -= 1
             if self._running == 0:
                 self._idle.set()
@@ -617,11 +707,17 @@ class Spool:
         self._publish(EventKind.PRESEND, msg, detail=_decision_name(decision))
         if not isinstance(decision, SendNow):
             msg.status = before
-            await self._change(entry, decision)
+            new = await self._change(entry, decision)
+            if isinstance(decision, SendAt):
+                self._publish(EventKind.DELAYED, new, at=decision.at)
             return
         await self._checkout(entry)
         self._follow_route(msg)
         snapshot = msg.copy()
+        # Hops backed off go last for this attempt (the record keeps its order).
+        snapshot.next_hop_choices = self._gate.order_hops(
+            msg.next_hop_choices, self.clock.now().timestamp()
+        )
         try:
             outcome = await self.relay.relay(
                 snapshot,
@@ -724,6 +820,7 @@ class Spool:
         self._apply(entry, new)
         detail = "bounced" if event is EventKind.REMOVED else None
         self._publish(event, new, at=result.at, detail=detail)
+        self._hop_feedback(result.hops, new)
         log.info(
             "attempt done",
             id=new.id,
@@ -817,6 +914,28 @@ class Spool:
             raise NotFoundError(f"{mid}: no such message in active or frozen")
         msg = entry.msg.copy()
         return retry_plan(msg, now=self.clock.now(), policy=self.policy_for(msg))
+
+    def _hop_feedback(self, hops: HopFeedback, msg: Message) -> None:
+        """What an attempt said about its next hops: back off those that
+        throttled us, forgive one that answered. (The one place per-hop
+        results of attempts are known: per-hop counters belong here.)"""
+        now = self.clock.now()
+        for hop in hops.throttled:
+            backoff = self._gate.throttled(hop, now.timestamp(), hops.reason)
+            until = datetime.fromtimestamp(backoff.until, UTC)
+            log.warning(
+                "next hop throttled us; backing off",
+                hop=hop,
+                id=msg.id,
+                flows=msg.flows,
+                reply=hops.reason,
+                backoff_seconds=backoff.window,
+                until=until,
+            )
+            self._publish(EventKind.THROTTLED, msg, detail=hop, at=until)
+        if hops.answered is not None and self._gate.answered(hops.answered):
+            log.info("next hop answered again; its backoff is over", hop=hops.answered)
+            self._poke()
 
     async def _save_outcome(self, entry: _Entry, new: Message) -> None:
         """Write the record an attempt produced, however long the disk needs.
@@ -1029,6 +1148,13 @@ class Spool:
             entries.append(entry)
         return entries
 
+    def _refuse_if_closing(self, verb: str) -> None:
+        if self._closed or self._stopping:
+            raise SpoolClosedError(
+                f"cannot {verb}: spool {self.spool_dir} is shutting down (kill_and_flush) "
+                "and takes no more changes"
+            )
+
     @staticmethod
     def _refuse_if_busy(entries: Sequence[_Entry], verb: str) -> None:
         for e in entries:
@@ -1040,6 +1166,7 @@ class Spool:
     async def freeze(self, ids: Iterable[str]) -> None:
         """Freeze messages in ``active`` (send_now or send_at)."""
         async with self._op_lock:
+            self._refuse_if_closing("freeze")
             entries = self._lookup(ids)
             self._refuse_if_busy(entries, "freeze")
             for e in entries:
@@ -1062,6 +1189,7 @@ class Spool:
         head of each message's intervals. Returns the ids sent.
         """
         async with self._op_lock:
+            self._refuse_if_closing("send")
             if which == "ids":
                 if ids is None:
                     raise ValueError("send needs ids, or which='all' / 'frozen_only'")
@@ -1094,6 +1222,7 @@ class Spool:
     async def remove(self, ids: Iterable[str]) -> None:
         """Move frozen messages to ``removed``."""
         async with self._op_lock:
+            self._refuse_if_closing("remove")
             entries = self._lookup(ids)
             self._refuse_if_busy(entries, "remove")
             for e in entries:
@@ -1112,6 +1241,7 @@ class Spool:
         if source not in (Queue.REMOVED, Queue.QUARANTINE):
             raise ValueError(f"recover takes messages from removed or quarantine, not {source}")
         async with self._op_lock:
+            self._refuse_if_closing("recover")
             found: list[Message] = []
             for raw in dict.fromkeys(ids):
                 mid = validate_id(raw)
@@ -1157,6 +1287,7 @@ class Spool:
         if routes is None:
             raise OperationRefusedError("cannot reroute: this spool has no routes to ask")
         async with self._op_lock:
+            self._refuse_if_closing("reroute")
             if which == "ids":
                 if ids is None:
                     raise ValueError("reroute needs ids, or which='all'")

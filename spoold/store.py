@@ -31,6 +31,8 @@ Invariants:
   again: at least once, never lost), which saves a delivery three directory
   fsyncs.
 * A checked-out record belongs to its queue: recovery renames it back.
+* A store is created only in a missing or empty directory; an existing
+  directory that is not a store (other files, no ``.registry``) is refused.
 
 One process owns a store at a time (``owner=True`` takes the lock); only the
 owner recovers, checks out, moves and deletes. Any number of other processes
@@ -297,6 +299,7 @@ class Store:
             dirs += [f"{root}/{q}", f"{root}/{q}/{CHECKOUT}", f"{root}/{q}/{REASONS}"]
         if create:
             os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)  # e.g. var/
+            self._refuse_foreign_dir_sync()
             for d in dirs:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(d, _DIR_MODE)
@@ -318,6 +321,29 @@ class Store:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{self._pid}\n".encode(), 0)
         return self._recover_sync()
+
+    def _refuse_foreign_dir_sync(self) -> None:
+        """A store is created in a missing or empty directory, or opened in
+        one that is a store already (it has ``.registry``, or only names a
+        store uses: a creation cut short). Any other directory holds
+        someone else's files: refused, so a mistyped path never fills (or
+        recovers away files from) a directory that is not ours."""
+        try:
+            names = os.listdir(self._root_s)
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            raise StoreError(f"{self._root_s} is not a directory") from None
+        if not names or ".registry" in names:
+            return
+        own = {"lock", "wakeup", "tmp", "data", *self.queues}
+        foreign = sorted(n for n in names if n not in own)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise StoreError(
+                f"{self._root_s} is not a spool directory and not empty (it holds {shown}); "
+                "give an empty or missing directory for a new spool"
+            )
 
     def _close_sync(self) -> None:
         self._closed = True

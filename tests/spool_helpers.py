@@ -40,7 +40,7 @@ SENDER = "sender@example.org"
 BODY = Body.from_content(b"Subject: spool test\r\n\r\nhello\r\n.dot line\r\n")
 
 OK = RecipientResult(250, "ok", "2.0.0")
-TRY_LATER = RecipientResult(451, "try again later", "4.7.1")
+TRY_LATER = RecipientResult(451, "try again later", "4.3.0")
 NO_SUCH_USER = RecipientResult(550, "no such user", "5.1.1")
 
 Answer = RecipientResult | AttemptFailed

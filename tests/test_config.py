@@ -22,12 +22,15 @@ from spoold.daemon.config import (
     parse_config,
     restart_needed,
 )
+from spoold.daemon.routing import Router
 from spoold.errors import (
     ConfigError,
     SpooldError,
 )
+from spoold.limits import DestinationLimits, Rate
 from spoold.spool import DEFAULT_RETRY_SPANS
 from spoold.times import format_span, parse_size, parse_span
+from tests.factories import make_message
 
 REPO = Path(__file__).absolute().parent.parent
 SAMPLE = REPO / "config" / "spoold.toml"
@@ -798,3 +801,38 @@ def test_parse_config_resolves_against_the_given_path() -> None:
     assert cfg.path == Path("/etc/spoold/spoold.toml")
     assert cfg.spool.dir == Path("/etc/spoold/spool")
     assert cfg.control.socket == Path("/etc/spoold/run/spoold.sock")
+
+
+# --------------------------------------------------- per-destination limits
+
+
+def test_route_limits_are_read_and_checked(tmp_path: Path) -> None:
+    raw: dict[str, Any] = {
+        "spool": {"dir": "spool"},
+        "routes": {
+            "slow": {"next_hops": ["a.example:25"], "rate": "1000/h", "max_connections": 2},
+            "plain": {"next_hops": ["b.example:25"]},
+        },
+    }
+    cfg = parse_config(raw, tmp_path / "spoold.toml")
+    assert cfg.routes["slow"].rate == Rate(1000, timedelta(hours=1))
+    assert cfg.routes["slow"].max_connections == 2
+    assert (cfg.routes["plain"].rate, cfg.routes["plain"].max_connections) == (None, 10)
+
+    router = Router(cfg)
+    msg = make_message("M1")
+    msg.route = "slow"
+    assert router.limits_for(msg) == ("slow", DestinationLimits(2, Rate(1000, timedelta(hours=1))))
+    msg.route = "gone"  # a route a reload removed: no limits
+    assert router.limits_for(msg) is None
+
+    bad = copy.deepcopy(raw)
+    bad["routes"]["slow"].update(rate="fast", max_connections=0)
+    bad["routes"]["plain"]["rate"] = 50
+    with pytest.raises(ConfigError) as info:
+        parse_config(bad, tmp_path / "spoold.toml")
+    assert info.value.problems == [
+        "routes.slow.max_connections: expected an integer >= 1, got 0",
+        "routes.slow.rate: expected a rate like '50/s' or '1000/h', got 'fast'",
+        "routes.plain.rate: expected a rate like '50/s' or '1000/h', got 50",
+    ]

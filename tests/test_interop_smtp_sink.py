@@ -175,7 +175,8 @@ async def test_421_at_data_delays_the_message(
         record = read_record(spool.spool_dir, "active", mid)
         assert record.remaining_recipients == [ALICE, BOB]
         error = record.relay_attempts[0].error
-        assert error.startswith(f"{sink.hop}: 421")
+        assert error.startswith(f"{ALICE}: 421 ")
+        assert error.endswith(f" via {sink.hop}")
     assert sink.counters()["mesg"] == 0
 
 

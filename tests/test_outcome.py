@@ -183,3 +183,75 @@ def test_jitter_comes_from_draw() -> None:
         draw=lambda i: i.span + timedelta(seconds=7),
     )
     assert got.at == NOW + timedelta(minutes=10, seconds=7)
+
+
+# ------------------------------------------------- what it says of next hops
+
+HOP = "mx.example.net:25"
+CLOSING = RecipientResult(421, "closing", "4.7.0")
+POLICY = RecipientResult(450, "slow down", "4.7.1")
+BARE_421 = RecipientResult(421, "closing")
+
+
+@dataclass
+class HopCase:
+    answers: dict[str, RecipientResult] | AttemptFailed
+    actions: dict[str, ErrorAction] = field(default_factory=dict)
+    relay_hop: str = HOP  # the hop the relay names ("" : none)
+    # expected
+    answered: str | None = None
+    throttled: tuple[str, ...] = ()
+
+
+HOP_CASES = {
+    "a delivery is an answer": HopCase({A: OK}, answered=HOP),
+    "a plain deferral is an answer": HopCase({A: LATER}, {A: TRY}, answered=HOP),
+    "a permanent refusal is an answer": HopCase({A: NO}, {A: FAIL}, answered=HOP),
+    "421 throttles, whatever on_error answered": HopCase({A: CLOSING}, {A: TRY}, throttled=(HOP,)),
+    "421 without an enhanced status throttles": HopCase({A: BARE_421}, {A: DONE}, throttled=(HOP,)),
+    "4.7.x throttles": HopCase({A: OK, B: POLICY}, {B: TRY}, throttled=(HOP,)),
+    "on_error answering rate limited throttles": HopCase({A: LATER}, {A: RATE}, throttled=(HOP,)),
+    "an accepted recipient never throttles": HopCase(
+        {A: RecipientResult(250, "ok", "4.7.0")}, answered=HOP
+    ),
+    "no hop named: the message's first": HopCase(
+        {A: CLOSING}, relay_hop="", throttled=("first.example:25",)
+    ),
+    "no hop reached: nobody answered": HopCase(AttemptFailed("no hops available: refused")),
+    "a hop that greeted with 421: throttled": HopCase(
+        AttemptFailed("no hops available: 421", throttled_hops=("h1:25",)), throttled=("h1:25",)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOP_CASES.values(), ids=HOP_CASES.keys())
+def test_hop_feedback_table(case: HopCase) -> None:
+    record = make_message("M1", recipients=[A, B], retry_intervals=minutes(1))
+    record.next_hop_choices = ["first.example:25", "second.example:25"]
+    relay: AttemptFailed | Delivery
+    if isinstance(case.answers, AttemptFailed):
+        relay = case.answers
+    else:
+        relay = Delivery({B: OK, **case.answers}, hop=case.relay_hop)
+    before = record.copy()
+
+    got = attempt_outcome(record, relay, case.actions, now=NOW, draw=lambda i: i.span).hops
+
+    assert (got.answered, got.throttled) == (case.answered, case.throttled)
+    assert bool(got.reason) == bool(case.throttled)
+    assert record == before
+
+
+def test_a_throttled_attempt_follows_the_usual_rules_for_the_message() -> None:
+    # The backoff is for the hop; the message itself is delayed as on_error says.
+    record = make_message("M1", recipients=[A], retry_intervals=minutes(1, 5))
+    got = attempt_outcome(
+        record, Delivery({A: CLOSING}, hop=HOP), {A: TRY}, now=NOW, draw=lambda i: i.span
+    )
+    assert (got.event, got.at, got.hops.throttled) == (
+        "delayed",
+        NOW + timedelta(minutes=1),
+        (HOP,),
+    )
+    assert got.record.retry_intervals == minutes(5)
+    assert got.hops.reason == "421 4.7.0 closing"

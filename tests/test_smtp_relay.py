@@ -443,7 +443,7 @@ async def test_message_timeout_bounds_the_whole_attempt(
 
 
 @pytest.mark.parametrize("where", ["mail", "rcpt", "data-end"])
-async def test_421_fails_the_attempt_as_try_later_and_drops_the_connection(
+async def test_421_is_every_recipients_answer_and_drops_the_connection(
     smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
     tmp_path: Path,
@@ -458,9 +458,13 @@ async def test_421_fails_the_attempt_as_try_later_and_drops_the_connection(
     else:
         smtp_server.behaviour.data_end = closing
 
-    error = failure(await relay_message(relay, tmp_path, [smtp_server.hop], [ALICE, BOB]))
+    got = delivery(await relay_message(relay, tmp_path, [smtp_server.hop], [ALICE, BOB]))
 
-    assert error == f"{smtp_server.hop}: 421 4.7.0 mx.test closing connection"
+    # A reply like any other, so on_error is asked about it (seed parity).
+    answer = RecipientResult(421, "mx.test closing connection", "4.7.0")
+    assert got.recipients == {ALICE: answer, BOB: answer}
+    assert got.hop == smtp_server.hop
+    assert smtp_server.messages == []
     # The server keeps the connection open; the client must hang up.
     await wait_until(lambda: smtp_server.connections_closed == 1, "the client to hang up")
     assert "RSET" not in smtp_server.verbs()

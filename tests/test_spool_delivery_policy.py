@@ -339,7 +339,7 @@ async def test_one_delay_warning_per_message_under_the_fake_clock(tmp_path: Path
     assert warning["Subject"] == "Delayed mail (still being retried)"
     (fields,) = recipient_fields(warning)
     assert fields["Action"] == "delayed"
-    assert fields["Status"] == "4.7.1"
+    assert fields["Status"] == TRY_LATER.enhanced_status == "4.3.0"
     assert fields["Will-Retry-Until"] == "Tue, 04 Mar 2031 06:06:07 +0000"
     record = read_record(tmp_path, "frozen", mid)  # out of intervals at 21m
     assert record.delay_warned_at == START + 6 * MINUTE

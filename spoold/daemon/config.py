@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast, get_args
 
 from spoold import connection_cache as _cache
+from spoold import limits as _limits
 from spoold import spool as _spool
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import TlsMode
@@ -32,6 +33,7 @@ from spoold.errors import (
     ConfigError,
 )
 from spoold.hops import parse_hop
+from spoold.limits import Rate, parse_rate
 from spoold.outcome import DeliveryPolicy, OnPermanentFailure
 from spoold.store import SyncMode
 from spoold.times import parse_size, parse_span
@@ -149,6 +151,8 @@ class RouteConfig:
     auth_file: Path | None = None
     retry_intervals: tuple[timedelta, ...] | None = None
     max_queue_lifetime: timedelta | None = None  # None: spool.max_queue_lifetime
+    max_connections: int = _limits.DEFAULT_MAX_CONNECTIONS  # attempts at once
+    rate: Rate | None = None  # attempts per span ("50/s"); None: unlimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,6 +557,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             auth_file=t.get("auth_file", optional_path),
             retry_intervals=t.get("retry_intervals", _list(parse_span)),
             max_queue_lifetime=t.get("max_queue_lifetime", _optional_span),
+            max_connections=t.get("max_connections", _int(1, 10_000)),
+            rate=t.get("rate", parse_rate),
         )
         t.done()
         if not route.mx and ("next_hops" not in t.raw or t.raw["next_hops"] == []):

@@ -207,6 +207,7 @@ class Daemon:
             route_lifetimes=route_lifetimes(cfg),
             after_crash=cfg.spool.after_crash,
             reporting_mta=hostname,
+            limits=self.live.router,
         ) as spool:
             self._spool = spool
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
@@ -396,6 +397,7 @@ class Daemon:
             spool.delivery_policy = delivery_policy(cfg)
             spool.route_lifetimes = route_lifetimes(cfg)
             spool.after_crash = cfg.spool.after_crash
+            spool.limits = live.router
         if self._workers is not None:
             self._workers.reload()  # they read the same (now validated) file
 

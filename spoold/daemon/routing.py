@@ -15,6 +15,11 @@ names goes to ``relay.default_route``. An ``mx = true`` route takes its next
 hops from DNS (:mod:`spoold.daemon.mx`), one envelope per recipient domain; such a
 hop is talked to with the settings of the MX route the message's
 recipients take (all recipients of a message share one route).
+
+A route is also a destination for the spool's limits (:mod:`spoold.limits`:
+``max_connections`` and ``rate``); :meth:`Router.limits_for` gives a
+message the limits of the route it records, so a reload applies new limits
+to messages already queued.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from spoold.credentials import load_auth_file
 from spoold.daemon.config import Config, RouteConfig
 from spoold.daemon.mx import MxResolver
 from spoold.errors import NoRouteError
+from spoold.limits import DestinationLimits
 from spoold.message import Message, RetryInterval, RoutedEnvelope
 
 __all__ = ["Router"]
@@ -38,6 +44,7 @@ class _Route:
     config: RouteConfig
     settings: RouteSettings
     retry_intervals: tuple[RetryInterval, ...]
+    limits: DestinationLimits
 
 
 class Router:
@@ -77,7 +84,10 @@ class Router:
             )
             spans: Sequence[timedelta] = rc.retry_intervals or ()
             self._routes[name] = _Route(
-                rc, settings, tuple(RetryInterval.from_spans(spans, jitter))
+                rc,
+                settings,
+                tuple(RetryInterval.from_spans(spans, jitter)),
+                DestinationLimits(rc.max_connections, rc.rate),
             )
             for hop in rc.next_hops:
                 self._by_hop[hop] = settings
@@ -100,6 +110,15 @@ class Router:
                 if route.config.mx:
                     return route.settings
         return self.default_settings
+
+    def limits_for(self, message: Message) -> tuple[str, DestinationLimits] | None:
+        """The destination (route name) and limits of the route the message
+        records; None (no limits) for a message without one, or whose route
+        is gone (:class:`~spoold.limits.LimitsSource`)."""
+        route = self._routes.get(message.route) if message.route else None
+        if route is None:
+            return None
+        return route.config.name, route.limits
 
     def current_hops(self, message: Message) -> Sequence[str] | None:
         """The next hops the message's route has now, or None to keep the

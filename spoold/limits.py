@@ -1,0 +1,328 @@
+"""Per-destination limits: connections at once, a sending rate, and the
+backoff of a next hop that throttles us.
+
+The spool's scheduler asks a :class:`DestinationGate` before it starts an
+attempt, and tells it when the attempt ends. The gate never waits itself and
+never reads a clock: every call is given the time (the spool's clock, as a
+POSIX timestamp), so it is tested without sleeping.
+
+A *destination* is what the limits count by: a route (the daemon's
+``[routes.NAME]``; any key the :class:`LimitsSource` chooses). Its
+:class:`DestinationLimits`:
+
+* ``max_connections``: attempts of the destination under way at once (each
+  attempt holds one SMTP connection at a time, so this bounds the sessions a
+  next hop sees from us);
+* ``rate``: a token bucket of depth one, refilled at the rate: attempts are
+  spaced at least ``per / count`` apart, so there are never more than
+  ``count`` of them in any span of ``per``.
+
+The backoff is per next hop, whatever the destination: a throttling reply
+(see :func:`spoold.outcome.hop_feedback`) opens a window in which no new
+attempt goes to that hop: :data:`BACKOFF_FIRST` at first, doubled by each
+further throttling reply up to :data:`BACKOFF_MAX`, and forgotten at the
+first attempt the hop answers without throttling. A message whose next hops
+are all backed off waits until the first window ends; one with a hop still
+open goes ahead, with the backed-off hops put last for that attempt.
+
+A message held by its destination's limits waits in that destination's
+line (first come, first served) and is started as soon as a slot and a
+token are free; it is not an attempt: nothing is written, no retry
+interval is used, no relay attempt is recorded. The gate only holds the
+line; the spool keeps the messages (it checks, when one comes out, that the
+message is still due and untouched).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Final, Generic, Protocol, TypeVar
+
+from spoold.message import Message
+from spoold.times import parse_span
+
+__all__ = [
+    "Rate",
+    "parse_rate",
+    "DestinationLimits",
+    "LimitsSource",
+    "DestinationGate",
+    "Hold",
+    "HopBackoff",
+    "DEFAULT_MAX_CONNECTIONS",
+    "BACKOFF_FIRST",
+    "BACKOFF_MAX",
+]
+
+# The one place these defaults are written (the daemon's config reads them).
+DEFAULT_MAX_CONNECTIONS = 10
+BACKOFF_FIRST: Final = timedelta(minutes=1)
+BACKOFF_MAX: Final = timedelta(hours=1)
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\S.*?)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``count`` attempts per ``per``; written ``"50/s"``, ``"1000/h"`` or
+    ``"10/5m"``."""
+
+    count: int
+    per: timedelta
+    text: str = field(default="", compare=False)
+
+    @property
+    def spacing(self) -> float:
+        """Seconds between two attempts."""
+        return self.per.total_seconds() / self.count
+
+    def __str__(self) -> str:
+        return self.text or f"{self.count}/{self.per.total_seconds():g}s"
+
+
+def parse_rate(value: object) -> Rate | None:
+    """``""``: no limit (None); ``"N/UNIT"`` (``s``, ``m``, ``h``, ``d``) or
+    ``"N/SPAN"`` (``"10/5m"``). Raises :class:`ValueError` saying what was
+    expected."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a rate like '50/s' or '1000/h', got {value!r}")
+    if not value.strip():
+        return None
+    m = _RATE_RE.match(value)
+    if m is None:
+        raise ValueError(f"expected a rate like '50/s' or '1000/h', got {value!r}")
+    count, unit = int(m.group(1)), m.group(2)
+    try:
+        per = parse_span(unit if unit[0].isdigit() else f"1{unit}")
+    except ValueError:
+        raise ValueError(f"expected a rate like '50/s' or '1000/h', got {value!r}") from None
+    if count < 1 or per <= timedelta(0):
+        raise ValueError(f"expected a rate of at least one per span, got {value!r}")
+    return Rate(count, per, value.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationLimits:
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    rate: Rate | None = None
+
+
+class LimitsSource(Protocol):
+    """What the spool asks for a message's limits (the daemon's
+    :class:`~spoold.daemon.routing.Router` is one): the destination it
+    counts under and its limits, or None for no limits. Asked before each
+    attempt; must not block."""
+
+    def limits_for(self, message: Message) -> tuple[str, DestinationLimits] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Not now. ``until``: the time (timestamp) the message's next hops are
+    open again (the spool re-arms its timer then); None: the message waits
+    in ``destination``'s line, woken by the gate."""
+
+    destination: str | None
+    until: float | None
+    reason: str
+
+
+@dataclass(slots=True)
+class HopBackoff:
+    """A next hop that throttled us: no attempt before ``until``; the next
+    window lasts twice ``window`` (capped)."""
+
+    until: float
+    window: float
+    reason: str
+
+
+_T = TypeVar("_T")
+_UNLIMITED = DestinationLimits(max_connections=2**31)
+
+
+@dataclass(slots=True)
+class _Destination(Generic[_T]):
+    limits: DestinationLimits
+    running: int = 0
+    next_token: float = -math.inf
+    waiting: deque[_T] = field(default_factory=deque)
+
+    def open_at(self, now: float) -> float | None:
+        """When the next attempt may start: ``now`` or later; None while
+        every connection is taken (a finished attempt frees one)."""
+        if self.running >= self.limits.max_connections:
+            return None
+        return max(now, self.next_token)
+
+
+class DestinationGate(Generic[_T]):
+    """The state of every destination and next hop: attempts under way,
+    tokens, lines of waiting messages (``_T``: whatever the spool keeps for
+    one) and hop backoffs. See the module docstring for the rules."""
+
+    def __init__(self) -> None:
+        self._destinations: dict[str, _Destination[_T]] = {}
+        self._backoffs: dict[str, HopBackoff] = {}
+
+    # -- next hops
+
+    def backoff(self, hop: str, now: float) -> HopBackoff | None:
+        b = self._backoffs.get(hop)
+        return b if b is not None and b.until > now else None
+
+    def backoffs(self, now: float) -> dict[str, HopBackoff]:
+        """The hops backed off at ``now``."""
+        return {h: b for h, b in self._backoffs.items() if b.until > now}
+
+    def throttled(self, hop: str, now: float, reason: str) -> HopBackoff:
+        """``hop`` throttled us at ``now``: open (or double) its window."""
+        old = self._backoffs.get(hop)
+        first = BACKOFF_FIRST.total_seconds()
+        window = first if old is None else min(old.window * 2, BACKOFF_MAX.total_seconds())
+        b = HopBackoff(now + window, window, reason)
+        self._backoffs[hop] = b
+        return b
+
+    def answered(self, hop: str) -> bool:
+        """``hop`` answered an attempt without throttling: forget its
+        backoff. Returns whether it had one."""
+        return self._backoffs.pop(hop, None) is not None
+
+    def order_hops(self, hops: Sequence[str], now: float) -> list[str]:
+        """``hops`` with those backed off at ``now`` put last (in order)."""
+        open_ = [h for h in hops if self.backoff(h, now) is None]
+        return open_ + [h for h in hops if h not in open_]
+
+    def hops_hold(self, hops: Sequence[str], now: float) -> Hold | None:
+        """A :class:`Hold` until the first window ends when every one of
+        ``hops`` is backed off at ``now``; else None."""
+        if not hops:
+            return None
+        backed = [self.backoff(h, now) for h in hops]
+        if any(b is None for b in backed):
+            return None
+        until = min(b.until for b in backed if b is not None)
+        return Hold(None, until, "every next hop is backed off")
+
+    # -- destinations
+
+    def admit(
+        self,
+        destination: tuple[str, DestinationLimits] | None,
+        hops: Sequence[str],
+        now: float,
+    ) -> Hold | None:
+        """May an attempt start at ``now``? None: yes, and a connection
+        and a token of the destination are taken (give the connection back
+        with :meth:`done`). Else why not: a :class:`Hold`."""
+        hold = self.hops_hold(hops, now)
+        if hold is not None:
+            return hold
+        if destination is None:
+            return None
+        name, limits = destination
+        d = self._destination(name, limits)
+        if d.waiting:
+            return Hold(name, None, "behind others in the destination's line")
+        start = d.open_at(now)
+        if start is None:
+            return Hold(name, None, f"{limits.max_connections} connections at once")
+        if start > now:
+            return Hold(name, None, f"rate {limits.rate}")
+        self._take(d, now)
+        return None
+
+    def wait(self, destination: str, item: _T) -> None:
+        """Put ``item`` at the end of ``destination``'s line (after a
+        :class:`Hold` naming it)."""
+        self._destinations[destination].waiting.append(item)
+
+    def done(self, destination: str) -> None:
+        """An admitted attempt of ``destination`` ended."""
+        d = self._destinations.get(destination)
+        if d is not None and d.running > 0:
+            d.running -= 1
+
+    def ready(self, now: float) -> Iterator[tuple[str, _T]]:
+        """Items that may start now, oldest first per destination; each one
+        yielded has been admitted (a connection and a token taken). The
+        caller must :meth:`done` it, or :meth:`give_back` one it will not
+        start after all (stale, or its hops backed off meanwhile: the
+        caller checks :meth:`hops_hold`)."""
+        for name, d in self._destinations.items():
+            while d.waiting:
+                start = d.open_at(now)
+                if start is None or start > now:
+                    break
+                item = d.waiting.popleft()
+                self._take(d, now)
+                yield name, item
+
+    def give_back(self, destination: str) -> None:
+        """Return what :meth:`ready` took for an item the caller found
+        stale: the connection and the token."""
+        d = self._destinations.get(destination)
+        if d is not None:
+            d.running = max(0, d.running - 1)
+            if d.limits.rate is not None:
+                d.next_token -= d.limits.rate.spacing
+
+    def next_wake(self, now: float) -> float | None:
+        """The earliest time a waiting line can move on by the clock alone
+        (a token comes); None when none can (empty, or waiting for a
+        connection to be freed)."""
+        times = [
+            t
+            for d in self._destinations.values()
+            if d.waiting and (t := d.open_at(now)) is not None
+        ]
+        return min(times, default=None)
+
+    def heads(self) -> Iterator[tuple[str, _T]]:
+        """The first item of each destination's line (to look up its
+        limits again after a reload: :meth:`set_limits`)."""
+        for name, d in list(self._destinations.items()):
+            if d.waiting:
+                yield name, d.waiting[0]
+
+    def set_limits(self, destination: str, limits: DestinationLimits | None) -> None:
+        """New limits for ``destination`` (None: it has none any more, so
+        its line may all go)."""
+        d = self._destinations.get(destination)
+        if d is not None:
+            self._update(d, limits or _UNLIMITED)
+
+    def waiting(self, destination: str) -> int:
+        d = self._destinations.get(destination)
+        return len(d.waiting) if d is not None else 0
+
+    def running(self, destination: str) -> int:
+        d = self._destinations.get(destination)
+        return d.running if d is not None else 0
+
+    def _destination(self, name: str, limits: DestinationLimits) -> _Destination[_T]:
+        d = self._destinations.get(name)
+        if d is None:
+            d = self._destinations[name] = _Destination(limits)
+        else:
+            self._update(d, limits)
+        return d
+
+    @staticmethod
+    def _update(d: _Destination[_T], limits: DestinationLimits) -> None:
+        if d.limits != limits:  # a reload changed them: the new ones apply now
+            d.limits = limits
+            if limits.rate is None:
+                d.next_token = -math.inf
+
+    @staticmethod
+    def _take(d: _Destination[_T], now: float) -> None:
+        d.running += 1
+        if d.limits.rate is not None:
+            d.next_token = max(now, d.next_token) + d.limits.rate.spacing

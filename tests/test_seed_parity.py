@@ -1,0 +1,158 @@
+"""Where spoold behaves as async_smtp's spool does (issue 13, point 7): a 421
+goes through on_error, a presend "send at" is published as delayed, the
+operator operations are refused after kill_and_flush, and a directory that
+is not a spool is not taken for one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from spoold.daemon.config import parse_config
+from spoold.daemon.routing import Router
+from spoold.errors import SpoolClosedError, StoreError
+from spoold.events import EventKind
+from spoold.hooks import ErrorAction
+from spoold.message import Message, RoutedBatch, RoutedEnvelope, SendAt
+from spoold.relay import RecipientResult
+from spoold.spool import Spool
+from spoold.testing import FakeClock
+from tests.relay_helpers import MakeRelay, route
+from tests.smtp_server import Reply, SmtpTestServer
+from tests.spool_helpers import (
+    BODY,
+    MINUTE,
+    SENDER,
+    START,
+    batch,
+    intervals,
+    next_events,
+    open_spool,
+    places,
+    relay_answering,
+    settle,
+)
+
+RCPT = "rcpt@example.com"
+
+
+async def test_a_421_reaches_on_error_which_may_answer_rate_limited(
+    smtp_server: SmtpTestServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    smtp_server.behaviour.rcpt[RCPT] = Reply("421 4.7.0 too fast, closing")
+    asked: list[tuple[str, RecipientResult]] = []
+
+    def on_error(message: Message, rcpt: str, result: RecipientResult) -> ErrorAction:
+        asked.append((rcpt, result))
+        return ErrorAction.TRY_LATER_RATE_LIMITED
+
+    submission = RoutedBatch([RoutedEnvelope(SENDER, [RCPT], [smtp_server.hop])], BODY)
+    async with (
+        open_spool(tmp_path, make_relay(route()), FakeClock(START), on_error=on_error) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(submission)
+        events = await next_events(stream, 4)
+
+    assert asked == [(RCPT, RecipientResult(421, "too fast, closing", "4.7.0"))]
+    assert [e.kind for e in events] == [
+        EventKind.SPOOLED,
+        EventKind.PRESEND,
+        EventKind.DELAYED_RATE_LIMITED,
+        EventKind.THROTTLED,
+    ]
+    assert (events[2].id, events[2].at) == (mid, START + MINUTE)
+    assert (events[3].detail, events[3].at) == (smtp_server.hop, START + MINUTE)
+    assert smtp_server.messages == []
+
+
+async def test_a_presend_send_at_is_published_as_delayed(tmp_path: Path) -> None:
+    later = START + 7 * MINUTE
+    relay = relay_answering({})
+    async with (
+        open_spool(tmp_path, relay, FakeClock(START), presend=lambda _m: SendAt(at=later)) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT))
+        events = await next_events(stream, 3)
+    assert [(e.kind, e.id) for e in events] == [
+        (EventKind.SPOOLED, mid),
+        (EventKind.PRESEND, mid),
+        (EventKind.DELAYED, mid),
+    ]
+    assert events[2].at == later
+    assert relay.attempts == []
+
+
+Operation = Callable[[Spool, str, str], Awaitable[object]]
+
+OPERATIONS: dict[str, Operation] = {
+    "freeze": lambda s, active, _frozen: s.freeze([active]),
+    "send": lambda s, _active, frozen: s.send([frozen]),
+    "send all": lambda s, _active, _frozen: s.send(which="all"),
+    "remove": lambda s, _active, frozen: s.remove([frozen]),
+    "recover": lambda s, _active, frozen: s.recover([frozen], from_="removed"),
+    "reroute": lambda s, active, _frozen: s.reroute([active]),
+    "add": lambda s, _active, _frozen: s.add(batch(RCPT)),
+}
+
+
+@pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
+async def test_after_kill_and_flush_operator_operations_are_refused(
+    tmp_path: Path, operation: Operation
+) -> None:
+    raw = {"spool": {"dir": "spool"}, "routes": {"r": {"next_hops": ["127.0.0.1:9"]}}}
+    router = Router(parse_config(raw, tmp_path / "spoold.toml"))
+    clock = FakeClock(START)
+    # The active message waits for its next attempt (a minute away).
+    relay = relay_answering({RCPT: RecipientResult(451, "later", "4.3.0")})
+    spool_dir = tmp_path / "spool"
+    async with open_spool(spool_dir, relay, clock, routes=router) as spool:
+        async with spool.events() as stream:
+            (active,) = await spool.add(batch(RCPT, retry_intervals=intervals(1)))
+            (frozen,) = await spool.add(batch(RCPT), frozen=True)
+            while (await next_events(stream, 1))[0].kind != EventKind.DELAYED:
+                pass
+        before = {m.id: m for m in spool.status()}
+        await spool.kill_and_flush(5)
+
+        with pytest.raises(SpoolClosedError, match=r"shutting down|closing"):
+            await operation(spool, active, frozen)
+
+        await settle()
+        assert {m.id: m for m in spool.status()} == before  # nothing was changed
+        assert places(spool_dir, active) == ["active"]
+        assert places(spool_dir, frozen) == ["frozen"]
+        assert sorted(os.listdir(spool_dir / "active")) == [".checkout", ".reasons", active]
+
+
+async def test_a_directory_holding_other_files_is_not_taken_for_a_spool(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine\n")
+    (home / "tmp").mkdir()  # a name a spool uses does not make it one
+
+    with pytest.raises(StoreError, match="not a spool directory") as info:
+        async with Spool.open(home, relay=relay_answering({}), clock=FakeClock(START)):
+            pass
+
+    assert "notes.txt" in str(info.value)
+    assert sorted(os.listdir(home)) == ["notes.txt", "tmp"]  # nothing created
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "existing spool"])
+async def test_missing_empty_or_existing_spool_directories_open(tmp_path: Path, state: str) -> None:
+    spool_dir = tmp_path / "spool"
+    if state != "missing":
+        spool_dir.mkdir()
+    mid = None
+    if state == "existing spool":
+        async with open_spool(spool_dir, relay_answering({}), FakeClock(START)) as spool:
+            (mid,) = await spool.add(batch(RCPT), frozen=True)
+        (spool_dir / "control.sock").write_text("")  # the daemon keeps its socket here
+
+    async with open_spool(spool_dir, relay_answering({}), FakeClock(START)) as spool:
+        assert [m.id for m in spool.status()] == ([mid] if mid else [])
