@@ -197,7 +197,9 @@ class Message(
 ):
     """The metadata record of one spooled message (schema version 2).
 
-    ``size`` is the body's size in bytes, as on disk. ``route`` names the
+    ``size`` is the body's size in bytes, as on disk. ``removed_at`` is when
+    it moved to ``removed`` (removed-message retention counts from it);
+    ``idempotency_key`` the key it was submitted with, if any. ``route`` names the
     configured route that chose ``next_hop_choices``
     (``None``: hops given explicitly through the API, or a record written
     before version 2); after a reload that changes that route's hops, the
@@ -218,6 +220,12 @@ class Message(
     envelope_info: EnvelopeInfo
     route: str | None = None
     size: int | None = None  # bytes of the body on disk (None: before version 2)
+    # When the message moved to ``removed`` (None: not removed, or removed by
+    # a version that did not say; the spool's retention stamps those first).
+    removed_at: datetime | None = None
+    # The submitter's idempotency key (Spool.add(idempotency_key=...)), kept so
+    # the key index can be rebuilt from the records.
+    idempotency_key: str | None = None
 
     # -- where it lives
 
@@ -460,6 +468,8 @@ def decode_record(data: bytes, *, expected_id: str | None = None) -> Message:
     times = [msg.spool_date, *(a.time for a in msg.relay_attempts)]
     if isinstance(msg.status, SendAt):
         times.append(msg.status.at)
+    if msg.removed_at is not None:
+        times.append(msg.removed_at)
     if any(t.tzinfo is None for t in times):
         raise RecordError("record has a time without a time zone")
     if any(

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,6 +57,7 @@ from spoold.errors import (
     StoreError,
 )
 from spoold.events import EventHub, EventKind, SpoolEvent, Subscription
+from spoold.history import FinalOutcome, History, Outcome, outcome_of
 from spoold.hooks import (
     PRESEND_CHOICES,
     ErrorAction,
@@ -67,9 +68,11 @@ from spoold.hooks import (
     default_on_error,
     default_presend,
 )
+from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles, validate_key
 from spoold.ids import validate_id
 from spoold.message import (
     SEND_NOW,
+    Delivered,
     Frozen,
     Message,
     Quarantined,
@@ -104,6 +107,10 @@ __all__ = [
     "DEFAULT_PING_INTERVAL",
     "DEFAULT_MIN_FREE_SPACE",
     "DEFAULT_SYNC",
+    "DEFAULT_REMOVED_RETENTION",
+    "DEFAULT_HISTORY_RETENTION",
+    "DEFAULT_IDEMPOTENCY_WINDOW",
+    "DEFAULT_HOUSEKEEPING_INTERVAL",
 ]
 
 log = structlog.get_logger("spoold.spool")
@@ -118,6 +125,10 @@ DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
 DEFAULT_SYNC: SyncMode = "syncfs"  # group commit: see spoold.store
+DEFAULT_REMOVED_RETENTION = timedelta(days=7)
+DEFAULT_HISTORY_RETENTION = timedelta(days=7)
+DEFAULT_HOUSEKEEPING_INTERVAL = timedelta(hours=1)
+_RETENTION_BATCH = 256  # removed messages deleted per thread hop (and per hold of the op lock)
 
 _LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
 _OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
@@ -166,8 +177,19 @@ class Spool:
         ping_interval: float,
         rng: random.Random | None,
         routes: Routes | None = None,
+        removed_retention: timedelta = DEFAULT_REMOVED_RETENTION,
+        history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
+        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
+        housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
     ) -> None:
         self._disk = ondisk
+        # Changeable while open (a reload): read at each housekeeping round / add.
+        self.removed_retention = removed_retention
+        self.history_retention = history_retention
+        self.idempotency_window = idempotency_window
+        self._housekeeping_interval = housekeeping_interval
+        self._history = History(ondisk.dir)
+        self._keys = KeyFiles(ondisk.dir)
         self.relay = relay
         self.routes = routes  # may be replaced while open (a reload)
         self.presend: PresendHook = presend or default_presend
@@ -213,6 +235,10 @@ class Spool:
         on_step: StepHook | None = None,
         routes: Routes | None = None,
         sync: SyncMode = DEFAULT_SYNC,
+        removed_retention: timedelta = DEFAULT_REMOVED_RETENTION,
+        history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
+        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
+        housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -242,6 +268,16 @@ class Spool:
         ``sync``: how new messages are made durable: ``"fsync"`` (each file
         and directory) or ``"syncfs"`` (concurrent adds share two syncs of
         the filesystem: group commit). Changeable through :attr:`sync`.
+        ``removed_retention``: how long a removed message stays in
+        ``removed`` (counted from its removal) before housekeeping deletes it.
+        ``history_retention``: how long the history journal keeps outcomes
+        (:meth:`history`, :meth:`find_outcome`).
+        ``idempotency_window``: how long an idempotency key given to
+        :meth:`add` is remembered. All three changeable through the
+        attributes of the same names.
+        ``housekeeping_interval``: time between two housekeeping rounds
+        (deleting expired removed messages, history and keys; the first
+        round runs at open), on the spool's clock.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -271,12 +307,19 @@ class Spool:
                 ping_interval=ping_interval,
                 rng=rng,
                 routes=routes,
+                removed_retention=removed_retention,
+                history_retention=history_retention,
+                idempotency_window=idempotency_window,
+                housekeeping_interval=housekeeping_interval,
             )
             await spool._load()
+            await spool._repair_keys()
             async with anyio.create_task_group() as tg:
                 spool._tg = tg
                 tg.start_soon(spool._dispatch_loop, tg)
                 tg.start_soon(spool._ping_loop)
+                tg.start_soon(spool._history.run)
+                tg.start_soon(spool._housekeeping_loop)
                 await tg.start(spool._wakeup_loop)
                 try:
                     yield spool
@@ -292,6 +335,8 @@ class Spool:
                     spool._closed = True
                     spool._hub.close()
                     tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await spool._history.flush()
         finally:
             with anyio.CancelScope(shield=True):
                 await ondisk.close()
@@ -515,7 +560,9 @@ class Spool:
         self._publish(EventKind.PRESEND, msg, detail=_decision_name(decision))
         if not isinstance(decision, SendNow):
             msg.status = before
-            await self._change(entry, decision)
+            new = await self._change(entry, decision)
+            if isinstance(decision, Removed):
+                self._record_final(new, FinalOutcome.REMOVED, detail="removed by the presend hook")
             return
         await self._checkout(entry)
         self._follow_route(msg)
@@ -608,6 +655,8 @@ class Spool:
         await self._save_outcome(entry, new)
         entry.checked_out = False
         self._apply(entry, new)
+        if isinstance(new.status, Delivered):
+            self._record_final(new, FinalOutcome.DELIVERED, relay_outcome=outcome)
         self._publish(result.event, new, at=result.at)
         log.info(
             "attempt done",
@@ -693,6 +742,8 @@ class Spool:
         """Write ``entry`` with a new status (and edits), then apply it."""
         new = entry.msg.copy()
         new.status = status
+        if isinstance(status, Removed) and not isinstance(entry.msg.status, Removed):
+            new.removed_at = self.clock.now()  # removed-message retention counts from here
         if edit is not None:
             edit(new)
         await self._disk.save(new, from_queue=entry.queue)
@@ -732,6 +783,7 @@ class Spool:
         flows: Sequence[str] = (),
         parent_id: str | None = None,
         prefix: Callable[[str], bytes] | None = None,
+        idempotency_key: str | None = None,
     ) -> list[str]:
         """Spool one submission: one message per envelope of ``batch``.
 
@@ -740,9 +792,39 @@ class Spool:
         id: the SMTP listener's ``Received:`` header names the message's own
         id this way. Returns once every message is durable on disk; their
         ids in order.
+
+        ``idempotency_key``: a submission given a key that an earlier one
+        had, within :attr:`idempotency_window`, queues nothing and returns
+        the earlier submission's ids (no error), whether those messages
+        are still queued or already gone, and across restarts and
+        processes (see :mod:`spoold.idempotency`). Raises
+        :class:`~spoold.errors.IdempotencyKeyError` for an unusable key.
         """
+        if idempotency_key is None:
+            return await self._add_new(batch, frozen, flows, parent_id, prefix, None)
+        async with self._keys.claim(validate_key(idempotency_key)) as claim:
+            now = self.clock.now()
+            earlier = claim.ids(now, self.idempotency_window)
+            if earlier is not None:
+                log.info("duplicate submission: idempotency key seen", ids=earlier)
+                return earlier
+            ids = await self._add_new(batch, frozen, flows, parent_id, prefix, idempotency_key)
+            await self._keys.record(claim, ids, now)
+            return ids
+
+    async def _add_new(
+        self,
+        batch: RoutedBatch,
+        frozen: bool,
+        flows: Sequence[str],
+        parent_id: str | None,
+        prefix: Callable[[str], bytes] | None,
+        idempotency_key: str | None,
+    ) -> list[str]:
         status: Status = Frozen() if frozen else SEND_NOW
-        messages = await self._write_new(batch, status, flows, parent_id, prefix)
+        messages = await self._write_new(
+            batch, status, flows, parent_id, prefix, idempotency_key=idempotency_key
+        )
         for msg in messages:
             if msg.id in self._index:
                 continue  # a rescan adopted it while we were writing
@@ -786,6 +868,8 @@ class Spool:
         flows: Sequence[str],
         parent_id: str | None,
         prefix: Callable[[str], bytes] | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> list[Message]:
         if self._closed or self._stopping:
             raise SpoolClosedError(f"spool {self.spool_dir} is closing and takes no new mail")
@@ -797,6 +881,7 @@ class Spool:
             flows=flows,
             parent_id=parent_id,
             prefix=prefix,
+            idempotency_key=idempotency_key,
         )
         return await self._add_to_disk(new)
 
@@ -900,7 +985,12 @@ class Spool:
                         f"cannot remove {e.msg.id}: only frozen messages can be removed "
                         "(freeze it first)"
                     )
-            await self._each(entries, lambda e: self._change(e, Removed()))
+
+            async def one(e: _Entry) -> None:
+                new = await self._change(e, Removed())
+                self._record_final(new, FinalOutcome.REMOVED, detail="removed by an operator")
+
+            await self._each(entries, one)
 
     async def recover(
         self, ids: Iterable[str], *, from_: Literal["removed", "quarantine"] | Queue
@@ -924,6 +1014,7 @@ class Spool:
             for msg in found:
                 new = msg.copy()
                 new.status = Frozen()
+                new.removed_at = None
                 await self._disk.save(new, from_queue=source)
                 if source is Queue.QUARANTINE:
                     await self._disk.clear_reason(source, new.id)
@@ -1060,6 +1151,123 @@ class Spool:
             for e in pending:  # not changed (an error stopped us): their timers
                 e.busy = False  # may have been dropped while they were busy
                 self._schedule(e)
+
+    # ------------------------------------------------- history and retention
+
+    def _record_final(
+        self,
+        msg: Message,
+        outcome: FinalOutcome,
+        *,
+        relay_outcome: Delivery | AttemptFailed | None = None,
+        detail: str = "",
+    ) -> None:
+        """Journal that ``msg`` left the queue (delivered, bounced, removed).
+
+        Call it once the record's change is on disk, with the record as
+        written; ``relay_outcome``, the last attempt's, gives each
+        recipient's reply and the hop. Synchronous, no I/O: the line is
+        written in the background, in batches (see :mod:`spoold.history`).
+        """
+        replies: list[tuple[str, int | None, str | None, str]] = []
+        hop = ""
+        if isinstance(relay_outcome, Delivery):
+            hop = relay_outcome.hop
+            replies = [
+                (rcpt, r.code, r.enhanced_status, r.text)
+                for rcpt, r in relay_outcome.recipients.items()
+            ]
+        elif isinstance(relay_outcome, AttemptFailed) and not detail:
+            detail = relay_outcome.error
+        self._history.append(
+            outcome_of(msg, outcome, time=self.clock.now(), replies=replies, hop=hop, detail=detail)
+        )
+
+    async def history(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        recipient: str | None = None,
+    ) -> list[Outcome]:
+        """Final outcomes journalled with ``since <= time <= until``,
+        for ``recipient`` if given (any case), oldest first. Kept for
+        :attr:`history_retention`; a crash may lose the last few."""
+        return await self._history.query(since=since, until=until, recipient=recipient)
+
+    async def find_outcome(self, message_id: str) -> Outcome | None:
+        """The final outcome of a message that left the queue (the newest
+        one, if it left twice), or None: still queued, never known, or
+        past the history retention. The lookup for a message that is no
+        longer in memory."""
+        return await self._history.find(validate_id(message_id))
+
+    async def _housekeeping_loop(self) -> None:
+        """Delete expired removed messages, history and keys: at open, then
+        every ``housekeeping_interval`` on the spool's clock."""
+        never = anyio.Event()
+        while True:
+            try:
+                await self.housekeeping()
+            except (SpooldError, OSError):
+                log.exception("housekeeping failed; trying again at the next round")
+            await self.clock.wait(never, self.clock.now() + self._housekeeping_interval)
+
+    async def housekeeping(self) -> dict[str, int]:
+        """One housekeeping round now: delete the removed messages older
+        than :attr:`removed_retention` (from their removal), the history
+        older than :attr:`history_retention` and the idempotency keys older
+        than :attr:`idempotency_window`. Returns how many of each went."""
+        now = self.clock.now()
+        removed = await self._expire_removed(now)
+        history = await self._history.prune(now, self.history_retention)
+        keys = await self._keys.expire(now, self.idempotency_window)
+        if removed or history or keys:
+            log.info(
+                "housekeeping", removed_deleted=removed, history_files=history, keys_expired=keys
+            )
+        return {"removed": removed, "history_files": history, "keys": keys}
+
+    async def _expire_removed(self, now: datetime) -> int:
+        messages, _unreadable = await self._disk.load(Queue.REMOVED)
+        cutoff = now - self.removed_retention
+        expired = []
+        for msg in messages:
+            if msg.removed_at is None:
+                # Removed before records said when: count from now (one rewrite).
+                msg.removed_at = now
+                async with self._op_lock:
+                    with suppress(NotFoundError):  # recovered meanwhile
+                        await self._disk.save(msg, from_queue=Queue.REMOVED)
+            elif msg.removed_at <= cutoff:
+                expired.append(msg.id)
+        deleted = 0
+        for start in range(0, len(expired), _RETENTION_BATCH):
+            batch = expired[start : start + _RETENTION_BATCH]
+            async with self._op_lock:  # no recover() of these meanwhile
+                # Read again under the lock: one may have been recovered (and
+                # even removed again) since the listing.
+                found = await self._disk.read_new(batch, (Queue.REMOVED,))
+                still = [
+                    mid
+                    for mid, (_queue, m) in found.items()
+                    if isinstance(m, Message)
+                    and m.removed_at is not None
+                    and m.removed_at <= cutoff
+                ]
+                deleted += await self._disk.delete_many(Queue.REMOVED, still)
+        return deleted
+
+    async def _repair_keys(self) -> None:
+        """At open: key files name every queued message submitted with a
+        key (a crash may have come between the record and the key file)."""
+        found = [
+            (e.msg.idempotency_key, e.msg.id, e.msg.spool_date)
+            for e in self._index.values()
+            if e.msg.idempotency_key is not None
+        ]
+        if found:
+            await self._keys.repair(found, self.clock.now(), self.idempotency_window)
 
     # -------------------------------------------------------------- reading
 

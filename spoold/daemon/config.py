@@ -71,6 +71,9 @@ class SpoolConfig:
     flush_timeout: timedelta = timedelta(seconds=_spool.DEFAULT_FLUSH_TIMEOUT)
     min_free_space: int = _spool.DEFAULT_MIN_FREE_SPACE
     sync: SyncMode = _spool.DEFAULT_SYNC
+    removed_retention: timedelta = _spool.DEFAULT_REMOVED_RETENTION
+    history_retention: timedelta = _spool.DEFAULT_HISTORY_RETENTION
+    idempotency_window: timedelta = _spool.DEFAULT_IDEMPOTENCY_WINDOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class SmtpConfig:
     max_auth_failures: int = 3  # failed AUTH on one connection: then 421 and close
     auth_failure_delay: timedelta = timedelta(seconds=1)  # before the first 535; doubles
     workers: int = 0  # ingest processes sharing the listening sockets; 0: one per CPU
+    deduplicate: str = ""  # "message-id": sender + Message-ID is an idempotency key
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +329,12 @@ def _is_loopback(address: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+def _deduplicate(v: object) -> str:
+    if v not in ("", "message-id"):
+        raise ValueError(f'expected "message-id", or "" for off; got {v!r}')
+    return str(v)
+
+
 def _positive_span(v: object) -> timedelta:
     span = parse_span(v)
     if span <= timedelta(0):
@@ -396,6 +406,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         flush_timeout=t.get("flush_timeout", parse_span),
         min_free_space=t.get("min_free_space", parse_size),
         sync=t.get("sync", _sync_mode),
+        removed_retention=t.get("removed_retention", _positive_span),
+        history_retention=t.get("history_retention", _positive_span),
+        idempotency_window=t.get("idempotency_window", _positive_span),
     )
     t.done()
 
@@ -433,6 +446,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             max_auth_failures=t.get("max_auth_failures", _int(1)),
             auth_failure_delay=t.get("auth_failure_delay", parse_span),
             workers=t.get("workers", _int(0, 256)),
+            deduplicate=t.get("deduplicate", _deduplicate),
         )
         t.done()
         if (smtp.tls_cert is None) != (smtp.tls_key is None):

@@ -20,8 +20,13 @@ that cannot be read is listed with ``unreadable: true`` and its reason),
 (``ids`` or ``which``: all|frozen_only, ``retry_intervals``: spans),
 ``remove``, ``reroute`` (``ids`` or ``which``: all), ``recover`` (``from``:
 removed|quarantine), ``show`` (``id``,
-``body``), ``events``, ``reload``, ``check``, ``info`` (pid, config and
-live limits), ``submit`` (a message for ``spoold sendmail``) and ``ping``.
+``body``; a message that left the queue is shown from the history journal:
+``queue`` null, ``status`` its final outcome, and ``outcome``), ``history``
+(``since``: a span back from now, ``recipient``: an address; a list of
+outcomes, oldest first), ``events``, ``reload``, ``check``, ``info`` (pid,
+config and live limits), ``submit`` (a message for ``spoold sendmail``;
+optional ``idempotency_key``: a retry with the same key gets the first
+submission's ids and queues nothing) and ``ping``.
 
 ``submit`` carries the message outside the JSON line: the line holds
 ``sender``, ``recipients`` and ``"content_length": N``, and exactly N raw
@@ -80,6 +85,7 @@ import msgspec
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from spoold.address import validate_address
 from spoold.daemon.config import SmtpConfig
 from spoold.daemon.resources import AcceptFailures, accept_forever
 from spoold.errors import (
@@ -94,6 +100,7 @@ from spoold.errors import (
     SpooldError,
     StoreError,
 )
+from spoold.history import Outcome
 from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, queue_of
 from spoold.ondisk import Unreadable
 from spoold.spool import Spool
@@ -111,6 +118,7 @@ __all__ = [
     "message_view",
     "unreadable_view",
     "describe_view",
+    "outcome_view",
 ]
 
 PROTOCOL_VERSION = 1
@@ -184,6 +192,25 @@ def describe_view(found: Message | Unreadable) -> dict[str, Any]:
     return unreadable_view(found) if isinstance(found, Unreadable) else message_view(found)
 
 
+def outcome_view(outcome: Outcome) -> dict[str, Any]:
+    """A journalled final outcome (``history``, and ``show`` of a message
+    that left the queue): the journal line's fields, times RFC 3339 UTC."""
+    view: dict[str, Any] = msgspec.to_builtins(outcome)
+    view["time"] = rfc3339(outcome.time)
+    view["spool_date"] = rfc3339(outcome.spool_date)
+    return view
+
+
+def departed_view(outcome: Outcome) -> dict[str, Any]:
+    """``show`` of a message no queue holds any more."""
+    return {
+        "id": outcome.id,
+        "queue": None,
+        "status": outcome.outcome.value,
+        "outcome": outcome_view(outcome),
+    }
+
+
 _P = TypeVar("_P", bound="_Params")
 
 _KINDS: frozenset[str] = frozenset(get_args(ControlErrorKind))
@@ -217,7 +244,13 @@ class DaemonOperations(Protocol):
 
     async def check(self, max_age: float) -> list[str]: ...
 
-    async def submit(self, sender: str, recipients: list[str], content: bytes) -> list[str]: ...
+    async def submit(
+        self,
+        sender: str,
+        recipients: list[str],
+        content: bytes,
+        idempotency_key: str | None = None,
+    ) -> list[str]: ...
 
 
 # ------------------------------------------------------ the operations
@@ -267,11 +300,17 @@ class _CheckParams(_Params):
     max_age: float = 3600.0
 
 
+class _HistoryParams(_Params):
+    since: str | None = None  # a span back from now
+    recipient: str | None = None
+
+
 class _SubmitParams(_Params):
     sender: str
     recipients: list[str]
     content_length: int | msgspec.UnsetType = msgspec.UNSET  # the message follows, raw
     content: str | msgspec.UnsetType = msgspec.UNSET  # or (older clients) base64 in the line
+    idempotency_key: str | None = None
 
 
 def _require_ids(ids: list[str]) -> list[str]:
@@ -322,12 +361,32 @@ async def _recover(server: ControlServer, p: _RecoverParams) -> Any:
 
 
 async def _show(server: ControlServer, p: _ShowParams) -> Any:
-    found = await server.spool.describe(p.id)
+    try:
+        found = await server.spool.describe(p.id)
+    except NotFoundError:
+        outcome = await server.spool.find_outcome(p.id)
+        if outcome is None:
+            raise
+        if p.body:
+            raise NotFoundError(
+                f"{outcome.id}: {outcome.outcome.value}; its body is gone"
+            ) from None
+        return departed_view(outcome)
     view = describe_view(found)
     if p.body:
         body = await server.spool.ondisk.read_body(found.id)
         view["body"] = base64.b64encode(body.content()).decode()
     return view
+
+
+async def _history(server: ControlServer, p: _HistoryParams) -> Any:
+    since = None
+    if p.since is not None:
+        since = server.spool.clock.now() - parse_span(p.since)
+    if p.recipient is not None:
+        validate_address(p.recipient, role="recipient", smtputf8=True)
+    found = await server.spool.history(since=since, recipient=p.recipient)
+    return [outcome_view(o) for o in found]
 
 
 async def _reload(server: ControlServer, p: _NoParams) -> Any:
@@ -357,6 +416,7 @@ OPERATIONS: dict[str, tuple[type[_Params], _Handler]] = {
     "reroute": (_RerouteParams, _reroute),
     "recover": (_RecoverParams, _recover),
     "show": (_ShowParams, _show),
+    "history": (_HistoryParams, _history),
     "reload": (_NoParams, _reload),
     "info": (_NoParams, _info),
     "count": (_NoParams, _count),
@@ -591,7 +651,7 @@ class ControlServer:
         if daemon is None:
             return _error("refused", "submit: this control server has no daemon to ask")
         return await self._dispatch(
-            "submit", lambda: daemon.submit(p.sender, p.recipients, content)
+            "submit", lambda: daemon.submit(p.sender, p.recipients, content, p.idempotency_key)
         )
 
     async def _read_content(self, reader: BufferedByteReceiveStream, length: int) -> bytes | None:
@@ -733,17 +793,26 @@ class ControlClient:
         """Send one request; return its result or raise :class:`ControlError`."""
         return await self._exchange({"v": PROTOCOL_VERSION, "op": op, **params})
 
-    async def submit(self, sender: str, recipients: Sequence[str], content: bytes) -> list[str]:
+    async def submit(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        idempotency_key: str | None = None,
+    ) -> list[str]:
         """Hand one message to the daemon (``spoold sendmail``); return the
-        ids of the messages spooled. The content follows the request line
-        as raw bytes (``content_length``), never inside the JSON."""
-        request = {
+        ids of the messages spooled (with an ``idempotency_key`` seen
+        before: the first submission's). The content follows the request
+        line as raw bytes (``content_length``), never inside the JSON."""
+        request: dict[str, Any] = {
             "v": PROTOCOL_VERSION,
             "op": "submit",
             "sender": sender,
             "recipients": list(recipients),
             "content_length": len(content),
         }
+        if idempotency_key is not None:
+            request["idempotency_key"] = idempotency_key
         ids = await self._exchange(request, content)
         return [str(i) for i in ids]
 
