@@ -148,6 +148,8 @@ def outcome_of(
             )
         )
     last = msg.last_relay_attempt
+    if last is not None and outcome is not FinalOutcome.DELIVERED:
+        detail = f"{detail}; last error: {last.error}" if detail else last.error
     return Outcome(
         id=msg.id,
         outcome=outcome,
@@ -159,7 +161,7 @@ def outcome_of(
         parent_id=msg.parent_id,
         flows=list(msg.flows),
         idempotency_key=msg.idempotency_key,
-        detail=detail or (last.error if last and outcome is not FinalOutcome.DELIVERED else ""),
+        detail=detail,
     )
 
 
@@ -181,9 +183,11 @@ def _read_sync(
     since: datetime | None,
     until: datetime | None,
     needle: bytes | None,
+    fold: bool = False,
 ) -> list[Outcome]:
     """Lines of the day files that may hold times in [since, until], oldest
-    first; ``needle``: only lines containing these bytes are decoded."""
+    first; ``needle``: only lines containing these bytes are decoded
+    (``fold``: compared in lower case; ``needle`` given in lower case)."""
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
@@ -207,7 +211,7 @@ def _read_sync(
         except OSError as exc:
             raise StoreError(f"cannot read {directory / name}: {exc.strerror}") from None
         for line in data.splitlines():
-            if needle is not None and needle not in line:
+            if needle is not None and needle not in (line.lower() if fold else line):
                 continue
             try:
                 out.append(_decoder.decode(line))
@@ -240,8 +244,8 @@ async def read_history(
     without a daemon running; lines it has not written yet are missing),
     oldest first."""
     directory = Path(spool_dir) / HISTORY_DIR
-    needle = recipient.encode() if recipient and recipient.isascii() else None
-    found = await anyio.to_thread.run_sync(_read_sync, directory, since, until, needle)
+    needle = recipient.lower().encode() if recipient and recipient.isascii() else None
+    found = await anyio.to_thread.run_sync(_read_sync, directory, since, until, needle, True)
     return [o for o in found if _matches(o, since, until, recipient)]
 
 
@@ -282,6 +286,11 @@ class History:
                     error=str(exc),
                     lost=len(self._writing),
                 )
+            except BaseException:
+                # Cancelled (perhaps before the thread started): keep them
+                # for the flush at close. Written twice at worst, never lost.
+                self._pending[:0] = self._writing
+                raise
             finally:
                 self._writing = []
 
