@@ -24,6 +24,7 @@ from spoold.errors import (
     ConfigError,
     ControlError,
     HopUnavailableError,
+    IdempotencyKeyError,
     InsufficientStorageError,
     InvalidIdError,
     MxError,
@@ -44,6 +45,7 @@ from spoold.errors import (
     StoreError,
 )
 from spoold.events import EventKind, SpoolEvent, Subscription
+from spoold.history import FinalOutcome, Outcome, RecipientReply, RecipientState
 from spoold.hooks import ErrorAction, OnErrorHook, PresendDecision, PresendHook
 from spoold.ids import new_id, validate_id
 from spoold.message import (
@@ -102,6 +104,10 @@ __all__ = [
     "Quarantined",
     "Delivered",
     "Unreadable",
+    "Outcome",
+    "FinalOutcome",
+    "RecipientReply",
+    "RecipientState",
     "validate_address",
     "new_id",
     "validate_id",
@@ -133,6 +139,7 @@ __all__ = [
     "ConfigError",
     "ControlError",
     "HopUnavailableError",
+    "IdempotencyKeyError",
     "InsufficientStorageError",
     "InvalidIdError",
     "MxError",

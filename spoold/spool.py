@@ -31,6 +31,18 @@ the message's next status) is decided by :func:`spoold.outcome.attempt_outcome`,
 a pure function; the spool asks ``on_error`` about each refusal, writes the
 record it returns (retrying until the disk takes it: the hop's answers are
 never thrown away) and publishes its event.
+
+A message that leaves the queue for good (delivered, removed, or bounced by
+whoever calls :meth:`Spool._record_final`) gets a line in the history
+journal (:mod:`spoold.history`) once its record's change is on disk;
+:meth:`Spool.find_outcome` and :meth:`Spool.history` read it. A
+housekeeping task (at open, then every ``housekeeping_interval`` on the
+spool's clock) deletes removed messages past ``removed_retention`` (in
+batches, each under the operator lock so no ``recover`` runs meanwhile),
+journal files past ``history_retention`` and idempotency keys past
+``idempotency_window``; a failed round is logged and tried at the next.
+:meth:`Spool.add` with an ``idempotency_key`` holds the key's lock
+(:mod:`spoold.idempotency`) from looking it up to recording the new ids.
 """
 
 from __future__ import annotations

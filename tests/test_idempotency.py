@@ -283,3 +283,35 @@ def test_the_smtp_key_is_sender_and_message_id() -> None:
     assert message_id_key("a@example.org", folded) == "message-id <a@example.org> <abc@example.com>"
     assert message_id_key("", folded) == "message-id <> <abc@example.com>"
     assert message_id_key("a@example.org", b"Subject: x\r\n\r\nMessage-ID: <no>\r\n") is None
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_the_config_keys_have_defaults_and_are_checked(tmp_path: Path) -> None:
+    from spoold.daemon.config import parse_config
+    from spoold.errors import ConfigError
+
+    config = make_config(tmp_path, 2525)
+    assert config.spool.idempotency_window == DAY
+    assert config.spool.removed_retention == timedelta(days=7)
+    assert config.spool.history_retention == timedelta(days=7)
+    assert config.smtp is not None and config.smtp.deduplicate == ""
+    raw = {
+        "spool": {
+            "dir": "spool",
+            "idempotency_window": "0s",
+            "removed_retention": "soon",
+            "history_retention": "2h",
+        },
+        "smtp": {"deduplicate": "subject"},
+        "relay": {"default_route": "r"},
+        "routes": {"r": {"next_hops": ["127.0.0.1:25"]}},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, tmp_path / "spoold.toml")
+    text = str(info.value)
+    assert "spool.idempotency_window" in text
+    assert "spool.removed_retention" in text
+    assert "spool.history_retention" not in text
+    assert "smtp.deduplicate" in text and '"message-id"' in text
