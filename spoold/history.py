@@ -205,18 +205,22 @@ def _read_sync(
             continue
         try:
             with open(directory / name, "rb") as f:
-                data = f.read()
+                for line in f:  # line by line: a day of a busy spool is large
+                    if needle is not None and needle not in (line.lower() if fold else line):
+                        continue
+                    try:
+                        item = _decoder.decode(line)
+                    except msgspec.DecodeError:
+                        continue  # a torn line (a crash while appending)
+                    if since is not None and item.time < since:
+                        continue
+                    if until is not None and item.time > until:
+                        continue
+                    out.append(item)
         except FileNotFoundError:
             continue  # pruned meanwhile
         except OSError as exc:
             raise StoreError(f"cannot read {directory / name}: {exc.strerror}") from None
-        for line in data.splitlines():
-            if needle is not None and needle not in (line.lower() if fold else line):
-                continue
-            try:
-                out.append(_decoder.decode(line))
-            except msgspec.DecodeError:
-                continue  # a torn line (a crash while appending)
     return out
 
 

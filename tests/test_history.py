@@ -301,3 +301,18 @@ async def test_the_journal_is_json_lines_of_outcomes(tmp_path: Path) -> None:
         "idempotency_key",
         "detail",
     }
+
+
+async def test_check_and_open_accept_the_history_and_key_directories(tmp_path: Path) -> None:
+    from spoold.ondisk import OnDiskSpool
+
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        (mid,) = await spool.add(batch("a@example.com"), idempotency_key="k")
+        await wait_until(functools.partial(spool.find_outcome, mid), "delivery")
+    assert (tmp_path / "history").is_dir() and (tmp_path / "idempotency").is_dir()
+    ondisk, _ = await OnDiskSpool.open(tmp_path, owner=False, create=False)
+    async with ondisk:
+        assert await ondisk.check(max_age=0.0) == []
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        assert (await spool.find_outcome(mid)) is not None

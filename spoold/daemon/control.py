@@ -136,7 +136,8 @@ log = structlog.get_logger("spoold.daemon.control")
 def message_view(msg: Message) -> dict[str, Any]:
     """The JSON listing of a message (``status --format json``): the
     record's fields plus ``queue``; ``status`` as a string, with ``send_at``
-    and ``quarantine_reason`` when they apply; times RFC 3339 UTC; retry
+    and ``quarantine_reason`` when they apply (and ``removed_at``,
+    ``idempotency_key`` when set); times RFC 3339 UTC; retry
     intervals as seconds."""
     status = msg.status
     queue = queue_of(status)
@@ -173,6 +174,10 @@ def message_view(msg: Message) -> dict[str, Any]:
         view["send_at"] = rfc3339(status.at)
     if isinstance(status, Quarantined):
         view["quarantine_reason"] = status.reason
+    if msg.removed_at is not None:
+        view["removed_at"] = rfc3339(msg.removed_at)
+    if msg.idempotency_key is not None:
+        view["idempotency_key"] = msg.idempotency_key
     return view
 
 
