@@ -2,9 +2,9 @@
 
 Every command finds the daemon through ``--socket PATH``, or the
 ``control.socket`` of ``--config PATH`` (default ``$SPOOLD_CONFIG``, then
-``/etc/spoold/spoold.toml``). ``status``, ``count`` and ``check`` also work
-with no daemon running: they then read the spool directory (``--spool-dir``,
-or ``spool.dir`` of the config).
+``/etc/spoold/spoold.toml``). ``status``, ``count``, ``check``, ``show``
+and ``history`` also work with no daemon running: they then read the spool
+directory (``--spool-dir``, or ``spool.dir`` of the config).
 
 Exit codes: 0 done; 1 the daemon refused (e.g. removing a message that is
 not frozen) or no such message; 2 usage error, bad id, no daemon, or a
