@@ -93,7 +93,12 @@ async def test_a_key_given_twice_queues_once_before_and_after_a_restart_and_deli
 async def test_a_key_is_forgotten_after_the_window(tmp_path: Path) -> None:
     clock = FakeClock(START)
     relay = relay_answering({"a@example.com": TRY_LATER})
-    async with open_spool(tmp_path, relay, clock, idempotency_window=DAY) as spool:
+    options = {"idempotency_window": DAY, "housekeeping_interval": timedelta(days=365)}
+    async with open_spool(tmp_path, relay, clock, **options) as spool:
+        await wait_until(  # the round at open is over; the next is a year off
+            lambda: clock.next_deadline == clock.now() + options["housekeeping_interval"],
+            "the housekeeping round at open",
+        )
         first = await spool.add(batch("a@example.com"), idempotency_key=KEY)
         clock.advance(DAY - timedelta(seconds=1))
         assert await spool.add(batch("a@example.com"), idempotency_key=KEY) == first
@@ -116,8 +121,9 @@ async def test_one_key_from_the_owner_and_two_writers_at_once_queues_once(
     async with open_spool(tmp_path, relay, clock) as spool:
         answers: list[list[str]] = []
         async with (
-            SpoolWriter.open(tmp_path, default_retry_intervals=intervals(1)) as w1,
-            SpoolWriter.open(tmp_path, default_retry_intervals=intervals(1)) as w2,
+            # the writers' clock is the owner's: keys are timed alike
+            SpoolWriter.open(tmp_path, default_retry_intervals=intervals(1), now=clock.now) as w1,
+            SpoolWriter.open(tmp_path, default_retry_intervals=intervals(1), now=clock.now) as w2,
         ):
 
             async def submit(adder: Any) -> None:

@@ -655,8 +655,14 @@ class ControlServer:
         daemon = self.daemon
         if daemon is None:
             return _error("refused", "submit: this control server has no daemon to ask")
+        key = p.idempotency_key
+        if key is None:
+            return await self._dispatch(
+                "submit", lambda: daemon.submit(p.sender, p.recipients, content)
+            )
         return await self._dispatch(
-            "submit", lambda: daemon.submit(p.sender, p.recipients, content, p.idempotency_key)
+            "submit",
+            lambda: daemon.submit(p.sender, p.recipients, content, idempotency_key=key),
         )
 
     async def _read_content(self, reader: BufferedByteReceiveStream, length: int) -> bytes | None:
