@@ -26,6 +26,7 @@ from spoold.errors import (
     ConfigError,
     ControlError,
     HopUnavailableError,
+    IdempotencyKeyError,
     InsufficientStorageError,
     InvalidIdError,
     MxError,
@@ -48,6 +49,7 @@ from spoold.errors import (
     WaitTimeoutError,
 )
 from spoold.events import EventKind, SpoolEvent, Subscription
+from spoold.history import FinalOutcome, Outcome, RecipientReply, RecipientState
 from spoold.hooks import ErrorAction, OnErrorHook, PresendDecision, PresendHook
 from spoold.ids import new_id, validate_id
 from spoold.message import (
@@ -129,6 +131,10 @@ __all__ = [
     "Quarantined",
     "Delivered",
     "Unreadable",
+    "Outcome",
+    "FinalOutcome",
+    "RecipientReply",
+    "RecipientState",
     "validate_address",
     "new_id",
     "validate_id",
@@ -162,6 +168,7 @@ __all__ = [
     "ConfigError",
     "ControlError",
     "HopUnavailableError",
+    "IdempotencyKeyError",
     "InsufficientStorageError",
     "InvalidIdError",
     "MxError",

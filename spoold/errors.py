@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "ControlError",
     "ControlErrorKind",
+    "IdempotencyKeyError",
 ]
 
 
@@ -223,3 +224,8 @@ class ControlError(SpooldError):
     def __init__(self, message: str, kind: ControlErrorKind = "internal") -> None:
         self.kind: ControlErrorKind = kind
         super().__init__(message)
+
+
+class IdempotencyKeyError(SpooldError, ValueError):
+    """An idempotency key that cannot be used (empty, too long, or holding
+    control characters)."""

@@ -197,7 +197,9 @@ class Message(
 ):
     """The metadata record of one spooled message (schema version 2).
 
-    ``size`` is the body's size in bytes, as on disk. ``route`` names the
+    ``size`` is the body's size in bytes, as on disk. ``removed_at`` is when
+    it moved to ``removed`` (removed-message retention counts from it);
+    ``idempotency_key`` the key it was submitted with, if any. ``route`` names the
     configured route that chose ``next_hop_choices``
     (``None``: hops given explicitly through the API, or a record written
     before version 2); after a reload that changes that route's hops, the
@@ -229,6 +231,12 @@ class Message(
     # "nothing of this happened"):
     in_doubt: bool = False  # an attempt was under way when a process died
     delay_warned_at: datetime | None = None  # when the one delay warning was sent
+    # When the message moved to ``removed`` (None: not removed, or removed by
+    # a version that did not say; the spool's retention stamps those first).
+    removed_at: datetime | None = None
+    # The submitter's idempotency key (Spool.add(idempotency_key=...)), kept so
+    # the key index can be rebuilt from the records.
+    idempotency_key: str | None = None
 
     # -- where it lives
 
@@ -473,6 +481,8 @@ def decode_record(data: bytes, *, expected_id: str | None = None) -> Message:
         times.append(msg.status.at)
     if msg.delay_warned_at is not None:
         times.append(msg.delay_warned_at)
+    if msg.removed_at is not None:
+        times.append(msg.removed_at)
     if any(t.tzinfo is None for t in times):
         raise RecordError("record has a time without a time zone")
     if any(

@@ -183,6 +183,11 @@ class OnDiskSpool:
             checked_out=checked_out,
         )
 
+    async def delete_many(self, queue: Queue, message_ids: Sequence[str]) -> int:
+        """Delete records of ``queue`` and their bodies in one thread hop
+        (removed-message retention); ids no longer there are skipped."""
+        return await self.store.delete_many(queue.value, message_ids)
+
     async def checkout(self, msg: Message, queue: Queue | None = None) -> None:
         """Mark ``msg`` as taken by an attempt; it is in ``queue`` (by
         default the queue of its status)."""

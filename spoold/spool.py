@@ -59,6 +59,18 @@ be added (disk full, no route) leaves the message frozen instead of
 removed; a delay warning that cannot be added is tried again at the next
 attempt. :meth:`Spool.retry_plan` applies the same function to foresee a
 message's attempts.
+
+A message that leaves the queue for good (delivered, removed, or bounced by
+whoever calls :meth:`Spool._record_final`) gets a line in the history
+journal (:mod:`spoold.history`) once its record's change is on disk;
+:meth:`Spool.find_outcome` and :meth:`Spool.history` read it. A
+housekeeping task (at open, then every ``housekeeping_interval`` on the
+spool's clock) deletes removed messages past ``removed_retention`` (in
+batches, each under the operator lock so no ``recover`` runs meanwhile),
+journal files past ``history_retention`` and idempotency keys past
+``idempotency_window``; a failed round is logged and tried at the next.
+:meth:`Spool.add` with an ``idempotency_key`` holds the key's lock
+(:mod:`spoold.idempotency`) from looking it up to recording the new ids.
 """
 
 from __future__ import annotations
@@ -68,7 +80,7 @@ import math
 import random
 import socket
 from collections.abc import AsyncIterator, Callable, Container, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -89,6 +101,7 @@ from spoold.errors import (
     WaitTimeoutError,
 )
 from spoold.events import EventHub, EventKind, SpoolEvent, Subscription
+from spoold.history import FinalOutcome, History, Outcome, RecipientState, outcome_of
 from spoold.hooks import (
     PRESEND_CHOICES,
     ErrorAction,
@@ -99,11 +112,14 @@ from spoold.hooks import (
     default_on_error,
     default_presend,
 )
+from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles, validate_key
 from spoold.ids import validate_id
 from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
 from spoold.log import get_logger
 from spoold.message import (
     SEND_NOW,
+    Delivered,
+    EnvelopeInfo,
     Frozen,
     Message,
     Quarantined,
@@ -152,6 +168,10 @@ __all__ = [
     "DEFAULT_MAX_QUEUE_LIFETIME",
     "DEFAULT_AFTER_CRASH",
     "AfterCrash",
+    "DEFAULT_REMOVED_RETENTION",
+    "DEFAULT_HISTORY_RETENTION",
+    "DEFAULT_IDEMPOTENCY_WINDOW",
+    "DEFAULT_HOUSEKEEPING_INTERVAL",
 ]
 
 log = get_logger("spoold.spool")
@@ -171,6 +191,10 @@ DEFAULT_SYNC: SyncMode = "syncfs"  # group commit: see spoold.store
 DEFAULT_MAX_QUEUE_LIFETIME = timedelta(days=5)
 AfterCrash = Literal["resend", "freeze"]
 DEFAULT_AFTER_CRASH: AfterCrash = "resend"
+DEFAULT_REMOVED_RETENTION = timedelta(days=7)
+DEFAULT_HISTORY_RETENTION = timedelta(days=7)
+DEFAULT_HOUSEKEEPING_INTERVAL = timedelta(hours=1)
+_RETENTION_BATCH = 256  # removed messages deleted per thread hop (and per hold of the op lock)
 
 _LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
 _OUTCOME_NAMES = frozenset(kind.value for kind in OutcomeKind)
@@ -226,6 +250,10 @@ class Spool:
         after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
         reporting_mta: str | None = None,
         limits: LimitsSource | None = None,
+        removed_retention: timedelta = DEFAULT_REMOVED_RETENTION,
+        history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
+        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
+        housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
     ) -> None:
         self._disk = ondisk
         # Replaceable while open (a reload): the policy of every message, the
@@ -236,6 +264,13 @@ class Spool:
         self.route_lifetimes: dict[str, timedelta] = dict(route_lifetimes or {})
         self.after_crash: AfterCrash = after_crash
         self.reporting_mta = reporting_mta or socket.gethostname()
+        # Changeable while open (a reload): read at each housekeeping round / add.
+        self.removed_retention = removed_retention
+        self.history_retention = history_retention
+        self.idempotency_window = idempotency_window
+        self._housekeeping_interval = housekeeping_interval
+        self._history = History(ondisk.dir)
+        self._keys = KeyFiles(ondisk.dir)
         self.relay = relay
         self.routes = routes  # may be replaced while open (a reload)
         self.presend: PresendHook = presend or default_presend
@@ -290,6 +325,10 @@ class Spool:
         after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
         reporting_mta: str | None = None,
         limits: LimitsSource | None = None,
+        removed_retention: timedelta = DEFAULT_REMOVED_RETENTION,
+        history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
+        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
+        housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -331,6 +370,16 @@ class Spool:
         (:class:`~spoold.limits.LimitsSource`; the daemon's router); None:
         no limits (next hops that throttle are backed off all the same).
         Replaceable through :attr:`limits`.
+        ``removed_retention``: how long a removed message stays in
+        ``removed`` (counted from its removal) before housekeeping deletes it.
+        ``history_retention``: how long the history journal keeps outcomes
+        (:meth:`history`, :meth:`find_outcome`).
+        ``idempotency_window``: how long an idempotency key given to
+        :meth:`add` is remembered. All three changeable through the
+        attributes of the same names.
+        ``housekeeping_interval``: time between two housekeeping rounds
+        (deleting expired removed messages, history and keys; the first
+        round runs at open), on the spool's clock.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -368,13 +417,20 @@ class Spool:
                 after_crash=after_crash,
                 reporting_mta=reporting_mta,
                 limits=limits,
+                removed_retention=removed_retention,
+                history_retention=history_retention,
+                idempotency_window=idempotency_window,
+                housekeeping_interval=housekeeping_interval,
             )
             returned = {name for queue, name in report.returned_checkouts if queue == Queue.ACTIVE}
             await spool._load(returned)
+            await spool._repair_keys()
             async with own_tasks(f"spool {spool.spool_dir}") as tg:
                 spool._tg = tg
                 tg.start_soon(spool._dispatch_loop, tg)
                 tg.start_soon(spool._ping_loop)
+                tg.start_soon(spool._history.run)
+                tg.start_soon(spool._housekeeping_loop)
                 await tg.start(spool._wakeup_loop)
                 try:
                     yield spool
@@ -391,6 +447,8 @@ class Spool:
                     spool._hub.close()
                     spool._outcomes.close()
                     tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await spool._history.flush()
         finally:
             with anyio.CancelScope(shield=True):
                 await ondisk.close()
@@ -710,6 +768,8 @@ class Spool:
             new = await self._change(entry, decision)
             if isinstance(decision, SendAt):
                 self._publish(EventKind.DELAYED, new, at=decision.at)
+            if isinstance(decision, Removed):
+                self._record_final(new, FinalOutcome.REMOVED, detail="removed by the presend hook")
             return
         await self._checkout(entry)
         self._follow_route(msg)
@@ -815,9 +875,15 @@ class Spool:
                 new.delay_warned_at = None  # try again at the next attempt
             elif isinstance(new.status, Removed):
                 new.status, event = Frozen(), EventKind.FROZEN  # the sender was not told
+        if isinstance(new.status, Removed):
+            new.removed_at = now  # removed_retention counts from here
         await self._save_outcome(entry, new)
         entry.checked_out = False
         self._apply(entry, new)
+        if isinstance(new.status, Delivered):
+            self._record_final(new, FinalOutcome.DELIVERED, relay_outcome=outcome)
+        elif event is EventKind.REMOVED:
+            self._record_final(new, FinalOutcome.BOUNCED, relay_outcome=outcome, detail="bounced")
         detail = "bounced" if event is EventKind.REMOVED else None
         self._publish(event, new, at=result.at, detail=detail)
         self._hop_feedback(result.hops, new)
@@ -1010,6 +1076,8 @@ class Spool:
         """Write ``entry`` with a new status (and edits), then apply it."""
         new = entry.msg.copy()
         new.status = status
+        if isinstance(status, Removed) and not isinstance(entry.msg.status, Removed):
+            new.removed_at = self.clock.now()  # removed-message retention counts from here
         if edit is not None:
             edit(new)
         await self._disk.save(new, from_queue=entry.queue)
@@ -1050,6 +1118,7 @@ class Spool:
         flows: Sequence[str] = (),
         parent_id: str | None = None,
         prefix: Callable[[str], bytes] | None = None,
+        idempotency_key: str | None = None,
     ) -> list[str]:
         """Spool one submission: one message per envelope of ``batch``.
 
@@ -1059,9 +1128,40 @@ class Spool:
         id this way. Returns once every message is durable on disk; their
         ids in order. Each message's ``spooled`` event is published before
         this returns and before any attempt on it can start.
+        ids in order.
+
+        ``idempotency_key``: a submission given a key that an earlier one
+        had, within :attr:`idempotency_window`, queues nothing and returns
+        the earlier submission's ids (no error), whether those messages
+        are still queued or already gone, and across restarts and
+        processes (see :mod:`spoold.idempotency`). Raises
+        :class:`~spoold.errors.IdempotencyKeyError` for an unusable key.
         """
+        if idempotency_key is None:
+            return await self._add_new(batch, frozen, flows, parent_id, prefix, None)
+        async with self._keys.claim(validate_key(idempotency_key)) as claim:
+            now = self.clock.now()
+            earlier = claim.ids(now, self.idempotency_window)
+            if earlier is not None:
+                log.info("duplicate submission: idempotency key seen", ids=earlier)
+                return earlier
+            ids = await self._add_new(batch, frozen, flows, parent_id, prefix, idempotency_key)
+            await self._keys.record(claim, ids, now)
+            return ids
+
+    async def _add_new(
+        self,
+        batch: RoutedBatch,
+        frozen: bool,
+        flows: Sequence[str],
+        parent_id: str | None,
+        prefix: Callable[[str], bytes] | None,
+        idempotency_key: str | None,
+    ) -> list[str]:
         status: Status = Frozen() if frozen else SEND_NOW
-        messages = await self._write_new(batch, status, flows, parent_id, prefix)
+        messages = await self._write_new(
+            batch, status, flows, parent_id, prefix, idempotency_key=idempotency_key
+        )
         for msg in messages:
             if msg.id in self._index:
                 continue  # a rescan adopted it while we were writing
@@ -1107,6 +1207,8 @@ class Spool:
         flows: Sequence[str],
         parent_id: str | None,
         prefix: Callable[[str], bytes] | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> list[Message]:
         if self._closed or self._stopping:
             raise SpoolClosedError(f"spool {self.spool_dir} is closing and takes no new mail")
@@ -1118,6 +1220,7 @@ class Spool:
             flows=flows,
             parent_id=parent_id,
             prefix=prefix,
+            idempotency_key=idempotency_key,
         )
         return await self._add_to_disk(new)
 
@@ -1231,7 +1334,12 @@ class Spool:
                         f"cannot remove {e.msg.id}: only frozen messages can be removed "
                         "(freeze it first)"
                     )
-            await self._each(entries, lambda e: self._change(e, Removed()))
+
+            async def one(e: _Entry) -> None:
+                new = await self._change(e, Removed())
+                self._record_final(new, FinalOutcome.REMOVED, detail="removed by an operator")
+
+            await self._each(entries, one)
 
     async def recover(
         self, ids: Iterable[str], *, from_: Literal["removed", "quarantine"] | Queue
@@ -1256,6 +1364,7 @@ class Spool:
             for msg in found:
                 new = msg.copy()
                 new.status = Frozen()
+                new.removed_at = None
                 await self._disk.save(new, from_queue=source)
                 if source is Queue.QUARANTINE:
                     await self._disk.clear_reason(source, new.id)
@@ -1393,6 +1502,123 @@ class Spool:
             for e in pending:  # not changed (an error stopped us): their timers
                 e.busy = False  # may have been dropped while they were busy
                 self._schedule(e)
+
+    # ------------------------------------------------- history and retention
+
+    def _record_final(
+        self,
+        msg: Message,
+        outcome: FinalOutcome,
+        *,
+        relay_outcome: Delivery | AttemptFailed | None = None,
+        detail: str = "",
+    ) -> None:
+        """Journal that ``msg`` left the queue (delivered, bounced, removed).
+
+        Call it once the record's change is on disk, with the record as
+        written; ``relay_outcome``, the last attempt's, gives each
+        recipient's reply and the hop. Synchronous, no I/O: the line is
+        written in the background, in batches (see :mod:`spoold.history`).
+        """
+        replies: list[tuple[str, int | None, str | None, str]] = []
+        hop = ""
+        if isinstance(relay_outcome, Delivery):
+            hop = relay_outcome.hop
+            replies = [
+                (rcpt, r.code, r.enhanced_status, r.text)
+                for rcpt, r in relay_outcome.recipients.items()
+            ]
+        elif isinstance(relay_outcome, AttemptFailed) and not detail:
+            detail = relay_outcome.error
+        self._history.append(
+            outcome_of(msg, outcome, time=self.clock.now(), replies=replies, hop=hop, detail=detail)
+        )
+
+    async def history(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        recipient: str | None = None,
+    ) -> list[Outcome]:
+        """Final outcomes journalled with ``since <= time <= until``,
+        for ``recipient`` if given (any case), oldest first. Kept for
+        :attr:`history_retention`; a crash may lose the last few."""
+        return await self._history.query(since=since, until=until, recipient=recipient)
+
+    async def find_outcome(self, message_id: str) -> Outcome | None:
+        """The final outcome of a message that left the queue (the newest
+        one, if it left twice), or None: still queued, never known, or
+        past the history retention. The lookup for a message that is no
+        longer in memory."""
+        return await self._history.find(validate_id(message_id))
+
+    async def _housekeeping_loop(self) -> None:
+        """Delete expired removed messages, history and keys: at open, then
+        every ``housekeeping_interval`` on the spool's clock."""
+        never = anyio.Event()
+        while True:
+            try:
+                await self.housekeeping()
+            except (SpooldError, OSError):
+                log.exception("housekeeping failed; trying again at the next round")
+            await self.clock.wait(never, self.clock.now() + self._housekeeping_interval)
+
+    async def housekeeping(self) -> dict[str, int]:
+        """One housekeeping round now: delete the removed messages older
+        than :attr:`removed_retention` (from their removal), the history
+        older than :attr:`history_retention` and the idempotency keys older
+        than :attr:`idempotency_window`. Returns how many of each went."""
+        now = self.clock.now()
+        removed = await self._expire_removed(now)
+        history = await self._history.prune(now, self.history_retention)
+        keys = await self._keys.expire(now, self.idempotency_window)
+        if removed or history or keys:
+            log.info(
+                "housekeeping", removed_deleted=removed, history_files=history, keys_expired=keys
+            )
+        return {"removed": removed, "history_files": history, "keys": keys}
+
+    async def _expire_removed(self, now: datetime) -> int:
+        messages, _unreadable = await self._disk.load(Queue.REMOVED)
+        cutoff = now - self.removed_retention
+        expired = []
+        for msg in messages:
+            if msg.removed_at is None:
+                # Removed before records said when: count from now (one rewrite).
+                msg.removed_at = now
+                async with self._op_lock:
+                    with suppress(NotFoundError):  # recovered meanwhile
+                        await self._disk.save(msg, from_queue=Queue.REMOVED)
+            elif msg.removed_at <= cutoff:
+                expired.append(msg.id)
+        deleted = 0
+        for start in range(0, len(expired), _RETENTION_BATCH):
+            batch = expired[start : start + _RETENTION_BATCH]
+            async with self._op_lock:  # no recover() of these meanwhile
+                # Read again under the lock: one may have been recovered (and
+                # even removed again) since the listing.
+                found = await self._disk.read_new(batch, (Queue.REMOVED,))
+                still = [
+                    mid
+                    for mid, (_queue, m) in found.items()
+                    if isinstance(m, Message)
+                    and m.removed_at is not None
+                    and m.removed_at <= cutoff
+                ]
+                deleted += await self._disk.delete_many(Queue.REMOVED, still)
+        return deleted
+
+    async def _repair_keys(self) -> None:
+        """At open: key files name every queued message submitted with a
+        key (a crash may have come between the record and the key file)."""
+        found = [
+            (e.msg.idempotency_key, e.msg.id, e.msg.spool_date)
+            for e in self._index.values()
+            if e.msg.idempotency_key is not None
+        ]
+        if found:
+            await self._keys.repair(found, self.clock.now(), self.idempotency_window)
 
     # -------------------------------------------------------------- reading
 
@@ -1546,6 +1772,10 @@ class Spool:
                 await self._adopt([mid])  # added by another process, not adopted yet
                 entry = self._index.get(mid)
             elif found is not None:
+                if isinstance(found.status, Removed):  # the journal says whether it bounced
+                    journalled = await self._outcome_from_history(mid)
+                    if journalled is not None and journalled.kind is OutcomeKind.BOUNCED:
+                        return journalled
                 return self._outcome_of_record(found)
             else:
                 from_history = await self._outcome_from_history(mid)
@@ -1564,8 +1794,27 @@ class Spool:
     async def _outcome_from_history(self, message_id: str) -> MessageOutcome | None:
         """The outcome of a message that left the spool before it was opened
         (or so long ago that it is no longer remembered), from the spool's
-        history; None when there is none. The history journal plugs in here."""
-        return None
+        history journal; None when there is none."""
+        found = await self.find_outcome(message_id)
+        if found is None:
+            return None
+        kinds = {
+            FinalOutcome.DELIVERED: OutcomeKind.DELIVERED,
+            FinalOutcome.BOUNCED: OutcomeKind.BOUNCED,
+            FinalOutcome.REMOVED: OutcomeKind.REMOVED,
+        }
+        failed = tuple(r.recipient for r in found.recipients if r.state is RecipientState.FAILED)
+        return MessageOutcome(
+            id=found.id,
+            kind=kinds[found.outcome],
+            time=found.time,
+            envelope_info=EnvelopeInfo(
+                sender=found.sender, recipients=[r.recipient for r in found.recipients]
+            ),
+            failed_recipients=failed,
+            last_error=found.detail or None,
+            detail=found.detail or None,
+        )
 
     @staticmethod
     def _outcome_of_record(msg: Message) -> MessageOutcome | None:

@@ -887,6 +887,25 @@ class Store:
         # delivery would double what a message costs the disk.
         self._step("done")
 
+    async def delete_many(self, queue: str, names: Sequence[str]) -> int:
+        """:meth:`delete` for many entries of ``queue`` in one worker-thread
+        hop (not checked out); names no longer there are skipped. Returns
+        how many were deleted."""
+        self._require_owner()
+        for name in names:
+            validate_id(name)
+        return await self._run(self._delete_many_sync, queue, list(names))
+
+    def _delete_many_sync(self, queue: str, names: list[str]) -> int:
+        deleted = 0
+        for name in names:
+            try:
+                self._delete_sync(queue, name, False)
+            except NotFoundError:
+                continue
+            deleted += 1
+        return deleted
+
     async def set_aside(self, queue: str, name: str, to_queue: str, reason: str) -> None:
         """Move a record that cannot be read, byte for byte, to ``to_queue``
         and keep ``reason`` beside it in ``to_queue/.reasons/NAME``."""

@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import anyio
 
 from spoold.address import validate_address, validate_recipients
+from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles, validate_key
 from spoold.ids import new_id
 from spoold.message import (
     SEND_NOW,
@@ -53,11 +54,13 @@ def new_messages(
     flows: Sequence[str] = (),
     parent_id: str | None = None,
     prefix: Callable[[str], bytes] | None = None,
+    idempotency_key: str | None = None,
 ) -> list[NewMessage]:
     """The new records of one submission, one per envelope, after checking
     every address (:class:`~spoold.errors.AddressError`) and that each
     envelope has a next hop. ``prefix(id)``: wire lines put before the body
-    of the message with that id (called once per message)."""
+    of the message with that id (called once per message).
+    ``idempotency_key``: stored in each record."""
     if not batch.envelopes:
         raise ValueError("a submission needs at least one envelope")
     parent = parent_id or new_id()
@@ -84,6 +87,7 @@ def new_messages(
             )
             if not msg.retry_intervals:
                 msg.retry_intervals = list(default_retry_intervals)
+            msg.idempotency_key = idempotency_key
             return msg
 
         return build
@@ -139,9 +143,12 @@ class SpoolWriter:
         disk: OnDiskSpool,
         default_retry_intervals: Sequence[RetryInterval],
         now: Callable[[], datetime],
+        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
     ) -> None:
         self._disk = disk
         self.default_retry_intervals = list(default_retry_intervals)
+        self.idempotency_window = idempotency_window  # changeable (a reload)
+        self._keys = KeyFiles(disk.dir)
         self._now = now
         self._notifier = _Notifier(disk)
 
@@ -156,11 +163,13 @@ class SpoolWriter:
         max_threads: int = 16,
         now: Callable[[], datetime] | None = None,
         sync: SyncMode = "fsync",
+        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
     ) -> AsyncIterator[SpoolWriter]:
         """Open an existing spool directory for adding (never creates one,
-        never takes its lock). ``min_free_space`` as for the owner. An
-        exception raised in the body comes out unchanged; a failure of the
-        writer's own task, as :class:`~spoold.errors.SpoolFailedError`."""
+        never takes its lock). ``min_free_space`` and ``idempotency_window``
+        as for the owner. An exception raised in the body comes out
+        unchanged; a failure of the writer's own task, as
+        :class:`~spoold.errors.SpoolFailedError`."""
         disk, _ = await OnDiskSpool.open(
             spool_dir,
             owner=False,
@@ -170,7 +179,7 @@ class SpoolWriter:
             sync=sync,
         )
         try:
-            writer = cls(disk, default_retry_intervals, now or utcnow)
+            writer = cls(disk, default_retry_intervals, now or utcnow, idempotency_window)
             async with own_tasks(f"spool writer on {disk.dir}") as tg:
                 tg.start_soon(writer._notifier.run)
                 try:
@@ -211,9 +220,32 @@ class SpoolWriter:
         flows: Sequence[str] = (),
         parent_id: str | None = None,
         prefix: Callable[[str], bytes] | None = None,
+        idempotency_key: str | None = None,
     ) -> list[str]:
         """Like :meth:`Spool.add <spoold.spool.Spool.add>`: durable when it
-        returns; the owner is told (it adopts the messages)."""
+        returns; the owner is told (it adopts the messages). An
+        ``idempotency_key`` another process (the owner, another writer)
+        used within the window gives back that submission's ids."""
+        if idempotency_key is None:
+            return await self._add_new(batch, frozen, flows, parent_id, prefix, None)
+        async with self._keys.claim(validate_key(idempotency_key)) as claim:
+            now = self._now()
+            earlier = claim.ids(now, self.idempotency_window)
+            if earlier is not None:
+                return earlier
+            ids = await self._add_new(batch, frozen, flows, parent_id, prefix, idempotency_key)
+            await self._keys.record(claim, ids, now)
+            return ids
+
+    async def _add_new(
+        self,
+        batch: RoutedBatch,
+        frozen: bool,
+        flows: Sequence[str],
+        parent_id: str | None,
+        prefix: Callable[[str], bytes] | None,
+        idempotency_key: str | None,
+    ) -> list[str]:
         new = new_messages(
             batch,
             status=Frozen() if frozen else SEND_NOW,
@@ -222,6 +254,7 @@ class SpoolWriter:
             flows=flows,
             parent_id=parent_id,
             prefix=prefix,
+            idempotency_key=idempotency_key,
         )
         ids = [m.id for m in await self._disk.add(new, notify=False)]
         self._notifier.tell(ids)

@@ -211,6 +211,10 @@ async def test_wait_reports_a_bounced_message_as_bounced(tmp_path: Path) -> None
         outcome = await spool.wait(mid, timeout=WAIT_TIMEOUT)
     assert outcome.kind is OutcomeKind.BOUNCED
     assert outcome.failed_recipients == (RCPT,)
+    # After a restart the history journal says the same.
+    async with open_spool(tmp_path, InMemoryRelay(), clock, delivery_policy=policy) as spool:
+        again = await spool.wait(mid, timeout=0)
+    assert (again.kind, again.failed_recipients) == (OutcomeKind.BOUNCED, (RCPT,))
 
 
 async def test_a_null_sender_message_is_never_bounced(tmp_path: Path) -> None:

@@ -199,3 +199,19 @@ async def test_a_quarantined_message_and_its_recovery(tmp_path: Path) -> None:
     async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
         assert (await spool.wait(mid, timeout=0)).kind is OutcomeKind.FROZEN
     assert relay.attempts == []
+
+
+async def test_a_message_delivered_before_a_restart_is_found_in_the_history(
+    tmp_path: Path,
+) -> None:
+    relay = relay_answering({})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        (mid,) = await spool.add(batch("a@example.com"))
+        await spool.wait(mid, timeout=WAIT_TIMEOUT)
+    # A new spool remembers nothing: the answer comes from the journal.
+    async with open_spool(tmp_path, relay_answering({}), FakeClock(START)) as spool:
+        assert spool._outcomes.recent(mid) is None
+        outcome = await spool.wait(mid, timeout=0)
+    assert (outcome.id, outcome.kind, outcome.time) == (mid, OutcomeKind.DELIVERED, START)
+    assert outcome.envelope_info == EnvelopeInfo(SENDER, ["a@example.com"])
+    assert outcome.failed_recipients == ()

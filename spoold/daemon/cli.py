@@ -2,9 +2,9 @@
 
 Every command finds the daemon through ``--socket PATH``, or the
 ``control.socket`` of ``--config PATH`` (default ``$SPOOLD_CONFIG``, then
-``/etc/spoold/spoold.toml``). ``status``, ``count`` and ``check`` also work
-with no daemon running: they then read the spool directory (``--spool-dir``,
-or ``spool.dir`` of the config).
+``/etc/spoold/spoold.toml``). ``status``, ``count``, ``check``, ``show``
+and ``history`` also work with no daemon running: they then read the spool
+directory (``--spool-dir``, or ``spool.dir`` of the config).
 
 Exit codes: 0 done; 1 the daemon refused (e.g. removing a message that is
 not frozen) or no such message; 2 usage error, bad id, no daemon, or a
@@ -32,7 +32,14 @@ import click
 
 from spoold.address import AddressRole, validate_address
 from spoold.daemon.config import find_control_socket, load_config
-from spoold.daemon.control import ControlClient, describe_view, message_view, unreadable_view
+from spoold.daemon.control import (
+    ControlClient,
+    departed_view,
+    describe_view,
+    history_view,
+    message_view,
+    unreadable_view,
+)
 from spoold.errors import (
     AddressError,
     ConfigError,
@@ -376,15 +383,26 @@ def show(target: _Target, message_id: str, body: bool) -> None:
     """Show one message's record (JSON) and, with --body, its content.
 
     Works for every queue (active, frozen, removed, quarantine); a record
-    that cannot be read shows the reason it was set aside."""
+    that cannot be read shows the reason it was set aside. A message that
+    has left the queue (delivered, bounced, removed and deleted) is shown
+    from the history journal while it keeps it: its final outcome."""
     (mid,) = _valid_ids([message_id])
 
     async def from_disk() -> dict[str, Any]:
+        from spoold.errors import NotFoundError
+        from spoold.history import read_history
         from spoold.ondisk import OnDiskSpool
 
         ondisk, _ = await OnDiskSpool.open(target.spool_directory(), owner=False, create=False)
         async with ondisk:
-            view = describe_view(await ondisk.find(mid))
+            try:
+                found = await ondisk.find(mid)
+            except NotFoundError:
+                left = [o for o in await read_history(ondisk.dir) if o.id == mid]
+                if not left or body:
+                    raise
+                return departed_view(left[-1])
+            view = describe_view(found)
             if body:
                 content = (await ondisk.read_body(mid)).content()
                 view["body"] = base64.b64encode(content).decode()
@@ -447,6 +465,72 @@ def retry_plan(target: _Target, message_id: str, fmt: str) -> None:
         if warning["latest"] != when:
             when = f"between {when} and {warning['latest']}"
         click.echo(f"delay warning to the sender: {when}")
+
+
+@main.command()
+@click.option(
+    "--since",
+    "since",
+    default="1h",
+    show_default=True,
+    metavar="SPAN",
+    help="how far back (e.g. 30m, 1h, 2d)",
+)
+@click.option("--recipient", metavar="ADDR", help="only outcomes for this recipient")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+)
+@click.pass_obj
+def history(target: _Target, since: str, recipient: str | None, fmt: str) -> None:
+    """Final outcomes of messages that left the queue (delivered, bounced,
+    removed), oldest first, from the history journal."""
+    from spoold.times import parse_span
+
+    try:
+        span = parse_span(since)
+    except ValueError as exc:
+        _fail(f"--since: {exc}", 2)
+    if recipient is not None:
+        try:
+            validate_address(recipient, role="recipient", smtputf8=True)
+        except AddressError as exc:
+            _fail(f"--recipient: {exc}", 2)
+    params: dict[str, Any] = {"since": since}
+    if recipient is not None:
+        params["recipient"] = recipient
+
+    async def from_disk() -> list[dict[str, Any]]:
+        from spoold.history import read_history
+
+        found = await read_history(
+            target.spool_directory(), since=datetime.now(UTC) - span, recipient=recipient
+        )
+        return [history_view(o) for o in found]
+
+    async def go() -> list[dict[str, Any]]:
+        views: list[dict[str, Any]] = await _daemon_or_disk(target, "history", params, from_disk)
+        return views
+
+    views = _run(go)
+    if fmt == "json":
+        for v in views:
+            click.echo(json.dumps(v, separators=(",", ":")))
+        return
+    for v in views:
+        hop = f" via {v['hop']}" if v.get("hop") else ""
+        click.echo(f"{v['time']} {v['id']} {v['outcome']} <{v['sender']}>{hop}")
+        for r in v["recipients"]:
+            reply = " ".join(
+                str(part) for part in (r.get("code"), r.get("enhanced_status")) if part
+            )
+            text = f" {r['text']}" if r.get("text") else ""
+            click.echo(f"    {r['recipient']} {r['state']}{' ' + reply if reply else ''}{text}")
+        if v.get("detail"):
+            click.echo(f"    ({v['detail']})")
 
 
 # ---------------------------------------------------------- operations
@@ -650,6 +734,12 @@ def _valid_address(address: str, role: AddressRole, what: str = "") -> None:
 @click.option("-o", "legacy", multiple=True, metavar="OPT", help="-oi is -i; others ignored")
 @click.option("-F", "full_name", metavar="NAME", help="accepted and ignored")
 @click.option("-B", "body_type", metavar="TYPE", help="accepted and ignored")
+@click.option(
+    "--idempotency-key",
+    "idempotency_key",
+    metavar="KEY",
+    help="a retry with the same key queues nothing and prints the first one's ids",
+)
 @click.argument("recipients", nargs=-1)
 @click.pass_obj
 def sendmail(
@@ -660,6 +750,7 @@ def sendmail(
     legacy: tuple[str, ...],
     full_name: str | None,
     body_type: str | None,
+    idempotency_key: str | None,
     recipients: tuple[str, ...],
 ) -> None:
     """Read a message on stdin and hand it to the daemon (sendmail style).
@@ -668,10 +759,20 @@ def sendmail(
     daemon is down or refuses for now; 65 for a message it cannot take: a
     bad recipient or sender address (checked before the daemon is asked;
     nothing is rewritten), no recipients, or an empty message.
+
+    With --idempotency-key KEY, running it again with the same KEY (after a
+    timeout, say) within spool.idempotency_window queues nothing more.
     """
     import getpass
     import socket
 
+    if idempotency_key is not None:
+        from spoold.idempotency import validate_key
+
+        try:
+            validate_key(idempotency_key)
+        except SpooldError as exc:
+            _fail(f"--idempotency-key: {exc}; nothing was sent", EX_DATAERR)
     rcpts = [r for r in recipients if not r.startswith("-")]
     for rcpt in rcpts:
         _valid_address(rcpt, "recipient")
@@ -698,7 +799,7 @@ def sendmail(
         _valid_address(envelope_sender, "sender", "sender (user@host; give -f)")
 
     async def go() -> list[str]:
-        return await target.client().submit(envelope_sender, rcpts, content)
+        return await target.client().submit(envelope_sender, rcpts, content, idempotency_key)
 
     try:
         anyio.run(go)

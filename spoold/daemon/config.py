@@ -80,6 +80,9 @@ class SpoolConfig:
     on_permanent_failure: OnPermanentFailure = OnPermanentFailure.FREEZE
     delay_warning: timedelta | None = None  # None: off
     after_crash: _spool.AfterCrash = _spool.DEFAULT_AFTER_CRASH
+    removed_retention: timedelta = _spool.DEFAULT_REMOVED_RETENTION
+    history_retention: timedelta = _spool.DEFAULT_HISTORY_RETENTION
+    idempotency_window: timedelta = _spool.DEFAULT_IDEMPOTENCY_WINDOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ class SmtpConfig:
     max_auth_failures: int = 3  # failed AUTH on one connection: then 421 and close
     auth_failure_delay: timedelta = timedelta(seconds=1)  # before the first 535; doubles
     workers: int = 0  # ingest processes sharing the listening sockets; 0: one per CPU
+    deduplicate: str = ""  # "message-id": sender + Message-ID is an idempotency key
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +359,12 @@ def _is_loopback(address: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+def _deduplicate(v: object) -> str:
+    if v not in ("", "message-id"):
+        raise ValueError(f'expected "message-id", or "" for off; got {v!r}')
+    return str(v)
+
+
 def _positive_span(v: object) -> timedelta:
     span = parse_span(v)
     if span <= timedelta(0):
@@ -444,6 +454,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         on_permanent_failure=t.get("on_permanent_failure", _enum(OnPermanentFailure)),
         delay_warning=t.get("delay_warning", _optional_span),
         after_crash=t.get("after_crash", _after_crash),
+        removed_retention=t.get("removed_retention", _positive_span),
+        history_retention=t.get("history_retention", _positive_span),
+        idempotency_window=t.get("idempotency_window", _positive_span),
     )
     t.done()
     if spool.delay_warning is not None and spool.delay_warning >= spool.max_queue_lifetime:
@@ -486,6 +499,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             max_auth_failures=t.get("max_auth_failures", _int(1)),
             auth_failure_delay=t.get("auth_failure_delay", parse_span),
             workers=t.get("workers", _int(0, 256)),
+            deduplicate=t.get("deduplicate", _deduplicate),
         )
         t.done()
         if (smtp.tls_cert is None) != (smtp.tls_key is None):

@@ -20,10 +20,14 @@ that cannot be read is listed with ``unreadable: true`` and its reason),
 (``ids`` or ``which``: all|frozen_only, ``retry_intervals``: spans),
 ``remove``, ``reroute`` (``ids`` or ``which``: all), ``recover`` (``from``:
 removed|quarantine), ``show`` (``id``,
-``body``), ``retry_plan`` (``id``: the message's future attempts, see
-:func:`retry_plan_view`), ``events``, ``reload``, ``check``, ``info`` (pid, config and
-live limits), ``submit`` (a message for ``spoold sendmail``), ``wait``
-and ``ping``.
+``body``; a message that left the queue is shown from the history journal:
+``queue`` null, ``status`` its final outcome, and ``outcome``), ``history``
+(``since``: a span back from now, ``recipient``: an address; a list of
+outcomes, oldest first), ``retry_plan`` (``id``: the message's future
+attempts, see :func:`retry_plan_view`), ``events``, ``reload``, ``check``,
+``info`` (pid, config and live limits), ``submit`` (a message for ``spoold
+sendmail``; optional ``idempotency_key``: a retry with the same key gets the
+first submission's ids and queues nothing), ``wait`` and ``ping``.
 
 ``wait`` (``id``, ``timeout`` in seconds or null) is
 :meth:`~spoold.spool.Spool.wait`: it answers once the message has an
@@ -90,6 +94,7 @@ import msgspec
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from spoold.address import validate_address
 from spoold.daemon.config import SmtpConfig
 from spoold.daemon.resources import AcceptFailures, accept_forever
 from spoold.errors import (
@@ -105,6 +110,7 @@ from spoold.errors import (
     StoreError,
     WaitTimeoutError,
 )
+from spoold.history import Outcome
 from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, queue_of
 from spoold.ondisk import Unreadable
 from spoold.outcome import RetryPlan
@@ -126,6 +132,8 @@ __all__ = [
     "describe_view",
     "retry_plan_view",
     "outcome_view",
+    "history_view",
+    "departed_view",
 ]
 
 PROTOCOL_VERSION = 1
@@ -143,7 +151,8 @@ log = structlog.get_logger("spoold.daemon.control")
 def message_view(msg: Message) -> dict[str, Any]:
     """The JSON listing of a message (``status --format json``): the
     record's fields plus ``queue``; ``status`` as a string, with ``send_at``
-    and ``quarantine_reason`` when they apply; times RFC 3339 UTC; retry
+    and ``quarantine_reason`` when they apply (and ``removed_at``,
+    ``idempotency_key`` when set); times RFC 3339 UTC; retry
     intervals as seconds."""
     status = msg.status
     queue = queue_of(status)
@@ -182,6 +191,10 @@ def message_view(msg: Message) -> dict[str, Any]:
         view["send_at"] = rfc3339(status.at)
     if isinstance(status, Quarantined):
         view["quarantine_reason"] = status.reason
+    if msg.removed_at is not None:
+        view["removed_at"] = rfc3339(msg.removed_at)
+    if msg.idempotency_key is not None:
+        view["idempotency_key"] = msg.idempotency_key
     return view
 
 
@@ -257,6 +270,25 @@ def outcome_view(outcome: MessageOutcome) -> dict[str, Any]:
     return view
 
 
+def history_view(outcome: Outcome) -> dict[str, Any]:
+    """A journalled final outcome (``history``, and ``show`` of a message
+    that left the queue): the journal line's fields, times RFC 3339 UTC."""
+    view: dict[str, Any] = msgspec.to_builtins(outcome)
+    view["time"] = rfc3339(outcome.time)
+    view["spool_date"] = rfc3339(outcome.spool_date)
+    return view
+
+
+def departed_view(outcome: Outcome) -> dict[str, Any]:
+    """``show`` of a message no queue holds any more."""
+    return {
+        "id": outcome.id,
+        "queue": None,
+        "status": outcome.outcome.value,
+        "outcome": history_view(outcome),
+    }
+
+
 _P = TypeVar("_P", bound="_Params")
 
 _KINDS: frozenset[str] = frozenset(get_args(ControlErrorKind))
@@ -290,7 +322,13 @@ class DaemonOperations(Protocol):
 
     async def check(self, max_age: float) -> list[str]: ...
 
-    async def submit(self, sender: str, recipients: list[str], content: bytes) -> list[str]: ...
+    async def submit(
+        self,
+        sender: str,
+        recipients: list[str],
+        content: bytes,
+        idempotency_key: str | None = None,
+    ) -> list[str]: ...
 
 
 # ------------------------------------------------------ the operations
@@ -349,11 +387,17 @@ class _WaitParams(_Params):
     timeout: float | None = None
 
 
+class _HistoryParams(_Params):
+    since: str | None = None  # a span back from now
+    recipient: str | None = None
+
+
 class _SubmitParams(_Params):
     sender: str
     recipients: list[str]
     content_length: int | msgspec.UnsetType = msgspec.UNSET  # the message follows, raw
     content: str | msgspec.UnsetType = msgspec.UNSET  # or (older clients) base64 in the line
+    idempotency_key: str | None = None
 
 
 def _require_ids(ids: list[str]) -> list[str]:
@@ -404,7 +448,17 @@ async def _recover(server: ControlServer, p: _RecoverParams) -> Any:
 
 
 async def _show(server: ControlServer, p: _ShowParams) -> Any:
-    found = await server.spool.describe(p.id)
+    try:
+        found = await server.spool.describe(p.id)
+    except NotFoundError:
+        outcome = await server.spool.find_outcome(p.id)
+        if outcome is None:
+            raise
+        if p.body:
+            raise NotFoundError(
+                f"{outcome.id}: {outcome.outcome.value}; its body is gone"
+            ) from None
+        return departed_view(outcome)
     view = describe_view(found)
     if p.body:
         body = await server.spool.ondisk.read_body(found.id)
@@ -414,6 +468,16 @@ async def _show(server: ControlServer, p: _ShowParams) -> Any:
 
 async def _retry_plan(server: ControlServer, p: _IdParams) -> Any:
     return retry_plan_view(server.spool.retry_plan(p.id))
+
+
+async def _history(server: ControlServer, p: _HistoryParams) -> Any:
+    since = None
+    if p.since is not None:
+        since = server.spool.clock.now() - parse_span(p.since)
+    if p.recipient is not None:
+        validate_address(p.recipient, role="recipient", smtputf8=True)
+    found = await server.spool.history(since=since, recipient=p.recipient)
+    return [history_view(o) for o in found]
 
 
 async def _reload(server: ControlServer, p: _NoParams) -> Any:
@@ -444,6 +508,7 @@ OPERATIONS: dict[str, tuple[type[_Params], _Handler]] = {
     "recover": (_RecoverParams, _recover),
     "show": (_ShowParams, _show),
     "retry_plan": (_IdParams, _retry_plan),
+    "history": (_HistoryParams, _history),
     "reload": (_NoParams, _reload),
     "info": (_NoParams, _info),
     "count": (_NoParams, _count),
@@ -682,8 +747,14 @@ class ControlServer:
         daemon = self.daemon
         if daemon is None:
             return _error("refused", "submit: this control server has no daemon to ask")
+        key = p.idempotency_key
+        if key is None:
+            return await self._dispatch(
+                "submit", lambda: daemon.submit(p.sender, p.recipients, content)
+            )
         return await self._dispatch(
-            "submit", lambda: daemon.submit(p.sender, p.recipients, content)
+            "submit",
+            lambda: daemon.submit(p.sender, p.recipients, content, idempotency_key=key),
         )
 
     async def _read_content(self, reader: BufferedByteReceiveStream, length: int) -> bytes | None:
@@ -861,17 +932,26 @@ class ControlClient:
         """Send one request; return its result or raise :class:`ControlError`."""
         return await self._exchange({"v": PROTOCOL_VERSION, "op": op, **params})
 
-    async def submit(self, sender: str, recipients: Sequence[str], content: bytes) -> list[str]:
+    async def submit(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        idempotency_key: str | None = None,
+    ) -> list[str]:
         """Hand one message to the daemon (``spoold sendmail``); return the
-        ids of the messages spooled. The content follows the request line
-        as raw bytes (``content_length``), never inside the JSON."""
-        request = {
+        ids of the messages spooled (with an ``idempotency_key`` seen
+        before: the first submission's). The content follows the request
+        line as raw bytes (``content_length``), never inside the JSON."""
+        request: dict[str, Any] = {
             "v": PROTOCOL_VERSION,
             "op": "submit",
             "sender": sender,
             "recipients": list(recipients),
             "content_length": len(content),
         }
+        if idempotency_key is not None:
+            request["idempotency_key"] = idempotency_key
         ids = await self._exchange(request, content)
         return [str(i) for i in ids]
 

@@ -32,7 +32,7 @@ from spoold.daemon.routing import Router
 from spoold.ids import new_id
 from spoold.message import RoutedBatch
 
-__all__ = ["Submitter", "Origin", "missing_headers", "received_header"]
+__all__ = ["Submitter", "Origin", "missing_headers", "received_header", "message_id_key"]
 
 _HEADER_END = re.compile(rb"\r\n\r\n|\n\n")
 _HAS_MESSAGE_ID = re.compile(rb"^message-id:", re.IGNORECASE | re.MULTILINE)
@@ -69,6 +69,28 @@ def missing_headers(
     return extra
 
 
+_MESSAGE_ID_FIELD = re.compile(
+    rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
+)
+
+
+def message_id_key(sender: str, wire: bytes) -> str | None:
+    """The idempotency key of ``smtp.deduplicate = "message-id"``: the
+    envelope sender and the ``Message-ID:`` header (unfolded, trimmed), or
+    None when the message has no such header (then it is never taken for
+    a retry of another)."""
+    m = _HEADER_END.search(wire)
+    header = wire[: m.start()] if m else wire
+    found = _MESSAGE_ID_FIELD.search(header)
+    if found is None:
+        return None
+    value = re.sub(rb"\r?\n[ \t]+", b" ", found.group(1)).strip()
+    value = bytes(b for b in value if b >= 32 and b != 127)[:900]
+    if not value:
+        return None
+    return f"message-id <{sender}> {value.decode('utf-8', 'replace')}"
+
+
 def received_header(origin: Origin, message_id: str, hostname: str) -> bytes:
     """The ``Received:`` trace header naming the message's own spool id."""
     source = f"from {_clean(origin.helo) or 'localhost'}"
@@ -101,6 +123,7 @@ class MessageAdder(Protocol):
         flows: Sequence[str] = (),
         parent_id: str | None = None,
         prefix: Callable[[str], bytes] | None = None,
+        idempotency_key: str | None = None,
     ) -> list[str]: ...
 
 
@@ -134,11 +157,19 @@ class Submitter:
         policy: LineEndingPolicy,
         mail_params: Sequence[str] = (),
         envelope_id: str = "",
+        idempotency_key: str | None = None,
     ) -> list[str]:
         """Spool one submission given as message content; return the new
-        message ids."""
+        message ids (for an ``idempotency_key`` seen before, the earlier
+        submission's: nothing new is queued)."""
         return await self._spool(
-            sender, recipients, Body.from_content(content, policy), origin, mail_params, envelope_id
+            sender,
+            recipients,
+            Body.from_content(content, policy),
+            origin,
+            mail_params,
+            envelope_id,
+            idempotency_key,
         )
 
     async def submit_wire(
@@ -151,12 +182,19 @@ class Submitter:
         policy: LineEndingPolicy,
         mail_params: Sequence[str] = (),
         envelope_id: str = "",
+        idempotency_key: str | None = None,
     ) -> list[str]:
         """Spool one submission given in wire form (what an SMTP client sent
         between DATA and the final ``.`` line); return the new message ids.
         The bytes go to disk as they came, after our trace headers."""
         return await self._spool(
-            sender, recipients, Body.from_wire(wire, policy), origin, mail_params, envelope_id
+            sender,
+            recipients,
+            Body.from_wire(wire, policy),
+            origin,
+            mail_params,
+            envelope_id,
+            idempotency_key,
         )
 
     async def _spool(
@@ -167,6 +205,7 @@ class Submitter:
         origin: Origin,
         mail_params: Sequence[str],
         envelope_id: str,
+        idempotency_key: str | None,
     ) -> list[str]:
         if not recipients:
             raise ValueError("a message needs at least one recipient")
@@ -188,5 +227,9 @@ class Submitter:
             return received_header(origin, message_id, self.hostname)
 
         return await self.spool.add(
-            batch, parent_id=submission_id, flows=[submission_id], prefix=received
+            batch,
+            parent_id=submission_id,
+            flows=[submission_id],
+            prefix=received,
+            idempotency_key=idempotency_key,
         )

@@ -62,7 +62,7 @@ import structlog
 from spoold.body import LineEndingPolicy
 from spoold.credentials import read_private_file
 from spoold.daemon.config import SmtpConfig
-from spoold.daemon.ingest import Origin, Submitter
+from spoold.daemon.ingest import Origin, Submitter, message_id_key
 from spoold.daemon.resources import AcceptFailures, accept_forever
 from spoold.daemon.smtp_server import Delivery, SessionPolicy, SmtpSession
 from spoold.errors import (
@@ -247,6 +247,9 @@ class SmtpListener:
         derived = self._current()
         peer = delivery.peer
         origin = Origin(delivery.protocol, delivery.helo, peer)
+        key = None
+        if derived.settings.config.deduplicate == "message-id":
+            key = message_id_key(delivery.sender, delivery.wire)
         try:
             ids = await self.submitter.submit_wire(
                 delivery.sender,
@@ -255,6 +258,7 @@ class SmtpListener:
                 origin=origin,
                 policy=derived.line_endings,
                 mail_params=delivery.mail_params,
+                idempotency_key=key,
             )
         except BareLineEndingError as exc:
             return f"550 5.6.0 {exc}"

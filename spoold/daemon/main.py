@@ -208,6 +208,9 @@ class Daemon:
             after_crash=cfg.spool.after_crash,
             reporting_mta=hostname,
             limits=self.live.router,
+            removed_retention=cfg.spool.removed_retention,
+            history_retention=cfg.spool.history_retention,
+            idempotency_window=cfg.spool.idempotency_window,
         ) as spool:
             self._spool = spool
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
@@ -389,6 +392,9 @@ class Daemon:
             spool.max_concurrent_send_jobs = cfg.spool.max_concurrent_send_jobs
             spool.min_free_space = cfg.spool.min_free_space
             spool.sync = cfg.spool.sync
+            spool.removed_retention = cfg.spool.removed_retention
+            spool.history_retention = cfg.spool.history_retention
+            spool.idempotency_window = cfg.spool.idempotency_window
             spool.default_retry_intervals = RetryInterval.from_spans(
                 cfg.spool.retry_intervals, cfg.spool.retry_jitter
             )
@@ -414,10 +420,17 @@ class Daemon:
 
     # ------------------------------------ what the control socket adds
 
-    async def submit(self, sender: str, recipients: list[str], content: bytes) -> list[str]:
+    async def submit(
+        self,
+        sender: str,
+        recipients: list[str],
+        content: bytes,
+        idempotency_key: str | None = None,
+    ) -> list[str]:
         """A message from ``spoold sendmail`` (the control server has read
         its content and checked its size). The control socket is a way in
-        of its own: the envelope is validated here again, never rewritten."""
+        of its own: the envelope is validated here again, never rewritten.
+        A repeated ``idempotency_key`` returns the first submission's ids."""
         assert self._submitter is not None
         sender = validate_address(sender, role="sender", smtputf8=True)
         recipients = validate_recipients(recipients, smtputf8=True)
@@ -435,6 +448,7 @@ class Daemon:
             content,
             origin=Origin("local", "localhost"),
             policy=LineEndingPolicy.NORMALIZE,  # local programs write LF
+            idempotency_key=idempotency_key,
         )
 
     async def count(self) -> dict[str, int]:

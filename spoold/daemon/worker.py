@@ -104,6 +104,7 @@ async def _serve(config: Config, fds: list[int], ready_fd: int, signals: Signals
             default_retry_intervals=_intervals(config),
             min_free_space=config.spool.min_free_space,
             sync=config.spool.sync,
+            idempotency_window=config.spool.idempotency_window,
         ) as writer:
             hostname = await anyio.to_thread.run_sync(socket.getfqdn)
             submitter = Submitter(writer, lambda: state.router, hostname=hostname)
@@ -155,6 +156,7 @@ async def _reload(state: _State, writer: SpoolWriter) -> _State:
     logs.configure(config.log.format, config.log.level)
     writer.min_free_space = config.spool.min_free_space
     writer.sync = config.spool.sync
+    writer.idempotency_window = config.spool.idempotency_window
     writer.default_retry_intervals = _intervals(config)
     log.info("ingest worker reloaded", pid=os.getpid())
     return new

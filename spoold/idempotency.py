@@ -1,0 +1,263 @@
+"""Idempotency keys: one submission per key, across retries, processes and restarts.
+
+A client that retries a submission after losing the reply (a dropped
+connection, a timeout) gives the same key both times; the second
+submission gets the first one's message ids back and queues nothing. The
+key is remembered for ``window`` (``spool.idempotency_window``) from the
+first submission.
+
+On disk (``SPOOL/idempotency/``) each key has one small file named by the
+SHA-256 of the key (hex): a JSON object ``{"key", "time", "ids"}``. The
+file is the key's lock as well: a submission takes ``flock(LOCK_EX)`` on it
+for the whole check-add-record sequence, so two processes (the daemon and
+its ingest workers) or two tasks submitting the same key at once are
+serialised, and the second finds the first's ids. A process that dies
+holding the lock releases it with its descriptors; nothing stale is left.
+
+Order of a keyed submission (:meth:`KeyFiles.claim`):
+
+1. open (create) the key file and lock it (a worker thread; it may wait
+   for another submitter of the same key);
+2. if it holds ids younger than the window, return them;
+3. else the caller writes the messages, each record carrying the key
+   (durable when ``add`` returns, as always);
+4. the ids are written to the key file (a temporary file, fsynced, renamed
+   over it) and the lock is released.
+
+A crash between 3 and 4 leaves records with the key but a key file without
+their ids: the owner rebuilds those from the records when it opens the spool
+(:meth:`KeyFiles.repair`). Only a retry arriving in that window, while the
+owner has not yet been restarted after the crash of an ingest worker, could
+queue a second copy. Expired key files are deleted by the owner's
+housekeeping (:meth:`KeyFiles.expire`), under the same lock.
+
+All file work runs in worker threads; filesystem errors are raised as
+:class:`~spoold.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from spoold.errors import IdempotencyKeyError, StoreError
+
+__all__ = [
+    "IDEMPOTENCY_DIR",
+    "DEFAULT_IDEMPOTENCY_WINDOW",
+    "MAX_KEY_LENGTH",
+    "validate_key",
+    "KeyFiles",
+    "Claim",
+]
+
+IDEMPOTENCY_DIR = "idempotency"
+DEFAULT_IDEMPOTENCY_WINDOW = timedelta(days=1)
+MAX_KEY_LENGTH = 1000
+
+
+def validate_key(key: str) -> str:
+    """``key`` if it can be used: 1 to 1000 characters, none of them a
+    control character. Raises :class:`IdempotencyKeyError`."""
+    if not key:
+        raise IdempotencyKeyError("an idempotency key cannot be empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise IdempotencyKeyError(
+            f"an idempotency key is at most {MAX_KEY_LENGTH} characters (got {len(key)})"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise IdempotencyKeyError("an idempotency key cannot hold control characters")
+    return key
+
+
+class _KeyRecord(msgspec.Struct):
+    key: str
+    time: datetime
+    ids: list[str]
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(_KeyRecord)
+
+
+def _file_name(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(slots=True)
+class Claim:
+    """A key locked by this process (see :meth:`KeyFiles.claim`)."""
+
+    key: str
+    path: Path
+    fd: int
+    found: _KeyRecord | None
+
+    def ids(self, now: datetime, window: timedelta) -> list[str] | None:
+        """The ids of an earlier submission with this key still inside the
+        window, or None."""
+        found = self.found
+        if found is None or found.key != self.key or not found.ids:
+            return None
+        if now - found.time >= window:
+            return None
+        return list(found.ids)
+
+
+def _lock_sync(directory: Path, key: str) -> Claim:
+    path = directory / _file_name(key)
+    try:
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # The file may have been replaced (ids written) or deleted
+                # (expired) while we waited: then lock the one there now.
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        data = os.pread(fd, 1 << 20, 0)
+    except OSError as exc:
+        raise StoreError(f"cannot lock the idempotency key file {path}: {exc.strerror}") from None
+    found = None
+    if data:
+        with contextlib.suppress(msgspec.DecodeError):
+            found = _decoder.decode(data)
+    return Claim(key, path, fd, found)
+
+
+def _write_sync(claim: Claim, record: _KeyRecord) -> None:
+    tmp = claim.path.with_name(f".{claim.path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, _encoder.encode(record) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, claim.path)
+        dfd = os.open(claim.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(f"cannot write the idempotency key file {claim.path}: {exc}") from None
+
+
+class KeyFiles:
+    """The idempotency keys of one spool directory."""
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.dir = spool_dir / IDEMPOTENCY_DIR
+
+    @asynccontextmanager
+    async def claim(self, key: str) -> AsyncIterator[Claim]:
+        """Lock ``key`` for the block (waiting for any other submitter of the
+        same key); the claim says what an earlier submission left."""
+        validate_key(key)
+        claim = await anyio.to_thread.run_sync(_lock_sync, self.dir, key)
+        try:
+            yield claim
+        finally:
+            os.close(claim.fd)  # releases the lock
+
+    async def record(self, claim: Claim, ids: list[str], time: datetime) -> None:
+        """Remember ``ids`` for the claimed key (durable when it returns)."""
+        await anyio.to_thread.run_sync(_write_sync, claim, _KeyRecord(claim.key, time, ids))
+
+    async def repair(
+        self, found: Iterable[tuple[str, str, datetime]], now: datetime, window: timedelta
+    ) -> int:
+        """(Owner, at open) make sure every key in ``found`` — ``(key,
+        message id, spool date)`` from the records — names its messages in
+        its key file (a crash may have come between the two writes).
+        Returns how many key files were written."""
+        by_key: dict[str, tuple[datetime, list[str]]] = {}
+        for key, mid, spooled in found:
+            if now - spooled >= window:
+                continue
+            when, ids = by_key.setdefault(key, (spooled, []))
+            ids.append(mid)
+            by_key[key] = (min(when, spooled), ids)
+        written = 0
+        for key, (when, ids) in by_key.items():
+            async with self.claim(key) as claim:
+                have = claim.found.ids if claim.found and claim.found.key == key else []
+                if set(ids) <= set(have):
+                    continue
+                await self.record(claim, list(dict.fromkeys([*have, *sorted(ids)])), when)
+                written += 1
+        return written
+
+    async def expire(self, now: datetime, window: timedelta) -> int:
+        """Delete the key files older than ``window`` (and unreadable ones
+        left by a crash); return how many."""
+        return await anyio.to_thread.run_sync(self._expire_sync, now, window)
+
+    def _expire_sync(self, now: datetime, window: timedelta) -> int:
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return 0
+        gone = 0
+        for name in names:
+            path = self.dir / name
+            if name.startswith("."):  # a temporary file of a writer that died
+                if time.time() - _mtime(path) > 3600:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # in use: it is not expiring now
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    continue
+                data = os.pread(fd, 1 << 20, 0)
+                try:
+                    record = _decoder.decode(data)
+                except msgspec.DecodeError:
+                    record = None
+                if record is not None and record.ids and now - record.time < window:
+                    continue
+                # Expired, or empty (a submission that failed): nobody holds
+                # it, and one about to lock it finds it gone and makes another.
+                os.unlink(path)
+                gone += 1
+            except FileNotFoundError:
+                continue
+            finally:
+                os.close(fd)
+        return gone
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

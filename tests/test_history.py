@@ -1,0 +1,325 @@
+"""The history journal and removed-message retention (issue 13, point 2).
+
+The spool runs on a fake clock: retention is proven by moving the clock,
+never by waiting. The periodic housekeeping is seen to act after the clock
+passes its next round (no explicit call), across restarts of the spool.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from spoold.errors import NotFoundError
+from spoold.history import FinalOutcome, RecipientState, read_history
+from spoold.message import Frozen, Removed
+from spoold.testing import FakeClock
+from spoold.times import utcnow
+from tests.daemon_helpers import DaemonFactory, cli, write_config
+from tests.smtp_server import SmtpTestServer
+from tests.spool_helpers import (
+    NO_SUCH_USER,
+    OK,
+    START,
+    TRY_LATER,
+    batch,
+    intervals,
+    is_gone,
+    open_spool,
+    read_record,
+    relay_answering,
+    status_of,
+)
+from tests.support import records_in, wait_until
+
+DAY = timedelta(days=1)
+HOUR = timedelta(hours=1)
+
+
+# Where a test calls housekeeping() itself, the periodic rounds stay out of
+# its way: the next one is a year off.
+NO_ROUNDS = {"housekeeping_interval": timedelta(days=365)}
+
+
+async def next_round_armed(clock: FakeClock, interval: timedelta = HOUR) -> None:
+    """Wait until housekeeping has finished its round and waits, on the
+    fake clock, for the next one (``interval`` on): only then is moving the
+    clock sure to start exactly one more round."""
+    await wait_until(
+        lambda: clock.next_deadline == clock.now() + interval,
+        "housekeeping to wait for its next round",
+    )
+
+
+async def test_a_delivery_is_journalled_with_each_reply_and_found_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(START)
+    relay = relay_answering({"b@example.com": TRY_LATER})
+    async with open_spool(tmp_path, relay, clock) as spool:
+        (mid,) = await spool.add(batch("a@example.com", "b@example.com"))
+        await wait_until(
+            lambda: [m.relay_attempts for m in spool.status()] != [[]], "first attempt written"
+        )
+        assert await spool.find_outcome(mid) is None  # not final: still queued
+        relay.respond = lambda _m, _r: OK
+        clock.advance(timedelta(minutes=1))
+        await wait_until(functools.partial(spool.find_outcome, mid), "the delivery's outcome")
+        assert is_gone(tmp_path, mid)
+    assert (tmp_path / "history" / f"{START.date().isoformat()}.jsonl").exists()
+
+    async with open_spool(tmp_path, relay, clock) as spool:
+        outcome = await spool.find_outcome(mid)
+        assert outcome is not None
+        assert outcome.outcome is FinalOutcome.DELIVERED
+        assert outcome.time == START + timedelta(minutes=1)
+        assert outcome.spool_date == START
+        assert outcome.hop == "memory"
+        by_rcpt = {r.recipient: r for r in outcome.recipients}
+        # a@ was accepted in the first attempt (no reply kept), b@ in the last
+        assert by_rcpt["a@example.com"].state is RecipientState.DELIVERED
+        assert by_rcpt["a@example.com"].code is None
+        assert by_rcpt["b@example.com"].state is RecipientState.DELIVERED
+        assert (by_rcpt["b@example.com"].code, by_rcpt["b@example.com"].text) == (250, "ok")
+        assert by_rcpt["b@example.com"].enhanced_status == "2.0.0"
+        assert [o.id for o in await spool.history(since=START)] == [mid]
+        assert [o.id for o in await spool.history(recipient="B@EXAMPLE.COM")] == [mid]
+        assert await spool.history(recipient="nobody@example.com") == []
+        assert await spool.history(since=START + HOUR) == []
+        with pytest.raises(NotFoundError):
+            await spool.get_message(mid)
+
+
+async def test_removed_messages_go_after_the_retention_and_their_outcome_stays(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(START)
+    relay = relay_answering({"a@example.com": NO_SUCH_USER})
+    options = {"removed_retention": timedelta(days=7), "housekeeping_interval": HOUR}
+    async with open_spool(tmp_path, relay, clock, **options) as spool:
+        (mid,) = await spool.add(batch("a@example.com"))
+        await wait_until(lambda: status_of(spool, mid) == Frozen(), "frozen by the 550")
+        clock.advance(HOUR)  # removed an hour after it was spooled
+        await spool.remove([mid])
+        assert read_record(tmp_path, "removed", mid).removed_at == START + HOUR
+        outcome = await spool.find_outcome(mid)
+        assert outcome is not None and outcome.outcome is FinalOutcome.REMOVED
+        assert outcome.recipients[0].state is RecipientState.FAILED
+        assert "550" in outcome.detail
+
+    clock.advance(timedelta(days=6, hours=23))  # an hour short of 7 days since removal
+    async with open_spool(tmp_path, relay, clock, **options) as spool:
+        await next_round_armed(clock)  # the round at open is done: it kept the message
+        assert (tmp_path / "removed" / mid).exists()
+        clock.advance(HOUR)  # 7 days since removal, and the next round is due
+        await wait_until(lambda: is_gone(tmp_path, mid), "the periodic round to delete it")
+        with pytest.raises(NotFoundError):
+            await spool.get_message(mid)
+        outcome = await spool.find_outcome(mid)
+        assert outcome is not None and outcome.outcome is FinalOutcome.REMOVED
+
+
+async def test_recovered_messages_lose_their_removal_time(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay_answering({}), clock, **NO_ROUNDS) as spool:
+        (mid,) = await spool.add(batch("a@example.com"), frozen=True)
+        await spool.remove([mid])
+        await spool.recover([mid], from_="removed")
+        assert read_record(tmp_path, "frozen", mid).removed_at is None
+        clock.advance(timedelta(days=30))
+        assert (await spool.housekeeping())["removed"] == 0
+        assert status_of(spool, mid) == Frozen()
+
+
+async def test_a_removed_record_without_a_removal_time_is_kept_a_full_retention(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        (mid,) = await spool.add(batch("a@example.com"), frozen=True)
+        await spool.remove([mid])
+    # as an older spoold wrote it: no removed_at
+    path = tmp_path / "removed" / mid
+    record = json.loads(path.read_bytes())
+    del record["removed_at"]
+    path.write_bytes(json.dumps(record).encode() + b"\n")
+
+    clock.advance(timedelta(days=30))
+    async with open_spool(tmp_path, relay_answering({}), clock, **NO_ROUNDS) as spool:
+        await next_round_armed(clock, NO_ROUNDS["housekeeping_interval"])
+        assert (await spool.housekeeping())["removed"] == 0
+        assert read_record(tmp_path, "removed", mid).removed_at == clock.now()
+        clock.advance(timedelta(days=7))
+        assert (await spool.housekeeping())["removed"] == 1
+        assert is_gone(tmp_path, mid)
+
+
+async def test_history_older_than_its_retention_is_deleted(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    relay = relay_answering({})
+    options = {"history_retention": timedelta(days=2), "housekeeping_interval": HOUR}
+    async with open_spool(tmp_path, relay, clock, **options) as spool:
+        (old,) = await spool.add(batch("a@example.com"))
+        await wait_until(functools.partial(spool.find_outcome, old), "delivery")
+        clock.advance(DAY)
+        (new,) = await spool.add(batch("a@example.com"))
+        await wait_until(functools.partial(spool.find_outcome, new), "delivery")
+    clock.advance(timedelta(days=2))
+    async with open_spool(tmp_path, relay, clock, **options) as spool:
+        # the round at open: the first day's file is past two days, the second not
+        await next_round_armed(clock)
+        assert len(list((tmp_path / "history").iterdir())) == 1
+        assert await spool.find_outcome(old) is None
+        assert (await spool.find_outcome(new)) is not None
+        clock.advance(DAY)
+        await next_round_armed(clock)
+        await wait_until(lambda: not list((tmp_path / "history").iterdir()), "pruning")
+        assert await spool.history() == []
+
+
+async def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        (mid,) = await spool.add(batch("a@example.com"))
+        await wait_until(functools.partial(spool.find_outcome, mid), "delivery")
+    (day_file,) = (tmp_path / "history").iterdir()
+    with day_file.open("ab") as f:
+        f.write(b'{"id":"8Dsi')  # a crash in the middle of an append
+    found = await read_history(tmp_path)
+    assert [o.id for o in found] == [mid]
+
+
+async def test_a_removal_by_the_presend_hook_is_journalled(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    relay = relay_answering({})
+    decisions = iter([Removed()])
+
+    def presend(_msg: object) -> object:
+        return next(decisions)
+
+    async with open_spool(tmp_path, relay, clock, presend=presend) as spool:
+        (mid,) = await spool.add(batch("a@example.com", retry_intervals=intervals(1)))
+        outcome = await wait_until(functools.partial(spool.find_outcome, mid), "its outcome")
+    assert (tmp_path / "removed" / mid).exists()
+    assert outcome.outcome is FinalOutcome.REMOVED
+    assert outcome.detail == "removed by the presend hook"
+    assert outcome.recipients[0].state is RecipientState.UNDELIVERED
+
+
+# ------------------------------------------------------------ CLI, daemon
+
+
+async def test_history_and_show_without_a_daemon(tmp_path: Path) -> None:
+    clock = FakeClock(utcnow())  # the CLI's --since counts back from the wall clock
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        (mid,) = await spool.add(batch("a@example.com"))
+        await wait_until(functools.partial(spool.find_outcome, mid), "delivery")
+    run = functools.partial(cli, "--spool-dir", str(tmp_path))
+    listing = await anyio.to_thread.run_sync(run, "history", "--since", "1h", "--format", "json")
+    assert listing.code == 0, listing
+    (line,) = listing.out.splitlines()
+    view = json.loads(line)
+    assert (view["id"], view["outcome"], view["hop"]) == (mid, "delivered", "memory")
+    shown = await anyio.to_thread.run_sync(run, "show", mid)
+    assert shown.code == 0, shown
+    assert json.loads(shown.out)["status"] == "delivered"
+    assert json.loads(shown.out)["queue"] is None
+
+
+async def test_spoold_history_and_show_of_a_delivered_message(
+    tmp_path: Path, start_daemon: DaemonFactory, smtp_server: SmtpTestServer
+) -> None:
+    with anyio.fail_after(60):
+        config = write_config(tmp_path, next_hops=[smtp_server.hop])
+        daemon = await start_daemon(config)
+        base = ("--config", str(config))
+        sent = await anyio.to_thread.run_sync(
+            functools.partial(
+                cli,
+                *base,
+                "sendmail",
+                "-f",
+                "app@example.org",
+                "ops@example.com",
+                stdin=b"Subject: hi\n\nhello\n",
+            )
+        )
+        assert sent.code == 0, sent
+        await wait_until(
+            lambda: smtp_server.transactions == 1 and not records_in(daemon.spool_dir, "active"),
+            "delivery",
+            interval=0.05,
+        )
+
+        async def listed() -> list[dict[str, object]]:
+            done = await anyio.to_thread.run_sync(
+                functools.partial(cli, *base, "history", "--format", "json")
+            )
+            assert done.code == 0, done
+            return [json.loads(line) for line in done.out.splitlines()]
+
+        (view,) = await wait_until(listed, "the outcome in the history", interval=0.05)
+        mid = str(view["id"])
+        table = await anyio.to_thread.run_sync(
+            functools.partial(
+                cli, *base, "history", "--since", "1h", "--recipient", "ops@example.com"
+            )
+        )
+        shown = await anyio.to_thread.run_sync(functools.partial(cli, *base, "show", mid))
+    assert table.code == 0, table
+    first, second = table.out.splitlines()
+    assert first.endswith(f" {mid} delivered <app@example.org> via {smtp_server.hop}")
+    assert second.startswith("    ops@example.com delivered 250")
+    assert shown.code == 0, shown
+    record = json.loads(shown.out)
+    assert (record["id"], record["queue"], record["status"]) == (mid, None, "delivered")
+    (rcpt,) = record["outcome"]["recipients"]
+    assert (rcpt["recipient"], rcpt["state"], rcpt["code"]) == ("ops@example.com", "delivered", 250)
+    when = datetime.fromisoformat(record["outcome"]["time"].replace("Z", "+00:00"))
+    assert when.tzinfo == UTC or when.utcoffset() == timedelta(0)
+
+
+async def test_the_journal_is_json_lines_of_outcomes(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        (mid,) = await spool.add(batch("a@example.com"))
+        await wait_until(functools.partial(spool.find_outcome, mid), "delivery")
+    (day_file,) = (tmp_path / "history").iterdir()
+    (line,) = day_file.read_bytes().splitlines()
+    decoded = msgspec.json.decode(line)
+    assert decoded["id"] == mid
+    assert decoded["outcome"] == "delivered"
+    assert set(decoded) == {
+        "id",
+        "outcome",
+        "time",
+        "spool_date",
+        "sender",
+        "recipients",
+        "hop",
+        "parent_id",
+        "flows",
+        "idempotency_key",
+        "detail",
+    }
+
+
+async def test_check_and_open_accept_the_history_and_key_directories(tmp_path: Path) -> None:
+    from spoold.ondisk import OnDiskSpool
+
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        (mid,) = await spool.add(batch("a@example.com"), idempotency_key="k")
+        await wait_until(functools.partial(spool.find_outcome, mid), "delivery")
+    assert (tmp_path / "history").is_dir() and (tmp_path / "idempotency").is_dir()
+    ondisk, _ = await OnDiskSpool.open(tmp_path, owner=False, create=False)
+    async with ondisk:
+        assert await ondisk.check(max_age=0.0) == []
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        assert (await spool.find_outcome(mid)) is not None
