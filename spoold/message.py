@@ -227,8 +227,9 @@ class Message(
     envelope_info: EnvelopeInfo
     route: str | None = None
     size: int | None = None  # bytes of the body on disk (None: before version 2)
-    # Fields added by issue 13 (defaults: a record written before reads as
-    # "nothing of this happened"):
+    # Added later in version 2, at the end and with defaults: a record written
+    # before reads as "nothing of this happened", and a spoold that predates
+    # them reads a record that has them and ignores them (no harm done).
     in_doubt: bool = False  # an attempt was under way when a process died
     delay_warned_at: datetime | None = None  # when the one delay warning was sent
     # When the message moved to ``removed`` (None: not removed, or removed by
