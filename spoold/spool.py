@@ -1734,6 +1734,13 @@ class Spool:
         message still in ``active`` is waited for; if an operator thaws a
         frozen message, a later ``wait`` waits for its next outcome.
 
+        A message :meth:`reroute` split keeps its id for the part on the
+        first way (its outcome is that part's: only its recipients); the
+        other parts have new ids (what :meth:`reroute` returns, also in the
+        record's ``related_ids``), each with its own outcome to wait for.
+        No id is retired by a split, so no wait is left on a message that
+        is gone.
+
         ``timeout``: seconds to wait at most (None: no limit; 0: look once);
         then it raises :class:`~spoold.errors.WaitTimeoutError` (a
         ``TimeoutError``). An id this spool knows nothing of raises
