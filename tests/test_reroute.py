@@ -192,6 +192,8 @@ async def test_wait_after_a_split_answers_for_each_part_at_once(tmp_path: Path) 
         new: OutcomeKind.DELIVERED,
     }
     assert sorted((m, r) for m, r, _ in relay.delivered) == [(old, A), (new, B)]
+    envelope = done[old].envelope_info
+    assert envelope is not None and envelope.recipients == [A, B]  # the submission's
 
 
 async def test_reroute_all_one_way_keeps_the_id_and_the_status(tmp_path: Path) -> None:
