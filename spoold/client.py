@@ -33,7 +33,7 @@ import json
 import os
 import socket as socketlib
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
 
@@ -49,6 +49,7 @@ from spoold.errors import (
 )
 from spoold.ids import validate_id
 from spoold.message import EnvelopeInfo
+from spoold.times import parse_span
 from spoold.waiting import MessageOutcome, OutcomeKind
 
 __all__ = ["Client"]
@@ -73,6 +74,12 @@ def _content(message: bytes | email.message.Message) -> bytes:
     if isinstance(message, email.message.Message):
         return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
     raise TypeError(f"a message is bytes or an email.message.Message, not {type(message).__name__}")
+
+
+def _span_text(span: timedelta) -> str:
+    """``span`` as the protocol's span text, to the microsecond."""
+    text = f"{span.total_seconds():.6f}".rstrip("0").rstrip(".")
+    return f"{text}s"
 
 
 def _raise_for(reply: dict[str, Any]) -> NoReturn:
@@ -172,6 +179,39 @@ class Client:
         """One message's listing, from any queue."""
         view: dict[str, Any] = self.request("show", id=validate_id(message_id))
         return view
+
+    def retry_plan(self, message_id: str) -> dict[str, Any]:
+        """What would happen to a message of active or frozen if every
+        attempt from now failed with a temporary error, as ``spoold
+        retry-plan --format json`` prints it: ``attempts`` (each with
+        ``number``, ``earliest``, ``latest``, ``conditional``), ``ends``
+        (``action`` freeze|bounce, ``reason``, ``earliest``, ``latest``),
+        ``delay_warning``, ``expiry``, ``on_permanent_failure``, ``note``;
+        times RFC 3339 UTC strings."""
+        plan: dict[str, Any] = self.request("retry_plan", id=validate_id(message_id))
+        return plan
+
+    def history(
+        self, since: str | timedelta | None = None, recipient: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The outcomes of messages that left the queue (delivered, bounced,
+        removed) that the daemon's history journal keeps, oldest first, as
+        ``spoold history --format json`` gives them. ``since``: only those
+        of the last span (``"2h"``, or a :class:`~datetime.timedelta`);
+        ``recipient``: only those with this recipient (any case). Both are
+        checked before anything is sent (``ValueError``,
+        :class:`~spoold.errors.AddressError`)."""
+        params: dict[str, Any] = {}
+        if since is not None:
+            span = since if isinstance(since, timedelta) else parse_span(since)
+            if span < timedelta(0):
+                raise ValueError(f"since must be a span back from now, not {since!r}")
+            params["since"] = _span_text(span) if isinstance(since, timedelta) else since
+        if recipient is not None:
+            validate_address(recipient, role="recipient", smtputf8=True)
+            params["recipient"] = recipient
+        found: list[dict[str, Any]] = self.request("history", **params)
+        return found
 
     def info(self) -> dict[str, Any]:
         """What the daemon runs with (pid, config, live limits)."""

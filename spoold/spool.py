@@ -55,9 +55,13 @@ warning) is an input of that function; the delivery status notifications it
 asks for (:mod:`spoold.dsn`) are added as new messages, with the null sender,
 routed like any other mail, before the outcome is written (a crash in
 between may send a notification twice, never lose it). A bounce that cannot
-be added (disk full, no route) leaves the message frozen instead of
-removed; a delay warning that cannot be added is tried again at the next
-attempt. :meth:`Spool.retry_plan` applies the same function to foresee a
+be added (disk full, no route) is never lost: when nobody is left to try,
+the message is frozen instead of removed (its failed recipients kept for an
+operator); when others are still to be tried, the unreported recipients go
+back among the remaining ones (out of the failed ones), are tried again with
+the rest and, failing again, reported again (at the lifetime's end they fail
+with the rest). A delay warning that cannot be added is tried again at the
+next attempt. :meth:`Spool.retry_plan` applies the same function to foresee a
 message's attempts.
 
 A message that leaves the queue for good (delivered, removed, or bounced by
@@ -875,6 +879,8 @@ class Spool:
                 new.delay_warned_at = None  # try again at the next attempt
             elif isinstance(new.status, Removed):
                 new.status, event = Frozen(), EventKind.FROZEN  # the sender was not told
+            else:  # others are still to try: these go with them, to fail and be told again
+                _retry_unreported(new, notice)
         if isinstance(new.status, Removed):
             new.removed_at = now  # removed_retention counts from here
         await self._save_outcome(entry, new)
@@ -1728,6 +1734,13 @@ class Spool:
         message still in ``active`` is waited for; if an operator thaws a
         frozen message, a later ``wait`` waits for its next outcome.
 
+        A message :meth:`reroute` split keeps its id for the part on the
+        first way (its outcome is that part's: only its recipients); the
+        other parts have new ids (what :meth:`reroute` returns, also in the
+        record's ``related_ids``), each with its own outcome to wait for.
+        No id is retired by a split, so no wait is left on a message that
+        is gone.
+
         ``timeout``: seconds to wait at most (None: no limit; 0: look once);
         then it raises :class:`~spoold.errors.WaitTimeoutError` (a
         ``TimeoutError``). An id this spool knows nothing of raises
@@ -1883,6 +1896,23 @@ class Spool:
             }
         finally:
             await ondisk.close()
+
+
+def _retry_unreported(record: Message, notice: Notice) -> None:
+    """A bounce about ``notice``'s recipients could not be added while the
+    message still has recipients to try: put them back among the remaining
+    ones of ``record`` (out of its failed ones), so they are tried with the
+    rest and, failing again, reported again; a failure is never kept
+    without its report. Logged: the sender was not told yet."""
+    unreported = [n.recipient for n in notice.recipients]
+    record.failed_recipients = [r for r in record.failed_recipients if r not in unreported]
+    record.remaining_recipients = list(dict.fromkeys([*record.remaining_recipients, *unreported]))
+    log.warning(
+        "a permanent failure could not be reported; its recipients will be tried again",
+        id=record.id,
+        flows=record.flows,
+        recipients=unreported,
+    )
 
 
 def _sending_reads_as_send_now(msg: Message) -> None:

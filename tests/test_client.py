@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import TypeVar
@@ -163,6 +164,62 @@ async def test_typed_errors(
     info = await call(client.info)
     assert info["spool_dir"].endswith("spool")
     assert await call(client.ping)
+
+
+async def test_retry_plan_of_a_delayed_message(
+    tmp_path: Path, start_daemon: DaemonFactory, smtp_server: SmtpTestServer
+) -> None:
+    client = await daemon_client(tmp_path, start_daemon, smtp_server)
+    smtp_server.behaviour.rcpt["later@example.com"] = Reply("451 4.3.0 try later")
+    (mid,) = await call(
+        lambda: client.submit("app@example.org", ["later@example.com"], b"Subject: p\n\nx\n")
+    )
+
+    async def delayed() -> bool:
+        return any(v["id"] == mid and v["status"] == "send_at" for v in await call(client.status))
+
+    await wait_until(delayed, "a first attempt", interval=0.02)
+    plan = await call(lambda: client.retry_plan(mid))
+    assert plan["id"] == mid
+    assert plan["on_permanent_failure"] == "freeze"
+    # The config's one retry interval (1h) is used up: one more attempt, then frozen.
+    (attempt,) = plan["attempts"]
+    assert attempt["number"] == 1
+    assert attempt["earliest"] <= attempt["latest"]
+    (end,) = plan["ends"]
+    assert (end["action"], end["reason"]) == ("freeze", "intervals")
+    with pytest.raises(NotFoundError, match=UNKNOWN):
+        await call(lambda: client.retry_plan(UNKNOWN))
+    with pytest.raises(InvalidIdError):
+        await call(lambda: client.retry_plan("../etc"))
+
+
+async def test_history_of_a_delivered_message(
+    tmp_path: Path, start_daemon: DaemonFactory, smtp_server: SmtpTestServer
+) -> None:
+    client = await daemon_client(tmp_path, start_daemon, smtp_server)
+    (mid,) = await call(
+        lambda: client.submit("app@example.org", ["ops@example.com"], letter("for history"))
+    )
+    delivered = await call(lambda: client.wait(mid, timeout=WAIT_TIMEOUT))
+    assert delivered.kind is OutcomeKind.DELIVERED
+
+    (line,) = await call(client.history)
+    assert (line["id"], line["outcome"], line["sender"]) == (mid, "delivered", "app@example.org")
+    assert [(r["recipient"], r["state"], r["code"]) for r in line["recipients"]] == [
+        ("ops@example.com", "delivered", 250)
+    ]
+    assert line["hop"] == smtp_server.hop
+    by_span = await call(lambda: client.history(since="1h"))
+    by_timedelta = await call(lambda: client.history(since=timedelta(hours=1)))
+    by_recipient = await call(lambda: client.history(recipient="OPS@example.com"))
+    assert [o["id"] for o in by_span] == [o["id"] for o in by_timedelta] == [mid]
+    assert [o["id"] for o in by_recipient] == [mid]
+    assert await call(lambda: client.history(recipient="else@example.com")) == []
+    with pytest.raises(AddressError):
+        await call(lambda: client.history(recipient="not an address"))
+    with pytest.raises(ValueError, match="span"):
+        await call(lambda: client.history(since="yesterday"))
 
 
 def test_no_daemon_is_unavailable(tmp_path: Path) -> None:

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import pytest
 
 from spoold.errors import OperationRefusedError
 from spoold.message import Frozen, Message, RoutedBatch, RoutedEnvelope, SendAt
 from spoold.relay import BodyHandle, RecipientResult, RelayOutcome
 from spoold.testing import FakeClock, InMemoryRelay
+from spoold.waiting import OutcomeKind
 from tests.spool_helpers import (
     BODY,
     OK,
@@ -30,7 +32,7 @@ from tests.spool_helpers import (
     read_record,
     status_of,
 )
-from tests.support import spool_files, wait_until
+from tests.support import WAIT_TIMEOUT, spool_files, wait_until
 
 A, B, C = "a@one.example", "b@two.example", "c@one.example"
 
@@ -157,6 +159,41 @@ async def test_reroute_splits_a_message_whose_recipients_now_go_two_ways(tmp_pat
             lambda: all(is_delivered(spool, tmp_path, i) for i in ids), "both delivered"
         )
     assert sorted((m, r) for m, r, _ in relay.delivered) == sorted([(mid, A), (mid, C), (other, B)])
+
+
+async def test_wait_after_a_split_answers_for_each_part_at_once(tmp_path: Path) -> None:
+    """A split keeps the old id (the part on the first way): waiting for it,
+    or for a new part, never waits on a message that is gone. Each answers
+    at once while frozen, then with its own delivery."""
+    routes = TableRoutes({"smarthost": ("one.example", ["smart.example:25"])})
+    relay = InMemoryRelay()
+    async with open_spool(tmp_path, relay, FakeClock(START), routes=routes) as spool:
+        (mid,) = await spool.add(
+            routed(A, B, hops=["smart.example:25"], route="smarthost"), frozen=True
+        )
+        routes.table = {
+            "one": ("one.example", ["one.example:25"]),
+            "two": ("two.example", ["two.example:25"]),
+        }
+        old, new = await spool.reroute([mid])
+        assert old == mid
+        shown = await spool.describe(old)  # what `spoold show` reads
+        assert isinstance(shown, Message) and shown.remaining_recipients == [A]
+        for part in (old, new):
+            frozen = await spool.wait(part, timeout=0)
+            assert (frozen.id, frozen.kind) == (part, OutcomeKind.FROZEN)
+        assert new in (await spool.get_message(old)).related_ids
+
+        await spool.send([old, new])
+        with anyio.fail_after(WAIT_TIMEOUT):
+            done = {part: await spool.wait(part) for part in (old, new)}
+    assert {p: o.kind for p, o in done.items()} == {
+        old: OutcomeKind.DELIVERED,
+        new: OutcomeKind.DELIVERED,
+    }
+    assert sorted((m, r) for m, r, _ in relay.delivered) == [(old, A), (new, B)]
+    envelope = done[old].envelope_info
+    assert envelope is not None and envelope.recipients == [A, B]  # the submission's
 
 
 async def test_reroute_all_one_way_keeps_the_id_and_the_status(tmp_path: Path) -> None:

@@ -274,6 +274,85 @@ async def test_a_bounce_that_cannot_be_routed_leaves_the_message_frozen(
     assert read_record(tmp_path, "frozen", mid).failed_recipients == [RCPT]
 
 
+class FlakyBounceRoutes:
+    """Routes for bounces only: the first ``failures`` reports find no route
+    (as if none were configured for the sender), the later ones go to
+    :data:`NEXT_HOP`. Next hops of queued mail never change."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.asked = 0
+
+    def current_hops(self, message: Message) -> None:
+        return None
+
+    async def reroute(self, message: Message) -> list[RoutedEnvelope]:
+        from spoold.errors import NoRouteError
+
+        self.asked += 1
+        if self.asked <= self.failures:
+            raise NoRouteError(f"no route for {message.remaining_recipients[0]}")
+        return [RoutedEnvelope("", list(message.remaining_recipients), [NEXT_HOP])]
+
+
+OTHER = "other@example.com"
+
+
+async def test_an_unreported_failure_is_tried_again_and_reported_later(tmp_path: Path) -> None:
+    """RCPT fails for good while OTHER is to be tried later; the bounce finds
+    no route: RCPT goes back among the remaining recipients, fails again at
+    the next attempt, and that time the sender is told."""
+    clock = FakeClock(START)
+    relay, seen = timed_relay(clock, {RCPT: NO_SUCH_USER, OTHER: TRY_LATER})
+    policy = DeliveryPolicy(on_permanent_failure=BOUNCE)
+    routes = FlakyBounceRoutes(failures=1)
+    async with open_spool(tmp_path, relay, clock, delivery_policy=policy, routes=routes) as spool:
+        (mid,) = await spool.add(batch(RCPT, OTHER, retry_intervals=intervals(1, 5)))
+        await tried(seen, mid, 2)  # both recipients, first attempt
+        await wait_until(lambda: waiting_or_done(spool, clock, mid), "the first attempt to end")
+        first = read_record(tmp_path, "active", mid)
+        assert sorted(first.remaining_recipients) == sorted([RCPT, OTHER])
+        assert first.failed_recipients == []
+        assert first.related_ids == []
+        assert notices_for(relay) == []
+
+        clock.advance(MINUTE)
+        await tried(seen, mid, 4)
+        await wait_until(lambda: len(notices_for(relay)) == 1, "the bounce delivered")
+        await wait_until(lambda: waiting_or_done(spool, clock, mid), "the second attempt to end")
+        second = read_record(tmp_path, "active", mid)
+    assert (second.remaining_recipients, second.failed_recipients) == ([OTHER], [RCPT])
+    (dsn_id,) = second.related_ids
+    assert attempts_for(relay, dsn_id) == [(SENDER,)]
+    (report,) = notices_for(relay)
+    assert [f["Final-Recipient"] for f in recipient_fields(report)] == [f"rfc822; {RCPT}"]
+    assert routes.asked == 2
+
+
+async def test_a_failure_never_reported_ends_frozen_with_the_rest(tmp_path: Path) -> None:
+    """No bounce can ever be added: the recipient that failed for good is
+    tried at each attempt with the one still to try, and at the lifetime's
+    end both fail and the message is frozen for an operator (nothing lost,
+    nothing removed)."""
+    clock = FakeClock(START)
+    relay, seen = timed_relay(clock, {RCPT: NO_SUCH_USER, OTHER: TRY_LATER})
+    policy = DeliveryPolicy(max_queue_lifetime=10 * MINUTE, on_permanent_failure=BOUNCE)
+    routes = FlakyBounceRoutes(failures=1_000)
+    async with open_spool(tmp_path, relay, clock, delivery_policy=policy, routes=routes) as spool:
+        (mid,) = await spool.add(batch(RCPT, OTHER, retry_intervals=intervals(1, 5, 15)))
+        await follow_retries(spool, clock, mid)
+        assert places(tmp_path, mid) == ["frozen"]
+    record = read_record(tmp_path, "frozen", mid)
+    assert record.remaining_recipients == []
+    assert sorted(record.failed_recipients) == sorted([RCPT, OTHER])
+    assert record.related_ids == []
+    # 0, 1m, 6m and the lifetime's end (10m): RCPT was tried every time
+    assert [sorted(a) for a in attempts_for(relay, mid)] == [sorted([RCPT, OTHER])] * 4
+    assert len([t for m, t in seen if m == mid]) == 8  # two recipients, four attempts
+    assert routes.asked == 4  # a report tried at each attempt
+    assert notices_for(relay) == []
+
+
 async def test_bounce_end_to_end_reaches_a_real_smtp_server(
     tmp_path: Path, smtp_server: SmtpTestServer
 ) -> None:
