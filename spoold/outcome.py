@@ -44,7 +44,9 @@ delay warnings (its default is none of them: the rules above alone):
   recipients that failed permanently in this attempt are reported to the
   sender (a :class:`Notice` of kind ``failed``), and a message with nobody
   left to try is ``removed`` (event ``removed``) instead of frozen. A
-  null-sender message is never bounced: it is frozen as without the policy;
+  null-sender message is never bounced: it is frozen as without the policy
+  (and when a report cannot be added, the spool puts those recipients back
+  among those to try, so a failure is never dropped unreported);
 * ``delay_warning``: the first attempt at or after ``spool_date +
   delay_warning`` that leaves someone for later reports them to the sender
   (a :class:`Notice` of kind ``delayed``), once: the record remembers it in
