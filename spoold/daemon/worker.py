@@ -1,13 +1,16 @@
 """An SMTP ingest worker: one of the processes that take mail for the daemon.
 
 The daemon (the spool's owner) starts ``smtp.workers`` of these with
-``python -m spoold.daemon.worker --config PATH --fds N,... --ready-fd R``.
+``python -m spoold.daemon.worker --config PATH --fds N,... --ready-fd R
+--lifeline-fd L``.
 Each serves the listening sockets it inherited (fds ``N,...``: the same
 sockets in every worker, so the kernel spreads connections over them),
 writes what it accepts into the spool as a
 :class:`~spoold.writer.SpoolWriter` (durable before the 250; the owner is
 woken through the spool's wake-up socket and adopts the messages), and
-writes one byte to fd ``R`` once it serves.
+writes one byte to fd ``R`` once it serves. Fd ``L`` is the read end of a
+pipe only the daemon can write to: end-of-file there means the daemon is
+gone, and the worker stops as on SIGTERM (it never outlives its daemon).
 
 Signals, as for the daemon: SIGHUP reads the config file again and applies
 what it can (routes, listener limits, retry defaults, the free-space floor;
@@ -69,7 +72,9 @@ def _intervals(config: Config) -> list[RetryInterval]:
     return RetryInterval.from_spans(config.spool.retry_intervals, config.spool.retry_jitter)
 
 
-async def run_worker(config_path: str, fds: list[int], ready_fd: int) -> int:
+async def run_worker(
+    config_path: str, fds: list[int], ready_fd: int, lifeline_fd: int | None = None
+) -> int:
     signals = Signals()
     with signals.installed():
         try:
@@ -82,14 +87,29 @@ async def run_worker(config_path: str, fds: list[int], ready_fd: int) -> int:
         raise_open_files_limit()
         errors: list[str] = []
         try:
-            return await _serve(config, fds, ready_fd, signals)
+            return await _serve(config, fds, ready_fd, signals, lifeline_fd)
         except* (SpooldError, OSError) as group:
             errors = [str(e) for e in group.exceptions]
         log.error("ingest worker cannot run", error="; ".join(errors))
         return 1
 
 
-async def _serve(config: Config, fds: list[int], ready_fd: int, signals: Signals) -> int:
+async def _watch_lifeline(fd: int, signals: Signals) -> None:
+    """Stop the worker once the daemon is gone (end-of-file on ``fd``)."""
+    try:
+        while True:
+            await anyio.wait_readable(fd)
+            if os.read(fd, 64) == b"":
+                break
+    finally:
+        os.close(fd)
+    log.warning("the daemon is gone; ingest worker stopping", pid=os.getpid())
+    signals.stop.set()
+
+
+async def _serve(
+    config: Config, fds: list[int], ready_fd: int, signals: Signals, lifeline_fd: int | None
+) -> int:
     state = await anyio.to_thread.run_sync(_build, config)
     sockets = []
     for fd in fds:
@@ -110,7 +130,15 @@ async def _serve(config: Config, fds: list[int], ready_fd: int, signals: Signals
             submitter = Submitter(writer, lambda: state.router, hostname=hostname)
             listener = SmtpListener(submitter, lambda: state.listener, accept_failures=failures)
             drain = config.spool.flush_timeout.total_seconds()
+            watch = anyio.CancelScope()  # ended once the worker stops anyway
+
+            async def watch_lifeline(fd: int) -> None:
+                with watch:
+                    await _watch_lifeline(fd, signals)
+
             async with anyio.create_task_group() as tg:
+                if lifeline_fd is not None:
+                    tg.start_soon(watch_lifeline, lifeline_fd)
                 await tg.start(functools.partial(listener.serve, sockets, drain_timeout=drain))
                 os.write(ready_fd, b"1")
                 os.close(ready_fd)
@@ -134,6 +162,7 @@ async def _serve(config: Config, fds: list[int], ready_fd: int, signals: Signals
                     if signals.reload.is_set() and not signals.stop.is_set():
                         signals.take_reload()
                         state = await _reload(state, writer)
+                watch.cancel()
                 listener.stop()
     finally:
         restore()
@@ -167,10 +196,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--fds", required=True, help="listening socket fds, comma-separated")
     parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--lifeline-fd", type=int, default=None)
     args = parser.parse_args(argv)
     fds = [int(f) for f in args.fds.split(",") if f]
     sys.exit(
-        anyio.run(run_worker, args.config, fds, args.ready_fd, backend_options=event_loop_options())
+        anyio.run(
+            run_worker,
+            args.config,
+            fds,
+            args.ready_fd,
+            args.lifeline_fd,
+            backend_options=event_loop_options(),
+        )
     )
 
 

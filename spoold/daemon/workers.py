@@ -16,6 +16,12 @@ to stop (SIGTERM: they stop accepting and finish the messages being
 spooled) and kills those still running after the grace time. The workers
 share the daemon's stdout/stderr (one log stream) but not its systemd
 notification socket.
+
+Each worker also gets the read end of a *lifeline* pipe whose write end only
+the daemon holds (never written, never inherited by anyone else): if the
+daemon dies without stopping its workers (SIGKILL, a crash), the kernel
+closes the write end, the worker reads end-of-file and stops as on SIGTERM.
+No worker outlives its daemon to keep taking mail on the shared port.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class IngestWorkers:
         self.count = count
         self.grace = grace
         self._processes: dict[int, anyio.abc.Process] = {}  # slot -> process
+        self._lifelines: dict[int, int] = {}  # slot -> write end of its worker's lifeline
         self._stopping = False
 
     @property
@@ -91,9 +98,17 @@ class IngestWorkers:
                         process.kill()
                         with anyio.move_on_after(5):
                             await process.wait()
+            for slot in list(self._lifelines):
+                self._cut_lifeline(slot)
+
+    def _cut_lifeline(self, slot: int) -> None:
+        fd = self._lifelines.pop(slot, None)
+        if fd is not None:
+            os.close(fd)
 
     async def _start(self, slot: int) -> None:
         read_end, write_end = os.pipe()
+        life_read, life_write = os.pipe()  # both ends non-inheritable
         fds = [s.fileno() for s in self.sockets]
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
         command = [
@@ -106,13 +121,26 @@ class IngestWorkers:
             ",".join(map(str, fds)),
             "--ready-fd",
             str(write_end),
+            "--lifeline-fd",
+            str(life_read),
         ]
         try:
             process = await anyio.open_process(
-                command, stdin=None, stdout=None, stderr=None, env=env, pass_fds=[*fds, write_end]
+                command,
+                stdin=None,
+                stdout=None,
+                stderr=None,
+                env=env,
+                pass_fds=[*fds, write_end, life_read],
             )
+        except BaseException:
+            os.close(life_write)
+            raise
         finally:
             os.close(write_end)
+            os.close(life_read)
+        self._cut_lifeline(slot)  # the one of a worker that died
+        self._lifelines[slot] = life_write
         try:
             with anyio.move_on_after(_READY_TIMEOUT):
                 await anyio.wait_readable(read_end)

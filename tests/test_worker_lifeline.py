@@ -1,0 +1,50 @@
+"""An ingest worker never outlives its daemon: killed without a chance to
+stop its workers (SIGKILL), the daemon's lifeline pipe closes and every
+worker stops by itself, freeing the shared SMTP port."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_helpers import DaemonFactory, write_config
+from tests.support import WAIT_TIMEOUT, wait_until
+from tests.test_ingest import free_port
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (not reaped yet: its parent is gone and init reaps it soon)
+    # has stopped all the same.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("uvloop", ["0", "1"], ids=["asyncio", "uvloop"])
+async def test_workers_stop_when_the_daemon_is_killed(
+    tmp_path: Path, start_daemon: DaemonFactory, uvloop: str
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, next_hops=["127.0.0.1:9"])
+    with config.open("a") as f:
+        f.write(f'\n[smtp]\nlisten = ["127.0.0.1:{port}"]\nworkers = 2\n')
+    daemon = await start_daemon(config, env={"SPOOLD_UVLOOP": uvloop})
+    started = [line for line in daemon.log_lines() if line.get("event") == "ingest worker started"]
+    pids = [int(line["pid"]) for line in started]
+    assert len(pids) == 2 and all(alive(p) for p in pids)
+
+    daemon.send_signal(signal.SIGKILL)
+    assert await daemon.wait_exit() == -signal.SIGKILL
+    await wait_until(
+        lambda: not any(alive(p) for p in pids), "the workers to stop", timeout=WAIT_TIMEOUT
+    )
+    assert "the daemon is gone; ingest worker stopping" in daemon.log_text()
