@@ -56,6 +56,8 @@ QUEUES: tuple[str, ...] = tuple(q.value for q in Queue)
 
 log = structlog.get_logger("spoold.ondisk")
 
+LOAD_BATCH = 2048  # records read and decoded in one worker-thread hop by load()
+
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
@@ -222,20 +224,50 @@ class OnDiskSpool:
             return exc
         return msg
 
-    async def load(self, queue: Queue) -> tuple[list[Message], list[Unreadable]]:
-        """Read every record of ``queue``.
+    async def load(
+        self,
+        queue: Queue,
+        *,
+        on_batch: Callable[[list[Message]], None] | None = None,
+        batch_size: int = LOAD_BATCH,
+    ) -> tuple[list[Message], list[Unreadable]]:
+        """Read every record of ``queue``, in name order.
 
         As owner: unreadable records are set aside in ``quarantine`` with
         their reason, and records whose status belongs elsewhere are moved
         there (and not returned). Without ownership nothing is changed and
         unreadable records are only reported.
+
+        Records are read and decoded in a worker thread, ``batch_size`` at a
+        time, so memory holds one batch of raw records at most. With
+        ``on_batch``, the messages of each batch are handed to it as soon as
+        they are read (and the list returned is empty): a caller that keeps
+        them (the spool's index) then builds its own structures batch by
+        batch, which keeps a large queue's memory compact.
         """
         messages: list[Message] = []
         unreadable: list[Unreadable] = []
-        records = await self.store.read_queue(queue.value)
-        with gc_paused():
-            decoded = [(rec, self._decode(rec)) for rec in records]
-        del records
+        names = await self.store.list_queue(queue.value)
+        for start in range(0, len(names), batch_size):
+            decoded = await self.store.read_records(
+                queue.value, names[start : start + batch_size], _decoded
+            )
+            good = await self._sort_batch(queue, decoded, unreadable)
+            if on_batch is None:
+                messages += good
+            else:
+                on_batch(good)
+        return messages, unreadable
+
+    async def _sort_batch(
+        self,
+        queue: Queue,
+        decoded: list[tuple[StoredRecord, Message | RecordError]],
+        unreadable: list[Unreadable],
+    ) -> list[Message]:
+        """The readable messages of one batch that belong in ``queue``; the
+        others are set aside or moved (as owner) and reported."""
+        messages: list[Message] = []
         for rec, result in decoded:
             if isinstance(result, RecordError):
                 path = self.dir / queue.value / rec.name
@@ -261,7 +293,7 @@ class OnDiskSpool:
                 await self.save(result, from_queue=queue, checked_out=rec.checked_out)
                 continue
             messages.append(result)
-        return messages, unreadable
+        return messages
 
     async def read_message(self, queue: Queue, message_id: str) -> Message:
         """One record; raises NotFoundError or RecordError."""
@@ -324,6 +356,19 @@ class OnDiskSpool:
     async def set_aside_reason(self, queue: Queue, message_id: str) -> str | None:
         """Why a record was set aside in ``queue`` (None: no reason kept)."""
         return await self.store.set_aside_reason(queue.value, message_id)
+
+
+def _decoded(records: list[StoredRecord]) -> list[tuple[StoredRecord, Message | RecordError]]:
+    """Each record with what it decodes to (run in the worker thread that
+    read them)."""
+    out: list[tuple[StoredRecord, Message | RecordError]] = []
+    with gc_paused():
+        for rec in records:
+            try:
+                out.append((rec, decode_record(rec.data, expected_id=rec.name)))
+            except RecordError as exc:
+                out.append((rec, exc))
+    return out
 
 
 def _unreadable_records(records: list[StoredRecord]) -> list[tuple[StoredRecord, RecordError]]:
