@@ -297,20 +297,27 @@ class Spool:
                 await ondisk.close()
 
     async def _load(self) -> None:
+        """Index and schedule every record of ``active`` and ``frozen``, batch
+        by batch as they are read (so a large queue is built compactly: the
+        temporaries of one batch are reused by the next)."""
         shared = SharedParts()
         for queue in _LOADED_QUEUES:
-            messages, _unreadable = await self._disk.load(queue)
-            for msg in messages:
-                msg.intern(shared)
-                _sending_reads_as_send_now(msg)
-                entry = _Entry(msg, queue)
-                self._index_put(entry)
-                self._schedule(entry)
+
+            def index(messages: list[Message], queue: Queue = queue) -> None:
+                with gc_paused():
+                    for msg in messages:
+                        msg.intern(shared)
+                        _sending_reads_as_send_now(msg)
+                        entry = _Entry(msg, queue)
+                        self._index_put(entry)
+                        self._schedule(entry)
+
+            await self._disk.load(queue, on_batch=index)
         log.info(
             "spool opened",
             spool_dir=str(self._disk.dir),
-            active=sum(1 for e in self._index.values() if e.queue is Queue.ACTIVE),
-            frozen=sum(1 for e in self._index.values() if e.queue is Queue.FROZEN),
+            active=self._queue_counts[Queue.ACTIVE],
+            frozen=self._queue_counts[Queue.FROZEN],
         )
 
     @property
@@ -1076,6 +1083,17 @@ class Spool:
                 out.append(snap)
         out.sort(key=lambda m: m.id)
         return out
+
+    def status_ids(self, queue: Queue | None = None) -> list[str]:
+        """The ids :meth:`status` would list (only those in ``queue``, when
+        given: ``active`` or ``frozen``), sorted, without a snapshot of any
+        message: what ``spoold status --format id`` needs of a large queue."""
+        if queue is None:
+            ids = list(self._index)
+        else:
+            ids = [mid for mid, e in self._index.items() if e.msg.queue is queue]
+        ids.sort()
+        return ids
 
     def counts(self) -> dict[Queue, int]:
         """How many messages each queue held in memory has (``active`` and
