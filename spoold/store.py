@@ -949,6 +949,15 @@ class Store:
                 found.setdefault(name, []).append((q, checked_out))
         return found
 
+    def _record_names(self) -> set[str]:
+        """The name of every record in every queue (a set: a large spool's
+        recovery asks only whether a name has a record)."""
+        found: set[str] = set()
+        for q in self.queues:
+            found.update(self._names(self._qdir(q)))
+            found.update(self._names(self._qdir(q, True)))
+        return found
+
     def _writer_gone(self, registry_name: str) -> bool:
         pid = _read_pid(f"{self._registry}/{registry_name}")
         return pid is None or (pid != self._pid and not _pid_alive(pid))
@@ -974,7 +983,7 @@ class Store:
             # acknowledged, and the committed copy (if any) is elsewhere.
             self._unlink_quiet(f"{self._tmp}/{tmp_name}")
             report.removed_tmp.append(tmp_name)
-        records = self._all_records()
+        records = self._record_names()
         for name in self._names(self._data):
             if name not in records and self._writer_gone(name):
                 self._unlink_quiet(f"{self._data}/{name}")
