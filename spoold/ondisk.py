@@ -27,9 +27,10 @@ from pathlib import Path
 
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectSendStream
 
 from spoold.body import Body
-from spoold.errors import NotFoundError, RecordError
+from spoold.errors import NotFoundError, RecordError, StoreError
 from spoold.message import (
     Message,
     Queue,
@@ -50,13 +51,17 @@ from spoold.store import (
     SyncMode,
 )
 
-__all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES"]
+__all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES", "LOAD_BATCH", "LOAD_READ_AHEAD"]
 
 QUEUES: tuple[str, ...] = tuple(q.value for q in Queue)
 
 log = structlog.get_logger("spoold.ondisk")
 
+# Records of one batch, each with its message or why it cannot be read.
+_Decoded = list[tuple[StoredRecord, Message | RecordError]]
+
 LOAD_BATCH = 2048  # records read and decoded in one worker-thread hop by load()
+LOAD_READ_AHEAD = 2  # batches load() reads ahead of the one it is handing over
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,30 +244,62 @@ class OnDiskSpool:
         unreadable records are only reported.
 
         Records are read and decoded in a worker thread, ``batch_size`` at a
-        time, so memory holds one batch of raw records at most. With
-        ``on_batch``, the messages of each batch are handed to it as soon as
-        they are read (and the list returned is empty): a caller that keeps
-        them (the spool's index) then builds its own structures batch by
-        batch, which keeps a large queue's memory compact.
+        time and up to :data:`LOAD_READ_AHEAD` batches ahead of the one the
+        event loop is handling, so memory holds a few batches of raw records
+        at most. With ``on_batch``, the messages of each batch are handed to
+        it as soon as they are read (and the list returned is empty): a
+        caller that keeps them (the spool's index) then builds its own
+        structures batch by batch, which keeps a large queue's memory
+        compact. A :class:`~spoold.errors.StoreError` (reading, or setting a
+        record aside) stops the load and is raised as it is.
         """
         messages: list[Message] = []
         unreadable: list[Unreadable] = []
         names = await self.store.list_queue(queue.value)
-        for start in range(0, len(names), batch_size):
-            decoded = await self.store.read_records(
-                queue.value, names[start : start + batch_size], _decoded
-            )
-            good = await self._sort_batch(queue, decoded, unreadable)
-            if on_batch is None:
-                messages += good
-            else:
-                on_batch(good)
+        batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
+        failure: StoreError | None = None
+        send, receive = anyio.create_memory_object_stream[_Decoded | StoreError](LOAD_READ_AHEAD)
+        with receive:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read_ahead, queue, batches, send)
+                async for decoded in receive:
+                    try:
+                        if isinstance(decoded, StoreError):
+                            raise decoded
+                        good = await self._sort_batch(queue, decoded, unreadable)
+                    except StoreError as exc:
+                        failure = exc
+                        tg.cancel_scope.cancel()
+                        break
+                    if on_batch is None:
+                        messages += good
+                    else:
+                        on_batch(good)
+        if failure is not None:
+            raise failure
         return messages, unreadable
+
+    async def _read_ahead(
+        self,
+        queue: Queue,
+        batches: list[list[tuple[str, bool]]],
+        send: MemoryObjectSendStream[_Decoded | StoreError],
+    ) -> None:
+        """Read and decode ``batches`` in turn into ``send`` (a read that
+        fails is sent as its error, and ends the reading)."""
+        with send:
+            for names in batches:
+                try:
+                    decoded = await self.store.read_records(queue.value, names, _decoded)
+                except StoreError as exc:
+                    await send.send(exc)
+                    return
+                await send.send(decoded)
 
     async def _sort_batch(
         self,
         queue: Queue,
-        decoded: list[tuple[StoredRecord, Message | RecordError]],
+        decoded: _Decoded,
         unreadable: list[Unreadable],
     ) -> list[Message]:
         """The readable messages of one batch that belong in ``queue``; the
@@ -358,10 +395,10 @@ class OnDiskSpool:
         return await self.store.set_aside_reason(queue.value, message_id)
 
 
-def _decoded(records: list[StoredRecord]) -> list[tuple[StoredRecord, Message | RecordError]]:
+def _decoded(records: list[StoredRecord]) -> _Decoded:
     """Each record with what it decodes to (run in the worker thread that
     read them)."""
-    out: list[tuple[StoredRecord, Message | RecordError]] = []
+    out: _Decoded = []
     with gc_paused():
         for rec in records:
             try:

@@ -15,8 +15,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import anyio
+import pytest
 
 from spoold.daemon.control import ControlClient, ControlServer
+from spoold.errors import StoreError
 from spoold.message import (
     EnvelopeInfo,
     Frozen,
@@ -116,6 +118,18 @@ async def test_load_in_batches_handles_every_record_across_batch_boundaries(
         again, bad = await od.load(Queue.ACTIVE, batch_size=3)
         assert [m.id for m in again] == sorted(m.id for m in good)
         assert bad == []
+        await od.close()
+
+
+async def test_a_read_that_fails_stops_the_load_with_its_store_error(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        od, _ = await OnDiskSpool.open(tmp_path)
+        await od.add([new_message() for _ in range(5)])
+        (tmp_path / "active" / "LoopRecord1").symlink_to("LoopRecord1")  # open() fails: ELOOP
+        with pytest.raises(StoreError) as caught:
+            await od.load(Queue.ACTIVE, batch_size=2)
+        assert "LoopRecord1" in str(caught.value)
+        assert (tmp_path / "active" / "LoopRecord1").is_symlink()  # nothing set aside
         await od.close()
 
 
