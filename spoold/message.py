@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import msgspec
 
@@ -303,8 +303,8 @@ class Message(
             self.failed_recipients = empty
         if not self.relay_attempts:
             self.relay_attempts = empty
-        self.retry_intervals = _shared_list(self.retry_intervals, shared.intervals)
-        self.next_hop_choices = _shared_list(self.next_hop_choices, shared.hops)
+        self.retry_intervals = shared.intervals.share(self.retry_intervals)
+        self.next_hop_choices = shared.hops.share(self.next_hop_choices)
         env = self.envelope_info
         sender = shared.senders.setdefault(env.sender, env.sender)
         if sender is not env.sender or not env.mail_params:
@@ -322,16 +322,28 @@ class Message(
 class SharedParts:
     """Equal parts of many records, kept once (see :meth:`Message.intern`)."""
 
-    intervals: dict[tuple[RetryInterval, ...], list[RetryInterval]] = field(default_factory=dict)
-    hops: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
+    intervals: _SharedLists[RetryInterval] = field(default_factory=lambda: _SharedLists())
+    hops: _SharedLists[str] = field(default_factory=lambda: _SharedLists())
     senders: dict[str, str] = field(default_factory=dict)
     empty: list[Any] = field(default_factory=list)  # never appended to
 
 
-def _shared_list(items: list[_V], kept: dict[tuple[_V, ...], list[_V]]) -> list[_V]:
-    """The list in ``kept`` equal to ``items`` (``items`` itself, kept, if
-    it is the first of its kind)."""
-    return kept.setdefault(tuple(items), items)
+class _SharedLists(Generic[_V]):
+    """Equal lists kept once. Most records of a queue have the same list
+    (the default retry intervals, the one smarthost): the last one kept is
+    compared first, which is cheaper than hashing."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[_V, ...], list[_V]] = {}
+        self._last: list[_V] | None = None
+
+    def share(self, items: list[_V]) -> list[_V]:
+        """The kept list equal to ``items`` (``items`` itself, now kept, if
+        it is the first of its kind)."""
+        if items == self._last and self._last is not None:
+            return self._last
+        self._last = one = self._kept.setdefault(tuple(items), items)
+        return one
 
 
 def _share_items(items: list[_V], kept: dict[_V, _V]) -> None:
