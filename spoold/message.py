@@ -287,7 +287,7 @@ class Message(
         memory in a large queue: empty lists, equal lists of retry
         intervals and of next hops, senders (kept once in ``shared``), a
         parent id equal to the id, and the envelope's recipients that are
-        still remaining.
+        still remaining (the very list, while none is done).
 
         A shared list is never changed: every change to a record assigns a
         new list (the setters here, and the spool, which changes a
@@ -310,7 +310,9 @@ class Message(
         if sender is not env.sender or not env.mail_params:
             env = msgspec.structs.replace(env, sender=sender, mail_params=env.mail_params or empty)
             self.envelope_info = env
-        if self.remaining_recipients:
+        if env.recipients == self.remaining_recipients:  # none done yet: one list for both
+            self.envelope_info = msgspec.structs.replace(env, recipients=self.remaining_recipients)
+        elif self.remaining_recipients:
             _share_items(env.recipients, {r: r for r in self.remaining_recipients})
 
     def __lt__(self, other: Message) -> bool:

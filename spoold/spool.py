@@ -38,13 +38,13 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
+import msgspec
 import structlog
 
 from spoold.clock import Clock, SystemClock
@@ -124,8 +124,11 @@ _OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
 _OUTCOME_RETRY_MAX = 60.0
 
 
-@dataclass(slots=True, eq=False)
-class _Entry:
+class _Entry(msgspec.Struct, eq=False, gc=False):
+    """One message of the index. Not tracked by the cyclic collector (it
+    refers to no container that could lead back to it): a queue of a
+    million entries costs every collection nothing."""
+
     msg: Message  # status reads Sending() in memory while an attempt runs
     queue: Queue  # where the record is on disk now
     gen: int = 0
