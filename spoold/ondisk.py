@@ -19,6 +19,7 @@ spool's (:mod:`spoold.spool`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -57,8 +58,10 @@ QUEUES: tuple[str, ...] = tuple(q.value for q in Queue)
 
 log = structlog.get_logger("spoold.ondisk")
 
-# Records of one batch, each with its message or why it cannot be read.
-_Decoded = list[tuple[StoredRecord, Message | RecordError]]
+# What the reading thread makes of one batch: the message of each record
+# that can be read and is in the queue of its status; each other record with
+# its message (misplaced) or why it cannot be read, for load() to handle.
+_Decoded = list[Message | tuple[StoredRecord, Message | RecordError]]
 
 LOAD_BATCH = 2048  # records read and decoded in one worker-thread hop by load()
 LOAD_READ_AHEAD = 2  # batches load() reads ahead of the one it is handing over
@@ -234,6 +237,7 @@ class OnDiskSpool:
         queue: Queue,
         *,
         on_batch: Callable[[list[Message]], None] | None = None,
+        prepare: Callable[[Message], None] | None = None,
         batch_size: int = LOAD_BATCH,
     ) -> tuple[list[Message], list[Unreadable]]:
         """Read every record of ``queue``, in name order.
@@ -250,7 +254,11 @@ class OnDiskSpool:
         it as soon as they are read (and the list returned is empty): a
         caller that keeps them (the spool's index) then builds its own
         structures batch by batch, which keeps a large queue's memory
-        compact. A :class:`~spoold.errors.StoreError` (reading, or setting a
+        compact. ``prepare``, when given, is called on each message read, in
+        the reading thread, right after it is decoded (one batch at a time,
+        in order; e.g. :meth:`~spoold.message.Message.intern`): what it
+        makes and drops then never reaches the event loop, nor the cyclic
+        collector. A :class:`~spoold.errors.StoreError` (reading, or setting a
         record aside) stops the load and is raised as it is.
         """
         messages: list[Message] = []
@@ -261,7 +269,8 @@ class OnDiskSpool:
         send, receive = anyio.create_memory_object_stream[_Decoded | StoreError](LOAD_READ_AHEAD)
         with receive:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read_ahead, queue, batches, send)
+                decode = functools.partial(_decode_batch, queue, prepare)
+                tg.start_soon(self._read_ahead, queue, batches, decode, send)
                 async for decoded in receive:
                     try:
                         if isinstance(decoded, StoreError):
@@ -283,6 +292,7 @@ class OnDiskSpool:
         self,
         queue: Queue,
         batches: list[list[tuple[str, bool]]],
+        decode: Callable[[list[StoredRecord]], _Decoded],
         send: MemoryObjectSendStream[_Decoded | StoreError],
     ) -> None:
         """Read and decode ``batches`` in turn into ``send`` (a read that
@@ -290,7 +300,7 @@ class OnDiskSpool:
         with send:
             for names in batches:
                 try:
-                    decoded = await self.store.read_records(queue.value, names, _decoded)
+                    decoded = await self.store.read_records(queue.value, names, decode)
                 except StoreError as exc:
                     await send.send(exc)
                     return
@@ -305,7 +315,11 @@ class OnDiskSpool:
         """The readable messages of one batch that belong in ``queue``; the
         others are set aside or moved (as owner) and reported."""
         messages: list[Message] = []
-        for rec, result in decoded:
+        for item in decoded:
+            if isinstance(item, Message):
+                messages.append(item)
+                continue
+            rec, result = item
             if isinstance(result, RecordError):
                 path = self.dir / queue.value / rec.name
                 reason = f"unreadable record: {result}"
@@ -395,16 +409,21 @@ class OnDiskSpool:
         return await self.store.set_aside_reason(queue.value, message_id)
 
 
-def _decoded(records: list[StoredRecord]) -> _Decoded:
-    """Each record with what it decodes to (run in the worker thread that
-    read them)."""
+def _decode_batch(
+    queue: Queue, prepare: Callable[[Message], None] | None, records: list[StoredRecord]
+) -> _Decoded:
+    """Decode one batch of ``queue`` (in the worker thread that read it)."""
     out: _Decoded = []
     with gc_paused():
         for rec in records:
             try:
-                out.append((rec, decode_record(rec.data, expected_id=rec.name)))
+                msg = decode_record(rec.data, expected_id=rec.name)
             except RecordError as exc:
                 out.append((rec, exc))
+                continue
+            if prepare is not None:
+                prepare(msg)
+            out.append(msg if queue_of(msg.status) is queue else (rec, msg))
     return out
 
 

@@ -309,13 +309,14 @@ class Spool:
             def index(messages: list[Message], queue: Queue = queue) -> None:
                 with gc_paused():
                     for msg in messages:
-                        msg.intern(shared)
                         _sending_reads_as_send_now(msg)
                         entry = _Entry(msg, queue)
                         self._index_put(entry)
                         self._schedule(entry)
 
-            await self._disk.load(queue, on_batch=index)
+            # Records are interned in the reading thread (one batch at a time:
+            # ``shared`` is only ever used there), as soon as they are decoded.
+            await self._disk.load(queue, on_batch=index, prepare=lambda m: m.intern(shared))
         log.info(
             "spool opened",
             spool_dir=str(self._disk.dir),
