@@ -103,11 +103,18 @@ async def test_load_in_batches_handles_every_record_across_batch_boundaries(
         misplaced = make_message("Misplaced1", status=Frozen())
         (tmp_path / "active" / misplaced.id).write_bytes(encode_record(misplaced))
         batches: list[list[str]] = []
+        prepared: list[tuple[str, threading.Thread]] = []
 
         messages, unreadable = await od.load(
-            Queue.ACTIVE, batch_size=2, on_batch=lambda ms: batches.append([m.id for m in ms])
+            Queue.ACTIVE,
+            batch_size=2,
+            on_batch=lambda ms: batches.append([m.id for m in ms]),
+            prepare=lambda m: prepared.append((m.id, threading.current_thread())),
         )
         assert messages == []  # handed over batch by batch instead
+        # Each message read was prepared, in the reading thread, before it was handed over.
+        assert sorted(mid for mid, _ in prepared) == sorted([*(m.id for m in good), misplaced.id])
+        assert all(t is not threading.main_thread() for _, t in prepared)
         assert [mid for b in batches for mid in b] == sorted(m.id for m in good)
         assert len(batches) == 4  # seven records, two a batch
         assert all(len(b) <= 2 for b in batches)
