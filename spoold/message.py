@@ -14,7 +14,9 @@ version, a record whose id is not an id) raises
 file aside in ``quarantine``, never by deleting it.
 
 Messages are changed only through the spool, which writes every change to
-disk; the setters here change the in-memory record alone.
+disk; the setters here change the in-memory record alone. A record's lists
+may be shared with other records (:meth:`Message.intern`, in a large
+queue): a change assigns a new list, never changes one in place.
 """
 
 from __future__ import annotations
