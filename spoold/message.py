@@ -14,7 +14,9 @@ version, a record whose id is not an id) raises
 file aside in ``quarantine``, never by deleting it.
 
 Messages are changed only through the spool, which writes every change to
-disk; the setters here change the in-memory record alone.
+disk; the setters here change the in-memory record alone. A record's lists
+may be shared with other records (:meth:`Message.intern`, in a large
+queue): a change assigns a new list, never changes one in place.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import msgspec
 
@@ -60,6 +62,8 @@ __all__ = [
 ]
 
 RECORD_VERSION: Final = 2
+
+_V = TypeVar("_V")
 
 
 @contextmanager
@@ -194,6 +198,7 @@ class Message(
     kw_only=True,
     tag_field="version",
     tag=RECORD_VERSION,
+    gc=False,  # holds no container that could lead back to it: never in a cycle
 ):
     """The metadata record of one spooled message (schema version 2).
 
@@ -300,11 +305,37 @@ class Message(
         return clone
 
     def intern(self, shared: SharedParts) -> None:
-        """Share equal immutable parts (retry intervals, next hops) with
-        other records: saves memory in a large queue."""
-        intervals, hops = shared.intervals, shared.hops
-        self.retry_intervals = [intervals.setdefault(r, r) for r in self.retry_intervals]
-        self.next_hop_choices = [hops.setdefault(h, h) for h in self.next_hop_choices]
+        """Share equal parts with other records, or within this one, to save
+        memory in a large queue: empty lists, equal lists of retry
+        intervals and of next hops, senders (kept once in ``shared``), a
+        parent id equal to the id, and the envelope's recipients that are
+        still remaining (the very list, while none is done).
+
+        A shared list is never changed: every change to a record assigns a
+        new list (the setters here, and the spool, which changes a
+        :meth:`copy`), and :meth:`copy` gives lists of its own."""
+        if self.parent_id == self.id:
+            self.parent_id = self.id
+        empty = shared.empty
+        if not self.related_ids:
+            self.related_ids = empty
+        if not self.flows:
+            self.flows = empty
+        if not self.failed_recipients:
+            self.failed_recipients = empty
+        if not self.relay_attempts:
+            self.relay_attempts = empty
+        self.retry_intervals = shared.intervals.share(self.retry_intervals)
+        self.next_hop_choices = shared.hops.share(self.next_hop_choices)
+        env = self.envelope_info
+        sender = shared.senders.setdefault(env.sender, env.sender)
+        if sender is not env.sender or not env.mail_params:
+            env = msgspec.structs.replace(env, sender=sender, mail_params=env.mail_params or empty)
+            self.envelope_info = env
+        if env.recipients == self.remaining_recipients:  # none done yet: one list for both
+            self.envelope_info = msgspec.structs.replace(env, recipients=self.remaining_recipients)
+        elif self.remaining_recipients:
+            _share_items(env.recipients, {r: r for r in self.remaining_recipients})
 
     def __lt__(self, other: Message) -> bool:
         """Total order: by id, which is by time of spooling."""
@@ -315,8 +346,37 @@ class Message(
 class SharedParts:
     """Equal parts of many records, kept once (see :meth:`Message.intern`)."""
 
-    intervals: dict[RetryInterval, RetryInterval] = field(default_factory=dict)
-    hops: dict[str, str] = field(default_factory=dict)
+    intervals: _SharedLists[RetryInterval] = field(default_factory=lambda: _SharedLists())
+    hops: _SharedLists[str] = field(default_factory=lambda: _SharedLists())
+    senders: dict[str, str] = field(default_factory=dict)
+    empty: list[Any] = field(default_factory=list)  # never appended to
+
+
+class _SharedLists(Generic[_V]):
+    """Equal lists kept once. Most records of a queue have the same list
+    (the default retry intervals, the one smarthost): the last one kept is
+    compared first, which is cheaper than hashing."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[_V, ...], list[_V]] = {}
+        self._last: list[_V] | None = None
+
+    def share(self, items: list[_V]) -> list[_V]:
+        """The kept list equal to ``items`` (``items`` itself, now kept, if
+        it is the first of its kind)."""
+        if items == self._last and self._last is not None:
+            return self._last
+        self._last = one = self._kept.setdefault(tuple(items), items)
+        return one
+
+
+def _share_items(items: list[_V], kept: dict[_V, _V]) -> None:
+    """Replace each item of ``items`` (in place) by the equal one in ``kept``,
+    adding it there if it is new."""
+    for i, item in enumerate(items):
+        one = kept.setdefault(item, item)
+        if one is not item:
+            items[i] = one
 
 
 # ------------------------------------------------------- routed batches

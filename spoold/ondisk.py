@@ -19,6 +19,7 @@ spool's (:mod:`spoold.spool`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -26,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 
 from spoold.body import Body
-from spoold.errors import NotFoundError, RecordError
+from spoold.errors import NotFoundError, RecordError, StoreError
 from spoold.log import get_logger
 from spoold.message import (
     Message,
@@ -50,11 +52,19 @@ from spoold.store import (
     SyncMode,
 )
 
-__all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES"]
+__all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES", "LOAD_BATCH", "LOAD_READ_AHEAD"]
 
 QUEUES: tuple[str, ...] = tuple(q.value for q in Queue)
 
 log = get_logger("spoold.ondisk")
+
+# What the reading thread makes of one batch: the message of each record
+# that can be read and is in the queue of its status; each other record with
+# its message (misplaced) or why it cannot be read, for load() to handle.
+_Decoded = list[Message | tuple[StoredRecord, Message | RecordError]]
+
+LOAD_BATCH = 2048  # records read and decoded in one worker-thread hop by load()
+LOAD_READ_AHEAD = 2  # batches load() reads ahead of the one it is handing over
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,21 +237,94 @@ class OnDiskSpool:
             return exc
         return msg
 
-    async def load(self, queue: Queue) -> tuple[list[Message], list[Unreadable]]:
-        """Read every record of ``queue``.
+    async def load(
+        self,
+        queue: Queue,
+        *,
+        on_batch: Callable[[list[Message]], None] | None = None,
+        prepare: Callable[[Message], None] | None = None,
+        batch_size: int = LOAD_BATCH,
+    ) -> tuple[list[Message], list[Unreadable]]:
+        """Read every record of ``queue``, in name order.
 
         As owner: unreadable records are set aside in ``quarantine`` with
         their reason, and records whose status belongs elsewhere are moved
         there (and not returned). Without ownership nothing is changed and
         unreadable records are only reported.
+
+        Records are read and decoded in a worker thread, ``batch_size`` at a
+        time and up to :data:`LOAD_READ_AHEAD` batches ahead of the one the
+        event loop is handling, so memory holds a few batches of raw records
+        at most. With ``on_batch``, the messages of each batch are handed to
+        it as soon as they are read (and the list returned is empty): a
+        caller that keeps them (the spool's index) then builds its own
+        structures batch by batch, which keeps a large queue's memory
+        compact. ``prepare``, when given, is called on each message read, in
+        the reading thread, right after it is decoded (one batch at a time,
+        in order; e.g. :meth:`~spoold.message.Message.intern`): what it
+        makes and drops then never reaches the event loop, nor the cyclic
+        collector. A :class:`~spoold.errors.StoreError` (reading, or setting a
+        record aside) stops the load and is raised as it is.
         """
         messages: list[Message] = []
         unreadable: list[Unreadable] = []
-        records = await self.store.read_queue(queue.value)
-        with gc_paused():
-            decoded = [(rec, self._decode(rec)) for rec in records]
-        del records
-        for rec, result in decoded:
+        names = await self.store.list_queue(queue.value)
+        batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
+        failure: StoreError | None = None
+        send, receive = anyio.create_memory_object_stream[_Decoded | StoreError](LOAD_READ_AHEAD)
+        with receive:
+            async with anyio.create_task_group() as tg:
+                decode = functools.partial(_decode_batch, queue, prepare)
+                tg.start_soon(self._read_ahead, queue, batches, decode, send)
+                async for decoded in receive:
+                    try:
+                        if isinstance(decoded, StoreError):
+                            raise decoded
+                        good = await self._sort_batch(queue, decoded, unreadable)
+                    except StoreError as exc:
+                        failure = exc
+                        tg.cancel_scope.cancel()
+                        break
+                    if on_batch is None:
+                        messages += good
+                    else:
+                        on_batch(good)
+        if failure is not None:
+            raise failure
+        return messages, unreadable
+
+    async def _read_ahead(
+        self,
+        queue: Queue,
+        batches: list[list[tuple[str, bool]]],
+        decode: Callable[[list[StoredRecord]], _Decoded],
+        send: MemoryObjectSendStream[_Decoded | StoreError],
+    ) -> None:
+        """Read and decode ``batches`` in turn into ``send`` (a read that
+        fails is sent as its error, and ends the reading)."""
+        with send:
+            for names in batches:
+                try:
+                    decoded = await self.store.read_records(queue.value, names, decode)
+                except StoreError as exc:
+                    await send.send(exc)
+                    return
+                await send.send(decoded)
+
+    async def _sort_batch(
+        self,
+        queue: Queue,
+        decoded: _Decoded,
+        unreadable: list[Unreadable],
+    ) -> list[Message]:
+        """The readable messages of one batch that belong in ``queue``; the
+        others are set aside or moved (as owner) and reported."""
+        messages: list[Message] = []
+        for item in decoded:
+            if isinstance(item, Message):
+                messages.append(item)
+                continue
+            rec, result = item
             if isinstance(result, RecordError):
                 path = self.dir / queue.value / rec.name
                 reason = f"unreadable record: {result}"
@@ -266,7 +349,7 @@ class OnDiskSpool:
                 await self.save(result, from_queue=queue, checked_out=rec.checked_out)
                 continue
             messages.append(result)
-        return messages, unreadable
+        return messages
 
     async def read_message(self, queue: Queue, message_id: str) -> Message:
         """One record; raises NotFoundError or RecordError."""
@@ -329,6 +412,24 @@ class OnDiskSpool:
     async def set_aside_reason(self, queue: Queue, message_id: str) -> str | None:
         """Why a record was set aside in ``queue`` (None: no reason kept)."""
         return await self.store.set_aside_reason(queue.value, message_id)
+
+
+def _decode_batch(
+    queue: Queue, prepare: Callable[[Message], None] | None, records: list[StoredRecord]
+) -> _Decoded:
+    """Decode one batch of ``queue`` (in the worker thread that read it)."""
+    out: _Decoded = []
+    with gc_paused():
+        for rec in records:
+            try:
+                msg = decode_record(rec.data, expected_id=rec.name)
+            except RecordError as exc:
+                out.append((rec, exc))
+                continue
+            if prepare is not None:
+                prepare(msg)
+            out.append(msg if queue_of(msg.status) is queue else (rec, msg))
+    return out
 
 
 def _unreadable_records(records: list[StoredRecord]) -> list[tuple[StoredRecord, RecordError]]:

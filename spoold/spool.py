@@ -85,13 +85,13 @@ import random
 import socket
 from collections.abc import AsyncIterator, Callable, Container, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
+import msgspec
 
 from spoold.clock import Clock, SystemClock
 from spoold.dsn import build_dsn, dsn_body, header_section
@@ -206,8 +206,11 @@ _OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
 _OUTCOME_RETRY_MAX = 60.0
 
 
-@dataclass(slots=True, eq=False)
-class _Entry:
+class _Entry(msgspec.Struct, eq=False, gc=False):
+    """One message of the index. Not tracked by the cyclic collector (it
+    refers to no container that could lead back to it): a queue of a
+    million entries costs every collection nothing."""
+
     msg: Message  # status reads Sending() in memory while an attempt runs
     queue: Queue  # where the record is on disk now
     gen: int = 0
@@ -458,29 +461,42 @@ class Spool:
                 await ondisk.close()
 
     async def _load(self, returned_checkouts: Container[str] = ()) -> None:
-        """Index ``active`` and ``frozen``. ``returned_checkouts``: ids of
-        ``active`` the store found checked out (an attempt under way when
-        the last owner died): they are in doubt."""
+        """Index and schedule every record of ``active`` and ``frozen``, batch
+        by batch as they are read (so a large queue is built compactly: the
+        temporaries of one batch are reused by the next). ``returned_checkouts``:
+        ids of ``active`` the store found checked out (an attempt under way
+        when the last owner died): they, and records stored as ``sending``,
+        are in doubt, and are marked so once both queues are read."""
         shared = SharedParts()
+        doubtful: list[Message] = []
         for queue in _LOADED_QUEUES:
-            messages, _unreadable = await self._disk.load(queue)
-            for msg in messages:
-                msg.intern(shared)
-                where = queue
-                if queue is Queue.ACTIVE and (
-                    msg.id in returned_checkouts or isinstance(msg.status, Sending)
-                ):
-                    msg = await self._mark_in_doubt(msg)
-                    where = Queue.FROZEN if isinstance(msg.status, Frozen) else Queue.ACTIVE
-                _sending_reads_as_send_now(msg)
-                entry = _Entry(msg, where)
-                self._index_put(entry)
-                self._schedule(entry)
+
+            def index(messages: list[Message], queue: Queue = queue) -> None:
+                with gc_paused():
+                    for msg in messages:
+                        if queue is Queue.ACTIVE and (
+                            msg.id in returned_checkouts or isinstance(msg.status, Sending)
+                        ):
+                            doubtful.append(msg)
+                            continue
+                        entry = _Entry(msg, queue)
+                        self._index_put(entry)
+                        self._schedule(entry)
+
+            # Records are interned in the reading thread (one batch at a time:
+            # ``shared`` is only ever used there), as soon as they are decoded.
+            await self._disk.load(queue, on_batch=index, prepare=lambda m: m.intern(shared))
+        for msg in doubtful:
+            msg = await self._mark_in_doubt(msg)
+            where = Queue.FROZEN if isinstance(msg.status, Frozen) else Queue.ACTIVE
+            entry = _Entry(msg, where)
+            self._index_put(entry)
+            self._schedule(entry)
         log.info(
             "spool opened",
             spool_dir=str(self._disk.dir),
-            active=sum(1 for e in self._index.values() if e.queue is Queue.ACTIVE),
-            frozen=sum(1 for e in self._index.values() if e.queue is Queue.FROZEN),
+            active=self._queue_counts[Queue.ACTIVE],
+            frozen=self._queue_counts[Queue.FROZEN],
         )
 
     async def _mark_in_doubt(self, msg: Message) -> Message:
@@ -1641,6 +1657,17 @@ class Spool:
                 out.append(snap)
         out.sort(key=lambda m: m.id)
         return out
+
+    def status_ids(self, queue: Queue | None = None) -> list[str]:
+        """The ids :meth:`status` would list (only those in ``queue``, when
+        given: ``active`` or ``frozen``), sorted, without a snapshot of any
+        message: what ``spoold status --format id`` needs of a large queue."""
+        if queue is None:
+            ids = list(self._index)
+        else:
+            ids = [mid for mid, e in self._index.items() if e.msg.queue is queue]
+        ids.sort()
+        return ids
 
     def counts(self) -> dict[Queue, int]:
         """How many messages each queue held in memory has (``active`` and

@@ -1,7 +1,8 @@
 """When each message is due: the spool's timer heap.
 
-:class:`Timers` keeps ``(time, order, key, generation)`` entries in a heap.
-Every arming of a key gets a new generation, and the caller keeps the
+:class:`Timers` keeps ``(time, generation, key)`` entries in a heap.
+Every arming of a key gets a new generation (increasing: it also orders
+entries due at the same time), and the caller keeps the
 latest one with its message: an entry whose generation is not the latest
 is stale and is skipped when it comes up. So re-arming or cancelling a
 timer costs nothing at the time (no search in the heap), and a stale timer
@@ -20,8 +21,9 @@ __all__ = ["Timers"]
 
 class Timers:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, str, int]] = []
-        self._order = itertools.count()
+        # Three fields a timer, no more: a queue of a million messages keeps
+        # a million of these.
+        self._heap: list[tuple[float, int, str]] = []
         self._generations = itertools.count(1)  # unique across keys
 
     def __len__(self) -> int:
@@ -35,7 +37,7 @@ class Timers:
     def arm(self, key: str, when: float) -> int:
         """Arm ``key`` for ``when``; returns the generation to keep."""
         generation = next(self._generations)
-        heapq.heappush(self._heap, (when, next(self._order), key, generation))
+        heapq.heappush(self._heap, (when, generation, key))
         return generation
 
     def next_time(self) -> float | None:
@@ -50,5 +52,5 @@ class Timers:
         heap = self._heap
         if not heap or heap[0][0] > now:
             return None
-        _, _, key, generation = heapq.heappop(heap)
+        _, generation, key = heapq.heappop(heap)
         return key, generation

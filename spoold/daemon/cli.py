@@ -329,6 +329,20 @@ def status(
         )
         return views
 
+    async def ids() -> list[str]:
+        async def ids_from_disk() -> list[str]:
+            return [str(v["id"]) for v in await from_disk()]
+
+        found: list[str] = await _daemon_or_disk(
+            target, "status", {"queue": queue, "only_ids": True}, ids_from_disk
+        )
+        return found
+
+    if fmt == "id":  # the daemon sends the ids alone: no listing of a large queue
+        listed = _run(ids)
+        if listed:
+            click.echo("\n".join(listed))
+        return
     _print_status(_run(go), fmt, wide)
 
 

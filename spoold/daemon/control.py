@@ -15,7 +15,8 @@ line per event until the client hangs up.
 
 Operations mirror the Python API of :class:`~spoold.spool.Spool`:
 ``status`` (``queue``: all|active|frozen|quarantine; a quarantined record
-that cannot be read is listed with ``unreadable: true`` and its reason),
+that cannot be read is listed with ``unreadable: true`` and its reason;
+``only_ids: true`` answers the sorted ids alone, cheap for a large queue),
 ``count``, ``freeze``, ``send``
 (``ids`` or ``which``: all|frozen_only, ``retry_intervals``: spans),
 ``remove``, ``reroute`` (``ids`` or ``which``: all), ``recover`` (``from``:
@@ -347,6 +348,7 @@ class _NoParams(_Params):
 
 class _StatusParams(_Params):
     queue: Literal["all", "active", "frozen", "quarantine"] = "all"
+    only_ids: bool = False  # the ids alone, sorted (no listing object is built)
 
 
 class _IdsParams(_Params):
@@ -414,7 +416,10 @@ async def _status(server: ControlServer, p: _StatusParams) -> Any:
     if p.queue == "quarantine":
         readable, unreadable = await server.spool.quarantined()
         views = [message_view(m) for m in readable] + [unreadable_view(u) for u in unreadable]
-        return sorted(views, key=lambda v: str(v["id"]))
+        views.sort(key=lambda v: str(v["id"]))
+        return [v["id"] for v in views] if p.only_ids else views
+    if p.only_ids:
+        return server.spool.status_ids(None if p.queue == "all" else Queue(p.queue))
     return [
         message_view(m)
         for m in server.spool.status()
