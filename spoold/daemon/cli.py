@@ -423,6 +423,17 @@ def show(target: _Target, message_id: str, body: bool) -> None:
         sys.stdout.buffer.write(base64.b64decode(content))
 
 
+def retry_plan_attempt_lines(attempts: list[dict[str, Any]]) -> list[str]:
+    """The table of planned attempts: a header, then one line per attempt,
+    its columns as wide as the widest time so the header stays above them."""
+    width = max([len("EARLIEST"), *(len(str(a["earliest"])) for a in attempts)])
+    lines = [f"{'#':>3}  {'EARLIEST':<{width}}  LATEST"]
+    for a in attempts:
+        note = "  (only if not ended before)" if a["conditional"] else ""
+        lines.append(f"{a['number']:>3}  {a['earliest']:<{width}}  {a['latest']}{note}")
+    return lines
+
+
 @main.command("retry-plan")
 @click.argument("message_id")
 @click.option(
@@ -449,10 +460,8 @@ def retry_plan(target: _Target, message_id: str, fmt: str) -> None:
     click.echo(
         f"queue lifetime ends: {expiry}; on permanent failure: {plan['on_permanent_failure']}"
     )
-    click.echo(f"{'#':>3}  {'EARLIEST':<20}  {'LATEST':<20}")
-    for a in plan["attempts"]:
-        note = "  (only if not ended before)" if a["conditional"] else ""
-        click.echo(f"{a['number']:>3}  {a['earliest']:<20}  {a['latest']:<20}{note}")
+    for line in retry_plan_attempt_lines(plan["attempts"]):
+        click.echo(line)
     reasons = {"lifetime": "the queue lifetime ends", "intervals": "no retry interval left"}
     for end in plan["ends"]:
         when = end["earliest"]
@@ -738,7 +747,10 @@ def _valid_address(address: str, role: AddressRole, what: str = "") -> None:
     "--idempotency-key",
     "idempotency_key",
     metavar="KEY",
-    help="a retry with the same key queues nothing and prints the first one's ids",
+    help=(
+        "run again with the same KEY within spool.idempotency_window, nothing more "
+        "is queued (the first run's message stands; exit 0, no output either way)"
+    ),
 )
 @click.argument("recipients", nargs=-1)
 @click.pass_obj
