@@ -1,12 +1,22 @@
 """What the admin commands print for an operator: the retry plan's table
-keeps its header over its columns, and help texts promise only what the
-command does."""
+keeps its header over its columns, help texts promise only what the
+command does, and reading the spool directory (no daemon) answers as the
+daemon would: same exit code, same words."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
+import anyio
 from click.testing import CliRunner
 
 from spoold.daemon.cli import main, retry_plan_attempt_lines
+from spoold.testing import FakeClock
+from spoold.times import utcnow
+from tests.daemon_helpers import cli
+from tests.spool_helpers import batch, open_spool, relay_answering
+from tests.support import wait_until
 
 
 def test_the_retry_plan_header_sits_over_its_columns() -> None:
@@ -47,3 +57,20 @@ def test_sendmail_help_does_not_promise_output_for_a_repeated_key() -> None:
     assert "prints the first" not in text
     assert "nothing more is queued" in text
     assert "no output either way" in text
+
+
+async def test_show_from_disk_exits_as_the_daemon_does(tmp_path: Path) -> None:
+    async with open_spool(tmp_path, relay_answering({}), FakeClock(utcnow())) as spool:
+        (mid,) = await spool.add(batch("a@example.com"))
+        await wait_until(functools.partial(spool.find_outcome, mid), "delivery")
+    run = functools.partial(cli, "--spool-dir", str(tmp_path))
+
+    unknown = await anyio.to_thread.run_sync(run, "show", "8DsiUFeJ098b3CijH")
+    assert (unknown.code, unknown.out) == (1, "")  # 1: no such message (docs/cli.md)
+    assert unknown.err == "spoold: 8DsiUFeJ098b3CijH: no such message\n"
+
+    # A delivered message is shown from the journal; its body cannot be.
+    assert (await anyio.to_thread.run_sync(run, "show", mid)).code == 0
+    body = await anyio.to_thread.run_sync(run, "show", "--body", mid)
+    assert (body.code, body.out) == (1, "")
+    assert body.err == f"spoold: {mid}: delivered; its body is gone\n"

@@ -45,6 +45,7 @@ from spoold.errors import (
     ConfigError,
     ControlError,
     InvalidIdError,
+    NotFoundError,
     SpooldError,
 )
 from spoold.ids import validate_id
@@ -106,6 +107,8 @@ def _run(fn: Callable[[], Awaitable[_T]]) -> _T:
         _fail(str(exc), 1 if exc.kind in ("refused", "not_found") else 2)
     except InvalidIdError as exc:
         _fail(str(exc), 2)
+    except NotFoundError as exc:  # read from disk: the daemon's not_found is 1 too
+        _fail(str(exc), 1)
     except SpooldError as exc:
         _fail(str(exc), 2)
 
@@ -389,7 +392,6 @@ def show(target: _Target, message_id: str, body: bool) -> None:
     (mid,) = _valid_ids([message_id])
 
     async def from_disk() -> dict[str, Any]:
-        from spoold.errors import NotFoundError
         from spoold.history import read_history
         from spoold.ondisk import OnDiskSpool
 
@@ -399,8 +401,12 @@ def show(target: _Target, message_id: str, body: bool) -> None:
                 found = await ondisk.find(mid)
             except NotFoundError:
                 left = [o for o in await read_history(ondisk.dir) if o.id == mid]
-                if not left or body:
+                if not left:
                     raise
+                if body:  # as the daemon says it
+                    raise NotFoundError(
+                        f"{mid}: {left[-1].outcome.value}; its body is gone"
+                    ) from None
                 return departed_view(left[-1])
             view = describe_view(found)
             if body:
