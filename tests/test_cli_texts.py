@@ -74,3 +74,13 @@ async def test_show_from_disk_exits_as_the_daemon_does(tmp_path: Path) -> None:
     body = await anyio.to_thread.run_sync(run, "show", "--body", mid)
     assert (body.code, body.out) == (1, "")
     assert body.err == f"spoold: {mid}: delivered; its body is gone\n"
+
+
+def test_top_without_a_terminal_says_so() -> None:
+    # Checked before the daemon is asked: no daemon is needed to see it.
+    done = cli("--socket", "/nonexistent/ctl.sock", "top")
+    assert (done.code, done.out) == (2, "")
+    assert done.err == (
+        "spoold: top needs a terminal (standard output is not one); "
+        "for a script use status --format json, or count\n"
+    )

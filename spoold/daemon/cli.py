@@ -661,6 +661,12 @@ def top(target: _Target, interval: float) -> None:
     messages, latest events. q or Ctrl-C quits."""
     from spoold.daemon.top import run_top
 
+    if not sys.stdout.isatty():  # the view draws on a terminal's screen: elsewhere nothing shows
+        _fail(
+            "top needs a terminal (standard output is not one); "
+            "for a script use status --format json, or count",
+            2,
+        )
     client = target.client()
     _run(lambda: run_top(client, interval, where=str(client.path)))
 
