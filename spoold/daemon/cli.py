@@ -45,6 +45,7 @@ from spoold.errors import (
     ConfigError,
     ControlError,
     InvalidIdError,
+    NotFoundError,
     SpooldError,
 )
 from spoold.ids import validate_id
@@ -106,6 +107,8 @@ def _run(fn: Callable[[], Awaitable[_T]]) -> _T:
         _fail(str(exc), 1 if exc.kind in ("refused", "not_found") else 2)
     except InvalidIdError as exc:
         _fail(str(exc), 2)
+    except NotFoundError as exc:  # read from disk: the daemon's not_found is 1 too
+        _fail(str(exc), 1)
     except SpooldError as exc:
         _fail(str(exc), 2)
 
@@ -403,7 +406,6 @@ def show(target: _Target, message_id: str, body: bool) -> None:
     (mid,) = _valid_ids([message_id])
 
     async def from_disk() -> dict[str, Any]:
-        from spoold.errors import NotFoundError
         from spoold.history import read_history
         from spoold.ondisk import OnDiskSpool
 
@@ -413,8 +415,12 @@ def show(target: _Target, message_id: str, body: bool) -> None:
                 found = await ondisk.find(mid)
             except NotFoundError:
                 left = [o for o in await read_history(ondisk.dir) if o.id == mid]
-                if not left or body:
+                if not left:
                     raise
+                if body:  # as the daemon says it
+                    raise NotFoundError(
+                        f"{mid}: {left[-1].outcome.value}; its body is gone"
+                    ) from None
                 return departed_view(left[-1])
             view = describe_view(found)
             if body:
@@ -435,6 +441,17 @@ def show(target: _Target, message_id: str, body: bool) -> None:
         click.echo("")
         sys.stdout.flush()
         sys.stdout.buffer.write(base64.b64decode(content))
+
+
+def retry_plan_attempt_lines(attempts: list[dict[str, Any]]) -> list[str]:
+    """The table of planned attempts: a header, then one line per attempt,
+    its columns as wide as the widest time so the header stays above them."""
+    width = max([len("EARLIEST"), *(len(str(a["earliest"])) for a in attempts)])
+    lines = [f"{'#':>3}  {'EARLIEST':<{width}}  LATEST"]
+    for a in attempts:
+        note = "  (only if not ended before)" if a["conditional"] else ""
+        lines.append(f"{a['number']:>3}  {a['earliest']:<{width}}  {a['latest']}{note}")
+    return lines
 
 
 @main.command("retry-plan")
@@ -463,10 +480,8 @@ def retry_plan(target: _Target, message_id: str, fmt: str) -> None:
     click.echo(
         f"queue lifetime ends: {expiry}; on permanent failure: {plan['on_permanent_failure']}"
     )
-    click.echo(f"{'#':>3}  {'EARLIEST':<20}  {'LATEST':<20}")
-    for a in plan["attempts"]:
-        note = "  (only if not ended before)" if a["conditional"] else ""
-        click.echo(f"{a['number']:>3}  {a['earliest']:<20}  {a['latest']:<20}{note}")
+    for line in retry_plan_attempt_lines(plan["attempts"]):
+        click.echo(line)
     reasons = {"lifetime": "the queue lifetime ends", "intervals": "no retry interval left"}
     for end in plan["ends"]:
         when = end["earliest"]
@@ -660,6 +675,12 @@ def top(target: _Target, interval: float) -> None:
     messages, latest events. q or Ctrl-C quits."""
     from spoold.daemon.top import run_top
 
+    if not sys.stdout.isatty():  # the view draws on a terminal's screen: elsewhere nothing shows
+        _fail(
+            "top needs a terminal (standard output is not one); "
+            "for a script use status --format json, or count",
+            2,
+        )
     client = target.client()
     _run(lambda: run_top(client, interval, where=str(client.path)))
 
@@ -752,7 +773,10 @@ def _valid_address(address: str, role: AddressRole, what: str = "") -> None:
     "--idempotency-key",
     "idempotency_key",
     metavar="KEY",
-    help="a retry with the same key queues nothing and prints the first one's ids",
+    help=(
+        "run again with the same KEY within spool.idempotency_window, nothing more "
+        "is queued (the first run's message stands; exit 0, no output either way)"
+    ),
 )
 @click.argument("recipients", nargs=-1)
 @click.pass_obj
