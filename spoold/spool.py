@@ -619,7 +619,7 @@ class Spool:
                     current = self._index.get(waiting.msg.id)
                     if current is not waiting or waiting.gen != gen or waiting.busy:
                         gate.give_back(name)  # changed while it waited: not for us
-                    elif hold := gate.hops_hold(waiting.msg.next_hop_choices, now_ts):
+                    elif hold := gate.hops_hold(_held_hops(waiting), now_ts):
                         gate.give_back(name)  # its hops were backed off while it waited
                         self._hold(waiting, gen, hold)
                     else:
@@ -635,7 +635,7 @@ class Spool:
                 if entry is None or entry.gen != gen or entry.busy:
                     continue
                 destination = self._destination_of(entry.msg)
-                hold = gate.admit(destination, entry.msg.next_hop_choices, now_ts)
+                hold = gate.admit(destination, _held_hops(entry), now_ts)
                 if hold is not None:
                     self._hold(entry, gen, hold)
                     continue
@@ -1940,6 +1940,13 @@ def _retry_unreported(record: Message, notice: Notice) -> None:
         flows=record.flows,
         recipients=unreported,
     )
+
+
+def _held_hops(entry: _Entry) -> Sequence[str]:
+    """The next hops whose backoff may hold ``entry`` back: none for a
+    message an operator asked to send (``spoold send`` tries it now; its
+    route's connection and rate limits still apply)."""
+    return () if entry.kicked else entry.msg.next_hop_choices
 
 
 def _sending_reads_as_send_now(msg: Message) -> None:

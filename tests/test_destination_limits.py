@@ -255,3 +255,36 @@ async def test_the_daemon_applies_a_new_max_connections_at_a_reload(
     hold_data.set()
     await wait_until(lambda: server.transactions == 3, "all three delivered")
     assert server.max_open_connections == 3
+
+
+async def test_an_operators_send_is_not_held_by_a_hops_backoff(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    throttling = await start_smtp_server()
+    throttling.behaviour.mail = Reply("421 4.7.0 slow down")
+    free = await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "throttled": {"domains": ["throttled.example"], "next_hops": [throttling.hop]},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, stream):
+        first = await add(spool, router, "a@throttled.example")
+        [e async for e in _until_kind(stream, EventKind.THROTTLED)]
+        await wait_until(lambda: spool.running_sends == 0, "the attempt to end")
+        held = await add(spool, router, "b@throttled.example")
+        await delivered_through(spool, router, free)  # the scheduler has seen b
+        assert throttling.count("MAIL") == 1  # b is held by the backoff, untried
+        assert [m.relay_attempts for m in spool.status() if m.id == held] == [[]]
+
+        # The hop answers again; an operator's kick sends b now, the clock
+        # standing still inside the backoff window.
+        throttling.behaviour.mail = None
+        await spool.send([held])
+        await wait_until(lambda: throttling.transactions == 1, "the kicked message")
+        assert throttling.messages[0].rcpt_tos == ("b@throttled.example",)
+        assert clock.now() == START
+        assert first in {m.id for m in spool.status()}  # not kicked: still waiting
