@@ -47,6 +47,7 @@ from spoold.errors import (
     StoreError,
     WaitTimeoutError,
 )
+from spoold.idempotency import validate_key
 from spoold.ids import validate_id
 from spoold.message import EnvelopeInfo
 from spoold.times import parse_span
@@ -225,10 +226,16 @@ class Client:
         sender: str,
         recipients: Sequence[str],
         message: bytes | email.message.Message,
+        *,
+        idempotency_key: str | None = None,
     ) -> list[str]:
         """Spool one message (``sender`` ``""`` is the null sender); return
         the ids of the messages spooled (one per route), once they are on
-        disk. The content may use LF or CRLF line endings."""
+        disk. The content may use LF or CRLF line endings.
+
+        ``idempotency_key``: a submission repeated with the same key (a retry
+        after a lost reply) within the daemon's ``spool.idempotency_window``
+        queues nothing and returns the first one's ids."""
         if isinstance(recipients, str):
             raise TypeError("recipients is a list of addresses, not one string")
         validate_address(sender, role="sender", smtputf8=True)
@@ -241,6 +248,8 @@ class Client:
             "recipients": list(recipients),
             "content_length": len(content),
         }
+        if idempotency_key is not None:
+            request["idempotency_key"] = validate_key(idempotency_key)
         ids = self._exchange(request, content, timeout=self.timeout)
         return [str(i) for i in ids]
 

@@ -22,6 +22,7 @@ from spoold import Client
 from spoold.errors import (
     AddressError,
     ControlError,
+    IdempotencyKeyError,
     InvalidIdError,
     NotFoundError,
     OperationRefusedError,
@@ -86,6 +87,26 @@ async def test_submit_then_wait_for_delivery(
         "removed": 0,
         "quarantine": 0,
     }
+
+
+async def test_a_submission_repeated_with_its_key_queues_once(
+    tmp_path: Path, start_daemon: DaemonFactory, smtp_server: SmtpTestServer
+) -> None:
+    client = await daemon_client(tmp_path, start_daemon, smtp_server)
+
+    def submit() -> list[str]:
+        return client.submit(
+            "app@example.org", ["ops@example.com"], letter("once"), idempotency_key="order-17"
+        )
+
+    first = await call(submit)
+    assert await call(submit) == first  # a retry after a lost reply
+    outcome = await call(lambda: client.wait(first[0], timeout=WAIT_TIMEOUT))
+    assert outcome.kind is OutcomeKind.DELIVERED
+    assert await call(submit) == first  # and after delivery, within the window
+    assert len(smtp_server.messages) == 1
+    with pytest.raises(IdempotencyKeyError):
+        client.submit("app@example.org", ["ops@example.com"], b"x", idempotency_key="")
 
 
 async def test_freeze_wait_send_and_remove(
