@@ -1,0 +1,128 @@
+"""Hostile input to the features of issues 13 and 14: a next hop whose
+replies try to inject fields into a bounce, a client whose headers would make
+a malformed one, and SMTP clients whose Message-ID deduplication must not
+drop mail that is not a retry. Everything runs on 127.0.0.1, bounded in time."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from spoold.body import Body
+from spoold.connection_cache import RouteSettings
+from spoold.dsn import MAX_ORIGINAL_HEADERS, build_dsn, dsn_body, header_section
+from spoold.message import Message, RoutedBatch, RoutedEnvelope
+from spoold.outcome import DeliveryPolicy, Notice, NoticeKind, OnPermanentFailure, RecipientNotice
+from spoold.relay import RecipientResult
+from spoold.smtp_relay import SmtpRelay
+from spoold.testing import FakeClock
+from tests.factories import make_message
+from tests.smtp_server import Reply, SmtpTestServer
+from tests.spool_helpers import SENDER, START, intervals, open_spool, places
+from tests.support import wait_until
+
+RCPT = "rcpt@example.com"
+
+
+def report_of(content: bytes) -> EmailMessage:
+    report = email.message_from_bytes(content, policy=email.policy.default)
+    assert isinstance(report, EmailMessage)
+    return report
+
+
+async def test_a_multiline_refusal_that_looks_like_headers_still_bounces(
+    tmp_path: Path, smtp_server: SmtpTestServer
+) -> None:
+    """A next hop answers RCPT with a multi-line 550 whose second line reads
+    like a header field: the bounce is still built and sent, the injected
+    line stays inside Diagnostic-Code, and the spool keeps working."""
+    smtp_server.behaviour.rcpt[RCPT] = Reply(
+        "550-5.1.1 no such user\r\n550 Bcc: victim@example.net"
+    )
+    relay = SmtpRelay(RouteSettings(tls="none", connect_timeout=5.0, command_timeout=5.0))
+    submission = RoutedBatch(
+        [RoutedEnvelope(SENDER, [RCPT], [smtp_server.hop], intervals(1))],
+        Body.from_content(b"Subject: s\r\n\r\nbody\r\n"),
+    )
+    policy = DeliveryPolicy(on_permanent_failure=OnPermanentFailure.BOUNCE)
+    try:
+        with anyio.fail_after(30):
+            async with open_spool(
+                tmp_path, relay, FakeClock(START), delivery_policy=policy, reporting_mta="mta.test"
+            ) as spool:
+                (mid,) = await spool.add(submission)
+                await wait_until(lambda: smtp_server.transactions == 1, "the DSN to arrive")
+                await wait_until(lambda: spool.status() == [], "the DSN to be delivered")
+    finally:
+        await relay.close_and_flush()
+
+    assert places(tmp_path, mid) == ["removed"]
+    (received,) = smtp_server.messages
+    assert received.rcpt_tos == (SENDER,)
+    report = report_of(received.content)
+    _human, status, _headers = report.iter_parts()
+    _per_message, block = status.get_payload()
+    assert "Bcc" not in block
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user Bcc: victim@example.net"
+
+
+# --------------------------------------------------------- reports, pure
+
+
+def _original(envelope_id: str = "") -> Message:
+    msg = make_message("8DsiUFeJ098b3CijH", recipients=[RCPT], spool_date=START)
+    msg.envelope_info = msgspec.structs.replace(
+        msg.envelope_info, sender=SENDER, envelope_id=envelope_id
+    )
+    return msg
+
+
+def _report(headers: bytes, notice: Notice, envelope_id: str = "") -> bytes:
+    dsn = build_dsn(
+        _original(envelope_id),
+        notice,
+        original_headers=headers,
+        reporting_mta="mta.test",
+        now=START,
+    )
+    return dsn_body(dsn).content()
+
+
+def _refused(reason: str = "refused", text: str = "no such user") -> Notice:
+    reply = RecipientResult(550, text, "5.1.1")
+    return Notice(NoticeKind.FAILED, (RecipientNotice(RCPT, "5.1.1", reason, reply, "mx:25"),))
+
+
+def test_an_envelope_id_with_line_breaks_adds_no_field() -> None:
+    wire = _report(b"Subject: s\r\n\r\n", _refused(), "env\r\nX-Injected: 1")
+    report = report_of(wire)
+    _human, status, _headers = report.iter_parts()
+    per_message, _block = status.get_payload()
+    assert per_message["Original-Envelope-Id"] == "env X-Injected: 1"
+    assert b"\r\nX-Injected" not in wire
+
+
+def test_overlong_lines_from_the_original_or_the_hop_are_encoded() -> None:
+    """A 5,000-character header line and reply stay whole in the report,
+    yet no line of the report is longer than RFC 5322 allows."""
+    subject = "Subject: " + "x" * 5000
+    wire = _report(f"{subject}\r\n\r\n".encode(), _refused("y" * 3000))
+    assert max(len(line) for line in wire.split(b"\r\n")) <= 998
+    human, _status, headers = report_of(wire).iter_parts()
+    assert subject in headers.get_content()
+    assert "y" * 3000 in human.get_content()
+
+
+def test_a_huge_header_section_is_cut_at_a_line_end() -> None:
+    line = b"X-Filler: " + b"z" * 90 + b"\r\n"
+    headers = b"Subject: big\r\n" + line * 10_000  # ~1 MB, no body
+    wire = _report(header_section(headers), _refused())
+    assert len(wire) < 2 * MAX_ORIGINAL_HEADERS
+    sent_back = list(report_of(wire).iter_parts())[2].get_content()
+    assert sent_back.startswith("Subject: big\r\n")
+    assert sent_back.endswith("z" * 90 + "\r\n")  # whole lines only
