@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import functools
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import msgspec
 
 from spoold.body import Body
 from spoold.connection_cache import RouteSettings
+from spoold.daemon.ingest import message_id_key
 from spoold.dsn import MAX_ORIGINAL_HEADERS, build_dsn, dsn_body, header_section
 from spoold.message import Message, RoutedBatch, RoutedEnvelope
 from spoold.outcome import DeliveryPolicy, Notice, NoticeKind, OnPermanentFailure, RecipientNotice
@@ -22,9 +24,11 @@ from spoold.relay import RecipientResult
 from spoold.smtp_relay import SmtpRelay
 from spoold.testing import FakeClock
 from tests.factories import make_message
+from tests.ingest_helpers import queued_ids, raw_smtp
 from tests.smtp_server import Reply, SmtpTestServer
 from tests.spool_helpers import SENDER, START, intervals, open_spool, places
-from tests.support import wait_until
+from tests.support import free_port, wait_until
+from tests.test_idempotency import listening
 
 RCPT = "rcpt@example.com"
 
@@ -126,3 +130,57 @@ def test_a_huge_header_section_is_cut_at_a_line_end() -> None:
     sent_back = list(report_of(wire).iter_parts())[2].get_content()
     assert sent_back.startswith("Subject: big\r\n")
     assert sent_back.endswith("z" * 90 + "\r\n")  # whole lines only
+
+
+# ------------------------------------------- SMTP deduplicate = "message-id"
+
+SPLIT = b"Message-ID: <split-1@client.example>\r\nSubject: to many\r\n\r\nbody\r\n.\r\n"
+
+
+async def test_one_message_split_over_two_transactions_is_queued_for_both(
+    tmp_path: Path,
+) -> None:
+    """A sending MTA splits one message's recipients over two transactions
+    (Postfix does past its recipient limit): same sender, same Message-ID,
+    other recipients. That is not a retry: both are queued."""
+    port = free_port()
+    with anyio.fail_after(60):
+        async with listening(tmp_path, port, "message-id") as spool, raw_smtp(port) as c:
+            code, first = await c.transaction(SENDER, ["a@example.com"], SPLIT)
+            assert code == 250, first
+            code, second = await c.transaction(SENDER, ["b@example.com"], SPLIT)
+            assert code == 250, second
+            code, again = await c.transaction(SENDER, ["b@example.com"], SPLIT)
+            assert code == 250, again  # a true retry of the second is still one
+            await c.quit()
+            queued = {m.id: m.remaining_recipients for m in spool.status()}
+    assert queued_ids(first) != queued_ids(second) == queued_ids(again)
+    assert sorted(queued.values()) == [["a@example.com"], ["b@example.com"]]
+
+
+async def test_a_long_sender_and_message_id_are_accepted_once(tmp_path: Path) -> None:
+    """A 198-character sender and a 950-character Message-ID (both legal)
+    make a key longer than a client key may be: the message is still taken
+    (not 451 for ever), and a retry is still recognised."""
+    sender = "s" * 64 + "@" + "d" * 60 + "." + "e" * 60 + ".example.org"
+    message_id = b"<" + b"m" * 940 + b"@client.example>"
+    data = b"Message-ID: " + message_id + b"\r\nSubject: long\r\n\r\nbody\r\n.\r\n"
+    port = free_port()
+    with anyio.fail_after(60):
+        async with listening(tmp_path, port, "message-id") as spool, raw_smtp(port) as c:
+            code, first = await c.transaction(sender, [RCPT], data)
+            assert code == 250, first
+            code, again = await c.transaction(sender, [RCPT], data)
+            assert code == 250, again
+            await c.quit()
+            assert len(spool.status()) == 1
+    assert queued_ids(first) == queued_ids(again)
+
+
+def test_the_smtp_key_differs_by_recipients_not_their_order() -> None:
+    key = functools.partial(message_id_key, SENDER, SPLIT)
+    assert key(["a@x.example", "b@x.example"]) == key(["b@x.example", "a@x.example"])
+    assert key(["a@x.example"]) != key(["b@x.example"])
+    long_id = b"Message-ID: <" + b"a" * 900 + b"x>\r\n\r\n"
+    other = b"Message-ID: <" + b"a" * 900 + b"y>\r\n\r\n"
+    assert message_id_key(SENDER, long_id, [RCPT]) != message_id_key(SENDER, other, [RCPT])
