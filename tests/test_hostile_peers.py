@@ -26,7 +26,16 @@ from spoold.testing import FakeClock
 from tests.factories import make_message
 from tests.ingest_helpers import queued_ids, raw_smtp
 from tests.smtp_server import Reply, SmtpTestServer
-from tests.spool_helpers import SENDER, START, intervals, open_spool, places
+from tests.spool_helpers import (
+    SENDER,
+    START,
+    TRY_LATER,
+    batch,
+    intervals,
+    open_spool,
+    places,
+    relay_answering,
+)
 from tests.support import free_port, wait_until
 from tests.test_idempotency import listening
 
@@ -184,3 +193,28 @@ def test_the_smtp_key_differs_by_recipients_not_their_order() -> None:
     long_id = b"Message-ID: <" + b"a" * 900 + b"x>\r\n\r\n"
     other = b"Message-ID: <" + b"a" * 900 + b"y>\r\n\r\n"
     assert message_id_key(SENDER, long_id, [RCPT]) != message_id_key(SENDER, other, [RCPT])
+
+
+# ------------------------------------------------- idempotency keys, at once
+
+
+async def test_more_submissions_of_one_key_at_once_than_worker_threads_queue_once(
+    tmp_path: Path,
+) -> None:
+    """60 submissions of the same key at once (more than anyio's 40 default
+    worker threads, and fewer than the control socket's 64 clients): none
+    may wait for the key's lock in a thread the holder needs to record its
+    ids, so all end, with one message."""
+    clock = FakeClock(START)
+    answers: list[list[str]] = []
+    async with open_spool(tmp_path, relay_answering({RCPT: TRY_LATER}), clock) as spool:
+
+        async def submit() -> None:
+            answers.append(await spool.add(batch(RCPT), idempotency_key="same key"))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(60):
+                    tg.start_soon(submit)
+        assert len(spool.status()) == 1
+    assert len(answers) == 60 and all(a == answers[0] for a in answers)
