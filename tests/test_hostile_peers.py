@@ -13,11 +13,14 @@ from pathlib import Path
 
 import anyio
 import msgspec
+import pytest
 
+from spoold import history
 from spoold.body import Body
 from spoold.connection_cache import RouteSettings
 from spoold.daemon.ingest import message_id_key
 from spoold.dsn import MAX_ORIGINAL_HEADERS, build_dsn, dsn_body, header_section
+from spoold.errors import OperationRefusedError
 from spoold.message import Message, RoutedBatch, RoutedEnvelope
 from spoold.outcome import DeliveryPolicy, Notice, NoticeKind, OnPermanentFailure, RecipientNotice
 from spoold.relay import RecipientResult
@@ -218,3 +221,26 @@ async def test_more_submissions_of_one_key_at_once_than_worker_threads_queue_onc
                     tg.start_soon(submit)
         assert len(spool.status()) == 1
     assert len(answers) == 60 and all(a == answers[0] for a in answers)
+
+
+# ------------------------------------------------------------ history query
+
+
+async def test_a_history_query_past_its_limit_is_refused_not_held_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client asking for the whole journal of a busy spool (no since) is
+    refused once more than MAX_QUERY_RESULTS outcomes match; a narrower
+    query still answers, and reading the directory itself has no limit."""
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        (mid,) = await spool.add(batch("a@example.com"))
+        await wait_until(functools.partial(spool.find_outcome, mid), "delivery")
+    (day_file,) = (tmp_path / "history").iterdir()
+    day_file.write_bytes(day_file.read_bytes() * 12)
+    monkeypatch.setattr(history, "MAX_QUERY_RESULTS", 10)
+    async with open_spool(tmp_path, relay_answering({}), clock) as spool:
+        with pytest.raises(OperationRefusedError, match="more than 10 outcomes"):
+            await spool.history()
+        assert await spool.history(recipient="b@example.com") == []
+    assert len(await history.read_history(tmp_path)) == 12

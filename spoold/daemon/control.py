@@ -23,7 +23,8 @@ removed|quarantine), ``show`` (``id``,
 ``body``; a message that left the queue is shown from the history journal:
 ``queue`` null, ``status`` its final outcome, and ``outcome``), ``history``
 (``since``: a span back from now, ``recipient``: an address; a list of
-outcomes, oldest first), ``retry_plan`` (``id``: the message's future
+outcomes, oldest first; ``refused`` past
+:data:`~spoold.history.MAX_QUERY_RESULTS` of them), ``retry_plan`` (``id``: the message's future
 attempts, see :func:`retry_plan_view`), ``events``, ``reload``, ``check``,
 ``info`` (pid, config and live limits), ``submit`` (a message for ``spoold
 sendmail``; optional ``idempotency_key``: a retry with the same key gets the
