@@ -8,6 +8,7 @@ from __future__ import annotations
 import email
 import email.policy
 import functools
+import json
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from tests.spool_helpers import (
     relay_answering,
 )
 from tests.support import free_port, wait_until
+from tests.test_control_limits import connect, one_reply, ping, read_all, serving
 from tests.test_idempotency import listening
 
 RCPT = "rcpt@example.com"
@@ -244,3 +246,30 @@ async def test_a_history_query_past_its_limit_is_refused_not_held_in_memory(
             await spool.history()
         assert await spool.history(recipient="b@example.com") == []
     assert len(await history.read_history(tmp_path)) == 12
+
+
+# ------------------------------------------------- control: clients that stay
+
+
+async def test_clients_that_wait_for_ever_leave_places_for_the_operator(
+    tmp_path: Path,
+) -> None:
+    """With 8 places, 6 clients may wait (or stream events) at once; the
+    7th waiter is told busy at once, and a ping still gets through."""
+    with anyio.fail_after(60):
+        async with serving(tmp_path, max_clients=8) as (server, path):
+            (mid,) = await server.spool.add(batch(RCPT))  # held: its relay never answers
+            wait = json.dumps({"v": 1, "op": "wait", "id": mid, "timeout": None}).encode()
+            waiters = [connect(path) for _ in range(6)]
+            for s in waiters:
+                s.sendall(wait + b"\n")
+            await wait_until(lambda: server.staying == 6, "six waiters")
+            extra = connect(path)
+            extra.sendall(wait + b"\n")
+            reply = one_reply(await anyio.to_thread.run_sync(read_all, extra))
+            assert reply["kind"] == "busy", reply
+            assert "waiting or streaming events" in reply["error"]
+            assert await ping(path) == "pong"
+            for s in waiters:
+                s.close()
+            await wait_until(lambda: server.staying == 0, "the waits to end")
