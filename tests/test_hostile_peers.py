@@ -22,6 +22,7 @@ from spoold.connection_cache import RouteSettings
 from spoold.daemon.ingest import message_id_key
 from spoold.dsn import MAX_ORIGINAL_HEADERS, build_dsn, dsn_body, header_section
 from spoold.errors import OperationRefusedError
+from spoold.limits import BACKOFF_FIRST, BACKOFF_MAX, DestinationGate
 from spoold.message import Message, RoutedBatch, RoutedEnvelope
 from spoold.outcome import DeliveryPolicy, Notice, NoticeKind, OnPermanentFailure, RecipientNotice
 from spoold.relay import RecipientResult
@@ -273,3 +274,21 @@ async def test_clients_that_wait_for_ever_leave_places_for_the_operator(
             for s in waiters:
                 s.close()
             await wait_until(lambda: server.staying == 0, "the waits to end")
+
+
+# ------------------------------------------------------------- hop backoff
+
+
+def test_backoffs_of_hops_never_tried_again_are_forgotten() -> None:
+    """10,000 hops (a hostile domain each) throttle us once and are never
+    tried again: an hour after their windows ended, the gate keeps none of
+    them; a hop still backed off is kept, and one throttling again within
+    the hour still doubles its window."""
+    gate: DestinationGate[str] = DestinationGate()
+    for n in range(10_000):
+        gate.throttled(f"[2001:db8::{n:x}]:25", 0.0, "421 4.7.0 go away")
+    first = BACKOFF_FIRST.total_seconds()
+    later = first + BACKOFF_MAX.total_seconds()
+    assert gate.throttled("[2001:db8::1]:25", later - 1, "421").window == 2 * first
+    gate.throttled("mx.example.com:25", later, "421")
+    assert set(gate._backoffs) == {"[2001:db8::1]:25", "mx.example.com:25"}
