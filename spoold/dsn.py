@@ -21,12 +21,20 @@ with three parts:
 
 This module is pure: no I/O, no clock (times are given). Header text that is
 not ASCII (an SMTPUTF8 message) is carried in a UTF-8 part with a transfer
-encoding, so the notification itself is 7-bit.
+encoding, so the notification itself is 7-bit; so is text with a line longer
+than RFC 5322 allows (998 characters), so that every line of the report fits.
+
+What others wrote (a next hop's reply, the original's headers) never adds a
+field or a part: in a field value every line break becomes a space and every
+other control character a ``?`` (a multi-line reply from a hostile hop cannot
+inject ``Bcc:`` into the report, nor make it unbuildable); the original's
+header section is cut, at a line end, to :data:`MAX_ORIGINAL_HEADERS` bytes.
 """
 
 from __future__ import annotations
 
 import email.policy
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from email.message import EmailMessage
@@ -40,9 +48,15 @@ from spoold.body import Body
 from spoold.message import Message
 from spoold.outcome import Notice, NoticeKind, RecipientNotice
 
-__all__ = ["build_dsn", "dsn_body", "header_section", "MAILER_DAEMON"]
+__all__ = ["build_dsn", "dsn_body", "header_section", "MAILER_DAEMON", "MAX_ORIGINAL_HEADERS"]
 
 MAILER_DAEMON = "MAILER-DAEMON"
+MAX_ORIGINAL_HEADERS = 64 * 1024
+"""At most this many bytes of the original's header section are sent back."""
+
+_MAX_LINE = 998  # RFC 5322 2.1.1, without the CRLF
+_LINE_BREAKS = re.compile(r"[ \t]*[\r\n]+[ \t]*")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 _SUBJECT = {
     NoticeKind.FAILED: "Undelivered mail returned to sender",
@@ -97,7 +111,7 @@ def dsn_body(dsn: EmailMessage) -> Body:
 
 
 def _text_part(text: str) -> MIMEText:
-    return MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8")
+    return MIMEText(text, "plain", _charset_for(text))
 
 
 def _human_text(
@@ -126,8 +140,21 @@ def _human_text(
 def _fields(pairs: Sequence[tuple[str, str]]) -> EmailPart:
     block = EmailPart()
     for name, value in pairs:
-        block[name] = value
+        block[name] = _one_line(value)
     return block
+
+
+def _one_line(value: str) -> str:
+    """``value`` fit for one header field: line breaks (and the blanks
+    around them) become one space, other control characters ``?``."""
+    return _CONTROL.sub("?", _LINE_BREAKS.sub(" ", value))
+
+
+def _charset_for(text: str) -> str:
+    """``us-ascii`` (sent as it is) when every line of ``text`` can go
+    as it is, else ``utf-8`` (sent with a transfer encoding)."""
+    fits = text.isascii() and all(len(line) <= _MAX_LINE for line in text.splitlines())
+    return "us-ascii" if fits else "utf-8"
 
 
 def _status_part(
@@ -176,5 +203,8 @@ def _host_of(hop: str) -> str:
 
 
 def _headers_part(headers: bytes) -> MIMEText:
+    if len(headers) > MAX_ORIGINAL_HEADERS:
+        cut = headers.rfind(b"\r\n", 0, MAX_ORIGINAL_HEADERS - 1)
+        headers = headers[: cut + 2] if cut >= 0 else headers[:MAX_ORIGINAL_HEADERS]
     text = headers.decode("utf-8", errors="replace")
-    return MIMEText(text, "rfc822-headers", "us-ascii" if text.isascii() else "utf-8")
+    return MIMEText(text, "rfc822-headers", _charset_for(text))

@@ -30,13 +30,19 @@ Contract:
 * All file I/O runs in worker threads; errors writing are logged and the
   lines dropped (a full disk must not stop delivery), errors reading raise
   :class:`~spoold.errors.StoreError`.
+* :meth:`History.query` (what ``Spool.history`` and the control ``history``
+  answer with) returns at most :data:`MAX_QUERY_RESULTS` outcomes: past
+  that it stops reading and raises
+  :class:`~spoold.errors.OperationRefusedError` (narrow it with ``since`` or
+  ``recipient``), so one request cannot hold a busy spool's whole journal
+  in the daemon's memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -45,7 +51,7 @@ import anyio
 import msgspec
 import structlog
 
-from spoold.errors import StoreError
+from spoold.errors import OperationRefusedError, StoreError
 from spoold.message import Message
 
 __all__ = [
@@ -58,10 +64,13 @@ __all__ = [
     "History",
     "outcome_of",
     "read_history",
+    "MAX_QUERY_RESULTS",
 ]
 
 HISTORY_DIR = "history"
 DEFAULT_HISTORY_RETENTION = timedelta(days=7)
+MAX_QUERY_RESULTS = 100_000
+"""The most outcomes one :meth:`History.query` answers with."""
 _SUFFIX = ".jsonl"
 
 log = structlog.get_logger("spoold.history")
@@ -184,10 +193,14 @@ def _read_sync(
     until: datetime | None,
     needle: bytes | None,
     fold: bool = False,
+    keep: Callable[[Outcome], bool] | None = None,
+    limit: int | None = None,
 ) -> list[Outcome]:
     """Lines of the day files that may hold times in [since, until], oldest
     first; ``needle``: only lines containing these bytes are decoded
-    (``fold``: compared in lower case; ``needle`` given in lower case)."""
+    (``fold``: compared in lower case; ``needle`` given in lower case);
+    ``keep``: only the outcomes it accepts. More than ``limit`` of them
+    raise :class:`OperationRefusedError`."""
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
@@ -216,7 +229,11 @@ def _read_sync(
                         continue
                     if until is not None and item.time > until:
                         continue
+                    if keep is not None and not keep(item):
+                        continue
                     out.append(item)
+                    if limit is not None and len(out) > limit:
+                        raise _too_many(limit)
         except FileNotFoundError:
             continue  # pruned meanwhile
         except OSError as exc:
@@ -237,20 +254,33 @@ def _matches(
     return True
 
 
+def _too_many(limit: int) -> OperationRefusedError:
+    return OperationRefusedError(
+        f"history: more than {limit} outcomes match; ask for fewer (a shorter since, a recipient)"
+    )
+
+
 async def read_history(
     spool_dir: str | os.PathLike[str],
     *,
     since: datetime | None = None,
     until: datetime | None = None,
     recipient: str | None = None,
+    limit: int | None = None,
 ) -> list[Outcome]:
     """The journal of a spool directory read straight from disk (with or
     without a daemon running; lines it has not written yet are missing),
-    oldest first."""
+    oldest first; more than ``limit`` outcomes raise
+    :class:`~spoold.errors.OperationRefusedError`."""
     directory = Path(spool_dir) / HISTORY_DIR
     needle = recipient.lower().encode() if recipient and recipient.isascii() else None
-    found = await anyio.to_thread.run_sync(_read_sync, directory, since, until, needle, True)
-    return [o for o in found if _matches(o, since, until, recipient)]
+
+    def keep(o: Outcome) -> bool:
+        return _matches(o, since, until, recipient)
+
+    return await anyio.to_thread.run_sync(
+        _read_sync, directory, since, until, needle, True, keep, limit
+    )
 
 
 class History:
@@ -324,9 +354,19 @@ class History:
         recipient: str | None = None,
     ) -> list[Outcome]:
         """Outcomes with ``since <= time <= until`` (either may be None),
-        for ``recipient`` if given (compared without case), oldest first."""
-        found = await read_history(self.dir.parent, since=since, until=until, recipient=recipient)
+        for ``recipient`` if given (compared without case), oldest first; at
+        most :data:`MAX_QUERY_RESULTS` (more raise
+        :class:`~spoold.errors.OperationRefusedError`)."""
+        found = await read_history(
+            self.dir.parent,
+            since=since,
+            until=until,
+            recipient=recipient,
+            limit=MAX_QUERY_RESULTS,
+        )
         found += [o for o in self._unwritten() if _matches(o, since, until, recipient)]
+        if len(found) > MAX_QUERY_RESULTS:
+            raise _too_many(MAX_QUERY_RESULTS)
         found.sort(key=lambda o: o.time)
         return found
 

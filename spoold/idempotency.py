@@ -13,6 +13,11 @@ for the whole check-add-record sequence, so two processes (the daemon and
 its ingest workers) or two tasks submitting the same key at once are
 serialised, and the second finds the first's ids. A process that dies
 holding the lock releases it with its descriptors; nothing stale is left.
+Within one process, submitters of the same key first queue on an
+in-memory lock, so at most one worker thread per key ever waits in
+``flock``: many submissions of one key at once (a client retrying hard)
+cannot take every worker thread while the holder needs one to record its
+ids.
 
 Order of a keyed submission (:meth:`KeyFiles.claim`):
 
@@ -169,17 +174,35 @@ class KeyFiles:
 
     def __init__(self, spool_dir: Path) -> None:
         self.dir = spool_dir / IDEMPOTENCY_DIR
+        # key -> (its in-process lock, how many tasks hold or wait for it)
+        self._local: dict[str, tuple[anyio.Lock, int]] = {}
 
     @asynccontextmanager
     async def claim(self, key: str) -> AsyncIterator[Claim]:
         """Lock ``key`` for the block (waiting for any other submitter of the
         same key); the claim says what an earlier submission left."""
         validate_key(key)
-        claim = await anyio.to_thread.run_sync(_lock_sync, self.dir, key)
+        async with self._local_lock(key):
+            claim = await anyio.to_thread.run_sync(_lock_sync, self.dir, key)
+            try:
+                yield claim
+            finally:
+                os.close(claim.fd)  # releases the lock
+
+    @asynccontextmanager
+    async def _local_lock(self, key: str) -> AsyncIterator[None]:
+        """The in-process lock of ``key``, forgotten when no task wants it."""
+        lock, users = self._local.get(key, (anyio.Lock(), 0))
+        self._local[key] = (lock, users + 1)
         try:
-            yield claim
+            async with lock:
+                yield
         finally:
-            os.close(claim.fd)  # releases the lock
+            lock, users = self._local[key]
+            if users == 1:
+                del self._local[key]
+            else:
+                self._local[key] = (lock, users - 1)
 
     async def record(self, claim: Claim, ids: list[str], time: datetime) -> None:
         """Remember ``ids`` for the claimed key (durable when it returns)."""

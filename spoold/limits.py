@@ -21,7 +21,9 @@ The backoff is per next hop, whatever the destination: a throttling reply
 (see :func:`spoold.outcome.hop_feedback`) opens a window in which no new
 attempt goes to that hop: :data:`BACKOFF_FIRST` at first, doubled by each
 further throttling reply up to :data:`BACKOFF_MAX`, and forgotten at the
-first attempt the hop answers without throttling. A message whose next hops
+first attempt the hop answers without throttling, or :data:`BACKOFF_MAX`
+after its window ended (so hops that throttled once and were never tried
+again, say the MX hosts of many hostile domains, are not kept for ever). A message whose next hops
 are all backed off waits until the first window ends; one with a hop still
 open goes ahead, with the backed-off hops put last for that attempt.
 
@@ -182,12 +184,19 @@ class DestinationGate(Generic[_T]):
 
     def throttled(self, hop: str, now: float, reason: str) -> HopBackoff:
         """``hop`` throttled us at ``now``: open (or double) its window."""
+        self._forget_ended(now)
         old = self._backoffs.get(hop)
         first = BACKOFF_FIRST.total_seconds()
         window = first if old is None else min(old.window * 2, BACKOFF_MAX.total_seconds())
         b = HopBackoff(now + window, window, reason)
         self._backoffs[hop] = b
         return b
+
+    def _forget_ended(self, now: float) -> None:
+        """Drop the backoffs whose window ended :data:`BACKOFF_MAX` ago."""
+        cutoff = now - BACKOFF_MAX.total_seconds()
+        for hop in [h for h, b in self._backoffs.items() if b.until <= cutoff]:
+            del self._backoffs[hop]
 
     def answered(self, hop: str) -> bool:
         """``hop`` answered an attempt without throttling: forget its

@@ -265,7 +265,7 @@ async def test_smtp_with_deduplicate_takes_a_resent_message_once_across_a_restar
             first = await _send(port, MESSAGE)
             assert await _send(port, MESSAGE) == first
             assert [m.id for m in spool.status()] == first
-            assert spool.status()[0].idempotency_key == message_id_key(SENDER, MESSAGE)
+            assert spool.status()[0].idempotency_key == message_id_key(SENDER, MESSAGE, [RCPT])
         async with listening(tmp_path, port, "message-id") as spool:
             assert await _send(port, MESSAGE) == first
             other = await _send(port, MESSAGE.replace(b"4711@", b"4712@"))

@@ -24,7 +24,8 @@ removed|quarantine), ``show`` (``id``,
 ``body``; a message that left the queue is shown from the history journal:
 ``queue`` null, ``status`` its final outcome, and ``outcome``), ``history``
 (``since``: a span back from now, ``recipient``: an address; a list of
-outcomes, oldest first), ``retry_plan`` (``id``: the message's future
+outcomes, oldest first; ``refused`` past
+:data:`~spoold.history.MAX_QUERY_RESULTS` of them), ``retry_plan`` (``id``: the message's future
 attempts, see :func:`retry_plan_view`), ``events``, ``reload``, ``check``,
 ``info`` (pid, config and live limits), ``submit`` (a message for ``spoold
 sendmail``; optional ``idempotency_key``: a retry with the same key gets the
@@ -61,6 +62,10 @@ many, from taking the daemon's memory or descriptors:
   included, for as long as it stays subscribed. One more client is answered
   ``{"ok": false, "kind": "busy", ...}`` and disconnected at once, by the
   accept loop itself (no task, no read).
+* the requests that stay (``events``, ``wait``) may hold at most
+  ``max_clients`` less a quarter (at least one place) of those places: one
+  more is answered ``busy``, so clients that wait for ever cannot lock the
+  operator's ``status`` or ``reload`` out.
 
 The accept loop is our own: an ``accept()`` that fails for lack of
 resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged once per burst (see
@@ -594,6 +599,8 @@ class ControlServer:
         self.request_timeout = request_timeout
         self.max_clients = max_clients
         self.clients = 0  # connections being served now, events subscribers included
+        self.staying = 0  # of those, the ones in events or wait
+        self.max_staying = max(1, max_clients - max(1, max_clients // 4))
 
     def daemon_operations(self) -> DaemonOperations:
         if self.daemon is None:
@@ -681,13 +688,8 @@ class ControlServer:
             )
             return
         op = request.get("op")
-        if op == "events":
-            await self._events(stream, reader)
-            return
-        if op == "wait":
-            reply = await self._wait(reader, request)
-            if reply is not None:
-                await self._reply(stream, reply)
+        if op in ("events", "wait"):
+            await self._staying(op, stream, reader, request)
             return
         if op == "submit":
             reply = await self._submit(reader, request)
@@ -697,6 +699,32 @@ class ControlServer:
         else:
             reply = _error("invalid", f"unknown operation {op!r}")
         await self._reply(stream, reply)
+
+    async def _staying(
+        self,
+        op: str,
+        stream: anyio.abc.ByteStream,
+        reader: BufferedByteReceiveStream,
+        request: dict[str, Any],
+    ) -> None:
+        """``events`` or ``wait``, unless too many places are held so."""
+        if self.staying >= self.max_staying:
+            text = (
+                f"{self.staying} control clients are waiting or streaming events, the most "
+                "the daemon takes; try again later"
+            )
+            await self._reply(stream, _error("busy", text))
+            return
+        self.staying += 1
+        try:
+            if op == "events":
+                await self._events(stream, reader)
+                return
+            reply = await self._wait(reader, request)
+            if reply is not None:
+                await self._reply(stream, reply)
+        finally:
+            self.staying -= 1
 
     async def _read_line(
         self, reader: BufferedByteReceiveStream

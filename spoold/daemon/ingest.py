@@ -21,6 +21,7 @@ next submission; messages already spooled keep their next hops.
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import re
 import socket
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from typing import Protocol
 
 from spoold.body import Body, LineEndingPolicy
 from spoold.daemon.routing import Router
+from spoold.idempotency import MAX_KEY_LENGTH
 from spoold.ids import new_id
 from spoold.message import RoutedBatch
 
@@ -74,21 +76,38 @@ _MESSAGE_ID_FIELD = re.compile(
 )
 
 
-def message_id_key(sender: str, wire: bytes) -> str | None:
+def message_id_key(sender: str, wire: bytes, recipients: Sequence[str] = ()) -> str | None:
     """The idempotency key of ``smtp.deduplicate = "message-id"``: the
-    envelope sender and the ``Message-ID:`` header (unfolded, trimmed), or
-    None when the message has no such header (then it is never taken for
-    a retry of another)."""
+    envelope sender, the ``Message-ID:`` header (unfolded, trimmed) and the
+    set of ``recipients`` (their SHA-256: order and repeats do not count),
+    or None when the message has no such header (then it is never taken for
+    a retry of another).
+
+    The recipients belong to the key because a retry after a lost reply
+    repeats the whole transaction, while a sending MTA that splits one
+    message's recipients over several transactions (Postfix does past its
+    recipient limit) repeats sender and Message-ID with other recipients:
+    that is not a copy. A key longer than an idempotency key may be
+    (:data:`~spoold.idempotency.MAX_KEY_LENGTH`: a long sender and a long
+    Message-ID) is replaced by its SHA-256, so such a message is still
+    taken, once."""
     m = _HEADER_END.search(wire)
     header = wire[: m.start()] if m else wire
     found = _MESSAGE_ID_FIELD.search(header)
     if found is None:
         return None
     value = re.sub(rb"\r?\n[ \t]+", b" ", found.group(1)).strip()
-    value = bytes(b for b in value if b >= 32 and b != 127)[:900]
+    value = bytes(b for b in value if b >= 32 and b != 127)
     if not value:
         return None
-    return f"message-id <{sender}> {value.decode('utf-8', 'replace')}"
+    key = f"message-id <{sender}> {value.decode('utf-8', 'replace')}"
+    if recipients:
+        listed = "\n".join(sorted(set(recipients))).encode("utf-8", "surrogateescape")
+        key += f" to {hashlib.sha256(listed).hexdigest()[:32]}"
+    if len(key) > MAX_KEY_LENGTH:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+        key = f"message-id sha256 {digest}"
+    return key
 
 
 def received_header(origin: Origin, message_id: str, hostname: str) -> bytes:

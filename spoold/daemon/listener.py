@@ -249,7 +249,7 @@ class SmtpListener:
         origin = Origin(delivery.protocol, delivery.helo, peer)
         key = None
         if derived.settings.config.deduplicate == "message-id":
-            key = message_id_key(delivery.sender, delivery.wire)
+            key = message_id_key(delivery.sender, delivery.wire, delivery.recipients)
         try:
             ids = await self.submitter.submit_wire(
                 delivery.sender,
