@@ -29,6 +29,14 @@ Order of a keyed submission (:meth:`KeyFiles.claim`):
 4. the ids are written to the key file (a temporary file, fsynced, renamed
    over it) and the lock is released.
 
+The key file also keeps a fingerprint of the submission's envelope (sender
+and the set of recipients): a key given again with another envelope is a
+client's mistake (one key reused for several messages), not a retry, and is
+refused with :class:`~spoold.errors.IdempotencyKeyError` rather than
+answered with the first message's ids (which would drop the new message
+without a word). The body is not part of it: a retry is the same
+submission even if the client rebuilt its headers.
+
 A crash between 3 and 4 leaves records with the key but a key file without
 their ids: the owner rebuilds those from the records when it opens the spool
 (:meth:`KeyFiles.repair`). Only a retry arriving in that window, while the
@@ -47,7 +55,7 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -57,6 +65,7 @@ import anyio
 import msgspec
 
 from spoold.errors import IdempotencyKeyError, StoreError
+from spoold.message import RoutedBatch
 
 __all__ = [
     "IDEMPOTENCY_DIR",
@@ -90,6 +99,19 @@ class _KeyRecord(msgspec.Struct):
     key: str
     time: datetime
     ids: list[str]
+    envelope: str = ""  # fingerprint of the submission's envelope ("": not known)
+
+
+def envelope_fingerprint(sender: str, recipients: Iterable[str]) -> str:
+    """What a repeat of a keyed submission must match: the sender and the
+    set of recipients (order, repeats and the case of domains aside)."""
+
+    def norm(addr: str) -> str:
+        local, at, domain = addr.rpartition("@")
+        return f"{local}{at}{domain.lower()}" if at else addr
+
+    text = "\0".join([sender, *sorted({norm(r) for r in recipients})])
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 _encoder = msgspec.json.Encoder()
@@ -109,14 +131,22 @@ class Claim:
     fd: int
     found: _KeyRecord | None
 
-    def ids(self, now: datetime, window: timedelta) -> list[str] | None:
+    def ids(self, now: datetime, window: timedelta, envelope: str = "") -> list[str] | None:
         """The ids of an earlier submission with this key still inside the
-        window, or None."""
+        window, or None. ``envelope`` (:func:`envelope_fingerprint`): an
+        earlier submission with another envelope raises
+        :class:`~spoold.errors.IdempotencyKeyError`."""
         found = self.found
         if found is None or found.key != self.key or not found.ids:
             return None
         if now - found.time >= window:
             return None
+        if envelope and found.envelope and envelope != found.envelope:
+            raise IdempotencyKeyError(
+                f"idempotency key {self.key!r} was given to another submission "
+                f"(message {', '.join(found.ids)}) with a different envelope; "
+                "a new message needs a new key"
+            )
         return list(found.ids)
 
 
@@ -204,9 +234,37 @@ class KeyFiles:
             else:
                 self._local[key] = (lock, users - 1)
 
-    async def record(self, claim: Claim, ids: list[str], time: datetime) -> None:
-        """Remember ``ids`` for the claimed key (durable when it returns)."""
-        await anyio.to_thread.run_sync(_write_sync, claim, _KeyRecord(claim.key, time, ids))
+    async def record(
+        self, claim: Claim, ids: list[str], time: datetime, envelope: str = ""
+    ) -> None:
+        """Remember ``ids`` (and the ``envelope`` fingerprint) for the
+        claimed key (durable when it returns)."""
+        record = _KeyRecord(claim.key, time, ids, envelope)
+        await anyio.to_thread.run_sync(_write_sync, claim, record)
+
+    async def add_once(
+        self,
+        key: str,
+        batch: RoutedBatch,
+        now: datetime,
+        window: timedelta,
+        add: Callable[[], Awaitable[list[str]]],
+    ) -> tuple[list[str], bool]:
+        """A keyed submission (steps 1-4 above): ``add()`` writes the
+        messages (each record carrying the key) unless an earlier
+        submission of ``key`` within ``window`` did. Returns the ids and
+        whether they are an earlier submission's."""
+        envelope = envelope_fingerprint(
+            batch.envelopes[0].sender if batch.envelopes else "",
+            (r for e in batch.envelopes for r in e.recipients),
+        )
+        async with self.claim(validate_key(key)) as claim:
+            earlier = claim.ids(now, window, envelope)
+            if earlier is not None:
+                return earlier, True
+            ids = await add()
+            await self.record(claim, ids, now, envelope)
+            return ids, False
 
     async def repair(
         self, found: Iterable[tuple[str, str, datetime]], now: datetime, window: timedelta
@@ -228,7 +286,9 @@ class KeyFiles:
                 have = claim.found.ids if claim.found and claim.found.key == key else []
                 if set(ids) <= set(have):
                     continue
-                await self.record(claim, list(dict.fromkeys([*have, *sorted(ids)])), when)
+                envelope = claim.found.envelope if claim.found and claim.found.key == key else ""
+                merged = list(dict.fromkeys([*have, *sorted(ids)]))
+                await self.record(claim, merged, when, envelope)
                 written += 1
         return written
 

@@ -116,7 +116,7 @@ from spoold.hooks import (
     default_on_error,
     default_presend,
 )
-from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles, validate_key
+from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
 from spoold.ids import validate_id
 from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
 from spoold.log import get_logger
@@ -1157,19 +1157,22 @@ class Spool:
         the earlier submission's ids (no error), whether those messages
         are still queued or already gone, and across restarts and
         processes (see :mod:`spoold.idempotency`). Raises
-        :class:`~spoold.errors.IdempotencyKeyError` for an unusable key.
+        :class:`~spoold.errors.IdempotencyKeyError` for an unusable key, or
+        one an earlier submission with another envelope (sender and
+        recipients) had: a reused key is a mistake, not a retry.
         """
         if idempotency_key is None:
             return await self._add_new(batch, frozen, flows, parent_id, prefix, None)
-        async with self._keys.claim(validate_key(idempotency_key)) as claim:
-            now = self.clock.now()
-            earlier = claim.ids(now, self.idempotency_window)
-            if earlier is not None:
-                log.info("duplicate submission: idempotency key seen", ids=earlier)
-                return earlier
-            ids = await self._add_new(batch, frozen, flows, parent_id, prefix, idempotency_key)
-            await self._keys.record(claim, ids, now)
-            return ids
+        ids, repeated = await self._keys.add_once(
+            idempotency_key,
+            batch,
+            self.clock.now(),
+            self.idempotency_window,
+            lambda: self._add_new(batch, frozen, flows, parent_id, prefix, idempotency_key),
+        )
+        if repeated:
+            log.info("duplicate submission: idempotency key seen", ids=ids)
+        return ids
 
     async def _add_new(
         self,

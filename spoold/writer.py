@@ -25,7 +25,7 @@ from pathlib import Path
 import anyio
 
 from spoold.address import validate_address, validate_recipients
-from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles, validate_key
+from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
 from spoold.ids import new_id
 from spoold.message import (
     SEND_NOW,
@@ -228,14 +228,14 @@ class SpoolWriter:
         used within the window gives back that submission's ids."""
         if idempotency_key is None:
             return await self._add_new(batch, frozen, flows, parent_id, prefix, None)
-        async with self._keys.claim(validate_key(idempotency_key)) as claim:
-            now = self._now()
-            earlier = claim.ids(now, self.idempotency_window)
-            if earlier is not None:
-                return earlier
-            ids = await self._add_new(batch, frozen, flows, parent_id, prefix, idempotency_key)
-            await self._keys.record(claim, ids, now)
-            return ids
+        ids, _repeated = await self._keys.add_once(
+            idempotency_key,
+            batch,
+            self._now(),
+            self.idempotency_window,
+            lambda: self._add_new(batch, frozen, flows, parent_id, prefix, idempotency_key),
+        )
+        return ids
 
     async def _add_new(
         self,

@@ -321,3 +321,28 @@ def test_the_config_keys_have_defaults_and_are_checked(tmp_path: Path) -> None:
     assert "spool.removed_retention" in text
     assert "spool.history_retention" not in text
     assert "smtp.deduplicate" in text and '"message-id"' in text
+
+
+async def test_sendmail_with_a_reused_key_for_other_recipients_fails_and_says_why(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
+    daemon = await start_daemon(config)
+    await _sendmail(config, "--idempotency-key", KEY)
+    done = await anyio.to_thread.run_sync(
+        functools.partial(
+            cli,
+            "--config",
+            str(config),
+            "sendmail",
+            "-f",
+            "app@example.org",
+            "--idempotency-key",
+            KEY,
+            "someone-else@example.com",
+            stdin=b"Subject: another\n\nanother message\n",
+        )
+    )
+    assert done.code == 65, done  # EX_DATAERR: the caller's mistake, nothing queued
+    assert "different envelope" in done.err and "new key" in done.err
+    assert len(records_in(daemon.spool_dir, "active")) == 1

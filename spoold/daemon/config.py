@@ -110,7 +110,7 @@ class SmtpConfig:
     max_auth_failures: int = 3  # failed AUTH on one connection: then 421 and close
     auth_failure_delay: timedelta = timedelta(seconds=1)  # before the first 535; doubles
     workers: int = 0  # ingest processes sharing the listening sockets; 0: one per CPU
-    deduplicate: str = ""  # "message-id": sender + Message-ID is an idempotency key
+    deduplicate: str = ""  # "message-id": sender + Message-ID + recipients is a key
 
 
 @dataclass(frozen=True, slots=True)
