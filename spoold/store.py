@@ -1068,7 +1068,9 @@ class Store:
 
         records = self._all_records()
         for name, places in sorted(records.items()):
-            if len(places) > 1:
+            # A queue and its own checkout: a rename between the two listings
+            # (an attempt starting or ending while the daemon runs), not a copy.
+            if len({q for q, _c in places}) > 1:
                 where = ", ".join(q + ("/.checkout" if c else "") for q, c in places)
                 problems.append(
                     Problem("duplicate", name, f"{self.root}", f"one id in several places: {where}")

@@ -349,6 +349,7 @@ async def test_ids_that_are_not_ids_are_refused_and_touch_nothing(
         await wait_until(lambda: isinstance(status_of(spool, delayed), SendAt), "send_at")
         (tmp_path / "x").write_bytes(b"not a record")
         (root / "frozen" / "a").mkdir()
+        await spool._history.flush()  # the removal's journal line is written now, not later
         files_before = spool_files(tmp_path)
         status_before = status_snapshot(spool)
 

@@ -230,6 +230,19 @@ async def test_check_reports_every_kind_of_problem(tmp_path: Path) -> None:
     await od.close()
 
 
+async def test_check_takes_a_record_seen_in_its_queue_and_its_checkout_for_a_move(
+    tmp_path: Path,
+) -> None:
+    # A running daemon checks a record out (a rename) between check's listing
+    # of the queue and of its checkout: both listings name it. Not a copy.
+    od, _ = await OnDiskSpool.open(tmp_path)
+    (a,) = await od.add([new_message()])
+    record = (tmp_path / "active" / a.id).read_bytes()
+    (tmp_path / "active" / ".checkout" / a.id).write_bytes(record)
+    assert [p for p in await od.check() if p.kind == "duplicate"] == []
+    await od.close()
+
+
 async def test_recovery_returns_checkouts_and_clears_dead_writers(tmp_path: Path) -> None:
     od, _ = await OnDiskSpool.open(tmp_path)
     (msg,) = await od.add([new_message()])
