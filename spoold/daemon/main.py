@@ -268,14 +268,7 @@ class Daemon:
         acted on at once (a stop before a reload)."""
         signals = self.signals
         while not signals.stop.is_set():
-            async with anyio.create_task_group() as tg:
-
-                async def wait_for(event: anyio.Event) -> None:
-                    await event.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(wait_for, signals.reload)
-                tg.start_soon(wait_for, signals.stop)
+            await signals.requested()
             if signals.reload.is_set() and not signals.stop.is_set():
                 signals.take_reload()
                 await self.reload()

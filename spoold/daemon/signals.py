@@ -40,6 +40,18 @@ class Signals:
         """The main loop acts on the pending reload: the next SIGHUP is new."""
         self.reload = anyio.Event()
 
+    async def requested(self) -> None:
+        """Return once a reload or a stop is asked for (at once if one is
+        pending)."""
+        async with anyio.create_task_group() as tg:
+
+            async def wait_for(event: anyio.Event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait_for, self.reload)
+            tg.start_soon(wait_for, self.stop)
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         loop = asyncio.get_running_loop()

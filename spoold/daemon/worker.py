@@ -130,15 +130,19 @@ async def _serve(
             submitter = Submitter(writer, lambda: state.router, hostname=hostname)
             listener = SmtpListener(submitter, lambda: state.listener, accept_failures=failures)
             drain = config.spool.flush_timeout.total_seconds()
-            watch = anyio.CancelScope()  # ended once the worker stops anyway
+            background = anyio.CancelScope()  # ended once the worker stops anyway
 
-            async def watch_lifeline(fd: int) -> None:
-                with watch:
-                    await _watch_lifeline(fd, signals)
+            async def housekeeping() -> None:
+                with background:
+                    async with anyio.create_task_group() as tasks:
+                        if lifeline_fd is not None:
+                            tasks.start_soon(_watch_lifeline, lifeline_fd, signals)
+                        while True:  # close bursts of accept failures now and then
+                            await anyio.sleep(failures.quiet)
+                            failures.close_quiet()
 
             async with anyio.create_task_group() as tg:
-                if lifeline_fd is not None:
-                    tg.start_soon(watch_lifeline, lifeline_fd)
+                tg.start_soon(housekeeping)
                 await tg.start(functools.partial(listener.serve, sockets, drain_timeout=drain))
                 os.write(ready_fd, b"1")
                 os.close(ready_fd)
@@ -148,21 +152,11 @@ async def _serve(
                     event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
                 )
                 while not signals.stop.is_set():
-                    async with anyio.create_task_group() as waits:
-
-                        async def wait_for(event: anyio.Event) -> None:
-                            await event.wait()
-                            waits.cancel_scope.cancel()
-
-                        waits.start_soon(wait_for, signals.reload)
-                        waits.start_soon(wait_for, signals.stop)
-                        while True:  # close bursts of accept failures now and then
-                            await anyio.sleep(failures.quiet)
-                            failures.close_quiet()
+                    await signals.requested()
                     if signals.reload.is_set() and not signals.stop.is_set():
                         signals.take_reload()
                         state = await _reload(state, writer)
-                watch.cancel()
+                background.cancel()
                 listener.stop()
     finally:
         restore()
