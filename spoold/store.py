@@ -5,8 +5,10 @@ Layout of a store directory::
     lock              flock()ed by the owner; holds the owner's pid
     wakeup            the owner's datagram socket: other writers send the
                       names they enqueued, so the owner need not poll
-    .registry/NAME    one per live entry, created O_CREAT|O_EXCL; holds the
+    .registry/NAME    one per live entry, created exclusively; holds the
                       pid of the process that created the entry
+    .registry/.writer.PID.N   that pid, written once per writer process:
+                      each entry is a hard link to it (see below)
     tmp/              staging: PID.NAME.KIND.RANDOM, never read back
     data/NAME         the entry's body (opaque bytes)
     QUEUE/NAME        the entry's record (opaque bytes), one directory per queue
@@ -31,6 +33,13 @@ Invariants:
   again: at least once, never lost), which saves a delivery three directory
   fsyncs.
 * A checked-out record belongs to its queue: recovery renames it back.
+* A registry entry is a hard link to its writer's ``.writer.PID.N`` file,
+  made with ``link()``, which fails when the name exists just as
+  ``O_CREAT|O_EXCL`` does. Its content is the writer's pid, as a file of its
+  own would hold, but creating and removing it allocates and frees no inode
+  and no data block: on a busy spool those are what a new file costs most.
+  When links are not possible (a filesystem without them) an entry is a
+  file of its own. Recovery removes the ``.writer`` files of dead writers.
 * A store is created only in a missing or empty directory; an existing
   directory that is not a store (other files, no ``.registry``) is refused.
 
@@ -82,6 +91,9 @@ REASONS = ".reasons"
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_WRITER_PREFIX = ".writer."  # .registry/.writer.PID.N (never an id: ids have no dot)
+# link() errors that mean "no hard links here": entries are then files.
+_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
 
 _T = TypeVar("_T")
 _RECORD_READ = 16 * 1024  # one read() takes a whole record of this size or less
@@ -218,6 +230,9 @@ class Store:
         self._lock_fd: int | None = None
         self._notify_socket: socket.socket | None = None
         self._tmp_count = itertools.count()
+        self._writer_file: str | None = None  # what registry entries link to
+        self._writer_files: list[str] = []  # every one this store made
+        self._links = True  # False once link() is found not to work here
         self.sync: SyncMode = sync
         self._pending: list[_Job] = []  # group commit (sync="syncfs")
         self._committing = False
@@ -348,6 +363,11 @@ class Store:
 
     def _close_sync(self) -> None:
         self._closed = True
+        # Entries still linked to them keep their content: only a name goes.
+        for path in self._writer_files:
+            self._unlink_quiet(path)
+        self._writer_files.clear()
+        self._writer_file = None
         if self._notify_socket is not None:
             self._notify_socket.close()
             self._notify_socket = None
@@ -371,12 +391,15 @@ class Store:
         except StoreError:
             raise
         except OSError as exc:  # every filesystem error leaves as a StoreError
-            raise StoreError(exc.errno, f"{self.root}: {exc.strerror}", exc.filename) from exc
+            raise self._os_error(exc) from exc
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._drained.set()
                 self._drained = anyio.Event()
+
+    def _os_error(self, exc: OSError) -> StoreError:
+        return StoreError(exc.errno, f"{self.root}: {exc.strerror}", exc.filename)
 
     def _step(self, name: str) -> None:
         if self._on_step is not None:
@@ -424,15 +447,60 @@ class Store:
         for _ in range(100):
             name = new_id()
             try:
-                fd = os.open(f"{self._registry}/{name}", _OPEN_FLAGS, _FILE_MODE)
+                self._make_entry(f"{self._registry}/{name}")
             except FileExistsError:
                 continue
-            try:
-                os.write(fd, f"{self._pid}\n".encode())
-            finally:
-                os.close(fd)
             return name
         raise StoreError(f"could not reserve a unique id in {self._registry}")
+
+    def _make_entry(self, path: str) -> None:
+        """Create the registry entry ``path`` (FileExistsError if taken): a
+        link to this writer's pid file, or a file of its own."""
+        for _ in range(4):
+            if not self._links:
+                break
+            source = self._writer_file or self._new_writer_file()
+            try:
+                os.link(source, path)
+            except FileNotFoundError:
+                if not os.path.isdir(self._registry):
+                    raise
+                self._writer_file = None  # removed under us: make another
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                if exc.errno == errno.EMLINK:
+                    self._writer_file = None  # full (65,000 links on ext4): a new one
+                elif exc.errno in _NO_LINKS:
+                    self._links = False
+                else:
+                    raise
+            else:
+                return
+        fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
+        try:
+            os.write(fd, f"{self._pid}\n".encode())
+        finally:
+            os.close(fd)
+
+    def _new_writer_file(self) -> str:
+        for n in itertools.count(len(self._writer_files)):
+            path = f"{self._registry}/{_WRITER_PREFIX}{self._pid}.{n}"
+            try:
+                fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
+            except FileExistsError:
+                continue  # another store of this process, or a dead one's with our pid
+            try:
+                os.write(fd, f"{self._pid}\n".encode())
+            except BaseException:
+                os.close(fd)
+                self._unlink_quiet(path)
+                raise
+            os.close(fd)
+            self._writer_files.append(path)
+            self._writer_file = path
+            return path
+        raise AssertionError("unreachable")
 
     def _unlink_quiet(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -1004,6 +1072,10 @@ class Store:
             found.update(self._names(self._qdir(q, True)))
         return found
 
+    def _writer_files_sync(self) -> list[str]:
+        with os.scandir(self._registry) as it:
+            return [e.path for e in it if e.name.startswith(_WRITER_PREFIX)]
+
     def _writer_gone(self, registry_name: str) -> bool:
         pid = _read_pid(f"{self._registry}/{registry_name}")
         return pid is None or (pid != self._pid and not _pid_alive(pid))
@@ -1042,6 +1114,10 @@ class Store:
                 if name not in report.removed_unacknowledged:
                     report.removed_unacknowledged.append(name)
                 touched.append(self._registry)
+        for path in self._writer_files_sync():
+            pid = _read_pid(path)
+            if pid is None or (pid != self._pid and not _pid_alive(pid)):
+                self._unlink_quiet(path)  # its entries (if any) keep their content
         if touched:
             self._fsync_dirs(touched)
         return report
@@ -1061,10 +1137,13 @@ class Store:
         now = time.time()
 
         def old(path: str) -> bool:
+            # The later of the two times: a rename (a checkout) or a link
+            # (a registry entry: see the module docstring) changes only ctime.
             try:
-                return now - os.lstat(path).st_mtime > max_age
+                st = os.lstat(path)
             except FileNotFoundError:
                 return False
+            return now - max(st.st_mtime, st.st_ctime) > max_age
 
         records = self._all_records()
         for name, places in sorted(records.items()):

@@ -94,7 +94,9 @@ def spool_files(root: Path, *under: str) -> dict[str, bytes]:
             for name in files:
                 path = Path(dirpath, name)
                 rel = path.relative_to(root).as_posix()
-                if rel != "lock" and path.is_file():
+                if rel == "lock" or rel.startswith(".registry/.writer."):
+                    continue
+                if path.is_file():
                     out[rel] = path.read_bytes()
     return dict(sorted(out.items()))
 

@@ -26,6 +26,7 @@ import pytest
 from spoold.errors import NotFoundError, StoreError
 from spoold.store import NewEntry, Store
 from spoold.testing import Faults
+from tests.support import spool_files
 
 QUEUES = ["active", "frozen"]
 
@@ -248,4 +249,4 @@ async def test_a_batch_failing_after_its_first_renames_takes_them_back(
         assert raised.value.filename == f"{tmp_path}/where"
         assert f"enqueue into {tmp_path} failed" in str(raised.value)
         for directory in ("tmp", "data", "active", ".registry"):
-            assert [p.name for p in (tmp_path / directory).iterdir() if p.is_file()] == []
+            assert spool_files(tmp_path, directory) == {}
