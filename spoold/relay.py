@@ -27,11 +27,11 @@ failure to read it is a :class:`~spoold.errors.StoreError` naming the file.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import anyio
 
@@ -112,13 +112,22 @@ CHUNK_SIZE: Final = 64 * 1024
 _SCAN_SIZE: Final = 256 * 1024  # read size when looking for 8-bit bytes
 
 
+_WHOLE_SIZE: Final = 256 * 1024
+"""A body up to this size is read whole when opened (one read, then closed)."""
+
+RunBlocking = Callable[..., Awaitable[Any]]
+"""Runs a short blocking call off the event loop: ``await run(fn, *args)``."""
+
+
 class BodyHandle:
-    """Where a message's body is on disk; reading it runs in worker threads."""
+    """Where a message's body is on disk; reading it runs in worker threads
+    (through ``run``, by default a hop of its own)."""
 
-    __slots__ = ("path",)
+    __slots__ = ("_run", "path")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, run: RunBlocking | None = None) -> None:
         self.path = path
+        self._run: RunBlocking = run or anyio.to_thread.run_sync
 
     async def read(self) -> Body:
         """The whole body in memory."""
@@ -130,7 +139,7 @@ class BodyHandle:
     @asynccontextmanager
     async def open(self, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[BodyReader]:
         """The body open for streaming; closed on leaving the block."""
-        reader = await anyio.to_thread.run_sync(BodyReader.open_sync, self.path, chunk_size)
+        reader: BodyReader = await self._run(BodyReader.open_sync, self.path, chunk_size)
         try:
             yield reader
         finally:
@@ -180,14 +189,15 @@ class BodyReader:
 
     @classmethod
     def open_sync(cls, path: Path, chunk_size: int) -> BodyReader:
-        """Open, measure and read the first chunk (in a worker thread)."""
+        """Open, measure and read the first chunk (in a worker thread): the
+        whole body, and the file closed at once, when it is small."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise _read_error(path, exc) from exc
         try:
             size = os.fstat(fd).st_size
-            head = os.pread(fd, chunk_size, 0)
+            head = os.pread(fd, size if size <= max(chunk_size, _WHOLE_SIZE) else chunk_size, 0)
         except OSError as exc:
             os.close(fd)
             raise _read_error(path, exc) from exc

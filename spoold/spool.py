@@ -801,7 +801,7 @@ class Spool:
         try:
             outcome = await self.relay.relay(
                 snapshot,
-                BodyHandle(self._disk.body_path(msg.id)),
+                BodyHandle(self._disk.body_path(msg.id), self._disk.store.run_grouped),
                 list(msg.remaining_recipients),
             )
         except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)

@@ -62,7 +62,8 @@ def lines_up_to(offset: int, line: int = 80) -> bytes:
 
 
 def content_across_chunk_boundaries() -> bytes:
-    """Content whose stuffed dot lines sit where the relay's chunks meet:
+    """Content (over 256 KiB, so it is sent in chunks, not read whole)
+    whose stuffed dot lines sit where the relay's chunks meet:
     one starts exactly at a boundary, and one boundary falls between the CR
     and the LF before a dot line."""
     first = lines_up_to(CHUNK_SIZE)
@@ -70,6 +71,7 @@ def content_across_chunk_boundaries() -> bytes:
     wire_so_far = len(Body.from_content(content).wire)
     content += lines_up_to(2 * CHUNK_SIZE - wire_so_far + 1)  # "\r" last in chunk 2
     content += b".after the split CRLF\r\n" + b"..\r\n" + b"tail\r\n"
+    content += lines_up_to(300_000)  # past what is read whole: chunks are used
     wire = Body.from_content(content).wire
     assert wire[CHUNK_SIZE : CHUNK_SIZE + 2] == b".."
     assert wire[2 * CHUNK_SIZE - 1 : 2 * CHUNK_SIZE + 2] == b"\r\n."

@@ -1,0 +1,155 @@
+"""Short store calls asked for at the same moment share one worker-thread
+hop (``Store.run_grouped``): checkouts, deletes and body opens of a busy
+spool. Each caller still gets its own result or error, in order."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from spoold.errors import StoreError
+from spoold.relay import BodyHandle, BodyReader
+from spoold.store import Store
+from tests.support import WAIT_TIMEOUT
+
+QUEUES = ["active", "frozen"]
+
+
+class Blocker:
+    """A call that holds its worker thread until released."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> str:
+        self.started.set()
+        if not self.release.wait(WAIT_TIMEOUT):
+            raise TimeoutError("never released")
+        return "blocker"
+
+
+async def pending(store: Store, count: int) -> None:
+    """Wait (yielding to the loop) until ``count`` calls wait for a group."""
+    while len(store._ops) < count:
+        await anyio.sleep(0)
+
+
+async def test_calls_made_while_a_group_runs_wait_and_then_run_together(tmp_path: Path) -> None:
+    store, _ = await Store.open(tmp_path, QUEUES)
+    blocker = Blocker()
+    ran: list[tuple[object, int]] = []
+    results: dict[object, object] = {}
+
+    def note(key: int) -> int:
+        ran.append((key, threading.get_ident()))
+        return key * 10
+
+    async def call(key: object, fn: Callable[..., object], *args: object) -> None:
+        results[key] = await store.run_grouped(fn, *args)
+
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with store, anyio.create_task_group() as tg:
+            tg.start_soon(call, "blocker", blocker)
+            await anyio.to_thread.run_sync(blocker.started.wait)
+            for key in range(4):
+                tg.start_soon(call, key, note, key)
+            await pending(store, 4)
+            assert ran == []  # none started beside the running group
+            blocker.release.set()
+
+    assert results == {"blocker": "blocker", 0: 0, 1: 10, 2: 20, 3: 30}
+    assert [key for key, _thread in ran] == [0, 1, 2, 3]
+    assert len({thread for _key, thread in ran}) == 1  # one hop for the four
+
+
+async def test_each_caller_gets_its_own_error(tmp_path: Path) -> None:
+    store, _ = await Store.open(tmp_path, QUEUES)
+    blocker = Blocker()
+    outcomes: dict[str, object] = {}
+
+    def fails_with_os_error() -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "/spool/where")
+
+    def fails_with_value_error() -> None:
+        raise ValueError("a bug")
+
+    async def call(key: str, fn: Callable[[], object]) -> None:
+        try:
+            outcomes[key] = await store.run_grouped(fn)
+        except Exception as exc:  # what the test looks at
+            outcomes[key] = exc
+
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with store, anyio.create_task_group() as tg:
+            tg.start_soon(call, "blocker", blocker)
+            await anyio.to_thread.run_sync(blocker.started.wait)
+            tg.start_soon(call, "os", fails_with_os_error)
+            tg.start_soon(call, "bug", fails_with_value_error)
+            tg.start_soon(call, "fine", lambda: "fine")
+            await pending(store, 3)
+            blocker.release.set()
+
+    assert outcomes["blocker"] == "blocker"
+    assert outcomes["fine"] == "fine"
+    os_error = outcomes["os"]
+    assert isinstance(os_error, StoreError)
+    assert (os_error.errno, os_error.filename) == (errno.EIO, "/spool/where")
+    assert isinstance(outcomes["bug"], ValueError)
+
+
+async def test_a_call_cancelled_before_its_group_runs_never_runs(tmp_path: Path) -> None:
+    store, _ = await Store.open(tmp_path, QUEUES)
+    blocker = Blocker()
+    ran: list[str] = []
+
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with store, anyio.create_task_group() as tg:
+            tg.start_soon(store.run_grouped, blocker)
+            await anyio.to_thread.run_sync(blocker.started.wait)
+            scope = anyio.CancelScope()
+
+            async def cancelled() -> None:
+                with scope:
+                    await store.run_grouped(lambda: ran.append("cancelled"))
+
+            tg.start_soon(store.run_grouped, lambda: ran.append("kept"))
+            tg.start_soon(cancelled)
+            await pending(store, 2)
+            scope.cancel()
+            while len(store._ops) != 1:
+                await anyio.sleep(0)
+            blocker.release.set()
+
+    assert ran == ["kept"]
+
+
+async def test_a_closed_store_refuses_the_call(tmp_path: Path) -> None:
+    store, _ = await Store.open(tmp_path, QUEUES)
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.run_grouped(lambda: None)
+
+
+@pytest.mark.parametrize(
+    ("size", "whole"),
+    [(0, True), (100, True), (256 * 1024, True), (256 * 1024 + 1, False)],
+)
+async def test_a_body_up_to_256_kib_is_read_whole_when_opened(
+    tmp_path: Path, size: int, whole: bool
+) -> None:
+    path = tmp_path / "body"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    store, _ = await Store.open(tmp_path / "spool", QUEUES)
+    async with store, BodyHandle(path, store.run_grouped).open() as reader:
+        assert isinstance(reader, BodyReader)
+        assert reader.holds_file is not whole
+        assert (reader.head == data) is whole
+        assert b"".join([chunk async for chunk in reader.chunks()]) == data
