@@ -46,6 +46,14 @@ master, the ``spoold run`` process) and every process under it, in clock
 ticks (10 ms) per process: a figure for thousands of messages, not for a
 ``--quick`` run.
 
+Settling (``--settle``, default 65 s; 0 with ``--quick``). Before each
+run of (a) and (b) the harness waits this long with nothing running. ext4
+without a journal (the machines this was made on) skips, when it allocates
+an inode, every inode freed in the last 60 seconds, looking each one up: a
+run that starts right after another pays for the tens of thousands of files
+the previous run deleted, up to three times the CPU per message, whichever
+server it is. Waiting out that window gives every run the same start.
+
 Bounded and tidy: every step has a timeout (``--timeout``); on a failure, on
 Ctrl-C or SIGTERM it stops what it started (only that: by the pids it holds,
 and ``postfix -c`` of its own instance), prints the tails of the logs and
@@ -786,6 +794,7 @@ class Plan:
     python: str
     log_level: str
     overrides: dict[str, dict[str, Any]]
+    settle: float = 0.0
 
 
 def smtp_source(port: int, count: int, size: int, sessions: int, timeout: float) -> None:
@@ -839,6 +848,9 @@ def throughput_scenario(
         warm_up(servers, n, plan.timeout)
         for rnd in range(1, plan.rounds + 1):
             for server in servers:
+                if plan.settle > 0:
+                    print(f"  (settling {plan.settle:.0f} s before {server.name})", flush=True)
+                    time.sleep(plan.settle)
                 base = sink.count()
                 cpu0 = server.cpu_seconds()
                 t0 = time.monotonic()
@@ -1255,6 +1267,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--count", type=int, help="messages per run for every chosen scenario")
     p.add_argument("--quick", action="store_true", help="small counts and 1 round: a smoke run")
     p.add_argument("--rate", type=float, default=100.0, help="msg/s of scenario c (default 100)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        help="seconds of quiet before each run of a and b (default 65; 0 with --quick)",
+    )
     p.add_argument("--spoold", default=str(ROOT / ".venv" / "bin" / "spoold"))
     p.add_argument("--python", help="Python for scenario d (default: the one beside --spoold)")
     p.add_argument("--results", help="Markdown file to append to (default bench/RESULTS.md)")
@@ -1300,6 +1317,7 @@ def main(argv: Sequence[str]) -> int:
         python=python,
         log_level=args.spoold_log_level,
         overrides=parse_overrides(args.spoold_set),
+        settle=args.settle if args.settle is not None else (0.0 if args.quick else 65.0),
     )
     results_path = args.results or (None if args.quick else str(ROOT / "bench" / "RESULTS.md"))
     signal.signal(signal.SIGINT, interrupted)
