@@ -73,6 +73,7 @@ from typing import Literal, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from spoold.errors import InsufficientStorageError, NotFoundError, SpoolLockedError, StoreError
 from spoold.ids import is_valid_id, new_id, validate_id
@@ -688,6 +689,16 @@ class Store:
         while not job.done:
             if self._committing:
                 await self._batch_over.wait()
+                continue
+            # The callers a batch's end woke up are about to add their next
+            # jobs: let those that are ready join this batch, rather than
+            # commit one job alone and make the others wait for it.
+            while True:
+                waiting = len(self._pending)
+                await anyio.lowlevel.checkpoint()
+                if len(self._pending) == waiting or self._committing:
+                    break
+            if self._committing or job.done:
                 continue
             batch, self._pending = self._pending, []
             self._committing = True

@@ -52,6 +52,26 @@ async def test_concurrent_adds_share_their_syncs_and_all_arrive(tmp_path: Path) 
     await od.close()
 
 
+async def test_adders_woken_by_a_batch_all_join_the_next_one(tmp_path: Path) -> None:
+    """16 adders adding one message after another: each batch's end wakes
+    all 16, and all 16 next adds go in one batch (not the first alone, then
+    the other 15)."""
+    faults = Faults()
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs", on_step=faults)
+
+    async def adder() -> None:
+        for _ in range(3):
+            await od.add([new_message()])
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(16):
+                tg.start_soon(adder)
+    assert faults.seen["write_record"] == 48
+    assert faults.seen["sync_data"] == 3
+    await od.close()
+
+
 async def test_a_job_that_fails_alone_is_undone_alone(tmp_path: Path) -> None:
     od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
 
