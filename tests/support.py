@@ -104,9 +104,10 @@ def spool_files(root: Path, *under: str) -> dict[str, bytes]:
 def records_in(root: Path, queue: str) -> set[str]:
     """The ids whose record is in ``queue`` (``"active"``, ``"frozen"``, ...),
     checked out or not; ``"active/.checkout"`` gives the checked-out ones
-    only. Reasons kept beside set-aside records are not records."""
-    return {
-        Path(rel).name
-        for rel in spool_files(root, queue)
-        if Path(rel).parent.name in (Path(queue).name, ".checkout")
-    }
+    only. Reasons kept beside set-aside records are not records. Names
+    only, no content: safe to call while a daemon moves and deletes them."""
+    found: set[str] = set()
+    for dirpath, _dirs, files in os.walk(root / queue):
+        if Path(dirpath).name in (Path(queue).name, ".checkout"):
+            found.update(files)
+    return found
