@@ -65,11 +65,11 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -125,6 +125,81 @@ class _Op:
     result: object = None
     error: BaseException | None = None
     done: bool = False
+
+
+class _Pending(Protocol):
+    """What :class:`_Batches` needs of a job."""
+
+    error: BaseException | None
+    done: bool
+
+
+_J = TypeVar("_J", bound=_Pending)
+
+
+class _Batches(Generic[_J]):
+    """Jobs submitted while a batch runs wait, and go together in the next
+    one: the first of their callers to find no batch running runs it (with
+    ``run``, one worker-thread hop for the whole batch). Alone, a job gets a
+    batch of its own at once.
+
+    Before taking a batch, its runner yields to the loop for as long as
+    more jobs keep joining: the callers the last batch woke are about to
+    submit their next jobs, which then share this batch instead of waiting
+    behind a batch of one. A job cancelled while it still waits is dropped
+    and never runs; once its batch runs, its caller waits for it (as for
+    any hop). ``run`` sets each job's ``done`` (and ``error``); if it
+    raises, the jobs it left undone get that error."""
+
+    def __init__(self, run: Callable[[list[_J]], Awaitable[None]]) -> None:
+        self._run = run
+        self._waiting: list[_J] = []
+        self._running = False
+        self._over = anyio.Event()
+
+    @property
+    def waiting(self) -> int:
+        """How many jobs wait for a batch."""
+        return len(self._waiting)
+
+    async def submit(self, job: _J) -> None:
+        """Return once ``job`` is done (``job.error`` says how)."""
+        self._waiting.append(job)
+        try:
+            while not job.done:
+                if self._running:
+                    await self._over.wait()
+                    continue
+                count = -1
+                while count != len(self._waiting) and not self._running:
+                    count = len(self._waiting)
+                    await anyio.lowlevel.checkpoint()
+                if not self._running and not job.done:
+                    await self._run_batch()
+        except BaseException:
+            if job in self._waiting:  # not taken by a batch: it never runs
+                self._waiting.remove(job)
+            else:
+                with anyio.CancelScope(shield=True):
+                    while not job.done:
+                        await self._over.wait()
+            raise
+
+    async def _run_batch(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._running = True
+        try:
+            await self._run(batch)
+        except BaseException as exc:  # the store closed, or the hop failed
+            for other in batch:
+                if not other.done:
+                    other.error, other.done = exc, True
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._running = False
+            over, self._over = self._over, anyio.Event()
+            over.set()
 
 
 _WAKEUP_DATAGRAM = 8192  # bytes: a few hundred ids a datagram
@@ -247,13 +322,9 @@ class Store:
         self._writer_files: list[str] = []  # every one this store made
         self._links = True  # False once link() is found not to work here
         self.sync: SyncMode = sync
-        self._pending: list[_Job] = []  # group commit (sync="syncfs")
-        self._committing = False
-        self._batch_over = anyio.Event()
+        self._commits = _Batches[_Job](lambda batch: self._run(self._commit_sync, batch))
         self._dir_fds: dict[str, int] = {}
-        self._ops: list[_Op] = []  # short operations waiting for a grouped hop
-        self._ops_running = False
-        self._ops_over = anyio.Event()
+        self._ops = _Batches[_Op](lambda group: self._run(self._run_ops_sync, group))
         self._closed = False
         self._inflight = 0  # operations running in worker threads
         self._drained = anyio.Event()
@@ -435,35 +506,7 @@ class Store:
         if self._closed:
             raise StoreError(f"store {self.root} is closed")
         op = _Op(fn, args)
-        self._ops.append(op)
-        while not op.done:
-            if self._ops_running:
-                over = self._ops_over
-                try:
-                    await over.wait()
-                except BaseException:
-                    if op in self._ops:  # not taken by a group: it never runs
-                        self._ops.remove(op)
-                        raise
-                    with anyio.CancelScope(shield=True):
-                        while not op.done:
-                            await self._ops_over.wait()
-                    raise
-                continue
-            group, self._ops = self._ops, []
-            self._ops_running = True
-            try:
-                await self._run(self._run_ops_sync, group)
-            except BaseException as exc:  # the store closed, or the hop failed
-                for other in group:
-                    if not other.done:
-                        other.error, other.done = exc, True
-                if not isinstance(exc, Exception):
-                    raise
-            finally:
-                self._ops_running = False
-                over, self._ops_over = self._ops_over, anyio.Event()
-                over.set()
+        await self._ops.submit(op)
         if op.error is not None:
             raise op.error
         return op.result  # type: ignore[return-value]
@@ -682,38 +725,9 @@ class Store:
         return await self._enqueue_grouped(_Job(entries, on_reserve))
 
     async def _enqueue_grouped(self, job: _Job) -> list[str]:
-        """Group commit: the first caller to find no batch under way commits
-        every job waiting then (its own included) in one thread hop; the
-        others wait for their job to be done, by that batch or the next."""
-        self._pending.append(job)
-        while not job.done:
-            if self._committing:
-                await self._batch_over.wait()
-                continue
-            # The callers a batch's end woke up are about to add their next
-            # jobs: let those that are ready join this batch, rather than
-            # commit one job alone and make the others wait for it.
-            while True:
-                waiting = len(self._pending)
-                await anyio.lowlevel.checkpoint()
-                if len(self._pending) == waiting or self._committing:
-                    break
-            if self._committing or job.done:
-                continue
-            batch, self._pending = self._pending, []
-            self._committing = True
-            try:
-                await self._run(self._commit_sync, batch)
-            except BaseException as exc:  # the store closed, or the hop failed
-                for other in batch:
-                    if not other.done:
-                        other.error, other.done = exc, True
-                if not isinstance(exc, Exception):
-                    raise
-            finally:
-                self._committing = False
-                over, self._batch_over = self._batch_over, anyio.Event()
-                over.set()
+        """Group commit: the jobs asked for at the same moment are committed
+        together, in one thread hop (see :class:`_Batches`)."""
+        await self._commits.submit(job)
         if job.error is not None:
             raise job.error
         assert job.names is not None

@@ -37,7 +37,7 @@ class Blocker:
 
 async def pending(store: Store, count: int) -> None:
     """Wait (yielding to the loop) until ``count`` calls wait for a group."""
-    while len(store._ops) < count:
+    while store._ops.waiting < count:
         await anyio.sleep(0)
 
 
@@ -123,7 +123,7 @@ async def test_a_call_cancelled_before_its_group_runs_never_runs(tmp_path: Path)
             tg.start_soon(cancelled)
             await pending(store, 2)
             scope.cancel()
-            while len(store._ops) != 1:
+            while store._ops.waiting != 1:
                 await anyio.sleep(0)
             blocker.release.set()
 
