@@ -4,6 +4,7 @@ and a failure costs only the jobs it touches."""
 from __future__ import annotations
 
 import errno
+import threading
 from pathlib import Path
 
 import anyio
@@ -69,6 +70,45 @@ async def test_adders_woken_by_a_batch_all_join_the_next_one(tmp_path: Path) -> 
                 tg.start_soon(adder)
     assert faults.seen["write_record"] == 48
     assert faults.seen["sync_data"] == 3
+    await od.close()
+
+
+async def test_an_add_cancelled_while_it_waits_for_a_batch_is_never_written(
+    tmp_path: Path,
+) -> None:
+    """Cancelled before its batch started, an add leaves nothing: its caller
+    never learns an id, so a message spooled anyway would be sent unseen."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold_first_batch(step: str) -> None:
+        if step == "sync_data" and not started.is_set():
+            started.set()
+            release.wait(30)
+
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs", on_step=hold_first_batch)
+    first: list[str] = []
+
+    async def add_first() -> None:
+        (msg,) = await od.add([new_message()])
+        first.append(msg.id)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(add_first)
+            await anyio.to_thread.run_sync(started.wait)
+            with anyio.CancelScope() as scope:
+
+                async def cancel() -> None:  # runs once the add below waits
+                    scope.cancel()
+
+                tg.start_soon(cancel)
+                await od.add([new_message()])
+            assert scope.cancelled_caught
+            release.set()
+        (later,) = await od.add([new_message()])  # the next batch: without the cancelled one
+    messages, _ = await od.load(Queue.ACTIVE)
+    assert sorted(m.id for m in messages) == sorted([*first, later.id])
+    assert await od.check(max_age=0) == []
     await od.close()
 
 
