@@ -1175,9 +1175,18 @@ class Store:
             found.update(self._names(self._qdir(q, True)))
         return found
 
-    def _writer_files_sync(self) -> list[str]:
+    def _registry_sync(self) -> tuple[list[str], list[str]]:
+        """One listing of ``.registry``: the entries' names (ids), and the
+        writers' pid files."""
+        entries: list[str] = []
+        writers: list[str] = []
         with os.scandir(self._registry) as it:
-            return [e.path for e in it if e.name.startswith(_WRITER_PREFIX)]
+            for e in it:
+                if e.name.startswith(_WRITER_PREFIX):
+                    writers.append(e.name)
+                elif is_valid_id(e.name) and not e.is_dir():
+                    entries.append(e.name)
+        return entries, writers
 
     def _writer_gone(self, registry_name: str) -> bool:
         pid = _read_pid(f"{self._registry}/{registry_name}")
@@ -1211,13 +1220,15 @@ class Store:
                 self._unlink_quiet(f"{self._registry}/{name}")
                 report.removed_unacknowledged.append(name)
                 touched += [self._data, self._registry]
-        for name in self._names(self._registry):
+        entries, writers = self._registry_sync()
+        for name in entries:
             if name not in records and self._writer_gone(name):
                 self._unlink_quiet(f"{self._registry}/{name}")
                 if name not in report.removed_unacknowledged:
                     report.removed_unacknowledged.append(name)
                 touched.append(self._registry)
-        for path in self._writer_files_sync():
+        for writer in writers:
+            path = f"{self._registry}/{writer}"
             pid = _read_pid(path)
             if pid is None or (pid != self._pid and not _pid_alive(pid)):
                 self._unlink_quiet(path)  # its entries (if any) keep their content
