@@ -599,30 +599,30 @@ class Store:
                     raise
             else:
                 return
-        fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
-        try:
-            os.write(fd, f"{self._pid}\n".encode())
-        finally:
-            os.close(fd)
+        self._create_pid_file(path)
 
     def _new_writer_file(self) -> str:
         for n in itertools.count(len(self._writer_files)):
             path = f"{self._registry}/{_WRITER_PREFIX}{self._pid}.{n}"
             try:
-                fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
+                self._create_pid_file(path)
             except FileExistsError:
                 continue  # another store of this process, or a dead one's with our pid
-            try:
-                os.write(fd, f"{self._pid}\n".encode())
-            except BaseException:
-                os.close(fd)
-                self._unlink_quiet(path)
-                raise
-            os.close(fd)
             self._writer_files.append(path)
             self._writer_file = path
             return path
         raise AssertionError("unreachable")
+
+    def _create_pid_file(self, path: str) -> None:
+        """Create ``path`` (FileExistsError if it exists) holding our pid."""
+        fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
+        try:
+            os.write(fd, f"{self._pid}\n".encode())
+        except BaseException:
+            os.close(fd)
+            self._unlink_quiet(path)
+            raise
+        os.close(fd)
 
     def _unlink_quiet(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
