@@ -75,6 +75,8 @@ from spoold.outcome import (
     OnPermanentFailure,
     PlannedAttempt,
     PlannedEnd,
+    PlannedRepeats,
+    RetriesExhausted,
     RetryPlan,
 )
 from spoold.relay import (
@@ -108,10 +110,12 @@ __all__ = [
     # delivery policy (issue 13)
     "DeliveryPolicy",
     "OnPermanentFailure",
+    "RetriesExhausted",
     "AfterCrash",
     "RetryPlan",
     "PlannedAttempt",
     "PlannedEnd",
+    "PlannedRepeats",
     # submissions and records
     "RoutedBatch",
     "RoutedEnvelope",

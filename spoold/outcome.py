@@ -29,11 +29,36 @@ Then the message's status:
   operator's kick never brings a message closer to freezing;
 * someone left to try and no interval left: ``frozen``.
 
+A :class:`DeliveryPolicy` adds the rules of queue lifetime, what happens
+when the retry intervals are used up, bounces and delay warnings (its
+default adds none of them: a policy without a lifetime keeps the rules
+above alone, which are the seed's):
+
+* retries exhausted (a policy with a lifetime): under ``repeat_last`` (the
+  default) the last interval is never consumed, so a message whose other
+  intervals are used up is retried at that last one until its lifetime
+  ends (then the lifetime rule below applies); a repeated wait is at least
+  :data:`MIN_REPEAT_WAIT`, so a last interval of ``0s`` never makes a tight
+  loop. Under ``freeze`` the last interval is consumed like the others and
+  the message is frozen when none is left (the seed's rule). A message with
+  no interval at all (so set by hand, or used up under ``freeze``) is frozen
+  at its next failure either way. Without a lifetime ``repeat_last`` has no
+  end to repeat to and acts as ``freeze``: a message never retries for ever
+  unless a lifetime that long is configured;
+* throttling (a policy with a lifetime): a refusal kept for later that is
+  a throttling reply (:attr:`~spoold.relay.RecipientResult.throttling`:
+  ``421``, or an enhanced status ``4.7.x``), or an attempt that reached no
+  hop while some hop throttled us
+  (:attr:`~spoold.relay.AttemptFailed.throttled_hops`), is rate-limited as
+  if ``on_error`` had answered ``try_later_rate_limited``: the head interval
+  is waited but not consumed, event ``delayed_rate_limited`` (the hop's own
+  backoff, :mod:`spoold.limits`, holds every message meanwhile). A hop that
+  throttles for ever still ends with the lifetime. Without a lifetime a
+  throttling reply counts as any temporary one (it uses up an interval), so
+  that such a hop still ends in a freeze;
+
 Every attempt that did not deliver to everyone adds a relay attempt (time,
 error text) to the record.
-
-A :class:`DeliveryPolicy` adds the rules of queue lifetime, bounces and
-delay warnings (its default is none of them: the rules above alone):
 
 * lifetime: an attempt made at or after ``spool_date + max_queue_lifetime``
   (one an operator asked for excepted) fails every recipient still to be
@@ -55,7 +80,9 @@ delay warnings (its default is none of them: the rules above alone):
 The notices are values: the spool turns them into delivery status
 notifications (:mod:`spoold.dsn`). :func:`retry_plan` foresees the attempts
 of a message by applying :func:`attempt_outcome` to failing attempts, so the
-plan and what happens follow the same rules.
+plan and what happens follow the same rules; once the last interval repeats,
+the attempts up to the lifetime's end are summed up (:class:`PlannedRepeats`)
+instead of listed, so a plan stays small whatever the lifetime.
 
 What the attempt says about its next hop (:func:`hop_feedback`, in
 :attr:`AttemptOutcome.hops`): the hop *throttled* us when a refusal is a
@@ -100,12 +127,15 @@ __all__ = [
     "attempt_outcome",
     "refusals",
     "OnPermanentFailure",
+    "RetriesExhausted",
+    "MIN_REPEAT_WAIT",
     "DeliveryPolicy",
     "NoticeKind",
     "RecipientNotice",
     "Notice",
     "PlannedAttempt",
     "PlannedEnd",
+    "PlannedRepeats",
     "RetryPlan",
     "retry_plan",
     "HopFeedback",
@@ -115,6 +145,7 @@ __all__ = [
 NO_REPLY = RecipientResult(451, "no reply for this recipient", "4.4.0")
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 NO_ANSWER_STATUS = "4.4.1"  # RFC 3463: no answer from host
+MIN_REPEAT_WAIT = timedelta(seconds=1)  # the shortest wait of a repeated last interval
 
 OutcomeEvent = Literal[
     EventKind.DELIVERED,
@@ -132,20 +163,38 @@ class OnPermanentFailure(StrEnum):
     BOUNCE = "bounce"  # reported to the sender, then moved to removed/
 
 
+class RetriesExhausted(StrEnum):
+    """What a message does once its retry intervals are used up (module
+    docstring): needs a lifetime to repeat until."""
+
+    REPEAT_LAST = "repeat_last"  # the last interval repeats until the lifetime ends
+    FREEZE = "freeze"  # frozen when none is left (the seed's rule)
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryPolicy:
-    """The rules of lifetime, bounces and delay warnings for one message.
-    ``None`` turns a rule off; the default is the seed's rules alone."""
+    """The rules of lifetime, retries exhausted, bounces and delay warnings
+    for one message. ``None`` turns a rule off; without a lifetime the
+    policy is the seed's rules alone."""
 
     max_queue_lifetime: timedelta | None = None
     on_permanent_failure: OnPermanentFailure = OnPermanentFailure.FREEZE
     delay_warning: timedelta | None = None
+    retries_exhausted: RetriesExhausted = RetriesExhausted.REPEAT_LAST
 
     def expiry(self, record: Message) -> datetime | None:
         """When ``record``'s lifetime ends (None: never)."""
         if self.max_queue_lifetime is None:
             return None
         return record.spool_date + self.max_queue_lifetime
+
+    @property
+    def repeats_last(self) -> bool:
+        """Whether the last retry interval repeats until the lifetime ends."""
+        return (
+            self.max_queue_lifetime is not None
+            and self.retries_exhausted is RetriesExhausted.REPEAT_LAST
+        )
 
 
 class NoticeKind(StrEnum):
@@ -252,8 +301,8 @@ def attempt_outcome(
     :func:`refusals`; a refused recipient missing from it is tried later.
     ``draw`` turns a retry interval into a wait (jitter applied).
     ``operator_kick`` says an operator asked for this attempt. ``policy``
-    adds lifetime, bounce and delay-warning rules. ``record`` is not
-    changed.
+    adds the lifetime, retries-exhausted, throttling, bounce and
+    delay-warning rules. ``record`` is not changed.
     """
     new = record.copy()
     remaining = list(record.remaining_recipients)
@@ -262,10 +311,13 @@ def attempt_outcome(
     errors: list[str] = []
     answers: dict[str, RecipientResult] = {}
     rate_limited = False
+    # Throttling keeps the interval only when a lifetime ends the message.
+    throttle_keeps = policy.max_queue_lifetime is not None
     hop = outcome.hop if isinstance(outcome, Delivery) else None
     if isinstance(outcome, AttemptFailed):
         later = remaining
         errors.append(outcome.error)
+        rate_limited = throttle_keeps and bool(outcome.throttled_hops)
     else:
         refused = refusals(record, outcome)
         for rcpt in remaining:
@@ -282,6 +334,7 @@ def attempt_outcome(
                 rate_limited = True
             elif action is ErrorAction.TRY_LATER:
                 later.append(rcpt)
+                rate_limited = rate_limited or (throttle_keeps and result.throttling)
             # ErrorAction.DONE: dealt with, neither retried nor failed
     notes = {
         rcpt: _recipient_notice(rcpt, answers.get(rcpt), hop, outcome)
@@ -326,9 +379,13 @@ def attempt_outcome(
         status, event = Frozen(), EventKind.FROZEN
     else:
         interval = new.retry_intervals[0]
-        if not rate_limited and not operator_kick:
+        repeating = len(new.retry_intervals) == 1 and policy.repeats_last
+        if not rate_limited and not operator_kick and not repeating:
             new.retry_intervals = new.retry_intervals[1:]
-        at = now + draw(interval)
+        wait = draw(interval)
+        if repeating:
+            wait = max(wait, MIN_REPEAT_WAIT)
+        at = now + wait
         if expiry is not None and at > expiry:
             at = max(expiry, now)  # the last attempt is made when the lifetime ends
         status = SendAt(at=at)
@@ -405,11 +462,33 @@ class PlannedEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class PlannedRepeats:
+    """The attempts after those listed, once the last retry interval repeats
+    (``repeat_last``): attempt number ``first`` comes between ``earliest``
+    and ``latest``, each further one ``shortest`` to ``longest`` after the
+    one before (the interval with its jitter), and the last one when the
+    lifetime ends at ``until``. They are ``min_count`` to ``max_count``
+    attempts, that last one included (equal without jitter; ``min_count``
+    0: only when the jitter brings the earlier attempts early enough)."""
+
+    first: int
+    earliest: datetime
+    latest: datetime
+    shortest: timedelta
+    longest: timedelta
+    until: datetime
+    min_count: int
+    max_count: int
+
+
+@dataclass(frozen=True, slots=True)
 class RetryPlan:
     """What would happen to a message if every attempt from now on failed
-    with a temporary error (nothing is sent to find out). A message that is
-    not waiting to be sent (frozen, removed, ...) has no attempts and no
-    end; ``note`` says why."""
+    with a temporary error (nothing is sent to find out). ``attempts`` lists
+    each attempt up to the one from which the last retry interval repeats;
+    ``repeats`` sums up those that follow, to the lifetime's end (None when
+    the interval does not repeat). A message that is not waiting to be sent
+    (frozen, removed, ...) has no attempts and no end; ``note`` says why."""
 
     id: str
     now: datetime
@@ -419,9 +498,17 @@ class RetryPlan:
     expiry: datetime | None = None
     note: str = ""
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    repeats: PlannedRepeats | None = None
 
 
 _PLANNED_FAILURE = AttemptFailed("planned attempt (assumed to fail)")
+
+
+@dataclass(slots=True)
+class _Repeats:
+    first: datetime  # the first repeated attempt
+    wait: timedelta  # between two of them
+    count: int  # the last one, at the lifetime's end, included
 
 
 @dataclass(slots=True)
@@ -429,6 +516,11 @@ class _Path:
     times: list[datetime]
     end: PlannedEnd
     warned: datetime | None
+    repeats: _Repeats | None = None
+
+
+def _ceil_div(a: timedelta, b: timedelta) -> int:
+    return -(-a // b)
 
 
 def _follow(
@@ -437,24 +529,51 @@ def _follow(
     policy: DeliveryPolicy,
     draw: Callable[[RetryInterval], timedelta],
 ) -> _Path:
-    """Apply failing attempts to ``record`` from ``first`` until it ends."""
+    """Apply failing attempts to ``record`` from ``first`` until it ends, or
+    until its last interval repeats: from there on every attempt is alike,
+    so the rest is counted, not followed one by one."""
     rec, t = record, first
     times: list[datetime] = []
     warned: datetime | None = None
-    while True:  # ends: each delayed attempt consumes one interval
+    while True:  # ends: each delayed attempt consumes an interval, or one repeats
         times.append(t)
         result = attempt_outcome(rec, _PLANNED_FAILURE, {}, now=t, draw=draw, policy=policy)
         if any(n.kind is NoticeKind.DELAYED for n in result.notices):
             warned = t
-        if isinstance(result.record.status, SendAt):
-            assert result.at is not None
+        if not isinstance(result.record.status, SendAt):
+            return _Path(times, _planned_end(result, t), warned)
+        assert result.at is not None
+        if result.record.retry_intervals != rec.retry_intervals:
             rec, t = result.record, result.at
             continue
-        action: Literal["freeze", "bounce"] = (
-            "bounce" if isinstance(result.record.status, Removed) else "freeze"
-        )
-        reason: Literal["lifetime", "intervals"] = "lifetime" if result.expired else "intervals"
-        return _Path(times, PlannedEnd(action, reason, t, t), warned)
+        # The last interval repeats: attempts every ``wait`` until the
+        # lifetime ends, the last one made then (attempt_outcome's rules).
+        expiry = policy.expiry(rec)
+        assert expiry is not None and t < expiry  # repeating needs a lifetime
+        wait = max(draw(result.record.retry_intervals[0]), MIN_REPEAT_WAIT)
+        count = _ceil_div(expiry - t, wait)
+        rec = result.record
+        warn_after = policy.delay_warning
+        if (
+            warned is None
+            and warn_after is not None
+            and rec.delay_warned_at is None
+            and rec.envelope_info.sender != ""
+        ):
+            step = max(1, _ceil_div(rec.spool_date + warn_after - t, wait))
+            if t + step * wait < expiry:
+                warned = t + step * wait
+        last = attempt_outcome(rec, _PLANNED_FAILURE, {}, now=expiry, draw=draw, policy=policy)
+        assert last.expired
+        return _Path(times, _planned_end(last, expiry), warned, _Repeats(result.at, wait, count))
+
+
+def _planned_end(result: AttemptOutcome, at: datetime) -> PlannedEnd:
+    action: Literal["freeze", "bounce"] = (
+        "bounce" if isinstance(result.record.status, Removed) else "freeze"
+    )
+    reason: Literal["lifetime", "intervals"] = "lifetime" if result.expired else "intervals"
+    return PlannedEnd(action, reason, at, at)
 
 
 def _early(interval: RetryInterval) -> timedelta:
@@ -470,7 +589,9 @@ def retry_plan(record: Message, *, now: datetime, policy: DeliveryPolicy) -> Ret
     temporary error, with their jitter bounds, and how and when it would
     end (frozen or bounced). Worked out by applying :func:`attempt_outcome`
     to failing attempts twice: once with every wait as short as the jitter
-    allows, once as long; times between are what can happen."""
+    allows, once as long; times between are what can happen. The attempts
+    of a repeating last interval are summed up in :attr:`RetryPlan.repeats`
+    (so a plan is small even for a ``1s`` interval over days)."""
     plan = RetryPlan(record.id, now, expiry=policy.expiry(record), policy=policy)
     status = record.status
     if isinstance(status, SendAt):
@@ -496,7 +617,22 @@ def retry_plan(record: Message, *, now: datetime, policy: DeliveryPolicy) -> Ret
         )
     else:
         ends = (early.end, late.end)
+    repeats = None
+    if early.repeats is not None:  # the late path never repeats when the early one does not
+        late_repeats = late.repeats
+        repeats = PlannedRepeats(
+            first=len(early.times) + 1,
+            earliest=early.repeats.first,
+            latest=late_repeats.first if late_repeats else late.end.latest,
+            shortest=early.repeats.wait,
+            longest=late_repeats.wait if late_repeats else early.repeats.wait,
+            until=early.end.latest,
+            min_count=late_repeats.count if late_repeats else 0,
+            max_count=early.repeats.count,
+        )
     warning = None
     if early.warned is not None:
         warning = (early.warned, late.warned or early.warned)
-    return replace(plan, attempts=tuple(attempts), ends=ends, delay_warning=warning)
+    return replace(
+        plan, attempts=tuple(attempts), ends=ends, delay_warning=warning, repeats=repeats
+    )

@@ -242,8 +242,10 @@ def test_hop_feedback_table(case: HopCase) -> None:
     assert record == before
 
 
-def test_a_throttled_attempt_follows_the_usual_rules_for_the_message() -> None:
-    # The backoff is for the hop; the message itself is delayed as on_error says.
+def test_without_a_lifetime_a_throttled_attempt_uses_up_an_interval() -> None:
+    # The backoff is for the hop; with no lifetime to end the message, a
+    # throttling deferral counts as any other (the lifetime cases are in
+    # test_outcome_policy.py).
     record = make_message("M1", recipients=[A], retry_intervals=minutes(1, 5))
     got = attempt_outcome(
         record, Delivery({A: CLOSING}, hop=HOP), {A: TRY}, now=NOW, draw=lambda i: i.span

@@ -1,7 +1,8 @@
 """The delivery-policy rules of the attempt outcome, as a table: queue
-lifetime, bounce or freeze on permanent failure, the one delay warning,
-and the retry plan worked out from the same rules. Pure: no spool, no
-disk, no clock."""
+lifetime, what happens when the retry intervals are used up, throttling
+replies, bounce or freeze on permanent failure, the one delay warning, and
+the retry plan worked out from the same rules. Pure: no spool, no disk, no
+clock."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import pytest
 from spoold.hooks import ErrorAction
 from spoold.message import Frozen, Message, Removed, RetryInterval, SendAt
 from spoold.outcome import (
+    MIN_REPEAT_WAIT,
     DeliveryPolicy,
     NoticeKind,
     OnPermanentFailure,
     PlannedAttempt,
     PlannedEnd,
+    PlannedRepeats,
     RecipientNotice,
+    RetriesExhausted,
     attempt_outcome,
     retry_plan,
 )
@@ -38,6 +42,11 @@ FAIL = ErrorAction.FAIL_PERMANENTLY
 TRY = ErrorAction.TRY_LATER
 BOUNCE = OnPermanentFailure.BOUNCE
 FREEZE = OnPermanentFailure.FREEZE
+REPEAT = RetriesExhausted.REPEAT_LAST
+USE_UP = RetriesExhausted.FREEZE
+CLOSING = RecipientResult(421, "too many connections, closing", "4.7.0")
+SLOW_DOWN = RecipientResult(450, "slow down", "4.7.1")
+BARE_421 = RecipientResult(421, "closing")
 
 
 def hours(*values: float) -> list[RetryInterval]:
@@ -68,6 +77,9 @@ class Case:
     sender: str = "sender@example.org"
     warned_before: bool = False
     kick: bool = False
+    intervals: tuple[float, ...] = (1, 2)
+    retries: RetriesExhausted = REPEAT
+    throttled_hops: tuple[str, ...] = ()  # of the attempt that reached no hop
     # expected
     event: str = "delayed"
     left: list[str] = field(default_factory=list)
@@ -75,6 +87,7 @@ class Case:
     notices: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
     wait: float | None = None  # hours after the attempt of send_at
     expired: bool = False
+    intervals_after: tuple[float, ...] | None = None
 
 
 CASES = {
@@ -170,18 +183,118 @@ CASES = {
         wait=1,
         notices=[("failed", [(A, "5.1.1")]), ("delayed", [(B, "4.3.0")])],
     ),
+    # --- retry intervals used up
+    "an interval that is not the last is used up": Case(
+        {A: LATER}, {A: TRY}, intervals=(1, 2), left=[A], wait=1, intervals_after=(2,)
+    ),
+    "the last interval repeats under a lifetime": Case(
+        {A: LATER}, {A: TRY}, intervals=(2,), left=[A], wait=2, intervals_after=(2,)
+    ),
+    "the last interval repeats when no hop was reached": Case(
+        "connection refused", intervals=(2,), left=[A, B], wait=2, intervals_after=(2,)
+    ),
+    "a repeat past the lifetime is brought forward to it": Case(
+        {A: LATER}, {A: TRY}, age=47, intervals=(2,), left=[A], wait=1, intervals_after=(2,)
+    ),
+    "at the lifetime a repeating message expires as any other": Case(
+        {A: LATER},
+        {A: TRY},
+        age=48,
+        intervals=(2,),
+        on_failure=BOUNCE,
+        event="removed",
+        failed=[A],
+        notices=[("failed", [(A, "4.4.7")])],
+        expired=True,
+    ),
+    "under freeze the last interval is used up": Case(
+        {A: LATER}, {A: TRY}, intervals=(2,), retries=USE_UP, left=[A], wait=2, intervals_after=()
+    ),
+    "under freeze no interval left freezes before the lifetime": Case(
+        {A: LATER}, {A: TRY}, intervals=(), retries=USE_UP, event="frozen", left=[A]
+    ),
+    "no interval at all freezes under repeat_last too": Case(
+        {A: LATER}, {A: TRY}, intervals=(), event="frozen", left=[A]
+    ),
+    "without a lifetime the last interval is used up": Case(
+        {A: LATER}, {A: TRY}, lifetime=None, intervals=(2,), left=[A], wait=2, intervals_after=()
+    ),
+    "an operator's kick keeps the last interval": Case(
+        {A: LATER}, {A: TRY}, kick=True, intervals=(2,), left=[A], wait=2, intervals_after=(2,)
+    ),
+    # --- throttling replies
+    "a 421 kept for later waits the head interval without using it": Case(
+        {A: CLOSING},
+        {A: TRY},
+        event="delayed_rate_limited",
+        left=[A],
+        wait=1,
+        intervals_after=(1, 2),
+    ),
+    "a 421 without an enhanced status likewise": Case(
+        {A: BARE_421},
+        {A: TRY},
+        event="delayed_rate_limited",
+        left=[A],
+        wait=1,
+        intervals_after=(1, 2),
+    ),
+    "a 4.7.x deferral likewise, beside a plain one": Case(
+        {A: LATER, B: SLOW_DOWN},
+        {A: TRY, B: TRY},
+        event="delayed_rate_limited",
+        left=[A, B],
+        wait=1,
+        intervals_after=(1, 2),
+    ),
+    "an attempt failed because a hop throttled keeps the interval": Case(
+        "no hops available: h1:25: 421 busy",
+        throttled_hops=("h1:25",),
+        event="delayed_rate_limited",
+        left=[A, B],
+        wait=1,
+        intervals_after=(1, 2),
+    ),
+    "a 421 on_error fails for good is not retried": Case(
+        {A: CLOSING}, {A: FAIL}, event="frozen", failed=[A]
+    ),
+    "a 421 at the lifetime expires: throttling never outlives it": Case(
+        {A: CLOSING}, {A: TRY}, age=48, event="frozen", failed=[A], expired=True
+    ),
+    "a 421 near the lifetime is brought forward to it": Case(
+        {A: CLOSING},
+        {A: TRY},
+        age=47.5,
+        event="delayed_rate_limited",
+        left=[A],
+        wait=0.5,
+        intervals_after=(1, 2),
+    ),
+    "without a lifetime a 421 uses up the interval as any deferral": Case(
+        {A: CLOSING}, {A: TRY}, lifetime=None, left=[A], wait=1, intervals_after=(2,)
+    ),
+    "without a lifetime a hop that throttled still uses up the interval": Case(
+        "no hops available: h1:25: 421 busy",
+        throttled_hops=("h1:25",),
+        lifetime=None,
+        left=[A, B],
+        wait=1,
+        intervals_after=(2,),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_policy_table(case: Case) -> None:
     rec = record(
-        [A, B] if isinstance(case.answers, str) else list(case.answers), sender=case.sender
+        [A, B] if isinstance(case.answers, str) else list(case.answers),
+        sender=case.sender,
+        intervals=case.intervals,
     )
     if case.warned_before:
         rec.delay_warned_at = SPOOLED + 5 * HOUR
     relay = (
-        AttemptFailed(case.answers)
+        AttemptFailed(case.answers, case.throttled_hops)
         if isinstance(case.answers, str)
         else Delivery(case.answers, hop=HOP)
     )
@@ -189,6 +302,7 @@ def test_policy_table(case: Case) -> None:
         max_queue_lifetime=case.lifetime * HOUR if case.lifetime is not None else None,
         on_permanent_failure=case.on_failure,
         delay_warning=case.warning * HOUR if case.warning is not None else None,
+        retries_exhausted=case.retries,
     )
     now = SPOOLED + case.age * HOUR
     before = rec.copy()
@@ -215,6 +329,9 @@ def test_policy_table(case: Case) -> None:
         assert new.status == Frozen()
     elif case.wait is not None:
         assert new.status == SendAt(at=now + case.wait * HOUR)
+        assert got.at == now + case.wait * HOUR
+    if case.intervals_after is not None:
+        assert new.retry_intervals == hours(*case.intervals_after)
     assert [
         (n.kind.value, [(r.recipient, r.status) for r in n.recipients]) for n in got.notices
     ] == (case.notices)
@@ -283,22 +400,125 @@ def plan_policy(**changes: object) -> DeliveryPolicy:
     return DeliveryPolicy(**options)  # type: ignore[arg-type]
 
 
-def test_plan_without_jitter_lists_each_attempt_and_the_freeze() -> None:
+def test_plan_under_freeze_lists_each_attempt_and_the_freeze() -> None:
     rec = record([A], intervals=[1, 2, 4])
-    plan = retry_plan(rec, now=SPOOLED, policy=plan_policy())
+    plan = retry_plan(rec, now=SPOOLED, policy=plan_policy(retries_exhausted=USE_UP))
     times = [SPOOLED + h * HOUR for h in (0, 1, 3, 7)]
     assert plan.attempts == tuple(PlannedAttempt(i + 1, t, t) for i, t in enumerate(times))
     assert plan.ends == (PlannedEnd("freeze", "intervals", times[-1], times[-1]),)
     assert plan.expiry == SPOOLED + 48 * HOUR
     assert plan.delay_warning is None
+    assert plan.repeats is None
+
+
+def test_plan_repeats_the_last_interval_until_the_lifetime() -> None:
+    rec = record([A], intervals=[1, 2, 4])
+    plan = retry_plan(rec, now=SPOOLED, policy=plan_policy())
+    times = [SPOOLED + h * HOUR for h in (0, 1, 3)]
+    assert plan.attempts == tuple(PlannedAttempt(i + 1, t, t) for i, t in enumerate(times))
+    end = SPOOLED + 48 * HOUR
+    # then at 7h, 11h, ... 47h (11 attempts) and at 48h, when the lifetime ends
+    assert plan.repeats == PlannedRepeats(
+        first=4,
+        earliest=SPOOLED + 7 * HOUR,
+        latest=SPOOLED + 7 * HOUR,
+        shortest=4 * HOUR,
+        longest=4 * HOUR,
+        until=end,
+        min_count=12,
+        max_count=12,
+    )
+    assert plan.ends == (PlannedEnd("freeze", "lifetime", end, end),)
 
 
 def test_plan_ends_at_the_lifetime_with_a_bounce() -> None:
     rec = record([A], intervals=[10, 20, 30])
     plan = retry_plan(rec, now=SPOOLED, policy=plan_policy(on_permanent_failure=BOUNCE))
-    times = [SPOOLED, SPOOLED + 10 * HOUR, SPOOLED + 30 * HOUR, SPOOLED + 48 * HOUR]
-    assert [a.earliest for a in plan.attempts] == times
-    assert plan.ends == (PlannedEnd("bounce", "lifetime", times[-1], times[-1]),)
+    end = SPOOLED + 48 * HOUR
+    assert [a.earliest for a in plan.attempts] == [
+        SPOOLED,
+        SPOOLED + 10 * HOUR,
+        SPOOLED + 30 * HOUR,
+    ]
+    assert plan.repeats is not None
+    assert (plan.repeats.first, plan.repeats.earliest, plan.repeats.max_count) == (4, end, 1)
+    assert plan.ends == (PlannedEnd("bounce", "lifetime", end, end),)
+
+
+def test_plan_is_what_failing_attempts_then_do() -> None:
+    # The plan's attempts, listed and summed up, are those the rules make.
+    rec = record([A], intervals=[1, 2, 5])
+    policy = plan_policy(on_permanent_failure=BOUNCE)
+    plan = retry_plan(rec, now=SPOOLED, policy=policy)
+    seen: list[datetime] = []
+    t = SPOOLED
+    while True:
+        seen.append(t)
+        got = attempt_outcome(
+            rec, AttemptFailed("refused"), {}, now=t, draw=lambda i: i.span, policy=policy
+        )
+        if got.at is None:
+            break
+        rec, t = got.record, got.at
+    assert got.expired and got.event == "removed"
+    repeats = plan.repeats
+    assert repeats is not None
+    listed = [a.earliest for a in plan.attempts]
+    assert seen[: len(listed)] == listed
+    summed = [
+        min(repeats.earliest + k * repeats.shortest, repeats.until)
+        for k in range(repeats.max_count)
+    ]
+    assert seen[len(listed) :] == summed
+    assert summed[-1] == repeats.until == plan.ends[0].earliest
+
+
+def test_plan_of_a_short_interval_over_days_stays_small() -> None:
+    rec = record([A], intervals=[])
+    rec.retry_intervals = [RetryInterval(timedelta(seconds=1))]
+    plan = retry_plan(rec, now=SPOOLED, policy=plan_policy(max_queue_lifetime=timedelta(days=5)))
+    assert plan.attempts == (PlannedAttempt(1, SPOOLED, SPOOLED),)
+    assert plan.repeats is not None
+    assert plan.repeats.min_count == plan.repeats.max_count == 5 * 86400
+
+
+def test_a_repeated_zero_interval_waits_a_second() -> None:
+    rec = record([A], intervals=[0])
+    policy = plan_policy()
+    got = attempt_outcome(
+        rec, AttemptFailed("refused"), {}, now=SPOOLED, draw=lambda i: i.span, policy=policy
+    )
+    assert got.at == SPOOLED + MIN_REPEAT_WAIT
+    plan = retry_plan(rec, now=SPOOLED, policy=policy)
+    assert plan.repeats is not None
+    assert plan.repeats.shortest == MIN_REPEAT_WAIT
+    assert plan.repeats.max_count == 48 * 3600
+
+
+def test_plan_of_a_repeat_with_jitter_gives_bounds() -> None:
+    rec = record([A], intervals=[])
+    rec.retry_intervals = [RetryInterval(HOUR, timedelta(minutes=6))]
+    plan = retry_plan(rec, now=SPOOLED, policy=plan_policy(max_queue_lifetime=10 * HOUR))
+    early, late = timedelta(minutes=54), timedelta(minutes=66)
+    assert plan.repeats == PlannedRepeats(
+        first=2,
+        earliest=SPOOLED + early,
+        latest=SPOOLED + late,
+        shortest=early,
+        longest=late,
+        until=SPOOLED + 10 * HOUR,
+        min_count=10,  # 10h / 66m, rounded up
+        max_count=12,  # 10h / 54m, rounded up
+    )
+
+
+def test_plan_shows_a_delay_warning_among_the_repeats() -> None:
+    rec = record([A], intervals=[1])
+    plan = retry_plan(
+        rec, now=SPOOLED, policy=plan_policy(delay_warning=timedelta(hours=4, minutes=30))
+    )
+    assert len(plan.attempts) == 1
+    assert plan.delay_warning == (SPOOLED + 5 * HOUR, SPOOLED + 5 * HOUR)
 
 
 def test_plan_of_a_null_sender_message_freezes_at_the_lifetime() -> None:
@@ -312,7 +532,7 @@ def test_plan_of_a_null_sender_message_freezes_at_the_lifetime() -> None:
 def test_plan_bounds_follow_the_jitter() -> None:
     rec = record([A], intervals=[])
     rec.retry_intervals = [RetryInterval(HOUR, timedelta(minutes=6))] * 2
-    plan = retry_plan(rec, now=SPOOLED, policy=plan_policy())
+    plan = retry_plan(rec, now=SPOOLED, policy=plan_policy(retries_exhausted=USE_UP))
     six = timedelta(minutes=6)
     assert plan.attempts == (
         PlannedAttempt(1, SPOOLED, SPOOLED),
@@ -343,7 +563,11 @@ def test_plan_marks_an_attempt_only_the_early_path_reaches() -> None:
 def test_plan_starts_at_send_at_and_shows_the_delay_warning() -> None:
     rec = record([A], intervals=[1, 2, 4])
     rec.status = SendAt(at=SPOOLED + 2 * HOUR)
-    plan = retry_plan(rec, now=SPOOLED + HOUR, policy=plan_policy(delay_warning=4 * HOUR))
+    plan = retry_plan(
+        rec,
+        now=SPOOLED + HOUR,
+        policy=plan_policy(delay_warning=4 * HOUR, retries_exhausted=USE_UP),
+    )
     assert [a.earliest for a in plan.attempts] == [SPOOLED + h * HOUR for h in (2, 3, 5, 9)]
     # the first attempt at or after 4h: the one at 5h
     assert plan.delay_warning == (SPOOLED + 5 * HOUR, SPOOLED + 5 * HOUR)
@@ -362,3 +586,28 @@ def test_plan_does_not_change_the_record() -> None:
     before = rec.copy()
     retry_plan(rec, now=SPOOLED, policy=plan_policy(on_permanent_failure=BOUNCE))
     assert rec == before
+
+
+def test_a_hop_that_throttles_for_ever_ends_with_the_lifetime() -> None:
+    rec = record([A], intervals=[1, 2])
+    policy = plan_policy()
+    expiry = SPOOLED + 48 * HOUR
+    events: list[str] = []
+    t = SPOOLED
+    for _ in range(100):  # 48 attempts an hour apart, then the end
+        got = attempt_outcome(
+            rec,
+            Delivery({A: CLOSING}, hop=HOP),
+            {A: TRY},
+            now=t,
+            draw=lambda i: i.span,
+            policy=policy,
+        )
+        events.append(got.event)
+        if got.at is None:
+            break
+        assert got.at <= expiry
+        assert got.record.retry_intervals == hours(1, 2)  # never used up
+        rec, t = got.record, got.at
+    assert events == ["delayed_rate_limited"] * 48 + ["frozen"]
+    assert (t, got.expired, got.record.failed_recipients) == (expiry, True, [A])

@@ -26,7 +26,7 @@ from spoold.message import (
     Sending,
     SendNow,
 )
-from spoold.outcome import DeliveryPolicy, OnPermanentFailure
+from spoold.outcome import DeliveryPolicy, OnPermanentFailure, RetryPlan
 from spoold.relay import RecipientResult
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
@@ -416,19 +416,35 @@ async def test_one_delay_warning_per_message_under_the_fake_clock(tmp_path: Path
         await follow_retries(spool, clock, mid)
         await wait_until(lambda: len(notices_for(relay)) == 1, "the warning delivered")
 
-    # attempts at 0, 1m, 6m (the first at or after 3m: the warning), 21m
-    assert [t for m, t in seen if m == mid] == [START + m * MINUTE for m in (0, 1, 6, 21)]
+    # attempts at 0, 1m, 6m (the first at or after 3m: the warning), 21m,
+    # then the last interval repeats until the lifetime ends at 1h
+    assert [t for m, t in seen if m == mid] == [
+        START + m * MINUTE for m in (0, 1, 6, 21, 36, 51, 60)
+    ]
     (warning,) = notices_for(relay)
     assert warning["Subject"] == "Delayed mail (still being retried)"
     (fields,) = recipient_fields(warning)
     assert fields["Action"] == "delayed"
     assert fields["Status"] == TRY_LATER.enhanced_status == "4.3.0"
     assert fields["Will-Retry-Until"] == "Tue, 04 Mar 2031 06:06:07 +0000"
-    record = read_record(tmp_path, "frozen", mid)  # out of intervals at 21m
+    record = read_record(tmp_path, "frozen", mid)  # expired at 1h
     assert record.delay_warned_at == START + 6 * MINUTE
 
 
 # --------------------------------------------------------------- retry plan
+
+
+def attempt_windows(plan: RetryPlan) -> list[tuple[datetime, datetime, bool]]:
+    """Every attempt of ``plan`` as (earliest, latest, conditional), the
+    repeated ones spelled out."""
+    out = [(a.earliest, a.latest, a.conditional) for a in plan.attempts]
+    r = plan.repeats
+    if r is not None:
+        for k in range(r.max_count):
+            earliest = min(r.earliest + k * r.shortest, r.until)
+            latest = min(r.latest + k * r.longest, r.until)
+            out.append((earliest, latest, k >= r.min_count))
+    return out
 
 
 @pytest.mark.parametrize("jitter", [0.0, 0.2])
@@ -457,14 +473,16 @@ async def test_the_retry_plan_is_what_then_happens(tmp_path: Path, jitter: float
     action = {"removed": "bounce", "frozen": "freeze"}[places(tmp_path, mid)[0]]
     (end,) = [e for e in plan.ends if e.action == action]
     assert end.earliest <= ended <= end.latest
-    certain = [a for a in plan.attempts if not a.conditional]
-    assert len(certain) <= len(times) <= len(plan.attempts)
-    for attempt, at in zip(plan.attempts, times, strict=False):
-        assert attempt.earliest <= at <= attempt.latest, (attempt, at)
+    windows = attempt_windows(plan)
+    certain = [w for w in windows if not w[2]]
+    assert len(certain) <= len(times) <= len(windows)
+    for (earliest, latest, _), at in zip(windows, times, strict=False):
+        assert earliest <= at <= latest, (earliest, latest, at)
     if jitter == 0.0:
         assert [(e.action, e.reason) for e in plan.ends] == [("bounce", "lifetime")]
         assert places(tmp_path, mid) == ["removed"]
-        assert times == [a.earliest for a in plan.attempts]
+        assert times == [w[0] for w in windows]
+        # the last interval (20m) repeats: its next attempt is when the lifetime ends
         assert times == [START + m * MINUTE for m in (0, 1, 6, 16, 30)]
     assert plan.delay_warning is not None
     (warning,) = [n for n in notices_for(relay) if n["Subject"].startswith("Delayed")]
