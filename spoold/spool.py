@@ -50,7 +50,8 @@ the message's next status) is decided by :func:`spoold.outcome.attempt_outcome`,
 a pure function; the spool asks ``on_error`` about each refusal, writes the
 record it returns (retrying until the disk takes it: the hop's answers are
 never thrown away) and publishes its event. The message's
-:class:`~spoold.outcome.DeliveryPolicy` (lifetime, bounce or freeze, delay
+:class:`~spoold.outcome.DeliveryPolicy` (lifetime, repeating the last
+retry interval or freezing once they are used up, bounce or freeze, delay
 warning) is an input of that function; the delivery status notifications it
 asks for (:mod:`spoold.dsn`) are added as new messages, with the null sender,
 routed like any other mail, before the outcome is written (a crash in
@@ -146,6 +147,7 @@ from spoold.outcome import (
     HopFeedback,
     Notice,
     NoticeKind,
+    RetriesExhausted,
     RetryPlan,
     attempt_outcome,
     refusals,
@@ -191,7 +193,8 @@ DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
 DEFAULT_SYNC: SyncMode = "syncfs"  # group commit: see spoold.store
 # The daemon's default queue lifetime (spool.max_queue_lifetime); a library
-# user opts in through ``delivery_policy`` (the default policy has none).
+# user opts in through ``delivery_policy`` (the default policy has none, so
+# its messages freeze when their retry intervals are used up, as the seed's).
 DEFAULT_MAX_QUEUE_LIFETIME = timedelta(days=5)
 AfterCrash = Literal["resend", "freeze"]
 DEFAULT_AFTER_CRASH: AfterCrash = "resend"
@@ -254,6 +257,7 @@ class Spool:
         routes: Routes | None = None,
         delivery_policy: DeliveryPolicy = DeliveryPolicy(),  # noqa: B008
         route_lifetimes: Mapping[str, timedelta] | None = None,
+        route_retries_exhausted: Mapping[str, RetriesExhausted] | None = None,
         after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
         reporting_mta: str | None = None,
         limits: LimitsSource | None = None,
@@ -264,11 +268,14 @@ class Spool:
     ) -> None:
         self._disk = ondisk
         # Replaceable while open (a reload): the policy of every message, the
-        # queue lifetime of messages of some routes, what to do with a
-        # message found in doubt at open, and the host name notifications
-        # report as.
+        # queue lifetime and retries-exhausted rule of messages of some
+        # routes, what to do with a message found in doubt at open, and the
+        # host name notifications report as.
         self.delivery_policy = delivery_policy
         self.route_lifetimes: dict[str, timedelta] = dict(route_lifetimes or {})
+        self.route_retries_exhausted: dict[str, RetriesExhausted] = dict(
+            route_retries_exhausted or {}
+        )
         self.after_crash: AfterCrash = after_crash
         self.reporting_mta = reporting_mta or socket.gethostname()
         # Changeable while open (a reload): read at each housekeeping round / add.
@@ -329,6 +336,7 @@ class Spool:
         sync: SyncMode = DEFAULT_SYNC,
         delivery_policy: DeliveryPolicy = DeliveryPolicy(),  # noqa: B008
         route_lifetimes: Mapping[str, timedelta] | None = None,
+        route_retries_exhausted: Mapping[str, RetriesExhausted] | None = None,
         after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
         reporting_mta: str | None = None,
         limits: LimitsSource | None = None,
@@ -365,14 +373,18 @@ class Spool:
         ``sync``: how new messages are made durable: ``"fsync"`` (each file
         and directory) or ``"syncfs"`` (concurrent adds share two syncs of
         the filesystem: group commit). Changeable through :attr:`sync`.
-        ``delivery_policy``: queue lifetime, bounce or freeze on permanent
-        failure, delay warning (:class:`~spoold.outcome.DeliveryPolicy`;
-        default: none of them, the seed's rules); ``route_lifetimes``:
-        the queue lifetime of messages of the named routes, overriding the
-        policy's. ``after_crash``: what to do with a message found in doubt
-        (``resend`` or ``freeze``). ``reporting_mta``: the host name that
-        delivery status notifications report as (default: this host's).
-        All four are changeable through the attributes of the same names.
+        ``delivery_policy``: queue lifetime, what to do once the retry
+        intervals are used up, bounce or freeze on permanent failure, delay
+        warning (:class:`~spoold.outcome.DeliveryPolicy`; default: no
+        lifetime, which leaves the seed's rules: a message whose intervals
+        are used up is frozen); ``route_lifetimes`` and
+        ``route_retries_exhausted``: the queue lifetime and the
+        retries-exhausted rule of messages of the named routes, overriding
+        the policy's. ``after_crash``: what to do with a message found in
+        doubt (``resend`` or ``freeze``). ``reporting_mta``: the host name
+        that delivery status notifications report as (default: this
+        host's). All five are changeable through the attributes of the same
+        names.
         ``limits``: where a message's destination limits come from
         (:class:`~spoold.limits.LimitsSource`; the daemon's router); None:
         no limits (next hops that throttle are backed off all the same).
@@ -421,6 +433,7 @@ class Spool:
                 routes=routes,
                 delivery_policy=delivery_policy,
                 route_lifetimes=route_lifetimes,
+                route_retries_exhausted=route_retries_exhausted,
                 after_crash=after_crash,
                 reporting_mta=reporting_mta,
                 limits=limits,
@@ -922,12 +935,18 @@ class Spool:
 
     def policy_for(self, msg: Message) -> DeliveryPolicy:
         """The delivery policy of ``msg``: the spool's, with the queue
-        lifetime of its route when :attr:`route_lifetimes` names one."""
+        lifetime and retries-exhausted rule of its route when
+        :attr:`route_lifetimes` or :attr:`route_retries_exhausted` name it."""
         policy = self.delivery_policy
-        lifetime = self.route_lifetimes.get(msg.route) if msg.route else None
-        if lifetime is None:
+        if not msg.route:
             return policy
-        return dataclasses.replace(policy, max_queue_lifetime=lifetime)
+        lifetime = self.route_lifetimes.get(msg.route)
+        if lifetime is not None:
+            policy = dataclasses.replace(policy, max_queue_lifetime=lifetime)
+        exhausted = self.route_retries_exhausted.get(msg.route)
+        if exhausted is not None:
+            policy = dataclasses.replace(policy, retries_exhausted=exhausted)
+        return policy
 
     async def _spool_notice(
         self, original: Message, notice: Notice, now: datetime, policy: DeliveryPolicy

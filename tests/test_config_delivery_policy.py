@@ -1,6 +1,7 @@
 """The delivery-policy keys: spool.max_queue_lifetime, on_permanent_failure,
-delay_warning, after_crash and routes.NAME.max_queue_lifetime; their
-defaults, their problems, and the policy the spool is given."""
+retries_exhausted, delay_warning, after_crash and
+routes.NAME.max_queue_lifetime / retries_exhausted; their defaults, their
+problems, and the policy the spool is given."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from spoold.daemon.config import (
     parse_config,
     restart_needed,
     route_lifetimes,
+    route_retries_exhausted,
 )
 from spoold.errors import ConfigError
-from spoold.outcome import DeliveryPolicy, OnPermanentFailure
+from spoold.outcome import DeliveryPolicy, OnPermanentFailure, RetriesExhausted
 
 SAMPLE = Path(__file__).absolute().parent.parent / "config" / "spoold.toml"
 
@@ -44,9 +46,13 @@ def test_defaults() -> None:
     assert cfg.spool.on_permanent_failure is OnPermanentFailure.FREEZE
     assert cfg.spool.delay_warning is None
     assert cfg.spool.after_crash == "resend"
+    assert cfg.spool.retries_exhausted is RetriesExhausted.REPEAT_LAST
     assert cfg.routes["smarthost"].max_queue_lifetime is None
+    assert cfg.routes["smarthost"].retries_exhausted is None
     assert delivery_policy(cfg) == DeliveryPolicy(max_queue_lifetime=timedelta(days=5))
+    assert delivery_policy(cfg).repeats_last  # unreachable mail is retried until the lifetime
     assert route_lifetimes(cfg) == {}
+    assert route_retries_exhausted(cfg) == {}
 
 
 def test_the_sample_config_has_the_defaults() -> None:
@@ -62,22 +68,28 @@ def test_values_given() -> None:
             "on_permanent_failure": "bounce",
             "delay_warning": "4h",
             "after_crash": "freeze",
+            "retries_exhausted": "freeze",
         },
-        route={"max_queue_lifetime": "6h"},
+        route={"max_queue_lifetime": "6h", "retries_exhausted": "repeat_last"},
     )
     assert delivery_policy(cfg) == DeliveryPolicy(
         max_queue_lifetime=timedelta(days=2),
         on_permanent_failure=OnPermanentFailure.BOUNCE,
         delay_warning=timedelta(hours=4),
+        retries_exhausted=RetriesExhausted.FREEZE,
     )
     assert cfg.spool.after_crash == "freeze"
     assert route_lifetimes(cfg) == {"smarthost": timedelta(hours=6)}
+    assert route_retries_exhausted(cfg) == {"smarthost": RetriesExhausted.REPEAT_LAST}
 
 
-def test_an_empty_delay_warning_or_route_lifetime_means_none() -> None:
-    cfg = config(spool={"delay_warning": ""}, route={"max_queue_lifetime": ""})
+def test_an_empty_delay_warning_or_route_setting_means_none() -> None:
+    cfg = config(
+        spool={"delay_warning": ""}, route={"max_queue_lifetime": "", "retries_exhausted": ""}
+    )
     assert cfg.spool.delay_warning is None
     assert route_lifetimes(cfg) == {}
+    assert route_retries_exhausted(cfg) == {}
 
 
 @pytest.mark.parametrize(
@@ -115,6 +127,17 @@ def test_an_empty_delay_warning_or_route_lifetime_means_none() -> None:
             {"max_queue_lifetime": "-1h"},
             "routes.smarthost.max_queue_lifetime: ",
         ),
+        (
+            {"retries_exhausted": "retry"},
+            {},
+            "spool.retries_exhausted: expected one of repeat_last, freeze, got 'retry'",
+        ),
+        (
+            {},
+            {"retries_exhausted": "forever"},
+            "routes.smarthost.retries_exhausted: expected one of repeat_last, freeze "
+            "or \"\", got 'forever'",
+        ),
     ],
 )
 def test_problems(spool: dict[str, Any], route: dict[str, Any], problem: str) -> None:
@@ -131,7 +154,8 @@ def test_the_policy_keys_change_on_reload_without_a_restart() -> None:
             "on_permanent_failure": "bounce",
             "delay_warning": "1h",
             "after_crash": "freeze",
+            "retries_exhausted": "freeze",
         },
-        route={"max_queue_lifetime": "2h"},
+        route={"max_queue_lifetime": "2h", "retries_exhausted": "repeat_last"},
     )
     assert restart_needed(old, new) == []

@@ -26,7 +26,7 @@ from spoold.message import (
     Sending,
     SendNow,
 )
-from spoold.outcome import DeliveryPolicy, OnPermanentFailure, RetryPlan
+from spoold.outcome import DeliveryPolicy, OnPermanentFailure, RetriesExhausted, RetryPlan
 from spoold.relay import RecipientResult
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
@@ -154,6 +154,41 @@ async def test_a_route_lifetime_overrides_the_spools(tmp_path: Path) -> None:
         await follow_retries(spool, clock, mid)
         assert [t for m, t in seen if m == mid] == [START, START + 3 * MINUTE]
         assert places(tmp_path, mid) == ["frozen"]
+
+
+async def test_by_default_the_last_interval_repeats_and_a_route_may_freeze(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(START)
+    relay, seen = timed_relay(clock, {RCPT: TRY_LATER})
+    policy = DeliveryPolicy(max_queue_lifetime=20 * MINUTE)
+    repeating = RoutedEnvelope(SENDER, [RCPT], [NEXT_HOP], intervals(1, 5), route="main")
+    freezing = RoutedEnvelope(SENDER, [RCPT], [NEXT_HOP], intervals(1, 5), route="strict")
+    async with open_spool(
+        tmp_path,
+        relay,
+        clock,
+        delivery_policy=policy,
+        route_retries_exhausted={"strict": RetriesExhausted.FREEZE},
+    ) as spool:
+        (kept,) = await spool.add(RoutedBatch([repeating], BODY))
+        await follow_retries(spool, clock, kept)
+        # 0, 1m, 6m, then every 5m until the lifetime ends at 20m
+        assert [t for m, t in seen if m == kept] == [
+            START + m * MINUTE for m in (0, 1, 6, 11, 16, 20)
+        ]
+        record = read_record(tmp_path, "frozen", kept)
+        assert record.failed_recipients == [RCPT]  # expired (4.4.7), not out of intervals
+        assert "4.4.7 expired" in record.relay_attempts[0].error
+
+        start = clock.now()
+        (frozen,) = await spool.add(RoutedBatch([freezing], BODY))
+        await follow_retries(spool, clock, frozen)
+        # the route's own rule: frozen when the intervals are used up
+        assert [t - start for m, t in seen if m == frozen] == [m * MINUTE for m in (0, 1, 6)]
+        record = read_record(tmp_path, "frozen", frozen)
+        assert record.remaining_recipients == [RCPT]
+        assert record.failed_recipients == []
 
 
 # ----------------------------------------------------------------- bounces

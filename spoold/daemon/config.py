@@ -34,7 +34,7 @@ from spoold.errors import (
 )
 from spoold.hops import parse_hop
 from spoold.limits import Rate, parse_rate
-from spoold.outcome import DeliveryPolicy, OnPermanentFailure
+from spoold.outcome import DeliveryPolicy, OnPermanentFailure, RetriesExhausted
 from spoold.store import SyncMode
 from spoold.times import parse_size, parse_span
 
@@ -53,6 +53,7 @@ __all__ = [
     "restart_needed",
     "delivery_policy",
     "route_lifetimes",
+    "route_retries_exhausted",
     "find_control_socket",
     "DEFAULT_CONTROL_SOCKET",
 ]
@@ -78,6 +79,7 @@ class SpoolConfig:
     sync: SyncMode = _spool.DEFAULT_SYNC
     max_queue_lifetime: timedelta = _spool.DEFAULT_MAX_QUEUE_LIFETIME
     on_permanent_failure: OnPermanentFailure = OnPermanentFailure.FREEZE
+    retries_exhausted: RetriesExhausted = DeliveryPolicy().retries_exhausted
     delay_warning: timedelta | None = None  # None: off
     after_crash: _spool.AfterCrash = _spool.DEFAULT_AFTER_CRASH
     removed_retention: timedelta = _spool.DEFAULT_REMOVED_RETENTION
@@ -155,6 +157,7 @@ class RouteConfig:
     auth_file: Path | None = None
     retry_intervals: tuple[timedelta, ...] | None = None
     max_queue_lifetime: timedelta | None = None  # None: spool.max_queue_lifetime
+    retries_exhausted: RetriesExhausted | None = None  # None: spool.retries_exhausted
     max_connections: int = _limits.DEFAULT_MAX_CONNECTIONS  # attempts at once
     rate: Rate | None = None  # attempts per span ("50/s"); None: unlimited
 
@@ -173,11 +176,13 @@ class Config:
 
 
 def delivery_policy(config: Config) -> DeliveryPolicy:
-    """The spool's delivery policy (lifetime, bounce, delay warning)."""
+    """The spool's delivery policy (lifetime, retries exhausted, bounce,
+    delay warning)."""
     return DeliveryPolicy(
         max_queue_lifetime=config.spool.max_queue_lifetime,
         on_permanent_failure=config.spool.on_permanent_failure,
         delay_warning=config.spool.delay_warning,
+        retries_exhausted=config.spool.retries_exhausted,
     )
 
 
@@ -187,6 +192,15 @@ def route_lifetimes(config: Config) -> dict[str, timedelta]:
         name: route.max_queue_lifetime
         for name, route in config.routes.items()
         if route.max_queue_lifetime is not None
+    }
+
+
+def route_retries_exhausted(config: Config) -> dict[str, RetriesExhausted]:
+    """The routes that have a retries-exhausted rule of their own."""
+    return {
+        name: route.retries_exhausted
+        for name, route in config.routes.items()
+        if route.retries_exhausted is not None
     }
 
 
@@ -303,6 +317,22 @@ def _enum(kind: type[_E]) -> Callable[[object], _E]:
         raise ValueError(f"expected one of {choices}, got {v!r}")
 
     return convert
+
+
+def _optional_enum(kind: type[_E]) -> Callable[[object], _E | None]:
+    """One of ``kind``'s values, or ``""`` for none."""
+    convert = _enum(kind)
+
+    def optional(v: object) -> _E | None:
+        if v == "":
+            return None
+        try:
+            return convert(v)
+        except ValueError:
+            choices = ", ".join(e.value for e in kind)
+            raise ValueError(f'expected one of {choices} or "", got {v!r}') from None
+
+    return optional
 
 
 def _tls_mode(v: object) -> TlsMode:
@@ -452,6 +482,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         sync=t.get("sync", _sync_mode),
         max_queue_lifetime=t.get("max_queue_lifetime", _positive_span),
         on_permanent_failure=t.get("on_permanent_failure", _enum(OnPermanentFailure)),
+        retries_exhausted=t.get("retries_exhausted", _enum(RetriesExhausted)),
         delay_warning=t.get("delay_warning", _optional_span),
         after_crash=t.get("after_crash", _after_crash),
         removed_retention=t.get("removed_retention", _positive_span),
@@ -571,6 +602,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             auth_file=t.get("auth_file", optional_path),
             retry_intervals=t.get("retry_intervals", _list(parse_span)),
             max_queue_lifetime=t.get("max_queue_lifetime", _optional_span),
+            retries_exhausted=t.get("retries_exhausted", _optional_enum(RetriesExhausted)),
             max_connections=t.get("max_connections", _int(1, 10_000)),
             rate=t.get("rate", parse_rate),
         )

@@ -61,6 +61,7 @@ from spoold.daemon.config import (
     load_config,
     restart_needed,
     route_lifetimes,
+    route_retries_exhausted,
 )
 from spoold.daemon.control import ControlServer
 from spoold.daemon.ingest import Origin, Submitter
@@ -205,6 +206,7 @@ class Daemon:
             sync=cfg.spool.sync,
             delivery_policy=delivery_policy(cfg),
             route_lifetimes=route_lifetimes(cfg),
+            route_retries_exhausted=route_retries_exhausted(cfg),
             after_crash=cfg.spool.after_crash,
             reporting_mta=hostname,
             limits=self.live.router,
@@ -395,6 +397,7 @@ class Daemon:
             spool.routes = live.router
             spool.delivery_policy = delivery_policy(cfg)
             spool.route_lifetimes = route_lifetimes(cfg)
+            spool.route_retries_exhausted = route_retries_exhausted(cfg)
             spool.after_crash = cfg.spool.after_crash
             spool.limits = live.router
         if self._workers is not None:
