@@ -185,10 +185,11 @@ class Client:
         """What would happen to a message of active or frozen if every
         attempt from now failed with a temporary error, as ``spoold
         retry-plan --format json`` prints it: ``attempts`` (each with
-        ``number``, ``earliest``, ``latest``, ``conditional``), ``ends``
-        (``action`` freeze|bounce, ``reason``, ``earliest``, ``latest``),
-        ``delay_warning``, ``expiry``, ``on_permanent_failure``, ``note``;
-        times RFC 3339 UTC strings."""
+        ``number``, ``earliest``, ``latest``, ``conditional``), ``repeats``
+        (the attempts of a repeating last interval, summed up, or None),
+        ``ends`` (``action`` freeze|bounce, ``reason``, ``earliest``,
+        ``latest``), ``delay_warning``, ``expiry``, ``on_permanent_failure``,
+        ``retries_exhausted``, ``note``; times RFC 3339 UTC strings."""
         plan: dict[str, Any] = self.request("retry_plan", id=validate_id(message_id))
         return plan
 

@@ -5,6 +5,7 @@ changes it live."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -54,12 +55,61 @@ async def test_retry_plan_follows_the_config_and_a_reload(
     spool_date = datetime.fromisoformat(view["spool_date"])
     assert view["in_doubt"] is False
 
-    # The defaults: 5 days of lifetime, freeze; the intervals run out first.
+    # The defaults: 5 days of lifetime, freeze, and the last interval (2h)
+    # repeats until the lifetime ends: the plan lists two attempts and sums
+    # up the rest.
+    expiry = spool_date + timedelta(days=5)
+    plan = plan_of(config, mid)
+    attempts = plan["attempts"]
+    assert isinstance(attempts, list)
+    assert [a["earliest"] for a in attempts] == times(first, 0, 1)
+    assert [a["latest"] for a in attempts] == times(first, 0, 1)
+    count = math.ceil((expiry - (first + HOUR)) / (2 * HOUR))
+    assert 55 <= count <= 60  # 5 days, less the first hours, every 2h
+    assert plan["repeats"] == {
+        "first": 3,
+        "earliest": rfc3339(first + 3 * HOUR),
+        "latest": rfc3339(first + 3 * HOUR),
+        "shortest_wait": 7200.0,
+        "longest_wait": 7200.0,
+        "until": rfc3339(expiry),
+        "min_count": count,
+        "max_count": count,
+    }
+    assert plan["ends"] == [
+        {
+            "action": "freeze",
+            "reason": "lifetime",
+            "earliest": rfc3339(expiry),
+            "latest": rfc3339(expiry),
+        }
+    ]
+    assert plan["expiry"] == rfc3339(expiry)
+    assert plan["on_permanent_failure"] == "freeze"
+    assert plan["retries_exhausted"] == "repeat_last"
+
+    table = cli("--config", str(config), "retry-plan", mid)
+    assert table.code == 0, table.err
+    lines = table.out.splitlines()
+    assert lines[-2:] == [
+        f"then every 2h until {rfc3339(expiry)} ({count} more attempts, #3 on; "
+        f"the first {rfc3339(first + 3 * HOUR)})",
+        f"then freeze (the queue lifetime ends): {rfc3339(expiry)}",
+    ]
+
+    # The earlier rule, by a reload: the intervals run out, then it freezes.
+    text = config.read_text()
+    config.write_text(
+        text.replace(
+            'flush_timeout = "1s"\n', 'flush_timeout = "1s"\nretries_exhausted = "freeze"\n'
+        )
+    )
+    assert cli("--config", str(config), "reload").code == 0
     plan = plan_of(config, mid)
     attempts = plan["attempts"]
     assert isinstance(attempts, list)
     assert [a["earliest"] for a in attempts] == times(first, 0, 1, 3)
-    assert [a["latest"] for a in attempts] == times(first, 0, 1, 3)
+    assert plan["repeats"] is None
     assert plan["ends"] == [
         {
             "action": "freeze",
@@ -68,9 +118,6 @@ async def test_retry_plan_follows_the_config_and_a_reload(
             "latest": rfc3339(first + 3 * HOUR),
         }
     ]
-    assert plan["expiry"] == rfc3339(spool_date + timedelta(days=5))
-    assert plan["on_permanent_failure"] == "freeze"
-
     table = cli("--config", str(config), "retry-plan", mid)
     assert table.code == 0, table.err
     assert f"then freeze (no retry interval left): {rfc3339(first + 3 * HOUR)}" in table.out

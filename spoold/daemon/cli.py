@@ -454,6 +454,38 @@ def retry_plan_attempt_lines(attempts: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _span_text(seconds: float) -> str:
+    """A span for a person: ``8h``, ``7h12m``, ``1d2h``, ``90.5s``."""
+    whole, rest = divmod(seconds, 1)
+    parts = []
+    left = int(whole)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    if left or rest or not parts:
+        parts.append(f"{left + rest:g}s")
+    return "".join(parts)
+
+
+def retry_plan_repeats_line(repeats: dict[str, Any]) -> str:
+    """The attempts of a repeating last interval, in one line: how often,
+    until when, how many and when the first of them comes."""
+    shortest = _span_text(repeats["shortest_wait"])
+    longest = _span_text(repeats["longest_wait"])
+    every = shortest if shortest == longest else f"{shortest} to {longest}"
+    low, high = repeats["min_count"], repeats["max_count"]
+    count = f"{high}" if low == high else f"{low} to {high}"
+    noun = "attempt" if high == 1 else "attempts"
+    first = repeats["earliest"]
+    if repeats["latest"] != first:
+        first = f"between {first} and {repeats['latest']}"
+    return (
+        f"then every {every} until {repeats['until']} "
+        f"({count} more {noun}, #{repeats['first']} on; the first {first})"
+    )
+
+
 @main.command("retry-plan")
 @click.argument("message_id")
 @click.option(
@@ -482,6 +514,8 @@ def retry_plan(target: _Target, message_id: str, fmt: str) -> None:
     )
     for line in retry_plan_attempt_lines(plan["attempts"]):
         click.echo(line)
+    if plan.get("repeats"):
+        click.echo(retry_plan_repeats_line(plan["repeats"]))
     reasons = {"lifetime": "the queue lifetime ends", "intervals": "no retry interval left"}
     for end in plan["ends"]:
         when = end["earliest"]

@@ -207,16 +207,22 @@ def message_view(msg: Message) -> dict[str, Any]:
 def retry_plan_view(plan: RetryPlan) -> dict[str, Any]:
     """The JSON form of a :class:`~spoold.outcome.RetryPlan` (times RFC
     3339 UTC): ``attempts`` (``number``, ``earliest``, ``latest``,
-    ``conditional``), ``ends`` (``action`` freeze|bounce, ``reason``
-    lifetime|intervals, ``earliest``, ``latest``), ``delay_warning``
-    (``earliest``, ``latest``, or null), ``expiry``, the policy's
-    ``on_permanent_failure``, and ``note`` when nothing is planned."""
+    ``conditional``), ``repeats`` (the attempts of a repeating last
+    interval, summed up: ``first``, ``earliest``, ``latest``,
+    ``shortest_wait`` and ``longest_wait`` in seconds, ``until``,
+    ``min_count``, ``max_count``; or null), ``ends`` (``action``
+    freeze|bounce, ``reason`` lifetime|intervals, ``earliest``, ``latest``),
+    ``delay_warning`` (``earliest``, ``latest``, or null), ``expiry``, the
+    policy's ``on_permanent_failure`` and ``retries_exhausted``, and
+    ``note`` when nothing is planned."""
     warning = plan.delay_warning
+    repeats = plan.repeats
     return {
         "id": plan.id,
         "now": rfc3339(plan.now),
         "expiry": rfc3339(plan.expiry) if plan.expiry else None,
         "on_permanent_failure": plan.policy.on_permanent_failure.value,
+        "retries_exhausted": plan.policy.retries_exhausted.value,
         "attempts": [
             {
                 "number": a.number,
@@ -226,6 +232,20 @@ def retry_plan_view(plan: RetryPlan) -> dict[str, Any]:
             }
             for a in plan.attempts
         ],
+        "repeats": (
+            {
+                "first": repeats.first,
+                "earliest": rfc3339(repeats.earliest),
+                "latest": rfc3339(repeats.latest),
+                "shortest_wait": repeats.shortest.total_seconds(),
+                "longest_wait": repeats.longest.total_seconds(),
+                "until": rfc3339(repeats.until),
+                "min_count": repeats.min_count,
+                "max_count": repeats.max_count,
+            }
+            if repeats
+            else None
+        ),
         "ends": [
             {
                 "action": e.action,
