@@ -326,9 +326,10 @@ class SmtpTestServer:
     def args(self, verb: str) -> list[str]:
         return [c.arg for c in self.commands if c.verb == verb]
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Listen on ``port`` (0: a free one), e.g. a hop that was down."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_protocol, HOST, 0)
+        self._server = await loop.create_server(self._new_protocol, HOST, port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
