@@ -203,12 +203,18 @@ async def test_retry_plan_of_a_delayed_message(
     plan = await call(lambda: client.retry_plan(mid))
     assert plan["id"] == mid
     assert plan["on_permanent_failure"] == "freeze"
-    # The config's one retry interval (1h) is used up: one more attempt, then frozen.
+    # The config's one retry interval (1h) repeats until the lifetime (5 days)
+    # ends, then the message is frozen.
     (attempt,) = plan["attempts"]
     assert attempt["number"] == 1
     assert attempt["earliest"] <= attempt["latest"]
+    repeats = plan["repeats"]
+    assert repeats["first"] == 2
+    assert repeats["until"] == plan["expiry"]
+    # every 54 to 66 minutes (jitter 0.1) for about 5 days
+    assert 5 * 24 / 1.1 - 2 <= repeats["min_count"] <= repeats["max_count"] <= 5 * 24 / 0.9 + 1
     (end,) = plan["ends"]
-    assert (end["action"], end["reason"]) == ("freeze", "intervals")
+    assert (end["action"], end["reason"]) == ("freeze", "lifetime")
     with pytest.raises(NotFoundError, match=UNKNOWN):
         await call(lambda: client.retry_plan(UNKNOWN))
     with pytest.raises(InvalidIdError):
