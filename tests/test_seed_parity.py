@@ -1,7 +1,9 @@
 """Where spoold behaves as async_smtp's spool does (issue 13, point 7): a 421
 goes through on_error, a presend "send at" is published as delayed, the
-operator operations are refused after kill_and_flush, and a directory that
-is not a spool is not taken for one."""
+operator operations are refused after kill_and_flush, a directory that is
+not a spool is not taken for one, and (issue 19) a message whose retry
+intervals are used up is frozen, with the default policy (no lifetime) or
+``retries_exhausted = freeze`` beside a lifetime."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from spoold.errors import SpoolClosedError, StoreError
 from spoold.events import EventKind
 from spoold.hooks import ErrorAction
 from spoold.message import Message, RoutedBatch, RoutedEnvelope, SendAt
+from spoold.outcome import DeliveryPolicy, RetriesExhausted
 from spoold.relay import RecipientResult
 from spoold.spool import Spool
 from spoold.testing import FakeClock
@@ -27,6 +30,7 @@ from tests.spool_helpers import (
     MINUTE,
     SENDER,
     START,
+    TRY_LATER,
     batch,
     intervals,
     next_events,
@@ -67,6 +71,39 @@ async def test_a_421_reaches_on_error_which_may_answer_rate_limited(
     assert (events[2].id, events[2].at) == (mid, START + MINUTE)
     assert (events[3].detail, events[3].at) == (smtp_server.hop, START + MINUTE)
     assert smtp_server.messages == []
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        DeliveryPolicy(),
+        DeliveryPolicy(
+            max_queue_lifetime=5 * 24 * 60 * MINUTE, retries_exhausted=RetriesExhausted.FREEZE
+        ),
+    ],
+    ids=["no lifetime", "freeze beside a lifetime"],
+)
+async def test_a_message_whose_intervals_are_used_up_is_frozen(
+    tmp_path: Path, policy: DeliveryPolicy
+) -> None:
+    clock = FakeClock(START)
+    relay = relay_answering({RCPT: TRY_LATER})
+    async with (
+        open_spool(tmp_path, relay, clock, delivery_policy=policy) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT, retry_intervals=intervals(1, 5)))
+        kinds = []
+        while EventKind.FROZEN not in kinds and len(kinds) < 10:  # bounded
+            (event,) = await next_events(stream, 1)
+            kinds.append(event.kind)
+            if event.kind is EventKind.DELAYED:
+                assert event.at is not None
+                clock.advance(event.at - clock.now())
+    kinds = [k for k in kinds if k is not EventKind.PRESEND]
+    # attempts at 0, 1m and 6m, then frozen
+    assert kinds == [EventKind.SPOOLED, EventKind.DELAYED, EventKind.DELAYED, EventKind.FROZEN]
+    assert places(tmp_path, mid) == ["frozen"]
 
 
 async def test_a_presend_send_at_is_published_as_delayed(tmp_path: Path) -> None:
