@@ -109,7 +109,11 @@ class OnDiskSpool:
         on_step: StepHook | None = None,
         min_free_bytes: int = 0,
         sync: SyncMode = "fsync",
+        keep_checkouts: Sequence[Queue] = (),
     ) -> tuple[OnDiskSpool, RecoveryReport]:
+        """Open the spool directory (see :meth:`Store.open`); records found
+        checked out in ``keep_checkouts`` stay so, for the owner to settle
+        (:meth:`save` with ``checked_out=True``)."""
         store, report = await Store.open(
             spool_dir,
             QUEUES,
@@ -119,12 +123,14 @@ class OnDiskSpool:
             on_step=on_step,
             min_free_bytes=min_free_bytes,
             sync=sync,
+            keep_checkouts=[q.value for q in keep_checkouts],
         )
         if report:
             log.info(
                 "spool recovered",
                 spool_dir=str(store.root),
                 returned_checkouts=len(report.returned_checkouts),
+                found_checked_out=len(report.kept_checkouts),
                 removed_tmp=len(report.removed_tmp),
                 removed_unacknowledged=report.removed_unacknowledged,
             )
@@ -191,6 +197,18 @@ class OnDiskSpool:
             encode_record(msg),
             to_queue=to_queue.value,
             checked_out=checked_out,
+        )
+
+    async def move_home(self, msg: Message, *, from_queue: Queue, checked_out: bool) -> None:
+        """Move a record whose content is right but whose place is not to
+        the queue of its status: renames only, nothing written (so it works
+        on a full disk too)."""
+        to_queue = queue_of(msg.status)
+        if to_queue is None:
+            await self.store.delete(from_queue.value, msg.id, checked_out=checked_out)
+            return
+        await self.store.write(
+            from_queue.value, msg.id, None, to_queue=to_queue.value, checked_out=checked_out
         )
 
     async def delete_many(self, queue: Queue, message_ids: Sequence[str]) -> int:
@@ -346,7 +364,7 @@ class OnDiskSpool:
                     found_in=queue.value,
                     status=result.status.name,
                 )
-                await self.save(result, from_queue=queue, checked_out=rec.checked_out)
+                await self.move_home(result, from_queue=queue, checked_out=rec.checked_out)
                 continue
             messages.append(result)
         return messages

@@ -32,7 +32,11 @@ Invariants:
   power loss a deleted entry may come back (a delivered message is then sent
   again: at least once, never lost), which saves a delivery three directory
   fsyncs.
-* A checked-out record belongs to its queue: recovery renames it back.
+* A checked-out record belongs to its queue: recovery renames it back,
+  except in the queues the owner asks to keep (``keep_checkouts``): those
+  stay checked out, reported, for the owner to settle (rewrite, then move
+  back) before it uses them, so what a cut-short job means is written down
+  before the record is back in its queue.
 * A registry entry is a hard link to its writer's ``.writer.PID.N`` file,
   made with ``link()``, which fails when the name exists just as
   ``O_CREAT|O_EXCL`` does. Its content is the writer's pid, as a file of its
@@ -262,11 +266,18 @@ class RecoveryReport:
     """What opening the store as owner found and repaired."""
 
     returned_checkouts: list[tuple[str, str]] = field(default_factory=list)
+    # (queue, name) found checked out in a ``keep_checkouts`` queue, left there.
+    kept_checkouts: list[tuple[str, str]] = field(default_factory=list)
     removed_tmp: list[str] = field(default_factory=list)
     removed_unacknowledged: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.returned_checkouts or self.removed_tmp or self.removed_unacknowledged)
+        return bool(
+            self.returned_checkouts
+            or self.kept_checkouts
+            or self.removed_tmp
+            or self.removed_unacknowledged
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -343,6 +354,7 @@ class Store:
         on_step: StepHook | None = None,
         min_free_bytes: int = 0,
         sync: SyncMode = "fsync",
+        keep_checkouts: Sequence[str] = (),
     ) -> tuple[Store, RecoveryReport]:
         """Open (and create, missing parent directories too) the store at ``root``.
 
@@ -356,12 +368,18 @@ class Store:
 
         As owner, take the lock (raising :class:`SpoolLockedError` at once if
         another process holds it) and recover: checked-out records go back to
-        their queues, and leftovers of writers that died before committing
-        are removed. Returns the store and what recovery did.
+        their queues (but those of ``keep_checkouts``, which stay checked
+        out and are listed in :attr:`RecoveryReport.kept_checkouts`: the
+        owner settles each with :meth:`write` ``checked_out=True``), and
+        leftovers of writers that died before committing are removed.
+        Returns the store and what recovery did.
         """
         for q in queues:
             if not q or q.startswith(".") or "/" in q or q in ("tmp", "data"):
                 raise ValueError(f"bad queue name {q!r}")
+        for q in keep_checkouts:
+            if q not in queues:
+                raise ValueError(f"keep_checkouts names {q!r}, which is not a queue")
         store = cls(
             Path(os.path.abspath(root)),  # noqa: ASYNC240 (no I/O: joins with the cwd)
             queues,
@@ -372,7 +390,9 @@ class Store:
             sync=sync,
         )
         try:
-            report = await anyio.to_thread.run_sync(store._open_sync, create)
+            report = await anyio.to_thread.run_sync(
+                store._open_sync, create, frozenset(keep_checkouts)
+            )
         except BaseException:
             store._close_sync()
             raise
@@ -395,7 +415,7 @@ class Store:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _open_sync(self, create: bool) -> RecoveryReport:
+    def _open_sync(self, create: bool, keep_checkouts: frozenset[str]) -> RecoveryReport:
         root = self._root_s
         dirs = [root, self._tmp, self._data, self._registry]
         for q in self.queues:
@@ -423,7 +443,7 @@ class Store:
         self._lock_fd = fd
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{self._pid}\n".encode(), 0)
-        return self._recover_sync()
+        return self._recover_sync(keep_checkouts)
 
     def _refuse_foreign_dir_sync(self) -> None:
         """A store is created in a missing or empty directory, or opened in
@@ -1192,7 +1212,7 @@ class Store:
         pid = _read_pid(f"{self._registry}/{registry_name}")
         return pid is None or (pid != self._pid and not _pid_alive(pid))
 
-    def _recover_sync(self) -> RecoveryReport:
+    def _recover_sync(self, keep_checkouts: frozenset[str]) -> RecoveryReport:
         report = RecoveryReport()
         touched: list[str] = []
         for q in self.queues:
@@ -1200,6 +1220,9 @@ class Store:
                 dst = f"{self._qdir(q)}/{name}"
                 if os.path.exists(dst):
                     continue  # a duplicate: leave both for the check to report
+                if q in keep_checkouts:
+                    report.kept_checkouts.append((q, name))
+                    continue
                 os.rename(f"{self._qdir(q, True)}/{name}", dst)
                 report.returned_checkouts.append((q, name))
                 touched += [self._qdir(q, True), self._qdir(q)]
