@@ -489,11 +489,15 @@ class Spool:
                         self._index_put(entry)
                         self._schedule(entry)
 
+            if queue is not Queue.ACTIVE and not self._disk.usable(queue):
+                continue  # reported below; the rest is served
             # Records are interned in the reading thread (one batch at a time:
             # ``shared`` is only ever used there), as soon as they are decoded.
             await self._disk.load(queue, on_batch=index, prepare=lambda m: m.intern(shared))
         for msg in doubtful:
             await self._settle_in_doubt(msg, checked_out=msg.id in cut_short)
+        for path, why in self._disk.unusable().items():
+            log.error("spool directory unusable; what it holds is skipped", path=path, error=why)
         log.info(
             "spool opened",
             spool_dir=str(self._disk.dir),
@@ -551,6 +555,18 @@ class Spool:
         """Messages found in doubt at open whose mark the disk has not
         taken yet (held, never sent, tried again at each ping)."""
         return len(self._unsettled)
+
+    def skipped(self) -> dict[str, int]:
+        """What this spool skips, by kind: ``unreadable_record`` (a record
+        that could neither be read nor set aside at open), ``unusable_dir``
+        (a directory this process cannot use), ``unmarked_in_doubt`` (see
+        :attr:`unsettled_in_doubt`). Each is in the log too; ``check``
+        reports the first two."""
+        return {
+            "unreadable_record": len(self._disk.skipped),
+            "unusable_dir": len(self._disk.unusable()),
+            "unmarked_in_doubt": len(self._unsettled),
+        }
 
     @property
     def spool_dir(self) -> Path:
@@ -736,6 +752,8 @@ class Spool:
         names)."""
         unknown = []
         for queue in _LOADED_QUEUES:
+            if not self._disk.usable(queue):
+                continue
             for name, checked_out in await self._disk.names(queue):
                 if not checked_out and name not in self._index:
                     unknown.append(name)

@@ -234,6 +234,9 @@ class StoredRecord:
     queue: str
     data: bytes
     checked_out: bool
+    # Why the file could not be read (``data`` is then empty), e.g. its
+    # permissions: a caller treats it as a record that cannot be decoded.
+    error: str | None = None
 
 
 ProblemKind = Literal[
@@ -242,6 +245,7 @@ ProblemKind = Literal[
     "missing_body",  # a record whose body is gone
     "duplicate",  # one name in two places
     "stale_tmp",  # a file left in tmp/ past the age limit
+    "unusable_dir",  # a directory of the store this process cannot use
     "stale_checkout",  # a record checked out past the age limit
     "stray_file",  # a file in a queue whose name is not an id
     "unreadable",  # (ondisk) a record that cannot be decoded
@@ -301,6 +305,26 @@ def _read_pid(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _unusable_text(path: str, why: str) -> str:
+    """What an operator reads about a directory this process cannot use,
+    and what to run about it."""
+    user = _user_name()
+    return (
+        f"cannot use directory {path}: {why}; it must belong to the daemon's user and be "
+        f"readable, writable and searchable by it (e.g. chown {user}: {path} && "
+        f"chmod 0750 {path})"
+    )
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
+
+
 class Store:
     """A store directory opened by this process. Use :meth:`open`."""
 
@@ -335,6 +359,9 @@ class Store:
         self.sync: SyncMode = sync
         self._commits = _Batches[_Job](lambda batch: self._run(self._commit_sync, batch))
         self._dir_fds: dict[str, int] = {}
+        # Directories of queues this process cannot use (path -> why), found
+        # at open: what lives there is skipped, the rest is served.
+        self.unusable: dict[str, str] = {}
         self._ops = _Batches[_Op](lambda group: self._run(self._run_ops_sync, group))
         self._closed = False
         self._inflight = 0  # operations running in worker threads
@@ -417,20 +444,39 @@ class Store:
 
     def _open_sync(self, create: bool, keep_checkouts: frozenset[str]) -> RecoveryReport:
         root = self._root_s
-        dirs = [root, self._tmp, self._data, self._registry]
+        needed = [root, self._tmp, self._data, self._registry]
+        dirs = list(needed)
         for q in self.queues:
             dirs += [f"{root}/{q}", f"{root}/{q}/{CHECKOUT}", f"{root}/{q}/{REASONS}"]
         if create:
             os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)  # e.g. var/
             self._refuse_foreign_dir_sync()
             for d in dirs:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(d, _DIR_MODE)
-        missing = [d for d in dirs if not os.path.isdir(d)]
-        if missing:
-            raise StoreError(f"{root} is not a spool directory (missing {missing[0]})")
+                with contextlib.suppress(FileExistsError, PermissionError):
+                    os.mkdir(d, _DIR_MODE)  # a refusal is reported below
         for d in dirs:
-            self._dir_fds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._dir_fds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                raise StoreError(f"{root} is not a spool directory (missing {d})") from None
+            except PermissionError as exc:
+                why = exc.strerror or "Permission denied"
+                if d in needed:
+                    raise StoreError(exc.errno, _unusable_text(d, why), d) from None
+                self.unusable[d] = why
+                continue
+            # The owner changes every directory: one it may open but not
+            # change or search is unusable too. (A reader needs only to open.)
+            if self.owner and not os.access(d, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+                why = "Permission denied (not readable, writable and searchable)"
+                if d in needed:
+                    raise StoreError(errno.EACCES, _unusable_text(d, why), d)
+                self.unusable[d] = why
+        # Inside an unusable directory, nothing is usable.
+        for d in dirs:
+            parent = os.path.dirname(d)
+            if parent in self.unusable and d not in self.unusable:
+                self.unusable[d] = f"inside {parent}, which is unusable"
         if not self.owner:
             return RecoveryReport()
         lock_path = f"{root}/lock"
@@ -559,6 +605,13 @@ class Store:
     def _qdir(self, queue: str, checked_out: bool = False) -> str:
         base = f"{self._root_s}/{self._check_queue(queue)}"
         return f"{base}/{CHECKOUT}" if checked_out else base
+
+    def _usable(self, directory: str) -> bool:
+        return directory not in self.unusable
+
+    def unusable_text(self, directory: str) -> str:
+        """Why ``directory`` cannot be used, and what to run about it."""
+        return _unusable_text(directory, self.unusable.get(directory, "Permission denied"))
 
     def _fsync_dirs(self, dirs: Iterable[str]) -> None:
         for d in dict.fromkeys(dirs):
@@ -941,12 +994,16 @@ class Store:
         out = []
         for checked_out in (False, True):
             d = self._qdir(queue, checked_out)
+            if not self._usable(d):
+                continue  # the check reports the directory
             for name in sorted(self._names(d)):
                 try:
                     with open(f"{d}/{name}", "rb") as f:
                         out.append(StoredRecord(name, queue, f.read(), checked_out))
                 except FileNotFoundError:
                     continue  # moved away under us (we are not the owner)
+                except PermissionError as exc:
+                    out.append(StoredRecord(name, queue, b"", checked_out, exc.strerror))
         out.sort(key=lambda r: r.name)
         return out
 
@@ -972,8 +1029,8 @@ class Store:
         then: Callable[[list[StoredRecord]], _T],
     ) -> _T:
         dir_fds = (
-            self._dir_fds[self._qdir(queue)],
-            self._dir_fds[self._qdir(queue, True)],
+            self._dir_fds.get(self._qdir(queue), -1),
+            self._dir_fds.get(self._qdir(queue, True), -1),
         )
         out = []
         for name, checked_out in names:
@@ -981,6 +1038,9 @@ class Store:
                 fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fds[checked_out])
             except FileNotFoundError:
                 continue  # moved away under us (we are not the owner)
+            except PermissionError as exc:  # this one file: the others are read
+                out.append(StoredRecord(name, queue, b"", checked_out, exc.strerror))
+                continue
             try:
                 data = os.read(fd, _RECORD_READ)
                 if len(data) == _RECORD_READ:  # a large record: read on to its end
@@ -998,8 +1058,14 @@ class Store:
         return await self._run(self._list_queue_sync, queue)
 
     def _list_queue_sync(self, queue: str) -> list[tuple[str, bool]]:
-        out = [(n, False) for n in self._names(self._qdir(queue))]
-        out += [(n, True) for n in self._names(self._qdir(queue, True))]
+        """Raises :class:`StoreError` when the queue's directory is
+        unusable; an unusable checkout directory is left out."""
+        home = self._qdir(queue)
+        if not self._usable(home):
+            raise StoreError(errno.EACCES, self.unusable_text(home), home)
+        out = [(n, False) for n in self._names(home)]
+        if self._usable(self._qdir(queue, True)):
+            out += [(n, True) for n in self._names(self._qdir(queue, True))]
         out.sort()
         return out
 
@@ -1182,6 +1248,8 @@ class Store:
     def _all_records(self) -> dict[str, list[tuple[str, bool]]]:
         found: dict[str, list[tuple[str, bool]]] = {}
         for q in self.queues:
+            if not self._usable(self._qdir(q)):
+                continue
             for name, checked_out in self._list_queue_sync(q):
                 found.setdefault(name, []).append((q, checked_out))
         return found
@@ -1191,8 +1259,9 @@ class Store:
         recovery asks only whether a name has a record)."""
         found: set[str] = set()
         for q in self.queues:
-            found.update(self._names(self._qdir(q)))
-            found.update(self._names(self._qdir(q, True)))
+            for d in (self._qdir(q), self._qdir(q, True)):
+                if self._usable(d):
+                    found.update(self._names(d))
         return found
 
     def _registry_sync(self) -> tuple[list[str], list[str]]:
@@ -1216,6 +1285,8 @@ class Store:
         report = RecoveryReport()
         touched: list[str] = []
         for q in self.queues:
+            if not (self._usable(self._qdir(q, True)) and self._usable(self._qdir(q))):
+                continue  # reported at open; what is there waits
             for name in self._names(self._qdir(q, True)):
                 dst = f"{self._qdir(q)}/{name}"
                 if os.path.exists(dst):
@@ -1320,9 +1391,13 @@ class Store:
             for e in it:
                 if old(e.path):
                     problems.append(Problem("stale_tmp", e.name, e.path, "left in tmp/"))
+        for d in sorted(self.unusable):
+            problems.append(Problem("unusable_dir", os.path.basename(d), d, self.unusable_text(d)))
         for q in self.queues:
             for checked_out in (False, True):
                 d = self._qdir(q, checked_out)
+                if not self._usable(d):
+                    continue
                 with os.scandir(d) as it:
                     for e in it:
                         if e.name in (CHECKOUT, REASONS):

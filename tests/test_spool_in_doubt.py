@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from spoold.daemon.control import message_view
+from spoold.daemon.metrics import Metrics
 from spoold.message import Frozen, SendAt, Sending, encode_record
 from spoold.spool import AfterCrash
 from spoold.testing import FakeClock, Faults, InMemoryRelay
@@ -133,6 +134,11 @@ async def test_a_mark_the_disk_refuses_keeps_the_message_in_doubt(
     faults.fail("write_record", disk_full())
     async with open_spool(tmp_path, relay, clock, after_crash=mode, on_step=faults) as spool:
         assert spool.unsettled_in_doubt == 1
+        metrics = Metrics()
+        metrics.update(spool)
+        skipped = metrics.registry.get_sample_value
+        assert skipped("spoold_spool_skipped", {"kind": "unmarked_in_doubt"}) == 1.0
+        assert skipped("spoold_spool_skipped", {"kind": "unusable_dir"}) == 0.0
         assert [m.id for m in spool.status()] == [waiting]  # the queue is served
         clock.advance(MINUTE)
         await wait_until(lambda: attempts_for(relay, waiting) == [(RCPT,)], "the other attempt")
