@@ -8,12 +8,16 @@ know what a record means:
 
 * the queue a record is saved into is always ``queue_of(message.status)``;
   a delivered message is deleted;
-* when the owner loads a queue, a record that cannot be read is set aside in
-  ``quarantine`` with the reason (never deleted), and a record whose status
+* when the owner loads a queue, a record that cannot be read (corrupt, or a
+  file this process may not read) is set aside in ``quarantine`` with the
+  reason (never deleted); one that cannot even be moved is skipped, kept in
+  :attr:`OnDiskSpool.skipped` and reported, and the rest is served. A
+  record whose status
   belongs to another queue (a crash between the two renames of a move) is
   moved to where its status says.
 
-It holds no state of its own beyond the open store; scheduling is the
+It holds no state of its own beyond the open store and what it skipped;
+scheduling is the
 spool's (:mod:`spoold.spool`).
 """
 
@@ -97,6 +101,8 @@ class OnDiskSpool:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.dir = store.root
+        # Records that could not be read nor set aside when loaded, by id.
+        self.skipped: dict[str, Unreadable] = {}
 
     @classmethod
     async def open(
@@ -109,7 +115,11 @@ class OnDiskSpool:
         on_step: StepHook | None = None,
         min_free_bytes: int = 0,
         sync: SyncMode = "fsync",
+        keep_checkouts: Sequence[Queue] = (),
     ) -> tuple[OnDiskSpool, RecoveryReport]:
+        """Open the spool directory (see :meth:`Store.open`); records found
+        checked out in ``keep_checkouts`` stay so, for the owner to settle
+        (:meth:`save` with ``checked_out=True``)."""
         store, report = await Store.open(
             spool_dir,
             QUEUES,
@@ -119,12 +129,14 @@ class OnDiskSpool:
             on_step=on_step,
             min_free_bytes=min_free_bytes,
             sync=sync,
+            keep_checkouts=[q.value for q in keep_checkouts],
         )
         if report:
             log.info(
                 "spool recovered",
                 spool_dir=str(store.root),
                 returned_checkouts=len(report.returned_checkouts),
+                found_checked_out=len(report.kept_checkouts),
                 removed_tmp=len(report.removed_tmp),
                 removed_unacknowledged=report.removed_unacknowledged,
             )
@@ -132,6 +144,16 @@ class OnDiskSpool:
 
     async def close(self) -> None:
         await self.store.close()
+
+    def usable(self, queue: Queue) -> bool:
+        """Whether this process can use ``queue``'s directory (one it
+        cannot is reported at open, by :meth:`unusable`, and skipped)."""
+        return str(self.dir / queue.value) not in self.store.unusable
+
+    def unusable(self) -> dict[str, str]:
+        """Directories of the spool this process cannot use: path, and
+        what is wrong and what to run about it."""
+        return {d: self.store.unusable_text(d) for d in sorted(self.store.unusable)}
 
     async def __aenter__(self) -> OnDiskSpool:
         return self
@@ -193,6 +215,18 @@ class OnDiskSpool:
             checked_out=checked_out,
         )
 
+    async def move_home(self, msg: Message, *, from_queue: Queue, checked_out: bool) -> None:
+        """Move a record whose content is right but whose place is not to
+        the queue of its status: renames only, nothing written (so it works
+        on a full disk too)."""
+        to_queue = queue_of(msg.status)
+        if to_queue is None:
+            await self.store.delete(from_queue.value, msg.id, checked_out=checked_out)
+            return
+        await self.store.write(
+            from_queue.value, msg.id, None, to_queue=to_queue.value, checked_out=checked_out
+        )
+
     async def delete_many(self, queue: Queue, message_ids: Sequence[str]) -> int:
         """Delete records of ``queue`` and their bodies in one thread hop
         (removed-message retention); ids no longer there are skipped."""
@@ -231,11 +265,7 @@ class OnDiskSpool:
     # ------------------------------------------------------------ reading
 
     def _decode(self, rec: StoredRecord) -> Message | RecordError:
-        try:
-            msg = decode_record(rec.data, expected_id=rec.name)
-        except RecordError as exc:
-            return exc
-        return msg
+        return _decode_one(rec)
 
     async def load(
         self,
@@ -331,10 +361,19 @@ class OnDiskSpool:
                 if queue is Queue.QUARANTINE:
                     reason = await self.store.set_aside_reason(queue.value, rec.name) or reason
                 elif self.store.owner:
+                    try:
+                        await self.store.set_aside(
+                            queue.value, rec.name, Queue.QUARANTINE.value, reason
+                        )
+                    except StoreError as exc:
+                        # Not even movable: skipped, and reported (log,
+                        # check, metric); the rest of the queue is served.
+                        reason = f"{reason}; left in place, cannot set it aside: {exc}"
+                        log.error("record skipped", id=rec.name, path=str(path), reason=reason)
+                        self.skipped[rec.name] = Unreadable(rec.name, queue, path, reason)
+                        unreadable.append(self.skipped[rec.name])
+                        continue
                     log.error("record set aside", id=rec.name, path=str(path), reason=reason)
-                    await self.store.set_aside(
-                        queue.value, rec.name, Queue.QUARANTINE.value, reason
-                    )
                     path = self.dir / Queue.QUARANTINE.value / rec.name
                 unreadable.append(Unreadable(rec.name, queue, path, reason))
                 continue
@@ -346,7 +385,7 @@ class OnDiskSpool:
                     found_in=queue.value,
                     status=result.status.name,
                 )
-                await self.save(result, from_queue=queue, checked_out=rec.checked_out)
+                await self.move_home(result, from_queue=queue, checked_out=rec.checked_out)
                 continue
             messages.append(result)
         return messages
@@ -421,10 +460,9 @@ def _decode_batch(
     out: _Decoded = []
     with gc_paused():
         for rec in records:
-            try:
-                msg = decode_record(rec.data, expected_id=rec.name)
-            except RecordError as exc:
-                out.append((rec, exc))
+            msg = _decode_one(rec)
+            if isinstance(msg, RecordError):
+                out.append((rec, msg))
                 continue
             if prepare is not None:
                 prepare(msg)
@@ -436,8 +474,18 @@ def _unreadable_records(records: list[StoredRecord]) -> list[tuple[StoredRecord,
     out = []
     with gc_paused():
         for rec in records:
-            try:
-                decode_record(rec.data, expected_id=rec.name)
-            except RecordError as exc:
-                out.append((rec, exc))
+            result = _decode_one(rec)
+            if isinstance(result, RecordError):
+                out.append((rec, result))
     return out
+
+
+def _decode_one(rec: StoredRecord) -> Message | RecordError:
+    """The message of ``rec``, or why there is none (a file that could not
+    be read counts as a record that cannot be decoded)."""
+    if rec.error is not None:
+        return RecordError(f"cannot read the file: {rec.error}")
+    try:
+        return decode_record(rec.data, expected_id=rec.name)
+    except RecordError as exc:
+        return exc

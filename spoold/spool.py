@@ -298,6 +298,8 @@ class Spool:
         self._timers = Timers()
         self._queue_counts: dict[Queue, int] = dict.fromkeys(_LOADED_QUEUES, 0)
         self._adding: set[str] = set()  # ids add()/reroute() are writing now
+        # In doubt after a crash, mark not yet written: (record as found, checked out).
+        self._unsettled: dict[str, tuple[Message, bool]] = {}
         self._wake = anyio.Event()
         self._running = 0
         self._idle = anyio.Event()
@@ -418,6 +420,9 @@ class Spool:
             min_free_bytes=min_free_space,
             on_step=on_step,
             sync=sync,
+            # An attempt cut short stays checked out until it is marked in
+            # doubt (see _settle_in_doubt): never back in its queue unmarked.
+            keep_checkouts=(Queue.ACTIVE,),
         )
         try:
             spool = cls(
@@ -442,8 +447,8 @@ class Spool:
                 idempotency_window=idempotency_window,
                 housekeeping_interval=housekeeping_interval,
             )
-            returned = {name for queue, name in report.returned_checkouts if queue == Queue.ACTIVE}
-            await spool._load(returned)
+            cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
+            await spool._load(cut_short)
             await spool._repair_keys()
             async with own_tasks(f"spool {spool.spool_dir}") as tg:
                 spool._tg = tg
@@ -473,13 +478,14 @@ class Spool:
             with anyio.CancelScope(shield=True):
                 await ondisk.close()
 
-    async def _load(self, returned_checkouts: Container[str] = ()) -> None:
+    async def _load(self, cut_short: Container[str] = ()) -> None:
         """Index and schedule every record of ``active`` and ``frozen``, batch
         by batch as they are read (so a large queue is built compactly: the
-        temporaries of one batch are reused by the next). ``returned_checkouts``:
-        ids of ``active`` the store found checked out (an attempt under way
-        when the last owner died): they, and records stored as ``sending``,
-        are in doubt, and are marked so once both queues are read."""
+        temporaries of one batch are reused by the next). ``cut_short``: ids
+        of ``active`` the store found (and left) checked out, an attempt
+        under way when the last owner died: they, and records stored as
+        ``sending``, are in doubt, and are settled once both queues are
+        read (:meth:`_settle_in_doubt`)."""
         shared = SharedParts()
         doubtful: list[Message] = []
         for queue in _LOADED_QUEUES:
@@ -488,7 +494,7 @@ class Spool:
                 with gc_paused():
                     for msg in messages:
                         if queue is Queue.ACTIVE and (
-                            msg.id in returned_checkouts or isinstance(msg.status, Sending)
+                            msg.id in cut_short or isinstance(msg.status, Sending)
                         ):
                             doubtful.append(msg)
                             continue
@@ -496,29 +502,49 @@ class Spool:
                         self._index_put(entry)
                         self._schedule(entry)
 
+            if queue is not Queue.ACTIVE and not self._disk.usable(queue):
+                continue  # reported below; the rest is served
             # Records are interned in the reading thread (one batch at a time:
             # ``shared`` is only ever used there), as soon as they are decoded.
             await self._disk.load(queue, on_batch=index, prepare=lambda m: m.intern(shared))
         for msg in doubtful:
-            msg = await self._mark_in_doubt(msg)
-            where = Queue.FROZEN if isinstance(msg.status, Frozen) else Queue.ACTIVE
-            entry = _Entry(msg, where)
-            self._index_put(entry)
-            self._schedule(entry)
+            await self._settle_in_doubt(msg, checked_out=msg.id in cut_short)
+        for path, why in self._disk.unusable().items():
+            log.error("spool directory unusable; what it holds is skipped", path=path, error=why)
         log.info(
             "spool opened",
             spool_dir=str(self._disk.dir),
             active=self._queue_counts[Queue.ACTIVE],
             frozen=self._queue_counts[Queue.FROZEN],
+            unsettled_in_doubt=len(self._unsettled),
         )
 
-    async def _mark_in_doubt(self, msg: Message) -> Message:
+    async def _settle_in_doubt(self, msg: Message, *, checked_out: bool) -> None:
         """A message whose attempt was cut by a crash: write it ``in_doubt``,
-        due now (``after_crash = resend``) or frozen (``freeze``)."""
+        due now (``after_crash = resend``) or frozen (``freeze``), then index
+        it. The mark is written over the record where it was found (still
+        checked out, or stored as ``sending``) before the record goes back to
+        a queue, so no failure leaves it there unmarked. When the write fails
+        (a full disk), the record stays as it was found, and so in doubt for
+        the next open too; this spool keeps it aside, never sends it, and
+        tries again at each ping (:meth:`_settle_unsettled`)."""
         new = msg.copy()
         new.in_doubt = True
         new.status = Frozen() if self.after_crash == "freeze" else SEND_NOW
-        await self._disk.save(new, from_queue=Queue.ACTIVE)
+        try:
+            await self._disk.save(new, from_queue=Queue.ACTIVE, checked_out=checked_out)
+        except StoreError as exc:
+            if msg.id not in self._unsettled:
+                log.error(
+                    "message cut short by a crash cannot be marked in doubt yet; "
+                    "it is held (never sent) and tried again at each ping",
+                    id=msg.id,
+                    flows=msg.flows,
+                    error=str(exc),
+                )
+            self._unsettled[msg.id] = (msg, checked_out)
+            return
+        self._unsettled.pop(msg.id, None)
         log.warning(
             "message was being sent when the spool was last closed uncleanly; "
             "the next hop may already have it",
@@ -526,7 +552,34 @@ class Spool:
             flows=new.flows,
             after_crash=self.after_crash,
         )
-        return new
+        entry = _Entry(new, Queue.FROZEN if isinstance(new.status, Frozen) else Queue.ACTIVE)
+        self._index_put(entry)
+        self._schedule(entry)
+
+    async def _settle_unsettled(self) -> None:
+        """Try again to mark the messages found in doubt whose mark the disk
+        refused at open."""
+        async with self._op_lock:
+            for msg, checked_out in list(self._unsettled.values()):
+                await self._settle_in_doubt(msg, checked_out=checked_out)
+
+    @property
+    def unsettled_in_doubt(self) -> int:
+        """Messages found in doubt at open whose mark the disk has not
+        taken yet (held, never sent, tried again at each ping)."""
+        return len(self._unsettled)
+
+    def skipped(self) -> dict[str, int]:
+        """What this spool skips, by kind: ``unreadable_record`` (a record
+        that could neither be read nor set aside at open), ``unusable_dir``
+        (a directory this process cannot use), ``unmarked_in_doubt`` (see
+        :attr:`unsettled_in_doubt`). Each is in the log too; ``check``
+        reports the first two."""
+        return {
+            "unreadable_record": len(self._disk.skipped),
+            "unusable_dir": len(self._disk.unusable()),
+            "unmarked_in_doubt": len(self._unsettled),
+        }
 
     @property
     def spool_dir(self) -> Path:
@@ -712,6 +765,8 @@ class Spool:
         names)."""
         unknown = []
         for queue in _LOADED_QUEUES:
+            if not self._disk.usable(queue):
+                continue
             for name, checked_out in await self._disk.names(queue):
                 if not checked_out and name not in self._index:
                     unknown.append(name)
@@ -725,7 +780,11 @@ class Spool:
     async def _adopt_locked(self, names: Sequence[str]) -> None:
         # Not what this spool is adding: add() indexes it itself, and
         # adopting it first could bring it back after it was delivered.
-        wanted = [n for n in dict.fromkeys(names) if n not in self._adding and n not in self._index]
+        wanted = [
+            n
+            for n in dict.fromkeys(names)
+            if n not in self._adding and n not in self._index and n not in self._unsettled
+        ]
         if not wanted:
             return
         found = await self._disk.read_new(wanted, _LOADED_QUEUES)  # one thread hop for all
@@ -751,6 +810,8 @@ class Spool:
             await self.clock.wait(never, self.clock.now() + timedelta(seconds=self._ping_interval))
             self._publish(EventKind.PING)
             try:
+                if self._unsettled:
+                    await self._settle_unsettled()
                 await self._rescan()
             except (SpooldError, OSError):
                 log.exception("rescan of the spool failed; trying again at the next ping")

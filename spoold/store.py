@@ -32,7 +32,11 @@ Invariants:
   power loss a deleted entry may come back (a delivered message is then sent
   again: at least once, never lost), which saves a delivery three directory
   fsyncs.
-* A checked-out record belongs to its queue: recovery renames it back.
+* A checked-out record belongs to its queue: recovery renames it back,
+  except in the queues the owner asks to keep (``keep_checkouts``): those
+  stay checked out, reported, for the owner to settle (rewrite, then move
+  back) before it uses them, so what a cut-short job means is written down
+  before the record is back in its queue.
 * A registry entry is a hard link to its writer's ``.writer.PID.N`` file,
   made with ``link()``, which fails when the name exists just as
   ``O_CREAT|O_EXCL`` does. Its content is the writer's pid, as a file of its
@@ -230,6 +234,9 @@ class StoredRecord:
     queue: str
     data: bytes
     checked_out: bool
+    # Why the file could not be read (``data`` is then empty), e.g. its
+    # permissions: a caller treats it as a record that cannot be decoded.
+    error: str | None = None
 
 
 ProblemKind = Literal[
@@ -238,6 +245,7 @@ ProblemKind = Literal[
     "missing_body",  # a record whose body is gone
     "duplicate",  # one name in two places
     "stale_tmp",  # a file left in tmp/ past the age limit
+    "unusable_dir",  # a directory of the store this process cannot use
     "stale_checkout",  # a record checked out past the age limit
     "stray_file",  # a file in a queue whose name is not an id
     "unreadable",  # (ondisk) a record that cannot be decoded
@@ -262,11 +270,18 @@ class RecoveryReport:
     """What opening the store as owner found and repaired."""
 
     returned_checkouts: list[tuple[str, str]] = field(default_factory=list)
+    # (queue, name) found checked out in a ``keep_checkouts`` queue, left there.
+    kept_checkouts: list[tuple[str, str]] = field(default_factory=list)
     removed_tmp: list[str] = field(default_factory=list)
     removed_unacknowledged: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.returned_checkouts or self.removed_tmp or self.removed_unacknowledged)
+        return bool(
+            self.returned_checkouts
+            or self.kept_checkouts
+            or self.removed_tmp
+            or self.removed_unacknowledged
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -288,6 +303,26 @@ def _read_pid(path: str) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def _unusable_text(path: str, why: str) -> str:
+    """What an operator reads about a directory this process cannot use,
+    and what to run about it."""
+    user = _user_name()
+    return (
+        f"cannot use directory {path}: {why}; it must belong to the daemon's user and be "
+        f"readable, writable and searchable by it (e.g. chown {user}: {path} && "
+        f"chmod 0750 {path})"
+    )
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
 
 
 class Store:
@@ -324,6 +359,9 @@ class Store:
         self.sync: SyncMode = sync
         self._commits = _Batches[_Job](lambda batch: self._run(self._commit_sync, batch))
         self._dir_fds: dict[str, int] = {}
+        # Directories of queues this process cannot use (path -> why), found
+        # at open: what lives there is skipped, the rest is served.
+        self.unusable: dict[str, str] = {}
         self._ops = _Batches[_Op](lambda group: self._run(self._run_ops_sync, group))
         self._closed = False
         self._inflight = 0  # operations running in worker threads
@@ -343,6 +381,7 @@ class Store:
         on_step: StepHook | None = None,
         min_free_bytes: int = 0,
         sync: SyncMode = "fsync",
+        keep_checkouts: Sequence[str] = (),
     ) -> tuple[Store, RecoveryReport]:
         """Open (and create, missing parent directories too) the store at ``root``.
 
@@ -356,12 +395,18 @@ class Store:
 
         As owner, take the lock (raising :class:`SpoolLockedError` at once if
         another process holds it) and recover: checked-out records go back to
-        their queues, and leftovers of writers that died before committing
-        are removed. Returns the store and what recovery did.
+        their queues (but those of ``keep_checkouts``, which stay checked
+        out and are listed in :attr:`RecoveryReport.kept_checkouts`: the
+        owner settles each with :meth:`write` ``checked_out=True``), and
+        leftovers of writers that died before committing are removed.
+        Returns the store and what recovery did.
         """
         for q in queues:
             if not q or q.startswith(".") or "/" in q or q in ("tmp", "data"):
                 raise ValueError(f"bad queue name {q!r}")
+        for q in keep_checkouts:
+            if q not in queues:
+                raise ValueError(f"keep_checkouts names {q!r}, which is not a queue")
         store = cls(
             Path(os.path.abspath(root)),  # noqa: ASYNC240 (no I/O: joins with the cwd)
             queues,
@@ -372,7 +417,9 @@ class Store:
             sync=sync,
         )
         try:
-            report = await anyio.to_thread.run_sync(store._open_sync, create)
+            report = await anyio.to_thread.run_sync(
+                store._open_sync, create, frozenset(keep_checkouts)
+            )
         except BaseException:
             store._close_sync()
             raise
@@ -395,22 +442,41 @@ class Store:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _open_sync(self, create: bool) -> RecoveryReport:
+    def _open_sync(self, create: bool, keep_checkouts: frozenset[str]) -> RecoveryReport:
         root = self._root_s
-        dirs = [root, self._tmp, self._data, self._registry]
+        needed = [root, self._tmp, self._data, self._registry]
+        dirs = list(needed)
         for q in self.queues:
             dirs += [f"{root}/{q}", f"{root}/{q}/{CHECKOUT}", f"{root}/{q}/{REASONS}"]
         if create:
             os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)  # e.g. var/
             self._refuse_foreign_dir_sync()
             for d in dirs:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(d, _DIR_MODE)
-        missing = [d for d in dirs if not os.path.isdir(d)]
-        if missing:
-            raise StoreError(f"{root} is not a spool directory (missing {missing[0]})")
+                with contextlib.suppress(FileExistsError, PermissionError):
+                    os.mkdir(d, _DIR_MODE)  # a refusal is reported below
         for d in dirs:
-            self._dir_fds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._dir_fds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                raise StoreError(f"{root} is not a spool directory (missing {d})") from None
+            except PermissionError as exc:
+                why = exc.strerror or "Permission denied"
+                if d in needed:
+                    raise StoreError(exc.errno, _unusable_text(d, why), d) from None
+                self.unusable[d] = why
+                continue
+            # The owner changes every directory: one it may open but not
+            # change or search is unusable too. (A reader needs only to open.)
+            if self.owner and not os.access(d, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+                why = "Permission denied (not readable, writable and searchable)"
+                if d in needed:
+                    raise StoreError(errno.EACCES, _unusable_text(d, why), d)
+                self.unusable[d] = why
+        # Inside an unusable directory, nothing is usable.
+        for d in dirs:
+            parent = os.path.dirname(d)
+            if parent in self.unusable and d not in self.unusable:
+                self.unusable[d] = f"inside {parent}, which is unusable"
         if not self.owner:
             return RecoveryReport()
         lock_path = f"{root}/lock"
@@ -423,7 +489,7 @@ class Store:
         self._lock_fd = fd
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{self._pid}\n".encode(), 0)
-        return self._recover_sync()
+        return self._recover_sync(keep_checkouts)
 
     def _refuse_foreign_dir_sync(self) -> None:
         """A store is created in a missing or empty directory, or opened in
@@ -539,6 +605,13 @@ class Store:
     def _qdir(self, queue: str, checked_out: bool = False) -> str:
         base = f"{self._root_s}/{self._check_queue(queue)}"
         return f"{base}/{CHECKOUT}" if checked_out else base
+
+    def _usable(self, directory: str) -> bool:
+        return directory not in self.unusable
+
+    def unusable_text(self, directory: str) -> str:
+        """Why ``directory`` cannot be used, and what to run about it."""
+        return _unusable_text(directory, self.unusable.get(directory, "Permission denied"))
 
     def _fsync_dirs(self, dirs: Iterable[str]) -> None:
         for d in dict.fromkeys(dirs):
@@ -921,12 +994,16 @@ class Store:
         out = []
         for checked_out in (False, True):
             d = self._qdir(queue, checked_out)
+            if not self._usable(d):
+                continue  # the check reports the directory
             for name in sorted(self._names(d)):
                 try:
                     with open(f"{d}/{name}", "rb") as f:
                         out.append(StoredRecord(name, queue, f.read(), checked_out))
                 except FileNotFoundError:
                     continue  # moved away under us (we are not the owner)
+                except PermissionError as exc:
+                    out.append(StoredRecord(name, queue, b"", checked_out, exc.strerror))
         out.sort(key=lambda r: r.name)
         return out
 
@@ -952,8 +1029,8 @@ class Store:
         then: Callable[[list[StoredRecord]], _T],
     ) -> _T:
         dir_fds = (
-            self._dir_fds[self._qdir(queue)],
-            self._dir_fds[self._qdir(queue, True)],
+            self._dir_fds.get(self._qdir(queue), -1),
+            self._dir_fds.get(self._qdir(queue, True), -1),
         )
         out = []
         for name, checked_out in names:
@@ -961,6 +1038,9 @@ class Store:
                 fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fds[checked_out])
             except FileNotFoundError:
                 continue  # moved away under us (we are not the owner)
+            except PermissionError as exc:  # this one file: the others are read
+                out.append(StoredRecord(name, queue, b"", checked_out, exc.strerror))
+                continue
             try:
                 data = os.read(fd, _RECORD_READ)
                 if len(data) == _RECORD_READ:  # a large record: read on to its end
@@ -978,8 +1058,14 @@ class Store:
         return await self._run(self._list_queue_sync, queue)
 
     def _list_queue_sync(self, queue: str) -> list[tuple[str, bool]]:
-        out = [(n, False) for n in self._names(self._qdir(queue))]
-        out += [(n, True) for n in self._names(self._qdir(queue, True))]
+        """Raises :class:`StoreError` when the queue's directory is
+        unusable; an unusable checkout directory is left out."""
+        home = self._qdir(queue)
+        if not self._usable(home):
+            raise StoreError(errno.EACCES, self.unusable_text(home), home)
+        out = [(n, False) for n in self._names(home)]
+        if self._usable(self._qdir(queue, True)):
+            out += [(n, True) for n in self._names(self._qdir(queue, True))]
         out.sort()
         return out
 
@@ -1162,6 +1248,8 @@ class Store:
     def _all_records(self) -> dict[str, list[tuple[str, bool]]]:
         found: dict[str, list[tuple[str, bool]]] = {}
         for q in self.queues:
+            if not self._usable(self._qdir(q)):
+                continue
             for name, checked_out in self._list_queue_sync(q):
                 found.setdefault(name, []).append((q, checked_out))
         return found
@@ -1171,8 +1259,9 @@ class Store:
         recovery asks only whether a name has a record)."""
         found: set[str] = set()
         for q in self.queues:
-            found.update(self._names(self._qdir(q)))
-            found.update(self._names(self._qdir(q, True)))
+            for d in (self._qdir(q), self._qdir(q, True)):
+                if self._usable(d):
+                    found.update(self._names(d))
         return found
 
     def _registry_sync(self) -> tuple[list[str], list[str]]:
@@ -1192,14 +1281,19 @@ class Store:
         pid = _read_pid(f"{self._registry}/{registry_name}")
         return pid is None or (pid != self._pid and not _pid_alive(pid))
 
-    def _recover_sync(self) -> RecoveryReport:
+    def _recover_sync(self, keep_checkouts: frozenset[str]) -> RecoveryReport:
         report = RecoveryReport()
         touched: list[str] = []
         for q in self.queues:
+            if not (self._usable(self._qdir(q, True)) and self._usable(self._qdir(q))):
+                continue  # reported at open; what is there waits
             for name in self._names(self._qdir(q, True)):
                 dst = f"{self._qdir(q)}/{name}"
                 if os.path.exists(dst):
                     continue  # a duplicate: leave both for the check to report
+                if q in keep_checkouts:
+                    report.kept_checkouts.append((q, name))
+                    continue
                 os.rename(f"{self._qdir(q, True)}/{name}", dst)
                 report.returned_checkouts.append((q, name))
                 touched += [self._qdir(q, True), self._qdir(q)]
@@ -1297,9 +1391,13 @@ class Store:
             for e in it:
                 if old(e.path):
                     problems.append(Problem("stale_tmp", e.name, e.path, "left in tmp/"))
+        for d in sorted(self.unusable):
+            problems.append(Problem("unusable_dir", os.path.basename(d), d, self.unusable_text(d)))
         for q in self.queues:
             for checked_out in (False, True):
                 d = self._qdir(q, checked_out)
+                if not self._usable(d):
+                    continue
                 with os.scandir(d) as it:
                     for e in it:
                         if e.name in (CHECKOUT, REASONS):

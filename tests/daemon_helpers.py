@@ -279,16 +279,22 @@ class DaemonProcess:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(
-        self, env: dict[str, str] | None = None, nofile: tuple[int, int] | None = None
+        self,
+        env: dict[str, str] | None = None,
+        nofile: tuple[int, int] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         """Start ``spoold run``; with ``nofile`` = (soft, hard) its
         RLIMIT_NOFILE is set first (by a small Python that then execs the
-        daemon: same pid, no preexec_fn in this threaded process)."""
+        daemon: same pid, no preexec_fn in this threaded process);
+        ``prefix``: a command that runs the daemon (e.g. ``setpriv ...``),
+        which must exec it (same pid)."""
         limit: list[str] = []
         if nofile is not None:
             limit = ["-c", _SET_NOFILE_AND_EXEC, str(nofile[0]), str(nofile[1])]
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
+                *prefix,
                 sys.executable,
                 *limit,
                 "-m",
@@ -402,12 +408,13 @@ class DaemonFactory:
         wait_ready: bool = True,
         notify: NotifySocket | None = None,
         nofile: tuple[int, int] | None = None,
+        prefix: Sequence[str] = (),
     ) -> DaemonProcess:
         if notify is None:
             notify = self.notify_socket(f"notify{len(self.sockets)}.sock")
         daemon = DaemonProcess(config.parent, config, notify)
         self.daemons.append(daemon)
-        await daemon.start(env, nofile)
+        await daemon.start(env, nofile, prefix)
         if wait_ready:
             await daemon.wait_ready()
         return daemon

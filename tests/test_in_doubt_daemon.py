@@ -4,10 +4,26 @@ doubt, and every form of ``spoold status`` says so."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.daemon_helpers import DaemonFactory, cli, prefill, spooled, write_config
+import anyio
+import pytest
+
+from tests.daemon_helpers import (
+    DaemonFactory,
+    cli,
+    prefill,
+    set_config_value,
+    spooled,
+    write_config,
+)
 from tests.smtp_server import HANG, SmtpTestServer
 from tests.support import records_in, wait_until
 
@@ -54,3 +70,93 @@ async def test_a_message_cut_by_a_crash_is_frozen_in_doubt(
     assert cli("--config", str(config), "send", mid).code == 0
     await wait_until(lambda: smtp_server.transactions == 1, "the message to be delivered")
     await wait_until(lambda: not records_in(spool_dir, "frozen"), "its record to be gone")
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "4m") -> Iterator[None]:
+    """A tmpfs of ``size`` mounted at ``path`` (root only), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs for a full disk: run as root")
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the disk under it has no byte left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in (1 << 20, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * chunk)
+    finally:
+        os.close(fd)
+
+
+async def test_a_crash_on_a_full_disk_keeps_the_in_doubt_mark(
+    tmp_path: Path, start_daemon: DaemonFactory, smtp_server: SmtpTestServer
+) -> None:
+    """Killed mid-send, restarted on a full disk: the daemon starts and
+    serves, the messages stay in doubt (never sent again), and once the disk
+    has room they are frozen in doubt, as ``after_crash = "freeze"`` says."""
+    spool_dir = tmp_path / "spool"
+    with small_disk(spool_dir):
+        smtp_server.behaviour.data_end = HANG
+        config = write_config(tmp_path, next_hops=[smtp_server.hop])
+        set_config_value(
+            config, "flush_timeout", '"1s"\nafter_crash = "freeze"\nmin_free_space = 0'
+        )
+        ids = set(await prefill(spool_dir, [spooled(smtp_server.hop) for _ in range(3)]))
+        daemon = await start_daemon(config)
+        await wait_until(
+            lambda: smtp_server.count("DATA") == 3 and records_in(spool_dir, "active/.checkout"),
+            "the messages to be in the middle of their attempts",
+        )
+        await wait_until(
+            lambda: records_in(spool_dir, "active/.checkout") == ids, "all three checked out"
+        )
+        filler = spool_dir / "filler"
+        fill(filler)
+        await daemon.kill()
+
+        smtp_server.behaviour.data_end = None
+        daemon = await start_daemon(config)  # ready on a disk with no room
+        assert records_in(spool_dir, "active/.checkout") == ids  # still in doubt
+        refused = await anyio.to_thread.run_sync(
+            functools.partial(
+                cli,
+                "--config",
+                str(config),
+                "sendmail",
+                "-f",
+                "a@example.org",
+                "b@example.com",
+                stdin=b"Subject: x\n\nnew mail\n",
+            )
+        )
+        assert refused.code == 75, refused.err  # temporary: try again later
+        assert cli("--config", str(config), "count").code == 0  # operators are served
+        daemon.send_signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0
+        assert records_in(spool_dir, "active/.checkout") == ids
+
+        filler.unlink()
+        await start_daemon(config)
+        done = cli("--config", str(config), "status", "--format", "json")
+        views = [json.loads(line) for line in done.out.splitlines()]
+        assert {(v["id"], v["status"], v["in_doubt"]) for v in views} == {
+            (mid, "frozen", True) for mid in ids
+        }
+        assert smtp_server.transactions == 0  # one copy each at the hop, none again
+        assert smtp_server.count("DATA") == 3

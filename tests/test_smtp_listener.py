@@ -83,6 +83,7 @@ async def serving(
     tls: TlsCertificate | None = None,
     auth: bool = False,
     sleep: Callable[[float], Awaitable[None]] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[Served]:
     port = free_port()
     smtp = dict(smtp or {})
@@ -101,7 +102,9 @@ async def serving(
     ) as spool:
         router = Router(config)
         submitter = Submitter(spool, lambda: router, hostname=HOSTNAME)
-        options = {"sleep": sleep} if sleep is not None else {}
+        options: dict[str, Any] = {"sleep": sleep} if sleep is not None else {}
+        if clock is not None:
+            options["clock"] = clock
         listener = SmtpListener(submitter, lambda: settings, **options)
         async with anyio.create_task_group() as tg:
             await tg.start(listener.serve)
@@ -519,11 +522,13 @@ async def test_failed_auth_waits_longer_each_time_then_closes(tmp_path: Path) ->
                 await ends_with(c, "421")
             assert sleep.delays == [2.0, 4.0, 8.0]
 
-            # A new connection starts again; the right password works there.
+            # A new connection may try again, but the delay goes on growing
+            # (the address's failures count, not the connection's); the
+            # right password works there.
             async with raw_smtp(served.port) as c:
                 code, text = await c.command(f"AUTH PLAIN {plain('alice', 'wrong')}")
                 assert code == 535, text
-                assert sleep.delays[3:] == [2.0]
+                assert sleep.delays[3:] == [16.0]
                 code, text = await c.command(f"AUTH PLAIN {plain('alice', PASSWORD)}")
                 assert code == 235, text
                 code, text = await c.transaction(SENDER, [RCPT], MESSAGE + b".\r\n")
@@ -703,3 +708,73 @@ async def test_refused_recipients_count_as_junk(tmp_path: Path) -> None:
             assert [line[:9] for line in lines[5:7]] == ["452 4.5.3"] * 2
             assert lines[7].startswith("421 4.7.0 ")
             assert len(lines) == 8
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_auth_failures_count_across_connections_then_the_address_waits(
+    tmp_path: Path,
+) -> None:
+    """Guesses spread over many connections: the address is refused (421 at
+    the greeting, as it must authenticate) once it has failed
+    ``max_auth_failures_per_client`` times in the window, until they age out."""
+    sleep, clock = RecordedSleep(), FakeMonotonic()
+    smtp = {
+        "max_auth_failures": 2,
+        "max_auth_failures_per_client": 4,
+        "auth_failure_window": "10m",
+        "workers": 1,
+        "relay_networks": ["10.0.0.0/8"],  # 127.0.0.1 must authenticate
+    }
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, smtp, auth=True, sleep=sleep, clock=clock) as served:
+            for _ in range(2):
+                async with raw_smtp(served.port) as c:
+                    assert (await c.command(f"AUTH PLAIN {plain('alice', 'x')}"))[0] == 535
+                    await c.send(f"AUTH PLAIN {plain('alice', 'y')}\r\n".encode())
+                    await ends_with(c, "421")
+            assert sleep.delays == [1.0, 2.0, 4.0, 8.0]  # grows across connections
+
+            stream = await anyio.connect_tcp("127.0.0.1", served.port)
+            async with stream:
+                refused = await RawSmtp(stream).rest()
+            assert refused == (
+                b"421 4.7.0 Too many failed authentication attempts from your address, "
+                b"try again later\r\n"
+            )
+            # Another address is not held up by this one's failures.
+            async with raw_smtp(served.port, local_host="127.0.0.2") as c:
+                code, text = await c.command(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+                assert code == 235, text
+                await c.quit()
+
+            clock.now += 601  # the failures age out of the window
+            async with raw_smtp(served.port) as c:
+                code, text = await c.command(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+                assert code == 235, text
+                await c.quit()
+
+
+async def test_a_trusted_address_past_its_failures_gets_454_and_still_sends(
+    tmp_path: Path,
+) -> None:
+    sleep, clock = RecordedSleep(), FakeMonotonic()
+    smtp = {"max_auth_failures_per_client": 2, "workers": 1}  # 127.0.0.1 is trusted
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, smtp, auth=True, sleep=sleep, clock=clock) as served:
+            async with raw_smtp(served.port) as c:
+                assert (await c.command(f"AUTH PLAIN {plain('alice', 'x')}"))[0] == 535
+                await c.send(f"AUTH PLAIN {plain('alice', 'y')}\r\n".encode())
+                await ends_with(c, "421")  # the address's last failure for now
+            async with raw_smtp(served.port) as c:  # trusted: still greeted
+                code, text = await c.command(f"AUTH PLAIN {plain('alice', PASSWORD)}")
+                assert (code, text[:9]) == (454, "454 4.7.0"), text
+                code, text = await c.transaction(SENDER, [RCPT], MESSAGE + b".\r\n")
+                assert code == 250, text
+                await c.quit()

@@ -84,6 +84,12 @@ class RecordingHost:
     def check_password(self, login: str, password: bytes) -> bool:
         return (login, password) == ("alice", b"right")
 
+    def auth_refused(self, peer: str) -> bool:
+        return False
+
+    def auth_failed(self, peer: str) -> int:
+        return 1
+
     async def deliver(self, delivery: Delivery) -> str:
         self.deliveries.append(delivery)
         return f"250 2.0.0 OK queued as M{len(self.deliveries)}"

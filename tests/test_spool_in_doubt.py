@@ -8,15 +8,18 @@ or (a record written by another tool) stored as ``sending``."""
 
 from __future__ import annotations
 
+import errno
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from spoold.daemon.control import message_view
+from spoold.daemon.metrics import Metrics
 from spoold.message import Frozen, SendAt, Sending, encode_record
 from spoold.spool import AfterCrash
-from spoold.testing import FakeClock, InMemoryRelay
+from spoold.testing import FakeClock, Faults, InMemoryRelay
 from tests.spool_helpers import (
     MINUTE,
     START,
@@ -109,3 +112,77 @@ async def test_a_clean_close_leaves_nothing_in_doubt(tmp_path: Path) -> None:
         async with open_spool(tmp_path, relay, clock, after_crash=mode) as spool:
             assert isinstance(status_of(spool, mid), SendAt)
             assert [m.in_doubt for m in spool.status()] == [False]
+
+
+def disk_full() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("how", ["checkout", "sending"])
+@pytest.mark.parametrize("mode", ["freeze", "resend"])
+async def test_a_mark_the_disk_refuses_keeps_the_message_in_doubt(
+    tmp_path: Path, how: str, mode: AfterCrash
+) -> None:
+    """The spool opens on a disk that takes no write; the message cut short
+    is neither sent nor put back in its queue unmarked, so the next open
+    still finds it in doubt and marks it then."""
+    cut, waiting = await crashed_spool(tmp_path, how)
+    found_as = places(tmp_path, cut)
+    relay = relay_answering({RCPT: TRY_LATER})
+    clock = FakeClock(START)
+    faults = Faults()
+    faults.fail("write_record", disk_full())
+    async with open_spool(tmp_path, relay, clock, after_crash=mode, on_step=faults) as spool:
+        assert spool.unsettled_in_doubt == 1
+        metrics = Metrics()
+        metrics.update(spool)
+        skipped = metrics.registry.get_sample_value
+        assert skipped("spoold_spool_skipped", {"kind": "unmarked_in_doubt"}) == 1.0
+        assert skipped("spoold_spool_skipped", {"kind": "unusable_dir"}) == 0.0
+        assert [m.id for m in spool.status()] == [waiting]  # the queue is served
+        clock.advance(MINUTE)
+        await wait_until(lambda: attempts_for(relay, waiting) == [(RCPT,)], "the other attempt")
+        assert attempts_for(relay, cut) == []
+    assert faults.raised["write_record"] >= 1
+    assert places(tmp_path, cut) == found_as  # as it was found: still in doubt
+
+    async with open_spool(tmp_path, relay, clock, after_crash=mode) as spool:
+        assert spool.unsettled_in_doubt == 0
+        (shown,) = [m for m in spool.status() if m.id == cut]
+        assert shown.in_doubt is True
+    where = "frozen" if mode == "freeze" else "active"
+    assert places(tmp_path, cut) == [where]
+    assert read_record(tmp_path, where, cut).in_doubt is True
+
+
+async def test_the_mark_is_written_at_a_ping_once_the_disk_takes_it(tmp_path: Path) -> None:
+    cut, _ = await crashed_spool(tmp_path, "checkout")
+    relay = relay_answering({RCPT: TRY_LATER})
+    clock = FakeClock(START)
+    faults = Faults()
+    faults.fail("write_record", disk_full())
+    async with open_spool(
+        tmp_path, relay, clock, after_crash="freeze", on_step=faults, ping_interval=30.0
+    ) as spool:
+        assert spool.unsettled_in_doubt == 1
+        faults.clear()
+        clock.advance(timedelta(seconds=30))
+        await wait_until(lambda: spool.unsettled_in_doubt == 0, "the mark at the next ping")
+        assert status_of(spool, cut) == Frozen()
+        assert places(tmp_path, cut) == ["frozen"]
+        assert read_record(tmp_path, "frozen", cut).in_doubt is True
+        assert attempts_for(relay, cut) == []
+
+
+async def test_a_misplaced_record_is_moved_home_on_a_full_disk(tmp_path: Path) -> None:
+    """A crash between the two renames of a move leaves a record in the
+    wrong queue; putting it where its status says needs no write."""
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, InMemoryRelay(), clock) as spool:
+        (mid,) = await spool.add(batch(RCPT), frozen=True)
+    os.rename(tmp_path / "frozen" / mid, tmp_path / "active" / mid)
+    faults = Faults()
+    faults.fail("write_record", disk_full())
+    async with open_spool(tmp_path, InMemoryRelay(), clock, on_step=faults) as spool:
+        assert status_of(spool, mid) == Frozen()
+    assert places(tmp_path, mid) == ["frozen"]

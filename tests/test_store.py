@@ -476,3 +476,29 @@ async def test_close_waits_for_operations_under_way(tmp_path: Path) -> None:
     assert (tmp_path / "active" / added[0]).exists()
     with pytest.raises(StoreError, match="is closed"):
         await od.add([new_message()])
+
+
+async def test_checkouts_of_kept_queues_stay_checked_out_for_the_owner(tmp_path: Path) -> None:
+    """``keep_checkouts``: recovery leaves those records checked out (the
+    owner settles them); the others go back to their queues as usual."""
+    od, _ = await OnDiskSpool.open(tmp_path)
+    try:
+        cut, held = await od.add([new_message(), new_message(status=Frozen())])
+        await od.checkout(cut)
+        await od.checkout(held)
+    finally:
+        await od.close()
+    od, report = await OnDiskSpool.open(tmp_path, keep_checkouts=[Queue.ACTIVE])
+    try:
+        assert report.kept_checkouts == [("active", cut.id)]
+        assert report.returned_checkouts == [("frozen", held.id)]
+        assert (tmp_path / "active" / ".checkout" / cut.id).exists()
+        assert (tmp_path / "frozen" / held.id).exists()
+        msgs, _ = await od.load(Queue.ACTIVE)
+        assert [m.id for m in msgs] == [cut.id]  # loaded from where it is
+        cut.in_doubt = True
+        await od.save(cut, from_queue=Queue.ACTIVE, checked_out=True)
+    finally:
+        await od.close()
+    assert (tmp_path / "active" / cut.id).exists()
+    assert not (tmp_path / "active" / ".checkout" / cut.id).exists()

@@ -111,6 +111,8 @@ class SmtpConfig:
     max_junk_commands: int = 100  # NOOP, RSET, errors...: past it, 421 and close
     max_auth_failures: int = 3  # failed AUTH on one connection: then 421 and close
     auth_failure_delay: timedelta = timedelta(seconds=1)  # before the first 535; doubles
+    max_auth_failures_per_client: int = 10  # failed AUTH of one address in the window
+    auth_failure_window: timedelta = timedelta(minutes=15)
     workers: int = 0  # ingest processes sharing the listening sockets; 0: one per CPU
     deduplicate: str = ""  # "message-id": sender + Message-ID + recipients is a key
 
@@ -529,6 +531,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             max_junk_commands=t.get("max_junk_commands", _int(1)),
             max_auth_failures=t.get("max_auth_failures", _int(1)),
             auth_failure_delay=t.get("auth_failure_delay", parse_span),
+            max_auth_failures_per_client=t.get("max_auth_failures_per_client", _int(1)),
+            auth_failure_window=t.get("auth_failure_window", _positive_span),
             workers=t.get("workers", _int(0, 256)),
             deduplicate=t.get("deduplicate", _deduplicate),
         )

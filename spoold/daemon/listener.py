@@ -32,8 +32,14 @@ MAIL before it); with ``auth_file`` AUTH PLAIN and LOGIN are offered, only
 after STARTTLS when TLS is configured (the config refuses an ``auth_file``
 without TLS unless the listener is on loopback only). Passwords are compared
 in constant time; a failed AUTH is answered after ``auth_failure_delay``,
-doubling per failure on the connection, waited with :attr:`SmtpListener.sleep`
-(injectable for tests); ``max_auth_failures`` failures close the connection.
+doubling per failure on the connection or of the client's address lately,
+waited with :attr:`SmtpListener.sleep` (injectable for tests);
+``max_auth_failures`` failures close the connection. Failures are also
+counted per client address over ``auth_failure_window``, on every
+connection (:class:`~spoold.daemon.auth_failures.AuthFailureLog`, on
+:attr:`SmtpListener.clock`): past ``max_auth_failures_per_client`` the
+address gets 454 to AUTH and, outside ``relay_networks``, 421 at the
+greeting, until its failures age out.
 :func:`listener_settings` reads the certificate and the users file off the
 event loop, at start and on reload.
 
@@ -51,6 +57,7 @@ import hmac
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,10 +68,12 @@ import structlog
 
 from spoold.body import LineEndingPolicy
 from spoold.credentials import read_private_file
+from spoold.daemon.auth_failures import AuthFailureLog
 from spoold.daemon.config import SmtpConfig
 from spoold.daemon.ingest import Origin, Submitter, message_id_key
 from spoold.daemon.resources import AcceptFailures, accept_forever
 from spoold.daemon.smtp_server import Delivery, SessionPolicy, SmtpSession
+from spoold.daemon.workers import worker_count
 from spoold.errors import (
     BareLineEndingError,
     MxError,
@@ -160,13 +169,16 @@ class SmtpListener:
         *,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         accept_failures: AcceptFailures | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.submitter = submitter
         self.accept_failures = accept_failures or AcceptFailures()
         self._settings = settings
         self.sleep = sleep  # waits out the delay of a failed AUTH
+        self.clock = clock  # seconds, for counting failed AUTH over time
         self.connections = 0
         self.connections_by_client: dict[str, int] = {}
+        self.auth_failures: AuthFailureLog | None = None  # made with the first settings
         self._sessions: set[SmtpSession] = set()
         self._derived: _Derived | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -192,7 +204,21 @@ class SmtpListener:
             return derived
         settings = value if isinstance(value, ListenerSettings) else ListenerSettings(value)
         self._derived = derived = _derive(settings, self.submitter.hostname)
+        cfg = settings.config
+        window = cfg.auth_failure_window.total_seconds()
+        share = worker_count(cfg.workers)
+        if self.auth_failures is None:
+            self.auth_failures = AuthFailureLog(
+                cfg.max_auth_failures_per_client, window, share=share, clock=self.clock
+            )
+        else:
+            self.auth_failures.configure(cfg.max_auth_failures_per_client, window, share)
         return derived
+
+    def _auth_log(self) -> AuthFailureLog:
+        self._current()
+        assert self.auth_failures is not None
+        return self.auth_failures
 
     # ------------------------------------------- what sessions ask of us
 
@@ -206,6 +232,11 @@ class SmtpListener:
             return "421 4.7.0 Too many connections, try again later"
         if self.connections_by_client.get(peer, 0) >= cfg.max_connections_per_client:
             return "421 4.7.0 Too many connections from your address, try again later"
+        if not trusted and self._auth_log().refused(peer):
+            return (
+                "421 4.7.0 Too many failed authentication attempts from your address, "
+                "try again later"
+            )
         self.connections += 1
         self.connections_by_client[peer] = self.connections_by_client.get(peer, 0) + 1
         self._sessions.add(session)
@@ -234,6 +265,12 @@ class SmtpListener:
             if self._working == 0:
                 self._all_done.set()
                 self._all_done = anyio.Event()
+
+    def auth_refused(self, peer: str) -> bool:
+        return self._auth_log().refused(peer)
+
+    def auth_failed(self, peer: str) -> int:
+        return self._auth_log().failed(peer)
 
     def check_password(self, login: str, password: bytes) -> bool:
         expected = self._current().settings.users.get(login)

@@ -160,6 +160,14 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.skipped = Gauge(
+            "spoold_spool_skipped",
+            "What the spool cannot use and skips, by kind: unreadable_record (cannot be read "
+            "nor set aside), unusable_dir (a directory of the spool), unmarked_in_doubt (held "
+            "until its in-doubt mark fits on the disk)",
+            ["kind"],
+            registry=r,
+        )
         self.reload_success = Gauge(
             "spoold_last_reload_success",
             "1 if the last reload was applied, 0 if it was refused",
@@ -203,6 +211,9 @@ class Metrics:
             self.messages.labels(queue.value).set(n)
         self.messages.labels("sending").set(spool.sending)
         self.running_sends.set(spool.running_sends)
+        skipped = spool.skipped()
+        for kind in ("unreadable_record", "unusable_dir", "unmarked_in_doubt"):
+            self.skipped.labels(kind).set(skipped.get(kind, 0))
         oldest = spool.oldest_spool_dates()
         for queue in _AGE_QUEUES:
             when = oldest.get(queue)

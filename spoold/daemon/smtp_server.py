@@ -22,9 +22,12 @@ Invariants:
 * Anything pipelined after STARTTLS is dropped (RFC 3207); after the
   handshake the session starts over (EHLO again, no transaction, no AUTH).
 * AUTH is offered only when the policy says so (an ``auth_file`` is set), and
-  only after STARTTLS when a certificate is configured. A failed AUTH is answered after a delay that
-  doubles with each failure on the connection; after ``max_auth_failures``
-  the connection gets 421 and is closed.
+  only after STARTTLS when a certificate is configured. A failed AUTH is
+  answered after a delay that doubles with each failure on the connection,
+  or of the client's address on any connection lately (the host counts
+  those: :mod:`spoold.daemon.auth_failures`); after ``max_auth_failures``
+  on the connection, or once the host refuses the address, the connection
+  gets 421 and is closed, and AUTH from a refused address gets 454.
 * A client idle for ``timeout`` (waiting for a command or message data, not
   while we work) gets 421 and is closed; so is one past
   ``max_junk_commands`` junk commands (NOOP, RSET, VRFY, HELP, a repeated
@@ -160,6 +163,16 @@ class SessionHost(Protocol):
 
     def check_password(self, login: str, password: bytes) -> bool:
         """Whether ``password`` is that of ``login`` (constant time)."""
+        ...
+
+    def auth_refused(self, peer: str) -> bool:
+        """Whether ``peer``'s address has failed AUTH too often lately
+        (on any connection) to be let try again now."""
+        ...
+
+    def auth_failed(self, peer: str) -> int:
+        """Note a failed AUTH of ``peer``; its address's recent failures,
+        this one included, on every connection."""
         ...
 
     async def deliver(self, delivery: Delivery) -> str:
@@ -749,6 +762,12 @@ class SmtpSession(asyncio.Protocol):
         if self._sender is not None:
             self._error(b"503 5.5.1 AUTH is not allowed during a mail transaction\r\n")
             return
+        if self._host.auth_refused(self._peer):
+            self._error(
+                b"454 4.7.0 Too many failed authentication attempts from your address, "
+                b"try again later\r\n"
+            )
+            return
         parts = arg.split()
         if not parts or len(parts) > 2:
             self._error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n")
@@ -816,14 +835,17 @@ class SmtpSession(asyncio.Protocol):
             return
         self._auth_failures += 1
         failures = self._auth_failures
+        recent = self._host.auth_failed(self._peer)  # on every connection of the address
         log.warning(
             "authentication failed",
             login=_UNPRINTABLE.sub("?", login[:64]),
             peer=self._peer,
             failures=failures,
+            recent_failures=recent,
         )
-        delay = policy.auth_failure_delay * 2 ** min(failures - 1, _MAX_AUTH_DELAY_DOUBLINGS)
-        final = failures >= policy.max_auth_failures
+        grown = min(max(failures, recent) - 1, _MAX_AUTH_DELAY_DOUBLINGS)
+        delay = policy.auth_failure_delay * 2**grown
+        final = failures >= policy.max_auth_failures or self._host.auth_refused(self._peer)
         self._start_work(lambda: self._auth_failed(delay, final))
 
     async def _auth_failed(self, delay: float, final: bool) -> None:
