@@ -38,9 +38,11 @@ doubling per failure on the connection, waited with :attr:`SmtpListener.sleep`
 event loop, at start and on reload.
 
 Limits are read from the live settings when a connection opens, so a reload
-applies them to new sessions; the listen addresses need a restart. An error
-accepting a connection (EMFILE...) is asyncio's to handle: it pauses
-accepting for a while and goes on; it never stops the listener.
+applies them to new sessions, as it does the name we give in the banner and
+EHLO reply (the submitter's ``hostname``, which a reload may change); the
+listen addresses need a restart. An error accepting a connection (EMFILE...)
+is asyncio's to handle: it pauses accepting for a while and goes on; it
+never stops the listener.
 """
 
 from __future__ import annotations
@@ -188,7 +190,11 @@ class SmtpListener:
     def _current(self) -> _Derived:
         value = self._settings()
         derived = self._derived
-        if derived is not None and (derived.settings is value or derived.settings.config is value):
+        if (
+            derived is not None
+            and (derived.settings is value or derived.settings.config is value)
+            and derived.policy.hostname == self.submitter.hostname  # a reload may rename us
+        ):
             return derived
         settings = value if isinstance(value, ListenerSettings) else ListenerSettings(value)
         self._derived = derived = _derive(settings, self.submitter.hostname)

@@ -189,7 +189,7 @@ class Daemon:
         return 0
 
     async def _run(self, cfg: Config, relay: SmtpRelay) -> None:
-        hostname = await anyio.to_thread.run_sync(socket.getfqdn)
+        hostname = cfg.hostname
         async with Spool.open(
             cfg.spool.dir,
             relay=self.metrics.measured(relay) if cfg.metrics.listen else relay,
@@ -397,6 +397,9 @@ class Daemon:
             spool.route_lifetimes = route_lifetimes(cfg)
             spool.after_crash = cfg.spool.after_crash
             spool.limits = live.router
+            spool.reporting_mta = cfg.hostname
+        if self._submitter is not None:
+            self._submitter.hostname = cfg.hostname
         if self._workers is not None:
             self._workers.reload()  # they read the same (now validated) file
 
