@@ -106,6 +106,7 @@ class SmtpConfig:
     require_tls: bool = False  # refuse MAIL before STARTTLS
     auth_file: Path | None = None  # "user:password" lines, mode 0600: offer AUTH
     max_connections_per_client: int = 10  # per client IP address
+    limit_relay_networks: bool = False  # relay_networks held to the per-client limit too
     timeout: timedelta = timedelta(minutes=5)  # idle wait for a command or DATA content
     max_junk_commands: int = 100  # NOOP, RSET, errors...: past it, 421 and close
     max_auth_failures: int = 3  # failed AUTH on one connection: then 421 and close
@@ -517,6 +518,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             require_tls=t.get("require_tls", _bool),
             auth_file=t.get("auth_file", optional_path),
             max_connections_per_client=t.get("max_connections_per_client", _int(1)),
+            limit_relay_networks=t.get("limit_relay_networks", _bool),
             timeout=t.get("timeout", _positive_span),
             max_junk_commands=t.get("max_junk_commands", _int(1)),
             max_auth_failures=t.get("max_auth_failures", _int(1)),

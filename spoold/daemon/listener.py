@@ -22,8 +22,12 @@ Replies:
 * 552 past ``max_message_size`` (SIZE is advertised), 452 past
   ``max_recipients``, 500 for a message line over ``max_line_length``;
   501/553 for a bad address (see :mod:`spoold.daemon.smtp_server`);
-* 421 to a connection over ``max_connections`` or
-  ``max_connections_per_client``; 554 to a client outside
+* 421 to a connection over ``max_connections``, or over
+  ``max_connections_per_client`` from one address (clients in
+  ``relay_networks`` are held to that only with ``limit_relay_networks``:
+  a local application may open as many sessions at once as it has
+  workers); both limits count this process's sessions (each ingest worker
+  has its own counts); 554 to a client outside
   ``relay_networks`` (when AUTH is on, such a client may connect and must
   authenticate: 530 to MAIL before that).
 
@@ -210,7 +214,8 @@ class SmtpListener:
             return "554 5.7.1 Your address may not send mail here"
         if self.connections >= cfg.max_connections:
             return "421 4.7.0 Too many connections, try again later"
-        if self.connections_by_client.get(peer, 0) >= cfg.max_connections_per_client:
+        held = not trusted or cfg.limit_relay_networks  # relay_networks: exempt by default
+        if held and self.connections_by_client.get(peer, 0) >= cfg.max_connections_per_client:
             return "421 4.7.0 Too many connections from your address, try again later"
         self.connections += 1
         self.connections_by_client[peer] = self.connections_by_client.get(peer, 0) + 1
