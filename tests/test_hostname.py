@@ -18,8 +18,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -28,7 +31,7 @@ import pytest
 from spoold.daemon.config import load_config
 from spoold.errors import ConfigError
 from spoold.hostname import check_hostname, local_hostname, pick_hostname
-from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, write_config
+from tests.daemon_helpers import DaemonFactory, DaemonProcess, child_env, cli, write_config
 from tests.ingest_helpers import RawSmtp
 from tests.relay_helpers import ALICE, MakeRelay, message_to, route
 from tests.smtp_server import Reply, SmtpTestServer, StartServer
@@ -254,3 +257,29 @@ async def test_a_bounce_reports_the_hostname(
     assert b"\r\nReporting-MTA: dns; relay.example.test\r\n" in dsn
     assert re.search(rb"^Message-ID: <[^@>]+@relay\.example\.test>\r\n", dsn, re.M), dsn
     assert re.search(rb"^From: .*<MAILER-DAEMON@relay\.example\.test>\r\n", dsn, re.M), dsn
+
+
+@pytest.mark.parametrize(("hostname", "warned"), [("relay", True), (NAME, False)])
+def test_the_daemon_warns_at_start_about_a_name_that_is_not_qualified(
+    tmp_path: Path, hostname: str, warned: bool
+) -> None:
+    # A spool that is a file: the daemon logs its start-up checks, then cannot start.
+    config = tmp_path / "spoold.toml"
+    config.write_text(
+        f'hostname = "{hostname}"\n[spool]\ndir = "spoold.toml"\n'
+        '[log]\nformat = "json"\n[relay]\ndefault_route = "r"\n'
+        '[routes.r]\nnext_hops = ["127.0.0.1:25"]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "spoold.daemon.cli", "run", "--config", str(config)],
+        capture_output=True,
+        timeout=WAIT_TIMEOUT,
+        check=False,
+        env=child_env(),
+    )
+    assert done.returncode == 1, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith(b"{")]
+    warnings = [x for x in lines if x["event"].startswith("hostname is not a fully qualified")]
+    assert [(x["level"], x["hostname"]) for x in warnings] == (
+        [("warning", hostname)] if warned else []
+    )
