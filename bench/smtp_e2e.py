@@ -71,8 +71,6 @@ max_concurrent_send_jobs = {jobs}
 socket = "ctl.sock"
 [smtp]
 listen = ["127.0.0.1:{smtp_port}"]
-max_connections = 1000
-max_connections_per_client = 1000
 [log]
 format = "json"
 level = "warning"

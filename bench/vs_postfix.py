@@ -30,9 +30,10 @@ it is started and stopped with ``postfix -c DIR``, listens on a free
 127.0.0.1 port and relays everything to the sink. The system's Postfix (its
 /etc/postfix, its queue, a running master) is never touched. spoold is only
 used through its public interfaces: ``spoold run --config`` with a config
-written here (the ``[smtp]`` listener on a free port with
-``max_connections_per_client`` raised, as smtp-source sends every session
-from one address; one route to the sink; JSON logs to a file), readiness by
+written here (the ``[smtp]`` listener on a free port with the shipped
+limits: smtp-source sends every session from 127.0.0.1, which is in the
+default ``relay_networks`` and so not held to ``max_connections_per_client``;
+one route to the sink; JSON logs to a file), readiness by
 the systemd notify protocol (``READY=1`` on a socket of ours), ``spoold
 count`` on its control socket, SIGTERM to stop it; and, for (d),
 ``from spoold import ...``. The next hop of both is Postfix's ``smtp-sink``
@@ -626,11 +627,7 @@ class SpooldInstance:
         self.tables: dict[str, dict[str, Any]] = {
             "spool": {"dir": "spool", "flush_timeout": "5s"},
             "control": {"socket": "ctl.sock"},
-            "smtp": {
-                "listen": [f"127.0.0.1:{self.port}"],
-                "max_connections_per_client": 1000,
-                "relay_networks": ["127.0.0.0/8"],
-            },
+            "smtp": {"listen": [f"127.0.0.1:{self.port}"]},  # the shipped limits
             "log": {"format": "json", "level": log_level},
             "relay": {"default_route": "sink"},
             "routes.sink": {"next_hops": [f"127.0.0.1:{next_hop_port}"], "tls": "none"},

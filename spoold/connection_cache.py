@@ -19,7 +19,8 @@ Opening a connection (greeting, EHLO, STARTTLS, AUTH) either gives a ready
 :class:`~spoold.errors.HopUnavailableError` saying why: TLS ``none``,
 ``opportunistic`` (STARTTLS when offered) or ``required`` (a hop without it
 is unavailable); credentials are never sent without TLS; the SSL context is
-built once per route settings.
+built once per route settings. The name sent in EHLO is the settings'
+``helo_name``, else this machine's (:func:`~spoold.hostname.local_hostname`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import socket
 import ssl
 import time
 from collections import deque
@@ -41,6 +41,7 @@ import anyio
 
 from spoold.errors import HopUnavailableError, SmtpError
 from spoold.hops import parse_hop
+from spoold.hostname import local_hostname
 from spoold.smtp_client import SmtpClient
 
 __all__ = [
@@ -85,7 +86,7 @@ class RouteSettings:
     message_timeout: float = DEFAULT_MESSAGE_TIMEOUT
     # DATA may take command_timeout plus one second per data_rate bytes.
     data_rate: int = 64 * 1024
-    helo_name: str | None = None
+    helo_name: str | None = None  # what we say in EHLO; None: this machine's name
 
     def data_timeout(self, size: int) -> float:
         return self.command_timeout + size / self.data_rate
@@ -355,14 +356,13 @@ class ConnectionCache:
     # -- opening
 
     async def _helo_name(self, settings: RouteSettings) -> str:
-        """The route's HELO name, or this host's name (looked up once, in a
-        worker thread: it may ask DNS)."""
+        """The route's HELO name, or this host's name
+        (:func:`~spoold.hostname.local_hostname`: looked up once, in a
+        worker thread, as it may ask DNS)."""
         if settings.helo_name:
             return settings.helo_name
         if self._local_name is None:
-            name = await anyio.to_thread.run_sync(socket.getfqdn)
-            usable = name.isascii() and "." in name and all(c.isalnum() or c in ".-" for c in name)
-            self._local_name = name if usable else "localhost.localdomain"
+            self._local_name = await anyio.to_thread.run_sync(local_hostname)
         return self._local_name
 
     async def _connect(self, hop: str, settings: RouteSettings) -> SmtpClient:

@@ -83,7 +83,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import socket
 from collections.abc import AsyncIterator, Callable, Container, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -117,6 +116,7 @@ from spoold.hooks import (
     default_on_error,
     default_presend,
 )
+from spoold.hostname import local_hostname
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
 from spoold.ids import validate_id
 from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
@@ -277,7 +277,7 @@ class Spool:
             route_retries_exhausted or {}
         )
         self.after_crash: AfterCrash = after_crash
-        self.reporting_mta = reporting_mta or socket.gethostname()
+        self.reporting_mta = reporting_mta or local_hostname()
         # Changeable while open (a reload): read at each housekeeping round / add.
         self.removed_retention = removed_retention
         self.history_retention = history_retention
@@ -384,9 +384,10 @@ class Spool:
         retries-exhausted rule of messages of the named routes, overriding
         the policy's. ``after_crash``: what to do with a message found in
         doubt (``resend`` or ``freeze``). ``reporting_mta``: the host name
-        that delivery status notifications report as (default: this
-        host's). All five are changeable through the attributes of the same
-        names.
+        that delivery status notifications report as, and the right-hand
+        side of their ``Message-ID:`` (default: this machine's,
+        :func:`~spoold.hostname.local_hostname`). All five are changeable
+        through the attributes of the same names.
         ``limits``: where a message's destination limits come from
         (:class:`~spoold.limits.LimitsSource`; the daemon's router); None:
         no limits (next hops that throttle are backed off all the same).
@@ -414,6 +415,8 @@ class Spool:
             raise ValueError("max_concurrent_send_jobs must be at least 1")
         if min_free_space < 0:
             raise ValueError("min_free_space must be >= 0")
+        if not reporting_mta:
+            reporting_mta = await anyio.to_thread.run_sync(local_hostname)  # may ask DNS
         ondisk, report = await OnDiskSpool.open(
             spool_dir,
             max_threads=max_threads,

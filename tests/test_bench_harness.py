@@ -101,7 +101,13 @@ def test_scenarios_a_and_d_write_a_results_section(tmp_path: Path, workdir: Path
 
 def test_a_failure_stops_both_servers_and_prints_the_logs(workdir: Path) -> None:
     done = run_harness(
-        workdir, "--scenarios", "a", "--spoold-set", "smtp.max_connections_per_client=1"
+        workdir,
+        "--scenarios",
+        "a",
+        "--spoold-set",
+        "smtp.max_connections_per_client=1",
+        "--spoold-set",
+        "smtp.limit_relay_networks=true",  # smtp-source's 127.0.0.1 is in relay_networks
     )
 
     assert done.returncode == 1

@@ -167,6 +167,7 @@ def test_minimal_file_gets_the_defaults(tmp_path: Path) -> None:
     assert cfg.smtp.bare_line_endings == "reject"
     assert cfg.smtp.max_line_length == 998
     assert cfg.smtp.max_connections_per_client == 10
+    assert cfg.smtp.limit_relay_networks is False  # relay_networks: not held to it
     assert cfg.smtp.timeout == timedelta(minutes=5)
     assert cfg.smtp.max_junk_commands == 100
     assert cfg.smtp.max_auth_failures == 3
@@ -355,6 +356,11 @@ BAD_FILES: list[tuple[str, str, list[str]]] = [
         "smtp.max_connections_per_client 0",
         _smtp("max_connections_per_client = 0\n"),
         ["smtp.max_connections_per_client: expected an integer >= 1, got 0"],
+    ),
+    (
+        "smtp.limit_relay_networks not a boolean",
+        _smtp('limit_relay_networks = "yes"\n'),
+        ["smtp.limit_relay_networks: expected true or false, got 'yes'"],
     ),
     ("smtp.timeout 0", _smtp('timeout = "0s"\n'), ["smtp.timeout: expected a span > 0, got '0s'"]),
     ("smtp.timeout bad", _smtp('timeout = "soon"\n'), [f"smtp.timeout: {SPAN_ERROR} 'soon'"]),

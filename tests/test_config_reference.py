@@ -43,3 +43,14 @@ def test_every_key_is_documented() -> None:
         assert table in docs, f"no section for [{table}] in {DOC.name}"
         missing = keys - docs[table]
         assert not missing, f"[{table}] keys missing from {DOC.name}: {sorted(missing)}"
+
+
+def test_every_top_level_key_is_documented() -> None:
+    text = DOC.read_text()
+    assert "\n## Top-level keys\n" in text, f"no section for top-level keys in {DOC.name}"
+    section = text.split("\n## Top-level keys\n", 1)[1].split("\n## ", 1)[0]
+    # Keys outside any table hold plain values; the tables are values of their own.
+    keys = {f.name for f in dataclasses.fields(config.Config) if f.type in ("str", "int", "bool")}
+    assert "hostname" in keys
+    for key in keys:
+        assert f"\n| `{key}` |" in section, f"top-level key {key} missing from {DOC.name}"

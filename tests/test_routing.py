@@ -26,6 +26,7 @@ def _config(tmp_path: Path, raw: dict[str, Any]) -> Config:
 
 def _raw() -> dict[str, Any]:
     return {
+        "hostname": "relay.example.test",
         "spool": {"dir": "spool", "retry_jitter": 0.2},
         "relay": {
             "default_route": "smarthost",
@@ -39,6 +40,7 @@ def _raw() -> dict[str, Any]:
                 "domains": ["Example.COM"],
                 "next_hops": ["mx1.example.com:25", "mx2.example.com:25"],
                 "retry_intervals": ["10m", "1h"],
+                "helo_name": "partner-facing.example.test",
             },
             "org": {
                 "domains": [".example.org"],
@@ -234,6 +236,7 @@ def test_settings_for_a_hop_are_its_routes(router: Router, tmp_path: Path) -> No
         connect_timeout=7.0,
         command_timeout=60.0,
         message_timeout=180.0,
+        helo_name="relay.example.test",  # the top-level hostname
     )
 
     for hop in ("mx1.example.com:25", "mx2.example.com:25"):
@@ -244,6 +247,7 @@ def test_settings_for_a_hop_are_its_routes(router: Router, tmp_path: Path) -> No
         assert partners.auth is None
         assert (partners.connect_timeout, partners.command_timeout) == (7.0, 60.0)
         assert partners.message_timeout == 180.0
+        assert partners.helo_name == "partner-facing.example.test"  # the route's own
 
 
 def test_settings_for_an_unknown_hop_are_the_defaults(router: Router) -> None:
@@ -251,7 +255,10 @@ def test_settings_for_an_unknown_hop_are_the_defaults(router: Router) -> None:
 
     assert settings == router.default_settings
     assert settings == RouteSettings(
-        connect_timeout=7.0, command_timeout=60.0, message_timeout=180.0
+        connect_timeout=7.0,
+        command_timeout=60.0,
+        message_timeout=180.0,
+        helo_name="relay.example.test",
     )
     assert settings.tls == "opportunistic"
     assert settings.auth is None

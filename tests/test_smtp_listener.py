@@ -595,8 +595,9 @@ async def test_auth_cancelled_and_bad_base64(tmp_path: Path) -> None:
 
 
 async def test_connections_per_client_are_limited(tmp_path: Path) -> None:
+    smtp = {"max_connections_per_client": 3, "limit_relay_networks": True}
     with anyio.fail_after(TIMEOUT):
-        async with serving(tmp_path, {"max_connections_per_client": 3}) as served:
+        async with serving(tmp_path, smtp) as served:
             async with raw_smtp(served.port), raw_smtp(served.port), raw_smtp(served.port):
                 stream = await anyio.connect_tcp("127.0.0.1", served.port)
                 async with stream:
@@ -613,15 +614,39 @@ async def test_connections_per_client_are_limited(tmp_path: Path) -> None:
             assert served.listener.connections_by_client == {}
 
 
-async def test_the_default_allows_ten_connections_per_client(tmp_path: Path) -> None:
+async def test_the_default_allows_ten_connections_per_client_outside_relay_networks(
+    tmp_path: Path,
+) -> None:
+    smtp = {"relay_networks": ["127.0.0.1/32"]}  # 127.0.0.2 may connect: it can AUTH
     with anyio.fail_after(TIMEOUT):
-        async with serving(tmp_path) as served:
-            streams = [await anyio.connect_tcp("127.0.0.1", served.port) for _ in range(11)]
+        async with serving(tmp_path, smtp, auth=True) as served:
+            streams = [
+                await anyio.connect_tcp("127.0.0.1", served.port, local_host="127.0.0.2")
+                for _ in range(11)
+            ]
             try:
                 greetings = [await RawSmtp(s).reply() for s in streams[:10]]
                 assert all(code == 220 for code, _ in greetings)
                 refused = await RawSmtp(streams[10]).rest()
                 assert refused.startswith(b"421 4.7.0 "), refused
+            finally:
+                for s in streams:
+                    await s.aclose()
+
+
+async def test_the_default_does_not_hold_relay_networks_to_the_per_client_limit(
+    tmp_path: Path,
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, {"max_connections": 30}) as served:
+            streams = [await anyio.connect_tcp("127.0.0.1", served.port) for _ in range(31)]
+            try:
+                greetings = [await RawSmtp(s).reply() for s in streams[:30]]
+                assert all(code == 220 for code, _ in greetings), greetings
+                assert served.listener.connections_by_client == {"127.0.0.1": 30}
+                # max_connections still holds everyone.
+                refused = await RawSmtp(streams[30]).rest()
+                assert refused.startswith(b"421 4.7.0 Too many connections, "), refused
             finally:
                 for s in streams:
                     await s.aclose()

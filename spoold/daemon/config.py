@@ -33,6 +33,7 @@ from spoold.errors import (
     ConfigError,
 )
 from spoold.hops import parse_hop
+from spoold.hostname import check_hostname, local_hostname
 from spoold.limits import Rate, parse_rate
 from spoold.outcome import DeliveryPolicy, OnPermanentFailure, RetriesExhausted
 from spoold.store import SyncMode
@@ -107,6 +108,7 @@ class SmtpConfig:
     require_tls: bool = False  # refuse MAIL before STARTTLS
     auth_file: Path | None = None  # "user:password" lines, mode 0600: offer AUTH
     max_connections_per_client: int = 10  # per client IP address
+    limit_relay_networks: bool = False  # relay_networks held to the per-client limit too
     timeout: timedelta = timedelta(minutes=5)  # idle wait for a command or DATA content
     max_junk_commands: int = 100  # NOOP, RSET, errors...: past it, 421 and close
     max_auth_failures: int = 3  # failed AUTH on one connection: then 421 and close
@@ -162,6 +164,7 @@ class RouteConfig:
     retries_exhausted: RetriesExhausted | None = None  # None: spool.retries_exhausted
     max_connections: int = _limits.DEFAULT_MAX_CONNECTIONS  # attempts at once
     rate: Rate | None = None  # attempts per span ("50/s"); None: unlimited
+    helo_name: str = ""  # the EHLO name to this route's hops; "": the top-level hostname
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,9 @@ class Config:
     hooks: HooksConfig
     relay: RelayConfig
     routes: dict[str, RouteConfig] = field(default_factory=dict)
+    # The name spoold gives itself (banner, Received:, EHLO, Message-ID,
+    # Reporting-MTA); default: the machine's (spoold.hostname).
+    hostname: str = field(default_factory=local_hostname)
 
 
 def delivery_policy(config: Config) -> DeliveryPolicy:
@@ -252,15 +258,14 @@ class _Table:
         return f"{self.prefix}.{key}" if self.prefix else key
 
     def get(self, key: str, convert: Callable[[object], _T]) -> _T:
-        default: _T = getattr(self.defaults, key)
         self.seen.add(key)
-        if key not in self.raw:
-            return default
-        try:
-            return convert(self.raw[key])
-        except (ValueError, TypeError) as exc:
-            self.problems.append(f"{self._key(key)}: {exc}")
-            return default
+        if key in self.raw:
+            try:
+                return convert(self.raw[key])
+            except (ValueError, TypeError) as exc:
+                self.problems.append(f"{self._key(key)}: {exc}")
+        default: _T = getattr(self.defaults, key)  # read only when needed
+        return default
 
     def require(self, key: str, convert: Callable[[object], _T]) -> _T:
         if key not in self.raw:
@@ -453,6 +458,24 @@ def _domain(v: object) -> str:
     return text
 
 
+class _TopLevel:
+    """The defaults of the keys outside any table."""
+
+    @property
+    def hostname(self) -> str:
+        return local_hostname()  # looked up only when the key is left out
+
+
+def _hostname(v: object) -> str:
+    return check_hostname(_str(v).strip())
+
+
+def _optional_hostname(v: object) -> str:
+    """A host name, or ``""`` for the default."""
+    text = _str(v).strip()
+    return check_hostname(text) if text else ""
+
+
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     """Validate a decoded TOML document; raise :class:`ConfigError`."""
     problems: list[str] = []
@@ -467,7 +490,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     def optional_path(v: object) -> Path | None:
         return resolve(v) if _str(v) else None
 
-    top = _Table(raw, "", problems, base)
+    top = _Table(raw, "", problems, base, _TopLevel())
+    hostname = top.get("hostname", _hostname)
     for key in ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes"):
         top.seen.add(key)
     top.done()
@@ -527,6 +551,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             require_tls=t.get("require_tls", _bool),
             auth_file=t.get("auth_file", optional_path),
             max_connections_per_client=t.get("max_connections_per_client", _int(1)),
+            limit_relay_networks=t.get("limit_relay_networks", _bool),
             timeout=t.get("timeout", _positive_span),
             max_junk_commands=t.get("max_junk_commands", _int(1)),
             max_auth_failures=t.get("max_auth_failures", _int(1)),
@@ -609,6 +634,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             retries_exhausted=t.get("retries_exhausted", _optional_enum(RetriesExhausted)),
             max_connections=t.get("max_connections", _int(1, 10_000)),
             rate=t.get("rate", parse_rate),
+            helo_name=t.get("helo_name", _optional_hostname),
         )
         t.done()
         if not route.mx and ("next_hops" not in t.raw or t.raw["next_hops"] == []):
@@ -655,6 +681,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         hooks=hooks,
         relay=relay,
         routes=routes,
+        hostname=hostname,
     )
 
 

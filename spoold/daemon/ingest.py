@@ -23,13 +23,13 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import re
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from spoold.body import Body, LineEndingPolicy
 from spoold.daemon.routing import Router
+from spoold.hostname import local_hostname
 from spoold.idempotency import MAX_KEY_LENGTH
 from spoold.ids import new_id
 from spoold.message import RoutedBatch
@@ -164,7 +164,9 @@ class Submitter:
     ) -> None:
         self.spool = spool
         self.router = router
-        self.hostname = hostname or socket.getfqdn()
+        # Our name in Received: and the Message-IDs we add (default: the
+        # machine's, spoold.hostname); a reload may set it for what comes next.
+        self.hostname = hostname or local_hostname()
 
     async def submit(
         self,

@@ -22,8 +22,12 @@ Replies:
 * 552 past ``max_message_size`` (SIZE is advertised), 452 past
   ``max_recipients``, 500 for a message line over ``max_line_length``;
   501/553 for a bad address (see :mod:`spoold.daemon.smtp_server`);
-* 421 to a connection over ``max_connections`` or
-  ``max_connections_per_client``; 554 to a client outside
+* 421 to a connection over ``max_connections``, or over
+  ``max_connections_per_client`` from one address (clients in
+  ``relay_networks`` are held to that only with ``limit_relay_networks``:
+  a local application may open as many sessions at once as it has
+  workers); both limits count this process's sessions (each ingest worker
+  has its own counts); 554 to a client outside
   ``relay_networks`` (when AUTH is on, such a client may connect and must
   authenticate: 530 to MAIL before that).
 
@@ -44,9 +48,11 @@ greeting, until its failures age out.
 event loop, at start and on reload.
 
 Limits are read from the live settings when a connection opens, so a reload
-applies them to new sessions; the listen addresses need a restart. An error
-accepting a connection (EMFILE...) is asyncio's to handle: it pauses
-accepting for a while and goes on; it never stops the listener.
+applies them to new sessions, as it does the name we give in the banner and
+EHLO reply (the submitter's ``hostname``, which a reload may change); the
+listen addresses need a restart. An error accepting a connection (EMFILE...)
+is asyncio's to handle: it pauses accepting for a while and goes on; it
+never stops the listener.
 """
 
 from __future__ import annotations
@@ -200,7 +206,11 @@ class SmtpListener:
     def _current(self) -> _Derived:
         value = self._settings()
         derived = self._derived
-        if derived is not None and (derived.settings is value or derived.settings.config is value):
+        if (
+            derived is not None
+            and (derived.settings is value or derived.settings.config is value)
+            and derived.policy.hostname == self.submitter.hostname  # a reload may rename us
+        ):
             return derived
         settings = value if isinstance(value, ListenerSettings) else ListenerSettings(value)
         self._derived = derived = _derive(settings, self.submitter.hostname)
@@ -230,7 +240,8 @@ class SmtpListener:
             return "554 5.7.1 Your address may not send mail here"
         if self.connections >= cfg.max_connections:
             return "421 4.7.0 Too many connections, try again later"
-        if self.connections_by_client.get(peer, 0) >= cfg.max_connections_per_client:
+        held = not trusted or cfg.limit_relay_networks  # relay_networks: exempt by default
+        if held and self.connections_by_client.get(peer, 0) >= cfg.max_connections_per_client:
             return "421 4.7.0 Too many connections from your address, try again later"
         if not trusted and self._auth_log().refused(peer):
             return (

@@ -81,6 +81,7 @@ from spoold.errors import (
     SpooldError,
 )
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
+from spoold.hostname import is_qualified
 from spoold.message import Message, Queue, RetryInterval
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
@@ -190,7 +191,7 @@ class Daemon:
         return 0
 
     async def _run(self, cfg: Config, relay: SmtpRelay) -> None:
-        hostname = await anyio.to_thread.run_sync(socket.getfqdn)
+        hostname = cfg.hostname
         async with Spool.open(
             cfg.spool.dir,
             relay=self.metrics.measured(relay) if cfg.metrics.listen else relay,
@@ -365,6 +366,8 @@ class Daemon:
             )
         if restart:
             log.warning("these settings change only after a restart", settings=restart)
+        if new.hostname != old.hostname:
+            _check_hostname(new)
         log.info(
             "reloaded",
             max_concurrent_send_jobs=new.spool.max_concurrent_send_jobs,
@@ -400,6 +403,9 @@ class Daemon:
             spool.route_retries_exhausted = route_retries_exhausted(cfg)
             spool.after_crash = cfg.spool.after_crash
             spool.limits = live.router
+            spool.reporting_mta = cfg.hostname
+        if self._submitter is not None:
+            self._submitter.hostname = cfg.hostname
         if self._workers is not None:
             self._workers.reload()  # they read the same (now validated) file
 
@@ -494,6 +500,7 @@ async def run(config_path: str) -> int:
             return 2
         logs.configure(config.log.format, config.log.level)
         raise_open_files_limit()
+        _check_hostname(config)
         failure: BaseException | None = None
         try:
             if await _stopped_while_starting(signals, "reading the config"):
@@ -509,6 +516,17 @@ async def run(config_path: str) -> int:
             failure = group
         log.error("cannot start", error="; ".join(str(e) for e in _leaves(failure)))
         return 1
+
+
+def _check_hostname(config: Config) -> None:
+    """Warn when the name we give next hops is not fully qualified (the
+    machine has none and the config sets none): smarthosts may refuse it."""
+    if not is_qualified(config.hostname):
+        log.warning(
+            "hostname is not a fully qualified domain name: next hops may refuse our "
+            "EHLO or mark our mail down; set hostname in the config",
+            hostname=config.hostname,
+        )
 
 
 async def _stopped_while_starting(signals: Signals, step: str) -> bool:

@@ -14,7 +14,11 @@ a leading dot (``.example.org``), any subdomain of it. A recipient no route
 names goes to ``relay.default_route``. An ``mx = true`` route takes its next
 hops from DNS (:mod:`spoold.daemon.mx`), one envelope per recipient domain; such a
 hop is talked to with the settings of the MX route the message's
-recipients take (all recipients of a message share one route).
+recipients take (all recipients of a message share one route). The EHLO
+name to a hop is the route's ``helo_name``, else the top-level
+``hostname``; it is part of the settings, so after a reload that changes
+it new connections use the new name and cached ones (opened with the old)
+are no longer lent out: they close when idle.
 
 A route is also a destination for the spool's limits (:mod:`spoold.limits`:
 ``max_connections`` and ``rate``); :meth:`Router.limits_for` gives a
@@ -69,6 +73,7 @@ class Router:
             connect_timeout=relay.connect_timeout.total_seconds(),
             command_timeout=relay.command_timeout.total_seconds(),
             message_timeout=relay.message_timeout.total_seconds(),
+            helo_name=config.hostname,
         )
         for name, rc in config.routes.items():
             settings = RouteSettings(
@@ -81,6 +86,7 @@ class Router:
                 connect_timeout=relay.connect_timeout.total_seconds(),
                 command_timeout=relay.command_timeout.total_seconds(),
                 message_timeout=relay.message_timeout.total_seconds(),
+                helo_name=rc.helo_name or config.hostname,
             )
             spans: Sequence[timedelta] = rc.retry_intervals or ()
             self._routes[name] = _Route(

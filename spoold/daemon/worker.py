@@ -13,7 +13,8 @@ pipe only the daemon can write to: end-of-file there means the daemon is
 gone, and the worker stops as on SIGTERM (it never outlives its daemon).
 
 Signals, as for the daemon: SIGHUP reads the config file again and applies
-what it can (routes, listener limits, retry defaults, the free-space floor;
+what it can (routes, listener limits, the ``hostname`` of new sessions and
+messages, retry defaults, the free-space floor;
 a file that does not validate changes nothing); SIGTERM or SIGINT stop
 accepting, let the messages being spooled finish (up to
 ``spool.flush_timeout``) and exit 0. Exit codes: 0 stopped, 2 bad config,
@@ -126,8 +127,7 @@ async def _serve(
             sync=config.spool.sync,
             idempotency_window=config.spool.idempotency_window,
         ) as writer:
-            hostname = await anyio.to_thread.run_sync(socket.getfqdn)
-            submitter = Submitter(writer, lambda: state.router, hostname=hostname)
+            submitter = Submitter(writer, lambda: state.router, hostname=config.hostname)
             listener = SmtpListener(submitter, lambda: state.listener, accept_failures=failures)
             drain = config.spool.flush_timeout.total_seconds()
             background = anyio.CancelScope()  # ended once the worker stops anyway
@@ -156,6 +156,7 @@ async def _serve(
                     if signals.reload.is_set() and not signals.stop.is_set():
                         signals.take_reload()
                         state = await _reload(state, writer)
+                        submitter.hostname = state.config.hostname  # new sessions and messages
                 background.cancel()
                 listener.stop()
     finally:
