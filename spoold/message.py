@@ -216,6 +216,9 @@ class Message(
     duplicate. It stays set for as long as the message is on the spool.
     ``delay_warned_at`` is when the one "delayed" delivery status
     notification was sent to the sender (None: not sent), so it is sent once.
+    ``rerouted_to`` maps each recipient that :meth:`Spool.reroute
+    <spoold.spool.Spool.reroute>` moved into a new message to that
+    message's id.
     """
 
     id: str
@@ -243,6 +246,10 @@ class Message(
     # The submitter's idempotency key (Spool.add(idempotency_key=...)), kept so
     # the key index can be rebuilt from the records.
     idempotency_key: str | None = None
+    # Recipients a reroute split off into new messages: recipient -> the id
+    # of the message that now has it. They are no longer this message's to
+    # deliver (the history journal says "rerouted", never "delivered").
+    rerouted_to: dict[str, str] = msgspec.field(default_factory=dict)
 
     # -- where it lives
 
@@ -298,6 +305,7 @@ class Message(
             remaining_recipients=list(self.remaining_recipients),
             failed_recipients=list(self.failed_recipients),
             relay_attempts=list(self.relay_attempts),
+            rerouted_to=dict(self.rerouted_to),
             envelope_info=msgspec.structs.replace(
                 env, recipients=list(env.recipients), mail_params=list(env.mail_params)
             ),
@@ -325,6 +333,8 @@ class Message(
             self.failed_recipients = empty
         if not self.relay_attempts:
             self.relay_attempts = empty
+        if not self.rerouted_to:
+            self.rerouted_to = shared.empty_map
         self.retry_intervals = shared.intervals.share(self.retry_intervals)
         self.next_hop_choices = shared.hops.share(self.next_hop_choices)
         env = self.envelope_info
@@ -350,6 +360,7 @@ class SharedParts:
     hops: _SharedLists[str] = field(default_factory=lambda: _SharedLists())
     senders: dict[str, str] = field(default_factory=dict)
     empty: list[Any] = field(default_factory=list)  # never appended to
+    empty_map: dict[Any, Any] = field(default_factory=dict)  # never added to
 
 
 class _SharedLists(Generic[_V]):

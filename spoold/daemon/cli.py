@@ -549,6 +549,10 @@ def history(target: _Target, since: str, recipient: str | None, fmt: str) -> Non
         for v in views:
             click.echo(json.dumps(v, separators=(",", ":")))
         return
+    if not views:
+        who = f" for {recipient}" if recipient is not None else ""
+        click.echo(f"no outcomes{who} in the last {since}")
+        return
     for v in views:
         hop = f" via {v['hop']}" if v.get("hop") else ""
         click.echo(f"{v['time']} {v['id']} {v['outcome']} <{v['sender']}>{hop}")
@@ -557,6 +561,9 @@ def history(target: _Target, since: str, recipient: str | None, fmt: str) -> Non
                 str(part) for part in (r.get("code"), r.get("enhanced_status")) if part
             )
             text = f" {r['text']}" if r.get("text") else ""
+            if r.get("rerouted_to"):
+                now = f" (now {r['rerouted_state']})" if r.get("rerouted_state") else ""
+                text = f" to {r['rerouted_to']}{now}{text}"
             click.echo(f"    {r['recipient']} {r['state']}{' ' + reply if reply else ''}{text}")
         if v.get("detail"):
             click.echo(f"    ({v['detail']})")

@@ -282,6 +282,9 @@ def history_view(outcome: Outcome) -> dict[str, Any]:
     view: dict[str, Any] = msgspec.to_builtins(outcome)
     view["time"] = rfc3339(outcome.time)
     view["spool_date"] = rfc3339(outcome.spool_date)
+    for rcpt in view["recipients"]:
+        if rcpt.get("rerouted_to") is None:
+            rcpt.pop("rerouted_to", None)  # only a rerouted recipient has one
     return view
 
 
@@ -487,7 +490,23 @@ async def _history(server: ControlServer, p: _HistoryParams) -> Any:
     if p.recipient is not None:
         validate_address(p.recipient, role="recipient", smtputf8=True)
     found = await server.spool.history(since=since, recipient=p.recipient)
-    return [history_view(o) for o in found]
+    views = [history_view(o) for o in found]
+    for view in views:
+        for rcpt in view["recipients"]:
+            if "rerouted_to" in rcpt:
+                rcpt["rerouted_state"] = await _state_now(server.spool, rcpt["rerouted_to"])
+    return views
+
+
+async def _state_now(spool: Spool, message_id: str) -> str:
+    """Where a message stands now: its status while queued, else its final
+    outcome from the journal, else ``unknown``."""
+    try:
+        msg = await spool.get_message(message_id)
+    except NotFoundError:
+        outcome = await spool.find_outcome(message_id)
+        return outcome.outcome.value if outcome is not None else "unknown"
+    return msg.effective_status(spool.clock.now()).name
 
 
 async def _reload(server: ControlServer, p: _NoParams) -> Any:
