@@ -121,7 +121,7 @@ from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, q
 from spoold.ondisk import Unreadable
 from spoold.outcome import RetryPlan
 from spoold.spool import Spool
-from spoold.times import parse_span, rfc3339
+from spoold.times import format_size, parse_span, rfc3339
 from spoold.waiting import MessageOutcome
 
 __all__ = [
@@ -568,14 +568,6 @@ def _explain(kind: type[_Params], fields: dict[str, Any], text: str) -> str:
     return text
 
 
-def _size_text(size: int) -> str:
-    """A size as an operator writes it: ``1 MiB``, ``64 KiB``, ``1000 bytes``."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} bytes"
-
-
 def _default_max_message_size() -> int:
     return SmtpConfig().max_message_size
 
@@ -759,7 +751,7 @@ class ControlServer:
                 line = None
             if line is None or len(line) > self.max_request:
                 # The rest is never read: hanging up is what bounds the memory.
-                return None, _error("invalid", f"request over {_size_text(self.max_request)}")
+                return None, _error("invalid", f"request over {format_size(self.max_request)}")
             return line, None
         return None, _error(
             "invalid", f"no request within {self.request_timeout:g} s; disconnected"
