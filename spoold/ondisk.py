@@ -97,6 +97,7 @@ class OnDiskSpool:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.dir = store.root
+        self._dir_text = str(self.dir)  # every record's spool_dir: one string
 
     @classmethod
     async def open(
@@ -160,6 +161,7 @@ class OnDiskSpool:
                 msg = n.build(name, [other for other in batch if other != name])
                 if msg.id != name or msg.status != n.status:
                     raise ValueError(f"message {msg.id} was not built as announced")
+                msg.spool_dir = self._dir_text
                 built[name] = msg
                 return encode_record(msg)
 
@@ -232,7 +234,7 @@ class OnDiskSpool:
 
     def _decode(self, rec: StoredRecord) -> Message | RecordError:
         try:
-            msg = decode_record(rec.data, expected_id=rec.name)
+            msg = decode_record(rec.data, expected_id=rec.name, spool_dir=self._dir_text)
         except RecordError as exc:
             return exc
         return msg
@@ -274,7 +276,7 @@ class OnDiskSpool:
         send, receive = anyio.create_memory_object_stream[_Decoded | StoreError](LOAD_READ_AHEAD)
         with receive:
             async with anyio.create_task_group() as tg:
-                decode = functools.partial(_decode_batch, queue, prepare)
+                decode = functools.partial(_decode_batch, queue, prepare, self._dir_text)
                 tg.start_soon(self._read_ahead, queue, batches, decode, send)
                 async for decoded in receive:
                     try:
@@ -415,14 +417,17 @@ class OnDiskSpool:
 
 
 def _decode_batch(
-    queue: Queue, prepare: Callable[[Message], None] | None, records: list[StoredRecord]
+    queue: Queue,
+    prepare: Callable[[Message], None] | None,
+    spool_dir: str,
+    records: list[StoredRecord],
 ) -> _Decoded:
     """Decode one batch of ``queue`` (in the worker thread that read it)."""
     out: _Decoded = []
     with gc_paused():
         for rec in records:
             try:
-                msg = decode_record(rec.data, expected_id=rec.name)
+                msg = decode_record(rec.data, expected_id=rec.name, spool_dir=spool_dir)
             except RecordError as exc:
                 out.append((rec, exc))
                 continue

@@ -68,7 +68,11 @@ async def test_history_never_says_delivered_for_a_recipient_split_off_by_reroute
     await run(config, "reload")
     rerouted = await run(config, "reroute", mid)
     assert rerouted.out.startswith("rerouted: 2 message(s)")
-    (other,) = [v["id"] for v in await client.request("status", queue="all") if v["id"] != mid]
+    listing = {v["id"]: v for v in await client.request("status", queue="all")}
+    (other,) = [i for i in listing if i != mid]
+    assert listing[mid]["rerouted_to"] == {B: other}
+    assert listing[other]["envelope_info"]["recipients"] == [B]  # its own only
+    assert "rerouted_to" not in listing[other]
     await run(config, "send", "--all")
     await wait_until(lambda: smart.transactions == 1, "A delivered", interval=0.05)
     await wait_until(lambda: attempts(other), "B's part tried its dead hop", interval=0.05)

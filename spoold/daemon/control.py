@@ -158,7 +158,7 @@ def message_view(msg: Message) -> dict[str, Any]:
     """The JSON listing of a message (``status --format json``): the
     record's fields plus ``queue``; ``status`` as a string, with ``send_at``
     and ``quarantine_reason`` when they apply (and ``removed_at``,
-    ``idempotency_key`` when set); times RFC 3339 UTC; retry
+    ``idempotency_key``, ``rerouted_to`` when set); times RFC 3339 UTC; retry
     intervals as seconds."""
     status = msg.status
     queue = queue_of(status)
@@ -193,6 +193,8 @@ def message_view(msg: Message) -> dict[str, Any]:
         "in_doubt": msg.in_doubt,
         "delay_warned_at": rfc3339(msg.delay_warned_at) if msg.delay_warned_at else None,
     }
+    if msg.rerouted_to:
+        view["rerouted_to"] = dict(msg.rerouted_to)
     if isinstance(status, SendAt):
         view["send_at"] = rfc3339(status.at)
     if isinstance(status, Quarantined):
