@@ -65,6 +65,8 @@ async def test_below_the_floor_mail_from_gets_452_until_a_reload_lowers_it(
     with pytest.raises(smtplib.SMTPSenderRefused) as refused:
         await anyio.to_thread.run_sync(send, port)
     assert refused.value.smtp_code == 452
+    short = await daemon.wait_log(lambda line: line["event"].startswith("short of space"))
+    assert (short["level"], short["min_free_space"]) == ("warning", "1000000 GiB")
 
     set_config_value(config, "min_free_space", '"1MiB"')
     done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), "reload")
@@ -75,6 +77,7 @@ async def test_below_the_floor_mail_from_gets_452_until_a_reload_lowers_it(
         return code == 250
 
     await wait_until(mail_taken, "MAIL taken after the reload", interval=0.05)
+    await daemon.wait_log(lambda line: line["event"] == "room again: new mail is taken")
     await anyio.to_thread.run_sync(send, port)
     assert sorted(os.listdir(tmp_path / "spool" / "active"))  # spooled
 

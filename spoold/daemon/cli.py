@@ -282,6 +282,7 @@ def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> 
 
 
 _MIN_ERROR_COLUMN = 40  # narrower, and the last errors go under their rows
+_ERROR_INDENT = "    "
 
 
 def _print_stacked(table: Table, rows: Sequence[tuple[str, ...]], width: int, wide: bool) -> None:
@@ -309,9 +310,6 @@ def _print_stacked(table: Table, rows: Sequence[tuple[str, ...]], width: int, wi
                 click.echo(_ERROR_INDENT + part)
         else:
             click.echo(_ERROR_INDENT + (error if len(error) <= room else error[: room - 1] + "…"))
-
-
-_ERROR_INDENT = "    "
 
 
 @main.command()

@@ -24,7 +24,9 @@ Replies:
   (``SIZE=``): the same rule the store applies after DATA (which stays, as
   the final word). The free space is measured in a worker thread when the
   listener starts and every :data:`FREE_SPACE_INTERVAL` seconds after,
-  so MAIL does no I/O; the floor is read live (a reload applies at once);
+  so MAIL does no I/O; the floor is read live (a reload applies at once).
+  Crossing the floor is logged once each way (``short of space`` as a
+  warning, ``room again``);
 * 552 past ``max_message_size`` (SIZE is advertised), 452 past
   ``max_recipients``, 500 for a message line over ``max_line_length``;
   501/553 for a bad address (see :mod:`spoold.daemon.smtp_server`);
@@ -81,6 +83,7 @@ from spoold.errors import (
     StoreError,
 )
 from spoold.store import Store
+from spoold.times import format_size
 
 __all__ = ["SmtpListener", "ListenerSettings", "listener_settings", "FREE_SPACE_INTERVAL"]
 
@@ -184,6 +187,7 @@ class SmtpListener:
         self._working = 0  # deliveries under way (spawned work)
         self._all_done = anyio.Event()
         self._free_space: int | None = None  # bytes, last measured (None: not known)
+        self._short_of_space = False  # below the floor at the last measurement
 
     def stop(self) -> None:
         """Stop accepting and return from :meth:`serve` once drained."""
@@ -269,7 +273,20 @@ class SmtpListener:
                 log.warning("cannot measure the spool's free space", error=str(exc))
             self._free_space = None  # not known: the store's own check decides
             return
-        self._free_space = st.f_bavail * st.f_frsize
+        self._free_space = free = st.f_bavail * st.f_frsize
+        floor = self.submitter.spool.min_free_space
+        short = free < floor
+        if short != self._short_of_space:  # said once per change, not per MAIL
+            self._short_of_space = short
+            if short:
+                log.warning(
+                    "short of space: new mail is refused at MAIL",
+                    spool=str(spool_dir),
+                    free=format_size(free),
+                    min_free_space=format_size(floor),
+                )
+            else:
+                log.info("room again: new mail is taken", free=format_size(free))
 
     async def _watch_free_space(self) -> None:
         while True:
