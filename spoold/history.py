@@ -6,8 +6,9 @@ sent it, what became of each recipient (the next hop's code, enhanced
 status and text where the last attempt had one), the hop, when it was
 spooled and when it ended. A recipient that a reroute moved into another
 message is ``rerouted`` (naming that message, whose own line says how it
-ended), never ``delivered``: only a next hop's acceptance is. ``frozen`` is not final (an operator may still
-send the message) and is never journalled. A message brought back from
+ended), never ``delivered``: only a next hop's acceptance is. ``frozen``
+is not final (an operator may still send the message) and is never
+journalled. A message brought back from
 ``removed`` and sent again gets a second line; the newest line wins.
 
 On disk (``SPOOL/history/``) the journal is one append-only file per UTC
