@@ -28,7 +28,10 @@ sender and recipients only).
 from __future__ import annotations
 
 import contextlib
+import copy
+import email.generator
 import email.message
+import io
 import json
 import os
 import socket as socketlib
@@ -70,10 +73,22 @@ def _ids(ids: str | Iterable[str]) -> list[str]:
 
 
 def _content(message: bytes | email.message.Message) -> bytes:
+    """The bytes to submit. A message object is written out by the
+    standard generator itself, not by its ``as_bytes``, which subclasses
+    (Django's ``SafeMIMEText``) override with another signature: CRLF
+    lines, 8-bit parts as they are, no ``>From`` mangling, and without
+    ``Bcc:`` (its recipients are in the envelope; the caller's object is
+    left as it was)."""
     if isinstance(message, bytes | bytearray | memoryview):
         return bytes(message)
     if isinstance(message, email.message.Message):
-        return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+        if "Bcc" in message:
+            message = copy.copy(message)  # deleting assigns a new header list
+            del message["Bcc"]
+        out = io.BytesIO()
+        policy = message.policy.clone(linesep="\r\n")
+        email.generator.BytesGenerator(out, mangle_from_=False, policy=policy).flatten(message)
+        return out.getvalue()
     raise TypeError(f"a message is bytes or an email.message.Message, not {type(message).__name__}")
 
 

@@ -4,8 +4,11 @@ When a message is done with (delivered, bounced, or removed by an operator
 or a policy), the spool appends one :class:`Outcome` to the journal: who
 sent it, what became of each recipient (the next hop's code, enhanced
 status and text where the last attempt had one), the hop, when it was
-spooled and when it ended. ``frozen`` is not final (an operator may still
-send the message) and is never journalled. A message brought back from
+spooled and when it ended. A recipient that a reroute moved into another
+message is ``rerouted`` (naming that message, whose own line says how it
+ended), never ``delivered``: only a next hop's acceptance is. ``frozen``
+is not final (an operator may still send the message) and is never
+journalled. A message brought back from
 ``removed`` and sent again gets a second line; the newest line wins.
 
 On disk (``SPOOL/history/``) the journal is one append-only file per UTC
@@ -88,18 +91,22 @@ class RecipientState(StrEnum):
     DELIVERED = "delivered"  # accepted by a next hop
     FAILED = "failed"  # failed permanently
     UNDELIVERED = "undelivered"  # still to deliver when the message left (removed)
+    REROUTED = "rerouted"  # moved into another message by a reroute (rerouted_to)
 
 
 class RecipientReply(msgspec.Struct, frozen=True, kw_only=True):
     """One recipient's end: the state, and the next hop's reply when the
     last attempt gave one (``code`` None: accepted in an earlier attempt,
-    or never answered)."""
+    or never answered). ``rerouted_to``: for state ``rerouted``, the id of
+    the message that took the recipient over (its own line says how that
+    ended)."""
 
     recipient: str
     state: RecipientState
     code: int | None = None
     enhanced_status: str | None = None
     text: str = ""
+    rerouted_to: str | None = None
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,12 +137,14 @@ def outcome_of(
     """The journal line for ``msg`` leaving the queue. ``replies`` are the
     last attempt's answers as ``(recipient, code, enhanced status, text)``;
     every original recipient is listed, with its state from the record
-    (failed, still remaining, or else delivered)."""
+    (failed, still remaining, moved into another message by a reroute, or
+    else delivered)."""
     answers = {r[0]: r for r in replies}
     failed = set(msg.failed_recipients)
     remaining = set(msg.remaining_recipients)
     lines = []
     for rcpt in dict.fromkeys([*msg.envelope_info.recipients, *failed, *remaining]):
+        moved_to = None
         if rcpt in failed:
             state = RecipientState.FAILED
         elif rcpt in remaining:
@@ -144,6 +153,8 @@ def outcome_of(
                 if outcome is FinalOutcome.BOUNCED
                 else RecipientState.UNDELIVERED
             )
+        elif rcpt in msg.rerouted_to:
+            state, moved_to = RecipientState.REROUTED, msg.rerouted_to[rcpt]
         else:
             state = RecipientState.DELIVERED
         answer = answers.get(rcpt)
@@ -154,6 +165,7 @@ def outcome_of(
                 code=answer[1] if answer else None,
                 enhanced_status=answer[2] if answer else None,
                 text=answer[3] if answer else "",
+                rerouted_to=moved_to,
             )
         )
     last = msg.last_relay_attempt

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import msgspec
@@ -216,6 +217,13 @@ class Message(
     duplicate. It stays set for as long as the message is on the spool.
     ``delay_warned_at`` is when the one "delayed" delivery status
     notification was sent to the sender (None: not sent), so it is sent once.
+    ``rerouted_to`` maps each recipient that :meth:`Spool.reroute
+    <spoold.spool.Spool.reroute>` moved into a new message to that
+    message's id.
+
+    :attr:`spool_dir` (the seed's ``spool_dir``) is where the message lives;
+    it is not part of the record: the spool sets it on every record it reads
+    or writes, and :func:`encode_record` leaves it out.
     """
 
     id: str
@@ -243,8 +251,28 @@ class Message(
     # The submitter's idempotency key (Spool.add(idempotency_key=...)), kept so
     # the key index can be rebuilt from the records.
     idempotency_key: str | None = None
+    # Recipients a reroute split off into new messages: recipient -> the id
+    # of the message that now has it. They are no longer this message's to
+    # deliver (the history journal says "rerouted", never "delivered").
+    rerouted_to: dict[str, str] = msgspec.field(default_factory=dict)
+    # Not part of the record: the spool directory the message lives in, set
+    # by the spool when it reads or writes the record (a reference to one
+    # string the spool holds); never written (see encode_record).
+    _spool_dir: str | msgspec.UnsetType = msgspec.UNSET
 
     # -- where it lives
+
+    @property
+    def spool_dir(self) -> Path | None:
+        """The spool directory the message lives in (None: not read from or
+        written to a spool yet). Not stored in the record: the spool sets it
+        on every record it reads or writes."""
+        where = self._spool_dir
+        return None if where is msgspec.UNSET else Path(where)
+
+    @spool_dir.setter
+    def spool_dir(self, value: Path | str | None) -> None:
+        self._spool_dir = msgspec.UNSET if value is None else str(value)
 
     @property
     def queue(self) -> Queue | None:
@@ -298,6 +326,7 @@ class Message(
             remaining_recipients=list(self.remaining_recipients),
             failed_recipients=list(self.failed_recipients),
             relay_attempts=list(self.relay_attempts),
+            rerouted_to=dict(self.rerouted_to),
             envelope_info=msgspec.structs.replace(
                 env, recipients=list(env.recipients), mail_params=list(env.mail_params)
             ),
@@ -325,6 +354,8 @@ class Message(
             self.failed_recipients = empty
         if not self.relay_attempts:
             self.relay_attempts = empty
+        if not self.rerouted_to:
+            self.rerouted_to = shared.empty_map
         self.retry_intervals = shared.intervals.share(self.retry_intervals)
         self.next_hop_choices = shared.hops.share(self.next_hop_choices)
         env = self.envelope_info
@@ -350,6 +381,7 @@ class SharedParts:
     hops: _SharedLists[str] = field(default_factory=lambda: _SharedLists())
     senders: dict[str, str] = field(default_factory=dict)
     empty: list[Any] = field(default_factory=list)  # never appended to
+    empty_map: dict[Any, Any] = field(default_factory=dict)  # never added to
 
 
 class _SharedLists(Generic[_V]):
@@ -511,11 +543,18 @@ def _upgrade(data: bytes, version: int) -> Message:
 
 
 def encode_record(message: Message) -> bytes:
+    """The record as stored: every field but the spool directory."""
+    if message._spool_dir is not msgspec.UNSET:
+        message = msgspec.structs.replace(message, _spool_dir=msgspec.UNSET)
     return _encoder.encode(message) + b"\n"
 
 
-def decode_record(data: bytes, *, expected_id: str | None = None) -> Message:
-    """Read a record of any known version; raise :class:`RecordError`."""
+def decode_record(
+    data: bytes, *, expected_id: str | None = None, spool_dir: str | None = None
+) -> Message:
+    """Read a record of any known version; raise :class:`RecordError`.
+    ``spool_dir``: the directory it was read from (:attr:`Message.spool_dir`),
+    best one string shared by all the records of a spool."""
     try:
         msg = _decoder.decode(data)
     except msgspec.DecodeError as exc:
@@ -551,4 +590,6 @@ def decode_record(data: bytes, *, expected_id: str | None = None) -> Message:
         for r in msg.retry_intervals
     ):
         raise RecordError("record has a negative retry interval")
+    if spool_dir is not None:
+        msg._spool_dir = spool_dir
     return msg

@@ -103,6 +103,7 @@ class OnDiskSpool:
         self.dir = store.root
         # Records that could not be read nor set aside when loaded, by id.
         self.skipped: dict[str, Unreadable] = {}
+        self._dir_text = str(self.dir)  # every record's spool_dir: one string
 
     @classmethod
     async def open(
@@ -182,6 +183,7 @@ class OnDiskSpool:
                 msg = n.build(name, [other for other in batch if other != name])
                 if msg.id != name or msg.status != n.status:
                     raise ValueError(f"message {msg.id} was not built as announced")
+                msg.spool_dir = self._dir_text
                 built[name] = msg
                 return encode_record(msg)
 
@@ -265,7 +267,7 @@ class OnDiskSpool:
     # ------------------------------------------------------------ reading
 
     def _decode(self, rec: StoredRecord) -> Message | RecordError:
-        return _decode_one(rec)
+        return _decode_one(rec, self._dir_text)
 
     async def load(
         self,
@@ -304,7 +306,7 @@ class OnDiskSpool:
         send, receive = anyio.create_memory_object_stream[_Decoded | StoreError](LOAD_READ_AHEAD)
         with receive:
             async with anyio.create_task_group() as tg:
-                decode = functools.partial(_decode_batch, queue, prepare)
+                decode = functools.partial(_decode_batch, queue, prepare, self._dir_text)
                 tg.start_soon(self._read_ahead, queue, batches, decode, send)
                 async for decoded in receive:
                     try:
@@ -454,13 +456,16 @@ class OnDiskSpool:
 
 
 def _decode_batch(
-    queue: Queue, prepare: Callable[[Message], None] | None, records: list[StoredRecord]
+    queue: Queue,
+    prepare: Callable[[Message], None] | None,
+    spool_dir: str,
+    records: list[StoredRecord],
 ) -> _Decoded:
     """Decode one batch of ``queue`` (in the worker thread that read it)."""
     out: _Decoded = []
     with gc_paused():
         for rec in records:
-            msg = _decode_one(rec)
+            msg = _decode_one(rec, spool_dir)
             if isinstance(msg, RecordError):
                 out.append((rec, msg))
                 continue
@@ -480,12 +485,12 @@ def _unreadable_records(records: list[StoredRecord]) -> list[tuple[StoredRecord,
     return out
 
 
-def _decode_one(rec: StoredRecord) -> Message | RecordError:
+def _decode_one(rec: StoredRecord, spool_dir: str | None = None) -> Message | RecordError:
     """The message of ``rec``, or why there is none (a file that could not
     be read counts as a record that cannot be decoded)."""
     if rec.error is not None:
         return RecordError(f"cannot read the file: {rec.error}")
     try:
-        return decode_record(rec.data, expected_id=rec.name)
+        return decode_record(rec.data, expected_id=rec.name, spool_dir=spool_dir)
     except RecordError as exc:
         return exc

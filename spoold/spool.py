@@ -1495,8 +1495,11 @@ class Spool:
         different ways split it: the first way keeps the message, each other
         way becomes a new message (new id; same body, parent id, flows,
         spool date, retry intervals and relay attempts; every part names the
-        others in ``related_ids``). Failed recipients stay with the original
-        message. Returns the ids of every resulting message. The new parts
+        others in ``related_ids``; its envelope lists its own recipients).
+        The original records where each recipient went
+        (:attr:`Message.rerouted_to`), so its history line says
+        ``rerouted``, not ``delivered``, for them. Failed recipients stay
+        with the original message. Returns the ids of every resulting message. The new parts
         are written before the original is narrowed: a crash in between may
         send to some recipients twice, never to none.
         """
@@ -1549,7 +1552,11 @@ class Spool:
                         size=len(body),
                     )
                     part.retry_intervals = list(msg.retry_intervals)
-                    part.envelope_info = msg.envelope_info
+                    # Its own recipients only, as for a submission split by
+                    # route: the others are not this part's to deliver.
+                    part.envelope_info = msgspec.structs.replace(
+                        msg.envelope_info, recipients=list(env.recipients)
+                    )
                     return part
 
                 return build
@@ -1579,6 +1586,9 @@ class Spool:
             m.next_hop_choices = list(first.next_hop_choices)
             m.route = first.route
             m.related_ids = list(dict.fromkeys([*m.related_ids, *new_ids]))
+            moved = {rcpt: part.id for part in added for rcpt in part.remaining_recipients}
+            if moved:
+                m.rerouted_to = {**m.rerouted_to, **moved}
 
         new = await self._change(entry, msg.status, edit=narrow)
         self._publish(EventKind.REROUTED, new, detail=" ".join(new.next_hop_choices))

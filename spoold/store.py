@@ -81,6 +81,7 @@ import anyio.lowlevel
 
 from spoold.errors import InsufficientStorageError, NotFoundError, SpoolLockedError, StoreError
 from spoold.ids import is_valid_id, new_id, validate_id
+from spoold.times import format_size
 
 __all__ = [
     "Store",
@@ -920,9 +921,9 @@ class Store:
         if free - needed < self.min_free_bytes:
             raise InsufficientStorageError(
                 errno.ENOSPC,
-                f"{self.root}: only {free} bytes free, below the floor of "
-                f"{self.min_free_bytes} (spool.min_free_space); new mail is refused "
-                "until space is freed",
+                f"{self.root}: {format_size(free)} free, {format_size(self.min_free_bytes)} "
+                f"must stay free (spool.min_free_space) after writing {format_size(needed)}; "
+                "new mail is refused until space is freed",
             )
 
     def _enqueue_sync(

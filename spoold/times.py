@@ -8,7 +8,9 @@
   ``"5m"``, ``"2h"``, ``"1d"``, ``"1w"``, ``"250ms"`` or seconds), and
   :func:`parse_size` sizes (``"32MiB"``, ``"500KB"`` or bytes), as the
   config file, the CLI and the control protocol write them. A value that
-  is not one raises :class:`ValueError` saying what was expected.
+  is not one raises :class:`ValueError` saying what was expected;
+* :func:`format_size` is how a size is shown to an operator (``64 MiB``,
+  ``12.3 MiB``, ``900 bytes``): every message about disk space uses it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["utcnow", "rfc3339", "parse_span", "format_span", "parse_size"]
+__all__ = ["utcnow", "rfc3339", "parse_span", "format_span", "parse_size", "format_size"]
 
 
 def utcnow() -> datetime:
@@ -80,3 +82,15 @@ def parse_size(value: object) -> int:
         if m:
             return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
     raise ValueError(f"expected a size like '32MiB' or a number of bytes, got {value!r}")
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes in binary units as an operator reads them: whole
+    (``64 MiB``, as the config writes it) or to one decimal (``12.3 MiB``);
+    under 1 KiB in bytes (``900 bytes``)."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor:
+            if size % factor == 0:
+                return f"{size // factor} {unit}"
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} bytes"

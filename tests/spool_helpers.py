@@ -143,7 +143,9 @@ def is_delivered(spool: Spool, root: Path, message_id: str) -> bool:
 
 
 def read_record(root: Path, queue: str, message_id: str) -> Message:
-    return decode_record((root / queue / message_id).read_bytes(), expected_id=message_id)
+    """A record as the spool at ``root`` reads it (so it knows its spool_dir)."""
+    data = (root / queue / message_id).read_bytes()
+    return decode_record(data, expected_id=message_id, spool_dir=str(root))
 
 
 def attempts_for(relay: InMemoryRelay, message_id: str) -> list[tuple[str, ...]]:

@@ -6,17 +6,22 @@ daemon would: same exit code, same words."""
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import anyio
+import pytest
 from click.testing import CliRunner
 
 from spoold.daemon.cli import main, retry_plan_attempt_lines
+from spoold.errors import InsufficientStorageError
 from spoold.testing import FakeClock
-from spoold.times import utcnow
+from spoold.times import format_size, utcnow
 from tests.daemon_helpers import cli
 from tests.spool_helpers import batch, open_spool, relay_answering
 from tests.support import wait_until
+
+MiB = 1024 * 1024
 
 
 def test_the_retry_plan_header_sits_over_its_columns() -> None:
@@ -84,3 +89,42 @@ def test_top_without_a_terminal_says_so() -> None:
         "spoold: top needs a terminal (standard output is not one); "
         "for a script use status --format json, or count\n"
     )
+
+
+async def test_history_with_nothing_to_show_says_so(tmp_path: Path) -> None:
+    async with open_spool(tmp_path, relay_answering({}), FakeClock(utcnow())):
+        pass  # an empty spool: nothing ever left its queue
+    run = functools.partial(cli, "--spool-dir", str(tmp_path), "history")
+    done = await anyio.to_thread.run_sync(run)
+    assert (done.code, done.out, done.err) == (0, "no outcomes in the last 1h\n", "")
+    done = await anyio.to_thread.run_sync(run, "--since", "1d", "--recipient", "a@example.com")
+    assert (done.code, done.out) == (0, "no outcomes for a@example.com in the last 1d\n")
+    done = await anyio.to_thread.run_sync(run, "--format", "json")
+    assert (done.code, done.out) == (0, "")  # JSON lines: none
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (0, "0 bytes"),
+        (900, "900 bytes"),
+        (1024, "1 KiB"),
+        (4300, "4.2 KiB"),
+        (64 * MiB, "64 MiB"),
+        (12 * MiB + 300 * 1024, "12.3 MiB"),
+        (1000000 * 1024 * MiB, "1000000 GiB"),
+    ],
+)
+def test_sizes_are_shown_in_binary_units(size: int, shown: str) -> None:
+    assert format_size(size) == shown
+
+
+async def test_a_disk_space_refusal_shows_sizes_in_units(tmp_path: Path) -> None:
+    async with open_spool(
+        tmp_path, relay_answering({}), FakeClock(utcnow()), min_free_space=1000000 * 1024 * MiB
+    ) as spool:
+        with pytest.raises(InsufficientStorageError) as refused:
+            await spool.add(batch("a@example.com"))
+    text = str(refused.value)
+    assert re.search(r": \d+(\.\d)? [KMG]iB free, 1000000 GiB must stay free \(spool", text), text
+    assert re.search(r"after writing \d+ bytes; new mail is refused until space is freed$", text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from spoold.daemon.control import ControlClient
+from spoold.daemon.main import EXIT_CONFIG_ERROR
 from spoold.message import Frozen, SendAt
 from spoold.spool import Spool
 from spoold.times import utcnow
@@ -404,6 +406,26 @@ async def test_an_invalid_config_exits_2_and_prints_every_problem(
     daemon = await start_daemon(config, wait_ready=False)
     assert await daemon.wait_exit() == 2
     assert "not valid TOML" in daemon.log_text()
+
+
+async def test_a_hook_that_cannot_load_is_a_config_error_the_unit_does_not_restart_on(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
+    config.write_text(
+        config.read_text().replace("[log]", '[hooks]\npresend = "no_such_module_zz:hook"\n[log]')
+    )
+    daemon = await start_daemon(config, wait_ready=False)
+    assert await daemon.wait_exit() == EXIT_CONFIG_ERROR == 2
+    (line,) = [x for x in daemon.log_lines() if x["event"] == "invalid configuration"]
+    assert "cannot import no_such_module_zz" in line["problems"][0]
+    # systemd restarts on failure, except on this status: a config error
+    # does not restart every RestartSec for ever.
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "spoold.service").read_text()
+    assert re.search(r"^Restart=on-failure$", unit, re.M)
+    (statuses,) = re.findall(r"^RestartPreventExitStatus=(.*)$", unit, re.M)
+    assert str(EXIT_CONFIG_ERROR) in statuses.split()
 
 
 async def test_the_control_socket_gets_the_configured_mode(

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -77,3 +78,27 @@ def test_console_lines_are_the_same_either_way(capsys: pytest.CaptureFixture[str
     assert new.startswith("TIME [info     ] attempt done") and "id=8DsqySGkoCEZf4VCJ" in new
     assert new_error == old_error and new_error.endswith("OSError: disk on fire")
     assert foreign.endswith("[asyncio]")
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_times_are_rfc3339_text_in_either_format(
+    capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    at = datetime(2026, 12, 6, 11, 30, 27, 500000, tzinfo=UTC)
+    logs.configure(fmt, "info")
+    structlog.get_logger("spoold.spool").info("delayed", id="8Dx", at=at, tried=[at])
+    get_logger("spoold.spool").info("delayed", id="8Dx", at=at, tried=[at])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert "datetime" not in line
+        if fmt == "json":
+            fields = json.loads(line)
+            assert (fields["at"], fields["tried"]) == (
+                "2026-12-06T11:30:27.500000Z",
+                ["2026-12-06T11:30:27.500000Z"],
+            )
+        else:
+            assert "at=2026-12-06T11:30:27.500000Z" in line
+            assert "tried=['2026-12-06T11:30:27.500000Z']" in line

@@ -228,6 +228,7 @@ NEW_FIELDS = {
     "delay_warned_at": None,
     "removed_at": None,
     "idempotency_key": None,
+    "rerouted_to": {},
 }
 
 
@@ -260,7 +261,7 @@ def test_version_2_fields_are_exactly_the_record_fields() -> None:
     # A field added or renamed without a new schema version shows up here.
     assert set(json.loads(FIXTURE_V2.read_bytes())) | set(NEW_FIELDS) == {
         "version",
-        *Message.__struct_fields__,
+        *(f for f in Message.__struct_fields__ if f != "_spool_dir"),  # never stored
     }
     assert RECORD_VERSION == 2
 

@@ -18,7 +18,14 @@ from spoold.daemon.routing import Router
 from spoold.errors import SpoolClosedError, StoreError
 from spoold.events import EventKind
 from spoold.hooks import ErrorAction
-from spoold.message import Message, RoutedBatch, RoutedEnvelope, SendAt
+from spoold.message import (
+    Message,
+    RoutedBatch,
+    RoutedEnvelope,
+    SendAt,
+    decode_record,
+    encode_record,
+)
 from spoold.outcome import DeliveryPolicy, RetriesExhausted
 from spoold.relay import RecipientResult
 from spoold.spool import Spool
@@ -193,3 +200,28 @@ async def test_missing_empty_or_existing_spool_directories_open(tmp_path: Path, 
 
     async with open_spool(spool_dir, relay_answering({}), FakeClock(START)) as spool:
         assert [m.id for m in spool.status()] == ([mid] if mid else [])
+
+
+async def test_a_message_knows_its_spool_dir_without_storing_it(tmp_path: Path) -> None:
+    """The seed's ``Message.spool_dir``: set on every message the spool
+    reads or writes, never written into the record."""
+    spool_dir = tmp_path / "spool"
+    async with open_spool(spool_dir, relay_answering({}), FakeClock(START)) as spool:
+        (mid,) = await spool.add(batch(RCPT), frozen=True)  # from add
+        assert (await spool.get_message(mid)).spool_dir == spool_dir
+        (listed,) = spool.status()
+        assert listed.spool_dir == spool_dir
+    record = (spool_dir / "frozen" / mid).read_bytes()
+    assert b"spool_dir" not in record and str(tmp_path).encode() not in record
+
+    async with open_spool(spool_dir, relay_answering({}), FakeClock(START)) as spool:
+        (loaded,) = spool.status()  # from a reload of the spool
+        assert (loaded.id, loaded.spool_dir) == (mid, spool_dir)
+    (from_disk,), _ = await Spool.status_from_disk(spool_dir)
+    assert from_disk.spool_dir == spool_dir
+
+    made = decode_record(record)  # not from a spool: not known
+    assert made.spool_dir is None
+    made.spool_dir = tmp_path / "elsewhere"
+    assert made.spool_dir == tmp_path / "elsewhere"
+    assert encode_record(made) == record

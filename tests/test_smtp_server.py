@@ -68,6 +68,8 @@ class RecordingHost:
         self.policy = policy
         self.deliveries: list[Delivery] = []
         self.sleeps: list[float] = []
+        self.short_of_space = False
+        self.sizes_asked: list[int | None] = []
 
     def open_session(self, session: SmtpSession, peer: str) -> tuple[SessionPolicy, bool]:
         return self.policy, True
@@ -93,6 +95,10 @@ class RecordingHost:
     async def deliver(self, delivery: Delivery) -> str:
         self.deliveries.append(delivery)
         return f"250 2.0.0 OK queued as M{len(self.deliveries)}"
+
+    def space_refusal(self, size: int | None) -> bytes | None:
+        self.sizes_asked.append(size)
+        return b"452 4.3.1 no room\r\n" if self.short_of_space else None
 
 
 def policy(**changes: Any) -> SessionPolicy:
@@ -172,6 +178,20 @@ async def test_a_pipelined_batch_is_answered_in_order_in_one_write() -> None:
         (delivery,) = host.deliveries
         assert delivery.recipients == ("b@example.com", "c@example.com")
         assert delivery.wire == b"Subject: x\r\n\r\nhi\r\n"
+
+
+async def test_mail_asks_the_host_for_room_with_the_declared_size() -> None:
+    async with session() as (smtp, transport, host):
+        smtp.data_received(b"EHLO client.example\r\n")
+        transport.writes.clear()
+        host.short_of_space = True
+        smtp.data_received(b"MAIL FROM:<a@example.org> SIZE=5000\r\nRCPT TO:<b@example.com>\r\n")
+        assert transport.writes[-1] == b"452 4.3.1 no room\r\n503 5.5.1 Need MAIL before RCPT\r\n"
+        host.short_of_space = False
+        smtp.data_received(b"MAIL FROM:<a@example.org>\r\n")
+        assert transport.writes[-1] == b"250 2.1.0 OK\r\n"
+        assert host.sizes_asked == [5000, None]
+        assert host.deliveries == []
 
 
 async def test_commands_split_across_reads_wait_for_their_line_end() -> None:

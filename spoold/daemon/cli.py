@@ -25,7 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import click
@@ -49,6 +49,9 @@ from spoold.errors import (
     SpooldError,
 )
 from spoold.ids import validate_id
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = ["main"]
 
@@ -264,13 +267,49 @@ def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> 
         table = Table(box=None, pad_edge=False, show_edge=False)
         for head, fit in zip(heads[:-1], fits, strict=True):
             table.add_column(head, no_wrap=True, width=fit, overflow="ellipsis")
-        table.add_column(
-            heads[-1], no_wrap=not wide, max_width=left, overflow="fold" if wide else "ellipsis"
-        )
-        for row in rows:
-            table.add_row(*row)
-        Console(width=width, soft_wrap=False).print(table)
+        if left < _MIN_ERROR_COLUMN and any(len(r[-1]) > left for r in rows):
+            # Too narrow for the errors (80 columns): each goes on a line of
+            # its own under its message, with the whole width.
+            _print_stacked(table, rows, width, wide)
+        else:
+            table.add_column(
+                heads[-1], no_wrap=not wide, max_width=left, overflow="fold" if wide else "ellipsis"
+            )
+            for row in rows:
+                table.add_row(*row)
+            Console(width=width, soft_wrap=False).print(table)
         click.echo(f"{len(views)} message(s)")
+
+
+_MIN_ERROR_COLUMN = 40  # narrower, and the last errors go under their rows
+_ERROR_INDENT = "    "
+
+
+def _print_stacked(table: Table, rows: Sequence[tuple[str, ...]], width: int, wide: bool) -> None:
+    """The table without its last column, each row followed by its last
+    error (if any) on its own indented line: cut to the width, or whole and
+    wrapped with ``wide``."""
+    import textwrap
+
+    from rich.console import Console
+
+    for row in rows:
+        table.add_row(*row[:-1])
+    console = Console(width=width, soft_wrap=False)
+    header, *lines = console.render_lines(table, console.options, pad=False)
+    click.echo("".join(s.text for s in header).rstrip())
+    click.echo(_ERROR_INDENT + "LAST ERROR")
+    room = width - len(_ERROR_INDENT)
+    for line, row in zip(lines, rows, strict=True):
+        click.echo("".join(s.text for s in line).rstrip())
+        error = row[-1]
+        if not error:
+            continue
+        if wide:
+            for part in textwrap.wrap(error, room, break_on_hyphens=False) or [""]:
+                click.echo(_ERROR_INDENT + part)
+        else:
+            click.echo(_ERROR_INDENT + (error if len(error) <= room else error[: room - 1] + "…"))
 
 
 @main.command()
@@ -583,6 +622,10 @@ def history(target: _Target, since: str, recipient: str | None, fmt: str) -> Non
         for v in views:
             click.echo(json.dumps(v, separators=(",", ":")))
         return
+    if not views:
+        who = f" for {recipient}" if recipient is not None else ""
+        click.echo(f"no outcomes{who} in the last {since}")
+        return
     for v in views:
         hop = f" via {v['hop']}" if v.get("hop") else ""
         click.echo(f"{v['time']} {v['id']} {v['outcome']} <{v['sender']}>{hop}")
@@ -591,6 +634,9 @@ def history(target: _Target, since: str, recipient: str | None, fmt: str) -> Non
                 str(part) for part in (r.get("code"), r.get("enhanced_status")) if part
             )
             text = f" {r['text']}" if r.get("text") else ""
+            if r.get("rerouted_to"):
+                now = f" (now {r['rerouted_state']})" if r.get("rerouted_state") else ""
+                text = f" to {r['rerouted_to']}{now}{text}"
             click.echo(f"    {r['recipient']} {r['state']}{' ' + reply if reply else ''}{text}")
         if v.get("detail"):
             click.echo(f"    ({v['detail']})")

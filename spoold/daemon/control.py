@@ -121,7 +121,7 @@ from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, q
 from spoold.ondisk import Unreadable
 from spoold.outcome import RetryPlan
 from spoold.spool import Spool
-from spoold.times import parse_span, rfc3339
+from spoold.times import format_size, parse_span, rfc3339
 from spoold.waiting import MessageOutcome
 
 __all__ = [
@@ -158,7 +158,7 @@ def message_view(msg: Message) -> dict[str, Any]:
     """The JSON listing of a message (``status --format json``): the
     record's fields plus ``queue``; ``status`` as a string, with ``send_at``
     and ``quarantine_reason`` when they apply (and ``removed_at``,
-    ``idempotency_key`` when set); times RFC 3339 UTC; retry
+    ``idempotency_key``, ``rerouted_to`` when set); times RFC 3339 UTC; retry
     intervals as seconds."""
     status = msg.status
     queue = queue_of(status)
@@ -193,6 +193,8 @@ def message_view(msg: Message) -> dict[str, Any]:
         "in_doubt": msg.in_doubt,
         "delay_warned_at": rfc3339(msg.delay_warned_at) if msg.delay_warned_at else None,
     }
+    if msg.rerouted_to:
+        view["rerouted_to"] = dict(msg.rerouted_to)
     if isinstance(status, SendAt):
         view["send_at"] = rfc3339(status.at)
     if isinstance(status, Quarantined):
@@ -302,6 +304,9 @@ def history_view(outcome: Outcome) -> dict[str, Any]:
     view: dict[str, Any] = msgspec.to_builtins(outcome)
     view["time"] = rfc3339(outcome.time)
     view["spool_date"] = rfc3339(outcome.spool_date)
+    for rcpt in view["recipients"]:
+        if rcpt.get("rerouted_to") is None:
+            rcpt.pop("rerouted_to", None)  # only a rerouted recipient has one
     return view
 
 
@@ -507,7 +512,23 @@ async def _history(server: ControlServer, p: _HistoryParams) -> Any:
     if p.recipient is not None:
         validate_address(p.recipient, role="recipient", smtputf8=True)
     found = await server.spool.history(since=since, recipient=p.recipient)
-    return [history_view(o) for o in found]
+    views = [history_view(o) for o in found]
+    for view in views:
+        for rcpt in view["recipients"]:
+            if "rerouted_to" in rcpt:
+                rcpt["rerouted_state"] = await _state_now(server.spool, rcpt["rerouted_to"])
+    return views
+
+
+async def _state_now(spool: Spool, message_id: str) -> str:
+    """Where a message stands now: its status while queued, else its final
+    outcome from the journal, else ``unknown``."""
+    try:
+        msg = await spool.get_message(message_id)
+    except NotFoundError:
+        outcome = await spool.find_outcome(message_id)
+        return outcome.outcome.value if outcome is not None else "unknown"
+    return msg.effective_status(spool.clock.now()).name
 
 
 async def _reload(server: ControlServer, p: _NoParams) -> Any:
@@ -567,14 +588,6 @@ def _explain(kind: type[_Params], fields: dict[str, Any], text: str) -> str:
             choices = ", ".join(str(c) for c in get_args(info.type))
             return f"{name} must be one of {choices}, got {fields.get(name)!r}"
     return text
-
-
-def _size_text(size: int) -> str:
-    """A size as an operator writes it: ``1 MiB``, ``64 KiB``, ``1000 bytes``."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} bytes"
 
 
 def _default_max_message_size() -> int:
@@ -760,7 +773,7 @@ class ControlServer:
                 line = None
             if line is None or len(line) > self.max_request:
                 # The rest is never read: hanging up is what bounds the memory.
-                return None, _error("invalid", f"request over {_size_text(self.max_request)}")
+                return None, _error("invalid", f"request over {format_size(self.max_request)}")
             return line, None
         return None, _error(
             "invalid", f"no request within {self.request_timeout:g} s; disconnected"

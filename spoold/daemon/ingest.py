@@ -25,6 +25,7 @@ import hashlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from spoold.body import Body, LineEndingPolicy
@@ -133,6 +134,14 @@ def _clean(text: str) -> str:
 class MessageAdder(Protocol):
     """Where a submission goes: the owner's :class:`~spoold.spool.Spool`, or
     a :class:`~spoold.writer.SpoolWriter` in an ingest worker process."""
+
+    @property
+    def spool_dir(self) -> Path: ...
+
+    @property
+    def min_free_space(self) -> int:
+        """Bytes that must stay free on the spool's filesystem (0: no floor)."""
+        ...
 
     async def add(
         self,

@@ -19,6 +19,14 @@ Replies:
 * 550 for content with a bare CR or LF under ``bare_line_endings =
   "reject"`` (with ``"normalize"`` they become CRLF); the sequences used for
   SMTP smuggling therefore never split one message into two;
+* 452 4.3.1 at MAIL when the spool's free space is below
+  ``spool.min_free_space``, or below it plus the size the client declared
+  (``SIZE=``): the same rule the store applies after DATA (which stays, as
+  the final word). The free space is measured in a worker thread when the
+  listener starts and every :data:`FREE_SPACE_INTERVAL` seconds after,
+  so MAIL does no I/O; the floor is read live (a reload applies at once).
+  Crossing the floor is logged once each way (``short of space`` as a
+  warning, ``room again``);
 * 552 past ``max_message_size`` (SIZE is advertised), 452 past
   ``max_recipients``, 500 for a message line over ``max_line_length``;
   501/553 for a bad address (see :mod:`spoold.daemon.smtp_server`);
@@ -61,6 +69,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import os
 import socket
 import ssl
 import time
@@ -89,12 +98,16 @@ from spoold.errors import (
     StoreError,
 )
 from spoold.store import Store
+from spoold.times import format_size
 
-__all__ = ["SmtpListener", "ListenerSettings", "listener_settings"]
+__all__ = ["SmtpListener", "ListenerSettings", "listener_settings", "FREE_SPACE_INTERVAL"]
 
 log = structlog.get_logger("spoold.smtp")
 
 _BACKLOG = 1024
+FREE_SPACE_INTERVAL = 1.0
+"""Seconds between two measurements of the spool's free space (for MAIL)."""
+_NO_SPACE = b"452 4.3.1 Insufficient system storage, try again later\r\n"
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -191,6 +204,8 @@ class SmtpListener:
         self._stopping = anyio.Event()
         self._working = 0  # deliveries under way (spawned work)
         self._all_done = anyio.Event()
+        self._free_space: int | None = None  # bytes, last measured (None: not known)
+        self._short_of_space = False  # below the floor at the last measurement
 
     def stop(self) -> None:
         """Stop accepting and return from :meth:`serve` once drained."""
@@ -290,6 +305,42 @@ class SmtpListener:
         reference = (expected if expected is not None else "\0unknown login\0").encode("utf-8")
         return hmac.compare_digest(reference, password) and expected is not None
 
+    def space_refusal(self, size: int | None) -> bytes | None:
+        floor = self.submitter.spool.min_free_space
+        free = self._free_space
+        if not floor or free is None or free - (size or 0) >= floor:
+            return None
+        return _NO_SPACE
+
+    async def _measure_free_space(self) -> None:
+        spool_dir = self.submitter.spool.spool_dir
+        try:
+            st = await anyio.to_thread.run_sync(os.statvfs, spool_dir)
+        except OSError as exc:
+            if self._free_space is not None:
+                log.warning("cannot measure the spool's free space", error=str(exc))
+            self._free_space = None  # not known: the store's own check decides
+            return
+        self._free_space = free = st.f_bavail * st.f_frsize
+        floor = self.submitter.spool.min_free_space
+        short = free < floor
+        if short != self._short_of_space:  # said once per change, not per MAIL
+            self._short_of_space = short
+            if short:
+                log.warning(
+                    "short of space: new mail is refused at MAIL",
+                    spool=str(spool_dir),
+                    free=format_size(free),
+                    min_free_space=format_size(floor),
+                )
+            else:
+                log.info("room again: new mail is taken", free=format_size(free))
+
+    async def _watch_free_space(self) -> None:
+        while True:
+            await anyio.sleep(FREE_SPACE_INTERVAL)
+            await self._measure_free_space()
+
     async def deliver(self, delivery: Delivery) -> str:
         """Spool one message; the reply for the client."""
         derived = self._current()
@@ -343,6 +394,7 @@ class SmtpListener:
         address none of them has is bound here.
         """
         loop = asyncio.get_running_loop()
+        await self._measure_free_space()
         inherited_keys = {_sockname_key(sock.getsockname()) for sock in inherited}
         own = await anyio.to_thread.run_sync(listening_sockets, self.config().listen, inherited)
         own = own[len(inherited) :]  # the ones bound here, closed here
@@ -355,6 +407,7 @@ class SmtpListener:
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
+                tg.start_soon(self._watch_free_space)
                 try:
                     async with anyio.create_task_group() as accepting:
                         for sock in sockets:

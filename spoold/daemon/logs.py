@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 from structlog.types import EventDict, WrappedLogger
 
 from spoold.log import event_fields
+from spoold.times import rfc3339
 
 __all__ = ["configure"]
 
@@ -39,10 +40,21 @@ def _json_default(value: object) -> object:
     (as everywhere else in spoold), sets as lists, anything else as its
     text (never a Python repr)."""
     if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        return rfc3339(value)
     if isinstance(value, set | frozenset):
         return sorted(str(v) for v in value)
     return str(value)
+
+
+def _times_as_text(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    """Times in a line's fields as RFC 3339 UTC text, in both formats (the
+    console renderer would print their Python repr), also inside lists."""
+    for key, value in event_dict.items():
+        if isinstance(value, datetime):
+            event_dict[key] = rfc3339(value)
+        elif isinstance(value, list | tuple) and any(isinstance(v, datetime) for v in value):
+            event_dict[key] = [rfc3339(v) if isinstance(v, datetime) else v for v in value]
+    return event_dict
 
 
 def _library_fields(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
@@ -73,6 +85,7 @@ def configure(format: str = "auto", level: str = "info") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _times_as_text,
     ]
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer(default=_json_default)

@@ -86,7 +86,7 @@ from spoold.message import Message, Queue, RetryInterval
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 
-__all__ = ["Daemon", "Signals", "run"]
+__all__ = ["Daemon", "Signals", "run", "EXIT_CONFIG_ERROR"]
 
 log = structlog.get_logger("spoold.daemon.main")
 
@@ -486,9 +486,17 @@ class Daemon:
         return [str(p) for p in await self._spool.ondisk.check(max_age)]
 
 
+EXIT_CONFIG_ERROR = 2
+"""The exit status of ``spoold run`` for a config it cannot use (a file
+that is not valid, a hook that cannot be loaded): starting again cannot
+help, so the systemd unit does not restart on it
+(``RestartPreventExitStatus=``). Every other failure to start exits 1."""
+
+
 async def run(config_path: str) -> int:
     """Entry point of ``spoold run``: 0 on a clean stop (a stop signal
-    during start-up included), 2 on a bad config, 1 when it cannot start."""
+    during start-up included), :data:`EXIT_CONFIG_ERROR` (2) on a bad config
+    or a hook that cannot be loaded, 1 when it cannot start otherwise."""
     signals = Signals()
     inherited = listen_fds()  # socket activation; forgotten by any child process
     with signals.installed():  # first thing: a signal while starting is never fatal
@@ -497,7 +505,7 @@ async def run(config_path: str) -> int:
         except ConfigError as exc:
             logs.configure()
             log.error("invalid configuration", config=exc.path, problems=exc.problems)
-            return 2
+            return EXIT_CONFIG_ERROR
         logs.configure(config.log.format, config.log.level)
         raise_open_files_limit()
         _check_hostname(config)
@@ -507,8 +515,9 @@ async def run(config_path: str) -> int:
                 return 0
             try:
                 live = await anyio.to_thread.run_sync(_build, config)  # imports the hooks
-            except ValueError as exc:  # a hook that cannot be loaded
-                raise SpooldError(str(exc)) from exc
+            except ValueError as exc:  # a hook that cannot be loaded: the config's
+                log.error("invalid configuration", config=config_path, problems=[str(exc)])
+                return EXIT_CONFIG_ERROR
             if await _stopped_while_starting(signals, "loading hooks and routes"):
                 return 0
             return await Daemon(config, signals=signals, live=live, inherited=inherited).run()

@@ -4,8 +4,9 @@
 line buffer, the command state machine (EHLO/HELO, MAIL, RCPT, DATA, RSET,
 NOOP, QUIT, STARTTLS, AUTH PLAIN/LOGIN, VRFY, HELP), reading the message,
 and every limit that protects the server from its client. It knows nothing
-of spools or routes: what to do with a message, whom to let in and whose
-password is right, it asks its :class:`SessionHost` (the listener).
+of spools or routes: what to do with a message, whom to let in, whose
+password is right and whether there is room for a message at MAIL, it asks
+its :class:`SessionHost` (the listener).
 
 Invariants:
 
@@ -177,6 +178,12 @@ class SessionHost(Protocol):
 
     async def deliver(self, delivery: Delivery) -> str:
         """Take a message; the reply line to send (250 only once durable)."""
+        ...
+
+    def space_refusal(self, size: int | None) -> bytes | None:
+        """At MAIL: the reply refusing a message of ``size`` octets (SIZE=,
+        None when not declared) because the spool is short of space, or
+        None to go on. No I/O: the host answers from what it measured."""
         ...
 
 
@@ -567,6 +574,7 @@ class SmtpSession(asyncio.Protocol):
         kept: list[str] = []
         seen: set[str] = set()
         smtputf8 = False
+        declared_size: int | None = None
         for key, value in params:
             if key in seen:
                 self._error(b"501 5.5.4 Repeated MAIL parameter\r\n")
@@ -581,6 +589,7 @@ class SmtpSession(asyncio.Protocol):
                         b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
                     )
                     return
+                declared_size = int(value)
             elif key == "BODY":
                 body = (value or "").upper()
                 if body not in ("7BIT", "8BITMIME"):
@@ -602,6 +611,10 @@ class SmtpSession(asyncio.Protocol):
                 self._out.append(_NEEDS_SMTPUTF8)
             else:
                 self._out.append(b"553 5.1.7 Sender address refused\r\n")
+            return
+        short = self._host.space_refusal(declared_size)
+        if short is not None:
+            self._out.append(short)
             return
         self._sender = address
         self._mail_params = tuple(kept)
