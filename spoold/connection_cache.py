@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_COMMAND_TIMEOUT",
     "DEFAULT_MESSAGE_TIMEOUT",
+    "DEFAULT_FINAL_REPLY_TIMEOUT",
     "DEFAULT_MAX_PER_HOP",
     "DEFAULT_MAX_TOTAL",
     "DEFAULT_IDLE_TIMEOUT",
@@ -61,6 +62,7 @@ __all__ = [
 DEFAULT_CONNECT_TIMEOUT = 30.0  # seconds
 DEFAULT_COMMAND_TIMEOUT = 300.0
 DEFAULT_MESSAGE_TIMEOUT = 600.0
+DEFAULT_FINAL_REPLY_TIMEOUT = 600.0
 DEFAULT_MAX_PER_HOP = 10
 DEFAULT_MAX_TOTAL = 100
 DEFAULT_IDLE_TIMEOUT = 30.0
@@ -84,12 +86,19 @@ class RouteSettings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     message_timeout: float = DEFAULT_MESSAGE_TIMEOUT
-    # DATA may take command_timeout plus one second per data_rate bytes.
+    # The wait for the reply to the final "." (RFC 5321 4.5.3.2.6: 10 min),
+    # not counted in message_timeout.
+    final_reply_timeout: float = DEFAULT_FINAL_REPLY_TIMEOUT
+    # The final reply may take one second more per data_rate bytes.
     data_rate: int = 64 * 1024
     helo_name: str | None = None  # what we say in EHLO; None: this machine's name
 
-    def data_timeout(self, size: int) -> float:
-        return self.command_timeout + size / self.data_rate
+    def final_reply_wait(self, size: int) -> float:
+        """How long the reply to the final ``.`` of a message of ``size``
+        bytes is waited for: ``final_reply_timeout``, plus a second per
+        ``data_rate`` bytes (a hop may check a large message before it
+        answers)."""
+        return self.final_reply_timeout + size / self.data_rate
 
 
 _Key = tuple[str, RouteSettings]

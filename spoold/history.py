@@ -123,6 +123,9 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     flows: list[str] = msgspec.field(default_factory=list)
     idempotency_key: str | None = None
     detail: str = ""  # e.g. the last relay error of a removed message
+    # An attempt may have reached a next hop without our knowing (a crash, or
+    # no reply to the end of the message): a recipient may have it twice.
+    in_doubt: bool = False
 
 
 def outcome_of(
@@ -183,6 +186,7 @@ def outcome_of(
         flows=list(msg.flows),
         idempotency_key=msg.idempotency_key,
         detail=detail,
+        in_doubt=msg.in_doubt,
     )
 
 

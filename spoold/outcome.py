@@ -15,6 +15,12 @@ The rules, for the recipients that were still to be delivered:
   ``remaining_recipients``;
 * a recipient the relay gave no result for counts as refused with
   ``451 no reply for this recipient`` (never as delivered);
+* a recipient *in doubt* (the hop accepted it, the final ``.`` was sent,
+  and no reply came: :attr:`~spoold.relay.RecipientResult.in_doubt`) is
+  neither delivered nor refused: ``on_error`` is not asked, it stays to be
+  tried, and the record is marked ``in_doubt``, as after a crash; with
+  ``after_crash = freeze`` the message is frozen for an operator (the hop
+  may already have it), with ``resend`` it is tried again as usual;
 * an attempt that reached no hop (:class:`~spoold.relay.AttemptFailed`)
   keeps every recipient for later.
 
@@ -147,6 +153,9 @@ EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 NO_ANSWER_STATUS = "4.4.1"  # RFC 3463: no answer from host
 MIN_REPEAT_WAIT = timedelta(seconds=1)  # the shortest wait of a repeated last interval
 
+AfterCrash = Literal["resend", "freeze"]
+"""What a message in doubt does (the hop may have it): sent again, or frozen."""
+
 OutcomeEvent = Literal[
     EventKind.DELIVERED,
     EventKind.FROZEN,
@@ -251,6 +260,7 @@ class AttemptOutcome:
     notices: tuple[Notice, ...] = ()
     expired: bool = False  # the lifetime ended: who was left failed with 4.4.7
     hops: HopFeedback = field(default_factory=HopFeedback)
+    in_doubt: bool = False  # the hop may have the message (no reply to its end)
 
 
 def hop_feedback(
@@ -294,6 +304,7 @@ def attempt_outcome(
     draw: Callable[[RetryInterval], timedelta],
     operator_kick: bool = False,
     policy: DeliveryPolicy = DeliveryPolicy(),
+    after_crash: AfterCrash = "resend",
 ) -> AttemptOutcome:
     """The next state of ``record`` after an attempt.
 
@@ -302,7 +313,9 @@ def attempt_outcome(
     ``draw`` turns a retry interval into a wait (jitter applied).
     ``operator_kick`` says an operator asked for this attempt. ``policy``
     adds the lifetime, retries-exhausted, throttling, bounce and
-    delay-warning rules. ``record`` is not changed.
+    delay-warning rules. ``after_crash`` is what a message in doubt does
+    (a result with ``in_doubt``: no reply to the end of the message).
+    ``record`` is not changed.
     """
     new = record.copy()
     remaining = list(record.remaining_recipients)
@@ -313,6 +326,7 @@ def attempt_outcome(
     rate_limited = False
     # Throttling keeps the interval only when a lifetime ends the message.
     throttle_keeps = policy.max_queue_lifetime is not None
+    in_doubt = False  # the hop may have the message: no reply to its end
     hop = outcome.hop if isinstance(outcome, Delivery) else None
     if isinstance(outcome, AttemptFailed):
         later = remaining
@@ -334,7 +348,10 @@ def attempt_outcome(
                 rate_limited = True
             elif action is ErrorAction.TRY_LATER:
                 later.append(rcpt)
-                rate_limited = rate_limited or (throttle_keeps and result.throttling)
+                if result.in_doubt:
+                    in_doubt = True
+                else:
+                    rate_limited = rate_limited or (throttle_keeps and result.throttling)
             # ErrorAction.DONE: dealt with, neither retried nor failed
     notes = {
         rcpt: _recipient_notice(rcpt, answers.get(rcpt), hop, outcome)
@@ -355,6 +372,8 @@ def attempt_outcome(
         later = []
     new.remaining_recipients = later
     new.failed_recipients = list(dict.fromkeys([*record.failed_recipients, *permanent]))
+    if in_doubt:
+        new.in_doubt = True  # stays so while the message is on the spool
     if errors:
         via = f" via {hop}" if hop else ""
         new.add_relay_attempt(RelayAttempt(now, "; ".join(errors) + via))
@@ -375,6 +394,8 @@ def attempt_outcome(
             status, event = Frozen(), EventKind.FROZEN
     elif not later:
         status, event = Delivered(), EventKind.DELIVERED
+    elif in_doubt and after_crash == "freeze":
+        status, event = Frozen(), EventKind.FROZEN  # for an operator, as after a crash
     elif not new.retry_intervals:
         status, event = Frozen(), EventKind.FROZEN
     else:
@@ -411,6 +432,7 @@ def attempt_outcome(
         tuple(notices),
         expired,
         hop_feedback(record, outcome, actions),
+        in_doubt,
     )
 
 

@@ -54,11 +54,16 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
-    """The next hop's answer for one recipient."""
+    """The next hop's answer for one recipient. ``in_doubt``: there was no
+    answer to the end of the message (a timeout or a lost connection after
+    the final ``.`` was sent), so the hop may have taken it: not a refusal,
+    not a delivery; the spool handles it as after a crash
+    (``after_crash``)."""
 
     code: int
     text: str = ""
     enhanced_status: str | None = None
+    in_doubt: bool = False
 
     @property
     def accepted(self) -> bool:

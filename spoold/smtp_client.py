@@ -54,7 +54,7 @@ import os
 import re
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, Iterator, Sequence
+from collections.abc import AsyncIterable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -566,14 +566,21 @@ class SmtpClient:
             raise
 
     async def send_content(
-        self, chunks: AsyncIterable[bytes] | None, *, timeout: float
+        self,
+        chunks: AsyncIterable[bytes] | None,
+        *,
+        timeout: float,
+        on_final_dot: Callable[[], None] | None = None,
     ) -> SmtpReply:
         """After a 354: write the message content (wire form, as it is on
         disk) and the final ``.`` line; the reply to it, waited for up to
         ``timeout`` seconds. Writing waits for the transport to drain, up to
         the command timeout each time it stalls. A content that does not end
         with CRLF gets one before the ``.`` line. ``None``: no content, the
-        ``.`` line alone (to end a DATA that has nothing left to carry)."""
+        ``.`` line alone (to end a DATA that has nothing left to carry).
+        ``on_final_dot`` is called once the ``.`` line is handed to the
+        transport: from then on the server may have the message, whatever
+        happens to its reply."""
         try:
             held: bytes = b""
             tail = _CRLF  # empty content: the "." line follows DATA directly
@@ -587,6 +594,8 @@ class SmtpClient:
                 tail = chunk[-2:] if len(chunk) >= 2 else (tail + chunk)[-2:]
             end = b".\r\n" if tail == _CRLF else b"\r\n.\r\n"
             self._write(held + end)  # one write for a small message
+            if on_final_dot is not None:
+                on_final_dot()
             await self._reader.drain(self.command_timeout)
             return _final(await self._next("the end of the message", timeout), "the message")
         except BaseException:

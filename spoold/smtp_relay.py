@@ -27,9 +27,16 @@ a hop has greeted us, the attempt ends there:
   hop: it is the result of every recipient that has no refusal of its own
   (so ``on_error`` sees it, and may answer rate-limited), and the
   connection is dropped;
-* a disconnect, a protocol error or a timeout at any point ends the
-  attempt as try-later (:class:`AttemptFailed`) and the connection is
-  dropped;
+* a disconnect, a protocol error or a timeout at any point before the
+  final ``.`` is sent ends the attempt as try-later (:class:`AttemptFailed`)
+  and the connection is dropped; the hop cannot have taken the message;
+* once the final ``.`` is sent, the reply is waited for up to
+  ``final_reply_timeout`` (10 minutes by default, as RFC 5321 §4.5.3.2.6
+  says), beyond ``message_timeout``; a timeout or a lost connection then
+  leaves every recipient the hop had accepted *in doubt* (a result with
+  :attr:`~spoold.relay.RecipientResult.in_doubt`): the hop may have the
+  message, so the spool handles them as after a crash, never as a plain
+  try-later;
 * a hop that greets us (or answers EHLO) with a throttling reply (421, or
   an enhanced status 4.7.x) is skipped like any unavailable hop, and named
   in :attr:`AttemptFailed.throttled_hops` when no hop could be used;
@@ -184,11 +191,12 @@ class SmtpRelay:
         throttled: list[str] = []
         for hop in message.next_hop_choices:
             settings = self.settings_for(hop, message)
+            deadline = anyio.CancelScope(deadline=anyio.current_time() + settings.message_timeout)
             try:
-                with anyio.fail_after(settings.message_timeout):
+                with deadline:
                     async with self.cache.connection(hop, settings) as conn:
                         return await self._transaction(
-                            conn, hop, settings, message, content, recipients
+                            conn, hop, settings, message, content, recipients, deadline
                         )
             except HopUnavailableError as exc:
                 hop_errors.append(str(exc))
@@ -203,7 +211,7 @@ class SmtpRelay:
                 )
             except _TryLater as exc:
                 return AttemptFailed(f"{hop}: {exc}")
-            except TimeoutError:
+            if deadline.cancelled_caught:
                 return AttemptFailed(
                     f"{hop}: timeout: no answer within the message timeout of "
                     f"{settings.message_timeout:g}s"
@@ -218,6 +226,7 @@ class SmtpRelay:
         message: Message,
         content: BodyReader,
         recipients: list[str],
+        deadline: anyio.CancelScope,
     ) -> Delivery:
         client = conn.client
         env = message.envelope_info
@@ -295,9 +304,42 @@ class SmtpRelay:
                     results.update(dict.fromkeys(accepted, _result(data)))
                 await self._reset(client, data)
                 return Delivery(results, hop)
-            final = await client.send_content(
-                content.chunks(), timeout=settings.data_timeout(content.size)
-            )
+            dot_sent = False
+            wait = settings.final_reply_wait(content.size)
+
+            def final_dot_sent() -> None:
+                # The hop may have the message from now on: its reply gets
+                # the whole final_reply_timeout, past the message timeout.
+                nonlocal dot_sent
+                dot_sent = True
+                wait_until = anyio.current_time() + wait + 1.0
+                deadline.deadline = max(deadline.deadline, wait_until)
+
+            try:
+                final = await client.send_content(
+                    content.chunks(),
+                    timeout=wait,
+                    on_final_dot=final_dot_sent,
+                )
+            except SmtpError as exc:
+                if not dot_sent or isinstance(exc, SmtpReplyError):
+                    raise
+                doubt = RecipientResult(
+                    451,
+                    f"in doubt: no reply to the end of the message ({exc}); "
+                    "the next hop may have it",
+                    "4.4.2",
+                    in_doubt=True,
+                )
+                results.update(dict.fromkeys(accepted, doubt))
+                log.warning(
+                    "no reply to the end of the message: in doubt",
+                    id=message.id,
+                    flows=message.flows,
+                    hop=hop,
+                    error=str(exc),
+                )
+                return Delivery(results, hop)
             results.update(dict.fromkeys(accepted, _result(final)))
             if final.positive:
                 conn.transactions += 1

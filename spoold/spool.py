@@ -143,6 +143,7 @@ from spoold.message import (
 )
 from spoold.ondisk import NewMessage, OnDiskSpool, Unreadable
 from spoold.outcome import (
+    AfterCrash,
     DeliveryPolicy,
     HopFeedback,
     Notice,
@@ -196,7 +197,6 @@ DEFAULT_SYNC: SyncMode = "syncfs"  # group commit: see spoold.store
 # user opts in through ``delivery_policy`` (the default policy has none, so
 # its messages freeze when their retry intervals are used up, as the seed's).
 DEFAULT_MAX_QUEUE_LIFETIME = timedelta(days=5)
-AfterCrash = Literal["resend", "freeze"]
 DEFAULT_AFTER_CRASH: AfterCrash = "resend"
 DEFAULT_REMOVED_RETENTION = timedelta(days=7)
 DEFAULT_HISTORY_RETENTION = timedelta(days=7)
@@ -950,6 +950,7 @@ class Spool:
         actions = {
             rcpt: await self._ask_on_error(old, rcpt, result)
             for rcpt, result in refusals(old, outcome).items()
+            if not result.in_doubt  # not a refusal: handled as after a crash
         }
         now = self.clock.now()
         policy = self.policy_for(old)
@@ -961,6 +962,7 @@ class Spool:
             draw=lambda interval: interval.draw(self._rng),
             operator_kick=operator_kick,
             policy=policy,
+            after_crash=self.after_crash,
         )
         new = result.record
         event = result.event
@@ -984,6 +986,8 @@ class Spool:
         elif event is EventKind.REMOVED:
             self._record_final(new, FinalOutcome.BOUNCED, relay_outcome=outcome, detail="bounced")
         detail = "bounced" if event is EventKind.REMOVED else None
+        if result.in_doubt:
+            detail = "in doubt: no reply to the end of the message"
         self._publish(event, new, at=result.at, detail=detail)
         self._hop_feedback(result.hops, new)
         log.info(

@@ -160,3 +160,39 @@ async def test_a_crash_on_a_full_disk_keeps_the_in_doubt_mark(
         }
         assert smtp_server.transactions == 0  # one copy each at the hop, none again
         assert smtp_server.count("DATA") == 3
+
+
+async def test_a_hop_that_never_answers_the_final_dot_gets_one_copy_in_doubt(
+    tmp_path: Path, start_daemon: DaemonFactory, smtp_server: SmtpTestServer
+) -> None:
+    """The hop reads the whole message and never replies: after
+    ``final_reply_timeout`` the message is in doubt, and with ``after_crash
+    = "freeze"`` frozen for an operator: one copy at the hop, not one per
+    retry. ``status``, ``show``, ``events`` and ``history`` say so."""
+    smtp_server.behaviour.data_end = HANG
+    config = write_config(tmp_path, next_hops=[smtp_server.hop])
+    set_config_value(config, "flush_timeout", '"1s"\nafter_crash = "freeze"')
+    set_config_value(config, "command_timeout", '"30s"\nfinal_reply_timeout = "1s"')
+    spool_dir = tmp_path / "spool"
+    (mid,) = await prefill(spool_dir, [spooled(smtp_server.hop)])
+    await start_daemon(config)
+    await wait_until(lambda: records_in(spool_dir, "frozen") == {mid}, "the message to freeze")
+
+    done = cli("--config", str(config), "status", "--format", "json")
+    (view,) = [json.loads(line) for line in done.out.splitlines()]
+    assert (view["id"], view["status"], view["in_doubt"]) == (mid, "frozen", True)
+    assert "no reply to the end of the message" in view["relay_attempts"][0]["error"]
+    shown = json.loads(cli("--config", str(config), "show", mid).out)
+    assert shown["in_doubt"] is True
+    assert smtp_server.count("DATA") == 1  # one copy: the hop may have it
+    assert smtp_server.transactions == 0
+
+    # The operator, having checked, sends it: the journal keeps the doubt.
+    smtp_server.behaviour.data_end = None
+    assert cli("--config", str(config), "send", mid).code == 0
+    await wait_until(lambda: smtp_server.transactions == 1, "the message to be delivered")
+    history = cli("--config", str(config), "history", "--format", "json")
+    (line,) = [json.loads(x) for x in history.out.splitlines() if mid in x]
+    assert (line["outcome"], line["in_doubt"]) == ("delivered", True)
+    text = cli("--config", str(config), "history")
+    assert f"{mid} delivered (in doubt)" in text.out

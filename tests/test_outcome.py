@@ -10,7 +10,7 @@ import pytest
 
 from spoold.hooks import ErrorAction
 from spoold.message import Delivered, Frozen, RetryInterval, SendAt
-from spoold.outcome import NO_REPLY, attempt_outcome, refusals
+from spoold.outcome import NO_REPLY, AfterCrash, attempt_outcome, refusals
 from spoold.relay import AttemptFailed, Delivery, RecipientResult
 from tests.factories import make_message
 
@@ -257,3 +257,47 @@ def test_without_a_lifetime_a_throttled_attempt_uses_up_an_interval() -> None:
     )
     assert got.record.retry_intervals == minutes(5)
     assert got.hops.reason == "421 4.7.0 closing"
+
+
+DOUBT = RecipientResult(451, "in doubt: no reply to the end of the message", "4.4.2", in_doubt=True)
+
+
+@pytest.mark.parametrize("after_crash", ["resend", "freeze"])
+def test_a_recipient_in_doubt_marks_the_message_and_follows_after_crash(
+    after_crash: AfterCrash,
+) -> None:
+    """No reply after the final dot: the hop may have it. Neither delivered
+    nor refused: kept for later, the record marked in doubt; frozen for an
+    operator (``freeze``) or tried again (``resend``), as after a crash."""
+    record = make_message("M1", recipients=[A, B, C], retry_intervals=minutes(1, 5))
+    got = attempt_outcome(
+        record,
+        Delivery({A: DOUBT, B: NO, C: DOUBT}, hop="mx.example.net:25"),
+        {B: FAIL},  # the spool never asks on_error about A and C
+        now=NOW,
+        draw=lambda i: i.span,
+        after_crash=after_crash,
+    )
+    new = got.record
+    assert got.in_doubt
+    assert new.in_doubt
+    assert got.later == (A, C)
+    assert got.failed == (B,)
+    assert got.delivered == ()
+    assert new.remaining_recipients == [A, C]
+    assert "in doubt" in new.relay_attempts[0].error
+    if after_crash == "freeze":
+        assert (got.event, new.status) == ("frozen", Frozen())
+    else:
+        assert (got.event, new.status) == ("delayed", SendAt(at=NOW + timedelta(minutes=1)))
+        assert new.retry_intervals == minutes(5)
+
+
+def test_an_answer_in_a_later_attempt_leaves_the_mark() -> None:
+    """The mark stays while the message is on the spool: the recipient may
+    get it twice, whatever the next attempt says."""
+    record = make_message("M1", recipients=[A], retry_intervals=minutes(1))
+    record.in_doubt = True
+    got = attempt_outcome(record, Delivery({A: LATER}), {A: TRY}, now=NOW, draw=lambda i: i.span)
+    assert got.record.in_doubt
+    assert not got.in_doubt  # this attempt itself had answers

@@ -12,12 +12,15 @@ import errno
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from spoold.daemon.control import message_view
 from spoold.daemon.metrics import Metrics
+from spoold.hooks import ErrorAction
 from spoold.message import Frozen, SendAt, Sending, encode_record
+from spoold.relay import RecipientResult
 from spoold.spool import AfterCrash
 from spoold.testing import FakeClock, Faults, InMemoryRelay
 from tests.spool_helpers import (
@@ -26,6 +29,7 @@ from tests.spool_helpers import (
     TRY_LATER,
     attempts_for,
     batch,
+    next_events,
     open_spool,
     places,
     read_record,
@@ -186,3 +190,31 @@ async def test_a_misplaced_record_is_moved_home_on_a_full_disk(tmp_path: Path) -
     async with open_spool(tmp_path, InMemoryRelay(), clock, on_step=faults) as spool:
         assert status_of(spool, mid) == Frozen()
     assert places(tmp_path, mid) == ["frozen"]
+
+
+async def test_no_reply_to_the_end_of_the_message_is_in_doubt_in_events_too(
+    tmp_path: Path,
+) -> None:
+    doubt = RecipientResult(451, "in doubt: no reply", "4.4.2", in_doubt=True)
+    asked: list[str] = []
+
+    def on_error(msg: Any, rcpt: str, result: RecipientResult) -> ErrorAction:
+        asked.append(rcpt)
+        return ErrorAction.FAIL_PERMANENTLY
+
+    relay = relay_answering({RCPT: doubt})
+    clock = FakeClock(START)
+    async with (
+        open_spool(tmp_path, relay, clock, after_crash="freeze", on_error=on_error) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT))
+        spooled, presend, frozen = await next_events(stream, 3)
+        assert [e.kind for e in (spooled, presend, frozen)] == ["spooled", "presend", "frozen"]
+        assert frozen.id == mid
+        assert frozen.detail is not None and "in doubt" in frozen.detail
+        (shown,) = spool.status()
+        assert shown.in_doubt is True
+        assert shown.remaining_recipients == [RCPT]
+    assert asked == []  # not a refusal: on_error is not asked
+    assert read_record(tmp_path, "frozen", mid).in_doubt is True

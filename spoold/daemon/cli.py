@@ -628,7 +628,8 @@ def history(target: _Target, since: str, recipient: str | None, fmt: str) -> Non
         return
     for v in views:
         hop = f" via {v['hop']}" if v.get("hop") else ""
-        click.echo(f"{v['time']} {v['id']} {v['outcome']} <{v['sender']}>{hop}")
+        doubt = " (in doubt)" if v.get("in_doubt") else ""
+        click.echo(f"{v['time']} {v['id']} {v['outcome']}{doubt} <{v['sender']}>{hop}")
         for r in v["recipients"]:
             reply = " ".join(
                 str(part) for part in (r.get("code"), r.get("enhanced_status")) if part

@@ -142,6 +142,7 @@ class RelayConfig:
     connect_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_CONNECT_TIMEOUT)
     command_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_COMMAND_TIMEOUT)
     message_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_MESSAGE_TIMEOUT)
+    final_reply_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_FINAL_REPLY_TIMEOUT)
     max_connections_per_hop: int = _cache.DEFAULT_MAX_PER_HOP
     max_connections: int = _cache.DEFAULT_MAX_TOTAL
     idle_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_IDLE_TIMEOUT)
@@ -603,6 +604,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         connect_timeout=t.get("connect_timeout", parse_span),
         command_timeout=t.get("command_timeout", parse_span),
         message_timeout=t.get("message_timeout", parse_span),
+        final_reply_timeout=t.get("final_reply_timeout", _positive_span),
         max_connections_per_hop=t.get("max_connections_per_hop", _int(1)),
         max_connections=t.get("max_connections", _int(1)),
         idle_timeout=t.get("idle_timeout", parse_span),

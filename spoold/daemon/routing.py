@@ -73,6 +73,7 @@ class Router:
             connect_timeout=relay.connect_timeout.total_seconds(),
             command_timeout=relay.command_timeout.total_seconds(),
             message_timeout=relay.message_timeout.total_seconds(),
+            final_reply_timeout=relay.final_reply_timeout.total_seconds(),
             helo_name=config.hostname,
         )
         for name, rc in config.routes.items():
@@ -86,6 +87,7 @@ class Router:
                 connect_timeout=relay.connect_timeout.total_seconds(),
                 command_timeout=relay.command_timeout.total_seconds(),
                 message_timeout=relay.message_timeout.total_seconds(),
+                final_reply_timeout=relay.final_reply_timeout.total_seconds(),
                 helo_name=rc.helo_name or config.hostname,
             )
             spans: Sequence[timedelta] = rc.retry_intervals or ()
