@@ -87,11 +87,11 @@ async def test_history_never_says_delivered_for_a_recipient_split_off_by_reroute
     assert states[A]["state"] == "delivered"
     assert states[B]["state"] == "rerouted"
     assert states[B]["rerouted_to"] == other
-    # Still queued: its one retry interval was used by the first attempt, so
-    # the failed attempt to its dead hop froze it.
-    assert states[B]["rerouted_state"] == "frozen"
+    # Still queued: its last retry interval repeats until the queue lifetime
+    # ends (spool.retries_exhausted), so it waits for its next attempt.
+    assert states[B]["rerouted_state"] == "send_at"
     table = (await run(config, "history", "--recipient", B)).out
-    assert f"    {B} rerouted to {other} (now frozen)" in table.splitlines()
+    assert f"    {B} rerouted to {other} (now send_at)" in table.splitlines()
     assert f"{B} delivered" not in table
     assert [o["id"] for o in await history_of(config, A)] == [mid]  # only the original had A
 
