@@ -258,6 +258,13 @@ RULES: tuple[Rule, ...] = (
         output=True,
     ),
     Rule(
+        ("installed",),
+        r"/run/spoold/submit\.sock\b",
+        "{sandbox}/var/run/submit.sock",
+        "the sandbox's submission socket stands in for the installed one",
+        output=True,
+    ),
+    Rule(
         ("install",),
         r"\bapt-get install -y\b",
         "apt-get install -s",
@@ -278,7 +285,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("install",),
-        r"^systemd/install\.sh$",
+        r"^systemd/install\.sh\b",
         'systemd/install.sh --root "$ROOT"',
         "install into the staged root",
     ),
