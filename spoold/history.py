@@ -116,6 +116,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     flows: list[str] = msgspec.field(default_factory=list)
     idempotency_key: str | None = None
     detail: str = ""  # e.g. the last relay error of a removed message
+    submitter_uid: int | None = None  # the local user who submitted it, if known
 
 
 def outcome_of(
@@ -171,6 +172,7 @@ def outcome_of(
         flows=list(msg.flows),
         idempotency_key=msg.idempotency_key,
         detail=detail,
+        submitter_uid=msg.submitter_uid,
     )
 
 

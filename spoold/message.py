@@ -204,7 +204,8 @@ class Message(
 
     ``size`` is the body's size in bytes, as on disk. ``removed_at`` is when
     it moved to ``removed`` (removed-message retention counts from it);
-    ``idempotency_key`` the key it was submitted with, if any. ``route`` names the
+    ``idempotency_key`` the key it was submitted with, if any;
+    ``submitter_uid`` the uid of the local user who submitted it, if known. ``route`` names the
     configured route that chose ``next_hop_choices``
     (``None``: hops given explicitly through the API, or a record written
     before version 2); after a reload that changes that route's hops, the
@@ -243,6 +244,9 @@ class Message(
     # The submitter's idempotency key (Spool.add(idempotency_key=...)), kept so
     # the key index can be rebuilt from the records.
     idempotency_key: str | None = None
+    # The uid of the local process that submitted it (sendmail, Client.submit),
+    # as the kernel told the daemon; None for SMTP and the Python API.
+    submitter_uid: int | None = None
 
     # -- where it lives
 

@@ -307,6 +307,7 @@ async def test_the_journal_is_json_lines_of_outcomes(tmp_path: Path) -> None:
         "flows",
         "idempotency_key",
         "detail",
+        "submitter_uid",
     }
 
 

@@ -228,6 +228,7 @@ NEW_FIELDS = {
     "delay_warned_at": None,
     "removed_at": None,
     "idempotency_key": None,
+    "submitter_uid": None,
 }
 
 

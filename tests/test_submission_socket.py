@@ -48,7 +48,8 @@ from tests.daemon_helpers import (
     spooled,
     write_config,
 )
-from tests.support import free_port
+from tests.smtp_server import SmtpTestServer
+from tests.support import WAIT_TIMEOUT, free_port
 from tests.test_sendmail import content_of, waiting_messages
 
 TIMEOUT = 90.0  # a safety net per test: none comes near it
@@ -192,12 +193,19 @@ def sockets_dir() -> Iterator[Path]:
 
 
 async def start(
-    tmp_path: Path, sockets_dir: Path, start_daemon: DaemonFactory, *, prefilled: int = 0
+    tmp_path: Path,
+    sockets_dir: Path,
+    start_daemon: DaemonFactory,
+    *,
+    prefilled: int = 0,
+    next_hop: str = "",
 ) -> tuple[DaemonProcess, list[str]]:
-    """A daemon whose only hop refuses connections, its config unreadable
-    to nobody, its sockets in ``sockets_dir``; with ``prefilled``, that many
-    pairs of messages (one frozen, one waiting far ahead) already queued."""
-    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"], run_dir=sockets_dir)
+    """A daemon whose only hop is ``next_hop`` (default: one that refuses
+    connections), its config unreadable to nobody, its sockets in
+    ``sockets_dir``; with ``prefilled``, that many pairs of messages (one
+    frozen, one waiting far ahead) already queued."""
+    hops = [next_hop or f"127.0.0.1:{free_port()}"]
+    config = write_config(tmp_path, next_hops=hops, run_dir=sockets_dir)
     ids: list[str] = []
     hop = f"127.0.0.1:{free_port()}"
     for _ in range(prefilled):
@@ -282,6 +290,7 @@ async def test_a_user_who_is_not_an_admin_submits_with_the_flags_of_cron_mail_ph
         assert msg.envelope_info.sender == (sender or nobody_address), name
         # The kernel's word on who submitted, not anything the caller said.
         assert content.startswith(b"Received: from localhost (uid 65534, user nobody)\r\n"), name
+        assert msg.submitter_uid == NOBODY, name
         assert b"\r\nBcc:" not in content, name
     assert by_subject["cron"][1].endswith(b"\r\nline\r\n.\r\nafter\r\n")  # -i: '.' is text
     logged = [line for line in daemon.log_lines() if line.get("event") == "local submission"]
@@ -290,30 +299,33 @@ async def test_a_user_who_is_not_an_admin_submits_with_the_flags_of_cron_mail_ph
 
 
 async def test_a_user_who_is_not_an_admin_submits_and_waits_with_the_python_client(
-    tmp_path: Path, sockets_dir: Path, start_daemon: DaemonFactory, nobody: NobodyRuntime
+    tmp_path: Path,
+    sockets_dir: Path,
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
+    nobody: NobodyRuntime,
 ) -> None:
     code = f"""
 import json
 from spoold import Client
-from spoold.errors import WaitTimeoutError
 client = Client({str(sockets_dir / "submit.sock")!r})
 ids = client.submit("app@example.org", ["ops@example.com"], b"Subject: client\\r\\n\\r\\nhi\\r\\n")
-try:
-    client.wait(ids[0], timeout=0)
-    waited = "outcome"
-except WaitTimeoutError:
-    waited = "still queued"
-print(json.dumps({{"ping": client.ping(), "ids": ids, "wait": waited}}))
+outcome = client.wait(ids[0], timeout={WAIT_TIMEOUT})
+print(json.dumps({{"ping": client.ping(), "ids": ids, "outcome": outcome.kind}}))
 """
     with anyio.fail_after(TIMEOUT):
-        daemon, _ = await start(tmp_path, sockets_dir, start_daemon)
+        await start(tmp_path, sockets_dir, start_daemon, next_hop=smtp_server.hop)
         done = await anyio.to_thread.run_sync(lambda: nobody.python(code))
         assert done.code == 0, done
-        (msg,) = await waiting_messages(daemon.spool_dir, 1)
-    answer = json.loads(done.out)
-    assert answer == {"ping": True, "ids": [msg.id], "wait": "still queued"}
-    content = content_of(daemon.spool_dir, msg.id)
-    assert content.startswith(b"Received: from localhost (uid 65534, user nobody)\r\n")
+        (mid,) = json.loads(done.out)["ids"]
+        history = await ControlClient(sockets_dir / "ctl.sock").request("history")
+    assert json.loads(done.out) == {"ping": True, "ids": [mid], "outcome": "delivered"}
+    (received,) = smtp_server.messages
+    assert received.content.startswith(b"Received: from localhost (uid 65534, user nobody)\r\n")
+    # The history journal keeps who submitted it.
+    assert [(h["id"], h["outcome"], h["submitter_uid"]) for h in history] == [
+        (mid, "delivered", NOBODY)
+    ]
 
 
 # ------------------------------------------------------------- administering

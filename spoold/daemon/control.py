@@ -185,7 +185,7 @@ def message_view(msg: Message) -> dict[str, Any]:
     """The JSON listing of a message (``status --format json``): the
     record's fields plus ``queue``; ``status`` as a string, with ``send_at``
     and ``quarantine_reason`` when they apply (and ``removed_at``,
-    ``idempotency_key`` when set); times RFC 3339 UTC; retry
+    ``idempotency_key``, ``submitter_uid`` when set); times RFC 3339 UTC; retry
     intervals as seconds."""
     status = msg.status
     queue = queue_of(status)
@@ -228,6 +228,8 @@ def message_view(msg: Message) -> dict[str, Any]:
         view["removed_at"] = rfc3339(msg.removed_at)
     if msg.idempotency_key is not None:
         view["idempotency_key"] = msg.idempotency_key
+    if msg.submitter_uid is not None:
+        view["submitter_uid"] = msg.submitter_uid
     return view
 
 

@@ -149,6 +149,7 @@ class MessageAdder(Protocol):
         parent_id: str | None = None,
         prefix: Callable[[str], bytes] | None = None,
         idempotency_key: str | None = None,
+        submitter_uid: int | None = None,
     ) -> list[str]: ...
 
 
@@ -257,4 +258,5 @@ class Submitter:
             flows=[submission_id],
             prefix=received,
             idempotency_key=idempotency_key,
+            submitter_uid=origin.uid,
         )
