@@ -385,6 +385,10 @@ print(json.dumps(kinds))
         mailq = await anyio.to_thread.run_sync(
             lambda: nobody.spoold("--socket", str(admin), "sendmail", "-bp")
         )
+        # Named mailq, finding the admin socket through a config it may not read.
+        named_mailq = await anyio.to_thread.run_sync(
+            lambda: nobody.run([str(nobody.mailq)], env={"SPOOLD_CONFIG": str(daemon.config)})
+        )
         after = await ControlClient(admin).request("status")
     kinds = json.loads(done.out)
     assert kinds == {
@@ -397,6 +401,8 @@ print(json.dumps(kinds))
     assert f"cannot reach the daemon at {admin}: permission denied" in cli_remove.err
     assert mailq.code == 77, mailq  # EX_NOPERM
     assert "listing the queue is for administrators" in mailq.err
+    assert named_mailq.code == 77, named_mailq
+    assert named_mailq.err.startswith("mailq: listing the queue is for administrators")
     # Nothing changed: the same two messages, in the same state, and no reload.
     assert after == before
     assert {(v["id"], v["status"]) for v in after} == {(frozen, "frozen"), (active, "send_at")}

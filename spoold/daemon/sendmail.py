@@ -95,7 +95,8 @@ once it is on disk.
   -C PATH     spoold's config file (to find the submission socket)
   -B TYPE, -N DSN, -R RET, -V ENVID, -h N, -L TAG, -O OPT=VAL, -oX..., -m, -n, -U, -G
               accepted and ignored
-  --idempotency-key KEY   a run repeated with the same KEY queues nothing more
+  --idempotency-key KEY   run again with the same KEY within spool.idempotency_window,
+              nothing more is queued (exit 0, no output either way)
 Exit codes: 0 sent to the spool, 64 usage, 65 bad message or address,
 75 try again later, 77 not allowed, 70 internal error.
 """
@@ -354,7 +355,14 @@ def _mailq(label: str, socket: str | None, config: str | None) -> None:
     async def from_disk() -> list[dict[str, Any]]:
         from spoold.spool import Spool
 
-        cfg = await anyio.to_thread.run_sync(load_config, config_path)
+        try:
+            cfg = await anyio.to_thread.run_sync(load_config, config_path)
+        except ConfigError:
+            if await anyio.to_thread.run_sync(_kept_out, config_path):  # not an admin
+                raise ControlError(
+                    f"{config_path} may not be read by this user", "denied"
+                ) from None
+            raise
         messages, unreadable = await Spool.status_from_disk(cfg.spool.dir)
         views = [message_view(m) for m in messages] + [unreadable_view(u) for u in unreadable]
         return sorted(views, key=lambda v: str(v["id"]))
@@ -390,6 +398,17 @@ def _mailq(label: str, socket: str | None, config: str | None) -> None:
         print("Mail queue is empty")
         return
     _print_status(views, "exim")
+
+
+def _kept_out(path: str) -> bool:
+    """Whether this user may not read the file at ``path``."""
+    try:
+        with open(path, "rb"):
+            return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------- main
