@@ -365,12 +365,17 @@ for name, client in (("submission", by_submission), ("admin", by_admin)):
         code = f"""
 import json
 from spoold import Client
-from spoold.errors import ControlError
+from spoold.errors import ControlError, NotFoundError
 frozen, active = {frozen!r}, {active!r}
 by_submission = Client({str(submission)!r})
 by_admin = Client({str(admin)!r})
 kinds = {{}}
 {calls}
+try:  # waiting is for one's own messages: another's id is not known
+    by_submission.wait(frozen, timeout=0)
+    kinds["wait for a message root queued"] = "done"
+except NotFoundError as exc:
+    kinds["wait for a message root queued"] = "not_found"
 print(json.dumps(kinds))
 """
         done = await anyio.to_thread.run_sync(lambda: nobody.python(code))
@@ -392,7 +397,8 @@ print(json.dumps(kinds))
         after = await ControlClient(admin).request("status")
     kinds = json.loads(done.out)
     assert kinds == {
-        f"{op} on {where}": "denied" for op in ADMIN_CALLS for where in ("submission", "admin")
+        **{f"{op} on {where}": "denied" for op in ADMIN_CALLS for where in ("submission", "admin")},
+        "wait for a message root queued": "not_found",
     }
     assert cli_freeze.code == 2, cli_freeze
     assert "freeze is an admin operation and this is the submission socket" in cli_freeze.err

@@ -82,14 +82,16 @@ local user, as Postfix's postdrop lets anyone submit). Any other operation
 there is answered ``{"ok": false, "kind": "denied", ...}`` saying to use the
 admin socket, and nothing is done. Each socket has a server of its own (its
 own ``max_clients``), so a crowd of submitters cannot lock the operator out.
-``wait`` is allowed to a submitter because an id, unguessable (eight random
-characters), is what it gets back from its own submission; the queue
-listing is not (it holds every user's addresses): ``mailq`` is for admins.
+``wait`` there is for the messages the same user submitted (the record's
+``submitter_uid``); another's id is answered ``not_found``, as an unknown
+one is. The queue listing is not served there (it holds every user's
+addresses): ``mailq`` is for admins.
 
 The daemon learns who is on the other end of each connection from the
 kernel (``SO_PEERCRED``: pid, uid, gid; Linux) and hands a submission's
 :class:`PeerCredentials` to :meth:`DaemonOperations.submit`, which writes
-the uid into the message's ``Received:`` header and its log line.
+the uid into the message's ``Received:`` header, its record and history
+line (``submitter_uid``) and its log line.
 
 The socket file gets the configured mode (and group, when one is
 configured); the server refuses to start in a directory anyone may write to
@@ -758,7 +760,7 @@ class ControlServer:
             await self._reply(stream, _error("denied", _admin_only(op)))
             return
         if op in ("events", "wait"):
-            await self._staying(op, stream, reader, request)
+            await self._staying(op, stream, reader, request, peer)
             return
         if op == "submit":
             reply = await self._submit(reader, request, peer)
@@ -775,6 +777,7 @@ class ControlServer:
         stream: anyio.abc.ByteStream,
         reader: BufferedByteReceiveStream,
         request: dict[str, Any],
+        peer: PeerCredentials | None = None,
     ) -> None:
         """``events`` or ``wait``, unless too many places are held so."""
         if self.staying >= self.max_staying:
@@ -789,7 +792,7 @@ class ControlServer:
             if op == "events":
                 await self._events(stream, reader)
                 return
-            reply = await self._wait(reader, request)
+            reply = await self._wait(reader, request, peer)
             if reply is not None:
                 await self._reply(stream, reply)
         finally:
@@ -906,16 +909,25 @@ class ControlServer:
             tg.cancel_scope.cancel()
 
     async def _wait(
-        self, reader: BufferedByteReceiveStream, request: dict[str, Any]
+        self,
+        reader: BufferedByteReceiveStream,
+        request: dict[str, Any],
+        peer: PeerCredentials | None = None,
     ) -> dict[str, Any] | None:
         """``wait``: the reply once the message has an outcome; None if the
-        client hung up first (that ends the wait at once)."""
+        client hung up first (that ends the wait at once). On the
+        submission socket, only for a message the same user submitted."""
         try:
             p = _params("wait", _WaitParams, request)
         except ValueError as exc:
             return _error("invalid", f"wait: {exc}")
         if p.timeout is not None and not 0 <= p.timeout < math.inf:
             return _error("invalid", "wait: timeout must be a number of seconds, or null")
+        if self.submission_only and peer is not None:
+            checked = await self._dispatch("wait", lambda: self._not_theirs(p.id, peer.uid))
+            refusal: dict[str, Any] | None = checked["result"] if checked.get("ok") else checked
+            if refusal is not None:
+                return refusal
         reply: dict[str, Any] | None = None
         async with anyio.create_task_group() as tg:
 
@@ -935,6 +947,21 @@ class ControlServer:
             tg.start_soon(until_hung_up)
             tg.start_soon(answer)
         return reply
+
+    async def _not_theirs(self, message_id: str, uid: int) -> dict[str, Any] | None:
+        """The reply for a ``wait`` on a message that ``uid`` did not submit
+        (as for one that does not exist: nothing is told of it), or None."""
+        submitter: int | None = None
+        try:
+            found = await self.spool.describe(message_id)
+        except NotFoundError:
+            outcome = await self.spool.find_outcome(message_id)
+            submitter = outcome.submitter_uid if outcome is not None else None
+        else:
+            submitter = found.submitter_uid if isinstance(found, Message) else None
+        if submitter == uid:
+            return None
+        return _error("not_found", f"{message_id}: no message of this user (uid {uid}) by that id")
 
     async def _outcome(self, message_id: str, seconds: float | None) -> dict[str, Any]:
         return outcome_view(await self.spool.wait(message_id, seconds))
