@@ -22,7 +22,14 @@ that :meth:`spoold.Spool.wait` gives the daemon (with the envelope's
 sender and recipients only).
 * anything else (a request the daemon calls invalid, a daemon that is busy,
   absent, or answers nothing within ``timeout``) is a
-  :class:`~spoold.errors.ControlError` whose ``kind`` says which.
+  :class:`~spoold.errors.ControlError` whose ``kind`` says which; ``denied``
+  when this user may not use the socket, or asked the submission socket for
+  an admin operation.
+
+Two sockets: :meth:`Client.submit` goes to the daemon's submission socket,
+which any local user may use by default; everything else goes to the socket
+the client was made with. A client made with the submission socket can
+submit, wait and ping; one made with the admin socket can do everything.
 """
 
 from __future__ import annotations
@@ -60,8 +67,19 @@ __all__ = ["Client"]
 
 _PROTOCOL_VERSION = 1
 _CLIENT_KINDS: frozenset[str] = frozenset(
-    {"invalid", "not_found", "refused", "closed", "temporary", "busy", "internal", "timeout"}
+    {
+        "invalid",
+        "not_found",
+        "refused",
+        "closed",
+        "temporary",
+        "busy",
+        "internal",
+        "timeout",
+        "denied",
+    }
 )
+_SUBMISSION_SOCKET_NAME = "submit.sock"  # the daemon's default, beside the admin socket
 
 
 def _ids(ids: str | Iterable[str]) -> list[str]:
@@ -114,35 +132,66 @@ def _raise_for(reply: dict[str, Any]) -> NoReturn:
 
 
 class Client:
-    """The daemon at control socket ``socket``. ``timeout`` bounds each
-    request (connect, send, reply) in seconds; :meth:`wait` adds its own."""
+    """The daemon at control socket ``socket`` (the admin socket
+    ``control.socket``, or the submission socket for a program that only
+    submits). ``timeout`` bounds each request (connect, send, reply) in
+    seconds; :meth:`wait` adds its own.
 
-    def __init__(self, socket: str | os.PathLike[str], *, timeout: float = 60.0) -> None:
+    ``submission_socket``: where :meth:`submit` goes (the daemon's
+    ``control.submission_socket``). By default ``submit.sock`` beside
+    ``socket``, the daemon's own default; when nothing is there, ``socket``
+    itself (the admin socket takes submissions too)."""
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str],
+        *,
+        timeout: float = 60.0,
+        submission_socket: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.socket = Path(socket)
         self.timeout = timeout
+        self.submission_socket = Path(
+            submission_socket
+            if submission_socket is not None
+            else self.socket.parent / _SUBMISSION_SOCKET_NAME
+        )
+        self._submission_given = submission_socket is not None
 
     # ------------------------------------------------------------ plumbing
 
     def _exchange(
-        self, request: dict[str, Any], content: bytes = b"", *, timeout: float | None = None
+        self,
+        request: dict[str, Any],
+        content: bytes = b"",
+        *,
+        timeout: float | None = None,
+        path: Path | None = None,
     ) -> Any:
+        where = path or self.socket
         line = json.dumps({"v": _PROTOCOL_VERSION, **request}, separators=(",", ":"))
         with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             try:
-                sock.connect(str(self.socket))
+                sock.connect(str(where))
             except FileNotFoundError:
                 raise ControlError(
-                    f"no daemon: control socket {self.socket} does not exist", "unavailable"
+                    f"no daemon: control socket {where} does not exist", "unavailable"
                 ) from None
             except TimeoutError:
                 raise ControlError(
-                    f"the daemon at {self.socket} did not answer within {timeout:g} s",
+                    f"the daemon at {where} did not answer within {timeout:g} s",
                     "unavailable",
+                ) from None
+            except PermissionError:
+                raise ControlError(
+                    f"cannot reach the daemon at {where}: permission denied (this user "
+                    "may not use that socket)",
+                    "denied",
                 ) from None
             except OSError as exc:
                 raise ControlError(
-                    f"cannot reach the daemon at {self.socket}: {exc.strerror or exc}",
+                    f"cannot reach the daemon at {where}: {exc.strerror or exc}",
                     "unavailable",
                 ) from None
             try:
@@ -154,12 +203,12 @@ class Client:
                     answer = reader.readline()
             except TimeoutError:
                 raise ControlError(
-                    f"no reply from the daemon at {self.socket} within {timeout:g} s",
+                    f"no reply from the daemon at {where} within {timeout:g} s",
                     "unavailable",
                 ) from None
             except OSError as exc:
                 raise ControlError(
-                    f"lost the daemon at {self.socket}: {exc.strerror or exc}", "unavailable"
+                    f"lost the daemon at {where}: {exc.strerror or exc}", "unavailable"
                 ) from None
         if not answer.endswith(b"\n"):
             raise ControlError("the daemon closed the connection without a reply", "internal")
@@ -251,7 +300,11 @@ class Client:
 
         ``idempotency_key``: a submission repeated with the same key (a retry
         after a lost reply) within the daemon's ``spool.idempotency_window``
-        queues nothing and returns the first one's ids."""
+        queues nothing and returns the first one's ids.
+
+        It goes to the submission socket (see the class), and the daemon
+        records the uid of the process that calls it in the message's
+        ``Received:`` header."""
         if isinstance(recipients, str):
             raise TypeError("recipients is a list of addresses, not one string")
         validate_address(sender, role="sender", smtputf8=True)
@@ -266,8 +319,14 @@ class Client:
         }
         if idempotency_key is not None:
             request["idempotency_key"] = validate_key(idempotency_key)
-        ids = self._exchange(request, content, timeout=self.timeout)
+        ids = self._submit_exchange(request, content)
         return [str(i) for i in ids]
+
+    def _submit_exchange(self, request: dict[str, Any], content: bytes) -> Any:
+        path = self.submission_socket
+        if not self._submission_given and path != self.socket and not path.exists():
+            path = self.socket  # a daemon without one beside it: the admin socket takes it
+        return self._exchange(request, content, timeout=self.timeout, path=path)
 
     def wait(self, message_id: str, timeout: float | None = None) -> MessageOutcome:
         """Block until the message has an outcome and return it (as

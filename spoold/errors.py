@@ -214,6 +214,8 @@ ControlErrorKind = Literal[
     "internal",  # a bug: the daemon's log says more
     "unavailable",  # (client side) no daemon answers on the socket
     "timeout",  # ``wait``: the message had no outcome within the time given
+    "denied",  # not for this client: an admin operation on the submission socket,
+    #            or (client side) a socket whose permissions keep this user out
 ]
 
 

@@ -126,6 +126,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     # An attempt may have reached a next hop without our knowing (a crash, or
     # no reply to the end of the message): a recipient may have it twice.
     in_doubt: bool = False
+    submitter_uid: int | None = None  # the local user who submitted it, if known
 
 
 def outcome_of(
@@ -187,6 +188,7 @@ def outcome_of(
         idempotency_key=msg.idempotency_key,
         detail=detail,
         in_doubt=msg.in_doubt,
+        submitter_uid=msg.submitter_uid,
     )
 
 

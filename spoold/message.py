@@ -205,7 +205,8 @@ class Message(
 
     ``size`` is the body's size in bytes, as on disk. ``removed_at`` is when
     it moved to ``removed`` (removed-message retention counts from it);
-    ``idempotency_key`` the key it was submitted with, if any. ``route`` names the
+    ``idempotency_key`` the key it was submitted with, if any;
+    ``submitter_uid`` the uid of the local user who submitted it, if known. ``route`` names the
     configured route that chose ``next_hop_choices``
     (``None``: hops given explicitly through the API, or a record written
     before version 2); after a reload that changes that route's hops, the
@@ -255,6 +256,9 @@ class Message(
     # of the message that now has it. They are no longer this message's to
     # deliver (the history journal says "rerouted", never "delivered").
     rerouted_to: dict[str, str] = msgspec.field(default_factory=dict)
+    # The uid of the local process that submitted it (sendmail, Client.submit),
+    # as the kernel told the daemon; None for SMTP and the Python API.
+    submitter_uid: int | None = None
     # Not part of the record: the spool directory the message lives in, set
     # by the spool when it reads or writes the record (a reference to one
     # string the spool holds); never written (see encode_record).

@@ -1228,6 +1228,7 @@ class Spool:
         parent_id: str | None = None,
         prefix: Callable[[str], bytes] | None = None,
         idempotency_key: str | None = None,
+        submitter_uid: int | None = None,
     ) -> list[str]:
         """Spool one submission: one message per envelope of ``batch``.
 
@@ -1247,15 +1248,20 @@ class Spool:
         :class:`~spoold.errors.IdempotencyKeyError` for an unusable key, or
         one an earlier submission with another envelope (sender and
         recipients) had: a reused key is a mistake, not a retry.
+
+        ``submitter_uid``: the local user who submitted it (the daemon's
+        control socket knows), kept in each record and its history line.
         """
         if idempotency_key is None:
-            return await self._add_new(batch, frozen, flows, parent_id, prefix, None)
+            return await self._add_new(batch, frozen, flows, parent_id, prefix, None, submitter_uid)
         ids, repeated = await self._keys.add_once(
             idempotency_key,
             batch,
             self.clock.now(),
             self.idempotency_window,
-            lambda: self._add_new(batch, frozen, flows, parent_id, prefix, idempotency_key),
+            lambda: self._add_new(
+                batch, frozen, flows, parent_id, prefix, idempotency_key, submitter_uid
+            ),
         )
         if repeated:
             log.info("duplicate submission: idempotency key seen", ids=ids)
@@ -1269,10 +1275,17 @@ class Spool:
         parent_id: str | None,
         prefix: Callable[[str], bytes] | None,
         idempotency_key: str | None,
+        submitter_uid: int | None = None,
     ) -> list[str]:
         status: Status = Frozen() if frozen else SEND_NOW
         messages = await self._write_new(
-            batch, status, flows, parent_id, prefix, idempotency_key=idempotency_key
+            batch,
+            status,
+            flows,
+            parent_id,
+            prefix,
+            idempotency_key=idempotency_key,
+            submitter_uid=submitter_uid,
         )
         for msg in messages:
             if msg.id in self._index:
@@ -1321,6 +1334,7 @@ class Spool:
         prefix: Callable[[str], bytes] | None = None,
         *,
         idempotency_key: str | None = None,
+        submitter_uid: int | None = None,
     ) -> list[Message]:
         if self._closed or self._stopping:
             raise SpoolClosedError(f"spool {self.spool_dir} is closing and takes no new mail")
@@ -1333,6 +1347,7 @@ class Spool:
             parent_id=parent_id,
             prefix=prefix,
             idempotency_key=idempotency_key,
+            submitter_uid=submitter_uid,
         )
         return await self._add_to_disk(new)
 

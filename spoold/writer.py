@@ -55,12 +55,13 @@ def new_messages(
     parent_id: str | None = None,
     prefix: Callable[[str], bytes] | None = None,
     idempotency_key: str | None = None,
+    submitter_uid: int | None = None,
 ) -> list[NewMessage]:
     """The new records of one submission, one per envelope, after checking
     every address (:class:`~spoold.errors.AddressError`) and that each
     envelope has a next hop. ``prefix(id)``: wire lines put before the body
     of the message with that id (called once per message).
-    ``idempotency_key``: stored in each record."""
+    ``idempotency_key``, ``submitter_uid``: stored in each record."""
     if not batch.envelopes:
         raise ValueError("a submission needs at least one envelope")
     parent = parent_id or new_id()
@@ -88,6 +89,7 @@ def new_messages(
             if not msg.retry_intervals:
                 msg.retry_intervals = list(default_retry_intervals)
             msg.idempotency_key = idempotency_key
+            msg.submitter_uid = submitter_uid
             return msg
 
         return build
@@ -221,19 +223,22 @@ class SpoolWriter:
         parent_id: str | None = None,
         prefix: Callable[[str], bytes] | None = None,
         idempotency_key: str | None = None,
+        submitter_uid: int | None = None,
     ) -> list[str]:
         """Like :meth:`Spool.add <spoold.spool.Spool.add>`: durable when it
         returns; the owner is told (it adopts the messages). An
         ``idempotency_key`` another process (the owner, another writer)
         used within the window gives back that submission's ids."""
         if idempotency_key is None:
-            return await self._add_new(batch, frozen, flows, parent_id, prefix, None)
+            return await self._add_new(batch, frozen, flows, parent_id, prefix, None, submitter_uid)
         ids, _repeated = await self._keys.add_once(
             idempotency_key,
             batch,
             self._now(),
             self.idempotency_window,
-            lambda: self._add_new(batch, frozen, flows, parent_id, prefix, idempotency_key),
+            lambda: self._add_new(
+                batch, frozen, flows, parent_id, prefix, idempotency_key, submitter_uid
+            ),
         )
         return ids
 
@@ -245,6 +250,7 @@ class SpoolWriter:
         parent_id: str | None,
         prefix: Callable[[str], bytes] | None,
         idempotency_key: str | None,
+        submitter_uid: int | None = None,
     ) -> list[str]:
         new = new_messages(
             batch,
@@ -255,6 +261,7 @@ class SpoolWriter:
             parent_id=parent_id,
             prefix=prefix,
             idempotency_key=idempotency_key,
+            submitter_uid=submitter_uid,
         )
         ids = [m.id for m in await self._disk.add(new, notify=False)]
         self._notifier.tell(ids)

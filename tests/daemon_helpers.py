@@ -111,10 +111,14 @@ def write_config(
     flush_timeout: str = "1s",
     socket_mode: str = "0660",
     name: str = "spoold.toml",
+    run_dir: Path | None = None,
 ) -> Path:
     """A config in ``directory``: spool in ``spool/``, control socket
-    ``run/ctl.sock`` (the ``run`` directory is made 0750 if missing)."""
-    run_dir = directory / "run"
+    ``run/ctl.sock`` (the ``run`` directory is made 0750 if missing), or
+    ``run_dir/ctl.sock`` when given; the submission socket is
+    ``submit.sock`` beside it (the default)."""
+    socket_path = "run/ctl.sock" if run_dir is None else str(run_dir / "ctl.sock")
+    run_dir = run_dir or directory / "run"
     run_dir.mkdir(mode=0o750, exist_ok=True)
     hops = ", ".join(f'"{h}"' for h in next_hops)
     path = directory / name
@@ -125,7 +129,7 @@ def write_config(
         'retry_intervals = ["1h"]\n'
         f'flush_timeout = "{flush_timeout}"\n'
         "\n[control]\n"
-        'socket = "run/ctl.sock"\n'
+        f'socket = "{socket_path}"\n'
         f'mode = "{socket_mode}"\n'
         "\n[log]\n"
         'format = "json"\n'

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from typing import Any
 import anyio
 import pytest
 
-from spoold.daemon.control import ControlClient, ControlServer
+from spoold.daemon.control import ControlClient, ControlServer, PeerCredentials
 from spoold.errors import ControlError
 from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
@@ -225,7 +226,19 @@ class Submitting:
     not asked for here)."""
 
     def __init__(self, submit: Callable[[str, list[str], bytes], Awaitable[list[str]]]) -> None:
-        self.submit = submit
+        self._submit = submit
+        self.peers: list[PeerCredentials | None] = []  # who submitted, as the server saw it
+
+    async def submit(
+        self,
+        sender: str,
+        recipients: list[str],
+        content: bytes,
+        idempotency_key: str | None = None,
+        peer: PeerCredentials | None = None,
+    ) -> list[str]:
+        self.peers.append(peer)
+        return await self._submit(sender, recipients, content)
 
     async def reload(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -248,15 +261,16 @@ async def test_submit_takes_the_message_as_raw_bytes_after_the_line(tmp_path: Pa
         return ["id1"]
 
     message = b"Subject: big\r\n\r\n" + bytes(range(256)) * (3 * MiB // 256)  # 3 MiB + change
+    daemon = Submitting(submit)
     with anyio.fail_after(TIMEOUT):
-        async with serving(
-            tmp_path, daemon=Submitting(submit), max_message_size=lambda: 4 * MiB
-        ) as (_, p):
+        async with serving(tmp_path, daemon=daemon, max_message_size=lambda: 4 * MiB) as (_, p):
             ids = await ControlClient(p).submit("s@example.org", ["r@example.com"], message)
     assert ids == ["id1"]
     ((request, content),) = got
     assert content == message
     assert request["sender"] == "s@example.org" and request["recipients"] == ["r@example.com"]
+    # The kernel's word on who connected reaches the daemon with the message.
+    assert daemon.peers == [PeerCredentials(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())]
 
 
 async def test_submit_in_the_old_base64_form_still_works(tmp_path: Path) -> None:

@@ -258,6 +258,13 @@ RULES: tuple[Rule, ...] = (
         output=True,
     ),
     Rule(
+        ("installed",),
+        r"/run/spoold/submit\.sock\b",
+        "{sandbox}/var/run/submit.sock",
+        "the sandbox's submission socket stands in for the installed one",
+        output=True,
+    ),
+    Rule(
         ("install",),
         r"\bapt-get install -y\b",
         "apt-get install -s",
@@ -278,7 +285,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("install",),
-        r"^systemd/install\.sh$",
+        r"^systemd/install\.sh\b",
         'systemd/install.sh --root "$ROOT"',
         "install into the staged root",
     ),
@@ -813,6 +820,11 @@ def test_production_config_matches_the_units() -> None:
     assert state and runtime
     assert config.spool.dir.is_relative_to(Path("/var/lib") / state.group(1))
     assert config.control.socket.parent == Path("/run") / runtime.group(1)
+    # Any local user submits: the socket is open to others, in a directory they may enter.
+    assert config.control.submission_path.parent == Path("/run") / runtime.group(1)
+    assert config.control.submission_mode & 0o002
+    runtime_mode = re.search(r"^RuntimeDirectoryMode=(\S+)", service, re.M)
+    assert runtime_mode and int(runtime_mode.group(1), 8) & 0o001
     assert "--config /etc/spoold/spoold.toml" in service
     socket_unit = (REPO / "systemd" / "spoold.socket").read_text()
     listen = re.findall(r"^ListenStream=(\S+)", socket_unit, re.M)

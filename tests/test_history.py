@@ -308,6 +308,7 @@ async def test_the_journal_is_json_lines_of_outcomes(tmp_path: Path) -> None:
         "idempotency_key",
         "detail",
         "in_doubt",
+        "submitter_uid",
     }
 
 

@@ -16,6 +16,7 @@ import errno
 import functools
 import getpass
 import os
+import pwd
 import signal
 import socket
 from pathlib import Path
@@ -109,7 +110,10 @@ async def test_recipients_as_arguments_and_a_dot_line_ends_the_input(
     content = content_of(daemon.spool_dir, msg.id)
     assert content.endswith(b"Subject: args\r\n\r\nline one\r\n")  # LF became CRLF
     assert b"after the dot" not in content
-    assert content.startswith(b"Received: from localhost\r\n\tby ")
+    user = pwd.getpwuid(os.getuid()).pw_name  # the kernel's word for who submitted
+    assert content.startswith(
+        f"Received: from localhost (uid {os.getuid()}, user {user})\r\n\tby ".encode()
+    )
     assert f"(spoold) with local id {msg.id};".encode() in content
     assert b"\r\nMessage-ID: <" in header_block(content)
     assert b"\r\nDate: " in header_block(content)
@@ -223,7 +227,7 @@ async def test_the_listener_limits_apply_to_sendmail_too(
 
 async def test_with_no_daemon_the_exit_code_is_75(tmp_path: Path) -> None:
     config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
-    socket_path = tmp_path / "run" / "ctl.sock"
+    socket_path = tmp_path / "run" / "submit.sock"  # the submission socket, beside ctl.sock
     with anyio.fail_after(TIMEOUT):
         done = await sendmail(config, "alice@example.com", stdin=b"Subject: lost?\n\nbody\n")
     assert done.code == 75, done  # EX_TEMPFAIL: the caller keeps the message
@@ -257,10 +261,11 @@ async def test_a_killed_daemon_leaves_a_stale_socket_and_the_exit_code_is_75(
         daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
         daemon.send_signal(signal.SIGKILL)
         await daemon.wait_exit()
-        assert daemon.socket.is_socket()
+        submission = daemon.socket.parent / "submit.sock"
+        assert submission.is_socket()
         done = await sendmail(daemon.config, "alice@example.com", stdin=b"Subject: x\n\nx\n")
         assert done.code == 75, done
-        assert f"cannot reach the daemon at {daemon.socket}" in done.err, done
+        assert f"cannot reach the daemon at {submission}" in done.err, done
 
 
 async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
@@ -283,9 +288,11 @@ async def test_a_full_disk_during_sendmail_exits_75(tmp_path: Path) -> None:
         ) as spool:
             daemon = Daemon(config)
             daemon._submitter = Submitter(spool, lambda: daemon.live.router)
-            server = ControlServer(spool, daemon)
+            server = ControlServer(spool, daemon, submission_only=True)
             async with anyio.create_task_group() as tg:
-                await tg.start(server.serve, config.control.socket, config.control.mode)
+                await tg.start(
+                    server.serve, config.control.submission_path, config.control.submission_mode
+                )
                 done = await sendmail(config_path, "alice@example.com", stdin=b"Subject: x\n\nx\n")
                 tg.cancel_scope.cancel()
             assert spool.status() == []
@@ -432,7 +439,7 @@ async def test_a_message_over_1_mib_is_spooled_byte_for_byte(
     content = content_of(daemon.spool_dir, msg.id)
     assert content.endswith(message)
     added = content[: -len(message)]
-    assert added.startswith(b"Received: from localhost\r\n")
+    assert added.startswith(f"Received: from localhost (uid {os.getuid()}, ".encode())
     assert len(added) < 1000  # only the trace headers were added
 
 

@@ -7,12 +7,11 @@ and ``history`` also work with no daemon running: they then read the spool
 directory (``--spool-dir``, or ``spool.dir`` of the config).
 
 Exit codes: 0 done; 1 the daemon refused (e.g. removing a message that is
-not frozen) or no such message; 2 usage error, bad id, no daemon, or a
-daemon busy with too many control clients. Every id is validated here
-before anything is sent. ``sendmail`` uses sendmail's codes instead (0, 65
-for a message or address it cannot take, 75 to try later, 70 for a bug);
-it validates every address here, and the message goes to the daemon as raw
-bytes after the request line (no size limit but the daemon's).
+not frozen) or no such message; 2 usage error, bad id, no daemon, a
+daemon busy with too many control clients, or a socket this user may not
+use. Every id is validated here before anything is sent. ``sendmail`` is
+:mod:`spoold.daemon.sendmail` (sendmail's flags and exit codes; it uses the
+submission socket, which any local user may use).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import anyio
 import click
 
-from spoold.address import AddressRole, validate_address
+from spoold.address import validate_address
 from spoold.daemon.config import find_control_socket, load_config
 from spoold.daemon.control import (
     ControlClient,
@@ -789,146 +788,20 @@ def reload(target: _Target) -> None:
 
 # --------------------------------------------------------------- sendmail
 
-EX_DATAERR = 65
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
 
-
-def _header_recipients(content: bytes) -> tuple[list[str], bytes]:
-    """Recipients from To/Cc/Bcc (for -t), and the content without Bcc."""
-    import email.parser
-    import email.policy
-    import email.utils
-    import re
-
-    end = re.search(rb"\r?\n\r?\n", content)
-    head = content[: end.start()] if end else content
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    fields = parsed.get_all("To", []) + parsed.get_all("Cc", []) + parsed.get_all("Bcc", [])
-    found = [addr for _, addr in email.utils.getaddresses([str(f) for f in fields]) if addr]
-    kept: list[bytes] = []
-    in_bcc = False
-    for line in head.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t"):  # a continuation belongs to the field above
-            if not in_bcc:
-                kept.append(line)
-            continue
-        in_bcc = line[:4].lower() == b"bcc:"
-        if not in_bcc:
-            kept.append(line)
-    rest = content[end.start() :] if end else b""
-    if not kept:
-        return found, rest.lstrip(b"\r\n")  # no headers left: no separator either
-    return found, b"".join(kept).rstrip(b"\r\n") + rest
-
-
-def _cut_at_dot_line(content: bytes) -> bytes:
-    """Traditional sendmail input: a line holding only '.' ends the message."""
-    kept = []
-    for line in content.splitlines(keepends=True):
-        if line.rstrip(b"\r\n") == b".":
-            break
-        kept.append(line)
-    return b"".join(kept)
-
-
-def _valid_address(address: str, role: AddressRole, what: str = "") -> None:
-    """Exit 65 (EX_DATAERR), naming the address, unless it may be a ``role``."""
-    try:
-        validate_address(address, role=role, smtputf8=True)
-    except AddressError as exc:
-        why = str(exc)  # names the address itself, mostly
-        if not why.startswith(repr(address)):
-            why = f"{address!r}: {why}"
-        _fail(f"bad {what or role} address {why}; nothing was sent", EX_DATAERR)
-
-
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.option("-t", "from_headers", is_flag=True, help="recipients from To/Cc/Bcc headers")
-@click.option("-f", "-r", "sender", metavar="ADDRESS", help="envelope sender")
-@click.option("-i", "ignore_dots", is_flag=True, help="a line with a single '.' is not the end")
-@click.option("-o", "legacy", multiple=True, metavar="OPT", help="-oi is -i; others ignored")
-@click.option("-F", "full_name", metavar="NAME", help="accepted and ignored")
-@click.option("-B", "body_type", metavar="TYPE", help="accepted and ignored")
-@click.option(
-    "--idempotency-key",
-    "idempotency_key",
-    metavar="KEY",
-    help=(
-        "run again with the same KEY within spool.idempotency_window, nothing more "
-        "is queued (the first run's message stands; exit 0, no output either way)"
-    ),
+@main.command(
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
 )
-@click.argument("recipients", nargs=-1)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
-def sendmail(
-    target: _Target,
-    from_headers: bool,
-    sender: str | None,
-    ignore_dots: bool,
-    legacy: tuple[str, ...],
-    full_name: str | None,
-    body_type: str | None,
-    idempotency_key: str | None,
-    recipients: tuple[str, ...],
-) -> None:
-    """Read a message on stdin and hand it to the daemon (sendmail style).
+def sendmail(target: _Target, args: tuple[str, ...]) -> None:
+    """Read a message on stdin and hand it to the daemon, with sendmail's
+    flags and exit codes (spoold sendmail --help lists them)."""
+    from spoold.daemon.sendmail import run as run_sendmail
 
-    Exits 0 once the message is on disk; 75 (try again later) when the
-    daemon is down or refuses for now; 65 for a message it cannot take: a
-    bad recipient or sender address (checked before the daemon is asked;
-    nothing is rewritten), no recipients, or an empty message.
-
-    With --idempotency-key KEY, running it again with the same KEY (after a
-    timeout, say) within spool.idempotency_window queues nothing more.
-    """
-    import getpass
-    import socket
-
-    if idempotency_key is not None:
-        from spoold.idempotency import validate_key
-
-        try:
-            validate_key(idempotency_key)
-        except SpooldError as exc:
-            _fail(f"--idempotency-key: {exc}; nothing was sent", EX_DATAERR)
-    rcpts = [r for r in recipients if not r.startswith("-")]
-    for rcpt in rcpts:
-        _valid_address(rcpt, "recipient")
-    if sender is not None:
-        _valid_address(sender, "sender")
-    ignore_dots = ignore_dots or "i" in legacy
-    content = sys.stdin.buffer.read()
-    if not content:
-        _fail("empty message: nothing on standard input; nothing was sent", EX_DATAERR)
-    if not ignore_dots:
-        content = _cut_at_dot_line(content)
-    if from_headers:
-        found, content = _header_recipients(content)
-        for rcpt in found:
-            _valid_address(rcpt, "recipient", "recipient (from the headers)")
-        rcpts += found
-    if not rcpts:
-        _fail("no recipients (give addresses, or -t to read them from the headers)", EX_DATAERR)
-    if not content:
-        _fail("empty message: nothing before the '.' line; nothing was sent", EX_DATAERR)
-    envelope_sender = sender
-    if envelope_sender is None:
-        envelope_sender = f"{getpass.getuser()}@{socket.getfqdn()}"
-        _valid_address(envelope_sender, "sender", "sender (user@host; give -f)")
-
-    async def go() -> list[str]:
-        return await target.client().submit(envelope_sender, rcpts, content, idempotency_key)
-
-    try:
-        anyio.run(go)
-    except ControlError as exc:
-        code = EX_DATAERR if exc.kind == "invalid" else EX_TEMPFAIL
-        if exc.kind == "internal":
-            code = EX_SOFTWARE
-        _fail(f"message not accepted: {exc}", code)
-    except SpooldError as exc:
-        _fail(f"message not accepted: {exc}", EX_TEMPFAIL)
+    config = target.config_path if target.explicit_config else None
+    run_sendmail(args, "sendmail", socket=target.socket, config=config, label="spoold")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,10 @@ __all__ = [
     "route_lifetimes",
     "route_retries_exhausted",
     "find_control_socket",
+    "find_submission_socket",
     "DEFAULT_CONTROL_SOCKET",
+    "DEFAULT_SUBMISSION_SOCKET",
+    "SUBMISSION_SOCKET_NAME",
 ]
 
 _T = TypeVar("_T")
@@ -88,10 +91,26 @@ class SpoolConfig:
     idempotency_window: timedelta = _spool.DEFAULT_IDEMPOTENCY_WINDOW
 
 
+SUBMISSION_SOCKET_NAME = "submit.sock"  # the submission socket's default name, beside the admin one
+
+
 @dataclass(frozen=True, slots=True)
 class ControlConfig:
+    """The admin socket (``socket``, ``mode``: every operation) and the
+    submission socket (``submission_*``: only ``submit``, ``wait`` and
+    ``ping``). ``submission_socket`` None: :data:`SUBMISSION_SOCKET_NAME`
+    beside the admin socket (see :attr:`submission_path`);
+    ``submission_group`` "": the socket keeps the daemon's own group."""
+
     socket: Path
     mode: int = 0o660
+    submission_socket: Path | None = None
+    submission_mode: int = 0o666  # any local user may submit, as with Postfix's postdrop
+    submission_group: str = ""
+
+    @property
+    def submission_path(self) -> Path:
+        return self.submission_socket or self.socket.parent / SUBMISSION_SOCKET_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +464,32 @@ def _mode(v: object) -> int:
     return mode
 
 
+def _submission_mode(v: object) -> int:
+    if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3}", v):
+        mode = int(v, 8)
+    elif isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0o777:
+        mode = v
+    else:
+        raise ValueError(f"expected an octal mode like '0666', got {v!r}")
+    if mode & 0o111:
+        raise ValueError(f"a socket needs no execute bits, got {mode:04o}")
+    if not mode & 0o200:
+        raise ValueError(f"the daemon's own user must keep write access, got {mode:04o}")
+    return mode
+
+
+def _group(v: object) -> str:
+    import grp
+
+    text = _str(v).strip()
+    if text:
+        try:
+            grp.getgrnam(text)
+        except KeyError:
+            raise ValueError(f"no group named {text!r} on this system") from None
+    return text
+
+
 def _hook(v: object) -> str:
     text = _str(v)
     if text and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text):
@@ -530,11 +575,28 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         base,
         ControlConfig(socket=spool_dir / "control.sock"),
     )
+    submission_group = t.get("submission_group", _group)
+    submission_mode = t.get("submission_mode", _submission_mode)
+    if submission_group and "submission_mode" not in t.raw:
+        submission_mode = 0o660  # restricted to a group: others get nothing by default
     control = ControlConfig(
         socket=t.get("socket", resolve),
         mode=t.get("mode", _mode),
+        submission_socket=t.get("submission_socket", optional_path),
+        submission_mode=submission_mode,
+        submission_group=submission_group,
     )
     t.done()
+    if control.submission_path == control.socket:
+        problems.append(
+            "control.submission_socket: must differ from control.socket (the admin socket)"
+        )
+    if control.submission_group and control.submission_mode & 0o002:
+        problems.append(
+            f"control.submission_group: restricts submission to group "
+            f"{control.submission_group!r}, but submission_mode "
+            f"{control.submission_mode:04o} lets anyone write; use '0660'"
+        )
 
     smtp: SmtpConfig | None = None
     if "smtp" in raw:
@@ -688,24 +750,22 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
 
 DEFAULT_CONTROL_SOCKET = Path("/run/spoold/spoold.sock")
+DEFAULT_SUBMISSION_SOCKET = DEFAULT_CONTROL_SOCKET.parent / SUBMISSION_SOCKET_NAME
 _TABLE_LINE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?$")
-_STRING_KEY = re.compile(r"""^\s*(socket|dir)\s*=\s*(?:"([^"\\]*)"|'([^']*)')\s*(#.*)?$""")
+_STRING_KEY = re.compile(
+    r"""^\s*(socket|submission_socket|dir)\s*=\s*(?:"([^"\\]*)"|'([^']*)')\s*(#.*)?$"""
+)
+_SOCKET_KEYS = (("control", "socket"), ("control", "submission_socket"), ("spool", "dir"))
 
 
-def find_control_socket(path: str | os.PathLike[str]) -> Path:
-    """Where the daemon of the config at ``path`` listens, even when the
-    file as a whole is not valid (so an operator can still reach the daemon,
-    and ``reload`` can show its refusal): ``[control] socket``, else
-    ``SPOOL/control.sock`` from ``[spool] dir``, read with a tolerant
-    line-by-line scan when the TOML does not parse; else
-    :data:`DEFAULT_CONTROL_SOCKET`. Relative paths are resolved against the
-    file's directory, as always."""
-    p = Path(path).absolute()
-    base = p.parent
+def _scan_socket_keys(path: Path) -> dict[str, str] | None:
+    """``control.socket``, ``control.submission_socket`` and ``spool.dir``
+    of the file at ``path``, those it sets (a line-by-line scan when the
+    TOML does not parse); None when the file cannot be read."""
     try:
-        text = p.read_text("utf-8", errors="replace")
+        text = path.read_text("utf-8", errors="replace")
     except OSError:
-        return DEFAULT_CONTROL_SOCKET
+        return None
     found: dict[str, str] = {}
     try:
         raw = tomllib.loads(text)
@@ -717,19 +777,48 @@ def find_control_socket(path: str | os.PathLike[str]) -> Path:
                 table = header.group(1)
                 continue
             m = _STRING_KEY.match(line)
-            if m and (table, m.group(1)) in (("control", "socket"), ("spool", "dir")):
+            if m and (table, m.group(1)) in _SOCKET_KEYS:
                 found.setdefault(f"{table}.{m.group(1)}", m.group(2) or m.group(3) or "")
     else:
-        for table, key in (("control", "socket"), ("spool", "dir")):
+        for table, key in _SOCKET_KEYS:
             section = raw.get(table)
             value = section.get(key) if isinstance(section, dict) else None
             if isinstance(value, str):
                 found[f"{table}.{key}"] = value
+    return found
+
+
+def find_control_socket(path: str | os.PathLike[str]) -> Path:
+    """Where the daemon of the config at ``path`` listens, even when the
+    file as a whole is not valid (so an operator can still reach the daemon,
+    and ``reload`` can show its refusal): ``[control] socket``, else
+    ``SPOOL/control.sock`` from ``[spool] dir``, read with a tolerant
+    line-by-line scan when the TOML does not parse; else
+    :data:`DEFAULT_CONTROL_SOCKET`. Relative paths are resolved against the
+    file's directory, as always."""
+    p = Path(path).absolute()
+    found = _scan_socket_keys(p) or {}
     if found.get("control.socket"):
-        return Path(os.path.normpath(base / found["control.socket"]))
+        return Path(os.path.normpath(p.parent / found["control.socket"]))
     if found.get("spool.dir"):
-        return Path(os.path.normpath(base / found["spool.dir"] / "control.sock"))
+        return Path(os.path.normpath(p.parent / found["spool.dir"] / "control.sock"))
     return DEFAULT_CONTROL_SOCKET
+
+
+def find_submission_socket(path: str | os.PathLike[str]) -> Path:
+    """Where the daemon of the config at ``path`` takes submissions, found
+    as :func:`find_control_socket` finds the admin socket:
+    ``[control] submission_socket``, else :data:`SUBMISSION_SOCKET_NAME`
+    beside the admin socket. A file this user may not read (the usual case
+    for a user who is not an admin: /etc/spoold is 0750) or that does not
+    exist gives :data:`DEFAULT_SUBMISSION_SOCKET`."""
+    p = Path(path).absolute()
+    found = _scan_socket_keys(p)
+    if found is None:
+        return DEFAULT_SUBMISSION_SOCKET
+    if found.get("control.submission_socket"):
+        return Path(os.path.normpath(p.parent / found["control.submission_socket"]))
+    return find_control_socket(p).parent / SUBMISSION_SOCKET_NAME
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -8,6 +8,7 @@ One request per connection: one JSON object on one line, then the reply::
 
 ``kind`` is ``invalid`` (a bad request, id or address), ``not_found``,
 ``refused`` (the operation is not allowed for the message's status),
+``denied`` (an admin operation asked on the submission socket),
 ``closed`` (the daemon is stopping), ``temporary`` (try again later: a disk
 error, a DNS timeout), ``busy`` (too many clients at once: try again) or
 ``internal``. ``events`` answers with one ``{"ok": true, "event": {...}}``
@@ -73,8 +74,28 @@ resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged once per burst (see
 grows from 0.1 s to 1 s; the server, and every connection it already has,
 goes on. Any other accept error ends the server (it is a bug, not load).
 
-The socket file gets the configured mode (0660 by default); the server
-refuses to start in a directory anyone may write to unless it is sticky.
+Two sockets, one protocol. The daemon serves every operation on the admin
+socket (``control.socket``, mode 0660 by default: its owner and group) and
+only :data:`SUBMISSION_OPERATIONS` (``submit``, ``wait``, ``ping``) on the
+submission socket (``control.submission_socket``, mode 0666 by default: any
+local user, as Postfix's postdrop lets anyone submit). Any other operation
+there is answered ``{"ok": false, "kind": "denied", ...}`` saying to use the
+admin socket, and nothing is done. Each socket has a server of its own (its
+own ``max_clients``), so a crowd of submitters cannot lock the operator out.
+``wait`` there is for the messages the same user submitted (the record's
+``submitter_uid``); another's id is answered ``not_found``, as an unknown
+one is. The queue listing is not served there (it holds every user's
+addresses): ``mailq`` is for admins.
+
+The daemon learns who is on the other end of each connection from the
+kernel (``SO_PEERCRED``: pid, uid, gid; Linux) and hands a submission's
+:class:`PeerCredentials` to :meth:`DaemonOperations.submit`, which writes
+the uid into the message's ``Received:`` header, its record and history
+line (``submitter_uid``) and its log line.
+
+The socket file gets the configured mode (and group, when one is
+configured); the server refuses to start in a directory anyone may write to
+unless it is sticky.
 A request the server cannot parse gets an error reply, never a crash; one
 connection's failure is logged and never ends the server.
 """
@@ -89,7 +110,9 @@ import os
 import re
 import socket as socketlib
 import stat
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast, get_args, get_origin
@@ -132,6 +155,9 @@ __all__ = [
     "ControlServer",
     "DaemonOperations",
     "OPERATIONS",
+    "SUBMISSION_OPERATIONS",
+    "PeerCredentials",
+    "peer_credentials",
     "ControlClient",
     "message_view",
     "unreadable_view",
@@ -148,6 +174,9 @@ REQUEST_TIMEOUT = 30.0  # seconds from accept to the request's newline
 MAX_CLIENTS = 64  # connections served at once, events subscribers included
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024  # smtp.max_message_size's default
 
+# What the submission socket serves; every other operation is for the admin socket.
+SUBMISSION_OPERATIONS: frozenset[str] = frozenset({"submit", "wait", "ping"})
+
 _BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 _READ_CHUNK = 256 * 1024
 
@@ -158,7 +187,7 @@ def message_view(msg: Message) -> dict[str, Any]:
     """The JSON listing of a message (``status --format json``): the
     record's fields plus ``queue``; ``status`` as a string, with ``send_at``
     and ``quarantine_reason`` when they apply (and ``removed_at``,
-    ``idempotency_key``, ``rerouted_to`` when set); times RFC 3339 UTC; retry
+    ``idempotency_key``, ``rerouted_to``, ``submitter_uid`` when set); times RFC 3339 UTC; retry
     intervals as seconds."""
     status = msg.status
     queue = queue_of(status)
@@ -203,6 +232,8 @@ def message_view(msg: Message) -> dict[str, Any]:
         view["removed_at"] = rfc3339(msg.removed_at)
     if msg.idempotency_key is not None:
         view["idempotency_key"] = msg.idempotency_key
+    if msg.submitter_uid is not None:
+        view["submitter_uid"] = msg.submitter_uid
     return view
 
 
@@ -341,6 +372,34 @@ def _encode(obj: object) -> bytes:
     return json.dumps(obj, default=_json_default, separators=(",", ":")).encode() + b"\n"
 
 
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """Who is on the other end of a Unix socket connection, as the kernel
+    says (``SO_PEERCRED``): the process, its user and its group at the time
+    it connected."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+_PEERCRED = struct.Struct("3i")
+
+
+def peer_credentials(conn: socketlib.socket) -> PeerCredentials | None:
+    """The peer of a connected Unix socket; None where the system does not
+    tell (no ``SO_PEERCRED`` outside Linux)."""
+    option = getattr(socketlib, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        raw = conn.getsockopt(socketlib.SOL_SOCKET, option, _PEERCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return PeerCredentials(pid, uid, gid)
+
+
 class DaemonOperations(Protocol):
     """What the daemon adds to the spool's own operations (the
     :class:`~spoold.daemon.main.Daemon` is one)."""
@@ -359,6 +418,7 @@ class DaemonOperations(Protocol):
         recipients: list[str],
         content: bytes,
         idempotency_key: str | None = None,
+        peer: PeerCredentials | None = None,
     ) -> list[str]: ...
 
 
@@ -608,7 +668,9 @@ class ControlServer:
     ``spoold sendmail``, at most ``max_message_size()`` bytes each (read at
     every submit, so a reload applies). ``accept_failures`` is where accept
     errors for lack of resources are counted and logged (the daemon shares
-    one with its other listeners).
+    one with its other listeners). ``submission_only``: this is the
+    submission socket's server, which answers only
+    :data:`SUBMISSION_OPERATIONS` and denies the rest.
     """
 
     def __init__(
@@ -621,6 +683,7 @@ class ControlServer:
         max_request: int = MAX_REQUEST,
         request_timeout: float = REQUEST_TIMEOUT,
         max_clients: int = MAX_CLIENTS,
+        submission_only: bool = False,
     ) -> None:
         if max_request < 1 or max_clients < 1 or not request_timeout > 0:
             raise ValueError("control server limits must be positive")
@@ -634,6 +697,7 @@ class ControlServer:
         self.clients = 0  # connections being served now, events subscribers included
         self.staying = 0  # of those, the ones in events or wait
         self.max_staying = max(1, max_clients - max(1, max_clients // 4))
+        self.submission_only = submission_only
 
     def daemon_operations(self) -> DaemonOperations:
         if self.daemon is None:
@@ -644,11 +708,13 @@ class ControlServer:
         self,
         path: Path,
         mode: int,
+        group: str = "",
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``path`` until cancelled; reports started once listening."""
-        sock = await _listen(path, mode)
+        """Listen on ``path`` (with ``mode``, and ``group`` when given) until
+        cancelled; reports started once listening."""
+        sock = await _listen(path, mode, group)
         try:
             async with anyio.create_task_group() as tg:
                 task_status.started()
@@ -691,7 +757,7 @@ class ControlServer:
                 conn.close()
                 raise
             async with stream:
-                await self._serve_one(stream)
+                await self._serve_one(stream, peer_credentials(conn))
         except anyio.get_cancelled_exc_class():
             raise
         except Exception:  # one bad connection must never end the server
@@ -699,7 +765,9 @@ class ControlServer:
         finally:
             self.clients -= 1
 
-    async def _serve_one(self, stream: anyio.abc.ByteStream) -> None:
+    async def _serve_one(
+        self, stream: anyio.abc.ByteStream, peer: PeerCredentials | None = None
+    ) -> None:
         reader = BufferedByteReceiveStream(stream)
         line, refusal = await self._read_line(reader)
         if line is None:
@@ -721,11 +789,14 @@ class ControlServer:
             )
             return
         op = request.get("op")
+        if self.submission_only and op not in SUBMISSION_OPERATIONS and _known(op):
+            await self._reply(stream, _error("denied", _admin_only(op)))
+            return
         if op in ("events", "wait"):
-            await self._staying(op, stream, reader, request)
+            await self._staying(op, stream, reader, request, peer)
             return
         if op == "submit":
-            reply = await self._submit(reader, request)
+            reply = await self._submit(reader, request, peer)
         elif isinstance(op, str) and op in OPERATIONS:
             kind, handler = OPERATIONS[op]
             reply = await self._dispatch(op, lambda: handler(self, _params(op, kind, request)))
@@ -739,6 +810,7 @@ class ControlServer:
         stream: anyio.abc.ByteStream,
         reader: BufferedByteReceiveStream,
         request: dict[str, Any],
+        peer: PeerCredentials | None = None,
     ) -> None:
         """``events`` or ``wait``, unless too many places are held so."""
         if self.staying >= self.max_staying:
@@ -753,7 +825,7 @@ class ControlServer:
             if op == "events":
                 await self._events(stream, reader)
                 return
-            reply = await self._wait(reader, request)
+            reply = await self._wait(reader, request, peer)
             if reply is not None:
                 await self._reply(stream, reply)
         finally:
@@ -780,7 +852,10 @@ class ControlServer:
         )
 
     async def _submit(
-        self, reader: BufferedByteReceiveStream, request: dict[str, Any]
+        self,
+        reader: BufferedByteReceiveStream,
+        request: dict[str, Any],
+        peer: PeerCredentials | None = None,
     ) -> dict[str, Any]:
         try:
             p = _params("submit", _SubmitParams, request)
@@ -814,13 +889,9 @@ class ControlServer:
         if daemon is None:
             return _error("refused", "submit: this control server has no daemon to ask")
         key = p.idempotency_key
-        if key is None:
-            return await self._dispatch(
-                "submit", lambda: daemon.submit(p.sender, p.recipients, content)
-            )
         return await self._dispatch(
             "submit",
-            lambda: daemon.submit(p.sender, p.recipients, content, idempotency_key=key),
+            lambda: daemon.submit(p.sender, p.recipients, content, idempotency_key=key, peer=peer),
         )
 
     async def _read_content(self, reader: BufferedByteReceiveStream, length: int) -> bytes | None:
@@ -871,16 +942,25 @@ class ControlServer:
             tg.cancel_scope.cancel()
 
     async def _wait(
-        self, reader: BufferedByteReceiveStream, request: dict[str, Any]
+        self,
+        reader: BufferedByteReceiveStream,
+        request: dict[str, Any],
+        peer: PeerCredentials | None = None,
     ) -> dict[str, Any] | None:
         """``wait``: the reply once the message has an outcome; None if the
-        client hung up first (that ends the wait at once)."""
+        client hung up first (that ends the wait at once). On the
+        submission socket, only for a message the same user submitted."""
         try:
             p = _params("wait", _WaitParams, request)
         except ValueError as exc:
             return _error("invalid", f"wait: {exc}")
         if p.timeout is not None and not 0 <= p.timeout < math.inf:
             return _error("invalid", "wait: timeout must be a number of seconds, or null")
+        if self.submission_only and peer is not None:
+            checked = await self._dispatch("wait", lambda: self._not_theirs(p.id, peer.uid))
+            refusal: dict[str, Any] | None = checked["result"] if checked.get("ok") else checked
+            if refusal is not None:
+                return refusal
         reply: dict[str, Any] | None = None
         async with anyio.create_task_group() as tg:
 
@@ -900,6 +980,21 @@ class ControlServer:
             tg.start_soon(until_hung_up)
             tg.start_soon(answer)
         return reply
+
+    async def _not_theirs(self, message_id: str, uid: int) -> dict[str, Any] | None:
+        """The reply for a ``wait`` on a message that ``uid`` did not submit
+        (as for one that does not exist: nothing is told of it), or None."""
+        submitter: int | None = None
+        try:
+            found = await self.spool.describe(message_id)
+        except NotFoundError:
+            outcome = await self.spool.find_outcome(message_id)
+            submitter = outcome.submitter_uid if outcome is not None else None
+        else:
+            submitter = found.submitter_uid if isinstance(found, Message) else None
+        if submitter == uid:
+            return None
+        return _error("not_found", f"{message_id}: no message of this user (uid {uid}) by that id")
 
     async def _outcome(self, message_id: str, seconds: float | None) -> dict[str, Any]:
         return outcome_view(await self.spool.wait(message_id, seconds))
@@ -935,8 +1030,22 @@ def _error(kind: ControlErrorKind, text: str) -> dict[str, Any]:
     return {"ok": False, "kind": kind, "error": text}
 
 
-async def _listen(path: Path, mode: int) -> socketlib.socket:
-    """A listening, non-blocking Unix socket at ``path`` with ``mode``."""
+def _known(op: object) -> bool:
+    return isinstance(op, str) and (op in OPERATIONS or op in ("submit", "events", "wait"))
+
+
+def _admin_only(op: object) -> str:
+    allowed = ", ".join(sorted(SUBMISSION_OPERATIONS))
+    return (
+        f"{op} is an admin operation and this is the submission socket (it takes {allowed}); "
+        "use the admin socket (control.socket) as its owner or a member of its group, "
+        "or ask an administrator"
+    )
+
+
+async def _listen(path: Path, mode: int, group: str = "") -> socketlib.socket:
+    """A listening, non-blocking Unix socket at ``path`` with ``mode`` (and
+    ``group``, a group name, when given)."""
 
     def prepare() -> None:
         directory = path.parent
@@ -969,10 +1078,42 @@ async def _listen(path: Path, mode: int) -> socketlib.socket:
         sock.listen(_BACKLOG)
         sock.setblocking(False)
         await anyio.to_thread.run_sync(os.chmod, path, mode)
+        if group:
+            await anyio.to_thread.run_sync(_give_to_group, path, group)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _give_to_group(path: Path, group: str) -> None:
+    import grp
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SpooldError(f"{path}: no group named {group!r} on this system") from None
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        raise SpooldError(
+            f"cannot give {path} to group {group!r}: the daemon's user must be a member "
+            f"of it (usermod -aG {group} USER) or root"
+        ) from None
+
+
+def _unreachable(path: Path, exc: OSError) -> ControlError:
+    """The client's error for a socket it cannot connect to: ``denied`` when
+    the socket's permissions keep this user out, else ``unavailable``."""
+    if isinstance(exc, FileNotFoundError):
+        return ControlError(f"no daemon: control socket {path} does not exist", "unavailable")
+    if isinstance(exc, PermissionError):
+        return ControlError(
+            f"cannot reach the daemon at {path}: permission denied (this user may not use "
+            "that socket)",
+            "denied",
+        )
+    return ControlError(f"cannot reach the daemon at {path}: {exc.strerror or exc}", "unavailable")
 
 
 class ControlClient:
@@ -985,14 +1126,8 @@ class ControlClient:
     async def _connect(self) -> anyio.abc.SocketStream:
         try:
             return await anyio.connect_unix(self.path)
-        except FileNotFoundError:
-            raise ControlError(
-                f"no daemon: control socket {self.path} does not exist", "unavailable"
-            ) from None
         except OSError as exc:
-            raise ControlError(
-                f"cannot reach the daemon at {self.path}: {exc.strerror or exc}", "unavailable"
-            ) from None
+            raise _unreachable(self.path, exc) from None
 
     async def request(self, op: str, **params: Any) -> Any:
         """Send one request; return its result or raise :class:`ControlError`."""

@@ -51,6 +51,8 @@ class Origin:
     protocol: str  # "ESMTP", "SMTP", "local"
     helo: str = ""
     peer: str = ""  # the client's address, "" for local
+    uid: int | None = None  # local: the submitting process's user (kernel's word), if known
+    user: str = ""  # local: that user's login name, if known
 
 
 def missing_headers(
@@ -112,10 +114,14 @@ def message_id_key(sender: str, wire: bytes, recipients: Sequence[str] = ()) -> 
 
 
 def received_header(origin: Origin, message_id: str, hostname: str) -> bytes:
-    """The ``Received:`` trace header naming the message's own spool id."""
+    """The ``Received:`` trace header naming the message's own spool id (and,
+    for a local submission, the submitting uid and user name)."""
     source = f"from {_clean(origin.helo) or 'localhost'}"
     if origin.peer:
         source += f" ([{_clean(origin.peer)}])"
+    if origin.uid is not None:  # who submitted locally, as Postfix's "from userid N"
+        user = f", user {_clean(origin.user)}" if origin.user else ""
+        source += f" (uid {origin.uid}{user})"
     return (
         f"Received: {source}\r\n\tby {hostname} (spoold) with {origin.protocol} "
         f"id {message_id};\r\n\t{email.utils.formatdate(localtime=True)}\r\n"
@@ -152,6 +158,7 @@ class MessageAdder(Protocol):
         parent_id: str | None = None,
         prefix: Callable[[str], bytes] | None = None,
         idempotency_key: str | None = None,
+        submitter_uid: int | None = None,
     ) -> list[str]: ...
 
 
@@ -262,4 +269,5 @@ class Submitter:
             flows=[submission_id],
             prefix=received,
             idempotency_key=idempotency_key,
+            submitter_uid=origin.uid,
         )

@@ -63,7 +63,7 @@ from spoold.daemon.config import (
     route_lifetimes,
     route_retries_exhausted,
 )
-from spoold.daemon.control import ControlServer
+from spoold.daemon.control import ControlServer, PeerCredentials
 from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import ListenerSettings, listener_settings, listening_sockets
 from spoold.daemon.metrics import Metrics
@@ -223,8 +223,21 @@ class Daemon:
                 max_message_size=self._max_message_size,
                 accept_failures=self.accept_failures,
             )
+            submission = ControlServer(
+                spool,
+                self,
+                max_message_size=self._max_message_size,
+                accept_failures=self.accept_failures,
+                submission_only=True,
+            )
             async with anyio.create_task_group() as services:
                 await services.start(server.serve, cfg.control.socket, cfg.control.mode)
+                await services.start(
+                    submission.serve,
+                    cfg.control.submission_path,
+                    cfg.control.submission_mode,
+                    cfg.control.submission_group,
+                )
                 if cfg.metrics.listen:
                     await services.start(
                         functools.partial(self.metrics.serve, cache=self.cache),
@@ -255,6 +268,7 @@ class Daemon:
                     event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
                     spool_dir=str(cfg.spool.dir),
                     control_socket=str(cfg.control.socket),
+                    submission_socket=str(cfg.control.submission_path),
                     config=str(cfg.path),
                 )
                 self._notify(self.notifier.ready, self._status_text())
@@ -428,11 +442,14 @@ class Daemon:
         recipients: list[str],
         content: bytes,
         idempotency_key: str | None = None,
+        peer: PeerCredentials | None = None,
     ) -> list[str]:
         """A message from ``spoold sendmail`` (the control server has read
         its content and checked its size). The control socket is a way in
         of its own: the envelope is validated here again, never rewritten.
-        A repeated ``idempotency_key`` returns the first submission's ids."""
+        A repeated ``idempotency_key`` returns the first submission's ids.
+        ``peer``: who submitted it, as the kernel says; its uid (and user
+        name) goes into the ``Received:`` header and the log."""
         assert self._submitter is not None
         sender = validate_address(sender, role="sender", smtputf8=True)
         recipients = validate_recipients(recipients, smtputf8=True)
@@ -444,14 +461,25 @@ class Daemon:
                 f"{len(recipients)} recipients exceed the limit of "
                 f"{limits.max_recipients} (smtp.max_recipients)"
             )
-        return await self._submitter.submit(
+        uid = peer.uid if peer is not None else None
+        user = await anyio.to_thread.run_sync(_user_name, uid) if uid is not None else ""
+        ids = await self._submitter.submit(
             sender,
             recipients,
             content,
-            origin=Origin("local", "localhost"),
+            origin=Origin("local", "localhost", uid=uid, user=user),
             policy=LineEndingPolicy.NORMALIZE,  # local programs write LF
             idempotency_key=idempotency_key,
         )
+        log.info(
+            "local submission",
+            ids=ids,
+            sender=sender,
+            uid=uid,
+            user=user or None,
+            pid=peer.pid if peer is not None else None,
+        )
+        return ids
 
     async def count(self) -> dict[str, int]:
         """The same keys as ``count`` without a daemon: the messages of
@@ -478,12 +506,25 @@ class Daemon:
             if self._spool
             else cfg.spool.max_concurrent_send_jobs,
             "routes": sorted(cfg.routes),
+            "control_socket": str(cfg.control.socket),
+            "submission_socket": str(cfg.control.submission_path),
             "log_level": cfg.log.level,
         }
 
     async def check(self, max_age: float) -> list[str]:
         assert self._spool is not None
         return [str(p) for p in await self._spool.ondisk.check(max_age)]
+
+
+def _user_name(uid: int) -> str:
+    """The login name of ``uid``, or "" when the system knows none (a
+    lookup that may ask a directory service: run it off the event loop)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OSError):
+        return ""
 
 
 EXIT_CONFIG_ERROR = 2
