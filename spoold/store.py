@@ -281,6 +281,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, outermost first."""
+    missing: list[str] = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
+def _fsync_parents(dirs: Iterable[str]) -> None:
+    """Sync the parent of each of ``dirs`` (each parent once)."""
+    for parent in dict.fromkeys(os.path.dirname(os.path.abspath(d)) for d in dirs):
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _read_pid(path: str) -> int | None:
     try:
         with open(path, "rb") as f:
@@ -401,11 +420,17 @@ class Store:
         for q in self.queues:
             dirs += [f"{root}/{q}", f"{root}/{q}/{CHECKOUT}", f"{root}/{q}/{REASONS}"]
         if create:
-            os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)  # e.g. var/
+            parent = os.path.dirname(os.path.abspath(root))  # e.g. var/
+            made = _missing_dirs(parent)
+            os.makedirs(parent, exist_ok=True)
             self._refuse_foreign_dir_sync()
             for d in dirs:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(d, _DIR_MODE)
+                    made.append(d)
+            # A new directory is an entry of its parent: until the parent is
+            # synced, a power loss may take the directory and all it holds.
+            _fsync_parents(made)
         missing = [d for d in dirs if not os.path.isdir(d)]
         if missing:
             raise StoreError(f"{root} is not a spool directory (missing {missing[0]})")
