@@ -1,7 +1,7 @@
 """A FUSE filesystem that forgets, at a "power cut", everything not synced.
 
 Run as its own process (``python -m tests.powercut_fs MOUNTPOINT CONTROL
-STATE``): it mounts an in-memory filesystem on ``MOUNTPOINT`` and answers
+STATE strict|ordered``): it mounts an in-memory filesystem on ``MOUNTPOINT`` and answers
 commands on the Unix socket ``CONTROL``. ``STATE`` is a file on the real
 disk: the durable state is loaded from it at mount (when it exists) and
 written to it at a cut. The test side is :class:`PowercutMount`.
@@ -37,15 +37,28 @@ is unreachable, and with it everything under it (a real filesystem would
 put its inodes in ``lost+found``: a program finds nothing at the old path
 either way). Link counts are recounted from the durable entries.
 
-This is as strict as POSIX and stricter than ext4 in ``data=ordered`` mode
-in two ways a program must not count on: ext4 commits its whole journal at
-any fsync (so a file's fsync usually keeps its new name too, and a
-directory's fsync every other pending rename), and it writes data before the
-metadata that points at it. Here, an fsync keeps only what it names. Mode,
-owner and times of an inode follow its content (durable at the file's
-fsync; the mode given at creation is durable from the start). Extended
-attributes, fallocate, flock across the cut and mmap writes are not
-modelled (the spool does not use them; flock is done by the kernel).
+Two orders of entry changes, chosen per mount:
+
+* ``strict`` (POSIX): only what a directory sync names becomes durable, as
+  above. A change made later in another directory may reach the disk while
+  an earlier one does not (a record renamed into ``active/`` is kept by
+  another writer's sync of ``active/``, while the body renamed into
+  ``data/`` just before it is lost).
+* ``ordered`` (ext4's journal): changes of entries reach the disk in the
+  order they were made, so a directory sync also makes every earlier
+  change durable, in every directory. ext4 (any ``data=`` mode) and XFS
+  commit their metadata journal this way.
+
+Both are stricter than ext4 in what a program must not count on anyway:
+ext4 commits its whole journal at *any* fsync, so a file's fsync usually
+keeps its new name too; here a file's fsync keeps only its content, and in
+``ordered`` mode only a directory sync commits the journal. Data is never
+written ahead of its fsync (ext4 writes it at the latest with the next
+journal commit; here it stays volatile). Mode, owner and times of an inode
+follow its content (durable at the file's fsync; the mode given at
+creation is durable from the start). Extended attributes, fallocate, flock
+across the cut and mmap writes are not modelled (the spool does not use
+them; flock is done by the kernel).
 
 ``syncfs(2)``: Linux sends ``FUSE_SYNCFS`` only to filesystems that ask for
 it at mount, which only virtiofs does; a libfuse filesystem never sees the
@@ -138,7 +151,8 @@ class Model:
 
     Not thread-safe: :class:`PowercutOps` calls it under one lock."""
 
-    def __init__(self, durable: dict[int, Inode] | None = None) -> None:
+    def __init__(self, durable: dict[int, Inode] | None = None, *, ordered: bool = False) -> None:
+        self.ordered = ordered
         self.inodes: dict[int, Inode] = {}
         self.pending: list[EntryChange] = []
         self.next_ino = ROOT_INO + 1
@@ -283,7 +297,8 @@ class Model:
 
     def sync_dir(self, directory: Inode) -> int:
         """Make the pending changes of ``directory`` durable, with the
-        earlier ones of the same names; return how many were applied."""
+        earlier ones of the same names (``ordered``: with every earlier
+        one); return how many were applied."""
         chosen: list[bool] = [False] * len(self.pending)
         needed: set[tuple[int, str]] = set()
         for i in range(len(self.pending) - 1, -1, -1):
@@ -291,6 +306,9 @@ class Model:
             if directory.ino in change.dirs() or change.slots() & needed:
                 chosen[i] = True
                 needed |= change.slots()
+                if self.ordered:  # the journal: all that came before goes too
+                    chosen[:i] = [True] * i
+                    break
         keep: list[EntryChange] = []
         applied = 0
         for change, take in zip(self.pending, chosen, strict=True):
@@ -511,7 +529,9 @@ class PowercutOps:
         return result
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        result: bytes = self._op("read", lambda: bytes(self.model.inodes[fh].data[offset : offset + size]))
+        result: bytes = self._op(
+            "read", lambda: bytes(self.model.inodes[fh].data[offset : offset + size])
+        )
         return result
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
@@ -575,26 +595,15 @@ def _serve_control(ops: PowercutOps, path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    mountpoint, control, state_file = argv
+    mountpoint, control, state_file, order = argv
     state = Path(state_file)
     durable = pickle.loads(state.read_bytes()) if state.exists() else None
-    ops = PowercutOps(Model(durable), state)
+    ops = PowercutOps(Model(durable, ordered=order == "ordered"), state)
     threading.Thread(target=_serve_control, args=(ops, control), daemon=True).start()
     mfusepy = _load_mfusepy()
-    # Every operation is ours to see: no attribute or entry caching that
-    # would answer lookups in the kernel, and other users (the daemon may
-    # drop privileges) may use the mount.
-    mfusepy.FUSE(
-        ops,
-        mountpoint,
-        foreground=True,
-        allow_other=True,
-        default_permissions=True,
-        use_ino=True,
-        attr_timeout=0,
-        entry_timeout=0,
-        negative_timeout=0,
-    )
+    # The kernel may cache names and attributes (every change goes through
+    # it); other users may use the mount, with the usual permission checks.
+    mfusepy.FUSE(ops, mountpoint, foreground=True, allow_other=True, default_permissions=True)
     return 0
 
 
@@ -623,8 +632,9 @@ class PowercutMount:
     freezes it (the power goes off); ``unmount()`` ends it. The state file
     carries the durable layer from one mount to the next."""
 
-    def __init__(self, mountpoint: Path, work: Path) -> None:
+    def __init__(self, mountpoint: Path, work: Path, *, ordered: bool = False) -> None:
         self.mountpoint = mountpoint
+        self.ordered = ordered
         self.control = work / "powercut.sock"
         self.state = work / "powercut.state"
         self.log = work / "powercut.log"
@@ -646,6 +656,7 @@ class PowercutMount:
                     str(self.mountpoint),
                     str(self.control),
                     str(self.state),
+                    "ordered" if self.ordered else "strict",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
