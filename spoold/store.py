@@ -42,6 +42,8 @@ Invariants:
   file of its own. Recovery removes the ``.writer`` files of dead writers.
 * A store is created only in a missing or empty directory; an existing
   directory that is not a store (other files, no ``.registry``) is refused.
+  Each directory it creates (the store's own, and missing parents) is
+  synced into its parent before the store opens.
 
 One process owns a store at a time (``owner=True`` takes the lock); only the
 owner recovers, checks out, moves and deletes. Any number of other processes
