@@ -379,6 +379,11 @@ class PowercutOps:
 
     # ----------------------------------------------------- attributes
 
+    def _named(self, path: str | None) -> Inode:
+        if path is None:  # fchmod and the like on an unlinked file: not needed here
+            raise OSError(errno.EOPNOTSUPP, "no path")
+        return self.model.resolve(path)
+
     def _attrs(self, node: Inode) -> dict[str, Any]:
         mtime_ns = int(node.mtime * 1e9)
         return {
@@ -419,7 +424,7 @@ class PowercutOps:
 
     def chmod(self, path: str | None, mode: int) -> None:
         def run() -> None:
-            node = self.model.resolve(path or "/")
+            node = self._named(path)
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
             node.ctime = time.time()
 
@@ -427,7 +432,7 @@ class PowercutOps:
 
     def chown(self, path: str | None, uid: int, gid: int) -> None:
         def run() -> None:
-            node = self.model.resolve(path or "/")
+            node = self._named(path)
             if uid != 0xFFFFFFFF and uid != -1:
                 node.uid = uid
             if gid != 0xFFFFFFFF and gid != -1:
@@ -437,7 +442,7 @@ class PowercutOps:
 
     def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> None:
         def run() -> None:
-            node = self.model.resolve(path or "/")
+            node = self._named(path)
             node.mtime = times[1] / 1e9 if times else time.time()
 
         self._op("utimens", run)
@@ -696,9 +701,12 @@ class PowercutMount:
         if self.proc is None:
             return
         for command in (["fusermount3", "-u"], ["umount", "-l"]):
-            done = subprocess.run(
-                [*command, str(self.mountpoint)], capture_output=True, check=False
-            )
+            try:
+                done = subprocess.run(
+                    [*command, str(self.mountpoint)], capture_output=True, check=False
+                )
+            except FileNotFoundError:
+                continue
             if done.returncode == 0:
                 break
         try:

@@ -57,7 +57,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,12 +86,6 @@ SEED = int(os.environ.get("SPOOLD_POWERCUT_SEED") or random.SystemRandom().randr
 # ------------------------------------------------------- the layer itself
 
 
-@contextlib.contextmanager
-def mounted(mount: PowercutMount) -> Iterator[Path]:
-    with mount.mounted() as root:
-        yield root
-
-
 def write_file(path: Path, data: bytes, *, sync: bool) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
     try:
@@ -113,7 +106,7 @@ def sync_dir(path: Path) -> None:
 
 def test_the_layer_keeps_only_what_was_synced(tmp_path: Path) -> None:
     mount = PowercutMount(tmp_path / "mnt", tmp_path)
-    with mounted(mount) as root:
+    with mount.mounted() as root:
         cases = ["rewrite", "file_only", "both", "tmp", "data", "tmp2", "data2"]
         cases += ["tmp3", "data3", "gone", "links"]
         for name in cases:
@@ -159,7 +152,7 @@ def test_the_layer_keeps_only_what_was_synced(tmp_path: Path) -> None:
         mount.cut()
         with pytest.raises(OSError):
             os.listdir(root / "both")
-    with mounted(mount) as root:
+    with mount.mounted() as root:
         assert sorted(os.listdir(root)) == sorted(cases)
         assert (root / "rewrite" / "f").read_bytes() == b"old"
         assert os.listdir(root / "file_only") == []
@@ -181,7 +174,7 @@ def test_a_directory_sync_keeps_earlier_changes_only_when_ordered(
     """``ordered`` is ext4's journal: a sync of one directory also commits
     the changes made before it elsewhere; ``strict`` commits only its own."""
     mount = PowercutMount(tmp_path / "mnt", tmp_path, ordered=ordered)
-    with mounted(mount) as root:
+    with mount.mounted() as root:
         for name in ("tmp", "data", "active"):
             (root / name).mkdir()
         sync_dir(root)
@@ -192,7 +185,7 @@ def test_a_directory_sync_keeps_earlier_changes_only_when_ordered(
         os.rename(root / "tmp" / "record", root / "active" / "m")
         sync_dir(root / "active")  # and data/ never
         mount.cut()
-    with mounted(mount) as root:
+    with mount.mounted() as root:
         assert (root / "active" / "m").read_bytes() == b"record"
         assert os.listdir(root / "data") == (["m"] if ordered else [])
         assert os.listdir(root / "tmp") == ([] if ordered else ["body"])
@@ -205,7 +198,7 @@ def test_syncfs_reaches_no_operation(tmp_path: Path) -> None:
     forwards it now: model it and cut the syncfs mode too."""
     mount = PowercutMount(tmp_path / "mnt", tmp_path)
     libc = ctypes.CDLL(None, use_errno=True)
-    with mounted(mount) as root:
+    with mount.mounted() as root:
         write_file(root / "f", b"data", sync=False)
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
