@@ -46,6 +46,8 @@ Invariants:
   file of its own. Recovery removes the ``.writer`` files of dead writers.
 * A store is created only in a missing or empty directory; an existing
   directory that is not a store (other files, no ``.registry``) is refused.
+  Each directory it creates (the store's own, and missing parents) is
+  synced into its parent before the store opens.
 
 One process owns a store at a time (``owner=True`` takes the lock); only the
 owner recovers, checks out, moves and deletes. Any number of other processes
@@ -297,6 +299,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, outermost first."""
+    missing: list[str] = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
+def _fsync_parents(dirs: Iterable[str]) -> None:
+    """Sync the parent of each of ``dirs`` (each parent once)."""
+    for parent in dict.fromkeys(os.path.dirname(os.path.abspath(d)) for d in dirs):
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _read_pid(path: str) -> int | None:
     try:
         with open(path, "rb") as f:
@@ -450,11 +471,17 @@ class Store:
         for q in self.queues:
             dirs += [f"{root}/{q}", f"{root}/{q}/{CHECKOUT}", f"{root}/{q}/{REASONS}"]
         if create:
-            os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)  # e.g. var/
+            parent = os.path.dirname(os.path.abspath(root))  # e.g. var/
+            made = _missing_dirs(parent)
+            os.makedirs(parent, exist_ok=True)
             self._refuse_foreign_dir_sync()
             for d in dirs:
                 with contextlib.suppress(FileExistsError, PermissionError):
                     os.mkdir(d, _DIR_MODE)  # a refusal is reported below
+                    made.append(d)
+            # A new directory is an entry of its parent: until the parent is
+            # synced, a power loss may take the directory and all it holds.
+            _fsync_parents(made)
         for d in dirs:
             try:
                 self._dir_fds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
