@@ -229,6 +229,7 @@ NEW_FIELDS = {
     "removed_at": None,
     "idempotency_key": None,
     "rerouted_to": {},
+    "body_sha256": None,
 }
 
 
