@@ -18,12 +18,20 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from enum import StrEnum
+from pathlib import Path
 
-from spoold.errors import BareLineEndingError
+from spoold.errors import BareLineEndingError, BodyDamagedError
 
-__all__ = ["Body", "LineEndingPolicy", "find_bare_line_ending", "normalize_line_endings"]
+__all__ = [
+    "Body",
+    "BodyCheck",
+    "LineEndingPolicy",
+    "find_bare_line_ending",
+    "normalize_line_endings",
+]
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
@@ -126,3 +134,26 @@ class Body:
 
     def __repr__(self) -> str:
         return f"Body({len(self._wire)} bytes)"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyCheck:
+    """What a body file held when it was spooled (a record's ``size`` and
+    ``body_sha256``: :meth:`Message.body_check
+    <spoold.message.Message.body_check>`): a reader checks both, and a
+    difference raises :class:`~spoold.errors.BodyDamagedError`."""
+
+    size: int
+    sha256: str
+
+    def sizes(self, path: Path, size: int) -> None:
+        if size != self.size:
+            raise BodyDamagedError(
+                f"damaged body {path}: {size} bytes where {self.size} were spooled"
+            )
+
+    def digest(self, path: Path, digest: str) -> None:
+        if digest != self.sha256:
+            raise BodyDamagedError(
+                f"damaged body {path}: its SHA-256 is not the one spooled (the content changed)"
+            )

@@ -19,6 +19,7 @@ __all__ = [
     "InsufficientStorageError",
     "NotFoundError",
     "RecordError",
+    "BodyDamagedError",
     "BareLineEndingError",
     "OperationRefusedError",
     "SpoolClosedError",
@@ -86,6 +87,13 @@ class NotFoundError(SpooldError, KeyError):
 
 class RecordError(SpooldError, ValueError):
     """A metadata record cannot be read: corrupt, or of an unknown version."""
+
+
+class BodyDamagedError(SpooldError, ValueError):
+    """A message's body file is not what was spooled: its size or SHA-256
+    differs from the record's. Never sent on (a relay stops before the end
+    of DATA); the spool sets the message aside in quarantine with this
+    text as the reason."""
 
 
 class BareLineEndingError(SpooldError, ValueError):

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import msgspec
 
-from spoold.body import Body
+from spoold.body import Body, BodyCheck
 from spoold.errors import InvalidIdError, RecordError
 from spoold.ids import validate_id
 from spoold.times import utcnow
@@ -218,6 +218,9 @@ class Message(
     duplicate. It stays set for as long as the message is on the spool.
     ``delay_warned_at`` is when the one "delayed" delivery status
     notification was sent to the sender (None: not sent), so it is sent once.
+    ``body_sha256`` is the SHA-256 of the body file as written; with
+    ``size`` it lets a relay (and ``check``) find a body that is no longer
+    what was spooled (None: a record written before the field).
     ``rerouted_to`` maps each recipient that :meth:`Spool.reroute
     <spoold.spool.Spool.reroute>` moved into a new message to that
     message's id.
@@ -259,12 +262,22 @@ class Message(
     # The uid of the local process that submitted it (sendmail, Client.submit),
     # as the kernel told the daemon; None for SMTP and the Python API.
     submitter_uid: int | None = None
+    # The SHA-256 (hex) of the body file as it was written, with ``size``: a
+    # relay checks both while it sends (None: a record written before it).
+    body_sha256: str | None = None
     # Not part of the record: the spool directory the message lives in, set
     # by the spool when it reads or writes the record (a reference to one
     # string the spool holds); never written (see encode_record).
     _spool_dir: str | msgspec.UnsetType = msgspec.UNSET
 
     # -- where it lives
+
+    def body_check(self) -> BodyCheck | None:
+        """What the body file must hold (its size and SHA-256), or None for
+        a record written before bodies had a checksum."""
+        if self.body_sha256 is None or self.size is None:
+            return None
+        return BodyCheck(self.size, self.body_sha256)
 
     @property
     def spool_dir(self) -> Path | None:

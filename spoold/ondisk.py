@@ -24,6 +24,7 @@ spool's (:mod:`spoold.spool`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -34,7 +35,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from spoold.body import Body
-from spoold.errors import NotFoundError, RecordError, StoreError
+from spoold.errors import BodyDamagedError, NotFoundError, RecordError, StoreError
 from spoold.log import get_logger
 from spoold.message import (
     Message,
@@ -67,6 +68,7 @@ log = get_logger("spoold.ondisk")
 # its message (misplaced) or why it cannot be read, for load() to handle.
 _Decoded = list[Message | tuple[StoredRecord, Message | RecordError]]
 
+_CHECK_READ = 1 << 20  # bytes per read when check hashes a body
 LOAD_BATCH = 2048  # records read and decoded in one worker-thread hop by load()
 LOAD_READ_AHEAD = 2  # batches load() reads ahead of the one it is handing over
 
@@ -177,12 +179,31 @@ class OnDiskSpool:
         if this raises.
         """
         built: dict[str, Message] = {}
+        prefixes: dict[str, bytes] = {}  # the store asks for a prefix before the record
+
+        def make_prefix(n: NewMessage) -> Callable[[str], bytes] | None:
+            if n.prefix is None:
+                return None
+            prefix_of = n.prefix
+
+            def prefix(name: str) -> bytes:
+                prefixes[name] = data = prefix_of(name)
+                return data
+
+            return prefix
 
         def make_record(n: NewMessage) -> Callable[[str, Sequence[str]], bytes]:
             def encode(name: str, batch: Sequence[str]) -> bytes:
                 msg = n.build(name, [other for other in batch if other != name])
                 if msg.id != name or msg.status != n.status:
                     raise ValueError(f"message {msg.id} was not built as announced")
+                # What the body file holds, computed here (in the store's
+                # worker thread) from the very bytes the store writes.
+                prefix = prefixes.pop(name, b"")
+                digest = hashlib.sha256(prefix)
+                digest.update(n.body.wire)
+                msg.size = len(prefix) + len(n.body.wire)
+                msg.body_sha256 = digest.hexdigest()
                 msg.spool_dir = self._dir_text
                 built[name] = msg
                 return encode_record(msg)
@@ -194,7 +215,7 @@ class OnDiskSpool:
             queue = queue_of(n.status)
             if queue is None:
                 raise ValueError("a new message cannot be delivered already")
-            entries.append(NewEntry(queue.value, n.body.wire, make_record(n), n.prefix))
+            entries.append(NewEntry(queue.value, n.body.wire, make_record(n), make_prefix(n)))
         names = await self.store.enqueue(entries, on_reserve)
         if notify and not self.store.owner:
             await self.store.notify_owner(names)
@@ -434,13 +455,18 @@ class OnDiskSpool:
     async def count(self, queue: Queue) -> int:
         return len(await self.store.list_queue(queue.value))
 
-    async def check(self, max_age: float = 3600.0) -> list[Problem]:
+    async def check(self, max_age: float = 3600.0, *, quick: bool = False) -> list[Problem]:
         """The store's consistency check, plus every record of ``active``,
         ``frozen`` and ``removed`` that cannot be read (kind
-        ``unreadable``; quarantine holds such records on purpose). Reads
-        and decodes every record off the event loop; changes nothing."""
+        ``unreadable``; quarantine holds such records on purpose), and every
+        body of theirs that is not what was spooled (kind ``damaged_body``:
+        its size, and unless ``quick`` its SHA-256, against the record's).
+        Reads and decodes every record (and hashes every body) off the event
+        loop, one queue per worker-thread hop; changes nothing."""
         problems = await self.store.check(max_age)
         for queue in (Queue.ACTIVE, Queue.FROZEN, Queue.REMOVED):
+            if not self.usable(queue):
+                continue  # the store's check reports the directory
             records = await self.store.read_queue(queue.value)
             bad = await anyio.to_thread.run_sync(_unreadable_records, records)
             for rec, error in bad:
@@ -448,6 +474,39 @@ class OnDiskSpool:
                 problems.append(
                     Problem("unreadable", rec.name, str(self.dir / where / rec.name), str(error))
                 )
+            unreadable = {rec.name for rec, _ in bad}
+            readable = [rec for rec in records if rec.name not in unreadable]
+            problems += await anyio.to_thread.run_sync(self._damaged_bodies, readable, quick)
+        return problems
+
+    def _damaged_bodies(self, records: list[StoredRecord], quick: bool) -> list[Problem]:
+        problems = []
+        for rec in records:
+            msg = _decode_one(rec)
+            if isinstance(msg, RecordError):
+                continue
+            check = msg.body_check()
+            if check is None:
+                continue  # written before bodies had a checksum
+            path = self.store.body_path(rec.name)
+            try:
+                if quick:
+                    check.sizes(path, os.stat(path).st_size)
+                else:
+                    digest = hashlib.sha256()
+                    size = 0
+                    with open(path, "rb") as f:
+                        while chunk := f.read(_CHECK_READ):
+                            digest.update(chunk)
+                            size += len(chunk)
+                    check.sizes(path, size)
+                    check.digest(path, digest.hexdigest())
+            except FileNotFoundError:
+                continue  # missing_body: the store's check says so
+            except OSError as exc:
+                problems.append(Problem("damaged_body", rec.name, str(path), str(exc)))
+            except BodyDamagedError as exc:
+                problems.append(Problem("damaged_body", rec.name, str(path), str(exc)))
         return problems
 
     async def set_aside_reason(self, queue: Queue, message_id: str) -> str | None:

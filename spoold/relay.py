@@ -11,7 +11,10 @@ outcome:
   timeout, give-up); the spool treats it as try-later.
 
 An exception escaping a relay is a bug; the spool logs it and treats it as
-:class:`AttemptFailed`, so nothing is lost.
+:class:`AttemptFailed`, so nothing is lost. The one exception meant to
+escape is :class:`~spoold.errors.BodyDamagedError`: the body file is not
+what was spooled (a :class:`~spoold.body.BodyCheck` given with the handle
+failed), nothing was sent past it, and the spool quarantines the message.
 
 The body is reached through a :class:`BodyHandle`: :meth:`BodyHandle.read`
 loads it whole (for tests and small tools); :meth:`BodyHandle.open` gives a
@@ -26,6 +29,7 @@ failure to read it is a :class:`~spoold.errors.StoreError` naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -35,8 +39,8 @@ from typing import Any, Final, Protocol
 
 import anyio
 
-from spoold.body import Body
-from spoold.errors import StoreError
+from spoold.body import Body, BodyCheck
+from spoold.errors import BodyDamagedError, StoreError
 from spoold.message import Message
 
 __all__ = [
@@ -126,25 +130,38 @@ RunBlocking = Callable[..., Awaitable[Any]]
 
 class BodyHandle:
     """Where a message's body is on disk; reading it runs in worker threads
-    (through ``run``, by default a hop of its own)."""
+    (through ``run``, by default a hop of its own). With ``check``, every
+    read is checked against what was spooled: :meth:`read` and :meth:`open`
+    at once for a body read whole, :meth:`BodyReader.facts` and each pass
+    of :meth:`BodyReader.chunks` (at its end, before the last chunk is
+    handed on) for a larger one."""
 
-    __slots__ = ("_run", "path")
+    __slots__ = ("_run", "check", "path")
 
-    def __init__(self, path: Path, run: RunBlocking | None = None) -> None:
+    def __init__(
+        self, path: Path, run: RunBlocking | None = None, check: BodyCheck | None = None
+    ) -> None:
         self.path = path
         self._run: RunBlocking = run or anyio.to_thread.run_sync
+        self.check = check
 
     async def read(self) -> Body:
         """The whole body in memory."""
         try:
-            return Body(await anyio.Path(self.path).read_bytes())
+            wire = await anyio.Path(self.path).read_bytes()
         except OSError as exc:
             raise _read_error(self.path, exc) from exc
+        if self.check is not None:
+            self.check.sizes(self.path, len(wire))
+            self.check.digest(self.path, hashlib.sha256(wire).hexdigest())
+        return Body(wire)
 
     @asynccontextmanager
     async def open(self, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[BodyReader]:
         """The body open for streaming; closed on leaving the block."""
-        reader: BodyReader = await self._run(BodyReader.open_sync, self.path, chunk_size)
+        reader: BodyReader = await self._run(
+            BodyReader.open_sync, self.path, chunk_size, self.check
+        )
         try:
             yield reader
         finally:
@@ -182,34 +199,53 @@ class BodyReader:
     hop tried). Reads use ``pread``, so scans and streams never disturb each
     other."""
 
-    __slots__ = ("_chunk_size", "_facts", "_fd", "head", "path", "size")
+    __slots__ = ("_chunk_size", "_facts", "_fd", "check", "head", "path", "size")
 
-    def __init__(self, path: Path, fd: int | None, size: int, head: bytes, chunk_size: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fd: int | None,
+        size: int,
+        head: bytes,
+        chunk_size: int,
+        check: BodyCheck | None = None,
+    ) -> None:
         self.path = path
         self.size = size
         self.head = head
         self._fd = fd  # None once everything is in ``head``
         self._chunk_size = chunk_size
         self._facts: BodyFacts | None = None
+        self.check = check  # for a body read whole: checked already
 
     @classmethod
-    def open_sync(cls, path: Path, chunk_size: int) -> BodyReader:
+    def open_sync(cls, path: Path, chunk_size: int, check: BodyCheck | None = None) -> BodyReader:
         """Open, measure and read the first chunk (in a worker thread): the
-        whole body, and the file closed at once, when it is small."""
+        whole body, and the file closed at once, when it is small. With
+        ``check``: the size is checked, and a body read whole is checked
+        whole."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise _read_error(path, exc) from exc
         try:
             size = os.fstat(fd).st_size
+            if check is not None:
+                check.sizes(path, size)
             head = os.pread(fd, size if size <= max(chunk_size, _WHOLE_SIZE) else chunk_size, 0)
         except OSError as exc:
             os.close(fd)
             raise _read_error(path, exc) from exc
+        except BodyDamagedError:
+            os.close(fd)
+            raise
         if len(head) >= size:
             os.close(fd)
+            if check is not None:
+                check.sizes(path, len(head))
+                check.digest(path, hashlib.sha256(head).hexdigest())
             return cls(path, None, len(head), head, chunk_size)
-        return cls(path, fd, size, head, chunk_size)
+        return cls(path, fd, size, head, chunk_size, check)
 
     @property
     def holds_file(self) -> bool:
@@ -238,6 +274,7 @@ class BodyReader:
         stuffed = 1 if self.head.startswith(b".") else 0
         eight_bit = False
         tail = b""
+        digest = hashlib.sha256()
         while offset < self.size:
             chunk = self.head if offset == 0 else self._pread(_SCAN_SIZE, offset)
             if not chunk:
@@ -247,6 +284,10 @@ class BodyReader:
             eight_bit = eight_bit or not chunk.isascii()
             tail = chunk[-2:]
             offset += len(chunk)
+            digest.update(chunk)
+        if self.check is not None:  # before anything is sent
+            self.check.sizes(self.path, offset)
+            self.check.digest(self.path, digest.hexdigest())
         return BodyFacts(offset - stuffed, eight_bit)
 
     def _pread(self, size: int, offset: int) -> bytes:
@@ -266,6 +307,11 @@ class BodyReader:
         size = min(self._chunk_size, self.size - offset)
         return await anyio.to_thread.run_sync(self._pread, size, offset)
 
+    def _pread_hashed(self, size: int, offset: int, digest: hashlib._Hash) -> bytes:
+        chunk = self._pread(size, offset)
+        digest.update(chunk)
+        return chunk
+
     def chunks(self) -> AsyncIterator[bytes]:
         """The body from its start, one chunk per step."""
         return _Chunks(self)
@@ -273,20 +319,41 @@ class BodyReader:
 
 class _Chunks:
     """An async iterator over a :class:`BodyReader` (a plain object, not an
-    async generator: dropping it half-way leaves nothing to finalise)."""
+    async generator: dropping it half-way leaves nothing to finalise).
 
-    __slots__ = ("_offset", "_reader")
+    A body with a check (one not read whole) is hashed as it is read, in
+    the reading threads, and checked when its end is reached, before the
+    iteration ends: a sender that writes each chunk only once it has the
+    next (as :meth:`SmtpClient.send_content
+    <spoold.smtp_client.SmtpClient.send_content>` does) never sends the
+    last chunk, nor the final dot, of a damaged body."""
+
+    __slots__ = ("_digest", "_offset", "_reader")
 
     def __init__(self, reader: BodyReader) -> None:
         self._reader = reader
         self._offset = 0
+        self._digest = hashlib.sha256() if reader.check is not None else None
 
     def __aiter__(self) -> _Chunks:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self._reader.read_at(self._offset)
+        reader, digest, offset = self._reader, self._digest, self._offset
+        if digest is None:
+            chunk = await reader.read_at(offset)
+        elif offset >= reader.size:
+            chunk = b""
+        elif offset == 0:
+            chunk = reader.head
+            digest.update(chunk)
+        else:
+            size = min(reader._chunk_size, reader.size - offset)
+            chunk = await anyio.to_thread.run_sync(reader._pread_hashed, size, offset, digest)
         if not chunk:
+            if digest is not None and reader.check is not None:
+                reader.check.sizes(reader.path, offset)
+                reader.check.digest(reader.path, digest.hexdigest())
             raise StopAsyncIteration
         self._offset += len(chunk)
         return chunk

@@ -39,6 +39,10 @@ Invariants:
 * ``sending`` is a status this spool holds in memory only, during an
   attempt. A record stored as ``sending`` (by hand or by another tool) is
   loaded, or adopted, as ``send_now``: never left unscheduled.
+* A body that is not what was spooled (the record's ``size`` and
+  ``body_sha256``, checked by the relay as it reads the file) is never
+  sent on: the attempt stops before the end of DATA and the message goes
+  to ``quarantine`` with the reason (event ``quarantined``).
 * In doubt after a crash: a record found checked out when the spool is
   opened (an attempt was under way when the owner died), or stored as
   ``sending``, may already be at the next hop. It is marked ``in_doubt``
@@ -96,6 +100,7 @@ import msgspec
 from spoold.clock import Clock, SystemClock
 from spoold.dsn import build_dsn, dsn_body, header_section
 from spoold.errors import (
+    BodyDamagedError,
     NotFoundError,
     OperationRefusedError,
     RecordError,
@@ -154,7 +159,13 @@ from spoold.outcome import (
     refusals,
     retry_plan,
 )
-from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult, Relay
+from spoold.relay import (
+    AttemptFailed,
+    BodyHandle,
+    Delivery,
+    RecipientResult,
+    Relay,
+)
 from spoold.store import StepHook, SyncMode
 from spoold.tasks import own_tasks
 from spoold.timers import Timers
@@ -875,16 +886,30 @@ class Spool:
         snapshot.next_hop_choices = self._gate.order_hops(
             msg.next_hop_choices, self.clock.now().timestamp()
         )
+        body = BodyHandle(
+            self._disk.body_path(msg.id), self._disk.store.run_grouped, msg.body_check()
+        )
         try:
-            outcome = await self.relay.relay(
-                snapshot,
-                BodyHandle(self._disk.body_path(msg.id), self._disk.store.run_grouped),
-                list(msg.remaining_recipients),
-            )
+            outcome = await self.relay.relay(snapshot, body, list(msg.remaining_recipients))
+        except BodyDamagedError as exc:
+            await self._set_aside_damaged(entry, str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
             mlog.exception("relay raised; trying later")
             outcome = AttemptFailed(f"relay error: {exc!r}")
         await self._finish_attempt(entry, outcome, operator_kick=kicked)
+
+    async def _set_aside_damaged(self, entry: _Entry, reason: str) -> None:
+        """The body is not what was spooled (the relay stopped before the
+        end of DATA): the message goes to ``quarantine`` with the reason,
+        for an operator; it is never sent as it is."""
+        new = entry.msg.copy()
+        new.status = Quarantined(reason=reason)
+        await self._save_outcome(entry, new)
+        entry.checked_out = False
+        self._apply(entry, new)
+        self._publish(EventKind.QUARANTINED, new, detail=reason)
+        log.error("damaged body: message quarantined", id=new.id, flows=new.flows, reason=reason)
 
     def _follow_route(self, msg: Message) -> None:
         """Before an attempt: if the message's route now has other hops (a

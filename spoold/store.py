@@ -228,6 +228,7 @@ class NewEntry:
     make_record: Callable[[str, Sequence[str]], bytes]
     # Bytes written before ``body`` in the body file, given the name (e.g.
     # a header naming the entry); ``body`` itself is never copied for it.
+    # Called before ``make_record`` for the same name, in the same thread.
     make_prefix: Callable[[str], bytes] | None = None
 
 
@@ -247,6 +248,7 @@ ProblemKind = Literal[
     "orphan_registry",  # a registry entry with nothing behind it
     "missing_body",  # a record whose body is gone
     "duplicate",  # one name in two places
+    "damaged_body",  # a body that is not what was spooled (its size or checksum)
     "stale_tmp",  # a file left in tmp/ past the age limit
     "unusable_dir",  # a directory of the store this process cannot use
     "stale_checkout",  # a record checked out past the age limit

@@ -230,6 +230,7 @@ NEW_FIELDS = {
     "idempotency_key": None,
     "rerouted_to": {},
     "submitter_uid": None,
+    "body_sha256": None,
 }
 
 

@@ -407,8 +407,9 @@ def count(target: _Target) -> None:
 
 @main.command()
 @click.option("--max-age", default=3600, show_default=True, help="seconds before stale")
+@click.option("--quick", is_flag=True, help="check bodies by size only (no checksums)")
 @click.pass_obj
-def check(target: _Target, max_age: int) -> None:
+def check(target: _Target, max_age: int, quick: bool) -> None:
     """Consistency check of the spool directory (exit 1 if problems)."""
 
     async def from_disk() -> list[str]:
@@ -416,10 +417,11 @@ def check(target: _Target, max_age: int) -> None:
 
         ondisk, _ = await OnDiskSpool.open(target.spool_directory(), owner=False, create=False)
         async with ondisk:
-            return [str(p) for p in await ondisk.check(float(max_age))]
+            return [str(p) for p in await ondisk.check(float(max_age), quick=quick)]
 
     async def go() -> list[str]:
-        found: list[str] = await _daemon_or_disk(target, "check", {"max_age": max_age}, from_disk)
+        params = {"max_age": max_age, "quick": quick}
+        found: list[str] = await _daemon_or_disk(target, "check", params, from_disk)
         return found
 
     problems = _run(go)

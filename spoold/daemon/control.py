@@ -410,7 +410,7 @@ class DaemonOperations(Protocol):
 
     async def count(self) -> dict[str, int]: ...
 
-    async def check(self, max_age: float) -> list[str]: ...
+    async def check(self, max_age: float, quick: bool = False) -> list[str]: ...
 
     async def submit(
         self,
@@ -472,6 +472,7 @@ class _IdParams(_Params):
 
 class _CheckParams(_Params):
     max_age: float = 3600.0
+    quick: bool = False  # bodies by size only, no checksums
 
 
 class _WaitParams(_Params):
@@ -604,7 +605,7 @@ async def _count(server: ControlServer, p: _NoParams) -> Any:
 
 
 async def _check(server: ControlServer, p: _CheckParams) -> Any:
-    return await server.daemon_operations().check(p.max_age)
+    return await server.daemon_operations().check(p.max_age, p.quick)
 
 
 _Handler = Callable[["ControlServer", Any], Awaitable[Any]]

@@ -511,9 +511,9 @@ class Daemon:
             "log_level": cfg.log.level,
         }
 
-    async def check(self, max_age: float) -> list[str]:
+    async def check(self, max_age: float, quick: bool = False) -> list[str]:
         assert self._spool is not None
-        return [str(p) for p in await self._spool.ondisk.check(max_age)]
+        return [str(p) for p in await self._spool.ondisk.check(max_age, quick=quick)]
 
 
 def _user_name(uid: int) -> str:
