@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -181,6 +182,14 @@ def cli(*args: str, stdin: bytes = b"", timeout: float = _TIMEOUT) -> CliResult:
         done.stdout.decode(errors="replace"),
         done.stderr.decode(errors="replace"),
         done.stdout,
+    )
+
+
+async def sendmail(config: Path, *args: str, stdin: bytes) -> CliResult:
+    """``spoold --config CONFIG sendmail ARGS < stdin``, in a worker thread
+    (the other end may be served by this test's own loop)."""
+    return await anyio.to_thread.run_sync(
+        functools.partial(cli, "--config", str(config), "sendmail", *args, stdin=stdin)
     )
 
 

@@ -30,7 +30,7 @@ from spoold.message import SendAt
 from spoold.spool import Spool
 from spoold.testing import FakeClock
 from spoold.writer import SpoolWriter
-from tests.daemon_helpers import DaemonFactory, cli, write_config
+from tests.daemon_helpers import DaemonFactory, cli, sendmail, write_config
 from tests.ingest_helpers import (
     HOSTNAME,
     RCPT,
@@ -163,18 +163,13 @@ async def test_an_unusable_key_is_refused(tmp_path: Path, key: str) -> None:
 
 
 async def _sendmail(config: Path, *args: str) -> str:
-    done = await anyio.to_thread.run_sync(
-        functools.partial(
-            cli,
-            "--config",
-            str(config),
-            "sendmail",
-            "-f",
-            "app@example.org",
-            *args,
-            "ops@example.com",
-            stdin=b"Subject: once\n\nonly once\n",
-        )
+    done = await sendmail(
+        config,
+        "-f",
+        "app@example.org",
+        *args,
+        "ops@example.com",
+        stdin=b"Subject: once\n\nonly once\n",
     )
     assert done.code == 0, done
     return done.out

@@ -5,7 +5,6 @@ doubt, and every form of ``spoold status`` says so."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -13,13 +12,13 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import pytest
 
 from tests.daemon_helpers import (
     DaemonFactory,
     cli,
     prefill,
+    sendmail,
     set_config_value,
     spooled,
     write_config,
@@ -133,17 +132,8 @@ async def test_a_crash_on_a_full_disk_keeps_the_in_doubt_mark(
         smtp_server.behaviour.data_end = None
         daemon = await start_daemon(config)  # ready on a disk with no room
         assert records_in(spool_dir, "active/.checkout") == ids  # still in doubt
-        refused = await anyio.to_thread.run_sync(
-            functools.partial(
-                cli,
-                "--config",
-                str(config),
-                "sendmail",
-                "-f",
-                "a@example.org",
-                "b@example.com",
-                stdin=b"Subject: x\n\nnew mail\n",
-            )
+        refused = await sendmail(
+            config, "-f", "a@example.org", "b@example.com", stdin=b"Subject: x\n\nnew mail\n"
         )
         assert refused.code == 75, refused.err  # temporary: try again later
         assert cli("--config", str(config), "count").code == 0  # operators are served

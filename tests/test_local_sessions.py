@@ -101,6 +101,7 @@ async def test_the_production_config_greets_100_local_sessions_at_once(
     for installed, here in (
         ("/var/lib/spoold/spool", tmp_path / "spool"),
         ("/run/spoold/spoold.sock", tmp_path / "run" / "ctl.sock"),
+        ("/run/spoold/submit.sock", tmp_path / "run" / "submit.sock"),
     ):
         assert installed in text
         text = text.replace(installed, str(here))

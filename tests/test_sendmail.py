@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import functools
 import getpass
 import os
 import pwd
@@ -34,24 +33,15 @@ from spoold.message import Message, SendAt
 from spoold.spool import Spool
 from spoold.testing import Faults, InMemoryRelay
 from tests.daemon_helpers import (
-    CliResult,
     DaemonFactory,
     DaemonProcess,
-    cli,
+    sendmail,
     set_config_value,
     write_config,
 )
 from tests.support import free_port, wait_until
 
 TIMEOUT = 60.0  # a safety net per test: none comes near it
-
-
-async def sendmail(config: Path, *args: str, stdin: bytes) -> CliResult:
-    """``spoold --config CONFIG sendmail ARGS < stdin``, in a worker thread
-    (the other end may be served by this test's own loop)."""
-    return await anyio.to_thread.run_sync(
-        functools.partial(cli, "--config", str(config), "sendmail", *args, stdin=stdin)
-    )
 
 
 async def daemon_with_unreachable_hop(tmp_path: Path, start: DaemonFactory) -> DaemonProcess:

@@ -11,15 +11,13 @@ messages, takes new mail) and reports what it skipped: the start-up log,
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from pathlib import Path
 
-import anyio
 import pytest
 
-from tests.daemon_helpers import DaemonFactory, cli, prefill, spooled, write_config
+from tests.daemon_helpers import DaemonFactory, cli, prefill, sendmail, spooled, write_config
 from tests.smtp_server import SmtpTestServer
 from tests.support import records_in, wait_until
 
@@ -40,18 +38,9 @@ pytestmark = [
 ]
 
 
-async def sendmail(config: Path) -> int:
-    done = await anyio.to_thread.run_sync(
-        functools.partial(
-            cli,
-            "--config",
-            str(config),
-            "sendmail",
-            "-f",
-            "app@example.org",
-            "ops@example.com",
-            stdin=b"Subject: new\n\nnew mail\n",
-        )
+async def submit_one(config: Path) -> int:
+    done = await sendmail(
+        config, "-f", "app@example.org", "ops@example.com", stdin=b"Subject: new\n\nnew mail\n"
     )
     return done.code
 
@@ -73,7 +62,7 @@ async def test_an_unreadable_record_is_set_aside_and_the_rest_served(
         line.get("event") == "record set aside" and line.get("id") == locked
         for line in daemon.log_lines()
     )
-    assert await sendmail(config) == 0  # intake works
+    assert await submit_one(config) == 0  # intake works
     await wait_until(lambda: smtp_server.transactions == 3, "the new message to be delivered")
 
     shown = cli("--config", str(config), "status", "--quarantined", "--format", "json")
@@ -96,7 +85,7 @@ async def test_unusable_directories_are_reported_and_the_rest_served(
     try:
         daemon = await start_daemon(config, prefix=NO_DAC)
         await wait_until(lambda: smtp_server.transactions == 1, "the other to be delivered")
-        assert await sendmail(config) == 0
+        assert await submit_one(config) == 0
         await wait_until(lambda: smtp_server.transactions == 2, "the new one to be delivered")
         assert records_in(spool_dir, "active") == {locked}  # skipped where it is
 
