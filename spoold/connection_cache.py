@@ -93,6 +93,12 @@ class RouteSettings:
     data_rate: int = 64 * 1024
     helo_name: str | None = None  # what we say in EHLO; None: this machine's name
 
+    def data_timeout(self, size: int) -> float:
+        """Kept for callers of earlier versions: ``command_timeout`` plus a
+        second per ``data_rate`` bytes. The relay waits for the final reply
+        :meth:`final_reply_wait` instead."""
+        return self.command_timeout + size / self.data_rate
+
     def final_reply_wait(self, size: int) -> float:
         """How long the reply to the final ``.`` of a message of ``size``
         bytes is waited for: ``final_reply_timeout``, plus a second per

@@ -72,6 +72,7 @@ __all__ = [
     "DEFAULT_IDEMPOTENCY_WINDOW",
     "MAX_KEY_LENGTH",
     "validate_key",
+    "user_key",
     "KeyFiles",
     "Claim",
 ]
@@ -93,6 +94,19 @@ def validate_key(key: str) -> str:
     if any(ord(c) < 32 or ord(c) == 127 for c in key):
         raise IdempotencyKeyError("an idempotency key cannot hold control characters")
     return key
+
+
+def user_key(key: str, uid: int) -> str:
+    """The key a local user's submission is kept under: the client's key
+    (checked) scoped by the user's uid, so users never share keys: one user
+    can neither suppress another's mail by giving its key first, nor get
+    it refused. A key too long to take the prefix is kept by its SHA-256."""
+    scoped = f"uid {uid}: {validate_key(key)}"
+    if len(scoped) > MAX_KEY_LENGTH:
+        scoped = (
+            f"uid {uid}: sha256 {hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+        )
+    return scoped
 
 
 class _KeyRecord(msgspec.Struct):

@@ -23,6 +23,7 @@ spool's (:mod:`spoold.spool`).
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -152,6 +153,14 @@ class OnDiskSpool:
         """Whether this process can use ``queue``'s directory (one it
         cannot is reported at open, by :meth:`unusable`, and skipped)."""
         return str(self.dir / queue.value) not in self.store.unusable
+
+    def require(self, queue: Queue) -> None:
+        """Raise :class:`StoreError` (with what to run) unless ``queue``'s
+        directory and its checkout directory are usable: what cannot work
+        without them (the owner's ``active``) stops here."""
+        for d in (self.dir / queue.value, self.dir / queue.value / CHECKOUT):
+            if str(d) in self.store.unusable:
+                raise StoreError(errno.EACCES, self.store.unusable_text(str(d)), str(d))
 
     def unusable(self) -> dict[str, str]:
         """Directories of the spool this process cannot use: path, and

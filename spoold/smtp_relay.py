@@ -68,6 +68,7 @@ needs 8BITMIME are found by one scan in chunks, off the event loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -308,12 +309,13 @@ class SmtpRelay:
             wait = settings.final_reply_wait(content.size)
 
             def final_dot_sent() -> None:
-                # The hop may have the message from now on: its reply gets
-                # the whole final_reply_timeout, past the message timeout.
+                # The hop may have the message from now on: the message
+                # timeout no longer applies (a cut now could not say "in
+                # doubt"); the client's own timeouts bound what is left (the
+                # drain of the last write, then the final reply's wait).
                 nonlocal dot_sent
                 dot_sent = True
-                wait_until = anyio.current_time() + wait + 1.0
-                deadline.deadline = max(deadline.deadline, wait_until)
+                deadline.deadline = math.inf
 
             try:
                 final = await client.send_content(

@@ -439,6 +439,7 @@ class Spool:
             keep_checkouts=(Queue.ACTIVE,),
         )
         try:
+            ondisk.require(Queue.ACTIVE)  # no mail can be queued or sent without it
             spool = cls(
                 ondisk,
                 relay=relay,
@@ -575,7 +576,13 @@ class Spool:
         refused at open."""
         async with self._op_lock:
             for msg, checked_out in list(self._unsettled.values()):
-                await self._settle_in_doubt(msg, checked_out=checked_out)
+                try:
+                    await self._settle_in_doubt(msg, checked_out=checked_out)
+                except NotFoundError:  # its record is gone (removed by hand)
+                    self._unsettled.pop(msg.id, None)
+                    log.warning("message held in doubt is no longer on disk", id=msg.id)
+                except (SpooldError, OSError):
+                    log.exception("could not settle a message in doubt", id=msg.id)
 
     @property
     def unsettled_in_doubt(self) -> int:
@@ -591,7 +598,7 @@ class Spool:
         reports the first two."""
         return {
             "unreadable_record": len(self._disk.skipped),
-            "unusable_dir": len(self._disk.unusable()),
+            "unusable_dir": len(self._disk.store.unusable),
             "unmarked_in_doubt": len(self._unsettled),
         }
 
@@ -797,7 +804,10 @@ class Spool:
         wanted = [
             n
             for n in dict.fromkeys(names)
-            if n not in self._adding and n not in self._index and n not in self._unsettled
+            if n not in self._adding
+            and n not in self._index
+            and n not in self._unsettled
+            and n not in self._disk.skipped  # unreadable: reported once, at open
         ]
         if not wanted:
             return
@@ -823,9 +833,9 @@ class Spool:
         while True:
             await self.clock.wait(never, self.clock.now() + timedelta(seconds=self._ping_interval))
             self._publish(EventKind.PING)
+            if self._unsettled:
+                await self._settle_unsettled()
             try:
-                if self._unsettled:
-                    await self._settle_unsettled()
                 await self._rescan()
             except (SpooldError, OSError):
                 log.exception("rescan of the spool failed; trying again at the next ping")

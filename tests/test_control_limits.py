@@ -218,6 +218,27 @@ async def test_the_client_over_max_clients_is_told_busy_at_once(tmp_path: Path) 
             assert await ping(path) == "pong"
 
 
+async def test_one_user_holds_at_most_an_eighth_of_the_submission_sockets_places(
+    tmp_path: Path,
+) -> None:
+    """On the submission socket one uid (here this test's) may hold
+    ``max_clients // 8`` connections: one user cannot take every place from
+    the others; a place freed is taken again."""
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path, max_clients=16, submission_only=True) as (server, path):
+            assert server.max_per_user == 2
+            idle = [connect(path), connect(path)]
+            await wait_until(lambda: server.clients_by_uid == {os.getuid(): 2}, "two places")
+            reply = one_reply(await anyio.to_thread.run_sync(read_all, connect(path)))
+            assert (reply["ok"], reply["kind"]) == (False, "busy")
+            assert f"uid {os.getuid()} already has as many connections" in reply["error"]
+            idle.pop().close()
+            await wait_until(lambda: server.clients_by_uid == {os.getuid(): 1}, "a place freed")
+            assert await ping(path) == "pong"
+            idle.pop().close()
+            await wait_until(lambda: server.clients_by_uid == {}, "every place freed")
+
+
 # ----------------------------------------------------------- submit
 
 

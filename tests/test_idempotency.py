@@ -25,7 +25,7 @@ from spoold.daemon.ingest import Submitter, message_id_key
 from spoold.daemon.listener import SmtpListener, listener_settings
 from spoold.daemon.routing import Router
 from spoold.errors import IdempotencyKeyError
-from spoold.idempotency import IDEMPOTENCY_DIR
+from spoold.idempotency import IDEMPOTENCY_DIR, user_key
 from spoold.message import SendAt
 from spoold.spool import Spool
 from spoold.testing import FakeClock
@@ -341,3 +341,14 @@ async def test_sendmail_with_a_reused_key_for_other_recipients_fails_and_says_wh
     assert done.code == 65, done  # EX_DATAERR: the caller's mistake, nothing queued
     assert "different envelope" in done.err and "new key" in done.err
     assert len(records_in(daemon.spool_dir, "active")) == 1
+
+
+def test_a_users_key_is_scoped_by_its_uid_and_stays_within_the_length() -> None:
+    assert user_key("k", 1000) == "uid 1000: k"
+    assert user_key("k", 1000) != user_key("k", 1001)
+    long = "x" * 1000
+    scoped = user_key(long, 65534)
+    assert len(scoped) <= 1000
+    assert scoped == user_key(long, 65534) != user_key(long, 0)
+    with pytest.raises(IdempotencyKeyError):
+        user_key("x" * 1001, 0)

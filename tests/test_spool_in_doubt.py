@@ -218,3 +218,27 @@ async def test_no_reply_to_the_end_of_the_message_is_in_doubt_in_events_too(
         assert shown.remaining_recipients == [RCPT]
     assert asked == []  # not a refusal: on_error is not asked
     assert read_record(tmp_path, "frozen", mid).in_doubt is True
+
+
+async def test_a_held_message_removed_by_hand_is_dropped_and_pings_go_on(tmp_path: Path) -> None:
+    """An operator frees space by deleting a checked-out record the spool
+    holds in doubt: the next ping forgets it (logged) instead of failing,
+    and settles the others."""
+    cut, _ = await crashed_spool(tmp_path, "checkout")
+    clock = FakeClock(START)
+    faults = Faults()
+    faults.fail("write_record", disk_full())
+    async with open_spool(
+        tmp_path,
+        relay_answering({}),
+        clock,
+        after_crash="freeze",
+        on_step=faults,
+        ping_interval=30.0,
+    ) as spool:
+        assert spool.unsettled_in_doubt == 1
+        (tmp_path / "active" / ".checkout" / cut).unlink()
+        faults.clear()
+        clock.advance(timedelta(seconds=30))
+        await wait_until(lambda: spool.unsettled_in_doubt == 0, "the held message dropped")
+        assert cut not in [m.id for m in spool.status()]

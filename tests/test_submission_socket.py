@@ -45,6 +45,7 @@ from tests.daemon_helpers import (
     DaemonProcess,
     cli,
     prefill,
+    sendmail,
     spooled,
     write_config,
 )
@@ -437,3 +438,40 @@ async def test_an_admin_lists_the_queue_with_mailq(
 def without_ages(listing: str) -> list[str]:
     """The exim-style lines without the age column (it may tick between two runs)."""
     return [re.sub(r"^ *\d+[smhd] ", "", line) for line in listing.splitlines()]
+
+
+async def test_one_users_idempotency_key_never_touches_another_users_mail(
+    tmp_path: Path, sockets_dir: Path, start_daemon: DaemonFactory, nobody: NobodyRuntime
+) -> None:
+    """Keys are kept per user: nobody giving the key of root's cron job
+    first (with another envelope, or the same one) neither suppresses nor
+    gets refused root's own submission; each user's retry still queues
+    nothing."""
+    env = {"SPOOLD_SUBMISSION_SOCKET": str(sockets_dir / "submit.sock")}
+    key = "nightly-report-2026-12-07"
+    with anyio.fail_after(TIMEOUT):
+        daemon, _ = await start(tmp_path, sockets_dir, start_daemon)
+        for _ in range(2):  # nobody's submission and its retry
+            done = await anyio.to_thread.run_sync(
+                lambda: nobody.run(
+                    [str(nobody.sendmail), "--idempotency-key", key, "boss@example.com"],
+                    stdin=b"Subject: forged\n\nnot root's text\n",
+                    env=env,
+                )
+            )
+            assert (done.code, done.err) == (0, ""), done
+        for _ in range(2):  # root's own, the same key, and its retry
+            done = await sendmail(
+                daemon.config,
+                "--idempotency-key",
+                key,
+                "ops@example.com",
+                stdin=b"Subject: report\n\nroot's text\n",
+            )
+            assert done.code == 0, done.err
+        messages = await waiting_messages(daemon.spool_dir, 2)
+    by_uid = {m.submitter_uid: m for m in messages}
+    assert set(by_uid) == {0, NOBODY}
+    assert by_uid[0].envelope_info.recipients == ["ops@example.com"]
+    assert b"root's text" in content_of(daemon.spool_dir, by_uid[0].id)
+    assert by_uid[NOBODY].envelope_info.recipients == ["boss@example.com"]

@@ -420,7 +420,9 @@ def check(target: _Target, max_age: int, quick: bool) -> None:
             return [str(p) for p in await ondisk.check(float(max_age), quick=quick)]
 
     async def go() -> list[str]:
-        params = {"max_age": max_age, "quick": quick}
+        params: dict[str, object] = {"max_age": max_age}
+        if quick:  # only when asked: a daemon from before --quick refuses the key
+            params["quick"] = True
         found: list[str] = await _daemon_or_disk(target, "check", params, from_disk)
         return found
 

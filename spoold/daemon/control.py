@@ -699,6 +699,10 @@ class ControlServer:
         self.staying = 0  # of those, the ones in events or wait
         self.max_staying = max(1, max_clients - max(1, max_clients // 4))
         self.submission_only = submission_only
+        # Submission socket: connections per user (uid; None: unknown peer).
+        self.max_per_user = max(1, max_clients // 8)
+        self.reading = 0  # bytes of submitted messages being read now
+        self.clients_by_uid: dict[int | None, int] = {}
 
     def daemon_operations(self) -> DaemonOperations:
         if self.daemon is None:
@@ -757,14 +761,42 @@ class ControlServer:
             except BaseException:
                 conn.close()
                 raise
+            peer = peer_credentials(conn)
             async with stream:
-                await self._serve_one(stream, peer_credentials(conn))
+                if self.submission_only and not self._take_user_place(peer):
+                    await self._reply(stream, _error("busy", _user_busy(peer)))
+                    return
+                try:
+                    await self._serve_one(stream, peer)
+                finally:
+                    self._leave_user_place(peer)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception:  # one bad connection must never end the server
             log.exception("control connection failed")
         finally:
             self.clients -= 1
+
+    def _take_user_place(self, peer: PeerCredentials | None) -> bool:
+        """On the submission socket: one user (uid; an unknown peer counts
+        as one user) holds at most :attr:`max_per_user` connections, so a
+        user cannot take every place from the others."""
+        uid = None if peer is None else peer.uid
+        held = self.clients_by_uid.get(uid, 0)
+        if held >= self.max_per_user:
+            return False
+        self.clients_by_uid[uid] = held + 1
+        return True
+
+    def _leave_user_place(self, peer: PeerCredentials | None) -> None:
+        if not self.submission_only:
+            return
+        uid = None if peer is None else peer.uid
+        left = self.clients_by_uid.get(uid, 0) - 1
+        if left > 0:
+            self.clients_by_uid[uid] = left
+        else:
+            self.clients_by_uid.pop(uid, None)
 
     async def _serve_one(
         self, stream: anyio.abc.ByteStream, peer: PeerCredentials | None = None
@@ -871,7 +903,18 @@ class ControlServer:
                 return _error("invalid", "submit: content_length must be a number of bytes")
             if length > limit:
                 return _error("invalid", _too_large(length, limit))  # before reading any of it
-            content = await self._read_content(reader, length)
+            budget = SUBMISSION_CONTENT_BUDGET * limit
+            if self.submission_only and self.reading + length > budget:
+                return _error(
+                    "busy",
+                    f"submit: {format_size(self.reading)} of messages are being read already; "
+                    "try again later",
+                )
+            self.reading += length
+            try:
+                content = await self._read_content(reader, length)
+            finally:
+                self.reading -= length
             if content is None:
                 return _error(
                     "invalid",
@@ -957,8 +1000,11 @@ class ControlServer:
             return _error("invalid", f"wait: {exc}")
         if p.timeout is not None and not 0 <= p.timeout < math.inf:
             return _error("invalid", "wait: timeout must be a number of seconds, or null")
-        if self.submission_only and peer is not None:
-            checked = await self._dispatch("wait", lambda: self._not_theirs(p.id, peer.uid))
+        if self.submission_only:
+            if peer is None:  # who asks is unknown: nothing is told
+                return _error("denied", "wait: the daemon cannot tell who is asking")
+            uid = peer.uid
+            checked = await self._dispatch("wait", lambda: self._not_theirs(p.id, uid))
             refusal: dict[str, Any] | None = checked["result"] if checked.get("ok") else checked
             if refusal is not None:
                 return refusal
@@ -1027,6 +1073,19 @@ class ControlServer:
         return {"ok": True, "result": result}
 
 
+SUBMISSION_CONTENT_BUDGET = 4
+"""On the submission socket, the messages being read at once may add up to
+this many times the submit size limit (the rest are answered ``busy``)."""
+
+
+def _user_busy(peer: PeerCredentials | None) -> str:
+    who = "this user" if peer is None else f"uid {peer.uid}"
+    return (
+        f"{who} already has as many connections to the submission socket as one user may; "
+        "try again later"
+    )
+
+
 def _error(kind: ControlErrorKind, text: str) -> dict[str, Any]:
     return {"ok": False, "kind": kind, "error": text}
 
@@ -1071,16 +1130,15 @@ async def _listen(path: Path, mode: int, group: str = "") -> socketlib.socket:
     await anyio.to_thread.run_sync(prepare)
     sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
     try:
-        old_umask = os.umask(0o777 & ~mode)  # the socket is born with the right mode
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
+        # Mode and group are set before listen(): until then nobody can
+        # connect, whatever the file's mode (no process-wide umask change,
+        # which would race with files other threads create meanwhile).
+        sock.bind(str(path))
         await anyio.to_thread.run_sync(os.chmod, path, mode)
         if group:
             await anyio.to_thread.run_sync(_give_to_group, path, group)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise

@@ -82,6 +82,7 @@ from spoold.errors import (
 )
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
+from spoold.idempotency import user_key, validate_key
 from spoold.message import Message, Queue, RetryInterval
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
@@ -462,6 +463,10 @@ class Daemon:
                 f"{limits.max_recipients} (smtp.max_recipients)"
             )
         uid = peer.uid if peer is not None else None
+        if idempotency_key is not None:
+            idempotency_key = (
+                validate_key(idempotency_key) if uid is None else user_key(idempotency_key, uid)
+            )
         user = await anyio.to_thread.run_sync(_user_name, uid) if uid is not None else ""
         ids = await self._submitter.submit(
             sender,
