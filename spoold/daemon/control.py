@@ -119,6 +119,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast, get_args, get_origin
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -140,6 +141,8 @@ from spoold.errors import (
     WaitTimeoutError,
 )
 from spoold.history import Outcome
+from spoold.ids import validate_id
+from spoold.listing import Listing, ListingFilter
 from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, queue_of
 from spoold.ondisk import Unreadable
 from spoold.outcome import RetryPlan
@@ -368,7 +371,21 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A result already encoded as JSON (a listing, page by page)."""
+
+    json: bytes
+
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(dict[str, Any])
+
+
 def _encode(obj: object) -> bytes:
+    if isinstance(obj, dict) and isinstance(result := obj.get("result"), _Encoded):
+        head = json.dumps({k: v for k, v in obj.items() if k != "result"}, separators=(",", ":"))
+        return head[:-1].encode() + b',"result":' + result.json + b"}\n"
     return json.dumps(obj, default=_json_default, separators=(",", ":")).encode() + b"\n"
 
 
@@ -439,6 +456,13 @@ class _NoParams(_Params):
 class _StatusParams(_Params):
     queue: Literal["all", "active", "frozen", "quarantine"] = "all"
     only_ids: bool = False  # the ids alone, sorted (no listing object is built)
+    stream: bool = False  # pages as they are built, then a last line (a large queue)
+    after: str | None = None  # list the ids after this one (a cursor)
+    limit: int | None = None  # at most this many
+    domain: str | None = None  # a recipient still to deliver is in this domain
+    older_than: str | None = None  # a span: at least this old (by spool date)
+    newer_than: str | None = None  # a span: younger than this
+    error: str | None = None  # the last error contains this text (any case)
 
 
 class _IdsParams(_Params):
@@ -503,19 +527,63 @@ async def _ping(server: ControlServer, p: _NoParams) -> Any:
     return "pong"
 
 
-async def _status(server: ControlServer, p: _StatusParams) -> Any:
+def _listing_filter(p: _StatusParams) -> ListingFilter:
+    return ListingFilter(
+        domain=p.domain,
+        older_than=None if p.older_than is None else parse_span(p.older_than),
+        newer_than=None if p.newer_than is None else parse_span(p.newer_than),
+        error=p.error,
+    )
+
+
+async def _listing(
+    server: ControlServer, p: _StatusParams
+) -> tuple[Listing[Any], Callable[[Any], Any]]:
+    """The walk over what ``status`` lists (a snapshot of the ids, taken
+    now) and how each item is shown: its listing object, or its id."""
+    wanted = _listing_filter(p)
+    if p.after is not None:
+        validate_id(p.after)
+    now = server.spool.clock.now()
+    render: Callable[[Any], Any]
     if p.queue == "quarantine":
         readable, unreadable = await server.spool.quarantined()
-        views = [message_view(m) for m in readable] + [unreadable_view(u) for u in unreadable]
-        views.sort(key=lambda v: str(v["id"]))
-        return [v["id"] for v in views] if p.only_ids else views
-    if p.only_ids:
-        return server.spool.status_ids(None if p.queue == "all" else Queue(p.queue))
-    return [
-        message_view(m)
-        for m in server.spool.status()
-        if p.queue == "all" or queue_of(m.status) == p.queue
-    ]
+        found: dict[str, Message | Unreadable] = {m.id: m for m in readable}
+        found.update((u.id, u) for u in unreadable)
+        render = (lambda item: item.id) if p.only_ids else describe_view
+        listing: Listing[Any] = Listing(
+            sorted(found),
+            found.get,
+            lambda item: wanted.keeps(item, now),
+            after=p.after,
+            limit=p.limit,
+        )
+        return listing, render
+    ids = server.spool.status_ids(None if p.queue == "all" else Queue(p.queue))
+    if p.only_ids and not wanted.narrows:  # nothing to look at but the ids
+        listing = Listing(ids, lambda mid: mid, lambda _: True, after=p.after, limit=p.limit)
+        return listing, lambda mid: mid
+    render = (lambda msg: msg.id) if p.only_ids else message_view
+    listing = Listing(
+        ids,
+        lambda mid: server.spool.snapshot(mid, now),
+        lambda msg: wanted.keeps(msg, now),
+        after=p.after,
+        limit=p.limit,
+    )
+    return listing, render
+
+
+async def _status(server: ControlServer, p: _StatusParams) -> Any:
+    """``status`` in one reply (the form older clients ask for). Built
+    page by page all the same, with a pause for the event loop between two
+    pages, and each page encoded as it is built."""
+    listing, render = await _listing(server, p)
+    parts: list[bytes] = []
+    while not listing.done:
+        parts += [_ENCODER.encode(render(item)) for item in listing.page()]
+        await anyio.lowlevel.checkpoint()
+    return _Encoded(b"[" + b",".join(parts) + b"]")
 
 
 async def _freeze(server: ControlServer, p: _IdsParams) -> Any:
@@ -796,6 +864,9 @@ class ControlServer:
         if op in ("events", "wait"):
             await self._staying(op, stream, reader, request, peer)
             return
+        if op == "status" and request.get("stream") is True:
+            await self._status_stream(stream, request)
+            return
         if op == "submit":
             reply = await self._submit(reader, request, peer)
         elif isinstance(op, str) and op in OPERATIONS:
@@ -920,6 +991,33 @@ class ControlServer:
             contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError),
         ):
             await stream.send(_encode(reply))
+
+    async def _status_stream(self, stream: anyio.abc.ByteStream, request: dict[str, Any]) -> None:
+        """``status`` with ``stream``: one line per page as it is built,
+        ``{"ok": true, "page": [...]}``, then ``{"ok": true, "result":
+        {"listed": N, "next_after": ID or null}}``. The loop is given back
+        after each page (and the send waits for a slow reader: nothing
+        piles up here); a reader that takes no page for the request timeout,
+        or hangs up, ends the listing."""
+        made: dict[str, Any] = await self._dispatch(
+            "status", lambda: _listing(self, _params("status", _StatusParams, request))
+        )
+        if not made.get("ok"):
+            await self._reply(stream, made)
+            return
+        listing, render = made["result"]
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            while not listing.done:
+                items = [render(item) for item in listing.page()]
+                if items:
+                    line = b'{"ok":true,"page":' + _ENCODER.encode(items) + b"}\n"
+                    with anyio.move_on_after(self.request_timeout) as waited:
+                        await stream.send(line)
+                    if waited.cancelled_caught:
+                        return  # a reader that stopped reading holds its place no longer
+                await anyio.lowlevel.checkpoint()
+            end = {"listed": listing.listed, "next_after": listing.next_after}
+            await self._reply(stream, {"ok": True, "result": end})
 
     async def _events(
         self, stream: anyio.abc.ByteStream, reader: BufferedByteReceiveStream
@@ -1176,6 +1274,35 @@ class ControlClient:
         if not reply.get("ok"):
             raise ControlError(reply.get("error", "unknown error"), _reply_kind(reply))
         return reply.get("result")
+
+    async def status_pages(self, **params: Any) -> AsyncIterator[list[Any]]:
+        """``status`` in pages (``stream``): yield each page (listing
+        objects, or ids with ``only_ids``) as it arrives, so a large queue
+        is never held whole on either side. ``params`` are those of
+        ``status`` (``queue``, ``after``, ``limit``, filters). Raises
+        :class:`ControlError` for an error reply, or when the daemon hangs
+        up before the last line."""
+        request = {"v": PROTOCOL_VERSION, "op": "status", **params, "stream": True}
+        stream = await self._connect()
+        async with stream:
+            with anyio.fail_after(self.timeout):
+                await stream.send(_encode(request))
+            reader = BufferedByteReceiveStream(stream)
+            while True:
+                try:
+                    with anyio.fail_after(self.timeout):
+                        line = await reader.receive_until(b"\n", 1 << 30)
+                except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+                    raise ControlError(
+                        "the daemon closed the connection before the end of the listing",
+                        "internal",
+                    ) from None
+                reply = _DECODER.decode(line)
+                if not reply.get("ok"):
+                    raise ControlError(reply.get("error", "unknown error"), _reply_kind(reply))
+                if "page" not in reply:
+                    return
+                yield reply["page"]
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Yield event dicts until the daemon goes away."""
