@@ -1819,6 +1819,18 @@ class Spool:
             snap.status = entry.msg.effective_status(now)
         return snap
 
+    def peek(self, message_id: str, now: datetime) -> tuple[Message, Status] | None:
+        """The record of a message in ``active`` or ``frozen`` itself (no
+        copy: to read at once, before any ``await``, and never to change or
+        keep) and the status :meth:`status` shows for it at ``now``; None
+        when it is not there (any more). For a listing of a large queue,
+        where :meth:`snapshot`'s copy is most of the cost."""
+        entry = self._index.get(message_id)
+        if entry is None:
+            return None
+        msg = entry.msg
+        return msg, msg.status if entry.busy else msg.effective_status(now)
+
     def status_ids(self, queue: Queue | None = None) -> list[str]:
         """The ids :meth:`status` would list (only those in ``queue``, when
         given: ``active`` or ``frozen``), sorted, without a snapshot of any

@@ -104,6 +104,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import math
 import os
@@ -143,7 +144,7 @@ from spoold.errors import (
 from spoold.history import Outcome
 from spoold.ids import validate_id
 from spoold.listing import Listing, ListingFilter
-from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, queue_of
+from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, Status, queue_of
 from spoold.ondisk import Unreadable
 from spoold.outcome import RetryPlan
 from spoold.spool import Spool
@@ -186,13 +187,25 @@ _READ_CHUNK = 256 * 1024
 log = structlog.get_logger("spoold.daemon.control")
 
 
-def message_view(msg: Message) -> dict[str, Any]:
+@functools.lru_cache(maxsize=64)
+def _interval_seconds(
+    intervals: tuple[RetryInterval, ...],
+) -> tuple[tuple[float, float | None], ...]:
+    """Retry intervals as seconds (most messages share a few lists of them)."""
+    return tuple(
+        (r.span.total_seconds(), r.jitter.total_seconds() if r.jitter else None) for r in intervals
+    )
+
+
+def message_view(msg: Message, status: Status | None = None) -> dict[str, Any]:
     """The JSON listing of a message (``status --format json``): the
-    record's fields plus ``queue``; ``status`` as a string, with ``send_at``
+    record's fields plus ``queue``; ``status`` as a string (``status``, when
+    given, instead of the record's), with ``send_at``
     and ``quarantine_reason`` when they apply (and ``removed_at``,
     ``idempotency_key``, ``rerouted_to``, ``submitter_uid`` when set); times RFC 3339 UTC; retry
-    intervals as seconds."""
-    status = msg.status
+    intervals as seconds. Nothing of ``msg`` is kept: the view is new."""
+    if status is None:
+        status = msg.status
     queue = queue_of(status)
     env = msg.envelope_info
     view: dict[str, Any] = {
@@ -205,11 +218,8 @@ def message_view(msg: Message) -> dict[str, Any]:
         "spool_date": rfc3339(msg.spool_date),
         "next_hop_choices": list(msg.next_hop_choices),
         "retry_intervals": [
-            {
-                "span": r.span.total_seconds(),
-                "jitter": r.jitter.total_seconds() if r.jitter else None,
-            }
-            for r in msg.retry_intervals
+            {"span": span, "jitter": jitter}
+            for span, jitter in _interval_seconds(tuple(msg.retry_intervals))
         ],
         "remaining_recipients": list(msg.remaining_recipients),
         "failed_recipients": list(msg.failed_recipients),
@@ -563,15 +573,18 @@ async def _listing(
     if p.only_ids and not wanted.narrows:  # nothing to look at but the ids
         listing = Listing(ids, lambda mid: mid, lambda _: True, after=p.after, limit=p.limit)
         return listing, lambda mid: mid
-    render = (lambda msg: msg.id) if p.only_ids else message_view
+    # Each page is looked up, filtered and shown with no pause between:
+    # the spool's own records are read, never kept, never changed.
     listing = Listing(
         ids,
-        lambda mid: server.spool.snapshot(mid, now),
-        lambda msg: wanted.keeps(msg, now),
+        lambda mid: server.spool.peek(mid, now),
+        lambda seen: wanted.keeps(seen[0], now),
         after=p.after,
         limit=p.limit,
     )
-    return listing, render
+    if p.only_ids:
+        return listing, lambda seen: seen[0].id
+    return listing, lambda seen: message_view(*seen)
 
 
 async def _status(server: ControlServer, p: _StatusParams) -> Any:
