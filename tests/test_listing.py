@@ -24,7 +24,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from spoold.daemon.control import ControlClient, ControlServer
+from spoold.daemon.control import ControlClient, ControlServer, message_view
 from spoold.errors import ControlError
 from spoold.listing import PAGE_SIZE, Listing, ListingFilter
 from spoold.message import (
@@ -184,12 +184,15 @@ async def pages_of(client: ControlClient, **params: Any) -> list[list[Any]]:
 async def test_streamed_status_is_the_listing_in_pages_in_id_order(
     tmp_path: Path,
 ) -> None:
-    async with served(tmp_path) as (_, client, messages):
+    async with served(tmp_path) as (spool, client, messages):
         pages = await pages_of(client)
         assert len(pages) == COUNT // PAGE_SIZE and all(len(p) == PAGE_SIZE for p in pages)
         streamed = [v for p in pages for v in p]
         assert [v["id"] for v in streamed] == sorted(m.id for m in messages)
         assert streamed == await client.request("status")  # the single reply, as before
+        # Each listing object is message_view of the record, as it always was.
+        snapshots = [spool.snapshot(v["id"], NOW) for v in streamed]
+        assert streamed == [message_view(m) for m in snapshots if m is not None]
         ids = await pages_of(client, only_ids=True, queue="frozen")
         assert [i for p in ids for i in p] == sorted(
             m.id for m in messages if int(m.id[4:]) % 7 == 0

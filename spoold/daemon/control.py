@@ -114,7 +114,7 @@ import stat
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast, get_args, get_origin
 
@@ -144,7 +144,16 @@ from spoold.errors import (
 from spoold.history import Outcome
 from spoold.ids import validate_id
 from spoold.listing import Listing, ListingFilter
-from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, Status, queue_of
+from spoold.message import (
+    Message,
+    Quarantined,
+    Queue,
+    RetryInterval,
+    SendAt,
+    Status,
+    gc_paused,
+    queue_of,
+)
 from spoold.ondisk import Unreadable
 from spoold.outcome import RetryPlan
 from spoold.spool import Spool
@@ -188,13 +197,23 @@ log = structlog.get_logger("spoold.daemon.control")
 
 
 @functools.lru_cache(maxsize=64)
-def _interval_seconds(
-    intervals: tuple[RetryInterval, ...],
-) -> tuple[tuple[float, float | None], ...]:
-    """Retry intervals as seconds (most messages share a few lists of them)."""
+def _intervals_view(intervals: tuple[RetryInterval, ...]) -> tuple[dict[str, Any], ...]:
+    """Retry intervals as seconds (most messages share a few lists of them:
+    shared views, to encode and never to change)."""
     return tuple(
-        (r.span.total_seconds(), r.jitter.total_seconds() if r.jitter else None) for r in intervals
+        {"span": r.span.total_seconds(), "jitter": r.jitter.total_seconds() if r.jitter else None}
+        for r in intervals
     )
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _utc_time(t: datetime) -> Any:
+    """A time for msgspec to encode: it writes a UTC time exactly as
+    :func:`~spoold.times.rfc3339` does."""
+    return t if t.tzinfo is UTC else rfc3339(t)
 
 
 def message_view(msg: Message, status: Status | None = None) -> dict[str, Any]:
@@ -204,8 +223,23 @@ def message_view(msg: Message, status: Status | None = None) -> dict[str, Any]:
     and ``quarantine_reason`` when they apply (and ``removed_at``,
     ``idempotency_key``, ``rerouted_to``, ``submitter_uid`` when set); times RFC 3339 UTC; retry
     intervals as seconds. Nothing of ``msg`` is kept: the view is new."""
+    return _view(msg, status, shared=False)
+
+
+def _listing_view(item: tuple[Message, Status]) -> dict[str, Any]:
+    """:func:`message_view` of a record of the spool's, to encode with
+    msgspec at once (before any ``await``) and drop: it shares the record's
+    lists and leaves UTC times to the encoder (a large listing's cost is
+    mostly here)."""
+    return _view(*item, shared=True)
+
+
+def _view(msg: Message, status: Status | None, *, shared: bool) -> dict[str, Any]:
     if status is None:
         status = msg.status
+    some: Callable[[Any], Any] = _as_is if shared else list
+    when: Callable[[datetime], Any] = _utc_time if shared else rfc3339
+    intervals = _intervals_view(tuple(msg.retry_intervals))
     queue = queue_of(status)
     env = msg.envelope_info
     view: dict[str, Any] = {
@@ -213,36 +247,33 @@ def message_view(msg: Message, status: Status | None = None) -> dict[str, Any]:
         "queue": queue.value if queue else None,
         "status": status.name,
         "parent_id": msg.parent_id,
-        "related_ids": list(msg.related_ids),
-        "flows": list(msg.flows),
-        "spool_date": rfc3339(msg.spool_date),
-        "next_hop_choices": list(msg.next_hop_choices),
-        "retry_intervals": [
-            {"span": span, "jitter": jitter}
-            for span, jitter in _interval_seconds(tuple(msg.retry_intervals))
-        ],
-        "remaining_recipients": list(msg.remaining_recipients),
-        "failed_recipients": list(msg.failed_recipients),
-        "relay_attempts": [{"time": rfc3339(a.time), "error": a.error} for a in msg.relay_attempts],
+        "related_ids": some(msg.related_ids),
+        "flows": some(msg.flows),
+        "spool_date": when(msg.spool_date),
+        "next_hop_choices": some(msg.next_hop_choices),
+        "retry_intervals": intervals if shared else [dict(i) for i in intervals],
+        "remaining_recipients": some(msg.remaining_recipients),
+        "failed_recipients": some(msg.failed_recipients),
+        "relay_attempts": [{"time": when(a.time), "error": a.error} for a in msg.relay_attempts],
         "envelope_info": {
             "sender": env.sender,
-            "recipients": list(env.recipients),
-            "mail_params": list(env.mail_params),
+            "recipients": some(env.recipients),
+            "mail_params": some(env.mail_params),
             "envelope_id": env.envelope_id,
         },
         "route": msg.route,
         "size": msg.size,
         "in_doubt": msg.in_doubt,
-        "delay_warned_at": rfc3339(msg.delay_warned_at) if msg.delay_warned_at else None,
+        "delay_warned_at": when(msg.delay_warned_at) if msg.delay_warned_at else None,
     }
     if msg.rerouted_to:
         view["rerouted_to"] = dict(msg.rerouted_to)
     if isinstance(status, SendAt):
-        view["send_at"] = rfc3339(status.at)
+        view["send_at"] = when(status.at)
     if isinstance(status, Quarantined):
         view["quarantine_reason"] = status.reason
     if msg.removed_at is not None:
-        view["removed_at"] = rfc3339(msg.removed_at)
+        view["removed_at"] = when(msg.removed_at)
     if msg.idempotency_key is not None:
         view["idempotency_key"] = msg.idempotency_key
     if msg.submitter_uid is not None:
@@ -584,7 +615,7 @@ async def _listing(
     )
     if p.only_ids:
         return listing, lambda seen: seen[0].id
-    return listing, lambda seen: message_view(*seen)
+    return listing, _listing_view
 
 
 async def _status(server: ControlServer, p: _StatusParams) -> Any:
@@ -594,7 +625,8 @@ async def _status(server: ControlServer, p: _StatusParams) -> Any:
     listing, render = await _listing(server, p)
     parts: list[bytes] = []
     while not listing.done:
-        parts += [_ENCODER.encode(render(item)) for item in listing.page()]
+        with gc_paused():  # many small objects, no cycles: see gc_paused
+            parts += [_ENCODER.encode(render(item)) for item in listing.page()]
         await anyio.lowlevel.checkpoint()
     return _Encoded(b"[" + b",".join(parts) + b"]")
 
@@ -1021,9 +1053,10 @@ class ControlServer:
         listing, render = made["result"]
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             while not listing.done:
-                items = [render(item) for item in listing.page()]
-                if items:
+                with gc_paused():  # many small objects, no cycles: see gc_paused
+                    items = [render(item) for item in listing.page()]
                     line = b'{"ok":true,"page":' + _ENCODER.encode(items) + b"}\n"
+                if items:
                     with anyio.move_on_after(self.request_timeout) as waited:
                         await stream.send(line)
                     if waited.cancelled_caught:
