@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import click
+import msgspec
 
 from spoold.address import validate_address
 from spoold.daemon.config import find_control_socket, load_config
@@ -260,8 +261,11 @@ class _StatusPrinter:
     def page(self, items: Sequence[Any]) -> None:
         self.count += len(items)
         out: list[str]
-        if self.fmt == "json":
-            out = [json.dumps(v, separators=(",", ":")) for v in items]
+        if self.fmt == "json":  # compact, UTF-8: as the daemon sends each object
+            encode = msgspec.json.encode
+            blob = b"".join((v if isinstance(v, bytes) else encode(v)) + b"\n" for v in items)
+            click.echo(blob, nl=False)
+            return
         elif self.fmt == "id":
             out = [v if isinstance(v, str) else v["id"] for v in items]
         elif self.fmt == "exim":
@@ -522,7 +526,7 @@ def status(
     async def go() -> None:
         if not target.spool_dir:
             try:
-                async for page in target.client().status_pages(**params):
+                async for page in target.client().status_pages(raw=fmt == "json", **params):
                     printer.page(page)
             except ControlError as exc:
                 if exc.kind != "unavailable" or target.socket or printer.count:

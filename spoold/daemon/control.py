@@ -421,6 +421,8 @@ class _Encoded:
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(dict[str, Any])
+_RAW_PAGE_HEAD = b'{"ok":true,"page":['  # how a page line starts
+_RAW_PAGE = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def _encode(obj: object) -> bytes:
@@ -1055,7 +1057,7 @@ class ControlServer:
             while not listing.done:
                 with gc_paused():  # many small objects, no cycles: see gc_paused
                     items = [render(item) for item in listing.page()]
-                    line = b'{"ok":true,"page":' + _ENCODER.encode(items) + b"}\n"
+                    line = _RAW_PAGE_HEAD + _ENCODER.encode(items)[1:] + b"}\n"
                 if items:
                     with anyio.move_on_after(self.request_timeout) as waited:
                         await stream.send(line)
@@ -1321,13 +1323,14 @@ class ControlClient:
             raise ControlError(reply.get("error", "unknown error"), _reply_kind(reply))
         return reply.get("result")
 
-    async def status_pages(self, **params: Any) -> AsyncIterator[list[Any]]:
+    async def status_pages(self, raw: bool = False, **params: Any) -> AsyncIterator[list[Any]]:
         """``status`` in pages (``stream``): yield each page (listing
         objects, or ids with ``only_ids``) as it arrives, so a large queue
         is never held whole on either side. ``params`` are those of
-        ``status`` (``queue``, ``after``, ``limit``, filters). Raises
-        :class:`ControlError` for an error reply, or when the daemon hangs
-        up before the last line."""
+        ``status`` (``queue``, ``after``, ``limit``, filters). With ``raw``,
+        each listing object comes as its JSON text, undecoded (``bytes``,
+        UTF-8, compact). Raises :class:`ControlError` for an error reply, or
+        when the daemon hangs up before the last line."""
         request = {"v": PROTOCOL_VERSION, "op": "status", **params, "stream": True}
         stream = await self._connect()
         async with stream:
@@ -1343,6 +1346,9 @@ class ControlClient:
                         "the daemon closed the connection before the end of the listing",
                         "internal",
                     ) from None
+                if raw and line.startswith(_RAW_PAGE_HEAD):  # as the server writes it
+                    yield [bytes(v) for v in _RAW_PAGE.decode(line[len(_RAW_PAGE_HEAD) - 1 : -1])]
+                    continue
                 reply = _DECODER.decode(line)
                 if not reply.get("ok"):
                     raise ControlError(reply.get("error", "unknown error"), _reply_kind(reply))
