@@ -39,7 +39,7 @@ from spoold.ondisk import OnDiskSpool
 from spoold.spool import DEFAULT_RETRY_INTERVALS, Spool
 from spoold.testing import FakeClock, InMemoryRelay
 from spoold.times import utcnow
-from tests.daemon_helpers import child_env
+from tests.daemon_helpers import child_env, cli
 from tests.test_large_queue import write_queue
 
 TIMEOUT = 60.0  # a safety net per test: none comes near it
@@ -356,3 +356,58 @@ def test_the_cli_lists_a_large_queue_in_bounded_memory(tmp_path: Path) -> None:
     lines_large, peak_large = listing_peak_rss(large)
     assert (lines_small, lines_large) == (300, 6300)
     assert peak_large - peak_small < 8 * 1024, (peak_small, peak_large)
+
+
+def test_the_cli_filters_pages_and_streams_a_long_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From disk (the same printer serves the daemon's pages): past 1,000
+    rows the table is printed as it comes, in the same columns."""
+    spool_dir = tmp_path / "spool"
+    anyio.run(make_spool, spool_dir)
+    messages = [
+        record(
+            i,
+            rcpt="r@slow.example" if i % 4 == 0 else "r@fast.example",
+            error="421 4.7.0 Too many connections" if i % 5 == 0 else None,
+            age=timedelta(hours=2) if i % 3 == 0 else timedelta(minutes=1),
+        )
+        for i in range(1100)
+    ]
+    write_queue(spool_dir, messages)
+    ids = sorted(m.id for m in messages)
+    where = ("--spool-dir", str(spool_dir))
+
+    monkeypatch.setenv("COLUMNS", "120")
+    table = cli(*where, "status")
+    assert table.code == 0, table.err
+    lines = table.out.splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "AGE", "SIZE", "RCPTS", "SENDER", "LAST", "ERROR"]
+    assert [line.split()[0] for line in lines[1:-1]] == ids
+    assert lines[-1] == "1100 message(s)"
+    with_error = next(line for line in lines if line.startswith(ids[0]))
+    assert with_error.endswith("421 4.7.0 Too many connections")
+    assert lines[0].index("LAST ERROR") == with_error.index("421")
+
+    first = cli(*where, "status", "--format", "id", "--limit", "300").out.split()
+    rest = cli(*where, "status", "--format", "id", "--after", first[-1]).out.split()
+    assert first + rest == ids and len(first) == 300
+
+    slow_old = cli(
+        *where,
+        "status",
+        "--format",
+        "id",
+        "--domain",
+        "slow.example",
+        "--older-than",
+        "1h",
+        "--error",
+        "TOO MANY",
+    ).out.split()
+    assert slow_old == [m for m in ids if int(m[4:]) % 60 == 0]
+    young = cli(*where, "status", "--format", "exim", "--newer-than", "1h", "--limit", "1").out
+    assert young.splitlines()[0].endswith(f"{ids[1]} <s@example.org>")
+
+    refused = cli(*where, "status", "--older-than", "soon")
+    assert refused.code == 2 and "span" in refused.err

@@ -332,26 +332,28 @@ class _Columns:
         self.wide = wide
         self.width = _terminal_width()
         fits, self.left = _column_fits(first_rows, wide)
-        self.fits = [*fits[:1], max(fits[1], len("at 00:00:00 (in doubt)")), *fits[2:]]
-        self.stacked = self.left < _MIN_ERROR_COLUMN
+        self.fits = [*fits[:1], max(fits[1], len("at 00:00:00")), *fits[2:]]
+        self.stacked = self.left < _MIN_ERROR_COLUMN and any(
+            len(r[-1]) > self.left for r in first_rows
+        )
 
     def _line(self, cells: Sequence[str]) -> str:
         parts = [
             _cut(c, w) if len(c) > w else c.ljust(w) for c, w in zip(cells, self.fits, strict=False)
         ]
-        return "  ".join(parts).rstrip()
+        return "  ".join(parts)
 
     def header(self) -> list[str]:
         if self.stacked:
-            return [self._line(_TABLE_HEADS[:-1]), _ERROR_INDENT + _TABLE_HEADS[-1]]
-        return [self._line(_TABLE_HEADS)]
+            return [self._line(_TABLE_HEADS[:-1]).rstrip(), _ERROR_INDENT + _TABLE_HEADS[-1]]
+        return [self._line(_TABLE_HEADS[:-1]) + "  " + _TABLE_HEADS[-1]]
 
     def row(self, row: tuple[str, ...]) -> list[str]:
         error = row[-1]
         if not self.stacked:
             last = error if self.wide or len(error) <= self.left else _cut(error, self.left)
             return [(self._line(row[:-1]) + "  " + last).rstrip()]
-        lines = [self._line(row[:-1])]
+        lines = [self._line(row[:-1]).rstrip()]
         if error:
             room = self.width - len(_ERROR_INDENT)
             lines.append(_ERROR_INDENT + (error if self.wide else _cut(error, room)))
