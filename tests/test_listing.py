@@ -24,6 +24,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from spoold.client import Client
 from spoold.daemon.control import ControlClient, ControlServer, message_view
 from spoold.errors import ControlError
 from spoold.listing import PAGE_SIZE, Listing, ListingFilter
@@ -290,6 +291,23 @@ async def test_the_server_gives_the_loop_back_between_pages(tmp_path: Path, stre
         assert looked == COUNT
         assert max(gaps) <= PAGE_SIZE
         assert sum(1 for g in gaps if g) >= COUNT // PAGE_SIZE
+
+
+async def test_the_python_client_iterates_over_the_pages(tmp_path: Path) -> None:
+    async with served(tmp_path) as (_, client, messages):
+        listing = await client.request("status", domain="slow.example", older_than="1h")
+        assert len(listing) == COUNT // 12
+
+        def iterate() -> tuple[list[dict[str, Any]], list[str]]:
+            python = Client(client.path)
+            whole = list(python.iter_status(domain="slow.example", older_than=timedelta(hours=1)))
+            pieces = python.iter_status(after=whole[0]["id"], limit=3)
+            return whole, [v["id"] for v in pieces]
+
+        whole, pieces = await anyio.to_thread.run_sync(iterate)
+        assert whole == listing
+        ids = sorted(m.id for m in messages)
+        assert pieces == ids[ids.index(whole[0]["id"]) + 1 :][:3]
 
 
 async def test_a_reader_that_hangs_up_ends_the_listing(

@@ -17,7 +17,14 @@ line per event until the client hangs up.
 Operations mirror the Python API of :class:`~spoold.spool.Spool`:
 ``status`` (``queue``: all|active|frozen|quarantine; a quarantined record
 that cannot be read is listed with ``unreadable: true`` and its reason;
-``only_ids: true`` answers the sorted ids alone, cheap for a large queue),
+``only_ids: true`` answers the sorted ids alone, cheap for a large queue;
+filters ``domain``, ``older_than``, ``newer_than``, ``error`` and a cursor
+``after``, ``limit``, see :mod:`spoold.listing`; ``stream: true`` answers
+one ``{"ok": true, "page": [...]}`` line per page, then ``{"ok": true,
+"result": {"listed": N, "next_after": ID|null}}``. Either form is built a
+page at a time from a snapshot of the ids, the event loop given back
+between two pages; the streamed one also sends each page as it is built,
+as fast as the client reads, so neither side holds the whole listing),
 ``count``, ``freeze``, ``send``
 (``ids`` or ``which``: all|frozen_only, ``retry_intervals``: spans),
 ``remove``, ``reroute`` (``ids`` or ``which``: all), ``recover`` (``from``:
