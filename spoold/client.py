@@ -42,7 +42,7 @@ import io
 import json
 import os
 import socket as socketlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
@@ -170,30 +170,7 @@ class Client:
     ) -> Any:
         where = path or self.socket
         line = json.dumps({"v": _PROTOCOL_VERSION, **request}, separators=(",", ":"))
-        with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            try:
-                sock.connect(str(where))
-            except FileNotFoundError:
-                raise ControlError(
-                    f"no daemon: control socket {where} does not exist", "unavailable"
-                ) from None
-            except TimeoutError:
-                raise ControlError(
-                    f"the daemon at {where} did not answer within {timeout:g} s",
-                    "unavailable",
-                ) from None
-            except PermissionError:
-                raise ControlError(
-                    f"cannot reach the daemon at {where}: permission denied (this user "
-                    "may not use that socket)",
-                    "denied",
-                ) from None
-            except OSError as exc:
-                raise ControlError(
-                    f"cannot reach the daemon at {where}: {exc.strerror or exc}",
-                    "unavailable",
-                ) from None
+        with self._connect(where, timeout) as sock:
             try:
                 # A daemon that refuses before reading everything (a message
                 # over its limit) answers and hangs up: its reply says why.
@@ -217,6 +194,38 @@ class Client:
             _raise_for(reply)
         return reply.get("result")
 
+    @staticmethod
+    def _connect(where: Path, timeout: float | None) -> socketlib.socket:
+        sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(where))
+            except FileNotFoundError:
+                raise ControlError(
+                    f"no daemon: control socket {where} does not exist", "unavailable"
+                ) from None
+            except TimeoutError:
+                raise ControlError(
+                    f"the daemon at {where} did not answer within {timeout:g} s",
+                    "unavailable",
+                ) from None
+            except PermissionError:
+                raise ControlError(
+                    f"cannot reach the daemon at {where}: permission denied (this user "
+                    "may not use that socket)",
+                    "denied",
+                ) from None
+            except OSError as exc:
+                raise ControlError(
+                    f"cannot reach the daemon at {where}: {exc.strerror or exc}",
+                    "unavailable",
+                ) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def request(self, op: str, **params: Any) -> Any:
         """Any operation of the protocol by name; its ``result``."""
         return self._exchange({"op": op, **params}, timeout=self.timeout)
@@ -233,6 +242,54 @@ class Client:
         message (``all``: active and frozen)."""
         views: list[dict[str, Any]] = self.request("status", queue=queue)
         return views
+
+    def iter_status(
+        self,
+        queue: Literal["all", "active", "frozen", "quarantine"] = "all",
+        *,
+        domain: str | None = None,
+        older_than: str | timedelta | None = None,
+        newer_than: str | timedelta | None = None,
+        error: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """:meth:`status` a page at a time (the daemon's ``stream``): one
+        dict per message as the pages come, by id, so a large queue is
+        never held whole; the filters and cursor of ``spoold status``
+        (``--domain``, ``--older-than``, ...; spans as for :meth:`history`).
+        Stop early, and the daemon stops too."""
+        params: dict[str, Any] = {"op": "status", "queue": queue, "stream": True}
+        for name, span in (("older_than", older_than), ("newer_than", newer_than)):
+            if span is not None:
+                params[name] = _span_text(span if isinstance(span, timedelta) else parse_span(span))
+        for name, value in (("domain", domain), ("error", error), ("limit", limit)):
+            if value is not None:
+                params[name] = value
+        if after is not None:
+            params["after"] = validate_id(after)
+        line = json.dumps({"v": _PROTOCOL_VERSION, **params}, separators=(",", ":"))
+        with self._connect(self.socket, self.timeout) as sock:
+            try:
+                sock.sendall(line.encode() + b"\n")
+                with sock.makefile("rb") as reader:
+                    for answer in reader:
+                        reply = json.loads(answer)
+                        if not reply.get("ok"):
+                            _raise_for(reply)
+                        if "page" not in reply:
+                            return
+                        yield from reply["page"]
+            except TimeoutError:
+                raise ControlError(
+                    f"no reply from the daemon at {self.socket} within {self.timeout:g} s",
+                    "unavailable",
+                ) from None
+            except OSError as exc:
+                raise ControlError(
+                    f"lost the daemon at {self.socket}: {exc.strerror or exc}", "unavailable"
+                ) from None
+        raise ControlError("the daemon closed the connection before the end", "internal")
 
     def count(self) -> dict[str, int]:
         """Messages per queue: ``active``, ``frozen``, ``sending``,

@@ -87,7 +87,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Container,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -125,6 +133,7 @@ from spoold.hostname import local_hostname
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
 from spoold.ids import validate_id
 from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
+from spoold.listing import SCAN_LIMIT, Listing
 from spoold.log import get_logger
 from spoold.message import (
     SEND_NOW,
@@ -166,7 +175,7 @@ from spoold.relay import (
     RecipientResult,
     Relay,
 )
-from spoold.store import StepHook, SyncMode
+from spoold.store import CHECKOUT, StepHook, SyncMode
 from spoold.tasks import own_tasks
 from spoold.timers import Timers
 from spoold.waiting import MessageOutcome, OutcomeBoard, OutcomeKind
@@ -1808,6 +1817,30 @@ class Spool:
         out.sort(key=lambda m: m.id)
         return out
 
+    def snapshot(self, message_id: str, now: datetime) -> Message | None:
+        """What :meth:`status` lists of one message at ``now``, or None when
+        it is not in ``active`` or ``frozen`` (any more): a paged listing
+        takes :meth:`status_ids` once, then this for each id of a page."""
+        entry = self._index.get(message_id)
+        if entry is None:
+            return None
+        snap = entry.msg.copy()
+        if not entry.busy:
+            snap.status = entry.msg.effective_status(now)
+        return snap
+
+    def peek(self, message_id: str, now: datetime) -> tuple[Message, Status] | None:
+        """The record of a message in ``active`` or ``frozen`` itself (no
+        copy: to read at once, before any ``await``, and never to change or
+        keep) and the status :meth:`status` shows for it at ``now``; None
+        when it is not there (any more). For a listing of a large queue,
+        where :meth:`snapshot`'s copy is most of the cost."""
+        entry = self._index.get(message_id)
+        if entry is None:
+            return None
+        msg = entry.msg
+        return msg, msg.status if entry.busy else msg.effective_status(now)
+
     def status_ids(self, queue: Queue | None = None) -> list[str]:
         """The ids :meth:`status` would list (only those in ``queue``, when
         given: ``active`` or ``frozen``), sorted, without a snapshot of any
@@ -2054,6 +2087,62 @@ class Spool:
                 unreadable += bad
             messages.sort(key=lambda m: m.id)
             return messages, unreadable
+        finally:
+            await ondisk.close()
+
+    @staticmethod
+    async def status_from_disk_pages(
+        spool_dir: str | Path,
+        queues: Sequence[Queue],
+        on_page: Callable[[list[Message | Unreadable]], Awaitable[None]],
+        *,
+        keep: Callable[[Message | Unreadable], bool] = lambda _: True,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> None:
+        """:meth:`status_from_disk` a page at a time, for a large queue: the
+        ids of ``queues`` are listed and sorted, then each page's records are
+        read (one worker-thread hop) and handed to ``on_page``, those that
+        ``keep`` keeps, in id order (see :class:`~spoold.listing.Listing`
+        for ``after`` and ``limit``). A record that cannot be read comes as
+        an :class:`~spoold.ondisk.Unreadable`. Memory holds the ids and one
+        page. Changes nothing."""
+        ondisk, _ = await OnDiskSpool.open(spool_dir, owner=False, create=False)
+        try:
+            checked_out: set[str] = set()
+            ids: list[str] = []
+            for queue in queues:
+                for name, out in await ondisk.names(queue):
+                    ids.append(name)
+                    if out:
+                        checked_out.add(name)
+            ids.sort()
+            found: dict[str, Message | Unreadable] = {}
+            listing: Listing[Message | Unreadable] = Listing(
+                ids, found.get, keep, after=after, limit=limit
+            )
+            window = ids[listing.position :]
+            for start in range(0, len(window), SCAN_LIMIT):
+                batch = window[start : start + SCAN_LIMIT]
+                found.clear()
+                for mid, (queue, read) in (await ondisk.read_new(batch, queues)).items():
+                    if isinstance(read, Message):
+                        if mid in checked_out:
+                            read.status = Sending()
+                        found[mid] = read
+                        continue
+                    reason = f"unreadable record: {read}"
+                    if queue is Queue.QUARANTINE:
+                        reason = await ondisk.set_aside_reason(queue, mid) or reason
+                    where = f"{queue.value}/{CHECKOUT}" if mid in checked_out else queue.value
+                    found[mid] = Unreadable(mid, queue, ondisk.dir / where / mid, reason)
+                stop = listing.position + len(batch)
+                while not listing.done and listing.position < stop:
+                    page = listing.page(stop)
+                    if page:
+                        await on_page(page)
+                if listing.done:
+                    break
         finally:
             await ondisk.close()
 

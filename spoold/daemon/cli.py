@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import click
+import msgspec
 
 from spoold.address import validate_address
 from spoold.daemon.config import find_control_socket, load_config
@@ -36,8 +37,6 @@ from spoold.daemon.control import (
     departed_view,
     describe_view,
     history_view,
-    message_view,
-    unreadable_view,
 )
 from spoold.errors import (
     AddressError,
@@ -201,83 +200,192 @@ def _last_error(view: dict[str, Any]) -> str:
     return str(attempts[0]["error"]) if attempts else ""
 
 
-def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> None:
-    now = datetime.now(UTC)  # one "now" for the whole listing
-    if fmt == "json":
-        for v in views:
-            click.echo(json.dumps(v, separators=(",", ":")))
-    elif fmt == "id":
-        for v in views:
-            click.echo(v["id"])
-    elif fmt == "qshape":
-        from spoold.daemon.qshape import queue_shape, render_queue_shape
+def _table_row(v: dict[str, Any], now: datetime) -> tuple[str, ...]:
+    status = v["status"]
+    if status == "send_at":
+        status = "at " + v["send_at"][11:19]
+    if v.get("in_doubt"):
+        status += " (in doubt)"
+    envelope = v.get("envelope_info") or {}
+    return (
+        v["id"],
+        status,
+        _age(v.get("spool_date"), now),
+        exim_size(v.get("size")).strip(),
+        str(len(v.get("remaining_recipients") or [])),
+        (envelope.get("sender") or "<>") if envelope else "?",
+        _last_error(v),
+    )
 
-        click.echo(render_queue_shape(queue_shape(views, now)))
-    elif fmt == "exim":
-        for v in views:
-            if v.get("unreadable"):
-                click.echo(f"{'?':>3} {exim_size(None)} {v['id']} <?> *** unreadable ***")
-                click.echo(f"          {v['quarantine_reason']}\n")
-                continue
-            sender = v["envelope_info"]["sender"]
-            mark = {"frozen": " *** frozen ***", "quarantined": " *** quarantined ***"}.get(
-                v["status"], ""
-            )
-            if v.get("in_doubt"):
-                mark += " *** in doubt ***"
-            age = _age(v.get("spool_date"), now)
-            click.echo(f"{age:>3} {exim_size(v.get('size'))} {v['id']} <{sender}>{mark}")
-            for rcpt in v["remaining_recipients"]:
-                click.echo(f"          {rcpt}")
-            for rcpt in v["failed_recipients"]:
-                click.echo(f"        F {rcpt}")
-            click.echo("")
-    else:
-        from rich.console import Console
-        from rich.table import Table
 
-        rows = []
-        for v in views:
-            status = v["status"]
-            if status == "send_at":
-                status = "at " + v["send_at"][11:19]
-            if v.get("in_doubt"):
-                status += " (in doubt)"
-            envelope = v.get("envelope_info") or {}
-            rows.append(
-                (
-                    v["id"],
-                    status,
-                    _age(v.get("spool_date"), now),
-                    exim_size(v.get("size")).strip(),
-                    str(len(v.get("remaining_recipients") or [])),
-                    (envelope.get("sender") or "<>") if envelope else "?",
-                    _last_error(v),
-                )
-            )
-        heads = ("ID", "STATUS", "AGE", "SIZE", "RCPTS", "SENDER", "LAST ERROR")
-        width = max(60, shutil.get_terminal_size((100, 24)).columns)  # COLUMNS when piped
-        fits = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(heads[:-1])]
-        if not wide:
-            fits[-1] = min(fits[-1], 24)  # a long sender is cut, not the error
-        # Short columns keep their width; the last error takes what is left
-        # (cut short here, whole and wrapped with --wide).
-        left = max(10, width - sum(fits) - 2 * (len(heads) - 1))
-        table = Table(box=None, pad_edge=False, show_edge=False)
-        for head, fit in zip(heads[:-1], fits, strict=True):
-            table.add_column(head, no_wrap=True, width=fit, overflow="ellipsis")
-        if left < _MIN_ERROR_COLUMN and any(len(r[-1]) > left for r in rows):
-            # Too narrow for the errors (80 columns): each goes on a line of
-            # its own under its message, with the whole width.
-            _print_stacked(table, rows, width, wide)
+def _exim_lines(v: dict[str, Any], now: datetime) -> list[str]:
+    if v.get("unreadable"):
+        return [
+            f"{'?':>3} {exim_size(None)} {v['id']} <?> *** unreadable ***",
+            f"          {v['quarantine_reason']}\n",
+        ]
+    sender = v["envelope_info"]["sender"]
+    mark = {"frozen": " *** frozen ***", "quarantined": " *** quarantined ***"}.get(v["status"], "")
+    if v.get("in_doubt"):
+        mark += " *** in doubt ***"
+    age = _age(v.get("spool_date"), now)
+    lines = [f"{age:>3} {exim_size(v.get('size'))} {v['id']} <{sender}>{mark}"]
+    lines += [f"          {rcpt}" for rcpt in v["remaining_recipients"]]
+    lines += [f"        F {rcpt}" for rcpt in v["failed_recipients"]]
+    lines.append("")
+    return lines
+
+
+_TABLE_HEADS = ("ID", "STATUS", "AGE", "SIZE", "RCPTS", "SENDER", "LAST ERROR")
+_SMALL_LISTING = 1000  # up to this many rows, one table sized to them all
+
+
+class _StatusPrinter:
+    """Prints a listing as its pages come, holding at most one page (and,
+    for the table, the first :data:`_SMALL_LISTING` rows: a listing no
+    longer than that is one table sized to its rows, as always; a longer
+    one goes on in columns sized from those first rows and the terminal,
+    each row printed as it comes). ``qshape`` counts, then prints."""
+
+    def __init__(self, fmt: str, wide: bool) -> None:
+        from spoold.daemon.qshape import QueueShapeCounter
+
+        self.fmt = fmt
+        self.wide = wide
+        self.now = datetime.now(UTC)  # one "now" for the whole listing
+        self.count = 0
+        self.shape = QueueShapeCounter(self.now)
+        self.held: list[tuple[str, ...]] | None = []  # table rows, until it streams
+        self.columns: _Columns | None = None
+
+    def page(self, items: Sequence[Any]) -> None:
+        self.count += len(items)
+        out: list[str]
+        if self.fmt == "json":  # compact, UTF-8: as the daemon sends each object
+            encode = msgspec.json.encode
+            blob = b"".join((v if isinstance(v, bytes) else encode(v)) + b"\n" for v in items)
+            click.echo(blob, nl=False)
+            return
+        elif self.fmt == "id":
+            out = [v if isinstance(v, str) else v["id"] for v in items]
+        elif self.fmt == "exim":
+            out = [line for v in items for line in _exim_lines(v, self.now)]
+        elif self.fmt == "qshape":
+            self.shape.add(items)
+            return
         else:
-            table.add_column(
-                heads[-1], no_wrap=not wide, max_width=left, overflow="fold" if wide else "ellipsis"
-            )
-            for row in rows:
-                table.add_row(*row)
-            Console(width=width, soft_wrap=False).print(table)
-        click.echo(f"{len(views)} message(s)")
+            rows = [_table_row(v, self.now) for v in items]
+            if self.held is not None:
+                self.held += rows
+                if len(self.held) <= _SMALL_LISTING:
+                    return
+                self.columns = _Columns(self.held, self.wide)
+                rows, self.held = self.held, None
+                out = self.columns.header()
+            else:
+                out = []
+            assert self.columns is not None
+            out += [line for row in rows for line in self.columns.row(row)]
+        if out:
+            click.echo("\n".join(out))
+
+    def end(self) -> None:
+        if self.fmt == "qshape":
+            from spoold.daemon.qshape import render_queue_shape
+
+            click.echo(render_queue_shape(self.shape.shape()))
+        elif self.fmt == "table":
+            if self.held is not None:
+                _print_table(self.held, self.wide)
+            click.echo(f"{self.count} message(s)")
+
+
+def _print_status(views: list[dict[str, Any]], fmt: str, wide: bool = False) -> None:
+    """A whole listing at once (``mailq``)."""
+    printer = _StatusPrinter(fmt, wide)
+    printer.page(views)
+    printer.end()
+
+
+def _terminal_width() -> int:
+    return max(60, shutil.get_terminal_size((100, 24)).columns)  # COLUMNS when piped
+
+
+def _column_fits(rows: Sequence[tuple[str, ...]], wide: bool) -> tuple[list[int], int]:
+    """Widths of the columns but the last, and the room left for it."""
+    fits = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(_TABLE_HEADS[:-1])]
+    if not wide:
+        fits[-1] = min(fits[-1], 24)  # a long sender is cut, not the error
+    # Short columns keep their width; the last error takes what is left
+    # (cut short here, whole and wrapped with --wide).
+    left = max(10, _terminal_width() - sum(fits) - 2 * (len(_TABLE_HEADS) - 1))
+    return fits, left
+
+
+class _Columns:
+    """The table of a long listing, a row at a time, in plain text laid
+    out as the small table is (two spaces between columns, a cell too long
+    cut with "…"): widths from the rows given (the first of the listing)
+    and the terminal, fixed from then on."""
+
+    def __init__(self, first_rows: Sequence[tuple[str, ...]], wide: bool) -> None:
+        self.wide = wide
+        self.width = _terminal_width()
+        fits, self.left = _column_fits(first_rows, wide)
+        self.fits = [*fits[:1], max(fits[1], len("at 00:00:00")), *fits[2:]]
+        self.stacked = self.left < _MIN_ERROR_COLUMN and any(
+            len(r[-1]) > self.left for r in first_rows
+        )
+
+    def _line(self, cells: Sequence[str]) -> str:
+        parts = [
+            _cut(c, w) if len(c) > w else c.ljust(w) for c, w in zip(cells, self.fits, strict=False)
+        ]
+        return "  ".join(parts)
+
+    def header(self) -> list[str]:
+        if self.stacked:
+            return [self._line(_TABLE_HEADS[:-1]).rstrip(), _ERROR_INDENT + _TABLE_HEADS[-1]]
+        return [self._line(_TABLE_HEADS[:-1]) + "  " + _TABLE_HEADS[-1]]
+
+    def row(self, row: tuple[str, ...]) -> list[str]:
+        error = row[-1]
+        if not self.stacked:
+            last = error if self.wide or len(error) <= self.left else _cut(error, self.left)
+            return [(self._line(row[:-1]) + "  " + last).rstrip()]
+        lines = [self._line(row[:-1]).rstrip()]
+        if error:
+            room = self.width - len(_ERROR_INDENT)
+            lines.append(_ERROR_INDENT + (error if self.wide else _cut(error, room)))
+        return lines
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_table(rows: Sequence[tuple[str, ...]], wide: bool) -> None:
+    """The listing as one table sized to its rows (a short listing)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    heads = _TABLE_HEADS
+    width = _terminal_width()
+    fits, left = _column_fits(rows, wide)
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for head, fit in zip(heads[:-1], fits, strict=True):
+        table.add_column(head, no_wrap=True, width=fit, overflow="ellipsis")
+    if left < _MIN_ERROR_COLUMN and any(len(r[-1]) > left for r in rows):
+        # Too narrow for the errors (80 columns): each goes on a line of
+        # its own under its message, with the whole width.
+        _print_stacked(table, rows, width, wide)
+    else:
+        table.add_column(
+            heads[-1], no_wrap=not wide, max_width=left, overflow="fold" if wide else "ellipsis"
+        )
+        for row in rows:
+            table.add_row(*row)
+        Console(width=width, soft_wrap=False).print(table)
 
 
 _MIN_ERROR_COLUMN = 40  # narrower, and the last errors go under their rows
@@ -328,11 +436,34 @@ def _print_stacked(table: Table, rows: Sequence[tuple[str, ...]], width: int, wi
     "--quarantined", is_flag=True, help="only quarantined messages, with the reason of each"
 )
 @click.option("--wide", is_flag=True, help="table: show every column whole, wrapping lines")
+@click.option("--domain", metavar="DOMAIN", help="only messages with a recipient left in DOMAIN")
+@click.option("--older-than", metavar="SPAN", help="only messages queued at least SPAN ago")
+@click.option("--newer-than", metavar="SPAN", help="only messages queued less than SPAN ago")
+@click.option("--error", metavar="TEXT", help="only messages whose last error contains TEXT")
+@click.option("--limit", type=click.IntRange(min=1), help="list at most this many messages")
+@click.option("--after", metavar="ID", help="list the messages after this id (a cursor)")
 @click.pass_obj
 def status(
-    target: _Target, fmt: str, frozen_only: bool, active_only: bool, quarantined: bool, wide: bool
+    target: _Target,
+    fmt: str,
+    frozen_only: bool,
+    active_only: bool,
+    quarantined: bool,
+    wide: bool,
+    domain: str | None,
+    older_than: str | None,
+    newer_than: str | None,
+    error: str | None,
+    limit: int | None,
+    after: str | None,
 ) -> None:
-    """List the queue (from the daemon, or from disk when none runs)."""
+    """List the queue (from the daemon, or from disk when none runs), by id.
+
+    The listing comes in pages and is printed as it comes, so a queue of
+    any size takes little memory here or in the daemon."""
+    from spoold.listing import ListingFilter
+    from spoold.times import parse_span
+
     if frozen_only + active_only + quarantined > 1:
         _fail("--frozen-only, --active-only and --quarantined exclude each other", 2)
     queue = (
@@ -344,9 +475,33 @@ def status(
         if quarantined
         else "all"
     )
+    try:
+        wanted = ListingFilter(
+            domain=domain,
+            older_than=None if older_than is None else parse_span(older_than),
+            newer_than=None if newer_than is None else parse_span(newer_than),
+            error=error,
+        )
+    except ValueError as exc:
+        _fail(f"status: {exc}", 2)
+    if after is not None:
+        after = _valid_ids([after])[0]
+    params: dict[str, Any] = {"queue": queue, "only_ids": fmt == "id"}
+    for name, value in (
+        ("domain", domain),
+        ("older_than", older_than),
+        ("newer_than", newer_than),
+        ("error", error),
+        ("limit", limit),
+        ("after", after),
+    ):
+        if value is not None:
+            params[name] = value
+    printer = _StatusPrinter(fmt, wide)
 
-    async def from_disk() -> list[dict[str, Any]]:
+    async def from_disk() -> None:
         from spoold.message import Queue
+        from spoold.ondisk import Unreadable
         from spoold.spool import Spool
 
         queues = {
@@ -355,36 +510,35 @@ def status(
             "frozen": (Queue.FROZEN,),
             "quarantine": (Queue.QUARANTINE,),
         }[queue]
-        messages, unreadable = await Spool.status_from_disk(target.spool_directory(), queues)
-        views = [message_view(m) for m in messages]
-        if queue == "quarantine":
-            views += [unreadable_view(u) for u in unreadable]
-        else:
-            for u in unreadable:
-                click.echo(f"spoold: unreadable record {u.path}: {u.reason}", err=True)
-        return sorted(views, key=lambda v: str(v["id"]))
+        now = datetime.now(UTC)
 
-    async def go() -> list[dict[str, Any]]:
-        views: list[dict[str, Any]] = await _daemon_or_disk(
-            target, "status", {"queue": queue}, from_disk
+        def keep(item: Any) -> bool:
+            if isinstance(item, Unreadable) and queue != "quarantine":
+                click.echo(f"spoold: unreadable record {item.path}: {item.reason}", err=True)
+                return False
+            return wanted.keeps(item, now)
+
+        async def on_page(page: list[Any]) -> None:
+            printer.page([describe_view(item) for item in page])
+
+        await Spool.status_from_disk_pages(
+            target.spool_directory(), queues, on_page, keep=keep, after=after, limit=limit
         )
-        return views
 
-    async def ids() -> list[str]:
-        async def ids_from_disk() -> list[str]:
-            return [str(v["id"]) for v in await from_disk()]
+    async def go() -> None:
+        if not target.spool_dir:
+            try:
+                async for page in target.client().status_pages(raw=fmt == "json", **params):
+                    printer.page(page)
+            except ControlError as exc:
+                if exc.kind != "unavailable" or target.socket or printer.count:
+                    raise
+            else:
+                return
+        await from_disk()
 
-        found: list[str] = await _daemon_or_disk(
-            target, "status", {"queue": queue, "only_ids": True}, ids_from_disk
-        )
-        return found
-
-    if fmt == "id":  # the daemon sends the ids alone: no listing of a large queue
-        listed = _run(ids)
-        if listed:
-            click.echo("\n".join(listed))
-        return
-    _print_status(_run(go), fmt, wide)
+    _run(go)
+    printer.end()
 
 
 @main.command()

@@ -17,7 +17,14 @@ line per event until the client hangs up.
 Operations mirror the Python API of :class:`~spoold.spool.Spool`:
 ``status`` (``queue``: all|active|frozen|quarantine; a quarantined record
 that cannot be read is listed with ``unreadable: true`` and its reason;
-``only_ids: true`` answers the sorted ids alone, cheap for a large queue),
+``only_ids: true`` answers the sorted ids alone, cheap for a large queue;
+filters ``domain``, ``older_than``, ``newer_than``, ``error`` and a cursor
+``after``, ``limit``, see :mod:`spoold.listing`; ``stream: true`` answers
+one ``{"ok": true, "page": [...]}`` line per page, then ``{"ok": true,
+"result": {"listed": N, "next_after": ID|null}}``. Either form is built a
+page at a time from a snapshot of the ids, the event loop given back
+between two pages; the streamed one also sends each page as it is built,
+as fast as the client reads, so neither side holds the whole listing),
 ``count``, ``freeze``, ``send``
 (``ids`` or ``which``: all|frozen_only, ``retry_intervals``: spans),
 ``remove``, ``reroute`` (``ids`` or ``which``: all), ``recover`` (``from``:
@@ -104,6 +111,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import math
 import os
@@ -113,12 +121,13 @@ import stat
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast, get_args, get_origin
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -140,7 +149,18 @@ from spoold.errors import (
     WaitTimeoutError,
 )
 from spoold.history import Outcome
-from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, queue_of
+from spoold.ids import validate_id
+from spoold.listing import Listing, ListingFilter
+from spoold.message import (
+    Message,
+    Quarantined,
+    Queue,
+    RetryInterval,
+    SendAt,
+    Status,
+    gc_paused,
+    queue_of,
+)
 from spoold.ondisk import Unreadable
 from spoold.outcome import RetryPlan
 from spoold.spool import Spool
@@ -183,13 +203,50 @@ _READ_CHUNK = 256 * 1024
 log = structlog.get_logger("spoold.daemon.control")
 
 
-def message_view(msg: Message) -> dict[str, Any]:
+@functools.lru_cache(maxsize=64)
+def _intervals_view(intervals: tuple[RetryInterval, ...]) -> tuple[dict[str, Any], ...]:
+    """Retry intervals as seconds (most messages share a few lists of them:
+    shared views, to encode and never to change)."""
+    return tuple(
+        {"span": r.span.total_seconds(), "jitter": r.jitter.total_seconds() if r.jitter else None}
+        for r in intervals
+    )
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _utc_time(t: datetime) -> Any:
+    """A time for msgspec to encode: it writes a UTC time exactly as
+    :func:`~spoold.times.rfc3339` does."""
+    return t if t.tzinfo is UTC else rfc3339(t)
+
+
+def message_view(msg: Message, status: Status | None = None) -> dict[str, Any]:
     """The JSON listing of a message (``status --format json``): the
-    record's fields plus ``queue``; ``status`` as a string, with ``send_at``
+    record's fields plus ``queue``; ``status`` as a string (``status``, when
+    given, instead of the record's), with ``send_at``
     and ``quarantine_reason`` when they apply (and ``removed_at``,
     ``idempotency_key``, ``rerouted_to``, ``submitter_uid`` when set); times RFC 3339 UTC; retry
-    intervals as seconds."""
-    status = msg.status
+    intervals as seconds. Nothing of ``msg`` is kept: the view is new."""
+    return _view(msg, status, shared=False)
+
+
+def _listing_view(item: tuple[Message, Status]) -> dict[str, Any]:
+    """:func:`message_view` of a record of the spool's, to encode with
+    msgspec at once (before any ``await``) and drop: it shares the record's
+    lists and leaves UTC times to the encoder (a large listing's cost is
+    mostly here)."""
+    return _view(*item, shared=True)
+
+
+def _view(msg: Message, status: Status | None, *, shared: bool) -> dict[str, Any]:
+    if status is None:
+        status = msg.status
+    some: Callable[[Any], Any] = _as_is if shared else list
+    when: Callable[[datetime], Any] = _utc_time if shared else rfc3339
+    intervals = _intervals_view(tuple(msg.retry_intervals))
     queue = queue_of(status)
     env = msg.envelope_info
     view: dict[str, Any] = {
@@ -197,39 +254,33 @@ def message_view(msg: Message) -> dict[str, Any]:
         "queue": queue.value if queue else None,
         "status": status.name,
         "parent_id": msg.parent_id,
-        "related_ids": list(msg.related_ids),
-        "flows": list(msg.flows),
-        "spool_date": rfc3339(msg.spool_date),
-        "next_hop_choices": list(msg.next_hop_choices),
-        "retry_intervals": [
-            {
-                "span": r.span.total_seconds(),
-                "jitter": r.jitter.total_seconds() if r.jitter else None,
-            }
-            for r in msg.retry_intervals
-        ],
-        "remaining_recipients": list(msg.remaining_recipients),
-        "failed_recipients": list(msg.failed_recipients),
-        "relay_attempts": [{"time": rfc3339(a.time), "error": a.error} for a in msg.relay_attempts],
+        "related_ids": some(msg.related_ids),
+        "flows": some(msg.flows),
+        "spool_date": when(msg.spool_date),
+        "next_hop_choices": some(msg.next_hop_choices),
+        "retry_intervals": intervals if shared else [dict(i) for i in intervals],
+        "remaining_recipients": some(msg.remaining_recipients),
+        "failed_recipients": some(msg.failed_recipients),
+        "relay_attempts": [{"time": when(a.time), "error": a.error} for a in msg.relay_attempts],
         "envelope_info": {
             "sender": env.sender,
-            "recipients": list(env.recipients),
-            "mail_params": list(env.mail_params),
+            "recipients": some(env.recipients),
+            "mail_params": some(env.mail_params),
             "envelope_id": env.envelope_id,
         },
         "route": msg.route,
         "size": msg.size,
         "in_doubt": msg.in_doubt,
-        "delay_warned_at": rfc3339(msg.delay_warned_at) if msg.delay_warned_at else None,
+        "delay_warned_at": when(msg.delay_warned_at) if msg.delay_warned_at else None,
     }
     if msg.rerouted_to:
         view["rerouted_to"] = dict(msg.rerouted_to)
     if isinstance(status, SendAt):
-        view["send_at"] = rfc3339(status.at)
+        view["send_at"] = when(status.at)
     if isinstance(status, Quarantined):
         view["quarantine_reason"] = status.reason
     if msg.removed_at is not None:
-        view["removed_at"] = rfc3339(msg.removed_at)
+        view["removed_at"] = when(msg.removed_at)
     if msg.idempotency_key is not None:
         view["idempotency_key"] = msg.idempotency_key
     if msg.submitter_uid is not None:
@@ -368,7 +419,23 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A result already encoded as JSON (a listing, page by page)."""
+
+    json: bytes
+
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(dict[str, Any])
+_RAW_PAGE_HEAD = b'{"ok":true,"page":['  # how a page line starts
+_RAW_PAGE = msgspec.json.Decoder(list[msgspec.Raw])
+
+
 def _encode(obj: object) -> bytes:
+    if isinstance(obj, dict) and isinstance(result := obj.get("result"), _Encoded):
+        head = json.dumps({k: v for k, v in obj.items() if k != "result"}, separators=(",", ":"))
+        return head[:-1].encode() + b',"result":' + result.json + b"}\n"
     return json.dumps(obj, default=_json_default, separators=(",", ":")).encode() + b"\n"
 
 
@@ -439,6 +506,13 @@ class _NoParams(_Params):
 class _StatusParams(_Params):
     queue: Literal["all", "active", "frozen", "quarantine"] = "all"
     only_ids: bool = False  # the ids alone, sorted (no listing object is built)
+    stream: bool = False  # pages as they are built, then a last line (a large queue)
+    after: str | None = None  # list the ids after this one (a cursor)
+    limit: int | None = None  # at most this many
+    domain: str | None = None  # a recipient still to deliver is in this domain
+    older_than: str | None = None  # a span: at least this old (by spool date)
+    newer_than: str | None = None  # a span: younger than this
+    error: str | None = None  # the last error contains this text (any case)
 
 
 class _IdsParams(_Params):
@@ -503,19 +577,67 @@ async def _ping(server: ControlServer, p: _NoParams) -> Any:
     return "pong"
 
 
-async def _status(server: ControlServer, p: _StatusParams) -> Any:
+def _listing_filter(p: _StatusParams) -> ListingFilter:
+    return ListingFilter(
+        domain=p.domain,
+        older_than=None if p.older_than is None else parse_span(p.older_than),
+        newer_than=None if p.newer_than is None else parse_span(p.newer_than),
+        error=p.error,
+    )
+
+
+async def _listing(
+    server: ControlServer, p: _StatusParams
+) -> tuple[Listing[Any], Callable[[Any], Any]]:
+    """The walk over what ``status`` lists (a snapshot of the ids, taken
+    now) and how each item is shown: its listing object, or its id."""
+    wanted = _listing_filter(p)
+    if p.after is not None:
+        validate_id(p.after)
+    now = server.spool.clock.now()
+    render: Callable[[Any], Any]
     if p.queue == "quarantine":
         readable, unreadable = await server.spool.quarantined()
-        views = [message_view(m) for m in readable] + [unreadable_view(u) for u in unreadable]
-        views.sort(key=lambda v: str(v["id"]))
-        return [v["id"] for v in views] if p.only_ids else views
+        found: dict[str, Message | Unreadable] = {m.id: m for m in readable}
+        found.update((u.id, u) for u in unreadable)
+        render = (lambda item: item.id) if p.only_ids else describe_view
+        listing: Listing[Any] = Listing(
+            sorted(found),
+            found.get,
+            lambda item: wanted.keeps(item, now),
+            after=p.after,
+            limit=p.limit,
+        )
+        return listing, render
+    ids = server.spool.status_ids(None if p.queue == "all" else Queue(p.queue))
+    if p.only_ids and not wanted.narrows:  # nothing to look at but the ids
+        listing = Listing(ids, lambda mid: mid, lambda _: True, after=p.after, limit=p.limit)
+        return listing, lambda mid: mid
+    # Each page is looked up, filtered and shown with no pause between:
+    # the spool's own records are read, never kept, never changed.
+    listing = Listing(
+        ids,
+        lambda mid: server.spool.peek(mid, now),
+        lambda seen: wanted.keeps(seen[0], now),
+        after=p.after,
+        limit=p.limit,
+    )
     if p.only_ids:
-        return server.spool.status_ids(None if p.queue == "all" else Queue(p.queue))
-    return [
-        message_view(m)
-        for m in server.spool.status()
-        if p.queue == "all" or queue_of(m.status) == p.queue
-    ]
+        return listing, lambda seen: seen[0].id
+    return listing, _listing_view
+
+
+async def _status(server: ControlServer, p: _StatusParams) -> Any:
+    """``status`` in one reply (the form older clients ask for). Built
+    page by page all the same, with a pause for the event loop between two
+    pages, and each page encoded as it is built."""
+    listing, render = await _listing(server, p)
+    parts: list[bytes] = []
+    while not listing.done:
+        with gc_paused():  # many small objects, no cycles: see gc_paused
+            parts += [_ENCODER.encode(render(item)) for item in listing.page()]
+        await anyio.lowlevel.checkpoint()
+    return _Encoded(b"[" + b",".join(parts) + b"]")
 
 
 async def _freeze(server: ControlServer, p: _IdsParams) -> Any:
@@ -828,6 +950,9 @@ class ControlServer:
         if op in ("events", "wait"):
             await self._staying(op, stream, reader, request, peer)
             return
+        if op == "status" and request.get("stream") is True:
+            await self._status_stream(stream, request)
+            return
         if op == "submit":
             reply = await self._submit(reader, request, peer)
         elif isinstance(op, str) and op in OPERATIONS:
@@ -963,6 +1088,34 @@ class ControlServer:
             contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError),
         ):
             await stream.send(_encode(reply))
+
+    async def _status_stream(self, stream: anyio.abc.ByteStream, request: dict[str, Any]) -> None:
+        """``status`` with ``stream``: one line per page as it is built,
+        ``{"ok": true, "page": [...]}``, then ``{"ok": true, "result":
+        {"listed": N, "next_after": ID or null}}``. The loop is given back
+        after each page (and the send waits for a slow reader: nothing
+        piles up here); a reader that takes no page for the request timeout,
+        or hangs up, ends the listing."""
+        made: dict[str, Any] = await self._dispatch(
+            "status", lambda: _listing(self, _params("status", _StatusParams, request))
+        )
+        if not made.get("ok"):
+            await self._reply(stream, made)
+            return
+        listing, render = made["result"]
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            while not listing.done:
+                with gc_paused():  # many small objects, no cycles: see gc_paused
+                    items = [render(item) for item in listing.page()]
+                    line = _RAW_PAGE_HEAD + _ENCODER.encode(items)[1:] + b"}\n"
+                if items:
+                    with anyio.move_on_after(self.request_timeout) as waited:
+                        await stream.send(line)
+                    if waited.cancelled_caught:
+                        return  # a reader that stopped reading holds its place no longer
+                await anyio.lowlevel.checkpoint()
+            end = {"listed": listing.listed, "next_after": listing.next_after}
+            await self._reply(stream, {"ok": True, "result": end})
 
     async def _events(
         self, stream: anyio.abc.ByteStream, reader: BufferedByteReceiveStream
@@ -1234,6 +1387,39 @@ class ControlClient:
         if not reply.get("ok"):
             raise ControlError(reply.get("error", "unknown error"), _reply_kind(reply))
         return reply.get("result")
+
+    async def status_pages(self, raw: bool = False, **params: Any) -> AsyncIterator[list[Any]]:
+        """``status`` in pages (``stream``): yield each page (listing
+        objects, or ids with ``only_ids``) as it arrives, so a large queue
+        is never held whole on either side. ``params`` are those of
+        ``status`` (``queue``, ``after``, ``limit``, filters). With ``raw``,
+        each listing object comes as its JSON text, undecoded (``bytes``,
+        UTF-8, compact). Raises :class:`ControlError` for an error reply, or
+        when the daemon hangs up before the last line."""
+        request = {"v": PROTOCOL_VERSION, "op": "status", **params, "stream": True}
+        stream = await self._connect()
+        async with stream:
+            with anyio.fail_after(self.timeout):
+                await stream.send(_encode(request))
+            reader = BufferedByteReceiveStream(stream)
+            while True:
+                try:
+                    with anyio.fail_after(self.timeout):
+                        line = await reader.receive_until(b"\n", 1 << 30)
+                except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+                    raise ControlError(
+                        "the daemon closed the connection before the end of the listing",
+                        "internal",
+                    ) from None
+                if raw and line.startswith(_RAW_PAGE_HEAD):  # as the server writes it
+                    yield [bytes(v) for v in _RAW_PAGE.decode(line[len(_RAW_PAGE_HEAD) - 1 : -1])]
+                    continue
+                reply = _DECODER.decode(line)
+                if not reply.get("ok"):
+                    raise ControlError(reply.get("error", "unknown error"), _reply_kind(reply))
+                if "page" not in reply:
+                    return
+                yield reply["page"]
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Yield event dicts until the daemon goes away."""

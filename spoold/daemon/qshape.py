@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-__all__ = ["BUCKETS", "BUCKET_NAMES", "QueueShape", "queue_shape", "render_queue_shape"]
+__all__ = [
+    "BUCKETS",
+    "BUCKET_NAMES",
+    "QueueShape",
+    "QueueShapeCounter",
+    "queue_shape",
+    "render_queue_shape",
+]
 
 BUCKETS: Final = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 """Upper bounds of the age buckets, in minutes; a last one holds the rest."""
@@ -58,22 +65,37 @@ def _domains(view: Mapping[str, Any]) -> set[str]:
     return {str(r).rpartition("@")[2].lower() or "(no domain)" for r in recipients}
 
 
+class QueueShapeCounter:
+    """Counts a listing as it comes, page by page (``status --format
+    qshape`` of a large queue): memory holds the counters, never the
+    listing. :meth:`shape` is the table so far."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+        self._total = [0] * len(BUCKET_NAMES)
+        self._by_domain: dict[str, list[int]] = {}
+
+    def add(self, views: Iterable[Mapping[str, Any]]) -> None:
+        for view in views:
+            spool_date = view.get("spool_date")
+            if not spool_date:
+                continue
+            when = datetime.fromisoformat(str(spool_date).replace("Z", "+00:00"))
+            bucket = _bucket((self.now - when).total_seconds() / 60)
+            self._total[bucket] += 1
+            for domain in _domains(view):
+                self._by_domain.setdefault(domain, [0] * len(BUCKET_NAMES))[bucket] += 1
+
+    def shape(self) -> QueueShape:
+        ordered = sorted(self._by_domain.items(), key=lambda item: (-sum(item[1]), item[0]))
+        return QueueShape(tuple(self._total), tuple((d, tuple(c)) for d, c in ordered))
+
+
 def queue_shape(views: Iterable[Mapping[str, Any]], now: datetime) -> QueueShape:
     """The shape of the messages listed in ``views`` at time ``now``."""
-    width = len(BUCKET_NAMES)
-    total = [0] * width
-    by_domain: dict[str, list[int]] = {}
-    for view in views:
-        spool_date = view.get("spool_date")
-        if not spool_date:
-            continue
-        when = datetime.fromisoformat(str(spool_date).replace("Z", "+00:00"))
-        bucket = _bucket((now - when).total_seconds() / 60)
-        total[bucket] += 1
-        for domain in _domains(view):
-            by_domain.setdefault(domain, [0] * width)[bucket] += 1
-    ordered = sorted(by_domain.items(), key=lambda item: (-sum(item[1]), item[0]))
-    return QueueShape(tuple(total), tuple((d, tuple(c)) for d, c in ordered))
+    counter = QueueShapeCounter(now)
+    counter.add(views)
+    return counter.shape()
 
 
 def render_queue_shape(shape: QueueShape) -> str:
