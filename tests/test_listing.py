@@ -11,6 +11,7 @@ a few hundred).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from spoold.client import Client
 from spoold.daemon.control import ControlClient, ControlServer, message_view
@@ -429,3 +432,36 @@ def test_the_cli_filters_pages_and_streams_a_long_table(
 
     refused = cli(*where, "status", "--older-than", "soon")
     assert refused.code == 2 and "span" in refused.err
+
+
+async def test_the_paged_listing_falls_back_to_one_reply_from_an_older_daemon(
+    tmp_path: Path,
+) -> None:
+    """A daemon from before paged listings refuses ``stream``; the client
+    asks again for the whole listing and hands it on as one page."""
+    path = tmp_path / "old.sock"
+    views = [{"id": "A1", "queue": "active"}, {"id": "B2", "queue": "frozen"}]
+    asked: list[dict[str, Any]] = []
+
+    async def old_daemon(conn: anyio.abc.SocketStream) -> None:
+        async with conn:
+            request = json.loads(
+                await BufferedByteReceiveStream(conn).receive_until(b"\n", 1 << 20)
+            )
+            asked.append(request)
+            if "stream" in request:
+                reply = {"ok": False, "kind": "invalid", "error": "status: unknown field `stream`"}
+            else:
+                reply = {"ok": True, "result": views}
+            await conn.send(json.dumps(reply).encode() + b"\n")
+
+    listener = await anyio.create_unix_listener(path)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, old_daemon)
+        client = ControlClient(path, timeout=10)
+        pages = [page async for page in client.status_pages(queue="all")]
+        raw = [page async for page in client.status_pages(raw=True, queue="all")]
+        tg.cancel_scope.cancel()
+    assert pages == [views]
+    assert [json.loads(v) for v in raw[0]] == views
+    assert [("stream" in r) for r in asked] == [True, False, True, False]

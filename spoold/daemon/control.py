@@ -407,6 +407,16 @@ _P = TypeVar("_P", bound="_Params")
 _KINDS: frozenset[str] = frozenset(get_args(ControlErrorKind))
 
 
+def _older_daemon(reply: dict[str, Any], params: dict[str, Any]) -> bool:
+    """Whether an error reply to a paged ``status`` is an older daemon's
+    word that it knows no ``stream``, for a listing it can give whole."""
+    return (
+        reply.get("kind") == "invalid"
+        and "stream" in str(reply.get("error", ""))
+        and set(params) <= {"queue", "only_ids"}
+    )
+
+
 def _reply_kind(reply: dict[str, Any]) -> ControlErrorKind:
     """The ``kind`` of an error reply (an unknown one reads as internal)."""
     kind = reply.get("kind")
@@ -1402,6 +1412,7 @@ class ControlClient:
             with anyio.fail_after(self.timeout):
                 await stream.send(_encode(request))
             reader = BufferedByteReceiveStream(stream)
+            first = True
             while True:
                 try:
                     with anyio.fail_after(self.timeout):
@@ -1416,10 +1427,18 @@ class ControlClient:
                     continue
                 reply = _DECODER.decode(line)
                 if not reply.get("ok"):
-                    raise ControlError(reply.get("error", "unknown error"), _reply_kind(reply))
+                    error = str(reply.get("error", "unknown error"))
+                    if first and _older_daemon(reply, params):
+                        break  # asked again below, the way it understands
+                    raise ControlError(error, _reply_kind(reply))
+                first = False
                 if "page" not in reply:
                     return
                 yield reply["page"]
+        # A daemon from before paged listings (not restarted since an
+        # upgrade): the whole listing in one reply, handed on as one page.
+        views = await self.request("status", **params)
+        yield [_encode(v)[:-1] for v in views] if raw else views
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Yield event dicts until the daemon goes away."""
