@@ -471,3 +471,20 @@ async def test_below_min_free_space_sendmail_exits_75_until_there_is_room(
         done = await sendmail(config, "rcpt@example.com", stdin=b"Subject: x\n\nx\n")
         assert done.code == 0, done
         assert len(await waiting_messages(daemon.spool_dir, 1)) == 1
+
+
+async def test_without_a_submission_socket_an_admin_submits_on_the_admin_socket(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """A daemon from before the submission socket (not restarted since an
+    upgrade) has only its admin socket: sendmail run by someone who may use
+    it hands the message over there, rather than failing every cron mail."""
+    with anyio.fail_after(TIMEOUT):
+        daemon = await daemon_with_unreachable_hop(tmp_path, start_daemon)
+        (tmp_path / "run" / "submit.sock").unlink()  # as an older daemon has none
+        done = await sendmail(
+            daemon.config, "-f", "cron@example.org", "ops@example.com", stdin=b"Subject: c\n\nc\n"
+        )
+        assert done.code == 0, done
+        (msg,) = await waiting_messages(daemon.spool_dir, 1)
+    assert msg.envelope_info.recipients == ["ops@example.com"]

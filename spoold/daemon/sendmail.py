@@ -321,7 +321,17 @@ def _deliver(label: str, args: SendmailArgs, socket: str | None, config: str | N
     if envelope_sender is None:
         envelope_sender = f"{_login_name()}@{socketlib.getfqdn()}"
         _valid_address(label, envelope_sender, "sender", "sender (user@host; give -f)")
-    client = ControlClient(submission_socket(socket, config or args.config))
+    path = submission_socket(socket, config or args.config)
+    if not socket and not os.environ.get(SUBMISSION_SOCKET_ENV) and not path.exists():
+        # A daemon from before the submission socket (not restarted since
+        # an upgrade) takes submissions on its admin socket, for those who
+        # may use it.
+        admin = find_control_socket(
+            config or args.config or os.environ.get("SPOOLD_CONFIG") or DEFAULT_CONFIG
+        )
+        if admin.exists() and os.access(admin, os.R_OK | os.W_OK):
+            path = admin
+    client = ControlClient(path)
 
     async def go() -> list[str]:
         return await client.submit(envelope_sender, rcpts, content, args.idempotency_key)
