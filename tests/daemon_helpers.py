@@ -398,6 +398,20 @@ class DaemonProcess:
         return line
 
 
+async def reload_workers(daemon: DaemonProcess) -> None:
+    """``spoold reload``, then wait until the (one) ingest worker applied it."""
+
+    def reloads() -> int:
+        return sum(
+            1 for line in daemon.log_lines() if line.get("event") == "ingest worker reloaded"
+        )
+
+    before = reloads()
+    done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), "reload")
+    assert done.code == 0, done.err
+    await wait_until(lambda: reloads() > before, "the ingest worker's reload", interval=0.05)
+
+
 class DaemonFactory:
     """What the ``start_daemon`` fixture gives: ``await start_daemon(config)``
     starts a daemon and waits until it is ready; every daemon started is

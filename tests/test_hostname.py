@@ -31,7 +31,12 @@ import pytest
 from spoold.daemon.config import load_config
 from spoold.errors import ConfigError
 from spoold.hostname import check_hostname, local_hostname, pick_hostname
-from tests.daemon_helpers import DaemonFactory, DaemonProcess, child_env, cli, write_config
+from tests.daemon_helpers import (
+    DaemonFactory,
+    child_env,
+    reload_workers,
+    write_config,
+)
 from tests.ingest_helpers import RawSmtp
 from tests.relay_helpers import ALICE, MakeRelay, message_to, route
 from tests.smtp_server import Reply, SmtpTestServer, StartServer
@@ -176,20 +181,6 @@ def by_and_message_id(content: bytes) -> tuple[str, str]:
     mid = re.search(rb"^Message-ID: <[^@>]+@([^>]+)>\r\n", content, re.M)
     assert by and mid, content
     return by.group(1).decode(), mid.group(1).decode()
-
-
-async def reload_workers(daemon: DaemonProcess) -> None:
-    """``spoold reload``, then wait until the (one) ingest worker applied it."""
-
-    def reloads() -> int:
-        return sum(
-            1 for line in daemon.log_lines() if line.get("event") == "ingest worker reloaded"
-        )
-
-    before = reloads()
-    done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), "reload")
-    assert done.code == 0, done.err
-    await wait_until(lambda: reloads() > before, "the ingest worker's reload", interval=0.05)
 
 
 def daemon_config(tmp_path: Path, smarthost: SmtpTestServer, port: int, spool: str = "") -> Path:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import anyio
 
-from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, write_config
+from tests.daemon_helpers import DaemonFactory, reload_workers, write_config
 from tests.ingest_helpers import RawSmtp
-from tests.support import WAIT_TIMEOUT, free_port, wait_until
+from tests.support import WAIT_TIMEOUT, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SESSIONS = 100
@@ -125,20 +125,6 @@ async def greeted(port: int, count: int, local_host: str) -> list[str]:
             sessions = await banners(port, count, stack, local_host)
             await quit_all(sessions)
     return sorted(text for _code, text, _ in sessions)
-
-
-async def reload_workers(daemon: DaemonProcess) -> None:
-    """``spoold reload``, then wait until the (one) ingest worker applied it."""
-
-    def reloads() -> int:
-        return sum(
-            1 for line in daemon.log_lines() if line.get("event") == "ingest worker reloaded"
-        )
-
-    before = reloads()
-    done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), "reload")
-    assert done.code == 0, done.err
-    await wait_until(lambda: reloads() > before, "the ingest worker's reload", interval=0.05)
 
 
 async def test_the_per_client_limit_holds_clients_outside_relay_networks(
