@@ -674,6 +674,21 @@ class Spool:
     def running_sends(self) -> int:
         return self._running
 
+    @property
+    def waiters(self) -> int:
+        """How many :meth:`wait` calls are waiting for an outcome now."""
+        return self._outcomes.watched
+
+    @property
+    def subscribers(self) -> int:
+        """How many :meth:`events` subscriptions are open now."""
+        return self._hub.subscriber_count
+
+    async def flush_history(self) -> None:
+        """Write the history journal's pending lines now (they are written
+        in the background, in batches, and at close)."""
+        await self._history.flush()
+
     async def kill_and_flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Start no new attempt; wait for those under way. Raises
         :class:`TimeoutError` if they are not done within ``timeout``.

@@ -80,7 +80,7 @@ def subscribe(server: ControlServer, path: Path) -> socket.socket:
 
 
 def subscribers(server: ControlServer) -> int:
-    return server.spool._hub.subscriber_count
+    return server.spool.subscribers
 
 
 def next_event(s: socket.socket, kind: str) -> dict[str, Any]:

@@ -280,7 +280,7 @@ async def test_every_operation_on_every_status(tmp_path: Path, status: str, oper
     async with message_in_status(tmp_path, status) as held:
         spool, mid = held.spool, held.mid
         async with spool.events() as stream:
-            await spool._history.flush()  # lines journalled in the set-up are on disk now
+            await spool.flush_history()  # lines journalled in the set-up are on disk now
             files_before = spool_files(tmp_path)
             status_before = status_snapshot(spool)
 
@@ -350,7 +350,7 @@ async def test_ids_that_are_not_ids_are_refused_and_touch_nothing(
         await wait_until(lambda: isinstance(status_of(spool, delayed), SendAt), "send_at")
         (tmp_path / "x").write_bytes(b"not a record")
         (root / "frozen" / "a").mkdir()
-        await spool._history.flush()  # the removal's journal line is written now, not later
+        await spool.flush_history()  # the removal's journal line is written now, not later
         files_before = spool_files(tmp_path)
         status_before = status_snapshot(spool)
 
@@ -1027,7 +1027,7 @@ async def test_status_and_count_from_disk_with_and_without_an_owner(tmp_path: Pa
         (quarantined,) = await spool.quarantine("spam", batch(RCPT))
         (sending,) = await spool.add(batch(RCPT))
         await wait_until(lambda: attempts_for(relay, sending), "the attempt to start")
-        await spool._history.flush()  # the removal's journal line is on disk now
+        await spool.flush_history()  # the removal's journal line is on disk now
 
         files = spool_files(tmp_path)
         on_disk, unreadable = await Spool.status_from_disk(tmp_path)

@@ -47,7 +47,7 @@ async def test_wait_returns_delivered_once_the_message_is_delivered(tmp_path: Pa
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter)
             await wait_until(lambda: relay.started.is_set(), "the attempt to start")
-            await wait_until(lambda: spool._outcomes.watched == 1, "the waiter to watch")
+            await wait_until(lambda: spool.waiters == 1, "the waiter to watch")
             assert got == []  # the attempt is held at the gate: no outcome yet
             gate.set()
         (outcome,) = got
@@ -56,7 +56,7 @@ async def test_wait_returns_delivered_once_the_message_is_delivered(tmp_path: Pa
         assert outcome.failed_recipients == () and outcome.last_error is None
         # Remembered: asking again after the fact gives the same answer at once.
         assert await spool.wait(mid, timeout=0) == outcome
-        assert spool._outcomes.watched == 0
+        assert spool.waiters == 0
 
 
 async def test_wait_returns_frozen_with_the_failed_recipients(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ async def test_wait_times_out_with_a_spoold_timeout_error(tmp_path: Path) -> Non
         assert isinstance(caught.value, TimeoutError) and isinstance(caught.value, SpooldError)
         assert caught.value.message_id == mid
         assert str(caught.value) == f"{mid}: no outcome within 0.01 s; still in the queue"
-        assert spool._outcomes.watched == 0  # the timed-out wait left nothing behind
+        assert spool.waiters == 0  # the timed-out wait left nothing behind
 
 
 async def test_unknown_and_invalid_ids_are_clear_errors(tmp_path: Path) -> None:
@@ -151,7 +151,7 @@ async def test_closing_the_spool_ends_a_wait(tmp_path: Path) -> None:
                 errors.append(exc)
 
         tg.start_soon(waiter)
-        await wait_until(lambda: spool._outcomes.watched == 1, "the waiter to watch")
+        await wait_until(lambda: spool.waiters == 1, "the waiter to watch")
     assert [type(e) for e in errors] == [SpoolClosedError]
     assert mid in str(errors[0])
 
@@ -210,7 +210,7 @@ async def test_a_message_delivered_before_a_restart_is_found_in_the_history(
         await spool.wait(mid, timeout=WAIT_TIMEOUT)
     # A new spool remembers nothing: the answer comes from the journal.
     async with open_spool(tmp_path, relay_answering({}), FakeClock(START)) as spool:
-        assert spool._outcomes.recent(mid) is None
+        assert await spool.find_outcome(mid) is not None  # the journal has it
         outcome = await spool.wait(mid, timeout=0)
     assert (outcome.id, outcome.kind, outcome.time) == (mid, OutcomeKind.DELIVERED, START)
     assert outcome.envelope_info == EnvelopeInfo(SENDER, ["a@example.com"])
