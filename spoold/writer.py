@@ -10,8 +10,11 @@ as the owner's own ``add``) and tells the owner through its wake-up socket
 adopts them at once (or at its next rescan, if no datagram got through).
 The daemon's SMTP ingest workers are writers.
 
-:func:`new_messages` is the one place a submission becomes new records; the
-owner's :meth:`Spool.add <spoold.spool.Spool.add>` uses it too.
+:class:`~spoold.submission.Submission` is the one add path (records,
+idempotency, disk) of the writer and of the owner's
+:meth:`Spool.add <spoold.spool.Spool.add>`: they differ only in what
+follows the write (the writer wakes the owner, here).
+:func:`~spoold.submission.new_messages` is still importable from here.
 """
 
 from __future__ import annotations
@@ -24,84 +27,15 @@ from pathlib import Path
 
 import anyio
 
-from spoold.address import validate_address, validate_recipients
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
-from spoold.ids import new_id
-from spoold.message import (
-    SEND_NOW,
-    Frozen,
-    Message,
-    RetryInterval,
-    RoutedBatch,
-    RoutedEnvelope,
-    Status,
-    message_for_envelope,
-)
+from spoold.message import Message, RetryInterval, RoutedBatch
 from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.store import SyncMode
+from spoold.submission import Submission, new_messages
 from spoold.tasks import own_tasks
 from spoold.times import utcnow
 
 __all__ = ["SpoolWriter", "new_messages"]
-
-
-def new_messages(
-    batch: RoutedBatch,
-    *,
-    status: Status,
-    spool_date: datetime,
-    default_retry_intervals: Sequence[RetryInterval],
-    flows: Sequence[str] = (),
-    parent_id: str | None = None,
-    prefix: Callable[[str], bytes] | None = None,
-    idempotency_key: str | None = None,
-    submitter_uid: int | None = None,
-) -> list[NewMessage]:
-    """The new records of one submission, one per envelope, after checking
-    every address (:class:`~spoold.errors.AddressError`) and that each
-    envelope has a next hop. ``prefix(id)``: wire lines put before the body
-    of the message with that id (called once per message).
-    ``idempotency_key``, ``submitter_uid``: stored in each record."""
-    if not batch.envelopes:
-        raise ValueError("a submission needs at least one envelope")
-    parent = parent_id or new_id()
-    prefixes: dict[str, bytes] = {}
-
-    def prefix_of(mid: str) -> bytes:
-        if prefix is None:
-            return b""
-        if mid not in prefixes:
-            prefixes[mid] = prefix(mid)
-        return prefixes[mid]
-
-    def builder(env: RoutedEnvelope) -> Callable[[str, list[str]], Message]:
-        def build(mid: str, related: list[str]) -> Message:
-            msg = message_for_envelope(
-                env,
-                id=mid,
-                spool_date=spool_date,
-                parent_id=parent,
-                status=status,
-                flows=flows,
-                related_ids=related,
-                size=len(prefix_of(mid)) + len(batch.body),
-            )
-            if not msg.retry_intervals:
-                msg.retry_intervals = list(default_retry_intervals)
-            msg.idempotency_key = idempotency_key
-            msg.submitter_uid = submitter_uid
-            return msg
-
-        return build
-
-    new = []
-    for env in batch.envelopes:
-        validate_address(env.sender, role="sender")
-        validate_recipients(list(env.recipients))
-        if not env.next_hop_choices:
-            raise ValueError("an envelope needs at least one next hop")
-        new.append(NewMessage(batch.body, status, builder(env), prefix_of if prefix else None))
-    return new
 
 
 class _Notifier:
@@ -150,9 +84,8 @@ class SpoolWriter:
         self._disk = disk
         self.default_retry_intervals = list(default_retry_intervals)
         self.idempotency_window = idempotency_window  # changeable (a reload)
-        self._keys = KeyFiles(disk.dir)
-        self._now = now
         self._notifier = _Notifier(disk)
+        self._submission = _WriterSubmission(disk, self, now, self._notifier)
 
     @classmethod
     @asynccontextmanager
@@ -229,40 +162,34 @@ class SpoolWriter:
         returns; the owner is told (it adopts the messages). An
         ``idempotency_key`` another process (the owner, another writer)
         used within the window gives back that submission's ids."""
-        if idempotency_key is None:
-            return await self._add_new(batch, frozen, flows, parent_id, prefix, None, submitter_uid)
-        ids, _repeated = await self._keys.add_once(
-            idempotency_key,
+        return await self._submission.add(
             batch,
-            self._now(),
-            self.idempotency_window,
-            lambda: self._add_new(
-                batch, frozen, flows, parent_id, prefix, idempotency_key, submitter_uid
-            ),
-        )
-        return ids
-
-    async def _add_new(
-        self,
-        batch: RoutedBatch,
-        frozen: bool,
-        flows: Sequence[str],
-        parent_id: str | None,
-        prefix: Callable[[str], bytes] | None,
-        idempotency_key: str | None,
-        submitter_uid: int | None = None,
-    ) -> list[str]:
-        new = new_messages(
-            batch,
-            status=Frozen() if frozen else SEND_NOW,
-            spool_date=self._now(),
-            default_retry_intervals=self.default_retry_intervals,
+            frozen=frozen,
             flows=flows,
             parent_id=parent_id,
             prefix=prefix,
             idempotency_key=idempotency_key,
             submitter_uid=submitter_uid,
         )
-        ids = [m.id for m in await self._disk.add(new, notify=False)]
+
+
+class _WriterSubmission(Submission):
+    """A writer's add path: what is written is told to the owner."""
+
+    def __init__(
+        self,
+        disk: OnDiskSpool,
+        writer: SpoolWriter,
+        now: Callable[[], datetime],
+        notifier: _Notifier,
+    ) -> None:
+        super().__init__(disk, KeyFiles(disk.dir), writer, now)
+        self._notifier = notifier
+
+    async def _write(self, new: Sequence[NewMessage]) -> list[Message]:
+        return await self._disk.add(new, notify=False)
+
+    def _written(self, messages: list[Message], frozen: bool) -> list[str]:
+        ids = [m.id for m in messages]
         self._notifier.tell(ids)
         return ids

@@ -1,0 +1,294 @@
+"""The one way a submission becomes new messages on disk.
+
+The spool's owner (:meth:`Spool.add <spoold.spool.Spool.add>`) and another
+process's :class:`~spoold.writer.SpoolWriter` add messages the same way:
+:func:`new_messages` checks the submission and makes its records (one per
+envelope), an ``idempotency_key`` is held from looking it up to recording
+the new ids (:mod:`spoold.idempotency`), and every record and body is
+durable on disk before the ids are returned. :class:`Submission` is that
+path; the two differ only in what follows the write, which each gives as a
+subclass: the owner indexes the new messages, schedules them and publishes
+``spooled`` (:class:`OwnerSubmission`); a writer wakes the owner, which
+adopts them.
+
+Invariants:
+
+* A message is acknowledged (``add`` returns) only once its record and body
+  are durable.
+* The owner's new ids are in :attr:`SpoolState.adding
+  <spoold.state.SpoolState.adding>` from their reservation until they are
+  indexed, so a rescan never adopts a message the owner is adding (and
+  could bring back after it was delivered).
+* ``spooled`` is published before ``add`` returns and before any attempt
+  can start on the message: no ``await`` between indexing and publishing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from spoold.address import validate_address, validate_recipients
+from spoold.errors import SpoolClosedError
+from spoold.events import EventKind
+from spoold.idempotency import KeyFiles
+from spoold.ids import new_id
+from spoold.message import (
+    SEND_NOW,
+    Frozen,
+    Message,
+    Queue,
+    RetryInterval,
+    RoutedBatch,
+    RoutedEnvelope,
+    Status,
+    message_for_envelope,
+)
+from spoold.ondisk import NewMessage, OnDiskSpool
+from spoold.state import Entry, SpoolState, log
+
+__all__ = ["new_messages", "AddSettings", "Submission", "OwnerSubmission"]
+
+
+def new_messages(
+    batch: RoutedBatch,
+    *,
+    status: Status,
+    spool_date: datetime,
+    default_retry_intervals: Sequence[RetryInterval],
+    flows: Sequence[str] = (),
+    parent_id: str | None = None,
+    prefix: Callable[[str], bytes] | None = None,
+    idempotency_key: str | None = None,
+    submitter_uid: int | None = None,
+) -> list[NewMessage]:
+    """The new records of one submission, one per envelope, after checking
+    every address (:class:`~spoold.errors.AddressError`) and that each
+    envelope has a next hop. ``prefix(id)``: wire lines put before the body
+    of the message with that id (called once per message).
+    ``idempotency_key``, ``submitter_uid``: stored in each record."""
+    if not batch.envelopes:
+        raise ValueError("a submission needs at least one envelope")
+    parent = parent_id or new_id()
+    prefixes: dict[str, bytes] = {}
+
+    def prefix_of(mid: str) -> bytes:
+        if prefix is None:
+            return b""
+        if mid not in prefixes:
+            prefixes[mid] = prefix(mid)
+        return prefixes[mid]
+
+    def builder(env: RoutedEnvelope) -> Callable[[str, list[str]], Message]:
+        def build(mid: str, related: list[str]) -> Message:
+            msg = message_for_envelope(
+                env,
+                id=mid,
+                spool_date=spool_date,
+                parent_id=parent,
+                status=status,
+                flows=flows,
+                related_ids=related,
+                size=len(prefix_of(mid)) + len(batch.body),
+            )
+            if not msg.retry_intervals:
+                msg.retry_intervals = list(default_retry_intervals)
+            msg.idempotency_key = idempotency_key
+            msg.submitter_uid = submitter_uid
+            return msg
+
+        return build
+
+    new = []
+    for env in batch.envelopes:
+        validate_address(env.sender, role="sender")
+        validate_recipients(list(env.recipients))
+        if not env.next_hop_choices:
+            raise ValueError("an envelope needs at least one next hop")
+        new.append(NewMessage(batch.body, status, builder(env), prefix_of if prefix else None))
+    return new
+
+
+class AddSettings(Protocol):
+    """What an add reads of its owner's settings, at each add."""
+
+    default_retry_intervals: list[RetryInterval]
+    idempotency_window: timedelta
+
+
+class Submission:
+    """The add path of one spool directory (see the module's docstring).
+    A subclass says what follows the write (:meth:`_written`)."""
+
+    def __init__(
+        self,
+        disk: OnDiskSpool,
+        keys: KeyFiles,
+        settings: AddSettings,
+        now: Callable[[], datetime],
+    ) -> None:
+        self._disk = disk
+        self.keys = keys
+        self._settings = settings
+        self._now = now
+
+    async def add(
+        self,
+        batch: RoutedBatch,
+        *,
+        frozen: bool = False,
+        flows: Sequence[str] = (),
+        parent_id: str | None = None,
+        prefix: Callable[[str], bytes] | None = None,
+        idempotency_key: str | None = None,
+        submitter_uid: int | None = None,
+    ) -> list[str]:
+        """Spool one submission; its ids in order, once it is durable (the
+        earlier submission's, for an ``idempotency_key`` seen within the
+        window)."""
+        if idempotency_key is None:
+            return await self._add_new(batch, frozen, flows, parent_id, prefix, None, submitter_uid)
+        ids, repeated = await self.keys.add_once(
+            idempotency_key,
+            batch,
+            self._now(),
+            self._settings.idempotency_window,
+            lambda: self._add_new(
+                batch, frozen, flows, parent_id, prefix, idempotency_key, submitter_uid
+            ),
+        )
+        if repeated:
+            self._repeated(ids)
+        return ids
+
+    async def _add_new(
+        self,
+        batch: RoutedBatch,
+        frozen: bool,
+        flows: Sequence[str],
+        parent_id: str | None,
+        prefix: Callable[[str], bytes] | None,
+        idempotency_key: str | None,
+        submitter_uid: int | None = None,
+    ) -> list[str]:
+        status: Status = Frozen() if frozen else SEND_NOW
+        messages = await self.write_new(
+            batch,
+            status,
+            flows,
+            parent_id,
+            prefix,
+            idempotency_key=idempotency_key,
+            submitter_uid=submitter_uid,
+        )
+        return self._written(messages, frozen)
+
+    async def write_new(
+        self,
+        batch: RoutedBatch,
+        status: Status,
+        flows: Sequence[str],
+        parent_id: str | None,
+        prefix: Callable[[str], bytes] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        submitter_uid: int | None = None,
+    ) -> list[Message]:
+        """Check ``batch`` and write its messages with ``status``; nothing
+        follows (see :meth:`_written`)."""
+        self._refuse_if_closing()
+        new = new_messages(
+            batch,
+            status=status,
+            spool_date=self._now(),
+            default_retry_intervals=self._settings.default_retry_intervals,
+            flows=flows,
+            parent_id=parent_id,
+            prefix=prefix,
+            idempotency_key=idempotency_key,
+            submitter_uid=submitter_uid,
+        )
+        return await self._write(new)
+
+    # ----------------------------------------------- what a subclass says
+
+    def _refuse_if_closing(self) -> None:
+        """Raise when no new mail is taken any more."""
+
+    async def _write(self, new: Sequence[NewMessage]) -> list[Message]:
+        """Write ``new`` durably; the messages written, in order."""
+        raise NotImplementedError
+
+    def _written(self, messages: list[Message], frozen: bool) -> list[str]:
+        """What follows the write of an add; the ids to return."""
+        raise NotImplementedError
+
+    def _repeated(self, ids: list[str]) -> None:
+        """An idempotency key was seen: ``ids`` are the earlier submission's."""
+
+
+class OwnerSubmission(Submission):
+    """The spool owner's add path: the new messages are indexed, scheduled
+    (with ``schedule``) and their ``spooled`` event published at once."""
+
+    def __init__(
+        self, state: SpoolState, keys: KeyFiles, schedule: Callable[[Entry], None]
+    ) -> None:
+        super().__init__(state.disk, keys, state.settings, state.clock.now)
+        self._state = state
+        self._index = state.index
+        self._index_put = state.index_put
+        self._publish = state.publish
+        self._schedule = schedule
+
+    def _refuse_if_closing(self) -> None:
+        if self._state.closed or self._state.stopping:
+            raise SpoolClosedError(
+                f"spool {self._state.spool_dir} is closing and takes no new mail"
+            )
+
+    async def _write(self, new: Sequence[NewMessage]) -> list[Message]:
+        return await self.add_to_disk(new)
+
+    def _repeated(self, ids: list[str]) -> None:
+        log.info("duplicate submission: idempotency key seen", ids=ids)
+
+    def _written(self, messages: list[Message], frozen: bool) -> list[str]:
+        for msg in messages:
+            if msg.id in self._index:
+                continue  # a rescan adopted it while we were writing
+            entry = Entry(msg, Queue.FROZEN if frozen else Queue.ACTIVE)
+            # No await from here to the publish: the scheduler cannot start
+            # an attempt before ``spooled`` is out (spoold.events' ordering).
+            self._index_put(entry)
+            self._schedule(entry)
+            self._publish(EventKind.SPOOLED, msg)
+            if frozen:
+                self._publish(EventKind.FROZEN, msg)
+            log.info(
+                "spooled",
+                id=msg.id,
+                flows=msg.flows,
+                sender=msg.envelope_info.sender,
+                recipients=len(msg.remaining_recipients),
+                next_hops=msg.next_hop_choices,
+            )
+        self._state.adding.difference_update(m.id for m in messages)
+        return [m.id for m in messages]
+
+    async def add_to_disk(self, new: Sequence[NewMessage]) -> list[Message]:
+        """Write new messages; their ids stay in ``adding`` (so rescans leave
+        them alone) until the caller has indexed them and discards them."""
+        reserved: list[str] = []
+        adding = self._state.adding
+
+        def on_reserve(name: str) -> None:  # in the store's worker thread
+            reserved.append(name)
+            adding.add(name)
+
+        try:
+            return await self._disk.add(new, on_reserve)
+        except BaseException:
+            adding.difference_update(reserved)
+            raise
