@@ -1,0 +1,333 @@
+"""The scheduler: when each queued message is tried, and how many at once.
+
+:class:`Scheduler` owns the timers of the messages of the index
+(:class:`~spoold.timers.Timers`), the destination gate
+(:class:`~spoold.limits.DestinationGate`), the count of send jobs under way
+and the loops that wake it: the dispatch loop, the wake-up socket through
+which other processes tell of messages they added, and the ping that also
+rescans the directories for wake-ups that were lost. It starts an attempt
+with the function it is handed (:meth:`Scheduler.dispatch_loop`); what the
+attempt does to the message is :mod:`spoold.transitions`'.
+
+Invariants:
+
+* One timer per message; any change to a message re-arms or cancels it
+  (:meth:`Scheduler.schedule`), so a stale timer is skipped when it comes
+  up: it never sends a message that was frozen, removed, quarantined,
+  rescheduled or is being sent (busy).
+* At most ``max_jobs`` attempts run at once (changeable while running).
+* Per destination (a route), at most ``max_connections`` attempts at once
+  and at most its ``rate``; a next hop that throttled us is backed off for
+  every message (:mod:`spoold.limits`). A message held by these waits in
+  memory, due as it was: it is not an attempt, so nothing is written, no
+  retry interval is used and no relay attempt is recorded; other
+  destinations are not slowed by it (a held message takes no send job).
+* ``sending`` is a status this spool holds in memory only, during an
+  attempt. A record adopted as ``sending`` is due now: never left
+  unscheduled.
+* A message adopted from another process is indexed, scheduled and its
+  ``spooled`` event published with no ``await`` in between (no attempt can
+  start before the event is out); never one this spool is adding itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import anyio.abc
+
+from spoold.errors import RecordError, SpooldError
+from spoold.events import EventKind
+from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
+from spoold.message import SEND_NOW, Message, SendAt, Sending, SendNow
+from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
+from spoold.timers import Timers
+
+__all__ = ["Scheduler", "Attempt"]
+
+# What the scheduler runs in a send job: one attempt on one message.
+Attempt = Callable[[Entry], Awaitable[None]]
+
+
+class Scheduler:
+    """Timers, the destination gate and the send jobs of one spool."""
+
+    def __init__(
+        self,
+        state: SpoolState,
+        *,
+        max_jobs: int,
+        ping_interval: float,
+        limits: LimitsSource | None,
+    ) -> None:
+        self._state = state
+        self._disk = state.disk
+        self._index = state.index
+        self._publish = state.publish
+        self._index_put = state.index_put
+        self.clock = state.clock
+        self._max_jobs = max_jobs
+        self._ping_interval = ping_interval
+        self._limits = limits
+        self._timers = Timers()
+        self._wake = anyio.Event()
+        self._running = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        # Messages held by their destination wait here as (entry, generation).
+        self.gate: DestinationGate[tuple[Entry, int]] = DestinationGate()
+
+    # ------------------------------------------------------------ settings
+
+    @property
+    def running(self) -> int:
+        """Send jobs under way."""
+        return self._running
+
+    @property
+    def max_jobs(self) -> int:
+        return self._max_jobs
+
+    @max_jobs.setter
+    def max_jobs(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("max_concurrent_send_jobs must be at least 1")
+        self._max_jobs = value
+        self.poke()
+
+    @property
+    def limits(self) -> LimitsSource | None:
+        return self._limits
+
+    @limits.setter
+    def limits(self, value: LimitsSource | None) -> None:
+        self._limits = value
+        for name, (entry, _gen) in self.gate.heads():
+            found = self._destination_of(entry.msg)
+            self.gate.set_limits(name, found[1] if found and found[0] == name else None)
+        self.poke()
+
+    async def stop(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        """Start no new attempt; wait up to ``timeout`` for those under way."""
+        self._state.stopping = True
+        self.poke()
+        if self._running == 0:
+            return
+        with anyio.fail_after(timeout):
+            await self._idle.wait()
+
+    # ---------------------------------------------------------- scheduling
+
+    def poke(self) -> None:
+        """Have the dispatch loop look again (a slot or a hop came free)."""
+        self._wake.set()
+
+    def schedule(self, entry: Entry) -> None:
+        """(Re)arm ``entry``'s timer by its status; any older timer is stale."""
+        status = entry.msg.status
+        if isinstance(status, SendNow):
+            entry.gen = self._timers.arm(entry.msg.id, 0.0)
+        elif isinstance(status, SendAt):
+            entry.gen = self._timers.arm(entry.msg.id, status.at.timestamp())
+        else:
+            entry.gen = self._timers.new_generation()
+            return
+        self.poke()
+
+    def apply(self, entry: Entry, new: Message) -> None:
+        """Put a record already written to disk into the index."""
+        queue = new.queue
+        if queue in LOADED_QUEUES:
+            entry.msg = new
+            self._index_put(entry, queue)
+            self.schedule(entry)
+        else:
+            entry.gen = self._timers.new_generation()
+            self._state.index_drop(new.id)
+
+    async def dispatch_loop(self, tg: anyio.abc.TaskGroup, attempt: Attempt) -> None:
+        """Start ``attempt`` on each message as it comes due, in send jobs
+        of ``tg``, within the job count and the destination limits."""
+        gate = self.gate
+        while True:
+            wake = self._wake
+            now_ts = self.clock.now().timestamp()
+            timers = self._timers
+            if not self._state.stopping and self._running < self._max_jobs:
+                # Those waiting on their destination first: they were due earlier.
+                for name, (waiting, gen) in gate.ready(now_ts):
+                    current = self._index.get(waiting.msg.id)
+                    if current is not waiting or waiting.gen != gen or waiting.busy:
+                        gate.give_back(name)  # changed while it waited: not for us
+                    elif hold := gate.hops_hold(held_hops(waiting), now_ts):
+                        gate.give_back(name)  # its hops were backed off while it waited
+                        self._hold(waiting, gen, hold)
+                    else:
+                        self._start(tg, attempt, waiting, name)
+                    if self._running >= self._max_jobs:
+                        break
+            while not self._state.stopping and self._running < self._max_jobs:
+                due = timers.pop_due(now_ts)
+                if due is None:
+                    break
+                mid, gen = due
+                entry = self._index.get(mid)
+                if entry is None or entry.gen != gen or entry.busy:
+                    continue
+                destination = self._destination_of(entry.msg)
+                hold = gate.admit(destination, held_hops(entry), now_ts)
+                if hold is not None:
+                    self._hold(entry, gen, hold)
+                    continue
+                self._start(tg, attempt, entry, destination[0] if destination else None)
+            deadline = None
+            if not self._state.stopping and self._running < self._max_jobs:
+                times = [t for t in (timers.next_time(), gate.next_wake(now_ts)) if t is not None]
+                if times:
+                    deadline = datetime.fromtimestamp(min(times), UTC)
+            await self.clock.wait(wake, deadline)
+            if wake.is_set():
+                self._wake = anyio.Event()
+
+    def _start(
+        self, tg: anyio.abc.TaskGroup, attempt: Attempt, entry: Entry, destination: str | None
+    ) -> None:
+        entry.busy = True
+        entry.destination = destination
+        self._running += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        tg.start_soon(self._send_job, attempt, entry, name=f"send {entry.msg.id}")
+
+    async def _send_job(self, attempt: Attempt, entry: Entry) -> None:
+        """One send job: the attempt, then its slots given back."""
+        try:
+            await attempt(entry)
+        finally:
+            entry.busy = False
+            if entry.destination is not None:
+                self.gate.done(entry.destination)
+                entry.destination = None
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+            self.poke()
+
+    def _destination_of(self, msg: Message) -> tuple[str, DestinationLimits] | None:
+        source = self._limits
+        if source is None:
+            return None
+        try:
+            return source.limits_for(msg)
+        except Exception:
+            log.exception("limits could not be found; sending unlimited", id=msg.id)
+            return None
+
+    def _hold(self, entry: Entry, gen: int, hold: Hold) -> None:
+        """Keep a due message back for its destination's limits or its
+        hops' backoff; in memory only (its record still says it is due)."""
+        if hold.until is not None:
+            entry.gen = self._timers.arm(entry.msg.id, hold.until)
+        elif hold.destination is not None:
+            self.gate.wait(hold.destination, (entry, gen))
+        log.debug(
+            "held by its destination",
+            id=entry.msg.id,
+            flows=entry.msg.flows,
+            destination=hold.destination,
+            reason=hold.reason,
+        )
+
+    # ------------------------------------------- messages other processes add
+
+    async def wakeup_loop(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Adopt messages other processes added (they send their ids)."""
+        async with self._disk.wakeups() as batches:
+            task_status.started()
+            async for names in batches:
+                try:
+                    await self.adopt(names)
+                except (SpooldError, OSError):
+                    log.exception("could not adopt added messages; the next rescan will")
+
+    async def _rescan(self) -> None:
+        """Backstop for lost wake-ups: adopt records on disk that the index
+        does not know (a directory listing; records are read only for new
+        names)."""
+        unknown = []
+        for queue in LOADED_QUEUES:
+            if not self._disk.usable(queue):
+                continue
+            for name, checked_out in await self._disk.names(queue):
+                if not checked_out and name not in self._index:
+                    unknown.append(name)
+        if unknown:
+            await self.adopt(unknown)
+
+    async def adopt(self, names: Sequence[str]) -> None:
+        """Index and schedule records other processes added (by id)."""
+        async with self._state.op_lock:  # no operator change runs meanwhile
+            await self._adopt_locked(names)
+
+    async def _adopt_locked(self, names: Sequence[str]) -> None:
+        # Not what this spool is adding: add() indexes it itself, and
+        # adopting it first could bring it back after it was delivered.
+        adding = self._state.adding
+        wanted = [
+            n
+            for n in dict.fromkeys(names)
+            if n not in adding
+            and n not in self._index
+            and n not in self._state.unsettled
+            and n not in self._disk.skipped  # unreadable: reported once, at open
+        ]
+        if not wanted:
+            return
+        found = await self._disk.read_new(wanted, LOADED_QUEUES)  # one thread hop for all
+        for name, (queue, result) in found.items():
+            if isinstance(result, RecordError):
+                log.error("added record cannot be read", id=name, error=str(result))
+                continue
+            msg = result
+            if name in self._index or name in adding:
+                continue  # indexed meanwhile
+            if msg.queue is not queue:
+                continue  # written elsewhere than its status says: next open repairs it
+            _sending_reads_as_send_now(msg)
+            entry = Entry(msg, queue)
+            self._index_put(entry)  # no await before the publish (as in add)
+            self.schedule(entry)
+            self._publish(EventKind.SPOOLED, msg)
+            log.debug("adopted", id=name, flows=msg.flows, queue=queue.value)
+
+    async def ping_loop(self, settle: Callable[[], Awaitable[None]]) -> None:
+        """Every ``ping_interval``: the ``ping`` event, ``settle`` (the
+        messages held in doubt, if any), and a rescan."""
+        never = anyio.Event()
+        while True:
+            await self.clock.wait(never, self.clock.now() + timedelta(seconds=self._ping_interval))
+            self._publish(EventKind.PING)
+            if self._state.unsettled:
+                await settle()
+            try:
+                await self._rescan()
+            except (SpooldError, OSError):
+                log.exception("rescan of the spool failed; trying again at the next ping")
+
+
+def held_hops(entry: Entry) -> Sequence[str]:
+    """The next hops whose backoff may hold ``entry`` back: none for a
+    message an operator asked to send (``spoold send`` tries it now; its
+    route's connection and rate limits still apply)."""
+    return () if entry.kicked else entry.msg.next_hop_choices
+
+
+def _sending_reads_as_send_now(msg: Message) -> None:
+    """A record stored as ``sending`` (written by hand or by another tool:
+    this spool only says so in memory) has no attempt under way in this
+    process: it is due now, else nothing would ever schedule it."""
+    if isinstance(msg.status, Sending):
+        msg.status = SEND_NOW

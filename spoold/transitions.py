@@ -1,0 +1,540 @@
+"""What happens to one message: its attempt, and what the outcome does to it.
+
+:class:`Transitions` holds the changes of one message, each written to disk
+before it is applied in memory (:meth:`Scheduler.apply
+<spoold.scheduler.Scheduler.apply>`), before its event is published and
+before anything returns: an attempt (:meth:`Transitions.send`, what the
+scheduler runs in a send job), a change of status (:meth:`Transitions.change`,
+which the operator operations use too) and the journal line of a message
+that leaves the queue (:meth:`Transitions.record_final`). A relay attempt
+walks this module, the scheduler and the modules below them only.
+
+An attempt: ask ``presend`` (default ``send_now``; its other choices are
+written at once), check the record out, follow the route's current hops,
+relay to the remaining recipients, ask ``on_error`` about each refusal,
+then write what :func:`spoold.outcome.attempt_outcome` (a pure function)
+decides, apply it and publish its event.
+
+Invariants:
+
+* A message is "busy" for the whole attempt; nothing else touches it then.
+* The hop's answers are never thrown away: the outcome is kept in memory
+  and its write retried with backoff until the disk takes it
+  (:meth:`Transitions._save_outcome`); only a process that dies meanwhile
+  sends again (at least once).
+* A body that is not what was spooled (the record's ``size`` and
+  ``body_sha256``, checked by the relay as it reads the file) is never
+  sent on: the attempt stops before the end of DATA and the message goes
+  to ``quarantine`` with the reason (event ``quarantined``).
+* An attempt that breaks in an unexpected way gives the record back to its
+  queue and is tried again in a minute (in memory only).
+
+The message's :class:`~spoold.outcome.DeliveryPolicy` (lifetime, repeating
+the last retry interval or freezing once they are used up, bounce or
+freeze, delay warning) is an input of the outcome function
+(:meth:`Transitions.policy_for`); the delivery status notifications it asks
+for (:mod:`spoold.dsn`) are added as new messages, with the null sender,
+routed like any other mail, before the outcome is written (a crash in
+between may send a notification twice, never lose it). A bounce that cannot
+be added (disk full, no route) is never lost: when nobody is left to try,
+the message is frozen instead of removed (its failed recipients kept for an
+operator); when others are still to be tried, the unreported recipients go
+back among the remaining ones (out of the failed ones), are tried again with
+the rest and, failing again, reported again (at the lifetime's end they fail
+with the rest). A delay warning that cannot be added is tried again at the
+next attempt.
+
+A message that leaves the queue for good (delivered, removed, or bounced)
+gets a line in the history journal (:mod:`spoold.history`) once its
+record's change is on disk (:meth:`Transitions.record_final`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import anyio
+
+from spoold.dsn import build_dsn, dsn_body, header_section
+from spoold.errors import (
+    BodyDamagedError,
+    NotFoundError,
+    OperationRefusedError,
+    SpooldError,
+    StoreError,
+)
+from spoold.events import EventKind
+from spoold.history import FinalOutcome, History, outcome_of
+from spoold.hooks import PRESEND_CHOICES, ErrorAction, PresendDecision, call_hook
+from spoold.message import (
+    SEND_NOW,
+    Delivered,
+    Frozen,
+    Message,
+    Quarantined,
+    Queue,
+    Removed,
+    RoutedEnvelope,
+    SendAt,
+    Sending,
+    SendNow,
+    Status,
+    message_for_envelope,
+)
+from spoold.ondisk import NewMessage
+from spoold.outcome import (
+    DeliveryPolicy,
+    HopFeedback,
+    Notice,
+    NoticeKind,
+    attempt_outcome,
+    refusals,
+)
+from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult
+from spoold.scheduler import Scheduler
+from spoold.state import Entry, SpoolState, log
+from spoold.submission import OwnerSubmission
+
+__all__ = ["Transitions"]
+
+_OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
+_OUTCOME_RETRY_MAX = 60.0
+
+
+class Transitions:
+    """The changes of one message (see the module's docstring)."""
+
+    def __init__(
+        self,
+        state: SpoolState,
+        scheduler: Scheduler,
+        submission: OwnerSubmission,
+        history: History,
+        rng: random.Random,
+    ) -> None:
+        self._settings = state.settings
+        self._disk = state.disk
+        self.clock = state.clock
+        self._index = state.index
+        self._adding = state.adding
+        self._index_put = state.index_put
+        self._publish = state.publish
+        self._schedule = scheduler.schedule
+        self._apply = scheduler.apply
+        self._poke = scheduler.poke
+        self._gate = scheduler.gate
+        self._add_to_disk = submission.add_to_disk
+        self._history = history
+        self._rng = rng
+
+    async def send(self, entry: Entry) -> None:
+        try:
+            await self._attempt(entry)
+        except Exception:
+            log.exception(
+                "attempt failed unexpectedly; retrying in a minute",
+                id=entry.msg.id,
+                flows=entry.msg.flows,
+            )
+            await self._recover_from_failed_attempt(entry)
+
+    async def _attempt(self, entry: Entry) -> None:
+        msg = entry.msg
+        mlog = log.bind(id=msg.id, flows=msg.flows)
+        kicked, entry.kicked = entry.kicked, False
+        before = msg.status
+        msg.status = Sending()
+        try:
+            decision = await self._ask_presend(msg)
+        except Exception as exc:  # noqa: BLE001 (a hook's failure must not lose the message)
+            mlog.exception("presend hook failed; trying later")
+            msg.status = before
+            await self._checkout(entry)
+            await self._finish_attempt(
+                entry,
+                AttemptFailed(f"presend hook failed: {exc!r}"),
+                operator_kick=kicked,
+            )
+            return
+        self._publish(EventKind.PRESEND, msg, detail=_decision_name(decision))
+        if not isinstance(decision, SendNow):
+            msg.status = before
+            new = await self.change(entry, decision)
+            if isinstance(decision, SendAt):
+                self._publish(EventKind.DELAYED, new, at=decision.at)
+            if isinstance(decision, Removed):
+                self.record_final(new, FinalOutcome.REMOVED, detail="removed by the presend hook")
+            return
+        await self._checkout(entry)
+        self._follow_route(msg)
+        snapshot = msg.copy()
+        # Hops backed off go last for this attempt (the record keeps its order).
+        snapshot.next_hop_choices = self._gate.order_hops(
+            msg.next_hop_choices, self.clock.now().timestamp()
+        )
+        body = BodyHandle(
+            self._disk.body_path(msg.id), self._disk.store.run_grouped, msg.body_check()
+        )
+        try:
+            outcome = await self._settings.relay.relay(
+                snapshot, body, list(msg.remaining_recipients)
+            )
+        except BodyDamagedError as exc:
+            await self._set_aside_damaged(entry, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
+            mlog.exception("relay raised; trying later")
+            outcome = AttemptFailed(f"relay error: {exc!r}")
+        await self._finish_attempt(entry, outcome, operator_kick=kicked)
+
+    async def _set_aside_damaged(self, entry: Entry, reason: str) -> None:
+        """The body is not what was spooled (the relay stopped before the
+        end of DATA): the message goes to ``quarantine`` with the reason,
+        for an operator; it is never sent as it is."""
+        new = entry.msg.copy()
+        new.status = Quarantined(reason=reason)
+        await self._save_outcome(entry, new)
+        entry.checked_out = False
+        self._apply(entry, new)
+        self._publish(EventKind.QUARANTINED, new, detail=reason)
+        log.error("damaged body: message quarantined", id=new.id, flows=new.flows, reason=reason)
+
+    def _follow_route(self, msg: Message) -> None:
+        """Before an attempt: if the message's route now has other hops (a
+        reload changed it), use them. Changed in memory only; the record
+        written after the attempt carries them."""
+        if self._settings.routes is None or msg.route is None:
+            return
+        try:
+            hops = self._settings.routes.current_hops(msg)
+        except Exception:
+            log.exception("routes could not say the current hops", id=msg.id, flows=msg.flows)
+            return
+        if hops is None or list(hops) == msg.next_hop_choices:
+            return
+        old = msg.next_hop_choices
+        msg.next_hop_choices = list(hops)
+        detail = f"{' '.join(old)} -> {' '.join(hops)}"
+        self._publish(EventKind.REROUTED, msg, detail=detail)
+        log.info(
+            "route changed: using its new next hops",
+            id=msg.id,
+            flows=msg.flows,
+            route=msg.route,
+            old_next_hops=old,
+            next_hops=list(hops),
+        )
+
+    async def _recover_from_failed_attempt(self, entry: Entry) -> None:
+        """An attempt broke in an unexpected way (e.g. a disk error): return
+        the record to its queue if this attempt checked it out, and try
+        again in a minute (in memory only: what is on disk stays the truth,
+        and at worst the next open retries it)."""
+        if entry.queue is Queue.ACTIVE:
+            entry.msg.status = SendAt(at=self.clock.now() + timedelta(minutes=1))
+        if entry.checked_out:
+            try:
+                await self._disk.release(entry.msg, entry.queue)
+                entry.checked_out = False
+            except Exception:
+                log.exception(
+                    "could not return a checked-out record",
+                    id=entry.msg.id,
+                    flows=entry.msg.flows,
+                )
+        self._schedule(entry)
+
+    async def _ask_presend(self, msg: Message) -> PresendDecision:
+        decision = await call_hook(self._settings.presend, msg.copy())
+        if not isinstance(decision, PRESEND_CHOICES):
+            raise TypeError(f"presend answered {decision!r}, not one of its choices")
+        if isinstance(decision, SendAt) and decision.at.tzinfo is None:
+            raise TypeError(f"presend answered {decision!r}: the time needs a time zone")
+        return decision
+
+    async def _checkout(self, entry: Entry) -> None:
+        await self._disk.checkout(entry.msg, entry.queue)
+        entry.checked_out = True
+
+    async def _finish_attempt(
+        self, entry: Entry, outcome: Delivery | AttemptFailed, *, operator_kick: bool
+    ) -> None:
+        old = entry.msg
+        actions = {
+            rcpt: await self._ask_on_error(old, rcpt, result)
+            for rcpt, result in refusals(old, outcome).items()
+            if not result.in_doubt  # not a refusal: handled as after a crash
+        }
+        now = self.clock.now()
+        policy = self.policy_for(old)
+        result = attempt_outcome(
+            old,
+            outcome,
+            actions,
+            now=now,
+            draw=lambda interval: interval.draw(self._rng),
+            operator_kick=operator_kick,
+            policy=policy,
+            after_crash=self._settings.after_crash,
+        )
+        new = result.record
+        event = result.event
+        for notice in result.notices:
+            dsn_id = await self._spool_notice(old, notice, now, policy)
+            if dsn_id is not None:
+                new.related_ids = [*new.related_ids, dsn_id]
+            elif notice.kind is NoticeKind.DELAYED:
+                new.delay_warned_at = None  # try again at the next attempt
+            elif isinstance(new.status, Removed):
+                new.status, event = Frozen(), EventKind.FROZEN  # the sender was not told
+            else:  # others are still to try: these go with them, to fail and be told again
+                _retry_unreported(new, notice)
+        if isinstance(new.status, Removed):
+            new.removed_at = now  # removed_retention counts from here
+        await self._save_outcome(entry, new)
+        entry.checked_out = False
+        self._apply(entry, new)
+        if isinstance(new.status, Delivered):
+            self.record_final(new, FinalOutcome.DELIVERED, relay_outcome=outcome)
+        elif event is EventKind.REMOVED:
+            self.record_final(new, FinalOutcome.BOUNCED, relay_outcome=outcome, detail="bounced")
+        detail = "bounced" if event is EventKind.REMOVED else None
+        if result.in_doubt:
+            detail = "in doubt: no reply to the end of the message"
+        self._publish(event, new, at=result.at, detail=detail)
+        self._hop_feedback(result.hops, new)
+        log.info(
+            "attempt done",
+            id=new.id,
+            flows=new.flows,
+            outcome=event,
+            delivered=len(result.delivered),
+            failed=len(result.failed),
+            later=len(result.later),
+            at=result.at,
+        )
+
+    def policy_for(self, msg: Message) -> DeliveryPolicy:
+        """The delivery policy of ``msg``: the spool's, with the queue
+        lifetime and retries-exhausted rule of its route when
+        :attr:`route_lifetimes` or :attr:`route_retries_exhausted` name it."""
+        policy = self._settings.delivery_policy
+        if not msg.route:
+            return policy
+        lifetime = self._settings.route_lifetimes.get(msg.route)
+        if lifetime is not None:
+            policy = dataclasses.replace(policy, max_queue_lifetime=lifetime)
+        exhausted = self._settings.route_retries_exhausted.get(msg.route)
+        if exhausted is not None:
+            policy = dataclasses.replace(policy, retries_exhausted=exhausted)
+        return policy
+
+    async def _spool_notice(
+        self, original: Message, notice: Notice, now: datetime, policy: DeliveryPolicy
+    ) -> str | None:
+        """Add the delivery status notification ``notice`` about
+        ``original`` as a new message from the null sender to its sender,
+        routed like any other mail; its id, or None when it could not be
+        added (logged)."""
+        mlog = log.bind(id=original.id, flows=original.flows, notice=notice.kind.value)
+        sender = original.envelope_info.sender
+        try:
+            body = await self._disk.read_body(original.id)
+            expiry = policy.expiry(original)
+            dsn = build_dsn(
+                original,
+                notice,
+                original_headers=header_section(body.content()),
+                reporting_mta=self._settings.reporting_mta,
+                now=now,
+                retry_until=expiry,
+            )
+            wire = dsn_body(dsn)
+            params = [] if sender.isascii() else ["SMTPUTF8"]
+            probe = RoutedEnvelope("", [sender], original.next_hop_choices, mail_params=params)
+            envelopes = [probe]
+            if self._settings.routes is not None:
+                envelopes = await self._settings.routes.reroute(
+                    message_for_envelope(
+                        probe, id=original.id, spool_date=now, parent_id=original.id
+                    )
+                )
+            if len(envelopes) != 1:
+                raise OperationRefusedError(f"the sender {sender} has no single route")
+            env = envelopes[0]
+            intervals = list(env.retry_intervals) or list(self._settings.default_retry_intervals)
+
+            def build(mid: str, related: list[str]) -> Message:
+                msg = message_for_envelope(
+                    env,
+                    id=mid,
+                    spool_date=now,
+                    parent_id=original.id,
+                    flows=original.flows,
+                    related_ids=[original.id],
+                    size=len(wire),
+                )
+                msg.retry_intervals = intervals
+                return msg
+
+            (added,) = await self._add_to_disk([NewMessage(wire, SEND_NOW, build)])
+        except (SpooldError, OSError, ValueError) as exc:
+            mlog.error("could not add a delivery status notification", error=str(exc))
+            return None
+        if added.id not in self._index:
+            entry = Entry(added, Queue.ACTIVE)
+            self._index_put(entry)
+            self._schedule(entry)
+            self._publish(EventKind.SPOOLED, added)
+        self._adding.discard(added.id)
+        mlog.info("delivery status notification spooled", dsn_id=added.id, to=sender)
+        return added.id
+
+    def _hop_feedback(self, hops: HopFeedback, msg: Message) -> None:
+        """What an attempt said about its next hops: back off those that
+        throttled us, forgive one that answered. (The one place per-hop
+        results of attempts are known: per-hop counters belong here.)"""
+        now = self.clock.now()
+        for hop in hops.throttled:
+            backoff = self._gate.throttled(hop, now.timestamp(), hops.reason)
+            until = datetime.fromtimestamp(backoff.until, UTC)
+            log.warning(
+                "next hop throttled us; backing off",
+                hop=hop,
+                id=msg.id,
+                flows=msg.flows,
+                reply=hops.reason,
+                backoff_seconds=backoff.window,
+                until=until,
+            )
+            self._publish(EventKind.THROTTLED, msg, detail=hop, at=until)
+        if hops.answered is not None and self._gate.answered(hops.answered):
+            log.info("next hop answered again; its backoff is over", hop=hops.answered)
+            self._poke()
+
+    async def _save_outcome(self, entry: Entry, new: Message) -> None:
+        """Write the record an attempt produced, however long the disk needs.
+
+        The next hop has answered: recipients it accepted must never be sent
+        again, so the outcome is kept in memory and its write retried with
+        backoff (1 s doubling to 60 s, on the spool's clock) until it is on
+        disk; the message stays busy (no new attempt, no operator change)
+        meanwhile. Only a process that dies before the write succeeds sends
+        again (at least once).
+        """
+        delay = _OUTCOME_RETRY_FIRST
+        retried = False
+        never = anyio.Event()
+        while True:
+            try:
+                if retried:
+                    await self._rewrite_outcome(entry, new)
+                else:
+                    await self._disk.save(new, from_queue=entry.queue, checked_out=True)
+            except StoreError as exc:
+                log.error(
+                    "could not write the outcome of an attempt; keeping it and trying again",
+                    id=new.id,
+                    flows=new.flows,
+                    error=str(exc),
+                    disk_full=exc.disk_full,
+                    retry_in=delay,
+                )
+                await self.clock.wait(never, self.clock.now() + timedelta(seconds=delay))
+                delay = min(delay * 2, _OUTCOME_RETRY_MAX)
+                retried = True
+                continue
+            if retried:
+                log.info("outcome of an attempt written", id=new.id, flows=new.flows)
+            return
+
+    async def _rewrite_outcome(self, entry: Entry, new: Message) -> None:
+        """A retry of :meth:`_save_outcome`: an earlier try may have got as far
+        as moving the record (a failure after a rename), so look where it is."""
+        try:
+            await self._disk.save(new, from_queue=entry.queue, checked_out=True)
+        except NotFoundError:
+            target = new.queue
+            if target is not None:  # None: delivered, the record is already gone
+                await self._disk.save(new, from_queue=target)
+
+    async def _ask_on_error(self, msg: Message, rcpt: str, result: RecipientResult) -> ErrorAction:
+        try:
+            action = await call_hook(self._settings.on_error, msg.copy(), rcpt, result)
+            return ErrorAction(action)
+        except Exception:
+            log.exception("on_error hook failed; trying later", id=msg.id, flows=msg.flows)
+            return ErrorAction.TRY_LATER
+
+    async def change(
+        self, entry: Entry, status: Status, *, edit: Callable[[Message], None] | None = None
+    ) -> Message:
+        """Write ``entry`` with a new status (and edits), then apply it."""
+        new = entry.msg.copy()
+        new.status = status
+        if isinstance(status, Removed) and not isinstance(entry.msg.status, Removed):
+            new.removed_at = self.clock.now()  # removed-message retention counts from here
+        if edit is not None:
+            edit(new)
+        await self._disk.save(new, from_queue=entry.queue)
+        was = type(entry.msg.status)
+        self._apply(entry, new)
+        event = {Frozen: EventKind.FROZEN, Removed: EventKind.REMOVED}.get(type(status))
+        if event and was is not type(status):
+            self._publish(event, new)
+        return new
+
+    def record_final(
+        self,
+        msg: Message,
+        outcome: FinalOutcome,
+        *,
+        relay_outcome: Delivery | AttemptFailed | None = None,
+        detail: str = "",
+    ) -> None:
+        """Journal that ``msg`` left the queue (delivered, bounced, removed).
+
+        Call it once the record's change is on disk, with the record as
+        written; ``relay_outcome``, the last attempt's, gives each
+        recipient's reply and the hop. Synchronous, no I/O: the line is
+        written in the background, in batches (see :mod:`spoold.history`).
+        """
+        replies: list[tuple[str, int | None, str | None, str]] = []
+        hop = ""
+        if isinstance(relay_outcome, Delivery):
+            hop = relay_outcome.hop
+            replies = [
+                (rcpt, r.code, r.enhanced_status, r.text)
+                for rcpt, r in relay_outcome.recipients.items()
+            ]
+        elif isinstance(relay_outcome, AttemptFailed) and not detail:
+            detail = relay_outcome.error
+        self._history.append(
+            outcome_of(msg, outcome, time=self.clock.now(), replies=replies, hop=hop, detail=detail)
+        )
+
+
+def _retry_unreported(record: Message, notice: Notice) -> None:
+    """A bounce about ``notice``'s recipients could not be added while the
+    message still has recipients to try: put them back among the remaining
+    ones of ``record`` (out of its failed ones), so they are tried with the
+    rest and, failing again, reported again; a failure is never kept
+    without its report. Logged: the sender was not told yet."""
+    unreported = [n.recipient for n in notice.recipients]
+    record.failed_recipients = [r for r in record.failed_recipients if r not in unreported]
+    record.remaining_recipients = list(dict.fromkeys([*record.remaining_recipients, *unreported]))
+    log.warning(
+        "a permanent failure could not be reported; its recipients will be tried again",
+        id=record.id,
+        flows=record.flows,
+        recipients=unreported,
+    )
+
+
+def _decision_name(decision: PresendDecision) -> str:
+    return {SendNow: "send_now", SendAt: "send_at", Frozen: "freeze", Removed: "remove"}[
+        type(decision)
+    ]
