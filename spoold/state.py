@@ -195,9 +195,10 @@ class SpoolState:
 
     def _note_outcome(self, event: SpoolEvent, msg: Message) -> None:
         """Remember the outcome an event stands for (if it is one) and wake
-        the :meth:`wait` calls for its message. An event named like an
-        outcome is one; ``removed`` with detail ``bounced`` is ``bounced``;
-        ``recovered`` leaves the message frozen."""
+        the :meth:`Spool.wait <spoold.spool.Spool.wait>` calls for its
+        message. An event named like an outcome is one; ``removed`` with
+        detail ``bounced`` is ``bounced``; ``recovered`` leaves the message
+        frozen."""
         name = OutcomeKind.FROZEN.value if event.kind is EventKind.RECOVERED else event.kind.value
         if event.kind is EventKind.REMOVED and event.detail == "bounced":
             name = OutcomeKind.BOUNCED.value  # removed after a report to its sender

@@ -131,6 +131,7 @@ class Transitions:
         self._rng = rng
 
     async def send(self, entry: Entry) -> None:
+        """One attempt on ``entry`` (busy: the scheduler's send job holds it)."""
         try:
             await self._attempt(entry)
         except Exception:
