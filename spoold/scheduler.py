@@ -161,7 +161,7 @@ class Scheduler:
                     current = self._index.get(waiting.msg.id)
                     if current is not waiting or waiting.gen != gen or waiting.busy:
                         gate.give_back(name)  # changed while it waited: not for us
-                    elif hold := gate.hops_hold(held_hops(waiting), now_ts):
+                    elif hold := gate.hops_hold(_held_hops(waiting), now_ts):
                         gate.give_back(name)  # its hops were backed off while it waited
                         self._hold(waiting, gen, hold)
                     else:
@@ -177,7 +177,7 @@ class Scheduler:
                 if entry is None or entry.gen != gen or entry.busy:
                     continue
                 destination = self._destination_of(entry.msg)
-                hold = gate.admit(destination, held_hops(entry), now_ts)
+                hold = gate.admit(destination, _held_hops(entry), now_ts)
                 if hold is not None:
                     self._hold(entry, gen, hold)
                     continue
@@ -318,7 +318,7 @@ class Scheduler:
                 log.exception("rescan of the spool failed; trying again at the next ping")
 
 
-def held_hops(entry: Entry) -> Sequence[str]:
+def _held_hops(entry: Entry) -> Sequence[str]:
     """The next hops whose backoff may hold ``entry`` back: none for a
     message an operator asked to send (``spoold send`` tries it now; its
     route's connection and rate limits still apply)."""
