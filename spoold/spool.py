@@ -117,8 +117,8 @@ from spoold.errors import (
     StoreError,
     WaitTimeoutError,
 )
-from spoold.events import EventHub, EventKind, SpoolEvent, Subscription
-from spoold.history import FinalOutcome, History, Outcome, RecipientState, outcome_of
+from spoold.events import EventHub, EventKind, SpoolEvent, Subscription, stream_form
+from spoold.history import History, Outcome, RecipientState, outcome_of
 from spoold.hooks import (
     PRESEND_CHOICES,
     ErrorAction,
@@ -132,6 +132,7 @@ from spoold.hooks import (
 from spoold.hostname import local_hostname
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
 from spoold.ids import validate_id
+from spoold.kinds import FinalOutcomeKind, OutcomeKind
 from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
 from spoold.listing import SCAN_LIMIT, Listing
 from spoold.log import get_logger
@@ -178,7 +179,7 @@ from spoold.relay import (
 from spoold.store import CHECKOUT, StepHook, SyncMode
 from spoold.tasks import own_tasks
 from spoold.timers import Timers
-from spoold.waiting import MessageOutcome, OutcomeBoard, OutcomeKind
+from spoold.waiting import MessageOutcome, OutcomeBoard
 from spoold.writer import new_messages
 
 __all__ = [
@@ -224,7 +225,6 @@ DEFAULT_HOUSEKEEPING_INTERVAL = timedelta(hours=1)
 _RETENTION_BATCH = 256  # removed messages deleted per thread hop (and per hold of the op lock)
 
 _LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
-_OUTCOME_NAMES = frozenset(kind.value for kind in OutcomeKind)
 _OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
 _OUTCOME_RETRY_MAX = 60.0
 
@@ -896,7 +896,7 @@ class Spool:
             if isinstance(decision, SendAt):
                 self._publish(EventKind.DELAYED, new, at=decision.at)
             if isinstance(decision, Removed):
-                self._record_final(new, FinalOutcome.REMOVED, detail="removed by the presend hook")
+                self._record_final(new, OutcomeKind.REMOVED, detail="removed by the presend hook")
             return
         await self._checkout(entry)
         self._follow_route(msg)
@@ -1026,19 +1026,17 @@ class Spool:
         entry.checked_out = False
         self._apply(entry, new)
         if isinstance(new.status, Delivered):
-            self._record_final(new, FinalOutcome.DELIVERED, relay_outcome=outcome)
-        elif event is EventKind.REMOVED:
-            self._record_final(new, FinalOutcome.BOUNCED, relay_outcome=outcome, detail="bounced")
-        detail = "bounced" if event is EventKind.REMOVED else None
-        if result.in_doubt:
-            detail = "in doubt: no reply to the end of the message"
-        self._publish(event, new, at=result.at, detail=detail)
+            self._record_final(new, OutcomeKind.DELIVERED, relay_outcome=outcome)
+        elif event is EventKind.BOUNCED:
+            self._record_final(new, OutcomeKind.BOUNCED, relay_outcome=outcome, detail="bounced")
+        detail = "in doubt: no reply to the end of the message" if result.in_doubt else None
+        published = self._publish(event, new, at=result.at, detail=detail)
         self._hop_feedback(result.hops, new)
         log.info(
             "attempt done",
             id=new.id,
             flows=new.flows,
-            outcome=event,
+            outcome=published.kind,
             delivered=len(result.delivered),
             failed=len(result.failed),
             later=len(result.later),
@@ -1248,18 +1246,24 @@ class Spool:
         *,
         detail: str | None = None,
         at: datetime | None = None,
-    ) -> None:
+    ) -> SpoolEvent:
+        """Publish ``kind`` (in its stream form: a bounce is ``removed``,
+        detail ``bounced``) and note the outcome it stands for; the event
+        as published."""
+        now = self.clock.now()
+        shown, shown_detail = stream_form(kind, detail)
         event = SpoolEvent(
-            self.clock.now(),
-            kind,
+            now,
+            shown,
             msg.id if msg else None,
             msg.envelope_info if msg else None,
-            detail,
+            shown_detail,
             at,
         )
         self._hub.publish(event)
         if msg is not None:
-            self._note_outcome(event, msg)
+            self._note_outcome(kind, msg, now, detail)
+        return event
 
     # -------------------------------------------------------------- adding
 
@@ -1508,7 +1512,7 @@ class Spool:
 
             async def one(e: _Entry) -> None:
                 new = await self._change(e, Removed())
-                self._record_final(new, FinalOutcome.REMOVED, detail="removed by an operator")
+                self._record_final(new, OutcomeKind.REMOVED, detail="removed by an operator")
 
             await self._each(entries, one)
 
@@ -1689,7 +1693,7 @@ class Spool:
     def _record_final(
         self,
         msg: Message,
-        outcome: FinalOutcome,
+        outcome: FinalOutcomeKind,
         *,
         relay_outcome: Delivery | AttemptFailed | None = None,
         detail: str = "",
@@ -2021,15 +2025,10 @@ class Spool:
         found = await self.find_outcome(message_id)
         if found is None:
             return None
-        kinds = {
-            FinalOutcome.DELIVERED: OutcomeKind.DELIVERED,
-            FinalOutcome.BOUNCED: OutcomeKind.BOUNCED,
-            FinalOutcome.REMOVED: OutcomeKind.REMOVED,
-        }
         failed = tuple(r.recipient for r in found.recipients if r.state is RecipientState.FAILED)
         return MessageOutcome(
             id=found.id,
-            kind=kinds[found.outcome],
+            kind=found.outcome,
             time=found.time,
             envelope_info=EnvelopeInfo(
                 sender=found.sender, recipients=[r.recipient for r in found.recipients]
@@ -2052,19 +2051,17 @@ class Spool:
             return MessageOutcome.of(OutcomeKind.QUARANTINED, msg, None, status.reason)
         return None
 
-    def _note_outcome(self, event: SpoolEvent, msg: Message) -> None:
-        """Remember the outcome an event stands for (if it is one) and wake
-        the :meth:`wait` calls for its message. An event named like an
-        outcome is one; ``removed`` with detail ``bounced`` is ``bounced``;
-        ``recovered`` leaves the message frozen."""
-        name = OutcomeKind.FROZEN.value if event.kind is EventKind.RECOVERED else event.kind.value
-        if event.kind is EventKind.REMOVED and event.detail == "bounced":
-            name = OutcomeKind.BOUNCED.value  # removed after a report to its sender
-        if name not in _OUTCOME_NAMES:
+    def _note_outcome(
+        self, kind: EventKind, msg: Message, time: datetime, detail: str | None
+    ) -> None:
+        """Remember the outcome an event of ``kind`` stands for
+        (:attr:`~spoold.kinds.EventKind.outcome`, if it is one) and wake the
+        :meth:`wait` calls for its message."""
+        outcome = kind.outcome
+        if outcome is None:
             return
-        kind = OutcomeKind(name)
-        detail = event.detail if kind is OutcomeKind.QUARANTINED else None
-        self._outcomes.reached(MessageOutcome.of(kind, msg, event.time, detail))
+        reason = detail if outcome is OutcomeKind.QUARANTINED else None
+        self._outcomes.reached(MessageOutcome.of(outcome, msg, time, reason))
 
     @staticmethod
     async def status_from_disk(
