@@ -1,12 +1,13 @@
 """The ESMTP server side of one connection: an :class:`asyncio.Protocol`.
 
 :class:`SmtpSession` owns the protocol state of one client connection: the
-line buffer, the command state machine (EHLO/HELO, MAIL, RCPT, DATA, RSET,
-NOOP, QUIT, STARTTLS, AUTH PLAIN/LOGIN, VRFY, HELP), reading the message,
-and every limit that protects the server from its client. It knows nothing
-of spools or routes: what to do with a message, whom to let in, whose
-password is right and whether there is room for a message at MAIL, it asks
-its :class:`SessionHost` (the listener).
+line buffer, the command state machine (its state a :class:`SessionState`;
+EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, STARTTLS, AUTH PLAIN/LOGIN,
+VRFY, HELP), reading the message, and every limit that protects the
+server from its client. It knows nothing of spools or routes: what to do
+with a message, whom to let in, whose password is right and whether there
+is room for a message at MAIL, it asks its :class:`SessionHost` (the
+listener).
 
 Invariants:
 
