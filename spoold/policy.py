@@ -157,7 +157,6 @@ class LibraryPolicies:
     def policy_for(self, message: Message) -> DestinationPolicy:
         route = message.route
         delivery = self.delivery
-        next_hops: tuple[str, ...] | None = None
         if route:
             lifetime = self.route_lifetimes.get(route)
             if lifetime is not None:
@@ -165,7 +164,7 @@ class LibraryPolicies:
             exhausted = self.route_retries_exhausted.get(route)
             if exhausted is not None:
                 delivery = replace(delivery, retries_exhausted=exhausted)
-            next_hops = self._current_hops(message)
+        next_hops = None if route is None else self._current_hops(message)
         limited = self._limits(message)
         if limited is None:
             return DestinationPolicy(

@@ -988,11 +988,11 @@ class Spool:
         log.error("damaged body: message quarantined", id=new.id, flows=new.flows, reason=reason)
 
     def _follow_route(self, msg: Message, policy: DestinationPolicy) -> None:
-        """Before an attempt: if the message's route now has other hops (a
-        reload changed it), use them. Changed in memory only; the record
-        written after the attempt carries them."""
+        """Before an attempt: if the message's destination now has other
+        hops (a reload changed its route), use them. Changed in memory only;
+        the record written after the attempt carries them."""
         hops = policy.next_hops
-        if msg.route is None or hops is None or list(hops) == msg.next_hop_choices:
+        if hops is None or list(hops) == msg.next_hop_choices:
             return
         old = msg.next_hop_choices
         msg.next_hop_choices = list(hops)

@@ -3,11 +3,11 @@
 A :class:`Router` is built from a :class:`~spoold.daemon.config.Config` and is
 immutable; a reload builds a new one and the daemon swaps it in one step.
 A spooled message records the route that chose its next hops; when a
-reload changes that route's ``next_hops``, the spool asks
-:meth:`Router.current_hops` before each attempt and the message goes to the
-new hops from then on. :meth:`Router.reroute` routes a message's recipients
-again (``spoold reroute``), which may split it. The settings used to talk to
-a hop always follow the current routes.
+reload changes that route's ``next_hops``, the message goes to the new hops
+from its next attempt on (its policy says them: below).
+:meth:`Router.reroute` routes a message's recipients again (``spoold
+reroute``), which may split it. The settings used to talk to a hop always
+follow the current routes.
 
 A route's ``domains`` match a recipient's domain exactly, or, written with
 a leading dot (``.example.org``), any subdomain of it. A recipient no route
@@ -57,9 +57,29 @@ class _Route:
     policy: DestinationPolicy  # without sessions: those depend on the message's hops
 
 
+def _session_settings(rc: RouteConfig, config: Config) -> RouteSettings:
+    """How to talk to a route's hops: the one place a ``[routes.NAME]`` key
+    about the SMTP session (TLS, credentials, EHLO name) becomes a setting.
+    Reads the route's credential file (blocking)."""
+    relay = config.relay
+    return RouteSettings(
+        tls=rc.tls,
+        verify_certificates=rc.verify_certificates,
+        ca_file=str(rc.ca_file) if rc.ca_file else None,
+        client_cert=str(rc.client_cert) if rc.client_cert else None,
+        client_key=str(rc.client_key) if rc.client_key else None,
+        auth=load_auth_file(rc.auth_file) if rc.auth_file else None,
+        connect_timeout=relay.connect_timeout.total_seconds(),
+        command_timeout=relay.command_timeout.total_seconds(),
+        message_timeout=relay.message_timeout.total_seconds(),
+        final_reply_timeout=relay.final_reply_timeout.total_seconds(),
+        helo_name=rc.helo_name or config.hostname,
+    )
+
+
 def _route_policy(rc: RouteConfig, delivery: DeliveryPolicy, jitter: float) -> DestinationPolicy:
-    """A route's policy: the one place a ``[routes.NAME]`` key that rules
-    delivery becomes a policy field."""
+    """A route's policy (but for its hops' sessions): the one place any
+    other ``[routes.NAME]`` key that rules delivery becomes a policy field."""
     if rc.max_queue_lifetime is not None:
         delivery = replace(delivery, max_queue_lifetime=rc.max_queue_lifetime)
     if rc.retries_exhausted is not None:
@@ -103,19 +123,7 @@ class Router:
             helo_name=config.hostname,
         )
         for name, rc in config.routes.items():
-            settings = RouteSettings(
-                tls=rc.tls,
-                verify_certificates=rc.verify_certificates,
-                ca_file=str(rc.ca_file) if rc.ca_file else None,
-                client_cert=str(rc.client_cert) if rc.client_cert else None,
-                client_key=str(rc.client_key) if rc.client_key else None,
-                auth=load_auth_file(rc.auth_file) if rc.auth_file else None,
-                connect_timeout=relay.connect_timeout.total_seconds(),
-                command_timeout=relay.command_timeout.total_seconds(),
-                message_timeout=relay.message_timeout.total_seconds(),
-                final_reply_timeout=relay.final_reply_timeout.total_seconds(),
-                helo_name=rc.helo_name or config.hostname,
-            )
+            settings = _session_settings(rc, config)
             self._routes[name] = _Route(rc, settings, _route_policy(rc, delivery, jitter))
             for hop in rc.next_hops:
                 self._by_hop[hop] = settings
