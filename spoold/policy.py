@@ -36,9 +36,11 @@ raises is a bug: the spool logs it and uses :data:`NO_POLICY`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import timedelta
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast
+
+import msgspec
 
 from spoold.connection_cache import RouteSettings
 from spoold.limits import DestinationLimits, LimitsSource
@@ -61,9 +63,12 @@ __all__ = [
 log = get_logger("spoold.spool")
 
 
-@dataclass(frozen=True, slots=True)
-class DestinationPolicy:
-    """How one message's destination is served, for one attempt.
+_DEFAULT_DELIVERY = DeliveryPolicy()
+
+
+class DestinationPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How one message's destination is served, for one attempt (immutable;
+    a msgspec struct: one is made per attempt, and cheaply).
 
     ``destination``: what the limits count by (the route's name in the
     daemon); None: no destination, so no limits. ``next_hops``: the hops
@@ -79,9 +84,9 @@ class DestinationPolicy:
 
     destination: str | None = None
     next_hops: tuple[str, ...] | None = None
-    sessions: Mapping[str, RouteSettings] = field(default_factory=dict)
+    sessions: Mapping[str, RouteSettings] = msgspec.field(default_factory=dict)
     limits: DestinationLimits | None = None
-    delivery: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    delivery: DeliveryPolicy = _DEFAULT_DELIVERY
     retry_intervals: tuple[RetryInterval, ...] = ()
 
     @property
@@ -196,7 +201,6 @@ class LibraryPolicies:
             return None
 
 
-@runtime_checkable
 class PolicyRelay(Protocol):
     """A relay that takes the attempt's policy (for the session settings
     of each hop): :class:`~spoold.smtp_relay.SmtpRelay` is one. A relay
@@ -219,7 +223,11 @@ async def relay_under(
     body: BodyHandle,
     recipients: Sequence[str],
 ) -> RelayOutcome:
-    """One attempt through ``relay`` under ``policy``."""
-    if isinstance(relay, PolicyRelay):
-        return await relay.relay_with_policy(policy, message, body, recipients)
-    return await relay.relay(message, body, recipients)
+    """One attempt through ``relay`` under ``policy`` (a
+    :class:`PolicyRelay` is given it, a plain relay is not)."""
+    # getattr, not isinstance: a runtime protocol check costs more than a
+    # small message's whole relay here.
+    with_policy = getattr(relay, "relay_with_policy", None)
+    if with_policy is None:
+        return await relay.relay(message, body, recipients)
+    return await cast(PolicyRelay, relay).relay_with_policy(policy, message, body, recipients)

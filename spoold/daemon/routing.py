@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
+import msgspec
+
 from spoold.connection_cache import RouteSettings
 from spoold.credentials import load_auth_file
 from spoold.daemon.config import Config, RouteConfig, delivery_policy
@@ -157,7 +159,7 @@ class Router:
         policy = self._no_route if route is None else route.policy
         hops = message.next_hop_choices if policy.next_hops is None else policy.next_hops
         sessions = {hop: self.settings_for(hop, message) for hop in hops}
-        return replace(policy, sessions=sessions)
+        return msgspec.structs.replace(policy, sessions=sessions)
 
     def limits_for(self, message: Message) -> tuple[str, DestinationLimits] | None:
         """The destination (route name) and limits of the route the message
