@@ -45,7 +45,7 @@ import msgspec
 from spoold.connection_cache import RouteSettings
 from spoold.limits import DestinationLimits, LimitsSource
 from spoold.log import get_logger
-from spoold.message import Message, RetryInterval, RoutedEnvelope
+from spoold.message import Message, RetryInterval
 from spoold.outcome import DeliveryPolicy, RetriesExhausted
 from spoold.relay import BodyHandle, Relay, RelayOutcome
 
@@ -53,7 +53,7 @@ __all__ = [
     "DestinationPolicy",
     "PolicySource",
     "NO_POLICY",
-    "Routes",
+    "CurrentHops",
     "LibraryPolicies",
     "PolicyRelay",
     "relay_under",
@@ -114,21 +114,13 @@ class PolicySource(Protocol):
     def policy_for(self, message: Message) -> DestinationPolicy: ...
 
 
-class Routes(Protocol):
-    """What the spool asks of the routing of its owner (the daemon's
-    :class:`~spoold.daemon.routing.Router` is one; a library user may give none).
-
-    ``current_hops(message)`` gives the next hops the message's route has
-    now, or None to keep the message's own; it is asked before each attempt
-    (by :class:`LibraryPolicies`) and must not block. ``reroute(message)``
-    routes the message's remaining recipients again, one envelope per way
-    they go (it may look up DNS); it raises a
-    :class:`~spoold.errors.SpooldError` when it cannot.
-    """
+class CurrentHops(Protocol):
+    """The part of a library user's routes (:class:`spoold.spool.Routes`)
+    that :class:`LibraryPolicies` asks: ``current_hops(message)``, the next
+    hops the message's route has now, or None to keep the message's own.
+    Must not block."""
 
     def current_hops(self, message: Message) -> Sequence[str] | None: ...
-
-    async def reroute(self, message: Message) -> list[RoutedEnvelope]: ...
 
 
 class LibraryPolicies:
@@ -145,7 +137,7 @@ class LibraryPolicies:
     def __init__(
         self,
         *,
-        routes: Routes | None = None,
+        routes: CurrentHops | None = None,
         limits: LimitsSource | None = None,
         delivery: DeliveryPolicy | None = None,
         route_lifetimes: Mapping[str, timedelta] | None = None,

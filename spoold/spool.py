@@ -98,7 +98,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
@@ -172,7 +172,6 @@ from spoold.policy import (
     DestinationPolicy,
     LibraryPolicies,
     PolicySource,
-    Routes,
     relay_under,
 )
 from spoold.relay import (
@@ -248,6 +247,23 @@ class _Entry(msgspec.Struct, eq=False, gc=False):
     checked_out: bool = False  # this entry's attempt holds the record's checkout
     kicked: bool = False  # an operator asked for the next attempt (spoold send)
     destination: str | None = None  # the destination whose slot its attempt holds
+
+
+class Routes(Protocol):
+    """What the spool asks of the routing of its owner (the daemon's
+    :class:`~spoold.daemon.routing.Router` is one; a library user may give none).
+
+    ``current_hops(message)`` gives the next hops the message's route has
+    now, or None to keep the message's own; it is asked before each attempt
+    (by the library's policy source, :class:`~spoold.policy.LibraryPolicies`)
+    and must not block. ``reroute(message)`` routes the message's remaining
+    recipients again, one envelope per way they go (it may look up DNS);
+    it raises a :class:`~spoold.errors.SpooldError` when it cannot.
+    """
+
+    def current_hops(self, message: Message) -> Sequence[str] | None: ...
+
+    async def reroute(self, message: Message) -> list[RoutedEnvelope]: ...
 
 
 class Spool:

@@ -103,7 +103,7 @@ class Router:
     routes: :meth:`route_with_mx`), says how to talk to a hop
     (:meth:`settings_for`), gives a message its route's policy
     (:meth:`policy_for`: the spool's :class:`~spoold.policy.PolicySource`),
-    and implements the spool's :class:`~spoold.policy.Routes` (current hops
+    and implements the spool's :class:`~spoold.spool.Routes` (current hops
     of a message's route, reroute). Errors: :class:`~spoold.errors.NoRouteError`,
     :class:`~spoold.errors.MxError`. Building it reads the routes'
     credential files (blocking: the daemon does it in a worker thread)."""
