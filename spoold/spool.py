@@ -84,7 +84,6 @@ journal files past ``history_retention`` and idempotency keys past
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from collections.abc import (
@@ -133,7 +132,7 @@ from spoold.hostname import local_hostname
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
 from spoold.ids import validate_id
 from spoold.kinds import FinalOutcomeKind, OutcomeKind
-from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
+from spoold.limits import DestinationGate, Hold, LimitsSource
 from spoold.listing import SCAN_LIMIT, Listing
 from spoold.log import get_logger
 from spoold.message import (
@@ -168,6 +167,13 @@ from spoold.outcome import (
     attempt_outcome,
     refusals,
     retry_plan,
+)
+from spoold.policy import (
+    NO_POLICY,
+    DestinationPolicy,
+    LibraryPolicies,
+    PolicySource,
+    relay_under,
 )
 from spoold.relay import (
     AttemptFailed,
@@ -249,6 +255,7 @@ class Routes(Protocol):
 
     ``current_hops(message)`` gives the next hops the message's route has
     now, or None to keep the message's own; it is asked before each attempt
+    (by the library's policy source, :class:`~spoold.policy.LibraryPolicies`)
     and must not block. ``reroute(message)`` routes the message's remaining
     recipients again, one envelope per way they go (it may look up DNS);
     it raises a :class:`~spoold.errors.SpooldError` when it cannot.
@@ -285,17 +292,21 @@ class Spool:
         history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
         idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
         housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
+        policies: PolicySource | None = None,
     ) -> None:
         self._disk = ondisk
-        # Replaceable while open (a reload): the policy of every message, the
-        # queue lifetime and retries-exhausted rule of messages of some
-        # routes, what to do with a message found in doubt at open, and the
+        # Replaceable while open (a reload): where destination policies come
+        # from (the library's source from the older arguments, unless one is
+        # given), what to do with a message found in doubt at open, and the
         # host name notifications report as.
-        self.delivery_policy = delivery_policy
-        self.route_lifetimes: dict[str, timedelta] = dict(route_lifetimes or {})
-        self.route_retries_exhausted: dict[str, RetriesExhausted] = dict(
-            route_retries_exhausted or {}
+        self._library = LibraryPolicies(
+            routes=routes,
+            limits=limits,
+            delivery=delivery_policy,
+            route_lifetimes=route_lifetimes,
+            route_retries_exhausted=route_retries_exhausted,
         )
+        self._policies: PolicySource = policies or self._library
         self.after_crash: AfterCrash = after_crash
         self.reporting_mta = reporting_mta or local_hostname()
         # Changeable while open (a reload): read at each housekeeping round / add.
@@ -306,7 +317,7 @@ class Spool:
         self._history = History(ondisk.dir)
         self._keys = KeyFiles(ondisk.dir)
         self.relay = relay
-        self.routes = routes  # may be replaced while open (a reload)
+        self._routes = routes  # may be replaced while open (a reload)
         self.presend: PresendHook = presend or default_presend
         self.on_error: OnErrorHook = on_error or default_on_error
         self.clock = clock
@@ -330,7 +341,6 @@ class Spool:
         self._hub = EventHub()
         self._outcomes = OutcomeBoard()
         self._tg: anyio.abc.TaskGroup | None = None
-        self._limits = limits
         # Messages held by their destination wait here as (entry, generation).
         self._gate: DestinationGate[tuple[_Entry, int]] = DestinationGate()
 
@@ -366,6 +376,7 @@ class Spool:
         history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
         idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
         housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
+        policies: PolicySource | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -422,6 +433,12 @@ class Spool:
         ``housekeeping_interval``: time between two housekeeping rounds
         (deleting expired removed messages, history and keys; the first
         round runs at open), on the spool's clock.
+        ``policies``: where each message's destination policy comes from
+        (:class:`~spoold.policy.PolicySource`: next hops, session settings,
+        limits, delivery rules; the daemon's router); None: one made of
+        ``routes``, ``limits``, ``delivery_policy``, ``route_lifetimes``
+        and ``route_retries_exhausted`` (:class:`~spoold.policy.LibraryPolicies`),
+        which are then ignored otherwise. Replaceable through :attr:`policies`.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -470,6 +487,7 @@ class Spool:
                 history_retention=history_retention,
                 idempotency_window=idempotency_window,
                 housekeeping_interval=housekeeping_interval,
+                policies=policies,
             )
             cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
             await spool._load(cut_short)
@@ -652,18 +670,65 @@ class Spool:
         self._disk.store.sync = value
 
     @property
+    def policies(self) -> PolicySource:
+        """Where destination policies come from. Replacing it (a reload)
+        applies to attempts started from then on, and the new limits to
+        messages already waiting for their destination."""
+        return self._policies
+
+    @policies.setter
+    def policies(self, value: PolicySource) -> None:
+        self._policies = value
+        for name, (entry, _gen) in self._gate.heads():
+            found = self._policy_of(entry.msg).limited
+            self._gate.set_limits(name, found[1] if found and found[0] == name else None)
+        self._poke()
+
+    # The parts of the library's policy source (when :attr:`policies` is
+    # it), under the names of the arguments of :meth:`open` that set them.
+
+    @property
+    def routes(self) -> Routes | None:
+        """The routing asked for :meth:`reroute` and a notice's route (and,
+        through the library's policy source, a message's current hops)."""
+        return self._routes
+
+    @routes.setter
+    def routes(self, value: Routes | None) -> None:
+        self._routes = self._library.routes = value
+
+    @property
     def limits(self) -> LimitsSource | None:
-        """Where destination limits come from (None: none). Replacing it
-        (a reload) applies the new limits to messages already waiting."""
-        return self._limits
+        return self._library.limits
 
     @limits.setter
     def limits(self, value: LimitsSource | None) -> None:
-        self._limits = value
-        for name, (entry, _gen) in self._gate.heads():
-            found = self._destination_of(entry.msg)
-            self._gate.set_limits(name, found[1] if found and found[0] == name else None)
-        self._poke()
+        self._library.limits = value
+        self.policies = self._policies  # the new limits apply to those waiting
+
+    @property
+    def delivery_policy(self) -> DeliveryPolicy:
+        return self._library.delivery
+
+    @delivery_policy.setter
+    def delivery_policy(self, value: DeliveryPolicy) -> None:
+        self._library.delivery = value
+
+    @property
+    def route_lifetimes(self) -> dict[str, timedelta]:
+        return self._library.route_lifetimes
+
+    @route_lifetimes.setter
+    def route_lifetimes(self, value: Mapping[str, timedelta]) -> None:
+        self._library.route_lifetimes = dict(value)
+
+    @property
+    def route_retries_exhausted(self) -> dict[str, RetriesExhausted]:
+        return self._library.route_retries_exhausted
+
+    @route_retries_exhausted.setter
+    def route_retries_exhausted(self, value: Mapping[str, RetriesExhausted]) -> None:
+        self._library.route_retries_exhausted = dict(value)
 
     def set_hooks(self, presend: PresendHook | None, on_error: OnErrorHook | None) -> None:
         """Replace both hooks at once (None: the default)."""
@@ -719,7 +784,7 @@ class Spool:
                         gate.give_back(name)  # its hops were backed off while it waited
                         self._hold(waiting, gen, hold)
                     else:
-                        self._start(tg, waiting, name)
+                        self._start(tg, waiting, name, self._policy_of(waiting.msg))
                     if self._running >= self._max_jobs:
                         break
             while not self._stopping and self._running < self._max_jobs:
@@ -730,12 +795,13 @@ class Spool:
                 entry = self._index.get(mid)
                 if entry is None or entry.gen != gen or entry.busy:
                     continue
-                destination = self._destination_of(entry.msg)
+                policy = self._policy_of(entry.msg)
+                destination = policy.limited
                 hold = gate.admit(destination, _held_hops(entry), now_ts)
                 if hold is not None:
                     self._hold(entry, gen, hold)
                     continue
-                self._start(tg, entry, destination[0] if destination else None)
+                self._start(tg, entry, destination[0] if destination else None, policy)
             deadline = None
             if not self._stopping and self._running < self._max_jobs:
                 times = [t for t in (timers.next_time(), gate.next_wake(now_ts)) if t is not None]
@@ -745,22 +811,26 @@ class Spool:
             if wake.is_set():
                 self._wake = anyio.Event()
 
-    def _start(self, tg: anyio.abc.TaskGroup, entry: _Entry, destination: str | None) -> None:
+    def _start(
+        self,
+        tg: anyio.abc.TaskGroup,
+        entry: _Entry,
+        destination: str | None,
+        policy: DestinationPolicy,
+    ) -> None:
         entry.busy = True
         entry.destination = destination
         self._running += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        tg.start_soon(self._send, entry, name=f"send {entry.msg.id}")
+        tg.start_soon(self._send, entry, policy, name=f"send {entry.msg.id}")
 
-    def _destination_of(self, msg: Message) -> tuple[str, DestinationLimits] | None:
-        source = self._limits
-        if source is None:
-            return None
+    def _policy_of(self, msg: Message) -> DestinationPolicy:
+        """``msg``'s destination policy (asked once per attempt)."""
         try:
-            return source.limits_for(msg)
+            return self._policies.policy_for(msg)
         except Exception:
-            log.exception("limits could not be found; sending unlimited", id=msg.id)
-            return None
+            log.exception("no destination policy; sending with none", id=msg.id)
+            return NO_POLICY
 
     def _hold(self, entry: _Entry, gen: int, hold: Hold) -> None:
         """Keep a due message back for its destination's limits or its
@@ -851,9 +921,9 @@ class Spool:
 
     # ------------------------------------------------------------- sending
 
-    async def _send(self, entry: _Entry) -> None:
+    async def _send(self, entry: _Entry, policy: DestinationPolicy) -> None:
         try:
-            await self._attempt(entry)
+            await self._attempt(entry, policy)
         except Exception:
             log.exception(
                 "attempt failed unexpectedly; retrying in a minute",
@@ -871,7 +941,7 @@ class Spool:
                 self._idle.set()
             self._poke()
 
-    async def _attempt(self, entry: _Entry) -> None:
+    async def _attempt(self, entry: _Entry, policy: DestinationPolicy) -> None:
         msg = entry.msg
         mlog = log.bind(id=msg.id, flows=msg.flows)
         kicked, entry.kicked = entry.kicked, False
@@ -887,6 +957,7 @@ class Spool:
                 entry,
                 AttemptFailed(f"presend hook failed: {exc!r}"),
                 operator_kick=kicked,
+                policy=policy.delivery,
             )
             return
         self._publish(EventKind.PRESEND, msg, detail=_decision_name(decision))
@@ -899,7 +970,7 @@ class Spool:
                 self._record_final(new, OutcomeKind.REMOVED, detail="removed by the presend hook")
             return
         await self._checkout(entry)
-        self._follow_route(msg)
+        self._follow_route(msg, policy)
         snapshot = msg.copy()
         # Hops backed off go last for this attempt (the record keeps its order).
         snapshot.next_hop_choices = self._gate.order_hops(
@@ -909,14 +980,16 @@ class Spool:
             self._disk.body_path(msg.id), self._disk.store.run_grouped, msg.body_check()
         )
         try:
-            outcome = await self.relay.relay(snapshot, body, list(msg.remaining_recipients))
+            outcome = await relay_under(
+                self.relay, policy, snapshot, body, list(msg.remaining_recipients)
+            )
         except BodyDamagedError as exc:
             await self._set_aside_damaged(entry, str(exc))
             return
         except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
             mlog.exception("relay raised; trying later")
             outcome = AttemptFailed(f"relay error: {exc!r}")
-        await self._finish_attempt(entry, outcome, operator_kick=kicked)
+        await self._finish_attempt(entry, outcome, operator_kick=kicked, policy=policy.delivery)
 
     async def _set_aside_damaged(self, entry: _Entry, reason: str) -> None:
         """The body is not what was spooled (the relay stopped before the
@@ -930,17 +1003,11 @@ class Spool:
         self._publish(EventKind.QUARANTINED, new, detail=reason)
         log.error("damaged body: message quarantined", id=new.id, flows=new.flows, reason=reason)
 
-    def _follow_route(self, msg: Message) -> None:
-        """Before an attempt: if the message's route now has other hops (a
-        reload changed it), use them. Changed in memory only; the record
-        written after the attempt carries them."""
-        if self.routes is None or msg.route is None:
-            return
-        try:
-            hops = self.routes.current_hops(msg)
-        except Exception:
-            log.exception("routes could not say the current hops", id=msg.id, flows=msg.flows)
-            return
+    def _follow_route(self, msg: Message, policy: DestinationPolicy) -> None:
+        """Before an attempt: if the message's destination now has other
+        hops (a reload changed its route), use them. Changed in memory only;
+        the record written after the attempt carries them."""
+        hops = policy.next_hops
         if hops is None or list(hops) == msg.next_hop_choices:
             return
         old = msg.next_hop_choices
@@ -988,7 +1055,12 @@ class Spool:
         entry.checked_out = True
 
     async def _finish_attempt(
-        self, entry: _Entry, outcome: Delivery | AttemptFailed, *, operator_kick: bool
+        self,
+        entry: _Entry,
+        outcome: Delivery | AttemptFailed,
+        *,
+        operator_kick: bool,
+        policy: DeliveryPolicy,
     ) -> None:
         old = entry.msg
         actions = {
@@ -997,7 +1069,6 @@ class Spool:
             if not result.in_doubt  # not a refusal: handled as after a crash
         }
         now = self.clock.now()
-        policy = self.policy_for(old)
         result = attempt_outcome(
             old,
             outcome,
@@ -1044,19 +1115,8 @@ class Spool:
         )
 
     def policy_for(self, msg: Message) -> DeliveryPolicy:
-        """The delivery policy of ``msg``: the spool's, with the queue
-        lifetime and retries-exhausted rule of its route when
-        :attr:`route_lifetimes` or :attr:`route_retries_exhausted` name it."""
-        policy = self.delivery_policy
-        if not msg.route:
-            return policy
-        lifetime = self.route_lifetimes.get(msg.route)
-        if lifetime is not None:
-            policy = dataclasses.replace(policy, max_queue_lifetime=lifetime)
-        exhausted = self.route_retries_exhausted.get(msg.route)
-        if exhausted is not None:
-            policy = dataclasses.replace(policy, retries_exhausted=exhausted)
-        return policy
+        """The delivery rules of ``msg`` now (its destination policy's)."""
+        return self._policy_of(msg).delivery
 
     async def _spool_notice(
         self, original: Message, notice: Notice, now: datetime, policy: DeliveryPolicy
