@@ -53,11 +53,6 @@ class Batches(Generic[_J]):
         self._running = False
         self._over = anyio.Event()
 
-    @property
-    def waiting(self) -> int:
-        """How many jobs wait for a batch."""
-        return len(self._waiting)
-
     async def submit(self, job: _J) -> None:
         """Return once ``job`` is done (``job.error`` says how)."""
         self._waiting.append(job)
