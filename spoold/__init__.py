@@ -10,7 +10,8 @@ Test doubles are in :mod:`spoold.testing`. The daemon, its CLI and its configura
 The layers, bottom up: :mod:`spoold.store` (durable files, no mail) →
 :mod:`spoold.message` and :mod:`spoold.body` (the record and the wire form)
 → :mod:`spoold.ondisk` (mail on the store) → :mod:`spoold.spool` (index,
-scheduler, operations, events) with its rules in :mod:`spoold.outcome` →
+scheduler, operations, events) with its rules in :mod:`spoold.outcome` and
+each destination's policy (:mod:`spoold.policy`: asked once per attempt) →
 :mod:`spoold.smtp_relay` (over :mod:`spoold.connection_cache` and
 :mod:`spoold.smtp_client`).
 """
@@ -79,6 +80,7 @@ from spoold.outcome import (
     RetriesExhausted,
     RetryPlan,
 )
+from spoold.policy import DestinationPolicy, PolicySource
 from spoold.relay import (
     AttemptFailed,
     BodyHandle,
@@ -116,6 +118,9 @@ __all__ = [
     "PlannedAttempt",
     "PlannedEnd",
     "PlannedRepeats",
+    # one destination's policy per attempt (issue 21)
+    "DestinationPolicy",
+    "PolicySource",
     # submissions and records
     "RoutedBatch",
     "RoutedEnvelope",

@@ -6,15 +6,21 @@ queued, and before its next event it receives one ``overflow`` event saying
 how many it missed. A slow subscriber therefore never stalls the spool, and
 never loses events without being told.
 
-Event kinds: ``spooled``, ``presend`` (detail: the decision), ``delivered``,
-``frozen``, ``removed`` (detail ``bounced`` when the sender was sent a
-delivery status notification), ``unfrozen``, ``recovered`` (detail: from which
-queue), ``quarantined`` (detail: the reason), ``delayed`` and
+Event kinds (:class:`~spoold.kinds.EventKind`, declared with the outcomes
+in :mod:`spoold.kinds`): ``spooled``, ``presend`` (detail: the decision),
+``delivered``, ``frozen``, ``removed``, ``unfrozen``, ``recovered`` (detail:
+from which queue), ``quarantined`` (detail: the reason), ``delayed`` and
 ``delayed_rate_limited`` (``at``: when it will be tried), ``rerouted``
 (detail: the new next hops), ``throttled`` (a next hop turned an attempt
 of the message away with a throttling reply; detail: the hop, ``at``: the
 end of the hop's backoff, during which no message goes to it), ``ping`` (every
 30 s, no message), and ``overflow`` (detail: how many were missed).
+
+A bounce (kind ``bounced``: the message failed and its sender was sent a
+delivery status notification) is published in its stream form,
+:func:`stream_form`: kind ``removed`` with detail ``bounced``, as it has
+always been shown to subscribers, on the control socket, in the metrics
+and in the logs. So a :class:`SpoolEvent` never has kind ``bounced``.
 
 Ordering, as a subscriber sees it:
 
@@ -41,40 +47,44 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 import anyio
 
+from spoold.kinds import EventKind
 from spoold.message import EnvelopeInfo
 
-__all__ = ["EventKind", "SpoolEvent", "EventHub", "Subscription", "EVENT_KINDS"]
+__all__ = [
+    "EventKind",
+    "SpoolEvent",
+    "EventHub",
+    "Subscription",
+    "EVENT_KINDS",
+    "BOUNCED_DETAIL",
+    "stream_form",
+]
+
+BOUNCED_DETAIL = "bounced"
+"""The detail of a ``removed`` event that stands for a bounce."""
 
 
-class EventKind(StrEnum):
-    """What happened (the ``event`` of the JSON form)."""
-
-    SPOOLED = "spooled"
-    PRESEND = "presend"
-    DELIVERED = "delivered"
-    FROZEN = "frozen"
-    REMOVED = "removed"
-    UNFROZEN = "unfrozen"
-    RECOVERED = "recovered"
-    QUARANTINED = "quarantined"
-    DELAYED = "delayed"
-    DELAYED_RATE_LIMITED = "delayed_rate_limited"
-    REROUTED = "rerouted"
-    THROTTLED = "throttled"
-    PING = "ping"
-    OVERFLOW = "overflow"
+def stream_form(kind: EventKind, detail: str | None) -> tuple[EventKind, str | None]:
+    """The kind and detail an event of ``kind`` is published with: a bounce
+    is ``removed`` with detail ``bounced``; every other kind is itself."""
+    if kind is EventKind.BOUNCED:
+        return EventKind.REMOVED, BOUNCED_DETAIL
+    return kind, detail
 
 
-EVENT_KINDS = frozenset(EventKind)
+EVENT_KINDS = frozenset(kind for kind in EventKind if stream_form(kind, None)[0] is kind)
+"""The kinds a :class:`SpoolEvent` has (the ``event`` of the JSON form)."""
 
 
 @dataclass(frozen=True, slots=True)
 class SpoolEvent:
+    """One event as a subscriber gets it; ``kind`` is in its stream form
+    (:func:`stream_form`: never ``bounced``)."""
+
     time: datetime
     kind: EventKind
     id: str | None = None

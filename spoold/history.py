@@ -1,7 +1,9 @@
 """The history journal: the final outcome of every message that left the queue.
 
 When a message is done with (delivered, bounced, or removed by an operator
-or a policy), the spool appends one :class:`Outcome` to the journal: who
+or a policy: a final :class:`~spoold.kinds.OutcomeKind`,
+:data:`~spoold.kinds.FINAL_OUTCOMES`), the spool appends one
+:class:`Outcome` to the journal: who
 sent it, what became of each recipient (the next hop's code, enhanced
 status and text where the last attempt had one), the hop, when it was
 spooled and when it ended. A recipient that a reroute moved into another
@@ -55,6 +57,7 @@ import msgspec
 import structlog
 
 from spoold.errors import OperationRefusedError, StoreError
+from spoold.kinds import FINAL_OUTCOMES, FinalOutcomeKind, OutcomeKind
 from spoold.message import Message
 
 __all__ = [
@@ -79,12 +82,10 @@ _SUFFIX = ".jsonl"
 log = structlog.get_logger("spoold.history")
 
 
-class FinalOutcome(StrEnum):
-    """How a message left the queue."""
-
-    DELIVERED = "delivered"
-    BOUNCED = "bounced"  # failed, and a delivery status notification went to the sender
-    REMOVED = "removed"
+FinalOutcome = OutcomeKind
+"""How a message left the queue: one of :data:`~spoold.kinds.FINAL_OUTCOMES`
+(the name from before outcomes were one set; ``FinalOutcome.DELIVERED`` is
+``OutcomeKind.DELIVERED``)."""
 
 
 class RecipientState(StrEnum):
@@ -113,7 +114,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     """One line of the journal: the final outcome of one message."""
 
     id: str
-    outcome: FinalOutcome
+    outcome: OutcomeKind  # a final one (FINAL_OUTCOMES), checked
     time: datetime  # when it left the queue
     spool_date: datetime
     sender: str
@@ -128,10 +129,15 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     in_doubt: bool = False
     submitter_uid: int | None = None  # the local user who submitted it, if known
 
+    def __post_init__(self) -> None:
+        # Read from disk, a line that is not final is skipped as undecodable.
+        if self.outcome not in FINAL_OUTCOMES:
+            raise ValueError(f"{self.outcome!r} is not a final outcome")
+
 
 def outcome_of(
     msg: Message,
-    outcome: FinalOutcome,
+    outcome: FinalOutcomeKind,
     *,
     time: datetime,
     replies: Iterable[tuple[str, int | None, str | None, str]] = (),
@@ -154,7 +160,7 @@ def outcome_of(
         elif rcpt in remaining:
             state = (
                 RecipientState.FAILED
-                if outcome is FinalOutcome.BOUNCED
+                if outcome is OutcomeKind.BOUNCED
                 else RecipientState.UNDELIVERED
             )
         elif rcpt in msg.rerouted_to:
@@ -173,7 +179,7 @@ def outcome_of(
             )
         )
     last = msg.last_relay_attempt
-    if last is not None and outcome is not FinalOutcome.DELIVERED:
+    if last is not None and outcome is not OutcomeKind.DELIVERED:
         detail = f"{detail}; last error: {last.error}" if detail else last.error
     return Outcome(
         id=msg.id,

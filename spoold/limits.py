@@ -2,12 +2,14 @@
 backoff of a next hop that throttles us.
 
 The spool's scheduler asks a :class:`DestinationGate` before it starts an
-attempt, and tells it when the attempt ends. The gate never waits itself and
+attempt, with the destination and limits of the message's
+:class:`~spoold.policy.DestinationPolicy`, and tells it when the attempt
+ends. The gate never waits itself and
 never reads a clock: every call is given the time (the spool's clock, as a
 POSIX timestamp), so it is tested without sleeping.
 
 A *destination* is what the limits count by: a route (the daemon's
-``[routes.NAME]``; any key the :class:`LimitsSource` chooses). Its
+``[routes.NAME]``; any key the policy source chooses). Its
 :class:`DestinationLimits`:
 
 * ``max_connections``: attempts of the destination under way at once (each
@@ -115,8 +117,9 @@ class DestinationLimits:
 
 
 class LimitsSource(Protocol):
-    """What the spool asks for a message's limits (the daemon's
-    :class:`~spoold.daemon.routing.Router` is one): the destination it
+    """Where a library user's spool finds a message's limits (a part of
+    :class:`~spoold.policy.LibraryPolicies`; the daemon's
+    :class:`~spoold.daemon.routing.Router` is one too): the destination it
     counts under and its limits, or None for no limits. Asked before each
     attempt; must not block."""
 

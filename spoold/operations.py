@@ -34,8 +34,8 @@ import msgspec
 
 from spoold.errors import NotFoundError, OperationRefusedError, RecordError
 from spoold.events import EventKind
-from spoold.history import FinalOutcome
 from spoold.ids import validate_id
+from spoold.kinds import OutcomeKind
 from spoold.message import (
     SEND_NOW,
     Frozen,
@@ -173,7 +173,7 @@ class Operations:
 
             async def one(e: Entry) -> None:
                 new = await self._change(e, Removed())
-                self._record_final(new, FinalOutcome.REMOVED, detail="removed by an operator")
+                self._record_final(new, OutcomeKind.REMOVED, detail="removed by an operator")
 
             await self._each(entries, one)
 

@@ -74,7 +74,7 @@ error text) to the record.
 * ``on_permanent_failure = bounce`` and a sender that is not null: the
   recipients that failed permanently in this attempt are reported to the
   sender (a :class:`Notice` of kind ``failed``), and a message with nobody
-  left to try is ``removed`` (event ``removed``) instead of frozen. A
+  left to try is ``removed`` (event ``bounced``) instead of frozen. A
   null-sender message is never bounced: it is frozen as without the policy
   (and when a report cannot be added, the spool puts those recipients back
   among those to try, so a failure is never dropped unreported);
@@ -110,8 +110,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
-from spoold.events import EventKind
 from spoold.hooks import ErrorAction
+from spoold.kinds import EventKind
 from spoold.message import (
     Delivered,
     Frozen,
@@ -161,7 +161,7 @@ OutcomeEvent = Literal[
     EventKind.FROZEN,
     EventKind.DELAYED,
     EventKind.DELAYED_RATE_LIMITED,
-    EventKind.REMOVED,
+    EventKind.BOUNCED,
 ]
 
 
@@ -389,7 +389,7 @@ def attempt_outcome(
     status: Status
     if not later and new.failed_recipients:
         if bounce:
-            status, event = Removed(), EventKind.REMOVED
+            status, event = Removed(), EventKind.BOUNCED
         else:
             status, event = Frozen(), EventKind.FROZEN
     elif not later:

@@ -30,8 +30,9 @@ import anyio
 
 from spoold.errors import NotFoundError, SpoolClosedError, WaitTimeoutError
 from spoold.events import Subscription
-from spoold.history import FinalOutcome, History, Outcome, RecipientState
+from spoold.history import History, Outcome, RecipientState
 from spoold.ids import validate_id
+from spoold.kinds import OutcomeKind
 from spoold.listing import SCAN_LIMIT, Listing
 from spoold.message import (
     EnvelopeInfo,
@@ -48,7 +49,7 @@ from spoold.ondisk import OnDiskSpool, Unreadable
 from spoold.scheduler import Scheduler
 from spoold.state import LOADED_QUEUES, SpoolState
 from spoold.store import CHECKOUT
-from spoold.waiting import MessageOutcome, OutcomeKind
+from spoold.waiting import MessageOutcome
 
 __all__ = ["Queries", "status_from_disk", "status_from_disk_pages", "count_from_disk"]
 
@@ -272,15 +273,10 @@ class Queries:
         found = await self.find_outcome(message_id)
         if found is None:
             return None
-        kinds = {
-            FinalOutcome.DELIVERED: OutcomeKind.DELIVERED,
-            FinalOutcome.BOUNCED: OutcomeKind.BOUNCED,
-            FinalOutcome.REMOVED: OutcomeKind.REMOVED,
-        }
         failed = tuple(r.recipient for r in found.recipients if r.state is RecipientState.FAILED)
         return MessageOutcome(
             id=found.id,
-            kind=kinds[found.outcome],
+            kind=found.outcome,
             time=found.time,
             envelope_info=EnvelopeInfo(
                 sender=found.sender, recipients=[r.recipient for r in found.recipients]

@@ -40,15 +40,17 @@ import anyio.abc
 
 from spoold.errors import RecordError, SpooldError
 from spoold.events import EventKind
-from spoold.limits import DestinationGate, DestinationLimits, Hold, LimitsSource
+from spoold.limits import DestinationGate, Hold
 from spoold.message import SEND_NOW, Message, SendAt, Sending, SendNow
+from spoold.policy import NO_POLICY, DestinationPolicy
 from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
 from spoold.timers import Timers
 
 __all__ = ["Scheduler", "Attempt"]
 
-# What the scheduler runs in a send job: one attempt on one message.
-Attempt = Callable[[Entry], Awaitable[None]]
+# What the scheduler runs in a send job: one attempt on one message, under
+# the destination policy asked for as it started.
+Attempt = Callable[[Entry, DestinationPolicy], Awaitable[None]]
 
 
 class Scheduler:
@@ -60,7 +62,6 @@ class Scheduler:
         *,
         max_jobs: int,
         ping_interval: float,
-        limits: LimitsSource | None,
     ) -> None:
         self._state = state
         self._disk = state.disk
@@ -70,7 +71,6 @@ class Scheduler:
         self.clock = state.clock
         self._max_jobs = max_jobs
         self._ping_interval = ping_interval
-        self._limits = limits
         self._timers = Timers()
         self._wake = anyio.Event()
         self._running = 0
@@ -97,15 +97,11 @@ class Scheduler:
         self._max_jobs = value
         self.poke()
 
-    @property
-    def limits(self) -> LimitsSource | None:
-        return self._limits
-
-    @limits.setter
-    def limits(self, value: LimitsSource | None) -> None:
-        self._limits = value
+    def policies_changed(self) -> None:
+        """The policy source was replaced (a reload): its limits apply to
+        the messages already waiting for their destination too."""
         for name, (entry, _gen) in self.gate.heads():
-            found = self._destination_of(entry.msg)
+            found = self.policy_of(entry.msg).limited
             self.gate.set_limits(name, found[1] if found and found[0] == name else None)
         self.poke()
 
@@ -165,7 +161,7 @@ class Scheduler:
                         gate.give_back(name)  # its hops were backed off while it waited
                         self._hold(waiting, gen, hold)
                     else:
-                        self._start(tg, attempt, waiting, name)
+                        self._start(tg, attempt, waiting, name, self.policy_of(waiting.msg))
                     if self._running >= self._max_jobs:
                         break
             while not self._state.stopping and self._running < self._max_jobs:
@@ -176,12 +172,13 @@ class Scheduler:
                 entry = self._index.get(mid)
                 if entry is None or entry.gen != gen or entry.busy:
                     continue
-                destination = self._destination_of(entry.msg)
+                policy = self.policy_of(entry.msg)
+                destination = policy.limited
                 hold = gate.admit(destination, _held_hops(entry), now_ts)
                 if hold is not None:
                     self._hold(entry, gen, hold)
                     continue
-                self._start(tg, attempt, entry, destination[0] if destination else None)
+                self._start(tg, attempt, entry, destination[0] if destination else None, policy)
             deadline = None
             if not self._state.stopping and self._running < self._max_jobs:
                 times = [t for t in (timers.next_time(), gate.next_wake(now_ts)) if t is not None]
@@ -192,18 +189,23 @@ class Scheduler:
                 self._wake = anyio.Event()
 
     def _start(
-        self, tg: anyio.abc.TaskGroup, attempt: Attempt, entry: Entry, destination: str | None
+        self,
+        tg: anyio.abc.TaskGroup,
+        attempt: Attempt,
+        entry: Entry,
+        destination: str | None,
+        policy: DestinationPolicy,
     ) -> None:
         entry.busy = True
         entry.destination = destination
         self._running += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        tg.start_soon(self._send_job, attempt, entry, name=f"send {entry.msg.id}")
+        tg.start_soon(self._send_job, attempt, entry, policy, name=f"send {entry.msg.id}")
 
-    async def _send_job(self, attempt: Attempt, entry: Entry) -> None:
+    async def _send_job(self, attempt: Attempt, entry: Entry, policy: DestinationPolicy) -> None:
         """One send job: the attempt, then its slots given back."""
         try:
-            await attempt(entry)
+            await attempt(entry, policy)
         finally:
             entry.busy = False
             if entry.destination is not None:
@@ -214,15 +216,13 @@ class Scheduler:
                 self._idle.set()
             self.poke()
 
-    def _destination_of(self, msg: Message) -> tuple[str, DestinationLimits] | None:
-        source = self._limits
-        if source is None:
-            return None
+    def policy_of(self, msg: Message) -> DestinationPolicy:
+        """``msg``'s destination policy (asked once per attempt)."""
         try:
-            return source.limits_for(msg)
+            return self._state.settings.policies.policy_for(msg)
         except Exception:
-            log.exception("limits could not be found; sending unlimited", id=msg.id)
-            return None
+            log.exception("no destination policy; sending with none", id=msg.id)
+            return NO_POLICY
 
     def _hold(self, entry: Entry, gen: int, hold: Hold) -> None:
         """Keep a due message back for its destination's limits or its

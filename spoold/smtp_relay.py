@@ -86,6 +86,7 @@ from spoold.errors import (
 )
 from spoold.log import get_logger
 from spoold.message import Message
+from spoold.policy import DestinationPolicy
 from spoold.relay import (
     AttemptFailed,
     BodyHandle,
@@ -145,8 +146,14 @@ def _check_recipients(recipients: Sequence[str]) -> _Checked:
 class SmtpRelay:
     """Relays messages over SMTP through a :class:`ConnectionCache`.
 
-    ``settings_for(hop, message)`` gives the route settings for a next hop
-    (the daemon reads them from its current routes, so a reload applies).
+    The settings of each next hop (TLS, credentials, timeouts, EHLO name)
+    are the attempt's destination policy's
+    (:meth:`relay_with_policy`, which the spool calls: the daemon's policies
+    follow its current routes, so a reload applies); for a hop the policy
+    does not name, or an attempt without one (:meth:`relay`),
+    ``settings_for(hop, message)`` gives them (one fixed
+    :class:`RouteSettings` for every hop when given one; the defaults when
+    given none).
     """
 
     def __init__(
@@ -166,6 +173,33 @@ class SmtpRelay:
     async def relay(
         self, message: Message, body: BodyHandle, recipients: Sequence[str]
     ) -> RelayOutcome:
+        return await self._relay(message, body, recipients, self.settings_for)
+
+    async def relay_with_policy(
+        self,
+        policy: DestinationPolicy,
+        message: Message,
+        body: BodyHandle,
+        recipients: Sequence[str],
+    ) -> RelayOutcome:
+        """One attempt with the session settings of ``policy``
+        (:class:`~spoold.policy.PolicyRelay`)."""
+        if not policy.sessions:
+            return await self._relay(message, body, recipients, self.settings_for)
+        fallback = self.settings_for
+
+        def settings_for(hop: str, message: Message) -> RouteSettings:
+            return policy.session_for(hop) or fallback(hop, message)
+
+        return await self._relay(message, body, recipients, settings_for)
+
+    async def _relay(
+        self,
+        message: Message,
+        body: BodyHandle,
+        recipients: Sequence[str],
+        settings_for: Callable[[str, Message], RouteSettings],
+    ) -> RelayOutcome:
         sender = message.envelope_info.sender
         try:
             validate_address(sender, role="sender", smtputf8=True)
@@ -177,7 +211,7 @@ class SmtpRelay:
             return Delivery(checked.refused)
         try:
             async with body.open() as content:
-                outcome = await self._to_next_hops(message, content, checked.sendable)
+                outcome = await self._to_next_hops(message, content, checked.sendable, settings_for)
         except StoreError as exc:
             return AttemptFailed(str(exc))
         if isinstance(outcome, Delivery) and checked.refused:
@@ -186,12 +220,16 @@ class SmtpRelay:
         return outcome
 
     async def _to_next_hops(
-        self, message: Message, content: BodyReader, recipients: list[str]
+        self,
+        message: Message,
+        content: BodyReader,
+        recipients: list[str],
+        settings_for: Callable[[str, Message], RouteSettings],
     ) -> RelayOutcome:
         hop_errors: list[str] = []
         throttled: list[str] = []
         for hop in message.next_hop_choices:
-            settings = self.settings_for(hop, message)
+            settings = settings_for(hop, message)
             deadline = anyio.CancelScope(deadline=anyio.current_time() + settings.message_timeout)
             try:
                 with deadline:

@@ -86,6 +86,7 @@ from spoold.message import (
 from spoold.ondisk import OnDiskSpool, Unreadable
 from spoold.operations import Operations
 from spoold.outcome import AfterCrash, DeliveryPolicy, RetriesExhausted, RetryPlan
+from spoold.policy import LibraryPolicies, PolicySource
 from spoold.queries import Queries, count_from_disk, status_from_disk, status_from_disk_pages
 from spoold.relay import Relay
 from spoold.scheduler import Scheduler
@@ -178,10 +179,6 @@ class Spool:
     relay = _Setting[Relay]()
     presend = _Setting[PresendHook]()
     on_error = _Setting[OnErrorHook]()
-    routes = _Setting[Routes | None]()
-    delivery_policy = _Setting[DeliveryPolicy]()
-    route_lifetimes = _Setting[dict[str, timedelta]]()
-    route_retries_exhausted = _Setting[dict[str, RetriesExhausted]]()
     after_crash = _Setting[AfterCrash]()
     reporting_mta = _Setting[str]()
     default_retry_intervals = _Setting[list[RetryInterval]]()
@@ -212,17 +209,24 @@ class Spool:
         history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
         idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
         housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
+        policies: PolicySource | None = None,
     ) -> None:
         self._disk = ondisk
         self.clock = clock
+        library = LibraryPolicies(
+            routes=routes,
+            limits=limits,
+            delivery=delivery_policy,
+            route_lifetimes=route_lifetimes,
+            route_retries_exhausted=route_retries_exhausted,
+        )
         settings = SpoolSettings(
             relay=relay,
             presend=presend or default_presend,
             on_error=on_error or default_on_error,
             routes=routes,
-            delivery_policy=delivery_policy,
-            route_lifetimes=dict(route_lifetimes or {}),
-            route_retries_exhausted=dict(route_retries_exhausted or {}),
+            policies=policies or library,
+            library=library,
             after_crash=after_crash,
             reporting_mta=reporting_mta or local_hostname(),
             default_retry_intervals=list(default_retry_intervals),
@@ -237,7 +241,6 @@ class Spool:
             state,
             max_jobs=max_concurrent_send_jobs,
             ping_interval=ping_interval,
-            limits=limits,
         )
         self._submission = submission = OwnerSubmission(state, keys, scheduler.schedule)
         self._transitions = transitions = Transitions(
@@ -279,6 +282,7 @@ class Spool:
         history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
         idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
         housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
+        policies: PolicySource | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -335,6 +339,12 @@ class Spool:
         ``housekeeping_interval``: time between two housekeeping rounds
         (deleting expired removed messages, history and keys; the first
         round runs at open), on the spool's clock.
+        ``policies``: where each message's destination policy comes from
+        (:class:`~spoold.policy.PolicySource`: next hops, session settings,
+        limits, delivery rules; the daemon's router); None: one made of
+        ``routes``, ``limits``, ``delivery_policy``, ``route_lifetimes``
+        and ``route_retries_exhausted`` (:class:`~spoold.policy.LibraryPolicies`),
+        which are then ignored otherwise. Replaceable through :attr:`policies`.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -383,6 +393,7 @@ class Spool:
                 history_retention=history_retention,
                 idempotency_window=idempotency_window,
                 housekeeping_interval=housekeeping_interval,
+                policies=policies,
             )
             cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
             await spool._load(cut_short)
@@ -561,14 +572,62 @@ class Spool:
         self._disk.store.sync = value
 
     @property
+    def policies(self) -> PolicySource:
+        """Where destination policies come from. Replacing it (a reload)
+        applies to attempts started from then on, and the new limits to
+        messages already waiting for their destination."""
+        return self._state.settings.policies
+
+    @policies.setter
+    def policies(self, value: PolicySource) -> None:
+        self._state.settings.policies = value
+        self._scheduler.policies_changed()
+
+    # The parts of the library's policy source (when :attr:`policies` is
+    # it), under the names of the arguments of :meth:`open` that set them.
+
+    @property
+    def routes(self) -> Routes | None:
+        """The routing asked for :meth:`reroute` and a notice's route (and,
+        through the library's policy source, a message's current hops)."""
+        return self._state.settings.routes
+
+    @routes.setter
+    def routes(self, value: Routes | None) -> None:
+        self._state.settings.routes = self._state.settings.library.routes = value
+
+    @property
     def limits(self) -> LimitsSource | None:
-        """Where destination limits come from (None: none). Replacing it
-        (a reload) applies the new limits to messages already waiting."""
-        return self._scheduler.limits
+        return self._state.settings.library.limits
 
     @limits.setter
     def limits(self, value: LimitsSource | None) -> None:
-        self._scheduler.limits = value
+        self._state.settings.library.limits = value
+        self._scheduler.policies_changed()  # the new limits apply to those waiting
+
+    @property
+    def delivery_policy(self) -> DeliveryPolicy:
+        return self._state.settings.library.delivery
+
+    @delivery_policy.setter
+    def delivery_policy(self, value: DeliveryPolicy) -> None:
+        self._state.settings.library.delivery = value
+
+    @property
+    def route_lifetimes(self) -> dict[str, timedelta]:
+        return self._state.settings.library.route_lifetimes
+
+    @route_lifetimes.setter
+    def route_lifetimes(self, value: Mapping[str, timedelta]) -> None:
+        self._state.settings.library.route_lifetimes = dict(value)
+
+    @property
+    def route_retries_exhausted(self) -> dict[str, RetriesExhausted]:
+        return self._state.settings.library.route_retries_exhausted
+
+    @route_retries_exhausted.setter
+    def route_retries_exhausted(self, value: Mapping[str, RetriesExhausted]) -> None:
+        self._state.settings.library.route_retries_exhausted = dict(value)
 
     def set_hooks(self, presend: PresendHook | None, on_error: OnErrorHook | None) -> None:
         """Replace both hooks at once (None: the default)."""

@@ -44,14 +44,16 @@ import msgspec
 
 from spoold.clock import Clock
 from spoold.errors import SpoolClosedError
-from spoold.events import EventHub, EventKind, SpoolEvent
+from spoold.events import EventHub, EventKind, SpoolEvent, stream_form
 from spoold.hooks import OnErrorHook, PresendHook
+from spoold.kinds import OutcomeKind
 from spoold.log import get_logger
 from spoold.message import Message, Queue, RetryInterval, RoutedEnvelope
 from spoold.ondisk import OnDiskSpool
-from spoold.outcome import AfterCrash, DeliveryPolicy, RetriesExhausted
+from spoold.outcome import AfterCrash
+from spoold.policy import LibraryPolicies, PolicySource
 from spoold.relay import Relay
-from spoold.waiting import MessageOutcome, OutcomeBoard, OutcomeKind
+from spoold.waiting import MessageOutcome, OutcomeBoard
 
 __all__ = [
     "log",
@@ -65,7 +67,6 @@ __all__ = [
 log = get_logger("spoold.spool")
 
 LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)  # the queues held in memory
-_OUTCOME_NAMES = frozenset(kind.value for kind in OutcomeKind)
 
 
 class Entry(msgspec.Struct, eq=False, gc=False):
@@ -88,6 +89,7 @@ class Routes(Protocol):
 
     ``current_hops(message)`` gives the next hops the message's route has
     now, or None to keep the message's own; it is asked before each attempt
+    (by the library's policy source, :class:`~spoold.policy.LibraryPolicies`)
     and must not block. ``reroute(message)`` routes the message's remaining
     recipients again, one envelope per way they go (it may look up DNS);
     it raises a :class:`~spoold.errors.SpooldError` when it cannot.
@@ -107,14 +109,14 @@ class SpoolSettings:
     relay: Relay
     presend: PresendHook
     on_error: OnErrorHook
-    # The routing asked for current hops and for reroute (None: none).
+    # The routing asked for reroute and a notice's route (None: none).
     routes: Routes | None
-    # The policy of every message, the queue lifetime and retries-exhausted
-    # rule of messages of some routes, what to do with a message found in
-    # doubt at open, and the host name notifications report as.
-    delivery_policy: DeliveryPolicy
-    route_lifetimes: dict[str, timedelta]
-    route_retries_exhausted: dict[str, RetriesExhausted]
+    # Where each attempt's destination policy comes from (the daemon's
+    # router, or the library's source made of the arguments of open).
+    policies: PolicySource
+    library: LibraryPolicies
+    # What to do with a message found in doubt at open, and the host name
+    # notifications report as.
     after_crash: AfterCrash
     reporting_mta: str
     default_retry_intervals: list[RetryInterval]
@@ -180,30 +182,33 @@ class SpoolState:
         *,
         detail: str | None = None,
         at: datetime | None = None,
-    ) -> None:
+    ) -> SpoolEvent:
+        """Publish ``kind`` (in its stream form: a bounce is ``removed``,
+        detail ``bounced``) and note the outcome it stands for; the event
+        as published."""
+        now = self.clock.now()
+        shown, shown_detail = stream_form(kind, detail)
         event = SpoolEvent(
-            self.clock.now(),
-            kind,
+            now,
+            shown,
             msg.id if msg else None,
             msg.envelope_info if msg else None,
-            detail,
+            shown_detail,
             at,
         )
         self.hub.publish(event)
         if msg is not None:
-            self._note_outcome(event, msg)
+            self._note_outcome(kind, msg, now, detail)
+        return event
 
-    def _note_outcome(self, event: SpoolEvent, msg: Message) -> None:
-        """Remember the outcome an event stands for (if it is one) and wake
-        the :meth:`Spool.wait <spoold.spool.Spool.wait>` calls for its
-        message. An event named like an outcome is one; ``removed`` with
-        detail ``bounced`` is ``bounced``; ``recovered`` leaves the message
-        frozen."""
-        name = OutcomeKind.FROZEN.value if event.kind is EventKind.RECOVERED else event.kind.value
-        if event.kind is EventKind.REMOVED and event.detail == "bounced":
-            name = OutcomeKind.BOUNCED.value  # removed after a report to its sender
-        if name not in _OUTCOME_NAMES:
+    def _note_outcome(
+        self, kind: EventKind, msg: Message, time: datetime, detail: str | None
+    ) -> None:
+        """Remember the outcome an event of ``kind`` stands for
+        (:attr:`~spoold.kinds.EventKind.outcome`, if it is one) and wake the
+        :meth:`Spool.wait <spoold.spool.Spool.wait>` calls for its message."""
+        outcome = kind.outcome
+        if outcome is None:
             return
-        kind = OutcomeKind(name)
-        detail = event.detail if kind is OutcomeKind.QUARANTINED else None
-        self.outcomes.reached(MessageOutcome.of(kind, msg, event.time, detail))
+        reason = detail if outcome is OutcomeKind.QUARANTINED else None
+        self.outcomes.reached(MessageOutcome.of(outcome, msg, time, reason))

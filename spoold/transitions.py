@@ -51,7 +51,6 @@ record's change is on disk (:meth:`Transitions.record_final`).
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -67,8 +66,9 @@ from spoold.errors import (
     StoreError,
 )
 from spoold.events import EventKind
-from spoold.history import FinalOutcome, History, outcome_of
+from spoold.history import History, outcome_of
 from spoold.hooks import PRESEND_CHOICES, ErrorAction, PresendDecision, call_hook
+from spoold.kinds import FinalOutcomeKind, OutcomeKind
 from spoold.message import (
     SEND_NOW,
     Delivered,
@@ -93,6 +93,7 @@ from spoold.outcome import (
     attempt_outcome,
     refusals,
 )
+from spoold.policy import DestinationPolicy, relay_under
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult
 from spoold.scheduler import Scheduler
 from spoold.state import Entry, SpoolState, log
@@ -116,6 +117,7 @@ class Transitions:
         rng: random.Random,
     ) -> None:
         self._settings = state.settings
+        self._policy_of = scheduler.policy_of
         self._disk = state.disk
         self.clock = state.clock
         self._index = state.index
@@ -130,10 +132,11 @@ class Transitions:
         self._history = history
         self._rng = rng
 
-    async def send(self, entry: Entry) -> None:
-        """One attempt on ``entry`` (busy: the scheduler's send job holds it)."""
+    async def send(self, entry: Entry, policy: DestinationPolicy) -> None:
+        """One attempt on ``entry`` (busy: the scheduler's send job holds it)
+        under its destination's ``policy``."""
         try:
-            await self._attempt(entry)
+            await self._attempt(entry, policy)
         except Exception:
             log.exception(
                 "attempt failed unexpectedly; retrying in a minute",
@@ -142,7 +145,7 @@ class Transitions:
             )
             await self._recover_from_failed_attempt(entry)
 
-    async def _attempt(self, entry: Entry) -> None:
+    async def _attempt(self, entry: Entry, policy: DestinationPolicy) -> None:
         msg = entry.msg
         mlog = log.bind(id=msg.id, flows=msg.flows)
         kicked, entry.kicked = entry.kicked, False
@@ -158,6 +161,7 @@ class Transitions:
                 entry,
                 AttemptFailed(f"presend hook failed: {exc!r}"),
                 operator_kick=kicked,
+                policy=policy.delivery,
             )
             return
         self._publish(EventKind.PRESEND, msg, detail=_decision_name(decision))
@@ -167,10 +171,10 @@ class Transitions:
             if isinstance(decision, SendAt):
                 self._publish(EventKind.DELAYED, new, at=decision.at)
             if isinstance(decision, Removed):
-                self.record_final(new, FinalOutcome.REMOVED, detail="removed by the presend hook")
+                self.record_final(new, OutcomeKind.REMOVED, detail="removed by the presend hook")
             return
         await self._checkout(entry)
-        self._follow_route(msg)
+        self._follow_route(msg, policy)
         snapshot = msg.copy()
         # Hops backed off go last for this attempt (the record keeps its order).
         snapshot.next_hop_choices = self._gate.order_hops(
@@ -180,8 +184,8 @@ class Transitions:
             self._disk.body_path(msg.id), self._disk.store.run_grouped, msg.body_check()
         )
         try:
-            outcome = await self._settings.relay.relay(
-                snapshot, body, list(msg.remaining_recipients)
+            outcome = await relay_under(
+                self._settings.relay, policy, snapshot, body, list(msg.remaining_recipients)
             )
         except BodyDamagedError as exc:
             await self._set_aside_damaged(entry, str(exc))
@@ -189,7 +193,7 @@ class Transitions:
         except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
             mlog.exception("relay raised; trying later")
             outcome = AttemptFailed(f"relay error: {exc!r}")
-        await self._finish_attempt(entry, outcome, operator_kick=kicked)
+        await self._finish_attempt(entry, outcome, operator_kick=kicked, policy=policy.delivery)
 
     async def _set_aside_damaged(self, entry: Entry, reason: str) -> None:
         """The body is not what was spooled (the relay stopped before the
@@ -203,17 +207,11 @@ class Transitions:
         self._publish(EventKind.QUARANTINED, new, detail=reason)
         log.error("damaged body: message quarantined", id=new.id, flows=new.flows, reason=reason)
 
-    def _follow_route(self, msg: Message) -> None:
-        """Before an attempt: if the message's route now has other hops (a
-        reload changed it), use them. Changed in memory only; the record
-        written after the attempt carries them."""
-        if self._settings.routes is None or msg.route is None:
-            return
-        try:
-            hops = self._settings.routes.current_hops(msg)
-        except Exception:
-            log.exception("routes could not say the current hops", id=msg.id, flows=msg.flows)
-            return
+    def _follow_route(self, msg: Message, policy: DestinationPolicy) -> None:
+        """Before an attempt: if the message's destination now has other
+        hops (a reload changed its route), use them. Changed in memory only;
+        the record written after the attempt carries them."""
+        hops = policy.next_hops
         if hops is None or list(hops) == msg.next_hop_choices:
             return
         old = msg.next_hop_choices
@@ -261,7 +259,12 @@ class Transitions:
         entry.checked_out = True
 
     async def _finish_attempt(
-        self, entry: Entry, outcome: Delivery | AttemptFailed, *, operator_kick: bool
+        self,
+        entry: Entry,
+        outcome: Delivery | AttemptFailed,
+        *,
+        operator_kick: bool,
+        policy: DeliveryPolicy,
     ) -> None:
         old = entry.msg
         actions = {
@@ -270,7 +273,6 @@ class Transitions:
             if not result.in_doubt  # not a refusal: handled as after a crash
         }
         now = self.clock.now()
-        policy = self.policy_for(old)
         result = attempt_outcome(
             old,
             outcome,
@@ -299,19 +301,17 @@ class Transitions:
         entry.checked_out = False
         self._apply(entry, new)
         if isinstance(new.status, Delivered):
-            self.record_final(new, FinalOutcome.DELIVERED, relay_outcome=outcome)
-        elif event is EventKind.REMOVED:
-            self.record_final(new, FinalOutcome.BOUNCED, relay_outcome=outcome, detail="bounced")
-        detail = "bounced" if event is EventKind.REMOVED else None
-        if result.in_doubt:
-            detail = "in doubt: no reply to the end of the message"
-        self._publish(event, new, at=result.at, detail=detail)
+            self.record_final(new, OutcomeKind.DELIVERED, relay_outcome=outcome)
+        elif event is EventKind.BOUNCED:
+            self.record_final(new, OutcomeKind.BOUNCED, relay_outcome=outcome, detail="bounced")
+        detail = "in doubt: no reply to the end of the message" if result.in_doubt else None
+        published = self._publish(event, new, at=result.at, detail=detail)
         self._hop_feedback(result.hops, new)
         log.info(
             "attempt done",
             id=new.id,
             flows=new.flows,
-            outcome=event,
+            outcome=published.kind,
             delivered=len(result.delivered),
             failed=len(result.failed),
             later=len(result.later),
@@ -319,19 +319,8 @@ class Transitions:
         )
 
     def policy_for(self, msg: Message) -> DeliveryPolicy:
-        """The delivery policy of ``msg``: the spool's, with the queue
-        lifetime and retries-exhausted rule of its route when
-        :attr:`route_lifetimes` or :attr:`route_retries_exhausted` name it."""
-        policy = self._settings.delivery_policy
-        if not msg.route:
-            return policy
-        lifetime = self._settings.route_lifetimes.get(msg.route)
-        if lifetime is not None:
-            policy = dataclasses.replace(policy, max_queue_lifetime=lifetime)
-        exhausted = self._settings.route_retries_exhausted.get(msg.route)
-        if exhausted is not None:
-            policy = dataclasses.replace(policy, retries_exhausted=exhausted)
-        return policy
+        """The delivery rules of ``msg`` now (its destination policy's)."""
+        return self._policy_of(msg).delivery
 
     async def _spool_notice(
         self, original: Message, notice: Notice, now: datetime, policy: DeliveryPolicy
@@ -491,7 +480,7 @@ class Transitions:
     def record_final(
         self,
         msg: Message,
-        outcome: FinalOutcome,
+        outcome: FinalOutcomeKind,
         *,
         relay_outcome: Delivery | AttemptFailed | None = None,
         detail: str = "",

@@ -1,6 +1,8 @@
 """What became of a message, and waiting until something has.
 
-A message *reaches an outcome* when it stops being sent on its own:
+A message *reaches an outcome* (:class:`~spoold.kinds.OutcomeKind`, the one
+set that events, ``wait`` and the history journal share) when it stops
+being sent on its own:
 
 * ``delivered``: every recipient was accepted (the record is deleted);
 * ``frozen``: it waits for an operator; ``failed_recipients`` names those
@@ -25,25 +27,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 
 import anyio
 
+from spoold.kinds import OutcomeKind
 from spoold.message import EnvelopeInfo, Message
 
 __all__ = ["OutcomeKind", "MessageOutcome", "OutcomeBoard", "DEFAULT_REMEMBERED_OUTCOMES"]
 
 DEFAULT_REMEMBERED_OUTCOMES = 10_000
-
-
-class OutcomeKind(StrEnum):
-    """Which outcome (the names are those of the matching events)."""
-
-    DELIVERED = "delivered"
-    FROZEN = "frozen"
-    REMOVED = "removed"
-    QUARANTINED = "quarantined"
-    BOUNCED = "bounced"
 
 
 @dataclass(frozen=True, slots=True)

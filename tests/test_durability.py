@@ -29,14 +29,15 @@ runs again, so before the event loop hears of it and writes the reply.
 Calls cut in two (``<unfinished ...>`` / ``<... resumed>``) are joined; a
 call's start and end are the lines where it began and finished.
 
-The test has teeth: :data:`MUTANTS` are copies of ``spoold/store.py`` with
-one sync removed (the file fsync of ``_write_tmp``, the directory fsyncs of
-``_enqueue_sync``, or only one of the two directories; either ``syncfs`` of
+The test has teeth: :data:`MUTANTS` are copies of the store's modules
+(``spoold/store/directory.py``, ``spoold/store/commit.py``) with one sync
+removed (the file fsync of ``write_tmp``, the directory fsyncs of
+``enqueue_sync``, or only one of the two directories; either ``syncfs`` of
 a group commit). Each copy is put in
 a copy of the package in a temp dir that ``PYTHONPATH`` names first (the
 child runs in another directory, so ``python -m`` does not put this
-checkout first); the trace itself shows which ``store.py`` was loaded. The
-checker must find the missing step in every one of them.
+checkout first); the trace itself shows which store modules were loaded.
+The checker must find the missing step in every one of them.
 
 strace must be installed (Debian package ``strace``; ``.ci/run`` installs
 it) and allowed to trace; otherwise these tests skip, saying so. Every run
@@ -272,12 +273,13 @@ def api_acks(calls: list[Call]) -> dict[str, int]:
 
 
 def store_loaded_from(calls: list[Call]) -> list[str]:
-    """Where the traced process read ``spoold/store.py`` (or its bytecode) from."""
+    """Where the traced process read the modules of ``spoold/store/`` (or
+    their bytecode) from."""
     out = []
     for c in calls:
         if c.name in ("open", "openat") and c.ok:
             for s in c.strings():
-                if re.search(r"spoold/(__pycache__/)?store(\.cpython-\d+)?\.pyc?$", s):
+                if re.search(r"spoold/store/(__pycache__/)?\w+(\.cpython-\d+)?\.pyc?$", s):
                     out.append(s)
     return out
 
@@ -285,61 +287,64 @@ def store_loaded_from(calls: list[Call]) -> list[str]:
 # ------------------------------------------------------------- mutants
 
 
-_DIR_FSYNC = (
-    '            self._fsync_dirs([self._data] + [f"{self._root_s}/{e.queue}" for e in entries])\n'
-)
+_DIR_FSYNC = '            d.fsync_dirs([d.data] + [f"{d.root_s}/{e.queue}" for e in entries])\n'
 _MOVE = (
     "            moves = self._stage(entries, on_reserve, names, written, sync=True)\n"
     "            self._move_into_place(moves, written)\n"
 )
-_FIRST_SYNCFS = '            self._step("sync_data")\n            self._syncfs()\n'
-_SECOND_SYNCFS = '            self._step("fsync_dirs")\n            self._syncfs()\n'
+_FIRST_SYNCFS = '            d.step("sync_data")\n            d.syncfs()\n'
+_SECOND_SYNCFS = '            d.step("fsync_dirs")\n            d.syncfs()\n'
+_FILES = "directory.py"  # of spoold/store/: the file steps
+_COMMIT = "commit.py"  # enqueue's commit path
 
-# name -> the store's sync mode, the (text, replacement) pairs that make it,
-# and what the checker must say.
-MUTANTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
-    "no fsync of the file in _write_tmp": (
+# name -> the store's sync mode, the module of spoold/store/ it changes, the
+# (text, replacement) pairs that make it, and what the checker must say.
+MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
+    "no fsync of the file in write_tmp": (
         "fsync",
+        _FILES,
         [("                os.fsync(fd)\n", "                pass  # mutant\n")],
         "was not synced between its last write",
     ),
-    "no fsync of the directories in _enqueue_sync": (
+    "no fsync of the directories in enqueue_sync": (
         "fsync",
+        _COMMIT,
         [(_DIR_FSYNC, "            pass  # mutant\n")],
         "was not synced between the rename",
     ),
-    "no fsync of data/ in _enqueue_sync": (
+    "no fsync of data/ in enqueue_sync": (
         "fsync",
-        [
-            (
-                _DIR_FSYNC,
-                '            self._fsync_dirs([f"{self._root_s}/{e.queue}" for e in entries])\n',
-            )
-        ],
+        _COMMIT,
+        [(_DIR_FSYNC, '            d.fsync_dirs([f"{d.root_s}/{e.queue}" for e in entries])\n')],
         "directory data/ was not synced",
     ),
-    "no fsync of the queue in _enqueue_sync": (
+    "no fsync of the queue in enqueue_sync": (
         "fsync",
-        [(_DIR_FSYNC, "            self._fsync_dirs([self._data])\n")],
+        _COMMIT,
+        [(_DIR_FSYNC, "            d.fsync_dirs([d.data])\n")],
         "directory active/ was not synced",
     ),
-    "no os.fsync in _fsync_dirs": (
+    "no os.fsync in fsync_dirs": (
         "fsync",
-        [("            os.fsync(self._dir_fds[d])\n", "            pass  # mutant\n")],
+        _FILES,
+        [("            os.fsync(self.dir_fds[d])\n", "            pass  # mutant\n")],
         "was not synced between the rename",
     ),
     "the directories fsynced before the renames": (
         "fsync",
+        _COMMIT,
         [(_DIR_FSYNC, "            pass  # mutant\n"), (_MOVE, _DIR_FSYNC + _MOVE)],
         "was not synced between the rename",
     ),
     "group commit without its first syncfs": (
         "syncfs",
+        _COMMIT,
         [(_FIRST_SYNCFS, "            pass  # mutant\n")],
         "was not synced between its last write",
     ),
     "group commit without its second syncfs": (
         "syncfs",
+        _COMMIT,
         [(_SECOND_SYNCFS, "            pass  # mutant\n")],
         "was not synced between the rename",
     ),
@@ -347,16 +352,17 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
 
 
 def mutated_package(where: Path, mutant: str) -> Path:
-    """A copy of the spoold package under ``where`` whose store.py has
+    """A copy of the spoold package under ``where`` whose store module has
     ``mutant`` applied; returns the directory to put first on PYTHONPATH."""
     overlay = where / "overlay"
     shutil.copytree(
         PROJECT / "spoold", overlay / "spoold", ignore=shutil.ignore_patterns("__pycache__")
     )
-    store = overlay / "spoold" / "store.py"
+    _mode, module, changes, _says = MUTANTS[mutant]
+    store = overlay / "spoold" / "store" / module
     source = store.read_text()
-    for original, replacement in MUTANTS[mutant][1]:
-        assert source.count(original) == 1, f"the mutant {mutant!r} no longer applies to store.py"
+    for original, replacement in changes:
+        assert source.count(original) == 1, f"the mutant {mutant!r} no longer applies to {module}"
         source = source.replace(original, replacement)
     store.write_text(source)
     return overlay
@@ -584,7 +590,7 @@ def test_a_store_without_one_of_its_syncs_is_caught(tmp_path: Path, mutant: str,
     assert problems, f"the checker missed the mutant {mutant!r}"
     for mid in acks:  # every acknowledged message is reported, for the right reason
         mine = [p for p in problems if p.startswith(f"{mid}: ")]
-        assert any(MUTANTS[mutant][2] in p for p in mine), (mid, problems)
+        assert any(MUTANTS[mutant][3] in p for p in mine), (mid, problems)
 
 
 def test_the_checker_reads_cut_calls_and_wants_each_step_in_order() -> None:

@@ -103,7 +103,7 @@ CASES = {
         {A: TRY},
         age=48,
         on_failure=BOUNCE,
-        event="removed",
+        event="bounced",
         failed=[A],
         notices=[("failed", [(A, "4.4.7")])],
         expired=True,
@@ -120,7 +120,7 @@ CASES = {
         {A: NO, B: OK},
         {A: FAIL},
         on_failure=BOUNCE,
-        event="removed",
+        event="bounced",
         failed=[A],
         notices=[("failed", [(A, "5.1.1")])],
     ),
@@ -202,7 +202,7 @@ CASES = {
         age=48,
         intervals=(2,),
         on_failure=BOUNCE,
-        event="removed",
+        event="bounced",
         failed=[A],
         notices=[("failed", [(A, "4.4.7")])],
         expired=True,
@@ -323,7 +323,7 @@ def test_policy_table(case: Case) -> None:
     assert got.expired is case.expired
     assert new.remaining_recipients == case.left
     assert new.failed_recipients == case.failed
-    if case.event == "removed":
+    if case.event == "bounced":
         assert new.status == Removed()
     elif case.event == "frozen":
         assert new.status == Frozen()
@@ -460,7 +460,7 @@ def test_plan_is_what_failing_attempts_then_do() -> None:
         if got.at is None:
             break
         rec, t = got.record, got.at
-    assert got.expired and got.event == "removed"
+    assert got.expired and got.event == "bounced"
     repeats = plan.repeats
     assert repeats is not None
     listed = [a.earliest for a in plan.attempts]

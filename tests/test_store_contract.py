@@ -1,5 +1,5 @@
 """Details of the store's commit path that the other store tests do not pin
-down, each found by a mutation run (mutmut on ``spoold/store.py``):
+down, each found by a mutation run (mutmut on the modules of ``spoold/store/``):
 
 * the named steps each operation passes, in order: they are the contract
   :class:`spoold.testing.Faults` and the crash tests rely on, so a renamed
@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -172,19 +171,24 @@ async def test_delete_works_without_the_registry_entry(tmp_path: Path) -> None:
 DEAD_PID = 999_999_999  # no such process
 
 
-class FsyncRecordingStore(Store):
-    """The real store, noting which directories it fsyncs (recovery runs
-    inside :meth:`Store.open`, before a test could look)."""
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The path of every descriptor this process fsyncs from now on
+    (recovery runs inside :meth:`Store.open`, before a test could look)."""
+    seen: list[str] = []
+    real_fsync = os.fsync
 
-    fsynced: list[str]
+    def fsync(fd: int) -> None:
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
 
-    def _fsync_dirs(self, dirs: Iterable[str]) -> None:
-        dirs = list(dirs)
-        self.__dict__.setdefault("fsynced", []).extend(dirs)
-        super()._fsync_dirs(dirs)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
 
 
-async def test_recovery_fsyncs_every_directory_it_changed(tmp_path: Path) -> None:
+async def test_recovery_fsyncs_every_directory_it_changed(
+    tmp_path: Path, fsynced: list[str]
+) -> None:
     store, _ = await Store.open(tmp_path, QUEUES)
     async with store:
         a, b = await store.enqueue([entry(), entry()])
@@ -194,13 +198,14 @@ async def test_recovery_fsyncs_every_directory_it_changed(tmp_path: Path) -> Non
     (tmp_path / "data" / "DeadWriterBody").write_bytes(b"never acknowledged")
     (tmp_path / ".registry" / "DeadWriterBody").write_text(f"{DEAD_PID}\n")
     (tmp_path / ".registry" / "DeadWriterNoBody").write_text(f"{DEAD_PID}\n")
+    fsynced.clear()
 
-    store, report = await FsyncRecordingStore.open(tmp_path, QUEUES)
+    store, report = await Store.open(tmp_path, QUEUES)
     async with store:
         assert sorted(report.returned_checkouts) == [("active", a), ("frozen", b)]
         assert report.removed_unacknowledged == ["DeadWriterBody", "DeadWriterNoBody"]
-        assert set(store.fsynced) == {
-            f"{tmp_path}/{d}"
+        assert set(fsynced) == {
+            f"{os.path.realpath(tmp_path)}/{d}"
             for d in (
                 "active",
                 "active/.checkout",
@@ -212,15 +217,18 @@ async def test_recovery_fsyncs_every_directory_it_changed(tmp_path: Path) -> Non
         }
 
 
-async def test_recovery_reports_a_registry_entry_without_a_body_once(tmp_path: Path) -> None:
+async def test_recovery_reports_a_registry_entry_without_a_body_once(
+    tmp_path: Path, fsynced: list[str]
+) -> None:
     store, _ = await Store.open(tmp_path, QUEUES)
     await store.close()
     (tmp_path / ".registry" / "OnlyARegistryEntry").write_text(f"{DEAD_PID}\n")
+    fsynced.clear()
 
-    store, report = await FsyncRecordingStore.open(tmp_path, QUEUES)
+    store, report = await Store.open(tmp_path, QUEUES)
     async with store:
         assert report.removed_unacknowledged == ["OnlyARegistryEntry"]
-        assert store.fsynced == [f"{tmp_path}/.registry"]
+        assert fsynced == [f"{os.path.realpath(tmp_path)}/.registry"]
         assert not (tmp_path / ".registry" / "OnlyARegistryEntry").exists()
 
 

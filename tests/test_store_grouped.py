@@ -35,10 +35,9 @@ class Blocker:
         return "blocker"
 
 
-async def pending(store: Store, count: int) -> None:
-    """Wait (yielding to the loop) until ``count`` calls wait for a group."""
-    while store._ops.waiting < count:
-        await anyio.sleep(0)
+async def pending() -> None:
+    """Wait until the calls just made wait for a group: every task blocks."""
+    await anyio.wait_all_tasks_blocked()
 
 
 async def test_calls_made_while_a_group_runs_wait_and_then_run_together(tmp_path: Path) -> None:
@@ -60,7 +59,7 @@ async def test_calls_made_while_a_group_runs_wait_and_then_run_together(tmp_path
             await anyio.to_thread.run_sync(blocker.started.wait)
             for key in range(4):
                 tg.start_soon(call, key, note, key)
-            await pending(store, 4)
+            await pending()
             assert ran == []  # none started beside the running group
             blocker.release.set()
 
@@ -93,7 +92,7 @@ async def test_each_caller_gets_its_own_error(tmp_path: Path) -> None:
             tg.start_soon(call, "os", fails_with_os_error)
             tg.start_soon(call, "bug", fails_with_value_error)
             tg.start_soon(call, "fine", lambda: "fine")
-            await pending(store, 3)
+            await pending()
             blocker.release.set()
 
     assert outcomes["blocker"] == "blocker"
@@ -121,10 +120,9 @@ async def test_a_call_cancelled_before_its_group_runs_never_runs(tmp_path: Path)
 
             tg.start_soon(store.run_grouped, lambda: ran.append("kept"))
             tg.start_soon(cancelled)
-            await pending(store, 2)
+            await pending()
             scope.cancel()
-            while store._ops.waiting != 1:
-                await anyio.sleep(0)
+            await pending()  # the cancelled call has left
             blocker.release.set()
 
     assert ran == ["kept"]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from spoold import store as store_module
 from spoold.store import NewEntry, Store
 
 QUEUES = ["active", "frozen"]
@@ -91,7 +90,7 @@ async def test_when_link_fails_the_entry_is_still_made(
             raise OSError(failures.pop(), os.strerror(code), src)
         real_link(src, dst)
 
-    monkeypatch.setattr(store_module.os, "link", link)
+    monkeypatch.setattr(os, "link", link)
     store, _ = await Store.open(tmp_path, QUEUES)
     async with store:
         (name,) = await store.enqueue([entry()])

@@ -1,4 +1,4 @@
-"""A write or an fsync that fails inside ``Store._write_tmp``, for the body
+"""A write or an fsync that fails inside ``StoreDirectory.write_tmp``, for the body
 or for the record of an entry: ``enqueue`` raises a
 :class:`~spoold.errors.StoreError` carrying the errno (``disk_full`` for
 ENOSPC), leaves nothing in ``tmp/``, ``data/``, the queue or
@@ -6,12 +6,12 @@ ENOSPC), leaves nothing in ``tmp/``, ``data/``, the queue or
 too), keeps no descriptor open, and the store takes the next entry.
 
 The store has no step hook between the write and the fsync of a file, so
-the first tests give the store module an ``os`` of their own: the real one,
-except that ``write`` (after writing part of the data, as a full disk does)
-or ``fsync`` fails on the chosen temp file. The last tests use a real small
-filesystem instead (a 256 KiB tmpfs, or else an ext4 image on a loop
-device): the kernel itself answers ENOSPC. Mounting needs root; they skip
-where it is not allowed.
+the first tests give the store's file steps (``spoold.store.directory``) an
+``os`` of their own: the real one, except that ``write`` (after writing part
+of the data, as a full disk does) or ``fsync`` fails on the chosen temp
+file. The last tests use a real small filesystem instead (a 256 KiB tmpfs,
+or else an ext4 image on a loop device): the kernel itself answers ENOSPC.
+Mounting needs root; they skip where it is not allowed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from types import ModuleType
 
 import pytest
 
-import spoold.store
+import spoold.store.directory
 from spoold.errors import StoreError
 from spoold.store import NewEntry, Store
 from tests.support import spool_files
@@ -125,7 +125,7 @@ async def test_a_failed_write_or_fsync_leaves_nothing_and_says_why(
     store, _ = await Store.open(root, QUEUES)
     async with store:
         failing = FailingOs(root / "tmp", call, kind, _error(code), nth)
-        monkeypatch.setattr(spoold.store, "os", failing)
+        monkeypatch.setattr(spoold.store.directory, "os", failing)
         batch = [entry(b"first body\r\n" * 100), entry(b"second body\r\n" * 100)]
 
         with pytest.raises(StoreError) as raised:

@@ -52,16 +52,13 @@ import structlog
 
 from spoold.address import validate_address, validate_recipients
 from spoold.body import LineEndingPolicy
-from spoold.connection_cache import ConnectionCache, RouteSettings
+from spoold.connection_cache import ConnectionCache
 from spoold.daemon import logs
 from spoold.daemon.config import (
     Config,
     SmtpConfig,
-    delivery_policy,
     load_config,
     restart_needed,
-    route_lifetimes,
-    route_retries_exhausted,
 )
 from spoold.daemon.control import ControlServer, PeerCredentials
 from spoold.daemon.ingest import Origin, Submitter
@@ -83,7 +80,7 @@ from spoold.errors import (
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
 from spoold.idempotency import user_key, validate_key
-from spoold.message import Message, Queue, RetryInterval
+from spoold.message import Queue, RetryInterval
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 
@@ -160,9 +157,6 @@ class Daemon:
 
     # ------------------------------------------------------------ running
 
-    def _settings_for(self, hop: str, message: Message) -> RouteSettings:
-        return self.live.router.settings_for(hop, message)
-
     def _status_text(self) -> str:
         if self._spool is None:
             return "starting"
@@ -177,7 +171,7 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.live.config
-        relay = SmtpRelay(self._settings_for, self.cache)
+        relay = SmtpRelay(cache=self.cache)  # hop settings: the router's policies
         restore_handler = install_accept_error_handler(
             asyncio.get_running_loop(), self.accept_failures
         )
@@ -205,13 +199,10 @@ class Daemon:
             flush_timeout=0,  # the daemon flushes before leaving (see _stop)
             min_free_space=cfg.spool.min_free_space,
             routes=self.live.router,
+            policies=self.live.router,
             sync=cfg.spool.sync,
-            delivery_policy=delivery_policy(cfg),
-            route_lifetimes=route_lifetimes(cfg),
-            route_retries_exhausted=route_retries_exhausted(cfg),
             after_crash=cfg.spool.after_crash,
             reporting_mta=hostname,
-            limits=self.live.router,
             removed_retention=cfg.spool.removed_retention,
             history_retention=cfg.spool.history_retention,
             idempotency_window=cfg.spool.idempotency_window,
@@ -413,11 +404,8 @@ class Daemon:
             )
             spool.set_hooks(live.presend, live.on_error)
             spool.routes = live.router
-            spool.delivery_policy = delivery_policy(cfg)
-            spool.route_lifetimes = route_lifetimes(cfg)
-            spool.route_retries_exhausted = route_retries_exhausted(cfg)
+            spool.policies = live.router
             spool.after_crash = cfg.spool.after_crash
-            spool.limits = live.router
             spool.reporting_mta = cfg.hostname
         if self._submitter is not None:
             self._submitter.hostname = cfg.hostname

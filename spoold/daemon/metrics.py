@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from spoold.connection_cache import ConnectionCache
 from spoold.events import EventKind
 from spoold.message import Message, Queue
+from spoold.policy import NO_POLICY, DestinationPolicy, relay_under
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, Relay, RelayOutcome
 from spoold.spool import Spool
 from spoold.times import utcnow
@@ -83,8 +84,17 @@ class _MeasuredRelay:
     async def relay(
         self, message: Message, body: BodyHandle, recipients: Sequence[str]
     ) -> RelayOutcome:
+        return await self.relay_with_policy(NO_POLICY, message, body, recipients)
+
+    async def relay_with_policy(
+        self,
+        policy: DestinationPolicy,
+        message: Message,
+        body: BodyHandle,
+        recipients: Sequence[str],
+    ) -> RelayOutcome:
         started = time.monotonic()
-        outcome = await self.inner.relay(message, body, recipients)
+        outcome = await relay_under(self.inner, policy, message, body, recipients)
         elapsed = time.monotonic() - started
         if isinstance(outcome, Delivery) and outcome.hop:
             hop = outcome.hop

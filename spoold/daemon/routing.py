@@ -3,11 +3,11 @@
 A :class:`Router` is built from a :class:`~spoold.daemon.config.Config` and is
 immutable; a reload builds a new one and the daemon swaps it in one step.
 A spooled message records the route that chose its next hops; when a
-reload changes that route's ``next_hops``, the spool asks
-:meth:`Router.current_hops` before each attempt and the message goes to the
-new hops from then on. :meth:`Router.reroute` routes a message's recipients
-again (``spoold reroute``), which may split it. The settings used to talk to
-a hop always follow the current routes.
+reload changes that route's ``next_hops``, the message goes to the new hops
+from its next attempt on (its policy says them: below).
+:meth:`Router.reroute` routes a message's recipients again (``spoold
+reroute``), which may split it. The settings used to talk to a hop always
+follow the current routes.
 
 A route's ``domains`` match a recipient's domain exactly, or, written with
 a leading dot (``.example.org``), any subdomain of it. A recipient no route
@@ -20,25 +20,34 @@ name to a hop is the route's ``helo_name``, else the top-level
 it new connections use the new name and cached ones (opened with the old)
 are no longer lent out: they close when idle.
 
-A route is also a destination for the spool's limits (:mod:`spoold.limits`:
-``max_connections`` and ``rate``); :meth:`Router.limits_for` gives a
-message the limits of the route it records, so a reload applies new limits
-to messages already queued.
+Everything a route says about delivering a message (its current next hops,
+how to talk to each hop, its limits: ``max_connections`` and ``rate``, its
+queue lifetime and retries-exhausted rule over the ``[spool]`` ones, and
+the retry intervals its new messages start with) is one
+:class:`~spoold.policy.DestinationPolicy`, built once per route with the
+router; :meth:`Router.policy_for` gives a message the policy of the route
+it records (the spool asks once per attempt), so a reload applies to
+messages already queued. A message without a route, or whose route is
+gone, keeps its own hops, has no limits and the ``[spool]`` rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
+
+import msgspec
 
 from spoold.connection_cache import RouteSettings
 from spoold.credentials import load_auth_file
-from spoold.daemon.config import Config, RouteConfig
+from spoold.daemon.config import Config, RouteConfig, delivery_policy
 from spoold.daemon.mx import MxResolver
 from spoold.errors import NoRouteError
 from spoold.limits import DestinationLimits
 from spoold.message import Message, RetryInterval, RoutedEnvelope
+from spoold.outcome import DeliveryPolicy
+from spoold.policy import DestinationPolicy
 
 __all__ = ["Router"]
 
@@ -47,8 +56,44 @@ __all__ = ["Router"]
 class _Route:
     config: RouteConfig
     settings: RouteSettings
-    retry_intervals: tuple[RetryInterval, ...]
-    limits: DestinationLimits
+    policy: DestinationPolicy  # without sessions: those depend on the message's hops
+
+
+def _session_settings(rc: RouteConfig, config: Config) -> RouteSettings:
+    """How to talk to a route's hops: the one place a ``[routes.NAME]`` key
+    about the SMTP session (TLS, credentials, EHLO name) becomes a setting.
+    Reads the route's credential file (blocking)."""
+    relay = config.relay
+    return RouteSettings(
+        tls=rc.tls,
+        verify_certificates=rc.verify_certificates,
+        ca_file=str(rc.ca_file) if rc.ca_file else None,
+        client_cert=str(rc.client_cert) if rc.client_cert else None,
+        client_key=str(rc.client_key) if rc.client_key else None,
+        auth=load_auth_file(rc.auth_file) if rc.auth_file else None,
+        connect_timeout=relay.connect_timeout.total_seconds(),
+        command_timeout=relay.command_timeout.total_seconds(),
+        message_timeout=relay.message_timeout.total_seconds(),
+        final_reply_timeout=relay.final_reply_timeout.total_seconds(),
+        helo_name=rc.helo_name or config.hostname,
+    )
+
+
+def _route_policy(rc: RouteConfig, delivery: DeliveryPolicy, jitter: float) -> DestinationPolicy:
+    """A route's policy (but for its hops' sessions): the one place any
+    other ``[routes.NAME]`` key that rules delivery becomes a policy field."""
+    if rc.max_queue_lifetime is not None:
+        delivery = replace(delivery, max_queue_lifetime=rc.max_queue_lifetime)
+    if rc.retries_exhausted is not None:
+        delivery = replace(delivery, retries_exhausted=rc.retries_exhausted)
+    spans: Sequence[timedelta] = rc.retry_intervals or ()
+    return DestinationPolicy(
+        destination=rc.name,
+        next_hops=None if rc.mx else rc.next_hops,
+        limits=DestinationLimits(rc.max_connections, rc.rate),
+        delivery=delivery,
+        retry_intervals=tuple(RetryInterval.from_spans(spans, jitter)),
+    )
 
 
 class Router:
@@ -56,9 +101,10 @@ class Router:
     one). It answers which route a recipient takes (:meth:`route_name_for`),
     splits a submission into one envelope per route (and per domain for MX
     routes: :meth:`route_with_mx`), says how to talk to a hop
-    (:meth:`settings_for`), and implements the spool's
-    :class:`~spoold.spool.Routes` (current hops of a message's route,
-    reroute). Errors: :class:`~spoold.errors.NoRouteError`,
+    (:meth:`settings_for`), gives a message its route's policy
+    (:meth:`policy_for`: the spool's :class:`~spoold.policy.PolicySource`),
+    and implements the spool's :class:`~spoold.spool.Routes` (current hops
+    of a message's route, reroute). Errors: :class:`~spoold.errors.NoRouteError`,
     :class:`~spoold.errors.MxError`. Building it reads the routes'
     credential files (blocking: the daemon does it in a worker thread)."""
 
@@ -69,6 +115,8 @@ class Router:
         self._routes: dict[str, _Route] = {}
         self._by_hop: dict[str, RouteSettings] = {}
         jitter = config.spool.retry_jitter
+        delivery = delivery_policy(config)
+        self._no_route = DestinationPolicy(delivery=delivery)
         self.default_settings = RouteSettings(
             connect_timeout=relay.connect_timeout.total_seconds(),
             command_timeout=relay.command_timeout.total_seconds(),
@@ -77,26 +125,8 @@ class Router:
             helo_name=config.hostname,
         )
         for name, rc in config.routes.items():
-            settings = RouteSettings(
-                tls=rc.tls,
-                verify_certificates=rc.verify_certificates,
-                ca_file=str(rc.ca_file) if rc.ca_file else None,
-                client_cert=str(rc.client_cert) if rc.client_cert else None,
-                client_key=str(rc.client_key) if rc.client_key else None,
-                auth=load_auth_file(rc.auth_file) if rc.auth_file else None,
-                connect_timeout=relay.connect_timeout.total_seconds(),
-                command_timeout=relay.command_timeout.total_seconds(),
-                message_timeout=relay.message_timeout.total_seconds(),
-                final_reply_timeout=relay.final_reply_timeout.total_seconds(),
-                helo_name=rc.helo_name or config.hostname,
-            )
-            spans: Sequence[timedelta] = rc.retry_intervals or ()
-            self._routes[name] = _Route(
-                rc,
-                settings,
-                tuple(RetryInterval.from_spans(spans, jitter)),
-                DestinationLimits(rc.max_connections, rc.rate),
-            )
+            settings = _session_settings(rc, config)
+            self._routes[name] = _Route(rc, settings, _route_policy(rc, delivery, jitter))
             for hop in rc.next_hops:
                 self._by_hop[hop] = settings
 
@@ -119,14 +149,24 @@ class Router:
                     return route.settings
         return self.default_settings
 
+    def policy_for(self, message: Message) -> DestinationPolicy:
+        """The policy of the route the message records, with the settings
+        of each next hop of its attempt (:meth:`settings_for`); for a
+        message without a route (hops given through the API, or a record
+        older than routes) or whose route is gone: its own hops, no limits,
+        the ``[spool]`` rules."""
+        route = self._routes.get(message.route) if message.route else None
+        policy = self._no_route if route is None else route.policy
+        hops = message.next_hop_choices if policy.next_hops is None else policy.next_hops
+        sessions = {hop: self.settings_for(hop, message) for hop in hops}
+        return msgspec.structs.replace(policy, sessions=sessions)
+
     def limits_for(self, message: Message) -> tuple[str, DestinationLimits] | None:
         """The destination (route name) and limits of the route the message
         records; None (no limits) for a message without one, or whose route
         is gone (:class:`~spoold.limits.LimitsSource`)."""
         route = self._routes.get(message.route) if message.route else None
-        if route is None:
-            return None
-        return route.config.name, route.limits
+        return None if route is None else route.policy.limited
 
     def current_hops(self, message: Message) -> Sequence[str] | None:
         """The next hops the message's route has now, or None to keep the
@@ -134,9 +174,7 @@ class Router:
         record older than routes), a route that is gone, or an MX route
         (its hops came from DNS for the message's domain)."""
         route = self._routes.get(message.route) if message.route else None
-        if route is None or route.config.mx:
-            return None
-        return route.config.next_hops
+        return None if route is None else route.policy.next_hops
 
     async def reroute(self, message: Message) -> list[RoutedEnvelope]:
         """Route the message's remaining recipients again through the current
@@ -189,7 +227,7 @@ class Router:
             sender=sender,
             recipients=rcpts,
             next_hop_choices=tuple(hops),
-            retry_intervals=self._routes[name].retry_intervals,
+            retry_intervals=self._routes[name].policy.retry_intervals,
             mail_params=mail_params,
             envelope_id=envelope_id,
             route=name,

@@ -1,12 +1,13 @@
 """The ESMTP server side of one connection: an :class:`asyncio.Protocol`.
 
 :class:`SmtpSession` owns the protocol state of one client connection: the
-line buffer, the command state machine (EHLO/HELO, MAIL, RCPT, DATA, RSET,
-NOOP, QUIT, STARTTLS, AUTH PLAIN/LOGIN, VRFY, HELP), reading the message,
-and every limit that protects the server from its client. It knows nothing
-of spools or routes: what to do with a message, whom to let in, whose
-password is right and whether there is room for a message at MAIL, it asks
-its :class:`SessionHost` (the listener).
+line buffer, the command state machine (its state a :class:`SessionState`;
+EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, STARTTLS, AUTH PLAIN/LOGIN,
+VRFY, HELP), reading the message, and every limit that protects the
+server from its client. It knows nothing of spools or routes: what to do
+with a message, whom to let in, whose password is right and whether there
+is room for a message at MAIL, it asks its :class:`SessionHost` (the
+listener).
 
 Invariants:
 
@@ -72,6 +73,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Final, Protocol, cast
 
 import structlog
@@ -82,6 +84,7 @@ from spoold.errors import AddressError
 __all__ = [
     "SessionPolicy",
     "SessionHost",
+    "SessionState",
     "SmtpSession",
     "Delivery",
     "parse_path",
@@ -266,7 +269,19 @@ def _long_line(limit: int) -> re.Pattern[bytes]:
 
 # ------------------------------------------------------------ the session
 
-_COMMAND, _DATA, _AUTH, _CLOSED = range(4)
+
+class SessionState(Enum):
+    """What a session takes its input as; the one state of the engine.
+
+    The state of the transaction itself (greeted, sender, recipients) is in
+    the values it collected: ``_helo``, ``_sender`` and ``_recipients``."""
+
+    COMMAND = "command"  # a command line (the transaction goes on between them)
+    DATA = "data"  # message lines, until ``CRLF . CRLF``
+    AUTH = "auth"  # the client's answer to an AUTH challenge (``_auth_step`` takes it)
+    CLOSED = "closed"  # nothing: the connection is closing or gone
+
+
 _AuthStep = Callable[["SmtpSession", bytes], None]
 
 
@@ -281,7 +296,7 @@ class SmtpSession(asyncio.Protocol):
         self._peer = ""
         self._trusted = False
         self._opened = False  # open_session accepted us: close_session is owed
-        self._mode = _COMMAND
+        self._state = SessionState.COMMAND
         self._busy = False  # a task works for us; input waits
         self._write_paused = False
         self._reading_paused = False
@@ -320,7 +335,7 @@ class SmtpSession(asyncio.Protocol):
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         opened = self._host.open_session(self, self._peer)
         if isinstance(opened, str):
-            self._mode = _CLOSED
+            self._state = SessionState.CLOSED
             transport.write(reply_line(opened))
             transport.close()
             return
@@ -332,7 +347,7 @@ class SmtpSession(asyncio.Protocol):
         transport.write(b"220 " + reply_line(f"{self._policy.hostname} ESMTP spoold"))
 
     def data_received(self, data: bytes) -> None:
-        if self._mode == _CLOSED:
+        if self._closed:
             return
         assert self._loop is not None
         self._last_input = self._loop.time()
@@ -350,7 +365,7 @@ class SmtpSession(asyncio.Protocol):
         return not self._tls  # (over TLS the transport closes regardless)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._mode = _CLOSED
+        self._state = SessionState.CLOSED
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -375,8 +390,8 @@ class SmtpSession(asyncio.Protocol):
         then write the replies in one go. Stops when work must be awaited,
         when the client stops reading, or when the session ends."""
         buf = self._in
-        while not self._busy and not self._write_paused and self._mode != _CLOSED:
-            if self._mode == _DATA:
+        while not self._busy and not self._write_paused and not self._closed:
+            if self._state is SessionState.DATA:
                 if not self._take_data():
                     break
                 continue
@@ -384,7 +399,8 @@ class SmtpSession(asyncio.Protocol):
             if end < 0:
                 if len(buf) > MAX_AUTH_LINE and not self._discarding:
                     self._discarding = True
-                    self._mode, self._auth_step = _COMMAND, None  # (an AUTH exchange ends)
+                    # (an AUTH exchange ends)
+                    self._state, self._auth_step = SessionState.COMMAND, None
                     self._error(b"500 5.5.2 Line too long\r\n")
                 if self._discarding:
                     buf.clear()
@@ -394,10 +410,10 @@ class SmtpSession(asyncio.Protocol):
             if self._discarding:
                 self._discarding = False
                 continue
-            if self._mode == _AUTH:
+            if self._state is SessionState.AUTH:
                 step = self._auth_step
                 assert step is not None
-                self._mode, self._auth_step = _COMMAND, None
+                self._state, self._auth_step = SessionState.COMMAND, None
                 if len(line) > MAX_AUTH_LINE:
                     self._error(b"500 5.5.6 Authentication exchange line is too long\r\n")
                 elif line == b"*":
@@ -407,7 +423,7 @@ class SmtpSession(asyncio.Protocol):
                 continue
             self._command(line)
         self._flush()
-        if self._mode == _CLOSED:
+        if self._closed:
             return
         if self._eof and not self._busy:
             self._close()
@@ -442,7 +458,7 @@ class SmtpSession(asyncio.Protocol):
         if reply:
             self._out.append(reply)
         self._flush()
-        self._mode = _CLOSED
+        self._state = SessionState.CLOSED
         self._in.clear()
         if self._transport is not None:
             self._transport.close()
@@ -468,7 +484,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._mode == _CLOSED:
+        if self._closed:
             return
         assert self._loop is not None and self._policy is not None
         now = self._loop.time()
@@ -489,7 +505,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _work_done(self) -> None:
         self._busy = False
-        if self._mode == _CLOSED:
+        if self._closed:
             return
         assert self._loop is not None
         self._last_input = self._loop.time()  # our time is not the client's idle time
@@ -501,6 +517,12 @@ class SmtpSession(asyncio.Protocol):
         self._smtputf8 = False
         self._recipients = []
         self._rcpt_seen = False
+
+    @property
+    def _closed(self) -> bool:
+        """Whether the session has ended (a property, not a narrowed
+        comparison: an ``await`` may end it)."""
+        return self._state is SessionState.CLOSED
 
     @property
     def _auth_offered(self) -> bool:
@@ -673,7 +695,7 @@ class SmtpSession(asyncio.Protocol):
                 self._error(b"503 5.5.1 Need RCPT command\r\n")
         else:
             self._out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-            self._mode = _DATA
+            self._state = SessionState.DATA
             self._data = bytearray(b"\r\n")
             self._oversize = False
 
@@ -730,7 +752,7 @@ class SmtpSession(asyncio.Protocol):
         assert self._loop is not None and self._policy is not None
         transport = self._transport
         assert transport is not None
-        if self._mode == _CLOSED or transport.is_closing():
+        if self._closed or transport.is_closing():
             return  # the client left before the handshake
         try:
             tls = await self._loop.start_tls(
@@ -742,10 +764,10 @@ class SmtpSession(asyncio.Protocol):
             )
         except OSError as exc:  # ssl.SSLError, timeouts and resets alike
             log.info("TLS handshake failed", peer=self._peer, error=str(exc))
-            self._mode = _CLOSED
+            self._state = SessionState.CLOSED
             transport.abort()
             return
-        if tls is None or self._mode == _CLOSED:
+        if tls is None or self._closed:
             return
         self._transport = tls
         self._tls = True
@@ -802,7 +824,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _ask(self, challenge: bytes, step: _AuthStep) -> None:
         self._out.append(challenge)
-        self._mode = _AUTH
+        self._state = SessionState.AUTH
         self._auth_step = step
 
     def _decode(self, line: bytes) -> bytes | None:
@@ -863,7 +885,7 @@ class SmtpSession(asyncio.Protocol):
 
     async def _auth_failed(self, delay: float, final: bool) -> None:
         await self._host.sleep(delay)
-        if self._mode == _CLOSED:
+        if self._closed:
             return
         if final:
             self._busy = False
@@ -894,7 +916,7 @@ class SmtpSession(asyncio.Protocol):
                 del data[:-4]  # only what may begin the end marker is kept
             return False
         self._in += data[end + 5 :]  # pipelined commands after the message
-        self._mode = _COMMAND
+        self._state = SessionState.COMMAND
         wire = bytes(data[2 : end + 2]) if not self._oversize else b""
         self._data = bytearray()
         if self._oversize or len(wire) > policy.max_message_size:
@@ -931,7 +953,7 @@ class SmtpSession(asyncio.Protocol):
         except Exception:  # never a permanent 5xx for our own trouble
             log.exception("unexpected error taking a message", peer=self._peer)
             reply = "451 4.3.0 Local error, try again later"
-        if self._mode == _CLOSED:
+        if self._closed:
             return
         if reply[:3] == "250":
             self._junk = 0
@@ -949,7 +971,7 @@ class SmtpSession(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """The listener stops: tell the client and close."""
-        if self._mode != _CLOSED:
+        if not self._closed:
             self._busy = False
             self._close(b"421 4.3.2 Service shutting down, try again later\r\n")
 

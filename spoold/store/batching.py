@@ -1,0 +1,93 @@
+"""Jobs asked for at the same moment, run together in one worker-thread hop.
+
+:class:`Batches` is the one mechanism behind both ways a store shares a
+hop: the short calls of :meth:`~spoold.store.hops.WorkerHops.run_grouped`
+(checkouts, deletes, body opens) and the group commit of
+:class:`~spoold.store.commit.Committer` (new entries made durable with two
+``syncfs`` for the whole batch). It knows nothing of files: a batch is a
+list of jobs handed to one coroutine, which marks each job done.
+
+Cancellation: a job cancelled while it still waits is dropped and never
+runs; once its batch runs, its caller waits for it (shielded), so a job is
+never left half done behind a caller that went away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+__all__ = ["Batches", "Pending"]
+
+
+class Pending(Protocol):
+    """What :class:`Batches` needs of a job."""
+
+    error: BaseException | None
+    done: bool
+
+
+_J = TypeVar("_J", bound=Pending)
+
+
+class Batches(Generic[_J]):
+    """Jobs submitted while a batch runs wait, and go together in the next
+    one: the first of their callers to find no batch running runs it (with
+    ``run``, one worker-thread hop for the whole batch). Alone, a job gets a
+    batch of its own at once.
+
+    Before taking a batch, its runner yields to the loop for as long as
+    more jobs keep joining: the callers the last batch woke are about to
+    submit their next jobs, which then share this batch instead of waiting
+    behind a batch of one. A job cancelled while it still waits is dropped
+    and never runs; once its batch runs, its caller waits for it (as for
+    any hop). ``run`` sets each job's ``done`` (and ``error``); if it
+    raises, the jobs it left undone get that error."""
+
+    def __init__(self, run: Callable[[list[_J]], Awaitable[None]]) -> None:
+        self._run = run
+        self._waiting: list[_J] = []
+        self._running = False
+        self._over = anyio.Event()
+
+    async def submit(self, job: _J) -> None:
+        """Return once ``job`` is done (``job.error`` says how)."""
+        self._waiting.append(job)
+        try:
+            while not job.done:
+                if self._running:
+                    await self._over.wait()
+                    continue
+                count = -1
+                while count != len(self._waiting) and not self._running:
+                    count = len(self._waiting)
+                    await anyio.lowlevel.checkpoint()
+                if not self._running and not job.done:
+                    await self._run_batch()
+        except BaseException:
+            if job in self._waiting:  # not taken by a batch: it never runs
+                self._waiting.remove(job)
+            else:
+                with anyio.CancelScope(shield=True):
+                    while not job.done:
+                        await self._over.wait()
+            raise
+
+    async def _run_batch(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._running = True
+        try:
+            await self._run(batch)
+        except BaseException as exc:  # the store closed, or the hop failed
+            for other in batch:
+                if not other.done:
+                    other.error, other.done = exc, True
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._running = False
+            over, self._over = self._over, anyio.Event()
+            over.set()

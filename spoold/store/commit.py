@@ -1,0 +1,218 @@
+"""New entries made durable: the commit path of :meth:`~spoold.store.Store.enqueue`.
+
+Each entry is reserved in the registry, its body and its record written
+under ``tmp/``, then the body renamed into ``data/`` and the record into its
+queue last: the record's rename is the commit point. Two ways to make that
+durable before the call returns (:data:`~spoold.store.records.SyncMode`):
+
+* ``"fsync"`` (:meth:`Committer.enqueue_sync`): one call's entries in one
+  worker-thread hop; each file fsynced before its rename, the directories
+  after the renames.
+* ``"syncfs"`` (group commit, :meth:`Committer.commit_sync`): the calls asked
+  for at the same moment go in one hop (:class:`~spoold.store.batching.Batches`);
+  their files are written unsynced, the filesystem synced once (the content
+  is durable), every rename made, and the filesystem synced again (the
+  renames are).
+
+Free space is checked before anything is written (``min_free_bytes``, which
+may change while the store is open). A call that fails removes everything
+it wrote; in a group commit, a call that fails alone is undone alone, and a
+failed sync undoes every call of the batch. Errors leave as
+:class:`~spoold.errors.StoreError` naming the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from spoold.errors import InsufficientStorageError, StoreError
+from spoold.store.batching import Batches
+from spoold.store.directory import StoreDirectory, unlink_quiet
+from spoold.store.hops import WorkerHops
+from spoold.store.records import NewEntry
+from spoold.store.registry import Registry
+from spoold.times import format_size
+
+__all__ = ["Committer"]
+
+# (name, queue, body's tmp path, record's tmp path)
+_Move = tuple[str, str, str, str]
+
+
+@dataclass(eq=False)
+class _Job:
+    """One enqueue call waiting in a group commit."""
+
+    entries: Sequence[NewEntry]
+    on_reserve: Callable[[str], None] | None
+    names: list[str] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class Committer:
+    """Writes the new entries of one store."""
+
+    def __init__(
+        self,
+        directory: StoreDirectory,
+        registry: Registry,
+        hops: WorkerHops,
+        min_free_bytes: int,
+    ) -> None:
+        self._dir = directory
+        self._registry = registry
+        self._hops = hops
+        self.min_free_bytes = min_free_bytes
+        self._commits = Batches[_Job](lambda batch: hops.run(self.commit_sync, batch))
+
+    async def enqueue_grouped(
+        self, entries: Sequence[NewEntry], on_reserve: Callable[[str], None] | None
+    ) -> list[str]:
+        """Group commit: the calls asked for at the same moment are committed
+        together, in one thread hop (see :class:`Batches`)."""
+        job = _Job(entries, on_reserve)
+        await self._commits.submit(job)
+        if job.error is not None:
+            raise job.error
+        assert job.names is not None
+        return job.names
+
+    def commit_sync(self, batch: Sequence[_Job]) -> None:
+        """Commit the jobs of a batch with two ``syncfs`` in all: the new
+        files are written (no fsync), the filesystem synced (their content
+        is durable), then renamed into place and the filesystem synced again
+        (the renames are). A job that fails alone is undone alone; if a sync
+        fails, every job of the batch is undone."""
+        d = self._dir
+        staged: list[tuple[_Job, list[str], list[str], list[_Move]]] = []
+        free = d.free_bytes() if self.min_free_bytes else 0  # once for the batch
+        for job in batch:
+            names: list[str] = []
+            written: list[str] = []
+            try:
+                d.step("check_space")
+                needed = sum(len(e.body) for e in job.entries)
+                self._check_free_space(needed, free)
+                free -= needed
+                moves = self._stage(job.entries, job.on_reserve, names, written, sync=False)
+            except Exception as exc:  # noqa: BLE001 (undone, and given to its caller)
+                _undo(written)
+                job.error, job.done = self._store_error(exc, "enqueue"), True
+                continue
+            staged.append((job, names, written, moves))
+        if not staged:
+            return
+        try:
+            d.step("sync_data")
+            d.syncfs()
+            for _job, _names, written, moves in staged:
+                self._move_into_place(moves, written)
+            d.step("fsync_dirs")
+            d.syncfs()
+        except Exception as exc:  # noqa: BLE001 (undone, and given to every caller)
+            for job, _names, written, _moves in staged:
+                _undo(written)
+                job.error, job.done = self._store_error(exc, "enqueue"), True
+            return
+        for job, names, _written, _moves in staged:
+            job.names, job.done = names, True
+        d.step("done")
+
+    def enqueue_sync(
+        self, entries: Sequence[NewEntry], on_reserve: Callable[[str], None] | None = None
+    ) -> list[str]:
+        """One call's entries: each file fsynced, then the directories."""
+        d = self._dir
+        d.step("check_space")
+        self._check_free_space(sum(len(e.body) for e in entries))
+        names: list[str] = []
+        written: list[str] = []  # every path to remove if we fail
+        try:
+            moves = self._stage(entries, on_reserve, names, written, sync=True)
+            self._move_into_place(moves, written)
+            d.step("fsync_dirs")
+            # .registry is not fsynced: a committed record does not need its
+            # registry entry to survive a power loss (ids stay unique by
+            # time and randomness; recovery and delete tolerate its absence).
+            d.fsync_dirs([d.data] + [f"{d.root_s}/{e.queue}" for e in entries])
+        except Exception as exc:
+            _undo(written)
+            error = self._store_error(exc, "enqueue")
+            if error is exc:
+                raise
+            raise error from exc
+        d.step("done")
+        return names
+
+    def _stage(
+        self,
+        entries: Sequence[NewEntry],
+        on_reserve: Callable[[str], None] | None,
+        names: list[str],
+        written: list[str],
+        *,
+        sync: bool,
+    ) -> list[_Move]:
+        """Reserve names and write the tmp files of ``entries`` (filling
+        ``names`` and ``written``, every path to remove on failure)."""
+        d = self._dir
+        for _ in entries:
+            d.step("reserve")
+            name = self._registry.reserve()
+            if on_reserve is not None:
+                on_reserve(name)
+            names.append(name)
+            written.append(f"{d.registry}/{name}")
+        moves: list[_Move] = []
+        for name, e in zip(names, entries, strict=True):
+            d.step("write_body")
+            prefix = e.make_prefix(name) if e.make_prefix is not None else b""
+            body_tmp = d.write_tmp(name, "body", e.body, prefix, sync=sync)
+            written.append(body_tmp)
+            d.step("write_record")
+            record_tmp = d.write_tmp(name, "record", e.make_record(name, names), sync=sync)
+            written.append(record_tmp)
+            moves.append((name, e.queue, body_tmp, record_tmp))
+        return moves
+
+    def _move_into_place(self, moves: Sequence[_Move], written: list[str]) -> None:
+        """The body into ``data/`` first, the record (the commit point) last."""
+        d = self._dir
+        for name, queue, body_tmp, record_tmp in moves:
+            d.step("rename_body")
+            os.rename(body_tmp, f"{d.data}/{name}")
+            written.append(f"{d.data}/{name}")
+            d.step("rename_record")
+            os.rename(record_tmp, f"{d.root_s}/{queue}/{name}")
+            written.append(f"{d.root_s}/{queue}/{name}")
+
+    def _store_error(self, exc: Exception, what: str) -> Exception:
+        if isinstance(exc, OSError) and not isinstance(exc, StoreError):
+            error = StoreError(
+                exc.errno, f"{what} into {self._dir.root} failed: {exc.strerror}", exc.filename
+            )
+            error.__cause__ = exc  # as "raise ... from exc" would
+            return error
+        return exc
+
+    def _check_free_space(self, needed: int, free: int | None = None) -> None:
+        if not self.min_free_bytes:
+            return
+        if free is None:
+            free = self._dir.free_bytes()
+        if free - needed < self.min_free_bytes:
+            raise InsufficientStorageError(
+                errno.ENOSPC,
+                f"{self._dir.root}: {format_size(free)} free, "
+                f"{format_size(self.min_free_bytes)} must stay free (spool.min_free_space) "
+                f"after writing {format_size(needed)}; new mail is refused until space is freed",
+            )
+
+
+def _undo(written: Sequence[str]) -> None:
+    for path in reversed(written):
+        unlink_quiet(path)

@@ -1,0 +1,287 @@
+"""The store's directory: its layout, its descriptors, and the file steps
+every change is made of.
+
+:class:`StoreDirectory` knows where things are (``tmp/``, ``data/``,
+``.registry/``, each queue and its ``.checkout/`` and ``.reasons/``),
+creates them (refusing a directory that is someone else's), keeps a
+descriptor open on each one for the fsyncs, holds the owner's lock, and
+provides the steps the operations are built from: write a file under
+``tmp/`` (fsynced unless asked not to), fsync directories, ``syncfs``,
+list a queue. Every method here blocks: callers run them in a worker thread
+(:mod:`spoold.store.hops`). Errors are the filesystem's own
+:class:`OSError`; the hop turns them into :class:`~spoold.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from spoold.errors import SpoolLockedError, StoreError
+from spoold.ids import is_valid_id
+from spoold.store.records import StepHook
+
+__all__ = ["StoreDirectory", "CHECKOUT", "REASONS", "unlink_quiet", "read_pid"]
+
+CHECKOUT = ".checkout"
+REASONS = ".reasons"
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class StoreDirectory:
+    """The directory of one store, as this process has it open."""
+
+    def __init__(
+        self, root: Path, queues: Sequence[str], *, owner: bool, on_step: StepHook | None
+    ) -> None:
+        self.root = root
+        self.queues = tuple(queues)
+        self.owner = owner
+        self._on_step = on_step
+        self.pid = os.getpid()
+        self.root_s = str(root)
+        self.tmp = f"{root}/tmp"
+        self.data = f"{root}/data"
+        self.registry = f"{root}/.registry"
+        self._lock_fd: int | None = None
+        self._tmp_count = itertools.count()
+        self.dir_fds: dict[str, int] = {}
+        # Directories of queues this process cannot use (path -> why), found
+        # at open: what lives there is skipped, the rest is served.
+        self.unusable: dict[str, str] = {}
+
+    # ------------------------------------------------- opening and closing
+
+    def open_sync(self, create: bool) -> None:
+        """Create what is missing (with ``create``) and open a descriptor
+        on every directory; note those this process cannot use."""
+        root = self.root_s
+        needed = [root, self.tmp, self.data, self.registry]
+        dirs = list(needed)
+        for q in self.queues:
+            dirs += [f"{root}/{q}", f"{root}/{q}/{CHECKOUT}", f"{root}/{q}/{REASONS}"]
+        if create:
+            parent = os.path.dirname(os.path.abspath(root))  # e.g. var/
+            made = _missing_dirs(parent)
+            os.makedirs(parent, exist_ok=True)
+            self._refuse_foreign_dir_sync()
+            for d in dirs:
+                with contextlib.suppress(FileExistsError, PermissionError):
+                    os.mkdir(d, DIR_MODE)  # a refusal is reported below
+                    made.append(d)
+            # A new directory is an entry of its parent: until the parent is
+            # synced, a power loss may take the directory and all it holds.
+            _fsync_parents(made)
+        for d in dirs:
+            try:
+                self.dir_fds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                raise StoreError(f"{root} is not a spool directory (missing {d})") from None
+            except PermissionError as exc:
+                why = exc.strerror or "Permission denied"
+                if d in needed:
+                    raise StoreError(exc.errno, _unusable_text(d, why), d) from None
+                self.unusable[d] = why
+                continue
+            # The owner changes every directory: one it may open but not
+            # change or search is unusable too. (A reader needs only to open.)
+            if self.owner and not os.access(d, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+                why = "Permission denied (not readable, writable and searchable)"
+                if d in needed:
+                    raise StoreError(errno.EACCES, _unusable_text(d, why), d)
+                self.unusable[d] = why
+        # Inside an unusable directory, nothing is usable.
+        for d in dirs:
+            parent = os.path.dirname(d)
+            if parent in self.unusable and d not in self.unusable:
+                self.unusable[d] = f"inside {parent}, which is unusable"
+
+    def _refuse_foreign_dir_sync(self) -> None:
+        """A store is created in a missing or empty directory, or opened in
+        one that is a store already (it has ``.registry``, or only names a
+        store uses: a creation cut short). Any other directory holds
+        someone else's files: refused, so a mistyped path never fills (or
+        recovers away files from) a directory that is not ours."""
+        try:
+            names = os.listdir(self.root_s)
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            raise StoreError(f"{self.root_s} is not a directory") from None
+        if not names or ".registry" in names:
+            return
+        own = {"lock", "wakeup", "tmp", "data", *self.queues}
+        foreign = sorted(n for n in names if n not in own)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise StoreError(
+                f"{self.root_s} is not a spool directory and not empty (it holds {shown}); "
+                "give an empty or missing directory for a new spool"
+            )
+
+    def lock_sync(self) -> None:
+        """Take the owner's lock (``lock``, holding our pid), or raise
+        :class:`SpoolLockedError` at once if another process holds it."""
+        lock_path = f"{self.root_s}/lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLockedError(self.root_s, read_pid(lock_path)) from None
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self.pid}\n".encode(), 0)
+
+    def close_sync(self) -> None:
+        """Close the directory descriptors, then the lock (which releases it)."""
+        for fd in self.dir_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.dir_fds.clear()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    # ------------------------------------------------------------- places
+
+    def step(self, name: str) -> None:
+        if self._on_step is not None:
+            self._on_step(name)
+
+    def check_queue(self, queue: str) -> str:
+        if queue not in self.queues:
+            raise ValueError(f"unknown queue {queue!r}")
+        return queue
+
+    def qdir(self, queue: str, checked_out: bool = False) -> str:
+        base = f"{self.root_s}/{self.check_queue(queue)}"
+        return f"{base}/{CHECKOUT}" if checked_out else base
+
+    def usable(self, directory: str) -> bool:
+        return directory not in self.unusable
+
+    def unusable_text(self, directory: str) -> str:
+        """Why ``directory`` cannot be used, and what to run about it."""
+        return _unusable_text(directory, self.unusable.get(directory, "Permission denied"))
+
+    @staticmethod
+    def names(directory: str) -> list[str]:
+        with os.scandir(directory) as it:
+            return [e.name for e in it if is_valid_id(e.name) and not e.is_dir()]
+
+    def list_queue(self, queue: str) -> list[tuple[str, bool]]:
+        """Names in ``queue`` as ``(name, checked_out)``, in name order.
+        Raises :class:`StoreError` when the queue's directory is unusable;
+        an unusable checkout directory is left out."""
+        home = self.qdir(queue)
+        if not self.usable(home):
+            raise StoreError(errno.EACCES, self.unusable_text(home), home)
+        out = [(n, False) for n in self.names(home)]
+        if self.usable(self.qdir(queue, True)):
+            out += [(n, True) for n in self.names(self.qdir(queue, True))]
+        out.sort()
+        return out
+
+    # -------------------------------------------------------- file steps
+
+    def fsync_dirs(self, dirs: Iterable[str]) -> None:
+        for d in dict.fromkeys(dirs):
+            os.fsync(self.dir_fds[d])
+
+    def syncfs(self) -> None:
+        if _libc.syncfs(self.dir_fds[self.tmp]) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), self.root_s)
+
+    def free_bytes(self) -> int:
+        """Bytes free for this process on the store's filesystem (blocking:
+        one ``fstatvfs``)."""
+        st = os.fstatvfs(self.dir_fds[self.tmp])
+        return st.f_bavail * st.f_frsize
+
+    def write_tmp(
+        self, name: str, kind: str, data: bytes, prefix: bytes = b"", *, sync: bool = True
+    ) -> str:
+        # Unique without randomness: the name is this process's, the count too.
+        path = f"{self.tmp}/{self.pid}.{name}.{kind}.{next(self._tmp_count)}"
+        fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+        try:
+            for part in (prefix, data):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        return path
+
+
+def unlink_quiet(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def read_pid(path: str) -> int | None:
+    """The pid a lock or writer file holds (None: unreadable, or none)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, outermost first."""
+    missing: list[str] = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
+def _fsync_parents(dirs: Iterable[str]) -> None:
+    """Sync the parent of each of ``dirs`` (each parent once)."""
+    for parent in dict.fromkeys(os.path.dirname(os.path.abspath(d)) for d in dirs):
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _unusable_text(path: str, why: str) -> str:
+    """What an operator reads about a directory this process cannot use,
+    and what to run about it."""
+    user = _user_name()
+    return (
+        f"cannot use directory {path}: {why}; it must belong to the daemon's user and be "
+        f"readable, writable and searchable by it (e.g. chown {user}: {path} && "
+        f"chmod 0750 {path})"
+    )
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
