@@ -175,6 +175,22 @@ from spoold.relay import (
     RecipientResult,
     Relay,
 )
+from spoold.settings import (  # the defaults are written there, re-exported here
+    DEFAULT_AFTER_CRASH,
+    DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_HISTORY_RETENTION,
+    DEFAULT_HOUSEKEEPING_INTERVAL,
+    DEFAULT_MAX_CONCURRENT_SEND_JOBS,
+    DEFAULT_MAX_QUEUE_LIFETIME,
+    DEFAULT_MIN_FREE_SPACE,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_REMOVED_RETENTION,
+    DEFAULT_RETRY_INTERVALS,
+    DEFAULT_RETRY_JITTER,
+    DEFAULT_RETRY_SPANS,
+    DEFAULT_SYNC,
+    SpoolSettings,
+)
 from spoold.store import CHECKOUT, StepHook, SyncMode
 from spoold.tasks import own_tasks
 from spoold.timers import Timers
@@ -184,6 +200,7 @@ from spoold.writer import new_messages
 __all__ = [
     "Spool",
     "Routes",
+    "SpoolSettings",
     "DEFAULT_MAX_CONCURRENT_SEND_JOBS",
     "DEFAULT_RETRY_SPANS",
     "DEFAULT_RETRY_JITTER",
@@ -204,23 +221,6 @@ __all__ = [
 log = get_logger("spoold.spool")
 
 
-# The one place the spool's defaults are written (the daemon's config reads them).
-DEFAULT_MAX_CONCURRENT_SEND_JOBS = 64
-DEFAULT_RETRY_SPANS = tuple(timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480))
-DEFAULT_RETRY_JITTER = 0.1  # a fraction of each interval
-DEFAULT_RETRY_INTERVALS = RetryInterval.from_spans(DEFAULT_RETRY_SPANS, DEFAULT_RETRY_JITTER)
-DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds
-DEFAULT_PING_INTERVAL = 30.0
-DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
-DEFAULT_SYNC: SyncMode = "syncfs"  # group commit: see spoold.store
-# The daemon's default queue lifetime (spool.max_queue_lifetime); a library
-# user opts in through ``delivery_policy`` (the default policy has none, so
-# its messages freeze when their retry intervals are used up, as the seed's).
-DEFAULT_MAX_QUEUE_LIFETIME = timedelta(days=5)
-DEFAULT_AFTER_CRASH: AfterCrash = "resend"
-DEFAULT_REMOVED_RETENTION = timedelta(days=7)
-DEFAULT_HISTORY_RETENTION = timedelta(days=7)
-DEFAULT_HOUSEKEEPING_INTERVAL = timedelta(hours=1)
 _RETENTION_BATCH = 256  # removed messages deleted per thread hop (and per hold of the op lock)
 
 _LOADED_QUEUES = (Queue.ACTIVE, Queue.FROZEN)
@@ -270,39 +270,25 @@ class Spool:
         presend: PresendHook | None,
         on_error: OnErrorHook | None,
         clock: Clock,
-        max_concurrent_send_jobs: int,
-        default_retry_intervals: Sequence[RetryInterval],
-        ping_interval: float,
+        settings: SpoolSettings,
         rng: random.Random | None,
         routes: Routes | None = None,
-        delivery_policy: DeliveryPolicy = DeliveryPolicy(),  # noqa: B008
         route_lifetimes: Mapping[str, timedelta] | None = None,
         route_retries_exhausted: Mapping[str, RetriesExhausted] | None = None,
-        after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
         reporting_mta: str | None = None,
         limits: LimitsSource | None = None,
-        removed_retention: timedelta = DEFAULT_REMOVED_RETENTION,
-        history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
-        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
-        housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
     ) -> None:
         self._disk = ondisk
-        # Replaceable while open (a reload): the policy of every message, the
-        # queue lifetime and retries-exhausted rule of messages of some
-        # routes, what to do with a message found in doubt at open, and the
-        # host name notifications report as.
-        self.delivery_policy = delivery_policy
+        # Replaceable while open (a reload), as one value: see the settings property.
+        self._settings = settings
+        # Replaceable while open (a reload): the queue lifetime and
+        # retries-exhausted rule of messages of some routes, and the host
+        # name notifications report as.
         self.route_lifetimes: dict[str, timedelta] = dict(route_lifetimes or {})
         self.route_retries_exhausted: dict[str, RetriesExhausted] = dict(
             route_retries_exhausted or {}
         )
-        self.after_crash: AfterCrash = after_crash
         self.reporting_mta = reporting_mta or local_hostname()
-        # Changeable while open (a reload): read at each housekeeping round / add.
-        self.removed_retention = removed_retention
-        self.history_retention = history_retention
-        self.idempotency_window = idempotency_window
-        self._housekeeping_interval = housekeeping_interval
         self._history = History(ondisk.dir)
         self._keys = KeyFiles(ondisk.dir)
         self.relay = relay
@@ -310,9 +296,6 @@ class Spool:
         self.presend: PresendHook = presend or default_presend
         self.on_error: OnErrorHook = on_error or default_on_error
         self.clock = clock
-        self.default_retry_intervals = list(default_retry_intervals)
-        self._max_jobs = max_concurrent_send_jobs
-        self._ping_interval = ping_interval
         self._rng = rng or random.Random()
         self._index: dict[str, _Entry] = {}
         self._timers = Timers()
@@ -366,6 +349,7 @@ class Spool:
         history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
         idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
         housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
+        settings: SpoolSettings | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -422,6 +406,14 @@ class Spool:
         ``housekeeping_interval``: time between two housekeeping rounds
         (deleting expired removed messages, history and keys; the first
         round runs at open), on the spool's clock.
+        ``settings``: all of ``max_concurrent_send_jobs``,
+        ``default_retry_intervals``, ``ping_interval``, ``min_free_space``,
+        ``sync``, ``delivery_policy``, ``after_crash``, ``removed_retention``,
+        ``history_retention``, ``idempotency_window`` and
+        ``housekeeping_interval`` as one value
+        (:class:`~spoold.settings.SpoolSettings`); given, it is used instead
+        of those keyword arguments. Readable and replaceable while open
+        through :attr:`settings`.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -431,18 +423,28 @@ class Spool:
         out as :class:`~spoold.errors.SpoolFailedError`, the failure as its
         ``__cause__`` (see :mod:`spoold.tasks`).
         """
-        if max_concurrent_send_jobs < 1:
-            raise ValueError("max_concurrent_send_jobs must be at least 1")
-        if min_free_space < 0:
-            raise ValueError("min_free_space must be >= 0")
+        if settings is None:  # checked as it is built (ValueError)
+            settings = SpoolSettings(
+                max_concurrent_send_jobs=max_concurrent_send_jobs,
+                default_retry_intervals=tuple(default_retry_intervals),
+                min_free_space=min_free_space,
+                sync=sync,
+                delivery_policy=delivery_policy,
+                after_crash=after_crash,
+                removed_retention=removed_retention,
+                history_retention=history_retention,
+                idempotency_window=idempotency_window,
+                housekeeping_interval=housekeeping_interval,
+                ping_interval=ping_interval,
+            )
         if not reporting_mta:
             reporting_mta = await anyio.to_thread.run_sync(local_hostname)  # may ask DNS
         ondisk, report = await OnDiskSpool.open(
             spool_dir,
             max_threads=max_threads,
-            min_free_bytes=min_free_space,
+            min_free_bytes=settings.min_free_space,
             on_step=on_step,
-            sync=sync,
+            sync=settings.sync,
             # An attempt cut short stays checked out until it is marked in
             # doubt (see _settle_in_doubt): never back in its queue unmarked.
             keep_checkouts=(Queue.ACTIVE,),
@@ -455,21 +457,13 @@ class Spool:
                 presend=presend,
                 on_error=on_error,
                 clock=clock or SystemClock(),
-                max_concurrent_send_jobs=max_concurrent_send_jobs,
-                default_retry_intervals=default_retry_intervals,
-                ping_interval=ping_interval,
+                settings=settings,
                 rng=rng,
                 routes=routes,
-                delivery_policy=delivery_policy,
                 route_lifetimes=route_lifetimes,
                 route_retries_exhausted=route_retries_exhausted,
-                after_crash=after_crash,
                 reporting_mta=reporting_mta,
                 limits=limits,
-                removed_retention=removed_retention,
-                history_retention=history_retention,
-                idempotency_window=idempotency_window,
-                housekeeping_interval=housekeeping_interval,
             )
             cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
             await spool._load(cut_short)
@@ -620,36 +614,112 @@ class Spool:
         return self._disk
 
     @property
+    def settings(self) -> SpoolSettings:
+        """What may change while the spool runs (concurrency, retry
+        defaults, free-space floor, durability, delivery policy, crash rule,
+        retention windows), as one value. Assigning a new one (a reload)
+        applies it as a whole: the next attempt, add and housekeeping round
+        read it; the timer periods are read at open only."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: SpoolSettings) -> None:
+        self._settings = value
+        self._disk.store.min_free_bytes = value.min_free_space
+        self._disk.store.sync = value.sync
+        self._poke()  # more attempts may start now
+
+    def _change_settings(self, **changes: Any) -> None:
+        self.settings = msgspec.structs.replace(self._settings, **changes)
+
+    # One setting at a time: each reads and replaces :attr:`settings`.
+
+    @property
     def max_concurrent_send_jobs(self) -> int:
-        return self._max_jobs
+        return self._settings.max_concurrent_send_jobs
 
     @max_concurrent_send_jobs.setter
     def max_concurrent_send_jobs(self, value: int) -> None:
-        if value < 1:
-            raise ValueError("max_concurrent_send_jobs must be at least 1")
-        self._max_jobs = value
-        self._poke()
+        self._change_settings(max_concurrent_send_jobs=value)
 
     @property
     def min_free_space(self) -> int:
         """Bytes that must stay free in the spool's filesystem: below it,
         :meth:`add` raises :class:`~spoold.errors.InsufficientStorageError`
         (a temporary error); 0 turns the check off. Changeable while open."""
-        return self._disk.store.min_free_bytes
+        return self._settings.min_free_space
 
     @min_free_space.setter
     def min_free_space(self, value: int) -> None:
-        if value < 0:
-            raise ValueError("min_free_space must be >= 0")
-        self._disk.store.min_free_bytes = value
+        self._change_settings(min_free_space=value)
 
     @property
     def sync(self) -> SyncMode:
-        return self._disk.store.sync
+        return self._settings.sync
 
     @sync.setter
     def sync(self, value: SyncMode) -> None:
-        self._disk.store.sync = value
+        self._change_settings(sync=value)
+
+    @property
+    def default_retry_intervals(self) -> Sequence[RetryInterval]:
+        return self._settings.default_retry_intervals
+
+    @default_retry_intervals.setter
+    def default_retry_intervals(self, value: Sequence[RetryInterval]) -> None:
+        self._change_settings(default_retry_intervals=tuple(value))
+
+    @property
+    def delivery_policy(self) -> DeliveryPolicy:
+        return self._settings.delivery_policy
+
+    @delivery_policy.setter
+    def delivery_policy(self, value: DeliveryPolicy) -> None:
+        self._change_settings(delivery_policy=value)
+
+    @property
+    def after_crash(self) -> AfterCrash:
+        return self._settings.after_crash
+
+    @after_crash.setter
+    def after_crash(self, value: AfterCrash) -> None:
+        self._change_settings(after_crash=value)
+
+    @property
+    def removed_retention(self) -> timedelta:
+        return self._settings.removed_retention
+
+    @removed_retention.setter
+    def removed_retention(self, value: timedelta) -> None:
+        self._change_settings(removed_retention=value)
+
+    @property
+    def history_retention(self) -> timedelta:
+        return self._settings.history_retention
+
+    @history_retention.setter
+    def history_retention(self, value: timedelta) -> None:
+        self._change_settings(history_retention=value)
+
+    @property
+    def idempotency_window(self) -> timedelta:
+        return self._settings.idempotency_window
+
+    @idempotency_window.setter
+    def idempotency_window(self, value: timedelta) -> None:
+        self._change_settings(idempotency_window=value)
+
+    @property
+    def _max_jobs(self) -> int:
+        return self._settings.max_concurrent_send_jobs
+
+    @property
+    def _ping_interval(self) -> float:
+        return self._settings.ping_interval
+
+    @property
+    def _housekeeping_interval(self) -> timedelta:
+        return self._settings.housekeeping_interval
 
     @property
     def limits(self) -> LimitsSource | None:
