@@ -10,7 +10,9 @@ a whole new value, never a field-by-field copy:
 * :class:`WriterSettings`: a :class:`~spoold.writer.SpoolWriter`'s share of
   them, the part that adds messages (``writer.settings = new``);
   :attr:`SpoolSettings.writer` derives it, so an ingest process and the
-  spool's owner add with the same rules.
+  spool's owner add with the same rules;
+* :class:`~spoold.connection_cache.CacheSettings` (re-exported here): the
+  relay's connection cache limits and idle time (``cache.settings = new``).
 
 The values are msgspec Structs: they decode from plain data (a config
 table) with the constraints written on their fields (``msgspec.Meta``),
@@ -27,6 +29,7 @@ from typing import Annotated
 
 import msgspec
 
+from spoold.connection_cache import CacheSettings
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW
 from spoold.message import RetryInterval
 from spoold.outcome import AfterCrash, DeliveryPolicy
@@ -35,6 +38,7 @@ from spoold.store import SyncMode
 __all__ = [
     "SpoolSettings",
     "WriterSettings",
+    "CacheSettings",
     "DEFAULT_MAX_CONCURRENT_SEND_JOBS",
     "DEFAULT_RETRY_SPANS",
     "DEFAULT_RETRY_JITTER",

@@ -48,6 +48,7 @@ from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import structlog
 
 from spoold.address import validate_address, validate_recipients
@@ -57,7 +58,6 @@ from spoold.daemon import logs
 from spoold.daemon.config import (
     Config,
     SmtpConfig,
-    delivery_policy,
     load_config,
     restart_needed,
     route_lifetimes,
@@ -83,7 +83,7 @@ from spoold.errors import (
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
 from spoold.idempotency import user_key, validate_key
-from spoold.message import Message, Queue, RetryInterval
+from spoold.message import Message, Queue
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 
@@ -152,11 +152,8 @@ class Daemon:
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.accept_failures = AcceptFailures()
         self.metrics = Metrics()  # served when [metrics] listen is set
-        self.cache = ConnectionCache(
-            max_per_hop=config.relay.max_connections_per_hop,
-            max_total=config.relay.max_connections,
-            idle_timeout=config.relay.idle_timeout.total_seconds(),
-        )
+        self.cache = ConnectionCache()
+        self.cache.settings = config.relay.cache
 
     # ------------------------------------------------------------ running
 
@@ -198,23 +195,13 @@ class Daemon:
             relay=self.metrics.measured(relay) if cfg.metrics.listen else relay,
             presend=self.live.presend,
             on_error=self.live.on_error,
-            max_concurrent_send_jobs=cfg.spool.max_concurrent_send_jobs,
-            default_retry_intervals=RetryInterval.from_spans(
-                cfg.spool.retry_intervals, cfg.spool.retry_jitter
-            ),
+            settings=cfg.spool.settings,
             flush_timeout=0,  # the daemon flushes before leaving (see _stop)
-            min_free_space=cfg.spool.min_free_space,
             routes=self.live.router,
-            sync=cfg.spool.sync,
-            delivery_policy=delivery_policy(cfg),
             route_lifetimes=route_lifetimes(cfg),
             route_retries_exhausted=route_retries_exhausted(cfg),
-            after_crash=cfg.spool.after_crash,
             reporting_mta=hostname,
             limits=self.live.router,
-            removed_retention=cfg.spool.removed_retention,
-            history_retention=cfg.spool.history_retention,
-            idempotency_window=cfg.spool.idempotency_window,
         ) as spool:
             self._spool = spool
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
@@ -349,11 +336,13 @@ class Daemon:
             # What needs a restart keeps its running value.
             new = dataclasses.replace(
                 new,
-                spool=dataclasses.replace(new.spool, dir=old.spool.dir),
+                spool=msgspec.structs.replace(new.spool, dir=old.spool.dir),
                 control=old.control,
                 metrics=old.metrics,
                 smtp=(
-                    dataclasses.replace(new.smtp, listen=old.smtp.listen, workers=old.smtp.workers)
+                    msgspec.structs.replace(
+                        new.smtp, listen=old.smtp.listen, workers=old.smtp.workers
+                    )
                     if new.smtp and old.smtp
                     else old.smtp
                 ),
@@ -396,27 +385,14 @@ class Daemon:
         cfg = live.config
         self.live = live
         logs.configure(cfg.log.format, cfg.log.level)
-        cache = self.cache
-        cache.max_per_hop = cfg.relay.max_connections_per_hop
-        cache.max_total = cfg.relay.max_connections
-        cache.idle_timeout = cfg.relay.idle_timeout.total_seconds()
+        self.cache.settings = cfg.relay.cache
         spool = self._spool
         if spool is not None:
-            spool.max_concurrent_send_jobs = cfg.spool.max_concurrent_send_jobs
-            spool.min_free_space = cfg.spool.min_free_space
-            spool.sync = cfg.spool.sync
-            spool.removed_retention = cfg.spool.removed_retention
-            spool.history_retention = cfg.spool.history_retention
-            spool.idempotency_window = cfg.spool.idempotency_window
-            spool.default_retry_intervals = RetryInterval.from_spans(
-                cfg.spool.retry_intervals, cfg.spool.retry_jitter
-            )
+            spool.settings = cfg.spool.settings
             spool.set_hooks(live.presend, live.on_error)
             spool.routes = live.router
-            spool.delivery_policy = delivery_policy(cfg)
             spool.route_lifetimes = route_lifetimes(cfg)
             spool.route_retries_exhausted = route_retries_exhausted(cfg)
-            spool.after_crash = cfg.spool.after_crash
             spool.limits = live.router
             spool.reporting_mta = cfg.hostname
         if self._submitter is not None:
