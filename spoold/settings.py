@@ -24,8 +24,9 @@ daemon's configuration reads them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any, Generic, Protocol, TypeVar, overload
 
 import msgspec
 
@@ -39,6 +40,7 @@ __all__ = [
     "SpoolSettings",
     "WriterSettings",
     "CacheSettings",
+    "Setting",
     "DEFAULT_MAX_CONCURRENT_SEND_JOBS",
     "DEFAULT_RETRY_SPANS",
     "DEFAULT_RETRY_JITTER",
@@ -71,6 +73,43 @@ DEFAULT_AFTER_CRASH: AfterCrash = "resend"
 DEFAULT_REMOVED_RETENTION = timedelta(days=7)
 DEFAULT_HISTORY_RETENTION = timedelta(days=7)
 DEFAULT_HOUSEKEEPING_INTERVAL = timedelta(hours=1)
+
+_V = TypeVar("_V")
+
+
+class _Part(Protocol):
+    settings: Any
+
+
+class Setting(Generic[_V]):
+    """An attribute of a part that holds a ``settings`` value: reading it
+    reads one field of the value (``field``, else the attribute's own
+    name); assigning it assigns a whole new value that differs in that
+    field (``convert`` applied first), so the part's ``settings`` setter is
+    the one place where a change is checked and applied."""
+
+    def __init__(self, field: str = "", *, convert: Callable[[Any], _V] | None = None) -> None:
+        self._field = field
+        self._convert = convert
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._field = self._field or name
+
+    @overload
+    def __get__(self, part: None, owner: type) -> Setting[_V]: ...
+    @overload
+    def __get__(self, part: _Part, owner: type | None = None) -> _V: ...
+    def __get__(self, part: _Part | None, owner: type | None = None) -> Setting[_V] | _V:
+        if part is None:
+            return self
+        value: _V = getattr(part.settings, self._field)
+        return value
+
+    def __set__(self, part: _Part, value: _V) -> None:
+        if self._convert is not None:
+            value = self._convert(value)
+        part.settings = msgspec.structs.replace(part.settings, **{self._field: value})
+
 
 _Jobs = Annotated[int, msgspec.Meta(ge=1)]
 _Bytes = Annotated[int, msgspec.Meta(ge=0)]

@@ -189,6 +189,7 @@ from spoold.settings import (  # the defaults are written there, re-exported her
     DEFAULT_RETRY_JITTER,
     DEFAULT_RETRY_SPANS,
     DEFAULT_SYNC,
+    Setting,
     SpoolSettings,
 )
 from spoold.store import CHECKOUT, StepHook, SyncMode
@@ -629,97 +630,22 @@ class Spool:
         self._disk.store.sync = value.sync
         self._poke()  # more attempts may start now
 
-    def _change_settings(self, **changes: Any) -> None:
-        self.settings = msgspec.structs.replace(self._settings, **changes)
-
-    # One setting at a time: each reads and replaces :attr:`settings`.
-
-    @property
-    def max_concurrent_send_jobs(self) -> int:
-        return self._settings.max_concurrent_send_jobs
-
-    @max_concurrent_send_jobs.setter
-    def max_concurrent_send_jobs(self, value: int) -> None:
-        self._change_settings(max_concurrent_send_jobs=value)
-
-    @property
-    def min_free_space(self) -> int:
-        """Bytes that must stay free in the spool's filesystem: below it,
-        :meth:`add` raises :class:`~spoold.errors.InsufficientStorageError`
-        (a temporary error); 0 turns the check off. Changeable while open."""
-        return self._settings.min_free_space
-
-    @min_free_space.setter
-    def min_free_space(self, value: int) -> None:
-        self._change_settings(min_free_space=value)
-
-    @property
-    def sync(self) -> SyncMode:
-        return self._settings.sync
-
-    @sync.setter
-    def sync(self, value: SyncMode) -> None:
-        self._change_settings(sync=value)
-
-    @property
-    def default_retry_intervals(self) -> Sequence[RetryInterval]:
-        return self._settings.default_retry_intervals
-
-    @default_retry_intervals.setter
-    def default_retry_intervals(self, value: Sequence[RetryInterval]) -> None:
-        self._change_settings(default_retry_intervals=tuple(value))
-
-    @property
-    def delivery_policy(self) -> DeliveryPolicy:
-        return self._settings.delivery_policy
-
-    @delivery_policy.setter
-    def delivery_policy(self, value: DeliveryPolicy) -> None:
-        self._change_settings(delivery_policy=value)
-
-    @property
-    def after_crash(self) -> AfterCrash:
-        return self._settings.after_crash
-
-    @after_crash.setter
-    def after_crash(self, value: AfterCrash) -> None:
-        self._change_settings(after_crash=value)
-
-    @property
-    def removed_retention(self) -> timedelta:
-        return self._settings.removed_retention
-
-    @removed_retention.setter
-    def removed_retention(self, value: timedelta) -> None:
-        self._change_settings(removed_retention=value)
-
-    @property
-    def history_retention(self) -> timedelta:
-        return self._settings.history_retention
-
-    @history_retention.setter
-    def history_retention(self, value: timedelta) -> None:
-        self._change_settings(history_retention=value)
-
-    @property
-    def idempotency_window(self) -> timedelta:
-        return self._settings.idempotency_window
-
-    @idempotency_window.setter
-    def idempotency_window(self, value: timedelta) -> None:
-        self._change_settings(idempotency_window=value)
-
-    @property
-    def _max_jobs(self) -> int:
-        return self._settings.max_concurrent_send_jobs
-
-    @property
-    def _ping_interval(self) -> float:
-        return self._settings.ping_interval
-
-    @property
-    def _housekeeping_interval(self) -> timedelta:
-        return self._settings.housekeeping_interval
+    # One setting at a time: each reads :attr:`settings` and, assigned,
+    # replaces it with a value that differs in that field. min_free_space:
+    # bytes that must stay free on the spool's filesystem, or add() raises
+    # InsufficientStorageError (0: no floor).
+    max_concurrent_send_jobs = Setting[int]()
+    min_free_space = Setting[int]()
+    sync = Setting[SyncMode]()
+    default_retry_intervals = Setting[Sequence[RetryInterval]](convert=tuple)
+    delivery_policy = Setting[DeliveryPolicy]()
+    after_crash = Setting[AfterCrash]()
+    removed_retention = Setting[timedelta]()
+    history_retention = Setting[timedelta]()
+    idempotency_window = Setting[timedelta]()
+    _max_jobs = Setting[int]("max_concurrent_send_jobs")
+    _ping_interval = Setting[float]("ping_interval")
+    _housekeeping_interval = Setting[timedelta]("housekeeping_interval")
 
     @property
     def limits(self) -> LimitsSource | None:

@@ -23,7 +23,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import anyio
-import msgspec
 
 from spoold.address import validate_address, validate_recipients
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
@@ -39,7 +38,7 @@ from spoold.message import (
     message_for_envelope,
 )
 from spoold.ondisk import NewMessage, OnDiskSpool
-from spoold.settings import WriterSettings
+from spoold.settings import Setting, WriterSettings
 from spoold.store import SyncMode
 from spoold.tasks import own_tasks
 from spoold.times import utcnow
@@ -219,39 +218,12 @@ class SpoolWriter:
     def spool_dir(self) -> Path:
         return self._disk.dir
 
-    @property
-    def sync(self) -> SyncMode:
-        return self._settings.sync
-
-    @sync.setter
-    def sync(self, value: SyncMode) -> None:
-        self.settings = msgspec.structs.replace(self._settings, sync=value)
-
-    @property
-    def min_free_space(self) -> int:
-        return self._settings.min_free_space
-
-    @min_free_space.setter
-    def min_free_space(self, value: int) -> None:
-        self.settings = msgspec.structs.replace(self._settings, min_free_space=value)
-
-    @property
-    def default_retry_intervals(self) -> Sequence[RetryInterval]:
-        return self._settings.default_retry_intervals
-
-    @default_retry_intervals.setter
-    def default_retry_intervals(self, value: Sequence[RetryInterval]) -> None:
-        self.settings = msgspec.structs.replace(
-            self._settings, default_retry_intervals=tuple(value)
-        )
-
-    @property
-    def idempotency_window(self) -> timedelta:
-        return self._settings.idempotency_window
-
-    @idempotency_window.setter
-    def idempotency_window(self, value: timedelta) -> None:
-        self.settings = msgspec.structs.replace(self._settings, idempotency_window=value)
+    # One setting at a time: each reads :attr:`settings` and, assigned,
+    # replaces it with a value that differs in that field.
+    sync = Setting[SyncMode]()
+    min_free_space = Setting[int]()
+    default_retry_intervals = Setting[Sequence[RetryInterval]](convert=tuple)
+    idempotency_window = Setting[timedelta]()
 
     async def add(
         self,

@@ -261,3 +261,18 @@ def test_a_connection_cache_takes_new_settings_in_one_assignment() -> None:
     cache.settings = CacheSettings(max_per_hop=1, max_total=2, idle_timeout=5.0)
 
     assert cache.settings == CacheSettings(max_per_hop=1, max_total=2, idle_timeout=5.0)
+
+
+async def test_one_writer_setting_set_alone_replaces_the_settings_value(tmp_path: Path) -> None:
+    async with Spool.open(tmp_path, relay=InMemoryRelay()):
+        pass  # the directory, made by its owner
+    intervals = (RetryInterval(timedelta(minutes=3)),)
+    async with SpoolWriter.open(tmp_path, default_retry_intervals=intervals) as writer:
+        before = writer.settings
+
+        writer.idempotency_window = timedelta(hours=5)
+
+        assert writer.settings == msgspec.structs.replace(
+            before, idempotency_window=timedelta(hours=5)
+        )
+        assert writer.settings.default_retry_intervals == intervals
