@@ -143,9 +143,9 @@ class SpoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``after_crash``: what to do with a message found in doubt at open
     (``resend`` or ``freeze``). ``removed_retention``: how long a removed
     message stays in ``removed``; ``history_retention``: how long the
-    history journal keeps outcomes. ``housekeeping_interval`` and
+    history journal keeps outcomes. ``housekeeping_interval`` (a span) and
     ``ping_interval`` (seconds): the periods of housekeeping rounds and of
-    ``ping`` events; the spool reads them when it opens."""
+    ``ping`` events (a new period applies from the next round)."""
 
     max_concurrent_send_jobs: _Jobs = DEFAULT_MAX_CONCURRENT_SEND_JOBS
     default_retry_intervals: tuple[RetryInterval, ...] = tuple(DEFAULT_RETRY_INTERVALS)

@@ -620,7 +620,7 @@ class Spool:
         defaults, free-space floor, durability, delivery policy, crash rule,
         retention windows), as one value. Assigning a new one (a reload)
         applies it as a whole: the next attempt, add and housekeeping round
-        read it; the timer periods are read at open only."""
+        read it, and the timers their next round."""
         return self._settings
 
     @settings.setter
