@@ -342,13 +342,14 @@ class ControlConfig(msgspec.Struct, frozen=True, kw_only=True):
     beside the admin socket (see :attr:`submission_path`);
     ``submission_group`` "": the socket keeps the daemon's own group."""
 
-    socket: _Path  # default: SPOOL/control.sock
-    mode: Annotated[int, _Read(_mode)] = 0o660
-    submission_socket: _OptionalPath = None
+    # Read in this order: the group decides the default of the mode.
+    submission_group: Annotated[str, _Read(_group)] = ""
     # Any local user may submit, as with Postfix's postdrop; 0660 by
     # default when submission_group is set.
     submission_mode: Annotated[int, _Read(_submission_mode)] = 0o666
-    submission_group: Annotated[str, _Read(_group)] = ""
+    socket: _Path  # default: SPOOL/control.sock
+    mode: Annotated[int, _Read(_mode)] = 0o660
+    submission_socket: _OptionalPath = None
 
     @property
     def submission_path(self) -> Path:
