@@ -89,6 +89,7 @@ from spoold.relay import (
     Relay,
     RelayOutcome,
 )
+from spoold.settings import SpoolSettings, WriterSettings
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import (
     DEFAULT_MIN_FREE_SPACE,
@@ -104,6 +105,8 @@ __all__ = [
     # the spool
     "Spool",
     "SpoolWriter",
+    "SpoolSettings",
+    "WriterSettings",
     "Routes",
     "DEFAULT_RETRY_INTERVALS",
     "DEFAULT_MIN_FREE_SPACE",

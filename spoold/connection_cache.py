@@ -35,9 +35,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import anyio
+import msgspec
 
 from spoold.errors import HopUnavailableError, SmtpError
 from spoold.hops import parse_hop
@@ -48,6 +49,7 @@ __all__ = [
     "TlsMode",
     "RouteSettings",
     "ConnectionCache",
+    "CacheSettings",
     "Connection",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_COMMAND_TIMEOUT",
@@ -133,6 +135,15 @@ class _Waiter:
     slot: bool = False
 
 
+class CacheSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What a running cache may change (a reload): connections at most per
+    hop and overall, and seconds an idle connection is kept."""
+
+    max_per_hop: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_PER_HOP
+    max_total: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_TOTAL
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+
 class ConnectionCache:
     """Open SMTP connections per (next hop, route settings).
 
@@ -167,6 +178,20 @@ class ConnectionCache:
         self._closing = False
         self._local_name: str | None = None
         self.connections_made = 0
+
+    @property
+    def settings(self) -> CacheSettings:
+        """The limits and idle time, as one value; assigning a new one (a
+        reload) applies to the next connection asked for or released."""
+        return CacheSettings(
+            max_per_hop=self.max_per_hop, max_total=self.max_total, idle_timeout=self.idle_timeout
+        )
+
+    @settings.setter
+    def settings(self, value: CacheSettings) -> None:
+        self.max_per_hop = value.max_per_hop
+        self.max_total = value.max_total
+        self.idle_timeout = value.idle_timeout
 
     @property
     def open_connections(self) -> int:

@@ -22,7 +22,7 @@ Invariants:
 from __future__ import annotations
 
 from contextlib import suppress
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import anyio
 
@@ -41,28 +41,28 @@ class Housekeeping:
     """Retention of removed messages, history and keys (see the module's
     docstring)."""
 
-    def __init__(
-        self, state: SpoolState, history: History, keys: KeyFiles, interval: timedelta
-    ) -> None:
-        self._settings = state.settings
+    def __init__(self, state: SpoolState, history: History, keys: KeyFiles) -> None:
+        self._parts = state.parts
         self._disk = state.disk
         self.clock = state.clock
         self._index = state.index
         self._op_lock = state.op_lock
         self._history = history
         self._keys = keys
-        self._housekeeping_interval = interval
 
     async def loop(self) -> None:
         """Delete expired removed messages, history and keys: at open, then
-        every ``housekeeping_interval`` on the spool's clock."""
+        every ``housekeeping_interval`` on the spool's clock (a new one
+        applies from the next round)."""
         never = anyio.Event()
         while True:
             try:
                 await self.run_round()
             except (SpooldError, OSError):
                 log.exception("housekeeping failed; trying again at the next round")
-            await self.clock.wait(never, self.clock.now() + self._housekeeping_interval)
+            await self.clock.wait(
+                never, self.clock.now() + self._parts.settings.housekeeping_interval
+            )
 
     async def run_round(self) -> dict[str, int]:
         """One housekeeping round now: delete the removed messages older
@@ -71,8 +71,8 @@ class Housekeeping:
         than :attr:`idempotency_window`. Returns how many of each went."""
         now = self.clock.now()
         removed = await self._expire_removed(now)
-        history = await self._history.prune(now, self._settings.history_retention)
-        keys = await self._keys.expire(now, self._settings.idempotency_window)
+        history = await self._history.prune(now, self._parts.settings.history_retention)
+        keys = await self._keys.expire(now, self._parts.settings.idempotency_window)
         if removed or history or keys:
             log.info(
                 "housekeeping", removed_deleted=removed, history_files=history, keys_expired=keys
@@ -81,7 +81,7 @@ class Housekeeping:
 
     async def _expire_removed(self, now: datetime) -> int:
         messages, _unreadable = await self._disk.load(Queue.REMOVED)
-        cutoff = now - self._settings.removed_retention
+        cutoff = now - self._parts.settings.removed_retention
         expired = []
         for msg in messages:
             if msg.removed_at is None:
@@ -118,4 +118,6 @@ class Housekeeping:
             if e.msg.idempotency_key is not None
         ]
         if found:
-            await self._keys.repair(found, self.clock.now(), self._settings.idempotency_window)
+            await self._keys.repair(
+                found, self.clock.now(), self._parts.settings.idempotency_window
+            )

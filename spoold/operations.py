@@ -68,7 +68,7 @@ class Operations:
         submission: OwnerSubmission,
         transitions: Transitions,
     ) -> None:
-        self._settings = state.settings
+        self._parts = state.parts
         self._disk = state.disk
         self.clock = state.clock
         self._index = state.index
@@ -231,7 +231,7 @@ class Operations:
         are written before the original is narrowed: a crash in between may
         send to some recipients twice, never to none.
         """
-        routes = self._settings.routes
+        routes = self._parts.routes
         if routes is None:
             raise OperationRefusedError("cannot reroute: this spool has no routes to ask")
         async with self._op_lock:

@@ -15,7 +15,8 @@ Invariants:
   (:meth:`Scheduler.schedule`), so a stale timer is skipped when it comes
   up: it never sends a message that was frozen, removed, quarantined,
   rescheduled or is being sent (busy).
-* At most ``max_jobs`` attempts run at once (changeable while running).
+* At most ``max_concurrent_send_jobs`` attempts run at once (a setting,
+  changeable while running).
 * Per destination (a route), at most ``max_connections`` attempts at once
   and at most its ``rate``; a next hop that throttled us is backed off for
   every message (:mod:`spoold.limits`). A message held by these waits in
@@ -56,21 +57,13 @@ Attempt = Callable[[Entry, DestinationPolicy], Awaitable[None]]
 class Scheduler:
     """Timers, the destination gate and the send jobs of one spool."""
 
-    def __init__(
-        self,
-        state: SpoolState,
-        *,
-        max_jobs: int,
-        ping_interval: float,
-    ) -> None:
+    def __init__(self, state: SpoolState) -> None:
         self._state = state
         self._disk = state.disk
         self._index = state.index
         self._publish = state.publish
         self._index_put = state.index_put
         self.clock = state.clock
-        self._max_jobs = max_jobs
-        self._ping_interval = ping_interval
         self._timers = Timers()
         self._wake = anyio.Event()
         self._running = 0
@@ -87,15 +80,8 @@ class Scheduler:
         return self._running
 
     @property
-    def max_jobs(self) -> int:
-        return self._max_jobs
-
-    @max_jobs.setter
-    def max_jobs(self, value: int) -> None:
-        if value < 1:
-            raise ValueError("max_concurrent_send_jobs must be at least 1")
-        self._max_jobs = value
-        self.poke()
+    def _max_jobs(self) -> int:
+        return self._state.parts.settings.max_concurrent_send_jobs
 
     def policies_changed(self) -> None:
         """The policy source was replaced (a reload): its limits apply to
@@ -219,7 +205,7 @@ class Scheduler:
     def policy_of(self, msg: Message) -> DestinationPolicy:
         """``msg``'s destination policy (asked once per attempt)."""
         try:
-            return self._state.settings.policies.policy_for(msg)
+            return self._state.parts.policies.policy_for(msg)
         except Exception:
             log.exception("no destination policy; sending with none", id=msg.id)
             return NO_POLICY
@@ -308,7 +294,10 @@ class Scheduler:
         messages held in doubt, if any), and a rescan."""
         never = anyio.Event()
         while True:
-            await self.clock.wait(never, self.clock.now() + timedelta(seconds=self._ping_interval))
+            await self.clock.wait(
+                never,
+                self.clock.now() + timedelta(seconds=self._state.parts.settings.ping_interval),
+            )
             self._publish(EventKind.PING)
             if self._state.unsettled:
                 await settle()

@@ -90,7 +90,24 @@ from spoold.policy import LibraryPolicies, PolicySource
 from spoold.queries import Queries, count_from_disk, status_from_disk, status_from_disk_pages
 from spoold.relay import Relay
 from spoold.scheduler import Scheduler
-from spoold.state import LOADED_QUEUES, Entry, Routes, SpoolSettings, SpoolState, log
+from spoold.settings import (  # the defaults are written there, re-exported here
+    DEFAULT_AFTER_CRASH,
+    DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_HISTORY_RETENTION,
+    DEFAULT_HOUSEKEEPING_INTERVAL,
+    DEFAULT_MAX_CONCURRENT_SEND_JOBS,
+    DEFAULT_MAX_QUEUE_LIFETIME,
+    DEFAULT_MIN_FREE_SPACE,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_REMOVED_RETENTION,
+    DEFAULT_RETRY_INTERVALS,
+    DEFAULT_RETRY_JITTER,
+    DEFAULT_RETRY_SPANS,
+    DEFAULT_SYNC,
+    Setting,
+    SpoolSettings,
+)
+from spoold.state import LOADED_QUEUES, Entry, Routes, SpoolParts, SpoolState, log
 from spoold.store import StepHook, SyncMode
 from spoold.submission import OwnerSubmission
 from spoold.tasks import own_tasks
@@ -100,6 +117,7 @@ from spoold.waiting import MessageOutcome
 __all__ = [
     "Spool",
     "Routes",
+    "SpoolSettings",
     "DEFAULT_MAX_CONCURRENT_SEND_JOBS",
     "DEFAULT_RETRY_SPANS",
     "DEFAULT_RETRY_JITTER",
@@ -118,47 +136,29 @@ __all__ = [
 ]
 
 
-# The one place the spool's defaults are written (the daemon's config reads them).
-DEFAULT_MAX_CONCURRENT_SEND_JOBS = 64
-DEFAULT_RETRY_SPANS = tuple(timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480))
-DEFAULT_RETRY_JITTER = 0.1  # a fraction of each interval
-DEFAULT_RETRY_INTERVALS = RetryInterval.from_spans(DEFAULT_RETRY_SPANS, DEFAULT_RETRY_JITTER)
-DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds
-DEFAULT_PING_INTERVAL = 30.0
-DEFAULT_MIN_FREE_SPACE = 64 * 1024 * 1024
-DEFAULT_SYNC: SyncMode = "syncfs"  # group commit: see spoold.store
-# The daemon's default queue lifetime (spool.max_queue_lifetime); a library
-# user opts in through ``delivery_policy`` (the default policy has none, so
-# its messages freeze when their retry intervals are used up, as the seed's).
-DEFAULT_MAX_QUEUE_LIFETIME = timedelta(days=5)
-DEFAULT_AFTER_CRASH: AfterCrash = "resend"
-DEFAULT_REMOVED_RETENTION = timedelta(days=7)
-DEFAULT_HISTORY_RETENTION = timedelta(days=7)
-DEFAULT_HOUSEKEEPING_INTERVAL = timedelta(hours=1)
-
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-class _Setting(Generic[_T]):
+class _Part(Generic[_T]):
     """An attribute of :class:`Spool` that its owner may replace while it is
-    open (a reload), kept in the :class:`~spoold.state.SpoolSettings` that
+    open (a reload), kept in the :class:`~spoold.state.SpoolParts` that
     the rooms read."""
 
     def __set_name__(self, owner: type[Spool], name: str) -> None:
         self._name = name
 
     @overload
-    def __get__(self, spool: None, owner: type[Spool]) -> _Setting[_T]: ...
+    def __get__(self, spool: None, owner: type[Spool]) -> _Part[_T]: ...
     @overload
     def __get__(self, spool: Spool, owner: type[Spool]) -> _T: ...
-    def __get__(self, spool: Spool | None, owner: type[Spool]) -> _Setting[_T] | _T:
+    def __get__(self, spool: Spool | None, owner: type[Spool]) -> _Part[_T] | _T:
         if spool is None:
             return self
-        return cast(_T, getattr(spool._state.settings, self._name))
+        return cast(_T, getattr(spool._state.parts, self._name))
 
     def __set__(self, spool: Spool, value: _T) -> None:
-        setattr(spool._state.settings, self._name, value)
+        setattr(spool._state.parts, self._name, value)
 
 
 def _doc_of(room_method: Callable[..., Any]) -> Callable[[_F], _F]:
@@ -176,15 +176,24 @@ class Spool:
     """A running spool. Create it with :meth:`open`."""
 
     # Replaceable while open (a reload); see open() for each.
-    relay = _Setting[Relay]()
-    presend = _Setting[PresendHook]()
-    on_error = _Setting[OnErrorHook]()
-    after_crash = _Setting[AfterCrash]()
-    reporting_mta = _Setting[str]()
-    default_retry_intervals = _Setting[list[RetryInterval]]()
-    removed_retention = _Setting[timedelta]()
-    history_retention = _Setting[timedelta]()
-    idempotency_window = _Setting[timedelta]()
+    relay = _Part[Relay]()
+    presend = _Part[PresendHook]()
+    on_error = _Part[OnErrorHook]()
+    reporting_mta = _Part[str]()
+
+    # One setting at a time: each reads :attr:`settings` and, assigned,
+    # replaces it with a value that differs in that field. min_free_space:
+    # bytes that must stay free on the spool's filesystem, or add() raises
+    # InsufficientStorageError (0: no floor).
+    max_concurrent_send_jobs = Setting[int]()
+    min_free_space = Setting[int]()
+    sync = Setting[SyncMode]()
+    default_retry_intervals = Setting[Sequence[RetryInterval]](convert=tuple)
+    delivery_policy = Setting[DeliveryPolicy]()
+    after_crash = Setting[AfterCrash]()
+    removed_retention = Setting[timedelta]()
+    history_retention = Setting[timedelta]()
+    idempotency_window = Setting[timedelta]()
 
     def __init__(
         self,
@@ -194,21 +203,13 @@ class Spool:
         presend: PresendHook | None,
         on_error: OnErrorHook | None,
         clock: Clock,
-        max_concurrent_send_jobs: int,
-        default_retry_intervals: Sequence[RetryInterval],
-        ping_interval: float,
+        settings: SpoolSettings,
         rng: random.Random | None,
         routes: Routes | None = None,
-        delivery_policy: DeliveryPolicy = DeliveryPolicy(),  # noqa: B008
         route_lifetimes: Mapping[str, timedelta] | None = None,
         route_retries_exhausted: Mapping[str, RetriesExhausted] | None = None,
-        after_crash: AfterCrash = DEFAULT_AFTER_CRASH,
         reporting_mta: str | None = None,
         limits: LimitsSource | None = None,
-        removed_retention: timedelta = DEFAULT_REMOVED_RETENTION,
-        history_retention: timedelta = DEFAULT_HISTORY_RETENTION,
-        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
-        housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
         policies: PolicySource | None = None,
     ) -> None:
         self._disk = ondisk
@@ -216,39 +217,31 @@ class Spool:
         library = LibraryPolicies(
             routes=routes,
             limits=limits,
-            delivery=delivery_policy,
+            delivery=settings.delivery_policy,
             route_lifetimes=route_lifetimes,
             route_retries_exhausted=route_retries_exhausted,
         )
-        settings = SpoolSettings(
+        parts = SpoolParts(
             relay=relay,
             presend=presend or default_presend,
             on_error=on_error or default_on_error,
             routes=routes,
             policies=policies or library,
             library=library,
-            after_crash=after_crash,
             reporting_mta=reporting_mta or local_hostname(),
-            default_retry_intervals=list(default_retry_intervals),
-            removed_retention=removed_retention,
-            history_retention=history_retention,
-            idempotency_window=idempotency_window,
+            settings=settings,
         )
-        self._state = state = SpoolState(ondisk, clock, settings)
+        self._state = state = SpoolState(ondisk, clock, parts)
         self._history = history = History(ondisk.dir)
         keys = KeyFiles(ondisk.dir)  # one per spool: its locks are per key
-        self._scheduler = scheduler = Scheduler(
-            state,
-            max_jobs=max_concurrent_send_jobs,
-            ping_interval=ping_interval,
-        )
+        self._scheduler = scheduler = Scheduler(state)
         self._submission = submission = OwnerSubmission(state, keys, scheduler.schedule)
         self._transitions = transitions = Transitions(
             state, scheduler, submission, history, rng or random.Random()
         )
         self._operations = Operations(state, scheduler, submission, transitions)
         self._queries = Queries(state, scheduler, history)
-        self._housekeeping = Housekeeping(state, history, keys, housekeeping_interval)
+        self._housekeeping = Housekeeping(state, history, keys)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -283,6 +276,7 @@ class Spool:
         idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
         housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
         policies: PolicySource | None = None,
+        settings: SpoolSettings | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -345,6 +339,14 @@ class Spool:
         ``routes``, ``limits``, ``delivery_policy``, ``route_lifetimes``
         and ``route_retries_exhausted`` (:class:`~spoold.policy.LibraryPolicies`),
         which are then ignored otherwise. Replaceable through :attr:`policies`.
+        ``settings``: all of ``max_concurrent_send_jobs``,
+        ``default_retry_intervals``, ``ping_interval``, ``min_free_space``,
+        ``sync``, ``delivery_policy``, ``after_crash``, ``removed_retention``,
+        ``history_retention``, ``idempotency_window`` and
+        ``housekeeping_interval`` as one value
+        (:class:`~spoold.settings.SpoolSettings`); given, it is used instead
+        of those keyword arguments. Readable and replaceable while open
+        through :attr:`settings`.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -354,18 +356,28 @@ class Spool:
         out as :class:`~spoold.errors.SpoolFailedError`, the failure as its
         ``__cause__`` (see :mod:`spoold.tasks`).
         """
-        if max_concurrent_send_jobs < 1:
-            raise ValueError("max_concurrent_send_jobs must be at least 1")
-        if min_free_space < 0:
-            raise ValueError("min_free_space must be >= 0")
+        if settings is None:  # checked as it is built (ValueError)
+            settings = SpoolSettings(
+                max_concurrent_send_jobs=max_concurrent_send_jobs,
+                default_retry_intervals=tuple(default_retry_intervals),
+                min_free_space=min_free_space,
+                sync=sync,
+                delivery_policy=delivery_policy,
+                after_crash=after_crash,
+                removed_retention=removed_retention,
+                history_retention=history_retention,
+                idempotency_window=idempotency_window,
+                housekeeping_interval=housekeeping_interval,
+                ping_interval=ping_interval,
+            )
         if not reporting_mta:
             reporting_mta = await anyio.to_thread.run_sync(local_hostname)  # may ask DNS
         ondisk, report = await OnDiskSpool.open(
             spool_dir,
             max_threads=max_threads,
-            min_free_bytes=min_free_space,
+            min_free_bytes=settings.min_free_space,
             on_step=on_step,
-            sync=sync,
+            sync=settings.sync,
             # An attempt cut short stays checked out until it is marked in
             # doubt (see _settle_in_doubt): never back in its queue unmarked.
             keep_checkouts=(Queue.ACTIVE,),
@@ -378,21 +390,13 @@ class Spool:
                 presend=presend,
                 on_error=on_error,
                 clock=clock or SystemClock(),
-                max_concurrent_send_jobs=max_concurrent_send_jobs,
-                default_retry_intervals=default_retry_intervals,
-                ping_interval=ping_interval,
+                settings=settings,
                 rng=rng,
                 routes=routes,
-                delivery_policy=delivery_policy,
                 route_lifetimes=route_lifetimes,
                 route_retries_exhausted=route_retries_exhausted,
-                after_crash=after_crash,
                 reporting_mta=reporting_mta,
                 limits=limits,
-                removed_retention=removed_retention,
-                history_retention=history_retention,
-                idempotency_window=idempotency_window,
-                housekeeping_interval=housekeeping_interval,
                 policies=policies,
             )
             cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
@@ -543,44 +547,33 @@ class Spool:
         return self._disk
 
     @property
-    def max_concurrent_send_jobs(self) -> int:
-        return self._scheduler.max_jobs
+    def settings(self) -> SpoolSettings:
+        """What may change while the spool runs (concurrency, retry
+        defaults, free-space floor, durability, delivery policy, crash rule,
+        retention windows, periods), as one value. Assigning a new one (a
+        reload) applies it as a whole: the next attempt, add and
+        housekeeping round read it, and the timers their next round."""
+        return self._state.parts.settings
 
-    @max_concurrent_send_jobs.setter
-    def max_concurrent_send_jobs(self, value: int) -> None:
-        self._scheduler.max_jobs = value  # at least 1 (ValueError), applied at once
-
-    @property
-    def min_free_space(self) -> int:
-        """Bytes that must stay free in the spool's filesystem: below it,
-        :meth:`add` raises :class:`~spoold.errors.InsufficientStorageError`
-        (a temporary error); 0 turns the check off. Changeable while open."""
-        return self._disk.store.min_free_bytes
-
-    @min_free_space.setter
-    def min_free_space(self, value: int) -> None:
-        if value < 0:
-            raise ValueError("min_free_space must be >= 0")
-        self._disk.store.min_free_bytes = value
-
-    @property
-    def sync(self) -> SyncMode:
-        return self._disk.store.sync
-
-    @sync.setter
-    def sync(self, value: SyncMode) -> None:
-        self._disk.store.sync = value
+    @settings.setter
+    def settings(self, value: SpoolSettings) -> None:
+        parts = self._state.parts
+        parts.settings = value
+        parts.library.delivery = value.delivery_policy
+        self._disk.store.min_free_bytes = value.min_free_space
+        self._disk.store.sync = value.sync
+        self._scheduler.poke()  # more attempts may start now
 
     @property
     def policies(self) -> PolicySource:
         """Where destination policies come from. Replacing it (a reload)
         applies to attempts started from then on, and the new limits to
         messages already waiting for their destination."""
-        return self._state.settings.policies
+        return self._state.parts.policies
 
     @policies.setter
     def policies(self, value: PolicySource) -> None:
-        self._state.settings.policies = value
+        self._state.parts.policies = value
         self._scheduler.policies_changed()
 
     # The parts of the library's policy source (when :attr:`policies` is
@@ -590,44 +583,36 @@ class Spool:
     def routes(self) -> Routes | None:
         """The routing asked for :meth:`reroute` and a notice's route (and,
         through the library's policy source, a message's current hops)."""
-        return self._state.settings.routes
+        return self._state.parts.routes
 
     @routes.setter
     def routes(self, value: Routes | None) -> None:
-        self._state.settings.routes = self._state.settings.library.routes = value
+        self._state.parts.routes = self._state.parts.library.routes = value
 
     @property
     def limits(self) -> LimitsSource | None:
-        return self._state.settings.library.limits
+        return self._state.parts.library.limits
 
     @limits.setter
     def limits(self, value: LimitsSource | None) -> None:
-        self._state.settings.library.limits = value
+        self._state.parts.library.limits = value
         self._scheduler.policies_changed()  # the new limits apply to those waiting
 
     @property
-    def delivery_policy(self) -> DeliveryPolicy:
-        return self._state.settings.library.delivery
-
-    @delivery_policy.setter
-    def delivery_policy(self, value: DeliveryPolicy) -> None:
-        self._state.settings.library.delivery = value
-
-    @property
     def route_lifetimes(self) -> dict[str, timedelta]:
-        return self._state.settings.library.route_lifetimes
+        return self._state.parts.library.route_lifetimes
 
     @route_lifetimes.setter
     def route_lifetimes(self, value: Mapping[str, timedelta]) -> None:
-        self._state.settings.library.route_lifetimes = dict(value)
+        self._state.parts.library.route_lifetimes = dict(value)
 
     @property
     def route_retries_exhausted(self) -> dict[str, RetriesExhausted]:
-        return self._state.settings.library.route_retries_exhausted
+        return self._state.parts.library.route_retries_exhausted
 
     @route_retries_exhausted.setter
     def route_retries_exhausted(self, value: Mapping[str, RetriesExhausted]) -> None:
-        self._state.settings.library.route_retries_exhausted = dict(value)
+        self._state.parts.library.route_retries_exhausted = dict(value)
 
     def set_hooks(self, presend: PresendHook | None, on_error: OnErrorHook | None) -> None:
         """Replace both hooks at once (None: the default)."""

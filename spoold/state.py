@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -48,11 +48,11 @@ from spoold.events import EventHub, EventKind, SpoolEvent, stream_form
 from spoold.hooks import OnErrorHook, PresendHook
 from spoold.kinds import OutcomeKind
 from spoold.log import get_logger
-from spoold.message import Message, Queue, RetryInterval, RoutedEnvelope
+from spoold.message import Message, Queue, RoutedEnvelope
 from spoold.ondisk import OnDiskSpool
-from spoold.outcome import AfterCrash
 from spoold.policy import LibraryPolicies, PolicySource
 from spoold.relay import Relay
+from spoold.settings import SpoolSettings
 from spoold.waiting import MessageOutcome, OutcomeBoard
 
 __all__ = [
@@ -60,7 +60,7 @@ __all__ = [
     "LOADED_QUEUES",
     "Entry",
     "Routes",
-    "SpoolSettings",
+    "SpoolParts",
     "SpoolState",
 ]
 
@@ -101,10 +101,13 @@ class Routes(Protocol):
 
 
 @dataclass(eq=False)
-class SpoolSettings:
+class SpoolParts:
     """What the spool's owner may replace while it is open (a reload), each
-    read by the rooms at its next use. :class:`~spoold.spool.Spool` shows
-    every field as an attribute of the same name."""
+    read by the rooms at its next use: the relay, the hooks, the routing,
+    the policy source, the name notifications report as, and the settings
+    value (:class:`~spoold.settings.SpoolSettings`: concurrency, retry
+    defaults, durability, crash rule, retention, periods).
+    :class:`~spoold.spool.Spool` shows each as an attribute."""
 
     relay: Relay
     presend: PresendHook
@@ -115,24 +118,17 @@ class SpoolSettings:
     # router, or the library's source made of the arguments of open).
     policies: PolicySource
     library: LibraryPolicies
-    # What to do with a message found in doubt at open, and the host name
-    # notifications report as.
-    after_crash: AfterCrash
     reporting_mta: str
-    default_retry_intervals: list[RetryInterval]
-    # Read at each housekeeping round / add.
-    removed_retention: timedelta
-    history_retention: timedelta
-    idempotency_window: timedelta
+    settings: SpoolSettings
 
 
 class SpoolState:
     """The state the spool's rooms share (see the module's docstring)."""
 
-    def __init__(self, disk: OnDiskSpool, clock: Clock, settings: SpoolSettings) -> None:
+    def __init__(self, disk: OnDiskSpool, clock: Clock, parts: SpoolParts) -> None:
         self.disk = disk
         self.clock = clock
-        self.settings = settings
+        self.parts = parts
         self.index: dict[str, Entry] = {}
         self.queue_counts: dict[Queue, int] = dict.fromkeys(LOADED_QUEUES, 0)
         self.adding: set[str] = set()  # ids add()/reroute() are writing now

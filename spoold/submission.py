@@ -113,8 +113,10 @@ def new_messages(
 class AddSettings(Protocol):
     """What an add reads of its owner's settings, at each add."""
 
-    default_retry_intervals: list[RetryInterval]
-    idempotency_window: timedelta
+    @property
+    def default_retry_intervals(self) -> Sequence[RetryInterval]: ...
+    @property
+    def idempotency_window(self) -> timedelta: ...
 
 
 class Submission:
@@ -125,7 +127,7 @@ class Submission:
         self,
         disk: OnDiskSpool,
         keys: KeyFiles,
-        settings: AddSettings,
+        settings: Callable[[], AddSettings],
         now: Callable[[], datetime],
     ) -> None:
         self._disk = disk
@@ -153,7 +155,7 @@ class Submission:
             idempotency_key,
             batch,
             self._now(),
-            self._settings.idempotency_window,
+            self._settings().idempotency_window,
             lambda: self._add_new(
                 batch, frozen, flows, parent_id, prefix, idempotency_key, submitter_uid
             ),
@@ -202,7 +204,7 @@ class Submission:
             batch,
             status=status,
             spool_date=self._now(),
-            default_retry_intervals=self._settings.default_retry_intervals,
+            default_retry_intervals=self._settings().default_retry_intervals,
             flows=flows,
             parent_id=parent_id,
             prefix=prefix,
@@ -235,7 +237,7 @@ class OwnerSubmission(Submission):
     def __init__(
         self, state: SpoolState, keys: KeyFiles, schedule: Callable[[Entry], None]
     ) -> None:
-        super().__init__(state.disk, keys, state.settings, state.clock.now)
+        super().__init__(state.disk, keys, lambda: state.parts.settings, state.clock.now)
         self._state = state
         self._index = state.index
         self._index_put = state.index_put

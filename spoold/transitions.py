@@ -116,7 +116,7 @@ class Transitions:
         history: History,
         rng: random.Random,
     ) -> None:
-        self._settings = state.settings
+        self._parts = state.parts
         self._policy_of = scheduler.policy_of
         self._disk = state.disk
         self.clock = state.clock
@@ -185,7 +185,7 @@ class Transitions:
         )
         try:
             outcome = await relay_under(
-                self._settings.relay, policy, snapshot, body, list(msg.remaining_recipients)
+                self._parts.relay, policy, snapshot, body, list(msg.remaining_recipients)
             )
         except BodyDamagedError as exc:
             await self._set_aside_damaged(entry, str(exc))
@@ -247,7 +247,7 @@ class Transitions:
         self._schedule(entry)
 
     async def _ask_presend(self, msg: Message) -> PresendDecision:
-        decision = await call_hook(self._settings.presend, msg.copy())
+        decision = await call_hook(self._parts.presend, msg.copy())
         if not isinstance(decision, PRESEND_CHOICES):
             raise TypeError(f"presend answered {decision!r}, not one of its choices")
         if isinstance(decision, SendAt) and decision.at.tzinfo is None:
@@ -281,7 +281,7 @@ class Transitions:
             draw=lambda interval: interval.draw(self._rng),
             operator_kick=operator_kick,
             policy=policy,
-            after_crash=self._settings.after_crash,
+            after_crash=self._parts.settings.after_crash,
         )
         new = result.record
         event = result.event
@@ -338,7 +338,7 @@ class Transitions:
                 original,
                 notice,
                 original_headers=header_section(body.content()),
-                reporting_mta=self._settings.reporting_mta,
+                reporting_mta=self._parts.reporting_mta,
                 now=now,
                 retry_until=expiry,
             )
@@ -346,8 +346,8 @@ class Transitions:
             params = [] if sender.isascii() else ["SMTPUTF8"]
             probe = RoutedEnvelope("", [sender], original.next_hop_choices, mail_params=params)
             envelopes = [probe]
-            if self._settings.routes is not None:
-                envelopes = await self._settings.routes.reroute(
+            if self._parts.routes is not None:
+                envelopes = await self._parts.routes.reroute(
                     message_for_envelope(
                         probe, id=original.id, spool_date=now, parent_id=original.id
                     )
@@ -355,7 +355,9 @@ class Transitions:
             if len(envelopes) != 1:
                 raise OperationRefusedError(f"the sender {sender} has no single route")
             env = envelopes[0]
-            intervals = list(env.retry_intervals) or list(self._settings.default_retry_intervals)
+            intervals = list(env.retry_intervals) or list(
+                self._parts.settings.default_retry_intervals
+            )
 
             def build(mid: str, related: list[str]) -> Message:
                 msg = message_for_envelope(
@@ -453,7 +455,7 @@ class Transitions:
 
     async def _ask_on_error(self, msg: Message, rcpt: str, result: RecipientResult) -> ErrorAction:
         try:
-            action = await call_hook(self._settings.on_error, msg.copy(), rcpt, result)
+            action = await call_hook(self._parts.on_error, msg.copy(), rcpt, result)
             return ErrorAction(action)
         except Exception:
             log.exception("on_error hook failed; trying later", id=msg.id, flows=msg.flows)

@@ -30,6 +30,7 @@ import anyio
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
 from spoold.message import Message, RetryInterval, RoutedBatch
 from spoold.ondisk import NewMessage, OnDiskSpool
+from spoold.settings import Setting, WriterSettings
 from spoold.store import SyncMode
 from spoold.submission import Submission, new_messages
 from spoold.tasks import own_tasks
@@ -75,15 +76,10 @@ class SpoolWriter:
     """Adds messages to a spool owned by another process. Use :meth:`open`."""
 
     def __init__(
-        self,
-        disk: OnDiskSpool,
-        default_retry_intervals: Sequence[RetryInterval],
-        now: Callable[[], datetime],
-        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
+        self, disk: OnDiskSpool, settings: WriterSettings, now: Callable[[], datetime]
     ) -> None:
         self._disk = disk
-        self.default_retry_intervals = list(default_retry_intervals)
-        self.idempotency_window = idempotency_window  # changeable (a reload)
+        self._settings = settings
         self._notifier = _Notifier(disk)
         self._submission = _WriterSubmission(disk, self, now, self._notifier)
 
@@ -93,28 +89,42 @@ class SpoolWriter:
         cls,
         spool_dir: str | os.PathLike[str],
         *,
-        default_retry_intervals: Sequence[RetryInterval],
+        default_retry_intervals: Sequence[RetryInterval] | None = None,
         min_free_space: int = 0,
         max_threads: int = 16,
         now: Callable[[], datetime] | None = None,
         sync: SyncMode = "fsync",
         idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
+        settings: WriterSettings | None = None,
     ) -> AsyncIterator[SpoolWriter]:
         """Open an existing spool directory for adding (never creates one,
         never takes its lock). ``min_free_space`` and ``idempotency_window``
-        as for the owner. An exception raised in the body comes out
-        unchanged; a failure of the writer's own task, as
+        as for the owner. ``settings``: ``default_retry_intervals``,
+        ``min_free_space``, ``sync`` and ``idempotency_window`` as one value
+        (:class:`~spoold.settings.WriterSettings`), used instead of them;
+        without it, ``default_retry_intervals`` is required. Replaceable
+        while open through :attr:`settings`. An exception raised in the body
+        comes out unchanged; a failure of the writer's own task, as
         :class:`~spoold.errors.SpoolFailedError`."""
+        if settings is None:
+            if default_retry_intervals is None:
+                raise TypeError("SpoolWriter.open needs default_retry_intervals or settings")
+            settings = WriterSettings(
+                default_retry_intervals=tuple(default_retry_intervals),
+                min_free_space=min_free_space,
+                sync=sync,
+                idempotency_window=idempotency_window,
+            )
         disk, _ = await OnDiskSpool.open(
             spool_dir,
             owner=False,
             create=False,
             max_threads=max_threads,
-            min_free_bytes=min_free_space,
-            sync=sync,
+            min_free_bytes=settings.min_free_space,
+            sync=settings.sync,
         )
         try:
-            writer = cls(disk, default_retry_intervals, now or utcnow, idempotency_window)
+            writer = cls(disk, settings, now or utcnow)
             async with own_tasks(f"spool writer on {disk.dir}") as tg:
                 tg.start_soon(writer._notifier.run)
                 try:
@@ -126,26 +136,27 @@ class SpoolWriter:
             await disk.close()
 
     @property
+    def settings(self) -> WriterSettings:
+        """How this writer adds, as one value; assigning a new one (a
+        reload) applies it to the next :meth:`add`."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: WriterSettings) -> None:
+        self._settings = value
+        self._disk.store.min_free_bytes = value.min_free_space
+        self._disk.store.sync = value.sync
+
+    @property
     def spool_dir(self) -> Path:
         return self._disk.dir
 
-    @property
-    def sync(self) -> SyncMode:
-        return self._disk.store.sync
-
-    @sync.setter
-    def sync(self, value: SyncMode) -> None:
-        self._disk.store.sync = value
-
-    @property
-    def min_free_space(self) -> int:
-        return self._disk.store.min_free_bytes
-
-    @min_free_space.setter
-    def min_free_space(self, value: int) -> None:
-        if value < 0:
-            raise ValueError("min_free_space must be >= 0")
-        self._disk.store.min_free_bytes = value
+    # One setting at a time: each reads :attr:`settings` and, assigned,
+    # replaces it with a value that differs in that field.
+    sync = Setting[SyncMode]()
+    min_free_space = Setting[int]()
+    default_retry_intervals = Setting[Sequence[RetryInterval]](convert=tuple)
+    idempotency_window = Setting[timedelta]()
 
     async def add(
         self,
@@ -183,7 +194,7 @@ class _WriterSubmission(Submission):
         now: Callable[[], datetime],
         notifier: _Notifier,
     ) -> None:
-        super().__init__(disk, KeyFiles(disk.dir), writer, now)
+        super().__init__(disk, KeyFiles(disk.dir), lambda: writer.settings, now)
         self._notifier = notifier
 
     async def _write(self, new: Sequence[NewMessage]) -> list[Message]:

@@ -6,6 +6,8 @@ import dataclasses
 import re
 from pathlib import Path
 
+import msgspec
+
 from spoold.daemon import config
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -39,7 +41,7 @@ def documented() -> dict[str, set[str]]:
 def test_every_key_is_documented() -> None:
     docs = documented()
     for table, kind in TABLES.items():
-        keys = {f.name for f in dataclasses.fields(kind)} - {"name"}
+        keys = {f.name for f in msgspec.structs.fields(kind)} - {"name"}
         assert table in docs, f"no section for [{table}] in {DOC.name}"
         missing = keys - docs[table]
         assert not missing, f"[{table}] keys missing from {DOC.name}: {sorted(missing)}"

@@ -7,7 +7,20 @@ its key (``spool.max_concurrent_send_jobs: expected an integer >= 1, got
 directory of the file. Spans are ``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``
 (or a number of seconds); sizes are ``"32MiB"``, ``"500KB"`` (or bytes).
 
-A reload builds a new :class:`Config` and the daemon swaps it in one step;
+Each table is a frozen msgspec Struct whose fields are its keys: a field's
+default is the key's default (written once, here or in the library module
+it comes from) and its annotation says how the key is read, by msgspec
+against the type and its ``msgspec.Meta`` constraints, or by the named
+reader of a span, size, path or address. Problems are reported in spoold's
+own words, never msgspec's (:func:`_problem_text`). Tables and the parts
+they set: ``[spool]`` gives the spool's :class:`~spoold.settings.SpoolSettings`
+(:attr:`SpoolConfig.settings`; an ingest worker's writer takes its
+``.writer`` share), ``[relay]`` the connection cache's
+:class:`~spoold.connection_cache.CacheSettings` (:attr:`RelayConfig.cache`),
+and ``[smtp]`` is the SMTP listener's own value.
+
+A reload builds a new :class:`Config` and the daemon swaps it in one step,
+one assignment per part (``spool.settings = new.spool.settings``);
 :func:`restart_needed` names the settings that a reload cannot change.
 """
 
@@ -17,25 +30,26 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar, cast, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+import msgspec
 
 from spoold import connection_cache as _cache
 from spoold import limits as _limits
-from spoold import spool as _spool
+from spoold import settings as _settings
 from spoold.body import LineEndingPolicy
-from spoold.connection_cache import TlsMode
-from spoold.errors import (
-    ConfigError,
-)
+from spoold.connection_cache import CacheSettings, TlsMode
+from spoold.errors import ConfigError
 from spoold.hops import parse_hop
 from spoold.hostname import check_hostname, local_hostname
 from spoold.limits import Rate, parse_rate
-from spoold.outcome import DeliveryPolicy, OnPermanentFailure, RetriesExhausted
+from spoold.message import RetryInterval
+from spoold.outcome import AfterCrash, DeliveryPolicy, OnPermanentFailure, RetriesExhausted
+from spoold.settings import SpoolSettings
 from spoold.store import SyncMode
 from spoold.times import parse_size, parse_span
 
@@ -66,320 +80,47 @@ _T = TypeVar("_T")
 
 
 # ------------------------------------------------------------ the values
+#
+# Each table is a frozen msgspec Struct: its fields are the table's keys,
+# their defaults the keys' defaults, and their annotations say how a value
+# is read (see "the reader" below): a plain type with its msgspec.Meta
+# constraints, checked by msgspec, or a _Read marker naming the function
+# that reads a span, a size, an address and the like.
 
 
 DEFAULT_LISTEN = ("127.0.0.1:2525",)
 DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 
-@dataclass(frozen=True, slots=True)
-class SpoolConfig:
-    dir: Path
-    max_concurrent_send_jobs: int = _spool.DEFAULT_MAX_CONCURRENT_SEND_JOBS
-    retry_intervals: tuple[timedelta, ...] = _spool.DEFAULT_RETRY_SPANS
-    retry_jitter: float = _spool.DEFAULT_RETRY_JITTER
-    flush_timeout: timedelta = timedelta(seconds=_spool.DEFAULT_FLUSH_TIMEOUT)
-    min_free_space: int = _spool.DEFAULT_MIN_FREE_SPACE
-    sync: SyncMode = _spool.DEFAULT_SYNC
-    max_queue_lifetime: timedelta = _spool.DEFAULT_MAX_QUEUE_LIFETIME
-    on_permanent_failure: OnPermanentFailure = OnPermanentFailure.FREEZE
-    retries_exhausted: RetriesExhausted = DeliveryPolicy().retries_exhausted
-    delay_warning: timedelta | None = None  # None: off
-    after_crash: _spool.AfterCrash = _spool.DEFAULT_AFTER_CRASH
-    removed_retention: timedelta = _spool.DEFAULT_REMOVED_RETENTION
-    history_retention: timedelta = _spool.DEFAULT_HISTORY_RETENTION
-    idempotency_window: timedelta = _spool.DEFAULT_IDEMPOTENCY_WINDOW
+class _Read:
+    """An annotation: the key's TOML value is read by ``read`` (which
+    raises ValueError or TypeError saying what was expected)."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[object], object]) -> None:
+        self.read = read
 
 
-SUBMISSION_SOCKET_NAME = "submit.sock"  # the submission socket's default name, beside the admin one
+class _PathKey:
+    """An annotation: a path, resolved against the config file's directory;
+    with ``optional``, ``""`` is None."""
+
+    __slots__ = ("optional",)
+
+    def __init__(self, *, optional: bool) -> None:
+        self.optional = optional
 
 
-@dataclass(frozen=True, slots=True)
-class ControlConfig:
-    """The admin socket (``socket``, ``mode``: every operation) and the
-    submission socket (``submission_*``: only ``submit``, ``wait`` and
-    ``ping``). ``submission_socket`` None: :data:`SUBMISSION_SOCKET_NAME`
-    beside the admin socket (see :attr:`submission_path`);
-    ``submission_group`` "": the socket keeps the daemon's own group."""
-
-    socket: Path
-    mode: int = 0o660
-    submission_socket: Path | None = None
-    submission_mode: int = 0o666  # any local user may submit, as with Postfix's postdrop
-    submission_group: str = ""
-
-    @property
-    def submission_path(self) -> Path:
-        return self.submission_socket or self.socket.parent / SUBMISSION_SOCKET_NAME
+_PATH = _PathKey(optional=False)
+_OPTIONAL_PATH = _PathKey(optional=True)
 
 
-@dataclass(frozen=True, slots=True)
-class SmtpConfig:
-    listen: tuple[str, ...] = DEFAULT_LISTEN
-    max_message_size: int = 32 * 1024 * 1024
-    max_recipients: int = 100
-    max_connections: int = 100
-    max_line_length: int = 998
-    bare_line_endings: LineEndingPolicy = LineEndingPolicy.REJECT
-    relay_networks: tuple[str, ...] = DEFAULT_RELAY_NETWORKS
-    tls_cert: Path | None = None  # with tls_key: offer STARTTLS
-    tls_key: Path | None = None
-    require_tls: bool = False  # refuse MAIL before STARTTLS
-    auth_file: Path | None = None  # "user:password" lines, mode 0600: offer AUTH
-    max_connections_per_client: int = 10  # per client IP address
-    limit_relay_networks: bool = False  # relay_networks held to the per-client limit too
-    timeout: timedelta = timedelta(minutes=5)  # idle wait for a command or DATA content
-    max_junk_commands: int = 100  # NOOP, RSET, errors...: past it, 421 and close
-    max_auth_failures: int = 3  # failed AUTH on one connection: then 421 and close
-    auth_failure_delay: timedelta = timedelta(seconds=1)  # before the first 535; doubles
-    max_auth_failures_per_client: int = 10  # failed AUTH of one address in the window
-    auth_failure_window: timedelta = timedelta(minutes=15)
-    workers: int = 0  # ingest processes sharing the listening sockets; 0: one per CPU
-    deduplicate: str = ""  # "message-id": sender + Message-ID + recipients is a key
+def _int_range(minimum: int, maximum: int | None = None) -> msgspec.Meta:
+    return msgspec.Meta(ge=minimum, le=maximum)
 
 
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    format: str = "auto"
-    level: str = "info"
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    listen: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class HooksConfig:
-    presend: str = ""
-    on_error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class RelayConfig:
-    default_route: str = ""
-    connect_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_CONNECT_TIMEOUT)
-    command_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_COMMAND_TIMEOUT)
-    message_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_MESSAGE_TIMEOUT)
-    final_reply_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_FINAL_REPLY_TIMEOUT)
-    max_connections_per_hop: int = _cache.DEFAULT_MAX_PER_HOP
-    max_connections: int = _cache.DEFAULT_MAX_TOTAL
-    idle_timeout: timedelta = timedelta(seconds=_cache.DEFAULT_IDLE_TIMEOUT)
-
-
-@dataclass(frozen=True, slots=True)
-class RouteConfig:
-    name: str
-    domains: tuple[str, ...] = ()
-    next_hops: tuple[str, ...] = ()
-    mx: bool = False
-    tls: TlsMode = "opportunistic"
-    verify_certificates: bool = True
-    ca_file: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    auth_file: Path | None = None
-    retry_intervals: tuple[timedelta, ...] | None = None
-    max_queue_lifetime: timedelta | None = None  # None: spool.max_queue_lifetime
-    retries_exhausted: RetriesExhausted | None = None  # None: spool.retries_exhausted
-    max_connections: int = _limits.DEFAULT_MAX_CONNECTIONS  # attempts at once
-    rate: Rate | None = None  # attempts per span ("50/s"); None: unlimited
-    helo_name: str = ""  # the EHLO name to this route's hops; "": the top-level hostname
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    path: Path
-    spool: SpoolConfig
-    control: ControlConfig
-    smtp: SmtpConfig | None
-    log: LogConfig
-    metrics: MetricsConfig
-    hooks: HooksConfig
-    relay: RelayConfig
-    routes: dict[str, RouteConfig] = field(default_factory=dict)
-    # The name spoold gives itself (banner, Received:, EHLO, Message-ID,
-    # Reporting-MTA); default: the machine's (spoold.hostname).
-    hostname: str = field(default_factory=local_hostname)
-
-
-def delivery_policy(config: Config) -> DeliveryPolicy:
-    """The spool's delivery policy (lifetime, retries exhausted, bounce,
-    delay warning)."""
-    return DeliveryPolicy(
-        max_queue_lifetime=config.spool.max_queue_lifetime,
-        on_permanent_failure=config.spool.on_permanent_failure,
-        delay_warning=config.spool.delay_warning,
-        retries_exhausted=config.spool.retries_exhausted,
-    )
-
-
-def route_lifetimes(config: Config) -> dict[str, timedelta]:
-    """The routes that have a queue lifetime of their own."""
-    return {
-        name: route.max_queue_lifetime
-        for name, route in config.routes.items()
-        if route.max_queue_lifetime is not None
-    }
-
-
-def route_retries_exhausted(config: Config) -> dict[str, RetriesExhausted]:
-    """The routes that have a retries-exhausted rule of their own."""
-    return {
-        name: route.retries_exhausted
-        for name, route in config.routes.items()
-        if route.retries_exhausted is not None
-    }
-
-
-def restart_needed(old: Config, new: Config) -> list[str]:
-    """Settings that differ between ``old`` and ``new`` but only take effect
-    after a restart."""
-    changed = []
-    if old.spool.dir != new.spool.dir:
-        changed.append("spool.dir")
-    if old.control != new.control:
-        changed.append("control")
-    if (old.smtp is None) != (new.smtp is None) or (
-        old.smtp and new.smtp and old.smtp.listen != new.smtp.listen
-    ):
-        changed.append("smtp.listen")
-    if old.smtp and new.smtp and old.smtp.workers != new.smtp.workers:
-        changed.append("smtp.workers")
-    if old.metrics != new.metrics:
-        changed.append("metrics.listen")
-    return changed
-
-
-# ------------------------------------------------------------ the reader
-
-
-class _Table:
-    """Reads one TOML table, collecting problems instead of stopping. A key
-    that is absent (or wrong) takes its value from ``defaults``, an instance
-    of the table's dataclass: defaults are written there, and only there."""
-
-    def __init__(
-        self, raw: object, prefix: str, problems: list[str], base: Path, defaults: object = None
-    ) -> None:
-        self.defaults = defaults
-        self.prefix = prefix
-        self.problems = problems
-        self.base = base
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            problems.append(f"{prefix}: expected a table")
-            raw = {}
-        self.raw: dict[str, Any] = raw
-        self.seen: set[str] = set()
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def get(self, key: str, convert: Callable[[object], _T]) -> _T:
-        self.seen.add(key)
-        if key in self.raw:
-            try:
-                return convert(self.raw[key])
-            except (ValueError, TypeError) as exc:
-                self.problems.append(f"{self._key(key)}: {exc}")
-        default: _T = getattr(self.defaults, key)  # read only when needed
-        return default
-
-    def require(self, key: str, convert: Callable[[object], _T]) -> _T:
-        if key not in self.raw:
-            self.seen.add(key)
-            self.problems.append(f"{self._key(key)}: required")
-            default: _T = getattr(self.defaults, key)
-            return default
-        return self.get(key, convert)
-
-    def done(self) -> None:
-        for key in sorted(set(self.raw) - self.seen):
-            self.problems.append(f"{self._key(key)}: unknown key")
-
-
-def _int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
-    def convert(v: object) -> int:
-        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-            raise ValueError(f"expected an integer >= {minimum}, got {v!r}")
-        if maximum is not None and v > maximum:
-            raise ValueError(f"expected an integer <= {maximum}, got {v!r}")
-        return v
-
-    return convert
-
-
-def _bool(v: object) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {v!r}")
-    return v
-
-
-def _str(v: object) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {v!r}")
-    return v
-
-
-def _choice(*choices: str) -> Callable[[object], str]:
-    def convert(v: object) -> str:
-        if v not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
-        return str(v)
-
-    return convert
-
-
-_E = TypeVar("_E", bound=StrEnum)
-
-
-def _enum(kind: type[_E]) -> Callable[[object], _E]:
-    def convert(v: object) -> _E:
-        for member in kind:
-            if v == member.value:
-                return member
-        choices = ", ".join(e.value for e in kind)
-        raise ValueError(f"expected one of {choices}, got {v!r}")
-
-    return convert
-
-
-def _optional_enum(kind: type[_E]) -> Callable[[object], _E | None]:
-    """One of ``kind``'s values, or ``""`` for none."""
-    convert = _enum(kind)
-
-    def optional(v: object) -> _E | None:
-        if v == "":
-            return None
-        try:
-            return convert(v)
-        except ValueError:
-            choices = ", ".join(e.value for e in kind)
-            raise ValueError(f'expected one of {choices} or "", got {v!r}') from None
-
-    return optional
-
-
-def _tls_mode(v: object) -> TlsMode:
-    for mode in get_args(TlsMode):
-        if v == mode:
-            return cast(TlsMode, mode)
-    raise ValueError(f"expected one of {', '.join(get_args(TlsMode))}, got {v!r}")
-
-
-def _sync_mode(v: object) -> SyncMode:
-    for mode in get_args(SyncMode):
-        if v == mode:
-            return cast(SyncMode, mode)
-    raise ValueError(f"expected one of {', '.join(get_args(SyncMode))}, got {v!r}")
-
-
-def _fraction(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
-        raise ValueError(f"expected a number from 0 to 1, got {v!r}")
-    return float(v)
+# ------------------------------------------------------------ value readers
 
 
 def _list(item: Callable[[object], _T]) -> Callable[[object], tuple[_T, ...]]:
@@ -391,8 +132,13 @@ def _list(item: Callable[[object], _T]) -> Callable[[object], tuple[_T, ...]]:
     return convert
 
 
-def _hop(v: object) -> str:
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
 
+
+def _hop(v: object) -> str:
     hop = _str(v)
     parse_hop(hop)
     return hop
@@ -405,6 +151,12 @@ def _listen_address(v: object) -> str:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected 'address:port', got {v!r}")
     return address
+
+
+def _optional_listen_address(v: object) -> str:
+    """An address, or ``""`` for off."""
+    text = _str(v)
+    return _listen_address(text) if text else text
 
 
 def _is_loopback(address: str) -> bool:
@@ -436,11 +188,15 @@ def _optional_span(v: object) -> timedelta | None:
     return _positive_span(v)
 
 
-def _after_crash(v: object) -> _spool.AfterCrash:
-    for mode in get_args(_spool.AfterCrash):
-        if v == mode:
-            return cast(_spool.AfterCrash, mode)
-    raise ValueError(f"expected one of {', '.join(get_args(_spool.AfterCrash))}, got {v!r}")
+def _optional_retries_exhausted(v: object) -> RetriesExhausted | None:
+    """One of RetriesExhausted's values, or ``""`` for none."""
+    if v == "":
+        return None
+    for member in RetriesExhausted:
+        if v == member.value:
+            return member
+    choices = ", ".join(e.value for e in RetriesExhausted)
+    raise ValueError(f'expected one of {choices} or "", got {v!r}')
 
 
 def _network(v: object) -> str:
@@ -504,14 +260,6 @@ def _domain(v: object) -> str:
     return text
 
 
-class _TopLevel:
-    """The defaults of the keys outside any table."""
-
-    @property
-    def hostname(self) -> str:
-        return local_hostname()  # looked up only when the key is left out
-
-
 def _hostname(v: object) -> str:
     return check_hostname(_str(v).strip())
 
@@ -522,71 +270,364 @@ def _optional_hostname(v: object) -> str:
     return check_hostname(text) if text else ""
 
 
+_Span = Annotated[timedelta, _Read(parse_span)]
+_PositiveSpan = Annotated[timedelta, _Read(_positive_span)]
+_Size = Annotated[int, _Read(parse_size)]
+_Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+_Path = Annotated[Path, _PATH]
+_OptionalPath = Annotated[Path | None, _OPTIONAL_PATH]
+
+
+# ------------------------------------------------------------ the tables
+
+
+class SpoolConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``[spool]``; :attr:`settings` is what the running spool takes."""
+
+    dir: _Path
+    max_concurrent_send_jobs: Annotated[int, _int_range(1, 100_000)] = (
+        _settings.DEFAULT_MAX_CONCURRENT_SEND_JOBS
+    )
+    retry_intervals: Annotated[tuple[timedelta, ...], _Read(_list(parse_span))] = (
+        _settings.DEFAULT_RETRY_SPANS
+    )
+    retry_jitter: _Fraction = _settings.DEFAULT_RETRY_JITTER
+    flush_timeout: _Span = timedelta(seconds=_settings.DEFAULT_FLUSH_TIMEOUT)
+    min_free_space: _Size = _settings.DEFAULT_MIN_FREE_SPACE
+    sync: SyncMode = _settings.DEFAULT_SYNC
+    max_queue_lifetime: _PositiveSpan = _settings.DEFAULT_MAX_QUEUE_LIFETIME
+    on_permanent_failure: OnPermanentFailure = OnPermanentFailure.FREEZE
+    retries_exhausted: RetriesExhausted = DeliveryPolicy().retries_exhausted
+    delay_warning: Annotated[timedelta | None, _Read(_optional_span)] = None  # None: off
+    after_crash: AfterCrash = _settings.DEFAULT_AFTER_CRASH
+    removed_retention: _PositiveSpan = _settings.DEFAULT_REMOVED_RETENTION
+    history_retention: _PositiveSpan = _settings.DEFAULT_HISTORY_RETENTION
+    idempotency_window: _PositiveSpan = _settings.DEFAULT_IDEMPOTENCY_WINDOW
+
+    @property
+    def delivery_policy(self) -> DeliveryPolicy:
+        """Lifetime, retries exhausted, bounce, delay warning."""
+        return DeliveryPolicy(
+            max_queue_lifetime=self.max_queue_lifetime,
+            on_permanent_failure=self.on_permanent_failure,
+            delay_warning=self.delay_warning,
+            retries_exhausted=self.retries_exhausted,
+        )
+
+    @property
+    def settings(self) -> SpoolSettings:
+        """The spool's settings (a writer's: ``.writer``) from this table."""
+        return SpoolSettings(
+            max_concurrent_send_jobs=self.max_concurrent_send_jobs,
+            default_retry_intervals=tuple(
+                RetryInterval.from_spans(self.retry_intervals, self.retry_jitter)
+            ),
+            min_free_space=self.min_free_space,
+            sync=self.sync,
+            delivery_policy=self.delivery_policy,
+            after_crash=self.after_crash,
+            removed_retention=self.removed_retention,
+            history_retention=self.history_retention,
+            idempotency_window=self.idempotency_window,
+        )
+
+
+SUBMISSION_SOCKET_NAME = "submit.sock"  # the submission socket's default name, beside the admin one
+
+
+class ControlConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The admin socket (``socket``, ``mode``: every operation) and the
+    submission socket (``submission_*``: only ``submit``, ``wait`` and
+    ``ping``). ``submission_socket`` None: :data:`SUBMISSION_SOCKET_NAME`
+    beside the admin socket (see :attr:`submission_path`);
+    ``submission_group`` "": the socket keeps the daemon's own group."""
+
+    # Read in this order: the group decides the default of the mode.
+    submission_group: Annotated[str, _Read(_group)] = ""
+    # Any local user may submit, as with Postfix's postdrop; 0660 by
+    # default when submission_group is set.
+    submission_mode: Annotated[int, _Read(_submission_mode)] = 0o666
+    socket: _Path  # default: SPOOL/control.sock
+    mode: Annotated[int, _Read(_mode)] = 0o660
+    submission_socket: _OptionalPath = None
+
+    @property
+    def submission_path(self) -> Path:
+        return self.submission_socket or self.socket.parent / SUBMISSION_SOCKET_NAME
+
+
+class SmtpConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``[smtp]``: the SMTP ingest listener's settings (with what is read
+    from their files: :class:`~spoold.daemon.listener.ListenerSettings`)."""
+
+    listen: Annotated[tuple[str, ...], _Read(_list(_listen_address))] = DEFAULT_LISTEN
+    max_message_size: _Size = 32 * 1024 * 1024
+    max_recipients: Annotated[int, _int_range(1)] = 100
+    max_connections: Annotated[int, _int_range(1)] = 100
+    max_line_length: Annotated[int, _int_range(78)] = 998
+    bare_line_endings: LineEndingPolicy = LineEndingPolicy.REJECT
+    relay_networks: Annotated[tuple[str, ...], _Read(_list(_network))] = DEFAULT_RELAY_NETWORKS
+    tls_cert: _OptionalPath = None  # with tls_key: offer STARTTLS
+    tls_key: _OptionalPath = None
+    require_tls: bool = False  # refuse MAIL before STARTTLS
+    auth_file: _OptionalPath = None  # "user:password" lines, mode 0600: offer AUTH
+    max_connections_per_client: Annotated[int, _int_range(1)] = 10  # per client IP address
+    limit_relay_networks: bool = False  # relay_networks held to the per-client limit too
+    timeout: _PositiveSpan = timedelta(minutes=5)  # idle wait for a command or DATA content
+    max_junk_commands: Annotated[int, _int_range(1)] = 100  # NOOP, RSET, errors...: then 421
+    max_auth_failures: Annotated[int, _int_range(1)] = 3  # failed AUTH on one connection
+    auth_failure_delay: _Span = timedelta(seconds=1)  # before the first 535; doubles
+    max_auth_failures_per_client: Annotated[int, _int_range(1)] = 10  # of one address
+    auth_failure_window: _PositiveSpan = timedelta(minutes=15)
+    workers: Annotated[int, _int_range(0, 256)] = 0  # ingest processes; 0: one per CPU
+    deduplicate: Annotated[str, _Read(_deduplicate)] = ""  # "message-id": opt-in
+
+
+class LogConfig(msgspec.Struct, frozen=True, kw_only=True):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    listen: Annotated[str, _Read(_optional_listen_address)] = ""
+
+
+class HooksConfig(msgspec.Struct, frozen=True, kw_only=True):
+    presend: Annotated[str, _Read(_hook)] = ""
+    on_error: Annotated[str, _Read(_hook)] = ""
+
+
+class RelayConfig(msgspec.Struct, frozen=True, kw_only=True):
+    default_route: str = ""
+    connect_timeout: _Span = timedelta(seconds=_cache.DEFAULT_CONNECT_TIMEOUT)
+    command_timeout: _Span = timedelta(seconds=_cache.DEFAULT_COMMAND_TIMEOUT)
+    message_timeout: _Span = timedelta(seconds=_cache.DEFAULT_MESSAGE_TIMEOUT)
+    final_reply_timeout: _PositiveSpan = timedelta(seconds=_cache.DEFAULT_FINAL_REPLY_TIMEOUT)
+    max_connections_per_hop: Annotated[int, _int_range(1)] = _cache.DEFAULT_MAX_PER_HOP
+    max_connections: Annotated[int, _int_range(1)] = _cache.DEFAULT_MAX_TOTAL
+    idle_timeout: _Span = timedelta(seconds=_cache.DEFAULT_IDLE_TIMEOUT)
+
+    @property
+    def cache(self) -> CacheSettings:
+        """The connection cache's settings from this table."""
+        return CacheSettings(
+            max_per_hop=self.max_connections_per_hop,
+            max_total=self.max_connections,
+            idle_timeout=self.idle_timeout.total_seconds(),
+        )
+
+
+class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``[routes.NAME]``; ``name`` is the table's NAME, not a key."""
+
+    name: str
+    domains: Annotated[tuple[str, ...], _Read(_list(_domain))] = ()
+    next_hops: Annotated[tuple[str, ...], _Read(_list(_hop))] = ()
+    mx: bool = False
+    tls: TlsMode = "opportunistic"
+    verify_certificates: bool = True
+    ca_file: _OptionalPath = None
+    client_cert: _OptionalPath = None
+    client_key: _OptionalPath = None
+    auth_file: _OptionalPath = None
+    retry_intervals: Annotated[tuple[timedelta, ...] | None, _Read(_list(parse_span))] = None
+    # None: spool.max_queue_lifetime, spool.retries_exhausted
+    max_queue_lifetime: Annotated[timedelta | None, _Read(_optional_span)] = None
+    retries_exhausted: Annotated[RetriesExhausted | None, _Read(_optional_retries_exhausted)] = None
+    max_connections: Annotated[int, _int_range(1, 10_000)] = _limits.DEFAULT_MAX_CONNECTIONS
+    rate: Annotated[Rate | None, _Read(parse_rate)] = None  # attempts per span; None: no limit
+    helo_name: Annotated[str, _Read(_optional_hostname)] = ""  # "": the top-level hostname
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    spool: SpoolConfig
+    control: ControlConfig
+    smtp: SmtpConfig | None
+    log: LogConfig
+    metrics: MetricsConfig
+    hooks: HooksConfig
+    relay: RelayConfig
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
+    # The name spoold gives itself (banner, Received:, EHLO, Message-ID,
+    # Reporting-MTA); default: the machine's (spoold.hostname).
+    hostname: str = field(default_factory=local_hostname)
+
+
+def delivery_policy(config: Config) -> DeliveryPolicy:
+    """The spool's delivery policy (lifetime, retries exhausted, bounce,
+    delay warning)."""
+    return config.spool.delivery_policy
+
+
+def route_lifetimes(config: Config) -> dict[str, timedelta]:
+    """The routes that have a queue lifetime of their own."""
+    return {
+        name: route.max_queue_lifetime
+        for name, route in config.routes.items()
+        if route.max_queue_lifetime is not None
+    }
+
+
+def route_retries_exhausted(config: Config) -> dict[str, RetriesExhausted]:
+    """The routes that have a retries-exhausted rule of their own."""
+    return {
+        name: route.retries_exhausted
+        for name, route in config.routes.items()
+        if route.retries_exhausted is not None
+    }
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """Settings that differ between ``old`` and ``new`` but only take effect
+    after a restart."""
+    changed = []
+    if old.spool.dir != new.spool.dir:
+        changed.append("spool.dir")
+    if old.control != new.control:
+        changed.append("control")
+    if (old.smtp is None) != (new.smtp is None) or (
+        old.smtp and new.smtp and old.smtp.listen != new.smtp.listen
+    ):
+        changed.append("smtp.listen")
+    if old.smtp and new.smtp and old.smtp.workers != new.smtp.workers:
+        changed.append("smtp.workers")
+    if old.metrics != new.metrics:
+        changed.append("metrics.listen")
+    return changed
+
+
+# ------------------------------------------------------------ the reader
+
+_TableT = TypeVar("_TableT", bound=msgspec.Struct)
+
+
+def _problem_text(annotation: Any, value: object) -> str:
+    """What a key of type ``annotation`` expected, as an operator reads it
+    (in the words of spoold's config, never msgspec's)."""
+    kind = msgspec.inspect.type_info(annotation)
+    match kind:
+        case msgspec.inspect.IntType(ge=ge, le=le):
+            too_large = le is not None and isinstance(value, int) and value > le
+            if too_large and not isinstance(value, bool):
+                return f"expected an integer <= {le}, got {value!r}"
+            return f"expected an integer >= {ge}, got {value!r}"
+        case msgspec.inspect.FloatType(ge=ge, le=le):
+            return f"expected a number from {ge} to {le}, got {value!r}"
+        case msgspec.inspect.BoolType():
+            return f"expected true or false, got {value!r}"
+        case msgspec.inspect.StrType():
+            return f"expected a string, got {value!r}"
+        case msgspec.inspect.LiteralType():  # in the order written (msgspec sorts them)
+            return f"expected one of {', '.join(get_args(annotation))}, got {value!r}"
+        case msgspec.inspect.EnumType(cls=cls):
+            return f"expected one of {', '.join(str(e.value) for e in cls)}, got {value!r}"
+    raise TypeError(f"no reader for a config value of type {kind}")  # a bug here
+
+
+def _read_table(
+    kind: type[_TableT],
+    raw: object,
+    prefix: str,
+    problems: list[str],
+    base: Path,
+    *,
+    given: Mapping[str, object] | None = None,
+    defaults: Mapping[str, object] | None = None,
+    fallbacks: Mapping[str, object] | None = None,
+) -> _TableT:
+    """Read one TOML table into ``kind``, appending to ``problems`` instead
+    of stopping: each key that is wrong (in field order), then each one
+    that is unknown. A key that is absent takes its default: ``defaults``'
+    (one that depends on other tables), else the field's; a field without
+    either is ``required``. A key that is wrong or required takes its
+    default or its ``fallbacks`` value, so the tables read after this one
+    still have a value to use (the config is refused all the same).
+    ``given``: fields that are not keys of the table (a route's name)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix}: expected a table")
+        raw = {}
+    given = given or {}
+    defaults = defaults or {}
+    fallbacks = fallbacks or {}
+    values: dict[str, object] = dict(given)
+    keys = [info for info in msgspec.structs.fields(kind) if info.name not in given]
+    for info in keys:
+        key = info.name
+        if key in raw:
+            try:
+                values[key] = _read_value(info.type, raw[key], base)
+                continue
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{prefix}.{key}: {exc}")
+        elif info.required and key not in defaults:
+            problems.append(f"{prefix}.{key}: required")
+        if key in defaults:
+            values[key] = defaults[key]
+        elif key in fallbacks:
+            values[key] = fallbacks[key]
+    for key in sorted(set(raw) - {info.name for info in keys}):
+        problems.append(f"{prefix}.{key}: unknown key")
+    return kind(**values)
+
+
+def _read_value(annotation: Any, value: object, base: Path) -> object:
+    """One key's value: by the field's _Read or _PathKey marker, else by
+    msgspec against the field's type and constraints."""
+    for mark in getattr(annotation, "__metadata__", ()):
+        if isinstance(mark, _Read):
+            return mark.read(value)
+        if isinstance(mark, _PathKey):
+            text = _str(value)
+            if not text:
+                if mark.optional:
+                    return None
+                raise ValueError("expected a path")
+            return Path(os.path.normpath(base / text))
+    try:
+        return msgspec.convert(value, annotation, strict=True)
+    except msgspec.ValidationError:
+        raise ValueError(_problem_text(annotation, value)) from None
+
+
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     """Validate a decoded TOML document; raise :class:`ConfigError`."""
     problems: list[str] = []
     base = path.parent
 
-    def resolve(v: object) -> Path:
-        text = _str(v)
-        if not text:
-            raise ValueError("expected a path")
-        return Path(os.path.normpath(base / text))
+    hostname = None
+    if "hostname" in raw:
+        try:
+            hostname = _hostname(raw["hostname"])
+        except (ValueError, TypeError) as exc:
+            problems.append(f"hostname: {exc}")
+    for key in sorted(set(raw) - {"hostname", *_TABLES}):
+        problems.append(f"{key}: unknown key")
 
-    def optional_path(v: object) -> Path | None:
-        return resolve(v) if _str(v) else None
-
-    top = _Table(raw, "", problems, base, _TopLevel())
-    hostname = top.get("hostname", _hostname)
-    for key in ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes"):
-        top.seen.add(key)
-    top.done()
-
-    t = _Table(raw.get("spool"), "spool", problems, base, SpoolConfig(dir=base / "spool"))
-    spool_dir = t.require("dir", resolve)
-    spool = SpoolConfig(
-        dir=spool_dir,
-        max_concurrent_send_jobs=t.get("max_concurrent_send_jobs", _int(1, 100_000)),
-        retry_intervals=t.get("retry_intervals", _list(parse_span)),
-        retry_jitter=t.get("retry_jitter", _fraction),
-        flush_timeout=t.get("flush_timeout", parse_span),
-        min_free_space=t.get("min_free_space", parse_size),
-        sync=t.get("sync", _sync_mode),
-        max_queue_lifetime=t.get("max_queue_lifetime", _positive_span),
-        on_permanent_failure=t.get("on_permanent_failure", _enum(OnPermanentFailure)),
-        retries_exhausted=t.get("retries_exhausted", _enum(RetriesExhausted)),
-        delay_warning=t.get("delay_warning", _optional_span),
-        after_crash=t.get("after_crash", _after_crash),
-        removed_retention=t.get("removed_retention", _positive_span),
-        history_retention=t.get("history_retention", _positive_span),
-        idempotency_window=t.get("idempotency_window", _positive_span),
+    spool = _read_table(
+        SpoolConfig, raw.get("spool"), "spool", problems, base, fallbacks={"dir": base / "spool"}
     )
-    t.done()
     if spool.delay_warning is not None and spool.delay_warning >= spool.max_queue_lifetime:
         problems.append(
             "spool.delay_warning: must be shorter than spool.max_queue_lifetime "
             "(the message would fail before the warning)"
         )
 
-    t = _Table(
-        raw.get("control"),
+    raw_control = raw.get("control")
+    control = _read_table(
+        ControlConfig,
+        raw_control,
         "control",
         problems,
         base,
-        ControlConfig(socket=spool_dir / "control.sock"),
+        defaults={"socket": spool.dir / "control.sock"},
     )
-    submission_group = t.get("submission_group", _group)
-    submission_mode = t.get("submission_mode", _submission_mode)
-    if submission_group and "submission_mode" not in t.raw:
-        submission_mode = 0o660  # restricted to a group: others get nothing by default
-    control = ControlConfig(
-        socket=t.get("socket", resolve),
-        mode=t.get("mode", _mode),
-        submission_socket=t.get("submission_socket", optional_path),
-        submission_mode=submission_mode,
-        submission_group=submission_group,
-    )
-    t.done()
+    if control.submission_group and "submission_mode" not in (raw_control or {}):
+        # Restricted to a group: others get nothing by default.
+        control = msgspec.structs.replace(control, submission_mode=0o660)
     if control.submission_path == control.socket:
         problems.append(
             "control.submission_socket: must differ from control.socket (the admin socket)"
@@ -600,31 +641,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
     smtp: SmtpConfig | None = None
     if "smtp" in raw:
-        t = _Table(raw.get("smtp"), "smtp", problems, base, SmtpConfig())
-        smtp = SmtpConfig(
-            listen=t.get("listen", _list(_listen_address)),
-            max_message_size=t.get("max_message_size", parse_size),
-            max_recipients=t.get("max_recipients", _int(1)),
-            max_connections=t.get("max_connections", _int(1)),
-            max_line_length=t.get("max_line_length", _int(78)),
-            bare_line_endings=t.get("bare_line_endings", _enum(LineEndingPolicy)),
-            relay_networks=t.get("relay_networks", _list(_network)),
-            tls_cert=t.get("tls_cert", optional_path),
-            tls_key=t.get("tls_key", optional_path),
-            require_tls=t.get("require_tls", _bool),
-            auth_file=t.get("auth_file", optional_path),
-            max_connections_per_client=t.get("max_connections_per_client", _int(1)),
-            limit_relay_networks=t.get("limit_relay_networks", _bool),
-            timeout=t.get("timeout", _positive_span),
-            max_junk_commands=t.get("max_junk_commands", _int(1)),
-            max_auth_failures=t.get("max_auth_failures", _int(1)),
-            auth_failure_delay=t.get("auth_failure_delay", parse_span),
-            max_auth_failures_per_client=t.get("max_auth_failures_per_client", _int(1)),
-            auth_failure_window=t.get("auth_failure_window", _positive_span),
-            workers=t.get("workers", _int(0, 256)),
-            deduplicate=t.get("deduplicate", _deduplicate),
-        )
-        t.done()
+        smtp = _read_table(SmtpConfig, raw.get("smtp"), "smtp", problems, base)
         if (smtp.tls_cert is None) != (smtp.tls_key is None):
             problems.append("smtp.tls_cert, smtp.tls_key: give both or neither")
         if smtp.require_tls and smtp.tls_cert is None:
@@ -639,69 +656,54 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                 "smtp.tls_cert and smtp.tls_key, or listen on loopback addresses only"
             )
 
-    t = _Table(raw.get("log"), "log", problems, base, LogConfig())
-    log = LogConfig(
-        format=t.get("format", _choice("auto", "json", "console")),
-        level=t.get("level", _choice("debug", "info", "warning", "error")),
+    log = _read_table(LogConfig, raw.get("log"), "log", problems, base)
+    metrics = _read_table(MetricsConfig, raw.get("metrics"), "metrics", problems, base)
+    hooks = _read_table(HooksConfig, raw.get("hooks"), "hooks", problems, base)
+    relay = _read_table(RelayConfig, raw.get("relay"), "relay", problems, base)
+    routes = _read_routes(raw.get("routes", {}), problems, base)
+
+    if relay.default_route and relay.default_route not in routes:
+        problems.append(
+            f"relay.default_route: no route named {relay.default_route!r} "
+            f"(routes: {', '.join(sorted(routes)) or 'none'})"
+        )
+    if smtp is not None and not relay.default_route:
+        problems.append("relay.default_route: required when [smtp] is on")
+
+    if problems:
+        raise ConfigError(str(path), problems)
+    return Config(
+        path=path,
+        spool=spool,
+        control=control,
+        smtp=smtp,
+        log=log,
+        metrics=metrics,
+        hooks=hooks,
+        relay=relay,
+        routes=routes,
+        hostname=local_hostname() if hostname is None else hostname,  # looked up when left out
     )
-    t.done()
 
-    t = _Table(raw.get("metrics"), "metrics", problems, base, MetricsConfig())
-    metrics_listen = t.get("listen", _str)
-    if metrics_listen:
-        try:
-            _listen_address(metrics_listen)
-        except ValueError as exc:
-            problems.append(f"metrics.listen: {exc}")
-    metrics = MetricsConfig(listen=metrics_listen)
-    t.done()
 
-    t = _Table(raw.get("hooks"), "hooks", problems, base, HooksConfig())
-    hooks = HooksConfig(presend=t.get("presend", _hook), on_error=t.get("on_error", _hook))
-    t.done()
+_TABLES = ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes")
 
-    t = _Table(raw.get("relay"), "relay", problems, base, RelayConfig())
-    relay = RelayConfig(
-        default_route=t.get("default_route", _str),
-        connect_timeout=t.get("connect_timeout", parse_span),
-        command_timeout=t.get("command_timeout", parse_span),
-        message_timeout=t.get("message_timeout", parse_span),
-        final_reply_timeout=t.get("final_reply_timeout", _positive_span),
-        max_connections_per_hop=t.get("max_connections_per_hop", _int(1)),
-        max_connections=t.get("max_connections", _int(1)),
-        idle_timeout=t.get("idle_timeout", parse_span),
-    )
-    t.done()
 
+def _read_routes(raw_routes: object, problems: list[str], base: Path) -> dict[str, RouteConfig]:
+    """The ``[routes.NAME]`` tables, each checked on its own and against
+    the others (a next hop or a domain belongs to one route)."""
     routes: dict[str, RouteConfig] = {}
-    raw_routes = raw.get("routes", {})
     if not isinstance(raw_routes, dict):
         problems.append("routes: expected tables [routes.NAME]")
-        raw_routes = {}
+        return routes
     hop_owner: dict[str, str] = {}
     domain_owner: dict[str, str] = {}
     for name, body in raw_routes.items():
-        t = _Table(body, f"routes.{name}", problems, base, RouteConfig(name=name))
-        route = RouteConfig(
-            name=name,
-            domains=t.get("domains", _list(_domain)),
-            next_hops=t.get("next_hops", _list(_hop)),
-            mx=t.get("mx", _bool),
-            tls=t.get("tls", _tls_mode),
-            verify_certificates=t.get("verify_certificates", _bool),
-            ca_file=t.get("ca_file", optional_path),
-            client_cert=t.get("client_cert", optional_path),
-            client_key=t.get("client_key", optional_path),
-            auth_file=t.get("auth_file", optional_path),
-            retry_intervals=t.get("retry_intervals", _list(parse_span)),
-            max_queue_lifetime=t.get("max_queue_lifetime", _optional_span),
-            retries_exhausted=t.get("retries_exhausted", _optional_enum(RetriesExhausted)),
-            max_connections=t.get("max_connections", _int(1, 10_000)),
-            rate=t.get("rate", parse_rate),
-            helo_name=t.get("helo_name", _optional_hostname),
+        route = _read_table(
+            RouteConfig, body, f"routes.{name}", problems, base, given={"name": name}
         )
-        t.done()
-        if not route.mx and ("next_hops" not in t.raw or t.raw["next_hops"] == []):
+        hops_given = isinstance(body, dict) and body.get("next_hops", []) != []
+        if not route.mx and not hops_given:
             problems.append(f"routes.{name}.next_hops: required unless mx = true")
         if route.auth_file is not None and route.tls == "none":
             problems.append(
@@ -724,29 +726,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                     f"routes.{name}.domains: {domain} is also a domain of route {other}"
                 )
         routes[name] = route
-
-    if relay.default_route and relay.default_route not in routes:
-        problems.append(
-            f"relay.default_route: no route named {relay.default_route!r} "
-            f"(routes: {', '.join(sorted(routes)) or 'none'})"
-        )
-    if smtp is not None and not relay.default_route:
-        problems.append("relay.default_route: required when [smtp] is on")
-
-    if problems:
-        raise ConfigError(str(path), problems)
-    return Config(
-        path=path,
-        spool=spool,
-        control=control,
-        smtp=smtp,
-        log=log,
-        metrics=metrics,
-        hooks=hooks,
-        relay=relay,
-        routes=routes,
-        hostname=hostname,
-    )
+    return routes
 
 
 DEFAULT_CONTROL_SOCKET = Path("/run/spoold/spoold.sock")

@@ -48,6 +48,7 @@ from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import structlog
 
 from spoold.address import validate_address, validate_recipients
@@ -80,7 +81,7 @@ from spoold.errors import (
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
 from spoold.idempotency import user_key, validate_key
-from spoold.message import Queue, RetryInterval
+from spoold.message import Queue
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 
@@ -149,11 +150,8 @@ class Daemon:
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.accept_failures = AcceptFailures()
         self.metrics = Metrics()  # served when [metrics] listen is set
-        self.cache = ConnectionCache(
-            max_per_hop=config.relay.max_connections_per_hop,
-            max_total=config.relay.max_connections,
-            idle_timeout=config.relay.idle_timeout.total_seconds(),
-        )
+        self.cache = ConnectionCache()
+        self.cache.settings = config.relay.cache
 
     # ------------------------------------------------------------ running
 
@@ -192,20 +190,11 @@ class Daemon:
             relay=self.metrics.measured(relay) if cfg.metrics.listen else relay,
             presend=self.live.presend,
             on_error=self.live.on_error,
-            max_concurrent_send_jobs=cfg.spool.max_concurrent_send_jobs,
-            default_retry_intervals=RetryInterval.from_spans(
-                cfg.spool.retry_intervals, cfg.spool.retry_jitter
-            ),
+            settings=cfg.spool.settings,
             flush_timeout=0,  # the daemon flushes before leaving (see _stop)
-            min_free_space=cfg.spool.min_free_space,
             routes=self.live.router,
             policies=self.live.router,
-            sync=cfg.spool.sync,
-            after_crash=cfg.spool.after_crash,
             reporting_mta=hostname,
-            removed_retention=cfg.spool.removed_retention,
-            history_retention=cfg.spool.history_retention,
-            idempotency_window=cfg.spool.idempotency_window,
         ) as spool:
             self._spool = spool
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
@@ -340,11 +329,13 @@ class Daemon:
             # What needs a restart keeps its running value.
             new = dataclasses.replace(
                 new,
-                spool=dataclasses.replace(new.spool, dir=old.spool.dir),
+                spool=msgspec.structs.replace(new.spool, dir=old.spool.dir),
                 control=old.control,
                 metrics=old.metrics,
                 smtp=(
-                    dataclasses.replace(new.smtp, listen=old.smtp.listen, workers=old.smtp.workers)
+                    msgspec.structs.replace(
+                        new.smtp, listen=old.smtp.listen, workers=old.smtp.workers
+                    )
                     if new.smtp and old.smtp
                     else old.smtp
                 ),
@@ -387,25 +378,13 @@ class Daemon:
         cfg = live.config
         self.live = live
         logs.configure(cfg.log.format, cfg.log.level)
-        cache = self.cache
-        cache.max_per_hop = cfg.relay.max_connections_per_hop
-        cache.max_total = cfg.relay.max_connections
-        cache.idle_timeout = cfg.relay.idle_timeout.total_seconds()
+        self.cache.settings = cfg.relay.cache
         spool = self._spool
         if spool is not None:
-            spool.max_concurrent_send_jobs = cfg.spool.max_concurrent_send_jobs
-            spool.min_free_space = cfg.spool.min_free_space
-            spool.sync = cfg.spool.sync
-            spool.removed_retention = cfg.spool.removed_retention
-            spool.history_retention = cfg.spool.history_retention
-            spool.idempotency_window = cfg.spool.idempotency_window
-            spool.default_retry_intervals = RetryInterval.from_spans(
-                cfg.spool.retry_intervals, cfg.spool.retry_jitter
-            )
+            spool.settings = cfg.spool.settings
             spool.set_hooks(live.presend, live.on_error)
             spool.routes = live.router
             spool.policies = live.router
-            spool.after_crash = cfg.spool.after_crash
             spool.reporting_mta = cfg.hostname
         if self._submitter is not None:
             self._submitter.hostname = cfg.hostname

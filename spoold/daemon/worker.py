@@ -47,7 +47,6 @@ from spoold.daemon.resources import (
 from spoold.daemon.routing import Router
 from spoold.daemon.signals import Signals
 from spoold.errors import ConfigError, SpooldError
-from spoold.message import RetryInterval
 from spoold.writer import SpoolWriter
 
 __all__ = ["run_worker", "main"]
@@ -67,10 +66,6 @@ def _build(config: Config) -> _State:
     if config.smtp is None:
         raise SpooldError(f"{config.path}: [smtp] is off; an ingest worker has nothing to do")
     return _State(config, Router(config), listener_settings(config.smtp))
-
-
-def _intervals(config: Config) -> list[RetryInterval]:
-    return RetryInterval.from_spans(config.spool.retry_intervals, config.spool.retry_jitter)
 
 
 async def run_worker(
@@ -121,11 +116,7 @@ async def _serve(
     restore = install_accept_error_handler(asyncio.get_running_loop(), failures)
     try:
         async with SpoolWriter.open(
-            config.spool.dir,
-            default_retry_intervals=_intervals(config),
-            min_free_space=config.spool.min_free_space,
-            sync=config.spool.sync,
-            idempotency_window=config.spool.idempotency_window,
+            config.spool.dir, settings=config.spool.settings.writer
         ) as writer:
             submitter = Submitter(writer, lambda: state.router, hostname=config.hostname)
             listener = SmtpListener(submitter, lambda: state.listener, accept_failures=failures)
@@ -178,10 +169,7 @@ async def _reload(state: _State, writer: SpoolWriter) -> _State:
         log.error("reload refused; the running config stays", problems=[str(exc)])
         return state
     logs.configure(config.log.format, config.log.level)
-    writer.min_free_space = config.spool.min_free_space
-    writer.sync = config.spool.sync
-    writer.idempotency_window = config.spool.idempotency_window
-    writer.default_retry_intervals = _intervals(config)
+    writer.settings = config.spool.settings.writer
     log.info("ingest worker reloaded", pid=os.getpid())
     return new
 
