@@ -9,7 +9,7 @@ that the context owns; leaving the context stops sending, waits up to
 cancelled attempt leaves its record checked out, and the next open tries it
 again: delivery is at least once).
 
-This module holds the lifecycle (open, load, in-doubt marking, stop) and
+This module holds the lifecycle (open, then stop) and
 the public methods, each handed on to the room that holds its concern:
 
 ==========================  ===============================================
@@ -20,6 +20,7 @@ the public methods, each handed on to the room that holds its concern:
 :mod:`spoold.operations`    freeze, send, remove, recover, reroute...
 :mod:`spoold.queries`       status, counts, events, wait, history
 :mod:`spoold.housekeeping`  retention of removed messages, history, keys
+:mod:`spoold.loading`       the index at open; messages in doubt after a crash
 ==========================  ===============================================
 
 Each room's docstring states its own invariants. ``Spool`` stands above
@@ -33,12 +34,8 @@ Invariants of the lifecycle:
 * After :meth:`Spool.kill_and_flush` (and while closing) the operator
   operations and :meth:`Spool.add` are refused with
   :class:`~spoold.errors.SpoolClosedError`.
-* In doubt after a crash: a record found checked out when the spool is
-  opened (an attempt was under way when the owner died), or stored as
-  ``sending``, may already be at the next hop. It is marked ``in_doubt``
-  on disk and, by ``after_crash``, sent again at once (``resend``: at least
-  once) or frozen for an operator (``freeze``). A mark the disk refuses is
-  tried again at each ping; the message is held meanwhile, never sent.
+* At open, the index is loaded and the messages in doubt after a crash
+  are marked before anything is sent (:mod:`spoold.loading`).
 * At open, before anything is sent, the idempotency keys are repaired
   (:meth:`Housekeeping.repair_keys <spoold.housekeeping.Housekeeping.repair_keys>`).
 """
@@ -49,7 +46,6 @@ import random
 from collections.abc import (
     AsyncIterator,
     Callable,
-    Container,
     Iterable,
     Mapping,
     Sequence,
@@ -63,7 +59,6 @@ import anyio
 import anyio.abc
 
 from spoold.clock import Clock, SystemClock
-from spoold.errors import NotFoundError, SpooldError, StoreError
 from spoold.events import Subscription
 from spoold.history import History, Outcome
 from spoold.hooks import OnErrorHook, PresendHook, default_on_error, default_presend
@@ -71,17 +66,13 @@ from spoold.hostname import local_hostname
 from spoold.housekeeping import Housekeeping
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
 from spoold.limits import LimitsSource
+from spoold.loading import Loading
 from spoold.message import (
-    SEND_NOW,
-    Frozen,
     Message,
     Queue,
     RetryInterval,
     RoutedBatch,
-    Sending,
-    SharedParts,
     Status,
-    gc_paused,
 )
 from spoold.ondisk import OnDiskSpool, Unreadable
 from spoold.operations import Operations
@@ -107,7 +98,7 @@ from spoold.settings import (  # the defaults are written there, re-exported her
     Setting,
     SpoolSettings,
 )
-from spoold.state import LOADED_QUEUES, Entry, Routes, SpoolParts, SpoolState, log
+from spoold.state import Routes, SpoolParts, SpoolState, log
 from spoold.store import StepHook, SyncMode
 from spoold.submission import OwnerSubmission
 from spoold.tasks import own_tasks
@@ -242,6 +233,7 @@ class Spool:
         self._operations = Operations(state, scheduler, submission, transitions)
         self._queries = Queries(state, scheduler, history)
         self._housekeeping = Housekeeping(state, history, keys)
+        self._loading = Loading(state, scheduler)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -400,11 +392,11 @@ class Spool:
                 policies=policies,
             )
             cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
-            await spool._load(cut_short)
+            await spool._loading.load(cut_short)
             await spool._housekeeping.repair_keys()
             async with own_tasks(f"spool {spool.spool_dir}") as tg:
                 tg.start_soon(spool._scheduler.dispatch_loop, tg, spool._transitions.send)
-                tg.start_soon(spool._scheduler.ping_loop, spool._settle_unsettled)
+                tg.start_soon(spool._scheduler.ping_loop, spool._loading.settle_unsettled)
                 tg.start_soon(spool._history.run)
                 tg.start_soon(spool._housekeeping.loop)
                 await tg.start(spool._scheduler.wakeup_loop)
@@ -428,97 +420,6 @@ class Spool:
         finally:
             with anyio.CancelScope(shield=True):
                 await ondisk.close()
-
-    async def _load(self, cut_short: Container[str] = ()) -> None:
-        """Index and schedule every record of ``active`` and ``frozen``, batch
-        by batch as they are read (so a large queue is built compactly: the
-        temporaries of one batch are reused by the next). ``cut_short``: ids
-        of ``active`` the store found (and left) checked out, an attempt
-        under way when the last owner died: they, and records stored as
-        ``sending``, are in doubt, and are settled once both queues are
-        read (:meth:`_settle_in_doubt`)."""
-        shared = SharedParts()
-        doubtful: list[Message] = []
-        for queue in LOADED_QUEUES:
-
-            def index(messages: list[Message], queue: Queue = queue) -> None:
-                with gc_paused():
-                    for msg in messages:
-                        if queue is Queue.ACTIVE and (
-                            msg.id in cut_short or isinstance(msg.status, Sending)
-                        ):
-                            doubtful.append(msg)
-                            continue
-                        entry = Entry(msg, queue)
-                        self._state.index_put(entry)
-                        self._scheduler.schedule(entry)
-
-            if queue is not Queue.ACTIVE and not self._disk.usable(queue):
-                continue  # reported below; the rest is served
-            # Records are interned in the reading thread (one batch at a time:
-            # ``shared`` is only ever used there), as soon as they are decoded.
-            await self._disk.load(queue, on_batch=index, prepare=lambda m: m.intern(shared))
-        for msg in doubtful:
-            await self._settle_in_doubt(msg, checked_out=msg.id in cut_short)
-        for path, why in self._disk.unusable().items():
-            log.error("spool directory unusable; what it holds is skipped", path=path, error=why)
-        log.info(
-            "spool opened",
-            spool_dir=str(self._disk.dir),
-            active=self._state.queue_counts[Queue.ACTIVE],
-            frozen=self._state.queue_counts[Queue.FROZEN],
-            unsettled_in_doubt=len(self._state.unsettled),
-        )
-
-    async def _settle_in_doubt(self, msg: Message, *, checked_out: bool) -> None:
-        """A message whose attempt was cut by a crash: write it ``in_doubt``,
-        due now (``after_crash = resend``) or frozen (``freeze``), then index
-        it. The mark is written over the record where it was found (still
-        checked out, or stored as ``sending``) before the record goes back to
-        a queue, so no failure leaves it there unmarked. When the write fails
-        (a full disk), the record stays as it was found, and so in doubt for
-        the next open too; this spool keeps it aside, never sends it, and
-        tries again at each ping (:meth:`_settle_unsettled`)."""
-        new = msg.copy()
-        new.in_doubt = True
-        new.status = Frozen() if self.after_crash == "freeze" else SEND_NOW
-        try:
-            await self._disk.save(new, from_queue=Queue.ACTIVE, checked_out=checked_out)
-        except StoreError as exc:
-            if msg.id not in self._state.unsettled:
-                log.error(
-                    "message cut short by a crash cannot be marked in doubt yet; "
-                    "it is held (never sent) and tried again at each ping",
-                    id=msg.id,
-                    flows=msg.flows,
-                    error=str(exc),
-                )
-            self._state.unsettled[msg.id] = (msg, checked_out)
-            return
-        self._state.unsettled.pop(msg.id, None)
-        log.warning(
-            "message was being sent when the spool was last closed uncleanly; "
-            "the next hop may already have it",
-            id=new.id,
-            flows=new.flows,
-            after_crash=self.after_crash,
-        )
-        entry = Entry(new, Queue.FROZEN if isinstance(new.status, Frozen) else Queue.ACTIVE)
-        self._state.index_put(entry)
-        self._scheduler.schedule(entry)
-
-    async def _settle_unsettled(self) -> None:
-        """Try again to mark the messages found in doubt whose mark the disk
-        refused at open."""
-        async with self._state.op_lock:
-            for msg, checked_out in list(self._state.unsettled.values()):
-                try:
-                    await self._settle_in_doubt(msg, checked_out=checked_out)
-                except NotFoundError:  # its record is gone (removed by hand)
-                    self._state.unsettled.pop(msg.id, None)
-                    log.warning("message held in doubt is no longer on disk", id=msg.id)
-                except (SpooldError, OSError):
-                    log.exception("could not settle a message in doubt", id=msg.id)
 
     @property
     def unsettled_in_doubt(self) -> int:
