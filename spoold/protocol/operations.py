@@ -40,6 +40,10 @@ from spoold.protocol.views import (
 __all__ = [
     "PROTOCOL_VERSION",
     "SUBMISSION_OPERATIONS",
+    "QueueChoice",
+    "SendChoice",
+    "RerouteChoice",
+    "RecoverSource",
     "Request",
     "PingRequest",
     "StatusRequest",
@@ -71,6 +75,12 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
+QueueChoice = Literal["all", "active", "frozen", "quarantine"]
+"""``status``'s queues (``all``: active and frozen)."""
+SendChoice = Literal["ids", "all", "frozen_only"]
+RerouteChoice = Literal["ids", "all"]
+RecoverSource = Literal["removed", "quarantine"]
+
 # What the submission socket serves; every other operation is for the admin socket.
 SUBMISSION_OPERATIONS: frozenset[str] = frozenset({"submit", "wait", "ping"})
 
@@ -84,7 +94,7 @@ class PingRequest(Request, tag="ping"):
 
 
 class StatusRequest(Request, tag="status"):
-    queue: Literal["all", "active", "frozen", "quarantine"] = "all"
+    queue: QueueChoice = "all"
     only_ids: bool = False  # the ids alone, sorted (no listing object is built)
     stream: bool = False  # pages as they are built, then a last line (a large queue)
     after: str | None = None  # list the ids after this one (a cursor)
@@ -133,7 +143,7 @@ class FreezeRequest(Request, tag="freeze"):
 
 
 class SendRequest(Request, tag="send"):
-    which: Literal["ids", "all", "frozen_only"] = "ids"
+    which: SendChoice = "ids"
     ids: list[str] = []
     retry_intervals: list[str] = []  # spans, put first
 
@@ -144,11 +154,11 @@ class RemoveRequest(Request, tag="remove"):
 
 class RecoverRequest(Request, tag="recover"):
     ids: list[str]
-    source: Literal["removed", "quarantine"] = msgspec.field(name="from")
+    source: RecoverSource = msgspec.field(name="from")
 
 
 class RerouteRequest(Request, tag="reroute"):
-    which: Literal["ids", "all"] = "ids"
+    which: RerouteChoice = "ids"
     ids: list[str] = []
 
 
