@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from spoold.errors import ControlError
@@ -134,20 +135,23 @@ class ControlClient:
                     raise ControlError("the daemon closed the connection", "internal") from None
         return _result(decode_reply(answer))
 
-    async def status_pages(self, raw: bool = False, **params: Any) -> AsyncIterator[list[Any]]:
+    async def status_pages(
+        self, raw: bool = False, request: StatusRequest | None = None, **params: Any
+    ) -> AsyncIterator[list[Any]]:
         """``status`` in pages (``stream``): yield each page (listing
         objects, or ids with ``only_ids``) as it arrives, so a large queue
-        is never held whole on either side. ``params`` are those of
-        :class:`~spoold.protocol.StatusRequest` (``queue``, ``after``,
-        ``limit``, filters). With ``raw``, each listing object comes as its
+        is never held whole on either side. What to list: ``request``, or
+        ``params``, the fields of :class:`~spoold.protocol.StatusRequest`
+        (``queue``, ``after``, ``limit``, filters). With ``raw``, each listing object comes as its
         JSON text, undecoded (``bytes``, UTF-8, compact). Raises
         :class:`ControlError` for an error reply, or when the daemon hangs
         up before the last line."""
-        asked = StatusRequest(**{**params, "stream": False})
+        asked = request if request is not None else StatusRequest(**params)
+        asked = msgspec.structs.replace(asked, stream=False)
         stream = await self._connect()
         async with stream:
             with anyio.fail_after(self.timeout):
-                await stream.send(encode_request(StatusRequest(**{**params, "stream": True})))
+                await stream.send(encode_request(msgspec.structs.replace(asked, stream=True)))
             reader = BufferedByteReceiveStream(stream)
             first = True
             while True:
