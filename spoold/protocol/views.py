@@ -84,7 +84,7 @@ class EnvelopeView(View):
     sender: str
     recipients: list[str]
     mail_params: list[str]
-    envelope_id: str | None
+    envelope_id: str
 
 
 class MessageView(View):
@@ -94,7 +94,7 @@ class MessageView(View):
     id: str
     queue: str | None
     status: str
-    parent_id: str | None
+    parent_id: str
     related_ids: list[str]
     flows: list[str]
     spool_date: str
@@ -108,7 +108,7 @@ class MessageView(View):
     size: int | None
     in_doubt: bool
     delay_warned_at: str | None
-    rerouted_to: dict[str, list[str]] | msgspec.UnsetType = _UNSET
+    rerouted_to: dict[str, str] | msgspec.UnsetType = _UNSET  # recipient -> message id
     send_at: str | msgspec.UnsetType = _UNSET
     quarantine_reason: str | msgspec.UnsetType = _UNSET
     removed_at: str | msgspec.UnsetType = _UNSET
