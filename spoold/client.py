@@ -41,7 +41,6 @@ import copy
 import email.generator
 import email.message
 import io
-import json
 import os
 import socket as socketlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -66,7 +65,6 @@ from spoold.ids import validate_id
 from spoold.message import EnvelopeInfo
 from spoold.protocol import (
     ERROR_KINDS,
-    PROTOCOL_VERSION,
     CountRequest,
     FreezeRequest,
     HistoryRequest,
@@ -90,6 +88,7 @@ from spoold.protocol import (
     SubmitRequest,
     WaitRequest,
     decode_reply,
+    encode_operation,
     encode_request,
 )
 from spoold.times import parse_span
@@ -250,8 +249,7 @@ class Client:
     def request(self, op: str, **params: Any) -> Any:
         """Any operation of the protocol by name (``params`` as they go on
         the wire); its ``result``."""
-        line = json.dumps({"v": PROTOCOL_VERSION, "op": op, **params}, separators=(",", ":"))
-        return self._exchange(line.encode() + b"\n", timeout=self.timeout)
+        return self._exchange(encode_operation(op, params), timeout=self.timeout)
 
     # ------------------------------------------------------------- reading
 

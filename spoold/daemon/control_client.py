@@ -30,7 +30,6 @@ import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from spoold.errors import ControlError
-from spoold.protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
 from spoold.protocol import (
     EventsRequest,
     Reply,
@@ -39,6 +38,7 @@ from spoold.protocol import (
     SubmitRequest,
     decode_raw_page,
     decode_reply,
+    encode_operation,
     encode_request,
     reply_kind,
 )
@@ -95,8 +95,7 @@ class ControlClient:
     async def request(self, op: str, **params: Any) -> Any:
         """Send one request by operation name (``params`` as they go on
         the wire); return its result or raise :class:`ControlError`."""
-        line = {"v": PROTOCOL_VERSION, "op": op, **params}
-        return await self._exchange(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+        return await self._exchange(encode_operation(op, params))
 
     async def submit(
         self,

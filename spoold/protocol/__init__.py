@@ -60,6 +60,7 @@ from spoold.protocol.operations import (
     SubmitRequest,
     WaitRequest,
     decode_params,
+    encode_operation,
     encode_request,
     op_of,
 )
@@ -122,6 +123,7 @@ __all__ = [
     "RESULTS",
     "op_of",
     "encode_request",
+    "encode_operation",
     "decode_params",
     "ErrorKind",
     "ERROR_KINDS",

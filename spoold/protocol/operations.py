@@ -70,6 +70,7 @@ __all__ = [
     "RESULTS",
     "op_of",
     "encode_request",
+    "encode_operation",
     "decode_params",
 ]
 
@@ -227,7 +228,14 @@ REQUESTS: dict[str, type[Request]] = {
 def encode_request(request: Request) -> bytes:
     """The request line: ``{"v":1,"op":...,PARAMS}`` and its newline,
     compact, non-ASCII written as ``\\u`` escapes, defaults left out."""
-    line = {"v": PROTOCOL_VERSION, **msgspec.to_builtins(request)}
+    params = msgspec.to_builtins(request)
+    return encode_operation(params.pop("op"), params)
+
+
+def encode_operation(op: str, params: dict[str, Any]) -> bytes:
+    """The request line of operation ``op`` with ``params`` as they are
+    (unchecked: for a client that asks by name)."""
+    line = {"v": PROTOCOL_VERSION, "op": op, **params}
     return json.dumps(line, separators=(",", ":")).encode() + b"\n"
 
 
