@@ -141,7 +141,8 @@ class ControlServer:
     """Serves the control protocol for a running spool (see the module
     docstring for the limits).
 
-    The operations are :data:`OPERATIONS`; those the daemon adds (``reload``,
+    The operations are :data:`~spoold.daemon.control_handlers.HANDLERS`
+    and those with a framing of their own; those the daemon adds (``reload``,
     ``info``, ``count``, ``check``, ``submit``) go to ``daemon`` (without
     one, they are refused as unavailable). ``submit`` takes the messages of
     ``spoold sendmail``, at most ``max_message_size()`` bytes each (read at
@@ -149,7 +150,7 @@ class ControlServer:
     errors for lack of resources are counted and logged (the daemon shares
     one with its other listeners). ``submission_only``: this is the
     submission socket's server, which answers only
-    :data:`SUBMISSION_OPERATIONS` and denies the rest.
+    :data:`~spoold.protocol.SUBMISSION_OPERATIONS` and denies the rest.
     """
 
     def __init__(
