@@ -5,6 +5,8 @@ over the daemon's Unix socket with plain blocking sockets: no event loop, no
 thread, nothing of the daemon imported. One request is one connection, so a
 client object holds no resource between calls and may be shared by threads.
 
+Requests and replies are those :mod:`spoold.protocol` declares.
+
 Errors are those of the asyncio API, from :mod:`spoold.errors`:
 
 * before anything is sent, a bad id raises
@@ -39,13 +41,14 @@ import copy
 import email.generator
 import email.message
 import io
-import json
 import os
 import socket as socketlib
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, NoReturn, cast
+from typing import Any, NoReturn, cast
+
+import msgspec
 
 from spoold.address import validate_address
 from spoold.errors import (
@@ -60,25 +63,39 @@ from spoold.errors import (
 from spoold.idempotency import validate_key
 from spoold.ids import validate_id
 from spoold.message import EnvelopeInfo
+from spoold.protocol import (
+    ERROR_KINDS,
+    CountRequest,
+    FreezeRequest,
+    HistoryRequest,
+    InfoRequest,
+    OutcomeView,
+    PingRequest,
+    QueueChoice,
+    RecoverRequest,
+    RecoverSource,
+    ReloadRequest,
+    RemoveRequest,
+    Reply,
+    Request,
+    RerouteChoice,
+    RerouteRequest,
+    RetryPlanRequest,
+    SendChoice,
+    SendRequest,
+    ShowRequest,
+    StatusRequest,
+    SubmitRequest,
+    WaitRequest,
+    decode_reply,
+    encode_operation,
+    encode_request,
+)
 from spoold.times import parse_span
 from spoold.waiting import MessageOutcome, OutcomeKind
 
 __all__ = ["Client"]
 
-_PROTOCOL_VERSION = 1
-_CLIENT_KINDS: frozenset[str] = frozenset(
-    {
-        "invalid",
-        "not_found",
-        "refused",
-        "closed",
-        "temporary",
-        "busy",
-        "internal",
-        "timeout",
-        "denied",
-    }
-)
 _SUBMISSION_SOCKET_NAME = "submit.sock"  # the daemon's default, beside the admin socket
 
 
@@ -116,9 +133,9 @@ def _span_text(span: timedelta) -> str:
     return f"{text}s"
 
 
-def _raise_for(reply: dict[str, Any]) -> NoReturn:
-    text = str(reply.get("error", "unknown error"))
-    kind = reply.get("kind")
+def _raise_for(reply: Reply) -> NoReturn:
+    text = reply.error
+    kind = reply.kind
     if kind == "not_found":
         raise NotFoundError(text)
     if kind == "refused":
@@ -127,7 +144,7 @@ def _raise_for(reply: dict[str, Any]) -> NoReturn:
         raise SpoolClosedError(text)
     if kind == "temporary":
         raise StoreError(text)
-    known = cast(ControlErrorKind, kind) if kind in _CLIENT_KINDS else "internal"
+    known = cast(ControlErrorKind, kind) if kind in ERROR_KINDS else "internal"
     raise ControlError(text, known)
 
 
@@ -160,22 +177,25 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
+    def _ask(self, request: Request) -> Any:
+        """One request of :mod:`spoold.protocol`; its result."""
+        return self._exchange(encode_request(request), timeout=self.timeout)
+
     def _exchange(
         self,
-        request: dict[str, Any],
+        line: bytes,
         content: bytes = b"",
         *,
         timeout: float | None = None,
         path: Path | None = None,
     ) -> Any:
         where = path or self.socket
-        line = json.dumps({"v": _PROTOCOL_VERSION, **request}, separators=(",", ":"))
         with self._connect(where, timeout) as sock:
             try:
                 # A daemon that refuses before reading everything (a message
                 # over its limit) answers and hangs up: its reply says why.
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    sock.sendall(line.encode() + b"\n" + content)
+                    sock.sendall(line + content)
                 with sock.makefile("rb") as reader:
                     answer = reader.readline()
             except TimeoutError:
@@ -189,10 +209,10 @@ class Client:
                 ) from None
         if not answer.endswith(b"\n"):
             raise ControlError("the daemon closed the connection without a reply", "internal")
-        reply = json.loads(answer)
-        if not reply.get("ok"):
+        reply = decode_reply(answer)
+        if not reply.ok:
             _raise_for(reply)
-        return reply.get("result")
+        return reply.result
 
     @staticmethod
     def _connect(where: Path, timeout: float | None) -> socketlib.socket:
@@ -227,25 +247,24 @@ class Client:
         return sock
 
     def request(self, op: str, **params: Any) -> Any:
-        """Any operation of the protocol by name; its ``result``."""
-        return self._exchange({"op": op, **params}, timeout=self.timeout)
+        """Any operation of the protocol by name (``params`` as they go on
+        the wire); its ``result``."""
+        return self._exchange(encode_operation(op, params), timeout=self.timeout)
 
     # ------------------------------------------------------------- reading
 
     def ping(self) -> bool:
-        return bool(self.request("ping") == "pong")
+        return bool(self._ask(PingRequest()) == "pong")
 
-    def status(
-        self, queue: Literal["all", "active", "frozen", "quarantine"] = "all"
-    ) -> list[dict[str, Any]]:
+    def status(self, queue: QueueChoice = "all") -> list[dict[str, Any]]:
         """The listing of ``spoold status --format json``: one dict per
         message (``all``: active and frozen)."""
-        views: list[dict[str, Any]] = self.request("status", queue=queue)
+        views: list[dict[str, Any]] = self._ask(StatusRequest(queue=queue))
         return views
 
     def iter_status(
         self,
-        queue: Literal["all", "active", "frozen", "quarantine"] = "all",
+        queue: QueueChoice = "all",
         *,
         domain: str | None = None,
         older_than: str | timedelta | None = None,
@@ -259,27 +278,33 @@ class Client:
         never held whole; the filters and cursor of ``spoold status``
         (``--domain``, ``--older-than``, ...; spans as for :meth:`history`).
         Stop early, and the daemon stops too."""
-        params: dict[str, Any] = {"op": "status", "queue": queue, "stream": True}
-        for name, span in (("older_than", older_than), ("newer_than", newer_than)):
-            if span is not None:
-                params[name] = _span_text(span if isinstance(span, timedelta) else parse_span(span))
-        for name, value in (("domain", domain), ("error", error), ("limit", limit)):
-            if value is not None:
-                params[name] = value
-        if after is not None:
-            params["after"] = validate_id(after)
-        line = json.dumps({"v": _PROTOCOL_VERSION, **params}, separators=(",", ":"))
+
+        def span_text(span: str | timedelta | None) -> str | None:
+            if span is None:
+                return None
+            return _span_text(span if isinstance(span, timedelta) else parse_span(span))
+
+        request = StatusRequest(
+            queue=queue,
+            stream=True,
+            after=None if after is None else validate_id(after),
+            limit=limit,
+            domain=domain,
+            older_than=span_text(older_than),
+            newer_than=span_text(newer_than),
+            error=error,
+        )
         with self._connect(self.socket, self.timeout) as sock:
             try:
-                sock.sendall(line.encode() + b"\n")
+                sock.sendall(encode_request(request))
                 with sock.makefile("rb") as reader:
                     for answer in reader:
-                        reply = json.loads(answer)
-                        if not reply.get("ok"):
+                        reply = decode_reply(answer)
+                        if not reply.ok:
                             _raise_for(reply)
-                        if "page" not in reply:
+                        if not isinstance(reply.page, list):
                             return
-                        yield from reply["page"]
+                        yield from reply.page
             except TimeoutError:
                 raise ControlError(
                     f"no reply from the daemon at {self.socket} within {self.timeout:g} s",
@@ -294,12 +319,12 @@ class Client:
     def count(self) -> dict[str, int]:
         """Messages per queue: ``active``, ``frozen``, ``sending``,
         ``removed``, ``quarantine``."""
-        counts: dict[str, int] = self.request("count")
+        counts: dict[str, int] = self._ask(CountRequest())
         return counts
 
     def show(self, message_id: str) -> dict[str, Any]:
         """One message's listing, from any queue."""
-        view: dict[str, Any] = self.request("show", id=validate_id(message_id))
+        view: dict[str, Any] = self._ask(ShowRequest(id=validate_id(message_id)))
         return view
 
     def retry_plan(self, message_id: str) -> dict[str, Any]:
@@ -311,7 +336,7 @@ class Client:
         ``ends`` (``action`` freeze|bounce, ``reason``, ``earliest``,
         ``latest``), ``delay_warning``, ``expiry``, ``on_permanent_failure``,
         ``retries_exhausted``, ``note``; times RFC 3339 UTC strings."""
-        plan: dict[str, Any] = self.request("retry_plan", id=validate_id(message_id))
+        plan: dict[str, Any] = self._ask(RetryPlanRequest(id=validate_id(message_id)))
         return plan
 
     def history(
@@ -324,21 +349,20 @@ class Client:
         ``recipient``: only those with this recipient (any case). Both are
         checked before anything is sent (``ValueError``,
         :class:`~spoold.errors.AddressError`)."""
-        params: dict[str, Any] = {}
+        request = HistoryRequest(recipient=recipient)
         if since is not None:
             span = since if isinstance(since, timedelta) else parse_span(since)
             if span < timedelta(0):
                 raise ValueError(f"since must be a span back from now, not {since!r}")
-            params["since"] = _span_text(span) if isinstance(since, timedelta) else since
+            request.since = _span_text(span) if isinstance(since, timedelta) else since
         if recipient is not None:
             validate_address(recipient, role="recipient", smtputf8=True)
-            params["recipient"] = recipient
-        found: list[dict[str, Any]] = self.request("history", **params)
+        found: list[dict[str, Any]] = self._ask(request)
         return found
 
     def info(self) -> dict[str, Any]:
         """What the daemon runs with (pid, config, live limits)."""
-        found: dict[str, Any] = self.request("info")
+        found: dict[str, Any] = self._ask(InfoRequest())
         return found
 
     # ------------------------------------------------------------- writing
@@ -368,22 +392,20 @@ class Client:
         for rcpt in recipients:
             validate_address(rcpt, role="recipient", smtputf8=True)
         content = _content(message)
-        request = {
-            "op": "submit",
-            "sender": sender,
-            "recipients": list(recipients),
-            "content_length": len(content),
-        }
-        if idempotency_key is not None:
-            request["idempotency_key"] = validate_key(idempotency_key)
+        request = SubmitRequest(
+            sender=sender,
+            recipients=list(recipients),
+            content_length=len(content),
+            idempotency_key=None if idempotency_key is None else validate_key(idempotency_key),
+        )
         ids = self._submit_exchange(request, content)
         return [str(i) for i in ids]
 
-    def _submit_exchange(self, request: dict[str, Any], content: bytes) -> Any:
+    def _submit_exchange(self, request: SubmitRequest, content: bytes) -> Any:
         path = self.submission_socket
         if not self._submission_given and path != self.socket and not path.exists():
             path = self.socket  # a daemon without one beside it: the admin socket takes it
-        return self._exchange(request, content, timeout=self.timeout, path=path)
+        return self._exchange(encode_request(request), content, timeout=self.timeout, path=path)
 
     def wait(self, message_id: str, timeout: float | None = None) -> MessageOutcome:
         """Block until the message has an outcome and return it (as
@@ -395,65 +417,67 @@ class Client:
             raise ValueError("timeout must be a number of seconds, or None")
         limit = None if timeout is None else timeout + self.timeout
         try:
-            found = self._exchange({"op": "wait", "id": mid, "timeout": timeout}, timeout=limit)
+            found = self._exchange(
+                encode_request(WaitRequest(id=mid, timeout=timeout)), timeout=limit
+            )
         except ControlError as exc:
             if exc.kind == "timeout" and timeout is not None:
                 raise WaitTimeoutError(mid, timeout) from None
             raise
+        view = msgspec.convert(found, OutcomeView)
         envelope = None
-        if "sender" in found:
-            envelope = EnvelopeInfo(sender=found["sender"], recipients=list(found["recipients"]))
-        when = found.get("time")
+        if isinstance(view.sender, str):
+            recipients = view.recipients if isinstance(view.recipients, list) else []
+            envelope = EnvelopeInfo(sender=view.sender, recipients=list(recipients))
+        when = view.time
         return MessageOutcome(
-            id=str(found["id"]),
-            kind=OutcomeKind(found["outcome"]),
+            id=view.id,
+            kind=OutcomeKind(view.outcome),
             time=datetime.fromisoformat(when.replace("Z", "+00:00")) if when else None,
             envelope_info=envelope,
-            failed_recipients=tuple(found.get("failed_recipients") or ()),
-            last_error=found.get("last_error"),
-            detail=found.get("detail"),
+            failed_recipients=tuple(view.failed_recipients),
+            last_error=view.last_error,
+            detail=view.detail,
         )
 
     def freeze(self, ids: str | Iterable[str]) -> None:
-        self.request("freeze", ids=_ids(ids))
+        self._ask(FreezeRequest(ids=_ids(ids)))
 
     def send(
         self,
         ids: str | Iterable[str] = (),
         *,
-        which: Literal["ids", "all", "frozen_only"] = "ids",
+        which: SendChoice = "ids",
         retry_intervals: Sequence[str] = (),
     ) -> list[str]:
         """Send now: thaw frozen messages (their failed recipients return to
         the remaining ones), kick delayed ones. ``retry_intervals`` (spans
         such as ``"10m"``) go first. Returns the ids sent."""
-        params: dict[str, Any] = {"which": which, "retry_intervals": list(retry_intervals)}
+        request = SendRequest(which=which, retry_intervals=list(retry_intervals))
         if which == "ids":
-            params["ids"] = _ids(ids)
-        sent: list[str] = self.request("send", **params)
+            request.ids = _ids(ids)
+        sent: list[str] = self._ask(request)
         return sent
 
     def remove(self, ids: str | Iterable[str]) -> None:
         """Move frozen messages to the removed queue."""
-        self.request("remove", ids=_ids(ids))
+        self._ask(RemoveRequest(ids=_ids(ids)))
 
-    def recover(self, ids: str | Iterable[str], *, from_: Literal["removed", "quarantine"]) -> None:
+    def recover(self, ids: str | Iterable[str], *, from_: RecoverSource) -> None:
         """Bring messages back from removed or quarantine, frozen."""
-        self.request("recover", ids=_ids(ids), **{"from": from_})
+        self._ask(RecoverRequest(ids=_ids(ids), source=from_))
 
-    def reroute(
-        self, ids: str | Iterable[str] = (), *, which: Literal["ids", "all"] = "ids"
-    ) -> list[str]:
+    def reroute(self, ids: str | Iterable[str] = (), *, which: RerouteChoice = "ids") -> list[str]:
         """Route messages again through the current routes; the ids of
         every resulting message."""
-        params: dict[str, Any] = {"which": which}
+        request = RerouteRequest(which=which)
         if which == "ids":
-            params["ids"] = _ids(ids)
-        result: list[str] = self.request("reroute", **params)
+            request.ids = _ids(ids)
+        result: list[str] = self._ask(request)
         return result
 
     def reload(self) -> dict[str, Any]:
         """Re-read the daemon's config: ``{"applied": true, "restart_needed":
         [...]}`` or ``{"applied": false, "errors": [...]}``."""
-        result: dict[str, Any] = self.request("reload")
+        result: dict[str, Any] = self._ask(ReloadRequest())
         return result

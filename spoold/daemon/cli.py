@@ -32,12 +32,7 @@ import msgspec
 
 from spoold.address import validate_address
 from spoold.daemon.config import find_control_socket, load_config
-from spoold.daemon.control import (
-    ControlClient,
-    departed_view,
-    describe_view,
-    history_view,
-)
+from spoold.daemon.control_client import ControlClient
 from spoold.errors import (
     AddressError,
     ConfigError,
@@ -47,6 +42,27 @@ from spoold.errors import (
     SpooldError,
 )
 from spoold.ids import validate_id
+from spoold.protocol import (
+    CheckRequest,
+    CountRequest,
+    FreezeRequest,
+    HistoryRequest,
+    InfoRequest,
+    QueueChoice,
+    RecoverRequest,
+    RecoverSource,
+    ReloadRequest,
+    RemoveRequest,
+    Request,
+    RerouteRequest,
+    RetryPlanRequest,
+    SendRequest,
+    ShowRequest,
+    StatusRequest,
+    departed_view,
+    describe_view,
+    history_view,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -152,14 +168,14 @@ def run(target: _Target, config: str | None) -> None:
 
 
 async def _daemon_or_disk(
-    target: _Target, op: str, params: dict[str, Any], from_disk: Callable[[], Awaitable[Any]]
+    target: _Target, request: Request, from_disk: Callable[[], Awaitable[Any]]
 ) -> Any:
     """Ask the daemon; with no daemon (or with --spool-dir) read the disk.
     With ``--socket`` alone there is no spool directory to read: no daemon
     there is an error."""
     if not target.spool_dir:
         try:
-            return await target.client().request(op, **params)
+            return await target.client().ask(request)
         except ControlError as exc:
             if exc.kind != "unavailable" or target.socket:
                 raise
@@ -466,7 +482,7 @@ def status(
 
     if frozen_only + active_only + quarantined > 1:
         _fail("--frozen-only, --active-only and --quarantined exclude each other", 2)
-    queue = (
+    queue: QueueChoice = (
         "frozen"
         if frozen_only
         else "active"
@@ -486,17 +502,16 @@ def status(
         _fail(f"status: {exc}", 2)
     if after is not None:
         after = _valid_ids([after])[0]
-    params: dict[str, Any] = {"queue": queue, "only_ids": fmt == "id"}
-    for name, value in (
-        ("domain", domain),
-        ("older_than", older_than),
-        ("newer_than", newer_than),
-        ("error", error),
-        ("limit", limit),
-        ("after", after),
-    ):
-        if value is not None:
-            params[name] = value
+    asked = StatusRequest(
+        queue=queue,
+        only_ids=fmt == "id",
+        after=after,
+        limit=limit,
+        domain=domain,
+        older_than=older_than,
+        newer_than=newer_than,
+        error=error,
+    )
     printer = _StatusPrinter(fmt, wide)
 
     async def from_disk() -> None:
@@ -528,7 +543,7 @@ def status(
     async def go() -> None:
         if not target.spool_dir:
             try:
-                async for page in target.client().status_pages(raw=fmt == "json", **params):
+                async for page in target.client().status_pages(fmt == "json", asked):
                     printer.page(page)
             except ControlError as exc:
                 if exc.kind != "unavailable" or target.socket or printer.count:
@@ -552,7 +567,7 @@ def count(target: _Target) -> None:
         return await Spool.count_from_disk(target.spool_directory())
 
     async def go() -> dict[str, int]:
-        counts: dict[str, int] = await _daemon_or_disk(target, "count", {}, from_disk)
+        counts: dict[str, int] = await _daemon_or_disk(target, CountRequest(), from_disk)
         return counts
 
     for name, n in _run(go).items():
@@ -574,10 +589,10 @@ def check(target: _Target, max_age: int, quick: bool) -> None:
             return [str(p) for p in await ondisk.check(float(max_age), quick=quick)]
 
     async def go() -> list[str]:
-        params: dict[str, object] = {"max_age": max_age}
-        if quick:  # only when asked: a daemon from before --quick refuses the key
-            params["quick"] = True
-        found: list[str] = await _daemon_or_disk(target, "check", params, from_disk)
+        # quick goes only when asked (a default is never sent): a daemon
+        # from before --quick refuses the key
+        asked = CheckRequest(max_age=max_age, quick=quick)
+        found: list[str] = await _daemon_or_disk(target, asked, from_disk)
         return found
 
     problems = _run(go)
@@ -626,7 +641,7 @@ def show(target: _Target, message_id: str, body: bool) -> None:
 
     async def go() -> dict[str, Any]:
         view: dict[str, Any] = await _daemon_or_disk(
-            target, "show", {"id": mid, "body": body}, from_disk
+            target, ShowRequest(id=mid, body=body), from_disk
         )
         return view
 
@@ -696,7 +711,7 @@ def retry_plan(target: _Target, message_id: str, fmt: str) -> None:
     """When a message would be tried again, and when it would freeze or
     bounce, if every attempt from now failed. Sends nothing."""
     (mid,) = _valid_ids([message_id])
-    plan: dict[str, Any] = _run(lambda: target.client().request("retry_plan", id=mid))
+    plan: dict[str, Any] = _run(lambda: target.client().ask(RetryPlanRequest(id=mid)))
     if fmt == "json":
         click.echo(json.dumps(plan, indent=2))
         return
@@ -758,9 +773,7 @@ def history(target: _Target, since: str, recipient: str | None, fmt: str) -> Non
             validate_address(recipient, role="recipient", smtputf8=True)
         except AddressError as exc:
             _fail(f"--recipient: {exc}", 2)
-    params: dict[str, Any] = {"since": since}
-    if recipient is not None:
-        params["recipient"] = recipient
+    asked = HistoryRequest(since=since, recipient=recipient)
 
     async def from_disk() -> list[dict[str, Any]]:
         from spoold.history import read_history
@@ -771,7 +784,7 @@ def history(target: _Target, since: str, recipient: str | None, fmt: str) -> Non
         return [history_view(o) for o in found]
 
     async def go() -> list[dict[str, Any]]:
-        views: list[dict[str, Any]] = await _daemon_or_disk(target, "history", params, from_disk)
+        views: list[dict[str, Any]] = await _daemon_or_disk(target, asked, from_disk)
         return views
 
     views = _run(go)
@@ -809,7 +822,7 @@ def history(target: _Target, since: str, recipient: str | None, fmt: str) -> Non
 def freeze(target: _Target, ids: tuple[str, ...]) -> None:
     """Freeze messages (no more attempts until sent)."""
     valid = _valid_ids(ids)
-    _run(lambda: target.client().request("freeze", ids=valid))
+    _run(lambda: target.client().ask(FreezeRequest(ids=valid)))
     click.echo(f"frozen: {' '.join(valid)}")
 
 
@@ -839,12 +852,12 @@ def send(
             parse_span(s)
         except ValueError as exc:
             _fail(f"--retry-interval: {exc}", 2)
-    params: dict[str, Any] = {"retry_intervals": list(spans)}
+    asked = SendRequest(retry_intervals=list(spans))
     if ids:
-        params.update(which="ids", ids=_valid_ids(ids))
+        asked.ids = _valid_ids(ids)
     else:
-        params["which"] = "all" if all_ else "frozen_only"
-    sent = _run(lambda: target.client().request("send", **params))
+        asked.which = "all" if all_ else "frozen_only"
+    sent = _run(lambda: target.client().ask(asked))
     click.echo(f"sending {len(sent)} message(s)")
 
 
@@ -854,7 +867,7 @@ def send(
 def remove(target: _Target, ids: tuple[str, ...]) -> None:
     """Move frozen messages to the removed queue."""
     valid = _valid_ids(ids)
-    _run(lambda: target.client().request("remove", ids=valid))
+    _run(lambda: target.client().ask(RemoveRequest(ids=valid)))
     click.echo(f"removed: {' '.join(valid)}")
 
 
@@ -866,8 +879,8 @@ def reroute(target: _Target, ids: tuple[str, ...], all_: bool) -> None:
     """Route messages again through the current routes (may split them)."""
     if bool(ids) == all_:
         _fail("give message ids or --all (one of them)", 2)
-    params: dict[str, Any] = {"which": "all"} if all_ else {"which": "ids", "ids": _valid_ids(ids)}
-    result = _run(lambda: target.client().request("reroute", **params))
+    asked = RerouteRequest(which="all") if all_ else RerouteRequest(ids=_valid_ids(ids))
+    result = _run(lambda: target.client().ask(asked))
     click.echo(f"rerouted: {len(result)} message(s) {' '.join(result)}".rstrip())
 
 
@@ -875,10 +888,10 @@ def reroute(target: _Target, ids: tuple[str, ...], all_: bool) -> None:
 @click.option("--from", "source", type=click.Choice(["removed", "quarantine"]), required=True)
 @click.argument("ids", nargs=-1, required=True)
 @click.pass_obj
-def recover(target: _Target, source: str, ids: tuple[str, ...]) -> None:
+def recover(target: _Target, source: RecoverSource, ids: tuple[str, ...]) -> None:
     """Bring messages back from removed or quarantine, frozen."""
     valid = _valid_ids(ids)
-    _run(lambda: target.client().request("recover", ids=valid, **{"from": source}))
+    _run(lambda: target.client().ask(RecoverRequest(ids=valid, source=source)))
     click.echo(f"recovered (frozen): {' '.join(valid)}")
 
 
@@ -927,14 +940,14 @@ def top(target: _Target, interval: float) -> None:
 @click.pass_obj
 def info(target: _Target) -> None:
     """What the running daemon is using (pid, config, live limits), as JSON."""
-    click.echo(json.dumps(_run(lambda: target.client().request("info")), indent=2))
+    click.echo(json.dumps(_run(lambda: target.client().ask(InfoRequest())), indent=2))
 
 
 @main.command()
 @click.pass_obj
 def reload(target: _Target) -> None:
     """Re-read the daemon's config (like SIGHUP)."""
-    result = _run(lambda: target.client().request("reload"))
+    result = _run(lambda: target.client().ask(ReloadRequest()))
     if not result.get("applied"):
         for problem in result.get("errors", []):
             click.echo(f"spoold: {problem}", err=True)

@@ -44,8 +44,9 @@ from spoold.daemon.config import (
     find_submission_socket,
     load_config,
 )
-from spoold.daemon.control import ControlClient, message_view, unreadable_view
+from spoold.daemon.control_client import ControlClient
 from spoold.errors import AddressError, ConfigError, ControlError, SpooldError
+from spoold.protocol import StatusRequest, message_view, unreadable_view
 
 __all__ = [
     "EX_USAGE",
@@ -379,7 +380,7 @@ def _mailq(label: str, socket: str | None, config: str | None) -> None:
 
     async def listing() -> list[dict[str, Any]]:
         try:
-            views: list[dict[str, Any]] = await ControlClient(admin).request("status")
+            views: list[dict[str, Any]] = await ControlClient(admin).ask(StatusRequest())
         except ControlError as exc:
             if exc.kind != "unavailable" or socket:
                 raise

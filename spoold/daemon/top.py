@@ -45,8 +45,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from spoold.daemon.control import ControlClient
+from spoold.daemon.control_client import ControlClient
 from spoold.errors import ControlError
+from spoold.protocol import CountRequest, StatusRequest
 
 __all__ = ["RATE_WINDOW", "TopState", "render", "run_top"]
 
@@ -188,8 +189,8 @@ async def run_top(client: ControlClient, interval: float, *, where: str = "") ->
     """Show the view until ``q``, Ctrl-C or SIGTERM. A daemon that cannot
     be reached at the start is an error (raised before the screen changes)."""
     state = TopState()
-    state.counts = await client.request("count")
-    state.views = await client.request("status")
+    state.counts = await client.ask(CountRequest())
+    state.views = await client.ask(StatusRequest())
     console = Console()
     stdin = sys.stdin.fileno()
     with (
@@ -238,8 +239,8 @@ async def run_top(client: ControlClient, interval: float, *, where: str = "") ->
                     live.update(render(state, now, time.monotonic(), where=where), refresh=True)
                     await anyio.sleep(interval)
                     try:
-                        state.counts = await client.request("count")
-                        state.views = await client.request("status")
+                        state.counts = await client.ask(CountRequest())
+                        state.views = await client.ask(StatusRequest())
                         state.error = None
                     except ControlError as exc:
                         state.error = str(exc)
