@@ -655,7 +655,7 @@ def test_version() -> None:
     ],
 )
 def test_sizes_are_shown_as_exim_shows_them(size: int | None, shown: str) -> None:
-    from spoold.daemon.cli import exim_size
+    from spoold.daemon.status_output import exim_size
 
     assert exim_size(size) == shown
 

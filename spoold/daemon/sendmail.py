@@ -358,7 +358,8 @@ def _deliver(label: str, args: SendmailArgs, socket: str | None, config: str | N
 def _mailq(label: str, socket: str | None, config: str | None) -> None:
     """List the queue as ``exim -bp`` (and sendmail's mailq) do, from the
     admin socket, or from the spool directory when no daemon runs."""
-    from spoold.daemon.cli import _print_status
+    # Imported here: sendmail itself starts without the printing's imports.
+    from spoold.daemon.status_output import print_status
 
     config_path = config or os.environ.get("SPOOLD_CONFIG") or DEFAULT_CONFIG
     admin = Path(socket) if socket else find_control_socket(config_path)
@@ -408,7 +409,7 @@ def _mailq(label: str, socket: str | None, config: str | None) -> None:
     if not views:
         print("Mail queue is empty")
         return
-    _print_status(views, "exim")
+    print_status(views, "exim")
 
 
 def _kept_out(path: str) -> bool:

@@ -1,0 +1,110 @@
+"""The package's layers: the library never imports the daemon, and no import runs in a circle.
+
+Read from the source (every ``import`` and ``from ... import`` in every module, at any depth,
+except those only for the type checker), so a function-level import that hides a circle from
+the interpreter is still seen here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "spoold"
+
+
+def _module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(path: Path, modules: set[str], package_dir: Path = PACKAGE) -> set[str]:
+    """The package's modules that ``path`` imports at run time."""
+    name = _module_name(path, package_dir)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for orelse in child.orelse:
+                    visit(orelse)
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")
+                    base = base[: len(base) - (child.level - 1)]
+                    target = ".".join([*base, child.module] if child.module else base)
+                else:
+                    target = child.module or ""
+                found.add(target)
+                found.update(f"{target}.{a.name}" for a in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return {m for m in found if m in modules and m != name}
+
+
+def _graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {_module_name(p) for p in paths}
+    graph = {_module_name(p): _imports(p, modules) for p in paths}
+    # A package's __init__ re-exports its modules: importing ``spoold`` is not a use of them.
+    return {m: {t for t in deps if t != "spoold"} for m, deps in graph.items()}
+
+
+def test_the_library_never_imports_the_daemon() -> None:
+    upward = {
+        (module, target)
+        for module, deps in _graph().items()
+        # ``python -m spoold`` is the command line's entry point: above everything.
+        if not module.startswith("spoold.daemon") and module != "spoold.__main__"
+        for target in deps
+        if target.startswith("spoold.daemon")
+    }
+    assert upward == set()
+
+
+def test_no_import_runs_in_a_circle() -> None:
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+    circles: list[list[str]] = []
+
+    def walk(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                circles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                walk(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state and module != "spoold":
+            walk(module)
+    assert circles == []
+
+
+def test_the_check_sees_imports_at_any_depth(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text(
+        "import typing\n"
+        "if typing.TYPE_CHECKING:\n    from spoold import spool\n"
+        "def f():\n    from spoold.daemon import main\n",
+        encoding="utf-8",
+    )
+    modules = {"spoold.spool", "spoold.daemon.main", "spoold.daemon"}
+    found = _imports(source, modules, package_dir=tmp_path)
+    assert found == {"spoold.daemon", "spoold.daemon.main"}
