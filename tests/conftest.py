@@ -28,14 +28,16 @@ Two more things are decided here for the whole suite:
 * **Outside make's venv.** ``pytest`` run from a developer's own venv that
   lacks a test dependency (aiosmtpd, hypothesis, Django) or a dependency of
   spoold skips what needs it, with the reason, instead of failing to
-  collect; so do the tests that need this checkout's ``.venv``
-  (marker ``make_venv``).
+  collect; so do the tests that need this checkout's ``.venv`` (marker
+  ``make_venv``) or spoold installed in the running Python (marker
+  ``installed``: its version comes from the package's metadata).
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import inspect
 import sys
 import types
@@ -94,8 +96,21 @@ class _SkipWhatIsMissing(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         top = fullname.partition(".")[0]
         if top in _NEEDED:
-            pytest.skip(f"{MAKE_VENV} ({top} is missing)", allow_module_level=True)
+            pytest.skip(f"{_importer()}{MAKE_VENV} ({top} is missing)", allow_module_level=True)
         return None
+
+
+def _importer() -> str:
+    """The test module being imported (the outermost on the stack), for the
+    skip reason: ``tests/test_x.py: ``, or nothing."""
+    found = ""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name.startswith("tests.test_"):
+            found = name.replace(".", "/") + ".py: "
+        frame = frame.f_back
+    return found
 
 
 sys.meta_path.append(_SkipWhatIsMissing())
@@ -135,9 +150,19 @@ __all__ = [
 ]
 
 
+def _installed() -> bool:
+    try:
+        importlib.metadata.distribution("spoold")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("make_venv") and not (REPO / ".venv" / ".installed").exists():
         pytest.skip(f"{MAKE_VENV}: this test uses {REPO / '.venv'} (`make test` makes it)")
+    if item.get_closest_marker("installed") and not _installed():
+        pytest.skip(f"{MAKE_VENV}: this test needs spoold installed in this Python")
 
 
 # -------------------------------------------------------- the daemon marker

@@ -634,6 +634,7 @@ async def test_ids_that_are_not_ids_are_refused_and_touch_nothing(queue: FilledS
 # ------------------------------------------------------- readable output
 
 
+@pytest.mark.installed  # the version is the installed package's
 def test_version() -> None:
     done = cli("--version")
     assert done.code == 0
