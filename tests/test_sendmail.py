@@ -502,7 +502,7 @@ async def test_without_a_submission_socket_an_admin_submits_on_the_admin_socket(
 # what it refuses (exit 64), and the modes besides delivery (``-bp``/``mailq``,
 # ``-q``, ``--help``) end to end. Delivery itself, as a user who is not an
 # admin, is in tests/test_submission_socket.py; the message handling
-# (``-t``, dots, addresses) in tests/test_sendmail.py.
+# (``-t``, dots, addresses) above.
 
 
 @pytest.mark.parametrize(
