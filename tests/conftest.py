@@ -115,10 +115,15 @@ def _importer() -> str:
 
 sys.meta_path.append(_SkipWhatIsMissing())
 
-from tests.daemon_helpers import start_daemon  # noqa: E402
-from tests.raw_smtp_server import start_raw_server  # noqa: E402
-from tests.relay_helpers import make_relay  # noqa: E402
-from tests.smtp_sink import start_smtp_sink  # noqa: E402
+try:
+    from tests.daemon_helpers import start_daemon
+    from tests.raw_smtp_server import start_raw_server
+    from tests.relay_helpers import make_relay
+    from tests.smtp_sink import start_smtp_sink
+except pytest.skip.Exception as missing:  # a dependency of spoold itself: nothing can run
+    _spoold_unusable: str | None = str(missing.msg)
+else:
+    _spoold_unusable = None
 
 try:
     from tests.smtp_server import smtp_server, start_smtp_server, tls_certificate
@@ -158,7 +163,10 @@ def _installed() -> bool:
     return True
 
 
+@pytest.hookimpl(tryfirst=True)  # before the fixtures are set up
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _spoold_unusable is not None:
+        pytest.skip(_spoold_unusable)
     if item.get_closest_marker("make_venv") and not (REPO / ".venv" / ".installed").exists():
         pytest.skip(f"{MAKE_VENV}: this test uses {REPO / '.venv'} (`make test` makes it)")
     if item.get_closest_marker("installed") and not _installed():
