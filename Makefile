@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check bench clean
+.PHONY: run test test-fast lint typecheck check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: all but the tests marked `daemon` (those that start
+# processes: the daemon, the CLI, a child Python), in about a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not daemon"
 
 lint: $(STAMP)
 	$(BIN)/ruff check spoold tests bench

@@ -13,7 +13,9 @@ changed, through the daemon and on disk.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import math
 import os
 import re
 import signal
@@ -25,11 +27,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+from click.testing import CliRunner
 
+from spoold.daemon.cli import main, retry_plan_attempt_lines
 from spoold.daemon.control import ControlClient
-from spoold.message import Frozen, SendAt
-from spoold.times import utcnow
+from spoold.errors import InsufficientStorageError
+from spoold.message import Frozen, RetryInterval, SendAt
+from spoold.testing import FakeClock
+from spoold.times import format_size, rfc3339, utcnow
 from tests.daemon_helpers import (
     BODY,
     DaemonFactory,
@@ -41,6 +48,7 @@ from tests.daemon_helpers import (
     spooled,
     write_config,
 )
+from tests.spool_helpers import batch, open_spool, relay_answering
 from tests.support import WAIT_TIMEOUT, free_port, records_in, spool_files, wait_until
 
 # The record's field names (DESIGN §1), every one a key of the JSON listing.
@@ -633,6 +641,7 @@ async def test_ids_that_are_not_ids_are_refused_and_touch_nothing(queue: FilledS
 # ------------------------------------------------------- readable output
 
 
+@pytest.mark.installed  # the version is the installed package's
 def test_version() -> None:
     done = cli("--version")
     assert done.code == 0
@@ -744,3 +753,266 @@ async def test_json_logs_hold_no_python_reprs(queue: FilledSpool) -> None:
     }
     assert when(done["at"]) == when(record["relay_attempts"][0]["time"]) + timedelta(hours=1)
     assert when(done["timestamp"]) >= when(record["relay_attempts"][0]["time"])
+
+
+# -----------------------------------------------------------------------------
+# ``spoold retry-plan ID`` against a running daemon: the plan follows the
+# message's intervals and the configured lifetime and policy, and a reload
+# changes it live.
+
+
+HOUR = timedelta(hours=1)
+
+
+def plan_of(config: Path, mid: str) -> dict[str, object]:
+    done = cli("--config", str(config), "retry-plan", mid, "--format", "json")
+    assert done.code == 0, done.err
+    plan: dict[str, object] = json.loads(done.out)
+    return plan
+
+
+def times(start: datetime, *hours: float) -> list[str]:
+    return [rfc3339(start + h * HOUR) for h in hours]
+
+
+async def test_retry_plan_follows_the_config_and_a_reload(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
+    first = (utcnow() + HOUR).replace(microsecond=0)
+    (mid,) = await prefill(
+        tmp_path / "spool",
+        [
+            spooled(
+                "127.0.0.1:25",
+                status=SendAt(at=first),
+                retry_intervals=[RetryInterval(HOUR), RetryInterval(2 * HOUR)],
+            )
+        ],
+    )
+    await start_daemon(config)
+    status = cli("--config", str(config), "status", "--format", "json")
+    (view,) = [json.loads(line) for line in status.out.splitlines()]
+    spool_date = datetime.fromisoformat(view["spool_date"])
+    assert view["in_doubt"] is False
+
+    # The defaults: 5 days of lifetime, freeze, and the last interval (2h)
+    # repeats until the lifetime ends: the plan lists two attempts and sums
+    # up the rest.
+    expiry = spool_date + timedelta(days=5)
+    plan = plan_of(config, mid)
+    attempts = plan["attempts"]
+    assert isinstance(attempts, list)
+    assert [a["earliest"] for a in attempts] == times(first, 0, 1)
+    assert [a["latest"] for a in attempts] == times(first, 0, 1)
+    count = math.ceil((expiry - (first + HOUR)) / (2 * HOUR))
+    assert 55 <= count <= 60  # 5 days, less the first hours, every 2h
+    assert plan["repeats"] == {
+        "first": 3,
+        "earliest": rfc3339(first + 3 * HOUR),
+        "latest": rfc3339(first + 3 * HOUR),
+        "shortest_wait": 7200.0,
+        "longest_wait": 7200.0,
+        "until": rfc3339(expiry),
+        "min_count": count,
+        "max_count": count,
+    }
+    assert plan["ends"] == [
+        {
+            "action": "freeze",
+            "reason": "lifetime",
+            "earliest": rfc3339(expiry),
+            "latest": rfc3339(expiry),
+        }
+    ]
+    assert plan["expiry"] == rfc3339(expiry)
+    assert plan["on_permanent_failure"] == "freeze"
+    assert plan["retries_exhausted"] == "repeat_last"
+
+    table = cli("--config", str(config), "retry-plan", mid)
+    assert table.code == 0, table.err
+    lines = table.out.splitlines()
+    assert lines[-2:] == [
+        f"then every 2h until {rfc3339(expiry)} ({count} more attempts, #3 on; "
+        f"the first {rfc3339(first + 3 * HOUR)})",
+        f"then freeze (the queue lifetime ends): {rfc3339(expiry)}",
+    ]
+
+    # The earlier rule, by a reload: the intervals run out, then it freezes.
+    text = config.read_text()
+    config.write_text(
+        text.replace(
+            'flush_timeout = "1s"\n', 'flush_timeout = "1s"\nretries_exhausted = "freeze"\n'
+        )
+    )
+    assert cli("--config", str(config), "reload").code == 0
+    plan = plan_of(config, mid)
+    attempts = plan["attempts"]
+    assert isinstance(attempts, list)
+    assert [a["earliest"] for a in attempts] == times(first, 0, 1, 3)
+    assert plan["repeats"] is None
+    assert plan["ends"] == [
+        {
+            "action": "freeze",
+            "reason": "intervals",
+            "earliest": rfc3339(first + 3 * HOUR),
+            "latest": rfc3339(first + 3 * HOUR),
+        }
+    ]
+    table = cli("--config", str(config), "retry-plan", mid)
+    assert table.code == 0, table.err
+    assert f"then freeze (no retry interval left): {rfc3339(first + 3 * HOUR)}" in table.out
+
+    # A shorter lifetime and bounces, applied by a reload: the second retry
+    # is brought forward to the end of the lifetime, and it bounces then.
+    text = config.read_text()
+    config.write_text(
+        text.replace(
+            'flush_timeout = "1s"\n',
+            'flush_timeout = "1s"\nmax_queue_lifetime = "3h"\non_permanent_failure = "bounce"\n',
+        )
+    )
+    assert cli("--config", str(config), "reload").code == 0
+    plan = plan_of(config, mid)
+    expiry = spool_date + 3 * HOUR
+    attempts = plan["attempts"]
+    assert isinstance(attempts, list)
+    assert [a["earliest"] for a in attempts] == [*times(first, 0, 1), rfc3339(expiry)]
+    assert plan["ends"] == [
+        {
+            "action": "bounce",
+            "reason": "lifetime",
+            "earliest": rfc3339(expiry),
+            "latest": rfc3339(expiry),
+        }
+    ]
+    assert plan["on_permanent_failure"] == "bounce"
+
+
+async def test_retry_plan_of_an_unknown_id_is_a_clear_error(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
+    await start_daemon(config)
+    done = cli("--config", str(config), "retry-plan", "8DsiUFeJ098b3CijH")
+    assert done.code != 0
+    assert "8DsiUFeJ098b3CijH: no such message in active or frozen" in done.err
+    bad = cli("--config", str(config), "retry-plan", "../etc/passwd")
+    assert bad.code != 0
+    assert "passwd" in bad.err
+
+
+# -----------------------------------------------------------------------------
+# What the admin commands print for an operator: the retry plan's table
+# keeps its header over its columns, help texts promise only what the
+# command does, and reading the spool directory (no daemon) answers as the
+# daemon would: same exit code, same words.
+
+
+MiB = 1024 * 1024
+
+
+def test_the_retry_plan_header_sits_over_its_columns() -> None:
+    attempts = [
+        {
+            "number": 1,
+            "earliest": "2026-11-25T15:24:19.041457Z",
+            "latest": "2026-11-25T15:24:19.041457Z",
+            "conditional": False,
+        },
+        {
+            "number": 12,
+            "earliest": "2026-11-25T15:28:49Z",
+            "latest": "2026-11-25T15:29:49.041457Z",
+            "conditional": True,
+        },
+    ]
+    header, first, second = retry_plan_attempt_lines(attempts)
+    assert header.split() == ["#", "EARLIEST", "LATEST"]
+    column = header.index("LATEST")
+    assert header.index("EARLIEST") == first.index("2026") == second.index("2026")
+    assert first[column:] == "2026-11-25T15:24:19.041457Z"
+    assert second[column:] == "2026-11-25T15:29:49.041457Z  (only if not ended before)"
+    assert second[:3] == " 12"
+
+
+def test_the_retry_plan_header_alone_when_nothing_is_planned() -> None:
+    assert retry_plan_attempt_lines([]) == ["  #  EARLIEST  LATEST"]
+
+
+def test_sendmail_help_does_not_promise_output_for_a_repeated_key() -> None:
+    # sendmail prints nothing on success, the first run or a repeat of its
+    # key alike: the help said a repeat printed the first run's ids.
+    done = CliRunner().invoke(main, ["sendmail", "--help"], terminal_width=200)
+    assert done.exit_code == 0
+    text = " ".join(done.output.split())
+    assert "--idempotency-key KEY" in text
+    assert "prints the first" not in text
+    assert "nothing more is queued" in text
+    assert "no output either way" in text
+
+
+async def test_show_from_disk_exits_as_the_daemon_does(tmp_path: Path) -> None:
+    async with open_spool(tmp_path, relay_answering({}), FakeClock(utcnow())) as spool:
+        (mid,) = await spool.add(batch("a@example.com"))
+        await wait_until(functools.partial(spool.find_outcome, mid), "delivery")
+    run = functools.partial(cli, "--spool-dir", str(tmp_path))
+
+    unknown = await anyio.to_thread.run_sync(run, "show", "8DsiUFeJ098b3CijH")
+    assert (unknown.code, unknown.out) == (1, "")  # 1: no such message (docs/cli.md)
+    assert unknown.err == "spoold: 8DsiUFeJ098b3CijH: no such message\n"
+
+    # A delivered message is shown from the journal; its body cannot be.
+    assert (await anyio.to_thread.run_sync(run, "show", mid)).code == 0
+    body = await anyio.to_thread.run_sync(run, "show", "--body", mid)
+    assert (body.code, body.out) == (1, "")
+    assert body.err == f"spoold: {mid}: delivered; its body is gone\n"
+
+
+def test_top_without_a_terminal_says_so() -> None:
+    # Checked before the daemon is asked: no daemon is needed to see it.
+    done = cli("--socket", "/nonexistent/ctl.sock", "top")
+    assert (done.code, done.out) == (2, "")
+    assert done.err == (
+        "spoold: top needs a terminal (standard output is not one); "
+        "for a script use status --format json, or count\n"
+    )
+
+
+async def test_history_with_nothing_to_show_says_so(tmp_path: Path) -> None:
+    async with open_spool(tmp_path, relay_answering({}), FakeClock(utcnow())):
+        pass  # an empty spool: nothing ever left its queue
+    run = functools.partial(cli, "--spool-dir", str(tmp_path), "history")
+    done = await anyio.to_thread.run_sync(run)
+    assert (done.code, done.out, done.err) == (0, "no outcomes in the last 1h\n", "")
+    done = await anyio.to_thread.run_sync(run, "--since", "1d", "--recipient", "a@example.com")
+    assert (done.code, done.out) == (0, "no outcomes for a@example.com in the last 1d\n")
+    done = await anyio.to_thread.run_sync(run, "--format", "json")
+    assert (done.code, done.out) == (0, "")  # JSON lines: none
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (0, "0 bytes"),
+        (900, "900 bytes"),
+        (1024, "1 KiB"),
+        (4300, "4.2 KiB"),
+        (64 * MiB, "64 MiB"),
+        (12 * MiB + 300 * 1024, "12.3 MiB"),
+        (1000000 * 1024 * MiB, "1000000 GiB"),
+    ],
+)
+def test_sizes_are_shown_in_binary_units(size: int, shown: str) -> None:
+    assert format_size(size) == shown
+
+
+async def test_a_disk_space_refusal_shows_sizes_in_units(tmp_path: Path) -> None:
+    async with open_spool(
+        tmp_path, relay_answering({}), FakeClock(utcnow()), min_free_space=1000000 * 1024 * MiB
+    ) as spool:
+        with pytest.raises(InsufficientStorageError) as refused:
+            await spool.add(batch("a@example.com"))
+    text = str(refused.value)
+    assert re.search(r": \d+(\.\d)? [KMG]iB free, 1000000 GiB must stay free \(spool", text), text
+    assert re.search(r"after writing \d+ bytes; new mail is refused until space is freed$", text)

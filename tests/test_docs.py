@@ -697,6 +697,7 @@ def _needs_root_and_systemd(blocks: list[Block]) -> None:
         )
 
 
+@pytest.mark.make_venv  # the sandbox links this checkout's .venv
 @pytest.mark.parametrize(
     "sandbox", DOCS, ids=[str(p.relative_to(REPO)) for p in DOCS], indirect=True
 )

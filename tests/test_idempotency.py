@@ -352,3 +352,35 @@ def test_a_users_key_is_scoped_by_its_uid_and_stays_within_the_length() -> None:
     assert scoped == user_key(long, 65534) != user_key(long, 0)
     with pytest.raises(IdempotencyKeyError):
         user_key("x" * 1001, 0)
+
+
+# -----------------------------------------------------------------------------
+# An idempotency key reused for a different message: the second message
+# must not vanish without a word. A script that reuses a key by mistake (a
+# fixed key per job, not per message) gets a clear error, while a true retry
+# (same envelope) still gets the first submission's ids.
+
+
+REUSED_KEY = "nightly-job"
+
+
+async def test_a_reused_key_with_other_recipients_is_refused_not_dropped(
+    tmp_path: Path,
+) -> None:
+    relay = relay_answering({"a@example.com": TRY_LATER, "b@example.com": TRY_LATER})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        first = await spool.add(batch("a@example.com"), idempotency_key=REUSED_KEY)
+        with pytest.raises(IdempotencyKeyError):
+            await spool.add(batch("b@example.com"), idempotency_key=REUSED_KEY)
+        assert [m.id for m in spool.status()] == first
+
+
+async def test_a_retry_with_the_same_envelope_in_another_order_is_still_a_retry(
+    tmp_path: Path,
+) -> None:
+    relay = relay_answering({"a@example.com": TRY_LATER, "b@example.com": TRY_LATER})
+    async with open_spool(tmp_path, relay, FakeClock(START)) as spool:
+        first = await spool.add(batch("a@example.com", "b@EXAMPLE.com"), idempotency_key=REUSED_KEY)
+        again = await spool.add(batch("b@example.com", "a@example.com"), idempotency_key=REUSED_KEY)
+        assert again == first
+        assert [m.id for m in spool.status()] == first

@@ -21,10 +21,13 @@ REPO = Path(__file__).absolute().parent.parent
 INSTALL = REPO / "systemd" / "install.sh"
 MTA_PATHS = ("/usr/sbin/sendmail", "/usr/lib/sendmail", "/usr/bin/mailq")
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("systemd-sysusers") is None or shutil.which("systemd-analyze") is None,
-    reason="install.sh needs systemd's offline tools: apt-get install systemd",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("systemd-sysusers") is None or shutil.which("systemd-analyze") is None,
+        reason="install.sh needs systemd's offline tools: apt-get install systemd",
+    ),
+    pytest.mark.make_venv,  # /opt/spoold is this checkout's .venv
+]
 
 
 def staged_root(tmp_path: Path) -> Path:

@@ -4,10 +4,19 @@ no spool)."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from spoold.daemon.config import parse_config
+from spoold.daemon.routing import Router
+from spoold.events import EventKind, Subscription
 from spoold.limits import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
@@ -17,6 +26,16 @@ from spoold.limits import (
     Rate,
     parse_rate,
 )
+from spoold.message import SEND_NOW, Message, RoutedBatch
+from spoold.ondisk import NewMessage
+from spoold.smtp_relay import SmtpRelay
+from spoold.spool import Spool
+from spoold.testing import FakeClock
+from tests.daemon_helpers import DaemonFactory, prefill, set_config_value, spooled, write_config
+from tests.relay_helpers import MakeRelay, route
+from tests.smtp_server import Reply, SmtpTestServer, StartServer
+from tests.spool_helpers import BODY, SENDER, START, intervals, next_events, open_spool, settle
+from tests.support import wait_until
 
 H1, H2 = "mx1.example:25", "mx2.example:25"
 
@@ -172,3 +191,266 @@ def test_a_message_waits_only_when_every_hop_is_backed_off() -> None:
     assert gate.running("d") == 0  # held: nothing taken
     assert gate.admit(limited(), [H1, H2], 60.0) is None
     assert gate.order_hops([H1, H2], 60.0) == [H1, H2]
+
+
+# -----------------------------------------------------------------------------
+# Per-destination limits end to end: a spool routing through the daemon's
+# :class:`~spoold.daemon.routing.Router` to real SMTP servers on 127.0.0.1,
+# counted at the servers. The rate runs on the spool's fake clock, so nothing
+# here depends on how fast the machine is.
+
+
+SECOND = timedelta(seconds=1)
+
+
+def router_for(tmp_path: Path, routes: dict[str, dict[str, Any]]) -> Router:
+    raw = {
+        "spool": {"dir": "spool"},
+        "relay": {"default_route": "free"},
+        "routes": {name: {"tls": "none", **r} for name, r in routes.items()},
+    }
+    return Router(parse_config(raw, tmp_path / "spoold.toml"))
+
+
+async def add(spool: Spool, router: Router, rcpt: str) -> str:
+    (mid,) = await spool.add(RoutedBatch(router.route(SENDER, [rcpt]), BODY))
+    return mid
+
+
+@asynccontextmanager
+async def spool_with(
+    tmp_path: Path, relay: SmtpRelay, router: Router, clock: FakeClock, **options: Any
+) -> AsyncIterator[tuple[Spool, Subscription]]:
+    async with (
+        open_spool(tmp_path / "spool", relay, clock, routes=router, limits=router, **options) as s,
+        s.events() as stream,
+    ):
+        yield s, stream
+
+
+async def delivered_through(spool: Spool, router: Router, server: SmtpTestServer) -> None:
+    """A probe through ``server`` (an unlimited route), delivered: the
+    scheduler has gone round since anything before it."""
+    before = server.transactions
+    await add(spool, router, f"probe{before}@free.example")
+    await wait_until(lambda: server.transactions == before + 1, "the probe to arrive")
+
+
+async def test_a_throttling_hop_is_backed_off_and_a_rate_is_kept_while_others_go_at_full_speed(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    throttling = await start_smtp_server()
+    throttling.behaviour.mail = Reply("421 4.7.0 too many messages, slow down")
+    limited = await start_smtp_server()
+    free = await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            # One at a time, so the first 421 is heard before the next attempt.
+            "throttled": {
+                "domains": ["throttled.example"],
+                "next_hops": [throttling.hop],
+                "max_connections": 1,
+            },
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "1/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, stream):
+        slow = [await add(spool, router, f"t{i}@throttled.example") for i in range(5)]
+        rated = [await add(spool, router, f"l{i}@limited.example") for i in range(5)]
+        for i in range(5):
+            await add(spool, router, f"f{i}@free.example")
+
+        # The free route takes everything at once, the clock standing still.
+        await wait_until(lambda: free.transactions == 5, "the free route's messages")
+        throttled = [e async for e in _until_kind(stream, EventKind.THROTTLED)]
+        assert (throttled[-1].detail, throttled[-1].at) == (throttling.hop, START + BACKOFF_FIRST)
+        await delivered_through(spool, router, free)
+        await wait_until(lambda: spool.running_sends == 0, "the attempts to end")
+        # One attempt reached the throttling hop; the other four are held
+        # without an attempt; one message of the limited route went (one token).
+        assert throttling.count("MAIL") == 1
+        assert limited.transactions == 1
+        by_id = {m.id: m for m in spool.status()}
+        tried = [mid for mid in slow if by_id[mid].relay_attempts]
+        assert len(tried) == 1
+        assert by_id[tried[0]].relay_attempts[0].error.startswith("t0@throttled.example: 421 ")
+        for mid in [*(m for m in slow if m not in tried), *rated[1:]]:
+            held = by_id[mid]
+            assert held.relay_attempts == []  # waiting is not a failure...
+            assert held.retry_intervals == intervals(1, 5)  # ...and uses no interval
+            assert held.status == SEND_NOW
+
+        # Each second of the spool's clock lets exactly one more through the
+        # rate; the backed-off hop sees nothing meanwhile.
+        for second in range(2, 6):
+            clock.advance(SECOND)
+            await wait_until(lambda n=second: limited.transactions == n, "the next token")
+            await delivered_through(spool, router, free)
+            assert limited.transactions == second
+        assert throttling.count("MAIL") == 1
+        assert {m.rcpt_tos for m in limited.messages} == {
+            (f"l{i}@limited.example",) for i in range(5)
+        }
+
+        # The window ends: the hop is tried again, throttles again, and the
+        # next window is twice as long.
+        clock.advance(BACKOFF_FIRST - 4 * SECOND)
+        again = [e async for e in _until_kind(stream, EventKind.THROTTLED)]
+        assert again[-1].at == clock.now() + 2 * BACKOFF_FIRST
+        await delivered_through(spool, router, free)
+        await wait_until(lambda: spool.running_sends == 0, "the attempts to end")
+        assert throttling.count("MAIL") == 2
+
+        # It answers again: at the end of the window the four held go; the
+        # one that was refused twice waits its own retry interval (5m).
+        throttling.behaviour.mail = None
+        clock.advance(2 * BACKOFF_FIRST)
+        await wait_until(lambda: throttling.transactions == 4, "the held messages")
+        clock.advance(3 * BACKOFF_FIRST)
+        await wait_until(lambda: throttling.transactions == 5, "the last one")
+        await wait_until(lambda: spool.status() == [], "the spool to be empty")
+
+
+async def _until_kind(stream: Subscription, kind: EventKind) -> AsyncIterator[Any]:
+    """Events of ``stream`` up to and including the first of ``kind``."""
+    while True:
+        (event,) = await next_events(stream, 1)
+        yield event
+        if event.kind == kind:
+            return
+
+
+async def test_max_connections_is_never_exceeded_and_waiting_takes_no_send_job(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    hold_data = asyncio.Event()
+    few = await start_smtp_server()
+    few.behaviour.data_end = Reply(gate=hold_data)
+    free = await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "few": {"domains": ["few.example"], "next_hops": [few.hop], "max_connections": 2},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    async with spool_with(
+        tmp_path, make_relay(route()), router, clock, max_concurrent_send_jobs=3
+    ) as (spool, _stream):
+        for i in range(6):
+            await add(spool, router, f"r{i}@few.example")
+        await wait_until(lambda: few.count("DATA") == 2, "two transactions to reach DATA")
+        # Two send jobs are stuck on the route; the four waiting take none,
+        # so the third job still carries the other route's mail.
+        for _ in range(3):
+            await delivered_through(spool, router, free)
+        await wait_until(lambda: spool.running_sends == 2, "the probes' jobs to end")
+        await settle()
+        assert (few.count("MAIL"), few.max_open_connections, spool.running_sends) == (2, 2, 2)
+
+        hold_data.set()
+        await wait_until(lambda: few.transactions == 6, "the route to drain")
+        assert few.max_open_connections == 2
+        assert few.connections_opened == 2  # the two were reused, never a third
+
+
+async def test_a_reload_that_lifts_the_limit_frees_those_waiting(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    hold_data = asyncio.Event()
+    few = await start_smtp_server()
+    few.behaviour.data_end = Reply(gate=hold_data)
+    routes: dict[str, dict[str, Any]] = {
+        "few": {"domains": ["few.example"], "next_hops": [few.hop], "max_connections": 1},
+        "free": {"next_hops": ["127.0.0.1:9"]},
+    }
+    router = router_for(tmp_path, routes)
+    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _s):
+        for i in range(3):
+            await add(spool, router, f"r{i}@few.example")
+        await wait_until(lambda: few.count("DATA") == 1, "one transaction to reach DATA")
+
+        routes["few"]["max_connections"] = 3
+        new = router_for(tmp_path, routes)
+        spool.routes = new
+        spool.limits = new
+        await wait_until(lambda: few.count("DATA") == 3, "the two waiting to start")
+        hold_data.set()
+        await wait_until(lambda: few.transactions == 3, "the route to drain")
+
+
+def on_route(message: NewMessage, route_name: str) -> NewMessage:
+    """``message`` as if the route ``route_name`` had chosen its hops."""
+
+    def build(mid: str, related: list[str]) -> Message:
+        msg = message.build(mid, related)
+        msg.route = route_name
+        return msg
+
+    return NewMessage(message.body, message.status, build)
+
+
+async def test_the_daemon_applies_a_new_max_connections_at_a_reload(
+    tmp_path: Path, start_daemon: DaemonFactory, start_smtp_server: StartServer
+) -> None:
+    hold_data = asyncio.Event()
+    server = await start_smtp_server()
+    server.behaviour.data_end = Reply(gate=hold_data)
+    config = write_config(tmp_path, next_hops=[server.hop])
+    config.write_text(config.read_text() + "max_connections = 1\n")
+    await prefill(
+        tmp_path / "spool",
+        [
+            on_route(spooled(server.hop, recipients=[f"r{i}@x.example"]), "smarthost")
+            for i in range(3)
+        ],
+    )
+    daemon = await start_daemon(config)
+    await wait_until(lambda: server.count("DATA") == 1, "one transaction at a time")
+    await daemon.wait_log(lambda line: line["event"] == "spoold ready")
+    assert server.max_open_connections == 1
+
+    set_config_value(config, "max_connections", "3")
+    daemon.send_signal(signal.SIGHUP)
+    await daemon.wait_log(lambda line: line["event"] == "reloaded")
+    await wait_until(lambda: server.count("DATA") == 3, "the two waiting to start")
+    hold_data.set()
+    await wait_until(lambda: server.transactions == 3, "all three delivered")
+    assert server.max_open_connections == 3
+
+
+async def test_an_operators_send_is_not_held_by_a_hops_backoff(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    throttling = await start_smtp_server()
+    throttling.behaviour.mail = Reply("421 4.7.0 slow down")
+    free = await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "throttled": {"domains": ["throttled.example"], "next_hops": [throttling.hop]},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, stream):
+        first = await add(spool, router, "a@throttled.example")
+        [e async for e in _until_kind(stream, EventKind.THROTTLED)]
+        await wait_until(lambda: spool.running_sends == 0, "the attempt to end")
+        held = await add(spool, router, "b@throttled.example")
+        await delivered_through(spool, router, free)  # the scheduler has seen b
+        assert throttling.count("MAIL") == 1  # b is held by the backoff, untried
+        assert [m.relay_attempts for m in spool.status() if m.id == held] == [[]]
+
+        # The hop answers again; an operator's kick sends b now, the clock
+        # standing still inside the backoff window.
+        throttling.behaviour.mail = None
+        await spool.send([held])
+        await wait_until(lambda: throttling.transactions == 1, "the kicked message")
+        assert throttling.messages[0].rcpt_tos == ("b@throttled.example",)
+        assert clock.now() == START
+        assert first in {m.id for m in spool.status()}  # not kicked: still waiting

@@ -13,24 +13,35 @@ Every test is bounded by :func:`anyio.fail_after`.
 from __future__ import annotations
 
 import base64
+import errno
+import os
 import re
+import shutil
 import smtplib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.tls import TLSStream
 
+from spoold.daemon.config import parse_config
 from spoold.daemon.ingest import Submitter
 from spoold.daemon.listener import SmtpListener, listener_settings
+from spoold.daemon.mx import MxResolver
 from spoold.daemon.routing import Router
+from spoold.errors import MxError, SpooldError
 from spoold.message import Message
 from spoold.spool import Spool
+from spoold.testing import Faults, InMemoryRelay
+from tests.daemon_helpers import DaemonFactory, cli, set_config_value, write_config
 from tests.ingest_helpers import (
     HOSTNAME,
     RCPT,
@@ -43,7 +54,7 @@ from tests.ingest_helpers import (
     raw_smtp,
 )
 from tests.smtp_server import TlsCertificate
-from tests.support import free_port, wait_until
+from tests.support import free_port, spool_files, wait_until
 
 TIMEOUT = 60.0  # a safety net per test: none comes near it
 PASSWORD = "s3cret"
@@ -803,3 +814,341 @@ async def test_a_trusted_address_past_its_failures_gets_454_and_still_sends(
                 code, text = await c.transaction(SENDER, [RCPT], MESSAGE + b".\r\n")
                 assert code == 250, text
                 await c.quit()
+
+
+# -----------------------------------------------------------------------------
+# Short of disk space, a running daemon refuses new mail at MAIL FROM.
+#
+# A real SMTP client (the standard library's ``smtplib``) talks to the
+# daemon's listener. Below ``spool.min_free_space`` every MAIL gets ``452
+# 4.3.1`` (before the client sends any of the message); with a declared
+# ``SIZE=``, the floor plus that size must be free. A reload that lowers the
+# floor lets mail in again at once.
+
+
+APP_SENDER, OPS_RCPT = "app@example.org", "ops@example.com"
+CONTENT = b"Subject: room?\r\n\r\nhello\r\n"
+MiB = 1024 * 1024
+
+
+def smtp_config(directory: Path, min_free_space: str) -> tuple[Path, int]:
+    port = free_port()
+    config = write_config(directory, next_hops=[f"127.0.0.1:{free_port()}"])
+    text = config.read_text().replace(
+        "[control]", f'min_free_space = "{min_free_space}"\n\n[control]'
+    )
+    config.write_text(text + f'\n[smtp]\nlisten = ["127.0.0.1:{port}"]\n')
+    return config, port
+
+
+def mail_from(port: int, *options: str) -> tuple[int, str]:
+    """EHLO, then MAIL FROM with ``options``; the reply to MAIL."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example")
+        code, text = client.mail(APP_SENDER, list(options))
+        return code, text.decode()
+
+
+def send(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail(APP_SENDER, [OPS_RCPT], CONTENT)
+
+
+async def in_thread(fn: Callable[..., tuple[int, str]], *args: object) -> tuple[int, str]:
+    return await anyio.to_thread.run_sync(lambda: fn(*args))
+
+
+async def test_below_the_floor_mail_from_gets_452_until_a_reload_lowers_it(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    config, port = smtp_config(tmp_path, "1000000GiB")  # more than any disk has free
+    daemon = await start_daemon(config)
+    for options in ((), (f"SIZE={len(CONTENT)}",)):
+        code, text = await in_thread(mail_from, port, *options)
+        assert (code, text) == (452, "4.3.1 Insufficient system storage, try again later")
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        await anyio.to_thread.run_sync(send, port)
+    assert refused.value.smtp_code == 452
+    short = await daemon.wait_log(lambda line: line["event"].startswith("short of space"))
+    assert (short["level"], short["min_free_space"]) == ("warning", "1000000 GiB")
+
+    set_config_value(config, "min_free_space", '"1MiB"')
+    done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), "reload")
+    assert done.code == 0, done.err
+
+    async def mail_taken() -> bool:  # ingest workers apply the reload as it reaches them
+        code, _text = await in_thread(mail_from, port)
+        return code == 250
+
+    await wait_until(mail_taken, "MAIL taken after the reload", interval=0.05)
+    await daemon.wait_log(lambda line: line["event"] == "room again: new mail is taken")
+    await anyio.to_thread.run_sync(send, port)
+    assert sorted(os.listdir(tmp_path / "spool" / "active"))  # spooled
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs as the spool directory (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if shutil.which("mount") is None:
+        pytest.skip("mount not found: install Debian package 'mount'")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m,mode=0750", "tmpfs", str(spool)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield spool
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=False)
+
+
+async def test_a_declared_size_that_would_cross_the_floor_is_refused_at_mail(
+    tmp_path: Path, small_disk: Path, start_daemon: DaemonFactory
+) -> None:
+    config, port = smtp_config(tmp_path, "8MiB")
+    await start_daemon(config)
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    assert 18 * MiB < free <= 20 * MiB
+    code, text = await in_thread(mail_from, port, f"SIZE={15 * MiB}")  # would leave < 8 MiB
+    assert (code, text) == (452, "4.3.1 Insufficient system storage, try again later")
+    for options in ((f"SIZE={1 * MiB}",), ()):
+        code, text = await in_thread(mail_from, port, *options)
+        assert code == 250, text
+    await anyio.to_thread.run_sync(send, port)
+    assert os.listdir(small_disk / "active")
+
+
+# -----------------------------------------------------------------------------
+# What the SMTP listener answers after DATA when the message cannot be
+# taken, as a table: each trouble, the reply it gets, over a real socket.
+#
+# Each case runs a real :class:`~spoold.daemon.listener.SmtpListener` on a
+# free ``127.0.0.1`` port with the real :class:`~spoold.daemon.ingest.Submitter`
+# and spool; what goes wrong is chosen per case through what the listener
+# depends on: the router's MX lookups (an :class:`~spoold.daemon.mx.MxResolver`
+# given a lookup function the test writes), a router with no default route,
+# the spool's filesystem steps (:class:`spoold.testing.Faults`) and its
+# free-space floor.
+#
+# The rule under test: a recipient no route takes, or a domain that does not
+# exist or takes no mail, is a permanent 550 5.1.2; a temporary DNS failure
+# 451 4.4.3; a full disk (or quota, or the free-space floor) 452 4.3.1; any
+# other store error 451 4.3.0; anything else of ours (an unexpected
+# exception in the submitter) 451: never a 5xx for our own trouble. In every
+# case nothing is left on disk and the same session then spools a message
+# once the trouble is gone.
+
+
+REPLY_TIMEOUT = 20.0
+GOOD = "rcpt@example.com"  # routed to the smarthost, no lookup
+REPLY_CONTENT = b"Subject: replies\r\n\r\nhello\r\n.\r\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Trouble:
+    """One row: a recipient, and what breaks while its message is taken."""
+
+    recipient: str
+    reply: str  # the code and enhanced status the reply starts with
+    faults: dict[str, BaseException] = field(default_factory=dict)  # step -> error
+    min_free_space: int = 0
+    lookup_error: BaseException | None = None  # raised by the MX lookup
+    null_mx: bool = False
+    ours: bool = True  # our own trouble: the reply must be 4xx
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+TABLE = {
+    "no route takes the recipient": Trouble("user@nowhere.test", "550 5.1.2", ours=False),
+    "the domain does not exist": Trouble(
+        "user@mx.test",
+        "550 5.1.2",
+        lookup_error=MxError("domain mx.test does not exist", permanent=True),
+        ours=False,
+    ),
+    "the domain takes no mail (null MX)": Trouble(
+        "user@mx.test", "550 5.1.2", null_mx=True, ours=False
+    ),
+    "DNS fails for now": Trouble(
+        "user@mx.test",
+        "451 4.4.3",
+        lookup_error=MxError("MX lookup of mx.test failed: timeout", permanent=False),
+    ),
+    "the store cannot write (EIO)": Trouble(
+        GOOD, "451 4.3.0", faults={"rename_record": OSError(errno.EIO, "Input/output error")}
+    ),
+    "the disk is full at the body's write": Trouble(
+        GOOD, "452 4.3.1", faults={"write_body": _enospc()}
+    ),
+    "the disk is full at the record's rename": Trouble(
+        GOOD, "452 4.3.1", faults={"rename_record": _enospc()}
+    ),
+    "the quota is exceeded at the directory fsync": Trouble(
+        GOOD, "452 4.3.1", faults={"fsync_dirs": OSError(errno.EDQUOT, "Disk quota exceeded")}
+    ),
+    "free space is below spool.min_free_space": Trouble(GOOD, "452 4.3.1", min_free_space=2**62),
+    "an unexpected exception in the submitter": Trouble(
+        "user@mx.test", "451 4.3.0", lookup_error=RuntimeError("a bug")
+    ),
+    "an unexpected OS error in the submitter": Trouble(
+        "user@mx.test", "451 4.3.0", lookup_error=PermissionError(errno.EACCES, "denied")
+    ),
+    "an unexpected spoold error in the submitter": Trouble(
+        "user@mx.test", "451 4.3.0", lookup_error=SpooldError("something of ours broke")
+    ),
+}
+
+
+class Lookups:
+    """The MX lookup the router's resolver uses: fails as the case says
+    while ``broken``, else names one exchanger."""
+
+    def __init__(self, trouble: Trouble) -> None:
+        self.trouble = trouble
+        self.broken = True
+
+    async def __call__(self, domain: str) -> tuple[list[tuple[int, str]], float]:
+        if self.broken and self.trouble.lookup_error is not None:
+            raise self.trouble.lookup_error
+        if self.broken and self.trouble.null_mx:
+            return [(0, ".")], 300.0
+        return [(10, f"mx1.{domain}")], 300.0
+
+
+def _router(tmp_path: Path, lookups: Lookups) -> Router:
+    """Routes without a default: example.com to a smarthost, mx.test by MX,
+    anything else nowhere. The resolver does not cache failures."""
+    config = parse_config(
+        {
+            "spool": {"dir": "spool"},
+            "routes": {
+                "smarthost": {
+                    "domains": ["example.com"],
+                    "next_hops": ["smart.example.net:25"],
+                    "tls": "none",
+                },
+                "bymx": {"domains": ["mx.test"], "mx": True, "tls": "none"},
+            },
+        },
+        tmp_path / "spoold.toml",
+    )
+    return Router(config, MxResolver(lookups, negative_ttl=0.0))
+
+
+class Client:
+    """SMTP as bytes over one connection."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.reader = BufferedByteReceiveStream(stream)
+
+    async def reply(self) -> str:
+        lines = []
+        while True:
+            line = await self.reader.receive_until(b"\r\n", 65536)
+            lines.append(line.decode())
+            if line[3:4] != b"-":
+                return "\n".join(lines)
+
+    async def command(self, line: str) -> str:
+        await self.stream.send(line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def transaction(self, recipient: str, in_data: Callable[[], None] = lambda: None) -> str:
+        """A whole transaction; ``in_data`` is called once DATA got its 354
+        (trouble that starts then: the reply to the content says it)."""
+        assert (await self.command(f"MAIL FROM:<{SENDER}>")).startswith("250 ")
+        assert (await self.command(f"RCPT TO:<{recipient}>")).startswith("250 ")
+        assert (await self.command("DATA")).startswith("354 ")
+        in_data()
+        await self.stream.send(REPLY_CONTENT)
+        return await self.reply()
+
+
+@asynccontextmanager
+async def listening(
+    tmp_path: Path, router: Router, faults: Faults
+) -> AsyncIterator[tuple[Spool, Client]]:
+    port = _free_port()
+    smtp = parse_config(
+        {
+            "spool": {"dir": "spool"},
+            "smtp": {"listen": [f"127.0.0.1:{port}"]},
+            "relay": {"default_route": "smarthost"},
+            "routes": {"smarthost": {"next_hops": ["smart.example.net:25"], "tls": "none"}},
+        },
+        tmp_path / "spoold.toml",
+    ).smtp
+    assert smtp is not None
+    held = InMemoryRelay(gate=anyio.Event())  # attempts wait: what was spooled stays
+    async with Spool.open(
+        tmp_path / "spool", relay=held, flush_timeout=0.1, ping_interval=10.0**9, on_step=faults
+    ) as spool:
+        submitter = Submitter(spool, lambda: router, hostname="mx.test.example")
+        listener = SmtpListener(submitter, lambda: smtp)
+        async with anyio.create_task_group() as tg:
+            await tg.start(listener.serve)
+            try:
+                async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                    client = Client(stream)
+                    assert (await client.reply()).startswith("220 ")
+                    assert (await client.command("EHLO client.example")).startswith("250")
+                    yield spool, client
+                    assert (await client.command("QUIT")).startswith("221 ")
+            finally:
+                tg.cancel_scope.cancel()
+
+
+def _on_disk(spool_dir: Path) -> list[str]:
+    return sorted(
+        f
+        for f in set(spool_files(spool_dir))
+        if f.split("/", 1)[0] in ("tmp", "data", "active", ".registry")
+    )
+
+
+@pytest.mark.parametrize("name", list(TABLE))
+async def test_the_reply_to_each_trouble(tmp_path: Path, name: str) -> None:
+    trouble = TABLE[name]
+    lookups = Lookups(trouble)
+    faults = Faults()
+    with anyio.fail_after(REPLY_TIMEOUT):
+        async with listening(tmp_path, _router(tmp_path, lookups), faults) as (spool, client):
+            for step, error in trouble.faults.items():
+                faults.fail(step, error)
+
+            def space_runs_short() -> None:
+                # After MAIL (which checks the floor too): the space runs
+                # short while the message comes in; the store says so.
+                spool.min_free_space = trouble.min_free_space
+
+            reply = await client.transaction(trouble.recipient, space_runs_short)
+
+            assert reply.startswith(trouble.reply + " "), reply
+            assert reply[0] == ("4" if trouble.ours else "5"), reply
+            assert spool.status() == []
+            assert _on_disk(tmp_path / "spool") == []
+
+            # The trouble gone, the same session spools the same message.
+            faults.clear()
+            spool.min_free_space = 0
+            lookups.broken = False
+            recipient = trouble.recipient if trouble.reply[0] == "4" else GOOD
+            accepted = await client.transaction(recipient)
+            assert accepted.startswith("250 2.0.0 OK queued as "), accepted
+            assert [m.id for m in spool.status()] == accepted.split()[5:]
