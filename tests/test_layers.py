@@ -108,3 +108,10 @@ def test_the_check_sees_imports_at_any_depth(tmp_path: Path) -> None:
     modules = {"spoold.spool", "spoold.daemon.main", "spoold.daemon"}
     found = _imports(source, modules, package_dir=tmp_path)
     assert found == {"spoold.daemon", "spoold.daemon.main"}
+
+
+def test_the_readme_names_every_module() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout") :]
+    paths = sorted(p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*.py"))
+    assert [p for p in paths if f"`{p}`" not in layout] == []
