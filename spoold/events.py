@@ -70,9 +70,11 @@ BOUNCED_DETAIL = "bounced"
 
 def stream_form(kind: EventKind, detail: str | None) -> tuple[EventKind, str | None]:
     """The kind and detail an event of ``kind`` is published with: a bounce
-    is ``removed`` with detail ``bounced``; every other kind is itself."""
+    is ``removed`` with detail ``bounced`` (or the detail it has, such as a
+    bounce after no reply to the end of the message: "in doubt: ...");
+    every other kind is itself."""
     if kind is EventKind.BOUNCED:
-        return EventKind.REMOVED, BOUNCED_DETAIL
+        return EventKind.REMOVED, detail or BOUNCED_DETAIL
     return kind, detail
 
 

@@ -30,7 +30,8 @@ spool's delivery policy, exactly as before policies existed.
 A new per-destination rule is a field here (with a default that keeps
 today's behaviour), set where a source builds its policies, and read at
 the one place that applies it. ``policy_for`` must not block; a source that
-raises is a bug: the spool logs it and uses :data:`NO_POLICY`.
+raises is a bug: the spool logs it and sends with no limits, the relay's
+own hop settings and its own delivery rules (``delivery_policy``).
 """
 
 from __future__ import annotations

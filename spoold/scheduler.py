@@ -43,7 +43,7 @@ from spoold.errors import RecordError, SpooldError
 from spoold.events import EventKind
 from spoold.limits import DestinationGate, Hold
 from spoold.message import SEND_NOW, Message, SendAt, Sending, SendNow
-from spoold.policy import NO_POLICY, DestinationPolicy
+from spoold.policy import DestinationPolicy
 from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
 from spoold.timers import Timers
 
@@ -208,7 +208,9 @@ class Scheduler:
             return self._state.parts.policies.policy_for(msg)
         except Exception:
             log.exception("no destination policy; sending with none", id=msg.id)
-            return NO_POLICY
+            # No limits and the relay's own hop settings, but the spool's
+            # delivery rules (lifetime, bounce) still hold.
+            return DestinationPolicy(delivery=self._state.parts.settings.delivery_policy)
 
     def _hold(self, entry: Entry, gen: int, hold: Hold) -> None:
         """Keep a due message back for its destination's limits or its

@@ -350,3 +350,27 @@ async def test_without_a_source_the_older_arguments_still_rule(tmp_path: Path) -
         await spool.add(one(route="smarthost"))
         await wait_until(lambda: len(relay.hops) == 2, "the second message sent")
     assert relay.hops == [[NEXT_HOP], ["current.example:25"]]
+
+
+class BrokenSource:
+    def policy_for(self, message: Message) -> DestinationPolicy:
+        raise RuntimeError("a broken policy source")
+
+
+async def test_a_source_that_raises_leaves_the_spools_own_delivery_rules(tmp_path: Path) -> None:
+    """A bug in the source costs the message its limits and hop settings for
+    that attempt, never the spool's lifetime: it is still tried, and its
+    plan still ends where ``delivery_policy`` says."""
+    clock = FakeClock(START)
+    relay = HopsSeen({})
+    async with open_spool(
+        tmp_path,
+        relay,
+        clock,
+        policies=BrokenSource(),
+        delivery_policy=DeliveryPolicy(max_queue_lifetime=timedelta(hours=6)),
+    ) as spool:
+        (mid,) = await spool.add(one(route=None))
+        assert spool.retry_plan(mid).expiry == START + timedelta(hours=6)
+        await wait_until(lambda: len(relay.hops) == 1, "the message sent all the same")
+    assert relay.hops == [[NEXT_HOP]]

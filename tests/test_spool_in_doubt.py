@@ -19,7 +19,9 @@ import pytest
 from spoold.daemon.control import message_view
 from spoold.daemon.metrics import Metrics
 from spoold.hooks import ErrorAction
+from spoold.kinds import OutcomeKind
 from spoold.message import Frozen, SendAt, Sending, encode_record
+from spoold.outcome import DeliveryPolicy, OnPermanentFailure
 from spoold.relay import RecipientResult
 from spoold.spool import AfterCrash
 from spoold.testing import FakeClock, Faults, InMemoryRelay
@@ -27,6 +29,7 @@ from tests.spool_helpers import (
     MINUTE,
     START,
     TRY_LATER,
+    WAIT_TIMEOUT,
     attempts_for,
     batch,
     next_events,
@@ -242,3 +245,39 @@ async def test_a_held_message_removed_by_hand_is_dropped_and_pings_go_on(tmp_pat
         clock.advance(timedelta(seconds=30))
         await wait_until(lambda: spool.unsettled_in_doubt == 0, "the held message dropped")
         assert cut not in [m.id for m in spool.status()]
+
+
+async def test_a_bounce_at_the_lifetimes_end_after_no_reply_keeps_its_in_doubt_detail(
+    tmp_path: Path,
+) -> None:
+    """Recipients still in doubt when the lifetime ends fail, and the message
+    bounces: the stream shows ``removed`` with the in-doubt detail (as it
+    always has), while ``wait`` and the history journal both say ``bounced``."""
+    doubt = RecipientResult(451, "in doubt: no reply", "4.4.2", in_doubt=True)
+    relay = relay_answering({RCPT: doubt})
+    clock = FakeClock(START)
+    policy = DeliveryPolicy(
+        max_queue_lifetime=timedelta(minutes=2),
+        on_permanent_failure=OnPermanentFailure.BOUNCE,
+    )
+    async with (
+        open_spool(tmp_path, relay, clock, delivery_policy=policy) as spool,
+        spool.events() as stream,
+    ):
+        (mid,) = await spool.add(batch(RCPT))
+        *_, first = await next_events(stream, 3)
+        assert (first.kind, first.detail) == (
+            "delayed",
+            "in doubt: no reply to the end of the message",
+        )
+        clock.advance(timedelta(minutes=5))  # past the lifetime: the next attempt is the last
+        seen = []
+        while not any(e.id == mid and e.kind == "removed" for e in seen) and len(seen) < 8:
+            seen += await next_events(stream, 1)
+        ends = [e for e in seen if e.id == mid and e.kind == "removed"]
+        assert [e.detail for e in ends] == ["in doubt: no reply to the end of the message"]
+        outcome = await spool.wait(mid, timeout=WAIT_TIMEOUT)
+        assert outcome.kind is OutcomeKind.BOUNCED
+        await spool.flush_history()
+        journalled = await spool.find_outcome(mid)
+        assert journalled is not None and journalled.outcome is OutcomeKind.BOUNCED

@@ -169,7 +169,11 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.live.config
-        relay = SmtpRelay(cache=self.cache)  # hop settings: the router's policies
+        # Hop settings come with each attempt's policy (the router's); a hop
+        # a policy does not cover is asked of the router as it is dialled.
+        relay = SmtpRelay(
+            lambda hop, message: self.live.router.settings_for(hop, message), self.cache
+        )
         restore_handler = install_accept_error_handler(
             asyncio.get_running_loop(), self.accept_failures
         )
