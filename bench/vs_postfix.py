@@ -72,6 +72,12 @@ Usage::
     bench/vs_postfix.sh                      # 3 rounds of a, b, c, d
     bench/vs_postfix.sh --quick              # small counts, 1 round: a smoke run
     bench/vs_postfix.sh --scenarios a,c --rounds 5 --spoold-set relay.max_connections_per_hop=20
+    bench/vs_postfix.sh --scenarios a --reference-spoold /tmp/before/.venv/bin/spoold
+
+``--reference-spoold`` makes another build of spoold (an older commit's, in
+a checkout and venv of its own) the reference of a and b instead of Postfix:
+the two builds alternate in the same run, on the same config, and the ratio
+says whether a change made spoold slower.
 
 The harness itself is stdlib only; scenario (d) runs in the Python next to
 the ``spoold`` command (``--spoold``), in a child process of this file.
@@ -606,8 +612,6 @@ def toml_value(value: Any) -> str:
 class SpooldInstance:
     """``spoold run --config`` on a config of its own under ``home``."""
 
-    name = "spoold"
-
     def __init__(
         self,
         home: Path,
@@ -616,14 +620,16 @@ class SpooldInstance:
         logs: Logs,
         log_level: str,
         overrides: dict[str, dict[str, Any]],
+        name: str = "spoold",
     ) -> None:
+        self.name = name
         self.home = home
         self.binary = binary
         self.port = free_port()
         self.config_path = home / "spoold.toml"
         self.socket_path = home / "ctl.sock"
         self.log_path = home / "spoold.log"
-        logs.add("spoold log", self.log_path)
+        logs.add(f"{name} log", self.log_path)
         self.tables: dict[str, dict[str, Any]] = {
             "spool": {"dir": "spool", "flush_timeout": "5s"},
             "control": {"socket": "ctl.sock"},
@@ -792,6 +798,12 @@ class Plan:
     log_level: str
     overrides: dict[str, dict[str, Any]]
     settle: float = 0.0
+    # Another build of spoold as the reference of a and b, instead of Postfix.
+    reference_spoold: str | None = None
+
+    @property
+    def reference(self) -> str:
+        return "spoold (reference build)" if self.reference_spoold else "Postfix"
 
 
 def smtp_source(port: int, count: int, size: int, sessions: int, timeout: float) -> None:
@@ -824,18 +836,32 @@ def throughput_scenario(
     key: str, title: str, size: int, plan: Plan, workdir: Path, logs: Logs
 ) -> list[Metric]:
     n = plan.counts[key]
-    ingest = Metric(key, title.format(n=n), "ingest msg/s", "Postfix")
-    e2e = Metric(key, title.format(n=n), "end to end msg/s", "Postfix")
+    ref_name = plan.reference
+    ingest = Metric(key, title.format(n=n), "ingest msg/s", ref_name)
+    e2e = Metric(key, title.format(n=n), "end to end msg/s", ref_name)
     cpu = Metric(
-        key, title.format(n=n), "server CPU ms per message (lower is better)", "Postfix", "{:.2f}"
+        key, title.format(n=n), "server CPU ms per message (lower is better)", ref_name, "{:.2f}"
     )
     print(f"\n== {key}: {ingest.title}", flush=True)
     home = workdir / key
     home.mkdir()
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(SmtpSink(home, logs))
+        reference: Server
+        if plan.reference_spoold:
+            reference = SpooldInstance(
+                home / "reference",
+                plan.reference_spoold,
+                sink.port,
+                logs,
+                plan.log_level,
+                plan.overrides,
+                name="reference",
+            )
+        else:
+            reference = PostfixInstance(home / "postfix", sink.port, logs)
         servers: list[Server] = [
-            stack.enter_context(PostfixInstance(home / "postfix", sink.port, logs)),
+            stack.enter_context(reference),
             stack.enter_context(
                 SpooldInstance(
                     home / "spoold", plan.spoold, sink.port, logs, plan.log_level, plan.overrides
@@ -860,7 +886,7 @@ def throughput_scenario(
                 if got != n:
                     raise BenchError(f"{server.name}: the sink got {got} messages, not {n}")
                 r_ingest, r_e2e = n / (t1 - t0), n / (t2 - t0)
-                is_ref = server.name == "postfix"
+                is_ref = server is servers[0]
                 (ingest.ref if is_ref else ingest.spoold).append(r_ingest)
                 (e2e.ref if is_ref else e2e.spoold).append(r_e2e)
                 (cpu.ref if is_ref else cpu.spoold).append(cpu_ms)
@@ -1270,6 +1296,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="seconds of quiet before each run of a and b (default 65; 0 with --quick)",
     )
     p.add_argument("--spoold", default=str(ROOT / ".venv" / "bin" / "spoold"))
+    p.add_argument(
+        "--reference-spoold",
+        metavar="PATH",
+        help="for a and b: another spoold command (e.g. an older commit's) as the reference, "
+        "alternated with --spoold in the same run, instead of Postfix",
+    )
     p.add_argument("--python", help="Python for scenario d (default: the one beside --spoold)")
     p.add_argument("--results", help="Markdown file to append to (default bench/RESULTS.md)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per step (default 600)")
@@ -1315,7 +1347,12 @@ def main(argv: Sequence[str]) -> int:
         log_level=args.spoold_log_level,
         overrides=parse_overrides(args.spoold_set),
         settle=args.settle if args.settle is not None else (0.0 if args.quick else 65.0),
+        reference_spoold=(
+            str(Path(args.reference_spoold).absolute()) if args.reference_spoold else None
+        ),
     )
+    if plan.reference_spoold and set(scenarios) - {"a", "b"}:
+        raise SystemExit("--reference-spoold: only scenarios a and b take another reference")
     results_path = args.results or (None if args.quick else str(ROOT / "bench" / "RESULTS.md"))
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
@@ -1338,7 +1375,13 @@ def main(argv: Sequence[str]) -> int:
         if not os.access(spoold, os.X_OK):
             raise BenchError(f"no spoold command at {spoold} (make test creates .venv)")
         context["spoold_version"] = SpooldInstance.version_of(spoold)
-        if set(scenarios) & {"a", "b", "c"}:
+        if plan.reference_spoold:
+            ensure_postfix()  # its smtp-sink is the next hop
+            context["postfix"] = (
+                f"not used: the reference is {SpooldInstance.version_of(plan.reference_spoold)} "
+                f"(`{plan.reference_spoold}`)"
+            )
+        elif set(scenarios) & {"a", "b", "c"}:
             if os.geteuid() != 0:
                 raise BenchError("scenarios a, b and c start Postfix: run as root")
             ensure_postfix()
