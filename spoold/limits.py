@@ -185,6 +185,12 @@ class DestinationGate(Generic[_T]):
         """The hops backed off at ``now``."""
         return {h: b for h, b in self._backoffs.items() if b.until > now}
 
+    def remembered(self) -> frozenset[str]:
+        """The hops whose backoff is kept: those backed off, and those whose
+        window ended less than :data:`BACKOFF_MAX` before the last throttle
+        (one that throttles again then has its window doubled)."""
+        return frozenset(self._backoffs)
+
     def throttled(self, hop: str, now: float, reason: str) -> HopBackoff:
         """``hop`` throttled us at ``now``: open (or double) its window."""
         self._forget_ended(now)

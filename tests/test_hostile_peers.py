@@ -291,4 +291,4 @@ def test_backoffs_of_hops_never_tried_again_are_forgotten() -> None:
     later = first + BACKOFF_MAX.total_seconds()
     assert gate.throttled("[2001:db8::1]:25", later - 1, "421").window == 2 * first
     gate.throttled("mx.example.com:25", later, "421")
-    assert set(gate._backoffs) == {"[2001:db8::1]:25", "mx.example.com:25"}
+    assert gate.remembered() == {"[2001:db8::1]:25", "mx.example.com:25"}

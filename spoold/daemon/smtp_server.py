@@ -969,6 +969,11 @@ class SmtpSession(asyncio.Protocol):
         """A delivery (or an AUTH check) of this session is under way."""
         return self._busy
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of the message under way held in memory now."""
+        return len(self._data)
+
     def shutdown(self) -> None:
         """The listener stops: tell the client and close."""
         if not self._closed:
