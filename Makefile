@@ -23,8 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The inner loop: all but the tests marked `daemon` (those that start
-# processes: the daemon, the CLI, a child Python), in about a minute.
-# The inner loop: no test that starts a process, spread over the cores
+# processes: the daemon, the CLI, a child Python), spread over the cores
 # (bytecode kept between runs: collection is a third of the time otherwise).
 test-fast: $(STAMP)
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -m "not daemon" -n auto

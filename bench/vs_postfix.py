@@ -687,20 +687,20 @@ class SpooldInstance:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise BenchError(f"spoold exited with {self._proc.returncode} while starting")
+                raise BenchError(f"{self.name} exited with {self._proc.returncode} while starting")
             try:
                 fields = self._notify.recv(4096).decode("utf-8", "replace").split("\n")
             except TimeoutError:
                 continue
             if "READY=1" in fields:
                 return
-        raise BenchError("spoold sent no READY=1 in 60 s")
+        raise BenchError(f"{self.name} sent no READY=1 in 60 s")
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:
             stop_process(self._proc, "spoold", grace=30)
             if self._proc.returncode not in (0, -signal.SIGTERM):
-                print(f"spoold exited with {self._proc.returncode}", flush=True)
+                print(f"{self.name} exited with {self._proc.returncode}", flush=True)
         if self._drainer is not None:
             self._drainer.join(timeout=5)
         if self._notify is not None:
@@ -891,7 +891,7 @@ def throughput_scenario(
                 (e2e.ref if is_ref else e2e.spoold).append(r_e2e)
                 (cpu.ref if is_ref else cpu.spoold).append(cpu_ms)
                 print(
-                    f"{key} round {rnd} {server.name:8s} ingest {r_ingest:7.1f} msg/s "
+                    f"{key} round {rnd} {server.name:9s} ingest {r_ingest:7.1f} msg/s "
                     f"({t1 - t0:6.2f} s)   end to end {r_e2e:7.1f} msg/s ({t2 - t0:6.2f} s)"
                     f"   CPU {cpu_ms:.2f} ms/msg",
                     flush=True,
@@ -1005,10 +1005,10 @@ def latency_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
                 latencies = [(arrived[k][0] - start) * 1000 for k, (start, _) in sent.items()]
                 accepts = [(acc - start) * 1000 for start, acc in sent.values()]
                 r50, r99 = percentile(latencies, 50), percentile(latencies, 99)
-                (p50.ref if server.name == "postfix" else p50.spoold).append(r50)
-                (p99.ref if server.name == "postfix" else p99.spoold).append(r99)
+                (p50.ref if server is servers[0] else p50.spoold).append(r50)
+                (p99.ref if server is servers[0] else p99.spoold).append(r99)
                 print(
-                    f"c round {rnd} {server.name:8s} latency p50 {r50:7.1f} ms  p99 {r99:7.1f} ms"
+                    f"c round {rnd} {server.name:9s} latency p50 {r50:7.1f} ms  p99 {r99:7.1f} ms"
                     f"  max {max(latencies):7.1f} ms   (accepted: p50 "
                     f"{percentile(accepts, 50):.1f} ms, p99 {percentile(accepts, 99):.1f} ms)"
                     + (f"  {extra} delivered twice" if extra else ""),
@@ -1186,7 +1186,8 @@ def report(
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     kind = "quick run" if quick else "full run"
     lines = [
-        f"## {when}: {kind}, {plan.rounds} round(s), scenarios {context['scenarios']}",
+        f"## {when}: {kind}, {plan.rounds} round(s), scenarios {context['scenarios']}"
+        + (", against another spoold build" if plan.reference_spoold else ""),
         "",
         f"- Machine: {context['cpus']} CPUs ({context['cpu']}), {context['ram']} RAM, "
         f"kernel {context['kernel']}, Python {context['python']}; work directory "
@@ -1195,7 +1196,8 @@ def report(
         f"at the end: {context['load_end']}.",
         f"- Commit: {context['commit']}.",
         f"- Command: `{context['command']}`",
-        f"- Postfix: {context['postfix']}; {context['spoold_version']} "
+        f"- {'Reference' if plan.reference_spoold else 'Postfix'}: {context['postfix']}; "
+        f"{context['spoold_version']} "
         f"(`{plan.spoold}`, log level {plan.log_level}"
         + (f", overrides {context['overrides']}" if plan.overrides else "")
         + ").",
@@ -1286,7 +1288,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         epilog="See the module docstring (bench/vs_postfix.py) for what each scenario measures.",
     )
     p.add_argument("--rounds", type=int, help="A/B rounds per scenario (default 3; 1 with --quick)")
-    p.add_argument("--scenarios", default="a,b,c,d", help="which of a,b,c,d (default all)")
+    p.add_argument(
+        "--scenarios", help="which of a,b,c,d (default all; a,b with --reference-spoold)"
+    )
     p.add_argument("--count", type=int, help="messages per run for every chosen scenario")
     p.add_argument("--quick", action="store_true", help="small counts and 1 round: a smoke run")
     p.add_argument("--rate", type=float, default=100.0, help="msg/s of scenario c (default 100)")
@@ -1328,6 +1332,8 @@ def interrupted(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    if args.scenarios is None:
+        args.scenarios = "a,b" if args.reference_spoold else "a,b,c,d"
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(scenarios) - set(DEFAULT_COUNTS)
     if unknown or not scenarios:
@@ -1376,10 +1382,14 @@ def main(argv: Sequence[str]) -> int:
             raise BenchError(f"no spoold command at {spoold} (make test creates .venv)")
         context["spoold_version"] = SpooldInstance.version_of(spoold)
         if plan.reference_spoold:
+            if not os.access(plan.reference_spoold, os.X_OK):
+                raise BenchError(
+                    f"no spoold command at {plan.reference_spoold} (--reference-spoold)"
+                )
             ensure_postfix()  # its smtp-sink is the next hop
             context["postfix"] = (
-                f"not used: the reference is {SpooldInstance.version_of(plan.reference_spoold)} "
-                f"(`{plan.reference_spoold}`)"
+                f"{SpooldInstance.version_of(plan.reference_spoold)} "
+                f"(`{plan.reference_spoold}`), instead of Postfix"
             )
         elif set(scenarios) & {"a", "b", "c"}:
             if os.geteuid() != 0:

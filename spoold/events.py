@@ -18,9 +18,10 @@ end of the hop's backoff, during which no message goes to it), ``ping`` (every
 
 A bounce (kind ``bounced``: the message failed and its sender was sent a
 delivery status notification) is published in its stream form,
-:func:`stream_form`: kind ``removed`` with detail ``bounced``, as it has
-always been shown to subscribers, on the control socket, in the metrics
-and in the logs. So a :class:`SpoolEvent` never has kind ``bounced``.
+:func:`stream_form`: kind ``removed`` with detail ``bounced`` (or, after
+no reply to the end of the message, the in-doubt detail), as it has always
+been shown to subscribers, on the control socket, in the metrics and in
+the logs. So a :class:`SpoolEvent` never has kind ``bounced``.
 
 Ordering, as a subscriber sees it:
 

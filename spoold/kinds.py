@@ -22,8 +22,9 @@ and :attr:`EventKind.outcome` says which outcome an event stands for.
 
 The one place where a kind is not spelled as itself: on the event stream
 (and so on the control socket, in the metrics and the logs) a bounce is
-shown as ``removed`` with the detail ``bounced``, the form it had before it
-was a kind of its own; :func:`spoold.events.stream_form` maps it there.
+shown as ``removed`` with the detail ``bounced`` (the in-doubt detail
+after no reply to the end of the message), the form it had before it was a
+kind of its own; :func:`spoold.events.stream_form` maps it there.
 Everywhere else (``wait`` results, journal lines) ``bounced`` is spelled
 ``bounced``.
 

@@ -87,9 +87,10 @@ class Loading:
         (a full disk), the record stays as it was found, and so in doubt for
         the next open too; this spool keeps it aside, never sends it, and
         tries again at each ping (:meth:`settle_unsettled`)."""
+        after_crash = self._state.parts.settings.after_crash
         new = msg.copy()
         new.in_doubt = True
-        new.status = Frozen() if self._state.parts.settings.after_crash == "freeze" else SEND_NOW
+        new.status = Frozen() if after_crash == "freeze" else SEND_NOW
         try:
             await self._disk.save(new, from_queue=Queue.ACTIVE, checked_out=checked_out)
         except StoreError as exc:
@@ -109,7 +110,7 @@ class Loading:
             "the next hop may already have it",
             id=new.id,
             flows=new.flows,
-            after_crash=self._state.parts.settings.after_crash,
+            after_crash=after_crash,
         )
         entry = Entry(new, Queue.FROZEN if isinstance(new.status, Frozen) else Queue.ACTIVE)
         self._state.index_put(entry)

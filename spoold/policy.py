@@ -104,8 +104,8 @@ class DestinationPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
 
 NO_POLICY = DestinationPolicy()
-"""No route, no limits, the default delivery rules: what the spool uses for
-a message whose source failed to answer."""
+"""No route, no limits, the default delivery rules: what a relay called
+without a policy goes by (``relay()`` of a relay that also takes one)."""
 
 
 class PolicySource(Protocol):

@@ -207,7 +207,9 @@ class Scheduler:
         try:
             return self._state.parts.policies.policy_for(msg)
         except Exception:
-            log.exception("no destination policy; sending with none", id=msg.id)
+            log.exception(
+                "no destination policy; sending with the spool's delivery rules", id=msg.id
+            )
             # No limits and the relay's own hop settings, but the spool's
             # delivery rules (lifetime, bounce) still hold.
             return DestinationPolicy(delivery=self._state.parts.settings.delivery_policy)

@@ -371,7 +371,7 @@ class Spool:
             on_step=on_step,
             sync=settings.sync,
             # An attempt cut short stays checked out until it is marked in
-            # doubt (see _settle_in_doubt): never back in its queue unmarked.
+            # doubt (see Loading.settle_in_doubt): never back in its queue unmarked.
             keep_checkouts=(Queue.ACTIVE,),
         )
         try:

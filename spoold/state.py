@@ -179,9 +179,9 @@ class SpoolState:
         detail: str | None = None,
         at: datetime | None = None,
     ) -> SpoolEvent:
-        """Publish ``kind`` (in its stream form: a bounce is ``removed``,
-        detail ``bounced``) and note the outcome it stands for; the event
-        as published."""
+        """Publish ``kind`` (in its stream form,
+        :func:`~spoold.events.stream_form`: a bounce is ``removed``) and
+        note the outcome it stands for; the event as published."""
         now = self.clock.now()
         shown, shown_detail = stream_form(kind, detail)
         event = SpoolEvent(

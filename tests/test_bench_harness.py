@@ -99,6 +99,35 @@ def test_scenarios_a_and_d_write_a_results_section(tmp_path: Path, workdir: Path
     assert processes_in(workdir) == []
 
 
+def test_another_spoold_build_can_be_the_reference(tmp_path: Path, workdir: Path) -> None:
+    """``--reference-spoold``: two spoold builds alternate on scenario a (here
+    the same one twice), no Postfix is started, and the section says so."""
+    results = tmp_path / "RESULTS.md"
+
+    done = run_harness(workdir, "--reference-spoold", str(SPOOLD), "--results", str(results))
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    servers = re.findall(r"^([ab]) round 1 (\S+)", done.stdout, re.MULTILINE)
+    assert servers == [("a", "reference"), ("a", "spoold"), ("b", "reference"), ("b", "spoold")]
+    text = results.read_text()
+    assert ", against another spoold build" in text
+    assert re.search(
+        rf"- Reference: spoold \S+ \(`{re.escape(str(SPOOLD))}`\), instead of Postfix", text
+    )
+    rows = [line for line in text.splitlines() if re.match(r"\| [ab]: ", line)]
+    assert [row.split(" | ")[2] for row in rows] == ["spoold (reference build)"] * 6
+    assert list(workdir.iterdir()) == []
+    assert processes_in(workdir) == []
+
+
+def test_a_missing_reference_build_is_refused_before_anything_starts(workdir: Path) -> None:
+    done = run_harness(workdir, "--scenarios", "a", "--reference-spoold", "/nonexistent/spoold")
+
+    assert done.returncode == 1
+    assert "no spoold command at /nonexistent/spoold (--reference-spoold)" in done.stderr
+    assert list(workdir.iterdir()) == []
+
+
 def test_a_failure_stops_both_servers_and_prints_the_logs(workdir: Path) -> None:
     done = run_harness(
         workdir,

@@ -26,9 +26,15 @@ def _is_type_checking(node: ast.If) -> bool:
 
 
 def _imports(path: Path, modules: set[str], package_dir: Path = PACKAGE) -> set[str]:
-    """The package's modules that ``path`` imports at run time."""
+    """The package's modules that ``path`` imports at run time: each module
+    named, a package whose names are taken (``from spoold import Spool``
+    runs ``spoold/__init__.py``), and the packages above a module imported
+    (their ``__init__`` runs first), but not the packages ``path`` is in
+    (they are running already)."""
     name = _module_name(path, package_dir)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    parts = name.split(".")
+    own_packages = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -46,20 +52,23 @@ def _imports(path: Path, modules: set[str], package_dir: Path = PACKAGE) -> set[
                     target = ".".join([*base, child.module] if child.module else base)
                 else:
                     target = child.module or ""
-                found.add(target)
-                found.update(f"{target}.{a.name}" for a in child.names)
+                for alias in child.names:
+                    submodule = f"{target}.{alias.name}"
+                    found.add(submodule if submodule in modules else target)
             visit(child)
 
     visit(ast.parse(path.read_text(encoding="utf-8")))
-    return {m for m in found if m in modules and m != name}
+    with_parents = set(found)
+    for module in found:
+        pieces = module.split(".")
+        with_parents.update(".".join(pieces[:i]) for i in range(1, len(pieces)))
+    return {m for m in with_parents if m in modules and m not in own_packages}
 
 
 def _graph() -> dict[str, set[str]]:
     paths = sorted(PACKAGE.rglob("*.py"))
     modules = {_module_name(p) for p in paths}
-    graph = {_module_name(p): _imports(p, modules) for p in paths}
-    # A package's __init__ re-exports its modules: importing ``spoold`` is not a use of them.
-    return {m: {t for t in deps if t != "spoold"} for m, deps in graph.items()}
+    return {_module_name(p): _imports(p, modules) for p in paths}
 
 
 def test_the_library_never_imports_the_daemon() -> None:
@@ -112,6 +121,19 @@ def test_the_check_sees_imports_at_any_depth(tmp_path: Path) -> None:
 
 def test_the_readme_names_every_module() -> None:
     readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
-    layout = readme[readme.index("## Layout") :]
+    start = readme.index("## Layout")
+    end = readme.find("\n## ", start + 1)
+    layout = readme[start : end if end >= 0 else len(readme)]
     paths = sorted(p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*.py"))
     assert [p for p in paths if f"`{p}`" not in layout] == []
+
+
+def test_taking_a_packages_names_runs_the_package(tmp_path: Path) -> None:
+    """``from spoold import Spool`` runs ``spoold/__init__.py`` (which
+    imports nearly everything): a library module doing so would be in a
+    circle with it; ``from spoold import spool`` is the module itself."""
+    source = tmp_path / "m.py"
+    source.write_text("from spoold import Spool\nfrom spoold.store import records\n")
+    modules = {"spoold", "spoold.spool", "spoold.store", "spoold.store.records"}
+    found = _imports(source, modules, package_dir=tmp_path)
+    assert found == {"spoold", "spoold.store", "spoold.store.records"}

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import click
@@ -62,9 +62,6 @@ from spoold.protocol import (
     describe_view,
     history_view,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["main"]
 
