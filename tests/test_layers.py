@@ -71,6 +71,99 @@ def _graph() -> dict[str, set[str]]:
     return {_module_name(p): _imports(p, modules) for p in paths}
 
 
+# The library's layers, bottom up (docs/design.md, "The layers"): a module
+# may import its own row and those before it, never one after. Within a row
+# the cycle check below keeps the order. A new module takes its place here.
+LIBRARY_ROWS: list[list[str]] = [
+    # plain values
+    [
+        "errors",
+        "kinds",
+        "times",
+        "ids",
+        "address",
+        "hops",
+        "hostname",
+        "log",
+        "timers",
+        "clock",
+        "credentials",
+        "tasks",
+    ],
+    # the store
+    [
+        "store",
+        "store.store",
+        "store.directory",
+        "store.commit",
+        "store.hops",
+        "store.batching",
+        "store.registry",
+        "store.wakeup",
+        "store.recovery",
+        "store.records",
+    ],
+    # the record
+    ["body", "message"],
+    # mail on disk, and the values around a message
+    ["ondisk", "relay", "events", "history", "waiting", "idempotency", "limits", "listing"],
+    # rules
+    [
+        "hooks",
+        "outcome",
+        "dsn",
+        "policy",
+        "settings",
+        "smtp_client",
+        "connection_cache",
+        "smtp_relay",
+    ],
+    # the spool's shared state, then its rooms
+    ["state"],
+    ["scheduler", "submission", "housekeeping"],
+    ["loading", "queries", "transitions"],
+    ["operations"],
+    # the facade
+    ["spool", "writer"],
+    # for users of the library
+    [
+        "client",
+        "protocol",
+        "protocol.operations",
+        "protocol.framing",
+        "protocol.views",
+        "testing",
+        "",
+    ],
+]
+
+
+def _row_of() -> dict[str, int]:
+    return {
+        "spoold" + (f".{name}" if name else ""): row
+        for row, names in enumerate(LIBRARY_ROWS)
+        for name in names
+    }
+
+
+def test_every_library_module_has_a_layer() -> None:
+    rows = _row_of()
+    outside = [m for m in _graph() if not m.startswith("spoold.daemon") and m != "spoold.__main__"]
+    assert sorted(m for m in outside if m not in rows) == []
+
+
+def test_no_library_module_imports_a_layer_above_its_own() -> None:
+    rows = _row_of()
+    upward = {
+        (module, target)
+        for module, deps in _graph().items()
+        if module in rows
+        for target in deps
+        if target in rows and rows[target] > rows[module]
+    }
+    assert upward == set()
+
+
 def test_the_library_never_imports_the_daemon() -> None:
     upward = {
         (module, target)
