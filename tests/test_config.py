@@ -230,6 +230,34 @@ retry_intervals = ["1m"]
     assert route.retry_intervals == (timedelta(minutes=1),)
 
 
+def test_route_senders_are_read_and_a_hop_may_serve_several_routes(tmp_path: Path) -> None:
+    path = tmp_path / "spoold.toml"
+    path.write_text(
+        """
+[spool]
+dir = "spool"
+
+[relay]
+default_route = "smarthost"
+
+[routes.smarthost]
+next_hops = ["relay.example.net:587"]
+
+[routes.billing]
+senders = ["Billing@Example.ORG", " @Example.net "]
+next_hops = ["relay.example.net:587"]
+auth_file = "billing.auth"
+"""
+    )
+
+    cfg = load_config(path)
+
+    assert cfg.routes["smarthost"].senders == ()
+    # the local part as written, the domain lower-cased, stripped
+    assert cfg.routes["billing"].senders == ("Billing@example.org", "@example.net")
+    assert cfg.routes["billing"].next_hops == cfg.routes["smarthost"].next_hops
+
+
 # ------------------------------------------------------------ bad files
 
 BASE = '[spool]\ndir = "spool"\n'
@@ -455,10 +483,47 @@ BAD_FILES: list[tuple[str, str, list[str]]] = [
         ["routes.a: give next_hops or mx = true, not both"],
     ),
     (
-        "a hop in two routes",
-        BASE + '[routes.a]\nnext_hops = ["h1:25", "shared:25"]\n'
-        '[routes.b]\nnext_hops = ["shared:25"]\n',
-        ["routes.b.next_hops: shared:25 is also a next hop of route a; a hop belongs to one route"],
+        "a sender in two routes",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\nsenders = ["billing@example.org"]\n'
+        '[routes.b]\nnext_hops = ["h:25"]\nsenders = ["billing@EXAMPLE.org"]\n',
+        ["routes.b.senders: billing@example.org is also a sender of route a"],
+    ),
+    (
+        "a sender's domain in two routes",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\nsenders = ["@example.net"]\n'
+        '[routes.b]\nnext_hops = ["h:25"]\nsenders = ["@example.net"]\n',
+        ["routes.b.senders: @example.net is also a sender of route a"],
+    ),
+    (
+        "a sender without a domain",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\nsenders = ["billing"]\n',
+        [
+            "routes.a.senders: expected an address like 'billing@example.org' or"
+            " '@example.org', got 'billing'"
+        ],
+    ),
+    (
+        "a sender with a bad domain",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\nsenders = ["a@exa mple.org"]\n',
+        [
+            "routes.a.senders: expected an address like 'billing@example.org' or"
+            " '@example.org', got 'a@exa mple.org'"
+        ],
+    ),
+    (
+        "the null sender as a route's sender",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\nsenders = ["<>"]\n',
+        ["routes.a.senders: the null sender matches no route, got '<>'"],
+    ),
+    (
+        "senders not a list",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\nsenders = "@example.org"\n',
+        ["routes.a.senders: expected a list, got '@example.org'"],
+    ),
+    (
+        "senders on an MX route",
+        BASE + '[routes.a]\nmx = true\nsenders = ["@example.org"]\n',
+        ["routes.a.senders: not on an mx = true route; give it next_hops"],
     ),
     (
         # Only the bad hop is reported, not a second "required" for the list.
@@ -763,6 +828,11 @@ RELOAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
     ("smtp size", _set("smtp.max_message_size", "1MiB"), []),
     ("relay timeout", _set("relay.connect_timeout", "5s"), []),
     ("route hops", _set("routes.smarthost", {"next_hops": ["10.0.0.1:25"]}), []),
+    (
+        "route senders",
+        _set("routes.smarthost", {"next_hops": ["h0:25"], "senders": ["@example.org"]}),
+        [],
+    ),
     ("spool.dir", _set("spool.dir", "elsewhere"), ["spool.dir"]),
     ("control socket", _set("control.socket", "run/other.sock"), ["control"]),
     ("control mode", _set("control.mode", "0600"), ["control"]),

@@ -17,7 +17,9 @@ from spoold.errors import (
     NoRouteError,
     SpooldError,
 )
-from spoold.message import RetryInterval, RoutedEnvelope
+from spoold.ids import new_id
+from spoold.message import RetryInterval, RoutedEnvelope, message_for_envelope
+from spoold.times import utcnow
 
 
 def _config(tmp_path: Path, raw: dict[str, Any]) -> Config:
@@ -383,3 +385,115 @@ def test_most_specific_domain_rule_wins(tmp_path: Path) -> None:
     assert router.route_name_for("a@x.eu.example.org") == "narrow"
     assert router.route_name_for("a@mail.eu.example.org") == "exact"
     assert router.route_name_for("a@elsewhere.net") == "default"
+
+
+# ------------------------------------------------------------ sender routes
+
+
+def _identities_raw(tmp_path: Path) -> dict[str, Any]:
+    """Two sending identities and the default through one smarthost, each
+    with credentials of its own; a domain route elsewhere."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(exist_ok=True)
+    for user in ("billing", "support", "relay"):
+        path = secrets / f"{user}.auth"
+        path.write_text(f"{user}:{user}-pw\n")
+        os.chmod(path, 0o600)
+    smart = "smart.example.net:587"
+    return {
+        "spool": {"dir": "spool"},
+        "relay": {"default_route": "smarthost"},
+        "routes": {
+            "smarthost": {"next_hops": [smart], "auth_file": "secrets/relay.auth"},
+            "partners": {"domains": ["example.com"], "next_hops": ["mx.example.com:25"]},
+            "billing": {
+                "senders": ["billing@example.org"],
+                "next_hops": [smart],
+                "auth_file": "secrets/billing.auth",
+            },
+            "support": {
+                "senders": ["@example.org", "help@example.net"],
+                "next_hops": [smart],
+                "auth_file": "secrets/support.auth",
+            },
+        },
+    }
+
+
+def _routes_taken(router: Router, sender: str, recipients: list[str]) -> dict[str, list[str]]:
+    return {str(env.route): list(env.recipients) for env in router.route(sender, recipients)}
+
+
+def test_a_sender_route_takes_every_recipient_before_domain_routes(tmp_path: Path) -> None:
+    router = Router(_config(tmp_path, _identities_raw(tmp_path)))
+
+    assert _routes_taken(router, "billing@example.org", ["a@example.com", "b@else.test"]) == {
+        "billing": ["a@example.com", "b@else.test"]
+    }
+    # without a sender route, the recipients' domains decide
+    assert _routes_taken(router, "someone@else.test", ["a@example.com", "b@else.test"]) == {
+        "partners": ["a@example.com"],
+        "smarthost": ["b@else.test"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("sender", "route"),
+    [
+        ("billing@example.org", "billing"),  # the exact address beats @example.org
+        ("billing@EXAMPLE.Org", "billing"),  # the domain in any case
+        ("Billing@example.org", "support"),  # the local part as written: only @domain
+        ("jane@example.org", "support"),
+        ("jane@sub.example.org", "smarthost"),  # @domain is that domain only
+        ("help@example.net", "support"),
+        ("other@example.net", "smarthost"),
+        ("", "smarthost"),  # the null sender matches no sender route
+        ("<>", "smarthost"),
+    ],
+)
+def test_which_sender_route_matches(tmp_path: Path, sender: str, route: str) -> None:
+    router = Router(_config(tmp_path, _identities_raw(tmp_path)))
+
+    (env,) = router.route(sender, ["someone@else.test"])
+
+    assert env.route == route
+    assert env.sender == sender
+
+
+def test_a_hop_shared_by_routes_is_talked_to_with_the_messages_route(tmp_path: Path) -> None:
+    router = Router(_config(tmp_path, _identities_raw(tmp_path)))
+    smart = "smart.example.net:587"
+
+    logins: dict[str, tuple[str, str] | None] = {}
+    for sender in ("billing@example.org", "jane@example.org", "someone@else.test"):
+        (env,) = router.route(sender, ["x@else.test"])
+        mid = new_id()
+        msg = message_for_envelope(env, id=mid, spool_date=utcnow(), parent_id=mid)
+        policy = router.policy_for(msg)
+        assert list(policy.next_hops or ()) == [smart]
+        settings = policy.session_for(smart)
+        assert settings is not None
+        assert router.settings_for(smart, msg) == settings
+        logins[sender] = settings.auth
+
+    assert logins == {
+        "billing@example.org": ("billing", "billing-pw"),
+        "jane@example.org": ("support", "support-pw"),
+        "someone@else.test": ("relay", "relay-pw"),
+    }
+
+
+def test_reload_applies_sender_routes_to_new_messages(tmp_path: Path) -> None:
+    raw = _identities_raw(tmp_path)
+    before = Router(_config(tmp_path, raw))
+    (queued,) = before.route("billing@example.org", ["x@else.test"])
+    assert queued.route == "billing"
+
+    del raw["routes"]["billing"]
+    raw["routes"]["support"]["senders"] = ["help@example.net"]
+    after = Router(_config(tmp_path, raw))
+
+    (env,) = after.route("billing@example.org", ["x@else.test"])
+    assert env.route == "smarthost"
+    (env,) = after.route("help@example.net", ["x@example.com"])
+    assert env.route == "support"

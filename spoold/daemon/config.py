@@ -260,6 +260,26 @@ def _domain(v: object) -> str:
     return text
 
 
+def _sender(v: object) -> str:
+    """An envelope sender a route matches: ``local@domain`` (the local part
+    as written, the domain in lower case) or ``@domain`` (every sender of
+    that domain). The null sender ``<>`` matches no route."""
+    text = _str(v).strip()
+    if text in ("", "<>"):
+        raise ValueError(f"the null sender matches no route, got {v!r}")
+    local, at, domain = text.rpartition("@")
+    domain = domain.lower()
+    if (
+        not at
+        or any(c.isspace() or c in "<>" for c in local)
+        or not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", domain)
+    ):
+        raise ValueError(
+            f"expected an address like 'billing@example.org' or '@example.org', got {v!r}"
+        )
+    return f"{local}@{domain}"
+
+
 def _hostname(v: object) -> str:
     return check_hostname(_str(v).strip())
 
@@ -422,6 +442,9 @@ class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     name: str
     domains: Annotated[tuple[str, ...], _Read(_list(_domain))] = ()
+    # Envelope senders ('a@example.org', '@example.org') whose every
+    # recipient takes this route, before any domains rule.
+    senders: Annotated[tuple[str, ...], _Read(_list(_sender))] = ()
     next_hops: Annotated[tuple[str, ...], _Read(_list(_hop))] = ()
     mx: bool = False
     tls: TlsMode = "opportunistic"
@@ -691,13 +714,14 @@ _TABLES = ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "rout
 
 def _read_routes(raw_routes: object, problems: list[str], base: Path) -> dict[str, RouteConfig]:
     """The ``[routes.NAME]`` tables, each checked on its own and against
-    the others (a next hop or a domain belongs to one route)."""
+    the others (a domain or a sender belongs to one route; a next hop may
+    serve several, each with its own settings)."""
     routes: dict[str, RouteConfig] = {}
     if not isinstance(raw_routes, dict):
         problems.append("routes: expected tables [routes.NAME]")
         return routes
-    hop_owner: dict[str, str] = {}
     domain_owner: dict[str, str] = {}
+    sender_owner: dict[str, str] = {}
     for name, body in raw_routes.items():
         route = _read_table(
             RouteConfig, body, f"routes.{name}", problems, base, given={"name": name}
@@ -712,18 +736,19 @@ def _read_routes(raw_routes: object, problems: list[str], base: Path) -> dict[st
             )
         if route.mx and route.next_hops:
             problems.append(f"routes.{name}: give next_hops or mx = true, not both")
-        for hop in route.next_hops:
-            other = hop_owner.setdefault(hop, name)
-            if other != name:
-                problems.append(
-                    f"routes.{name}.next_hops: {hop} is also a next hop of route {other}; "
-                    "a hop belongs to one route"
-                )
+        if route.mx and route.senders:
+            problems.append(f"routes.{name}.senders: not on an mx = true route; give it next_hops")
         for domain in route.domains:
             other = domain_owner.setdefault(domain, name)
             if other != name:
                 problems.append(
                     f"routes.{name}.domains: {domain} is also a domain of route {other}"
+                )
+        for sender in route.senders:
+            other = sender_owner.setdefault(sender, name)
+            if other != name:
+                problems.append(
+                    f"routes.{name}.senders: {sender} is also a sender of route {other}"
                 )
         routes[name] = route
     return routes

@@ -9,12 +9,21 @@ from its next attempt on (its policy says them: below).
 reroute``), which may split it. The settings used to talk to a hop always
 follow the current routes.
 
-A route's ``domains`` match a recipient's domain exactly, or, written with
-a leading dot (``.example.org``), any subdomain of it. A recipient no route
-names goes to ``relay.default_route``. An ``mx = true`` route takes its next
-hops from DNS (:mod:`spoold.daemon.mx`), one envelope per recipient domain; such a
-hop is talked to with the settings of the MX route the message's
-recipients take (all recipients of a message share one route). The EHLO
+A route's ``senders`` match the envelope sender: an exact address (the
+local part as written, the domain in any case) or ``@domain`` for every
+sender of the domain; an exact address beats ``@domain``, and the null
+sender (a bounce) matches none. A sender route takes every recipient of the
+message, before any ``domains`` rule. Else a route's ``domains`` match a
+recipient's domain exactly, or, written with a leading dot
+(``.example.org``), any subdomain of it. A recipient no route names goes to
+``relay.default_route``. An ``mx = true`` route takes its next hops from DNS
+(:mod:`spoold.daemon.mx`), one envelope per recipient domain.
+
+A next hop may serve several routes (say two sending identities with their
+own credentials through one smarthost): a hop is talked to with the
+settings of the route the message records, so the connection cache, which
+keys connections by hop and settings, never lends a connection
+authenticated for one route to another. The EHLO
 name to a hop is the route's ``helo_name``, else the top-level
 ``hostname``; it is part of the settings, so after a reload that changes
 it new connections use the new name and cached ones (opened with the old)
@@ -113,7 +122,8 @@ class Router:
         relay = config.relay
         self.default_route = relay.default_route or None
         self._routes: dict[str, _Route] = {}
-        self._by_hop: dict[str, RouteSettings] = {}
+        self._by_hop: dict[str, RouteSettings] = {}  # the first route naming the hop
+        self._by_sender: dict[str, str] = {}  # 'a@example.org' or '@example.org': route
         jitter = config.spool.retry_jitter
         delivery = delivery_policy(config)
         self._no_route = DestinationPolicy(delivery=delivery)
@@ -128,13 +138,20 @@ class Router:
             settings = _session_settings(rc, config)
             self._routes[name] = _Route(rc, settings, _route_policy(rc, delivery, jitter))
             for hop in rc.next_hops:
-                self._by_hop[hop] = settings
+                self._by_hop.setdefault(hop, settings)
+            for sender in rc.senders:
+                self._by_sender[sender] = name
 
     def settings_for(self, hop: str, message: Message | None = None) -> RouteSettings:
         """How to talk to ``hop`` for ``message``: the settings of the route
-        that names the hop; else (an exchanger found by MX) those of the MX
-        route the message's recipients take now, so they survive restarts
-        and reloads; else the defaults."""
+        the message records (a hop may serve several routes, each with its
+        own credentials); for a message without a route, or whose route is
+        gone: those of the first route that names the hop, else (an
+        exchanger found by MX) those of the MX route the message's
+        recipients take now; else the defaults."""
+        route = self._routes.get(message.route) if message is not None and message.route else None
+        if route is not None:
+            return route.settings
         settings = self._by_hop.get(hop)
         if settings is not None:
             return settings
@@ -142,7 +159,8 @@ class Router:
             recipients = message.remaining_recipients or message.envelope_info.recipients
             if recipients:
                 try:
-                    route = self._routes[self.route_name_for(recipients[0])]
+                    name = self.route_name_for(recipients[0], message.envelope_info.sender)
+                    route = self._routes[name]
                 except NoRouteError:
                     return self.default_settings
                 if route.config.mx:
@@ -184,9 +202,22 @@ class Router:
             env.sender, message.remaining_recipients, env.mail_params, env.envelope_id
         )
 
-    def route_name_for(self, recipient: str) -> str:
-        """The most specific match wins: an exact domain, else the longest
-        ``.suffix`` rule; else the default route."""
+    def sender_route_for(self, sender: str) -> str | None:
+        """The route whose ``senders`` match ``sender``: the exact address,
+        else its ``@domain``; None for the null sender or no match."""
+        local, at, domain = sender.strip("<>").rpartition("@")
+        if not at:
+            return None
+        domain = domain.lower().rstrip(".")
+        return self._by_sender.get(f"{local}@{domain}") or self._by_sender.get(f"@{domain}")
+
+    def route_name_for(self, recipient: str, sender: str = "") -> str:
+        """A route whose ``senders`` match ``sender`` (:meth:`sender_route_for`);
+        else the most specific ``domains`` match for the recipient: an exact
+        domain, else the longest ``.suffix`` rule; else the default route."""
+        by_sender = self.sender_route_for(sender) if sender else None
+        if by_sender is not None:
+            return by_sender
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
         best: tuple[int, str] | None = None
         for name, route in self._routes.items():
@@ -205,11 +236,11 @@ class Router:
             raise NoRouteError(f"no route for {recipient} and no relay.default_route")
         return self.default_route
 
-    def _groups(self, recipients: Sequence[str]) -> dict[tuple[str, str], list[str]]:
+    def _groups(self, sender: str, recipients: Sequence[str]) -> dict[tuple[str, str], list[str]]:
         """Recipients per (route, domain); the domain only for MX routes."""
         groups: dict[tuple[str, str], list[str]] = {}
         for rcpt in recipients:
-            name = self.route_name_for(rcpt)
+            name = self.route_name_for(rcpt, sender)
             domain = rcpt.rpartition("@")[2].lower() if self._routes[name].config.mx else ""
             groups.setdefault((name, domain), []).append(rcpt)
         return groups
@@ -243,7 +274,7 @@ class Router:
         """One envelope per route the recipients take, in first-seen order.
         MX routes need :meth:`route_with_mx`."""
         out = []
-        for (name, _domain), rcpts in self._groups(recipients).items():
+        for (name, _domain), rcpts in self._groups(sender, recipients).items():
             route = self._routes[name]
             if route.config.mx:
                 raise NoRouteError(f"route {name}: MX routes need a lookup (route_with_mx)")
@@ -264,7 +295,7 @@ class Router:
         """Like :meth:`route`; an MX route gets one envelope per domain with
         the domain's exchangers as next hops. Raises MxError."""
         out = []
-        for (name, domain), rcpts in self._groups(recipients).items():
+        for (name, domain), rcpts in self._groups(sender, recipients).items():
             route = self._routes[name]
             if route.config.mx:
                 hops = await self.resolver.next_hops(domain)
