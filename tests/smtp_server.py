@@ -11,7 +11,8 @@ held until an event or for a delay, never sent, or a disconnect instead of
 it), per recipient at RCPT, at
 the greeting, at the DATA command, at the end of DATA, and a disconnect in
 the middle of the message content. Options that aiosmtpd fixes per protocol
-instance (SIZE limit, SMTPUTF8, STARTTLS, AUTH) are constructor arguments,
+instance (SIZE limit, SMTPUTF8, STARTTLS, AUTH: one account in
+``credentials``, several in ``accounts``) are constructor arguments,
 and so is ``pipelining``: aiosmtpd reads pipelined commands correctly but does
 not say so in its EHLO reply; with ``pipelining=True`` the reply offers
 PIPELINING (so a client sends MAIL, every RCPT and DATA in one batch).
@@ -33,7 +34,7 @@ import asyncio
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,6 +276,7 @@ class SmtpTestServer:
         decode_data: bool = False,
         tls_context: ssl.SSLContext | None = None,
         credentials: tuple[str, str] | None = None,
+        accounts: Mapping[str, str] | None = None,
         auth_require_tls: bool = False,
         pipelining: bool = False,
     ) -> None:
@@ -286,7 +288,10 @@ class SmtpTestServer:
         self.commands: list[Command] = []
         self.messages: list[ReceivedMessage] = []
         self.auth_attempts: list[tuple[str, bool]] = []  # (user, accepted)
-        self._credentials = credentials
+        # user: password; ``credentials`` is one such account
+        self._accounts = dict(accounts or {})
+        if credentials is not None:
+            self._accounts[credentials[0]] = credentials[1]
         self._options: dict[str, Any] = {
             "hostname": "mx.test",
             "data_size_limit": data_size_limit,
@@ -296,7 +301,7 @@ class SmtpTestServer:
             "auth_require_tls": auth_require_tls,
             "timeout": 30,
         }
-        if credentials is not None:
+        if self._accounts:
             self._options["authenticator"] = self._authenticate
         self._handler = _Handler(self)
         self._live: set[_TestSMTP] = set()
@@ -395,7 +400,7 @@ class SmtpTestServer:
     ) -> AuthResult:
         assert isinstance(auth_data, LoginPassword)
         user, password = auth_data.login.decode(), auth_data.password.decode()
-        ok = (user, password) == self._credentials
+        ok = self._accounts.get(user) == password
         self.auth_attempts.append((user, ok))
         return AuthResult(success=ok, auth_data=auth_data if ok else None, handled=False)
 

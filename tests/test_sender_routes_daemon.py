@@ -1,0 +1,76 @@
+"""Routes by sender through a real daemon (``spoold run`` in a subprocess):
+two sending identities share one next hop (an aiosmtpd server on
+127.0.0.1 with STARTTLS and two accounts), each route with credentials of
+its own. Mail is submitted with ``spoold sendmail -f``; the server records
+the login each message arrived under and the connection it came on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.daemon_helpers import DaemonFactory, sendmail, write_config
+from tests.smtp_server import StartServer, TlsCertificate
+from tests.support import wait_until
+
+MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
+
+
+def _auth_file(directory: Path, user: str) -> str:
+    path = directory / f"{user}.auth"
+    path.write_text(f"{user}:{user}-secret\n")
+    os.chmod(path, 0o600)
+    return path.name
+
+
+async def test_two_identities_through_one_hop_each_with_its_own_login(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    start_smtp_server: StartServer,
+    tls_certificate: TlsCertificate,
+) -> None:
+    server = await start_smtp_server(
+        tls_context=tls_certificate.server_context(),
+        accounts={"billing": "billing-secret", "support": "support-secret"},
+        auth_require_tls=True,
+    )
+    config = write_config(tmp_path, next_hops=[server.hop])  # smarthost: no TLS, no login
+    with config.open("a") as f:
+        for user, senders in (
+            ("billing", '["billing@example.org"]'),
+            ("support", '["@example.org"]'),
+        ):
+            f.write(
+                f"\n[routes.{user}]\n"
+                f"senders = {senders}\n"
+                f'next_hops = ["{server.hop}"]\n'
+                'tls = "required"\n'
+                f'ca_file = "{tls_certificate.cert}"\n'
+                f'auth_file = "{_auth_file(tmp_path, user)}"\n'
+            )
+    daemon = await start_daemon(config)
+
+    for sender in ("billing@example.org", "jane@example.org", "billing@example.org"):
+        done = await sendmail(config, "-f", sender, "rcpt@example.com", stdin=MESSAGE)
+        assert done.code == 0, done.err
+    done = await sendmail(config, "-f", "other@example.net", "rcpt@example.com", stdin=MESSAGE)
+    assert done.code == 0, done.err
+
+    await wait_until(
+        lambda: len(server.messages) == 4,
+        lambda: f"4 deliveries; {len(server.messages)} so far:\n{daemon.log_text()}",
+    )
+    arrived = {(m.mail_from, m.login, m.tls) for m in server.messages}
+    assert arrived == {
+        ("billing@example.org", "billing", True),  # the exact address
+        ("jane@example.org", "support", True),  # @example.org
+        ("other@example.net", None, False),  # no sender route: the default
+    }
+    # Each identity on connections of its own: none carried another's mail.
+    connections: dict[int, set[str | None]] = {}
+    for m in server.messages:
+        connections.setdefault(m.connection, set()).add(m.login)
+    assert all(len(logins) == 1 for logins in connections.values()), connections
+    assert {u for u, ok in server.auth_attempts if ok} == {"billing", "support"}
+    assert all(ok for _, ok in server.auth_attempts)
