@@ -2,7 +2,8 @@
 on 127.0.0.1 (tests/smtp_server.py): a waiter gives up after
 ``acquire_timeout`` and leaves no trace; freed connections and slots go to
 the oldest waiter, whatever hop it waits for; and under ``max_total`` the
-least recently used idle connection of another hop is closed to make room.
+least recently used idle connection of another hop is closed to make room;
+a connection logged in as one user is never lent to settings with another.
 
 Connections are held by tasks inside ``cache.connection(...)`` until the
 test sets their event; :func:`anyio.wait_all_tasks_blocked` says when every
@@ -12,7 +13,7 @@ order of arrival is the order the test chose, without sleeping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 import anyio.abc
@@ -20,7 +21,7 @@ import pytest
 
 from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
 from spoold.errors import HopUnavailableError
-from tests.smtp_server import SmtpTestServer, StartServer
+from tests.smtp_server import SmtpTestServer, StartServer, TlsCertificate
 
 SETTINGS = RouteSettings(tls="none", connect_timeout=5.0, command_timeout=5.0)
 TIMEOUT = 20.0
@@ -196,3 +197,29 @@ async def test_no_idle_connection_to_close_means_waiting_not_exceeding_max_total
             holder.done.set()
     assert b.connections_opened == 0
     assert order == ["holder A"]
+
+
+async def test_a_connection_logged_in_as_one_user_is_never_lent_for_another(
+    start_smtp_server: StartServer, tls_certificate: TlsCertificate
+) -> None:
+    # Two routes through one hop, their settings differing only in the login.
+    server = await start_smtp_server(
+        tls_context=tls_certificate.server_context(),
+        accounts={"billing": "b-pw", "support": "s-pw"},
+        auth_require_tls=True,
+    )
+    secure = RouteSettings(tls="required", verify_certificates=False, command_timeout=5.0)
+    billing = replace(secure, auth=("billing", "b-pw"))
+    support = replace(secure, auth=("support", "s-pw"))
+    cache = ConnectionCache(idle_timeout=3600)
+    with anyio.fail_after(TIMEOUT):
+        async with cache.connection(server.hop, billing) as first:
+            pass
+        async with cache.connection(server.hop, support) as second:
+            assert second is not first  # the idle billing connection is not lent
+        async with cache.connection(server.hop, billing) as again:
+            assert again is first
+        await cache.close_and_flush()
+
+    assert server.auth_attempts == [("billing", True), ("support", True)]
+    assert server.connections_opened == 2
