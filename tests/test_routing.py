@@ -497,3 +497,17 @@ def test_reload_applies_sender_routes_to_new_messages(tmp_path: Path) -> None:
     assert env.route == "smarthost"
     (env,) = after.route("help@example.net", ["x@example.com"])
     assert env.route == "support"
+
+
+def test_a_message_without_a_route_on_a_shared_hop_gets_the_first_routes_settings(
+    tmp_path: Path,
+) -> None:
+    router = Router(_config(tmp_path, _identities_raw(tmp_path)))
+    smart = "smart.example.net:587"
+    env = RoutedEnvelope("billing@example.org", ["x@else.test"], [smart])  # hops given, no route
+    mid = new_id()
+    msg = message_for_envelope(env, id=mid, spool_date=utcnow(), parent_id=mid)
+
+    settings = router.settings_for(smart, msg)
+
+    assert settings.auth == ("relay", "relay-pw")  # smarthost: the first route naming the hop
