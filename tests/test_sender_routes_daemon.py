@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 
 from tests.daemon_helpers import DaemonFactory, cli, sendmail, write_config
-from tests.smtp_server import StartServer, TlsCertificate
+from tests.smtp_server import SmtpTestServer, StartServer, TlsCertificate
 from tests.support import wait_until
 
 MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
@@ -45,6 +45,17 @@ def _with_identities(config: Path, base: str, hop: str, cert: Path, support_send
     config.write_text(text)
 
 
+async def _identities_hop(
+    start_smtp_server: StartServer, tls_certificate: TlsCertificate
+) -> SmtpTestServer:
+    """The shared next hop: STARTTLS, and a login for each identity."""
+    return await start_smtp_server(
+        tls_context=tls_certificate.server_context(),
+        accounts=ACCOUNTS,
+        auth_require_tls=True,
+    )
+
+
 async def _send(config: Path, sender: str) -> None:
     done = await sendmail(config, "-f", sender, "rcpt@example.com", stdin=MESSAGE)
     assert done.code == 0, done.err
@@ -56,11 +67,7 @@ async def test_two_identities_through_one_hop_each_with_its_own_login(
     start_smtp_server: StartServer,
     tls_certificate: TlsCertificate,
 ) -> None:
-    server = await start_smtp_server(
-        tls_context=tls_certificate.server_context(),
-        accounts=ACCOUNTS,
-        auth_require_tls=True,
-    )
+    server = await _identities_hop(start_smtp_server, tls_certificate)
     config = write_config(tmp_path, next_hops=[server.hop])
     _with_identities(
         config, config.read_text(), server.hop, tls_certificate.cert, '["@example.org"]'
@@ -96,11 +103,7 @@ async def test_a_reload_routes_new_mail_by_the_new_senders(
     start_smtp_server: StartServer,
     tls_certificate: TlsCertificate,
 ) -> None:
-    server = await start_smtp_server(
-        tls_context=tls_certificate.server_context(),
-        accounts=ACCOUNTS,
-        auth_require_tls=True,
-    )
+    server = await _identities_hop(start_smtp_server, tls_certificate)
     config = write_config(tmp_path, next_hops=[server.hop])
     base = config.read_text()
     cert = tls_certificate.cert

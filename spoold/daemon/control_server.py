@@ -480,16 +480,7 @@ class ControlServer:
         """Stream events until the client hangs up: noticed at once (not at
         the next event), so a gone subscriber frees its place at once."""
         async with self.spool.events() as events, anyio.create_task_group() as tg:
-
-            async def until_hung_up() -> None:
-                with contextlib.suppress(
-                    anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError
-                ):
-                    while True:
-                        await reader.receive()  # nothing more is expected: dropped
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(until_hung_up)
+            tg.start_soon(_cancel_when_hung_up, reader, tg.cancel_scope)
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 async for event in events:
                     await stream.send(encode_reply({"ok": True, "event": event.to_dict()}))
@@ -521,20 +512,12 @@ class ControlServer:
         reply: dict[str, Any] | None = None
         async with anyio.create_task_group() as tg:
 
-            async def until_hung_up() -> None:
-                with contextlib.suppress(
-                    anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError
-                ):
-                    while True:
-                        await reader.receive()  # nothing more is expected: dropped
-                tg.cancel_scope.cancel()
-
             async def outcome() -> None:
                 nonlocal reply
                 reply = await answer("wait", lambda: self._outcome(p.id, p.timeout))
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(until_hung_up)
+            tg.start_soon(_cancel_when_hung_up, reader, tg.cancel_scope)
             tg.start_soon(outcome)
         return reply
 
@@ -562,6 +545,17 @@ class ControlServer:
 SUBMISSION_CONTENT_BUDGET = 4
 """On the submission socket, the messages being read at once may add up to
 this many times the submit size limit (the rest are answered ``busy``)."""
+
+
+async def _cancel_when_hung_up(reader: BufferedByteReceiveStream, scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` as soon as the client hangs up (whatever it sends
+    meanwhile is dropped: nothing more is expected of it)."""
+    with contextlib.suppress(
+        anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError
+    ):
+        while True:
+            await reader.receive()
+    scope.cancel()
 
 
 def _user_busy(peer: PeerCredentials | None) -> str:
