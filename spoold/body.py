@@ -31,6 +31,7 @@ __all__ = [
     "LineEndingPolicy",
     "find_bare_line_ending",
     "normalize_line_endings",
+    "unstuff",
 ]
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -56,6 +57,12 @@ def find_bare_line_ending(content: bytes) -> int:
 def normalize_line_endings(content: bytes) -> bytes:
     """Every CR, LF or CRLF becomes CRLF."""
     return _ANY_EOL.sub(b"\r\n", content) if _BARE.search(content) else content
+
+
+def unstuff(wire: bytes) -> bytes:
+    """Wire bytes that start at the start of a line, with the dot-stuffing
+    undone (each line's leading ``.`` taken off once)."""
+    return _STUFF.sub(b"", wire)
 
 
 class Body:
@@ -116,7 +123,7 @@ class Body:
 
     def content(self) -> bytes:
         """The message as submitted (dot-stuffing undone; CRLF line endings)."""
-        return _STUFF.sub(b"", self._wire)
+        return unstuff(self._wire)
 
     def to_email(self) -> EmailMessage:
         parsed = email.message_from_bytes(self.content(), policy=email.policy.default)

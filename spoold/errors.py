@@ -41,6 +41,7 @@ __all__ = [
     "ControlError",
     "ControlErrorKind",
     "IdempotencyKeyError",
+    "DkimKeyError",
 ]
 
 
@@ -239,3 +240,9 @@ class ControlError(SpooldError):
 class IdempotencyKeyError(SpooldError, ValueError):
     """An idempotency key that cannot be used (empty, too long, or holding
     control characters)."""
+
+
+class DkimKeyError(SpooldError, ValueError):
+    """A DKIM signing key that cannot be used: its file cannot be read,
+    holds no private key, a key of another type than the algorithm says, or
+    an RSA key under 1024 bits. ``str(error)`` names the file."""

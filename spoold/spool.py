@@ -59,6 +59,7 @@ import anyio
 import anyio.abc
 
 from spoold.clock import Clock, SystemClock
+from spoold.dkim import DkimSigner
 from spoold.events import Subscription
 from spoold.history import History, Outcome
 from spoold.hooks import OnErrorHook, PresendHook, default_on_error, default_presend
@@ -171,6 +172,7 @@ class Spool:
     presend = _Part[PresendHook]()
     on_error = _Part[OnErrorHook]()
     reporting_mta = _Part[str]()
+    dkim = _Part[DkimSigner | None]()
 
     # One setting at a time: each reads :attr:`settings` and, assigned,
     # replaces it with a value that differs in that field. min_free_space:
@@ -202,6 +204,7 @@ class Spool:
         reporting_mta: str | None = None,
         limits: LimitsSource | None = None,
         policies: PolicySource | None = None,
+        dkim: DkimSigner | None = None,
     ) -> None:
         self._disk = ondisk
         self.clock = clock
@@ -221,6 +224,7 @@ class Spool:
             library=library,
             reporting_mta=reporting_mta or local_hostname(),
             settings=settings,
+            dkim=dkim,
         )
         self._state = state = SpoolState(ondisk, clock, parts)
         self._history = history = History(ondisk.dir)
@@ -269,6 +273,7 @@ class Spool:
         housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL,
         policies: PolicySource | None = None,
         settings: SpoolSettings | None = None,
+        dkim: DkimSigner | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -339,6 +344,11 @@ class Spool:
         (:class:`~spoold.settings.SpoolSettings`); given, it is used instead
         of those keyword arguments. Readable and replaceable while open
         through :attr:`settings`.
+        ``dkim``: the signing keys (:class:`~spoold.dkim.DkimSigner`): each
+        message added (:meth:`add`, :meth:`quarantine`) whose ``From:``
+        domain has a key gets its ``DKIM-Signature:`` fields once, before it
+        is written, so every attempt sends the same signed message. None:
+        nothing is signed. Replaceable through :attr:`dkim` (a reload).
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -390,6 +400,7 @@ class Spool:
                 reporting_mta=reporting_mta,
                 limits=limits,
                 policies=policies,
+                dkim=dkim,
             )
             cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
             await spool._loading.load(cut_short)

@@ -43,6 +43,7 @@ import anyio
 import msgspec
 
 from spoold.clock import Clock
+from spoold.dkim import DkimSigner
 from spoold.errors import SpoolClosedError
 from spoold.events import EventHub, EventKind, SpoolEvent, stream_form
 from spoold.hooks import OnErrorHook, PresendHook
@@ -104,9 +105,10 @@ class Routes(Protocol):
 class SpoolParts:
     """What the spool's owner may replace while it is open (a reload), each
     read by the rooms at its next use: the relay, the hooks, the routing,
-    the policy source, the name notifications report as, and the settings
+    the policy source, the name notifications report as, the settings
     value (:class:`~spoold.settings.SpoolSettings`: concurrency, retry
-    defaults, durability, crash rule, retention, periods).
+    defaults, durability, crash rule, retention, periods) and the DKIM
+    signer of new messages.
     :class:`~spoold.spool.Spool` shows each as an attribute."""
 
     relay: Relay
@@ -120,6 +122,8 @@ class SpoolParts:
     library: LibraryPolicies
     reporting_mta: str
     settings: SpoolSettings
+    # Signs each new message as it is added (None: nothing is signed).
+    dkim: DkimSigner | None = None
 
 
 class SpoolState:

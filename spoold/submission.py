@@ -5,7 +5,11 @@ process's :class:`~spoold.writer.SpoolWriter` add messages the same way:
 :func:`new_messages` checks the submission and makes its records (one per
 envelope), an ``idempotency_key`` is held from looking it up to recording
 the new ids (:mod:`spoold.idempotency`), and every record and body is
-durable on disk before the ids are returned. :class:`Submission` is that
+durable on disk before the ids are returned. A message whose ``From:``
+domain has a DKIM key is signed first, once (:mod:`spoold.dkim`, in a
+worker thread): the signature is part of the body written, so every
+attempt and every message of a fan-out sends the same signed bytes.
+:class:`Submission` is that
 path; the two differ only in what follows the write, which each gives as a
 subclass: the owner indexes the new messages, schedules them and publishes
 ``spooled`` (:class:`OwnerSubmission`); a writer wakes the owner, which
@@ -29,7 +33,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
+import anyio
+
 from spoold.address import validate_address, validate_recipients
+from spoold.body import Body
+from spoold.dkim import DkimSigner
 from spoold.errors import SpoolClosedError
 from spoold.events import EventKind
 from spoold.idempotency import KeyFiles
@@ -129,11 +137,13 @@ class Submission:
         keys: KeyFiles,
         settings: Callable[[], AddSettings],
         now: Callable[[], datetime],
+        signer: Callable[[], DkimSigner | None] = lambda: None,
     ) -> None:
         self._disk = disk
         self.keys = keys
         self._settings = settings
         self._now = now
+        self._signer = signer
 
     async def add(
         self,
@@ -200,6 +210,7 @@ class Submission:
         """Check ``batch`` and write its messages with ``status``; nothing
         follows (see :meth:`_written`)."""
         self._refuse_if_closing()
+        batch = await self._signed(batch, flows)
         new = new_messages(
             batch,
             status=status,
@@ -212,6 +223,26 @@ class Submission:
             submitter_uid=submitter_uid,
         )
         return await self._write(new)
+
+    async def _signed(self, batch: RoutedBatch, flows: Sequence[str]) -> RoutedBatch:
+        """``batch`` with its body DKIM-signed, when the signer has a key
+        for its ``From:`` domain; else as it is (logged with the reason)."""
+        signer = self._signer()
+        if not signer:
+            return batch
+        wire = batch.body.wire
+        # CPU work (0.2-0.5 ms for a small message, more for a large one):
+        # off the event loop. RSA signing lets go of the GIL.
+        outcome = await anyio.to_thread.run_sync(signer.sign, wire, self._now())
+        if not outcome.header:
+            log.info("not DKIM-signed", flows=list(flows), reason=outcome.reason)
+            return batch
+        log.debug(
+            "DKIM-signed",
+            flows=list(flows),
+            signatures=[f"d={d} s={s}" for d, s in outcome.signed_by],
+        )
+        return RoutedBatch(batch.envelopes, Body(outcome.header + wire))
 
     # ----------------------------------------------- what a subclass says
 
@@ -237,7 +268,13 @@ class OwnerSubmission(Submission):
     def __init__(
         self, state: SpoolState, keys: KeyFiles, schedule: Callable[[Entry], None]
     ) -> None:
-        super().__init__(state.disk, keys, lambda: state.parts.settings, state.clock.now)
+        super().__init__(
+            state.disk,
+            keys,
+            lambda: state.parts.settings,
+            state.clock.now,
+            lambda: state.parts.dkim,
+        )
         self._state = state
         self._index = state.index
         self._index_put = state.index_put

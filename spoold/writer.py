@@ -27,6 +27,7 @@ from pathlib import Path
 
 import anyio
 
+from spoold.dkim import DkimSigner
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
 from spoold.message import Message, RetryInterval, RoutedBatch
 from spoold.ondisk import NewMessage, OnDiskSpool
@@ -80,6 +81,9 @@ class SpoolWriter:
     ) -> None:
         self._disk = disk
         self._settings = settings
+        # Signs each new message (None: none); assigning a new one (a
+        # reload) applies it to the next add.
+        self.dkim: DkimSigner | None = None
         self._notifier = _Notifier(disk)
         self._submission = _WriterSubmission(disk, self, now, self._notifier)
 
@@ -96,6 +100,7 @@ class SpoolWriter:
         sync: SyncMode = "fsync",
         idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
         settings: WriterSettings | None = None,
+        dkim: DkimSigner | None = None,
     ) -> AsyncIterator[SpoolWriter]:
         """Open an existing spool directory for adding (never creates one,
         never takes its lock). ``min_free_space`` and ``idempotency_window``
@@ -103,7 +108,9 @@ class SpoolWriter:
         ``min_free_space``, ``sync`` and ``idempotency_window`` as one value
         (:class:`~spoold.settings.WriterSettings`), used instead of them;
         without it, ``default_retry_intervals`` is required. Replaceable
-        while open through :attr:`settings`. An exception raised in the body
+        while open through :attr:`settings`. ``dkim``: signs new messages
+        as the owner's does (:meth:`Spool.open <spoold.spool.Spool.open>`);
+        replaceable through :attr:`dkim`. An exception raised in the body
         comes out unchanged; a failure of the writer's own task, as
         :class:`~spoold.errors.SpoolFailedError`."""
         if settings is None:
@@ -125,6 +132,7 @@ class SpoolWriter:
         )
         try:
             writer = cls(disk, settings, now or utcnow)
+            writer.dkim = dkim
             async with own_tasks(f"spool writer on {disk.dir}") as tg:
                 tg.start_soon(writer._notifier.run)
                 try:
@@ -194,7 +202,9 @@ class _WriterSubmission(Submission):
         now: Callable[[], datetime],
         notifier: _Notifier,
     ) -> None:
-        super().__init__(disk, KeyFiles(disk.dir), lambda: writer.settings, now)
+        super().__init__(
+            disk, KeyFiles(disk.dir), lambda: writer.settings, now, lambda: writer.dkim
+        )
         self._notifier = notifier
 
     async def _write(self, new: Sequence[NewMessage]) -> list[Message]:

@@ -117,6 +117,7 @@ LIBRARY_ROWS: list[list[str]] = [
         "smtp_client",
         "connection_cache",
         "smtp_relay",
+        "dkim",
     ],
     # the spool's shared state, then its rooms
     ["state"],

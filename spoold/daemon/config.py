@@ -17,7 +17,10 @@ they set: ``[spool]`` gives the spool's :class:`~spoold.settings.SpoolSettings`
 (:attr:`SpoolConfig.settings`; an ingest worker's writer takes its
 ``.writer`` share), ``[relay]`` the connection cache's
 :class:`~spoold.connection_cache.CacheSettings` (:attr:`RelayConfig.cache`),
-and ``[smtp]`` is the SMTP listener's own value.
+and ``[smtp]`` is the SMTP listener's own value. Each ``[[dkim]]`` table
+is one signing key, read from its ``key_file`` and checked as the config is
+read (a key that cannot be used is a problem like any other), so a reload
+with a bad key is refused and the old keys stay.
 
 A reload builds a new :class:`Config` and the daemon swaps it in one step,
 one assignment per part (``spool.settings = new.spool.settings``);
@@ -43,7 +46,15 @@ from spoold import limits as _limits
 from spoold import settings as _settings
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import CacheSettings, TlsMode
-from spoold.errors import ConfigError
+from spoold.dkim import (
+    DEFAULT_SIGNED_HEADERS,
+    DkimAlgorithm,
+    DkimKey,
+    DkimSigner,
+    check_header_names,
+    load_key,
+)
+from spoold.errors import ConfigError, DkimKeyError
 from spoold.hops import parse_hop
 from spoold.hostname import check_hostname, local_hostname
 from spoold.limits import Rate, parse_rate
@@ -63,6 +74,8 @@ __all__ = [
     "HooksConfig",
     "RelayConfig",
     "RouteConfig",
+    "DkimConfig",
+    "dkim_signer",
     "load_config",
     "parse_config",
     "restart_needed",
@@ -290,6 +303,24 @@ def _optional_hostname(v: object) -> str:
     return check_hostname(text) if text else ""
 
 
+def _dkim_domain(v: object) -> str:
+    text = _str(v).strip().lower()
+    if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", text):
+        raise ValueError(f"expected a domain like 'example.org', got {v!r}")
+    return text
+
+
+def _selector(v: object) -> str:
+    text = _str(v).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?", text):
+        raise ValueError(f"expected a selector like 's2026' (letters, digits, - _ .), got {v!r}")
+    return text
+
+
+def _signed_headers(v: object) -> tuple[str, ...]:
+    return check_header_names(_list(_str)(v))
+
+
 _Span = Annotated[timedelta, _Read(parse_span)]
 _PositiveSpan = Annotated[timedelta, _Read(_positive_span)]
 _Size = Annotated[int, _Read(parse_size)]
@@ -462,6 +493,17 @@ class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
     helo_name: Annotated[str, _Read(_optional_hostname)] = ""  # "": the top-level hostname
 
 
+class DkimConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One ``[[dkim]]`` table: a signing key."""
+
+    domain: Annotated[str, _Read(_dkim_domain)]
+    selector: Annotated[str, _Read(_selector)]
+    key_file: _Path
+    algorithm: DkimAlgorithm = DkimAlgorithm.RSA_SHA256
+    headers: Annotated[tuple[str, ...], _Read(_signed_headers)] = DEFAULT_SIGNED_HEADERS
+    subdomains: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path
@@ -476,6 +518,13 @@ class Config:
     # The name spoold gives itself (banner, Received:, EHLO, Message-ID,
     # Reporting-MTA); default: the machine's (spoold.hostname).
     hostname: str = field(default_factory=local_hostname)
+    # The [[dkim]] tables' keys, read and checked, in the order written.
+    dkim: tuple[DkimKey, ...] = ()
+
+
+def dkim_signer(config: Config) -> DkimSigner | None:
+    """The signer of new messages (None: no ``[[dkim]]`` table)."""
+    return DkimSigner(config.dkim) if config.dkim else None
 
 
 def delivery_policy(config: Config) -> DeliveryPolicy:
@@ -684,6 +733,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     hooks = _read_table(HooksConfig, raw.get("hooks"), "hooks", problems, base)
     relay = _read_table(RelayConfig, raw.get("relay"), "relay", problems, base)
     routes = _read_routes(raw.get("routes", {}), problems, base)
+    dkim = _read_dkim(raw.get("dkim", []), problems, base)
 
     if relay.default_route and relay.default_route not in routes:
         problems.append(
@@ -706,10 +756,55 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         relay=relay,
         routes=routes,
         hostname=local_hostname() if hostname is None else hostname,  # looked up when left out
+        dkim=dkim,
     )
 
 
-_TABLES = ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes")
+_TABLES = ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes", "dkim")
+
+
+def _read_dkim(raw_keys: object, problems: list[str], base: Path) -> tuple[DkimKey, ...]:
+    """The ``[[dkim]]`` tables, each read and its key file loaded and
+    checked (``dkim[N]``, N from 0 in the order written); a selector of a
+    domain is given once."""
+    if not isinstance(raw_keys, list):
+        problems.append("dkim: expected tables [[dkim]]")
+        return ()
+    keys: list[DkimKey] = []
+    seen: dict[tuple[str, str], int] = {}
+    for n, body in enumerate(raw_keys):
+        prefix = f"dkim[{n}]"
+        before = len(problems)
+        table = _read_table(
+            DkimConfig,
+            body,
+            prefix,
+            problems,
+            base,
+            fallbacks={"domain": "", "selector": "", "key_file": Path()},
+        )
+        if len(problems) > before:
+            continue  # the key is read only from a table without problems
+        other = seen.setdefault((table.domain, table.selector), n)
+        if other != n:
+            problems.append(
+                f"{prefix}.selector: {table.selector} of {table.domain} is also dkim[{other}]'s"
+            )
+            continue
+        try:
+            keys.append(
+                load_key(
+                    table.key_file,
+                    domain=table.domain,
+                    selector=table.selector,
+                    algorithm=table.algorithm,
+                    headers=table.headers,
+                    subdomains=table.subdomains,
+                )
+            )
+        except DkimKeyError as exc:
+            problems.append(f"{prefix}.key_file: {exc}")
+    return tuple(keys)
 
 
 def _read_routes(raw_routes: object, problems: list[str], base: Path) -> dict[str, RouteConfig]:

@@ -58,6 +58,7 @@ from spoold.daemon import logs
 from spoold.daemon.config import (
     Config,
     SmtpConfig,
+    dkim_signer,
     load_config,
     restart_needed,
 )
@@ -74,6 +75,7 @@ from spoold.daemon.routing import Router
 from spoold.daemon.signals import Signals
 from spoold.daemon.systemd import Notifier, listen_fds, watchdog_interval
 from spoold.daemon.workers import IngestWorkers, worker_count
+from spoold.dkim import DkimSigner
 from spoold.errors import (
     ConfigError,
     SpooldError,
@@ -101,6 +103,7 @@ class _Live:
     presend: PresendHook | None
     on_error: OnErrorHook | None
     listener: ListenerSettings | None
+    dkim: DkimSigner | None
 
 
 def _build(config: Config) -> _Live:
@@ -112,7 +115,7 @@ def _build(config: Config) -> _Live:
     on_error = (
         cast(OnErrorHook, load_hook(config.hooks.on_error)) if config.hooks.on_error else None
     )
-    return _Live(config, router, presend, on_error, listener)
+    return _Live(config, router, presend, on_error, listener, dkim_signer(config))
 
 
 class Daemon:
@@ -199,6 +202,7 @@ class Daemon:
             routes=self.live.router,
             policies=self.live.router,
             reporting_mta=hostname,
+            dkim=self.live.dkim,
         ) as spool:
             self._spool = spool
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
@@ -390,6 +394,7 @@ class Daemon:
             spool.routes = live.router
             spool.policies = live.router
             spool.reporting_mta = cfg.hostname
+            spool.dkim = live.dkim
         if self._submitter is not None:
             self._submitter.hostname = cfg.hostname
         if self._workers is not None:

@@ -35,7 +35,7 @@ import anyio
 import structlog
 
 from spoold.daemon import logs
-from spoold.daemon.config import Config, load_config
+from spoold.daemon.config import Config, dkim_signer, load_config
 from spoold.daemon.ingest import Submitter
 from spoold.daemon.listener import ListenerSettings, SmtpListener, listener_settings
 from spoold.daemon.resources import (
@@ -46,6 +46,7 @@ from spoold.daemon.resources import (
 )
 from spoold.daemon.routing import Router
 from spoold.daemon.signals import Signals
+from spoold.dkim import DkimSigner
 from spoold.errors import ConfigError, SpooldError
 from spoold.writer import SpoolWriter
 
@@ -59,13 +60,14 @@ class _State:
     config: Config
     router: Router
     listener: ListenerSettings
+    dkim: DkimSigner | None
 
 
 def _build(config: Config) -> _State:
     """What a worker derives from a config (reads files: a worker thread)."""
     if config.smtp is None:
         raise SpooldError(f"{config.path}: [smtp] is off; an ingest worker has nothing to do")
-    return _State(config, Router(config), listener_settings(config.smtp))
+    return _State(config, Router(config), listener_settings(config.smtp), dkim_signer(config))
 
 
 async def run_worker(
@@ -116,7 +118,7 @@ async def _serve(
     restore = install_accept_error_handler(asyncio.get_running_loop(), failures)
     try:
         async with SpoolWriter.open(
-            config.spool.dir, settings=config.spool.settings.writer
+            config.spool.dir, settings=config.spool.settings.writer, dkim=state.dkim
         ) as writer:
             submitter = Submitter(writer, lambda: state.router, hostname=config.hostname)
             listener = SmtpListener(submitter, lambda: state.listener, accept_failures=failures)
@@ -170,6 +172,7 @@ async def _reload(state: _State, writer: SpoolWriter) -> _State:
         return state
     logs.configure(config.log.format, config.log.level)
     writer.settings = config.spool.settings.writer
+    writer.dkim = new.dkim
     log.info("ingest worker reloaded", pid=os.getpid())
     return new
 
