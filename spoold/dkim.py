@@ -3,7 +3,10 @@
 A :class:`DkimKey` is one signing key: the domain and selector it signs
 as, its algorithm (``rsa-sha256`` or ``ed25519-sha256``), the private key,
 the header fields it signs and whether it also signs for subdomains of its
-domain. :func:`load_key` reads one from a PEM file and checks it.
+domain. :func:`load_key` reads one from a PEM file and checks it;
+:func:`new_private_key` and :func:`write_new_key` make one (``spoold dkim
+keygen``) and :func:`public_key_record` / :func:`txt_strings` give the DNS
+record that publishes it.
 
 A :class:`DkimSigner` holds the keys of a spool. :meth:`DkimSigner.sign`
 takes a message in its wire form (as stored: CRLF, dot-stuffed) and gives
@@ -45,6 +48,7 @@ import base64
 import email.utils
 import functools
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -68,7 +72,10 @@ __all__ = [
     "DEFAULT_SIGNED_HEADERS",
     "MIN_RSA_BITS",
     "load_key",
+    "new_private_key",
+    "write_new_key",
     "public_key_record",
+    "txt_strings",
     "check_header_names",
 ]
 
@@ -259,6 +266,43 @@ def public_key_record(key: PrivateKey) -> str:
         return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+
+
+def new_private_key(algorithm: DkimAlgorithm | str, bits: int = 2048) -> PrivateKey:
+    """A new private key for ``algorithm`` (``bits``: an RSA key's size,
+    at least :data:`MIN_RSA_BITS`)."""
+    if DkimAlgorithm(algorithm) is DkimAlgorithm.ED25519_SHA256:
+        return ed25519.Ed25519PrivateKey.generate()
+    if not MIN_RSA_BITS <= bits <= 8192:
+        raise ValueError(f"an RSA key of {bits} bits: give {MIN_RSA_BITS} to 8192 (2048 is usual)")
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def write_new_key(path: str | Path, key: PrivateKey) -> None:
+    """Write ``key`` (PKCS#8 PEM, not encrypted) to a new file at ``path``,
+    mode 0600, durably. Never replaces a file: FileExistsError when
+    ``path`` exists (nothing is written then). Blocking I/O."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, pem)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def txt_strings(record: str, size: int = 255) -> list[str]:
+    """``record`` cut into the character-strings of one TXT record (each at
+    most 255 bytes; a resolver joins them back without a separator)."""
+    return [record[i : i + size] for i in range(0, len(record), size)] or [""]
 
 
 # ------------------------------------------------------------ signing

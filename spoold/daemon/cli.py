@@ -700,6 +700,82 @@ def reload(target: _Target) -> None:
     click.echo("reloaded")
 
 
+# ------------------------------------------------------------------ dkim
+
+
+@main.group()
+def dkim() -> None:
+    """DKIM signing keys."""
+
+
+@dkim.command()
+@click.argument("domain")
+@click.argument("selector")
+@click.option(
+    "--algorithm",
+    type=click.Choice(["rsa-sha256", "ed25519-sha256"]),
+    default="rsa-sha256",
+    show_default=True,
+    help="the key's algorithm",
+)
+@click.option(
+    "--bits", type=int, default=2048, show_default=True, help="RSA key size (rsa-sha256 only)"
+)
+@click.option(
+    "--directory",
+    metavar="DIR",
+    default=".",
+    show_default=True,
+    help="where to write DOMAIN.SELECTOR.key",
+)
+@click.option("--output", metavar="PATH", help="the key file to write (instead of --directory)")
+def keygen(
+    domain: str, selector: str, algorithm: str, bits: int, directory: str, output: str | None
+) -> None:
+    """Make a signing key for DOMAIN with SELECTOR: write it to a new file
+    (mode 0600; an existing file is never replaced) and print the DNS TXT
+    record to publish and the [[dkim]] table for the config."""
+    from spoold.dkim import (
+        DkimAlgorithm,
+        DkimKey,
+        new_private_key,
+        public_key_record,
+        txt_strings,
+        write_new_key,
+    )
+
+    alg = DkimAlgorithm(algorithm)
+    domain = domain.strip().rstrip(".").lower()
+    path = Path(output) if output else Path(directory) / f"{domain}.{selector}.key"
+    path = path.absolute()
+    try:
+        key = new_private_key(alg, bits)
+        # Checks domain and selector as the config will (a key of no use is not written).
+        DkimKey(domain, selector, alg, key)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    try:
+        write_new_key(path, key)
+    except FileExistsError:
+        _fail(f"{path} exists; a key is never overwritten (remove it, or give --output)", 1)
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror or exc}", 1)
+    record = public_key_record(key)
+    strings = " ".join(f'"{s}"' for s in txt_strings(record))
+    kind = "Ed25519" if alg is DkimAlgorithm.ED25519_SHA256 else f"RSA {bits}-bit"
+    click.echo(f"wrote {kind} key {path} (mode 0600)")
+    click.echo("")
+    click.echo("publish this TXT record:")
+    click.echo(f"{selector}._domainkey.{domain}. IN TXT ( {strings} )")
+    click.echo("")
+    click.echo("then add this table to the config and reload (spoold reload):")
+    click.echo("[[dkim]]")
+    click.echo(f'domain = "{domain}"')
+    click.echo(f'selector = "{selector}"')
+    click.echo(f'key_file = "{path}"')
+    click.echo(f'algorithm = "{alg.value}"')
+
+
 # --------------------------------------------------------------- sendmail
 
 
