@@ -389,7 +389,10 @@ def _parse_fields(head: bytes) -> list[tuple[bytes, bytes]] | None:
     """The header fields as (name, value with its CRLF), folding kept;
     None when a line is neither a field nor a continuation."""
     fields: list[tuple[bytes, bytes]] = []
-    for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
+    lines = head.split(b"\r\n")
+    if lines[-1] == b"":
+        lines.pop()  # what follows the last CRLF
+    for line in lines:
         if line[:1] in (b" ", b"\t") and fields:
             name, value = fields[-1]
             fields[-1] = (name, value + line + b"\r\n")

@@ -1,0 +1,419 @@
+"""DKIM signing (spoold/dkim.py) and where it happens: once, as a message
+is added (Spool.add, SpoolWriter.add), so every attempt sends the same
+signed bytes. Signatures are checked by dkimpy against a stub DNS and by
+the tests' own verifier (tests/dkim_helpers.py, from RFC 6376/8463)."""
+
+from __future__ import annotations
+
+import base64
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spoold import Body, RoutedBatch, RoutedEnvelope, SendAt, Spool, SpoolWriter
+from spoold.dkim import (
+    DkimAlgorithm,
+    DkimKey,
+    DkimSigner,
+    load_key,
+    new_private_key,
+    public_key_record,
+    txt_strings,
+    write_new_key,
+)
+from spoold.errors import DkimKeyError
+from spoold.spool import DEFAULT_RETRY_INTERVALS
+from spoold.testing import FakeClock, InMemoryRelay
+from tests.dkim_helpers import (
+    BadSignature,
+    StubDns,
+    dkimpy_verify_all,
+    key_file,
+    signature_fields,
+    verify_all,
+)
+from tests.spool_helpers import OK, TRY_LATER, status_of
+from tests.support import wait_until
+
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+# Made once: RSA key generation takes a while.
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_KEY_2 = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+ED_KEY = ed25519.Ed25519PrivateKey.generate()
+
+MESSAGE = (
+    "From: Jane Doe <jane@Example.ORG>\r\n"
+    "To: bob@example.com,\r\n"
+    "\tcarol@example.com\r\n"
+    "Subject:   Grüße   aus  Köln \r\n"
+    "Date: Sun, 06 Dec 2026 12:00:00 +0000\r\n"
+    "Message-ID: <1@example.org>\r\n"
+    "MIME-Version: 1.0\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+    "Content-Transfer-Encoding: 8bit\r\n"
+    "\r\n"
+    ".a line that starts with a dot\r\n"
+    "..and one with two\r\n"
+    ".\r\n"
+    "8-bit text: Grüße, naïve café, 日本語  with   spaces \t\r\n"
+    + "long "
+    * 300  # 1,500 characters on one line (over SMTP's 998)
+    + "\r\n"
+    "\r\n"
+    "\r\n"
+).encode()
+
+
+def key(domain: str, selector: str, private: object = ED_KEY, **kw: object) -> DkimKey:
+    alg = (
+        DkimAlgorithm.RSA_SHA256
+        if isinstance(private, rsa.RSAPrivateKey)
+        else DkimAlgorithm.ED25519_SHA256
+    )
+    return DkimKey(domain, selector, alg, private, **kw)  # type: ignore[arg-type]
+
+
+def dns_for(*keys: DkimKey) -> StubDns:
+    dns = StubDns()
+    for k in keys:
+        dns.publish(k.domain, k.selector, public_key_record(k.private_key))
+    return dns
+
+
+def signed(signer: DkimSigner, content: bytes) -> tuple[bytes, str]:
+    """The message as a next hop gets it (content, not dot-stuffed) and
+    the reason when unsigned."""
+    body = Body.from_content(content)
+    outcome = signer.sign(body.wire, NOW)
+    return outcome.header + body.content(), outcome.reason
+
+
+# ------------------------------------------------------------ the signer
+
+
+@pytest.mark.parametrize("private", [RSA_KEY, ED_KEY], ids=["rsa-sha256", "ed25519-sha256"])
+def test_a_signature_verifies_for_both_algorithms(private: object) -> None:
+    k = key("example.org", "s1", private)
+    message, _ = signed(DkimSigner([k]), MESSAGE)
+    dns = dns_for(k)
+    assert verify_all(message, dns) == [("example.org", "s1")]
+    assert dkimpy_verify_all(message, dns) == 1
+    (tags,) = signature_fields(message)
+    assert tags["a"] == k.algorithm.value
+    assert tags["c"] == "relaxed/relaxed"
+    assert tags["t"] == str(int(NOW.timestamp()))
+    signed_names = tags["h"].split(":")
+    assert signed_names.count("from") == 2  # oversigned: From once more than present
+    assert {"to", "subject", "date", "message-id", "content-type"} <= set(signed_names)
+    assert "l" not in tags  # the whole body is signed
+
+
+def test_two_keys_of_one_domain_give_two_valid_signatures() -> None:
+    """A rotation (two RSA selectors) and RSA beside Ed25519: one each."""
+    keys = [
+        key("example.org", "old", RSA_KEY_2),
+        key("example.org", "new", RSA_KEY),
+        key("example.org", "ed", ED_KEY),
+    ]
+    message, _ = signed(DkimSigner(keys), MESSAGE)
+    dns = dns_for(*keys)
+    assert verify_all(message, dns) == [
+        ("example.org", "old"),
+        ("example.org", "new"),
+        ("example.org", "ed"),
+    ]
+    assert dkimpy_verify_all(message, dns) == 3
+
+
+def test_a_changed_message_fails_the_verifiers() -> None:
+    """The verifiers are not yes-machines."""
+    k = key("example.org", "s1", RSA_KEY)
+    message, _ = signed(DkimSigner([k]), MESSAGE)
+    dns = dns_for(k)
+    for changed in (
+        message.replace("naïve".encode(), b"naive"),  # the body
+        message.replace(b"Subject:   Gr", b"Subject: Re: Gr"),  # a signed header
+        message.replace(b"From: Jane", b"From: Mallory <m@evil.example>\r\nFrom: Jane"),
+    ):
+        with pytest.raises(BadSignature):
+            verify_all(changed, dns)
+        assert not __import__("dkim").verify(changed, dnsfunc=dns.dkimpy)
+    # What relaxed canonicalisation forgives: folding and whitespace.
+    refolded = message.replace(b"Subject:   Gr\xc3\xbc\xc3\x9fe", b"Subject: Gr\xc3\xbc\xc3\x9fe")
+    assert verify_all(refolded, dns) == [("example.org", "s1")]
+
+
+@pytest.mark.parametrize(
+    ("from_field", "subdomains", "signs"),
+    [
+        ("jane@example.org", False, True),
+        ("jane@EXAMPLE.org", False, True),  # case does not matter
+        ("jane@mail.example.org", False, False),
+        ("jane@mail.example.org", True, True),
+        ("jane@deep.mail.example.org", True, True),
+        ("jane@notexample.org", True, False),  # not a subdomain, only a suffix
+        ("jane@example.net", True, False),
+    ],
+)
+def test_which_from_domains_a_key_signs(from_field: str, subdomains: bool, signs: bool) -> None:
+    k = key("example.org", "s1", subdomains=subdomains)
+    message, reason = signed(
+        DkimSigner([k]), f"From: {from_field}\r\nSubject: x\r\n\r\nhi\r\n".encode()
+    )
+    assert bool(signature_fields(message)) is signs, reason
+    if signs:
+        assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+        assert dkimpy_verify_all(message, dns_for(k)) == 1
+
+
+def test_the_most_specific_domain_signs() -> None:
+    parent = key("example.org", "p", subdomains=True)
+    child = key("mail.example.org", "c")
+    signer = DkimSigner([parent, child])
+    message, _ = signed(signer, b"From: a@mail.example.org\r\n\r\nhi\r\n")
+    assert verify_all(message, dns_for(parent, child)) == [("mail.example.org", "c")]
+    message, _ = signed(signer, b"From: a@other.example.org\r\n\r\nhi\r\n")
+    assert verify_all(message, dns_for(parent, child)) == [("example.org", "p")]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"Subject: no from\r\n\r\nhi\r\n", "no From: field"),
+        (b"From: a@example.org\r\nFrom: b@example.org\r\n\r\nhi\r\n", "more than one From"),
+        (b"From: a@example.org, b@example.org\r\n\r\nhi\r\n", "exactly one address"),
+        (b"From: undisclosed\r\n\r\nhi\r\n", "exactly one address"),
+        (b"From: a@example.net\r\n\r\nhi\r\n", "no key for example.net"),
+        (b"From a@example.org Sun Dec  6\r\nFrom: a@example.org\r\n\r\nhi\r\n", "malformed"),
+        (b"", "no From: field"),
+    ],
+)
+def test_a_message_that_cannot_be_signed_is_left_as_it_is(content: bytes, reason: str) -> None:
+    message, why = signed(DkimSigner([key("example.org", "s1")]), content)
+    assert message == Body.from_content(content).content()
+    assert reason in why
+
+
+def test_an_internationalised_from_domain_is_matched_as_its_a_label() -> None:
+    k = key("bücher.example", "s1")
+    assert k.domain == "xn--bcher-kva.example"
+    message, _ = signed(DkimSigner([k]), "From: a@BÜCHER.example\r\n\r\nhi\r\n".encode())
+    assert verify_all(message, dns_for(k)) == [("xn--bcher-kva.example", "s1")]
+
+
+def test_headers_to_sign_can_be_chosen_and_from_is_always_oversigned() -> None:
+    k = key("example.org", "s1", headers=("From", "Subject", "X-Campaign"))
+    content = (
+        b"From: a@example.org\r\nTo: b@example.com\r\nSubject: s\r\nX-Campaign: 7\r\n\r\nhi\r\n"
+    )
+    message, _ = signed(DkimSigner([k]), content)
+    (tags,) = signature_fields(message)
+    assert tags["h"] == "from:subject:x-campaign:from"
+    assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+    # To: is not signed: changing it keeps the signature valid.
+    assert verify_all(message.replace(b"To: b@", b"To: c@"), dns_for(k))
+    with pytest.raises(ValueError, match="must hold From"):
+        key("example.org", "s1", headers=("Subject",))
+    with pytest.raises(ValueError, match="cannot be signed"):
+        key("example.org", "s1", headers=("From", "DKIM-Signature"))
+
+
+lines = st.lists(
+    st.text(alphabet=" \t.ax\u00e9", max_size=12).map(lambda s: s.encode()), max_size=12
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(body_lines=lines, chunk=st.sampled_from([1, 3, 64, 1 << 16]))
+def test_any_body_verifies_whatever_the_chunk_size(body_lines: list[bytes], chunk: int) -> None:
+    """The body is hashed a chunk of lines at a time: every cut gives the
+    canonical body both verifiers compute from the whole."""
+    import spoold.dkim as module
+
+    old = module._CHUNK
+    module._CHUNK = chunk
+    try:
+        k = key("example.org", "s1")
+        content = b"From: a@example.org\r\n\r\n" + b"".join(x + b"\r\n" for x in body_lines)
+        message, _ = signed(DkimSigner([k]), content)
+    finally:
+        module._CHUNK = old
+    assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+    assert dkimpy_verify_all(message, dns_for(k)) == 1
+
+
+# ------------------------------------------------------------ keys
+
+
+def test_load_key_reads_pem_keys_and_checks_them(tmp_path: Path) -> None:
+    rsa_path = key_file(tmp_path, "rsa.key", RSA_KEY)
+    loaded = load_key(rsa_path, domain="Example.org", selector="s1", algorithm="rsa-sha256")
+    assert loaded.domain == "example.org" and loaded.source == str(rsa_path)
+    pkcs1 = tmp_path / "pkcs1.key"
+    pkcs1.write_bytes(
+        RSA_KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    load_key(pkcs1, domain="example.org", selector="s1", algorithm="rsa-sha256")
+    ed_path = key_file(tmp_path, "ed.key", ED_KEY)
+    load_key(ed_path, domain="example.org", selector="s1", algorithm="ed25519-sha256")
+    seed = tmp_path / "seed.key"  # what dkimpy's dknewkey writes for Ed25519
+    seed.write_bytes(
+        base64.b64encode(
+            ED_KEY.private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+        )
+        + b"\n"
+    )
+    load_key(seed, domain="example.org", selector="s1", algorithm="ed25519-sha256")
+
+
+def test_a_key_that_cannot_be_used_is_a_clear_error_naming_the_file(tmp_path: Path) -> None:
+    def error(path: Path, algorithm: str = "rsa-sha256") -> str:
+        with pytest.raises(DkimKeyError) as caught:
+            load_key(path, domain="example.org", selector="s1", algorithm=algorithm)
+        assert str(path) in str(caught.value)
+        return str(caught.value)
+
+    assert "cannot read" in error(tmp_path / "missing.key")
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not a key\n")
+    assert "not a PEM private key" in error(garbage)
+    broken = tmp_path / "broken.key"
+    broken.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    assert "not a usable PEM private key" in error(broken)
+    public = tmp_path / "public.pem"
+    public.write_bytes(
+        RSA_KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    assert "not a usable PEM private key" in error(public)
+    ed_path = key_file(tmp_path, "ed.key", ED_KEY)
+    assert "holds an Ed25519 key, but the algorithm is rsa-sha256" in error(ed_path)
+    rsa_path = key_file(tmp_path, "rsa.key", RSA_KEY)
+    assert "holds an RSA key, but the algorithm is ed25519-sha256" in error(
+        rsa_path, "ed25519-sha256"
+    )
+    ec_path = key_file(tmp_path, "ec.key", ec.generate_private_key(ec.SECP256R1()))  # type: ignore[arg-type]
+    assert "but the algorithm is rsa-sha256" in error(ec_path)
+    small = Path(__file__).parent / "fixtures" / "dkim-rsa-512.key"  # too small to be made here
+    assert "512-bit RSA key" in error(small)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        RSA_KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    assert "encrypted" in error(encrypted)
+    assert "unknown algorithm" in error(rsa_path, "rsa-sha1")
+    if os.geteuid() != 0:  # root reads any file
+        rsa_path.chmod(0)
+        assert "Permission denied" in error(rsa_path)
+
+
+def test_write_new_key_is_0600_and_never_replaces_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "k.key"
+    old_umask = os.umask(0)
+    try:
+        write_new_key(path, new_private_key("ed25519-sha256"))
+    finally:
+        os.umask(old_umask)
+    assert path.stat().st_mode & 0o777 == 0o600
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError):
+        write_new_key(path, new_private_key("ed25519-sha256"))
+    assert path.read_bytes() == before
+    assert txt_strings("x" * 600) == ["x" * 255, "x" * 255, "x" * 90]
+
+
+# ------------------------------------------------ signing in the add path
+
+
+def envelope_batch(content: bytes) -> RoutedBatch:
+    env = RoutedEnvelope("jane@example.org", ["a@example.com"], ["mx.example:25"])
+    return RoutedBatch([env], Body.from_content(content))
+
+
+async def test_spool_add_signs_once_and_a_retry_sends_the_same_bytes(tmp_path: Path) -> None:
+    k = key("example.org", "s1", RSA_KEY)
+    answers = [TRY_LATER, OK]
+    relay = InMemoryRelay(respond=lambda _m, _r: answers.pop(0))
+    clock = FakeClock(NOW)
+    with anyio.fail_after(20):
+        async with Spool.open(tmp_path, relay=relay, clock=clock, dkim=DkimSigner([k])) as spool:
+            (mid,) = await spool.add(envelope_batch(MESSAGE))
+            stored = (tmp_path / "data" / mid).read_bytes()
+            assert stored.startswith(b"DKIM-Signature:")
+            await wait_until(
+                lambda: isinstance(status_of(spool, mid), SendAt), "the first attempt to fail"
+            )
+            clock.advance(timedelta(days=1))  # past the retry timer
+            outcome = await spool.wait(mid, timeout=10)
+    assert outcome.kind.value == "delivered"
+    sent = [wire for _, _, wire in relay.delivered]
+    assert len(sent) == 1 and sent[0] == stored  # the stored bytes, not signed again
+    message = Body(sent[0]).content()
+    assert len(signature_fields(message)) == 1
+    assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+    assert dkimpy_verify_all(message, dns_for(k)) == 1
+
+
+async def test_a_writer_signs_and_a_new_signer_applies_to_the_next_add(tmp_path: Path) -> None:
+    old, new = key("example.org", "old"), key("example.org", "new", RSA_KEY)
+    relay = InMemoryRelay()
+    with anyio.fail_after(20):
+        async with (
+            Spool.open(tmp_path, relay=relay) as spool,
+            SpoolWriter.open(
+                tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS, dkim=DkimSigner([old])
+            ) as writer,
+        ):
+            (first,) = await writer.add(envelope_batch(MESSAGE))
+            writer.dkim = DkimSigner([new])
+            (second,) = await writer.add(envelope_batch(MESSAGE))
+            spool.dkim = DkimSigner([old, new])  # the owner's add signs too
+            (third,) = await spool.add(envelope_batch(MESSAGE))
+            spool.dkim = None
+            (fourth,) = await spool.add(envelope_batch(MESSAGE))
+            await wait_until(lambda: len(relay.delivered) == 4, "four deliveries")
+    by_id = {mid: Body(wire).content() for mid, _, wire in relay.delivered}
+    dns = dns_for(old, new)
+    assert verify_all(by_id[first], dns) == [("example.org", "old")]
+    assert verify_all(by_id[second], dns) == [("example.org", "new")]
+    assert verify_all(by_id[third], dns) == [("example.org", "old"), ("example.org", "new")]
+    assert verify_all(by_id[fourth], dns) == []
+    assert by_id[fourth] == MESSAGE
+
+
+async def test_a_fan_out_shares_one_signature(tmp_path: Path) -> None:
+    """One submission, two routes: both messages carry the same signature."""
+    k = key("example.org", "s1")
+    envs = [
+        RoutedEnvelope("jane@example.org", ["a@example.com"], ["mx1.example:25"]),
+        RoutedEnvelope("jane@example.org", ["b@example.net"], ["mx2.example:25"]),
+    ]
+    relay = InMemoryRelay()
+    with anyio.fail_after(20):
+        async with Spool.open(tmp_path, relay=relay, dkim=DkimSigner([k])) as spool:
+            await spool.add(RoutedBatch(envs, Body.from_content(MESSAGE)))
+            await wait_until(lambda: len(relay.delivered) == 2, "two deliveries")
+    first, second = (Body(wire).content() for _, _, wire in relay.delivered)
+    assert first == second
+    assert verify_all(first, dns_for(k)) == [("example.org", "s1")]
