@@ -73,6 +73,16 @@ Usage::
     bench/vs_postfix.sh --quick              # small counts, 1 round: a smoke run
     bench/vs_postfix.sh --scenarios a,c --rounds 5 --spoold-set relay.max_connections_per_hop=20
     bench/vs_postfix.sh --scenarios a --reference-spoold /tmp/before/.venv/bin/spoold
+    bench/vs_postfix.sh --scenarios a --dkim none,rsa,ed25519   # what signing costs
+
+``--dkim none,rsa,ed25519`` runs scenarios a and b with several spoold
+variants next to each other in the same run, alternated with the reference
+round by round: ``none`` signs nothing, ``rsa`` signs every message with a
+throwaway 2048-bit RSA key and ``ed25519`` with an Ed25519 key (made by
+``spoold dkim keygen`` in the variant's directory; smtp-source's ``From:``
+is the sender's domain, example.com). Each variant gets its own rows; a
+signing variant whose log says a message went unsigned fails the run. The
+default is ``none`` alone, as before.
 
 ``--reference-spoold`` makes another build of spoold (an older commit's, in
 a checkout and venv of its own) the reference of a and b instead of Postfix:
@@ -115,6 +125,9 @@ SENDER = "bench-sender@example.com"
 RECIPIENT = "bench-rcpt@example.com"
 WARM_UP = 20  # messages through each server before a scenario's first run (not measured)
 QUEUE_DRAIN_TIMEOUT = 120.0  # seconds for a queue to empty once the sink has everything
+DKIM_DOMAIN = SENDER.rpartition("@")[2]  # smtp-source's From: is the envelope sender
+DKIM_VARIANTS = {"none": None, "rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
+DKIM_TITLES = {"none": "unsigned", "rsa": "DKIM RSA-2048", "ed25519": "DKIM Ed25519"}
 
 
 class BenchError(Exception):
@@ -621,8 +634,10 @@ class SpooldInstance:
         log_level: str,
         overrides: dict[str, dict[str, Any]],
         name: str = "spoold",
+        dkim: str = "none",
     ) -> None:
         self.name = name
+        self.dkim = dkim  # a key of DKIM_VARIANTS
         self.home = home
         self.binary = binary
         self.port = free_port()
@@ -649,10 +664,22 @@ class SpooldInstance:
         for table, keys in self.tables.items():
             out.append(f"\n[{table}]")
             out.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
+        algorithm = DKIM_VARIANTS[self.dkim]
+        if algorithm is not None:
+            out.append("\n[[dkim]]")
+            out.append(f"domain = {toml_value(DKIM_DOMAIN)}")
+            out.append('selector = "bench"')
+            out.append('key_file = "dkim.key"')
+            out.append(f"algorithm = {toml_value(algorithm)}")
         return "\n".join(out) + "\n"
 
     def __enter__(self) -> SpooldInstance:
         self.home.mkdir(mode=0o755)
+        algorithm = DKIM_VARIANTS[self.dkim]
+        if algorithm is not None:  # a throwaway key, made as an operator would
+            keygen = [self.binary, "dkim", "keygen", DKIM_DOMAIN, "bench"]
+            keygen += ["--algorithm", algorithm, "--output", str(self.home / "dkim.key")]
+            run(keygen, timeout=60)
         self.config_path.write_text(self.config_text())
         # Our end of the systemd notify protocol: READY=1 says spoold serves.
         # It stays open and drained while spoold runs (it sends STATUS= lines).
@@ -716,6 +743,15 @@ class SpooldInstance:
         out = run([self.binary, "--socket", str(self.socket_path), "count"], timeout=30).stdout
         return {k: int(v) for k, v in (line.split() for line in out.splitlines() if line.strip())}
 
+    def check_signed(self) -> None:
+        """A signing variant must have signed every message: its log has no
+        ``not DKIM-signed`` line."""
+        if DKIM_VARIANTS[self.dkim] is None:
+            return
+        with open(self.log_path, "rb") as log:
+            if any(b'"not DKIM-signed"' in line for line in log):
+                raise BenchError(f"{self.name}: messages went unsigned (see its log)")
+
     def wait_empty(self) -> None:
         def empty() -> bool:
             counts = self.counts()
@@ -747,6 +783,7 @@ class Metric:
     fmt: str = "{:.0f}"
     ref: list[float] = field(default_factory=list)
     spoold: list[float] = field(default_factory=list)
+    variant: str = ""  # which spoold variant (--dkim), when several ran
 
     @staticmethod
     def summary(values: Sequence[float], fmt: str) -> str:
@@ -772,9 +809,10 @@ class Metric:
         def fmt(values: list[float]) -> str:
             return ", ".join(self.fmt.format(v) for v in values)
 
+        spoold = f"spoold ({self.variant})" if self.variant else "spoold"
         return (
             f"{self.scenario} {self.label}: {self.reference} {fmt(self.ref)}; "
-            f"spoold {fmt(self.spoold)}"
+            f"{spoold} {fmt(self.spoold)}"
         )
 
 
@@ -800,6 +838,8 @@ class Plan:
     settle: float = 0.0
     # Another build of spoold as the reference of a and b, instead of Postfix.
     reference_spoold: str | None = None
+    # The spoold variants of a and b, by DKIM signing (keys of DKIM_VARIANTS).
+    dkim: tuple[str, ...] = ("none",)
 
     @property
     def reference(self) -> str:
@@ -837,12 +877,25 @@ def throughput_scenario(
 ) -> list[Metric]:
     n = plan.counts[key]
     ref_name = plan.reference
-    ingest = Metric(key, title.format(n=n), "ingest msg/s", ref_name)
-    e2e = Metric(key, title.format(n=n), "end to end msg/s", ref_name)
-    cpu = Metric(
-        key, title.format(n=n), "server CPU ms per message (lower is better)", ref_name, "{:.2f}"
-    )
-    print(f"\n== {key}: {ingest.title}", flush=True)
+    variants = plan.dkim
+    named = variants != ("none",)  # rows and names say which variant
+    metrics: dict[str, tuple[Metric, Metric, Metric]] = {}
+    for variant in variants:
+        shown = title.format(n=n) + (f", {DKIM_TITLES[variant]}" if named else "")
+        label = DKIM_TITLES[variant] if named else ""
+        metrics[variant] = (
+            Metric(key, shown, "ingest msg/s", ref_name, variant=label),
+            Metric(key, shown, "end to end msg/s", ref_name, variant=label),
+            Metric(
+                key,
+                shown,
+                "server CPU ms per message (lower is better)",
+                ref_name,
+                "{:.2f}",
+                variant=label,
+            ),
+        )
+    print(f"\n== {key}: {title.format(n=n)}", flush=True)
     home = workdir / key
     home.mkdir()
     with contextlib.ExitStack() as stack:
@@ -860,14 +913,22 @@ def throughput_scenario(
             )
         else:
             reference = PostfixInstance(home / "postfix", sink.port, logs)
-        servers: list[Server] = [
-            stack.enter_context(reference),
-            stack.enter_context(
-                SpooldInstance(
-                    home / "spoold", plan.spoold, sink.port, logs, plan.log_level, plan.overrides
-                )
-            ),
-        ]
+        servers: list[Server] = [stack.enter_context(reference)]
+        variant_of: dict[int, str] = {}
+        for variant in variants:
+            name = f"spoold-{variant}" if named else "spoold"
+            server = SpooldInstance(
+                home / name,
+                plan.spoold,
+                sink.port,
+                logs,
+                plan.log_level,
+                plan.overrides,
+                name=name,
+                dkim=variant,
+            )
+            servers.append(stack.enter_context(server))
+            variant_of[id(server)] = variant
         warm_up(servers, n, plan.timeout)
         for rnd in range(1, plan.rounds + 1):
             for server in servers:
@@ -886,17 +947,25 @@ def throughput_scenario(
                 if got != n:
                     raise BenchError(f"{server.name}: the sink got {got} messages, not {n}")
                 r_ingest, r_e2e = n / (t1 - t0), n / (t2 - t0)
-                is_ref = server is servers[0]
-                (ingest.ref if is_ref else ingest.spoold).append(r_ingest)
-                (e2e.ref if is_ref else e2e.spoold).append(r_e2e)
-                (cpu.ref if is_ref else cpu.spoold).append(cpu_ms)
+                if server is servers[0]:  # the reference: in every variant's rows
+                    for ingest, e2e, cpu in metrics.values():
+                        ingest.ref.append(r_ingest)
+                        e2e.ref.append(r_e2e)
+                        cpu.ref.append(cpu_ms)
+                else:
+                    assert isinstance(server, SpooldInstance)
+                    server.check_signed()
+                    ingest, e2e, cpu = metrics[variant_of[id(server)]]
+                    ingest.spoold.append(r_ingest)
+                    e2e.spoold.append(r_e2e)
+                    cpu.spoold.append(cpu_ms)
                 print(
                     f"{key} round {rnd} {server.name:9s} ingest {r_ingest:7.1f} msg/s "
                     f"({t1 - t0:6.2f} s)   end to end {r_e2e:7.1f} msg/s ({t2 - t0:6.2f} s)"
                     f"   CPU {cpu_ms:.2f} ms/msg",
                     flush=True,
                 )
-    return [ingest, e2e, cpu]
+    return [m for variant in variants for m in metrics[variant]]
 
 
 def message_bytes(token: str, seq: int) -> bytes:
@@ -1306,6 +1375,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="for a and b: another spoold command (e.g. an older commit's) as the reference, "
         "alternated with --spoold in the same run, instead of Postfix",
     )
+    p.add_argument(
+        "--dkim",
+        default="none",
+        help="for a and b: spoold variants run next to each other, comma-separated from "
+        "none,rsa,ed25519 (DKIM signing off, RSA-2048, Ed25519; default none)",
+    )
     p.add_argument("--python", help="Python for scenario d (default: the one beside --spoold)")
     p.add_argument("--results", help="Markdown file to append to (default bench/RESULTS.md)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per step (default 600)")
@@ -1338,6 +1413,9 @@ def main(argv: Sequence[str]) -> int:
     unknown = set(scenarios) - set(DEFAULT_COUNTS)
     if unknown or not scenarios:
         raise SystemExit(f"--scenarios: choose from a,b,c,d (got {args.scenarios!r})")
+    dkim = tuple(v.strip() for v in args.dkim.split(",") if v.strip())
+    if not dkim or set(dkim) - set(DKIM_VARIANTS) or len(set(dkim)) != len(dkim):
+        raise SystemExit(f"--dkim: choose from none,rsa,ed25519, each once (got {args.dkim!r})")
     counts = dict(QUICK_COUNTS if args.quick else DEFAULT_COUNTS)
     if args.count is not None:
         counts = dict.fromkeys(counts, args.count)
@@ -1356,6 +1434,7 @@ def main(argv: Sequence[str]) -> int:
         reference_spoold=(
             str(Path(args.reference_spoold).absolute()) if args.reference_spoold else None
         ),
+        dkim=dkim,
     )
     if plan.reference_spoold and set(scenarios) - {"a", "b"}:
         raise SystemExit("--reference-spoold: only scenarios a and b take another reference")

@@ -62,6 +62,8 @@ def normalize_line_endings(content: bytes) -> bytes:
 def unstuff(wire: bytes) -> bytes:
     """Wire bytes that start at the start of a line, with the dot-stuffing
     undone (each line's leading ``.`` taken off once)."""
+    if not wire.startswith(b".") and b"\n." not in wire:
+        return wire  # the common case: no line starts with a dot
     return _STUFF.sub(b"", wire)
 
 
