@@ -245,6 +245,13 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("installed",),
+        r"/etc/spoold/dkim\b",
+        "{sandbox}/config/dkim",
+        "the sandbox's config directory holds the DKIM keys of the installed one's",
+        output=True,
+    ),
+    Rule(
+        ("installed",),
         r"/var/lib/spoold/spool\b",
         "{sandbox}/var/spool",
         "the sandbox's spool stands in for the installed one",
