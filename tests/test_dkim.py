@@ -192,6 +192,9 @@ def test_the_most_specific_domain_signs() -> None:
         (b"From: a@example.org, b@example.org\r\n\r\nhi\r\n", "exactly one address"),
         (b"From: undisclosed\r\n\r\nhi\r\n", "exactly one address"),
         (b"From: a@example.net\r\n\r\nhi\r\n", "no key for example.net"),
+        # The display name is not the address: this is mail from evil.example.
+        (b'From: "boss@example.org" <x@evil.example>\r\n\r\nhi\r\n', "no key for evil.example"),
+        (b"From: <x@example.org.evil.example>\r\n\r\nhi\r\n", "no key for example.org.evil"),
         (b"From a@example.org Sun Dec  6\r\nFrom: a@example.org\r\n\r\nhi\r\n", "malformed"),
         (b"", "no From: field"),
     ],
