@@ -36,6 +36,7 @@ from typing import Protocol
 import anyio
 
 from spoold.address import validate_address, validate_recipients
+from spoold.body import Body
 from spoold.dkim import DkimSigner
 from spoold.errors import SpoolClosedError
 from spoold.events import EventKind
@@ -237,12 +238,17 @@ class Submission:
         return await self._write(new)
 
     async def _signature(self, batch: RoutedBatch, flows: Sequence[str]) -> bytes:
-        """The DKIM-Signature fields of ``batch``'s body, when the signer has
-        a key for its ``From:`` domain; else b"" (logged with the reason)."""
+        return await self.signature(batch.body, flows)
+
+    async def signature(self, body: Body, flows: Sequence[str]) -> bytes:
+        """The DKIM-Signature fields of ``body``, to write before it, when
+        the signer has a key for its ``From:`` domain; else b"" (logged
+        with the reason). A notice the spool makes (a DSN) is signed with
+        this too."""
         signer = self._signer()
         if not signer:
             return b""
-        wire = batch.body.wire
+        wire = body.wire
         # CPU work (0.2-0.5 ms for a small message, more for a large one):
         # off the event loop. RSA signing lets go of the GIL.
         outcome = await anyio.to_thread.run_sync(signer.sign, wire, self._now())

@@ -129,6 +129,7 @@ class Transitions:
         self._poke = scheduler.poke
         self._gate = scheduler.gate
         self._add_to_disk = submission.add_to_disk
+        self._signature = submission.signature  # DKIM, for the notices made here
         self._history = history
         self._rng = rng
 
@@ -372,7 +373,9 @@ class Transitions:
                 msg.retry_intervals = intervals
                 return msg
 
-            (added,) = await self._add_to_disk([NewMessage(wire, SEND_NOW, build)])
+            signature = await self._signature(wire, original.flows)
+            signed = (lambda _mid: signature) if signature else None
+            (added,) = await self._add_to_disk([NewMessage(wire, SEND_NOW, build, signed)])
         except (SpooldError, OSError, ValueError) as exc:
             mlog.error("could not add a delivery status notification", error=str(exc))
             return None

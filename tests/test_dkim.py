@@ -29,6 +29,7 @@ from spoold.dkim import (
     write_new_key,
 )
 from spoold.errors import DkimKeyError
+from spoold.outcome import DeliveryPolicy, OnPermanentFailure
 from spoold.spool import DEFAULT_RETRY_INTERVALS
 from spoold.testing import FakeClock, InMemoryRelay
 from tests.dkim_helpers import (
@@ -39,7 +40,7 @@ from tests.dkim_helpers import (
     signature_fields,
     verify_all,
 )
-from tests.spool_helpers import OK, TRY_LATER, status_of
+from tests.spool_helpers import NO_SUCH_USER, OK, TRY_LATER, status_of
 from tests.support import wait_until
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -420,3 +421,26 @@ async def test_a_fan_out_shares_one_signature(tmp_path: Path) -> None:
     first, second = (Body(wire).content() for _, _, wire in relay.delivered)
     assert first == second
     assert verify_all(first, dns_for(k)) == [("example.org", "s1")]
+
+
+async def test_a_bounce_the_spool_makes_is_signed_too(tmp_path: Path) -> None:
+    """A delivery status notification is spooled like any message: from
+    MAILER-DAEMON@reporting_mta, signed by a key of that domain."""
+    k = key("example.org", "s1", subdomains=True)
+    relay = InMemoryRelay(respond=lambda _m, rcpt: NO_SUCH_USER if rcpt == "a@example.com" else OK)
+    with anyio.fail_after(20):
+        async with Spool.open(
+            tmp_path,
+            relay=relay,
+            dkim=DkimSigner([k]),
+            reporting_mta="mx.example.org",
+            delivery_policy=DeliveryPolicy(on_permanent_failure=OnPermanentFailure.BOUNCE),
+        ) as spool:
+            await spool.add(envelope_batch(MESSAGE))
+            await wait_until(lambda: len(relay.delivered) == 1, "the bounce to be delivered")
+    ((_, to, wire),) = relay.delivered
+    assert to == "jane@example.org"
+    notice = Body(wire).content()
+    assert b"From: Mail Delivery System <MAILER-DAEMON@mx.example.org>" in notice
+    assert verify_all(notice, dns_for(k)) == [("example.org", "s1")]
+    assert dkimpy_verify_all(notice, dns_for(k)) == 1
