@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoold import Body, RoutedBatch, RoutedEnvelope, SendAt, Spool, SpoolWriter
+from spoold import Body, LineEndingPolicy, RoutedBatch, RoutedEnvelope, SendAt, Spool, SpoolWriter
 from spoold.dkim import (
     DkimAlgorithm,
     DkimKey,
@@ -444,3 +444,42 @@ async def test_a_bounce_the_spool_makes_is_signed_too(tmp_path: Path) -> None:
     assert b"From: Mail Delivery System <MAILER-DAEMON@mx.example.org>" in notice
     assert verify_all(notice, dns_for(k)) == [("example.org", "s1")]
     assert dkimpy_verify_all(notice, dns_for(k)) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    head=st.lists(
+        st.sampled_from(
+            [
+                b"From: ",
+                b"from:",
+                b"From :",
+                b" ",
+                b"\t",
+                b"<",
+                b">",
+                b"@",
+                b'"',
+                b",",
+                b"(",
+                b")",
+                b"example.org",
+                b"x",
+                b"\xc3\xa9",
+                b"\xff",
+                b":",
+                b"\r\n",
+                b".",
+                b"=?utf-8?q?a?=",
+            ]
+        ),
+        max_size=40,
+    )
+)
+def test_no_header_section_makes_the_signer_fail(head: list[bytes]) -> None:
+    """Whatever the header section holds, sign answers (signed or not, with
+    a reason) and never raises: a message is never refused for it."""
+    content = b"From: a@example.org\r\n" + b"".join(head) + b"\r\n\r\nbody\r\n"
+    wire = Body.from_content(content, LineEndingPolicy.NORMALIZE).wire
+    outcome = DkimSigner([key("example.org", "s1")]).sign(wire, NOW)
+    assert outcome.header or outcome.reason

@@ -61,6 +61,12 @@ def test_dkim_tables_are_read_with_their_keys(keys: Path) -> None:
     assert first.headers == DEFAULT_SIGNED_HEADERS and not first.subdomains
     assert first.source == str(keys / "rsa.key")  # relative to the config file
     assert second.algorithm is DkimAlgorithm.ED25519_SHA256
+    idn = load(
+        keys,
+        '[[dkim]]\ndomain = "Bücher.example"\nselector = "s"\nkey_file = "ed.key"\n'
+        'algorithm = "ed25519-sha256"\n',
+    )
+    assert idn.dkim[0].domain == "xn--bcher-kva.example"
     assert second.headers == ("From", "Subject") and second.subdomains
     signer = dkim_signer(cfg)
     assert signer is not None and signer.keys == (first, second)

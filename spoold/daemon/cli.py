@@ -745,15 +745,15 @@ def keygen(
     )
 
     alg = DkimAlgorithm(algorithm)
-    domain = domain.strip().rstrip(".").lower()
-    path = Path(output) if output else Path(directory) / f"{domain}.{selector}.key"
-    path = path.absolute()
     try:
         key = new_private_key(alg, bits)
-        # Checks domain and selector as the config will (a key of no use is not written).
-        DkimKey(domain, selector, alg, key)
+        # Checks domain and selector as the config will (a key of no use is
+        # not written); an internationalised domain becomes its A-label.
+        domain = DkimKey(domain, selector, alg, key).domain
     except ValueError as exc:
         _fail(str(exc), 2)
+    path = Path(output) if output else Path(directory) / f"{domain}.{selector}.key"
+    path = path.absolute()
     try:
         write_new_key(path, key)
     except FileExistsError:

@@ -304,7 +304,13 @@ def _optional_hostname(v: object) -> str:
 
 
 def _dkim_domain(v: object) -> str:
-    text = _str(v).strip().lower()
+    """A signing domain, lower case; an internationalised one as its A-label."""
+    text = _str(v).strip().rstrip(".").lower()
+    if not text.isascii():
+        try:
+            text = text.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"expected a domain like 'example.org', got {v!r}") from None
     if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", text):
         raise ValueError(f"expected a domain like 'example.org', got {v!r}")
     return text
