@@ -6,7 +6,8 @@ the header fields it signs and whether it also signs for subdomains of its
 domain. :func:`load_key` reads one from a PEM file and checks it;
 :func:`new_private_key` and :func:`write_new_key` make one (``spoold dkim
 keygen``) and :func:`public_key_record` / :func:`txt_strings` give the DNS
-record that publishes it.
+record that publishes it; :func:`record_problem` says whether a record
+found in DNS publishes a key.
 
 A :class:`DkimSigner` holds the keys of a spool. :meth:`DkimSigner.sign`
 takes a message in its wire form (as stored: CRLF, dot-stuffed) and gives
@@ -78,6 +79,7 @@ __all__ = [
     "write_new_key",
     "public_key_record",
     "txt_strings",
+    "record_problem",
     "check_header_names",
 ]
 
@@ -299,6 +301,37 @@ def write_new_key(path: str | Path, key: PrivateKey) -> None:
         os.unlink(path)
         raise
     os.close(fd)
+
+
+def record_problem(key: DkimKey, records: Sequence[str]) -> str | None:
+    """Why none of the TXT ``records`` found at ``key``'s name (each one's
+    strings joined) publishes ``key``, or None when one does."""
+    dkim_records = [r for r in records if "p=" in r]
+    if not dkim_records:
+        return "no DKIM key record (v=DKIM1; k=...; p=...)" if records else "no TXT record"
+    ours = base64.b64decode(public_key_record(key.private_key).rpartition("p=")[2])
+    kind = "rsa" if key.algorithm is DkimAlgorithm.RSA_SHA256 else "ed25519"
+    seen = []
+    for record in dkim_records:
+        tags = {}
+        for part in record.split(";"):
+            name, _, value = part.partition("=")
+            tags[name.strip()] = re.sub(r"\s", "", value)
+        if tags.get("k", "rsa") != kind:
+            seen.append(f"k={tags.get('k', 'rsa')}, not k={kind}")
+            continue
+        if not tags.get("p"):
+            seen.append("the key is revoked (p= is empty)")
+            continue
+        try:
+            published = base64.b64decode(tags["p"], validate=True)
+        except ValueError:
+            seen.append("p= is not base64")
+            continue
+        if published == ours:
+            return None
+        seen.append(f"p= is another key than {key.source or 'this one'}")
+    return "; ".join(seen)
 
 
 def txt_strings(record: str, size: int = 255) -> list[str]:

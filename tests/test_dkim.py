@@ -25,6 +25,7 @@ from spoold.dkim import (
     load_key,
     new_private_key,
     public_key_record,
+    record_problem,
     txt_strings,
     write_new_key,
 )
@@ -483,3 +484,19 @@ def test_no_header_section_makes_the_signer_fail(head: list[bytes]) -> None:
     wire = Body.from_content(content, LineEndingPolicy.NORMALIZE).wire
     outcome = DkimSigner([key("example.org", "s1")]).sign(wire, NOW)
     assert outcome.header or outcome.reason
+
+
+def test_record_problem_says_why_a_record_does_not_publish_a_key() -> None:
+    rsa_key = key("example.org", "s1", RSA_KEY)
+    ed_key = key("example.org", "e1", ED_KEY)
+    ours = public_key_record(RSA_KEY)
+    assert record_problem(rsa_key, [ours]) is None
+    assert record_problem(rsa_key, ["v=spf1 -all", ours.replace("; ", " ;\t")]) is None
+    assert record_problem(rsa_key, []) == "no TXT record"
+    assert record_problem(rsa_key, ["v=spf1 -all"]) == "no DKIM key record (v=DKIM1; k=...; p=...)"
+    assert record_problem(rsa_key, ["v=DKIM1; k=rsa; p="]) == "the key is revoked (p= is empty)"
+    assert record_problem(ed_key, [ours]) == "k=rsa, not k=ed25519"
+    assert record_problem(rsa_key, ["v=DKIM1; p=!!"]) == "p= is not base64"
+    assert record_problem(rsa_key, [public_key_record(RSA_KEY_2)]) == (
+        "p= is another key than this one"
+    )

@@ -20,7 +20,7 @@ from spoold.body import Body
 from spoold.dkim import DkimSigner, load_key, public_key_record
 from spoold.message import SendAt
 from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, sendmail, write_config
-from tests.dkim_helpers import StubDns, dkimpy_verify_all, key_file, verify_all
+from tests.dkim_helpers import DnsServer, StubDns, dkimpy_verify_all, key_file, verify_all
 from tests.ingest_helpers import queued_ids, raw_smtp
 from tests.smtp_server import Reply, StartServer
 from tests.spool_helpers import read_record
@@ -251,3 +251,36 @@ def test_keygen_writes_a_private_key_and_prints_a_record_that_verifies(tmp_path:
         assert again.code == 1
         assert "exists; a key is never overwritten" in again.err
         assert path.read_bytes() == before
+
+
+def test_dkim_check_says_which_keys_dns_publishes(tmp_path: Path) -> None:
+    key_file(tmp_path, "rsa.key", RSA_KEY)
+    key_file(tmp_path, "ed.key", ED_KEY)
+    key_file(tmp_path, "other.key", OTHER_KEY)
+    config = _config(
+        tmp_path,
+        "127.0.0.1:9",
+        _dkim_table("rsa2026", "rsa.key", "rsa-sha256")
+        + _dkim_table("ed2026", "ed.key", "ed25519-sha256")
+        + _dkim_table("stale", "other.key", "ed25519-sha256")
+        + _dkim_table("new", "other.key", "ed25519-sha256"),
+    )
+    dns = StubDns()
+    dns.publish("example.org", "rsa2026", public_key_record(RSA_KEY))  # 2 strings
+    dns.publish("example.org", "ed2026", public_key_record(ED_KEY))
+    dns.publish("example.org", "stale", public_key_record(ED_KEY))  # another key
+    with DnsServer(dns) as server:
+        done = cli("--config", str(config), "dkim", "check", "--nameserver", server.address)
+        assert done.code == 1, done.err
+        assert done.out.splitlines() == [
+            "ok       rsa2026._domainkey.example.org (rsa-sha256)",
+            "ok       ed2026._domainkey.example.org (ed25519-sha256)",
+            "wrong    stale._domainkey.example.org (ed25519-sha256): "
+            f"p= is another key than {tmp_path / 'other.key'}",
+            "wrong    new._domainkey.example.org (ed25519-sha256): no TXT record",
+        ]
+        assert "2 key(s) of 4 not published as configured" in done.err
+        dns.publish("example.org", "stale", public_key_record(OTHER_KEY))
+        dns.publish("example.org", "new", public_key_record(OTHER_KEY))
+        done = cli("--config", str(config), "dkim", "check", "--nameserver", server.address)
+        assert done.code == 0, done.err

@@ -776,6 +776,53 @@ def keygen(
     click.echo(f'algorithm = "{alg.value}"')
 
 
+@dkim.command("check")
+@click.option(
+    "--nameserver",
+    metavar="HOST[:PORT]",
+    help="ask this DNS server (e.g. the zone's own) instead of the system's resolver",
+)
+@click.pass_obj
+def dkim_check(target: _Target, nameserver: str | None) -> None:
+    """Look up the TXT record of every [[dkim]] key of the config and say
+    whether it publishes that key (exit 1 when one does not)."""
+    import dns.exception
+    import dns.resolver
+
+    from spoold.dkim import record_problem
+
+    config = target._config()
+    if not config.dkim:
+        click.echo(f"no [[dkim]] table in {config.path}: nothing is signed")
+        return
+    resolver = dns.resolver.Resolver(configure=nameserver is None)
+    if nameserver is not None:
+        host, _, port = nameserver.rpartition(":") if ":" in nameserver else (nameserver, "", "53")
+        resolver.nameservers = [host.strip("[]")]
+        resolver.port = int(port)
+    resolver.lifetime = 10.0
+    bad = 0
+    for key in config.dkim:
+        name = f"{key.selector}._domainkey.{key.domain}"
+        try:
+            answer = resolver.resolve(name, "TXT")
+            records = [b"".join(r.strings).decode("ascii", "replace") for r in answer]
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            records = []
+        except dns.exception.DNSException as exc:
+            bad += 1
+            click.echo(f"unknown  {name} ({key.algorithm.value}): DNS failed: {exc}")
+            continue
+        problem = record_problem(key, records)
+        if problem is None:
+            click.echo(f"ok       {name} ({key.algorithm.value})")
+        else:
+            bad += 1
+            click.echo(f"wrong    {name} ({key.algorithm.value}): {problem}")
+    if bad:
+        _fail(f"{bad} key(s) of {len(config.dkim)} not published as configured", 1)
+
+
 # --------------------------------------------------------------- sendmail
 
 
