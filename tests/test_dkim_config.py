@@ -52,24 +52,36 @@ def test_dkim_tables_are_read_with_their_keys(keys: Path) -> None:
         '\n[[dkim]]\ndomain = "example.org"\nselector = "ed2026"\nkey_file = "ed.key"\n'
         'algorithm = "ed25519-sha256"\nheaders = ["From", "Subject"]\nsubdomains = true\n',
     )
-    first, second = cfg.dkim
+    assert [t.key_file for t in cfg.dkim] == [keys / "rsa.key", keys / "ed.key"]  # relative
+    signer = dkim_signer(cfg)
+    assert signer is not None
+    first, second = signer.keys
     assert (first.domain, first.selector, first.algorithm) == (
         "example.org",
         "s2026",
         DkimAlgorithm.RSA_SHA256,  # the default
     )
     assert first.headers == DEFAULT_SIGNED_HEADERS and not first.subdomains
-    assert first.source == str(keys / "rsa.key")  # relative to the config file
+    assert first.source == str(keys / "rsa.key")
     assert second.algorithm is DkimAlgorithm.ED25519_SHA256
+    assert second.headers == ("From", "Subject") and second.subdomains
     idn = load(
         keys,
         '[[dkim]]\ndomain = "Bücher.example"\nselector = "s"\nkey_file = "ed.key"\n'
         'algorithm = "ed25519-sha256"\n',
     )
     assert idn.dkim[0].domain == "xn--bcher-kva.example"
-    assert second.headers == ("From", "Subject") and second.subdomains
-    signer = dkim_signer(cfg)
-    assert signer is not None and signer.keys == (first, second)
+
+
+def test_reading_the_config_reads_no_key(tmp_path: Path) -> None:
+    """The admin commands read the config too: only the daemon reads the
+    keys (dkim_signer, at start and reload), as it reads a route's auth_file."""
+    cfg = load(tmp_path, '[[dkim]]\ndomain = "example.org"\nselector = "s"\nkey_file = "no.key"\n')
+    with pytest.raises(ConfigError) as caught:
+        dkim_signer(cfg)
+    assert caught.value.problems == [
+        f"dkim[0].key_file: cannot read key_file {tmp_path / 'no.key'}: No such file or directory"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -114,14 +126,16 @@ def test_bad_dkim_tables_report_exact_problems(keys: Path, text: str, expected: 
 
 
 def test_a_key_that_cannot_be_used_is_a_config_error_naming_the_file(keys: Path) -> None:
-    found = problems(
+    cfg = load(
         keys,
         '[[dkim]]\ndomain = "example.org"\nselector = "a"\nkey_file = "missing.key"\n'
         '[[dkim]]\ndomain = "example.org"\nselector = "b"\nkey_file = "ed.key"\n'
         '[[dkim]]\ndomain = "example.org"\nselector = "c"\nkey_file = "rsa.key"\n'
         'algorithm = "ed25519-sha256"\n',
     )
-    assert found == [
+    with pytest.raises(ConfigError) as caught:
+        dkim_signer(cfg)
+    assert caught.value.problems == [
         f"dkim[0].key_file: cannot read key_file {keys / 'missing.key'}: No such file or directory",
         f"dkim[1].key_file: key_file {keys / 'ed.key'}: holds an Ed25519 key, "
         "but the algorithm is rsa-sha256",

@@ -29,7 +29,7 @@ import anyio
 import click
 
 from spoold.address import validate_address
-from spoold.daemon.config import find_control_socket, load_config
+from spoold.daemon.config import dkim_signer, find_control_socket, load_config
 from spoold.daemon.control_client import ControlClient
 from spoold.daemon.status_output import StatusPrinter
 from spoold.errors import (
@@ -792,7 +792,11 @@ def dkim_check(target: _Target, nameserver: str | None) -> None:
     from spoold.dkim import record_problem
 
     config = target._config()
-    if not config.dkim:
+    try:
+        signer = dkim_signer(config)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    if signer is None:
         click.echo(f"no [[dkim]] table in {config.path}: nothing is signed")
         return
     resolver = dns.resolver.Resolver(configure=nameserver is None)
@@ -802,7 +806,7 @@ def dkim_check(target: _Target, nameserver: str | None) -> None:
         resolver.port = int(port)
     resolver.lifetime = 10.0
     bad = 0
-    for key in config.dkim:
+    for key in signer.keys:
         name = f"{key.selector}._domainkey.{key.domain}"
         try:
             answer = resolver.resolve(name, "TXT")
@@ -820,7 +824,7 @@ def dkim_check(target: _Target, nameserver: str | None) -> None:
             bad += 1
             click.echo(f"wrong    {name} ({key.algorithm.value}): {problem}")
     if bad:
-        _fail(f"{bad} key(s) of {len(config.dkim)} not published as configured", 1)
+        _fail(f"{bad} key(s) of {len(signer.keys)} not published as configured", 1)
 
 
 # --------------------------------------------------------------- sendmail

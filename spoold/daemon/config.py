@@ -18,9 +18,9 @@ they set: ``[spool]`` gives the spool's :class:`~spoold.settings.SpoolSettings`
 ``.writer`` share), ``[relay]`` the connection cache's
 :class:`~spoold.connection_cache.CacheSettings` (:attr:`RelayConfig.cache`),
 and ``[smtp]`` is the SMTP listener's own value. Each ``[[dkim]]`` table
-is one signing key, read from its ``key_file`` and checked as the config is
-read (a key that cannot be used is a problem like any other), so a reload
-with a bad key is refused and the old keys stay.
+is one signing key; its ``key_file`` is read by :func:`dkim_signer`, as the
+daemon builds what a config gives (at start and at each reload, like a
+route's ``auth_file``), not by the commands that only read the config.
 
 A reload builds a new :class:`Config` and the daemon swaps it in one step,
 one assignment per part (``spool.settings = new.spool.settings``);
@@ -524,13 +524,34 @@ class Config:
     # The name spoold gives itself (banner, Received:, EHLO, Message-ID,
     # Reporting-MTA); default: the machine's (spoold.hostname).
     hostname: str = field(default_factory=local_hostname)
-    # The [[dkim]] tables' keys, read and checked, in the order written.
-    dkim: tuple[DkimKey, ...] = ()
+    # The [[dkim]] tables, in the order written (their keys: dkim_signer).
+    dkim: tuple[DkimConfig, ...] = ()
 
 
 def dkim_signer(config: Config) -> DkimSigner | None:
-    """The signer of new messages (None: no ``[[dkim]]`` table)."""
-    return DkimSigner(config.dkim) if config.dkim else None
+    """The signer of new messages, with the key of every ``[[dkim]]`` table
+    read from its file and checked (None: no table). Raises
+    :class:`ConfigError` listing every key that cannot be used, each as
+    ``dkim[N].key_file: ...`` naming the file. Blocking I/O."""
+    keys: list[DkimKey] = []
+    problems: list[str] = []
+    for n, table in enumerate(config.dkim):
+        try:
+            keys.append(
+                load_key(
+                    table.key_file,
+                    domain=table.domain,
+                    selector=table.selector,
+                    algorithm=table.algorithm,
+                    headers=table.headers,
+                    subdomains=table.subdomains,
+                )
+            )
+        except DkimKeyError as exc:
+            problems.append(f"dkim[{n}].key_file: {exc}")
+    if problems:
+        raise ConfigError(str(config.path), problems)
+    return DkimSigner(keys) if keys else None
 
 
 def delivery_policy(config: Config) -> DeliveryPolicy:
@@ -769,14 +790,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 _TABLES = ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes", "dkim")
 
 
-def _read_dkim(raw_keys: object, problems: list[str], base: Path) -> tuple[DkimKey, ...]:
-    """The ``[[dkim]]`` tables, each read and its key file loaded and
-    checked (``dkim[N]``, N from 0 in the order written); a selector of a
-    domain is given once."""
+def _read_dkim(raw_keys: object, problems: list[str], base: Path) -> tuple[DkimConfig, ...]:
+    """The ``[[dkim]]`` tables (``dkim[N]``, N from 0 in the order
+    written); a selector of a domain is given once."""
     if not isinstance(raw_keys, list):
         problems.append("dkim: expected tables [[dkim]]")
         return ()
-    keys: list[DkimKey] = []
+    tables: list[DkimConfig] = []
     seen: dict[tuple[str, str], int] = {}
     for n, body in enumerate(raw_keys):
         prefix = f"dkim[{n}]"
@@ -790,27 +810,14 @@ def _read_dkim(raw_keys: object, problems: list[str], base: Path) -> tuple[DkimK
             fallbacks={"domain": "", "selector": "", "key_file": Path()},
         )
         if len(problems) > before:
-            continue  # the key is read only from a table without problems
+            continue
         other = seen.setdefault((table.domain, table.selector), n)
         if other != n:
             problems.append(
                 f"{prefix}.selector: {table.selector} of {table.domain} is also dkim[{other}]'s"
             )
-            continue
-        try:
-            keys.append(
-                load_key(
-                    table.key_file,
-                    domain=table.domain,
-                    selector=table.selector,
-                    algorithm=table.algorithm,
-                    headers=table.headers,
-                    subdomains=table.subdomains,
-                )
-            )
-        except DkimKeyError as exc:
-            problems.append(f"{prefix}.key_file: {exc}")
-    return tuple(keys)
+        tables.append(table)
+    return tuple(tables)
 
 
 def _read_routes(raw_routes: object, problems: list[str], base: Path) -> dict[str, RouteConfig]:

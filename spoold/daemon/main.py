@@ -537,8 +537,9 @@ async def run(config_path: str) -> int:
                 return 0
             try:
                 live = await anyio.to_thread.run_sync(_build, config)  # imports the hooks
-            except ValueError as exc:  # a hook that cannot be loaded: the config's
-                log.error("invalid configuration", config=config_path, problems=[str(exc)])
+            except ValueError as exc:  # a hook or a DKIM key that cannot be loaded: the config's
+                problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+                log.error("invalid configuration", config=config_path, problems=problems)
                 return EXIT_CONFIG_ERROR
             if await _stopped_while_starting(signals, "loading hooks and routes"):
                 return 0
