@@ -77,6 +77,14 @@ class DnsTestServer:
         if signed:
             self.signed.add(key[0])
 
+    def sign(self, name: str) -> None:
+        """Answers about ``name`` carry the AD bit from now on."""
+        self.signed.add(_name(name))
+
+    def fail(self, name: str) -> None:
+        """Questions about ``name`` get SERVFAIL from now on."""
+        self.servfail.add(_name(name))
+
     def remove(self, name: str, rdtype: str) -> None:
         self.records.pop((_name(name), dns.rdatatype.from_text(rdtype)), None)
 
@@ -169,10 +177,12 @@ class HttpsTestServer:
     body: str = ""
     extra_headers: str = ""
     requests: int = 0
+    port: int = 0
     _server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int = 443) -> None:
         self._server = await asyncio.start_server(self._serve, host, port, ssl=self.context)
+        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import dns.name
 import pytest
 import trustme
 from cryptography import x509
@@ -109,7 +108,7 @@ class World:
         digest = hashlib.sha256(spki).hexdigest()
         self.dns.add("_25._tcp.mx.example.org", "TLSA", f"3 1 1 {digest}", signed=signed)
         if signed:
-            self.dns.signed.add(dns.name.from_text("example.org"))
+            self.dns.sign("example.org")
 
     def config(self, tls_policy: str) -> Path:
         config = write_config(self.tmp, next_hops=["127.0.0.1:9"])
@@ -313,7 +312,7 @@ async def test_tlsa_without_the_ad_bit_falls_back_to_mta_sts(
     """Unvalidated TLSA records that would not match are ignored: MTA-STS
     rules, and its PKIX check passes."""
     server = await world.mx_host(world.mx_cert(world.trusted))
-    world.dns.signed.add(dns.name.from_text("example.org"))  # a signed MX answer...
+    world.dns.sign("example.org")  # a signed MX answer...
     world.publish_tlsa(world.mx_cert(world.trusted), signed=False)  # ...but TLSA without AD
     web = await world.publish_sts("enforce", "mx.example.org")
     daemon = await world.start(start_daemon, "dane-mta-sts")

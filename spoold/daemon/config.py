@@ -487,9 +487,9 @@ class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 class DnsConfig(msgspec.Struct, frozen=True, kw_only=True):
     """``[dns]``: the DNS servers every lookup of the daemon asks (MX, the
-    MTA-STS record, TLSA and, when set, the addresses of MX hosts and of
-    ``mta-sts.DOMAIN``); empty: the system's (``/etc/resolv.conf``, and the
-    system resolver for addresses)."""
+    MTA-STS record, TLSA and, when set, the addresses of the next hops it
+    dials by name and of ``mta-sts.DOMAIN``); empty: the system's
+    (``/etc/resolv.conf``, and the system resolver for addresses)."""
 
     nameservers: Annotated[tuple[str, ...], _Read(_list(_nameserver))] = ()
 
