@@ -285,6 +285,9 @@ class MtaStsPolicies:
         asked, and the policy fetched again when its id changed or it is
         within ``refresh_before`` of expiring; a failure keeps the old one.
         A policy that expired without a successful refresh is dropped."""
+        now = self.clock()
+        for domain in [d for d, until in self._none_until.items() if until <= now]:
+            del self._none_until[domain]  # "no policy" answers are forgotten once stale
         for domain, kept in list(self._policies.items()):
             try:
                 record = parse_record(await self.fetch_txt(f"_mta-sts.{domain}"))

@@ -185,10 +185,12 @@ async def test_enforce_delivers_over_tls_to_a_named_mx(
     daemon = await world.start(start_daemon, "mta-sts")
 
     await _send(daemon)
-
     await _delivered(daemon, server)
-    assert server.messages[0].tls
-    assert web.requests == 1
+    await _send(daemon)
+    await wait_until(lambda: len(server.messages) == 2, daemon.log_text, timeout=TIMEOUT)
+
+    assert all(m.tls for m in server.messages)
+    assert web.requests == 1  # the policy is kept for its max_age
     assert '"MTA-STS policy fetched"' in daemon.log_text()
 
 
@@ -209,6 +211,14 @@ async def test_enforce_defers_an_mx_the_policy_does_not_name(
     rows = await _status(daemon)
     assert rows[0]["status"] == "send_at"
     assert server.connections_opened == 0  # never dialled
+
+    # What operations.md tells the operator: lift the policy, reload, send.
+    config = daemon.config
+    config.write_text(config.read_text().replace('tls_policy = "mta-sts"', 'tls_policy = "none"'))
+    for command in (("reload",), ("send", "--all")):
+        done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), *command)
+        assert done.code == 0, done.err
+    await _delivered(daemon, server)
 
 
 async def test_enforce_defers_an_mx_without_starttls(
@@ -324,3 +334,21 @@ async def test_tlsa_without_the_ad_bit_falls_back_to_mta_sts(
     assert web.requests == 1
     assert ("_25._tcp.mx.example.org.", "TLSA") in world.dns.queries
     assert "TLSA records not validated (no AD); using MTA-STS" in daemon.log_text()
+
+
+async def test_a_failed_tlsa_lookup_of_a_signed_domain_defers(
+    world: World, start_daemon: DaemonFactory
+) -> None:
+    server = await world.mx_host(world.mx_cert(world.trusted))
+    world.dns.sign("example.org")
+    world.dns.fail("_25._tcp.mx.example.org")
+    daemon = await world.start(start_daemon, "dane-mta-sts")
+
+    await _send(daemon)
+
+    error = await _last_error(daemon)
+    assert error.startswith(
+        "no hops available: mx.example.org:25: TLS policy (DANE): the TLSA lookup of "
+        "_25._tcp.mx.example.org failed: "
+    ), error
+    assert server.connections_opened == 0

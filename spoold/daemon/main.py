@@ -66,6 +66,7 @@ from spoold.daemon.dns import DnsLookups
 from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import ListenerSettings, listener_settings, listening_sockets
 from spoold.daemon.metrics import Metrics
+from spoold.daemon.mx import MxResolver
 from spoold.daemon.resources import (
     AcceptFailures,
     install_accept_error_handler,
@@ -111,13 +112,13 @@ class _Live:
 def _build(config: Config) -> _Live:
     """Everything derived from a config (reads files: run it off the event
     loop, except once at start); raises on any problem."""
-    router = Router(config)
+    dns = DnsLookups(config.dns.nameservers)
+    router = Router(config, MxResolver(dns.mx))  # one resolver, one cache
     listener = listener_settings(config.smtp) if config.smtp is not None else None
     presend = cast(PresendHook, load_hook(config.hooks.presend)) if config.hooks.presend else None
     on_error = (
         cast(OnErrorHook, load_hook(config.hooks.on_error)) if config.hooks.on_error else None
     )
-    dns = DnsLookups(config.dns.nameservers)
     return _Live(config, router, presend, on_error, listener, dns)
 
 
