@@ -16,10 +16,12 @@ or from another CA it does not trust (DANE needs no CA).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,8 @@ class World:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert.configure_cert(context)
         server = SmtpTestServer(tls_context=context)
-        await server.start(25, self.address)
+        with _port_in_use(25):
+            await server.start(25, self.address)
         self.servers.append(server)
         self.dns.add("example.org", "MX", "10 mx.example.org.")
         self.dns.add("mx.example.org", "A", self.address)
@@ -89,7 +92,8 @@ class World:
         web = HttpsTestServer(
             context, body=f"version: STSv1\r\nmode: {mode}\r\n{lines}max_age: 86400\r\n"
         )
-        await web.start(self.address, 443)
+        with _port_in_use(443):
+            await web.start(self.address, 443)
         self.servers.append(web)
         self.dns.add("_mta-sts.example.org", "TXT", f'"v=STSv1; id={policy_id};"')
         self.dns.add("mta-sts.example.org", "A", self.address)
@@ -126,6 +130,17 @@ class World:
     async def start(self, start_daemon: DaemonFactory, tls_policy: str) -> DaemonProcess:
         config = self.config(tls_policy)
         return await start_daemon(config, env={"SSL_CERT_FILE": str(self.ca_file)})
+
+
+@contextlib.contextmanager
+def _port_in_use(port: int) -> Iterator[None]:
+    """Skip, saying why, when something holds the port on every address."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        pytest.skip(f"port {port} is taken on every address (a mail or web server?): {exc}")
 
 
 @pytest.fixture
