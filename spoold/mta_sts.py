@@ -213,6 +213,7 @@ class MtaStsPolicies:
         self.refresh_every = refresh_every
         self._policies: dict[str, CachedPolicy] = {}
         self._none_until: dict[str, float] = {}
+        self._discovering: dict[str, anyio.Event] = {}  # lookups under way
         self.fetches = 0  # policies fetched over HTTPS (tests, logs)
 
     def cached(self, domain: str) -> CachedPolicy | None:
@@ -222,18 +223,37 @@ class MtaStsPolicies:
     async def policy_for(self, domain: str) -> CachedPolicy | None:
         """The domain's policy: the kept one while it is valid, else looked
         up (TXT, then the policy). None: the domain has no policy we can
-        use (mail goes as without MTA-STS)."""
+        use (mail goes as without MTA-STS). One lookup per domain at a
+        time: attempts that need the same domain meanwhile wait for it."""
         domain = _domain(domain)
+        while True:
+            known, found = self._known(domain)
+            if known:
+                return found
+            busy = self._discovering.get(domain)
+            if busy is None:
+                break
+            await busy.wait()  # then known, unless that lookup was cancelled
+        done = self._discovering[domain] = anyio.Event()
+        try:
+            found = await self._discover(domain, self._policies.get(domain))
+            if found is None:
+                self._none_until[domain] = self.clock() + self.negative_ttl
+        finally:
+            del self._discovering[domain]
+            done.set()
+        return found
+
+    def _known(self, domain: str) -> tuple[bool, CachedPolicy | None]:
+        """(True, the policy) while a kept policy, or a "none", is valid;
+        (False, None) when the domain must be looked up."""
         now = self.clock()
         kept = self._policies.get(domain)
         if kept is not None and kept.expires > now:
-            return kept
+            return True, kept
         if self._none_until.get(domain, 0.0) > now:
-            return None
-        found = await self._discover(domain, kept)
-        if found is None:
-            self._none_until[domain] = now + self.negative_ttl
-        return found
+            return True, None
+        return False, None
 
     async def _discover(self, domain: str, kept: CachedPolicy | None) -> CachedPolicy | None:
         """Ask DNS for the record and, for a new id (or nothing valid

@@ -4,6 +4,7 @@ and stub lookups."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from spoold.errors import TlsPolicyError
@@ -221,3 +222,32 @@ async def test_a_stripped_record_does_not_drop_a_valid_policy() -> None:
     await policies.refresh_due()
     assert policies.cached("example.org") is first
     assert await policies.policy_for("example.org") is first
+
+
+async def test_attempts_to_one_domain_share_one_lookup() -> None:
+    """A thousand queued messages to one domain fetch its policy once."""
+    published, clock = Published(), Clock()
+    published.txt["_mta-sts.example.org"] = ["v=STSv1; id=1"]
+    published.policy["example.org"] = _enforce("mx.example.org")
+    release = anyio.Event()
+    fetch = published.fetch_policy
+
+    async def slow_fetch(domain: str) -> str:
+        await release.wait()
+        return await fetch(domain)
+
+    policies = MtaStsPolicies(published.fetch_txt, slow_fetch, clock=clock)
+    results: list[object] = []
+
+    async def attempt() -> None:
+        results.append(await policies.policy_for("example.org"))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(attempt)
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+    assert policies.fetches == 1
+    assert published.txt_asked == 1
+    assert len(results) == 5 and all(r is results[0] and r is not None for r in results)
