@@ -14,11 +14,11 @@ A route's ``tls_policy`` (:data:`TlsPolicyMode`) is one of:
   reported (log line, and the ``on_report`` callback: the daemon's
   metric) and used as if there were no policy. Mode ``none``, no policy,
   or one that cannot be fetched: no policy;
-* ``dane-mta-sts``: DANE first. When the domain's MX answer and the MX
-  host's TLSA records (``_PORT._tcp.HOST``) are both DNSSEC-validated (the
-  resolver's AD bit), TLS is required and the server's certificate must
-  match a usable TLSA record (:mod:`spoold.dane`; no name check for
-  DANE-EE); validated records that are all unusable still require TLS,
+* ``dane-mta-sts``: DANE first. When the domain's MX answer is
+  DNSSEC-validated (the resolver's AD bit) and names the host, and the
+  host's TLSA records (``_PORT._tcp.HOST``) are validated too, TLS is
+  required and the server's certificate must match a usable TLSA record
+  (:mod:`spoold.dane`; no name check for DANE-EE); validated records that are all unusable still require TLS,
   without authentication (RFC 7672 §2.2). A TLSA lookup that fails for a
   validated MX answer refuses the host for this attempt (RFC 7672 §2.2: it
   could be an attacker hiding the records). No validated TLSA records:
@@ -104,9 +104,10 @@ LookupTlsa = Callable[[str, int], Awaitable[TlsaAnswer]]
 """The TLSA answer of ``_PORT._tcp.HOST``, given HOST and PORT; raises when
 DNS fails."""
 
-MxSecure = Callable[[str], Awaitable[bool]]
-"""Whether a domain's MX answer is DNSSEC-validated (AD); raises when DNS
-fails."""
+MxSecure = Callable[[str], Awaitable[frozenset[str]]]
+"""The MX host names of a domain when its MX answer is DNSSEC-validated
+(AD; the domain itself when it has no MX but a validated address), else
+an empty set; raises when DNS fails."""
 
 OnReport = Callable[[str, str, str], None]
 """Told of each policy finding (``source``, domain, host): a refusal in
@@ -159,8 +160,11 @@ class TlsPolicies:
         except Exception as exc:  # noqa: BLE001 (the lookup is the caller's code: unknown is "not secure")
             log.info("DANE: MX lookup failed; using MTA-STS", domain=domain, error=_text(exc))
             return None
-        if not secure_mx:
-            return None  # RFC 7672 §2.2.1: MX names not validated, so no DANE
+        if host not in secure_mx:
+            # RFC 7672 §2.2.1: only a host named by a validated MX answer
+            # (the one asked now, not the one the message was routed by)
+            # is authenticated by its TLSA records.
+            return None
         name = f"_{port}._tcp.{host}"
         try:
             answer = await self.lookup_tlsa(host, port)

@@ -58,9 +58,9 @@ async def test_ad_is_trusted_only_when_set(dns_server: DnsTestServer) -> None:
     lookups = _lookups(dns_server)
     record = TlsaRecord(3, 1, 1, bytes.fromhex(DIGEST))
     with anyio.fail_after(TIMEOUT):
-        assert await lookups.mx_secure("example.org")
-        assert not await lookups.mx_secure("example.net")
-        assert not await lookups.mx_secure("example.com")  # NXDOMAIN
+        assert await lookups.mx_secure("example.org") == {"mx.example.org"}
+        assert await lookups.mx_secure("example.net") == frozenset()
+        assert await lookups.mx_secure("example.com") == frozenset()  # NXDOMAIN
         signed = await lookups.tlsa("mx.example.org", 25)
         assert signed.records == (record,) and signed.secure
         unsigned = await lookups.tlsa("mx.example.net", 25)

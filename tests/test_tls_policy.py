@@ -22,7 +22,7 @@ class World:
         self.txt: dict[str, list[str]] = {}
         self.policy: dict[str, str] = {}
         self.tlsa: dict[str, TlsaAnswer] = {}
-        self.secure_mx: set[str] = set()
+        self.secure_mx: dict[str, frozenset[str]] = {}  # domain: its validated MX hosts
         self.tlsa_fails = False
         self.reports: list[tuple[str, str, str]] = []
 
@@ -39,8 +39,8 @@ class World:
             raise OSError("SERVFAIL")
         return self.tlsa.get(f"_{port}._tcp.{host}", TlsaAnswer((), False))
 
-    async def mx_secure(self, domain: str) -> bool:
-        return domain in self.secure_mx
+    async def mx_secure(self, domain: str) -> frozenset[str]:
+        return self.secure_mx.get(domain, frozenset())
 
     def policies(self) -> TlsPolicies:
         return TlsPolicies(
@@ -95,7 +95,7 @@ async def test_testing_reports_and_lets_the_host_be_used() -> None:
 async def test_dane_with_validated_records_wins_over_mta_sts() -> None:
     world = World()
     world.publish_sts("example.org", "enforce", "other.example.org")
-    world.secure_mx.add("example.org")
+    world.secure_mx["example.org"] = frozenset({"mx.example.org"})
     world.tlsa["_25._tcp.mx.example.org"] = TlsaAnswer((EE, TA), secure=True)
     decision = await world.policies().decide("dane-mta-sts", "example.org", "mx.example.org")
     assert decision == TlsRequirement("DANE", (EE,))  # DANE-TA left out: unusable here
@@ -104,7 +104,7 @@ async def test_dane_with_validated_records_wins_over_mta_sts() -> None:
 async def test_tlsa_without_the_ad_bit_is_not_trusted() -> None:
     world = World()
     world.publish_sts("example.org", "enforce", "mx.example.org")
-    world.secure_mx.add("example.org")
+    world.secure_mx["example.org"] = frozenset({"mx.example.org"})
     world.tlsa["_25._tcp.mx.example.org"] = TlsaAnswer((EE,), secure=False)
     decision = await world.policies().decide("dane-mta-sts", "example.org", "mx.example.org")
     assert decision == TlsRequirement("MTA-STS enforce")
@@ -118,7 +118,7 @@ async def test_tlsa_of_an_unsigned_mx_answer_is_not_used() -> None:
 
 async def test_only_unusable_records_require_tls_without_authentication() -> None:
     world = World()
-    world.secure_mx.add("example.org")
+    world.secure_mx["example.org"] = frozenset({"mx.example.org"})
     world.tlsa["_25._tcp.mx.example.org"] = TlsaAnswer((TA,), secure=True)
     decision = await world.policies().decide("dane-mta-sts", "example.org", "mx.example.org")
     assert decision == TlsRequirement("DANE", ())
@@ -127,7 +127,7 @@ async def test_only_unusable_records_require_tls_without_authentication() -> Non
 
 async def test_a_failed_tlsa_lookup_of_a_signed_domain_refuses_the_host() -> None:
     world = World()
-    world.secure_mx.add("example.org")
+    world.secure_mx["example.org"] = frozenset({"mx.example.org"})
     world.tlsa_fails = True
     decision = await world.policies().decide("dane-mta-sts", "example.org", "mx.example.org")
     assert isinstance(decision, HopRefusal)
@@ -138,6 +138,20 @@ async def test_a_failed_tlsa_lookup_of_a_signed_domain_refuses_the_host() -> Non
 
 async def test_mta_sts_mode_does_not_look_at_tlsa() -> None:
     world = World()
-    world.secure_mx.add("example.org")
+    world.secure_mx["example.org"] = frozenset({"mx.example.org"})
     world.tlsa["_25._tcp.mx.example.org"] = TlsaAnswer((EE,), secure=True)
     assert await world.policies().decide("mta-sts", "example.org", "mx.example.org") is None
+
+
+async def test_tlsa_of_a_host_the_validated_mx_answer_does_not_name_is_not_used() -> None:
+    """A message routed to a host that is not (or no longer) in the domain's
+    validated MX answer is not authenticated by that host's own TLSA: an
+    attacker's MX name in the attacker's signed zone proves nothing."""
+    world = World()
+    world.secure_mx["example.org"] = frozenset({"mx.example.org"})
+    world.tlsa["_25._tcp.mx.evil.example"] = TlsaAnswer((EE,), secure=True)
+    world.publish_sts("example.org", "enforce", "mx.example.org")
+    decision = await world.policies().decide("dane-mta-sts", "example.org", "mx.evil.example")
+    assert decision == HopRefusal(
+        "TLS policy (MTA-STS enforce): mx.evil.example is not in the policy of example.org"
+    )

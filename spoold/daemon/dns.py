@@ -114,14 +114,24 @@ class DnsLookups:
                 return [(0, domain)], 300.0
         raise MxError(f"domain {domain} has no MX and no address", permanent=True)
 
-    async def mx_secure(self, domain: str) -> bool:
-        """Whether the domain's MX answer is DNSSEC-validated (AD set);
-        raises :class:`dns.exception.DNSException` when DNS fails."""
+    async def mx_secure(self, domain: str) -> frozenset[str]:
+        """The domain's MX host names when the MX answer is DNSSEC-validated
+        (AD set); the domain itself when it has no MX but a validated
+        address; else (not validated, or no such domain) an empty set.
+        Raises :class:`dns.exception.DNSException` when DNS fails."""
         try:
             answer = await self._resolve(domain, dns.rdatatype.MX)
         except dns.resolver.NXDOMAIN:
-            return False
-        return _authentic(answer.response)
+            return frozenset()
+        if not _authentic(answer.response):
+            return frozenset()
+        if answer.rrset is not None:
+            return frozenset(r.exchange.to_text().rstrip(".").lower() for r in answer)
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            address = await self._resolve(domain, rdtype)
+            if address.rrset is not None and _authentic(address.response):
+                return frozenset({domain.lower().rstrip(".")})
+        return frozenset()
 
     async def txt(self, name: str) -> list[str]:
         """The TXT records at ``name``, each one's strings joined; ``[]``
