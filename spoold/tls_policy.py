@@ -18,8 +18,9 @@ A route's ``tls_policy`` (:data:`TlsPolicyMode`) is one of:
   DNSSEC-validated (the resolver's AD bit) and names the host, and the
   host's TLSA records (``_PORT._tcp.HOST``) are validated too, TLS is
   required and the server's certificate must match a usable TLSA record
-  (:mod:`spoold.dane`; no name check for DANE-EE); validated records that are all unusable still require TLS,
-  without authentication (RFC 7672 §2.2). A TLSA lookup that fails for a
+  (:mod:`spoold.dane`; no name check for DANE-EE); validated records
+  that are all unusable still require TLS, without authentication
+  (RFC 7672 §2.2). A TLSA lookup that fails for a
   validated MX answer refuses the host for this attempt (RFC 7672 §2.2: it
   could be an attacker hiding the records). No validated TLSA records:
   MTA-STS as above (RFC 8461 §2: DANE wins where both are published).
