@@ -193,7 +193,8 @@ class MtaStsPolicies:
     ``fetch_txt`` and ``fetch_policy`` do the I/O; ``clock`` gives seconds
     (tests move it); ``negative_ttl``: how long "no policy" is remembered;
     ``refresh_before``: how long before its expiry a kept policy is fetched
-    again; ``refresh_every``: the pause of :meth:`run` between passes."""
+    again (at most half its ``max_age``); ``refresh_every``: the pause of
+    :meth:`run` between passes."""
 
     def __init__(
         self,
@@ -315,9 +316,9 @@ class MtaStsPolicies:
                 log.warning("MTA-STS record lookup failed", domain=domain, error=_text(exc))
                 record = None
             now = self.clock()
-            if record is not None and (
-                record.id != kept.id or kept.expires - now <= self.refresh_before
-            ):
+            # Due: a short-lived policy at half its life, others a day ahead.
+            window = min(self.refresh_before, kept.policy.max_age / 2)
+            if record is not None and (record.id != kept.id or kept.expires - now <= window):
                 await self._fetch(domain, record)
             current = self._policies.get(domain)
             if current is not None and current.expires <= self.clock():

@@ -251,3 +251,17 @@ async def test_attempts_to_one_domain_share_one_lookup() -> None:
     assert policies.fetches == 1
     assert published.txt_asked == 1
     assert len(results) == 5 and all(r is results[0] and r is not None for r in results)
+
+
+async def test_a_short_lived_policy_is_refreshed_at_half_its_life() -> None:
+    published, clock = Published(), Clock()
+    published.txt["_mta-sts.example.org"] = ["v=STSv1; id=1"]
+    published.policy["example.org"] = _enforce("mx.example.org", max_age=1000)
+    policies = _policies(published, clock)  # refresh_before: an hour
+    await policies.policy_for("example.org")
+    clock.now += 400
+    await policies.refresh_due()
+    assert policies.fetches == 1  # 600 s left of 1000: not yet
+    clock.now += 101
+    await policies.refresh_due()
+    assert policies.fetches == 2
