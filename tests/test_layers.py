@@ -117,6 +117,10 @@ LIBRARY_ROWS: list[list[str]] = [
         "smtp_client",
         "connection_cache",
         "smtp_relay",
+        # issue 22: outbound TLS policy of MX routes
+        "mta_sts",
+        "dane",
+        "tls_policy",
     ],
     # the spool's shared state, then its rooms
     ["state"],
