@@ -19,8 +19,11 @@ run: $(STAMP)
 	mkdir -p var/spool var/run
 	$(BIN)/spoold run --config config/spoold.toml
 
+# Two tests at a time: most of a daemon test is waiting (fsync, sockets,
+# child processes), so two share two cores well (a third of the time of one
+# at a time).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # The inner loop: all but the tests marked `daemon` (those that start
 # processes: the daemon, the CLI, a child Python), spread over the cores

@@ -21,6 +21,21 @@ Opening a connection (greeting, EHLO, STARTTLS, AUTH) either gives a ready
 is unavailable); credentials are never sent without TLS; the SSL context is
 built once per route settings. The name sent in EHLO is the settings'
 ``helo_name``, else this machine's (:func:`~spoold.hostname.local_hostname`).
+
+A connection whose settings carry a TLS policy requirement
+(:class:`~spoold.tls_policy.TlsRequirement`, set by the relay for an MX
+route's ``tls_policy``) must get STARTTLS whatever the route's ``tls``
+says; its certificate is checked as the requirement says (PKIX and the
+host name even when the route has ``verify_certificates = false``, or
+against the host's TLSA records for DANE), and every failure names the
+policy (``TLS policy (DANE): ...``). The requirement is part of the
+settings, hence of the cache key: a connection is only lent to messages
+whose policy asks exactly what it was checked for.
+
+Host names are resolved by the event loop's resolver (the system's:
+``/etc/hosts``, then DNS), or by ``resolve_host`` when one is given (the
+daemon's ``[dns] nameservers``): its addresses are tried in order, and
+the name itself stays the TLS server name.
 """
 
 from __future__ import annotations
@@ -28,11 +43,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import itertools
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -40,14 +56,17 @@ from typing import Annotated, Literal
 import anyio
 import msgspec
 
-from spoold.errors import HopUnavailableError, SmtpError
+from spoold.dane import certificate_matches
+from spoold.errors import HopUnavailableError, SmtpError, SmtpTlsError
 from spoold.hops import parse_hop
 from spoold.hostname import local_hostname
 from spoold.smtp_client import SmtpClient
+from spoold.tls_policy import TlsRequirement
 
 __all__ = [
     "TlsMode",
     "RouteSettings",
+    "ResolveHost",
     "ConnectionCache",
     "CacheSettings",
     "Connection",
@@ -94,6 +113,10 @@ class RouteSettings:
     # The final reply may take one second more per data_rate bytes.
     data_rate: int = 64 * 1024
     helo_name: str | None = None  # what we say in EHLO; None: this machine's name
+    # What an MX route's TLS policy asks of this connection (STARTTLS
+    # required, and a PKIX or DANE check of the certificate); None: the
+    # route's own tls and verify_certificates (spoold.tls_policy).
+    tls_policy: TlsRequirement | None = None
 
     def data_timeout(self, size: int) -> float:
         """Kept for callers of earlier versions: ``command_timeout`` plus a
@@ -110,6 +133,9 @@ class RouteSettings:
 
 
 _Key = tuple[str, RouteSettings]
+
+ResolveHost = Callable[[str], Awaitable[list[str]]]
+"""The addresses of a host name, best first; raises when there are none."""
 
 
 @dataclass(eq=False)
@@ -161,10 +187,14 @@ class ConnectionCache:
         check_after: float = 2.0,
         acquire_timeout: float = 60.0,
         monotonic: Callable[[], float] = time.monotonic,
+        resolve_host: ResolveHost | None = None,
     ) -> None:
         """``monotonic`` is the clock idle times are measured by (tests move
-        it forward; the expiry timers themselves run on the event loop)."""
+        it forward; the expiry timers themselves run on the event loop);
+        ``resolve_host``: the addresses of a host name (None: the system's
+        resolver, through the event loop)."""
         self._monotonic = monotonic
+        self.resolve_host = resolve_host
         self.max_per_hop = max_per_hop
         self.max_total = max_total
         self.idle_timeout = idle_timeout
@@ -407,31 +437,40 @@ class ConnectionCache:
 
     async def _connect(self, hop: str, settings: RouteSettings) -> SmtpClient:
         """A new connection to ``hop``, greeted, EHLO'd, with TLS and AUTH
-        as the route says; every failure is :class:`HopUnavailableError`."""
+        as the route (and its TLS policy) says; every failure is
+        :class:`HopUnavailableError`."""
         host, port = parse_hop(hop)
         name = await self._helo_name(settings)
+        required = settings.tls_policy
+        why = f"TLS policy ({required.source}): " if required is not None else ""
+        tls = "required" if required is not None else settings.tls
         try:
-            context = _tls_context(settings) if settings.tls != "none" else None
+            context = _tls_context(settings) if tls != "none" else None
         except (OSError, ssl.SSLError) as exc:
             raise HopUnavailableError(f"{hop}: cannot set up TLS: {_describe(exc)}") from exc
-        try:
-            client = await SmtpClient.connect(
-                host,
-                port,
-                connect_timeout=settings.connect_timeout,
-                command_timeout=settings.command_timeout,
-            )
-        except SmtpError as exc:
-            raise HopUnavailableError(f"{hop}: {exc}") from exc
+        client = await self._dial(hop, host, port, settings)
         try:
             await client.hello(name)
             if context is not None and client.supports("STARTTLS"):
-                await client.starttls(context, server_hostname=host)
+                try:
+                    await client.starttls(context, server_hostname=host)
+                except SmtpTlsError as exc:
+                    raise HopUnavailableError(f"{hop}: {why}{exc}") from exc
                 await client.hello(name)
-            if settings.tls == "required" and not client.tls_active:
-                raise HopUnavailableError(  # noqa: TRY301
-                    f"{hop}: TLS is required but the hop does not offer STARTTLS"
+            if tls == "required" and not client.tls_active:
+                missing = (
+                    f"{why}{host} does not offer STARTTLS"
+                    if why
+                    else "TLS is required but the hop does not offer STARTTLS"
                 )
+                raise HopUnavailableError(f"{hop}: {missing}")  # noqa: TRY301
+            if required is not None and required.tlsa:
+                der = client.peer_certificate()
+                if der is None or not certificate_matches(required.tlsa, der):
+                    raise HopUnavailableError(  # noqa: TRY301
+                        f"{hop}: {why}the certificate of {host} matches none of its "
+                        f"{len(required.tlsa)} usable TLSA record(s) (_{port}._tcp.{host})"
+                    )
             if settings.auth is not None:
                 if not client.tls_active:
                     raise HopUnavailableError(  # noqa: TRY301
@@ -449,13 +488,55 @@ class ConnectionCache:
             raise
         return client
 
+    async def _dial(self, hop: str, host: str, port: int, settings: RouteSettings) -> SmtpClient:
+        """Connect and read the greeting: to ``host`` through the system's
+        resolver, or to each address ``resolve_host`` gives, in order."""
+        addresses = [host]
+        if self.resolve_host is not None and not _is_address(host):
+            try:
+                addresses = await self.resolve_host(host)
+            except Exception as exc:  # the resolver is the caller's code
+                raise HopUnavailableError(
+                    f"{hop}: cannot resolve {host}: {_describe(exc)}"
+                ) from exc
+        errors: list[str] = []
+        last: SmtpError | None = None
+        for address in addresses:
+            try:
+                return await SmtpClient.connect(
+                    address,
+                    port,
+                    connect_timeout=settings.connect_timeout,
+                    command_timeout=settings.command_timeout,
+                )
+            except SmtpError as exc:
+                errors.append(f"{address}: {exc}" if address != host else str(exc))
+                last = exc
+        if last is None:
+            raise HopUnavailableError(f"{hop}: {host} has no address")
+        raise HopUnavailableError(f"{hop}: {'; '.join(errors)}") from last
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
 
 @functools.lru_cache(maxsize=64)
 def _tls_context(settings: RouteSettings) -> ssl.SSLContext:
     """One context per route settings (reading the CA bundle is slow: done
     once, not per connection)."""
     context = ssl.create_default_context(cafile=settings.ca_file)
-    if not settings.verify_certificates:
+    required = settings.tls_policy
+    if required is not None and required.dane:
+        # DANE: the certificate is checked against the TLSA records after
+        # the handshake; DANE-EE checks neither the CA nor the name.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif required is None and not settings.verify_certificates:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if settings.client_cert:

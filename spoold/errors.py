@@ -41,6 +41,7 @@ __all__ = [
     "ControlError",
     "ControlErrorKind",
     "IdempotencyKeyError",
+    "TlsPolicyError",
     "DkimKeyError",
 ]
 
@@ -240,6 +241,12 @@ class ControlError(SpooldError):
 class IdempotencyKeyError(SpooldError, ValueError):
     """An idempotency key that cannot be used (empty, too long, or holding
     control characters)."""
+
+
+class TlsPolicyError(SpooldError, ValueError):
+    """An MTA-STS record or policy, or a DANE TLSA answer, that cannot be
+    used (malformed, wrong version, a field missing), or a fetch of one
+    that failed; ``str()`` says which and why."""
 
 
 class DkimKeyError(SpooldError, ValueError):

@@ -49,6 +49,7 @@ from spoold.log import get_logger
 from spoold.message import Message, RetryInterval
 from spoold.outcome import DeliveryPolicy, RetriesExhausted
 from spoold.relay import BodyHandle, Relay, RelayOutcome
+from spoold.tls_policy import TlsPolicyMode
 
 __all__ = [
     "DestinationPolicy",
@@ -81,7 +82,9 @@ class DestinationPolicy(msgspec.Struct, frozen=True, kw_only=True):
     connections at once and rate (None: none). ``delivery``: queue
     lifetime, retries-exhausted rule, bounce or freeze, delay warning.
     ``retry_intervals``: what a new message of the destination starts with
-    (written into its record at ingest; empty: the spool's default)."""
+    (written into its record at ingest; empty: the spool's default).
+    ``tls_policy``: DANE and/or MTA-STS for the message's recipient domain
+    (:mod:`spoold.tls_policy`; applied by a relay that has policies)."""
 
     destination: str | None = None
     next_hops: tuple[str, ...] | None = None
@@ -89,6 +92,9 @@ class DestinationPolicy(msgspec.Struct, frozen=True, kw_only=True):
     limits: DestinationLimits | None = None
     delivery: DeliveryPolicy = _DEFAULT_DELIVERY
     retry_intervals: tuple[RetryInterval, ...] = ()
+    # An MX route's outbound TLS policy (spoold.tls_policy): applied by the
+    # relay per recipient domain and MX host; "none": the sessions' own TLS.
+    tls_policy: TlsPolicyMode = "none"
 
     @property
     def limited(self) -> tuple[str, DestinationLimits] | None:

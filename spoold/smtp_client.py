@@ -370,6 +370,17 @@ class SmtpClient:
         (a server that timed us out says 421 before it hangs up)."""
         return not self._closed and self._reader.error is None and not self._reader.pending
 
+    def peer_certificate(self) -> bytes | None:
+        """The server's certificate (DER) once TLS is up; None before, or
+        when the server sent none."""
+        if not self.tls_active:
+            return None
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        der = ssl_object.getpeercert(binary_form=True)
+        return bytes(der) if der else None
+
     @property
     def pipelining(self) -> bool:
         return "PIPELINING" in self.extensions

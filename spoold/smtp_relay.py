@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 
@@ -84,6 +84,7 @@ from spoold.errors import (
     SmtpServiceClosingError,
     StoreError,
 )
+from spoold.hops import parse_hop
 from spoold.log import get_logger
 from spoold.message import Message
 from spoold.policy import DestinationPolicy
@@ -96,6 +97,7 @@ from spoold.relay import (
     RelayOutcome,
 )
 from spoold.smtp_client import SmtpClient, SmtpReply
+from spoold.tls_policy import HopRefusal, TlsPolicies, TlsPolicyMode
 
 __all__ = ["SmtpRelay"]
 
@@ -154,12 +156,23 @@ class SmtpRelay:
     ``settings_for(hop, message)`` gives them (one fixed
     :class:`RouteSettings` for every hop when given one; the defaults when
     given none).
+
+    An attempt whose policy has a ``tls_policy`` other than ``none`` (an
+    MX route's) is checked against ``tls_policies``
+    (:class:`~spoold.tls_policy.TlsPolicies`) for the recipient domain and
+    each MX host before the host is dialled: a host the policy refuses is
+    skipped like an unavailable hop, with the policy's reason as its error
+    (every hop refused: a try-later attempt that says why); a host it
+    requires TLS of gets settings carrying the requirement. Without
+    ``tls_policies`` the key is ignored (a library relay made without
+    them).
     """
 
     def __init__(
         self,
         settings_for: Callable[[str, Message], RouteSettings] | RouteSettings | None = None,
         cache: ConnectionCache | None = None,
+        tls_policies: TlsPolicies | None = None,
     ) -> None:
         if settings_for is None:
             settings_for = RouteSettings()
@@ -169,6 +182,7 @@ class SmtpRelay:
         else:
             self.settings_for = settings_for
         self.cache = cache or ConnectionCache()
+        self.tls_policies = tls_policies
 
     async def relay(
         self, message: Message, body: BodyHandle, recipients: Sequence[str]
@@ -184,14 +198,15 @@ class SmtpRelay:
     ) -> RelayOutcome:
         """One attempt with the session settings of ``policy``
         (:class:`~spoold.policy.PolicyRelay`)."""
+        tls = policy.tls_policy if self.tls_policies is not None else "none"
         if not policy.sessions:
-            return await self._relay(message, body, recipients, self.settings_for)
+            return await self._relay(message, body, recipients, self.settings_for, tls)
         fallback = self.settings_for
 
         def settings_for(hop: str, message: Message) -> RouteSettings:
             return policy.session_for(hop) or fallback(hop, message)
 
-        return await self._relay(message, body, recipients, settings_for)
+        return await self._relay(message, body, recipients, settings_for, tls)
 
     async def _relay(
         self,
@@ -199,6 +214,7 @@ class SmtpRelay:
         body: BodyHandle,
         recipients: Sequence[str],
         settings_for: Callable[[str, Message], RouteSettings],
+        tls: TlsPolicyMode = "none",
     ) -> RelayOutcome:
         sender = message.envelope_info.sender
         try:
@@ -211,7 +227,9 @@ class SmtpRelay:
             return Delivery(checked.refused)
         try:
             async with body.open() as content:
-                outcome = await self._to_next_hops(message, content, checked.sendable, settings_for)
+                outcome = await self._to_next_hops(
+                    message, content, checked.sendable, settings_for, tls
+                )
         except StoreError as exc:
             return AttemptFailed(str(exc))
         if isinstance(outcome, Delivery) and checked.refused:
@@ -225,11 +243,29 @@ class SmtpRelay:
         content: BodyReader,
         recipients: list[str],
         settings_for: Callable[[str, Message], RouteSettings],
+        tls: TlsPolicyMode = "none",
     ) -> RelayOutcome:
         hop_errors: list[str] = []
         throttled: list[str] = []
+        # An MX route's message has one recipient domain (one envelope each).
+        domain = recipients[0].rpartition("@")[2] if recipients else ""
         for hop in message.next_hop_choices:
             settings = settings_for(hop, message)
+            if tls != "none" and self.tls_policies is not None:
+                host, port = parse_hop(hop)
+                decision = await self.tls_policies.decide(tls, domain, host, port)
+                if isinstance(decision, HopRefusal):
+                    hop_errors.append(f"{hop}: {decision.reason}")
+                    log.warning(
+                        "next hop refused by the TLS policy",
+                        id=message.id,
+                        flows=message.flows,
+                        hop=hop,
+                        error=decision.reason,
+                    )
+                    continue
+                if decision is not None:
+                    settings = replace(settings, tls_policy=decision)
             deadline = anyio.CancelScope(deadline=anyio.current_time() + settings.message_timeout)
             try:
                 with deadline:

@@ -95,7 +95,9 @@ class _SkipWhatIsMissing(importlib.abc.MetaPathFinder):
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
         top = fullname.partition(".")[0]
-        if top in _NEEDED:
+        # Only the package itself: an installed package may look for
+        # optional submodules of its own (dnspython does, for record types).
+        if top in _NEEDED and fullname == top:
             pytest.skip(f"{_importer()}{MAKE_VENV} ({top} is missing)", allow_module_level=True)
         return None
 

@@ -306,11 +306,12 @@ class SmtpTestServer:
         self._handler = _Handler(self)
         self._live: set[_TestSMTP] = set()
         self._server: asyncio.Server | None = None
+        self.host = HOST
         self.port = 0
 
     @property
     def hop(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def open_connections(self) -> int:
@@ -331,10 +332,12 @@ class SmtpTestServer:
     def args(self, verb: str) -> list[str]:
         return [c.arg for c in self.commands if c.verb == verb]
 
-    async def start(self, port: int = 0) -> None:
-        """Listen on ``port`` (0: a free one), e.g. a hop that was down."""
+    async def start(self, port: int = 0, host: str = HOST) -> None:
+        """Listen on ``port`` (0: a free one), e.g. a hop that was down; on
+        ``host`` (another loopback address: an MX host on port 25)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_protocol, HOST, port)
+        self.host = host
+        self._server = await loop.create_server(self._new_protocol, host, port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -611,6 +611,47 @@ tls = "maybe"
 ]
 
 
+# issue 22: outbound TLS policy of MX routes, and the daemon's DNS servers
+BAD_FILES += [
+    (
+        "tls_policy on a route with next_hops",
+        BASE + '[routes.a]\nnext_hops = ["h:25"]\ntls_policy = "mta-sts"\n',
+        [
+            "routes.a.tls_policy: only for mx = true routes (MTA-STS and DANE are the "
+            "recipient domain's rules for its MX hosts); for a fixed next hop use "
+            'tls = "required" and verify_certificates'
+        ],
+    ),
+    (
+        "tls_policy not one of the three",
+        BASE + '[routes.a]\nmx = true\ntls_policy = "dane"\n',
+        ["routes.a.tls_policy: expected one of dane-mta-sts, mta-sts, none, got 'dane'"],
+    ),
+    (
+        "dns nameservers not addresses",
+        BASE + '[dns]\nnameservers = ["ns.example.net", "127.0.0.1:99999"]\n',
+        ["dns.nameservers: expected an IP address with an optional ':port', got 'ns.example.net'"],
+    ),
+    ("unknown key in dns", BASE + "[dns]\nresolver = 1\n", ["dns.resolver: unknown key"]),
+]
+
+
+def test_tls_policy_and_nameservers_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "spoold.toml"
+    path.write_text(
+        BASE
+        + '[routes.direct]\nmx = true\ntls_policy = "dane-mta-sts"\n'
+        + '[dns]\nnameservers = ["127.0.0.1", "127.0.0.53:5353", "[::1]:53"]\n'
+    )
+    cfg = load_config(path)
+    assert cfg.routes["direct"].tls_policy == "dane-mta-sts"
+    assert cfg.dns.nameservers == ("127.0.0.1", "127.0.0.53:5353", "[::1]:53")
+    path.write_text(BASE + "[routes.direct]\nmx = true\n")
+    cfg = load_config(path)
+    assert cfg.routes["direct"].tls_policy == "none"
+    assert cfg.dns.nameservers == ()
+
+
 @pytest.mark.parametrize(
     ("text", "problems"), [(t, p) for _, t, p in BAD_FILES], ids=[n for n, _, _ in BAD_FILES]
 )

@@ -20,6 +20,7 @@ TABLES = {
     "hooks": config.HooksConfig,
     "relay": config.RelayConfig,
     "routes.NAME": config.RouteConfig,
+    "dns": config.DnsConfig,
     "[dkim]": config.DkimConfig,
 }
 

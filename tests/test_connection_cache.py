@@ -13,14 +13,18 @@ order of arrival is the order the test chose, without sleeping.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field, replace
+from hashlib import sha256
 
 import anyio
 import anyio.abc
 import pytest
 
 from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
+from spoold.dane import TlsaRecord
 from spoold.errors import HopUnavailableError
+from spoold.tls_policy import TlsRequirement
 from tests.smtp_server import SmtpTestServer, StartServer, TlsCertificate
 
 SETTINGS = RouteSettings(tls="none", connect_timeout=5.0, command_timeout=5.0)
@@ -223,3 +227,44 @@ async def test_a_connection_logged_in_as_one_user_is_never_lent_for_another(
 
     assert server.auth_attempts == [("billing", True), ("support", True)]
     assert server.connections_opened == 2
+
+
+async def test_a_connection_checked_less_strictly_is_never_lent_to_a_tls_policy(
+    start_smtp_server: StartServer, tls_certificate: TlsCertificate
+) -> None:
+    """Issue 22: a message whose MX route's TLS policy needs a PKIX or DANE
+    check never gets a connection opened without it, and the check is the
+    policy's whatever the route's verify_certificates says."""
+    server = await start_smtp_server(tls_context=tls_certificate.server_context())
+    der = ssl.PEM_cert_to_DER_cert(tls_certificate.cert.read_text())
+    weak = RouteSettings(tls="opportunistic", verify_certificates=False, command_timeout=5.0)
+    pkix = replace(
+        weak, ca_file=str(tls_certificate.cert), tls_policy=TlsRequirement("MTA-STS enforce")
+    )
+    dane = replace(
+        weak, tls_policy=TlsRequirement("DANE", (TlsaRecord(3, 0, 1, sha256(der).digest()),))
+    )
+    cache = ConnectionCache(idle_timeout=3600)
+    with anyio.fail_after(TIMEOUT):
+        async with cache.connection(server.hop, weak) as first:
+            assert first.client.tls_active  # encrypted, but the certificate unchecked
+        async with cache.connection(server.hop, pkix) as second:
+            assert second is not first
+        async with cache.connection(server.hop, dane) as third:
+            assert third is not first and third is not second
+        async with cache.connection(server.hop, pkix) as again:
+            assert again is second
+
+        # The policy's check holds even where the route checks nothing.
+        unverifiable = replace(weak, tls_policy=TlsRequirement("MTA-STS enforce"))
+        with pytest.raises(HopUnavailableError, match=r"TLS policy \(MTA-STS enforce\): TLS "):
+            async with cache.connection(server.hop, unverifiable):
+                pass
+        other_key = TlsaRecord(3, 0, 1, sha256(b"another certificate").digest())
+        mismatch = replace(weak, tls_policy=TlsRequirement("DANE", (other_key,)))
+        with pytest.raises(HopUnavailableError, match="matches none of its 1 usable TLSA"):
+            async with cache.connection(server.hop, mismatch):
+                pass
+        await cache.close_and_flush()
+
+    assert server.connections_opened == 5

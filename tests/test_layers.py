@@ -117,6 +117,11 @@ LIBRARY_ROWS: list[list[str]] = [
         "smtp_client",
         "connection_cache",
         "smtp_relay",
+        # issue 22: outbound TLS policy of MX routes
+        "mta_sts",
+        "dane",
+        "tls_policy",
+        # issue 22: DKIM signing
         "dkim",
     ],
     # the spool's shared state, then its rooms

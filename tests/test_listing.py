@@ -465,3 +465,29 @@ async def test_the_paged_listing_falls_back_to_one_reply_from_an_older_daemon(
     assert pages == [views]
     assert [json.loads(v) for v in raw[0]] == views
     assert [("stream" in r) for r in asked] == [True, False, True, False]
+
+
+def test_a_narrow_table_never_cuts_an_id(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """80 columns, a long status, no error: the columns but the ID give way
+    (the ID is what an operator copies into the next command)."""
+    from spoold.daemon.status_output import print_status
+
+    mid = "8E9jToILDNpsVC3aBcDeFg"
+    view = {
+        "id": mid,
+        "status": "frozen",
+        "in_doubt": True,
+        "spool_date": utcnow().isoformat(),
+        "size": 69,
+        "remaining_recipients": ["rcpt@example.org"],
+        "envelope_info": {"sender": "sender@example.org"},
+        "relay_attempts": [],
+    }
+    monkeypatch.setenv("COLUMNS", "80")
+    print_status([view], "table")
+    lines = capsys.readouterr().out.splitlines()
+    (row,) = [line for line in lines if line.startswith(mid)]
+    assert row.split()[1:4] == ["frozen", "(in", "doubt)"]
+    assert max(len(line) for line in lines) <= 80

@@ -63,6 +63,7 @@ from spoold.outcome import AfterCrash, DeliveryPolicy, OnPermanentFailure, Retri
 from spoold.settings import SpoolSettings
 from spoold.store import SyncMode
 from spoold.times import parse_size, parse_span
+from spoold.tls_policy import TlsPolicyMode
 
 __all__ = [
     "Config",
@@ -74,6 +75,7 @@ __all__ = [
     "HooksConfig",
     "RelayConfig",
     "RouteConfig",
+    "DnsConfig",
     "DkimConfig",
     "dkim_signer",
     "load_config",
@@ -164,6 +166,25 @@ def _listen_address(v: object) -> str:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected 'address:port', got {v!r}")
     return address
+
+
+def _nameserver(v: object) -> str:
+    """A DNS server: an IP address, with a port after ``:`` (IPv6 in
+    brackets: ``[::1]:53``); 53 when none is given."""
+    text = _str(v)
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or "53"
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address with an optional ':port', got {v!r}") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected an IP address with an optional ':port', got {v!r}")
+    return text
 
 
 def _optional_listen_address(v: object) -> str:
@@ -497,6 +518,17 @@ class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_connections: Annotated[int, _int_range(1, 10_000)] = _limits.DEFAULT_MAX_CONNECTIONS
     rate: Annotated[Rate | None, _Read(parse_rate)] = None  # attempts per span; None: no limit
     helo_name: Annotated[str, _Read(_optional_hostname)] = ""  # "": the top-level hostname
+    # mx routes: DANE and/or MTA-STS per recipient domain (spoold.tls_policy)
+    tls_policy: TlsPolicyMode = "none"
+
+
+class DnsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``[dns]``: the DNS servers every lookup of the daemon asks (MX, the
+    MTA-STS record, TLSA and, when set, the addresses of the next hops it
+    dials by name and of ``mta-sts.DOMAIN``); empty: the system's
+    (``/etc/resolv.conf``, and the system resolver for addresses)."""
+
+    nameservers: Annotated[tuple[str, ...], _Read(_list(_nameserver))] = ()
 
 
 class DkimConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -521,6 +553,7 @@ class Config:
     hooks: HooksConfig
     relay: RelayConfig
     routes: dict[str, RouteConfig] = field(default_factory=dict)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     # The name spoold gives itself (banner, Received:, EHLO, Message-ID,
     # Reporting-MTA); default: the machine's (spoold.hostname).
     hostname: str = field(default_factory=local_hostname)
@@ -760,6 +793,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     hooks = _read_table(HooksConfig, raw.get("hooks"), "hooks", problems, base)
     relay = _read_table(RelayConfig, raw.get("relay"), "relay", problems, base)
     routes = _read_routes(raw.get("routes", {}), problems, base)
+    dns = _read_table(DnsConfig, raw.get("dns"), "dns", problems, base)
     dkim = _read_dkim(raw.get("dkim", []), problems, base)
 
     if relay.default_route and relay.default_route not in routes:
@@ -782,12 +816,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         hooks=hooks,
         relay=relay,
         routes=routes,
+        dns=dns,
         hostname=local_hostname() if hostname is None else hostname,  # looked up when left out
         dkim=dkim,
     )
 
 
-_TABLES = ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes", "dkim")
+_TABLES = ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes", "dns", "dkim")
 
 
 def _read_dkim(raw_keys: object, problems: list[str], base: Path) -> tuple[DkimConfig, ...]:
@@ -844,6 +879,12 @@ def _read_routes(raw_routes: object, problems: list[str], base: Path) -> dict[st
             )
         if route.mx and route.next_hops:
             problems.append(f"routes.{name}: give next_hops or mx = true, not both")
+        if route.tls_policy != "none" and not route.mx:
+            problems.append(
+                f"routes.{name}.tls_policy: only for mx = true routes (MTA-STS and DANE "
+                "are the recipient domain's rules for its MX hosts); for a fixed next hop "
+                'use tls = "required" and verify_certificates'
+            )
         if route.mx and route.senders:
             problems.append(f"routes.{name}.senders: not on an mx = true route; give it next_hops")
         for domain in route.domains:

@@ -63,9 +63,11 @@ from spoold.daemon.config import (
     restart_needed,
 )
 from spoold.daemon.control import ControlServer, PeerCredentials
+from spoold.daemon.dns import DnsLookups
 from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import ListenerSettings, listener_settings, listening_sockets
 from spoold.daemon.metrics import Metrics
+from spoold.daemon.mx import MxResolver
 from spoold.daemon.resources import (
     AcceptFailures,
     install_accept_error_handler,
@@ -73,6 +75,7 @@ from spoold.daemon.resources import (
 )
 from spoold.daemon.routing import Router
 from spoold.daemon.signals import Signals
+from spoold.daemon.sts_fetch import PolicyFetcher
 from spoold.daemon.systemd import Notifier, listen_fds, watchdog_interval
 from spoold.daemon.workers import IngestWorkers, worker_count
 from spoold.dkim import DkimSigner
@@ -84,8 +87,10 @@ from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
 from spoold.idempotency import user_key, validate_key
 from spoold.message import Queue
+from spoold.mta_sts import MtaStsPolicies
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
+from spoold.tls_policy import TlsPolicies
 
 __all__ = ["Daemon", "Signals", "run", "EXIT_CONFIG_ERROR"]
 
@@ -103,19 +108,21 @@ class _Live:
     presend: PresendHook | None
     on_error: OnErrorHook | None
     listener: ListenerSettings | None
+    dns: DnsLookups
     dkim: DkimSigner | None
 
 
 def _build(config: Config) -> _Live:
     """Everything derived from a config (reads files: run it off the event
     loop, except once at start); raises on any problem."""
-    router = Router(config)
+    dns = DnsLookups(config.dns.nameservers)
+    router = Router(config, MxResolver(dns.mx))  # one resolver, one cache
     listener = listener_settings(config.smtp) if config.smtp is not None else None
     presend = cast(PresendHook, load_hook(config.hooks.presend)) if config.hooks.presend else None
     on_error = (
         cast(OnErrorHook, load_hook(config.hooks.on_error)) if config.hooks.on_error else None
     )
-    return _Live(config, router, presend, on_error, listener, dkim_signer(config))
+    return _Live(config, router, presend, on_error, listener, dns, dkim_signer(config))
 
 
 class Daemon:
@@ -153,8 +160,18 @@ class Daemon:
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.accept_failures = AcceptFailures()
         self.metrics = Metrics()  # served when [metrics] listen is set
-        self.cache = ConnectionCache()
+        self.cache = ConnectionCache(resolve_host=self.live.dns.resolve_host)
         self.cache.settings = config.relay.cache
+        # MX routes' TLS policies: lookups through the live resolver (a
+        # reload may point it elsewhere); kept MTA-STS policies outlive reloads.
+        self.sts_fetcher = PolicyFetcher(self.live.dns.resolve_host)
+        self.mta_sts = MtaStsPolicies(lambda name: self.live.dns.txt(name), self.sts_fetcher)
+        self.tls_policies = TlsPolicies(
+            self.mta_sts,
+            lookup_tlsa=lambda host, port: self.live.dns.tlsa(host, port),
+            mx_secure=lambda domain: self.live.dns.mx_secure(domain),
+            on_report=self.metrics.tls_policy_finding,
+        )
 
     # ------------------------------------------------------------ running
 
@@ -175,7 +192,9 @@ class Daemon:
         # Hop settings come with each attempt's policy (the router's); a hop
         # a policy does not cover is asked of the router as it is dialled.
         relay = SmtpRelay(
-            lambda hop, message: self.live.router.settings_for(hop, message), self.cache
+            lambda hop, message: self.live.router.settings_for(hop, message),
+            self.cache,
+            tls_policies=self.tls_policies,
         )
         restore_handler = install_accept_error_handler(
             asyncio.get_running_loop(), self.accept_failures
@@ -252,6 +271,7 @@ class Daemon:
                     for sock in self.inherited:
                         sock.close()
                 services.start_soon(self._watchdog_loop)
+                services.start_soon(self.mta_sts.run)  # refreshes kept MTA-STS policies
                 log.info(
                     "spoold ready",
                     event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
@@ -387,6 +407,8 @@ class Daemon:
         self.live = live
         logs.configure(cfg.log.format, cfg.log.level)
         self.cache.settings = cfg.relay.cache
+        self.cache.resolve_host = live.dns.resolve_host
+        self.sts_fetcher.resolve_host = live.dns.resolve_host
         spool = self._spool
         if spool is not None:
             spool.settings = cfg.spool.settings

@@ -189,12 +189,24 @@ class Metrics:
             registry=r,
         )
         self.reload_success.set(1)  # the config the daemon started with was valid
+        self.tls_policy_findings = Counter(
+            "spoold_tls_policy_findings",
+            "MX hosts an MX route's TLS policy spoke about, by finding: mta-sts-enforce "
+            "(refused: not in the domain's policy), mta-sts-testing (not in a testing "
+            "policy; delivered anyway), dane (the TLSA lookup failed)",
+            ["finding"],
+            registry=r,
+        )
 
     # ------------------------------------------------------------ sources
 
     def measured(self, relay: Relay) -> Relay:
         """``relay``, with every attempt timed and counted."""
         return _MeasuredRelay(relay, self)
+
+    def tls_policy_finding(self, finding: str, domain: str, host: str) -> None:
+        """Count a TLS policy finding (:data:`spoold.tls_policy.OnReport`)."""
+        self.tls_policy_findings.labels(finding).inc()
 
     def reloaded(self, applied: bool) -> None:
         """Record a reload's result (the daemon calls this)."""

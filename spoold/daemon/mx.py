@@ -7,7 +7,9 @@ order). A domain with no MX record but an address is its own exchanger
 raises :class:`MxError` with ``permanent=True``; a timeout or server
 failure raises it with ``permanent=False`` (the submitter answers 451 and
 the client retries). Answers are cached for their TTL, failures for
-``negative_ttl`` seconds.
+``negative_ttl`` seconds. The lookup itself is
+:meth:`spoold.daemon.dns.DnsLookups.mx` (the daemon's ``[dns]``
+nameservers, else the system's), or a function given (tests).
 """
 
 from __future__ import annotations
@@ -15,50 +17,13 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
-import dns.asyncresolver
-import dns.exception
-import dns.rdatatype
-import dns.resolver
-
-from spoold.errors import (
-    MxError,
-)
+from spoold.daemon.dns import DnsLookups
+from spoold.errors import MxError
 
 __all__ = ["MxResolver", "Lookup"]
 
 # (domain) -> (list of (preference, host), ttl seconds)
 Lookup = Callable[[str], Awaitable[tuple[list[tuple[int, str]], float]]]
-
-
-async def _dns_lookup(domain: str) -> tuple[list[tuple[int, str]], float]:
-    resolver = dns.asyncresolver.Resolver()
-    try:
-        answer = await resolver.resolve(domain, dns.rdatatype.MX, lifetime=10)
-    except dns.resolver.NXDOMAIN:
-        raise MxError(f"domain {domain} does not exist", permanent=True) from None
-    except dns.resolver.NoAnswer:
-        return await _implicit_mx(resolver, domain)
-    except dns.exception.DNSException as exc:
-        raise MxError(f"MX lookup of {domain} failed: {exc}", permanent=False) from None
-    ttl = float(answer.rrset.ttl) if answer.rrset is not None else 300.0
-    return [(r.preference, r.exchange.to_text().rstrip(".")) for r in answer], ttl
-
-
-async def _implicit_mx(
-    resolver: dns.asyncresolver.Resolver, domain: str
-) -> tuple[list[tuple[int, str]], float]:
-    """No MX: the domain is its own exchanger if it has an address."""
-    for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-        try:
-            await resolver.resolve(domain, rdtype, lifetime=10)
-        except dns.resolver.NoAnswer:
-            continue
-        except dns.resolver.NXDOMAIN:
-            break
-        except dns.exception.DNSException as exc:
-            raise MxError(f"address lookup of {domain} failed: {exc}", permanent=False) from None
-        return [(0, domain)], 300.0
-    raise MxError(f"domain {domain} has no MX and no address", permanent=True)
 
 
 class MxResolver:
@@ -68,7 +33,7 @@ class MxResolver:
     ``negative_ttl`` seconds. ``lookup`` replaces DNS (tests)."""
 
     def __init__(self, lookup: Lookup | None = None, negative_ttl: float = 60.0) -> None:
-        self._lookup = lookup or _dns_lookup
+        self._lookup = lookup or DnsLookups().mx
         self.negative_ttl = negative_ttl
         self._cache: dict[str, tuple[float, list[str] | MxError]] = {}
 

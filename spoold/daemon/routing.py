@@ -38,6 +38,8 @@ router; :meth:`Router.policy_for` gives a message the policy of the route
 it records (the spool asks once per attempt), so a reload applies to
 messages already queued. A message without a route, or whose route is
 gone, keeps its own hops, has no limits and the ``[spool]`` rules.
+An MX route's ``tls_policy`` is a field of its policy too; the relay
+applies it per recipient domain and MX host (:mod:`spoold.tls_policy`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import msgspec
 from spoold.connection_cache import RouteSettings
 from spoold.credentials import load_auth_file
 from spoold.daemon.config import Config, RouteConfig, delivery_policy
+from spoold.daemon.dns import DnsLookups
 from spoold.daemon.mx import MxResolver
 from spoold.errors import NoRouteError
 from spoold.limits import DestinationLimits
@@ -102,6 +105,7 @@ def _route_policy(rc: RouteConfig, delivery: DeliveryPolicy, jitter: float) -> D
         limits=DestinationLimits(rc.max_connections, rc.rate),
         delivery=delivery,
         retry_intervals=tuple(RetryInterval.from_spans(spans, jitter)),
+        tls_policy=rc.tls_policy,
     )
 
 
@@ -118,7 +122,7 @@ class Router:
     credential files (blocking: the daemon does it in a worker thread)."""
 
     def __init__(self, config: Config, resolver: MxResolver | None = None) -> None:
-        self.resolver = resolver or MxResolver()
+        self.resolver = resolver or MxResolver(DnsLookups(config.dns.nameservers).mx)
         relay = config.relay
         self.default_route = relay.default_route or None
         self._routes: dict[str, _Route] = {}

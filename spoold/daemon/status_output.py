@@ -172,8 +172,16 @@ def _column_fits(rows: Sequence[tuple[str, ...]], wide: bool) -> tuple[list[int]
         fits[-1] = min(fits[-1], 24)  # a long sender is cut, not the error
     # Short columns keep their width; the last error takes what is left
     # (cut short here, whole and wrapped with --wide).
-    left = max(10, _terminal_width() - sum(fits) - 2 * (len(_TABLE_HEADS) - 1))
+    left = _terminal_width() - sum(fits) - 2 * (len(_TABLE_HEADS) - 1)
     return fits, left
+
+
+def _stacked(rows: Sequence[tuple[str, ...]], left: int) -> bool:
+    """Whether the last errors go under their rows: the room left for the
+    column is narrow and an error (or the column's head) does not fit."""
+    return left < _MIN_ERROR_COLUMN and (
+        left < len(_TABLE_HEADS[-1]) or any(len(r[-1]) > left for r in rows)
+    )
 
 
 class _Columns:
@@ -187,9 +195,7 @@ class _Columns:
         self.width = _terminal_width()
         fits, self.left = _column_fits(first_rows, wide)
         self.fits = [*fits[:1], max(fits[1], len("at 00:00:00")), *fits[2:]]
-        self.stacked = self.left < _MIN_ERROR_COLUMN and any(
-            len(r[-1]) > self.left for r in first_rows
-        )
+        self.stacked = _stacked(first_rows, self.left)
 
     def _line(self, cells: Sequence[str]) -> str:
         parts = [
@@ -228,8 +234,13 @@ def _print_table(rows: Sequence[tuple[str, ...]], wide: bool) -> None:
     fits, left = _column_fits(rows, wide)
     table = Table(box=None, pad_edge=False, show_edge=False)
     for head, fit in zip(heads[:-1], fits, strict=True):
-        table.add_column(head, no_wrap=True, width=fit, overflow="ellipsis")
-    if left < _MIN_ERROR_COLUMN and any(len(r[-1]) > left for r in rows):
+        # An ID is never cut (it is what the operator copies); the others
+        # give way first on a narrow terminal.
+        first = head == heads[0]
+        table.add_column(
+            head, no_wrap=True, width=fit, min_width=fit if first else None, overflow="ellipsis"
+        )
+    if _stacked(rows, left):
         # Too narrow for the errors (80 columns): each goes on a line of
         # its own under its message, with the whole width.
         _print_stacked(table, rows, width, wide)
