@@ -282,5 +282,11 @@ def test_dkim_check_says_which_keys_dns_publishes(tmp_path: Path) -> None:
         assert "2 key(s) of 4 not published as configured" in done.err
         dns.publish("example.org", "stale", public_key_record(OTHER_KEY))
         dns.publish("example.org", "new", public_key_record(OTHER_KEY))
-        done = cli("--config", str(config), "dkim", "check", "--nameserver", server.address)
+        # Without --nameserver: the daemon's own, [dns] nameservers.
+        with config.open("a") as f:
+            f.write(f'\n[dns]\nnameservers = ["{server.address}"]\n')
+        done = cli("--config", str(config), "dkim", "check")
         assert done.code == 0, done.err
+        assert done.out.count("ok       ") == 4
+    done = cli("--config", str(config), "dkim", "check", "--nameserver", "not a server")
+    assert done.code == 2 and "no DNS server to ask" in done.err

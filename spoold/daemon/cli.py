@@ -780,15 +780,20 @@ def keygen(
 @click.option(
     "--nameserver",
     metavar="HOST[:PORT]",
-    help="ask this DNS server (e.g. the zone's own) instead of the system's resolver",
+    help="ask this DNS server (e.g. the zone's own); default: [dns] nameservers, "
+    "else the system's resolver",
 )
 @click.pass_obj
 def dkim_check(target: _Target, nameserver: str | None) -> None:
     """Look up the TXT record of every [[dkim]] key of the config and say
     whether it publishes that key (exit 1 when one does not)."""
+    import ipaddress
+
     import dns.exception
+    import dns.nameserver
     import dns.resolver
 
+    from spoold.daemon.dns import nameserver_address
     from spoold.dkim import record_problem
 
     config = target._config()
@@ -799,11 +804,16 @@ def dkim_check(target: _Target, nameserver: str | None) -> None:
     if signer is None:
         click.echo(f"no [[dkim]] table in {config.path}: nothing is signed")
         return
-    resolver = dns.resolver.Resolver(configure=nameserver is None)
-    if nameserver is not None:
-        host, _, port = nameserver.rpartition(":") if ":" in nameserver else (nameserver, "", "53")
-        resolver.nameservers = [host.strip("[]")]
-        resolver.port = int(port)
+    servers = (nameserver,) if nameserver else config.dns.nameservers
+    try:
+        resolver = dns.resolver.Resolver(configure=not servers)
+        addresses = [nameserver_address(n) for n in servers]
+        for host, _ in addresses:
+            ipaddress.ip_address(host)  # a server is given by its address
+        if servers:
+            resolver.nameservers = [dns.nameserver.Do53Nameserver(*a) for a in addresses]
+    except (ValueError, dns.exception.DNSException) as exc:
+        _fail(f"no DNS server to ask: {exc}", 2)
     resolver.lifetime = 10.0
     bad = 0
     for key in signer.keys:
