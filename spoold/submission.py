@@ -7,8 +7,9 @@ envelope), an ``idempotency_key`` is held from looking it up to recording
 the new ids (:mod:`spoold.idempotency`), and every record and body is
 durable on disk before the ids are returned. A message whose ``From:``
 domain has a DKIM key is signed first, once (:mod:`spoold.dkim`, in a
-worker thread): the signature is part of the body written, so every
-attempt and every message of a fan-out sends the same signed bytes.
+worker thread): its signature fields are written before the body, with
+the trace header, so they are part of the stored message and every attempt
+and every message of a fan-out sends the same signed bytes.
 :class:`Submission` is that
 path; the two differ only in what follows the write, which each gives as a
 subclass: the owner indexes the new messages, schedules them and publishes
@@ -221,7 +222,7 @@ class Submission:
         """Check ``batch`` and write its messages with ``status``; nothing
         follows (see :meth:`_written`)."""
         self._refuse_if_closing()
-        signature = await self._signature(batch, flows)
+        signature = await self.signature(batch.body, flows)
         if signature:
             prefix = _with_signature(prefix, signature)
         new = new_messages(
@@ -236,9 +237,6 @@ class Submission:
             submitter_uid=submitter_uid,
         )
         return await self._write(new)
-
-    async def _signature(self, batch: RoutedBatch, flows: Sequence[str]) -> bytes:
-        return await self.signature(batch.body, flows)
 
     async def signature(self, body: Body, flows: Sequence[str]) -> bytes:
         """The DKIM-Signature fields of ``body``, to write before it, when
