@@ -41,6 +41,7 @@ __all__ = [
     "ControlError",
     "ControlErrorKind",
     "IdempotencyKeyError",
+    "RecipientSuppressedError",
 ]
 
 
@@ -239,3 +240,16 @@ class ControlError(SpooldError):
 class IdempotencyKeyError(SpooldError, ValueError):
     """An idempotency key that cannot be used (empty, too long, or holding
     control characters)."""
+
+
+class RecipientSuppressedError(SpooldError, ValueError):
+    """A submission named recipients on the suppression list (and
+    ``suppressed_recipients`` is ``"refuse"``): nothing was spooled.
+    ``recipients`` maps each such recipient (as given) to a line saying
+    until when and why (``suppressed until 2027-01-05T10:00:00Z (550 5.1.1
+    no such user)``). Lift it with ``spoold suppress remove``."""
+
+    def __init__(self, recipients: dict[str, str]) -> None:
+        self.recipients = dict(recipients)
+        listed = "; ".join(f"{rcpt}: {why}" for rcpt, why in self.recipients.items())
+        super().__init__(f"recipient suppressed, nothing spooled: {listed}")

@@ -33,6 +33,7 @@ from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.settings import Setting, WriterSettings
 from spoold.store import SyncMode
 from spoold.submission import Submission, new_messages
+from spoold.suppression import Suppressions
 from spoold.tasks import own_tasks
 from spoold.times import utcnow
 
@@ -151,6 +152,13 @@ class SpoolWriter:
     def spool_dir(self) -> Path:
         return self._disk.dir
 
+    @property
+    def suppressions(self) -> Suppressions:
+        """The spool's suppression list as this process last read it (the
+        owner writes it; :meth:`Suppressions.refresh` reads it again when
+        it changed, as :meth:`add` does)."""
+        return self._submission.suppressions
+
     # One setting at a time: each reads :attr:`settings` and, assigned,
     # replaces it with a value that differs in that field.
     sync = Setting[SyncMode]()
@@ -194,7 +202,13 @@ class _WriterSubmission(Submission):
         now: Callable[[], datetime],
         notifier: _Notifier,
     ) -> None:
-        super().__init__(disk, KeyFiles(disk.dir), lambda: writer.settings, now)
+        super().__init__(
+            disk,
+            KeyFiles(disk.dir),
+            lambda: writer.settings,
+            now,
+            Suppressions(disk.dir, owner=False),
+        )
         self._notifier = notifier
 
     async def _write(self, new: Sequence[NewMessage]) -> list[Message]:

@@ -106,7 +106,17 @@ LIBRARY_ROWS: list[list[str]] = [
     # the record
     ["body", "message"],
     # mail on disk, and the values around a message
-    ["ondisk", "relay", "events", "history", "waiting", "idempotency", "limits", "listing"],
+    [
+        "ondisk",
+        "relay",
+        "events",
+        "history",
+        "waiting",
+        "idempotency",
+        "limits",
+        "listing",
+        "suppression",
+    ],
     # rules
     [
         "hooks",
