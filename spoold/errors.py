@@ -225,6 +225,7 @@ ControlErrorKind = Literal[
     "timeout",  # ``wait``: the message had no outcome within the time given
     "denied",  # not for this client: an admin operation on the submission socket,
     #            or (client side) a socket whose permissions keep this user out
+    "suppressed",  # submit: a recipient is on the suppression list; nothing spooled
 ]
 
 
@@ -247,9 +248,13 @@ class RecipientSuppressedError(SpooldError, ValueError):
     ``suppressed_recipients`` is ``"refuse"``): nothing was spooled.
     ``recipients`` maps each such recipient (as given) to a line saying
     until when and why (``suppressed until 2027-01-05T10:00:00Z (550 5.1.1
-    no such user)``). Lift it with ``spoold suppress remove``."""
+    no such user)``); from :class:`spoold.Client` (the daemon's error
+    reply of kind ``suppressed``) only the text names them, ``recipients``
+    is empty. Lift it with ``spoold suppress remove``."""
 
-    def __init__(self, recipients: dict[str, str]) -> None:
+    def __init__(self, recipients: dict[str, str], text: str | None = None) -> None:
         self.recipients = dict(recipients)
-        listed = "; ".join(f"{rcpt}: {why}" for rcpt, why in self.recipients.items())
-        super().__init__(f"recipient suppressed, nothing spooled: {listed}")
+        if text is None:
+            listed = "; ".join(f"{rcpt}: {why}" for rcpt, why in self.recipients.items())
+            text = f"recipient suppressed, nothing spooled: {listed}"
+        super().__init__(text)

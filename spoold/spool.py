@@ -102,7 +102,12 @@ from spoold.settings import (  # the defaults are written there, re-exported her
 from spoold.state import Routes, SpoolParts, SpoolState, log
 from spoold.store import StepHook, SyncMode
 from spoold.submission import OwnerSubmission
-from spoold.suppression import Suppression, Suppressions, suppression_for
+from spoold.suppression import (
+    SuppressedRecipients,
+    Suppression,
+    Suppressions,
+    suppression_for,
+)
 from spoold.tasks import own_tasks
 from spoold.transitions import Transitions
 from spoold.waiting import MessageOutcome
@@ -187,6 +192,9 @@ class Spool:
     removed_retention = Setting[timedelta]()
     history_retention = Setting[timedelta]()
     idempotency_window = Setting[timedelta]()
+    suppress_after_hard_bounce = Setting[timedelta | None]()
+    suppressed_recipients = Setting[SuppressedRecipients]()
+    max_suppressed = Setting[int]()
 
     def __init__(
         self,

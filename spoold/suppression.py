@@ -20,7 +20,11 @@ On disk: one file, ``SPOOL/suppressed``, JSON lines: a first line
 ``until``, ``reason``, ``source``: ``bounce`` or ``operator``), sorted by
 address. Only the spool's owner writes it, always whole (a temporary file
 in ``tmp/``, fsynced, renamed over it, the directory fsynced), in a worker
-thread, one write at a time; expired entries are left out of every write.
+thread, one write at a time: changes made while a write is under way (many
+bounces at once) go out together in the next one. A change is made in
+memory first, so this process applies it at once; the call that made it
+returns once it is durable. Entries that ended are dropped when the list
+is full and by housekeeping (:meth:`Suppressions.prune`).
 Other processes (the SMTP ingest workers) read it and read it again when it
 changed: :meth:`Suppressions.stale` compares the file's identity (inode,
 size, change time) with what was read, one ``stat(2)`` of a file the kernel
@@ -44,10 +48,10 @@ import contextlib
 import heapq
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import anyio
 import msgspec
@@ -59,6 +63,7 @@ __all__ = [
     "SUPPRESSION_FILE",
     "SUPPRESSION_FORMAT_VERSION",
     "DEFAULT_MAX_SUPPRESSED",
+    "DEFAULT_OPERATOR_SPAN",
     "SUPPRESSED_STATUS",
     "SuppressedRecipients",
     "SuppressionSource",
@@ -78,6 +83,9 @@ SUPPRESSION_FILE = "suppressed"
 DAMAGED_SUFFIX = ".damaged"
 SUPPRESSION_FORMAT_VERSION = 1
 DEFAULT_MAX_SUPPRESSED = 100_000
+DEFAULT_OPERATOR_SPAN = timedelta(days=30)
+"""How long ``spoold suppress add`` without ``--for`` suppresses, when
+``suppress_after_hard_bounce`` is off (when it is set, that span)."""
 SUPPRESSED_STATUS = "5.7.1"
 """The enhanced status of a recipient refused or failed because it is
 suppressed: a refusal by our own policy, not news about the mailbox."""
@@ -100,13 +108,16 @@ def normalise(address: str) -> str:
     return text.lower()
 
 
+_Time = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
 class Suppression(msgspec.Struct, frozen=True, kw_only=True):
     """One suppressed address (normalised) from ``since`` until ``until``
     (UTC), with the reason (the next hop's reply, or an operator's words)."""
 
     address: str
-    since: datetime
-    until: datetime
+    since: _Time
+    until: _Time
     reason: str = ""
     source: SuppressionSource = "operator"
 
@@ -123,6 +134,7 @@ class _Header(msgspec.Struct):
 _encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(_Header)
 _entry_decoder = msgspec.json.Decoder(Suppression)
+_all_decoder = msgspec.json.Decoder(list[Suppression])
 
 
 def encode_list(entries: Iterable[Suppression]) -> bytes:
@@ -153,18 +165,24 @@ def decode_list(data: bytes, path: str = SUPPRESSION_FILE) -> tuple[list[Suppres
                     f"this one reads up to {SUPPRESSION_FORMAT_VERSION})"
                 )
             start = 1
-    for number, line in enumerate(lines[start:], start + 1):
-        if not line.strip():
-            continue
-        try:
-            entry = _entry_decoder.decode(line)
-        except msgspec.DecodeError:
-            damaged.append(number)
-            continue
-        if entry.until.tzinfo is None or entry.since.tzinfo is None:
-            damaged.append(number)
-            continue
-        entries.append(msgspec.structs.replace(entry, address=normalise(entry.address)))
+    body = [line for line in lines[start:] if line.strip()]
+    try:  # one call for the whole file: what a file spoold wrote takes
+        entries = _all_decoder.decode(b"[" + b",".join(body) + b"]")
+    except msgspec.DecodeError:  # damaged: line by line, to keep the rest
+        entries = []
+        for number, line in enumerate(lines[start:], start + 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(_entry_decoder.decode(line))
+            except msgspec.DecodeError:
+                damaged.append(number)
+    entries = [
+        e
+        if e.address == normalise(e.address)
+        else msgspec.structs.replace(e, address=normalise(e.address))
+        for e in entries
+    ]
     return entries, damaged
 
 
@@ -238,15 +256,21 @@ class Suppressions:
         self._read: _FileId | None = None  # what the entries were read from
         self._damaged = False  # the file on disk has damaged lines (owner: copy it aside)
         self._write_lock = anyio.Lock()
+        self._version = 0  # changes made in memory (owner)
+        self._written = 0  # the last of them on disk
         # What this process did because of the list: recipients refused,
         # failed, and put on it by a hard bounce (see count()).
         self.counts: dict[SuppressionCount, int] = dict.fromkeys(SUPPRESSION_COUNTS, 0)
+        # Told of each count too (an ingest worker passes them to the daemon).
+        self.on_count: Callable[[SuppressionCount, int], None] | None = None
 
     def count(self, what: SuppressionCount, n: int = 1) -> None:
         """Count ``n`` recipients ``refused`` (at RCPT or by ``add``),
         ``failed`` (taken and failed at once) or ``bounced`` (put on the
         list by a hard bounce)."""
         self.counts[what] += n
+        if self.on_count is not None:
+            self.on_count(what, n)
 
     # ----------------------------------------------------------- reading
 
@@ -311,59 +335,81 @@ class Suppressions:
         operator's word). Entries past ``max_entries`` are dropped, those
         closest to their end first (logged). Returns the entries added."""
         self._require_owner()
-        async with self._write_lock:
-            entries = {a: e for a, e in self._entries.items() if e.until > now}
-            added = []
-            for entry in new:
-                entry = msgspec.structs.replace(entry, address=normalise(entry.address))
-                old = entries.get(entry.address)
-                if extend_only and old is not None and old.until >= entry.until:
-                    continue
-                entries[entry.address] = entry
-                added.append(entry)
-            if len(entries) > max_entries:
-                excess = len(entries) - max_entries
-                dropped = heapq.nsmallest(excess, entries.values(), key=lambda e: e.until)
-                for entry in dropped:
-                    del entries[entry.address]
-                log.warning(
-                    "suppression list full (spool.max_suppressed): "
-                    "dropped the entries closest to their end",
-                    max_suppressed=max_entries,
-                    dropped=len(dropped),
-                )
-            await self._write(entries)
-            return [e for e in added if e.address in entries]
+        entries = self._entries
+        added = []
+        for entry in new:
+            entry = msgspec.structs.replace(entry, address=normalise(entry.address))
+            old = entries.get(entry.address)
+            if extend_only and old is not None and old.until >= entry.until:
+                continue
+            entries[entry.address] = entry
+            added.append(entry)
+        if added:
+            self._version += 1
+        if len(entries) > max_entries:
+            self._drop_ended(now)
+        if len(entries) > max_entries:
+            excess = len(entries) - max_entries
+            dropped = heapq.nsmallest(excess, entries.values(), key=lambda e: e.until)
+            for entry in dropped:
+                del entries[entry.address]
+            log.warning(
+                "suppression list full (spool.max_suppressed): "
+                "dropped the entries closest to their end",
+                max_suppressed=max_entries,
+                dropped=len(dropped),
+            )
+        if added:
+            await self._commit()
+        return [e for e in added if entries.get(e.address) is e]
 
     async def remove(self, addresses: Iterable[str], *, now: datetime) -> list[str]:
         """Take ``addresses`` off the list (written, durable when it
         returns); the normalised addresses that were on it (in force)."""
         self._require_owner()
-        async with self._write_lock:
-            wanted = {normalise(a) for a in addresses}
-            gone = sorted(a for a in wanted if a in self._entries and self._entries[a].until > now)
-            entries = {a: e for a, e in self._entries.items() if a not in wanted and e.until > now}
-            if len(entries) != len(self._entries):
-                await self._write(entries)
-            return gone
+        entries = self._entries
+        gone = []
+        for address in sorted({normalise(a) for a in addresses}):
+            entry = entries.pop(address, None)
+            if entry is not None:
+                self._version += 1
+                if entry.until > now:
+                    gone.append(address)
+        await self._commit()
+        return gone
 
     async def prune(self, now: datetime) -> int:
         """Drop the entries that have ended (written); how many."""
         self._require_owner()
-        async with self._write_lock:
-            entries = {a: e for a, e in self._entries.items() if e.until > now}
-            gone = len(self._entries) - len(entries)
-            if gone:
-                await self._write(entries)
-            return gone
+        gone = self._drop_ended(now)
+        await self._commit()
+        return gone
 
-    async def _write(self, entries: Mapping[str, Suppression]) -> None:
-        snapshot = list(entries.values())
-        await anyio.to_thread.run_sync(
-            _write_sync, self.path, self._tmp_dir, snapshot, self._damaged
-        )
-        self._damaged = False
-        self._entries = dict(entries)
+    def _drop_ended(self, now: datetime) -> int:
+        ended = [a for a, e in self._entries.items() if e.until <= now]
+        for address in ended:
+            del self._entries[address]
+        if ended:
+            self._version += 1
+        return len(ended)
+
+    async def _commit(self) -> None:
+        """Make the list in memory durable. Changes made while a write is
+        under way are written together by the next one (one write for
+        many bounces at once); returns once a write that began after this
+        call's changes has ended. A write that fails is tried again by the
+        next change (meanwhile this process keeps the change in memory)."""
+        target = self._version
+        async with self._write_lock:
+            if self._written >= target:
+                return
+            version = self._version
+            snapshot = list(self._entries.values())
+            await anyio.to_thread.run_sync(
+                _write_sync, self.path, self._tmp_dir, snapshot, self._damaged
+            )
+            self._damaged = False
+            self._written = version
 
     def _require_owner(self) -> None:
         if not self.owner:
@@ -373,7 +419,9 @@ class Suppressions:
 def suppression_for(
     address: str, *, now: datetime, span: timedelta, reason: str, source: SuppressionSource
 ) -> Suppression:
-    """A new entry for ``address`` from ``now`` for ``span``."""
+    """A new entry for ``address`` from ``now`` for ``span``, to the
+    second (as every view shows it)."""
+    since = now.replace(microsecond=0)
     return Suppression(
-        address=normalise(address), since=now, until=now + span, reason=reason, source=source
+        address=normalise(address), since=since, until=since + span, reason=reason, source=source
     )

@@ -33,7 +33,7 @@ from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.settings import Setting, WriterSettings
 from spoold.store import SyncMode
 from spoold.submission import Submission, new_messages
-from spoold.suppression import Suppressions
+from spoold.suppression import SuppressedRecipients, Suppressions
 from spoold.tasks import own_tasks
 from spoold.times import utcnow
 
@@ -165,6 +165,7 @@ class SpoolWriter:
     min_free_space = Setting[int]()
     default_retry_intervals = Setting[Sequence[RetryInterval]](convert=tuple)
     idempotency_window = Setting[timedelta]()
+    suppressed_recipients = Setting[SuppressedRecipients]()
 
     async def add(
         self,

@@ -56,7 +56,11 @@ unknown parameter                              555 5.5.4   555 5.5.4
 =============================================  ==========  ==========
 
 A refused recipient leaves the transaction going: the message goes to the
-recipients that were accepted.
+recipients that were accepted. A recipient on the suppression list gets
+``550 5.7.1 Recipient suppressed until TIME (REASON)`` from the host
+(:meth:`SessionHost.recipient_refusal`); when the list changed since the
+host read it, the RCPT waits (as a delivery does) until it has read it
+again, so an entry added a moment ago applies to the next RCPT.
 
 Work that waits (handing a message over, the delay of a failed AUTH, the TLS
 handshake) runs as a task in the host's task group; meanwhile input is
@@ -187,6 +191,21 @@ class SessionHost(Protocol):
         """At MAIL: the reply refusing a message of ``size`` octets (SIZE=,
         None when not declared) because the spool is short of space, or
         None to go on. No I/O: the host answers from what it measured."""
+        ...
+
+    def suppressions_stale(self) -> bool:
+        """At RCPT: whether the suppression list changed since the host read
+        it (one ``stat``), so :meth:`refresh_suppressions` must come first."""
+        ...
+
+    async def refresh_suppressions(self) -> None:
+        """Read the suppression list again (a worker thread)."""
+        ...
+
+    def recipient_refusal(self, address: str) -> bytes | None:
+        """At RCPT: the reply refusing ``address`` because it is suppressed
+        (under ``suppressed_recipients = "refuse"``), or None to take it.
+        No I/O: the host answers from the list it read."""
         ...
 
 
@@ -679,9 +698,35 @@ class SmtpSession(asyncio.Protocol):
                 )
             )
             return
+        if self._host.suppressions_stale():
+            self._start_work(lambda: self._rcpt_after_refresh(address))
+            return
+        self._take_recipient(address)
+
+    def _take_recipient(self, address: str) -> None:
+        """The end of RCPT: refused if suppressed, else taken."""
+        refusal = self._host.recipient_refusal(address)
+        if refusal is not None:
+            self._error(refusal)  # a refused recipient: counts as junk
+            return
         if address not in self._recipients:
             self._recipients.append(address)
         self._out.append(b"250 2.1.5 OK\r\n")
+
+    async def _rcpt_after_refresh(self, address: str) -> None:
+        """RCPT once the suppression list, changed, has been read again."""
+        try:
+            await self._host.refresh_suppressions()
+        except Exception:  # never a permanent 5xx for our own trouble
+            log.exception("cannot read the suppression list", peer=self._peer)
+            if not self._closed:
+                self._out.append(b"451 4.3.0 Local error, try again later\r\n")
+                self._work_done()
+            return
+        if self._closed:
+            return
+        self._take_recipient(address)
+        self._work_done()
 
     def _cmd_data(self, arg: bytes) -> None:
         if arg:
