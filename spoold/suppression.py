@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -73,6 +74,8 @@ __all__ = [
     "Suppressions",
     "normalise",
     "suppression_for",
+    "clean_reason",
+    "MAX_REASON",
     "encode_list",
     "decode_list",
 ]
@@ -423,5 +426,24 @@ def suppression_for(
     second (as every view shows it)."""
     since = now.replace(microsecond=0)
     return Suppression(
-        address=normalise(address), since=since, until=since + span, reason=reason, source=source
+        address=normalise(address),
+        since=since,
+        until=since + span,
+        reason=clean_reason(reason),
+        source=source,
     )
+
+
+MAX_REASON = 300
+"""Characters of a reason kept (a next hop's reply may be long)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def clean_reason(text: str) -> str:
+    """``text`` fit to keep and show: control characters (a hostile next
+    hop's terminal escapes, line breaks of a multi-line reply) become one
+    space, and it is cut to :data:`MAX_REASON` characters."""
+    text = _CONTROL.sub(" ", text).strip()
+    if len(text) > MAX_REASON:
+        text = text[: MAX_REASON - 3] + "..."
+    return text

@@ -14,11 +14,16 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 
 from spoold import RecipientSuppressedError, SpooldError
-from spoold.errors import AddressError, StoreError
+from spoold.daemon.config import Config, parse_config
+from spoold.daemon.ingest import Submitter
+from spoold.daemon.listener import SmtpListener, listener_settings
+from spoold.daemon.routing import Router
+from spoold.errors import AddressError, ConfigError, StoreError
 from spoold.events import EventKind
 from spoold.hooks import ErrorAction
 from spoold.message import Frozen, Message
@@ -34,6 +39,7 @@ from spoold.suppression import (
     normalise,
 )
 from spoold.testing import FakeClock, InMemoryRelay
+from tests.ingest_helpers import HOSTNAME, SENDER, HeldRelay, make_config, raw_smtp
 from tests.spool_helpers import (
     NO_SUCH_USER,
     START,
@@ -43,7 +49,7 @@ from tests.spool_helpers import (
     open_spool,
     relay_answering,
 )
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 DAY = timedelta(days=1)
 T0 = datetime(2031, 1, 1, tzinfo=UTC)
@@ -357,3 +363,132 @@ async def test_suppress_checks_its_addresses(tmp_path: Path) -> None:
         assert [e.address for e in spool.suppressed(["ONE@example.org", "two@x.org"])] == [
             "one@example.org"
         ]
+
+
+# ------------------------------------------------------------------ config
+
+
+def _config(**spool: object) -> Config:
+    raw = {
+        "spool": {"dir": "spool", **spool},
+        "routes": {"smarthost": {"next_hops": ["127.0.0.1:25"]}},
+    }
+    return parse_config(raw, Path("/etc/spoold/spoold.toml"))
+
+
+def test_the_keys_default_to_off_refuse_and_a_hundred_thousand() -> None:
+    settings = _config().spool.settings
+    assert settings.suppress_after_hard_bounce is None
+    assert settings.suppressed_recipients == "refuse"
+    assert settings.max_suppressed == 100_000
+    assert settings.writer.suppressed_recipients == "refuse"  # what ingest workers follow
+    given = _config(
+        suppress_after_hard_bounce="30d", suppressed_recipients="fail", max_suppressed=10
+    ).spool.settings
+    assert given.suppress_after_hard_bounce == 30 * DAY
+    assert given.writer.suppressed_recipients == "fail"
+    assert given.max_suppressed == 10
+    assert _config(suppress_after_hard_bounce="").spool.settings.suppress_after_hard_bounce is None
+
+
+@pytest.mark.parametrize(
+    ("spool", "problem"),
+    [
+        (
+            {"suppress_after_hard_bounce": "0s"},
+            "spool.suppress_after_hard_bounce: expected a span > 0, got '0s'",
+        ),
+        (
+            {"suppressed_recipients": "drop"},
+            "spool.suppressed_recipients: expected one of refuse, fail, got 'drop'",
+        ),
+        (
+            {"max_suppressed": 0},
+            "spool.max_suppressed: expected an integer >= 1, got 0",
+        ),
+        (
+            {"max_suppressed": 10_000_001},
+            "spool.max_suppressed: expected an integer <= 10000000, got 10000001",
+        ),
+    ],
+)
+def test_bad_values_are_named(spool: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _config(**spool)
+    assert caught.value.problems == [problem]
+
+
+# ------------------------------------------------------------ hostile cases
+
+
+async def test_a_next_hops_reply_is_kept_short_and_printable(tmp_path: Path) -> None:
+    nasty = RecipientResult(550, "no such user\x1b[2J\r\n550-" + "x" * 2000, "5.1.1")
+    relay = relay_answering({"gone@example.com": nasty})
+    async with open_spool(tmp_path, relay, FakeClock(START), settings=suppressing()) as spool:
+        (mid,) = await spool.add(batch("gone@example.com"))
+        await settled(spool, mid)
+        (entry,) = spool.suppressed()
+    assert entry.reason.startswith("550 5.1.1 no such user [2J 550-xxx")
+    assert len(entry.reason) == 300 and entry.reason.endswith("...")
+    assert all(c.isprintable() for c in entry.reason)
+
+
+async def test_many_bounces_at_once_are_one_list_and_keep_the_bound(tmp_path: Path) -> None:
+    answers = {f"u{i}@example.com": NO_SUCH_USER for i in range(20)}
+    relay = relay_answering(answers)
+    settings = suppressing(max_suppressed=5, max_concurrent_send_jobs=20)
+    async with open_spool(tmp_path, relay, FakeClock(START), settings=settings) as spool:
+        ids = [(await spool.add(batch(rcpt)))[0] for rcpt in answers]
+        for mid in ids:
+            await settled(spool, mid)
+        assert len(spool.suppressed()) == 5
+        assert spool.suppressions.counts["bounced"] == 20
+    again = await owner_list(tmp_path)
+    assert len(again.entries(START)) == 5
+
+
+async def test_an_entry_that_ended_refuses_nothing(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, InMemoryRelay(), clock) as spool:
+        await spool.suppress(["a@example.com"], for_=timedelta(hours=1))
+        with pytest.raises(RecipientSuppressedError):
+            await spool.add(batch("a@example.com"))
+        clock.advance(timedelta(hours=1))
+        await spool.add(batch("a@example.com"))
+        assert spool.suppressed() == []
+        await spool.housekeeping()  # (the clock's hour may have run one already)
+        # gone from the file too, not only ignored
+        assert (await owner_list(tmp_path)).entries(START) == []
+
+
+async def test_suppressed_between_rcpt_and_the_end_of_data_is_a_451(tmp_path: Path) -> None:
+    """The RCPT was taken: the whole message is deferred (not refused for
+    good); the client's retry gets 550 for that RCPT alone."""
+    port = free_port()
+    config = make_config(tmp_path, port)
+    assert config.smtp is not None
+    settings = await anyio.to_thread.run_sync(listener_settings, config.smtp)
+    async with Spool.open(
+        config.spool.dir, relay=HeldRelay(), flush_timeout=0.1, ping_interval=10.0**9
+    ) as spool:
+        router = Router(config)
+        listener = SmtpListener(
+            Submitter(spool, lambda: router, hostname=HOSTNAME), lambda: settings
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(listener.serve)
+            async with raw_smtp(port) as smtp:
+                assert (await smtp.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
+                assert (await smtp.command("RCPT TO:<late@example.com>"))[0] == 250
+                assert (await smtp.command("RCPT TO:<ok@example.com>"))[0] == 250
+                await spool.suppress(["late@example.com"], for_=DAY)
+                assert (await smtp.command("DATA"))[0] == 354
+                await smtp.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+                code, text = await smtp.reply()
+                assert (code, text) == (
+                    451,
+                    "451 4.7.1 A recipient was suppressed meanwhile, try again",
+                )
+                await smtp.quit()
+            assert spool.status() == []
+            tg.cancel_scope.cancel()
