@@ -369,9 +369,10 @@ class Transitions:
     ) -> None:
         """Put the recipients that hard-bounced in this attempt on the
         suppression list for ``suppress_after_hard_bounce`` (when it is
-        set), the reply as the reason. A list that cannot be written is
-        logged: the outcome is already on disk, and the worst that follows
-        is another attempt to the address, which bounces again."""
+        set), the reply as the reason. Never raises: it runs before the
+        outcome is written, which must not be lost (the hop has answered).
+        A list that cannot be written is logged; the worst that follows is
+        another attempt to the address, which bounces again."""
         span = self._parts.settings.suppress_after_hard_bounce
         if span is None or not recipients:
             return
@@ -394,7 +395,7 @@ class Transitions:
                 max_entries=self._parts.settings.max_suppressed,
                 extend_only=True,
             )
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 (the outcome comes first)
             log.error(
                 "could not write the suppression list; these recipients are not suppressed",
                 id=msg.id,

@@ -492,3 +492,19 @@ async def test_suppressed_between_rcpt_and_the_end_of_data_is_a_451(tmp_path: Pa
                 await smtp.quit()
             assert spool.status() == []
             tg.cancel_scope.cancel()
+
+
+async def test_a_list_that_cannot_be_written_never_costs_the_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> None:
+        raise StoreError("cannot write the suppression list: No space left on device")
+
+    monkeypatch.setattr("spoold.suppression._write_sync", broken)
+    relay = relay_answering({"gone@example.com": NO_SUCH_USER})
+    async with open_spool(tmp_path, relay, FakeClock(START), settings=suppressing()) as spool:
+        (mid,) = await spool.add(batch("gone@example.com", "ok@example.com"))
+        msg = await settled(spool, mid)
+        assert msg.failed_recipients == ["gone@example.com"]
+        assert relay.attempts == [(mid, ("gone@example.com", "ok@example.com"))]  # once
+    assert not (tmp_path / SUPPRESSION_FILE).exists()

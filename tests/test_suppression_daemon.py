@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import pytest
 
-from spoold import Client, RecipientSuppressedError
+from spoold import Client, ControlError, RecipientSuppressedError
 from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, sendmail, write_config
 from tests.ingest_helpers import raw_smtp
 from tests.smtp_server import Reply, SmtpTestServer, StartServer
@@ -150,6 +150,11 @@ async def test_a_hard_bounce_is_refused_at_rcpt_until_lifted(
             lambda: client.submit("app@example.org", [GONE], b"Subject: x\r\n\r\nx\r\n")
         )
     assert client.check_suppressed([GONE, OK]).keys() == {GONE}
+    # the list is the operator's: not on the submission socket any local user may use
+    submitter = Client(daemon.socket.parent / "submit.sock")
+    with pytest.raises(ControlError) as denied:
+        await anyio.to_thread.run_sync(lambda: submitter.unsuppress([GONE]))
+    assert denied.value.kind == "denied"
 
     # lifted: the next submission is taken
     done = await _ctl(daemon, "suppress", "remove", GONE)
