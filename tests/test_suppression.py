@@ -49,6 +49,9 @@ from tests.spool_helpers import (
     open_spool,
     relay_answering,
 )
+from tests.spool_helpers import (
+    SENDER as SPOOL_SENDER,
+)
 from tests.support import free_port, wait_until
 
 DAY = timedelta(days=1)
@@ -508,3 +511,25 @@ async def test_a_list_that_cannot_be_written_never_costs_the_outcome(
         assert msg.failed_recipients == ["gone@example.com"]
         assert relay.attempts == [(mid, ("gone@example.com", "ok@example.com"))]  # once
     assert not (tmp_path / SUPPRESSION_FILE).exists()
+
+
+async def test_fail_mode_with_bounces_tells_the_sender(tmp_path: Path) -> None:
+    relay = InMemoryRelay()
+    settings = suppressing(
+        suppressed_recipients="fail",
+        delivery_policy=DeliveryPolicy(
+            max_queue_lifetime=5 * DAY, on_permanent_failure=OnPermanentFailure.BOUNCE
+        ),
+    )
+    async with open_spool(tmp_path, relay, FakeClock(START), settings=settings) as spool:
+        await spool.suppress(["gone@example.com"], for_=DAY, reason="no such user")
+        (mid,) = await spool.add(batch("gone@example.com"))
+        outcome = await spool.wait(mid, timeout=10)
+        assert outcome.kind == "bounced"
+        assert outcome.failed_recipients == ("gone@example.com",)
+        await wait_until(lambda: relay.delivered, "the notification delivered")
+        ((_dsn_id, to, wire),) = relay.delivered
+        assert to == SPOOL_SENDER
+        assert b"Status: 5.7.1" in wire
+        assert b"recipient suppressed until" in wire
+    assert all(m != mid for m, _ in relay.attempts)  # never sent

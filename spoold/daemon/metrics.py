@@ -180,7 +180,7 @@ class Metrics:
         )
         self.suppressed = Gauge(
             "spoold_suppressed_addresses",
-            "Addresses on the suppression list now",
+            "Entries on the suppression list (those that ended go at the next housekeeping)",
             registry=r,
         )
         self.suppression_uses = Counter(
@@ -242,7 +242,7 @@ class Metrics:
             when = oldest.get(queue)
             self._oldest[queue] = None if when is None else when.timestamp()
         listed = spool.suppressions
-        self.suppressed.set(len(spool.suppressed()))
+        self.suppressed.set(len(listed))  # no sorting: ended ones go at housekeeping
         for what, n in listed.counts.items():
             seen = self._suppression_seen.get(what, 0)
             self.suppression_uses.labels(what).inc(max(0, n - seen))
