@@ -28,8 +28,9 @@ is full and by housekeeping (:meth:`Suppressions.prune`).
 Other processes (the SMTP ingest workers) read it and read it again when it
 changed: :meth:`Suppressions.stale` compares the file's identity (inode,
 size, change time) with what was read, one ``stat(2)`` of a file the kernel
-has cached (about a microsecond; see ``docs/on-disk-format.md``), and
-:meth:`Suppressions.refresh` reads it again in a worker thread.
+has cached (a few microseconds; see ``docs/on-disk-format.md``), and
+:meth:`Suppressions.refresh` reads it again in a worker thread (one reading
+at a time: the sessions that find it changed meanwhile wait for it).
 
 The list is bounded (``spool.max_suppressed``): when an addition would take
 it past the bound, the entries closest to their end are dropped first.
@@ -259,6 +260,7 @@ class Suppressions:
         self._read: _FileId | None = None  # what the entries were read from
         self._damaged = False  # the file on disk has damaged lines (owner: copy it aside)
         self._write_lock = anyio.Lock()
+        self._load_lock = anyio.Lock()
         self._version = 0  # changes made in memory (owner)
         self._written = 0  # the last of them on disk
         # What this process did because of the list: recipients refused,
@@ -299,8 +301,11 @@ class Suppressions:
 
     async def refresh(self) -> None:
         """Read the file again if it changed (:meth:`stale`)."""
-        if self.stale():
-            await self.load()
+        if not self.stale():
+            return
+        async with self._load_lock:  # one reading, however many sessions ask
+            if self.stale():
+                await self.load()
 
     def __len__(self) -> int:
         return len(self._entries)
