@@ -115,7 +115,7 @@ def normalise(address: str) -> str:
 _Time = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
-class Suppression(msgspec.Struct, frozen=True, kw_only=True):
+class Suppression(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One suppressed address (normalised) from ``since`` until ``until``
     (UTC), with the reason (the next hop's reply, or an operator's words)."""
 
