@@ -232,6 +232,17 @@ async def test_a_suppressed_recipient_is_refused_and_the_others_taken() -> None:
         assert host.refreshes == 0  # nothing changed: no reading
 
 
+async def test_suppressed_recipients_are_not_junk_but_count_as_recipients() -> None:
+    async with session(max_junk_commands=2, max_recipients=5) as (smtp, transport, host):
+        host.suppressed = host.on_disk = frozenset(f"s{i}@example.com" for i in range(10))
+        smtp.data_received(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n")
+        transport.writes.clear()
+        rcpts = b"".join(b"RCPT TO:<s%d@example.com>\r\n" % i for i in range(4))
+        smtp.data_received(rcpts + b"RCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\n")
+        assert codes(b"".join(transport.writes)) == ["550"] * 4 + ["250", "452"]
+        assert not transport.closed  # 4 refusals, 2 junk allowed: none of them junk
+
+
 async def test_a_changed_list_is_read_before_the_rcpt_is_answered() -> None:
     async with session() as (smtp, transport, host):
         smtp.data_received(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n")

@@ -34,7 +34,9 @@ Invariants:
   while we work) gets 421 and is closed; so is one past
   ``max_junk_commands`` junk commands (NOOP, RSET, VRFY, HELP, a repeated
   HELO/EHLO, any command refused as unknown, malformed or out of
-  sequence, and every refused recipient, so a client cannot send RCPTs
+  sequence, and every refused recipient but a suppressed one (those
+  count against ``max_recipients`` instead: a message to a list is not
+  junk for holding suppressed addresses), so a client cannot send RCPTs
   without end; the count restarts after each accepted message).
 
 Addresses (MAIL FROM and RCPT TO paths are ``<...>``, a source route
@@ -340,6 +342,7 @@ class SmtpSession(asyncio.Protocol):
         self._smtputf8 = False
         self._recipients: list[str] = []
         self._rcpt_seen = False
+        self._suppressed_rcpts = 0  # refused as suppressed: they count as recipients
         # DATA state: the message so far, after a virtual CRLF (so that an
         # empty message's ".\r\n" is found like any other end)
         self._data = bytearray()
@@ -536,6 +539,7 @@ class SmtpSession(asyncio.Protocol):
         self._smtputf8 = False
         self._recipients = []
         self._rcpt_seen = False
+        self._suppressed_rcpts = 0
 
     @property
     def _closed(self) -> bool:
@@ -691,7 +695,7 @@ class SmtpSession(asyncio.Protocol):
             else:  # syntax, control, or bytes that are not UTF-8 at all
                 self._error(b"501 5.1.3 Bad recipient address syntax\r\n")
             return
-        if len(self._recipients) >= policy.max_recipients:
+        if len(self._recipients) + self._suppressed_rcpts >= policy.max_recipients:
             self._error(  # refused recipients count as junk: no endless RCPTs
                 reply_line(
                     f"452 4.5.3 Too many recipients (at most {policy.max_recipients} per message)"
@@ -707,7 +711,8 @@ class SmtpSession(asyncio.Protocol):
         """The end of RCPT: refused if suppressed, else taken."""
         refusal = self._host.recipient_refusal(address)
         if refusal is not None:
-            self._error(refusal)  # a refused recipient: counts as junk
+            self._suppressed_rcpts += 1  # not junk; bounded by max_recipients
+            self._out.append(refusal)
             return
         if address not in self._recipients:
             self._recipients.append(address)
