@@ -106,17 +106,8 @@ LIBRARY_ROWS: list[list[str]] = [
     # the record
     ["body", "message"],
     # mail on disk, and the values around a message
-    [
-        "ondisk",
-        "relay",
-        "events",
-        "history",
-        "waiting",
-        "idempotency",
-        "limits",
-        "listing",
-        "suppression",
-    ],
+    ["ondisk", "relay", "events", "history", "waiting", "idempotency", "limits", "listing"],
+    ["suppression"],  # the suppression list (issue 22): plain values and one file
     # rules
     [
         "hooks",

@@ -178,7 +178,7 @@ async def _is(value: Any, expected: Any) -> bool:
     return bool(await value() == expected)
 
 
-async def test_the_list_survives_a_restart(
+async def test_the_list_survives_a_restart_and_damage(
     tmp_path: Path, start_daemon: DaemonFactory, start_smtp_server: StartServer
 ) -> None:
     server = await start_smtp_server()
@@ -192,10 +192,17 @@ async def test_the_list_survives_a_restart(
     daemon.send_signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0
 
+    # and a line damaged by hand while it was stopped costs only that line
+    listed = daemon.spool_dir / "suppressed"
+    listed.write_bytes(listed.read_bytes() + b'{"address": "cut@exa\n')
+
     daemon = await start_daemon(config)
     assert await _addresses(daemon) == [GONE, "op@example.org"]
     ((code, text),) = await _rcpt(port, GONE)
     assert code == 550, text
+    assert "suppression list damaged: these lines were skipped, the rest kept" in (
+        daemon.log_text()
+    )
 
 
 async def test_without_the_key_a_hard_bounce_suppresses_nobody(
