@@ -17,7 +17,9 @@ Errors are those of the asyncio API, from :mod:`spoold.errors`:
   :class:`~spoold.errors.OperationRefusedError`, ``closed``
   :class:`~spoold.errors.SpoolClosedError`, ``temporary``
   :class:`~spoold.errors.StoreError` (try again later), ``timeout`` (of
-  :meth:`Client.wait`) :class:`~spoold.errors.WaitTimeoutError`;
+  :meth:`Client.wait`) :class:`~spoold.errors.WaitTimeoutError`,
+  ``suppressed`` (of :meth:`Client.submit`: a recipient on the suppression
+  list) :class:`~spoold.errors.RecipientSuppressedError`;
 
 :meth:`Client.wait` returns the :class:`~spoold.waiting.MessageOutcome`
 that :meth:`spoold.Spool.wait` gives the daemon (with the envelope's
@@ -56,6 +58,7 @@ from spoold.errors import (
     ControlErrorKind,
     NotFoundError,
     OperationRefusedError,
+    RecipientSuppressedError,
     SpoolClosedError,
     StoreError,
     WaitTimeoutError,
@@ -86,11 +89,15 @@ from spoold.protocol import (
     ShowRequest,
     StatusRequest,
     SubmitRequest,
+    SuppressAddRequest,
+    SuppressListRequest,
+    SuppressRemoveRequest,
     WaitRequest,
     decode_reply,
     encode_operation,
     encode_request,
 )
+from spoold.suppression import normalise
 from spoold.times import parse_span
 from spoold.waiting import MessageOutcome, OutcomeKind
 
@@ -144,6 +151,8 @@ def _raise_for(reply: Reply) -> NoReturn:
         raise SpoolClosedError(text)
     if kind == "temporary":
         raise StoreError(text)
+    if kind == "suppressed":
+        raise RecipientSuppressedError({}, text)
     known = cast(ControlErrorKind, kind) if kind in ERROR_KINDS else "internal"
     raise ControlError(text, known)
 
@@ -481,3 +490,58 @@ class Client:
         [...]}`` or ``{"applied": false, "errors": [...]}``."""
         result: dict[str, Any] = self._ask(ReloadRequest())
         return result
+
+    # ------------------------------------------------ the suppression list
+
+    def suppressed(self, addresses: str | Iterable[str] = ()) -> dict[str, Any]:
+        """The suppression list: ``{"entries": [...], "total",
+        "max_suppressed", "counts"}``, each entry ``{"address", "since",
+        "until", "reason", "source"}``; with ``addresses``, only the
+        entries of those (the others are not suppressed)."""
+        request = SuppressListRequest(addresses=_addresses(addresses, empty_ok=True))
+        found: dict[str, Any] = self._ask(request)
+        return found
+
+    def check_suppressed(self, addresses: str | Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Which of ``addresses`` are suppressed now: each one (as given)
+        that is, with its entry; an address not in the result is not."""
+        given = _addresses(addresses)
+        entries = {e["address"]: e for e in self.suppressed(given)["entries"]}
+        return {a: entries[normalise(a)] for a in given if normalise(a) in entries}
+
+    def suppress(
+        self,
+        addresses: str | Iterable[str],
+        *,
+        for_: str | timedelta | None = None,
+        reason: str = "",
+    ) -> list[dict[str, Any]]:
+        """Suppress ``addresses`` for ``for_`` (a span such as ``"30d"``;
+        default: the daemon's ``suppress_after_hard_bounce``, else 30 days)
+        with ``reason``; an entry an address had is replaced. Returns the
+        entries made. Every process taking mail for the daemon applies them
+        from its next recipient."""
+        request = SuppressAddRequest(addresses=_addresses(addresses), reason=reason)
+        if for_ is not None:
+            span = for_ if isinstance(for_, timedelta) else parse_span(for_)
+            if span <= timedelta(0):
+                raise ValueError(f"a suppression must last longer than 0s, not {for_!r}")
+            request.span = _span_text(span) if isinstance(for_, timedelta) else for_
+        made: list[dict[str, Any]] = self._ask(request)
+        return made
+
+    def unsuppress(self, addresses: str | Iterable[str]) -> list[str]:
+        """Lift the suppression of ``addresses``; the (normalised) ones
+        that were suppressed."""
+        lifted: list[str] = self._ask(SuppressRemoveRequest(addresses=_addresses(addresses)))
+        return lifted
+
+
+def _addresses(addresses: str | Iterable[str], *, empty_ok: bool = False) -> list[str]:
+    """``addresses`` as a list, each checked as a recipient address."""
+    listed = [addresses] if isinstance(addresses, str) else list(addresses)
+    if not listed and not empty_ok:
+        raise ValueError("expected at least one address")
+    for address in listed:
+        validate_address(address, role="recipient", smtputf8=True)
+    return listed

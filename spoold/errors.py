@@ -43,6 +43,7 @@ __all__ = [
     "IdempotencyKeyError",
     "TlsPolicyError",
     "DkimKeyError",
+    "RecipientSuppressedError",
 ]
 
 
@@ -226,6 +227,7 @@ ControlErrorKind = Literal[
     "timeout",  # ``wait``: the message had no outcome within the time given
     "denied",  # not for this client: an admin operation on the submission socket,
     #            or (client side) a socket whose permissions keep this user out
+    "suppressed",  # submit: a recipient is on the suppression list; nothing spooled
 ]
 
 
@@ -253,3 +255,20 @@ class DkimKeyError(SpooldError, ValueError):
     """A DKIM signing key that cannot be used: its file cannot be read,
     holds no private key, a key of another type than the algorithm says, or
     an RSA key under 1024 bits. ``str(error)`` names the file."""
+
+
+class RecipientSuppressedError(SpooldError, ValueError):
+    """A submission named recipients on the suppression list (and
+    ``suppressed_recipients`` is ``"refuse"``): nothing was spooled.
+    ``recipients`` maps each such recipient (as given) to a line saying
+    until when and why (``suppressed until 2027-01-05T10:00:00Z (550 5.1.1
+    no such user)``); from :class:`spoold.Client` (the daemon's error
+    reply of kind ``suppressed``) only the text names them, ``recipients``
+    is empty. Lift it with ``spoold suppress remove``."""
+
+    def __init__(self, recipients: dict[str, str], text: str | None = None) -> None:
+        self.recipients = dict(recipients)
+        if text is None:
+            listed = "; ".join(f"{rcpt}: {why}" for rcpt, why in self.recipients.items())
+            text = f"recipient suppressed, nothing spooled: {listed}"
+        super().__init__(text)

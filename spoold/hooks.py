@@ -6,7 +6,10 @@
   (move to ``removed``). Default: always ``SendNow()``.
 * ``on_error(message, recipient, result)`` is asked for each recipient a
   next hop refused and answers an :class:`ErrorAction`. Default: 5xx fails
-  permanently, anything else is tried later.
+  permanently, anything else is tried later. ``suppress`` fails the
+  recipient permanently and counts it as a hard bounce whatever the reply
+  (``fail_permanently`` counts as one only for a 5xx with an enhanced
+  status ``5.1.x``: see :func:`spoold.outcome.hard_bounces`).
 
 A hook may be a plain function or a coroutine function. A hook that raises,
 or answers something else, is logged and taken as "try later": nothing is
@@ -45,6 +48,7 @@ class ErrorAction(StrEnum):
     TRY_LATER = "try_later"
     TRY_LATER_RATE_LIMITED = "try_later_rate_limited"
     DONE = "done"  # count the recipient as dealt with; no retry, no failure
+    SUPPRESS = "suppress"  # fail permanently, and a hard bounce: put on the suppression list
 
 
 PresendHook = Callable[[Message], PresendDecision | Awaitable[PresendDecision]]

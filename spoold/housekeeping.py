@@ -3,12 +3,13 @@
 :class:`Housekeeping` runs a round at open, then every ``interval`` on the
 spool's clock (:meth:`Housekeeping.loop`): it deletes removed messages past
 ``removed_retention`` (counted from their removal), history journal files
-past ``history_retention`` and idempotency keys past ``idempotency_window``
-(the spool's :class:`~spoold.state.SpoolSettings`, read at each round). A
-failed round is logged and tried again at the next. At open, before
-anything is sent, :meth:`Housekeeping.repair_keys` makes the key files name
-every queued message submitted with a key (a crash may have come between
-the record and its key file).
+past ``history_retention``, idempotency keys past ``idempotency_window``
+and suppression list entries that have ended (the spool's
+:class:`~spoold.state.SpoolSettings`, read at each round). A failed round
+is logged and tried again at the next. At open, before anything is sent,
+:meth:`Housekeeping.repair_keys` makes the key files name every queued
+message submitted with a key (a crash may have come between the record and
+its key file).
 
 Invariants:
 
@@ -49,6 +50,7 @@ class Housekeeping:
         self._op_lock = state.op_lock
         self._history = history
         self._keys = keys
+        self._suppressions = state.suppressions
 
     async def loop(self) -> None:
         """Delete expired removed messages, history and keys: at open, then
@@ -68,16 +70,27 @@ class Housekeeping:
         """One housekeeping round now: delete the removed messages older
         than :attr:`removed_retention` (from their removal), the history
         older than :attr:`history_retention` and the idempotency keys older
-        than :attr:`idempotency_window`. Returns how many of each went."""
+        than :attr:`idempotency_window`, and the suppressions that have
+        ended. Returns how many of each went."""
         now = self.clock.now()
         removed = await self._expire_removed(now)
         history = await self._history.prune(now, self._parts.settings.history_retention)
         keys = await self._keys.expire(now, self._parts.settings.idempotency_window)
-        if removed or history or keys:
+        suppressions = await self._suppressions.prune(now)
+        if removed or history or keys or suppressions:
             log.info(
-                "housekeeping", removed_deleted=removed, history_files=history, keys_expired=keys
+                "housekeeping",
+                removed_deleted=removed,
+                history_files=history,
+                keys_expired=keys,
+                suppressions_ended=suppressions,
             )
-        return {"removed": removed, "history_files": history, "keys": keys}
+        return {
+            "removed": removed,
+            "history_files": history,
+            "keys": keys,
+            "suppressions": suppressions,
+        }
 
     async def _expire_removed(self, now: datetime) -> int:
         messages, _unreadable = await self._disk.load(Queue.REMOVED)

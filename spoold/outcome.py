@@ -10,7 +10,11 @@ The rules, for the recipients that were still to be delivered:
 
 * a recipient the hop accepted (2xx) is done; so is one ``on_error``
   answers ``done`` for;
-* ``fail_permanently`` moves a recipient to ``failed_recipients``;
+* ``fail_permanently`` moves a recipient to ``failed_recipients``; so does
+  ``suppress``, and the recipient is a *hard bounce* (:func:`hard_bounces`:
+  also ``fail_permanently`` on a ``5xx`` whose enhanced status is
+  ``5.1.x``), which the spool puts on the suppression list when
+  ``suppress_after_hard_bounce`` is set (:mod:`spoold.suppression`);
 * ``try_later`` and ``try_later_rate_limited`` keep it in
   ``remaining_recipients``;
 * a recipient the relay gave no result for counts as refused with
@@ -104,7 +108,7 @@ hop. None of this changes the message's own next state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -146,6 +150,8 @@ __all__ = [
     "retry_plan",
     "HopFeedback",
     "hop_feedback",
+    "is_hard_bounce",
+    "hard_bounces",
 ]
 
 NO_REPLY = RecipientResult(451, "no reply for this recipient", "4.4.0")
@@ -261,6 +267,7 @@ class AttemptOutcome:
     expired: bool = False  # the lifetime ended: who was left failed with 4.4.7
     hops: HopFeedback = field(default_factory=HopFeedback)
     in_doubt: bool = False  # the hop may have the message (no reply to its end)
+    hard_bounces: tuple[str, ...] = ()  # failed in a way that suppresses them (hard_bounces)
 
 
 def hop_feedback(
@@ -341,7 +348,7 @@ def attempt_outcome(
             answers[rcpt] = result
             errors.append(f"{rcpt}: {result}")
             action = actions.get(rcpt, ErrorAction.TRY_LATER)
-            if action is ErrorAction.FAIL_PERMANENTLY:
+            if action in (ErrorAction.FAIL_PERMANENTLY, ErrorAction.SUPPRESS):
                 permanent.append(rcpt)
             elif action is ErrorAction.TRY_LATER_RATE_LIMITED:
                 later.append(rcpt)
@@ -433,6 +440,39 @@ def attempt_outcome(
         expired,
         hop_feedback(record, outcome, actions),
         in_doubt,
+        hard_bounces(answers, actions, permanent),
+    )
+
+
+def is_hard_bounce(result: RecipientResult, action: ErrorAction) -> bool:
+    """Whether a refusal answered ``action`` puts the recipient on the
+    suppression list: ``on_error`` said ``suppress``; or it said
+    ``fail_permanently`` to a 5xx reply whose enhanced status is ``5.1.x``
+    (the address itself is bad: 5.1.1 no such user, 5.1.2 no such domain,
+    5.1.10 null MX, ...). A 4xx, a 5xx without an enhanced status and a
+    policy refusal (``5.7.x``: spam, reputation) never are."""
+    if action is ErrorAction.SUPPRESS:
+        return True
+    return (
+        action is ErrorAction.FAIL_PERMANENTLY
+        and result.permanent
+        and (result.enhanced_status or "").startswith("5.1.")
+    )
+
+
+def hard_bounces(
+    answers: Mapping[str, RecipientResult],
+    actions: Mapping[str, ErrorAction],
+    failed: Iterable[str],
+) -> tuple[str, ...]:
+    """The recipients of ``failed`` (failed for good in this attempt) whose
+    refusal is a hard bounce (:func:`is_hard_bounce`). A recipient failed by
+    the queue lifetime (4.4.7) or an attempt that reached no hop is not."""
+    return tuple(
+        rcpt
+        for rcpt in failed
+        if rcpt in answers
+        and is_hard_bounce(answers[rcpt], actions.get(rcpt, ErrorAction.TRY_LATER))
     )
 
 

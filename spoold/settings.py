@@ -35,6 +35,7 @@ from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW
 from spoold.message import RetryInterval
 from spoold.outcome import AfterCrash, DeliveryPolicy
 from spoold.store import SyncMode
+from spoold.suppression import DEFAULT_MAX_SUPPRESSED, SuppressedRecipients
 
 __all__ = [
     "SpoolSettings",
@@ -55,6 +56,8 @@ __all__ = [
     "DEFAULT_HISTORY_RETENTION",
     "DEFAULT_IDEMPOTENCY_WINDOW",
     "DEFAULT_HOUSEKEEPING_INTERVAL",
+    "DEFAULT_MAX_SUPPRESSED",
+    "DEFAULT_SUPPRESSED_RECIPIENTS",
 ]
 
 DEFAULT_MAX_CONCURRENT_SEND_JOBS = 64
@@ -73,6 +76,7 @@ DEFAULT_AFTER_CRASH: AfterCrash = "resend"
 DEFAULT_REMOVED_RETENTION = timedelta(days=7)
 DEFAULT_HISTORY_RETENTION = timedelta(days=7)
 DEFAULT_HOUSEKEEPING_INTERVAL = timedelta(hours=1)
+DEFAULT_SUPPRESSED_RECIPIENTS: SuppressedRecipients = "refuse"
 
 _V = TypeVar("_V")
 
@@ -120,12 +124,15 @@ class WriterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """How new messages are added: the retry intervals of a message added
     without its own, the free space that must stay on the spool's disk (0:
     no floor), how additions are made durable (``"fsync"`` or
-    ``"syncfs"``), and how long an idempotency key is remembered."""
+    ``"syncfs"``), how long an idempotency key is remembered, and what a
+    submission to a suppressed recipient gets (``suppressed_recipients``:
+    ``"refuse"`` or ``"fail"``, see :mod:`spoold.suppression`)."""
 
     default_retry_intervals: tuple[RetryInterval, ...] = tuple(DEFAULT_RETRY_INTERVALS)
     min_free_space: _Bytes = 0
     sync: SyncMode = "fsync"
     idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW
+    suppressed_recipients: SuppressedRecipients = DEFAULT_SUPPRESSED_RECIPIENTS
 
     def __post_init__(self) -> None:
         if self.min_free_space < 0:
@@ -145,7 +152,11 @@ class SpoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     message stays in ``removed``; ``history_retention``: how long the
     history journal keeps outcomes. ``housekeeping_interval`` (a span) and
     ``ping_interval`` (seconds): the periods of housekeeping rounds and of
-    ``ping`` events (a new period applies from the next round)."""
+    ``ping`` events (a new period applies from the next round).
+    ``suppress_after_hard_bounce``: how long a recipient that hard-bounced
+    is suppressed (None: not at all); ``suppressed_recipients``: refuse or
+    fail a submission to a suppressed recipient; ``max_suppressed``: the
+    suppression list's bound (:mod:`spoold.suppression`)."""
 
     max_concurrent_send_jobs: _Jobs = DEFAULT_MAX_CONCURRENT_SEND_JOBS
     default_retry_intervals: tuple[RetryInterval, ...] = tuple(DEFAULT_RETRY_INTERVALS)
@@ -158,8 +169,17 @@ class SpoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW
     housekeeping_interval: timedelta = DEFAULT_HOUSEKEEPING_INTERVAL
     ping_interval: _Seconds = DEFAULT_PING_INTERVAL
+    suppress_after_hard_bounce: timedelta | None = None
+    suppressed_recipients: SuppressedRecipients = DEFAULT_SUPPRESSED_RECIPIENTS
+    max_suppressed: _Jobs = DEFAULT_MAX_SUPPRESSED
 
     def __post_init__(self) -> None:
+        if self.max_suppressed < 1:
+            raise ValueError("max_suppressed must be at least 1")
+        if self.suppress_after_hard_bounce is not None and (
+            self.suppress_after_hard_bounce <= timedelta(0)
+        ):
+            raise ValueError("suppress_after_hard_bounce must be longer than 0s")
         if self.max_concurrent_send_jobs < 1:
             raise ValueError("max_concurrent_send_jobs must be at least 1")
         if self.min_free_space < 0:
@@ -173,4 +193,5 @@ class SpoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             min_free_space=self.min_free_space,
             sync=self.sync,
             idempotency_window=self.idempotency_window,
+            suppressed_recipients=self.suppressed_recipients,
         )

@@ -58,6 +58,7 @@ from typing import Any, Generic, Literal, TypeVar, cast, overload
 import anyio
 import anyio.abc
 
+from spoold.address import validate_address
 from spoold.clock import Clock, SystemClock
 from spoold.dkim import DkimSigner
 from spoold.events import Subscription
@@ -102,6 +103,12 @@ from spoold.settings import (  # the defaults are written there, re-exported her
 from spoold.state import Routes, SpoolParts, SpoolState, log
 from spoold.store import StepHook, SyncMode
 from spoold.submission import OwnerSubmission
+from spoold.suppression import (
+    SuppressedRecipients,
+    Suppression,
+    Suppressions,
+    suppression_for,
+)
 from spoold.tasks import own_tasks
 from spoold.transitions import Transitions
 from spoold.waiting import MessageOutcome
@@ -187,6 +194,9 @@ class Spool:
     removed_retention = Setting[timedelta]()
     history_retention = Setting[timedelta]()
     idempotency_window = Setting[timedelta]()
+    suppress_after_hard_bounce = Setting[timedelta | None]()
+    suppressed_recipients = Setting[SuppressedRecipients]()
+    max_suppressed = Setting[int]()
 
     def __init__(
         self,
@@ -405,6 +415,7 @@ class Spool:
             cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
             await spool._loading.load(cut_short)
             await spool._housekeeping.repair_keys()
+            await spool._state.suppressions.load()
             async with own_tasks(f"spool {spool.spool_dir}") as tg:
                 tg.start_soon(spool._scheduler.dispatch_loop, tg, spool._transitions.send)
                 tg.start_soon(spool._scheduler.ping_loop, spool._loading.settle_unsettled)
@@ -723,8 +734,64 @@ class Spool:
     async def housekeeping(self) -> dict[str, int]:
         return await self._housekeeping.run_round()
 
+    # ------------------------------------------------ the suppression list
+
+    @property
+    def suppressions(self) -> Suppressions:
+        """The suppression list (:mod:`spoold.suppression`), with its
+        :attr:`~spoold.suppression.Suppressions.counts`."""
+        return self._state.suppressions
+
+    def suppressed(self, addresses: Iterable[str] | None = None) -> list[Suppression]:
+        """The suppressions in force now, by address: every one, or those
+        of ``addresses`` (the others are not suppressed)."""
+        now = self.clock.now()
+        listed = self._state.suppressions
+        if addresses is None:
+            return listed.entries(now)
+        found = listed.held(_checked_addresses(addresses), now).values()
+        return sorted({e.address: e for e in found}.values(), key=lambda e: e.address)
+
+    async def suppress(
+        self, addresses: Iterable[str], *, for_: timedelta, reason: str = ""
+    ) -> list[Suppression]:
+        """Suppress ``addresses`` from now for ``for_`` (an operator's
+        entry: it replaces one the address had). Durable when it returns;
+        every process adding to the spool sees it from its next
+        recipient. Raises :class:`~spoold.errors.AddressError` for an
+        address that is not one (nothing is changed)."""
+        if for_ <= timedelta(0):
+            raise ValueError(f"a suppression must last longer than 0s, got {for_}")
+        now = self.clock.now()
+        new = [
+            suppression_for(a, now=now, span=for_, reason=reason, source="operator")
+            for a in _checked_addresses(addresses)
+        ]
+        return await self._state.suppressions.add(
+            new, now=now, max_entries=self.settings.max_suppressed, extend_only=False
+        )
+
+    async def unsuppress(self, addresses: Iterable[str]) -> list[str]:
+        """Lift the suppression of ``addresses``; the (normalised) ones that
+        were suppressed. Durable when it returns."""
+        checked = _checked_addresses(addresses)
+        return await self._state.suppressions.remove(checked, now=self.clock.now())
+
     # ------------------------------------ reading a spool without owning it
 
     status_from_disk = staticmethod(status_from_disk)
     status_from_disk_pages = staticmethod(status_from_disk_pages)
     count_from_disk = staticmethod(count_from_disk)
+
+
+def _checked_addresses(addresses: Iterable[str]) -> list[str]:
+    """``addresses`` as a list, each a valid recipient address (raises
+    :class:`~spoold.errors.AddressError`), at least one."""
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    checked = list(addresses)
+    if not checked:
+        raise ValueError("expected at least one address")
+    for address in checked:
+        validate_address(address, role="recipient", smtputf8=True)
+    return checked

@@ -54,6 +54,7 @@ from spoold.ondisk import OnDiskSpool
 from spoold.policy import LibraryPolicies, PolicySource
 from spoold.relay import Relay
 from spoold.settings import SpoolSettings
+from spoold.suppression import Suppressions
 from spoold.waiting import MessageOutcome, OutcomeBoard
 
 __all__ = [
@@ -133,6 +134,7 @@ class SpoolState:
         self.disk = disk
         self.clock = clock
         self.parts = parts
+        self.suppressions = Suppressions(disk.dir, owner=True)  # read at open (Spool.open)
         self.index: dict[str, Entry] = {}
         self.queue_counts: dict[Queue, int] = dict.fromkeys(LOADED_QUEUES, 0)
         self.adding: set[str] = set()  # ids add()/reroute() are writing now

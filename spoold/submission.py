@@ -39,7 +39,7 @@ import anyio
 from spoold.address import validate_address, validate_recipients
 from spoold.body import Body
 from spoold.dkim import DkimSigner
-from spoold.errors import SpoolClosedError
+from spoold.errors import RecipientSuppressedError, SpoolClosedError
 from spoold.events import EventKind
 from spoold.idempotency import KeyFiles
 from spoold.ids import new_id
@@ -56,6 +56,7 @@ from spoold.message import (
 )
 from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.state import Entry, SpoolState, log
+from spoold.suppression import SuppressedRecipients, Suppressions
 
 __all__ = ["new_messages", "AddSettings", "Submission", "OwnerSubmission"]
 
@@ -137,6 +138,8 @@ class AddSettings(Protocol):
     def default_retry_intervals(self) -> Sequence[RetryInterval]: ...
     @property
     def idempotency_window(self) -> timedelta: ...
+    @property
+    def suppressed_recipients(self) -> SuppressedRecipients: ...
 
 
 class Submission:
@@ -149,6 +152,7 @@ class Submission:
         keys: KeyFiles,
         settings: Callable[[], AddSettings],
         now: Callable[[], datetime],
+        suppressions: Suppressions,
         signer: Callable[[], DkimSigner | None] = lambda: None,
     ) -> None:
         self._disk = disk
@@ -156,6 +160,7 @@ class Submission:
         self._settings = settings
         self._now = now
         self._signer = signer
+        self.suppressions = suppressions
 
     async def add(
         self,
@@ -196,6 +201,7 @@ class Submission:
         idempotency_key: str | None,
         submitter_uid: int | None = None,
     ) -> list[str]:
+        await self._refuse_suppressed(batch)
         status: Status = Frozen() if frozen else SEND_NOW
         messages = await self.write_new(
             batch,
@@ -260,6 +266,22 @@ class Submission:
         )
         return outcome.header
 
+    async def _refuse_suppressed(self, batch: RoutedBatch) -> None:
+        """Under ``suppressed_recipients = "refuse"``: raise
+        :class:`~spoold.errors.RecipientSuppressedError` naming every
+        recipient of ``batch`` on the suppression list (read again first if
+        another process changed it). Under ``"fail"`` they are taken: their
+        first attempt fails them (:mod:`spoold.transitions`)."""
+        if self._settings().suppressed_recipients != "refuse":
+            return
+        listed = self.suppressions
+        await listed.refresh()
+        held = listed.held((r for env in batch.envelopes for r in env.recipients), self._now())
+        if held:
+            listed.count("refused", len(held))
+            log.info("submission refused: suppressed recipients", recipients=sorted(held))
+            raise RecipientSuppressedError({r: e.describe() for r, e in held.items()})
+
     # ----------------------------------------------- what a subclass says
 
     def _refuse_if_closing(self) -> None:
@@ -289,6 +311,7 @@ class OwnerSubmission(Submission):
             keys,
             lambda: state.parts.settings,
             state.clock.now,
+            state.suppressions,
             lambda: state.parts.dkim,
         )
         self._state = state

@@ -44,6 +44,15 @@ the rest and, failing again, reported again (at the lifetime's end they fail
 with the rest). A delay warning that cannot be added is tried again at the
 next attempt.
 
+The suppression list (:mod:`spoold.suppression`): an attempt never sends
+to a recipient on it; such a recipient fails at once with ``550 5.7.1
+recipient suppressed until ...`` (``on_error`` is not asked), through the
+usual permanent-failure rules (frozen or bounced), when the attempt
+reaches a hop or has nobody else to send to. Recipients that hard-bounced
+(:func:`spoold.outcome.hard_bounces`) are put on the list, for
+``suppress_after_hard_bounce``, before the outcome is written and
+published: whoever learns of the bounce finds the address listed.
+
 A message that leaves the queue for good (delivered, removed, or bounced)
 gets a line in the history journal (:mod:`spoold.history`) once its
 record's change is on disk (:meth:`Transitions.record_final`).
@@ -52,7 +61,7 @@ record's change is on disk (:meth:`Transitions.record_final`).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -98,6 +107,7 @@ from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult
 from spoold.scheduler import Scheduler
 from spoold.state import Entry, SpoolState, log
 from spoold.submission import OwnerSubmission
+from spoold.suppression import SUPPRESSED_STATUS, Suppression, suppression_for
 
 __all__ = ["Transitions"]
 
@@ -132,6 +142,7 @@ class Transitions:
         self._signature = submission.signature  # DKIM, for the notices made here
         self._history = history
         self._rng = rng
+        self._suppressions = state.suppressions
 
     async def send(self, entry: Entry, policy: DestinationPolicy) -> None:
         """One attempt on ``entry`` (busy: the scheduler's send job holds it)
@@ -184,17 +195,30 @@ class Transitions:
         body = BodyHandle(
             self._disk.body_path(msg.id), self._disk.store.run_grouped, msg.body_check()
         )
-        try:
-            outcome = await relay_under(
-                self._parts.relay, policy, snapshot, body, list(msg.remaining_recipients)
-            )
-        except BodyDamagedError as exc:
-            await self._set_aside_damaged(entry, str(exc))
-            return
-        except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
-            mlog.exception("relay raised; trying later")
-            outcome = AttemptFailed(f"relay error: {exc!r}")
-        await self._finish_attempt(entry, outcome, operator_kick=kicked, policy=policy.delivery)
+        held = self._suppressions.held(msg.remaining_recipients, self.clock.now())
+        to_send = [r for r in msg.remaining_recipients if r not in held]
+        outcome: Delivery | AttemptFailed = Delivery({})
+        if to_send:
+            try:
+                outcome = await relay_under(self._parts.relay, policy, snapshot, body, to_send)
+            except BodyDamagedError as exc:
+                await self._set_aside_damaged(entry, str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
+                mlog.exception("relay raised; trying later")
+                outcome = AttemptFailed(f"relay error: {exc!r}")
+        if held and isinstance(outcome, Delivery):
+            outcome = Delivery({**outcome.recipients, **_suppressed_results(held)}, outcome.hop)
+        else:
+            held = {}  # no hop answered: they fail with the next attempt that reaches one
+        await self._finish_attempt(
+            entry,
+            outcome,
+            operator_kick=kicked,
+            policy=policy.delivery,
+            suppressed=held,
+            relayed=bool(to_send),
+        )
 
     async def _set_aside_damaged(self, entry: Entry, reason: str) -> None:
         """The body is not what was spooled (the relay stopped before the
@@ -266,10 +290,21 @@ class Transitions:
         *,
         operator_kick: bool,
         policy: DeliveryPolicy,
+        suppressed: Mapping[str, Suppression] | None = None,
+        relayed: bool = True,
     ) -> None:
+        """Apply what an attempt did. ``suppressed``: recipients failed
+        because they are on the suppression list (``on_error`` is not asked
+        about them); ``relayed``: whether a hop was tried at all (else the
+        attempt says nothing about hops)."""
         old = entry.msg
+        suppressed = suppressed or {}
         actions = {
-            rcpt: await self._ask_on_error(old, rcpt, result)
+            rcpt: (
+                ErrorAction.FAIL_PERMANENTLY
+                if rcpt in suppressed
+                else await self._ask_on_error(old, rcpt, result)
+            )
             for rcpt, result in refusals(old, outcome).items()
             if not result.in_doubt  # not a refusal: handled as after a crash
         }
@@ -298,6 +333,8 @@ class Transitions:
                 _retry_unreported(new, notice)
         if isinstance(new.status, Removed):
             new.removed_at = now  # removed_retention counts from here
+        # Before the outcome is out: whoever sees the bounce finds the address listed.
+        await self._suppress_hard_bounces(new, result.hard_bounces, outcome)
         await self._save_outcome(entry, new)
         entry.checked_out = False
         self._apply(entry, new)
@@ -307,7 +344,16 @@ class Transitions:
             self.record_final(new, OutcomeKind.BOUNCED, relay_outcome=outcome, detail="bounced")
         detail = "in doubt: no reply to the end of the message" if result.in_doubt else None
         published = self._publish(event, new, at=result.at, detail=detail)
-        self._hop_feedback(result.hops, new)
+        if relayed:
+            self._hop_feedback(result.hops, new)
+        if suppressed:
+            self._suppressions.count("failed", len(suppressed))
+            log.info(
+                "suppressed recipients failed without being sent",
+                id=new.id,
+                flows=new.flows,
+                recipients=sorted(suppressed),
+            )
         log.info(
             "attempt done",
             id=new.id,
@@ -318,6 +364,57 @@ class Transitions:
             later=len(result.later),
             at=result.at,
         )
+
+    async def _suppress_hard_bounces(
+        self, msg: Message, recipients: Sequence[str], outcome: Delivery | AttemptFailed
+    ) -> None:
+        """Put the recipients that hard-bounced in this attempt on the
+        suppression list for ``suppress_after_hard_bounce`` (when it is
+        set), the reply as the reason. Never raises: it runs before the
+        outcome is written, which must not be lost (the hop has answered).
+        A list that cannot be written is logged; the worst that follows is
+        another attempt to the address, which bounces again."""
+        span = self._parts.settings.suppress_after_hard_bounce
+        if span is None or not recipients:
+            return
+        now = self.clock.now()
+        replies = outcome.recipients if isinstance(outcome, Delivery) else {}
+        new = [
+            suppression_for(
+                rcpt,
+                now=now,
+                span=span,
+                reason=str(replies[rcpt]) if rcpt in replies else "hard bounce",
+                source="bounce",
+            )
+            for rcpt in recipients
+        ]
+        try:
+            added = await self._suppressions.add(
+                new,
+                now=now,
+                max_entries=self._parts.settings.max_suppressed,
+                extend_only=True,
+            )
+        except Exception as exc:  # noqa: BLE001 (the outcome comes first)
+            log.error(
+                "could not write the suppression list; these recipients are not suppressed",
+                id=msg.id,
+                flows=msg.flows,
+                recipients=list(recipients),
+                error=str(exc),
+            )
+            return
+        self._suppressions.count("bounced", len(added))
+        for entry in added:
+            log.info(
+                "recipient suppressed after a hard bounce",
+                id=msg.id,
+                flows=msg.flows,
+                recipient=entry.address,
+                until=entry.until,
+                reason=entry.reason,
+            )
 
     def policy_for(self, msg: Message) -> DeliveryPolicy:
         """The delivery rules of ``msg`` now (its destination policy's)."""
@@ -533,3 +630,12 @@ def _decision_name(decision: PresendDecision) -> str:
     return {SendNow: "send_now", SendAt: "send_at", Frozen: "freeze", Removed: "remove"}[
         type(decision)
     ]
+
+
+def _suppressed_results(held: Mapping[str, Suppression]) -> dict[str, RecipientResult]:
+    """The answer an attempt gives itself for recipients on the
+    suppression list: a permanent failure naming the suppression."""
+    return {
+        rcpt: RecipientResult(550, f"recipient {entry.describe()}; not sent", SUPPRESSED_STATUS)
+        for rcpt, entry in held.items()
+    }

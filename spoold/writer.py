@@ -34,6 +34,7 @@ from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.settings import Setting, WriterSettings
 from spoold.store import SyncMode
 from spoold.submission import Submission, new_messages
+from spoold.suppression import SuppressedRecipients, Suppressions
 from spoold.tasks import own_tasks
 from spoold.times import utcnow
 
@@ -159,12 +160,20 @@ class SpoolWriter:
     def spool_dir(self) -> Path:
         return self._disk.dir
 
+    @property
+    def suppressions(self) -> Suppressions:
+        """The spool's suppression list as this process last read it (the
+        owner writes it; :meth:`Suppressions.refresh` reads it again when
+        it changed, as :meth:`add` does)."""
+        return self._submission.suppressions
+
     # One setting at a time: each reads :attr:`settings` and, assigned,
     # replaces it with a value that differs in that field.
     sync = Setting[SyncMode]()
     min_free_space = Setting[int]()
     default_retry_intervals = Setting[Sequence[RetryInterval]](convert=tuple)
     idempotency_window = Setting[timedelta]()
+    suppressed_recipients = Setting[SuppressedRecipients]()
 
     async def add(
         self,
@@ -203,7 +212,12 @@ class _WriterSubmission(Submission):
         notifier: _Notifier,
     ) -> None:
         super().__init__(
-            disk, KeyFiles(disk.dir), lambda: writer.settings, now, lambda: writer.dkim
+            disk,
+            KeyFiles(disk.dir),
+            lambda: writer.settings,
+            now,
+            Suppressions(disk.dir, owner=False),
+            lambda: writer.dkim,
         )
         self._notifier = notifier
 

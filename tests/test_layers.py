@@ -107,6 +107,7 @@ LIBRARY_ROWS: list[list[str]] = [
     ["body", "message"],
     # mail on disk, and the values around a message
     ["ondisk", "relay", "events", "history", "waiting", "idempotency", "limits", "listing"],
+    ["suppression"],  # the suppression list (issue 22): plain values and one file
     # rules
     [
         "hooks",

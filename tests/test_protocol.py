@@ -62,6 +62,12 @@ from spoold.protocol import (
     StatusEnd,
     StatusRequest,
     SubmitRequest,
+    SuppressAddRequest,
+    SuppressionCountsView,
+    SuppressionListView,
+    SuppressionView,
+    SuppressListRequest,
+    SuppressRemoveRequest,
     WaitRequest,
     decode_params,
     decode_raw_page,
@@ -152,6 +158,10 @@ def test_the_result_keys_are_those_of_the_reference() -> None:
     assert _keys(result("retry_plan")) == _fields(RetryPlanView)
     assert _keys(result("info")) == _fields(Info)
     assert _keys(result("reload")) == _fields(ReloadResult)
+    listing = result("suppress_list")
+    assert _keys(listing) == (
+        _fields(SuppressionListView) | _fields(SuppressionView) | _fields(SuppressionCountsView)
+    )
     departed = re.search(r'`(\{"id", "queue": null.*?\})`', result("show"))
     assert departed is not None and _keys(departed.group(1)) == _fields(DepartedView)
     history = result("history")
@@ -205,6 +215,11 @@ EVERY_FIELD: dict[str, Request] = {
     ),
     "wait": WaitRequest(id="8DsiAAAAAAAAAAAAA", timeout=5.0),
     "events": EventsRequest(),
+    "suppress_list": SuppressListRequest(addresses=["gone@example.com"]),
+    "suppress_add": SuppressAddRequest(
+        addresses=["gone@example.com"], span="30d", reason="asked to stop"
+    ),
+    "suppress_remove": SuppressRemoveRequest(addresses=["gone@example.com"]),
 }
 
 
@@ -360,6 +375,9 @@ async def test_every_spool_operation_answers_its_declared_result(tmp_path: Path)
                 "send": SendRequest(ids=[frozen], retry_intervals=["10m"]),
                 "remove": RemoveRequest(ids=[refused]),
                 "recover": RecoverRequest(ids=[refused], source="removed"),
+                "suppress_add": SuppressAddRequest(addresses=[HELD], reason="by hand"),
+                "suppress_list": SuppressListRequest(),
+                "suppress_remove": SuppressRemoveRequest(addresses=[HELD]),
             }
             only_ids = await client.ask(StatusRequest(only_ids=True))
             pages = [p async for p in client.status_pages(request=StatusRequest(limit=1))]
@@ -375,6 +393,8 @@ async def test_every_spool_operation_answers_its_declared_result(tmp_path: Path)
     assert [v["id"] for v in answered["status"]] == only_ids == sorted([held, refused, frozen])
     assert answered["show"]["body"]  # the message, base64
     assert answered["wait"]["outcome"] == "frozen"
+    assert [e["address"] for e in answered["suppress_list"]["entries"]] == [HELD]
+    assert answered["suppress_remove"] == [HELD]
     assert [o["id"] for o in answered["history"]] == [delivered]
 
 

@@ -100,6 +100,25 @@ class RecordingHost:
         self.sizes_asked.append(size)
         return b"452 4.3.1 no room\r\n" if self.short_of_space else None
 
+    # The suppression list: ``suppressed`` as last read; ``on_disk`` what a
+    # refresh reads (a refresh is due while they differ).
+    suppressed: frozenset[str] = frozenset()
+    on_disk: frozenset[str] = frozenset()
+    refreshes = 0
+
+    def suppressions_stale(self) -> bool:
+        return self.suppressed != self.on_disk
+
+    async def refresh_suppressions(self) -> None:
+        await anyio.sleep(0)
+        self.refreshes += 1
+        self.suppressed = self.on_disk
+
+    def recipient_refusal(self, address: str) -> bytes | None:
+        if address in self.suppressed:
+            return b"550 5.7.1 Recipient suppressed until 2031-01-31T00:00:00Z\r\n"
+        return None
+
 
 def policy(**changes: Any) -> SessionPolicy:
     values: dict[str, Any] = {
@@ -192,6 +211,50 @@ async def test_mail_asks_the_host_for_room_with_the_declared_size() -> None:
         assert transport.writes[-1] == b"250 2.1.0 OK\r\n"
         assert host.sizes_asked == [5000, None]
         assert host.deliveries == []
+
+
+async def test_a_suppressed_recipient_is_refused_and_the_others_taken() -> None:
+    async with session() as (smtp, transport, host):
+        smtp.data_received(b"EHLO client.example\r\n")
+        transport.writes.clear()
+        host.suppressed = host.on_disk = frozenset({"gone@example.com"})
+        smtp.data_received(
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<gone@example.com>\r\n"
+            b"RCPT TO:<b@example.com>\r\nDATA\r\n"
+        )
+        assert transport.writes == [
+            b"250 2.1.0 OK\r\n550 5.7.1 Recipient suppressed until 2031-01-31T00:00:00Z\r\n"
+            b"250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        ]
+        smtp.data_received(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        await next_write(transport, 2)
+        assert host.deliveries[0].recipients == ("b@example.com",)
+        assert host.refreshes == 0  # nothing changed: no reading
+
+
+async def test_suppressed_recipients_are_not_junk_but_count_as_recipients() -> None:
+    async with session(max_junk_commands=2, max_recipients=5) as (smtp, transport, host):
+        host.suppressed = host.on_disk = frozenset(f"s{i}@example.com" for i in range(10))
+        smtp.data_received(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n")
+        transport.writes.clear()
+        rcpts = b"".join(b"RCPT TO:<s%d@example.com>\r\n" % i for i in range(4))
+        smtp.data_received(rcpts + b"RCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\n")
+        assert codes(b"".join(transport.writes)) == ["550"] * 4 + ["250", "452"]
+        assert not transport.closed  # 4 refusals, 2 junk allowed: none of them junk
+
+
+async def test_a_changed_list_is_read_before_the_rcpt_is_answered() -> None:
+    async with session() as (smtp, transport, host):
+        smtp.data_received(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n")
+        transport.writes.clear()
+        host.on_disk = frozenset({"gone@example.com"})  # just added by an operator
+        smtp.data_received(b"RCPT TO:<gone@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+        await next_write(transport, 1)
+        await wait_until(lambda: b"".join(transport.writes).count(b"\r\n") == 2, "2 replies")
+        assert b"".join(transport.writes) == (
+            b"550 5.7.1 Recipient suppressed until 2031-01-31T00:00:00Z\r\n250 2.1.5 OK\r\n"
+        )
+        assert host.refreshes == 1
 
 
 async def test_commands_split_across_reads_wait_for_their_line_end() -> None:

@@ -9,7 +9,8 @@ directory (``--spool-dir``, or ``spool.dir`` of the config).
 Exit codes: 0 done; 1 the daemon refused (e.g. removing a message that is
 not frozen) or no such message; 2 usage error, bad id, no daemon, a
 daemon busy with too many control clients, or a socket this user may not
-use. Every id is validated here before anything is sent. ``sendmail`` is
+use. ``suppress check`` exits 0 when no address given is suppressed, 1
+when one is. Every id is validated here before anything is sent. ``sendmail`` is
 :mod:`spoold.daemon.sendmail` (sendmail's flags and exit codes; it uses the
 submission socket, which any local user may use).
 """
@@ -21,7 +22,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -58,10 +59,14 @@ from spoold.protocol import (
     SendRequest,
     ShowRequest,
     StatusRequest,
+    SuppressAddRequest,
+    SuppressListRequest,
+    SuppressRemoveRequest,
     departed_view,
     describe_view,
     history_view,
 )
+from spoold.suppression import normalise
 
 __all__ = ["main"]
 
@@ -835,6 +840,112 @@ def dkim_check(target: _Target, nameserver: str | None) -> None:
             click.echo(f"wrong    {name} ({key.algorithm.value}): {problem}")
     if bad:
         _fail(f"{bad} key(s) of {len(signer.keys)} not published as configured", 1)
+
+
+# ----------------------------------------------------- the suppression list
+
+
+@main.group()
+def suppress() -> None:
+    """The suppression list: recipients spoold does not send to (after a
+    hard bounce, or added here), each until a time."""
+
+
+def _valid_addresses(addresses: Sequence[str]) -> list[str]:
+    for address in addresses:
+        try:
+            validate_address(address, role="recipient", smtputf8=True)
+        except AddressError as exc:
+            _fail(str(exc), 2)
+    return list(addresses)
+
+
+def _entry_line(entry: dict[str, Any]) -> str:
+    reason = f" ({entry['reason']})" if entry["reason"] else ""
+    return f"{entry['address']}  until {entry['until']}  {entry['source']}{reason}"
+
+
+@suppress.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object: entries and counts")
+@click.pass_obj
+def suppress_list(target: _Target, as_json: bool) -> None:
+    """Every suppressed address, until when and why, and what the list did."""
+    found: dict[str, Any] = _run(lambda: target.client().ask(SuppressListRequest()))
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for entry in found["entries"]:
+        click.echo(_entry_line(entry))
+    counts = found["counts"]
+    click.echo(
+        f"{found['total']} suppressed (at most {found['max_suppressed']}); since the daemon "
+        f"started: {counts['refused']} refused, {counts['failed']} failed unsent, "
+        f"{counts['bounced']} suppressed by a hard bounce"
+    )
+
+
+@suppress.command("add")
+@click.argument("addresses", nargs=-1, required=True)
+@click.option(
+    "--for",
+    "span",
+    metavar="SPAN",
+    help="how long (e.g. 30d); default: spool.suppress_after_hard_bounce, else 30d",
+)
+@click.option("--reason", default="", metavar="TEXT", help="why, for whoever reads the list")
+@click.pass_obj
+def suppress_add(
+    target: _Target, addresses: tuple[str, ...], span: str | None, reason: str
+) -> None:
+    """Suppress ADDRESSES: no new mail to them is taken (or it fails at
+    once), no queued message is sent to them."""
+    from spoold.times import parse_span
+
+    if span is not None:
+        try:
+            length = parse_span(span)
+        except ValueError as exc:
+            _fail(f"--for: {exc}", 2)
+        if length <= timedelta(0):
+            _fail(f"--for: expected a span > 0, got {span!r}", 2)
+    asked = SuppressAddRequest(addresses=_valid_addresses(addresses), span=span, reason=reason)
+    made: list[dict[str, Any]] = _run(lambda: target.client().ask(asked))
+    for entry in made:
+        click.echo(f"suppressed: {_entry_line(entry)}")
+
+
+@suppress.command("remove")
+@click.argument("addresses", nargs=-1, required=True)
+@click.pass_obj
+def suppress_remove(target: _Target, addresses: tuple[str, ...]) -> None:
+    """Lift the suppression of ADDRESSES: mail to them is taken again."""
+    asked = SuppressRemoveRequest(addresses=_valid_addresses(addresses))
+    lifted: list[str] = _run(lambda: target.client().ask(asked))
+    for address in lifted:
+        click.echo(f"lifted: {address}")
+    for address in sorted({normalise(a) for a in addresses} - set(lifted)):
+        click.echo(f"was not suppressed: {address}")
+
+
+@suppress.command("check")
+@click.argument("addresses", nargs=-1, required=True)
+@click.pass_obj
+def suppress_check(target: _Target, addresses: tuple[str, ...]) -> None:
+    """Whether ADDRESSES are suppressed now. Exit 0: none is; 1: at least
+    one is (each is printed); 2: an error."""
+    asked = SuppressListRequest(addresses=_valid_addresses(addresses))
+    found: dict[str, Any] = _run(lambda: target.client().ask(asked))
+    entries = {e["address"]: e for e in found["entries"]}
+    held = False
+    for address in addresses:
+        entry = entries.get(normalise(address))
+        if entry is None:
+            click.echo(f"{address}: not suppressed")
+            continue
+        held = True
+        reason = f" ({entry['reason']})" if entry["reason"] else ""
+        click.echo(f"{address}: suppressed until {entry['until']}{reason}")
+    sys.exit(1 if held else 0)
 
 
 # --------------------------------------------------------------- sendmail

@@ -62,6 +62,7 @@ from spoold.message import RetryInterval
 from spoold.outcome import AfterCrash, DeliveryPolicy, OnPermanentFailure, RetriesExhausted
 from spoold.settings import SpoolSettings
 from spoold.store import SyncMode
+from spoold.suppression import SuppressedRecipients
 from spoold.times import parse_size, parse_span
 from spoold.tls_policy import TlsPolicyMode
 
@@ -381,6 +382,10 @@ class SpoolConfig(msgspec.Struct, frozen=True, kw_only=True):
     removed_retention: _PositiveSpan = _settings.DEFAULT_REMOVED_RETENTION
     history_retention: _PositiveSpan = _settings.DEFAULT_HISTORY_RETENTION
     idempotency_window: _PositiveSpan = _settings.DEFAULT_IDEMPOTENCY_WINDOW
+    # The suppression list (spoold.suppression): "" keeps hard bounces off it.
+    suppress_after_hard_bounce: Annotated[timedelta | None, _Read(_optional_span)] = None
+    suppressed_recipients: SuppressedRecipients = _settings.DEFAULT_SUPPRESSED_RECIPIENTS
+    max_suppressed: Annotated[int, _int_range(1, 10_000_000)] = _settings.DEFAULT_MAX_SUPPRESSED
 
     @property
     def delivery_policy(self) -> DeliveryPolicy:
@@ -407,6 +412,9 @@ class SpoolConfig(msgspec.Struct, frozen=True, kw_only=True):
             removed_retention=self.removed_retention,
             history_retention=self.history_retention,
             idempotency_window=self.idempotency_window,
+            suppress_after_hard_bounce=self.suppress_after_hard_bounce,
+            suppressed_recipients=self.suppressed_recipients,
+            max_suppressed=self.max_suppressed,
         )
 
 

@@ -34,6 +34,7 @@ from spoold.errors import (
     MxError,
     NotFoundError,
     OperationRefusedError,
+    RecipientSuppressedError,
     SpoolClosedError,
     SpooldError,
     StoreError,
@@ -60,6 +61,9 @@ from spoold.protocol import (
     SendRequest,
     ShowRequest,
     StatusRequest,
+    SuppressAddRequest,
+    SuppressListRequest,
+    SuppressRemoveRequest,
     departed_view,
     describe_view,
     error_reply,
@@ -68,8 +72,10 @@ from spoold.protocol import (
     ok_reply,
     op_of,
     retry_plan_view,
+    suppression_view,
 )
 from spoold.spool import Spool
+from spoold.suppression import DEFAULT_OPERATOR_SPAN
 from spoold.times import parse_span
 
 __all__ = [
@@ -269,6 +275,48 @@ async def _state_now(spool: Spool, message_id: str) -> str:
     return msg.effective_status(spool.clock.now()).name
 
 
+def _addresses(addresses: list[str]) -> list[str]:
+    if not addresses:
+        raise ValueError("expected 'addresses': a non-empty list of addresses")
+    for address in addresses:
+        validate_address(address, role="recipient", smtputf8=True)
+    return addresses
+
+
+async def _suppress_list(ctx: ControlContext, p: SuppressListRequest) -> Any:
+    spool = ctx.spool
+    listed = spool.suppressions
+    entries = spool.suppressed(_addresses(p.addresses) if p.addresses else None)
+    return {
+        "entries": [suppression_view(e) for e in entries],
+        "total": len(spool.suppressed()) if p.addresses else len(entries),
+        "max_suppressed": spool.settings.max_suppressed,
+        "counts": dict(listed.counts),
+    }
+
+
+async def _suppress_add(ctx: ControlContext, p: SuppressAddRequest) -> Any:
+    spool = ctx.spool
+    if p.span is not None:
+        span = parse_span(p.span)
+    else:
+        span = spool.settings.suppress_after_hard_bounce or DEFAULT_OPERATOR_SPAN
+    added = await spool.suppress(_addresses(p.addresses), for_=span, reason=p.reason)
+    log.info(
+        "suppressed by an operator",
+        addresses=[e.address for e in added],
+        until=added[0].until if added else None,
+        reason=p.reason,
+    )
+    return [suppression_view(e) for e in added]
+
+
+async def _suppress_remove(ctx: ControlContext, p: SuppressRemoveRequest) -> Any:
+    lifted = await ctx.spool.unsuppress(_addresses(p.addresses))
+    log.info("suppression lifted by an operator", addresses=lifted)
+    return lifted
+
+
 async def _reload(ctx: ControlContext, p: ReloadRequest) -> Any:
     return await ctx.daemon_operations().reload()
 
@@ -302,6 +350,9 @@ HANDLERS: dict[type[Request], Handler] = {
     InfoRequest: _info,
     CountRequest: _count,
     CheckRequest: _check,
+    SuppressListRequest: _suppress_list,
+    SuppressAddRequest: _suppress_add,
+    SuppressRemoveRequest: _suppress_remove,
     # and three with a framing of their own, served by ControlServer itself:
     # SubmitRequest (then the message), EventsRequest (a stream) and
     # WaitRequest (it stays until an outcome, or the client hangs up)
@@ -319,6 +370,8 @@ async def answer(op: object, call: Callable[[], Awaitable[Any]]) -> dict[str, An
     exception means."""
     try:
         result = await call()
+    except RecipientSuppressedError as exc:
+        return error_reply("suppressed", str(exc))
     except (InvalidIdError, AddressError) as exc:
         return error_reply("invalid", str(exc))
     except NotFoundError as exc:

@@ -34,6 +34,7 @@ from spoold.hostname import local_hostname
 from spoold.idempotency import MAX_KEY_LENGTH
 from spoold.ids import new_id
 from spoold.message import RoutedBatch
+from spoold.suppression import SuppressedRecipients, Suppressions
 
 __all__ = ["Submitter", "Origin", "missing_headers", "received_header", "message_id_key"]
 
@@ -147,6 +148,16 @@ class MessageAdder(Protocol):
     @property
     def min_free_space(self) -> int:
         """Bytes that must stay free on the spool's filesystem (0: no floor)."""
+        ...
+
+    @property
+    def suppressed_recipients(self) -> SuppressedRecipients:
+        """Refuse or take (and fail) a submission to a suppressed recipient."""
+        ...
+
+    @property
+    def suppressions(self) -> Suppressions:
+        """The spool's suppression list as this process last read it."""
         ...
 
     async def add(

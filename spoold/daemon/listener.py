@@ -87,18 +87,20 @@ from spoold.daemon.auth_failures import AuthFailureLog
 from spoold.daemon.config import SmtpConfig
 from spoold.daemon.ingest import Origin, Submitter, message_id_key
 from spoold.daemon.resources import AcceptFailures, accept_forever
-from spoold.daemon.smtp_server import Delivery, SessionPolicy, SmtpSession
+from spoold.daemon.smtp_server import Delivery, SessionPolicy, SmtpSession, reply_line
 from spoold.daemon.workers import worker_count
 from spoold.errors import (
     BareLineEndingError,
     MxError,
     NoRouteError,
+    RecipientSuppressedError,
     SpoolClosedError,
     SpooldError,
     StoreError,
 )
 from spoold.store import Store
-from spoold.times import format_size
+from spoold.suppression import SUPPRESSED_STATUS
+from spoold.times import format_size, utcnow
 
 __all__ = ["SmtpListener", "ListenerSettings", "listener_settings", "FREE_SPACE_INTERVAL"]
 
@@ -312,6 +314,24 @@ class SmtpListener:
             return None
         return _NO_SPACE
 
+    def suppressions_stale(self) -> bool:
+        return self.submitter.spool.suppressions.stale()
+
+    async def refresh_suppressions(self) -> None:
+        await self.submitter.spool.suppressions.refresh()
+
+    def recipient_refusal(self, address: str) -> bytes | None:
+        spool = self.submitter.spool
+        if spool.suppressed_recipients != "refuse":
+            return None  # "fail": taken, and failed at its first attempt
+        listed = spool.suppressions
+        entry = listed.find(address, utcnow())
+        if entry is None:
+            return None
+        listed.count("refused")
+        log.info("recipient refused: suppressed", recipient=entry.address, until=entry.until)
+        return reply_line(f"550 {SUPPRESSED_STATUS} Recipient {entry.describe()}")
+
     async def _measure_free_space(self) -> None:
         spool_dir = self.submitter.spool.spool_dir
         try:
@@ -359,6 +379,10 @@ class SmtpListener:
                 mail_params=delivery.mail_params,
                 idempotency_key=key,
             )
+        except RecipientSuppressedError:
+            # Suppressed after its RCPT was taken: a retry gets 550 for that
+            # RCPT alone, and the message goes to the others.
+            return "451 4.7.1 A recipient was suppressed meanwhile, try again"
         except BareLineEndingError as exc:
             return f"550 5.6.0 {exc}"
         except NoRouteError as exc:

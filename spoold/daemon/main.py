@@ -261,6 +261,7 @@ class Daemon:
                         sockets,
                         worker_count(cfg.smtp.workers),
                         grace=cfg.spool.flush_timeout.total_seconds(),
+                        on_count=spool.suppressions.count,
                     )
                     await services.start(self._workers.run)
                 elif self.inherited:

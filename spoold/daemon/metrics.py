@@ -178,6 +178,19 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.suppressed = Gauge(
+            "spoold_suppressed_addresses",
+            "Entries on the suppression list (those that ended go at the next housekeeping)",
+            registry=r,
+        )
+        self.suppression_uses = Counter(
+            "spoold_suppressed_recipients",
+            "Recipients the suppression list acted on: refused (at RCPT, by submit), failed "
+            "(taken and failed unsent), bounced (put on the list by a hard bounce)",
+            ["result"],
+            registry=r,
+        )
+        self._suppression_seen: dict[str, int] = {}
         self.reload_success = Gauge(
             "spoold_last_reload_success",
             "1 if the last reload was applied, 0 if it was refused",
@@ -240,6 +253,12 @@ class Metrics:
         for queue in _AGE_QUEUES:
             when = oldest.get(queue)
             self._oldest[queue] = None if when is None else when.timestamp()
+        listed = spool.suppressions
+        self.suppressed.set(len(listed))  # no sorting: ended ones go at housekeeping
+        for what, n in listed.counts.items():
+            seen = self._suppression_seen.get(what, 0)
+            self.suppression_uses.labels(what).inc(max(0, n - seen))
+            self._suppression_seen[what] = n
         if cache is not None:
             idle = cache.idle_connections
             self.connections.labels("idle").set(idle)

@@ -51,6 +51,7 @@ from spoold.protocol import StatusRequest, message_view, unreadable_view
 __all__ = [
     "EX_USAGE",
     "EX_DATAERR",
+    "EX_NOUSER",
     "EX_SOFTWARE",
     "EX_TEMPFAIL",
     "EX_NOPERM",
@@ -64,6 +65,7 @@ __all__ = [
 
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_NOUSER = 67  # a recipient we will not send to (suppressed)
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
@@ -344,6 +346,7 @@ def _deliver(label: str, args: SendmailArgs, socket: str | None, config: str | N
             "invalid": EX_DATAERR,
             "internal": EX_SOFTWARE,
             "denied": EX_NOPERM,
+            "suppressed": EX_NOUSER,
         }.get(exc.kind, EX_TEMPFAIL)
         _fail(label, f"message not accepted: {exc}", code)
     except SpooldError as exc:

@@ -34,7 +34,9 @@ Invariants:
   while we work) gets 421 and is closed; so is one past
   ``max_junk_commands`` junk commands (NOOP, RSET, VRFY, HELP, a repeated
   HELO/EHLO, any command refused as unknown, malformed or out of
-  sequence, and every refused recipient, so a client cannot send RCPTs
+  sequence, and every refused recipient but a suppressed one (those
+  count against ``max_recipients`` instead: a message to a list is not
+  junk for holding suppressed addresses), so a client cannot send RCPTs
   without end; the count restarts after each accepted message).
 
 Addresses (MAIL FROM and RCPT TO paths are ``<...>``, a source route
@@ -56,7 +58,11 @@ unknown parameter                              555 5.5.4   555 5.5.4
 =============================================  ==========  ==========
 
 A refused recipient leaves the transaction going: the message goes to the
-recipients that were accepted.
+recipients that were accepted. A recipient on the suppression list gets
+``550 5.7.1 Recipient suppressed until TIME (REASON)`` from the host
+(:meth:`SessionHost.recipient_refusal`); when the list changed since the
+host read it, the RCPT waits (as a delivery does) until it has read it
+again, so an entry added a moment ago applies to the next RCPT.
 
 Work that waits (handing a message over, the delay of a failed AUTH, the TLS
 handshake) runs as a task in the host's task group; meanwhile input is
@@ -187,6 +193,21 @@ class SessionHost(Protocol):
         """At MAIL: the reply refusing a message of ``size`` octets (SIZE=,
         None when not declared) because the spool is short of space, or
         None to go on. No I/O: the host answers from what it measured."""
+        ...
+
+    def suppressions_stale(self) -> bool:
+        """At RCPT: whether the suppression list changed since the host read
+        it (one ``stat``), so :meth:`refresh_suppressions` must come first."""
+        ...
+
+    async def refresh_suppressions(self) -> None:
+        """Read the suppression list again (a worker thread)."""
+        ...
+
+    def recipient_refusal(self, address: str) -> bytes | None:
+        """At RCPT: the reply refusing ``address`` because it is suppressed
+        (under ``suppressed_recipients = "refuse"``), or None to take it.
+        No I/O: the host answers from the list it read."""
         ...
 
 
@@ -321,6 +342,7 @@ class SmtpSession(asyncio.Protocol):
         self._smtputf8 = False
         self._recipients: list[str] = []
         self._rcpt_seen = False
+        self._suppressed_rcpts = 0  # refused as suppressed: they count as recipients
         # DATA state: the message so far, after a virtual CRLF (so that an
         # empty message's ".\r\n" is found like any other end)
         self._data = bytearray()
@@ -517,6 +539,7 @@ class SmtpSession(asyncio.Protocol):
         self._smtputf8 = False
         self._recipients = []
         self._rcpt_seen = False
+        self._suppressed_rcpts = 0
 
     @property
     def _closed(self) -> bool:
@@ -672,16 +695,43 @@ class SmtpSession(asyncio.Protocol):
             else:  # syntax, control, or bytes that are not UTF-8 at all
                 self._error(b"501 5.1.3 Bad recipient address syntax\r\n")
             return
-        if len(self._recipients) >= policy.max_recipients:
+        if len(self._recipients) + self._suppressed_rcpts >= policy.max_recipients:
             self._error(  # refused recipients count as junk: no endless RCPTs
                 reply_line(
                     f"452 4.5.3 Too many recipients (at most {policy.max_recipients} per message)"
                 )
             )
             return
+        if self._host.suppressions_stale():
+            self._start_work(lambda: self._rcpt_after_refresh(address))
+            return
+        self._take_recipient(address)
+
+    def _take_recipient(self, address: str) -> None:
+        """The end of RCPT: refused if suppressed, else taken."""
+        refusal = self._host.recipient_refusal(address)
+        if refusal is not None:
+            self._suppressed_rcpts += 1  # not junk; bounded by max_recipients
+            self._out.append(refusal)
+            return
         if address not in self._recipients:
             self._recipients.append(address)
         self._out.append(b"250 2.1.5 OK\r\n")
+
+    async def _rcpt_after_refresh(self, address: str) -> None:
+        """RCPT once the suppression list, changed, has been read again."""
+        try:
+            await self._host.refresh_suppressions()
+        except Exception:  # never a permanent 5xx for our own trouble
+            log.exception("cannot read the suppression list", peer=self._peer)
+            if not self._closed:
+                self._out.append(b"451 4.3.0 Local error, try again later\r\n")
+                self._work_done()
+            return
+        if self._closed:
+            return
+        self._take_recipient(address)
+        self._work_done()
 
     def _cmd_data(self, arg: bytes) -> None:
         if arg:

@@ -8,7 +8,8 @@ sockets in every worker, so the kernel spreads connections over them),
 writes what it accepts into the spool as a
 :class:`~spoold.writer.SpoolWriter` (durable before the 250; the owner is
 woken through the spool's wake-up socket and adopts the messages), and
-writes one byte to fd ``R`` once it serves. Fd ``L`` is the read end of a
+writes one byte to fd ``R`` once it serves, then reports its counts there
+(:mod:`spoold.daemon.workers`). Fd ``L`` is the read end of a
 pipe only the daemon can write to: end-of-file there means the daemon is
 gone, and the worker stops as on SIGTERM (it never outlives its daemon).
 
@@ -138,7 +139,8 @@ async def _serve(
                 tg.start_soon(housekeeping)
                 await tg.start(functools.partial(listener.serve, sockets, drain_timeout=drain))
                 os.write(ready_fd, b"1")
-                os.close(ready_fd)
+                os.set_blocking(ready_fd, False)  # from now on: the report pipe
+                writer.suppressions.on_count = _Reports(ready_fd)
                 log.info(
                     "ingest worker ready",
                     pid=os.getpid(),
@@ -156,6 +158,27 @@ async def _serve(
         restore()
     log.info("ingest worker stopped", pid=os.getpid())
     return 0
+
+
+class _Reports:
+    """What this worker counts, told to the daemon on the report pipe (a
+    line ``KIND N`` a count; see :mod:`spoold.daemon.workers`). Never
+    blocks: a line the pipe cannot take now is sent with the next one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending: dict[str, int] = {}
+
+    def __call__(self, kind: str, n: int) -> None:
+        self.pending[kind] = self.pending.get(kind, 0) + n
+        lines = "".join(f"{k} {v}\n" for k, v in self.pending.items()).encode("ascii")
+        try:
+            os.write(self.fd, lines)  # under PIPE_BUF: all of it or nothing
+        except BlockingIOError:
+            return
+        except OSError:  # the daemon is gone: nobody to tell
+            pass
+        self.pending.clear()
 
 
 async def _reload(state: _State, writer: SpoolWriter) -> _State:

@@ -17,6 +17,13 @@ spooled) and kills those still running after the grace time. The workers
 share the daemon's stdout/stderr (one log stream) but not its systemd
 notification socket.
 
+The pipe a worker says it serves on (``--ready-fd``) stays open as its
+*report* pipe: the worker writes a line ``KIND N`` there for what it counts
+that the daemon's own counters show (``refused 1``: a recipient refused at
+RCPT because it is suppressed); the daemon reads each worker's reports and
+adds them to its counts (``on_count``). A report the pipe cannot take at
+once is kept and sent with the next.
+
 Each worker also gets the read end of a *lifeline* pipe whose write end only
 the daemon holds (never written, never inherited by anyone else): if the
 daemon dies without stopping its workers (SIGKILL, a crash), the kernel
@@ -32,13 +39,14 @@ import select
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 import anyio.abc
 import structlog
 
 from spoold.errors import SpooldError
+from spoold.suppression import SUPPRESSION_COUNTS, SuppressionCount
 
 __all__ = ["IngestWorkers", "worker_count"]
 
@@ -65,9 +73,17 @@ class IngestWorkers:
     """``count`` worker processes serving ``sockets``; see the module docstring."""
 
     def __init__(
-        self, config_path: str, sockets: Sequence[socket.socket], count: int, grace: float
+        self,
+        config_path: str,
+        sockets: Sequence[socket.socket],
+        count: int,
+        grace: float,
+        *,
+        on_count: Callable[[SuppressionCount, int], None] | None = None,
     ) -> None:
         self.config_path = config_path
+        self.on_count = on_count
+        self._reports: dict[int, int] = {}  # slot -> read end of its worker's report pipe
         self.sockets = list(sockets)
         self.count = count
         self.grace = grace
@@ -100,6 +116,9 @@ class IngestWorkers:
                             await process.wait()
             for slot in list(self._lifelines):
                 self._cut_lifeline(slot)
+            for fd in self._reports.values():  # of workers never supervised
+                os.close(fd)
+            self._reports.clear()
 
     def _cut_lifeline(self, slot: int) -> None:
         fd = self._lifelines.pop(slot, None)
@@ -135,6 +154,7 @@ class IngestWorkers:
             )
         except BaseException:
             os.close(life_write)
+            os.close(read_end)
             raise
         finally:
             os.close(write_end)
@@ -145,9 +165,11 @@ class IngestWorkers:
             with anyio.move_on_after(_READY_TIMEOUT):
                 await anyio.wait_readable(read_end)
             ready = os.read(read_end, 1) if _readable(read_end) else b""
-        finally:
+        except BaseException:
             os.close(read_end)
+            raise
         if ready != b"1":
+            os.close(read_end)
             if process.returncode is None:
                 process.kill()
             code = await process.wait()
@@ -155,13 +177,16 @@ class IngestWorkers:
                 f"an SMTP ingest worker did not start (exit code {code}); its log says why"
             )
         self._processes[slot] = process
+        self._reports[slot] = read_end
         log.info("ingest worker started", pid=process.pid, slot=slot)
 
     async def _supervise(self, slot: int) -> None:
         pause = _FIRST_RESTART_PAUSE
         while True:
             process = self._processes[slot]
-            code = await process.wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read_reports, self._reports.pop(slot))
+                code = await process.wait()
             if self._stopping:
                 return
             log.error("ingest worker died; starting another", pid=process.pid, exit_code=code)
@@ -174,6 +199,24 @@ class IngestWorkers:
             except SpooldError as exc:
                 log.error("could not start an ingest worker", error=str(exc), retry_in=pause)
                 pause = min(pause * 2, _LONGEST_RESTART_PAUSE)
+
+    async def _read_reports(self, fd: int) -> None:
+        """Add what one worker reports to the daemon's counts, until its
+        end of the pipe closes (the worker is gone)."""
+        pending = b""
+        try:
+            while True:
+                await anyio.wait_readable(fd)
+                data = os.read(fd, 4096)
+                if not data:
+                    return
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    kind, _, number = line.decode("ascii", "replace").partition(" ")
+                    if kind in SUPPRESSION_COUNTS and number.isdigit() and self.on_count:
+                        self.on_count(kind, int(number))
+        finally:
+            os.close(fd)
 
     def reload(self) -> None:
         """Pass a (validated) reload on to every worker."""

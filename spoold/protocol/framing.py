@@ -55,6 +55,7 @@ ErrorKind = Literal[
     "busy",  # too many control clients at once
     "timeout",  # wait: the message has no outcome yet after the time given
     "denied",  # an admin operation asked on the submission socket
+    "suppressed",  # submit: a recipient is on the suppression list (nothing spooled)
     "internal",  # a bug: the daemon logs it
 ]
 """The ``kind`` of an error reply (the daemon sends no other)."""

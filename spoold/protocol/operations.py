@@ -33,6 +33,8 @@ from spoold.protocol.views import (
     MessageView,
     OutcomeView,
     RetryPlanView,
+    SuppressionListView,
+    SuppressionView,
     UnreadableView,
     View,
 )
@@ -62,6 +64,9 @@ __all__ = [
     "SubmitRequest",
     "WaitRequest",
     "EventsRequest",
+    "SuppressListRequest",
+    "SuppressAddRequest",
+    "SuppressRemoveRequest",
     "REQUESTS",
     "Counts",
     "StatusEnd",
@@ -193,6 +198,20 @@ class EventsRequest(Request, tag="events"):
     pass
 
 
+class SuppressListRequest(Request, tag="suppress_list"):
+    addresses: list[str] = []  # only these (the ones suppressed); empty: every entry
+
+
+class SuppressAddRequest(Request, tag="suppress_add"):
+    addresses: list[str]
+    span: str | None = msgspec.field(default=None, name="for")  # None: the daemon's default
+    reason: str = ""
+
+
+class SuppressRemoveRequest(Request, tag="suppress_remove"):
+    addresses: list[str]
+
+
 def op_of(kind: type[Request] | Request) -> str:
     """The ``op`` of a request class (or of a request)."""
     tag = kind.__struct_config__.tag
@@ -220,6 +239,9 @@ REQUESTS: dict[str, type[Request]] = {
         SubmitRequest,
         WaitRequest,
         EventsRequest,
+        SuppressListRequest,
+        SuppressAddRequest,
+        SuppressRemoveRequest,
     )
 }
 """Every operation by name."""
@@ -329,6 +351,9 @@ RESULTS: dict[str, tuple[Any, ...]] = {
     "submit": (_Ids,),
     "wait": (OutcomeView,),
     "events": (EventView,),  # each line's "event", not a "result"
+    "suppress_list": (SuppressionListView,),
+    "suppress_add": (list[SuppressionView],),  # the entries made
+    "suppress_remove": (list[str],),  # the addresses that were suppressed
 }
 """Each operation's result: one of these types (decode with
 :func:`msgspec.convert`). ``status`` with ``stream`` sends pages of its

@@ -31,6 +31,7 @@ from spoold.history import Outcome
 from spoold.message import Message, Quarantined, Queue, RetryInterval, SendAt, Status, queue_of
 from spoold.ondisk import Unreadable
 from spoold.outcome import RetryPlan
+from spoold.suppression import Suppression
 from spoold.times import rfc3339
 from spoold.waiting import MessageOutcome
 
@@ -50,6 +51,10 @@ __all__ = [
     "PlannedEndView",
     "DelayWarningView",
     "EventView",
+    "SuppressionView",
+    "SuppressionCountsView",
+    "SuppressionListView",
+    "suppression_view",
     "message_view",
     "listing_view",
     "unreadable_view",
@@ -233,6 +238,34 @@ class EventView(View):
     at: str | msgspec.UnsetType = _UNSET
     sender: str | msgspec.UnsetType = _UNSET
     recipients: list[str] | msgspec.UnsetType = _UNSET
+
+
+class SuppressionView(View):
+    """One entry of the suppression list."""
+
+    address: str  # normalised: the whole address in lower case
+    since: str  # RFC 3339 UTC
+    until: str  # RFC 3339 UTC: suppressed before this time
+    reason: str  # the next hop's reply, or an operator's words
+    source: Literal["bounce", "operator"]
+
+
+class SuppressionCountsView(View):
+    """What the daemon did because of the list since it started (its own
+    process: the SMTP ingest workers count theirs in their log lines)."""
+
+    refused: int  # recipients refused (control socket, Spool.add; RCPT in-process)
+    failed: int  # recipients taken and failed unsent (suppressed_recipients = "fail")
+    bounced: int  # recipients put on the list by a hard bounce
+
+
+class SuppressionListView(View):
+    """The ``suppress_list`` result."""
+
+    entries: list[SuppressionView]
+    total: int  # entries in force
+    max_suppressed: int
+    counts: SuppressionCountsView
 
 
 # ------------------------------------------------------- building them
@@ -451,4 +484,15 @@ def departed_view(outcome: Outcome) -> dict[str, Any]:
         "queue": None,
         "status": outcome.outcome.value,
         "outcome": history_view(outcome),
+    }
+
+
+def suppression_view(entry: Suppression) -> dict[str, Any]:
+    """An entry of the suppression list as a reply shows it."""
+    return {
+        "address": entry.address,
+        "since": rfc3339(entry.since),
+        "until": rfc3339(entry.until),
+        "reason": entry.reason,
+        "source": entry.source,
     }

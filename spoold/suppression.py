@@ -1,0 +1,454 @@
+"""The suppression list: recipients spoold does not send to, each until a time.
+
+A recipient lands on the list when a next hop refuses it for good in a way
+that says the mailbox does not exist (a *hard bounce*: see
+:func:`spoold.outcome.hard_bounces`), for ``spool.suppress_after_hard_bounce``,
+or when an operator adds it (``spoold suppress add``). While an entry lasts,
+a new submission to the address is refused (``suppressed_recipients =
+"refuse"``: 550 at ``RCPT``, :class:`~spoold.errors.RecipientSuppressedError`
+from ``add``) or taken and failed at its first attempt (``"fail"``), and no
+attempt of a queued message sends to it.
+
+Addresses are kept *normalised* (:func:`normalise`): the whole address in
+lower case. The domain is case-blind by definition; the local part may be
+case-sensitive by RFC 5321, but no mailbox provider in use treats
+``Alice@`` and ``alice@`` as two people, and the list errs on the side of
+not sending: a dead mailbox must not be reachable again by changing case.
+
+On disk: one file, ``SPOOL/suppressed``, JSON lines: a first line
+``{"version": 1}``, then one entry a line (``address``, ``since``,
+``until``, ``reason``, ``source``: ``bounce`` or ``operator``), sorted by
+address. Only the spool's owner writes it, always whole (a temporary file
+in ``tmp/``, fsynced, renamed over it, the directory fsynced), in a worker
+thread, one write at a time: changes made while a write is under way (many
+bounces at once) go out together in the next one. A change is made in
+memory first, so this process applies it at once; the call that made it
+returns once it is durable. Entries that ended are dropped when the list
+is full and by housekeeping (:meth:`Suppressions.prune`).
+Other processes (the SMTP ingest workers) read it and read it again when it
+changed: :meth:`Suppressions.stale` compares the file's identity (inode,
+size, change time) with what was read, one ``stat(2)`` of a file the kernel
+has cached (a few microseconds; see ``docs/on-disk-format.md``), and
+:meth:`Suppressions.refresh` reads it again in a worker thread (one reading
+at a time: the sessions that find it changed meanwhile wait for it).
+
+The list is bounded (``spool.max_suppressed``): when an addition would take
+it past the bound, the entries closest to their end are dropped first.
+
+A damaged file (a line that does not decode: the file was edited or cut by
+something other than spoold) loses only the damaged lines: the others are
+kept, the damage is logged with the line numbers, and the owner copies the
+damaged file aside to ``SPOOL/suppressed.damaged`` before its next write
+replaces it. A file of a newer format version is refused with a
+:class:`~spoold.errors.StoreError` (nothing is overwritten).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+import anyio
+import msgspec
+import structlog
+
+from spoold.errors import StoreError
+
+__all__ = [
+    "SUPPRESSION_FILE",
+    "SUPPRESSION_FORMAT_VERSION",
+    "DEFAULT_MAX_SUPPRESSED",
+    "DEFAULT_OPERATOR_SPAN",
+    "SUPPRESSED_STATUS",
+    "SuppressedRecipients",
+    "SuppressionSource",
+    "SuppressionCount",
+    "SUPPRESSION_COUNTS",
+    "Suppression",
+    "Suppressions",
+    "normalise",
+    "suppression_for",
+    "clean_reason",
+    "MAX_REASON",
+    "encode_list",
+    "decode_list",
+]
+
+log = structlog.get_logger("spoold.suppression")
+
+SUPPRESSION_FILE = "suppressed"
+DAMAGED_SUFFIX = ".damaged"
+SUPPRESSION_FORMAT_VERSION = 1
+DEFAULT_MAX_SUPPRESSED = 100_000
+DEFAULT_OPERATOR_SPAN = timedelta(days=30)
+"""How long ``spoold suppress add`` without ``--for`` suppresses, when
+``suppress_after_hard_bounce`` is off (when it is set, that span)."""
+SUPPRESSED_STATUS = "5.7.1"
+"""The enhanced status of a recipient refused or failed because it is
+suppressed: a refusal by our own policy, not news about the mailbox."""
+
+SuppressedRecipients = Literal["refuse", "fail"]
+"""What a submission to a suppressed recipient gets: refused (550 at RCPT,
+an error from ``add``), or taken and the recipient failed at once."""
+SuppressionSource = Literal["bounce", "operator"]
+SuppressionCount = Literal["refused", "failed", "bounced"]
+SUPPRESSION_COUNTS: tuple[SuppressionCount, ...] = ("refused", "failed", "bounced")
+
+
+def normalise(address: str) -> str:
+    """The form an address is kept and looked up in: the whole address in
+    lower case, surrounding spaces and angle brackets dropped (see the
+    module's docstring for why the local part too)."""
+    text = address.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    return text.lower()
+
+
+_Time = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class Suppression(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One suppressed address (normalised) from ``since`` until ``until``
+    (UTC), with the reason (the next hop's reply, or an operator's words)."""
+
+    address: str
+    since: _Time
+    until: _Time
+    reason: str = ""
+    source: SuppressionSource = "operator"
+
+    def describe(self) -> str:
+        """One line for a person: ``suppressed until TIME (REASON)``."""
+        until = self.until.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"suppressed until {until}" + (f" ({self.reason})" if self.reason else "")
+
+
+class _Header(msgspec.Struct):
+    version: int
+
+
+_encoder = msgspec.json.Encoder()
+_header_decoder = msgspec.json.Decoder(_Header)
+_entry_decoder = msgspec.json.Decoder(Suppression)
+_all_decoder = msgspec.json.Decoder(list[Suppression])
+
+
+def encode_list(entries: Iterable[Suppression]) -> bytes:
+    """The file's bytes for ``entries`` (sorted by address)."""
+    lines = [_encoder.encode(_Header(SUPPRESSION_FORMAT_VERSION))]
+    lines += [_encoder.encode(e) for e in sorted(entries, key=lambda e: e.address)]
+    return b"\n".join(lines) + b"\n"
+
+
+def decode_list(data: bytes, path: str = SUPPRESSION_FILE) -> tuple[list[Suppression], list[int]]:
+    """The entries of a file's bytes and the numbers of its damaged lines
+    (each skipped). An empty file is an empty list; a file whose first line
+    is not a header counts that line as damaged and reads on. Raises
+    :class:`StoreError` for a newer format version."""
+    entries: list[Suppression] = []
+    damaged: list[int] = []
+    lines = data.split(b"\n")
+    start = 0
+    if lines and lines[0].strip():
+        try:
+            header = _header_decoder.decode(lines[0])
+        except msgspec.DecodeError:
+            header = None
+        if header is not None:
+            if header.version > SUPPRESSION_FORMAT_VERSION:
+                raise StoreError(
+                    f"{path}: written by a newer spoold (format version {header.version}; "
+                    f"this one reads up to {SUPPRESSION_FORMAT_VERSION})"
+                )
+            start = 1
+    body = [line for line in lines[start:] if line.strip()]
+    try:  # one call for the whole file: what a file spoold wrote takes
+        entries = _all_decoder.decode(b"[" + b",".join(body) + b"]")
+    except msgspec.DecodeError:  # damaged: line by line, to keep the rest
+        entries = []
+        for number, line in enumerate(lines[start:], start + 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(_entry_decoder.decode(line))
+            except msgspec.DecodeError:
+                damaged.append(number)
+    entries = [
+        e
+        if e.address == normalise(e.address)
+        else msgspec.structs.replace(e, address=normalise(e.address))
+        for e in entries
+    ]
+    return entries, damaged
+
+
+class _FileId(msgspec.Struct, frozen=True):
+    ino: int
+    size: int
+    ctime_ns: int
+    mtime_ns: int
+
+
+def _file_id(path: Path) -> _FileId | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return _FileId(st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns)
+
+
+def _read_sync(path: Path) -> tuple[list[Suppression], list[int], _FileId | None]:
+    """The file's entries, its damaged lines and the identity of what was
+    read (None: no file)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except FileNotFoundError:
+        return [], [], None
+    except OSError as exc:
+        raise StoreError(f"cannot read the suppression list {path}: {exc.strerror}") from None
+    entries, damaged = decode_list(data, str(path))
+    return entries, damaged, _FileId(st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns)
+
+
+def _write_sync(path: Path, tmp_dir: Path, entries: list[Suppression], keep_damaged: bool) -> None:
+    """Write the whole list (temporary file, fsync, rename, fsync dir)."""
+    tmp = tmp_dir / f"{os.getpid()}.{SUPPRESSION_FILE}.list.tmp"  # tmp/'s PID.NAME.KIND
+    try:
+        if keep_damaged and path.exists():
+            shutil.copyfile(path, path.with_name(path.name + DAMAGED_SUFFIX))
+        data = encode_list(entries)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(f"cannot write the suppression list {path}: {exc}") from None
+
+
+class Suppressions:
+    """The suppression list of one spool directory (see the module's
+    docstring). ``owner``: this process writes it (the spool's owner);
+    otherwise it only reads it, again whenever it changed."""
+
+    def __init__(self, spool_dir: Path, *, owner: bool) -> None:
+        self.path = spool_dir / SUPPRESSION_FILE
+        self._tmp_dir = spool_dir / "tmp"
+        self.owner = owner
+        self._entries: dict[str, Suppression] = {}
+        self._read: _FileId | None = None  # what the entries were read from
+        self._damaged = False  # the file on disk has damaged lines (owner: copy it aside)
+        self._write_lock = anyio.Lock()
+        self._load_lock = anyio.Lock()
+        self._version = 0  # changes made in memory (owner)
+        self._written = 0  # the last of them on disk
+        # What this process did because of the list: recipients refused,
+        # failed, and put on it by a hard bounce (see count()).
+        self.counts: dict[SuppressionCount, int] = dict.fromkeys(SUPPRESSION_COUNTS, 0)
+        # Told of each count too (an ingest worker passes them to the daemon).
+        self.on_count: Callable[[SuppressionCount, int], None] | None = None
+
+    def count(self, what: SuppressionCount, n: int = 1) -> None:
+        """Count ``n`` recipients ``refused`` (at RCPT or by ``add``),
+        ``failed`` (taken and failed at once) or ``bounced`` (put on the
+        list by a hard bounce)."""
+        self.counts[what] += n
+        if self.on_count is not None:
+            self.on_count(what, n)
+
+    # ----------------------------------------------------------- reading
+
+    async def load(self) -> None:
+        """Read the file (a worker thread); damaged lines are logged."""
+        entries, damaged, file_id = await anyio.to_thread.run_sync(_read_sync, self.path)
+        self._entries = {e.address: e for e in entries}
+        self._read = file_id
+        self._damaged = bool(damaged)
+        if damaged:
+            log.error(
+                "suppression list damaged: these lines were skipped, the rest kept",
+                path=str(self.path),
+                lines=damaged[:20],
+                damaged=len(damaged),
+                kept=len(entries),
+            )
+
+    def stale(self) -> bool:
+        """Whether another process wrote the file since it was read (one
+        ``stat``; always False for the owner, the only writer)."""
+        return not self.owner and _file_id(self.path) != self._read
+
+    async def refresh(self) -> None:
+        """Read the file again if it changed (:meth:`stale`)."""
+        if not self.stale():
+            return
+        async with self._load_lock:  # one reading, however many sessions ask
+            if self.stale():
+                await self.load()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def find(self, address: str, now: datetime) -> Suppression | None:
+        """The entry that suppresses ``address`` now, or None."""
+        entry = self._entries.get(normalise(address))
+        if entry is None or entry.until <= now:
+            return None
+        return entry
+
+    def held(self, recipients: Iterable[str], now: datetime) -> dict[str, Suppression]:
+        """The recipients suppressed now (as given), with their entries."""
+        if not self._entries:
+            return {}
+        found = {}
+        for rcpt in recipients:
+            entry = self.find(rcpt, now)
+            if entry is not None:
+                found[rcpt] = entry
+        return found
+
+    def entries(self, now: datetime) -> list[Suppression]:
+        """Every entry in force now, by address."""
+        return sorted((e for e in self._entries.values() if e.until > now), key=lambda e: e.address)
+
+    # ----------------------------------------------------------- writing
+
+    async def add(
+        self, new: Iterable[Suppression], *, now: datetime, max_entries: int, extend_only: bool
+    ) -> list[Suppression]:
+        """Put ``new`` on the list and write it (durable when it returns).
+        ``extend_only``: an address already suppressed keeps the later of
+        its two ends (a bounce); otherwise the new entry replaces it (an
+        operator's word). Entries past ``max_entries`` are dropped, those
+        closest to their end first (logged). Returns the entries added."""
+        self._require_owner()
+        entries = self._entries
+        added = []
+        for entry in new:
+            entry = msgspec.structs.replace(entry, address=normalise(entry.address))
+            old = entries.get(entry.address)
+            if extend_only and old is not None and old.until >= entry.until:
+                continue
+            entries[entry.address] = entry
+            added.append(entry)
+        if added:
+            self._version += 1
+        if len(entries) > max_entries:
+            self._drop_ended(now)
+        if len(entries) > max_entries:
+            excess = len(entries) - max_entries
+            dropped = heapq.nsmallest(excess, entries.values(), key=lambda e: e.until)
+            for entry in dropped:
+                del entries[entry.address]
+            log.warning(
+                "suppression list full (spool.max_suppressed): "
+                "dropped the entries closest to their end",
+                max_suppressed=max_entries,
+                dropped=len(dropped),
+            )
+        if added:
+            await self._commit()
+        return [e for e in added if entries.get(e.address) is e]
+
+    async def remove(self, addresses: Iterable[str], *, now: datetime) -> list[str]:
+        """Take ``addresses`` off the list (written, durable when it
+        returns); the normalised addresses that were on it (in force)."""
+        self._require_owner()
+        entries = self._entries
+        gone = []
+        for address in sorted({normalise(a) for a in addresses}):
+            entry = entries.pop(address, None)
+            if entry is not None:
+                self._version += 1
+                if entry.until > now:
+                    gone.append(address)
+        await self._commit()
+        return gone
+
+    async def prune(self, now: datetime) -> int:
+        """Drop the entries that have ended (written); how many."""
+        self._require_owner()
+        gone = self._drop_ended(now)
+        await self._commit()
+        return gone
+
+    def _drop_ended(self, now: datetime) -> int:
+        ended = [a for a, e in self._entries.items() if e.until <= now]
+        for address in ended:
+            del self._entries[address]
+        if ended:
+            self._version += 1
+        return len(ended)
+
+    async def _commit(self) -> None:
+        """Make the list in memory durable. Changes made while a write is
+        under way are written together by the next one (one write for
+        many bounces at once); returns once a write that began after this
+        call's changes has ended. A write that fails is tried again by the
+        next change (meanwhile this process keeps the change in memory)."""
+        target = self._version
+        async with self._write_lock:
+            if self._written >= target:
+                return
+            version = self._version
+            snapshot = list(self._entries.values())
+            await anyio.to_thread.run_sync(
+                _write_sync, self.path, self._tmp_dir, snapshot, self._damaged
+            )
+            self._damaged = False
+            self._written = version
+
+    def _require_owner(self) -> None:
+        if not self.owner:
+            raise RuntimeError("only the spool's owner changes the suppression list")
+
+
+def suppression_for(
+    address: str, *, now: datetime, span: timedelta, reason: str, source: SuppressionSource
+) -> Suppression:
+    """A new entry for ``address`` from ``now`` for ``span``, to the
+    second (as every view shows it)."""
+    since = now.replace(microsecond=0)
+    return Suppression(
+        address=normalise(address),
+        since=since,
+        until=since + span,
+        reason=clean_reason(reason),
+        source=source,
+    )
+
+
+MAX_REASON = 300
+"""Characters of a reason kept (a next hop's reply may be long)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def clean_reason(text: str) -> str:
+    """``text`` fit to keep and show: control characters (a hostile next
+    hop's terminal escapes, line breaks of a multi-line reply) become one
+    space, and it is cut to :data:`MAX_REASON` characters."""
+    text = _CONTROL.sub(" ", text).strip()
+    if len(text) > MAX_REASON:
+        text = text[: MAX_REASON - 3] + "..."
+    return text
