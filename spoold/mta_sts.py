@@ -221,6 +221,10 @@ class MtaStsPolicies:
         """The kept policy of ``domain``, even an expired one (no I/O)."""
         return self._policies.get(_domain(domain))
 
+    def valid(self, domain: str) -> CachedPolicy | None:
+        """The kept policy of ``domain`` while it has not expired (no I/O)."""
+        return _valid(self._policies.get(_domain(domain)), self.clock())
+
     async def policy_for(self, domain: str) -> CachedPolicy | None:
         """The domain's policy: the kept one while it is valid, else looked
         up (TXT, then the policy). None: the domain has no policy we can

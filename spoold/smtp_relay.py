@@ -249,11 +249,17 @@ class SmtpRelay:
         throttled: list[str] = []
         # An MX route's message has one recipient domain (one envelope each).
         domain = recipients[0].rpartition("@")[2] if recipients else ""
+        # The domain's own policy lookups, once for all its hops (bounded).
+        domain_policy = (
+            await self.tls_policies.for_domain(tls, domain)
+            if tls != "none" and self.tls_policies is not None
+            else None
+        )
         for hop in message.next_hop_choices:
             settings = settings_for(hop, message)
-            if tls != "none" and self.tls_policies is not None:
+            if domain_policy is not None:
                 host, port = parse_hop(hop)
-                decision = await self.tls_policies.decide(tls, domain, host, port)
+                decision = await domain_policy.decide(host, port)
                 if isinstance(decision, HopRefusal):
                     hop_errors.append(f"{hop}: {decision.reason}")
                     log.warning(

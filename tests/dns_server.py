@@ -5,7 +5,7 @@ port from a zone the test fills (:meth:`DnsTestServer.add`: a name, a
 type, the records in zone-file text). A name marked ``signed`` is answered
 with the AD bit set, as a validating resolver does for data it validated;
 every other answer has AD clear. A name listed in ``servfail`` gets
-SERVFAIL; a name with no records at all gets NXDOMAIN; a name with records
+SERVFAIL (or only one type of question, after some answers); a name with no records at all gets NXDOMAIN; a name with records
 of other types, an empty answer. What was asked is kept (``queries``).
 
 :class:`HttpsTestServer` serves one path over TLS (a certificate the test
@@ -61,6 +61,9 @@ class DnsTestServer:
     records: dict[tuple[dns.name.Name, int], list[str]] = field(default_factory=dict)
     signed: set[dns.name.Name] = field(default_factory=set)
     servfail: set[dns.name.Name] = field(default_factory=set)
+    # (name, type): answers still given before SERVFAIL (fail(..., after=N))
+    fail_after: dict[tuple[dns.name.Name, int], int] = field(default_factory=dict)
+    ttl: int = 300  # of every answer (0: resolvers keep nothing)
     queries: list[tuple[str, str]] = field(default_factory=list)
     port: int = 0
     _udp: asyncio.DatagramTransport | None = None
@@ -81,9 +84,14 @@ class DnsTestServer:
         """Answers about ``name`` carry the AD bit from now on."""
         self.signed.add(_name(name))
 
-    def fail(self, name: str) -> None:
-        """Questions about ``name`` get SERVFAIL from now on."""
-        self.servfail.add(_name(name))
+    def fail(self, name: str, rdtype: str | None = None, *, after: int = 0) -> None:
+        """Questions about ``name`` get SERVFAIL from now on; with
+        ``rdtype``, only questions of that type, once ``after`` of them
+        were answered."""
+        if rdtype is None:
+            self.servfail.add(_name(name))
+        else:
+            self.fail_after[(_name(name), dns.rdatatype.from_text(rdtype))] = after
 
     def remove(self, name: str, rdtype: str) -> None:
         self.records.pop((_name(name), dns.rdatatype.from_text(rdtype)), None)
@@ -102,13 +110,16 @@ class DnsTestServer:
         question = query.question[0]
         name, rdtype = question.name, question.rdtype
         self.queries.append((name.to_text(), dns.rdatatype.to_text(rdtype)))
-        if name in self.servfail:
+        left = self.fail_after.get((name, rdtype))
+        if left is not None:
+            self.fail_after[(name, rdtype)] = left - 1
+        if name in self.servfail or (left is not None and left <= 0):
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()
         values = self.records.get((name, rdtype))
         if values:
             response.answer.append(
-                dns.rrset.from_text_list(name, 300, dns.rdataclass.IN, rdtype, values)
+                dns.rrset.from_text_list(name, self.ttl, dns.rdataclass.IN, rdtype, values)
             )
         elif not any(n == name for n, _ in self.records):
             response.set_rcode(dns.rcode.NXDOMAIN)

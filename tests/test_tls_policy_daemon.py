@@ -367,3 +367,26 @@ async def test_a_failed_tlsa_lookup_of_a_signed_domain_defers(
         "_25._tcp.mx.example.org failed: "
     ), error
     assert server.connections_opened == 0
+
+
+async def test_a_failed_mx_lookup_defers_rather_than_drop_dane(
+    world: World, start_daemon: DaemonFactory
+) -> None:
+    """RFC 7672 §2.1.1: the domain's MX answer fails when the attempt asks
+    it again (a validating resolver's SERVFAIL for forged data): the mail
+    waits; it never goes with a TLS an attacker could strip."""
+    world.dns.ttl = 0  # nothing kept: the attempt asks again
+    cert = world.mx_cert(world.untrusted)
+    server = await world.mx_host(cert)
+    world.publish_tlsa(cert, signed=True)
+    world.dns.fail("example.org", "MX", after=1)  # the routing's lookup is answered
+    daemon = await world.start(start_daemon, "dane-mta-sts")
+
+    await _send(daemon)
+
+    error = await _last_error(daemon)
+    assert error.startswith(
+        "no hops available: mx.example.org:25: TLS policy (DANE): the MX lookup of "
+        "example.org failed: "
+    ), error
+    assert server.connections_opened == 0

@@ -118,7 +118,10 @@ class DnsLookups:
         """The domain's MX host names when the MX answer is DNSSEC-validated
         (AD set); the domain itself when it has no MX but a validated
         address; else (not validated, or no such domain) an empty set.
-        Raises :class:`dns.exception.DNSException` when DNS fails."""
+        Raises :class:`dns.exception.DNSException` when DNS fails (SERVFAIL,
+        which is what a validating resolver answers for forged data, or a
+        timeout), for the MX lookup as for the address lookups after it:
+        the caller must not take that for "not validated"."""
         try:
             answer = await self._resolve(domain, dns.rdatatype.MX)
         except dns.resolver.NXDOMAIN:
@@ -128,7 +131,10 @@ class DnsLookups:
         if answer.rrset is not None:
             return frozenset(r.exchange.to_text().rstrip(".").lower() for r in answer)
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            address = await self._resolve(domain, rdtype)
+            try:
+                address = await self._resolve(domain, rdtype)
+            except dns.resolver.NXDOMAIN:
+                return frozenset()
             if address.rrset is not None and _authentic(address.response):
                 return frozenset({domain.lower().rstrip(".")})
         return frozenset()
