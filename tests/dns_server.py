@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -187,6 +188,8 @@ class HttpsTestServer:
     content_type: str = "text/plain"
     body: str = ""
     extra_headers: str = ""
+    raw: bytes | None = None  # the whole response as sent, instead of the above
+    abrupt: bool = False  # end with a TCP close, without TLS close_notify (a cut)
     requests: int = 0
     port: int = 0
     _server: asyncio.Server | None = None
@@ -202,12 +205,17 @@ class HttpsTestServer:
             path = head.split(b" ")[1].decode()
             status, body = (self.status, self.body) if path == self.path else ("404 No", "")
             data = body.encode()
-            writer.write(
-                f"HTTP/1.0 {status}\r\nContent-Type: {self.content_type}\r\n"
-                f"Content-Length: {len(data)}\r\n{self.extra_headers}\r\n".encode()
-                + data
-            )
+            response = self.raw
+            if response is None:
+                response = (
+                    f"HTTP/1.0 {status}\r\nContent-Type: {self.content_type}\r\n"
+                    f"Content-Length: {len(data)}\r\n{self.extra_headers}\r\n".encode() + data
+                )
+            writer.write(response)
             await writer.drain()
+            if self.abrupt:
+                sock = writer.get_extra_info("socket")
+                sock.shutdown(socket.SHUT_RDWR)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         except ssl.SSLError:
