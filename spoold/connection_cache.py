@@ -18,8 +18,9 @@ Opening a connection (greeting, EHLO, STARTTLS, AUTH) either gives a ready
 :class:`~spoold.smtp_client.SmtpClient` or raises
 :class:`~spoold.errors.HopUnavailableError` saying why: TLS ``none``,
 ``opportunistic`` (STARTTLS when offered) or ``required`` (a hop without it
-is unavailable); credentials are never sent without TLS; the SSL context is
-built once per route settings. The name sent in EHLO is the settings'
+is unavailable); credentials are never sent without TLS; an SSL context is
+built once per CA file, client certificate and kind of check
+(:class:`TlsContexts`, in a worker thread: it reads files). The name sent in EHLO is the settings'
 ``helo_name``, else this machine's (:func:`~spoold.hostname.local_hostname`).
 
 A connection whose settings carry a TLS policy requirement
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import itertools
 import ssl
@@ -70,6 +70,8 @@ __all__ = [
     "ConnectionCache",
     "CacheSettings",
     "Connection",
+    "ContextKey",
+    "TlsContexts",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_COMMAND_TIMEOUT",
     "DEFAULT_MESSAGE_TIMEOUT",
@@ -208,6 +210,7 @@ class ConnectionCache:
         self._closing = False
         self._local_name: str | None = None
         self.connections_made = 0
+        self.tls_contexts = TlsContexts()
 
     @property
     def settings(self) -> CacheSettings:
@@ -445,7 +448,7 @@ class ConnectionCache:
         why = f"TLS policy ({required.source}): " if required is not None else ""
         tls = "required" if required is not None else settings.tls
         try:
-            context = _tls_context(settings) if tls != "none" else None
+            context = await self.tls_contexts.get(settings) if tls != "none" else None
         except (OSError, ssl.SSLError) as exc:
             raise HopUnavailableError(f"{hop}: cannot set up TLS: {_describe(exc)}") from exc
         client = await self._dial(hop, host, port, settings)
@@ -525,22 +528,65 @@ def _is_address(host: str) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=64)
-def _tls_context(settings: RouteSettings) -> ssl.SSLContext:
-    """One context per route settings (reading the CA bundle is slow: done
-    once, not per connection)."""
-    context = ssl.create_default_context(cafile=settings.ca_file)
-    required = settings.tls_policy
-    if required is not None and required.dane:
-        # DANE: the certificate is checked against the TLSA records after
-        # the handshake; DANE-EE checks neither the CA nor the name.
+ContextKind = Literal["unverified", "pkix"]
+
+
+@dataclass(frozen=True, slots=True)
+class ContextKey:
+    """What shapes an SSL context: whether the server's certificate is
+    checked against CAs (``pkix``: a CA of ``ca_file``, else of the
+    default store, and the host's name) or not at all here
+    (``unverified``: a route with ``verify_certificates = false``, or DANE,
+    whose TLSA check comes after the handshake), and our own
+    certificate. A DANE host's TLSA records are not part of it: hosts
+    without end share one context."""
+
+    kind: ContextKind
+    ca_file: str | None
+    client_cert: str | None
+    client_key: str | None
+
+    @classmethod
+    def of(cls, settings: RouteSettings) -> ContextKey:
+        required = settings.tls_policy
+        # A policy's PKIX check is made whatever the route says.
+        verify = settings.verify_certificates if required is None else not required.dane
+        return cls(
+            "pkix" if verify else "unverified",
+            settings.ca_file if verify else None,
+            settings.client_cert,
+            settings.client_key,
+        )
+
+
+class TlsContexts:
+    """The SSL contexts of outgoing connections, one per :class:`ContextKey`
+    (a handful per config). A missing one is built in a worker thread: it
+    reads files (the CA bundle, our certificate). An unverified context
+    loads no CA at all."""
+
+    def __init__(self) -> None:
+        self._built: dict[ContextKey, ssl.SSLContext] = {}
+
+    async def get(self, settings: RouteSettings) -> ssl.SSLContext:
+        key = ContextKey.of(settings)
+        context = self._built.get(key)
+        if context is None:
+            context = await anyio.to_thread.run_sync(_build_context, key)
+            self._built[key] = context
+        return context
+
+
+def _build_context(key: ContextKey) -> ssl.SSLContext:
+    """A new context for ``key`` (blocking: reads files)."""
+    if key.kind == "pkix":
+        context = ssl.create_default_context(cafile=key.ca_file)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    elif required is None and not settings.verify_certificates:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if settings.client_cert:
-        context.load_cert_chain(settings.client_cert, settings.client_key)
+    if key.client_cert:
+        context.load_cert_chain(key.client_cert, key.client_key)
     return context
 
 

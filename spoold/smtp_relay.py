@@ -48,7 +48,8 @@ a hop has greeted us, the attempt ends there:
 
 TLS per route: ``none``, ``opportunistic`` (STARTTLS when offered) or
 ``required`` (a hop without it is unavailable); credentials are never sent
-without TLS. The SSL context is built once per route settings.
+without TLS. An SSL context is built once per kind of check, CA file and
+client certificate (:class:`~spoold.connection_cache.TlsContexts`).
 
 Cache rules: at most ``max_per_hop`` connections per hop and ``max_total``
 overall; a released connection or a freed slot goes to the oldest waiter; an

@@ -5,8 +5,9 @@ port from a zone the test fills (:meth:`DnsTestServer.add`: a name, a
 type, the records in zone-file text). A name marked ``signed`` is answered
 with the AD bit set, as a validating resolver does for data it validated;
 every other answer has AD clear. A name listed in ``servfail`` gets
-SERVFAIL (or only one type of question, after some answers); a name with no records at all gets NXDOMAIN; a name with records
-of other types, an empty answer. What was asked is kept (``queries``).
+SERVFAIL (:meth:`DnsTestServer.fail`: or only questions of one type, after
+some answers); a name with no records at all gets NXDOMAIN; a name with
+records of other types, an empty answer. What was asked is kept (``queries``).
 
 :class:`HttpsTestServer` serves one path over TLS (a certificate the test
 gives) with a status, a content type and a body the test sets, and counts
@@ -209,7 +210,8 @@ class HttpsTestServer:
             if response is None:
                 response = (
                     f"HTTP/1.0 {status}\r\nContent-Type: {self.content_type}\r\n"
-                    f"Content-Length: {len(data)}\r\n{self.extra_headers}\r\n".encode() + data
+                    f"Content-Length: {len(data)}\r\n{self.extra_headers}\r\n".encode()
+                    + data
                 )
             writer.write(response)
             await writer.drain()

@@ -268,3 +268,44 @@ async def test_a_connection_checked_less_strictly_is_never_lent_to_a_tls_policy(
         await cache.close_and_flush()
 
     assert server.connections_opened == 5
+
+
+async def test_tls_contexts_are_kept_by_what_shapes_them_and_built_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch, tls_certificate: TlsCertificate
+) -> None:
+    """DANE hosts, each with its own TLSA records, share one context that
+    loads no CA; a PKIX context reads its CA file once, in a worker
+    thread, never on the event loop."""
+    import threading
+
+    import spoold.connection_cache as cc
+
+    built_in: list[str] = []
+    build = cc._build_context
+
+    def counting(key: cc.ContextKey) -> ssl.SSLContext:
+        built_in.append(threading.current_thread().name)
+        return build(key)
+
+    monkeypatch.setattr(cc, "_build_context", counting)
+    contexts = cc.TlsContexts()
+    dane = [
+        RouteSettings(tls_policy=TlsRequirement("DANE", (TlsaRecord(3, 1, 1, bytes([i]) * 32),)))
+        for i in range(100)
+    ]
+    first = await contexts.get(dane[0])
+    for settings in dane[1:]:
+        assert await contexts.get(settings) is first
+    assert first.verify_mode == ssl.CERT_NONE and not first.check_hostname
+    assert first.cert_store_stats()["x509_ca"] == 0  # no CA bundle read for DANE
+    assert await contexts.get(RouteSettings(verify_certificates=False)) is first
+
+    pkix = RouteSettings(ca_file=str(tls_certificate.cert))
+    checked = await contexts.get(pkix)
+    assert checked.verify_mode == ssl.CERT_REQUIRED and checked.check_hostname
+    assert await contexts.get(replace(pkix, command_timeout=5)) is checked
+    policy = RouteSettings(verify_certificates=False, ca_file=str(tls_certificate.cert))
+    assert await contexts.get(replace(policy, tls_policy=TlsRequirement("MTA-STS"))) is checked
+
+    assert len(built_in) == 2
+    assert threading.main_thread().name not in built_in

@@ -116,9 +116,7 @@ async def test_dns_down_is_asked_once_per_attempt_within_the_lookup_timeout(
         raise AssertionError("no TLSA lookup without the MX answer")
 
     base = _policies("127.0.0.1")
-    policies = TlsPolicies(
-        base.mta_sts, lookup_tlsa=tlsa, mx_secure=mx_secure, lookup_timeout=0.05
-    )
+    policies = TlsPolicies(base.mta_sts, lookup_tlsa=tlsa, mx_secure=mx_secure, lookup_timeout=0.05)
     relay = SmtpRelay(route(), ConnectionCache(), tls_policies=policies)
 
     outcome = await _attempt(relay, tmp_path, [first.hop, second.hop], "dane-mta-sts")

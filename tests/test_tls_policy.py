@@ -179,9 +179,9 @@ async def test_a_failed_mx_lookup_refuses_rather_than_fall_back_to_mta_sts() -> 
     world.mx_fails = dns.resolver.NoNameservers()
     decision = await world.policies().decide("dane-mta-sts", "example.org", "mx.example.org")
     assert isinstance(decision, HopRefusal)
-    assert decision.reason.startswith(
-        "TLS policy (DANE): the MX lookup of example.org failed: "
-    ), decision.reason
+    assert decision.reason.startswith("TLS policy (DANE): the MX lookup of example.org failed: "), (
+        decision.reason
+    )
     assert world.reports == [("dane", "example.org", "mx.example.org")]
 
 
