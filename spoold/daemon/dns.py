@@ -36,6 +36,7 @@ from spoold.tls_policy import TlsaAnswer
 __all__ = ["DnsLookups", "nameserver_address"]
 
 LIFETIME = 10.0
+CACHE_SIZE = 10_000  # answers kept (names are chosen by outsiders: bounded)
 
 
 def nameserver_address(text: str) -> tuple[str, int]:
@@ -71,7 +72,7 @@ class DnsLookups:
             except dns.exception.DNSException:  # no resolv.conf: every lookup fails for now
                 resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.use_edns(0, dns.flags.DO, 1232)
-        resolver.cache = dns.resolver.Cache()
+        resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
         self.resolver = resolver
 
     @property
