@@ -48,7 +48,7 @@ import itertools
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -58,7 +58,7 @@ import msgspec
 
 from spoold.dane import certificate_matches
 from spoold.errors import HopUnavailableError, SmtpError, SmtpTlsError
-from spoold.hops import parse_hop
+from spoold.hops import ResolveHost, parse_hop
 from spoold.hostname import local_hostname
 from spoold.smtp_client import SmtpClient
 from spoold.tls_policy import TlsRequirement
@@ -135,9 +135,6 @@ class RouteSettings:
 
 
 _Key = tuple[str, RouteSettings]
-
-ResolveHost = Callable[[str], Awaitable[list[str]]]
-"""The addresses of a host name, best first; raises when there are none."""
 
 
 @dataclass(eq=False)

@@ -258,8 +258,8 @@ class SmtpRelay:
         )
         for hop in message.next_hop_choices:
             settings = settings_for(hop, message)
+            host, port = parse_hop(hop)
             if domain_policy is not None:
-                host, port = parse_hop(hop)
                 decision = await domain_policy.decide(host, port)
                 if isinstance(decision, HopRefusal):
                     hop_errors.append(f"{hop}: {decision.reason}")
@@ -277,6 +277,8 @@ class SmtpRelay:
             try:
                 with deadline:
                     async with self.cache.connection(hop, settings) as conn:
+                        if domain_policy is not None:
+                            domain_policy.connected(host, conn.client.tls_active)
                         return await self._transaction(
                             conn, hop, settings, message, content, recipients, deadline
                         )

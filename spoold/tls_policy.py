@@ -12,7 +12,8 @@ A route's ``tls_policy`` (:data:`TlsPolicyMode`) is one of:
   TLS (STARTTLS required) with a certificate valid (PKIX) for the MX
   host's name. In ``testing`` mode a host the policy does not name is
   reported (log line, and the ``on_report`` callback: the daemon's
-  metric) and used as if there were no policy. Mode ``none``, no policy,
+  metric) and used as if there were no policy; so is a connection without
+  TLS to a host it names (:meth:`DomainPolicy.connected`). Mode ``none``, no policy,
   or one that cannot be fetched: no policy;
 * ``dane-mta-sts``: DANE first. When the domain's MX answer is
   DNSSEC-validated (the resolver's AD bit) and names the host, and the
@@ -278,6 +279,28 @@ class DomainPolicy:
                 )
             self._sts, self._sts_known = found, True
         return self._sts
+
+    def connected(self, host: str, tls_active: bool) -> None:
+        """Told of the connection a hop's mail is about to go over: under an
+        MTA-STS ``testing`` policy, one without TLS to a host the policy
+        names is reported (log line and ``mta-sts-testing`` finding) and the
+        mail goes anyway. A certificate the route does not check is not
+        looked at (testing never changes how mail goes: with the route's
+        ``verify_certificates = true``, the default, a bad certificate
+        already fails the hop)."""
+        cached = self._sts
+        host = host.lower().rstrip(".")
+        if tls_active or cached is None or cached.policy.mode != "testing":
+            return
+        if not cached.policy.allows(host):
+            return  # reported already, as a host the policy does not name
+        log.warning(
+            "TLS policy (MTA-STS testing): no TLS to this MX; delivering",
+            domain=self.domain,
+            host=host,
+            policy_id=cached.id,
+        )
+        self.policies.report("mta-sts-testing", self.domain, host)
 
     async def _mta_sts(self, host: str) -> TlsRequirement | HopRefusal | None:
         cached = await self._policy()

@@ -282,6 +282,20 @@ async def test_testing_mode_delivers_and_reports(world: World, start_daemon: Dae
     assert "TLS policy (MTA-STS testing): this MX is not in the policy; delivering" in log
 
 
+async def test_testing_mode_reports_a_named_mx_without_starttls(
+    world: World, start_daemon: DaemonFactory
+) -> None:
+    server = await world.mx_host(None)
+    await world.publish_sts("testing", "mx.example.org")
+    daemon = await world.start(start_daemon, "mta-sts")
+
+    await _send(daemon)
+
+    await _delivered(daemon, server)
+    assert not server.messages[0].tls
+    assert "TLS policy (MTA-STS testing): no TLS to this MX; delivering" in daemon.log_text()
+
+
 async def test_none_ignores_a_published_policy(world: World, start_daemon: DaemonFactory) -> None:
     """Today's behaviour, kept for routes without a policy: the policy is
     not even fetched."""
@@ -390,3 +404,30 @@ async def test_a_failed_mx_lookup_defers_rather_than_drop_dane(
         "example.org failed: "
     ), error
     assert server.connections_opened == 0
+
+
+async def test_dane_with_a_remote_resolver_is_warned_about(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """The AD bit of a resolver reached over the network can be forged on
+    the way: a dane-mta-sts route with such nameservers is warned about at
+    start and at each reload, and not once they are on this machine."""
+    config = write_config(tmp_path, next_hops=["127.0.0.1:9"])
+    base = config.read_text() + (
+        '\n[routes.direct]\ndomains = ["example.org"]\nmx = true\n'
+        'tls_policy = "dane-mta-sts"\n\n[dns]\n'
+    )
+    config.write_text(base + 'nameservers = ["192.0.2.53"]\n')
+    warning = "DANE trusts the AD bit of DNS servers not on this machine"
+    daemon = await start_daemon(config)
+    assert warning in daemon.log_text()
+    assert '"192.0.2.53"' in daemon.log_text()
+
+    config.write_text(base + 'nameservers = ["127.0.0.1:53", "[::1]"]\n')
+    done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), "reload")
+    assert done.code == 0, done.err
+    config.write_text(base + 'nameservers = ["192.0.2.54"]\n')
+    done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), "reload")
+    assert done.code == 0, done.err
+    log = daemon.log_text()
+    assert log.count(warning) == 2 and '"192.0.2.54"' in log

@@ -33,8 +33,8 @@ import ssl
 
 import anyio
 
-from spoold.connection_cache import ResolveHost
 from spoold.errors import TlsPolicyError
+from spoold.hops import ResolveHost
 from spoold.mta_sts import MAX_POLICY_SIZE
 
 __all__ = ["PolicyFetcher"]
