@@ -57,7 +57,7 @@ import anyio
 import msgspec
 
 from spoold.dane import certificate_matches
-from spoold.errors import HopUnavailableError, SmtpError, SmtpTlsError
+from spoold.errors import HopUnavailableError, SmtpError, SmtpReplyError, SmtpTlsError
 from spoold.hops import ResolveHost, parse_hop
 from spoold.hostname import local_hostname
 from spoold.smtp_client import SmtpClient
@@ -456,6 +456,10 @@ class ConnectionCache:
                     await client.starttls(context, server_hostname=host)
                 except SmtpTlsError as exc:
                     raise HopUnavailableError(f"{hop}: {why}{exc}") from exc
+                except SmtpReplyError as exc:
+                    if not why:
+                        raise
+                    raise HopUnavailableError(f"{hop}: {why}STARTTLS refused: {exc}") from exc
                 await client.hello(name)
             if tls == "required" and not client.tls_active:
                 missing = (

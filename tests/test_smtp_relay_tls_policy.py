@@ -18,7 +18,7 @@ from spoold.relay import AttemptFailed, Delivery
 from spoold.smtp_relay import SmtpRelay
 from spoold.tls_policy import TlsaAnswer, TlsPolicies
 from tests.relay_helpers import ALICE, ManualClock, message_to, route
-from tests.smtp_server import StartServer, TlsCertificate
+from tests.smtp_server import Reply, StartServer, TlsCertificate
 from tests.support import WAIT_TIMEOUT
 
 
@@ -125,3 +125,21 @@ async def test_dns_down_is_asked_once_per_attempt_within_the_lookup_timeout(
     assert outcome == AttemptFailed(f"no hops available: {first.hop}: {why}; {second.hop}: {why}")
     assert asked == ["example.com"]
     assert first.connections_opened == second.connections_opened == 0
+
+
+async def test_starttls_refused_under_a_policy_names_the_policy(
+    tmp_path: Path, start_smtp_server: StartServer, tls_certificate: TlsCertificate
+) -> None:
+    server = await start_smtp_server(tls_context=tls_certificate.server_context())
+    server.behaviour.starttls = Reply("454 4.7.0 TLS not available due to temporary reason")
+    settings = route(ca_file=str(tls_certificate.cert))
+    relay = SmtpRelay(settings, ConnectionCache(), tls_policies=_policies("127.0.0.1"))
+
+    outcome = await _attempt(relay, tmp_path, [server.hop])
+
+    assert isinstance(outcome, AttemptFailed)
+    assert outcome.error == (
+        f"no hops available: {server.hop}: TLS policy (MTA-STS enforce): STARTTLS refused: "
+        "454 4.7.0 TLS not available due to temporary reason"
+    )
+    assert server.messages == []
