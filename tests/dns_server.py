@@ -15,19 +15,19 @@ requests. Enough for ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt``.
 
 :func:`loopback_address` picks a random address of 127.0.0.0/8 so that a
 test may bind the ports mail and the web use (25, 443) without colliding
-with another test; binding them needs root (:func:`need_root`).
+with another test; binding them needs root or a like permission (:func:`need_low_ports`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -38,7 +38,13 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-__all__ = ["DnsTestServer", "HttpsTestServer", "loopback_address", "need_root", "dns_server"]
+__all__ = [
+    "DnsTestServer",
+    "HttpsTestServer",
+    "loopback_address",
+    "need_low_ports",
+    "dns_server",
+]
 
 
 def loopback_address() -> str:
@@ -46,10 +52,22 @@ def loopback_address() -> str:
     return f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
 
 
-def need_root() -> None:
-    """Skip the test unless it may bind ports below 1024 (25, 443)."""
-    if os.geteuid() != 0:
-        pytest.skip("binds ports 25 and 443 of a loopback address: needs root")
+def need_low_ports() -> None:
+    """Skip the test, saying why, unless this process may bind ports below
+    1024 (25, 443): root, CAP_NET_BIND_SERVICE, or a low
+    ``net.ipv4.ip_unprivileged_port_start``; found by trying."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((loopback_address(), 25))
+        except PermissionError:
+            start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            first = start.read_text().strip() if start.exists() else "unknown"
+            pytest.skip(
+                "binds ports 25 and 443 of a loopback address: not allowed here "
+                f"(not root, no CAP_NET_BIND_SERVICE, ip_unprivileged_port_start is {first})"
+            )
+        except OSError:
+            pass  # taken, or no such address: the test says so when it binds
 
 
 def _name(text: str) -> dns.name.Name:

@@ -8,7 +8,7 @@ addresses of ``mx.example.org`` and ``mta-sts.example.org`` (a random
 loopback address per test), the ``_mta-sts`` TXT record and the TLSA
 records, with the AD bit on the names the test calls signed. The MX host is
 an aiosmtpd server on that address's port 25 with STARTTLS, and the policy
-is served on its port 443 (both need root). Certificates come from a
+is served on its port 443 (both need the right to bind low ports). Certificates come from a
 trustme CA that the daemon trusts through ``SSL_CERT_FILE`` (the default
 trust store of Python's ``ssl``, read by the relay and the policy fetch),
 or from another CA it does not trust (DANE needs no CA).
@@ -38,7 +38,7 @@ from tests.dns_server import (
     HttpsTestServer,
     dns_server,
     loopback_address,
-    need_root,
+    need_low_ports,
 )
 from tests.smtp_server import SmtpTestServer
 from tests.support import wait_until
@@ -145,7 +145,7 @@ def _port_in_use(port: int) -> Iterator[None]:
 
 @pytest.fixture
 async def world(tmp_path: Path, dns_server: DnsTestServer) -> AsyncIterator[World]:
-    need_root()
+    need_low_ports()
     w = World(tmp_path, dns_server)
     try:
         yield w
