@@ -28,7 +28,9 @@ A connection whose settings carry a TLS policy requirement
 route's ``tls_policy``) must get STARTTLS whatever the route's ``tls``
 says; its certificate is checked as the requirement says (PKIX and the
 host name even when the route has ``verify_certificates = false``, or
-against the host's TLSA records for DANE), and every failure names the
+against the host's TLSA records for DANE: its DANE-EE records after the
+handshake, or, when it has only DANE-TA ones, the handshake's own check
+of the chain and the name against their trust anchors), and every failure names the
 policy (``TLS policy (DANE): ...``). The requirement is part of the
 settings, hence of the cache key: a connection is only lent to messages
 whose policy asks exactly what it was checked for.
@@ -56,7 +58,7 @@ from typing import Annotated, Literal
 import anyio
 import msgspec
 
-from spoold.dane import certificate_matches
+from spoold.dane import DANE_EE, certificate_matches, trust_anchors
 from spoold.errors import HopUnavailableError, SmtpError, SmtpReplyError, SmtpTlsError
 from spoold.hops import ResolveHost, parse_hop
 from spoold.hostname import local_hostname
@@ -468,12 +470,13 @@ class ConnectionCache:
                     else "TLS is required but the hop does not offer STARTTLS"
                 )
                 raise HopUnavailableError(f"{hop}: {missing}")  # noqa: TRY301
-            if required is not None and required.tlsa:
+            if required is not None and _dane_ee(required):
                 der = client.peer_certificate()
-                if der is None or not certificate_matches(required.tlsa, der):
+                ee = [r for r in required.tlsa or () if r.usage == DANE_EE]
+                if der is None or not certificate_matches(ee, der):
                     raise HopUnavailableError(  # noqa: TRY301
                         f"{hop}: {why}the certificate of {host} matches none of its "
-                        f"{len(required.tlsa)} usable TLSA record(s) (_{port}._tcp.{host})"
+                        f"{len(ee)} usable TLSA record(s) (_{port}._tcp.{host})"
                     )
             if settings.auth is not None:
                 if not client.tls_active:
@@ -521,6 +524,12 @@ class ConnectionCache:
         raise HopUnavailableError(f"{hop}: {'; '.join(errors)}") from last
 
 
+def _dane_ee(required: TlsRequirement) -> bool:
+    """Whether a DANE requirement has DANE-EE records (checked after the
+    handshake; its DANE-TA records, if any, are then not used)."""
+    return any(r.usage == DANE_EE for r in required.tlsa or ())
+
+
 def _is_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -529,7 +538,7 @@ def _is_address(host: str) -> bool:
     return True
 
 
-ContextKind = Literal["unverified", "pkix"]
+ContextKind = Literal["unverified", "pkix", "dane-ta"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,18 +547,25 @@ class ContextKey:
     checked against CAs (``pkix``: a CA of ``ca_file``, else of the
     default store, and the host's name) or not at all here
     (``unverified``: a route with ``verify_certificates = false``, or DANE,
-    whose TLSA check comes after the handshake), and our own
-    certificate. A DANE host's TLSA records are not part of it: hosts
-    without end share one context."""
+    whose TLSA check comes after the handshake), or against the trust
+    anchors of a host's DANE-TA records alone (``dane-ta``: their DER
+    certificates are ``anchors``), and our own certificate. A DANE-EE
+    host's TLSA records are not part of it: such hosts share one
+    context."""
 
     kind: ContextKind
     ca_file: str | None
     client_cert: str | None
     client_key: str | None
+    anchors: tuple[bytes, ...] = ()
 
     @classmethod
     def of(cls, settings: RouteSettings) -> ContextKey:
         required = settings.tls_policy
+        if required is not None and required.tlsa and not _dane_ee(required):
+            anchors = trust_anchors(required.tlsa)
+            if anchors:
+                return cls("dane-ta", None, settings.client_cert, settings.client_key, anchors)
         # A policy's PKIX check is made whatever the route says.
         verify = settings.verify_certificates if required is None else not required.dane
         return cls(
@@ -566,8 +582,9 @@ class TlsContexts:
     reads files (the CA bundle, our certificate). An unverified context
     loads no CA at all."""
 
-    def __init__(self) -> None:
+    def __init__(self, most: int = 256) -> None:
         self._built: dict[ContextKey, ssl.SSLContext] = {}
+        self.most = most  # DANE-TA anchors come from DNS: bounded, oldest out
 
     async def get(self, settings: RouteSettings) -> ssl.SSLContext:
         key = ContextKey.of(settings)
@@ -575,6 +592,8 @@ class TlsContexts:
         if context is None:
             context = await anyio.to_thread.run_sync(_build_context, key)
             self._built[key] = context
+            while len(self._built) > self.most:
+                del self._built[next(iter(self._built))]
         return context
 
 
@@ -582,6 +601,11 @@ def _build_context(key: ContextKey) -> ssl.SSLContext:
     """A new context for ``key`` (blocking: reads files)."""
     if key.kind == "pkix":
         context = ssl.create_default_context(cafile=key.ca_file)
+    elif key.kind == "dane-ta":
+        # The anchors and nothing else; one may be an intermediate CA.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # checks the chain and the name
+        context.load_verify_locations(cadata=b"".join(key.anchors))
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     else:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False

@@ -20,6 +20,7 @@ from hashlib import sha256
 import anyio
 import anyio.abc
 import pytest
+import trustme
 
 from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
 from spoold.dane import TlsaRecord
@@ -309,3 +310,40 @@ async def test_tls_contexts_are_kept_by_what_shapes_them_and_built_off_the_loop(
 
     assert len(built_in) == 2
     assert threading.main_thread().name not in built_in
+
+
+async def test_dane_ta_checks_the_chain_and_the_name_against_the_anchor_alone(
+    start_smtp_server: StartServer,
+) -> None:
+    """A host with only DANE-TA ``2 0 0`` records: its chain must lead to
+    the anchor (a root or an intermediate) and its certificate name the
+    host; no other CA counts."""
+    root = trustme.CA()
+    middle = root.create_child_ca()
+
+    def der(ca: trustme.CA) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(ca.cert_pem.bytes().decode())
+
+    def context(ca: trustme.CA, name: str) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(name).configure_cert(ctx)
+        return ctx
+
+    def anchored(*anchors: bytes) -> RouteSettings:
+        records = tuple(TlsaRecord(2, 0, 0, a) for a in anchors)
+        return RouteSettings(command_timeout=5.0, tls_policy=TlsRequirement("DANE", records))
+
+    good = await start_smtp_server(tls_context=context(middle, "127.0.0.1"))
+    misnamed = await start_smtp_server(tls_context=context(root, "mx.example.net"))
+    cache = ConnectionCache()
+    with anyio.fail_after(TIMEOUT):
+        for anchor in (der(root), der(middle)):
+            async with cache.connection(good.hop, anchored(anchor)) as conn:
+                assert conn.client.tls_active
+        with pytest.raises(HopUnavailableError, match=r"TLS policy \(DANE\): TLS handshake"):
+            async with cache.connection(good.hop, anchored(der(trustme.CA()))):
+                pass
+        with pytest.raises(HopUnavailableError, match=r"TLS policy \(DANE\): TLS handshake"):
+            async with cache.connection(misnamed.hop, anchored(der(root))):
+                pass
+        await cache.close_and_flush()

@@ -326,6 +326,42 @@ async def test_dane_delivers_to_a_host_matching_its_validated_tlsa(
     assert server.messages[0].tls
 
 
+async def test_dane_ta_delivers_to_a_host_whose_chain_leads_to_the_anchor(
+    world: World, start_daemon: DaemonFactory
+) -> None:
+    """A ``2 0 0`` record (the whole certificate of the host's CA, one the
+    daemon's trust store does not hold) authenticates the host."""
+    server = await world.mx_host(world.mx_cert(world.untrusted))
+    anchor = ssl.PEM_cert_to_DER_cert(world.untrusted.cert_pem.bytes().decode())
+    world.dns.add("_25._tcp.mx.example.org", "TLSA", f"2 0 0 {anchor.hex()}", signed=True)
+    world.dns.sign("example.org")
+    daemon = await world.start(start_daemon, "dane-mta-sts")
+
+    await _send(daemon)
+
+    await _delivered(daemon, server)
+    assert server.messages[0].tls
+
+
+async def test_dane_ta_defers_a_host_whose_chain_leads_elsewhere(
+    world: World, start_daemon: DaemonFactory
+) -> None:
+    """Even to a CA the daemon trusts otherwise: only the anchor counts."""
+    server = await world.mx_host(world.mx_cert(world.trusted))
+    anchor = ssl.PEM_cert_to_DER_cert(world.untrusted.cert_pem.bytes().decode())
+    world.dns.add("_25._tcp.mx.example.org", "TLSA", f"2 0 0 {anchor.hex()}", signed=True)
+    world.dns.sign("example.org")
+    daemon = await world.start(start_daemon, "dane-mta-sts")
+
+    await _send(daemon)
+
+    error = await _last_error(daemon)
+    assert error.startswith(
+        "no hops available: mx.example.org:25: TLS policy (DANE): TLS handshake failed: "
+    ), error
+    assert server.messages == []
+
+
 async def test_dane_defers_a_host_whose_certificate_does_not_match(
     world: World, start_daemon: DaemonFactory
 ) -> None:
