@@ -34,7 +34,7 @@ A route's ``tls_policy`` (:data:`TlsPolicyMode`) is one of:
 
 :meth:`TlsPolicies.for_domain` is asked once per attempt, before its
 first hop: it does the domain's own lookups (its validated MX answer)
-once, each bounded by ``lookup_timeout``, and its
+once, bounded by ``lookup_timeout``, and its
 :meth:`DomainPolicy.decide` answers per MX host, at the start of each hop
 (the MTA-STS policy is asked at most once per attempt too): None (no policy: the route's settings),
 a :class:`TlsRequirement` (what the connection must satisfy; the relay
@@ -134,9 +134,11 @@ class TlsPolicies:
     docstring. ``mta_sts``: the MTA-STS cache; ``lookup_tlsa`` and
     ``mx_secure``: the DNSSEC-aware lookups DANE needs (without them,
     ``dane-mta-sts`` is MTA-STS alone); ``on_report``: told of findings;
-    ``lookup_timeout``: the longest each lookup of an attempt may take (a
-    DNS lookup that does not answer in time has failed; an MTA-STS policy
-    that cannot be had in time is none, unless one is kept)."""
+    ``lookup_timeout``: the longest each DNS lookup DANE needs may take
+    (one that does not answer in time has failed); ``sts_timeout``: the
+    longest an attempt waits for the domain's MTA-STS policy (its TXT
+    record, then the HTTPS fetch, which bounds itself too; one that cannot
+    be had in time is none, unless one is kept)."""
 
     def __init__(
         self,
@@ -146,12 +148,14 @@ class TlsPolicies:
         mx_secure: MxSecure | None = None,
         on_report: OnReport | None = None,
         lookup_timeout: float = 15.0,
+        sts_timeout: float = 45.0,
     ) -> None:
         self.mta_sts = mta_sts
         self.lookup_tlsa = lookup_tlsa
         self.mx_secure = mx_secure
         self.on_report = on_report
         self.lookup_timeout = lookup_timeout
+        self.sts_timeout = sts_timeout
 
     def report(self, source: str, domain: str, host: str) -> None:
         """Tell ``on_report`` of a finding (see :data:`OnReport`)."""
@@ -263,18 +267,18 @@ class DomainPolicy:
 
     async def _policy(self) -> CachedPolicy | None:
         """The domain's MTA-STS policy, asked once per attempt, within
-        ``lookup_timeout`` (past it: none, unless a valid one is kept)."""
+        ``sts_timeout`` (past it: none, unless a valid one is kept)."""
         if not self._sts_known:
             sts = self.policies.mta_sts
             found = None
-            with anyio.move_on_after(self.policies.lookup_timeout) as scope:
+            with anyio.move_on_after(self.policies.sts_timeout) as scope:
                 found = await sts.policy_for(self.domain)
             if scope.cancelled_caught:
                 found = sts.valid(self.domain)
                 log.warning(
                     "MTA-STS policy not known in time",
                     domain=self.domain,
-                    seconds=self.policies.lookup_timeout,
+                    seconds=self.policies.sts_timeout,
                     kept=found is not None,
                 )
             self._sts, self._sts_known = found, True

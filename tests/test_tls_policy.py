@@ -210,3 +210,21 @@ async def test_one_attempt_asks_the_domain_once_for_all_its_hosts() -> None:
     for host in ("mx1.example.org", "mx2.example.org", "mx3.example.org"):
         await domain.decide(host)
     assert world.asked == ["MX example.org", "TXT _mta-sts.example.org"]
+
+
+async def test_an_mta_sts_policy_not_had_in_time_is_none_and_not_asked_again_at_once() -> None:
+    world = World()
+    world.txt["_mta-sts.example.org"] = ["v=STSv1; id=1"]
+    fetches = 0
+
+    async def hanging(domain: str) -> str:
+        nonlocal fetches
+        fetches += 1
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    policies = TlsPolicies(MtaStsPolicies(world.fetch_txt, hanging), sts_timeout=0.05)
+    with anyio.fail_after(5):
+        assert await policies.decide("mta-sts", "example.org", "mx.example.org") is None
+        assert await policies.decide("mta-sts", "example.org", "mx.example.org") is None
+    assert fetches == 1
