@@ -18,8 +18,9 @@ Opening a connection (greeting, EHLO, STARTTLS, AUTH) either gives a ready
 :class:`~spoold.smtp_client.SmtpClient` or raises
 :class:`~spoold.errors.HopUnavailableError` saying why: TLS ``none``,
 ``opportunistic`` (STARTTLS when offered) or ``required`` (a hop without it
-is unavailable); credentials are never sent without TLS; the SSL context is
-built once per route settings. The name sent in EHLO is the settings'
+is unavailable); credentials are never sent without TLS; an SSL context is
+built once per CA file, client certificate and kind of check
+(:class:`TlsContexts`, in a worker thread: it reads files). The name sent in EHLO is the settings'
 ``helo_name``, else this machine's (:func:`~spoold.hostname.local_hostname`).
 
 A connection whose settings carry a TLS policy requirement
@@ -27,7 +28,9 @@ A connection whose settings carry a TLS policy requirement
 route's ``tls_policy``) must get STARTTLS whatever the route's ``tls``
 says; its certificate is checked as the requirement says (PKIX and the
 host name even when the route has ``verify_certificates = false``, or
-against the host's TLSA records for DANE), and every failure names the
+against the host's TLSA records for DANE: its DANE-EE records after the
+handshake, or, when it has only DANE-TA ones, the handshake's own check
+of the chain and the name against their trust anchors), and every failure names the
 policy (``TLS policy (DANE): ...``). The requirement is part of the
 settings, hence of the cache key: a connection is only lent to messages
 whose policy asks exactly what it was checked for.
@@ -42,13 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import itertools
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -56,9 +58,9 @@ from typing import Annotated, Literal
 import anyio
 import msgspec
 
-from spoold.dane import certificate_matches
-from spoold.errors import HopUnavailableError, SmtpError, SmtpTlsError
-from spoold.hops import parse_hop
+from spoold.dane import DANE_EE, certificate_matches, trust_anchors
+from spoold.errors import HopUnavailableError, SmtpError, SmtpReplyError, SmtpTlsError
+from spoold.hops import ResolveHost, parse_hop
 from spoold.hostname import local_hostname
 from spoold.smtp_client import SmtpClient
 from spoold.tls_policy import TlsRequirement
@@ -70,6 +72,8 @@ __all__ = [
     "ConnectionCache",
     "CacheSettings",
     "Connection",
+    "ContextKey",
+    "TlsContexts",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_COMMAND_TIMEOUT",
     "DEFAULT_MESSAGE_TIMEOUT",
@@ -133,9 +137,6 @@ class RouteSettings:
 
 
 _Key = tuple[str, RouteSettings]
-
-ResolveHost = Callable[[str], Awaitable[list[str]]]
-"""The addresses of a host name, best first; raises when there are none."""
 
 
 @dataclass(eq=False)
@@ -208,6 +209,7 @@ class ConnectionCache:
         self._closing = False
         self._local_name: str | None = None
         self.connections_made = 0
+        self.tls_contexts = TlsContexts()
 
     @property
     def settings(self) -> CacheSettings:
@@ -445,7 +447,7 @@ class ConnectionCache:
         why = f"TLS policy ({required.source}): " if required is not None else ""
         tls = "required" if required is not None else settings.tls
         try:
-            context = _tls_context(settings) if tls != "none" else None
+            context = await self.tls_contexts.get(settings) if tls != "none" else None
         except (OSError, ssl.SSLError) as exc:
             raise HopUnavailableError(f"{hop}: cannot set up TLS: {_describe(exc)}") from exc
         client = await self._dial(hop, host, port, settings)
@@ -456,6 +458,10 @@ class ConnectionCache:
                     await client.starttls(context, server_hostname=host)
                 except SmtpTlsError as exc:
                     raise HopUnavailableError(f"{hop}: {why}{exc}") from exc
+                except SmtpReplyError as exc:
+                    if not why:
+                        raise
+                    raise HopUnavailableError(f"{hop}: {why}STARTTLS refused: {exc}") from exc
                 await client.hello(name)
             if tls == "required" and not client.tls_active:
                 missing = (
@@ -464,12 +470,13 @@ class ConnectionCache:
                     else "TLS is required but the hop does not offer STARTTLS"
                 )
                 raise HopUnavailableError(f"{hop}: {missing}")  # noqa: TRY301
-            if required is not None and required.tlsa:
+            if required is not None and _dane_ee(required):
                 der = client.peer_certificate()
-                if der is None or not certificate_matches(required.tlsa, der):
+                ee = [r for r in required.tlsa or () if r.usage == DANE_EE]
+                if der is None or not certificate_matches(ee, der):
                     raise HopUnavailableError(  # noqa: TRY301
                         f"{hop}: {why}the certificate of {host} matches none of its "
-                        f"{len(required.tlsa)} usable TLSA record(s) (_{port}._tcp.{host})"
+                        f"{len(ee)} usable TLSA record(s) (_{port}._tcp.{host})"
                     )
             if settings.auth is not None:
                 if not client.tls_active:
@@ -517,6 +524,12 @@ class ConnectionCache:
         raise HopUnavailableError(f"{hop}: {'; '.join(errors)}") from last
 
 
+def _dane_ee(required: TlsRequirement) -> bool:
+    """Whether a DANE requirement has DANE-EE records (checked after the
+    handshake; its DANE-TA records, if any, are then not used)."""
+    return any(r.usage == DANE_EE for r in required.tlsa or ())
+
+
 def _is_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -525,22 +538,80 @@ def _is_address(host: str) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=64)
-def _tls_context(settings: RouteSettings) -> ssl.SSLContext:
-    """One context per route settings (reading the CA bundle is slow: done
-    once, not per connection)."""
-    context = ssl.create_default_context(cafile=settings.ca_file)
-    required = settings.tls_policy
-    if required is not None and required.dane:
-        # DANE: the certificate is checked against the TLSA records after
-        # the handshake; DANE-EE checks neither the CA nor the name.
+ContextKind = Literal["unverified", "pkix", "dane-ta"]
+
+
+@dataclass(frozen=True, slots=True)
+class ContextKey:
+    """What shapes an SSL context: whether the server's certificate is
+    checked against CAs (``pkix``: a CA of ``ca_file``, else of the
+    default store, and the host's name) or not at all here
+    (``unverified``: a route with ``verify_certificates = false``, or DANE,
+    whose TLSA check comes after the handshake), or against the trust
+    anchors of a host's DANE-TA records alone (``dane-ta``: their DER
+    certificates are ``anchors``), and our own certificate. A DANE-EE
+    host's TLSA records are not part of it: such hosts share one
+    context."""
+
+    kind: ContextKind
+    ca_file: str | None
+    client_cert: str | None
+    client_key: str | None
+    anchors: tuple[bytes, ...] = ()
+
+    @classmethod
+    def of(cls, settings: RouteSettings) -> ContextKey:
+        required = settings.tls_policy
+        if required is not None and required.tlsa and not _dane_ee(required):
+            anchors = trust_anchors(required.tlsa)
+            if anchors:
+                return cls("dane-ta", None, settings.client_cert, settings.client_key, anchors)
+        # A policy's PKIX check is made whatever the route says.
+        verify = settings.verify_certificates if required is None else not required.dane
+        return cls(
+            "pkix" if verify else "unverified",
+            settings.ca_file if verify else None,
+            settings.client_cert,
+            settings.client_key,
+        )
+
+
+class TlsContexts:
+    """The SSL contexts of outgoing connections, one per :class:`ContextKey`
+    (a handful per config). A missing one is built in a worker thread: it
+    reads files (the CA bundle, our certificate). An unverified context
+    loads no CA at all."""
+
+    def __init__(self, most: int = 256) -> None:
+        self._built: dict[ContextKey, ssl.SSLContext] = {}
+        self.most = most  # DANE-TA anchors come from DNS: bounded, oldest out
+
+    async def get(self, settings: RouteSettings) -> ssl.SSLContext:
+        key = ContextKey.of(settings)
+        context = self._built.get(key)
+        if context is None:
+            context = await anyio.to_thread.run_sync(_build_context, key)
+            self._built[key] = context
+            while len(self._built) > self.most:
+                del self._built[next(iter(self._built))]
+        return context
+
+
+def _build_context(key: ContextKey) -> ssl.SSLContext:
+    """A new context for ``key`` (blocking: reads files)."""
+    if key.kind == "pkix":
+        context = ssl.create_default_context(cafile=key.ca_file)
+    elif key.kind == "dane-ta":
+        # The anchors and nothing else; one may be an intermediate CA.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # checks the chain and the name
+        context.load_verify_locations(cadata=b"".join(key.anchors))
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    elif required is None and not settings.verify_certificates:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if settings.client_cert:
-        context.load_cert_chain(settings.client_cert, settings.client_key)
+    if key.client_cert:
+        context.load_cert_chain(key.client_cert, key.client_key)
     return context
 
 

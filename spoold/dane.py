@@ -15,12 +15,18 @@ Which records are usable here (:func:`usable`):
   dates are not checked (RFC 7672 §3.1.1);
 * PKIX-TA and PKIX-EE (usages 0 and 1) are unusable for SMTP (RFC 7672
   §3.1.3);
-* DANE-TA (usage 2) is unusable *in spoold*: it names a certificate of the
-  chain above the server's, and Python 3.11's ``ssl`` does not give a
-  client the chain the server sent, so spoold cannot check it. A host that
-  publishes only DANE-TA records is therefore treated like one whose
-  records are all unusable: TLS is required, without authentication
-  (RFC 7672 §2.2 for a TLSA RRset of only unusable records);
+* DANE-TA (usage 2) with selector 0 and matching type 0 (``2 0 0``: the
+  whole certificate of a trust anchor, root or intermediate): usable as
+  the one CA the server's chain must lead to, with the MX host's name
+  checked (RFC 7672 §3.1.2; :func:`trust_anchors` gives them, the
+  connection loads them in place of every other CA). Other DANE-TA
+  records (a digest, or a bare key) are unusable *in spoold*: they name a
+  certificate the server sends in its chain, and Python 3.11's ``ssl``
+  does not give a client that chain to compare. A host that publishes
+  only such records is treated like one whose records are all unusable:
+  TLS is required, without authentication (RFC 7672 §2.2). When a host
+  has usable DANE-EE records, those decide and its DANE-TA records are
+  not tried (one handshake cannot check both ways);
 * anything else (unknown usage, selector or matching type, data of the
   wrong length for its digest) is unusable.
 
@@ -39,8 +45,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from spoold.errors import TlsPolicyError
 
-__all__ = ["TlsaRecord", "usable", "certificate_matches", "DANE_EE"]
+__all__ = ["TlsaRecord", "usable", "certificate_matches", "trust_anchors", "DANE_EE", "DANE_TA"]
 
+DANE_TA = 2
 DANE_EE = 3
 
 _DIGEST_SIZES = {1: 32, 2: 64}
@@ -64,6 +71,10 @@ def usable(records: Iterable[TlsaRecord]) -> tuple[TlsaRecord, ...]:
     without repeats."""
     out: dict[TlsaRecord, None] = {}
     for r in records:
+        if r.usage == DANE_TA and r.selector == 0 and r.matching == 0:
+            if _certificate(r.data):
+                out[r] = None
+            continue
         if r.usage != DANE_EE or r.selector not in (0, 1) or r.matching not in (0, 1, 2):
             continue
         size = _DIGEST_SIZES.get(r.matching)
@@ -71,6 +82,20 @@ def usable(records: Iterable[TlsaRecord]) -> tuple[TlsaRecord, ...]:
             continue
         out[r] = None
     return tuple(out)
+
+
+def _certificate(der: bytes) -> bool:
+    try:
+        x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    return True
+
+
+def trust_anchors(records: Iterable[TlsaRecord]) -> tuple[bytes, ...]:
+    """The DER certificates of the usable DANE-TA records among ``records``
+    (``2 0 0``, see :func:`usable`)."""
+    return tuple(r.data for r in records if r.usage == DANE_TA)
 
 
 def _selected(der: bytes, selector: int) -> bytes:

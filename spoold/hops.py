@@ -3,11 +3,40 @@
 One parser for every place a hop is written: the config (``next_hops``),
 the record (``next_hop_choices``) and the relay that connects to it. The
 port defaults to 25. A malformed hop raises :class:`ValueError` saying why.
+Also the like syntax of a DNS server (:func:`nameserver_address`: an IP
+address, port 53 by default) and :data:`ResolveHost`, the shape of a
+function giving a host name's addresses (the connection cache and the
+MTA-STS fetch take one).
 """
 
 from __future__ import annotations
 
-__all__ = ["parse_hop"]
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+__all__ = ["parse_hop", "nameserver_address", "ResolveHost"]
+
+ResolveHost = Callable[[str], Awaitable[list[str]]]
+"""The addresses of a host name, best first; raises when there are none."""
+
+
+def nameserver_address(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:5353"``, ``"[::1]:53"``, ``"::1"`` or ``"192.0.2.1"`` as
+    (address, port), the port 53 when none is given; :class:`ValueError`
+    for anything but an IP address with an optional port."""
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or "53"
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address with an optional ':port'") from None
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: port out of range")
+    return host, int(port)
 
 
 def parse_hop(hop: str) -> tuple[str, int]:

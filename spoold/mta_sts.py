@@ -26,17 +26,22 @@ changed or the policy is within ``refresh_before`` of expiring. A fetch
 that fails leaves the cached policy as it was. A domain without a record
 (or whose policy cannot be fetched and has none cached) has no policy: mail
 goes as it would without MTA-STS; that answer is kept ``negative_ttl``
-seconds so that every attempt does not ask again. Errors of the lookups
+seconds when DNS said there is no record, ``error_ttl`` (a minute) when a
+lookup or a fetch failed, so that every attempt does not ask again while a
+failure does not turn MTA-STS off for long. At most ``max_domains``
+policies (and as many "no policy" answers) are kept. Errors of the lookups
 are values here, never exceptions out of :meth:`MtaStsPolicies.policy_for`:
 a domain whose policy cannot be known has none, as the RFC says.
 """
 
 from __future__ import annotations
 
+import itertools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Literal, get_args
+from typing import Final, Literal, TypeVar, get_args
 
 import anyio
 
@@ -56,14 +61,20 @@ __all__ = [
     "mx_matches",
     "MAX_POLICY_SIZE",
     "MAX_MAX_AGE",
+    "MAX_MX",
 ]
 
-log = get_logger("spoold.tls_policy")
+log = get_logger("spoold.mta_sts")
+
+_V = TypeVar("_V")
 
 StsMode = Literal["enforce", "testing", "none"]
 
 MAX_POLICY_SIZE: Final = 64 * 1024
 """The largest policy body read (RFC 8461 §3.3 suggests 64 KiB)."""
+
+MAX_MX: Final = 100
+"""The most ``mx`` lines a policy may have (a bigger one is refused)."""
 
 MAX_MAX_AGE: Final = 31_557_600
 """The longest ``max_age`` a policy may ask for (about a year)."""
@@ -109,15 +120,16 @@ class CachedPolicy:
     expires: float
 
 
+_VERSION = re.compile(r"v=STSv1[ \t]*(?:;|$)")  # not v=STSv10
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 
 def parse_record(txts: list[str]) -> StsRecord | None:
     """The STS record among the TXT strings of ``_mta-sts.DOMAIN``: those
-    starting with ``v=STSv1``. None when there is none, or more than one
+    starting with ``v=STSv1`` then ``;`` or the end. None when there is none, or more than one
     (RFC 8461 §3.1: then the domain has no policy). A record with a
     missing or malformed ``id`` raises :class:`TlsPolicyError`."""
-    found = [t for t in txts if t.startswith("v=STSv1")]
+    found = [t for t in txts if _VERSION.match(t)]
     if len(found) != 1:
         return None
     fields: dict[str, str] = {}
@@ -141,8 +153,10 @@ def parse_policy(text: str) -> StsPolicy:
     twice but ``mx``, the first counts."""
     fields: dict[str, str] = {}
     mx: list[str] = []
-    for raw in text.splitlines():
-        line = raw.strip()
+    # Lines end with LF or CRLF, nothing else (str.splitlines would also
+    # split at \x0b, \x0c, \x85, \u2028...).
+    for raw in text.split("\n"):
+        line = raw.removesuffix("\r").strip(" \t")
         if not line:
             continue
         key, colon, value = line.partition(":")
@@ -161,10 +175,16 @@ def parse_policy(text: str) -> StsPolicy:
     if mode not in get_args(StsMode):
         raise TlsPolicyError(f"an MTA-STS policy with mode {mode!r} (enforce, testing or none)")
     max_age = fields.get("max_age", "")
-    if not max_age.isdigit() or len(max_age) > 10 or int(max_age) > MAX_MAX_AGE:
+    if (
+        not (max_age.isascii() and max_age.isdigit())
+        or len(max_age) > 10
+        or int(max_age) > MAX_MAX_AGE
+    ):
         raise TlsPolicyError(
             f"an MTA-STS policy with max_age {max_age!r} (0 to {MAX_MAX_AGE} seconds)"
         )
+    if len(mx) > MAX_MX:
+        raise TlsPolicyError(f"an MTA-STS policy with {len(mx)} mx lines (at most {MAX_MX})")
     if mode != "none" and not mx:
         raise TlsPolicyError(f"an MTA-STS policy in mode {mode} without mx lines")
     for pattern in mx:
@@ -191,7 +211,14 @@ class MtaStsPolicies:
     kept for their ``max_age`` (see the module docstring).
 
     ``fetch_txt`` and ``fetch_policy`` do the I/O; ``clock`` gives seconds
-    (tests move it); ``negative_ttl``: how long "no policy" is remembered;
+    (tests move it); ``negative_ttl``: how long "no policy" is remembered
+    after DNS said so (no record, no such name); ``error_ttl``: how long
+    after a failure (a TXT lookup or a policy fetch that failed) the
+    domain is sent to without a policy before it is asked again;
+    ``max_domains``: the most domains kept, policies and "no policy"
+    answers each (recipient domains are chosen by outsiders: past it the
+    oldest entry goes); ``refresh_concurrency``: domains refreshed at once
+    by :meth:`refresh_due`;
     ``refresh_before``: how long before its expiry a kept policy is fetched
     again (at most half its ``max_age``); ``refresh_every``: the pause of
     :meth:`run` between passes."""
@@ -203,13 +230,19 @@ class MtaStsPolicies:
         *,
         clock: Callable[[], float] = time.time,
         negative_ttl: float = 600.0,
+        error_ttl: float = 60.0,
         refresh_before: float = 86_400.0,
         refresh_every: float = 3_600.0,
+        max_domains: int = 10_000,
+        refresh_concurrency: int = 8,
     ) -> None:
         self.fetch_txt = fetch_txt
         self.fetch_policy = fetch_policy
         self.clock = clock
         self.negative_ttl = negative_ttl
+        self.error_ttl = error_ttl
+        self.max_domains = max_domains
+        self.refresh_concurrency = refresh_concurrency
         self.refresh_before = refresh_before
         self.refresh_every = refresh_every
         self._policies: dict[str, CachedPolicy] = {}
@@ -217,9 +250,17 @@ class MtaStsPolicies:
         self._discovering: dict[str, anyio.Event] = {}  # lookups under way
         self.fetches = 0  # policies fetched over HTTPS (tests, logs)
 
+    def sizes(self) -> tuple[int, int]:
+        """How many policies and how many "no policy" answers are kept."""
+        return len(self._policies), len(self._none_until)
+
     def cached(self, domain: str) -> CachedPolicy | None:
         """The kept policy of ``domain``, even an expired one (no I/O)."""
         return self._policies.get(_domain(domain))
+
+    def valid(self, domain: str) -> CachedPolicy | None:
+        """The kept policy of ``domain`` while it has not expired (no I/O)."""
+        return _valid(self._policies.get(_domain(domain)), self.clock())
 
     async def policy_for(self, domain: str) -> CachedPolicy | None:
         """The domain's policy: the kept one while it is valid, else looked
@@ -236,10 +277,14 @@ class MtaStsPolicies:
                 break
             await busy.wait()  # then known, unless that lookup was cancelled
         done = self._discovering[domain] = anyio.Event()
+        kept = self._policies.get(domain)
         try:
-            found = await self._discover(domain, self._policies.get(domain))
-            if found is None:
-                self._none_until[domain] = self.clock() + self.negative_ttl
+            found = await self._discover(domain, kept)
+        except anyio.get_cancelled_exc_class():
+            # Given up (the attempt's time ran out): the next attempts do
+            # not each wait for it again, for error_ttl.
+            self._none(domain, kept, self.error_ttl)
+            raise
         finally:
             del self._discovering[domain]
             done.set()
@@ -266,12 +311,24 @@ class MtaStsPolicies:
             record = parse_record(await self.fetch_txt(f"_mta-sts.{domain}"))
         except Exception as exc:  # noqa: BLE001 (the lookup is the caller's code: any failure is "unknown")
             log.warning("MTA-STS record lookup failed", domain=domain, error=_text(exc))
-            return _valid(kept, now)
-        if record is None:
-            return _valid(kept, now)
+            return self._none(domain, kept, self.error_ttl)
+        if record is None:  # DNS answered: no record (or no such name)
+            return self._none(domain, kept, self.negative_ttl)
         if kept is not None and kept.id == record.id and kept.expires > now:
             return kept
-        return await self._fetch(domain, record) or _valid(kept, self.clock())
+        fresh = await self._fetch(domain, record)
+        return fresh or self._none(domain, kept, self.error_ttl)
+
+    def _none(self, domain: str, kept: CachedPolicy | None, ttl: float) -> CachedPolicy | None:
+        """The kept policy while it is valid; else no policy, remembered
+        for ``ttl`` seconds (0: not at all)."""
+        now = self.clock()
+        valid = _valid(kept, now)
+        if valid is None and ttl > 0:
+            self._none_until.pop(domain, None)  # re-inserted last: the newest
+            self._none_until[domain] = now + ttl
+            _bound(self._none_until, self.max_domains)
+        return valid
 
     async def _fetch(self, domain: str, record: StsRecord) -> CachedPolicy | None:
         """Fetch and keep the policy published under ``record``; None (and
@@ -289,8 +346,16 @@ class MtaStsPolicies:
             )
             return None
         fresh = CachedPolicy(domain, record.id, policy, self.clock() + policy.max_age)
+        self._policies.pop(domain, None)  # re-inserted last: the newest
         self._policies[domain] = fresh
         self._none_until.pop(domain, None)
+        dropped = _bound(self._policies, self.max_domains)
+        if dropped:
+            log.warning(
+                "MTA-STS: too many domains kept; the oldest policies dropped",
+                dropped=dropped,
+                max_domains=self.max_domains,
+            )
         log.info(
             "MTA-STS policy fetched",
             domain=domain,
@@ -309,7 +374,15 @@ class MtaStsPolicies:
         now = self.clock()
         for domain in [d for d, until in self._none_until.items() if until <= now]:
             del self._none_until[domain]  # "no policy" answers are forgotten once stale
-        for domain, kept in list(self._policies.items()):
+        limiter = anyio.CapacityLimiter(self.refresh_concurrency)
+        async with anyio.create_task_group() as tg:
+            for domain, kept in list(self._policies.items()):
+                tg.start_soon(self._refresh, domain, kept, limiter)
+
+    async def _refresh(
+        self, domain: str, kept: CachedPolicy, limiter: anyio.CapacityLimiter
+    ) -> None:
+        async with limiter:
             try:
                 record = parse_record(await self.fetch_txt(f"_mta-sts.{domain}"))
             except Exception as exc:  # noqa: BLE001 (see _discover)
@@ -334,6 +407,15 @@ class MtaStsPolicies:
 
 def _domain(domain: str) -> str:
     return domain.lower().rstrip(".")
+
+
+def _bound(entries: dict[str, _V], most: int) -> int:
+    """Drop the oldest entries (the first inserted) beyond ``most``; how
+    many went."""
+    extra = max(len(entries) - most, 0)
+    for domain in list(itertools.islice(entries, extra)):
+        del entries[domain]
+    return extra
 
 
 def _valid(kept: CachedPolicy | None, now: float) -> CachedPolicy | None:

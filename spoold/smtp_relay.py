@@ -48,7 +48,8 @@ a hop has greeted us, the attempt ends there:
 
 TLS per route: ``none``, ``opportunistic`` (STARTTLS when offered) or
 ``required`` (a hop without it is unavailable); credentials are never sent
-without TLS. The SSL context is built once per route settings.
+without TLS. An SSL context is built once per kind of check, CA file and
+client certificate (:class:`~spoold.connection_cache.TlsContexts`).
 
 Cache rules: at most ``max_per_hop`` connections per hop and ``max_total``
 overall; a released connection or a freed slot goes to the oldest waiter; an
@@ -249,11 +250,17 @@ class SmtpRelay:
         throttled: list[str] = []
         # An MX route's message has one recipient domain (one envelope each).
         domain = recipients[0].rpartition("@")[2] if recipients else ""
+        # The domain's own policy lookups, once for all its hops (bounded).
+        domain_policy = (
+            await self.tls_policies.for_domain(tls, domain)
+            if tls != "none" and self.tls_policies is not None
+            else None
+        )
         for hop in message.next_hop_choices:
             settings = settings_for(hop, message)
-            if tls != "none" and self.tls_policies is not None:
-                host, port = parse_hop(hop)
-                decision = await self.tls_policies.decide(tls, domain, host, port)
+            host, port = parse_hop(hop)
+            if domain_policy is not None:
+                decision = await domain_policy.decide(host, port)
                 if isinstance(decision, HopRefusal):
                     hop_errors.append(f"{hop}: {decision.reason}")
                     log.warning(
@@ -270,6 +277,8 @@ class SmtpRelay:
             try:
                 with deadline:
                     async with self.cache.connection(hop, settings) as conn:
+                        if domain_policy is not None:
+                            domain_policy.connected(host, conn.client.tls_active)
                         return await self._transaction(
                             conn, hop, settings, message, content, recipients, deadline
                         )

@@ -12,7 +12,8 @@ A route's ``tls_policy`` (:data:`TlsPolicyMode`) is one of:
   TLS (STARTTLS required) with a certificate valid (PKIX) for the MX
   host's name. In ``testing`` mode a host the policy does not name is
   reported (log line, and the ``on_report`` callback: the daemon's
-  metric) and used as if there were no policy. Mode ``none``, no policy,
+  metric) and used as if there were no policy; so is a connection without
+  TLS to a host it names (:meth:`DomainPolicy.connected`). Mode ``none``, no policy,
   or one that cannot be fetched: no policy;
 * ``dane-mta-sts``: DANE first. When the domain's MX answer is
   DNSSEC-validated (the resolver's AD bit) and names the host, and the
@@ -22,11 +23,20 @@ A route's ``tls_policy`` (:data:`TlsPolicyMode`) is one of:
   that are all unusable still require TLS, without authentication
   (RFC 7672 §2.2). A TLSA lookup that fails for a
   validated MX answer refuses the host for this attempt (RFC 7672 §2.2: it
-  could be an attacker hiding the records). No validated TLSA records:
+  could be an attacker hiding the records); so does an MX lookup (or the
+  address lookup of a domain without MX) that fails rather than answers
+  "not validated" or "no such domain": a validating resolver answers
+  SERVFAIL for forged data, and falling back to MTA-STS then would let an
+  attacker strip DANE (RFC 7672 §2.1.1), so every MX host of the domain is
+  refused for this attempt (``TLS policy (DANE): the MX lookup of
+  example.org failed: ...``) and the mail waits. No validated TLSA records:
   MTA-STS as above (RFC 8461 §2: DANE wins where both are published).
 
-:meth:`TlsPolicies.decide` answers per (recipient domain, MX host), at the
-start of each hop of an attempt: None (no policy: the route's settings),
+:meth:`TlsPolicies.for_domain` is asked once per attempt, before its
+first hop: it does the domain's own lookups (its validated MX answer)
+once, bounded by ``lookup_timeout``, and its
+:meth:`DomainPolicy.decide` answers per MX host, at the start of each hop
+(the MTA-STS policy is asked at most once per attempt too): None (no policy: the route's settings),
 a :class:`TlsRequirement` (what the connection must satisfy; the relay
 puts it in the connection's :class:`~spoold.connection_cache.RouteSettings`,
 which is also the connection cache's key, so a connection checked one way
@@ -46,9 +56,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import anyio
+
 from spoold.dane import TlsaRecord, usable
 from spoold.log import get_logger
-from spoold.mta_sts import MtaStsPolicies
+from spoold.mta_sts import CachedPolicy, MtaStsPolicies
 
 __all__ = [
     "TlsPolicyMode",
@@ -59,6 +71,7 @@ __all__ = [
     "MxSecure",
     "OnReport",
     "TlsPolicies",
+    "DomainPolicy",
 ]
 
 log = get_logger("spoold.tls_policy")
@@ -120,7 +133,12 @@ class TlsPolicies:
     """Decides the TLS policy of (domain, MX host) pairs; see the module
     docstring. ``mta_sts``: the MTA-STS cache; ``lookup_tlsa`` and
     ``mx_secure``: the DNSSEC-aware lookups DANE needs (without them,
-    ``dane-mta-sts`` is MTA-STS alone); ``on_report``: told of findings."""
+    ``dane-mta-sts`` is MTA-STS alone); ``on_report``: told of findings;
+    ``lookup_timeout``: the longest each DNS lookup DANE needs may take
+    (one that does not answer in time has failed); ``sts_timeout``: the
+    longest an attempt waits for the domain's MTA-STS policy (its TXT
+    record, then the HTTPS fetch, which bounds itself too; one that cannot
+    be had in time is none, unless one is kept)."""
 
     def __init__(
         self,
@@ -129,49 +147,111 @@ class TlsPolicies:
         lookup_tlsa: LookupTlsa | None = None,
         mx_secure: MxSecure | None = None,
         on_report: OnReport | None = None,
+        lookup_timeout: float = 15.0,
+        sts_timeout: float = 45.0,
     ) -> None:
         self.mta_sts = mta_sts
         self.lookup_tlsa = lookup_tlsa
         self.mx_secure = mx_secure
         self.on_report = on_report
+        self.lookup_timeout = lookup_timeout
+        self.sts_timeout = sts_timeout
 
-    def _report(self, source: str, domain: str, host: str) -> None:
+    def report(self, source: str, domain: str, host: str) -> None:
+        """Tell ``on_report`` of a finding (see :data:`OnReport`)."""
         if self.on_report is not None:
             self.on_report(source, domain, host)
+
+    async def for_domain(self, mode: TlsPolicyMode, domain: str) -> DomainPolicy:
+        """The policy of one attempt's recipient domain: the domain's own
+        lookups (its validated MX hosts, for DANE) are done here, once,
+        bounded by ``lookup_timeout``; :meth:`DomainPolicy.decide` then
+        answers for each of its MX hosts."""
+        domain = domain.lower().rstrip(".")
+        found = DomainPolicy(self, mode if domain else "none", domain)
+        if found.mode == "dane-mta-sts" and self.lookup_tlsa is not None:
+            await found.look_up_mx()
+        return found
 
     async def decide(
         self, mode: TlsPolicyMode, domain: str, host: str, port: int = 25
     ) -> TlsRequirement | HopRefusal | None:
-        """The policy of delivering mail for ``domain`` to MX ``host``."""
-        if mode == "none" or not domain:
+        """The policy of delivering mail for ``domain`` to MX ``host`` (one
+        :meth:`for_domain` and its :meth:`~DomainPolicy.decide`)."""
+        return await (await self.for_domain(mode, domain)).decide(host, port)
+
+
+class DomainPolicy:
+    """The TLS policy of one recipient domain for one attempt (made by
+    :meth:`TlsPolicies.for_domain`): what was learnt of the domain is asked
+    once and kept for the attempt's hops."""
+
+    def __init__(self, policies: TlsPolicies, mode: TlsPolicyMode, domain: str) -> None:
+        self.policies = policies
+        self.mode = mode
+        self.domain = domain
+        self.secure_mx: frozenset[str] = frozenset()
+        self.mx_failure: str | None = None  # why the MX lookup failed
+        self._sts: CachedPolicy | None = None
+        self._sts_known = False
+
+    async def look_up_mx(self) -> None:
+        """Ask for the domain's validated MX hosts (DANE); a failure (not
+        "insecure", not "no such domain": those are empty answers) is kept
+        in :attr:`mx_failure`."""
+        mx_secure = self.policies.mx_secure
+        if mx_secure is None:
+            return
+        try:
+            with anyio.fail_after(self.policies.lookup_timeout):
+                self.secure_mx = await mx_secure(self.domain)
+        except TimeoutError:
+            self.mx_failure = f"no answer within {self.policies.lookup_timeout:g}s"
+        except Exception as exc:  # noqa: BLE001 (the lookup is the caller's code)
+            self.mx_failure = _text(exc)
+
+    async def decide(self, host: str, port: int = 25) -> TlsRequirement | HopRefusal | None:
+        """The policy of delivering this domain's mail to MX ``host``."""
+        if self.mode == "none":
             return None
-        domain = domain.lower().rstrip(".")
         host = host.lower().rstrip(".")
-        if mode == "dane-mta-sts":
-            dane = await self._dane(domain, host, port)
+        if self.mode == "dane-mta-sts":
+            dane = await self._dane(host, port)
             if dane is not None:
                 return dane
-        return await self._mta_sts(domain, host)
+        return await self._mta_sts(host)
 
-    async def _dane(self, domain: str, host: str, port: int) -> TlsRequirement | HopRefusal | None:
-        if self.lookup_tlsa is None or self.mx_secure is None:
+    async def _dane(self, host: str, port: int) -> TlsRequirement | HopRefusal | None:
+        lookup_tlsa = self.policies.lookup_tlsa
+        if lookup_tlsa is None or self.policies.mx_secure is None:
             return None
-        try:
-            secure_mx = await self.mx_secure(domain)
-        except Exception as exc:  # noqa: BLE001 (the lookup is the caller's code: unknown is "not secure")
-            log.info("DANE: MX lookup failed; using MTA-STS", domain=domain, error=_text(exc))
-            return None
-        if host not in secure_mx:
+        domain = self.domain
+        if self.mx_failure is not None:
+            # RFC 7672 §2.1.1: a failed lookup (a validating resolver's
+            # SERVFAIL for forged data, or no answer) is not "insecure":
+            # falling back to MTA-STS or plain TLS would let an attacker
+            # strip DANE. The mail waits.
+            self.policies.report("dane", domain, host)
+            return HopRefusal(
+                f"TLS policy (DANE): the MX lookup of {domain} failed: {self.mx_failure}"
+            )
+        if host not in self.secure_mx:
             # RFC 7672 §2.2.1: only a host named by a validated MX answer
             # (the one asked now, not the one the message was routed by)
             # is authenticated by its TLSA records.
             return None
         name = f"_{port}._tcp.{host}"
         try:
-            answer = await self.lookup_tlsa(host, port)
-        except Exception as exc:  # noqa: BLE001 (as above, but a validated MX makes it a refusal)
-            self._report("dane", domain, host)
-            return HopRefusal(f"TLS policy (DANE): the TLSA lookup of {name} failed: {_text(exc)}")
+            with anyio.fail_after(self.policies.lookup_timeout):
+                answer = await lookup_tlsa(host, port)
+        except Exception as exc:  # noqa: BLE001 (as above: a validated MX makes it a refusal)
+            why = (
+                f"no answer within {self.policies.lookup_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else _text(exc)
+            )
+            self.policies.report("dane", domain, host)
+            return HopRefusal(f"TLS policy (DANE): the TLSA lookup of {name} failed: {why}")
         if not answer.secure or not answer.records:
             if answer.records:
                 log.info("DANE: TLSA records not validated (no AD); using MTA-STS", name=name)
@@ -185,10 +265,52 @@ class TlsPolicies:
             )
         return TlsRequirement("DANE", records)
 
-    async def _mta_sts(self, domain: str, host: str) -> TlsRequirement | HopRefusal | None:
-        cached = await self.mta_sts.policy_for(domain)
+    async def _policy(self) -> CachedPolicy | None:
+        """The domain's MTA-STS policy, asked once per attempt, within
+        ``sts_timeout`` (past it: none, unless a valid one is kept)."""
+        if not self._sts_known:
+            sts = self.policies.mta_sts
+            found = None
+            with anyio.move_on_after(self.policies.sts_timeout) as scope:
+                found = await sts.policy_for(self.domain)
+            if scope.cancelled_caught:
+                found = sts.valid(self.domain)
+                log.warning(
+                    "MTA-STS policy not known in time",
+                    domain=self.domain,
+                    seconds=self.policies.sts_timeout,
+                    kept=found is not None,
+                )
+            self._sts, self._sts_known = found, True
+        return self._sts
+
+    def connected(self, host: str, tls_active: bool) -> None:
+        """Told of the connection a hop's mail is about to go over: under an
+        MTA-STS ``testing`` policy, one without TLS to a host the policy
+        names is reported (log line and ``mta-sts-testing`` finding) and the
+        mail goes anyway. A certificate the route does not check is not
+        looked at (testing never changes how mail goes: with the route's
+        ``verify_certificates = true``, the default, a bad certificate
+        already fails the hop)."""
+        cached = self._sts
+        host = host.lower().rstrip(".")
+        if tls_active or cached is None or cached.policy.mode != "testing":
+            return
+        if not cached.policy.allows(host):
+            return  # reported already, as a host the policy does not name
+        log.warning(
+            "TLS policy (MTA-STS testing): no TLS to this MX; delivering",
+            domain=self.domain,
+            host=host,
+            policy_id=cached.id,
+        )
+        self.policies.report("mta-sts-testing", self.domain, host)
+
+    async def _mta_sts(self, host: str) -> TlsRequirement | HopRefusal | None:
+        cached = await self._policy()
         if cached is None:
             return None
+        domain = self.domain
         policy = cached.policy
         if policy.mode == "none":
             return None
@@ -200,10 +322,10 @@ class TlsPolicies:
                     host=host,
                     policy_id=cached.id,
                 )
-                self._report("mta-sts-testing", domain, host)
+                self.policies.report("mta-sts-testing", domain, host)
             return None
         if not policy.allows(host):
-            self._report("mta-sts-enforce", domain, host)
+            self.policies.report("mta-sts-enforce", domain, host)
             return HopRefusal(
                 f"TLS policy (MTA-STS enforce): {host} is not in the policy of {domain}"
             )

@@ -99,6 +99,7 @@ class Behaviour:
     data_end: Reply | None = None  # the reply to the final "."
     noop: Reply | None = None
     rset: Reply | None = None
+    starttls: Reply | None = None  # in place of "220 Ready to start TLS"
 
 
 # --------------------------------------------------------- observations
@@ -154,6 +155,16 @@ class _TestSMTP(SMTP):  # type: ignore[misc]
                 self.transport.close()
                 return
         await super()._handle_client()
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        reply = self.owner.behaviour.starttls
+        if reply is not None:
+            self.owner._record(self, "STARTTLS")
+            text = await self.owner._perform(self, reply)
+            if text is not None:
+                await self.push(text)
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         self.owner._record(self, "DATA")

@@ -20,6 +20,7 @@ from hashlib import sha256
 import anyio
 import anyio.abc
 import pytest
+import trustme
 
 from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
 from spoold.dane import TlsaRecord
@@ -268,3 +269,81 @@ async def test_a_connection_checked_less_strictly_is_never_lent_to_a_tls_policy(
         await cache.close_and_flush()
 
     assert server.connections_opened == 5
+
+
+async def test_tls_contexts_are_kept_by_what_shapes_them_and_built_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch, tls_certificate: TlsCertificate
+) -> None:
+    """DANE hosts, each with its own TLSA records, share one context that
+    loads no CA; a PKIX context reads its CA file once, in a worker
+    thread, never on the event loop."""
+    import threading
+
+    import spoold.connection_cache as cc
+
+    built_in: list[str] = []
+    build = cc._build_context
+
+    def counting(key: cc.ContextKey) -> ssl.SSLContext:
+        built_in.append(threading.current_thread().name)
+        return build(key)
+
+    monkeypatch.setattr(cc, "_build_context", counting)
+    contexts = cc.TlsContexts()
+    dane = [
+        RouteSettings(tls_policy=TlsRequirement("DANE", (TlsaRecord(3, 1, 1, bytes([i]) * 32),)))
+        for i in range(100)
+    ]
+    first = await contexts.get(dane[0])
+    for settings in dane[1:]:
+        assert await contexts.get(settings) is first
+    assert first.verify_mode == ssl.CERT_NONE and not first.check_hostname
+    assert first.cert_store_stats()["x509_ca"] == 0  # no CA bundle read for DANE
+    assert await contexts.get(RouteSettings(verify_certificates=False)) is first
+
+    pkix = RouteSettings(ca_file=str(tls_certificate.cert))
+    checked = await contexts.get(pkix)
+    assert checked.verify_mode == ssl.CERT_REQUIRED and checked.check_hostname
+    assert await contexts.get(replace(pkix, command_timeout=5)) is checked
+    policy = RouteSettings(verify_certificates=False, ca_file=str(tls_certificate.cert))
+    assert await contexts.get(replace(policy, tls_policy=TlsRequirement("MTA-STS"))) is checked
+
+    assert len(built_in) == 2
+    assert threading.main_thread().name not in built_in
+
+
+async def test_dane_ta_checks_the_chain_and_the_name_against_the_anchor_alone(
+    start_smtp_server: StartServer,
+) -> None:
+    """A host with only DANE-TA ``2 0 0`` records: its chain must lead to
+    the anchor (a root or an intermediate) and its certificate name the
+    host; no other CA counts."""
+    root = trustme.CA()
+    middle = root.create_child_ca()
+
+    def der(ca: trustme.CA) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(ca.cert_pem.bytes().decode())
+
+    def context(ca: trustme.CA, name: str) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(name).configure_cert(ctx)
+        return ctx
+
+    def anchored(*anchors: bytes) -> RouteSettings:
+        records = tuple(TlsaRecord(2, 0, 0, a) for a in anchors)
+        return RouteSettings(command_timeout=5.0, tls_policy=TlsRequirement("DANE", records))
+
+    good = await start_smtp_server(tls_context=context(middle, "127.0.0.1"))
+    misnamed = await start_smtp_server(tls_context=context(root, "mx.example.net"))
+    cache = ConnectionCache()
+    with anyio.fail_after(TIMEOUT):
+        for anchor in (der(root), der(middle)):
+            async with cache.connection(good.hop, anchored(anchor)) as conn:
+                assert conn.client.tls_active
+        with pytest.raises(HopUnavailableError, match=r"TLS policy \(DANE\): TLS handshake"):
+            async with cache.connection(good.hop, anchored(der(trustme.CA()))):
+                pass
+        with pytest.raises(HopUnavailableError, match=r"TLS policy \(DANE\): TLS handshake"):
+            async with cache.connection(misnamed.hop, anchored(der(root))):
+                pass
+        await cache.close_and_flush()

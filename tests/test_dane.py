@@ -11,7 +11,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from spoold.dane import TlsaRecord, certificate_matches, usable
+from spoold.dane import TlsaRecord, certificate_matches, trust_anchors, usable
 
 
 def _der(name: str) -> bytes:
@@ -59,7 +59,9 @@ def test_unusable_records_are_left_out() -> None:
     unusable = [
         TlsaRecord(0, 0, 1, digest),  # PKIX-TA: not for SMTP
         TlsaRecord(1, 0, 1, digest),  # PKIX-EE: not for SMTP
-        TlsaRecord(2, 0, 1, digest),  # DANE-TA: spoold cannot see the chain
+        TlsaRecord(2, 0, 1, digest),  # DANE-TA digest: spoold cannot see the chain
+        TlsaRecord(2, 1, 0, _spki(CERT)),  # DANE-TA bare key: likewise
+        TlsaRecord(2, 0, 0, b"not a certificate"),
         TlsaRecord(3, 2, 1, digest),  # unknown selector
         TlsaRecord(3, 0, 3, digest),  # unknown matching type
         TlsaRecord(3, 0, 1, digest[:20]),  # a digest of the wrong length
@@ -71,3 +73,12 @@ def test_unusable_records_are_left_out() -> None:
 
 def test_a_certificate_that_cannot_be_read_matches_no_spki_record() -> None:
     assert not certificate_matches([_records(CERT)["3 1 1"]], b"not a certificate")
+
+
+def test_a_dane_ta_full_certificate_is_a_trust_anchor() -> None:
+    ca = trustme.CA()
+    anchor = ssl.PEM_cert_to_DER_cert(ca.cert_pem.bytes().decode())
+    records = [TlsaRecord(2, 0, 0, anchor), _records(CERT)["3 1 1"]]
+    assert usable(records) == tuple(records)
+    assert trust_anchors(usable(records)) == (anchor,)
+    assert not certificate_matches(records[:1], anchor)  # an anchor is no end-entity match

@@ -5,6 +5,7 @@ the server sets it, and failures."""
 from __future__ import annotations
 
 import anyio
+import dns.resolver
 import pytest
 
 from spoold.daemon.dns import DnsLookups, nameserver_address
@@ -75,11 +76,30 @@ async def test_failures_raise(dns_server: DnsTestServer) -> None:
     dns_server.fail("example.net")
     lookups = _lookups(dns_server)
     with anyio.fail_after(TIMEOUT):
-        with pytest.raises(Exception, match=r"SERVFAIL|answered"):
+        with pytest.raises(dns.resolver.NoNameservers, match="SERVFAIL"):
             await lookups.tlsa("mx.example.org", 25)
+        with pytest.raises(dns.resolver.NoNameservers, match="SERVFAIL"):
+            await lookups.mx_secure("example.net")
         with pytest.raises(MxError) as caught:
             await lookups.mx("example.net")
         assert not caught.value.permanent
         with pytest.raises(MxError, match="does not exist") as missing:
             await lookups.mx("example.com")
         assert missing.value.permanent
+
+
+async def test_a_signed_domain_without_mx_whose_address_lookup_fails_raises(
+    dns_server: DnsTestServer,
+) -> None:
+    """No MX, then the A lookup fails: a failure (DANE defers), never an
+    empty "not validated" set (which would fall back to MTA-STS)."""
+    dns_server.add("example.org", "TXT", '"no mx here"', signed=True)
+    dns_server.fail("example.org", "A")
+    lookups = _lookups(dns_server)
+    with anyio.fail_after(TIMEOUT), pytest.raises(dns.resolver.NoNameservers):
+        await lookups.mx_secure("example.org")
+
+
+def test_the_answer_cache_is_bounded() -> None:
+    cache = DnsLookups(("127.0.0.1",)).resolver.cache
+    assert isinstance(cache, dns.resolver.LRUCache) and cache.max_size > 0

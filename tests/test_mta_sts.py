@@ -43,6 +43,13 @@ def test_mode_none_needs_no_mx() -> None:
         ("version: STSv1\nmode: enforce\nmax_age: 60\n", "without mx"),
         ("version: STSv1\nmode: enforce\nmx: a.*.example\nmax_age: 60\n", "bad mx pattern"),
         ("<html>hello</html>\n", "without 'key:'"),
+        ("version: STSv1\nmode: enforce\nmx: a.example\nmax_age: \u0666\u0660\n", "max_age"),
+        ("version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 31557601\n", "max_age"),
+        ("version: STSv1\x0bmode: enforce\nmx: a.example\nmax_age: 60\n", "not STSv1"),
+        (
+            "version: STSv1\nmode: enforce\n" + "mx: a.example\n" * 101 + "max_age: 60\n",
+            "101 mx lines",
+        ),
     ],
 )
 def test_a_malformed_policy_says_what_is_wrong(text: str, says: str) -> None:
@@ -60,6 +67,19 @@ def test_records() -> None:
         parse_record(["v=STSv1;"])
     with pytest.raises(TlsPolicyError, match="without a valid id"):
         parse_record(["v=STSv1; id=has space!"])
+    assert parse_record(["v=STSv10; id=abc"]) is None  # another version, not ours
+    assert parse_record(["v=STSv1x; id=abc"]) is None
+    assert parse_record(["v=STSv1 ; id=abc"]) is not None
+
+
+def test_policy_lines_end_with_lf_or_crlf_only() -> None:
+    """A line separator Python knows but the RFC does not (\\x85, \\u2028)
+    does not split an mx value into another pattern."""
+    policy = parse_policy(
+        "version: STSv1\r\nmode: enforce\r\nmx: a.example\u2028mx: b.example\r\nmax_age: 60"
+    )
+    assert policy.mx == ("a.example\u2028mx: b.example",)
+    assert not policy.allows("b.example")
 
 
 @pytest.mark.parametrize(
@@ -265,3 +285,100 @@ async def test_a_short_lived_policy_is_refreshed_at_half_its_life() -> None:
     clock.now += 101
     await policies.refresh_due()
     assert policies.fetches == 2
+
+
+async def test_a_failed_txt_lookup_is_not_remembered_as_no_policy_for_long() -> None:
+    """A failure is not an answer: asked again after error_ttl, not after
+    negative_ttl (one failure must not turn MTA-STS off for ten minutes)."""
+    published, clock = Published(), Clock()
+    policies = MtaStsPolicies(
+        published.fetch_txt, published.fetch_policy, clock=clock, negative_ttl=600, error_ttl=30
+    )
+    published.fail_txt = True
+    assert await policies.policy_for("example.org") is None
+    assert await policies.policy_for("example.org") is None
+    assert published.txt_asked == 1  # briefly remembered
+    published.fail_txt = False
+    published.txt["_mta-sts.example.org"] = ["v=STSv1; id=1"]
+    published.policy["example.org"] = _enforce("mx.example.org")
+    clock.now += 31
+    found = await policies.policy_for("example.org")
+    assert found is not None and found.policy.mode == "enforce"
+
+
+async def test_a_failed_fetch_is_retried_after_error_ttl() -> None:
+    published, clock = Published(), Clock()
+    published.txt["_mta-sts.example.org"] = ["v=STSv1; id=1"]
+    policies = MtaStsPolicies(
+        published.fetch_txt, published.fetch_policy, clock=clock, negative_ttl=600, error_ttl=30
+    )
+    assert await policies.policy_for("example.org") is None  # 404
+    published.policy["example.org"] = _enforce("mx.example.org")
+    clock.now += 31
+    assert await policies.policy_for("example.org") is not None
+
+
+async def test_a_lookup_given_up_is_not_started_again_by_every_attempt() -> None:
+    published, clock = Published(), Clock()
+    published.txt["_mta-sts.example.org"] = ["v=STSv1; id=1"]
+    fetches = 0
+
+    async def hanging(domain: str) -> str:
+        nonlocal fetches
+        fetches += 1
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    policies = MtaStsPolicies(published.fetch_txt, hanging, clock=clock, error_ttl=30)
+    with anyio.move_on_after(0.01):
+        await policies.policy_for("example.org")
+    assert await policies.policy_for("example.org") is None
+    assert fetches == 1
+
+
+async def test_kept_domains_are_bounded() -> None:
+    published, clock = Published(), Clock()
+    for n in range(5):
+        published.txt[f"_mta-sts.d{n}.example"] = ["v=STSv1; id=1"]
+        published.policy[f"d{n}.example"] = _enforce(f"mx.d{n}.example")
+    policies = MtaStsPolicies(
+        published.fetch_txt, published.fetch_policy, clock=clock, max_domains=3
+    )
+    for n in range(5):
+        assert await policies.policy_for(f"d{n}.example") is not None
+        assert await policies.policy_for(f"none{n}.example") is None
+    assert policies.sizes() == (3, 3)
+    assert policies.cached("d0.example") is None  # the oldest went
+    assert policies.cached("d4.example") is not None
+
+
+async def test_refresh_asks_a_few_domains_at_once() -> None:
+    published, clock = Published(), Clock()
+    for n in range(20):
+        published.txt[f"_mta-sts.d{n}.example"] = ["v=STSv1; id=1"]
+        published.policy[f"d{n}.example"] = _enforce(f"mx.d{n}.example")
+    policies = MtaStsPolicies(
+        published.fetch_txt, published.fetch_policy, clock=clock, refresh_concurrency=8
+    )
+    for n in range(20):
+        await policies.policy_for(f"d{n}.example")
+    release = anyio.Event()
+    in_flight = most = 0
+    lookup = published.fetch_txt
+
+    async def slow_txt(name: str) -> list[str]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await release.wait()
+        in_flight -= 1
+        return await lookup(name)
+
+    policies.fetch_txt = slow_txt
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(policies.refresh_due)
+            await anyio.wait_all_tasks_blocked()
+            assert in_flight == 8
+            release.set()
+    assert most == 8 and in_flight == 0

@@ -16,9 +16,9 @@ from spoold.mta_sts import MtaStsPolicies
 from spoold.policy import DestinationPolicy
 from spoold.relay import AttemptFailed, Delivery
 from spoold.smtp_relay import SmtpRelay
-from spoold.tls_policy import TlsPolicies
+from spoold.tls_policy import TlsaAnswer, TlsPolicies
 from tests.relay_helpers import ALICE, ManualClock, message_to, route
-from tests.smtp_server import StartServer, TlsCertificate
+from tests.smtp_server import Reply, StartServer, TlsCertificate
 from tests.support import WAIT_TIMEOUT
 
 
@@ -95,3 +95,51 @@ async def test_without_tls_policies_the_key_is_ignored(
 
     assert isinstance(outcome, Delivery), outcome
     assert len(server.messages) == 1
+
+
+async def test_dns_down_is_asked_once_per_attempt_within_the_lookup_timeout(
+    tmp_path: Path, start_smtp_server: StartServer
+) -> None:
+    """With DNS not answering, an attempt over two hosts asks the domain's
+    MX answer once, gives up after ``lookup_timeout``, and both hosts wait
+    (DANE is never dropped for a lookup that failed)."""
+    first = await start_smtp_server()
+    second = await start_smtp_server()
+    asked: list[str] = []
+
+    async def mx_secure(domain: str) -> frozenset[str]:
+        asked.append(domain)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def tlsa(host: str, port: int) -> TlsaAnswer:
+        raise AssertionError("no TLSA lookup without the MX answer")
+
+    base = _policies("127.0.0.1")
+    policies = TlsPolicies(base.mta_sts, lookup_tlsa=tlsa, mx_secure=mx_secure, lookup_timeout=0.05)
+    relay = SmtpRelay(route(), ConnectionCache(), tls_policies=policies)
+
+    outcome = await _attempt(relay, tmp_path, [first.hop, second.hop], "dane-mta-sts")
+
+    why = "TLS policy (DANE): the MX lookup of example.com failed: no answer within 0.05s"
+    assert outcome == AttemptFailed(f"no hops available: {first.hop}: {why}; {second.hop}: {why}")
+    assert asked == ["example.com"]
+    assert first.connections_opened == second.connections_opened == 0
+
+
+async def test_starttls_refused_under_a_policy_names_the_policy(
+    tmp_path: Path, start_smtp_server: StartServer, tls_certificate: TlsCertificate
+) -> None:
+    server = await start_smtp_server(tls_context=tls_certificate.server_context())
+    server.behaviour.starttls = Reply("454 4.7.0 TLS not available due to temporary reason")
+    settings = route(ca_file=str(tls_certificate.cert))
+    relay = SmtpRelay(settings, ConnectionCache(), tls_policies=_policies("127.0.0.1"))
+
+    outcome = await _attempt(relay, tmp_path, [server.hop])
+
+    assert isinstance(outcome, AttemptFailed)
+    assert outcome.error == (
+        f"no hops available: {server.hop}: TLS policy (MTA-STS enforce): STARTTLS refused: "
+        "454 4.7.0 TLS not available due to temporary reason"
+    )
+    assert server.messages == []

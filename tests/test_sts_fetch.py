@@ -119,3 +119,55 @@ async def test_a_server_that_never_answers_is_given_up(ca: trustme.CA) -> None:
             await PolicyFetcher(resolve, timeout=0.5, port=port)("example.org")
     finally:
         server.close()
+
+
+CUT = b"version: STSv1\r\nmode: enforce\r\nmax_age: 86400\r\nmx: *.example.co"
+OK_HEAD = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (OK_HEAD + b"Content-Length: 200\r\n\r\n" + CUT, r"cut short \(63 of 200 bytes\)"),
+        (OK_HEAD + b"\r\n" + CUT, "ends inside a line and has no Content-Length"),
+        (OK_HEAD + b"Content-Length: 3\r\n\r\n" + POLICY.encode(), "more than its Content-Length"),
+        (OK_HEAD + b"Content-Length: 1e3\r\n\r\n" + POLICY.encode(), "a bad Content-Length"),
+        (
+            OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n10\r\n" + POLICY.encode(),
+            r"a Transfer-Encoding \(chunked\) answer",
+        ),
+        (b"HTTP/1.0 2OO OK\r\nContent-Type: text/plain\r\n\r\n" + POLICY.encode(), "not an HTTP"),
+        (b"HTTP/1.0 \xd9\xa2\xd9\xa0\xd9\xa0 OK\r\n\r\n" + POLICY.encode(), "not an HTTP"),
+        (b"ICY 200 OK\r\nContent-Type: text/plain\r\n\r\n" + POLICY.encode(), "not an HTTP"),
+        (OK_HEAD + b"no colon here\r\n\r\n" + POLICY.encode(), "a malformed header line"),
+        (OK_HEAD + b"Content-Type: text/html\r\n\r\n" + POLICY.encode(), "2 content-type"),
+    ],
+    ids=[
+        "cut short",
+        "cut without length",
+        "longer than length",
+        "bad length",
+        "chunked",
+        "bad status",
+        "non-ascii status digits",
+        "not http",
+        "header without colon",
+        "two content types",
+    ],
+)
+async def test_a_malformed_or_cut_answer_is_refused(
+    web: HttpsTestServer, raw: bytes, says: str
+) -> None:
+    """A policy cut by a TCP close without TLS close_notify (asyncio reads
+    that as the end) must never be taken: ``*.example.co`` is not
+    ``*.example.com``."""
+    web.raw = raw
+    web.abrupt = True
+    with anyio.fail_after(TIMEOUT), pytest.raises(TlsPolicyError, match=says):
+        await _fetcher(web)("example.org")
+
+
+async def test_a_whole_policy_without_content_length_is_taken(web: HttpsTestServer) -> None:
+    web.raw = OK_HEAD + b"\r\n" + POLICY.encode()
+    with anyio.fail_after(TIMEOUT):
+        assert await _fetcher(web)("example.org") == POLICY

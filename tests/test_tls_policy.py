@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 
+import anyio
+import dns.resolver
+
 from spoold.dane import TlsaRecord
 from spoold.errors import TlsPolicyError
 from spoold.mta_sts import MtaStsPolicies
@@ -24,9 +27,13 @@ class World:
         self.tlsa: dict[str, TlsaAnswer] = {}
         self.secure_mx: dict[str, frozenset[str]] = {}  # domain: its validated MX hosts
         self.tlsa_fails = False
+        self.mx_fails: BaseException | None = None  # raised by mx_secure
+        self.mx_hangs = False
+        self.asked: list[str] = []  # mx_secure and TXT lookups, in order
         self.reports: list[tuple[str, str, str]] = []
 
     async def fetch_txt(self, name: str) -> list[str]:
+        self.asked.append(f"TXT {name}")
         return self.txt.get(name, [])
 
     async def fetch_policy(self, domain: str) -> str:
@@ -40,14 +47,20 @@ class World:
         return self.tlsa.get(f"_{port}._tcp.{host}", TlsaAnswer((), False))
 
     async def mx_secure(self, domain: str) -> frozenset[str]:
+        self.asked.append(f"MX {domain}")
+        if self.mx_hangs:
+            await anyio.sleep_forever()
+        if self.mx_fails is not None:
+            raise self.mx_fails
         return self.secure_mx.get(domain, frozenset())
 
-    def policies(self) -> TlsPolicies:
+    def policies(self, lookup_timeout: float = 15.0) -> TlsPolicies:
         return TlsPolicies(
             MtaStsPolicies(self.fetch_txt, self.fetch_policy),
             lookup_tlsa=self.lookup_tlsa,
             mx_secure=self.mx_secure,
             on_report=lambda *finding: self.reports.append(finding),
+            lookup_timeout=lookup_timeout,
         )
 
     def publish_sts(self, domain: str, mode: str, *mx: str) -> None:
@@ -155,3 +168,63 @@ async def test_tlsa_of_a_host_the_validated_mx_answer_does_not_name_is_not_used(
     assert decision == HopRefusal(
         "TLS policy (MTA-STS enforce): mx.evil.example is not in the policy of example.org"
     )
+
+
+async def test_a_failed_mx_lookup_refuses_rather_than_fall_back_to_mta_sts() -> None:
+    """RFC 7672 §2.1.1: SERVFAIL (what a validating resolver answers for a
+    forged MX answer) is not "insecure": the host is refused, never left to
+    MTA-STS or to opportunistic TLS."""
+    world = World()
+    world.publish_sts("example.org", "testing", "mx.example.org")
+    world.mx_fails = dns.resolver.NoNameservers()
+    decision = await world.policies().decide("dane-mta-sts", "example.org", "mx.example.org")
+    assert isinstance(decision, HopRefusal)
+    assert decision.reason.startswith("TLS policy (DANE): the MX lookup of example.org failed: "), (
+        decision.reason
+    )
+    assert world.reports == [("dane", "example.org", "mx.example.org")]
+
+
+async def test_an_mx_lookup_without_an_answer_in_time_refuses() -> None:
+    world = World()
+    world.mx_hangs = True
+    decision = await world.policies(lookup_timeout=0.05).decide(
+        "dane-mta-sts", "example.org", "mx.example.org"
+    )
+    assert decision == HopRefusal(
+        "TLS policy (DANE): the MX lookup of example.org failed: no answer within 0.05s"
+    )
+
+
+async def test_an_insecure_or_missing_mx_answer_still_falls_back_to_mta_sts() -> None:
+    world = World()  # mx_secure answers an empty set: not validated, or no such domain
+    world.publish_sts("example.org", "enforce", "mx.example.org")
+    decision = await world.policies().decide("dane-mta-sts", "example.org", "mx.example.org")
+    assert decision == TlsRequirement("MTA-STS enforce")
+
+
+async def test_one_attempt_asks_the_domain_once_for_all_its_hosts() -> None:
+    world = World()
+    world.publish_sts("example.org", "enforce", "mx1.example.org", "mx2.example.org")
+    domain = await world.policies().for_domain("dane-mta-sts", "example.org")
+    for host in ("mx1.example.org", "mx2.example.org", "mx3.example.org"):
+        await domain.decide(host)
+    assert world.asked == ["MX example.org", "TXT _mta-sts.example.org"]
+
+
+async def test_an_mta_sts_policy_not_had_in_time_is_none_and_not_asked_again_at_once() -> None:
+    world = World()
+    world.txt["_mta-sts.example.org"] = ["v=STSv1; id=1"]
+    fetches = 0
+
+    async def hanging(domain: str) -> str:
+        nonlocal fetches
+        fetches += 1
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    policies = TlsPolicies(MtaStsPolicies(world.fetch_txt, hanging), sts_timeout=0.05)
+    with anyio.fail_after(5):
+        assert await policies.decide("mta-sts", "example.org", "mx.example.org") is None
+        assert await policies.decide("mta-sts", "example.org", "mx.example.org") is None
+    assert fetches == 1

@@ -8,7 +8,7 @@ addresses of ``mx.example.org`` and ``mta-sts.example.org`` (a random
 loopback address per test), the ``_mta-sts`` TXT record and the TLSA
 records, with the AD bit on the names the test calls signed. The MX host is
 an aiosmtpd server on that address's port 25 with STARTTLS, and the policy
-is served on its port 443 (both need root). Certificates come from a
+is served on its port 443 (both need the right to bind low ports). Certificates come from a
 trustme CA that the daemon trusts through ``SSL_CERT_FILE`` (the default
 trust store of Python's ``ssl``, read by the relay and the policy fetch),
 or from another CA it does not trust (DANE needs no CA).
@@ -38,7 +38,7 @@ from tests.dns_server import (
     HttpsTestServer,
     dns_server,
     loopback_address,
-    need_root,
+    need_low_ports,
 )
 from tests.smtp_server import SmtpTestServer
 from tests.support import wait_until
@@ -145,7 +145,7 @@ def _port_in_use(port: int) -> Iterator[None]:
 
 @pytest.fixture
 async def world(tmp_path: Path, dns_server: DnsTestServer) -> AsyncIterator[World]:
-    need_root()
+    need_low_ports()
     w = World(tmp_path, dns_server)
     try:
         yield w
@@ -282,6 +282,20 @@ async def test_testing_mode_delivers_and_reports(world: World, start_daemon: Dae
     assert "TLS policy (MTA-STS testing): this MX is not in the policy; delivering" in log
 
 
+async def test_testing_mode_reports_a_named_mx_without_starttls(
+    world: World, start_daemon: DaemonFactory
+) -> None:
+    server = await world.mx_host(None)
+    await world.publish_sts("testing", "mx.example.org")
+    daemon = await world.start(start_daemon, "mta-sts")
+
+    await _send(daemon)
+
+    await _delivered(daemon, server)
+    assert not server.messages[0].tls
+    assert "TLS policy (MTA-STS testing): no TLS to this MX; delivering" in daemon.log_text()
+
+
 async def test_none_ignores_a_published_policy(world: World, start_daemon: DaemonFactory) -> None:
     """Today's behaviour, kept for routes without a policy: the policy is
     not even fetched."""
@@ -310,6 +324,42 @@ async def test_dane_delivers_to_a_host_matching_its_validated_tlsa(
 
     await _delivered(daemon, server)
     assert server.messages[0].tls
+
+
+async def test_dane_ta_delivers_to_a_host_whose_chain_leads_to_the_anchor(
+    world: World, start_daemon: DaemonFactory
+) -> None:
+    """A ``2 0 0`` record (the whole certificate of the host's CA, one the
+    daemon's trust store does not hold) authenticates the host."""
+    server = await world.mx_host(world.mx_cert(world.untrusted))
+    anchor = ssl.PEM_cert_to_DER_cert(world.untrusted.cert_pem.bytes().decode())
+    world.dns.add("_25._tcp.mx.example.org", "TLSA", f"2 0 0 {anchor.hex()}", signed=True)
+    world.dns.sign("example.org")
+    daemon = await world.start(start_daemon, "dane-mta-sts")
+
+    await _send(daemon)
+
+    await _delivered(daemon, server)
+    assert server.messages[0].tls
+
+
+async def test_dane_ta_defers_a_host_whose_chain_leads_elsewhere(
+    world: World, start_daemon: DaemonFactory
+) -> None:
+    """Even to a CA the daemon trusts otherwise: only the anchor counts."""
+    server = await world.mx_host(world.mx_cert(world.trusted))
+    anchor = ssl.PEM_cert_to_DER_cert(world.untrusted.cert_pem.bytes().decode())
+    world.dns.add("_25._tcp.mx.example.org", "TLSA", f"2 0 0 {anchor.hex()}", signed=True)
+    world.dns.sign("example.org")
+    daemon = await world.start(start_daemon, "dane-mta-sts")
+
+    await _send(daemon)
+
+    error = await _last_error(daemon)
+    assert error.startswith(
+        "no hops available: mx.example.org:25: TLS policy (DANE): TLS handshake failed: "
+    ), error
+    assert server.messages == []
 
 
 async def test_dane_defers_a_host_whose_certificate_does_not_match(
@@ -367,3 +417,53 @@ async def test_a_failed_tlsa_lookup_of_a_signed_domain_defers(
         "_25._tcp.mx.example.org failed: "
     ), error
     assert server.connections_opened == 0
+
+
+async def test_a_failed_mx_lookup_defers_rather_than_drop_dane(
+    world: World, start_daemon: DaemonFactory
+) -> None:
+    """RFC 7672 §2.1.1: the domain's MX answer fails when the attempt asks
+    it again (a validating resolver's SERVFAIL for forged data): the mail
+    waits; it never goes with a TLS an attacker could strip."""
+    world.dns.ttl = 0  # nothing kept: the attempt asks again
+    cert = world.mx_cert(world.untrusted)
+    server = await world.mx_host(cert)
+    world.publish_tlsa(cert, signed=True)
+    world.dns.fail("example.org", "MX", after=1)  # the routing's lookup is answered
+    daemon = await world.start(start_daemon, "dane-mta-sts")
+
+    await _send(daemon)
+
+    error = await _last_error(daemon)
+    assert error.startswith(
+        "no hops available: mx.example.org:25: TLS policy (DANE): the MX lookup of "
+        "example.org failed: "
+    ), error
+    assert server.connections_opened == 0
+
+
+async def test_dane_with_a_remote_resolver_is_warned_about(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """The AD bit of a resolver reached over the network can be forged on
+    the way: a dane-mta-sts route with such nameservers is warned about at
+    start and at each reload, and not once they are on this machine."""
+    config = write_config(tmp_path, next_hops=["127.0.0.1:9"])
+    base = config.read_text() + (
+        '\n[routes.direct]\ndomains = ["example.org"]\nmx = true\n'
+        'tls_policy = "dane-mta-sts"\n\n[dns]\n'
+    )
+    config.write_text(base + 'nameservers = ["192.0.2.53"]\n')
+    warning = "DANE trusts the AD bit of DNS servers not on this machine"
+    daemon = await start_daemon(config)
+    assert warning in daemon.log_text()
+    assert '"192.0.2.53"' in daemon.log_text()
+
+    config.write_text(base + 'nameservers = ["127.0.0.1:53", "[::1]"]\n')
+    done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), "reload")
+    assert done.code == 0, done.err
+    config.write_text(base + 'nameservers = ["192.0.2.54"]\n')
+    done = await anyio.to_thread.run_sync(cli, "--socket", str(daemon.socket), "reload")
+    assert done.code == 0, done.err
+    log = daemon.log_text()
+    assert log.count(warning) == 2 and '"192.0.2.54"' in log

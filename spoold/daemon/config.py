@@ -55,7 +55,7 @@ from spoold.dkim import (
     load_key,
 )
 from spoold.errors import ConfigError, DkimKeyError
-from spoold.hops import parse_hop
+from spoold.hops import nameserver_address, parse_hop
 from spoold.hostname import check_hostname, local_hostname
 from spoold.limits import Rate, parse_rate
 from spoold.message import RetryInterval
@@ -173,18 +173,10 @@ def _nameserver(v: object) -> str:
     """A DNS server: an IP address, with a port after ``:`` (IPv6 in
     brackets: ``[::1]:53``); 53 when none is given."""
     text = _str(v)
-    host, port = text, "53"
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":") or "53"
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
     try:
-        ipaddress.ip_address(host)
+        nameserver_address(text)
     except ValueError:
         raise ValueError(f"expected an IP address with an optional ':port', got {v!r}") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected an IP address with an optional ':port', got {v!r}")
     return text
 
 

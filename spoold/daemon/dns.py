@@ -21,6 +21,8 @@ reads resolv.conf (blocking, once).
 
 from __future__ import annotations
 
+import ipaddress
+
 import dns.asyncresolver
 import dns.exception
 import dns.flags
@@ -31,23 +33,20 @@ import dns.resolver
 
 from spoold.dane import TlsaRecord
 from spoold.errors import MxError
+from spoold.hops import nameserver_address
 from spoold.tls_policy import TlsaAnswer
 
 __all__ = ["DnsLookups", "nameserver_address"]
 
 LIFETIME = 10.0
+CACHE_SIZE = 10_000  # answers kept (names are chosen by outsiders: bounded)
 
 
-def nameserver_address(text: str) -> tuple[str, int]:
-    """``"127.0.0.1:5353"``, ``"[::1]:53"`` or ``"192.0.2.1"`` as (address,
-    port); the config checked the form."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest.removeprefix(":") or 53)
-    if text.count(":") == 1:
-        host, _, port = text.partition(":")
-        return host, int(port)
-    return text, 53
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _authentic(response: dns.message.Message | None) -> bool:
@@ -71,8 +70,21 @@ class DnsLookups:
             except dns.exception.DNSException:  # no resolv.conf: every lookup fails for now
                 resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.use_edns(0, dns.flags.DO, 1232)
-        resolver.cache = dns.resolver.Cache()
+        resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
         self.resolver = resolver
+
+    def remote_nameservers(self) -> list[str]:
+        """The nameservers in use (``[dns] nameservers``, else resolv.conf's)
+        that are not on this machine: the AD bit of their answers can be
+        forged by anyone on the path to them."""
+        if self.nameservers:
+            addresses = [nameserver_address(n)[0] for n in self.nameservers]
+        else:
+            addresses = [
+                n if isinstance(n, str) else str(getattr(n, "address", n))
+                for n in self.resolver.nameservers
+            ]
+        return [a for a in addresses if not _loopback(a)]
 
     @property
     def resolve_host(self) -> DnsLookups | None:
@@ -118,7 +130,10 @@ class DnsLookups:
         """The domain's MX host names when the MX answer is DNSSEC-validated
         (AD set); the domain itself when it has no MX but a validated
         address; else (not validated, or no such domain) an empty set.
-        Raises :class:`dns.exception.DNSException` when DNS fails."""
+        Raises :class:`dns.exception.DNSException` when DNS fails (SERVFAIL,
+        which is what a validating resolver answers for forged data, or a
+        timeout), for the MX lookup as for the address lookups after it:
+        the caller must not take that for "not validated"."""
         try:
             answer = await self._resolve(domain, dns.rdatatype.MX)
         except dns.resolver.NXDOMAIN:
@@ -128,7 +143,10 @@ class DnsLookups:
         if answer.rrset is not None:
             return frozenset(r.exchange.to_text().rstrip(".").lower() for r in answer)
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            address = await self._resolve(domain, rdtype)
+            try:
+                address = await self._resolve(domain, rdtype)
+            except dns.resolver.NXDOMAIN:
+                return frozenset()
             if address.rrset is not None and _authentic(address.response):
                 return frozenset({domain.lower().rstrip(".")})
         return frozenset()
@@ -174,5 +192,5 @@ class DnsLookups:
 
     async def __call__(self, host: str) -> list[str]:
         """:meth:`addresses` (so this object is a
-        :data:`~spoold.connection_cache.ResolveHost`)."""
+        :data:`~spoold.hops.ResolveHost`)."""
         return await self.addresses(host)

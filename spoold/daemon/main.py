@@ -379,6 +379,7 @@ class Daemon:
             self._notify(self.notifier.ready, self._status_text())
             return {"applied": False, "errors": [str(exc)]}
         self._apply(live)
+        _check_dane_resolver(live)
         moved = [
             name
             for name, route in new.routes.items()
@@ -566,6 +567,7 @@ async def run(config_path: str) -> int:
                 return EXIT_CONFIG_ERROR
             if await _stopped_while_starting(signals, "loading hooks and routes"):
                 return 0
+            _check_dane_resolver(live)
             return await Daemon(config, signals=signals, live=live, inherited=inherited).run()
         except* (SpooldError, OSError) as group:  # directly or from inside a task group
             failure = group
@@ -581,6 +583,23 @@ def _check_hostname(config: Config) -> None:
             "hostname is not a fully qualified domain name: next hops may refuse our "
             "EHLO or mark our mail down; set hostname in the config",
             hostname=config.hostname,
+        )
+
+
+def _check_dane_resolver(live: _Live) -> None:
+    """Warn when a route uses DANE but its DNS answers come from servers
+    not on this machine: their AD bit proves nothing over a path an
+    attacker may be on (RFC 7672 §1.3: use a validating resolver on the
+    same host, or a trusted path to it)."""
+    routes = [n for n, r in live.config.routes.items() if r.tls_policy == "dane-mta-sts"]
+    remote = live.dns.remote_nameservers() if routes else []
+    if remote:
+        log.warning(
+            "DANE trusts the AD bit of DNS servers not on this machine, which anyone "
+            "on the path to them can forge; use a validating resolver on 127.0.0.1 "
+            "([dns] nameservers)",
+            routes=routes,
+            nameservers=remote,
         )
 
 

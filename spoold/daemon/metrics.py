@@ -206,7 +206,7 @@ class Metrics:
             "spoold_tls_policy_findings",
             "MX hosts an MX route's TLS policy spoke about, by finding: mta-sts-enforce "
             "(refused: not in the domain's policy), mta-sts-testing (not in a testing "
-            "policy; delivered anyway), dane (the TLSA lookup failed)",
+            "policy; delivered anyway), dane (an MX or TLSA lookup DANE needs failed)",
             ["finding"],
             registry=r,
         )

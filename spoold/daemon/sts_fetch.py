@@ -2,13 +2,18 @@
 :class:`~spoold.mta_sts.MtaStsPolicies`.
 
 ``GET https://mta-sts.DOMAIN/.well-known/mta-sts.txt`` over HTTP/1.0 (so
-the body is the bytes up to the end of the connection, never chunked):
+the body is the bytes up to the end of the connection; a chunked answer is
+refused):
 
 * the certificate must be valid for ``mta-sts.DOMAIN`` from a CA of the
   default trust store (``ssl.create_default_context``: the system's, or
   the file named by ``SSL_CERT_FILE``);
 * only a ``200`` with a ``text/plain`` body is taken; a redirect is an
   error (the RFC forbids following it), as is any other status;
+* the body must be whole: exactly its Content-Length, or, without one,
+  ending with a line ending (a TCP close without TLS close_notify looks
+  like the end: see :func:`_body`); a malformed status or header line, or
+  two Content-Type or Content-Length headers, are refused;
 * the response may be at most :data:`~spoold.mta_sts.MAX_POLICY_SIZE`
   bytes of body (and 16 KiB of header); the whole fetch, connection
   included, within ``timeout`` seconds;
@@ -23,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 
 import anyio
 
-from spoold.connection_cache import ResolveHost
 from spoold.errors import TlsPolicyError
+from spoold.hops import ResolveHost
 from spoold.mta_sts import MAX_POLICY_SIZE
 
 __all__ = ["PolicyFetcher"]
@@ -107,31 +113,74 @@ async def _read_all(reader: asyncio.StreamReader, limit: int) -> bytes:
     return bytes(data)
 
 
+_STATUS = re.compile(rb"HTTP/[0-9]\.[0-9] ([0-9]{3})(?: [\t\x20-\x7e]*)?")
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def _body(host: str, response: bytes) -> str:
+    """The policy text of an HTTP response, or :class:`TlsPolicyError`.
+
+    A body must be known whole: TLS ended by a plain TCP close (no
+    close_notify) reads here like a clean end, so an attacker on the path
+    could cut a policy short, and ``mx: *.example.co`` cut from
+    ``mx: *.example.com`` is another registrable name. With a
+    Content-Length, exactly that many bytes are taken; without one, the
+    body must end with a line ending (every policy line ends with one as
+    written by the servers seen; a cut at a line's end leaves a shorter
+    but well-formed list of whole names). A chunked answer (not expected to
+    an HTTP/1.0 request) is refused."""
     where = f"https://{host}{_PATH}"
     head, sep, body = response.partition(b"\r\n\r\n")
     if not sep or len(head) > _MAX_HEADER:
         raise TlsPolicyError(f"{where}: not an HTTP response")
-    lines = head.decode("iso-8859-1").split("\r\n")
-    status = lines[0].split(" ", 2)
-    if len(status) < 2 or not status[0].startswith("HTTP/") or not status[1].isdigit():
-        raise TlsPolicyError(f"{where}: not an HTTP response: {lines[0][:80]!r}")
-    code = int(status[1])
+    status_line, *header_lines = head.split(b"\r\n")
+    status = _STATUS.fullmatch(status_line)
+    if status is None:
+        shown = status_line[:80].decode("ascii", "replace")
+        raise TlsPolicyError(f"{where}: not an HTTP response: {shown!r}")
+    code = int(status.group(1))
     if 300 <= code < 400:
         raise TlsPolicyError(f"{where}: a redirect (HTTP {code}), which MTA-STS does not follow")
     if code != 200:
         raise TlsPolicyError(f"{where}: HTTP {code}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        raise TlsPolicyError(f"{where}: a chunked answer to an HTTP/1.0 request")
-    kind = headers.get("content-type", "").split(";")[0].strip().lower()
+    headers: dict[str, list[str]] = {}
+    for raw in header_lines:
+        line = raw.decode("iso-8859-1")
+        name, colon, value = line.partition(":")
+        if not colon or not _FIELD_NAME.fullmatch(name):
+            raise TlsPolicyError(f"{where}: a malformed header line: {line[:80]!r}")
+        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+    for name in ("content-type", "content-length"):
+        if len(headers.get(name, ())) > 1:
+            raise TlsPolicyError(f"{where}: {len(headers[name])} {name} headers")
+    if "transfer-encoding" in headers:
+        raise TlsPolicyError(
+            f"{where}: a Transfer-Encoding ({', '.join(headers['transfer-encoding'])}) "
+            "answer to an HTTP/1.0 request"
+        )
+    kind = headers.get("content-type", [""])[0].split(";")[0].strip().lower()
     if kind != "text/plain":
         raise TlsPolicyError(f"{where}: content type {kind or '(none)'!r}, not text/plain")
     if len(body) > MAX_POLICY_SIZE:
         raise TlsPolicyError(f"{where}: a policy larger than {MAX_POLICY_SIZE} bytes")
+    length = headers.get("content-length")
+    if length is not None:
+        text = length[0]
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
+            raise TlsPolicyError(f"{where}: a bad Content-Length {text[:40]!r}")
+        if len(body) < int(text):
+            raise TlsPolicyError(
+                f"{where}: the policy was cut short ({len(body)} of {int(text)} bytes)"
+            )
+        if len(body) > int(text):
+            raise TlsPolicyError(
+                f"{where}: {len(body)} bytes of policy, more than its Content-Length {int(text)}"
+            )
+    elif body and not body.endswith(b"\n"):
+        raise TlsPolicyError(
+            f"{where}: the policy ends inside a line and has no Content-Length "
+            "(it may have been cut short)"
+        )
     return body.decode("utf-8", "replace")
 
 
