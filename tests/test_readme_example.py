@@ -61,9 +61,11 @@ def test_every_name_the_docs_import_from_spoold_is_public() -> None:
     imported: dict[str, str] = {}
     for doc in docs:
         for block in re.findall(r"^```python\n(.*?)^```$", doc.read_text(), re.S | re.M):
-            for names in re.findall(
-                r"^from spoold import \(?([^)\n]*(?:\n[^)]*)?)\)?$", block, re.M
+            # "from spoold import (A,\n B)" or "from spoold import A, B" (one line)
+            for groups in re.findall(
+                r"^from spoold import (?:\(([^)]*)\)|([^(\n]*))$", block, re.M
             ):
+                names = "".join(groups)
                 for name in re.split(r"[\s,]+", names.strip()):
                     if name:
                         imported[name] = doc.name
