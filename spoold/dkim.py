@@ -348,11 +348,13 @@ class DkimOutcome:
     """What :meth:`DkimSigner.sign` did: ``header`` (the signature fields,
     CRLF-terminated, to put before the message; empty when unsigned),
     ``signed_by`` (``(domain, selector)`` per signature) and, unsigned,
-    ``reason``."""
+    ``reason``; ``no_key`` when it is only that no key covers the
+    ``From:`` domain (the usual case for mail of other domains)."""
 
     header: bytes = b""
     signed_by: tuple[tuple[str, str], ...] = ()
     reason: str = ""
+    no_key: bool = False
 
 
 @functools.cache
@@ -370,6 +372,10 @@ _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _CHUNK = 1 << 16  # body bytes canonicalised at a time
 _LINE_WITH_TEXT = re.compile(rb"[^ \t\r\n]\r\n")  # a chunk may end after one
 _WIDTH = 78  # header lines are folded before this
+# Beyond these a message goes unsigned (no receiver needs more, and the
+# parse stays cheap whatever a client sends).
+MAX_HEADER_BYTES = 1 << 20  # the header section, in wire form
+MAX_FROM_CHARS = 2000  # the From: field's value, unfolded
 
 
 class DkimSigner:
@@ -399,11 +405,24 @@ class DkimSigner:
 
     def sign(self, wire: bytes, now: datetime) -> DkimOutcome:
         """The signatures of the message in wire form ``wire`` (CRLF,
-        dot-stuffed), made at ``now``."""
+        dot-stuffed), made at ``now``. Never raises for what the message
+        holds: a message it cannot read is left unsigned, with the reason
+        (it is never refused for that)."""
         if not self.keys:
             return DkimOutcome(reason="no keys")
-        end = _HEADER_END.search(wire)
+        try:
+            return self._sign(wire, now)
+        except Exception as exc:  # noqa: BLE001 - not swallowed: the reason is logged
+            # A parse this module did not foresee: the message goes unsigned.
+            return DkimOutcome(reason=f"cannot read the message ({type(exc).__name__}: {exc})")
+
+    def _sign(self, wire: bytes, now: datetime) -> DkimOutcome:
+        end = _HEADER_END.search(wire, 0, MAX_HEADER_BYTES + 4)
+        if end is None and len(wire) > MAX_HEADER_BYTES:
+            return DkimOutcome(reason="header section too large")
         head_end, body_start = (end.start() + 2, end.end()) if end else (len(wire), len(wire))
+        if head_end > MAX_HEADER_BYTES:
+            return DkimOutcome(reason="header section too large")
         fields = _parse_fields(unstuff(wire[:head_end]))
         if fields is None:
             return DkimOutcome(reason="malformed header section")
@@ -412,7 +431,7 @@ class DkimSigner:
             return DkimOutcome(reason=why)
         keys = self.keys_for(domain)
         if not keys:
-            return DkimOutcome(reason=f"no key for {domain}")
+            return DkimOutcome(reason=f"no key for {domain}", no_key=True)
         body_hash = base64.b64encode(_relaxed_body_hash(wire, body_start)).decode()
         canonical = _relaxed().canonicalize_headers(fields)
         timestamp = int(now.timestamp())
@@ -422,21 +441,23 @@ class DkimSigner:
 
 def _parse_fields(head: bytes) -> list[tuple[bytes, bytes]] | None:
     """The header fields as (name, value with its CRLF), folding kept;
-    None when a line is neither a field nor a continuation."""
-    fields: list[tuple[bytes, bytes]] = []
+    None when a line is neither a field nor a continuation. Linear in the
+    size of ``head`` (a field's lines are joined once)."""
+    names: list[bytes] = []
+    values: list[list[bytes]] = []
     lines = head.split(b"\r\n")
     if lines[-1] == b"":
         lines.pop()  # what follows the last CRLF
     for line in lines:
-        if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + line + b"\r\n")
+        if line[:1] in (b" ", b"\t") and values:
+            values[-1].append(line)
             continue
         m = _FIELD.match(line)
         if m is None:
             return None
-        fields.append((m.group(1), line[m.end() :] + b"\r\n"))
-    return fields
+        names.append(m.group(1))
+        values.append([line[m.end() :]])
+    return [(n, b"\r\n".join(v) + b"\r\n") for n, v in zip(names, values, strict=True)]
 
 
 def _from_domain(fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
@@ -444,8 +465,13 @@ def _from_domain(fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
     values = [v for n, v in fields if n.lower() == b"from"]
     if len(values) != 1:
         return None, "no From: field" if not values else "more than one From: field"
-    text = re.sub(r"\r\n", "", values[0].decode("utf-8", "replace"))
-    addresses = [a for _, a in email.utils.getaddresses([text]) if a]
+    text = values[0].decode("utf-8", "replace").replace("\r\n", "")
+    if len(text) > MAX_FROM_CHARS:
+        return None, "From: too long"
+    try:
+        addresses = [a for _, a in email.utils.getaddresses([text]) if a]
+    except (RecursionError, ValueError, IndexError):
+        return None, "cannot read the From: field"
     if len(addresses) != 1 or "@" not in addresses[0]:
         return None, "From: does not hold exactly one address"
     try:

@@ -251,7 +251,10 @@ class Submission:
         # off the event loop. RSA signing lets go of the GIL.
         outcome = await anyio.to_thread.run_sync(signer.sign, wire, self._now())
         if not outcome.header:
-            log.info("not DKIM-signed", flows=list(flows), reason=outcome.reason)
+            # Mail of a domain without a key is usual (debug); a message of a
+            # signed domain that cannot be read is worth an operator's look.
+            report = log.debug if outcome.no_key else log.info
+            report("not DKIM-signed", flows=list(flows), reason=outcome.reason)
             return b""
         log.debug(
             "DKIM-signed",
