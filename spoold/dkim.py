@@ -30,10 +30,11 @@ Canonicalisation is relaxed/relaxed, done by dkimpy's own canonicaliser
 ``cryptography`` (dkimpy's RSA is pure Python: 12-14 ms a message for a
 2048-bit key on the reference machine, against 0.5 ms for the whole
 signature here, canonicalisation included; ``bench/dkim_sign.py``). The
-header fields
-signed are those of the key's list present in the message, each instance
-once, with ``From`` listed once more than it appears ("oversigned"), so
-another ``From:`` cannot be added without breaking the signature. ``t=``
+header fields signed are those of the key's list present in the message,
+each instance once; those of the list that a message has at most once
+(:data:`OVERSIGNED_HEADERS`: ``From``, ``Subject``, ``Reply-To``, ...) are
+listed once more than they appear, absent ones once ("oversigned"), so
+none can be added without breaking the signature. ``t=``
 is the signing time; no ``l=``, no ``x=``, no ``i=`` (it defaults to
 ``@d``).
 
@@ -73,6 +74,7 @@ __all__ = [
     "DkimOutcome",
     "DkimSigner",
     "DEFAULT_SIGNED_HEADERS",
+    "OVERSIGNED_HEADERS",
     "MIN_RSA_BITS",
     "load_key",
     "new_private_key",
@@ -107,6 +109,7 @@ DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
     "List-Id",
     "List-Help",
     "List-Unsubscribe",
+    "List-Unsubscribe-Post",  # RFC 8058: signed with List-Unsubscribe
     "List-Subscribe",
     "List-Post",
     "List-Owner",
@@ -116,6 +119,28 @@ DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
     "MIME-Version",
     "Content-Type",
     "Content-Transfer-Encoding",
+)
+# Fields a message has at most once (RFC 5322 §3.6, RFC 2045, RFC 8058):
+# a key that signs one lists it once more than it appears, absent ones
+# once (RFC 6376 §8.15), so none can be added after signing.
+OVERSIGNED_HEADERS: frozenset[str] = frozenset(
+    {
+        "from",
+        "sender",
+        "reply-to",
+        "subject",
+        "date",
+        "to",
+        "cc",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+    }
 )
 MIN_RSA_BITS = 1024  # RFC 8301: verifiers may refuse shorter keys
 
@@ -506,7 +531,8 @@ def _signature(
     """One ``DKIM-Signature:`` field (CRLF-terminated) by ``key``."""
     wanted = {h.lower() for h in key.headers}
     names = [n.decode().lower() for n, _ in fields if n.decode().lower() in wanted]
-    names.append("from")  # oversigned: no From: may be added
+    # Oversigned: one more of each field a message has at most once.
+    names += [n for n in dict.fromkeys(h.lower() for h in key.headers) if n in OVERSIGNED_HEADERS]
     # Each name takes the lowest instance not taken yet (RFC 6376 §5.4.2).
     taken: dict[str, int] = {}
     hashed = hashlib.sha256()
