@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 import spoold.dkim
 from spoold import Body, LineEndingPolicy, RoutedBatch, RoutedEnvelope, SendAt, Spool, SpoolWriter
-from spoold.dkim import (
+from spoold.dkim import DkimSigner
+from spoold.dkim_keys import (
     DkimAlgorithm,
     DkimKey,
-    DkimSigner,
     load_key,
     new_private_key,
     public_key_record,
@@ -275,6 +275,21 @@ def test_an_internationalised_from_domain_is_matched_as_its_a_label() -> None:
     assert k.domain == "xn--bcher-kva.example"
     message, _ = signed(DkimSigner([k]), "From: a@BÜCHER.example\r\n\r\nhi\r\n".encode())
     assert verify_all(message, dns_for(k)) == [("xn--bcher-kva.example", "s1")]
+
+
+@pytest.mark.parametrize(
+    "domain", ["faß.de", "σοφός.example", "a\u200db.example", "\uff45\uff58.example"]
+)
+def test_a_domain_idna_2003_and_2008_read_differently_is_refused(domain: str) -> None:
+    """Python's codec (IDNA 2003) would make faß.de fass.de; receivers
+    (IDNA 2008) read xn--fa-hia.de. The key asks for the xn-- form; mail
+    from such a domain goes unsigned."""
+    with pytest.raises(ValueError, match="write its xn-- form"):
+        key(domain, "s1")
+    assert key("xn--fa-hia.de", "s1").domain == "xn--fa-hia.de"
+    signer = DkimSigner([key("fass.de", "s1"), key("xn--fa-hia.de", "s1")])
+    _, why = signed(signer, f"From: a@{domain}\r\n\r\nhi\r\n".encode())
+    assert why == "From: has no usable domain"
 
 
 def test_headers_to_sign_can_be_chosen_and_single_fields_are_oversigned() -> None:

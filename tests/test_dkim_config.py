@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from spoold.daemon.config import Config, dkim_signer, load_config
-from spoold.dkim import DEFAULT_SIGNED_HEADERS, DkimAlgorithm
+from spoold.dkim_keys import DEFAULT_SIGNED_HEADERS, DkimAlgorithm
 from spoold.errors import ConfigError
 from tests.dkim_helpers import key_file
 
@@ -118,8 +118,15 @@ def test_reading_the_config_reads_no_key(tmp_path: Path) -> None:
             ["dkim[1].selector: s of example.org is also dkim[0]'s"],
         ),
         ('[dkim]\ndomain = "example.org"\n', ["dkim: expected tables [[dkim]]"]),
+        (
+            '[[dkim]]\ndomain = "faß.de"\nselector = "s"\nkey_file = "rsa.key"\n',
+            [
+                "dkim[0].domain: 'faß.de' reads differently by IDNA 2003 and IDNA 2008 "
+                "(Python makes it 'fass.de'): write its xn-- form"
+            ],
+        ),
     ],
-    ids=["missing", "unknown", "algorithm", "values", "twice", "not-an-array"],
+    ids=["missing", "unknown", "algorithm", "values", "twice", "not-an-array", "idna"],
 )
 def test_bad_dkim_tables_report_exact_problems(keys: Path, text: str, expected: list[str]) -> None:
     assert problems(keys, text) == expected

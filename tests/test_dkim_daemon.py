@@ -17,7 +17,8 @@ import anyio
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from spoold.body import Body
-from spoold.dkim import DkimSigner, load_key, public_key_record
+from spoold.dkim import DkimSigner
+from spoold.dkim_keys import load_key, public_key_record
 from spoold.message import SendAt
 from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, sendmail, write_config
 from tests.dkim_helpers import DnsServer, StubDns, dkimpy_verify_all, key_file, verify_all

@@ -735,7 +735,7 @@ def keygen(
     """Make a signing key for DOMAIN with SELECTOR: write it to a new file
     (mode 0600; an existing file is never replaced) and print the DNS TXT
     record to publish and the [[dkim]] table for the config."""
-    from spoold.dkim import (
+    from spoold.dkim_keys import (
         DkimAlgorithm,
         DkimKey,
         new_private_key,
@@ -794,7 +794,7 @@ def dkim_check(target: _Target, nameserver: str | None) -> None:
     import dns.resolver
 
     from spoold.daemon.dns import nameserver_address
-    from spoold.dkim import record_problem
+    from spoold.dkim_keys import record_problem
 
     config = target._config()
     try:
