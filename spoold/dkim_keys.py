@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -35,6 +36,7 @@ from spoold.errors import DkimKeyError
 
 __all__ = [
     "DEFAULT_SIGNED_HEADERS",
+    "MAX_KEY_FILE_BYTES",
     "MIN_RSA_BITS",
     "DkimAlgorithm",
     "DkimKey",
@@ -210,7 +212,10 @@ def load_key(
 ) -> DkimKey:
     """Read the private key at ``path`` (PEM, PKCS#8 or PKCS#1, not
     encrypted; for Ed25519 also the base64 32-byte seed that dkimpy's
-    ``dknewkey`` writes) and check it against ``algorithm``. Raises
+    ``dknewkey`` writes) and check it against ``algorithm``. The file must
+    be a regular file of at most :data:`MAX_KEY_FILE_BYTES` that not every
+    user may read (mode 0600 or 0640, as ``spoold dkim keygen`` writes).
+    Raises
     :class:`~spoold.errors.DkimKeyError` naming the file. Blocking I/O."""
     where = f"key_file {path}"
     try:
@@ -219,17 +224,54 @@ def load_key(
         raise DkimKeyError(
             f"{where}: unknown algorithm {algorithm!r} (rsa-sha256 or ed25519-sha256)"
         ) from None
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise DkimKeyError(f"cannot read {where}: {exc.strerror or exc}") from None
-    key = _parse_private_key(data, alg, where)
+    key = _parse_private_key(_read_key_file(path, where), alg, where)
     try:
         return DkimKey(domain, selector, alg, key, tuple(headers), subdomains, str(path))
     except ValueError as exc:
         if isinstance(exc, DkimKeyError):
             raise
         raise DkimKeyError(f"{where}: {exc}") from None
+
+
+MAX_KEY_FILE_BYTES = 64 * 1024  # an 8192-bit RSA key in PEM is under 7 KiB
+
+
+def _read_key_file(path: str | Path, where: str) -> bytes:
+    """The bytes of the key file at ``path``: a regular file (a FIFO or a
+    device is refused, without waiting on it), of at most
+    :data:`MAX_KEY_FILE_BYTES`, that not every user may read (like
+    OpenDKIM's ``RequireSafeKeys``: a private key others can read is no
+    longer private)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DkimKeyError(f"cannot read {where}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DkimKeyError(f"{where}: not a regular file")
+        if st.st_mode & stat.S_IROTH:
+            raise DkimKeyError(
+                f"{where}: readable by every user (mode {stat.S_IMODE(st.st_mode):04o}); "
+                "a private key must be readable by the daemon only: chmod 0600 (or 0640 "
+                "with the daemon's group)"
+            )
+        if st.st_size > MAX_KEY_FILE_BYTES:
+            raise DkimKeyError(
+                f"{where}: {st.st_size} bytes; a key file is at most {MAX_KEY_FILE_BYTES}"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, MAX_KEY_FILE_BYTES + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_KEY_FILE_BYTES:
+                raise DkimKeyError(f"{where}: a key file is at most {MAX_KEY_FILE_BYTES} bytes")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise DkimKeyError(f"cannot read {where}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def _parse_private_key(data: bytes, algorithm: DkimAlgorithm, where: str) -> PrivateKey:

@@ -349,6 +349,7 @@ def test_load_key_reads_pem_keys_and_checks_them(tmp_path: Path) -> None:
             serialization.NoEncryption(),
         )
     )
+    pkcs1.chmod(0o600)
     load_key(pkcs1, domain="example.org", selector="s1", algorithm="rsa-sha256")
     ed_path = key_file(tmp_path, "ed.key", ED_KEY)
     load_key(ed_path, domain="example.org", selector="s1", algorithm="ed25519-sha256")
@@ -363,11 +364,14 @@ def test_load_key_reads_pem_keys_and_checks_them(tmp_path: Path) -> None:
         )
         + b"\n"
     )
+    seed.chmod(0o640)  # the daemon's group may read it too
     load_key(seed, domain="example.org", selector="s1", algorithm="ed25519-sha256")
 
 
 def test_a_key_that_cannot_be_used_is_a_clear_error_naming_the_file(tmp_path: Path) -> None:
     def error(path: Path, algorithm: str = "rsa-sha256") -> str:
+        if path.is_file():
+            path.chmod(path.stat().st_mode & 0o770)
         with pytest.raises(DkimKeyError) as caught:
             load_key(path, domain="example.org", selector="s1", algorithm=algorithm)
         assert str(path) in str(caught.value)
@@ -410,6 +414,40 @@ def test_a_key_that_cannot_be_used_is_a_clear_error_naming_the_file(tmp_path: Pa
     if os.geteuid() != 0:  # root reads any file
         rsa_path.chmod(0)
         assert "Permission denied" in error(rsa_path)
+
+
+def test_a_key_file_others_may_read_or_that_is_no_regular_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Like OpenDKIM's RequireSafeKeys; and nothing but a regular file of
+    a key's size is read (a FIFO would block the reader, /dev/zero fill
+    its memory)."""
+
+    def error(path: Path | str) -> str:
+        with pytest.raises(DkimKeyError) as caught:
+            load_key(path, domain="example.org", selector="s1", algorithm="rsa-sha256")
+        return str(caught.value)
+
+    rsa_path = key_file(tmp_path, "rsa.key", RSA_KEY)
+    rsa_path.chmod(0o644)
+    assert error(rsa_path) == (
+        f"key_file {rsa_path}: readable by every user (mode 0644); a private key must be "
+        "readable by the daemon only: chmod 0600 (or 0640 with the daemon's group)"
+    )
+    rsa_path.chmod(0o640)
+    load_key(rsa_path, domain="example.org", selector="s1", algorithm="rsa-sha256")
+    assert error("/dev/zero") == "key_file /dev/zero: not a regular file"
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)
+    assert error(fifo) == f"key_file {fifo}: not a regular file"
+    assert error(tmp_path) == f"key_file {tmp_path}: not a regular file"
+    large = tmp_path / "large.key"
+    large.write_bytes(rsa_path.read_bytes() + b"\n" * 70_000)
+    large.chmod(0o600)
+    assert (
+        error(large)
+        == f"key_file {large}: {large.stat().st_size} bytes; a key file is at most 65536"
+    )
 
 
 def test_write_new_key_is_0600_and_never_replaces_a_file(tmp_path: Path) -> None:

@@ -169,7 +169,9 @@ async def test_a_key_that_cannot_be_read_stops_the_start(
     config = _config(tmp_path, "127.0.0.1:9", _dkim_table("s1", "keys", "rsa-sha256"))
     daemon = await start_daemon(config, wait_ready=False)
     assert await daemon.wait_exit() == 2
-    assert f"dkim[0].key_file: cannot read key_file {tmp_path / 'keys'}" in daemon.log_text()
+    assert f"dkim[0].key_file: key_file {tmp_path / 'keys'}: not a regular file" in (
+        daemon.log_text()
+    )
 
 
 async def test_a_reload_with_an_unreadable_key_is_refused_and_the_old_key_signs(
