@@ -20,6 +20,7 @@ directly). The signer of messages is :mod:`spoold.dkim`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import stat
@@ -94,7 +95,8 @@ MIN_RSA_BITS = 1024  # RFC 8301: verifiers may refuse shorter keys
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
-_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
+# RFC 5322 ftext without ";", which would end h= in the signature.
+_FIELD_NAME = re.compile(r"[!-9<-~]+")
 _NEVER_SIGNED = {"dkim-signature"}  # a signature does not sign signatures
 
 
@@ -329,13 +331,21 @@ def write_new_key(path: str | Path, key: PrivateKey) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, pem)
+        view = memoryview(pem)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        os.unlink(path)
+        with contextlib.suppress(OSError):  # the write's error is the one to see
+            os.unlink(path)
         raise
     os.close(fd)
+    directory = os.open(Path(path).absolute().parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)  # the new name is durable too
+    finally:
+        os.close(directory)
 
 
 def record_problem(key: DkimKey, records: Sequence[str]) -> str | None:
@@ -352,7 +362,10 @@ def record_problem(key: DkimKey, records: Sequence[str]) -> str | None:
         for part in record.split(";"):
             name, _, value = part.partition("=")
             tags[name.strip()] = re.sub(r"\s", "", value)
-        if tags.get("k", "rsa") != kind:
+        if "v" in tags and tags["v"] != "DKIM1":
+            seen.append(f"v={tags['v']}, not v=DKIM1")
+            continue
+        if tags.get("k", "rsa").lower() != kind:
             seen.append(f"k={tags.get('k', 'rsa')}, not k={kind}")
             continue
         if not tags.get("p"):

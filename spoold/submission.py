@@ -57,7 +57,7 @@ from spoold.message import (
 from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.state import Entry, SpoolState, log
 
-__all__ = ["new_messages", "AddSettings", "Submission", "OwnerSubmission"]
+__all__ = ["new_messages", "signature_prefix", "AddSettings", "Submission", "OwnerSubmission"]
 
 
 def new_messages(
@@ -119,7 +119,7 @@ def new_messages(
     return new
 
 
-def _with_signature(
+def signature_prefix(
     prefix: Callable[[str], bytes] | None, signature: bytes
 ) -> Callable[[str], bytes]:
     """``prefix`` followed by the signature fields: written before the body
@@ -224,7 +224,7 @@ class Submission:
         self._refuse_if_closing()
         signature = await self.signature(batch.body, flows)
         if signature:
-            prefix = _with_signature(prefix, signature)
+            prefix = signature_prefix(prefix, signature)
         new = new_messages(
             batch,
             status=status,

@@ -308,6 +308,8 @@ def test_headers_to_sign_can_be_chosen_and_single_fields_are_oversigned() -> Non
         key("example.org", "s1", headers=("Subject",))
     with pytest.raises(ValueError, match="cannot be signed"):
         key("example.org", "s1", headers=("From", "DKIM-Signature"))
+    with pytest.raises(ValueError, match="not a header field name"):
+        key("example.org", "s1", headers=("From", "Subject;x"))  # would end h=
 
 
 lines = st.lists(
@@ -623,6 +625,8 @@ def test_record_problem_says_why_a_record_does_not_publish_a_key() -> None:
     assert record_problem(rsa_key, ["v=spf1 -all"]) == "no DKIM key record (v=DKIM1; k=...; p=...)"
     assert record_problem(rsa_key, ["v=DKIM1; k=rsa; p="]) == "the key is revoked (p= is empty)"
     assert record_problem(ed_key, [ours]) == "k=rsa, not k=ed25519"
+    assert record_problem(rsa_key, [ours.replace("k=rsa", "k=RSA")]) is None  # any case
+    assert record_problem(rsa_key, [ours.replace("v=DKIM1", "v=DKIM2")]) == "v=DKIM2, not v=DKIM1"
     assert record_problem(rsa_key, ["v=DKIM1; p=!!"]) == "p= is not base64"
     assert record_problem(rsa_key, [public_key_record(RSA_KEY_2)]) == (
         "p= is another key than this one"

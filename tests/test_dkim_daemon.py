@@ -10,6 +10,7 @@ keygen``'s key and TXT record verify a signature."""
 from __future__ import annotations
 
 import re
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -261,6 +262,42 @@ def test_keygen_writes_a_private_key_and_prints_a_record_that_verifies(tmp_path:
         assert again.code == 1
         assert "exists; a key is never overwritten" in again.err
         assert path.read_bytes() == before
+
+
+def test_keygen_refuses_bits_for_ed25519_and_prints_a_toml_string_for_any_path(
+    tmp_path: Path,
+) -> None:
+    done = cli(
+        "dkim",
+        "keygen",
+        "example.org",
+        "e1",
+        "--algorithm",
+        "ed25519-sha256",
+        "--bits",
+        "4096",
+        "--directory",
+        str(tmp_path),
+    )
+    assert done.code == 2
+    assert "--bits is for rsa-sha256 keys; an Ed25519 key has one size" in done.err
+    assert list(tmp_path.iterdir()) == []
+    odd = tmp_path / 'a "quoted" dir\\with\tcontrol'
+    odd.mkdir()
+    done = cli(
+        "dkim",
+        "keygen",
+        "example.org",
+        "e1",
+        "--algorithm",
+        "ed25519-sha256",
+        "--directory",
+        str(odd),
+    )
+    assert done.code == 0, done.err
+    lines = done.out.splitlines()
+    table = tomllib.loads("\n".join(lines[lines.index("[[dkim]]") :]))
+    assert table["dkim"][0]["key_file"] == str(odd / "example.org.e1.key")
 
 
 def test_dkim_check_says_which_keys_dns_publishes(tmp_path: Path) -> None:
