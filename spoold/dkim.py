@@ -36,8 +36,9 @@ The body is hashed in chunks of whole lines straight from the wire bytes
 (dot-stuffing undone per chunk), so signing adds a bounded amount of memory
 to the message it is given (which the spool holds whole anyway, within the
 listener's ``max_message_size``); a header section over
-:data:`MAX_HEADER_BYTES` or a ``From:`` over :data:`MAX_FROM_CHARS` leaves
-the message unsigned, so the parse stays cheap whatever a client sends.
+:data:`MAX_HEADER_BYTES`, a ``From:`` over :data:`MAX_FROM_CHARS` or more
+than :data:`MAX_SIGNED_FIELDS` fields to sign leaves the message unsigned,
+so the parse stays cheap whatever a client sends.
 :meth:`DkimSigner.sign` never raises for what a message holds: a message it
 cannot read goes unsigned, with the reason. Nothing here does I/O; signing
 is CPU work the caller may move off its event loop. :class:`DkimSigner` is
@@ -62,7 +63,14 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from spoold.body import unstuff
 from spoold.dkim_keys import DkimKey, signing_domain
 
-__all__ = ["MAX_FROM_CHARS", "MAX_HEADER_BYTES", "OVERSIGNED_HEADERS", "DkimOutcome", "DkimSigner"]
+__all__ = [
+    "MAX_FROM_CHARS",
+    "MAX_HEADER_BYTES",
+    "MAX_SIGNED_FIELDS",
+    "OVERSIGNED_HEADERS",
+    "DkimOutcome",
+    "DkimSigner",
+]
 
 
 OVERSIGNED_HEADERS: frozenset[str] = frozenset(
@@ -119,6 +127,7 @@ _WIDTH = 78  # header lines are folded before this
 # parse stays cheap whatever a client sends).
 MAX_HEADER_BYTES = 1 << 20  # the header section, in wire form
 MAX_FROM_CHARS = 2000  # the From: field's value, unfolded
+MAX_SIGNED_FIELDS = 1000  # fields a signature lists (h=); a real message has tens
 
 
 class DkimSigner:
@@ -175,6 +184,9 @@ class DkimSigner:
         keys = self.keys_for(domain)
         if not keys:
             return DkimOutcome(reason=f"no key for {domain}", no_key=True)
+        wanted = {h.lower() for k in keys for h in k.headers}
+        if sum(1 for n, _ in fields if n.decode().lower() in wanted) > MAX_SIGNED_FIELDS:
+            return DkimOutcome(reason="too many header fields to sign")
         body_hash = base64.b64encode(_relaxed_body_hash(wire, body_start)).decode()
         canonical = _relaxed().canonicalize_headers(fields)
         timestamp = int(now.timestamp())

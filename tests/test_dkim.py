@@ -239,6 +239,16 @@ def test_a_header_section_over_1_mib_is_left_unsigned(blank_line: bool) -> None:
     assert message == Body.from_content(content).content()
 
 
+def test_a_message_with_more_than_1000_fields_to_sign_is_left_unsigned() -> None:
+    """Each would be listed in h= (a To: given 1,001 times: a 4 kB h=)."""
+    k = key("example.org", "s1")
+    many = b"From: a@example.org\r\n" + b"To: x@example.com\r\n" * 999 + b"X-Other: 1\r\n" * 5000
+    message, why = signed(DkimSigner([k]), many + b"\r\nhi\r\n")
+    assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+    message, why = signed(DkimSigner([k]), many + b"Cc: y@example.com\r\n\r\nhi\r\n")
+    assert why == "too many header fields to sign"
+
+
 @pytest.mark.parametrize(
     ("from_value", "reason"),
     [
