@@ -216,7 +216,8 @@ def load_key(
     encrypted; for Ed25519 also the base64 32-byte seed that dkimpy's
     ``dknewkey`` writes) and check it against ``algorithm``. The file must
     be a regular file of at most :data:`MAX_KEY_FILE_BYTES` that not every
-    user may read (mode 0600 or 0640, as ``spoold dkim keygen`` writes).
+    user may read or write (mode 0600 or 0640, as ``spoold dkim keygen``
+    writes).
     Raises
     :class:`~spoold.errors.DkimKeyError` naming the file. Blocking I/O."""
     where = f"key_file {path}"
@@ -241,9 +242,9 @@ MAX_KEY_FILE_BYTES = 64 * 1024  # an 8192-bit RSA key in PEM is under 7 KiB
 def _read_key_file(path: str | Path, where: str) -> bytes:
     """The bytes of the key file at ``path``: a regular file (a FIFO or a
     device is refused, without waiting on it), of at most
-    :data:`MAX_KEY_FILE_BYTES`, that not every user may read (like
-    OpenDKIM's ``RequireSafeKeys``: a private key others can read is no
-    longer private)."""
+    :data:`MAX_KEY_FILE_BYTES`, that not every user may read or write
+    (like OpenDKIM's ``RequireSafeKeys``: a private key others can read is
+    no longer private, one they can write no longer the operator's)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
@@ -252,9 +253,9 @@ def _read_key_file(path: str | Path, where: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise DkimKeyError(f"{where}: not a regular file")
-        if st.st_mode & stat.S_IROTH:
+        if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
             raise DkimKeyError(
-                f"{where}: readable by every user (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"{where}: open to every user (mode {stat.S_IMODE(st.st_mode):04o}); "
                 "a private key must be readable by the daemon only: chmod 0600 (or 0640 "
                 "with the daemon's group)"
             )

@@ -443,9 +443,11 @@ def test_a_key_file_others_may_read_or_that_is_no_regular_file_is_refused(
     rsa_path = key_file(tmp_path, "rsa.key", RSA_KEY)
     rsa_path.chmod(0o644)
     assert error(rsa_path) == (
-        f"key_file {rsa_path}: readable by every user (mode 0644); a private key must be "
+        f"key_file {rsa_path}: open to every user (mode 0644); a private key must be "
         "readable by the daemon only: chmod 0600 (or 0640 with the daemon's group)"
     )
+    rsa_path.chmod(0o602)
+    assert "open to every user (mode 0602)" in error(rsa_path)
     rsa_path.chmod(0o640)
     load_key(rsa_path, domain="example.org", selector="s1", algorithm="rsa-sha256")
     assert error("/dev/zero") == "key_file /dev/zero: not a regular file"
