@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from spoold.body import Body
-from spoold.dkim import DkimKey, DkimSigner
+from spoold.dkim import DkimSigner
+from spoold.dkim_keys import DkimKey
 
 HEADER = (
     b"From: Bench <bench-sender@example.com>\r\nTo: <bench-rcpt@example.com>\r\n"

@@ -81,7 +81,10 @@ round by round: ``none`` signs nothing, ``rsa`` signs every message with a
 throwaway 2048-bit RSA key and ``ed25519`` with an Ed25519 key (made by
 ``spoold dkim keygen`` in the variant's directory; smtp-source's ``From:``
 is the sender's domain, example.com). Each variant gets its own rows; a
-signing variant whose log says a message went unsigned fails the run. The
+signing variant warms up at log level debug, where every message signed or
+not is logged, and fails the run unless all were signed (then it goes on at
+``--spoold-log-level``, by a reload), and a round whose log says a message
+went unsigned fails too. The
 default is ``none`` alone, as before.
 
 ``--reference-spoold`` makes another build of spoold (an older commit's, in
@@ -638,6 +641,7 @@ class SpooldInstance:
     ) -> None:
         self.name = name
         self.dkim = dkim  # a key of DKIM_VARIANTS
+        self.log_level = log_level
         self.home = home
         self.binary = binary
         self.port = free_port()
@@ -649,7 +653,9 @@ class SpooldInstance:
             "spool": {"dir": "spool", "flush_timeout": "5s"},
             "control": {"socket": "ctl.sock"},
             "smtp": {"listen": [f"127.0.0.1:{self.port}"]},  # the shipped limits
-            "log": {"format": "json", "level": log_level},
+            # A signing variant warms up at debug (each message signed is
+            # logged; check_warm_up_signed), then runs at log_level.
+            "log": {"format": "json", "level": log_level if dkim == "none" else "debug"},
             "relay": {"default_route": "sink"},
             "routes.sink": {"next_hops": [f"127.0.0.1:{next_hop_port}"], "tls": "none"},
         }
@@ -743,14 +749,43 @@ class SpooldInstance:
         out = run([self.binary, "--socket", str(self.socket_path), "count"], timeout=30).stdout
         return {k: int(v) for k, v in (line.split() for line in out.splitlines() if line.strip())}
 
-    def check_signed(self) -> None:
-        """A signing variant must have signed every message: its log has no
-        ``not DKIM-signed`` line."""
+    def _log_events(self, event: str) -> int:
+        with open(self.log_path, "rb") as log:
+            return sum(1 for line in log if f'"event": "{event}"'.encode() in line)
+
+    def check_warm_up_signed(self, count: int) -> None:
+        """A signing variant runs its warm-up at log level debug, which logs
+        every message signed (``DKIM-signed``) and every one not (``not
+        DKIM-signed``, whatever the reason): all ``count`` must be signed.
+        Then the measured rounds run at the plan's log level (a reload)."""
         if DKIM_VARIANTS[self.dkim] is None:
             return
-        with open(self.log_path, "rb") as log:
-            if any(b'"not DKIM-signed"' in line for line in log):
-                raise BenchError(f"{self.name}: messages went unsigned (see its log)")
+        signed, unsigned = self._log_events("DKIM-signed"), self._log_events("not DKIM-signed")
+        if signed != count or unsigned:
+            raise BenchError(
+                f"{self.name}: {signed} of the {count} warm-up messages DKIM-signed, "
+                f"{unsigned} not (see its log)"
+            )
+        workers = self._log_events("ingest worker ready")
+        self.tables["log"]["level"] = self.log_level
+        self.config_path.write_text(self.config_text())
+        run([self.binary, "--socket", str(self.socket_path), "reload"], timeout=30)
+        wait_until(
+            lambda: self._log_events("ingest worker reloaded") >= workers,
+            30,
+            f"{self.name}'s ingest workers to reload",
+        )
+
+    def check_signed(self) -> None:
+        """A signing variant must have signed every message of a round: its
+        log has no ``not DKIM-signed`` line. At log level info that catches a
+        message spoold could not read for signing; one whose ``From:`` domain
+        has no key is logged at debug only, which check_warm_up_signed
+        covers."""
+        if DKIM_VARIANTS[self.dkim] is None:
+            return
+        if self._log_events("not DKIM-signed"):
+            raise BenchError(f"{self.name}: messages went unsigned (see its log)")
 
     def wait_empty(self) -> None:
         def empty() -> bool:
@@ -870,6 +905,8 @@ def warm_up(servers: Sequence[Server], count: int, timeout: float) -> None:
     for server in servers:
         smtp_source(server.port, min(WARM_UP, count), 4096, 5, timeout)
         server.wait_empty()
+        if isinstance(server, SpooldInstance):
+            server.check_warm_up_signed(min(WARM_UP, count))
 
 
 def throughput_scenario(

@@ -1,13 +1,7 @@
 """DKIM signing of new messages (RFC 6376, and RFC 8463 for Ed25519).
 
-A :class:`DkimKey` is one signing key: the domain and selector it signs
-as, its algorithm (``rsa-sha256`` or ``ed25519-sha256``), the private key,
-the header fields it signs and whether it also signs for subdomains of its
-domain. :func:`load_key` reads one from a PEM file and checks it;
-:func:`new_private_key` and :func:`write_new_key` make one (``spoold dkim
-keygen``) and :func:`public_key_record` / :func:`txt_strings` give the DNS
-record that publishes it; :func:`record_problem` says whether a record
-found in DNS publishes a key.
+The keys (:class:`~spoold.dkim_keys.DkimKey`) and their files and DNS
+records are :mod:`spoold.dkim_keys`'s.
 
 A :class:`DkimSigner` holds the keys of a spool. :meth:`DkimSigner.sign`
 takes a message in its wire form (as stored: CRLF, dot-stuffed) and gives
@@ -30,19 +24,25 @@ Canonicalisation is relaxed/relaxed, done by dkimpy's own canonicaliser
 ``cryptography`` (dkimpy's RSA is pure Python: 12-14 ms a message for a
 2048-bit key on the reference machine, against 0.5 ms for the whole
 signature here, canonicalisation included; ``bench/dkim_sign.py``). The
-header fields
-signed are those of the key's list present in the message, each instance
-once, with ``From`` listed once more than it appears ("oversigned"), so
-another ``From:`` cannot be added without breaking the signature. ``t=``
+header fields signed are those of the key's list present in the message,
+each instance once; those of the list that a message has at most once
+(:data:`OVERSIGNED_HEADERS`: ``From``, ``Subject``, ``Reply-To``, ...) are
+listed once more than they appear, absent ones once ("oversigned"), so
+none can be added without breaking the signature. ``t=``
 is the signing time; no ``l=``, no ``x=``, no ``i=`` (it defaults to
 ``@d``).
 
 The body is hashed in chunks of whole lines straight from the wire bytes
 (dot-stuffing undone per chunk), so signing adds a bounded amount of memory
 to the message it is given (which the spool holds whole anyway, within the
-listener's ``max_message_size``). Nothing here does I/O but
-:func:`load_key`; signing is CPU work the caller may move off its event
-loop. :class:`DkimSigner` is immutable: a reload makes a new one.
+listener's ``max_message_size``); a header section over
+:data:`MAX_HEADER_BYTES`, a ``From:`` over :data:`MAX_FROM_CHARS` or more
+than :data:`MAX_SIGNED_FIELDS` fields to sign leaves the message unsigned,
+so the parse stays cheap whatever a client sends.
+:meth:`DkimSigner.sign` never raises for what a message holds: a message it
+cannot read goes unsigned, with the reason. Nothing here does I/O; signing
+is CPU work the caller may move off its event loop. :class:`DkimSigner` is
+immutable: a reload makes a new one.
 """
 
 from __future__ import annotations
@@ -51,296 +51,47 @@ import base64
 import email.utils
 import functools
 import hashlib
-import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from spoold.body import unstuff
-from spoold.errors import DkimKeyError
+from spoold.dkim_keys import DkimKey, signing_domain
 
 __all__ = [
-    "DkimAlgorithm",
-    "DkimKey",
+    "MAX_FROM_CHARS",
+    "MAX_HEADER_BYTES",
+    "MAX_SIGNED_FIELDS",
+    "OVERSIGNED_HEADERS",
     "DkimOutcome",
     "DkimSigner",
-    "DEFAULT_SIGNED_HEADERS",
-    "MIN_RSA_BITS",
-    "load_key",
-    "new_private_key",
-    "write_new_key",
-    "public_key_record",
-    "txt_strings",
-    "record_problem",
-    "check_header_names",
 ]
 
 
-class DkimAlgorithm(StrEnum):
-    RSA_SHA256 = "rsa-sha256"
-    ED25519_SHA256 = "ed25519-sha256"
-
-
-# RFC 6376 §5.4.1's recommended fields, and those that say how the body
-# reads (MIME), which a changed copy would otherwise keep valid.
-DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
-    "From",
-    "Reply-To",
-    "Subject",
-    "Date",
-    "To",
-    "Cc",
-    "Resent-Date",
-    "Resent-From",
-    "Resent-To",
-    "Resent-Cc",
-    "In-Reply-To",
-    "References",
-    "List-Id",
-    "List-Help",
-    "List-Unsubscribe",
-    "List-Subscribe",
-    "List-Post",
-    "List-Owner",
-    "List-Archive",
-    "Sender",
-    "Message-ID",
-    "MIME-Version",
-    "Content-Type",
-    "Content-Transfer-Encoding",
+OVERSIGNED_HEADERS: frozenset[str] = frozenset(
+    {
+        "from",
+        "sender",
+        "reply-to",
+        "subject",
+        "date",
+        "to",
+        "cc",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+    }
 )
-MIN_RSA_BITS = 1024  # RFC 8301: verifiers may refuse shorter keys
-
-PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-
-_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
-_NEVER_SIGNED = {"dkim-signature"}  # a signature does not sign signatures
-
-
-def check_header_names(names: Iterable[str]) -> tuple[str, ...]:
-    """``names`` as a key's list of fields to sign; ValueError when one is
-    not a field name, when ``From`` is missing (RFC 6376 requires it) or a
-    ``DKIM-Signature`` is named."""
-    out = tuple(names)
-    for name in out:
-        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
-            raise ValueError(f"not a header field name: {name!r}")
-        if name.lower() in _NEVER_SIGNED:
-            raise ValueError(f"{name} cannot be signed")
-    if "from" not in {n.lower() for n in out}:
-        raise ValueError("the list must hold From (RFC 6376 requires it signed)")
-    return out
-
-
-def _ascii_domain(domain: str) -> str:
-    """``domain`` in lower case, as its A-label when not ASCII; ValueError
-    when it is not a domain."""
-    text = domain.strip().rstrip(".").lower()
-    if not text.isascii():
-        try:
-            text = text.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise ValueError(f"not a domain: {domain!r}") from None
-    if not re.fullmatch(
-        r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*", text
-    ):
-        raise ValueError(f"not a domain: {domain!r}")
-    return text
-
-
-@dataclass(frozen=True, slots=True)
-class DkimKey:
-    """One signing key (see the module's docstring). ``source``: where it
-    was read from, for messages. Make one with :func:`load_key`, or give a
-    ``cryptography`` private key directly."""
-
-    domain: str
-    selector: str
-    algorithm: DkimAlgorithm
-    private_key: PrivateKey = field(repr=False)
-    headers: tuple[str, ...] = DEFAULT_SIGNED_HEADERS
-    subdomains: bool = False
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "domain", _ascii_domain(self.domain))
-        if not re.fullmatch(
-            r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*", self.selector
-        ):
-            raise ValueError(f"not a DKIM selector: {self.selector!r}")
-        object.__setattr__(self, "algorithm", DkimAlgorithm(self.algorithm))
-        object.__setattr__(self, "headers", check_header_names(self.headers))
-        _check_key_type(self.private_key, self.algorithm, self.source or "the key")
-
-    def covers(self, domain: str) -> bool:
-        """Whether this key signs for mail from ``domain`` (lower case)."""
-        return domain == self.domain or (self.subdomains and domain.endswith("." + self.domain))
-
-
-def _check_key_type(key: object, algorithm: DkimAlgorithm, where: str) -> None:
-    if algorithm is DkimAlgorithm.RSA_SHA256:
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise DkimKeyError(f"{where}: holds {_kind(key)}, but the algorithm is rsa-sha256")
-        if key.key_size < MIN_RSA_BITS:
-            raise DkimKeyError(
-                f"{where}: a {key.key_size}-bit RSA key; DKIM needs at least {MIN_RSA_BITS} "
-                "(2048 is usual)"
-            )
-    elif not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise DkimKeyError(f"{where}: holds {_kind(key)}, but the algorithm is ed25519-sha256")
-
-
-def _kind(key: object) -> str:
-    if isinstance(key, rsa.RSAPrivateKey):
-        return "an RSA key"
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return "an Ed25519 key"
-    return f"a {type(key).__name__.removeprefix('_')}"
-
-
-def load_key(
-    path: str | Path,
-    *,
-    domain: str,
-    selector: str,
-    algorithm: DkimAlgorithm | str,
-    headers: Sequence[str] = DEFAULT_SIGNED_HEADERS,
-    subdomains: bool = False,
-) -> DkimKey:
-    """Read the private key at ``path`` (PEM, PKCS#8 or PKCS#1, not
-    encrypted; for Ed25519 also the base64 32-byte seed that dkimpy's
-    ``dknewkey`` writes) and check it against ``algorithm``. Raises
-    :class:`~spoold.errors.DkimKeyError` naming the file. Blocking I/O."""
-    where = f"key_file {path}"
-    try:
-        alg = DkimAlgorithm(algorithm)
-    except ValueError:
-        raise DkimKeyError(
-            f"{where}: unknown algorithm {algorithm!r} (rsa-sha256 or ed25519-sha256)"
-        ) from None
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise DkimKeyError(f"cannot read {where}: {exc.strerror or exc}") from None
-    key = _parse_private_key(data, alg, where)
-    try:
-        return DkimKey(domain, selector, alg, key, tuple(headers), subdomains, str(path))
-    except ValueError as exc:
-        if isinstance(exc, DkimKeyError):
-            raise
-        raise DkimKeyError(f"{where}: {exc}") from None
-
-
-def _parse_private_key(data: bytes, algorithm: DkimAlgorithm, where: str) -> PrivateKey:
-    if b"-----BEGIN" not in data:
-        if algorithm is DkimAlgorithm.ED25519_SHA256:
-            try:
-                seed = base64.b64decode(data.strip(), validate=True)
-            except ValueError:
-                seed = b""
-            if len(seed) == 32:
-                return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
-        raise DkimKeyError(f"{where}: not a PEM private key")
-    if b"ENCRYPTED" in data:
-        raise DkimKeyError(f"{where}: the key is encrypted; spoold needs it without a passphrase")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise DkimKeyError(f"{where}: not a usable PEM private key ({exc})") from None
-    _check_key_type(key, algorithm, where)
-    assert isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey)
-    return key
-
-
-def public_key_record(key: PrivateKey) -> str:
-    """The TXT record that publishes ``key``'s public half
-    (``v=DKIM1; k=rsa; p=...``), as one string."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        der = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
-
-
-def new_private_key(algorithm: DkimAlgorithm | str, bits: int = 2048) -> PrivateKey:
-    """A new private key for ``algorithm`` (``bits``: an RSA key's size,
-    at least :data:`MIN_RSA_BITS`)."""
-    if DkimAlgorithm(algorithm) is DkimAlgorithm.ED25519_SHA256:
-        return ed25519.Ed25519PrivateKey.generate()
-    if not MIN_RSA_BITS <= bits <= 8192:
-        raise ValueError(f"an RSA key of {bits} bits: give {MIN_RSA_BITS} to 8192 (2048 is usual)")
-    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
-
-
-def write_new_key(path: str | Path, key: PrivateKey) -> None:
-    """Write ``key`` (PKCS#8 PEM, not encrypted) to a new file at ``path``,
-    mode 0600, durably. Never replaces a file: FileExistsError when
-    ``path`` exists (nothing is written then). Blocking I/O."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, pem)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    os.close(fd)
-
-
-def record_problem(key: DkimKey, records: Sequence[str]) -> str | None:
-    """Why none of the TXT ``records`` found at ``key``'s name (each one's
-    strings joined) publishes ``key``, or None when one does."""
-    dkim_records = [r for r in records if "p=" in r]
-    if not dkim_records:
-        return "no DKIM key record (v=DKIM1; k=...; p=...)" if records else "no TXT record"
-    ours = base64.b64decode(public_key_record(key.private_key).rpartition("p=")[2])
-    kind = "rsa" if key.algorithm is DkimAlgorithm.RSA_SHA256 else "ed25519"
-    seen = []
-    for record in dkim_records:
-        tags = {}
-        for part in record.split(";"):
-            name, _, value = part.partition("=")
-            tags[name.strip()] = re.sub(r"\s", "", value)
-        if tags.get("k", "rsa") != kind:
-            seen.append(f"k={tags.get('k', 'rsa')}, not k={kind}")
-            continue
-        if not tags.get("p"):
-            seen.append("the key is revoked (p= is empty)")
-            continue
-        try:
-            published = base64.b64decode(tags["p"], validate=True)
-        except ValueError:
-            seen.append("p= is not base64")
-            continue
-        if published == ours:
-            return None
-        seen.append(f"p= is another key than {key.source or 'this one'}")
-    return "; ".join(seen)
-
-
-def txt_strings(record: str, size: int = 255) -> list[str]:
-    """``record`` cut into the character-strings of one TXT record (each at
-    most 255 bytes; a resolver joins them back without a separator)."""
-    return [record[i : i + size] for i in range(0, len(record), size)] or [""]
-
-
-# ------------------------------------------------------------ signing
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,11 +99,13 @@ class DkimOutcome:
     """What :meth:`DkimSigner.sign` did: ``header`` (the signature fields,
     CRLF-terminated, to put before the message; empty when unsigned),
     ``signed_by`` (``(domain, selector)`` per signature) and, unsigned,
-    ``reason``."""
+    ``reason``; ``no_key`` when it is only that no key covers the
+    ``From:`` domain (the usual case for mail of other domains)."""
 
     header: bytes = b""
     signed_by: tuple[tuple[str, str], ...] = ()
     reason: str = ""
+    no_key: bool = False
 
 
 @functools.cache
@@ -370,6 +123,11 @@ _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _CHUNK = 1 << 16  # body bytes canonicalised at a time
 _LINE_WITH_TEXT = re.compile(rb"[^ \t\r\n]\r\n")  # a chunk may end after one
 _WIDTH = 78  # header lines are folded before this
+# Beyond these a message goes unsigned (no receiver needs more, and the
+# parse stays cheap whatever a client sends).
+MAX_HEADER_BYTES = 1 << 20  # the header section, in wire form
+MAX_FROM_CHARS = 2000  # the From: field's value, unfolded
+MAX_SIGNED_FIELDS = 1000  # fields a signature lists (h=); a real message has tens
 
 
 class DkimSigner:
@@ -399,11 +157,24 @@ class DkimSigner:
 
     def sign(self, wire: bytes, now: datetime) -> DkimOutcome:
         """The signatures of the message in wire form ``wire`` (CRLF,
-        dot-stuffed), made at ``now``."""
+        dot-stuffed), made at ``now``. Never raises for what the message
+        holds: a message it cannot read is left unsigned, with the reason
+        (it is never refused for that)."""
         if not self.keys:
             return DkimOutcome(reason="no keys")
-        end = _HEADER_END.search(wire)
+        try:
+            return self._sign(wire, now)
+        except Exception as exc:  # noqa: BLE001 - not swallowed: the reason is logged
+            # A parse this module did not foresee: the message goes unsigned.
+            return DkimOutcome(reason=f"cannot read the message ({type(exc).__name__}: {exc})")
+
+    def _sign(self, wire: bytes, now: datetime) -> DkimOutcome:
+        end = _HEADER_END.search(wire, 0, MAX_HEADER_BYTES + 4)
+        if end is None and len(wire) > MAX_HEADER_BYTES:
+            return DkimOutcome(reason="header section too large")
         head_end, body_start = (end.start() + 2, end.end()) if end else (len(wire), len(wire))
+        if head_end > MAX_HEADER_BYTES:
+            return DkimOutcome(reason="header section too large")
         fields = _parse_fields(unstuff(wire[:head_end]))
         if fields is None:
             return DkimOutcome(reason="malformed header section")
@@ -412,7 +183,10 @@ class DkimSigner:
             return DkimOutcome(reason=why)
         keys = self.keys_for(domain)
         if not keys:
-            return DkimOutcome(reason=f"no key for {domain}")
+            return DkimOutcome(reason=f"no key for {domain}", no_key=True)
+        wanted = {h.lower() for k in keys for h in k.headers}
+        if sum(1 for n, _ in fields if n.decode().lower() in wanted) > MAX_SIGNED_FIELDS:
+            return DkimOutcome(reason="too many header fields to sign")
         body_hash = base64.b64encode(_relaxed_body_hash(wire, body_start)).decode()
         canonical = _relaxed().canonicalize_headers(fields)
         timestamp = int(now.timestamp())
@@ -422,21 +196,23 @@ class DkimSigner:
 
 def _parse_fields(head: bytes) -> list[tuple[bytes, bytes]] | None:
     """The header fields as (name, value with its CRLF), folding kept;
-    None when a line is neither a field nor a continuation."""
-    fields: list[tuple[bytes, bytes]] = []
+    None when a line is neither a field nor a continuation. Linear in the
+    size of ``head`` (a field's lines are joined once)."""
+    names: list[bytes] = []
+    values: list[list[bytes]] = []
     lines = head.split(b"\r\n")
     if lines[-1] == b"":
         lines.pop()  # what follows the last CRLF
     for line in lines:
-        if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + line + b"\r\n")
+        if line[:1] in (b" ", b"\t") and values:
+            values[-1].append(line)
             continue
         m = _FIELD.match(line)
         if m is None:
             return None
-        fields.append((m.group(1), line[m.end() :] + b"\r\n"))
-    return fields
+        names.append(m.group(1))
+        values.append([line[m.end() :]])
+    return [(n, b"\r\n".join(v) + b"\r\n") for n, v in zip(names, values, strict=True)]
 
 
 def _from_domain(fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
@@ -444,12 +220,17 @@ def _from_domain(fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
     values = [v for n, v in fields if n.lower() == b"from"]
     if len(values) != 1:
         return None, "no From: field" if not values else "more than one From: field"
-    text = re.sub(r"\r\n", "", values[0].decode("utf-8", "replace"))
-    addresses = [a for _, a in email.utils.getaddresses([text]) if a]
+    text = values[0].decode("utf-8", "replace").replace("\r\n", "")
+    if len(text) > MAX_FROM_CHARS:
+        return None, "From: too long"
+    try:
+        addresses = [a for _, a in email.utils.getaddresses([text]) if a]
+    except (RecursionError, ValueError, IndexError):
+        return None, "cannot read the From: field"
     if len(addresses) != 1 or "@" not in addresses[0]:
         return None, "From: does not hold exactly one address"
     try:
-        return _ascii_domain(addresses[0].rpartition("@")[2]), ""
+        return signing_domain(addresses[0].rpartition("@")[2]), ""
     except ValueError:
         return None, "From: has no usable domain"
 
@@ -480,7 +261,8 @@ def _signature(
     """One ``DKIM-Signature:`` field (CRLF-terminated) by ``key``."""
     wanted = {h.lower() for h in key.headers}
     names = [n.decode().lower() for n, _ in fields if n.decode().lower() in wanted]
-    names.append("from")  # oversigned: no From: may be added
+    # Oversigned: one more of each field a message has at most once.
+    names += [n for n in dict.fromkeys(h.lower() for h in key.headers) if n in OVERSIGNED_HEADERS]
     # Each name takes the lowest instance not taken yet (RFC 6376 §5.4.2).
     taken: dict[str, int] = {}
     hashed = hashlib.sha256()

@@ -58,7 +58,7 @@ from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.state import Entry, SpoolState, log
 from spoold.suppression import SuppressedRecipients, Suppressions
 
-__all__ = ["new_messages", "AddSettings", "Submission", "OwnerSubmission"]
+__all__ = ["new_messages", "signature_prefix", "AddSettings", "Submission", "OwnerSubmission"]
 
 
 def new_messages(
@@ -120,7 +120,7 @@ def new_messages(
     return new
 
 
-def _with_signature(
+def signature_prefix(
     prefix: Callable[[str], bytes] | None, signature: bytes
 ) -> Callable[[str], bytes]:
     """``prefix`` followed by the signature fields: written before the body
@@ -230,7 +230,7 @@ class Submission:
         self._refuse_if_closing()
         signature = await self.signature(batch.body, flows)
         if signature:
-            prefix = _with_signature(prefix, signature)
+            prefix = signature_prefix(prefix, signature)
         new = new_messages(
             batch,
             status=status,
@@ -257,7 +257,10 @@ class Submission:
         # off the event loop. RSA signing lets go of the GIL.
         outcome = await anyio.to_thread.run_sync(signer.sign, wire, self._now())
         if not outcome.header:
-            log.info("not DKIM-signed", flows=list(flows), reason=outcome.reason)
+            # Mail of a domain without a key is usual (debug); a message of a
+            # signed domain that cannot be read is worth an operator's look.
+            report = log.debug if outcome.no_key else log.info
+            report("not DKIM-signed", flows=list(flows), reason=outcome.reason)
             return b""
         log.debug(
             "DKIM-signed",

@@ -106,7 +106,7 @@ from spoold.policy import DestinationPolicy, relay_under
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult
 from spoold.scheduler import Scheduler
 from spoold.state import Entry, SpoolState, log
-from spoold.submission import OwnerSubmission
+from spoold.submission import OwnerSubmission, signature_prefix
 from spoold.suppression import SUPPRESSED_STATUS, Suppression, suppression_for
 
 __all__ = ["Transitions"]
@@ -471,7 +471,7 @@ class Transitions:
                 return msg
 
             signature = await self._signature(wire, original.flows)
-            signed = (lambda _mid: signature) if signature else None
+            signed = signature_prefix(None, signature) if signature else None
             (added,) = await self._add_to_disk([NewMessage(wire, SEND_NOW, build, signed)])
         except (SpooldError, OSError, ValueError) as exc:
             mlog.error("could not add a delivery status notification", error=str(exc))

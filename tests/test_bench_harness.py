@@ -99,6 +99,23 @@ def test_scenarios_a_and_d_write_a_results_section(tmp_path: Path, workdir: Path
     assert processes_in(workdir) == []
 
 
+def test_a_signing_variant_runs_once_its_warm_up_was_all_signed(
+    tmp_path: Path, workdir: Path
+) -> None:
+    """--dkim: the variant warms up at log level debug, where spoold logs
+    every message it signs or not, and runs only when all were signed."""
+    results = tmp_path / "RESULTS.md"
+
+    done = run_harness(
+        workdir, "--scenarios", "a", "--dkim", "none,ed25519", "--results", str(results)
+    )
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| a: ")]
+    assert sum("DKIM Ed25519" in row for row in rows) == 3
+    assert list(workdir.iterdir()) == []
+
+
 def test_another_spoold_build_can_be_the_reference(tmp_path: Path, workdir: Path) -> None:
     """``--reference-spoold``: two spoold builds alternate on scenario a (here
     the same one twice), no Postfix is started, and the section says so."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import os
+import re
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,11 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import spoold.dkim
 from spoold import Body, LineEndingPolicy, RoutedBatch, RoutedEnvelope, SendAt, Spool, SpoolWriter
-from spoold.dkim import (
+from spoold.dkim import DkimSigner
+from spoold.dkim_keys import (
     DkimAlgorithm,
     DkimKey,
-    DkimSigner,
     load_key,
     new_private_key,
     public_key_record,
@@ -144,6 +147,12 @@ def test_a_changed_message_fails_the_verifiers() -> None:
         message.replace("naïve".encode(), b"naive"),  # the body
         message.replace(b"Subject:   Gr", b"Subject: Re: Gr"),  # a signed header
         message.replace(b"From: Jane", b"From: Mallory <m@evil.example>\r\nFrom: Jane"),
+        # Fields a message has once are oversigned: none can be added.
+        b"Subject: Your invoice\r\n" + message,
+        message.replace(b"From: Jane", b"Reply-To: m@evil.example\r\nFrom: Jane"),
+        message.replace(
+            b"From: Jane", b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\nFrom: Jane"
+        ),
     ):
         with pytest.raises(BadSignature):
             verify_all(changed, dns)
@@ -207,6 +216,70 @@ def test_a_message_that_cannot_be_signed_is_left_as_it_is(content: bytes, reason
     assert reason in why
 
 
+def test_a_header_section_of_many_folded_lines_is_read_in_linear_time() -> None:
+    """200,000 continuation lines (800 kB): signed, and quickly (the bound
+    is generous, a guard against a parse that copies the field per line)."""
+    k = key("example.org", "s1")
+    content = b"From: a@example.org\r\nX-Long: x\r\n" + b" x\r\n" * 200_000 + b"\r\nhi\r\n"
+    started = time.monotonic()
+    message, why = signed(DkimSigner([k]), content)
+    assert time.monotonic() - started < 5
+    assert why == ""
+    assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+
+
+@pytest.mark.parametrize("blank_line", [True, False])
+def test_a_header_section_over_1_mib_is_left_unsigned(blank_line: bool) -> None:
+    content = b"From: a@example.org\r\nX-Long: x\r\n" + b" x\r\n" * 300_000
+    content += b"\r\nhi\r\n" if blank_line else b""
+    started = time.monotonic()
+    message, why = signed(DkimSigner([key("example.org", "s1")]), content)
+    assert time.monotonic() - started < 5
+    assert why == "header section too large"
+    assert message == Body.from_content(content).content()
+
+
+def test_a_message_with_more_than_1000_fields_to_sign_is_left_unsigned() -> None:
+    """Each would be listed in h= (a To: given 1,001 times: a 4 kB h=)."""
+    k = key("example.org", "s1")
+    many = b"From: a@example.org\r\n" + b"To: x@example.com\r\n" * 999 + b"X-Other: 1\r\n" * 5000
+    message, why = signed(DkimSigner([k]), many + b"\r\nhi\r\n")
+    assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+    message, why = signed(DkimSigner([k]), many + b"Cc: y@example.com\r\n\r\nhi\r\n")
+    assert why == "too many header fields to sign"
+
+
+@pytest.mark.parametrize(
+    ("from_value", "reason"),
+    [
+        (b"(" * 1000, "cannot read the From: field"),  # the parser recurses per "("
+        (b"a@example.org" + b"\r\n (c)" * 100_000, "From: too long"),
+        (b"x" * 1990 + b" <a@example.org>", "From: too long"),
+    ],
+)
+def test_a_from_field_that_cannot_be_read_leaves_the_message_unsigned(
+    from_value: bytes, reason: str
+) -> None:
+    content = b"From: " + from_value + b"\r\n\r\nhi\r\n"
+    started = time.monotonic()
+    message, why = signed(DkimSigner([key("example.org", "s1")]), content)
+    assert time.monotonic() - started < 5
+    assert why == reason
+    assert message == Body.from_content(content).content()
+
+
+def test_an_unforeseen_parse_error_leaves_the_message_unsigned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(fields: object) -> tuple[str | None, str]:
+        raise AttributeError("a parser's own bug")
+
+    monkeypatch.setattr(spoold.dkim, "_from_domain", broken)
+    outcome = DkimSigner([key("example.org", "s1")]).sign(b"From: a@example.org\r\n\r\n", NOW)
+    assert outcome.header == b""
+    assert outcome.reason == "cannot read the message (AttributeError: a parser's own bug)"
+
+
 def test_an_internationalised_from_domain_is_matched_as_its_a_label() -> None:
     k = key("bücher.example", "s1")
     assert k.domain == "xn--bcher-kva.example"
@@ -214,14 +287,30 @@ def test_an_internationalised_from_domain_is_matched_as_its_a_label() -> None:
     assert verify_all(message, dns_for(k)) == [("xn--bcher-kva.example", "s1")]
 
 
-def test_headers_to_sign_can_be_chosen_and_from_is_always_oversigned() -> None:
+@pytest.mark.parametrize(
+    "domain", ["faß.de", "σοφός.example", "a\u200db.example", "\uff45\uff58.example"]
+)
+def test_a_domain_idna_2003_and_2008_read_differently_is_refused(domain: str) -> None:
+    """Python's codec (IDNA 2003) would make faß.de fass.de; receivers
+    (IDNA 2008) read xn--fa-hia.de. The key asks for the xn-- form; mail
+    from such a domain goes unsigned."""
+    with pytest.raises(ValueError, match="write its xn-- form"):
+        key(domain, "s1")
+    assert key("xn--fa-hia.de", "s1").domain == "xn--fa-hia.de"
+    signer = DkimSigner([key("fass.de", "s1"), key("xn--fa-hia.de", "s1")])
+    _, why = signed(signer, f"From: a@{domain}\r\n\r\nhi\r\n".encode())
+    assert why == "From: has no usable domain"
+
+
+def test_headers_to_sign_can_be_chosen_and_single_fields_are_oversigned() -> None:
     k = key("example.org", "s1", headers=("From", "Subject", "X-Campaign"))
     content = (
         b"From: a@example.org\r\nTo: b@example.com\r\nSubject: s\r\nX-Campaign: 7\r\n\r\nhi\r\n"
     )
     message, _ = signed(DkimSigner([k]), content)
     (tags,) = signature_fields(message)
-    assert tags["h"] == "from:subject:x-campaign:from"
+    # Oversigned: the fields of the list a message has at most once.
+    assert tags["h"] == "from:subject:x-campaign:from:subject"
     assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
     # To: is not signed: changing it keeps the signature valid.
     assert verify_all(message.replace(b"To: b@", b"To: c@"), dns_for(k))
@@ -229,6 +318,8 @@ def test_headers_to_sign_can_be_chosen_and_from_is_always_oversigned() -> None:
         key("example.org", "s1", headers=("Subject",))
     with pytest.raises(ValueError, match="cannot be signed"):
         key("example.org", "s1", headers=("From", "DKIM-Signature"))
+    with pytest.raises(ValueError, match="not a header field name"):
+        key("example.org", "s1", headers=("From", "Subject;x"))  # would end h=
 
 
 lines = st.lists(
@@ -270,6 +361,7 @@ def test_load_key_reads_pem_keys_and_checks_them(tmp_path: Path) -> None:
             serialization.NoEncryption(),
         )
     )
+    pkcs1.chmod(0o600)
     load_key(pkcs1, domain="example.org", selector="s1", algorithm="rsa-sha256")
     ed_path = key_file(tmp_path, "ed.key", ED_KEY)
     load_key(ed_path, domain="example.org", selector="s1", algorithm="ed25519-sha256")
@@ -284,11 +376,14 @@ def test_load_key_reads_pem_keys_and_checks_them(tmp_path: Path) -> None:
         )
         + b"\n"
     )
+    seed.chmod(0o640)  # the daemon's group may read it too
     load_key(seed, domain="example.org", selector="s1", algorithm="ed25519-sha256")
 
 
 def test_a_key_that_cannot_be_used_is_a_clear_error_naming_the_file(tmp_path: Path) -> None:
     def error(path: Path, algorithm: str = "rsa-sha256") -> str:
+        if path.is_file():
+            path.chmod(path.stat().st_mode & 0o770)
         with pytest.raises(DkimKeyError) as caught:
             load_key(path, domain="example.org", selector="s1", algorithm=algorithm)
         assert str(path) in str(caught.value)
@@ -331,6 +426,42 @@ def test_a_key_that_cannot_be_used_is_a_clear_error_naming_the_file(tmp_path: Pa
     if os.geteuid() != 0:  # root reads any file
         rsa_path.chmod(0)
         assert "Permission denied" in error(rsa_path)
+
+
+def test_a_key_file_others_may_read_or_that_is_no_regular_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Like OpenDKIM's RequireSafeKeys; and nothing but a regular file of
+    a key's size is read (a FIFO would block the reader, /dev/zero fill
+    its memory)."""
+
+    def error(path: Path | str) -> str:
+        with pytest.raises(DkimKeyError) as caught:
+            load_key(path, domain="example.org", selector="s1", algorithm="rsa-sha256")
+        return str(caught.value)
+
+    rsa_path = key_file(tmp_path, "rsa.key", RSA_KEY)
+    rsa_path.chmod(0o644)
+    assert error(rsa_path) == (
+        f"key_file {rsa_path}: open to every user (mode 0644); a private key must be "
+        "readable by the daemon only: chmod 0600 (or 0640 with the daemon's group)"
+    )
+    rsa_path.chmod(0o602)
+    assert "open to every user (mode 0602)" in error(rsa_path)
+    rsa_path.chmod(0o640)
+    load_key(rsa_path, domain="example.org", selector="s1", algorithm="rsa-sha256")
+    assert error("/dev/zero") == "key_file /dev/zero: not a regular file"
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)
+    assert error(fifo) == f"key_file {fifo}: not a regular file"
+    assert error(tmp_path) == f"key_file {tmp_path}: not a regular file"
+    large = tmp_path / "large.key"
+    large.write_bytes(rsa_path.read_bytes() + b"\n" * 70_000)
+    large.chmod(0o600)
+    assert (
+        error(large)
+        == f"key_file {large}: {large.stat().st_size} bytes; a key file is at most 65536"
+    )
 
 
 def test_write_new_key_is_0600_and_never_replaces_a_file(tmp_path: Path) -> None:
@@ -477,13 +608,23 @@ async def test_a_bounce_the_spool_makes_is_signed_too(tmp_path: Path) -> None:
         max_size=40,
     )
 )
-def test_no_header_section_makes_the_signer_fail(head: list[bytes]) -> None:
-    """Whatever the header section holds, sign answers (signed or not, with
-    a reason) and never raises: a message is never refused for it."""
+def test_any_header_section_is_signed_verifiably_or_left_unsigned(head: list[bytes]) -> None:
+    """Whatever the header section holds, sign answers and never raises (a
+    message is never refused for it): a signature it makes verifies, with
+    this suite's verifier and dkimpy's; else it says why not."""
+    k = key("example.org", "s1")
     content = b"From: a@example.org\r\n" + b"".join(head) + b"\r\n\r\nbody\r\n"
-    wire = Body.from_content(content, LineEndingPolicy.NORMALIZE).wire
-    outcome = DkimSigner([key("example.org", "s1")]).sign(wire, NOW)
-    assert outcome.header or outcome.reason
+    body = Body.from_content(content, LineEndingPolicy.NORMALIZE)
+    outcome = DkimSigner([k]).sign(body.wire, NOW)
+    if outcome.header:
+        message = outcome.header + body.content()
+        assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+        if not re.search(rb"^[!-9;-~]+[ \t]+:", message, re.MULTILINE):
+            # dkimpy reads no field with blanks before its colon (RFC 5322's
+            # obsolete syntax, which the signer takes as the field).
+            assert dkimpy_verify_all(message, dns_for(k)) == 1
+    else:
+        assert outcome.reason
 
 
 def test_record_problem_says_why_a_record_does_not_publish_a_key() -> None:
@@ -496,6 +637,8 @@ def test_record_problem_says_why_a_record_does_not_publish_a_key() -> None:
     assert record_problem(rsa_key, ["v=spf1 -all"]) == "no DKIM key record (v=DKIM1; k=...; p=...)"
     assert record_problem(rsa_key, ["v=DKIM1; k=rsa; p="]) == "the key is revoked (p= is empty)"
     assert record_problem(ed_key, [ours]) == "k=rsa, not k=ed25519"
+    assert record_problem(rsa_key, [ours.replace("k=rsa", "k=RSA")]) is None  # any case
+    assert record_problem(rsa_key, [ours.replace("v=DKIM1", "v=DKIM2")]) == "v=DKIM2, not v=DKIM1"
     assert record_problem(rsa_key, ["v=DKIM1; p=!!"]) == "p= is not base64"
     assert record_problem(rsa_key, [public_key_record(RSA_KEY_2)]) == (
         "p= is another key than this one"

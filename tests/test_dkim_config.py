@@ -4,14 +4,17 @@ manner)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import structlog.testing
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from spoold.daemon.config import Config, dkim_signer, load_config
-from spoold.dkim import DEFAULT_SIGNED_HEADERS, DkimAlgorithm
+from spoold.dkim_keys import DEFAULT_SIGNED_HEADERS, DkimAlgorithm
 from spoold.errors import ConfigError
+from tests.daemon_helpers import write_config
 from tests.dkim_helpers import key_file
 
 BASE = '[spool]\ndir = "spool"\n'
@@ -118,8 +121,15 @@ def test_reading_the_config_reads_no_key(tmp_path: Path) -> None:
             ["dkim[1].selector: s of example.org is also dkim[0]'s"],
         ),
         ('[dkim]\ndomain = "example.org"\n', ["dkim: expected tables [[dkim]]"]),
+        (
+            '[[dkim]]\ndomain = "faß.de"\nselector = "s"\nkey_file = "rsa.key"\n',
+            [
+                "dkim[0].domain: 'faß.de' reads differently by IDNA 2003 and IDNA 2008 "
+                "(Python makes it 'fass.de'): write its xn-- form"
+            ],
+        ),
     ],
-    ids=["missing", "unknown", "algorithm", "values", "twice", "not-an-array"],
+    ids=["missing", "unknown", "algorithm", "values", "twice", "not-an-array", "idna"],
 )
 def test_bad_dkim_tables_report_exact_problems(keys: Path, text: str, expected: list[str]) -> None:
     assert problems(keys, text) == expected
@@ -142,3 +152,28 @@ def test_a_key_that_cannot_be_used_is_a_config_error_naming_the_file(keys: Path)
         f"dkim[2].key_file: key_file {keys / 'rsa.key'}: holds an RSA key, "
         "but the algorithm is ed25519-sha256",
     ]
+
+
+async def test_a_worker_that_cannot_read_a_key_at_reload_says_so_and_keeps_its_keys(
+    keys: Path,
+) -> None:
+    """The daemon validates a reload, then each ingest worker reads the
+    file and its keys again: a key gone in between is refused there, at
+    error, naming the worker, and its old signer stays."""
+    from spoold.daemon import worker
+
+    path = write_config(keys, next_hops=["127.0.0.1:9"])
+    path.write_text(
+        path.read_text() + '\n[smtp]\nlisten = ["127.0.0.1:9"]\n'
+        '[[dkim]]\ndomain = "example.org"\nselector = "s"\nkey_file = "rsa.key"\n'
+    )
+    state = worker._build(load_config(path))
+    assert state.dkim is not None
+    path.write_text(path.read_text().replace("rsa.key", "gone.key"))
+    with structlog.testing.capture_logs() as logged:
+        kept = await worker._reload(state, writer=None)  # type: ignore[arg-type]
+    assert kept is state
+    (line,) = [e for e in logged if e["log_level"] == "error"]
+    assert line["event"] == ("ingest worker reload refused; this worker keeps its running config")
+    assert line["pid"] == os.getpid()
+    assert f"cannot read key_file {keys / 'gone.key'}" in line["problems"][0]

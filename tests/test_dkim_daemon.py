@@ -10,6 +10,7 @@ keygen``'s key and TXT record verify a signature."""
 from __future__ import annotations
 
 import re
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import anyio
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from spoold.body import Body
-from spoold.dkim import DkimSigner, load_key, public_key_record
+from spoold.dkim import DkimSigner
+from spoold.dkim_keys import load_key, public_key_record
 from spoold.message import SendAt
 from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, sendmail, write_config
 from tests.dkim_helpers import DnsServer, StubDns, dkimpy_verify_all, key_file, verify_all
@@ -143,7 +145,13 @@ async def test_signed_mail_through_the_daemon_verifies_at_the_next_hop_after_a_r
     done = await sendmail(config, "-i", "reader@example.com", stdin=other)
     assert done.code == 0, done.err
     await wait_until(lambda: len(server.messages) == 3, daemon.log_text)
-    by_sender = {m.content.endswith(other): m.content for m in server.messages[1:]}
+    # Nor one whose From: holds two addresses (that one is logged at info).
+    two = CONTENT.replace(b"News <news@example.org>", b"news@example.org, x@example.org")
+    done = await sendmail(config, "-i", "reader@example.com", stdin=two)
+    assert done.code == 0, done.err
+    await wait_until(lambda: len(server.messages) == 4, daemon.log_text)
+    assert b"DKIM-Signature" not in server.messages[3].content
+    by_sender = {m.content.endswith(other): m.content for m in server.messages[1:3]}
     assert verify_all(by_sender[False], dns) == [
         ("example.org", "rsa2026"),
         ("example.org", "ed2026"),
@@ -151,7 +159,8 @@ async def test_signed_mail_through_the_daemon_verifies_at_the_next_hop_after_a_r
     assert dkimpy_verify_all(by_sender[False], dns) == 2
     assert b"DKIM-Signature" not in by_sender[True]
     unsigned = [line for line in daemon.log_lines() if line.get("event") == "not DKIM-signed"]
-    assert [line["reason"] for line in unsigned] == ["no key for example.net"]
+    # Mail of a domain without a key is usual: logged at debug, not info.
+    assert [line["reason"] for line in unsigned] == ["From: does not hold exactly one address"]
 
 
 async def test_a_key_that_cannot_be_read_stops_the_start(
@@ -161,7 +170,9 @@ async def test_a_key_that_cannot_be_read_stops_the_start(
     config = _config(tmp_path, "127.0.0.1:9", _dkim_table("s1", "keys", "rsa-sha256"))
     daemon = await start_daemon(config, wait_ready=False)
     assert await daemon.wait_exit() == 2
-    assert f"dkim[0].key_file: cannot read key_file {tmp_path / 'keys'}" in daemon.log_text()
+    assert f"dkim[0].key_file: key_file {tmp_path / 'keys'}: not a regular file" in (
+        daemon.log_text()
+    )
 
 
 async def test_a_reload_with_an_unreadable_key_is_refused_and_the_old_key_signs(
@@ -251,6 +262,42 @@ def test_keygen_writes_a_private_key_and_prints_a_record_that_verifies(tmp_path:
         assert again.code == 1
         assert "exists; a key is never overwritten" in again.err
         assert path.read_bytes() == before
+
+
+def test_keygen_refuses_bits_for_ed25519_and_prints_a_toml_string_for_any_path(
+    tmp_path: Path,
+) -> None:
+    done = cli(
+        "dkim",
+        "keygen",
+        "example.org",
+        "e1",
+        "--algorithm",
+        "ed25519-sha256",
+        "--bits",
+        "4096",
+        "--directory",
+        str(tmp_path),
+    )
+    assert done.code == 2
+    assert "--bits is for rsa-sha256 keys; an Ed25519 key has one size" in done.err
+    assert list(tmp_path.iterdir()) == []
+    odd = tmp_path / 'a "quoted" dir\\with\tcontrol'
+    odd.mkdir()
+    done = cli(
+        "dkim",
+        "keygen",
+        "example.org",
+        "e1",
+        "--algorithm",
+        "ed25519-sha256",
+        "--directory",
+        str(odd),
+    )
+    assert done.code == 0, done.err
+    lines = done.out.splitlines()
+    table = tomllib.loads("\n".join(lines[lines.index("[[dkim]]") :]))
+    assert table["dkim"][0]["key_file"] == str(odd / "example.org.e1.key")
 
 
 def test_dkim_check_says_which_keys_dns_publishes(tmp_path: Path) -> None:

@@ -122,7 +122,8 @@ LIBRARY_ROWS: list[list[str]] = [
         "mta_sts",
         "dane",
         "tls_policy",
-        # issue 22: DKIM signing
+        # issue 22: DKIM signing (the keys, then the signer)
+        "dkim_keys",
         "dkim",
     ],
     # the spool's shared state, then its rooms

@@ -723,9 +723,7 @@ def dkim() -> None:
     show_default=True,
     help="the key's algorithm",
 )
-@click.option(
-    "--bits", type=int, default=2048, show_default=True, help="RSA key size (rsa-sha256 only)"
-)
+@click.option("--bits", type=int, help="RSA key size (rsa-sha256 only)  [default: 2048]")
 @click.option(
     "--directory",
     metavar="DIR",
@@ -735,12 +733,12 @@ def dkim() -> None:
 )
 @click.option("--output", metavar="PATH", help="the key file to write (instead of --directory)")
 def keygen(
-    domain: str, selector: str, algorithm: str, bits: int, directory: str, output: str | None
+    domain: str, selector: str, algorithm: str, bits: int | None, directory: str, output: str | None
 ) -> None:
     """Make a signing key for DOMAIN with SELECTOR: write it to a new file
     (mode 0600; an existing file is never replaced) and print the DNS TXT
     record to publish and the [[dkim]] table for the config."""
-    from spoold.dkim import (
+    from spoold.dkim_keys import (
         DkimAlgorithm,
         DkimKey,
         new_private_key,
@@ -750,6 +748,9 @@ def keygen(
     )
 
     alg = DkimAlgorithm(algorithm)
+    if bits is not None and alg is DkimAlgorithm.ED25519_SHA256:
+        _fail("--bits is for rsa-sha256 keys; an Ed25519 key has one size", 2)
+    bits = 2048 if bits is None else bits
     try:
         key = new_private_key(alg, bits)
         # Checks domain and selector as the config will (a key of no use is
@@ -777,7 +778,8 @@ def keygen(
     click.echo("[[dkim]]")
     click.echo(f'domain = "{domain}"')
     click.echo(f'selector = "{selector}"')
-    click.echo(f'key_file = "{path}"')
+    # A TOML basic string: JSON's escapes are TOML's (non-ASCII kept as is).
+    click.echo(f"key_file = {json.dumps(str(path), ensure_ascii=False)}")
     click.echo(f'algorithm = "{alg.value}"')
 
 
@@ -799,7 +801,7 @@ def dkim_check(target: _Target, nameserver: str | None) -> None:
     import dns.resolver
 
     from spoold.daemon.dns import nameserver_address
-    from spoold.dkim import record_problem
+    from spoold.dkim_keys import record_problem
 
     config = target._config()
     try:

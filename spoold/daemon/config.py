@@ -46,13 +46,15 @@ from spoold import limits as _limits
 from spoold import settings as _settings
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import CacheSettings, TlsMode
-from spoold.dkim import (
+from spoold.dkim import DkimSigner
+from spoold.dkim_keys import (
     DEFAULT_SIGNED_HEADERS,
     DkimAlgorithm,
     DkimKey,
-    DkimSigner,
     check_header_names,
+    check_selector,
     load_key,
+    signing_domain,
 )
 from spoold.errors import ConfigError, DkimKeyError
 from spoold.hops import nameserver_address, parse_hop
@@ -319,22 +321,11 @@ def _optional_hostname(v: object) -> str:
 
 def _dkim_domain(v: object) -> str:
     """A signing domain, lower case; an internationalised one as its A-label."""
-    text = _str(v).strip().rstrip(".").lower()
-    if not text.isascii():
-        try:
-            text = text.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise ValueError(f"expected a domain like 'example.org', got {v!r}") from None
-    if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", text):
-        raise ValueError(f"expected a domain like 'example.org', got {v!r}")
-    return text
+    return signing_domain(_str(v))
 
 
 def _selector(v: object) -> str:
-    text = _str(v).strip()
-    if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?", text):
-        raise ValueError(f"expected a selector like 's2026' (letters, digits, - _ .), got {v!r}")
-    return text
+    return check_selector(_str(v).strip())
 
 
 def _signed_headers(v: object) -> tuple[str, ...]:

@@ -15,8 +15,11 @@ gone, and the worker stops as on SIGTERM (it never outlives its daemon).
 
 Signals, as for the daemon: SIGHUP reads the config file again and applies
 what it can (routes, listener limits, the ``hostname`` of new sessions and
-messages, retry defaults, the free-space floor;
-a file that does not validate changes nothing); SIGTERM or SIGINT stop
+messages, retry defaults, the free-space floor, the DKIM keys, whose files
+it reads itself; a file that does not validate changes nothing and is
+logged at error as ``ingest worker reload refused``, with the worker's
+pid: the daemon has validated the file first, so only what changed in
+between can do that, and the daemon's own reload answer does not show it); SIGTERM or SIGINT stop
 accepting, let the messages being spooled finish (up to
 ``spool.flush_timeout``) and exit 0. Exit codes: 0 stopped, 2 bad config,
 1 could not start.
@@ -187,11 +190,17 @@ async def _reload(state: _State, writer: SpoolWriter) -> _State:
     try:
         config = await anyio.to_thread.run_sync(load_config, state.config.path)
         new = await anyio.to_thread.run_sync(_build, config)
-    except ConfigError as exc:
-        log.error("reload refused; the running config stays", problems=exc.problems)
-        return state
-    except (SpooldError, ValueError, OSError) as exc:
-        log.error("reload refused; the running config stays", problems=[str(exc)])
+    except (ConfigError, SpooldError, ValueError, OSError) as exc:
+        # The daemon validated the file before passing the reload on, but a
+        # worker reads it (and its key files) again: what changed meanwhile
+        # can be refused here alone. Said at error, naming this worker, in
+        # the daemon's log stream (the daemon's reload answer cannot know).
+        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+        log.error(
+            "ingest worker reload refused; this worker keeps its running config",
+            pid=os.getpid(),
+            problems=problems,
+        )
         return state
     logs.configure(config.log.format, config.log.level)
     writer.settings = config.spool.settings.writer
