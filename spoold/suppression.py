@@ -50,7 +50,7 @@ import heapq
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
@@ -60,6 +60,7 @@ import msgspec
 import structlog
 
 from spoold.errors import StoreError
+from spoold.relay import RecipientResult
 
 __all__ = [
     "SUPPRESSION_FILE",
@@ -75,6 +76,8 @@ __all__ = [
     "Suppressions",
     "normalise",
     "suppression_for",
+    "refused_everyone",
+    "STORM_RECIPIENTS",
     "clean_reason",
     "MAX_REASON",
     "encode_list",
@@ -437,6 +440,23 @@ def suppression_for(
         reason=clean_reason(reason),
         source=source,
     )
+
+
+STORM_RECIPIENTS = 10
+"""An attempt whose hop refused every one of more than this many recipients
+as unknown suppresses none of them (:func:`refused_everyone`)."""
+
+
+def refused_everyone(replies: Mapping[str, RecipientResult], bounced: Iterable[str]) -> bool:
+    """Whether the hard bounces ``bounced`` of one attempt look like a
+    broken or hostile hop rather than dead mailboxes: the hop answered more
+    than :data:`STORM_RECIPIENTS` recipients at ``RCPT`` and refused every
+    one of them. A hop that says "no such user" to a whole list at once
+    (a misconfigured server, a lost directory) must not put the list on
+    the suppression list; those recipients fail, and nothing is
+    remembered."""
+    asked = {r for r, result in replies.items() if result.phase == "rcpt"}
+    return len(asked) > STORM_RECIPIENTS and asked <= set(bounced)
 
 
 MAX_REASON = 300

@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from spoold import RecipientSuppressedError, SpooldError
+from spoold.connection_cache import RouteSettings
 from spoold.daemon.config import Config, parse_config
 from spoold.daemon.ingest import Submitter
 from spoold.daemon.listener import SmtpListener, listener_settings
@@ -26,12 +27,14 @@ from spoold.daemon.routing import Router
 from spoold.errors import AddressError, ConfigError, StoreError
 from spoold.events import EventKind
 from spoold.hooks import ErrorAction
-from spoold.message import Frozen, Message
+from spoold.message import Frozen, Message, RoutedBatch, RoutedEnvelope
 from spoold.outcome import DeliveryPolicy, OnPermanentFailure, is_hard_bounce
 from spoold.relay import RecipientResult
 from spoold.settings import SpoolSettings
+from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from spoold.suppression import (
+    STORM_RECIPIENTS,
     SUPPRESSION_FILE,
     Suppression,
     Suppressions,
@@ -40,7 +43,9 @@ from spoold.suppression import (
 )
 from spoold.testing import FakeClock, InMemoryRelay
 from tests.ingest_helpers import HOSTNAME, SENDER, HeldRelay, make_config, raw_smtp
+from tests.smtp_server import Reply, SmtpTestServer
 from tests.spool_helpers import (
+    BODY,
     NO_SUCH_USER,
     START,
     TRY_LATER,
@@ -57,6 +62,8 @@ from tests.support import free_port, wait_until
 DAY = timedelta(days=1)
 T0 = datetime(2031, 1, 1, tzinfo=UTC)
 POLICY_REFUSAL = RecipientResult(550, "rejected by policy", "5.7.1")
+FAIL = ErrorAction.FAIL_PERMANENTLY
+SUPPRESS = ErrorAction.SUPPRESS
 BAD_DOMAIN = RecipientResult(550, "no such domain", "5.1.2")
 
 
@@ -214,6 +221,19 @@ async def test_a_reader_sees_the_owners_changes_when_the_file_changes(tmp_path: 
         (NO_SUCH_USER, ErrorAction.DONE, False),
         (POLICY_REFUSAL, ErrorAction.SUPPRESS, True),  # on_error's word
         (TRY_LATER, ErrorAction.SUPPRESS, True),
+        (RecipientResult(550, "moved", "5.1.6"), ErrorAction.FAIL_PERMANENTLY, True),
+        (RecipientResult(553, "bad syntax", "5.1.3"), ErrorAction.FAIL_PERMANENTLY, True),
+        # about the sender, or saying the address is fine
+        (RecipientResult(550, "Sender address rejected", "5.1.0"), FAIL, False),
+        (RecipientResult(550, "bad sender mailbox", "5.1.7"), FAIL, False),
+        (RecipientResult(550, "Sender address rejected", "5.1.8"), FAIL, False),
+        (RecipientResult(550, "valid address", "5.1.5"), FAIL, False),
+        # given to every recipient: a reply to MAIL FROM or to the message
+        (RecipientResult(550, "no such user", "5.1.1", phase="mail"), FAIL, False),
+        (RecipientResult(550, "no such user", "5.1.1", phase="data"), FAIL, False),
+        # spoold's own answer, whatever on_error says
+        (RecipientResult(553, "cannot be relayed", "5.1.3", phase="local"), FAIL, False),
+        (RecipientResult(553, "cannot be relayed", "5.1.3", phase="local"), SUPPRESS, False),
     ],
 )
 def test_what_is_a_hard_bounce(result: RecipientResult, action: ErrorAction, hard: bool) -> None:
@@ -533,3 +553,108 @@ async def test_fail_mode_with_bounces_tells_the_sender(tmp_path: Path) -> None:
         assert b"Status: 5.7.1" in wire
         assert b"recipient suppressed until" in wire
     assert all(m != mid for m, _ in relay.attempts)  # never sent
+
+
+# --------------------------- only a hop's reply to the recipient's own RCPT
+
+
+def _frozen_on_failure(**changes: object) -> SpoolSettings:
+    policy = DeliveryPolicy(on_permanent_failure=OnPermanentFailure.FREEZE)
+    return suppressing(delivery_policy=policy, **changes)
+
+
+@pytest.mark.parametrize(
+    ("where", "reply", "suppressed"),
+    [
+        ("mail", "550 5.1.8 Sender address rejected: domain not found", []),
+        ("rcpt-all", "550 5.1.0 <s@example.org>: Sender address rejected", []),
+        ("data_end", "550 5.1.1 no such user", []),
+        ("rcpt", "550 5.1.1 no such user", ["gone@example.com"]),
+    ],
+)
+async def test_only_a_refusal_of_the_recipients_own_rcpt_suppresses(
+    tmp_path: Path, smtp_server: SmtpTestServer, where: str, reply: str, suppressed: list[str]
+) -> None:
+    """A real next hop: a refusal of the sender (at MAIL FROM, or at RCPT as
+    Postfix words it) or of the message (after DATA) is given to every
+    recipient and suppresses nobody; a 550 5.1.1 to one RCPT suppresses
+    that recipient alone."""
+    behaviour = smtp_server.behaviour
+    if where == "mail":
+        behaviour.mail = Reply(reply)
+    elif where == "data_end":
+        behaviour.data_end = Reply(reply)
+    elif where == "rcpt-all":
+        behaviour.rcpt["gone@example.com"] = Reply(reply)
+        behaviour.rcpt["ok@example.com"] = Reply(reply)
+    else:
+        behaviour.rcpt["gone@example.com"] = Reply(reply)
+    relay = SmtpRelay(RouteSettings(tls="none", connect_timeout=5.0, command_timeout=5.0))
+    submission = RoutedBatch(
+        [RoutedEnvelope(SPOOL_SENDER, ["gone@example.com", "ok@example.com"], [smtp_server.hop])],
+        BODY,
+    )
+    try:
+        with anyio.fail_after(30):
+            async with open_spool(
+                tmp_path, relay, FakeClock(START), settings=_frozen_on_failure()
+            ) as spool:
+                (mid,) = await spool.add(submission)
+                await wait_until(
+                    lambda: all(m.relay_attempts for m in spool.status() if m.id == mid),
+                    "an attempt made",
+                )
+                assert [e.address for e in spool.suppressed()] == suppressed
+    finally:
+        await relay.close_and_flush()
+
+
+@pytest.mark.parametrize(("count", "suppressed"), [(STORM_RECIPIENTS, True), (11, False)])
+async def test_a_hop_refusing_a_whole_list_suppresses_none_of_it(
+    tmp_path: Path, count: int, suppressed: bool
+) -> None:
+    """More than STORM_RECIPIENTS recipients of one attempt, every one
+    "no such user": a broken hop, not dead mailboxes; up to it, each is
+    suppressed."""
+    rcpts = [f"u{i}@example.com" for i in range(count)]
+    relay = relay_answering(dict.fromkeys(rcpts, NO_SUCH_USER))
+    async with open_spool(
+        tmp_path, relay, FakeClock(START), settings=_frozen_on_failure()
+    ) as spool:
+        (mid,) = await spool.add(batch(*rcpts))
+        msg = await settled(spool, mid)
+        assert sorted(msg.failed_recipients) == sorted(rcpts)
+        assert len(spool.suppressed()) == (count if suppressed else 0)
+
+
+async def test_one_good_recipient_keeps_the_others_suppressed(tmp_path: Path) -> None:
+    rcpts = [f"u{i}@example.com" for i in range(STORM_RECIPIENTS + 5)]
+    answers: dict[str, RecipientResult] = dict.fromkeys(rcpts, NO_SUCH_USER)
+    relay = relay_answering({**answers})
+    async with open_spool(
+        tmp_path, relay, FakeClock(START), settings=_frozen_on_failure()
+    ) as spool:
+        (mid,) = await spool.add(batch(*rcpts, "ok@example.com"))
+        await settled(spool, mid)
+        assert len(spool.suppressed()) == len(rcpts)
+
+
+async def test_a_suppressed_recipients_notification_names_no_remote_mta(tmp_path: Path) -> None:
+    """Fail mode, one recipient suppressed and one refused by the hop: the
+    DSN credits the hop with the hop's refusal only."""
+    relay = relay_answering({"refused@example.com": POLICY_REFUSAL})
+    settings = suppressing(
+        suppressed_recipients="fail",
+        delivery_policy=DeliveryPolicy(on_permanent_failure=OnPermanentFailure.BOUNCE),
+    )
+    async with open_spool(tmp_path, relay, FakeClock(START), settings=settings) as spool:
+        await spool.suppress(["gone@example.com"], for_=DAY, reason="asked")
+        (mid,) = await spool.add(batch("gone@example.com", "refused@example.com"))
+        await spool.wait(mid, timeout=10)
+        await wait_until(lambda: relay.delivered, "the notification delivered")
+        ((_dsn_id, _to, wire),) = relay.delivered
+    text = wire.decode()
+    blocks = text.split("Final-Recipient:")[1:]
+    by_rcpt = {b.split(";")[1].split()[0]: b for b in blocks}
+    assert "Remote-MTA" not in by_rcpt["gone@example.com"], text
+    assert "Remote-MTA" in by_rcpt["refused@example.com"]
