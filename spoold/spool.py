@@ -107,6 +107,7 @@ from spoold.suppression import (
     SuppressedRecipients,
     Suppression,
     Suppressions,
+    SuppressionSource,
     suppression_for,
 )
 from spoold.tasks import own_tasks
@@ -776,6 +777,17 @@ class Spool:
         were suppressed. Durable when it returns."""
         checked = _checked_addresses(addresses)
         return await self._state.suppressions.remove(checked, now=self.clock.now())
+
+    async def unsuppress_source(
+        self, source: SuppressionSource, *, within: timedelta | None = None
+    ) -> list[str]:
+        """Lift every suppression ``source`` made (``"bounce"``: after a
+        wave of bounces a broken hop gave), or only those made in the last
+        ``within``; the addresses lifted that were in force. Durable when
+        it returns."""
+        now = self.clock.now()
+        since = None if within is None else now - within
+        return await self._state.suppressions.remove_where(source=source, since=since, now=now)
 
     # ------------------------------------ reading a spool without owning it
 

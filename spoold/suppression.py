@@ -360,19 +360,36 @@ class Suppressions:
         if len(entries) > max_entries:
             self._drop_ended(now)
         if len(entries) > max_entries:
-            excess = len(entries) - max_entries
-            dropped = heapq.nsmallest(excess, entries.values(), key=lambda e: e.until)
-            for entry in dropped:
-                del entries[entry.address]
-            log.warning(
-                "suppression list full (spool.max_suppressed): "
-                "dropped the entries closest to their end",
-                max_suppressed=max_entries,
-                dropped=len(dropped),
-            )
+            self._drop_excess(max_entries, bounces_only=all(e.source == "bounce" for e in added))
         if added:
             await self._commit()
         return [e for e in added if entries.get(e.address) is e]
+
+    def _drop_excess(self, max_entries: int, *, bounces_only: bool) -> None:
+        """Bring a full list back to ``max_entries``: entries a bounce made
+        go first, closest to their end first, then an operator's. To make
+        room for bounce entries (``bounces_only``) no operator entry is
+        ever dropped: a bounce entry that finds no room is not kept."""
+        entries = self._entries
+        excess = len(entries) - max_entries
+        candidates: Iterable[Suppression] = entries.values()
+        if bounces_only:
+            candidates = [e for e in entries.values() if e.source == "bounce"]
+        dropped = heapq.nsmallest(
+            excess, candidates, key=lambda e: (e.source == "operator", e.until)
+        )
+        for entry in dropped:
+            del entries[entry.address]
+        by_source = {s: sum(e.source == s for e in dropped) for s in ("bounce", "operator")}
+        log.warning(
+            "suppression list full (spool.max_suppressed): "
+            "dropped the entries closest to their end, those of bounces first",
+            max_suppressed=max_entries,
+            dropped=len(dropped),
+            dropped_bounces=by_source["bounce"],
+            dropped_operators=by_source["operator"],
+            addresses=[e.address for e in dropped[:20]],
+        )
 
     async def remove(self, addresses: Iterable[str], *, now: datetime) -> list[str]:
         """Take ``addresses`` off the list (written, durable when it
@@ -388,6 +405,29 @@ class Suppressions:
                     gone.append(address)
         await self._commit()
         return gone
+
+    async def remove_where(
+        self, *, source: SuppressionSource, since: datetime | None, now: datetime
+    ) -> list[str]:
+        """Take off the list every entry ``source`` made (``since``: only
+        those made at or after it), written, durable when it returns; the
+        addresses lifted that were in force, by address."""
+        self._require_owner()
+        entries = self._entries
+        chosen = sorted(
+            (
+                e
+                for e in entries.values()
+                if e.source == source and (since is None or e.since >= since)
+            ),
+            key=lambda e: e.address,
+        )
+        for entry in chosen:
+            del entries[entry.address]
+        if chosen:
+            self._version += 1
+        await self._commit()
+        return [e.address for e in chosen if e.until > now]
 
     async def prune(self, now: datetime) -> int:
         """Drop the entries that have ended (written); how many."""

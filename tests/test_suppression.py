@@ -142,6 +142,54 @@ async def test_the_bound_drops_the_entries_closest_to_their_end(tmp_path: Path) 
     assert len((await owner_list(tmp_path)).entries(T0)) == 3
 
 
+def bounce(address: str, days: float) -> Suppression:
+    return msgspec.structs.replace(entry(address, days), source="bounce")
+
+
+async def test_bounces_never_push_an_operators_entries_off_a_full_list(tmp_path: Path) -> None:
+    listed = await owner_list(tmp_path)
+    await listed.add(
+        [entry("op1@x.org", 1), entry("op2@x.org", 2)], now=T0, max_entries=2, extend_only=False
+    )
+    # full of an operator's entries: the bounce entry is the one not kept
+    assert await listed.add([bounce("b@x.org", 30)], now=T0, max_entries=2, extend_only=True) == []
+    assert [e.address for e in listed.entries(T0)] == ["op1@x.org", "op2@x.org"]
+    # with room made by a bounce entry, the bounce entries closest to their end go
+    await listed.add([entry("op2@x.org", 2)], now=T0, max_entries=3, extend_only=False)
+    await listed.add([bounce("old@x.org", 20)], now=T0, max_entries=3, extend_only=True)
+    added = await listed.add([bounce("new@x.org", 30)], now=T0, max_entries=3, extend_only=True)
+    assert [e.address for e in added] == ["new@x.org"]
+    assert [e.address for e in listed.entries(T0)] == ["new@x.org", "op1@x.org", "op2@x.org"]
+    # a smaller bound (a reload) still keeps the operator's entries for bounces
+    assert await listed.add([bounce("x@x.org", 30)], now=T0, max_entries=1, extend_only=True) == []
+    assert {e.source for e in listed.entries(T0)} == {"operator"}
+
+
+async def test_an_operators_entry_pushes_bounce_entries_off_first(tmp_path: Path) -> None:
+    listed = await owner_list(tmp_path)
+    await listed.add([entry("op@x.org", 1)], now=T0, max_entries=2, extend_only=False)
+    await listed.add([bounce("b@x.org", 30)], now=T0, max_entries=2, extend_only=True)
+    added = await listed.add([entry("op2@x.org", 5)], now=T0, max_entries=2, extend_only=False)
+    assert [e.address for e in added] == ["op2@x.org"]
+    assert [e.address for e in listed.entries(T0)] == ["op2@x.org", "op@x.org"]
+
+
+async def test_every_bounce_entry_is_lifted_at_once_or_those_of_a_span(tmp_path: Path) -> None:
+    listed = await owner_list(tmp_path)
+    early = msgspec.structs.replace(bounce("early@x.org", 30), since=T0 - DAY)
+    await listed.add(
+        [early, bounce("b1@x.org", 30), bounce("b2@x.org", 30), entry("op@x.org", 30)],
+        now=T0,
+        max_entries=10,
+        extend_only=False,
+    )
+    got = await listed.remove_where(source="bounce", since=T0 - timedelta(hours=1), now=T0)
+    assert got == ["b1@x.org", "b2@x.org"]
+    assert [e.address for e in listed.entries(T0)] == ["early@x.org", "op@x.org"]
+    assert await listed.remove_where(source="bounce", since=None, now=T0) == ["early@x.org"]
+    assert [e.address for e in (await owner_list(tmp_path)).entries(T0)] == ["op@x.org"]
+
+
 async def test_a_bounce_only_extends_an_entry_an_operator_replaces_it(tmp_path: Path) -> None:
     listed = await owner_list(tmp_path)
     await listed.add([entry("a@x.org", 30)], now=T0, max_entries=10, extend_only=False)

@@ -312,8 +312,22 @@ async def _suppress_add(ctx: ControlContext, p: SuppressAddRequest) -> Any:
 
 
 async def _suppress_remove(ctx: ControlContext, p: SuppressRemoveRequest) -> Any:
-    lifted = await ctx.spool.unsuppress(_addresses(p.addresses))
-    log.info("suppression lifted by an operator", addresses=lifted)
+    if p.source is None:
+        if p.since is not None:
+            raise ValueError("'since' goes with 'source'")
+        lifted = await ctx.spool.unsuppress(_addresses(p.addresses))
+    else:
+        if p.addresses:
+            raise ValueError("give 'addresses' or 'source', not both")
+        within = parse_span(p.since) if p.since is not None else None
+        lifted = await ctx.spool.unsuppress_source(p.source, within=within)
+    log.info(
+        "suppression lifted by an operator",
+        addresses=lifted[:100],
+        lifted=len(lifted),
+        source=p.source,
+        since=p.since,
+    )
     return lifted
 
 
