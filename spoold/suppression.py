@@ -331,6 +331,16 @@ class Suppressions:
                 found[rcpt] = entry
         return found
 
+    def snapshot(self) -> list[Suppression]:
+        """Every entry as it is now (ended or not, in no order): a copy of
+        the references, cheap enough for the event loop; the entries are
+        frozen, so another thread may sort and show them."""
+        return list(self._entries.values())
+
+    def in_force(self, now: datetime) -> int:
+        """How many entries are in force now (a count, nothing sorted)."""
+        return sum(e.until > now for e in self._entries.values())
+
     def entries(self, now: datetime) -> list[Suppression]:
         """Every entry in force now, by address."""
         return sorted((e for e in self._entries.values() if e.until > now), key=lambda e: e.address)

@@ -706,3 +706,37 @@ async def test_a_suppressed_recipients_notification_names_no_remote_mta(tmp_path
     by_rcpt = {b.split(";")[1].split()[0]: b for b in blocks}
     assert "Remote-MTA" not in by_rcpt["gone@example.com"], text
     assert "Remote-MTA" in by_rcpt["refused@example.com"]
+
+
+async def test_the_whole_list_is_shown_and_encoded_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``suppress_list`` of a whole list builds and encodes its reply in a
+    worker thread (a large list must not hold up the daemon's loop); the
+    total is those in force."""
+    import threading
+    import types
+
+    from spoold.daemon import control_handlers
+    from spoold.protocol import Encoded
+
+    threads: set[int] = set()
+    shown = control_handlers.suppression_view
+
+    def view(e: Suppression) -> dict[str, object]:
+        threads.add(threading.get_ident())
+        return shown(e)
+
+    monkeypatch.setattr(control_handlers, "suppression_view", view)
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, InMemoryRelay(), clock) as spool:
+        await spool.suppress(["b@x.org", "a@x.org"], for_=DAY)
+        await spool.suppress(["short@x.org"], for_=timedelta(minutes=1))
+        clock.advance(timedelta(minutes=2))
+        ctx = types.SimpleNamespace(spool=spool)
+        reply = await control_handlers._suppress_list(ctx, control_handlers.SuppressListRequest())
+    assert isinstance(reply, Encoded)
+    found = msgspec.json.decode(reply.json)
+    assert [e["address"] for e in found["entries"]] == ["a@x.org", "b@x.org"]
+    assert found["total"] == 2
+    assert threads and threading.get_ident() not in threads
