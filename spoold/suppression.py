@@ -10,7 +10,8 @@ from ``add``) or taken and failed at its first attempt (``"fail"``), and no
 attempt of a queued message sends to it.
 
 Addresses are kept *normalised* (:func:`normalise`): the whole address in
-lower case. The domain is case-blind by definition; the local part may be
+lower case, the domain as its ASCII (``xn--``) form, the local part in NFC
+and without quotes it does not need. The domain is case-blind by definition; the local part may be
 case-sensitive by RFC 5321, but no mailbox provider in use treats
 ``Alice@`` and ``alice@`` as two people, and the list errs on the side of
 not sending: a dead mailbox must not be reachable again by changing case.
@@ -50,6 +51,7 @@ import heapq
 import os
 import re
 import shutil
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -105,14 +107,39 @@ SuppressionCount = Literal["refused", "failed", "bounced"]
 SUPPRESSION_COUNTS: tuple[SuppressionCount, ...] = ("refused", "failed", "bounced")
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+_DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+
+
 def normalise(address: str) -> str:
-    """The form an address is kept and looked up in: the whole address in
-    lower case, surrounding spaces and angle brackets dropped (see the
-    module's docstring for why the local part too)."""
+    """The form an address is kept and looked up in, one for every spelling
+    of a mailbox: surrounding spaces and angle brackets dropped; the local
+    part in Unicode NFC and lower case (see the module's docstring for
+    why), and unquoted when the quotes are not needed (``"gone"@`` is
+    ``gone@``); the domain in lower case as its ASCII form (``xn--``
+    labels for a non-ASCII one)."""
     text = address.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
-    return text.lower()
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return unicodedata.normalize("NFC", text.lower())
+    local = unicodedata.normalize("NFC", local.lower())
+    if len(local) > 2 and local[0] == local[-1] == '"' and _DOT_ATOM.fullmatch(local[1:-1]):
+        local = local[1:-1]
+    return f"{local}@{_ascii_domain(domain)}"
+
+
+def _ascii_domain(domain: str) -> str:
+    """``domain`` in lower case, its A-labels when it is not ASCII (left
+    as it is, in lower case, when it cannot be: it is refused elsewhere)."""
+    text = domain.lower()
+    if text.isascii():
+        return text
+    try:
+        return text.encode("idna").decode("ascii")
+    except UnicodeError:
+        return unicodedata.normalize("NFC", text)
 
 
 _Time = Annotated[datetime, msgspec.Meta(tz=True)]

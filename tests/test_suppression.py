@@ -96,7 +96,36 @@ async def test_addresses_are_normalised_whole_address_lower_case(tmp_path: Path)
     assert [e.address for e in listed.entries(T0)] == ["alice@example.com"]
     for spelling in ("alice@example.com", "ALICE@EXAMPLE.COM", "<Alice@example.com>"):
         assert listed.find(spelling, T0) is not None, spelling
-    assert normalise("Ünïcode@Exämple.org") == "ünïcode@exämple.org"
+    assert normalise("Ünïcode@Exämple.org") == "ünïcode@xn--exmple-cua.org"
+
+
+@pytest.mark.parametrize(
+    ("spelling", "form"),
+    [
+        ('"gone"@example.com', "gone@example.com"),  # quotes it does not need
+        ('"Gone.Away"@Example.com', "gone.away@example.com"),
+        ('"a b"@example.com', '"a b"@example.com'),  # quotes it needs stay
+        ('"a..b"@example.com', '"a..b"@example.com'),
+        ("user@bücher.example", "user@xn--bcher-kva.example"),  # one form of the domain
+        ("user@XN--BCHER-KVA.example", "user@xn--bcher-kva.example"),
+        ("mu\u0308ller@example.com", "m\u00fcller@example.com"),  # NFC
+        ("M\u00dcLLER@example.com", "m\u00fcller@example.com"),
+    ],
+)
+async def test_every_spelling_of_a_mailbox_is_one_entry(
+    tmp_path: Path, spelling: str, form: str
+) -> None:
+    assert normalise(spelling) == form
+    listed = await owner_list(tmp_path)
+    await listed.add([entry(form, 1)], now=T0, max_entries=10, extend_only=False)
+    assert listed.find(spelling, T0) is not None
+
+
+async def test_a_quoted_spelling_of_a_suppressed_address_is_refused(tmp_path: Path) -> None:
+    async with open_spool(tmp_path, InMemoryRelay(), FakeClock(START)) as spool:
+        await spool.suppress(["gone@bücher.example"], for_=DAY)
+        with pytest.raises(RecipientSuppressedError):
+            await spool.add(batch('"Gone"@xn--bcher-kva.example'))
 
 
 async def test_the_list_is_durable_across_reopening(tmp_path: Path) -> None:
