@@ -383,7 +383,9 @@ def attempt_outcome(
     if in_doubt:
         new.in_doubt = True  # stays so while the message is on the spool
     if errors:
-        via = f" via {hop}" if hop else ""
+        # Only a hop's own answers are credited to it (not, say, a suppressed recipient).
+        from_hop = any(r.phase != "local" for r in answers.values())
+        via = f" via {hop}" if hop and from_hop else ""
         new.add_relay_attempt(RelayAttempt(now, "; ".join(errors) + via))
     bounce = (
         policy.on_permanent_failure is OnPermanentFailure.BOUNCE

@@ -155,10 +155,14 @@ class Suppression(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     reason: str = ""
     source: SuppressionSource = "operator"
 
-    def describe(self) -> str:
-        """One line for a person: ``suppressed until TIME (REASON)``."""
+    def describe(self, *, reason: bool = True) -> str:
+        """One line for a person: ``suppressed until TIME (REASON)``.
+        Without ``reason`` for whoever is not the operator (an SMTP
+        client, a notification's reader): the reason may be an operator's
+        private note, or a next hop's reply naming its internal hosts."""
         until = self.until.strftime("%Y-%m-%dT%H:%M:%SZ")
-        return f"suppressed until {until}" + (f" ({self.reason})" if self.reason else "")
+        shown = f" ({self.reason})" if self.reason and reason else ""
+        return f"suppressed until {until}{shown}"
 
 
 class _Header(msgspec.Struct):

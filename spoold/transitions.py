@@ -651,7 +651,10 @@ def _suppressed_results(held: Mapping[str, Suppression]) -> dict[str, RecipientR
     suppression list: a permanent failure naming the suppression."""
     return {
         rcpt: RecipientResult(
-            550, f"recipient {entry.describe()}; not sent", SUPPRESSED_STATUS, phase="local"
+            550,
+            f"recipient {entry.describe(reason=False)}; not sent",  # the sender reads it
+            SUPPRESSED_STATUS,
+            phase="local",
         )
         for rcpt, entry in held.items()
     }

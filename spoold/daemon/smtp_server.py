@@ -59,7 +59,8 @@ unknown parameter                              555 5.5.4   555 5.5.4
 
 A refused recipient leaves the transaction going: the message goes to the
 recipients that were accepted. A recipient on the suppression list gets
-``550 5.7.1 Recipient suppressed until TIME (REASON)`` from the host
+``550 5.7.1 Recipient suppressed until TIME`` from the host (not the
+reason: an operator's note, or a hop's reply, is not for any client)
 (:meth:`SessionHost.recipient_refusal`); when the list changed since the
 host read it, the RCPT waits (as a delivery does) until it has read it
 again, so an entry added a moment ago applies to the next RCPT.
