@@ -55,6 +55,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
+from time import monotonic
 from typing import Annotated, Literal
 
 import anyio
@@ -95,6 +96,8 @@ DEFAULT_MAX_SUPPRESSED = 100_000
 DEFAULT_OPERATOR_SPAN = timedelta(days=30)
 """How long ``spoold suppress add`` without ``--for`` suppresses, when
 ``suppress_after_hard_bounce`` is off (when it is set, that span)."""
+UNREADABLE_LOG_INTERVAL = 60.0
+"""Seconds between two log lines of a reader that cannot read the list."""
 SUPPRESSED_STATUS = "5.7.1"
 """The enhanced status of a recipient refused or failed because it is
 suppressed: a refusal by our own policy, not news about the mailbox."""
@@ -231,11 +234,18 @@ class _FileId(msgspec.Struct, frozen=True):
     mtime_ns: int
 
 
+_UNREADABLE = _FileId(-1, -1, -1, -1)
+"""The identity of a file ``stat`` fails on: never what was read, so a
+reader tries to read it again (and says why it cannot)."""
+
+
 def _file_id(path: Path) -> _FileId | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
+    except OSError:
+        return _UNREADABLE
     return _FileId(st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns)
 
 
@@ -295,6 +305,7 @@ class Suppressions:
         self._damaged = False  # the file on disk has damaged lines (owner: copy it aside)
         self._write_lock = anyio.Lock()
         self._load_lock = anyio.Lock()
+        self._quiet_until = 0.0  # monotonic: no "cannot read" log line before
         self._version = 0  # changes made in memory (owner)
         self._written = 0  # the last of them on disk
         # What this process did because of the list: recipients refused,
@@ -334,12 +345,27 @@ class Suppressions:
         return not self.owner and _file_id(self.path) != self._read
 
     async def refresh(self) -> None:
-        """Read the file again if it changed (:meth:`stale`)."""
+        """Read the file again if it changed (:meth:`stale`). Raises
+        :class:`StoreError` when it cannot be read (or is of a newer
+        format): the entries read before stay, the caller defers (451), and
+        the next call tries again; the error is logged once a minute at
+        most while it lasts."""
         if not self.stale():
             return
         async with self._load_lock:  # one reading, however many sessions ask
             if self.stale():
-                await self.load()
+                try:
+                    await self.load()
+                except StoreError as exc:
+                    now = monotonic()
+                    if now >= self._quiet_until:
+                        self._quiet_until = now + UNREADABLE_LOG_INTERVAL
+                        log.error(
+                            "cannot read the suppression list; recipients are deferred",
+                            path=str(self.path),
+                            error=str(exc),
+                        )
+                    raise
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -281,6 +281,42 @@ async def test_a_reader_sees_the_owners_changes_when_the_file_changes(tmp_path: 
         await reader.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
 
 
+async def test_a_reader_that_cannot_read_the_list_says_so_once_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any error reading the file (not only its absence) makes the reader
+    try again and raise StoreError (the SMTP session answers 451), keeping
+    what it read; logged once a minute at most while it lasts."""
+    import structlog.testing
+
+    from spoold import suppression
+
+    owner = await owner_list(tmp_path)
+    await owner.add([entry("a@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    reader = Suppressions(tmp_path, owner=False)
+    await reader.refresh()
+    path = tmp_path / SUPPRESSION_FILE
+    path.unlink()
+    path.symlink_to(path)  # stat fails with ELOOP, not "no such file"
+    clock = [1000.0]
+    monkeypatch.setattr(suppression, "monotonic", lambda: clock[0])
+    with structlog.testing.capture_logs() as logs:
+        assert reader.stale()
+        for _ in range(3):
+            with pytest.raises(StoreError, match="cannot read the suppression list"):
+                await reader.refresh()
+        clock[0] += 61
+        with pytest.raises(StoreError):
+            await reader.refresh()
+    said = [e for e in logs if e["event"].startswith("cannot read the suppression list")]
+    assert len(said) == 2
+    assert reader.find("a@x.org", T0) is not None  # what it read stays
+    path.unlink()
+    await owner.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    await reader.refresh()
+    assert reader.find("b@x.org", T0) is not None
+
+
 # ------------------------------------------------------- what is a hard bounce
 
 

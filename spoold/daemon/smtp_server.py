@@ -86,7 +86,7 @@ from typing import Any, Final, Protocol, cast
 import structlog
 
 from spoold.address import validate_address
-from spoold.errors import AddressError
+from spoold.errors import AddressError, StoreError
 
 __all__ = [
     "SessionPolicy",
@@ -723,8 +723,9 @@ class SmtpSession(asyncio.Protocol):
         """RCPT once the suppression list, changed, has been read again."""
         try:
             await self._host.refresh_suppressions()
-        except Exception:  # never a permanent 5xx for our own trouble
-            log.exception("cannot read the suppression list", peer=self._peer)
+        except Exception as exc:  # never a permanent 5xx for our own trouble
+            if not isinstance(exc, StoreError):  # that one is logged by the list
+                log.exception("cannot read the suppression list", peer=self._peer)
             if not self._closed:
                 self._out.append(b"451 4.3.0 Local error, try again later\r\n")
                 self._work_done()
