@@ -317,6 +317,66 @@ async def test_a_reader_that_cannot_read_the_list_says_so_once_a_minute(
     assert reader.find("b@x.org", T0) is not None
 
 
+async def test_changes_made_during_a_write_go_out_in_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner writes one at a time: a change made while a write is held
+    reaches the file with the next write, and its caller returns only once
+    that write is done; a write that failed is made by the next change."""
+    import threading
+
+    from spoold import suppression
+
+    listed = await owner_list(tmp_path)
+    real_write = suppression._write_sync
+    started, release = threading.Event(), threading.Event()
+    writes: list[list[str]] = []
+    done: list[int] = []  # the writes finished
+    failing = [False]
+
+    def write(path: Path, tmp: Path, entries: list[Suppression], damaged: bool) -> None:
+        writes.append(sorted(e.address for e in entries))
+        started.set()
+        release.wait(30)
+        if failing[0]:
+            failing[0] = False
+            raise StoreError("disk full")
+        real_write(path, tmp, entries, damaged)
+        done.append(len(entries))
+
+    monkeypatch.setattr(suppression, "_write_sync", write)
+
+    def on_disk() -> list[str]:
+        entries, _ = decode_list((tmp_path / SUPPRESSION_FILE).read_bytes())
+        return sorted(e.address for e in entries)
+
+    returned: list[tuple[str, int]] = []  # who returned, after how many writes
+
+    async def add(address: str) -> None:
+        await listed.add([entry(address, 1)], now=T0, max_entries=10, extend_only=False)
+        returned.append((address, len(done)))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(add, "first@x.org")
+            await anyio.to_thread.run_sync(started.wait)  # the first write is held
+            tg.start_soon(add, "second@x.org")
+            tg.start_soon(add, "third@x.org")
+            await wait_until(lambda: len(listed) == 3, "both changes made in memory")
+            assert returned == []  # nobody returns before a write of their change
+            release.set()
+        assert writes == [["first@x.org"], ["first@x.org", "second@x.org", "third@x.org"]]
+        assert sorted(returned) == [("first@x.org", 1), ("second@x.org", 2), ("third@x.org", 2)]
+        assert on_disk() == ["first@x.org", "second@x.org", "third@x.org"]
+
+        failing[0] = True  # this write fails: the change stays in memory
+        with pytest.raises(StoreError, match="disk full"):
+            await listed.add([entry("fourth@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+        assert "fourth@x.org" not in on_disk()
+        await listed.add([entry("fifth@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+        assert {"fourth@x.org", "fifth@x.org"} <= set(on_disk())
+
+
 # ------------------------------------------------------- what is a hard bounce
 
 
