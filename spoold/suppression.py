@@ -28,7 +28,10 @@ returns once it is durable. Entries that ended are dropped when the list
 is full and by housekeeping (:meth:`Suppressions.prune`).
 Other processes (the SMTP ingest workers) read it and read it again when it
 changed: :meth:`Suppressions.stale` compares the file's identity (inode,
-size, change time) with what was read, one ``stat(2)`` of a file the kernel
+size, change and modification times) with what was read (the owner sets
+each new file's modification time at least a microsecond past the last
+one's, so two writes within one clock tick still differ, even when the
+inode is reused and the size is the same), one ``stat(2)`` of a file the kernel
 has cached (a few microseconds; see ``docs/on-disk-format.md``), and
 :meth:`Suppressions.refresh` reads it again in a worker thread (one reading
 at a time: the sessions that find it changed meanwhile wait for it).
@@ -39,8 +42,8 @@ it past the bound, the entries closest to their end are dropped first.
 A damaged file (a line that does not decode: the file was edited or cut by
 something other than spoold) loses only the damaged lines: the others are
 kept, the damage is logged with the line numbers, and the owner copies the
-damaged file aside to ``SPOOL/suppressed.damaged`` before its next write
-replaces it. A file of a newer format version is refused with a
+damaged file aside to ``SPOOL/suppressed.damaged`` (``.damaged.1``, ... when
+that exists) before its next write replaces it. A file of a newer format version is refused with a
 :class:`~spoold.errors.StoreError` (nothing is overwritten).
 """
 
@@ -55,7 +58,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from time import monotonic
+from time import monotonic, time_ns
 from typing import Annotated, Literal
 
 import anyio
@@ -264,18 +267,49 @@ def _read_sync(path: Path) -> tuple[list[Suppression], list[int], _FileId | None
     return entries, damaged, _FileId(st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns)
 
 
-def _write_sync(path: Path, tmp_dir: Path, entries: list[Suppression], keep_damaged: bool) -> None:
-    """Write the whole list (temporary file, fsync, rename, fsync dir)."""
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _copy_damaged(path: Path) -> None:
+    """Copy a damaged list aside, to a name of its own (``suppressed.damaged``,
+    then ``.damaged.1``, ...): an earlier copy is never overwritten, and a
+    symbolic link in the copy's place is never followed."""
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for n in range(1000):
+            name = path.name + DAMAGED_SUFFIX + (f".{n}" if n else "")
+            try:
+                dst = os.open(path.with_name(name), _CREATE, 0o640)
+            except FileExistsError:
+                continue
+            with open(dst, "wb") as writer, open(src, "rb", closefd=False) as reader:
+                shutil.copyfileobj(reader, writer)
+            return
+        raise OSError(f"{path}{DAMAGED_SUFFIX}.*: 1000 copies already, none made")
+    finally:
+        os.close(src)
+
+
+def _write_sync(
+    path: Path, tmp_dir: Path, entries: list[Suppression], keep_damaged: bool, mtime_ns: int = 0
+) -> None:
+    """Write the whole list (temporary file, fsync, rename, fsync dir).
+    ``mtime_ns``: the file's modification time (readers see a change by
+    it even when inode, size and change time come out the same)."""
     tmp = tmp_dir / f"{os.getpid()}.{SUPPRESSION_FILE}.list.tmp"  # tmp/'s PID.NAME.KIND
     try:
         if keep_damaged and path.exists():
-            shutil.copyfile(path, path.with_name(path.name + DAMAGED_SUFFIX))
+            _copy_damaged(path)
         data = encode_list(entries)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # one left by a write that failed
+        fd = os.open(tmp, _CREATE, 0o640)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if mtime_ns:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -306,6 +340,7 @@ class Suppressions:
         self._write_lock = anyio.Lock()
         self._load_lock = anyio.Lock()
         self._quiet_until = 0.0  # monotonic: no "cannot read" log line before
+        self._mtime_ns = 0  # owner: the modification time of its last write
         self._version = 0  # changes made in memory (owner)
         self._written = 0  # the last of them on disk
         # What this process did because of the list: recipients refused,
@@ -329,6 +364,8 @@ class Suppressions:
         entries, damaged, file_id = await anyio.to_thread.run_sync(_read_sync, self.path)
         self._entries = {e.address: e for e in entries}
         self._read = file_id
+        if file_id is not None:
+            self._mtime_ns = max(self._mtime_ns, file_id.mtime_ns)
         self._damaged = bool(damaged)
         if damaged:
             log.error(
@@ -523,9 +560,12 @@ class Suppressions:
                 return
             version = self._version
             snapshot = list(self._entries.values())
+            # Strictly later than the file it replaces (see stale()).
+            mtime_ns = max(time_ns(), self._mtime_ns + 1000)
             await anyio.to_thread.run_sync(
-                _write_sync, self.path, self._tmp_dir, snapshot, self._damaged
+                _write_sync, self.path, self._tmp_dir, snapshot, self._damaged, mtime_ns
             )
+            self._mtime_ns = mtime_ns
             self._damaged = False
             self._written = version
 

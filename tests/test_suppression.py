@@ -256,6 +256,51 @@ async def test_a_damaged_file_loses_only_its_damaged_lines(tmp_path: Path) -> No
     await again.add([entry("d@x.org", 5)], now=T0, max_entries=10, extend_only=False)
     assert (tmp_path / (SUPPRESSION_FILE + ".damaged")).read_bytes() == damaged
     assert [e.address for e in (await owner_list(tmp_path)).entries(T0)] == ["a@x.org", "d@x.org"]
+    # damaged again: an earlier copy is kept, and a link in the copy's place not followed
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not to be overwritten\n")
+    (tmp_path / (SUPPRESSION_FILE + ".damaged.1")).symlink_to(elsewhere)
+    path.write_bytes(damaged)
+    again = await owner_list(tmp_path)
+    await again.add([entry("e@x.org", 5)], now=T0, max_entries=10, extend_only=False)
+    assert (tmp_path / (SUPPRESSION_FILE + ".damaged")).read_bytes() == damaged
+    assert (tmp_path / (SUPPRESSION_FILE + ".damaged.2")).read_bytes() == damaged
+    assert elsewhere.read_bytes() == b"not to be overwritten\n"
+
+
+async def test_each_write_is_seen_though_size_and_clock_tick_are_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner sets each file's modification time past the last one's:
+    a reader sees a change of the same size made within one clock tick;
+    a temporary file left behind (or a link in its place) is replaced, not
+    written through."""
+    from spoold import suppression
+
+    monkeypatch.setattr(suppression, "time_ns", lambda: 1_700_000_000_000_000_000)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"kept\n")
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / f"{os.getpid()}.{SUPPRESSION_FILE}.list.tmp").symlink_to(elsewhere)
+    owner = await owner_list(tmp_path)
+    reader = Suppressions(tmp_path, owner=False)
+    await owner.add([entry("a@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    assert elsewhere.read_bytes() == b"kept\n"
+    await reader.refresh()
+    path = tmp_path / SUPPRESSION_FILE
+    before = os.stat(path)
+    await owner.remove(["a@x.org"], now=T0)
+    await owner.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    after = os.stat(path)
+    assert after.st_size == before.st_size
+    assert after.st_mtime_ns > before.st_mtime_ns
+    assert reader.stale()
+    await reader.refresh()
+    assert reader.find("b@x.org", T0) is not None
+    # a new owner (a restart) goes on past the file's time
+    again = await owner_list(tmp_path)
+    await again.add([entry("c@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    assert os.stat(path).st_mtime_ns > after.st_mtime_ns
 
 
 def test_a_file_of_a_newer_version_is_refused_clearly() -> None:
@@ -334,14 +379,14 @@ async def test_changes_made_during_a_write_go_out_in_the_next_one(
     done: list[int] = []  # the writes finished
     failing = [False]
 
-    def write(path: Path, tmp: Path, entries: list[Suppression], damaged: bool) -> None:
+    def write(path: Path, tmp: Path, entries: list[Suppression], *more: object) -> None:
         writes.append(sorted(e.address for e in entries))
         started.set()
         release.wait(30)
         if failing[0]:
             failing[0] = False
             raise StoreError("disk full")
-        real_write(path, tmp, entries, damaged)
+        real_write(path, tmp, entries, *more)
         done.append(len(entries))
 
     monkeypatch.setattr(suppression, "_write_sync", write)
@@ -359,7 +404,7 @@ async def test_changes_made_during_a_write_go_out_in_the_next_one(
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(add, "first@x.org")
-            await anyio.to_thread.run_sync(started.wait)  # the first write is held
+            assert await anyio.to_thread.run_sync(started.wait, 30)  # the first write is held
             tg.start_soon(add, "second@x.org")
             tg.start_soon(add, "third@x.org")
             await wait_until(lambda: len(listed) == 3, "both changes made in memory")
