@@ -648,8 +648,8 @@ def test_the_keys_default_to_off_refuse_and_a_hundred_thousand() -> None:
             "spool.max_suppressed: expected an integer >= 1, got 0",
         ),
         (
-            {"max_suppressed": 10_000_001},
-            "spool.max_suppressed: expected an integer <= 10000000, got 10000001",
+            {"max_suppressed": 1_000_001},
+            "spool.max_suppressed: expected an integer <= 1000000, got 1000001",
         ),
     ],
 )
