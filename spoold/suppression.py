@@ -533,10 +533,16 @@ class Suppressions:
         await self._commit()
         return [e.address for e in chosen if e.until > now]
 
-    async def prune(self, now: datetime) -> int:
-        """Drop the entries that have ended (written); how many."""
+    async def prune(self, now: datetime, max_entries: int | None = None) -> int:
+        """Drop the entries that have ended, and with ``max_entries`` (a
+        bound lowered by a reload) those past it as a full list does
+        (written); how many went."""
         self._require_owner()
         gone = self._drop_ended(now)
+        if max_entries is not None and len(self._entries) > max_entries:
+            gone += len(self._entries) - max_entries
+            self._drop_excess(max_entries, bounces_only=False)
+            self._version += 1
         await self._commit()
         return gone
 

@@ -219,6 +219,19 @@ async def test_every_bounce_entry_is_lifted_at_once_or_those_of_a_span(tmp_path:
     assert [e.address for e in (await owner_list(tmp_path)).entries(T0)] == ["op@x.org"]
 
 
+async def test_a_lowered_bound_is_applied_by_the_next_prune(tmp_path: Path) -> None:
+    listed = await owner_list(tmp_path)
+    await listed.add(
+        [entry("op@x.org", 1), bounce("b1@x.org", 30), bounce("b2@x.org", 20)],
+        now=T0,
+        max_entries=10,
+        extend_only=False,
+    )
+    assert await listed.prune(T0, max_entries=2) == 1
+    assert [e.address for e in listed.entries(T0)] == ["b1@x.org", "op@x.org"]
+    assert len((await owner_list(tmp_path)).entries(T0)) == 2
+
+
 async def test_a_bounce_only_extends_an_entry_an_operator_replaces_it(tmp_path: Path) -> None:
     listed = await owner_list(tmp_path)
     await listed.add([entry("a@x.org", 30)], now=T0, max_entries=10, extend_only=False)
