@@ -774,9 +774,17 @@ class Spool:
 
     async def unsuppress(self, addresses: Iterable[str]) -> list[str]:
         """Lift the suppression of ``addresses``; the (normalised) ones that
-        were suppressed. Durable when it returns."""
-        checked = _checked_addresses(addresses)
-        return await self._state.suppressions.remove(checked, now=self.clock.now())
+        were suppressed. Durable when it returns. An address that is not
+        valid is taken when the list holds it as it is (a line edited by
+        hand); otherwise it raises :class:`~spoold.errors.AddressError`."""
+        listed = self._state.suppressions
+        given = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not given:
+            raise ValueError("expected at least one address")
+        for address in given:
+            if not listed.holds(address):
+                validate_address(address, role="recipient", smtputf8=True)
+        return await listed.remove(given, now=self.clock.now())
 
     async def unsuppress_source(
         self, source: SuppressionSource, *, within: timedelta | None = None

@@ -407,6 +407,10 @@ class Suppressions:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def holds(self, address: str) -> bool:
+        """Whether the list has an entry for ``address`` (in force or not)."""
+        return normalise(address) in self._entries
+
     def find(self, address: str, now: datetime) -> Suppression | None:
         """The entry that suppresses ``address`` now, or None."""
         entry = self._entries.get(normalise(address))

@@ -39,6 +39,7 @@ from spoold.suppression import (
     Suppression,
     Suppressions,
     decode_list,
+    encode_list,
     normalise,
 )
 from spoold.testing import FakeClock, InMemoryRelay
@@ -603,6 +604,21 @@ async def test_fail_mode_takes_the_message_and_fails_the_recipient_at_once(
             if event.kind == EventKind.FROZEN:
                 break
         assert EventKind.SPOOLED in seen
+
+
+async def test_an_entry_edited_into_an_invalid_address_can_still_be_lifted(
+    tmp_path: Path,
+) -> None:
+    async with open_spool(tmp_path, InMemoryRelay(), FakeClock(START)):
+        pass  # a spool directory
+    bad = Suppression(address="no at sign", since=START, until=START + DAY)
+    (tmp_path / SUPPRESSION_FILE).write_bytes(encode_list([bad]))
+    async with open_spool(tmp_path, InMemoryRelay(), FakeClock(START)) as spool:
+        assert [e.address for e in spool.suppressed()] == ["no at sign"]
+        with pytest.raises(AddressError):
+            await spool.unsuppress(["also not one"])  # not on the list: checked
+        assert await spool.unsuppress(["No At Sign"]) == ["no at sign"]
+        assert spool.suppressed() == []
 
 
 async def test_suppress_checks_its_addresses(tmp_path: Path) -> None:

@@ -943,7 +943,8 @@ def suppress_remove(
             _fail("--since goes with --source", 2)
         if not addresses:
             _fail("give ADDRESSES or --source", 2)
-        asked = SuppressRemoveRequest(addresses=_valid_addresses(addresses))
+        # not checked here: one the list holds as it is (edited by hand) may go
+        asked = SuppressRemoveRequest(addresses=list(addresses))
     else:
         if addresses:
             _fail("give ADDRESSES or --source, not both", 2)

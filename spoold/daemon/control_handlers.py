@@ -333,7 +333,9 @@ async def _suppress_remove(ctx: ControlContext, p: SuppressRemoveRequest) -> Any
     if p.source is None:
         if p.since is not None:
             raise ValueError("'since' goes with 'source'")
-        lifted = await ctx.spool.unsuppress(_addresses(p.addresses))
+        if not p.addresses:
+            raise ValueError("expected 'addresses': a non-empty list of addresses")
+        lifted = await ctx.spool.unsuppress(p.addresses)  # checks those it does not hold
     else:
         if p.addresses:
             raise ValueError("give 'addresses' or 'source', not both")
