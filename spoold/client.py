@@ -48,7 +48,7 @@ import socket as socketlib
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, Literal, NoReturn, cast
 
 import msgspec
 
@@ -534,6 +534,22 @@ class Client:
         """Lift the suppression of ``addresses``; the (normalised) ones
         that were suppressed."""
         lifted: list[str] = self._ask(SuppressRemoveRequest(addresses=_addresses(addresses)))
+        return lifted
+
+    def unsuppress_source(
+        self, source: Literal["bounce", "operator"], *, since: str | timedelta | None = None
+    ) -> list[str]:
+        """Lift every suppression ``source`` made (``"bounce"``: after a
+        hop refused good addresses), or only those made in the last
+        ``since`` (a span such as ``"2h"``); the addresses that were
+        suppressed."""
+        request = SuppressRemoveRequest(source=source)
+        if since is not None:
+            span = since if isinstance(since, timedelta) else parse_span(since)
+            if span <= timedelta(0):
+                raise ValueError(f"since: expected a span > 0, not {since!r}")
+            request.since = _span_text(span) if isinstance(since, timedelta) else since
+        lifted: list[str] = self._ask(request)
         return lifted
 
 

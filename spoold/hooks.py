@@ -8,8 +8,9 @@
   next hop refused and answers an :class:`ErrorAction`. Default: 5xx fails
   permanently, anything else is tried later. ``suppress`` fails the
   recipient permanently and counts it as a hard bounce whatever the reply
-  (``fail_permanently`` counts as one only for a 5xx with an enhanced
-  status ``5.1.x``: see :func:`spoold.outcome.hard_bounces`).
+  (``fail_permanently`` counts as one only for a 5xx reply to the
+  recipient's own RCPT that says the address is bad: see
+  :func:`spoold.outcome.is_hard_bounce`).
 
 A hook may be a plain function or a coroutine function. A hook that raises,
 or answers something else, is logged and taken as "try later": nothing is

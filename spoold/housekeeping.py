@@ -76,7 +76,7 @@ class Housekeeping:
         removed = await self._expire_removed(now)
         history = await self._history.prune(now, self._parts.settings.history_retention)
         keys = await self._keys.expire(now, self._parts.settings.idempotency_window)
-        suppressions = await self._suppressions.prune(now)
+        suppressions = await self._suppressions.prune(now, self._parts.settings.max_suppressed)
         if removed or history or keys or suppressions:
             log.info(
                 "housekeeping",

@@ -151,10 +151,11 @@ __all__ = [
     "HopFeedback",
     "hop_feedback",
     "is_hard_bounce",
+    "MAILBOX_GONE_STATUSES",
     "hard_bounces",
 ]
 
-NO_REPLY = RecipientResult(451, "no reply for this recipient", "4.4.0")
+NO_REPLY = RecipientResult(451, "no reply for this recipient", "4.4.0", phase="local")
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 NO_ANSWER_STATUS = "4.4.1"  # RFC 3463: no answer from host
 MIN_REPEAT_WAIT = timedelta(seconds=1)  # the shortest wait of a repeated last interval
@@ -382,7 +383,9 @@ def attempt_outcome(
     if in_doubt:
         new.in_doubt = True  # stays so while the message is on the spool
     if errors:
-        via = f" via {hop}" if hop else ""
+        # Only a hop's own answers are credited to it (not, say, a suppressed recipient).
+        from_hop = any(r.phase != "local" for r in answers.values())
+        via = f" via {hop}" if hop and from_hop else ""
         new.add_relay_attempt(RelayAttempt(now, "; ".join(errors) + via))
     bounce = (
         policy.on_permanent_failure is OnPermanentFailure.BOUNCE
@@ -444,19 +447,33 @@ def attempt_outcome(
     )
 
 
+MAILBOX_GONE_STATUSES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
+"""The enhanced statuses that say a recipient's address is bad for good:
+no such mailbox (5.1.1), no such domain (5.1.2), a bad address (5.1.3),
+the mailbox moved (5.1.6), a null MX (5.1.10). Not the other ``5.1.x``:
+5.1.0 is what Postfix says of a refused *sender*, 5.1.7 and 5.1.8 are
+about the sender, 5.1.5 means the address is valid."""
+
+
 def is_hard_bounce(result: RecipientResult, action: ErrorAction) -> bool:
     """Whether a refusal answered ``action`` puts the recipient on the
     suppression list: ``on_error`` said ``suppress``; or it said
-    ``fail_permanently`` to a 5xx reply whose enhanced status is ``5.1.x``
-    (the address itself is bad: 5.1.1 no such user, 5.1.2 no such domain,
-    5.1.10 null MX, ...). A 4xx, a 5xx without an enhanced status and a
-    policy refusal (``5.7.x``: spam, reputation) never are."""
+    ``fail_permanently`` to the hop's 5xx reply to this recipient's own
+    ``RCPT`` (:attr:`~spoold.relay.RecipientResult.phase` ``rcpt``) with
+    one of :data:`MAILBOX_GONE_STATUSES`. A reply to ``MAIL FROM`` or to
+    the message (given to every recipient: it says nothing about one
+    mailbox), an answer spoold made itself, a 4xx, a 5xx without an
+    enhanced status and a policy refusal (``5.7.x``) never are; nor is
+    ``on_error``'s ``suppress`` of an answer spoold made itself."""
+    if result.phase == "local":
+        return False
     if action is ErrorAction.SUPPRESS:
         return True
     return (
         action is ErrorAction.FAIL_PERMANENTLY
+        and result.phase == "rcpt"
         and result.permanent
-        and (result.enhanced_status or "").startswith("5.1.")
+        and result.enhanced_status in MAILBOX_GONE_STATUSES
     )
 
 
@@ -483,6 +500,8 @@ def _recipient_notice(
         error = outcome.error if isinstance(outcome, AttemptFailed) else "no answer"
         return RecipientNotice(rcpt, NO_ANSWER_STATUS, error)
     status = reply.enhanced_status or f"{reply.code // 100}.0.0"
+    if reply.phase == "local":  # spoold's own answer: no hop said it
+        hop = None
     return RecipientNotice(rcpt, status, str(reply), reply, hop)
 
 

@@ -6,7 +6,7 @@ outcome:
 
 * :class:`Delivery` — the attempt reached a next hop; one
   :class:`RecipientResult` per recipient (a refusal at MAIL FROM or DATA is
-  given to every recipient);
+  given to every recipient, marked with its :data:`ReplyPhase`);
 * :class:`AttemptFailed` — no recipient got an answer (no hop reachable,
   timeout, give-up); the spool treats it as try-later.
 
@@ -33,9 +33,9 @@ import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import anyio
 
@@ -45,6 +45,7 @@ from spoold.message import Message
 
 __all__ = [
     "RecipientResult",
+    "ReplyPhase",
     "Delivery",
     "AttemptFailed",
     "RelayOutcome",
@@ -56,18 +57,30 @@ __all__ = [
 ]
 
 
+ReplyPhase = Literal["rcpt", "mail", "data", "local"]
+"""Where a :class:`RecipientResult` came from: the hop's reply to this
+recipient's own ``RCPT`` (``rcpt``), a reply to ``MAIL FROM`` or to the
+message (``data``: the ``DATA`` command or the end of the message) that was
+given to every recipient of the transaction, or an answer spoold made
+itself without asking the hop (``local``: an address it cannot send, a
+message the hop cannot take, a suppressed recipient, no reply at all).
+Only a ``rcpt`` reply says something about the recipient's mailbox."""
+
+
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
     """The next hop's answer for one recipient. ``in_doubt``: there was no
     answer to the end of the message (a timeout or a lost connection after
     the final ``.`` was sent), so the hop may have taken it: not a refusal,
     not a delivery; the spool handles it as after a crash
-    (``after_crash``)."""
+    (``after_crash``). ``phase``: which reply it is (:data:`ReplyPhase`;
+    a relay that answers per recipient leaves the default)."""
 
     code: int
     text: str = ""
     enhanced_status: str | None = None
     in_doubt: bool = False
+    phase: ReplyPhase = field(default="rcpt", compare=False)  # equal replies are equal
 
     @property
     def accepted(self) -> bool:

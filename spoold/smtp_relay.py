@@ -96,6 +96,7 @@ from spoold.relay import (
     Delivery,
     RecipientResult,
     RelayOutcome,
+    ReplyPhase,
 )
 from spoold.smtp_client import SmtpClient, SmtpReply
 from spoold.tls_policy import HopRefusal, TlsPolicies, TlsPolicyMode
@@ -105,8 +106,8 @@ __all__ = ["SmtpRelay"]
 log = get_logger("spoold.relay")
 
 
-def _result(reply: SmtpReply) -> RecipientResult:
-    return RecipientResult(reply.code, reply.text, reply.enhanced_status)
+def _result(reply: SmtpReply, phase: ReplyPhase = "rcpt") -> RecipientResult:
+    return RecipientResult(reply.code, reply.text, reply.enhanced_status, phase=phase)
 
 
 # ----------------------------------------------------------------- relay
@@ -140,7 +141,9 @@ def _check_recipients(recipients: Sequence[str]) -> _Checked:
         try:
             validate_address(rcpt, role="recipient", smtputf8=True)
         except AddressError as exc:
-            refused[rcpt] = RecipientResult(553, f"recipient cannot be relayed: {exc}", "5.1.3")
+            refused[rcpt] = RecipientResult(
+                553, f"recipient cannot be relayed: {exc}", "5.1.3", phase="local"
+            )
         else:
             sendable.append(rcpt)
     return _Checked(sendable, refused)
@@ -221,7 +224,9 @@ class SmtpRelay:
         try:
             validate_address(sender, role="sender", smtputf8=True)
         except AddressError as exc:
-            bad_sender = RecipientResult(553, f"sender cannot be relayed: {exc}", "5.1.7")
+            bad_sender = RecipientResult(
+                553, f"sender cannot be relayed: {exc}", "5.1.7", phase="local"
+            )
             return Delivery(dict.fromkeys(recipients, bad_sender))
         checked = _check_recipients(recipients)
         if not checked.sendable:
@@ -319,7 +324,8 @@ class SmtpRelay:
         size = facts.content_size
 
         def everyone(code: int, enhanced: str, text: str) -> Delivery:
-            return Delivery(dict.fromkeys(recipients, RecipientResult(code, text, enhanced)), hop)
+            refusal = RecipientResult(code, text, enhanced, phase="local")
+            return Delivery(dict.fromkeys(recipients, refusal), hop)
 
         options: list[str] = []
         limit = client.size_limit
@@ -353,6 +359,7 @@ class SmtpRelay:
                         553,
                         f"{hop} does not offer SMTPUTF8, which this non-ASCII recipient needs",
                         "5.6.7",
+                        phase="local",
                     )
         use_utf8 = hop_utf8 and (message_needs_utf8 or not all(r.isascii() for r in to_send))
         if use_utf8:
@@ -364,7 +371,9 @@ class SmtpRelay:
             try:
                 rcpt_lines.append(f"RCPT TO:<{rcpt}>\r\n".encode(encoding))
             except ValueError as exc:  # cannot happen after validation; never fail the others
-                results[rcpt] = RecipientResult(553, f"recipient cannot be relayed: {exc}", "5.1.3")
+                results[rcpt] = RecipientResult(
+                    553, f"recipient cannot be relayed: {exc}", "5.1.3", phase="local"
+                )
             else:
                 sent.append(rcpt)
         if not sent:
@@ -374,7 +383,7 @@ class SmtpRelay:
             replies = await client.send_envelope(mail_line.encode(encoding), rcpt_lines)
             if not replies.mail.positive:
                 await self._reset(client, replies.data)
-                results.update(dict.fromkeys(sent, _result(replies.mail)))
+                results.update(dict.fromkeys(sent, _result(replies.mail, "mail")))
                 return Delivery(results, hop)
             accepted: list[str] = []
             for rcpt, reply in zip(sent, replies.rcpts, strict=True):
@@ -385,7 +394,7 @@ class SmtpRelay:
             data = replies.data
             if not accepted or data is None or data.code != 354:
                 if accepted and data is not None:
-                    results.update(dict.fromkeys(accepted, _result(data)))
+                    results.update(dict.fromkeys(accepted, _result(data, "data")))
                 await self._reset(client, data)
                 return Delivery(results, hop)
             dot_sent = False
@@ -415,6 +424,7 @@ class SmtpRelay:
                     "the next hop may have it",
                     "4.4.2",
                     in_doubt=True,
+                    phase="data",
                 )
                 results.update(dict.fromkeys(accepted, doubt))
                 log.warning(
@@ -425,7 +435,7 @@ class SmtpRelay:
                     error=str(exc),
                 )
                 return Delivery(results, hop)
-            results.update(dict.fromkeys(accepted, _result(final)))
+            results.update(dict.fromkeys(accepted, _result(final, "data")))
             if final.positive:
                 conn.transactions += 1
             else:
@@ -434,7 +444,7 @@ class SmtpRelay:
         except SmtpServiceClosingError as exc:
             # The hop is closing on us (often: too much, too fast). Its 421
             # is the answer for everyone it had not refused already.
-            closing = RecipientResult(exc.code, exc.text, exc.enhanced_status)
+            closing = RecipientResult(exc.code, exc.text, exc.enhanced_status, phase="data")
             for rcpt in sent:
                 if rcpt not in results or results[rcpt].accepted:
                     results[rcpt] = closing

@@ -107,6 +107,7 @@ from spoold.suppression import (
     SuppressedRecipients,
     Suppression,
     Suppressions,
+    SuppressionSource,
     suppression_for,
 )
 from spoold.tasks import own_tasks
@@ -773,9 +774,28 @@ class Spool:
 
     async def unsuppress(self, addresses: Iterable[str]) -> list[str]:
         """Lift the suppression of ``addresses``; the (normalised) ones that
-        were suppressed. Durable when it returns."""
-        checked = _checked_addresses(addresses)
-        return await self._state.suppressions.remove(checked, now=self.clock.now())
+        were suppressed. Durable when it returns. An address that is not
+        valid is taken when the list holds it as it is (a line edited by
+        hand); otherwise it raises :class:`~spoold.errors.AddressError`."""
+        listed = self._state.suppressions
+        given = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not given:
+            raise ValueError("expected at least one address")
+        for address in given:
+            if not listed.holds(address):
+                validate_address(address, role="recipient", smtputf8=True)
+        return await listed.remove(given, now=self.clock.now())
+
+    async def unsuppress_source(
+        self, source: SuppressionSource, *, within: timedelta | None = None
+    ) -> list[str]:
+        """Lift every suppression ``source`` made (``"bounce"``: after a
+        wave of bounces a broken hop gave), or only those made in the last
+        ``within``; the addresses lifted that were in force. Durable when
+        it returns."""
+        now = self.clock.now()
+        since = None if within is None else now - within
+        return await self._state.suppressions.remove_where(source=source, since=since, now=now)
 
     # ------------------------------------ reading a spool without owning it
 

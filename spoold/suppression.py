@@ -10,7 +10,8 @@ from ``add``) or taken and failed at its first attempt (``"fail"``), and no
 attempt of a queued message sends to it.
 
 Addresses are kept *normalised* (:func:`normalise`): the whole address in
-lower case. The domain is case-blind by definition; the local part may be
+lower case, the domain as its ASCII (``xn--``) form, the local part in NFC
+and without quotes it does not need. The domain is case-blind by definition; the local part may be
 case-sensitive by RFC 5321, but no mailbox provider in use treats
 ``Alice@`` and ``alice@`` as two people, and the list errs on the side of
 not sending: a dead mailbox must not be reachable again by changing case.
@@ -27,7 +28,10 @@ returns once it is durable. Entries that ended are dropped when the list
 is full and by housekeeping (:meth:`Suppressions.prune`).
 Other processes (the SMTP ingest workers) read it and read it again when it
 changed: :meth:`Suppressions.stale` compares the file's identity (inode,
-size, change time) with what was read, one ``stat(2)`` of a file the kernel
+size, change and modification times) with what was read (the owner sets
+each new file's modification time at least a microsecond past the last
+one's, so two writes within one clock tick still differ, even when the
+inode is reused and the size is the same), one ``stat(2)`` of a file the kernel
 has cached (a few microseconds; see ``docs/on-disk-format.md``), and
 :meth:`Suppressions.refresh` reads it again in a worker thread (one reading
 at a time: the sessions that find it changed meanwhile wait for it).
@@ -38,8 +42,8 @@ it past the bound, the entries closest to their end are dropped first.
 A damaged file (a line that does not decode: the file was edited or cut by
 something other than spoold) loses only the damaged lines: the others are
 kept, the damage is logged with the line numbers, and the owner copies the
-damaged file aside to ``SPOOL/suppressed.damaged`` before its next write
-replaces it. A file of a newer format version is refused with a
+damaged file aside to ``SPOOL/suppressed.damaged`` (``.damaged.1``, ... when
+that exists) before its next write replaces it. A file of a newer format version is refused with a
 :class:`~spoold.errors.StoreError` (nothing is overwritten).
 """
 
@@ -50,9 +54,11 @@ import heapq
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
+from time import monotonic, time_ns
 from typing import Annotated, Literal
 
 import anyio
@@ -60,6 +66,7 @@ import msgspec
 import structlog
 
 from spoold.errors import StoreError
+from spoold.relay import RecipientResult
 
 __all__ = [
     "SUPPRESSION_FILE",
@@ -75,6 +82,8 @@ __all__ = [
     "Suppressions",
     "normalise",
     "suppression_for",
+    "refused_everyone",
+    "STORM_RECIPIENTS",
     "clean_reason",
     "MAX_REASON",
     "encode_list",
@@ -90,6 +99,8 @@ DEFAULT_MAX_SUPPRESSED = 100_000
 DEFAULT_OPERATOR_SPAN = timedelta(days=30)
 """How long ``spoold suppress add`` without ``--for`` suppresses, when
 ``suppress_after_hard_bounce`` is off (when it is set, that span)."""
+UNREADABLE_LOG_INTERVAL = 60.0
+"""Seconds between two log lines of a reader that cannot read the list."""
 SUPPRESSED_STATUS = "5.7.1"
 """The enhanced status of a recipient refused or failed because it is
 suppressed: a refusal by our own policy, not news about the mailbox."""
@@ -102,14 +113,39 @@ SuppressionCount = Literal["refused", "failed", "bounced"]
 SUPPRESSION_COUNTS: tuple[SuppressionCount, ...] = ("refused", "failed", "bounced")
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+_DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+
+
 def normalise(address: str) -> str:
-    """The form an address is kept and looked up in: the whole address in
-    lower case, surrounding spaces and angle brackets dropped (see the
-    module's docstring for why the local part too)."""
+    """The form an address is kept and looked up in, one for every spelling
+    of a mailbox: surrounding spaces and angle brackets dropped; the local
+    part in Unicode NFC and lower case (see the module's docstring for
+    why), and unquoted when the quotes are not needed (``"gone"@`` is
+    ``gone@``); the domain in lower case as its ASCII form (``xn--``
+    labels for a non-ASCII one)."""
     text = address.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
-    return text.lower()
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return unicodedata.normalize("NFC", text.lower())
+    local = unicodedata.normalize("NFC", local.lower())
+    if len(local) > 2 and local[0] == local[-1] == '"' and _DOT_ATOM.fullmatch(local[1:-1]):
+        local = local[1:-1]
+    return f"{local}@{_ascii_domain(domain)}"
+
+
+def _ascii_domain(domain: str) -> str:
+    """``domain`` in lower case, its A-labels when it is not ASCII (left
+    as it is, in lower case, when it cannot be: it is refused elsewhere)."""
+    text = domain.lower()
+    if text.isascii():
+        return text
+    try:
+        return text.encode("idna").decode("ascii")
+    except UnicodeError:
+        return unicodedata.normalize("NFC", text)
 
 
 _Time = Annotated[datetime, msgspec.Meta(tz=True)]
@@ -125,10 +161,14 @@ class Suppression(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     reason: str = ""
     source: SuppressionSource = "operator"
 
-    def describe(self) -> str:
-        """One line for a person: ``suppressed until TIME (REASON)``."""
+    def describe(self, *, reason: bool = True) -> str:
+        """One line for a person: ``suppressed until TIME (REASON)``.
+        Without ``reason`` for whoever is not the operator (an SMTP
+        client, a notification's reader): the reason may be an operator's
+        private note, or a next hop's reply naming its internal hosts."""
         until = self.until.strftime("%Y-%m-%dT%H:%M:%SZ")
-        return f"suppressed until {until}" + (f" ({self.reason})" if self.reason else "")
+        shown = f" ({self.reason})" if self.reason and reason else ""
+        return f"suppressed until {until}{shown}"
 
 
 class _Header(msgspec.Struct):
@@ -197,11 +237,18 @@ class _FileId(msgspec.Struct, frozen=True):
     mtime_ns: int
 
 
+_UNREADABLE = _FileId(-1, -1, -1, -1)
+"""The identity of a file ``stat`` fails on: never what was read, so a
+reader tries to read it again (and says why it cannot)."""
+
+
 def _file_id(path: Path) -> _FileId | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
+    except OSError:
+        return _UNREADABLE
     return _FileId(st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns)
 
 
@@ -220,18 +267,49 @@ def _read_sync(path: Path) -> tuple[list[Suppression], list[int], _FileId | None
     return entries, damaged, _FileId(st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns)
 
 
-def _write_sync(path: Path, tmp_dir: Path, entries: list[Suppression], keep_damaged: bool) -> None:
-    """Write the whole list (temporary file, fsync, rename, fsync dir)."""
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _copy_damaged(path: Path) -> None:
+    """Copy a damaged list aside, to a name of its own (``suppressed.damaged``,
+    then ``.damaged.1``, ...): an earlier copy is never overwritten, and a
+    symbolic link in the copy's place is never followed."""
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for n in range(1000):
+            name = path.name + DAMAGED_SUFFIX + (f".{n}" if n else "")
+            try:
+                dst = os.open(path.with_name(name), _CREATE, 0o640)
+            except FileExistsError:
+                continue
+            with open(dst, "wb") as writer, open(src, "rb", closefd=False) as reader:
+                shutil.copyfileobj(reader, writer)
+            return
+        raise OSError(f"{path}{DAMAGED_SUFFIX}.*: 1000 copies already, none made")
+    finally:
+        os.close(src)
+
+
+def _write_sync(
+    path: Path, tmp_dir: Path, entries: list[Suppression], keep_damaged: bool, mtime_ns: int = 0
+) -> None:
+    """Write the whole list (temporary file, fsync, rename, fsync dir).
+    ``mtime_ns``: the file's modification time (readers see a change by
+    it even when inode, size and change time come out the same)."""
     tmp = tmp_dir / f"{os.getpid()}.{SUPPRESSION_FILE}.list.tmp"  # tmp/'s PID.NAME.KIND
     try:
         if keep_damaged and path.exists():
-            shutil.copyfile(path, path.with_name(path.name + DAMAGED_SUFFIX))
+            _copy_damaged(path)
         data = encode_list(entries)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # one left by a write that failed
+        fd = os.open(tmp, _CREATE, 0o640)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if mtime_ns:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -261,6 +339,8 @@ class Suppressions:
         self._damaged = False  # the file on disk has damaged lines (owner: copy it aside)
         self._write_lock = anyio.Lock()
         self._load_lock = anyio.Lock()
+        self._quiet_until = 0.0  # monotonic: no "cannot read" log line before
+        self._mtime_ns = 0  # owner: the modification time of its last write
         self._version = 0  # changes made in memory (owner)
         self._written = 0  # the last of them on disk
         # What this process did because of the list: recipients refused,
@@ -284,6 +364,8 @@ class Suppressions:
         entries, damaged, file_id = await anyio.to_thread.run_sync(_read_sync, self.path)
         self._entries = {e.address: e for e in entries}
         self._read = file_id
+        if file_id is not None:
+            self._mtime_ns = max(self._mtime_ns, file_id.mtime_ns)
         self._damaged = bool(damaged)
         if damaged:
             log.error(
@@ -300,15 +382,34 @@ class Suppressions:
         return not self.owner and _file_id(self.path) != self._read
 
     async def refresh(self) -> None:
-        """Read the file again if it changed (:meth:`stale`)."""
+        """Read the file again if it changed (:meth:`stale`). Raises
+        :class:`StoreError` when it cannot be read (or is of a newer
+        format): the entries read before stay, the caller defers (451), and
+        the next call tries again; the error is logged once a minute at
+        most while it lasts."""
         if not self.stale():
             return
         async with self._load_lock:  # one reading, however many sessions ask
             if self.stale():
-                await self.load()
+                try:
+                    await self.load()
+                except StoreError as exc:
+                    now = monotonic()
+                    if now >= self._quiet_until:
+                        self._quiet_until = now + UNREADABLE_LOG_INTERVAL
+                        log.error(
+                            "cannot read the suppression list; recipients are deferred",
+                            path=str(self.path),
+                            error=str(exc),
+                        )
+                    raise
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def holds(self, address: str) -> bool:
+        """Whether the list has an entry for ``address`` (in force or not)."""
+        return normalise(address) in self._entries
 
     def find(self, address: str, now: datetime) -> Suppression | None:
         """The entry that suppresses ``address`` now, or None."""
@@ -327,6 +428,16 @@ class Suppressions:
             if entry is not None:
                 found[rcpt] = entry
         return found
+
+    def snapshot(self) -> list[Suppression]:
+        """Every entry as it is now (ended or not, in no order): a copy of
+        the references, cheap enough for the event loop; the entries are
+        frozen, so another thread may sort and show them."""
+        return list(self._entries.values())
+
+    def in_force(self, now: datetime) -> int:
+        """How many entries are in force now (a count, nothing sorted)."""
+        return sum(e.until > now for e in self._entries.values())
 
     def entries(self, now: datetime) -> list[Suppression]:
         """Every entry in force now, by address."""
@@ -357,19 +468,36 @@ class Suppressions:
         if len(entries) > max_entries:
             self._drop_ended(now)
         if len(entries) > max_entries:
-            excess = len(entries) - max_entries
-            dropped = heapq.nsmallest(excess, entries.values(), key=lambda e: e.until)
-            for entry in dropped:
-                del entries[entry.address]
-            log.warning(
-                "suppression list full (spool.max_suppressed): "
-                "dropped the entries closest to their end",
-                max_suppressed=max_entries,
-                dropped=len(dropped),
-            )
+            self._drop_excess(max_entries, bounces_only=all(e.source == "bounce" for e in added))
         if added:
             await self._commit()
         return [e for e in added if entries.get(e.address) is e]
+
+    def _drop_excess(self, max_entries: int, *, bounces_only: bool) -> None:
+        """Bring a full list back to ``max_entries``: entries a bounce made
+        go first, closest to their end first, then an operator's. To make
+        room for bounce entries (``bounces_only``) no operator entry is
+        ever dropped: a bounce entry that finds no room is not kept."""
+        entries = self._entries
+        excess = len(entries) - max_entries
+        candidates: Iterable[Suppression] = entries.values()
+        if bounces_only:
+            candidates = [e for e in entries.values() if e.source == "bounce"]
+        dropped = heapq.nsmallest(
+            excess, candidates, key=lambda e: (e.source == "operator", e.until)
+        )
+        for entry in dropped:
+            del entries[entry.address]
+        by_source = {s: sum(e.source == s for e in dropped) for s in ("bounce", "operator")}
+        log.warning(
+            "suppression list full (spool.max_suppressed): "
+            "dropped the entries closest to their end, those of bounces first",
+            max_suppressed=max_entries,
+            dropped=len(dropped),
+            dropped_bounces=by_source["bounce"],
+            dropped_operators=by_source["operator"],
+            addresses=[e.address for e in dropped[:20]],
+        )
 
     async def remove(self, addresses: Iterable[str], *, now: datetime) -> list[str]:
         """Take ``addresses`` off the list (written, durable when it
@@ -386,10 +514,39 @@ class Suppressions:
         await self._commit()
         return gone
 
-    async def prune(self, now: datetime) -> int:
-        """Drop the entries that have ended (written); how many."""
+    async def remove_where(
+        self, *, source: SuppressionSource, since: datetime | None, now: datetime
+    ) -> list[str]:
+        """Take off the list every entry ``source`` made (``since``: only
+        those made at or after it), written, durable when it returns; the
+        addresses lifted that were in force, by address."""
+        self._require_owner()
+        entries = self._entries
+        chosen = sorted(
+            (
+                e
+                for e in entries.values()
+                if e.source == source and (since is None or e.since >= since)
+            ),
+            key=lambda e: e.address,
+        )
+        for entry in chosen:
+            del entries[entry.address]
+        if chosen:
+            self._version += 1
+        await self._commit()
+        return [e.address for e in chosen if e.until > now]
+
+    async def prune(self, now: datetime, max_entries: int | None = None) -> int:
+        """Drop the entries that have ended, and with ``max_entries`` (a
+        bound lowered by a reload) those past it as a full list does
+        (written); how many went."""
         self._require_owner()
         gone = self._drop_ended(now)
+        if max_entries is not None and len(self._entries) > max_entries:
+            gone += len(self._entries) - max_entries
+            self._drop_excess(max_entries, bounces_only=False)
+            self._version += 1
         await self._commit()
         return gone
 
@@ -413,9 +570,12 @@ class Suppressions:
                 return
             version = self._version
             snapshot = list(self._entries.values())
+            # Strictly later than the file it replaces (see stale()).
+            mtime_ns = max(time_ns(), self._mtime_ns + 1000)
             await anyio.to_thread.run_sync(
-                _write_sync, self.path, self._tmp_dir, snapshot, self._damaged
+                _write_sync, self.path, self._tmp_dir, snapshot, self._damaged, mtime_ns
             )
+            self._mtime_ns = mtime_ns
             self._damaged = False
             self._written = version
 
@@ -437,6 +597,23 @@ def suppression_for(
         reason=clean_reason(reason),
         source=source,
     )
+
+
+STORM_RECIPIENTS = 10
+"""An attempt whose hop refused every one of more than this many recipients
+as unknown suppresses none of them (:func:`refused_everyone`)."""
+
+
+def refused_everyone(replies: Mapping[str, RecipientResult], bounced: Iterable[str]) -> bool:
+    """Whether the hard bounces ``bounced`` of one attempt look like a
+    broken or hostile hop rather than dead mailboxes: the hop answered more
+    than :data:`STORM_RECIPIENTS` recipients at ``RCPT`` and refused every
+    one of them. A hop that says "no such user" to a whole list at once
+    (a misconfigured server, a lost directory) must not put the list on
+    the suppression list; those recipients fail, and nothing is
+    remembered."""
+    asked = {r for r, result in replies.items() if result.phase == "rcpt"}
+    return len(asked) > STORM_RECIPIENTS and asked <= set(bounced)
 
 
 MAX_REASON = 300

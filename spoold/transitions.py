@@ -107,7 +107,12 @@ from spoold.relay import AttemptFailed, BodyHandle, Delivery, RecipientResult
 from spoold.scheduler import Scheduler
 from spoold.state import Entry, SpoolState, log
 from spoold.submission import OwnerSubmission, signature_prefix
-from spoold.suppression import SUPPRESSED_STATUS, Suppression, suppression_for
+from spoold.suppression import (
+    SUPPRESSED_STATUS,
+    Suppression,
+    refused_everyone,
+    suppression_for,
+)
 
 __all__ = ["Transitions"]
 
@@ -379,6 +384,15 @@ class Transitions:
             return
         now = self.clock.now()
         replies = outcome.recipients if isinstance(outcome, Delivery) else {}
+        if refused_everyone(replies, recipients):
+            log.warning(
+                "hop refused every recipient; not suppressing",
+                id=msg.id,
+                flows=msg.flows,
+                hop=outcome.hop if isinstance(outcome, Delivery) else "",
+                recipients=len(recipients),
+            )
+            return
         new = [
             suppression_for(
                 rcpt,
@@ -636,6 +650,11 @@ def _suppressed_results(held: Mapping[str, Suppression]) -> dict[str, RecipientR
     """The answer an attempt gives itself for recipients on the
     suppression list: a permanent failure naming the suppression."""
     return {
-        rcpt: RecipientResult(550, f"recipient {entry.describe()}; not sent", SUPPRESSED_STATUS)
+        rcpt: RecipientResult(
+            550,
+            f"recipient {entry.describe(reason=False)}; not sent",  # the sender reads it
+            SUPPRESSED_STATUS,
+            phase="local",
+        )
         for rcpt, entry in held.items()
     }

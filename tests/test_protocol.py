@@ -219,7 +219,9 @@ EVERY_FIELD: dict[str, Request] = {
     "suppress_add": SuppressAddRequest(
         addresses=["gone@example.com"], span="30d", reason="asked to stop"
     ),
-    "suppress_remove": SuppressRemoveRequest(addresses=["gone@example.com"]),
+    "suppress_remove": SuppressRemoveRequest(
+        addresses=["gone@example.com"], source="bounce", since="2h"
+    ),
 }
 
 

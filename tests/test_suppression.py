@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from spoold import RecipientSuppressedError, SpooldError
+from spoold.connection_cache import RouteSettings
 from spoold.daemon.config import Config, parse_config
 from spoold.daemon.ingest import Submitter
 from spoold.daemon.listener import SmtpListener, listener_settings
@@ -26,21 +27,26 @@ from spoold.daemon.routing import Router
 from spoold.errors import AddressError, ConfigError, StoreError
 from spoold.events import EventKind
 from spoold.hooks import ErrorAction
-from spoold.message import Frozen, Message
+from spoold.message import Frozen, Message, RoutedBatch, RoutedEnvelope
 from spoold.outcome import DeliveryPolicy, OnPermanentFailure, is_hard_bounce
 from spoold.relay import RecipientResult
 from spoold.settings import SpoolSettings
+from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from spoold.suppression import (
+    STORM_RECIPIENTS,
     SUPPRESSION_FILE,
     Suppression,
     Suppressions,
     decode_list,
+    encode_list,
     normalise,
 )
 from spoold.testing import FakeClock, InMemoryRelay
 from tests.ingest_helpers import HOSTNAME, SENDER, HeldRelay, make_config, raw_smtp
+from tests.smtp_server import Reply, SmtpTestServer
 from tests.spool_helpers import (
+    BODY,
     NO_SUCH_USER,
     START,
     TRY_LATER,
@@ -57,6 +63,8 @@ from tests.support import free_port, wait_until
 DAY = timedelta(days=1)
 T0 = datetime(2031, 1, 1, tzinfo=UTC)
 POLICY_REFUSAL = RecipientResult(550, "rejected by policy", "5.7.1")
+FAIL = ErrorAction.FAIL_PERMANENTLY
+SUPPRESS = ErrorAction.SUPPRESS
 BAD_DOMAIN = RecipientResult(550, "no such domain", "5.1.2")
 
 
@@ -89,7 +97,36 @@ async def test_addresses_are_normalised_whole_address_lower_case(tmp_path: Path)
     assert [e.address for e in listed.entries(T0)] == ["alice@example.com"]
     for spelling in ("alice@example.com", "ALICE@EXAMPLE.COM", "<Alice@example.com>"):
         assert listed.find(spelling, T0) is not None, spelling
-    assert normalise("Ünïcode@Exämple.org") == "ünïcode@exämple.org"
+    assert normalise("Ünïcode@Exämple.org") == "ünïcode@xn--exmple-cua.org"
+
+
+@pytest.mark.parametrize(
+    ("spelling", "form"),
+    [
+        ('"gone"@example.com', "gone@example.com"),  # quotes it does not need
+        ('"Gone.Away"@Example.com', "gone.away@example.com"),
+        ('"a b"@example.com', '"a b"@example.com'),  # quotes it needs stay
+        ('"a..b"@example.com', '"a..b"@example.com'),
+        ("user@bücher.example", "user@xn--bcher-kva.example"),  # one form of the domain
+        ("user@XN--BCHER-KVA.example", "user@xn--bcher-kva.example"),
+        ("mu\u0308ller@example.com", "m\u00fcller@example.com"),  # NFC
+        ("M\u00dcLLER@example.com", "m\u00fcller@example.com"),
+    ],
+)
+async def test_every_spelling_of_a_mailbox_is_one_entry(
+    tmp_path: Path, spelling: str, form: str
+) -> None:
+    assert normalise(spelling) == form
+    listed = await owner_list(tmp_path)
+    await listed.add([entry(form, 1)], now=T0, max_entries=10, extend_only=False)
+    assert listed.find(spelling, T0) is not None
+
+
+async def test_a_quoted_spelling_of_a_suppressed_address_is_refused(tmp_path: Path) -> None:
+    async with open_spool(tmp_path, InMemoryRelay(), FakeClock(START)) as spool:
+        await spool.suppress(["gone@bücher.example"], for_=DAY)
+        with pytest.raises(RecipientSuppressedError):
+            await spool.add(batch('"Gone"@xn--bcher-kva.example'))
 
 
 async def test_the_list_is_durable_across_reopening(tmp_path: Path) -> None:
@@ -135,6 +172,67 @@ async def test_the_bound_drops_the_entries_closest_to_their_end(tmp_path: Path) 
     assert len((await owner_list(tmp_path)).entries(T0)) == 3
 
 
+def bounce(address: str, days: float) -> Suppression:
+    return msgspec.structs.replace(entry(address, days), source="bounce")
+
+
+async def test_bounces_never_push_an_operators_entries_off_a_full_list(tmp_path: Path) -> None:
+    listed = await owner_list(tmp_path)
+    await listed.add(
+        [entry("op1@x.org", 1), entry("op2@x.org", 2)], now=T0, max_entries=2, extend_only=False
+    )
+    # full of an operator's entries: the bounce entry is the one not kept
+    assert await listed.add([bounce("b@x.org", 30)], now=T0, max_entries=2, extend_only=True) == []
+    assert [e.address for e in listed.entries(T0)] == ["op1@x.org", "op2@x.org"]
+    # with room made by a bounce entry, the bounce entries closest to their end go
+    await listed.add([entry("op2@x.org", 2)], now=T0, max_entries=3, extend_only=False)
+    await listed.add([bounce("old@x.org", 20)], now=T0, max_entries=3, extend_only=True)
+    added = await listed.add([bounce("new@x.org", 30)], now=T0, max_entries=3, extend_only=True)
+    assert [e.address for e in added] == ["new@x.org"]
+    assert [e.address for e in listed.entries(T0)] == ["new@x.org", "op1@x.org", "op2@x.org"]
+    # a smaller bound (a reload) still keeps the operator's entries for bounces
+    assert await listed.add([bounce("x@x.org", 30)], now=T0, max_entries=1, extend_only=True) == []
+    assert {e.source for e in listed.entries(T0)} == {"operator"}
+
+
+async def test_an_operators_entry_pushes_bounce_entries_off_first(tmp_path: Path) -> None:
+    listed = await owner_list(tmp_path)
+    await listed.add([entry("op@x.org", 1)], now=T0, max_entries=2, extend_only=False)
+    await listed.add([bounce("b@x.org", 30)], now=T0, max_entries=2, extend_only=True)
+    added = await listed.add([entry("op2@x.org", 5)], now=T0, max_entries=2, extend_only=False)
+    assert [e.address for e in added] == ["op2@x.org"]
+    assert [e.address for e in listed.entries(T0)] == ["op2@x.org", "op@x.org"]
+
+
+async def test_every_bounce_entry_is_lifted_at_once_or_those_of_a_span(tmp_path: Path) -> None:
+    listed = await owner_list(tmp_path)
+    early = msgspec.structs.replace(bounce("early@x.org", 30), since=T0 - DAY)
+    await listed.add(
+        [early, bounce("b1@x.org", 30), bounce("b2@x.org", 30), entry("op@x.org", 30)],
+        now=T0,
+        max_entries=10,
+        extend_only=False,
+    )
+    got = await listed.remove_where(source="bounce", since=T0 - timedelta(hours=1), now=T0)
+    assert got == ["b1@x.org", "b2@x.org"]
+    assert [e.address for e in listed.entries(T0)] == ["early@x.org", "op@x.org"]
+    assert await listed.remove_where(source="bounce", since=None, now=T0) == ["early@x.org"]
+    assert [e.address for e in (await owner_list(tmp_path)).entries(T0)] == ["op@x.org"]
+
+
+async def test_a_lowered_bound_is_applied_by_the_next_prune(tmp_path: Path) -> None:
+    listed = await owner_list(tmp_path)
+    await listed.add(
+        [entry("op@x.org", 1), bounce("b1@x.org", 30), bounce("b2@x.org", 20)],
+        now=T0,
+        max_entries=10,
+        extend_only=False,
+    )
+    assert await listed.prune(T0, max_entries=2) == 1
+    assert [e.address for e in listed.entries(T0)] == ["b1@x.org", "op@x.org"]
+    assert len((await owner_list(tmp_path)).entries(T0)) == 2
+
+
 async def test_a_bounce_only_extends_an_entry_an_operator_replaces_it(tmp_path: Path) -> None:
     listed = await owner_list(tmp_path)
     await listed.add([entry("a@x.org", 30)], now=T0, max_entries=10, extend_only=False)
@@ -172,6 +270,51 @@ async def test_a_damaged_file_loses_only_its_damaged_lines(tmp_path: Path) -> No
     await again.add([entry("d@x.org", 5)], now=T0, max_entries=10, extend_only=False)
     assert (tmp_path / (SUPPRESSION_FILE + ".damaged")).read_bytes() == damaged
     assert [e.address for e in (await owner_list(tmp_path)).entries(T0)] == ["a@x.org", "d@x.org"]
+    # damaged again: an earlier copy is kept, and a link in the copy's place not followed
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not to be overwritten\n")
+    (tmp_path / (SUPPRESSION_FILE + ".damaged.1")).symlink_to(elsewhere)
+    path.write_bytes(damaged)
+    again = await owner_list(tmp_path)
+    await again.add([entry("e@x.org", 5)], now=T0, max_entries=10, extend_only=False)
+    assert (tmp_path / (SUPPRESSION_FILE + ".damaged")).read_bytes() == damaged
+    assert (tmp_path / (SUPPRESSION_FILE + ".damaged.2")).read_bytes() == damaged
+    assert elsewhere.read_bytes() == b"not to be overwritten\n"
+
+
+async def test_each_write_is_seen_though_size_and_clock_tick_are_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner sets each file's modification time past the last one's:
+    a reader sees a change of the same size made within one clock tick;
+    a temporary file left behind (or a link in its place) is replaced, not
+    written through."""
+    from spoold import suppression
+
+    monkeypatch.setattr(suppression, "time_ns", lambda: 1_700_000_000_000_000_000)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"kept\n")
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / f"{os.getpid()}.{SUPPRESSION_FILE}.list.tmp").symlink_to(elsewhere)
+    owner = await owner_list(tmp_path)
+    reader = Suppressions(tmp_path, owner=False)
+    await owner.add([entry("a@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    assert elsewhere.read_bytes() == b"kept\n"
+    await reader.refresh()
+    path = tmp_path / SUPPRESSION_FILE
+    before = os.stat(path)
+    await owner.remove(["a@x.org"], now=T0)
+    await owner.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    after = os.stat(path)
+    assert after.st_size == before.st_size
+    assert after.st_mtime_ns > before.st_mtime_ns
+    assert reader.stale()
+    await reader.refresh()
+    assert reader.find("b@x.org", T0) is not None
+    # a new owner (a restart) goes on past the file's time
+    again = await owner_list(tmp_path)
+    await again.add([entry("c@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    assert os.stat(path).st_mtime_ns > after.st_mtime_ns
 
 
 def test_a_file_of_a_newer_version_is_refused_clearly() -> None:
@@ -197,6 +340,102 @@ async def test_a_reader_sees_the_owners_changes_when_the_file_changes(tmp_path: 
         await reader.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
 
 
+async def test_a_reader_that_cannot_read_the_list_says_so_once_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any error reading the file (not only its absence) makes the reader
+    try again and raise StoreError (the SMTP session answers 451), keeping
+    what it read; logged once a minute at most while it lasts."""
+    import structlog.testing
+
+    from spoold import suppression
+
+    owner = await owner_list(tmp_path)
+    await owner.add([entry("a@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    reader = Suppressions(tmp_path, owner=False)
+    await reader.refresh()
+    path = tmp_path / SUPPRESSION_FILE
+    path.unlink()
+    path.symlink_to(path)  # stat fails with ELOOP, not "no such file"
+    clock = [1000.0]
+    monkeypatch.setattr(suppression, "monotonic", lambda: clock[0])
+    with structlog.testing.capture_logs() as logs:
+        assert reader.stale()
+        for _ in range(3):
+            with pytest.raises(StoreError, match="cannot read the suppression list"):
+                await reader.refresh()
+        clock[0] += 61
+        with pytest.raises(StoreError):
+            await reader.refresh()
+    said = [e for e in logs if e["event"].startswith("cannot read the suppression list")]
+    assert len(said) == 2
+    assert reader.find("a@x.org", T0) is not None  # what it read stays
+    path.unlink()
+    await owner.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    await reader.refresh()
+    assert reader.find("b@x.org", T0) is not None
+
+
+async def test_changes_made_during_a_write_go_out_in_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner writes one at a time: a change made while a write is held
+    reaches the file with the next write, and its caller returns only once
+    that write is done; a write that failed is made by the next change."""
+    import threading
+
+    from spoold import suppression
+
+    listed = await owner_list(tmp_path)
+    real_write = suppression._write_sync
+    started, release = threading.Event(), threading.Event()
+    writes: list[list[str]] = []
+    done: list[int] = []  # the writes finished
+    failing = [False]
+
+    def write(path: Path, tmp: Path, entries: list[Suppression], *more: object) -> None:
+        writes.append(sorted(e.address for e in entries))
+        started.set()
+        release.wait(30)
+        if failing[0]:
+            failing[0] = False
+            raise StoreError("disk full")
+        real_write(path, tmp, entries, *more)
+        done.append(len(entries))
+
+    monkeypatch.setattr(suppression, "_write_sync", write)
+
+    def on_disk() -> list[str]:
+        entries, _ = decode_list((tmp_path / SUPPRESSION_FILE).read_bytes())
+        return sorted(e.address for e in entries)
+
+    returned: list[tuple[str, int]] = []  # who returned, after how many writes
+
+    async def add(address: str) -> None:
+        await listed.add([entry(address, 1)], now=T0, max_entries=10, extend_only=False)
+        returned.append((address, len(done)))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(add, "first@x.org")
+            assert await anyio.to_thread.run_sync(started.wait, 30)  # the first write is held
+            tg.start_soon(add, "second@x.org")
+            tg.start_soon(add, "third@x.org")
+            await wait_until(lambda: len(listed) == 3, "both changes made in memory")
+            assert returned == []  # nobody returns before a write of their change
+            release.set()
+        assert writes == [["first@x.org"], ["first@x.org", "second@x.org", "third@x.org"]]
+        assert sorted(returned) == [("first@x.org", 1), ("second@x.org", 2), ("third@x.org", 2)]
+        assert on_disk() == ["first@x.org", "second@x.org", "third@x.org"]
+
+        failing[0] = True  # this write fails: the change stays in memory
+        with pytest.raises(StoreError, match="disk full"):
+            await listed.add([entry("fourth@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+        assert "fourth@x.org" not in on_disk()
+        await listed.add([entry("fifth@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+        assert {"fourth@x.org", "fifth@x.org"} <= set(on_disk())
+
+
 # ------------------------------------------------------- what is a hard bounce
 
 
@@ -214,6 +453,19 @@ async def test_a_reader_sees_the_owners_changes_when_the_file_changes(tmp_path: 
         (NO_SUCH_USER, ErrorAction.DONE, False),
         (POLICY_REFUSAL, ErrorAction.SUPPRESS, True),  # on_error's word
         (TRY_LATER, ErrorAction.SUPPRESS, True),
+        (RecipientResult(550, "moved", "5.1.6"), ErrorAction.FAIL_PERMANENTLY, True),
+        (RecipientResult(553, "bad syntax", "5.1.3"), ErrorAction.FAIL_PERMANENTLY, True),
+        # about the sender, or saying the address is fine
+        (RecipientResult(550, "Sender address rejected", "5.1.0"), FAIL, False),
+        (RecipientResult(550, "bad sender mailbox", "5.1.7"), FAIL, False),
+        (RecipientResult(550, "Sender address rejected", "5.1.8"), FAIL, False),
+        (RecipientResult(550, "valid address", "5.1.5"), FAIL, False),
+        # given to every recipient: a reply to MAIL FROM or to the message
+        (RecipientResult(550, "no such user", "5.1.1", phase="mail"), FAIL, False),
+        (RecipientResult(550, "no such user", "5.1.1", phase="data"), FAIL, False),
+        # spoold's own answer, whatever on_error says
+        (RecipientResult(553, "cannot be relayed", "5.1.3", phase="local"), FAIL, False),
+        (RecipientResult(553, "cannot be relayed", "5.1.3", phase="local"), SUPPRESS, False),
     ],
 )
 def test_what_is_a_hard_bounce(result: RecipientResult, action: ErrorAction, hard: bool) -> None:
@@ -342,7 +594,7 @@ async def test_fail_mode_takes_the_message_and_fails_the_recipient_at_once(
         assert "blocked@example.com: 550 5.7.1 recipient suppressed until" in (
             msg.relay_attempts[0].error
         )
-        assert "(asked to stop)" in msg.relay_attempts[0].error
+        assert "asked to stop" not in msg.relay_attempts[0].error  # the sender reads it
         assert relay.attempts == [(mid, ("ok@example.com",))]  # never sent to it
         assert spool.suppressions.counts["failed"] == 1
         assert spool.suppressed()[0].source == "operator"  # not extended by its own failure
@@ -352,6 +604,21 @@ async def test_fail_mode_takes_the_message_and_fails_the_recipient_at_once(
             if event.kind == EventKind.FROZEN:
                 break
         assert EventKind.SPOOLED in seen
+
+
+async def test_an_entry_edited_into_an_invalid_address_can_still_be_lifted(
+    tmp_path: Path,
+) -> None:
+    async with open_spool(tmp_path, InMemoryRelay(), FakeClock(START)):
+        pass  # a spool directory
+    bad = Suppression(address="no at sign", since=START, until=START + DAY)
+    (tmp_path / SUPPRESSION_FILE).write_bytes(encode_list([bad]))
+    async with open_spool(tmp_path, InMemoryRelay(), FakeClock(START)) as spool:
+        assert [e.address for e in spool.suppressed()] == ["no at sign"]
+        with pytest.raises(AddressError):
+            await spool.unsuppress(["also not one"])  # not on the list: checked
+        assert await spool.unsuppress(["No At Sign"]) == ["no at sign"]
+        assert spool.suppressed() == []
 
 
 async def test_suppress_checks_its_addresses(tmp_path: Path) -> None:
@@ -410,8 +677,8 @@ def test_the_keys_default_to_off_refuse_and_a_hundred_thousand() -> None:
             "spool.max_suppressed: expected an integer >= 1, got 0",
         ),
         (
-            {"max_suppressed": 10_000_001},
-            "spool.max_suppressed: expected an integer <= 10000000, got 10000001",
+            {"max_suppressed": 1_000_001},
+            "spool.max_suppressed: expected an integer <= 1000000, got 1000001",
         ),
     ],
 )
@@ -532,4 +799,144 @@ async def test_fail_mode_with_bounces_tells_the_sender(tmp_path: Path) -> None:
         assert to == SPOOL_SENDER
         assert b"Status: 5.7.1" in wire
         assert b"recipient suppressed until" in wire
+        assert b"no such user" not in wire  # the reason is the operator's
     assert all(m != mid for m, _ in relay.attempts)  # never sent
+
+
+# --------------------------- only a hop's reply to the recipient's own RCPT
+
+
+def _frozen_on_failure(**changes: object) -> SpoolSettings:
+    policy = DeliveryPolicy(on_permanent_failure=OnPermanentFailure.FREEZE)
+    return suppressing(delivery_policy=policy, **changes)
+
+
+@pytest.mark.parametrize(
+    ("where", "reply", "suppressed"),
+    [
+        ("mail", "550 5.1.8 Sender address rejected: domain not found", []),
+        ("rcpt-all", "550 5.1.0 <s@example.org>: Sender address rejected", []),
+        ("data_end", "550 5.1.1 no such user", []),
+        ("rcpt", "550 5.1.1 no such user", ["gone@example.com"]),
+    ],
+)
+async def test_only_a_refusal_of_the_recipients_own_rcpt_suppresses(
+    tmp_path: Path, smtp_server: SmtpTestServer, where: str, reply: str, suppressed: list[str]
+) -> None:
+    """A real next hop: a refusal of the sender (at MAIL FROM, or at RCPT as
+    Postfix words it) or of the message (after DATA) is given to every
+    recipient and suppresses nobody; a 550 5.1.1 to one RCPT suppresses
+    that recipient alone."""
+    behaviour = smtp_server.behaviour
+    if where == "mail":
+        behaviour.mail = Reply(reply)
+    elif where == "data_end":
+        behaviour.data_end = Reply(reply)
+    elif where == "rcpt-all":
+        behaviour.rcpt["gone@example.com"] = Reply(reply)
+        behaviour.rcpt["ok@example.com"] = Reply(reply)
+    else:
+        behaviour.rcpt["gone@example.com"] = Reply(reply)
+    relay = SmtpRelay(RouteSettings(tls="none", connect_timeout=5.0, command_timeout=5.0))
+    submission = RoutedBatch(
+        [RoutedEnvelope(SPOOL_SENDER, ["gone@example.com", "ok@example.com"], [smtp_server.hop])],
+        BODY,
+    )
+    try:
+        with anyio.fail_after(30):
+            async with open_spool(
+                tmp_path, relay, FakeClock(START), settings=_frozen_on_failure()
+            ) as spool:
+                (mid,) = await spool.add(submission)
+                await wait_until(
+                    lambda: all(m.relay_attempts for m in spool.status() if m.id == mid),
+                    "an attempt made",
+                )
+                assert [e.address for e in spool.suppressed()] == suppressed
+    finally:
+        await relay.close_and_flush()
+
+
+@pytest.mark.parametrize(("count", "suppressed"), [(STORM_RECIPIENTS, True), (11, False)])
+async def test_a_hop_refusing_a_whole_list_suppresses_none_of_it(
+    tmp_path: Path, count: int, suppressed: bool
+) -> None:
+    """More than STORM_RECIPIENTS recipients of one attempt, every one
+    "no such user": a broken hop, not dead mailboxes; up to it, each is
+    suppressed."""
+    rcpts = [f"u{i}@example.com" for i in range(count)]
+    relay = relay_answering(dict.fromkeys(rcpts, NO_SUCH_USER))
+    async with open_spool(
+        tmp_path, relay, FakeClock(START), settings=_frozen_on_failure()
+    ) as spool:
+        (mid,) = await spool.add(batch(*rcpts))
+        msg = await settled(spool, mid)
+        assert sorted(msg.failed_recipients) == sorted(rcpts)
+        assert len(spool.suppressed()) == (count if suppressed else 0)
+
+
+async def test_one_good_recipient_keeps_the_others_suppressed(tmp_path: Path) -> None:
+    rcpts = [f"u{i}@example.com" for i in range(STORM_RECIPIENTS + 5)]
+    answers: dict[str, RecipientResult] = dict.fromkeys(rcpts, NO_SUCH_USER)
+    relay = relay_answering({**answers})
+    async with open_spool(
+        tmp_path, relay, FakeClock(START), settings=_frozen_on_failure()
+    ) as spool:
+        (mid,) = await spool.add(batch(*rcpts, "ok@example.com"))
+        await settled(spool, mid)
+        assert len(spool.suppressed()) == len(rcpts)
+
+
+async def test_a_suppressed_recipients_notification_names_no_remote_mta(tmp_path: Path) -> None:
+    """Fail mode, one recipient suppressed and one refused by the hop: the
+    DSN credits the hop with the hop's refusal only."""
+    relay = relay_answering({"refused@example.com": POLICY_REFUSAL})
+    settings = suppressing(
+        suppressed_recipients="fail",
+        delivery_policy=DeliveryPolicy(on_permanent_failure=OnPermanentFailure.BOUNCE),
+    )
+    async with open_spool(tmp_path, relay, FakeClock(START), settings=settings) as spool:
+        await spool.suppress(["gone@example.com"], for_=DAY, reason="asked")
+        (mid,) = await spool.add(batch("gone@example.com", "refused@example.com"))
+        await spool.wait(mid, timeout=10)
+        await wait_until(lambda: relay.delivered, "the notification delivered")
+        ((_dsn_id, _to, wire),) = relay.delivered
+    text = wire.decode()
+    blocks = text.split("Final-Recipient:")[1:]
+    by_rcpt = {b.split(";")[1].split()[0]: b for b in blocks}
+    assert "Remote-MTA" not in by_rcpt["gone@example.com"], text
+    assert "Remote-MTA" in by_rcpt["refused@example.com"]
+
+
+async def test_the_whole_list_is_shown_and_encoded_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``suppress_list`` of a whole list builds and encodes its reply in a
+    worker thread (a large list must not hold up the daemon's loop); the
+    total is those in force."""
+    import threading
+    import types
+
+    from spoold.daemon import control_handlers
+    from spoold.protocol import Encoded
+
+    threads: set[int] = set()
+    shown = control_handlers.suppression_view
+
+    def view(e: Suppression) -> dict[str, object]:
+        threads.add(threading.get_ident())
+        return shown(e)
+
+    monkeypatch.setattr(control_handlers, "suppression_view", view)
+    clock = FakeClock(START)
+    async with open_spool(tmp_path, InMemoryRelay(), clock) as spool:
+        await spool.suppress(["b@x.org", "a@x.org"], for_=DAY)
+        await spool.suppress(["short@x.org"], for_=timedelta(minutes=1))
+        clock.advance(timedelta(minutes=2))
+        ctx = types.SimpleNamespace(spool=spool)
+        reply = await control_handlers._suppress_list(ctx, control_handlers.SuppressListRequest())
+    assert isinstance(reply, Encoded)
+    found = msgspec.json.decode(reply.json)
+    assert [e["address"] for e in found["entries"]] == ["a@x.org", "b@x.org"]
+    assert found["total"] == 2
+    assert threads and threading.get_ident() not in threads

@@ -117,8 +117,8 @@ async def test_a_hard_bounce_is_refused_at_rcpt_until_lifted(
     replies = await _rcpt(port, "Gone@Example.com", OK, POLICY)
     (code, text), *rest = replies
     assert code == 550, text
-    assert text.startswith("550 5.7.1 Recipient suppressed until ")
-    assert f"until {entry['until']} (550 5.1.1 no such user)" in text
+    # the end of the suppression, not its reason (for the operator only)
+    assert text == f"550 5.7.1 Recipient suppressed until {entry['until']}"
     assert [c for c, _ in rest] == [250, 250, 250]  # OK, POLICY, and the message
     await wait_until(lambda: len(server.messages) == 2, daemon.log_text, interval=POLL)
     assert server.messages[1].rcpt_tos == (OK,)
@@ -171,7 +171,7 @@ async def test_a_hard_bounce_is_refused_at_rcpt_until_lifted(
     assert done.out.startswith("suppressed: new@example.net  until ")
     for _ in range(4):  # each connection may land on either worker
         ((code, text),) = await _rcpt(port, "new@example.net")
-        assert code == 550 and text.endswith("(asked)"), text
+        assert code == 550 and "suppressed until" in text and "asked" not in text, text
 
 
 async def _is(value: Any, expected: Any) -> bool:
@@ -242,6 +242,63 @@ async def test_fail_mode_takes_the_message_and_fails_the_recipient(
     (view,) = await wait_until(lambda: _frozen(daemon), "frozen", interval=POLL)
     assert view["failed_recipients"] == [GONE]
     assert "550 5.7.1 recipient suppressed until" in view["relay_attempts"][0]["error"]
-    assert "(unsubscribed)" in view["relay_attempts"][0]["error"]
+    # not the operator's reason (the sender reads it), not credited to the hop
+    assert view["relay_attempts"][0]["error"].endswith("; not sent"), view["relay_attempts"]
+    assert "unsubscribed" not in view["relay_attempts"][0]["error"]
     assert [m.rcpt_tos for m in server.messages] == [(OK,)]  # never sent to GONE
     assert (await _listed(daemon))["counts"]["failed"] == 1
+
+
+async def test_bounces_are_lifted_at_once_and_a_full_list_says_what_it_did_not_keep(
+    tmp_path: Path, start_daemon: DaemonFactory, start_smtp_server: StartServer
+) -> None:
+    """``suppress remove --source bounce`` lifts what a wave of bounces
+    did and leaves an operator's entries; ``suppress add`` whose entry the
+    bound drops at once says so and exits 1; a bounce never pushes an
+    operator's entry off the list."""
+    server = await start_smtp_server()
+    _hop_answers(server)
+    port = free_port()
+    config = _config(
+        tmp_path, server.hop, port, 'suppress_after_hard_bounce = "30d"\nmax_suppressed = 2\n'
+    )
+    daemon = await start_daemon(config)
+    await _bounce_gone(daemon, port, server)
+    done = await _ctl(daemon, "suppress", "add", "op@example.net", "--for", "20d")
+    assert done.code == 0, done.err
+    # full (GONE, op): an operator's entry closest to its end is not kept
+    done = await _ctl(daemon, "suppress", "add", "short@example.net", "--for", "1h")
+    assert done.code == 0, done.err  # GONE (a bounce) made room
+    assert sorted(await _addresses(daemon)) == ["op@example.net", "short@example.net"]
+    done = await _ctl(daemon, "suppress", "add", "shorter@example.net", "--for", "1m")
+    assert done.code == 1, (done.out, done.err)
+    assert "not kept: shorter@example.net" in done.err
+    assert sorted(await _addresses(daemon)) == ["op@example.net", "short@example.net"]
+
+    # a bounce finds the list full of an operator's entries: it is not kept
+    replies = await _rcpt(port, GONE)
+    assert [c for c, _ in replies] == [250, 250], replies
+    await wait_until(
+        lambda: daemon.log_text().count("suppression list full") == 3,
+        "the bounce entry's drop logged",
+        interval=POLL,
+    )
+    assert sorted(await _addresses(daemon)) == ["op@example.net", "short@example.net"]
+
+    # lift every bounce entry (none now but one from a moment ago) and no other
+    await _ctl(daemon, "suppress", "remove", "short@example.net")
+    replies = await _rcpt(port, GONE)
+    assert [c for c, _ in replies] == [250, 250], replies
+    await wait_until(lambda: _has(daemon, GONE), "GONE suppressed again", interval=POLL)
+    done = await _ctl(daemon, "suppress", "remove", "--source", "bounce", "--since", "1h")
+    assert done.code == 0, done.err
+    assert done.out.splitlines() == [f"lifted: {GONE}", "1 lifted"]
+    assert await _addresses(daemon) == ["op@example.net"]
+    done = await _ctl(daemon, "suppress", "remove", "--since", "1h")
+    assert done.code == 2 and "--since goes with --source" in done.err
+    client = Client(daemon.socket)
+    assert await anyio.to_thread.run_sync(lambda: client.unsuppress_source("bounce")) == []
+
+
+async def _has(daemon: DaemonProcess, address: str) -> bool:
+    return address in await _addresses(daemon)

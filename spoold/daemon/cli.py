@@ -914,17 +914,58 @@ def suppress_add(
     made: list[dict[str, Any]] = _run(lambda: target.client().ask(asked))
     for entry in made:
         click.echo(f"suppressed: {_entry_line(entry)}")
+    dropped = sorted({normalise(a) for a in addresses} - {e["address"] for e in made})
+    if dropped:
+        for address in dropped:
+            click.echo(f"not kept: {address} (the list is full: spool.max_suppressed)", err=True)
+        sys.exit(1)
 
 
 @suppress.command("remove")
-@click.argument("addresses", nargs=-1, required=True)
+@click.argument("addresses", nargs=-1)
+@click.option(
+    "--source",
+    type=click.Choice(["bounce", "operator"]),
+    help="lift every entry this source made (instead of ADDRESSES)",
+)
+@click.option(
+    "--since", metavar="SPAN", help="with --source: only the entries made in the last SPAN"
+)
 @click.pass_obj
-def suppress_remove(target: _Target, addresses: tuple[str, ...]) -> None:
-    """Lift the suppression of ADDRESSES: mail to them is taken again."""
-    asked = SuppressRemoveRequest(addresses=_valid_addresses(addresses))
+def suppress_remove(
+    target: _Target, addresses: tuple[str, ...], source: str | None, since: str | None
+) -> None:
+    """Lift the suppression of ADDRESSES, or of every entry --source made
+    (--source bounce --since 2h: after a hop refused good addresses):
+    mail to them is taken again."""
+    from spoold.times import parse_span
+
+    if source is None:
+        if since is not None:
+            _fail("--since goes with --source", 2)
+        if not addresses:
+            _fail("give ADDRESSES or --source", 2)
+        # not checked here: one the list holds as it is (edited by hand) may go
+        asked = SuppressRemoveRequest(addresses=list(addresses))
+    else:
+        if addresses:
+            _fail("give ADDRESSES or --source, not both", 2)
+        if since is not None:
+            try:
+                length = parse_span(since)
+            except ValueError as exc:
+                _fail(f"--since: {exc}", 2)
+            if length <= timedelta(0):
+                _fail(f"--since: expected a span > 0, got {since!r}", 2)
+        asked = SuppressRemoveRequest(
+            source="bounce" if source == "bounce" else "operator", since=since
+        )
     lifted: list[str] = _run(lambda: target.client().ask(asked))
     for address in lifted:
         click.echo(f"lifted: {address}")
+    if source is not None:
+        click.echo(f"{len(lifted)} lifted")
+        return
     for address in sorted({normalise(a) for a in addresses} - set(lifted)):
         click.echo(f"was not suppressed: {address}")
 

@@ -368,7 +368,7 @@ class SpoolConfig(msgspec.Struct, frozen=True, kw_only=True):
     # The suppression list (spoold.suppression): "" keeps hard bounces off it.
     suppress_after_hard_bounce: Annotated[timedelta | None, _Read(_optional_span)] = None
     suppressed_recipients: SuppressedRecipients = _settings.DEFAULT_SUPPRESSED_RECIPIENTS
-    max_suppressed: Annotated[int, _int_range(1, 10_000_000)] = _settings.DEFAULT_MAX_SUPPRESSED
+    max_suppressed: Annotated[int, _int_range(1, 1_000_000)] = _settings.DEFAULT_MAX_SUPPRESSED
 
     @property
     def delivery_policy(self) -> DeliveryPolicy:

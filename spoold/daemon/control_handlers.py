@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, Protocol
 
+import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import msgspec
 import structlog
 
@@ -75,7 +78,7 @@ from spoold.protocol import (
     suppression_view,
 )
 from spoold.spool import Spool
-from spoold.suppression import DEFAULT_OPERATOR_SPAN
+from spoold.suppression import DEFAULT_OPERATOR_SPAN, Suppression
 from spoold.times import parse_span
 
 __all__ = [
@@ -284,15 +287,30 @@ def _addresses(addresses: list[str]) -> list[str]:
 
 
 async def _suppress_list(ctx: ControlContext, p: SuppressListRequest) -> Any:
+    """The list, or the entries of some addresses. A whole list (100,000
+    entries are some 20 MB of JSON) is sorted, shown and encoded in a
+    worker thread from a copy of the references (the entries are frozen),
+    so the daemon's loop is not held up by a large list."""
     spool = ctx.spool
     listed = spool.suppressions
-    entries = spool.suppressed(_addresses(p.addresses) if p.addresses else None)
-    return {
-        "entries": [suppression_view(e) for e in entries],
-        "total": len(spool.suppressed()) if p.addresses else len(entries),
+    now = spool.clock.now()
+    head = {
+        "total": listed.in_force(now),
         "max_suppressed": spool.settings.max_suppressed,
         "counts": dict(listed.counts),
     }
+    if p.addresses:
+        entries = spool.suppressed(_addresses(p.addresses))
+        return {"entries": [suppression_view(e) for e in entries], **head}
+    return await anyio.to_thread.run_sync(_encoded_list, listed.snapshot(), now, head)
+
+
+def _encoded_list(entries: list[Suppression], now: datetime, head: dict[str, Any]) -> Encoded:
+    """The ``suppress_list`` result for ``entries`` (in force at ``now``,
+    by address), encoded (a worker thread)."""
+    shown = sorted((e for e in entries if e.until > now), key=lambda e: e.address)
+    views = [suppression_view(e) for e in shown]
+    return Encoded(msgspec.json.encode({"entries": views, **head}))
 
 
 async def _suppress_add(ctx: ControlContext, p: SuppressAddRequest) -> Any:
@@ -312,8 +330,24 @@ async def _suppress_add(ctx: ControlContext, p: SuppressAddRequest) -> Any:
 
 
 async def _suppress_remove(ctx: ControlContext, p: SuppressRemoveRequest) -> Any:
-    lifted = await ctx.spool.unsuppress(_addresses(p.addresses))
-    log.info("suppression lifted by an operator", addresses=lifted)
+    if p.source is None:
+        if p.since is not None:
+            raise ValueError("'since' goes with 'source'")
+        if not p.addresses:
+            raise ValueError("expected 'addresses': a non-empty list of addresses")
+        lifted = await ctx.spool.unsuppress(p.addresses)  # checks those it does not hold
+    else:
+        if p.addresses:
+            raise ValueError("give 'addresses' or 'source', not both")
+        within = parse_span(p.since) if p.since is not None else None
+        lifted = await ctx.spool.unsuppress_source(p.source, within=within)
+    log.info(
+        "suppression lifted by an operator",
+        addresses=lifted[:100],
+        lifted=len(lifted),
+        source=p.source,
+        since=p.since,
+    )
     return lifted
 
 

@@ -329,8 +329,14 @@ class SmtpListener:
         if entry is None:
             return None
         listed.count("refused")
-        log.info("recipient refused: suppressed", recipient=entry.address, until=entry.until)
-        return reply_line(f"550 {SUPPRESSED_STATUS} Recipient {entry.describe()}")
+        log.info(
+            "recipient refused: suppressed",
+            recipient=entry.address,
+            until=entry.until,
+            reason=entry.reason,
+        )
+        # The end only: the reason is for the operator (suppress list/check).
+        return reply_line(f"550 {SUPPRESSED_STATUS} Recipient {entry.describe(reason=False)}")
 
     async def _measure_free_space(self) -> None:
         spool_dir = self.submitter.spool.spool_dir

@@ -59,7 +59,8 @@ unknown parameter                              555 5.5.4   555 5.5.4
 
 A refused recipient leaves the transaction going: the message goes to the
 recipients that were accepted. A recipient on the suppression list gets
-``550 5.7.1 Recipient suppressed until TIME (REASON)`` from the host
+``550 5.7.1 Recipient suppressed until TIME`` from the host (not the
+reason: an operator's note, or a hop's reply, is not for any client)
 (:meth:`SessionHost.recipient_refusal`); when the list changed since the
 host read it, the RCPT waits (as a delivery does) until it has read it
 again, so an entry added a moment ago applies to the next RCPT.
@@ -85,7 +86,7 @@ from typing import Any, Final, Protocol, cast
 import structlog
 
 from spoold.address import validate_address
-from spoold.errors import AddressError
+from spoold.errors import AddressError, StoreError
 
 __all__ = [
     "SessionPolicy",
@@ -722,8 +723,9 @@ class SmtpSession(asyncio.Protocol):
         """RCPT once the suppression list, changed, has been read again."""
         try:
             await self._host.refresh_suppressions()
-        except Exception:  # never a permanent 5xx for our own trouble
-            log.exception("cannot read the suppression list", peer=self._peer)
+        except Exception as exc:  # never a permanent 5xx for our own trouble
+            if not isinstance(exc, StoreError):  # that one is logged by the list
+                log.exception("cannot read the suppression list", peer=self._peer)
             if not self._closed:
                 self._out.append(b"451 4.3.0 Local error, try again later\r\n")
                 self._work_done()

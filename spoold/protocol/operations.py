@@ -209,7 +209,9 @@ class SuppressAddRequest(Request, tag="suppress_add"):
 
 
 class SuppressRemoveRequest(Request, tag="suppress_remove"):
-    addresses: list[str]
+    addresses: list[str] = []  # these; or, empty, every entry of `source`
+    source: Literal["bounce", "operator"] | None = None  # every entry it made
+    since: str | None = None  # with source: only those made in the last SPAN
 
 
 def op_of(kind: type[Request] | Request) -> str:

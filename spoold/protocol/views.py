@@ -251,10 +251,10 @@ class SuppressionView(View):
 
 
 class SuppressionCountsView(View):
-    """What the daemon did because of the list since it started (its own
-    process: the SMTP ingest workers count theirs in their log lines)."""
+    """What the list did since the daemon started: the daemon's own counts
+    and those its SMTP ingest workers report to it over their pipe."""
 
-    refused: int  # recipients refused (control socket, Spool.add; RCPT in-process)
+    refused: int  # recipients refused (at RCPT in any process, submit, Spool.add)
     failed: int  # recipients taken and failed unsent (suppressed_recipients = "fail")
     bounced: int  # recipients put on the list by a hard bounce
 
