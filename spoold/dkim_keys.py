@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from spoold.errors import DkimKeyError
+from spoold.store.directory import fsync_directory
 
 __all__ = [
     "DEFAULT_SIGNED_HEADERS",
@@ -342,11 +343,7 @@ def write_new_key(path: str | Path, key: PrivateKey) -> None:
             os.unlink(path)
         raise
     os.close(fd)
-    directory = os.open(Path(path).absolute().parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)  # the new name is durable too
-    finally:
-        os.close(directory)
+    fsync_directory(Path(path).absolute().parent)  # the new name is durable too
 
 
 def record_problem(key: DkimKey, records: Sequence[str]) -> str | None:

@@ -66,6 +66,7 @@ import msgspec
 
 from spoold.errors import IdempotencyKeyError, StoreError
 from spoold.message import RoutedBatch
+from spoold.store.directory import fsync_directory
 
 __all__ = [
     "IDEMPOTENCY_DIR",
@@ -202,11 +203,7 @@ def _write_sync(claim: Claim, record: _KeyRecord) -> None:
         finally:
             os.close(fd)
         os.rename(tmp, claim.path)
-        dfd = os.open(claim.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_directory(claim.path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -67,6 +67,7 @@ import structlog
 
 from spoold.errors import StoreError
 from spoold.relay import RecipientResult
+from spoold.store.directory import fsync_directory
 
 __all__ = [
     "SUPPRESSION_FILE",
@@ -314,11 +315,7 @@ def _write_sync(
         finally:
             os.close(fd)
         os.rename(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_directory(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -27,7 +27,7 @@ from spoold.errors import SpoolLockedError, StoreError
 from spoold.ids import is_valid_id
 from spoold.store.records import StepHook
 
-__all__ = ["StoreDirectory", "CHECKOUT", "REASONS", "unlink_quiet", "read_pid"]
+__all__ = ["StoreDirectory", "CHECKOUT", "REASONS", "fsync_directory", "unlink_quiet", "read_pid"]
 
 CHECKOUT = ".checkout"
 REASONS = ".reasons"
@@ -257,14 +257,20 @@ def _missing_dirs(path: str) -> list[str]:
     return missing[::-1]
 
 
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Sync directory ``path``: the names made, renamed or removed in it
+    are durable once this returns."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_parents(dirs: Iterable[str]) -> None:
     """Sync the parent of each of ``dirs`` (each parent once)."""
     for parent in dict.fromkeys(os.path.dirname(os.path.abspath(d)) for d in dirs):
-        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(parent)
 
 
 def _unusable_text(path: str, why: str) -> str:
