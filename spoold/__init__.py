@@ -122,7 +122,7 @@ __all__ = [
     "PlannedAttempt",
     "PlannedEnd",
     "PlannedRepeats",
-    # one destination's policy per attempt (issue 21)
+    # one destination's policy per attempt
     "DestinationPolicy",
     "PolicySource",
     # submissions and records
