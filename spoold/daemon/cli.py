@@ -886,6 +886,18 @@ def suppress_list(target: _Target, as_json: bool) -> None:
     )
 
 
+def _check_positive_span(option: str, text: str) -> None:
+    """Exit 2 unless ``text`` is a span longer than nothing."""
+    from spoold.times import parse_span
+
+    try:
+        length = parse_span(text)
+    except ValueError as exc:
+        _fail(f"{option}: {exc}", 2)
+    if length <= timedelta(0):
+        _fail(f"{option}: expected a span > 0, got {text!r}", 2)
+
+
 @suppress.command("add")
 @click.argument("addresses", nargs=-1, required=True)
 @click.option(
@@ -901,15 +913,8 @@ def suppress_add(
 ) -> None:
     """Suppress ADDRESSES: no new mail to them is taken (or it fails at
     once), no queued message is sent to them."""
-    from spoold.times import parse_span
-
     if span is not None:
-        try:
-            length = parse_span(span)
-        except ValueError as exc:
-            _fail(f"--for: {exc}", 2)
-        if length <= timedelta(0):
-            _fail(f"--for: expected a span > 0, got {span!r}", 2)
+        _check_positive_span("--for", span)
     asked = SuppressAddRequest(addresses=_valid_addresses(addresses), span=span, reason=reason)
     made: list[dict[str, Any]] = _run(lambda: target.client().ask(asked))
     for entry in made:
@@ -938,8 +943,6 @@ def suppress_remove(
     """Lift the suppression of ADDRESSES, or of every entry --source made
     (--source bounce --since 2h: after a hop refused good addresses):
     mail to them is taken again."""
-    from spoold.times import parse_span
-
     if source is None:
         if since is not None:
             _fail("--since goes with --source", 2)
@@ -951,12 +954,7 @@ def suppress_remove(
         if addresses:
             _fail("give ADDRESSES or --source, not both", 2)
         if since is not None:
-            try:
-                length = parse_span(since)
-            except ValueError as exc:
-                _fail(f"--since: {exc}", 2)
-            if length <= timedelta(0):
-                _fail(f"--since: expected a span > 0, got {since!r}", 2)
+            _check_positive_span("--since", since)
         asked = SuppressRemoveRequest(
             source="bounce" if source == "bounce" else "operator", since=since
         )
