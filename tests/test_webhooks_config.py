@@ -1,0 +1,200 @@
+"""``[webhooks.NAME]``: how the keys are read, the errors a bad table
+gives (exact texts, all at once), the secret file's checks, and the
+outbox's bound and order (:mod:`spoold.daemon.webhook_outbox`)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from spoold.daemon.config import load_config, restart_needed, webhook_settings
+from spoold.daemon.webhook_outbox import Outbox
+from spoold.daemon.webhooks import (
+    DEFAULT_WEBHOOK_KINDS,
+    WebhookKind,
+    signature,
+    signature_headers,
+    webhook_kind,
+)
+from spoold.errors import ConfigError
+from spoold.events import EventKind, SpoolEvent
+from spoold.times import utcnow
+
+BASE = """
+[spool]
+dir = "spool"
+
+[relay]
+default_route = "smarthost"
+
+[routes.smarthost]
+next_hops = ["127.0.0.1:2525"]
+"""
+
+
+def _config(tmp_path: Path, table: str, secret_mode: int = 0o600) -> Path:
+    secret = tmp_path / "hook.secret"
+    secret.write_text("0123456789abcdef0123\n")
+    os.chmod(secret, secret_mode)
+    path = tmp_path / "spoold.toml"
+    path.write_text(BASE + table)
+    return path
+
+
+def test_keys_are_read_with_their_defaults(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        '[webhooks.app]\nurl = "https://hooks.example.com/in"\nsecret_file = "hook.secret"\n',
+    )
+    cfg = load_config(path)
+    hook = cfg.webhooks["app"]
+    assert hook.url == "https://hooks.example.com/in"
+    assert hook.secret_file == tmp_path / "hook.secret"
+    assert hook.events == DEFAULT_WEBHOOK_KINDS
+    assert hook.routes == ()
+    assert hook.timeout == timedelta(seconds=10)
+    assert (hook.backoff, hook.max_backoff) == (timedelta(seconds=1), timedelta(minutes=10))
+    assert hook.max_outbox == 100_000
+    (settings,) = webhook_settings(cfg)
+    assert settings.secret == b"0123456789abcdef0123"  # the newline is not part of it
+    assert settings.kinds == frozenset(DEFAULT_WEBHOOK_KINDS)
+
+
+def test_http_to_loopback_and_filters_are_accepted(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        "[webhooks.local]\n"
+        'url = "http://127.0.0.1:8080/hook"\n'
+        'secret_file = "hook.secret"\n'
+        'events = ["deferred", "in_doubt"]\n'
+        'routes = ["smarthost"]\n'
+        "[webhooks.v6]\n"
+        'url = "http://[::1]:8080/hook"\n'
+        'secret_file = "hook.secret"\n',
+    )
+    cfg = load_config(path)
+    assert cfg.webhooks["local"].events == (WebhookKind.DEFERRED, WebhookKind.IN_DOUBT)
+    assert cfg.webhooks["local"].routes == ("smarthost",)
+    assert cfg.webhooks["v6"].url == "http://[::1]:8080/hook"
+
+
+def test_bad_tables_report_every_problem(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        "[webhooks.clear]\n"
+        'url = "http://hooks.example.com/in"\n'
+        'secret_file = "hook.secret"\n'
+        'events = ["delivered", "opened"]\n'
+        'routes = ["nowhere"]\n'
+        'backoff = "5m"\n'
+        'max_backoff = "1m"\n'
+        "[webhooks.bare]\n"
+        'url = "ftp://example.com"\n'
+        "colour = 1\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        "webhooks.clear.url: plain http would send the events in clear; use https:// "
+        "(http:// only to a loopback address), got 'http://hooks.example.com/in'",
+        "webhooks.clear.events: expected one of delivered, bounced, in_doubt, removed, "
+        "deferred, frozen, quarantined, got 'opened'",
+        "webhooks.clear.routes: no route named 'nowhere' (routes: smarthost)",
+        "webhooks.clear.max_backoff: must not be shorter than backoff",
+        "webhooks.bare.url: expected an https:// URL, got 'ftp://example.com'",
+        "webhooks.bare.secret_file: required",
+        "webhooks.bare.colour: unknown key",
+    ]
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604])
+def test_a_secret_file_others_may_read_is_refused(tmp_path: Path, mode: int) -> None:
+    path = _config(
+        tmp_path,
+        '[webhooks.app]\nurl = "https://h.example.com/"\nsecret_file = "hook.secret"\n',
+        secret_mode=mode,
+    )
+    cfg = load_config(path)  # read by the daemon as it builds, like an auth_file
+    with pytest.raises(ConfigError) as info:
+        webhook_settings(cfg)
+    (problem,) = info.value.problems
+    assert problem.startswith("webhooks.app.secret_file: auth file ")
+    assert f"(mode {mode:04o}); make it 0600" in problem
+
+
+def test_a_short_or_missing_secret_is_refused(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        '[webhooks.a]\nurl = "https://h.example.com/"\nsecret_file = "hook.secret"\n'
+        '[webhooks.b]\nurl = "https://h.example.com/"\nsecret_file = "missing"\n',
+    )
+    (tmp_path / "hook.secret").write_text("short\n")
+    with pytest.raises(ConfigError) as info:
+        webhook_settings(load_config(path))
+    assert info.value.problems == [
+        f"webhooks.a.secret_file: webhook secret file {tmp_path / 'hook.secret'}: "
+        "expected at least 16 characters",
+        f"webhooks.b.secret_file: auth file {tmp_path / 'missing'}: No such file or directory",
+    ]
+
+
+def test_a_changed_webhook_needs_a_restart(tmp_path: Path) -> None:
+    table = '[webhooks.app]\nurl = "https://h.example.com/"\nsecret_file = "hook.secret"\n'
+    old = load_config(_config(tmp_path, table))
+    new = load_config(_config(tmp_path, table.replace("h.example", "g.example")))
+    assert restart_needed(old, new) == ["webhooks"]
+
+
+def test_stream_events_map_onto_webhook_kinds() -> None:
+    def kind(k: EventKind, detail: str | None = None) -> WebhookKind | None:
+        return webhook_kind(SpoolEvent(utcnow(), k, "m1", detail=detail))
+
+    assert kind(EventKind.DELIVERED) is WebhookKind.DELIVERED
+    assert kind(EventKind.REMOVED, "bounced") is WebhookKind.BOUNCED
+    assert kind(EventKind.REMOVED, "in doubt: no reply to the end of the message") is (
+        WebhookKind.IN_DOUBT
+    )
+    assert kind(EventKind.REMOVED, "by operator") is WebhookKind.REMOVED
+    assert kind(EventKind.DELAYED) is WebhookKind.DEFERRED
+    assert kind(EventKind.DELAYED_RATE_LIMITED) is WebhookKind.DEFERRED
+    assert kind(EventKind.SPOOLED) is None
+    assert kind(EventKind.PING) is None
+
+
+def test_signature_is_over_timestamp_dot_body() -> None:
+    import hashlib
+    import hmac
+
+    headers = signature_headers(b"k" * 16, b'{"a":1}', "e1", 1_700_000_000.9)
+    assert headers["Spoold-Timestamp"] == "1700000000"
+    expected = hmac.new(b"k" * 16, b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
+    assert headers["Spoold-Signature"] == "sha256=" + expected
+    assert signature(b"k" * 16, "1700000000", b'{"a":1}') == expected
+    assert headers["Spoold-Event-Id"] == "e1"
+
+
+def test_outbox_keeps_order_across_reopen_and_drops_the_oldest_when_full(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "app", max_events=3)
+    outbox.open()
+    assert outbox.append([b"1", b"2"]) == 0
+    assert outbox.append([b"3", b"4", b"5"]) == 2  # 1 and 2 dropped
+    assert outbox.dropped == 2
+    (tmp_path / "app" / "0000000000000009.json.tmp").write_bytes(b"half")  # a crash mid-write
+
+    again = Outbox(tmp_path / "app", max_events=3)
+    again.open()
+    assert len(again) == 3
+    assert not list((tmp_path / "app").glob("*.tmp"))
+    bodies = []
+    while (name := again.oldest()) is not None:
+        body = again.read(name)
+        assert body is not None
+        bodies.append(body)
+        again.remove(name)
+    assert bodies == [b"3", b"4", b"5"]
+    again.append([b"6"])  # numbering goes on after the newest seen
+    assert again.read(again.oldest() or "") == b"6"
+    assert sorted(p.name for p in (tmp_path / "app").iterdir()) == ["0000000000000005.json"]
