@@ -13,7 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tests.daemon_helpers import DaemonFactory, sendmail, write_config
+import anyio
+
+from tests.daemon_helpers import CliResult, DaemonFactory, cli, sendmail, write_config
 from tests.smtp_server import Reply, SmtpTestServer, TlsCertificate
 from tests.webhook_receiver import ReceivedPost, WebhookReceiver
 
@@ -33,9 +35,7 @@ def documented_verify() -> Any:
     return scope["verify"]
 
 
-def _webhook_config(
-    config: Path, receiver: WebhookReceiver, cert: Path, extra: str = ""
-) -> None:
+def _webhook_config(config: Path, receiver: WebhookReceiver, cert: Path, extra: str = "") -> None:
     secret = config.parent / "hook.secret"
     secret.write_text(SECRET + "\n")
     os.chmod(secret, 0o600)
@@ -139,6 +139,15 @@ async def test_endpoint_down_then_up_loses_nothing_across_a_restart(
         # Every post is answered 500: the events stay in the outbox, retried.
         await receiver.wait_for(lambda: len(receiver.posts) >= 4)
         assert receiver.accepted == []
+        shown = await _cli(config, "--format", "json")
+        assert shown.code == 0, shown.err
+        hook = json.loads(shown.out)
+        assert (hook["name"], hook["url"], hook["up"]) == ("app", receiver.url, False)
+        assert hook["last_error"] == "HTTP 500" and hook["next_retry"] is not None
+        assert hook["last_success"] is None and hook["failures"] >= 1
+        assert hook["outbox"] + hook["posted"] >= 1
+        table = await _cli(config)
+        assert "app  " in table.out and "DOWN" in table.out and "HTTP 500" in table.out
 
         # The endpoint goes away entirely (connections refused), and the
         # daemon is stopped and started again meanwhile.
@@ -159,8 +168,19 @@ async def test_endpoint_down_then_up_loses_nothing_across_a_restart(
         await receiver.wait_for(lambda: wanted <= set(_outcomes(receiver.accepted)))
         assert set(_outcomes(receiver.accepted).values()) == {"delivered"}
         await _wait_files(outbox, 0)
+        shown = await _cli(config, "--format", "json")
+        hook = json.loads(shown.out)
+        assert hook["up"] is True and hook["outbox"] == 0 and hook["last_success"]
     finally:
         await receiver.stop()
+
+
+async def _cli(config: Path, *args: str) -> CliResult:
+    """``spoold status --webhooks ARGS`` off the event loop (the receiver
+    runs on it)."""
+    return await anyio.to_thread.run_sync(
+        lambda: cli("--config", str(config), "status", "--webhooks", *args)
+    )
 
 
 async def _wait_files(directory: Path, count: int) -> None:
@@ -192,5 +212,3 @@ def test_documented_verify_refuses_a_stale_timestamp() -> None:
     mac = hmac.new(SECRET.encode(), now.encode() + b"." + body, sha256).hexdigest()
     headers = {"spoold-timestamp": now, "spoold-signature": "sha256=" + mac}
     assert verify(SECRET.encode(), headers, body)
-
-

@@ -170,7 +170,7 @@ class Daemon:
         self._spool: Spool | None = None
         self._submitter: Submitter | None = None
         self._workers: IngestWorkers | None = None
-        self.webhooks: Webhooks | None = None
+        self._webhooks: Webhooks | None = None
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.accept_failures = AcceptFailures()
         self.metrics = Metrics()  # served when [metrics] listen is set
@@ -229,7 +229,7 @@ class Daemon:
         async with anyio.create_task_group() as outer:
             webhooks = None
             if self.live.webhooks:
-                webhooks = self.webhooks = Webhooks(
+                webhooks = self._webhooks = Webhooks(
                     cfg.spool.dir,
                     self.live.webhooks,
                     lambda recipient, sender: self.live.router.route_name_for(recipient, sender),
@@ -526,6 +526,10 @@ class Daemon:
             pid=peer.pid if peer is not None else None,
         )
         return ids
+
+    async def webhooks(self) -> list[dict[str, Any]]:
+        """Each webhook's state, in the order configured (none: [])."""
+        return [] if self._webhooks is None else self._webhooks.status()
 
     async def count(self) -> dict[str, int]:
         """The same keys as ``count`` without a daemon: the messages of
