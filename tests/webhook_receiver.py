@@ -84,9 +84,7 @@ class WebhookReceiver:
                 status = self.status
                 self.posts.append(ReceivedPost(path, headers, body, status))
                 self._changed.set()
-                writer.write(
-                    f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode("ascii")
-                )
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode("ascii"))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             return
