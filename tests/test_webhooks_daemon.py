@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,52 @@ def test_documented_verify_refuses_a_stale_timestamp() -> None:
     mac = hmac.new(SECRET.encode(), now.encode() + b"." + body, sha256).hexdigest()
     headers = {"spoold-timestamp": now, "spoold-signature": "sha256=" + mac}
     assert verify(SECRET.encode(), headers, body)
+
+
+async def test_a_bad_secret_file_stops_the_start_and_refuses_a_reload(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
+    tls_certificate: TlsCertificate,
+) -> None:
+    receiver = WebhookReceiver(tls=tls_certificate.server_context())  # never started
+    config = write_config(tmp_path, next_hops=[smtp_server.hop])
+    _webhook_config(config, receiver, tls_certificate.cert)
+    secret = tmp_path / "hook.secret"
+    os.chmod(secret, 0o644)
+    daemon = await start_daemon(config, wait_ready=False)
+    assert await daemon.wait_exit() == 2
+    assert "webhooks.app.secret_file" in daemon.log_text()
+    assert "make it 0600" in daemon.log_text()
+
+    os.chmod(secret, 0o600)
+    daemon = await start_daemon(config)
+    os.chmod(secret, 0o644)
+    refused = await anyio.to_thread.run_sync(lambda: cli("--config", str(config), "reload"))
+    assert refused.code == 1
+    assert "webhooks.app.secret_file" in refused.err
+
+
+async def test_a_stop_with_the_endpoint_down_keeps_the_events(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
+    tls_certificate: TlsCertificate,
+) -> None:
+    receiver = await _receiver(tls_certificate)
+    receiver.status = 503
+    config = write_config(tmp_path, next_hops=[smtp_server.hop])
+    _webhook_config(config, receiver, tls_certificate.cert)
+    daemon = await start_daemon(config)
+    try:
+        done = await sendmail(config, "kept@example.com", stdin=MESSAGE)
+        assert done.code == 0, done.err
+        await receiver.wait_for(lambda: len(receiver.posts) >= 2)  # tried, and again
+        daemon.send_signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == 0
+        (kept,) = (tmp_path / "spool" / "webhooks" / "app").glob("*.json")
+        event = json.loads(kept.read_bytes())
+        assert (event["event"], event["recipients"]) == ("delivered", ["kept@example.com"])
+        assert kept.read_bytes() == receiver.posts[0].body  # the same bytes, every try
+    finally:
+        await receiver.stop()
