@@ -262,3 +262,52 @@ async def test_a_stop_with_the_endpoint_down_keeps_the_events(
         assert kept.read_bytes() == receiver.posts[0].body  # the same bytes, every try
     finally:
         await receiver.stop()
+
+
+async def test_a_full_outbox_drops_the_oldest_and_says_so(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
+    tls_certificate: TlsCertificate,
+) -> None:
+    from tests.support import free_port
+    from tests.test_metrics import key, scrape_samples
+
+    receiver = await _receiver(tls_certificate)
+    await receiver.stop()  # nothing listens: every post is refused
+    config = write_config(tmp_path, next_hops=[smtp_server.hop])
+    _webhook_config(config, receiver, tls_certificate.cert, "max_outbox = 2\n")
+    port = free_port()
+    config.write_text(config.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    daemon = await start_daemon(config)
+    outbox = tmp_path / "spool" / "webhooks" / "app"
+    for n in range(4):
+        done = await sendmail(config, f"m{n}@example.com", stdin=MESSAGE)
+        assert done.code == 0, done.err
+        await _wait_for_event(outbox, f"m{n}@example.com")  # in order, one by one
+    await _wait_files(outbox, 2)
+    kept = sorted(json.loads(p.read_bytes())["recipients"][0] for p in outbox.glob("*.json"))
+    assert kept == ["m2@example.com", "m3@example.com"]
+    assert "webhook events dropped: the outbox is full" in daemon.log_text()
+    samples = await scrape_samples(port)
+    assert samples[key("spoold_webhook_dropped_events_total", webhook="app")] == 2.0
+    assert samples[key("spoold_webhook_outbox_events", webhook="app")] == 2.0
+    assert samples[key("spoold_webhook_up", webhook="app")] == 0.0
+    assert samples[key("spoold_webhook_posts_total", webhook="app")] == 0.0
+    assert samples[key("spoold_webhook_failures_total", webhook="app")] >= 1.0
+
+
+async def _wait_for_event(directory: Path, recipient: str) -> None:
+    """Wait until the outbox holds an event for ``recipient``."""
+    from tests.support import wait_until
+
+    def there() -> bool:
+        for path in directory.glob("*.json"):
+            try:
+                if recipient in json.loads(path.read_bytes())["recipients"]:
+                    return True
+            except FileNotFoundError:
+                continue  # dropped meanwhile
+        return False
+
+    await wait_until(there, f"an event for {recipient} in {directory}", interval=0.05)

@@ -247,6 +247,15 @@ class Metrics:
 
     # ------------------------------------------------------------ sources
 
+    def webhook_started(self, name: str, waiting: int) -> None:
+        """Webhook ``name`` starts with ``waiting`` events in its outbox:
+        every series of it exists from now on (counters at 0)."""
+        self.webhook_posts.labels(name)
+        self.webhook_failures.labels(name)
+        self.webhook_dropped.labels(name)
+        self.webhook_outbox.labels(name).set(waiting)
+        self.webhook_up.labels(name).set(1)
+
     def webhook_posted(self, name: str, waiting: int) -> None:
         """One event posted to webhook ``name``; ``waiting`` still in its outbox."""
         self.webhook_posts.labels(name).inc()

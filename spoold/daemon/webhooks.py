@@ -230,6 +230,7 @@ class WebhookState:
 class WebhookMetrics(Protocol):
     """Where the webhooks report (:class:`spoold.daemon.metrics.Metrics`)."""
 
+    def webhook_started(self, name: str, waiting: int) -> None: ...
     def webhook_posted(self, name: str, waiting: int) -> None: ...
     def webhook_failed(self, name: str, waiting: int) -> None: ...
     def webhook_queued(self, name: str, waiting: int, dropped: int) -> None: ...
@@ -288,7 +289,7 @@ class Webhooks:
             tg.start_soon(self._write)
             for name, state in self.states.items():
                 if self._metrics is not None:
-                    self._metrics.webhook_queued(name, len(state.outbox), 0)
+                    self._metrics.webhook_started(name, len(state.outbox))
                 tg.start_soon(self._send, self.settings[name], state)
             task_status.started()
 
