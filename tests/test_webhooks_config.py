@@ -198,3 +198,28 @@ def test_outbox_keeps_order_across_reopen_and_drops_the_oldest_when_full(tmp_pat
     again.append([b"6"])  # numbering goes on after the newest seen
     assert again.read(again.oldest() or "") == b"6"
     assert sorted(p.name for p in (tmp_path / "app").iterdir()) == ["0000000000000005.json"]
+
+
+def test_a_ca_file_that_cannot_be_read_is_refused(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        '[webhooks.app]\nurl = "https://h.example.com/"\nsecret_file = "hook.secret"\n'
+        'ca_file = "missing.pem"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        webhook_settings(load_config(path))
+    assert info.value.problems == [
+        f"webhooks.app.ca_file: {tmp_path / 'missing.pem'}: No such file or directory"
+    ]
+
+
+def test_a_url_httpx_cannot_use_is_refused(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        '[webhooks.app]\nurl = "https://h.example.com:x/"\nsecret_file = "hook.secret"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (problem,) = info.value.problems
+    assert problem.startswith("webhooks.app.url: ")
+    assert problem == "webhooks.app.url: Invalid port: 'x', got 'https://h.example.com:x/'"

@@ -311,3 +311,30 @@ async def _wait_for_event(directory: Path, recipient: str) -> None:
         return False
 
     await wait_until(there, f"an event for {recipient} in {directory}", interval=0.05)
+
+
+async def test_a_damaged_outbox_file_is_dropped_and_the_rest_posted(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
+    tls_certificate: TlsCertificate,
+) -> None:
+    receiver = await _receiver(tls_certificate)
+    config = write_config(tmp_path, next_hops=[smtp_server.hop])
+    _webhook_config(config, receiver, tls_certificate.cert)
+    outbox = tmp_path / "spool" / "webhooks" / "app"
+    first = await start_daemon(config)  # makes the spool and the outbox
+    first.send_signal(signal.SIGTERM)
+    assert await first.wait_exit() == 0
+    (outbox / "0000000000000000.json").write_bytes(b"\x00not json")
+    (outbox / "0000000000000001.json").write_bytes(b"[1, 2]")
+    daemon = await start_daemon(config)
+    try:
+        done = await sendmail(config, "after@example.com", stdin=MESSAGE)
+        assert done.code == 0, done.err
+        await receiver.wait_for(lambda: "after@example.com" in _outcomes(receiver.accepted))
+        assert len(receiver.posts) == 1
+        assert daemon.log_text().count("webhook event unreadable; dropped") == 2
+        await _wait_files(outbox, 0)
+    finally:
+        await receiver.stop()

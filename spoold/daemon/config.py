@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
+import httpx
 import msgspec
 
 from spoold import connection_cache as _cache
@@ -343,6 +345,10 @@ def _webhook_url(v: object) -> str:
     host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
     if not sep or not host or scheme.lower() not in ("https", "http"):
         raise ValueError(f"expected an https:// URL, got {v!r}")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{exc}, got {v!r}") from None
     if scheme.lower() == "http" and not _is_loopback(f"{host}:0"):
         raise ValueError(
             f"plain http would send the events in clear; use https:// "
@@ -614,6 +620,12 @@ def webhook_settings(config: Config) -> list[WebhookSettings]:
         except SpooldError as exc:
             problems.append(f"webhooks.{name}.secret_file: {exc}")
             continue
+        try:
+            cafile = None if hook.ca_file is None else str(hook.ca_file)
+            verify = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"webhooks.{name}.ca_file: {hook.ca_file}: {exc.strerror or exc}")
+            continue
         out.append(
             WebhookSettings(
                 name=name,
@@ -621,7 +633,7 @@ def webhook_settings(config: Config) -> list[WebhookSettings]:
                 kinds=frozenset(hook.events),
                 routes=frozenset(hook.routes),
                 secret=secret,
-                ca_file=hook.ca_file,
+                verify=verify,
                 timeout=hook.timeout.total_seconds(),
                 backoff=hook.backoff.total_seconds(),
                 max_backoff=hook.max_backoff.total_seconds(),

@@ -169,6 +169,17 @@ def signature_headers(secret: bytes, body: bytes, event_id: str, now: float) -> 
     }
 
 
+def _event_id(body: bytes) -> str | None:
+    """The ``event_id`` of an outbox file's body; None if it is not one
+    of ours (a file damaged or put there by hand)."""
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    event_id = decoded.get("event_id") if isinstance(decoded, dict) else None
+    return event_id if isinstance(event_id, str) and event_id.isprintable() else None
+
+
 def load_secret(path: Path) -> bytes:
     """A webhook's key: the text of a file only its owner may read,
     without surrounding white space; at least 16 bytes."""
@@ -187,7 +198,7 @@ class WebhookSettings:
     kinds: frozenset[WebhookKind]
     routes: frozenset[str]  # empty: every route
     secret: bytes
-    ca_file: Path | None
+    verify: ssl.SSLContext  # the endpoint's certificate is checked against it
     timeout: float
     backoff: float
     max_backoff: float
@@ -367,12 +378,9 @@ class Webhooks:
     # ------------------------------------------------------------ posting
 
     async def _send(self, settings: WebhookSettings, state: WebhookState) -> None:
-        verify: ssl.SSLContext | bool = True
-        if settings.ca_file is not None:
-            verify = ssl.create_default_context(cafile=str(settings.ca_file))
         delay = settings.backoff
         async with httpx.AsyncClient(
-            verify=verify, timeout=settings.timeout, follow_redirects=False
+            verify=settings.verify, timeout=settings.timeout, follow_redirects=False
         ) as client:
             while True:
                 name = state.outbox.oldest()
@@ -384,7 +392,17 @@ class Webhooks:
                 body = await anyio.to_thread.run_sync(state.outbox.read, name)
                 if body is None:
                     continue  # dropped from a full outbox meanwhile
-                error = await self._post(client, settings, body)
+                event_id = _event_id(body)
+                if event_id is None:  # a damaged file: never ours to post
+                    log.error(
+                        "webhook event unreadable; dropped",
+                        webhook=state.name,
+                        path=str(state.outbox.directory / name),
+                    )
+                    await anyio.to_thread.run_sync(state.outbox.remove, name)
+                    state.behind += 1
+                    continue
+                error = await self._post(client, settings, body, event_id)
                 if error is None:
                     await anyio.to_thread.run_sync(state.outbox.remove, name)
                     state.posted += 1
@@ -416,14 +434,13 @@ class Webhooks:
                 delay = min(delay * 2, settings.max_backoff)
 
     async def _post(
-        self, client: httpx.AsyncClient, settings: WebhookSettings, body: bytes
+        self, client: httpx.AsyncClient, settings: WebhookSettings, body: bytes, event_id: str
     ) -> str | None:
         """Post one event; None on a 2xx, else what went wrong."""
-        event_id = msgspec.json.decode(body).get("event_id", "")
         headers = signature_headers(settings.secret, body, event_id, time.time())
         try:
             response = await client.post(settings.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if 200 <= response.status_code < 300:
             return None
