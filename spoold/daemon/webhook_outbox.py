@@ -21,8 +21,9 @@ Invariants and commit points:
   stop or a crash is posted after the next start.
 
 The blocking methods (``open``, ``append``, ``read``, ``remove``) do file
-work: call them through ``anyio.to_thread``. The in-memory list of names is
-only changed by them, one call at a time per outbox (the caller's lock).
+work: call them through ``anyio.to_thread``. They may run at once in
+different threads (the writer appends while the sender removes): the
+in-memory list of names is guarded by a lock never held over file work.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ The path of an event:
    backoff that doubles from ``backoff`` up to ``max_backoff``.
 
 So delivery to the endpoint is at least once for every event in an outbox;
-an event can be posted twice only when the daemon stops without a flush
-between the 2xx and the removal; one published in the instant before a
+an event can be posted twice only when the daemon stops or crashes while
+its post is under way or between the 2xx and the removal; one published in the instant before a
 crash, before its batch was written, is lost (the event stream is not
 itself durable).
 
