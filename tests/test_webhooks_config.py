@@ -5,9 +5,12 @@ outbox's bound and order (:mod:`spoold.daemon.webhook_outbox`)."""
 from __future__ import annotations
 
 import os
+import ssl
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 
 from spoold.daemon.config import load_config, restart_needed, webhook_settings
@@ -15,6 +18,8 @@ from spoold.daemon.webhook_outbox import Outbox
 from spoold.daemon.webhooks import (
     DEFAULT_WEBHOOK_KINDS,
     WebhookKind,
+    Webhooks,
+    WebhookSettings,
     signature,
     signature_headers,
     webhook_kind,
@@ -223,3 +228,40 @@ def test_a_url_httpx_cannot_use_is_refused(tmp_path: Path) -> None:
     (problem,) = info.value.problems
     assert problem.startswith("webhooks.app.url: ")
     assert problem == "webhooks.app.url: Invalid port: 'x', got 'https://h.example.com:x/'"
+
+
+def _settings(name: str = "app", url: str = "http://127.0.0.1:9/hook") -> WebhookSettings:
+    return WebhookSettings(
+        name=name,
+        url=url,
+        kinds=frozenset(DEFAULT_WEBHOOK_KINDS),
+        routes=frozenset(),
+        secret=b"0123456789abcdef0123",
+        verify=ssl.create_default_context(),
+        timeout=1.0,
+        backoff=0.01,
+        max_backoff=0.02,
+        max_outbox=10,
+    )
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    with anyio.fail_after(10):
+        while not check():
+            await anyio.sleep(0.01)
+
+
+async def test_an_outbox_that_cannot_be_opened_is_logged_and_retried(tmp_path: Path) -> None:
+    blocker = tmp_path / "webhooks"
+    blocker.write_text("not a directory")
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "smarthost")
+    state = hooks.states["app"]
+    async with anyio.create_task_group() as tg:
+        await tg.start(hooks.run)
+        await _until(lambda: state.last_error is not None)
+        assert not state.opened
+        assert "outbox" in (state.last_error or "")
+        blocker.unlink()
+        await _until(lambda: state.opened)
+        tg.cancel_scope.cancel()
+    assert (tmp_path / "webhooks" / "app").is_dir()

@@ -220,6 +220,7 @@ class WebhookState:
     last_error: str | None = None
     last_error_time: datetime | None = None
     next_retry: datetime | None = None
+    opened: bool = False  # the outbox could be opened (retried by the sender until it is)
     wake: anyio.Event = field(default_factory=anyio.Event)
 
     def to_dict(self) -> dict[str, Any]:
@@ -289,9 +290,7 @@ class Webhooks:
         are written and :attr:`written` is set; the senders go on posting
         until the caller cancels them."""
         for state in self.states.values():
-            await anyio.to_thread.run_sync(state.outbox.open)
-            if len(state.outbox):
-                log.info("webhook outbox re-read", webhook=state.name, events=len(state.outbox))
+            await self._open(state)
         async with anyio.create_task_group() as tg:
             if self._subscription is not None:
                 tg.start_soon(self._collect, self._subscription)
@@ -354,16 +353,33 @@ class Webhooks:
 
     async def _write(self) -> None:
         while True:
-            if not self._collecting and not any(self._pending.values()):
+            if not self._collecting and not any(
+                bodies for name, bodies in self._pending.items() if self.states[name].opened
+            ):
                 self.written.set()
                 return
             await self._pending_ready.wait()
             self._pending_ready = anyio.Event()
-            batches = {name: bodies for name, bodies in self._pending.items() if bodies}
-            self._pending = {name: [] for name in self.states}
+            batches = {
+                name: bodies
+                for name, bodies in self._pending.items()
+                if bodies and self.states[name].opened
+            }
+            for name in batches:
+                self._pending[name] = []
             for name, bodies in batches.items():
                 state = self.states[name]
-                dropped = await anyio.to_thread.run_sync(state.outbox.append, bodies)
+                try:
+                    dropped = await anyio.to_thread.run_sync(state.outbox.append, bodies)
+                except Exception as exc:  # noqa: BLE001 (never the end of the daemon)
+                    log.error(
+                        "webhook events dropped: the outbox cannot be written",
+                        webhook=name,
+                        events=len(bodies),
+                        error=_describe(exc),
+                    )
+                    state.behind += len(bodies)
+                    continue
                 if dropped:
                     log.warning(
                         "webhook events dropped: the outbox is full",
@@ -377,7 +393,50 @@ class Webhooks:
 
     # ------------------------------------------------------------ posting
 
+    async def _open(self, state: WebhookState) -> None:
+        """Open ``state``'s outbox; an error is logged and kept in the
+        state (the sender tries again after its backoff)."""
+        try:
+            await anyio.to_thread.run_sync(state.outbox.open)
+        except Exception as exc:  # noqa: BLE001 (logged; the sender retries)
+            self._note_error(state, f"outbox: {_describe(exc)}", 0.0)
+            log.error("webhook outbox cannot be opened", webhook=state.name, error=_describe(exc))
+            return
+        state.opened = True
+        self._pending_ready.set()  # events collected meanwhile can be written now
+        if len(state.outbox):
+            log.info("webhook outbox re-read", webhook=state.name, events=len(state.outbox))
+
+    def _note_error(self, state: WebhookState, error: str, delay: float) -> None:
+        state.failures += 1
+        state.last_error = error
+        state.last_error_time = utcnow()
+        state.next_retry = datetime.fromtimestamp(
+            state.last_error_time.timestamp() + delay, state.last_error_time.tzinfo
+        )
+
     async def _send(self, settings: WebhookSettings, state: WebhookState) -> None:
+        """Post ``state``'s outbox until cancelled. Whatever goes wrong
+        (the outbox's files, the endpoint, a bug) is logged and tried
+        again after the backoff: a webhook never ends the daemon."""
+        delay = settings.backoff
+        while True:
+            try:
+                if not state.opened:
+                    await self._open(state)
+                if state.opened:
+                    await self._post_all(settings, state)
+            except Exception as exc:  # noqa: BLE001 (a webhook never ends the daemon)
+                self._note_error(state, _describe(exc), delay)
+                log.error(
+                    "webhook sender failed; tried again", webhook=state.name, error=_describe(exc)
+                )
+                if self._metrics is not None:
+                    self._metrics.webhook_failed(state.name, len(state.outbox))
+            await anyio.sleep(delay)
+            delay = min(delay * 2, settings.max_backoff)
+
+    async def _post_all(self, settings: WebhookSettings, state: WebhookState) -> None:
         delay = settings.backoff
         async with httpx.AsyncClient(
             verify=settings.verify, timeout=settings.timeout, follow_redirects=False
@@ -415,12 +474,7 @@ class Webhooks:
                     if self._metrics is not None:
                         self._metrics.webhook_posted(state.name, len(state.outbox))
                     continue
-                state.failures += 1
-                state.last_error = error
-                state.last_error_time = utcnow()
-                state.next_retry = datetime.fromtimestamp(
-                    state.last_error_time.timestamp() + delay, state.last_error_time.tzinfo
-                )
+                self._note_error(state, error, delay)
                 if state.up:
                     log.warning(
                         "webhook endpoint failing; events wait in its outbox",
@@ -441,7 +495,11 @@ class Webhooks:
         try:
             response = await client.post(settings.url, content=body, headers=headers)
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return _describe(exc)
         if 200 <= response.status_code < 300:
             return None
         return f"HTTP {response.status_code}"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
