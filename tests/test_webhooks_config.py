@@ -265,3 +265,26 @@ async def test_an_outbox_that_cannot_be_opened_is_logged_and_retried(tmp_path: P
         await _until(lambda: state.opened)
         tg.cancel_scope.cancel()
     assert (tmp_path / "webhooks" / "app").is_dir()
+
+
+@pytest.mark.parametrize("name", ["../..", "a/b", "", ".", "héllo", "x" * 65, "sp ace"])
+def test_a_webhook_name_that_is_not_a_plain_word_is_refused(tmp_path: Path, name: str) -> None:
+    path = _config(
+        tmp_path,
+        f'[webhooks."{name}"]\nurl = "https://hooks.example.com/in"\nsecret_file = "hook.secret"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        "webhooks: a webhook's name is 1 to 64 letters (A-Z, a-z), digits, "
+        f"'-' or '_', got {name!r}"
+    ]
+
+
+def test_a_webhook_name_of_64_word_characters_is_accepted(tmp_path: Path) -> None:
+    name = "A-z_0" + "x" * 59
+    path = _config(
+        tmp_path,
+        f'[webhooks.{name}]\nurl = "https://hooks.example.com/in"\nsecret_file = "hook.secret"\n',
+    )
+    assert list(load_config(path).webhooks) == [name]

@@ -925,6 +925,9 @@ _TABLES = (
 )
 
 
+_WEBHOOK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def _read_webhooks(
     raw_hooks: object, routes: Mapping[str, RouteConfig], problems: list[str], base: Path
 ) -> dict[str, WebhookConfig]:
@@ -936,6 +939,13 @@ def _read_webhooks(
         return hooks
     for name, body in raw_hooks.items():
         prefix = f"webhooks.{name}"
+        if not _WEBHOOK_NAME.fullmatch(name):
+            # The name is a directory of the spool and a metric label.
+            problems.append(
+                f"webhooks: a webhook's name is 1 to 64 letters (A-Z, a-z), digits, "
+                f"'-' or '_', got {name!r}"
+            )
+            continue
         hook = _read_table(
             WebhookConfig,
             body,
