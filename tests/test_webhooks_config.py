@@ -288,3 +288,30 @@ def test_a_webhook_name_of_64_word_characters_is_accepted(tmp_path: Path) -> Non
         f'[webhooks.{name}]\nurl = "https://hooks.example.com/in"\nsecret_file = "hook.secret"\n',
     )
     assert list(load_config(path).webhooks) == [name]
+
+
+def test_an_outbox_file_deleted_by_hand_is_forgotten(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "app", max_events=10)
+    outbox.open()
+    outbox.append([b"first", b"second"])
+    first = outbox.oldest()
+    assert first is not None
+    (outbox.directory / first).unlink()
+    assert outbox.read(first) is None
+    second = outbox.oldest()
+    assert second is not None and second != first
+    assert outbox.read(second) == b"second"
+    assert len(outbox) == 1
+
+
+async def test_a_sender_skips_an_outbox_file_deleted_by_hand(tmp_path: Path) -> None:
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "smarthost")
+    state = hooks.states["app"]
+    async with anyio.create_task_group() as tg:
+        await tg.start(hooks.run)
+        await _until(lambda: state.opened)
+        state.outbox.append([b"{}"])
+        (state.outbox.directory / (state.outbox.oldest() or "")).unlink()
+        state.wake.set()
+        await _until(lambda: len(state.outbox) == 0)
+        tg.cancel_scope.cancel()

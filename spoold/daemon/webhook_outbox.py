@@ -109,10 +109,14 @@ class Outbox:
             return self._names[0] if self._names else None
 
     def read(self, name: str) -> bytes | None:
-        """The body of event ``name``; None if it is gone (dropped)."""
+        """The body of event ``name``; None if it is gone (dropped from a
+        full outbox, or its file deleted by hand): then the name is
+        forgotten too, so the next oldest comes next."""
         try:
             return (self.directory / name).read_bytes()
         except FileNotFoundError:
+            with self._lock, contextlib.suppress(ValueError):
+                self._names.remove(name)
             return None
 
     def remove(self, name: str) -> None:

@@ -450,7 +450,7 @@ class Webhooks:
                     continue
                 body = await anyio.to_thread.run_sync(state.outbox.read, name)
                 if body is None:
-                    continue  # dropped from a full outbox meanwhile
+                    continue  # dropped from a full outbox meanwhile, or deleted by hand: forgotten
                 event_id = _event_id(body)
                 if event_id is None:  # a damaged file: never ours to post
                     log.error(
