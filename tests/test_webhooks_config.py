@@ -315,3 +315,39 @@ async def test_a_sender_skips_an_outbox_file_deleted_by_hand(tmp_path: Path) -> 
         state.wake.set()
         await _until(lambda: len(state.outbox) == 0)
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://evil.example#@127.0.0.1/", "a fragment ('#')"),
+        ("http://127.0.0.1#@evil.example/", "a fragment ('#')"),
+        ("http://127.0.0.1@evil.example/", "a user name or password"),
+        ("https://user:pw@hooks.example.com/", "a user name or password"),
+        ("http://127.0.0.1\\@evil.example/", "spaces, control characters or '\\'"),
+        ("http://evil.example /@127.0.0.1/", "spaces, control characters or '\\'"),
+        ("http:///127.0.0.1/", None),
+    ],
+)
+def test_a_webhook_url_that_hides_its_host_is_refused(
+    tmp_path: Path, url: str, problem: str | None
+) -> None:
+    path = _config(
+        tmp_path,
+        f"[webhooks.app]\nurl = '{url}'\nsecret_file = \"hook.secret\"\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (text,) = info.value.problems
+    if problem is None:
+        assert text.startswith("webhooks.app.url: expected an https:// URL")
+    else:
+        assert text == f"webhooks.app.url: expected a URL without {problem}, got {url!r}"
+
+
+def test_http_to_a_bracketed_loopback_address_is_accepted(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        '[webhooks.app]\nurl = "http://[::1]:8080/in?x=1"\nsecret_file = "hook.secret"\n',
+    )
+    assert load_config(path).webhooks["app"].url == "http://[::1]:8080/in?x=1"

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -340,16 +341,27 @@ def _selector(v: object) -> str:
 
 def _webhook_url(v: object) -> str:
     url = _str(v)
-    scheme, sep, rest = url.partition("://")
-    host = rest.split("/", 1)[0].rpartition("@")[2]
-    host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
-    if not sep or not host or scheme.lower() not in ("https", "http"):
-        raise ValueError(f"expected an https:// URL, got {v!r}")
+    if any(c.isspace() or not c.isprintable() or c == "\\" for c in url):
+        raise ValueError(f"expected a URL without spaces, control characters or '\\', got {v!r}")
     try:
-        httpx.URL(url)
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        raise ValueError(f"{exc}, got {v!r}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("https", "http") or not host or not url.lower().startswith(scheme + "://"):
+        raise ValueError(f"expected an https:// URL, got {v!r}")
+    if "@" in parts.netloc:
+        raise ValueError(f"expected a URL without a user name or password, got {v!r}")
+    if "#" in url:
+        raise ValueError(f"expected a URL without a fragment ('#'), got {v!r}")
+    try:
+        parsed_host = httpx.URL(url).host
     except httpx.InvalidURL as exc:
         raise ValueError(f"{exc}, got {v!r}") from None
-    if scheme.lower() == "http" and not _is_loopback(f"{host}:0"):
+    if parsed_host.lower() != host:  # the host checked is the host posted to
+        raise ValueError(f"expected an https:// URL, got {v!r}")
+    if scheme == "http" and not _is_loopback(f"{host}:0"):
         raise ValueError(
             f"plain http would send the events in clear; use https:// "
             f"(http:// only to a loopback address), got {v!r}"
