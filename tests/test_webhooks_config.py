@@ -4,6 +4,9 @@ outbox's bound and order (:mod:`spoold.daemon.webhook_outbox`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import os
 import ssl
 from collections.abc import Callable
@@ -351,3 +354,39 @@ def test_http_to_a_bracketed_loopback_address_is_accepted(tmp_path: Path) -> Non
         '[webhooks.app]\nurl = "http://[::1]:8080/in?x=1"\nsecret_file = "hook.secret"\n',
     )
     assert load_config(path).webhooks["app"].url == "http://[::1]:8080/in?x=1"
+
+
+async def test_an_endpoint_that_trickles_its_answer_times_out(tmp_path: Path) -> None:
+    """Each byte comes well within httpx's per-read timeout, but the
+    answer never ends: the post as a whole must time out."""
+    done = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        with contextlib.suppress(OSError):
+            while not done.is_set():
+                writer.write(b"a")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = dataclasses.replace(
+        _settings(url=f"http://127.0.0.1:{port}/hook"), timeout=0.5, backoff=60, max_backoff=60
+    )
+    hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "smarthost")
+    state = hooks.states["app"]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            state.outbox.append([b'{"event_id": "e1"}'])
+            state.wake.set()
+            await _until(lambda: state.last_error is not None)
+            tg.cancel_scope.cancel()
+    finally:
+        done.set()
+        server.close()
+    assert state.last_error == "no answer within 0.5 s"
+    assert len(state.outbox) == 1

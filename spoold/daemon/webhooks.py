@@ -439,7 +439,10 @@ class Webhooks:
     async def _post_all(self, settings: WebhookSettings, state: WebhookState) -> None:
         delay = settings.backoff
         async with httpx.AsyncClient(
-            verify=settings.verify, timeout=settings.timeout, follow_redirects=False
+            verify=settings.verify,
+            timeout=settings.timeout,
+            follow_redirects=False,
+            trust_env=False,  # no proxy or certificates from the environment
         ) as client:
             while True:
                 name = state.outbox.oldest()
@@ -490,15 +493,24 @@ class Webhooks:
     async def _post(
         self, client: httpx.AsyncClient, settings: WebhookSettings, body: bytes, event_id: str
     ) -> str | None:
-        """Post one event; None on a 2xx, else what went wrong."""
+        """Post one event; None on a 2xx, else what went wrong. The whole
+        post, answer included, has ``timeout`` (an endpoint that trickles
+        its answer cannot hold the sender); of the answer only the status
+        is used, the body is never read (however big or compressed)."""
         headers = signature_headers(settings.secret, body, event_id, time.time())
         try:
-            response = await client.post(settings.url, content=body, headers=headers)
+            with anyio.fail_after(settings.timeout):
+                async with client.stream(
+                    "POST", settings.url, content=body, headers=headers
+                ) as response:
+                    status = response.status_code
+        except TimeoutError:
+            return f"no answer within {settings.timeout:g} s"
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             return _describe(exc)
-        if 200 <= response.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"HTTP {response.status_code}"
+        return f"HTTP {status}"
 
 
 def _describe(exc: BaseException) -> str:
