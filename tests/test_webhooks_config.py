@@ -9,6 +9,8 @@ import contextlib
 import dataclasses
 import os
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -390,3 +392,13 @@ async def test_an_endpoint_that_trickles_its_answer_times_out(tmp_path: Path) ->
         server.close()
     assert state.last_error == "no answer within 0.5 s"
     assert len(state.outbox) == 1
+
+
+def test_the_config_and_cli_import_without_httpx() -> None:
+    """Every CLI command reads the config; a venv without httpx (a
+    client-only install) must still run them."""
+    code = "import sys; sys.modules['httpx'] = None; import spoold.daemon.cli, spoold.daemon.config"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
-import httpx
 import msgspec
 
 from spoold import connection_cache as _cache
@@ -355,6 +354,8 @@ def _webhook_url(v: object) -> str:
         raise ValueError(f"expected a URL without a user name or password, got {v!r}")
     if "#" in url:
         raise ValueError(f"expected a URL without a fragment ('#'), got {v!r}")
+    import httpx  # here, not at the top: every CLI command reads the config
+
     try:
         parsed_host = httpx.URL(url).host
     except httpx.InvalidURL as exc:

@@ -42,11 +42,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
-import httpx
 import msgspec
 import structlog
 
@@ -73,6 +72,9 @@ __all__ = [
     "WebhookMetrics",
     "Webhooks",
 ]
+
+if TYPE_CHECKING:
+    import httpx
 
 log = structlog.get_logger("spoold.webhooks")
 
@@ -437,6 +439,10 @@ class Webhooks:
             delay = min(delay * 2, settings.max_backoff)
 
     async def _post_all(self, settings: WebhookSettings, state: WebhookState) -> None:
+        # Imported here, not at the top: the config (read by every CLI
+        # command) imports this module, and a client-only install has no httpx.
+        import httpx
+
         delay = settings.backoff
         async with httpx.AsyncClient(
             verify=settings.verify,
@@ -497,6 +503,8 @@ class Webhooks:
         post, answer included, has ``timeout`` (an endpoint that trickles
         its answer cannot hold the sender); of the answer only the status
         is used, the body is never read (however big or compressed)."""
+        import httpx
+
         headers = signature_headers(settings.secret, body, event_id, time.time())
         try:
             with anyio.fail_after(settings.timeout):
