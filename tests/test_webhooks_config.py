@@ -32,6 +32,7 @@ from spoold.daemon.webhooks import (
 from spoold.errors import ConfigError
 from spoold.events import EventKind, SpoolEvent
 from spoold.times import utcnow
+from tests.webhook_receiver import WebhookReceiver
 
 BASE = """
 [spool]
@@ -402,3 +403,34 @@ def test_the_config_and_cli_import_without_httpx() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+async def test_an_event_the_endpoint_got_but_did_not_2xx_comes_again_with_its_id(
+    tmp_path: Path,
+) -> None:
+    receiver = WebhookReceiver(status=500)
+    await receiver.start()
+    hooks = Webhooks(tmp_path, [_settings(url=receiver.url)], lambda recipient, sender: "x")
+    state = hooks.states["app"]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            state.outbox.append([b'{"event_id": "e1"}'])
+            state.wake.set()
+            await receiver.wait_for(lambda: len(receiver.posts) == 1)
+            receiver.status = 200
+            await receiver.wait_for(lambda: len(receiver.accepted) == 1)
+            tg.cancel_scope.cancel()
+    finally:
+        await receiver.stop()
+    assert [p.headers["spoold-event-id"] for p in receiver.posts] == ["e1", "e1"]
+    assert receiver.posts[0].body == receiver.posts[1].body
+
+
+def test_the_docs_name_event_id_as_the_key_to_deduplicate_on() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert "posted twice only when" not in docs
+    assert (
+        "`event_id` (also in\nthe `Spoold-Event-Id` header): that is the key to deduplicate on"
+        in docs
+    )

@@ -21,11 +21,13 @@ The path of an event:
    other answer, a timeout or a connection error is retried after a
    backoff that doubles from ``backoff`` up to ``max_backoff``.
 
-So delivery to the endpoint is at least once for every event in an outbox;
-an event can be posted twice only when the daemon stops or crashes while
-its post is under way or between the 2xx and the removal; one published in the instant before a
-crash, before its batch was written, is lost (the event stream is not
-itself durable).
+So delivery to the endpoint is at least once for every event in an outbox:
+an event is posted again after any post whose 2xx was not seen (a timeout,
+a lost connection, another answer, a stop or crash during the post or
+between the 2xx and the removal), even if the endpoint acted on it; its
+``event_id`` stays the same, the key an endpoint deduplicates on. One
+published in the instant before a crash, before its batch was written, is
+lost (the event stream is not itself durable).
 
 The body (:func:`event_body`) is JSON, schema ``version`` 1, documented in
 ``docs/configuration.md``.
