@@ -434,3 +434,15 @@ def test_the_docs_name_event_id_as_the_key_to_deduplicate_on() -> None:
         "`event_id` (also in\nthe `Spoold-Event-Id` header): that is the key to deduplicate on"
         in docs
     )
+
+
+def test_status_hides_the_query_of_a_url(tmp_path: Path) -> None:
+    settings = [
+        _settings("tok", "https://hooks.example.com/in?token=s3cret"),
+        _settings("plain", "https://hooks.example.com/in"),
+    ]
+    hooks = Webhooks(tmp_path, settings, lambda recipient, sender: "x")
+    assert [s["url"] for s in hooks.status()] == [
+        "https://hooks.example.com/in?...",
+        "https://hooks.example.com/in",
+    ]

@@ -230,7 +230,7 @@ class WebhookState:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "url": self.url,
+            "url": _shown_url(self.url),
             "outbox": len(self.outbox),
             "dropped": self.outbox.dropped + self.behind,
             "up": self.up,
@@ -525,3 +525,9 @@ class Webhooks:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _shown_url(url: str) -> str:
+    """``url`` as status shows it: a query (often a token) hidden."""
+    base, sep, _query = url.partition("?")
+    return base + "?..." if sep else base
