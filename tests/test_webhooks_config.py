@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+import structlog.testing
 
 from spoold.daemon.config import load_config, restart_needed, webhook_settings
 from spoold.daemon.webhook_outbox import Outbox
@@ -446,3 +447,14 @@ def test_status_hides_the_query_of_a_url(tmp_path: Path) -> None:
         "https://hooks.example.com/in?...",
         "https://hooks.example.com/in",
     ]
+
+
+def test_events_dropped_before_the_outbox_are_logged_once_per_spell(tmp_path: Path) -> None:
+    settings = dataclasses.replace(_settings(), max_outbox=1)
+    hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x")
+    with structlog.testing.capture_logs() as logged:
+        for n in range(5):
+            hooks._take(SpoolEvent(utcnow(), EventKind.DELIVERED, f"m{n}"))
+    assert hooks.states["app"].behind == 4
+    warnings = [e for e in logged if "writer is behind" in e["event"]]
+    assert len(warnings) == 1

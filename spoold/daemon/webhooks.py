@@ -224,6 +224,7 @@ class WebhookState:
     last_error: str | None = None
     last_error_time: datetime | None = None
     next_retry: datetime | None = None
+    dropping: bool = False  # events are being dropped before the outbox (logged once)
     opened: bool = False  # the outbox could be opened (retried by the sender until it is)
     wake: anyio.Event = field(default_factory=anyio.Event)
 
@@ -337,8 +338,14 @@ class Webhooks:
             pending.append(event_body(event, kind, name, event_id, routes))
             if len(pending) > settings.max_outbox:
                 del pending[0]
-                self.states[name].behind += 1
-                log.warning("webhook events dropped: the writer is behind", webhook=name)
+                state = self.states[name]
+                state.behind += 1
+                if not state.dropping:  # once per spell, not once per event
+                    state.dropping = True
+                    log.warning(
+                        "webhook events dropped: the writer is behind (counted in dropped)",
+                        webhook=name,
+                    )
                 if self._metrics is not None:
                     self._metrics.webhook_queued(name, len(self.states[name].outbox), 1)
         self._pending_ready.set()
@@ -384,6 +391,7 @@ class Webhooks:
                     )
                     state.behind += len(bodies)
                     continue
+                state.dropping = False
                 if dropped:
                     log.warning(
                         "webhook events dropped: the outbox is full",
