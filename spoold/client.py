@@ -93,6 +93,7 @@ from spoold.protocol import (
     SuppressListRequest,
     SuppressRemoveRequest,
     WaitRequest,
+    WebhooksRequest,
     decode_reply,
     encode_operation,
     encode_request,
@@ -372,6 +373,12 @@ class Client:
     def info(self) -> dict[str, Any]:
         """What the daemon runs with (pid, config, live limits)."""
         found: dict[str, Any] = self._ask(InfoRequest())
+        return found
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """Each webhook's state (``spoold status --webhooks``): url, events
+        waiting in its outbox, last success, last error, next retry."""
+        found: list[dict[str, Any]] = self._ask(WebhooksRequest())
         return found
 
     # ------------------------------------------------------------- writing

@@ -69,6 +69,8 @@ from spoold.protocol import (
     SuppressListRequest,
     SuppressRemoveRequest,
     WaitRequest,
+    WebhooksRequest,
+    WebhookStatus,
     decode_params,
     decode_raw_page,
     decode_reply,
@@ -158,6 +160,7 @@ def test_the_result_keys_are_those_of_the_reference() -> None:
     assert _keys(result("retry_plan")) == _fields(RetryPlanView)
     assert _keys(result("info")) == _fields(Info)
     assert _keys(result("reload")) == _fields(ReloadResult)
+    assert _keys(result("webhooks")) == _fields(WebhookStatus)
     listing = result("suppress_list")
     assert _keys(listing) == (
         _fields(SuppressionListView) | _fields(SuppressionView) | _fields(SuppressionCountsView)
@@ -206,6 +209,7 @@ EVERY_FIELD: dict[str, Request] = {
     "check": CheckRequest(max_age=60.0, quick=True),
     "info": InfoRequest(),
     "reload": ReloadRequest(),
+    "webhooks": WebhooksRequest(),
     "submit": SubmitRequest(
         sender="app@example.org",
         recipients=["ops@example.com"],

@@ -62,6 +62,7 @@ from spoold.protocol import (
     SuppressAddRequest,
     SuppressListRequest,
     SuppressRemoveRequest,
+    WebhooksRequest,
     departed_view,
     describe_view,
     history_view,
@@ -206,6 +207,12 @@ async def _daemon_or_disk(
 @click.option("--error", metavar="TEXT", help="only messages whose last error contains TEXT")
 @click.option("--limit", type=click.IntRange(min=1), help="list at most this many messages")
 @click.option("--after", metavar="ID", help="list the messages after this id (a cursor)")
+@click.option(
+    "--webhooks",
+    "webhooks",
+    is_flag=True,
+    help="the webhooks instead of the queue: outbox, last success, last error, next retry",
+)
 @click.pass_obj
 def status(
     target: _Target,
@@ -220,11 +227,16 @@ def status(
     error: str | None,
     limit: int | None,
     after: str | None,
+    webhooks: bool,
 ) -> None:
     """List the queue (from the daemon, or from disk when none runs), by id.
 
     The listing comes in pages and is printed as it comes, so a queue of
-    any size takes little memory here or in the daemon."""
+    any size takes little memory here or in the daemon. With --webhooks,
+    each webhook of the running daemon instead (table, or json)."""
+    if webhooks:
+        _webhook_status(target, fmt)
+        return
     from spoold.listing import ListingFilter
     from spoold.times import parse_span
 
@@ -302,6 +314,30 @@ def status(
 
     _run(go)
     printer.end()
+
+
+def _webhook_status(target: _Target, fmt: str) -> None:
+    """``status --webhooks``: one line per webhook (or one JSON object)."""
+    if fmt not in ("table", "json"):
+        _fail("status --webhooks: --format is table or json", 2)
+    hooks: list[dict[str, Any]] = _run(lambda: target.client().ask(WebhooksRequest()))
+    if fmt == "json":
+        for hook in hooks:
+            click.echo(json.dumps(hook))
+        return
+    if not hooks:
+        click.echo("no webhooks configured")
+        return
+    for hook in hooks:
+        state = "up" if hook["up"] else "DOWN"
+        click.echo(
+            f"{hook['name']}  {hook['url']}  {state}  outbox={hook['outbox']} "
+            f"dropped={hook['dropped']} posted={hook['posted']} failures={hook['failures']}"
+        )
+        click.echo(f"  last success: {hook['last_success'] or '-'}")
+        if hook["last_error"]:
+            click.echo(f"  last error:   {hook['last_error_time']} {hook['last_error']}")
+            click.echo(f"  next retry:   {hook['next_retry'] or '-'}")
 
 
 @main.command()

@@ -32,12 +32,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -46,6 +48,12 @@ from spoold import limits as _limits
 from spoold import settings as _settings
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import CacheSettings, TlsMode
+from spoold.daemon.webhooks import (
+    DEFAULT_WEBHOOK_KINDS,
+    WebhookKind,
+    WebhookSettings,
+    load_secret,
+)
 from spoold.dkim import DkimSigner
 from spoold.dkim_keys import (
     DEFAULT_SIGNED_HEADERS,
@@ -56,7 +64,7 @@ from spoold.dkim_keys import (
     load_key,
     signing_domain,
 )
-from spoold.errors import ConfigError, DkimKeyError
+from spoold.errors import ConfigError, DkimKeyError, SpooldError
 from spoold.hops import nameserver_address, parse_hop
 from spoold.hostname import check_hostname, local_hostname
 from spoold.limits import Rate, parse_rate
@@ -80,7 +88,9 @@ __all__ = [
     "RouteConfig",
     "DnsConfig",
     "DkimConfig",
+    "WebhookConfig",
     "dkim_signer",
+    "webhook_settings",
     "load_config",
     "parse_config",
     "restart_needed",
@@ -328,6 +338,47 @@ def _selector(v: object) -> str:
     return check_selector(_str(v).strip())
 
 
+def _webhook_url(v: object) -> str:
+    url = _str(v)
+    if any(c.isspace() or not c.isprintable() or c == "\\" for c in url):
+        raise ValueError(f"expected a URL without spaces, control characters or '\\', got {v!r}")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        raise ValueError(f"{exc}, got {v!r}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("https", "http") or not host or not url.lower().startswith(scheme + "://"):
+        raise ValueError(f"expected an https:// URL, got {v!r}")
+    if "@" in parts.netloc:
+        raise ValueError(f"expected a URL without a user name or password, got {v!r}")
+    if "#" in url:
+        raise ValueError(f"expected a URL without a fragment ('#'), got {v!r}")
+    import httpx  # here, not at the top: every CLI command reads the config
+
+    try:
+        parsed_host = httpx.URL(url).host
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{exc}, got {v!r}") from None
+    if parsed_host.lower() != host:  # the host checked is the host posted to
+        raise ValueError(f"expected an https:// URL, got {v!r}")
+    if scheme == "http" and not _is_loopback(f"{host}:0"):
+        raise ValueError(
+            f"plain http would send the events in clear; use https:// "
+            f"(http:// only to a loopback address), got {v!r}"
+        )
+    return url
+
+
+def _webhook_kind(v: object) -> WebhookKind:
+    try:
+        return WebhookKind(_str(v))
+    except ValueError:
+        raise ValueError(
+            f"expected one of {', '.join(k.value for k in WebhookKind)}, got {v!r}"
+        ) from None
+
+
 def _signed_headers(v: object) -> tuple[str, ...]:
     return check_header_names(_list(_str)(v))
 
@@ -533,6 +584,22 @@ class DkimConfig(msgspec.Struct, frozen=True, kw_only=True):
     subdomains: bool = False
 
 
+class WebhookConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``[webhooks.NAME]``: events posted to an application
+    (:mod:`spoold.daemon.webhooks`); ``name`` is the table's NAME."""
+
+    name: str
+    url: Annotated[str, _Read(_webhook_url)]
+    secret_file: _Path
+    events: Annotated[tuple[WebhookKind, ...], _Read(_list(_webhook_kind))] = DEFAULT_WEBHOOK_KINDS
+    routes: Annotated[tuple[str, ...], _Read(_list(_str))] = ()  # empty: every route
+    ca_file: _OptionalPath = None  # None: the system's trusted CAs
+    timeout: Annotated[timedelta, _Read(_positive_span)] = timedelta(seconds=10)
+    backoff: Annotated[timedelta, _Read(_positive_span)] = timedelta(seconds=1)
+    max_backoff: Annotated[timedelta, _Read(_positive_span)] = timedelta(minutes=10)
+    max_outbox: Annotated[int, _int_range(1, 100_000_000)] = 100_000
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path
@@ -550,6 +617,45 @@ class Config:
     hostname: str = field(default_factory=local_hostname)
     # The [[dkim]] tables, in the order written (their keys: dkim_signer).
     dkim: tuple[DkimConfig, ...] = ()
+    webhooks: dict[str, WebhookConfig] = field(default_factory=dict)
+
+
+def webhook_settings(config: Config) -> list[WebhookSettings]:
+    """The webhooks of ``config``, each with its secret read from its
+    ``secret_file`` (only its owner may read it). Raises
+    :class:`ConfigError` listing every webhook whose secret cannot be
+    used. Blocking I/O."""
+    out: list[WebhookSettings] = []
+    problems: list[str] = []
+    for name, hook in config.webhooks.items():
+        try:
+            secret = load_secret(hook.secret_file)
+        except SpooldError as exc:
+            problems.append(f"webhooks.{name}.secret_file: {exc}")
+            continue
+        try:
+            cafile = None if hook.ca_file is None else str(hook.ca_file)
+            verify = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"webhooks.{name}.ca_file: {hook.ca_file}: {exc.strerror or exc}")
+            continue
+        out.append(
+            WebhookSettings(
+                name=name,
+                url=hook.url,
+                kinds=frozenset(hook.events),
+                routes=frozenset(hook.routes),
+                secret=secret,
+                verify=verify,
+                timeout=hook.timeout.total_seconds(),
+                backoff=hook.backoff.total_seconds(),
+                max_backoff=hook.max_backoff.total_seconds(),
+                max_outbox=hook.max_outbox,
+            )
+        )
+    if problems:
+        raise ConfigError(str(config.path), problems)
+    return out
 
 
 def dkim_signer(config: Config) -> DkimSigner | None:
@@ -618,6 +724,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         changed.append("smtp.workers")
     if old.metrics != new.metrics:
         changed.append("metrics.listen")
+    if old.webhooks != new.webhooks:
+        changed.append("webhooks")
     return changed
 
 
@@ -786,6 +894,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     routes = _read_routes(raw.get("routes", {}), problems, base)
     dns = _read_table(DnsConfig, raw.get("dns"), "dns", problems, base)
     dkim = _read_dkim(raw.get("dkim", []), problems, base)
+    webhooks = _read_webhooks(raw.get("webhooks", {}), routes, problems, base)
 
     if relay.default_route and relay.default_route not in routes:
         problems.append(
@@ -810,10 +919,65 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         dns=dns,
         hostname=local_hostname() if hostname is None else hostname,  # looked up when left out
         dkim=dkim,
+        webhooks=webhooks,
     )
 
 
-_TABLES = ("spool", "control", "smtp", "log", "metrics", "hooks", "relay", "routes", "dns", "dkim")
+_TABLES = (
+    "spool",
+    "control",
+    "smtp",
+    "log",
+    "metrics",
+    "hooks",
+    "relay",
+    "routes",
+    "dns",
+    "dkim",
+    "webhooks",
+)
+
+
+_WEBHOOK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _read_webhooks(
+    raw_hooks: object, routes: Mapping[str, RouteConfig], problems: list[str], base: Path
+) -> dict[str, WebhookConfig]:
+    """The ``[webhooks.NAME]`` tables; a ``routes`` filter names routes
+    of the config."""
+    hooks: dict[str, WebhookConfig] = {}
+    if not isinstance(raw_hooks, dict):
+        problems.append("webhooks: expected tables [webhooks.NAME]")
+        return hooks
+    for name, body in raw_hooks.items():
+        prefix = f"webhooks.{name}"
+        if not _WEBHOOK_NAME.fullmatch(name):
+            # The name is a directory of the spool and a metric label.
+            problems.append(
+                f"webhooks: a webhook's name is 1 to 64 letters (A-Z, a-z), digits, "
+                f"'-' or '_', got {name!r}"
+            )
+            continue
+        hook = _read_table(
+            WebhookConfig,
+            body,
+            prefix,
+            problems,
+            base,
+            given={"name": name},
+            fallbacks={"url": "", "secret_file": Path()},
+        )
+        for route in hook.routes:
+            if route not in routes:
+                problems.append(
+                    f"{prefix}.routes: no route named {route!r} "
+                    f"(routes: {', '.join(sorted(routes)) or 'none'})"
+                )
+        if hook.max_backoff < hook.backoff:
+            problems.append(f"{prefix}.max_backoff: must not be shorter than backoff")
+        hooks[name] = hook
+    return hooks
 
 
 def _read_dkim(raw_keys: object, problems: list[str], base: Path) -> tuple[DkimConfig, ...]:

@@ -2,7 +2,7 @@
 
 :data:`HANDLERS` binds each request class of :mod:`spoold.protocol`
 (those answered with one reply line) to a handler that calls the spool,
-or the daemon for the operations it adds (``reload``, ``info``, ``count``,
+or the daemon for the operations it adds (``reload``, ``info``, ``webhooks``, ``count``,
 ``check``; ``submit`` too, served by the server for its framing).
 :func:`answer` runs a handler and turns its outcome into the reply: the
 result, or the error kind its exception means (an exception nobody
@@ -67,6 +67,7 @@ from spoold.protocol import (
     SuppressAddRequest,
     SuppressListRequest,
     SuppressRemoveRequest,
+    WebhooksRequest,
     departed_view,
     describe_view,
     error_reply,
@@ -103,6 +104,8 @@ class DaemonOperations(Protocol):
     async def reload(self) -> dict[str, Any]: ...
 
     async def info(self) -> dict[str, Any]: ...
+
+    async def webhooks(self) -> list[dict[str, Any]]: ...
 
     async def count(self) -> dict[str, int]: ...
 
@@ -359,6 +362,10 @@ async def _info(ctx: ControlContext, p: InfoRequest) -> Any:
     return await ctx.daemon_operations().info()
 
 
+async def _webhooks(ctx: ControlContext, p: WebhooksRequest) -> Any:
+    return await ctx.daemon_operations().webhooks()
+
+
 async def _count(ctx: ControlContext, p: CountRequest) -> Any:
     return await ctx.daemon_operations().count()
 
@@ -382,6 +389,7 @@ HANDLERS: dict[type[Request], Handler] = {
     HistoryRequest: _history,
     ReloadRequest: _reload,
     InfoRequest: _info,
+    WebhooksRequest: _webhooks,
     CountRequest: _count,
     CheckRequest: _check,
     SuppressListRequest: _suppress_list,

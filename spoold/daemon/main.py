@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import msgspec
 import structlog
@@ -61,6 +62,7 @@ from spoold.daemon.config import (
     dkim_signer,
     load_config,
     restart_needed,
+    webhook_settings,
 )
 from spoold.daemon.control import ControlServer, PeerCredentials
 from spoold.daemon.dns import DnsLookups
@@ -77,6 +79,7 @@ from spoold.daemon.routing import Router
 from spoold.daemon.signals import Signals
 from spoold.daemon.sts_fetch import PolicyFetcher
 from spoold.daemon.systemd import Notifier, listen_fds, watchdog_interval
+from spoold.daemon.webhooks import Webhooks, WebhookSettings
 from spoold.daemon.workers import IngestWorkers, worker_count
 from spoold.dkim import DkimSigner
 from spoold.errors import (
@@ -110,6 +113,7 @@ class _Live:
     listener: ListenerSettings | None
     dns: DnsLookups
     dkim: DkimSigner | None
+    webhooks: list[WebhookSettings]  # secrets read (a reload checks them; a restart applies them)
 
 
 def _build(config: Config) -> _Live:
@@ -122,7 +126,16 @@ def _build(config: Config) -> _Live:
     on_error = (
         cast(OnErrorHook, load_hook(config.hooks.on_error)) if config.hooks.on_error else None
     )
-    return _Live(config, router, presend, on_error, listener, dns, dkim_signer(config))
+    return _Live(
+        config,
+        router,
+        presend,
+        on_error,
+        listener,
+        dns,
+        dkim_signer(config),
+        webhook_settings(config),
+    )
 
 
 class Daemon:
@@ -157,6 +170,7 @@ class Daemon:
         self._spool: Spool | None = None
         self._submitter: Submitter | None = None
         self._workers: IngestWorkers | None = None
+        self._webhooks: Webhooks | None = None
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.accept_failures = AcceptFailures()
         self.metrics = Metrics()  # served when [metrics] listen is set
@@ -210,6 +224,30 @@ class Daemon:
         return 0
 
     async def _run(self, cfg: Config, relay: SmtpRelay) -> None:
+        # The webhooks outlive the spool: the events of the final flush
+        # reach their outboxes before the senders stop.
+        async with anyio.create_task_group() as outer:
+            webhooks = None
+            if self.live.webhooks:
+                webhooks = self._webhooks = Webhooks(
+                    cfg.spool.dir,
+                    self.live.webhooks,
+                    lambda recipient, sender: self.live.router.route_name_for(recipient, sender),
+                    self.metrics,
+                )
+            await self._run_spool(cfg, relay, outer, webhooks)
+            if webhooks is not None:
+                with anyio.move_on_after(cfg.spool.flush_timeout.total_seconds() + 5):
+                    await webhooks.written.wait()
+            outer.cancel_scope.cancel()
+
+    async def _run_spool(
+        self,
+        cfg: Config,
+        relay: SmtpRelay,
+        outer: anyio.abc.TaskGroup,
+        webhooks: Webhooks | None,
+    ) -> None:
         hostname = cfg.hostname
         async with Spool.open(
             cfg.spool.dir,
@@ -224,6 +262,9 @@ class Daemon:
             dkim=self.live.dkim,
         ) as spool:
             self._spool = spool
+            if webhooks is not None:
+                webhooks.subscribe(spool.events)
+                await outer.start(webhooks.run)
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
             server = ControlServer(
                 spool,
@@ -485,6 +526,10 @@ class Daemon:
             pid=peer.pid if peer is not None else None,
         )
         return ids
+
+    async def webhooks(self) -> list[dict[str, Any]]:
+        """Each webhook's state, in the order configured (none: [])."""
+        return [] if self._webhooks is None else self._webhooks.status()
 
     async def count(self) -> dict[str, int]:
         """The same keys as ``count`` without a daemon: the messages of

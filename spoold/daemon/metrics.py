@@ -16,7 +16,10 @@ Where the values come from:
   sends under way, the oldest message of each queue (one pass over the
   in-memory index, no file read), the relay's connection cache;
 * the daemon itself: the result and time of the last reload
-  (:meth:`Metrics.reloaded`).
+  (:meth:`Metrics.reloaded`);
+* the webhooks (:mod:`spoold.daemon.webhooks` calls the ``webhook_*``
+  methods): events posted, failed posts, events dropped, the outbox's
+  size and whether the endpoint answers, per webhook.
 
 Values are only set on the event loop. prometheus-client serves them from
 its own HTTP thread, which only reads them; what is computed at scrape time
@@ -211,7 +214,65 @@ class Metrics:
             registry=r,
         )
 
+        self.webhook_posts = Counter(
+            "spoold_webhook_posts",
+            "Events posted to a webhook and answered with 2xx, by webhook",
+            ["webhook"],
+            registry=r,
+        )
+        self.webhook_failures = Counter(
+            "spoold_webhook_failures",
+            "Failed posts to a webhook (not 2xx, timeout, connection error), by webhook",
+            ["webhook"],
+            registry=r,
+        )
+        self.webhook_dropped = Counter(
+            "spoold_webhook_dropped_events",
+            "Events dropped before they were posted (the outbox was full), by webhook",
+            ["webhook"],
+            registry=r,
+        )
+        self.webhook_outbox = Gauge(
+            "spoold_webhook_outbox_events",
+            "Events waiting in a webhook's outbox, by webhook",
+            ["webhook"],
+            registry=r,
+        )
+        self.webhook_up = Gauge(
+            "spoold_webhook_up",
+            "1 if a webhook's last post was answered with 2xx (or none failed yet), else 0",
+            ["webhook"],
+            registry=r,
+        )
+
     # ------------------------------------------------------------ sources
+
+    def webhook_started(self, name: str, waiting: int) -> None:
+        """Webhook ``name`` starts with ``waiting`` events in its outbox:
+        every series of it exists from now on (counters at 0)."""
+        self.webhook_posts.labels(name)
+        self.webhook_failures.labels(name)
+        self.webhook_dropped.labels(name)
+        self.webhook_outbox.labels(name).set(waiting)
+        self.webhook_up.labels(name).set(1)
+
+    def webhook_posted(self, name: str, waiting: int) -> None:
+        """One event posted to webhook ``name``; ``waiting`` still in its outbox."""
+        self.webhook_posts.labels(name).inc()
+        self.webhook_outbox.labels(name).set(waiting)
+        self.webhook_up.labels(name).set(1)
+
+    def webhook_failed(self, name: str, waiting: int) -> None:
+        """One post to webhook ``name`` failed."""
+        self.webhook_failures.labels(name).inc()
+        self.webhook_outbox.labels(name).set(waiting)
+        self.webhook_up.labels(name).set(0)
+
+    def webhook_queued(self, name: str, waiting: int, dropped: int) -> None:
+        """Events written to the outbox of ``name`` (``dropped`` of them lost)."""
+        self.webhook_outbox.labels(name).set(waiting)
+        if dropped:
+            self.webhook_dropped.labels(name).inc(dropped)
 
     def measured(self, relay: Relay) -> Relay:
         """``relay``, with every attempt timed and counted."""

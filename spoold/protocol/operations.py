@@ -67,11 +67,13 @@ __all__ = [
     "SuppressListRequest",
     "SuppressAddRequest",
     "SuppressRemoveRequest",
+    "WebhooksRequest",
     "REQUESTS",
     "Counts",
     "StatusEnd",
     "Info",
     "ReloadResult",
+    "WebhookStatus",
     "RESULTS",
     "op_of",
     "encode_request",
@@ -181,6 +183,10 @@ class ReloadRequest(Request, tag="reload"):
     pass
 
 
+class WebhooksRequest(Request, tag="webhooks"):
+    pass
+
+
 class SubmitRequest(Request, tag="submit"):
     sender: str
     recipients: list[str]
@@ -238,6 +244,7 @@ REQUESTS: dict[str, type[Request]] = {
         CheckRequest,
         InfoRequest,
         ReloadRequest,
+        WebhooksRequest,
         SubmitRequest,
         WaitRequest,
         EventsRequest,
@@ -333,6 +340,23 @@ class ReloadResult(View):
     errors: list[str] | msgspec.UnsetType = msgspec.UNSET
 
 
+class WebhookStatus(View):
+    """One webhook in the ``webhooks`` result (``spoold status --webhooks``);
+    times RFC 3339 UTC, null when there is none."""
+
+    name: str
+    url: str
+    outbox: int  # events waiting
+    dropped: int  # events dropped (the outbox was full) since start
+    up: bool  # the last post was answered 2xx (or none failed yet)
+    posted: int
+    failures: int
+    last_success: str | None
+    last_error: str | None
+    last_error_time: str | None
+    next_retry: str | None
+
+
 _Ids = list[str]
 
 RESULTS: dict[str, tuple[Any, ...]] = {
@@ -350,6 +374,7 @@ RESULTS: dict[str, tuple[Any, ...]] = {
     "check": (list[str],),  # one problem a line: KIND: ID: DETAIL (PATH)
     "info": (Info,),
     "reload": (ReloadResult,),
+    "webhooks": (list[WebhookStatus],),
     "submit": (_Ids,),
     "wait": (OutcomeView,),
     "events": (EventView,),  # each line's "event", not a "result"

@@ -1,0 +1,134 @@
+"""One webhook's durable outbox: the events still to be posted to it.
+
+The outbox is a directory, ``SPOOL/webhooks/NAME/``, holding one file per
+event, named by a sequence number that orders the events (``0000000000000042.json``).
+The file's content is the event's JSON body, exactly the bytes posted.
+
+Invariants and commit points:
+
+* An event is in the outbox once :meth:`Outbox.append` has returned: each
+  file is written under a temporary name, synced, renamed, and the
+  directory is synced once per batch. A crash before that leaves at most a
+  ``.tmp`` file, removed at the next open.
+* An event leaves the outbox only through :meth:`Outbox.remove`, which the
+  sender calls after the endpoint answered 2xx. A crash between the answer
+  and the removal posts the event again after a restart: the one way a
+  receiver sees an event twice.
+* The outbox holds at most ``max_events``; appending to a full outbox
+  drops the oldest events first (counted in :attr:`Outbox.dropped`), so
+  a dead endpoint costs bounded disk.
+* :meth:`Outbox.open` re-reads the directory: what was not posted before a
+  stop or a crash is posted after the next start.
+
+The blocking methods (``open``, ``append``, ``read``, ``remove``) do file
+work: call them through ``anyio.to_thread``. They may run at once in
+different threads (the writer appends while the sender removes): the
+in-memory list of names is guarded by a lock never held over file work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+from spoold.store.directory import fsync_directory
+
+__all__ = ["Outbox", "OUTBOX_DIR"]
+
+OUTBOX_DIR = "webhooks"  # under the spool directory
+_SUFFIX = ".json"
+_TMP = ".tmp"
+_WIDTH = 16
+
+
+class Outbox:
+    """The outbox of one webhook (module docstring)."""
+
+    def __init__(self, directory: Path, max_events: int) -> None:
+        self.directory = directory
+        self.max_events = max_events
+        self.dropped = 0  # events dropped because the outbox was full, since start
+        self._names: deque[str] = deque()
+        self._next = 0
+        # Guards the names only (never held over file work): the sender
+        # reads the oldest on the event loop while a batch is written.
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        """Create the directory if missing, clear half-written files and
+        load the names of the events waiting (oldest first)."""
+        self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        names = []
+        for entry in os.scandir(self.directory):
+            if entry.name.endswith(_TMP):
+                os.unlink(entry.path)
+            elif entry.name.endswith(_SUFFIX) and entry.name[: -len(_SUFFIX)].isdigit():
+                names.append(entry.name)
+        names.sort()
+        self._names = deque(names)
+        self._next = int(names[-1][: -len(_SUFFIX)]) + 1 if names else 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._names)
+
+    def append(self, bodies: Sequence[bytes]) -> int:
+        """Write ``bodies`` as new events (one directory sync for all) and
+        drop the oldest beyond ``max_events``; returns how many were dropped."""
+        if not bodies:
+            return 0
+        for body in bodies:
+            with self._lock:
+                name = f"{self._next:0{_WIDTH}d}{_SUFFIX}"
+                self._next += 1
+            tmp = self.directory / (name + _TMP)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            try:
+                os.write(fd, body)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.directory / name)
+            with self._lock:
+                self._names.append(name)
+        with self._lock:
+            gone = [self._names.popleft() for _ in range(len(self._names) - self.max_events)]
+            self.dropped += len(gone)
+        for name in gone:
+            self._unlink(name)
+        fsync_directory(self.directory)
+        return len(gone)
+
+    def oldest(self) -> str | None:
+        """The name of the oldest event waiting, None when empty."""
+        with self._lock:
+            return self._names[0] if self._names else None
+
+    def read(self, name: str) -> bytes | None:
+        """The body of event ``name``; None if it is gone (dropped from a
+        full outbox, or its file deleted by hand): then the name is
+        forgotten too, so the next oldest comes next."""
+        try:
+            return (self.directory / name).read_bytes()
+        except FileNotFoundError:
+            with self._lock, contextlib.suppress(ValueError):
+                self._names.remove(name)
+            return None
+
+    def remove(self, name: str) -> None:
+        """Forget event ``name`` (posted); durable when this returns."""
+        with self._lock:
+            try:
+                self._names.remove(name)
+            except ValueError:
+                return  # dropped meanwhile
+        self._unlink(name)
+        fsync_directory(self.directory)
+
+    def _unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / name)

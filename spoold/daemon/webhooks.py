@@ -1,0 +1,541 @@
+"""Delivery events pushed to applications: ``[webhooks.NAME]``.
+
+What it owns: one subscription to the spool's events, one durable
+:class:`~spoold.daemon.webhook_outbox.Outbox` per webhook, and one sender
+task per webhook, all in the task group of :meth:`Webhooks.run`.
+
+The path of an event:
+
+1. The spool publishes an event (delivery never waits for any of this:
+   publishing only appends to the subscription's buffer).
+2. The collector maps it to a webhook event (:func:`webhook_kind`), keeps
+   it for every webhook whose ``events`` and ``routes`` take it, and hands
+   it to the writer. The writer writes what gathered meanwhile to the
+   outboxes in one thread hop per batch. Both buffers are bounded: a
+   subscription that overflows, or a writer that falls more than
+   ``max_outbox`` events behind, loses the oldest events, counted and
+   logged (``webhook events dropped``).
+3. Each webhook's sender posts its outbox's oldest event, one at a time in
+   order, with a timestamp and an HMAC-SHA256 signature
+   (:func:`signature_headers`), and removes it after a 2xx answer. Any
+   other answer, a timeout or a connection error is retried after a
+   backoff that doubles from ``backoff`` up to ``max_backoff``.
+
+So delivery to the endpoint is at least once for every event in an outbox:
+an event is posted again after any post whose 2xx was not seen (a timeout,
+a lost connection, another answer, a stop or crash during the post or
+between the 2xx and the removal), even if the endpoint acted on it; its
+``event_id`` stays the same, the key an endpoint deduplicates on. One
+published in the instant before a crash, before its batch was written, is
+lost (the event stream is not itself durable).
+
+The body (:func:`event_body`) is JSON, schema ``version`` 1, documented in
+``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+from spoold.credentials import read_private_file
+from spoold.daemon.webhook_outbox import OUTBOX_DIR, Outbox
+from spoold.errors import SpooldError
+from spoold.events import BOUNCED_DETAIL, EventKind, SpoolEvent, Subscription
+from spoold.times import utcnow
+
+__all__ = [
+    "WebhookKind",
+    "DEFAULT_WEBHOOK_KINDS",
+    "SCHEMA_VERSION",
+    "TIMESTAMP_HEADER",
+    "SIGNATURE_HEADER",
+    "EVENT_ID_HEADER",
+    "webhook_kind",
+    "event_body",
+    "signature",
+    "signature_headers",
+    "load_secret",
+    "WebhookSettings",
+    "WebhookState",
+    "WebhookMetrics",
+    "Webhooks",
+]
+
+if TYPE_CHECKING:
+    import httpx
+
+log = structlog.get_logger("spoold.webhooks")
+
+SCHEMA_VERSION = 1
+TIMESTAMP_HEADER = "Spoold-Timestamp"
+SIGNATURE_HEADER = "Spoold-Signature"
+EVENT_ID_HEADER = "Spoold-Event-Id"
+_SUBSCRIPTION_BUFFER = 100_000
+
+
+class WebhookKind(StrEnum):
+    """The kinds a webhook's ``events`` filter names."""
+
+    DELIVERED = "delivered"  # every recipient accepted
+    BOUNCED = "bounced"  # failed; a notification went to the sender
+    IN_DOUBT = "in_doubt"  # bounced after no reply to the end of the message
+    REMOVED = "removed"  # removed by an operator or the presend hook
+    DEFERRED = "deferred"  # an attempt failed for now; tried again at ``retry_at``
+    FROZEN = "frozen"
+    QUARANTINED = "quarantined"
+
+
+DEFAULT_WEBHOOK_KINDS = (
+    WebhookKind.DELIVERED,
+    WebhookKind.BOUNCED,
+    WebhookKind.IN_DOUBT,
+    WebhookKind.REMOVED,
+)
+"""The final outcomes: the message has left the queue."""
+
+
+def webhook_kind(event: SpoolEvent) -> WebhookKind | None:
+    """The webhook kind of a stream event (in its stream form: a bounce
+    is ``removed`` with detail ``bounced`` or an in-doubt detail); None for
+    the steps a webhook is not told of (spooled, presend, ping, ...)."""
+    match event.kind:
+        case EventKind.DELIVERED:
+            return WebhookKind.DELIVERED
+        case EventKind.REMOVED:
+            detail = event.detail or ""
+            if detail == BOUNCED_DETAIL:
+                return WebhookKind.BOUNCED
+            if detail.startswith("in doubt"):
+                return WebhookKind.IN_DOUBT
+            return WebhookKind.REMOVED
+        case EventKind.DELAYED | EventKind.DELAYED_RATE_LIMITED:
+            return WebhookKind.DEFERRED
+        case EventKind.FROZEN:
+            return WebhookKind.FROZEN
+        case EventKind.QUARANTINED:
+            return WebhookKind.QUARANTINED
+    return None
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def event_body(
+    event: SpoolEvent, kind: WebhookKind, webhook: str, event_id: str, routes: Sequence[str]
+) -> bytes:
+    """The JSON posted for ``event`` (schema version 1)."""
+    info = event.envelope_info
+    body: dict[str, Any] = {
+        "version": SCHEMA_VERSION,
+        "event_id": event_id,
+        "webhook": webhook,
+        "event": str(kind),
+        "time": _time(event.time),
+        "message_id": event.id,
+        "sender": info.sender if info is not None else None,
+        "recipients": list(info.recipients) if info is not None else [],
+        "routes": list(routes),
+        "detail": event.detail,
+        "retry_at": _time(event.at),
+    }
+    return msgspec.json.encode(body)
+
+
+def signature(secret: bytes, timestamp: str, body: bytes) -> str:
+    """HMAC-SHA256 of ``timestamp + "." + body`` under ``secret``, hex."""
+    return hmac.new(secret, timestamp.encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
+
+
+def signature_headers(secret: bytes, body: bytes, event_id: str, now: float) -> dict[str, str]:
+    """The headers of one POST: the timestamp (Unix seconds of this
+    attempt), ``sha256=`` and the signature, and the event's id."""
+    timestamp = str(int(now))
+    return {
+        "Content-Type": "application/json",
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: "sha256=" + signature(secret, timestamp, body),
+        EVENT_ID_HEADER: event_id,
+    }
+
+
+def _event_id(body: bytes) -> str | None:
+    """The ``event_id`` of an outbox file's body; None if it is not one
+    of ours (a file damaged or put there by hand)."""
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    event_id = decoded.get("event_id") if isinstance(decoded, dict) else None
+    return event_id if isinstance(event_id, str) and event_id.isprintable() else None
+
+
+def load_secret(path: Path) -> bytes:
+    """A webhook's key: the text of a file only its owner may read,
+    without surrounding white space; at least 16 bytes."""
+    secret = read_private_file(path).strip().encode("utf-8")
+    if len(secret) < 16:
+        raise SpooldError(f"webhook secret file {path}: expected at least 16 characters")
+    return secret
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """One webhook as the daemon runs it (from ``[webhooks.NAME]``)."""
+
+    name: str
+    url: str
+    kinds: frozenset[WebhookKind]
+    routes: frozenset[str]  # empty: every route
+    secret: bytes
+    verify: ssl.SSLContext  # the endpoint's certificate is checked against it
+    timeout: float
+    backoff: float
+    max_backoff: float
+    max_outbox: int
+
+
+@dataclass(slots=True)
+class WebhookState:
+    """What ``spoold status --webhooks`` shows of one webhook."""
+
+    name: str
+    url: str
+    outbox: Outbox
+    up: bool = True
+    behind: int = 0  # events dropped before the outbox (the writer was behind)
+    posted: int = 0
+    failures: int = 0
+    last_success: datetime | None = None
+    last_error: str | None = None
+    last_error_time: datetime | None = None
+    next_retry: datetime | None = None
+    dropping: bool = False  # events are being dropped before the outbox (logged once)
+    opened: bool = False  # the outbox could be opened (retried by the sender until it is)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "url": _shown_url(self.url),
+            "outbox": len(self.outbox),
+            "dropped": self.outbox.dropped + self.behind,
+            "up": self.up,
+            "posted": self.posted,
+            "failures": self.failures,
+            "last_success": _time(self.last_success),
+            "last_error": self.last_error,
+            "last_error_time": _time(self.last_error_time),
+            "next_retry": _time(self.next_retry),
+        }
+
+
+class WebhookMetrics(Protocol):
+    """Where the webhooks report (:class:`spoold.daemon.metrics.Metrics`)."""
+
+    def webhook_started(self, name: str, waiting: int) -> None: ...
+    def webhook_posted(self, name: str, waiting: int) -> None: ...
+    def webhook_failed(self, name: str, waiting: int) -> None: ...
+    def webhook_queued(self, name: str, waiting: int, dropped: int) -> None: ...
+
+
+class Webhooks:
+    """The webhooks of one daemon run (module docstring). Make it, then
+    :meth:`subscribe` before the spool can publish the events wanted
+    (right after it opens), then run :meth:`run` in the daemon's task group
+    until cancelled."""
+
+    def __init__(
+        self,
+        spool_dir: Path,
+        settings: Sequence[WebhookSettings],
+        route_of: Callable[[str, str], str],
+        metrics: WebhookMetrics | None = None,
+    ) -> None:
+        self.settings = {s.name: s for s in settings}
+        self._route_of = route_of
+        self._metrics = metrics
+        self.states = {
+            s.name: WebhookState(
+                s.name, s.url, Outbox(spool_dir / OUTBOX_DIR / s.name, s.max_outbox)
+            )
+            for s in settings
+        }
+        self._pending: dict[str, list[bytes]] = {name: [] for name in self.states}
+        self._pending_ready = anyio.Event()
+        self._subscription: Subscription | None = None
+        self._collecting = True
+        self.written = anyio.Event()  # set once the last events collected are in the outboxes
+
+    def subscribe(self, subscribe: Callable[[int], Subscription]) -> None:
+        self._subscription = subscribe(_SUBSCRIPTION_BUFFER)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [state.to_dict() for state in self.states.values()]
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the outboxes, then collect, write and post until cancelled.
+        When the spool closes (its subscription ends), the events collected
+        are written and :attr:`written` is set; the senders go on posting
+        until the caller cancels them."""
+        for state in self.states.values():
+            await self._open(state)
+        async with anyio.create_task_group() as tg:
+            if self._subscription is not None:
+                tg.start_soon(self._collect, self._subscription)
+            else:
+                self._collecting = False
+            tg.start_soon(self._write)
+            for name, state in self.states.items():
+                if self._metrics is not None:
+                    self._metrics.webhook_started(name, len(state.outbox))
+                tg.start_soon(self._send, self.settings[name], state)
+            task_status.started()
+
+    # ------------------------------------------------------------ collecting
+
+    async def _collect(self, subscription: Subscription) -> None:
+        async with subscription:
+            async for event in subscription:
+                if event.kind is EventKind.OVERFLOW:
+                    log.warning(
+                        "webhook events dropped: the event subscription overflowed",
+                        missed=event.detail,
+                    )
+                    continue
+                self._take(event)
+        self._collecting = False
+        self._pending_ready.set()
+
+    def _take(self, event: SpoolEvent) -> None:
+        kind = webhook_kind(event)
+        if kind is None:
+            return
+        routes = self._routes(event)
+        for name, settings in self.settings.items():
+            if kind not in settings.kinds:
+                continue
+            if settings.routes and not settings.routes.intersection(routes):
+                continue
+            event_id = f"{event.id or '-'}.{time.time_ns():x}.{name}"
+            pending = self._pending[name]
+            pending.append(event_body(event, kind, name, event_id, routes))
+            if len(pending) > settings.max_outbox:
+                del pending[0]
+                state = self.states[name]
+                state.behind += 1
+                if not state.dropping:  # once per spell, not once per event
+                    state.dropping = True
+                    log.warning(
+                        "webhook events dropped: the writer is behind (counted in dropped)",
+                        webhook=name,
+                    )
+                if self._metrics is not None:
+                    self._metrics.webhook_queued(name, len(self.states[name].outbox), 1)
+        self._pending_ready.set()
+
+    def _routes(self, event: SpoolEvent) -> list[str]:
+        info = event.envelope_info
+        if info is None:
+            return []
+        routes = set()
+        for recipient in info.recipients:
+            try:
+                routes.add(self._route_of(recipient, info.sender))
+            except SpooldError:
+                continue  # no route for it now (a reload took it away)
+        return sorted(routes)
+
+    async def _write(self) -> None:
+        while True:
+            if not self._collecting and not any(
+                bodies for name, bodies in self._pending.items() if self.states[name].opened
+            ):
+                self.written.set()
+                return
+            await self._pending_ready.wait()
+            self._pending_ready = anyio.Event()
+            batches = {
+                name: bodies
+                for name, bodies in self._pending.items()
+                if bodies and self.states[name].opened
+            }
+            for name in batches:
+                self._pending[name] = []
+            for name, bodies in batches.items():
+                state = self.states[name]
+                try:
+                    dropped = await anyio.to_thread.run_sync(state.outbox.append, bodies)
+                except Exception as exc:  # noqa: BLE001 (never the end of the daemon)
+                    log.error(
+                        "webhook events dropped: the outbox cannot be written",
+                        webhook=name,
+                        events=len(bodies),
+                        error=_describe(exc),
+                    )
+                    state.behind += len(bodies)
+                    continue
+                state.dropping = False
+                if dropped:
+                    log.warning(
+                        "webhook events dropped: the outbox is full",
+                        webhook=name,
+                        dropped=dropped,
+                        max_outbox=state.outbox.max_events,
+                    )
+                if self._metrics is not None:
+                    self._metrics.webhook_queued(name, len(state.outbox), dropped)
+                state.wake.set()
+
+    # ------------------------------------------------------------ posting
+
+    async def _open(self, state: WebhookState) -> None:
+        """Open ``state``'s outbox; an error is logged and kept in the
+        state (the sender tries again after its backoff)."""
+        try:
+            await anyio.to_thread.run_sync(state.outbox.open)
+        except Exception as exc:  # noqa: BLE001 (logged; the sender retries)
+            self._note_error(state, f"outbox: {_describe(exc)}", 0.0)
+            log.error("webhook outbox cannot be opened", webhook=state.name, error=_describe(exc))
+            return
+        state.opened = True
+        self._pending_ready.set()  # events collected meanwhile can be written now
+        if len(state.outbox):
+            log.info("webhook outbox re-read", webhook=state.name, events=len(state.outbox))
+
+    def _note_error(self, state: WebhookState, error: str, delay: float) -> None:
+        state.failures += 1
+        state.last_error = error
+        state.last_error_time = utcnow()
+        state.next_retry = datetime.fromtimestamp(
+            state.last_error_time.timestamp() + delay, state.last_error_time.tzinfo
+        )
+
+    async def _send(self, settings: WebhookSettings, state: WebhookState) -> None:
+        """Post ``state``'s outbox until cancelled. Whatever goes wrong
+        (the outbox's files, the endpoint, a bug) is logged and tried
+        again after the backoff: a webhook never ends the daemon."""
+        delay = settings.backoff
+        while True:
+            try:
+                if not state.opened:
+                    await self._open(state)
+                if state.opened:
+                    await self._post_all(settings, state)
+            except Exception as exc:  # noqa: BLE001 (a webhook never ends the daemon)
+                self._note_error(state, _describe(exc), delay)
+                log.error(
+                    "webhook sender failed; tried again", webhook=state.name, error=_describe(exc)
+                )
+                if self._metrics is not None:
+                    self._metrics.webhook_failed(state.name, len(state.outbox))
+            await anyio.sleep(delay)
+            delay = min(delay * 2, settings.max_backoff)
+
+    async def _post_all(self, settings: WebhookSettings, state: WebhookState) -> None:
+        # Imported here, not at the top: the config (read by every CLI
+        # command) imports this module, and a client-only install has no httpx.
+        import httpx
+
+        delay = settings.backoff
+        async with httpx.AsyncClient(
+            verify=settings.verify,
+            timeout=settings.timeout,
+            follow_redirects=False,
+            trust_env=False,  # no proxy or certificates from the environment
+        ) as client:
+            while True:
+                name = state.outbox.oldest()
+                if name is None:
+                    state.wake = anyio.Event()
+                    if state.outbox.oldest() is None:
+                        await state.wake.wait()
+                    continue
+                body = await anyio.to_thread.run_sync(state.outbox.read, name)
+                if body is None:
+                    continue  # dropped from a full outbox meanwhile, or deleted by hand: forgotten
+                event_id = _event_id(body)
+                if event_id is None:  # a damaged file: never ours to post
+                    log.error(
+                        "webhook event unreadable; dropped",
+                        webhook=state.name,
+                        path=str(state.outbox.directory / name),
+                    )
+                    await anyio.to_thread.run_sync(state.outbox.remove, name)
+                    state.behind += 1
+                    continue
+                error = await self._post(client, settings, body, event_id)
+                if error is None:
+                    await anyio.to_thread.run_sync(state.outbox.remove, name)
+                    state.posted += 1
+                    state.last_success = utcnow()
+                    state.next_retry = None
+                    if not state.up:
+                        log.info("webhook endpoint answers again", webhook=state.name)
+                    state.up = True
+                    delay = settings.backoff
+                    if self._metrics is not None:
+                        self._metrics.webhook_posted(state.name, len(state.outbox))
+                    continue
+                self._note_error(state, error, delay)
+                if state.up:
+                    log.warning(
+                        "webhook endpoint failing; events wait in its outbox",
+                        webhook=state.name,
+                        error=error,
+                    )
+                state.up = False
+                if self._metrics is not None:
+                    self._metrics.webhook_failed(state.name, len(state.outbox))
+                await anyio.sleep(delay)
+                delay = min(delay * 2, settings.max_backoff)
+
+    async def _post(
+        self, client: httpx.AsyncClient, settings: WebhookSettings, body: bytes, event_id: str
+    ) -> str | None:
+        """Post one event; None on a 2xx, else what went wrong. The whole
+        post, answer included, has ``timeout`` (an endpoint that trickles
+        its answer cannot hold the sender); of the answer only the status
+        is used, the body is never read (however big or compressed)."""
+        import httpx
+
+        headers = signature_headers(settings.secret, body, event_id, time.time())
+        try:
+            with anyio.fail_after(settings.timeout):
+                async with client.stream(
+                    "POST", settings.url, content=body, headers=headers
+                ) as response:
+                    status = response.status_code
+        except TimeoutError:
+            return f"no answer within {settings.timeout:g} s"
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+            return _describe(exc)
+        if 200 <= status < 300:
+            return None
+        return f"HTTP {status}"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _shown_url(url: str) -> str:
+    """``url`` as status shows it: a query (often a token) hidden."""
+    base, sep, _query = url.partition("?")
+    return base + "?..." if sep else base
