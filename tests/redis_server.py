@@ -1,0 +1,96 @@
+"""A real ``redis-server`` on a free loopback port, in a temporary directory,
+for the fleet tests (no persistence: ``--save "" --appendonly no``).
+
+:func:`redis_server_path` is None when it is not installed; the fixtures
+then skip with :data:`INSTALL_HINT`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+__all__ = ["INSTALL_HINT", "RedisServer", "redis_server_path"]
+
+INSTALL_HINT = "install redis-server (apt-get install redis-server)"
+
+
+def redis_server_path() -> str | None:
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process: :meth:`start`, :meth:`stop` (and start again
+    on the same port: the data is gone, as after a restart without
+    persistence), :meth:`pause` / :meth:`resume` (SIGSTOP / SIGCONT: a Redis
+    that accepts connections but never answers)."""
+
+    def __init__(self, directory: Path, binary: str) -> None:
+        self.directory = directory
+        self.binary = binary
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)  # polling a process we cannot wait on otherwise
+        raise RuntimeError("redis-server did not answer within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.resume()
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
