@@ -22,6 +22,7 @@ TABLES = {
     "routes.NAME": config.RouteConfig,
     "dns": config.DnsConfig,
     "[dkim]": config.DkimConfig,
+    "fleet": config.FleetConfig,
 }
 
 
