@@ -69,6 +69,7 @@ from spoold.message import EnvelopeInfo
 from spoold.protocol import (
     ERROR_KINDS,
     CountRequest,
+    FleetStatusRequest,
     FreezeRequest,
     HistoryRequest,
     InfoRequest,
@@ -372,6 +373,12 @@ class Client:
     def info(self) -> dict[str, Any]:
         """What the daemon runs with (pid, config, live limits)."""
         found: dict[str, Any] = self._ask(InfoRequest())
+        return found
+
+    def fleet_status(self) -> dict[str, Any]:
+        """The fleet as this daemon sees it: its Redis up or down, and the
+        nodes with a live heartbeat (the ``fleet_status`` result)."""
+        found: dict[str, Any] = self._ask(FleetStatusRequest())
         return found
 
     # ------------------------------------------------------------- writing

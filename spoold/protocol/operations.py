@@ -60,6 +60,9 @@ __all__ = [
     "RerouteRequest",
     "CheckRequest",
     "InfoRequest",
+    "FleetStatusRequest",
+    "FleetStatus",
+    "FleetNodeView",
     "ReloadRequest",
     "SubmitRequest",
     "WaitRequest",
@@ -181,6 +184,10 @@ class ReloadRequest(Request, tag="reload"):
     pass
 
 
+class FleetStatusRequest(Request, tag="fleet_status"):
+    pass
+
+
 class SubmitRequest(Request, tag="submit"):
     sender: str
     recipients: list[str]
@@ -244,6 +251,7 @@ REQUESTS: dict[str, type[Request]] = {
         SuppressListRequest,
         SuppressAddRequest,
         SuppressRemoveRequest,
+        FleetStatusRequest,
     )
 }
 """Every operation by name."""
@@ -333,6 +341,28 @@ class ReloadResult(View):
     errors: list[str] | msgspec.UnsetType = msgspec.UNSET
 
 
+class FleetNodeView(View):
+    """One node of a ``fleet_status``: its name, its last heartbeat (POSIX
+    time) and its queue counts then."""
+
+    node: str
+    heartbeat: float
+    queues: dict[str, int]
+
+
+class FleetStatus(View):
+    """The ``fleet_status`` result. Without ``[fleet]``: ``enabled`` false
+    and the rest empty. ``nodes`` is None when Redis did not answer."""
+
+    enabled: bool
+    node: str
+    redis: str  # the URL, without any password
+    redis_up: bool
+    outages: int  # times this node found Redis down since it started
+    last_error: str
+    nodes: list[FleetNodeView] | None
+
+
 _Ids = list[str]
 
 RESULTS: dict[str, tuple[Any, ...]] = {
@@ -356,6 +386,7 @@ RESULTS: dict[str, tuple[Any, ...]] = {
     "suppress_list": (SuppressionListView,),
     "suppress_add": (list[SuppressionView],),  # the entries made
     "suppress_remove": (list[str],),  # the addresses that were suppressed
+    "fleet_status": (FleetStatus,),
 }
 """Each operation's result: one of these types (decode with
 :func:`msgspec.convert`). ``status`` with ``stream`` sends pages of its
