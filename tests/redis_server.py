@@ -13,9 +13,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["INSTALL_HINT", "RedisServer", "redis_server_path"]
+import pytest
+
+__all__ = ["INSTALL_HINT", "RedisServer", "redis_server", "redis_server_path"]
 
 INSTALL_HINT = "install redis-server (apt-get install redis-server)"
 
@@ -94,3 +97,17 @@ class RedisServer:
     def resume(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started redis-server, stopped after the test (skips without one)."""
+    binary = redis_server_path()
+    if binary is None:
+        pytest.skip(INSTALL_HINT)
+    server = RedisServer(tmp_path, binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

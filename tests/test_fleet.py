@@ -5,31 +5,16 @@ Redis is down, stopped, or back."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import anyio
 import pytest
 
 from spoold.fleet import FleetSettings, SharedState, redacted_url
 from spoold.limits import Rate
-from tests.redis_server import INSTALL_HINT, RedisServer, redis_server_path
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.daemon  # starts redis-server
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    binary = redis_server_path()
-    if binary is None:
-        pytest.skip(INSTALL_HINT)
-    server = RedisServer(tmp_path, binary)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _settings(server: RedisServer, node: str = "relay-1", **kw: float) -> FleetSettings:
