@@ -264,7 +264,11 @@ class Daemon:
                 )
                 if cfg.metrics.listen:
                     await services.start(
-                        functools.partial(self.metrics.serve, cache=self.cache),
+                        functools.partial(
+                            self.metrics.serve,
+                            cache=self.cache,
+                            fleet=self.fleet.health if self.fleet is not None else None,
+                        ),
                         spool,
                         cfg.metrics.listen,
                     )
