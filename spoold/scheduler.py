@@ -41,7 +41,7 @@ import anyio.abc
 
 from spoold.errors import RecordError, SpooldError
 from spoold.events import EventKind
-from spoold.limits import DestinationGate, Hold
+from spoold.limits import DestinationGate, Hold, SharedRates
 from spoold.message import SEND_NOW, Message, SendAt, Sending, SendNow
 from spoold.policy import DestinationPolicy
 from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
@@ -71,6 +71,8 @@ class Scheduler:
         self._idle.set()
         # Messages held by their destination wait here as (entry, generation).
         self.gate: DestinationGate[tuple[Entry, int]] = DestinationGate()
+        # A fleet's shared rates (None: this spool's own limits alone).
+        self.shared_rates: SharedRates | None = None
 
     # ------------------------------------------------------------ settings
 
@@ -191,7 +193,8 @@ class Scheduler:
     async def _send_job(self, attempt: Attempt, entry: Entry, policy: DestinationPolicy) -> None:
         """One send job: the attempt, then its slots given back."""
         try:
-            await attempt(entry, policy)
+            if await self._shared_turn(policy):
+                await attempt(entry, policy)
         finally:
             entry.busy = False
             if entry.destination is not None:
@@ -201,6 +204,24 @@ class Scheduler:
             if self._running == 0:
                 self._idle.set()
             self.poke()
+
+    async def _shared_turn(self, policy: DestinationPolicy) -> bool:
+        """Wait for the destination's shared token (a fleet-wide rate), if
+        :attr:`shared_rates` is set and the destination has a rate; the
+        job keeps its local slot meanwhile. True: go (also when the shared
+        state does not answer: the local rate applied already); False: the
+        spool stops first (no attempt: the message stays due on disk).
+        The wait is in real time: the shared state keeps its own clock."""
+        shared, limited = self.shared_rates, policy.limited
+        if shared is None or limited is None or limited[1].rate is None:
+            return True
+        name, rate = limited[0], limited[1].rate
+        while not self._state.stopping:
+            wait = await shared.gcra(name, rate)
+            if wait is None or wait <= 0:
+                return True
+            await anyio.sleep(min(wait, 1.0))
+        return False
 
     def policy_of(self, msg: Message) -> DestinationPolicy:
         """``msg``'s destination policy (asked once per attempt)."""

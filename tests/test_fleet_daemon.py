@@ -1,10 +1,13 @@
-"""Two real daemons sharing one real redis-server: each publishes its
+"""Real daemons sharing one real redis-server. Two: each publishes its
 heartbeat, ``spoold fleet status`` lists both; Redis stopped: the status
-says so (exit 1) and mail is still taken; Redis back: shared again."""
+says so (exit 1) and mail is still taken; Redis back: shared again. Three
+with one route's ``rate = "20/s"`` to one aiosmtpd next hop: 20/s at the
+hop in all, not 20/s each."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import anyio
 from spoold import Client
 from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, write_config
 from tests.redis_server import RedisServer
+from tests.smtp_server import SmtpTestServer
 
 POLL = 0.05  # seconds between two looks at what another process changes
 
@@ -71,3 +75,40 @@ async def test_fleet_status_through_an_outage(
     code, found = await _status(two)
     assert code == 0 and found["redis_up"] is True and found["outages"] == 1
     assert isinstance(found["nodes"], list)
+
+
+MESSAGES_PER_NODE = 40
+
+
+async def test_three_nodes_share_one_rate(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    redis_server: RedisServer,
+    smtp_server: SmtpTestServer,
+) -> None:
+    # Each node alone would send 20/s (60/s together); the fleet sends 20/s.
+    daemons = []
+    for n in range(3):
+        config = _node_config(tmp_path / f"n{n}", f"relay-{n}", redis_server)
+        text = config.read_text().replace("127.0.0.1:9", smtp_server.hop)
+        config.write_text(text.replace('tls = "none"\n', 'tls = "none"\nrate = "20/s"\n', 1))
+        daemons.append(await start_daemon(config))
+
+    def submit_all(daemon: DaemonProcess) -> None:
+        client = Client(daemon.socket)
+        for i in range(MESSAGES_PER_NODE):
+            client.submit("app@example.org", [f"u{i}@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
+
+    async with anyio.create_task_group() as tg:
+        for daemon in daemons:
+            tg.start_soon(anyio.to_thread.run_sync, submit_all, daemon)
+    submitted = time.monotonic()
+    total = 3 * MESSAGES_PER_NODE
+    with anyio.fail_after(30):
+        while len(smtp_server.messages) < total:
+            await anyio.sleep(POLL)
+    # Measured once every node has its whole backlog: the arrivals at the hop.
+    times = sorted(m.at for m in smtp_server.messages if m.at > submitted)
+    assert len(times) >= 30, f"only {len(times)} messages after the submissions ended"
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 18.0 <= rate <= 22.0, f"{rate:.1f}/s at the next hop"

@@ -240,6 +240,7 @@ class Daemon:
             dkim=self.live.dkim,
         ) as spool:
             self._spool = spool
+            spool.shared_rates = self.fleet  # [fleet]: a route's rate is fleet-wide
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
             server = ControlServer(
                 spool,
