@@ -23,7 +23,7 @@ redis-py's asyncio client. Its contract:
 The keys (all under ``spoold:``):
 
 * ``spoold:gcra:DEST``: the *theoretical arrival time* of a destination's
-  rate (GCRA), in milliseconds, expiring when idle;
+  rate (GCRA), in microseconds, expiring when idle;
 * ``spoold:slots:DEST``: a sorted set of the holders of a destination's
   connection slots, each scored by the time its lease ends;
 * ``spoold:node:NAME``: a node's heartbeat (JSON), expiring after
@@ -118,19 +118,21 @@ class NodeBeat:
 
 # GCRA with a burst of one: an attempt may go when the theoretical arrival
 # time (TAT) is not after now; it moves the TAT one interval on. KEYS[1]:
-# the TAT key; ARGV: interval (ms), now (ms, "" for Redis's clock).
-# Returns 0 (go) or the milliseconds to wait.
+# the TAT key; ARGV: interval (microseconds, so that rates above 1000/s
+# stay exact), now (microseconds, "" for Redis's clock). Returns 0 (go) or
+# the microseconds to wait.
 _GCRA = """
 local interval = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 if now == nil then
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
 if tat > now then return tat - now end
-redis.call('SET', KEYS[1], tat + interval, 'PX', interval * 2)
+redis.call('SET', KEYS[1], string.format('%d', tat + interval),
+           'PX', math.floor(interval * 2 / 1000) + 1)
 return 0
 """
 
@@ -250,10 +252,11 @@ class SharedState:
         """Take the fleet-wide token of ``destination`` at ``rate``: 0.0 when
         taken (the attempt may go), else the seconds until one comes; None
         when Redis did not answer (use the local limit)."""
-        interval = max(1, round(rate.spacing * 1000))
+        interval = max(1, round(rate.spacing * 1_000_000))
         key = f"{KEY_PREFIX}gcra:{destination}"
-        waited = await self._call(lambda: self._gcra(keys=[key], args=[interval, _ms(now_ms)]))
-        return None if waited is None else int(waited) / 1000
+        now = "" if now_ms is None else str(now_ms * 1000)
+        waited = await self._call(lambda: self._gcra(keys=[key], args=[interval, now]))
+        return None if waited is None else int(waited) / 1_000_000
 
     # -- fleet-wide connection slots
 

@@ -152,3 +152,12 @@ def test_a_password_never_reaches_a_log_line() -> None:
     assert redacted_url("redis://:s3cret@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
     assert redacted_url("rediss://u:s3cret@r.example:6380/1") == "rediss://u:***@r.example:6380/1"
     assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+async def test_gcra_stays_exact_above_a_thousand_per_second(redis_server: RedisServer) -> None:
+    fast = Rate(4000, timedelta(seconds=1), "4000/s")  # one every 250 microseconds
+    async with SharedState(_settings(redis_server)) as s:
+        went = [t for t in range(0, 10) if await s.gcra("fast", fast, now_ms=t) == 0.0]
+        assert went == list(range(10))  # one per millisecond asked: all go
+        assert await s.gcra("fast", fast, now_ms=10) == 0.0
+        assert await s.gcra("fast", fast, now_ms=10) == 0.00025
