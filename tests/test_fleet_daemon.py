@@ -112,3 +112,45 @@ async def test_three_nodes_share_one_rate(
     assert len(times) >= 30, f"only {len(times)} messages after the submissions ended"
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert 18.0 <= rate <= 22.0, f"{rate:.1f}/s at the next hop"
+
+
+async def test_redis_stopped_mid_run_loses_nothing_and_sharing_resumes(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    redis_server: RedisServer,
+    smtp_server: SmtpTestServer,
+) -> None:
+    daemons = []
+    for n in range(2):
+        config = _node_config(tmp_path / f"n{n}", f"relay-{n}", redis_server)
+        text = config.read_text().replace("127.0.0.1:9", smtp_server.hop)
+        config.write_text(text.replace('tls = "none"\n', 'tls = "none"\nrate = "20/s"\n', 1))
+        daemons.append(await start_daemon(config))
+    per_node = 30
+
+    def submit_all(daemon: DaemonProcess) -> None:
+        client = Client(daemon.socket)
+        for i in range(per_node):
+            rcpt = f"{daemon.socket.parent.parent.name}-u{i}@example.com"
+            client.submit("app@example.org", [rcpt], b"Subject: hi\r\n\r\nhi\r\n")
+
+    async with anyio.create_task_group() as tg:
+        for daemon in daemons:
+            tg.start_soon(anyio.to_thread.run_sync, submit_all, daemon)
+        with anyio.fail_after(30):
+            while len(smtp_server.messages) < 10:
+                await anyio.sleep(POLL)
+        redis_server.stop()  # mid-run: the nodes go on with their local rates
+    with anyio.fail_after(30):
+        while len(smtp_server.messages) < 2 * per_node:
+            await anyio.sleep(POLL)
+    for daemon in daemons:
+        code, found = await _status(daemon)
+        assert code == 1 and found["redis_up"] is False and found["outages"] == 1
+    redis_server.start()
+    for daemon in daemons:
+        code, found = await _status(daemon)
+        assert code == 0 and found["redis_up"] is True
+    # Every message once: none lost, none sent twice.
+    recipients = sorted(r for m in smtp_server.messages for r in m.rcpt_tos)
+    assert recipients == sorted(f"n{n}-u{i}@example.com" for n in range(2) for i in range(per_node))

@@ -384,6 +384,7 @@ class Daemon:
                 spool=msgspec.structs.replace(new.spool, dir=old.spool.dir),
                 control=old.control,
                 metrics=old.metrics,
+                fleet=old.fleet,
                 smtp=(
                     msgspec.structs.replace(
                         new.smtp, listen=old.smtp.listen, workers=old.smtp.workers
