@@ -152,6 +152,7 @@ def test_a_password_never_reaches_a_log_line() -> None:
     assert redacted_url("redis://:s3cret@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
     assert redacted_url("rediss://u:s3cret@r.example:6380/1") == "rediss://u:***@r.example:6380/1"
     assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redacted_url("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
 
 
 async def test_gcra_stays_exact_above_a_thousand_per_second(redis_server: RedisServer) -> None:
