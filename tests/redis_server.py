@@ -41,9 +41,10 @@ class RedisServer:
     persistence), :meth:`pause` / :meth:`resume` (SIGSTOP / SIGCONT: a Redis
     that accepts connections but never answers)."""
 
-    def __init__(self, directory: Path, binary: str) -> None:
+    def __init__(self, directory: Path, binary: str, *options: str) -> None:
         self.directory = directory
         self.binary = binary
+        self.options = options  # more redis-server arguments ("--requirepass", "pw")
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -65,6 +66,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.directory),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -76,7 +78,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (with a password)
                         return
             except OSError:
                 pass

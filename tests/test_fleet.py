@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from pathlib import Path
 
 import anyio
 import pytest
 
 from spoold.fleet import FleetSettings, SharedState, redacted_url
 from spoold.limits import Rate
-from tests.redis_server import RedisServer
+from tests.redis_server import INSTALL_HINT, RedisServer, redis_server_path
 
 pytestmark = pytest.mark.daemon  # starts redis-server
 
@@ -162,3 +163,22 @@ async def test_gcra_stays_exact_above_a_thousand_per_second(redis_server: RedisS
         assert went == list(range(10))  # one per millisecond asked: all go
         assert await s.gcra("fast", fast, now_ms=10) == 0.0
         assert await s.gcra("fast", fast, now_ms=10) == 0.00025
+
+
+async def test_a_password_is_used_and_a_wrong_one_is_redis_down(tmp_path: Path) -> None:
+    binary = redis_server_path()
+    if binary is None:
+        pytest.skip(INSTALL_HINT)
+    server = RedisServer(tmp_path, binary, "--requirepass", "s3cret")
+    server.start()
+    try:
+        good = FleetSettings(url=server.url, node="a", password="s3cret")
+        async with SharedState(good) as s:
+            assert await s.gcra("r", TEN_PER_SECOND) == 0.0
+        async with SharedState(FleetSettings(url=server.url, node="a", password="wrong")) as s:
+            assert await s.gcra("r", TEN_PER_SECOND) is None
+            assert s.health.up is False and "s3cret" not in s.health.last_error
+        async with SharedState(FleetSettings(url=server.url, node="a")) as s:
+            assert await s.ping() is False
+    finally:
+        server.stop()
