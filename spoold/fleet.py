@@ -119,7 +119,8 @@ class NodeBeat:
 
 
 # GCRA with a burst of one: an attempt may go when the theoretical arrival
-# time (TAT) is not after now; it moves the TAT one interval on. KEYS[1]:
+# time (TAT) is not after now; it moves the TAT one interval on (so the TAT
+# is at most one interval ahead, which the script also enforces). KEYS[1]:
 # the TAT key; ARGV: interval (microseconds, so that rates above 1000/s
 # stay exact), now (microseconds, "" for Redis's clock). Returns 0 (go) or
 # the microseconds to wait.
@@ -132,6 +133,9 @@ if now == nil then
 end
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
+-- Never more than one interval ahead: a TAT further on is from a slower
+-- rate (a reload) or a clock that went back, and must not hold mail.
+if tat > now + interval then tat = now + interval end
 if tat > now then return tat - now end
 redis.call('SET', KEYS[1], string.format('%d', tat + interval),
            'PX', math.floor(interval * 2 / 1000) + 1)

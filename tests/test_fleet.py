@@ -182,3 +182,16 @@ async def test_a_password_is_used_and_a_wrong_one_is_redis_down(tmp_path: Path) 
             assert await s.ping() is False
     finally:
         server.stop()
+
+
+async def test_a_faster_rate_or_a_clock_gone_back_never_holds_longer_than_one_interval(
+    redis_server: RedisServer,
+) -> None:
+    slow = Rate(1, timedelta(hours=1), "1/h")
+    async with SharedState(_settings(redis_server)) as s:
+        assert await s.gcra("r", slow, now_ms=1_000_000) == 0.0
+        assert await s.gcra("r", slow, now_ms=1_000_000) == 3600.0
+        # a reload made it 10/s: the next token within 100 ms, not an hour
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.1
+        # Redis's clock went back a day: the same bound
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000 - 86_400_000) == 0.1
