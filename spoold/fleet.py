@@ -37,6 +37,7 @@ Times are Redis's own clock (``TIME``) unless a caller gives ``now_ms``
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -95,6 +96,10 @@ class FleetSettings:
     lease: float = 30.0
     heartbeat_ttl: float = 30.0
     password: str | None = field(default=None, repr=False)
+    # While Redis is down, the calls of the send path (gcra, acquire, renew,
+    # release, beat) are not tried again before this many seconds, so a
+    # stopped Redis costs one timeout a second at most, not one per attempt.
+    retry_after: float = 1.0
 
 
 @dataclass(slots=True)
@@ -203,6 +208,7 @@ class SharedState:
         self._gcra = self._redis.register_script(_GCRA)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
+        self._tried = -math.inf  # when Redis was last asked (monotonic)
 
     async def __aenter__(self) -> SharedState:
         return self
@@ -216,7 +222,14 @@ class SharedState:
 
     # -- the bound around every call
 
-    async def _call(self, step: Callable[[], Awaitable[_T]]) -> _T | None:
+    async def _call(self, step: Callable[[], Awaitable[_T]], *, probe: bool = False) -> _T | None:
+        """``step`` under the timeout; None when it failed. While Redis is
+        down only a ``probe`` (an operator's question) or the first call
+        :attr:`FleetSettings.retry_after` after the last try asks it."""
+        recently = time.monotonic() - self._tried < self.settings.retry_after
+        if not self.health.up and not probe and recently:
+            return None
+        self._tried = time.monotonic()
         try:
             with anyio.fail_after(self.settings.timeout):
                 result = await step()
@@ -248,7 +261,7 @@ class SharedState:
 
     async def ping(self) -> bool:
         """Whether Redis answers now (and the health follows)."""
-        return bool(await self._call(self._redis.ping))
+        return bool(await self._call(self._redis.ping, probe=True))
 
     # -- fleet-wide rate
 
@@ -332,4 +345,4 @@ class SharedState:
                     continue  # not a heartbeat this version wrote: skipped, not fatal
             return sorted(beats, key=lambda b: b.node)
 
-        return await self._call(step)
+        return await self._call(step, probe=True)

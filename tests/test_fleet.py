@@ -128,6 +128,10 @@ async def test_redis_down_falls_back_and_comes_back(
         downs = [r for r in caplog.records if "fleet redis down" in r.getMessage()]
         assert len(downs) == 1
         redis_server.start()  # same port, empty
+        # Not asked again within retry_after (1 s) of the last try...
+        assert await s.gcra("r", TEN_PER_SECOND) is None
+        # ...but an operator's question (fleet status: ping, nodes) asks.
+        assert await s.ping() is True
         assert await s.gcra("r", TEN_PER_SECOND) == 0.0
         assert s.health.up is True
         ups = [r for r in caplog.records if "fleet redis up" in r.getMessage()]
@@ -141,10 +145,15 @@ async def test_a_stopped_redis_costs_at_most_the_timeout(redis_server: RedisServ
         try:
             with anyio.fail_after(5):  # far above 0.3 s: the bound is the timeout's
                 assert await s.gcra("r", TEN_PER_SECOND) is None
-                assert await s.acquire("r", 1, "x") is None
             assert s.health.up is False and "Timeout" in s.health.last_error
+            # Down: the next calls do not wait for the stopped Redis again
+            # (they ask nothing: well under the 0.3 s one try would take).
+            with anyio.fail_after(0.25):
+                assert await s.acquire("r", 1, "x") is None
+                assert await s.gcra("r", TEN_PER_SECOND) is None
         finally:
             redis_server.resume()
+        assert await s.ping() is True
         assert await s.gcra("r", TEN_PER_SECOND) == 0.0
         assert s.health.up is True and s.health.outages == 1
 
