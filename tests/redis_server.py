@@ -41,8 +41,11 @@ class RedisServer:
     persistence), :meth:`pause` / :meth:`resume` (SIGSTOP / SIGCONT: a Redis
     that accepts connections but never answers)."""
 
-    def __init__(self, directory: Path, binary: str, *options: str) -> None:
+    def __init__(
+        self, directory: Path, binary: str, *options: str, start_timeout: float = 10
+    ) -> None:
         self.directory = directory
+        self.start_timeout = start_timeout
         self.binary = binary
         self.options = options  # more redis-server arguments ("--requirepass", "pw")
         self.port = _free_port()
@@ -71,7 +74,15 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
+        try:
+            self._wait_until_up()
+        except BaseException:
+            self.stop()  # never leave a server that did not come up running
+            raise
+
+    def _wait_until_up(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
@@ -83,13 +94,17 @@ class RedisServer:
             except OSError:
                 pass
             time.sleep(0.02)  # polling a process we cannot wait on otherwise
-        raise RuntimeError("redis-server did not answer within 10 s")
+        raise RuntimeError(f"redis-server did not answer within {self.start_timeout} s")
 
     def stop(self) -> None:
         if self.proc is not None:
             self.resume()
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # SIGKILL cannot be ignored
+                self.proc.wait()
             self.proc = None
 
     def pause(self) -> None:
@@ -108,8 +123,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     if binary is None:
         pytest.skip(INSTALL_HINT)
     server = RedisServer(tmp_path, binary)
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.stop()

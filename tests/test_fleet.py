@@ -204,3 +204,13 @@ async def test_a_faster_rate_or_a_clock_gone_back_never_holds_longer_than_one_in
         assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.1
         # Redis's clock went back a day: the same bound
         assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000 - 86_400_000) == 0.1
+
+
+def test_a_server_that_never_answers_is_not_left_running(tmp_path: Path) -> None:
+    silent = tmp_path / "silent-redis"
+    silent.write_text("#!/bin/sh\nexec sleep 60\n")  # takes the arguments, never listens
+    silent.chmod(0o755)
+    server = RedisServer(tmp_path, str(silent), start_timeout=0.3)
+    with pytest.raises(RuntimeError, match="did not answer"):
+        server.start()
+    assert server.proc is None  # stopped and reaped, not leaked
