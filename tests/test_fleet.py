@@ -10,8 +10,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+import redis.asyncio
 
-from spoold.fleet import FleetSettings, SharedState, redacted_url
+from spoold.fleet import KEY_PREFIX, FleetSettings, SharedState, redacted_url
 from spoold.limits import Rate
 from tests.redis_server import INSTALL_HINT, RedisServer, redis_server_path
 
@@ -214,3 +215,17 @@ def test_a_server_that_never_answers_is_not_left_running(tmp_path: Path) -> None
     with pytest.raises(RuntimeError, match="did not answer"):
         server.start()
     assert server.proc is None  # stopped and reaped, not leaked
+
+
+async def test_a_throttle_outlives_a_pause_of_real_time(redis_server: RedisServer) -> None:
+    fast = Rate(4000, timedelta(seconds=1), "4000/s")
+    async with SharedState(_settings(redis_server)) as s:
+        assert await s.gcra("fast", fast, now_ms=10) == 0.0
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            # two intervals would be 1 ms of real time: any pause would
+            # forget the token just taken
+            assert await client.pttl(f"{KEY_PREFIX}gcra:fast") > 50_000
+        finally:
+            await client.aclose()
+        assert await s.gcra("fast", fast, now_ms=10) == 0.00025
