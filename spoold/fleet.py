@@ -46,7 +46,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from spoold.limits import Rate
 from spoold.log import get_logger
@@ -225,7 +224,8 @@ class SharedState:
     # -- the bound around every call
 
     async def _call(self, step: Callable[[], Awaitable[_T]], *, probe: bool = False) -> _T | None:
-        """``step`` under the timeout; None when it failed. While Redis is
+        """``step`` under the timeout; None when it failed (any error: Redis
+        refused, timed out, or answered what cannot be read). While Redis is
         down only a ``probe`` (an operator's question) or the first call
         :attr:`FleetSettings.retry_after` after the last try asks it."""
         recently = time.monotonic() - self._tried < self.settings.retry_after
@@ -235,7 +235,7 @@ class SharedState:
         try:
             with anyio.fail_after(self.settings.timeout):
                 result = await step()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the node acts alone
             self._down(exc)
             return None
         self._up()

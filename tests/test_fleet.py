@@ -232,3 +232,14 @@ async def test_a_throttle_outlives_a_pause_of_real_time(redis_server: RedisServe
         finally:
             await client.aclose()
         assert await s.gcra("fast", fast, now_ms=10) == 0.00025
+
+
+async def test_an_answer_that_cannot_be_read_is_no_answer(redis_server: RedisServer) -> None:
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await client.zadd(f"{KEY_PREFIX}nodes", {b"\xff": 1.0})  # not UTF-8
+    finally:
+        await client.aclose()
+    async with SharedState(_settings(redis_server)) as s:
+        assert await s.nodes() is None  # not an exception that ends the daemon
+        assert s.health.up is False and "UnicodeDecodeError" in s.health.last_error
