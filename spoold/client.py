@@ -69,6 +69,7 @@ from spoold.message import EnvelopeInfo
 from spoold.protocol import (
     ERROR_KINDS,
     CountRequest,
+    FleetStatusRequest,
     FreezeRequest,
     HistoryRequest,
     InfoRequest,
@@ -379,6 +380,12 @@ class Client:
         """Each webhook's state (``spoold status --webhooks``): url, events
         waiting in its outbox, last success, last error, next retry."""
         found: list[dict[str, Any]] = self._ask(WebhooksRequest())
+        return found
+
+    def fleet_status(self) -> dict[str, Any]:
+        """The fleet as this daemon sees it: its Redis up or down, and the
+        nodes with a live heartbeat (the ``fleet_status`` result)."""
+        found: dict[str, Any] = self._ask(FleetStatusRequest())
         return found
 
     # ------------------------------------------------------------- writing

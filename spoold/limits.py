@@ -55,6 +55,7 @@ __all__ = [
     "parse_rate",
     "DestinationLimits",
     "LimitsSource",
+    "SharedRates",
     "DestinationGate",
     "Hold",
     "HopBackoff",
@@ -124,6 +125,18 @@ class LimitsSource(Protocol):
     attempt; must not block."""
 
     def limits_for(self, message: Message) -> tuple[str, DestinationLimits] | None: ...
+
+
+class SharedRates(Protocol):
+    """A destination's rate kept with other processes (the fleet's Redis:
+    :class:`spoold.fleet.SharedState`). :meth:`gcra` takes the shared token
+    of ``destination`` at ``rate``: 0.0 when taken, else the seconds until
+    the next one; None when the shared state did not answer (the local
+    rate, which this gate applied already, is then the only one). Unlike
+    the gate, it is asked by a send job after admission, and it reads its
+    own clock."""
+
+    async def gcra(self, destination: str, rate: Rate) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ import anyio.abc
 
 from spoold.errors import RecordError, SpooldError
 from spoold.events import EventKind
-from spoold.limits import DestinationGate, Hold
+from spoold.limits import DestinationGate, Hold, SharedRates
 from spoold.message import SEND_NOW, Message, SendAt, Sending, SendNow
 from spoold.policy import DestinationPolicy
 from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
@@ -71,6 +71,8 @@ class Scheduler:
         self._idle.set()
         # Messages held by their destination wait here as (entry, generation).
         self.gate: DestinationGate[tuple[Entry, int]] = DestinationGate()
+        # A fleet's shared rates (None: this spool's own limits alone).
+        self.shared_rates: SharedRates | None = None
 
     # ------------------------------------------------------------ settings
 
@@ -186,12 +188,24 @@ class Scheduler:
         entry.destination = destination
         self._running += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        tg.start_soon(self._send_job, attempt, entry, policy, name=f"send {entry.msg.id}")
+        gen = entry.gen
+        tg.start_soon(self._send_job, attempt, entry, gen, policy, name=f"send {entry.msg.id}")
 
-    async def _send_job(self, attempt: Attempt, entry: Entry, policy: DestinationPolicy) -> None:
-        """One send job: the attempt, then its slots given back."""
+    async def _send_job(
+        self, attempt: Attempt, entry: Entry, gen: int, policy: DestinationPolicy
+    ) -> None:
+        """One send job: the attempt, then its slots given back. A message
+        whose fleet-wide token is not there yet is held until it comes (no
+        attempt): the job ends at once and waits for nothing."""
         try:
-            await attempt(entry, policy)
+            wait = await self._shared_wait(policy)
+            if wait > 0:
+                current = self._index.get(entry.msg.id)
+                if current is entry and entry.gen == gen and not self._state.stopping:
+                    until = self.clock.now().timestamp() + wait
+                    self._hold(entry, gen, Hold(None, until, "fleet-wide rate"))
+            else:
+                await attempt(entry, policy)
         finally:
             entry.busy = False
             if entry.destination is not None:
@@ -201,6 +215,19 @@ class Scheduler:
             if self._running == 0:
                 self._idle.set()
             self.poke()
+
+    async def _shared_wait(self, policy: DestinationPolicy) -> float:
+        """The seconds until the destination's shared token (a fleet-wide
+        rate) comes, if :attr:`shared_rates` is set and the destination has
+        a rate; 0.0: taken, or nothing to take, or the shared state did not
+        answer (then the local gate, which admitted this attempt, is the
+        only rate: each attempt asks once, so no line of waiting jobs is
+        let go at once). The shared state keeps its own clock."""
+        shared, limited = self.shared_rates, policy.limited
+        if shared is None or limited is None or limited[1].rate is None:
+            return 0.0
+        wait = await shared.gcra(limited[0], limited[1].rate)
+        return 0.0 if wait is None else max(0.0, wait)
 
     def policy_of(self, msg: Message) -> DestinationPolicy:
         """``msg``'s destination policy (asked once per attempt)."""

@@ -67,7 +67,7 @@ from spoold.hooks import OnErrorHook, PresendHook, default_on_error, default_pre
 from spoold.hostname import local_hostname
 from spoold.housekeeping import Housekeeping
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
-from spoold.limits import LimitsSource
+from spoold.limits import LimitsSource, SharedRates
 from spoold.loading import Loading
 from spoold.message import (
     Message,
@@ -685,6 +685,18 @@ class Spool:
     @_doc_of(Queries.counts)
     def counts(self) -> dict[Queue, int]:
         return self._queries.counts()
+
+    @property
+    def shared_rates(self) -> SharedRates | None:
+        """Rates shared with other spools (a fleet's Redis:
+        :class:`spoold.fleet.SharedState`): when set, an attempt of a
+        destination with a rate also takes the shared token, and waits in
+        its send job for it; None (the default): this spool's limits alone."""
+        return self._scheduler.shared_rates
+
+    @shared_rates.setter
+    def shared_rates(self, shared: SharedRates | None) -> None:
+        self._scheduler.shared_rates = shared
 
     @property
     def sending(self) -> int:

@@ -120,6 +120,7 @@ sys.meta_path.append(_SkipWhatIsMissing())
 try:
     from tests.daemon_helpers import start_daemon
     from tests.raw_smtp_server import start_raw_server
+    from tests.redis_server import redis_server
     from tests.relay_helpers import make_relay
     from tests.smtp_sink import start_smtp_sink
 except pytest.skip.Exception as missing:  # a dependency of spoold itself: nothing can run
@@ -148,6 +149,7 @@ except pytest.skip.Exception as missing:
 
 __all__ = [
     "make_relay",
+    "redis_server",
     "smtp_server",
     "start_daemon",
     "start_raw_server",

@@ -34,6 +34,7 @@ import asyncio
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,7 @@ class ReceivedMessage:
     content: bytes  # as the client meant it: dot-stuffing undone
     tls: bool
     login: str | None
+    at: float = field(default_factory=time.monotonic)  # when it was accepted
 
 
 # ------------------------------------------------------------ protocol

@@ -23,6 +23,7 @@ TABLES = {
     "dns": config.DnsConfig,
     "[dkim]": config.DkimConfig,
     "webhooks.NAME": config.WebhookConfig,
+    "fleet": config.FleetConfig,
 }
 
 

@@ -108,6 +108,7 @@ LIBRARY_ROWS: list[list[str]] = [
     # mail on disk, and the values around a message
     ["ondisk", "relay", "events", "history", "waiting", "idempotency", "limits", "listing"],
     ["suppression"],  # the suppression list (issue 22): plain values and one file
+    ["fleet"],  # the state a fleet of nodes shares in Redis (issue 23)
     # rules
     [
         "hooks",

@@ -41,6 +41,9 @@ from spoold.protocol import (
     Encoded,
     EventsRequest,
     EventView,
+    FleetNodeView,
+    FleetStatus,
+    FleetStatusRequest,
     FreezeRequest,
     HistoryRecipientView,
     HistoryRequest,
@@ -159,6 +162,9 @@ def test_the_result_keys_are_those_of_the_reference() -> None:
     assert _keys(result("count")) == _fields(Counts)
     assert _keys(result("retry_plan")) == _fields(RetryPlanView)
     assert _keys(result("info")) == _fields(Info)
+    fleet = result("fleet_status")
+    assert _keys(fleet[: fleet.index("`nodes`: `null`")]) == _fields(FleetStatus)
+    assert _keys(fleet[fleet.index("`nodes`: `null`") :]) == _fields(FleetNodeView)
     assert _keys(result("reload")) == _fields(ReloadResult)
     assert _keys(result("webhooks")) == _fields(WebhookStatus)
     listing = result("suppress_list")
@@ -208,6 +214,7 @@ EVERY_FIELD: dict[str, Request] = {
     "reroute": RerouteRequest(which="all", ids=["A1"]),
     "check": CheckRequest(max_age=60.0, quick=True),
     "info": InfoRequest(),
+    "fleet_status": FleetStatusRequest(),
     "reload": ReloadRequest(),
     "webhooks": WebhooksRequest(),
     "submit": SubmitRequest(
@@ -445,6 +452,7 @@ async def test_the_daemon_operations_answer_their_declared_results(
     answered = {
         "count": await client.ask(CountRequest()),
         "info": await client.ask(InfoRequest()),
+        "fleet_status": await client.ask(FleetStatusRequest()),
         "reload": await client.ask(ReloadRequest()),
         "check": await client.ask(CheckRequest(quick=True)),
         "reroute": await client.ask(RerouteRequest(ids=submitted)),

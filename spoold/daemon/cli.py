@@ -45,6 +45,7 @@ from spoold.ids import validate_id
 from spoold.protocol import (
     CheckRequest,
     CountRequest,
+    FleetStatusRequest,
     FreezeRequest,
     HistoryRequest,
     InfoRequest,
@@ -878,6 +879,44 @@ def dkim_check(target: _Target, nameserver: str | None) -> None:
             click.echo(f"wrong    {name} ({key.algorithm.value}): {problem}")
     if bad:
         _fail(f"{bad} key(s) of {len(signer.keys)} not published as configured", 1)
+
+
+# ------------------------------------------------------------------ fleet
+
+
+@main.group()
+def fleet() -> None:
+    """Several nodes sharing one Redis ([fleet] in the config)."""
+
+
+def _heartbeat_time(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@fleet.command("status")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object, as the control protocol")
+@click.pass_obj
+def fleet_status(target: _Target, as_json: bool) -> None:
+    """This node's Redis (up or down, and since when it fell back to its
+    local limits), and every node with a live heartbeat: its queues and
+    when it last beat. Exit 1 when this node's Redis is down."""
+    found: dict[str, Any] = _run(lambda: target.client().ask(FleetStatusRequest()))
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+    elif not found["enabled"]:
+        click.echo("not in a fleet: the config has no [fleet] table")
+        return
+    else:
+        state = "up" if found["redis_up"] else f"DOWN ({found['last_error']}): local limits"
+        click.echo(f"this node: {found['node']}; redis {found['redis']}: {state}")
+        click.echo(f"outages since start: {found['outages']}")
+        if found["nodes"] is None:
+            click.echo("nodes: unknown (Redis did not answer)")
+        for node in found["nodes"] or []:
+            queues = " ".join(f"{q}={n}" for q, n in sorted(node["queues"].items()))
+            click.echo(f"{node['node']}  {_heartbeat_time(node['heartbeat'])}  {queues}")
+    if found["enabled"] and not found["redis_up"]:
+        sys.exit(1)
 
 
 # ----------------------------------------------------- the suppression list

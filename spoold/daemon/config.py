@@ -65,6 +65,7 @@ from spoold.dkim_keys import (
     signing_domain,
 )
 from spoold.errors import ConfigError, DkimKeyError, SpooldError
+from spoold.fleet import FleetSettings
 from spoold.hops import nameserver_address, parse_hop
 from spoold.hostname import check_hostname, local_hostname
 from spoold.limits import Rate, parse_rate
@@ -394,6 +395,48 @@ _OptionalPath = Annotated[Path | None, _OPTIONAL_PATH]
 # ------------------------------------------------------------ the tables
 
 
+# -- [fleet] (issue 23)
+
+_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _redis_url(v: object) -> str:
+    """``redis://HOST[:PORT][/DB]`` or ``rediss://`` (TLS); a password in
+    the URL is refused (it would reach logs and ``ps``): ``password_file``."""
+    text = _str(v).strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"expected redis://HOST:PORT/DB or rediss://..., got {text!r}") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"expected redis://HOST:PORT/DB or rediss://..., got {text!r}")
+    if parts.password is not None:
+        raise ValueError("a password in the URL would be logged; put it in fleet.password_file")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"expected a database number after the port, got {db!r}")
+    if parts.query or parts.fragment or (port is not None and not 0 < port < 65536):
+        raise ValueError(f"expected redis://HOST:PORT/DB or rediss://..., got {text!r}")
+    return text
+
+
+def _node(v: object) -> str:
+    text = _str(v).strip()
+    if text and not _NODE_RE.match(text):
+        raise ValueError(
+            f"expected a node name of letters, digits, '.', '_' and '-' (at most 64), got {text!r}"
+        )
+    return text
+
+
+def _fleet_timeout(v: object) -> timedelta:
+    span = _positive_span(v)
+    if span > timedelta(seconds=10):
+        raise ValueError(f"expected a span > 0 and at most 10s, got {v!r}")
+    return span
+
+
 class SpoolConfig(msgspec.Struct, frozen=True, kw_only=True):
     """``[spool]``; :attr:`settings` is what the running spool takes."""
 
@@ -600,6 +643,18 @@ class WebhookConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_outbox: Annotated[int, _int_range(1, 100_000_000)] = 100_000
 
 
+class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``[fleet]``: the Redis the nodes of a fleet share (issue 23; see
+    :mod:`spoold.fleet`). Its ``password_file`` is read by
+    :func:`fleet_settings`, as the daemon builds what a config gives."""
+
+    redis: Annotated[str, _Read(_redis_url)]
+    node: Annotated[str, _Read(_node)] = ""  # "": the top-level hostname
+    password_file: _OptionalPath = None
+    timeout: Annotated[timedelta, _Read(_fleet_timeout)] = timedelta(milliseconds=200)
+    lease: Annotated[timedelta, _Read(_positive_span)] = timedelta(seconds=30)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path
@@ -618,6 +673,8 @@ class Config:
     # The [[dkim]] tables, in the order written (their keys: dkim_signer).
     dkim: tuple[DkimConfig, ...] = ()
     webhooks: dict[str, WebhookConfig] = field(default_factory=dict)
+    # [fleet]: None when the table is left out (the node is on its own).
+    fleet: FleetConfig | None = None
 
 
 def webhook_settings(config: Config) -> list[WebhookSettings]:
@@ -708,6 +765,33 @@ def route_retries_exhausted(config: Config) -> dict[str, RetriesExhausted]:
     }
 
 
+def fleet_settings(config: Config) -> FleetSettings | None:
+    """The :class:`~spoold.fleet.FleetSettings` of ``[fleet]`` (None
+    without it), its ``password_file`` read now (blocking: call it from a
+    worker thread); raises :class:`ConfigError` when that file cannot be
+    read or is empty."""
+    fleet = config.fleet
+    if fleet is None:
+        return None
+    password = None
+    if fleet.password_file is not None:
+        try:
+            password = fleet.password_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                str(config.path), [f"fleet.password_file: cannot read it: {exc}"]
+            ) from None
+        if not password:
+            raise ConfigError(str(config.path), ["fleet.password_file: the file is empty"])
+    return FleetSettings(
+        url=fleet.redis,
+        node=fleet.node or config.hostname,
+        timeout=fleet.timeout.total_seconds(),
+        lease=fleet.lease.total_seconds(),
+        password=password,
+    )
+
+
 def restart_needed(old: Config, new: Config) -> list[str]:
     """Settings that differ between ``old`` and ``new`` but only take effect
     after a restart."""
@@ -726,6 +810,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         changed.append("metrics.listen")
     if old.webhooks != new.webhooks:
         changed.append("webhooks")
+    if old.fleet != new.fleet:
+        changed.append("fleet")
     return changed
 
 
@@ -895,6 +981,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     dns = _read_table(DnsConfig, raw.get("dns"), "dns", problems, base)
     dkim = _read_dkim(raw.get("dkim", []), problems, base)
     webhooks = _read_webhooks(raw.get("webhooks", {}), routes, problems, base)
+    fleet: FleetConfig | None = None
+    if "fleet" in raw:
+        fleet = _read_table(
+            FleetConfig, raw["fleet"], "fleet", problems, base, fallbacks={"redis": ""}
+        )
+        if fleet.lease <= fleet.timeout:
+            problems.append("fleet.lease: must be longer than fleet.timeout")
 
     if relay.default_route and relay.default_route not in routes:
         problems.append(
@@ -920,6 +1013,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         hostname=local_hostname() if hostname is None else hostname,  # looked up when left out
         dkim=dkim,
         webhooks=webhooks,
+        fleet=fleet,
     )
 
 
@@ -935,6 +1029,7 @@ _TABLES = (
     "dns",
     "dkim",
     "webhooks",
+    "fleet",
 )
 
 

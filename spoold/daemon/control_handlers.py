@@ -3,7 +3,7 @@
 :data:`HANDLERS` binds each request class of :mod:`spoold.protocol`
 (those answered with one reply line) to a handler that calls the spool,
 or the daemon for the operations it adds (``reload``, ``info``, ``webhooks``, ``count``,
-``check``; ``submit`` too, served by the server for its framing).
+``check``, ``fleet_status``; ``submit`` too, served by the server for its framing).
 :func:`answer` runs a handler and turns its outcome into the reply: the
 result, or the error kind its exception means (an exception nobody
 expected is logged and answered ``internal``; nothing here ends the
@@ -51,6 +51,7 @@ from spoold.protocol import (
     CheckRequest,
     CountRequest,
     Encoded,
+    FleetStatusRequest,
     FreezeRequest,
     HistoryRequest,
     InfoRequest,
@@ -106,6 +107,8 @@ class DaemonOperations(Protocol):
     async def info(self) -> dict[str, Any]: ...
 
     async def webhooks(self) -> list[dict[str, Any]]: ...
+
+    async def fleet_status(self) -> dict[str, Any]: ...
 
     async def count(self) -> dict[str, int]: ...
 
@@ -366,6 +369,10 @@ async def _webhooks(ctx: ControlContext, p: WebhooksRequest) -> Any:
     return await ctx.daemon_operations().webhooks()
 
 
+async def _fleet_status(ctx: ControlContext, p: FleetStatusRequest) -> Any:
+    return await ctx.daemon_operations().fleet_status()
+
+
 async def _count(ctx: ControlContext, p: CountRequest) -> Any:
     return await ctx.daemon_operations().count()
 
@@ -395,6 +402,7 @@ HANDLERS: dict[type[Request], Handler] = {
     SuppressListRequest: _suppress_list,
     SuppressAddRequest: _suppress_add,
     SuppressRemoveRequest: _suppress_remove,
+    FleetStatusRequest: _fleet_status,
     # and three with a framing of their own, served by ControlServer itself:
     # SubmitRequest (then the message), EventsRequest (a stream) and
     # WaitRequest (it stays until an outcome, or the client hangs up)

@@ -60,6 +60,7 @@ from spoold.daemon.config import (
     Config,
     SmtpConfig,
     dkim_signer,
+    fleet_settings,
     load_config,
     restart_needed,
     webhook_settings,
@@ -86,6 +87,7 @@ from spoold.errors import (
     ConfigError,
     SpooldError,
 )
+from spoold.fleet import FleetSettings, SharedState, redacted_url
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
 from spoold.idempotency import user_key, validate_key
@@ -114,6 +116,7 @@ class _Live:
     dns: DnsLookups
     dkim: DkimSigner | None
     webhooks: list[WebhookSettings]  # secrets read (a reload checks them; a restart applies them)
+    fleet: FleetSettings | None  # taken at start only: [fleet] changes need a restart
 
 
 def _build(config: Config) -> _Live:
@@ -135,6 +138,7 @@ def _build(config: Config) -> _Live:
         dns,
         dkim_signer(config),
         webhook_settings(config),
+        fleet_settings(config),
     )
 
 
@@ -173,6 +177,8 @@ class Daemon:
         self._webhooks: Webhooks | None = None
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.accept_failures = AcceptFailures()
+        # [fleet]: the shared state in Redis (it connects on first use).
+        self.fleet = SharedState(self.live.fleet) if self.live.fleet is not None else None
         self.metrics = Metrics()  # served when [metrics] listen is set
         self.cache = ConnectionCache(resolve_host=self.live.dns.resolve_host)
         self.cache.settings = config.relay.cache
@@ -220,6 +226,8 @@ class Daemon:
             restore_handler()
             with anyio.CancelScope(shield=True):
                 await relay.close_and_flush()
+                if self.fleet is not None:
+                    await self.fleet.aclose()
         log.info("spoold stopped")
         return 0
 
@@ -265,6 +273,7 @@ class Daemon:
             if webhooks is not None:
                 webhooks.subscribe(spool.events)
                 await outer.start(webhooks.run)
+            spool.shared_rates = self.fleet  # [fleet]: a route's rate is fleet-wide
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
             server = ControlServer(
                 spool,
@@ -289,7 +298,11 @@ class Daemon:
                 )
                 if cfg.metrics.listen:
                     await services.start(
-                        functools.partial(self.metrics.serve, cache=self.cache),
+                        functools.partial(
+                            self.metrics.serve,
+                            cache=self.cache,
+                            fleet=self.fleet.health if self.fleet is not None else None,
+                        ),
                         spool,
                         cfg.metrics.listen,
                     )
@@ -314,6 +327,8 @@ class Daemon:
                         sock.close()
                 services.start_soon(self._watchdog_loop)
                 services.start_soon(self.mta_sts.run)  # refreshes kept MTA-STS policies
+                if self.fleet is not None:
+                    services.start_soon(self._heartbeats, self.fleet, spool)
                 log.info(
                     "spoold ready",
                     event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
@@ -402,6 +417,7 @@ class Daemon:
                 spool=msgspec.structs.replace(new.spool, dir=old.spool.dir),
                 control=old.control,
                 metrics=old.metrics,
+                fleet=old.fleet,
                 smtp=(
                     msgspec.structs.replace(
                         new.smtp, listen=old.smtp.listen, workers=old.smtp.workers
@@ -559,6 +575,41 @@ class Daemon:
             "control_socket": str(cfg.control.socket),
             "submission_socket": str(cfg.control.submission_path),
             "log_level": cfg.log.level,
+        }
+
+    async def _heartbeats(self, fleet: SharedState, spool: Spool) -> None:
+        """Publish this node's heartbeat and queue counts, three times per
+        heartbeat lifetime (a Redis that is down costs a beat, nothing else)."""
+        period = fleet.settings.heartbeat_ttl / 3
+        while True:
+            queues = {str(q): n for q, n in spool.counts().items()}
+            queues["sending"] = spool.sending
+            await fleet.beat(queues)
+            await anyio.sleep(period)
+
+    async def fleet_status(self) -> dict[str, Any]:
+        fleet = self.fleet
+        if fleet is None:
+            return {
+                "enabled": False,
+                "node": "",
+                "redis": "",
+                "redis_up": False,
+                "outages": 0,
+                "last_error": "",
+                "nodes": [],
+            }
+        beats = await fleet.nodes()  # asks Redis: the health is fresh
+        return {
+            "enabled": True,
+            "node": fleet.settings.node,
+            "redis": redacted_url(fleet.settings.url),
+            "redis_up": fleet.health.up,
+            "outages": fleet.health.outages,
+            "last_error": fleet.health.last_error,
+            "nodes": None
+            if beats is None
+            else [{"node": b.node, "heartbeat": b.at, "queues": dict(b.queues)} for b in beats],
         }
 
     async def check(self, max_age: float, quick: bool = False) -> list[str]:

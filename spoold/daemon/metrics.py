@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from spoold.connection_cache import ConnectionCache
 from spoold.events import EventKind
+from spoold.fleet import Health
 from spoold.message import Message, Queue
 from spoold.policy import NO_POLICY, DestinationPolicy, relay_under
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, Relay, RelayOutcome
@@ -194,6 +195,17 @@ class Metrics:
             registry=r,
         )
         self._suppression_seen: dict[str, int] = {}
+        self.fleet_redis_up = Gauge(
+            "spoold_fleet_redis_up",
+            "1 while the fleet's Redis answers ([fleet]), 0 while the node is on its local limits",
+            registry=r,
+        )
+        self.fleet_redis_outages = Counter(
+            "spoold_fleet_redis_outages",
+            "Times the fleet's Redis went down (failed or timed out) since the daemon started",
+            registry=r,
+        )
+        self._fleet_outages_seen = 0
         self.reload_success = Gauge(
             "spoold_last_reload_success",
             "1 if the last reload was applied, 0 if it was refused",
@@ -300,8 +312,15 @@ class Metrics:
             return float("nan")
         return float(st.f_bavail * st.f_frsize)
 
-    def update(self, spool: Spool, cache: ConnectionCache | None = None) -> None:
-        """Refresh the gauges from the spool (and the relay's cache)."""
+    def update(
+        self, spool: Spool, cache: ConnectionCache | None = None, fleet: Health | None = None
+    ) -> None:
+        """Refresh the gauges from the spool (and the relay's cache, and the
+        health of the fleet's Redis)."""
+        if fleet is not None:
+            self.fleet_redis_up.set(1 if fleet.up else 0)
+            self.fleet_redis_outages.inc(max(0, fleet.outages - self._fleet_outages_seen))
+            self._fleet_outages_seen = fleet.outages
         self._spool_dir = spool.spool_dir
         for queue, n in spool.counts().items():
             self.messages.labels(queue.value).set(n)
@@ -333,6 +352,7 @@ class Metrics:
         listen: str,
         *,
         cache: ConnectionCache | None = None,
+        fleet: Health | None = None,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled; reports started once listening."""
@@ -342,13 +362,13 @@ class Metrics:
         )
         try:
             async with spool.events() as stream, anyio.create_task_group() as tg:
-                self.update(spool, cache)
+                self.update(spool, cache, fleet)
                 task_status.started()
 
                 async def refresh() -> None:
                     while True:
                         await anyio.sleep(self.refresh_interval)
-                        self.update(spool, cache)
+                        self.update(spool, cache, fleet)
 
                 tg.start_soon(refresh)
                 async for event in stream:

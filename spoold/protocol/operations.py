@@ -60,6 +60,9 @@ __all__ = [
     "RerouteRequest",
     "CheckRequest",
     "InfoRequest",
+    "FleetStatusRequest",
+    "FleetStatus",
+    "FleetNodeView",
     "ReloadRequest",
     "SubmitRequest",
     "WaitRequest",
@@ -187,6 +190,10 @@ class WebhooksRequest(Request, tag="webhooks"):
     pass
 
 
+class FleetStatusRequest(Request, tag="fleet_status"):
+    pass
+
+
 class SubmitRequest(Request, tag="submit"):
     sender: str
     recipients: list[str]
@@ -251,6 +258,7 @@ REQUESTS: dict[str, type[Request]] = {
         SuppressListRequest,
         SuppressAddRequest,
         SuppressRemoveRequest,
+        FleetStatusRequest,
     )
 }
 """Every operation by name."""
@@ -357,6 +365,28 @@ class WebhookStatus(View):
     next_retry: str | None
 
 
+class FleetNodeView(View):
+    """One node of a ``fleet_status``: its name, its last heartbeat (POSIX
+    time) and its queue counts then."""
+
+    node: str
+    heartbeat: float
+    queues: dict[str, int]
+
+
+class FleetStatus(View):
+    """The ``fleet_status`` result. Without ``[fleet]``: ``enabled`` false
+    and the rest empty. ``nodes`` is None when Redis did not answer."""
+
+    enabled: bool
+    node: str
+    redis: str  # the URL, without any password
+    redis_up: bool
+    outages: int  # times this node found Redis down since it started
+    last_error: str
+    nodes: list[FleetNodeView] | None
+
+
 _Ids = list[str]
 
 RESULTS: dict[str, tuple[Any, ...]] = {
@@ -381,6 +411,7 @@ RESULTS: dict[str, tuple[Any, ...]] = {
     "suppress_list": (SuppressionListView,),
     "suppress_add": (list[SuppressionView],),  # the entries made
     "suppress_remove": (list[str],),  # the addresses that were suppressed
+    "fleet_status": (FleetStatus,),
 }
 """Each operation's result: one of these types (decode with
 :func:`msgspec.convert`). ``status`` with ``stream`` sends pages of its

@@ -1,0 +1,356 @@
+"""The state a fleet of spoold nodes shares in Redis: fleet-wide rates,
+fleet-wide connection slots, and the nodes' heartbeats.
+
+Each node keeps its own spool on its own disk; what it shares is policy
+state, and only through :class:`SharedState`, one object per node over
+redis-py's asyncio client. Its contract:
+
+* **Every call is bounded.** Each Redis call runs under
+  :attr:`FleetSettings.timeout` (and the client's socket timeouts are the
+  same), so a Redis that is down, unreachable or stopped costs a caller at
+  most that long.
+* **Redis failing is not mail failing.** A call that fails or times out
+  returns None (and :meth:`SharedState.gcra` / :meth:`SharedState.acquire`
+  callers then use their local limits); the node is marked *down*, which is
+  logged once per outage (``fleet redis down``) and counted in
+  :attr:`Health.outages`. The first call that succeeds again marks it *up*
+  (``fleet redis up``). Nothing here touches a message: a caller never
+  holds or drops mail because of Redis, it only loses the fleet-wide view.
+* **Atomic steps are Lua scripts** run by Redis (``EVALSHA``, loaded on
+  first use): a throttle check and update, or a slot taken, is one step;
+  never a read then a write across two round trips.
+
+The keys (all under ``spoold:``):
+
+* ``spoold:gcra:DEST``: the *theoretical arrival time* of a destination's
+  rate (GCRA), in microseconds, expiring when idle;
+* ``spoold:slots:DEST``: a sorted set of the holders of a destination's
+  connection slots, each scored by the time its lease ends;
+* ``spoold:node:NAME``: a node's heartbeat (JSON), expiring after
+  :attr:`FleetSettings.heartbeat_ttl`; ``spoold:nodes``: the names of the
+  nodes seen, scored by their last heartbeat.
+
+Times are Redis's own clock (``TIME``) unless a caller gives ``now_ms``
+(the tests do), so nodes whose clocks differ still share one schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+
+from spoold.limits import Rate
+from spoold.log import get_logger
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = [
+    "FleetSettings",
+    "Health",
+    "NodeBeat",
+    "SharedState",
+    "redacted_url",
+    "KEY_PREFIX",
+]
+
+KEY_PREFIX = "spoold:"
+
+log = get_logger("spoold.fleet")
+
+_T = TypeVar("_T")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` fit for a log line: any password in it replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSettings:
+    """How a node reaches the fleet's Redis. ``url``: ``redis://`` or
+    ``rediss://`` (TLS); ``password``: read from the config's
+    ``password_file`` (never written in the URL of a log line); ``timeout``:
+    the bound of every call, seconds; ``lease``: how long a connection slot
+    is held without renewal (a node that dies gives its slots back within
+    it); ``heartbeat_ttl``: how long a node's heartbeat lives."""
+
+    url: str
+    node: str
+    timeout: float = 0.2
+    lease: float = 30.0
+    heartbeat_ttl: float = 30.0
+    password: str | None = field(default=None, repr=False)
+    # While Redis is down, the calls of the send path (gcra, acquire, renew,
+    # release, beat) are not tried again before this many seconds, so a
+    # stopped Redis costs one timeout a second at most, not one per attempt.
+    retry_after: float = 1.0
+
+
+@dataclass(slots=True)
+class Health:
+    """Whether this node's Redis answers. ``outages``: how many times it went
+    down (a counter for the metrics); ``last_error``: why, the last time."""
+
+    up: bool = True
+    outages: int = 0
+    last_error: str = ""
+    since: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBeat:
+    """One node's last heartbeat: its name, when (POSIX time) and its queue
+    counts (queue name → messages)."""
+
+    node: str
+    at: float
+    queues: Mapping[str, int]
+
+
+# GCRA with a burst of one: an attempt may go when the theoretical arrival
+# time (TAT) is not after now; it moves the TAT one interval on (so the TAT
+# is at most one interval ahead, which the script also enforces). KEYS[1]:
+# the TAT key; ARGV: interval (microseconds, so that rates above 1000/s
+# stay exact), now (microseconds, "" for Redis's clock). Returns 0 (go) or
+# the microseconds to wait.
+_GCRA = """
+local interval = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat < now then tat = now end
+-- Never more than one interval ahead: a TAT further on is from a slower
+-- rate (a reload) or a clock that went back, and must not hold mail.
+if tat > now + interval then tat = now + interval end
+if tat > now then return tat - now end
+-- The key lives two intervals and at least a minute: a TAT in a caller's
+-- clock (a test's) must not vanish in a pause of a few real milliseconds.
+redis.call('SET', KEYS[1], string.format('%d', tat + interval),
+           'PX', math.max(math.floor(interval * 2 / 1000) + 1, 60000))
+return 0
+"""
+
+# A connection slot: KEYS[1] the destination's sorted set; ARGV: limit,
+# lease (ms), holder, now (ms, "" for Redis's clock). Expired leases are
+# dropped first; a holder that has a slot renews it. Returns 1 or 0.
+_ACQUIRE = """
+local limit = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local now = tonumber(ARGV[4])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) == false
+   and redis.call('ZCARD', KEYS[1]) >= limit then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], lease)
+return 1
+"""
+
+# Renew a slot this holder still has: 1, or 0 when its lease had run out
+# (or it was released). ARGV: lease (ms), holder, now (ms or "").
+_RENEW = """
+local lease = tonumber(ARGV[1])
+local now = tonumber(ARGV[3])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], lease)
+return 1
+"""
+
+
+def _ms(now_ms: int | None) -> str:
+    return "" if now_ms is None else str(now_ms)
+
+
+class SharedState:
+    """One node's view of the fleet's Redis (see the module docstring).
+    Open it with ``async with``; every method returns None when Redis did
+    not answer in time (the caller then acts alone)."""
+
+    def __init__(self, settings: FleetSettings) -> None:
+        self.settings = settings
+        self.health = Health()
+        # Imported here: the sendmail command reads the config (and so
+        # this module) and never talks to Redis.
+        import redis.asyncio as aioredis
+
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.url,
+            password=settings.password,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            retry_on_timeout=False,
+            decode_responses=True,
+        )
+        self._gcra = self._redis.register_script(_GCRA)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._renew = self._redis.register_script(_RENEW)
+        self._tried = -math.inf  # when Redis was last asked (monotonic)
+
+    async def __aenter__(self) -> SharedState:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.timeout):
+            await self._redis.aclose()
+
+    # -- the bound around every call
+
+    async def _call(self, step: Callable[[], Awaitable[_T]], *, probe: bool = False) -> _T | None:
+        """``step`` under the timeout; None when it failed (any error: Redis
+        refused, timed out, or answered what cannot be read). While Redis is
+        down only a ``probe`` (an operator's question) or the first call
+        :attr:`FleetSettings.retry_after` after the last try asks it."""
+        recently = time.monotonic() - self._tried < self.settings.retry_after
+        if not self.health.up and not probe and recently:
+            return None
+        self._tried = time.monotonic()
+        try:
+            with anyio.fail_after(self.settings.timeout):
+                result = await step()
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the node acts alone
+            self._down(exc)
+            return None
+        self._up()
+        return result
+
+    def _down(self, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self.health.last_error = reason
+        if self.health.up:
+            self.health.up = False
+            self.health.outages += 1
+            self.health.since = time.time()
+            log.warning(
+                "fleet redis down",
+                redis=redacted_url(self.settings.url),
+                reason=reason,
+                fallback="local limits",
+            )
+
+    def _up(self) -> None:
+        if not self.health.up:
+            self.health.up = True
+            self.health.since = time.time()
+            log.info("fleet redis up", redis=redacted_url(self.settings.url))
+
+    async def ping(self) -> bool:
+        """Whether Redis answers now (and the health follows)."""
+        return bool(await self._call(self._redis.ping, probe=True))
+
+    # -- fleet-wide rate
+
+    async def gcra(
+        self, destination: str, rate: Rate, *, now_ms: int | None = None
+    ) -> float | None:
+        """Take the fleet-wide token of ``destination`` at ``rate``: 0.0 when
+        taken (the attempt may go), else the seconds until one comes; None
+        when Redis did not answer (use the local limit)."""
+        interval = max(1, round(rate.spacing * 1_000_000))
+        key = f"{KEY_PREFIX}gcra:{destination}"
+        now = "" if now_ms is None else str(now_ms * 1000)
+        waited = await self._call(lambda: self._gcra(keys=[key], args=[interval, now]))
+        return None if waited is None else int(waited) / 1_000_000
+
+    # -- fleet-wide connection slots
+
+    async def acquire(
+        self, destination: str, limit: int, holder: str, *, now_ms: int | None = None
+    ) -> bool | None:
+        """Take (or renew) ``holder``'s slot of ``destination``, of ``limit``
+        at once fleet-wide, for the lease time. None: Redis did not answer."""
+        lease = round(self.settings.lease * 1000)
+        key = f"{KEY_PREFIX}slots:{destination}"
+        got = await self._call(
+            lambda: self._acquire(keys=[key], args=[limit, lease, holder, _ms(now_ms)])
+        )
+        return None if got is None else bool(int(got))
+
+    async def renew(
+        self, destination: str, holder: str, *, now_ms: int | None = None
+    ) -> bool | None:
+        """Extend ``holder``'s lease: False when it had run out."""
+        lease = round(self.settings.lease * 1000)
+        key = f"{KEY_PREFIX}slots:{destination}"
+        got = await self._call(lambda: self._renew(keys=[key], args=[lease, holder, _ms(now_ms)]))
+        return None if got is None else bool(int(got))
+
+    async def release(self, destination: str, holder: str) -> bool | None:
+        """Give ``holder``'s slot back (a slot never given back expires)."""
+        key = f"{KEY_PREFIX}slots:{destination}"
+        gone = await self._call(lambda: self._redis.zrem(key, holder))
+        return None if gone is None else bool(gone)
+
+    # -- heartbeats
+
+    async def beat(self, queues: Mapping[str, int], *, at: float | None = None) -> bool:
+        """Publish this node's heartbeat with its queue counts. Returns
+        whether Redis took it."""
+        when = time.time() if at is None else at
+        body = json.dumps({"node": self.settings.node, "at": when, "queues": dict(queues)})
+        ttl = max(1, round(self.settings.heartbeat_ttl * 1000))
+        node = self.settings.node
+
+        async def step() -> Any:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(f"{KEY_PREFIX}node:{node}", body, px=ttl)
+                pipe.zadd(f"{KEY_PREFIX}nodes", {node: when})
+                return await pipe.execute()
+
+        return await self._call(step) is not None
+
+    async def nodes(self) -> list[NodeBeat] | None:
+        """The nodes whose heartbeat is still alive, by name; None when
+        Redis did not answer."""
+
+        async def step() -> list[NodeBeat]:
+            names = [str(n) for n in await self._redis.zrange(f"{KEY_PREFIX}nodes", 0, -1)]
+            if not names:
+                return []
+            bodies = await self._redis.mget([f"{KEY_PREFIX}node:{n}" for n in names])
+            beats = []
+            for body in bodies:
+                if body is None:
+                    continue  # its heartbeat expired: the node is gone or cut off
+                try:
+                    raw = json.loads(body)
+                    queues = {str(k): int(v) for k, v in dict(raw.get("queues", {})).items()}
+                    beats.append(NodeBeat(str(raw["node"]), float(raw["at"]), queues))
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    continue  # not a heartbeat this version wrote: skipped, not fatal
+            return sorted(beats, key=lambda b: b.node)
+
+        return await self._call(step, probe=True)

@@ -1,0 +1,245 @@
+"""spoold.fleet against a real redis-server on a loopback port: the GCRA
+throttle, connection-slot leases, heartbeats, and what a node does when
+Redis is down, stopped, or back."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+import redis.asyncio
+
+from spoold.fleet import KEY_PREFIX, FleetSettings, SharedState, redacted_url
+from spoold.limits import Rate
+from tests.redis_server import INSTALL_HINT, RedisServer, redis_server_path
+
+pytestmark = pytest.mark.daemon  # starts redis-server
+
+
+def _settings(server: RedisServer, node: str = "relay-1", **kw: float) -> FleetSettings:
+    return FleetSettings(url=server.url, node=node, **kw)
+
+
+TEN_PER_SECOND = Rate(10, timedelta(seconds=1), "10/s")
+
+
+async def test_gcra_spaces_attempts_by_the_rate(redis_server: RedisServer) -> None:
+    async with SharedState(_settings(redis_server)) as s:
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.0
+        # the next token is 100 ms on
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.1
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_040) == 0.06
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_100) == 0.0
+
+
+async def test_gcra_admits_count_per_window_whatever_the_asking(
+    redis_server: RedisServer,
+) -> None:
+    # Asked every 10 ms for 2 s: exactly 20 go (10/s), 100 ms apart.
+    async with SharedState(_settings(redis_server)) as s:
+        went = [t for t in range(0, 2000, 10) if await s.gcra("r", TEN_PER_SECOND, now_ms=t) == 0.0]
+    assert went == list(range(0, 2000, 100))
+
+
+async def test_two_clients_share_one_throttle(redis_server: RedisServer) -> None:
+    # Two nodes asking at the same times, each first in turn: the fleet
+    # gets 10/s, not 10/s each.
+    async with (
+        SharedState(_settings(redis_server, "a")) as a,
+        SharedState(_settings(redis_server, "b")) as b,
+    ):
+        went = {"a": 0, "b": 0}
+        for t in range(0, 1000, 5):
+            order = [("a", a), ("b", b)] if (t // 100) % 2 else [("b", b), ("a", a)]
+            for name, node in order:
+                if await node.gcra("r", TEN_PER_SECOND, now_ms=t) == 0.0:
+                    went[name] += 1
+    assert went["a"] + went["b"] == 10
+    assert went["a"] > 0 and went["b"] > 0
+
+
+async def test_gcra_keys_are_per_destination(redis_server: RedisServer) -> None:
+    async with SharedState(_settings(redis_server)) as s:
+        assert await s.gcra("one", TEN_PER_SECOND, now_ms=0) == 0.0
+        assert await s.gcra("two", TEN_PER_SECOND, now_ms=0) == 0.0
+        assert await s.gcra("one", TEN_PER_SECOND, now_ms=0) == 0.1
+
+
+async def test_leases_up_to_the_limit_and_expiry_returns_slots(
+    redis_server: RedisServer,
+) -> None:
+    async with (
+        SharedState(_settings(redis_server, "a", lease=10.0)) as a,
+        SharedState(_settings(redis_server, "b", lease=10.0)) as b,
+    ):
+        assert await a.acquire("r", 3, "a:1", now_ms=0) is True
+        assert await a.acquire("r", 3, "a:2", now_ms=0) is True
+        assert await b.acquire("r", 3, "b:1", now_ms=1000) is True
+        assert await b.acquire("r", 3, "b:2", now_ms=1000) is False  # 3 held fleet-wide
+        # renewing one already held is not a new slot
+        assert await a.acquire("r", 3, "a:1", now_ms=2000) is True
+        # released: one free
+        assert await a.release("r", "a:2") is True
+        assert await b.acquire("r", 3, "b:2", now_ms=3000) is True
+        assert await b.acquire("r", 3, "b:3", now_ms=3000) is False
+        # b renews its slots; node a dies: its lease (a:1, renewed at 2 s)
+        # ends at 12 s
+        assert await b.renew("r", "b:1", now_ms=10_000) is True
+        assert await b.renew("r", "b:2", now_ms=10_000) is True
+        assert await b.acquire("r", 3, "b:3", now_ms=11_999) is False
+        assert await b.acquire("r", 3, "b:3", now_ms=12_000) is True
+        assert await a.renew("r", "a:1", now_ms=12_000) is False  # its lease was gone
+        assert await b.renew("r", "b:1", now_ms=12_000) is True
+
+
+async def test_heartbeats_list_live_nodes(redis_server: RedisServer) -> None:
+    async with (
+        SharedState(_settings(redis_server, "relay-1")) as a,
+        SharedState(_settings(redis_server, "relay-2")) as b,
+        SharedState(_settings(redis_server, "relay-2", heartbeat_ttl=0.05)) as b_short,
+    ):
+        assert await a.beat({"active": 3, "deferred": 1}, at=100.0)
+        assert await b.beat({"active": 0}, at=101.0)
+        beats = await a.nodes()
+        assert beats is not None
+        assert [(n.node, n.at, dict(n.queues)) for n in beats] == [
+            ("relay-1", 100.0, {"active": 3, "deferred": 1}),
+            ("relay-2", 101.0, {"active": 0}),
+        ]
+        # relay-2 beats again with a short life (after the listing above, so
+        # a slow machine cannot make it expire before it is read)
+        assert await b_short.beat({"active": 0}, at=102.0)
+        with anyio.fail_after(5):
+            while (beats := await a.nodes()) is not None and len(beats) == 2:
+                await anyio.sleep(0.02)  # relay-2's heartbeat expires in Redis
+        assert beats is not None and [n.node for n in beats] == ["relay-1"]
+
+
+async def test_redis_down_falls_back_and_comes_back(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "spoold.fleet")
+    async with SharedState(_settings(redis_server, timeout=0.5, retry_after=3600)) as s:
+        assert await s.ping() is True
+        redis_server.stop()
+        # every call says "no answer" (None), quickly; logged once
+        assert await s.gcra("r", TEN_PER_SECOND) is None
+        assert await s.acquire("r", 4, "x") is None
+        assert await s.beat({}) is False
+        assert s.health.up is False and s.health.outages == 1
+        downs = [r for r in caplog.records if "fleet redis down" in r.getMessage()]
+        assert len(downs) == 1
+        redis_server.start()  # same port, empty
+        # Not asked again within retry_after of the last try...
+        assert await s.gcra("r", TEN_PER_SECOND) is None
+        # ...but an operator's question (fleet status: ping, nodes) asks.
+        assert await s.ping() is True
+        assert await s.gcra("r", TEN_PER_SECOND) == 0.0
+        assert s.health.up is True
+        ups = [r for r in caplog.records if "fleet redis up" in r.getMessage()]
+        assert len(ups) == 1
+
+
+async def test_a_stopped_redis_costs_at_most_the_timeout(redis_server: RedisServer) -> None:
+    async with SharedState(_settings(redis_server, timeout=0.3, retry_after=3600)) as s:
+        assert await s.ping() is True
+        redis_server.pause()
+        try:
+            with anyio.fail_after(5):  # far above 0.3 s: the bound is the timeout's
+                assert await s.gcra("r", TEN_PER_SECOND) is None
+            assert s.health.up is False and "Timeout" in s.health.last_error
+        finally:
+            redis_server.resume()
+        # Down: the next calls do not ask Redis again within retry_after
+        # (it answers again, and still they say "no answer")
+        assert await s.acquire("r", 1, "x") is None
+        assert await s.gcra("r", TEN_PER_SECOND) is None
+        assert await s.ping() is True
+        assert await s.gcra("r", TEN_PER_SECOND) == 0.0
+        assert s.health.up is True and s.health.outages == 1
+
+
+def test_a_password_never_reaches_a_log_line() -> None:
+    assert redacted_url("redis://:s3cret@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
+    assert redacted_url("rediss://u:s3cret@r.example:6380/1") == "rediss://u:***@r.example:6380/1"
+    assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redacted_url("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
+
+
+async def test_gcra_stays_exact_above_a_thousand_per_second(redis_server: RedisServer) -> None:
+    fast = Rate(4000, timedelta(seconds=1), "4000/s")  # one every 250 microseconds
+    async with SharedState(_settings(redis_server)) as s:
+        went = [t for t in range(0, 10) if await s.gcra("fast", fast, now_ms=t) == 0.0]
+        assert went == list(range(10))  # one per millisecond asked: all go
+        assert await s.gcra("fast", fast, now_ms=10) == 0.0
+        assert await s.gcra("fast", fast, now_ms=10) == 0.00025
+
+
+async def test_a_password_is_used_and_a_wrong_one_is_redis_down(tmp_path: Path) -> None:
+    binary = redis_server_path()
+    if binary is None:
+        pytest.skip(INSTALL_HINT)
+    server = RedisServer(tmp_path, binary, "--requirepass", "s3cret")
+    server.start()
+    try:
+        good = FleetSettings(url=server.url, node="a", password="s3cret")
+        async with SharedState(good) as s:
+            assert await s.gcra("r", TEN_PER_SECOND) == 0.0
+        async with SharedState(FleetSettings(url=server.url, node="a", password="wrong")) as s:
+            assert await s.gcra("r", TEN_PER_SECOND) is None
+            assert s.health.up is False and "s3cret" not in s.health.last_error
+        async with SharedState(FleetSettings(url=server.url, node="a")) as s:
+            assert await s.ping() is False
+    finally:
+        server.stop()
+
+
+async def test_a_faster_rate_or_a_clock_gone_back_never_holds_longer_than_one_interval(
+    redis_server: RedisServer,
+) -> None:
+    slow = Rate(1, timedelta(hours=1), "1/h")
+    async with SharedState(_settings(redis_server)) as s:
+        assert await s.gcra("r", slow, now_ms=1_000_000) == 0.0
+        assert await s.gcra("r", slow, now_ms=1_000_000) == 3600.0
+        # a reload made it 10/s: the next token within 100 ms, not an hour
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.1
+        # Redis's clock went back a day: the same bound
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000 - 86_400_000) == 0.1
+
+
+def test_a_server_that_never_answers_is_not_left_running(tmp_path: Path) -> None:
+    silent = tmp_path / "silent-redis"
+    silent.write_text("#!/bin/sh\nexec sleep 60\n")  # takes the arguments, never listens
+    silent.chmod(0o755)
+    server = RedisServer(tmp_path, str(silent), start_timeout=0.3)
+    with pytest.raises(RuntimeError, match="did not answer"):
+        server.start()
+    assert server.proc is None  # stopped and reaped, not leaked
+
+
+async def test_a_throttle_outlives_a_pause_of_real_time(redis_server: RedisServer) -> None:
+    fast = Rate(4000, timedelta(seconds=1), "4000/s")
+    async with SharedState(_settings(redis_server)) as s:
+        assert await s.gcra("fast", fast, now_ms=10) == 0.0
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            # two intervals would be 1 ms of real time: any pause would
+            # forget the token just taken
+            assert await client.pttl(f"{KEY_PREFIX}gcra:fast") > 50_000
+        finally:
+            await client.aclose()
+        assert await s.gcra("fast", fast, now_ms=10) == 0.00025
+
+
+async def test_an_answer_that_cannot_be_read_is_no_answer(redis_server: RedisServer) -> None:
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await client.zadd(f"{KEY_PREFIX}nodes", {b"\xff": 1.0})  # not UTF-8
+    finally:
+        await client.aclose()
+    async with SharedState(_settings(redis_server)) as s:
+        assert await s.nodes() is None  # not an exception that ends the daemon
+        assert s.health.up is False and "UnicodeDecodeError" in s.health.last_error
