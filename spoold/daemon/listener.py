@@ -69,6 +69,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import math
 import os
 import socket
 import ssl
@@ -80,6 +81,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from spoold.body import LineEndingPolicy
 from spoold.credentials import read_private_file
@@ -112,6 +114,9 @@ FREE_SPACE_INTERVAL = 1.0
 _NO_SPACE = b"452 4.3.1 Insufficient system storage, try again later\r\n"
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+_Work = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,10 @@ class SmtpListener:
         self._sessions: set[SmtpSession] = set()
         self._derived: _Derived | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        # Work a session hands over from a protocol callback, where no task
+        # runs and anyio cannot be called (it cannot tell the event loop
+        # when sniffio is installed): a task of serve() starts it.
+        self._handed: MemoryObjectSendStream[_Work] | None = None
         self._stopping = anyio.Event()
         self._working = 0  # deliveries under way (spawned work)
         self._all_done = anyio.Event()
@@ -279,13 +288,20 @@ class SmtpListener:
         else:
             del self.connections_by_client[peer]
 
-    def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        if self._task_group is None:
+    def spawn(self, work: _Work) -> None:
+        if self._handed is None:
             raise RuntimeError("the listener is not serving")
+        self._handed.send_nowait(work)  # unbounded: one item per busy session
         self._working += 1
-        self._task_group.start_soon(self._counted, work)
 
-    async def _counted(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def _start_handed(
+        self, tg: anyio.abc.TaskGroup, handed: MemoryObjectReceiveStream[_Work]
+    ) -> None:
+        async with handed:
+            async for work in handed:
+                tg.start_soon(self._counted, work)
+
+    async def _counted(self, work: _Work) -> None:
         try:
             await work()
         finally:
@@ -434,9 +450,12 @@ class SmtpListener:
             assert self._task_group is not None
             self._task_group.start_soon(self._attach, loop, conn)
 
+        handed, to_start = anyio.create_memory_object_stream[_Work](math.inf)
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
+                self._handed = handed
+                tg.start_soon(self._start_handed, tg, to_start)
                 tg.start_soon(self._watch_free_space)
                 try:
                     async with anyio.create_task_group() as accepting:
@@ -469,7 +488,8 @@ class SmtpListener:
                     for session in list(self._sessions):
                         session.shutdown()
                     tg.cancel_scope.cancel()
-                    self._task_group = None
+                    self._task_group = self._handed = None
+                    handed.close()
         finally:
             for sock in own:
                 sock.close()
