@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
@@ -57,6 +58,9 @@ from spoold.message import (
 from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.state import Entry, SpoolState, log
 from spoold.suppression import SuppressedRecipients, Suppressions
+
+if TYPE_CHECKING:
+    from spoold.fleet_keys import FleetKeys
 
 __all__ = ["new_messages", "signature_prefix", "AddSettings", "Submission", "OwnerSubmission"]
 
@@ -161,6 +165,9 @@ class Submission:
         self._now = now
         self._signer = signer
         self.suppressions = suppressions
+        # [fleet]: idempotency keys claimed fleet-wide too (spoold.fleet_keys);
+        # None: this node's own keys alone.
+        self.shared_keys: FleetKeys | None = None
 
     async def add(
         self,
@@ -178,7 +185,9 @@ class Submission:
         window)."""
         if idempotency_key is None:
             return await self._add_new(batch, frozen, flows, parent_id, prefix, None, submitter_uid)
-        ids, repeated = await self.keys.add_once(
+        shared = self.shared_keys
+        add_once = self.keys.add_once if shared is None else partial(shared.add_once, self.keys)
+        ids, repeated = await add_once(
             idempotency_key,
             batch,
             self._now(),
