@@ -312,4 +312,4 @@ class SuppressionMirror:
         if not self.synced.is_set():
             self.synced.set()
         log.info("suppression list caught up with the fleet", fleet=len(fleet), to_push=pushed)
-        return True
+        return await self._push_pending()
