@@ -59,7 +59,7 @@ import msgspec
 
 from spoold.fleet import KEY_PREFIX, SharedState
 from spoold.log import get_logger
-from spoold.suppression import Suppression, Suppressions, normalise
+from spoold.suppression import Suppression, Suppressions, clean_reason, normalise
 
 __all__ = ["SuppressionMirror", "LOG_LENGTH", "HASH_KEY", "ENDS_KEY", "LOG_KEY"]
 
@@ -108,11 +108,17 @@ def _end_ms(entry: Suppression) -> int:
 
 
 def _decode(raw: str) -> Suppression | None:
+    """An entry of the fleet's list, fit to keep as a local one is: None
+    for what this version did not write (skipped); a reason cut and
+    cleaned as :func:`~spoold.suppression.clean_reason` does."""
     try:
         entry = _decoder.decode(raw)
     except msgspec.DecodeError:
-        return None  # not an entry this version wrote: skipped
-    return entry if entry.address == normalise(entry.address) else None
+        return None
+    if entry.address != normalise(entry.address) or entry.until <= entry.since:
+        return None
+    reason = clean_reason(entry.reason)
+    return entry if reason == entry.reason else msgspec.structs.replace(entry, reason=reason)
 
 
 class SuppressionMirror:

@@ -12,11 +12,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from spoold.fleet import FleetSettings, SharedState
 from spoold.fleet_suppression import ENDS_KEY, HASH_KEY, LOG_KEY, SuppressionMirror
-from spoold.suppression import Suppression, Suppressions, suppression_for
+from spoold.suppression import MAX_REASON, Suppression, Suppressions, suppression_for
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.daemon  # starts redis-server
@@ -246,8 +247,17 @@ async def test_a_line_of_garbage_in_the_log_is_skipped(
         await a.shared.client.xadd(
             LOG_KEY, {"node": "z", "address": entry.address, "entry": _json(entry)}
         )
+        # An entry with a reason no node would write: cleaned and cut.
+        loud = msgspec.structs.replace(
+            entry, address="loud@example.com", reason="\x1b[31m" + "x" * 5000
+        )
+        await a.shared.client.xadd(
+            LOG_KEY, {"node": "z", "address": loud.address, "entry": _json(loud)}
+        )
         assert await a.mirror.step()
         assert a.has("ok@example.com") and not a.listed.holds("bad@example.com")
+        kept = a.listed.find("loud@example.com", a.clock())
+        assert kept is not None and len(kept.reason) <= MAX_REASON and "\x1b" not in kept.reason
 
 
 async def test_redis_down_costs_the_submit_path_nothing(tmp_path: Path) -> None:
@@ -260,6 +270,4 @@ async def test_redis_down_costs_the_submit_path_nothing(tmp_path: Path) -> None:
 
 
 def _json(entry: Suppression) -> str:
-    import msgspec
-
     return msgspec.json.encode(entry).decode()
