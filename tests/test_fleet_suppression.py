@@ -271,3 +271,23 @@ async def test_redis_down_costs_the_submit_path_nothing(tmp_path: Path) -> None:
 
 def _json(entry: Suppression) -> str:
     return msgspec.json.encode(entry).decode()
+
+
+async def test_what_ends_or_a_full_list_drops_is_not_a_change_for_the_fleet(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    clock = _Clock()
+    async with _node(redis_server.url, tmp_path / "a", "a", clock) as a:
+        assert await a.mirror.step()
+        await a.suppress("short@example.com", timedelta(minutes=1))
+        await a.suppress("long@example.com", timedelta(days=1))
+        assert await a.mirror.step()
+        clock.now += timedelta(minutes=2)
+        assert await a.listed.prune(clock(), max_entries=0) == 2  # ended, then the bound
+        assert not a.mirror._pending
+        assert await a.mirror.step()
+        # still the fleet's: this node's own bound does not lift them elsewhere
+        assert set(await a.shared.client.hkeys(HASH_KEY)) == {
+            "short@example.com",
+            "long@example.com",
+        }
