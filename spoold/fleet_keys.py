@@ -9,7 +9,8 @@ the local key's lock:
 1. the local key file is locked and read, as without a fleet: a key this
    node has seen within the window is a duplicate, whatever Redis says or
    whether it answers;
-2. the key is claimed in Redis with one ``SET NX PX GET``: a *pending*
+2. the key is claimed in Redis in one Lua step (``SET NX PX``, or the
+   claim already there): a *pending*
    claim (this node, a token of this submission, no ids yet) that lives
    :attr:`FleetKeys.pending` seconds. When another node's claim is there:
 
@@ -69,6 +70,17 @@ log = get_logger("spoold.fleet_keys")
 
 DEFAULT_PENDING = 30.0
 """Seconds a claim without ids lives (a node dying while writing)."""
+
+# Claim: KEYS[1] the claim; ARGV: this node's pending value, its life (ms).
+# The claim there (another node's) is returned, else ours is set and nil
+# returned: SET NX PX with the value found, one step (SET ... NX GET does
+# the same but needs Redis 7).
+_CLAIM = """
+local found = redis.call('GET', KEYS[1])
+if found then return found end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
 
 # Settle: KEYS[1] the claim; ARGV: the pending value this node set, the
 # settled value, the window (ms). Ours (or lapsed meanwhile): set, 1;
@@ -134,6 +146,7 @@ class FleetKeys:
         self.shared = shared
         self.pending = pending
         self.poll = poll
+        self._claim = shared.client.register_script(_CLAIM)
         self._settle = shared.client.register_script(_SETTLE)
         self._release = shared.client.register_script(_RELEASE)
 
@@ -152,12 +165,10 @@ class FleetKeys:
             separators=(",", ":"),
         )
         ttl = max(1, min(round(self.pending * 1000), _ms(window)))
-        client = self.shared.client
 
         async def step() -> tuple[object]:
-            # SET ... NX GET answers nil when it set the key, else the
-            # value there (and sets nothing): boxed, told from no answer.
-            return (await client.set(rkey, value, nx=True, px=ttl, get=True),)
+            # nil when it set the claim: boxed, to tell it from no answer.
+            return (await self._claim(keys=[rkey], args=[value, ttl]),)
 
         answer = await self.shared.call(step)
         if answer is None:
