@@ -4,7 +4,8 @@ The spool's owner (:meth:`Spool.add <spoold.spool.Spool.add>`) and another
 process's :class:`~spoold.writer.SpoolWriter` add messages the same way:
 :func:`new_messages` checks the submission and makes its records (one per
 envelope), an ``idempotency_key`` is held from looking it up to recording
-the new ids (:mod:`spoold.idempotency`), and every record and body is
+the new ids (:mod:`spoold.idempotency`; with :attr:`Submission.shared_keys`,
+a fleet's, it is claimed in Redis too: :mod:`spoold.fleet_keys`), and every record and body is
 durable on disk before the ids are returned. A message whose ``From:``
 domain has a DKIM key is signed first, once (:mod:`spoold.dkim`, in a
 worker thread): its signature fields are written before the body, with
