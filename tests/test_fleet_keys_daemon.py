@@ -174,4 +174,22 @@ async def test_suppressed_at_one_node_is_refused_at_the_other(
     assert len(ids) == 1
 
 
+async def test_redis_down_keyed_mail_is_taken_and_a_node_keeps_its_keys(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    redis_server: RedisServer,
+    smtp_server: SmtpTestServer,
+) -> None:
+    config = _node_config(tmp_path / "n0", "relay-0", redis_server, smtp_server.hop)
+    await start_daemon(config)
+    redis_server.stop()
+    args = ("-v", "-f", "app@example.org", "--idempotency-key", "order-9", "ops@example.com")
+    first = await sendmail(config, *args, stdin=MESSAGE)
+    assert first.code == 0, first  # taken: Redis down is not mail refused
+    again = await sendmail(config, *args, stdin=MESSAGE)
+    assert again.code == 0, again
+    assert again.err.split("queued as ")[1] == first.err.split("queued as ")[1]
+    await _arrived(smtp_server, 1)
+
+
 pytestmark = pytest.mark.daemon
