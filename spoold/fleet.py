@@ -247,6 +247,16 @@ class SharedState:
         self._up()
         return result
 
+    # Public for the modules beside this one (fleet-wide keys, the
+    # suppression mirror): their calls go through the same bound and health.
+    call = _call
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The redis-py client, for a module beside this one to register its
+        scripts; every call on it goes through :meth:`call`."""
+        return self._redis
+
     def _down(self, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self.health.last_error = reason

@@ -53,7 +53,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
@@ -113,6 +113,9 @@ from spoold.suppression import (
 from spoold.tasks import own_tasks
 from spoold.transitions import Transitions
 from spoold.waiting import MessageOutcome
+
+if TYPE_CHECKING:
+    from spoold.fleet_keys import FleetKeys
 
 __all__ = [
     "Spool",
@@ -697,6 +700,17 @@ class Spool:
     @shared_rates.setter
     def shared_rates(self, shared: SharedRates | None) -> None:
         self._scheduler.shared_rates = shared
+
+    @property
+    def shared_keys(self) -> FleetKeys | None:
+        """Fleet-wide idempotency claims (:mod:`spoold.fleet_keys`; the
+        daemon's ``[fleet]``): a keyed :meth:`add` claims its key there too.
+        None (the default): this spool's own keys alone."""
+        return self._submission.shared_keys
+
+    @shared_keys.setter
+    def shared_keys(self, shared: FleetKeys | None) -> None:
+        self._submission.shared_keys = shared
 
     @property
     def sending(self) -> int:

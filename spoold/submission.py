@@ -4,7 +4,8 @@ The spool's owner (:meth:`Spool.add <spoold.spool.Spool.add>`) and another
 process's :class:`~spoold.writer.SpoolWriter` add messages the same way:
 :func:`new_messages` checks the submission and makes its records (one per
 envelope), an ``idempotency_key`` is held from looking it up to recording
-the new ids (:mod:`spoold.idempotency`), and every record and body is
+the new ids (:mod:`spoold.idempotency`; with :attr:`Submission.shared_keys`,
+a fleet's, it is claimed in Redis too: :mod:`spoold.fleet_keys`), and every record and body is
 durable on disk before the ids are returned. A message whose ``From:``
 domain has a DKIM key is signed first, once (:mod:`spoold.dkim`, in a
 worker thread): its signature fields are written before the body, with
@@ -32,7 +33,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
@@ -57,6 +59,9 @@ from spoold.message import (
 from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.state import Entry, SpoolState, log
 from spoold.suppression import SuppressedRecipients, Suppressions
+
+if TYPE_CHECKING:
+    from spoold.fleet_keys import FleetKeys
 
 __all__ = ["new_messages", "signature_prefix", "AddSettings", "Submission", "OwnerSubmission"]
 
@@ -161,6 +166,9 @@ class Submission:
         self._now = now
         self._signer = signer
         self.suppressions = suppressions
+        # [fleet]: idempotency keys claimed fleet-wide too (spoold.fleet_keys);
+        # None: this node's own keys alone.
+        self.shared_keys: FleetKeys | None = None
 
     async def add(
         self,
@@ -178,7 +186,9 @@ class Submission:
         window)."""
         if idempotency_key is None:
             return await self._add_new(batch, frozen, flows, parent_id, prefix, None, submitter_uid)
-        ids, repeated = await self.keys.add_once(
+        shared = self.shared_keys
+        add_once = self.keys.add_once if shared is None else partial(shared.add_once, self.keys)
+        ids, repeated = await add_once(
             idempotency_key,
             batch,
             self._now(),

@@ -345,6 +345,11 @@ class Suppressions:
         self.counts: dict[SuppressionCount, int] = dict.fromkeys(SUPPRESSION_COUNTS, 0)
         # Told of each count too (an ingest worker passes them to the daemon).
         self.on_count: Callable[[SuppressionCount, int], None] | None = None
+        # Owner: told of each change this process makes (entries put on the
+        # list, addresses taken off), unless made with ``announce=False``:
+        # the fleet's mirror (spoold.fleet_suppression) passes them on.
+        # Entries that end or that a full list drops are not changes.
+        self.on_change: Callable[[list[Suppression], list[str]], None] | None = None
 
     def count(self, what: SuppressionCount, n: int = 1) -> None:
         """Count ``n`` recipients ``refused`` (at RCPT or by ``add``),
@@ -443,13 +448,21 @@ class Suppressions:
     # ----------------------------------------------------------- writing
 
     async def add(
-        self, new: Iterable[Suppression], *, now: datetime, max_entries: int, extend_only: bool
+        self,
+        new: Iterable[Suppression],
+        *,
+        now: datetime,
+        max_entries: int,
+        extend_only: bool,
+        announce: bool = True,
     ) -> list[Suppression]:
         """Put ``new`` on the list and write it (durable when it returns).
         ``extend_only``: an address already suppressed keeps the later of
         its two ends (a bounce); otherwise the new entry replaces it (an
         operator's word). Entries past ``max_entries`` are dropped, those
-        closest to their end first (logged). Returns the entries added."""
+        closest to their end first (logged). Returns the entries added.
+        ``announce``: tell :attr:`on_change` (False: a change that came from
+        elsewhere, the fleet's list)."""
         self._require_owner()
         entries = self._entries
         added = []
@@ -466,9 +479,12 @@ class Suppressions:
             self._drop_ended(now)
         if len(entries) > max_entries:
             self._drop_excess(max_entries, bounces_only=all(e.source == "bounce" for e in added))
+        kept = [e for e in added if entries.get(e.address) is e]
+        if announce and kept and self.on_change is not None:
+            self.on_change(kept, [])
         if added:
             await self._commit()
-        return [e for e in added if entries.get(e.address) is e]
+        return kept
 
     def _drop_excess(self, max_entries: int, *, bounces_only: bool) -> None:
         """Bring a full list back to ``max_entries``: entries a bounce made
@@ -496,18 +512,25 @@ class Suppressions:
             addresses=[e.address for e in dropped[:20]],
         )
 
-    async def remove(self, addresses: Iterable[str], *, now: datetime) -> list[str]:
+    async def remove(
+        self, addresses: Iterable[str], *, now: datetime, announce: bool = True
+    ) -> list[str]:
         """Take ``addresses`` off the list (written, durable when it
-        returns); the normalised addresses that were on it (in force)."""
+        returns); the normalised addresses that were on it (in force).
+        ``announce``: as for :meth:`add` (every address given is told, held
+        here or not: the fleet's list may hold one this copy has not yet)."""
         self._require_owner()
         entries = self._entries
         gone = []
-        for address in sorted({normalise(a) for a in addresses}):
+        asked = sorted({normalise(a) for a in addresses})
+        for address in asked:
             entry = entries.pop(address, None)
             if entry is not None:
                 self._version += 1
                 if entry.until > now:
                     gone.append(address)
+        if announce and asked and self.on_change is not None:
+            self.on_change([], asked)
         await self._commit()
         return gone
 
@@ -531,6 +554,8 @@ class Suppressions:
             del entries[entry.address]
         if chosen:
             self._version += 1
+            if self.on_change is not None:
+                self.on_change([], [e.address for e in chosen])
         await self._commit()
         return [e.address for e in chosen if e.until > now]
 

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -37,6 +38,9 @@ from spoold.submission import Submission, new_messages
 from spoold.suppression import SuppressedRecipients, Suppressions
 from spoold.tasks import own_tasks
 from spoold.times import utcnow
+
+if TYPE_CHECKING:
+    from spoold.fleet_keys import FleetKeys
 
 __all__ = ["SpoolWriter", "new_messages"]
 
@@ -166,6 +170,16 @@ class SpoolWriter:
         owner writes it; :meth:`Suppressions.refresh` reads it again when
         it changed, as :meth:`add` does)."""
         return self._submission.suppressions
+
+    @property
+    def shared_keys(self) -> FleetKeys | None:
+        """Fleet-wide idempotency claims (:mod:`spoold.fleet_keys`), as for
+        :attr:`Spool.shared_keys <spoold.spool.Spool.shared_keys>`."""
+        return self._submission.shared_keys
+
+    @shared_keys.setter
+    def shared_keys(self, shared: FleetKeys | None) -> None:
+        self._submission.shared_keys = shared
 
     # One setting at a time: each reads :attr:`settings` and, assigned,
     # replaces it with a value that differs in that field.

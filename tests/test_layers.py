@@ -109,6 +109,8 @@ LIBRARY_ROWS: list[list[str]] = [
     ["ondisk", "relay", "events", "history", "waiting", "idempotency", "limits", "listing"],
     ["suppression"],  # the suppression list (issue 22): plain values and one file
     ["fleet"],  # the state a fleet of nodes shares in Redis (issue 23)
+    # issue 23: fleet-wide idempotency keys and the suppression list's mirror
+    ["fleet_keys", "fleet_suppression"],
     # rules
     [
         "hooks",

@@ -88,6 +88,8 @@ from spoold.errors import (
     SpooldError,
 )
 from spoold.fleet import FleetSettings, SharedState, redacted_url
+from spoold.fleet_keys import FleetKeys
+from spoold.fleet_suppression import SuppressionMirror
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
 from spoold.idempotency import user_key, validate_key
@@ -274,6 +276,16 @@ class Daemon:
                 webhooks.subscribe(spool.events)
                 await outer.start(webhooks.run)
             spool.shared_rates = self.fleet  # [fleet]: a route's rate is fleet-wide
+            mirror = None
+            if self.fleet is not None:
+                # [fleet]: idempotency keys and the suppression list are too.
+                spool.shared_keys = FleetKeys(self.fleet)
+                mirror = SuppressionMirror(
+                    self.fleet,
+                    spool.suppressions,
+                    now=spool.clock.now,
+                    max_entries=lambda: spool.settings.max_suppressed,
+                )
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
             server = ControlServer(
                 spool,
@@ -329,6 +341,8 @@ class Daemon:
                 services.start_soon(self.mta_sts.run)  # refreshes kept MTA-STS policies
                 if self.fleet is not None:
                     services.start_soon(self._heartbeats, self.fleet, spool)
+                if mirror is not None:
+                    await services.start(mirror.run)
                 log.info(
                     "spoold ready",
                     event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],

@@ -39,7 +39,7 @@ import anyio
 import structlog
 
 from spoold.daemon import logs
-from spoold.daemon.config import Config, dkim_signer, load_config
+from spoold.daemon.config import Config, dkim_signer, fleet_settings, load_config
 from spoold.daemon.ingest import Submitter
 from spoold.daemon.listener import ListenerSettings, SmtpListener, listener_settings
 from spoold.daemon.resources import (
@@ -52,6 +52,8 @@ from spoold.daemon.routing import Router
 from spoold.daemon.signals import Signals
 from spoold.dkim import DkimSigner
 from spoold.errors import ConfigError, SpooldError
+from spoold.fleet import FleetSettings, SharedState
+from spoold.fleet_keys import FleetKeys
 from spoold.writer import SpoolWriter
 
 __all__ = ["run_worker", "main"]
@@ -65,13 +67,20 @@ class _State:
     router: Router
     listener: ListenerSettings
     dkim: DkimSigner | None
+    fleet: FleetSettings | None = None  # taken at start only, as by the daemon
 
 
 def _build(config: Config) -> _State:
     """What a worker derives from a config (reads files: a worker thread)."""
     if config.smtp is None:
         raise SpooldError(f"{config.path}: [smtp] is off; an ingest worker has nothing to do")
-    return _State(config, Router(config), listener_settings(config.smtp), dkim_signer(config))
+    return _State(
+        config,
+        Router(config),
+        listener_settings(config.smtp),
+        dkim_signer(config),
+        fleet_settings(config),
+    )
 
 
 async def run_worker(
@@ -120,10 +129,14 @@ async def _serve(
         sockets.append(sock)
     failures = AcceptFailures()
     restore = install_accept_error_handler(asyncio.get_running_loop(), failures)
+    # [fleet]: smtp.deduplicate's keys are claimed fleet-wide from here too.
+    fleet = SharedState(state.fleet) if state.fleet is not None else None
     try:
         async with SpoolWriter.open(
             config.spool.dir, settings=config.spool.settings.writer, dkim=state.dkim
         ) as writer:
+            if fleet is not None:
+                writer.shared_keys = FleetKeys(fleet)
             submitter = Submitter(writer, lambda: state.router, hostname=config.hostname)
             listener = SmtpListener(submitter, lambda: state.listener, accept_failures=failures)
             drain = config.spool.flush_timeout.total_seconds()
@@ -159,6 +172,8 @@ async def _serve(
                 listener.stop()
     finally:
         restore()
+        if fleet is not None:
+            await fleet.aclose()
     log.info("ingest worker stopped", pid=os.getpid())
     return 0
 

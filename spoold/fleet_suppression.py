@@ -1,0 +1,321 @@
+"""The suppression list shared by a fleet: suppressed at one node, suppressed at every node.
+
+Each node keeps its own list (:class:`~spoold.suppression.Suppressions`,
+one file in its spool) and checks recipients against it alone: the submit
+path never waits on Redis. :class:`SuppressionMirror` keeps that list and
+the fleet's in step, in the background:
+
+* **Out (write-through).** Every change the node makes (an operator's
+  ``spoold suppress add`` / ``remove``, a hard bounce) is told to the
+  mirror (:attr:`Suppressions.on_change <spoold.suppression.Suppressions.on_change>`)
+  and pushed at once, one Lua call for all that waited: the entry put in
+  (or taken out of) the fleet's hash and a line appended to the fleet's
+  change log, in one step.
+* **In (a poll).** Every :attr:`SuppressionMirror.interval` seconds (1 s)
+  the node reads the change log after the last line it read, one call,
+  and applies the other nodes' changes to its own list (one durable write
+  for all of them). So a change reaches every node within about the
+  interval (plus a call's time).
+* **Expiry.** Entries end at their ``until`` on every node by themselves;
+  the fleet's hash drops ended entries now and then (any node, one Lua
+  call of at most a thousand).
+* **Redis down or slow** (a call returning None, logged once per outage by
+  :class:`~spoold.fleet.SharedState`): the node's own list alone; its own
+  changes wait in memory (one per address, the last) and are pushed when
+  Redis answers again, then it reads what it missed. A change made while
+  Redis is down and not pushed before the node stops is not lost to the
+  node (its file has it) and reaches the fleet at the node's next start
+  (see catch-up).
+* **Catch-up** (at start, and when the change log no longer holds the line
+  last read: it is trimmed to about :data:`LOG_LENGTH` lines, or Redis
+  lost its data): the node reads the whole fleet's hash, takes every entry
+  in force it lacks or holds otherwise, and pushes every entry in force it
+  has that the fleet lacks. This errs on the side of not sending, as the
+  list does: an address taken off at another node while this one was
+  stopped (or cut off past the log's length) is put back by it, if it
+  still held the address; remove it again.
+
+Conflicts: the change log's order decides (the last change to an address
+is the one every node ends with). A full list (``spool.max_suppressed``) is
+per node: what a node drops to make room stays on the others.
+
+Keys: ``spoold:suppressed`` (hash: address → the entry, JSON),
+``spoold:suppressed:ends`` (sorted set: address → its end, ms),
+``spoold:suppressed:log`` (stream: ``node``, ``address``, ``entry``, ""
+for a removal).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+import anyio
+import anyio.abc
+import msgspec
+
+from spoold.fleet import KEY_PREFIX, SharedState
+from spoold.log import get_logger
+from spoold.suppression import Suppression, Suppressions, clean_reason, normalise
+
+__all__ = ["SuppressionMirror", "LOG_LENGTH", "HASH_KEY", "ENDS_KEY", "LOG_KEY"]
+
+log = get_logger("spoold.fleet_suppression")
+
+HASH_KEY = f"{KEY_PREFIX}suppressed"
+ENDS_KEY = f"{KEY_PREFIX}suppressed:ends"
+LOG_KEY = f"{KEY_PREFIX}suppressed:log"
+LOG_LENGTH = 100_000
+"""About how many changes the fleet's change log keeps."""
+_PAGE = 1000  # entries read or pushed per call
+_PRUNE_EVERY = 60.0  # seconds between two prunes of the fleet's hash
+
+# Push changes: KEYS hash, ends, log; ARGV: node, log length, then for each
+# change address, entry (JSON, "" for a removal), end (ms). One step.
+_PUSH = """
+for i = 3, #ARGV, 3 do
+  local address, entry = ARGV[i], ARGV[i + 1]
+  if entry == '' then
+    redis.call('HDEL', KEYS[1], address)
+    redis.call('ZREM', KEYS[2], address)
+  else
+    redis.call('HSET', KEYS[1], address, entry)
+    redis.call('ZADD', KEYS[2], ARGV[i + 2], address)
+  end
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
+             'node', ARGV[1], 'address', address, 'entry', entry)
+end
+return (#ARGV - 2) / 3
+"""
+
+# Drop ended entries: KEYS hash, ends; ARGV: now (ms), at most how many.
+_PRUNE = """
+local ended = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, address in ipairs(ended) do redis.call('HDEL', KEYS[1], address) end
+if #ended > 0 then redis.call('ZREM', KEYS[2], unpack(ended)) end
+return #ended
+"""
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Suppression)
+
+
+def _end_ms(entry: Suppression) -> int:
+    return math.ceil(entry.until.timestamp() * 1000)
+
+
+def _decode(raw: str) -> Suppression | None:
+    """An entry of the fleet's list, fit to keep as a local one is: None
+    for what this version did not write (skipped); a reason cut and
+    cleaned as :func:`~spoold.suppression.clean_reason` does."""
+    try:
+        entry = _decoder.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if entry.address != normalise(entry.address) or entry.until <= entry.since:
+        return None
+    reason = clean_reason(entry.reason)
+    return entry if reason == entry.reason else msgspec.structs.replace(entry, reason=reason)
+
+
+class SuppressionMirror:
+    """Keeps one node's suppression list (its owner's
+    :class:`~spoold.suppression.Suppressions`) and the fleet's in step (see
+    the module's docstring). Run :meth:`run` in a task group; ``now``:
+    the spool's clock; ``max_entries``: its ``max_suppressed`` now."""
+
+    def __init__(
+        self,
+        shared: SharedState,
+        suppressions: Suppressions,
+        *,
+        now: Callable[[], datetime],
+        max_entries: Callable[[], int],
+        interval: float = 1.0,
+    ) -> None:
+        self.shared = shared
+        self.suppressions = suppressions
+        self.interval = interval
+        self._now = now
+        self._max_entries = max_entries
+        # address -> the entry to push, None for a removal (the last change)
+        self._pending: dict[str, Suppression | None] = {}
+        self._last: str | None = None  # the last log line read (None: catch up)
+        self._wake = anyio.Event()
+        self._pruned = -math.inf
+        self._push = shared.client.register_script(_PUSH)
+        self._prune = shared.client.register_script(_PRUNE)
+        self.synced = anyio.Event()  # set after the first catch-up
+        suppressions.on_change = self._changed
+
+    @property
+    def node(self) -> str:
+        return self.shared.settings.node
+
+    def _changed(self, added: list[Suppression], removed: list[str]) -> None:
+        for entry in added:
+            self._pending[entry.address] = entry
+        for address in removed:
+            self._pending[address] = None
+        self._wake.set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Push, read and apply, every :attr:`interval` seconds (and at once
+        after a local change), until cancelled."""
+        task_status.started()
+        while True:
+            await self.step()
+            with anyio.move_on_after(self.interval):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    async def step(self) -> bool:
+        """One round: catch up if needed, push what waits, read and apply
+        the others' changes, prune now and then. Returns whether Redis
+        answered every call."""
+        if self._last is None and not await self._catch_up():
+            return False
+        if not await self._push_pending():
+            return False
+        if not await self._pull():
+            return False
+        if time.monotonic() - self._pruned >= _PRUNE_EVERY:
+            now_ms = math.floor(self._now().timestamp() * 1000)
+            pruned = await self.shared.call(
+                lambda: self._prune(keys=[HASH_KEY, ENDS_KEY], args=[now_ms, _PAGE])
+            )
+            if pruned is None:
+                return False
+            self._pruned = time.monotonic()
+        return True
+
+    # -- out
+
+    async def _push_pending(self) -> bool:
+        while self._pending:
+            chosen = list(self._pending.items())[: _PAGE // 3 or 1]
+            args: list[str | int] = [self.node, LOG_LENGTH]
+            for address, entry in chosen:
+                if entry is None:
+                    args += [address, "", 0]
+                else:
+                    args += [address, _encoder.encode(entry).decode(), _end_ms(entry)]
+            done = await self.shared.call(
+                functools.partial(self._push, keys=[HASH_KEY, ENDS_KEY, LOG_KEY], args=args)
+            )
+            if done is None:
+                return False
+            for address, entry in chosen:
+                if address in self._pending and self._pending[address] is entry:
+                    del self._pending[address]
+        return True
+
+    # -- in
+
+    async def _pull(self) -> bool:
+        """Read the change log after the last line read and apply the other
+        nodes' changes; a gap (the line is gone) means catching up."""
+        client = self.shared.client
+        while True:
+            last = self._last
+            assert last is not None
+            start = "-" if last == "0-0" else last  # inclusive: the last line proves no gap
+            got = await self.shared.call(
+                functools.partial(client.xrange, LOG_KEY, start, "+", _PAGE + 1)
+            )
+            if got is None:
+                return False
+            lines = [(str(i), {str(k): str(v) for k, v in (f or {}).items()}) for i, f in got]
+            if last != "0-0":
+                if not lines or lines[0][0] != last:
+                    log.info("fleet suppression log moved past this node: catching up")
+                    self._last = None
+                    return await self._catch_up()
+                lines = lines[1:]
+            if not lines:
+                return True
+            await self._apply_lines(lines)
+            self._last = str(lines[-1][0])
+            if len(lines) < _PAGE:
+                return True
+
+    async def _apply_lines(self, lines: list[tuple[str, dict[str, str]]]) -> None:
+        final: dict[str, tuple[str, str]] = {}
+        for _, fields in lines:
+            address = fields.get("address", "")
+            if address:
+                final[address] = (fields.get("node", ""), fields.get("entry", ""))
+        added: list[Suppression] = []
+        removed: list[str] = []
+        for address, (node, raw) in final.items():
+            if node == self.node or address in self._pending:
+                continue  # ours (this copy has it), or ours waits to go out after it
+            if not raw:
+                removed.append(address)
+            elif (entry := _decode(raw)) is not None:
+                added.append(entry)
+        await self._apply(added, removed)
+
+    async def _apply(self, added: list[Suppression], removed: list[str]) -> None:
+        listed = self.suppressions
+        now = self._now()
+        have = {e.address: e for e in listed.snapshot()}
+        added = [e for e in added if e.until > now and have.get(e.address) != e]
+        removed = [a for a in removed if a in have]
+        if added:
+            await listed.add(
+                added,
+                now=now,
+                max_entries=self._max_entries(),
+                extend_only=False,
+                announce=False,
+            )
+        if removed:
+            await listed.remove(removed, now=now, announce=False)
+        if added or removed:
+            log.info(
+                "suppression list: fleet changes applied", added=len(added), removed=len(removed)
+            )
+
+    # -- catch-up
+
+    async def _catch_up(self) -> bool:
+        """Read the whole fleet's list; take what this node lacks, push what
+        the fleet lacks (see the module's docstring)."""
+        client = self.shared.client
+        newest = await self.shared.call(lambda: client.xrevrange(LOG_KEY, "+", "-", 1))
+        if newest is None:
+            return False
+        mark = str(newest[0][0]) if newest else "0-0"
+        fleet: dict[str, Suppression] = {}
+        cursor = 0
+        while True:
+            page = await self.shared.call(
+                functools.partial(client.hscan, HASH_KEY, cursor, count=_PAGE)
+            )
+            if page is None:
+                return False
+            cursor, found = int(page[0]), page[1]
+            assert isinstance(found, dict)
+            for address, raw in found.items():
+                entry = _decode(str(raw))
+                if entry is not None and entry.address == address:
+                    fleet[address] = entry
+            if cursor == 0:
+                break
+        now = self._now()
+        for entry in self.suppressions.snapshot():
+            if entry.until > now and entry.address not in fleet:
+                self._pending.setdefault(entry.address, entry)
+        await self._apply([e for a, e in fleet.items() if a not in self._pending], [])
+        self._last = mark
+        pushed = len(self._pending)
+        if not self.synced.is_set():
+            self.synced.set()
+        log.info("suppression list caught up with the fleet", fleet=len(fleet), to_push=pushed)
+        return await self._push_pending()

@@ -1,0 +1,293 @@
+"""spoold.fleet_suppression against a real redis-server: two nodes' lists
+(two spool directories, two SharedStates, two mirrors) kept in step:
+additions, removals, expiry, a Redis that is down then back (catch-up both
+ways), a change log trimmed past a node, and a node joining late."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from spoold.fleet import FleetSettings, SharedState
+from spoold.fleet_suppression import ENDS_KEY, HASH_KEY, LOG_KEY, SuppressionMirror
+from spoold.suppression import MAX_REASON, Suppression, Suppressions, suppression_for
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.daemon  # starts redis-server
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class _Node:
+    shared: SharedState
+    listed: Suppressions
+    mirror: SuppressionMirror
+    clock: _Clock
+
+    async def suppress(self, address: str, span: timedelta = timedelta(days=1)) -> None:
+        entry = suppression_for(
+            address, now=self.clock(), span=span, reason="gone", source="operator"
+        )
+        await self.listed.add([entry], now=self.clock(), max_entries=1000, extend_only=False)
+
+    def has(self, address: str) -> bool:
+        return self.listed.find(address, self.clock()) is not None
+
+
+@asynccontextmanager
+async def _node(
+    url: str, spool: Path, name: str, clock: _Clock | None = None, **kw: float
+) -> AsyncIterator[_Node]:
+    (spool / "tmp").mkdir(parents=True, exist_ok=True)
+    listed = Suppressions(spool, owner=True)
+    await listed.load()
+    clock = clock or _Clock()
+    async with SharedState(FleetSettings(url=url, node=name, **kw)) as shared:
+        mirror = SuppressionMirror(shared, listed, now=clock, max_entries=lambda: 1000)
+        yield _Node(shared, listed, mirror, clock)
+
+
+async def test_an_address_suppressed_at_one_node_is_at_the_other(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a") as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        await a.suppress("Gone@Example.COM")
+        assert await a.mirror.step()  # pushed
+        assert not b.has("gone@example.com")
+        assert await b.mirror.step()  # read and applied
+        assert b.has("gone@example.com")
+        # durable at b too: its file holds it
+        again = Suppressions(tmp_path / "b", owner=False)
+        await again.load()
+        assert again.find("gone@example.com", b.clock()) is not None
+        # the entry as a made it
+        assert b.listed.find("gone@example.com", b.clock()) == a.listed.find(
+            "gone@example.com", a.clock()
+        )
+        # A removal at b reaches a.
+        await b.listed.remove(["gone@example.com"], now=b.clock())
+        assert await b.mirror.step() and await a.mirror.step()
+        assert not a.has("gone@example.com")
+        assert await a.shared.client.hlen(HASH_KEY) == 0
+
+
+async def test_the_run_loop_carries_a_change_within_its_interval(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a") as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        a.mirror.interval = b.mirror.interval = 0.1
+        async with anyio.create_task_group() as tg:
+            await tg.start(a.mirror.run)
+            await tg.start(b.mirror.run)
+            with anyio.fail_after(10):
+                await a.mirror.synced.wait()
+                await b.mirror.synced.wait()
+            await a.suppress("x@example.com")
+            with anyio.fail_after(10):
+                while not b.has("x@example.com"):
+                    await anyio.sleep(0.02)
+            await b.listed.remove_where(source="operator", since=None, now=b.clock())
+            with anyio.fail_after(10):
+                while a.has("x@example.com"):
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+
+
+async def test_entries_end_at_every_node_and_leave_the_fleets_hash(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    clock = _Clock()
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a", clock) as a,
+        _node(redis_server.url, tmp_path / "b", "b", clock) as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        await a.suppress("short@example.com", timedelta(minutes=5))
+        await a.suppress("long@example.com", timedelta(days=5))
+        assert await a.mirror.step() and await b.mirror.step()
+        assert b.has("short@example.com") and b.has("long@example.com")
+        clock.now += timedelta(minutes=6)
+        assert not b.has("short@example.com") and b.has("long@example.com")
+        a.mirror._pruned = float("-inf")  # the next step prunes
+        assert await a.mirror.step()
+        assert await a.shared.client.hkeys(HASH_KEY) == ["long@example.com"]
+        assert await a.shared.client.zrange(ENDS_KEY, 0, -1) == ["long@example.com"]
+
+
+async def test_an_ended_entry_is_not_taken_at_catch_up(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    clock = _Clock()
+    async with _node(redis_server.url, tmp_path / "a", "a", clock) as a:
+        assert await a.mirror.step()
+        await a.suppress("short@example.com", timedelta(minutes=5))
+        assert await a.mirror.step()
+    clock.now += timedelta(minutes=6)  # not pruned yet from the hash
+    async with _node(redis_server.url, tmp_path / "b", "b", clock) as b:
+        assert await b.mirror.step()
+        assert not b.listed.holds("short@example.com")
+
+
+async def test_changes_made_while_redis_is_down_go_out_when_it_is_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a", retry_after=0, timeout=0.5) as a,
+        _node(redis_server.url, tmp_path / "b", "b", retry_after=0, timeout=0.5) as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        await a.suppress("before@example.com")
+        assert await a.mirror.step() and await b.mirror.step()
+        redis_server.stop()
+        await a.suppress("while-down@example.com")  # the local list takes it at once
+        assert a.has("while-down@example.com")
+        assert not await a.mirror.step()
+        assert not a.shared.health.up
+        redis_server.start()  # same port, empty: the fleet's list is gone too
+        assert await a.mirror.step()  # pushes what waited, reads: a gap (log gone)
+        assert await b.mirror.step()  # b finds the log gone: catches up, pushes its own
+        assert b.has("while-down@example.com") and b.has("before@example.com")
+        assert await a.mirror.step()
+        fleet = set(await a.shared.client.hkeys(HASH_KEY))
+        assert fleet == {"before@example.com", "while-down@example.com"}
+
+
+async def test_a_node_that_joins_takes_the_fleets_list_and_adds_its_own(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "a", "a") as a:
+        await a.suppress("from-a@example.com")
+        assert await a.mirror.step()
+        async with _node(redis_server.url, tmp_path / "b", "b") as b:
+            # b had its own list before it joined
+            await b.suppress("from-b@example.com")
+            b.listed.on_change = None  # as if made before the mirror existed
+            b.mirror._pending.clear()
+            b.listed.on_change = b.mirror._changed
+            assert await b.mirror.step()
+            assert b.has("from-a@example.com") and b.has("from-b@example.com")
+            assert await a.mirror.step()
+            assert a.has("from-b@example.com")
+
+
+async def test_a_log_trimmed_past_a_node_means_catching_up(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a") as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        await a.suppress("one@example.com")
+        assert await a.mirror.step() and await b.mirror.step()
+        await a.suppress("two@example.com")
+        await a.listed.remove(["one@example.com"], now=a.clock())
+        assert await a.mirror.step()
+        await a.shared.client.xtrim(LOG_KEY, maxlen=0)  # b's last line is gone
+        assert await b.mirror.step()
+        assert b.has("two@example.com")
+        # The removal was in the lost lines: b kept its entry and put it back
+        # (catch-up errs on the side of not sending; documented).
+        assert b.has("one@example.com")
+        assert await a.mirror.step()
+        assert a.has("one@example.com")
+
+
+async def test_the_last_change_to_an_address_wins_everywhere(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a") as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        await a.suppress("x@example.com", timedelta(days=1))
+        assert await a.mirror.step()
+        await b.suppress("x@example.com", timedelta(days=9))  # b's change, not yet read a's
+        assert await b.mirror.step()  # pushes its own after a's: b's is the last
+        assert await a.mirror.step()
+        for node in (a, b):
+            entry = node.listed.find("x@example.com", node.clock())
+            assert entry is not None and entry.until - entry.since == timedelta(days=9)
+
+
+async def test_a_line_of_garbage_in_the_log_is_skipped(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "a", "a") as a:
+        assert await a.mirror.step()
+        await a.shared.client.xadd(
+            LOG_KEY, {"node": "z", "address": "bad@example.com", "entry": "{not json"}
+        )
+        await a.shared.client.xadd(LOG_KEY, {"node": "z"})
+        entry = suppression_for(
+            "ok@example.com", now=a.clock(), span=timedelta(days=1), reason="", source="bounce"
+        )
+        await a.shared.client.xadd(
+            LOG_KEY, {"node": "z", "address": entry.address, "entry": _json(entry)}
+        )
+        # An entry with a reason no node would write: cleaned and cut.
+        loud = msgspec.structs.replace(
+            entry, address="loud@example.com", reason="\x1b[31m" + "x" * 5000
+        )
+        await a.shared.client.xadd(
+            LOG_KEY, {"node": "z", "address": loud.address, "entry": _json(loud)}
+        )
+        assert await a.mirror.step()
+        assert a.has("ok@example.com") and not a.listed.holds("bad@example.com")
+        kept = a.listed.find("loud@example.com", a.clock())
+        assert kept is not None and len(kept.reason) <= MAX_REASON and "\x1b" not in kept.reason
+
+
+async def test_redis_down_costs_the_submit_path_nothing(tmp_path: Path) -> None:
+    # A closed port: the mirror's step fails, the local list works as ever.
+    async with _node("redis://127.0.0.1:1/0", tmp_path / "a", "a", timeout=0.5) as a:
+        assert not await a.mirror.step()
+        await a.suppress("x@example.com")
+        assert a.has("x@example.com")
+        assert a.mirror._pending  # waits for Redis
+
+
+def _json(entry: Suppression) -> str:
+    return msgspec.json.encode(entry).decode()
+
+
+async def test_what_ends_or_a_full_list_drops_is_not_a_change_for_the_fleet(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    clock = _Clock()
+    async with _node(redis_server.url, tmp_path / "a", "a", clock) as a:
+        assert await a.mirror.step()
+        await a.suppress("short@example.com", timedelta(minutes=1))
+        await a.suppress("long@example.com", timedelta(days=1))
+        assert await a.mirror.step()
+        clock.now += timedelta(minutes=2)
+        assert await a.listed.prune(clock(), max_entries=0) == 2  # ended, then the bound
+        assert not a.mirror._pending
+        assert await a.mirror.step()
+        # still the fleet's: this node's own bound does not lift them elsewhere
+        assert set(await a.shared.client.hkeys(HASH_KEY)) == {
+            "short@example.com",
+            "long@example.com",
+        }
