@@ -604,7 +604,7 @@ class Daemon:
             "enabled": True,
             "node": fleet.settings.node,
             "redis": redacted_url(fleet.settings.url),
-            "redis_up": fleet.health.up,
+            "redis_up": fleet.health.up is True,
             "outages": fleet.health.outages,
             "last_error": fleet.health.last_error,
             "nodes": None
