@@ -304,6 +304,19 @@ class DestinationGate(Generic[_T]):
             if d.limits.rate is not None:
                 d.next_token -= d.limits.rate.spacing
 
+    def defer(self, destination: str, item: _T, until: float) -> None:
+        """An admitted attempt of ``destination`` did not start after all:
+        a token it shares with other processes (a fleet's rate) is due
+        only at ``until``. Its connection and token are given back,
+        ``item`` goes back to the head of the line (it was first), and the
+        line moves on no earlier than ``until`` (so the others wait behind
+        it instead of each asking for that token)."""
+        d = self._destinations[destination]
+        d.running = max(0, d.running - 1)
+        if d.limits.rate is not None:
+            d.next_token = max(d.next_token - d.limits.rate.spacing, until)
+        d.waiting.appendleft(item)
+
     def next_wake(self, now: float) -> float | None:
         """The earliest time a waiting line can move on by the clock alone
         (a token comes); None when none can (empty, or waiting for a
