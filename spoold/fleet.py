@@ -397,6 +397,20 @@ class SharedState:
         args: list[str | int] = [node, counts, ttl, now, kept]
         return await self._call(lambda: self._beat(keys=keys, args=args)) is not None
 
+    async def leave(self) -> bool:
+        """Take this node's heartbeat and name out (a clean stop: the node
+        is not listed as alive for the heartbeat's lifetime). Returns
+        whether Redis took it."""
+        node = self.settings.node
+
+        async def step() -> object:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(f"{KEY_PREFIX}node:{node}")
+                pipe.zrem(f"{KEY_PREFIX}nodes", node)
+                return await pipe.execute()
+
+        return await self._call(step) is not None
+
     async def nodes(self) -> list[NodeBeat] | None:
         """The nodes whose heartbeat is still alive, by name; None when
         Redis did not answer."""

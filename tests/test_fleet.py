@@ -244,6 +244,17 @@ async def test_nodes_silent_for_a_day_are_dropped_from_the_set(
         await client.aclose()
 
 
+async def test_a_node_that_leaves_is_no_longer_listed(redis_server: RedisServer) -> None:
+    async with (
+        SharedState(_settings(redis_server, "relay-1")) as a,
+        SharedState(_settings(redis_server, "relay-2")) as b,
+    ):
+        assert await a.beat({"active": 0}) and await b.beat({"active": 0})
+        assert await b.leave()
+        beats = await a.nodes()
+        assert beats is not None and [n.node for n in beats] == ["relay-1"]
+
+
 async def test_redis_is_not_said_up_before_it_answered(redis_server: RedisServer) -> None:
     async with SharedState(_settings(redis_server)) as s:
         assert s.health.up is None and s.health.outages == 0  # not known yet

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import time
 import urllib.request
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import pytest
 
 from spoold import Client
 from spoold.body import Body
@@ -31,7 +33,7 @@ from spoold.message import SEND_NOW, Message
 from spoold.ondisk import NewMessage
 from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, prefill, write_config
 from tests.factories import make_message
-from tests.redis_server import RedisServer
+from tests.redis_server import INSTALL_HINT, RedisServer, redis_server_path
 from tests.smtp_server import ReceivedMessage, SmtpTestServer
 from tests.support import free_port
 
@@ -92,6 +94,50 @@ async def test_fleet_status_through_an_outage(
     code, found = await _status(two)
     assert code == 0 and found["redis_up"] is True and found["outages"] == 1
     assert isinstance(found["nodes"], list)
+
+
+async def test_a_node_stopped_leaves_the_listing_at_once(
+    tmp_path: Path, start_daemon: DaemonFactory, redis_server: RedisServer
+) -> None:
+    one = await start_daemon(_node_config(tmp_path / "one", "relay-1", redis_server))
+    two = await start_daemon(_node_config(tmp_path / "two", "relay-2", redis_server))
+    with anyio.fail_after(20):
+        while len((await _status(one))[1]["nodes"] or []) < 2:
+            await anyio.sleep(POLL)
+    two.send_signal(signal.SIGTERM)
+    assert await two.wait_exit() == 0
+    # at once, not when its heartbeat would have expired (30 s)
+    code, found = await _status(one)
+    assert code == 0 and [n["node"] for n in found["nodes"]] == ["relay-1"]
+
+
+async def test_a_new_password_in_the_file_needs_a_restart(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    binary = redis_server_path()
+    if binary is None:
+        pytest.skip(INSTALL_HINT)
+    server = RedisServer(tmp_path, binary, "--requirepass", "s3cret")
+    server.start()
+    try:
+        password = tmp_path / "redis.pass"
+        password.write_text("s3cret\n")
+        password.chmod(0o600)
+        config = _node_config(tmp_path / "one", "relay-1", server)
+        config.write_text(config.read_text() + f'password_file = "{password}"\n')
+        daemon = await start_daemon(config)
+        code, found = await _status(daemon)
+        assert code == 0 and found["redis_up"] is True
+        # The password is rotated in the file: a reload says it takes a
+        # restart (the running node keeps the one it started with).
+        password.write_text("n3w\n")
+        done = await anyio.to_thread.run_sync(lambda: cli("--socket", str(daemon.socket), "reload"))
+        assert done.code == 0, done.err
+        assert "needs a restart to change: fleet.password_file" in done.out
+        code, found = await _status(daemon)
+        assert code == 0 and found["redis_up"] is True
+    finally:
+        server.stop()
 
 
 RATE = 20.0  # the route's rate = "20/s", for the whole fleet
