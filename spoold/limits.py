@@ -131,10 +131,12 @@ class SharedRates(Protocol):
     """A destination's rate kept with other processes (the fleet's Redis:
     :class:`spoold.fleet.SharedState`). :meth:`gcra` takes the shared token
     of ``destination`` at ``rate``: 0.0 when taken, else the seconds until
-    the next one; None when the shared state did not answer (the local
-    rate, which this gate applied already, is then the only one). Unlike
-    the gate, it is asked by a send job after admission, and it reads its
-    own clock."""
+    it may be taken, counted from when the shared state read its clock
+    (the spool counts them from when it asked, and holds the destination's
+    line until then: :meth:`DestinationGate.defer`); None when the shared
+    state did not answer (the local rate, which this gate applied already,
+    is then the only one). Unlike the gate, it is asked by a send job after
+    admission, and it reads its own clock."""
 
     async def gcra(self, destination: str, rate: Rate) -> float | None: ...
 
