@@ -195,3 +195,39 @@ async def test_a_line_waiting_for_the_shared_token_asks_once_and_keeps_its_order
         ("third@limited.example",),
     ]
     assert len(shared.calls) == 4
+
+
+async def test_the_shared_state_failing_lets_a_waiting_line_go_at_the_local_rate(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # Three wait behind the first for the shared token; then the shared
+    # state stops answering: they go on the route's own 10/s, one each
+    # 100 ms, not all at once.
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    shared = Shared(0.5, None)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the shared token to be asked")
+        for name in ("second", "third", "fourth"):
+            await add(spool, router, f"{name}@limited.example")
+        clock.advance(0.5)
+        for n in (1, 2, 3, 4):
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            await delivered_through(spool, router, free)  # the scheduler went round
+            assert limited.transactions == n  # no more before the next token
+            clock.advance(0.1)
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        "first",
+        "second",
+        "third",
+        "fourth",
+    ]
