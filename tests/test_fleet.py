@@ -402,3 +402,18 @@ async def test_an_answer_that_cannot_be_read_is_no_answer(redis_server: RedisSer
     async with SharedState(_settings(redis_server)) as s:
         assert await s.nodes() is None  # not an exception that ends the daemon
         assert s.health.up is False and "UnicodeDecodeError" in s.health.last_error
+
+
+async def test_a_throttle_key_that_is_not_a_time_is_started_afresh(
+    redis_server: RedisServer,
+) -> None:
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await client.set(f"{KEY_PREFIX}gcra:r", "not a time")  # another program's, or damaged
+    finally:
+        await client.aclose()
+    async with SharedState(_settings(redis_server)) as s:
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == 0.0
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == 0.0
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == 0.1
+        assert s.health.up is True
