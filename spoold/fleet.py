@@ -28,10 +28,26 @@ The keys (all under ``spoold:``):
   connection slots, each scored by the time its lease ends;
 * ``spoold:node:NAME``: a node's heartbeat (JSON), expiring after
   :attr:`FleetSettings.heartbeat_ttl`; ``spoold:nodes``: the names of the
-  nodes seen, scored by their last heartbeat.
+  nodes seen, scored by their last heartbeat, each dropped a day
+  (:data:`NODES_KEPT`) after its last one (by the next heartbeat of any
+  node).
 
-Times are Redis's own clock (``TIME``) unless a caller gives ``now_ms``
-(the tests do), so nodes whose clocks differ still share one schedule.
+Times are Redis's own clock (``TIME``) unless a caller gives one (the
+tests do: ``now_ms``, ``at``), so nodes whose clocks differ still share one
+schedule, and a node whose clock is wrong is not listed as dead or from the
+future.
+
+The fleet-wide rate is a GCRA (generic cell rate algorithm) with a
+*tolerance*: a token due at ``TAT`` (the theoretical arrival time) may be
+taken from ``TAT - tolerance`` on, and taking it moves ``TAT`` one
+interval on from ``max(TAT, now)``. A node that comes for a token up to the
+tolerance late so loses nothing of the fleet's rate (a GCRA with a burst of
+one forgets every lateness, and a fleet of nodes each a few milliseconds
+late falls short of its rate); the long-run rate is exactly the configured
+one, and in any span ``W`` the fleet takes at most
+``rate * (W + tolerance) + 1`` tokens. The tolerance is one interval, at
+least :data:`TOLERANCE_MIN` and at most :data:`TOLERANCE_MAX` (see
+:func:`gcra_tolerance`).
 """
 
 from __future__ import annotations
@@ -41,7 +57,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -57,11 +73,24 @@ __all__ = [
     "Health",
     "NodeBeat",
     "SharedState",
+    "gcra_tolerance",
     "redacted_url",
     "KEY_PREFIX",
+    "NODES_KEPT",
+    "TOLERANCE_MIN",
+    "TOLERANCE_MAX",
 ]
 
 KEY_PREFIX = "spoold:"
+
+# A node's name stays in ``spoold:nodes`` this long (seconds) after its
+# last heartbeat, then the heartbeats of the others drop it.
+NODES_KEPT = 86_400.0
+
+# The bounds of the fleet-wide rate's tolerance (seconds): how late a node
+# may come for a token without the fleet losing it (see gcra_tolerance).
+TOLERANCE_MIN = 0.05
+TOLERANCE_MAX = 1.0
 
 log = get_logger("spoold.fleet")
 
@@ -105,10 +134,12 @@ class FleetSettings:
 
 @dataclass(slots=True)
 class Health:
-    """Whether this node's Redis answers. ``outages``: how many times it went
-    down (a counter for the metrics); ``last_error``: why, the last time."""
+    """Whether this node's Redis answers: None until the first call was
+    answered or failed (not known yet: never said to be up before Redis
+    said anything). ``outages``: how many times it went down (a counter
+    for the metrics); ``last_error``: why, the last time."""
 
-    up: bool = True
+    up: bool | None = None
     outages: int = 0
     last_error: str = ""
     since: float = field(default_factory=time.time)
@@ -124,30 +155,62 @@ class NodeBeat:
     queues: Mapping[str, int]
 
 
-# GCRA with a burst of one: an attempt may go when the theoretical arrival
-# time (TAT) is not after now; it moves the TAT one interval on (so the TAT
-# is at most one interval ahead, which the script also enforces). KEYS[1]:
-# the TAT key; ARGV: interval (microseconds, so that rates above 1000/s
-# stay exact), now (microseconds, "" for Redis's clock). Returns 0 (go) or
-# the microseconds to wait.
+def gcra_tolerance(interval: float) -> float:
+    """The tolerance (seconds) of a fleet-wide rate whose tokens are
+    ``interval`` seconds apart: one interval, at least
+    :data:`TOLERANCE_MIN` (a node's lateness is milliseconds of event loop
+    and round trip, whatever the rate) and at most :data:`TOLERANCE_MAX`
+    (a slow rate, say 10/h, never lets a second token go much before its
+    interval)."""
+    return min(max(interval, TOLERANCE_MIN), TOLERANCE_MAX)
+
+
+# GCRA with a tolerance (see the module docstring). KEYS[1]: the TAT key;
+# ARGV: interval and tolerance (microseconds, so that rates above 1000/s
+# stay exact), now (microseconds, "" for Redis's clock). Returns 0 (go:
+# the TAT moved one interval on) or the microseconds until the token may
+# be taken.
 _GCRA = """
 local interval = tonumber(ARGV[1])
-local now = tonumber(ARGV[2])
+local tolerance = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
--- Never more than one interval ahead: a TAT further on is from a slower
--- rate (a reload) or a clock that went back, and must not hold mail.
-if tat > now + interval then tat = now + interval end
-if tat > now then return tat - now end
--- The key lives two intervals and at least a minute: a TAT in a caller's
--- clock (a test's) must not vanish in a pause of a few real milliseconds.
-redis.call('SET', KEYS[1], string.format('%d', tat + interval),
-           'PX', math.max(math.floor(interval * 2 / 1000) + 1, 60000))
+-- Taking a token leaves the TAT at most tolerance + interval ahead; one
+-- further on is from a slower rate (a reload) or a clock that went back,
+-- and must not hold mail longer than one interval.
+if tat > now + tolerance + interval then tat = now + tolerance + interval end
+if tat - tolerance > now then return tat - tolerance - now end
+-- The key outlives the TAT, and lives at least a minute: a TAT in a
+-- caller's clock (a test's) must not vanish in a pause of real time.
+redis.call('SET', KEYS[1], string.format('%d', tat + interval), 'PX',
+           math.max(math.floor((tolerance + interval * 2) / 1000) + 1, 60000))
 return 0
+"""
+
+# A heartbeat, on Redis's clock. KEYS[1]: the node's key, KEYS[2] the
+# sorted set of nodes; ARGV: the node's name, its queue counts (JSON), the
+# heartbeat's life (ms), now (microseconds, "" for Redis's clock), how long
+# a silent node stays in the set (microseconds). Returns the time written
+# (seconds, as text).
+_BEAT = """
+local now = tonumber(ARGV[4])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local at = string.format('%d.%06d', math.floor(now / 1000000), now % 1000000)
+local body = '{"node":' .. cjson.encode(ARGV[1]) .. ',"at":' .. at ..
+             ',"queues":' .. ARGV[2] .. '}'
+redis.call('SET', KEYS[1], body, 'PX', tonumber(ARGV[3]))
+redis.call('ZADD', KEYS[2], at, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf',
+           string.format('(%.6f', (now - tonumber(ARGV[5])) / 1000000))
+return at
 """
 
 # A connection slot: KEYS[1] the destination's sorted set; ARGV: limit,
@@ -215,6 +278,7 @@ class SharedState:
         self._gcra = self._redis.register_script(_GCRA)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
+        self._beat = self._redis.register_script(_BEAT)
         self._tried = -math.inf  # when Redis was last asked (monotonic)
 
     async def __aenter__(self) -> SharedState:
@@ -235,7 +299,7 @@ class SharedState:
         down only a ``probe`` (an operator's question) or the first call
         :attr:`FleetSettings.retry_after` after the last try asks it."""
         recently = time.monotonic() - self._tried < self.settings.retry_after
-        if not self.health.up and not probe and recently:
+        if self.health.up is False and not probe and recently:
             return None
         self._tried = time.monotonic()
         try:
@@ -260,7 +324,7 @@ class SharedState:
     def _down(self, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self.health.last_error = reason
-        if self.health.up:
+        if self.health.up is not False:  # up, or not known yet
             self.health.up = False
             self.health.outages += 1
             self.health.since = time.time()
@@ -272,7 +336,7 @@ class SharedState:
             )
 
     def _up(self) -> None:
-        if not self.health.up:
+        if self.health.up is not True:  # down, or not known yet
             self.health.up = True
             self.health.since = time.time()
             log.info("fleet redis up", redis=redacted_url(self.settings.url))
@@ -287,12 +351,15 @@ class SharedState:
         self, destination: str, rate: Rate, *, now_ms: int | None = None
     ) -> float | None:
         """Take the fleet-wide token of ``destination`` at ``rate``: 0.0 when
-        taken (the attempt may go), else the seconds until one comes; None
+        taken (the attempt may go), else the seconds until it may be taken
+        (counted from when Redis ran the script: a caller that waits that
+        long from the moment it sent the call comes back on time); None
         when Redis did not answer (use the local limit)."""
         interval = max(1, round(rate.spacing * 1_000_000))
+        tolerance = round(gcra_tolerance(rate.spacing) * 1_000_000)
         key = f"{KEY_PREFIX}gcra:{destination}"
         now = "" if now_ms is None else str(now_ms * 1000)
-        waited = await self._call(lambda: self._gcra(keys=[key], args=[interval, now]))
+        waited = await self._call(lambda: self._gcra(keys=[key], args=[interval, tolerance, now]))
         return None if waited is None else int(waited) / 1_000_000
 
     # -- fleet-wide connection slots
@@ -327,17 +394,29 @@ class SharedState:
     # -- heartbeats
 
     async def beat(self, queues: Mapping[str, int], *, at: float | None = None) -> bool:
-        """Publish this node's heartbeat with its queue counts. Returns
-        whether Redis took it."""
-        when = time.time() if at is None else at
-        body = json.dumps({"node": self.settings.node, "at": when, "queues": dict(queues)})
+        """Publish this node's heartbeat with its queue counts, timed by
+        Redis's clock (``at``: a POSIX time instead, for tests), and drop
+        the nodes silent for :data:`NODES_KEPT` from the set of nodes.
+        Returns whether Redis took it."""
+        node = self.settings.node
+        counts = json.dumps({str(q): int(n) for q, n in queues.items()})
         ttl = max(1, round(self.settings.heartbeat_ttl * 1000))
+        now = "" if at is None else str(round(at * 1_000_000))
+        keys = [f"{KEY_PREFIX}node:{node}", f"{KEY_PREFIX}nodes"]
+        kept = round(NODES_KEPT * 1_000_000)
+        args: list[str | int] = [node, counts, ttl, now, kept]
+        return await self._call(lambda: self._beat(keys=keys, args=args)) is not None
+
+    async def leave(self) -> bool:
+        """Take this node's heartbeat and name out (a clean stop: the node
+        is not listed as alive for the heartbeat's lifetime). Returns
+        whether Redis took it."""
         node = self.settings.node
 
-        async def step() -> Any:
+        async def step() -> object:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(f"{KEY_PREFIX}node:{node}", body, px=ttl)
-                pipe.zadd(f"{KEY_PREFIX}nodes", {node: when})
+                pipe.delete(f"{KEY_PREFIX}node:{node}")
+                pipe.zrem(f"{KEY_PREFIX}nodes", node)
                 return await pipe.execute()
 
         return await self._call(step) is not None

@@ -131,10 +131,12 @@ class SharedRates(Protocol):
     """A destination's rate kept with other processes (the fleet's Redis:
     :class:`spoold.fleet.SharedState`). :meth:`gcra` takes the shared token
     of ``destination`` at ``rate``: 0.0 when taken, else the seconds until
-    the next one; None when the shared state did not answer (the local
-    rate, which this gate applied already, is then the only one). Unlike
-    the gate, it is asked by a send job after admission, and it reads its
-    own clock."""
+    it may be taken, counted from when the shared state read its clock
+    (the spool counts them from when it asked, and holds the destination's
+    line until then: :meth:`DestinationGate.defer`); None when the shared
+    state did not answer (the local rate, which this gate applied already,
+    is then the only one). Unlike the gate, it is asked by a send job after
+    admission, and it reads its own clock."""
 
     async def gcra(self, destination: str, rate: Rate) -> float | None: ...
 
@@ -303,6 +305,19 @@ class DestinationGate(Generic[_T]):
             d.running = max(0, d.running - 1)
             if d.limits.rate is not None:
                 d.next_token -= d.limits.rate.spacing
+
+    def defer(self, destination: str, item: _T, until: float) -> None:
+        """An admitted attempt of ``destination`` did not start after all:
+        a token it shares with other processes (a fleet's rate) is due
+        only at ``until``. Its connection and token are given back,
+        ``item`` goes back to the head of the line (it was first), and the
+        line moves on no earlier than ``until`` (so the others wait behind
+        it instead of each asking for that token)."""
+        d = self._destinations[destination]
+        d.running = max(0, d.running - 1)
+        if d.limits.rate is not None:
+            d.next_token = max(d.next_token - d.limits.rate.spacing, until)
+        d.waiting.appendleft(item)
 
     def next_wake(self, now: float) -> float | None:
         """The earliest time a waiting line can move on by the clock alone

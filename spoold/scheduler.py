@@ -195,17 +195,15 @@ class Scheduler:
         self, attempt: Attempt, entry: Entry, gen: int, policy: DestinationPolicy
     ) -> None:
         """One send job: the attempt, then its slots given back. A message
-        whose fleet-wide token is not there yet is held until it comes (no
-        attempt): the job ends at once and waits for nothing."""
+        whose fleet-wide token is not there yet goes back to the head of its
+        destination's line until the token is due (no attempt): the job
+        ends at once and waits for nothing."""
         try:
-            wait = await self._shared_wait(policy)
-            if wait > 0:
-                current = self._index.get(entry.msg.id)
-                if current is entry and entry.gen == gen and not self._state.stopping:
-                    until = self.clock.now().timestamp() + wait
-                    self._hold(entry, gen, Hold(None, until, "fleet-wide rate"))
-            else:
+            due = await self._shared_due(policy)
+            if due is None:
                 await attempt(entry, policy)
+            else:
+                self._defer(entry, gen, due)
         finally:
             entry.busy = False
             if entry.destination is not None:
@@ -216,18 +214,48 @@ class Scheduler:
                 self._idle.set()
             self.poke()
 
-    async def _shared_wait(self, policy: DestinationPolicy) -> float:
-        """The seconds until the destination's shared token (a fleet-wide
-        rate) comes, if :attr:`shared_rates` is set and the destination has
-        a rate; 0.0: taken, or nothing to take, or the shared state did not
-        answer (then the local gate, which admitted this attempt, is the
-        only rate: each attempt asks once, so no line of waiting jobs is
-        let go at once). The shared state keeps its own clock."""
+    async def _shared_due(self, policy: DestinationPolicy) -> float | None:
+        """When the destination's shared token (a fleet-wide rate) may be
+        taken, if it is not there yet (a timestamp); None: taken, or
+        nothing to take (no :attr:`shared_rates`, or no rate), or the
+        shared state did not answer (then the local gate, which admitted
+        this attempt, is the only rate: each attempt asks once, so no line
+        of waiting jobs is let go at once).
+
+        The wait it answers is counted from when the shared state looked
+        at its clock, somewhere in the round trip; it is added to the time
+        the question was sent, so the next question, which takes the same
+        way there, arrives when the token is due (counted from the answer,
+        every hold would be late by the way back)."""
         shared, limited = self.shared_rates, policy.limited
         if shared is None or limited is None or limited[1].rate is None:
-            return 0.0
+            return None
+        asked = self.clock.now().timestamp()
         wait = await shared.gcra(limited[0], limited[1].rate)
-        return 0.0 if wait is None else max(0.0, wait)
+        return None if wait is None or wait <= 0 else asked + wait
+
+    def _defer(self, entry: Entry, gen: int, until: float) -> None:
+        """``entry`` (admitted, not sent) may go at ``until`` for the fleet:
+        back to the head of its destination's line, which waits until then
+        (the connection and the local token are given back: no attempt was
+        made). A message changed meanwhile is left to its new status; one
+        found as the spool stops stays queued on disk."""
+        destination = entry.destination
+        current = self._index.get(entry.msg.id)
+        if current is not entry or entry.gen != gen or self._state.stopping:
+            return
+        if destination is None:  # not counted under a destination: a timer
+            self._hold(entry, gen, Hold(None, until, "fleet-wide rate"))
+            return
+        entry.destination = None  # given back here, not as done
+        self.gate.defer(destination, (entry, gen), until)
+        log.debug(
+            "held by its destination",
+            id=entry.msg.id,
+            flows=entry.msg.flows,
+            destination=destination,
+            reason="fleet-wide rate",
+        )
 
     def policy_of(self, msg: Message) -> DestinationPolicy:
         """``msg``'s destination policy (asked once per attempt)."""

@@ -36,10 +36,10 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process: :meth:`start`, :meth:`stop` (and start again
-    on the same port: the data is gone, as after a restart without
-    persistence), :meth:`pause` / :meth:`resume` (SIGSTOP / SIGCONT: a Redis
-    that accepts connections but never answers)."""
+    """One redis-server process: :meth:`start`, :meth:`stop` or :meth:`kill`
+    (and start again on the same port: the data is gone, as after a restart
+    without persistence), :meth:`pause` / :meth:`resume` (SIGSTOP / SIGCONT:
+    a Redis that accepts connections but never answers)."""
 
     def __init__(
         self, directory: Path, binary: str, *options: str, start_timeout: float = 10
@@ -105,6 +105,13 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()  # SIGKILL cannot be ignored
                 self.proc.wait()
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer: no shutdown of its own."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
             self.proc = None
 
     def pause(self) -> None:

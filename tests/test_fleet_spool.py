@@ -1,12 +1,14 @@
 """A spool with shared rates (``Spool.shared_rates``, the fleet's GCRA in
 the daemon): a send job of a route with a rate takes the shared token
-after the local gate; without one it ends and the message is held until
-the token comes (no send job waits); it goes ahead when the shared state
-does not answer. A stand-in for
-Redis here (tests/test_fleet.py tests the real one)."""
+after the local gate; without one it ends and the message goes back to the
+head of its route's line, which waits until the token is due (no send job
+waits, one message asks at a time); it goes ahead when the shared state
+does not answer. A stand-in for Redis here (tests/test_fleet.py tests the
+real one)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import anyio
@@ -18,18 +20,25 @@ from tests.relay_helpers import MakeRelay, route
 from tests.smtp_server import StartServer
 from tests.spool_helpers import START
 from tests.support import wait_until
-from tests.test_limits import add, router_for, spool_with
+from tests.test_limits import add, delivered_through, router_for, spool_with
 
 
 class Shared:
-    """Answers from a script: each call takes the next (the last repeats)."""
+    """Answers from a script: each call takes the next (the last repeats).
+    With a ``clock``, each call takes ``round_trip`` seconds of it."""
 
-    def __init__(self, *answers: float | None) -> None:
+    def __init__(
+        self, *answers: float | None, clock: FakeClock | None = None, round_trip: float = 0.0
+    ) -> None:
         self.answers = list(answers)
         self.calls: list[tuple[str, Rate]] = []
+        self.clock = clock
+        self.round_trip = round_trip
 
     async def gcra(self, destination: str, rate: Rate) -> float | None:
         self.calls.append((destination, rate))
+        if self.clock is not None:
+            self.clock.advance(self.round_trip)
         return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
 
 
@@ -129,3 +138,96 @@ async def test_a_message_waiting_for_the_shared_token_holds_no_send_job(
             await spool.freeze([mid])
         assert (await spool.get_message(mid)).queue is Queue.FROZEN
     assert limited.transactions == 0
+
+
+async def test_the_hold_is_the_shared_wait_from_when_it_was_asked(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # The shared state answers "50 ms" after a 10 ms round trip: the message
+    # waits until 50 ms after the question (not after the answer: the next
+    # question takes the same way there), and not the route's own 100 ms
+    # interval on top (its local token was given back: no attempt was made).
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    clock = FakeClock(START)
+    shared = Shared(0.05, 0.0, clock=clock, round_trip=0.01)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "ops@example.com")
+        due = START + timedelta(seconds=0.05)
+        await wait_until(lambda: clock.next_deadline == due, "the hold until the token")
+        assert hop.transactions == 0 and len(shared.calls) == 1
+        clock.advance(due - clock.now())
+        await wait_until(lambda: hop.transactions == 1, "the message to arrive")
+    assert len(shared.calls) == 2
+
+
+async def test_a_line_waiting_for_the_shared_token_asks_once_and_keeps_its_order(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    shared = Shared(0.5, 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the shared token to be asked")
+        await add(spool, router, "second@limited.example")
+        await add(spool, router, "third@limited.example")
+        await delivered_through(spool, router, free)  # the scheduler went round
+        # the later ones wait behind the first; none of them asks meanwhile
+        assert len(shared.calls) == 1 and limited.transactions == 0
+        clock.advance(0.5)
+        await wait_until(lambda: limited.transactions == 1, "the first to arrive")
+        for n in (2, 3):  # then the route's own rate, 100 ms apart
+            clock.advance(0.1)
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+    assert [m.rcpt_tos for m in limited.messages] == [
+        ("first@limited.example",),
+        ("second@limited.example",),
+        ("third@limited.example",),
+    ]
+    assert len(shared.calls) == 4
+
+
+async def test_the_shared_state_failing_lets_a_waiting_line_go_at_the_local_rate(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # Three wait behind the first for the shared token; then the shared
+    # state stops answering: they go on the route's own 10/s, one each
+    # 100 ms, not all at once.
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    shared = Shared(0.5, None)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the shared token to be asked")
+        for name in ("second", "third", "fourth"):
+            await add(spool, router, f"{name}@limited.example")
+        clock.advance(0.5)
+        for n in (1, 2, 3, 4):
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            await delivered_through(spool, router, free)  # the scheduler went round
+            assert limited.transactions == n  # no more before the next token
+            clock.advance(0.1)
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        "first",
+        "second",
+        "third",
+        "fourth",
+    ]

@@ -441,6 +441,10 @@ class Daemon:
                 ),
             )
             live = await anyio.to_thread.run_sync(_build, new)
+            # [fleet] is taken at start only; its password file was read
+            # again (and checked): a new password, too, needs a restart.
+            if self.fleet is not None and live.fleet != self.fleet.settings:
+                restart.append("fleet.password_file")
         except ConfigError as exc:
             log.error("reload refused; the running config stays", problems=exc.problems)
             self._notify(self.notifier.ready, self._status_text())
@@ -593,13 +597,20 @@ class Daemon:
 
     async def _heartbeats(self, fleet: SharedState, spool: Spool) -> None:
         """Publish this node's heartbeat and queue counts, three times per
-        heartbeat lifetime (a Redis that is down costs a beat, nothing else)."""
+        heartbeat lifetime (a Redis that is down costs a beat, nothing else);
+        the first at once, so Redis's health is known from the start.
+        Cancelled at a stop (at once, in its sleep or in a call bounded by
+        the timeout), it takes the node out of the fleet's listing."""
         period = fleet.settings.heartbeat_ttl / 3
-        while True:
-            queues = {str(q): n for q, n in spool.counts().items()}
-            queues["sending"] = spool.sending
-            await fleet.beat(queues)
-            await anyio.sleep(period)
+        try:
+            while True:
+                queues = {str(q): n for q, n in spool.counts().items()}
+                queues["sending"] = spool.sending
+                await fleet.beat(queues)
+                await anyio.sleep(period)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await fleet.leave()  # bounded by fleet.timeout
 
     async def fleet_status(self) -> dict[str, Any]:
         fleet = self.fleet
@@ -618,7 +629,7 @@ class Daemon:
             "enabled": True,
             "node": fleet.settings.node,
             "redis": redacted_url(fleet.settings.url),
-            "redis_up": fleet.health.up,
+            "redis_up": fleet.health.up is True,
             "outages": fleet.health.outages,
             "last_error": fleet.health.last_error,
             "nodes": None
