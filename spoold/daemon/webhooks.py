@@ -58,7 +58,13 @@ import structlog
 from spoold.credentials import read_private_file
 from spoold.daemon.webhook_outbox import OUTBOX_DIR, Outbox
 from spoold.errors import SpooldError
-from spoold.events import BOUNCED_DETAIL, EventKind, SpoolEvent, Subscription
+from spoold.events import (
+    BOUNCED_DETAIL,
+    EventKind,
+    RecipientOutcomeState,
+    SpoolEvent,
+    Subscription,
+)
 from spoold.times import utcnow
 
 __all__ = [
@@ -69,6 +75,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "EVENT_ID_HEADER",
     "webhook_kind",
+    "event_recipients",
     "event_body",
     "signature",
     "signature_headers",
@@ -140,6 +147,28 @@ def _time(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
+_CONCERNED: dict[WebhookKind, frozenset[RecipientOutcomeState]] = {
+    WebhookKind.DELIVERED: frozenset({RecipientOutcomeState.DELIVERED}),
+    WebhookKind.BOUNCED: frozenset({RecipientOutcomeState.FAILED}),
+    WebhookKind.IN_DOUBT: frozenset({RecipientOutcomeState.FAILED}),
+    WebhookKind.DEFERRED: frozenset({RecipientOutcomeState.DEFERRED}),
+    WebhookKind.FROZEN: frozenset({RecipientOutcomeState.FAILED, RecipientOutcomeState.DEFERRED}),
+}
+"""The recipients an attempt's event of each kind is about (its ``recipients``)."""
+
+
+def event_recipients(event: SpoolEvent, kind: WebhookKind) -> list[str]:
+    """The ``recipients`` of the body: those whose outcome the event is
+    (a bounce: the recipients that failed, not those delivered) for an
+    attempt's event; for any other (an operator's removal, say), every
+    recipient of the message."""
+    states = _CONCERNED.get(kind)
+    if event.results and states is not None:
+        return [r.recipient for r in event.results if r.state in states]
+    info = event.envelope_info
+    return list(info.recipients) if info is not None else []
+
+
 def event_body(
     event: SpoolEvent, kind: WebhookKind, webhook: str, event_id: str, routes: Sequence[str]
 ) -> bytes:
@@ -153,7 +182,11 @@ def event_body(
         "time": _time(event.time),
         "message_id": event.id,
         "sender": info.sender if info is not None else None,
-        "recipients": list(info.recipients) if info is not None else [],
+        "recipients": event_recipients(event, kind),
+        "results": [
+            {"recipient": r.recipient, "outcome": str(r.state), "code": r.code, "reply": r.reply}
+            for r in event.results
+        ],
         "routes": list(routes),
         "detail": event.detail,
         "retry_at": _time(event.at),
