@@ -380,3 +380,45 @@ async def test_a_damaged_outbox_file_is_dropped_and_the_rest_posted(
         await _wait_files(outbox, 0)
     finally:
         await receiver.stop()
+
+
+async def test_a_reload_signs_with_a_rotated_secret_and_keeps_saying_restart(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
+    tls_certificate: TlsCertificate,
+) -> None:
+    receiver = await _receiver(tls_certificate)
+    config = write_config(tmp_path, next_hops=[smtp_server.hop])
+    _webhook_config(config, receiver, tls_certificate.cert)
+    daemon = await start_daemon(config)
+    verify = documented_verify()
+    new_secret = "a-rotated-secret-of-some-length"
+
+    async def reload() -> CliResult:
+        return await anyio.to_thread.run_sync(lambda: cli("--config", str(config), "reload"))
+
+    try:
+        done = await sendmail(config, "before@example.com", stdin=MESSAGE)
+        assert done.code == 0, done.err
+        await receiver.wait_for(lambda: "before@example.com" in _outcomes(receiver.accepted))
+        (tmp_path / "hook.secret").write_text(new_secret + "\n")
+        reloaded = await reload()
+        assert reloaded.code == 0, reloaded.err
+        assert "webhooks" not in reloaded.out + reloaded.err
+        assert "webhook secret changed" in daemon.log_text()
+        done = await sendmail(config, "after@example.com", stdin=MESSAGE)
+        assert done.code == 0, done.err
+        await receiver.wait_for(lambda: "after@example.com" in _outcomes(receiver.accepted))
+        after = next(p for p in receiver.accepted if b"after@example.com" in p.body)
+        assert verify(new_secret.encode(), after.headers, after.body)
+        assert not verify(SECRET.encode(), after.headers, after.body)
+
+        # Another URL needs a restart: said at every reload until then.
+        config.write_text(config.read_text().replace("/hook", "/other"))
+        for _ in range(2):
+            reloaded = await reload()
+            assert reloaded.code == 0, reloaded.err
+            assert "webhooks" in reloaded.out + reloaded.err, reloaded
+    finally:
+        await receiver.stop()

@@ -39,6 +39,7 @@ The body (:func:`event_body`) is JSON, schema ``version`` 1, documented in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ssl
@@ -329,6 +330,15 @@ class Webhooks:
 
     def subscribe(self, subscribe: Callable[[int], Subscription]) -> None:
         self._subscription = subscribe(_SUBSCRIPTION_BUFFER)
+
+    def use_secrets(self, secrets: dict[str, bytes]) -> None:
+        """Sign the next posts of the webhooks named with their new secret
+        (a secret file rotated, seen at a reload); each change is logged."""
+        for name, secret in secrets.items():
+            settings = self.settings.get(name)
+            if settings is not None and settings.secret != secret:
+                self.settings[name] = dataclasses.replace(settings, secret=secret)
+                log.info("webhook secret changed; the next posts are signed with it", webhook=name)
 
     def status(self) -> list[dict[str, Any]]:
         return [state.to_dict() for state in self.states.values()]
@@ -645,7 +655,8 @@ class Webhooks:
         connection carry the next post; a longer body closes it."""
         import httpx
 
-        headers = signature_headers(settings.secret, body, event_id, time.time())
+        secret = self.settings[settings.name].secret  # a reload may have rotated it
+        headers = signature_headers(secret, body, event_id, time.time())
         try:
             with anyio.fail_after(settings.timeout):
                 async with client.stream(
