@@ -185,3 +185,43 @@ async def test_each_event_is_posted_until_a_2xx_under_its_own_id(tmp_path: Path)
         assert json.loads(post.body)["event_id"] == post.headers["spoold-event-id"]
     tries = Counter(p.headers["spoold-event-id"] for p in receiver.posts)
     assert set(tries.values()) == {2}  # refused once, accepted once
+
+
+async def test_a_huge_answer_is_cut_and_the_post_counts(tmp_path: Path) -> None:
+    """A 2xx whose body says it is 1 GB of gzip: a few KB are read (never
+    decompressed), the connection is dropped, the event is posted."""
+    import asyncio
+    import contextlib
+
+    sent = 0
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 1000000000\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):
+            while sent < 100_000_000:
+                writer.write(b"\x1f\x8b" + b"\0" * 65534)
+                sent += 65536
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(flood, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hooks = Webhooks(
+        tmp_path, [_settings(f"http://127.0.0.1:{port}/hook")], lambda recipient, sender: "x"
+    )
+    state = hooks.states["app"]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            state.outbox.append(_bodies(1))
+            state.wake.set()
+            await _until(lambda: state.posted == 1)
+            tg.cancel_scope.cancel()
+    finally:
+        server.close()
+    assert state.last_error is None
+    assert sent < 50_000_000  # the daemon stopped reading long before the end
