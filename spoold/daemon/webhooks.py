@@ -505,71 +505,60 @@ class Webhooks:
             state.delay = min(state.delay * 2, settings.max_backoff)
 
     async def _post_all(self, settings: WebhookSettings, state: WebhookState) -> None:
-        """Post the outbox, up to ``concurrency`` events at a time while
-        the endpoint answers; while it fails, one at a time after each
-        backoff (a probe), so a failing endpoint is not hammered."""
+        """Post the outbox with ``concurrency`` posters, each on its own
+        connection: all of them post while the endpoint answers; while it
+        fails, one at a time after each backoff (a probe), so a failing
+        endpoint is not hammered."""
+        probe = anyio.Lock()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._remove_posted, state)
+            for _ in range(settings.concurrency):
+                tg.start_soon(self._poster, settings, state, probe)
+
+    async def _poster(
+        self, settings: WebhookSettings, state: WebhookState, probe: anyio.Lock
+    ) -> None:
+        """One of a webhook's posters. Each has its own client of one
+        connection: a shared pool checks every connection at every request,
+        which costs more than the post itself at 16 connections."""
         # Imported here, not at the top: the config (read by every CLI
         # command) imports this module, and a client-only install has no httpx.
         import httpx
 
-        slots = anyio.Semaphore(settings.concurrency)
-        async with (
-            httpx.AsyncClient(
-                verify=settings.verify,
-                timeout=settings.timeout,
-                follow_redirects=False,
-                trust_env=False,  # no proxy or certificates from the environment
-                limits=httpx.Limits(
-                    max_connections=settings.concurrency,
-                    max_keepalive_connections=settings.concurrency,
-                ),
-            ) as client,
-            anyio.create_task_group() as tg,
-        ):
-            tg.start_soon(self._remove_posted, state)
+        async with httpx.AsyncClient(
+            verify=settings.verify,
+            timeout=settings.timeout,
+            follow_redirects=False,
+            trust_env=False,  # no proxy or certificates from the environment
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        ) as client:
             while True:
-                if not state.up:
+                if state.up:
+                    name = await self._claim(state)
+                    if state.up:
+                        await self._post_one(client, settings, state, name, probe=False)
+                        continue
+                    state.outbox.unclaim(name)  # a post failed meanwhile: probes from now on
+                    state.wake.set()
+                async with probe:  # failing: one post at a time, after the backoff
+                    if state.up:
+                        continue  # a post under way succeeded meanwhile
                     await anyio.sleep_until(state.retry_at)
                     name = await self._claim(state)
-                    async with slots:
-                        await self._post_one(client, settings, state, name, probe=True)
-                    continue
-                await slots.acquire()
-                try:
-                    name = await self._claim(state)
-                except BaseException:
-                    slots.release()
-                    raise
-                if not state.up:  # a post failed meanwhile: probes from now on
-                    state.outbox.unclaim(name)
-                    slots.release()
-                    continue
-                tg.start_soon(self._post_in_slot, client, settings, state, name, slots)
+                    await self._post_one(client, settings, state, name, probe=True)
 
     async def _claim(self, state: WebhookState) -> str:
-        """The oldest event of the outbox not being posted (waits for one)."""
+        """The oldest event of the outbox not being posted (waits for one).
+        The posters share one :attr:`WebhookState.wake`: it is replaced
+        only once set, so no waiter is left on an event nobody sets."""
         while True:
             name = state.outbox.claim()
             if name is not None:
                 return name
-            state.wake = anyio.Event()
-            name = state.outbox.claim()
-            if name is not None:
-                return name
+            if state.wake.is_set():
+                state.wake = anyio.Event()
+                continue
             await state.wake.wait()
-
-    async def _post_in_slot(
-        self,
-        client: httpx.AsyncClient,
-        settings: WebhookSettings,
-        state: WebhookState,
-        name: str,
-        slots: anyio.Semaphore,
-    ) -> None:
-        try:
-            await self._post_one(client, settings, state, name, probe=False)
-        finally:
-            slots.release()
 
     async def _post_one(
         self,
