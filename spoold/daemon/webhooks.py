@@ -1,8 +1,10 @@
 """Delivery events pushed to applications: ``[webhooks.NAME]``.
 
 What it owns: one subscription to the spool's events, one durable
-:class:`~spoold.daemon.webhook_outbox.Outbox` per webhook, and one sender
-task per webhook, all in the task group of :meth:`Webhooks.run`.
+:class:`~spoold.daemon.webhook_outbox.Outbox` per webhook, and per webhook
+a sender task with ``concurrency`` posters (each with its own HTTP
+connection) and one remover of posted events, all in the task group of
+:meth:`Webhooks.run`.
 
 The path of an event:
 
@@ -299,9 +301,9 @@ class WebhookMetrics(Protocol):
 
 class Webhooks:
     """The webhooks of one daemon run (module docstring). Make it, then
-    :meth:`subscribe` before the spool can publish the events wanted
-    (right after it opens), then run :meth:`run` in the daemon's task group
-    until cancelled."""
+    :meth:`subscribe` before the spool can publish the events wanted (in
+    ``Spool.open``'s ``before_start``, before any attempt), then run
+    :meth:`run` in the daemon's task group until cancelled."""
 
     def __init__(
         self,
