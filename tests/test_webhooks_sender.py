@@ -10,12 +10,11 @@ import json
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import anyio
 
-from spoold.daemon.webhooks import DEFAULT_WEBHOOK_KINDS, Webhooks, WebhookSettings
+from spoold.daemon.webhooks import DEFAULT_WEBHOOK_KINDS, Webhooks, WebhookSettings, WebhookState
 from tests.webhook_receiver import WebhookReceiver
 
 
@@ -101,38 +100,44 @@ async def test_a_failing_endpoint_is_probed_one_post_at_a_time(tmp_path: Path) -
     assert {p.headers["spoold-event-id"] for p in receiver.accepted} == {f"e{n}" for n in range(20)}
 
 
+class _NotingWebhooks(Webhooks):
+    """Webhooks that keep the wait noted at each failure that starts or
+    doubles the backoff."""
+
+    waits: list[float]
+
+    def _note_error(self, state: WebhookState, error: str, delay: float) -> None:
+        self.waits.append(delay)
+        super()._note_error(state, error, delay)
+
+
 async def test_the_backoff_starts_over_after_a_success(tmp_path: Path) -> None:
     receiver = WebhookReceiver(status=500)
     await receiver.start()
-    settings = _settings(receiver.url, backoff=0.02, max_backoff=60)
-    hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x")
+    settings = _settings(receiver.url, backoff=0.02, max_backoff=0.16)
+    hooks = _NotingWebhooks(tmp_path, [settings], lambda recipient, sender: "x")
+    hooks.waits = []
     state = hooks.states["app"]
-
-    def wait_noted() -> timedelta:
-        assert state.next_retry is not None and state.last_error_time is not None
-        return state.next_retry - state.last_error_time
-
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
             state.outbox.append(_bodies(1))
             state.wake.set()
-            # Failures at +0, +0.02, +0.06, +0.14: the wait has doubled thrice.
-            await receiver.wait_for(lambda: len(receiver.posts) >= 4)
-            await _until(lambda: state.failures >= 4)
-            assert wait_noted() == timedelta(seconds=0.16)
+            await _until(lambda: len(hooks.waits) >= 5)
             receiver.status = 200
             await _until(lambda: len(state.outbox) == 0)
-            assert state.up and state.delay == 0.02
+            assert state.up
+            first_spell = len(hooks.waits)
             receiver.status = 500
-            failures = state.failures
             state.outbox.append(_bodies(1, start=1))
             state.wake.set()
-            await _until(lambda: state.failures > failures)
-            assert wait_noted() == timedelta(seconds=0.02)  # from backoff again
+            await _until(lambda: len(hooks.waits) >= first_spell + 2)
             tg.cancel_scope.cancel()
     finally:
         await receiver.stop()
+    # Doubled up to max_backoff, then from backoff again after the 2xx.
+    assert hooks.waits[:5] == [0.02, 0.04, 0.08, 0.16, 0.16]
+    assert hooks.waits[first_spell : first_spell + 2] == [0.02, 0.04]
 
 
 async def test_a_redirect_is_not_followed_and_is_a_failure(tmp_path: Path) -> None:
