@@ -16,6 +16,14 @@ of the message away with a throttling reply; detail: the hop, ``at``: the
 end of the hop's backoff, during which no message goes to it), ``ping`` (every
 30 s, no message), and ``overflow`` (detail: how many were missed).
 
+An event that ends a delivery attempt (``delivered``, a bounce,
+``delayed``, ``delayed_rate_limited``, ``frozen`` after an attempt) also
+carries :attr:`SpoolEvent.results`: one :class:`RecipientOutcome` per
+recipient of the message, what the attempt left it at (``delivered``,
+``failed`` or ``deferred``) and, for a recipient of this attempt, the
+next hop's reply. Other events have none. The JSON form of ``spoold
+events`` (:meth:`SpoolEvent.to_dict`) does not show them.
+
 A bounce (kind ``bounced``: the message failed and its sender was sent a
 delivery status notification) is published in its stream form,
 :func:`stream_form`: kind ``removed`` with detail ``bounced`` (or, after
@@ -48,6 +56,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import anyio
@@ -57,6 +66,8 @@ from spoold.message import EnvelopeInfo
 
 __all__ = [
     "EventKind",
+    "RecipientOutcomeState",
+    "RecipientOutcome",
     "SpoolEvent",
     "EventHub",
     "Subscription",
@@ -83,6 +94,33 @@ EVENT_KINDS = frozenset(kind for kind in EventKind if stream_form(kind, None)[0]
 """The kinds a :class:`SpoolEvent` has (the ``event`` of the JSON form)."""
 
 
+class RecipientOutcomeState(StrEnum):
+    """Where a delivery attempt left one recipient (the words of
+    :class:`spoold.history.RecipientState`, and ``deferred``)."""
+
+    DELIVERED = "delivered"  # a next hop accepted it (in this attempt or before)
+    FAILED = "failed"  # refused for good (reported to the sender if the message bounces)
+    DEFERRED = "deferred"  # to be tried again
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    """One recipient's part of an attempt's event. ``reply``: the next
+    hop's reply to it in this attempt (``"550 5.1.1 no such user"``, its
+    code in ``code``), or why no hop answered (``code`` None); None for a
+    recipient settled by an earlier attempt. At most :data:`MAX_REPLY`
+    characters."""
+
+    recipient: str
+    state: RecipientOutcomeState
+    code: int | None = None
+    reply: str | None = None
+
+
+MAX_REPLY = 500
+"""The longest reply a :class:`RecipientOutcome` carries (a longer one is cut, ``...`` added)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolEvent:
     """One event as a subscriber gets it; ``kind`` is in its stream form
@@ -94,6 +132,7 @@ class SpoolEvent:
     envelope_info: EnvelopeInfo | None = None
     detail: str | None = None
     at: datetime | None = None
+    results: tuple[RecipientOutcome, ...] = ()  # an attempt's event only (module docstring)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"time": self.time, "event": str(self.kind)}

@@ -114,6 +114,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
+from spoold.events import MAX_REPLY, RecipientOutcome, RecipientOutcomeState
 from spoold.hooks import ErrorAction
 from spoold.kinds import EventKind
 from spoold.message import (
@@ -132,6 +133,7 @@ from spoold.relay import AttemptFailed, Delivery, RecipientResult, RelayOutcome
 
 __all__ = [
     "NO_REPLY",
+    "recipient_outcomes",
     "AttemptOutcome",
     "OutcomeEvent",
     "attempt_outcome",
@@ -717,3 +719,42 @@ def retry_plan(record: Message, *, now: datetime, policy: DeliveryPolicy) -> Ret
     return replace(
         plan, attempts=tuple(attempts), ends=ends, delay_warning=warning, repeats=repeats
     )
+
+
+def recipient_outcomes(
+    record: Message, outcome: RelayOutcome, result: AttemptOutcome
+) -> tuple[RecipientOutcome, ...]:
+    """Each recipient of ``record`` (as it was before the attempt) and
+    where the attempt ``result`` left it, with the hop's reply for those
+    this attempt tried (or why no hop answered): the ``results`` of the
+    attempt's event. A recipient settled before keeps its state, without
+    a reply."""
+    replies = outcome.recipients if isinstance(outcome, Delivery) else {}
+    tried = set(record.remaining_recipients)
+    delivered, failed, later = set(result.delivered), set(result.failed), set(result.later)
+    out = []
+    for rcpt in dict.fromkeys(record.envelope_info.recipients):
+        if rcpt in delivered:
+            state = RecipientOutcomeState.DELIVERED
+        elif rcpt in failed or (rcpt not in tried and rcpt in record.failed_recipients):
+            state = RecipientOutcomeState.FAILED
+        elif rcpt in later:
+            state = RecipientOutcomeState.DEFERRED
+        else:
+            state = RecipientOutcomeState.DELIVERED  # by an earlier attempt
+        code: int | None = None
+        reply: str | None = None
+        if rcpt in tried:
+            if isinstance(outcome, AttemptFailed):
+                reply = outcome.error
+            else:
+                answer = replies.get(rcpt, NO_REPLY)
+                code, reply = answer.code, str(answer)
+        out.append(RecipientOutcome(rcpt, state, code, _shortened(reply)))
+    return tuple(out)
+
+
+def _shortened(reply: str | None) -> str | None:
+    if reply is None or len(reply) <= MAX_REPLY:
+        return reply
+    return reply[: MAX_REPLY - 3] + "..."

@@ -288,6 +288,7 @@ class Spool:
         policies: PolicySource | None = None,
         settings: SpoolSettings | None = None,
         dkim: DkimSigner | None = None,
+        before_start: Callable[[Spool], None] | None = None,
     ) -> AsyncIterator[Spool]:
         """Open the spool at ``spool_dir`` as its owner and start scheduling.
 
@@ -363,6 +364,9 @@ class Spool:
         domain has a key gets its ``DKIM-Signature:`` fields once, before it
         is written, so every attempt sends the same signed message. None:
         nothing is signed. Replaceable through :attr:`dkim` (a reload).
+        ``before_start``: called with the spool once its messages are
+        loaded, before any attempt or other task starts: a subscription made
+        there (:meth:`events`) misses no event of this open.
 
         Raises :class:`~spoold.errors.SpoolLockedError` at once if another
         process owns it. Leaving the context stops new attempts, waits up to
@@ -420,6 +424,8 @@ class Spool:
             await spool._loading.load(cut_short)
             await spool._housekeeping.repair_keys()
             await spool._state.suppressions.load()
+            if before_start is not None:
+                before_start(spool)
             async with own_tasks(f"spool {spool.spool_dir}") as tg:
                 tg.start_soon(spool._scheduler.dispatch_loop, tg, spool._transitions.send)
                 tg.start_soon(spool._scheduler.ping_loop, spool._loading.settle_unsettled)

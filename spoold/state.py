@@ -45,7 +45,7 @@ import msgspec
 from spoold.clock import Clock
 from spoold.dkim import DkimSigner
 from spoold.errors import SpoolClosedError
-from spoold.events import EventHub, EventKind, SpoolEvent, stream_form
+from spoold.events import EventHub, EventKind, RecipientOutcome, SpoolEvent, stream_form
 from spoold.hooks import OnErrorHook, PresendHook
 from spoold.kinds import OutcomeKind
 from spoold.log import get_logger
@@ -184,10 +184,12 @@ class SpoolState:
         *,
         detail: str | None = None,
         at: datetime | None = None,
+        results: tuple[RecipientOutcome, ...] = (),
     ) -> SpoolEvent:
         """Publish ``kind`` (in its stream form,
         :func:`~spoold.events.stream_form`: a bounce is ``removed``) and
-        note the outcome it stands for; the event as published."""
+        note the outcome it stands for; the event as published.
+        ``results``: each recipient's outcome, for an attempt's event."""
         now = self.clock.now()
         shown, shown_detail = stream_form(kind, detail)
         event = SpoolEvent(
@@ -197,6 +199,7 @@ class SpoolState:
             msg.envelope_info if msg else None,
             shown_detail,
             at,
+            results,
         )
         self.hub.publish(event)
         if msg is not None:

@@ -100,6 +100,7 @@ from spoold.outcome import (
     Notice,
     NoticeKind,
     attempt_outcome,
+    recipient_outcomes,
     refusals,
 )
 from spoold.policy import DestinationPolicy, relay_under
@@ -348,7 +349,13 @@ class Transitions:
         elif event is EventKind.BOUNCED:
             self.record_final(new, OutcomeKind.BOUNCED, relay_outcome=outcome, detail="bounced")
         detail = "in doubt: no reply to the end of the message" if result.in_doubt else None
-        published = self._publish(event, new, at=result.at, detail=detail)
+        published = self._publish(
+            event,
+            new,
+            at=result.at,
+            detail=detail,
+            results=recipient_outcomes(old, outcome, result),
+        )
         if relayed:
             self._hop_feedback(result.hops, new)
         if suppressed:

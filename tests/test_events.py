@@ -225,3 +225,22 @@ async def test_a_message_another_process_adds_shows_spooled_first(tmp_path: Path
     seen = by_message(events)
     for mid in added:
         assert seen[mid] == ["spooled", "presend", "delivered"], mid
+
+
+async def test_a_subscription_made_before_start_sees_the_first_attempts(tmp_path: Path) -> None:
+    """Messages queued while no spool was open are tried as soon as it
+    opens: ``before_start`` subscribes before any of that can happen."""
+    async with open_spool(tmp_path, relay_answering({}), FakeClock(START)):
+        pass  # makes the spool directory
+    async with SpoolWriter.open(tmp_path, default_retry_intervals=intervals(1)) as writer:
+        added = [mid for n in range(3) for mid in await writer.add(batch(f"r{n}@x.org"))]
+    streams: list[Subscription] = []
+    relay = relay_answering({})
+    async with open_spool(
+        tmp_path, relay, FakeClock(START), before_start=lambda s: streams.append(s.events())
+    ):
+        (stream,) = streams
+        events = await next_events(stream, 2 * len(added))
+    seen = by_message(events)
+    for mid in added:
+        assert seen[mid] == ["presend", "delivered"], mid

@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from spoold.events import MAX_REPLY, RecipientOutcome, RecipientOutcomeState
 from spoold.hooks import ErrorAction
 from spoold.message import Delivered, Frozen, RetryInterval, SendAt
-from spoold.outcome import NO_REPLY, AfterCrash, attempt_outcome, refusals
+from spoold.outcome import NO_REPLY, AfterCrash, attempt_outcome, recipient_outcomes, refusals
 from spoold.relay import AttemptFailed, Delivery, RecipientResult
 from tests.factories import make_message
 
@@ -352,3 +353,46 @@ def test_by_default_an_attempt_is_not_an_operators_kick() -> None:
     got = attempt_outcome(record, Delivery({A: LATER}), {}, now=NOW, draw=lambda i: i.span)
     assert got.record.retry_intervals == minutes(5)
     assert got.record.status == SendAt(at=NOW + timedelta(minutes=1))
+
+
+def test_recipient_outcomes_give_each_recipient_its_state_and_this_attempts_reply() -> None:
+    """A partial refusal: a delivered, b refused for good, c left for
+    later; in a second attempt c is delivered and a, settled before, has
+    no reply of this attempt."""
+    record = make_message("M1", recipients=[A, B, C], retry_intervals=minutes(1))
+    outcome = Delivery({A: OK, B: NO, C: LATER}, hop="mx.example.net:25")
+    first = attempt_outcome(record, outcome, {B: FAIL, C: TRY}, now=NOW, draw=lambda i: i.span)
+    state = RecipientOutcomeState
+    assert recipient_outcomes(record, outcome, first) == (
+        RecipientOutcome(A, state.DELIVERED, 250, "250 2.0.0 ok"),
+        RecipientOutcome(B, state.FAILED, 550, "550 5.1.1 no such user"),
+        RecipientOutcome(C, state.DEFERRED, 451, "451 4.3.0 later"),
+    )
+    again = Delivery({C: OK})
+    second = attempt_outcome(first.record, again, {}, now=NOW, draw=lambda i: i.span)
+    assert recipient_outcomes(first.record, again, second) == (
+        RecipientOutcome(A, state.DELIVERED),
+        RecipientOutcome(B, state.FAILED),
+        RecipientOutcome(C, state.DELIVERED, 250, "250 2.0.0 ok"),
+    )
+
+
+def test_recipient_outcomes_of_an_attempt_that_reached_no_hop_or_got_a_long_reply() -> None:
+    record = make_message("M1", recipients=[A, B], retry_intervals=minutes(1))
+    failed = AttemptFailed("connection refused")
+    got = attempt_outcome(record, failed, {}, now=NOW, draw=lambda i: i.span)
+    assert recipient_outcomes(record, failed, got) == (
+        RecipientOutcome(A, RecipientOutcomeState.DEFERRED, None, "connection refused"),
+        RecipientOutcome(B, RecipientOutcomeState.DEFERRED, None, "connection refused"),
+    )
+    long = Delivery({A: OK, B: RecipientResult(550, "x" * 5000, "5.7.1")})
+    got = attempt_outcome(record, long, {B: FAIL}, now=NOW, draw=lambda i: i.span)
+    reply = recipient_outcomes(record, long, got)[1].reply
+    assert reply is not None and len(reply) == MAX_REPLY and reply.startswith("550 5.7.1 xxx")
+    assert reply.endswith("...")
+    # A recipient the hop did not answer for is counted as refused, "no reply".
+    silent = Delivery({A: OK})
+    got = attempt_outcome(record, silent, {}, now=NOW, draw=lambda i: i.span)
+    assert recipient_outcomes(record, silent, got)[1] == RecipientOutcome(
+        B, RecipientOutcomeState.DEFERRED, 451, "451 4.4.0 no reply for this recipient"
+    )

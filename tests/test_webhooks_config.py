@@ -70,6 +70,7 @@ def test_keys_are_read_with_their_defaults(tmp_path: Path) -> None:
     assert hook.timeout == timedelta(seconds=10)
     assert (hook.backoff, hook.max_backoff) == (timedelta(seconds=1), timedelta(minutes=10))
     assert hook.max_outbox == 100_000
+    assert hook.concurrency == 16
     (settings,) = webhook_settings(cfg)
     assert settings.secret == b"0123456789abcdef0123"  # the newline is not part of it
     assert settings.kinds == frozenset(DEFAULT_WEBHOOK_KINDS)
@@ -205,7 +206,7 @@ def test_outbox_keeps_order_across_reopen_and_drops_the_oldest_when_full(tmp_pat
         body = again.read(name)
         assert body is not None
         bodies.append(body)
-        again.remove(name)
+        again.remove([name])
     assert bodies == [b"3", b"4", b"5"]
     again.append([b"6"])  # numbering goes on after the newest seen
     assert again.read(again.oldest() or "") == b"6"

@@ -121,6 +121,48 @@ async def test_every_delivery_and_bounce_is_posted_signed(
         await receiver.stop()
 
 
+async def test_a_partial_bounce_names_the_refused_recipient_with_its_reply(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
+    tls_certificate: TlsCertificate,
+) -> None:
+    """One message to two recipients: the hop takes one (250) and refuses
+    the other (550): the bounce names only the refused one, with the
+    hop's reply, and lists the other as delivered in its results."""
+    receiver = await _receiver(tls_certificate)
+    config = write_config(tmp_path, next_hops=[smtp_server.hop])
+    config.write_text(
+        config.read_text().replace("[spool]\n", '[spool]\non_permanent_failure = "bounce"\n')
+    )
+    _webhook_config(config, receiver, tls_certificate.cert)
+    smtp_server.behaviour.rcpt["gone@example.com"] = Reply("550 5.1.1 no such user")
+    await start_daemon(config)
+    try:
+        done = await sendmail(config, "ok@example.com", "gone@example.com", stdin=MESSAGE)
+        assert done.code == 0, done.err
+
+        def bounces() -> list[dict[str, Any]]:
+            return [e for e in _events(receiver.accepted) if e["event"] == "bounced"]
+
+        await receiver.wait_for(lambda: len(bounces()) >= 1)
+        (bounce,) = bounces()  # (the notice to the sender is another message)
+        assert bounce["recipients"] == ["gone@example.com"]
+        results = {r["recipient"]: r for r in bounce["results"]}
+        assert results["gone@example.com"] == {
+            "recipient": "gone@example.com",
+            "outcome": "failed",
+            "code": 550,
+            "reply": "550 5.1.1 no such user",
+        }
+        delivered = results["ok@example.com"]
+        assert (delivered["outcome"], delivered["code"]) == ("delivered", 250)
+        assert delivered["reply"].startswith("250")
+        assert set(results) == {"ok@example.com", "gone@example.com"}
+    finally:
+        await receiver.stop()
+
+
 async def test_endpoint_down_then_up_loses_nothing_across_a_restart(
     tmp_path: Path,
     start_daemon: DaemonFactory,
@@ -336,5 +378,47 @@ async def test_a_damaged_outbox_file_is_dropped_and_the_rest_posted(
         assert len(receiver.posts) == 1
         assert daemon.log_text().count("webhook event unreadable; dropped") == 2
         await _wait_files(outbox, 0)
+    finally:
+        await receiver.stop()
+
+
+async def test_a_reload_signs_with_a_rotated_secret_and_keeps_saying_restart(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    smtp_server: SmtpTestServer,
+    tls_certificate: TlsCertificate,
+) -> None:
+    receiver = await _receiver(tls_certificate)
+    config = write_config(tmp_path, next_hops=[smtp_server.hop])
+    _webhook_config(config, receiver, tls_certificate.cert)
+    daemon = await start_daemon(config)
+    verify = documented_verify()
+    new_secret = "a-rotated-secret-of-some-length"
+
+    async def reload() -> CliResult:
+        return await anyio.to_thread.run_sync(lambda: cli("--config", str(config), "reload"))
+
+    try:
+        done = await sendmail(config, "before@example.com", stdin=MESSAGE)
+        assert done.code == 0, done.err
+        await receiver.wait_for(lambda: "before@example.com" in _outcomes(receiver.accepted))
+        (tmp_path / "hook.secret").write_text(new_secret + "\n")
+        reloaded = await reload()
+        assert reloaded.code == 0, reloaded.err
+        assert "webhooks" not in reloaded.out + reloaded.err
+        assert "webhook secret changed" in daemon.log_text()
+        done = await sendmail(config, "after@example.com", stdin=MESSAGE)
+        assert done.code == 0, done.err
+        await receiver.wait_for(lambda: "after@example.com" in _outcomes(receiver.accepted))
+        after = next(p for p in receiver.accepted if b"after@example.com" in p.body)
+        assert verify(new_secret.encode(), after.headers, after.body)
+        assert not verify(SECRET.encode(), after.headers, after.body)
+
+        # Another URL needs a restart: said at every reload until then.
+        config.write_text(config.read_text().replace("/hook", "/other"))
+        for _ in range(2):
+            reloaded = await reload()
+            assert reloaded.code == 0, reloaded.err
+            assert "webhooks" in reloaded.out + reloaded.err, reloaded
     finally:
         await receiver.stop()

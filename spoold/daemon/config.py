@@ -641,6 +641,7 @@ class WebhookConfig(msgspec.Struct, frozen=True, kw_only=True):
     backoff: Annotated[timedelta, _Read(_positive_span)] = timedelta(seconds=1)
     max_backoff: Annotated[timedelta, _Read(_positive_span)] = timedelta(minutes=10)
     max_outbox: Annotated[int, _int_range(1, 100_000_000)] = 100_000
+    concurrency: Annotated[int, _int_range(1, 256)] = 16  # posts in flight at once
 
 
 class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -708,6 +709,7 @@ def webhook_settings(config: Config) -> list[WebhookSettings]:
                 backoff=hook.backoff.total_seconds(),
                 max_backoff=hook.max_backoff.total_seconds(),
                 max_outbox=hook.max_outbox,
+                concurrency=hook.concurrency,
             )
         )
     if problems:

@@ -117,7 +117,7 @@ class _Live:
     listener: ListenerSettings | None
     dns: DnsLookups
     dkim: DkimSigner | None
-    webhooks: list[WebhookSettings]  # secrets read (a reload checks them; a restart applies them)
+    webhooks: list[WebhookSettings]  # secrets read (a reload checks them, applies a new secret)
     fleet: FleetSettings | None  # taken at start only: [fleet] changes need a restart
 
 
@@ -169,6 +169,7 @@ class Daemon:
         inherited: Sequence[socket.socket] = (),
     ) -> None:
         self.live = live or _build(config)
+        self._started_webhooks = self.live.config.webhooks  # what a restart would change
         self.inherited = list(inherited)  # listening sockets systemd handed over
         self.notifier = notifier or Notifier()
         self._own_signals = signals is None
@@ -270,10 +271,11 @@ class Daemon:
             policies=self.live.router,
             reporting_mta=hostname,
             dkim=self.live.dkim,
+            # Before the first attempt: the webhooks miss no event.
+            before_start=None if webhooks is None else lambda s: webhooks.subscribe(s.events),
         ) as spool:
             self._spool = spool
             if webhooks is not None:
-                webhooks.subscribe(spool.events)
                 await outer.start(webhooks.run)
             spool.shared_rates = self.fleet  # [fleet]: a route's rate is fleet-wide
             mirror = None
@@ -424,7 +426,10 @@ class Daemon:
         log.info("reloading", config=str(old.path))
         try:
             new = await anyio.to_thread.run_sync(load_config, old.path)
-            restart = restart_needed(old, new)
+            # The webhooks run as started: compared with that, not the last reload.
+            restart = [s for s in restart_needed(old, new) if s != "webhooks"]
+            if new.webhooks != self._started_webhooks:
+                restart.append("webhooks")
             # What needs a restart keeps its running value.
             new = dataclasses.replace(
                 new,
@@ -496,6 +501,15 @@ class Daemon:
             spool.dkim = live.dkim
         if self._submitter is not None:
             self._submitter.hostname = cfg.hostname
+        if self._webhooks is not None:
+            # A rotated secret file of an unchanged webhook signs from now on.
+            self._webhooks.use_secrets(
+                {
+                    s.name: s.secret
+                    for s in live.webhooks
+                    if cfg.webhooks.get(s.name) == self._started_webhooks.get(s.name)
+                }
+            )
         if self._workers is not None:
             self._workers.reload()  # they read the same (now validated) file
 

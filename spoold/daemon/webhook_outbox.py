@@ -11,9 +11,13 @@ Invariants and commit points:
   directory is synced once per batch. A crash before that leaves at most a
   ``.tmp`` file, removed at the next open.
 * An event leaves the outbox only through :meth:`Outbox.remove`, which the
-  sender calls after the endpoint answered 2xx. A crash between the answer
-  and the removal posts the event again after a restart: the one way a
-  receiver sees an event twice.
+  sender calls after the endpoint answered 2xx, for several events at once
+  (their files unlinked, the directory synced once). A crash between the
+  answer and the removal posts the event again after a restart.
+* The sender posts several events at once: :meth:`Outbox.claim` hands out
+  the oldest event not yet claimed, :meth:`Outbox.unclaim` gives one back
+  (its post failed: it is the oldest again), and a removed or dropped
+  event is no longer claimed. Claims live in memory only.
 * The outbox holds at most ``max_events``; appending to a full outbox
   drops the oldest events first (counted in :attr:`Outbox.dropped`), so
   a dead endpoint costs bounded disk.
@@ -23,7 +27,8 @@ Invariants and commit points:
 The blocking methods (``open``, ``append``, ``read``, ``remove``) do file
 work: call them through ``anyio.to_thread``. They may run at once in
 different threads (the writer appends while the sender removes): the
-in-memory list of names is guarded by a lock never held over file work.
+in-memory list of names and the claims are guarded by a lock never held
+over file work.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Outbox:
         self.max_events = max_events
         self.dropped = 0  # events dropped because the outbox was full, since start
         self._names: deque[str] = deque()
+        self._claimed: set[str] = set()  # being posted, or posted and not yet removed
         self._next = 0
         # Guards the names only (never held over file work): the sender
         # reads the oldest on the event loop while a batch is written.
@@ -69,7 +75,9 @@ class Outbox:
             elif entry.name.endswith(_SUFFIX) and entry.name[: -len(_SUFFIX)].isdigit():
                 names.append(entry.name)
         names.sort()
-        self._names = deque(names)
+        with self._lock:
+            self._names = deque(names)
+            self._claimed.clear()
         self._next = int(names[-1][: -len(_SUFFIX)]) + 1 if names else 0
 
     def __len__(self) -> int:
@@ -88,7 +96,7 @@ class Outbox:
             tmp = self.directory / (name + _TMP)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             try:
-                os.write(fd, body)
+                _write_all(fd, body)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -97,6 +105,7 @@ class Outbox:
                 self._names.append(name)
         with self._lock:
             gone = [self._names.popleft() for _ in range(len(self._names) - self.max_events)]
+            self._claimed.difference_update(gone)
             self.dropped += len(gone)
         for name in gone:
             self._unlink(name)
@@ -108,6 +117,27 @@ class Outbox:
         with self._lock:
             return self._names[0] if self._names else None
 
+    def claim(self) -> str | None:
+        """The oldest event waiting that is not claimed, now claimed; None
+        when every event waiting is. Claims are few (the events in flight
+        and those waiting for their removal), so this looks at few names."""
+        with self._lock:
+            for name in self._names:
+                if name not in self._claimed:
+                    self._claimed.add(name)
+                    return name
+            return None
+
+    def unclaim(self, name: str) -> None:
+        """Give ``name`` back: it is posted again, in its place by age."""
+        with self._lock:
+            self._claimed.discard(name)
+
+    def unclaim_all(self) -> None:
+        """Give every claim back (the sender starts over)."""
+        with self._lock:
+            self._claimed.clear()
+
     def read(self, name: str) -> bytes | None:
         """The body of event ``name``; None if it is gone (dropped from a
         full outbox, or its file deleted by hand): then the name is
@@ -116,19 +146,39 @@ class Outbox:
             return (self.directory / name).read_bytes()
         except FileNotFoundError:
             with self._lock, contextlib.suppress(ValueError):
+                self._claimed.discard(name)
                 self._names.remove(name)
             return None
 
-    def remove(self, name: str) -> None:
-        """Forget event ``name`` (posted); durable when this returns."""
+    def remove(self, names: Sequence[str]) -> None:
+        """Forget the events ``names`` (posted): their files unlinked, then
+        one directory sync for all; durable when this returns. A name
+        already gone (dropped from a full outbox meanwhile) is skipped."""
+        wanted = set(names)
+        gone = []
         with self._lock:
-            try:
-                self._names.remove(name)
-            except ValueError:
-                return  # dropped meanwhile
-        self._unlink(name)
+            self._claimed.difference_update(wanted)
+            # Posted events are nearly always the oldest: taken from the front.
+            while self._names and self._names[0] in wanted:
+                gone.append(self._names.popleft())
+                wanted.discard(gone[-1])
+            for name in wanted:
+                with contextlib.suppress(ValueError):
+                    self._names.remove(name)
+                    gone.append(name)
+        if not gone:
+            return
+        for name in gone:
+            self._unlink(name)
         fsync_directory(self.directory)
 
     def _unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / name)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (``os.write`` may write part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,8 +1,10 @@
 """Delivery events pushed to applications: ``[webhooks.NAME]``.
 
 What it owns: one subscription to the spool's events, one durable
-:class:`~spoold.daemon.webhook_outbox.Outbox` per webhook, and one sender
-task per webhook, all in the task group of :meth:`Webhooks.run`.
+:class:`~spoold.daemon.webhook_outbox.Outbox` per webhook, and per webhook
+a sender task with ``concurrency`` posters (each with its own HTTP
+connection) and one remover of posted events, all in the task group of
+:meth:`Webhooks.run`.
 
 The path of an event:
 
@@ -15,11 +17,15 @@ The path of an event:
    subscription that overflows, or a writer that falls more than
    ``max_outbox`` events behind, loses the oldest events, counted and
    logged (``webhook events dropped``).
-3. Each webhook's sender posts its outbox's oldest event, one at a time in
-   order, with a timestamp and an HMAC-SHA256 signature
-   (:func:`signature_headers`), and removes it after a 2xx answer. Any
-   other answer, a timeout or a connection error is retried after a
-   backoff that doubles from ``backoff`` up to ``max_backoff``.
+3. Each webhook's sender posts its outbox's events, oldest first, up to
+   ``concurrency`` at once (so the order in which they arrive is not
+   strictly oldest first), each with a timestamp and an HMAC-SHA256
+   signature (:func:`signature_headers`). Those answered 2xx are removed
+   from the outbox in batches (one directory sync each). Any other
+   answer, a timeout or a connection error gives the event back and
+   starts a backoff: while the endpoint fails, one event at a time is
+   tried (a probe), after a wait that doubles from ``backoff`` up to
+   ``max_backoff``; the first 2xx ends the spell and resets the wait.
 
 So delivery to the endpoint is at least once for every event in an outbox:
 an event is posted again after any post whose 2xx was not seen (a timeout,
@@ -35,6 +41,7 @@ The body (:func:`event_body`) is JSON, schema ``version`` 1, documented in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ssl
@@ -54,7 +61,13 @@ import structlog
 from spoold.credentials import read_private_file
 from spoold.daemon.webhook_outbox import OUTBOX_DIR, Outbox
 from spoold.errors import SpooldError
-from spoold.events import BOUNCED_DETAIL, EventKind, SpoolEvent, Subscription
+from spoold.events import (
+    BOUNCED_DETAIL,
+    EventKind,
+    RecipientOutcomeState,
+    SpoolEvent,
+    Subscription,
+)
 from spoold.times import utcnow
 
 __all__ = [
@@ -65,6 +78,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "EVENT_ID_HEADER",
     "webhook_kind",
+    "event_recipients",
     "event_body",
     "signature",
     "signature_headers",
@@ -85,6 +99,7 @@ TIMESTAMP_HEADER = "Spoold-Timestamp"
 SIGNATURE_HEADER = "Spoold-Signature"
 EVENT_ID_HEADER = "Spoold-Event-Id"
 _SUBSCRIPTION_BUFFER = 100_000
+_MAX_ANSWER = 16 * 1024  # bytes of an answer's body read (and dropped), at most
 
 
 class WebhookKind(StrEnum):
@@ -135,6 +150,28 @@ def _time(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
+_CONCERNED: dict[WebhookKind, frozenset[RecipientOutcomeState]] = {
+    WebhookKind.DELIVERED: frozenset({RecipientOutcomeState.DELIVERED}),
+    WebhookKind.BOUNCED: frozenset({RecipientOutcomeState.FAILED}),
+    WebhookKind.IN_DOUBT: frozenset({RecipientOutcomeState.FAILED}),
+    WebhookKind.DEFERRED: frozenset({RecipientOutcomeState.DEFERRED}),
+    WebhookKind.FROZEN: frozenset({RecipientOutcomeState.FAILED, RecipientOutcomeState.DEFERRED}),
+}
+"""The recipients an attempt's event of each kind is about (its ``recipients``)."""
+
+
+def event_recipients(event: SpoolEvent, kind: WebhookKind) -> list[str]:
+    """The ``recipients`` of the body: those whose outcome the event is
+    (a bounce: the recipients that failed, not those delivered) for an
+    attempt's event; for any other (an operator's removal, say), every
+    recipient of the message."""
+    states = _CONCERNED.get(kind)
+    if event.results and states is not None:
+        return [r.recipient for r in event.results if r.state in states]
+    info = event.envelope_info
+    return list(info.recipients) if info is not None else []
+
+
 def event_body(
     event: SpoolEvent, kind: WebhookKind, webhook: str, event_id: str, routes: Sequence[str]
 ) -> bytes:
@@ -148,7 +185,11 @@ def event_body(
         "time": _time(event.time),
         "message_id": event.id,
         "sender": info.sender if info is not None else None,
-        "recipients": list(info.recipients) if info is not None else [],
+        "recipients": event_recipients(event, kind),
+        "results": [
+            {"recipient": r.recipient, "outcome": str(r.state), "code": r.code, "reply": r.reply}
+            for r in event.results
+        ],
         "routes": list(routes),
         "detail": event.detail,
         "retry_at": _time(event.at),
@@ -207,6 +248,7 @@ class WebhookSettings:
     backoff: float
     max_backoff: float
     max_outbox: int
+    concurrency: int = 16  # posts in flight at once while the endpoint answers
 
 
 @dataclass(slots=True)
@@ -226,7 +268,11 @@ class WebhookState:
     next_retry: datetime | None = None
     dropping: bool = False  # events are being dropped before the outbox (logged once)
     opened: bool = False  # the outbox could be opened (retried by the sender until it is)
-    wake: anyio.Event = field(default_factory=anyio.Event)
+    delay: float = 0.0  # the backoff after the next failure (reset by a success)
+    retry_at: float = 0.0  # anyio.current_time() of the next probe while down
+    wake: anyio.Event = field(default_factory=anyio.Event)  # an event to post, or given back
+    to_remove: list[str] = field(default_factory=list)  # posted, removal not yet under way
+    removal_ready: anyio.Event = field(default_factory=anyio.Event)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -255,9 +301,9 @@ class WebhookMetrics(Protocol):
 
 class Webhooks:
     """The webhooks of one daemon run (module docstring). Make it, then
-    :meth:`subscribe` before the spool can publish the events wanted
-    (right after it opens), then run :meth:`run` in the daemon's task group
-    until cancelled."""
+    :meth:`subscribe` before the spool can publish the events wanted (in
+    ``Spool.open``'s ``before_start``, before any attempt), then run
+    :meth:`run` in the daemon's task group until cancelled."""
 
     def __init__(
         self,
@@ -271,7 +317,10 @@ class Webhooks:
         self._metrics = metrics
         self.states = {
             s.name: WebhookState(
-                s.name, s.url, Outbox(spool_dir / OUTBOX_DIR / s.name, s.max_outbox)
+                s.name,
+                s.url,
+                Outbox(spool_dir / OUTBOX_DIR / s.name, s.max_outbox),
+                delay=s.backoff,
             )
             for s in settings
         }
@@ -283,6 +332,15 @@ class Webhooks:
 
     def subscribe(self, subscribe: Callable[[int], Subscription]) -> None:
         self._subscription = subscribe(_SUBSCRIPTION_BUFFER)
+
+    def use_secrets(self, secrets: dict[str, bytes]) -> None:
+        """Sign the next posts of the webhooks named with their new secret
+        (a secret file rotated, seen at a reload); each change is logged."""
+        for name, secret in secrets.items():
+            settings = self.settings.get(name)
+            if settings is not None and settings.secret != secret:
+                self.settings[name] = dataclasses.replace(settings, secret=secret)
+                log.info("webhook secret changed; the next posts are signed with it", webhook=name)
 
     def status(self) -> list[dict[str, Any]]:
         return [state.to_dict() for state in self.states.values()]
@@ -431,80 +489,151 @@ class Webhooks:
         """Post ``state``'s outbox until cancelled. Whatever goes wrong
         (the outbox's files, the endpoint, a bug) is logged and tried
         again after the backoff: a webhook never ends the daemon."""
-        delay = settings.backoff
         while True:
             try:
                 if not state.opened:
                     await self._open(state)
                 if state.opened:
+                    state.outbox.unclaim_all()  # a new start: every event waiting is posted
                     await self._post_all(settings, state)
             except Exception as exc:  # noqa: BLE001 (a webhook never ends the daemon)
-                self._note_error(state, _describe(exc), delay)
+                self._note_error(state, _describe(exc), state.delay)
                 log.error(
                     "webhook sender failed; tried again", webhook=state.name, error=_describe(exc)
                 )
                 if self._metrics is not None:
                     self._metrics.webhook_failed(state.name, len(state.outbox))
-            await anyio.sleep(delay)
-            delay = min(delay * 2, settings.max_backoff)
+            await anyio.sleep(state.delay)
+            state.delay = min(state.delay * 2, settings.max_backoff)
 
     async def _post_all(self, settings: WebhookSettings, state: WebhookState) -> None:
+        """Post the outbox with ``concurrency`` posters, each on its own
+        connection: all of them post while the endpoint answers; while it
+        fails, one at a time after each backoff (a probe), so a failing
+        endpoint is not hammered."""
+        probe = anyio.Lock()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._remove_posted, state)
+            for _ in range(settings.concurrency):
+                tg.start_soon(self._poster, settings, state, probe)
+
+    async def _poster(
+        self, settings: WebhookSettings, state: WebhookState, probe: anyio.Lock
+    ) -> None:
+        """One of a webhook's posters. Each has its own client of one
+        connection: a shared pool checks every connection at every request,
+        which costs more than the post itself at 16 connections."""
         # Imported here, not at the top: the config (read by every CLI
         # command) imports this module, and a client-only install has no httpx.
         import httpx
 
-        delay = settings.backoff
         async with httpx.AsyncClient(
             verify=settings.verify,
             timeout=settings.timeout,
             follow_redirects=False,
             trust_env=False,  # no proxy or certificates from the environment
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         ) as client:
             while True:
-                name = state.outbox.oldest()
-                if name is None:
-                    state.wake = anyio.Event()
-                    if state.outbox.oldest() is None:
-                        await state.wake.wait()
-                    continue
-                body = await anyio.to_thread.run_sync(state.outbox.read, name)
-                if body is None:
-                    continue  # dropped from a full outbox meanwhile, or deleted by hand: forgotten
-                event_id = _event_id(body)
-                if event_id is None:  # a damaged file: never ours to post
-                    log.error(
-                        "webhook event unreadable; dropped",
-                        webhook=state.name,
-                        path=str(state.outbox.directory / name),
-                    )
-                    await anyio.to_thread.run_sync(state.outbox.remove, name)
-                    state.behind += 1
-                    continue
-                error = await self._post(client, settings, body, event_id)
-                if error is None:
-                    await anyio.to_thread.run_sync(state.outbox.remove, name)
-                    state.posted += 1
-                    state.last_success = utcnow()
-                    state.next_retry = None
-                    if not state.up:
-                        log.info("webhook endpoint answers again", webhook=state.name)
-                    state.up = True
-                    delay = settings.backoff
-                    if self._metrics is not None:
-                        self._metrics.webhook_posted(state.name, len(state.outbox))
-                    continue
-                self._note_error(state, error, delay)
                 if state.up:
-                    log.warning(
-                        "webhook endpoint failing; events wait in its outbox",
-                        webhook=state.name,
-                        error=error,
-                    )
-                state.up = False
-                if self._metrics is not None:
-                    self._metrics.webhook_failed(state.name, len(state.outbox))
-                await anyio.sleep(delay)
-                delay = min(delay * 2, settings.max_backoff)
+                    name = await self._claim(state)
+                    if state.up:
+                        await self._post_one(client, settings, state, name, probe=False)
+                        continue
+                    state.outbox.unclaim(name)  # a post failed meanwhile: probes from now on
+                    state.wake.set()
+                async with probe:  # failing: one post at a time, after the backoff
+                    if state.up:
+                        continue  # a post under way succeeded meanwhile
+                    await anyio.sleep_until(state.retry_at)
+                    name = await self._claim(state)
+                    await self._post_one(client, settings, state, name, probe=True)
+
+    async def _claim(self, state: WebhookState) -> str:
+        """The oldest event of the outbox not being posted (waits for one).
+        The posters share one :attr:`WebhookState.wake`: it is replaced
+        only once set, so no waiter is left on an event nobody sets."""
+        while True:
+            name = state.outbox.claim()
+            if name is not None:
+                return name
+            if state.wake.is_set():
+                state.wake = anyio.Event()
+                continue
+            await state.wake.wait()
+
+    async def _post_one(
+        self,
+        client: httpx.AsyncClient,
+        settings: WebhookSettings,
+        state: WebhookState,
+        name: str,
+        *,
+        probe: bool,
+    ) -> None:
+        """Post the claimed event ``name``. A 2xx queues its removal; a
+        failure gives it back to the outbox and, when it is the first of a
+        spell or a probe's, starts (or doubles) the backoff."""
+        body = await anyio.to_thread.run_sync(state.outbox.read, name)
+        if body is None:
+            return  # dropped from a full outbox meanwhile, or deleted by hand: forgotten
+        event_id = _event_id(body)
+        if event_id is None:  # a damaged file: never ours to post
+            log.error(
+                "webhook event unreadable; dropped",
+                webhook=state.name,
+                path=str(state.outbox.directory / name),
+            )
+            state.behind += 1
+            self._posted(state, name)
+            return
+        error = await self._post(client, settings, body, event_id)
+        if error is None:
+            self._posted(state, name)
+            state.posted += 1
+            state.last_success = utcnow()
+            state.next_retry = None
+            if not state.up:
+                log.info("webhook endpoint answers again", webhook=state.name)
+            state.up = True
+            state.delay = settings.backoff  # the next spell of failures starts over
+            if self._metrics is not None:
+                self._metrics.webhook_posted(state.name, len(state.outbox))
+            return
+        state.outbox.unclaim(name)  # the oldest again: posted first once the endpoint is back
+        state.wake.set()
+        if state.up or probe:
+            # A post started before the spell began fails too: it does not
+            # double the backoff (one failure per probe does).
+            self._note_error(state, error, state.delay)
+            state.retry_at = anyio.current_time() + state.delay
+            state.delay = min(state.delay * 2, settings.max_backoff)
+        else:
+            state.failures += 1
+        if state.up:
+            log.warning(
+                "webhook endpoint failing; events wait in its outbox",
+                webhook=state.name,
+                error=error,
+            )
+        state.up = False
+        if self._metrics is not None:
+            self._metrics.webhook_failed(state.name, len(state.outbox))
+
+    def _posted(self, state: WebhookState, name: str) -> None:
+        """Queue the removal of event ``name`` (done in batches)."""
+        state.to_remove.append(name)
+        state.removal_ready.set()
+
+    async def _remove_posted(self, state: WebhookState) -> None:
+        """Remove the events posted, all those posted meanwhile at once
+        (one directory sync per batch)."""
+        while True:
+            await state.removal_ready.wait()
+            state.removal_ready = anyio.Event()
+            names, state.to_remove = state.to_remove, []
+            if names:
+                await anyio.to_thread.run_sync(state.outbox.remove, names)
 
     async def _post(
         self, client: httpx.AsyncClient, settings: WebhookSettings, body: bytes, event_id: str
@@ -512,16 +641,26 @@ class Webhooks:
         """Post one event; None on a 2xx, else what went wrong. The whole
         post, answer included, has ``timeout`` (an endpoint that trickles
         its answer cannot hold the sender); of the answer only the status
-        is used, the body is never read (however big or compressed)."""
+        is used. Up to ``_MAX_ANSWER`` bytes of its body are read as they
+        come (never decompressed) and dropped, which lets a keep-alive
+        connection carry the next post; a longer body closes it."""
         import httpx
 
-        headers = signature_headers(settings.secret, body, event_id, time.time())
+        secret = self.settings[settings.name].secret  # a reload may have rotated it
+        headers = signature_headers(secret, body, event_id, time.time())
         try:
             with anyio.fail_after(settings.timeout):
                 async with client.stream(
                     "POST", settings.url, content=body, headers=headers
                 ) as response:
                     status = response.status_code
+                    # A short answer is read to its end, undecoded, so that the
+                    # connection serves the next post; a long one is cut.
+                    seen = 0
+                    async for chunk in response.aiter_raw():
+                        seen += len(chunk)
+                        if seen > _MAX_ANSWER:
+                            break
         except TimeoutError:
             return f"no answer within {settings.timeout:g} s"
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
