@@ -38,10 +38,11 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 import anyio.abc
+import msgspec
 
 from spoold.errors import RecordError, SpooldError
 from spoold.events import EventKind
-from spoold.limits import DestinationGate, Hold, SharedRates
+from spoold.limits import DestinationGate, Hold, SharedRates, SharedSlots
 from spoold.message import SEND_NOW, Message, SendAt, Sending, SendNow
 from spoold.policy import DestinationPolicy
 from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
@@ -73,6 +74,8 @@ class Scheduler:
         self.gate: DestinationGate[tuple[Entry, int]] = DestinationGate()
         # A fleet's shared rates (None: this spool's own limits alone).
         self.shared_rates: SharedRates | None = None
+        # A fleet's shared connection slots (None: this spool's own limits).
+        self.shared_slots: SharedSlots | None = None
 
     # ------------------------------------------------------------ settings
 
@@ -197,16 +200,24 @@ class Scheduler:
         """One send job: the attempt, then its slots given back. A message
         whose fleet-wide token is not there yet is held until it comes (no
         attempt): the job ends at once and waits for nothing."""
+        slot: str | None = None
         try:
+            taken = await self._shared_slot(policy)
+            if isinstance(taken, float):
+                self._hold_for(entry, gen, taken, "fleet-wide connections")
+                return
+            slot = taken
             wait = await self._shared_wait(policy)
             if wait > 0:
-                current = self._index.get(entry.msg.id)
-                if current is entry and entry.gen == gen and not self._state.stopping:
-                    until = self.clock.now().timestamp() + wait
-                    self._hold(entry, gen, Hold(None, until, "fleet-wide rate"))
+                self._hold_for(entry, gen, wait, "fleet-wide rate")
+            elif slot is not None:
+                # The slot is one attempt: its connection is not kept idle.
+                await attempt(entry, msgspec.structs.replace(policy, reuse_connections=False))
             else:
                 await attempt(entry, policy)
         finally:
+            if slot is not None and self.shared_slots is not None:
+                await self.shared_slots.give_back(slot)
             entry.busy = False
             if entry.destination is not None:
                 self.gate.done(entry.destination)
@@ -215,6 +226,24 @@ class Scheduler:
             if self._running == 0:
                 self._idle.set()
             self.poke()
+
+    def _hold_for(self, entry: Entry, gen: int, wait: float, reason: str) -> None:
+        """Hold ``entry`` ``wait`` seconds for the fleet (if it is still
+        the one this job was started for)."""
+        current = self._index.get(entry.msg.id)
+        if current is entry and entry.gen == gen and not self._state.stopping:
+            until = self.clock.now().timestamp() + wait
+            self._hold(entry, gen, Hold(None, until, reason))
+
+    async def _shared_slot(self, policy: DestinationPolicy) -> str | float | None:
+        """The destination's fleet-wide connection slot, if
+        :attr:`shared_slots` is set and the destination has limits: its
+        holder (given back when the attempt ends), or the seconds to wait
+        (the fleet holds ``max_connections``); None: nothing to take."""
+        shared, limited = self.shared_slots, policy.limited
+        if shared is None or limited is None:
+            return None
+        return await shared.take(limited[0], limited[1].max_connections)
 
     async def _shared_wait(self, policy: DestinationPolicy) -> float:
         """The seconds until the destination's shared token (a fleet-wide

@@ -109,6 +109,7 @@ LIBRARY_ROWS: list[list[str]] = [
     ["ondisk", "relay", "events", "history", "waiting", "idempotency", "limits", "listing"],
     ["suppression"],  # the suppression list (issue 22): plain values and one file
     ["fleet"],  # the state a fleet of nodes shares in Redis (issue 23)
+    ["fleet_slots"],  # a node's fleet-wide connection slots (issue 23)
     # rules
     [
         "hooks",

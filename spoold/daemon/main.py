@@ -88,6 +88,7 @@ from spoold.errors import (
     SpooldError,
 )
 from spoold.fleet import FleetSettings, SharedState, redacted_url
+from spoold.fleet_slots import FleetSlots
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
 from spoold.idempotency import user_key, validate_key
@@ -179,6 +180,8 @@ class Daemon:
         self.accept_failures = AcceptFailures()
         # [fleet]: the shared state in Redis (it connects on first use).
         self.fleet = SharedState(self.live.fleet) if self.live.fleet is not None else None
+        # [fleet]: a route's max_connections counted over the fleet (leases).
+        self.fleet_slots = FleetSlots(self.fleet) if self.fleet is not None else None
         self.metrics = Metrics()  # served when [metrics] listen is set
         self.cache = ConnectionCache(resolve_host=self.live.dns.resolve_host)
         self.cache.settings = config.relay.cache
@@ -274,6 +277,7 @@ class Daemon:
                 webhooks.subscribe(spool.events)
                 await outer.start(webhooks.run)
             spool.shared_rates = self.fleet  # [fleet]: a route's rate is fleet-wide
+            spool.shared_slots = self.fleet_slots  # [fleet]: and its max_connections
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
             server = ControlServer(
                 spool,
@@ -329,6 +333,8 @@ class Daemon:
                 services.start_soon(self.mta_sts.run)  # refreshes kept MTA-STS policies
                 if self.fleet is not None:
                     services.start_soon(self._heartbeats, self.fleet, spool)
+                if self.fleet_slots is not None:
+                    services.start_soon(self.fleet_slots.run)  # renews the slots held
                 log.info(
                     "spoold ready",
                     event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
