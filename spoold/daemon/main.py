@@ -306,6 +306,7 @@ class Daemon:
                             self.metrics.serve,
                             cache=self.cache,
                             fleet=self.fleet.health if self.fleet is not None else None,
+                            slots=self.fleet_slots,
                         ),
                         spool,
                         cfg.metrics.listen,
