@@ -7,6 +7,7 @@ lease, after which the others reach 4 connections again."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import redis.asyncio
 
 from spoold import Client
 from spoold.fleet import KEY_PREFIX
-from tests.daemon_helpers import DaemonFactory, DaemonProcess, write_config
+from tests.daemon_helpers import DaemonFactory, DaemonProcess, cli, write_config
 from tests.redis_server import RedisServer
 from tests.smtp_server import Reply, SmtpTestServer
 
@@ -98,6 +99,10 @@ async def test_a_killed_node_gives_its_slots_back_within_its_lease(
         with anyio.fail_after(30):
             while len(await holders("relay-0")) < 4 or smtp_server.open_connections < 4:
                 await anyio.sleep(POLL)
+        status = await anyio.to_thread.run_sync(
+            lambda: cli("--socket", str(dead.socket), "fleet", "status", "--json")
+        )
+        assert status.code == 0 and json.loads(status.out)["slots"] == {"smarthost": 4}
         # The fleet is full: the other nodes' mail waits for a slot.
         async with anyio.create_task_group() as tg:
             for daemon in alive:

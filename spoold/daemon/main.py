@@ -604,6 +604,7 @@ class Daemon:
                 "redis_up": False,
                 "outages": 0,
                 "last_error": "",
+                "slots": {},
                 "nodes": [],
             }
         beats = await fleet.nodes()  # asks Redis: the health is fresh
@@ -614,6 +615,7 @@ class Daemon:
             "redis_up": fleet.health.up,
             "outages": fleet.health.outages,
             "last_error": fleet.health.last_error,
+            "slots": self.fleet_slots.held if self.fleet_slots is not None else {},
             "nodes": None
             if beats is None
             else [{"node": b.node, "heartbeat": b.at, "queues": dict(b.queues)} for b in beats],
