@@ -2,7 +2,9 @@
 ``max_connections = 4`` to one aiosmtpd next hop: the hop never sees more
 than 4 connections at once, though each node alone would open 4; and a node
 killed with ``kill -9`` while holding slots gives them back within its
-lease, after which the others reach 4 connections again."""
+lease, after which the others reach 4 connections again; Redis stopped,
+each node delivers on its own 4 (nothing waits for Redis), and once it is
+back the fleet shares the 4 again."""
 
 from __future__ import annotations
 
@@ -45,11 +47,12 @@ async def _three_nodes(
     ]
 
 
-def _submit(daemon: DaemonProcess, count: int) -> None:
+def _submit(daemon: DaemonProcess, count: int, batch: str = "") -> None:
     client = Client(daemon.socket)
     node = daemon.socket.parent.parent.name
     for i in range(count):
-        client.submit("app@example.org", [f"{node}-u{i}@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
+        rcpt = f"{node}{batch}-u{i}@example.com"
+        client.submit("app@example.org", [rcpt], b"Subject: hi\r\n\r\nhi\r\n")
 
 
 async def test_three_nodes_share_four_connections(
@@ -131,3 +134,52 @@ async def test_a_killed_node_gives_its_slots_back_within_its_lease(
     finally:
         answer.set()
         await r.aclose()
+
+
+async def test_redis_stopped_the_nodes_deliver_alone_and_share_again_when_it_is_back(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    redis_server: RedisServer,
+    smtp_server: SmtpTestServer,
+) -> None:
+    smtp_server.behaviour.data_end = Reply(delay=0.05)
+    daemons = [
+        await start_daemon(
+            _node_config(tmp_path / f"n{n}", f"relay-{n}", redis_server, smtp_server.hop)
+        )
+        for n in range(2)
+    ]
+
+    async def send(count: int, batch: str) -> None:
+        async with anyio.create_task_group() as tg:
+            for daemon in daemons:
+                tg.start_soon(anyio.to_thread.run_sync, _submit, daemon, count, batch)
+
+    async def redis_up_everywhere(up: bool) -> None:
+        for daemon in daemons:
+            with anyio.fail_after(20):
+                while True:
+                    done = await anyio.to_thread.run_sync(
+                        lambda d=daemon: cli("--socket", str(d.socket), "fleet", "status", "--json")
+                    )
+                    if json.loads(done.out)["redis_up"] is up:
+                        break
+                    await anyio.sleep(POLL)
+
+    redis_server.stop()
+    await redis_up_everywhere(False)
+    await send(20, "-down")
+    with anyio.fail_after(60):  # nothing waits for Redis: every message goes
+        while smtp_server.transactions < 40:
+            await anyio.sleep(POLL)
+    # Alone, each node keeps its own 4 (never more).
+    assert smtp_server.max_open_connections <= 8
+
+    redis_server.start()  # empty, on the same port
+    await redis_up_everywhere(True)
+    smtp_server.max_open_connections = smtp_server.open_connections
+    await send(30, "-back")
+    with anyio.fail_after(60):
+        while smtp_server.transactions < 100:
+            await anyio.sleep(POLL)
+    assert smtp_server.max_open_connections <= 4, smtp_server.max_open_connections
