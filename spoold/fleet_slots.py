@@ -13,7 +13,10 @@ Its contract:
   node) when the fleet had room, or the seconds to wait before asking again
   when it had not; the attempt does not start then, and the message waits
   in memory (no send job waits holding a slot of its own). After the
-  attempt, :meth:`FleetSlots.give_back` removes the holder.
+  attempt, :meth:`FleetSlots.give_back` removes the holder (the
+  scheduler calls it after the message is no longer busy; this node's next
+  attempt of the destination waits for the removal to reach Redis, so it
+  is never refused its own slot).
 * **Leases expire.** A slot is held for :attr:`FleetSettings.lease`
   seconds; :meth:`FleetSlots.run` renews every slot this node holds every
   third of it, in one Redis call. A node that dies (``kill -9``, a cut
@@ -79,6 +82,10 @@ class FleetSlots:
         self._clock = clock
         self._held: dict[str, _Held] = {}
         self._full_until: dict[str, float] = {}
+        # Slots being given back in Redis, per destination: this node's next
+        # attempt of it waits for them (else it could be refused its own slot).
+        self._releasing: dict[str, int] = {}
+        self._released: dict[str, anyio.Event] = {}
         # Holders are unique per run: a node restarted at once never
         # mistakes its dead run's slots (which expire) for its own.
         self._prefix = f"{shared.settings.node}:{secrets.token_hex(4)}:"
@@ -109,6 +116,8 @@ class FleetSlots:
             if now < until:
                 return until - now
             del self._full_until[destination]
+        if self._releasing.get(destination):
+            await self._released[destination].wait()  # bounded: a call's timeout
         holder = f"{self._prefix}{next(self._numbers)}"
         got = await self.shared.acquire(destination, limit, holder)
         if got is False:
@@ -125,12 +134,22 @@ class FleetSlots:
         held = self._held.pop(holder, None)
         if held is None:
             return
-        self._full_until.pop(held.destination, None)
-        # Asked even when not leased: a renewal may have taken it meanwhile.
-        # Shielded: a send job cancelled at shutdown still frees its slot
-        # (the call is bounded by the fleet's timeout).
-        with anyio.CancelScope(shield=True):
-            await self.shared.release(held.destination, holder)
+        destination = held.destination
+        self._full_until.pop(destination, None)
+        if not self._releasing.get(destination):
+            self._released[destination] = anyio.Event()
+        self._releasing[destination] = self._releasing.get(destination, 0) + 1
+        try:
+            # Asked even when not leased: a renewal may have taken it
+            # meanwhile. Shielded: a send job cancelled at shutdown still
+            # frees its slot (the call is bounded by the fleet's timeout).
+            with anyio.CancelScope(shield=True):
+                await self.shared.release(destination, holder)
+        finally:
+            self._releasing[destination] -= 1
+            if not self._releasing[destination]:
+                del self._releasing[destination]
+                self._released.pop(destination).set()
 
     async def renew(self, *, now_ms: int | None = None) -> None:
         """Renew every slot held (one Redis call), and take again those

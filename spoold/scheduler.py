@@ -216,8 +216,6 @@ class Scheduler:
             else:
                 await attempt(entry, policy)
         finally:
-            if slot is not None and self.shared_slots is not None:
-                await self.shared_slots.give_back(slot)
             entry.busy = False
             if entry.destination is not None:
                 self.gate.done(entry.destination)
@@ -226,6 +224,10 @@ class Scheduler:
             if self._running == 0:
                 self._idle.set()
             self.poke()
+            if slot is not None and self.shared_slots is not None:
+                # Last: no await while the message is busy (its timer
+                # coming due meanwhile would be passed over).
+                await self.shared_slots.give_back(slot)
 
     def _hold_for(self, entry: Entry, gen: int, wait: float, reason: str) -> None:
         """Hold ``entry`` ``wait`` seconds for the fleet (if it is still

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+
 from spoold.limits import Rate
 from spoold.message import Queue
 from spoold.testing import FakeClock
@@ -127,3 +129,37 @@ async def test_a_slot_taken_then_refused_a_rate_token_is_given_back(
         await add(spool, router, "ops@example.com")
         await wait_until(lambda: slots.given_back == ["slot-1"], "the slot given back")
         assert rate.calls == 1 and hop.transactions == 0
+
+
+async def test_a_slot_given_back_slowly_never_loses_the_message(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # The rate holds the message 0.5 s; its slot's give-back hangs past
+    # that: the message's timer comes due meanwhile and must not be passed
+    # over as "being sent".
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    let_go = anyio.Event()
+
+    class SlowBack(Slots):
+        async def give_back(self, holder: str) -> None:
+            if holder == "slot-1":
+                await let_go.wait()
+            self.given_back.append(holder)
+
+    class OnceLater:
+        calls = 0
+
+        async def gcra(self, destination: str, rate: Rate) -> float | None:
+            OnceLater.calls += 1
+            return 0.5 if OnceLater.calls == 1 else 0.0
+
+    slots, clock = SlowBack(None), FakeClock(START)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_slots, spool.shared_rates = slots, OnceLater()
+        await add(spool, router, "ops@example.com")
+        await wait_until(lambda: OnceLater.calls == 1 and spool.sending == 0, "the hold")
+        clock.advance(0.5)
+        await wait_until(lambda: hop.transactions == 1, "the message to arrive")
+        let_go.set()
+        await wait_until(lambda: sorted(slots.given_back) == ["slot-1", "slot-2"], "both back")
