@@ -153,3 +153,19 @@ async def test_redis_down_the_node_goes_on_alone_and_counts_again_when_back(
         for holder in alone:
             await node.give_back(holder)
         assert node.held == {} and await _holders(redis_server) == []
+
+
+async def test_messages_held_for_a_full_route_come_back_in_turns(
+    redis_server: RedisServer,
+) -> None:
+    now = [100.0]
+    async with SharedState(_settings(redis_server, "a")) as a:
+        node = FleetSlots(a, retry=0.1, clock=lambda: now[0])
+        assert await a.acquire("r", 2, "other:1") and await a.acquire("r", 2, "other:2")
+        first = await node.take("r", 2)
+        assert isinstance(first, float)
+        waits = [await node.take("r", 2) for _ in range(40)]
+        # two per retry after the first window, none later than a second on
+        spread = [round(float(w) - first, 6) for w in waits]
+        assert spread[:6] == [0.0, 0.1, 0.1, 0.2, 0.2, 0.3]
+        assert max(spread) == 1.0 and node.refusals == 41
