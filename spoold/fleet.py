@@ -336,10 +336,13 @@ class SharedState:
         at once fleet-wide, for the lease time. None: Redis did not answer."""
         lease = round(self.settings.lease * 1000)
         key = self.slots_key(destination)
-        got = await self._call(
-            lambda: self._acquire(keys=[key], args=[limit, lease, holder, _ms(now_ms)])
-        )
-        return None if got is None else bool(int(got))
+
+        async def step() -> bool:  # the answer read in the bound: odd is None
+            return bool(
+                int(await self._acquire(keys=[key], args=[limit, lease, holder, _ms(now_ms)]))
+            )
+
+        return await self._call(step)
 
     async def renew_all(
         self, held: Sequence[tuple[str, str, int]], *, now_ms: int | None = None
@@ -355,8 +358,14 @@ class SharedState:
         for destination, holder, limit in held:
             number = keys.setdefault(self.slots_key(destination), len(keys) + 1)
             args += [number, holder, limit]
-        got = await self._call(lambda: self._renew(keys=list(keys), args=args))
-        return None if got is None else [bool(int(g)) for g in got]
+
+        async def step() -> list[bool]:  # the answer read in the bound: odd is None
+            got = [bool(int(g)) for g in await self._renew(keys=list(keys), args=args)]
+            if len(got) != len(held):
+                raise ValueError(f"{len(got)} answers to {len(held)} renewals")
+            return got
+
+        return await self._call(step)
 
     async def renew(
         self, destination: str, holder: str, *, limit: int = 0, now_ms: int | None = None
@@ -369,8 +378,11 @@ class SharedState:
     async def release(self, destination: str, holder: str) -> bool | None:
         """Give ``holder``'s slot back (a slot never given back expires)."""
         key = self.slots_key(destination)
-        gone = await self._call(lambda: self._redis.zrem(key, holder))
-        return None if gone is None else bool(gone)
+
+        async def step() -> bool:
+            return bool(int(await self._redis.zrem(key, holder)))
+
+        return await self._call(step)
 
     # -- heartbeats
 
