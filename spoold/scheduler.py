@@ -199,7 +199,8 @@ class Scheduler:
     ) -> None:
         """One send job: the attempt, then its slots given back. A message
         whose fleet-wide token is not there yet is held until it comes (no
-        attempt): the job ends at once and waits for nothing."""
+        attempt), and so is one whose destination's fleet-wide connection
+        slots are all held: the job ends at once and waits for nothing."""
         slot: str | None = None
         try:
             # The rate first: a message the rate holds costs no slot (two
@@ -212,8 +213,8 @@ class Scheduler:
                 self._hold_for(entry, gen, wait, "fleet-wide rate")
                 return
             taken = await self._shared_slot(policy)
-            if isinstance(taken, float):
-                self._hold_for(entry, gen, taken, "fleet-wide connections")
+            if taken is not None and not isinstance(taken, str):  # seconds (an int too)
+                self._hold_for(entry, gen, float(taken), "fleet-wide connections")
                 return
             slot = taken
             if slot is not None:
