@@ -169,3 +169,35 @@ async def test_messages_held_for_a_full_route_come_back_in_turns(
         spread = [round(float(w) - first, 6) for w in waits]
         assert spread[:6] == [0.0, 0.1, 0.1, 0.2, 0.2, 0.3]
         assert max(spread) == 1.0 and node.refusals == 41
+
+
+async def test_a_slot_given_back_while_its_renewal_is_under_way_is_given_back_again() -> None:
+    # The renewal may reach Redis after the give-back and take the slot
+    # again (it re-takes what is not there): the node removes it once more.
+    class Shared:
+        settings = FleetSettings(url="redis://127.0.0.1:9/0", node="a", lease=3.0)
+        node: FleetSlots
+
+        def __init__(self) -> None:
+            self.released: list[str] = []
+
+        async def acquire(self, destination: str, limit: int, holder: str) -> bool:
+            return True
+
+        async def release(self, destination: str, holder: str) -> bool:
+            self.released.append(holder)
+            return True
+
+        async def renew_all(
+            self, held: list[tuple[str, str, int]], *, now_ms: int | None = None
+        ) -> list[bool]:
+            for _destination, holder, _limit in held:
+                await self.node.give_back(holder)  # meanwhile, the attempt ended
+            return [True] * len(held)
+
+    shared = Shared()
+    node = shared.node = FleetSlots(shared)  # type: ignore[arg-type]
+    holder = await node.take("r", 4)
+    assert isinstance(holder, str)
+    await node.renew()
+    assert shared.released == [holder, holder] and node.held == {}
