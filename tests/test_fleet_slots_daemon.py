@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -80,6 +81,12 @@ async def test_three_nodes_share_four_connections(
         with anyio.fail_after(10):
             while await r.zcard(SLOTS):
                 await anyio.sleep(POLL)
+    # A node stops cleanly (its renewing task ends with it).
+    first = daemons[0]
+    assert first.proc is not None
+    first.send_signal(signal.SIGTERM)
+    with anyio.fail_after(20):
+        assert await first.proc.wait() == 0
 
 
 async def test_a_killed_node_gives_its_slots_back_within_its_lease(

@@ -278,6 +278,10 @@ class Daemon:
                 await outer.start(webhooks.run)
             spool.shared_rates = self.fleet  # [fleet]: a route's rate is fleet-wide
             spool.shared_slots = self.fleet_slots  # [fleet]: and its max_connections
+            if self.fleet_slots is not None:
+                # Renews the slots held; in the outer group, so it goes on
+                # through the final flush (attempts under way hold slots).
+                outer.start_soon(self.fleet_slots.run)
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
             server = ControlServer(
                 spool,
@@ -334,8 +338,6 @@ class Daemon:
                 services.start_soon(self.mta_sts.run)  # refreshes kept MTA-STS policies
                 if self.fleet is not None:
                     services.start_soon(self._heartbeats, self.fleet, spool)
-                if self.fleet_slots is not None:
-                    services.start_soon(self.fleet_slots.run)  # renews the slots held
                 log.info(
                     "spoold ready",
                     event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
