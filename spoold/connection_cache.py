@@ -121,6 +121,9 @@ class RouteSettings:
     # required, and a PKIX or DANE check of the certificate); None: the
     # route's own tls and verify_certificates (spoold.tls_policy).
     tls_policy: TlsRequirement | None = None
+    # False: a connection lives one use (QUIT after it, never kept idle):
+    # what a fleet-wide connection limit counts (spoold.fleet_slots).
+    reuse: bool = True
 
     def data_timeout(self, size: int) -> float:
         """Kept for callers of earlier versions: ``command_timeout`` plus a
@@ -324,8 +327,10 @@ class ConnectionCache:
             yield conn
             healthy = True
         finally:
-            if healthy:
+            if healthy and settings.reuse:
                 self.release(conn)
+            elif healthy:
+                await self._close_after_use(conn)
             else:
                 self._drop(conn)
 
@@ -409,6 +414,15 @@ class ConnectionCache:
         conn.expiry = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, conn)
         self._idle.setdefault(conn.key, []).append(conn)
         self._serve_waiters()
+
+    async def _close_after_use(self, conn: Connection) -> None:
+        """QUIT a connection not to be reused, then free its slot: when
+        this returns, the hop has said goodbye (and closed its side)."""
+        try:
+            with contextlib.suppress(SmtpError), anyio.move_on_after(5):
+                await conn.client.quit(timeout=min(5.0, conn.key[1].command_timeout))
+        finally:
+            self._drop(conn)
 
     async def close_and_flush(self) -> None:
         """Take no more connections out; QUIT every idle one."""

@@ -55,7 +55,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -213,42 +213,80 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf',
 return at
 """
 
-# A connection slot: KEYS[1] the destination's sorted set; ARGV: limit,
-# lease (ms), holder, now (ms, "" for Redis's clock). Expired leases are
-# dropped first; a holder that has a slot renews it. Returns 1 or 0.
-_ACQUIRE = """
+# Connection slots. A destination's slots are a sorted set of holders
+# (a node's name and a number of its own), each scored by the time (ms) its
+# lease ends. Both scripts first drop the leases that ended (a dead node's),
+# and both keep the set alive as long as its furthest lease, whoever wrote
+# it (nodes may have different leases), never by the caller's lease alone.
+_KEEP_ALIVE = """
+local function keep_alive(key, now)
+  local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if top[2] then
+    redis.call('PEXPIRE', key, math.max(1, math.floor(tonumber(top[2]) - now) + 1))
+  end
+end
+local function clock(arg)
+  local now = tonumber(arg)
+  if now == nil then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
+end
+"""
+
+# Take a slot: KEYS[1] the destination's sorted set; ARGV: limit, lease
+# (ms), holder, now (ms, "" for Redis's clock). A holder that has a slot
+# renews it. Returns 1 (taken) or 0 (the fleet holds the limit).
+_ACQUIRE = (
+    _KEEP_ALIVE
+    + """
 local limit = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
-local now = tonumber(ARGV[4])
-if now == nil then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) == false
    and redis.call('ZCARD', KEYS[1]) >= limit then
   return 0
 end
 redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], lease)
+keep_alive(KEYS[1], now)
 return 1
 """
+)
 
-# Renew a slot this holder still has: 1, or 0 when its lease had run out
-# (or it was released). ARGV: lease (ms), holder, now (ms or "").
-_RENEW = """
+# Renew every slot a node holds, in one step. KEYS: the destinations'
+# sorted sets; ARGV: lease (ms), now (ms or ""), then per holder three
+# values: the number of its key in KEYS, the holder, the limit. A holder
+# still there gets a new lease; one not there (its lease ran out, Redis
+# lost it, or the node took it while Redis was away) is taken again if
+# the limit leaves room. Returns, per holder, 1 (held) or 0 (not held).
+_RENEW = (
+    _KEEP_ALIVE
+    + """
 local lease = tonumber(ARGV[1])
-local now = tonumber(ARGV[3])
-if now == nil then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = clock(ARGV[2])
+local swept = {}
+local out = {}
+for i = 3, #ARGV, 3 do
+  local key = KEYS[tonumber(ARGV[i])]
+  local holder = ARGV[i + 1]
+  if not swept[key] then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    swept[key] = true
+  end
+  local held = 0
+  if redis.call('ZSCORE', key, holder) ~= false
+     or redis.call('ZCARD', key) < tonumber(ARGV[i + 2]) then
+    redis.call('ZADD', key, now + lease, holder)
+    held = 1
+  end
+  out[#out + 1] = held
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false then return 0 end
-redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[2])
-redis.call('PEXPIRE', KEYS[1], lease)
-return 1
+for key, _ in pairs(swept) do keep_alive(key, now) end
+return out
 """
+)
 
 
 def _ms(now_ms: int | None) -> str:
@@ -364,32 +402,64 @@ class SharedState:
 
     # -- fleet-wide connection slots
 
+    def slots_key(self, destination: str) -> str:
+        """The sorted set of ``destination``'s slot holders."""
+        return f"{KEY_PREFIX}slots:{destination}"
+
     async def acquire(
         self, destination: str, limit: int, holder: str, *, now_ms: int | None = None
     ) -> bool | None:
         """Take (or renew) ``holder``'s slot of ``destination``, of ``limit``
         at once fleet-wide, for the lease time. None: Redis did not answer."""
         lease = round(self.settings.lease * 1000)
-        key = f"{KEY_PREFIX}slots:{destination}"
-        got = await self._call(
-            lambda: self._acquire(keys=[key], args=[limit, lease, holder, _ms(now_ms)])
-        )
-        return None if got is None else bool(int(got))
+        key = self.slots_key(destination)
+
+        async def step() -> bool:  # the answer read in the bound: odd is None
+            return bool(
+                int(await self._acquire(keys=[key], args=[limit, lease, holder, _ms(now_ms)]))
+            )
+
+        return await self._call(step)
+
+    async def renew_all(
+        self, held: Sequence[tuple[str, str, int]], *, now_ms: int | None = None
+    ) -> list[bool] | None:
+        """Renew, in one call, the slots ``held`` as (destination, holder,
+        limit): per holder, True when it holds its slot for a new lease
+        (kept, or taken again when its lease had run out and the limit has
+        room), False when not. None: Redis did not answer."""
+        if not held:
+            return []
+        keys: dict[str, int] = {}
+        args: list[str | int] = [round(self.settings.lease * 1000), _ms(now_ms)]
+        for destination, holder, limit in held:
+            number = keys.setdefault(self.slots_key(destination), len(keys) + 1)
+            args += [number, holder, limit]
+
+        async def step() -> list[bool]:  # the answer read in the bound: odd is None
+            got = [bool(int(g)) for g in await self._renew(keys=list(keys), args=args)]
+            if len(got) != len(held):
+                raise ValueError(f"{len(got)} answers to {len(held)} renewals")
+            return got
+
+        return await self._call(step)
 
     async def renew(
-        self, destination: str, holder: str, *, now_ms: int | None = None
+        self, destination: str, holder: str, *, limit: int = 0, now_ms: int | None = None
     ) -> bool | None:
-        """Extend ``holder``'s lease: False when it had run out."""
-        lease = round(self.settings.lease * 1000)
-        key = f"{KEY_PREFIX}slots:{destination}"
-        got = await self._call(lambda: self._renew(keys=[key], args=[lease, holder, _ms(now_ms)]))
-        return None if got is None else bool(int(got))
+        """Extend ``holder``'s lease: False when it had run out (and, with
+        a ``limit``, the fleet holds that many)."""
+        got = await self.renew_all([(destination, holder, limit)], now_ms=now_ms)
+        return None if got is None else got[0]
 
     async def release(self, destination: str, holder: str) -> bool | None:
         """Give ``holder``'s slot back (a slot never given back expires)."""
-        key = f"{KEY_PREFIX}slots:{destination}"
-        gone = await self._call(lambda: self._redis.zrem(key, holder))
-        return None if gone is None else bool(gone)
+        key = self.slots_key(destination)
+
+        async def step() -> bool:
+            return bool(int(await self._redis.zrem(key, holder)))
+
+        return await self._call(step)
 
     # -- heartbeats
 

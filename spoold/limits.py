@@ -56,6 +56,7 @@ __all__ = [
     "DestinationLimits",
     "LimitsSource",
     "SharedRates",
+    "SharedSlots",
     "DestinationGate",
     "Hold",
     "HopBackoff",
@@ -139,6 +140,21 @@ class SharedRates(Protocol):
     admission, and it reads its own clock."""
 
     async def gcra(self, destination: str, rate: Rate) -> float | None: ...
+
+
+class SharedSlots(Protocol):
+    """A destination's connections counted with other processes (the
+    fleet's Redis: :class:`spoold.fleet_slots.FleetSlots`). Asked by a send
+    job after the gate admitted it: :meth:`take` gives the name of the slot
+    this attempt holds (given back with :meth:`give_back` when the attempt
+    ends), or the seconds to wait before asking again when the others hold
+    ``limit``. When the shared state does not answer it gives a slot (the
+    local ``max_connections``, which the gate applied already, is then the
+    only one)."""
+
+    async def take(self, destination: str, limit: int) -> str | float: ...
+
+    async def give_back(self, holder: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,10 @@ class DestinationPolicy(msgspec.Struct, frozen=True, kw_only=True):
     # An MX route's outbound TLS policy (spoold.tls_policy): applied by the
     # relay per recipient domain and MX host; "none": the sessions' own TLS.
     tls_policy: TlsPolicyMode = "none"
+    # False: the attempt's connection is closed (QUIT) when it ends, never
+    # kept idle for the next one; set by a spool whose destination's
+    # connections are counted fleet-wide (a slot is one attempt).
+    reuse_connections: bool = True
 
     @property
     def limited(self) -> tuple[str, DestinationLimits] | None:

@@ -38,10 +38,11 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 import anyio.abc
+import msgspec
 
 from spoold.errors import RecordError, SpooldError
 from spoold.events import EventKind
-from spoold.limits import DestinationGate, Hold, SharedRates
+from spoold.limits import DestinationGate, Hold, SharedRates, SharedSlots
 from spoold.message import SEND_NOW, Message, SendAt, Sending, SendNow
 from spoold.policy import DestinationPolicy
 from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
@@ -73,6 +74,8 @@ class Scheduler:
         self.gate: DestinationGate[tuple[Entry, int]] = DestinationGate()
         # A fleet's shared rates (None: this spool's own limits alone).
         self.shared_rates: SharedRates | None = None
+        # A fleet's shared connection slots (None: this spool's own limits).
+        self.shared_slots: SharedSlots | None = None
 
     # ------------------------------------------------------------ settings
 
@@ -196,14 +199,30 @@ class Scheduler:
     ) -> None:
         """One send job: the attempt, then its slots given back. A message
         whose fleet-wide token is not there yet goes back to the head of its
-        destination's line until the token is due (no attempt): the job
-        ends at once and waits for nothing."""
+        destination's line until the token is due, and one whose
+        destination's fleet-wide connection slots are all held is held a
+        moment (no attempt): the job ends at once and waits for nothing."""
+        slot: str | None = None
         try:
+            # The rate first: a message the rate holds costs no slot (two
+            # calls fewer), and its token is taken without a slot's call
+            # first (late tokens are lost rate). A token whose slot is
+            # refused is spent: then the connections, not the rate, bound
+            # the route.
             due = await self._shared_due(policy)
-            if due is None:
-                await attempt(entry, policy)
-            else:
+            if due is not None:
                 self._defer(entry, gen, due)
+                return
+            taken = await self._shared_slot(policy)
+            if taken is not None and not isinstance(taken, str):  # seconds (an int too)
+                self._hold_for(entry, gen, float(taken), "fleet-wide connections")
+                return
+            slot = taken
+            if slot is not None:
+                # The slot is one attempt: its connection is not kept idle.
+                await attempt(entry, msgspec.structs.replace(policy, reuse_connections=False))
+            else:
+                await attempt(entry, policy)
         finally:
             entry.busy = False
             if entry.destination is not None:
@@ -213,6 +232,28 @@ class Scheduler:
             if self._running == 0:
                 self._idle.set()
             self.poke()
+            if slot is not None and self.shared_slots is not None:
+                # Last: no await while the message is busy (its timer
+                # coming due meanwhile would be passed over).
+                await self.shared_slots.give_back(slot)
+
+    def _hold_for(self, entry: Entry, gen: int, wait: float, reason: str) -> None:
+        """Hold ``entry`` ``wait`` seconds for the fleet (if it is still
+        the one this job was started for)."""
+        current = self._index.get(entry.msg.id)
+        if current is entry and entry.gen == gen and not self._state.stopping:
+            until = self.clock.now().timestamp() + wait
+            self._hold(entry, gen, Hold(None, until, reason))
+
+    async def _shared_slot(self, policy: DestinationPolicy) -> str | float | None:
+        """The destination's fleet-wide connection slot, if
+        :attr:`shared_slots` is set and the destination has limits: its
+        holder (given back when the attempt ends), or the seconds to wait
+        (the fleet holds ``max_connections``); None: nothing to take."""
+        shared, limited = self.shared_slots, policy.limited
+        if shared is None or limited is None:
+            return None
+        return await shared.take(limited[0], limited[1].max_connections)
 
     async def _shared_due(self, policy: DestinationPolicy) -> float | None:
         """When the destination's shared token (a fleet-wide rate) may be

@@ -203,12 +203,14 @@ class SmtpRelay:
         """One attempt with the session settings of ``policy``
         (:class:`~spoold.policy.PolicyRelay`)."""
         tls = policy.tls_policy if self.tls_policies is not None else "none"
-        if not policy.sessions:
+        if not policy.sessions and policy.reuse_connections:
             return await self._relay(message, body, recipients, self.settings_for, tls)
         fallback = self.settings_for
 
         def settings_for(hop: str, message: Message) -> RouteSettings:
-            return policy.session_for(hop) or fallback(hop, message)
+            settings = policy.session_for(hop) or fallback(hop, message)
+            # A connection counted fleet-wide lives one attempt.
+            return settings if policy.reuse_connections else replace(settings, reuse=False)
 
         return await self._relay(message, body, recipients, settings_for, tls)
 

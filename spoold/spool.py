@@ -67,7 +67,7 @@ from spoold.hooks import OnErrorHook, PresendHook, default_on_error, default_pre
 from spoold.hostname import local_hostname
 from spoold.housekeeping import Housekeeping
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
-from spoold.limits import LimitsSource, SharedRates
+from spoold.limits import LimitsSource, SharedRates, SharedSlots
 from spoold.loading import Loading
 from spoold.message import (
     Message,
@@ -717,6 +717,20 @@ class Spool:
     @shared_keys.setter
     def shared_keys(self, shared: FleetKeys | None) -> None:
         self._submission.shared_keys = shared
+
+    @property
+    def shared_slots(self) -> SharedSlots | None:
+        """Connection slots shared with other spools (a fleet's Redis:
+        :class:`spoold.fleet_slots.FleetSlots`): when set, an attempt of a
+        destination with limits first takes a slot of its
+        ``max_connections`` counted over all of them, is held back a moment
+        when there is none, and its connection is closed when it ends (not
+        kept for reuse); None (the default): this spool's limits alone."""
+        return self._scheduler.shared_slots
+
+    @shared_slots.setter
+    def shared_slots(self, shared: SharedSlots | None) -> None:
+        self._scheduler.shared_slots = shared
 
     @property
     def sending(self) -> int:

@@ -347,3 +347,26 @@ async def test_dane_ta_checks_the_chain_and_the_name_against_the_anchor_alone(
             async with cache.connection(misnamed.hop, anchored(der(root))):
                 pass
         await cache.close_and_flush()
+
+
+async def test_a_connection_not_for_reuse_says_quit_and_frees_its_slot(
+    start_smtp_server: StartServer,
+) -> None:
+    # reuse = False (a fleet-wide slot is one attempt): QUIT after use, the
+    # hop has closed its side when the body is done, never kept idle.
+    server = await start_smtp_server()
+    cache = ConnectionCache(max_per_hop=1, idle_timeout=3600)
+    once = replace(SETTINGS, reuse=False)
+    with anyio.fail_after(TIMEOUT):
+        for n in (1, 2):
+            async with cache.connection(server.hop, once):
+                assert server.open_connections == 1
+            assert cache.open_connections == 0 and cache.idle_connections == 0
+            assert server.connections_opened == n and server.count("QUIT") == n
+        await anyio.wait_all_tasks_blocked()
+        assert server.open_connections == 0
+        # the same hop with reusable settings is another key, kept as before
+        async with cache.connection(server.hop, SETTINGS):
+            pass
+        assert cache.idle_connections == 1
+        await cache.close_and_flush()

@@ -111,6 +111,7 @@ LIBRARY_ROWS: list[list[str]] = [
     ["fleet"],  # the state a fleet of nodes shares in Redis (issue 23)
     # issue 23: fleet-wide idempotency keys and the suppression list's mirror
     ["fleet_keys", "fleet_suppression"],
+    ["fleet_slots"],  # a node's fleet-wide connection slots (issue 23)
     # rules
     [
         "hooks",

@@ -910,6 +910,9 @@ def fleet_status(target: _Target, as_json: bool) -> None:
         state = "up" if found["redis_up"] else f"DOWN ({found['last_error']}): local limits"
         click.echo(f"this node: {found['node']}; redis {found['redis']}: {state}")
         click.echo(f"outages since start: {found['outages']}")
+        slots = found.get("slots") or {}  # (a daemon of an earlier version has none)
+        held = " ".join(f"{route}={n}" for route, n in sorted(slots.items()))
+        click.echo(f"connection slots held: {held or 'none'}")
         if found["nodes"] is None:
             click.echo("nodes: unknown (Redis did not answer)")
         for node in found["nodes"] or []:

@@ -89,6 +89,7 @@ from spoold.errors import (
 )
 from spoold.fleet import FleetSettings, SharedState, redacted_url
 from spoold.fleet_keys import FleetKeys
+from spoold.fleet_slots import FleetSlots
 from spoold.fleet_suppression import SuppressionMirror
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
@@ -182,6 +183,8 @@ class Daemon:
         self.accept_failures = AcceptFailures()
         # [fleet]: the shared state in Redis (it connects on first use).
         self.fleet = SharedState(self.live.fleet) if self.live.fleet is not None else None
+        # [fleet]: a route's max_connections counted over the fleet (leases).
+        self.fleet_slots = FleetSlots(self.fleet) if self.fleet is not None else None
         self.metrics = Metrics()  # served when [metrics] listen is set
         self.cache = ConnectionCache(resolve_host=self.live.dns.resolve_host)
         self.cache.settings = config.relay.cache
@@ -278,6 +281,11 @@ class Daemon:
             if webhooks is not None:
                 await outer.start(webhooks.run)
             spool.shared_rates = self.fleet  # [fleet]: a route's rate is fleet-wide
+            spool.shared_slots = self.fleet_slots  # [fleet]: and its max_connections
+            if self.fleet_slots is not None:
+                # Renews the slots held; in the outer group, so it goes on
+                # through the final flush (attempts under way hold slots).
+                outer.start_soon(self.fleet_slots.run)
             mirror = None
             if self.fleet is not None:
                 # [fleet]: idempotency keys and the suppression list are too.
@@ -316,6 +324,7 @@ class Daemon:
                             self.metrics.serve,
                             cache=self.cache,
                             fleet=self.fleet.health if self.fleet is not None else None,
+                            slots=self.fleet_slots,
                         ),
                         spool,
                         cfg.metrics.listen,
@@ -636,6 +645,7 @@ class Daemon:
                 "redis_up": False,
                 "outages": 0,
                 "last_error": "",
+                "slots": {},
                 "nodes": [],
             }
         beats = await fleet.nodes()  # asks Redis: the health is fresh
@@ -646,6 +656,7 @@ class Daemon:
             "redis_up": fleet.health.up is True,
             "outages": fleet.health.outages,
             "last_error": fleet.health.last_error,
+            "slots": self.fleet_slots.held if self.fleet_slots is not None else {},
             "nodes": None
             if beats is None
             else [{"node": b.node, "heartbeat": b.at, "queues": dict(b.queues)} for b in beats],

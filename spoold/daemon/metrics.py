@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from spoold.connection_cache import ConnectionCache
 from spoold.events import EventKind
 from spoold.fleet import Health
+from spoold.fleet_slots import FleetSlots
 from spoold.message import Message, Queue
 from spoold.policy import NO_POLICY, DestinationPolicy, relay_under
 from spoold.relay import AttemptFailed, BodyHandle, Delivery, Relay, RelayOutcome
@@ -206,6 +207,20 @@ class Metrics:
             registry=r,
         )
         self._fleet_outages_seen = 0
+        self.fleet_slots_held = Gauge(
+            "spoold_fleet_slots_held",
+            "Fleet-wide connection slots this node holds now ([fleet]: attempts under way of a "
+            "route with max_connections)",
+            ["route"],
+            registry=r,
+        )
+        self.fleet_slot_refusals = Counter(
+            "spoold_fleet_slot_refusals",
+            "Attempts held back a moment because the fleet held a route's max_connections",
+            registry=r,
+        )
+        self._slot_refusals_seen = 0
+        self._slot_routes: set[str] = set()
         self.reload_success = Gauge(
             "spoold_last_reload_success",
             "1 if the last reload was applied, 0 if it was refused",
@@ -313,14 +328,25 @@ class Metrics:
         return float(st.f_bavail * st.f_frsize)
 
     def update(
-        self, spool: Spool, cache: ConnectionCache | None = None, fleet: Health | None = None
+        self,
+        spool: Spool,
+        cache: ConnectionCache | None = None,
+        fleet: Health | None = None,
+        slots: FleetSlots | None = None,
     ) -> None:
-        """Refresh the gauges from the spool (and the relay's cache, and the
-        health of the fleet's Redis)."""
+        """Refresh the gauges from the spool (and the relay's cache, the
+        health of the fleet's Redis and this node's fleet-wide slots)."""
         if fleet is not None:
             self.fleet_redis_up.set(1 if fleet.up else 0)
             self.fleet_redis_outages.inc(max(0, fleet.outages - self._fleet_outages_seen))
             self._fleet_outages_seen = fleet.outages
+        if slots is not None:
+            held = slots.held
+            self._slot_routes |= set(held)
+            for route in self._slot_routes:  # a route that held slots shows 0, not its last
+                self.fleet_slots_held.labels(route).set(held.get(route, 0))
+            self.fleet_slot_refusals.inc(max(0, slots.refusals - self._slot_refusals_seen))
+            self._slot_refusals_seen = slots.refusals
         self._spool_dir = spool.spool_dir
         for queue, n in spool.counts().items():
             self.messages.labels(queue.value).set(n)
@@ -353,6 +379,7 @@ class Metrics:
         *,
         cache: ConnectionCache | None = None,
         fleet: Health | None = None,
+        slots: FleetSlots | None = None,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled; reports started once listening."""
@@ -362,13 +389,13 @@ class Metrics:
         )
         try:
             async with spool.events() as stream, anyio.create_task_group() as tg:
-                self.update(spool, cache, fleet)
+                self.update(spool, cache, fleet, slots)
                 task_status.started()
 
                 async def refresh() -> None:
                     while True:
                         await anyio.sleep(self.refresh_interval)
-                        self.update(spool, cache, fleet)
+                        self.update(spool, cache, fleet, slots)
 
                 tg.start_soon(refresh)
                 async for event in stream:

@@ -384,6 +384,7 @@ class FleetStatus(View):
     redis_up: bool
     outages: int  # times this node found Redis down since it started
     last_error: str
+    slots: dict[str, int]  # fleet-wide connection slots this node holds now, by route
     nodes: list[FleetNodeView] | None
 
 

@@ -1,0 +1,200 @@
+"""A node's fleet-wide connection slots: a route's ``max_connections``
+counted over every node of a fleet, as leases in the fleet's Redis.
+
+:class:`FleetSlots` is what the scheduler asks before an attempt of a
+destination with limits (:class:`spoold.limits.SharedSlots`): a slot is
+one attempt, and the attempt's connection lives no longer than it (the
+scheduler has the relay close it after the attempt rather than keep it
+idle), so the slots held fleet-wide are the connections the next hop sees.
+Its contract:
+
+* **Taken before, given back after.** :meth:`FleetSlots.take` gives a
+  holder name (``NODE:RUN:N``, unique to this attempt of this run of the
+  node) when the fleet had room, or the seconds to wait before asking again
+  when it had not; the attempt does not start then, and the message waits
+  in memory (no send job waits holding a slot of its own). After the
+  attempt, :meth:`FleetSlots.give_back` removes the holder (the
+  scheduler calls it after the message is no longer busy; this node's next
+  attempt of the destination waits for the removal to reach Redis, so it
+  is never refused its own slot).
+* **Leases expire.** A slot is held for :attr:`FleetSettings.lease`
+  seconds; :meth:`FleetSlots.run` renews every slot this node holds every
+  third of it, in one Redis call. A node that dies (``kill -9``, a cut
+  cable) stops renewing: its slots end within one lease, and the next
+  node that asks for a slot of that destination sweeps them out.
+* **Redis failing is not mail failing.** When Redis does not answer,
+  :meth:`~FleetSlots.take` still gives a holder (the node goes on with its
+  own ``max_connections``, which the scheduler's gate holds anyway), noted
+  as not leased; each renewal tries to take such slots, and slots whose
+  lease ran out while Redis was away, again, so when Redis is back the
+  node counts in the fleet again. A slot that cannot be taken again (the
+  fleet is full meanwhile) stays this node's until its attempt ends: an
+  attempt under way is never cut.
+* **A full fleet is asked sparingly.** After a refusal, a destination is
+  not asked again for a short while (:attr:`FleetSlots.retry`, spread by a
+  random factor so that nodes do not ask in step), except when this node
+  gives back a slot of it; the messages refused meanwhile are told to come
+  back in turns (``limit`` of them per retry, none later than
+  :data:`MAX_SPREAD`), so a large backlog does not wake all at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from spoold.fleet import SharedState
+from spoold.log import get_logger
+
+__all__ = ["FleetSlots", "DEFAULT_RETRY", "MAX_SPREAD"]
+
+log = get_logger("spoold.fleet")
+
+# Seconds a refused destination waits before this node asks for it again.
+DEFAULT_RETRY = 0.1
+# Seconds at most that a message held for a full route waits for its turn.
+MAX_SPREAD = 1.0
+
+
+@dataclass(slots=True)
+class _Held:
+    destination: str
+    limit: int
+    leased: bool  # False: taken while Redis did not answer (or lost since)
+
+
+class FleetSlots:
+    """This node's slots of the fleet's destinations (see the module
+    docstring). ``clock``: monotonic seconds (tests move it)."""
+
+    def __init__(
+        self,
+        shared: SharedState,
+        *,
+        retry: float = DEFAULT_RETRY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.shared = shared
+        self.retry = retry
+        self._clock = clock
+        self._held: dict[str, _Held] = {}
+        self._full_until: dict[str, float] = {}
+        self._turns: dict[str, int] = {}  # messages held since the fleet was full
+        # Slots being given back in Redis, per destination: this node's next
+        # attempt of it waits for them (else it could be refused its own slot).
+        self._releasing: dict[str, int] = {}
+        self._released: dict[str, anyio.Event] = {}
+        # Holders are unique per run: a node restarted at once never
+        # mistakes its dead run's slots (which expire) for its own.
+        self._prefix = f"{shared.settings.node}:{secrets.token_hex(4)}:"
+        self._numbers = itertools.count(1)
+        self.refusals = 0  # attempts held back because the fleet was full
+
+    @property
+    def held(self) -> dict[str, int]:
+        """Slots held now per destination (leased in Redis or not)."""
+        return dict(Counter(h.destination for h in self._held.values()))
+
+    @property
+    def leased(self) -> int:
+        """Slots this node holds that Redis counts."""
+        return sum(1 for h in self._held.values() if h.leased)
+
+    def holders(self) -> list[str]:
+        """The holder names of this node's slots."""
+        return list(self._held)
+
+    async def take(self, destination: str, limit: int) -> str | float:
+        """A slot of ``destination`` (at most ``limit`` fleet-wide): its
+        holder name, to give back after the attempt; or the seconds to wait
+        before asking again (the fleet holds ``limit``)."""
+        now = self._clock()
+        until = self._full_until.get(destination)
+        if until is not None:
+            if now < until:
+                # Not asked: the fleet was full a moment ago. The messages
+                # held meanwhile come back in turns, ``limit`` per retry
+                # (at most MAX_SPREAD later), not all at once: a backlog of
+                # a full route costs a few checks a second, not one per
+                # message each retry.
+                turn = self._turns[destination] = self._turns.get(destination, 0) + 1
+                self.refusals += 1
+                return until - now + min(MAX_SPREAD, self.retry * (turn // max(1, limit)))
+            del self._full_until[destination]
+            self._turns.pop(destination, None)
+        if self._releasing.get(destination):
+            await self._released[destination].wait()  # bounded: a call's timeout
+        holder = f"{self._prefix}{next(self._numbers)}"
+        got = await self.shared.acquire(destination, limit, holder)
+        if got is False:
+            wait = self.retry * random.uniform(0.5, 1.5)  # spread: nodes do not ask in step
+            self._full_until[destination] = self._clock() + wait
+            self.refusals += 1
+            return wait
+        self._held[holder] = _Held(destination, limit, leased=got is True)
+        return holder
+
+    async def give_back(self, holder: str) -> None:
+        """The attempt of ``holder`` ended: its slot is free (at once for
+        this node's next attempt of the destination)."""
+        held = self._held.pop(holder, None)
+        if held is None:
+            return
+        destination = held.destination
+        self._full_until.pop(destination, None)
+        self._turns.pop(destination, None)
+        if not self._releasing.get(destination):
+            self._released[destination] = anyio.Event()
+        self._releasing[destination] = self._releasing.get(destination, 0) + 1
+        try:
+            # Asked even when not leased: a renewal may have taken it
+            # meanwhile. Shielded: a send job cancelled at shutdown still
+            # frees its slot (the call is bounded by the fleet's timeout).
+            with anyio.CancelScope(shield=True):
+                await self.shared.release(destination, holder)
+        finally:
+            self._releasing[destination] -= 1
+            if not self._releasing[destination]:
+                del self._releasing[destination]
+                self._released.pop(destination).set()
+
+    async def renew(self, *, now_ms: int | None = None) -> None:
+        """Renew every slot held (one Redis call), and take again those
+        whose lease was lost or never taken."""
+        items = list(self._held.items())
+        if not items:
+            return
+        got = await self.shared.renew_all(
+            [(h.destination, holder, h.limit) for holder, h in items], now_ms=now_ms
+        )
+        if got is None:
+            return  # Redis did not answer: the leases run on; local limits hold
+        stale = []
+        for (holder, h), held in zip(items, got, strict=True):
+            if self._held.get(holder) is not h:
+                if held:
+                    stale.append((h.destination, holder))  # given back meanwhile
+                continue
+            if h.leased and not held:
+                log.warning(
+                    "fleet slot lost; the attempt under way goes on",
+                    destination=h.destination,
+                    holder=holder,
+                )
+            h.leased = held
+        for destination, holder in stale:
+            await self.shared.release(destination, holder)
+
+    async def run(self) -> None:
+        """Renew the slots held every third of the lease, until cancelled."""
+        period = self.shared.settings.lease / 3
+        while True:
+            await anyio.sleep(period)
+            await self.renew()

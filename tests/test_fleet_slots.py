@@ -1,0 +1,203 @@
+"""Fleet-wide connection slots against a real redis-server on a loopback
+port: the lease scripts (take, renew all in one call, give back, expiry,
+the slot set's lifetime) with an injected clock, and :class:`FleetSlots`
+(a node's slots: refusals, renewal, Redis down and back)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+import redis.asyncio
+
+from spoold.fleet import KEY_PREFIX, FleetSettings, SharedState
+from spoold.fleet_slots import FleetSlots
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.daemon  # starts redis-server
+
+
+def _settings(server: RedisServer, node: str = "relay-1", **kw: float) -> FleetSettings:
+    return FleetSettings(url=server.url, node=node, **kw)
+
+
+async def _holders(server: RedisServer, destination: str = "r") -> list[str]:
+    async with redis.asyncio.Redis.from_url(server.url, decode_responses=True) as r:
+        return sorted(await r.zrange(f"{KEY_PREFIX}slots:{destination}", 0, -1))
+
+
+async def _pttl(server: RedisServer, destination: str = "r") -> int:
+    async with redis.asyncio.Redis.from_url(server.url) as r:
+        return int(await r.pttl(f"{KEY_PREFIX}slots:{destination}"))
+
+
+async def test_renew_all_keeps_retakes_and_loses_in_one_call(redis_server: RedisServer) -> None:
+    async with (
+        SharedState(_settings(redis_server, "a", lease=10.0)) as a,
+        SharedState(_settings(redis_server, "b", lease=10.0)) as b,
+    ):
+        assert await a.acquire("r", 2, "a:1", now_ms=0) is True
+        assert await a.acquire("s", 1, "a:2", now_ms=0) is True
+        # Renewed at 9 s: both leases now end at 19 s, not 10 s.
+        assert await a.renew_all([("r", "a:1", 2), ("s", "a:2", 1)], now_ms=9_000) == [True, True]
+        assert await b.acquire("s", 1, "b:1", now_ms=18_999) is False
+        # b's view at 20 s: a's leases ran out; a slot of s is b's now.
+        assert await b.acquire("s", 1, "b:1", now_ms=20_000) is True
+        # a renews late: r had room, so a:1 is taken again; s is full: lost.
+        assert await a.renew_all([("r", "a:1", 2), ("s", "a:2", 1)], now_ms=20_001) == [
+            True,
+            False,
+        ]
+        assert await _holders(redis_server, "r") == ["a:1"]
+        assert await _holders(redis_server, "s") == ["b:1"]
+        assert await a.renew_all([]) == []
+
+
+async def test_a_dead_holder_is_swept_out_by_the_next_one_to_ask(
+    redis_server: RedisServer,
+) -> None:
+    async with SharedState(_settings(redis_server, "b", lease=2.0)) as b:
+        assert await b.acquire("r", 4, "dead:1", now_ms=0) is True
+        assert await b.acquire("r", 4, "dead:2", now_ms=0) is True
+        assert await b.acquire("r", 4, "b:1", now_ms=1_000) is True
+        assert await _holders(redis_server) == ["b:1", "dead:1", "dead:2"]
+        assert await b.renew_all([("r", "b:1", 4)], now_ms=2_000) == [True]
+        assert await _holders(redis_server) == ["b:1"]
+
+
+async def test_the_slot_set_lives_as_long_as_its_furthest_lease(
+    redis_server: RedisServer,
+) -> None:
+    # A node with a short lease must not cut a longer lease of another.
+    async with (
+        SharedState(_settings(redis_server, "long", lease=60.0)) as long,
+        SharedState(_settings(redis_server, "short", lease=1.0)) as short,
+    ):
+        assert await long.acquire("r", 4, "long:1") is True
+        assert await short.acquire("r", 4, "short:1") is True
+        assert await short.renew("r", "short:1") is True
+        assert await _pttl(redis_server) > 30_000
+        assert await long.release("r", "long:1") is True
+        assert await short.renew("r", "short:1") is True
+        assert 0 < await _pttl(redis_server) <= 1_001
+
+
+async def test_a_node_takes_up_to_the_limit_and_gives_back(redis_server: RedisServer) -> None:
+    now = [100.0]
+    async with (
+        SharedState(_settings(redis_server, "a")) as a,
+        SharedState(_settings(redis_server, "b")) as b,
+    ):
+        one, two = FleetSlots(a, clock=lambda: now[0]), FleetSlots(b, clock=lambda: now[0])
+        first = await one.take("r", 2)
+        second = await two.take("r", 2)
+        assert isinstance(first, str) and isinstance(second, str)
+        assert first.startswith("a:") and second.startswith("b:")
+        assert one.held == {"r": 1} and one.leased == 1
+        refused = await one.take("r", 2)
+        assert isinstance(refused, float) and 0 < refused <= 1.5 * one.retry
+        assert one.refusals == 1
+        await two.give_back(second)
+        assert await _holders(redis_server) == [first]
+        # Refused a moment ago: not asked again before the wait is over ...
+        assert isinstance(await one.take("r", 2), float)
+        now[0] += 1.0
+        third = await one.take("r", 2)  # ... then a slot is free
+        assert isinstance(third, str) and one.held == {"r": 2}
+        # A slot given back at this node lets its next attempt ask at once.
+        assert isinstance(await one.take("r", 2), float)
+        await one.give_back(third)
+        fourth = await one.take("r", 2)
+        assert isinstance(fourth, str)
+        assert sorted(one.holders()) == sorted([first, fourth])
+        await one.give_back(first)
+        await one.give_back(fourth)
+        await one.give_back(fourth)  # twice: nothing more happens
+        assert one.held == {} and await _holders(redis_server) == []
+
+
+async def test_renewal_holds_the_slots_past_the_lease(redis_server: RedisServer) -> None:
+    async with (
+        SharedState(_settings(redis_server, "a", lease=10.0)) as a,
+        SharedState(_settings(redis_server, "b", lease=10.0)) as b,
+    ):
+        node = FleetSlots(a)
+        # Taken on Redis's clock; renewed as if 9 s later, then checked at 15 s.
+        async with redis.asyncio.Redis.from_url(redis_server.url) as r:
+            seconds, micros = await r.time()
+        now_ms = seconds * 1000 + micros // 1000
+        held = [await node.take("r", 1)]
+        await node.renew(now_ms=now_ms + 9_000)
+        assert await b.acquire("r", 1, "b:1", now_ms=now_ms + 15_000) is False
+        assert await b.acquire("r", 1, "b:1", now_ms=now_ms + 19_001) is True
+        assert node.leased == 1 and node.holders() == held
+        # Its lease was gone: the next renewal cannot take it back (full).
+        await node.renew(now_ms=now_ms + 19_002)
+        assert node.leased == 0 and node.held == {"r": 1}
+
+
+async def test_redis_down_the_node_goes_on_alone_and_counts_again_when_back(
+    redis_server: RedisServer,
+) -> None:
+    async with SharedState(_settings(redis_server, "a", timeout=0.5, retry_after=0.0)) as a:
+        node = FleetSlots(a)
+        redis_server.stop()
+        alone = [await node.take("r", 2) for _ in range(3)]
+        assert all(isinstance(h, str) for h in alone)  # local max_connections holds
+        assert node.held == {"r": 3} and node.leased == 0
+        redis_server.start()  # empty, on the same port
+        with anyio.fail_after(10):
+            while not a.health.up:
+                await a.ping()
+        await node.renew()  # takes back what the limit has room for
+        assert node.leased == 2 and len(await _holders(redis_server)) == 2
+        for holder in alone:
+            await node.give_back(holder)
+        assert node.held == {} and await _holders(redis_server) == []
+
+
+async def test_messages_held_for_a_full_route_come_back_in_turns(
+    redis_server: RedisServer,
+) -> None:
+    now = [100.0]
+    async with SharedState(_settings(redis_server, "a")) as a:
+        node = FleetSlots(a, retry=0.1, clock=lambda: now[0])
+        assert await a.acquire("r", 2, "other:1") and await a.acquire("r", 2, "other:2")
+        first = await node.take("r", 2)
+        assert isinstance(first, float)
+        waits = [await node.take("r", 2) for _ in range(40)]
+        # two per retry after the first window, none later than a second on
+        spread = [round(float(w) - first, 6) for w in waits]
+        assert spread[:6] == [0.0, 0.1, 0.1, 0.2, 0.2, 0.3]
+        assert max(spread) == 1.0 and node.refusals == 41
+
+
+async def test_a_slot_given_back_while_its_renewal_is_under_way_is_given_back_again() -> None:
+    # The renewal may reach Redis after the give-back and take the slot
+    # again (it re-takes what is not there): the node removes it once more.
+    class Shared:
+        settings = FleetSettings(url="redis://127.0.0.1:9/0", node="a", lease=3.0)
+        node: FleetSlots
+
+        def __init__(self) -> None:
+            self.released: list[str] = []
+
+        async def acquire(self, destination: str, limit: int, holder: str) -> bool:
+            return True
+
+        async def release(self, destination: str, holder: str) -> bool:
+            self.released.append(holder)
+            return True
+
+        async def renew_all(
+            self, held: list[tuple[str, str, int]], *, now_ms: int | None = None
+        ) -> list[bool]:
+            for _destination, holder, _limit in held:
+                await self.node.give_back(holder)  # meanwhile, the attempt ended
+            return [True] * len(held)
+
+    shared = Shared()
+    node = shared.node = FleetSlots(shared)  # type: ignore[arg-type]
+    holder = await node.take("r", 4)
+    assert isinstance(holder, str)
+    await node.renew()
+    assert shared.released == [holder, holder] and node.held == {}

@@ -1,0 +1,165 @@
+"""A spool with shared connection slots (``Spool.shared_slots``, the
+fleet's leases in the daemon): a send job of a route with limits takes a
+slot after the local gate (and after the fleet's rate token, so a message
+the rate holds takes none); none free, it ends and the message is held a
+moment (no send job waits); the attempt's connection is closed after it
+(the slot is one attempt, never an idle connection); the slot is given
+back when the attempt ends. A stand-in for Redis here
+(tests/test_fleet_slots.py tests the real one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+
+from spoold.limits import Rate
+from spoold.message import Queue
+from spoold.testing import FakeClock
+from tests.relay_helpers import MakeRelay, route
+from tests.smtp_server import StartServer
+from tests.spool_helpers import START
+from tests.support import wait_until
+from tests.test_limits import add, router_for, spool_with
+
+
+class Slots:
+    """Answers ``take`` from a script (a float: wait; else a slot named
+    after the call), and keeps what was taken and given back."""
+
+    def __init__(self, *answers: float | None) -> None:
+        self.answers = list(answers)
+        self.asked: list[tuple[str, int]] = []
+        self.given_back: list[str] = []
+
+    async def take(self, destination: str, limit: int) -> str | float:
+        self.asked.append((destination, limit))
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return f"slot-{len(self.asked)}" if answer is None else answer
+
+    async def give_back(self, holder: str) -> None:
+        self.given_back.append(holder)
+
+
+class NoRate:
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.calls = 0
+
+    async def gcra(self, destination: str, rate: Rate) -> float | None:
+        self.calls += 1
+        return self.wait
+
+
+async def test_a_slot_per_attempt_and_its_connection_closed_after_it(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "max_connections": 3}})
+    slots = Slots(None)
+    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
+        spool.shared_slots = slots
+        await add(spool, router, "a@example.com")
+        await wait_until(lambda: hop.transactions == 1, "the first message")
+        await wait_until(lambda: slots.given_back == ["slot-1"], "its slot given back")
+        await add(spool, router, "b@example.com")
+        await wait_until(lambda: slots.given_back == ["slot-1", "slot-2"], "the second slot back")
+        # Each attempt said QUIT and closed: no connection is kept idle.
+        assert hop.transactions == 2 and hop.count("QUIT") == 2
+        assert hop.connections_opened == 2 and hop.open_connections == 0
+    assert slots.asked == [("free", 3), ("free", 3)]
+
+
+async def test_no_free_slot_holds_the_message_a_moment_then_it_goes(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop]}})
+    slots = Slots(0.5, 0.5, None)
+    clock = FakeClock(START)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_slots = slots
+        await add(spool, router, "ops@example.com")
+        for asked in (1, 2):
+            await wait_until(lambda n=asked: len(slots.asked) == n, "a slot to be asked")
+            assert hop.transactions == 0 and spool.sending == 0  # no job waits
+            clock.advance(0.5)
+        await wait_until(lambda: hop.transactions == 1, "the message to arrive")
+        await wait_until(lambda: slots.given_back == ["slot-3"], "the slot given back")
+
+
+async def test_a_message_waiting_for_a_slot_holds_no_send_job(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop]},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+
+    class OnlyFree(Slots):
+        async def take(self, destination: str, limit: int) -> str | float:
+            self.asked.append((destination, limit))
+            return 5.0 if destination == "limited" else f"slot-{len(self.asked)}"
+
+    slots = OnlyFree()
+    async with spool_with(
+        tmp_path, make_relay(route()), router, FakeClock(START), max_concurrent_send_jobs=1
+    ) as (spool, _):
+        spool.shared_slots = slots
+        mid = await add(spool, router, "ops@limited.example")
+        await wait_until(lambda: len(slots.asked) == 1, "a slot to be asked")
+        await add(spool, router, "ops@free.example")
+        await wait_until(lambda: free.transactions == 1, "the other route's message")
+        await spool.freeze([mid])  # not being sent: an operator can freeze it
+        assert (await spool.get_message(mid)).queue is Queue.FROZEN
+    assert limited.transactions == 0
+
+
+async def test_a_message_the_rate_holds_takes_no_slot(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    slots, rate = Slots(None), NoRate(5.0)
+    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
+        spool.shared_slots, spool.shared_rates = slots, rate
+        await add(spool, router, "ops@example.com")
+        await wait_until(lambda: rate.calls == 1 and spool.sending == 0, "the rate's hold")
+    assert slots.asked == [] and hop.transactions == 0
+
+
+async def test_a_slot_given_back_slowly_holds_nothing_up(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # The first message's slot takes long to go back (Redis slow): the
+    # message is no longer busy meanwhile, and the next one, held by the
+    # rate and then due, goes.
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    let_go = anyio.Event()
+
+    class SlowBack(Slots):
+        async def give_back(self, holder: str) -> None:
+            if holder == "slot-1":
+                await let_go.wait()
+            self.given_back.append(holder)
+
+    slots, rate, clock = SlowBack(None), NoRate(0.0), FakeClock(START)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_slots, spool.shared_rates = slots, rate
+        await add(spool, router, "a@example.com")
+        await wait_until(lambda: hop.transactions == 1 and spool.sending == 0, "the first")
+        rate.wait = 0.5
+        await add(spool, router, "b@example.com")
+        clock.advance(0.1)  # the local rate's spacing
+        await wait_until(lambda: rate.calls == 2, "the second held by the rate")
+        rate.wait = 0.0
+        clock.advance(0.5)
+        await wait_until(lambda: hop.transactions == 2, "the second message")
+        await wait_until(lambda: slots.given_back == ["slot-2"], "its slot back, not the first")
+        let_go.set()
+        await wait_until(lambda: sorted(slots.given_back) == ["slot-1", "slot-2"], "both back")
