@@ -178,17 +178,23 @@ if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local ttl = math.max(math.floor((tolerance + interval * 2) / 1000) + 1, 60000)
 local tat = tonumber(redis.call('GET', KEYS[1]))
+-- Not a time (damaged, or "inf"/"nan"): as if there were none.
+if tat ~= nil and (tat ~= tat or tat == math.huge or tat == -math.huge) then tat = nil end
 if tat == nil or tat < now then tat = now end
 -- Taking a token leaves the TAT at most tolerance + interval ahead; one
--- further on is from a slower rate (a reload) or a clock that went back,
--- and must not hold mail longer than one interval.
-if tat > now + tolerance + interval then tat = now + tolerance + interval end
+-- further on is from a slower rate (a reload) or a clock that went back.
+-- It is shortened to that bound and written back, so the token is due
+-- one interval from now (not when the stored TAT would say).
+if tat > now + tolerance + interval then
+  tat = now + tolerance + interval
+  redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', ttl)
+end
 if tat - tolerance > now then return tat - tolerance - now end
 -- The key outlives the TAT, and lives at least a minute: a TAT in a
 -- caller's clock (a test's) must not vanish in a pause of real time.
-redis.call('SET', KEYS[1], string.format('%d', tat + interval), 'PX',
-           math.max(math.floor((tolerance + interval * 2) / 1000) + 1, 60000))
+redis.call('SET', KEYS[1], string.format('%d', tat + interval), 'PX', ttl)
 return 0
 """
 

@@ -362,10 +362,29 @@ async def test_a_faster_rate_or_a_clock_gone_back_never_holds_longer_than_one_in
         assert await s.gcra("r", slow, now_ms=1_000_000) == 0.0
         # the next an hour later, less the tolerance (a second at most)
         assert await s.gcra("r", slow, now_ms=1_000_000) == 3599.0
-        # a reload made it 10/s: the next token within 100 ms, not an hour
+        # a reload made it 10/s: the next token within 100 ms, not an hour,
+        # and there when asked again then
         assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.1
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_100) == 0.0
         # Redis's clock went back a day: the same bound
         assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000 - 86_400_000) == 0.1
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_100 - 86_400_000) == 0.0
+
+
+@pytest.mark.parametrize("stored", ["inf", "-inf", "nan", "1e300"])
+async def test_a_throttle_key_that_is_not_a_finite_time_holds_nothing(
+    redis_server: RedisServer, stored: str
+) -> None:
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await client.set(f"{KEY_PREFIX}gcra:r", stored)  # no TTL: it would last for ever
+        async with SharedState(_settings(redis_server)) as s:
+            first = await s.gcra("r", TEN_PER_SECOND, now_ms=5_000)
+            assert first is not None and first <= 0.1
+            assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_100) == 0.0
+        assert await client.pttl(f"{KEY_PREFIX}gcra:r") > 0  # and it expires again
+    finally:
+        await client.aclose()
 
 
 def test_a_server_that_never_answers_is_not_left_running(tmp_path: Path) -> None:
