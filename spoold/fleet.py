@@ -62,7 +62,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
-from spoold.limits import Rate
+from spoold.limits import Rate, SharedToken
 from spoold.log import get_logger
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ __all__ = [
     "NODES_KEPT",
     "TOLERANCE_MIN",
     "TOLERANCE_MAX",
+    "BOOKED_INTERVALS",
 ]
 
 KEY_PREFIX = "spoold:"
@@ -91,6 +92,12 @@ NODES_KEPT = 86_400.0
 # may come for a token without the fleet losing it (see gcra_tolerance).
 TOLERANCE_MIN = 0.05
 TOLERANCE_MAX = 1.0
+
+# How far ahead the fleet-wide rate books a token for a node: the tolerance
+# and this many intervals. Each node books at most one token per route at a
+# time (only the head of its line asks), so as many nodes as this share a
+# route's rate in turn, whoever is nearer Redis.
+BOOKED_INTERVALS = 8
 
 log = get_logger("spoold.fleet")
 
@@ -165,37 +172,37 @@ def gcra_tolerance(interval: float) -> float:
     return min(max(interval, TOLERANCE_MIN), TOLERANCE_MAX)
 
 
-# GCRA with a tolerance (see the module docstring). KEYS[1]: the TAT key;
-# ARGV: interval and tolerance (microseconds, so that rates above 1000/s
-# stay exact), now (microseconds, "" for Redis's clock). Returns 0 (go:
-# the TAT moved one interval on) or the microseconds until the token may
-# be taken.
+# GCRA with a tolerance and bookings (see the module docstring). KEYS[1]:
+# the TAT key; ARGV: interval, tolerance and the booking bound
+# (microseconds, so that rates above 1000/s stay exact), now
+# (microseconds, "" for Redis's clock). Returns {1, wait}: a token booked
+# for the caller, to be used wait microseconds on (0: at once; the TAT
+# moved one interval on), or {0, wait}: none booked (the schedule is full
+# as far as the bound), ask again wait microseconds on.
 _GCRA = """
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
+local ahead = tonumber(ARGV[3])
+local now = tonumber(ARGV[4])
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local ttl = math.max(math.floor((tolerance + interval * 2) / 1000) + 1, 60000)
 local tat = tonumber(redis.call('GET', KEYS[1]))
 -- Not a time (damaged, or "inf"/"nan"): as if there were none.
 if tat ~= nil and (tat ~= tat or tat == math.huge or tat == -math.huge) then tat = nil end
 if tat == nil or tat < now then tat = now end
--- Taking a token leaves the TAT at most tolerance + interval ahead; one
--- further on is from a slower rate (a reload) or a clock that went back.
--- It is shortened to that bound and written back, so the token is due
--- one interval from now (not when the stored TAT would say).
-if tat > now + tolerance + interval then
-  tat = now + tolerance + interval
-  redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', ttl)
-end
-if tat - tolerance > now then return tat - tolerance - now end
+-- A booking leaves the TAT at most tolerance + bound + interval ahead; one
+-- further on is from a slower rate (a reload) or a clock that went back:
+-- the schedule starts afresh (and is written so below).
+if tat > now + tolerance + ahead + interval then tat = now end
+local due = math.max(tat - tolerance, now)
+if due - now > ahead then return {0, due - now - ahead} end
 -- The key outlives the TAT, and lives at least a minute: a TAT in a
 -- caller's clock (a test's) must not vanish in a pause of real time.
-redis.call('SET', KEYS[1], string.format('%d', tat + interval), 'PX', ttl)
-return 0
+redis.call('SET', KEYS[1], string.format('%d', tat + interval), 'PX',
+           math.max(math.floor((tat + interval - now + tolerance) / 1000) + 1, 60000))
+return {1, due - now}
 """
 
 # A heartbeat, on Redis's clock. KEYS[1]: the node's key, KEYS[2] the
@@ -355,18 +362,25 @@ class SharedState:
 
     async def gcra(
         self, destination: str, rate: Rate, *, now_ms: int | None = None
-    ) -> float | None:
-        """Take the fleet-wide token of ``destination`` at ``rate``: 0.0 when
-        taken (the attempt may go), else the seconds until it may be taken
-        (counted from when Redis ran the script: a caller that waits that
-        long from the moment it sent the call comes back on time); None
-        when Redis did not answer (use the local limit)."""
+    ) -> SharedToken | None:
+        """Book the next fleet-wide token of ``destination`` at ``rate``
+        (see :class:`~spoold.limits.SharedToken`: booked, to be used
+        ``wait`` seconds on, 0.0 for at once; or none booked, ask again
+        after ``wait``); the wait is counted from when Redis ran the script
+        (a caller that waits that long from the moment it sent the call is
+        on time). None when Redis did not answer (use the local limit)."""
         interval = max(1, round(rate.spacing * 1_000_000))
         tolerance = round(gcra_tolerance(rate.spacing) * 1_000_000)
+        ahead = tolerance + BOOKED_INTERVALS * interval
         key = f"{KEY_PREFIX}gcra:{destination}"
         now = "" if now_ms is None else str(now_ms * 1000)
-        waited = await self._call(lambda: self._gcra(keys=[key], args=[interval, tolerance, now]))
-        return None if waited is None else int(waited) / 1_000_000
+        got = await self._call(
+            lambda: self._gcra(keys=[key], args=[interval, tolerance, ahead, now])
+        )
+        if got is None:
+            return None
+        booked, wait = got
+        return SharedToken(int(wait) / 1_000_000, booked=bool(int(booked)))
 
     # -- fleet-wide connection slots
 

@@ -56,6 +56,7 @@ __all__ = [
     "DestinationLimits",
     "LimitsSource",
     "SharedRates",
+    "SharedToken",
     "DestinationGate",
     "Hold",
     "HopBackoff",
@@ -127,18 +128,31 @@ class LimitsSource(Protocol):
     def limits_for(self, message: Message) -> tuple[str, DestinationLimits] | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SharedToken:
+    """An answer of :meth:`SharedRates.gcra`. ``booked``: the token is the
+    caller's, for use ``wait`` seconds on (0.0: at once), without asking
+    again; one not used (the message frozen, removed, or the spool stopped
+    first) is lost, a token of the shared rate nobody sends. Not
+    ``booked``: the shared schedule is full as far as it books ahead; ask
+    again after ``wait``."""
+
+    wait: float
+    booked: bool = True
+
+
 class SharedRates(Protocol):
     """A destination's rate kept with other processes (the fleet's Redis:
-    :class:`spoold.fleet.SharedState`). :meth:`gcra` takes the shared token
-    of ``destination`` at ``rate``: 0.0 when taken, else the seconds until
-    it may be taken, counted from when the shared state read its clock
-    (the spool counts them from when it asked, and holds the destination's
-    line until then: :meth:`DestinationGate.defer`); None when the shared
-    state did not answer (the local rate, which this gate applied already,
-    is then the only one). Unlike the gate, it is asked by a send job after
-    admission, and it reads its own clock."""
+    :class:`spoold.fleet.SharedState`). :meth:`gcra` books the shared token
+    of ``destination`` at ``rate`` (a :class:`SharedToken`), its wait
+    counted from when the shared state read its clock (the spool counts it
+    from when it asked, and holds the destination's line until then:
+    :meth:`DestinationGate.defer`); None when the shared state did not
+    answer (the local rate, which this gate applied already, is then the
+    only one). Unlike the gate, it is asked by a send job after admission,
+    and it reads its own clock."""
 
-    async def gcra(self, destination: str, rate: Rate) -> float | None: ...
+    async def gcra(self, destination: str, rate: Rate) -> SharedToken | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +186,17 @@ class _Destination(Generic[_T]):
     running: int = 0
     next_token: float = -math.inf
     waiting: deque[_T] = field(default_factory=deque)
+    # The line's head waits for a shared token until then (see defer), and
+    # the token is booked for this item (it goes without asking again).
+    not_before: float = -math.inf
+    booked: _T | None = None
 
     def open_at(self, now: float) -> float | None:
         """When the next attempt may start: ``now`` or later; None while
         every connection is taken (a finished attempt frees one)."""
         if self.running >= self.limits.max_connections:
             return None
-        return max(now, self.next_token)
+        return max(now, self.next_token, self.not_before)
 
 
 class DestinationGate(Generic[_T]):
@@ -306,18 +324,33 @@ class DestinationGate(Generic[_T]):
             if d.limits.rate is not None:
                 d.next_token -= d.limits.rate.spacing
 
-    def defer(self, destination: str, item: _T, until: float) -> None:
+    def defer(self, destination: str, item: _T, until: float, *, booked: bool = False) -> None:
         """An admitted attempt of ``destination`` did not start after all:
         a token it shares with other processes (a fleet's rate) is due
-        only at ``until``. Its connection and token are given back,
+        only at ``until`` (``booked``: and is booked for ``item``, see
+        :meth:`take_booking`). Its connection and token are given back,
         ``item`` goes back to the head of the line (it was first), and the
         line moves on no earlier than ``until`` (so the others wait behind
         it instead of each asking for that token)."""
         d = self._destinations[destination]
         d.running = max(0, d.running - 1)
         if d.limits.rate is not None:
-            d.next_token = max(d.next_token - d.limits.rate.spacing, until)
+            d.next_token -= d.limits.rate.spacing
+        d.not_before = until
+        d.booked = item if booked else None
         d.waiting.appendleft(item)
+
+    def take_booking(self, destination: str, item: _T) -> bool:
+        """Whether ``item`` (just out of :meth:`ready`) has its shared token
+        booked (:meth:`defer`); the booking is used up. Another item out
+        first (the booked one was stale: frozen, removed, sent meanwhile)
+        leaves the booking unused: that shared token is lost."""
+        d = self._destinations.get(destination)
+        if d is None or d.booked is None:
+            return False
+        mine = bool(d.booked == item)
+        d.booked = None
+        return mine
 
     def next_wake(self, now: float) -> float | None:
         """The earliest time a waiting line can move on by the clock alone
@@ -363,6 +396,9 @@ class DestinationGate(Generic[_T]):
     @staticmethod
     def _update(d: _Destination[_T], limits: DestinationLimits) -> None:
         if d.limits != limits:  # a reload changed them: the new ones apply now
+            if d.limits.rate != limits.rate:  # a shared token booked at the old rate is
+                d.not_before = -math.inf  # given up: the head asks at the new one
+                d.booked = None
             d.limits = limits
             if limits.rate is None:
                 d.next_token = -math.inf

@@ -149,7 +149,9 @@ class Scheduler:
                         gate.give_back(name)  # its hops were backed off while it waited
                         self._hold(waiting, gen, hold)
                     else:
-                        self._start(tg, attempt, waiting, name, self.policy_of(waiting.msg))
+                        booked = gate.take_booking(name, (waiting, gen))
+                        policy = self.policy_of(waiting.msg)
+                        self._start(tg, attempt, waiting, name, policy, booked=booked)
                     if self._running >= self._max_jobs:
                         break
             while not self._state.stopping and self._running < self._max_jobs:
@@ -183,27 +185,32 @@ class Scheduler:
         entry: Entry,
         destination: str | None,
         policy: DestinationPolicy,
+        *,
+        booked: bool = False,
     ) -> None:
         entry.busy = True
         entry.destination = destination
         self._running += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         gen = entry.gen
-        tg.start_soon(self._send_job, attempt, entry, gen, policy, name=f"send {entry.msg.id}")
+        tg.start_soon(
+            self._send_job, attempt, entry, gen, policy, booked, name=f"send {entry.msg.id}"
+        )
 
     async def _send_job(
-        self, attempt: Attempt, entry: Entry, gen: int, policy: DestinationPolicy
+        self, attempt: Attempt, entry: Entry, gen: int, policy: DestinationPolicy, booked: bool
     ) -> None:
         """One send job: the attempt, then its slots given back. A message
-        whose fleet-wide token is not there yet goes back to the head of its
-        destination's line until the token is due (no attempt): the job
-        ends at once and waits for nothing."""
+        whose fleet-wide token is booked for later goes back to the head of
+        its destination's line until then (no attempt): the job ends at
+        once and waits for nothing; when its time comes it is sent without
+        asking again (``booked``)."""
         try:
-            due = await self._shared_due(policy)
+            due = None if booked else await self._shared_due(policy)
             if due is None:
                 await attempt(entry, policy)
             else:
-                self._defer(entry, gen, due)
+                self._defer(entry, gen, *due)
         finally:
             entry.busy = False
             if entry.destination is not None:
@@ -214,32 +221,37 @@ class Scheduler:
                 self._idle.set()
             self.poke()
 
-    async def _shared_due(self, policy: DestinationPolicy) -> float | None:
+    async def _shared_due(self, policy: DestinationPolicy) -> tuple[float, bool] | None:
         """When the destination's shared token (a fleet-wide rate) may be
-        taken, if it is not there yet (a timestamp); None: taken, or
-        nothing to take (no :attr:`shared_rates`, or no rate), or the
+        used, if not at once: a timestamp, and whether the token is booked
+        for this message (else it asks again then); None: taken for now,
+        or nothing to take (no :attr:`shared_rates`, or no rate), or the
         shared state did not answer (then the local gate, which admitted
         this attempt, is the only rate: each attempt asks once, so no line
         of waiting jobs is let go at once).
 
         The wait it answers is counted from when the shared state looked
         at its clock, somewhere in the round trip; it is added to the time
-        the question was sent, so the next question, which takes the same
-        way there, arrives when the token is due (counted from the answer,
-        every hold would be late by the way back)."""
+        the question was sent, so a message held for it goes when the
+        shared state's schedule says (counted from the answer, every hold
+        would be late by the way back)."""
         shared, limited = self.shared_rates, policy.limited
         if shared is None or limited is None or limited[1].rate is None:
             return None
         asked = self.clock.now().timestamp()
-        wait = await shared.gcra(limited[0], limited[1].rate)
-        return None if wait is None or wait <= 0 else asked + wait
+        token = await shared.gcra(limited[0], limited[1].rate)
+        if token is None or (token.booked and token.wait <= 0):
+            return None
+        return asked + token.wait, token.booked
 
-    def _defer(self, entry: Entry, gen: int, until: float) -> None:
-        """``entry`` (admitted, not sent) may go at ``until`` for the fleet:
-        back to the head of its destination's line, which waits until then
-        (the connection and the local token are given back: no attempt was
-        made). A message changed meanwhile is left to its new status; one
-        found as the spool stops stays queued on disk."""
+    def _defer(self, entry: Entry, gen: int, until: float, booked: bool) -> None:
+        """``entry`` (admitted, not sent) may go at ``until`` for the fleet
+        (``booked``: its token is booked then, so it goes without asking
+        again): back to the head of its destination's line, which waits
+        until then (the connection and the local token are given back: no
+        attempt was made). A message changed meanwhile is left to its new
+        status (a booked token is then lost); one found as the spool stops
+        stays queued on disk."""
         destination = entry.destination
         current = self._index.get(entry.msg.id)
         if current is not entry or entry.gen != gen or self._state.stopping:
@@ -248,13 +260,13 @@ class Scheduler:
             self._hold(entry, gen, Hold(None, until, "fleet-wide rate"))
             return
         entry.destination = None  # given back here, not as done
-        self.gate.defer(destination, (entry, gen), until)
+        self.gate.defer(destination, (entry, gen), until, booked=booked)
         log.debug(
             "held by its destination",
             id=entry.msg.id,
             flows=entry.msg.flows,
             destination=destination,
-            reason="fleet-wide rate",
+            reason="fleet-wide rate (booked)" if booked else "fleet-wide rate",
         )
 
     def policy_of(self, msg: Message) -> DestinationPolicy:

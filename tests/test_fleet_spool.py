@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 
-from spoold.limits import Rate
+from spoold.limits import Rate, SharedToken
 from spoold.message import Queue
 from spoold.testing import FakeClock
 from tests.relay_helpers import MakeRelay, route
@@ -24,22 +24,30 @@ from tests.test_limits import add, delivered_through, router_for, spool_with
 
 
 class Shared:
-    """Answers from a script: each call takes the next (the last repeats).
-    With a ``clock``, each call takes ``round_trip`` seconds of it."""
+    """Answers from a script: each call takes the next (the last repeats);
+    a number is a wait with no token booked (ask again then), 0.0 a token
+    now, a :class:`SharedToken` itself. With a ``clock``, each call takes
+    ``round_trip`` seconds of it."""
 
     def __init__(
-        self, *answers: float | None, clock: FakeClock | None = None, round_trip: float = 0.0
+        self,
+        *answers: float | SharedToken | None,
+        clock: FakeClock | None = None,
+        round_trip: float = 0.0,
     ) -> None:
         self.answers = list(answers)
         self.calls: list[tuple[str, Rate]] = []
         self.clock = clock
         self.round_trip = round_trip
 
-    async def gcra(self, destination: str, rate: Rate) -> float | None:
+    async def gcra(self, destination: str, rate: Rate) -> SharedToken | None:
         self.calls.append((destination, rate))
         if self.clock is not None:
             self.clock.advance(self.round_trip)
-        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        got = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if got is None or isinstance(got, SharedToken):
+            return got
+        return SharedToken(got, booked=got == 0.0)
 
 
 async def _one_message(
@@ -231,3 +239,49 @@ async def test_the_shared_state_failing_lets_a_waiting_line_go_at_the_local_rate
         "third",
         "fourth",
     ]
+
+
+async def test_a_booked_token_is_used_at_its_time_without_asking_again(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    clock = FakeClock(START)
+    shared = Shared(SharedToken(0.3))  # booked 300 ms on
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "ops@example.com")
+        due = START + timedelta(seconds=0.3)
+        await wait_until(lambda: clock.next_deadline == due, "the hold until the booking")
+        assert hop.transactions == 0
+        clock.advance(0.3)
+        await wait_until(lambda: hop.transactions == 1, "the message to arrive")
+    assert len(shared.calls) == 1
+
+
+async def test_a_booked_head_frozen_and_removed_lets_the_next_ask(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # The booked token is lost (nobody sends it); the line goes on.
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    shared = Shared(SharedToken(0.5), 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        first = await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be booked")
+        await add(spool, router, "second@limited.example")
+        await spool.freeze([first])
+        await spool.remove([first])
+        clock.advance(0.5)
+        await wait_until(lambda: limited.transactions == 1, "the second to arrive")
+        assert (await spool.get_message(first)).queue is Queue.REMOVED
+    assert [m.rcpt_tos for m in limited.messages] == [("second@limited.example",)]
+    assert len(shared.calls) == 2  # the second asked: the first's booking was not its own
