@@ -34,7 +34,9 @@ line (first come, first served) and is started as soon as a slot and a
 token are free; it is not an attempt: nothing is written, no retry
 interval is used, no relay attempt is recorded. The gate only holds the
 line; the spool keeps the messages (it checks, when one comes out, that the
-message is still due and untouched).
+message is still due and untouched). A message an operator sends now
+(``spoold send``, which also thaws) goes to the head of its line, wherever
+it waited: the limits still hold it, the others do not.
 """
 
 from __future__ import annotations
@@ -159,11 +161,13 @@ class SharedRates(Protocol):
 class Hold:
     """Not now. ``until``: the time (timestamp) the message's next hops are
     open again (the spool re-arms its timer then); None: the message waits
-    in ``destination``'s line, woken by the gate."""
+    in ``destination``'s line, woken by the gate (``front``: at its head,
+    an operator sent it now)."""
 
     destination: str | None
     until: float | None
     reason: str
+    front: bool = False
 
 
 @dataclass(slots=True)
@@ -190,6 +194,10 @@ class _Destination(Generic[_T]):
     # the token is booked for this item (it goes without asking again).
     not_before: float = -math.inf
     booked: _T | None = None
+    # The first ``sent_now`` of the line were sent now by an operator (they
+    # keep their order among them); whether the last item out was one.
+    sent_now: int = 0
+    out_sent_now: bool = False
 
     def open_at(self, now: float) -> float | None:
         """When the next attempt may start: ``now`` or later; None while
@@ -268,10 +276,14 @@ class DestinationGate(Generic[_T]):
         destination: tuple[str, DestinationLimits] | None,
         hops: Sequence[str],
         now: float,
+        *,
+        front: bool = False,
     ) -> Hold | None:
         """May an attempt start at ``now``? None: yes, and a connection
         and a token of the destination are taken (give the connection back
-        with :meth:`done`). Else why not: a :class:`Hold`."""
+        with :meth:`done`). Else why not: a :class:`Hold`. ``front``: the
+        message goes ahead of those waiting in its destination's line (an
+        operator sent it now; the limits still hold it)."""
         hold = self.hops_hold(hops, now)
         if hold is not None:
             return hold
@@ -279,20 +291,25 @@ class DestinationGate(Generic[_T]):
             return None
         name, limits = destination
         d = self._destination(name, limits)
-        if d.waiting:
+        if d.waiting and not front:
             return Hold(name, None, "behind others in the destination's line")
         start = d.open_at(now)
         if start is None:
-            return Hold(name, None, f"{limits.max_connections} connections at once")
+            return Hold(name, None, f"{limits.max_connections} connections at once", front)
         if start > now:
-            return Hold(name, None, f"rate {limits.rate}")
+            return Hold(name, None, f"rate {limits.rate}", front)
         self._take(d, now)
         return None
 
-    def wait(self, destination: str, item: _T) -> None:
+    def wait(self, destination: str, item: _T, *, front: bool = False) -> None:
         """Put ``item`` at the end of ``destination``'s line (after a
-        :class:`Hold` naming it)."""
-        self._destinations[destination].waiting.append(item)
+        :class:`Hold` naming it), or at its head (``front``)."""
+        d = self._destinations[destination]
+        if front:  # behind those sent now before it: `spoold send --all` keeps the order
+            d.waiting.insert(min(d.sent_now, len(d.waiting)), item)
+            d.sent_now += 1
+        else:
+            d.waiting.append(item)
 
     def done(self, destination: str) -> None:
         """An admitted attempt of ``destination`` ended."""
@@ -312,6 +329,7 @@ class DestinationGate(Generic[_T]):
                 if start is None or start > now:
                     break
                 item = d.waiting.popleft()
+                d.out_sent_now, d.sent_now = d.sent_now > 0, max(0, d.sent_now - 1)
                 self._take(d, now)
                 yield name, item
 
@@ -339,6 +357,8 @@ class DestinationGate(Generic[_T]):
         d.not_before = until
         d.booked = item if booked else None
         d.waiting.appendleft(item)
+        if d.out_sent_now:
+            d.sent_now += 1
 
     def take_booking(self, destination: str, item: _T) -> bool:
         """Whether ``item`` (just out of :meth:`ready`) has its shared token

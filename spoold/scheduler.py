@@ -164,7 +164,7 @@ class Scheduler:
                     continue
                 policy = self.policy_of(entry.msg)
                 destination = policy.limited
-                hold = gate.admit(destination, _held_hops(entry), now_ts)
+                hold = gate.admit(destination, _held_hops(entry), now_ts, front=entry.kicked)
                 if hold is not None:
                     self._hold(entry, gen, hold)
                     continue
@@ -287,7 +287,7 @@ class Scheduler:
         if hold.until is not None:
             entry.gen = self._timers.arm(entry.msg.id, hold.until)
         elif hold.destination is not None:
-            self.gate.wait(hold.destination, (entry, gen))
+            self.gate.wait(hold.destination, (entry, gen), front=hold.front)
         log.debug(
             "held by its destination",
             id=entry.msg.id,

@@ -12,12 +12,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import anyio
+import pytest
 
+from spoold.daemon.routing import Router
 from spoold.limits import Rate, SharedToken
 from spoold.message import Queue
 from spoold.testing import FakeClock
 from tests.relay_helpers import MakeRelay, route
-from tests.smtp_server import StartServer
+from tests.smtp_server import SmtpTestServer, StartServer
 from tests.spool_helpers import START
 from tests.support import wait_until
 from tests.test_limits import add, delivered_through, router_for, spool_with
@@ -285,3 +287,97 @@ async def test_a_booked_head_frozen_and_removed_lets_the_next_ask(
         assert (await spool.get_message(first)).queue is Queue.REMOVED
     assert [m.rcpt_tos for m in limited.messages] == [("second@limited.example",)]
     assert len(shared.calls) == 2  # the second asked: the first's booking was not its own
+
+
+def _two_routes(tmp_path: Path, limited: SmtpTestServer, free: SmtpTestServer) -> Router:
+    return router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["send-now", "freeze-then-thaw"])
+async def test_sending_the_message_waiting_for_the_shared_token_keeps_it_first(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay, frozen: bool
+) -> None:
+    # The head waits for the fleet's token with three behind it: `spoold
+    # send` (or a freeze and a send, which thaws it) puts it back at the
+    # head of the line, not behind the three.
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = _two_routes(tmp_path, limited, free)
+    clock = FakeClock(START)
+    shared = Shared(0.5, 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        first = await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
+        for name in ("second", "third", "fourth"):
+            await add(spool, router, f"{name}@limited.example")
+        await delivered_through(spool, router, free)  # the scheduler went round
+        if frozen:
+            await spool.freeze([first])
+        await spool.send([first])
+        await delivered_through(spool, router, free)
+        assert limited.transactions == 0  # still held for the token
+        clock.advance(0.5)
+        for n in (1, 2, 3, 4):
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            clock.advance(0.1)
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        "first",
+        "second",
+        "third",
+        "fourth",
+    ]
+
+
+async def test_sending_a_message_in_the_middle_of_a_waiting_line_puts_it_first(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = _two_routes(tmp_path, limited, free)
+    clock = FakeClock(START)
+    shared = Shared(0.5, 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
+        ids = [await add(spool, router, f"{n}@limited.example") for n in ("second", "third")]
+        await delivered_through(spool, router, free)
+        await spool.send([ids[1]])  # "third"
+        await delivered_through(spool, router, free)
+        clock.advance(0.5)
+        for n in (1, 2, 3):
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            clock.advance(0.1)
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        "third",
+        "first",
+        "second",
+    ]
+
+
+async def test_removing_the_message_waiting_for_the_shared_token_lets_the_line_go_on(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = _two_routes(tmp_path, limited, free)
+    clock = FakeClock(START)
+    shared = Shared(0.5, 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        first = await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
+        for name in ("second", "third"):
+            await add(spool, router, f"{name}@limited.example")
+        await spool.freeze([first])
+        await spool.remove([first])
+        clock.advance(0.5)
+        for n in (1, 2):
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            clock.advance(0.1)
+        assert (await spool.get_message(first)).queue is Queue.REMOVED
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == ["second", "third"]
