@@ -198,11 +198,13 @@ class _Destination(Generic[_T]):
     # keep their order among them); whether the last item out was one.
     sent_now: int = 0
     out_sent_now: bool = False
+    asking: bool = False  # an item out of the line asks for a shared token
 
     def open_at(self, now: float) -> float | None:
         """When the next attempt may start: ``now`` or later; None while
-        every connection is taken (a finished attempt frees one)."""
-        if self.running >= self.limits.max_connections:
+        every connection is taken (a finished attempt frees one) or one of
+        the line asks for a shared token (the answer moves it on)."""
+        if self.running >= self.limits.max_connections or self.asking:
             return None
         return max(now, self.next_token, self.not_before)
 
@@ -293,6 +295,8 @@ class DestinationGate(Generic[_T]):
         d = self._destination(name, limits)
         if d.waiting and not front:
             return Hold(name, None, "behind others in the destination's line")
+        if d.asking:
+            return Hold(name, None, "behind the one asking for the shared token", front)
         start = d.open_at(now)
         if start is None:
             return Hold(name, None, f"{limits.max_connections} connections at once", front)
@@ -359,6 +363,15 @@ class DestinationGate(Generic[_T]):
         d.waiting.appendleft(item)
         if d.out_sent_now:
             d.sent_now += 1
+
+    def asking(self, destination: str, asking: bool) -> None:
+        """An admitted attempt of ``destination`` asks for a shared token
+        (True), or was answered, whatever the answer (False). Meanwhile no
+        other item of its line starts: one asks at a time, however slow the
+        answer, and the line keeps its order."""
+        d = self._destinations.get(destination)
+        if d is not None:
+            d.asking = asking
 
     def take_booking(self, destination: str, item: _T) -> bool:
         """Whether ``item`` (just out of :meth:`ready`) has its shared token

@@ -193,20 +193,37 @@ class Scheduler:
         self._running += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         gen = entry.gen
+        asks = (
+            not booked
+            and destination is not None
+            and self.shared_rates is not None
+            and policy.limited is not None
+            and policy.limited[1].rate is not None
+        )
+        if asks and destination is not None:
+            self.gate.asking(destination, True)  # the rest of its line waits for the answer
         tg.start_soon(
-            self._send_job, attempt, entry, gen, policy, booked, name=f"send {entry.msg.id}"
+            self._send_job, attempt, entry, gen, policy, asks, name=f"send {entry.msg.id}"
         )
 
     async def _send_job(
-        self, attempt: Attempt, entry: Entry, gen: int, policy: DestinationPolicy, booked: bool
+        self, attempt: Attempt, entry: Entry, gen: int, policy: DestinationPolicy, asks: bool
     ) -> None:
         """One send job: the attempt, then its slots given back. A message
-        whose fleet-wide token is booked for later goes back to the head of
-        its destination's line until then (no attempt): the job ends at
-        once and waits for nothing; when its time comes it is sent without
-        asking again (``booked``)."""
+        that ``asks`` for its fleet-wide token (not booked already) while
+        the rest of its line waits, and is told it is booked for later,
+        goes back to the head of its destination's line until then (no
+        attempt): the job ends at once and waits for nothing; when its
+        time comes it is sent without asking again."""
         try:
-            due = None if booked else await self._shared_due(policy)
+            due = None
+            if asks:
+                try:
+                    due = await self._shared_due(policy)
+                finally:
+                    if entry.destination is not None:
+                        self.gate.asking(entry.destination, False)
+                    self.poke()
             if due is None:
                 await attempt(entry, policy)
             else:

@@ -381,3 +381,57 @@ async def test_removing_the_message_waiting_for_the_shared_token_lets_the_line_g
             clock.advance(0.1)
         assert (await spool.get_message(first)).queue is Queue.REMOVED
     assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == ["second", "third"]
+
+
+class SlowShared(Shared):
+    """Answers only when the test lets it (``answer``): Redis slower than
+    the route's own spacing."""
+
+    def __init__(self, *answers: float | SharedToken | None) -> None:
+        super().__init__(*answers)
+        self.go = anyio.Event()
+        self.asking = 0  # questions not answered yet
+
+    def answer(self) -> None:
+        self.go.set()
+        self.go = anyio.Event()
+
+    async def gcra(self, destination: str, rate: Rate) -> SharedToken | None:
+        go = self.go
+        self.asking += 1
+        await go.wait()
+        self.asking -= 1
+        return await super().gcra(destination, rate)
+
+
+async def test_a_slow_shared_state_still_has_one_of_a_line_ask_at_a_time(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = _two_routes(tmp_path, limited, free)
+    clock = FakeClock(START)
+    shared = SlowShared(0.5, 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "first@limited.example")
+        await wait_until(lambda: shared.asking == 1, "the first to ask")
+        for name in ("second", "third"):
+            await add(spool, router, f"{name}@limited.example")
+        clock.advance(0.3)  # the route's own spacing passed, twice: no answer yet
+        await delivered_through(spool, router, free)  # the scheduler went round
+        assert shared.asking == 1  # the others wait for the answer
+        shared.answer()  # "not before 0.5 s after it asked"
+        await wait_until(lambda: len(shared.calls) == 1, "the answer")
+        await delivered_through(spool, router, free)
+        assert shared.asking == 0  # the line waits for the first's time
+        clock.advance(0.2)
+        for n in (1, 2, 3):
+            await wait_until(lambda: shared.asking == 1, "the next to ask")
+            shared.answer()
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            clock.advance(0.1)
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        "first",
+        "second",
+        "third",
+    ]
