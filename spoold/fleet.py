@@ -38,16 +38,23 @@ schedule, and a node whose clock is wrong is not listed as dead or from the
 future.
 
 The fleet-wide rate is a GCRA (generic cell rate algorithm) with a
-*tolerance*: a token due at ``TAT`` (the theoretical arrival time) may be
-taken from ``TAT - tolerance`` on, and taking it moves ``TAT`` one
-interval on from ``max(TAT, now)``. A node that comes for a token up to the
-tolerance late so loses nothing of the fleet's rate (a GCRA with a burst of
-one forgets every lateness, and a fleet of nodes each a few milliseconds
-late falls short of its rate); the long-run rate is exactly the configured
-one, and in any span ``W`` the fleet takes at most
-``rate * (W + tolerance) + 1`` tokens. The tolerance is one interval, at
-least :data:`TOLERANCE_MIN` and at most :data:`TOLERANCE_MAX` (see
-:func:`gcra_tolerance`).
+*tolerance*, whose tokens are *booked*: a token due at ``TAT`` (the
+theoretical arrival time) may be used from ``TAT - tolerance`` on, and
+each question books the next one for the asker and moves ``TAT`` one
+interval on from ``max(TAT, now)``; the answer says when the booked token
+may be used (now, or later: the asker holds the message until then and
+sends it without asking again). Booking goes at most the tolerance and
+:data:`BOOKED_INTERVALS` intervals ahead; beyond, nothing is booked and
+the answer says when to ask again. Booking, not a race for each token,
+gives every node its turn: first come, first served, the node nearest
+Redis wins every tie. A node that comes for a token up to the tolerance
+late loses nothing of the fleet's rate; the long-run rate is exactly the
+configured one, and in any span ``W`` the fleet's tokens are at most
+``rate * (W + tolerance) + 1``. The tolerance is one interval, but 50 ms
+(:data:`TOLERANCE_LATE`) if that is more and within
+:data:`TOLERANCE_INTERVALS` intervals, and at most
+:data:`TOLERANCE_MAX` (see :func:`gcra_tolerance`): a burst of at most
+five tokens at any rate.
 """
 
 from __future__ import annotations
@@ -77,7 +84,8 @@ __all__ = [
     "redacted_url",
     "KEY_PREFIX",
     "NODES_KEPT",
-    "TOLERANCE_MIN",
+    "TOLERANCE_LATE",
+    "TOLERANCE_INTERVALS",
     "TOLERANCE_MAX",
     "BOOKED_INTERVALS",
 ]
@@ -88,9 +96,11 @@ KEY_PREFIX = "spoold:"
 # last heartbeat, then the heartbeats of the others drop it.
 NODES_KEPT = 86_400.0
 
-# The bounds of the fleet-wide rate's tolerance (seconds): how late a node
-# may come for a token without the fleet losing it (see gcra_tolerance).
-TOLERANCE_MIN = 0.05
+# The fleet-wide rate's tolerance: how late a node may come for a token
+# without the fleet losing it (see gcra_tolerance). Seconds, but
+# TOLERANCE_INTERVALS in intervals of the rate.
+TOLERANCE_LATE = 0.05
+TOLERANCE_INTERVALS = 4
 TOLERANCE_MAX = 1.0
 
 # How far ahead the fleet-wide rate books a token for a node: the tolerance
@@ -164,12 +174,15 @@ class NodeBeat:
 
 def gcra_tolerance(interval: float) -> float:
     """The tolerance (seconds) of a fleet-wide rate whose tokens are
-    ``interval`` seconds apart: one interval, at least
-    :data:`TOLERANCE_MIN` (a node's lateness is milliseconds of event loop
-    and round trip, whatever the rate) and at most :data:`TOLERANCE_MAX`
-    (a slow rate, say 10/h, never lets a second token go much before its
-    interval)."""
-    return min(max(interval, TOLERANCE_MIN), TOLERANCE_MAX)
+    ``interval`` seconds apart: one interval; or :data:`TOLERANCE_LATE` if
+    that is longer (a node's lateness is milliseconds of event loop and
+    round trip, whatever the rate) but no more than
+    :data:`TOLERANCE_INTERVALS` intervals (a fast rate: the fleet never
+    takes more than five tokens at once, not 51 at 1000/s); at most
+    :data:`TOLERANCE_MAX` (a slow rate, say 10/h, never lets a second token
+    go much before its interval)."""
+    late = min(TOLERANCE_LATE, TOLERANCE_INTERVALS * interval)
+    return min(max(interval, late), TOLERANCE_MAX)
 
 
 # GCRA with a tolerance and bookings (see the module docstring). KEYS[1]:

@@ -20,8 +20,8 @@ from spoold.fleet import (
     BOOKED_INTERVALS,
     KEY_PREFIX,
     NODES_KEPT,
+    TOLERANCE_LATE,
     TOLERANCE_MAX,
-    TOLERANCE_MIN,
     FleetSettings,
     SharedState,
     gcra_tolerance,
@@ -73,7 +73,9 @@ async def test_gcra_books_tokens_one_interval_apart_as_far_as_a_bound(
 def test_the_tolerance_is_one_interval_within_bounds() -> None:
     assert gcra_tolerance(0.1) == 0.1  # 10/s
     assert gcra_tolerance(0.05) == 0.05  # 20/s
-    assert gcra_tolerance(0.00025) == TOLERANCE_MIN  # 4000/s: lateness is milliseconds
+    assert gcra_tolerance(0.02) == TOLERANCE_LATE  # 50/s: lateness is milliseconds
+    assert gcra_tolerance(0.01) == 0.04  # 100/s: but four intervals at most
+    assert gcra_tolerance(0.001) == 0.004  # 1000/s: five at once at most, not 51
     assert gcra_tolerance(3600.0) == TOLERANCE_MAX  # 1/h: not a second token an hour early
 
 
@@ -385,12 +387,12 @@ def test_a_password_never_reaches_a_log_line() -> None:
 async def test_gcra_stays_exact_above_a_thousand_per_second(redis_server: RedisServer) -> None:
     fast = Rate(4000, timedelta(seconds=1), "4000/s")  # one every 250 microseconds
     async with SharedState(_settings(redis_server)) as s:
-        # at once: the first and 50 ms worth (the least tolerance), no more;
-        # the next booked 250 microseconds on
+        # at once: the first and a tolerance's worth (four intervals at
+        # this rate), no more; the next booked 250 microseconds on
         went = 0
         while (token := await s.gcra("fast", fast, now_ms=10)) == NOW:
             went += 1
-        assert went == 201 and token == SharedToken(0.00025)
+        assert went == 5 and token == SharedToken(0.00025)
         # a millisecond on: four more due (one each 250 microseconds), one
         # of them booked already
         went = 0
@@ -473,7 +475,7 @@ async def test_a_throttle_outlives_a_pause_of_real_time(redis_server: RedisServe
             pass
         client = redis.asyncio.Redis.from_url(redis_server.url)
         try:
-            # the TAT's own distance would be 50 ms of real time: any pause
+            # the TAT's own distance would be 1.5 ms of real time: any pause
             # would forget the tokens just taken
             assert await client.pttl(f"{KEY_PREFIX}gcra:fast") > 50_000
         finally:
