@@ -302,6 +302,7 @@ class DestinationGate(Generic[_T]):
             return Hold(name, None, f"{limits.max_connections} connections at once", front)
         if start > now:
             return Hold(name, None, f"rate {limits.rate}", front)
+        d.out_sent_now = front
         self._take(d, now)
         return None
 

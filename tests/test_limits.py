@@ -158,6 +158,20 @@ def test_a_message_sent_now_goes_to_the_head_of_its_line() -> None:
     assert order == ["kicked", "kicked too", "kicked last", "second", "third"]
 
 
+def test_a_deferred_head_holds_its_line_until_its_time_with_or_without_a_rate() -> None:
+    for rate in ("", "10/s"):
+        gate: DestinationGate[str] = DestinationGate()
+        dest = limited(rate=rate)
+        assert gate.admit(dest, [], 0.0) is None
+        gate.defer("d", "head", 5.0, booked=True)  # a shared token booked for 5.0
+        assert gate.admit(dest, [], 0.0) is not None
+        gate.wait("d", "next")
+        assert list(gate.ready(1.0)) == [] and gate.next_wake(1.0) == 5.0
+        assert list(gate.ready(5.0))[0] == ("d", "head")
+        assert gate.take_booking("d", "head") is True
+        assert gate.take_booking("d", "head") is False  # used up
+
+
 def test_give_back_returns_the_connection_and_the_token() -> None:
     gate: DestinationGate[str] = DestinationGate()
     dest = limited(max_connections=1, rate="1/s")
