@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -435,3 +436,26 @@ async def test_a_slow_shared_state_still_has_one_of_a_line_ask_at_a_time(
         "second",
         "third",
     ]
+
+
+async def test_a_reload_to_a_faster_rate_gives_up_a_booking_at_the_slower_one(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # Booked an hour on at "1/h"; a reload makes the route "10/s": the head
+    # asks again at once (the shared state's schedule at 1/h is far beyond
+    # what 10/s books: it starts afresh) instead of waiting the hour.
+    hop = await start_smtp_server()
+    routes: dict[str, dict[str, Any]] = {"free": {"next_hops": [hop.hop], "rate": "1/h"}}
+    router = router_for(tmp_path, routes)
+    clock = FakeClock(START)
+    shared = Shared(SharedToken(3599.0), 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "ops@example.com")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be booked")
+        routes["free"]["rate"] = "10/s"
+        new = router_for(tmp_path, routes)
+        spool.routes = new
+        spool.limits = new
+        await wait_until(lambda: hop.transactions == 1, "the message to arrive")
+    assert [str(rate) for _, rate in shared.calls] == ["1/h", "10/s"]
