@@ -134,8 +134,10 @@ class LimitsSource(Protocol):
 class SharedToken:
     """An answer of :meth:`SharedRates.gcra`. ``booked``: the token is the
     caller's, for use ``wait`` seconds on (0.0: at once), without asking
-    again; one not used (the message frozen, removed, or the spool stopped
-    first) is lost, a token of the shared rate nobody sends. Not
+    again (the spool gives it to the next of the line when that message is
+    frozen, removed or sent by an operator first); one not used (the line
+    emptied, the spool stopped) is lost, a token of the shared rate nobody
+    sends. Not
     ``booked``: the shared schedule is full as far as it books ahead; ask
     again after ``wait``."""
 
@@ -191,9 +193,9 @@ class _Destination(Generic[_T]):
     next_token: float = -math.inf
     waiting: deque[_T] = field(default_factory=deque)
     # The line's head waits for a shared token until then (see defer), and
-    # the token is booked for this item (it goes without asking again).
+    # whether the token is booked (the next out goes without asking again).
     not_before: float = -math.inf
-    booked: _T | None = None
+    booked: bool = False
     # The first ``sent_now`` of the line were sent now by an operator (they
     # keep their order among them); whether the last item out was one.
     sent_now: int = 0
@@ -303,6 +305,7 @@ class DestinationGate(Generic[_T]):
         if start > now:
             return Hold(name, None, f"rate {limits.rate}", front)
         d.out_sent_now = front
+        d.booked = False  # a booking left by a line that emptied: this one asks afresh
         self._take(d, now)
         return None
 
@@ -350,7 +353,7 @@ class DestinationGate(Generic[_T]):
     def defer(self, destination: str, item: _T, until: float, *, booked: bool = False) -> None:
         """An admitted attempt of ``destination`` did not start after all:
         a token it shares with other processes (a fleet's rate) is due
-        only at ``until`` (``booked``: and is booked for ``item``, see
+        only at ``until`` (``booked``: and is booked for the line, see
         :meth:`take_booking`). Its connection and token are given back,
         ``item`` goes back to the head of the line (it was first), and the
         line moves on no earlier than ``until`` (so the others wait behind
@@ -360,7 +363,7 @@ class DestinationGate(Generic[_T]):
         if d.limits.rate is not None:
             d.next_token -= d.limits.rate.spacing
         d.not_before = until
-        d.booked = item if booked else None
+        d.booked = booked
         d.waiting.appendleft(item)
         if d.out_sent_now:
             d.sent_now += 1
@@ -374,17 +377,17 @@ class DestinationGate(Generic[_T]):
         if d is not None:
             d.asking = asking
 
-    def take_booking(self, destination: str, item: _T) -> bool:
-        """Whether ``item`` (just out of :meth:`ready`) has its shared token
-        booked (:meth:`defer`); the booking is used up. Another item out
-        first (the booked one was stale: frozen, removed, sent meanwhile)
-        leaves the booking unused: that shared token is lost."""
+    def take_booking(self, destination: str) -> bool:
+        """Whether the item just out of :meth:`ready` (not stale) has the
+        line's shared token booked (:meth:`defer`); the booking is used
+        up. It is the line's, not the deferred item's: when that one was
+        frozen, removed or sent by an operator meanwhile, the next one out
+        uses it."""
         d = self._destinations.get(destination)
-        if d is None or d.booked is None:
+        if d is None or not d.booked:
             return False
-        mine = bool(d.booked == item)
-        d.booked = None
-        return mine
+        d.booked = False
+        return True
 
     def next_wake(self, now: float) -> float | None:
         """The earliest time a waiting line can move on by the clock alone
@@ -432,7 +435,7 @@ class DestinationGate(Generic[_T]):
         if d.limits != limits:  # a reload changed them: the new ones apply now
             if d.limits.rate != limits.rate:  # a shared token booked at the old rate is
                 d.not_before = -math.inf  # given up: the head asks at the new one
-                d.booked = None
+                d.booked = False
             d.limits = limits
             if limits.rate is None:
                 d.next_token = -math.inf

@@ -149,7 +149,7 @@ class Scheduler:
                         gate.give_back(name)  # its hops were backed off while it waited
                         self._hold(waiting, gen, hold)
                     else:
-                        booked = gate.take_booking(name, (waiting, gen))
+                        booked = gate.take_booking(name)
                         policy = self.policy_of(waiting.msg)
                         self._start(tg, attempt, waiting, name, policy, booked=booked)
                     if self._running >= self._max_jobs:
@@ -267,8 +267,10 @@ class Scheduler:
         again): back to the head of its destination's line, which waits
         until then (the connection and the local token are given back: no
         attempt was made). A message changed meanwhile is left to its new
-        status (a booked token is then lost); one found as the spool stops
-        stays queued on disk."""
+        status, and one found as the spool stops stays queued on disk (a
+        token booked then is lost). Frozen, removed or sent by an operator
+        later, while it waits, the token goes to the next of the line
+        (:meth:`DestinationGate.take_booking`)."""
         destination = entry.destination
         current = self._index.get(entry.msg.id)
         if current is not entry or entry.gen != gen or self._state.stopping:

@@ -262,10 +262,11 @@ async def test_a_booked_token_is_used_at_its_time_without_asking_again(
     assert len(shared.calls) == 1
 
 
-async def test_a_booked_head_frozen_and_removed_lets_the_next_ask(
+async def test_a_booked_head_frozen_and_removed_gives_its_token_to_the_next(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    # The booked token is lost (nobody sends it); the line goes on.
+    # The token booked for the head is the line's: the next message uses it
+    # at the booked time, without asking.
     limited, free = await start_smtp_server(), await start_smtp_server()
     router = router_for(
         tmp_path,
@@ -283,11 +284,41 @@ async def test_a_booked_head_frozen_and_removed_lets_the_next_ask(
         await add(spool, router, "second@limited.example")
         await spool.freeze([first])
         await spool.remove([first])
+        await delivered_through(spool, router, free)
+        assert limited.transactions == 0  # not before the booked time
         clock.advance(0.5)
         await wait_until(lambda: limited.transactions == 1, "the second to arrive")
         assert (await spool.get_message(first)).queue is Queue.REMOVED
     assert [m.rcpt_tos for m in limited.messages] == [("second@limited.example",)]
-    assert len(shared.calls) == 2  # the second asked: the first's booking was not its own
+    assert len(shared.calls) == 1
+
+
+async def test_a_booking_left_by_a_line_that_emptied_is_not_used_later(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    shared = Shared(SharedToken(0.5), 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        first = await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be booked")
+        await spool.freeze([first])  # nobody behind it: the booking is lost
+        clock.advance(10.0)
+        await delivered_through(spool, router, free)
+        await add(spool, router, "second@limited.example")
+        await add(spool, router, "third@limited.example")  # waits for the local rate
+        await wait_until(lambda: limited.transactions == 1, "the second to arrive")
+        clock.advance(0.1)
+        await wait_until(lambda: limited.transactions == 2, "the third to arrive")
+    assert len(shared.calls) == 3  # each asked: the old booking went to neither
 
 
 def _two_routes(tmp_path: Path, limited: SmtpTestServer, free: SmtpTestServer) -> Router:

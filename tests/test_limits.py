@@ -168,8 +168,8 @@ def test_a_deferred_head_holds_its_line_until_its_time_with_or_without_a_rate() 
         gate.wait("d", "next")
         assert list(gate.ready(1.0)) == [] and gate.next_wake(1.0) == 5.0
         assert [item for _, item in gate.ready(5.0)][:1] == ["head"]
-        assert gate.take_booking("d", "head") is True
-        assert gate.take_booking("d", "head") is False  # used up
+        assert gate.take_booking("d") is True
+        assert gate.take_booking("d") is False  # used up
 
 
 def test_give_back_returns_the_connection_and_the_token() -> None:
