@@ -343,12 +343,15 @@ class DestinationGate(Generic[_T]):
 
     def give_back(self, destination: str) -> None:
         """Return what :meth:`ready` took for an item the caller found
-        stale: the connection and the token."""
+        stale: the connection and the token (and a shared token booked for
+        the line, when nobody is left in it to use it now)."""
         d = self._destinations.get(destination)
         if d is not None:
             d.running = max(0, d.running - 1)
             if d.limits.rate is not None:
                 d.next_token -= d.limits.rate.spacing
+            if not d.waiting:
+                d.booked = False
 
     def defer(self, destination: str, item: _T, until: float, *, booked: bool = False) -> None:
         """An admitted attempt of ``destination`` did not start after all:

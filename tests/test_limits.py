@@ -170,6 +170,15 @@ def test_a_deferred_head_holds_its_line_until_its_time_with_or_without_a_rate() 
         assert [item for _, item in gate.ready(5.0)][:1] == ["head"]
         assert gate.take_booking("d") is True
         assert gate.take_booking("d") is False  # used up
+    # a booked head found stale with nobody behind it: the booking goes too
+    gate = DestinationGate()
+    assert gate.admit(limited(rate="10/s"), [], 0.0) is None
+    gate.defer("d", "stale head", 5.0, booked=True)
+    assert [item for _, item in gate.ready(5.0)] == ["stale head"]
+    gate.give_back("d")
+    gate.wait("d", "later")  # held (say, by the local rate) and out of the line later
+    assert [item for _, item in gate.ready(6.0)] == ["later"]
+    assert gate.take_booking("d") is False  # it asks
 
 
 def test_give_back_returns_the_connection_and_the_token() -> None:
