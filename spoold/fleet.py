@@ -38,16 +38,23 @@ schedule, and a node whose clock is wrong is not listed as dead or from the
 future.
 
 The fleet-wide rate is a GCRA (generic cell rate algorithm) with a
-*tolerance*: a token due at ``TAT`` (the theoretical arrival time) may be
-taken from ``TAT - tolerance`` on, and taking it moves ``TAT`` one
-interval on from ``max(TAT, now)``. A node that comes for a token up to the
-tolerance late so loses nothing of the fleet's rate (a GCRA with a burst of
-one forgets every lateness, and a fleet of nodes each a few milliseconds
-late falls short of its rate); the long-run rate is exactly the configured
-one, and in any span ``W`` the fleet takes at most
-``rate * (W + tolerance) + 1`` tokens. The tolerance is one interval, at
-least :data:`TOLERANCE_MIN` and at most :data:`TOLERANCE_MAX` (see
-:func:`gcra_tolerance`).
+*tolerance*, whose tokens are *booked*: a token due at ``TAT`` (the
+theoretical arrival time) may be used from ``TAT - tolerance`` on, and
+each question books the next one for the asker and moves ``TAT`` one
+interval on from ``max(TAT, now)``; the answer says when the booked token
+may be used (now, or later: the asker holds the message until then and
+sends it without asking again). Booking goes at most the tolerance and
+:data:`BOOKED_INTERVALS` intervals ahead; beyond, nothing is booked and
+the answer says when to ask again. Booking, not a race for each token,
+gives every node its turn: first come, first served, the node nearest
+Redis wins every tie. A node that comes for a token up to the tolerance
+late loses nothing of the fleet's rate; the long-run rate is exactly the
+configured one, and in any span ``W`` the fleet's tokens are at most
+``rate * (W + tolerance) + 1``. The tolerance is one interval, but 50 ms
+(:data:`TOLERANCE_LATE`) if that is more and within
+:data:`TOLERANCE_INTERVALS` intervals, and at most
+:data:`TOLERANCE_MAX` (see :func:`gcra_tolerance`): a burst of at most
+five tokens at any rate.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
-from spoold.limits import Rate
+from spoold.limits import Rate, SharedToken
 from spoold.log import get_logger
 
 if TYPE_CHECKING:
@@ -77,8 +84,10 @@ __all__ = [
     "redacted_url",
     "KEY_PREFIX",
     "NODES_KEPT",
-    "TOLERANCE_MIN",
+    "TOLERANCE_LATE",
+    "TOLERANCE_INTERVALS",
     "TOLERANCE_MAX",
+    "BOOKED_INTERVALS",
 ]
 
 KEY_PREFIX = "spoold:"
@@ -87,10 +96,18 @@ KEY_PREFIX = "spoold:"
 # last heartbeat, then the heartbeats of the others drop it.
 NODES_KEPT = 86_400.0
 
-# The bounds of the fleet-wide rate's tolerance (seconds): how late a node
-# may come for a token without the fleet losing it (see gcra_tolerance).
-TOLERANCE_MIN = 0.05
+# The fleet-wide rate's tolerance: how late a node may come for a token
+# without the fleet losing it (see gcra_tolerance). Seconds, but
+# TOLERANCE_INTERVALS in intervals of the rate.
+TOLERANCE_LATE = 0.05
+TOLERANCE_INTERVALS = 4
 TOLERANCE_MAX = 1.0
+
+# How far ahead the fleet-wide rate books a token for a node: the tolerance
+# and this many intervals. Each node books at most one token per route at a
+# time (only the head of its line asks), so as many nodes as this share a
+# route's rate in turn, whoever is nearer Redis.
+BOOKED_INTERVALS = 8
 
 log = get_logger("spoold.fleet")
 
@@ -157,39 +174,48 @@ class NodeBeat:
 
 def gcra_tolerance(interval: float) -> float:
     """The tolerance (seconds) of a fleet-wide rate whose tokens are
-    ``interval`` seconds apart: one interval, at least
-    :data:`TOLERANCE_MIN` (a node's lateness is milliseconds of event loop
-    and round trip, whatever the rate) and at most :data:`TOLERANCE_MAX`
-    (a slow rate, say 10/h, never lets a second token go much before its
-    interval)."""
-    return min(max(interval, TOLERANCE_MIN), TOLERANCE_MAX)
+    ``interval`` seconds apart: one interval; or :data:`TOLERANCE_LATE` if
+    that is longer (a node's lateness is milliseconds of event loop and
+    round trip, whatever the rate) but no more than
+    :data:`TOLERANCE_INTERVALS` intervals (a fast rate: the fleet never
+    takes more than five tokens at once, not 51 at 1000/s); at most
+    :data:`TOLERANCE_MAX` (a slow rate, say 10/h, never lets a second token
+    go much before its interval)."""
+    late = min(TOLERANCE_LATE, TOLERANCE_INTERVALS * interval)
+    return min(max(interval, late), TOLERANCE_MAX)
 
 
-# GCRA with a tolerance (see the module docstring). KEYS[1]: the TAT key;
-# ARGV: interval and tolerance (microseconds, so that rates above 1000/s
-# stay exact), now (microseconds, "" for Redis's clock). Returns 0 (go:
-# the TAT moved one interval on) or the microseconds until the token may
-# be taken.
+# GCRA with a tolerance and bookings (see the module docstring). KEYS[1]:
+# the TAT key; ARGV: interval, tolerance and the booking bound
+# (microseconds, so that rates above 1000/s stay exact), now
+# (microseconds, "" for Redis's clock). Returns {1, wait}: a token booked
+# for the caller, to be used wait microseconds on (0: at once; the TAT
+# moved one interval on), or {0, wait}: none booked (the schedule is full
+# as far as the bound), ask again wait microseconds on.
 _GCRA = """
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
+local ahead = tonumber(ARGV[3])
+local now = tonumber(ARGV[4])
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local tat = tonumber(redis.call('GET', KEYS[1]))
+-- Not a time (damaged, or "inf"/"nan"): as if there were none.
+if tat ~= nil and (tat ~= tat or tat == math.huge or tat == -math.huge) then tat = nil end
 if tat == nil or tat < now then tat = now end
--- Taking a token leaves the TAT at most tolerance + interval ahead; one
--- further on is from a slower rate (a reload) or a clock that went back,
--- and must not hold mail longer than one interval.
-if tat > now + tolerance + interval then tat = now + tolerance + interval end
-if tat - tolerance > now then return tat - tolerance - now end
+-- A booking leaves the TAT at most tolerance + bound + interval ahead; one
+-- further on is from a slower rate (a reload) or a clock that went back:
+-- the schedule starts afresh (and is written so below).
+if tat > now + tolerance + ahead + interval then tat = now end
+local due = math.max(tat - tolerance, now)
+if due - now > ahead then return {0, due - now - ahead} end
 -- The key outlives the TAT, and lives at least a minute: a TAT in a
 -- caller's clock (a test's) must not vanish in a pause of real time.
 redis.call('SET', KEYS[1], string.format('%d', tat + interval), 'PX',
-           math.max(math.floor((tolerance + interval * 2) / 1000) + 1, 60000))
-return 0
+           math.max(math.floor((tat + interval - now + tolerance) / 1000) + 1, 60000))
+return {1, due - now}
 """
 
 # A heartbeat, on Redis's clock. KEYS[1]: the node's key, KEYS[2] the
@@ -387,18 +413,25 @@ class SharedState:
 
     async def gcra(
         self, destination: str, rate: Rate, *, now_ms: int | None = None
-    ) -> float | None:
-        """Take the fleet-wide token of ``destination`` at ``rate``: 0.0 when
-        taken (the attempt may go), else the seconds until it may be taken
-        (counted from when Redis ran the script: a caller that waits that
-        long from the moment it sent the call comes back on time); None
-        when Redis did not answer (use the local limit)."""
+    ) -> SharedToken | None:
+        """Book the next fleet-wide token of ``destination`` at ``rate``
+        (see :class:`~spoold.limits.SharedToken`: booked, to be used
+        ``wait`` seconds on, 0.0 for at once; or none booked, ask again
+        after ``wait``); the wait is counted from when Redis ran the script
+        (a caller that waits that long from the moment it sent the call is
+        on time). None when Redis did not answer (use the local limit)."""
         interval = max(1, round(rate.spacing * 1_000_000))
         tolerance = round(gcra_tolerance(rate.spacing) * 1_000_000)
+        ahead = tolerance + BOOKED_INTERVALS * interval
         key = f"{KEY_PREFIX}gcra:{destination}"
         now = "" if now_ms is None else str(now_ms * 1000)
-        waited = await self._call(lambda: self._gcra(keys=[key], args=[interval, tolerance, now]))
-        return None if waited is None else int(waited) / 1_000_000
+        got = await self._call(
+            lambda: self._gcra(keys=[key], args=[interval, tolerance, ahead, now])
+        )
+        if got is None:
+            return None
+        booked, wait = got
+        return SharedToken(int(wait) / 1_000_000, booked=bool(int(booked)))
 
     # -- fleet-wide connection slots
 

@@ -34,7 +34,9 @@ line (first come, first served) and is started as soon as a slot and a
 token are free; it is not an attempt: nothing is written, no retry
 interval is used, no relay attempt is recorded. The gate only holds the
 line; the spool keeps the messages (it checks, when one comes out, that the
-message is still due and untouched).
+message is still due and untouched). A message an operator sends now
+(``spoold send``, which also thaws) goes to the head of its line, wherever
+it waited: the limits still hold it, the others do not.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ __all__ = [
     "LimitsSource",
     "SharedRates",
     "SharedSlots",
+    "SharedToken",
     "DestinationGate",
     "Hold",
     "HopBackoff",
@@ -128,18 +131,33 @@ class LimitsSource(Protocol):
     def limits_for(self, message: Message) -> tuple[str, DestinationLimits] | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SharedToken:
+    """An answer of :meth:`SharedRates.gcra`. ``booked``: the token is the
+    caller's, for use ``wait`` seconds on (0.0: at once), without asking
+    again (the spool gives it to the next of the line when that message is
+    frozen, removed or sent by an operator first); one not used (the line
+    emptied, the spool stopped) is lost, a token of the shared rate nobody
+    sends. Not
+    ``booked``: the shared schedule is full as far as it books ahead; ask
+    again after ``wait``."""
+
+    wait: float
+    booked: bool = True
+
+
 class SharedRates(Protocol):
     """A destination's rate kept with other processes (the fleet's Redis:
-    :class:`spoold.fleet.SharedState`). :meth:`gcra` takes the shared token
-    of ``destination`` at ``rate``: 0.0 when taken, else the seconds until
-    it may be taken, counted from when the shared state read its clock
-    (the spool counts them from when it asked, and holds the destination's
-    line until then: :meth:`DestinationGate.defer`); None when the shared
-    state did not answer (the local rate, which this gate applied already,
-    is then the only one). Unlike the gate, it is asked by a send job after
-    admission, and it reads its own clock."""
+    :class:`spoold.fleet.SharedState`). :meth:`gcra` books the shared token
+    of ``destination`` at ``rate`` (a :class:`SharedToken`), its wait
+    counted from when the shared state read its clock (the spool counts it
+    from when it asked, and holds the destination's line until then:
+    :meth:`DestinationGate.defer`); None when the shared state did not
+    answer (the local rate, which this gate applied already, is then the
+    only one). Unlike the gate, it is asked by a send job after admission,
+    and it reads its own clock."""
 
-    async def gcra(self, destination: str, rate: Rate) -> float | None: ...
+    async def gcra(self, destination: str, rate: Rate) -> SharedToken | None: ...
 
 
 class SharedSlots(Protocol):
@@ -161,11 +179,13 @@ class SharedSlots(Protocol):
 class Hold:
     """Not now. ``until``: the time (timestamp) the message's next hops are
     open again (the spool re-arms its timer then); None: the message waits
-    in ``destination``'s line, woken by the gate."""
+    in ``destination``'s line, woken by the gate (``front``: at its head,
+    an operator sent it now)."""
 
     destination: str | None
     until: float | None
     reason: str
+    front: bool = False
 
 
 @dataclass(slots=True)
@@ -188,13 +208,23 @@ class _Destination(Generic[_T]):
     running: int = 0
     next_token: float = -math.inf
     waiting: deque[_T] = field(default_factory=deque)
+    # The line's head waits for a shared token until then (see defer), and
+    # whether the token is booked (the next out goes without asking again).
+    not_before: float = -math.inf
+    booked: bool = False
+    # The first ``sent_now`` of the line were sent now by an operator (they
+    # keep their order among them); whether the last item out was one.
+    sent_now: int = 0
+    out_sent_now: bool = False
+    asking: bool = False  # an item out of the line asks for a shared token
 
     def open_at(self, now: float) -> float | None:
         """When the next attempt may start: ``now`` or later; None while
-        every connection is taken (a finished attempt frees one)."""
-        if self.running >= self.limits.max_connections:
+        every connection is taken (a finished attempt frees one) or one of
+        the line asks for a shared token (the answer moves it on)."""
+        if self.running >= self.limits.max_connections or self.asking:
             return None
-        return max(now, self.next_token)
+        return max(now, self.next_token, self.not_before)
 
 
 class DestinationGate(Generic[_T]):
@@ -266,10 +296,14 @@ class DestinationGate(Generic[_T]):
         destination: tuple[str, DestinationLimits] | None,
         hops: Sequence[str],
         now: float,
+        *,
+        front: bool = False,
     ) -> Hold | None:
         """May an attempt start at ``now``? None: yes, and a connection
         and a token of the destination are taken (give the connection back
-        with :meth:`done`). Else why not: a :class:`Hold`."""
+        with :meth:`done`). Else why not: a :class:`Hold`. ``front``: the
+        message goes ahead of those waiting in its destination's line (an
+        operator sent it now; the limits still hold it)."""
         hold = self.hops_hold(hops, now)
         if hold is not None:
             return hold
@@ -277,20 +311,29 @@ class DestinationGate(Generic[_T]):
             return None
         name, limits = destination
         d = self._destination(name, limits)
-        if d.waiting:
+        if d.waiting and not front:
             return Hold(name, None, "behind others in the destination's line")
+        if d.asking:
+            return Hold(name, None, "behind the one asking for the shared token", front)
         start = d.open_at(now)
         if start is None:
-            return Hold(name, None, f"{limits.max_connections} connections at once")
+            return Hold(name, None, f"{limits.max_connections} connections at once", front)
         if start > now:
-            return Hold(name, None, f"rate {limits.rate}")
+            return Hold(name, None, f"rate {limits.rate}", front)
+        d.out_sent_now = front
+        d.booked = False  # a booking left by a line that emptied: this one asks afresh
         self._take(d, now)
         return None
 
-    def wait(self, destination: str, item: _T) -> None:
+    def wait(self, destination: str, item: _T, *, front: bool = False) -> None:
         """Put ``item`` at the end of ``destination``'s line (after a
-        :class:`Hold` naming it)."""
-        self._destinations[destination].waiting.append(item)
+        :class:`Hold` naming it), or at its head (``front``)."""
+        d = self._destinations[destination]
+        if front:  # behind those sent now before it: `spoold send --all` keeps the order
+            d.waiting.insert(min(d.sent_now, len(d.waiting)), item)
+            d.sent_now += 1
+        else:
+            d.waiting.append(item)
 
     def done(self, destination: str) -> None:
         """An admitted attempt of ``destination`` ended."""
@@ -310,30 +353,60 @@ class DestinationGate(Generic[_T]):
                 if start is None or start > now:
                     break
                 item = d.waiting.popleft()
+                d.out_sent_now, d.sent_now = d.sent_now > 0, max(0, d.sent_now - 1)
                 self._take(d, now)
                 yield name, item
 
     def give_back(self, destination: str) -> None:
         """Return what :meth:`ready` took for an item the caller found
-        stale: the connection and the token."""
+        stale: the connection and the token (and a shared token booked for
+        the line, when nobody is left in it to use it now)."""
         d = self._destinations.get(destination)
         if d is not None:
             d.running = max(0, d.running - 1)
             if d.limits.rate is not None:
                 d.next_token -= d.limits.rate.spacing
+            if not d.waiting:
+                d.booked = False
 
-    def defer(self, destination: str, item: _T, until: float) -> None:
+    def defer(self, destination: str, item: _T, until: float, *, booked: bool = False) -> None:
         """An admitted attempt of ``destination`` did not start after all:
         a token it shares with other processes (a fleet's rate) is due
-        only at ``until``. Its connection and token are given back,
+        only at ``until`` (``booked``: and is booked for the line, see
+        :meth:`take_booking`). Its connection and token are given back,
         ``item`` goes back to the head of the line (it was first), and the
         line moves on no earlier than ``until`` (so the others wait behind
         it instead of each asking for that token)."""
         d = self._destinations[destination]
         d.running = max(0, d.running - 1)
         if d.limits.rate is not None:
-            d.next_token = max(d.next_token - d.limits.rate.spacing, until)
+            d.next_token -= d.limits.rate.spacing
+        d.not_before = until
+        d.booked = booked
         d.waiting.appendleft(item)
+        if d.out_sent_now:
+            d.sent_now += 1
+
+    def asking(self, destination: str, asking: bool) -> None:
+        """An admitted attempt of ``destination`` asks for a shared token
+        (True), or was answered, whatever the answer (False). Meanwhile no
+        other item of its line starts: one asks at a time, however slow the
+        answer, and the line keeps its order."""
+        d = self._destinations.get(destination)
+        if d is not None:
+            d.asking = asking
+
+    def take_booking(self, destination: str) -> bool:
+        """Whether the item just out of :meth:`ready` (not stale) has the
+        line's shared token booked (:meth:`defer`); the booking is used
+        up. It is the line's, not the deferred item's: when that one was
+        frozen, removed or sent by an operator meanwhile, the next one out
+        uses it."""
+        d = self._destinations.get(destination)
+        if d is None or not d.booked:
+            return False
+        d.booked = False
+        return True
 
     def next_wake(self, now: float) -> float | None:
         """The earliest time a waiting line can move on by the clock alone
@@ -379,6 +452,9 @@ class DestinationGate(Generic[_T]):
     @staticmethod
     def _update(d: _Destination[_T], limits: DestinationLimits) -> None:
         if d.limits != limits:  # a reload changed them: the new ones apply now
+            if d.limits.rate != limits.rate:  # a shared token booked at the old rate is
+                d.not_before = -math.inf  # given up: the head asks at the new one
+                d.booked = False
             d.limits = limits
             if limits.rate is None:
                 d.next_token = -math.inf

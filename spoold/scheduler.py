@@ -152,7 +152,9 @@ class Scheduler:
                         gate.give_back(name)  # its hops were backed off while it waited
                         self._hold(waiting, gen, hold)
                     else:
-                        self._start(tg, attempt, waiting, name, self.policy_of(waiting.msg))
+                        booked = gate.take_booking(name)
+                        policy = self.policy_of(waiting.msg)
+                        self._start(tg, attempt, waiting, name, policy, booked=booked)
                     if self._running >= self._max_jobs:
                         break
             while not self._state.stopping and self._running < self._max_jobs:
@@ -165,7 +167,7 @@ class Scheduler:
                     continue
                 policy = self.policy_of(entry.msg)
                 destination = policy.limited
-                hold = gate.admit(destination, _held_hops(entry), now_ts)
+                hold = gate.admit(destination, _held_hops(entry), now_ts, front=entry.kicked)
                 if hold is not None:
                     self._hold(entry, gen, hold)
                     continue
@@ -186,22 +188,38 @@ class Scheduler:
         entry: Entry,
         destination: str | None,
         policy: DestinationPolicy,
+        *,
+        booked: bool = False,
     ) -> None:
         entry.busy = True
         entry.destination = destination
         self._running += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         gen = entry.gen
-        tg.start_soon(self._send_job, attempt, entry, gen, policy, name=f"send {entry.msg.id}")
+        asks = (
+            not booked
+            and destination is not None
+            and self.shared_rates is not None
+            and policy.limited is not None
+            and policy.limited[1].rate is not None
+        )
+        if asks and destination is not None:
+            self.gate.asking(destination, True)  # the rest of its line waits for the answer
+        tg.start_soon(
+            self._send_job, attempt, entry, gen, policy, asks, name=f"send {entry.msg.id}"
+        )
 
     async def _send_job(
-        self, attempt: Attempt, entry: Entry, gen: int, policy: DestinationPolicy
+        self, attempt: Attempt, entry: Entry, gen: int, policy: DestinationPolicy, asks: bool
     ) -> None:
         """One send job: the attempt, then its slots given back. A message
-        whose fleet-wide token is not there yet goes back to the head of its
-        destination's line until the token is due, and one whose
-        destination's fleet-wide connection slots are all held is held a
-        moment (no attempt): the job ends at once and waits for nothing."""
+        that ``asks`` for its fleet-wide token (not booked already) while
+        the rest of its line waits, and is told it is booked for later,
+        goes back to the head of its destination's line until then (no
+        attempt); when its time comes it is sent without asking again. One
+        whose destination's fleet-wide connection slots are all held is
+        held a moment. Either way the job ends at once and waits for
+        nothing."""
         slot: str | None = None
         try:
             # The rate first: a message the rate holds costs no slot (two
@@ -209,9 +227,16 @@ class Scheduler:
             # first (late tokens are lost rate). A token whose slot is
             # refused is spent: then the connections, not the rate, bound
             # the route.
-            due = await self._shared_due(policy)
+            due = None
+            if asks:
+                try:
+                    due = await self._shared_due(policy)
+                finally:
+                    if entry.destination is not None:
+                        self.gate.asking(entry.destination, False)
+                    self.poke()
             if due is not None:
-                self._defer(entry, gen, due)
+                self._defer(entry, gen, *due)
                 return
             taken = await self._shared_slot(policy)
             if taken is not None and not isinstance(taken, str):  # seconds (an int too)
@@ -255,32 +280,39 @@ class Scheduler:
             return None
         return await shared.take(limited[0], limited[1].max_connections)
 
-    async def _shared_due(self, policy: DestinationPolicy) -> float | None:
+    async def _shared_due(self, policy: DestinationPolicy) -> tuple[float, bool] | None:
         """When the destination's shared token (a fleet-wide rate) may be
-        taken, if it is not there yet (a timestamp); None: taken, or
-        nothing to take (no :attr:`shared_rates`, or no rate), or the
+        used, if not at once: a timestamp, and whether the token is booked
+        for this message (else it asks again then); None: taken for now,
+        or nothing to take (no :attr:`shared_rates`, or no rate), or the
         shared state did not answer (then the local gate, which admitted
         this attempt, is the only rate: each attempt asks once, so no line
         of waiting jobs is let go at once).
 
         The wait it answers is counted from when the shared state looked
         at its clock, somewhere in the round trip; it is added to the time
-        the question was sent, so the next question, which takes the same
-        way there, arrives when the token is due (counted from the answer,
-        every hold would be late by the way back)."""
+        the question was sent, so a message held for it goes when the
+        shared state's schedule says (counted from the answer, every hold
+        would be late by the way back)."""
         shared, limited = self.shared_rates, policy.limited
         if shared is None or limited is None or limited[1].rate is None:
             return None
         asked = self.clock.now().timestamp()
-        wait = await shared.gcra(limited[0], limited[1].rate)
-        return None if wait is None or wait <= 0 else asked + wait
+        token = await shared.gcra(limited[0], limited[1].rate)
+        if token is None or (token.booked and token.wait <= 0):
+            return None
+        return asked + token.wait, token.booked
 
-    def _defer(self, entry: Entry, gen: int, until: float) -> None:
-        """``entry`` (admitted, not sent) may go at ``until`` for the fleet:
-        back to the head of its destination's line, which waits until then
-        (the connection and the local token are given back: no attempt was
-        made). A message changed meanwhile is left to its new status; one
-        found as the spool stops stays queued on disk."""
+    def _defer(self, entry: Entry, gen: int, until: float, booked: bool) -> None:
+        """``entry`` (admitted, not sent) may go at ``until`` for the fleet
+        (``booked``: its token is booked then, so it goes without asking
+        again): back to the head of its destination's line, which waits
+        until then (the connection and the local token are given back: no
+        attempt was made). A message changed meanwhile is left to its new
+        status, and one found as the spool stops stays queued on disk (a
+        token booked then is lost). Frozen, removed or sent by an operator
+        later, while it waits, the token goes to the next of the line
+        (:meth:`DestinationGate.take_booking`)."""
         destination = entry.destination
         current = self._index.get(entry.msg.id)
         if current is not entry or entry.gen != gen or self._state.stopping:
@@ -289,13 +321,13 @@ class Scheduler:
             self._hold(entry, gen, Hold(None, until, "fleet-wide rate"))
             return
         entry.destination = None  # given back here, not as done
-        self.gate.defer(destination, (entry, gen), until)
+        self.gate.defer(destination, (entry, gen), until, booked=booked)
         log.debug(
             "held by its destination",
             id=entry.msg.id,
             flows=entry.msg.flows,
             destination=destination,
-            reason="fleet-wide rate",
+            reason="fleet-wide rate (booked)" if booked else "fleet-wide rate",
         )
 
     def policy_of(self, msg: Message) -> DestinationPolicy:
@@ -316,7 +348,7 @@ class Scheduler:
         if hold.until is not None:
             entry.gen = self._timers.arm(entry.msg.id, hold.until)
         elif hold.destination is not None:
-            self.gate.wait(hold.destination, (entry, gen))
+            self.gate.wait(hold.destination, (entry, gen), front=hold.front)
         log.debug(
             "held by its destination",
             id=entry.msg.id,

@@ -17,16 +17,17 @@ import pytest
 import redis.asyncio
 
 from spoold.fleet import (
+    BOOKED_INTERVALS,
     KEY_PREFIX,
     NODES_KEPT,
+    TOLERANCE_LATE,
     TOLERANCE_MAX,
-    TOLERANCE_MIN,
     FleetSettings,
     SharedState,
     gcra_tolerance,
     redacted_url,
 )
-from spoold.limits import Rate
+from spoold.limits import Rate, SharedToken
 from tests.redis_server import INSTALL_HINT, RedisServer, redis_server_path
 
 pytestmark = pytest.mark.daemon  # starts redis-server
@@ -37,35 +38,60 @@ def _settings(server: RedisServer, node: str = "relay-1", **kw: float) -> FleetS
 
 
 TEN_PER_SECOND = Rate(10, timedelta(seconds=1), "10/s")
+NOW = SharedToken(0.0)  # a token to use at once
 
 
-async def test_gcra_spaces_attempts_by_the_rate(redis_server: RedisServer) -> None:
+def again(wait: float) -> SharedToken:
+    """No token booked: ask again after ``wait``."""
+    return SharedToken(wait, booked=False)
+
+
+async def _token_at(node: SharedState, rate: Rate, t: int, key: str = "r") -> tuple[int, bool]:
+    """Ask at ``t`` (ms): the time of the token booked (ms), or when to ask
+    again, and whether it was booked."""
+    token = await node.gcra(key, rate, now_ms=t)
+    assert token is not None
+    return t + math.ceil(token.wait * 1000), token.booked
+
+
+async def test_gcra_books_tokens_one_interval_apart_as_far_as_a_bound(
+    redis_server: RedisServer,
+) -> None:
     async with SharedState(_settings(redis_server)) as s:
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.0
-        # the tolerance (one interval): a second token at once, then one
-        # every 100 ms
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.0
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.1
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_040) == 0.06
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_100) == 0.0
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_100) == 0.1
+        got = [await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) for _ in range(12)]
+        # the first and the tolerance's (one interval) at once, then one
+        # booked every 100 ms as far as the tolerance and BOOKED_INTERVALS
+        # intervals; then none booked: ask again when the schedule is
+        # within that bound
+        booked = [SharedToken(k / 10) for k in range(1, BOOKED_INTERVALS + 2)]
+        assert got == [NOW, NOW, *booked, again(0.1)]
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_100) == SharedToken(0.9)
+        # 40 ms later the next is 1.06 s on: not booked, ask again in 60 ms
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_140) == again(0.06)
 
 
 def test_the_tolerance_is_one_interval_within_bounds() -> None:
     assert gcra_tolerance(0.1) == 0.1  # 10/s
     assert gcra_tolerance(0.05) == 0.05  # 20/s
-    assert gcra_tolerance(0.00025) == TOLERANCE_MIN  # 4000/s: lateness is milliseconds
+    assert gcra_tolerance(0.02) == TOLERANCE_LATE  # 50/s: lateness is milliseconds
+    assert gcra_tolerance(0.01) == 0.04  # 100/s: but four intervals at most
+    assert gcra_tolerance(0.001) == 0.004  # 1000/s: five at once at most, not 51
     assert gcra_tolerance(3600.0) == TOLERANCE_MAX  # 1/h: not a second token an hour early
 
 
 async def test_gcra_admits_count_per_window_whatever_the_asking(
     redis_server: RedisServer,
 ) -> None:
-    # Asked every 10 ms for 2 s: 21 go (10/s and the one of the
-    # tolerance), then 100 ms apart.
+    # Asked every 10 ms for 2 s: the tokens booked are 21 in the 2 s (10/s
+    # and the one of the tolerance), then 100 ms apart.
     async with SharedState(_settings(redis_server)) as s:
-        went = [t for t in range(0, 2000, 10) if await s.gcra("r", TEN_PER_SECOND, now_ms=t) == 0.0]
-    assert went == [0, 10, *range(100, 2000, 100)]
+        times = []
+        for t in range(0, 2000, 10):
+            at, booked = await _token_at(s, TEN_PER_SECOND, t)
+            if booked:
+                times.append(at)
+    assert [t for t in times if t < 2000] == [0, 10, *range(100, 2000, 100)]
+    _conforms(times, 100, 100)
 
 
 async def test_two_clients_share_one_throttle(redis_server: RedisServer) -> None:
@@ -75,14 +101,15 @@ async def test_two_clients_share_one_throttle(redis_server: RedisServer) -> None
         SharedState(_settings(redis_server, "a")) as a,
         SharedState(_settings(redis_server, "b")) as b,
     ):
-        went = {"a": 0, "b": 0}
+        went: dict[str, list[int]] = {"a": [], "b": []}
         for t in range(0, 1000, 5):
             order = [("a", a), ("b", b)] if (t // 100) % 2 else [("b", b), ("a", a)]
             for name, node in order:
-                if await node.gcra("r", TEN_PER_SECOND, now_ms=t) == 0.0:
-                    went[name] += 1
-    assert went["a"] + went["b"] == 11
-    assert went["a"] > 0 and went["b"] > 0
+                at, booked = await _token_at(node, TEN_PER_SECOND, t)
+                if booked and at < 1000:
+                    went[name].append(at)
+    assert len(went["a"]) + len(went["b"]) == 11
+    assert went["a"] and went["b"]
 
 
 TWENTY_PER_SECOND = Rate(20, timedelta(seconds=1), "20/s")
@@ -109,10 +136,14 @@ async def test_nodes_asking_at_random_never_exceed_the_rate_and_tolerance(
         SharedState(_settings(redis_server, "b")) as b,
         SharedState(_settings(redis_server, "c")) as c,
     ):
-        nodes = [a, b, c]
-        went = [t for t, n in asks if await nodes[n].gcra("r", TWENTY_PER_SECOND, now_ms=t) == 0.0]
+        nodes, went = [a, b, c], []
+        for t, n in asks:
+            at, booked = await _token_at(nodes[n], TWENTY_PER_SECOND, t)
+            if booked:
+                went.append(at)
+    went.sort()
     _conforms(went, 50, 50)
-    assert len(went) <= 20 * (10 + 0.05) + 1
+    assert len([t for t in went if t <= 10_000]) <= 20 * (10 + 0.05) + 1
     # (random asks leave gaps: some tokens nobody came for)
     assert len(went) >= 150
 
@@ -137,22 +168,56 @@ async def test_a_node_late_by_less_than_the_tolerance_loses_no_token(
         nodes, went = [a, b, c], []
         while due[0][0] < window:
             t, n = heapq.heappop(due)
-            wait = await nodes[n].gcra("r", TWENTY_PER_SECOND, now_ms=t)
-            assert wait is not None
-            if wait == 0.0:
-                went.append(t)
-            heapq.heappush(due, (t + math.ceil(wait * 1000) + rng.randrange(0, 45), n))
+            at, booked = await _token_at(nodes[n], TWENTY_PER_SECOND, t)
+            if booked:
+                went.append(at)
+            heapq.heappush(due, (at + rng.randrange(0, 45), n))
+    went = sorted(t for t in went if t < window)
     _conforms(went, 50, 50)
     # the first two at once (the tolerance), then one every 50 ms to the end
     assert 20 * window // 1000 <= len(went) <= 20 * window // 1000 + 1
 
 
+async def test_a_node_farther_from_redis_gets_its_share(redis_server: RedisServer) -> None:
+    # Three nodes with a backlog each, each at its own rate 20/s as the
+    # fleet's, one 2 ms farther from Redis (another rack), all with up to
+    # 2 ms of jitter, for 30 s of the script's clock. Racing for tokens,
+    # the nearer nodes win every tie and the far one gets none; booked,
+    # each gets its turn, and the fleet still keeps to 20/s.
+    rng = random.Random(7)
+    farther = [0, 0, 2]
+    window = 30_000
+    async with (
+        SharedState(_settings(redis_server, "a")) as a,
+        SharedState(_settings(redis_server, "b")) as b,
+        SharedState(_settings(redis_server, "c")) as c,
+    ):
+        nodes = [a, b, c]
+        due = [(farther[n] + rng.randrange(0, 3), n) for n in range(3)]
+        heapq.heapify(due)
+        went: list[list[int]] = [[], [], []]
+        while due[0][0] < window:
+            t, n = heapq.heappop(due)
+            at, booked = await _token_at(nodes[n], TWENTY_PER_SECOND, t)
+            if booked:  # sent then; its next message asks after its own spacing
+                went[n].append(at)
+                at += 50
+            heapq.heappush(due, (at + farther[n] + rng.randrange(0, 3), n))
+    shares = [len([t for t in w if t < window]) for w in went]
+    total = sum(shares)
+    assert all(share >= 0.25 * total for share in shares), shares
+    fleet = sorted(t for w in went for t in w)
+    _conforms(fleet, 50, 50)
+    assert total <= 20 * window // 1000 + 1
+    assert total >= 0.95 * 20 * window // 1000  # and no rate lost
+
+
 async def test_gcra_keys_are_per_destination(redis_server: RedisServer) -> None:
     async with SharedState(_settings(redis_server)) as s:
         for _ in range(2):  # the first and the tolerance's
-            assert await s.gcra("one", TEN_PER_SECOND, now_ms=0) == 0.0
-        assert await s.gcra("two", TEN_PER_SECOND, now_ms=0) == 0.0
-        assert await s.gcra("one", TEN_PER_SECOND, now_ms=0) == 0.1
+            assert await s.gcra("one", TEN_PER_SECOND, now_ms=0) == NOW
+        assert await s.gcra("two", TEN_PER_SECOND, now_ms=0) == NOW
+        assert await s.gcra("one", TEN_PER_SECOND, now_ms=0) == SharedToken(0.1)
 
 
 async def test_leases_up_to_the_limit_and_expiry_returns_slots(
@@ -286,7 +351,7 @@ async def test_redis_down_falls_back_and_comes_back(
         assert await s.gcra("r", TEN_PER_SECOND) is None
         # ...but an operator's question (fleet status: ping, nodes) asks.
         assert await s.ping() is True
-        assert await s.gcra("r", TEN_PER_SECOND) == 0.0
+        assert await s.gcra("r", TEN_PER_SECOND) == NOW
         assert s.health.up is True
         said = [r.getMessage().split(" redis=")[0] for r in caplog.records]
         # up at the first answer, once down, once up again
@@ -308,7 +373,7 @@ async def test_a_stopped_redis_costs_at_most_the_timeout(redis_server: RedisServ
         assert await s.acquire("r", 1, "x") is None
         assert await s.gcra("r", TEN_PER_SECOND) is None
         assert await s.ping() is True
-        assert await s.gcra("r", TEN_PER_SECOND) == 0.0
+        assert await s.gcra("r", TEN_PER_SECOND) == NOW
         assert s.health.up is True and s.health.outages == 1
 
 
@@ -322,17 +387,18 @@ def test_a_password_never_reaches_a_log_line() -> None:
 async def test_gcra_stays_exact_above_a_thousand_per_second(redis_server: RedisServer) -> None:
     fast = Rate(4000, timedelta(seconds=1), "4000/s")  # one every 250 microseconds
     async with SharedState(_settings(redis_server)) as s:
-        # at once: the first and 50 ms worth (the least tolerance), no more
+        # at once: the first and a tolerance's worth (four intervals at
+        # this rate), no more; the next booked 250 microseconds on
         went = 0
-        while await s.gcra("fast", fast, now_ms=10) == 0.0:
+        while (token := await s.gcra("fast", fast, now_ms=10)) == NOW:
             went += 1
-        assert went == 201
-        assert await s.gcra("fast", fast, now_ms=10) == 0.00025
-        # a millisecond on: four more (one each 250 microseconds), exactly
+        assert went == 5 and token == SharedToken(0.00025)
+        # a millisecond on: four more due (one each 250 microseconds), one
+        # of them booked already
         went = 0
-        while await s.gcra("fast", fast, now_ms=11) == 0.0:
+        while await s.gcra("fast", fast, now_ms=11) == NOW:
             went += 1
-        assert went == 4
+        assert went == 3
 
 
 async def test_a_password_is_used_and_a_wrong_one_is_redis_down(tmp_path: Path) -> None:
@@ -344,7 +410,7 @@ async def test_a_password_is_used_and_a_wrong_one_is_redis_down(tmp_path: Path) 
     try:
         good = FleetSettings(url=server.url, node="a", password="s3cret")
         async with SharedState(good) as s:
-            assert await s.gcra("r", TEN_PER_SECOND) == 0.0
+            assert await s.gcra("r", TEN_PER_SECOND) == NOW
         async with SharedState(FleetSettings(url=server.url, node="a", password="wrong")) as s:
             assert await s.gcra("r", TEN_PER_SECOND) is None
             assert s.health.up is False and "s3cret" not in s.health.last_error
@@ -354,18 +420,42 @@ async def test_a_password_is_used_and_a_wrong_one_is_redis_down(tmp_path: Path) 
         server.stop()
 
 
-async def test_a_faster_rate_or_a_clock_gone_back_never_holds_longer_than_one_interval(
+async def test_a_faster_rate_or_a_clock_gone_back_holds_nothing(
     redis_server: RedisServer,
 ) -> None:
     slow = Rate(1, timedelta(hours=1), "1/h")
-    async with SharedState(_settings(redis_server)) as s:
-        assert await s.gcra("r", slow, now_ms=1_000_000) == 0.0
-        # the next an hour later, less the tolerance (a second at most)
-        assert await s.gcra("r", slow, now_ms=1_000_000) == 3599.0
-        # a reload made it 10/s: the next token within 100 ms, not an hour
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == 0.1
-        # Redis's clock went back a day: the same bound
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000 - 86_400_000) == 0.1
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        async with SharedState(_settings(redis_server)) as s:
+            assert await s.gcra("r", slow, now_ms=1_000_000) == NOW
+            # the next an hour later, less the tolerance (a second at most)
+            assert await s.gcra("r", slow, now_ms=1_000_000) == SharedToken(3599.0)
+            # a reload made it 10/s: the schedule of 1/h is far beyond what
+            # 10/s books, so it starts afresh (and is written so): a token
+            # at once and one an interval later, not an hour on
+            assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000) == NOW
+            assert await client.pttl(f"{KEY_PREFIX}gcra:r") < 61_000
+            assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_100) == NOW
+            # Redis's clock went back a day: the same
+            assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_000 - 86_400_000) == NOW
+            assert await s.gcra("r", TEN_PER_SECOND, now_ms=1_000_100 - 86_400_000) == NOW
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("stored", ["inf", "-inf", "nan", "1e300"])
+async def test_a_throttle_key_that_is_not_a_finite_time_holds_nothing(
+    redis_server: RedisServer, stored: str
+) -> None:
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await client.set(f"{KEY_PREFIX}gcra:r", stored)  # no TTL: it would last for ever
+        async with SharedState(_settings(redis_server)) as s:
+            assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == NOW
+            assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_100) == NOW
+        assert await client.pttl(f"{KEY_PREFIX}gcra:r") > 0  # and it expires again
+    finally:
+        await client.aclose()
 
 
 def test_a_server_that_never_answers_is_not_left_running(tmp_path: Path) -> None:
@@ -381,16 +471,17 @@ def test_a_server_that_never_answers_is_not_left_running(tmp_path: Path) -> None
 async def test_a_throttle_outlives_a_pause_of_real_time(redis_server: RedisServer) -> None:
     fast = Rate(4000, timedelta(seconds=1), "4000/s")
     async with SharedState(_settings(redis_server)) as s:
-        while await s.gcra("fast", fast, now_ms=10) == 0.0:
+        while await s.gcra("fast", fast, now_ms=10) == NOW:
             pass
         client = redis.asyncio.Redis.from_url(redis_server.url)
         try:
-            # the TAT's own distance would be 50 ms of real time: any pause
+            # the TAT's own distance would be 1.5 ms of real time: any pause
             # would forget the tokens just taken
             assert await client.pttl(f"{KEY_PREFIX}gcra:fast") > 50_000
         finally:
             await client.aclose()
-        assert await s.gcra("fast", fast, now_ms=10) == 0.00025
+        # (the loop's last ask booked the next: this one is the one after)
+        assert await s.gcra("fast", fast, now_ms=10) == SharedToken(0.0005)
 
 
 async def test_an_answer_that_cannot_be_read_is_no_answer(redis_server: RedisServer) -> None:
@@ -413,7 +504,7 @@ async def test_a_throttle_key_that_is_not_a_time_is_started_afresh(
     finally:
         await client.aclose()
     async with SharedState(_settings(redis_server)) as s:
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == 0.0
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == 0.0
-        assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == 0.1
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == NOW
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == NOW
+        assert await s.gcra("r", TEN_PER_SECOND, now_ms=5_000) == SharedToken(0.1)
         assert s.health.up is True

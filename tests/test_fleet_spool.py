@@ -10,36 +10,47 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
+import pytest
 
-from spoold.limits import Rate
+from spoold.daemon.routing import Router
+from spoold.limits import Rate, SharedToken
 from spoold.message import Queue
 from spoold.testing import FakeClock
 from tests.relay_helpers import MakeRelay, route
-from tests.smtp_server import StartServer
+from tests.smtp_server import SmtpTestServer, StartServer
 from tests.spool_helpers import START
 from tests.support import wait_until
 from tests.test_limits import add, delivered_through, router_for, spool_with
 
 
 class Shared:
-    """Answers from a script: each call takes the next (the last repeats).
-    With a ``clock``, each call takes ``round_trip`` seconds of it."""
+    """Answers from a script: each call takes the next (the last repeats);
+    a number is a wait with no token booked (ask again then), 0.0 a token
+    now, a :class:`SharedToken` itself. With a ``clock``, each call takes
+    ``round_trip`` seconds of it."""
 
     def __init__(
-        self, *answers: float | None, clock: FakeClock | None = None, round_trip: float = 0.0
+        self,
+        *answers: float | SharedToken | None,
+        clock: FakeClock | None = None,
+        round_trip: float = 0.0,
     ) -> None:
         self.answers = list(answers)
         self.calls: list[tuple[str, Rate]] = []
         self.clock = clock
         self.round_trip = round_trip
 
-    async def gcra(self, destination: str, rate: Rate) -> float | None:
+    async def gcra(self, destination: str, rate: Rate) -> SharedToken | None:
         self.calls.append((destination, rate))
         if self.clock is not None:
             self.clock.advance(self.round_trip)
-        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        got = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if got is None or isinstance(got, SharedToken):
+            return got
+        return SharedToken(got, booked=got == 0.0)
 
 
 async def _one_message(
@@ -231,3 +242,251 @@ async def test_the_shared_state_failing_lets_a_waiting_line_go_at_the_local_rate
         "third",
         "fourth",
     ]
+
+
+async def test_a_booked_token_is_used_at_its_time_without_asking_again(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    clock = FakeClock(START)
+    shared = Shared(SharedToken(0.3))  # booked 300 ms on
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "ops@example.com")
+        due = START + timedelta(seconds=0.3)
+        await wait_until(lambda: clock.next_deadline == due, "the hold until the booking")
+        assert hop.transactions == 0
+        clock.advance(0.3)
+        await wait_until(lambda: hop.transactions == 1, "the message to arrive")
+    assert len(shared.calls) == 1
+
+
+async def test_a_booked_head_frozen_and_removed_gives_its_token_to_the_next(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # The token booked for the head is the line's: the next message uses it
+    # at the booked time, without asking.
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    shared = Shared(SharedToken(0.5), 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        first = await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be booked")
+        await add(spool, router, "second@limited.example")
+        await spool.freeze([first])
+        await spool.remove([first])
+        await delivered_through(spool, router, free)
+        assert limited.transactions == 0  # not before the booked time
+        clock.advance(0.5)
+        await wait_until(lambda: limited.transactions == 1, "the second to arrive")
+        assert (await spool.get_message(first)).queue is Queue.REMOVED
+    assert [m.rcpt_tos for m in limited.messages] == [("second@limited.example",)]
+    assert len(shared.calls) == 1
+
+
+async def test_a_booking_left_by_a_line_that_emptied_is_not_used_later(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    clock = FakeClock(START)
+    shared = Shared(SharedToken(0.5), 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        first = await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be booked")
+        await spool.freeze([first])  # nobody behind it: the booking is lost
+        clock.advance(10.0)
+        await delivered_through(spool, router, free)
+        await add(spool, router, "second@limited.example")
+        await add(spool, router, "third@limited.example")  # waits for the local rate
+        await wait_until(lambda: limited.transactions == 1, "the second to arrive")
+        clock.advance(0.1)
+        await wait_until(lambda: limited.transactions == 2, "the third to arrive")
+    assert len(shared.calls) == 3  # each asked: the old booking went to neither
+
+
+def _two_routes(tmp_path: Path, limited: SmtpTestServer, free: SmtpTestServer) -> Router:
+    return router_for(
+        tmp_path,
+        {
+            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["send-now", "freeze-then-thaw"])
+async def test_sending_the_message_waiting_for_the_shared_token_keeps_it_first(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay, frozen: bool
+) -> None:
+    # The head waits for the fleet's token with three behind it: `spoold
+    # send` (or a freeze and a send, which thaws it) puts it back at the
+    # head of the line, not behind the three.
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = _two_routes(tmp_path, limited, free)
+    clock = FakeClock(START)
+    shared = Shared(0.5, 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        first = await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
+        for name in ("second", "third", "fourth"):
+            await add(spool, router, f"{name}@limited.example")
+        await delivered_through(spool, router, free)  # the scheduler went round
+        if frozen:
+            await spool.freeze([first])
+        await spool.send([first])
+        await delivered_through(spool, router, free)
+        assert limited.transactions == 0  # still held for the token
+        clock.advance(0.5)
+        for n in (1, 2, 3, 4):
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            clock.advance(0.1)
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        "first",
+        "second",
+        "third",
+        "fourth",
+    ]
+
+
+async def test_sending_a_message_in_the_middle_of_a_waiting_line_puts_it_first(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = _two_routes(tmp_path, limited, free)
+    clock = FakeClock(START)
+    shared = Shared(0.5, 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
+        ids = [await add(spool, router, f"{n}@limited.example") for n in ("second", "third")]
+        await delivered_through(spool, router, free)
+        await spool.send([ids[1]])  # "third"
+        await delivered_through(spool, router, free)
+        clock.advance(0.5)
+        for n in (1, 2, 3):
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            clock.advance(0.1)
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        "third",
+        "first",
+        "second",
+    ]
+
+
+async def test_removing_the_message_waiting_for_the_shared_token_lets_the_line_go_on(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = _two_routes(tmp_path, limited, free)
+    clock = FakeClock(START)
+    shared = Shared(0.5, 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        first = await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
+        for name in ("second", "third"):
+            await add(spool, router, f"{name}@limited.example")
+        await spool.freeze([first])
+        await spool.remove([first])
+        clock.advance(0.5)
+        for n in (1, 2):
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            clock.advance(0.1)
+        assert (await spool.get_message(first)).queue is Queue.REMOVED
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == ["second", "third"]
+
+
+class SlowShared(Shared):
+    """Answers only when the test lets it (``answer``): Redis slower than
+    the route's own spacing."""
+
+    def __init__(self, *answers: float | SharedToken | None) -> None:
+        super().__init__(*answers)
+        self.go = anyio.Event()
+        self.asking = 0  # questions not answered yet
+
+    def answer(self) -> None:
+        self.go.set()
+        self.go = anyio.Event()
+
+    async def gcra(self, destination: str, rate: Rate) -> SharedToken | None:
+        go = self.go
+        self.asking += 1
+        await go.wait()
+        self.asking -= 1
+        return await super().gcra(destination, rate)
+
+
+async def test_a_slow_shared_state_still_has_one_of_a_line_ask_at_a_time(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    limited, free = await start_smtp_server(), await start_smtp_server()
+    router = _two_routes(tmp_path, limited, free)
+    clock = FakeClock(START)
+    shared = SlowShared(0.5, 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "first@limited.example")
+        await wait_until(lambda: shared.asking == 1, "the first to ask")
+        for name in ("second", "third"):
+            await add(spool, router, f"{name}@limited.example")
+        clock.advance(0.3)  # the route's own spacing passed, twice: no answer yet
+        await delivered_through(spool, router, free)  # the scheduler went round
+        assert shared.asking == 1  # the others wait for the answer
+        shared.answer()  # "not before 0.5 s after it asked"
+        await wait_until(lambda: len(shared.calls) == 1, "the answer")
+        await delivered_through(spool, router, free)
+        assert shared.asking == 0  # the line waits for the first's time
+        clock.advance(0.2)
+        for n in (1, 2, 3):
+            await wait_until(lambda: shared.asking == 1, "the next to ask")
+            shared.answer()
+            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
+            clock.advance(0.1)
+    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        "first",
+        "second",
+        "third",
+    ]
+
+
+async def test_a_reload_to_a_faster_rate_gives_up_a_booking_at_the_slower_one(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # Booked an hour on at "1/h"; a reload makes the route "10/s": the head
+    # asks again at once (the shared state's schedule at 1/h is far beyond
+    # what 10/s books: it starts afresh) instead of waiting the hour.
+    hop = await start_smtp_server()
+    routes: dict[str, dict[str, Any]] = {"free": {"next_hops": [hop.hop], "rate": "1/h"}}
+    router = router_for(tmp_path, routes)
+    clock = FakeClock(START)
+    shared = Shared(SharedToken(3599.0), 0.0)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_rates = shared
+        await add(spool, router, "ops@example.com")
+        await wait_until(lambda: len(shared.calls) == 1, "the token to be booked")
+        routes["free"]["rate"] = "10/s"
+        new = router_for(tmp_path, routes)
+        spool.routes = new
+        spool.limits = new
+        await wait_until(lambda: hop.transactions == 1, "the message to arrive")
+    assert [str(rate) for _, rate in shared.calls] == ["1/h", "10/s"]

@@ -137,6 +137,50 @@ def test_the_line_is_first_come_first_served() -> None:
     assert [item for _, item in gate.ready(0.0)] == ["first"]
 
 
+def test_a_message_sent_now_goes_to_the_head_of_its_line() -> None:
+    gate: DestinationGate[str] = DestinationGate()
+    dest = limited(rate="1/s")
+    assert gate.admit(dest, [], 0.0) is None
+    for name in ("second", "third"):
+        assert gate.admit(dest, [], 0.0) is not None
+        gate.wait("d", name)
+    # an operator's send: ahead of the others, still held by the rate
+    hold = gate.admit(dest, [], 0.5, front=True)
+    assert hold == Hold("d", None, "rate 1/s", front=True)
+    gate.wait("d", "kicked", front=hold.front)
+    # another sent now (say `spoold send --all`) goes behind that one
+    gate.wait("d", "kicked too", front=True)
+    assert [item for _, item in gate.ready(1.0)] == ["kicked"]
+    # the head waits for a shared token: still ahead of the second sent now
+    gate.defer("d", "kicked", 2.0)
+    gate.wait("d", "kicked last", front=True)
+    order = [item for t in (2.0, 3.0, 4.0, 5.0, 6.0) for _, item in gate.ready(t)]
+    assert order == ["kicked", "kicked too", "kicked last", "second", "third"]
+
+
+def test_a_deferred_head_holds_its_line_until_its_time_with_or_without_a_rate() -> None:
+    for rate in ("", "10/s"):
+        gate: DestinationGate[str] = DestinationGate()
+        dest = limited(rate=rate)
+        assert gate.admit(dest, [], 0.0) is None
+        gate.defer("d", "head", 5.0, booked=True)  # a shared token booked for 5.0
+        assert gate.admit(dest, [], 0.0) is not None
+        gate.wait("d", "next")
+        assert list(gate.ready(1.0)) == [] and gate.next_wake(1.0) == 5.0
+        assert [item for _, item in gate.ready(5.0)][:1] == ["head"]
+        assert gate.take_booking("d") is True
+        assert gate.take_booking("d") is False  # used up
+    # a booked head found stale with nobody behind it: the booking goes too
+    gate = DestinationGate()
+    assert gate.admit(limited(rate="10/s"), [], 0.0) is None
+    gate.defer("d", "stale head", 5.0, booked=True)
+    assert [item for _, item in gate.ready(5.0)] == ["stale head"]
+    gate.give_back("d")
+    gate.wait("d", "later")  # held (say, by the local rate) and out of the line later
+    assert [item for _, item in gate.ready(6.0)] == ["later"]
+    assert gate.take_booking("d") is False  # it asks
+
+
 def test_give_back_returns_the_connection_and_the_token() -> None:
     gate: DestinationGate[str] = DestinationGate()
     dest = limited(max_connections=1, rate="1/s")
