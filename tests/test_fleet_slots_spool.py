@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 
-from spoold.limits import Rate
+from spoold.limits import Rate, SharedToken
 from spoold.message import Queue
 from spoold.testing import FakeClock
 from tests.relay_helpers import MakeRelay, route
@@ -46,9 +46,9 @@ class NoRate:
         self.wait = wait
         self.calls = 0
 
-    async def gcra(self, destination: str, rate: Rate) -> float | None:
+    async def gcra(self, destination: str, rate: Rate) -> SharedToken | None:
         self.calls += 1
-        return self.wait
+        return SharedToken(self.wait)
 
 
 async def test_a_slot_per_attempt_and_its_connection_closed_after_it(
