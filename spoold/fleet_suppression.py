@@ -35,6 +35,10 @@ the fleet's in step, in the background:
   stopped (or cut off past the log's length) is put back by it, if it
   still held the address; remove it again.
 
+A local write that fails (disk full) never ends the mirror: it is logged
+once while it lasts, and the same changes are read and applied again next
+round (the last line read moves on only once they are on disk).
+
 Conflicts: the change log's order decides (the last change to an address
 is the one every node ends with). A full list (``spool.max_suppressed``) is
 per node: what a node drops to make room stays on the others.
@@ -57,6 +61,7 @@ import anyio
 import anyio.abc
 import msgspec
 
+from spoold.errors import StoreError
 from spoold.fleet import KEY_PREFIX, SharedState
 from spoold.log import get_logger
 from spoold.suppression import Suppression, Suppressions, clean_reason, normalise
@@ -149,6 +154,7 @@ class SuppressionMirror:
         self._push = shared.client.register_script(_PUSH)
         self._prune = shared.client.register_script(_PRUNE)
         self.synced = anyio.Event()  # set after the first catch-up
+        self._failing = False  # the local list could not be written (logged once)
         suppressions.on_change = self._changed
 
     @property
@@ -169,7 +175,23 @@ class SuppressionMirror:
         after a local change), until cancelled."""
         task_status.started()
         while True:
-            await self.step()
+            try:
+                await self.step()
+            except StoreError as exc:
+                # The local file cannot be written (disk full, EIO): the
+                # fleet's changes are read again next round (the last line
+                # read moves on only once they are applied). Never the end
+                # of the daemon.
+                if not self._failing:
+                    log.error(
+                        "suppression list: cannot apply the fleet's changes; trying again",
+                        error=str(exc),
+                    )
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("suppression list: the fleet's changes are applied again")
+                self._failing = False
             with anyio.move_on_after(self.interval):
                 await self._wake.wait()
             self._wake = anyio.Event()
@@ -177,7 +199,11 @@ class SuppressionMirror:
     async def step(self) -> bool:
         """One round: catch up if needed, push what waits, read and apply
         the others' changes, prune now and then. Returns whether Redis
-        answered every call."""
+        answered every call. Raises :class:`~spoold.errors.StoreError`
+        when the local list cannot be written (nothing is lost: the same
+        changes are applied next round)."""
+        if self._failing:
+            await self.suppressions.flush()  # what a failed write left in memory
         if self._last is None and not await self._catch_up():
             return False
         if not await self._push_pending():

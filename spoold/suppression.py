@@ -580,6 +580,13 @@ class Suppressions:
             self._version += 1
         return len(ended)
 
+    async def flush(self) -> None:
+        """Write what this process holds in memory and a write that failed
+        left off the disk (nothing when the file is up to date). Raises
+        :class:`StoreError` when it cannot be written."""
+        self._require_owner()
+        await self._commit()
+
     async def _commit(self) -> None:
         """Make the list in memory durable. Changes made while a write is
         under way are written together by the next one (one write for

@@ -291,3 +291,31 @@ async def test_what_ends_or_a_full_list_drops_is_not_a_change_for_the_fleet(
             "short@example.com",
             "long@example.com",
         }
+
+
+async def test_a_local_write_that_fails_never_ends_the_mirror(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a") as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        (tmp_path / "b" / "tmp").rmdir()  # b's next write of its list fails
+        await a.suppress("x@example.com")
+        assert await a.mirror.step()
+        b.mirror.interval = 0.05
+        async with anyio.create_task_group() as tg:
+            await tg.start(b.mirror.run)
+            with anyio.fail_after(10):
+                while not b.mirror._failing:
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.2)  # a few rounds that fail: the mirror goes on
+            (tmp_path / "b" / "tmp").mkdir()
+            with anyio.fail_after(10):
+                while b.mirror._failing:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        again = Suppressions(tmp_path / "b", owner=False)
+        await again.load()  # on b's disk, not only in its memory
+        assert again.find("x@example.com", b.clock()) is not None
