@@ -244,12 +244,18 @@ class SuppressionMirror:
     # -- in
 
     async def _pull(self) -> bool:
-        """Read the change log after the last line read and apply the other
-        nodes' changes; a gap (the line is gone) means catching up."""
+        """Read the change log after the last line read, every page of it,
+        and apply the other nodes' changes once (the last change to each
+        address, over all the pages: a line of this node's after another
+        node's keeps this node's); a gap (the line is gone) means catching
+        up. The last line read moves on only once they are applied."""
         client = self.shared.client
+        last = self._last
+        assert last is not None
+        # address -> (node, entry) of the last line about it read so far
+        final: dict[str, tuple[str, str]] = {}
+        first = True
         while True:
-            last = self._last
-            assert last is not None
             start = "-" if last == "0-0" else last  # inclusive: the last line proves no gap
             got = await self.shared.call(
                 functools.partial(client.xrange, LOG_KEY, start, "+", _PAGE + 1)
@@ -259,23 +265,27 @@ class SuppressionMirror:
             lines = [(str(i), {str(k): str(v) for k, v in (f or {}).items()}) for i, f in got]
             if last != "0-0":
                 if not lines or lines[0][0] != last:
-                    log.info("fleet suppression log moved past this node: catching up")
+                    if first:  # else the gap opened mid-read: caught up all the same
+                        log.info("fleet suppression log moved past this node: catching up")
                     self._last = None
                     return await self._catch_up()
                 lines = lines[1:]
-            if not lines:
-                return True
-            await self._apply_lines(lines)
-            self._last = str(lines[-1][0])
+            first = False
+            for _, fields in lines:
+                address = fields.get("address", "")
+                if address:
+                    final.pop(address, None)  # kept in the order of the last line
+                    final[address] = (fields.get("node", ""), fields.get("entry", ""))
+            if lines:
+                last = lines[-1][0]
             if len(lines) < _PAGE:
-                return True
+                break
+        if final:
+            await self._apply_lines(final)
+        self._last = last
+        return True
 
-    async def _apply_lines(self, lines: list[tuple[str, dict[str, str]]]) -> None:
-        final: dict[str, tuple[str, str]] = {}
-        for _, fields in lines:
-            address = fields.get("address", "")
-            if address:
-                final[address] = (fields.get("node", ""), fields.get("entry", ""))
+    async def _apply_lines(self, final: dict[str, tuple[str, str]]) -> None:
         added: list[Suppression] = []
         removed: list[str] = []
         for address, (node, raw) in final.items():

@@ -319,3 +319,26 @@ async def test_a_local_write_that_fails_never_ends_the_mirror(
         again = Suppressions(tmp_path / "b", owner=False)
         await again.load()  # on b's disk, not only in its memory
         assert again.find("x@example.com", b.clock()) is not None
+
+
+async def test_the_last_change_wins_over_more_than_a_page_of_the_log(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a") as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        await a.suppress("x@example.com")
+        assert await a.mirror.step() and await b.mirror.step()
+        await b.listed.remove(["x@example.com"], now=b.clock())
+        assert await b.mirror.step()  # b's removal of x: a has not read it yet
+        async with a.shared.client.pipeline(transaction=False) as pipe:
+            for i in range(1200):  # more than a page of other changes
+                pipe.xadd(LOG_KEY, {"node": "c", "address": f"n{i}@example.net", "entry": ""})
+            await pipe.execute()
+        await a.suppress("x@example.com")  # a's change, the last in the log
+        assert await a.mirror.step()
+        assert await b.mirror.step()
+        assert a.has("x@example.com") and b.has("x@example.com")
+        assert await a.shared.client.hexists(HASH_KEY, "x@example.com")
