@@ -28,16 +28,17 @@ the fleet's in step, in the background:
   (see catch-up).
 * **Catch-up** (at start, and when the change log no longer holds the line
   last read: it is trimmed to about :data:`LOG_LENGTH` lines, or Redis
-  lost its data): the node reads the whole fleet's hash, takes every entry
-  in force it lacks or holds otherwise, and pushes every entry in force it
-  has that the fleet lacks. This errs on the side of not sending, as the
-  list does: an address taken off at another node while this one was
-  stopped (or cut off past the log's length) is put back by it, if it
-  still held the address; remove it again.
-
-A local write that fails (disk full) never ends the mirror: it is logged
-once while it lasts, and the same changes are read and applied again next
-round (the last line read moves on only once they are on disk).
+  lost its data): the node reads the whole fleet's hash a page at a time
+  (keeping only its addresses, and the entries to take), takes every
+  entry in force it lacks or holds otherwise (at most its
+  ``max_suppressed``, those that last longest), and puts every entry in
+  force it has that the fleet lacks, in a Lua step that writes an address
+  only where the fleet's hash still has none (another node's change made
+  meanwhile is never overwritten: its line is read next). This errs on
+  the side of not sending, as the list does: an address taken off at
+  another node while this one was stopped (or cut off past the log's
+  length) is put back by it, if it still held the address; remove it
+  again.
 
 Conflicts: the change log's order decides (the last change to an address
 is the one every node ends with). A full list (``spool.max_suppressed``) is
@@ -52,6 +53,8 @@ for a removal).
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -94,6 +97,24 @@ for i = 3, #ARGV, 3 do
              'node', ARGV[1], 'address', address, 'entry', entry)
 end
 return (#ARGV - 2) / 3
+"""
+
+# Put entries only where the fleet has none (catch-up): KEYS hash, ends,
+# log; ARGV: node, log length, then for each address, entry (JSON), end
+# (ms). An address the fleet holds meanwhile is left as it is (its line is
+# in the log: the node reads it). Returns how many were put. One step.
+_PUT_ABSENT = """
+local put = 0
+for i = 3, #ARGV, 3 do
+  local address, entry = ARGV[i], ARGV[i + 1]
+  if redis.call('HSETNX', KEYS[1], address, entry) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[i + 2], address)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
+               'node', ARGV[1], 'address', address, 'entry', entry)
+    put = put + 1
+  end
+end
+return put
 """
 
 # Drop ended entries: KEYS hash, ends; ARGV: now (ms), at most how many.
@@ -152,6 +173,7 @@ class SuppressionMirror:
         self._wake = anyio.Event()
         self._pruned = -math.inf
         self._push = shared.client.register_script(_PUSH)
+        self._put_absent = shared.client.register_script(_PUT_ABSENT)
         self._prune = shared.client.register_script(_PRUNE)
         self.synced = anyio.Event()  # set after the first catch-up
         self._failing = False  # the local list could not be written (logged once)
@@ -224,7 +246,7 @@ class SuppressionMirror:
 
     async def _push_pending(self) -> bool:
         while self._pending:
-            chosen = list(self._pending.items())[: _PAGE // 3 or 1]
+            chosen = list(itertools.islice(self._pending.items(), _PAGE // 3))
             args: list[str | int] = [self.node, LOG_LENGTH]
             for address, entry in chosen:
                 if entry is None:
@@ -321,14 +343,21 @@ class SuppressionMirror:
     # -- catch-up
 
     async def _catch_up(self) -> bool:
-        """Read the whole fleet's list; take what this node lacks, push what
-        the fleet lacks (see the module's docstring)."""
+        """Read the whole fleet's list, a page at a time; take what this
+        node lacks (at most its ``max_suppressed``, those that last longest),
+        then put what the fleet lacks where it still lacks it (see the
+        module's docstring). Only the fleet's addresses are kept in memory,
+        and the entries to take."""
         client = self.shared.client
         newest = await self.shared.call(lambda: client.xrevrange(LOG_KEY, "+", "-", 1))
         if newest is None:
             return False
         mark = str(newest[0][0]) if newest else "0-0"
-        fleet: dict[str, Suppression] = {}
+        now = self._now()
+        limit = max(1, self._max_entries())
+        have = {e.address: e for e in self.suppressions.snapshot()}
+        in_fleet: set[str] = set()
+        take: list[Suppression] = []
         cursor = 0
         while True:
             page = await self.shared.call(
@@ -339,19 +368,49 @@ class SuppressionMirror:
             cursor, found = int(page[0]), page[1]
             assert isinstance(found, dict)
             for address, raw in found.items():
+                address = str(address)
+                in_fleet.add(address)
+                if address in self._pending:
+                    continue  # this node's change waits to go out: it wins
                 entry = _decode(str(raw))
-                if entry is not None and entry.address == address:
-                    fleet[address] = entry
+                if (
+                    entry is not None
+                    and entry.address == address
+                    and entry.until > now
+                    and have.get(address) != entry
+                ):
+                    take.append(entry)
+            if len(take) > 2 * limit:
+                take = heapq.nlargest(limit, take, key=lambda e: e.until)
             if cursor == 0:
                 break
-        now = self._now()
-        for entry in self.suppressions.snapshot():
-            if entry.until > now and entry.address not in fleet:
-                self._pending.setdefault(entry.address, entry)
-        await self._apply([e for a, e in fleet.items() if a not in self._pending], [])
+        if len(take) > limit:
+            take = heapq.nlargest(limit, take, key=lambda e: e.until)
+        await self._apply(take, [])
+        absent = [
+            e
+            for e in self.suppressions.snapshot()
+            if e.until > now and e.address not in in_fleet and e.address not in self._pending
+        ]
+        del have, in_fleet
+        put = 0
+        for i in range(0, len(absent), _PAGE // 3):
+            args: list[str | int] = [self.node, LOG_LENGTH]
+            for entry in absent[i : i + _PAGE // 3]:
+                args += [entry.address, _encoder.encode(entry).decode(), _end_ms(entry)]
+            done = await self.shared.call(
+                functools.partial(self._put_absent, keys=[HASH_KEY, ENDS_KEY, LOG_KEY], args=args)
+            )
+            if done is None:
+                return False  # caught up again next round, from the start
+            put += int(done)
         self._last = mark
-        pushed = len(self._pending)
         if not self.synced.is_set():
             self.synced.set()
-        log.info("suppression list caught up with the fleet", fleet=len(fleet), to_push=pushed)
+        log.info(
+            "suppression list caught up with the fleet",
+            taken=len(take),
+            put=put,
+            to_push=len(self._pending),
+        )
         return await self._push_pending()

@@ -342,3 +342,32 @@ async def test_the_last_change_wins_over_more_than_a_page_of_the_log(
         assert await b.mirror.step()
         assert a.has("x@example.com") and b.has("x@example.com")
         assert await a.shared.client.hexists(HASH_KEY, "x@example.com")
+
+
+async def test_catch_up_puts_only_where_the_fleet_still_lacks_the_address(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "b", "b") as b:
+        assert await b.mirror.step()
+        async with _node(redis_server.url, tmp_path / "a", "a") as a:
+            # a held x (a day) before it joined
+            a.listed.on_change = None
+            await a.suppress("x@example.com", timedelta(days=1))
+            a.listed.on_change = a.mirror._changed
+            apply = a.mirror._apply
+
+            async def apply_then_b_changes(added: list[Suppression], removed: list[str]) -> None:
+                await apply(added, removed)
+                a.mirror._apply = apply  # once: between a's read of the fleet and its put
+                await b.suppress("x@example.com", timedelta(days=365))  # an operator at b
+                assert await b.mirror.step()
+
+            a.mirror._apply = apply_then_b_changes  # type: ignore[method-assign]
+            assert await a.mirror.step()  # a's catch-up
+            assert await b.mirror.step()
+            for node in (a, b):
+                entry = node.listed.find("x@example.com", node.clock())
+                assert entry is not None and entry.until - entry.since == timedelta(days=365)
+            raw = await a.shared.client.hget(HASH_KEY, "x@example.com")
+            fleet = msgspec.json.decode(raw or "", type=Suppression)
+            assert fleet.until - fleet.since == timedelta(days=365)
