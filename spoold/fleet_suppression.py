@@ -21,11 +21,14 @@ the fleet's in step, in the background:
   call of at most a thousand).
 * **Redis down or slow** (a call returning None, logged once per outage by
   :class:`~spoold.fleet.SharedState`): the node's own list alone; its own
-  changes wait in memory (one per address, the last) and are pushed when
-  Redis answers again, then it reads what it missed. A change made while
-  Redis is down and not pushed before the node stops is not lost to the
-  node (its file has it) and reaches the fleet at the node's next start
-  (see catch-up).
+  changes wait (one per address, the last) and are pushed when Redis
+  answers again, then it reads what it missed. While they wait they are
+  kept on disk too, in ``SPOOL/suppressed.pending`` (:data:`PENDING_FILE`:
+  written whole, atomically, in a worker thread, within a round of the
+  change; removed once they are all pushed), so a node that stops before
+  Redis answers pushes them at its next start, before its catch-up, and
+  they win over the fleet's entries as they would have: a removal stays
+  removed, a changed end stays changed.
 * **Catch-up** (at start, and when the change log no longer holds the line
   last read: it is trimmed to about :data:`LOG_LENGTH` lines, or Redis
   lost its data): the node reads the whole fleet's hash a page at a time
@@ -52,13 +55,16 @@ for a removal).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -67,9 +73,17 @@ import msgspec
 from spoold.errors import StoreError
 from spoold.fleet import KEY_PREFIX, SharedState
 from spoold.log import get_logger
+from spoold.store.directory import fsync_directory
 from spoold.suppression import Suppression, Suppressions, clean_reason, normalise
 
-__all__ = ["SuppressionMirror", "LOG_LENGTH", "HASH_KEY", "ENDS_KEY", "LOG_KEY"]
+__all__ = [
+    "SuppressionMirror",
+    "LOG_LENGTH",
+    "HASH_KEY",
+    "ENDS_KEY",
+    "LOG_KEY",
+    "PENDING_FILE",
+]
 
 log = get_logger("spoold.fleet_suppression")
 
@@ -125,8 +139,77 @@ if #ended > 0 then redis.call('ZREM', KEYS[2], unpack(ended)) end
 return #ended
 """
 
+PENDING_FILE = "suppressed.pending"
+"""The changes of this node not yet in the fleet's list, kept while Redis
+does not answer (beside ``SPOOL/suppressed``)."""
+_PENDING_VERSION = 1
+
+
+class _Change(msgspec.Struct, frozen=True):
+    address: str
+    entry: Suppression | None  # None: a removal
+
+
+class _PendingFile(msgspec.Struct):
+    version: int
+    changes: list[_Change]
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Suppression)
+_pending_decoder = msgspec.json.Decoder(_PendingFile)
+
+
+def _write_pending(path: Path, tmp_dir: Path, data: bytes | None) -> None:
+    """Replace the file of changes waiting for the fleet with ``data``
+    (None: remove it): a temporary file in ``tmp/``, fsynced, renamed over
+    it, the directory fsynced. Raises :class:`StoreError`."""
+    tmp = tmp_dir / f"{os.getpid()}.{PENDING_FILE}.tmp"  # tmp/'s PID.NAME.KIND
+    try:
+        if data is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                fsync_directory(path.parent)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
+        )
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_directory(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(f"cannot write {path}: {exc}") from None
+
+
+def _read_pending(path: Path) -> list[_Change]:
+    """The changes kept in ``path`` (none when there is no file, or it
+    cannot be read: logged)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.error("cannot read the changes waiting for the fleet", path=str(path), error=str(exc))
+        return []
+    try:
+        kept = _pending_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        log.error("changes waiting for the fleet: damaged, skipped", path=str(path), error=str(exc))
+        return []
+    if kept.version > _PENDING_VERSION:
+        log.error("changes waiting for the fleet: of a newer spoold, skipped", path=str(path))
+        return []
+    return kept.changes
 
 
 def _end_ms(entry: Suppression) -> int:
@@ -177,6 +260,12 @@ class SuppressionMirror:
         self._prune = shared.client.register_script(_PRUNE)
         self.synced = anyio.Event()  # set after the first catch-up
         self._failing = False  # the local list could not be written (logged once)
+        # The changes waiting, kept on disk while Redis does not answer.
+        self._pending_path = suppressions.path.with_name(PENDING_FILE)
+        self._tmp_dir = suppressions.path.parent / "tmp"
+        self._revision = 0  # changes told or pushed so far
+        self._saved: int | None = None  # the revision in the file (None: no file)
+        self._loaded = False  # the file read (at the first catch-up)
         suppressions.on_change = self._changed
 
     @property
@@ -188,6 +277,7 @@ class SuppressionMirror:
             self._pending[entry.address] = entry
         for address in removed:
             self._pending[address] = None
+        self._revision += 1
         self._wake.set()
 
     async def run(
@@ -226,10 +316,15 @@ class SuppressionMirror:
         changes are applied next round)."""
         if self._failing:
             await self.suppressions.flush()  # what a failed write left in memory
+        if not self._loaded:
+            await self._load_pending()
         if self._last is None and not await self._catch_up():
+            await self._save_pending()
             return False
         if not await self._push_pending():
+            await self._save_pending()
             return False
+        await self._save_pending()
         if not await self._pull():
             return False
         if time.monotonic() - self._pruned >= _PRUNE_EVERY:
@@ -243,6 +338,43 @@ class SuppressionMirror:
         return True
 
     # -- out
+
+    async def _load_pending(self) -> None:
+        """Take the changes a run before this one kept (Redis did not
+        answer before it stopped): they go out first, and win over the
+        fleet's entries at catch-up, as they would have. A change made
+        since this run began is newer and stays."""
+        changes = await anyio.to_thread.run_sync(_read_pending, self._pending_path)
+        now = self._now()
+        for change in changes:
+            if change.entry is None or change.entry.until > now:
+                self._pending.setdefault(normalise(change.address), change.entry)
+        self._loaded = True
+        if changes:
+            self._saved = -1  # the file is not what waits now: written again or removed
+            log.info("suppression list: changes kept for the fleet", changes=len(changes))
+
+    async def _save_pending(self) -> None:
+        """Keep the changes waiting in :data:`PENDING_FILE` (a worker
+        thread), or remove it once none waits; nothing when the file is
+        already what waits. A write that fails is logged and tried again
+        next round."""
+        if not self._pending:
+            if self._saved is None:
+                return
+            data = None
+        elif self._saved == self._revision:
+            return
+        else:
+            changes = [_Change(a, e) for a, e in self._pending.items()]
+            data = _encoder.encode(_PendingFile(_PENDING_VERSION, changes))
+        told = self._revision
+        try:
+            await anyio.to_thread.run_sync(_write_pending, self._pending_path, self._tmp_dir, data)
+        except StoreError as exc:
+            log.error("cannot keep the changes waiting for the fleet", error=str(exc))
+            return
+        self._saved = None if data is None else told
 
     async def _push_pending(self) -> bool:
         while self._pending:
@@ -261,6 +393,7 @@ class SuppressionMirror:
             for address, entry in chosen:
                 if address in self._pending and self._pending[address] is entry:
                     del self._pending[address]
+            self._revision += 1
         return True
 
     # -- in

@@ -16,7 +16,13 @@ import msgspec
 import pytest
 
 from spoold.fleet import FleetSettings, SharedState
-from spoold.fleet_suppression import ENDS_KEY, HASH_KEY, LOG_KEY, SuppressionMirror
+from spoold.fleet_suppression import (
+    ENDS_KEY,
+    HASH_KEY,
+    LOG_KEY,
+    PENDING_FILE,
+    SuppressionMirror,
+)
 from spoold.suppression import MAX_REASON, Suppression, Suppressions, suppression_for
 from tests.redis_server import RedisServer
 
@@ -371,3 +377,31 @@ async def test_catch_up_puts_only_where_the_fleet_still_lacks_the_address(
             raw = await a.shared.client.hget(HASH_KEY, "x@example.com")
             fleet = msgspec.json.decode(raw or "", type=Suppression)
             assert fleet.until - fleet.since == timedelta(days=365)
+
+
+async def test_changes_made_while_redis_is_down_outlive_a_restart(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    closed = "redis://127.0.0.1:1/0"
+    async with _node(redis_server.url, tmp_path / "a", "a") as a:
+        assert await a.mirror.step()
+        await a.suppress("lift-me@example.com")
+        await a.suppress("extend-me@example.com", timedelta(days=1))
+        assert await a.mirror.step()
+    # Redis cut off from a; an operator lifts one and extends the other; a stops.
+    async with _node(closed, tmp_path / "a", "a", timeout=0.2) as a:
+        await a.listed.remove(["lift-me@example.com"], now=a.clock())
+        await a.suppress("extend-me@example.com", timedelta(days=365))
+        assert not await a.mirror.step()
+        assert (tmp_path / "a" / PENDING_FILE).exists()
+    async with _node(redis_server.url, tmp_path / "a", "a") as a:  # Redis back
+        assert await a.mirror.step()  # catch-up: the kept changes go first and win
+        assert not a.has("lift-me@example.com")
+        entry = a.listed.find("extend-me@example.com", a.clock())
+        assert entry is not None and entry.until - entry.since == timedelta(days=365)
+        assert not (tmp_path / "a" / PENDING_FILE).exists()  # all went out
+        async with _node(redis_server.url, tmp_path / "b", "b") as b:
+            assert await b.mirror.step()  # the fleet has a's changes
+            assert not b.has("lift-me@example.com")
+            entry = b.listed.find("extend-me@example.com", b.clock())
+            assert entry is not None and entry.until - entry.since == timedelta(days=365)
