@@ -22,6 +22,11 @@ the local key's lock:
    * still pending (the other node is writing its message): asked again,
      a few times a second, until it has ids or is gone (its node died:
      the claim lapses after :attr:`FleetKeys.pending`), then as above;
+   * a value this version did not write (read strictly: ``node``,
+     ``token``, ``ids`` that are message ids, a 64-hex ``envelope``;
+     another version's, or a corrupt or hostile Redis): no claim to go
+     by, logged (once a minute at most); the node acts alone at once,
+     never answering a duplicate because of it and never waiting on it;
 
 3. the messages are written (durable, as always);
 4. the claim is *settled*: compared and set in one Lua step to carry the
@@ -51,16 +56,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Annotated
 
 import anyio
+import msgspec
 
 from spoold.errors import IdempotencyKeyError
 from spoold.fleet import KEY_PREFIX, SharedState
 from spoold.idempotency import KeyFiles, envelope_fingerprint, validate_key
-from spoold.ids import new_id
+from spoold.ids import is_valid_id, new_id
 from spoold.log import get_logger
 from spoold.message import RoutedBatch
 
@@ -106,7 +114,9 @@ return 0
 @dataclass(frozen=True, slots=True)
 class FleetClaim:
     """A claim in Redis: ``value`` is what this node set (pending) when
-    ``mine``; otherwise another node's, with its ``node`` and ``ids``."""
+    ``mine``; otherwise another node's, with its ``node``, ``ids`` and
+    ``envelope``. ``unusable``: a value this version did not write (or
+    that does not read as one it writes): no claim to go by."""
 
     redis_key: str
     value: str
@@ -114,6 +124,22 @@ class FleetClaim:
     node: str = ""
     ids: tuple[str, ...] = ()
     envelope: str = ""
+    unusable: bool = False
+
+
+class _Claim(msgspec.Struct):
+    """A claim's value as this version writes it (every field required)."""
+
+    node: Annotated[str, msgspec.Meta(min_length=1)]
+    token: Annotated[str, msgspec.Meta(min_length=1)]
+    ids: list[str]
+    envelope: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+
+
+_claim_decoder = msgspec.json.Decoder(_Claim)
+
+UNUSABLE_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about claims this version cannot use."""
 
 
 def redis_key(key: str) -> str:
@@ -122,16 +148,16 @@ def redis_key(key: str) -> str:
 
 
 def _parse(rkey: str, raw: str) -> FleetClaim:
+    """Another node's claim, read strictly: anything but a value this
+    version writes, with ids that are message ids, is unusable (never
+    taken for ids, never waited on)."""
     try:
-        value = json.loads(raw)
-        ids = tuple(str(i) for i in value.get("ids", []))
-        return FleetClaim(
-            rkey, raw, False, str(value.get("node", "")), ids, str(value.get("envelope", ""))
-        )
-    except (ValueError, TypeError, AttributeError):
-        # Not a claim this version wrote: taken as another node's pending one
-        # (it lapses), never as ids.
-        return FleetClaim(rkey, raw, False)
+        value = _claim_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return FleetClaim(rkey, raw, False, unusable=True)
+    if not all(is_valid_id(i) for i in value.ids):
+        return FleetClaim(rkey, raw, False, unusable=True)
+    return FleetClaim(rkey, raw, False, value.node, tuple(value.ids), value.envelope)
 
 
 class FleetKeys:
@@ -149,6 +175,7 @@ class FleetKeys:
         self._claim = shared.client.register_script(_CLAIM)
         self._settle = shared.client.register_script(_SETTLE)
         self._release = shared.client.register_script(_RELEASE)
+        self._quiet_until = -math.inf  # monotonic: no "unusable claim" line before
 
     @property
     def node(self) -> str:
@@ -208,12 +235,22 @@ class FleetKeys:
     async def settled_claim(self, key: str, envelope: str, window: timedelta) -> FleetClaim | None:
         """:meth:`claim`, asked again while another node's claim is pending
         (it has ids at once, as a rule, or lapses within :attr:`pending`).
-        None: Redis did not answer, or the other claim stayed pending past
-        that (the node then acts alone)."""
+        None: Redis did not answer, the other claim stayed pending past
+        that, or it is unusable (not a value this version writes: logged,
+        at most once a minute); the node then acts alone, at once."""
         deadline = anyio.current_time() + self.pending + 1
         pause = self.poll
         while True:
             found = await self.claim(key, envelope, window)
+            if found is not None and found.unusable:
+                if time.monotonic() >= self._quiet_until:
+                    self._quiet_until = time.monotonic() + UNUSABLE_LOG_INTERVAL
+                    log.warning(
+                        "idempotency key: a claim in redis this version did not write; "
+                        "taken here without a fleet-wide claim",
+                        redis_key=found.redis_key,
+                    )
+                return None
             if found is None or found.mine or found.ids:
                 return found
             if anyio.current_time() + pause > deadline:
@@ -250,11 +287,11 @@ class FleetKeys:
                 return earlier, True
             claim = await self.settled_claim(key, envelope, window)
             if claim is not None and not claim.mine:
-                if claim.envelope and envelope != claim.envelope:
+                if envelope != claim.envelope:
                     raise IdempotencyKeyError(
                         f"idempotency key {key!r} was given to another submission "
-                        f"(message {', '.join(claim.ids)}, at node {claim.node}) with a "
-                        "different envelope; a new message needs a new key"
+                        "at another node with a different envelope; a new message "
+                        "needs a new key"
                     )
                 ids = list(claim.ids)
                 await files.record(local, ids, now, envelope)

@@ -253,12 +253,33 @@ async def test_redis_stopped_then_back_claims_again(
         assert got == (["a-2"], True)
 
 
-async def test_an_unreadable_claim_is_not_taken_for_ids(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"ids":["fake-id"]}',  # ids, no envelope: not a claim this version wrote
+        '{"ids":"abc"}',
+        '{"node":"z","token":"t","ids":["x-1"],"envelope":""}',
+        '{"node":"z","token":"t","ids":["not an id!"],"envelope":"' + "0" * 64 + '"}',
+        '{"node":"z","token":"t","ids":[],"envelope":"nothex"}',  # never settles
+        "not json",
+        "[" * 100_000,
+    ],
+)
+async def test_a_claim_this_version_did_not_write_means_acting_alone_at_once(
+    redis_server: RedisServer, tmp_path: Path, value: str
+) -> None:
     client = redis.asyncio.Redis.from_url(redis_server.url)
     try:
-        await client.set(redis_key("k"), "not json", px=60_000)
+        await client.set(redis_key("k"), value, px=60_000)
     finally:
         await client.aclose()
+    spool = _Spool("a")
     async with _node(redis_server, "a") as a:
+        with anyio.fail_after(5):  # never the claim's 30 s of patience
+            got = await FleetKeys(a).add_once(
+                KeyFiles(tmp_path / "a"), "k", _batch(), NOW, WINDOW, spool.add()
+            )
+        assert got == (["a-1"], False)  # queued, never a false duplicate
+        assert spool.queued == ["a-1"]
         found = await FleetKeys(a).claim("k", "", WINDOW)
-        assert found is not None and not found.mine and found.ids == ()
+        assert found is not None and found.unusable and found.ids == ()
