@@ -18,7 +18,7 @@ from spoold.body import Body
 from spoold.errors import IdempotencyKeyError, StoreError
 from spoold.fleet import FleetSettings, SharedState
 from spoold.fleet_keys import FleetKeys, redis_key
-from spoold.idempotency import KeyFiles, user_key
+from spoold.idempotency import KeyFiles, envelope_fingerprint, user_key
 from spoold.message import RoutedBatch, RoutedEnvelope
 from tests.redis_server import RedisServer
 
@@ -149,16 +149,20 @@ async def test_release_never_takes_another_nodes_claim(redis_server: RedisServer
 async def test_a_pending_claim_of_a_dead_node_lapses(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    envelope = envelope_fingerprint("app@example.com", ["rcpt@example.com"])
     async with _node(redis_server, "a") as a, _node(redis_server, "b") as b:
         # a claims and dies before writing (its claim has no ids).
-        dead = await FleetKeys(a, pending=0.3).claim("k", "", WINDOW)
+        dead = await FleetKeys(a, pending=0.3).claim("k", envelope, WINDOW)
         assert dead is not None and dead.mine
+        assert 0 < await a.client.pttl(dead.redis_key) <= 300
         spool_b = _Spool("b")
-        with anyio.fail_after(10):
-            got = await FleetKeys(b, pending=0.3).add_once(
+        with anyio.fail_after(10):  # b would wait 31 s for a claim that never lapses
+            got = await FleetKeys(b, pending=30).add_once(
                 KeyFiles(tmp_path / "b"), "k", _batch(), NOW, WINDOW, spool_b.add()
             )
         assert got == (["b-1"], False)
+        stored = json.loads(await b.client.get(redis_key("k")) or "{}")
+        assert stored["node"] == "b" and stored["ids"] == ["b-1"]  # b's claim, settled
 
 
 async def test_a_claim_ends_with_the_window(redis_server: RedisServer, tmp_path: Path) -> None:
