@@ -405,3 +405,16 @@ async def test_changes_made_while_redis_is_down_outlive_a_restart(
             assert not b.has("lift-me@example.com")
             entry = b.listed.find("extend-me@example.com", b.clock())
             assert entry is not None and entry.until - entry.since == timedelta(days=365)
+
+
+async def test_a_key_of_another_type_is_that_keys_problem_not_redis_down(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "a", "a", retry_after=0) as a:
+        assert await a.mirror.step()
+        await a.shared.client.delete(LOG_KEY)
+        await a.shared.client.set(LOG_KEY, "not a stream")  # WRONGTYPE for every call on it
+        for _ in range(3):
+            assert not await a.mirror.step()
+            assert await a.shared.ping()
+        assert a.shared.health.up is True and a.shared.health.outages == 0
