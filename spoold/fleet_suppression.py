@@ -34,7 +34,8 @@ the fleet's in step, in the background:
   lost its data): the node reads the whole fleet's hash a page at a time
   (keeping only its addresses, and the entries to take), takes every
   entry in force it lacks or holds otherwise (at most its
-  ``max_suppressed``, those that last longest), and puts every entry in
+  ``max_suppressed``, those that last longest; put on the list in slices,
+  each a turn of the event loop, then written once), and puts every entry in
   force it has that the fleet lacks, in a Lua step that writes an address
   only where the fleet's hash still has none (another node's change made
   meanwhile is never overwritten: its line is read next). This errs on
@@ -68,6 +69,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
 from spoold.errors import StoreError
@@ -93,6 +95,7 @@ LOG_KEY = f"{KEY_PREFIX}suppressed:log"
 LOG_LENGTH = 100_000
 """About how many changes the fleet's change log keeps."""
 _PAGE = 1000  # entries read or pushed per call
+_APPLY_SLICE = 2000  # entries put on the local list in one turn of the event loop
 _PRUNE_EVERY = 60.0  # seconds between two prunes of the fleet's hash
 
 # Push changes: KEYS hash, ends, log; ARGV: node, log length, then for each
@@ -459,13 +462,20 @@ class SuppressionMirror:
         added = [e for e in added if e.until > now and have.get(e.address) != e]
         removed = [a for a in removed if a in have]
         if added:
-            await listed.add(
-                added,
-                now=now,
-                max_entries=self._max_entries(),
-                extend_only=False,
-                announce=False,
-            )
+            # In slices, each its own turn of the event loop (a catch-up may
+            # take a whole list), then one write of the file for them all.
+            for i in range(0, len(added), _APPLY_SLICE):
+                if i:
+                    await anyio.lowlevel.checkpoint()
+                await listed.add(
+                    added[i : i + _APPLY_SLICE],
+                    now=now,
+                    max_entries=self._max_entries(),
+                    extend_only=False,
+                    announce=False,
+                    durable=False,
+                )
+            await listed.flush()
         if removed:
             await listed.remove(removed, now=now, announce=False)
         if added or removed:
@@ -490,7 +500,8 @@ class SuppressionMirror:
         limit = max(1, self._max_entries())
         have = {e.address: e for e in self.suppressions.snapshot()}
         in_fleet: set[str] = set()
-        take: list[Suppression] = []
+        # the entries to take, at most ``limit``: a heap, the soonest to end first
+        take: list[tuple[datetime, str, Suppression]] = []
         cursor = 0
         while True:
             page = await self.shared.call(
@@ -512,14 +523,13 @@ class SuppressionMirror:
                     and entry.until > now
                     and have.get(address) != entry
                 ):
-                    take.append(entry)
-            if len(take) > 2 * limit:
-                take = heapq.nlargest(limit, take, key=lambda e: e.until)
+                    if len(take) < limit:
+                        heapq.heappush(take, (entry.until, address, entry))
+                    elif entry.until > take[0][0]:
+                        heapq.heapreplace(take, (entry.until, address, entry))
             if cursor == 0:
                 break
-        if len(take) > limit:
-            take = heapq.nlargest(limit, take, key=lambda e: e.until)
-        await self._apply(take, [])
+        await self._apply([e for _, _, e in take], [])
         absent = [
             e
             for e in self.suppressions.snapshot()

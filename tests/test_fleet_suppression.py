@@ -418,3 +418,30 @@ async def test_a_key_of_another_type_is_that_keys_problem_not_redis_down(
             assert not await a.mirror.step()
             assert await a.shared.ping()
         assert a.shared.health.up is True and a.shared.health.outages == 0
+
+
+async def test_catch_up_takes_at_most_the_nodes_bound_those_that_last_longest(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    clock = _Clock()
+    async with _node(redis_server.url, tmp_path / "a", "a", clock) as a:
+        entries = [
+            suppression_for(
+                f"n{i}@example.net",
+                now=clock(),
+                span=timedelta(days=1 + i),
+                reason="",
+                source="bounce",
+            )
+            for i in range(2500)  # more than a page of the fleet's hash
+        ]
+        await a.shared.client.hset(HASH_KEY, mapping={e.address: _json(e) for e in entries})
+        (tmp_path / "b" / "tmp").mkdir(parents=True)
+        listed = Suppressions(tmp_path / "b", owner=True)
+        await listed.load()
+        mirror = SuppressionMirror(a.shared, listed, now=clock, max_entries=lambda: 100)
+        assert await mirror.step()
+        assert {e.address for e in listed.snapshot()} == {e.address for e in entries[-100:]}
+        again = Suppressions(tmp_path / "b", owner=False)
+        await again.load()  # durable: one write for all the slices
+        assert len(again) == 100
