@@ -38,15 +38,17 @@ Redis down or slow (any call returning None from
 :meth:`SharedState.call <spoold.fleet.SharedState.call>`, logged once per
 outage there): the node goes on with its own keys alone; nothing is
 refused or held. A retry reaching two nodes during an outage may then
-queue two messages. A node that dies between writing its message and
-settling its claim leaves a pending claim that lapses after
-:attr:`FleetKeys.pending`: a retry at another node after that queues a
-second copy (as a local crash between the two writes can, see
-:mod:`spoold.idempotency`).
+queue two messages. A claim not settled within :attr:`FleetKeys.pending` lapses,
+and a retry at another node after that queues a second copy: a node that
+dies between writing its message and settling its claim (as a local crash
+between the two writes can, see :mod:`spoold.idempotency`), a settle that
+Redis does not answer in time, or a local key file that cannot be
+written, leave such a pending claim.
 
 Keys in Redis: ``spoold:idem:SHA256`` (the SHA-256 of the key as the node
-keeps it, so a key scoped by the submitting user, :func:`~spoold.idempotency.user_key`,
-stays that user's fleet-wide too); the value is JSON: ``node``, ``token``,
+keeps it: a key scoped by the submitting user's uid,
+:func:`~spoold.idempotency.user_key`, is that uid's at every node, so the
+nodes must give one user one uid; see ``docs/fleet.md``); the value is JSON: ``node``, ``token``,
 ``ids`` (empty while pending) and ``envelope`` (the fingerprint of
 :func:`~spoold.idempotency.envelope_fingerprint`).
 """
