@@ -116,15 +116,20 @@ end
 return (#ARGV - 2) / 3
 """
 
-# Put entries only where the fleet has none (catch-up): KEYS hash, ends,
-# log; ARGV: node, log length, then for each address, entry (JSON), end
-# (ms). An address the fleet holds meanwhile is left as it is (its line is
-# in the log: the node reads it). Returns how many were put. One step.
+# Put entries only where the fleet has none in force (catch-up): KEYS
+# hash, ends, log; ARGV: node, log length, now (ms), then for each
+# address, entry (JSON), end (ms). An address the fleet holds meanwhile is
+# left as it is (its line is in the log: the node reads it); one whose
+# entry ended (not pruned yet) is not held. Returns how many were put.
+# One step.
 _PUT_ABSENT = """
 local put = 0
-for i = 3, #ARGV, 3 do
+local now = tonumber(ARGV[3])
+for i = 4, #ARGV, 3 do
   local address, entry = ARGV[i], ARGV[i + 1]
-  if redis.call('HSETNX', KEYS[1], address, entry) == 1 then
+  local ends = tonumber(redis.call('ZSCORE', KEYS[2], address))
+  if redis.call('HEXISTS', KEYS[1], address) == 0 or (ends ~= nil and ends <= now) then
+    redis.call('HSET', KEYS[1], address, entry)
     redis.call('ZADD', KEYS[2], ARGV[i + 2], address)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
                'node', ARGV[1], 'address', address, 'entry', entry)
@@ -194,13 +199,13 @@ def _write_pending(path: Path, tmp_dir: Path, data: bytes | None) -> None:
         raise StoreError(f"cannot write {path}: {exc}") from None
 
 
-def _read_pending(path: Path) -> list[_Change]:
-    """The changes kept in ``path`` (none when there is no file, or it
-    cannot be read: logged)."""
+def _read_pending(path: Path) -> list[_Change] | None:
+    """The changes kept in ``path`` (None: no file; none when it cannot be
+    read: logged)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return None
     except OSError as exc:
         log.error("cannot read the changes waiting for the fleet", path=str(path), error=str(exc))
         return []
@@ -348,14 +353,15 @@ class SuppressionMirror:
         fleet's entries at catch-up, as they would have. A change made
         since this run began is newer and stays."""
         changes = await anyio.to_thread.run_sync(_read_pending, self._pending_path)
+        self._loaded = True
+        if changes is None:
+            return
         now = self._now()
         for change in changes:
             if change.entry is None or change.entry.until > now:
                 self._pending.setdefault(normalise(change.address), change.entry)
-        self._loaded = True
-        if changes:
-            self._saved = -1  # the file is not what waits now: written again or removed
-            log.info("suppression list: changes kept for the fleet", changes=len(changes))
+        self._saved = -1  # the file is not what waits now: written again or removed
+        log.info("suppression list: changes kept for the fleet", changes=len(changes))
 
     async def _save_pending(self) -> None:
         """Keep the changes waiting in :data:`PENDING_FILE` (a worker
@@ -513,10 +519,11 @@ class SuppressionMirror:
             assert isinstance(found, dict)
             for address, raw in found.items():
                 address = str(address)
-                in_fleet.add(address)
+                entry = _decode(str(raw))
+                if entry is None or entry.until > now:
+                    in_fleet.add(address)  # (one not read: left as it is)
                 if address in self._pending:
                     continue  # this node's change waits to go out: it wins
-                entry = _decode(str(raw))
                 if (
                     entry is not None
                     and entry.address == address
@@ -537,8 +544,9 @@ class SuppressionMirror:
         ]
         del have, in_fleet
         put = 0
+        now_ms = math.floor(now.timestamp() * 1000)
         for i in range(0, len(absent), _PAGE // 3):
-            args: list[str | int] = [self.node, LOG_LENGTH]
+            args: list[str | int] = [self.node, LOG_LENGTH, now_ms]
             for entry in absent[i : i + _PAGE // 3]:
                 args += [entry.address, _encoder.encode(entry).decode(), _end_ms(entry)]
             done = await self.shared.call(

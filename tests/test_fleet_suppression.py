@@ -445,3 +445,24 @@ async def test_catch_up_takes_at_most_the_nodes_bound_those_that_last_longest(
         again = Suppressions(tmp_path / "b", owner=False)
         await again.load()  # durable: one write for all the slices
         assert len(again) == 100
+
+
+async def test_catch_up_puts_an_entry_where_the_fleets_one_ended(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    clock = _Clock()
+    async with _node(redis_server.url, tmp_path / "b", "b", clock) as b:
+        assert await b.mirror.step()
+        await b.suppress("x@example.com", timedelta(minutes=5))
+        assert await b.mirror.step()
+        clock.now += timedelta(minutes=6)  # ended, not pruned from the hash yet
+        async with _node(redis_server.url, tmp_path / "a", "a", clock) as a:
+            a.listed.on_change = None  # a held x before it joined
+            await a.suppress("x@example.com", timedelta(days=1))
+            a.listed.on_change = a.mirror._changed
+            assert await a.mirror.step()
+            assert await b.mirror.step()
+            assert b.has("x@example.com")
+            raw = await a.shared.client.hget(HASH_KEY, "x@example.com")
+            fleet = msgspec.json.decode(raw or "", type=Suppression)
+            assert fleet.until - fleet.since == timedelta(days=1)
