@@ -251,6 +251,21 @@ return 1
 """
 
 
+# Error replies that say the whole server cannot serve (out of memory,
+# a read-only replica, a failed save, a script or a load that holds it, a
+# user without the rights): Redis down for this node, as a timeout is.
+_NODE_WIDE_REPLIES = frozenset(
+    {"OOM", "READONLY", "MISCONF", "BUSY", "LOADING", "NOPERM", "MASTERDOWN", "NOAUTH"}
+)
+
+
+def _node_wide(exc: Exception) -> bool:
+    """Whether an error reply is about the whole server (by its code: the
+    client keeps it apart from the text for the codes it knows)."""
+    code = getattr(exc, "status_code", None) or str(exc).partition(" ")[0]
+    return code in _NODE_WIDE_REPLIES
+
+
 def _ms(now_ms: int | None) -> str:
     return "" if now_ms is None else str(now_ms)
 
@@ -301,7 +316,8 @@ class SharedState:
         """``step`` under the timeout; None when it failed (any error: Redis
         refused, timed out, or answered what cannot be read). An error
         reply about the call itself (``WRONGTYPE``, a script's error) is
-        logged, once a minute at most, and leaves the health as it is. While Redis is
+        logged, once a minute at most, and leaves the health as it is; one
+        about the whole server (``OOM``, ``READONLY``, ...) marks it down. While Redis is
         down only a ``probe`` (an operator's question) or the first call
         :attr:`FleetSettings.retry_after` after the last try asks it."""
         recently = time.monotonic() - self._tried < self.settings.retry_after
@@ -312,6 +328,9 @@ class SharedState:
             with anyio.fail_after(self.settings.timeout):
                 result = await step()
         except self._reply_error as exc:
+            if _node_wide(exc):
+                self._down(exc)
+                return None
             # Redis answered, with an error about this call (a key of
             # another type, a script's error): that key's problem, not the
             # node's Redis being down. The caller acts alone all the same.

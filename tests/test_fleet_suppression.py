@@ -466,3 +466,19 @@ async def test_catch_up_puts_an_entry_where_the_fleets_one_ended(
             raw = await a.shared.client.hget(HASH_KEY, "x@example.com")
             fleet = msgspec.json.decode(raw or "", type=Suppression)
             assert fleet.until - fleet.since == timedelta(days=1)
+
+
+async def test_an_error_reply_about_the_whole_server_is_redis_down(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "a", "a", retry_after=0) as a:
+        assert await a.mirror.step()
+        await a.shared.client.config_set("maxmemory", 1)  # every write: OOM
+        try:
+            await a.suppress("x@example.com")
+            assert not await a.mirror.step()
+            assert a.shared.health.up is False and a.shared.health.outages == 1
+        finally:
+            await a.shared.client.config_set("maxmemory", 0)
+        assert await a.mirror.step()
+        assert a.shared.health.up is True
