@@ -34,16 +34,16 @@ the local key's lock:
    file gets the ids too. If the write failed, the claim is *released*
    (compared and deleted in one Lua step: never another submission's).
 
-Redis down or slow (any call returning None from
-:meth:`SharedState.call <spoold.fleet.SharedState.call>`, logged once per
-outage there): the node goes on with its own keys alone; nothing is
-refused or held. A retry reaching two nodes during an outage may then
-queue two messages. A claim not settled within :attr:`FleetKeys.pending` lapses,
-and a retry at another node after that queues a second copy: a node that
-dies between writing its message and settling its claim (as a local crash
-between the two writes can, see :mod:`spoold.idempotency`), a settle that
-Redis does not answer in time, or a local key file that cannot be
-written, leave such a pending claim.
+Redis down or slow (any call returning None from :meth:`SharedState.call
+<spoold.fleet.SharedState.call>`, logged once per outage there): the node
+goes on with its own keys alone; nothing is refused or held. A retry
+reaching two nodes during an outage may then queue two messages. A claim
+not settled within :attr:`FleetKeys.pending` lapses, and a retry at another
+node after that queues a second copy: a node that dies between writing its
+message and settling its claim (as a local crash between the two writes
+can, see :mod:`spoold.idempotency`), or a settle that Redis does not answer
+in time leave such a pending claim (a local key file that cannot be written
+does not: the claim is settled all the same).
 
 Keys in Redis: ``spoold:idem:SHA256`` (the SHA-256 of the key as the node
 keeps it: a key scoped by the submitting user's uid,
@@ -309,10 +309,12 @@ class FleetKeys:
                 if claim is not None:
                     await self.release(claim)
                 raise
-            await files.record(local, ids, now, envelope)
-            if claim is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.settle(claim, ids, window)
+            try:
+                await files.record(local, ids, now, envelope)
+            finally:  # the message is queued: its claim carries its ids, whatever else fails
+                if claim is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self.settle(claim, ids, window)
             return ids, False
 
 

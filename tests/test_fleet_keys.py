@@ -287,3 +287,24 @@ async def test_a_claim_this_version_did_not_write_means_acting_alone_at_once(
         assert spool.queued == ["a-1"]
         found = await FleetKeys(a).claim("k", "", WINDOW)
         assert found is not None and found.unusable and found.ids == ()
+
+
+async def test_a_key_file_that_cannot_be_written_still_settles_the_claim(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken_record(*args: object, **kw: object) -> None:
+        raise StoreError("disk full")
+
+    spool_a, spool_b = _Spool("a"), _Spool("b")
+    async with _node(redis_server, "a") as a, _node(redis_server, "b") as b:
+        files_a = KeyFiles(tmp_path / "a")
+        monkeypatch.setattr(files_a, "record", broken_record)
+        with pytest.raises(StoreError):
+            await FleetKeys(a).add_once(files_a, "k", _batch(), NOW, WINDOW, spool_a.add())
+        assert spool_a.queued == ["a-1"]  # queued all the same
+        stored = json.loads(await a.client.get(redis_key("k")) or "{}")
+        assert stored["ids"] == ["a-1"]  # settled: never a lapse and a second copy
+        got = await FleetKeys(b).add_once(
+            KeyFiles(tmp_path / "b"), "k", _batch(), NOW, WINDOW, spool_b.add()
+        )
+        assert got == (["a-1"], True) and spool_b.queued == []
