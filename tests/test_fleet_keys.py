@@ -308,3 +308,23 @@ async def test_a_key_file_that_cannot_be_written_still_settles_the_claim(
             KeyFiles(tmp_path / "b"), "k", _batch(), NOW, WINDOW, spool_b.add()
         )
         assert got == (["a-1"], True) and spool_b.queued == []
+
+
+async def test_a_redis_that_hangs_costs_a_keyed_submission_one_timeout(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    files = KeyFiles(tmp_path / "a")
+    spool = _Spool("a")
+    async with _node(redis_server, "a", timeout=0.2, retry_after=0) as a:
+        keys = FleetKeys(a)
+        assert await keys.add_once(files, "k0", _batch(), NOW, WINDOW, spool.add())
+        redis_server.pause()  # takes connections, never answers
+        try:
+            with anyio.fail_after(2):  # ten timeouts: bounded, not the claim's 30 s
+                got = await keys.add_once(files, "k1", _batch(), NOW, WINDOW, spool.add())
+            assert got == (["a-2"], False) and a.health.up is False
+        finally:
+            redis_server.resume()
+        with anyio.fail_after(10):
+            got = await keys.add_once(files, "k2", _batch(), NOW, WINDOW, spool.add())
+        assert got == (["a-3"], False) and a.health.up is True

@@ -482,3 +482,25 @@ async def test_an_error_reply_about_the_whole_server_is_redis_down(
             await a.shared.client.config_set("maxmemory", 0)
         assert await a.mirror.step()
         assert a.shared.health.up is True
+
+
+async def test_a_redis_that_hangs_costs_a_round_one_timeout(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a", timeout=0.2, retry_after=0) as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        redis_server.pause()  # takes connections, never answers
+        try:
+            await a.suppress("x@example.com")
+            with anyio.fail_after(2):  # ten timeouts
+                assert not await a.mirror.step()
+            assert a.shared.health.up is False and a.has("x@example.com")
+        finally:
+            redis_server.resume()
+        with anyio.fail_after(10):
+            assert await a.mirror.step()
+        assert a.shared.health.up is True
+        assert await b.mirror.step() and b.has("x@example.com")
