@@ -38,7 +38,8 @@ the fleet's in step, in the background:
   each a turn of the event loop, then written once), and puts every entry in
   force it has that the fleet lacks, in a Lua step that writes an address
   only where the fleet's hash still has none (another node's change made
-  meanwhile is never overwritten: its line is read next). This errs on
+  meanwhile is never overwritten: its line is read next); at most
+  :data:`CATCH_UP_LINES` of them get a line in the change log. This errs on
   the side of not sending, as the list does: an address taken off at
   another node while this one was stopped (or cut off past the log's
   length) is put back by it, if it still held the address; remove it
@@ -85,6 +86,7 @@ __all__ = [
     "ENDS_KEY",
     "LOG_KEY",
     "PENDING_FILE",
+    "CATCH_UP_LINES",
 ]
 
 log = get_logger("spoold.fleet_suppression")
@@ -94,6 +96,11 @@ ENDS_KEY = f"{KEY_PREFIX}suppressed:ends"
 LOG_KEY = f"{KEY_PREFIX}suppressed:log"
 LOG_LENGTH = 100_000
 """About how many changes the fleet's change log keeps."""
+CATCH_UP_LINES = LOG_LENGTH // 10
+"""At most how many of the entries one catch-up puts in the fleet's list
+get a line in the change log (so the others read them at once): one
+node's catch-up never trims the log past the others. The rest are in the
+fleet's list; the others take them at their own next catch-up."""
 _PAGE = 1000  # entries read or pushed per call
 _APPLY_SLICE = 2000  # entries put on the local list in one turn of the event loop
 _PRUNE_EVERY = 60.0  # seconds between two prunes of the fleet's hash
@@ -117,26 +124,30 @@ return (#ARGV - 2) / 3
 """
 
 # Put entries only where the fleet has none in force (catch-up): KEYS
-# hash, ends, log; ARGV: node, log length, now (ms), then for each
-# address, entry (JSON), end (ms). An address the fleet holds meanwhile is
-# left as it is (its line is in the log: the node reads it); one whose
-# entry ended (not pruned yet) is not held. Returns how many were put.
+# hash, ends, log; ARGV: node, log length, now (ms), how many of them may
+# have a line in the log, then for each address, entry (JSON), end (ms).
+# An address the fleet holds meanwhile is left as it is (its line is in
+# the log: the node reads it); one whose entry ended (not pruned yet) is
+# not held. Returns how many were put, and how many of them have a line.
 # One step.
 _PUT_ABSENT = """
-local put = 0
-local now = tonumber(ARGV[3])
-for i = 4, #ARGV, 3 do
+local put, logged = 0, 0
+local now, lines = tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 5, #ARGV, 3 do
   local address, entry = ARGV[i], ARGV[i + 1]
   local ends = tonumber(redis.call('ZSCORE', KEYS[2], address))
   if redis.call('HEXISTS', KEYS[1], address) == 0 or (ends ~= nil and ends <= now) then
     redis.call('HSET', KEYS[1], address, entry)
     redis.call('ZADD', KEYS[2], ARGV[i + 2], address)
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
-               'node', ARGV[1], 'address', address, 'entry', entry)
+    if logged < lines then
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
+                 'node', ARGV[1], 'address', address, 'entry', entry)
+      logged = logged + 1
+    end
     put = put + 1
   end
 end
-return put
+return {put, logged}
 """
 
 # Drop ended entries: KEYS hash, ends; ARGV: now (ms), at most how many.
@@ -543,10 +554,15 @@ class SuppressionMirror:
             if e.until > now and e.address not in in_fleet and e.address not in self._pending
         ]
         del have, in_fleet
+        # An operator's entries first: they get the lines in the log.
+        absent = [e for e in absent if e.source == "operator"] + [
+            e for e in absent if e.source != "operator"
+        ]
         put = 0
+        lines = CATCH_UP_LINES
         now_ms = math.floor(now.timestamp() * 1000)
         for i in range(0, len(absent), _PAGE // 3):
-            args: list[str | int] = [self.node, LOG_LENGTH, now_ms]
+            args: list[str | int] = [self.node, LOG_LENGTH, now_ms, lines]
             for entry in absent[i : i + _PAGE // 3]:
                 args += [entry.address, _encoder.encode(entry).decode(), _end_ms(entry)]
             done = await self.shared.call(
@@ -554,7 +570,8 @@ class SuppressionMirror:
             )
             if done is None:
                 return False  # caught up again next round, from the start
-            put += int(done)
+            put += int(done[0])
+            lines -= int(done[1])
         self._last = mark
         if not self.synced.is_set():
             self.synced.set()

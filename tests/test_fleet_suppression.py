@@ -15,6 +15,7 @@ import anyio
 import msgspec
 import pytest
 
+from spoold import fleet_suppression
 from spoold.fleet import FleetSettings, SharedState
 from spoold.fleet_suppression import (
     ENDS_KEY,
@@ -504,3 +505,30 @@ async def test_a_redis_that_hangs_costs_a_round_one_timeout(
             assert await a.mirror.step()
         assert a.shared.health.up is True
         assert await b.mirror.step() and b.has("x@example.com")
+
+
+async def test_a_catch_up_puts_all_but_logs_a_bounded_number_operators_first(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet_suppression, "CATCH_UP_LINES", 3)
+    clock = _Clock()
+    async with _node(redis_server.url, tmp_path / "a", "a", clock) as a:
+        a.listed.on_change = None  # a held these before it joined
+        entries = [
+            suppression_for(
+                f"{source}{i}@example.net",
+                now=clock(),
+                span=timedelta(days=1),
+                reason="",
+                source=source,
+            )
+            for i in range(5)
+            for source in ("bounce", "operator")
+        ]
+        await a.listed.add(entries, now=clock(), max_entries=1000, extend_only=False)
+        a.listed.on_change = a.mirror._changed
+        assert await a.mirror.step()
+        assert await a.shared.client.hlen(HASH_KEY) == 10
+        lines = await a.shared.client.xrange(LOG_KEY)
+        assert len(lines) == 3
+        assert all(f["address"].startswith("operator") for _, f in lines)
