@@ -484,8 +484,10 @@ class SuppressionMirror:
             for i in range(0, len(added), _APPLY_SLICE):
                 if i:
                     await anyio.lowlevel.checkpoint()
+                # A change this node made meanwhile waits to go out: it wins.
+                chosen = [e for e in added[i : i + _APPLY_SLICE] if e.address not in self._pending]
                 await listed.add(
-                    added[i : i + _APPLY_SLICE],
+                    chosen,
                     now=now,
                     max_entries=self._max_entries(),
                     extend_only=False,
@@ -493,6 +495,7 @@ class SuppressionMirror:
                     durable=False,
                 )
             await listed.flush()
+        removed = [a for a in removed if a not in self._pending]
         if removed:
             await listed.remove(removed, now=now, announce=False)
         if added or removed:

@@ -532,3 +532,26 @@ async def test_a_catch_up_puts_all_but_logs_a_bounded_number_operators_first(
         lines = await a.shared.client.xrange(LOG_KEY)
         assert len(lines) == 3
         assert all(f["address"].startswith("operator") for _, f in lines)
+
+
+async def test_a_local_change_made_during_a_catch_up_wins_over_what_it_read(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "b", "b") as b:
+        assert await b.mirror.step()
+        await b.suppress("x@example.com", timedelta(days=1))
+        assert await b.mirror.step()
+        async with _node(redis_server.url, tmp_path / "a", "a") as a:
+            apply = a.mirror._apply
+
+            async def change_then_apply(added: list[Suppression], removed: list[str]) -> None:
+                a.mirror._apply = apply  # once: after a read the fleet's x
+                await a.suppress("x@example.com", timedelta(days=365))  # an operator at a
+                await apply(added, removed)
+
+            a.mirror._apply = change_then_apply  # type: ignore[method-assign]
+            assert await a.mirror.step()  # catch-up, then a's change goes out
+            assert await b.mirror.step()
+            for node in (a, b):
+                entry = node.listed.find("x@example.com", node.clock())
+                assert entry is not None and entry.until - entry.since == timedelta(days=365)
