@@ -179,11 +179,17 @@ _decoder = msgspec.json.Decoder(Suppression)
 _pending_decoder = msgspec.json.Decoder(_PendingFile)
 
 
-def _write_pending(path: Path, tmp_dir: Path, data: bytes | None) -> None:
-    """Replace the file of changes waiting for the fleet with ``data``
+def _write_pending(
+    path: Path, tmp_dir: Path, pending: list[tuple[str, Suppression | None]] | None
+) -> None:
+    """Replace the file of changes waiting for the fleet with ``pending``
     (None: remove it): a temporary file in ``tmp/``, fsynced, renamed over
     it, the directory fsynced. Raises :class:`StoreError`."""
     tmp = tmp_dir / f"{os.getpid()}.{PENDING_FILE}.tmp"  # tmp/'s PID.NAME.KIND
+    data = None
+    if pending is not None:
+        changes = [_Change(a, e) for a, e in pending]
+        data = msgspec.json.encode(_PendingFile(_PENDING_VERSION, changes))
     try:
         if data is None:
             with contextlib.suppress(FileNotFoundError):
@@ -379,22 +385,23 @@ class SuppressionMirror:
         thread), or remove it once none waits; nothing when the file is
         already what waits. A write that fails is logged and tried again
         next round."""
+        pending: list[tuple[str, Suppression | None]] | None = None
         if not self._pending:
             if self._saved is None:
                 return
-            data = None
         elif self._saved == self._revision:
             return
         else:
-            changes = [_Change(a, e) for a, e in self._pending.items()]
-            data = _encoder.encode(_PendingFile(_PENDING_VERSION, changes))
+            pending = list(self._pending.items())  # a copy; encoded in the thread
         told = self._revision
         try:
-            await anyio.to_thread.run_sync(_write_pending, self._pending_path, self._tmp_dir, data)
+            await anyio.to_thread.run_sync(
+                _write_pending, self._pending_path, self._tmp_dir, pending
+            )
         except StoreError as exc:
             log.error("cannot keep the changes waiting for the fleet", error=str(exc))
             return
-        self._saved = None if data is None else told
+        self._saved = None if pending is None else told
 
     async def _push_pending(self) -> bool:
         while self._pending:
