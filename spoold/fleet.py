@@ -315,6 +315,21 @@ return out
 )
 
 
+# Error replies that say the whole server cannot serve (out of memory,
+# a read-only replica, a failed save, a script or a load that holds it, a
+# user without the rights): Redis down for this node, as a timeout is.
+_NODE_WIDE_REPLIES = frozenset(
+    {"OOM", "READONLY", "MISCONF", "BUSY", "LOADING", "NOPERM", "MASTERDOWN", "NOAUTH"}
+)
+
+
+def _node_wide(exc: Exception) -> bool:
+    """Whether an error reply is about the whole server (by its code: the
+    client keeps it apart from the text for the codes it knows)."""
+    code = getattr(exc, "status_code", None) or str(exc).partition(" ")[0]
+    return code in _NODE_WIDE_REPLIES
+
+
 def _ms(now_ms: int | None) -> str:
     return "" if now_ms is None else str(now_ms)
 
@@ -330,6 +345,7 @@ class SharedState:
         # Imported here: the sendmail command reads the config (and so
         # this module) and never talks to Redis.
         import redis.asyncio as aioredis
+        import redis.exceptions
 
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             settings.url,
@@ -344,6 +360,9 @@ class SharedState:
         self._renew = self._redis.register_script(_RENEW)
         self._beat = self._redis.register_script(_BEAT)
         self._tried = -math.inf  # when Redis was last asked (monotonic)
+        # An error reply about one call (not the node's Redis down).
+        self._reply_error: type[Exception] = redis.exceptions.ResponseError
+        self._reply_quiet_until = -math.inf  # monotonic: no "refused" line before
 
     async def __aenter__(self) -> SharedState:
         return self
@@ -359,7 +378,10 @@ class SharedState:
 
     async def _call(self, step: Callable[[], Awaitable[_T]], *, probe: bool = False) -> _T | None:
         """``step`` under the timeout; None when it failed (any error: Redis
-        refused, timed out, or answered what cannot be read). While Redis is
+        refused, timed out, or answered what cannot be read). An error
+        reply about the call itself (``WRONGTYPE``, a script's error) is
+        logged, once a minute at most, and leaves the health as it is; one
+        about the whole server (``OOM``, ``READONLY``, ...) marks it down. While Redis is
         down only a ``probe`` (an operator's question) or the first call
         :attr:`FleetSettings.retry_after` after the last try asks it."""
         recently = time.monotonic() - self._tried < self.settings.retry_after
@@ -369,6 +391,18 @@ class SharedState:
         try:
             with anyio.fail_after(self.settings.timeout):
                 result = await step()
+        except self._reply_error as exc:
+            if _node_wide(exc):
+                self._down(exc)
+                return None
+            # Redis answered, with an error about this call (a key of
+            # another type, a script's error): that key's problem, not the
+            # node's Redis being down. The caller acts alone all the same.
+            now = time.monotonic()
+            if now >= self._reply_quiet_until:
+                self._reply_quiet_until = now + 60.0
+                log.warning("fleet redis refused a call", reason=f"{type(exc).__name__}: {exc}")
+            return None
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the node acts alone
             self._down(exc)
             return None

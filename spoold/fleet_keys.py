@@ -22,6 +22,11 @@ the local key's lock:
    * still pending (the other node is writing its message): asked again,
      a few times a second, until it has ids or is gone (its node died:
      the claim lapses after :attr:`FleetKeys.pending`), then as above;
+   * a value this version did not write (read strictly: ``node``,
+     ``token``, ``ids`` that are message ids, a 64-hex ``envelope``;
+     another version's, or a corrupt or hostile Redis): no claim to go
+     by, logged (once a minute at most); the node acts alone at once,
+     never answering a duplicate because of it and never waiting on it;
 
 3. the messages are written (durable, as always);
 4. the claim is *settled*: compared and set in one Lua step to carry the
@@ -29,19 +34,21 @@ the local key's lock:
    file gets the ids too. If the write failed, the claim is *released*
    (compared and deleted in one Lua step: never another submission's).
 
-Redis down or slow (any call returning None from
-:meth:`SharedState.call <spoold.fleet.SharedState.call>`, logged once per
-outage there): the node goes on with its own keys alone; nothing is
-refused or held. A retry reaching two nodes during an outage may then
-queue two messages. A node that dies between writing its message and
-settling its claim leaves a pending claim that lapses after
-:attr:`FleetKeys.pending`: a retry at another node after that queues a
-second copy (as a local crash between the two writes can, see
-:mod:`spoold.idempotency`).
+Redis down or slow (any call returning None from :meth:`SharedState.call
+<spoold.fleet.SharedState.call>`, logged once per outage there): the node
+goes on with its own keys alone; nothing is refused or held. A retry
+reaching two nodes during an outage may then queue two messages. A claim
+not settled within :attr:`FleetKeys.pending` lapses, and a retry at another
+node after that queues a second copy: a node that dies between writing its
+message and settling its claim (as a local crash between the two writes
+can, see :mod:`spoold.idempotency`), or a settle that Redis does not answer
+in time leave such a pending claim (a local key file that cannot be written
+does not: the claim is settled all the same).
 
 Keys in Redis: ``spoold:idem:SHA256`` (the SHA-256 of the key as the node
-keeps it, so a key scoped by the submitting user, :func:`~spoold.idempotency.user_key`,
-stays that user's fleet-wide too); the value is JSON: ``node``, ``token``,
+keeps it: a key scoped by the submitting user's uid,
+:func:`~spoold.idempotency.user_key`, is that uid's at every node, so the
+nodes must give one user one uid; see ``docs/fleet.md``); the value is JSON: ``node``, ``token``,
 ``ids`` (empty while pending) and ``envelope`` (the fingerprint of
 :func:`~spoold.idempotency.envelope_fingerprint`).
 """
@@ -51,16 +58,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Annotated
 
 import anyio
+import msgspec
 
 from spoold.errors import IdempotencyKeyError
 from spoold.fleet import KEY_PREFIX, SharedState
 from spoold.idempotency import KeyFiles, envelope_fingerprint, validate_key
-from spoold.ids import new_id
+from spoold.ids import is_valid_id, new_id
 from spoold.log import get_logger
 from spoold.message import RoutedBatch
 
@@ -106,7 +116,9 @@ return 0
 @dataclass(frozen=True, slots=True)
 class FleetClaim:
     """A claim in Redis: ``value`` is what this node set (pending) when
-    ``mine``; otherwise another node's, with its ``node`` and ``ids``."""
+    ``mine``; otherwise another node's, with its ``node``, ``ids`` and
+    ``envelope``. ``unusable``: a value this version did not write (or
+    that does not read as one it writes): no claim to go by."""
 
     redis_key: str
     value: str
@@ -114,6 +126,22 @@ class FleetClaim:
     node: str = ""
     ids: tuple[str, ...] = ()
     envelope: str = ""
+    unusable: bool = False
+
+
+class _Claim(msgspec.Struct):
+    """A claim's value as this version writes it (every field required)."""
+
+    node: Annotated[str, msgspec.Meta(min_length=1)]
+    token: Annotated[str, msgspec.Meta(min_length=1)]
+    ids: list[str]
+    envelope: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+
+
+_claim_decoder = msgspec.json.Decoder(_Claim)
+
+UNUSABLE_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about claims this version cannot use."""
 
 
 def redis_key(key: str) -> str:
@@ -122,16 +150,16 @@ def redis_key(key: str) -> str:
 
 
 def _parse(rkey: str, raw: str) -> FleetClaim:
+    """Another node's claim, read strictly: anything but a value this
+    version writes, with ids that are message ids, is unusable (never
+    taken for ids, never waited on)."""
     try:
-        value = json.loads(raw)
-        ids = tuple(str(i) for i in value.get("ids", []))
-        return FleetClaim(
-            rkey, raw, False, str(value.get("node", "")), ids, str(value.get("envelope", ""))
-        )
-    except (ValueError, TypeError, AttributeError):
-        # Not a claim this version wrote: taken as another node's pending one
-        # (it lapses), never as ids.
-        return FleetClaim(rkey, raw, False)
+        value = _claim_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return FleetClaim(rkey, raw, False, unusable=True)
+    if not all(is_valid_id(i) for i in value.ids):
+        return FleetClaim(rkey, raw, False, unusable=True)
+    return FleetClaim(rkey, raw, False, value.node, tuple(value.ids), value.envelope)
 
 
 class FleetKeys:
@@ -149,6 +177,7 @@ class FleetKeys:
         self._claim = shared.client.register_script(_CLAIM)
         self._settle = shared.client.register_script(_SETTLE)
         self._release = shared.client.register_script(_RELEASE)
+        self._quiet_until = -math.inf  # monotonic: no "unusable claim" line before
 
     @property
     def node(self) -> str:
@@ -208,12 +237,22 @@ class FleetKeys:
     async def settled_claim(self, key: str, envelope: str, window: timedelta) -> FleetClaim | None:
         """:meth:`claim`, asked again while another node's claim is pending
         (it has ids at once, as a rule, or lapses within :attr:`pending`).
-        None: Redis did not answer, or the other claim stayed pending past
-        that (the node then acts alone)."""
+        None: Redis did not answer, the other claim stayed pending past
+        that, or it is unusable (not a value this version writes: logged,
+        at most once a minute); the node then acts alone, at once."""
         deadline = anyio.current_time() + self.pending + 1
         pause = self.poll
         while True:
             found = await self.claim(key, envelope, window)
+            if found is not None and found.unusable:
+                if time.monotonic() >= self._quiet_until:
+                    self._quiet_until = time.monotonic() + UNUSABLE_LOG_INTERVAL
+                    log.warning(
+                        "idempotency key: a claim in redis this version did not write; "
+                        "taken here without a fleet-wide claim",
+                        redis_key=found.redis_key,
+                    )
+                return None
             if found is None or found.mine or found.ids:
                 return found
             if anyio.current_time() + pause > deadline:
@@ -250,11 +289,11 @@ class FleetKeys:
                 return earlier, True
             claim = await self.settled_claim(key, envelope, window)
             if claim is not None and not claim.mine:
-                if claim.envelope and envelope != claim.envelope:
+                if envelope != claim.envelope:
                     raise IdempotencyKeyError(
                         f"idempotency key {key!r} was given to another submission "
-                        f"(message {', '.join(claim.ids)}, at node {claim.node}) with a "
-                        "different envelope; a new message needs a new key"
+                        "at another node with a different envelope; a new message "
+                        "needs a new key"
                     )
                 ids = list(claim.ids)
                 await files.record(local, ids, now, envelope)
@@ -270,10 +309,12 @@ class FleetKeys:
                 if claim is not None:
                     await self.release(claim)
                 raise
-            await files.record(local, ids, now, envelope)
-            if claim is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.settle(claim, ids, window)
+            try:
+                await files.record(local, ids, now, envelope)
+            finally:  # the message is queued: its claim carries its ids, whatever else fails
+                if claim is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self.settle(claim, ids, window)
             return ids, False
 
 

@@ -21,19 +21,29 @@ the fleet's in step, in the background:
   call of at most a thousand).
 * **Redis down or slow** (a call returning None, logged once per outage by
   :class:`~spoold.fleet.SharedState`): the node's own list alone; its own
-  changes wait in memory (one per address, the last) and are pushed when
-  Redis answers again, then it reads what it missed. A change made while
-  Redis is down and not pushed before the node stops is not lost to the
-  node (its file has it) and reaches the fleet at the node's next start
-  (see catch-up).
+  changes wait (one per address, the last) and are pushed when Redis
+  answers again, then it reads what it missed. While they wait they are
+  kept on disk too, in ``SPOOL/suppressed.pending`` (:data:`PENDING_FILE`:
+  written whole, atomically, in a worker thread, within a round of the
+  change; removed once they are all pushed), so a node that stops before
+  Redis answers pushes them at its next start, before its catch-up, and
+  they win over the fleet's entries as they would have: a removal stays
+  removed, a changed end stays changed.
 * **Catch-up** (at start, and when the change log no longer holds the line
   last read: it is trimmed to about :data:`LOG_LENGTH` lines, or Redis
-  lost its data): the node reads the whole fleet's hash, takes every entry
-  in force it lacks or holds otherwise, and pushes every entry in force it
-  has that the fleet lacks. This errs on the side of not sending, as the
-  list does: an address taken off at another node while this one was
-  stopped (or cut off past the log's length) is put back by it, if it
-  still held the address; remove it again.
+  lost its data): the node reads the whole fleet's hash a page at a time
+  (keeping only its addresses, and the entries to take), takes every
+  entry in force it lacks or holds otherwise (at most its
+  ``max_suppressed``, those that last longest; put on the list in slices,
+  each a turn of the event loop, then written once), and puts every entry in
+  force it has that the fleet lacks, in a Lua step that writes an address
+  only where the fleet's hash still has none (another node's change made
+  meanwhile is never overwritten: its line is read next); at most
+  :data:`CATCH_UP_LINES` of them get a line in the change log. This errs on
+  the side of not sending, as the list does: an address taken off at
+  another node while this one was stopped (or cut off past the log's
+  length) is put back by it, if it still held the address; remove it
+  again.
 
 Conflicts: the change log's order decides (the last change to an address
 is the one every node ends with). A full list (``spool.max_suppressed``) is
@@ -47,21 +57,37 @@ for a removal).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import heapq
+import itertools
 import math
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
+from spoold.errors import StoreError
 from spoold.fleet import KEY_PREFIX, SharedState
 from spoold.log import get_logger
+from spoold.store.directory import fsync_directory
 from spoold.suppression import Suppression, Suppressions, clean_reason, normalise
 
-__all__ = ["SuppressionMirror", "LOG_LENGTH", "HASH_KEY", "ENDS_KEY", "LOG_KEY"]
+__all__ = [
+    "SuppressionMirror",
+    "LOG_LENGTH",
+    "HASH_KEY",
+    "ENDS_KEY",
+    "LOG_KEY",
+    "PENDING_FILE",
+    "CATCH_UP_LINES",
+]
 
 log = get_logger("spoold.fleet_suppression")
 
@@ -70,7 +96,13 @@ ENDS_KEY = f"{KEY_PREFIX}suppressed:ends"
 LOG_KEY = f"{KEY_PREFIX}suppressed:log"
 LOG_LENGTH = 100_000
 """About how many changes the fleet's change log keeps."""
+CATCH_UP_LINES = LOG_LENGTH // 10
+"""At most how many of the entries one catch-up puts in the fleet's list
+get a line in the change log (so the others read them at once): one
+node's catch-up never trims the log past the others. The rest are in the
+fleet's list; the others take them at their own next catch-up."""
 _PAGE = 1000  # entries read or pushed per call
+_APPLY_SLICE = 2000  # entries put on the local list in one turn of the event loop
 _PRUNE_EVERY = 60.0  # seconds between two prunes of the fleet's hash
 
 # Push changes: KEYS hash, ends, log; ARGV: node, log length, then for each
@@ -91,6 +123,33 @@ end
 return (#ARGV - 2) / 3
 """
 
+# Put entries only where the fleet has none in force (catch-up): KEYS
+# hash, ends, log; ARGV: node, log length, now (ms), how many of them may
+# have a line in the log, then for each address, entry (JSON), end (ms).
+# An address the fleet holds meanwhile is left as it is (its line is in
+# the log: the node reads it); one whose entry ended (not pruned yet) is
+# not held. Returns how many were put, and how many of them have a line.
+# One step.
+_PUT_ABSENT = """
+local put, logged = 0, 0
+local now, lines = tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 5, #ARGV, 3 do
+  local address, entry = ARGV[i], ARGV[i + 1]
+  local ends = tonumber(redis.call('ZSCORE', KEYS[2], address))
+  if redis.call('HEXISTS', KEYS[1], address) == 0 or (ends ~= nil and ends <= now) then
+    redis.call('HSET', KEYS[1], address, entry)
+    redis.call('ZADD', KEYS[2], ARGV[i + 2], address)
+    if logged < lines then
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
+                 'node', ARGV[1], 'address', address, 'entry', entry)
+      logged = logged + 1
+    end
+    put = put + 1
+  end
+end
+return {put, logged}
+"""
+
 # Drop ended entries: KEYS hash, ends; ARGV: now (ms), at most how many.
 _PRUNE = """
 local ended = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
@@ -99,8 +158,83 @@ if #ended > 0 then redis.call('ZREM', KEYS[2], unpack(ended)) end
 return #ended
 """
 
+PENDING_FILE = "suppressed.pending"
+"""The changes of this node not yet in the fleet's list, kept while Redis
+does not answer (beside ``SPOOL/suppressed``)."""
+_PENDING_VERSION = 1
+
+
+class _Change(msgspec.Struct, frozen=True):
+    address: str
+    entry: Suppression | None  # None: a removal
+
+
+class _PendingFile(msgspec.Struct):
+    version: int
+    changes: list[_Change]
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Suppression)
+_pending_decoder = msgspec.json.Decoder(_PendingFile)
+
+
+def _write_pending(
+    path: Path, tmp_dir: Path, pending: list[tuple[str, Suppression | None]] | None
+) -> None:
+    """Replace the file of changes waiting for the fleet with ``pending``
+    (None: remove it): a temporary file in ``tmp/``, fsynced, renamed over
+    it, the directory fsynced. Raises :class:`StoreError`."""
+    tmp = tmp_dir / f"{os.getpid()}.{PENDING_FILE}.tmp"  # tmp/'s PID.NAME.KIND
+    data = None
+    if pending is not None:
+        changes = [_Change(a, e) for a, e in pending]
+        data = msgspec.json.encode(_PendingFile(_PENDING_VERSION, changes))
+    try:
+        if data is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                fsync_directory(path.parent)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
+        )
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_directory(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(f"cannot write {path}: {exc}") from None
+
+
+def _read_pending(path: Path) -> list[_Change] | None:
+    """The changes kept in ``path`` (None: no file; none when it cannot be
+    read: logged)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("cannot read the changes waiting for the fleet", path=str(path), error=str(exc))
+        return []
+    try:
+        kept = _pending_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        log.error("changes waiting for the fleet: damaged, skipped", path=str(path), error=str(exc))
+        return []
+    if kept.version > _PENDING_VERSION:
+        log.error("changes waiting for the fleet: of a newer spoold, skipped", path=str(path))
+        return []
+    return kept.changes
 
 
 def _end_ms(entry: Suppression) -> int:
@@ -147,8 +281,16 @@ class SuppressionMirror:
         self._wake = anyio.Event()
         self._pruned = -math.inf
         self._push = shared.client.register_script(_PUSH)
+        self._put_absent = shared.client.register_script(_PUT_ABSENT)
         self._prune = shared.client.register_script(_PRUNE)
         self.synced = anyio.Event()  # set after the first catch-up
+        self._failing = False  # the local list could not be written (logged once)
+        # The changes waiting, kept on disk while Redis does not answer.
+        self._pending_path = suppressions.path.with_name(PENDING_FILE)
+        self._tmp_dir = suppressions.path.parent / "tmp"
+        self._revision = 0  # changes told or pushed so far
+        self._saved: int | None = None  # the revision in the file (None: no file)
+        self._loaded = False  # the file read (at the first catch-up)
         suppressions.on_change = self._changed
 
     @property
@@ -160,6 +302,7 @@ class SuppressionMirror:
             self._pending[entry.address] = entry
         for address in removed:
             self._pending[address] = None
+        self._revision += 1
         self._wake.set()
 
     async def run(
@@ -169,7 +312,23 @@ class SuppressionMirror:
         after a local change), until cancelled."""
         task_status.started()
         while True:
-            await self.step()
+            try:
+                await self.step()
+            except StoreError as exc:
+                # The local file cannot be written (disk full, EIO): the
+                # fleet's changes are read again next round (the last line
+                # read moves on only once they are applied). Never the end
+                # of the daemon.
+                if not self._failing:
+                    log.error(
+                        "suppression list: cannot apply the fleet's changes; trying again",
+                        error=str(exc),
+                    )
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("suppression list: the fleet's changes are applied again")
+                self._failing = False
             with anyio.move_on_after(self.interval):
                 await self._wake.wait()
             self._wake = anyio.Event()
@@ -177,11 +336,20 @@ class SuppressionMirror:
     async def step(self) -> bool:
         """One round: catch up if needed, push what waits, read and apply
         the others' changes, prune now and then. Returns whether Redis
-        answered every call."""
+        answered every call. Raises :class:`~spoold.errors.StoreError`
+        when the local list cannot be written (nothing is lost: the same
+        changes are applied next round)."""
+        if self._failing:
+            await self.suppressions.flush()  # what a failed write left in memory
+        if not self._loaded:
+            await self._load_pending()
         if self._last is None and not await self._catch_up():
+            await self._save_pending()
             return False
         if not await self._push_pending():
+            await self._save_pending()
             return False
+        await self._save_pending()
         if not await self._pull():
             return False
         if time.monotonic() - self._pruned >= _PRUNE_EVERY:
@@ -196,9 +364,48 @@ class SuppressionMirror:
 
     # -- out
 
+    async def _load_pending(self) -> None:
+        """Take the changes a run before this one kept (Redis did not
+        answer before it stopped): they go out first, and win over the
+        fleet's entries at catch-up, as they would have. A change made
+        since this run began is newer and stays."""
+        changes = await anyio.to_thread.run_sync(_read_pending, self._pending_path)
+        self._loaded = True
+        if changes is None:
+            return
+        now = self._now()
+        for change in changes:
+            if change.entry is None or change.entry.until > now:
+                self._pending.setdefault(normalise(change.address), change.entry)
+        self._saved = -1  # the file is not what waits now: written again or removed
+        log.info("suppression list: changes kept for the fleet", changes=len(changes))
+
+    async def _save_pending(self) -> None:
+        """Keep the changes waiting in :data:`PENDING_FILE` (a worker
+        thread), or remove it once none waits; nothing when the file is
+        already what waits. A write that fails is logged and tried again
+        next round."""
+        pending: list[tuple[str, Suppression | None]] | None = None
+        if not self._pending:
+            if self._saved is None:
+                return
+        elif self._saved == self._revision:
+            return
+        else:
+            pending = list(self._pending.items())  # a copy; encoded in the thread
+        told = self._revision
+        try:
+            await anyio.to_thread.run_sync(
+                _write_pending, self._pending_path, self._tmp_dir, pending
+            )
+        except StoreError as exc:
+            log.error("cannot keep the changes waiting for the fleet", error=str(exc))
+            return
+        self._saved = None if pending is None else told
+
     async def _push_pending(self) -> bool:
         while self._pending:
-            chosen = list(self._pending.items())[: _PAGE // 3 or 1]
+            chosen = list(itertools.islice(self._pending.items(), _PAGE // 3))
             args: list[str | int] = [self.node, LOG_LENGTH]
             for address, entry in chosen:
                 if entry is None:
@@ -213,17 +420,24 @@ class SuppressionMirror:
             for address, entry in chosen:
                 if address in self._pending and self._pending[address] is entry:
                     del self._pending[address]
+            self._revision += 1
         return True
 
     # -- in
 
     async def _pull(self) -> bool:
-        """Read the change log after the last line read and apply the other
-        nodes' changes; a gap (the line is gone) means catching up."""
+        """Read the change log after the last line read, every page of it,
+        and apply the other nodes' changes once (the last change to each
+        address, over all the pages: a line of this node's after another
+        node's keeps this node's); a gap (the line is gone) means catching
+        up. The last line read moves on only once they are applied."""
         client = self.shared.client
+        last = self._last
+        assert last is not None
+        # address -> (node, entry) of the last line about it read so far
+        final: dict[str, tuple[str, str]] = {}
+        first = True
         while True:
-            last = self._last
-            assert last is not None
             start = "-" if last == "0-0" else last  # inclusive: the last line proves no gap
             got = await self.shared.call(
                 functools.partial(client.xrange, LOG_KEY, start, "+", _PAGE + 1)
@@ -233,23 +447,27 @@ class SuppressionMirror:
             lines = [(str(i), {str(k): str(v) for k, v in (f or {}).items()}) for i, f in got]
             if last != "0-0":
                 if not lines or lines[0][0] != last:
-                    log.info("fleet suppression log moved past this node: catching up")
+                    if first:  # else the gap opened mid-read: caught up all the same
+                        log.info("fleet suppression log moved past this node: catching up")
                     self._last = None
                     return await self._catch_up()
                 lines = lines[1:]
-            if not lines:
-                return True
-            await self._apply_lines(lines)
-            self._last = str(lines[-1][0])
+            first = False
+            for _, fields in lines:
+                address = fields.get("address", "")
+                if address:
+                    final.pop(address, None)  # kept in the order of the last line
+                    final[address] = (fields.get("node", ""), fields.get("entry", ""))
+            if lines:
+                last = lines[-1][0]
             if len(lines) < _PAGE:
-                return True
+                break
+        if final:
+            await self._apply_lines(final)
+        self._last = last
+        return True
 
-    async def _apply_lines(self, lines: list[tuple[str, dict[str, str]]]) -> None:
-        final: dict[str, tuple[str, str]] = {}
-        for _, fields in lines:
-            address = fields.get("address", "")
-            if address:
-                final[address] = (fields.get("node", ""), fields.get("entry", ""))
+    async def _apply_lines(self, final: dict[str, tuple[str, str]]) -> None:
         added: list[Suppression] = []
         removed: list[str] = []
         for address, (node, raw) in final.items():
@@ -268,13 +486,23 @@ class SuppressionMirror:
         added = [e for e in added if e.until > now and have.get(e.address) != e]
         removed = [a for a in removed if a in have]
         if added:
-            await listed.add(
-                added,
-                now=now,
-                max_entries=self._max_entries(),
-                extend_only=False,
-                announce=False,
-            )
+            # In slices, each its own turn of the event loop (a catch-up may
+            # take a whole list), then one write of the file for them all.
+            for i in range(0, len(added), _APPLY_SLICE):
+                if i:
+                    await anyio.lowlevel.checkpoint()
+                # A change this node made meanwhile waits to go out: it wins.
+                chosen = [e for e in added[i : i + _APPLY_SLICE] if e.address not in self._pending]
+                await listed.add(
+                    chosen,
+                    now=now,
+                    max_entries=self._max_entries(),
+                    extend_only=False,
+                    announce=False,
+                    durable=False,
+                )
+            await listed.flush()
+        removed = [a for a in removed if a not in self._pending]
         if removed:
             await listed.remove(removed, now=now, announce=False)
         if added or removed:
@@ -285,14 +513,22 @@ class SuppressionMirror:
     # -- catch-up
 
     async def _catch_up(self) -> bool:
-        """Read the whole fleet's list; take what this node lacks, push what
-        the fleet lacks (see the module's docstring)."""
+        """Read the whole fleet's list, a page at a time; take what this
+        node lacks (at most its ``max_suppressed``, those that last longest),
+        then put what the fleet lacks where it still lacks it (see the
+        module's docstring). Only the fleet's addresses are kept in memory,
+        and the entries to take."""
         client = self.shared.client
         newest = await self.shared.call(lambda: client.xrevrange(LOG_KEY, "+", "-", 1))
         if newest is None:
             return False
         mark = str(newest[0][0]) if newest else "0-0"
-        fleet: dict[str, Suppression] = {}
+        now = self._now()
+        limit = max(1, self._max_entries())
+        have = {e.address: e for e in self.suppressions.snapshot()}
+        in_fleet: set[str] = set()
+        # the entries to take, at most ``limit``: a heap, the soonest to end first
+        take: list[tuple[datetime, str, Suppression]] = []
         cursor = 0
         while True:
             page = await self.shared.call(
@@ -303,19 +539,56 @@ class SuppressionMirror:
             cursor, found = int(page[0]), page[1]
             assert isinstance(found, dict)
             for address, raw in found.items():
+                address = str(address)
                 entry = _decode(str(raw))
-                if entry is not None and entry.address == address:
-                    fleet[address] = entry
+                if entry is None or entry.until > now:
+                    in_fleet.add(address)  # (one not read: left as it is)
+                if address in self._pending:
+                    continue  # this node's change waits to go out: it wins
+                if (
+                    entry is not None
+                    and entry.address == address
+                    and entry.until > now
+                    and have.get(address) != entry
+                ):
+                    if len(take) < limit:
+                        heapq.heappush(take, (entry.until, address, entry))
+                    elif entry.until > take[0][0]:
+                        heapq.heapreplace(take, (entry.until, address, entry))
             if cursor == 0:
                 break
-        now = self._now()
-        for entry in self.suppressions.snapshot():
-            if entry.until > now and entry.address not in fleet:
-                self._pending.setdefault(entry.address, entry)
-        await self._apply([e for a, e in fleet.items() if a not in self._pending], [])
+        await self._apply([e for _, _, e in take], [])
+        absent = [
+            e
+            for e in self.suppressions.snapshot()
+            if e.until > now and e.address not in in_fleet and e.address not in self._pending
+        ]
+        del have, in_fleet
+        # An operator's entries first: they get the lines in the log.
+        absent = [e for e in absent if e.source == "operator"] + [
+            e for e in absent if e.source != "operator"
+        ]
+        put = 0
+        lines = CATCH_UP_LINES
+        now_ms = math.floor(now.timestamp() * 1000)
+        for i in range(0, len(absent), _PAGE // 3):
+            args: list[str | int] = [self.node, LOG_LENGTH, now_ms, lines]
+            for entry in absent[i : i + _PAGE // 3]:
+                args += [entry.address, _encoder.encode(entry).decode(), _end_ms(entry)]
+            done = await self.shared.call(
+                functools.partial(self._put_absent, keys=[HASH_KEY, ENDS_KEY, LOG_KEY], args=args)
+            )
+            if done is None:
+                return False  # caught up again next round, from the start
+            put += int(done[0])
+            lines -= int(done[1])
         self._last = mark
-        pushed = len(self._pending)
         if not self.synced.is_set():
             self.synced.set()
-        log.info("suppression list caught up with the fleet", fleet=len(fleet), to_push=pushed)
+        log.info(
+            "suppression list caught up with the fleet",
+            taken=len(take),
+            put=put,
+            to_push=len(self._pending),
+        )
         return await self._push_pending()

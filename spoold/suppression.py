@@ -455,6 +455,7 @@ class Suppressions:
         max_entries: int,
         extend_only: bool,
         announce: bool = True,
+        durable: bool = True,
     ) -> list[Suppression]:
         """Put ``new`` on the list and write it (durable when it returns).
         ``extend_only``: an address already suppressed keeps the later of
@@ -462,7 +463,8 @@ class Suppressions:
         operator's word). Entries past ``max_entries`` are dropped, those
         closest to their end first (logged). Returns the entries added.
         ``announce``: tell :attr:`on_change` (False: a change that came from
-        elsewhere, the fleet's list)."""
+        elsewhere, the fleet's list). ``durable=False``: in memory only,
+        for a caller that adds in slices and then calls :meth:`flush`."""
         self._require_owner()
         entries = self._entries
         added = []
@@ -482,7 +484,7 @@ class Suppressions:
         kept = [e for e in added if entries.get(e.address) is e]
         if announce and kept and self.on_change is not None:
             self.on_change(kept, [])
-        if added:
+        if added and durable:
             await self._commit()
         return kept
 
@@ -579,6 +581,13 @@ class Suppressions:
         if ended:
             self._version += 1
         return len(ended)
+
+    async def flush(self) -> None:
+        """Write what this process holds in memory and a write that failed
+        left off the disk (nothing when the file is up to date). Raises
+        :class:`StoreError` when it cannot be written."""
+        self._require_owner()
+        await self._commit()
 
     async def _commit(self) -> None:
         """Make the list in memory durable. Changes made while a write is

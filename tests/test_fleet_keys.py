@@ -18,7 +18,7 @@ from spoold.body import Body
 from spoold.errors import IdempotencyKeyError, StoreError
 from spoold.fleet import FleetSettings, SharedState
 from spoold.fleet_keys import FleetKeys, redis_key
-from spoold.idempotency import KeyFiles, user_key
+from spoold.idempotency import KeyFiles, envelope_fingerprint, user_key
 from spoold.message import RoutedBatch, RoutedEnvelope
 from tests.redis_server import RedisServer
 
@@ -149,16 +149,20 @@ async def test_release_never_takes_another_nodes_claim(redis_server: RedisServer
 async def test_a_pending_claim_of_a_dead_node_lapses(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    envelope = envelope_fingerprint("app@example.com", ["rcpt@example.com"])
     async with _node(redis_server, "a") as a, _node(redis_server, "b") as b:
         # a claims and dies before writing (its claim has no ids).
-        dead = await FleetKeys(a, pending=0.3).claim("k", "", WINDOW)
+        dead = await FleetKeys(a, pending=0.3).claim("k", envelope, WINDOW)
         assert dead is not None and dead.mine
+        assert 0 < await a.client.pttl(dead.redis_key) <= 300
         spool_b = _Spool("b")
-        with anyio.fail_after(10):
-            got = await FleetKeys(b, pending=0.3).add_once(
+        with anyio.fail_after(10):  # b would wait 31 s for a claim that never lapses
+            got = await FleetKeys(b, pending=30).add_once(
                 KeyFiles(tmp_path / "b"), "k", _batch(), NOW, WINDOW, spool_b.add()
             )
         assert got == (["b-1"], False)
+        stored = json.loads(await b.client.get(redis_key("k")) or "{}")
+        assert stored["node"] == "b" and stored["ids"] == ["b-1"]  # b's claim, settled
 
 
 async def test_a_claim_ends_with_the_window(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -253,12 +257,74 @@ async def test_redis_stopped_then_back_claims_again(
         assert got == (["a-2"], True)
 
 
-async def test_an_unreadable_claim_is_not_taken_for_ids(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"ids":["fake-id"]}',  # ids, no envelope: not a claim this version wrote
+        '{"ids":"abc"}',
+        '{"node":"z","token":"t","ids":["x-1"],"envelope":""}',
+        '{"node":"z","token":"t","ids":["not an id!"],"envelope":"' + "0" * 64 + '"}',
+        '{"node":"z","token":"t","ids":[],"envelope":"nothex"}',  # never settles
+        "not json",
+        "[" * 100_000,
+    ],
+)
+async def test_a_claim_this_version_did_not_write_means_acting_alone_at_once(
+    redis_server: RedisServer, tmp_path: Path, value: str
+) -> None:
     client = redis.asyncio.Redis.from_url(redis_server.url)
     try:
-        await client.set(redis_key("k"), "not json", px=60_000)
+        await client.set(redis_key("k"), value, px=60_000)
     finally:
         await client.aclose()
+    spool = _Spool("a")
     async with _node(redis_server, "a") as a:
+        with anyio.fail_after(5):  # never the claim's 30 s of patience
+            got = await FleetKeys(a).add_once(
+                KeyFiles(tmp_path / "a"), "k", _batch(), NOW, WINDOW, spool.add()
+            )
+        assert got == (["a-1"], False)  # queued, never a false duplicate
+        assert spool.queued == ["a-1"]
         found = await FleetKeys(a).claim("k", "", WINDOW)
-        assert found is not None and not found.mine and found.ids == ()
+        assert found is not None and found.unusable and found.ids == ()
+
+
+async def test_a_key_file_that_cannot_be_written_still_settles_the_claim(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken_record(*args: object, **kw: object) -> None:
+        raise StoreError("disk full")
+
+    spool_a, spool_b = _Spool("a"), _Spool("b")
+    async with _node(redis_server, "a") as a, _node(redis_server, "b") as b:
+        files_a = KeyFiles(tmp_path / "a")
+        monkeypatch.setattr(files_a, "record", broken_record)
+        with pytest.raises(StoreError):
+            await FleetKeys(a).add_once(files_a, "k", _batch(), NOW, WINDOW, spool_a.add())
+        assert spool_a.queued == ["a-1"]  # queued all the same
+        stored = json.loads(await a.client.get(redis_key("k")) or "{}")
+        assert stored["ids"] == ["a-1"]  # settled: never a lapse and a second copy
+        got = await FleetKeys(b).add_once(
+            KeyFiles(tmp_path / "b"), "k", _batch(), NOW, WINDOW, spool_b.add()
+        )
+        assert got == (["a-1"], True) and spool_b.queued == []
+
+
+async def test_a_redis_that_hangs_costs_a_keyed_submission_one_timeout(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    files = KeyFiles(tmp_path / "a")
+    spool = _Spool("a")
+    async with _node(redis_server, "a", timeout=0.2, retry_after=0) as a:
+        keys = FleetKeys(a)
+        assert await keys.add_once(files, "k0", _batch(), NOW, WINDOW, spool.add())
+        redis_server.pause()  # takes connections, never answers
+        try:
+            with anyio.fail_after(2):  # ten timeouts: bounded, not the claim's 30 s
+                got = await keys.add_once(files, "k1", _batch(), NOW, WINDOW, spool.add())
+            assert got == (["a-2"], False) and a.health.up is False
+        finally:
+            redis_server.resume()
+        with anyio.fail_after(10):
+            got = await keys.add_once(files, "k2", _batch(), NOW, WINDOW, spool.add())
+        assert got == (["a-3"], False) and a.health.up is True

@@ -15,8 +15,15 @@ import anyio
 import msgspec
 import pytest
 
+from spoold import fleet_suppression
 from spoold.fleet import FleetSettings, SharedState
-from spoold.fleet_suppression import ENDS_KEY, HASH_KEY, LOG_KEY, SuppressionMirror
+from spoold.fleet_suppression import (
+    ENDS_KEY,
+    HASH_KEY,
+    LOG_KEY,
+    PENDING_FILE,
+    SuppressionMirror,
+)
 from spoold.suppression import MAX_REASON, Suppression, Suppressions, suppression_for
 from tests.redis_server import RedisServer
 
@@ -291,3 +298,260 @@ async def test_what_ends_or_a_full_list_drops_is_not_a_change_for_the_fleet(
             "short@example.com",
             "long@example.com",
         }
+
+
+async def test_a_local_write_that_fails_never_ends_the_mirror(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a") as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        (tmp_path / "b" / "tmp").rmdir()  # b's next write of its list fails
+        await a.suppress("x@example.com")
+        assert await a.mirror.step()
+        b.mirror.interval = 0.05
+        async with anyio.create_task_group() as tg:
+            await tg.start(b.mirror.run)
+            with anyio.fail_after(10):
+                while not b.mirror._failing:
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.2)  # a few rounds that fail: the mirror goes on
+            (tmp_path / "b" / "tmp").mkdir()
+            with anyio.fail_after(10):
+                while b.mirror._failing:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        again = Suppressions(tmp_path / "b", owner=False)
+        await again.load()  # on b's disk, not only in its memory
+        assert again.find("x@example.com", b.clock()) is not None
+
+
+async def test_the_last_change_wins_over_more_than_a_page_of_the_log(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a") as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        await a.suppress("x@example.com")
+        assert await a.mirror.step() and await b.mirror.step()
+        await b.listed.remove(["x@example.com"], now=b.clock())
+        assert await b.mirror.step()  # b's removal of x: a has not read it yet
+        async with a.shared.client.pipeline(transaction=False) as pipe:
+            for i in range(1200):  # more than a page of other changes
+                pipe.xadd(LOG_KEY, {"node": "c", "address": f"n{i}@example.net", "entry": ""})
+            await pipe.execute()
+        await a.suppress("x@example.com")  # a's change, the last in the log
+        assert await a.mirror.step()
+        assert await b.mirror.step()
+        assert a.has("x@example.com") and b.has("x@example.com")
+        assert await a.shared.client.hexists(HASH_KEY, "x@example.com")
+
+
+async def test_catch_up_puts_only_where_the_fleet_still_lacks_the_address(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "b", "b") as b:
+        assert await b.mirror.step()
+        async with _node(redis_server.url, tmp_path / "a", "a") as a:
+            # a held x (a day) before it joined
+            a.listed.on_change = None
+            await a.suppress("x@example.com", timedelta(days=1))
+            a.listed.on_change = a.mirror._changed
+            apply = a.mirror._apply
+
+            async def apply_then_b_changes(added: list[Suppression], removed: list[str]) -> None:
+                await apply(added, removed)
+                a.mirror._apply = apply  # once: between a's read of the fleet and its put
+                await b.suppress("x@example.com", timedelta(days=365))  # an operator at b
+                assert await b.mirror.step()
+
+            a.mirror._apply = apply_then_b_changes  # type: ignore[method-assign]
+            assert await a.mirror.step()  # a's catch-up
+            assert await b.mirror.step()
+            for node in (a, b):
+                entry = node.listed.find("x@example.com", node.clock())
+                assert entry is not None and entry.until - entry.since == timedelta(days=365)
+            raw = await a.shared.client.hget(HASH_KEY, "x@example.com")
+            fleet = msgspec.json.decode(raw or "", type=Suppression)
+            assert fleet.until - fleet.since == timedelta(days=365)
+
+
+async def test_changes_made_while_redis_is_down_outlive_a_restart(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    closed = "redis://127.0.0.1:1/0"
+    async with _node(redis_server.url, tmp_path / "a", "a") as a:
+        assert await a.mirror.step()
+        await a.suppress("lift-me@example.com")
+        await a.suppress("extend-me@example.com", timedelta(days=1))
+        assert await a.mirror.step()
+    # Redis cut off from a; an operator lifts one and extends the other; a stops.
+    async with _node(closed, tmp_path / "a", "a", timeout=0.2) as a:
+        await a.listed.remove(["lift-me@example.com"], now=a.clock())
+        await a.suppress("extend-me@example.com", timedelta(days=365))
+        assert not await a.mirror.step()
+        assert (tmp_path / "a" / PENDING_FILE).exists()
+    async with _node(redis_server.url, tmp_path / "a", "a") as a:  # Redis back
+        assert await a.mirror.step()  # catch-up: the kept changes go first and win
+        assert not a.has("lift-me@example.com")
+        entry = a.listed.find("extend-me@example.com", a.clock())
+        assert entry is not None and entry.until - entry.since == timedelta(days=365)
+        assert not (tmp_path / "a" / PENDING_FILE).exists()  # all went out
+        async with _node(redis_server.url, tmp_path / "b", "b") as b:
+            assert await b.mirror.step()  # the fleet has a's changes
+            assert not b.has("lift-me@example.com")
+            entry = b.listed.find("extend-me@example.com", b.clock())
+            assert entry is not None and entry.until - entry.since == timedelta(days=365)
+
+
+async def test_a_key_of_another_type_is_that_keys_problem_not_redis_down(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "a", "a", retry_after=0) as a:
+        assert await a.mirror.step()
+        await a.shared.client.delete(LOG_KEY)
+        await a.shared.client.set(LOG_KEY, "not a stream")  # WRONGTYPE for every call on it
+        for _ in range(3):
+            assert not await a.mirror.step()
+            assert await a.shared.ping()
+        assert a.shared.health.up is True and a.shared.health.outages == 0
+
+
+async def test_catch_up_takes_at_most_the_nodes_bound_those_that_last_longest(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    clock = _Clock()
+    async with _node(redis_server.url, tmp_path / "a", "a", clock) as a:
+        entries = [
+            suppression_for(
+                f"n{i}@example.net",
+                now=clock(),
+                span=timedelta(days=1 + i),
+                reason="",
+                source="bounce",
+            )
+            for i in range(2500)  # more than a page of the fleet's hash
+        ]
+        await a.shared.client.hset(HASH_KEY, mapping={e.address: _json(e) for e in entries})
+        (tmp_path / "b" / "tmp").mkdir(parents=True)
+        listed = Suppressions(tmp_path / "b", owner=True)
+        await listed.load()
+        mirror = SuppressionMirror(a.shared, listed, now=clock, max_entries=lambda: 100)
+        assert await mirror.step()
+        assert {e.address for e in listed.snapshot()} == {e.address for e in entries[-100:]}
+        again = Suppressions(tmp_path / "b", owner=False)
+        await again.load()  # durable: one write for all the slices
+        assert len(again) == 100
+
+
+async def test_catch_up_puts_an_entry_where_the_fleets_one_ended(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    clock = _Clock()
+    async with _node(redis_server.url, tmp_path / "b", "b", clock) as b:
+        assert await b.mirror.step()
+        await b.suppress("x@example.com", timedelta(minutes=5))
+        assert await b.mirror.step()
+        clock.now += timedelta(minutes=6)  # ended, not pruned from the hash yet
+        async with _node(redis_server.url, tmp_path / "a", "a", clock) as a:
+            a.listed.on_change = None  # a held x before it joined
+            await a.suppress("x@example.com", timedelta(days=1))
+            a.listed.on_change = a.mirror._changed
+            assert await a.mirror.step()
+            assert await b.mirror.step()
+            assert b.has("x@example.com")
+            raw = await a.shared.client.hget(HASH_KEY, "x@example.com")
+            fleet = msgspec.json.decode(raw or "", type=Suppression)
+            assert fleet.until - fleet.since == timedelta(days=1)
+
+
+async def test_an_error_reply_about_the_whole_server_is_redis_down(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "a", "a", retry_after=0) as a:
+        assert await a.mirror.step()
+        await a.shared.client.config_set("maxmemory", 1)  # every write: OOM
+        try:
+            await a.suppress("x@example.com")
+            assert not await a.mirror.step()
+            assert a.shared.health.up is False and a.shared.health.outages == 1
+        finally:
+            await a.shared.client.config_set("maxmemory", 0)
+        assert await a.mirror.step()
+        assert a.shared.health.up is True
+
+
+async def test_a_redis_that_hangs_costs_a_round_one_timeout(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        _node(redis_server.url, tmp_path / "a", "a", timeout=0.2, retry_after=0) as a,
+        _node(redis_server.url, tmp_path / "b", "b") as b,
+    ):
+        assert await a.mirror.step() and await b.mirror.step()
+        redis_server.pause()  # takes connections, never answers
+        try:
+            await a.suppress("x@example.com")
+            with anyio.fail_after(2):  # ten timeouts
+                assert not await a.mirror.step()
+            assert a.shared.health.up is False and a.has("x@example.com")
+        finally:
+            redis_server.resume()
+        with anyio.fail_after(10):
+            assert await a.mirror.step()
+        assert a.shared.health.up is True
+        assert await b.mirror.step() and b.has("x@example.com")
+
+
+async def test_a_catch_up_puts_all_but_logs_a_bounded_number_operators_first(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet_suppression, "CATCH_UP_LINES", 3)
+    clock = _Clock()
+    async with _node(redis_server.url, tmp_path / "a", "a", clock) as a:
+        a.listed.on_change = None  # a held these before it joined
+        entries = [
+            suppression_for(
+                f"{source}{i}@example.net",
+                now=clock(),
+                span=timedelta(days=1),
+                reason="",
+                source=source,
+            )
+            for i in range(5)
+            for source in ("bounce", "operator")
+        ]
+        await a.listed.add(entries, now=clock(), max_entries=1000, extend_only=False)
+        a.listed.on_change = a.mirror._changed
+        assert await a.mirror.step()
+        assert await a.shared.client.hlen(HASH_KEY) == 10
+        lines = await a.shared.client.xrange(LOG_KEY)
+        assert len(lines) == 3
+        assert all(f["address"].startswith("operator") for _, f in lines)
+
+
+async def test_a_local_change_made_during_a_catch_up_wins_over_what_it_read(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with _node(redis_server.url, tmp_path / "b", "b") as b:
+        assert await b.mirror.step()
+        await b.suppress("x@example.com", timedelta(days=1))
+        assert await b.mirror.step()
+        async with _node(redis_server.url, tmp_path / "a", "a") as a:
+            apply = a.mirror._apply
+
+            async def change_then_apply(added: list[Suppression], removed: list[str]) -> None:
+                a.mirror._apply = apply  # once: after a read the fleet's x
+                await a.suppress("x@example.com", timedelta(days=365))  # an operator at a
+                await apply(added, removed)
+
+            a.mirror._apply = change_then_apply  # type: ignore[method-assign]
+            assert await a.mirror.step()  # catch-up, then a's change goes out
+            assert await b.mirror.step()
+            for node in (a, b):
+                entry = node.listed.find("x@example.com", node.clock())
+                assert entry is not None and entry.until - entry.since == timedelta(days=365)
