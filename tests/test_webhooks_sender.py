@@ -230,3 +230,60 @@ async def test_a_huge_answer_is_cut_and_the_post_counts(tmp_path: Path) -> None:
         server.close()
     assert state.last_error is None
     assert sent < 50_000_000  # the daemon stopped reading long before the end
+
+
+async def test_events_that_cannot_be_posted_are_set_aside_and_the_rest_posted(
+    tmp_path: Path,
+) -> None:
+    """A directory with an event's name (cannot be read) and an event
+    whose ``event_id`` is not ASCII (cannot be a header) are moved to
+    ``rejected/``; the 49 good events behind them all arrive."""
+    receiver = WebhookReceiver()
+    await receiver.start()
+    outbox = tmp_path / "webhooks" / "app"
+    (outbox / "0000000000000000.json").mkdir(parents=True)
+    (outbox / "0000000000000001.json").write_bytes(json.dumps({"event_id": "é"}).encode())
+    hooks = Webhooks(tmp_path, [_settings(receiver.url)], lambda recipient, sender: "x")
+    state = hooks.states["app"]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            state.outbox.append(_bodies(49))
+            state.wake.set()
+            await receiver.wait_for(lambda: len(receiver.accepted) >= 49)
+            await _until(lambda: len(state.outbox) == 0)
+            tg.cancel_scope.cancel()
+    finally:
+        await receiver.stop()
+    assert {p.headers["spoold-event-id"] for p in receiver.accepted} == {f"e{n}" for n in range(49)}
+    assert sorted(p.name for p in (outbox / "rejected").iterdir()) == [
+        "0000000000000000.json",
+        "0000000000000001.json",
+    ]
+    assert state.outbox.rejected == 2 and state.to_dict()["rejected"] == 2
+    assert state.up
+
+
+class _BrokenRemover(Webhooks):
+    """Webhooks whose remover fails: the sender's task group ends."""
+
+    async def _remove_posted(self, state: WebhookState) -> None:
+        raise OSError("the disk is gone")
+
+
+async def test_a_sender_that_fails_shows_down_with_its_error(tmp_path: Path) -> None:
+    """Whatever ends the posting shows in the status while it lasts: down,
+    with the error itself, not the task group that wrapped it."""
+    receiver = WebhookReceiver()
+    await receiver.start()
+    hooks = _BrokenRemover(tmp_path, [_settings(receiver.url)], lambda recipient, sender: "x")
+    state = hooks.states["app"]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            await _until(lambda: state.failures >= 1)
+            tg.cancel_scope.cancel()
+    finally:
+        await receiver.stop()
+    assert state.up is False
+    assert state.last_error == "OSError: the disk is gone"

@@ -259,6 +259,12 @@ class Metrics:
             ["webhook"],
             registry=r,
         )
+        self.webhook_rejected_events = Counter(
+            "spoold_webhook_rejected_events",
+            "Events set aside in a webhook's rejected/ folder, never posted, by webhook",
+            ["webhook"],
+            registry=r,
+        )
         self.webhook_outbox = Gauge(
             "spoold_webhook_outbox_events",
             "Events waiting in a webhook's outbox, by webhook",
@@ -280,6 +286,7 @@ class Metrics:
         self.webhook_posts.labels(name)
         self.webhook_failures.labels(name)
         self.webhook_dropped.labels(name)
+        self.webhook_rejected_events.labels(name)
         self.webhook_outbox.labels(name).set(waiting)
         self.webhook_up.labels(name).set(1)
 
@@ -300,6 +307,11 @@ class Metrics:
         self.webhook_outbox.labels(name).set(waiting)
         if dropped:
             self.webhook_dropped.labels(name).inc(dropped)
+
+    def webhook_rejected(self, name: str, waiting: int) -> None:
+        """One event of webhook ``name`` set aside (never posted)."""
+        self.webhook_rejected_events.labels(name).inc()
+        self.webhook_outbox.labels(name).set(waiting)
 
     def measured(self, relay: Relay) -> Relay:
         """``relay``, with every attempt timed and counted."""

@@ -21,6 +21,10 @@ Invariants and commit points:
 * The outbox holds at most ``max_events``; appending to a full outbox
   drops the oldest events first (counted in :attr:`Outbox.dropped`), so
   a dead endpoint costs bounded disk.
+* An event that cannot be posted (its file cannot be read, it is not an
+  event spoold wrote, or the endpoint refuses it for good) is set aside by
+  :meth:`Outbox.set_aside`: moved to ``SPOOL/webhooks/NAME/rejected/``
+  (counted in :attr:`Outbox.rejected`), so it never holds up the others.
 * :meth:`Outbox.open` re-reads the directory: what was not posted before a
   stop or a crash is posted after the next start.
 
@@ -42,9 +46,10 @@ from pathlib import Path
 
 from spoold.store.directory import fsync_directory
 
-__all__ = ["Outbox", "OUTBOX_DIR"]
+__all__ = ["Outbox", "OUTBOX_DIR", "REJECTED_DIR"]
 
 OUTBOX_DIR = "webhooks"  # under the spool directory
+REJECTED_DIR = "rejected"  # under an outbox: the events set aside
 _SUFFIX = ".json"
 _TMP = ".tmp"
 _WIDTH = 16
@@ -57,6 +62,7 @@ class Outbox:
         self.directory = directory
         self.max_events = max_events
         self.dropped = 0  # events dropped because the outbox was full, since start
+        self.rejected = 0  # events set aside (never posted), since start
         self._names: deque[str] = deque()
         self._claimed: set[str] = set()  # being posted, or posted and not yet removed
         self._next = 0
@@ -149,6 +155,21 @@ class Outbox:
                 self._claimed.discard(name)
                 self._names.remove(name)
             return None
+
+    def set_aside(self, name: str) -> None:
+        """Take event ``name`` out of the outbox without posting it: its
+        file (or whatever has its name) is moved to ``rejected/``; if even
+        that fails, the name is forgotten until the next open. Never raises."""
+        with self._lock:
+            self._claimed.discard(name)
+            with contextlib.suppress(ValueError):
+                self._names.remove(name)
+            self.rejected += 1
+        rejected = self.directory / REJECTED_DIR
+        with contextlib.suppress(OSError):
+            rejected.mkdir(mode=0o750, exist_ok=True)
+            os.rename(self.directory / name, rejected / name)
+            fsync_directory(self.directory)
 
     def remove(self, names: Sequence[str]) -> None:
         """Forget the events ``names`` (posted): their files unlinked, then

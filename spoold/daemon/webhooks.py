@@ -26,6 +26,10 @@ The path of an event:
    starts a backoff: while the endpoint fails, one event at a time is
    tried (a probe), after a wait that doubles from ``backoff`` up to
    ``max_backoff``; the first 2xx ends the spell and resets the wait.
+   An event that cannot be posted at all (its file cannot be read, it is
+   not an event spoold wrote, its request cannot be made) is set aside
+   (:meth:`Outbox.set_aside <spoold.daemon.webhook_outbox.Outbox.set_aside>`),
+   logged and counted, and the others go on.
 
 So delivery to the endpoint is at least once for every event in an outbox:
 an event is posted again after any post whose 2xx was not seen (a timeout,
@@ -100,6 +104,7 @@ SIGNATURE_HEADER = "Spoold-Signature"
 EVENT_ID_HEADER = "Spoold-Event-Id"
 _SUBSCRIPTION_BUFFER = 100_000
 _MAX_ANSWER = 16 * 1024  # bytes of an answer's body read (and dropped), at most
+_MAX_EVENT_ID = 256  # characters; an event_id is sent as a header
 
 
 class WebhookKind(StrEnum):
@@ -216,13 +221,16 @@ def signature_headers(secret: bytes, body: bytes, event_id: str, now: float) -> 
 
 def _event_id(body: bytes) -> str | None:
     """The ``event_id`` of an outbox file's body; None if it is not one
-    of ours (a file damaged or put there by hand)."""
+    of ours (a file damaged or put there by hand): ours are printable
+    ASCII (they go in a header) and short."""
     try:
         decoded = msgspec.json.decode(body)
     except msgspec.DecodeError:
         return None
     event_id = decoded.get("event_id") if isinstance(decoded, dict) else None
-    return event_id if isinstance(event_id, str) and event_id.isprintable() else None
+    if not isinstance(event_id, str) or len(event_id) > _MAX_EVENT_ID:
+        return None
+    return event_id if event_id.isascii() and event_id.isprintable() else None
 
 
 def load_secret(path: Path) -> bytes:
@@ -280,6 +288,7 @@ class WebhookState:
             "url": _shown_url(self.url),
             "outbox": len(self.outbox),
             "dropped": self.outbox.dropped + self.behind,
+            "rejected": self.outbox.rejected,
             "up": self.up,
             "posted": self.posted,
             "failures": self.failures,
@@ -297,6 +306,7 @@ class WebhookMetrics(Protocol):
     def webhook_posted(self, name: str, waiting: int) -> None: ...
     def webhook_failed(self, name: str, waiting: int) -> None: ...
     def webhook_queued(self, name: str, waiting: int, dropped: int) -> None: ...
+    def webhook_rejected(self, name: str, waiting: int) -> None: ...
 
 
 class Webhooks:
@@ -470,6 +480,7 @@ class Webhooks:
             await anyio.to_thread.run_sync(state.outbox.open)
         except Exception as exc:  # noqa: BLE001 (logged; the sender retries)
             self._note_error(state, f"outbox: {_describe(exc)}", 0.0)
+            state.up = False
             log.error("webhook outbox cannot be opened", webhook=state.name, error=_describe(exc))
             return
         state.opened = True
@@ -498,6 +509,7 @@ class Webhooks:
                     await self._post_all(settings, state)
             except Exception as exc:  # noqa: BLE001 (a webhook never ends the daemon)
                 self._note_error(state, _describe(exc), state.delay)
+                state.up = False  # status shows the failure, with its error
                 log.error(
                     "webhook sender failed; tried again", webhook=state.name, error=_describe(exc)
                 )
@@ -574,20 +586,22 @@ class Webhooks:
         """Post the claimed event ``name``. A 2xx queues its removal; a
         failure gives it back to the outbox and, when it is the first of a
         spell or a probe's, starts (or doubles) the backoff."""
-        body = await anyio.to_thread.run_sync(state.outbox.read, name)
+        try:
+            body = await anyio.to_thread.run_sync(state.outbox.read, name)
+        except OSError as exc:  # a directory, a file we may not read, a disk error
+            await self._set_aside(state, name, f"cannot be read: {_describe(exc)}")
+            return
         if body is None:
             return  # dropped from a full outbox meanwhile, or deleted by hand: forgotten
         event_id = _event_id(body)
         if event_id is None:  # a damaged file: never ours to post
-            log.error(
-                "webhook event unreadable; dropped",
-                webhook=state.name,
-                path=str(state.outbox.directory / name),
-            )
-            state.behind += 1
-            self._posted(state, name)
+            await self._set_aside(state, name, "not an event spoold wrote")
             return
-        error = await self._post(client, settings, body, event_id)
+        try:
+            error = await self._post(client, settings, body, event_id)
+        except Exception as exc:  # noqa: BLE001 (this event's request cannot be made)
+            await self._set_aside(state, name, f"cannot be posted: {_describe(exc)}")
+            return
         if error is None:
             self._posted(state, name)
             state.posted += 1
@@ -619,6 +633,19 @@ class Webhooks:
         state.up = False
         if self._metrics is not None:
             self._metrics.webhook_failed(state.name, len(state.outbox))
+
+    async def _set_aside(self, state: WebhookState, name: str, reason: str) -> None:
+        """Move event ``name``, which cannot be posted, out of the way
+        (``rejected/``), logged with ``reason`` and counted."""
+        await anyio.to_thread.run_sync(state.outbox.set_aside, name)
+        log.error(
+            "webhook event set aside in rejected/",
+            webhook=state.name,
+            path=str(state.outbox.directory / name),
+            reason=reason,
+        )
+        if self._metrics is not None:
+            self._metrics.webhook_rejected(state.name, len(state.outbox))
 
     def _posted(self, state: WebhookState, name: str) -> None:
         """Queue the removal of event ``name`` (done in batches)."""
@@ -671,6 +698,8 @@ class Webhooks:
 
 
 def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]  # the error itself, not its task group's wrapper
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
