@@ -76,7 +76,9 @@ async def test_a_slow_endpoint_gets_several_posts_at_once(tmp_path: Path) -> Non
 
 
 async def test_a_failing_endpoint_is_probed_one_post_at_a_time(tmp_path: Path) -> None:
-    receiver = WebhookReceiver(status=503)
+    # The receiver holds each post 50 ms: posts sent at once overlap there,
+    # so its count of posts in flight measures the sender.
+    receiver = WebhookReceiver(status=503, delay=0.05)
     await receiver.start()
     settings = _settings(receiver.url, backoff=0.2, max_backoff=0.2)
     hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x")
@@ -96,6 +98,7 @@ async def test_a_failing_endpoint_is_probed_one_post_at_a_time(tmp_path: Path) -
     # The first round may be up to 4 at once; after it, one probe at a time
     # until a 2xx; then several at once again.
     failed = [p for p in receiver.posts if p.status == 503]
+    assert max(p.in_flight for p in failed[:4]) > 1  # the measure sees posts at once
     assert max(p.in_flight for p in failed[4:]) == 1
     assert {p.headers["spoold-event-id"] for p in receiver.accepted} == {f"e{n}" for n in range(20)}
 
