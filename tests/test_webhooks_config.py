@@ -459,3 +459,73 @@ def test_events_dropped_before_the_outbox_are_logged_once_per_spell(tmp_path: Pa
     assert hooks.states["app"].behind == 4
     warnings = [e for e in logged if "writer is behind" in e["event"]]
     assert len(warnings) == 1
+
+
+class _Counted:
+    """Metrics that keep the events counted as dropped, per webhook."""
+
+    def __init__(self) -> None:
+        self.dropped: dict[str, int] = {}
+        self.changed = anyio.Event()
+
+    def webhook_started(self, name: str, waiting: int) -> None:
+        pass
+
+    def webhook_posted(self, name: str, waiting: int) -> None:
+        pass
+
+    def webhook_failed(self, name: str, waiting: int) -> None:
+        pass
+
+    def webhook_rejected(self, name: str, waiting: int) -> None:
+        pass
+
+    def webhook_queued(self, name: str, waiting: int, dropped: int) -> None:
+        self.dropped[name] = self.dropped.get(name, 0) + dropped
+        self.changed.set()
+
+
+def _no_space(bodies: object) -> int:
+    raise OSError(28, "No space left on device")
+
+
+async def test_events_the_outbox_cannot_take_are_logged_and_counted(tmp_path: Path) -> None:
+    metrics = _Counted()
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "x", metrics)
+    state = hooks.states["app"]
+    send, receive = anyio.create_memory_object_stream[SpoolEvent](10)
+    hooks.subscribe(lambda size: receive)  # type: ignore[arg-type, return-value]
+    with structlog.testing.capture_logs() as logged:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            state.outbox.append = _no_space  # type: ignore[method-assign]
+            for n in range(3):
+                send.send_nowait(SpoolEvent(utcnow(), EventKind.DELIVERED, f"m{n}"))
+            with anyio.fail_after(10):
+                while metrics.dropped.get("app", 0) < 3:
+                    metrics.changed = anyio.Event()
+                    await metrics.changed.wait()
+            tg.cancel_scope.cancel()
+    assert metrics.dropped == {"app": 3}
+    assert state.to_dict()["dropped"] == 3
+    assert any("the outbox cannot be written" in e["event"] for e in logged)
+
+
+def test_events_the_subscription_missed_are_logged_and_counted(tmp_path: Path) -> None:
+    metrics = _Counted()
+    settings = [_settings("a"), _settings("b")]
+    hooks = Webhooks(tmp_path, settings, lambda recipient, sender: "x", metrics)
+    with structlog.testing.capture_logs() as logged:
+        hooks._overflowed(7)
+    assert metrics.dropped == {"a": 7, "b": 7}
+    assert [s["dropped"] for s in hooks.status()] == [7, 7]
+    assert [e["missed"] for e in logged if "overflowed" in e["event"]] == [7]
+
+
+def test_events_the_writer_fell_behind_on_are_counted(tmp_path: Path) -> None:
+    metrics = _Counted()
+    settings = dataclasses.replace(_settings(), max_outbox=1)
+    hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x", metrics)
+    for n in range(5):
+        hooks._take(SpoolEvent(utcnow(), EventKind.DELIVERED, f"m{n}"))
+    assert metrics.dropped == {"app": 4}

@@ -255,7 +255,7 @@ class Metrics:
         )
         self.webhook_dropped = Counter(
             "spoold_webhook_dropped_events",
-            "Events dropped before they were posted (the outbox was full), by webhook",
+            "Events dropped before they reached the outbox or from a full one, by webhook",
             ["webhook"],
             registry=r,
         )

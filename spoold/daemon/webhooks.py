@@ -382,14 +382,24 @@ class Webhooks:
         async with subscription:
             async for event in subscription:
                 if event.kind is EventKind.OVERFLOW:
-                    log.warning(
-                        "webhook events dropped: the event subscription overflowed",
-                        missed=event.detail,
-                    )
+                    self._overflowed(int(event.detail or 0))
                     continue
                 self._take(event)
         self._collecting = False
         self._pending_ready.set()
+
+    def _overflowed(self, missed: int) -> None:
+        """The subscription lost ``missed`` stream events (the collector
+        fell 100 000 behind). Which webhooks wanted them is unknown: each
+        counts them all as dropped (an upper bound)."""
+        log.warning(
+            "webhook events dropped: the event subscription overflowed",
+            missed=missed,
+        )
+        for name, state in self.states.items():
+            state.behind += missed
+            if self._metrics is not None:
+                self._metrics.webhook_queued(name, len(state.outbox), missed)
 
     def _take(self, event: SpoolEvent) -> None:
         kind = webhook_kind(event)
@@ -458,6 +468,8 @@ class Webhooks:
                         error=_describe(exc),
                     )
                     state.behind += len(bodies)
+                    if self._metrics is not None:
+                        self._metrics.webhook_queued(name, len(state.outbox), len(bodies))
                     continue
                 state.dropping = False
                 if dropped:
