@@ -290,3 +290,45 @@ async def test_a_sender_that_fails_shows_down_with_its_error(tmp_path: Path) -> 
         await receiver.stop()
     assert state.up is False
     assert state.last_error == "OSError: the disk is gone"
+
+
+async def test_an_event_the_endpoint_refuses_is_set_aside_and_the_rest_posted(
+    tmp_path: Path,
+) -> None:
+    """A 400 for one event sets it aside at once (it would hold up the
+    others); a 429 or 408 says "later": that event is tried again."""
+    later: Counter[str] = Counter()
+
+    def answer(body: bytes) -> int:
+        event_id = json.loads(body)["event_id"]
+        if event_id == "e0":
+            return 400
+        if event_id in ("e1", "e2") and later[event_id] == 0:
+            later[event_id] += 1
+            return 429 if event_id == "e1" else 408
+        return 200
+
+    receiver = WebhookReceiver(answer=answer)
+    await receiver.start()
+    settings = _settings(receiver.url, backoff=0.05, max_backoff=0.4)
+    hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x")
+    state = hooks.states["app"]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            state.outbox.append(_bodies(200))
+            state.wake.set()
+            await receiver.wait_for(lambda: len(receiver.accepted) >= 199)
+            await _until(lambda: len(state.outbox) == 0)
+            tg.cancel_scope.cancel()
+    finally:
+        await receiver.stop()
+    tries = Counter(p.headers["spoold-event-id"] for p in receiver.posts)
+    assert tries["e0"] == 1 and tries["e1"] == 2 and tries["e2"] == 2
+    assert {p.headers["spoold-event-id"] for p in receiver.accepted} == {
+        f"e{n}" for n in range(1, 200)
+    }
+    assert [p.name for p in (tmp_path / "webhooks" / "app" / "rejected").iterdir()] == [
+        "0000000000000000.json"
+    ]
+    assert state.outbox.rejected == 1

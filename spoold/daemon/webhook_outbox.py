@@ -10,7 +10,7 @@ Invariants and commit points:
   file is written under a temporary name, synced, renamed, and the
   directory is synced once per batch. A crash before that leaves at most a
   ``.tmp`` file, removed at the next open.
-* An event leaves the outbox only through :meth:`Outbox.remove`, which the
+* An event leaves the outbox through :meth:`Outbox.remove`, which the
   sender calls after the endpoint answered 2xx, for several events at once
   (their files unlinked, the directory synced once). A crash between the
   answer and the removal posts the event again after a restart.

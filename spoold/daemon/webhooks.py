@@ -27,7 +27,8 @@ The path of an event:
    tried (a probe), after a wait that doubles from ``backoff`` up to
    ``max_backoff``; the first 2xx ends the spell and resets the wait.
    An event that cannot be posted at all (its file cannot be read, it is
-   not an event spoold wrote, its request cannot be made) is set aside
+   not an event spoold wrote, its request cannot be made, the endpoint
+   refuses it with a 4xx other than 408 and 429) is set aside
    (:meth:`Outbox.set_aside <spoold.daemon.webhook_outbox.Outbox.set_aside>`),
    logged and counted, and the others go on.
 
@@ -595,9 +596,11 @@ class Webhooks:
         *,
         probe: bool,
     ) -> None:
-        """Post the claimed event ``name``. A 2xx queues its removal; a
-        failure gives it back to the outbox and, when it is the first of a
-        spell or a probe's, starts (or doubles) the backoff."""
+        """Post the claimed event ``name``. A 2xx queues its removal; an
+        event that cannot be posted, or that the endpoint refuses for good
+        (:func:`_refused`), is set aside; any other failure gives it back
+        to the outbox and, when it is the first of a spell or a probe's,
+        starts (or doubles) the backoff."""
         try:
             body = await anyio.to_thread.run_sync(state.outbox.read, name)
         except OSError as exc:  # a directory, a file we may not read, a disk error
@@ -610,9 +613,14 @@ class Webhooks:
             await self._set_aside(state, name, "not an event spoold wrote")
             return
         try:
-            error = await self._post(client, settings, body, event_id)
+            status, error = await self._post(client, settings, body, event_id)
         except Exception as exc:  # noqa: BLE001 (this event's request cannot be made)
             await self._set_aside(state, name, f"cannot be posted: {_describe(exc)}")
+            return
+        if status is not None and _refused(status):
+            # The endpoint answers but will never take this event: it must
+            # not hold up the others.
+            await self._set_aside(state, name, f"refused by the endpoint: {error}")
             return
         if error is None:
             self._posted(state, name)
@@ -676,8 +684,9 @@ class Webhooks:
 
     async def _post(
         self, client: httpx.AsyncClient, settings: WebhookSettings, body: bytes, event_id: str
-    ) -> str | None:
-        """Post one event; None on a 2xx, else what went wrong. The whole
+    ) -> tuple[int | None, str | None]:
+        """Post one event: the status of the answer (None without one) and
+        None on a 2xx, else what went wrong. The whole
         post, answer included, has ``timeout`` (an endpoint that trickles
         its answer cannot hold the sender); of the answer only the status
         is used. Up to ``_MAX_ANSWER`` bytes of its body are read as they
@@ -701,12 +710,18 @@ class Webhooks:
                         if seen > _MAX_ANSWER:
                             break
         except TimeoutError:
-            return f"no answer within {settings.timeout:g} s"
+            return None, f"no answer within {settings.timeout:g} s"
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            return _describe(exc)
+            return None, _describe(exc)
         if 200 <= status < 300:
-            return None
-        return f"HTTP {status}"
+            return status, None
+        return status, f"HTTP {status}"
+
+
+def _refused(status: int) -> bool:
+    """Whether an answer refuses the event for good: a 4xx, except 408
+    (request timeout) and 429 (too many requests), which say "later"."""
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def _describe(exc: BaseException) -> str:
