@@ -32,6 +32,7 @@ from spoold.daemon.webhooks import (
 )
 from spoold.errors import ConfigError
 from spoold.events import EventKind, SpoolEvent
+from spoold.message import EnvelopeInfo
 from spoold.times import utcnow
 from tests.webhook_receiver import WebhookReceiver
 
@@ -529,3 +530,37 @@ def test_events_the_writer_fell_behind_on_are_counted(tmp_path: Path) -> None:
     for n in range(5):
         hooks._take(SpoolEvent(utcnow(), EventKind.DELIVERED, f"m{n}"))
     assert metrics.dropped == {"app": 4}
+
+
+async def test_an_event_that_cannot_be_made_is_logged_counted_and_the_next_taken(
+    tmp_path: Path,
+) -> None:
+    """A route lookup that fails with an unexpected error (a bug) for one
+    message: that event is logged and counted as dropped, the collector
+    goes on with the next, and the daemon's task group is not ended."""
+    metrics = _Counted()
+
+    def route_of(recipient: str, sender: str) -> str:
+        if recipient == "bad@example.com":
+            raise RuntimeError("injected")
+        return "x"
+
+    hooks = Webhooks(tmp_path, [_settings()], route_of, metrics)
+    state = hooks.states["app"]
+    send, receive = anyio.create_memory_object_stream[SpoolEvent](10)
+    hooks.subscribe(lambda size: receive)  # type: ignore[arg-type, return-value]
+    info = EnvelopeInfo(sender="app@example.org", recipients=["bad@example.com"])
+    good = EnvelopeInfo(sender="app@example.org", recipients=["ok@example.com"])
+    with structlog.testing.capture_logs() as logged:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            send.send_nowait(SpoolEvent(utcnow(), EventKind.DELIVERED, "m1", envelope_info=info))
+            send.send_nowait(SpoolEvent(utcnow(), EventKind.DELIVERED, "m2", envelope_info=good))
+            send.close()
+            with anyio.fail_after(10):
+                await hooks.written.wait()
+            tg.cancel_scope.cancel()
+    assert metrics.dropped == {"app": 1} and state.to_dict()["dropped"] == 1
+    assert len(state.outbox) == 1
+    errors = [e for e in logged if e["event"] == "webhook event dropped: it cannot be made"]
+    assert [(e["message"], e["error"]) for e in errors] == [("m1", "RuntimeError: injected")]

@@ -385,7 +385,10 @@ class Webhooks:
                 if event.kind is EventKind.OVERFLOW:
                     self._overflowed(int(event.detail or 0))
                     continue
-                self._take(event)
+                try:
+                    self._take(event)
+                except Exception as exc:  # noqa: BLE001 (an event never ends the daemon)
+                    self._untaken(event, exc)
         self._collecting = False
         self._pending_ready.set()
 
@@ -401,6 +404,28 @@ class Webhooks:
             state.behind += missed
             if self._metrics is not None:
                 self._metrics.webhook_queued(name, len(state.outbox), missed)
+
+    def _untaken(self, event: SpoolEvent, exc: Exception) -> None:
+        """``event`` could not be made into webhook events (a bug, or a
+        value the body cannot carry): logged, and counted as dropped by
+        each webhook that takes its kind (or every one, if even its kind
+        is unknown)."""
+        log.error(
+            "webhook event dropped: it cannot be made",
+            message=event.id,
+            kind=str(event.kind),
+            error=_describe(exc),
+        )
+        try:
+            kind = webhook_kind(event)
+        except Exception:  # noqa: BLE001 (counted for every webhook then)
+            kind = None
+        for name, settings in self.settings.items():
+            if kind is None or kind in settings.kinds:
+                state = self.states[name]
+                state.behind += 1
+                if self._metrics is not None:
+                    self._metrics.webhook_queued(name, len(state.outbox), 1)
 
     def _take(self, event: SpoolEvent) -> None:
         kind = webhook_kind(event)
