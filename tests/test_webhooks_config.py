@@ -20,7 +20,7 @@ import pytest
 import structlog.testing
 
 from spoold.daemon.config import load_config, restart_needed, webhook_settings
-from spoold.daemon.webhook_outbox import Outbox
+from spoold.daemon.webhook_outbox import Outbox, OutboxWriteError
 from spoold.daemon.webhooks import (
     DEFAULT_WEBHOOK_KINDS,
     WebhookKind,
@@ -564,3 +564,59 @@ async def test_an_event_that_cannot_be_made_is_logged_counted_and_the_next_taken
     assert len(state.outbox) == 1
     errors = [e for e in logged if e["event"] == "webhook event dropped: it cannot be made"]
     assert [(e["message"], e["error"]) for e in errors] == [("m1", "RuntimeError: injected")]
+
+
+def _full_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
+    """Each outbox write after the first ``writes`` fails: no space left."""
+    import spoold.daemon.webhook_outbox as module
+
+    real, done = module._write_all, [0]
+
+    def write_all(fd: int, data: bytes) -> None:
+        done[0] += 1
+        if done[0] > writes:
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(module, "_write_all", write_all)
+
+
+def test_a_full_disk_keeps_what_was_written_and_leaves_no_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = Outbox(tmp_path / "app", 100)
+    outbox.open()
+    _full_disk_after(monkeypatch, 2)
+    with pytest.raises(OutboxWriteError) as raised:
+        outbox.append([b"a", b"b", b"c", b"d"])
+    assert raised.value.written == 2 and raised.value.error.errno == 28
+    assert sorted(p.name for p in (tmp_path / "app").iterdir()) == [
+        "0000000000000000.json",
+        "0000000000000001.json",
+    ]
+    assert len(outbox) == 2
+
+
+async def test_a_full_disk_counts_only_the_events_not_written_and_logs_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = _Counted()
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "x", metrics)
+    state = hooks.states["app"]
+    send, receive = anyio.create_memory_object_stream[SpoolEvent](10)
+    hooks.subscribe(lambda size: receive)  # type: ignore[arg-type, return-value]
+    with structlog.testing.capture_logs() as logged:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            _full_disk_after(monkeypatch, 1)
+            for n in range(3):
+                send.send_nowait(SpoolEvent(utcnow(), EventKind.DELIVERED, f"m{n}"))
+                with anyio.fail_after(10):
+                    while sum(metrics.dropped.values()) + len(state.outbox) < n + 1:
+                        metrics.changed = anyio.Event()
+                        await metrics.changed.wait()
+            tg.cancel_scope.cancel()
+    assert metrics.dropped == {"app": 2} and state.to_dict()["dropped"] == 2
+    errors = [e for e in logged if "cannot be written" in e["event"]]
+    assert len(errors) == 1
+    assert not list((tmp_path / "webhooks" / "app").glob("*.tmp"))

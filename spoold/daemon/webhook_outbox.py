@@ -46,13 +46,25 @@ from pathlib import Path
 
 from spoold.store.directory import fsync_directory
 
-__all__ = ["Outbox", "OUTBOX_DIR", "REJECTED_DIR"]
+__all__ = ["Outbox", "OutboxWriteError", "OUTBOX_DIR", "REJECTED_DIR"]
 
 OUTBOX_DIR = "webhooks"  # under the spool directory
 REJECTED_DIR = "rejected"  # under an outbox: the events set aside
 _SUFFIX = ".json"
 _TMP = ".tmp"
 _WIDTH = 16
+
+
+class OutboxWriteError(Exception):
+    """:meth:`Outbox.append` failed part-way (a full disk, a disk error):
+    the first ``written`` events are in the outbox (and will be posted),
+    the others are not; ``dropped`` were dropped from a full outbox."""
+
+    def __init__(self, written: int, dropped: int, error: OSError) -> None:
+        super().__init__(str(error))
+        self.written = written
+        self.dropped = dropped
+        self.error = error
 
 
 class Outbox:
@@ -92,14 +104,43 @@ class Outbox:
 
     def append(self, bodies: Sequence[bytes]) -> int:
         """Write ``bodies`` as new events (one directory sync for all) and
-        drop the oldest beyond ``max_events``; returns how many were dropped."""
+        drop the oldest beyond ``max_events``; returns how many were dropped.
+        An error part-way raises :class:`OutboxWriteError` once the events
+        written before it are synced; no ``.tmp`` file is left."""
         if not bodies:
             return 0
-        for body in bodies:
+        written = 0
+        error: OSError | None = None
+        try:
+            for body in bodies:
+                self._write_one(body)
+                written += 1
+        except OSError as exc:
+            error = exc
+        dropped = 0
+        if written:
             with self._lock:
-                name = f"{self._next:0{_WIDTH}d}{_SUFFIX}"
-                self._next += 1
-            tmp = self.directory / (name + _TMP)
+                gone = [self._names.popleft() for _ in range(len(self._names) - self.max_events)]
+                self._claimed.difference_update(gone)
+                self.dropped += len(gone)
+            dropped = len(gone)
+            try:
+                for name in gone:
+                    self._unlink(name)
+                fsync_directory(self.directory)
+            except OSError as exc:
+                error = error or exc
+        if error is not None:
+            raise OutboxWriteError(written, dropped, error)
+        return dropped
+
+    def _write_one(self, body: bytes) -> None:
+        """One event: written under a temporary name, synced, renamed."""
+        with self._lock:
+            name = f"{self._next:0{_WIDTH}d}{_SUFFIX}"
+            self._next += 1
+        tmp = self.directory / (name + _TMP)
+        try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             try:
                 _write_all(fd, body)
@@ -107,16 +148,12 @@ class Outbox:
             finally:
                 os.close(fd)
             os.rename(tmp, self.directory / name)
-            with self._lock:
-                self._names.append(name)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         with self._lock:
-            gone = [self._names.popleft() for _ in range(len(self._names) - self.max_events)]
-            self._claimed.difference_update(gone)
-            self.dropped += len(gone)
-        for name in gone:
-            self._unlink(name)
-        fsync_directory(self.directory)
-        return len(gone)
+            self._names.append(name)
 
     def oldest(self) -> str | None:
         """The name of the oldest event waiting, None when empty."""

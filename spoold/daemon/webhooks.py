@@ -64,7 +64,7 @@ import msgspec
 import structlog
 
 from spoold.credentials import read_private_file
-from spoold.daemon.webhook_outbox import OUTBOX_DIR, Outbox
+from spoold.daemon.webhook_outbox import OUTBOX_DIR, Outbox, OutboxWriteError
 from spoold.errors import SpooldError
 from spoold.events import (
     BOUNCED_DETAIL,
@@ -276,6 +276,7 @@ class WebhookState:
     last_error_time: datetime | None = None
     next_retry: datetime | None = None
     dropping: bool = False  # events are being dropped before the outbox (logged once)
+    write_failing: bool = False  # the outbox cannot be written (logged once)
     opened: bool = False  # the outbox could be opened (retried by the sender until it is)
     delay: float = 0.0  # the backoff after the next failure (reset by a success)
     retry_at: float = 0.0  # anyio.current_time() of the next probe while down
@@ -487,16 +488,11 @@ class Webhooks:
                 try:
                     dropped = await anyio.to_thread.run_sync(state.outbox.append, bodies)
                 except Exception as exc:  # noqa: BLE001 (never the end of the daemon)
-                    log.error(
-                        "webhook events dropped: the outbox cannot be written",
-                        webhook=name,
-                        events=len(bodies),
-                        error=_describe(exc),
-                    )
-                    state.behind += len(bodies)
-                    if self._metrics is not None:
-                        self._metrics.webhook_queued(name, len(state.outbox), len(bodies))
+                    self._not_written(state, len(bodies), exc)
                     continue
+                if state.write_failing:
+                    state.write_failing = False
+                    log.info("webhook outbox written again", webhook=name)
                 state.dropping = False
                 if dropped:
                     log.warning(
@@ -508,6 +504,30 @@ class Webhooks:
                 if self._metrics is not None:
                     self._metrics.webhook_queued(name, len(state.outbox), dropped)
                 state.wake.set()
+
+    def _not_written(self, state: WebhookState, events: int, exc: Exception) -> None:
+        """A batch of ``events`` could not all be written: those that could
+        are posted as usual, the others are counted as dropped; logged once
+        per spell of errors."""
+        written, dropped = 0, 0
+        if isinstance(exc, OutboxWriteError):
+            written, dropped, error = exc.written, exc.dropped, _describe(exc.error)
+        else:
+            error = _describe(exc)
+        lost = events - written
+        if not state.write_failing:  # once per spell, not once per batch
+            state.write_failing = True
+            log.error(
+                "webhook events dropped: the outbox cannot be written",
+                webhook=state.name,
+                events=lost,
+                error=error,
+            )
+        state.behind += lost
+        if self._metrics is not None:
+            self._metrics.webhook_queued(state.name, len(state.outbox), lost + dropped)
+        if written:
+            state.wake.set()
 
     # ------------------------------------------------------------ posting
 
