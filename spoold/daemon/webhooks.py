@@ -483,27 +483,31 @@ class Webhooks:
             }
             for name in batches:
                 self._pending[name] = []
-            for name, bodies in batches.items():
-                state = self.states[name]
-                try:
-                    dropped = await anyio.to_thread.run_sync(state.outbox.append, bodies)
-                except Exception as exc:  # noqa: BLE001 (never the end of the daemon)
-                    self._not_written(state, len(bodies), exc)
-                    continue
-                if state.write_failing:
-                    state.write_failing = False
-                    log.info("webhook outbox written again", webhook=name)
-                state.dropping = False
-                if dropped:
-                    log.warning(
-                        "webhook events dropped: the outbox is full",
-                        webhook=name,
-                        dropped=dropped,
-                        max_outbox=state.outbox.max_events,
-                    )
-                if self._metrics is not None:
-                    self._metrics.webhook_queued(name, len(state.outbox), dropped)
-                state.wake.set()
+            async with anyio.create_task_group() as tg:  # the webhooks' outboxes at once
+                for name, bodies in batches.items():
+                    tg.start_soon(self._write_batch, self.states[name], bodies)
+
+    async def _write_batch(self, state: WebhookState, bodies: list[bytes]) -> None:
+        name = state.name
+        try:
+            dropped = await anyio.to_thread.run_sync(state.outbox.append, bodies)
+        except Exception as exc:  # noqa: BLE001 (never the end of the daemon)
+            self._not_written(state, len(bodies), exc)
+            return
+        if state.write_failing:
+            state.write_failing = False
+            log.info("webhook outbox written again", webhook=name)
+        state.dropping = False
+        if dropped:
+            log.warning(
+                "webhook events dropped: the outbox is full",
+                webhook=name,
+                dropped=dropped,
+                max_outbox=state.outbox.max_events,
+            )
+        if self._metrics is not None:
+            self._metrics.webhook_queued(name, len(state.outbox), dropped)
+        state.wake.set()
 
     def _not_written(self, state: WebhookState, events: int, exc: Exception) -> None:
         """A batch of ``events`` could not all be written: those that could
