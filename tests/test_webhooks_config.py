@@ -388,6 +388,7 @@ async def test_an_endpoint_that_trickles_its_answer_times_out(tmp_path: Path) ->
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append([b'{"event_id": "e1"}'])
             state.wake.set()
             await _until(lambda: state.last_error is not None)
@@ -419,6 +420,7 @@ async def test_an_event_the_endpoint_got_but_did_not_2xx_comes_again_with_its_id
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append([b'{"event_id": "e1"}'])
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.posts) == 1)
@@ -500,6 +502,7 @@ async def test_events_the_outbox_cannot_take_are_logged_and_counted(tmp_path: Pa
     with structlog.testing.capture_logs() as logged:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append = _no_space  # type: ignore[method-assign]
             for n in range(3):
                 send.send_nowait(SpoolEvent(utcnow(), EventKind.DELIVERED, f"m{n}"))
@@ -621,3 +624,27 @@ async def test_a_full_disk_counts_only_the_events_not_written_and_logs_once(
     errors = [e for e in logged if "cannot be written" in e["event"]]
     assert len(errors) == 1
     assert not list((tmp_path / "webhooks" / "app").glob("*.tmp"))
+
+
+async def test_the_webhooks_start_before_their_outboxes_are_read(tmp_path: Path) -> None:
+    """A large outbox takes seconds to read: the daemon must not wait for
+    it (its control socket and listeners start after the webhooks)."""
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "x")
+    state = hooks.states["app"]
+    reading = threading.Event()
+    real_open = state.outbox.open
+
+    def slow_open() -> None:
+        reading.wait(10)
+        real_open()
+
+    state.outbox.open = slow_open  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(5):
+            await tg.start(hooks.run)
+        assert not state.opened  # started while the outbox is still being read
+        reading.set()
+        with anyio.fail_after(10):
+            while not state.opened:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()

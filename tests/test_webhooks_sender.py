@@ -61,6 +61,7 @@ async def test_a_slow_endpoint_gets_several_posts_at_once(tmp_path: Path) -> Non
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(200))
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.accepted) >= 200)
@@ -86,6 +87,7 @@ async def test_a_failing_endpoint_is_probed_one_post_at_a_time(tmp_path: Path) -
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(20))
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.posts) >= 8)
@@ -124,6 +126,7 @@ async def test_the_backoff_starts_over_after_a_success(tmp_path: Path) -> None:
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(1))
             state.wake.set()
             await _until(lambda: len(hooks.waits) >= 5)
@@ -151,6 +154,7 @@ async def test_a_redirect_is_not_followed_and_is_a_failure(tmp_path: Path) -> No
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(1))
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.posts) >= 3)
@@ -181,6 +185,7 @@ async def test_each_event_is_posted_until_a_2xx_under_its_own_id(tmp_path: Path)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(30))
             state.wake.set()
             await _until(lambda: len(state.outbox) == 0)
@@ -225,6 +230,7 @@ async def test_a_huge_answer_is_cut_and_the_post_counts(tmp_path: Path) -> None:
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(1))
             state.wake.set()
             await _until(lambda: state.posted == 1)
@@ -251,6 +257,7 @@ async def test_events_that_cannot_be_posted_are_set_aside_and_the_rest_posted(
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(49))
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.accepted) >= 49)
@@ -316,6 +323,7 @@ async def test_an_event_the_endpoint_refuses_is_set_aside_and_the_rest_posted(
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(200))
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.accepted) >= 199)

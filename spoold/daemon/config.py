@@ -640,7 +640,7 @@ class WebhookConfig(msgspec.Struct, frozen=True, kw_only=True):
     timeout: Annotated[timedelta, _Read(_positive_span)] = timedelta(seconds=10)
     backoff: Annotated[timedelta, _Read(_positive_span)] = timedelta(seconds=1)
     max_backoff: Annotated[timedelta, _Read(_positive_span)] = timedelta(minutes=10)
-    max_outbox: Annotated[int, _int_range(1, 100_000_000)] = 100_000
+    max_outbox: Annotated[int, _int_range(1, 10_000_000)] = 100_000
     concurrency: Annotated[int, _int_range(1, 256)] = 16  # posts in flight at once
 
 

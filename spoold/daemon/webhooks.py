@@ -278,6 +278,7 @@ class WebhookState:
     dropping: bool = False  # events are being dropped before the outbox (logged once)
     write_failing: bool = False  # the outbox cannot be written (logged once)
     opened: bool = False  # the outbox could be opened (retried by the sender until it is)
+    open_tried: bool = False  # the first try to open the outbox is over
     delay: float = 0.0  # the backoff after the next failure (reset by a success)
     retry_at: float = 0.0  # anyio.current_time() of the next probe while down
     wake: anyio.Event = field(default_factory=anyio.Event)  # an event to post, or given back
@@ -360,12 +361,12 @@ class Webhooks:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Open the outboxes, then collect, write and post until cancelled.
-        When the spool closes (its subscription ends), the events collected
-        are written and :attr:`written` is set; the senders go on posting
-        until the caller cancels them."""
-        for state in self.states.values():
-            await self._open(state)
+        """Collect, write and post until cancelled; started at once: each
+        webhook's sender opens (reads) its outbox in a worker thread, the
+        events collected meanwhile wait for it, so a large outbox does not
+        hold up the daemon's start. When the spool closes (its subscription
+        ends), the events collected are written and :attr:`written` is set;
+        the senders go on posting until the caller cancels them."""
         async with anyio.create_task_group() as tg:
             if self._subscription is not None:
                 tg.start_soon(self._collect, self._subscription)
@@ -470,7 +471,9 @@ class Webhooks:
     async def _write(self) -> None:
         while True:
             if not self._collecting and not any(
-                bodies for name, bodies in self._pending.items() if self.states[name].opened
+                bodies
+                for name, bodies in self._pending.items()
+                if self.states[name].opened or not self.states[name].open_tried
             ):
                 self.written.set()
                 return
@@ -541,12 +544,16 @@ class Webhooks:
         try:
             await anyio.to_thread.run_sync(state.outbox.open)
         except Exception as exc:  # noqa: BLE001 (logged; the sender retries)
+            state.open_tried = True
+            self._pending_ready.set()  # the writer does not wait for it (at the end)
             self._note_error(state, f"outbox: {_describe(exc)}", 0.0)
             state.up = False
             log.error("webhook outbox cannot be opened", webhook=state.name, error=_describe(exc))
             return
-        state.opened = True
+        state.opened = state.open_tried = True
         self._pending_ready.set()  # events collected meanwhile can be written now
+        if self._metrics is not None:
+            self._metrics.webhook_queued(state.name, len(state.outbox), 0)
         if len(state.outbox):
             log.info("webhook outbox re-read", webhook=state.name, events=len(state.outbox))
 
