@@ -648,3 +648,19 @@ async def test_the_webhooks_start_before_their_outboxes_are_read(tmp_path: Path)
             while not state.opened:
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
+
+
+async def test_an_outbox_whose_webhook_is_gone_is_named_at_start(tmp_path: Path) -> None:
+    old = tmp_path / "webhooks" / "old"
+    old.mkdir(parents=True)
+    for n in range(3):
+        (old / f"{n:016d}.json").write_bytes(b"{}")
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "x")
+    with structlog.testing.capture_logs() as logged:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            await _until(lambda: any("no longer configured" in e["event"] for e in logged))
+            await _until(lambda: hooks.states["app"].opened)
+            tg.cancel_scope.cancel()
+    warned = [e for e in logged if "no longer configured" in e["event"]]
+    assert [(e["webhook"], e["events"]) for e in warned] == [("old", 3)]

@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -326,6 +327,7 @@ class Webhooks:
         metrics: WebhookMetrics | None = None,
     ) -> None:
         self.settings = {s.name: s for s in settings}
+        self._outboxes = spool_dir / OUTBOX_DIR
         self._route_of = route_of
         self._metrics = metrics
         self.states = {
@@ -373,11 +375,39 @@ class Webhooks:
             else:
                 self._collecting = False
             tg.start_soon(self._write)
+            tg.start_soon(self._warn_orphans)
             for name, state in self.states.items():
                 if self._metrics is not None:
                     self._metrics.webhook_started(name, len(state.outbox))
                 tg.start_soon(self._send, self.settings[name], state)
             task_status.started()
+
+    async def _warn_orphans(self) -> None:
+        """Warn once of each outbox whose webhook is no longer configured
+        (removed or renamed): its events are never posted."""
+        try:
+            orphans = await anyio.to_thread.run_sync(self._orphans)
+        except OSError as exc:
+            log.warning("webhook outboxes cannot be listed", error=_describe(exc))
+            return
+        for name, events in orphans:
+            log.warning(
+                "webhook outbox of a webhook no longer configured; its events are not posted",
+                webhook=name,
+                path=str(self._outboxes / name),
+                events=events,
+            )
+
+    def _orphans(self) -> list[tuple[str, int]]:
+        """The outbox directories without a webhook, with their events."""
+        if not self._outboxes.is_dir():
+            return []
+        found = []
+        for entry in sorted(os.scandir(self._outboxes), key=lambda e: e.name):
+            if entry.is_dir() and entry.name not in self.settings:
+                events = sum(1 for e in os.scandir(entry.path) if e.name.endswith(".json"))
+                found.append((entry.name, events))
+        return found
 
     # ------------------------------------------------------------ collecting
 
