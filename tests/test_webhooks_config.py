@@ -21,16 +21,15 @@ import pytest
 import structlog.testing
 
 from spoold.daemon.config import load_config, restart_needed, webhook_settings
-from spoold.daemon.webhook_outbox import Outbox, OutboxWriteError
-from spoold.daemon.webhooks import (
+from spoold.daemon.webhook_events import (
     DEFAULT_WEBHOOK_KINDS,
     WebhookKind,
-    Webhooks,
-    WebhookSettings,
     signature,
     signature_headers,
     webhook_kind,
 )
+from spoold.daemon.webhook_outbox import Outbox, OutboxWriteError
+from spoold.daemon.webhooks import Webhooks, WebhookSettings
 from spoold.errors import ConfigError
 from spoold.events import EventKind, SpoolEvent
 from spoold.message import EnvelopeInfo
@@ -252,6 +251,7 @@ def _settings(name: str = "app", url: str = "http://127.0.0.1:9/hook") -> Webhoo
         backoff=0.01,
         max_backoff=0.02,
         max_outbox=10,
+        concurrency=16,
     )
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import anyio
 
-from spoold.daemon.webhooks import DEFAULT_WEBHOOK_KINDS, Webhooks, WebhookSettings, WebhookState
+from spoold.daemon.webhook_events import DEFAULT_WEBHOOK_KINDS
+from spoold.daemon.webhooks import Webhooks, WebhookSettings, WebhookState
 from tests.webhook_receiver import WebhookReceiver
 
 

@@ -48,12 +48,8 @@ from spoold import limits as _limits
 from spoold import settings as _settings
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import CacheSettings, TlsMode
-from spoold.daemon.webhooks import (
-    DEFAULT_WEBHOOK_KINDS,
-    WebhookKind,
-    WebhookSettings,
-    load_secret,
-)
+from spoold.daemon.webhook_events import DEFAULT_WEBHOOK_KINDS, WebhookKind, load_secret
+from spoold.daemon.webhooks import WebhookSettings
 from spoold.dkim import DkimSigner
 from spoold.dkim_keys import (
     DEFAULT_SIGNED_HEADERS,
