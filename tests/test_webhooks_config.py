@@ -664,3 +664,21 @@ async def test_an_outbox_whose_webhook_is_gone_is_named_at_start(tmp_path: Path)
             tg.cancel_scope.cancel()
     warned = [e for e in logged if "no longer configured" in e["event"]]
     assert [(e["webhook"], e["events"]) for e in warned] == [("old", 3)]
+
+
+def test_the_events_set_aside_are_bounded_and_never_overwritten(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "app", 2)
+    outbox.open()
+    outbox.append([b"a", b"b"])
+    first = outbox.claim()
+    assert first is not None
+    outbox.set_aside(first)
+    outbox.open()  # a restart: the next number is past the one set aside
+    outbox.append([b"c"])
+    for _ in range(2):
+        name = outbox.claim()
+        assert name is not None
+        outbox.set_aside(name)
+    rejected = tmp_path / "app" / "rejected"
+    assert sorted(p.read_bytes() for p in rejected.iterdir()) == [b"b", b"c"]
+    assert len(outbox) == 0

@@ -26,6 +26,8 @@ Invariants and commit points:
   event spoold wrote, or the endpoint refuses it for good) is set aside by
   :meth:`Outbox.set_aside`: moved to ``SPOOL/webhooks/NAME/rejected/``
   (counted in :attr:`Outbox.rejected`), so it never holds up the others.
+  ``rejected/`` keeps at most ``max_events`` too (the oldest go), and no
+  number is used twice (it counts past the events set aside).
 * :meth:`Outbox.open` re-reads the directory: what was not posted before a
   stop or a crash is posted after the next start.
 
@@ -80,6 +82,7 @@ class Outbox:
         self.rejected = 0  # events set aside (never posted), since start
         self._names: deque[str] = deque()
         self._claimed: set[str] = set()  # being posted, or posted and not yet removed
+        self._rejected: deque[str] = deque()  # the events in rejected/, oldest first
         self._next = 0
         # Guards the names only (never held over file work): the sender
         # reads the oldest on the event loop while a batch is written.
@@ -96,10 +99,15 @@ class Outbox:
             elif entry.name.endswith(_SUFFIX) and entry.name[: -len(_SUFFIX)].isdigit():
                 names.append(entry.name)
         names.sort()
+        rejected = self.directory / REJECTED_DIR
+        aside = sorted(_event_names(rejected)) if rejected.is_dir() else []
         with self._lock:
             self._names = deque(names)
+            self._rejected = deque(aside)
             self._claimed.clear()
-        self._next = int(names[-1][: -len(_SUFFIX)]) + 1 if names else 0
+        # Numbered past the events set aside too: a name is never reused.
+        last = max(names[-1:] + aside[-1:], default=None)
+        self._next = int(last[: -len(_SUFFIX)]) + 1 if last else 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -213,6 +221,17 @@ class Outbox:
             rejected.mkdir(mode=0o750, exist_ok=True)
             os.rename(self.directory / name, rejected / name)
             fsync_directory(self.directory)
+            with self._lock:
+                self._rejected.append(name)
+                gone = [
+                    self._rejected.popleft() for _ in range(len(self._rejected) - self.max_events)
+                ]
+            for old in gone:  # rejected/ is bounded like the outbox: the oldest go
+                with contextlib.suppress(OSError):
+                    if (rejected / old).is_dir():
+                        os.rmdir(rejected / old)
+                    else:
+                        os.unlink(rejected / old)
 
     def remove(self, names: Sequence[str]) -> None:
         """Forget the events ``names`` (posted): their files unlinked, then
@@ -239,6 +258,14 @@ class Outbox:
     def _unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / name)
+
+
+def _event_names(directory: Path) -> list[str]:
+    return [
+        entry.name
+        for entry in os.scandir(directory)
+        if entry.name.endswith(_SUFFIX) and entry.name[: -len(_SUFFIX)].isdigit()
+    ]
 
 
 def _write_all(fd: int, data: bytes) -> None:
