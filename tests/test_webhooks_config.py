@@ -682,3 +682,11 @@ def test_the_events_set_aside_are_bounded_and_never_overwritten(tmp_path: Path) 
     rejected = tmp_path / "app" / "rejected"
     assert sorted(p.read_bytes() for p in rejected.iterdir()) == [b"b", b"c"]
     assert len(outbox) == 0
+
+
+def test_an_outbox_opens_despite_a_tmp_it_cannot_remove(tmp_path: Path) -> None:
+    (tmp_path / "app" / "0000000000000000.json.tmp").mkdir(parents=True)
+    (tmp_path / "app" / "0000000000000001.json").write_bytes(b"{}")
+    outbox = Outbox(tmp_path / "app", 10)
+    outbox.open()
+    assert len(outbox) == 1

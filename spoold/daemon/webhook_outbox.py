@@ -95,7 +95,8 @@ class Outbox:
         names = []
         for entry in os.scandir(self.directory):
             if entry.name.endswith(_TMP):
-                os.unlink(entry.path)
+                with contextlib.suppress(OSError):  # not ours to fail on (a directory)
+                    os.unlink(entry.path)
             elif entry.name.endswith(_SUFFIX) and entry.name[: -len(_SUFFIX)].isdigit():
                 names.append(entry.name)
         names.sort()
