@@ -11,6 +11,7 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -20,18 +21,18 @@ import pytest
 import structlog.testing
 
 from spoold.daemon.config import load_config, restart_needed, webhook_settings
-from spoold.daemon.webhook_outbox import Outbox
-from spoold.daemon.webhooks import (
+from spoold.daemon.webhook_events import (
     DEFAULT_WEBHOOK_KINDS,
     WebhookKind,
-    Webhooks,
-    WebhookSettings,
     signature,
     signature_headers,
     webhook_kind,
 )
+from spoold.daemon.webhook_outbox import Outbox, OutboxWriteError
+from spoold.daemon.webhooks import Webhooks, WebhookSettings
 from spoold.errors import ConfigError
 from spoold.events import EventKind, SpoolEvent
+from spoold.message import EnvelopeInfo
 from spoold.times import utcnow
 from tests.webhook_receiver import WebhookReceiver
 
@@ -250,6 +251,7 @@ def _settings(name: str = "app", url: str = "http://127.0.0.1:9/hook") -> Webhoo
         backoff=0.01,
         max_backoff=0.02,
         max_outbox=10,
+        concurrency=16,
     )
 
 
@@ -386,6 +388,7 @@ async def test_an_endpoint_that_trickles_its_answer_times_out(tmp_path: Path) ->
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append([b'{"event_id": "e1"}'])
             state.wake.set()
             await _until(lambda: state.last_error is not None)
@@ -417,6 +420,7 @@ async def test_an_event_the_endpoint_got_but_did_not_2xx_comes_again_with_its_id
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append([b'{"event_id": "e1"}'])
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.posts) == 1)
@@ -459,3 +463,230 @@ def test_events_dropped_before_the_outbox_are_logged_once_per_spell(tmp_path: Pa
     assert hooks.states["app"].behind == 4
     warnings = [e for e in logged if "writer is behind" in e["event"]]
     assert len(warnings) == 1
+
+
+class _Counted:
+    """Metrics that keep the events counted as dropped, per webhook."""
+
+    def __init__(self) -> None:
+        self.dropped: dict[str, int] = {}
+        self.changed = anyio.Event()
+
+    def webhook_started(self, name: str, waiting: int) -> None:
+        pass
+
+    def webhook_posted(self, name: str, waiting: int) -> None:
+        pass
+
+    def webhook_failed(self, name: str, waiting: int) -> None:
+        pass
+
+    def webhook_rejected(self, name: str, waiting: int) -> None:
+        pass
+
+    def webhook_queued(self, name: str, waiting: int, dropped: int) -> None:
+        self.dropped[name] = self.dropped.get(name, 0) + dropped
+        self.changed.set()
+
+
+def _no_space(bodies: object) -> int:
+    raise OSError(28, "No space left on device")
+
+
+async def test_events_the_outbox_cannot_take_are_logged_and_counted(tmp_path: Path) -> None:
+    metrics = _Counted()
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "x", metrics)
+    state = hooks.states["app"]
+    send, receive = anyio.create_memory_object_stream[SpoolEvent](10)
+    hooks.subscribe(lambda size: receive)  # type: ignore[arg-type, return-value]
+    with structlog.testing.capture_logs() as logged:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
+            state.outbox.append = _no_space  # type: ignore[method-assign]
+            for n in range(3):
+                send.send_nowait(SpoolEvent(utcnow(), EventKind.DELIVERED, f"m{n}"))
+            with anyio.fail_after(10):
+                while metrics.dropped.get("app", 0) < 3:
+                    metrics.changed = anyio.Event()
+                    await metrics.changed.wait()
+            tg.cancel_scope.cancel()
+    assert metrics.dropped == {"app": 3}
+    assert state.to_dict()["dropped"] == 3
+    assert any("the outbox cannot be written" in e["event"] for e in logged)
+
+
+def test_events_the_subscription_missed_are_logged_and_counted(tmp_path: Path) -> None:
+    metrics = _Counted()
+    settings = [_settings("a"), _settings("b")]
+    hooks = Webhooks(tmp_path, settings, lambda recipient, sender: "x", metrics)
+    with structlog.testing.capture_logs() as logged:
+        hooks._overflowed(7)
+    assert metrics.dropped == {"a": 7, "b": 7}
+    assert [s["dropped"] for s in hooks.status()] == [7, 7]
+    assert [e["missed"] for e in logged if "overflowed" in e["event"]] == [7]
+
+
+def test_events_the_writer_fell_behind_on_are_counted(tmp_path: Path) -> None:
+    metrics = _Counted()
+    settings = dataclasses.replace(_settings(), max_outbox=1)
+    hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x", metrics)
+    for n in range(5):
+        hooks._take(SpoolEvent(utcnow(), EventKind.DELIVERED, f"m{n}"))
+    assert metrics.dropped == {"app": 4}
+
+
+async def test_an_event_that_cannot_be_made_is_logged_counted_and_the_next_taken(
+    tmp_path: Path,
+) -> None:
+    """A route lookup that fails with an unexpected error (a bug) for one
+    message: that event is logged and counted as dropped, the collector
+    goes on with the next, and the daemon's task group is not ended."""
+    metrics = _Counted()
+
+    def route_of(recipient: str, sender: str) -> str:
+        if recipient == "bad@example.com":
+            raise RuntimeError("injected")
+        return "x"
+
+    hooks = Webhooks(tmp_path, [_settings()], route_of, metrics)
+    state = hooks.states["app"]
+    send, receive = anyio.create_memory_object_stream[SpoolEvent](10)
+    hooks.subscribe(lambda size: receive)  # type: ignore[arg-type, return-value]
+    info = EnvelopeInfo(sender="app@example.org", recipients=["bad@example.com"])
+    good = EnvelopeInfo(sender="app@example.org", recipients=["ok@example.com"])
+    with structlog.testing.capture_logs() as logged:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            send.send_nowait(SpoolEvent(utcnow(), EventKind.DELIVERED, "m1", envelope_info=info))
+            send.send_nowait(SpoolEvent(utcnow(), EventKind.DELIVERED, "m2", envelope_info=good))
+            send.close()
+            with anyio.fail_after(10):
+                await hooks.written.wait()
+            tg.cancel_scope.cancel()
+    assert metrics.dropped == {"app": 1} and state.to_dict()["dropped"] == 1
+    assert len(state.outbox) == 1
+    errors = [e for e in logged if e["event"] == "webhook event dropped: it cannot be made"]
+    assert [(e["message"], e["error"]) for e in errors] == [("m1", "RuntimeError: injected")]
+
+
+def _full_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
+    """Each outbox write after the first ``writes`` fails: no space left."""
+    import spoold.daemon.webhook_outbox as module
+
+    real, done, lock = module._write_all, [0], threading.Lock()
+
+    def write_all(fd: int, data: bytes) -> None:
+        with lock:  # the files of a batch are written by several threads
+            done[0] += 1
+            failing = done[0] > writes
+        if failing:
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(module, "_write_all", write_all)
+
+
+def test_a_full_disk_keeps_what_was_written_and_leaves_no_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = Outbox(tmp_path / "app", 100)
+    outbox.open()
+    _full_disk_after(monkeypatch, 2)
+    with pytest.raises(OutboxWriteError) as raised:
+        outbox.append([b"a", b"b", b"c", b"d"])
+    assert raised.value.written == 2 and raised.value.error.errno == 28
+    files = sorted(p.name for p in (tmp_path / "app").iterdir())
+    assert len(files) == 2 and all(name.endswith(".json") for name in files)  # no .tmp
+    assert len(outbox) == 2 and outbox.oldest() == files[0]
+
+
+async def test_a_full_disk_counts_only_the_events_not_written_and_logs_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = _Counted()
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "x", metrics)
+    state = hooks.states["app"]
+    send, receive = anyio.create_memory_object_stream[SpoolEvent](10)
+    hooks.subscribe(lambda size: receive)  # type: ignore[arg-type, return-value]
+    with structlog.testing.capture_logs() as logged:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            _full_disk_after(monkeypatch, 1)
+            for n in range(3):
+                send.send_nowait(SpoolEvent(utcnow(), EventKind.DELIVERED, f"m{n}"))
+                with anyio.fail_after(10):
+                    while sum(metrics.dropped.values()) + len(state.outbox) < n + 1:
+                        metrics.changed = anyio.Event()
+                        await metrics.changed.wait()
+            tg.cancel_scope.cancel()
+    assert metrics.dropped == {"app": 2} and state.to_dict()["dropped"] == 2
+    errors = [e for e in logged if "cannot be written" in e["event"]]
+    assert len(errors) == 1
+    assert not list((tmp_path / "webhooks" / "app").glob("*.tmp"))
+
+
+async def test_the_webhooks_start_before_their_outboxes_are_read(tmp_path: Path) -> None:
+    """A large outbox takes seconds to read: the daemon must not wait for
+    it (its control socket and listeners start after the webhooks)."""
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "x")
+    state = hooks.states["app"]
+    reading = threading.Event()
+    real_open = state.outbox.open
+
+    def slow_open() -> None:
+        reading.wait(10)
+        real_open()
+
+    state.outbox.open = slow_open  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(5):
+            await tg.start(hooks.run)
+        assert not state.opened  # started while the outbox is still being read
+        reading.set()
+        with anyio.fail_after(10):
+            while not state.opened:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+
+
+async def test_an_outbox_whose_webhook_is_gone_is_named_at_start(tmp_path: Path) -> None:
+    old = tmp_path / "webhooks" / "old"
+    old.mkdir(parents=True)
+    for n in range(3):
+        (old / f"{n:016d}.json").write_bytes(b"{}")
+    hooks = Webhooks(tmp_path, [_settings()], lambda recipient, sender: "x")
+    with structlog.testing.capture_logs() as logged:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            await _until(lambda: any("no longer configured" in e["event"] for e in logged))
+            await _until(lambda: hooks.states["app"].opened)
+            tg.cancel_scope.cancel()
+    warned = [e for e in logged if "no longer configured" in e["event"]]
+    assert [(e["webhook"], e["events"]) for e in warned] == [("old", 3)]
+
+
+def test_the_events_set_aside_are_bounded_and_never_overwritten(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "app", 2)
+    outbox.open()
+    outbox.append([b"a", b"b"])
+    first = outbox.claim()
+    assert first is not None
+    outbox.set_aside(first)
+    outbox.open()  # a restart: the next number is past the one set aside
+    outbox.append([b"c"])
+    for _ in range(2):
+        name = outbox.claim()
+        assert name is not None
+        outbox.set_aside(name)
+    rejected = tmp_path / "app" / "rejected"
+    assert sorted(p.read_bytes() for p in rejected.iterdir()) == [b"b", b"c"]
+    assert len(outbox) == 0
+
+
+def test_an_outbox_opens_despite_a_tmp_it_cannot_remove(tmp_path: Path) -> None:
+    (tmp_path / "app" / "0000000000000000.json.tmp").mkdir(parents=True)
+    (tmp_path / "app" / "0000000000000001.json").write_bytes(b"{}")
+    outbox = Outbox(tmp_path / "app", 10)
+    outbox.open()
+    assert len(outbox) == 1

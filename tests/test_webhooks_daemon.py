@@ -355,7 +355,7 @@ async def _wait_for_event(directory: Path, recipient: str) -> None:
     await wait_until(there, f"an event for {recipient} in {directory}", interval=0.05)
 
 
-async def test_a_damaged_outbox_file_is_dropped_and_the_rest_posted(
+async def test_a_damaged_outbox_file_is_set_aside_and_the_rest_posted(
     tmp_path: Path,
     start_daemon: DaemonFactory,
     smtp_server: SmtpTestServer,
@@ -376,8 +376,9 @@ async def test_a_damaged_outbox_file_is_dropped_and_the_rest_posted(
         assert done.code == 0, done.err
         await receiver.wait_for(lambda: "after@example.com" in _outcomes(receiver.accepted))
         assert len(receiver.posts) == 1
-        assert daemon.log_text().count("webhook event unreadable; dropped") == 2
+        assert daemon.log_text().count("webhook event set aside in rejected/") == 2
         await _wait_files(outbox, 0)
+        assert len(list((outbox / "rejected").iterdir())) == 2
     finally:
         await receiver.stop()
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import anyio
 
-from spoold.daemon.webhooks import DEFAULT_WEBHOOK_KINDS, Webhooks, WebhookSettings, WebhookState
+from spoold.daemon.webhook_events import DEFAULT_WEBHOOK_KINDS
+from spoold.daemon.webhooks import Webhooks, WebhookSettings, WebhookState
 from tests.webhook_receiver import WebhookReceiver
 
 
@@ -61,6 +62,7 @@ async def test_a_slow_endpoint_gets_several_posts_at_once(tmp_path: Path) -> Non
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(200))
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.accepted) >= 200)
@@ -76,7 +78,9 @@ async def test_a_slow_endpoint_gets_several_posts_at_once(tmp_path: Path) -> Non
 
 
 async def test_a_failing_endpoint_is_probed_one_post_at_a_time(tmp_path: Path) -> None:
-    receiver = WebhookReceiver(status=503)
+    # The receiver holds each post 50 ms: posts sent at once overlap there,
+    # so its count of posts in flight measures the sender.
+    receiver = WebhookReceiver(status=503, delay=0.05)
     await receiver.start()
     settings = _settings(receiver.url, backoff=0.2, max_backoff=0.2)
     hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x")
@@ -84,6 +88,7 @@ async def test_a_failing_endpoint_is_probed_one_post_at_a_time(tmp_path: Path) -
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(20))
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.posts) >= 8)
@@ -96,6 +101,7 @@ async def test_a_failing_endpoint_is_probed_one_post_at_a_time(tmp_path: Path) -
     # The first round may be up to 4 at once; after it, one probe at a time
     # until a 2xx; then several at once again.
     failed = [p for p in receiver.posts if p.status == 503]
+    assert max(p.in_flight for p in failed[:4]) > 1  # the measure sees posts at once
     assert max(p.in_flight for p in failed[4:]) == 1
     assert {p.headers["spoold-event-id"] for p in receiver.accepted} == {f"e{n}" for n in range(20)}
 
@@ -121,6 +127,7 @@ async def test_the_backoff_starts_over_after_a_success(tmp_path: Path) -> None:
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(1))
             state.wake.set()
             await _until(lambda: len(hooks.waits) >= 5)
@@ -148,6 +155,7 @@ async def test_a_redirect_is_not_followed_and_is_a_failure(tmp_path: Path) -> No
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(1))
             state.wake.set()
             await receiver.wait_for(lambda: len(receiver.posts) >= 3)
@@ -178,6 +186,7 @@ async def test_each_event_is_posted_until_a_2xx_under_its_own_id(tmp_path: Path)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(30))
             state.wake.set()
             await _until(lambda: len(state.outbox) == 0)
@@ -222,6 +231,7 @@ async def test_a_huge_answer_is_cut_and_the_post_counts(tmp_path: Path) -> None:
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
             state.outbox.append(_bodies(1))
             state.wake.set()
             await _until(lambda: state.posted == 1)
@@ -230,3 +240,104 @@ async def test_a_huge_answer_is_cut_and_the_post_counts(tmp_path: Path) -> None:
         server.close()
     assert state.last_error is None
     assert sent < 50_000_000  # the daemon stopped reading long before the end
+
+
+async def test_events_that_cannot_be_posted_are_set_aside_and_the_rest_posted(
+    tmp_path: Path,
+) -> None:
+    """A directory with an event's name (cannot be read) and an event
+    whose ``event_id`` is not ASCII (cannot be a header) are moved to
+    ``rejected/``; the 49 good events behind them all arrive."""
+    receiver = WebhookReceiver()
+    await receiver.start()
+    outbox = tmp_path / "webhooks" / "app"
+    (outbox / "0000000000000000.json").mkdir(parents=True)
+    (outbox / "0000000000000001.json").write_bytes(json.dumps({"event_id": "é"}).encode())
+    hooks = Webhooks(tmp_path, [_settings(receiver.url)], lambda recipient, sender: "x")
+    state = hooks.states["app"]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
+            state.outbox.append(_bodies(49))
+            state.wake.set()
+            await receiver.wait_for(lambda: len(receiver.accepted) >= 49)
+            await _until(lambda: len(state.outbox) == 0)
+            tg.cancel_scope.cancel()
+    finally:
+        await receiver.stop()
+    assert {p.headers["spoold-event-id"] for p in receiver.accepted} == {f"e{n}" for n in range(49)}
+    assert sorted(p.name for p in (outbox / "rejected").iterdir()) == [
+        "0000000000000000.json",
+        "0000000000000001.json",
+    ]
+    assert state.outbox.rejected == 2 and state.to_dict()["rejected"] == 2
+    assert state.up
+
+
+class _BrokenRemover(Webhooks):
+    """Webhooks whose remover fails: the sender's task group ends."""
+
+    async def _remove_posted(self, state: WebhookState) -> None:
+        raise OSError("the disk is gone")
+
+
+async def test_a_sender_that_fails_shows_down_with_its_error(tmp_path: Path) -> None:
+    """Whatever ends the posting shows in the status while it lasts: down,
+    with the error itself, not the task group that wrapped it."""
+    receiver = WebhookReceiver()
+    await receiver.start()
+    hooks = _BrokenRemover(tmp_path, [_settings(receiver.url)], lambda recipient, sender: "x")
+    state = hooks.states["app"]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            await _until(lambda: state.failures >= 1)
+            tg.cancel_scope.cancel()
+    finally:
+        await receiver.stop()
+    assert state.up is False
+    assert state.last_error == "OSError: the disk is gone"
+
+
+async def test_an_event_the_endpoint_refuses_is_set_aside_and_the_rest_posted(
+    tmp_path: Path,
+) -> None:
+    """A 400 for one event sets it aside at once (it would hold up the
+    others); a 429 or 408 says "later": that event is tried again."""
+    later: Counter[str] = Counter()
+
+    def answer(body: bytes) -> int:
+        event_id = json.loads(body)["event_id"]
+        if event_id == "e0":
+            return 400
+        if event_id in ("e1", "e2") and later[event_id] == 0:
+            later[event_id] += 1
+            return 429 if event_id == "e1" else 408
+        return 200
+
+    receiver = WebhookReceiver(answer=answer)
+    await receiver.start()
+    settings = _settings(receiver.url, backoff=0.05, max_backoff=0.4)
+    hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x")
+    state = hooks.states["app"]
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hooks.run)
+            await _until(lambda: state.opened)  # read in the background
+            state.outbox.append(_bodies(200))
+            state.wake.set()
+            await receiver.wait_for(lambda: len(receiver.accepted) >= 199)
+            await _until(lambda: len(state.outbox) == 0)
+            tg.cancel_scope.cancel()
+    finally:
+        await receiver.stop()
+    tries = Counter(p.headers["spoold-event-id"] for p in receiver.posts)
+    assert tries["e0"] == 1 and tries["e1"] == 2 and tries["e2"] == 2
+    assert {p.headers["spoold-event-id"] for p in receiver.accepted} == {
+        f"e{n}" for n in range(1, 200)
+    }
+    assert [p.name for p in (tmp_path / "webhooks" / "app" / "rejected").iterdir()] == [
+        "0000000000000000.json"
+    ]
+    assert state.outbox.rejected == 1

@@ -333,7 +333,8 @@ def _webhook_status(target: _Target, fmt: str) -> None:
         state = "up" if hook["up"] else "DOWN"
         click.echo(
             f"{hook['name']}  {hook['url']}  {state}  outbox={hook['outbox']} "
-            f"dropped={hook['dropped']} posted={hook['posted']} failures={hook['failures']}"
+            f"dropped={hook['dropped']} rejected={hook['rejected']} "
+            f"posted={hook['posted']} failures={hook['failures']}"
         )
         click.echo(f"  last success: {hook['last_success'] or '-'}")
         if hook["last_error"]:

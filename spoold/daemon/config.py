@@ -48,12 +48,8 @@ from spoold import limits as _limits
 from spoold import settings as _settings
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import CacheSettings, TlsMode
-from spoold.daemon.webhooks import (
-    DEFAULT_WEBHOOK_KINDS,
-    WebhookKind,
-    WebhookSettings,
-    load_secret,
-)
+from spoold.daemon.webhook_events import DEFAULT_WEBHOOK_KINDS, WebhookKind, load_secret
+from spoold.daemon.webhooks import WebhookSettings
 from spoold.dkim import DkimSigner
 from spoold.dkim_keys import (
     DEFAULT_SIGNED_HEADERS,
@@ -640,7 +636,7 @@ class WebhookConfig(msgspec.Struct, frozen=True, kw_only=True):
     timeout: Annotated[timedelta, _Read(_positive_span)] = timedelta(seconds=10)
     backoff: Annotated[timedelta, _Read(_positive_span)] = timedelta(seconds=1)
     max_backoff: Annotated[timedelta, _Read(_positive_span)] = timedelta(minutes=10)
-    max_outbox: Annotated[int, _int_range(1, 100_000_000)] = 100_000
+    max_outbox: Annotated[int, _int_range(1, 10_000_000)] = 100_000
     concurrency: Annotated[int, _int_range(1, 256)] = 16  # posts in flight at once
 
 

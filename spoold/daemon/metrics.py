@@ -255,7 +255,13 @@ class Metrics:
         )
         self.webhook_dropped = Counter(
             "spoold_webhook_dropped_events",
-            "Events dropped before they were posted (the outbox was full), by webhook",
+            "Events dropped before they reached the outbox or from a full one, by webhook",
+            ["webhook"],
+            registry=r,
+        )
+        self.webhook_rejected_events = Counter(
+            "spoold_webhook_rejected_events",
+            "Events set aside in a webhook's rejected/ folder, never posted, by webhook",
             ["webhook"],
             registry=r,
         )
@@ -280,6 +286,7 @@ class Metrics:
         self.webhook_posts.labels(name)
         self.webhook_failures.labels(name)
         self.webhook_dropped.labels(name)
+        self.webhook_rejected_events.labels(name)
         self.webhook_outbox.labels(name).set(waiting)
         self.webhook_up.labels(name).set(1)
 
@@ -300,6 +307,11 @@ class Metrics:
         self.webhook_outbox.labels(name).set(waiting)
         if dropped:
             self.webhook_dropped.labels(name).inc(dropped)
+
+    def webhook_rejected(self, name: str, waiting: int) -> None:
+        """One event of webhook ``name`` set aside (never posted)."""
+        self.webhook_rejected_events.labels(name).inc()
+        self.webhook_outbox.labels(name).set(waiting)
 
     def measured(self, relay: Relay) -> Relay:
         """``relay``, with every attempt timed and counted."""

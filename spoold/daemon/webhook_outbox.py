@@ -9,8 +9,9 @@ Invariants and commit points:
 * An event is in the outbox once :meth:`Outbox.append` has returned: each
   file is written under a temporary name, synced, renamed, and the
   directory is synced once per batch. A crash before that leaves at most a
-  ``.tmp`` file, removed at the next open.
-* An event leaves the outbox only through :meth:`Outbox.remove`, which the
+  ``.tmp`` file, removed at the next open. The files of a batch are
+  written by several threads at once (their syncs are committed together).
+* An event leaves the outbox through :meth:`Outbox.remove`, which the
   sender calls after the endpoint answered 2xx, for several events at once
   (their files unlinked, the directory synced once). A crash between the
   answer and the removal posts the event again after a restart.
@@ -21,6 +22,12 @@ Invariants and commit points:
 * The outbox holds at most ``max_events``; appending to a full outbox
   drops the oldest events first (counted in :attr:`Outbox.dropped`), so
   a dead endpoint costs bounded disk.
+* An event that cannot be posted (its file cannot be read, it is not an
+  event spoold wrote, or the endpoint refuses it for good) is set aside by
+  :meth:`Outbox.set_aside`: moved to ``SPOOL/webhooks/NAME/rejected/``
+  (counted in :attr:`Outbox.rejected`), so it never holds up the others.
+  ``rejected/`` keeps at most ``max_events`` too (the oldest go), and no
+  number is used twice (it counts past the events set aside).
 * :meth:`Outbox.open` re-reads the directory: what was not posted before a
   stop or a crash is posted after the next start.
 
@@ -38,16 +45,31 @@ import os
 import threading
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from spoold.store.directory import fsync_directory
 
-__all__ = ["Outbox", "OUTBOX_DIR"]
+__all__ = ["Outbox", "OutboxWriteError", "OUTBOX_DIR", "REJECTED_DIR"]
 
 OUTBOX_DIR = "webhooks"  # under the spool directory
+REJECTED_DIR = "rejected"  # under an outbox: the events set aside
 _SUFFIX = ".json"
 _TMP = ".tmp"
 _WIDTH = 16
+_WRITERS = 16  # threads writing one batch's files at once
+
+
+class OutboxWriteError(Exception):
+    """:meth:`Outbox.append` failed part-way (a full disk, a disk error):
+    ``written`` of the events are in the outbox (and will be posted), the
+    others are not; ``dropped`` were dropped from a full outbox."""
+
+    def __init__(self, written: int, dropped: int, error: OSError) -> None:
+        super().__init__(str(error))
+        self.written = written
+        self.dropped = dropped
+        self.error = error
 
 
 class Outbox:
@@ -57,8 +79,10 @@ class Outbox:
         self.directory = directory
         self.max_events = max_events
         self.dropped = 0  # events dropped because the outbox was full, since start
+        self.rejected = 0  # events set aside (never posted), since start
         self._names: deque[str] = deque()
         self._claimed: set[str] = set()  # being posted, or posted and not yet removed
+        self._rejected: deque[str] = deque()  # the events in rejected/, oldest first
         self._next = 0
         # Guards the names only (never held over file work): the sender
         # reads the oldest on the event loop while a batch is written.
@@ -71,14 +95,20 @@ class Outbox:
         names = []
         for entry in os.scandir(self.directory):
             if entry.name.endswith(_TMP):
-                os.unlink(entry.path)
+                with contextlib.suppress(OSError):  # not ours to fail on (a directory)
+                    os.unlink(entry.path)
             elif entry.name.endswith(_SUFFIX) and entry.name[: -len(_SUFFIX)].isdigit():
                 names.append(entry.name)
         names.sort()
+        rejected = self.directory / REJECTED_DIR
+        aside = sorted(_event_names(rejected)) if rejected.is_dir() else []
         with self._lock:
             self._names = deque(names)
+            self._rejected = deque(aside)
             self._claimed.clear()
-        self._next = int(names[-1][: -len(_SUFFIX)]) + 1 if names else 0
+        # Numbered past the events set aside too: a name is never reused.
+        last = max(names[-1:] + aside[-1:], default=None)
+        self._next = int(last[: -len(_SUFFIX)]) + 1 if last else 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -86,14 +116,47 @@ class Outbox:
 
     def append(self, bodies: Sequence[bytes]) -> int:
         """Write ``bodies`` as new events (one directory sync for all) and
-        drop the oldest beyond ``max_events``; returns how many were dropped."""
+        drop the oldest beyond ``max_events``; returns how many were dropped.
+        An error part-way raises :class:`OutboxWriteError` once the events
+        written before it are synced; no ``.tmp`` file is left."""
         if not bodies:
             return 0
-        for body in bodies:
+        with self._lock:
+            first = self._next
+            self._next += len(bodies)
+        names = [f"{first + n:0{_WIDTH}d}{_SUFFIX}" for n in range(len(bodies))]
+        # The files are written and synced by several threads at once: the
+        # file system commits concurrent syncs together, many times faster
+        # than one after another.
+        with ThreadPoolExecutor(min(_WRITERS, len(bodies))) as pool:
+            errors = list(pool.map(self._write_one, names, bodies))
+        error = next((e for e in errors if e is not None), None)
+        done = [name for name, e in zip(names, errors, strict=True) if e is None]
+        written = len(done)
+        with self._lock:
+            self._names.extend(done)  # in order: the names are numbered in order
+        dropped = 0
+        if written:
             with self._lock:
-                name = f"{self._next:0{_WIDTH}d}{_SUFFIX}"
-                self._next += 1
-            tmp = self.directory / (name + _TMP)
+                gone = [self._names.popleft() for _ in range(len(self._names) - self.max_events)]
+                self._claimed.difference_update(gone)
+                self.dropped += len(gone)
+            dropped = len(gone)
+            try:
+                for name in gone:
+                    self._unlink(name)
+                fsync_directory(self.directory)
+            except OSError as exc:
+                error = error or exc
+        if error is not None:
+            raise OutboxWriteError(written, dropped, error)
+        return dropped
+
+    def _write_one(self, name: str, body: bytes) -> OSError | None:
+        """One event: written under a temporary name, synced, renamed; the
+        error, if any (its temporary file removed)."""
+        tmp = self.directory / (name + _TMP)
+        try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             try:
                 _write_all(fd, body)
@@ -101,16 +164,11 @@ class Outbox:
             finally:
                 os.close(fd)
             os.rename(tmp, self.directory / name)
-            with self._lock:
-                self._names.append(name)
-        with self._lock:
-            gone = [self._names.popleft() for _ in range(len(self._names) - self.max_events)]
-            self._claimed.difference_update(gone)
-            self.dropped += len(gone)
-        for name in gone:
-            self._unlink(name)
-        fsync_directory(self.directory)
-        return len(gone)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return exc
+        return None
 
     def oldest(self) -> str | None:
         """The name of the oldest event waiting, None when empty."""
@@ -150,6 +208,32 @@ class Outbox:
                 self._names.remove(name)
             return None
 
+    def set_aside(self, name: str) -> None:
+        """Take event ``name`` out of the outbox without posting it: its
+        file (or whatever has its name) is moved to ``rejected/``; if even
+        that fails, the name is forgotten until the next open. Never raises."""
+        with self._lock:
+            self._claimed.discard(name)
+            with contextlib.suppress(ValueError):
+                self._names.remove(name)
+            self.rejected += 1
+        rejected = self.directory / REJECTED_DIR
+        with contextlib.suppress(OSError):
+            rejected.mkdir(mode=0o750, exist_ok=True)
+            os.rename(self.directory / name, rejected / name)
+            fsync_directory(self.directory)
+            with self._lock:
+                self._rejected.append(name)
+                gone = [
+                    self._rejected.popleft() for _ in range(len(self._rejected) - self.max_events)
+                ]
+            for old in gone:  # rejected/ is bounded like the outbox: the oldest go
+                with contextlib.suppress(OSError):
+                    if (rejected / old).is_dir():
+                        os.rmdir(rejected / old)
+                    else:
+                        os.unlink(rejected / old)
+
     def remove(self, names: Sequence[str]) -> None:
         """Forget the events ``names`` (posted): their files unlinked, then
         one directory sync for all; durable when this returns. A name
@@ -175,6 +259,14 @@ class Outbox:
     def _unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / name)
+
+
+def _event_names(directory: Path) -> list[str]:
+    return [
+        entry.name
+        for entry in os.scandir(directory)
+        if entry.name.endswith(_SUFFIX) and entry.name[: -len(_SUFFIX)].isdigit()
+    ]
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -26,6 +26,11 @@ The path of an event:
    starts a backoff: while the endpoint fails, one event at a time is
    tried (a probe), after a wait that doubles from ``backoff`` up to
    ``max_backoff``; the first 2xx ends the spell and resets the wait.
+   An event that cannot be posted at all (its file cannot be read, it is
+   not an event spoold wrote, its request cannot be made, the endpoint
+   refuses it with a 4xx other than 408 and 429) is set aside
+   (:meth:`Outbox.set_aside <spoold.daemon.webhook_outbox.Outbox.set_aside>`),
+   logged and counted, and the others go on.
 
 So delivery to the endpoint is at least once for every event in an outbox:
 an event is posted again after any post whose 2xx was not seen (a timeout,
@@ -35,54 +40,43 @@ between the 2xx and the removal), even if the endpoint acted on it; its
 published in the instant before a crash, before its batch was written, is
 lost (the event stream is not itself durable).
 
-The body (:func:`event_body`) is JSON, schema ``version`` 1, documented in
-``docs/configuration.md``.
+What is posted, the body, its id and signature: :mod:`spoold.daemon.webhook_events`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
+import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
-import msgspec
 import structlog
 
-from spoold.credentials import read_private_file
-from spoold.daemon.webhook_outbox import OUTBOX_DIR, Outbox
+from spoold.daemon.webhook_events import (
+    WebhookKind,
+    event_body,
+    event_id_of,
+    event_time,
+    signature_headers,
+    webhook_kind,
+)
+from spoold.daemon.webhook_outbox import OUTBOX_DIR, Outbox, OutboxWriteError
 from spoold.errors import SpooldError
 from spoold.events import (
-    BOUNCED_DETAIL,
     EventKind,
-    RecipientOutcomeState,
     SpoolEvent,
     Subscription,
 )
 from spoold.times import utcnow
 
 __all__ = [
-    "WebhookKind",
-    "DEFAULT_WEBHOOK_KINDS",
-    "SCHEMA_VERSION",
-    "TIMESTAMP_HEADER",
-    "SIGNATURE_HEADER",
-    "EVENT_ID_HEADER",
-    "webhook_kind",
-    "event_recipients",
-    "event_body",
-    "signature",
-    "signature_headers",
-    "load_secret",
     "WebhookSettings",
     "WebhookState",
     "WebhookMetrics",
@@ -94,144 +88,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("spoold.webhooks")
 
-SCHEMA_VERSION = 1
-TIMESTAMP_HEADER = "Spoold-Timestamp"
-SIGNATURE_HEADER = "Spoold-Signature"
-EVENT_ID_HEADER = "Spoold-Event-Id"
 _SUBSCRIPTION_BUFFER = 100_000
 _MAX_ANSWER = 16 * 1024  # bytes of an answer's body read (and dropped), at most
-
-
-class WebhookKind(StrEnum):
-    """The kinds a webhook's ``events`` filter names."""
-
-    DELIVERED = "delivered"  # every recipient accepted
-    BOUNCED = "bounced"  # failed; a notification went to the sender
-    IN_DOUBT = "in_doubt"  # bounced after no reply to the end of the message
-    REMOVED = "removed"  # removed by an operator or the presend hook
-    DEFERRED = "deferred"  # an attempt failed for now; tried again at ``retry_at``
-    FROZEN = "frozen"
-    QUARANTINED = "quarantined"
-
-
-DEFAULT_WEBHOOK_KINDS = (
-    WebhookKind.DELIVERED,
-    WebhookKind.BOUNCED,
-    WebhookKind.IN_DOUBT,
-    WebhookKind.REMOVED,
-)
-"""The final outcomes: the message has left the queue."""
-
-
-def webhook_kind(event: SpoolEvent) -> WebhookKind | None:
-    """The webhook kind of a stream event (in its stream form: a bounce
-    is ``removed`` with detail ``bounced`` or an in-doubt detail); None for
-    the steps a webhook is not told of (spooled, presend, ping, ...)."""
-    match event.kind:
-        case EventKind.DELIVERED:
-            return WebhookKind.DELIVERED
-        case EventKind.REMOVED:
-            detail = event.detail or ""
-            if detail == BOUNCED_DETAIL:
-                return WebhookKind.BOUNCED
-            if detail.startswith("in doubt"):
-                return WebhookKind.IN_DOUBT
-            return WebhookKind.REMOVED
-        case EventKind.DELAYED | EventKind.DELAYED_RATE_LIMITED:
-            return WebhookKind.DEFERRED
-        case EventKind.FROZEN:
-            return WebhookKind.FROZEN
-        case EventKind.QUARANTINED:
-            return WebhookKind.QUARANTINED
-    return None
-
-
-def _time(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat().replace("+00:00", "Z")
-
-
-_CONCERNED: dict[WebhookKind, frozenset[RecipientOutcomeState]] = {
-    WebhookKind.DELIVERED: frozenset({RecipientOutcomeState.DELIVERED}),
-    WebhookKind.BOUNCED: frozenset({RecipientOutcomeState.FAILED}),
-    WebhookKind.IN_DOUBT: frozenset({RecipientOutcomeState.FAILED}),
-    WebhookKind.DEFERRED: frozenset({RecipientOutcomeState.DEFERRED}),
-    WebhookKind.FROZEN: frozenset({RecipientOutcomeState.FAILED, RecipientOutcomeState.DEFERRED}),
-}
-"""The recipients an attempt's event of each kind is about (its ``recipients``)."""
-
-
-def event_recipients(event: SpoolEvent, kind: WebhookKind) -> list[str]:
-    """The ``recipients`` of the body: those whose outcome the event is
-    (a bounce: the recipients that failed, not those delivered) for an
-    attempt's event; for any other (an operator's removal, say), every
-    recipient of the message."""
-    states = _CONCERNED.get(kind)
-    if event.results and states is not None:
-        return [r.recipient for r in event.results if r.state in states]
-    info = event.envelope_info
-    return list(info.recipients) if info is not None else []
-
-
-def event_body(
-    event: SpoolEvent, kind: WebhookKind, webhook: str, event_id: str, routes: Sequence[str]
-) -> bytes:
-    """The JSON posted for ``event`` (schema version 1)."""
-    info = event.envelope_info
-    body: dict[str, Any] = {
-        "version": SCHEMA_VERSION,
-        "event_id": event_id,
-        "webhook": webhook,
-        "event": str(kind),
-        "time": _time(event.time),
-        "message_id": event.id,
-        "sender": info.sender if info is not None else None,
-        "recipients": event_recipients(event, kind),
-        "results": [
-            {"recipient": r.recipient, "outcome": str(r.state), "code": r.code, "reply": r.reply}
-            for r in event.results
-        ],
-        "routes": list(routes),
-        "detail": event.detail,
-        "retry_at": _time(event.at),
-    }
-    return msgspec.json.encode(body)
-
-
-def signature(secret: bytes, timestamp: str, body: bytes) -> str:
-    """HMAC-SHA256 of ``timestamp + "." + body`` under ``secret``, hex."""
-    return hmac.new(secret, timestamp.encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
-
-
-def signature_headers(secret: bytes, body: bytes, event_id: str, now: float) -> dict[str, str]:
-    """The headers of one POST: the timestamp (Unix seconds of this
-    attempt), ``sha256=`` and the signature, and the event's id."""
-    timestamp = str(int(now))
-    return {
-        "Content-Type": "application/json",
-        TIMESTAMP_HEADER: timestamp,
-        SIGNATURE_HEADER: "sha256=" + signature(secret, timestamp, body),
-        EVENT_ID_HEADER: event_id,
-    }
-
-
-def _event_id(body: bytes) -> str | None:
-    """The ``event_id`` of an outbox file's body; None if it is not one
-    of ours (a file damaged or put there by hand)."""
-    try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return None
-    event_id = decoded.get("event_id") if isinstance(decoded, dict) else None
-    return event_id if isinstance(event_id, str) and event_id.isprintable() else None
-
-
-def load_secret(path: Path) -> bytes:
-    """A webhook's key: the text of a file only its owner may read,
-    without surrounding white space; at least 16 bytes."""
-    secret = read_private_file(path).strip().encode("utf-8")
-    if len(secret) < 16:
-        raise SpooldError(f"webhook secret file {path}: expected at least 16 characters")
-    return secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +106,7 @@ class WebhookSettings:
     backoff: float
     max_backoff: float
     max_outbox: int
-    concurrency: int = 16  # posts in flight at once while the endpoint answers
+    concurrency: int  # posts in flight at once while the endpoint answers
 
 
 @dataclass(slots=True)
@@ -267,7 +125,9 @@ class WebhookState:
     last_error_time: datetime | None = None
     next_retry: datetime | None = None
     dropping: bool = False  # events are being dropped before the outbox (logged once)
+    write_failing: bool = False  # the outbox cannot be written (logged once)
     opened: bool = False  # the outbox could be opened (retried by the sender until it is)
+    open_tried: bool = False  # the first try to open the outbox is over
     delay: float = 0.0  # the backoff after the next failure (reset by a success)
     retry_at: float = 0.0  # anyio.current_time() of the next probe while down
     wake: anyio.Event = field(default_factory=anyio.Event)  # an event to post, or given back
@@ -280,13 +140,14 @@ class WebhookState:
             "url": _shown_url(self.url),
             "outbox": len(self.outbox),
             "dropped": self.outbox.dropped + self.behind,
+            "rejected": self.outbox.rejected,
             "up": self.up,
             "posted": self.posted,
             "failures": self.failures,
-            "last_success": _time(self.last_success),
+            "last_success": event_time(self.last_success),
             "last_error": self.last_error,
-            "last_error_time": _time(self.last_error_time),
-            "next_retry": _time(self.next_retry),
+            "last_error_time": event_time(self.last_error_time),
+            "next_retry": event_time(self.next_retry),
         }
 
 
@@ -297,6 +158,7 @@ class WebhookMetrics(Protocol):
     def webhook_posted(self, name: str, waiting: int) -> None: ...
     def webhook_failed(self, name: str, waiting: int) -> None: ...
     def webhook_queued(self, name: str, waiting: int, dropped: int) -> None: ...
+    def webhook_rejected(self, name: str, waiting: int) -> None: ...
 
 
 class Webhooks:
@@ -313,6 +175,7 @@ class Webhooks:
         metrics: WebhookMetrics | None = None,
     ) -> None:
         self.settings = {s.name: s for s in settings}
+        self._outboxes = spool_dir / OUTBOX_DIR
         self._route_of = route_of
         self._metrics = metrics
         self.states = {
@@ -348,23 +211,51 @@ class Webhooks:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Open the outboxes, then collect, write and post until cancelled.
-        When the spool closes (its subscription ends), the events collected
-        are written and :attr:`written` is set; the senders go on posting
-        until the caller cancels them."""
-        for state in self.states.values():
-            await self._open(state)
+        """Collect, write and post until cancelled; started at once: each
+        webhook's sender opens (reads) its outbox in a worker thread, the
+        events collected meanwhile wait for it, so a large outbox does not
+        hold up the daemon's start. When the spool closes (its subscription
+        ends), the events collected are written and :attr:`written` is set;
+        the senders go on posting until the caller cancels them."""
         async with anyio.create_task_group() as tg:
             if self._subscription is not None:
                 tg.start_soon(self._collect, self._subscription)
             else:
                 self._collecting = False
             tg.start_soon(self._write)
+            tg.start_soon(self._warn_orphans)
             for name, state in self.states.items():
                 if self._metrics is not None:
                     self._metrics.webhook_started(name, len(state.outbox))
                 tg.start_soon(self._send, self.settings[name], state)
             task_status.started()
+
+    async def _warn_orphans(self) -> None:
+        """Warn once of each outbox whose webhook is no longer configured
+        (removed or renamed): its events are never posted."""
+        try:
+            orphans = await anyio.to_thread.run_sync(self._orphans)
+        except OSError as exc:
+            log.warning("webhook outboxes cannot be listed", error=_describe(exc))
+            return
+        for name, events in orphans:
+            log.warning(
+                "webhook outbox of a webhook no longer configured; its events are not posted",
+                webhook=name,
+                path=str(self._outboxes / name),
+                events=events,
+            )
+
+    def _orphans(self) -> list[tuple[str, int]]:
+        """The outbox directories without a webhook, with their events."""
+        if not self._outboxes.is_dir():
+            return []
+        found = []
+        for entry in sorted(os.scandir(self._outboxes), key=lambda e: e.name):
+            if entry.is_dir() and entry.name not in self.settings:
+                events = sum(1 for e in os.scandir(entry.path) if e.name.endswith(".json"))
+                found.append((entry.name, events))
+        return found
 
     # ------------------------------------------------------------ collecting
 
@@ -372,14 +263,49 @@ class Webhooks:
         async with subscription:
             async for event in subscription:
                 if event.kind is EventKind.OVERFLOW:
-                    log.warning(
-                        "webhook events dropped: the event subscription overflowed",
-                        missed=event.detail,
-                    )
+                    self._overflowed(int(event.detail or 0))
                     continue
-                self._take(event)
+                try:
+                    self._take(event)
+                except Exception as exc:  # noqa: BLE001 (an event never ends the daemon)
+                    self._untaken(event, exc)
         self._collecting = False
         self._pending_ready.set()
+
+    def _overflowed(self, missed: int) -> None:
+        """The subscription lost ``missed`` stream events (the collector
+        fell 100 000 behind). Which webhooks wanted them is unknown: each
+        counts them all as dropped (an upper bound)."""
+        log.warning(
+            "webhook events dropped: the event subscription overflowed",
+            missed=missed,
+        )
+        for name, state in self.states.items():
+            state.behind += missed
+            if self._metrics is not None:
+                self._metrics.webhook_queued(name, len(state.outbox), missed)
+
+    def _untaken(self, event: SpoolEvent, exc: Exception) -> None:
+        """``event`` could not be made into webhook events (a bug, or a
+        value the body cannot carry): logged, and counted as dropped by
+        each webhook that takes its kind (or every one, if even its kind
+        is unknown)."""
+        log.error(
+            "webhook event dropped: it cannot be made",
+            message=event.id,
+            kind=str(event.kind),
+            error=_describe(exc),
+        )
+        try:
+            kind = webhook_kind(event)
+        except Exception:  # noqa: BLE001 (counted for every webhook then)
+            kind = None
+        for name, settings in self.settings.items():
+            if kind is None or kind in settings.kinds:
+                state = self.states[name]
+                state.behind += 1
+                if self._metrics is not None:
+                    self._metrics.webhook_queued(name, len(state.outbox), 1)
 
     def _take(self, event: SpoolEvent) -> None:
         kind = webhook_kind(event)
@@ -423,7 +349,9 @@ class Webhooks:
     async def _write(self) -> None:
         while True:
             if not self._collecting and not any(
-                bodies for name, bodies in self._pending.items() if self.states[name].opened
+                bodies
+                for name, bodies in self._pending.items()
+                if self.states[name].opened or not self.states[name].open_tried
             ):
                 self.written.set()
                 return
@@ -436,30 +364,55 @@ class Webhooks:
             }
             for name in batches:
                 self._pending[name] = []
-            for name, bodies in batches.items():
-                state = self.states[name]
-                try:
-                    dropped = await anyio.to_thread.run_sync(state.outbox.append, bodies)
-                except Exception as exc:  # noqa: BLE001 (never the end of the daemon)
-                    log.error(
-                        "webhook events dropped: the outbox cannot be written",
-                        webhook=name,
-                        events=len(bodies),
-                        error=_describe(exc),
-                    )
-                    state.behind += len(bodies)
-                    continue
-                state.dropping = False
-                if dropped:
-                    log.warning(
-                        "webhook events dropped: the outbox is full",
-                        webhook=name,
-                        dropped=dropped,
-                        max_outbox=state.outbox.max_events,
-                    )
-                if self._metrics is not None:
-                    self._metrics.webhook_queued(name, len(state.outbox), dropped)
-                state.wake.set()
+            async with anyio.create_task_group() as tg:  # the webhooks' outboxes at once
+                for name, bodies in batches.items():
+                    tg.start_soon(self._write_batch, self.states[name], bodies)
+
+    async def _write_batch(self, state: WebhookState, bodies: list[bytes]) -> None:
+        name = state.name
+        try:
+            dropped = await anyio.to_thread.run_sync(state.outbox.append, bodies)
+        except Exception as exc:  # noqa: BLE001 (never the end of the daemon)
+            self._not_written(state, len(bodies), exc)
+            return
+        if state.write_failing:
+            state.write_failing = False
+            log.info("webhook outbox written again", webhook=name)
+        state.dropping = False
+        if dropped:
+            log.warning(
+                "webhook events dropped: the outbox is full",
+                webhook=name,
+                dropped=dropped,
+                max_outbox=state.outbox.max_events,
+            )
+        if self._metrics is not None:
+            self._metrics.webhook_queued(name, len(state.outbox), dropped)
+        state.wake.set()
+
+    def _not_written(self, state: WebhookState, events: int, exc: Exception) -> None:
+        """A batch of ``events`` could not all be written: those that could
+        are posted as usual, the others are counted as dropped; logged once
+        per spell of errors."""
+        written, dropped = 0, 0
+        if isinstance(exc, OutboxWriteError):
+            written, dropped, error = exc.written, exc.dropped, _describe(exc.error)
+        else:
+            error = _describe(exc)
+        lost = events - written
+        if not state.write_failing:  # once per spell, not once per batch
+            state.write_failing = True
+            log.error(
+                "webhook events dropped: the outbox cannot be written",
+                webhook=state.name,
+                events=lost,
+                error=error,
+            )
+        state.behind += lost
+        if self._metrics is not None:
+            self._metrics.webhook_queued(state.name, len(state.outbox), lost + dropped)
+        if written:
+            state.wake.set()
 
     # ------------------------------------------------------------ posting
 
@@ -469,11 +422,16 @@ class Webhooks:
         try:
             await anyio.to_thread.run_sync(state.outbox.open)
         except Exception as exc:  # noqa: BLE001 (logged; the sender retries)
+            state.open_tried = True
+            self._pending_ready.set()  # the writer does not wait for it (at the end)
             self._note_error(state, f"outbox: {_describe(exc)}", 0.0)
+            state.up = False
             log.error("webhook outbox cannot be opened", webhook=state.name, error=_describe(exc))
             return
-        state.opened = True
+        state.opened = state.open_tried = True
         self._pending_ready.set()  # events collected meanwhile can be written now
+        if self._metrics is not None:
+            self._metrics.webhook_queued(state.name, len(state.outbox), 0)
         if len(state.outbox):
             log.info("webhook outbox re-read", webhook=state.name, events=len(state.outbox))
 
@@ -498,6 +456,7 @@ class Webhooks:
                     await self._post_all(settings, state)
             except Exception as exc:  # noqa: BLE001 (a webhook never ends the daemon)
                 self._note_error(state, _describe(exc), state.delay)
+                state.up = False  # status shows the failure, with its error
                 log.error(
                     "webhook sender failed; tried again", webhook=state.name, error=_describe(exc)
                 )
@@ -571,23 +530,32 @@ class Webhooks:
         *,
         probe: bool,
     ) -> None:
-        """Post the claimed event ``name``. A 2xx queues its removal; a
-        failure gives it back to the outbox and, when it is the first of a
-        spell or a probe's, starts (or doubles) the backoff."""
-        body = await anyio.to_thread.run_sync(state.outbox.read, name)
+        """Post the claimed event ``name``. A 2xx queues its removal; an
+        event that cannot be posted, or that the endpoint refuses for good
+        (:func:`_refused`), is set aside; any other failure gives it back
+        to the outbox and, when it is the first of a spell or a probe's,
+        starts (or doubles) the backoff."""
+        try:
+            body = await anyio.to_thread.run_sync(state.outbox.read, name)
+        except OSError as exc:  # a directory, a file we may not read, a disk error
+            await self._set_aside(state, name, f"cannot be read: {_describe(exc)}")
+            return
         if body is None:
             return  # dropped from a full outbox meanwhile, or deleted by hand: forgotten
-        event_id = _event_id(body)
+        event_id = event_id_of(body)
         if event_id is None:  # a damaged file: never ours to post
-            log.error(
-                "webhook event unreadable; dropped",
-                webhook=state.name,
-                path=str(state.outbox.directory / name),
-            )
-            state.behind += 1
-            self._posted(state, name)
+            await self._set_aside(state, name, "not an event spoold wrote")
             return
-        error = await self._post(client, settings, body, event_id)
+        try:
+            status, error = await self._post(client, settings, body, event_id)
+        except Exception as exc:  # noqa: BLE001 (this event's request cannot be made)
+            await self._set_aside(state, name, f"cannot be posted: {_describe(exc)}")
+            return
+        if status is not None and _refused(status):
+            # The endpoint answers but will never take this event: it must
+            # not hold up the others.
+            await self._set_aside(state, name, f"refused by the endpoint: {error}")
+            return
         if error is None:
             self._posted(state, name)
             state.posted += 1
@@ -620,6 +588,19 @@ class Webhooks:
         if self._metrics is not None:
             self._metrics.webhook_failed(state.name, len(state.outbox))
 
+    async def _set_aside(self, state: WebhookState, name: str, reason: str) -> None:
+        """Move event ``name``, which cannot be posted, out of the way
+        (``rejected/``), logged with ``reason`` and counted."""
+        await anyio.to_thread.run_sync(state.outbox.set_aside, name)
+        log.error(
+            "webhook event set aside in rejected/",
+            webhook=state.name,
+            path=str(state.outbox.directory / name),
+            reason=reason,
+        )
+        if self._metrics is not None:
+            self._metrics.webhook_rejected(state.name, len(state.outbox))
+
     def _posted(self, state: WebhookState, name: str) -> None:
         """Queue the removal of event ``name`` (done in batches)."""
         state.to_remove.append(name)
@@ -637,8 +618,9 @@ class Webhooks:
 
     async def _post(
         self, client: httpx.AsyncClient, settings: WebhookSettings, body: bytes, event_id: str
-    ) -> str | None:
-        """Post one event; None on a 2xx, else what went wrong. The whole
+    ) -> tuple[int | None, str | None]:
+        """Post one event: the status of the answer (None without one) and
+        None on a 2xx, else what went wrong. The whole
         post, answer included, has ``timeout`` (an endpoint that trickles
         its answer cannot hold the sender); of the answer only the status
         is used. Up to ``_MAX_ANSWER`` bytes of its body are read as they
@@ -662,15 +644,23 @@ class Webhooks:
                         if seen > _MAX_ANSWER:
                             break
         except TimeoutError:
-            return f"no answer within {settings.timeout:g} s"
+            return None, f"no answer within {settings.timeout:g} s"
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            return _describe(exc)
+            return None, _describe(exc)
         if 200 <= status < 300:
-            return None
-        return f"HTTP {status}"
+            return status, None
+        return status, f"HTTP {status}"
+
+
+def _refused(status: int) -> bool:
+    """Whether an answer refuses the event for good: a 4xx, except 408
+    (request timeout) and 429 (too many requests), which say "later"."""
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]  # the error itself, not its task group's wrapper
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 

@@ -363,6 +363,7 @@ class WebhookStatus(View):
     last_error: str | None
     last_error_time: str | None
     next_retry: str | None
+    rejected: int = 0  # events set aside in rejected/ (never posted) since start
 
 
 class FleetNodeView(View):
