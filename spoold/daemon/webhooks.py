@@ -28,7 +28,7 @@ The path of an event:
    ``max_backoff``; the first 2xx ends the spell and resets the wait.
    An event that cannot be posted at all (its file cannot be read, it is
    not an event spoold wrote, its request cannot be made, the endpoint
-   refuses it with a 4xx other than 408 and 429) is set aside
+   refuses that event: 400, 413, 415 or 422) is set aside
    (:meth:`Outbox.set_aside <spoold.daemon.webhook_outbox.Outbox.set_aside>`),
    logged and counted, and the others go on.
 
@@ -652,10 +652,17 @@ class Webhooks:
         return status, f"HTTP {status}"
 
 
+# The answers that refuse one event for good: it is the event the endpoint
+# cannot take (bad request, too large, unsupported type, unprocessable).
+# Every other 4xx is about the endpoint or its set-up (401/403: a wrong
+# secret or token, 404/405/410: a wrong URL, 408, 429: later): retried, so
+# a mistake in the config moves no event aside.
+_REFUSED_FOR_GOOD = frozenset({400, 413, 415, 422})
+
+
 def _refused(status: int) -> bool:
-    """Whether an answer refuses the event for good: a 4xx, except 408
-    (request timeout) and 429 (too many requests), which say "later"."""
-    return 400 <= status < 500 and status not in (408, 429)
+    """Whether an answer refuses the event for good (400, 413, 415, 422)."""
+    return status in _REFUSED_FOR_GOOD
 
 
 def _describe(exc: BaseException) -> str:
