@@ -17,17 +17,18 @@ from spoold.errors import SpooldError
 __all__ = ["read_private_file", "load_auth_file"]
 
 
-def read_private_file(path: str | os.PathLike[str]) -> str:
-    """The text of a secrets file that only its owner may read."""
+def read_private_file(path: str | os.PathLike[str], what: str = "auth file") -> str:
+    """The text of a secrets file that only its owner may read (``what``
+    names it in an error)."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             text = f.read().decode("utf-8")
     except OSError as exc:
-        raise SpooldError(f"auth file {path}: {exc.strerror}") from None
+        raise SpooldError(f"{what} {path}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise SpooldError(
-            f"auth file {path} is readable by group or others "
+            f"{what} {path} is readable by group or others "
             f"(mode {stat.S_IMODE(st.st_mode):04o}); make it 0600"
         )
     return text

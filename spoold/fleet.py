@@ -114,6 +114,16 @@ log = get_logger("spoold.fleet")
 _T = TypeVar("_T")
 
 
+def _refused_login(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing this client's password (or asking
+    for one)."""
+    text = str(exc)
+    return type(exc).__name__ in (
+        "AuthenticationError",
+        "AuthenticationWrongNumberOfArgsError",
+    ) or (text.startswith(("NOAUTH", "WRONGPASS")))
+
+
 def redacted_url(url: str) -> str:
     """``url`` fit for a log line: any password in it replaced by ``***``."""
     parts = urlsplit(url)
@@ -421,6 +431,10 @@ class SharedState:
 
     def _down(self, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if _refused_login(exc):
+            # Redis answered, and refused the login: say what to change.
+            given = "the one in" if self.settings.password else "none set: put it in"
+            reason = f"Redis refused the password ({given} fleet.password_file): {reason}"
         self.health.last_error = reason
         if self.health.up is not False:  # up, or not known yet
             self.health.up = False

@@ -1023,3 +1023,15 @@ async def poll_ping(daemon: DaemonProcess) -> None:
             if exc.kind != "busy" or time.monotonic() > deadline:
                 raise
         await asyncio.sleep(0.02)
+
+
+async def test_a_socket_path_that_cannot_be_bound_is_named_in_the_error(tmp_path: Path) -> None:
+    """Two daemons given one path, or a path the kernel refuses: the error
+    names the socket, not only errno's text."""
+    from spoold.daemon.control_socket import listen
+    from spoold.errors import SpooldError
+
+    deep = tmp_path / ("d" * 120)  # longer than a Unix socket's 108 bytes
+    deep.mkdir()
+    with pytest.raises(SpooldError, match=r"^cannot listen on .*/submit\.sock: "):
+        await listen(deep / "submit.sock", 0o660)

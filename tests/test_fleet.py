@@ -414,8 +414,12 @@ async def test_a_password_is_used_and_a_wrong_one_is_redis_down(tmp_path: Path) 
         async with SharedState(FleetSettings(url=server.url, node="a", password="wrong")) as s:
             assert await s.gcra("r", TEN_PER_SECOND) is None
             assert s.health.up is False and "s3cret" not in s.health.last_error
+            assert "Redis refused the password (the one in fleet.password_file)" in (
+                s.health.last_error
+            )
         async with SharedState(FleetSettings(url=server.url, node="a")) as s:
             assert await s.ping() is False
+            assert "(none set: put it in fleet.password_file)" in s.health.last_error
     finally:
         server.stop()
 

@@ -135,7 +135,7 @@ def test_a_secret_file_others_may_read_is_refused(tmp_path: Path, mode: int) -> 
     with pytest.raises(ConfigError) as info:
         webhook_settings(cfg)
     (problem,) = info.value.problems
-    assert problem.startswith("webhooks.app.secret_file: auth file ")
+    assert problem.startswith("webhooks.app.secret_file: webhook secret file ")
     assert f"(mode {mode:04o}); make it 0600" in problem
 
 
@@ -151,7 +151,8 @@ def test_a_short_or_missing_secret_is_refused(tmp_path: Path) -> None:
     assert info.value.problems == [
         f"webhooks.a.secret_file: webhook secret file {tmp_path / 'hook.secret'}: "
         "expected at least 16 characters",
-        f"webhooks.b.secret_file: auth file {tmp_path / 'missing'}: No such file or directory",
+        f"webhooks.b.secret_file: webhook secret file {tmp_path / 'missing'}: "
+        "No such file or directory",
     ]
 
 

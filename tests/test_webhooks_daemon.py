@@ -183,13 +183,14 @@ async def test_endpoint_down_then_up_loses_nothing_across_a_restart(
         await receiver.wait_for(lambda: len(receiver.posts) >= 4)
         assert receiver.accepted == []
         shown = await _cli(config, "--format", "json")
-        assert shown.code == 0, shown.err
+        assert shown.code == 1, shown.err  # a webhook DOWN: a monitoring check fails
         hook = json.loads(shown.out)
         assert (hook["name"], hook["url"], hook["up"]) == ("app", receiver.url, False)
         assert hook["last_error"] == "HTTP 500" and hook["next_retry"] is not None
         assert hook["last_success"] is None and hook["failures"] >= 1
         assert hook["outbox"] + hook["posted"] >= 1
         table = await _cli(config)
+        assert table.code == 1
         assert "app  " in table.out and "DOWN" in table.out and "HTTP 500" in table.out
 
         # The endpoint goes away entirely (connections refused), and the

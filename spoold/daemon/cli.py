@@ -325,10 +325,15 @@ def _webhook_status(target: _Target, fmt: str) -> None:
     if fmt == "json":
         for hook in hooks:
             click.echo(json.dumps(hook))
-        return
-    if not hooks:
+    elif not hooks:
         click.echo("no webhooks configured")
-        return
+    else:
+        _print_webhooks(hooks)
+    if any(not hook["up"] for hook in hooks):
+        sys.exit(1)  # a monitoring check: some endpoint is failing
+
+
+def _print_webhooks(hooks: list[dict[str, Any]]) -> None:
     for hook in hooks:
         state = "up" if hook["up"] else "DOWN"
         click.echo(

@@ -90,7 +90,12 @@ async def listen(path: Path, mode: int, group: str = "") -> socketlib.socket:
         # Mode and group are set before listen(): until then nobody can
         # connect, whatever the file's mode (no process-wide umask change,
         # which would race with files other threads create meanwhile).
-        sock.bind(str(path))
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            # Two daemons given one path (each control socket, and the
+            # submission socket beside it by default, must be its own).
+            raise SpooldError(f"cannot listen on {path}: {exc.strerror or exc}") from None
         await anyio.to_thread.run_sync(os.chmod, path, mode)
         if group:
             await anyio.to_thread.run_sync(_give_to_group, path, group)

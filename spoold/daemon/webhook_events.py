@@ -172,7 +172,7 @@ def event_id_of(body: bytes) -> str | None:
 def load_secret(path: Path) -> bytes:
     """A webhook's key: the text of a file only its owner may read,
     without surrounding white space; at least 16 bytes."""
-    secret = read_private_file(path).strip().encode("utf-8")
+    secret = read_private_file(path, "webhook secret file").strip().encode("utf-8")
     if len(secret) < 16:
         raise SpooldError(f"webhook secret file {path}: expected at least 16 characters")
     return secret
