@@ -33,9 +33,9 @@ Its contract:
 * **A full fleet is asked sparingly.** After a refusal, a destination is
   not asked again for a short while (:attr:`FleetSlots.retry`, spread by a
   random factor so that nodes do not ask in step), except when this node
-  gives back a slot of it; the messages refused meanwhile are told to come
-  back in turns (``limit`` of them per retry, none later than
-  :data:`MAX_SPREAD`), so a large backlog does not wake all at once.
+  gives back a slot of it; an attempt refused meanwhile is told the rest
+  of that while. (The scheduler holds the destination's whole line for
+  it, so a backlog asks a few times per retry, not once per message.)
 """
 
 from __future__ import annotations
@@ -53,14 +53,12 @@ import anyio
 from spoold.fleet import SharedState
 from spoold.log import get_logger
 
-__all__ = ["FleetSlots", "DEFAULT_RETRY", "MAX_SPREAD"]
+__all__ = ["FleetSlots", "DEFAULT_RETRY"]
 
 log = get_logger("spoold.fleet")
 
 # Seconds a refused destination waits before this node asks for it again.
 DEFAULT_RETRY = 0.1
-# Seconds at most that a message held for a full route waits for its turn.
-MAX_SPREAD = 1.0
 
 
 @dataclass(slots=True)
@@ -86,7 +84,6 @@ class FleetSlots:
         self._clock = clock
         self._held: dict[str, _Held] = {}
         self._full_until: dict[str, float] = {}
-        self._turns: dict[str, int] = {}  # messages held since the fleet was full
         # Slots being given back in Redis, per destination: this node's next
         # attempt of it waits for them (else it could be refused its own slot).
         self._releasing: dict[str, int] = {}
@@ -119,16 +116,9 @@ class FleetSlots:
         until = self._full_until.get(destination)
         if until is not None:
             if now < until:
-                # Not asked: the fleet was full a moment ago. The messages
-                # held meanwhile come back in turns, ``limit`` per retry
-                # (at most MAX_SPREAD later), not all at once: a backlog of
-                # a full route costs a few checks a second, not one per
-                # message each retry.
-                turn = self._turns[destination] = self._turns.get(destination, 0) + 1
-                self.refusals += 1
-                return until - now + min(MAX_SPREAD, self.retry * (turn // max(1, limit)))
+                self.refusals += 1  # not asked: the fleet was full a moment ago
+                return until - now
             del self._full_until[destination]
-            self._turns.pop(destination, None)
         if self._releasing.get(destination):
             await self._released[destination].wait()  # bounded: a call's timeout
         holder = f"{self._prefix}{next(self._numbers)}"
@@ -149,7 +139,6 @@ class FleetSlots:
             return
         destination = held.destination
         self._full_until.pop(destination, None)
-        self._turns.pop(destination, None)
         if not self._releasing.get(destination):
             self._released[destination] = anyio.Event()
         self._releasing[destination] = self._releasing.get(destination, 0) + 1

@@ -14,11 +14,11 @@ from pathlib import Path
 import anyio
 
 from spoold.limits import Rate, SharedToken
-from spoold.message import Queue
+from spoold.message import Queue, RoutedBatch
 from spoold.testing import FakeClock
 from tests.relay_helpers import MakeRelay, route
 from tests.smtp_server import StartServer
-from tests.spool_helpers import START
+from tests.spool_helpers import BODY, SENDER, START, settle
 from tests.support import wait_until
 from tests.test_limits import add, router_for, spool_with
 
@@ -163,3 +163,29 @@ async def test_a_slot_given_back_slowly_holds_nothing_up(
         await wait_until(lambda: slots.given_back == ["slot-2"], "its slot back, not the first")
         let_go.set()
         await wait_until(lambda: sorted(slots.given_back) == ["slot-1", "slot-2"], "both back")
+
+
+async def test_a_backlog_on_a_full_route_waits_in_its_line_and_asks_sparingly(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # 2000 messages queued for a route whose fleet is always full: each
+    # refusal sends the message back to the head of the route's line, and
+    # the line waits the retry the fleet suggests; the rest of the backlog
+    # takes no send job and asks nothing meanwhile.
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "max_connections": 4}})
+    slots, clock = Slots(0.1), FakeClock(START)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_slots = slots
+        (envelope,) = router.route(SENDER, ["ops@example.com"])
+        await spool.add(RoutedBatch([envelope] * 2000, BODY))
+        for _ in range(5):
+            asked = len(slots.asked)
+            await wait_until(lambda a=asked: len(slots.asked) > a, "the line to ask again")
+            await wait_until(lambda: spool.sending == 0, "the refused jobs to end")
+            await settle()
+            clock.advance(0.1)
+        await settle()
+        # About max_connections asks per retry, not one per message.
+        assert len(slots.asked) <= 6 * 4, len(slots.asked)
+    assert hop.transactions == 0
