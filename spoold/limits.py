@@ -117,8 +117,14 @@ def parse_rate(value: object) -> Rate | None:
 
 @dataclass(frozen=True, slots=True)
 class DestinationLimits:
+    """``shared_connections``: whether ``max_connections`` is counted
+    with other processes when the spool has :class:`SharedSlots` (the
+    daemon sets it only for routes whose ``max_connections`` its config
+    sets); False: it is this spool's own limit only."""
+
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     rate: Rate | None = None
+    shared_connections: bool = True
 
 
 class LimitsSource(Protocol):

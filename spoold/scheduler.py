@@ -273,11 +273,12 @@ class Scheduler:
 
     async def _shared_slot(self, policy: DestinationPolicy) -> str | float | None:
         """The destination's fleet-wide connection slot, if
-        :attr:`shared_slots` is set and the destination has limits: its
-        holder (given back when the attempt ends), or the seconds to wait
-        (the fleet holds ``max_connections``); None: nothing to take."""
+        :attr:`shared_slots` is set and the destination has limits that are
+        shared: its holder (given back when the attempt ends), or the
+        seconds to wait (the fleet holds ``max_connections``); None:
+        nothing to take."""
         shared, limited = self.shared_slots, policy.limited
-        if shared is None or limited is None:
+        if shared is None or limited is None or not limited[1].shared_connections:
             return None
         return await shared.take(limited[0], limited[1].max_connections)
 
