@@ -29,7 +29,10 @@ Its contract:
   lease ran out while Redis was away, again, so when Redis is back the
   node counts in the fleet again. A slot that cannot be taken again (the
   fleet is full meanwhile) stays this node's until its attempt ends: an
-  attempt under way is never cut.
+  attempt under way is never cut. A slot given back while Redis does not
+  answer is kept aside and given back at each renewal until Redis
+  answers, so it blocks the other nodes for a third of a lease at most,
+  not a whole lease.
 * **A full fleet is asked sparingly.** After a refusal, a destination is
   not asked again for a short while (:attr:`FleetSlots.retry`, spread by a
   random factor so that nodes do not ask in step), except when this node
@@ -83,6 +86,9 @@ class FleetSlots:
         self.retry = retry
         self._clock = clock
         self._held: dict[str, _Held] = {}
+        # Slots given back that Redis did not answer for: holder ->
+        # (destination, when). Kept a lease at most: by then it has ended.
+        self._unreleased: dict[str, tuple[str, float]] = {}
         self._full_until: dict[str, float] = {}
         # Slots being given back in Redis, per destination: this node's next
         # attempt of it waits for them (else it could be refused its own slot).
@@ -147,16 +153,33 @@ class FleetSlots:
             # meanwhile. Shielded: a send job cancelled at shutdown still
             # frees its slot (the call is bounded by the fleet's timeout).
             with anyio.CancelScope(shield=True):
-                await self.shared.release(destination, holder)
+                await self._release(destination, holder)
         finally:
             self._releasing[destination] -= 1
             if not self._releasing[destination]:
                 del self._releasing[destination]
                 self._released.pop(destination).set()
 
+    async def _release(self, destination: str, holder: str) -> None:
+        """Give ``holder`` back in Redis; kept for the next renewal when
+        Redis does not answer."""
+        if await self.shared.release(destination, holder) is None:
+            self._unreleased.setdefault(holder, (destination, self._clock()))
+        else:
+            self._unreleased.pop(holder, None)
+
     async def renew(self, *, now_ms: int | None = None) -> None:
-        """Renew every slot held (one Redis call), and take again those
-        whose lease was lost or never taken."""
+        """Give back in Redis the slots that it did not answer for, renew
+        every slot held (one Redis call), and take again those whose lease
+        was lost or never taken."""
+        ended = self._clock() - self.shared.settings.lease
+        for holder, (destination, since) in list(self._unreleased.items()):
+            if since <= ended:  # its lease has ended by now (Redis drops it)
+                self._unreleased.pop(holder, None)
+                continue
+            await self._release(destination, holder)
+            if holder in self._unreleased:
+                break  # still no answer: the rest waits for the next renewal
         items = list(self._held.items())
         if not items:
             return
@@ -179,7 +202,7 @@ class FleetSlots:
                 )
             h.leased = held
         for destination, holder in stale:
-            await self.shared.release(destination, holder)
+            await self._release(destination, holder)
 
     async def run(self) -> None:
         """Renew the slots held every third of the lease, until cancelled."""

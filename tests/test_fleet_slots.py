@@ -155,6 +155,40 @@ async def test_redis_down_the_node_goes_on_alone_and_counts_again_when_back(
         assert node.held == {} and await _holders(redis_server) == []
 
 
+async def test_a_slot_given_back_while_redis_is_down_is_given_back_when_it_answers(
+    redis_server: RedisServer,
+) -> None:
+    # A blip marks Redis down: a give-back meanwhile is not sent (or fails).
+    # The slot is kept aside and given back at the next renewal, not left
+    # in Redis for a lease to block the other nodes.
+    async with SharedState(_settings(redis_server, "a", retry_after=60.0)) as a:
+        node = FleetSlots(a)
+        holder = await node.take("r", 2)
+        assert isinstance(holder, str) and await _holders(redis_server) == [holder]
+        redis_server.pause()
+        assert await a.ping() is False  # a timeout marks it down: not asked for 60 s
+        redis_server.resume()
+        await node.give_back(holder)
+        assert node.held == {} and await _holders(redis_server) == [holder]
+        await a.ping()  # an operator's question: it answers, up again
+        assert a.health.up
+        await node.renew()
+        assert await _holders(redis_server) == []
+        # One given back a lease ago or more is not asked for: it has ended.
+        now = [0.0]
+        late = FleetSlots(a, clock=lambda: now[0])
+        holder = await late.take("r", 2)
+        assert isinstance(holder, str)
+        redis_server.pause()
+        assert await a.ping() is False
+        redis_server.resume()
+        await late.give_back(holder)
+        assert await a.ping() is True
+        now[0] += a.settings.lease
+        await late.renew()
+        assert await _holders(redis_server) == [holder]  # left to expire
+
+
 async def test_a_full_route_is_not_asked_again_until_the_retry_or_a_give_back(
     redis_server: RedisServer,
 ) -> None:
