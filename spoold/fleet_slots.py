@@ -14,9 +14,11 @@ Its contract:
   when it had not; the attempt does not start then, and the message waits
   in memory (no send job waits holding a slot of its own). After the
   attempt, :meth:`FleetSlots.give_back` removes the holder (the
-  scheduler calls it after the message is no longer busy; this node's next
-  attempt of the destination waits for the removal to reach Redis, so it
-  is never refused its own slot).
+  scheduler calls it after the message is no longer busy). Neither waits
+  for the other: an attempt of this node that asks while its own slot is
+  still on the way back may be refused it, and is then free to ask again
+  as soon as the give-back is done (the scheduler wakes the destination's
+  line then).
 * **Leases expire.** A slot is held for :attr:`FleetSettings.lease`
   seconds; :meth:`FleetSlots.run` renews every slot this node holds every
   third of it, in one Redis call. A node that dies (``kill -9``, a cut
@@ -90,10 +92,6 @@ class FleetSlots:
         # (destination, when). Kept a lease at most: by then it has ended.
         self._unreleased: dict[str, tuple[str, float]] = {}
         self._full_until: dict[str, float] = {}
-        # Slots being given back in Redis, per destination: this node's next
-        # attempt of it waits for them (else it could be refused its own slot).
-        self._releasing: dict[str, int] = {}
-        self._released: dict[str, anyio.Event] = {}
         # Holders are unique per run: a node restarted at once never
         # mistakes its dead run's slots (which expire) for its own.
         self._prefix = f"{shared.settings.node}:{secrets.token_hex(4)}:"
@@ -125,8 +123,6 @@ class FleetSlots:
                 self.refusals += 1  # not asked: the fleet was full a moment ago
                 return until - now
             del self._full_until[destination]
-        if self._releasing.get(destination):
-            await self._released[destination].wait()  # bounded: a call's timeout
         holder = f"{self._prefix}{next(self._numbers)}"
         got = await self.shared.acquire(destination, limit, holder)
         if got is False:
@@ -145,9 +141,6 @@ class FleetSlots:
             return
         destination = held.destination
         self._full_until.pop(destination, None)
-        if not self._releasing.get(destination):
-            self._released[destination] = anyio.Event()
-        self._releasing[destination] = self._releasing.get(destination, 0) + 1
         try:
             # Asked even when not leased: a renewal may have taken it
             # meanwhile. Shielded: a send job cancelled at shutdown still
@@ -155,10 +148,8 @@ class FleetSlots:
             with anyio.CancelScope(shield=True):
                 await self._release(destination, holder)
         finally:
-            self._releasing[destination] -= 1
-            if not self._releasing[destination]:
-                del self._releasing[destination]
-                self._released.pop(destination).set()
+            # A refusal while it was on its way may have been this slot.
+            self._full_until.pop(destination, None)
 
     async def _release(self, destination: str, holder: str) -> None:
         """Give ``holder`` back in Redis; kept for the next renewal when

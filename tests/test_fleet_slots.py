@@ -211,6 +211,47 @@ async def test_a_full_route_is_not_asked_again_until_the_retry_or_a_give_back(
         assert node.refusals == 3
 
 
+async def test_take_never_waits_for_a_slow_give_back_and_asks_at_once_after_it() -> None:
+    # Redis slow to take a slot back: a take meanwhile asks at once (the
+    # slot not yet gone, the fleet says full); once the give-back is done,
+    # the next take asks again at once, not after the retry.
+    let_go = anyio.Event()
+
+    class Shared:
+        settings = FleetSettings(url="redis://127.0.0.1:9/0", node="a", lease=3.0)
+
+        def __init__(self) -> None:
+            self.releasing = anyio.Event()
+            self.holders: set[str] = set()
+
+        async def acquire(self, destination: str, limit: int, holder: str) -> bool:
+            if len(self.holders) >= limit:
+                return False
+            self.holders.add(holder)
+            return True
+
+        async def release(self, destination: str, holder: str) -> bool:
+            self.releasing.set()
+            await let_go.wait()
+            self.holders.discard(holder)
+            return True
+
+    shared = Shared()
+    node = FleetSlots(shared)  # type: ignore[arg-type]
+    first = await node.take("r", 1)
+    assert isinstance(first, str)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(node.give_back, first)
+        await shared.releasing.wait()
+        try:
+            with anyio.fail_after(5):  # generous: it must not wait for let_go at all
+                refused = await node.take("r", 1)
+        finally:
+            let_go.set()
+        assert isinstance(refused, float)
+    assert isinstance(await node.take("r", 1), str)
+
+
 async def test_a_slot_given_back_while_its_renewal_is_under_way_is_given_back_again() -> None:
     # The renewal may reach Redis after the give-back and take the slot
     # again (it re-takes what is not there): the node removes it once more.
