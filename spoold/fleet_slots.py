@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import anyio
 
 from spoold.fleet import SharedState
+from spoold.limits import SlotWait
 from spoold.log import get_logger
 
 __all__ = ["FleetSlots", "DEFAULT_RETRY"]
@@ -112,16 +113,16 @@ class FleetSlots:
         """The holder names of this node's slots."""
         return list(self._held)
 
-    async def take(self, destination: str, limit: int) -> str | float:
+    async def take(self, destination: str, limit: int) -> str | SlotWait:
         """A slot of ``destination`` (at most ``limit`` fleet-wide): its
-        holder name, to give back after the attempt; or the seconds to wait
+        holder name, to give back after the attempt; or how long to wait
         before asking again (the fleet holds ``limit``)."""
         now = self._clock()
         until = self._full_until.get(destination)
         if until is not None:
             if now < until:
                 self.refusals += 1  # not asked: the fleet was full a moment ago
-                return until - now
+                return SlotWait(until - now)
             del self._full_until[destination]
         holder = f"{self._prefix}{next(self._numbers)}"
         got = await self.shared.acquire(destination, limit, holder)
@@ -129,7 +130,7 @@ class FleetSlots:
             wait = self.retry * random.uniform(0.5, 1.5)  # spread: nodes do not ask in step
             self._full_until[destination] = self._clock() + wait
             self.refusals += 1
-            return wait
+            return SlotWait(wait)
         self._held[holder] = _Held(destination, limit, leased=got is True)
         return holder
 

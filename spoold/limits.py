@@ -59,6 +59,7 @@ __all__ = [
     "LimitsSource",
     "SharedRates",
     "SharedSlots",
+    "SlotWait",
     "SharedToken",
     "DestinationGate",
     "Hold",
@@ -166,17 +167,25 @@ class SharedRates(Protocol):
     async def gcra(self, destination: str, rate: Rate) -> SharedToken | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SlotWait:
+    """An answer of :meth:`SharedSlots.take`: the others hold the limit;
+    ask again ``seconds`` on (or sooner, when this process gives one back)."""
+
+    seconds: float
+
+
 class SharedSlots(Protocol):
     """A destination's connections counted with other processes (the
     fleet's Redis: :class:`spoold.fleet_slots.FleetSlots`). Asked by a send
     job after the gate admitted it: :meth:`take` gives the name of the slot
     this attempt holds (given back with :meth:`give_back` when the attempt
-    ends), or the seconds to wait before asking again when the others hold
-    ``limit``. When the shared state does not answer it gives a slot (the
-    local ``max_connections``, which the gate applied already, is then the
-    only one)."""
+    ends), or a :class:`SlotWait` when the others hold ``limit``. When
+    the shared state does not answer it gives a slot (the local
+    ``max_connections``, which the gate applied already, is then the only
+    one)."""
 
-    async def take(self, destination: str, limit: int) -> str | float: ...
+    async def take(self, destination: str, limit: int) -> str | SlotWait: ...
 
     async def give_back(self, holder: str) -> None: ...
 

@@ -42,7 +42,7 @@ import msgspec
 
 from spoold.errors import RecordError, SpooldError
 from spoold.events import EventKind
-from spoold.limits import DestinationGate, Hold, SharedRates, SharedSlots
+from spoold.limits import DestinationGate, Hold, SharedRates, SharedSlots, SlotWait
 from spoold.message import SEND_NOW, Message, SendAt, Sending, SendNow
 from spoold.policy import DestinationPolicy
 from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
@@ -243,8 +243,8 @@ class Scheduler:
                 self._defer(entry, gen, *due)
                 return
             taken = await self._shared_slot(policy)
-            if taken is not None and not isinstance(taken, str):  # seconds (an int too)
-                until = self.clock.now().timestamp() + float(taken)
+            if isinstance(taken, SlotWait):
+                until = self.clock.now().timestamp() + taken.seconds
                 limited = policy.limited
                 rated = self.shared_rates is not None and limited and limited[1].rate
                 self._defer(entry, gen, until, bool(rated), slot=True)
@@ -271,11 +271,11 @@ class Scheduler:
                 if policy.limited is not None and self.gate.wake(policy.limited[0]):
                     self.poke()  # its line, refused a slot meanwhile, asks again
 
-    async def _shared_slot(self, policy: DestinationPolicy) -> str | float | None:
+    async def _shared_slot(self, policy: DestinationPolicy) -> str | SlotWait | None:
         """The destination's fleet-wide connection slot, if
         :attr:`shared_slots` is set and the destination has limits that are
-        shared: its holder (given back when the attempt ends), or the
-        seconds to wait (the fleet holds ``max_connections``); None:
+        shared: its holder (given back when the attempt ends), or a wait
+        (the fleet holds ``max_connections``); None:
         nothing to take."""
         shared, limited = self.shared_slots, policy.limited
         if shared is None or limited is None or not limited[1].shared_connections:

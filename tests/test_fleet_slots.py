@@ -11,6 +11,7 @@ import redis.asyncio
 
 from spoold.fleet import KEY_PREFIX, FleetSettings, SharedState
 from spoold.fleet_slots import FleetSlots
+from spoold.limits import SlotWait
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.daemon  # starts redis-server
@@ -94,17 +95,17 @@ async def test_a_node_takes_up_to_the_limit_and_gives_back(redis_server: RedisSe
         assert first.startswith("a:") and second.startswith("b:")
         assert one.held == {"r": 1} and one.leased == 1
         refused = await one.take("r", 2)
-        assert isinstance(refused, float) and 0 < refused <= 1.5 * one.retry
+        assert isinstance(refused, SlotWait) and 0 < refused.seconds <= 1.5 * one.retry
         assert one.refusals == 1
         await two.give_back(second)
         assert await _holders(redis_server) == [first]
         # Refused a moment ago: not asked again before the wait is over ...
-        assert isinstance(await one.take("r", 2), float)
+        assert isinstance(await one.take("r", 2), SlotWait)
         now[0] += 1.0
         third = await one.take("r", 2)  # ... then a slot is free
         assert isinstance(third, str) and one.held == {"r": 2}
         # A slot given back at this node lets its next attempt ask at once.
-        assert isinstance(await one.take("r", 2), float)
+        assert isinstance(await one.take("r", 2), SlotWait)
         await one.give_back(third)
         fourth = await one.take("r", 2)
         assert isinstance(fourth, str)
@@ -199,13 +200,14 @@ async def test_a_full_route_is_not_asked_again_until_the_retry_or_a_give_back(
         mine = await node.take("r", 3)
         assert isinstance(mine, str)
         first = await node.take("r", 3)
-        assert isinstance(first, float) and 0.05 <= first <= 0.15
+        assert isinstance(first, SlotWait) and 0.05 <= first.seconds <= 0.15
         now[0] += 0.04
         # Asked meanwhile: told the rest of the while, Redis not asked.
-        assert await node.take("r", 3) == pytest.approx(first - 0.04)
+        again = await node.take("r", 3)
+        assert isinstance(again, SlotWait) and again.seconds == pytest.approx(first.seconds - 0.04)
         await a.release("r", "other:1")
         now[0] += 0.01
-        assert isinstance(await node.take("r", 3), float)  # still the cached refusal
+        assert isinstance(await node.take("r", 3), SlotWait)  # still the cached refusal
         await node.give_back(mine)  # ends the while: the next asks at once
         assert isinstance(await node.take("r", 3), str)
         assert node.refusals == 3
@@ -248,7 +250,7 @@ async def test_take_never_waits_for_a_slow_give_back_and_asks_at_once_after_it()
                 refused = await node.take("r", 1)
         finally:
             let_go.set()
-        assert isinstance(refused, float)
+        assert isinstance(refused, SlotWait)
     assert isinstance(await node.take("r", 1), str)
 
 

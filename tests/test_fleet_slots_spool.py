@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 
-from spoold.limits import Rate, SharedToken
+from spoold.limits import Rate, SharedToken, SlotWait
 from spoold.message import Queue, RoutedBatch
 from spoold.testing import FakeClock
 from tests.relay_helpers import MakeRelay, route
@@ -32,10 +32,10 @@ class Slots:
         self.asked: list[tuple[str, int]] = []
         self.given_back: list[str] = []
 
-    async def take(self, destination: str, limit: int) -> str | float:
+    async def take(self, destination: str, limit: int) -> str | SlotWait:
         self.asked.append((destination, limit))
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        return f"slot-{len(self.asked)}" if answer is None else answer
+        return f"slot-{len(self.asked)}" if answer is None else SlotWait(answer)
 
     async def give_back(self, holder: str) -> None:
         self.given_back.append(holder)
@@ -105,9 +105,9 @@ async def test_a_message_waiting_for_a_slot_holds_no_send_job(
     )
 
     class OnlyFree(Slots):
-        async def take(self, destination: str, limit: int) -> str | float:
+        async def take(self, destination: str, limit: int) -> str | SlotWait:
             self.asked.append((destination, limit))
-            return 5.0 if destination == "limited" else f"slot-{len(self.asked)}"
+            return SlotWait(5.0) if destination == "limited" else f"slot-{len(self.asked)}"
 
     slots = OnlyFree()
     async with spool_with(
