@@ -529,7 +529,9 @@ class SharedState:
         self, destination: str, holder: str, *, limit: int = 0, now_ms: int | None = None
     ) -> bool | None:
         """Extend ``holder``'s lease: False when it had run out (and, with
-        a ``limit``, the fleet holds that many)."""
+        a ``limit``, the fleet holds that many). One holder's
+        :meth:`renew_all`, kept for tests and callers of one slot; with
+        ``limit=0`` a slot whose lease ran out is never taken again."""
         got = await self.renew_all([(destination, holder, limit)], now_ms=now_ms)
         return None if got is None else got[0]
 

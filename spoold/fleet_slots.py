@@ -14,9 +14,11 @@ Its contract:
   when it had not; the attempt does not start then, and the message waits
   in memory (no send job waits holding a slot of its own). After the
   attempt, :meth:`FleetSlots.give_back` removes the holder (the
-  scheduler calls it after the message is no longer busy; this node's next
-  attempt of the destination waits for the removal to reach Redis, so it
-  is never refused its own slot).
+  scheduler calls it after the message is no longer busy). Neither waits
+  for the other: an attempt of this node that asks while its own slot is
+  still on the way back may be refused it, and is then free to ask again
+  as soon as the give-back is done (the scheduler wakes the destination's
+  line then).
 * **Leases expire.** A slot is held for :attr:`FleetSettings.lease`
   seconds; :meth:`FleetSlots.run` renews every slot this node holds every
   third of it, in one Redis call. A node that dies (``kill -9``, a cut
@@ -29,13 +31,16 @@ Its contract:
   lease ran out while Redis was away, again, so when Redis is back the
   node counts in the fleet again. A slot that cannot be taken again (the
   fleet is full meanwhile) stays this node's until its attempt ends: an
-  attempt under way is never cut.
+  attempt under way is never cut. A slot given back while Redis does not
+  answer is kept aside and given back at each renewal until Redis
+  answers, so it blocks the other nodes for a third of a lease at most,
+  not a whole lease.
 * **A full fleet is asked sparingly.** After a refusal, a destination is
   not asked again for a short while (:attr:`FleetSlots.retry`, spread by a
   random factor so that nodes do not ask in step), except when this node
-  gives back a slot of it; the messages refused meanwhile are told to come
-  back in turns (``limit`` of them per retry, none later than
-  :data:`MAX_SPREAD`), so a large backlog does not wake all at once.
+  gives back a slot of it; an attempt refused meanwhile is told the rest
+  of that while. (The scheduler holds the destination's whole line for
+  it, so a backlog asks a few times per retry, not once per message.)
 """
 
 from __future__ import annotations
@@ -51,16 +56,15 @@ from dataclasses import dataclass
 import anyio
 
 from spoold.fleet import SharedState
+from spoold.limits import SlotWait
 from spoold.log import get_logger
 
-__all__ = ["FleetSlots", "DEFAULT_RETRY", "MAX_SPREAD"]
+__all__ = ["FleetSlots", "DEFAULT_RETRY"]
 
 log = get_logger("spoold.fleet")
 
 # Seconds a refused destination waits before this node asks for it again.
 DEFAULT_RETRY = 0.1
-# Seconds at most that a message held for a full route waits for its turn.
-MAX_SPREAD = 1.0
 
 
 @dataclass(slots=True)
@@ -85,12 +89,10 @@ class FleetSlots:
         self.retry = retry
         self._clock = clock
         self._held: dict[str, _Held] = {}
+        # Slots given back that Redis did not answer for: holder ->
+        # (destination, when). Kept a lease at most: by then it has ended.
+        self._unreleased: dict[str, tuple[str, float]] = {}
         self._full_until: dict[str, float] = {}
-        self._turns: dict[str, int] = {}  # messages held since the fleet was full
-        # Slots being given back in Redis, per destination: this node's next
-        # attempt of it waits for them (else it could be refused its own slot).
-        self._releasing: dict[str, int] = {}
-        self._released: dict[str, anyio.Event] = {}
         # Holders are unique per run: a node restarted at once never
         # mistakes its dead run's slots (which expire) for its own.
         self._prefix = f"{shared.settings.node}:{secrets.token_hex(4)}:"
@@ -111,33 +113,24 @@ class FleetSlots:
         """The holder names of this node's slots."""
         return list(self._held)
 
-    async def take(self, destination: str, limit: int) -> str | float:
+    async def take(self, destination: str, limit: int) -> str | SlotWait:
         """A slot of ``destination`` (at most ``limit`` fleet-wide): its
-        holder name, to give back after the attempt; or the seconds to wait
+        holder name, to give back after the attempt; or how long to wait
         before asking again (the fleet holds ``limit``)."""
         now = self._clock()
         until = self._full_until.get(destination)
         if until is not None:
             if now < until:
-                # Not asked: the fleet was full a moment ago. The messages
-                # held meanwhile come back in turns, ``limit`` per retry
-                # (at most MAX_SPREAD later), not all at once: a backlog of
-                # a full route costs a few checks a second, not one per
-                # message each retry.
-                turn = self._turns[destination] = self._turns.get(destination, 0) + 1
-                self.refusals += 1
-                return until - now + min(MAX_SPREAD, self.retry * (turn // max(1, limit)))
+                self.refusals += 1  # not asked: the fleet was full a moment ago
+                return SlotWait(until - now)
             del self._full_until[destination]
-            self._turns.pop(destination, None)
-        if self._releasing.get(destination):
-            await self._released[destination].wait()  # bounded: a call's timeout
         holder = f"{self._prefix}{next(self._numbers)}"
         got = await self.shared.acquire(destination, limit, holder)
         if got is False:
             wait = self.retry * random.uniform(0.5, 1.5)  # spread: nodes do not ask in step
             self._full_until[destination] = self._clock() + wait
             self.refusals += 1
-            return wait
+            return SlotWait(wait)
         self._held[holder] = _Held(destination, limit, leased=got is True)
         return holder
 
@@ -149,25 +142,36 @@ class FleetSlots:
             return
         destination = held.destination
         self._full_until.pop(destination, None)
-        self._turns.pop(destination, None)
-        if not self._releasing.get(destination):
-            self._released[destination] = anyio.Event()
-        self._releasing[destination] = self._releasing.get(destination, 0) + 1
         try:
             # Asked even when not leased: a renewal may have taken it
             # meanwhile. Shielded: a send job cancelled at shutdown still
             # frees its slot (the call is bounded by the fleet's timeout).
             with anyio.CancelScope(shield=True):
-                await self.shared.release(destination, holder)
+                await self._release(destination, holder)
         finally:
-            self._releasing[destination] -= 1
-            if not self._releasing[destination]:
-                del self._releasing[destination]
-                self._released.pop(destination).set()
+            # A refusal while it was on its way may have been this slot.
+            self._full_until.pop(destination, None)
+
+    async def _release(self, destination: str, holder: str) -> None:
+        """Give ``holder`` back in Redis; kept for the next renewal when
+        Redis does not answer."""
+        if await self.shared.release(destination, holder) is None:
+            self._unreleased.setdefault(holder, (destination, self._clock()))
+        else:
+            self._unreleased.pop(holder, None)
 
     async def renew(self, *, now_ms: int | None = None) -> None:
-        """Renew every slot held (one Redis call), and take again those
-        whose lease was lost or never taken."""
+        """Give back in Redis the slots that it did not answer for, renew
+        every slot held (one Redis call), and take again those whose lease
+        was lost or never taken."""
+        ended = self._clock() - self.shared.settings.lease
+        for holder, (destination, since) in list(self._unreleased.items()):
+            if since <= ended:  # its lease has ended by now (Redis drops it)
+                self._unreleased.pop(holder, None)
+                continue
+            await self._release(destination, holder)
+            if holder in self._unreleased:
+                break  # still no answer: the rest waits for the next renewal
         items = list(self._held.items())
         if not items:
             return
@@ -190,7 +194,7 @@ class FleetSlots:
                 )
             h.leased = held
         for destination, holder in stale:
-            await self.shared.release(destination, holder)
+            await self._release(destination, holder)
 
     async def run(self) -> None:
         """Renew the slots held every third of the lease, until cancelled."""

@@ -59,6 +59,7 @@ __all__ = [
     "LimitsSource",
     "SharedRates",
     "SharedSlots",
+    "SlotWait",
     "SharedToken",
     "DestinationGate",
     "Hold",
@@ -117,8 +118,14 @@ def parse_rate(value: object) -> Rate | None:
 
 @dataclass(frozen=True, slots=True)
 class DestinationLimits:
+    """``shared_connections``: whether ``max_connections`` is counted
+    with other processes when the spool has :class:`SharedSlots` (the
+    daemon sets it only for routes whose ``max_connections`` its config
+    sets); False: it is this spool's own limit only."""
+
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     rate: Rate | None = None
+    shared_connections: bool = True
 
 
 class LimitsSource(Protocol):
@@ -160,17 +167,25 @@ class SharedRates(Protocol):
     async def gcra(self, destination: str, rate: Rate) -> SharedToken | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SlotWait:
+    """An answer of :meth:`SharedSlots.take`: the others hold the limit;
+    ask again ``seconds`` on (or sooner, when this process gives one back)."""
+
+    seconds: float
+
+
 class SharedSlots(Protocol):
     """A destination's connections counted with other processes (the
     fleet's Redis: :class:`spoold.fleet_slots.FleetSlots`). Asked by a send
     job after the gate admitted it: :meth:`take` gives the name of the slot
     this attempt holds (given back with :meth:`give_back` when the attempt
-    ends), or the seconds to wait before asking again when the others hold
-    ``limit``. When the shared state does not answer it gives a slot (the
-    local ``max_connections``, which the gate applied already, is then the
-    only one)."""
+    ends), or a :class:`SlotWait` when the others hold ``limit``. When
+    the shared state does not answer it gives a slot (the local
+    ``max_connections``, which the gate applied already, is then the only
+    one)."""
 
-    async def take(self, destination: str, limit: int) -> str | float: ...
+    async def take(self, destination: str, limit: int) -> str | SlotWait: ...
 
     async def give_back(self, holder: str) -> None: ...
 
@@ -212,6 +227,7 @@ class _Destination(Generic[_T]):
     # whether the token is booked (the next out goes without asking again).
     not_before: float = -math.inf
     booked: bool = False
+    early: bool = False  # and a wake() may end that wait before then (see defer)
     # The first ``sent_now`` of the line were sent now by an operator (they
     # keep their order among them); whether the last item out was one.
     sent_now: int = 0
@@ -369,23 +385,46 @@ class DestinationGate(Generic[_T]):
             if not d.waiting:
                 d.booked = False
 
-    def defer(self, destination: str, item: _T, until: float, *, booked: bool = False) -> None:
+    def defer(
+        self,
+        destination: str,
+        item: _T,
+        until: float,
+        *,
+        booked: bool = False,
+        early: bool = False,
+    ) -> None:
         """An admitted attempt of ``destination`` did not start after all:
-        a token it shares with other processes (a fleet's rate) is due
-        only at ``until`` (``booked``: and is booked for the line, see
-        :meth:`take_booking`). Its connection and token are given back,
+        what it shares with other processes is due only at ``until`` (a
+        fleet's rate token; ``booked``: and it is booked for the line, see
+        :meth:`take_booking`), or may be free then (a fleet's connection
+        slot; ``early``: :meth:`wake` ends the wait sooner, when this
+        process frees one). Its connection and token are given back,
         ``item`` goes back to the head of the line (it was first), and the
         line moves on no earlier than ``until`` (so the others wait behind
-        it instead of each asking for that token)."""
+        it instead of each asking in turn)."""
         d = self._destinations[destination]
         d.running = max(0, d.running - 1)
         if d.limits.rate is not None:
             d.next_token -= d.limits.rate.spacing
         d.not_before = until
         d.booked = booked
+        d.early = early
         d.waiting.appendleft(item)
         if d.out_sent_now:
             d.sent_now += 1
+
+    def wake(self, destination: str) -> bool:
+        """This process freed what the line of ``destination`` may wait
+        for (a shared connection slot): a wait that :meth:`defer` allowed
+        to end early ends now. Returns whether it did (a wait for a shared
+        token goes on)."""
+        d = self._destinations.get(destination)
+        if d is None or not d.early:
+            return False
+        d.early = False
+        d.not_before = -math.inf
+        return True
 
     def asking(self, destination: str, asking: bool) -> None:
         """An admitted attempt of ``destination`` asks for a shared token
@@ -454,7 +493,7 @@ class DestinationGate(Generic[_T]):
         if d.limits != limits:  # a reload changed them: the new ones apply now
             if d.limits.rate != limits.rate:  # a shared token booked at the old rate is
                 d.not_before = -math.inf  # given up: the head asks at the new one
-                d.booked = False
+                d.booked = d.early = False
             d.limits = limits
             if limits.rate is None:
                 d.next_token = -math.inf

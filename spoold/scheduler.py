@@ -42,7 +42,7 @@ import msgspec
 
 from spoold.errors import RecordError, SpooldError
 from spoold.events import EventKind
-from spoold.limits import DestinationGate, Hold, SharedRates, SharedSlots
+from spoold.limits import DestinationGate, Hold, SharedRates, SharedSlots, SlotWait
 from spoold.message import SEND_NOW, Message, SendAt, Sending, SendNow
 from spoold.policy import DestinationPolicy
 from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
@@ -219,14 +219,18 @@ class Scheduler:
         attempt); when its time comes it is sent without asking again. One
         whose destination's fleet-wide connection slots are all held is
         held a moment. Either way the job ends at once and waits for
-        nothing."""
+        nothing.
+
+        A message refused a slot goes back to the head of its line too,
+        which waits the moment the fleet suggests, or until this spool
+        gives back a slot of the destination (so a backlog behind it takes
+        no send job and asks nothing meanwhile); the rate token it took is
+        booked for the line (the next out goes without asking again)."""
         slot: str | None = None
         try:
             # The rate first: a message the rate holds costs no slot (two
             # calls fewer), and its token is taken without a slot's call
-            # first (late tokens are lost rate). A token whose slot is
-            # refused is spent: then the connections, not the rate, bound
-            # the route.
+            # first (late tokens are lost rate).
             due = None
             if asks:
                 try:
@@ -239,8 +243,11 @@ class Scheduler:
                 self._defer(entry, gen, *due)
                 return
             taken = await self._shared_slot(policy)
-            if taken is not None and not isinstance(taken, str):  # seconds (an int too)
-                self._hold_for(entry, gen, float(taken), "fleet-wide connections")
+            if isinstance(taken, SlotWait):
+                until = self.clock.now().timestamp() + taken.seconds
+                limited = policy.limited
+                rated = self.shared_rates is not None and limited and limited[1].rate
+                self._defer(entry, gen, until, bool(rated), slot=True)
                 return
             slot = taken
             if slot is not None:
@@ -261,22 +268,17 @@ class Scheduler:
                 # Last: no await while the message is busy (its timer
                 # coming due meanwhile would be passed over).
                 await self.shared_slots.give_back(slot)
+                if policy.limited is not None and self.gate.wake(policy.limited[0]):
+                    self.poke()  # its line, refused a slot meanwhile, asks again
 
-    def _hold_for(self, entry: Entry, gen: int, wait: float, reason: str) -> None:
-        """Hold ``entry`` ``wait`` seconds for the fleet (if it is still
-        the one this job was started for)."""
-        current = self._index.get(entry.msg.id)
-        if current is entry and entry.gen == gen and not self._state.stopping:
-            until = self.clock.now().timestamp() + wait
-            self._hold(entry, gen, Hold(None, until, reason))
-
-    async def _shared_slot(self, policy: DestinationPolicy) -> str | float | None:
+    async def _shared_slot(self, policy: DestinationPolicy) -> str | SlotWait | None:
         """The destination's fleet-wide connection slot, if
-        :attr:`shared_slots` is set and the destination has limits: its
-        holder (given back when the attempt ends), or the seconds to wait
-        (the fleet holds ``max_connections``); None: nothing to take."""
+        :attr:`shared_slots` is set and the destination has limits that are
+        shared: its holder (given back when the attempt ends), or a wait
+        (the fleet holds ``max_connections``); None:
+        nothing to take."""
         shared, limited = self.shared_slots, policy.limited
-        if shared is None or limited is None:
+        if shared is None or limited is None or not limited[1].shared_connections:
             return None
         return await shared.take(limited[0], limited[1].max_connections)
 
@@ -303,12 +305,16 @@ class Scheduler:
             return None
         return asked + token.wait, token.booked
 
-    def _defer(self, entry: Entry, gen: int, until: float, booked: bool) -> None:
+    def _defer(
+        self, entry: Entry, gen: int, until: float, booked: bool, *, slot: bool = False
+    ) -> None:
         """``entry`` (admitted, not sent) may go at ``until`` for the fleet
         (``booked``: its token is booked then, so it goes without asking
-        again): back to the head of its destination's line, which waits
-        until then (the connection and the local token are given back: no
-        attempt was made). A message changed meanwhile is left to its new
+        again; ``slot``: it was refused a connection slot, and the wait
+        ends early when this spool gives one back): back to the head of
+        its destination's line, which waits until then (the connection and
+        the local token are given back: no attempt was made). A message
+        changed meanwhile is left to its new
         status, and one found as the spool stops stays queued on disk (a
         token booked then is lost). Frozen, removed or sent by an operator
         later, while it waits, the token goes to the next of the line
@@ -317,17 +323,18 @@ class Scheduler:
         current = self._index.get(entry.msg.id)
         if current is not entry or entry.gen != gen or self._state.stopping:
             return
+        reason = "fleet-wide connections" if slot else "fleet-wide rate"
         if destination is None:  # not counted under a destination: a timer
-            self._hold(entry, gen, Hold(None, until, "fleet-wide rate"))
+            self._hold(entry, gen, Hold(None, until, reason))
             return
         entry.destination = None  # given back here, not as done
-        self.gate.defer(destination, (entry, gen), until, booked=booked)
+        self.gate.defer(destination, (entry, gen), until, booked=booked, early=slot)
         log.debug(
             "held by its destination",
             id=entry.msg.id,
             flows=entry.msg.flows,
             destination=destination,
-            reason="fleet-wide rate (booked)" if booked else "fleet-wide rate",
+            reason=f"{reason} (booked)" if booked else reason,
         )
 
     def policy_of(self, msg: Message) -> DestinationPolicy:

@@ -30,7 +30,7 @@ from spoold.errors import (
     ConfigError,
     SpooldError,
 )
-from spoold.limits import DestinationLimits, Rate
+from spoold.limits import DEFAULT_MAX_CONNECTIONS, DestinationLimits, Rate
 from spoold.outcome import DeliveryPolicy, OnPermanentFailure, RetriesExhausted
 from spoold.spool import DEFAULT_RETRY_SPANS
 from spoold.times import format_span, parse_size, parse_span
@@ -73,6 +73,7 @@ def test_sample_config_loads_and_resolves_paths_against_its_directory() -> None:
             tls="opportunistic",
             verify_certificates=True,
             auth_file=None,  # "" means no auth file
+            max_connections=10,  # set (counted fleet-wide with [fleet])
         )
     }
 
@@ -938,24 +939,32 @@ def test_route_limits_are_read_and_checked(tmp_path: Path) -> None:
     cfg = parse_config(raw, tmp_path / "spoold.toml")
     assert cfg.routes["slow"].rate == Rate(1000, timedelta(hours=1))
     assert cfg.routes["slow"].max_connections == 2
-    assert (cfg.routes["plain"].rate, cfg.routes["plain"].max_connections) == (None, 10)
+    # Not set: None here, the default (10) in the route's limits, which a
+    # fleet does not count fleet-wide (see docs/fleet.md, "Connections").
+    assert (cfg.routes["plain"].rate, cfg.routes["plain"].max_connections) == (None, None)
 
     router = Router(cfg)
     msg = make_message("M1")
     msg.route = "slow"
     assert router.limits_for(msg) == ("slow", DestinationLimits(2, Rate(1000, timedelta(hours=1))))
+    msg.route = "plain"
+    plain = DestinationLimits(DEFAULT_MAX_CONNECTIONS, None, shared_connections=False)
+    assert router.limits_for(msg) == ("plain", plain)
     msg.route = "gone"  # a route a reload removed: no limits
     assert router.limits_for(msg) is None
 
     bad = copy.deepcopy(raw)
     bad["routes"]["slow"].update(rate="fast", max_connections=0)
-    bad["routes"]["plain"]["rate"] = 50
+    bad["routes"]["plain"].update(rate=50, max_connections=10_001)
+    bad["routes"]["third"] = {"next_hops": ["c.example:25"], "max_connections": "4"}
     with pytest.raises(ConfigError) as info:
         parse_config(bad, tmp_path / "spoold.toml")
     assert info.value.problems == [
         "routes.slow.max_connections: expected an integer >= 1, got 0",
         "routes.slow.rate: expected a rate like '50/s' or '1000/h', got 'fast'",
+        "routes.plain.max_connections: expected an integer <= 10000, got 10001",
         "routes.plain.rate: expected a rate like '50/s' or '1000/h', got 50",
+        "routes.third.max_connections: expected an integer >= 1, got '4'",
     ]
 
 

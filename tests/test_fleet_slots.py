@@ -11,6 +11,7 @@ import redis.asyncio
 
 from spoold.fleet import KEY_PREFIX, FleetSettings, SharedState
 from spoold.fleet_slots import FleetSlots
+from spoold.limits import SlotWait
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.daemon  # starts redis-server
@@ -94,17 +95,17 @@ async def test_a_node_takes_up_to_the_limit_and_gives_back(redis_server: RedisSe
         assert first.startswith("a:") and second.startswith("b:")
         assert one.held == {"r": 1} and one.leased == 1
         refused = await one.take("r", 2)
-        assert isinstance(refused, float) and 0 < refused <= 1.5 * one.retry
+        assert isinstance(refused, SlotWait) and 0 < refused.seconds <= 1.5 * one.retry
         assert one.refusals == 1
         await two.give_back(second)
         assert await _holders(redis_server) == [first]
         # Refused a moment ago: not asked again before the wait is over ...
-        assert isinstance(await one.take("r", 2), float)
+        assert isinstance(await one.take("r", 2), SlotWait)
         now[0] += 1.0
         third = await one.take("r", 2)  # ... then a slot is free
         assert isinstance(third, str) and one.held == {"r": 2}
         # A slot given back at this node lets its next attempt ask at once.
-        assert isinstance(await one.take("r", 2), float)
+        assert isinstance(await one.take("r", 2), SlotWait)
         await one.give_back(third)
         fourth = await one.take("r", 2)
         assert isinstance(fourth, str)
@@ -155,20 +156,102 @@ async def test_redis_down_the_node_goes_on_alone_and_counts_again_when_back(
         assert node.held == {} and await _holders(redis_server) == []
 
 
-async def test_messages_held_for_a_full_route_come_back_in_turns(
+async def test_a_slot_given_back_while_redis_is_down_is_given_back_when_it_answers(
+    redis_server: RedisServer,
+) -> None:
+    # A blip marks Redis down: a give-back meanwhile is not sent (or fails).
+    # The slot is kept aside and given back at the next renewal, not left
+    # in Redis for a lease to block the other nodes.
+    async with SharedState(_settings(redis_server, "a", retry_after=60.0)) as a:
+        node = FleetSlots(a)
+        holder = await node.take("r", 2)
+        assert isinstance(holder, str) and await _holders(redis_server) == [holder]
+        redis_server.pause()
+        assert await a.ping() is False  # a timeout marks it down: not asked for 60 s
+        redis_server.resume()
+        await node.give_back(holder)
+        assert node.held == {} and await _holders(redis_server) == [holder]
+        await a.ping()  # an operator's question: it answers, up again
+        assert a.health.up
+        await node.renew()
+        assert await _holders(redis_server) == []
+        # One given back a lease ago or more is not asked for: it has ended.
+        now = [0.0]
+        late = FleetSlots(a, clock=lambda: now[0])
+        holder = await late.take("r", 2)
+        assert isinstance(holder, str)
+        redis_server.pause()
+        assert await a.ping() is False
+        redis_server.resume()
+        await late.give_back(holder)
+        assert await a.ping() is True
+        now[0] += a.settings.lease
+        await late.renew()
+        assert await _holders(redis_server) == [holder]  # left to expire
+
+
+async def test_a_full_route_is_not_asked_again_until_the_retry_or_a_give_back(
     redis_server: RedisServer,
 ) -> None:
     now = [100.0]
     async with SharedState(_settings(redis_server, "a")) as a:
         node = FleetSlots(a, retry=0.1, clock=lambda: now[0])
-        assert await a.acquire("r", 2, "other:1") and await a.acquire("r", 2, "other:2")
-        first = await node.take("r", 2)
-        assert isinstance(first, float)
-        waits = [await node.take("r", 2) for _ in range(40)]
-        # two per retry after the first window, none later than a second on
-        spread = [round(float(w) - first, 6) for w in waits]
-        assert spread[:6] == [0.0, 0.1, 0.1, 0.2, 0.2, 0.3]
-        assert max(spread) == 1.0 and node.refusals == 41
+        assert await a.acquire("r", 3, "other:1") and await a.acquire("r", 3, "other:2")
+        mine = await node.take("r", 3)
+        assert isinstance(mine, str)
+        first = await node.take("r", 3)
+        assert isinstance(first, SlotWait) and 0.05 <= first.seconds <= 0.15
+        now[0] += 0.04
+        # Asked meanwhile: told the rest of the while, Redis not asked.
+        again = await node.take("r", 3)
+        assert isinstance(again, SlotWait) and again.seconds == pytest.approx(first.seconds - 0.04)
+        await a.release("r", "other:1")
+        now[0] += 0.01
+        assert isinstance(await node.take("r", 3), SlotWait)  # still the cached refusal
+        await node.give_back(mine)  # ends the while: the next asks at once
+        assert isinstance(await node.take("r", 3), str)
+        assert node.refusals == 3
+
+
+async def test_take_never_waits_for_a_slow_give_back_and_asks_at_once_after_it() -> None:
+    # Redis slow to take a slot back: a take meanwhile asks at once (the
+    # slot not yet gone, the fleet says full); once the give-back is done,
+    # the next take asks again at once, not after the retry.
+    let_go = anyio.Event()
+
+    class Shared:
+        settings = FleetSettings(url="redis://127.0.0.1:9/0", node="a", lease=3.0)
+
+        def __init__(self) -> None:
+            self.releasing = anyio.Event()
+            self.holders: set[str] = set()
+
+        async def acquire(self, destination: str, limit: int, holder: str) -> bool:
+            if len(self.holders) >= limit:
+                return False
+            self.holders.add(holder)
+            return True
+
+        async def release(self, destination: str, holder: str) -> bool:
+            self.releasing.set()
+            await let_go.wait()
+            self.holders.discard(holder)
+            return True
+
+    shared = Shared()
+    node = FleetSlots(shared)  # type: ignore[arg-type]
+    first = await node.take("r", 1)
+    assert isinstance(first, str)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(node.give_back, first)
+        await shared.releasing.wait()
+        try:
+            with anyio.fail_after(5):  # generous: it must not wait for let_go at all
+                refused = await node.take("r", 1)
+        finally:
+            let_go.set()
+        assert isinstance(refused, SlotWait)
+    assert isinstance(await node.take("r", 1), str)
 
 
 async def test_a_slot_given_back_while_its_renewal_is_under_way_is_given_back_again() -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import anyio
 
-from spoold.limits import Rate, SharedToken
-from spoold.message import Queue
+from spoold.limits import Rate, SharedToken, SlotWait
+from spoold.message import Queue, RoutedBatch
 from spoold.testing import FakeClock
 from tests.relay_helpers import MakeRelay, route
 from tests.smtp_server import StartServer
-from tests.spool_helpers import START
+from tests.spool_helpers import BODY, SENDER, START, settle
 from tests.support import wait_until
 from tests.test_limits import add, router_for, spool_with
 
@@ -32,10 +32,10 @@ class Slots:
         self.asked: list[tuple[str, int]] = []
         self.given_back: list[str] = []
 
-    async def take(self, destination: str, limit: int) -> str | float:
+    async def take(self, destination: str, limit: int) -> str | SlotWait:
         self.asked.append((destination, limit))
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        return f"slot-{len(self.asked)}" if answer is None else answer
+        return f"slot-{len(self.asked)}" if answer is None else SlotWait(answer)
 
     async def give_back(self, holder: str) -> None:
         self.given_back.append(holder)
@@ -74,7 +74,7 @@ async def test_no_free_slot_holds_the_message_a_moment_then_it_goes(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
     hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop]}})
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "max_connections": 4}})
     slots = Slots(0.5, 0.5, None)
     clock = FakeClock(START)
     async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
@@ -95,15 +95,19 @@ async def test_a_message_waiting_for_a_slot_holds_no_send_job(
     router = router_for(
         tmp_path,
         {
-            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop]},
-            "free": {"next_hops": [free.hop]},
+            "limited": {
+                "domains": ["limited.example"],
+                "next_hops": [limited.hop],
+                "max_connections": 4,
+            },
+            "free": {"next_hops": [free.hop], "max_connections": 4},
         },
     )
 
     class OnlyFree(Slots):
-        async def take(self, destination: str, limit: int) -> str | float:
+        async def take(self, destination: str, limit: int) -> str | SlotWait:
             self.asked.append((destination, limit))
-            return 5.0 if destination == "limited" else f"slot-{len(self.asked)}"
+            return SlotWait(5.0) if destination == "limited" else f"slot-{len(self.asked)}"
 
     slots = OnlyFree()
     async with spool_with(
@@ -123,7 +127,9 @@ async def test_a_message_the_rate_holds_takes_no_slot(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
     hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    router = router_for(
+        tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s", "max_connections": 4}}
+    )
     slots, rate = Slots(None), NoRate(5.0)
     async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
         spool.shared_slots, spool.shared_rates = slots, rate
@@ -139,7 +145,9 @@ async def test_a_slot_given_back_slowly_holds_nothing_up(
     # message is no longer busy meanwhile, and the next one, held by the
     # rate and then due, goes.
     hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    router = router_for(
+        tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s", "max_connections": 4}}
+    )
     let_go = anyio.Event()
 
     class SlowBack(Slots):
@@ -163,3 +171,48 @@ async def test_a_slot_given_back_slowly_holds_nothing_up(
         await wait_until(lambda: slots.given_back == ["slot-2"], "its slot back, not the first")
         let_go.set()
         await wait_until(lambda: sorted(slots.given_back) == ["slot-1", "slot-2"], "both back")
+
+
+async def test_a_backlog_on_a_full_route_waits_in_its_line_and_asks_sparingly(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # 2000 messages queued for a route whose fleet is always full: each
+    # refusal sends the message back to the head of the route's line, and
+    # the line waits the retry the fleet suggests; the rest of the backlog
+    # takes no send job and asks nothing meanwhile.
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "max_connections": 4}})
+    slots, clock = Slots(0.1), FakeClock(START)
+    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
+        spool.shared_slots = slots
+        (envelope,) = router.route(SENDER, ["ops@example.com"])
+        await spool.add(RoutedBatch([envelope] * 2000, BODY))
+        for _ in range(5):
+            asked = len(slots.asked)
+            await wait_until(lambda a=asked: len(slots.asked) > a, "the line to ask again")
+            await wait_until(lambda: spool.sending == 0, "the refused jobs to end")
+            await settle()
+            clock.advance(0.1)
+        await settle()
+        # About max_connections asks per retry, not one per message.
+        assert len(slots.asked) <= 6 * 4, len(slots.asked)
+    assert hop.transactions == 0
+
+
+async def test_a_route_left_at_the_default_max_connections_is_not_counted_and_reuses(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    # Only a route whose max_connections is set is counted with the others
+    # (and gives up connection reuse for it); one left at the default
+    # keeps its own limit and reuses its connection.
+    hop = await start_smtp_server()
+    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop]}})
+    slots = Slots(None)
+    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
+        spool.shared_slots = slots
+        await add(spool, router, "a@example.com")
+        await wait_until(lambda: hop.transactions == 1 and spool.sending == 0, "the first")
+        await add(spool, router, "b@example.com")
+        await wait_until(lambda: hop.transactions == 2, "the second message")
+        assert hop.connections_opened == 1  # the first one's connection, reused
+    assert slots.asked == [] and slots.given_back == []

@@ -181,6 +181,20 @@ def test_a_deferred_head_holds_its_line_until_its_time_with_or_without_a_rate() 
     assert gate.take_booking("d") is False  # it asks
 
 
+def test_a_line_waiting_for_a_shared_slot_is_woken_early_and_one_for_a_token_is_not() -> None:
+    gate: DestinationGate[str] = DestinationGate()
+    dest = limited()
+    assert gate.admit(dest, [], 0.0) is None
+    gate.defer("d", "head", 5.0, early=True)  # refused a slot: ask again at 5.0
+    gate.wait("d", "next")
+    assert list(gate.ready(1.0)) == [] and gate.next_wake(1.0) == 5.0
+    assert gate.wake("d") is True  # this process gave a slot back
+    assert [item for _, item in gate.ready(1.0)] == ["head", "next"]
+    gate.defer("d", "head", 5.0, booked=True)  # a token booked for 5.0: not early
+    assert gate.wake("d") is False and list(gate.ready(1.0)) == []
+    assert gate.wake("nobody") is False
+
+
 def test_give_back_returns_the_connection_and_the_token() -> None:
     gate: DestinationGate[str] = DestinationGate()
     dest = limited(max_connections=1, rate="1/s")

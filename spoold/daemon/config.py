@@ -44,7 +44,6 @@ from urllib.parse import urlsplit
 import msgspec
 
 from spoold import connection_cache as _cache
-from spoold import limits as _limits
 from spoold import settings as _settings
 from spoold.body import LineEndingPolicy
 from spoold.connection_cache import CacheSettings, TlsMode
@@ -222,6 +221,15 @@ def _optional_span(v: object) -> timedelta | None:
     if v == "":
         return None
     return _positive_span(v)
+
+
+def _route_connections(v: object) -> int:
+    """A route's ``max_connections``: an integer from 1 to 10000."""
+    if isinstance(v, int) and not isinstance(v, bool) and v > 10_000:
+        raise ValueError(f"expected an integer <= 10000, got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"expected an integer >= 1, got {v!r}")
+    return v
 
 
 def _optional_retries_exhausted(v: object) -> RetriesExhausted | None:
@@ -596,7 +604,9 @@ class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
     # None: spool.max_queue_lifetime, spool.retries_exhausted
     max_queue_lifetime: Annotated[timedelta | None, _Read(_optional_span)] = None
     retries_exhausted: Annotated[RetriesExhausted | None, _Read(_optional_retries_exhausted)] = None
-    max_connections: Annotated[int, _int_range(1, 10_000)] = _limits.DEFAULT_MAX_CONNECTIONS
+    # None: not set, so the default (spoold.limits.DEFAULT_MAX_CONNECTIONS),
+    # which a fleet does not count fleet-wide (the routing reads it).
+    max_connections: Annotated[int | None, _Read(_route_connections)] = None
     rate: Annotated[Rate | None, _Read(parse_rate)] = None  # attempts per span; None: no limit
     helo_name: Annotated[str, _Read(_optional_hostname)] = ""  # "": the top-level hostname
     # mx routes: DANE and/or MTA-STS per recipient domain (spoold.tls_policy)

@@ -56,7 +56,7 @@ from spoold.daemon.config import Config, RouteConfig, delivery_policy
 from spoold.daemon.dns import DnsLookups
 from spoold.daemon.mx import MxResolver
 from spoold.errors import NoRouteError
-from spoold.limits import DestinationLimits
+from spoold.limits import DEFAULT_MAX_CONNECTIONS, DestinationLimits
 from spoold.message import Message, RetryInterval, RoutedEnvelope
 from spoold.outcome import DeliveryPolicy
 from spoold.policy import DestinationPolicy
@@ -91,6 +91,15 @@ def _session_settings(rc: RouteConfig, config: Config) -> RouteSettings:
     )
 
 
+def _limits(rc: RouteConfig) -> DestinationLimits:
+    """A route's limits: ``max_connections`` is counted fleet-wide (with
+    ``[fleet]``) only when the config sets it; left at the default, it is
+    each node's own."""
+    if rc.max_connections is None:
+        return DestinationLimits(DEFAULT_MAX_CONNECTIONS, rc.rate, shared_connections=False)
+    return DestinationLimits(rc.max_connections, rc.rate)
+
+
 def _route_policy(rc: RouteConfig, delivery: DeliveryPolicy, jitter: float) -> DestinationPolicy:
     """A route's policy (but for its hops' sessions): the one place any
     other ``[routes.NAME]`` key that rules delivery becomes a policy field."""
@@ -102,7 +111,7 @@ def _route_policy(rc: RouteConfig, delivery: DeliveryPolicy, jitter: float) -> D
     return DestinationPolicy(
         destination=rc.name,
         next_hops=None if rc.mx else rc.next_hops,
-        limits=DestinationLimits(rc.max_connections, rc.rate),
+        limits=_limits(rc),
         delivery=delivery,
         retry_intervals=tuple(RetryInterval.from_spans(spans, jitter)),
         tls_policy=rc.tls_policy,
