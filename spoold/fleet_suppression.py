@@ -76,7 +76,7 @@ import msgspec
 from spoold.errors import StoreError
 from spoold.fleet import KEY_PREFIX, SharedState
 from spoold.log import get_logger
-from spoold.store.directory import fsync_directory
+from spoold.store.directory import fsync_directory, replace_file
 from spoold.suppression import Suppression, Suppressions, clean_reason, normalise
 
 __all__ = [
@@ -196,23 +196,8 @@ def _write_pending(
                 os.unlink(path)
                 fsync_directory(path.parent)
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
-        )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_directory(path.parent)
+        replace_file(path, tmp, data, mode=0o640)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise StoreError(f"cannot write {path}: {exc}") from None
 
 

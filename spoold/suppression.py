@@ -49,7 +49,6 @@ that exists) before its next write replaces it. A file of a newer format version
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import os
 import re
@@ -67,7 +66,7 @@ import structlog
 
 from spoold.errors import StoreError
 from spoold.relay import RecipientResult
-from spoold.store.directory import fsync_directory
+from spoold.store.directory import replace_file
 
 __all__ = [
     "SUPPRESSION_FILE",
@@ -301,24 +300,8 @@ def _write_sync(
     try:
         if keep_damaged and path.exists():
             _copy_damaged(path)
-        data = encode_list(entries)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # one left by a write that failed
-        fd = os.open(tmp, _CREATE, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if mtime_ns:
-                os.utime(fd, ns=(mtime_ns, mtime_ns))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_directory(path.parent)
+        replace_file(path, tmp, encode_list(entries), mode=0o640, mtime_ns=mtime_ns)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise StoreError(f"cannot write the suppression list {path}: {exc}") from None
 
 

@@ -27,7 +27,15 @@ from spoold.errors import SpoolLockedError, StoreError
 from spoold.ids import is_valid_id
 from spoold.store.records import StepHook
 
-__all__ = ["StoreDirectory", "CHECKOUT", "REASONS", "fsync_directory", "unlink_quiet", "read_pid"]
+__all__ = [
+    "StoreDirectory",
+    "CHECKOUT",
+    "REASONS",
+    "fsync_directory",
+    "replace_file",
+    "unlink_quiet",
+    "read_pid",
+]
 
 CHECKOUT = ".checkout"
 REASONS = ".reasons"
@@ -265,6 +273,33 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, tmp: Path, data: bytes, *, mode: int, mtime_ns: int = 0) -> None:
+    """Put ``data`` at ``path`` durably, whole or not at all: written to
+    ``tmp`` (made anew: one left by a write that failed is removed first),
+    fsynced, renamed over ``path``, its directory fsynced. ``mtime_ns``: the
+    file's modification time, when given. Raises :class:`OSError`, with
+    ``tmp`` removed."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if mtime_ns:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_directory(path.parent)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _fsync_parents(dirs: Iterable[str]) -> None:
