@@ -69,7 +69,7 @@ import msgspec
 
 from spoold.errors import IdempotencyKeyError
 from spoold.fleet import KEY_PREFIX, SharedState
-from spoold.idempotency import KeyFiles, envelope_fingerprint, validate_key
+from spoold.idempotency import KeyFiles, batch_fingerprint, validate_key
 from spoold.ids import is_valid_id, new_id
 from spoold.log import get_logger
 from spoold.message import RoutedBatch
@@ -279,10 +279,7 @@ class FleetKeys:
         with the fleet's claim (the module's steps 1-4). Returns the ids
         and whether they are an earlier submission's (this node's or
         another's)."""
-        envelope = envelope_fingerprint(
-            batch.envelopes[0].sender if batch.envelopes else "",
-            (r for e in batch.envelopes for r in e.recipients),
-        )
+        envelope = batch_fingerprint(batch)
         async with files.claim(validate_key(key)) as local:
             earlier = local.ids(now, window, envelope)
             if earlier is not None:

@@ -117,6 +117,15 @@ class _KeyRecord(msgspec.Struct):
     envelope: str = ""  # fingerprint of the submission's envelope ("": not known)
 
 
+def batch_fingerprint(batch: RoutedBatch) -> str:
+    """:func:`envelope_fingerprint` of a batch: its sender and every
+    recipient of its envelopes."""
+    return envelope_fingerprint(
+        batch.envelopes[0].sender if batch.envelopes else "",
+        (r for e in batch.envelopes for r in e.recipients),
+    )
+
+
 def envelope_fingerprint(sender: str, recipients: Iterable[str]) -> str:
     """What a repeat of a keyed submission must match: the sender and the
     set of recipients (order, repeats and the case of domains aside)."""
@@ -265,10 +274,7 @@ class KeyFiles:
         messages (each record carrying the key) unless an earlier
         submission of ``key`` within ``window`` did. Returns the ids and
         whether they are an earlier submission's."""
-        envelope = envelope_fingerprint(
-            batch.envelopes[0].sender if batch.envelopes else "",
-            (r for e in batch.envelopes for r in e.recipients),
-        )
+        envelope = batch_fingerprint(batch)
         async with self.claim(validate_key(key)) as claim:
             earlier = claim.ids(now, window, envelope)
             if earlier is not None:
