@@ -67,6 +67,7 @@ from spoold.daemon.config import (
 )
 from spoold.daemon.control import ControlServer, PeerCredentials
 from spoold.daemon.dns import DnsLookups
+from spoold.daemon.fleet_node import FleetNode, alone_status
 from spoold.daemon.ingest import Origin, Submitter
 from spoold.daemon.listener import ListenerSettings, listener_settings, listening_sockets
 from spoold.daemon.metrics import Metrics
@@ -87,10 +88,7 @@ from spoold.errors import (
     ConfigError,
     SpooldError,
 )
-from spoold.fleet import FleetSettings, SharedState, redacted_url
-from spoold.fleet_keys import FleetKeys
-from spoold.fleet_slots import FleetSlots
-from spoold.fleet_suppression import SuppressionMirror
+from spoold.fleet import FleetSettings
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
 from spoold.idempotency import user_key, validate_key
@@ -181,10 +179,8 @@ class Daemon:
         self._webhooks: Webhooks | None = None
         self._reload_lock = anyio.Lock()  # SIGHUP and the control request never overlap
         self.accept_failures = AcceptFailures()
-        # [fleet]: the shared state in Redis (it connects on first use).
-        self.fleet = SharedState(self.live.fleet) if self.live.fleet is not None else None
-        # [fleet]: a route's max_connections counted over the fleet (leases).
-        self.fleet_slots = FleetSlots(self.fleet) if self.fleet is not None else None
+        # [fleet]: what this node shares through Redis.
+        self.fleet = FleetNode(self.live.fleet) if self.live.fleet is not None else None
         self.metrics = Metrics()  # served when [metrics] listen is set
         self.cache = ConnectionCache(resolve_host=self.live.dns.resolve_host)
         self.cache.settings = config.relay.cache
@@ -280,22 +276,14 @@ class Daemon:
             self._spool = spool
             if webhooks is not None:
                 await outer.start(webhooks.run)
-            spool.shared_rates = self.fleet  # [fleet]: a route's rate is fleet-wide
-            spool.shared_slots = self.fleet_slots  # [fleet]: and its max_connections
-            if self.fleet_slots is not None:
-                # Renews the slots held; in the outer group, so it goes on
-                # through the final flush (attempts under way hold slots).
-                outer.start_soon(self.fleet_slots.run)
             mirror = None
             if self.fleet is not None:
-                # [fleet]: idempotency keys and the suppression list are too.
-                spool.shared_keys = FleetKeys(self.fleet)
-                mirror = SuppressionMirror(
-                    self.fleet,
-                    spool.suppressions,
-                    now=spool.clock.now,
-                    max_entries=lambda: spool.settings.max_suppressed,
-                )
+                # [fleet]: rates, connections, idempotency keys and the
+                # suppression list are the fleet's.
+                mirror = self.fleet.join(spool)
+                # Renews the slots held; in the outer group, so it goes on
+                # through the final flush (attempts under way hold slots).
+                outer.start_soon(self.fleet.slots.run)
             self._submitter = Submitter(spool, lambda: self.live.router, hostname=hostname)
             server = ControlServer(
                 spool,
@@ -323,8 +311,8 @@ class Daemon:
                         functools.partial(
                             self.metrics.serve,
                             cache=self.cache,
-                            fleet=self.fleet.health if self.fleet is not None else None,
-                            slots=self.fleet_slots,
+                            fleet=self.fleet.state.health if self.fleet is not None else None,
+                            slots=self.fleet.slots if self.fleet is not None else None,
                         ),
                         spool,
                         cfg.metrics.listen,
@@ -351,7 +339,7 @@ class Daemon:
                 services.start_soon(self._watchdog_loop)
                 services.start_soon(self.mta_sts.run)  # refreshes kept MTA-STS policies
                 if self.fleet is not None:
-                    services.start_soon(self._heartbeats, self.fleet, spool)
+                    services.start_soon(self.fleet.heartbeats, spool)
                 if mirror is not None:
                     await services.start(mirror.run)
                 log.info(
@@ -618,49 +606,8 @@ class Daemon:
             "log_level": cfg.log.level,
         }
 
-    async def _heartbeats(self, fleet: SharedState, spool: Spool) -> None:
-        """Publish this node's heartbeat and queue counts, three times per
-        heartbeat lifetime (a Redis that is down costs a beat, nothing else);
-        the first at once, so Redis's health is known from the start.
-        Cancelled at a stop (at once, in its sleep or in a call bounded by
-        the timeout), it takes the node out of the fleet's listing."""
-        period = fleet.settings.heartbeat_ttl / 3
-        try:
-            while True:
-                queues = {str(q): n for q, n in spool.counts().items()}
-                queues["sending"] = spool.sending
-                await fleet.beat(queues)
-                await anyio.sleep(period)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await fleet.leave()  # bounded by fleet.timeout
-
     async def fleet_status(self) -> dict[str, Any]:
-        fleet = self.fleet
-        if fleet is None:
-            return {
-                "enabled": False,
-                "node": "",
-                "redis": "",
-                "redis_up": False,
-                "outages": 0,
-                "last_error": "",
-                "slots": {},
-                "nodes": [],
-            }
-        beats = await fleet.nodes()  # asks Redis: the health is fresh
-        return {
-            "enabled": True,
-            "node": fleet.settings.node,
-            "redis": redacted_url(fleet.settings.url),
-            "redis_up": fleet.health.up is True,
-            "outages": fleet.health.outages,
-            "last_error": fleet.health.last_error,
-            "slots": self.fleet_slots.held if self.fleet_slots is not None else {},
-            "nodes": None
-            if beats is None
-            else [{"node": b.node, "heartbeat": b.at, "queues": dict(b.queues)} for b in beats],
-        }
+        return alone_status() if self.fleet is None else await self.fleet.status()
 
     async def check(self, max_age: float, quick: bool = False) -> list[str]:
         assert self._spool is not None
