@@ -47,17 +47,36 @@ async def _arrived(server: SmtpTestServer, count: int) -> None:
             await anyio.sleep(POLL)
 
 
+async def _two_nodes(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    redis_server: RedisServer,
+    smtp_server: SmtpTestServer,
+) -> tuple[list[Path], list[DaemonProcess]]:
+    """Two daemons, relay-0 and relay-1, sharing ``redis_server`` and
+    sending to ``smtp_server``: their configs and the running daemons."""
+    configs = [
+        _node_config(tmp_path / f"n{n}", f"relay-{n}", redis_server, smtp_server.hop)
+        for n in range(2)
+    ]
+    return configs, [await start_daemon(c) for c in configs]
+
+
+async def _drained(daemons: list[DaemonProcess]) -> None:
+    """Wait until every message of each daemon has left its queue."""
+    for daemon in daemons:
+        with anyio.fail_after(30):
+            while (await anyio.to_thread.run_sync(Client(daemon.socket).count))["active"]:
+                await anyio.sleep(POLL)
+
+
 async def test_one_key_at_two_nodes_queues_one_message(
     tmp_path: Path,
     start_daemon: DaemonFactory,
     redis_server: RedisServer,
     smtp_server: SmtpTestServer,
 ) -> None:
-    configs = [
-        _node_config(tmp_path / f"n{n}", f"relay-{n}", redis_server, smtp_server.hop)
-        for n in range(2)
-    ]
-    one, two = [await start_daemon(c) for c in configs]
+    configs, (one, two) = await _two_nodes(tmp_path, start_daemon, redis_server, smtp_server)
 
     # sendmail at node one, then the same key at node two: one message.
     args = ("-v", "-f", "app@example.org", "--idempotency-key", "order-7", "ops@example.com")
@@ -85,10 +104,7 @@ async def test_one_key_at_two_nodes_queues_one_message(
 
     await _arrived(smtp_server, 2)
     # Nothing more comes: every message of both nodes has left its queue.
-    for daemon in (one, two):
-        with anyio.fail_after(30):
-            while (await anyio.to_thread.run_sync(Client(daemon.socket).count))["active"]:
-                await anyio.sleep(POLL)
+    await _drained([one, two])
     assert len(smtp_server.messages) == 2
     assert any(queued_as[0].encode() in m.content for m in smtp_server.messages)
 
@@ -114,10 +130,7 @@ async def test_smtp_deduplicate_holds_across_nodes(
     assert [code for code, _ in replies] == [250, 250]
     assert queued_ids(replies[0][1]) == queued_ids(replies[1][1])  # node one's id
     await _arrived(smtp_server, 1)
-    for daemon in daemons:
-        with anyio.fail_after(30):
-            while (await anyio.to_thread.run_sync(Client(daemon.socket).count))["active"]:
-                await anyio.sleep(POLL)
+    await _drained(daemons)
     assert len(smtp_server.messages) == 1
 
 
@@ -127,11 +140,7 @@ async def test_suppressed_at_one_node_is_refused_at_the_other(
     redis_server: RedisServer,
     smtp_server: SmtpTestServer,
 ) -> None:
-    configs = [
-        _node_config(tmp_path / f"n{n}", f"relay-{n}", redis_server, smtp_server.hop)
-        for n in range(2)
-    ]
-    one, two = [await start_daemon(c) for c in configs]
+    _configs, (one, two) = await _two_nodes(tmp_path, start_daemon, redis_server, smtp_server)
     ctl = functools.partial(cli, "--socket", str(one.socket))
     done = await anyio.to_thread.run_sync(
         lambda: ctl("suppress", "add", "--reason", "asked to stop", "gone@example.com")

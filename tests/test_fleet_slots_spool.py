@@ -16,11 +16,12 @@ import anyio
 from spoold.limits import Rate, SharedToken, SlotWait
 from spoold.message import Queue, RoutedBatch
 from spoold.testing import FakeClock
-from tests.relay_helpers import MakeRelay, route
+from tests.fleet_spool_helpers import fleet_spool, one_hop, two_hops
+from tests.relay_helpers import MakeRelay
 from tests.smtp_server import StartServer
 from tests.spool_helpers import BODY, SENDER, START, settle
 from tests.support import wait_until
-from tests.test_limits import add, router_for, spool_with
+from tests.test_limits import add
 
 
 class Slots:
@@ -54,11 +55,9 @@ class NoRate:
 async def test_a_slot_per_attempt_and_its_connection_closed_after_it(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "max_connections": 3}})
+    hop, router = await one_hop(tmp_path, start_smtp_server, max_connections=3)
     slots = Slots(None)
-    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
-        spool.shared_slots = slots
+    async with fleet_spool(tmp_path, make_relay, router, slots=slots) as spool:
         await add(spool, router, "a@example.com")
         await wait_until(lambda: hop.transactions == 1, "the first message")
         await wait_until(lambda: slots.given_back == ["slot-1"], "its slot given back")
@@ -73,12 +72,10 @@ async def test_a_slot_per_attempt_and_its_connection_closed_after_it(
 async def test_no_free_slot_holds_the_message_a_moment_then_it_goes(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "max_connections": 4}})
+    hop, router = await one_hop(tmp_path, start_smtp_server, max_connections=4)
     slots = Slots(0.5, 0.5, None)
     clock = FakeClock(START)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_slots = slots
+    async with fleet_spool(tmp_path, make_relay, router, clock, slots=slots) as spool:
         await add(spool, router, "ops@example.com")
         for asked in (1, 2):
             await wait_until(lambda n=asked: len(slots.asked) == n, "a slot to be asked")
@@ -91,17 +88,8 @@ async def test_no_free_slot_holds_the_message_a_moment_then_it_goes(
 async def test_a_message_waiting_for_a_slot_holds_no_send_job(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = router_for(
-        tmp_path,
-        {
-            "limited": {
-                "domains": ["limited.example"],
-                "next_hops": [limited.hop],
-                "max_connections": 4,
-            },
-            "free": {"next_hops": [free.hop], "max_connections": 4},
-        },
+    limited, free, router = await two_hops(
+        tmp_path, start_smtp_server, {"max_connections": 4}, max_connections=4
     )
 
     class OnlyFree(Slots):
@@ -110,10 +98,9 @@ async def test_a_message_waiting_for_a_slot_holds_no_send_job(
             return SlotWait(5.0) if destination == "limited" else f"slot-{len(self.asked)}"
 
     slots = OnlyFree()
-    async with spool_with(
-        tmp_path, make_relay(route()), router, FakeClock(START), max_concurrent_send_jobs=1
-    ) as (spool, _):
-        spool.shared_slots = slots
+    async with fleet_spool(
+        tmp_path, make_relay, router, slots=slots, max_concurrent_send_jobs=1
+    ) as spool:
         mid = await add(spool, router, "ops@limited.example")
         await wait_until(lambda: len(slots.asked) == 1, "a slot to be asked")
         await add(spool, router, "ops@free.example")
@@ -126,13 +113,9 @@ async def test_a_message_waiting_for_a_slot_holds_no_send_job(
 async def test_a_message_the_rate_holds_takes_no_slot(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    hop = await start_smtp_server()
-    router = router_for(
-        tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s", "max_connections": 4}}
-    )
+    hop, router = await one_hop(tmp_path, start_smtp_server, rate="10/s", max_connections=4)
     slots, rate = Slots(None), NoRate(5.0)
-    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
-        spool.shared_slots, spool.shared_rates = slots, rate
+    async with fleet_spool(tmp_path, make_relay, router, slots=slots, rates=rate) as spool:
         await add(spool, router, "ops@example.com")
         await wait_until(lambda: rate.calls == 1 and spool.sending == 0, "the rate's hold")
     assert slots.asked == [] and hop.transactions == 0
@@ -144,10 +127,7 @@ async def test_a_slot_given_back_slowly_holds_nothing_up(
     # The first message's slot takes long to go back (Redis slow): the
     # message is no longer busy meanwhile, and the next one, held by the
     # rate and then due, goes.
-    hop = await start_smtp_server()
-    router = router_for(
-        tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s", "max_connections": 4}}
-    )
+    hop, router = await one_hop(tmp_path, start_smtp_server, rate="10/s", max_connections=4)
     let_go = anyio.Event()
 
     class SlowBack(Slots):
@@ -157,8 +137,7 @@ async def test_a_slot_given_back_slowly_holds_nothing_up(
             self.given_back.append(holder)
 
     slots, rate, clock = SlowBack(None), NoRate(0.0), FakeClock(START)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_slots, spool.shared_rates = slots, rate
+    async with fleet_spool(tmp_path, make_relay, router, clock, slots=slots, rates=rate) as spool:
         await add(spool, router, "a@example.com")
         await wait_until(lambda: hop.transactions == 1 and spool.sending == 0, "the first")
         rate.wait = 0.5
@@ -180,11 +159,9 @@ async def test_a_backlog_on_a_full_route_waits_in_its_line_and_asks_sparingly(
     # refusal sends the message back to the head of the route's line, and
     # the line waits the retry the fleet suggests; the rest of the backlog
     # takes no send job and asks nothing meanwhile.
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "max_connections": 4}})
+    hop, router = await one_hop(tmp_path, start_smtp_server, max_connections=4)
     slots, clock = Slots(0.1), FakeClock(START)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_slots = slots
+    async with fleet_spool(tmp_path, make_relay, router, clock, slots=slots) as spool:
         (envelope,) = router.route(SENDER, ["ops@example.com"])
         await spool.add(RoutedBatch([envelope] * 2000, BODY))
         for _ in range(5):
@@ -205,11 +182,9 @@ async def test_a_route_left_at_the_default_max_connections_is_not_counted_and_re
     # Only a route whose max_connections is set is counted with the others
     # (and gives up connection reuse for it); one left at the default
     # keeps its own limit and reuses its connection.
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop]}})
+    hop, router = await one_hop(tmp_path, start_smtp_server)
     slots = Slots(None)
-    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
-        spool.shared_slots = slots
+    async with fleet_spool(tmp_path, make_relay, router, slots=slots) as spool:
         await add(spool, router, "a@example.com")
         await wait_until(lambda: hop.transactions == 1 and spool.sending == 0, "the first")
         await add(spool, router, "b@example.com")

@@ -8,6 +8,8 @@ real one)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,14 @@ import pytest
 from spoold.daemon.routing import Router
 from spoold.limits import Rate, SharedToken
 from spoold.message import Queue
+from spoold.spool import Spool
 from spoold.testing import FakeClock
-from tests.relay_helpers import MakeRelay, route
+from tests.fleet_spool_helpers import fleet_spool, one_hop, two_hops
+from tests.relay_helpers import MakeRelay
 from tests.smtp_server import SmtpTestServer, StartServer
 from tests.spool_helpers import START
 from tests.support import wait_until
-from tests.test_limits import add, delivered_through, router_for, spool_with
+from tests.test_limits import add, delivered_through, router_for
 
 
 class Shared:
@@ -53,13 +57,52 @@ class Shared:
         return SharedToken(got, booked=got == 0.0)
 
 
+async def _limited_line(
+    tmp_path: Path, start_smtp_server: StartServer
+) -> tuple[SmtpTestServer, SmtpTestServer, Router, FakeClock]:
+    """The two next hops, the route to the first at ``rate = "10/s"``, and
+    a clock at START."""
+    limited, free, router = await two_hops(tmp_path, start_smtp_server, rate="10/s")
+    return limited, free, router, FakeClock(START)
+
+
+@asynccontextmanager
+async def _head_waiting(
+    tmp_path: Path,
+    make_relay: MakeRelay,
+    router: Router,
+    clock: FakeClock,
+    shared: Shared,
+    asked: str = "the token to be asked",
+) -> AsyncIterator[tuple[Spool, str]]:
+    """A spool asking ``shared``, with ``first@limited.example`` queued and
+    its token asked for (``asked`` says so while waiting): the spool and
+    the first message's id."""
+    async with fleet_spool(tmp_path, make_relay, router, clock, rates=shared) as spool:
+        first = await add(spool, router, "first@limited.example")
+        await wait_until(lambda: len(shared.calls) == 1, asked)
+        yield spool, first
+
+
+async def _arrive_in_turn(clock: FakeClock, hop: SmtpTestServer, count: int) -> None:
+    """The head's token comes (0.5 s on), then ``count`` messages arrive
+    at ``hop`` one by one, 100 ms apart (the route's own rate)."""
+    clock.advance(0.5)
+    for n in range(1, count + 1):
+        await wait_until(lambda n=n: hop.transactions == n, "the next to arrive")
+        clock.advance(0.1)
+
+
+def _arrived(hop: SmtpTestServer) -> list[str]:
+    """The local part of each message's recipient at ``hop``, in order."""
+    return [m.rcpt_tos[0].split("@")[0] for m in hop.messages]
+
+
 async def _one_message(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay, shared: Shared
 ) -> tuple[int, str]:
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
-    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
-        spool.shared_rates = shared
+    hop, router = await one_hop(tmp_path, start_smtp_server, rate="10/s")
+    async with fleet_spool(tmp_path, make_relay, router, rates=shared) as spool:
         mid = await add(spool, router, "ops@example.com")
         await wait_until(lambda: hop.transactions == 1, "the message to arrive")
     return hop.transactions, mid
@@ -68,12 +111,10 @@ async def _one_message(
 async def test_the_message_is_held_until_the_shared_token_comes(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    hop, router = await one_hop(tmp_path, start_smtp_server, rate="10/s")
     shared = Shared(0.5, 0.5, 0.0)
     clock = FakeClock(START)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
+    async with fleet_spool(tmp_path, make_relay, router, clock, rates=shared) as spool:
         await add(spool, router, "ops@example.com")
         for asked in (1, 2):
             await wait_until(lambda n=asked: len(shared.calls) == n, "the token to be asked")
@@ -94,11 +135,9 @@ async def test_no_answer_from_the_shared_state_is_the_local_rate_alone(
 async def test_a_route_without_a_rate_never_asks(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop]}})
+    hop, router = await one_hop(tmp_path, start_smtp_server)
     shared = Shared(5.0)
-    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
-        spool.shared_rates = shared
+    async with fleet_spool(tmp_path, make_relay, router, rates=shared) as spool:
         await add(spool, router, "ops@example.com")
         await wait_until(lambda: hop.transactions == 1, "the message to arrive")
     assert shared.calls == []
@@ -107,38 +146,25 @@ async def test_a_route_without_a_rate_never_asks(
 async def test_stopping_while_held_for_the_token_leaves_the_message_queued(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    hop, router = await one_hop(tmp_path, start_smtp_server, rate="10/s")
     shared = Shared(0.05)  # never a token
     with anyio.fail_after(10):
-        async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (
-            spool,
-            _,
-        ):
-            spool.shared_rates = shared
+        async with fleet_spool(tmp_path, make_relay, router, rates=shared) as spool:
             mid = await add(spool, router, "ops@example.com")
             await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
     assert hop.transactions == 0
-    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (spool, _):
+    async with fleet_spool(tmp_path, make_relay, router) as spool:
         assert (await spool.get_message(mid)).queue is Queue.ACTIVE
 
 
 async def test_a_message_waiting_for_the_shared_token_holds_no_send_job(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = router_for(
-        tmp_path,
-        {
-            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
-            "free": {"next_hops": [free.hop]},
-        },
-    )
+    limited, free, router = await two_hops(tmp_path, start_smtp_server, rate="10/s")
     shared = Shared(5.0)  # never a token
-    async with spool_with(
-        tmp_path, make_relay(route()), router, FakeClock(START), max_concurrent_send_jobs=1
-    ) as (spool, _):
-        spool.shared_rates = shared
+    async with fleet_spool(
+        tmp_path, make_relay, router, rates=shared, max_concurrent_send_jobs=1
+    ) as spool:
         mid = await add(spool, router, "ops@limited.example")
         await wait_until(lambda: len(shared.calls) == 1, "the shared token to be asked")
         # the one send job is free: another route's mail goes
@@ -158,12 +184,10 @@ async def test_the_hold_is_the_shared_wait_from_when_it_was_asked(
     # waits until 50 ms after the question (not after the answer: the next
     # question takes the same way there), and not the route's own 100 ms
     # interval on top (its local token was given back: no attempt was made).
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    hop, router = await one_hop(tmp_path, start_smtp_server, rate="10/s")
     clock = FakeClock(START)
     shared = Shared(0.05, 0.0, clock=clock, round_trip=0.01)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
+    async with fleet_spool(tmp_path, make_relay, router, clock, rates=shared) as spool:
         await add(spool, router, "ops@example.com")
         due = START + timedelta(seconds=0.05)
         await wait_until(lambda: clock.next_deadline == due, "the hold until the token")
@@ -176,20 +200,11 @@ async def test_the_hold_is_the_shared_wait_from_when_it_was_asked(
 async def test_a_line_waiting_for_the_shared_token_asks_once_and_keeps_its_order(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = router_for(
-        tmp_path,
-        {
-            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
-            "free": {"next_hops": [free.hop]},
-        },
-    )
-    clock = FakeClock(START)
+    limited, free, router, clock = await _limited_line(tmp_path, start_smtp_server)
     shared = Shared(0.5, 0.0)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
-        await add(spool, router, "first@limited.example")
-        await wait_until(lambda: len(shared.calls) == 1, "the shared token to be asked")
+    async with _head_waiting(
+        tmp_path, make_relay, router, clock, shared, "the shared token to be asked"
+    ) as (spool, _):
         await add(spool, router, "second@limited.example")
         await add(spool, router, "third@limited.example")
         await delivered_through(spool, router, free)  # the scheduler went round
@@ -214,20 +229,11 @@ async def test_the_shared_state_failing_lets_a_waiting_line_go_at_the_local_rate
     # Three wait behind the first for the shared token; then the shared
     # state stops answering: they go on the route's own 10/s, one each
     # 100 ms, not all at once.
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = router_for(
-        tmp_path,
-        {
-            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
-            "free": {"next_hops": [free.hop]},
-        },
-    )
-    clock = FakeClock(START)
+    limited, free, router, clock = await _limited_line(tmp_path, start_smtp_server)
     shared = Shared(0.5, None)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
-        await add(spool, router, "first@limited.example")
-        await wait_until(lambda: len(shared.calls) == 1, "the shared token to be asked")
+    async with _head_waiting(
+        tmp_path, make_relay, router, clock, shared, "the shared token to be asked"
+    ) as (spool, _):
         for name in ("second", "third", "fourth"):
             await add(spool, router, f"{name}@limited.example")
         clock.advance(0.5)
@@ -236,7 +242,7 @@ async def test_the_shared_state_failing_lets_a_waiting_line_go_at_the_local_rate
             await delivered_through(spool, router, free)  # the scheduler went round
             assert limited.transactions == n  # no more before the next token
             clock.advance(0.1)
-    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+    assert _arrived(limited) == [
         "first",
         "second",
         "third",
@@ -247,12 +253,10 @@ async def test_the_shared_state_failing_lets_a_waiting_line_go_at_the_local_rate
 async def test_a_booked_token_is_used_at_its_time_without_asking_again(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    hop = await start_smtp_server()
-    router = router_for(tmp_path, {"free": {"next_hops": [hop.hop], "rate": "10/s"}})
+    hop, router = await one_hop(tmp_path, start_smtp_server, rate="10/s")
     clock = FakeClock(START)
     shared = Shared(SharedToken(0.3))  # booked 300 ms on
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
+    async with fleet_spool(tmp_path, make_relay, router, clock, rates=shared) as spool:
         await add(spool, router, "ops@example.com")
         due = START + timedelta(seconds=0.3)
         await wait_until(lambda: clock.next_deadline == due, "the hold until the booking")
@@ -267,20 +271,11 @@ async def test_a_booked_head_frozen_and_removed_gives_its_token_to_the_next(
 ) -> None:
     # The token booked for the head is the line's: the next message uses it
     # at the booked time, without asking.
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = router_for(
-        tmp_path,
-        {
-            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
-            "free": {"next_hops": [free.hop]},
-        },
-    )
-    clock = FakeClock(START)
+    limited, free, router, clock = await _limited_line(tmp_path, start_smtp_server)
     shared = Shared(SharedToken(0.5), 0.0)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
-        first = await add(spool, router, "first@limited.example")
-        await wait_until(lambda: len(shared.calls) == 1, "the token to be booked")
+    async with _head_waiting(
+        tmp_path, make_relay, router, clock, shared, "the token to be booked"
+    ) as (spool, first):
         await add(spool, router, "second@limited.example")
         await spool.freeze([first])
         await spool.remove([first])
@@ -296,20 +291,11 @@ async def test_a_booked_head_frozen_and_removed_gives_its_token_to_the_next(
 async def test_a_booking_left_by_a_line_that_emptied_is_not_used_later(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = router_for(
-        tmp_path,
-        {
-            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
-            "free": {"next_hops": [free.hop]},
-        },
-    )
-    clock = FakeClock(START)
+    limited, free, router, clock = await _limited_line(tmp_path, start_smtp_server)
     shared = Shared(SharedToken(0.5), 0.0)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
-        first = await add(spool, router, "first@limited.example")
-        await wait_until(lambda: len(shared.calls) == 1, "the token to be booked")
+    async with _head_waiting(
+        tmp_path, make_relay, router, clock, shared, "the token to be booked"
+    ) as (spool, first):
         await spool.freeze([first])  # nobody behind it: the booking is lost
         clock.advance(10.0)
         await delivered_through(spool, router, free)
@@ -321,16 +307,6 @@ async def test_a_booking_left_by_a_line_that_emptied_is_not_used_later(
     assert len(shared.calls) == 3  # each asked: the old booking went to neither
 
 
-def _two_routes(tmp_path: Path, limited: SmtpTestServer, free: SmtpTestServer) -> Router:
-    return router_for(
-        tmp_path,
-        {
-            "limited": {"domains": ["limited.example"], "next_hops": [limited.hop], "rate": "10/s"},
-            "free": {"next_hops": [free.hop]},
-        },
-    )
-
-
 @pytest.mark.parametrize("frozen", [False, True], ids=["send-now", "freeze-then-thaw"])
 async def test_sending_the_message_waiting_for_the_shared_token_keeps_it_first(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay, frozen: bool
@@ -338,14 +314,9 @@ async def test_sending_the_message_waiting_for_the_shared_token_keeps_it_first(
     # The head waits for the fleet's token with three behind it: `spoold
     # send` (or a freeze and a send, which thaws it) puts it back at the
     # head of the line, not behind the three.
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = _two_routes(tmp_path, limited, free)
-    clock = FakeClock(START)
+    limited, free, router, clock = await _limited_line(tmp_path, start_smtp_server)
     shared = Shared(0.5, 0.0)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
-        first = await add(spool, router, "first@limited.example")
-        await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
+    async with _head_waiting(tmp_path, make_relay, router, clock, shared) as (spool, first):
         for name in ("second", "third", "fourth"):
             await add(spool, router, f"{name}@limited.example")
         await delivered_through(spool, router, free)  # the scheduler went round
@@ -354,11 +325,8 @@ async def test_sending_the_message_waiting_for_the_shared_token_keeps_it_first(
         await spool.send([first])
         await delivered_through(spool, router, free)
         assert limited.transactions == 0  # still held for the token
-        clock.advance(0.5)
-        for n in (1, 2, 3, 4):
-            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
-            clock.advance(0.1)
-    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        await _arrive_in_turn(clock, limited, 4)
+    assert _arrived(limited) == [
         "first",
         "second",
         "third",
@@ -369,23 +337,15 @@ async def test_sending_the_message_waiting_for_the_shared_token_keeps_it_first(
 async def test_sending_a_message_in_the_middle_of_a_waiting_line_puts_it_first(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = _two_routes(tmp_path, limited, free)
-    clock = FakeClock(START)
+    limited, free, router, clock = await _limited_line(tmp_path, start_smtp_server)
     shared = Shared(0.5, 0.0)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
-        await add(spool, router, "first@limited.example")
-        await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
+    async with _head_waiting(tmp_path, make_relay, router, clock, shared) as (spool, _):
         ids = [await add(spool, router, f"{n}@limited.example") for n in ("second", "third")]
         await delivered_through(spool, router, free)
         await spool.send([ids[1]])  # "third"
         await delivered_through(spool, router, free)
-        clock.advance(0.5)
-        for n in (1, 2, 3):
-            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
-            clock.advance(0.1)
-    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+        await _arrive_in_turn(clock, limited, 3)
+    assert _arrived(limited) == [
         "third",
         "first",
         "second",
@@ -395,24 +355,16 @@ async def test_sending_a_message_in_the_middle_of_a_waiting_line_puts_it_first(
 async def test_removing_the_message_waiting_for_the_shared_token_lets_the_line_go_on(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = _two_routes(tmp_path, limited, free)
-    clock = FakeClock(START)
+    limited, _free, router, clock = await _limited_line(tmp_path, start_smtp_server)
     shared = Shared(0.5, 0.0)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
-        first = await add(spool, router, "first@limited.example")
-        await wait_until(lambda: len(shared.calls) == 1, "the token to be asked")
+    async with _head_waiting(tmp_path, make_relay, router, clock, shared) as (spool, first):
         for name in ("second", "third"):
             await add(spool, router, f"{name}@limited.example")
         await spool.freeze([first])
         await spool.remove([first])
-        clock.advance(0.5)
-        for n in (1, 2):
-            await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
-            clock.advance(0.1)
+        await _arrive_in_turn(clock, limited, 2)
         assert (await spool.get_message(first)).queue is Queue.REMOVED
-    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == ["second", "third"]
+    assert _arrived(limited) == ["second", "third"]
 
 
 class SlowShared(Shared):
@@ -439,12 +391,9 @@ class SlowShared(Shared):
 async def test_a_slow_shared_state_still_has_one_of_a_line_ask_at_a_time(
     tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
 ) -> None:
-    limited, free = await start_smtp_server(), await start_smtp_server()
-    router = _two_routes(tmp_path, limited, free)
-    clock = FakeClock(START)
+    limited, free, router, clock = await _limited_line(tmp_path, start_smtp_server)
     shared = SlowShared(0.5, 0.0)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
+    async with fleet_spool(tmp_path, make_relay, router, clock, rates=shared) as spool:
         await add(spool, router, "first@limited.example")
         await wait_until(lambda: shared.asking == 1, "the first to ask")
         for name in ("second", "third"):
@@ -462,7 +411,7 @@ async def test_a_slow_shared_state_still_has_one_of_a_line_ask_at_a_time(
             shared.answer()
             await wait_until(lambda n=n: limited.transactions == n, "the next to arrive")
             clock.advance(0.1)
-    assert [m.rcpt_tos[0].split("@")[0] for m in limited.messages] == [
+    assert _arrived(limited) == [
         "first",
         "second",
         "third",
@@ -480,8 +429,7 @@ async def test_a_reload_to_a_faster_rate_gives_up_a_booking_at_the_slower_one(
     router = router_for(tmp_path, routes)
     clock = FakeClock(START)
     shared = Shared(SharedToken(3599.0), 0.0)
-    async with spool_with(tmp_path, make_relay(route()), router, clock) as (spool, _):
-        spool.shared_rates = shared
+    async with fleet_spool(tmp_path, make_relay, router, clock, rates=shared) as spool:
         await add(spool, router, "ops@example.com")
         await wait_until(lambda: len(shared.calls) == 1, "the token to be booked")
         routes["free"]["rate"] = "10/s"

@@ -11,6 +11,8 @@ import json
 import os
 import re
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,27 +72,62 @@ async def _receiver(tls_certificate: TlsCertificate) -> WebhookReceiver:
     return receiver
 
 
+@asynccontextmanager
+async def _receiving(tls_certificate: TlsCertificate) -> AsyncIterator[WebhookReceiver]:
+    """An HTTPS receiver, listening until the block's end."""
+    receiver = await _receiver(tls_certificate)
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+def _config(
+    tmp_path: Path,
+    smtp_server: SmtpTestServer,
+    receiver: WebhookReceiver,
+    tls_certificate: TlsCertificate,
+    extra: str = "",
+    *,
+    bounce: bool = False,
+) -> Path:
+    """A daemon's config: mail to ``smtp_server``, events to ``receiver``
+    (with the webhook's ``extra`` keys); with ``bounce``, a refused
+    recipient bounces (the default freezes it for an operator)."""
+    config = write_config(tmp_path, next_hops=[smtp_server.hop])
+    if bounce:
+        config.write_text(
+            config.read_text().replace("[spool]\n", '[spool]\non_permanent_failure = "bounce"\n')
+        )
+    _webhook_config(config, receiver, tls_certificate.cert, extra)
+    return config
+
+
+async def _send(config: Path, *recipients: str) -> None:
+    """``sendmail`` of MESSAGE to ``recipients``, taken."""
+    done = await sendmail(config, *recipients, stdin=MESSAGE)
+    assert done.code == 0, done.err
+
+
+async def _reload(config: Path) -> CliResult:
+    """``spoold reload`` off the event loop."""
+    return await anyio.to_thread.run_sync(lambda: cli("--config", str(config), "reload"))
+
+
 async def test_every_delivery_and_bounce_is_posted_signed(
     tmp_path: Path,
     start_daemon: DaemonFactory,
     smtp_server: SmtpTestServer,
     tls_certificate: TlsCertificate,
 ) -> None:
-    receiver = await _receiver(tls_certificate)
-    config = write_config(tmp_path, next_hops=[smtp_server.hop])
-    # A refused recipient bounces (the default freezes it for an operator).
-    config.write_text(
-        config.read_text().replace("[spool]\n", '[spool]\non_permanent_failure = "bounce"\n')
-    )
-    _webhook_config(config, receiver, tls_certificate.cert)
-    smtp_server.behaviour.rcpt["gone@example.com"] = Reply("550 5.1.1 no such user")
-    await start_daemon(config)
-    try:
+    async with _receiving(tls_certificate) as receiver:
+        # A refused recipient bounces (the default freezes it for an operator).
+        config = _config(tmp_path, smtp_server, receiver, tls_certificate, bounce=True)
+        smtp_server.behaviour.rcpt["gone@example.com"] = Reply("550 5.1.1 no such user")
+        await start_daemon(config)
         for n in range(3):
-            done = await sendmail(config, f"ok{n}@example.com", stdin=MESSAGE)
-            assert done.code == 0, done.err
-        done = await sendmail(config, "gone@example.com", stdin=MESSAGE)
-        assert done.code == 0, done.err
+            await _send(config, f"ok{n}@example.com")
+        await _send(config, "gone@example.com")
 
         wanted = {"ok0@example.com", "ok1@example.com", "ok2@example.com", "gone@example.com"}
         await receiver.wait_for(lambda: wanted <= set(_outcomes(receiver.accepted)))
@@ -117,8 +154,6 @@ async def test_every_delivery_and_bounce_is_posted_signed(
         assert bounce["time"].endswith("Z")
         ids = [e["event_id"] for e in _events(receiver.accepted)]
         assert len(ids) == len(set(ids))
-    finally:
-        await receiver.stop()
 
 
 async def test_a_partial_bounce_names_the_refused_recipient_with_its_reply(
@@ -130,17 +165,11 @@ async def test_a_partial_bounce_names_the_refused_recipient_with_its_reply(
     """One message to two recipients: the hop takes one (250) and refuses
     the other (550): the bounce names only the refused one, with the
     hop's reply, and lists the other as delivered in its results."""
-    receiver = await _receiver(tls_certificate)
-    config = write_config(tmp_path, next_hops=[smtp_server.hop])
-    config.write_text(
-        config.read_text().replace("[spool]\n", '[spool]\non_permanent_failure = "bounce"\n')
-    )
-    _webhook_config(config, receiver, tls_certificate.cert)
-    smtp_server.behaviour.rcpt["gone@example.com"] = Reply("550 5.1.1 no such user")
-    await start_daemon(config)
-    try:
-        done = await sendmail(config, "ok@example.com", "gone@example.com", stdin=MESSAGE)
-        assert done.code == 0, done.err
+    async with _receiving(tls_certificate) as receiver:
+        config = _config(tmp_path, smtp_server, receiver, tls_certificate, bounce=True)
+        smtp_server.behaviour.rcpt["gone@example.com"] = Reply("550 5.1.1 no such user")
+        await start_daemon(config)
+        await _send(config, "ok@example.com", "gone@example.com")
 
         def bounces() -> list[dict[str, Any]]:
             return [e for e in _events(receiver.accepted) if e["event"] == "bounced"]
@@ -159,8 +188,6 @@ async def test_a_partial_bounce_names_the_refused_recipient_with_its_reply(
         assert (delivered["outcome"], delivered["code"]) == ("delivered", 250)
         assert delivered["reply"].startswith("250")
         assert set(results) == {"ok@example.com", "gone@example.com"}
-    finally:
-        await receiver.stop()
 
 
 async def test_endpoint_down_then_up_loses_nothing_across_a_restart(
@@ -169,16 +196,13 @@ async def test_endpoint_down_then_up_loses_nothing_across_a_restart(
     smtp_server: SmtpTestServer,
     tls_certificate: TlsCertificate,
 ) -> None:
-    receiver = await _receiver(tls_certificate)
-    receiver.status = 500  # up, but failing
-    config = write_config(tmp_path, next_hops=[smtp_server.hop])
-    _webhook_config(config, receiver, tls_certificate.cert)
-    daemon = await start_daemon(config)
-    outbox = tmp_path / "spool" / "webhooks" / "app"
-    try:
+    async with _receiving(tls_certificate) as receiver:
+        receiver.status = 500  # up, but failing
+        config = _config(tmp_path, smtp_server, receiver, tls_certificate)
+        daemon = await start_daemon(config)
+        outbox = tmp_path / "spool" / "webhooks" / "app"
         for n in range(3):
-            done = await sendmail(config, f"first{n}@example.com", stdin=MESSAGE)
-            assert done.code == 0, done.err
+            await _send(config, f"first{n}@example.com")
         # Every post is answered 500: the events stay in the outbox, retried.
         await receiver.wait_for(lambda: len(receiver.posts) >= 4)
         assert receiver.accepted == []
@@ -200,8 +224,7 @@ async def test_endpoint_down_then_up_loses_nothing_across_a_restart(
         await daemon.kill()
         daemon = await start_daemon(config)
         for n in range(2):
-            done = await sendmail(config, f"second{n}@example.com", stdin=MESSAGE)
-            assert done.code == 0, done.err
+            await _send(config, f"second{n}@example.com")
         await _wait_files(outbox, 5)
 
         receiver.status = 200
@@ -215,8 +238,6 @@ async def test_endpoint_down_then_up_loses_nothing_across_a_restart(
         shown = await _cli(config, "--format", "json")
         hook = json.loads(shown.out)
         assert hook["up"] is True and hook["outbox"] == 0 and hook["last_success"]
-    finally:
-        await receiver.stop()
 
 
 async def _cli(config: Path, *args: str) -> CliResult:
@@ -265,8 +286,7 @@ async def test_a_bad_secret_file_stops_the_start_and_refuses_a_reload(
     tls_certificate: TlsCertificate,
 ) -> None:
     receiver = WebhookReceiver(tls=tls_certificate.server_context())  # never started
-    config = write_config(tmp_path, next_hops=[smtp_server.hop])
-    _webhook_config(config, receiver, tls_certificate.cert)
+    config = _config(tmp_path, smtp_server, receiver, tls_certificate)
     secret = tmp_path / "hook.secret"
     os.chmod(secret, 0o644)
     daemon = await start_daemon(config, wait_ready=False)
@@ -277,7 +297,7 @@ async def test_a_bad_secret_file_stops_the_start_and_refuses_a_reload(
     os.chmod(secret, 0o600)
     daemon = await start_daemon(config)
     os.chmod(secret, 0o644)
-    refused = await anyio.to_thread.run_sync(lambda: cli("--config", str(config), "reload"))
+    refused = await _reload(config)
     assert refused.code == 1
     assert "webhooks.app.secret_file" in refused.err
 
@@ -288,14 +308,11 @@ async def test_a_stop_with_the_endpoint_down_keeps_the_events(
     smtp_server: SmtpTestServer,
     tls_certificate: TlsCertificate,
 ) -> None:
-    receiver = await _receiver(tls_certificate)
-    receiver.status = 503
-    config = write_config(tmp_path, next_hops=[smtp_server.hop])
-    _webhook_config(config, receiver, tls_certificate.cert)
-    daemon = await start_daemon(config)
-    try:
-        done = await sendmail(config, "kept@example.com", stdin=MESSAGE)
-        assert done.code == 0, done.err
+    async with _receiving(tls_certificate) as receiver:
+        receiver.status = 503
+        config = _config(tmp_path, smtp_server, receiver, tls_certificate)
+        daemon = await start_daemon(config)
+        await _send(config, "kept@example.com")
         await receiver.wait_for(lambda: len(receiver.posts) >= 2)  # tried, and again
         daemon.send_signal(signal.SIGTERM)
         assert await daemon.wait_exit() == 0
@@ -303,8 +320,6 @@ async def test_a_stop_with_the_endpoint_down_keeps_the_events(
         event = json.loads(kept.read_bytes())
         assert (event["event"], event["recipients"]) == ("delivered", ["kept@example.com"])
         assert kept.read_bytes() == receiver.posts[0].body  # the same bytes, every try
-    finally:
-        await receiver.stop()
 
 
 async def test_a_full_outbox_drops_the_oldest_and_says_so(
@@ -318,15 +333,13 @@ async def test_a_full_outbox_drops_the_oldest_and_says_so(
 
     receiver = await _receiver(tls_certificate)
     await receiver.stop()  # nothing listens: every post is refused
-    config = write_config(tmp_path, next_hops=[smtp_server.hop])
-    _webhook_config(config, receiver, tls_certificate.cert, "max_outbox = 2\n")
+    config = _config(tmp_path, smtp_server, receiver, tls_certificate, "max_outbox = 2\n")
     port = free_port()
     config.write_text(config.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
     daemon = await start_daemon(config)
     outbox = tmp_path / "spool" / "webhooks" / "app"
     for n in range(4):
-        done = await sendmail(config, f"m{n}@example.com", stdin=MESSAGE)
-        assert done.code == 0, done.err
+        await _send(config, f"m{n}@example.com")
         await _wait_for_event(outbox, f"m{n}@example.com")  # in order, one by one
     await _wait_files(outbox, 2)
     kept = sorted(json.loads(p.read_bytes())["recipients"][0] for p in outbox.glob("*.json"))
@@ -362,26 +375,21 @@ async def test_a_damaged_outbox_file_is_set_aside_and_the_rest_posted(
     smtp_server: SmtpTestServer,
     tls_certificate: TlsCertificate,
 ) -> None:
-    receiver = await _receiver(tls_certificate)
-    config = write_config(tmp_path, next_hops=[smtp_server.hop])
-    _webhook_config(config, receiver, tls_certificate.cert)
-    outbox = tmp_path / "spool" / "webhooks" / "app"
-    first = await start_daemon(config)  # makes the spool and the outbox
-    first.send_signal(signal.SIGTERM)
-    assert await first.wait_exit() == 0
-    (outbox / "0000000000000000.json").write_bytes(b"\x00not json")
-    (outbox / "0000000000000001.json").write_bytes(b"[1, 2]")
-    daemon = await start_daemon(config)
-    try:
-        done = await sendmail(config, "after@example.com", stdin=MESSAGE)
-        assert done.code == 0, done.err
+    async with _receiving(tls_certificate) as receiver:
+        config = _config(tmp_path, smtp_server, receiver, tls_certificate)
+        outbox = tmp_path / "spool" / "webhooks" / "app"
+        first = await start_daemon(config)  # makes the spool and the outbox
+        first.send_signal(signal.SIGTERM)
+        assert await first.wait_exit() == 0
+        (outbox / "0000000000000000.json").write_bytes(b"\x00not json")
+        (outbox / "0000000000000001.json").write_bytes(b"[1, 2]")
+        daemon = await start_daemon(config)
+        await _send(config, "after@example.com")
         await receiver.wait_for(lambda: "after@example.com" in _outcomes(receiver.accepted))
         assert len(receiver.posts) == 1
         assert daemon.log_text().count("webhook event set aside in rejected/") == 2
         await _wait_files(outbox, 0)
         assert len(list((outbox / "rejected").iterdir())) == 2
-    finally:
-        await receiver.stop()
 
 
 async def test_a_reload_signs_with_a_rotated_secret_and_keeps_saying_restart(
@@ -390,27 +398,20 @@ async def test_a_reload_signs_with_a_rotated_secret_and_keeps_saying_restart(
     smtp_server: SmtpTestServer,
     tls_certificate: TlsCertificate,
 ) -> None:
-    receiver = await _receiver(tls_certificate)
-    config = write_config(tmp_path, next_hops=[smtp_server.hop])
-    _webhook_config(config, receiver, tls_certificate.cert)
-    daemon = await start_daemon(config)
-    verify = documented_verify()
-    new_secret = "a-rotated-secret-of-some-length"
+    async with _receiving(tls_certificate) as receiver:
+        config = _config(tmp_path, smtp_server, receiver, tls_certificate)
+        daemon = await start_daemon(config)
+        verify = documented_verify()
+        new_secret = "a-rotated-secret-of-some-length"
 
-    async def reload() -> CliResult:
-        return await anyio.to_thread.run_sync(lambda: cli("--config", str(config), "reload"))
-
-    try:
-        done = await sendmail(config, "before@example.com", stdin=MESSAGE)
-        assert done.code == 0, done.err
+        await _send(config, "before@example.com")
         await receiver.wait_for(lambda: "before@example.com" in _outcomes(receiver.accepted))
         (tmp_path / "hook.secret").write_text(new_secret + "\n")
-        reloaded = await reload()
+        reloaded = await _reload(config)
         assert reloaded.code == 0, reloaded.err
         assert "webhooks" not in reloaded.out + reloaded.err
         assert "webhook secret changed" in daemon.log_text()
-        done = await sendmail(config, "after@example.com", stdin=MESSAGE)
-        assert done.code == 0, done.err
+        await _send(config, "after@example.com")
         await receiver.wait_for(lambda: "after@example.com" in _outcomes(receiver.accepted))
         after = next(p for p in receiver.accepted if b"after@example.com" in p.body)
         assert verify(new_secret.encode(), after.headers, after.body)
@@ -419,8 +420,6 @@ async def test_a_reload_signs_with_a_rotated_secret_and_keeps_saying_restart(
         # Another URL needs a restart: said at every reload until then.
         config.write_text(config.read_text().replace("/hook", "/other"))
         for _ in range(2):
-            reloaded = await reload()
+            reloaded = await _reload(config)
             assert reloaded.code == 0, reloaded.err
             assert "webhooks" in reloaded.out + reloaded.err, reloaded
-    finally:
-        await receiver.stop()

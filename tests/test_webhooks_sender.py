@@ -6,17 +6,21 @@ always under its own ``event_id``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 
 from spoold.daemon.webhook_events import DEFAULT_WEBHOOK_KINDS
 from spoold.daemon.webhooks import Webhooks, WebhookSettings, WebhookState
 from tests.webhook_receiver import WebhookReceiver
+
+_W = TypeVar("_W", bound=Webhooks)
 
 
 def _settings(url: str, **changes: float) -> WebhookSettings:
@@ -52,24 +56,50 @@ async def _until(check: Callable[[], bool], timeout: float = 30) -> None:
             await anyio.sleep(0.01)
 
 
+def _hooks(spool: Path, settings: WebhookSettings, kind: type[Webhooks] = Webhooks) -> Webhooks:
+    """The webhooks of one endpoint, ``app``, in the spool ``spool``."""
+    return kind(spool, [settings], lambda recipient, sender: "x")
+
+
+@contextlib.asynccontextmanager
+async def _serving(receiver: WebhookReceiver) -> AsyncIterator[WebhookReceiver]:
+    """The receiver, listening for the block's length."""
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+@contextlib.asynccontextmanager
+async def _sending(hooks: Webhooks, *, opened: bool = True) -> AsyncIterator[WebhookState]:
+    """``app``'s state while its sender runs (once its outbox is read in
+    the background, unless ``opened`` is false); stopped at the block's end."""
+    state = hooks.states["app"]
+    async with anyio.create_task_group() as tg:
+        await tg.start(hooks.run)
+        if opened:
+            await _until(lambda: state.opened)
+        yield state
+        tg.cancel_scope.cancel()
+
+
+def _queue(state: WebhookState, bodies: list[bytes]) -> None:
+    """Puts events in ``state``'s outbox and wakes its sender."""
+    state.outbox.append(bodies)
+    state.wake.set()
+
+
 async def test_a_slow_endpoint_gets_several_posts_at_once(tmp_path: Path) -> None:
     """At 20 ms per answer, one post at a time would manage 50 events a
     second; with ``concurrency = 4`` four are in flight at the receiver."""
-    receiver = WebhookReceiver(delay=0.02)
-    await receiver.start()
-    hooks = Webhooks(tmp_path, [_settings(receiver.url)], lambda recipient, sender: "x")
-    state = hooks.states["app"]
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(hooks.run)
-            await _until(lambda: state.opened)  # read in the background
-            state.outbox.append(_bodies(200))
-            state.wake.set()
-            await receiver.wait_for(lambda: len(receiver.accepted) >= 200)
-            await _until(lambda: len(state.outbox) == 0)
-            tg.cancel_scope.cancel()
-    finally:
-        await receiver.stop()
+    async with (
+        _serving(WebhookReceiver(delay=0.02)) as receiver,
+        _sending(_hooks(tmp_path, _settings(receiver.url))) as state,
+    ):
+        _queue(state, _bodies(200))
+        await receiver.wait_for(lambda: len(receiver.accepted) >= 200)
+        await _until(lambda: len(state.outbox) == 0)
     assert 1 < receiver.max_in_flight <= 4  # several at once, never more than concurrency
     ids = [p.headers["spoold-event-id"] for p in receiver.posts]
     assert sorted(ids) == sorted(f"e{n}" for n in range(200))  # each once
@@ -80,24 +110,14 @@ async def test_a_slow_endpoint_gets_several_posts_at_once(tmp_path: Path) -> Non
 async def test_a_failing_endpoint_is_probed_one_post_at_a_time(tmp_path: Path) -> None:
     # The receiver holds each post 50 ms: posts sent at once overlap there,
     # so its count of posts in flight measures the sender.
-    receiver = WebhookReceiver(status=503, delay=0.05)
-    await receiver.start()
-    settings = _settings(receiver.url, backoff=0.2, max_backoff=0.2)
-    hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x")
-    state = hooks.states["app"]
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(hooks.run)
-            await _until(lambda: state.opened)  # read in the background
-            state.outbox.append(_bodies(20))
-            state.wake.set()
+    async with _serving(WebhookReceiver(status=503, delay=0.05)) as receiver:
+        settings = _settings(receiver.url, backoff=0.2, max_backoff=0.2)
+        async with _sending(_hooks(tmp_path, settings)) as state:
+            _queue(state, _bodies(20))
             await receiver.wait_for(lambda: len(receiver.posts) >= 8)
             assert state.up is False
             receiver.status = 200
             await _until(lambda: len(state.outbox) == 0)
-            tg.cancel_scope.cancel()
-    finally:
-        await receiver.stop()
     # The first round may be up to 4 at once; after it, one probe at a time
     # until a 2xx; then several at once again.
     failed = [p for p in receiver.posts if p.status == 503]
@@ -118,50 +138,32 @@ class _NotingWebhooks(Webhooks):
 
 
 async def test_the_backoff_starts_over_after_a_success(tmp_path: Path) -> None:
-    receiver = WebhookReceiver(status=500)
-    await receiver.start()
-    settings = _settings(receiver.url, backoff=0.02, max_backoff=0.16)
-    hooks = _NotingWebhooks(tmp_path, [settings], lambda recipient, sender: "x")
-    hooks.waits = []
-    state = hooks.states["app"]
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(hooks.run)
-            await _until(lambda: state.opened)  # read in the background
-            state.outbox.append(_bodies(1))
-            state.wake.set()
+    async with _serving(WebhookReceiver(status=500)) as receiver:
+        settings = _settings(receiver.url, backoff=0.02, max_backoff=0.16)
+        hooks = _hooks(tmp_path, settings, _NotingWebhooks)
+        hooks.waits = []
+        async with _sending(hooks) as state:
+            _queue(state, _bodies(1))
             await _until(lambda: len(hooks.waits) >= 5)
             receiver.status = 200
             await _until(lambda: len(state.outbox) == 0)
             assert state.up
             first_spell = len(hooks.waits)
             receiver.status = 500
-            state.outbox.append(_bodies(1, start=1))
-            state.wake.set()
+            _queue(state, _bodies(1, start=1))
             await _until(lambda: len(hooks.waits) >= first_spell + 2)
-            tg.cancel_scope.cancel()
-    finally:
-        await receiver.stop()
     # Doubled up to max_backoff, then from backoff again after the 2xx.
     assert hooks.waits[:5] == [0.02, 0.04, 0.08, 0.16, 0.16]
     assert hooks.waits[first_spell : first_spell + 2] == [0.02, 0.04]
 
 
 async def test_a_redirect_is_not_followed_and_is_a_failure(tmp_path: Path) -> None:
-    receiver = WebhookReceiver(status=302)
-    await receiver.start()
-    hooks = Webhooks(tmp_path, [_settings(receiver.url)], lambda recipient, sender: "x")
-    state = hooks.states["app"]
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(hooks.run)
-            await _until(lambda: state.opened)  # read in the background
-            state.outbox.append(_bodies(1))
-            state.wake.set()
-            await receiver.wait_for(lambda: len(receiver.posts) >= 3)
-            tg.cancel_scope.cancel()
-    finally:
-        await receiver.stop()
+    async with (
+        _serving(WebhookReceiver(status=302)) as receiver,
+        _sending(_hooks(tmp_path, _settings(receiver.url))) as state,
+    ):
+        _queue(state, _bodies(1))
+        await receiver.wait_for(lambda: len(receiver.posts) >= 3)
     assert {p.path for p in receiver.posts} == {"/hook"}  # never /elsewhere
     assert state.last_error == "HTTP 302" and state.up is False
     assert state.posted == 0 and len(state.outbox) == 1
@@ -179,20 +181,12 @@ async def test_each_event_is_posted_until_a_2xx_under_its_own_id(tmp_path: Path)
         seen.add(body)
         return 500
 
-    receiver = WebhookReceiver(answer=once_500, delay=0.005)
-    await receiver.start()
-    hooks = Webhooks(tmp_path, [_settings(receiver.url)], lambda recipient, sender: "x")
-    state = hooks.states["app"]
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(hooks.run)
-            await _until(lambda: state.opened)  # read in the background
-            state.outbox.append(_bodies(30))
-            state.wake.set()
-            await _until(lambda: len(state.outbox) == 0)
-            tg.cancel_scope.cancel()
-    finally:
-        await receiver.stop()
+    async with (
+        _serving(WebhookReceiver(answer=once_500, delay=0.005)) as receiver,
+        _sending(_hooks(tmp_path, _settings(receiver.url))) as state,
+    ):
+        _queue(state, _bodies(30))
+        await _until(lambda: len(state.outbox) == 0)
     accepted = Counter(p.headers["spoold-event-id"] for p in receiver.accepted)
     assert accepted == Counter({f"e{n}": 1 for n in range(30)})
     for post in receiver.posts:
@@ -205,7 +199,6 @@ async def test_a_huge_answer_is_cut_and_the_post_counts(tmp_path: Path) -> None:
     """A 2xx whose body says it is 1 GB of gzip: a few KB are read (never
     decompressed), the connection is dropped, the event is posted."""
     import asyncio
-    import contextlib
 
     sent = 0
 
@@ -224,18 +217,11 @@ async def test_a_huge_answer_is_cut_and_the_post_counts(tmp_path: Path) -> None:
 
     server = await asyncio.start_server(flood, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    hooks = Webhooks(
-        tmp_path, [_settings(f"http://127.0.0.1:{port}/hook")], lambda recipient, sender: "x"
-    )
-    state = hooks.states["app"]
+    hooks = _hooks(tmp_path, _settings(f"http://127.0.0.1:{port}/hook"))
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(hooks.run)
-            await _until(lambda: state.opened)  # read in the background
-            state.outbox.append(_bodies(1))
-            state.wake.set()
+        async with _sending(hooks) as state:
+            _queue(state, _bodies(1))
             await _until(lambda: state.posted == 1)
-            tg.cancel_scope.cancel()
     finally:
         server.close()
     assert state.last_error is None
@@ -248,24 +234,14 @@ async def test_events_that_cannot_be_posted_are_set_aside_and_the_rest_posted(
     """A directory with an event's name (cannot be read) and an event
     whose ``event_id`` is not ASCII (cannot be a header) are moved to
     ``rejected/``; the 49 good events behind them all arrive."""
-    receiver = WebhookReceiver()
-    await receiver.start()
-    outbox = tmp_path / "webhooks" / "app"
-    (outbox / "0000000000000000.json").mkdir(parents=True)
-    (outbox / "0000000000000001.json").write_bytes(json.dumps({"event_id": "é"}).encode())
-    hooks = Webhooks(tmp_path, [_settings(receiver.url)], lambda recipient, sender: "x")
-    state = hooks.states["app"]
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(hooks.run)
-            await _until(lambda: state.opened)  # read in the background
-            state.outbox.append(_bodies(49))
-            state.wake.set()
+    async with _serving(WebhookReceiver()) as receiver:
+        outbox = tmp_path / "webhooks" / "app"
+        (outbox / "0000000000000000.json").mkdir(parents=True)
+        (outbox / "0000000000000001.json").write_bytes(json.dumps({"event_id": "é"}).encode())
+        async with _sending(_hooks(tmp_path, _settings(receiver.url))) as state:
+            _queue(state, _bodies(49))
             await receiver.wait_for(lambda: len(receiver.accepted) >= 49)
             await _until(lambda: len(state.outbox) == 0)
-            tg.cancel_scope.cancel()
-    finally:
-        await receiver.stop()
     assert {p.headers["spoold-event-id"] for p in receiver.accepted} == {f"e{n}" for n in range(49)}
     assert sorted(p.name for p in (outbox / "rejected").iterdir()) == [
         "0000000000000000.json",
@@ -285,17 +261,10 @@ class _BrokenRemover(Webhooks):
 async def test_a_sender_that_fails_shows_down_with_its_error(tmp_path: Path) -> None:
     """Whatever ends the posting shows in the status while it lasts: down,
     with the error itself, not the task group that wrapped it."""
-    receiver = WebhookReceiver()
-    await receiver.start()
-    hooks = _BrokenRemover(tmp_path, [_settings(receiver.url)], lambda recipient, sender: "x")
-    state = hooks.states["app"]
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(hooks.run)
+    async with _serving(WebhookReceiver()) as receiver:
+        hooks = _hooks(tmp_path, _settings(receiver.url), _BrokenRemover)
+        async with _sending(hooks, opened=False) as state:
             await _until(lambda: state.failures >= 1)
-            tg.cancel_scope.cancel()
-    finally:
-        await receiver.stop()
     assert state.up is False
     assert state.last_error == "OSError: the disk is gone"
 
@@ -317,22 +286,12 @@ async def test_an_event_the_endpoint_refuses_is_set_aside_and_the_rest_posted(
             return {"e1": 429, "e2": 408, "e3": 401, "e4": 404}[event_id]
         return 200
 
-    receiver = WebhookReceiver(answer=answer)
-    await receiver.start()
-    settings = _settings(receiver.url, backoff=0.05, max_backoff=0.4)
-    hooks = Webhooks(tmp_path, [settings], lambda recipient, sender: "x")
-    state = hooks.states["app"]
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(hooks.run)
-            await _until(lambda: state.opened)  # read in the background
-            state.outbox.append(_bodies(200))
-            state.wake.set()
+    async with _serving(WebhookReceiver(answer=answer)) as receiver:
+        settings = _settings(receiver.url, backoff=0.05, max_backoff=0.4)
+        async with _sending(_hooks(tmp_path, settings)) as state:
+            _queue(state, _bodies(200))
             await receiver.wait_for(lambda: len(receiver.accepted) >= 199)
             await _until(lambda: len(state.outbox) == 0)
-            tg.cancel_scope.cancel()
-    finally:
-        await receiver.stop()
     tries = Counter(p.headers["spoold-event-id"] for p in receiver.posts)
     assert tries["e0"] == 1
     assert tries["e1"] == tries["e2"] == tries["e3"] == tries["e4"] == 2
