@@ -226,3 +226,44 @@ async def test_redis_stopped_the_nodes_deliver_alone_and_share_again_when_it_is_
         while smtp_server.transactions < 100:
             await anyio.sleep(POLL)
     assert smtp_server.max_open_connections <= 4, smtp_server.max_open_connections
+
+
+async def test_a_backlog_at_start_asks_the_fleet_for_its_slots(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    redis_server: RedisServer,
+    smtp_server: SmtpTestServer,
+) -> None:
+    """Mail queued when a node starts is sent under the fleet's limits
+    from the first message: the node joins the fleet before its first
+    attempt, not after (then a restarted node sent its whole backlog on
+    its own 4 connections while the others held the fleet's 4)."""
+    port = free_port()
+    config = _node_config(tmp_path / "n0", "relay-0", redis_server, smtp_server.hop, port)
+    others = [f"elsewhere:{n}" for n in range(4)]  # another node's four slots
+    async with redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True) as r:
+        seconds, micros = await r.time()
+        now_ms = seconds * 1000 + micros // 1000
+        await r.zadd(SLOTS, {holder: now_ms + 3_600_000 for holder in others})
+        daemon = await start_daemon(config)
+        with anyio.fail_after(30):
+            while _slot_refusals(port) == 0:  # the fleet is full: nothing goes
+                await anyio.to_thread.run_sync(_submit, daemon, 1)
+                await anyio.sleep(POLL)
+        queued = smtp_server.transactions  # at most what went before the first refusal
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.proc is not None
+        with anyio.fail_after(20):
+            assert await daemon.proc.wait() == 0
+
+        # Started again with its backlog, the fleet still full.
+        daemon = await start_daemon(config)
+        with anyio.fail_after(30):
+            while _slot_refusals(port) == 0:
+                await anyio.sleep(POLL)
+        assert smtp_server.transactions == queued
+        await r.zrem(SLOTS, *others)  # the other node's slots come back
+        with anyio.fail_after(30):
+            while Client(daemon.socket).count()["active"]:
+                await anyio.sleep(POLL)
+        assert smtp_server.max_open_connections <= 4

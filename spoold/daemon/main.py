@@ -89,6 +89,7 @@ from spoold.errors import (
     SpooldError,
 )
 from spoold.fleet import FleetSettings
+from spoold.fleet_suppression import SuppressionMirror
 from spoold.hooks import OnErrorHook, PresendHook, load_hook
 from spoold.hostname import is_qualified
 from spoold.idempotency import user_key, validate_key
@@ -251,6 +252,17 @@ class Daemon:
                     await webhooks.written.wait()
             outer.cancel_scope.cancel()
 
+    def _before_start(self, spool: Spool, webhooks: Webhooks | None) -> SuppressionMirror | None:
+        """What must be in place before the spool's first attempt (a queue
+        loaded at start is sent at once): the webhooks subscribed (they miss
+        no event) and, with ``[fleet]``, the spool joined to the fleet
+        (rates, connections, idempotency keys and the suppression list are
+        the fleet's from the first message). Returns the suppression
+        list's mirror, for the daemon to run."""
+        if webhooks is not None:
+            webhooks.subscribe(spool.events)
+        return None if self.fleet is None else self.fleet.join(spool)
+
     async def _run_spool(
         self,
         cfg: Config,
@@ -259,6 +271,7 @@ class Daemon:
         webhooks: Webhooks | None,
     ) -> None:
         hostname = cfg.hostname
+        joined: list[SuppressionMirror | None] = []  # what _before_start gave
         async with Spool.open(
             cfg.spool.dir,
             relay=self.metrics.measured(relay) if cfg.metrics.listen else relay,
@@ -270,17 +283,13 @@ class Daemon:
             policies=self.live.router,
             reporting_mta=hostname,
             dkim=self.live.dkim,
-            # Before the first attempt: the webhooks miss no event.
-            before_start=None if webhooks is None else lambda s: webhooks.subscribe(s.events),
+            before_start=lambda s: joined.append(self._before_start(s, webhooks)),
         ) as spool:
             self._spool = spool
+            mirror = joined[0]
             if webhooks is not None:
                 await outer.start(webhooks.run)
-            mirror = None
             if self.fleet is not None:
-                # [fleet]: rates, connections, idempotency keys and the
-                # suppression list are the fleet's.
-                mirror = self.fleet.join(spool)
                 # Renews the slots held; in the outer group, so it goes on
                 # through the final flush (attempts under way hold slots).
                 outer.start_soon(self.fleet.slots.run)
