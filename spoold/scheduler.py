@@ -232,9 +232,12 @@ class Scheduler:
             # calls fewer), and its token is taken without a slot's call
             # first (late tokens are lost rate).
             due = None
+            # Whether this attempt holds a fleet token: one booked for it
+            # (it did not ask), or one taken now.
+            token_held = not asks and self._rated(policy)
             if asks:
                 try:
-                    due = await self._shared_due(policy)
+                    due, token_held = await self._shared_due(policy)
                 finally:
                     if entry.destination is not None:
                         self.gate.asking(entry.destination, False)
@@ -242,12 +245,15 @@ class Scheduler:
             if due is not None:
                 self._defer(entry, gen, *due)
                 return
-            taken = await self._shared_slot(policy)
+            with anyio.CancelScope(shield=True):
+                # Bounded by the fleet's timeout; a slot Redis granted is
+                # held here, so a stop meanwhile still gives it back.
+                taken = await self._shared_slot(policy)
             if isinstance(taken, SlotWait):
                 until = self.clock.now().timestamp() + taken.seconds
-                limited = policy.limited
-                rated = self.shared_rates is not None and limited and limited[1].rate
-                self._defer(entry, gen, until, bool(rated), slot=True)
+                # A token held is kept for the line; none (Redis did not
+                # answer for it) is not made up.
+                self._defer(entry, gen, until, token_held, slot=True)
                 return
             slot = taken
             if slot is not None:
@@ -282,14 +288,22 @@ class Scheduler:
             return None
         return await shared.take(limited[0], limited[1].max_connections)
 
-    async def _shared_due(self, policy: DestinationPolicy) -> tuple[float, bool] | None:
+    def _rated(self, policy: DestinationPolicy) -> bool:
+        """Whether the destination's rate is fleet-wide."""
+        limited = policy.limited
+        return self.shared_rates is not None and limited is not None and limited[1].rate is not None
+
+    async def _shared_due(
+        self, policy: DestinationPolicy
+    ) -> tuple[tuple[float, bool] | None, bool]:
         """When the destination's shared token (a fleet-wide rate) may be
         used, if not at once: a timestamp, and whether the token is booked
         for this message (else it asks again then); None: taken for now,
         or nothing to take (no :attr:`shared_rates`, or no rate), or the
         shared state did not answer (then the local gate, which admitted
         this attempt, is the only rate: each attempt asks once, so no line
-        of waiting jobs is let go at once).
+        of waiting jobs is let go at once). Second: whether a token was
+        taken for now (False when there was none to take or no answer).
 
         The wait it answers is counted from when the shared state looked
         at its clock, somewhere in the round trip; it is added to the time
@@ -298,12 +312,14 @@ class Scheduler:
         would be late by the way back)."""
         shared, limited = self.shared_rates, policy.limited
         if shared is None or limited is None or limited[1].rate is None:
-            return None
+            return None, False
         asked = self.clock.now().timestamp()
         token = await shared.gcra(limited[0], limited[1].rate)
-        if token is None or (token.booked and token.wait <= 0):
-            return None
-        return asked + token.wait, token.booked
+        if token is None:
+            return None, False
+        if token.booked and token.wait <= 0:
+            return None, True
+        return (asked + token.wait, token.booked), False
 
     def _defer(
         self, entry: Entry, gen: int, until: float, booked: bool, *, slot: bool = False

@@ -191,3 +191,29 @@ async def test_a_route_left_at_the_default_max_connections_is_not_counted_and_re
         await wait_until(lambda: hop.transactions == 2, "the second message")
         assert hop.connections_opened == 1  # the first one's connection, reused
     assert slots.asked == [] and slots.given_back == []
+
+
+async def test_no_fleet_token_is_made_up_for_a_line_refused_a_slot(
+    tmp_path: Path, start_smtp_server: StartServer, make_relay: MakeRelay
+) -> None:
+    """Redis did not answer for the rate (None) and the slot was refused:
+    the message waits for a slot with no token booked, so when its turn
+    comes it asks the fleet's rate again instead of going on a token
+    nobody took."""
+
+    class SilentOnce:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def gcra(self, destination: str, rate: Rate) -> SharedToken | None:
+            self.calls += 1
+            return None if self.calls == 1 else SharedToken(0.0)
+
+    hop, router = await one_hop(tmp_path, start_smtp_server, max_connections=4, rate="100/s")
+    rates, slots, clock = SilentOnce(), Slots(0.5, None), FakeClock(START)
+    async with fleet_spool(tmp_path, make_relay, router, clock, rates=rates, slots=slots) as spool:
+        await add(spool, router, "a@example.com")
+        await wait_until(lambda: len(slots.asked) == 1, "the slot refused")
+        clock.advance(0.6)
+        await wait_until(lambda: hop.transactions == 1, "sent")
+    assert rates.calls == 2  # the token it went on was taken, not assumed
