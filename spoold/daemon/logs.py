@@ -96,6 +96,13 @@ def configure(format: str = "auto", level: str = "info") -> None:
         )
     )
     numeric = _LEVELS[level]
+    # No line the daemon writes shows where in the source it was logged,
+    # nor the thread or process: a record need not look them up (the
+    # logging module's documented switches; a quarter of a line's cost).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     structlog.configure(
         processors=[
             *shared,
