@@ -153,15 +153,17 @@ def test_a_control_character_anywhere_is_refused(address: str, where: int, contr
 
 def _full_check(address: str) -> str | None:
     """The error kind of the full checks (None: accepted), without the
-    one-match path taken by the usual addresses."""
-    saved = spoold.address._PLAIN
+    one-match path taken by the usual addresses (nor the addresses it
+    remembers)."""
+    saved = spoold.address._PLAIN, spoold.address._usual
     spoold.address._PLAIN = re.compile(r"(?!)")  # never matches
+    spoold.address._usual = {}
     try:
         validate_address(address)
     except AddressError as exc:
         return exc.kind
     finally:
-        spoold.address._PLAIN = saved
+        spoold.address._PLAIN, spoold.address._usual = saved
     return None
 
 
@@ -201,3 +203,11 @@ def test_the_one_match_path_for_usual_addresses_agrees_with_the_full_checks(
 )
 def test_the_one_match_path_keeps_every_length_limit(address: str) -> None:
     assert _kind(address) == _full_check(address)
+    assert _kind(address) == _full_check(address)  # remembered, if it passed
+
+
+def test_the_addresses_remembered_are_bounded() -> None:
+    for n in range(spoold.address._USUAL_KEPT + 10):
+        validate_address(f"user{n}@example.com")
+    assert len(spoold.address._usual) <= spoold.address._USUAL_KEPT
+    assert validate_address("user1@example.com") == "user1@example.com"
