@@ -148,6 +148,9 @@ def listener_settings(config: SmtpConfig) -> ListenerSettings:
     return ListenerSettings(config, context, users)
 
 
+_PEERS_KEPT = 4096
+
+
 @dataclass(frozen=True)
 class _Derived:
     """What a session needs from one :class:`ListenerSettings`, worked out
@@ -157,6 +160,18 @@ class _Derived:
     policy: SessionPolicy
     networks: tuple[_Network, ...]
     line_endings: LineEndingPolicy
+    # Peers already looked up in ``networks`` (bounded: emptied when full);
+    # made anew with the settings, so a reload's networks apply at once.
+    trusted_peers: dict[str, bool] = field(default_factory=dict, compare=False)
+
+    def trusted(self, peer: str) -> bool:
+        """Whether ``peer`` is in ``relay_networks``."""
+        known = self.trusted_peers.get(peer)
+        if known is None:
+            if len(self.trusted_peers) >= _PEERS_KEPT:
+                self.trusted_peers.clear()
+            known = self.trusted_peers[peer] = _allowed(peer, self.networks)
+        return known
 
 
 def _derive(settings: ListenerSettings, hostname: str) -> _Derived:
@@ -261,7 +276,7 @@ class SmtpListener:
     def open_session(self, session: SmtpSession, peer: str) -> tuple[SessionPolicy, bool] | str:
         derived = self._current()
         cfg = derived.settings.config
-        trusted = _allowed(peer, derived.networks)
+        trusted = derived.trusted(peer)
         if not trusted and not derived.policy.auth:
             return "554 5.7.1 Your address may not send mail here"
         if self.connections >= cfg.max_connections:
