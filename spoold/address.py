@@ -62,6 +62,18 @@ _LABEL_UTF8 = re.compile(
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x80-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # undecodable bytes (surrogateescape)
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
+# Usual addresses seen lately (a bounded set: emptied when full). Whatever
+# the role or SMTPUTF8, one is valid: it is not "" and it is ASCII.
+_usual: dict[str, None] = {}
+_USUAL_KEPT = 4096
+
+# The usual address, all ASCII: a dot-atom local part, a domain of labels of
+# at most 63 characters. One match says it passes every check below but the
+# lengths (checked beside it), so most addresses need no more.
+_PLAIN = re.compile(
+    rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 def is_ascii_address(address: str) -> bool:
@@ -168,6 +180,18 @@ def validate_address(
         raise AddressError(
             f"an address must be a string, not {type(address).__name__}", repr(address)
         )
+    if address in _usual:
+        return address  # seen lately (a mail flow repeats its addresses)
+    if (
+        len(address) + 2 <= MAX_PATH
+        and _PLAIN.fullmatch(address) is not None
+        and address.index("@") <= MAX_LOCAL_PART
+        and len(address) - address.index("@") - 1 <= MAX_DOMAIN
+    ):
+        if len(_usual) >= _USUAL_KEPT:
+            _usual.clear()
+        _usual[address] = None
+        return address  # the usual case (ASCII: its octets are its characters)
     if address == "":
         if role == "sender":
             return address

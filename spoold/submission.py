@@ -289,6 +289,8 @@ class Submission:
             return
         listed = self.suppressions
         await listed.refresh()
+        if not len(listed):
+            return  # the usual case: no list
         held = listed.held((r for env in batch.envelopes for r in env.recipients), self._now())
         if held:
             listed.count("refused", len(held))

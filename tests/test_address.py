@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import string
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import spoold.address
 from spoold.address import validate_address, validate_recipients
 from spoold.errors import AddressError, SpooldError
 
@@ -147,3 +149,65 @@ def test_a_control_character_anywhere_is_refused(address: str, where: int, contr
     with pytest.raises(AddressError) as info:
         validate_address(poisoned)
     assert info.value.kind == "control"
+
+
+def _full_check(address: str) -> str | None:
+    """The error kind of the full checks (None: accepted), without the
+    one-match path taken by the usual addresses (nor the addresses it
+    remembers)."""
+    saved = spoold.address._PLAIN, spoold.address._usual
+    spoold.address._PLAIN = re.compile(r"(?!)")  # never matches
+    spoold.address._usual = {}
+    try:
+        validate_address(address)
+    except AddressError as exc:
+        return exc.kind
+    finally:
+        spoold.address._PLAIN, spoold.address._usual = saved
+    return None
+
+
+def _kind(address: str) -> str | None:
+    try:
+        validate_address(address)
+    except AddressError as exc:
+        return exc.kind
+    return None
+
+
+_NEAR_ADDRESS = st.builds(
+    lambda local, labels: local + "@" + ".".join(labels),
+    st.text('ab.-_+"@[]: \x01é', max_size=70),
+    st.lists(st.text("ab9-_.[]é", max_size=66), min_size=1, max_size=5),
+)
+
+
+@given(st.one_of(_NEAR_ADDRESS, _ADDRESS, st.text(max_size=300)))
+def test_the_one_match_path_for_usual_addresses_agrees_with_the_full_checks(
+    address: str,
+) -> None:
+    assert _kind(address) == _full_check(address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "a" * 64 + "@b.c",
+        "a" * 65 + "@b.c",
+        "a@" + "b" * 63 + ".c",
+        "a@" + "b" * 64 + ".c",
+        "a@" + ".".join(["b" * 63] * 4),  # a domain of 255
+        "a@" + ".".join(["b" * 63] * 4) + "c",  # of 256
+        "a" * 60 + "@" + ".".join(["b" * 62] * 3) + ".ccccc",  # a path of 256
+    ],
+)
+def test_the_one_match_path_keeps_every_length_limit(address: str) -> None:
+    assert _kind(address) == _full_check(address)
+    assert _kind(address) == _full_check(address)  # remembered, if it passed
+
+
+def test_the_addresses_remembered_are_bounded() -> None:
+    for n in range(spoold.address._USUAL_KEPT + 10):
+        validate_address(f"user{n}@example.com")
+    assert len(spoold.address._usual) <= spoold.address._USUAL_KEPT
+    assert validate_address("user1@example.com") == "user1@example.com"

@@ -61,7 +61,7 @@ def open_files_under(directory: Path) -> list[str]:
 
 class FailingOs:
     """The ``os`` module as the store sees it during a test: the real one,
-    except that ``call`` (``write`` or ``fsync``) fails with ``error`` on
+    except that ``call`` (``write``, which covers ``writev``, or ``fsync``) fails with ``error`` on
     the ``nth`` temp file of ``kind`` (``body`` or ``record``) under
     ``tmp``. A failing write first writes part of what it was given, as a
     filling disk does. ``armed = False`` makes it the real module again."""
@@ -102,6 +102,13 @@ class FailingOs:
             self.failed += 1
             raise self._error
         return self._real.write(fd, data)
+
+    def writev(self, fd: int, buffers: Sequence[bytes | memoryview]) -> int:
+        """As :meth:`write`: the store writes a body and its trace header
+        in one ``writev`` (and, after a short write, writes the rest)."""
+        if self._call == "write" and self._is_target(fd):
+            return self.write(fd, b"".join(bytes(b) for b in buffers))
+        return self._real.writev(fd, buffers)
 
     def fsync(self, fd: int) -> None:
         if self._call == "fsync" and self._is_target(fd):
@@ -147,6 +154,41 @@ async def test_a_failed_write_or_fsync_leaves_nothing_and_says_why(
         (name,) = await store.enqueue([entry(b"after\r\n")])
         assert leftovers(root) == [f".registry/{name}", f"active/{name}", f"data/{name}"]
         assert await store.check(max_age=0) == []
+
+
+class ShortWritesOs:
+    """The real ``os``, but a ``writev`` writes at most ``most`` bytes (as a
+    signal or a filling disk may cut one short)."""
+
+    def __init__(self, most: int) -> None:
+        self._most = most
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def writev(self, fd: int, buffers: Sequence[bytes | memoryview]) -> int:
+        self.calls += 1
+        return os.write(fd, b"".join(bytes(b) for b in buffers)[: self._most])
+
+
+async def test_short_writes_are_resumed_where_they_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Body and trace header go in one ``writev``; one cut short is resumed
+    with the rest, across the boundary of the two, until all is written."""
+    store, _ = await Store.open(tmp_path, QUEUES)
+    async with store:
+        short = ShortWritesOs(7)
+        monkeypatch.setattr(spoold.store.directory, "os", short)
+        body = b"".join(b"line %d\r\n" % i for i in range(20))
+        (name,) = await store.enqueue(
+            [NewEntry("active", body, lambda n, ns: b"record", lambda n: b"Received: x\r\n")]
+        )
+        monkeypatch.undo()
+        assert (tmp_path / "data" / name).read_bytes() == b"Received: x\r\n" + body
+        assert (tmp_path / "active" / name).read_bytes() == b"record"
+        assert short.calls > (len(body) + 13) // 7
 
 
 # ------------------------------------------------- a real small filesystem

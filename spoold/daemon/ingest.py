@@ -23,6 +23,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ def missing_headers(
     if not _HAS_MESSAGE_ID.search(header):
         extra += f"Message-ID: <{submission_id}@{hostname}>\r\n".encode()
     if not _HAS_DATE.search(header):
-        extra += f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode()
+        extra += f"Date: {_header_date()}\r\n".encode()
     return extra
 
 
@@ -114,6 +115,23 @@ def message_id_key(sender: str, wire: bytes, recipients: Sequence[str] = ()) -> 
     return key
 
 
+_date: tuple[int, str] = (-1, "")  # (second, that second as a header's date)
+
+
+def _header_date() -> str:
+    """The time now as a header's date (RFC 5322, local time), made once a
+    second: ``email.utils.formatdate`` was a good part of a small message's
+    work in the commit thread. One tuple, read and replaced whole: threads
+    racing each other only format it once more."""
+    global _date  # a cache of one value
+    now = time.time()
+    second, text = _date
+    if int(now) != second:
+        text = email.utils.formatdate(now, localtime=True)
+        _date = (int(now), text)
+    return text
+
+
 def received_header(origin: Origin, message_id: str, hostname: str) -> bytes:
     """The ``Received:`` trace header naming the message's own spool id (and,
     for a local submission, the submitting uid and user name)."""
@@ -125,7 +143,7 @@ def received_header(origin: Origin, message_id: str, hostname: str) -> bytes:
         source += f" (uid {origin.uid}{user})"
     return (
         f"Received: {source}\r\n\tby {hostname} (spoold) with {origin.protocol} "
-        f"id {message_id};\r\n\t{email.utils.formatdate(localtime=True)}\r\n"
+        f"id {message_id};\r\n\t{_header_date()}\r\n"
     ).encode()
 
 

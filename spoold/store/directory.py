@@ -226,10 +226,15 @@ class StoreDirectory:
         path = f"{self.tmp}/{self.pid}.{name}.{kind}.{next(self._tmp_count)}"
         fd = os.open(path, OPEN_FLAGS, FILE_MODE)
         try:
-            for part in (prefix, data):
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
+            # One writev for the trace header and the body (more only after
+            # a short write: then what is left, as views, nothing copied).
+            parts: list[bytes | memoryview] = [prefix, data] if prefix else [data]
+            left = len(prefix) + len(data)
+            while left:
+                done = os.writev(fd, parts)
+                left -= done
+                if left:
+                    parts = _after(parts, done)
             if sync:
                 os.fsync(fd)
         except BaseException:
@@ -239,6 +244,18 @@ class StoreDirectory:
             raise
         os.close(fd)
         return path
+
+
+def _after(parts: list[bytes | memoryview], done: int) -> list[bytes | memoryview]:
+    """What of ``parts`` is left once their first ``done`` bytes are written."""
+    rest: list[bytes | memoryview] = []
+    for part in parts:
+        if done >= len(part):
+            done -= len(part)
+            continue
+        rest.append(memoryview(part)[done:] if done else part)
+        done = 0
+    return rest
 
 
 def unlink_quiet(path: str) -> None:
