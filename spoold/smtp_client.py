@@ -315,6 +315,8 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.tls_active = False
         self._closed = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self.deadline_passed = False
 
     @classmethod
     async def connect(
@@ -412,6 +414,23 @@ class SmtpClient:
             self._transport.close()
         else:
             self._transport.abort()
+
+    def set_deadline(self, when: float | None, text: str = "") -> None:
+        """At ``when`` (a time of the event loop's clock), fail whatever the
+        client is doing or does next with :class:`~spoold.errors.SmtpTimeoutError`
+        (``text``) and drop the connection, and set :attr:`deadline_passed`;
+        ``None``: no deadline (the one set before is lifted). One timer for
+        a whole transaction, instead of a cancel scope around it."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if when is not None:
+            self._deadline = self._reader._loop.call_at(when, self._deadline_passed, text)
+
+    def _deadline_passed(self, text: str) -> None:
+        self._deadline = None
+        self.deadline_passed = True
+        self._reader._fail(SmtpTimeoutError(text))  # aborts the transport
 
     # -- plumbing
 

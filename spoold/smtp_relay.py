@@ -69,11 +69,9 @@ needs 8BITMIME are found by one scan in chunks, off the event loop.
 
 from __future__ import annotations
 
-import math
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-
-import anyio
 
 from spoold.address import validate_address
 from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
@@ -119,6 +117,14 @@ def _throttling_refusal(cause: BaseException | None) -> bool:
     if not isinstance(cause, SmtpReplyError):
         return False
     return RecipientResult(cause.code, cause.text, cause.enhanced_status).throttling
+
+
+def _timeout_text(settings: RouteSettings) -> str:
+    return f"timeout: no answer within the message timeout of {settings.message_timeout:g}s"
+
+
+def _timed_out(hop: str, settings: RouteSettings) -> AttemptFailed:
+    return AttemptFailed(f"{hop}: {_timeout_text(settings)}")
 
 
 class _TryLater(Exception):
@@ -253,6 +259,7 @@ class SmtpRelay:
         settings_for: Callable[[str, Message], RouteSettings],
         tls: TlsPolicyMode = "none",
     ) -> RelayOutcome:
+        loop = asyncio.get_running_loop()
         hop_errors: list[str] = []
         throttled: list[str] = []
         # An MX route's message has one recipient domain (one envelope each).
@@ -280,15 +287,11 @@ class SmtpRelay:
                     continue
                 if decision is not None:
                     settings = replace(settings, tls_policy=decision)
-            deadline = anyio.CancelScope(deadline=anyio.current_time() + settings.message_timeout)
+            # The message timeout: the acquire gives up at it, then one timer
+            # on the client (lifted once the final "." is sent).
+            deadline = loop.time() + settings.message_timeout
             try:
-                with deadline:
-                    async with self.cache.connection(hop, settings) as conn:
-                        if domain_policy is not None:
-                            domain_policy.connected(host, conn.client.tls_active)
-                        return await self._transaction(
-                            conn, hop, settings, message, content, recipients, deadline
-                        )
+                conn = await self.cache.acquire(hop, settings, deadline)
             except HopUnavailableError as exc:
                 hop_errors.append(str(exc))
                 if _throttling_refusal(exc.__cause__):
@@ -300,13 +303,29 @@ class SmtpRelay:
                     hop=hop,
                     error=str(exc),
                 )
-            except _TryLater as exc:
-                return AttemptFailed(f"{hop}: {exc}")
-            if deadline.cancelled_caught:
-                return AttemptFailed(
-                    f"{hop}: timeout: no answer within the message timeout of "
-                    f"{settings.message_timeout:g}s"
-                )
+                continue
+            except TimeoutError:
+                return _timed_out(hop, settings)
+            client = conn.client
+            healthy = False
+            try:
+                if domain_policy is not None:
+                    domain_policy.connected(host, conn.client.tls_active)
+                client.set_deadline(deadline, _timeout_text(settings))
+                try:
+                    outcome: RelayOutcome = await self._transaction(
+                        conn, hop, settings, message, content, recipients
+                    )
+                except _TryLater as exc:
+                    outcome = AttemptFailed(f"{hop}: {exc}")
+                client.set_deadline(None)
+                if client.deadline_passed:
+                    return _timed_out(hop, settings)
+                healthy = isinstance(outcome, Delivery)
+                return outcome
+            finally:
+                client.set_deadline(None)
+                await self.cache.give_back(conn, healthy=healthy)
         return AttemptFailed("no hops available: " + "; ".join(hop_errors), tuple(throttled))
 
     async def _transaction(
@@ -317,7 +336,6 @@ class SmtpRelay:
         message: Message,
         content: BodyReader,
         recipients: list[str],
-        deadline: anyio.CancelScope,
     ) -> Delivery:
         client = conn.client
         env = message.envelope_info
@@ -409,7 +427,7 @@ class SmtpRelay:
                 # drain of the last write, then the final reply's wait).
                 nonlocal dot_sent
                 dot_sent = True
-                deadline.deadline = math.inf
+                client.set_deadline(None)
 
             try:
                 final = await client.send_content(
