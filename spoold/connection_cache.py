@@ -151,7 +151,11 @@ class Connection:
     key: _Key
     last_used: float
     transactions: int = 0
+    # The idle timer: armed when the connection goes idle, and left armed
+    # while it is lent and given back (it then re-arms from ``idle_since``):
+    # no timer call per message.
     expiry: asyncio.TimerHandle | None = None
+    idle_since: float | None = None  # the loop's clock; None while lent
 
 
 class _Waiter:
@@ -264,7 +268,9 @@ class ConnectionCache:
             if not queues:
                 return
             served = False
-            for q in sorted(queues, key=lambda q: q[0].seq):
+            if len(queues) > 1:
+                queues.sort(key=lambda q: q[0].seq)
+            for q in queues:
                 w = q[0]
                 if w.future.done():  # cancelled: its task is leaving, unserved
                     q.popleft()
@@ -286,22 +292,34 @@ class ConnectionCache:
                 return
 
     def _unidle(self, conn: Connection) -> Connection:
+        conn.idle_since = None  # its timer, if armed, finds it lent
+        return conn
+
+    @staticmethod
+    def _forget(conn: Connection) -> None:
+        conn.idle_since = None
         if conn.expiry is not None:
             conn.expiry.cancel()
             conn.expiry = None
-        return conn
 
     def _drop(self, conn: Connection) -> None:
         """Close without a goodbye (the connection is suspect or expired)."""
-        self._unidle(conn)
+        self._forget(conn)
         conn.client.close()
         self._free_slot(conn.key)
 
     def _expire(self, conn: Connection) -> None:
+        conn.expiry = None
+        if conn.idle_since is None:
+            return  # lent: armed again when given back
+        loop = asyncio.get_running_loop()
+        until = conn.idle_since + self.idle_timeout
+        if until > loop.time() + 0.001:  # used since the timer was set
+            conn.expiry = loop.call_at(until, self._expire, conn)
+            return
         idle = self._idle.get(conn.key, [])
         if conn in idle:
             idle.remove(conn)
-            conn.expiry = None
             self._drop(conn)
 
     def _evict_idle_elsewhere(self, key: _Key) -> bool:
@@ -314,7 +332,7 @@ class ConnectionCache:
         if oldest is None:
             return False
         self._idle[oldest.key].remove(oldest)
-        self._unidle(oldest)
+        self._forget(oldest)
         oldest.client.close()
         self._open[oldest.key] -= 1
         self._total -= 1
@@ -499,7 +517,10 @@ class ConnectionCache:
             self._drop(conn)
             return
         conn.last_used = self._monotonic()
-        conn.expiry = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, conn)
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        if conn.expiry is None:
+            conn.expiry = loop.call_at(conn.idle_since + self.idle_timeout, self._expire, conn)
         self._idle.setdefault(conn.key, []).append(conn)
         self._serve_waiters()
 
@@ -519,7 +540,9 @@ class ConnectionCache:
             for w in queue:
                 if not w.future.done():
                     w.future.set_result(None)  # they wake, see no grant... and give up
-        idle = [self._unidle(c) for conns in self._idle.values() for c in conns]
+        idle = [c for conns in self._idle.values() for c in conns]
+        for conn in idle:
+            self._forget(conn)
         self._idle.clear()
         for conn in idle:
             with contextlib.suppress(SmtpError), anyio.move_on_after(5):

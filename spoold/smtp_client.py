@@ -143,6 +143,55 @@ class EnvelopeReplies:
     data: SmtpReply | None
 
 
+# ------------------------------------------------------------------ timers
+
+
+class _Alarm:
+    """Calls ``expire`` once the time ``due`` (on the loop's clock) has
+    come, unless ``due`` was cleared or moved first. One loop timer keeps
+    it, moved only when ``due`` comes earlier than the timer: a later
+    ``due`` waits for the timer to fire, which then re-arms. A wait set
+    and cleared for every reply (or every message) then costs no timer
+    call at all while the timeouts stay the same."""
+
+    __slots__ = ("_armed_at", "_expire", "_handle", "_loop", "due")
+
+    _SLACK: Final = 0.001  # a loop timer may fire up to a millisecond early
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expire: Callable[[], None]) -> None:
+        self._loop = loop
+        self._expire = expire
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at = 0.0
+        self.due: float | None = None
+
+    def set(self, due: float | None) -> None:
+        self.due = due
+        if due is not None and (self._handle is None or due < self._armed_at):
+            if self._handle is not None:
+                self._handle.cancel()
+            self._armed_at = due
+            self._handle = self._loop.call_at(due, self._fire)
+
+    def cancel(self) -> None:
+        self.due = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        due = self.due
+        if due is None:
+            return
+        if due > self._loop.time() + self._SLACK:
+            self._armed_at = due
+            self._handle = self._loop.call_at(due, self._fire)
+            return
+        self.due = None
+        self._expire()
+
+
 # ---------------------------------------------------------------- protocol
 
 
@@ -160,6 +209,8 @@ class _ReplyReader(asyncio.Protocol):
         self.replies: deque[SmtpReply] = deque()
         self.error: SmtpError | None = None  # the connection is finished
         self._waiter: asyncio.Future[None] | None = None
+        self._waiting_for = ("", 0.0)  # what the waiter waits for, how long
+        self._reply_alarm = _Alarm(loop, self._no_reply)
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -198,6 +249,7 @@ class _ReplyReader(asyncio.Protocol):
         why = f": {exc}" if exc is not None else ": the server closed the connection"
         self._fail(SmtpConnectionError(f"connection lost{why}"))
         self._wake(self._drain_waiter, self.error)
+        self._reply_alarm.cancel()
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -264,14 +316,22 @@ class _ReplyReader(asyncio.Protocol):
         if self.error is not None:
             raise self.error
         waiter = self._waiter = self._loop.create_future()
-        timer = None if timeout is None else self._arm(waiter, f"no reply to {what}", timeout)
+        if timeout is not None:
+            self._waiting_for = (what, timeout)
+            self._reply_alarm.set(self._loop.time() + timeout)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            if timeout is not None:
+                self._reply_alarm.set(None)
         return self.replies.popleft()
+
+    def _no_reply(self) -> None:
+        what, timeout = self._waiting_for
+        self._wake(
+            self._waiter, SmtpTimeoutError(f"timeout: no reply to {what} within {timeout:g}s")
+        )
 
     async def drain(self, timeout: float) -> None:
         """Wait until the transport takes more data."""
@@ -315,7 +375,8 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.tls_active = False
         self._closed = False
-        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline = _Alarm(reader._loop, self._deadline_passed)
+        self._deadline_text = ""
         self.deadline_passed = False
 
     @classmethod
@@ -410,6 +471,7 @@ class SmtpClient:
         if self._closed:
             return
         self._closed = True
+        self._deadline.cancel()
         if self._reader.error is None and self._transport.get_write_buffer_size() == 0:
             self._transport.close()
         else:
@@ -421,16 +483,14 @@ class SmtpClient:
         (``text``) and drop the connection, and set :attr:`deadline_passed`;
         ``None``: no deadline (the one set before is lifted). One timer for
         a whole transaction, instead of a cancel scope around it."""
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        if when is not None:
-            self._deadline = self._reader._loop.call_at(when, self._deadline_passed, text)
+        self._deadline_text = text
+        self._deadline.set(when)
 
-    def _deadline_passed(self, text: str) -> None:
-        self._deadline = None
+    def _deadline_passed(self) -> None:
+        if self._closed:
+            return
         self.deadline_passed = True
-        self._reader._fail(SmtpTimeoutError(text))  # aborts the transport
+        self._reader._fail(SmtpTimeoutError(self._deadline_text))  # aborts the transport
 
     # -- plumbing
 

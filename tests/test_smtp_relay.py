@@ -940,6 +940,26 @@ async def test_an_idle_connection_is_closed_after_idle_timeout_without_more_traf
     assert relay.cache.open_connections == 0
 
 
+async def test_idle_timeout_counts_from_the_last_use(
+    smtp_server: SmtpTestServer,
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    """A connection used again before its idle timer fires is not closed
+    by that timer: it closes ``idle_timeout`` after its last use (a lower
+    bound, whatever the machine's speed)."""
+    loop = asyncio.get_running_loop()
+    relay = make_relay(idle_timeout=0.5)
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+    await anyio.sleep(0.3)
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+    last_use = loop.time()
+    assert smtp_server.connections_opened == 1
+    await wait_until(lambda: smtp_server.connections_closed == 1, "the idle connection to close")
+    assert loop.time() >= last_use + 0.5 - 0.01
+    assert relay.cache.open_connections == 0
+
+
 async def test_a_connection_the_server_closed_while_idle_is_replaced(
     smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
