@@ -83,6 +83,7 @@ MAX_REPLY_SIZE: Final = 64 * 1024
 _CRLF: Final = b"\r\n"
 _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
 _DIGITS = frozenset(b"0123456789")
+_KNOWN_MOST: Final = 32  # one-line replies kept parsed, per connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,11 @@ class _ReplyReader(asyncio.Protocol):
         self._lines: list[bytes] = []  # the reply being received
         self._size = 0
         self.replies: deque[SmtpReply] = deque()
+        # One-line replies parsed already, by their line ("250 2.1.0 Ok"): a
+        # hop says the same few things for every message, and SmtpReply is
+        # immutable. Bounded: the first ones are kept (a reply carrying a
+        # queue id never repeats).
+        self._known: dict[bytes, SmtpReply] = {}
         self.error: SmtpError | None = None  # the connection is finished
         self._waiter: asyncio.Future[None] | None = None
         self._waiting_for = ("", 0.0)  # what the waiter waits for, how long
@@ -276,6 +282,15 @@ class _ReplyReader(asyncio.Protocol):
             self._fail(SmtpProtocolError(f"a malformed reply line: {shown!r}"))
             return False
         lines = self._lines
+        if not lines and (len(line) == 3 or line[3] == 0x20):  # a reply of one line
+            reply = self._known.get(line)
+            if reply is None:
+                reply = _reply(int(line[:3]), [line])
+                if len(self._known) < _KNOWN_MOST and len(line) <= 128:
+                    self._known[line] = reply
+            self.replies.append(reply)
+            self._size = 0
+            return True
         if lines and lines[0][:3] != line[:3]:
             self._fail(SmtpProtocolError("the lines of a reply carry different codes"))
             return False
