@@ -163,7 +163,7 @@ class _Waiter:
     (already counted) in which to open one, or told it waited too long
     (``expired``); ``future`` is done when any of these happened."""
 
-    __slots__ = ("conn", "expired", "future", "key", "seq", "slot")
+    __slots__ = ("conn", "expired", "expires_at", "future", "key", "seq", "slot", "why")
 
     def __init__(self, key: _Key, seq: int, future: asyncio.Future[None]) -> None:
         self.key = key
@@ -172,6 +172,8 @@ class _Waiter:
         self.conn: Connection | None = None
         self.slot = False
         self.expired: Literal["acquire", "deadline"] | None = None
+        self.expires_at = 0.0  # the loop's clock
+        self.why: Literal["acquire", "deadline"] = "acquire"  # what expires_at is
 
 
 class CacheSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -218,6 +220,8 @@ class ConnectionCache:
         self._total = 0
         self._waiters: dict[_Key, deque[_Waiter]] = {}
         self._seq = itertools.count()
+        self._waiters_timer: asyncio.TimerHandle | None = None
+        self._waiters_timer_at = 0.0
         self._closing = False
         self._local_name: str | None = None
         self.connections_made = 0
@@ -419,27 +423,52 @@ class ConnectionCache:
         waiter = _Waiter(key, next(self._seq), loop.create_future())
         queue.append(waiter)
         when = loop.time() + max(0.0, give_up - self._monotonic())
-        why: Literal["acquire", "deadline"] = "acquire"
         if deadline is not None and deadline < when:
-            when, why = deadline, "deadline"
-        timer = loop.call_at(when, self._expire_waiter, waiter, why)
+            waiter.expires_at, waiter.why = deadline, "deadline"
+        else:
+            waiter.expires_at = when
+        self._arm_waiters_timer(loop, waiter.expires_at)
         try:
             await waiter.future
         except BaseException:
             self._give_back(waiter)  # cancelled: pass on what we were handed
             raise
-        finally:
-            timer.cancel()
         return waiter
 
-    def _expire_waiter(self, waiter: _Waiter, why: Literal["acquire", "deadline"]) -> None:
-        if waiter.future.done():
-            return
-        queue = self._waiters.get(waiter.key)
-        if queue is not None and waiter in queue:
-            queue.remove(waiter)
-        waiter.expired = why
-        waiter.future.set_result(None)
+    def _arm_waiters_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """One timer for every waiter's give-up time, moved only when a
+        waiter must give up before it fires (later waiters give up later:
+        no timer call per wait)."""
+        if self._waiters_timer is None or when < self._waiters_timer_at:
+            if self._waiters_timer is not None:
+                self._waiters_timer.cancel()
+            self._waiters_timer_at = when
+            self._waiters_timer = loop.call_at(when, self._expire_waiters)
+
+    def _expire_waiters(self) -> None:
+        """Send away every waiter whose time is up; re-arm for the next."""
+        self._waiters_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001  # a loop timer may fire up to a millisecond early
+        earliest: float | None = None
+        for queue in self._waiters.values():
+            if not queue:
+                continue
+            kept: deque[_Waiter] = deque()
+            for w in queue:
+                if w.future.done():  # cancelled, leaving
+                    kept.append(w)
+                elif w.expires_at <= now:
+                    w.expired = w.why
+                    w.future.set_result(None)
+                else:
+                    kept.append(w)
+                    earliest = w.expires_at if earliest is None else min(earliest, w.expires_at)
+            if len(kept) != len(queue):
+                queue.clear()
+                queue.extend(kept)
+        if earliest is not None:
+            self._arm_waiters_timer(loop, earliest)
 
     async def _checked(self, conn: Connection, deadline: float | None) -> bool:
         """Whether an idle connection taken out may be used (else it was
@@ -536,6 +565,9 @@ class ConnectionCache:
     async def close_and_flush(self) -> None:
         """Take no more connections out; QUIT every idle one."""
         self._closing = True
+        if self._waiters_timer is not None:
+            self._waiters_timer.cancel()
+            self._waiters_timer = None
         for queue in self._waiters.values():
             for w in queue:
                 if not w.future.done():

@@ -70,6 +70,7 @@ needs 8BITMIME are found by one scan in chunks, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -119,12 +120,13 @@ def _throttling_refusal(cause: BaseException | None) -> bool:
     return RecipientResult(cause.code, cause.text, cause.enhanced_status).throttling
 
 
-def _timeout_text(settings: RouteSettings) -> str:
-    return f"timeout: no answer within the message timeout of {settings.message_timeout:g}s"
+@functools.cache  # one text per configured timeout, not one per message
+def _timeout_text(message_timeout: float) -> str:
+    return f"timeout: no answer within the message timeout of {message_timeout:g}s"
 
 
 def _timed_out(hop: str, settings: RouteSettings) -> AttemptFailed:
-    return AttemptFailed(f"{hop}: {_timeout_text(settings)}")
+    return AttemptFailed(f"{hop}: {_timeout_text(settings.message_timeout)}")
 
 
 class _TryLater(Exception):
@@ -311,7 +313,7 @@ class SmtpRelay:
             try:
                 if domain_policy is not None:
                     domain_policy.connected(host, conn.client.tls_active)
-                client.set_deadline(deadline, _timeout_text(settings))
+                client.set_deadline(deadline, _timeout_text(settings.message_timeout))
                 try:
                     outcome: RelayOutcome = await self._transaction(
                         conn, hop, settings, message, content, recipients

@@ -13,6 +13,7 @@ order of arrival is the order the test chose, without sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field, replace
 from hashlib import sha256
@@ -422,3 +423,31 @@ async def test_a_stop_during_the_noop_check_frees_the_slot(
         async with cache.connection(server.hop, SETTINGS):
             pass
     assert cache.connections_made == 2
+
+
+async def test_a_waiter_with_an_earlier_deadline_gives_up_first(
+    start_smtp_server: StartServer,
+) -> None:
+    """Waiters give up each at its own time: one whose message deadline
+    comes first leaves (TimeoutError) while an older one, with a later
+    time, keeps its place and gets the connection when it is released."""
+    server = await start_smtp_server()
+    cache = ConnectionCache(max_per_hop=1, acquire_timeout=TIMEOUT, idle_timeout=3600)
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    holder, patient = Holder(server.hop), Holder(server.hop)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder.run, cache, order, "holder")
+            await holder.got.wait()
+            tg.start_soon(patient.run, cache, order, "patient")
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(TimeoutError):
+                await cache.acquire(server.hop, SETTINGS, deadline=loop.time() + 0.2)
+            assert order == ["holder"]
+            holder.done.set()
+            await patient.got.wait()
+            assert patient.conn is holder.conn
+            patient.done.set()
+    assert order == ["holder", "patient"]
+    assert (cache.open_connections, cache.idle_connections) == (1, 1)
