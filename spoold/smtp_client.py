@@ -533,6 +533,17 @@ class SmtpClient:
             raise _refusal(reply)
         return reply
 
+    def _ready(self) -> SmtpReply | None:
+        """The next reply if it is in already (as :meth:`_next` would
+        give it), else None."""
+        replies = self._reader.replies
+        if not replies:
+            return None
+        reply = replies.popleft()
+        if reply.code == 421:
+            raise _refusal(reply)
+        return reply
+
     async def command(self, line: bytes, what: str, timeout: float | None = None) -> SmtpReply:
         """Send one command line (with its CRLF) and read its reply."""
         try:
@@ -647,11 +658,13 @@ class SmtpClient:
             if self.pipelining:
                 self._write(b"".join([mail, *rcpts, b"DATA\r\n"]))
                 await self._reader.drain(self.command_timeout)
-                mail_reply = _final(await self._next("MAIL"), "MAIL")
+                # The replies come together: once the first is in, the
+                # others are usually queued already (no wait to set up).
+                mail_reply = _final(self._ready() or await self._next("MAIL"), "MAIL")
                 rcpt_replies: list[SmtpReply | None] = [
-                    _final(await self._next("RCPT"), "RCPT") for _ in rcpts
+                    _final(self._ready() or await self._next("RCPT"), "RCPT") for _ in rcpts
                 ]
-                data_reply: SmtpReply | None = _data(await self._next("DATA"))
+                data_reply: SmtpReply | None = _data(self._ready() or await self._next("DATA"))
                 return EnvelopeReplies(mail_reply, tuple(rcpt_replies), data_reply)
             self._write(mail)
             mail_reply = _final(await self._next("MAIL"), "MAIL")

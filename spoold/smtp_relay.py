@@ -129,6 +129,9 @@ def _timed_out(hop: str, settings: RouteSettings) -> AttemptFailed:
     return AttemptFailed(f"{hop}: {_timeout_text(settings.message_timeout)}")
 
 
+_VALID_SENDERS_MOST = 4096
+
+
 class _TryLater(Exception):
     """The attempt ends on this hop as try-later; the connection is dropped."""
 
@@ -195,6 +198,9 @@ class SmtpRelay:
             self.settings_for = settings_for
         self.cache = cache or ConnectionCache()
         self.tls_policies = tls_policies
+        # Senders found valid (validate_address is a pure function): most
+        # messages come from a few senders. Bounded: emptied when full.
+        self._valid_senders: set[str] = set()
 
     async def relay(
         self, message: Message, body: BodyHandle, recipients: Sequence[str]
@@ -231,13 +237,17 @@ class SmtpRelay:
         tls: TlsPolicyMode = "none",
     ) -> RelayOutcome:
         sender = message.envelope_info.sender
-        try:
-            validate_address(sender, role="sender", smtputf8=True)
-        except AddressError as exc:
-            bad_sender = RecipientResult(
-                553, f"sender cannot be relayed: {exc}", "5.1.7", phase="local"
-            )
-            return Delivery(dict.fromkeys(recipients, bad_sender))
+        if sender not in self._valid_senders:
+            try:
+                validate_address(sender, role="sender", smtputf8=True)
+            except AddressError as exc:
+                bad_sender = RecipientResult(
+                    553, f"sender cannot be relayed: {exc}", "5.1.7", phase="local"
+                )
+                return Delivery(dict.fromkeys(recipients, bad_sender))
+            if len(self._valid_senders) >= _VALID_SENDERS_MOST:
+                self._valid_senders.clear()
+            self._valid_senders.add(sender)
         checked = _check_recipients(recipients)
         if not checked.sendable:
             return Delivery(checked.refused)
