@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
+import math
 import ssl
 import time
 from collections import deque
@@ -150,19 +151,29 @@ class Connection:
     key: _Key
     last_used: float
     transactions: int = 0
+    # The idle timer: armed when the connection goes idle, and left armed
+    # while it is lent and given back (it then re-arms from ``idle_since``):
+    # no timer call per message.
     expiry: asyncio.TimerHandle | None = None
+    idle_since: float | None = None  # the loop's clock; None while lent
 
 
-@dataclass(eq=False)
 class _Waiter:
     """One acquirer waiting its turn: it is handed a connection, or a slot
-    (already counted) in which to open one."""
+    (already counted) in which to open one, or told it waited too long
+    (``expired``); ``future`` is done when any of these happened."""
 
-    key: _Key
-    seq: int
-    event: anyio.Event = field(default_factory=anyio.Event)
-    conn: Connection | None = None
-    slot: bool = False
+    __slots__ = ("conn", "expired", "expires_at", "future", "key", "seq", "slot", "why")
+
+    def __init__(self, key: _Key, seq: int, future: asyncio.Future[None]) -> None:
+        self.key = key
+        self.seq = seq
+        self.future = future
+        self.conn: Connection | None = None
+        self.slot = False
+        self.expired: Literal["acquire", "deadline"] | None = None
+        self.expires_at = 0.0  # the loop's clock
+        self.why: Literal["acquire", "deadline"] = "acquire"  # what expires_at is
 
 
 class CacheSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -209,6 +220,8 @@ class ConnectionCache:
         self._total = 0
         self._waiters: dict[_Key, deque[_Waiter]] = {}
         self._seq = itertools.count()
+        self._waiters_timer: asyncio.TimerHandle | None = None
+        self._waiters_timer_at = 0.0
         self._closing = False
         self._local_name: str | None = None
         self.connections_made = 0
@@ -259,8 +272,14 @@ class ConnectionCache:
             if not queues:
                 return
             served = False
-            for q in sorted(queues, key=lambda q: q[0].seq):
+            if len(queues) > 1:
+                queues.sort(key=lambda q: q[0].seq)
+            for q in queues:
                 w = q[0]
+                if w.future.done():  # cancelled: its task is leaving, unserved
+                    q.popleft()
+                    served = True
+                    break
                 idle = self._idle.get(w.key)
                 if idle:
                     w.conn = self._unidle(idle.pop())
@@ -270,29 +289,41 @@ class ConnectionCache:
                 else:
                     continue
                 q.popleft()
-                w.event.set()
+                w.future.set_result(None)
                 served = True
                 break
             if not served:
                 return
 
     def _unidle(self, conn: Connection) -> Connection:
+        conn.idle_since = None  # its timer, if armed, finds it lent
+        return conn
+
+    @staticmethod
+    def _forget(conn: Connection) -> None:
+        conn.idle_since = None
         if conn.expiry is not None:
             conn.expiry.cancel()
             conn.expiry = None
-        return conn
 
     def _drop(self, conn: Connection) -> None:
         """Close without a goodbye (the connection is suspect or expired)."""
-        self._unidle(conn)
+        self._forget(conn)
         conn.client.close()
         self._free_slot(conn.key)
 
     def _expire(self, conn: Connection) -> None:
+        conn.expiry = None
+        if conn.idle_since is None:
+            return  # lent: armed again when given back
+        loop = asyncio.get_running_loop()
+        until = conn.idle_since + self.idle_timeout
+        if until > loop.time() + 0.001:  # used since the timer was set
+            conn.expiry = loop.call_at(until, self._expire, conn)
+            return
         idle = self._idle.get(conn.key, [])
         if conn in idle:
             idle.remove(conn)
-            conn.expiry = None
             self._drop(conn)
 
     def _evict_idle_elsewhere(self, key: _Key) -> bool:
@@ -305,7 +336,7 @@ class ConnectionCache:
         if oldest is None:
             return False
         self._idle[oldest.key].remove(oldest)
-        self._unidle(oldest)
+        self._forget(oldest)
         oldest.client.close()
         self._open[oldest.key] -= 1
         self._total -= 1
@@ -321,28 +352,42 @@ class ConnectionCache:
 
         Raises :class:`HopUnavailableError` if none can be had.
         """
-        conn = await self._acquire(hop, settings)
+        conn = await self.acquire(hop, settings)
         healthy = False
         try:
             yield conn
             healthy = True
         finally:
-            if healthy and settings.reuse:
-                self.release(conn)
-            elif healthy:
-                await self._close_after_use(conn)
-            else:
-                self._drop(conn)
+            await self.give_back(conn, healthy=healthy)
 
-    async def _acquire(self, hop: str, settings: RouteSettings) -> Connection:
+    async def give_back(self, conn: Connection, *, healthy: bool) -> None:
+        """The end of a use of ``conn`` (from :meth:`acquire`): kept for
+        reuse when ``healthy`` (the use ended normally) and its settings
+        allow reuse, QUIT when healthy but not to be reused, dropped
+        otherwise."""
+        if not healthy:
+            self._drop(conn)
+        elif conn.key[1].reuse:
+            self.release(conn)
+        else:
+            await self._close_after_use(conn)
+
+    async def acquire(
+        self, hop: str, settings: RouteSettings, deadline: float | None = None
+    ) -> Connection:
+        """A connection to ``hop``, reused or new, until :meth:`give_back`
+        (or :meth:`release`). Raises :class:`HopUnavailableError` if none
+        can be had, and :class:`TimeoutError` if ``deadline`` (a time of
+        the event loop's clock, :func:`anyio.current_time`) comes first:
+        nothing is then held."""
         key = (hop, settings)
-        deadline = self._monotonic() + self.acquire_timeout
+        give_up = self._monotonic() + self.acquire_timeout
         while True:
             if self._closing:
                 raise HopUnavailableError(f"{hop}: relay is shutting down")
             conn: Connection | None = None
             slot = False
-            queue = self._waiters.setdefault(key, deque())
+            queue = self._waiters.get(key)
             idle = self._idle.get(key)
             if not queue and idle:
                 conn = self._unidle(idle.pop())  # most recently used first
@@ -350,16 +395,12 @@ class ConnectionCache:
                 self._take_slot(key)
                 slot = True
             else:
-                waiter = _Waiter(key, next(self._seq))
-                queue.append(waiter)
-                try:
-                    with anyio.move_on_after(max(0.0, deadline - self._monotonic())):
-                        await waiter.event.wait()
-                except BaseException:
-                    self._give_back(waiter)  # cancelled: pass on what we were handed
-                    raise
-                if not waiter.event.is_set():
-                    queue.remove(waiter)
+                if queue is None:
+                    queue = self._waiters[key] = deque()
+                waiter = await self._wait_turn(queue, key, give_up, deadline)
+                if waiter.expired == "deadline":
+                    raise TimeoutError(f"{hop}: no free connection before the deadline")
+                if waiter.expired is not None:
                     raise HopUnavailableError(
                         f"{hop}: no free connection within {self.acquire_timeout:g}s"
                     )
@@ -367,17 +408,103 @@ class ConnectionCache:
                 if conn is None and not slot:
                     continue  # woken without a grant (shutting down)
             if conn is not None:
-                if await self._usable(conn):
+                if await self._checked(conn, deadline):
                     return conn
                 continue  # it was dropped (and its slot passed on); try again
             assert slot
+            return await self._open_in_slot(hop, settings, deadline)
+
+    async def _wait_turn(
+        self, queue: deque[_Waiter], key: _Key, give_up: float, deadline: float | None
+    ) -> _Waiter:
+        """Wait in ``queue`` until served, or until ``give_up`` (on the
+        cache's clock) or ``deadline`` (on the loop's) passes."""
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(key, next(self._seq), loop.create_future())
+        queue.append(waiter)
+        when = loop.time() + max(0.0, give_up - self._monotonic())
+        if deadline is not None and deadline < when:
+            waiter.expires_at, waiter.why = deadline, "deadline"
+        else:
+            waiter.expires_at = when
+        self._arm_waiters_timer(loop, waiter.expires_at)
+        try:
+            await waiter.future
+        except BaseException:
+            self._give_back(waiter)  # cancelled: pass on what we were handed
+            raise
+        return waiter
+
+    def _arm_waiters_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """One timer for every waiter's give-up time, moved only when a
+        waiter must give up before it fires (later waiters give up later:
+        no timer call per wait)."""
+        if self._waiters_timer is None or when < self._waiters_timer_at:
+            if self._waiters_timer is not None:
+                self._waiters_timer.cancel()
+            self._waiters_timer_at = when
+            self._waiters_timer = loop.call_at(when, self._expire_waiters)
+
+    def _expire_waiters(self) -> None:
+        """Send away every waiter whose time is up; re-arm for the next."""
+        self._waiters_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001  # a loop timer may fire up to a millisecond early
+        earliest: float | None = None
+        for queue in self._waiters.values():
+            if not queue:
+                continue
+            kept: deque[_Waiter] = deque()
+            for w in queue:
+                if w.future.done():  # cancelled, leaving
+                    kept.append(w)
+                elif w.expires_at <= now:
+                    w.expired = w.why
+                    w.future.set_result(None)
+                else:
+                    kept.append(w)
+                    earliest = w.expires_at if earliest is None else min(earliest, w.expires_at)
+            if len(kept) != len(queue):
+                queue.clear()
+                queue.extend(kept)
+        if earliest is not None:
+            self._arm_waiters_timer(loop, earliest)
+
+    async def _checked(self, conn: Connection, deadline: float | None) -> bool:
+        """Whether an idle connection taken out may be used (else it was
+        dropped): a NOOP first when it was idle long; TimeoutError (and
+        dropped) if ``deadline`` comes first."""
+        fresh = self._fresh(conn)
+        if fresh is not None:
+            return fresh
+        usable = False
+        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
             try:
-                client = await self._connect(hop, settings)
+                usable = await self._usable(conn)
             except BaseException:
-                self._free_slot(key)
+                self._drop(conn)
                 raise
-            self.connections_made += 1
-            return Connection(client, key, self._monotonic())
+        if scope.cancelled_caught:  # dropped above
+            raise TimeoutError(f"{conn.key[0]}: no NOOP reply before the deadline")
+        return usable
+
+    async def _open_in_slot(
+        self, hop: str, settings: RouteSettings, deadline: float | None
+    ) -> Connection:
+        """A new connection, in a slot already taken (freed on failure)."""
+        key = (hop, settings)
+        client: SmtpClient | None = None
+        try:
+            with anyio.CancelScope(deadline=math.inf if deadline is None else deadline):
+                client = await self._connect(hop, settings)
+        except BaseException:
+            self._free_slot(key)
+            raise
+        if client is None:  # the deadline came first
+            self._free_slot(key)
+            raise TimeoutError(f"{hop}: not connected before the deadline")
+        self.connections_made += 1
+        return Connection(client, key, self._monotonic())
 
     def _give_back(self, waiter: _Waiter) -> None:
         queue = self._waiters.get(waiter.key)
@@ -388,13 +515,21 @@ class ConnectionCache:
         elif waiter.slot:
             self._free_slot(waiter.key)
 
-    async def _usable(self, conn: Connection) -> bool:
+    def _fresh(self, conn: Connection) -> bool | None:
+        """Whether an idle connection taken out may be used without a NOOP
+        (False: it was dropped); None: it needs a NOOP first."""
         idle_for = self._monotonic() - conn.last_used
         if not conn.client.usable or idle_for > self.idle_timeout:
             self._drop(conn)  # gone, out of step, or expired while its timer was late
             return False
         if idle_for <= self.check_after:
             return True
+        return None
+
+    async def _usable(self, conn: Connection) -> bool:
+        fresh = self._fresh(conn)
+        if fresh is not None:
+            return fresh
         try:
             reply = await conn.client.noop(timeout=min(10.0, conn.key[1].command_timeout))
         except SmtpError:
@@ -411,7 +546,10 @@ class ConnectionCache:
             self._drop(conn)
             return
         conn.last_used = self._monotonic()
-        conn.expiry = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, conn)
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        if conn.expiry is None:
+            conn.expiry = loop.call_at(conn.idle_since + self.idle_timeout, self._expire, conn)
         self._idle.setdefault(conn.key, []).append(conn)
         self._serve_waiters()
 
@@ -427,10 +565,16 @@ class ConnectionCache:
     async def close_and_flush(self) -> None:
         """Take no more connections out; QUIT every idle one."""
         self._closing = True
+        if self._waiters_timer is not None:
+            self._waiters_timer.cancel()
+            self._waiters_timer = None
         for queue in self._waiters.values():
             for w in queue:
-                w.event.set()  # they wake, see no grant... and give up
-        idle = [self._unidle(c) for conns in self._idle.values() for c in conns]
+                if not w.future.done():
+                    w.future.set_result(None)  # they wake, see no grant... and give up
+        idle = [c for conns in self._idle.values() for c in conns]
+        for conn in idle:
+            self._forget(conn)
         self._idle.clear()
         for conn in idle:
             with contextlib.suppress(SmtpError), anyio.move_on_after(5):

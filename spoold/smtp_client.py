@@ -83,6 +83,7 @@ MAX_REPLY_SIZE: Final = 64 * 1024
 _CRLF: Final = b"\r\n"
 _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
 _DIGITS = frozenset(b"0123456789")
+_KNOWN_MOST: Final = 32  # one-line replies kept parsed, per connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,55 @@ class EnvelopeReplies:
     data: SmtpReply | None
 
 
+# ------------------------------------------------------------------ timers
+
+
+class _Alarm:
+    """Calls ``expire`` once the time ``due`` (on the loop's clock) has
+    come, unless ``due`` was cleared or moved first. One loop timer keeps
+    it, moved only when ``due`` comes earlier than the timer: a later
+    ``due`` waits for the timer to fire, which then re-arms. A wait set
+    and cleared for every reply (or every message) then costs no timer
+    call at all while the timeouts stay the same."""
+
+    __slots__ = ("_armed_at", "_expire", "_handle", "_loop", "due")
+
+    _SLACK: Final = 0.001  # a loop timer may fire up to a millisecond early
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expire: Callable[[], None]) -> None:
+        self._loop = loop
+        self._expire = expire
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at = 0.0
+        self.due: float | None = None
+
+    def set(self, due: float | None) -> None:
+        self.due = due
+        if due is not None and (self._handle is None or due < self._armed_at):
+            if self._handle is not None:
+                self._handle.cancel()
+            self._armed_at = due
+            self._handle = self._loop.call_at(due, self._fire)
+
+    def cancel(self) -> None:
+        self.due = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        due = self.due
+        if due is None:
+            return
+        if due > self._loop.time() + self._SLACK:
+            self._armed_at = due
+            self._handle = self._loop.call_at(due, self._fire)
+            return
+        self.due = None
+        self._expire()
+
+
 # ---------------------------------------------------------------- protocol
 
 
@@ -158,8 +208,15 @@ class _ReplyReader(asyncio.Protocol):
         self._lines: list[bytes] = []  # the reply being received
         self._size = 0
         self.replies: deque[SmtpReply] = deque()
+        # One-line replies parsed already, by their line ("250 2.1.0 Ok"): a
+        # hop says the same few things for every message, and SmtpReply is
+        # immutable. Bounded: the first ones are kept (a reply carrying a
+        # queue id never repeats).
+        self._known: dict[bytes, SmtpReply] = {}
         self.error: SmtpError | None = None  # the connection is finished
         self._waiter: asyncio.Future[None] | None = None
+        self._waiting_for = ("", 0.0)  # what the waiter waits for, how long
+        self._reply_alarm = _Alarm(loop, self._no_reply)
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -198,6 +255,7 @@ class _ReplyReader(asyncio.Protocol):
         why = f": {exc}" if exc is not None else ": the server closed the connection"
         self._fail(SmtpConnectionError(f"connection lost{why}"))
         self._wake(self._drain_waiter, self.error)
+        self._reply_alarm.cancel()
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -224,6 +282,15 @@ class _ReplyReader(asyncio.Protocol):
             self._fail(SmtpProtocolError(f"a malformed reply line: {shown!r}"))
             return False
         lines = self._lines
+        if not lines and (len(line) == 3 or line[3] == 0x20):  # a reply of one line
+            reply = self._known.get(line)
+            if reply is None:
+                reply = _reply(int(line[:3]), [line])
+                if len(self._known) < _KNOWN_MOST and len(line) <= 128:
+                    self._known[line] = reply
+            self.replies.append(reply)
+            self._size = 0
+            return True
         if lines and lines[0][:3] != line[:3]:
             self._fail(SmtpProtocolError("the lines of a reply carry different codes"))
             return False
@@ -264,14 +331,22 @@ class _ReplyReader(asyncio.Protocol):
         if self.error is not None:
             raise self.error
         waiter = self._waiter = self._loop.create_future()
-        timer = None if timeout is None else self._arm(waiter, f"no reply to {what}", timeout)
+        if timeout is not None:
+            self._waiting_for = (what, timeout)
+            self._reply_alarm.set(self._loop.time() + timeout)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            if timeout is not None:
+                self._reply_alarm.set(None)
         return self.replies.popleft()
+
+    def _no_reply(self) -> None:
+        what, timeout = self._waiting_for
+        self._wake(
+            self._waiter, SmtpTimeoutError(f"timeout: no reply to {what} within {timeout:g}s")
+        )
 
     async def drain(self, timeout: float) -> None:
         """Wait until the transport takes more data."""
@@ -315,6 +390,9 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.tls_active = False
         self._closed = False
+        self._deadline = _Alarm(reader._loop, self._deadline_passed)
+        self._deadline_text = ""
+        self.deadline_passed = False
 
     @classmethod
     async def connect(
@@ -408,10 +486,26 @@ class SmtpClient:
         if self._closed:
             return
         self._closed = True
+        self._deadline.cancel()
         if self._reader.error is None and self._transport.get_write_buffer_size() == 0:
             self._transport.close()
         else:
             self._transport.abort()
+
+    def set_deadline(self, when: float | None, text: str = "") -> None:
+        """At ``when`` (a time of the event loop's clock), fail whatever the
+        client is doing or does next with :class:`~spoold.errors.SmtpTimeoutError`
+        (``text``) and drop the connection, and set :attr:`deadline_passed`;
+        ``None``: no deadline (the one set before is lifted). One timer for
+        a whole transaction, instead of a cancel scope around it."""
+        self._deadline_text = text
+        self._deadline.set(when)
+
+    def _deadline_passed(self) -> None:
+        if self._closed:
+            return
+        self.deadline_passed = True
+        self._reader._fail(SmtpTimeoutError(self._deadline_text))  # aborts the transport
 
     # -- plumbing
 
@@ -435,6 +529,17 @@ class SmtpClient:
         reply = await self._reader.next_reply(
             what, self.command_timeout if timeout is None else timeout
         )
+        if reply.code == 421:
+            raise _refusal(reply)
+        return reply
+
+    def _ready(self) -> SmtpReply | None:
+        """The next reply if it is in already (as :meth:`_next` would
+        give it), else None."""
+        replies = self._reader.replies
+        if not replies:
+            return None
+        reply = replies.popleft()
         if reply.code == 421:
             raise _refusal(reply)
         return reply
@@ -553,11 +658,13 @@ class SmtpClient:
             if self.pipelining:
                 self._write(b"".join([mail, *rcpts, b"DATA\r\n"]))
                 await self._reader.drain(self.command_timeout)
-                mail_reply = _final(await self._next("MAIL"), "MAIL")
+                # The replies come together: once the first is in, the
+                # others are usually queued already (no wait to set up).
+                mail_reply = _final(self._ready() or await self._next("MAIL"), "MAIL")
                 rcpt_replies: list[SmtpReply | None] = [
-                    _final(await self._next("RCPT"), "RCPT") for _ in rcpts
+                    _final(self._ready() or await self._next("RCPT"), "RCPT") for _ in rcpts
                 ]
-                data_reply: SmtpReply | None = _data(await self._next("DATA"))
+                data_reply: SmtpReply | None = _data(self._ready() or await self._next("DATA"))
                 return EnvelopeReplies(mail_reply, tuple(rcpt_replies), data_reply)
             self._write(mail)
             mail_reply = _final(await self._next("MAIL"), "MAIL")

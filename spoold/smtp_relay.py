@@ -69,11 +69,10 @@ needs 8BITMIME are found by one scan in chunks, off the event loop.
 
 from __future__ import annotations
 
-import math
+import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-
-import anyio
 
 from spoold.address import validate_address
 from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
@@ -119,6 +118,18 @@ def _throttling_refusal(cause: BaseException | None) -> bool:
     if not isinstance(cause, SmtpReplyError):
         return False
     return RecipientResult(cause.code, cause.text, cause.enhanced_status).throttling
+
+
+@functools.cache  # one text per configured timeout, not one per message
+def _timeout_text(message_timeout: float) -> str:
+    return f"timeout: no answer within the message timeout of {message_timeout:g}s"
+
+
+def _timed_out(hop: str, settings: RouteSettings) -> AttemptFailed:
+    return AttemptFailed(f"{hop}: {_timeout_text(settings.message_timeout)}")
+
+
+_VALID_SENDERS_MOST = 4096
 
 
 class _TryLater(Exception):
@@ -187,6 +198,9 @@ class SmtpRelay:
             self.settings_for = settings_for
         self.cache = cache or ConnectionCache()
         self.tls_policies = tls_policies
+        # Senders found valid (validate_address is a pure function): most
+        # messages come from a few senders. Bounded: emptied when full.
+        self._valid_senders: set[str] = set()
 
     async def relay(
         self, message: Message, body: BodyHandle, recipients: Sequence[str]
@@ -223,13 +237,17 @@ class SmtpRelay:
         tls: TlsPolicyMode = "none",
     ) -> RelayOutcome:
         sender = message.envelope_info.sender
-        try:
-            validate_address(sender, role="sender", smtputf8=True)
-        except AddressError as exc:
-            bad_sender = RecipientResult(
-                553, f"sender cannot be relayed: {exc}", "5.1.7", phase="local"
-            )
-            return Delivery(dict.fromkeys(recipients, bad_sender))
+        if sender not in self._valid_senders:
+            try:
+                validate_address(sender, role="sender", smtputf8=True)
+            except AddressError as exc:
+                bad_sender = RecipientResult(
+                    553, f"sender cannot be relayed: {exc}", "5.1.7", phase="local"
+                )
+                return Delivery(dict.fromkeys(recipients, bad_sender))
+            if len(self._valid_senders) >= _VALID_SENDERS_MOST:
+                self._valid_senders.clear()
+            self._valid_senders.add(sender)
         checked = _check_recipients(recipients)
         if not checked.sendable:
             return Delivery(checked.refused)
@@ -253,6 +271,7 @@ class SmtpRelay:
         settings_for: Callable[[str, Message], RouteSettings],
         tls: TlsPolicyMode = "none",
     ) -> RelayOutcome:
+        loop = asyncio.get_running_loop()
         hop_errors: list[str] = []
         throttled: list[str] = []
         # An MX route's message has one recipient domain (one envelope each).
@@ -280,15 +299,11 @@ class SmtpRelay:
                     continue
                 if decision is not None:
                     settings = replace(settings, tls_policy=decision)
-            deadline = anyio.CancelScope(deadline=anyio.current_time() + settings.message_timeout)
+            # The message timeout: the acquire gives up at it, then one timer
+            # on the client (lifted once the final "." is sent).
+            deadline = loop.time() + settings.message_timeout
             try:
-                with deadline:
-                    async with self.cache.connection(hop, settings) as conn:
-                        if domain_policy is not None:
-                            domain_policy.connected(host, conn.client.tls_active)
-                        return await self._transaction(
-                            conn, hop, settings, message, content, recipients, deadline
-                        )
+                conn = await self.cache.acquire(hop, settings, deadline)
             except HopUnavailableError as exc:
                 hop_errors.append(str(exc))
                 if _throttling_refusal(exc.__cause__):
@@ -300,13 +315,29 @@ class SmtpRelay:
                     hop=hop,
                     error=str(exc),
                 )
-            except _TryLater as exc:
-                return AttemptFailed(f"{hop}: {exc}")
-            if deadline.cancelled_caught:
-                return AttemptFailed(
-                    f"{hop}: timeout: no answer within the message timeout of "
-                    f"{settings.message_timeout:g}s"
-                )
+                continue
+            except TimeoutError:
+                return _timed_out(hop, settings)
+            client = conn.client
+            healthy = False
+            try:
+                if domain_policy is not None:
+                    domain_policy.connected(host, conn.client.tls_active)
+                client.set_deadline(deadline, _timeout_text(settings.message_timeout))
+                try:
+                    outcome: RelayOutcome = await self._transaction(
+                        conn, hop, settings, message, content, recipients
+                    )
+                except _TryLater as exc:
+                    outcome = AttemptFailed(f"{hop}: {exc}")
+                client.set_deadline(None)
+                if client.deadline_passed:
+                    return _timed_out(hop, settings)
+                healthy = isinstance(outcome, Delivery)
+                return outcome
+            finally:
+                client.set_deadline(None)
+                await self.cache.give_back(conn, healthy=healthy)
         return AttemptFailed("no hops available: " + "; ".join(hop_errors), tuple(throttled))
 
     async def _transaction(
@@ -317,7 +348,6 @@ class SmtpRelay:
         message: Message,
         content: BodyReader,
         recipients: list[str],
-        deadline: anyio.CancelScope,
     ) -> Delivery:
         client = conn.client
         env = message.envelope_info
@@ -409,7 +439,7 @@ class SmtpRelay:
                 # drain of the last write, then the final reply's wait).
                 nonlocal dot_sent
                 dot_sent = True
-                deadline.deadline = math.inf
+                client.set_deadline(None)
 
             try:
                 final = await client.send_content(

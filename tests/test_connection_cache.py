@@ -13,6 +13,7 @@ order of arrival is the order the test chose, without sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field, replace
 from hashlib import sha256
@@ -26,7 +27,7 @@ from spoold.connection_cache import Connection, ConnectionCache, RouteSettings
 from spoold.dane import TlsaRecord
 from spoold.errors import HopUnavailableError
 from spoold.tls_policy import TlsRequirement
-from tests.smtp_server import SmtpTestServer, StartServer, TlsCertificate
+from tests.smtp_server import HANG, SmtpTestServer, StartServer, TlsCertificate
 
 SETTINGS = RouteSettings(tls="none", connect_timeout=5.0, command_timeout=5.0)
 TIMEOUT = 20.0
@@ -370,3 +371,83 @@ async def test_a_connection_not_for_reuse_says_quit_and_frees_its_slot(
             pass
         assert cache.idle_connections == 1
         await cache.close_and_flush()
+
+
+async def test_a_cancelled_waiter_handed_a_connection_passes_it_on(
+    start_smtp_server: StartServer,
+) -> None:
+    """A waiter cancelled (a stop) just as a connection is released to it
+    does not keep it: the next waiter, or the idle list, gets it."""
+    server = await start_smtp_server()
+    cache = ConnectionCache(max_per_hop=1, idle_timeout=3600)
+    order: list[str] = []
+    holder, leaving, staying = Holder(server.hop), Holder(server.hop), Holder(server.hop)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder.run, cache, order, "holder")
+            await holder.got.wait()
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(leaving.run, cache, order, "leaving")
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(staying.run, cache, order, "staying")
+                await anyio.wait_all_tasks_blocked()
+                holder.done.set()  # released to "leaving", which is cancelled at once
+                inner.cancel_scope.cancel()
+            await staying.got.wait()
+            assert order == ["holder", "staying"]
+            assert staying.conn is holder.conn
+            staying.done.set()
+    assert (cache.open_connections, cache.idle_connections) == (1, 1)
+    assert cache.connections_made == 1
+
+
+async def test_a_stop_during_the_noop_check_frees_the_slot(
+    start_smtp_server: StartServer,
+) -> None:
+    """An idle connection is checked with NOOP before reuse; cancelled while
+    the NOOP waits (a daemon stopping), it is dropped and its slot freed."""
+    server = await start_smtp_server()
+    clock = FakeMonotonic()
+    cache = ConnectionCache(max_per_hop=1, idle_timeout=3600, check_after=2.0, monotonic=clock)
+    with anyio.fail_after(TIMEOUT):
+        async with cache.connection(server.hop, SETTINGS):
+            pass
+        clock.now += 10  # idle long enough to be checked
+        server.behaviour.noop = HANG
+        with anyio.move_on_after(0.2):
+            async with cache.connection(server.hop, SETTINGS):
+                raise AssertionError("a connection whose NOOP got no reply was lent")
+        assert (cache.open_connections, cache.idle_connections) == (0, 0)
+        await until_closed(server, 1)
+        server.behaviour.noop = None
+        async with cache.connection(server.hop, SETTINGS):
+            pass
+    assert cache.connections_made == 2
+
+
+async def test_a_waiter_with_an_earlier_deadline_gives_up_first(
+    start_smtp_server: StartServer,
+) -> None:
+    """Waiters give up each at its own time: one whose message deadline
+    comes first leaves (TimeoutError) while an older one, with a later
+    time, keeps its place and gets the connection when it is released."""
+    server = await start_smtp_server()
+    cache = ConnectionCache(max_per_hop=1, acquire_timeout=TIMEOUT, idle_timeout=3600)
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    holder, patient = Holder(server.hop), Holder(server.hop)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder.run, cache, order, "holder")
+            await holder.got.wait()
+            tg.start_soon(patient.run, cache, order, "patient")
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(TimeoutError):
+                await cache.acquire(server.hop, SETTINGS, deadline=loop.time() + 0.2)
+            assert order == ["holder"]
+            holder.done.set()
+            await patient.got.wait()
+            assert patient.conn is holder.conn
+            patient.done.set()
+    assert order == ["holder", "patient"]
+    assert (cache.open_connections, cache.idle_connections) == (1, 1)

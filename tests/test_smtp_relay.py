@@ -449,6 +449,65 @@ async def test_message_timeout_bounds_the_whole_attempt(
     assert relay.cache.open_connections == 0
 
 
+async def test_message_timeout_bounds_the_wait_for_a_free_connection(
+    smtp_server: SmtpTestServer,
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    """The only connection is held elsewhere: the attempt waits for it no
+    longer than its message timeout, fails with the timeout's text and
+    leaves no waiter behind (the held connection, given back, is idle)."""
+    settings = route(message_timeout=0.3)
+    relay = make_relay(settings, max_per_hop=1, acquire_timeout=10 * PROMPT)
+    async with relay.cache.connection(smtp_server.hop, settings):
+        error = failure(await relay_message(relay, tmp_path, [smtp_server.hop]))
+    assert error == f"{smtp_server.hop}: timeout: no answer within the message timeout of 0.3s"
+    assert (relay.cache.open_connections, relay.cache.idle_connections) == (1, 1)
+    outcome = await relay_message(relay, tmp_path, [smtp_server.hop])
+    assert delivery(outcome).recipients == {ALICE: OK}
+
+
+async def test_message_timeout_bounds_the_greeting(
+    start_smtp_server: StartServer,
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    server = await start_smtp_server()
+    server.behaviour.greeting = HANG
+    relay = make_relay(route(connect_timeout=10 * PROMPT, message_timeout=0.3))
+    error = failure(await relay_message(relay, tmp_path, [server.hop]))
+    assert error == f"{server.hop}: timeout: no answer within the message timeout of 0.3s"
+    assert relay.cache.open_connections == 0
+    await wait_until(lambda: server.connections_closed == 1, "the client to hang up")
+
+
+async def test_a_stop_in_the_middle_of_a_transaction_drops_the_connection(
+    smtp_server: SmtpTestServer,
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    """Cancelled while waiting for a reply (a daemon stopping): the
+    connection is dropped, never lent again half-way through a
+    transaction, and its slot is free for the next attempt."""
+    relay = make_relay(max_per_hop=1)
+    gate = asyncio.Event()
+    smtp_server.behaviour.rcpt[ALICE] = Reply(gate=gate)
+    msg, body = message_to(tmp_path, [smtp_server.hop])
+    with anyio.move_on_after(WAIT_TIMEOUT) as safety:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(relay.relay, msg, body, [ALICE])
+            await wait_until(lambda: smtp_server.count("RCPT") == 1, "RCPT to arrive")
+            tg.cancel_scope.cancel()
+    assert not safety.cancelled_caught
+    assert relay.cache.open_connections == 0
+    await wait_until(lambda: smtp_server.connections_closed == 1, "the client to hang up")
+    gate.set()
+    smtp_server.behaviour.rcpt.clear()
+    outcome = await relay_message(relay, tmp_path, [smtp_server.hop])
+    assert delivery(outcome).recipients == {ALICE: OK}
+    assert smtp_server.messages[0].connection == 2
+
+
 async def test_the_final_reply_is_waited_for_past_the_message_timeout(
     smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
@@ -878,6 +937,26 @@ async def test_an_idle_connection_is_closed_after_idle_timeout_without_more_traf
         lambda: smtp_server.connections_closed == 1,
         lambda: f"the idle connection to close; {relay.cache.idle_connections} still idle",
     )
+    assert relay.cache.open_connections == 0
+
+
+async def test_idle_timeout_counts_from_the_last_use(
+    smtp_server: SmtpTestServer,
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    """A connection used again before its idle timer fires is not closed
+    by that timer: it closes ``idle_timeout`` after its last use (a lower
+    bound, whatever the machine's speed)."""
+    loop = asyncio.get_running_loop()
+    relay = make_relay(idle_timeout=0.5)
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+    await anyio.sleep(0.3)
+    await relay_message(relay, tmp_path, [smtp_server.hop])
+    last_use = loop.time()
+    assert smtp_server.connections_opened == 1
+    await wait_until(lambda: smtp_server.connections_closed == 1, "the idle connection to close")
+    assert loop.time() >= last_use + 0.5 - 0.01
     assert relay.cache.open_connections == 0
 
 
