@@ -1052,7 +1052,7 @@ def throughput_scenario(
             r_ceiling = n / (t2 - t0)
             ceiling.ref.append(r_ceiling)
             print(
-                f"{key} round {rnd} {'no server':9s} smtp-source -> smtp-sink {r_ceiling:7.1f} "
+                f"{key} round {rnd} {'ceiling':9s} smtp-source -> smtp-sink {r_ceiling:7.1f} "
                 f"msg/s ({t2 - t0:6.2f} s): the SMTP-only ceiling",
                 flush=True,
             )
