@@ -9,18 +9,32 @@ a. 10,000 x 4 KiB from ``smtp-source`` (20 sessions, a new connection per
    time from smtp-source's start until the sink has counted N; and the CPU
    time (user + system) the server's processes spent per message, from just
    before smtp-source starts until the queue is empty again (the figure
-   other jobs on the machine disturb least).
-b. 2,000 x 100 KiB, the same three figures.
+   other jobs on the machine disturb least). Also, once per round before
+   the servers, the SMTP-only ceiling: smtp-source straight into the same
+   smtp-sink (same count, sessions and size, no server in between), and
+   each server's end to end as a share of its round's ceiling.
+b. 2,000 x 100 KiB, the same figures.
 c. Latency from submission to delivery at a steady rate (100 msg/s, 2,000
    messages): our own paced SMTP client opens one connection per message
    and tags it with an ``X-Bench-Seq`` header; our own small asyncio sink
    notes when each one arrives. p50 and p99 of (arrival - start of the
-   submission), in ms.
+   submission), in ms; and the server's CPU time per message over the
+   paced run (until its queue is empty again).
 d. ``Spool.add`` durable rate through the Python API (2,000 x 4 KiB, 1 and
    16 concurrent adders, the relay held so nothing is sent) next to the
    disk's own loop (write 4 KiB + fsync + rename + fsync(dir), as many
    threads) on the same filesystem. The reference here is the disk, not
-   Postfix.
+   Postfix. Also the CPU time (user + system, all threads) of the process
+   doing it, per durable add / per write of the loop.
+
+With ``--hog``, a busy loop pinned to CPU 0 (``taskset -c 0 sh -c 'while
+:; do :; done'``) runs beside the server during every measured run of a, b
+and c (and of the ceiling), the same for both servers: started just before
+the run, stopped by its pid right after (on a failure or Ctrl-C too; under
+``setpriv --pdeathsig KILL`` where there is setpriv, so that it dies with
+the harness even on kill -9). Not during the settle, the warm-up or d. The
+section's title says so. It is what a relay meets on a machine it shares
+with the applications that feed it (issue 24).
 
 How it drives the two servers. Postfix is a private instance made for this
 run under the work directory: its own ``config_directory`` (a main.cf and a
@@ -74,6 +88,7 @@ Usage::
     bench/vs_postfix.sh --scenarios a,c --rounds 5 --spoold-set relay.max_connections_per_hop=20
     bench/vs_postfix.sh --scenarios a --reference-spoold /tmp/before/.venv/bin/spoold
     bench/vs_postfix.sh --scenarios a --dkim none,rsa,ed25519   # what signing costs
+    bench/vs_postfix.sh --scenarios a,b,c --hog           # with a CPU hog on CPU 0
 
 ``--dkim none,rsa,ed25519`` runs scenarios a and b with several spoold
 variants next to each other in the same run, alternated with the reference
