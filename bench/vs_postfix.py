@@ -9,18 +9,32 @@ a. 10,000 x 4 KiB from ``smtp-source`` (20 sessions, a new connection per
    time from smtp-source's start until the sink has counted N; and the CPU
    time (user + system) the server's processes spent per message, from just
    before smtp-source starts until the queue is empty again (the figure
-   other jobs on the machine disturb least).
-b. 2,000 x 100 KiB, the same three figures.
+   other jobs on the machine disturb least). Also, once per round before
+   the servers, the SMTP-only ceiling: smtp-source straight into the same
+   smtp-sink (same count, sessions and size, no server in between), and
+   each server's end to end as a share of its round's ceiling.
+b. 2,000 x 100 KiB, the same figures.
 c. Latency from submission to delivery at a steady rate (100 msg/s, 2,000
    messages): our own paced SMTP client opens one connection per message
    and tags it with an ``X-Bench-Seq`` header; our own small asyncio sink
    notes when each one arrives. p50 and p99 of (arrival - start of the
-   submission), in ms.
+   submission), in ms; and the server's CPU time per message over the
+   paced run (until its queue is empty again).
 d. ``Spool.add`` durable rate through the Python API (2,000 x 4 KiB, 1 and
    16 concurrent adders, the relay held so nothing is sent) next to the
    disk's own loop (write 4 KiB + fsync + rename + fsync(dir), as many
    threads) on the same filesystem. The reference here is the disk, not
-   Postfix.
+   Postfix. Also the CPU time (user + system, all threads) of the process
+   doing it, per durable add / per write of the loop.
+
+With ``--hog``, a busy loop pinned to CPU 0 (``taskset -c 0 sh -c 'while
+:; do :; done'``) runs beside the server during every measured run of a, b
+and c (and of the ceiling), the same for both servers: started just before
+the run, stopped by its pid right after (on a failure or Ctrl-C too; under
+``setpriv --pdeathsig KILL`` where there is setpriv, so that it dies with
+the harness even on kill -9). Not during the settle, the warm-up or d. The
+section's title says so. It is what a relay meets on a machine it shares
+with the applications that feed it (issue 24).
 
 How it drives the two servers. Postfix is a private instance made for this
 run under the work directory: its own ``config_directory`` (a main.cf and a
@@ -74,6 +88,7 @@ Usage::
     bench/vs_postfix.sh --scenarios a,c --rounds 5 --spoold-set relay.max_connections_per_hop=20
     bench/vs_postfix.sh --scenarios a --reference-spoold /tmp/before/.venv/bin/spoold
     bench/vs_postfix.sh --scenarios a --dkim none,rsa,ed25519   # what signing costs
+    bench/vs_postfix.sh --scenarios a,b,c --hog           # with a CPU hog on CPU 0
 
 ``--dkim none,rsa,ed25519`` runs scenarios a and b with several spoold
 variants next to each other in the same run, alternated with the reference
@@ -105,6 +120,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -465,6 +481,64 @@ def stop_process(proc: subprocess.Popen[Any], name: str, grace: float) -> None:
         print(f"{name} (pid {proc.pid}) ignored SIGTERM for {grace:.0f} s: killing it", flush=True)
         proc.kill()
         proc.wait(timeout=10)
+
+
+HOG_CPU = 0  # the CPU the --hog busy loop is pinned to
+HOG_COMMAND = ("taskset", "-c", str(HOG_CPU), "sh", "-c", "while :; do :; done")
+
+
+class CpuHog:
+    """``--hog``: a busy loop pinned to CPU 0 (``taskset -c 0 sh -c 'while :;
+    do :; done'``; the same in Python where there is no taskset), beside
+    whichever server a run measures. ``with hog:`` starts it just before the
+    run and stops it by its pid right after, on a failure and on Ctrl-C too.
+    Its CPU time is not the server's: it is not under the server's processes.
+    Disabled, ``with hog:`` does nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.pids: list[int] = []  # every loop started, in order (each one stopped)
+
+    @staticmethod
+    def command() -> list[str]:
+        if tool("taskset"):
+            argv = [need_tool("taskset"), *HOG_COMMAND[1:]]
+        else:
+            code = f"import os\nos.sched_setaffinity(0, {{{HOG_CPU}}})\nwhile True: pass"
+            argv = [sys.executable, "-c", code]
+        # setpriv (util-linux): the kernel kills the loop if this harness dies
+        # without cleaning up (kill -9 included), so no busy loop outlives us.
+        setpriv = tool("setpriv")
+        return [setpriv, "--pdeathsig", "KILL", *argv] if setpriv else argv
+
+    @staticmethod
+    def describe() -> str:
+        return f"`{shlex.join(HOG_COMMAND)}`"
+
+    def __enter__(self) -> CpuHog:
+        if self.enabled:
+            if HOG_CPU not in os.sched_getaffinity(0):
+                raise BenchError(f"--hog: CPU {HOG_CPU} is not one this harness may use")
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C at the terminal reaches only us
+            )
+            self.pids.append(self._proc.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # a busy loop has nothing to clean up: SIGKILL, by its pid
+            proc.wait(timeout=10)
+
+    def said(self) -> str:
+        """A line for the output: which loops ran (all stopped by now)."""
+        pids = ", ".join(map(str, self.pids))
+        return f"  (CPU hog: {len(self.pids)} busy loop(s) on CPU {HOG_CPU}, pids {pids}, stopped)"
 
 
 MASTER_CF = """\
@@ -845,10 +919,9 @@ class Metric:
             return ", ".join(self.fmt.format(v) for v in values)
 
         spoold = f"spoold ({self.variant})" if self.variant else "spoold"
-        return (
-            f"{self.scenario} {self.label}: {self.reference} {fmt(self.ref)}; "
-            f"{spoold} {fmt(self.spoold)}"
-        )
+        sides = [f"{self.reference} {fmt(self.ref)}"] if self.ref else []
+        sides += [f"{spoold} {fmt(self.spoold)}"] if self.spoold else []
+        return f"{self.scenario} {self.label}: {'; '.join(sides)}"
 
 
 TABLE_HEAD = (
@@ -875,6 +948,8 @@ class Plan:
     reference_spoold: str | None = None
     # The spoold variants of a and b, by DKIM signing (keys of DKIM_VARIANTS).
     dkim: tuple[str, ...] = ("none",)
+    # A busy loop pinned to CPU 0 during every measured run of a, b, c (CpuHog).
+    hog: bool = False
 
     @property
     def reference(self) -> str:
@@ -909,6 +984,10 @@ def warm_up(servers: Sequence[Server], count: int, timeout: float) -> None:
             server.check_warm_up_signed(min(WARM_UP, count))
 
 
+def hog_note(plan: Plan) -> str:
+    return f" (a CPU hog on CPU {HOG_CPU} during each measured run)" if plan.hog else ""
+
+
 def throughput_scenario(
     key: str, title: str, size: int, plan: Plan, workdir: Path, logs: Logs
 ) -> list[Metric]:
@@ -916,7 +995,7 @@ def throughput_scenario(
     ref_name = plan.reference
     variants = plan.dkim
     named = variants != ("none",)  # rows and names say which variant
-    metrics: dict[str, tuple[Metric, Metric, Metric]] = {}
+    metrics: dict[str, tuple[Metric, ...]] = {}
     for variant in variants:
         shown = title.format(n=n) + (f", {DKIM_TITLES[variant]}" if named else "")
         label = DKIM_TITLES[variant] if named else ""
@@ -932,7 +1011,17 @@ def throughput_scenario(
                 variant=label,
             ),
         )
-    print(f"\n== {key}: {title.format(n=n)}", flush=True)
+        metrics[variant] += (
+            Metric(key, shown, "end to end / SMTP-only ceiling", ref_name, "{:.3f}", variant=label),
+        )
+    ceiling = Metric(
+        key,
+        title.format(n=n),
+        "SMTP-only ceiling msg/s (smtp-source -> smtp-sink, no server)",
+        "no server",
+    )
+    hog = CpuHog(plan.hog)
+    print(f"\n== {key}: {title.format(n=n)}{hog_note(plan)}", flush=True)
     home = workdir / key
     home.mkdir()
     with contextlib.ExitStack() as stack:
@@ -968,41 +1057,56 @@ def throughput_scenario(
             variant_of[id(server)] = variant
         warm_up(servers, n, plan.timeout)
         for rnd in range(1, plan.rounds + 1):
+            # The SMTP path alone, with the same counts, sessions and sizes (and
+            # the hog, if any): what no relay can beat on this machine now.
+            base = sink.count()
+            with hog:
+                t0 = time.monotonic()
+                smtp_source(sink.port, n, size, 20, plan.timeout)
+                t2 = sink.wait_for(base + n, plan.timeout)
+            r_ceiling = n / (t2 - t0)
+            ceiling.ref.append(r_ceiling)
+            print(
+                f"{key} round {rnd} {'ceiling':9s} smtp-source -> smtp-sink {r_ceiling:7.1f} "
+                f"msg/s ({t2 - t0:6.2f} s): the SMTP-only ceiling",
+                flush=True,
+            )
             for server in servers:
                 if plan.settle > 0:
                     print(f"  (settling {plan.settle:.0f} s before {server.name})", flush=True)
                     time.sleep(plan.settle)
                 base = sink.count()
-                cpu0 = server.cpu_seconds()
-                t0 = time.monotonic()
-                smtp_source(server.port, n, size, 20, plan.timeout)
-                t1 = time.monotonic()
-                t2 = sink.wait_for(base + n, plan.timeout)
-                server.wait_empty()
-                cpu_ms = (server.cpu_seconds() - cpu0) * 1000 / n
+                with hog:
+                    cpu0 = server.cpu_seconds()
+                    t0 = time.monotonic()
+                    smtp_source(server.port, n, size, 20, plan.timeout)
+                    t1 = time.monotonic()
+                    t2 = sink.wait_for(base + n, plan.timeout)
+                    server.wait_empty()
+                    cpu_ms = (server.cpu_seconds() - cpu0) * 1000 / n
                 got = sink.count() - base
                 if got != n:
                     raise BenchError(f"{server.name}: the sink got {got} messages, not {n}")
                 r_ingest, r_e2e = n / (t1 - t0), n / (t2 - t0)
+                figures = (r_ingest, r_e2e, cpu_ms, r_e2e / r_ceiling)
                 if server is servers[0]:  # the reference: in every variant's rows
-                    for ingest, e2e, cpu in metrics.values():
-                        ingest.ref.append(r_ingest)
-                        e2e.ref.append(r_e2e)
-                        cpu.ref.append(cpu_ms)
+                    for row in metrics.values():
+                        for metric, value in zip(row, figures, strict=True):
+                            metric.ref.append(value)
                 else:
                     assert isinstance(server, SpooldInstance)
                     server.check_signed()
-                    ingest, e2e, cpu = metrics[variant_of[id(server)]]
-                    ingest.spoold.append(r_ingest)
-                    e2e.spoold.append(r_e2e)
-                    cpu.spoold.append(cpu_ms)
+                    for metric, value in zip(metrics[variant_of[id(server)]], figures, strict=True):
+                        metric.spoold.append(value)
                 print(
                     f"{key} round {rnd} {server.name:9s} ingest {r_ingest:7.1f} msg/s "
                     f"({t1 - t0:6.2f} s)   end to end {r_e2e:7.1f} msg/s ({t2 - t0:6.2f} s)"
-                    f"   CPU {cpu_ms:.2f} ms/msg",
+                    f"   CPU {cpu_ms:.2f} ms/msg   {r_e2e / r_ceiling:.3f} of the ceiling",
                     flush=True,
                 )
-    return [m for variant in variants for m in metrics[variant]]
+    if plan.hog:
+        print(hog.said(), flush=True)
+    return [ceiling, *(m for variant in variants for m in metrics[variant])]
 
 
 def message_bytes(token: str, seq: int) -> bytes:
@@ -1080,7 +1184,9 @@ def latency_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
     title = f"{n:,} x 4 KiB at {plan.rate:g} msg/s, submission -> delivery"
     p50 = Metric("c", title, "latency p50 ms (lower is better)", "Postfix", fmt="{:.1f}")
     p99 = Metric("c", title, "latency p99 ms (lower is better)", "Postfix", fmt="{:.1f}")
-    print(f"\n== c: {title}", flush=True)
+    cpu = Metric("c", title, "server CPU ms per message (lower is better)", "Postfix", fmt="{:.2f}")
+    hog = CpuHog(plan.hog)
+    print(f"\n== c: {title}{hog_note(plan)}", flush=True)
     home = workdir / "c"
     home.mkdir()
     with contextlib.ExitStack() as stack:
@@ -1097,15 +1203,18 @@ def latency_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
         for rnd in range(1, plan.rounds + 1):
             for server in servers:
                 token = f"r{rnd}{server.name}"
-                sent = asyncio.run(
-                    paced_submissions(server.port, token, n, plan.rate, min(60.0, plan.timeout))
-                )
 
                 def all_arrived(token: str = token) -> bool:
                     return len(sink.arrivals(token)) >= n
 
-                wait_until(all_arrived, plan.timeout, f"{n} messages at the latency sink")
-                server.wait_empty()
+                with hog:
+                    cpu0 = server.cpu_seconds()
+                    sent = asyncio.run(
+                        paced_submissions(server.port, token, n, plan.rate, min(60.0, plan.timeout))
+                    )
+                    wait_until(all_arrived, plan.timeout, f"{n} messages at the latency sink")
+                    server.wait_empty()
+                    cpu_ms = (server.cpu_seconds() - cpu0) * 1000 / n
                 arrived = sink.arrivals(token)
                 extra = sum(len(v) - 1 for v in arrived.values())
                 latencies = [(arrived[k][0] - start) * 1000 for k, (start, _) in sent.items()]
@@ -1113,20 +1222,33 @@ def latency_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
                 r50, r99 = percentile(latencies, 50), percentile(latencies, 99)
                 (p50.ref if server is servers[0] else p50.spoold).append(r50)
                 (p99.ref if server is servers[0] else p99.spoold).append(r99)
+                (cpu.ref if server is servers[0] else cpu.spoold).append(cpu_ms)
                 print(
                     f"c round {rnd} {server.name:9s} latency p50 {r50:7.1f} ms  p99 {r99:7.1f} ms"
                     f"  max {max(latencies):7.1f} ms   (accepted: p50 "
                     f"{percentile(accepts, 50):.1f} ms, p99 {percentile(accepts, 99):.1f} ms)"
-                    + (f"  {extra} delivered twice" if extra else ""),
+                    f"   CPU {cpu_ms:.2f} ms/msg" + (f"  {extra} delivered twice" if extra else ""),
                     flush=True,
                 )
-    return [p50, p99]
+    if plan.hog:
+        print(hog.said(), flush=True)
+    return [p50, p99, cpu]
 
 
 def add_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
     n = plan.counts["d"]
     title = f"{n:,} x 4 KiB Spool.add, relay held"
     metrics = {c: Metric("d", title, f"durable adds/s, {c} at once", "disk loop") for c in (1, 16)}
+    cpus = {
+        c: Metric(
+            "d",
+            title,
+            f"CPU ms per add, {c} at once (lower is better)",
+            "disk loop",
+            fmt="{:.2f}",
+        )
+        for c in (1, 16)
+    }
     print(
         f"\n== d: {title}; reference: write+fsync+rename+fsync(dir), same concurrency", flush=True
     )
@@ -1139,14 +1261,17 @@ def add_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
                 worker = [plan.python, str(Path(__file__).resolve()), "_add-worker"]
                 done = run([*worker, mode, str(target), str(n), str(conc)], timeout=plan.timeout)
                 shutil.rmtree(target, ignore_errors=True)
-                seconds = float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
-                rate = n / seconds
+                said = json.loads(done.stdout.strip().splitlines()[-1])
+                seconds = float(said["seconds"])
+                rate, cpu_ms = n / seconds, float(said["cpu"]) * 1000 / n
                 (metric.ref if mode == "disk" else metric.spoold).append(rate)
+                (cpus[conc].ref if mode == "disk" else cpus[conc].spoold).append(cpu_ms)
                 print(
-                    f"d round {rnd} {mode:8s} {conc:2d} at once: {rate:7.1f}/s ({seconds:.2f} s)",
+                    f"d round {rnd} {mode:8s} {conc:2d} at once: {rate:7.1f}/s ({seconds:.2f} s)"
+                    f"   CPU {cpu_ms:.2f} ms per add",
                     flush=True,
                 )
-    return list(metrics.values())
+    return [m for c in metrics for m in (metrics[c], cpus[c])]
 
 
 # ------------------------------------------------- the (d) worker (child process)
@@ -1154,14 +1279,22 @@ def add_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
 
 def add_worker(mode: str, directory: Path, count: int, concurrency: int) -> None:
     """Child process of scenario d: time ``count`` durable 4 KiB writes from
-    ``concurrency`` writers, and print ``{"seconds": ...}``."""
+    ``concurrency`` writers, and print ``{"seconds": ..., "cpu": ...}``: the
+    wall time and this process's CPU time (user + system, all its threads)
+    over the same span."""
     directory.mkdir()
     shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
-    seconds = disk_loop(directory, shares) if mode == "disk" else spool_adds(directory, shares)
-    print(json.dumps({"seconds": seconds}))
+    seconds, cpu = (disk_loop if mode == "disk" else spool_adds)(directory, shares)
+    print(json.dumps({"seconds": seconds, "cpu": cpu}))
 
 
-def disk_loop(directory: Path, shares: list[int]) -> float:
+def process_cpu() -> float:
+    """This process's CPU time so far, user + system, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def disk_loop(directory: Path, shares: list[int]) -> tuple[float, float]:
     """What the disk allows: write 4 KiB + fsync + rename + fsync(dir), one
     thread per writer (the GIL is released in every one of these calls)."""
     tmp, active = directory / "tmp", directory / "active"
@@ -1191,13 +1324,13 @@ def disk_loop(directory: Path, shares: list[int]) -> float:
     for t in threads:
         t.start()
     gate.wait()
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), process_cpu()
     for t in threads:
         t.join()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, process_cpu() - cpu0
 
 
-def spool_adds(directory: Path, shares: list[int]) -> float:
+def spool_adds(directory: Path, shares: list[int]) -> tuple[float, float]:
     """``Spool.add`` from ``len(shares)`` concurrent tasks; the relay is held
     at a gate that never opens (one attempt waits there; nothing is sent)."""
     import logging
@@ -1217,7 +1350,7 @@ def spool_adds(directory: Path, shares: list[int]) -> float:
         Body.from_content(head + payload_lines(4096 - len(head))),
     )
 
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         relay = InMemoryRelay(gate=anyio.Event())
         async with Spool.open(
             directory / "spool", relay=relay, max_concurrent_send_jobs=1, flush_timeout=0.5
@@ -1227,11 +1360,11 @@ def spool_adds(directory: Path, shares: list[int]) -> float:
                 for _ in range(n):
                     await spool.add(batch)
 
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), process_cpu()
             async with anyio.create_task_group() as tg:
                 for n in shares:
                     tg.start_soon(adder, n)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, process_cpu() - cpu0
 
     return anyio.run(main)
 
@@ -1293,7 +1426,8 @@ def report(
     kind = "quick run" if quick else "full run"
     lines = [
         f"## {when}: {kind}, {plan.rounds} round(s), scenarios {context['scenarios']}"
-        + (", against another spoold build" if plan.reference_spoold else ""),
+        + (", against another spoold build" if plan.reference_spoold else "")
+        + (f", with a CPU hog on CPU {HOG_CPU}" if plan.hog else ""),
         "",
         f"- Machine: {context['cpus']} CPUs ({context['cpu']}), {context['ram']} RAM, "
         f"kernel {context['kernel']}, Python {context['python']}; work directory "
@@ -1308,6 +1442,19 @@ def report(
         + (f", overrides {context['overrides']}" if plan.overrides else "")
         + ").",
         f"- Wall time of the whole run: {context['wall']}.",
+        *(
+            [
+                f"- CPU hog (`--hog`): {CpuHog.describe()} ran beside the server during every "
+                "measured run of a, b and c (and of the SMTP-only ceiling), the same for both: "
+                "started just before each run, stopped right after; not during the settle, the "
+                "warm-up or d. Its own CPU time is in no figure."
+            ]
+            if plan.hog
+            else []
+        ),
+        "- SMTP-only ceiling (a, b): smtp-source straight into smtp-sink, the same count, "
+        "20 sessions and size, once per round before the servers; end to end / ceiling is "
+        "each run's end-to-end rate over its round's ceiling.",
         "",
         TABLE_HEAD,
         *(m.row() for m in metrics),
@@ -1418,6 +1565,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="for a and b: spoold variants run next to each other, comma-separated from "
         "none,rsa,ed25519 (DKIM signing off, RSA-2048, Ed25519; default none)",
     )
+    p.add_argument(
+        "--hog",
+        action="store_true",
+        help=f"a busy loop pinned to CPU {HOG_CPU} beside the server during each measured run "
+        "of a, b and c (the same for both servers)",
+    )
     p.add_argument("--python", help="Python for scenario d (default: the one beside --spoold)")
     p.add_argument("--results", help="Markdown file to append to (default bench/RESULTS.md)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per step (default 600)")
@@ -1472,6 +1625,7 @@ def main(argv: Sequence[str]) -> int:
             str(Path(args.reference_spoold).absolute()) if args.reference_spoold else None
         ),
         dkim=dkim,
+        hog=args.hog,
     )
     if plan.reference_spoold and set(scenarios) - {"a", "b"}:
         raise SystemExit("--reference-spoold: only scenarios a and b take another reference")

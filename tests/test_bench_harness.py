@@ -84,12 +84,20 @@ def test_scenarios_a_and_d_write_a_results_section(tmp_path: Path, workdir: Path
     assert "Postfix: 3." in text
     rows = [line for line in text.splitlines() if re.match(r"\| [ad]: ", line)]
     assert [row.split(" | ")[1] for row in rows] == [
+        "SMTP-only ceiling msg/s (smtp-source -> smtp-sink, no server)",
         "ingest msg/s",
         "end to end msg/s",
         "server CPU ms per message (lower is better)",
+        "end to end / SMTP-only ceiling",
         "durable adds/s, 1 at once",
+        "CPU ms per add, 1 at once (lower is better)",
         "durable adds/s, 16 at once",
+        "CPU ms per add, 16 at once (lower is better)",
     ]
+    ceiling, *rows = rows  # the sink alone: no spoold figure, no ratio
+    cells = ceiling.strip("| ").split(" | ")
+    assert cells[2] == "no server" and cells[4:] == ["-", "-"], ceiling
+    assert re.fullmatch(r"\*\*[\d.]+\*\* \([\d.]+-[\d.]+\)", cells[3]), ceiling
     for row in rows:
         cells = row.strip("| ").split(" | ")
         assert re.fullmatch(r"\*\*[\d.]+\*\* \([\d.]+-[\d.]+\)", cells[4]), row
@@ -112,7 +120,7 @@ def test_a_signing_variant_runs_once_its_warm_up_was_all_signed(
 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line for line in results.read_text().splitlines() if line.startswith("| a: ")]
-    assert sum("DKIM Ed25519" in row for row in rows) == 3
+    assert sum("DKIM Ed25519" in row for row in rows) == 4  # ingest, end to end, CPU, share
     assert list(workdir.iterdir()) == []
 
 
@@ -125,14 +133,53 @@ def test_another_spoold_build_can_be_the_reference(tmp_path: Path, workdir: Path
 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     servers = re.findall(r"^([ab]) round 1 (\S+)", done.stdout, re.MULTILINE)
-    assert servers == [("a", "reference"), ("a", "spoold"), ("b", "reference"), ("b", "spoold")]
+    assert servers == [
+        *[("a", "ceiling"), ("a", "reference"), ("a", "spoold")],  # ceiling: no server
+        *[("b", "ceiling"), ("b", "reference"), ("b", "spoold")],
+    ]
     text = results.read_text()
     assert ", against another spoold build" in text
     assert re.search(
         rf"- Reference: spoold \S+ \(`{re.escape(str(SPOOLD))}`\), instead of Postfix", text
     )
     rows = [line for line in text.splitlines() if re.match(r"\| [ab]: ", line)]
-    assert [row.split(" | ")[2] for row in rows] == ["spoold (reference build)"] * 6
+    assert [row.split(" | ")[2] for row in rows] == (
+        ["no server"] + ["spoold (reference build)"] * 4
+    ) * 2
+    assert list(workdir.iterdir()) == []
+    assert processes_in(workdir) == []
+
+
+def test_the_hog_runs_beside_each_measured_run_and_is_stopped(
+    tmp_path: Path, workdir: Path
+) -> None:
+    """--hog: a busy loop pinned to CPU 0 during each measured run of a and c
+    (the ceiling, Postfix, spoold), each stopped by its pid; the section says so."""
+    results = tmp_path / "RESULTS.md"
+
+    done = run_harness(workdir, "--scenarios", "a,c", "--hog", "--results", str(results))
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    said = re.findall(
+        r"CPU hog: (\d+) busy loop\(s\) on CPU 0, pids ([\d, ]+), stopped", done.stdout
+    )
+    assert [int(n) for n, _ in said] == [3, 2]  # a: ceiling, Postfix, spoold; c: both servers
+    for _, pids in said:
+        for pid in pids.split(", "):
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or b"while :" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            )
+    text = results.read_text()
+    assert ", with a CPU hog on CPU 0" in text
+    assert "- CPU hog (`--hog`): `taskset -c 0 sh -c 'while :; do :; done'`" in text
+    assert "--hog" in re.findall(r"- Command: `(.*)`", text)[0]
+    rows = [line for line in text.splitlines() if line.startswith("| c: ")]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "latency p50 ms (lower is better)",
+        "latency p99 ms (lower is better)",
+        "server CPU ms per message (lower is better)",
+    ]
     assert list(workdir.iterdir()) == []
     assert processes_in(workdir) == []
 
