@@ -214,7 +214,7 @@ async def test_a_record_named_again_after_its_delivery_is_not_sent_twice(
             forged = encode_record(make_message(ghost))
             late = Wakeup(spool._disk.store.wakeup_path)
             assert late.try_send(held.names, held.records) == "sent"
-            assert late.try_send(held.names + [ghost], held.records + [forged]) == "sent"
+            assert late.try_send([*held.names, ghost], [*held.records, forged]) == "sent"
             (second,) = await writer.add(_batch("b@example.com"))  # heard after the late one
             await _delivered(events, [second])
             late.close_sync()
