@@ -222,6 +222,36 @@ async def test_a_record_named_again_after_its_delivery_is_not_sent_twice(
     assert _delivered_ids(relay) == [first, second]
 
 
+async def test_a_record_sent_to_an_owner_that_loaded_and_sent_it_is_not_sent_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner restarted between a writer's commit and its wake-up: the
+    new owner loads the message at open and delivers it; the wake-up that
+    comes then, with its record, adopts nothing."""
+    async with Spool.open(tmp_path, relay=InMemoryRelay()):
+        pass  # the spool exists; no owner runs now
+    relay = InMemoryRelay(gate=anyio.Event())
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with SpoolWriter.open(
+            tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS
+        ) as writer:
+            held = _Held()
+            monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
+            first = await held.hold(writer, _batch("a@example.com"))
+            monkeypatch.undo()
+            async with Spool.open(tmp_path, relay=relay) as spool, spool.events() as events:
+                assert relay.gate is not None
+                relay.gate.set()
+                await _delivered(events, [first])  # loaded at open, not woken
+                late = Wakeup(spool._disk.store.wakeup_path)
+                assert late.try_send(held.names, held.records) == "sent"
+                (second,) = await writer.add(_batch("b@example.com"))  # heard after it
+                await _delivered(events, [second])
+                late.close_sync()
+                assert spool.counts() == {Queue.ACTIVE: 0, Queue.FROZEN: 0}  # none adopted again
+    assert _delivered_ids(relay) == [first, second]
+
+
 async def test_a_record_sent_that_is_not_the_one_on_disk_is_read_from_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
