@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -31,7 +32,7 @@ from typing import Literal
 import anyio
 import anyio.abc
 
-from spoold.ids import is_valid_id
+from spoold.ids import MAX_ID_LENGTH, is_valid_id
 
 __all__ = ["Wakeup", "NotifyResult", "Woken", "MAX_DATAGRAM"]
 
@@ -50,6 +51,10 @@ MAX_DATAGRAM = 65536
 _SEND_DATAGRAM = 32768
 _RECORDS = b"\x00\x01"  # names, then the records (format 1)
 _FRAME = 4  # bytes of a record's length
+# Ids (as spoold.ids allows them) separated by single spaces.
+_NAMES = re.compile(
+    rb"[A-Za-z0-9_-]{1,%d}(?: [A-Za-z0-9_-]{1,%d})*" % (MAX_ID_LENGTH, MAX_ID_LENGTH)
+)
 
 
 def parse_datagram(packet: bytes) -> Woken:
@@ -57,7 +62,10 @@ def parse_datagram(packet: bytes) -> Woken:
     frames match the names exactly; else none)."""
     head, sep, tail = packet.partition(b"\x00")
     tokens = head.decode("ascii", "replace").split()
-    woken: Woken = dict.fromkeys(n for n in tokens if is_valid_id(n))
+    if _NAMES.fullmatch(head):  # every name an id (as writers send them): one check
+        woken: Woken = dict.fromkeys(tokens)
+    else:
+        woken = dict.fromkeys(n for n in tokens if is_valid_id(n))
     if not sep or tail[:1] != _RECORDS[1:] or len(woken) != len(tokens):
         return woken
     records: list[bytes] = []
