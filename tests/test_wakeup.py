@@ -292,6 +292,7 @@ def test_a_datagram_gives_its_records_only_when_its_frames_match_its_names() -> 
     assert parse_datagram(whole + b"x") == {a: None, b: None}  # more than it says
     assert parse_datagram(whole.replace(b"\x00\x01", b"\x00\x02")) == {a: None, b: None}
     assert parse_datagram(f"{a} {b}".encode()) == {a: None, b: None}  # an earlier writer
+    assert parse_datagram(f"{a}  ../x\n{b}".encode()) == {a: None, b: None}  # not ids: left out
     huge = b"x" * MAX_DATAGRAM
     datagrams = wakeup_datagrams([a, b], [huge, b"rec-b"])
     assert all(len(d) <= MAX_DATAGRAM for d, _ in datagrams)
