@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -282,6 +283,36 @@ async def test_a_record_sent_that_is_not_the_one_on_disk_is_read_from_disk(
     assert sorted((m, r) for m, r, _ in relay.delivered) == sorted(
         [(one, "a@example.com"), (two, "b@example.com")]
     )
+
+
+async def test_a_datagram_too_big_for_the_writers_socket_goes_as_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send buffer smaller than a datagram of records (EMSGSIZE): the
+    names go alone, and the owner reads the records from disk."""
+    relay = InMemoryRelay()
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with (
+            Spool.open(tmp_path, relay=relay) as spool,
+            spool.events() as events,
+            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+        ):
+            held = _Held()
+            monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
+            many = [f"r{i}@example.com" for i in range(300)]  # records of about 7 KiB
+            ids = [await held.hold(writer, _batch(*many)) for _ in range(3)]
+            monkeypatch.undo()
+            reads = _no_reading_back(spool, monkeypatch)
+            small = Wakeup(spool._disk.store.wakeup_path)
+            small._send_socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
+            small._send_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            assert small.send_some(held.names, held.records) == ("sent", 3)
+            await _delivered(events, ids)
+            small.close_sync()
+    assert sorted(_delivered_ids(relay)) == sorted(ids * len(many))
+    assert sorted(reads) == sorted(ids)
 
 
 def test_a_datagram_gives_its_records_only_when_its_frames_match_its_names() -> None:
