@@ -27,7 +27,7 @@ import errno
 import functools
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from spoold.body import Body
 from spoold.errors import BodyDamagedError, NotFoundError, RecordError, StoreError
+from spoold.ids import validate_id
 from spoold.log import get_logger
 from spoold.message import (
     Message,
@@ -56,6 +57,7 @@ from spoold.store import (
     Store,
     StoredRecord,
     SyncMode,
+    Woken,
 )
 
 __all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES", "LOAD_BATCH", "LOAD_READ_AHEAD"]
@@ -284,8 +286,9 @@ class OnDiskSpool:
         """Ids in ``queue`` as ``(id, checked_out)``: a listing, no record read."""
         return await self.store.list_queue(queue.value)
 
-    def wakeups(self) -> AbstractAsyncContextManager[AsyncIterator[list[str]]]:
-        """(Owner) ids that other processes report adding; see Store.wakeups."""
+    def wakeups(self) -> AbstractAsyncContextManager[AsyncIterator[Woken]]:
+        """(Owner) ids that other processes report adding, each with the
+        record sent along (if any); see Store.wakeups."""
         return self.store.wakeups()
 
     async def read_body(self, message_id: str) -> Body:
@@ -431,12 +434,28 @@ class OnDiskSpool:
         return result
 
     async def read_new(
-        self, ids: Sequence[str], queues: Sequence[Queue]
+        self,
+        ids: Sequence[str],
+        queues: Sequence[Queue],
+        sent: Mapping[str, bytes | None] | None = None,
     ) -> dict[str, tuple[Queue, Message | RecordError]]:
         """Records of ``ids`` (messages other processes added), each from the
         first of ``queues`` that holds it, in one worker-thread hop; ids
-        found nowhere are left out. Changes nothing."""
-        records = await self.store.read_many([q.value for q in queues], ids)
+        found nowhere are left out. Changes nothing.
+
+        ``sent``: records their writers sent along with their names (the
+        wake-up socket's). Such a record is used instead of reading the
+        file when the file is still there, in the first queue that holds
+        it, with the same size: a ``stat`` in a grouped hop instead of
+        reading it. The disk stays the truth: a record no longer there is
+        left out, as when it is read."""
+        if sent and any(sent.get(i) for i in ids):
+            names = [validate_id(i) for i in ids]
+            records = await self.store.run_grouped(
+                _read_new_sync, self._dir_text, [q.value for q in queues], names, sent
+            )
+        else:
+            records = await self.store.read_many([q.value for q in queues], ids)
         return {rec.name: (Queue(rec.queue), self._decode(rec)) for rec in records}
 
     async def find(
@@ -541,6 +560,33 @@ def _decode_batch(
                 prepare(msg)
             out.append(msg if queue_of(msg.status) is queue else (rec, msg))
     return out
+
+
+def _read_new_sync(
+    root: str, queues: Sequence[str], names: Sequence[str], sent: Mapping[str, bytes | None]
+) -> list[StoredRecord]:
+    """(Worker thread, for :meth:`OnDiskSpool.read_new`) the record of each
+    of ``names`` from the first of ``queues`` that holds it: the one in
+    ``sent`` when the file has its size (a ``stat``), else the file's."""
+    out = []
+    for name in names:
+        data = sent.get(name)
+        for q in queues:
+            path = f"{root}/{q}/{name}"
+            try:
+                if data is not None and os.stat(path).st_size == len(data):
+                    out.append(StoredRecord(name, q, data, False))
+                else:
+                    out.append(StoredRecord(name, q, _read_file(path), False))
+                break
+            except FileNotFoundError:
+                continue
+    return out
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _unreadable_records(records: list[StoredRecord]) -> list[tuple[StoredRecord, RecordError]]:

@@ -33,7 +33,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -388,9 +388,9 @@ class Scheduler:
         """Adopt messages other processes added (they send their ids)."""
         async with self._disk.wakeups() as batches:
             task_status.started()
-            async for names in batches:
+            async for woken in batches:
                 try:
-                    await self.adopt(names)
+                    await self.adopt(woken, woken)
                 except (SpooldError, OSError):
                     log.exception("could not adopt added messages; the next rescan will")
 
@@ -408,12 +408,18 @@ class Scheduler:
         if unknown:
             await self.adopt(unknown)
 
-    async def adopt(self, names: Sequence[str]) -> None:
-        """Index and schedule records other processes added (by id)."""
+    async def adopt(
+        self, names: Iterable[str], sent: Mapping[str, bytes | None] | None = None
+    ) -> None:
+        """Index and schedule records other processes added (by id);
+        ``sent``: records their writers sent along (see
+        :meth:`OnDiskSpool.read_new <spoold.ondisk.OnDiskSpool.read_new>`)."""
         async with self._state.op_lock:  # no operator change runs meanwhile
-            await self._adopt_locked(names)
+            await self._adopt_locked(names, sent)
 
-    async def _adopt_locked(self, names: Sequence[str]) -> None:
+    async def _adopt_locked(
+        self, names: Iterable[str], sent: Mapping[str, bytes | None] | None = None
+    ) -> None:
         # Not what this spool is adding: add() indexes it itself, and
         # adopting it first could bring it back after it was delivered.
         adding = self._state.adding
@@ -427,7 +433,7 @@ class Scheduler:
         ]
         if not wanted:
             return
-        found = await self._disk.read_new(wanted, LOADED_QUEUES)  # one thread hop for all
+        found = await self._disk.read_new(wanted, LOADED_QUEUES, sent)  # one thread hop for all
         for name, (queue, result) in found.items():
             if isinstance(result, RecordError):
                 log.error("added record cannot be read", id=name, error=str(result))

@@ -30,7 +30,7 @@ import anyio
 
 from spoold.dkim import DkimSigner
 from spoold.idempotency import DEFAULT_IDEMPOTENCY_WINDOW, KeyFiles
-from spoold.message import Message, RetryInterval, RoutedBatch
+from spoold.message import Message, RetryInterval, RoutedBatch, encode_record
 from spoold.ondisk import NewMessage, OnDiskSpool
 from spoold.settings import Setting, WriterSettings
 from spoold.store import SyncMode
@@ -48,22 +48,26 @@ __all__ = ["SpoolWriter", "new_messages"]
 class _Notifier:
     """Tells the owner about new messages without making ``add`` wait: the
     ids collect here and go out in as few datagrams as the owner's queue
-    takes; while it is full, they wait and collect more (a few ms)."""
+    takes; while it is full, they wait and collect more (a few ms). Each
+    goes with its record as written (the owner then need not read it
+    back); only messages already durable are told."""
 
     def __init__(self, disk: OnDiskSpool) -> None:
         self._disk = disk
         self._pending: list[str] = []
+        self._records: list[bytes | None] = []
         self._wake = anyio.Event()
 
-    def tell(self, ids: Sequence[str]) -> None:
-        self._pending += ids
+    def tell(self, messages: Sequence[Message]) -> None:
+        self._pending += [m.id for m in messages]
+        self._records += [encode_record(m) for m in messages]
         self._wake.set()
 
     def flush(self) -> None:
         """One last try, without waiting (the owner rescans for the rest)."""
         if self._pending:
-            self._disk.store.try_notify_owner(self._pending)
-            self._pending = []
+            self._disk.store.try_notify_owner(self._pending, self._records)
+            self._pending, self._records = [], []
 
     async def run(self) -> None:
         while True:
@@ -72,8 +76,11 @@ class _Notifier:
             pause = 0.002
             while self._pending:
                 ids, self._pending = self._pending, []
-                if self._disk.store.try_notify_owner(ids) == "busy":
-                    self._pending = ids + self._pending
+                records, self._records = self._records, []
+                result, sent = self._disk.store.notify_owner_some(ids, records)
+                if result == "busy":  # those not sent wait, the others are out
+                    self._pending = ids[sent:] + self._pending
+                    self._records = records[sent:] + self._records
                     await anyio.sleep(pause)
                     pause = min(pause * 2, 0.2)
 
@@ -239,6 +246,5 @@ class _WriterSubmission(Submission):
         return await self._disk.add(new, notify=False)
 
     def _written(self, messages: list[Message], frozen: bool) -> list[str]:
-        ids = [m.id for m in messages]
-        self._notifier.tell(ids)
-        return ids
+        self._notifier.tell(messages)
+        return [m.id for m in messages]

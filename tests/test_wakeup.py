@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import anyio
 import pytest
 
-from spoold.message import Queue
+from spoold import SpoolWriter, ondisk
+from spoold.events import SpoolEvent
+from spoold.ids import new_id
+from spoold.message import Queue, RoutedBatch, RoutedEnvelope, decode_record, encode_record
 from spoold.ondisk import OnDiskSpool
-from spoold.spool import Spool
+from spoold.spool import DEFAULT_RETRY_INTERVALS, Spool
+from spoold.store import NotifyResult, StoredRecord
+from spoold.store.wakeup import MAX_DATAGRAM, Wakeup, parse_datagram
+from spoold.store.wakeup import _datagrams as wakeup_datagrams
 from spoold.testing import FakeClock, InMemoryRelay
-from tests.factories import new_message
-from tests.spool_helpers import settle
+from tests.factories import make_message, new_message
+from tests.spool_helpers import BODY, settle
 from tests.support import WAIT_TIMEOUT, records_in, spool_files
 
 CHILD = str(Path(__file__).with_name("store_child.py"))
@@ -74,3 +82,249 @@ async def test_a_lost_wakeup_is_made_good_at_the_next_ping(
                 if event.kind == "delivered" and event.id == msg.id:
                     break
     assert [mid for mid, _, _ in relay.delivered] == [msg.id]
+
+
+# --------------------------------------- records sent along with the names
+
+
+def _batch(*recipients: str, count: int = 1) -> RoutedBatch:
+    envelopes = [
+        RoutedEnvelope("s@example.org", list(recipients), ["mx.example:25"]) for _ in range(count)
+    ]
+    return RoutedBatch(envelopes, BODY)
+
+
+class _Held:
+    """A writer's wake-ups, kept back (as if lost) to be sent later, or never."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.records: list[bytes | None] = []
+        self.told = anyio.Event()
+
+    def __call__(
+        self, names: Sequence[str], records: Sequence[bytes | None] | None = None
+    ) -> tuple[NotifyResult, int]:
+        self.names += names
+        self.records += records or [None] * len(names)
+        self.told.set()
+        return "sent", len(names)
+
+    async def hold(self, writer: SpoolWriter, batch: RoutedBatch) -> str:
+        """Add ``batch`` (one message) and wait for its wake-up, held here."""
+        self.told = anyio.Event()
+        (mid,) = await writer.add(batch)
+        await self.told.wait()
+        return mid
+
+
+def _delivered_ids(relay: InMemoryRelay) -> list[str]:
+    return [mid for mid, _, _ in relay.delivered]
+
+
+async def _delivered(events: AsyncIterator[SpoolEvent], ids: Iterable[str]) -> None:
+    waiting = set(ids)
+    async for event in events:
+        if event.kind == "delivered":
+            waiting.discard(event.id)
+            if not waiting:
+                return
+
+
+def _no_reading_back(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count the owner's reads of new records from disk (the fallback)."""
+    store = spool._disk.store
+    read_many, read_file = store.read_many, ondisk._read_file
+    reads: list[str] = []
+
+    async def counted(queues: Sequence[str], names: Sequence[str]) -> list[StoredRecord]:
+        reads.extend(names)
+        return await read_many(queues, names)
+
+    def counted_file(path: str) -> bytes:
+        reads.append(Path(path).name)
+        return read_file(path)
+
+    monkeypatch.setattr(store, "read_many", counted)
+    monkeypatch.setattr(ondisk, "_read_file", counted_file)
+    return reads
+
+
+async def test_the_owner_adopts_a_writers_records_without_reading_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay = InMemoryRelay()
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with (
+            Spool.open(tmp_path, relay=relay) as spool,
+            spool.events() as events,
+            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+        ):
+            reads = _no_reading_back(spool, monkeypatch)
+            ids = await writer.add(_batch("a@example.com", count=3))
+            await _delivered(events, ids)
+    assert sorted(_delivered_ids(relay)) == sorted(ids)
+    assert reads == []
+
+
+async def test_a_batch_too_big_for_one_datagram_is_delivered_once_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records over MAX_DATAGRAM go in several datagrams; one record too big
+    for any goes by name alone, and the owner reads it from disk."""
+    relay = InMemoryRelay()
+    many = [f"r{i}@example.com" for i in range(4000)]  # one record of about 90 KiB
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with (
+            Spool.open(tmp_path, relay=relay) as spool,
+            spool.events() as events,
+            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+        ):
+            reads = _no_reading_back(spool, monkeypatch)
+            small = await writer.add(_batch("a@example.com", count=150))
+            (big,) = await writer.add(_batch(*many))
+            await _delivered(events, [*small, big])
+    assert sorted(_delivered_ids(relay)) == sorted(small + [big] * len(many))
+    assert reads == [big]  # read back: the big one alone
+
+
+async def test_a_record_named_again_after_its_delivery_is_not_sent_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer's wake-up, late: the ping's rescan adopted and delivered the
+    message first; the record sent with the late datagram is no longer on
+    disk, so nothing is adopted again (named twice: the same), nor is a
+    record sent for an id that was never written."""
+    clock = FakeClock()
+    relay = InMemoryRelay()
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with (
+            Spool.open(tmp_path, relay=relay, clock=clock, ping_interval=30) as spool,
+            spool.events() as events,
+            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+        ):
+            held = _Held()
+            monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
+            first = await held.hold(writer, _batch("a@example.com"))
+            assert held.names == [first]
+            clock.advance(31)  # the ping's rescan finds it
+            await _delivered(events, [first])
+            monkeypatch.undo()
+            # Never written: its record is not trusted either.
+            ghost = new_id()
+            forged = encode_record(make_message(ghost))
+            late = Wakeup(spool._disk.store.wakeup_path)
+            assert late.try_send(held.names, held.records) == "sent"
+            assert late.try_send([*held.names, ghost], [*held.records, forged]) == "sent"
+            (second,) = await writer.add(_batch("b@example.com"))  # heard after the late one
+            await _delivered(events, [second])
+            late.close_sync()
+            assert spool.counts() == {Queue.ACTIVE: 0, Queue.FROZEN: 0}
+    assert _delivered_ids(relay) == [first, second]
+
+
+async def test_a_record_sent_to_an_owner_that_loaded_and_sent_it_is_not_sent_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner restarted between a writer's commit and its wake-up: the
+    new owner loads the message at open and delivers it; the wake-up that
+    comes then, with its record, adopts nothing."""
+    async with Spool.open(tmp_path, relay=InMemoryRelay()):
+        pass  # the spool exists; no owner runs now
+    relay = InMemoryRelay(gate=anyio.Event())
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with SpoolWriter.open(
+            tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS
+        ) as writer:
+            held = _Held()
+            monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
+            first = await held.hold(writer, _batch("a@example.com"))
+            monkeypatch.undo()
+            async with Spool.open(tmp_path, relay=relay) as spool, spool.events() as events:
+                assert relay.gate is not None
+                relay.gate.set()
+                await _delivered(events, [first])  # loaded at open, not woken
+                late = Wakeup(spool._disk.store.wakeup_path)
+                assert late.try_send(held.names, held.records) == "sent"
+                (second,) = await writer.add(_batch("b@example.com"))  # heard after it
+                await _delivered(events, [second])
+                late.close_sync()
+                assert spool.counts() == {Queue.ACTIVE: 0, Queue.FROZEN: 0}  # none adopted again
+    assert _delivered_ids(relay) == [first, second]
+
+
+async def test_a_record_sent_that_is_not_the_one_on_disk_is_read_from_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is the truth: a record sent whose file differs (here in
+    size) is read from the file; a datagram whose frames do not match its
+    names is taken for its names alone."""
+    relay = InMemoryRelay()
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with (
+            Spool.open(tmp_path, relay=relay) as spool,
+            spool.events() as events,
+            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+        ):
+            held = _Held()
+            monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
+            one = await held.hold(writer, _batch("a@example.com"))
+            two = await held.hold(writer, _batch("b@example.com"))
+            assert held.names == [one, two]
+            monkeypatch.undo()
+            wrong = decode_record(held.records[0] or b"")
+            wrong.remaining_recipients = ["someone-else@example.com"]
+            wakeup = Wakeup(spool._disk.store.wakeup_path)
+            assert wakeup.try_send([one], [encode_record(wrong)]) == "sent"
+            cut = wakeup_datagrams([two], [held.records[1]])[0][0][:-5]  # truncated
+            wakeup._send_socket.sendto(cut, wakeup.path)  # type: ignore[union-attr]
+            await _delivered(events, [one, two])
+            wakeup.close_sync()
+    assert sorted((m, r) for m, r, _ in relay.delivered) == sorted(
+        [(one, "a@example.com"), (two, "b@example.com")]
+    )
+
+
+async def test_a_datagram_too_big_for_the_writers_socket_goes_as_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send buffer smaller than a datagram of records (EMSGSIZE): the
+    names go alone, and the owner reads the records from disk."""
+    relay = InMemoryRelay()
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with (
+            Spool.open(tmp_path, relay=relay) as spool,
+            spool.events() as events,
+            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+        ):
+            held = _Held()
+            monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
+            many = [f"r{i}@example.com" for i in range(300)]  # records of about 7 KiB
+            ids = [await held.hold(writer, _batch(*many)) for _ in range(3)]
+            monkeypatch.undo()
+            reads = _no_reading_back(spool, monkeypatch)
+            small = Wakeup(spool._disk.store.wakeup_path)
+            small._send_socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
+            small._send_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            assert small.send_some(held.names, held.records) == ("sent", 3)
+            await _delivered(events, ids)
+            small.close_sync()
+    assert sorted(_delivered_ids(relay)) == sorted(ids * len(many))
+    assert sorted(reads) == sorted(ids)
+
+
+def test_a_datagram_gives_its_records_only_when_its_frames_match_its_names() -> None:
+    a, b = new_id(), new_id()
+    ((whole, _),) = wakeup_datagrams([a, b], [b"rec-a", None])
+    assert parse_datagram(whole) == {a: b"rec-a", b: None}
+    assert parse_datagram(whole[:-1]) == {a: None, b: None}  # truncated
+    assert parse_datagram(whole + b"x") == {a: None, b: None}  # more than it says
+    assert parse_datagram(whole.replace(b"\x00\x01", b"\x00\x02")) == {a: None, b: None}
+    assert parse_datagram(f"{a} {b}".encode()) == {a: None, b: None}  # an earlier writer
+    assert parse_datagram(f"{a}  ../x\n{b}".encode()) == {a: None, b: None}  # not ids: left out
+    huge = b"x" * MAX_DATAGRAM
+    datagrams = wakeup_datagrams([a, b], [huge, b"rec-b"])
+    assert all(len(d) <= MAX_DATAGRAM for d, _ in datagrams)
+    assert [(parse_datagram(d), n) for d, n in datagrams] == [({a: None, b: b"rec-b"}, 2)]

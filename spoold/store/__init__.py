@@ -90,6 +90,7 @@ from spoold.store.records import StoredRecord as StoredRecord
 from spoold.store.records import SyncMode as SyncMode
 from spoold.store.store import Store as Store
 from spoold.store.wakeup import NotifyResult as NotifyResult
+from spoold.store.wakeup import Woken as Woken
 
 __all__ = [
     "Store",

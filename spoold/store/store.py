@@ -37,7 +37,7 @@ from spoold.store.records import (
 )
 from spoold.store.recovery import check_sync, recover_sync
 from spoold.store.registry import Registry
-from spoold.store.wakeup import NotifyResult, Wakeup
+from spoold.store.wakeup import NotifyResult, Wakeup, Woken
 
 __all__ = ["Store"]
 
@@ -202,17 +202,28 @@ class Store:
         return self._wakeup.path
 
     @asynccontextmanager
-    async def wakeups(self) -> AsyncIterator[AsyncIterator[list[str]]]:
+    async def wakeups(self) -> AsyncIterator[AsyncIterator[Woken]]:
         """(Owner) bind the wake-up socket; yields an iterator of the name
-        batches other processes report. A stale socket file is replaced."""
+        batches other processes report (each name with the record sent
+        along, if any). A stale socket file is replaced."""
         self._require_owner()
         async with self._wakeup.receive() as batches:
             yield batches
 
-    def try_notify_owner(self, names: Sequence[str]) -> NotifyResult:
-        """(Writer) tell the owner about new entries, without waiting
+    def try_notify_owner(
+        self, names: Sequence[str], records: Sequence[bytes | None] | None = None
+    ) -> NotifyResult:
+        """(Writer) tell the owner about new entries (with their records as
+        committed, if given), without waiting
         (:meth:`~spoold.store.wakeup.Wakeup.try_send`)."""
-        return self._wakeup.try_send(names)
+        return self._wakeup.try_send(names, records)
+
+    def notify_owner_some(
+        self, names: Sequence[str], records: Sequence[bytes | None] | None = None
+    ) -> tuple[NotifyResult, int]:
+        """:meth:`try_notify_owner`, and how many of ``names`` were sent
+        (:meth:`~spoold.store.wakeup.Wakeup.send_some`)."""
+        return self._wakeup.send_some(names, records)
 
     async def notify_owner(self, names: Sequence[str]) -> bool:
         """(Writer) tell the owner about new entries, waiting up to 2 s while

@@ -5,13 +5,25 @@ The owner binds a Unix datagram socket at ``STORE/wakeup``
 to it (:meth:`Wakeup.try_send`, :meth:`Wakeup.send`), so the owner need not
 poll. It is only a trigger: the truth stays on disk, and an owner that
 missed a datagram (it was not running, or its queue stayed full) finds the
-entries at its next rescan or open. A datagram carries names separated by
-spaces; what is not an id is ignored.
+entries at its next rescan or open.
+
+A datagram carries names separated by spaces; what is not an id is
+ignored. A writer may add, after a NUL and a version byte (1), the records
+it just made durable, one frame per name in the order of the names (a
+4-byte big-endian length, then the record's bytes; length 0: none for that
+name), so the owner need not read them back. The records are a hint too:
+a datagram whose frames do not exactly match its names (truncated, from a
+later version) is taken for its names alone, and the owner checks that a
+record it was sent is still the one on disk (same queue, same size) before
+using it. An owner of an earlier version reads such a datagram's names and
+reads the records from disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import re
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,13 +32,110 @@ from typing import Literal
 import anyio
 import anyio.abc
 
-from spoold.ids import is_valid_id
+from spoold.ids import MAX_ID_LENGTH, is_valid_id
 
-__all__ = ["Wakeup", "NotifyResult"]
+__all__ = ["Wakeup", "NotifyResult", "Woken", "MAX_DATAGRAM"]
 
 NotifyResult = Literal["sent", "busy", "absent"]
 
-_WAKEUP_DATAGRAM = 8192  # bytes: a few hundred ids a datagram
+# What the owner hears in one go: each name reported, with the record sent
+# along with it (None: none came, read it from disk), in the order heard.
+Woken = dict[str, bytes | None]
+
+_NAMES_DATAGRAM = 8192  # bytes: a datagram of names alone (a few hundred ids)
+# What the owner reads at once, and the largest datagram a writer sends:
+# a batch of a group commit (about 8 records of 1 KiB a worker) goes in
+# one, and several fit in a Unix socket's default send buffer (212,992
+# bytes on Linux), which counts the datagrams not read yet.
+MAX_DATAGRAM = 65536
+_SEND_DATAGRAM = 32768
+_RECORDS = b"\x00\x01"  # names, then the records (format 1)
+_FRAME = 4  # bytes of a record's length
+# Ids (as spoold.ids allows them) separated by single spaces.
+_NAMES = re.compile(
+    rb"[A-Za-z0-9_-]{1,%d}(?: [A-Za-z0-9_-]{1,%d})*" % (MAX_ID_LENGTH, MAX_ID_LENGTH)
+)
+
+
+def parse_datagram(packet: bytes) -> Woken:
+    """The names of one datagram, each with the record sent for it (if the
+    frames match the names exactly; else none)."""
+    head, sep, tail = packet.partition(b"\x00")
+    tokens = head.decode("ascii", "replace").split()
+    if _NAMES.fullmatch(head):  # every name an id (as writers send them): one check
+        woken: Woken = dict.fromkeys(tokens)
+    else:
+        woken = dict.fromkeys(n for n in tokens if is_valid_id(n))
+    if not sep or tail[:1] != _RECORDS[1:] or len(woken) != len(tokens):
+        return woken
+    records: list[bytes] = []
+    at, end = 1, len(tail)
+    while at < end and len(records) < len(tokens):
+        size = int.from_bytes(tail[at : at + _FRAME], "big")
+        at += _FRAME
+        records.append(tail[at : at + size])
+        at += size
+    if at != end or len(records) != len(tokens) or len(woken) != len(tokens):
+        return woken  # truncated, or not what it says: names only
+    for name, record in zip(tokens, records, strict=True):
+        if record:
+            woken[name] = record
+    return woken
+
+
+def _merge(into: Woken, more: Woken) -> None:
+    """Add ``more`` to ``into``; a name heard twice keeps a record it was
+    sent, unless two different ones came (then none: read from disk)."""
+    for name, record in more.items():
+        if name not in into:
+            into[name] = record
+        elif record is not None:
+            known = into[name]
+            if known is None:
+                into[name] = record
+            elif known != record:
+                into[name] = None
+
+
+def _datagrams(
+    names: Sequence[str], records: Sequence[bytes | None] | None
+) -> list[tuple[bytes, int]]:
+    """``names`` (with ``records``, in the same order) as datagrams of at
+    most :data:`_SEND_DATAGRAM` bytes, each with the count of names it
+    carries; a record too large to go in one is left out (the owner reads
+    it)."""
+    if records is None or not any(records):
+        chunk = _NAMES_DATAGRAM // (17 + 1)
+        return [
+            (
+                " ".join(names[start : start + chunk]).encode("ascii"),
+                len(names[start : start + chunk]),
+            )
+            for start in range(0, len(names), chunk)
+        ]
+    out: list[tuple[bytes, int]] = []
+    batch: list[str] = []
+    frames: list[bytes] = []
+    size = len(_RECORDS)
+    for name, record in zip(names, records, strict=True):
+        data = record or b""
+        cost = len(name) + 1 + _FRAME + len(data)
+        if len(_RECORDS) + cost > _SEND_DATAGRAM:
+            data = b""  # too large to send: the owner reads it from disk
+            cost = len(name) + 1 + _FRAME
+        if batch and size + cost > _SEND_DATAGRAM:
+            out.append((_pack(batch, frames), len(batch)))
+            batch, frames, size = [], [], len(_RECORDS)
+        batch.append(name)
+        frames.append(len(data).to_bytes(_FRAME, "big") + data)
+        size += cost
+    if batch:
+        out.append((_pack(batch, frames), len(batch)))
+    return out
+
+
+def _pack(names: list[str], frames: list[bytes]) -> bytes:
+    return b"".join([" ".join(names).encode("ascii"), _RECORDS, *frames])
 
 
 class Wakeup:
@@ -37,9 +146,10 @@ class Wakeup:
         self._send_socket: socket.socket | None = None
 
     @asynccontextmanager
-    async def receive(self) -> AsyncIterator[AsyncIterator[list[str]]]:
-        """(Owner) bind the socket; yields an iterator of the name batches
-        other processes report. A stale socket file is replaced."""
+    async def receive(self) -> AsyncIterator[AsyncIterator[Woken]]:
+        """(Owner) bind the socket; yields an iterator of what other
+        processes report (names, each with the record sent along, if any).
+        A stale socket file is replaced."""
         path = self.path
         with contextlib.suppress(FileNotFoundError):
             await anyio.Path(path).unlink()
@@ -47,22 +157,19 @@ class Wakeup:
 
         raw: socket.socket = sock.extra(anyio.abc.SocketAttribute.raw_socket)
 
-        def names_in(packet: bytes) -> list[str]:
-            return [n for n in packet.decode("ascii", "replace").split() if is_valid_id(n)]
-
-        async def batches() -> AsyncIterator[list[str]]:
-            async for packet, _ in sock:
-                names = names_in(packet)
+        async def batches() -> AsyncIterator[Woken]:
+            async for packet, _ in sock:  # (anyio reads up to MAX_DATAGRAM)
+                woken = parse_datagram(packet)
                 # Take every datagram already queued too: one batch for all
                 # (the queue is short, and writers wait while it is full).
                 while True:
                     try:
-                        more = raw.recv(_WAKEUP_DATAGRAM)
+                        more = raw.recv(MAX_DATAGRAM)
                     except (BlockingIOError, InterruptedError):
                         break
-                    names += names_in(more)
-                if names:
-                    yield names
+                    _merge(woken, parse_datagram(more))
+                if woken:
+                    yield woken
 
         try:
             yield batches()
@@ -72,26 +179,45 @@ class Wakeup:
                 with contextlib.suppress(OSError):
                     await anyio.Path(path).unlink()
 
-    def try_send(self, names: Sequence[str]) -> NotifyResult:
+    def try_send(
+        self, names: Sequence[str], records: Sequence[bytes | None] | None = None
+    ) -> NotifyResult:
         """(Writer) tell the owner about new entries, without waiting: a
-        non-blocking send (fit for the event loop). ``"sent"``; ``"busy"``
-        when the owner's queue is full (try again shortly: ``names`` not
-        sent yet); ``"absent"`` when no owner listens (it will find them
-        when it opens the spool). Long lists go in several datagrams."""
+        non-blocking send (fit for the event loop). ``records``: their
+        records as just made durable (never before), in the order of
+        ``names`` (None for one not sent), so the owner need not read them
+        back. ``"sent"``; ``"busy"`` when the owner's queue is full (try
+        again shortly: ``names`` not sent yet, or not all); ``"absent"``
+        when no owner listens (it will find them when it opens the spool).
+        Long lists go in several datagrams."""
+        return self.send_some(names, records)[0]
+
+    def send_some(
+        self, names: Sequence[str], records: Sequence[bytes | None] | None = None
+    ) -> tuple[NotifyResult, int]:
+        """:meth:`try_send`, and how many of ``names`` were sent: on
+        ``"busy"``, those after them are to be sent again (not the others:
+        a writer that sends all again fills the queue again with them)."""
         if self._send_socket is None:
             self._send_socket = socket.socket(
                 socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
             )
-        chunk = _WAKEUP_DATAGRAM // (17 + 1)
-        for start in range(0, len(names), chunk):
-            payload = " ".join(names[start : start + chunk]).encode("ascii")
+        done = 0
+        for payload, count in _datagrams(names, records):
             try:
                 self._send_socket.sendto(payload, self.path)
             except (BlockingIOError, InterruptedError):
-                return "busy"
-            except OSError:
-                return "absent"
-        return "sent"
+                return "busy", done
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE:
+                    return "absent", done
+                # Larger than this socket takes (a smaller send buffer):
+                # the names alone, and the owner reads the records.
+                result, sent = self.send_some(names[done : done + count])
+                if result != "sent":
+                    return result, done + sent
+            done += count
+        return "sent", done
 
     async def send(self, names: Sequence[str]) -> bool:
         """(Writer) tell the owner about new entries, waiting up to 2 s while
