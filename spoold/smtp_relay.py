@@ -129,7 +129,6 @@ def _timed_out(hop: str, settings: RouteSettings) -> AttemptFailed:
     return AttemptFailed(f"{hop}: {_timeout_text(settings.message_timeout)}")
 
 
-
 class _TryLater(Exception):
     """The attempt ends on this hop as try-later; the connection is dropped."""
 
