@@ -266,11 +266,13 @@ class SmtpRelay:
         On each hop the message timeout runs from the acquire of a
         connection to the final ``.`` sent (the final reply has its own
         timeout). It bounds the transaction only: giving the connection
-        back comes after it. So a transaction refused before DATA on a
-        route that does not reuse connections (``RouteSettings.reuse``
-        false: a route's ``max_connections`` with ``[fleet]``) ends
-        with a QUIT outside the message timeout, bounded by its own 5 s
-        (at most ``command_timeout``), as after a delivery.
+        back comes after it. So a transaction the hop refused before DATA
+        (by its replies; the RSET after it is still inside) on a route
+        that does not reuse connections (``RouteSettings.reuse`` false: a
+        route's ``max_connections`` with ``[fleet]``) ends with a QUIT
+        outside the message timeout, bounded by its own 5 s (at most
+        ``command_timeout``), as after a delivery. A failed attempt
+        (timeout, lost connection) drops the connection without QUIT.
         """
         loop = asyncio.get_running_loop()
         hop_errors: list[str] = []
