@@ -375,11 +375,11 @@ class ConnectionCache:
     async def acquire(
         self, hop: str, settings: RouteSettings, deadline: float | None = None
     ) -> Connection:
-        """A connection to ``hop``, reused or new, until :meth:`give_back`
-        (or :meth:`release`). Raises :class:`HopUnavailableError` if none
-        can be had, and :class:`TimeoutError` if ``deadline`` (a time of
-        the event loop's clock, :func:`anyio.current_time`) comes first:
-        nothing is then held."""
+        """A connection to ``hop``, reused or new, until :meth:`give_back`.
+        Raises :class:`HopUnavailableError` if none can be had, and
+        :class:`TimeoutError` if ``deadline`` (a time of the event loop's
+        clock, :func:`anyio.current_time`) comes first: nothing is then
+        held."""
         key = (hop, settings)
         give_up = self._monotonic() + self.acquire_timeout
         while True:
@@ -480,7 +480,7 @@ class ConnectionCache:
         usable = False
         with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
             try:
-                usable = await self._usable(conn)
+                usable = await self._answers_noop(conn)
             except BaseException:
                 self._drop(conn)
                 raise
@@ -526,10 +526,9 @@ class ConnectionCache:
             return True
         return None
 
-    async def _usable(self, conn: Connection) -> bool:
-        fresh = self._fresh(conn)
-        if fresh is not None:
-            return fresh
+    async def _answers_noop(self, conn: Connection) -> bool:
+        """Whether a connection idle long (:meth:`_fresh` said None)
+        answers NOOP with 250 (else it was dropped)."""
         try:
             reply = await conn.client.noop(timeout=min(10.0, conn.key[1].command_timeout))
         except SmtpError:

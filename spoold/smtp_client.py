@@ -392,6 +392,8 @@ class SmtpClient:
         self._closed = False
         self._deadline = _Alarm(reader._loop, self._deadline_passed)
         self._deadline_text = ""
+        # Set when a deadline of set_deadline passed; never cleared (the
+        # connection was aborted then: the client is done).
         self.deadline_passed = False
 
     @classmethod
@@ -497,7 +499,11 @@ class SmtpClient:
         client is doing or does next with :class:`~spoold.errors.SmtpTimeoutError`
         (``text``) and drop the connection, and set :attr:`deadline_passed`;
         ``None``: no deadline (the one set before is lifted). One timer for
-        a whole transaction, instead of a cancel scope around it."""
+        a whole transaction, instead of a cancel scope around it.
+
+        Once passed, :attr:`deadline_passed` stays set for good: the
+        connection was aborted, so the client is never used again (a later
+        ``set_deadline`` does not clear it)."""
         self._deadline_text = text
         self._deadline.set(when)
 

@@ -120,16 +120,13 @@ def _throttling_refusal(cause: BaseException | None) -> bool:
     return RecipientResult(cause.code, cause.text, cause.enhanced_status).throttling
 
 
-@functools.cache  # one text per configured timeout, not one per message
+@functools.lru_cache(maxsize=64)  # one text per configured timeout, not one per message
 def _timeout_text(message_timeout: float) -> str:
     return f"timeout: no answer within the message timeout of {message_timeout:g}s"
 
 
 def _timed_out(hop: str, settings: RouteSettings) -> AttemptFailed:
     return AttemptFailed(f"{hop}: {_timeout_text(settings.message_timeout)}")
-
-
-_VALID_SENDERS_MOST = 4096
 
 
 class _TryLater(Exception):
@@ -198,9 +195,6 @@ class SmtpRelay:
             self.settings_for = settings_for
         self.cache = cache or ConnectionCache()
         self.tls_policies = tls_policies
-        # Senders found valid (validate_address is a pure function): most
-        # messages come from a few senders. Bounded: emptied when full.
-        self._valid_senders: set[str] = set()
 
     async def relay(
         self, message: Message, body: BodyHandle, recipients: Sequence[str]
@@ -237,17 +231,13 @@ class SmtpRelay:
         tls: TlsPolicyMode = "none",
     ) -> RelayOutcome:
         sender = message.envelope_info.sender
-        if sender not in self._valid_senders:
-            try:
-                validate_address(sender, role="sender", smtputf8=True)
-            except AddressError as exc:
-                bad_sender = RecipientResult(
-                    553, f"sender cannot be relayed: {exc}", "5.1.7", phase="local"
-                )
-                return Delivery(dict.fromkeys(recipients, bad_sender))
-            if len(self._valid_senders) >= _VALID_SENDERS_MOST:
-                self._valid_senders.clear()
-            self._valid_senders.add(sender)
+        try:
+            validate_address(sender, role="sender", smtputf8=True)  # memoized there
+        except AddressError as exc:
+            bad_sender = RecipientResult(
+                553, f"sender cannot be relayed: {exc}", "5.1.7", phase="local"
+            )
+            return Delivery(dict.fromkeys(recipients, bad_sender))
         checked = _check_recipients(recipients)
         if not checked.sendable:
             return Delivery(checked.refused)
@@ -271,6 +261,19 @@ class SmtpRelay:
         settings_for: Callable[[str, Message], RouteSettings],
         tls: TlsPolicyMode = "none",
     ) -> RelayOutcome:
+        """One attempt: the hops in turn until one takes the transaction.
+
+        On each hop the message timeout runs from the acquire of a
+        connection to the final ``.`` sent (the final reply has its own
+        timeout). It bounds the transaction only: giving the connection
+        back comes after it. So a transaction the hop refused before DATA
+        (by its replies; the RSET after it is still inside) on a route
+        that does not reuse connections (``RouteSettings.reuse`` false: a
+        route's ``max_connections`` with ``[fleet]``) ends with a QUIT
+        outside the message timeout, bounded by its own 5 s (at most
+        ``command_timeout``), as after a delivery. A failed attempt
+        (timeout, lost connection) drops the connection without QUIT.
+        """
         loop = asyncio.get_running_loop()
         hop_errors: list[str] = []
         throttled: list[str] = []

@@ -9,6 +9,7 @@ and the boundaries of each read. What the relay makes of the client is in
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 from collections.abc import AsyncIterator
@@ -23,8 +24,16 @@ from spoold.errors import (
     SmtpServiceClosingError,
     SmtpTimeoutError,
 )
-from spoold.smtp_client import MAX_REPLY_SIZE, SmtpClient, SmtpReply
+from spoold.smtp_client import (
+    _KNOWN_MOST,
+    MAX_REPLY_SIZE,
+    EnvelopeReplies,
+    SmtpClient,
+    SmtpReply,
+    _ReplyReader,
+)
 from tests.raw_smtp_server import NO_REPLY, RawSmtpServer, StartRawServer
+from tests.smtp_server import Reply, StartServer
 from tests.support import free_port, wait_until
 
 PATIENT = 10.0
@@ -91,6 +100,55 @@ async def test_reply_forms(
     server = await start_raw_server(replies={"NOOP": raw})
     client = await connect(server)
     assert await client.noop() == expected
+
+
+def fed(*chunks: bytes) -> tuple[_ReplyReader, list[SmtpReply]]:
+    """A reply reader fed ``chunks`` as if each came in one read; the
+    replies it parsed, in order."""
+    reader = _ReplyReader(asyncio.get_running_loop(), MAX_REPLY_SIZE)
+    for chunk in chunks:
+        reader.data_received(chunk)
+    assert reader.error is None
+    return reader, list(reader.replies)
+
+
+async def test_a_multi_line_reply_after_a_known_one_line_reply_keeps_its_lines() -> None:
+    """One-line replies are kept parsed by their line; a line of a
+    multi-line reply equal to one of them (its last one here) is still a
+    line of that reply, not a reply of its own."""
+    _, replies = fed(
+        b"250 OK\r\n",
+        b"250-OK\r\n250 second line\r\n",
+        b"250-first\r\n250 OK\r\n",
+        b"250 OK\r\n",
+    )
+    assert replies == [
+        SmtpReply(250, ("OK",)),
+        SmtpReply(250, ("OK", "second line")),
+        SmtpReply(250, ("first", "OK")),
+        SmtpReply(250, ("OK",)),
+    ]
+
+
+async def test_known_one_line_replies_with_the_same_text_keep_their_codes() -> None:
+    _, replies = fed(*[b"250 OK\r\n", b"550 OK\r\n", b"251 OK\r\n"] * 2, b"450 4.2.0 OK\r\n")
+    assert [(r.code, r.lines, r.enhanced_status) for r in replies] == [
+        *[(250, ("OK",), None), (550, ("OK",), None), (251, ("OK",), None)] * 2,
+        (450, ("OK",), "4.2.0"),
+    ]
+
+
+async def test_the_known_replies_of_a_connection_are_bounded() -> None:
+    """A hop whose every reply differs (a queue id in each) makes the
+    reader keep no more than a few of them; every reply is still parsed."""
+    lines = [f"250 2.0.0 queued as {n:06d}\r\n".encode() for n in range(3 * _KNOWN_MOST)]
+    reader, replies = fed(*lines, lines[0], lines[-1])
+    assert [r.lines for r in replies] == [
+        *[(f"queued as {n:06d}",) for n in range(3 * _KNOWN_MOST)],
+        ("queued as 000000",),
+        (f"queued as {3 * _KNOWN_MOST - 1:06d}",),
+    ]
+    assert len(reader._known) == _KNOWN_MOST
 
 
 @pytest.mark.parametrize(
@@ -358,6 +416,75 @@ async def test_without_pipelining_nothing_follows_a_refused_mail(
     assert replies.data is None
     assert commands(server)[-1] == MAIL.strip()
     assert client.usable
+
+
+PIPELINED_REPLIES = EnvelopeReplies(
+    SmtpReply(250, ("sender ok",), "2.1.0"),
+    (SmtpReply(250, ("recipient ok",), "2.1.5"), SmtpReply(250, ("recipient ok",), "2.1.5")),
+    SmtpReply(354, ("End data with <CR><LF>.<CR><LF>",)),
+)
+
+
+async def test_pipelined_replies_sent_at_once_read_as_replies_sent_one_by_one(
+    start_raw_server: StartRawServer, start_smtp_server: StartServer
+) -> None:
+    """A pipelined envelope's replies read the same whether they arrive in
+    one write (those already in are taken without a wait) or one by one,
+    each a while after the one before."""
+    together = await start_raw_server(
+        hold_until_data=True,
+        replies={
+            "MAIL": b"250 2.1.0 sender ok\r\n",
+            "RCPT": b"250 2.1.5 recipient ok\r\n",
+            "DATA": b"354 End data with <CR><LF>.<CR><LF>\r\n",
+        },
+    )
+    client = await connect(together)
+    await client.hello("client.example")
+    assert client.pipelining
+    at_once = await client.send_envelope(MAIL, RCPTS)
+    assert together.command_reads()[-1] == MAIL + b"".join(RCPTS) + b"DATA\r\n"
+    client.close()
+
+    one_by_one = await start_smtp_server(pipelining=True)
+    one_by_one.behaviour.mail = Reply("250 2.1.0 sender ok", delay=0.05)
+    for rcpt in ("a@example.com", "b@example.com"):
+        one_by_one.behaviour.rcpt[rcpt] = Reply("250 2.1.5 recipient ok", delay=0.05)
+    client = await SmtpClient.connect(
+        "127.0.0.1", one_by_one.port, connect_timeout=PATIENT, command_timeout=PATIENT
+    )
+    await client.hello("client.example")
+    assert client.pipelining
+    apart = await client.send_envelope(MAIL, RCPTS)
+    client.close()
+
+    assert at_once == apart == PIPELINED_REPLIES
+
+
+async def test_a_pipelined_421_ends_the_session_whether_replies_come_at_once_or_apart(
+    start_raw_server: StartRawServer, start_smtp_server: StartServer
+) -> None:
+    """421 to a RCPT is the server closing: an error, not a refusal of
+    that recipient, be it read with the others at once or alone."""
+    together = await start_raw_server(
+        hold_until_data=True, replies={"RCPT": b"421 4.3.2 closing\r\n"}
+    )
+    client = await connect(together)
+    await client.hello("client.example")
+    with pytest.raises(SmtpServiceClosingError):
+        await client.send_envelope(MAIL, RCPTS)
+    assert not client.usable
+
+    one_by_one = await start_smtp_server(pipelining=True)
+    one_by_one.behaviour.mail = Reply(delay=0.05)
+    one_by_one.behaviour.rcpt["a@example.com"] = Reply("421 4.3.2 closing", delay=0.05)
+    client = await SmtpClient.connect(
+        "127.0.0.1", one_by_one.port, connect_timeout=PATIENT, command_timeout=PATIENT
+    )
+    await client.hello("client.example")
+    with pytest.raises(SmtpServiceClosingError):
+        await client.send_envelope(MAIL, RCPTS)
+    assert not client.usable
 
 
 async def ready_for_content(server: RawSmtpServer) -> SmtpClient:

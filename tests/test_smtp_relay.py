@@ -508,6 +508,23 @@ async def test_a_stop_in_the_middle_of_a_transaction_drops_the_connection(
     assert smtp_server.messages[0].connection == 2
 
 
+async def test_the_message_timeout_starts_afresh_for_each_message_on_a_reused_connection(
+    smtp_server: SmtpTestServer,
+    make_relay: MakeRelay,
+    tmp_path: Path,
+) -> None:
+    """Three messages in a row on one connection, each taking more than
+    half its message timeout (the hop is slow to accept the recipient):
+    each has its own timeout, so none fails on the deadline of the one
+    before it."""
+    relay = make_relay(route(message_timeout=0.5))
+    smtp_server.behaviour.rcpt[ALICE] = Reply(delay=0.3)
+    outcomes = [await relay_message(relay, tmp_path, [smtp_server.hop]) for _ in range(3)]
+    assert [delivery(o).recipients for o in outcomes] == [{ALICE: OK}] * 3
+    assert [m.connection for m in smtp_server.messages] == [1, 1, 1]
+    assert smtp_server.connections_opened == 1
+
+
 async def test_the_final_reply_is_waited_for_past_the_message_timeout(
     smtp_server: SmtpTestServer,
     make_relay: MakeRelay,
