@@ -151,6 +151,15 @@ async def test_a_busy_turn_writes_whole_lines_at_most_pipe_buf_bytes_at_a_time()
 
 
 @pytest.mark.usefixtures("restore_logging")
+async def test_a_console_line_with_a_lone_surrogate_is_written_too() -> None:
+    stream = Stream()
+    configured(stream, "console")
+    get_logger("spoold.spool").info("odd text", text="\ud800")
+    await asyncio.sleep(0)
+    assert "odd text" in "".join(stream.writes)
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_a_line_where_no_loop_runs_is_written_at_once() -> None:
     stream = Stream()
     configured(stream)

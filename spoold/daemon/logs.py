@@ -216,7 +216,7 @@ class _Output:
         chunk: list[str] = []
         size = 0
         for line in held:
-            length = (len(line) if line.isascii() else len(line.encode())) + 1
+            length = (len(line) if line.isascii() else len(line.encode(errors="backslashreplace"))) + 1
             if chunk and size + length > _PIPE_BUF:
                 self._write(chunk)
                 chunk, size = [], 0
