@@ -166,6 +166,7 @@ def _utc_text(value: datetime) -> str:
 
 _PIPE_BUF = 4096  # a write to a pipe of at most this many bytes is never cut
 _HELD_LINES = 256  # written at once beyond this many in one turn
+_AS_STDERR = "backslashreplace"  # how stderr encodes what UTF-8 cannot
 
 
 class _Output:
@@ -216,7 +217,7 @@ class _Output:
         chunk: list[str] = []
         size = 0
         for line in held:
-            length = (len(line) if line.isascii() else len(line.encode(errors="backslashreplace"))) + 1
+            length = 1 + (len(line) if line.isascii() else len(line.encode(errors=_AS_STDERR)))
             if chunk and size + length > _PIPE_BUF:
                 self._write(chunk)
                 chunk, size = [], 0
