@@ -18,11 +18,11 @@ daemon's JSON lines carry each field as its own key).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-__all__ = ["FieldLogger", "LogLine", "event_fields", "get_logger"]
+__all__ = ["FieldLogger", "LineWriter", "LogLine", "event_fields", "get_logger", "write_lines_with"]
 
 logging.getLogger("spoold").addHandler(logging.NullHandler())
 
@@ -61,6 +61,23 @@ def event_fields(record: logging.LogRecord) -> tuple[str, Mapping[str, Any]] | N
     return None
 
 
+LineWriter = Callable[[logging.Logger, int, str, dict[str, Any]], bool]
+"""``writer(logger, level, event, fields)``: True when it wrote the line,
+False (leaving ``fields`` as they were) to have it go through
+:mod:`logging`. ``fields`` is the line's own dict (its bound fields
+included), the writer's to keep or change."""
+
+_writer: LineWriter | None = None
+
+
+def write_lines_with(writer: LineWriter | None) -> None:
+    """Give each line the library logs to ``writer`` first (None: to
+    :mod:`logging` alone, the default). A line with an exception
+    (:meth:`FieldLogger.exception`) always goes through :mod:`logging`."""
+    global _writer
+    _writer = writer
+
+
 class FieldLogger:
     """A stdlib logger that takes fields as keyword arguments:
     ``log.info("spooled", id=mid, flows=flows)``. ``bind(**fields)`` gives
@@ -76,9 +93,13 @@ class FieldLogger:
         return FieldLogger(self._logger, {**self._bound, **fields})
 
     def _log(self, level: int, event: str, fields: dict[str, Any], exc_info: bool) -> None:
-        if self._logger.isEnabledFor(level):
-            line = LogLine(event, {**self._bound, **fields} if self._bound else fields)
-            self._logger.log(level, line, exc_info=exc_info, stacklevel=3)
+        logger = self._logger
+        if logger.isEnabledFor(level):
+            if self._bound:
+                fields = {**self._bound, **fields}
+            writer = _writer
+            if writer is None or exc_info or not writer(logger, level, event, fields):
+                logger.log(level, LogLine(event, fields), exc_info=exc_info, stacklevel=3)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, fields, False)
