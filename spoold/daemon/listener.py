@@ -199,7 +199,11 @@ class SmtpListener:
     :meth:`serve` runs until cancelled (sessions are cut with 421) or until
     :meth:`stop`: then it stops accepting, lets the messages being spooled
     finish (up to ``drain_timeout`` seconds: a client whose DATA we took
-    gets its 250), says 421 to the sessions left and returns."""
+    gets its 250), says 421 to the sessions left and returns. However it
+    ends (a cancel too), the work still under way is cancelled and waited
+    for: a commit under way finishes first (the store's waits are shielded),
+    so nothing of the store runs once serve() has returned. A session's work
+    that raises (a bug) stops the listener the same way; serve() raises it."""
 
     def __init__(
         self,
