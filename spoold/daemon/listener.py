@@ -528,9 +528,9 @@ class SmtpListener:
 
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(self._hold_work)
-                tg.start_soon(self._watch_free_space)
                 try:
+                    await tg.start(self._hold_work)
+                    tg.start_soon(self._watch_free_space)
                     async with anyio.create_task_group() as accepting:
                         for sock in sockets:
                             sock.setblocking(False)
