@@ -45,14 +45,18 @@ def _base62(value: int, width: int) -> str:
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # _PAIRS[n]: n < 62**2 in 2 digits
 _PAIR = 62**2
 _LOW = 62**4  # the timestamp's last four digits
-_high: tuple[int, str] = (-1, "")  # (stamp // _LOW, its 5 digits), replaced whole
+# (stamp // _LOW, its 5 digits), replaced whole; None until the first id (any
+# int is a real prefix: a negative one for a time before 1970)
+_high: tuple[int, str] | None = None
 
 
 def _stamp_digits(stamp: int) -> str:
     global _high  # a cache of one value
     high, low = divmod(stamp, _LOW)
-    cached, text = _high
-    if high != cached:
+    cached = _high
+    if cached is not None and cached[0] == high:
+        text = cached[1]
+    else:
         text = _base62(high, _TIME_WIDTH - 4)
         _high = (high, text)
     a, b = divmod(low, _PAIR)

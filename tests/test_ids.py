@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -44,6 +46,21 @@ def test_ids_sort_as_strings_in_time_order() -> None:
     stamps = [start + step * 997 for step in range(2_000)]
     ids = [new_id(now_us=t) for t in stamps]
     assert sorted(ids) == ids
+
+
+def test_the_first_id_of_a_process_has_its_whole_timestamp_even_before_1970() -> None:
+    """The timestamp's first digits are cached from one id to the next: a
+    process's very first id (here, of a time just before 1970: its prefix
+    is a negative number) gets them computed, not an empty cache's."""
+    first = subprocess.run(
+        [sys.executable, "-c", "from spoold.ids import new_id; print(new_id(-1))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    new_id(0)  # another prefix cached here: -1's is computed afresh
+    assert len(first) == len(new_id(0))
+    assert first[:9] == new_id(-1)[:9]
 
 
 def test_ids_sort_in_time_order_across_digit_boundaries() -> None:

@@ -20,6 +20,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -727,6 +728,106 @@ async def test_stopping_the_listener_tells_open_sessions(tmp_path: Path) -> None
                     serving_scope.cancel()
                     await ends_with(c, "421 4.3.2")
             assert listener.connections == 0
+
+
+class HeldCommit:
+    """The store's ``on_step``: the commit thread waits at ``step`` until
+    :attr:`release`; records every step it passes once :attr:`returned`
+    (serve() has returned) is set, and says when it left the held step."""
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.left = threading.Event()
+        self.returned = False
+        self.late: list[str] = []  # what the store did after serve() returned
+
+    def __call__(self, name: str) -> None:
+        if self.returned:
+            self.late.append(name)
+        if name == self.step and not self.reached.is_set():
+            self.reached.set()
+            self.release.wait(TIMEOUT)
+            if self.returned:
+                self.late.append(f"{name} (resumed)")
+            self.left.set()
+
+
+@pytest.mark.parametrize("end", ["stop", "cancel", "another session's work raises"])
+async def test_serve_returns_only_once_the_commit_under_way_is_done(
+    tmp_path: Path, end: str
+) -> None:
+    """However the listener ends (stop() past its drain time, serve()
+    cancelled, a bug in another session's work), a commit thread under way
+    finishes before serve() returns: the store is never closed under it,
+    and the message is either durable and stays, or was never acknowledged
+    (a bug elsewhere does not cut it short: its client gets the 250)."""
+    with anyio.fail_after(TIMEOUT):
+        port = free_port()
+        config = make_config(tmp_path, port)
+        assert config.smtp is not None
+        smtp_config = config.smtp
+        held = HeldCommit("fsync_dirs")
+        failure: list[BaseException] = []
+        async with Spool.open(
+            config.spool.dir,
+            relay=HeldRelay(),
+            flush_timeout=0.1,
+            ping_interval=10.0**9,
+            on_step=held,
+        ) as spool:
+            router = Router(config)
+            listener = SmtpListener(Submitter(spool, lambda: router), lambda: smtp_config)
+            serving_scope = anyio.CancelScope()
+
+            async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                try:
+                    with serving_scope:
+                        await listener.serve(
+                            task_status=task_status, drain_timeout=0 if end == "stop" else 30
+                        )
+                except Exception as exc:
+                    failure.append(exc)
+                finally:
+                    held.returned = True
+
+            async def bug() -> None:
+                raise RuntimeError("a bug in a session's work")
+
+            async with anyio.create_task_group() as tg:
+                await tg.start(serve)
+                async with raw_smtp(port) as c:
+                    await c.command(f"MAIL FROM:<{SENDER}>")
+                    await c.command(f"RCPT TO:<{RCPT}>")
+                    await c.command("DATA")
+                    await c.send(MESSAGE + b".\r\n")
+                    await anyio.to_thread.run_sync(held.reached.wait, TIMEOUT)
+                    if end == "stop":
+                        listener.stop()
+                    elif end == "cancel":
+                        serving_scope.cancel()
+                    else:
+                        listener.spawn(bug)
+                    await anyio.wait_all_tasks_blocked()  # the listener has done what it will
+                    held.release.set()
+                    reply = await c.rest()
+            await anyio.to_thread.run_sync(held.left.wait, TIMEOUT)
+            assert held.late == []
+            if end == "another session's work raises":
+                assert reply.startswith(b"250 "), reply
+                assert [str(e) for e in failure] == ["a bug in a session's work"]
+            else:
+                assert reply.startswith((b"250 ", b"421 4.3.2 ")), reply
+                assert failure == []
+        files = _on_disk(Path(config.spool.dir))
+        assert not [f for f in files if f.startswith("tmp/")], files
+        async with Spool.open(config.spool.dir, relay=HeldRelay(), flush_timeout=0.1) as spool:
+            kept = spool.status()
+        assert len(kept) == (1 if reply.startswith(b"250 ") else len(kept)), kept
+        assert len(kept) <= 1
+        if kept:  # whole: its body is there too
+            assert any(f.startswith("data/") for f in files), files
 
 
 async def test_refused_recipients_count_as_junk(tmp_path: Path) -> None:

@@ -199,7 +199,11 @@ class SmtpListener:
     :meth:`serve` runs until cancelled (sessions are cut with 421) or until
     :meth:`stop`: then it stops accepting, lets the messages being spooled
     finish (up to ``drain_timeout`` seconds: a client whose DATA we took
-    gets its 250), says 421 to the sessions left and returns."""
+    gets its 250), says 421 to the sessions left and returns. However it
+    ends (a cancel too), the work still under way is cancelled and waited
+    for: a commit under way finishes first (the store's waits are shielded),
+    so nothing of the store runs once serve() has returned. A session's work
+    that raises (a bug) stops the listener the same way; serve() raises it."""
 
     def __init__(
         self,
@@ -226,7 +230,16 @@ class SmtpListener:
         # callback, where no task runs and anyio cannot be called (it cannot
         # tell the event loop when sniffio is installed), and an asyncio task
         # costs a fraction of an anyio one: two per message.
+        # The group never ends by cancellation (asyncio would cancel its
+        # tasks with Task.cancel(), which goes through anyio's shields, and
+        # the store's shielded waits let a commit finish): each piece of work
+        # runs in its own cancel scope (``_scopes``), cancelled at the end;
+        # the holder ends through ``_release`` once no work is left.
         self._work: asyncio.TaskGroup | None = None
+        self._scopes: set[anyio.CancelScope] = set()
+        self._closing = False  # no new work from now on
+        self._release = anyio.Event()  # the holder may end the group
+        self._failure: Exception | None = None  # the first bug in a session's work
         self._stopping = anyio.Event()
         self._working = 0  # deliveries under way (spawned work)
         self._all_done = anyio.Event()
@@ -274,6 +287,8 @@ class SmtpListener:
     # ------------------------------------------- what sessions ask of us
 
     def open_session(self, session: SmtpSession, peer: str) -> tuple[SessionPolicy, bool] | str:
+        if self._closing:  # started as the listener ends
+            return "421 4.3.2 Service shutting down, try again later"
         derived = self._current()
         cfg = derived.settings.config
         trusted = derived.trusted(peer)
@@ -304,30 +319,68 @@ class SmtpListener:
             del self.connections_by_client[peer]
 
     def spawn(self, work: _Work) -> None:
-        if self._work is None:
+        group = self._work
+        if group is None or self._closing:
             raise RuntimeError("the listener is not serving")
-        self._work.create_task(self._counted(work))
+        counted = self._counted(work)
+        try:
+            group.create_task(counted)
+        except BaseException:
+            counted.close()  # never started: no "never awaited" warning
+            raise
         self._working += 1
 
     async def _hold_work(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Hold the sessions' task group open until cancelled (which
-        cancels the work still under way, and waits for it)."""
+        """Hold the sessions' task group open until ``_release`` is set
+        (by :meth:`_end_work`, once no work is left). Shielded: cancelling
+        serve() must not reach the group (see ``__init__``)."""
         try:
-            async with asyncio.TaskGroup() as work:
-                self._work = work
-                task_status.started()
-                await anyio.sleep_forever()
+            with anyio.CancelScope(shield=True):
+                async with asyncio.TaskGroup() as work:
+                    self._work = work
+                    task_status.started()
+                    await self._release.wait()
         finally:
             self._work = None
 
     async def _counted(self, work: _Work) -> None:
+        scope = anyio.CancelScope()  # cancelled by _end_work; honours shields
+        self._scopes.add(scope)
         try:
-            await work()
+            with scope:
+                await work()
+        except Exception as exc:  # noqa: BLE001 (a bug: serve() raises it, not the group)
+            self._fail(exc)
         finally:
+            self._scopes.discard(scope)
             self._working -= 1
             if self._working == 0:
                 self._all_done.set()
                 self._all_done = anyio.Event()
+
+    def _fail(self, exc: Exception) -> None:
+        """A session's work (or a connection's start) raised: the listener
+        stops as at :meth:`stop` (the other sessions' messages finish) and
+        serve() raises it."""
+        log.error("a session's work failed: the listener stops", error=repr(exc))
+        if self._failure is None:
+            self._failure = exc
+        self._stopping.set()
+
+    async def _end_work(self) -> None:
+        """Close every session, cancel the work left (through its cancel
+        scope: a commit under way finishes first) and wait for it; then let
+        the holder end the task group. Run shielded."""
+        try:
+            self._closing = True
+            for session in list(self._sessions):
+                session.shutdown()
+            for scope in self._scopes:
+                scope.cancel()
+            while self._working:
+                await self._all_done.wait()
+        finally:
+            self._release.set()
 
     def auth_refused(self, peer: str) -> bool:
         return self._auth_log().refused(peer)
@@ -468,14 +521,16 @@ class SmtpListener:
         sockets = [*inherited, *own]
 
         def take(conn: socket.socket) -> None:
-            assert self._work is not None
+            if self._work is None or self._closing:
+                conn.close()
+                return
             self._work.create_task(self._attach(loop, conn))
 
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(self._hold_work)
-                tg.start_soon(self._watch_free_space)
                 try:
+                    await tg.start(self._hold_work)
+                    tg.start_soon(self._watch_free_space)
                     async with anyio.create_task_group() as accepting:
                         for sock in sockets:
                             sock.setblocking(False)
@@ -503,9 +558,12 @@ class SmtpListener:
                         while self._working:
                             await self._all_done.wait()
                 finally:
-                    for session in list(self._sessions):
-                        session.shutdown()
+                    with anyio.CancelScope(shield=True):
+                        await self._end_work()
                     tg.cancel_scope.cancel()
+            failure = self._failure
+            if failure is not None:
+                raise failure
         finally:
             for sock in own:
                 sock.close()
@@ -516,6 +574,9 @@ class SmtpListener:
             await loop.connect_accepted_socket(lambda: SmtpSession(self), conn)
         except OSError:
             conn.close()  # gone before we got to it
+        except Exception as exc:  # noqa: BLE001 (a bug: serve() raises it, not the group)
+            conn.close()
+            self._fail(exc)
 
 
 def listening_sockets(

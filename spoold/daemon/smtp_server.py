@@ -524,7 +524,11 @@ class SmtpSession(asyncio.Protocol):
         """Run ``work`` in the host's task group; input waits until it ends."""
         self._busy = True
         self._flush()
-        self._host.spawn(work)
+        try:
+            self._host.spawn(work)
+        except BaseException:
+            self._busy = False  # nothing works for us after all
+            raise
 
     def _work_done(self) -> None:
         self._busy = False
