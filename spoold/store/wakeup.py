@@ -8,15 +8,28 @@ missed a datagram (it was not running, or its queue stayed full) finds the
 entries at its next rescan or open.
 
 A datagram carries names separated by spaces; what is not an id is
-ignored. A writer may add, after a NUL and a version byte (1), the records
-it just made durable, one frame per name in the order of the names (a
-4-byte big-endian length, then the record's bytes; length 0: none for that
-name), so the owner need not read them back. The records are a hint too:
-a datagram whose frames do not exactly match its names (truncated, from a
-later version) is taken for its names alone, and the owner checks that a
-record it was sent is still the one on disk (same queue, same size) before
-using it. An owner of an earlier version reads such a datagram's names and
-reads the records from disk.
+ignored. A writer may add, after a space, a NUL and a version byte (1),
+the records it just made durable, one frame per name in the order of the
+names (a 4-byte big-endian length, then the record's bytes; length 0: none
+for that name), so the owner need not read them back. An owner of an
+earlier version splits a datagram on whitespace: it hears every name (and
+tokens of the records, found nowhere on disk) and reads the records.
+
+The records are taken on two assumptions, not checked against the disk:
+
+- only the owner's own user sends them: the socket is 0660, and anyone in
+  the spool's group may send to it, so the owner asks the kernel for each
+  sender's uid (``SO_PASSCRED``) and takes a datagram from any other user
+  for its names alone (the records are read from disk, as before). Root is
+  trusted too: it can write the spool's files themselves.
+- the owner never rewrites a file it has not indexed, and a writer writes a
+  record once (it sends it after its commit is durable): so a file still
+  in the queue named, with the size of the record sent, is that record.
+  The owner checks just that (a ``stat``), and reads the file otherwise.
+
+A datagram whose frames do not exactly match its names (truncated, from a
+later version) is taken for its names alone, and a name sent with two
+different records in one batch is read from disk.
 """
 
 from __future__ import annotations
