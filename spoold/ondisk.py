@@ -447,8 +447,12 @@ class OnDiskSpool:
         wake-up socket's). Such a record is used instead of reading the
         file when the file is still there, in the first queue that holds
         it, with the same size: a ``stat`` in a grouped hop instead of
-        reading it. The disk stays the truth: a record no longer there is
-        left out, as when it is read."""
+        reading it. A record no longer there is left out, as when it is
+        read. The size stands for the content on two assumptions (see
+        :mod:`spoold.store.wakeup`): only the owner's own user (or root)
+        sends records (the socket checks the sender's uid), and the owner
+        never rewrites a file it has not indexed, so a file of the size of
+        the record its writer sent is that record."""
         if sent and any(sent.get(i) for i in ids):
             names = [validate_id(i) for i in ids]
             records = await self.store.run_grouped(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -13,13 +16,14 @@ import pytest
 
 from spoold import SpoolWriter, ondisk
 from spoold.events import SpoolEvent
-from spoold.ids import new_id
+from spoold.ids import is_valid_id, new_id
 from spoold.message import Queue, RoutedBatch, RoutedEnvelope, decode_record, encode_record
 from spoold.ondisk import OnDiskSpool
 from spoold.spool import DEFAULT_RETRY_INTERVALS, Spool
 from spoold.store import NotifyResult, StoredRecord
-from spoold.store.wakeup import MAX_DATAGRAM, Wakeup, parse_datagram
+from spoold.store.wakeup import MAX_DATAGRAM, Wakeup, parse_datagram, sender_uid
 from spoold.store.wakeup import _datagrams as wakeup_datagrams
+from spoold.store.wakeup import _merge as wakeup_merge
 from spoold.testing import FakeClock, InMemoryRelay
 from tests.factories import make_message, new_message
 from tests.spool_helpers import BODY, settle
@@ -253,7 +257,7 @@ async def test_a_record_sent_to_an_owner_that_loaded_and_sent_it_is_not_sent_twi
     assert _delivered_ids(relay) == [first, second]
 
 
-async def test_a_record_sent_that_is_not_the_one_on_disk_is_read_from_disk(
+async def test_a_record_sent_of_another_size_than_the_file_is_read_from_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The disk is the truth: a record sent whose file differs (here in
@@ -328,3 +332,123 @@ def test_a_datagram_gives_its_records_only_when_its_frames_match_its_names() -> 
     datagrams = wakeup_datagrams([a, b], [huge, b"rec-b"])
     assert all(len(d) <= MAX_DATAGRAM for d, _ in datagrams)
     assert [(parse_datagram(d), n) for d, n in datagrams] == [({a: None, b: b"rec-b"}, 2)]
+
+
+# ------------------------------------------- who may send records along
+
+NOBODY = 65534
+
+
+def _send_as_nobody(path: str, payload: bytes) -> None:
+    """Send ``payload`` to the socket at ``path`` from a process of another
+    user (nobody, in no group): on a socket connected here and handed down,
+    so nobody needs no access to the spool's directory."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(path)
+        code = (
+            "import socket, sys; "
+            "socket.socket(fileno=int(sys.argv[1])).send(sys.stdin.buffer.read())"
+        )
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        out = subprocess.run(
+            [*as_nobody, "/usr/bin/python3", "-I", "-c", code, str(sock.fileno())],
+            input=payload,
+            pass_fds=(sock.fileno(),),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+
+
+async def test_a_record_forged_by_another_user_is_read_from_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone in the spool's group may send to the wake-up socket (0660): a
+    record of the same size as the file's, sent by another user, is taken
+    for its name alone; the message goes where its file says."""
+    if os.geteuid() != 0:
+        pytest.skip("sends as another user through setpriv: needs root (CI runs as root)")
+    if shutil.which("setpriv") is None or not Path("/usr/bin/python3").exists():
+        pytest.skip("needs setpriv (apt-get install util-linux) and /usr/bin/python3")
+    relay = InMemoryRelay()
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with (
+            Spool.open(tmp_path, relay=relay) as spool,
+            spool.events() as events,
+            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+        ):
+            held = _Held()
+            monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
+            mid = await held.hold(writer, _batch("alice@example.com"))
+            real = (tmp_path / "active" / mid).read_bytes()
+            forged = real.replace(b"alice@example.com", b"mallo@attacker.xx")
+            forged = forged.replace(b"mx.example:25", b"mx.evil.xx:25")
+            assert len(forged) == len(real) and forged != real
+            ((payload, _),) = wakeup_datagrams([mid], [forged])
+            await anyio.to_thread.run_sync(_send_as_nobody, spool._disk.store.wakeup_path, payload)
+            await _delivered(events, [mid])
+    assert [(m, r) for m, r, _ in relay.delivered] == [(mid, "alice@example.com")]
+
+
+def test_only_the_owners_user_and_root_are_trusted_with_records() -> None:
+    """The check behind the test above, without another user: the uid the
+    kernel gives with a datagram decides whether its records are used."""
+    a = new_id()
+    ((whole, _),) = wakeup_datagrams([a], [b"rec-a"])
+    assert parse_datagram(whole, trusted=False) == {a: None}  # its name alone
+    assert parse_datagram(whole) == {a: b"rec-a"}
+
+    def creds(uid: int) -> list[tuple[int, int, bytes]]:
+        return [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("iII", 1, uid, uid))]
+
+    assert sender_uid(creds(NOBODY)) == NOBODY
+    assert sender_uid(creds(0)) == 0
+    assert sender_uid([]) is None  # none given: not trusted
+    assert sender_uid([(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, b"\x01")]) is None
+
+
+async def test_the_owner_takes_records_only_from_its_own_user(tmp_path: Path) -> None:
+    """What the owner's socket hears, with the sender's uid checked (the
+    kernel gives it with each datagram): its own user's records are kept."""
+    wakeup = Wakeup(str(tmp_path / "wakeup"))
+    a, b = new_id(), new_id()
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with wakeup.receive() as batches:
+            assert wakeup.try_send([a], [b"rec-a"]) == "sent"
+            assert await anext(aiter(batches)) == {a: b"rec-a"}
+            assert wakeup.try_send([b], [b"rec-b"]) == "sent"
+            assert await anext(aiter(batches)) == {b: b"rec-b"}
+    wakeup.close_sync()
+
+
+def test_an_owner_of_an_earlier_version_hears_every_name_of_a_datagram_with_records() -> None:
+    """An earlier owner (before records were sent) split a datagram on
+    whitespace and kept the ids: the last name is not glued to the records."""
+
+    def names_in(packet: bytes) -> list[str]:  # eb356d4's spoold/store/wakeup.py
+        return [n for n in packet.decode("ascii", "replace").split() if is_valid_id(n)]
+
+    names = [new_id() for _ in range(5)]
+    records = [encode_record(make_message(n)) for n in names]
+    for payload, count in wakeup_datagrams(names, records):
+        assert count == len(names)
+        heard = names_in(payload)
+        assert heard[: len(names)] == names  # (then what the records hold: found nowhere)
+        assert parse_datagram(payload) == dict(zip(names, records, strict=True))
+
+
+def test_a_name_sent_twice_with_two_records_is_read_from_disk() -> None:
+    a, b, c = new_id(), new_id(), new_id()
+    conflicts: set[str] = set()
+    woken = parse_datagram(wakeup_datagrams([a, b], [b"rec-a", None])[0][0])
+    wakeup_merge(
+        woken,
+        parse_datagram(wakeup_datagrams([a, b, c], [b"other", b"rec-b", None])[0][0]),
+        conflicts,
+    )
+    assert woken == {a: None, b: b"rec-b", c: None}  # a: two records, none trusted
+    wakeup_merge(woken, parse_datagram(wakeup_datagrams([a], [b"rec-a"])[0][0]), conflicts)
+    assert woken[a] is None  # (stays so: which one is the file's is not known)
+    wakeup_merge(woken, {b: b"rec-b"}, conflicts)
+    assert woken[b] == b"rec-b"  # the same one twice: kept

@@ -8,29 +8,46 @@ missed a datagram (it was not running, or its queue stayed full) finds the
 entries at its next rescan or open.
 
 A datagram carries names separated by spaces; what is not an id is
-ignored. A writer may add, after a NUL and a version byte (1), the records
-it just made durable, one frame per name in the order of the names (a
-4-byte big-endian length, then the record's bytes; length 0: none for that
-name), so the owner need not read them back. The records are a hint too:
-a datagram whose frames do not exactly match its names (truncated, from a
-later version) is taken for its names alone, and the owner checks that a
-record it was sent is still the one on disk (same queue, same size) before
-using it. An owner of an earlier version reads such a datagram's names and
-reads the records from disk.
+ignored. A writer may add, after a space, a NUL and a version byte (1),
+the records it just made durable, one frame per name in the order of the
+names (a 4-byte big-endian length, then the record's bytes; length 0: none
+for that name), so the owner need not read them back. An owner of an
+earlier version splits a datagram on whitespace: it hears every name (and
+tokens of the records, found nowhere on disk) and reads the records.
+
+The records are taken on two assumptions, not checked against the disk:
+
+- only the owner's own user sends them: the socket is 0660, and anyone in
+  the spool's group may send to it, so the owner asks the kernel for each
+  sender's uid (``SO_PASSCRED``) and takes a datagram from any other user
+  for its names alone (the records are read from disk, as before). Root is
+  trusted too: it can write the spool's files themselves.
+- the owner never rewrites a file it has not indexed, and a writer writes a
+  record once (it sends it after its commit is durable): so a file still
+  in the queue named, with the size of the record sent, is that record.
+  The owner checks just that (a ``stat``), and reads the file otherwise.
+
+A datagram whose frames do not exactly match its names (truncated, from a
+later version) is taken for its names alone, and a name sent with two
+different records in one batch is read from disk.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import os
 import re
 import socket
+import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Literal
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from spoold.ids import MAX_ID_LENGTH, is_valid_id
 
@@ -49,24 +66,52 @@ _NAMES_DATAGRAM = 8192  # bytes: a datagram of names alone (a few hundred ids)
 # bytes on Linux), which counts the datagrams not read yet.
 MAX_DATAGRAM = 65536
 _SEND_DATAGRAM = 32768
-_RECORDS = b"\x00\x01"  # names, then the records (format 1)
+# Names, then the records (format 1). The space keeps the last name apart
+# for an owner of an earlier version, which splits a datagram on whitespace.
+_RECORDS = b" \x00\x01"
 _FRAME = 4  # bytes of a record's length
+# The sender's credentials (Linux): struct ucred (pid, uid, gid), which the
+# kernel adds to each datagram for a socket with SO_PASSCRED. Without it
+# (another system), no sender is trusted with records.
+_PASSCRED: int | None = getattr(socket, "SO_PASSCRED", None)
+_CREDENTIALS: int | None = getattr(socket, "SCM_CREDENTIALS", None)
+_UCRED = struct.Struct("iII")
+_ANCILLARY = socket.CMSG_SPACE(_UCRED.size)
 # Ids (as spoold.ids allows them) separated by single spaces.
 _NAMES = re.compile(
     rb"[A-Za-z0-9_-]{1,%d}(?: [A-Za-z0-9_-]{1,%d})*" % (MAX_ID_LENGTH, MAX_ID_LENGTH)
 )
 
 
-def parse_datagram(packet: bytes) -> Woken:
+def sender_uid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The sender's uid in a datagram's ancillary data (``recvmsg``'s, on a
+    socket with ``SO_PASSCRED``); None if it is not there."""
+    uid = None
+    for level, kind, data in ancillary:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == _CREDENTIALS and len(data) >= _UCRED.size:
+            uid = _UCRED.unpack_from(data)[1]
+        elif kind == socket.SCM_RIGHTS:  # never asked for: close what came
+            for fd in array.array("i", data[: len(data) - len(data) % 4]):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    return uid
+
+
+def parse_datagram(packet: bytes, *, trusted: bool = True) -> Woken:
     """The names of one datagram, each with the record sent for it (if the
-    frames match the names exactly; else none)."""
+    frames match the names exactly; else none). ``trusted``: False for a
+    sender not trusted with records (names only)."""
     head, sep, tail = packet.partition(b"\x00")
+    if head[-1:] == b" ":  # (the space before the records)
+        head = head[:-1]
     tokens = head.decode("ascii", "replace").split()
     if _NAMES.fullmatch(head):  # every name an id (as writers send them): one check
         woken: Woken = dict.fromkeys(tokens)
     else:
         woken = dict.fromkeys(n for n in tokens if is_valid_id(n))
-    if not sep or tail[:1] != _RECORDS[1:] or len(woken) != len(tokens):
+    if not trusted or not sep or tail[:1] != _RECORDS[2:] or len(woken) != len(tokens):
         return woken
     records: list[bytes] = []
     at, end = 1, len(tail)
@@ -83,18 +128,20 @@ def parse_datagram(packet: bytes) -> Woken:
     return woken
 
 
-def _merge(into: Woken, more: Woken) -> None:
+def _merge(into: Woken, more: Woken, conflicts: set[str]) -> None:
     """Add ``more`` to ``into``; a name heard twice keeps a record it was
-    sent, unless two different ones came (then none: read from disk)."""
+    sent, unless two different ones came (then none: read from disk, and
+    ``conflicts`` keeps it so for the datagrams after)."""
     for name, record in more.items():
         if name not in into:
             into[name] = record
-        elif record is not None:
+        elif record is not None and name not in conflicts:
             known = into[name]
             if known is None:
                 into[name] = record
             elif known != record:
                 into[name] = None
+                conflicts.add(name)
 
 
 def _datagrams(
@@ -156,20 +203,34 @@ class Wakeup:
         sock = await anyio.create_unix_datagram_socket(local_path=path, local_mode=0o660)
 
         raw: socket.socket = sock.extra(anyio.abc.SocketAttribute.raw_socket)
+        if _PASSCRED is not None:  # each datagram then comes with its sender's uid
+            raw.setsockopt(socket.SOL_SOCKET, _PASSCRED, 1)
+        senders = {os.geteuid(), 0}  # trusted with records: see the module's doc
+
+        def read_one() -> Woken | None:
+            """One queued datagram's names (and records, if the sender may
+            send them); None when none is queued."""
+            try:
+                packet, ancillary, _, _ = raw.recvmsg(MAX_DATAGRAM, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                return None
+            return parse_datagram(packet, trusted=sender_uid(ancillary) in senders)
 
         async def batches() -> AsyncIterator[Woken]:
-            async for packet, _ in sock:  # (anyio reads up to MAX_DATAGRAM)
-                woken = parse_datagram(packet)
+            while True:
+                woken = read_one()
+                if woken is None:
+                    await anyio.wait_readable(raw)
+                    continue
                 # Take every datagram already queued too: one batch for all
                 # (the queue is short, and writers wait while it is full).
-                while True:
-                    try:
-                        more = raw.recv(MAX_DATAGRAM)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    _merge(woken, parse_datagram(more))
+                conflicts: set[str] = set()
+                while (more := read_one()) is not None:
+                    _merge(woken, more, conflicts)
                 if woken:
                     yield woken
+                else:
+                    await anyio.lowlevel.checkpoint()
 
         try:
             yield batches()
