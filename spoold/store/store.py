@@ -165,7 +165,7 @@ class Store:
         return recover_sync(self._dir, self._registry, keep_checkouts)
 
     def _close_sync(self) -> None:
-        self._hops.closed = True
+        self._hops.stop_sync()
         self._registry.close_sync()
         self._wakeup.close_sync()
         self._dir.close_sync()
