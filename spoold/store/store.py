@@ -372,6 +372,14 @@ class Store:
 
     checkout = grouped_hop(_checkout_sync)
 
+    def _checkout_then_sync(self, queue: str, name: str, then: Callable[[], _T]) -> _T:
+        """:meth:`checkout`, then ``then()`` in the same hop; its result.
+        An attempt reads its message's body there: one hop less for each."""
+        self._checkout_sync(queue, name)
+        return then()
+
+    checkout_then = grouped_hop(_checkout_then_sync)
+
     def _write_sync(
         self,
         queue: str,
