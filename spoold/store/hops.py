@@ -113,7 +113,14 @@ class _Threads:
             if self.unanswered > len(self._threads) < self._limit:
                 thread = threading.Thread(target=self._work, name=self._name, daemon=True)
                 self._threads.append(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had: the running ones take it
+                    self._threads.remove(thread)
+                    if not self._threads and job.token:
+                        job.token.clear()  # nobody to run it: never runs
+                        self._answered()
+                        raise
         try:
             return await job.future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
