@@ -47,10 +47,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -80,6 +81,9 @@ MAX_QUERY_RESULTS = 100_000
 _SUFFIX = ".jsonl"
 
 log = structlog.get_logger("spoold.history")
+
+RunBlocking = Callable[..., Awaitable[Any]]
+"""Runs a short blocking call off the event loop: ``await run(fn, *args)``."""
 
 
 FinalOutcome = OutcomeKind
@@ -310,8 +314,13 @@ async def read_history(
 class History:
     """The journal of one spool directory, as its owner writes it."""
 
-    def __init__(self, spool_dir: Path) -> None:
+    def __init__(self, spool_dir: Path, run: RunBlocking | None = None) -> None:
+        """``run(fn, *args)`` runs a short blocking call off the loop (the
+        spool gives its store's grouped hops, so a batch of lines shares a
+        hop with the deletes of the messages it journals); by default a
+        worker thread of its own."""
         self.dir = spool_dir / HISTORY_DIR
+        self._run: RunBlocking = run or anyio.to_thread.run_sync
         self._pending: list[Outcome] = []
         self._wake = anyio.Event()
         self._write_lock = anyio.Lock()
@@ -337,7 +346,7 @@ class History:
                 return
             self._writing, self._pending = self._pending, []
             try:
-                await anyio.to_thread.run_sync(self._append_sync, self._writing)
+                await self._run(self._append_sync, self._writing)
             except OSError as exc:
                 log.error(
                     "could not write to the history journal; these outcomes are lost",

@@ -147,19 +147,55 @@ class BodyHandle:
     read is checked against what was spooled: :meth:`read` and :meth:`open`
     at once for a body read whole, :meth:`BodyReader.facts` and each pass
     of :meth:`BodyReader.chunks` (at its end, before the last chunk is
-    handed on) for a larger one."""
+    handed on) for a larger one.
 
-    __slots__ = ("_run", "check", "path")
+    ``ready``: what :meth:`read_ahead_sync` found, read in an earlier hop
+    the caller made anyway (the spool reads it with the checkout of the
+    record): the first :meth:`open` or :meth:`read` gives it (a reader, or
+    its error raised) with no hop of its own."""
+
+    __slots__ = ("_ready", "_run", "check", "path")
 
     def __init__(
-        self, path: Path, run: RunBlocking | None = None, check: BodyCheck | None = None
+        self,
+        path: Path,
+        run: RunBlocking | None = None,
+        check: BodyCheck | None = None,
+        ready: BodyReader | Exception | None = None,
     ) -> None:
         self.path = path
         self._run: RunBlocking = run or anyio.to_thread.run_sync
         self.check = check
+        self._ready = ready
+
+    @staticmethod
+    def read_ahead_sync(path: Path, check: BodyCheck | None) -> BodyReader | Exception | None:
+        """(Blocking) the body at ``path`` read whole and checked, as
+        :meth:`open` would give it, or the error opening it would raise;
+        None for a body not known to fit in one read (no check, or larger
+        than that), which :meth:`open` reads itself. Never holds a file."""
+        if check is None or check.size > max(CHUNK_SIZE, _WHOLE_SIZE):
+            return None
+        try:
+            reader = BodyReader.open_sync(path, CHUNK_SIZE, check)
+        except Exception as exc:  # noqa: BLE001 (raised where the body is opened)
+            return exc
+        assert not reader.holds_file  # its size was checked: it was read whole
+        return reader
+
+    def _take_ready(self) -> BodyReader | None:
+        """What was read ahead, once (a body read whole is the same
+        whatever the chunk size asked for)."""
+        ready, self._ready = self._ready, None
+        if isinstance(ready, Exception):
+            raise ready
+        return ready
 
     async def read(self) -> Body:
         """The whole body in memory."""
+        ready = self._take_ready()
+        if ready is not None:
+            return Body(ready.head)
         try:
             wire = await anyio.Path(self.path).read_bytes()
         except OSError as exc:
@@ -172,7 +208,7 @@ class BodyHandle:
     @asynccontextmanager
     async def open(self, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[BodyReader]:
         """The body open for streaming; closed on leaving the block."""
-        reader: BodyReader = await self._run(
+        reader = self._take_ready() or await self._run(
             BodyReader.open_sync, self.path, chunk_size, self.check
         )
         try:

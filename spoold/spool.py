@@ -241,7 +241,7 @@ class Spool:
             dkim=dkim,
         )
         self._state = state = SpoolState(ondisk, clock, parts)
-        self._history = history = History(ondisk.dir)
+        self._history = history = History(ondisk.dir, ondisk.store.run_grouped)
         keys = KeyFiles(ondisk.dir)  # one per spool: its locks are per key
         self._scheduler = scheduler = Scheduler(state)
         self._submission = submission = OwnerSubmission(state, keys, scheduler.schedule)

@@ -60,9 +60,11 @@ record's change is on disk (:meth:`Transitions.record_final`).
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import anyio
 
@@ -116,6 +118,8 @@ from spoold.suppression import (
 )
 
 __all__ = ["Transitions"]
+
+_T = TypeVar("_T")
 
 _OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
 _OUTCOME_RETRY_MAX = 60.0
@@ -191,16 +195,18 @@ class Transitions:
             if isinstance(decision, Removed):
                 self.record_final(new, OutcomeKind.REMOVED, detail="removed by the presend hook")
             return
-        await self._checkout(entry)
+        body_path, check = self._disk.body_path(msg.id), msg.body_check()
+        # The body is read (when small) in the checkout's hop: one hop less.
+        ready = await self._checkout(
+            entry, then=functools.partial(BodyHandle.read_ahead_sync, body_path, check)
+        )
         self._follow_route(msg, policy)
         snapshot = msg.copy()
         # Hops backed off go last for this attempt (the record keeps its order).
         snapshot.next_hop_choices = self._gate.order_hops(
             msg.next_hop_choices, self.clock.now().timestamp()
         )
-        body = BodyHandle(
-            self._disk.body_path(msg.id), self._disk.store.run_grouped, msg.body_check()
-        )
+        body = BodyHandle(body_path, self._disk.store.run_grouped, check, ready)
         held = self._suppressions.held(msg.remaining_recipients, self.clock.now())
         to_send = [r for r in msg.remaining_recipients if r not in held]
         outcome: Delivery | AttemptFailed = Delivery({})
@@ -285,9 +291,17 @@ class Transitions:
             raise TypeError(f"presend answered {decision!r}: the time needs a time zone")
         return decision
 
-    async def _checkout(self, entry: Entry) -> None:
-        await self._disk.checkout(entry.msg, entry.queue)
+    async def _checkout(self, entry: Entry, then: Callable[[], _T] | None = None) -> _T | None:
+        """Check the record out for an attempt; ``then``, a short blocking
+        call, runs in the same worker-thread hop once it is (its result
+        returned)."""
+        result = None
+        if then is None:
+            await self._disk.checkout(entry.msg, entry.queue)
+        else:
+            result = await self._disk.store.checkout_then(entry.queue.value, entry.msg.id, then)
         entry.checked_out = True
+        return result
 
     async def _finish_attempt(
         self,

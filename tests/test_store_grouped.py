@@ -5,6 +5,7 @@ spool. Each caller still gets its own result or error, in order."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import threading
 from collections.abc import Callable
@@ -13,9 +14,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from spoold.errors import StoreError
+from spoold.body import BodyCheck
+from spoold.errors import BodyDamagedError, NotFoundError, StoreError
 from spoold.relay import BodyHandle, BodyReader
-from spoold.store import Store
+from spoold.store import NewEntry, Store
 from tests.support import WAIT_TIMEOUT
 
 QUEUES = ["active", "frozen"]
@@ -151,3 +153,58 @@ async def test_a_body_up_to_256_kib_is_read_whole_when_opened(
         assert reader.holds_file is not whole
         assert (reader.head == data) is whole
         assert b"".join([chunk async for chunk in reader.chunks()]) == data
+
+
+async def test_checkout_then_runs_its_call_in_the_checkouts_hop(tmp_path: Path) -> None:
+    store, _ = await Store.open(tmp_path, QUEUES)
+    async with store:
+        (name,) = await store.enqueue(
+            [NewEntry("active", b"body\r\n", lambda _name, _names: b"record")]
+        )
+        here: list[Path] = []
+
+        def then() -> str:
+            here.append(tmp_path / "active" / ".checkout" / name)
+            return "read"
+
+        assert await store.checkout_then("active", name, then) == "read"
+        assert [p.exists() for p in here] == [True]  # already checked out when it ran
+        with pytest.raises(NotFoundError):  # not in the queue any more: then never runs
+            await store.checkout_then("active", name, then)
+        assert len(here) == 1
+
+
+async def test_a_body_read_ahead_is_what_the_first_open_gives_without_a_hop(
+    tmp_path: Path,
+) -> None:
+    data = b"Subject: read ahead\r\n\r\nhello\r\n"
+    path = tmp_path / "body"
+    path.write_bytes(data)
+    check = BodyCheck(len(data), hashlib.sha256(data).hexdigest())
+
+    async def no_hop(*_args: object) -> object:
+        raise AssertionError("the body was read again")
+
+    ready = BodyHandle.read_ahead_sync(path, check)
+    assert isinstance(ready, BodyReader) and not ready.holds_file
+    async with BodyHandle(path, no_hop, check, ready).open() as reader:
+        assert reader is ready and reader.head == data
+    assert (await BodyHandle(path, no_hop, check, ready).read()).wire == data
+
+    path.write_bytes(data[:-3])  # damaged at rest: raised where the relay opens it
+    damaged = BodyHandle.read_ahead_sync(path, check)
+    assert isinstance(damaged, BodyDamagedError)
+    with pytest.raises(BodyDamagedError):
+        async with BodyHandle(path, no_hop, check, damaged).open():
+            pass
+    path.unlink()  # missing: a StoreError naming the file, as an open would raise
+    missing = BodyHandle.read_ahead_sync(path, check)
+    assert isinstance(missing, StoreError) and str(path) in str(missing)
+
+
+def test_a_body_not_known_to_fit_one_read_is_not_read_ahead(tmp_path: Path) -> None:
+    path = tmp_path / "body"
+    path.write_bytes(b"x" * 10)
+    assert BodyHandle.read_ahead_sync(path, None) is None  # no check: size unknown
+    big = BodyCheck(256 * 1024 + 1, "0" * 64)
+    assert BodyHandle.read_ahead_sync(path, big) is None

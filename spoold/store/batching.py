@@ -14,11 +14,11 @@ never left half done behind a caller that went away.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 import anyio
-import anyio.lowlevel
 
 __all__ = ["Batches", "Pending"]
 
@@ -45,13 +45,23 @@ class Batches(Generic[_J]):
     behind a batch of one. A job cancelled while it still waits is dropped
     and never runs; once its batch runs, its caller waits for it (as for
     any hop). ``run`` sets each job's ``done`` (and ``error``); if it
-    raises, the jobs it left undone get that error."""
+    raises, the jobs it left undone get that error.
+
+    Plain asyncio futures (one per waiting caller, made only when a caller
+    has to wait), not anyio events: this runs for every checkout, delete
+    and group commit."""
 
     def __init__(self, run: Callable[[list[_J]], Awaitable[None]]) -> None:
         self._run = run
         self._waiting: list[_J] = []
         self._running = False
-        self._over = anyio.Event()
+        self._over: list[asyncio.Future[None]] = []  # callers waiting for the batch to end
+
+    async def _batch_over(self) -> None:
+        """Wait until the batch running now ends."""
+        over = asyncio.get_running_loop().create_future()
+        self._over.append(over)  # cancelled, it stays there, done: skipped
+        await over
 
     async def submit(self, job: _J) -> None:
         """Return once ``job`` is done (``job.error`` says how)."""
@@ -59,12 +69,12 @@ class Batches(Generic[_J]):
         try:
             while not job.done:
                 if self._running:
-                    await self._over.wait()
+                    await self._batch_over()
                     continue
                 count = -1
                 while count != len(self._waiting) and not self._running:
                     count = len(self._waiting)
-                    await anyio.lowlevel.checkpoint()
+                    await asyncio.sleep(0)
                 if not self._running and not job.done:
                     await self._run_batch()
         except BaseException:
@@ -73,7 +83,7 @@ class Batches(Generic[_J]):
             else:
                 with anyio.CancelScope(shield=True):
                     while not job.done:
-                        await self._over.wait()
+                        await self._batch_over()
             raise
 
     async def _run_batch(self) -> None:
@@ -89,5 +99,7 @@ class Batches(Generic[_J]):
                 raise
         finally:
             self._running = False
-            over, self._over = self._over, anyio.Event()
-            over.set()
+            over, self._over = self._over, []
+            for waiter in over:
+                if not waiter.done():
+                    waiter.set_result(None)

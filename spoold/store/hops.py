@@ -1,13 +1,21 @@
 """Worker-thread hops: the one way a store's blocking calls leave the event loop.
 
-:class:`WorkerHops` runs a blocking call in a worker thread behind a
-:class:`anyio.CapacityLimiter` (:meth:`~WorkerHops.run`), or with the other
-short calls asked for at the same moment in one shared hop
-(:meth:`~WorkerHops.run_grouped`, on :class:`~spoold.store.batching.Batches`).
-Every :class:`OSError` leaves as a :class:`~spoold.errors.StoreError` naming
-the store; a :class:`~spoold.errors.StoreError` leaves as it is. Once closed
+:class:`WorkerHops` runs a blocking call in one of the store's own worker
+threads (:meth:`~WorkerHops.run`), or with the other short calls asked for
+at the same moment in one shared hop (:meth:`~WorkerHops.run_grouped`, on
+:class:`~spoold.store.batching.Batches`). The threads live as long as the
+store (up to ``max_threads`` of them; one idle for 10 s ends), take calls
+from one queue and answer on the caller's loop (``call_soon_threadsafe``):
+a hop costs a queue put and a loop wake-up, with none of the limiter,
+cancel scope and task lookups of ``anyio.to_thread.run_sync`` (about a
+tenth of the owner's event-loop time when they were used). A call whose
+caller is cancelled before a thread takes it is dropped and never runs;
+once running, its caller waits for it to end (shielded). Every
+:class:`OSError` leaves as a :class:`~spoold.errors.StoreError` naming the
+store; a :class:`~spoold.errors.StoreError` leaves as it is. Once closed
 (:meth:`~WorkerHops.drain`) it takes no new call and waits for those under
-way, so the store may close the descriptors they use.
+way, so the store may close the descriptors they use; then
+:meth:`~WorkerHops.stop_sync` ends the threads.
 
 Each blocking operation of the store is written once, as a method that
 runs in the worker thread; its async twin is derived from it:
@@ -22,9 +30,13 @@ checker (a ``ParamSpec``), and carries the blocking method's docstring.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import queue
+import threading
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, TypeVarTuple
 
@@ -40,6 +52,8 @@ _R = TypeVar("_R")
 _P = ParamSpec("_P")
 _Ts = TypeVarTuple("_Ts")
 
+_IDLE_SECONDS = 10.0  # a worker thread with nothing to do this long ends
+
 
 @dataclass(eq=False, slots=True)
 class _Call:
@@ -52,33 +66,165 @@ class _Call:
     done: bool = False
 
 
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One call handed to a worker thread (:class:`_Threads`)."""
+
+    fn: Callable[..., object]
+    args: tuple[object, ...]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]  # answered on the loop (replaced once its caller is cancelled)
+    # Taken (popped) by whoever comes first: the thread, to run the call, or
+    # its cancelled caller, to drop it. list.pop is atomic, so exactly one wins.
+    token: list[bool] = field(default_factory=lambda: [True])
+    result: object = None
+    error: BaseException | None = None
+    answered: bool = False
+
+
+class _Threads:
+    """Long-lived worker threads fed by one queue, up to ``limit`` at once.
+
+    A call is put on the queue (a thread is started when every running one
+    may be busy) and answered on the caller's loop with
+    ``call_soon_threadsafe``: one wake-up each way, with no per-call
+    limiter, cancel scope or task-local lookups. A thread that
+    finds nothing to do for :data:`_IDLE_SECONDS` ends; :meth:`stop` ends
+    them all."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        self._limit = limit
+        self._name = name
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # the queue's puts and the thread count, together
+        self._threads: list[threading.Thread] = []
+        self.unanswered = 0  # calls given and not answered yet (touched on the loop only)
+        self._idle_waiter: asyncio.Future[None] | None = None
+
+    async def call(self, fn: Callable[..., _T], args: tuple[object, ...]) -> _T:
+        """``fn(*args)`` in a worker thread. Cancelled before a thread takes
+        it, the call is dropped and never runs; once it runs, the caller
+        waits for it to end (shielded), then the cancellation goes on."""
+        loop = asyncio.get_running_loop()
+        job = _Job(fn, args, loop, loop.create_future())
+        self.unanswered += 1
+        with self._lock:
+            self._queue.put(job)
+            if self.unanswered > len(self._threads) < self._limit:
+                thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+                self._threads.append(thread)
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had: the running ones take it
+                    self._threads.remove(thread)
+                    if not self._threads and job.token:
+                        job.token.clear()  # nobody to run it: never runs
+                        self._answered()
+                        raise
+        try:
+            return await job.future  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if not job.answered:
+                try:
+                    job.token.pop()
+                except IndexError:  # running or ran: wait for it to end
+                    while not job.answered:
+                        job.future = loop.create_future()
+                        try:
+                            with anyio.CancelScope(shield=True):
+                                await job.future
+                        except asyncio.CancelledError:
+                            continue
+                else:  # dropped: no thread will run it
+                    self._answered()
+            raise
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            try:
+                job = get(timeout=_IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():  # else a call came meanwhile: take it
+                        self._threads.remove(threading.current_thread())
+                        return
+                continue
+            if job is None:  # stop
+                return
+            try:
+                job.token.pop()
+            except IndexError:  # its caller was cancelled before: dropped
+                continue
+            try:
+                job.result = job.fn(*job.args)
+            except BaseException as exc:  # noqa: BLE001 (given to its caller)
+                job.error = exc
+            # RuntimeError: the loop is closed, nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                job.loop.call_soon_threadsafe(self._answer, job)
+
+    def _answer(self, job: _Job) -> None:
+        """On the loop: hand ``job``'s outcome to its caller."""
+        job.answered = True
+        fut = job.future
+        if not fut.done():
+            if job.error is None:
+                fut.set_result(job.result)
+            elif isinstance(job.error, StopIteration):  # a future cannot carry it
+                fut.set_exception(RuntimeError(f"{job.fn!r} raised StopIteration"))
+            else:
+                fut.set_exception(job.error)
+        job.error = None  # no cycle through the traceback
+        self._answered()
+
+    def _answered(self) -> None:
+        self.unanswered -= 1
+        if self.unanswered == 0 and self._idle_waiter is not None:
+            if not self._idle_waiter.done():
+                self._idle_waiter.set_result(None)
+            self._idle_waiter = None
+
+    async def idle(self) -> None:
+        """Return once every call given is answered (shielded)."""
+        while self.unanswered:
+            waiter = self._idle_waiter
+            if waiter is None:
+                waiter = self._idle_waiter = asyncio.get_running_loop().create_future()
+            with anyio.CancelScope(shield=True):
+                await waiter
+
+    def stop(self) -> None:
+        """End every thread once it is done with what it runs (blocking:
+        joins them)."""
+        with self._lock:
+            threads = list(self._threads)
+            for _ in threads:
+                self._queue.put(None)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+
 class WorkerHops:
     """The worker threads of one store. ``root`` names the store in errors."""
 
     def __init__(self, root: Path, max_threads: int) -> None:
         self._root = root
-        self._limiter = anyio.CapacityLimiter(max_threads)
+        self._threads = _Threads(max_threads, f"spoold-store {root.name}")
         self.closed = False
-        self._inflight = 0  # calls running in worker threads
-        self._drained = anyio.Event()
         self._grouped = Batches[_Call](lambda group: self.run(self._run_calls_sync, group))
 
     async def run(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         """``fn(*args)`` in a worker thread, in a hop of its own."""
         if self.closed:
             raise StoreError(f"store {self._root} is closed")
-        self._inflight += 1
         try:
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await self._threads.call(fn, args)
         except StoreError:
             raise
         except OSError as exc:  # every filesystem error leaves as a StoreError
             raise self.os_error(exc) from exc
-        finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._drained.set()
-                self._drained = anyio.Event()
 
     def os_error(self, exc: OSError) -> StoreError:
         return StoreError(exc.errno, f"{self._root}: {exc.strerror}", exc.filename)
@@ -121,9 +267,12 @@ class WorkerHops:
     async def drain(self) -> None:
         """Take no new call, and wait for those under way."""
         self.closed = True
-        if self._inflight:
-            with anyio.CancelScope(shield=True):
-                await self._drained.wait()
+        await self._threads.idle()
+
+    def stop_sync(self) -> None:
+        """(Blocking, once drained) end the worker threads and join them."""
+        self.closed = True
+        self._threads.stop()
 
 
 class _HasHops(Protocol):

@@ -165,7 +165,7 @@ class Store:
         return recover_sync(self._dir, self._registry, keep_checkouts)
 
     def _close_sync(self) -> None:
-        self._hops.closed = True
+        self._hops.stop_sync()
         self._registry.close_sync()
         self._wakeup.close_sync()
         self._dir.close_sync()
@@ -382,6 +382,14 @@ class Store:
             raise NotFoundError(f"{name}: not in queue {queue}") from None
 
     checkout = grouped_hop(_checkout_sync)
+
+    def _checkout_then_sync(self, queue: str, name: str, then: Callable[[], _T]) -> _T:
+        """:meth:`checkout`, then ``then()`` in the same hop; its result.
+        An attempt reads its message's body there: one hop less for each."""
+        self._checkout_sync(queue, name)
+        return then()
+
+    checkout_then = grouped_hop(_checkout_then_sync)
 
     def _write_sync(
         self,
