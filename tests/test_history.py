@@ -227,6 +227,7 @@ async def test_history_and_show_without_a_daemon(tmp_path: Path) -> None:
     run = functools.partial(cli, "--spool-dir", str(tmp_path))
     listing = await anyio.to_thread.run_sync(run, "history", "--since", "1h", "--format", "json")
     assert listing.code == 0, listing
+    assert len(listing.out.splitlines()) == 1, (listing.out, listing.err)
     (line,) = listing.out.splitlines()
     view = json.loads(line)
     assert (view["id"], view["outcome"], view["hop"]) == (mid, "delivered", "memory")
