@@ -377,13 +377,21 @@ class Message(
         self.next_hop_choices = shared.hops.share(self.next_hop_choices)
         env = self.envelope_info
         sender = shared.senders.setdefault(env.sender, env.sender)
-        if sender is not env.sender or not env.mail_params:
-            env = msgspec.structs.replace(env, sender=sender, mail_params=env.mail_params or empty)
-            self.envelope_info = env
-        if env.recipients == self.remaining_recipients:  # none done yet: one list for both
-            self.envelope_info = msgspec.structs.replace(env, recipients=self.remaining_recipients)
-        elif self.remaining_recipients:
-            _share_items(env.recipients, {r: r for r in self.remaining_recipients})
+        recipients = env.recipients
+        remaining = self.remaining_recipients
+        if recipients == remaining:  # none done yet: one list for both
+            recipients = remaining
+        elif remaining:
+            _share_items(recipients, {r: r for r in remaining})
+        mail_params = env.mail_params or empty
+        if (
+            sender is not env.sender
+            or mail_params is not env.mail_params
+            or recipients is not env.recipients
+        ):  # one new envelope for all three (each replace is a copy)
+            self.envelope_info = msgspec.structs.replace(
+                env, sender=sender, mail_params=mail_params, recipients=recipients
+            )
 
     def __lt__(self, other: Message) -> bool:
         """Total order: by id, which is by time of spooling."""
