@@ -377,13 +377,21 @@ class Message(
         self.next_hop_choices = shared.hops.share(self.next_hop_choices)
         env = self.envelope_info
         sender = shared.senders.setdefault(env.sender, env.sender)
-        if sender is not env.sender or not env.mail_params:
-            env = msgspec.structs.replace(env, sender=sender, mail_params=env.mail_params or empty)
-            self.envelope_info = env
-        if env.recipients == self.remaining_recipients:  # none done yet: one list for both
-            self.envelope_info = msgspec.structs.replace(env, recipients=self.remaining_recipients)
-        elif self.remaining_recipients:
-            _share_items(env.recipients, {r: r for r in self.remaining_recipients})
+        recipients = env.recipients
+        remaining = self.remaining_recipients
+        if recipients == remaining:  # none done yet: one list for both
+            recipients = remaining
+        elif remaining:
+            _share_items(recipients, {r: r for r in remaining})
+        mail_params = env.mail_params or empty
+        if (
+            sender is not env.sender
+            or mail_params is not env.mail_params
+            or recipients is not env.recipients
+        ):  # one new envelope for all three (each replace is a copy)
+            self.envelope_info = msgspec.structs.replace(
+                env, sender=sender, mail_params=mail_params, recipients=recipients
+            )
 
     def __lt__(self, other: Message) -> bool:
         """Total order: by id, which is by time of spooling."""
@@ -527,6 +535,7 @@ def of_envelope_batch(
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)
+_NO_TIME: Final = timedelta(0)
 
 
 class _VersionOnly(msgspec.Struct):
@@ -593,20 +602,22 @@ def decode_record(
         raise RecordError(f"record has a bad id: {exc}") from None
     if expected_id is not None and msg.id != expected_id:
         raise RecordError(f"record says id {msg.id!r} but is stored as {expected_id!r}")
-    times = [msg.spool_date, *(a.time for a in msg.relay_attempts)]
-    if isinstance(msg.status, SendAt):
-        times.append(msg.status.at)
-    if msg.delay_warned_at is not None:
-        times.append(msg.delay_warned_at)
-    if msg.removed_at is not None:
-        times.append(msg.removed_at)
-    if any(t.tzinfo is None for t in times):
-        raise RecordError("record has a time without a time zone")
-    if any(
-        r.span < timedelta(0) or (r.jitter or timedelta(0)) < timedelta(0)
-        for r in msg.retry_intervals
+    # Plain loops and tests, no list or generator: every record of a queue
+    # passes here when the spool opens (a million records: seconds).
+    status = msg.status
+    if (
+        msg.spool_date.tzinfo is None
+        or (isinstance(status, SendAt) and status.at.tzinfo is None)
+        or (msg.delay_warned_at is not None and msg.delay_warned_at.tzinfo is None)
+        or (msg.removed_at is not None and msg.removed_at.tzinfo is None)
     ):
-        raise RecordError("record has a negative retry interval")
+        raise RecordError("record has a time without a time zone")
+    for attempt in msg.relay_attempts:
+        if attempt.time.tzinfo is None:
+            raise RecordError("record has a time without a time zone")
+    for r in msg.retry_intervals:
+        if r.span < _NO_TIME or (r.jitter is not None and r.jitter < _NO_TIME):
+            raise RecordError("record has a negative retry interval")
     if spool_dir is not None:
         msg._spool_dir = spool_dir
     return msg

@@ -30,7 +30,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from spoold.client import Client
 from spoold.daemon.control import ControlClient, ControlServer, message_view
 from spoold.errors import ControlError
-from spoold.listing import PAGE_SIZE, Listing, ListingFilter
+from spoold.listing import ID_PAGE_SIZE, PAGE_SIZE, Listing, ListingFilter
 from spoold.message import (
     EnvelopeInfo,
     Frozen,
@@ -201,6 +201,11 @@ async def test_streamed_status_is_the_listing_in_pages_in_id_order(
         assert [i for p in ids for i in p] == sorted(
             m.id for m in messages if int(m.id[4:]) % 7 == 0
         )
+        # The ids alone, with no filter: nothing to look up, so bigger pages.
+        id_pages = await pages_of(client, only_ids=True)
+        assert [len(p) for p in id_pages] == [COUNT]  # one page: COUNT < ID_PAGE_SIZE
+        assert id_pages[0] == [v["id"] for v in streamed]
+        assert COUNT < ID_PAGE_SIZE
 
 
 async def test_cursor_and_filters_on_the_server_in_both_forms(

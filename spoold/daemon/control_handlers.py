@@ -44,7 +44,7 @@ from spoold.errors import (
     WaitTimeoutError,
 )
 from spoold.ids import validate_id
-from spoold.listing import Listing, ListingFilter
+from spoold.listing import ID_PAGE_SIZE, Listing, ListingFilter
 from spoold.message import Message, Queue, RetryInterval, gc_paused
 from spoold.ondisk import Unreadable
 from spoold.protocol import (
@@ -179,7 +179,15 @@ async def listing(
         return walk, render
     ids = spool.status_ids(None if p.queue == "all" else Queue(p.queue))
     if p.only_ids and not wanted.narrows:  # nothing to look at but the ids
-        walk = Listing(ids, lambda mid: mid, lambda _: True, after=p.after, limit=p.limit)
+        walk = Listing(
+            ids,
+            lambda mid: mid,
+            lambda _: True,
+            after=p.after,
+            limit=p.limit,
+            page_size=ID_PAGE_SIZE,
+            scan_limit=ID_PAGE_SIZE,
+        )
         return walk, lambda mid: mid
     # Each page is looked up, filtered and shown with no pause between:
     # the spool's own records are read, never kept, never changed.

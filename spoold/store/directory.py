@@ -19,6 +19,7 @@ import ctypes
 import errno
 import fcntl
 import itertools
+import operator
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ FILE_MODE = 0o640
 OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_first = operator.itemgetter(0)
 
 
 class StoreDirectory:
@@ -199,7 +201,9 @@ class StoreDirectory:
         out = [(n, False) for n in self.names(home)]
         if self.usable(self.qdir(queue, True)):
             out += [(n, True) for n in self.names(self.qdir(queue, True))]
-        out.sort()
+        # By name alone (stable: a name in both comes first unchecked), which
+        # sorts strings, not tuples: several times faster for a large queue.
+        out.sort(key=_first)
         return out
 
     # -------------------------------------------------------- file steps
