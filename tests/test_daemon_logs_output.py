@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ import pytest
 import structlog
 
 from spoold.daemon import logs
-from spoold.log import get_logger
+from spoold.log import event_fields, get_logger
 from spoold.times import rfc3339
 
 
@@ -62,9 +63,12 @@ def restore_logging() -> Iterator[None]:
     handlers, level = root.handlers[:], root.level
     config = structlog.get_config()
     stderr = sys.stderr
+    held_for = logs._HELD_FOR
+    logs._HELD_FOR = 3600.0  # the flusher never writes, unless a test says so
     try:
         yield
     finally:
+        logs._HELD_FOR = held_for
         sys.stderr = stderr
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -171,6 +175,89 @@ def test_a_line_where_no_loop_runs_is_written_at_once() -> None:
     assert [json.loads(text)["event"] for text in stream.writes] == ["no loop here", "a thread"]
 
 
+class WatchedStream(Stream):
+    """A stream that says when something was written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.written.set()
+        return super().write(text)
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_a_thread_line_while_the_loop_holds_lines_writes_them_all_at_once() -> None:
+    stream = Stream()
+    configured(stream)
+    get_logger("spoold.spool").info("first", id="a")
+    structlog.get_logger("spoold.smtp").info("second", id="b")
+    done = threading.Thread(target=lambda: get_logger("spoold.relay").warning("a thread"))
+    done.start()
+    done.join()  # the loop's turn goes on: a hung loop would never end it
+    assert len(stream.writes) == 1
+    lines = [json.loads(line)["event"] for line in stream.writes[0].splitlines()]
+    assert lines == ["first", "second", "a thread"]
+    get_logger("spoold.spool").info("third")
+    await asyncio.sleep(0)
+    assert [json.loads(line)["event"] for line in stream.writes[1].splitlines()] == ["third"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_lines_held_by_a_loop_that_does_not_turn_are_written_by_the_flusher() -> None:
+    logs._HELD_FOR = 0.01
+    stream = WatchedStream()
+    configured(stream)
+    get_logger("spoold.spool").info("before the loop blocked", id="a")
+    structlog.get_logger("spoold.smtp").info("this too", id="b")
+    assert stream.written.wait(60)  # the loop blocks here: its turn never ends
+    lines = [json.loads(line)["event"] for line in "".join(stream.writes).splitlines()]
+    assert lines == ["before the loop blocked", "this too"]
+    await asyncio.sleep(0)
+    get_logger("spoold.spool").info("later")
+    await asyncio.sleep(0)
+    assert json.loads(stream.writes[-1])["event"] == "later"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_filter_a_handler_or_no_propagation_on_a_library_logger_is_obeyed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logs.configure("json", "info")
+
+    class Redact(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            fields = event_fields(record)
+            if fields is not None and "rcpt" in fields[1]:
+                fields[1]["rcpt"] = "<redacted>"  # type: ignore[index]
+            return True
+
+    redact, records = Redact(), []
+    other = logging.Handler()
+    other.emit = records.append  # type: ignore[method-assign]
+    relay, fleet, spool = (logging.getLogger(f"spoold.{n}") for n in ("relay", "fleet", "spool"))
+    relay.addFilter(redact)
+    fleet.propagate = False
+    spool.addHandler(other)
+    try:
+        get_logger("spoold.relay").info("attempt done", rcpt="alice@example.org")
+        get_logger("spoold.fleet").info("not shown")
+        get_logger("spoold.spool").info("seen twice", id="x")
+    finally:
+        relay.removeFilter(redact)
+        fleet.propagate = True
+        spool.removeHandler(other)
+    get_logger("spoold.relay").info("attempt done", rcpt="bob@example.org")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(line["event"], line.get("rcpt")) for line in lines] == [
+        ("attempt done", "<redacted>"),
+        ("seen twice", None),
+        ("attempt done", "bob@example.org"),
+    ]
+    assert [r.getMessage() for r in records] == ["seen twice id='x'"]
+
+
 @pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize("fmt", ["json", "console"])
 async def test_a_write_that_fails_loses_its_lines_not_the_daemon(fmt: str) -> None:
@@ -225,7 +312,7 @@ def test_a_library_line_still_reaches_another_handler_on_the_root_logger(
 EXITS = """
 import asyncio, sys
 from spoold.daemon import logs
-from spoold.log import get_logger
+from spoold.log import event_fields, get_logger
 
 logs.configure("json", "info")
 
@@ -248,3 +335,58 @@ def test_lines_still_held_are_written_at_exit() -> None:
     assert done.returncode == 3, done.stderr
     (line,) = done.stderr.splitlines()
     assert json.loads(line)["event"] == "held when the loop stopped"
+
+
+HANGS = """
+import asyncio, sys, threading, time
+import structlog
+from spoold.daemon import logs
+from spoold.log import get_logger
+
+logs.configure("json", "info")
+
+async def main():
+    structlog.get_logger("spoold.smtp").info("A: about to fsync", id="M1")
+    get_logger("spoold.relay").info("B: attempt done", id="M1")
+    if sys.argv[1] == "thread":
+        said = threading.Thread(target=lambda: get_logger("spoold.spool").warning("C: disk slow"))
+        said.start()
+        said.join()
+    print("blocked", flush=True)
+    time.sleep(600)  # a hung disk: the turn never ends, the watchdog aborts
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("case", ["thread", "flusher"])
+def test_a_hung_loop_aborted_by_the_watchdog_keeps_the_lines_that_explain_it(case: str) -> None:
+    """SIGABRT (systemd's watchdog) runs no exit handler: the lines the
+    stuck turn logged are written by a thread's line, or by the flusher."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", HANGS, case],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    abort = threading.Timer(60, child.send_signal, (signal.SIGABRT,))  # lines never come
+    abort.start()
+    try:
+        assert child.stdout.readline() == "blocked\n"
+        wanted = ["A: about to fsync", "B: attempt done"] + (
+            ["C: disk slow"] if case == "thread" else []
+        )
+        events: list[str] = []
+        if case == "thread":  # written before the thread's join returned
+            child.send_signal(signal.SIGABRT)
+        while len(events) < len(wanted) and (line := child.stderr.readline()):
+            events.append(json.loads(line)["event"])
+        child.send_signal(signal.SIGABRT)
+        rest = child.stderr.read()
+    finally:
+        abort.cancel()
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGABRT, rest
+    assert events == wanted, rest

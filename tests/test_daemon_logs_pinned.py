@@ -84,6 +84,13 @@ def emit() -> None:
         slog.exception("could not write", id="x")
     logging.getLogger("asyncio").warning("from %s", "asyncio")
     logging.getLogger("asyncio").info("an %d", 5)
+    structlog.contextvars.bind_contextvars(session="s1")  # one: their order is the context's
+    try:
+        lib.info("in a session", id="y")
+        slog.info("in a session", id="y", session="s2")
+        logging.getLogger("asyncio").warning("in a session")
+    finally:
+        structlog.contextvars.clear_contextvars()
 
 
 TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z"
@@ -115,7 +122,7 @@ def test_each_line_is_what_it_was(capsys: pytest.CaptureFixture[str], fmt: str, 
     stamps = re.findall(
         f'"timestamp": "({TIME})"' if fmt == "json" else f"^({TIME}) ", written, re.M
     )
-    assert len(stamps) == (12 if level == "debug" else 10)
+    assert len(stamps) == (15 if level == "debug" else 13)
 
 
 @pytest.mark.usefixtures("restore_logging")

@@ -25,9 +25,20 @@ writes the same text it always did (tests/test_daemon_logs_pinned.py).
 The lines go to stderr (the journal, under systemd) through :class:`_Output`:
 the lines of one event-loop turn are written together when the turn ends
 (whole lines, at most ``PIPE_BUF`` bytes a write, so the ingest workers'
-lines on the same pipe never cut into them); a line logged where no loop
-runs is written at once, and what is still held is written at exit and at
-each ``configure``. A write that fails loses its lines, never the daemon.
+lines on the same pipe never cut into them; a line longer than that is one
+write of its own size, as it always was). A line logged where no loop runs
+(a thread's) is written at once, with the lines the loop still holds before
+it, in order; lines held longer than :data:`_HELD_FOR` (a loop that hangs,
+or a turn that runs long) are written by a flusher thread; what is still
+held is written at exit and at each ``configure``. So a daemon that hangs
+and is then killed (the watchdog's SIGABRT, a segfault) has written what
+it logged before it hung, and what its threads logged since; only lines
+of the last tenth of a second before such a kill, or before a SIGKILL, can
+be lost. A write that fails loses its lines, never the daemon.
+
+A library line goes through :mod:`logging` as before (and not the fast
+path) when its logger or one above it has a filter or a handler of its own
+(a hook's), or does not propagate (:func:`_plain`).
 """
 
 from __future__ import annotations
@@ -62,6 +73,8 @@ _LEVELS = {
 # structlog's context variables, by name: none bound, none to merge (None:
 # a structlog without it, always merged)
 _CONTEXT_VARS: dict[str, object] | None = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
+if not isinstance(_CONTEXT_VARS, dict):  # another structlog's private name: always merged
+    _CONTEXT_VARS = None
 _LEVEL_NAMES = {
     logging.DEBUG: "debug",
     logging.INFO: "info",
@@ -166,7 +179,8 @@ def _utc_text(value: datetime) -> str:
 
 _PIPE_BUF = 4096  # a write to a pipe of at most this many bytes is never cut
 _HELD_LINES = 256  # written at once beyond this many in one turn
-_AS_STDERR = "backslashreplace"  # how stderr encodes what UTF-8 cannot
+_HELD_FOR = 0.1  # seconds: lines held longer are written by the flusher
+_AS_STDERR = "backslashreplace"  # how stderr encodes what its encoding cannot
 
 
 class _Output:
@@ -175,10 +189,31 @@ class _Output:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.lost = 0  # lines a failed write lost
         self._held: list[str] = []
+        self._emptied = 0  # times the held lines were written: the flusher's clock
         self._turn: asyncio.AbstractEventLoop | None = None  # the loop that writes them
         self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)  # the flusher, lines to watch
+        self._idle = False  # the flusher waits for lines (not for time)
+        self._stopped = threading.Event()
+        self._flusher: threading.Thread | None = None
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._encoding = "utf-8" if encoding.lower().replace("_", "-") == "utf8" else encoding
+
+    def start(self) -> None:
+        """Start the flusher: lines a blocked loop holds longer than
+        :data:`_HELD_FOR` seconds are written without it."""
+        self._flusher = threading.Thread(
+            target=self._flush_held_long, name="spoold-logs", daemon=True
+        )
+        self._flusher.start()
+
+    def stop(self) -> None:
+        """Write every line still held and stop the flusher."""
+        self._stopped.set()
+        with self._lock:
+            self._wake.notify()
+            self._write_held()
 
     def write(self, line: str) -> None:
         """Write ``line`` (a newline added), now or when this turn ends."""
@@ -188,17 +223,25 @@ class _Output:
             if len(held) >= _HELD_LINES:
                 self._write_held()
                 return
+            loop = asyncio._get_running_loop()
             turn = self._turn
             if turn is not None:
-                if turn.is_running():
+                if turn is loop:
+                    return
+                if loop is None or turn.is_running():
+                    # a thread (or another loop) while the loop holds lines:
+                    # all written now, in order (a stuck loop's last lines)
+                    self._write_held()
                     return
                 self._turn = None  # its loop stopped before the turn ended
-            loop = asyncio._get_running_loop()
             if loop is None:
                 self._write_held()
             else:
                 self._turn = loop
                 loop.call_soon(self._turn_ended)
+                if self._idle:
+                    self._idle = False
+                    self._wake.notify()
 
     def flush(self) -> None:
         """Write every line still held."""
@@ -210,14 +253,38 @@ class _Output:
             self._turn = None
             self._write_held()
 
+    def _flush_held_long(self) -> None:
+        """The flusher: sleeps until lines are held, then writes them if
+        they are still held :data:`_HELD_FOR` seconds later (a loop that
+        hung, or a turn that runs long). It costs the loop one notify when
+        it was idle, nothing while it watches."""
+        stopped = self._stopped
+        while not stopped.is_set():
+            with self._lock:
+                if not self._held:
+                    if stopped.is_set():
+                        return
+                    self._idle = True
+                    self._wake.wait()
+                    continue
+                emptied = self._emptied
+            if stopped.wait(_HELD_FOR):
+                return
+            with self._lock:
+                if self._emptied == emptied:  # the same lines, still held
+                    self._write_held()
+
     def _write_held(self) -> None:
         held, self._held = self._held, []
         if not held:
             return
+        self._emptied += 1
         chunk: list[str] = []
         size = 0
         for line in held:
-            length = 1 + (len(line) if line.isascii() else len(line.encode(errors=_AS_STDERR)))
+            length = 1 + (
+                len(line) if line.isascii() else len(line.encode(self._encoding, _AS_STDERR))
+            )
             if chunk and size + length > _PIPE_BUF:
                 self._write(chunk)
                 chunk, size = [], 0
@@ -230,7 +297,7 @@ class _Output:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except Exception:  # noqa: BLE001 (a closed or broken stderr: nowhere to say it)
-            self.lost += len(lines)
+            pass
 
 
 class _StructlogOutput:
@@ -314,7 +381,7 @@ class _Lines:
         """The library's line, written; False when the root logger has more
         handlers than the daemon's (a test's), which the record must reach."""
         handlers = logging.root.handlers
-        if len(handlers) != 1 or handlers[0] is not self._handler:
+        if len(handlers) != 1 or handlers[0] is not self._handler or not _plain(logger):
             return False
         method = _LEVEL_NAMES.get(level) or logging.getLevelName(level).lower()
         fields["event"] = event
@@ -350,6 +417,26 @@ class _Lines:
             if logging.raiseExceptions:
                 _say_unwritable()
             return None
+
+
+def _plain(logger: logging.Logger) -> bool:
+    """Whether :mod:`logging` would hand ``logger``'s record to the root's
+    handler alone, unchanged: no filter on the way (the root's and the
+    handler's included), no handler but a :class:`logging.NullHandler`,
+    every logger propagating. Checked on each line (a hook may add a filter
+    at any time): a few attribute reads on a two-logger chain."""
+    while True:
+        if logger.filters:
+            return False
+        parent = logger.parent
+        if parent is None:  # the root
+            return not logger.handlers[0].filters
+        for handler in logger.handlers:
+            if type(handler) is not logging.NullHandler:
+                return False
+        if not logger.propagate:
+            return False
+        logger = parent
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})  # never a time, nor holds one
@@ -427,7 +514,7 @@ _output: _Output | None = None
 
 def _flush_at_exit() -> None:
     if _output is not None:
-        _output.flush()
+        _output.stop()
 
 
 atexit.register(_flush_at_exit)
@@ -436,7 +523,7 @@ atexit.register(_flush_at_exit)
 def configure(format: str = "auto", level: str = "info") -> None:
     global _output
     if _output is not None:
-        _output.flush()  # what the old settings let through, before the new ones
+        _output.stop()  # what the old settings let through, before the new ones
     json_lines = format == "json" or (format == "auto" and not sys.stderr.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -461,6 +548,7 @@ def configure(format: str = "auto", level: str = "info") -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     output = _Output(sys.stderr)
+    output.start()
     handler = _Handler(output)
     lines = _Lines(json_lines, renderer, output, handler)
     to_output = _StructlogOutput(output)
