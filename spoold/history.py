@@ -345,8 +345,9 @@ class History:
             if not self._pending:
                 return
             self._writing, self._pending = self._pending, []
+            written: list[bool] = []  # set in the thread once the lines are written
             try:
-                await self._run(self._append_sync, self._writing)
+                await self._run(self._append_then_mark_sync, self._writing, written)
             except OSError as exc:
                 log.error(
                     "could not write to the history journal; these outcomes are lost",
@@ -354,12 +355,19 @@ class History:
                     lost=len(self._writing),
                 )
             except BaseException:
-                # Cancelled (perhaps before the thread started): keep them
-                # for the flush at close. Written twice at worst, never lost.
-                self._pending[:0] = self._writing
+                # Cancelled before the thread wrote them (perhaps before it
+                # started): keep them for the flush at close. Cancelled
+                # after (a hop cancelled while running answers
+                # CancelledError): they are in the journal, once.
+                if not written:
+                    self._pending[:0] = self._writing
                 raise
             finally:
                 self._writing = []
+
+    def _append_then_mark_sync(self, batch: Sequence[Outcome], written: list[bool]) -> None:
+        self._append_sync(batch)
+        written.append(True)
 
     def _append_sync(self, batch: Sequence[Outcome]) -> None:
         by_day: dict[str, list[bytes]] = {}

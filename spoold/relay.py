@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -173,14 +173,19 @@ class BodyHandle:
         """(Blocking) the body at ``path`` read whole and checked, as
         :meth:`open` would give it, or the error opening it would raise;
         None for a body not known to fit in one read (no check, or larger
-        than that), which :meth:`open` reads itself. Never holds a file."""
+        than that), which :meth:`open` reads itself. Never holds a file,
+        never raises (it runs in the checkout's hop: an error there would
+        fail the checkout)."""
         if check is None or check.size > max(CHUNK_SIZE, _WHOLE_SIZE):
             return None
         try:
             reader = BodyReader.open_sync(path, CHUNK_SIZE, check)
         except Exception as exc:  # noqa: BLE001 (raised where the body is opened)
             return exc
-        assert not reader.holds_file  # its size was checked: it was read whole
+        if reader.holds_file:  # not read whole after all: open() reads it itself
+            with suppress(OSError):
+                reader.close_sync()
+            return None
         return reader
 
     def _take_ready(self) -> BodyReader | None:
@@ -301,6 +306,12 @@ class BodyReader:
         """Whether the file is still open (a small body is read and closed
         at once)."""
         return self._fd is not None
+
+    def close_sync(self) -> None:
+        """(Blocking) close the file, if still open."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     async def aclose(self) -> None:
         fd, self._fd = self._fd, None

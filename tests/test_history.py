@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -18,10 +20,19 @@ import anyio
 import msgspec
 import pytest
 
+from spoold import OutcomeKind
 from spoold.daemon.control import ControlClient
 from spoold.errors import NotFoundError
-from spoold.history import FinalOutcome, RecipientState, read_history
+from spoold.history import (
+    FinalOutcome,
+    History,
+    Outcome,
+    RecipientReply,
+    RecipientState,
+    read_history,
+)
 from spoold.message import Frozen, Removed
+from spoold.store.hops import WorkerHops
 from spoold.testing import FakeClock
 from spoold.times import utcnow
 from tests.daemon_helpers import CliResult, DaemonFactory, cli, set_config_value, write_config
@@ -39,7 +50,7 @@ from tests.spool_helpers import (
     relay_answering,
     status_of,
 )
-from tests.support import free_port, records_in, wait_until
+from tests.support import WAIT_TIMEOUT, free_port, records_in, wait_until
 from tests.test_operator_recipes import submit
 
 DAY = timedelta(days=1)
@@ -432,3 +443,43 @@ async def test_history_never_says_delivered_for_a_recipient_split_off_by_reroute
     assert (moved["state"], moved["rerouted_state"]) == ("rerouted", "delivered")
     assert (second["id"], second["outcome"]) == (other, "delivered")
     assert [(r["recipient"], r["state"]) for r in second["recipients"]] == [(B, "delivered")]
+
+
+async def test_a_flush_cancelled_while_it_writes_journals_each_line_once(tmp_path: Path) -> None:
+    # At spool close the History task is cancelled, perhaps mid-write: a
+    # store hop cancelled while it runs answers CancelledError after the
+    # lines are written, and they must not be put back for the last flush.
+    hops = WorkerHops(tmp_path, 2)
+    history = History(tmp_path, hops.run_grouped)
+    started, release = threading.Event(), threading.Event()
+    append = history._append_sync
+
+    def held_append(batch: Sequence[Outcome]) -> None:
+        started.set()
+        release.wait(WAIT_TIMEOUT)
+        append(batch)
+
+    history._append_sync = held_append  # type: ignore[method-assign]
+    history.append(_journalled("msg1"))
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(history.flush)
+            await anyio.to_thread.run_sync(started.wait)
+            tg.cancel_scope.cancel()
+            release.set()
+        await history.flush()
+    await hops.drain()
+    hops.stop_sync()
+    assert [o.id for o in await read_history(tmp_path)] == ["msg1"]
+
+
+def _journalled(message_id: str) -> Outcome:
+    when = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    return Outcome(
+        id=message_id,
+        outcome=OutcomeKind.DELIVERED,
+        time=when,
+        spool_date=when,
+        sender="app@example.org",
+        recipients=[RecipientReply(recipient="ops@example.com", state=RecipientState.DELIVERED)],
+    )

@@ -208,3 +208,22 @@ def test_a_body_not_known_to_fit_one_read_is_not_read_ahead(tmp_path: Path) -> N
     assert BodyHandle.read_ahead_sync(path, None) is None  # no check: size unknown
     big = BodyCheck(256 * 1024 + 1, "0" * 64)
     assert BodyHandle.read_ahead_sync(path, big) is None
+
+
+async def test_a_checkout_whose_call_fails_returns_the_record_to_its_queue(
+    tmp_path: Path,
+) -> None:
+    store, _ = await Store.open(tmp_path, QUEUES)
+    async with store:
+        (name,) = await store.enqueue(
+            [NewEntry("active", b"body\r\n", lambda _name, _names: b"record")]
+        )
+
+        def then() -> str:
+            raise ValueError("the read ahead failed")
+
+        with pytest.raises(ValueError, match="read ahead failed"):
+            await store.checkout_then("active", name, then)
+        assert await store.list_queue("active") == [(name, False)]  # not left checked out
+        assert not (tmp_path / "active" / ".checkout" / name).exists()
+        assert await store.checkout_then("active", name, lambda: "again") == "again"

@@ -6,6 +6,7 @@ and on uvloop's."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import importlib.util
 import threading
@@ -152,3 +153,43 @@ def test_hops_on_uvloop(tmp_path: Path) -> None:
 
     anyio.run(main, backend_options={"use_uvloop": True})
     assert store_threads(tmp_path) == store_threads(tmp_path / "spool") == []
+
+
+async def test_a_call_made_in_a_cancelled_scope_never_runs(tmp_path: Path) -> None:
+    hops = WorkerHops(tmp_path, 2)
+    ran: list[str] = []
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await hops.run(ran.append, "run")
+    assert scope.cancelled_caught
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await hops.run_grouped(ran.append, "grouped")
+    assert scope.cancelled_caught
+    with anyio.move_on_after(0) as scope:
+        await hops.run(ran.append, "deadline passed")
+    assert scope.cancelled_caught
+    await hops.drain()
+    hops.stop_sync()
+    assert ran == []
+
+
+async def test_a_drain_after_a_cancelled_one_still_waits(tmp_path: Path) -> None:
+    hops = WorkerHops(tmp_path, 1)
+    blocker = Blocker()
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hops.run, blocker)
+            await anyio.to_thread.run_sync(blocker.started.wait)
+            first = asyncio.ensure_future(hops.drain())
+            await anyio.wait_all_tasks_blocked()
+            first.cancel()  # a plain asyncio cancel, as asyncio.wait_for gives
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            second = asyncio.ensure_future(hops.drain())
+            await anyio.wait_all_tasks_blocked()
+            assert not second.done()  # the call is still under way
+            blocker.release.set()
+            await second
+            assert blocker.finished
+    hops.stop_sync()

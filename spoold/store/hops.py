@@ -8,9 +8,14 @@ store (up to ``max_threads`` of them; one idle for 10 s ends), take calls
 from one queue and answer on the caller's loop (``call_soon_threadsafe``):
 a hop costs a queue put and a loop wake-up, with none of the limiter,
 cancel scope and task lookups of ``anyio.to_thread.run_sync`` (about a
-tenth of the owner's event-loop time when they were used). A call whose
-caller is cancelled before a thread takes it is dropped and never runs;
-once running, its caller waits for it to end (shielded). Every
+tenth of the owner's event-loop time when they were used). A call made
+in a scope already cancelled is never queued (as with ``run_sync``); a
+call whose caller is cancelled before a thread takes it is dropped and
+never runs; once running, its caller waits for it to end (shielded), then
+gets the cancellation, not the call's result or error (``run_sync``
+returned the result and left the cancellation to the next checkpoint): a
+caller that must know whether the call took effect has the call record it
+(see :meth:`spoold.history.History.flush`). Every
 :class:`OSError` leaves as a :class:`~spoold.errors.StoreError` naming the
 store; a :class:`~spoold.errors.StoreError` leaves as it is. Once closed
 (:meth:`~WorkerHops.drain`) it takes no new call and waits for those under
@@ -26,6 +31,10 @@ runs in the worker thread; its async twin is derived from it:
 :func:`one_hop` gives it a hop of its own, :func:`grouped_hop` a share of a
 grouped one. The twin takes the same arguments, checked by the type
 checker (a ``ParamSpec``), and carries the blocking method's docstring.
+
+A call running in a store thread cannot use ``anyio.from_thread.run`` (these
+are not anyio's worker threads: it raises); to reach the loop from one, use
+``asyncio.run_coroutine_threadsafe`` (or ``loop.call_soon_threadsafe``).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, TypeVarTuple
 
 import anyio
+import anyio.lowlevel
 
 from spoold.errors import StoreError
 from spoold.store.batching import Batches
@@ -99,12 +109,14 @@ class _Threads:
         self._lock = threading.Lock()  # the queue's puts and the thread count, together
         self._threads: list[threading.Thread] = []
         self.unanswered = 0  # calls given and not answered yet (touched on the loop only)
-        self._idle_waiter: asyncio.Future[None] | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []  # one per idle() caller
 
     async def call(self, fn: Callable[..., _T], args: tuple[object, ...]) -> _T:
         """``fn(*args)`` in a worker thread. Cancelled before a thread takes
-        it, the call is dropped and never runs; once it runs, the caller
-        waits for it to end (shielded), then the cancellation goes on."""
+        it (or already cancelled when called), the call is dropped and never
+        runs; once it runs, the caller waits for it to end (shielded), then
+        the cancellation goes on (its result or error is lost)."""
+        await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: never queued
         loop = asyncio.get_running_loop()
         job = _Job(fn, args, loop, loop.create_future())
         self.unanswered += 1
@@ -180,17 +192,18 @@ class _Threads:
 
     def _answered(self) -> None:
         self.unanswered -= 1
-        if self.unanswered == 0 and self._idle_waiter is not None:
-            if not self._idle_waiter.done():
-                self._idle_waiter.set_result(None)
-            self._idle_waiter = None
+        if self.unanswered == 0 and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.done():  # else its caller was cancelled
+                    waiter.set_result(None)
 
     async def idle(self) -> None:
-        """Return once every call given is answered (shielded)."""
+        """Return once every call given is answered (shielded from anyio
+        scopes; a raw ``task.cancel()`` cancels only this caller's wait)."""
         while self.unanswered:
-            waiter = self._idle_waiter
-            if waiter is None:
-                waiter = self._idle_waiter = asyncio.get_running_loop().create_future()
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(waiter)
             with anyio.CancelScope(shield=True):
                 await waiter
 

@@ -385,9 +385,15 @@ class Store:
 
     def _checkout_then_sync(self, queue: str, name: str, then: Callable[[], _T]) -> _T:
         """:meth:`checkout`, then ``then()`` in the same hop; its result.
-        An attempt reads its message's body there: one hop less for each."""
+        An attempt reads its message's body there: one hop less for each.
+        If ``then()`` raises, the record is returned to ``queue`` first (as
+        if never checked out), then its error goes on."""
         self._checkout_sync(queue, name)
-        return then()
+        try:
+            return then()
+        except BaseException:
+            self._release_sync(queue, name)
+            raise
 
     checkout_then = grouped_hop(_checkout_then_sync)
 
