@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -122,6 +124,19 @@ class _Held:
         return mid
 
 
+@contextlib.asynccontextmanager
+async def _owner_and_writer(
+    root: Path, relay: InMemoryRelay, **spool_options: Any
+) -> AsyncIterator[tuple[Spool, AsyncIterator[SpoolEvent], SpoolWriter]]:
+    """The owner (with its events) and a writer, on one spool."""
+    async with (
+        Spool.open(root, relay=relay, **spool_options) as spool,
+        spool.events() as events,
+        SpoolWriter.open(root, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+    ):
+        yield spool, events, writer
+
+
 def _delivered_ids(relay: InMemoryRelay) -> list[str]:
     return [mid for mid, _, _ in relay.delivered]
 
@@ -159,11 +174,7 @@ async def test_the_owner_adopts_a_writers_records_without_reading_them_back(
 ) -> None:
     relay = InMemoryRelay()
     with anyio.fail_after(WAIT_TIMEOUT):
-        async with (
-            Spool.open(tmp_path, relay=relay) as spool,
-            spool.events() as events,
-            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
-        ):
+        async with _owner_and_writer(tmp_path, relay) as (spool, events, writer):
             reads = _no_reading_back(spool, monkeypatch)
             ids = await writer.add(_batch("a@example.com", count=3))
             await _delivered(events, ids)
@@ -179,11 +190,7 @@ async def test_a_batch_too_big_for_one_datagram_is_delivered_once_each(
     relay = InMemoryRelay()
     many = [f"r{i}@example.com" for i in range(4000)]  # one record of about 90 KiB
     with anyio.fail_after(WAIT_TIMEOUT):
-        async with (
-            Spool.open(tmp_path, relay=relay) as spool,
-            spool.events() as events,
-            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
-        ):
+        async with _owner_and_writer(tmp_path, relay) as (spool, events, writer):
             reads = _no_reading_back(spool, monkeypatch)
             small = await writer.add(_batch("a@example.com", count=150))
             (big,) = await writer.add(_batch(*many))
@@ -202,10 +209,10 @@ async def test_a_record_named_again_after_its_delivery_is_not_sent_twice(
     clock = FakeClock()
     relay = InMemoryRelay()
     with anyio.fail_after(WAIT_TIMEOUT):
-        async with (
-            Spool.open(tmp_path, relay=relay, clock=clock, ping_interval=30) as spool,
-            spool.events() as events,
-            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
+        async with _owner_and_writer(tmp_path, relay, clock=clock, ping_interval=30) as (
+            spool,
+            events,
+            writer,
         ):
             held = _Held()
             monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
@@ -265,11 +272,7 @@ async def test_a_record_sent_of_another_size_than_the_file_is_read_from_disk(
     names is taken for its names alone."""
     relay = InMemoryRelay()
     with anyio.fail_after(WAIT_TIMEOUT):
-        async with (
-            Spool.open(tmp_path, relay=relay) as spool,
-            spool.events() as events,
-            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
-        ):
+        async with _owner_and_writer(tmp_path, relay) as (spool, events, writer):
             held = _Held()
             monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
             one = await held.hold(writer, _batch("a@example.com"))
@@ -296,11 +299,7 @@ async def test_a_datagram_too_big_for_the_writers_socket_goes_as_names(
     names go alone, and the owner reads the records from disk."""
     relay = InMemoryRelay()
     with anyio.fail_after(WAIT_TIMEOUT):
-        async with (
-            Spool.open(tmp_path, relay=relay) as spool,
-            spool.events() as events,
-            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
-        ):
+        async with _owner_and_writer(tmp_path, relay) as (spool, events, writer):
             held = _Held()
             monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
             many = [f"r{i}@example.com" for i in range(300)]  # records of about 7 KiB
@@ -373,11 +372,7 @@ async def test_a_record_forged_by_another_user_is_read_from_disk(
         pytest.skip("needs setpriv (apt-get install util-linux) and /usr/bin/python3")
     relay = InMemoryRelay()
     with anyio.fail_after(WAIT_TIMEOUT):
-        async with (
-            Spool.open(tmp_path, relay=relay) as spool,
-            spool.events() as events,
-            SpoolWriter.open(tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS) as writer,
-        ):
+        async with _owner_and_writer(tmp_path, relay) as (spool, events, writer):
             held = _Held()
             monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
             mid = await held.hold(writer, _batch("alice@example.com"))
