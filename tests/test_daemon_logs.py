@@ -17,21 +17,15 @@ import structlog
 
 from spoold.daemon import logs
 from spoold.log import get_logger
+from tests.log_helpers import logging_kept
 
 FIELDS: dict[str, Any] = {"id": "8DsqySGkoCEZf4VCJ", "flows": ["f1"], "delivered": 1}
 
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    try:
+    with logging_kept():
         yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**config)
 
 
 def without_time(line: str) -> str:

@@ -27,6 +27,7 @@ import structlog
 from spoold.daemon import logs
 from spoold.log import event_fields, get_logger
 from spoold.times import rfc3339
+from tests.log_helpers import logging_kept
 
 
 class Kind(StrEnum):
@@ -59,20 +60,15 @@ class BrokenStream(io.StringIO):
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
     stderr = sys.stderr
     held_for = logs._HELD_FOR
     logs._HELD_FOR = 3600.0  # the flusher never writes, unless a test says so
     try:
-        yield
+        with logging_kept():
+            yield
     finally:
         logs._HELD_FOR = held_for
         sys.stderr = stderr
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**config)
 
 
 def configured(stream: io.StringIO, fmt: str = "json") -> None:

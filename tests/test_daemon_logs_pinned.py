@@ -19,6 +19,7 @@ import structlog
 
 from spoold.daemon import logs
 from spoold.log import get_logger
+from tests.log_helpers import logging_kept
 
 
 class Kind(StrEnum):
@@ -55,15 +56,8 @@ FIELDS = {
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    try:
+    with logging_kept():
         yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**config)
 
 
 def emit() -> None:
