@@ -37,7 +37,6 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from spoold.body import Body
 from spoold.errors import BodyDamagedError, NotFoundError, RecordError, StoreError
-from spoold.ids import validate_id
 from spoold.log import get_logger
 from spoold.message import (
     Message,
@@ -453,13 +452,11 @@ class OnDiskSpool:
         sends records (the socket checks the sender's uid), and the owner
         never rewrites a file it has not indexed, so a file of the size of
         the record its writer sent is that record."""
+        names = [q.value for q in queues]
         if sent and any(sent.get(i) for i in ids):
-            names = [validate_id(i) for i in ids]
-            records = await self.store.run_grouped(
-                _read_new_sync, self._dir_text, [q.value for q in queues], names, sent
-            )
+            records = await self.store.read_many_grouped(names, ids, sent)
         else:
-            records = await self.store.read_many([q.value for q in queues], ids)
+            records = await self.store.read_many(names, ids)
         return {rec.name: (Queue(rec.queue), self._decode(rec)) for rec in records}
 
     async def find(
@@ -564,33 +561,6 @@ def _decode_batch(
                 prepare(msg)
             out.append(msg if queue_of(msg.status) is queue else (rec, msg))
     return out
-
-
-def _read_new_sync(
-    root: str, queues: Sequence[str], names: Sequence[str], sent: Mapping[str, bytes | None]
-) -> list[StoredRecord]:
-    """(Worker thread, for :meth:`OnDiskSpool.read_new`) the record of each
-    of ``names`` from the first of ``queues`` that holds it: the one in
-    ``sent`` when the file has its size (a ``stat``), else the file's."""
-    out = []
-    for name in names:
-        data = sent.get(name)
-        for q in queues:
-            path = f"{root}/{q}/{name}"
-            try:
-                if data is not None and os.stat(path).st_size == len(data):
-                    out.append(StoredRecord(name, q, data, False))
-                else:
-                    out.append(StoredRecord(name, q, _read_file(path), False))
-                break
-            except FileNotFoundError:
-                continue
-    return out
-
-
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _unreadable_records(records: list[StoredRecord]) -> list[tuple[StoredRecord, RecordError]]:

@@ -16,13 +16,13 @@ from typing import Any
 import anyio
 import pytest
 
-from spoold import SpoolWriter, ondisk
+from spoold import SpoolWriter
 from spoold.events import SpoolEvent
 from spoold.ids import is_valid_id, new_id
 from spoold.message import Queue, RoutedBatch, RoutedEnvelope, decode_record, encode_record
 from spoold.ondisk import OnDiskSpool
 from spoold.spool import DEFAULT_RETRY_INTERVALS, Spool
-from spoold.store import NotifyResult, StoredRecord
+from spoold.store import NotifyResult
 from spoold.store.wakeup import MAX_DATAGRAM, Wakeup, parse_datagram, sender_uid
 from spoold.store.wakeup import _datagrams as wakeup_datagrams
 from spoold.store.wakeup import _merge as wakeup_merge
@@ -153,19 +153,14 @@ async def _delivered(events: AsyncIterator[SpoolEvent], ids: Iterable[str]) -> N
 def _no_reading_back(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Count the owner's reads of new records from disk (the fallback)."""
     store = spool._disk.store
-    read_many, read_file = store.read_many, ondisk._read_file
+    read_file = store._read_file_sync
     reads: list[str] = []
-
-    async def counted(queues: Sequence[str], names: Sequence[str]) -> list[StoredRecord]:
-        reads.extend(names)
-        return await read_many(queues, names)
 
     def counted_file(path: str) -> bytes:
         reads.append(Path(path).name)
         return read_file(path)
 
-    monkeypatch.setattr(store, "read_many", counted)
-    monkeypatch.setattr(ondisk, "_read_file", counted_file)
+    monkeypatch.setattr(store, "_read_file_sync", counted_file)
     return reads
 
 

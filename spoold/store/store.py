@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -265,25 +265,46 @@ class Store:
 
     read = one_hop(_read_sync)
 
-    def _read_many_sync(self, queues: Sequence[str], names: Sequence[str]) -> list[StoredRecord]:
+    def _read_many_sync(
+        self,
+        queues: Sequence[str],
+        names: Sequence[str],
+        sent: Mapping[str, bytes | None] | None = None,
+    ) -> list[StoredRecord]:
         """The records of ``names``, each from the first of ``queues`` that
-        holds it (not checked out), in one thread hop; missing ones skipped."""
+        holds it (not checked out), in one thread hop; missing ones skipped.
+
+        ``sent``: records their writers sent along with their names (the
+        wake-up socket's, :mod:`spoold.store.wakeup`). One is taken instead
+        of reading the file when the file has its size (a ``stat``): on the
+        two assumptions that module states (only the owner's own user sends
+        records; the owner never rewrites a file it has not indexed)."""
         for name in names:
             validate_id(name)
         for q in queues:
             self._dir.check_queue(q)
         out = []
         for name in names:
+            data = sent.get(name) if sent else None
             for q in queues:
+                path = f"{self._dir.qdir(q)}/{name}"
                 try:
-                    with open(f"{self._dir.qdir(q)}/{name}", "rb") as f:
-                        out.append(StoredRecord(name, q, f.read(), False))
+                    if data is not None and os.stat(path).st_size == len(data):
+                        out.append(StoredRecord(name, q, data, False))
+                    else:
+                        out.append(StoredRecord(name, q, self._read_file_sync(path), False))
                     break
                 except FileNotFoundError:
                     continue
         return out
 
+    @staticmethod
+    def _read_file_sync(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
     read_many = one_hop(_read_many_sync)
+    read_many_grouped = grouped_hop(_read_many_sync)
 
     def _read_queue_sync(self, queue: str) -> list[StoredRecord]:
         """Every record of ``queue``, checked-out ones included, in name order.
