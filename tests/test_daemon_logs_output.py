@@ -138,6 +138,20 @@ async def test_the_lines_of_one_turn_are_written_together_when_it_ends() -> None
 
 
 @pytest.mark.usefixtures("restore_logging")
+async def test_flush_writes_the_lines_of_this_turn_before_it_ends() -> None:
+    """What the daemon does before telling systemd of a state (READY after
+    a reload): the lines that led there are written first."""
+    stream = Stream()
+    configured(stream)
+    get_logger("spoold.daemon").info("reloaded")
+    assert stream.writes == []
+    logs.flush()
+    assert [json.loads(line)["event"] for line in stream.writes] == ["reloaded"]
+    await asyncio.sleep(0)
+    assert len(stream.writes) == 1  # nothing written twice at the turn's end
+
+
+@pytest.mark.usefixtures("restore_logging")
 async def test_a_busy_turn_writes_whole_lines_at_most_pipe_buf_bytes_at_a_time() -> None:
     stream = Stream()
     configured(stream)

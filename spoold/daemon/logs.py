@@ -62,7 +62,7 @@ from spoold import log as library_log
 from spoold.log import event_fields
 from spoold.times import rfc3339
 
-__all__ = ["configure"]
+__all__ = ["configure", "flush"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -518,6 +518,14 @@ def _flush_at_exit() -> None:
 
 
 atexit.register(_flush_at_exit)
+
+
+def flush() -> None:
+    """Write at once the lines held for the end of this loop turn: before
+    the daemon tells another party (systemd's READY, RELOADING, STOPPING)
+    of a state, so that what it logged on the way is already written."""
+    if _output is not None:
+        _output.flush()
 
 
 def configure(format: str = "auto", level: str = "info") -> None:

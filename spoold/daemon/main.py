@@ -205,6 +205,7 @@ class Daemon:
         return f"{c[Queue.ACTIVE]} active, {c[Queue.FROZEN]} frozen, {self._spool.sending} sending"
 
     def _notify(self, fn: Callable[..., None], *args: Any) -> None:
+        logs.flush()  # what led to this state is in the log before systemd hears of it
         try:
             fn(*args)
         except OSError as exc:
