@@ -9,7 +9,9 @@ list of jobs handed to one coroutine, which marks each job done.
 
 Cancellation: a job cancelled while it still waits is dropped and never
 runs; once its batch runs, its caller waits for it (shielded), so a job is
-never left half done behind a caller that went away.
+never left half done behind a caller that went away. A batch whose runner
+is cancelled before its run did the others' jobs hands them back: they
+wait for the next batch, and never see a cancellation that was not theirs.
 """
 
 from __future__ import annotations
@@ -91,6 +93,13 @@ class Batches(Generic[_J]):
         self._running = True
         try:
             await self._run(batch)
+        except asyncio.CancelledError:
+            # The runner's caller was cancelled, not the others: the jobs
+            # the run did not do go back to wait for the next batch, which
+            # one of their own callers runs (the runner's own job is taken
+            # out again by its ``submit``, which then raises).
+            self._waiting[:0] = [job for job in batch if not job.done]
+            raise
         except BaseException as exc:  # the store closed, or the hop failed
             for other in batch:
                 if not other.done:

@@ -1,0 +1,127 @@
+"""Batches: jobs asked for together share one run; a cancelled caller's
+cancellation never reaches the other callers of its batch."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import anyio
+import pytest
+
+from spoold.store.batching import Batches
+
+
+@dataclass(eq=False)
+class Job:
+    name: str
+    error: BaseException | None = None
+    done: bool = False
+
+
+class Runner:
+    """A batch run that waits at a gate before doing its jobs, so a test can
+    cancel the runner's caller while its batch is under way."""
+
+    def __init__(self) -> None:
+        self.gate = anyio.Event()
+        self.started = anyio.Event()
+        self.batches: list[list[str]] = []
+        self.done: list[str] = []
+        self.task: asyncio.Task[object] | None = None  # the caller running the last batch
+
+    async def run(self, batch: list[Job]) -> None:
+        self.task = asyncio.current_task()
+        self.batches.append([job.name for job in batch])
+        self.started.set()
+        await self.gate.wait()
+        for job in batch:
+            self.done.append(job.name)
+            job.done = True
+
+
+async def test_jobs_submitted_together_share_one_run() -> None:
+    runner = Runner()
+    runner.gate.set()
+    batches = Batches[Job](runner.run)
+    jobs = [Job(str(i)) for i in range(5)]
+    async with anyio.create_task_group() as tg:
+        for job in jobs:
+            tg.start_soon(batches.submit, job)
+    assert runner.batches == [["0", "1", "2", "3", "4"]]
+    assert all(job.done and job.error is None for job in jobs)
+
+
+async def test_a_cancelled_runner_hands_the_other_jobs_to_the_next_batch() -> None:
+    runner = Runner()
+    batches = Batches[Job](runner.run)
+    jobs = {name: Job(name) for name in ("one", "two")}
+    scopes = {name: anyio.CancelScope() for name in jobs}
+    tasks: dict[asyncio.Task[object] | None, str] = {}
+    left = {name: anyio.Event() for name in jobs}
+    errors: dict[str, BaseException | None] = {}
+
+    async def submit(name: str) -> None:
+        tasks[asyncio.current_task()] = name
+        with scopes[name]:
+            try:
+                await batches.submit(jobs[name])
+                errors[name] = jobs[name].error
+            finally:
+                left[name].set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(submit, "one")
+        tg.start_soon(submit, "two")
+        # One of the two callers runs the batch of both jobs, which waits
+        # at the gate: cancel that caller only.
+        await runner.started.wait()
+        assert sorted(runner.batches[0]) == ["one", "two"]
+        cancelled = tasks[runner.task]
+        other = "two" if cancelled == "one" else "one"
+        scopes[cancelled].cancel()
+        await left[cancelled].wait()
+        # The other job was not done by the cancelled run: its own caller
+        # runs it in the next batch, and sees no cancellation.
+        runner.gate.set()
+
+    assert scopes[cancelled].cancelled_caught
+    assert not jobs[cancelled].done
+    assert errors == {other: None}
+    assert jobs[other].done
+    assert runner.batches[1:] == [[other]]
+    assert runner.done == [other]
+
+
+async def test_a_failed_run_fails_every_job_of_its_batch() -> None:
+    async def broken(batch: list[Job]) -> None:
+        raise OSError("disk gone")
+
+    batches = Batches[Job](broken)
+    jobs = [Job("a"), Job("b")]
+    async with anyio.create_task_group() as tg:
+        for job in jobs:
+            tg.start_soon(batches.submit, job)
+    for job in jobs:
+        assert job.done
+        assert isinstance(job.error, OSError)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+async def test_a_job_cancelled_while_waiting_never_runs(count: int) -> None:
+    runner = Runner()
+    batches = Batches[Job](runner.run)
+    busy = Job("busy")
+    waiting = [Job(f"w{i}") for i in range(count)]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batches.submit, busy)
+        await runner.started.wait()
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as inner:
+                for job in waiting:
+                    inner.start_soon(batches.submit, job)
+                await anyio.sleep(0)
+                scope.cancel()
+        runner.gate.set()
+    assert runner.batches == [["busy"]]
+    assert not any(job.done for job in waiting)
