@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import queue
 import signal
 import subprocess
 import sys
@@ -228,6 +229,74 @@ async def test_lines_held_by_a_loop_that_does_not_turn_are_written_by_the_flushe
     get_logger("spoold.spool").info("later")
     await asyncio.sleep(0)
     assert json.loads(stream.writes[-1])["event"] == "later"
+
+
+class FlusherClock(threading.Event):
+    """The flusher's ``_stopped``: each timed wait of the flusher (a look
+    due later) blocks until the test lets it go, and says it began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.go = threading.Semaphore(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.is_set():
+            self.looks.put(None)
+            self.go.acquire()
+        return self.is_set()
+
+
+class CountedWake(threading.Condition):
+    """The flusher's ``_wake``: counts the loop's notifies, says when the
+    flusher goes to sleep for lines."""
+
+    def __init__(self, lock: threading.RLock) -> None:
+        super().__init__(lock)
+        self.notified = 0
+        self.sleeping: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def notify(self, n: int = 1) -> None:
+        self.notified += 1
+        super().notify(n)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.sleeping.put(None)
+        return super().wait(timeout)
+
+
+async def test_a_loop_that_logs_every_turn_wakes_the_flusher_once_not_every_turn() -> None:
+    """The flusher keeps looking while lines keep coming (once per
+    _HELD_FOR), and sleeps for lines only after a look with none since the
+    last: the loop's turns do not each wake it (a thread wake-up and a GIL
+    hand-off per turn that logs)."""
+    stream = Stream()
+    output = logs._Output(stream)
+    clock = FlusherClock()
+    wake = CountedWake(output._lock)
+    output._stopped, output._wake = clock, wake
+    output.start()
+    try:
+        wake.sleeping.get(timeout=60)  # nothing held yet: it sleeps for lines
+        output.write("turn 1")
+        await asyncio.sleep(0)  # the turn ends: its line is written
+        clock.looks.get(timeout=60)  # woken, it looks again later
+        for turn in range(2, 6):
+            output.write(f"turn {turn}")
+            await asyncio.sleep(0)
+        clock.go.release()  # lines came since its last look: it looks again later
+        clock.looks.get(timeout=60)
+        assert wake.notified == 1
+        clock.go.release()  # none since: it sleeps for lines
+        wake.sleeping.get(timeout=60)
+        output.write("turn 6")
+        await asyncio.sleep(0)
+        clock.looks.get(timeout=60)
+        assert wake.notified == 2
+    finally:
+        output.stop()
+        clock.go.release()
+    assert "".join(stream.writes).splitlines() == [f"turn {t}" for t in range(1, 7)]
 
 
 @pytest.mark.usefixtures("restore_logging")

@@ -190,7 +190,8 @@ class _Output:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self._held: list[str] = []
-        self._emptied = 0  # times the held lines were written: the flusher's clock
+        self._held_since = 0.0  # time.monotonic() when the held lines began
+        self._holds = 0  # times lines began to be held: the flusher's sign of activity
         self._turn: asyncio.AbstractEventLoop | None = None  # the loop that writes them
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)  # the flusher, lines to watch
@@ -219,6 +220,9 @@ class _Output:
         """Write ``line`` (a newline added), now or when this turn ends."""
         with self._lock:
             held = self._held
+            if not held:
+                self._held_since = time.monotonic()
+                self._holds += 1
             held.append(line)
             if len(held) >= _HELD_LINES:
                 self._write_held()
@@ -254,31 +258,39 @@ class _Output:
             self._write_held()
 
     def _flush_held_long(self) -> None:
-        """The flusher: sleeps until lines are held, then writes them if
-        they are still held :data:`_HELD_FOR` seconds later (a loop that
-        hung, or a turn that runs long). It costs the loop one notify when
-        it was idle, nothing while it watches."""
+        """The flusher: writes lines held :data:`_HELD_FOR` seconds (a loop
+        that hung, or a turn that runs long). While lines keep being held
+        it looks once per :data:`_HELD_FOR` (or when the held lines are
+        due); once a whole :data:`_HELD_FOR` passes with none held, it
+        sleeps until one is (the loop's one notify). So a busy loop that
+        logs every turn costs it ten wake-ups a second, not one per turn
+        (it went back to sleep after each turn's lines were written by the
+        loop, and each next turn woke it again), and an idle one none."""
         stopped = self._stopped
+        seen = 0  # self._holds at the last look
         while not stopped.is_set():
             with self._lock:
-                if not self._held:
+                if self._held:
+                    delay = self._held_since + _HELD_FOR - time.monotonic()
+                    if delay <= 0:  # held that long: the loop did not write them
+                        self._write_held()
+                        delay = _HELD_FOR
+                elif self._holds != seen:  # lines came and went: look again later
+                    delay = _HELD_FOR
+                else:  # none since the last look: sleep until lines are held
                     if stopped.is_set():
                         return
                     self._idle = True
                     self._wake.wait()
                     continue
-                emptied = self._emptied
-            if stopped.wait(_HELD_FOR):
+                seen = self._holds
+            if stopped.wait(delay):
                 return
-            with self._lock:
-                if self._emptied == emptied:  # the same lines, still held
-                    self._write_held()
 
     def _write_held(self) -> None:
         held, self._held = self._held, []
         if not held:
             return
-        self._emptied += 1
         chunk: list[str] = []
         size = 0
         for line in held:
