@@ -520,11 +520,14 @@ class SmtpListener:
         own = own[len(inherited) :]  # the ones bound here, closed here
         sockets = [*inherited, *own]
 
-        def take(conn: socket.socket) -> None:
+        def take(conn: socket.socket, address: Any) -> None:
             if self._work is None or self._closing:
                 conn.close()
                 return
-            self._work.create_task(self._attach(loop, conn))
+            # The client's address as accept() gave it: the session need
+            # not ask the kernel again (getsockname + getpeername).
+            peer = str(address[0]) if isinstance(address, tuple) and address else ""
+            self._work.create_task(self._attach(loop, conn, peer))
 
         try:
             async with anyio.create_task_group() as tg:
@@ -568,10 +571,12 @@ class SmtpListener:
             for sock in own:
                 sock.close()
 
-    async def _attach(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-        """Run a session on an accepted connection."""
+    async def _attach(
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, peer: str
+    ) -> None:
+        """Run a session on an accepted connection from ``peer``."""
         try:
-            await loop.connect_accepted_socket(lambda: SmtpSession(self), conn)
+            await loop.connect_accepted_socket(lambda: SmtpSession(self, peer=peer), conn)
         except OSError:
             conn.close()  # gone before we got to it
         except Exception as exc:  # noqa: BLE001 (a bug: serve() raises it, not the group)
