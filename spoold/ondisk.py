@@ -182,11 +182,13 @@ class OnDiskSpool:
         on_reserve: Callable[[str], None] | None = None,
         *,
         notify: bool = True,
+        records: dict[str, bytes] | None = None,
     ) -> list[Message]:
         """Durably write new messages; return them (with their ids) in order.
 
         Each record goes to the queue of its status. Nothing is left behind
-        if this raises.
+        if this raises. ``records``: filled with each message's record as
+        written (its id to the bytes of :func:`encode_record`).
         """
         built: dict[str, Message] = {}
         prefixes: dict[str, bytes] = {}  # the store asks for a prefix before the record
@@ -216,7 +218,10 @@ class OnDiskSpool:
                 msg.body_sha256 = digest.hexdigest()
                 msg.spool_dir = self._dir_text
                 built[name] = msg
-                return encode_record(msg)
+                record = encode_record(msg)
+                if records is not None:
+                    records[name] = record
+                return record
 
             return encode
 

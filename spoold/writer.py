@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 
@@ -58,9 +58,11 @@ class _Notifier:
         self._records: list[bytes | None] = []
         self._wake = anyio.Event()
 
-    def tell(self, messages: Sequence[Message]) -> None:
+    def tell(self, messages: Sequence[Message], records: Sequence[bytes] | None = None) -> None:
+        """``records``: the messages' records as written, if known (else
+        encoded here)."""
         self._pending += [m.id for m in messages]
-        self._records += [encode_record(m) for m in messages]
+        self._records += records if records is not None else [encode_record(m) for m in messages]
         self._wake.set()
 
     def flush(self) -> None:
@@ -241,10 +243,21 @@ class _WriterSubmission(Submission):
             lambda: writer.dkim,
         )
         self._notifier = notifier
+        # Records as the store wrote them, from the write to the telling:
+        # the owner gets the very bytes, not encoded a second time.
+        self._encoded: dict[str, bytes] = {}
 
     async def _write(self, new: Sequence[NewMessage]) -> list[Message]:
-        return await self._disk.add(new, notify=False)
+        records: dict[str, bytes] = {}
+        messages = await self._disk.add(new, notify=False, records=records)
+        self._encoded.update(records)  # only once all are durable
+        return messages
 
     def _written(self, messages: list[Message], frozen: bool) -> list[str]:
-        self._notifier.tell(messages)
+        encoded = self._encoded
+        records = [encoded.pop(m.id, None) for m in messages]
+        if None in records:  # not written through _write (cannot happen): encoded anew
+            self._notifier.tell(messages)
+        else:
+            self._notifier.tell(messages, cast("list[bytes]", records))
         return [m.id for m in messages]

@@ -32,11 +32,13 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spoold.body import Body, LineEndingPolicy
 from spoold.connection_cache import RouteSettings
 from spoold.daemon.config import SmtpConfig
-from spoold.daemon.ingest import Origin, Submitter
+from spoold.daemon.ingest import Origin, Submitter, missing_headers, received_header
 from spoold.daemon.listener import SmtpListener
 from spoold.daemon.routing import Router
 from spoold.message import Message, Queue
@@ -772,3 +774,72 @@ async def test_below_min_free_space_smtp_answers_452_and_takes_mail_again_later(
                 assert code == 250, text
                 await c.quit()
             assert len(ingest.messages()) == 1
+
+
+# ------------------------------------------------ headers we add, and trace
+
+_REFERENCE_END = re.compile(rb"\r\n\r\n|\n\n")
+
+
+def _reference_missing(content: bytes, sender: str | None) -> list[bytes]:
+    """The fields missing_headers adds, as the patterns it used to use say."""
+    m = _REFERENCE_END.search(content)
+    header = content[: m.start()] if m else content
+    names = [b"message-id", b"date"] + ([b"from"] if sender is not None else [])
+    return sorted(
+        n for n in names if not re.search(rb"^" + n + rb":", header, re.IGNORECASE | re.MULTILINE)
+    )
+
+
+_FIELD_LINES = st.sampled_from(
+    [
+        b"From: a@x",
+        b"FROM:b",
+        b"Date: now",
+        b"dAtE:x",
+        b"Message-ID: <1@x>",
+        b"message-id:",
+        b" date: folded",
+        b"X-Date: no",
+        b"Subject: from: no",
+        b"",
+        b"body",
+        b"date",
+        b"\rdate: cr",
+    ]
+)
+
+
+@given(
+    st.lists(st.tuples(_FIELD_LINES, st.sampled_from([b"\r\n", b"\n", b"\r", b""])), max_size=8),
+    st.sampled_from([None, "", "s@example.org"]),
+)
+def test_missing_headers_finds_fields_as_the_patterns_did(
+    lines: list[tuple[bytes, bytes]], sender: str | None
+) -> None:
+    content = b"".join(text + end for text, end in lines)
+    added = missing_headers(content, "8EAGJXcWdRMx2vGR3", "mx.example", sender=sender)
+    names = sorted(line.split(b":")[0].lower() for line in added.splitlines())
+    assert names == _reference_missing(content, sender)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"Subject: x\n\nDate: y\r\n\r\nMessage-ID: <1@x>\r\n",  # LF LF first
+        b"Subject: x\r\n\r\nDate: y\n\nMessage-ID: <1@x>\r\n",  # CRLF CRLF first
+        b"Date: y\r\nMessage-ID: <1@x>\n",  # no blank line: all header
+        b"date:y\r\n\r\n",
+    ],
+)
+def test_the_first_blank_line_ends_the_header(content: bytes) -> None:
+    added = missing_headers(content, "8EAGJXcWdRMx2vGR3", "mx.example")
+    names = sorted(line.split(b":")[0].lower() for line in added.splitlines())
+    assert names == _reference_missing(content, None)
+
+
+def test_received_header_names_a_usual_client_as_it_is_and_cleans_the_rest() -> None:
+    usual = received_header(Origin("ESMTP", "client.example", "127.0.0.1"), "ID1", "mx.example")
+    assert usual.startswith(b"Received: from client.example ([127.0.0.1])\r\n\tby mx.example ")
+    odd = received_header(Origin("ESMTP", "a b\x7f\u00e9" + "x" * 300, "::1"), "ID2", "mx")
+    assert odd.startswith(b"Received: from a?b??" + b"x" * 250 + b" ([::1])\r\n")

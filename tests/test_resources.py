@@ -32,6 +32,7 @@ from spoold.daemon import logs
 from spoold.daemon.control import MAX_CLIENTS, ControlClient
 from spoold.daemon.resources import (
     AcceptFailures,
+    accept_forever,
     install_accept_error_handler,
     raise_open_files_limit,
 )
@@ -384,3 +385,34 @@ def test_a_refused_setrlimit_is_a_warning_not_a_failure(
         ("warning", "could not raise the open files limit; going on with it")
     ]
     assert "Operation not permitted" in captured.lines[0]["error"]
+
+
+async def test_accept_forever_hands_over_each_connection_with_its_address() -> None:
+    """Every waiting connection is taken, with the address accept() gave
+    (the listener's sessions need not ask the kernel for it again); a
+    cancel stops the loop and leaves the socket unwatched."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    taken: list[tuple[socket.socket, Any]] = []
+    all_taken = asyncio.Event()
+
+    def take(conn: socket.socket, address: Any) -> None:
+        taken.append((conn, address))
+        if len(taken) == len(clients):
+            all_taken.set()
+
+    try:
+        task = asyncio.create_task(accept_forever(listener, "test", AcceptFailures(), take))
+        await asyncio.wait_for(all_taken.wait(), 10)
+        assert sorted(address for _, address in taken) == sorted(c.getsockname() for c in clients)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not asyncio.get_running_loop().remove_reader(listener.fileno())  # unwatched
+    finally:
+        for conn, _ in taken:
+            conn.close()
+        for c in clients:
+            c.close()
+        listener.close()

@@ -195,6 +195,23 @@ retry_intervals = ["30s"]
 )
 def test_route_name_for(router: Router, recipient: str, route: str) -> None:
     assert router.route_name_for(recipient) == route
+    assert router.route_name_for(recipient) == route  # asked again: the same
+
+
+def test_every_domain_is_routed_alike_however_often_asked(router: Router) -> None:
+    """A domain's route is worked out once (the router never changes): the
+    second answer is the first, for every spelling of the domain, in any
+    order; a full memo starts again."""
+    asked = ["u@a.example.org", "u@example.com", "v@EXAMPLE.COM.", "w@elsewhere.net"] * 2
+    assert [router.route_name_for(r) for r in asked] == [
+        "org",
+        "partners",
+        "partners",
+        "smarthost",
+    ] * 2
+    for n in range(5000):  # past the memo's bound
+        assert router.route_name_for(f"u@host{n}.example.org") == "org"
+    assert router.route_name_for("u@example.com") == "partners"
 
 
 # ------------------------------------------------------------ no route
@@ -211,6 +228,8 @@ def test_no_default_route_and_unmatched_recipient(tmp_path: Path) -> None:
     ):
         router.route("s@here.test", ["a@example.com", "u@elsewhere.net"])
     with pytest.raises(NoRouteError):
+        router.route_name_for("u@badexample.org")
+    with pytest.raises(NoRouteError):  # again: still no route
         router.route_name_for("u@badexample.org")
 
     # matched recipients still route

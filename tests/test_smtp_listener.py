@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.tls import TLSStream
 
+from spoold.daemon import logs
 from spoold.daemon.config import parse_config
 from spoold.daemon.ingest import Submitter
 from spoold.daemon.listener import SmtpListener, listener_settings
@@ -54,6 +56,7 @@ from tests.ingest_helpers import (
     queued_ids,
     raw_smtp,
 )
+from tests.log_helpers import logging_kept
 from tests.smtp_server import TlsCertificate
 from tests.support import free_port, spool_files, wait_until
 
@@ -386,6 +389,33 @@ async def test_dot_stuffed_content_goes_to_disk_byte_for_byte(tmp_path: Path) ->
         rb"Message-ID: <[^>]+>\r\nDate: [^\r\n]+\r\n",
         trace,
     ), trace
+
+
+async def test_each_message_taken_is_logged_as_accepted_with_its_peer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon's ``accepted`` line: the ids, the client's address (as
+    accept() gave it) and the number of recipients."""
+    with logging_kept():
+        logs.configure("json", "info")
+        with anyio.fail_after(TIMEOUT):
+            async with serving(tmp_path) as served, raw_smtp(served.port) as c:
+                code, text = await c.transaction(
+                    SENDER, [RCPT, "b@example.net"], MESSAGE + b".\r\n"
+                )
+                assert code == 250, text
+                ids = queued_ids(text)
+                await c.quit()
+        logs.flush()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    (accepted,) = [line for line in lines if line["event"] == "accepted"]
+    assert {k: v for k, v in accepted.items() if k != "timestamp"} == {
+        "ids": ids,
+        "peer": "127.0.0.1",
+        "recipients": 2,
+        "event": "accepted",
+        "level": "info",
+    }
 
 
 async def test_a_line_over_the_limit_fails_only_its_message(tmp_path: Path) -> None:

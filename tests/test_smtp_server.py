@@ -10,6 +10,7 @@ The listener over real sockets is tested in ``test_smtp_listener.py``.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spoold.daemon.smtp_server import (
     Delivery,
@@ -24,6 +27,7 @@ from spoold.daemon.smtp_server import (
     SmtpSession,
     has_long_line,
     parse_path,
+    reply_line,
 )
 from tests.support import wait_until
 
@@ -321,6 +325,36 @@ def test_long_lines_are_found_wherever_they_are() -> None:
     assert has_long_line(b"x" * 11 + b"\n", 10)
     assert not has_long_line(b"x" * 10 + b"\r" + b"y" * 10 + b"\r\n", 10)  # a bare CR ends a line
     assert not has_long_line(b"ok\r\n" * 100, 10)
+    # Past the first window: a line of exactly the limit (CRLF), one over
+    # it with a bare LF, one over it split by a bare CR, a long last line.
+    lines = b"ab\r\n" * 7
+    assert not has_long_line(lines + b"x" * 10 + b"\r\n" + lines, 10)
+    assert has_long_line(lines + b"x" * 11 + b"\n" + lines, 10)
+    assert not has_long_line(lines + b"x" * 5 + b"\r" + b"x" * 6 + b"\r\n" + lines, 10)
+    assert has_long_line(lines + b"x" * 11, 10)
+    assert not has_long_line(lines + b"x" * 10, 10)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 25), st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r", b""])),
+        max_size=20,
+    ),
+    st.integers(1, 12),
+)
+def test_long_lines_found_as_by_the_exact_search(
+    parts: list[tuple[int, bytes]], limit: int
+) -> None:
+    wire = b"".join(b"x" * n + end for n, end in parts)
+    exact = re.search(rb"(?<![^\r\n])[^\r\n]{%d}" % (limit + 1), wire) is not None
+    assert has_long_line(wire, limit) == exact
+
+
+def test_reply_lines_are_printable_ascii_and_cut_short() -> None:
+    assert reply_line("250 2.0.0 OK queued as 8EAG") == b"250 2.0.0 OK queued as 8EAG\r\n"
+    assert reply_line("550 bad\r\nDATA\x7f\u00e9") == b"550 bad??DATA??\r\n"
+    assert reply_line("x" * 500) == b"x" * 400 + b"\r\n"
+    assert reply_line("451 \u00e9" + "y" * 500, limit=6) == b"451 ?y\r\n"
 
 
 # ------------------------------------------------------------ parsing

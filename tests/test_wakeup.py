@@ -442,3 +442,28 @@ def test_a_name_sent_twice_with_two_records_is_read_from_disk() -> None:
     assert woken[a] is None  # (stays so: which one is the file's is not known)
     wakeup_merge(woken, {b: b"rec-b"}, conflicts)
     assert woken[b] == b"rec-b"  # the same one twice: kept
+
+
+async def test_a_writer_sends_each_record_as_it_wrote_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record a writer's wake-up carries is the very bytes of the
+    record file (taken from the write, not encoded a second time)."""
+    async with Spool.open(tmp_path, relay=InMemoryRelay()):
+        pass  # the spool exists; no owner runs now
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with SpoolWriter.open(
+            tmp_path, default_retry_intervals=DEFAULT_RETRY_INTERVALS
+        ) as writer:
+            held = _Held()
+            monkeypatch.setattr(writer._disk.store, "notify_owner_some", held)
+            ids = [await held.hold(writer, _batch("a@example.com")) for _ in range(3)]
+            held.told = anyio.Event()
+            pair = await writer.add(_batch("b@example.com", count=2))
+            while len(held.names) < 5:
+                await held.told.wait()
+                held.told = anyio.Event()
+    assert held.names == [*ids, *pair]
+    for name, record in zip(held.names, held.records, strict=True):
+        assert record == (tmp_path / "active" / name).read_bytes()
+        assert decode_record(record, expected_id=name).id == name

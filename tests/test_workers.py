@@ -4,12 +4,14 @@ worker stops by itself, freeing the shared SMTP port."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
+from spoold.daemon.worker import GC_YOUNG_THRESHOLD, tune_gc
 from tests.daemon_helpers import DaemonFactory, write_config
 from tests.support import WAIT_TIMEOUT, wait_until
 from tests.test_ingest import free_port
@@ -48,3 +50,15 @@ async def test_workers_stop_when_the_daemon_is_killed(
         lambda: not any(alive(p) for p in pids), "the workers to stop", timeout=WAIT_TIMEOUT
     )
     assert "the daemon is gone; ingest worker stopping" in daemon.log_text()
+
+
+def test_a_worker_collects_young_garbage_less_often() -> None:
+    """The worker's youngest generation is collected after 10,000 net new
+    objects (a message makes a few hundred); the older ones as by default."""
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+        assert GC_YOUNG_THRESHOLD == 10_000
+    finally:
+        gc.set_threshold(*before)

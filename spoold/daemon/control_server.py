@@ -211,7 +211,7 @@ class ControlServer:
     async def _accept_loop(
         self, sock: socketlib.socket, where: str, tg: anyio.abc.TaskGroup
     ) -> None:
-        def take(conn: socketlib.socket) -> None:
+        def take(conn: socketlib.socket, _address: object) -> None:
             if self.clients >= self.max_clients:
                 self._turn_away(conn)
                 return

@@ -40,9 +40,6 @@ from spoold.suppression import SuppressedRecipients, Suppressions
 __all__ = ["Submitter", "Origin", "missing_headers", "received_header", "message_id_key"]
 
 _HEADER_END = re.compile(rb"\r\n\r\n|\n\n")
-_HAS_MESSAGE_ID = re.compile(rb"^message-id:", re.IGNORECASE | re.MULTILINE)
-_HAS_DATE = re.compile(rb"^date:", re.IGNORECASE | re.MULTILINE)
-_HAS_FROM = re.compile(rb"^from:", re.IGNORECASE | re.MULTILINE)
 _STARTS_WITH_HEADER = re.compile(rb"[!-9;-~]+:")  # an RFC 5322 field name and its colon
 
 
@@ -64,16 +61,31 @@ def missing_headers(
     and ``Date:`` always, ``From:`` too when ``sender`` is given (local
     submissions, as Postfix's cleanup does for sendmail). Works on CRLF
     content and on the wire form alike: no line starts with a dot."""
-    m = _HEADER_END.search(content)
-    header = content[: m.start()] if m else content
+    # Plain searches, not patterns: the leftmost blank line (CRLF CRLF or
+    # LF LF) ends the header; a field is there when a line (at the start,
+    # or after an LF) starts with its name, in any ASCII case.
+    end = _header_end(content)
+    header = (content if end < 0 else content[:end]).lower()
     extra = b""
-    if sender is not None and not _HAS_FROM.search(header):
+    if sender is not None and not _has_field(header, b"from:"):
         extra += f"From: <{sender or 'MAILER-DAEMON'}>\r\n".encode()
-    if not _HAS_MESSAGE_ID.search(header):
+    if not _has_field(header, b"message-id:"):
         extra += f"Message-ID: <{submission_id}@{hostname}>\r\n".encode()
-    if not _HAS_DATE.search(header):
+    if not _has_field(header, b"date:"):
         extra += f"Date: {_header_date()}\r\n".encode()
     return extra
+
+
+def _header_end(content: bytes) -> int:
+    """Where ``_HEADER_END`` first matches in ``content`` (-1: nowhere)."""
+    crlf = content.find(b"\r\n\r\n")
+    lf = content.find(b"\n\n", 0, len(content) if crlf < 0 else crlf)
+    return crlf if lf < 0 else lf
+
+
+def _has_field(header: bytes, name: bytes) -> bool:
+    """Whether a line of ``header`` (lower-cased) starts with ``name``."""
+    return header.startswith(name) or b"\n" + name in header
 
 
 _MESSAGE_ID_FIELD = re.compile(
@@ -153,7 +165,10 @@ _UNSAFE = re.compile(r"[^\x21-\x7e]")
 def _clean(text: str) -> str:
     """What a client told us (its HELO name) made safe for a header: printable
     ASCII without spaces, at most 255 characters; anything else becomes '?'."""
-    return _UNSAFE.sub("?", text[:255])
+    text = text[:255]
+    if text.isascii() and text.isprintable() and " " not in text:
+        return text  # the usual name: nothing to replace
+    return _UNSAFE.sub("?", text)
 
 
 class MessageAdder(Protocol):

@@ -98,6 +98,7 @@ from spoold.errors import (
     SpooldError,
     StoreError,
 )
+from spoold.log import get_logger
 from spoold.store import Store
 from spoold.suppression import SUPPRESSED_STATUS
 from spoold.times import format_size, utcnow
@@ -105,6 +106,11 @@ from spoold.times import format_size, utcnow
 __all__ = ["SmtpListener", "ListenerSettings", "listener_settings", "FREE_SPACE_INTERVAL"]
 
 log = structlog.get_logger("spoold.smtp")
+# The one line of every message (``accepted``) goes through the library's
+# logger: the same line in the daemon's output, without structlog's proxy,
+# which builds a bound logger at each call (about 19k instructions a line
+# less, under callgrind).
+_accepted_log = get_logger("spoold.smtp")
 
 _BACKLOG = 1024
 FREE_SPACE_INTERVAL = 1.0
@@ -495,7 +501,7 @@ class SmtpListener:
         except Exception:  # never a permanent 5xx for our own trouble
             log.exception("unexpected error taking a message", peer=peer)
             return "451 4.3.0 Local error, try again later"
-        log.info("accepted", ids=ids, peer=peer, recipients=len(delivery.recipients))
+        _accepted_log.info("accepted", ids=ids, peer=peer, recipients=len(delivery.recipients))
         return f"250 2.0.0 OK queued as {' '.join(ids)}"
 
     # ------------------------------------------------------------ serving
@@ -520,11 +526,14 @@ class SmtpListener:
         own = own[len(inherited) :]  # the ones bound here, closed here
         sockets = [*inherited, *own]
 
-        def take(conn: socket.socket) -> None:
+        def take(conn: socket.socket, address: Any) -> None:
             if self._work is None or self._closing:
                 conn.close()
                 return
-            self._work.create_task(self._attach(loop, conn))
+            # The client's address as accept() gave it: the session need
+            # not ask the kernel again (getsockname + getpeername).
+            peer = str(address[0]) if isinstance(address, tuple) and address else ""
+            self._work.create_task(self._attach(loop, conn, peer))
 
         try:
             async with anyio.create_task_group() as tg:
@@ -568,10 +577,12 @@ class SmtpListener:
             for sock in own:
                 sock.close()
 
-    async def _attach(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-        """Run a session on an accepted connection."""
+    async def _attach(
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, peer: str
+    ) -> None:
+        """Run a session on an accepted connection from ``peer``."""
         try:
-            await loop.connect_accepted_socket(lambda: SmtpSession(self), conn)
+            await loop.connect_accepted_socket(lambda: SmtpSession(self, peer=peer), conn)
         except OSError:
             conn.close()  # gone before we got to it
         except Exception as exc:  # noqa: BLE001 (a bug: serve() raises it, not the group)

@@ -180,36 +180,55 @@ async def accept_forever(
     sock: socket.socket,
     where: str,
     failures: AcceptFailures,
-    take: Callable[[socket.socket], None],
+    take: Callable[[socket.socket, Any], None],
 ) -> None:
     """Accept connections on the non-blocking listening ``sock`` until
-    cancelled, handing each (non-blocking) to ``take``. An accept that fails
-    for lack of resources is counted in ``failures`` and tried again after a
-    pause growing from 0.1 s to 1 s, while the connection waits in the
-    backlog; any other error is raised. Our own loop, not the event loop's
-    server: every event loop then behaves the same (uvloop's libuv closes
-    the connections it cannot take, without a word)."""
+    cancelled, handing each to ``take`` with the client's address as
+    ``accept()`` gave it (the socket as accepted: whoever serves it makes
+    it non-blocking, as the event loop's transports do). An accept that
+    fails for lack of resources is counted in ``failures`` and tried again
+    after a pause growing from 0.1 s to 1 s, while the connection waits in
+    the backlog; any other error is raised. Our own loop, not the event
+    loop's server: every event loop then behaves the same (uvloop's libuv
+    closes the connections it cannot take, without a word). ``sock`` stays
+    watched while this runs (but during a pause): one registration with the
+    event loop, not one per wake-up."""
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:  # the loop's callback: sock has connections waiting
+        if not readable.done():
+            readable.set_result(None)
+
     pause = _FIRST_PAUSE
-    while True:
-        await anyio.wait_readable(sock)
-        while True:  # take every connection that is waiting
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionAbortedError:
-                continue  # taken back by the client before we got to it
-            except OSError as exc:
-                if exc.errno not in RESOURCE_ERRNOS:
-                    raise
-                failures.failed(where, exc)
-                await anyio.sleep(pause)
-                pause = min(pause * 2, _LONGEST_PAUSE)
-                break
-            pause = _FIRST_PAUSE
-            failures.recovered(where)
-            conn.setblocking(False)
-            take(conn)
+    loop.add_reader(fd, wake)
+    try:
+        while True:
+            await readable
+            readable = loop.create_future()
+            while True:  # take every connection that is waiting
+                try:
+                    conn, address = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except ConnectionAbortedError:
+                    continue  # taken back by the client before we got to it
+                except OSError as exc:
+                    if exc.errno not in RESOURCE_ERRNOS:
+                        raise
+                    failures.failed(where, exc)
+                    loop.remove_reader(fd)  # not woken for the same connection meanwhile
+                    await anyio.sleep(pause)
+                    pause = min(pause * 2, _LONGEST_PAUSE)
+                    readable.set_result(None)  # try again at once
+                    loop.add_reader(fd, wake)
+                    break
+                pause = _FIRST_PAUSE
+                failures.recovered(where)
+                take(conn, address)
+    finally:
+        loop.remove_reader(fd)
 
 
 def install_accept_error_handler(

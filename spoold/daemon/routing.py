@@ -47,6 +47,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Final
 
 import msgspec
 
@@ -118,6 +119,10 @@ def _route_policy(rc: RouteConfig, delivery: DeliveryPolicy, jitter: float) -> D
     )
 
 
+_UNKNOWN: Final = "\0"  # not a route name (nor a domain's): not looked up yet
+_DOMAINS_KEPT: Final = 4096  # domains remembered per Router (emptied when full)
+
+
 class Router:
     """The routes of one configuration, immutable (a reload builds a new
     one). It answers which route a recipient takes (:meth:`route_name_for`),
@@ -137,6 +142,8 @@ class Router:
         self._routes: dict[str, _Route] = {}
         self._by_hop: dict[str, RouteSettings] = {}  # the first route naming the hop
         self._by_sender: dict[str, str] = {}  # 'a@example.org' or '@example.org': route
+        # A recipient domain's ``domains`` route (None: none), once looked up.
+        self._by_domain: dict[str, str | None] = {}
         jitter = config.spool.retry_jitter
         delivery = delivery_policy(config)
         self._no_route = DestinationPolicy(delivery=delivery)
@@ -228,10 +235,23 @@ class Router:
         """A route whose ``senders`` match ``sender`` (:meth:`sender_route_for`);
         else the most specific ``domains`` match for the recipient: an exact
         domain, else the longest ``.suffix`` rule; else the default route."""
-        by_sender = self.sender_route_for(sender) if sender else None
+        by_sender = self.sender_route_for(sender) if sender and self._by_sender else None
         if by_sender is not None:
             return by_sender
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
+        known = self._by_domain.get(domain, _UNKNOWN)
+        if known is _UNKNOWN:  # the routes are fixed: each domain is worked out once
+            if len(self._by_domain) >= _DOMAINS_KEPT:
+                self._by_domain.clear()
+            known = self._by_domain[domain] = self._domain_route(domain)
+        if known is not None:
+            return known
+        if self.default_route is None:
+            raise NoRouteError(f"no route for {recipient} and no relay.default_route")
+        return self.default_route
+
+    def _domain_route(self, domain: str) -> str | None:
+        """The most specific ``domains`` match for ``domain`` (None: none)."""
         best: tuple[int, str] | None = None
         for name, route in self._routes.items():
             for d in route.config.domains:
@@ -243,11 +263,7 @@ class Router:
                     continue
                 if best is None or score > best[0]:
                     best = (score, name)
-        if best is not None:
-            return best[1]
-        if self.default_route is None:
-            raise NoRouteError(f"no route for {recipient} and no relay.default_route")
-        return self.default_route
+        return None if best is None else best[1]
 
     def _groups(self, sender: str, recipients: Sequence[str]) -> dict[tuple[str, str], list[str]]:
         """Recipients per (route, domain); the domain only for MX routes."""

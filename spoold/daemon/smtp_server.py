@@ -120,7 +120,10 @@ _SOURCE_ROUTE = re.compile(r"@[^,:@<>\s]+(?:,@[^,:@<>\s]+)*:")
 def reply_line(text: str, limit: int = 400) -> bytes:
     """``text`` as one reply line: printable ASCII, at most ``limit``
     characters, CRLF."""
-    return _UNPRINTABLE.sub("?", text[:limit]).encode("ascii") + b"\r\n"
+    text = text[:limit]
+    if text.isascii() and text.isprintable():  # the usual reply: nothing to replace
+        return text.encode("ascii") + b"\r\n"
+    return _UNPRINTABLE.sub("?", text).encode("ascii") + b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,9 +281,21 @@ def _ehlo_reply(hostname: str, size: int, starttls: bool, auth: bool) -> bytes:
 def has_long_line(wire: bytes, limit: int) -> bool:
     """Whether a line of ``wire`` is longer than ``limit`` octets (without
     its line ending; a bare CR or LF ends a line too)."""
-    if len(wire) <= limit or max(map(len, wire.split(b"\n"))) <= limit:
-        return False  # the common case, at C speed
-    return _long_line(limit).search(wire) is not None
+    # The common case without looking at each byte: from a line's start,
+    # the last LF of the next ``limit`` + 2 octets (one memrchr) ends lines
+    # that are all short enough (measured up to their LF, a bare CR in them
+    # only makes them shorter), except one that fills the whole window with
+    # no CR before its LF; the next window starts after that LF. About one
+    # step per ``limit`` octets. Otherwise (no LF there, or that one line):
+    # maybe a long line, and the exact search decides from that line on.
+    start = 0
+    end = len(wire)
+    while end - start > limit:
+        lf = wire.rfind(b"\n", start, start + limit + 2)
+        if lf < 0 or (lf == start + limit + 1 and wire[lf - 1] != 13):
+            return _long_line(limit).search(wire, start) is not None
+        start = lf + 1
+    return False
 
 
 @functools.lru_cache(maxsize=16)
@@ -310,12 +325,15 @@ _AuthStep = Callable[["SmtpSession", bytes], None]
 class SmtpSession(asyncio.Protocol):
     """One SMTP connection; see the module docstring."""
 
-    def __init__(self, host: SessionHost) -> None:
+    def __init__(self, host: SessionHost, *, peer: str | None = None) -> None:
+        """``peer``: the client's IP address when the caller knows it (from
+        ``accept()``); None: asked of the transport."""
         self._host = host
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._policy: SessionPolicy | None = None
-        self._peer = ""
+        self._peer = "" if peer is None else peer
+        self._ask_peer = peer is None
         self._trusted = False
         self._opened = False  # open_session accepted us: close_session is owed
         self._state = SessionState.COMMAND
@@ -354,8 +372,9 @@ class SmtpSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's too)
         self._transport = transport
-        peer = transport.get_extra_info("peername")
-        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if self._ask_peer:
+            peer = transport.get_extra_info("peername")
+            self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         opened = self._host.open_session(self, self._peer)
         if isinstance(opened, str):
             self._state = SessionState.CLOSED

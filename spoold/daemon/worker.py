@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import os
 import socket
 import sys
@@ -224,6 +225,22 @@ async def _reload(state: _State, writer: SpoolWriter) -> _State:
     return new
 
 
+GC_YOUNG_THRESHOLD = 10_000
+"""The worker's first-generation threshold of the cyclic garbage collector
+(Python's default: 700)."""
+
+
+def tune_gc() -> None:
+    """Collect the youngest generation after 10,000 net new objects, not 700.
+    A message makes a few hundred short-lived objects, nearly all freed by
+    reference counting; with the default threshold the collector ran every
+    few messages and traversed what was alive then: about 30k instructions
+    a message of the worker's 1.15 M (callgrind, in-process ingest); this
+    threshold saves nearly all of that. The older generations keep their
+    thresholds; what waits for the collector in between is a few MB at most."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="spoold-ingest-worker", description=__doc__)
     parser.add_argument("--config", required=True)
@@ -232,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lifeline-fd", type=int, default=None)
     args = parser.parse_args(argv)
     fds = [int(f) for f in args.fds.split(",") if f]
+    tune_gc()
     sys.exit(
         anyio.run(
             run_worker,
