@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from spoold.store.batching import Batches
+from tests.support import WAIT_TIMEOUT
 
 
 @dataclass(eq=False)
@@ -125,3 +126,42 @@ async def test_a_job_cancelled_while_waiting_never_runs(count: int) -> None:
         runner.gate.set()
     assert runner.batches == [["busy"]]
     assert not any(job.done for job in waiting)
+
+
+async def test_a_bystander_cancelled_before_the_runner_leaves_when_its_job_is_handed_back() -> None:
+    # Two callers share a batch. The one not running it is cancelled first
+    # (it waits, shielded, for its job), then the runner before its run did
+    # anything: the job handed back never ran, so its caller leaves too,
+    # instead of waiting for a batch nobody will run.
+    runner = Runner()
+    batches = Batches[Job](runner.run)
+    jobs = {name: Job(name) for name in ("one", "two")}
+    scopes = {name: anyio.CancelScope() for name in jobs}
+    tasks: dict[asyncio.Task[object] | None, str] = {}
+    left = {name: anyio.Event() for name in jobs}
+
+    async def submit(name: str) -> None:
+        tasks[asyncio.current_task()] = name
+        with scopes[name]:
+            try:
+                await batches.submit(jobs[name])
+            finally:
+                left[name].set()
+
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit, "one")
+            tg.start_soon(submit, "two")
+            await runner.started.wait()
+            running = tasks[runner.task]
+            bystander = "two" if running == "one" else "one"
+            scopes[bystander].cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert not left[bystander].is_set()  # shielded: its job is in the batch
+            scopes[running].cancel()
+            await left[running].wait()
+            await left[bystander].wait()
+
+    assert scopes[running].cancelled_caught and scopes[bystander].cancelled_caught
+    assert not any(job.done for job in jobs.values())
+    assert len(runner.batches) == 1  # nothing ran again

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import importlib.util
 import threading
+import weakref
 from pathlib import Path
 
 import anyio
@@ -193,3 +195,37 @@ async def test_a_drain_after_a_cancelled_one_still_waits(tmp_path: Path) -> None
             await second
             assert blocker.finished
     hops.stop_sync()
+
+
+class _Arguments:
+    """What a call is given (a message body, say), weakly referable."""
+
+
+async def test_a_failed_call_frees_its_arguments_without_waiting_for_the_collector(
+    tmp_path: Path,
+) -> None:
+    # A refused write (a full disk) must not leave a reference cycle that
+    # holds the message until the next full garbage collection: a worker
+    # refusing many large messages would pile them up in memory.
+    hops = WorkerHops(tmp_path, 2)
+
+    def refuse(_: _Arguments) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    arguments = _Arguments()
+    gone = weakref.ref(arguments)
+    gc.disable()
+    try:
+        try:  # not pytest.raises, which would keep the error, and so the call
+            await hops.run(refuse, arguments)
+        except StoreError:
+            pass
+        else:
+            pytest.fail("the call did not fail")
+        await hops.drain()
+        hops.stop_sync()  # its threads are gone: only a cycle could hold them now
+        await asyncio.sleep(0)  # the loop's callbacks holding the answered future run
+        del arguments
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -85,6 +85,9 @@ class Batches(Generic[_J]):
             else:
                 with anyio.CancelScope(shield=True):
                     while not job.done:
+                        if job in self._waiting:  # handed back by a cancelled runner: never ran
+                            self._waiting.remove(job)
+                            break
                         await self._batch_over()
             raise
 

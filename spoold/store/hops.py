@@ -134,22 +134,28 @@ class _Threads:
                         self._answered()
                         raise
         try:
-            return await job.future  # type: ignore[no-any-return]
-        except asyncio.CancelledError:
-            if not job.answered:
-                try:
-                    job.token.pop()
-                except IndexError:  # running or ran: wait for it to end
-                    while not job.answered:
-                        job.future = loop.create_future()
-                        try:
-                            with anyio.CancelScope(shield=True):
-                                await job.future
-                        except asyncio.CancelledError:
-                            continue
-                else:  # dropped: no thread will run it
-                    self._answered()
-            raise
+            try:
+                return await job.future  # type: ignore[no-any-return]
+            except asyncio.CancelledError:
+                if not job.answered:
+                    try:
+                        job.token.pop()
+                    except IndexError:  # running or ran: wait for it to end
+                        while not job.answered:
+                            job.future = loop.create_future()
+                            try:
+                                with anyio.CancelScope(shield=True):
+                                    await job.future
+                            except asyncio.CancelledError:
+                                continue
+                    else:  # dropped: no thread will run it
+                        self._answered()
+                raise
+        finally:
+            # A failed call leaves no cycle (this frame, the job, its future,
+            # the error, its traceback, this frame) to hold its arguments,
+            # a message body perhaps, until a full garbage collection.
+            del job
 
     def _work(self) -> None:
         get = self._queue.get
@@ -175,6 +181,7 @@ class _Threads:
             # RuntimeError: the loop is closed, nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
                 job.loop.call_soon_threadsafe(self._answer, job)
+            del job  # an idle thread holds no call's arguments
 
     def _answer(self, job: _Job) -> None:
         """On the loop: hand ``job``'s outcome to its caller."""
