@@ -250,12 +250,15 @@ class _WriterSubmission(Submission):
     async def _write(self, new: Sequence[NewMessage]) -> list[Message]:
         records: dict[str, bytes] = {}
         messages = await self._disk.add(new, notify=False, records=records)
-        self._encoded.update(records)  # only once all are durable
+        # Only once all are durable; no await from here to _written, so
+        # these are this add's records (a write not followed by a telling
+        # leaves one dict behind, replaced by the next write, never more).
+        self._encoded = records
         return messages
 
     def _written(self, messages: list[Message], frozen: bool) -> list[str]:
-        encoded = self._encoded
-        records = [encoded.pop(m.id, None) for m in messages]
+        encoded, self._encoded = self._encoded, {}
+        records = [encoded.get(m.id) for m in messages]
         if None in records:  # not written through _write (cannot happen): encoded anew
             self._notifier.tell(messages)
         else:

@@ -87,7 +87,13 @@ from spoold.daemon.auth_failures import AuthFailureLog
 from spoold.daemon.config import SmtpConfig
 from spoold.daemon.ingest import Origin, Submitter, message_id_key
 from spoold.daemon.resources import AcceptFailures, accept_forever
-from spoold.daemon.smtp_server import Delivery, SessionPolicy, SmtpSession, reply_line
+from spoold.daemon.smtp_server import (
+    Delivery,
+    SessionPolicy,
+    SmtpSession,
+    peer_ip,
+    reply_line,
+)
 from spoold.daemon.workers import worker_count
 from spoold.errors import (
     BareLineEndingError,
@@ -532,8 +538,7 @@ class SmtpListener:
                 return
             # The client's address as accept() gave it: the session need
             # not ask the kernel again (getsockname + getpeername).
-            peer = str(address[0]) if isinstance(address, tuple) and address else ""
-            self._work.create_task(self._attach(loop, conn, peer))
+            self._work.create_task(self._attach(loop, conn, peer_ip(address)))
 
         try:
             async with anyio.create_task_group() as tg:

@@ -218,6 +218,12 @@ class SessionHost(Protocol):
 # ------------------------------------------------------------ path syntax
 
 
+def peer_ip(address: object) -> str:
+    """The client's IP address from a socket address as accept() or a
+    transport gives it; ``""`` for one with none (a Unix socket)."""
+    return str(address[0]) if isinstance(address, tuple) and address else ""
+
+
 def parse_path(text: str) -> tuple[str, str] | None:
     """Split ``<path> params`` (RFC 5321 §4.1.2): the mailbox (``""`` for
     ``<>``; a source route ``@a,@b:`` is dropped) and the rest after the
@@ -373,8 +379,7 @@ class SmtpSession(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's too)
         self._transport = transport
         if self._ask_peer:
-            peer = transport.get_extra_info("peername")
-            self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            self._peer = peer_ip(transport.get_extra_info("peername"))
         opened = self._host.open_session(self, self._peer)
         if isinstance(opened, str):
             self._state = SessionState.CLOSED
