@@ -361,8 +361,9 @@ class _Header:
 
 class _KeyPlan:
     """What every signature of one key shares (made once per signer): the
-    fields it signs, those it oversigns, its first tags folded, and its
-    signing call."""
+    fields it signs, those it oversigns, its first tags folded, its signing
+    call, and for each order of field names seen, which fields it hashes
+    and its ``h=`` tag folded (messages of one program share an order)."""
 
     def __init__(self, key: DkimKey) -> None:
         self.wanted = frozenset(h.lower() for h in key.headers)
@@ -370,8 +371,7 @@ class _KeyPlan:
         self.oversigned = [
             n for n in dict.fromkeys(h.lower() for h in key.headers) if n in OVERSIGNED_HEADERS
         ]
-        self.head, self.column = _fold_from(
-            [],
+        self.head = _fold(
             len(_SIGNATURE_NAME),
             [
                 ("v=1;", " "),
@@ -381,6 +381,7 @@ class _KeyPlan:
                 (f"s={key.selector};", " "),
             ],
         )
+        self._orders: dict[tuple[tuple[str, ...], int], tuple[list[int], _Folded]] = {}
         private = key.private_key
         self._sign: Callable[[bytes], bytes]
         if isinstance(private, rsa.RSAPrivateKey):
@@ -395,52 +396,84 @@ class _KeyPlan:
 
     def sign(self, header: _Header, body_hash: str, timestamp: int) -> bytes:
         """One ``DKIM-Signature:`` field (CRLF-terminated) of the message."""
+        head = self.head
+        stamp = _fold(head.column, [(f"t={timestamp};", " ")])
+        order = (tuple(header.names), stamp.column)
+        planned = self._orders.get(order)
+        if planned is None:
+            planned = self._plan(header, stamp.column)
+            if len(self._orders) >= _ORDERS_KEPT:
+                self._orders.clear()
+            self._orders[order] = planned
+        taken, names = planned
+        tail = _fold(names.column, [(f"bh={body_hash};", " "), ("b=", " ")])
+        hashed = hashlib.sha256()
+        for i in taken:
+            hashed.update(header.canonical(i))
+        # The field itself, relaxed (its folds one space, no space at its
+        # ends), without its CRLF.
+        value = head.canonical + stamp.canonical + names.canonical + tail.canonical
+        hashed.update(b"dkim-signature:" + value.strip().encode())
+        b64 = base64.b64encode(self._sign(hashed.digest())).decode()
+        b = _fold(tail.column, [(b64[i : i + 64], "") for i in range(0, len(b64), 64)])
+        folded = head.text + stamp.text + names.text + tail.text + b.text
+        return b"DKIM-Signature:" + folded.encode() + b"\r\n"
+
+    def _plan(self, header: _Header, column: int) -> tuple[list[int], _Folded]:
+        """For ``header``'s order of field names: the fields hashed, in
+        order, and the ``h=`` tag folded from ``column``."""
         wanted = self.wanted
         names = [n for n in header.names if n in wanted] + self.oversigned
         # Each name takes the lowest instance not taken yet (RFC 6376 §5.4.2).
         left: dict[str, list[int]] = {}
-        hashed = hashlib.sha256()
+        taken = []
         for name in names:
             instances = left.get(name)
             if instances is None:
                 instances = left[name] = list(header.instances(name))
             if instances:
-                hashed.update(header.canonical(instances.pop()))
-        segments = [(f"t={timestamp};", " ")]
+                taken.append(instances.pop())
         last = len(names) - 1
-        segments += [
+        segments = [
             (("h=" if i == 0 else "") + name + (":" if i < last else ";"), " " if i == 0 else "")
             for i, name in enumerate(names)
         ]
-        segments += [(f"bh={body_hash};", " "), ("b=", " ")]
-        out = list(self.head)
-        out, column = _fold_from(out, self.column, segments)
-        unsigned = "".join(out).encode()
-        # The field itself is hashed without its CRLF.
-        hashed.update(_relaxed_header(_SIGNATURE_NAME_BYTES, unsigned + b"\r\n")[:-2])
-        b64 = base64.b64encode(self._sign(hashed.digest())).decode()
-        out, _ = _fold_from(out, column, [(b64[i : i + 64], "") for i in range(0, len(b64), 64)])
-        return _SIGNATURE_NAME_BYTES + b":" + "".join(out).encode() + b"\r\n"
+        return taken, _fold(column, segments)
+
+
+_ORDERS_KEPT = 1024  # orders of field names a key remembers
+
+
+@dataclass(frozen=True, slots=True)
+class _Folded:
+    """A run of a field's value: as written (``text``, folded), in relaxed
+    form (``canonical``: a fold is one space), and the column it ends at."""
+
+    text: str
+    canonical: str
+    column: int
 
 
 _SIGNATURE_NAME = "DKIM-Signature:"
-_SIGNATURE_NAME_BYTES = b"DKIM-Signature"
 
 
-def _fold_from(
-    out: list[str], column: int, segments: list[tuple[str, str]]
-) -> tuple[list[str], int]:
-    """``out`` (a field's value so far, ending at ``column``) followed by
-    ``segments`` (text, what joins it to the one before on the same line),
-    folded before ``_WIDTH`` columns with CRLF TAB where a segment would not
-    fit; and the column it ends at."""
+def _fold(column: int, segments: list[tuple[str, str]]) -> _Folded:
+    """``segments`` (text, what joins it to the one before on the same
+    line) after ``column``, folded before ``_WIDTH`` columns with CRLF TAB
+    where a segment would not fit. No text holds whitespace, so the relaxed
+    form is the joints and texts with each fold one space."""
+    out: list[str] = []
+    canonical: list[str] = []
     for text, joint in segments:
         if column + len(joint) + len(text) > _WIDTH and column > 1:
             out.append("\r\n\t")
+            canonical.append(" ")
             column = 8  # a tab, as most readers show it
         else:
             out.append(joint)
+            canonical.append(joint)
             column += len(joint)
         out.append(text)
+        canonical.append(text)
         column += len(text)
-    return out, column
+    return _Folded("".join(out), "".join(canonical), column)
