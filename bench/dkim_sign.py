@@ -7,8 +7,8 @@ and a 100 KiB message (scenario a's and b's sizes in vs_postfix.py).
 Prints the median and the 90th percentile of the wall time of one signature
 (``--runs`` of each, after a few not counted), the CPU time of one
 signature (what the wall time is on a busy machine), and the cost of the
-worker thread hop spoold signs a message over 64 KiB in
-(``anyio.to_thread.run_sync`` of nothing). The
+worker thread hop spoold signs in (``anyio.to_thread.run_sync`` of
+nothing). The
 whole daemon with signing on is ``vs_postfix.py --dkim none,rsa,ed25519``.
 
 Usage: ``.venv/bin/python bench/dkim_sign.py [--runs 300]``

@@ -27,12 +27,10 @@ hashed straight from the wire bytes, without a copy, and only its empty
 lines at the end are left out; any other body goes through the
 substitutions. The signature itself is made with ``cryptography``
 (dkimpy's RSA is pure Python: 12-14 ms a message for a 2048-bit key on the
-reference machine; ``bench/dkim_sign.py``). ``cryptography`` holds the GIL
-while it signs (an RSA-2048 signature is about 0.4 ms of it), so a worker
-thread would not let the caller's event loop run meanwhile:
-:data:`SIGN_INLINE_MAX` says up to which size a caller may as well sign on
-its loop. The header fields signed are those of the key's list present in the message,
-each instance once; those of the list that a message has at most once
+reference machine; ``bench/dkim_sign.py``); it holds the GIL while it
+signs (an RSA-2048 signature is about 0.4 ms of it). The header fields
+signed are those of the key's list present in the message, each instance
+once; those of the list that a message has at most once
 (:data:`OVERSIGNED_HEADERS`: ``From``, ``Subject``, ``Reply-To``, ...) are
 listed once more than they appear, absent ones once ("oversigned"), so
 none can be added without breaking the signature. ``t=``
@@ -73,7 +71,6 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_SIGNED_FIELDS",
     "OVERSIGNED_HEADERS",
-    "SIGN_INLINE_MAX",
     "DkimOutcome",
     "DkimSigner",
 ]
@@ -128,13 +125,6 @@ _WIDTH = 78  # header lines are folded before this
 MAX_HEADER_BYTES = 1 << 20  # the header section, in wire form
 MAX_FROM_CHARS = 2000  # the From: field's value, unfolded
 MAX_SIGNED_FIELDS = 1000  # fields a signature lists (h=); a real message has tens
-# Up to this size (wire bytes) signing a message costs about the key's own
-# operation (RSA-2048: 0.4 ms; Ed25519: 0.05 ms) and its body hash well under
-# 0.1 ms: a caller signs it on its event loop rather than pay a worker
-# thread's hop, which would gain nothing (the key operation holds the GIL).
-# A larger body is canonicalised and hashed in a worker thread (hashlib lets
-# go of the GIL while it hashes).
-SIGN_INLINE_MAX = 1 << 16
 _RSA_PADDING = padding.PKCS1v15()
 _PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
 _FROM_MEMO_SIZE = 4096  # From: values whose domain is remembered

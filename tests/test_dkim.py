@@ -606,18 +606,14 @@ async def test_spool_add_signs_once_and_a_retry_sends_the_same_bytes(tmp_path: P
     assert dkimpy_verify_all(message, dns_for(k)) == 1
 
 
-async def test_small_and_large_messages_are_signed_on_either_side_of_the_inline_limit(
-    tmp_path: Path,
-) -> None:
-    """Up to SIGN_INLINE_MAX a message is signed on the loop, over it in a
-    worker thread: both are stored signed, and the signatures verify."""
+async def test_a_message_of_several_hashing_chunks_is_signed_through_add(tmp_path: Path) -> None:
+    """A body over one hashing chunk (and one under), added: stored signed,
+    and the signatures verify."""
     k = key("example.org", "s1", RSA_KEY)
     head = b"From: a@example.org\r\nSubject: size\r\n\r\n"
     line = b"x" * 78 + b"\r\n"
-    small = head + line * ((spoold.dkim.SIGN_INLINE_MAX - 200) // len(line))
-    large = head + line * (spoold.dkim.SIGN_INLINE_MAX // len(line) + 100) + b"..dot\r\n"
-    assert len(Body.from_content(small).wire) <= spoold.dkim.SIGN_INLINE_MAX
-    assert len(Body.from_content(large).wire) > spoold.dkim.SIGN_INLINE_MAX
+    small = head + line * 20
+    large = head + line * (3 * spoold.dkim._CHUNK // len(line)) + b"..dot\r\n"
     relay = InMemoryRelay()
     with anyio.fail_after(20):
         async with Spool.open(tmp_path, relay=relay, dkim=DkimSigner([k])) as spool:
