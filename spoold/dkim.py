@@ -19,13 +19,18 @@ the ``DKIM-Signature:`` header fields to put before it, one per key of the
 * every key of that domain signs: two keys of one domain (a rotation, or
   RSA next to Ed25519) give two signatures, in the order of the keys.
 
-Canonicalisation is relaxed/relaxed, done by dkimpy's own canonicaliser
-(``dkim.canonicalization``); the signature itself is made with
-``cryptography`` (dkimpy's RSA is pure Python: 12-14 ms a message for a
-2048-bit key on the reference machine, against 0.5 ms for the whole
-signature here, canonicalisation included; ``bench/dkim_sign.py``). The
-header fields signed are those of the key's list present in the message,
-each instance once; those of the list that a message has at most once
+Canonicalisation is relaxed/relaxed, done here (the same steps, in the
+same order, as dkimpy's ``dkim.canonicalization``, which the tests check
+it against byte for byte): a body with nothing to change (no tab, no run
+of spaces, no space at a line's end, no dot-stuffing: the usual case) is
+hashed straight from the wire bytes, without a copy, and only its empty
+lines at the end are left out; any other body goes through the
+substitutions. The signature itself is made with ``cryptography``
+(dkimpy's RSA is pure Python: 12-14 ms a message for a 2048-bit key on the
+reference machine; ``bench/dkim_sign.py``); it holds the GIL while it
+signs (an RSA-2048 signature is about 0.4 ms of it). The header fields
+signed are those of the key's list present in the message, each instance
+once; those of the list that a message has at most once
 (:data:`OVERSIGNED_HEADERS`: ``From``, ``Subject``, ``Reply-To``, ...) are
 listed once more than they appear, absent ones once ("oversigned"), so
 none can be added without breaking the signature. ``t=``
@@ -49,13 +54,11 @@ from __future__ import annotations
 
 import base64
 import email.utils
-import functools
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
@@ -108,26 +111,23 @@ class DkimOutcome:
     no_key: bool = False
 
 
-@functools.cache
-def _relaxed() -> Any:
-    """dkimpy's relaxed/relaxed canonicaliser, imported at the first signer
-    made (importing dkimpy loads dnspython and PyNaCl, which a program that
-    signs nothing need not pay for)."""
-    from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
-
-    return CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-
-
 _HEADER_END = re.compile(rb"\r\n\r\n")
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _CHUNK = 1 << 16  # body bytes canonicalised at a time
 _LINE_WITH_TEXT = re.compile(rb"[^ \t\r\n]\r\n")  # a chunk may end after one
+# Relaxed canonicalisation (RFC 6376 §3.4.2, §3.4.4), as dkimpy writes it.
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+_WSP = re.compile(rb"[\t ]+")
+_LINE_BREAK = re.compile(rb"\r?\n")
 _WIDTH = 78  # header lines are folded before this
 # Beyond these a message goes unsigned (no receiver needs more, and the
 # parse stays cheap whatever a client sends).
 MAX_HEADER_BYTES = 1 << 20  # the header section, in wire form
 MAX_FROM_CHARS = 2000  # the From: field's value, unfolded
 MAX_SIGNED_FIELDS = 1000  # fields a signature lists (h=); a real message has tens
+_RSA_PADDING = padding.PKCS1v15()
+_PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
+_FROM_MEMO_SIZE = 4096  # From: values whose domain is remembered
 
 
 class DkimSigner:
@@ -135,13 +135,16 @@ class DkimSigner:
 
     def __init__(self, keys: Sequence[DkimKey]) -> None:
         self.keys = tuple(keys)
-        if self.keys:
-            _relaxed()
         seen: set[tuple[str, str]] = set()
         for key in self.keys:
             if (key.domain, key.selector) in seen:
                 raise ValueError(f"two keys for selector {key.selector} of {key.domain}")
             seen.add((key.domain, key.selector))
+        # What each key's signatures share, made once per signer (a reload
+        # makes a new one): not per message.
+        self._plans = {id(key): _KeyPlan(key) for key in self.keys}
+        # From: values (as in the message) and their domains, or why none.
+        self._from_memo: dict[bytes, tuple[str | None, str]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.keys)
@@ -178,20 +181,37 @@ class DkimSigner:
         fields = _parse_fields(unstuff(wire[:head_end]))
         if fields is None:
             return DkimOutcome(reason="malformed header section")
-        domain, why = _from_domain(fields)
+        domain, why = self._from_domain(fields)
         if domain is None:
             return DkimOutcome(reason=why)
         keys = self.keys_for(domain)
         if not keys:
             return DkimOutcome(reason=f"no key for {domain}", no_key=True)
-        wanted = {h.lower() for k in keys for h in k.headers}
-        if sum(1 for n, _ in fields if n.decode().lower() in wanted) > MAX_SIGNED_FIELDS:
+        names = [n.decode().lower() for n, _ in fields]
+        plans = [self._plans[id(k)] for k in keys]
+        wanted = set().union(*(plan.wanted for plan in plans))
+        if sum(1 for n in names if n in wanted) > MAX_SIGNED_FIELDS:
             return DkimOutcome(reason="too many header fields to sign")
         body_hash = base64.b64encode(_relaxed_body_hash(wire, body_start)).decode()
-        canonical = _relaxed().canonicalize_headers(fields)
+        header = _Header(fields, names)
         timestamp = int(now.timestamp())
-        header = b"".join(_signature(key, fields, canonical, body_hash, timestamp) for key in keys)
-        return DkimOutcome(header, tuple((k.domain, k.selector) for k in keys))
+        signatures = b"".join(plan.sign(header, body_hash, timestamp) for plan in plans)
+        return DkimOutcome(signatures, tuple((k.domain, k.selector) for k in keys))
+
+    def _from_domain(self, fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
+        """:func:`_from_domain`, remembered by the ``From:`` value (a spool
+        signs mail of few senders: each one's address is read once)."""
+        values = [v for n, v in fields if n.lower() == b"from"]
+        if len(values) != 1:
+            return None, "no From: field" if not values else "more than one From: field"
+        memo = self._from_memo
+        found = memo.get(values[0])
+        if found is None:
+            found = _from_domain(values[0])
+            if len(memo) >= _FROM_MEMO_SIZE:
+                memo.clear()
+            memo[values[0]] = found
+        return found
 
 
 def _parse_fields(head: bytes) -> list[tuple[bytes, bytes]] | None:
@@ -215,12 +235,10 @@ def _parse_fields(head: bytes) -> list[tuple[bytes, bytes]] | None:
     return [(n, b"\r\n".join(v) + b"\r\n") for n, v in zip(names, values, strict=True)]
 
 
-def _from_domain(fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
-    """The domain of the one address of the one ``From:``, or None and why."""
-    values = [v for n, v in fields if n.lower() == b"from"]
-    if len(values) != 1:
-        return None, "no From: field" if not values else "more than one From: field"
-    text = values[0].decode("utf-8", "replace").replace("\r\n", "")
+def _from_domain(value: bytes) -> tuple[str | None, str]:
+    """The domain of the one address of the ``From:`` field ``value``, or
+    None and why."""
+    text = value.decode("utf-8", "replace").replace("\r\n", "")
     if len(text) > MAX_FROM_CHARS:
         return None, "From: too long"
     try:
@@ -241,85 +259,211 @@ def _relaxed_body_hash(wire: bytes, start: int) -> bytes:
     more than whitespace, so the canonicaliser's "empty lines at the end"
     are only ever those at the end of the body."""
     h = hashlib.sha256()
+    view = memoryview(wire)
     pos = start
     while True:
         m = _LINE_WITH_TEXT.search(wire, pos + _CHUNK) if len(wire) - pos > _CHUNK else None
         cut = m.end() if m else len(wire)
-        h.update(_relaxed().canonicalize_body(unstuff(wire[pos:cut])))
+        h.update(_relaxed_chunk(wire, view, pos, cut))
         if m is None:
             return h.digest()
         pos = cut
 
 
-def _signature(
-    key: DkimKey,
-    fields: list[tuple[bytes, bytes]],
-    canonical: list[tuple[bytes, bytes]],
-    body_hash: str,
-    timestamp: int,
-) -> bytes:
-    """One ``DKIM-Signature:`` field (CRLF-terminated) by ``key``."""
-    wanted = {h.lower() for h in key.headers}
-    names = [n.decode().lower() for n, _ in fields if n.decode().lower() in wanted]
-    # Oversigned: one more of each field a message has at most once.
-    names += [n for n in dict.fromkeys(h.lower() for h in key.headers) if n in OVERSIGNED_HEADERS]
-    # Each name takes the lowest instance not taken yet (RFC 6376 §5.4.2).
-    taken: dict[str, int] = {}
-    hashed = hashlib.sha256()
-    for name in names:
-        i = taken.get(name, len(canonical))
-        while i > 0:
-            i -= 1
-            if canonical[i][0].decode() == name:
-                hashed.update(canonical[i][0] + b":" + canonical[i][1])
-                break
-        taken[name] = i
-    segments = [
-        ("v=1;", " "),
-        (f"a={key.algorithm.value};", " "),
-        ("c=relaxed/relaxed;", " "),
-        (f"d={key.domain};", " "),
-        (f"s={key.selector};", " "),
-        (f"t={timestamp};", " "),
-    ]
-    segments += [
-        (
-            ("h=" if i == 0 else "") + name + (":" if i < len(names) - 1 else ";"),
-            " " if i == 0 else "",
-        )
-        for i, name in enumerate(names)
-    ]
-    segments += [(f"bh={body_hash};", " "), ("b=", " ")]
-    unsigned = _fold("DKIM-Signature:", segments)
-    ((own_name, own_value),) = _relaxed().canonicalize_headers(
-        [(b"DKIM-Signature", unsigned.encode())]
-    )
-    hashed.update(own_name + b":" + own_value.rstrip(b"\r\n"))  # hashed without its CRLF
-    digest = hashed.digest()
-    if isinstance(key.private_key, rsa.RSAPrivateKey):
-        signature = key.private_key.sign(
-            digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())
-        )
+def _relaxed_chunk(wire: bytes, view: memoryview, lo: int, hi: int) -> bytes | memoryview:
+    """The relaxed canonical form of ``wire[lo:hi]``, whole lines of the
+    body in wire form: a view of ``wire`` when there is nothing to change
+    but empty lines at the end (found by C-speed searches), else a copy."""
+    if lo == hi:
+        return b""
+    if (
+        wire.startswith(b".", lo)
+        or wire.find(b"\n.", lo, hi) >= 0  # dot-stuffed
+        or wire.find(b"\t", lo, hi) >= 0
+        or wire.find(b"  ", lo, hi) >= 0
+        or wire.find(b" \r\n", lo, hi) >= 0  # whitespace to take out
+        or not wire.endswith(b"\r\n", lo, hi)
+    ):
+        return _relaxed_body(unstuff(wire[lo:hi]))
+    end = hi
+    while wire.endswith(b"\r\n", lo, end - 2):
+        end -= 2  # an empty line at the end
+    return b"" if end - lo == 2 else view[lo:end]  # a body of empty lines is empty
+
+
+def _relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 §3.4.4 on ``body`` (not dot-stuffed): no whitespace at a
+    line's end, runs of whitespace one space, no empty lines at the end, a
+    CRLF at the end of a body that has text, and nothing for one that has
+    none: dkimpy's steps, in its order."""
+    body = _WSP.sub(b" ", _TRAILING_WSP.sub(b"\r\n", body))
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
     else:
-        signature = key.private_key.sign(digest)  # RFC 8463: Ed25519 over the SHA-256
-    b64 = base64.b64encode(signature).decode()
-    segments += [(b64[i : i + 64], "") for i in range(0, len(b64), 64)]
-    return b"DKIM-Signature:" + _fold("DKIM-Signature:", segments).encode() + b"\r\n"
+        end = len(body)
+        while body.endswith(b"\r\n", 0, end - 2):
+            end -= 2
+        body = body[:end]
+    return b"" if body == b"\r\n" else body
 
 
-def _fold(name: str, segments: list[tuple[str, str]]) -> str:
-    """The field's value from ``segments`` (text, what joins it to the one
-    before on the same line), folded before ``_WIDTH`` columns with CRLF TAB
-    where a segment would not fit."""
+def _relaxed_header(name: bytes, value: bytes) -> bytes:
+    """RFC 6376 §3.4.2 on one field (``value`` with its CRLF): the name in
+    lower case, the value unfolded, runs of whitespace one space, none at
+    either end, then the colon between them and the CRLF after (as dkimpy
+    writes it, which strips the value of all ASCII whitespace at its ends)."""
+    if value.find(b"\n") == len(value) - 1 and value.endswith(b"\r\n"):
+        value = value[:-2]  # one line: nothing to unfold
+    else:
+        value = _LINE_BREAK.sub(b"", value)
+    if b"\t" in value or b"  " in value:
+        value = _WSP.sub(b" ", value)
+    return name.lower().rstrip() + b":" + value.strip() + b"\r\n"
+
+
+class _Header:
+    """A message's header fields as one signature reads them: the fields
+    (name, value) and their names in lower case; each field's canonical
+    form made once, when a signature first takes it."""
+
+    __slots__ = ("_canonical", "_where", "fields", "names")
+
+    def __init__(self, fields: list[tuple[bytes, bytes]], names: list[str]) -> None:
+        self.fields = fields
+        self.names = names
+        self._canonical: dict[int, bytes] = {}
+        where: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            where.setdefault(name, []).append(i)
+        self._where = where
+
+    def instances(self, name: str) -> list[int]:
+        """Where fields named ``name`` (lower case) are, top down."""
+        return self._where.get(name, [])
+
+    def canonical(self, i: int) -> bytes:
+        """Field ``i`` in relaxed form (``name:value`` and CRLF)."""
+        found = self._canonical.get(i)
+        if found is None:
+            found = self._canonical[i] = _relaxed_header(*self.fields[i])
+        return found
+
+
+class _KeyPlan:
+    """What every signature of one key shares (made once per signer): the
+    fields it signs, those it oversigns, its first tags folded, its signing
+    call, and for each order of field names seen, which fields it hashes
+    and its ``h=`` tag folded (messages of one program share an order)."""
+
+    def __init__(self, key: DkimKey) -> None:
+        self.wanted = frozenset(h.lower() for h in key.headers)
+        # Oversigned: one more of each field a message has at most once.
+        self.oversigned = [
+            n for n in dict.fromkeys(h.lower() for h in key.headers) if n in OVERSIGNED_HEADERS
+        ]
+        self.head = _fold(
+            len(_SIGNATURE_NAME),
+            [
+                ("v=1;", " "),
+                (f"a={key.algorithm.value};", " "),
+                ("c=relaxed/relaxed;", " "),
+                (f"d={key.domain};", " "),
+                (f"s={key.selector};", " "),
+            ],
+        )
+        self._orders: dict[tuple[tuple[str, ...], int], tuple[list[int], _Folded]] = {}
+        private = key.private_key
+        self._sign: Callable[[bytes], bytes]
+        if isinstance(private, rsa.RSAPrivateKey):
+            rsa_key = private
+
+            def sign_rsa(digest: bytes) -> bytes:
+                return rsa_key.sign(digest, _RSA_PADDING, _PREHASHED_SHA256)
+
+            self._sign = sign_rsa
+        else:
+            self._sign = private.sign  # RFC 8463: Ed25519 over the SHA-256
+
+    def sign(self, header: _Header, body_hash: str, timestamp: int) -> bytes:
+        """One ``DKIM-Signature:`` field (CRLF-terminated) of the message."""
+        head = self.head
+        stamp = _fold(head.column, [(f"t={timestamp};", " ")])
+        order = (tuple(header.names), stamp.column)
+        planned = self._orders.get(order)
+        if planned is None:
+            planned = self._plan(header, stamp.column)
+            if len(self._orders) >= _ORDERS_KEPT:
+                self._orders.clear()
+            self._orders[order] = planned
+        taken, names = planned
+        tail = _fold(names.column, [(f"bh={body_hash};", " "), ("b=", " ")])
+        hashed = hashlib.sha256()
+        for i in taken:
+            hashed.update(header.canonical(i))
+        # The field itself, relaxed (its folds one space, no space at its
+        # ends), without its CRLF.
+        value = head.canonical + stamp.canonical + names.canonical + tail.canonical
+        hashed.update(b"dkim-signature:" + value.strip().encode())
+        b64 = base64.b64encode(self._sign(hashed.digest())).decode()
+        b = _fold(tail.column, [(b64[i : i + 64], "") for i in range(0, len(b64), 64)])
+        folded = head.text + stamp.text + names.text + tail.text + b.text
+        return b"DKIM-Signature:" + folded.encode() + b"\r\n"
+
+    def _plan(self, header: _Header, column: int) -> tuple[list[int], _Folded]:
+        """For ``header``'s order of field names: the fields hashed, in
+        order, and the ``h=`` tag folded from ``column``."""
+        wanted = self.wanted
+        names = [n for n in header.names if n in wanted] + self.oversigned
+        # Each name takes the lowest instance not taken yet (RFC 6376 §5.4.2).
+        left: dict[str, list[int]] = {}
+        taken = []
+        for name in names:
+            instances = left.get(name)
+            if instances is None:
+                instances = left[name] = list(header.instances(name))
+            if instances:
+                taken.append(instances.pop())
+        last = len(names) - 1
+        segments = [
+            (("h=" if i == 0 else "") + name + (":" if i < last else ";"), " " if i == 0 else "")
+            for i, name in enumerate(names)
+        ]
+        return taken, _fold(column, segments)
+
+
+_ORDERS_KEPT = 1024  # orders of field names a key remembers
+
+
+@dataclass(frozen=True, slots=True)
+class _Folded:
+    """A run of a field's value: as written (``text``, folded), in relaxed
+    form (``canonical``: a fold is one space), and the column it ends at."""
+
+    text: str
+    canonical: str
+    column: int
+
+
+_SIGNATURE_NAME = "DKIM-Signature:"
+
+
+def _fold(column: int, segments: list[tuple[str, str]]) -> _Folded:
+    """``segments`` (text, what joins it to the one before on the same
+    line) after ``column``, folded before ``_WIDTH`` columns with CRLF TAB
+    where a segment would not fit. No text holds whitespace, so the relaxed
+    form is the joints and texts with each fold one space."""
     out: list[str] = []
-    column = len(name)
+    canonical: list[str] = []
     for text, joint in segments:
         if column + len(joint) + len(text) > _WIDTH and column > 1:
             out.append("\r\n\t")
+            canonical.append(" ")
             column = 8  # a tab, as most readers show it
         else:
             out.append(joint)
+            canonical.append(joint)
             column += len(joint)
         out.append(text)
+        canonical.append(text)
         column += len(text)
-    return "".join(out)
+    return _Folded("".join(out), "".join(canonical), column)

@@ -355,6 +355,92 @@ def test_any_body_verifies_whatever_the_chunk_size(body_lines: list[bytes], chun
     assert dkimpy_verify_all(message, dns_for(k)) == 1
 
 
+TRICKY_BODIES = {
+    "trailing whitespace": b"a \r\nb\t\r\nc \t \r\n \r\nd\r\n",
+    "empty lines at the end": b"text\r\n\r\n\r\n\r\n",
+    "whitespace-only lines at the end": b"text\r\n \r\n\t\r\n  \r\n",
+    "only empty lines": b"\r\n\r\n\r\n",
+    "only whitespace": b" \t \r\n\t\r\n",
+    "empty": b"",
+    "one line": b"x\r\n",
+    "no empty line at the end": b"a\r\nb\r\n",
+    "runs of whitespace inside": b"a  b\t\tc \t d\r\n",
+    "long lines": (b"word " * 400).rstrip() + b"\r\n" + b"y" * 5000 + b"\r\n",
+    "8-bit": "Grüße,  naïve café\t日本語 \r\n".encode() + bytes(range(0x80, 0x100)) + b"\r\n",
+    "dot-stuffing": b".\r\n..\r\n.a line\r\n...\r\nend.\r\n.\r\n",
+    "a dot-only line at the end": b"text\r\n.\r\n",
+    "control characters": b"a\x0bb\x0c \r\n\x0b\r\n",
+}
+
+
+@pytest.mark.parametrize("body", list(TRICKY_BODIES.values()), ids=list(TRICKY_BODIES))
+@pytest.mark.parametrize("private", [RSA_KEY, ED_KEY], ids=["rsa-sha256", "ed25519-sha256"])
+@pytest.mark.parametrize("chunk", [1 << 16, 1, 5])
+def test_tricky_bodies_verify(body: bytes, private: object, chunk: int) -> None:
+    """Each body both verifiers check (the body hash is this module's own
+    canonicalisation), whatever the chunk a body is hashed by."""
+    import spoold.dkim as module
+
+    k = key("example.org", "s1", private)
+    old = module._CHUNK
+    module._CHUNK = chunk
+    try:
+        message, why = signed(DkimSigner([k]), b"From: a@example.org\r\n\r\n" + body)
+    finally:
+        module._CHUNK = old
+    assert why == ""
+    assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+    assert dkimpy_verify_all(message, dns_for(k)) == 1
+
+
+def test_a_body_with_line_feeds_alone_is_signed_as_normalised() -> None:
+    """Bare LF (and CR) lines, taken under ``normalize``: the signature
+    covers the CRLF form the spool keeps and sends."""
+    k = key("example.org", "s1")
+    content = b"From: a@example.org\nSubject: x \n\nline one \nline\rtwo\n\n\n"
+    body = Body.from_content(content, LineEndingPolicy.NORMALIZE)
+    outcome = DkimSigner([k]).sign(body.wire, NOW)
+    message = outcome.header + body.content()
+    assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
+    assert dkimpy_verify_all(message, dns_for(k)) == 1
+
+
+body_bytes = st.lists(
+    st.sampled_from(
+        [b" ", b"\t", b"  ", b"a", b"\xc3\xa9", b".", b"..", b"\r\n", b"\r\n", b" \r\n", b"\x0b"]
+    ),
+    max_size=30,
+).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=body_bytes, ends=st.integers(0, 3), chunk=st.sampled_from([1, 2, 7, 1 << 16]))
+def test_the_body_hash_is_dkimpys_relaxed_canonicalisation(
+    body: bytes, ends: int, chunk: int
+) -> None:
+    """Byte for byte dkimpy's relaxed body (an implementation not ours),
+    the fast path (nothing to change) and the substitutions alike."""
+    import hashlib
+
+    from dkim.canonicalization import CanonicalizationPolicy  # type: ignore[import-untyped]
+
+    import spoold.dkim as module
+
+    content = body + b"\r\n" * ends
+    wire = Body.from_content(b"From: a@example.org\r\n\r\n" + content).wire
+    start = wire.index(b"\r\n\r\n") + 4
+    expected = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed").canonicalize_body(
+        Body(wire[start:]).content() if start < len(wire) else b""
+    )
+    old = module._CHUNK
+    module._CHUNK = chunk
+    try:
+        got = module._relaxed_body_hash(wire, start)
+    finally:
+        module._CHUNK = old
+    assert got == hashlib.sha256(expected).digest()
+
+
 # ------------------------------------------------------------ keys
 
 
@@ -518,6 +604,26 @@ async def test_spool_add_signs_once_and_a_retry_sends_the_same_bytes(tmp_path: P
     assert len(signature_fields(message)) == 1
     assert verify_all(message, dns_for(k)) == [("example.org", "s1")]
     assert dkimpy_verify_all(message, dns_for(k)) == 1
+
+
+async def test_a_message_of_several_hashing_chunks_is_signed_through_add(tmp_path: Path) -> None:
+    """A body over one hashing chunk (and one under), added: stored signed,
+    and the signatures verify."""
+    k = key("example.org", "s1", RSA_KEY)
+    head = b"From: a@example.org\r\nSubject: size\r\n\r\n"
+    line = b"x" * 78 + b"\r\n"
+    small = head + line * 20
+    large = head + line * (3 * spoold.dkim._CHUNK // len(line)) + b"..dot\r\n"
+    relay = InMemoryRelay()
+    with anyio.fail_after(20):
+        async with Spool.open(tmp_path, relay=relay, dkim=DkimSigner([k])) as spool:
+            ids = [(await spool.add(envelope_batch(c)))[0] for c in (small, large)]
+            await wait_until(lambda: len(relay.delivered) == 2, "two deliveries")
+    by_id = {mid: Body(wire).content() for mid, _, wire in relay.delivered}
+    for mid, content in zip(ids, (small, large), strict=True):
+        assert by_id[mid].endswith(content)
+        assert verify_all(by_id[mid], dns_for(k)) == [("example.org", "s1")]
+        assert dkimpy_verify_all(by_id[mid], dns_for(k)) == 1
 
 
 async def test_a_writer_signs_and_a_new_signer_applies_to_the_next_add(tmp_path: Path) -> None:
