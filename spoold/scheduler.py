@@ -33,6 +33,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -54,6 +55,10 @@ __all__ = ["Scheduler", "Attempt"]
 # the destination policy asked for as it started.
 Attempt = Callable[[Entry, DestinationPolicy], Awaitable[None]]
 
+# A message handed to a send job: its entry, timer generation, policy and
+# whether it asks for its fleet-wide token.
+_Job = tuple[Entry, int, DestinationPolicy, bool]
+
 
 class Scheduler:
     """Timers, the destination gate and the send jobs of one spool."""
@@ -68,6 +73,9 @@ class Scheduler:
         self._timers = Timers()
         self._wake = anyio.Event()
         self._running = 0
+        # Send jobs with nothing to do, each waiting for the next message
+        # (not counted in ``running``); ended when the spool closes.
+        self._parked: list[asyncio.Future[_Job]] = []
         self._idle = anyio.Event()
         self._idle.set()
         # Messages held by their destination wait here as (entry, generation).
@@ -204,10 +212,17 @@ class Scheduler:
         policy: DestinationPolicy,
         booked: bool,
     ) -> None:
-        """A new send job for ``entry`` (see :meth:`_claim`)."""
+        """A send job for ``entry`` (see :meth:`_claim`): a parked one if
+        any waits, else a new task."""
         self._running += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         gen, asks = self._claim(entry, destination, policy, booked)
+        parked = self._parked
+        while parked:
+            job = parked.pop()
+            if not job.done():  # done: cancelled (the spool is closing)
+                job.set_result((entry, gen, policy, asks))
+                return
         tg.start_soon(self._send_job, attempt, entry, gen, policy, asks, name="send job")
 
     def _claim(
@@ -235,32 +250,65 @@ class Scheduler:
         """One send job: attempts, one message after another. Once one
         ends, the job takes the next message due now (:meth:`_next_start`,
         as the dispatch loop would for the job it frees), while the spool
-        is not stopping and the job count allows; else it ends and the
-        dispatch loop looks again. A job whose attempt held a fleet-wide
-        connection slot ends with it: the slot goes back after the job is
-        no longer counted."""
+        is not stopping and the job count allows. With none due it parks
+        (no longer counted as running) until :meth:`_start` hands it the
+        next message; a job over the count ends. A job whose attempt held
+        a fleet-wide connection slot ends with it: the slot goes back after
+        the job is no longer counted."""
         slot: list[str] = []  # the fleet-wide connection slot taken, if any
+        counted = True  # in ``running`` (not while parked)
         try:
             while True:
                 await self._one_attempt(attempt, entry, gen, policy, asks, slot)
                 if slot or self._state.stopping or self._running > self._max_jobs:
                     break
                 start = self._next_start(self.clock.now().timestamp())
-                if start is None:
-                    break
-                entry, destination, policy, booked = start
-                gen, asks = self._claim(entry, destination, policy, booked)
+                if start is not None:
+                    entry, destination, policy, booked = start
+                    gen, asks = self._claim(entry, destination, policy, booked)
+                    continue
+                counted = False
+                self._job_ended()
+                job = asyncio.get_running_loop().create_future()
+                self._parked.append(job)
+                try:
+                    entry, gen, policy, asks = await job
+                except BaseException:
+                    if job in self._parked:
+                        self._parked.remove(job)
+                    elif job.done() and not job.cancelled():
+                        # Handed a message as it was cancelled: not sent.
+                        counted = True
+                        self._unclaim(*job.result())
+                    raise
+                counted = True  # _start counted it
         finally:
-            self._running -= 1
-            if self._running == 0:
-                self._idle.set()
-            self.poke()
+            if counted:
+                self._job_ended()
             if slot and self.shared_slots is not None:
                 # Last: no await while the message is busy (its timer
                 # coming due meanwhile would be passed over).
                 await self.shared_slots.give_back(slot[0])
                 if policy.limited is not None and self.gate.wake(policy.limited[0]):
                     self.poke()  # its line, refused a slot meanwhile, asks again
+
+    def _unclaim(self, entry: Entry, gen: int, policy: DestinationPolicy, asks: bool) -> None:
+        """Undo :meth:`_claim` for a message no attempt was made on (it
+        stays due as it was: its timer is armed again)."""
+        entry.busy = False
+        if entry.destination is not None:
+            if asks:
+                self.gate.asking(entry.destination, False)
+            self.gate.done(entry.destination)
+            entry.destination = None
+        self.schedule(entry)
+
+    def _job_ended(self) -> None:
+        """A send job is no longer counted (it ended, or parked)."""
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
+        self.poke()
 
     async def _one_attempt(
         self,
