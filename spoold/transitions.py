@@ -669,10 +669,16 @@ def _retry_unreported(record: Message, notice: Notice) -> None:
     )
 
 
+_DECISION_NAMES: dict[type, str] = {
+    SendNow: "send_now",
+    SendAt: "send_at",
+    Frozen: "freeze",
+    Removed: "remove",
+}
+
+
 def _decision_name(decision: PresendDecision) -> str:
-    return {SendNow: "send_now", SendAt: "send_at", Frozen: "freeze", Removed: "remove"}[
-        type(decision)
-    ]
+    return _DECISION_NAMES[type(decision)]
 
 
 def _suppressed_results(held: Mapping[str, Suppression]) -> dict[str, RecipientResult]:
