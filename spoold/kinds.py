@@ -85,6 +85,9 @@ class EventKind(StrEnum):
     def outcome(self) -> OutcomeKind | None:
         """The outcome a message has reached by this event; None for a step
         on the way. ``recovered`` leaves a message frozen."""
+        return _OUTCOMES[self]  # looked up: it is asked at every event published
+
+    def _outcome(self) -> OutcomeKind | None:
         match self:
             case EventKind.DELIVERED:
                 return OutcomeKind.DELIVERED
@@ -110,3 +113,6 @@ class EventKind(StrEnum):
                 return None
             case _:
                 assert_never(self)
+
+
+_OUTCOMES = {kind: kind._outcome() for kind in EventKind}

@@ -327,6 +327,10 @@ def attempt_outcome(
     (a result with ``in_doubt``: no reply to the end of the message).
     ``record`` is not changed.
     """
+    if isinstance(outcome, Delivery) and not record.failed_recipients:
+        replies = outcome.recipients
+        if all(rcpt in replies and replies[rcpt].accepted for rcpt in record.remaining_recipients):
+            return _all_accepted(record, outcome)
     new = record.copy()
     remaining = list(record.remaining_recipients)
     later: list[str] = []
@@ -446,6 +450,27 @@ def attempt_outcome(
         hop_feedback(record, outcome, actions),
         in_doubt,
         hard_bounces(answers, actions, permanent),
+    )
+
+
+def _all_accepted(record: Message, outcome: Delivery) -> AttemptOutcome:
+    """:func:`attempt_outcome` of the usual end, told apart for speed: the
+    hop accepted every recipient left and none failed before, so the
+    message is delivered (the rules above give the same: nobody later,
+    nobody failed, no error, no notice, no refusal to tell the hop of)."""
+    new = record.copy()
+    delivered = tuple(record.remaining_recipients)
+    new.remaining_recipients = []
+    new.status = Delivered()
+    hop = outcome.hop or (record.next_hop_choices[0] if record.next_hop_choices else None)
+    return AttemptOutcome(
+        new,
+        EventKind.DELIVERED,
+        None,
+        delivered,
+        (),
+        (),
+        hops=HopFeedback() if hop is None else HopFeedback(hop),
     )
 
 

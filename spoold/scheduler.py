@@ -33,6 +33,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -54,6 +55,10 @@ __all__ = ["Scheduler", "Attempt"]
 # the destination policy asked for as it started.
 Attempt = Callable[[Entry, DestinationPolicy], Awaitable[None]]
 
+# A message handed to a send job: its entry, timer generation, policy and
+# whether it asks for its fleet-wide token.
+_Job = tuple[Entry, int, DestinationPolicy, bool]
+
 
 class Scheduler:
     """Timers, the destination gate and the send jobs of one spool."""
@@ -68,6 +73,9 @@ class Scheduler:
         self._timers = Timers()
         self._wake = anyio.Event()
         self._running = 0
+        # Send jobs with nothing to do, each waiting for the next message
+        # (not counted in ``running``); ended when the spool closes.
+        self._parked: list[asyncio.Future[_Job]] = []
         self._idle = anyio.Event()
         self._idle.set()
         # Messages held by their destination wait here as (entry, generation).
@@ -136,50 +144,64 @@ class Scheduler:
 
     async def dispatch_loop(self, tg: anyio.abc.TaskGroup, attempt: Attempt) -> None:
         """Start ``attempt`` on each message as it comes due, in send jobs
-        of ``tg``, within the job count and the destination limits."""
-        gate = self.gate
+        of ``tg``, within the job count and the destination limits. A send
+        job whose attempt ends takes the next message due itself
+        (:meth:`_send_job`): with a backlog, no task is made and this loop
+        is not woken per message."""
         while True:
             wake = self._wake
             now_ts = self.clock.now().timestamp()
-            timers = self._timers
-            if not self._state.stopping and self._running < self._max_jobs:
-                # Those waiting on their destination first: they were due earlier.
-                for name, (waiting, gen) in gate.ready(now_ts):
-                    current = self._index.get(waiting.msg.id)
-                    if current is not waiting or waiting.gen != gen or waiting.busy:
-                        gate.give_back(name)  # changed while it waited: not for us
-                    elif hold := gate.hops_hold(_held_hops(waiting), now_ts):
-                        gate.give_back(name)  # its hops were backed off while it waited
-                        self._hold(waiting, gen, hold)
-                    else:
-                        booked = gate.take_booking(name)
-                        policy = self.policy_of(waiting.msg)
-                        self._start(tg, attempt, waiting, name, policy, booked=booked)
-                    if self._running >= self._max_jobs:
-                        break
             while not self._state.stopping and self._running < self._max_jobs:
-                due = timers.pop_due(now_ts)
-                if due is None:
+                start = self._next_start(now_ts)
+                if start is None:
                     break
-                mid, gen = due
-                entry = self._index.get(mid)
-                if entry is None or entry.gen != gen or entry.busy:
-                    continue
-                policy = self.policy_of(entry.msg)
-                destination = policy.limited
-                hold = gate.admit(destination, _held_hops(entry), now_ts, front=entry.kicked)
-                if hold is not None:
-                    self._hold(entry, gen, hold)
-                    continue
-                self._start(tg, attempt, entry, destination[0] if destination else None, policy)
+                self._start(tg, attempt, *start)
             deadline = None
             if not self._state.stopping and self._running < self._max_jobs:
-                times = [t for t in (timers.next_time(), gate.next_wake(now_ts)) if t is not None]
+                times = [
+                    t
+                    for t in (self._timers.next_time(), self.gate.next_wake(now_ts))
+                    if t is not None
+                ]
                 if times:
                     deadline = datetime.fromtimestamp(min(times), UTC)
             await self.clock.wait(wake, deadline)
             if wake.is_set():
                 self._wake = anyio.Event()
+
+    def _next_start(
+        self, now_ts: float
+    ) -> tuple[Entry, str | None, DestinationPolicy, bool] | None:
+        """The next message to start at ``now_ts``, admitted by its
+        destination (a connection and a token taken): ``(entry,
+        destination, policy, booked)``; None when none may go now. Those
+        waiting on their destination first (they were due earlier), then
+        the timers; stale ones are skipped and held ones held."""
+        gate = self.gate
+        for name, (waiting, gen) in gate.ready(now_ts):
+            current = self._index.get(waiting.msg.id)
+            if current is not waiting or waiting.gen != gen or waiting.busy:
+                gate.give_back(name)  # changed while it waited: not for us
+            elif hold := gate.hops_hold(_held_hops(waiting), now_ts):
+                gate.give_back(name)  # its hops were backed off while it waited
+                self._hold(waiting, gen, hold)
+            else:
+                booked = gate.take_booking(name)
+                return waiting, name, self.policy_of(waiting.msg), booked
+        timers = self._timers
+        while (due := timers.pop_due(now_ts)) is not None:
+            mid, gen = due
+            entry = self._index.get(mid)
+            if entry is None or entry.gen != gen or entry.busy:
+                continue
+            policy = self.policy_of(entry.msg)
+            destination = policy.limited
+            hold = gate.admit(destination, _held_hops(entry), now_ts, front=entry.kicked)
+            if hold is not None:
+                self._hold(entry, gen, hold)
+                continue
+            return entry, destination[0] if destination else None, policy, False
+        return None
 
     def _start(
         self,
@@ -188,14 +210,29 @@ class Scheduler:
         entry: Entry,
         destination: str | None,
         policy: DestinationPolicy,
-        *,
-        booked: bool = False,
+        booked: bool,
     ) -> None:
-        entry.busy = True
-        entry.destination = destination
+        """A send job for ``entry`` (see :meth:`_claim`): a parked one if
+        any waits, else a new task."""
         self._running += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        gen = entry.gen
+        gen, asks = self._claim(entry, destination, policy, booked)
+        parked = self._parked
+        while parked:
+            job = parked.pop()
+            if not job.done():  # done: cancelled (the spool is closing)
+                job.set_result((entry, gen, policy, asks))
+                return
+        tg.start_soon(self._send_job, attempt, entry, gen, policy, asks, name="send job")
+
+    def _claim(
+        self, entry: Entry, destination: str | None, policy: DestinationPolicy, booked: bool
+    ) -> tuple[int, bool]:
+        """Mark ``entry`` busy for an attempt counted under ``destination``;
+        its timer generation, and whether it asks for its fleet-wide token
+        (not ``booked`` for it already)."""
+        entry.busy = True
+        entry.destination = destination
         asks = (
             not booked
             and destination is not None
@@ -205,14 +242,87 @@ class Scheduler:
         )
         if asks and destination is not None:
             self.gate.asking(destination, True)  # the rest of its line waits for the answer
-        tg.start_soon(
-            self._send_job, attempt, entry, gen, policy, asks, name=f"send {entry.msg.id}"
-        )
+        return entry.gen, asks
 
     async def _send_job(
         self, attempt: Attempt, entry: Entry, gen: int, policy: DestinationPolicy, asks: bool
     ) -> None:
-        """One send job: the attempt, then its slots given back. A message
+        """One send job: attempts, one message after another. Once one
+        ends, the job takes the next message due now (:meth:`_next_start`,
+        as the dispatch loop would for the job it frees), while the spool
+        is not stopping and the job count allows. With none due it parks
+        (no longer counted as running) until :meth:`_start` hands it the
+        next message; a job over the count ends. A job whose attempt held
+        a fleet-wide connection slot ends with it: the slot goes back after
+        the job is no longer counted."""
+        slot: list[str] = []  # the fleet-wide connection slot taken, if any
+        counted = True  # in ``running`` (not while parked)
+        try:
+            while True:
+                await self._one_attempt(attempt, entry, gen, policy, asks, slot)
+                if slot or self._state.stopping or self._running > self._max_jobs:
+                    break
+                start = self._next_start(self.clock.now().timestamp())
+                if start is not None:
+                    entry, destination, policy, booked = start
+                    gen, asks = self._claim(entry, destination, policy, booked)
+                    continue
+                counted = False
+                self._job_ended()
+                job = asyncio.get_running_loop().create_future()
+                self._parked.append(job)
+                try:
+                    entry, gen, policy, asks = await job
+                except BaseException:
+                    if job in self._parked:
+                        self._parked.remove(job)
+                    elif job.done() and not job.cancelled():
+                        # Handed a message as it was cancelled: not sent.
+                        counted = True
+                        self._unclaim(*job.result())
+                    raise
+                counted = True  # _start counted it
+        finally:
+            if counted:
+                self._job_ended()
+            if slot and self.shared_slots is not None:
+                # Last: no await while the message is busy (its timer
+                # coming due meanwhile would be passed over).
+                await self.shared_slots.give_back(slot[0])
+                if policy.limited is not None and self.gate.wake(policy.limited[0]):
+                    self.poke()  # its line, refused a slot meanwhile, asks again
+
+    def _unclaim(self, entry: Entry, gen: int, policy: DestinationPolicy, asks: bool) -> None:
+        """Undo :meth:`_claim` for a message no attempt was made on (it
+        stays due as it was: its timer is armed again)."""
+        entry.busy = False
+        if entry.destination is not None:
+            if asks:
+                self.gate.asking(entry.destination, False)
+            self.gate.done(entry.destination)
+            entry.destination = None
+        self.schedule(entry)
+
+    def _job_ended(self) -> None:
+        """A send job is no longer counted (it ended, or parked)."""
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
+        self.poke()
+
+    async def _one_attempt(
+        self,
+        attempt: Attempt,
+        entry: Entry,
+        gen: int,
+        policy: DestinationPolicy,
+        asks: bool,
+        slot: list[str],
+    ) -> None:
+        """One message in a send job: the attempt, then the message is no
+        longer busy and its destination's connection is given back (a
+        fleet-wide slot taken is put in ``slot``, for the job to give
+        back). A message
         that ``asks`` for its fleet-wide token (not booked already) while
         the rest of its line waits, and is told it is booked for later,
         goes back to the head of its destination's line until then (no
@@ -226,7 +336,6 @@ class Scheduler:
         gives back a slot of the destination (so a backlog behind it takes
         no send job and asks nothing meanwhile); the rate token it took is
         booked for the line (the next out goes without asking again)."""
-        slot: str | None = None
         try:
             # The rate first: a message the rate holds costs no slot (two
             # calls fewer), and its token is taken without a slot's call
@@ -245,18 +354,20 @@ class Scheduler:
             if due is not None:
                 self._defer(entry, gen, *due)
                 return
-            with anyio.CancelScope(shield=True):
-                # Bounded by the fleet's timeout; a slot Redis granted is
-                # held here, so a stop meanwhile still gives it back.
-                taken = await self._shared_slot(policy)
-            if isinstance(taken, SlotWait):
-                until = self.clock.now().timestamp() + taken.seconds
-                # A token held is kept for the line; none (Redis did not
-                # answer for it) is not made up.
-                self._defer(entry, gen, until, token_held, slot=True)
-                return
-            slot = taken
-            if slot is not None:
+            if self.shared_slots is not None:
+                with anyio.CancelScope(shield=True):
+                    # Bounded by the fleet's timeout; a slot Redis granted is
+                    # held here, so a stop meanwhile still gives it back.
+                    taken = await self._shared_slot(policy)
+                if isinstance(taken, SlotWait):
+                    until = self.clock.now().timestamp() + taken.seconds
+                    # A token held is kept for the line; none (Redis did not
+                    # answer for it) is not made up.
+                    self._defer(entry, gen, until, token_held, slot=True)
+                    return
+                if taken is not None:
+                    slot.append(taken)
+            if slot:
                 # The slot is one attempt: its connection is not kept idle.
                 await attempt(entry, msgspec.structs.replace(policy, reuse_connections=False))
             else:
@@ -266,16 +377,6 @@ class Scheduler:
             if entry.destination is not None:
                 self.gate.done(entry.destination)
                 entry.destination = None
-            self._running -= 1
-            if self._running == 0:
-                self._idle.set()
-            self.poke()
-            if slot is not None and self.shared_slots is not None:
-                # Last: no await while the message is busy (its timer
-                # coming due meanwhile would be passed over).
-                await self.shared_slots.give_back(slot)
-                if policy.limited is not None and self.gate.wake(policy.limited[0]):
-                    self.poke()  # its line, refused a slot meanwhile, asks again
 
     async def _shared_slot(self, policy: DestinationPolicy) -> str | SlotWait | None:
         """The destination's fleet-wide connection slot, if
@@ -345,6 +446,7 @@ class Scheduler:
             return
         entry.destination = None  # given back here, not as done
         self.gate.defer(destination, (entry, gen), until, booked=booked, early=slot)
+        self.poke()  # its line now waits until then: the dispatch loop's next wake
         log.debug(
             "held by its destination",
             id=entry.msg.id,
@@ -372,6 +474,7 @@ class Scheduler:
             entry.gen = self._timers.arm(entry.msg.id, hold.until)
         elif hold.destination is not None:
             self.gate.wait(hold.destination, (entry, gen), front=hold.front)
+        self.poke()  # held from a send job: the dispatch loop's next wake may be sooner
         log.debug(
             "held by its destination",
             id=entry.msg.id,

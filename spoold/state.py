@@ -185,35 +185,30 @@ class SpoolState:
         detail: str | None = None,
         at: datetime | None = None,
         results: tuple[RecipientOutcome, ...] = (),
-    ) -> SpoolEvent:
+    ) -> EventKind:
         """Publish ``kind`` (in its stream form,
         :func:`~spoold.events.stream_form`: a bounce is ``removed``) and
-        note the outcome it stands for; the event as published.
-        ``results``: each recipient's outcome, for an attempt's event."""
-        now = self.clock.now()
+        note the outcome it stands for; the kind as published.
+        ``results``: each recipient's outcome, for an attempt's event.
+        With no subscriber no event is made (only the outcome is noted)."""
         shown, shown_detail = stream_form(kind, detail)
-        event = SpoolEvent(
-            now,
-            shown,
-            msg.id if msg else None,
-            msg.envelope_info if msg else None,
-            shown_detail,
-            at,
-            results,
-        )
-        self.hub.publish(event)
-        if msg is not None:
-            self._note_outcome(kind, msg, now, detail)
-        return event
-
-    def _note_outcome(
-        self, kind: EventKind, msg: Message, time: datetime, detail: str | None
-    ) -> None:
-        """Remember the outcome an event of ``kind`` stands for
-        (:attr:`~spoold.kinds.EventKind.outcome`, if it is one) and wake the
-        :meth:`Spool.wait <spoold.spool.Spool.wait>` calls for its message."""
-        outcome = kind.outcome
-        if outcome is None:
-            return
-        reason = detail if outcome is OutcomeKind.QUARANTINED else None
-        self.outcomes.reached(MessageOutcome.of(outcome, msg, time, reason))
+        outcome = kind.outcome if msg is not None else None
+        if outcome is None and not self.hub.subscriber_count:
+            return shown
+        now = self.clock.now()
+        if self.hub.subscriber_count:
+            self.hub.publish(
+                SpoolEvent(
+                    now,
+                    shown,
+                    msg.id if msg else None,
+                    msg.envelope_info if msg else None,
+                    shown_detail,
+                    at,
+                    results,
+                )
+            )
+        if msg is not None and outcome is not None:
+            reason = detail if outcome is OutcomeKind.QUARANTINED else None
+            self.outcomes.reached(MessageOutcome.of(outcome, msg, now, reason))
+        return shown

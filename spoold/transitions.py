@@ -78,7 +78,13 @@ from spoold.errors import (
 )
 from spoold.events import EventKind
 from spoold.history import History, outcome_of
-from spoold.hooks import PRESEND_CHOICES, ErrorAction, PresendDecision, call_hook
+from spoold.hooks import (
+    PRESEND_CHOICES,
+    ErrorAction,
+    PresendDecision,
+    call_hook,
+    default_presend,
+)
 from spoold.kinds import FinalOutcomeKind, OutcomeKind
 from spoold.message import (
     SEND_NOW,
@@ -123,6 +129,7 @@ _T = TypeVar("_T")
 
 _OUTCOME_RETRY_FIRST = 1.0  # seconds before the first retry of an outcome write
 _OUTCOME_RETRY_MAX = 60.0
+_SENDING = Sending()  # frozen: one for every attempt under way
 
 
 class Transitions:
@@ -144,6 +151,7 @@ class Transitions:
         self._adding = state.adding
         self._index_put = state.index_put
         self._publish = state.publish
+        self._hub = state.hub
         self._schedule = scheduler.schedule
         self._apply = scheduler.apply
         self._poke = scheduler.poke
@@ -169,14 +177,13 @@ class Transitions:
 
     async def _attempt(self, entry: Entry, policy: DestinationPolicy) -> None:
         msg = entry.msg
-        mlog = log.bind(id=msg.id, flows=msg.flows)
         kicked, entry.kicked = entry.kicked, False
         before = msg.status
-        msg.status = Sending()
+        msg.status = _SENDING
         try:
             decision = await self._ask_presend(msg)
-        except Exception as exc:  # noqa: BLE001 (a hook's failure must not lose the message)
-            mlog.exception("presend hook failed; trying later")
+        except Exception as exc:  # a hook's failure must not lose the message
+            log.exception("presend hook failed; trying later", id=msg.id, flows=msg.flows)
             msg.status = before
             await self._checkout(entry)
             await self._finish_attempt(
@@ -202,12 +209,11 @@ class Transitions:
         )
         self._follow_route(msg, policy)
         snapshot = msg.copy()
+        now = self.clock.now()
         # Hops backed off go last for this attempt (the record keeps its order).
-        snapshot.next_hop_choices = self._gate.order_hops(
-            msg.next_hop_choices, self.clock.now().timestamp()
-        )
+        snapshot.next_hop_choices = self._gate.order_hops(msg.next_hop_choices, now.timestamp())
         body = BodyHandle(body_path, self._disk.store.run_grouped, check, ready)
-        held = self._suppressions.held(msg.remaining_recipients, self.clock.now())
+        held = self._suppressions.held(msg.remaining_recipients, now)
         to_send = [r for r in msg.remaining_recipients if r not in held]
         outcome: Delivery | AttemptFailed = Delivery({})
         if to_send:
@@ -216,8 +222,8 @@ class Transitions:
             except BodyDamagedError as exc:
                 await self._set_aside_damaged(entry, str(exc))
                 return
-            except Exception as exc:  # noqa: BLE001 (a relay bug must not lose the message)
-                mlog.exception("relay raised; trying later")
+            except Exception as exc:  # a relay bug must not lose the message
+                log.exception("relay raised; trying later", id=msg.id, flows=msg.flows)
                 outcome = AttemptFailed(f"relay error: {exc!r}")
         if held and isinstance(outcome, Delivery):
             outcome = Delivery({**outcome.recipients, **_suppressed_results(held)}, outcome.hop)
@@ -284,7 +290,10 @@ class Transitions:
         self._schedule(entry)
 
     async def _ask_presend(self, msg: Message) -> PresendDecision:
-        decision = await call_hook(self._parts.presend, msg.copy())
+        presend = self._parts.presend
+        if presend is default_presend:
+            return SEND_NOW  # what it answers, without a copy for it to look at
+        decision = await call_hook(presend, msg.copy())
         if not isinstance(decision, PRESEND_CHOICES):
             raise TypeError(f"presend answered {decision!r}, not one of its choices")
         if isinstance(decision, SendAt) and decision.at.tzinfo is None:
@@ -368,7 +377,8 @@ class Transitions:
             new,
             at=result.at,
             detail=detail,
-            results=recipient_outcomes(old, outcome, result),
+            # Made for subscribers only: nobody else reads them.
+            results=recipient_outcomes(old, outcome, result) if self._hub.subscriber_count else (),
         )
         if relayed:
             self._hop_feedback(result.hops, new)
@@ -384,7 +394,7 @@ class Transitions:
             "attempt done",
             id=new.id,
             flows=new.flows,
-            outcome=published.kind,
+            outcome=published,
             delivered=len(result.delivered),
             failed=len(result.failed),
             later=len(result.later),
@@ -524,9 +534,8 @@ class Transitions:
         """What an attempt said about its next hops: back off those that
         throttled us, forgive one that answered. (The one place per-hop
         results of attempts are known: per-hop counters belong here.)"""
-        now = self.clock.now()
         for hop in hops.throttled:
-            backoff = self._gate.throttled(hop, now.timestamp(), hops.reason)
+            backoff = self._gate.throttled(hop, self.clock.now().timestamp(), hops.reason)
             until = datetime.fromtimestamp(backoff.until, UTC)
             log.warning(
                 "next hop throttled us; backing off",
@@ -554,7 +563,6 @@ class Transitions:
         """
         delay = _OUTCOME_RETRY_FIRST
         retried = False
-        never = anyio.Event()
         while True:
             try:
                 if retried:
@@ -570,7 +578,7 @@ class Transitions:
                     disk_full=exc.disk_full,
                     retry_in=delay,
                 )
-                await self.clock.wait(never, self.clock.now() + timedelta(seconds=delay))
+                await self.clock.wait(anyio.Event(), self.clock.now() + timedelta(seconds=delay))
                 delay = min(delay * 2, _OUTCOME_RETRY_MAX)
                 retried = True
                 continue
@@ -661,10 +669,16 @@ def _retry_unreported(record: Message, notice: Notice) -> None:
     )
 
 
+_DECISION_NAMES: dict[type, str] = {
+    SendNow: "send_now",
+    SendAt: "send_at",
+    Frozen: "freeze",
+    Removed: "remove",
+}
+
+
 def _decision_name(decision: PresendDecision) -> str:
-    return {SendNow: "send_now", SendAt: "send_at", Frozen: "freeze", Removed: "remove"}[
-        type(decision)
-    ]
+    return _DECISION_NAMES[type(decision)]
 
 
 def _suppressed_results(held: Mapping[str, Suppression]) -> dict[str, RecipientResult]:

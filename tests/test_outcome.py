@@ -212,6 +212,9 @@ HOP_CASES = {
     "421 without an enhanced status throttles": HopCase({A: BARE_421}, {A: DONE}, throttled=(HOP,)),
     "4.7.x throttles": HopCase({A: OK, B: POLICY}, {B: TRY}, throttled=(HOP,)),
     "on_error answering rate limited throttles": HopCase({A: LATER}, {A: RATE}, throttled=(HOP,)),
+    "a delivery naming no hop: the message's first answered": HopCase(
+        {A: OK}, relay_hop="", answered="first.example:25"
+    ),
     "an accepted recipient never throttles": HopCase(
         {A: RecipientResult(250, "ok", "4.7.0")}, answered=HOP
     ),
@@ -339,6 +342,32 @@ def test_each_recipient_is_delivered_failed_or_later_exactly_once(
     assert got.delivered == delivered
     assert got.failed == failed
     assert got.later == later
+
+
+def test_everyone_accepted_delivers_and_leaves_the_rest_of_the_record_as_it_was() -> None:
+    # The usual end (told apart for speed): the same outcome as the rules give.
+    record = make_message("M1", recipients=[A, B, C], retry_intervals=minutes(1, 5))
+    record.remaining_recipients = [A, C]  # B accepted by an earlier attempt
+    record.in_doubt = True
+    before = record.copy()
+    relay = Delivery({A: OK, C: OK}, hop=HOP)
+
+    got = attempt_outcome(record, relay, {}, now=NOW, draw=lambda i: i.span, operator_kick=True)
+
+    expected = before.copy()
+    expected.remaining_recipients = []
+    expected.status = Delivered()
+    assert got.record == expected
+    assert (got.event, got.at, got.delivered, got.failed, got.later) == (
+        "delivered",
+        None,
+        (A, C),
+        (),
+        (),
+    )
+    assert (got.notices, got.expired, got.in_doubt, got.hard_bounces) == ((), False, False, ())
+    assert (got.hops.answered, got.hops.throttled, got.hops.reason) == (HOP, (), "")
+    assert record == before
 
 
 def test_an_attempt_that_reached_no_hop_delivers_nobody() -> None:

@@ -875,6 +875,33 @@ async def test_max_concurrent_send_jobs_is_honoured_and_changeable(tmp_path: Pat
         assert len({mid for mid, _ in relay.attempts}) == 10
 
 
+async def test_send_jobs_idle_between_messages_count_as_nothing_and_take_the_next(
+    tmp_path: Path,
+) -> None:
+    # A send job with nothing left to do waits for the next message (it is
+    # not counted as sending meanwhile); each message added later is sent
+    # once, and the job count still holds when it is lowered.
+    relay = InMemoryRelay()
+    async with open_spool(tmp_path, relay, FakeClock(START), max_concurrent_send_jobs=4) as spool:
+        for i in range(6):
+            await spool.add(batch(f"r{i}@example.com"))
+            await wait_until(lambda i=i: len(relay.delivered) == i + 1, "the message sent")
+            await wait_until(lambda: spool.sending == 0, "its job to be idle")
+        gate = anyio.Event()
+        held = relay_answering({}, gate)
+        spool.relay = held
+        spool.max_concurrent_send_jobs = 2
+        for i in range(5):
+            await spool.add(batch(f"s{i}@example.com"))
+        await wait_until(lambda: len(held.attempts) == 2, "two attempts")
+        await settle()
+        assert (len(held.attempts), spool.sending) == (2, 2)
+        gate.set()
+        await wait_until(lambda: len(held.delivered) == 5 and not spool.status(), "all sent")
+        assert len({mid for mid, _ in held.attempts}) == 5
+        await wait_until(lambda: spool.sending == 0, "the jobs to be idle")
+
+
 async def test_kill_and_flush_waits_for_running_sends(tmp_path: Path) -> None:
     gate = anyio.Event()
     relay = relay_answering({}, gate)
