@@ -308,6 +308,7 @@ class OnDiskSpool:
         on_batch: Callable[[list[Message]], None] | None = None,
         prepare: Callable[[Message], None] | None = None,
         batch_size: int = LOAD_BATCH,
+        names: list[tuple[str, bool]] | None = None,
     ) -> tuple[list[Message], list[Unreadable]]:
         """Read every record of ``queue``, in name order.
 
@@ -328,11 +329,16 @@ class OnDiskSpool:
         in order; e.g. :meth:`~spoold.message.Message.intern`): what it
         makes and drops then never reaches the event loop, nor the cyclic
         collector. A :class:`~spoold.errors.StoreError` (reading, or setting a
-        record aside) stops the load and is raised as it is.
+        record aside) stops the load and is raised as it is. ``names``: the
+        queue's listing, when the caller has one made just before
+        (:meth:`RecoveryReport.take_listing
+        <spoold.store.RecoveryReport.take_listing>`, right after the open);
+        else the queue is listed here.
         """
         messages: list[Message] = []
         unreadable: list[Unreadable] = []
-        names = await self.store.list_queue(queue.value)
+        if names is None:
+            names = await self.store.list_queue(queue.value)
         batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
         failure: StoreError | None = None
         send, receive = anyio.create_memory_object_stream[_Decoded | StoreError](LOAD_READ_AHEAD)
