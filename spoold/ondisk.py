@@ -82,10 +82,11 @@ _Decoded = list[Message | tuple[StoredRecord, Message | RecordError]]
 _CHECK_READ = 1 << 20  # bytes per read when check hashes a body
 LOAD_BATCH = 2048  # records read and decoded in one worker-thread hop by load()
 LOAD_READ_AHEAD = 2  # batches load() reads ahead of the one it is handing over
-# Threads reading batches at once in load(), each every LOAD_READERS-th batch:
+# Threads reading batches at once in load() when the records are not in memory:
 # with a cold page cache (after a reboot) a record's read waits for the disk,
 # and one reader alone leaves the disk idle while it decodes.
 LOAD_READERS = 4
+_PROBES = 32  # records load() samples across a queue to tell a cold cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,10 +331,11 @@ class OnDiskSpool:
         there (and not returned). Without ownership nothing is changed and
         unreadable records are only reported.
 
-        Records are read and decoded in worker threads, ``batch_size`` at a
-        time, by :data:`LOAD_READERS` threads at once (each a batch or so
-        ahead of the one the event loop is handling: a cold disk is kept
-        busy), so memory holds a few batches of raw records at most. With
+        Records are read and decoded in a worker thread, ``batch_size`` at a
+        time, a batch or so ahead of the one the event loop is handling; by
+        :data:`LOAD_READERS` threads at once when a sample of the records
+        is not in the page cache (after a reboot: the disk is kept busy), so
+        memory holds a few batches of raw records at most. With
         ``on_batch``, the messages of each batch are handed to it as soon
         as they are read (and the list returned is empty): a caller that
         keeps them (the spool's index) then builds its own
@@ -356,9 +358,15 @@ class OnDiskSpool:
             names = await self.store.list_queue(queue.value)
         batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
         failure: StoreError | None = None
-        # Reader k reads batches k, k + LOAD_READERS, ... into its own stream;
-        # they are taken in turn, so batches are handled in name order.
-        readers = max(1, min(LOAD_READERS, len(batches)))
+        # Reader k reads batches k, k + readers, ... into its own stream; they
+        # are taken in turn, so batches are handled in name order. Several
+        # readers only when the records must come from the disk: in memory
+        # (a restart) more threads only hand the GIL back and forth.
+        readers = 1
+        if len(batches) > 1 and not await self.store.in_memory(
+            queue.value, names[:: max(1, len(names) // _PROBES)]
+        ):
+            readers = min(LOAD_READERS, len(batches))
         streams = [
             anyio.create_memory_object_stream[_Decoded | StoreError](
                 max(1, LOAD_READ_AHEAD // readers)
