@@ -14,93 +14,105 @@ scheduler, operations, events) with its rules in :mod:`spoold.outcome` and
 each destination's policy (:mod:`spoold.policy`: asked once per attempt) →
 :mod:`spoold.smtp_relay` (over :mod:`spoold.connection_cache` and
 :mod:`spoold.smtp_client`).
+
+The names are loaded when first used (a module ``__getattr__``): ``import
+spoold`` alone imports none of the library, so a program that needs one
+part of it (the ``spoold`` command asking a daemon for its status) pays
+for that part only; ``spoold.Spool`` and ``from spoold import Spool``
+work as ever.
 """
 
-from spoold.address import validate_address
-from spoold.body import Body, LineEndingPolicy
-from spoold.client import Client
-from spoold.clock import Clock, SystemClock
-from spoold.connection_cache import ConnectionCache, RouteSettings, TlsMode
-from spoold.errors import (
-    AddressError,
-    BareLineEndingError,
-    ConfigError,
-    ControlError,
-    HopUnavailableError,
-    IdempotencyKeyError,
-    InsufficientStorageError,
-    InvalidIdError,
-    MxError,
-    NoRouteError,
-    NotFoundError,
-    OperationRefusedError,
-    RecipientSuppressedError,
-    RecordError,
-    SmtpConnectionError,
-    SmtpError,
-    SmtpProtocolError,
-    SmtpReplyError,
-    SmtpServiceClosingError,
-    SmtpTimeoutError,
-    SmtpTlsError,
-    SpoolClosedError,
-    SpooldError,
-    SpoolFailedError,
-    SpoolLockedError,
-    StoreError,
-    WaitTimeoutError,
-)
-from spoold.events import EventKind, SpoolEvent, Subscription
-from spoold.history import FinalOutcome, Outcome, RecipientReply, RecipientState
-from spoold.hooks import ErrorAction, OnErrorHook, PresendDecision, PresendHook
-from spoold.ids import new_id, validate_id
-from spoold.message import (
-    Delivered,
-    EnvelopeInfo,
-    Frozen,
-    Message,
-    Quarantined,
-    Queue,
-    RelayAttempt,
-    Removed,
-    RetryInterval,
-    RoutedBatch,
-    RoutedEnvelope,
-    SendAt,
-    Sending,
-    SendNow,
-    Status,
-)
-from spoold.ondisk import Unreadable
-from spoold.outcome import (
-    DeliveryPolicy,
-    OnPermanentFailure,
-    PlannedAttempt,
-    PlannedEnd,
-    PlannedRepeats,
-    RetriesExhausted,
-    RetryPlan,
-)
-from spoold.policy import DestinationPolicy, PolicySource
-from spoold.relay import (
-    AttemptFailed,
-    BodyHandle,
-    Delivery,
-    RecipientResult,
-    Relay,
-    RelayOutcome,
-)
-from spoold.settings import SpoolSettings, WriterSettings
-from spoold.smtp_relay import SmtpRelay
-from spoold.spool import (
-    DEFAULT_MIN_FREE_SPACE,
-    DEFAULT_RETRY_INTERVALS,
-    AfterCrash,
-    Routes,
-    Spool,
-)
-from spoold.waiting import MessageOutcome, OutcomeKind
-from spoold.writer import SpoolWriter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from spoold.address import validate_address
+    from spoold.body import Body, LineEndingPolicy
+    from spoold.client import Client
+    from spoold.clock import Clock, SystemClock
+    from spoold.connection_cache import ConnectionCache, RouteSettings, TlsMode
+    from spoold.errors import (
+        AddressError,
+        BareLineEndingError,
+        ConfigError,
+        ControlError,
+        HopUnavailableError,
+        IdempotencyKeyError,
+        InsufficientStorageError,
+        InvalidIdError,
+        MxError,
+        NoRouteError,
+        NotFoundError,
+        OperationRefusedError,
+        RecipientSuppressedError,
+        RecordError,
+        SmtpConnectionError,
+        SmtpError,
+        SmtpProtocolError,
+        SmtpReplyError,
+        SmtpServiceClosingError,
+        SmtpTimeoutError,
+        SmtpTlsError,
+        SpoolClosedError,
+        SpooldError,
+        SpoolFailedError,
+        SpoolLockedError,
+        StoreError,
+        WaitTimeoutError,
+    )
+    from spoold.events import EventKind, SpoolEvent, Subscription
+    from spoold.history import FinalOutcome, Outcome, RecipientReply, RecipientState
+    from spoold.hooks import ErrorAction, OnErrorHook, PresendDecision, PresendHook
+    from spoold.ids import new_id, validate_id
+    from spoold.message import (
+        Delivered,
+        EnvelopeInfo,
+        Frozen,
+        Message,
+        Quarantined,
+        Queue,
+        RelayAttempt,
+        Removed,
+        RetryInterval,
+        RoutedBatch,
+        RoutedEnvelope,
+        SendAt,
+        Sending,
+        SendNow,
+        Status,
+    )
+    from spoold.ondisk import Unreadable
+    from spoold.outcome import (
+        DeliveryPolicy,
+        OnPermanentFailure,
+        PlannedAttempt,
+        PlannedEnd,
+        PlannedRepeats,
+        RetriesExhausted,
+        RetryPlan,
+    )
+    from spoold.policy import DestinationPolicy, PolicySource
+    from spoold.relay import (
+        AttemptFailed,
+        BodyHandle,
+        Delivery,
+        RecipientResult,
+        Relay,
+        RelayOutcome,
+    )
+    from spoold.settings import SpoolSettings, WriterSettings
+    from spoold.smtp_relay import SmtpRelay
+    from spoold.spool import (
+        DEFAULT_MIN_FREE_SPACE,
+        DEFAULT_RETRY_INTERVALS,
+        AfterCrash,
+        Routes,
+        Spool,
+    )
+    from spoold.waiting import MessageOutcome, OutcomeKind
+    from spoold.writer import SpoolWriter
 
 __all__ = [
     # the spool
@@ -203,3 +215,144 @@ __all__ = [
     "StoreError",
     "WaitTimeoutError",
 ]
+
+# Where each public name is defined (the imports above, for the type checker).
+_MODULES: dict[str, tuple[str, ...]] = {
+    "spoold.address": ("validate_address",),
+    "spoold.body": (
+        "Body",
+        "LineEndingPolicy",
+    ),
+    "spoold.client": ("Client",),
+    "spoold.clock": (
+        "Clock",
+        "SystemClock",
+    ),
+    "spoold.connection_cache": (
+        "ConnectionCache",
+        "RouteSettings",
+        "TlsMode",
+    ),
+    "spoold.errors": (
+        "AddressError",
+        "BareLineEndingError",
+        "ConfigError",
+        "ControlError",
+        "HopUnavailableError",
+        "IdempotencyKeyError",
+        "InsufficientStorageError",
+        "InvalidIdError",
+        "MxError",
+        "NoRouteError",
+        "NotFoundError",
+        "OperationRefusedError",
+        "RecipientSuppressedError",
+        "RecordError",
+        "SmtpConnectionError",
+        "SmtpError",
+        "SmtpProtocolError",
+        "SmtpReplyError",
+        "SmtpServiceClosingError",
+        "SmtpTimeoutError",
+        "SmtpTlsError",
+        "SpoolClosedError",
+        "SpooldError",
+        "SpoolFailedError",
+        "SpoolLockedError",
+        "StoreError",
+        "WaitTimeoutError",
+    ),
+    "spoold.events": (
+        "EventKind",
+        "SpoolEvent",
+        "Subscription",
+    ),
+    "spoold.history": (
+        "FinalOutcome",
+        "Outcome",
+        "RecipientReply",
+        "RecipientState",
+    ),
+    "spoold.hooks": (
+        "ErrorAction",
+        "OnErrorHook",
+        "PresendDecision",
+        "PresendHook",
+    ),
+    "spoold.ids": (
+        "new_id",
+        "validate_id",
+    ),
+    "spoold.message": (
+        "Delivered",
+        "EnvelopeInfo",
+        "Frozen",
+        "Message",
+        "Quarantined",
+        "Queue",
+        "RelayAttempt",
+        "Removed",
+        "RetryInterval",
+        "RoutedBatch",
+        "RoutedEnvelope",
+        "SendAt",
+        "Sending",
+        "SendNow",
+        "Status",
+    ),
+    "spoold.ondisk": ("Unreadable",),
+    "spoold.outcome": (
+        "DeliveryPolicy",
+        "OnPermanentFailure",
+        "PlannedAttempt",
+        "PlannedEnd",
+        "PlannedRepeats",
+        "RetriesExhausted",
+        "RetryPlan",
+    ),
+    "spoold.policy": (
+        "DestinationPolicy",
+        "PolicySource",
+    ),
+    "spoold.relay": (
+        "AttemptFailed",
+        "BodyHandle",
+        "Delivery",
+        "RecipientResult",
+        "Relay",
+        "RelayOutcome",
+    ),
+    "spoold.settings": (
+        "SpoolSettings",
+        "WriterSettings",
+    ),
+    "spoold.smtp_relay": ("SmtpRelay",),
+    "spoold.spool": (
+        "DEFAULT_MIN_FREE_SPACE",
+        "DEFAULT_RETRY_INTERVALS",
+        "AfterCrash",
+        "Routes",
+        "Spool",
+    ),
+    "spoold.waiting": (
+        "MessageOutcome",
+        "OutcomeKind",
+    ),
+    "spoold.writer": ("SpoolWriter",),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> object:
+    """A public name, imported from its module the first time it is used
+    (then kept here, so the next use is a plain attribute)."""
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

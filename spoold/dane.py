@@ -40,7 +40,6 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from spoold.errors import TlsPolicyError
@@ -85,6 +84,11 @@ def usable(records: Iterable[TlsaRecord]) -> tuple[TlsaRecord, ...]:
 
 
 def _certificate(der: bytes) -> bool:
+    # Imported when a certificate is first read: cryptography.x509 is a
+    # tenth of a second of every ``spoold`` command's start otherwise (this
+    # module comes with the connection cache, which the config uses).
+    from cryptography import x509
+
     try:
         x509.load_der_x509_certificate(der)
     except ValueError:
@@ -101,6 +105,8 @@ def trust_anchors(records: Iterable[TlsaRecord]) -> tuple[bytes, ...]:
 def _selected(der: bytes, selector: int) -> bytes:
     if selector == 0:
         return der
+    from cryptography import x509  # see _certificate
+
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError as exc:

@@ -19,7 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 
 from spoold.errors import NotFoundError, SpooldError, StoreError
 from spoold.message import SEND_NOW, Frozen, Message, Queue, Sending, SharedParts, gc_paused
@@ -37,14 +37,21 @@ class Loading:
         self._disk = state.disk
         self._scheduler = scheduler
 
-    async def load(self, cut_short: Container[str] = ()) -> None:
+    async def load(
+        self,
+        cut_short: Container[str] = (),
+        listed: Callable[[str], list[tuple[str, bool]] | None] | None = None,
+    ) -> None:
         """Index and schedule every record of ``active`` and ``frozen``, batch
         by batch as they are read (so a large queue is built compactly: the
         temporaries of one batch are reused by the next). ``cut_short``: ids
         of ``active`` the store found (and left) checked out, an attempt
         under way when the last owner died: they, and records stored as
         ``sending``, are in doubt, and are settled once both queues are
-        read (:meth:`settle_in_doubt`)."""
+        read (:meth:`settle_in_doubt`). ``listed``: a queue's listing made
+        at open, taken once (:meth:`RecoveryReport.take_listing
+        <spoold.store.RecoveryReport.take_listing>`): a queue of a million
+        records is then not listed twice; a queue without one is listed."""
         shared = SharedParts()
         doubtful: list[Message] = []
         for queue in LOADED_QUEUES:
@@ -65,7 +72,12 @@ class Loading:
                 continue  # reported below; the rest is served
             # Records are interned in the reading thread (one batch at a time:
             # ``shared`` is only ever used there), as soon as they are decoded.
-            await self._disk.load(queue, on_batch=index, prepare=lambda m: m.intern(shared))
+            await self._disk.load(
+                queue,
+                on_batch=index,
+                prepare=lambda m: m.intern(shared),
+                names=None if listed is None else listed(queue.value),
+            )
         for msg in doubtful:
             await self.settle_in_doubt(msg, checked_out=msg.id in cut_short)
         for path, why in self._disk.unusable().items():

@@ -359,7 +359,10 @@ class Message(
 
         A shared list is never changed: every change to a record assigns a
         new list (the setters here, and the spool, which changes a
-        :meth:`copy`), and :meth:`copy` gives lists of its own."""
+        :meth:`copy`), and :meth:`copy` gives lists of its own. Several
+        threads may intern at once with one ``shared`` (a load's readers):
+        each step reads what is kept once, so at worst an equal part is
+        kept twice, never a different one given."""
         if self.parent_id == self.id:
             self.parent_id = self.id
         empty = shared.empty
@@ -421,8 +424,9 @@ class _SharedLists(Generic[_V]):
     def share(self, items: list[_V]) -> list[_V]:
         """The kept list equal to ``items`` (``items`` itself, now kept, if
         it is the first of its kind)."""
-        if items == self._last and self._last is not None:
-            return self._last
+        last = self._last  # read once: threads of a load share this (see Message.intern)
+        if last is not None and items == last:
+            return last
         self._last = one = self._kept.setdefault(tuple(items), items)
         return one
 

@@ -23,6 +23,7 @@ spool's (:mod:`spoold.spool`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -59,7 +60,15 @@ from spoold.store import (
     Woken,
 )
 
-__all__ = ["OnDiskSpool", "NewMessage", "Unreadable", "QUEUES", "LOAD_BATCH", "LOAD_READ_AHEAD"]
+__all__ = [
+    "OnDiskSpool",
+    "NewMessage",
+    "Unreadable",
+    "QUEUES",
+    "LOAD_BATCH",
+    "LOAD_READ_AHEAD",
+    "LOAD_READERS",
+]
 
 QUEUES: tuple[str, ...] = tuple(q.value for q in Queue)
 
@@ -73,6 +82,11 @@ _Decoded = list[Message | tuple[StoredRecord, Message | RecordError]]
 _CHECK_READ = 1 << 20  # bytes per read when check hashes a body
 LOAD_BATCH = 2048  # records read and decoded in one worker-thread hop by load()
 LOAD_READ_AHEAD = 2  # batches load() reads ahead of the one it is handing over
+# Threads reading batches at once in load() when the records are not in memory:
+# with a cold page cache (after a reboot) a record's read waits for the disk,
+# and one reader alone leaves the disk idle while it decodes.
+LOAD_READERS = 4
+_PROBES = 32  # records load() samples across a queue to tell a cold cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +327,7 @@ class OnDiskSpool:
         on_batch: Callable[[list[Message]], None] | None = None,
         prepare: Callable[[Message], None] | None = None,
         batch_size: int = LOAD_BATCH,
+        names: list[tuple[str, bool]] | None = None,
     ) -> tuple[list[Message], list[Unreadable]]:
         """Read every record of ``queue``, in name order.
 
@@ -322,30 +337,57 @@ class OnDiskSpool:
         unreadable records are only reported.
 
         Records are read and decoded in a worker thread, ``batch_size`` at a
-        time and up to :data:`LOAD_READ_AHEAD` batches ahead of the one the
-        event loop is handling, so memory holds a few batches of raw records
-        at most. With ``on_batch``, the messages of each batch are handed to
-        it as soon as they are read (and the list returned is empty): a
-        caller that keeps them (the spool's index) then builds its own
+        time, a batch or so ahead of the one the event loop is handling; by
+        :data:`LOAD_READERS` threads at once when a sample of the records
+        is not in the page cache (after a reboot: the disk is kept busy), so
+        memory holds a few batches of raw records at most. With
+        ``on_batch``, the messages of each batch are handed to it as soon
+        as they are read (and the list returned is empty): a caller that
+        keeps them (the spool's index) then builds its own
         structures batch by batch, which keeps a large queue's memory
         compact. ``prepare``, when given, is called on each message read, in
-        the reading thread, right after it is decoded (one batch at a time,
-        in order; e.g. :meth:`~spoold.message.Message.intern`): what it
-        makes and drops then never reaches the event loop, nor the cyclic
+        the reading thread, right after it is decoded (e.g.
+        :meth:`~spoold.message.Message.intern`; the reading threads call it
+        at once, each on its own batches, so it must be safe for that): what
+        it makes and drops then never reaches the event loop, nor the cyclic
         collector. A :class:`~spoold.errors.StoreError` (reading, or setting a
-        record aside) stops the load and is raised as it is.
+        record aside) stops the load and is raised as it is. ``names``: the
+        queue's listing, when the caller has one made just before
+        (:meth:`RecoveryReport.take_listing
+        <spoold.store.RecoveryReport.take_listing>`, right after the open);
+        else the queue is listed here.
         """
         messages: list[Message] = []
         unreadable: list[Unreadable] = []
-        names = await self.store.list_queue(queue.value)
+        if names is None:
+            names = await self.store.list_queue(queue.value)
         batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
         failure: StoreError | None = None
-        send, receive = anyio.create_memory_object_stream[_Decoded | StoreError](LOAD_READ_AHEAD)
-        with receive:
+        # Reader k reads batches k, k + readers, ... into its own stream; they
+        # are taken in turn, so batches are handled in name order. Several
+        # readers only when the records must come from the disk: in memory
+        # (a restart) more threads only hand the GIL back and forth.
+        readers = 1
+        if len(batches) > 1 and not await self.store.in_memory(
+            queue.value, names[:: max(1, len(names) // _PROBES)]
+        ):
+            readers = min(LOAD_READERS, len(batches))
+        streams = [
+            anyio.create_memory_object_stream[_Decoded | StoreError](
+                max(1, LOAD_READ_AHEAD // readers)
+            )
+            for _ in range(readers)
+        ]
+        receives = [receive for _send, receive in streams]
+        with contextlib.ExitStack() as stack:
+            for receive in receives:
+                stack.enter_context(receive)
             async with anyio.create_task_group() as tg:
                 decode = functools.partial(_decode_batch, queue, prepare, self._dir_text)
-                tg.start_soon(self._read_ahead, queue, batches, decode, send)
-                async for decoded in receive:
+                for k, (send, _receive) in enumerate(streams):
+                    tg.start_soon(self._read_ahead, queue, batches[k::readers], decode, send)
+                for i in range(len(batches)):
+                    decoded = await receives[i % readers].receive()
                     try:
                         if isinstance(decoded, StoreError):
                             raise decoded

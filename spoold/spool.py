@@ -421,7 +421,8 @@ class Spool:
                 dkim=dkim,
             )
             cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
-            await spool._loading.load(cut_short)
+            await spool._loading.load(cut_short, report.take_listing)
+            report.listings.clear()  # the queues not loaded: no old listing is kept
             await spool._housekeeping.repair_keys()
             await spool._state.suppressions.load()
             if before_start is not None:

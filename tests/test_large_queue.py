@@ -128,6 +128,43 @@ async def test_load_in_batches_handles_every_record_across_batch_boundaries(
         await od.close()
 
 
+async def test_records_not_in_memory_are_read_by_several_threads_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold page cache (as the store's probe finds it after a reboot):
+    LOAD_READERS threads read the batches, still handed over in name order;
+    a read that fails still stops the load with its error."""
+    with anyio.fail_after(TIMEOUT):
+        od, _ = await OnDiskSpool.open(tmp_path)
+        good = await od.add([new_message() for _ in range(9)])
+
+        async def cold(queue: str, names: object) -> bool:
+            return False
+
+        monkeypatch.setattr(od.store, "in_memory", cold)
+        batches: list[list[str]] = []
+        await od.load(
+            Queue.ACTIVE, batch_size=2, on_batch=lambda ms: batches.append([m.id for m in ms])
+        )
+        assert [mid for b in batches for mid in b] == sorted(m.id for m in good)
+        assert len(batches) == 5
+        (tmp_path / "active" / "LoopRecord1").symlink_to("LoopRecord1")  # open() fails: ELOOP
+        with pytest.raises(StoreError) as caught:
+            await od.load(Queue.ACTIVE, batch_size=2)
+        assert "LoopRecord1" in str(caught.value)
+        await od.close()
+
+
+async def test_records_in_memory_are_probed_as_such(tmp_path: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        od, _ = await OnDiskSpool.open(tmp_path)
+        await od.add([new_message() for _ in range(3)])
+        names = await od.names(Queue.ACTIVE)
+        assert await od.store.in_memory("active", names)  # just written
+        assert await od.store.in_memory("active", [("Gone000001", False)])
+        await od.close()
+
+
 async def test_a_read_that_fails_stops_the_load_with_its_store_error(tmp_path: Path) -> None:
     with anyio.fail_after(TIMEOUT):
         od, _ = await OnDiskSpool.open(tmp_path)

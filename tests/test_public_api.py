@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import spoold
 import spoold.testing
@@ -49,3 +51,31 @@ def test_every_error_is_a_spoold_error() -> None:
         value = getattr(spoold, name)
         if isinstance(value, type) and issubclass(value, BaseException):
             assert issubclass(value, spoold.SpooldError), name
+
+
+def test_importing_the_package_loads_its_names_only_when_used() -> None:
+    code = (
+        "import sys, spoold\n"
+        "print(sorted(m for m in sys.modules if m.startswith('spoold')))\n"
+        "spoold.Spool\n"
+        "print('spoold.spool' in sys.modules, 'Spool' in vars(spoold))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=True, text=True
+    )
+    assert done.stdout.split("\n")[:2] == ["['spoold']", "True True"]
+
+
+def test_the_type_checkers_imports_are_the_names_loaded() -> None:
+    """``spoold/__init__.py`` names each public name twice: imported for
+    the type checker, and in the table its ``__getattr__`` loads from."""
+    tree = ast.parse(Path(spoold.__file__).read_text(encoding="utf-8"))
+    (block,) = [n for n in tree.body if isinstance(n, ast.If)]
+    typed = {
+        alias.name: node.module
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert typed == spoold._HOME
+    assert sorted(typed) == sorted(spoold.__all__)

@@ -494,6 +494,11 @@ async def test_checkouts_of_kept_queues_stay_checked_out_for_the_owner(tmp_path:
         assert report.returned_checkouts == [("frozen", held.id)]
         assert (tmp_path / "active" / ".checkout" / cut.id).exists()
         assert (tmp_path / "frozen" / held.id).exists()
+        # Recovery's listings, as a load right after the open takes them
+        # (once: a listing taken later would be an old one).
+        assert report.take_listing("active") == await od.names(Queue.ACTIVE) == [(cut.id, True)]
+        assert report.take_listing("active") is None
+        assert report.take_listing("frozen") == [(held.id, False)]
         msgs, _ = await od.load(Queue.ACTIVE)
         assert [m.id for m in msgs] == [cut.id]  # loaded from where it is
         cut.in_doubt = True

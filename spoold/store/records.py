@@ -96,6 +96,17 @@ class RecoveryReport:
     kept_checkouts: list[tuple[str, str]] = field(default_factory=list)
     removed_tmp: list[str] = field(default_factory=list)
     removed_unacknowledged: list[str] = field(default_factory=list)
+    # Each usable queue's names as recovery left them, as
+    # :meth:`~spoold.store.Store.list_queue` gives them: the owner loading a
+    # queue right after the open takes its listing from here
+    # (:meth:`take_listing`) instead of listing a large directory again.
+    # Not a repair: no part of what the report says (nor of its truth value).
+    listings: dict[str, list[tuple[str, bool]]] = field(default_factory=dict, repr=False)
+
+    def take_listing(self, queue: str) -> list[tuple[str, bool]] | None:
+        """``queue``'s listing at open, once (then forgotten, so the memory
+        goes and nobody takes an old listing later); None if there is none."""
+        return self.listings.pop(queue, None)
 
     def __bool__(self) -> bool:
         return bool(

@@ -57,16 +57,21 @@ def recover_sync(
         # acknowledged, and the committed copy (if any) is elsewhere.
         unlink_quiet(f"{d.tmp}/{tmp_name}")
         report.removed_tmp.append(tmp_name)
-    records = _record_names(d)
-    for name in d.names(d.data):
-        if name not in records and registry.writer_gone(name):
+    report.listings, records = _listings(d)
+    # A body or a registry entry of a record (nearly all of them) is passed
+    # over before anything else is asked of its name: two listings of a
+    # large spool cost little more than the listings themselves.
+    for name in os.listdir(d.data):
+        if name in records or not is_valid_id(name) or os.path.isdir(f"{d.data}/{name}"):
+            continue
+        if registry.writer_gone(name):
             unlink_quiet(f"{d.data}/{name}")
             unlink_quiet(f"{d.registry}/{name}")
             report.removed_unacknowledged.append(name)
             touched += [d.data, d.registry]
-    entries, writers = registry.listing()
+    entries, writers = registry.listing(skip=records)
     for name in entries:
-        if name not in records and registry.writer_gone(name):
+        if registry.writer_gone(name):
             unlink_quiet(f"{d.registry}/{name}")
             if name not in report.removed_unacknowledged:
                 report.removed_unacknowledged.append(name)
@@ -159,12 +164,17 @@ def _all_records(d: StoreDirectory) -> dict[str, list[tuple[str, bool]]]:
     return found
 
 
-def _record_names(d: StoreDirectory) -> set[str]:
-    """The name of every record in every queue (a set: a large spool's
-    recovery asks only whether a name has a record)."""
+def _listings(d: StoreDirectory) -> tuple[dict[str, list[tuple[str, bool]]], set[str]]:
+    """Each usable queue's listing (:meth:`StoreDirectory.list_queue`), and
+    the name of every record in every queue (a set: a large spool's
+    recovery asks only whether a name has a record), a checkout whose
+    queue is unusable included."""
+    listings: dict[str, list[tuple[str, bool]]] = {}
     found: set[str] = set()
     for q in d.queues:
-        for qd in (d.qdir(q), d.qdir(q, True)):
-            if d.usable(qd):
-                found.update(d.names(qd))
-    return found
+        if d.usable(d.qdir(q)):
+            listing = listings[q] = d.list_queue(q)
+            found.update([name for name, _checked_out in listing])
+        elif d.usable(d.qdir(q, True)):
+            found.update(d.names(d.qdir(q, True)))
+    return listings, found

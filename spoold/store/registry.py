@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+from collections.abc import Container
 
 from spoold.errors import StoreError
 from spoold.ids import is_valid_id, new_id
@@ -101,17 +102,19 @@ class Registry:
             raise
         os.close(fd)
 
-    def listing(self) -> tuple[list[str], list[str]]:
+    def listing(self, skip: Container[str] = ()) -> tuple[list[str], list[str]]:
         """One listing of ``.registry``: the entries' names (ids), and the
-        writers' pid files."""
+        writers' pid files; names in ``skip`` (entries the caller knows of,
+        e.g. those of records) are left out before any other test."""
         entries: list[str] = []
         writers: list[str] = []
-        with os.scandir(self.path) as it:
-            for e in it:
-                if e.name.startswith(_WRITER_PREFIX):
-                    writers.append(e.name)
-                elif is_valid_id(e.name) and not e.is_dir():
-                    entries.append(e.name)
+        for name in os.listdir(self.path):
+            if name in skip:
+                continue
+            if name.startswith(_WRITER_PREFIX):
+                writers.append(name)
+            elif is_valid_id(name) and not os.path.isdir(f"{self.path}/{name}"):
+                entries.append(name)
         return entries, writers
 
     def writer_gone(self, registry_name: str) -> bool:

@@ -367,6 +367,39 @@ class Store:
 
     read_records = one_hop(_read_records_sync)
 
+    def _in_memory_sync(self, queue: str, names: Sequence[tuple[str, bool]]) -> bool:
+        """Whether the records ``names`` of ``queue`` (a sample: ``(name,
+        checked_out)`` pairs, as :meth:`list_queue` gives them) are all in
+        the page cache: each is opened and its first byte read with
+        ``RWF_NOWAIT``, which fails rather than wait for the disk. A record
+        gone, or a system without the flag, counts as in memory (so a
+        reader asks no more of the disk than before)."""
+        self._dir.check_queue(queue)
+        nowait = getattr(os, "RWF_NOWAIT", None)
+        if nowait is None:
+            return True
+        dir_fds = (
+            self._dir.dir_fds.get(self._dir.qdir(queue), -1),
+            self._dir.dir_fds.get(self._dir.qdir(queue, True), -1),
+        )
+        buf = bytearray(1)
+        for name, checked_out in names:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fds[checked_out])
+            except OSError:
+                continue
+            try:
+                os.preadv(fd, [buf], 0, nowait)
+            except BlockingIOError:
+                return False
+            except OSError:
+                continue  # EOPNOTSUPP (a filesystem without it), ...: as before
+            finally:
+                os.close(fd)
+        return True
+
+    in_memory = one_hop(_in_memory_sync)
+
     def _list_queue_sync(self, queue: str) -> list[tuple[str, bool]]:
         """Names in ``queue`` as ``(name, checked_out)``, in name order."""
         return self._dir.list_queue(queue)
