@@ -19,10 +19,20 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Container
 
 from spoold.errors import NotFoundError, SpooldError, StoreError
-from spoold.message import SEND_NOW, Frozen, Message, Queue, Sending, SharedParts, gc_paused
+from spoold.message import (
+    SEND_NOW,
+    Frozen,
+    Message,
+    Queue,
+    Sending,
+    SharedParts,
+    gc_paused,
+    queue_of,
+)
 from spoold.scheduler import Scheduler
 from spoold.state import LOADED_QUEUES, Entry, SpoolState, log
 
@@ -54,30 +64,39 @@ class Loading:
         records is then not listed twice; a queue without one is listed."""
         shared = SharedParts()
         doubtful: list[Message] = []
+        # Records found in the wrong queue are moved to the queue of their
+        # status: one listed before the move (a listing kept from the open,
+        # or a queue loaded already) would never show them.
+        moved: list[Message] = []
+
+        def index(messages: list[Message], queue: Queue) -> None:
+            with gc_paused():
+                for msg in messages:
+                    if queue is Queue.ACTIVE and (
+                        msg.id in cut_short or isinstance(msg.status, Sending)
+                    ):
+                        doubtful.append(msg)
+                        continue
+                    entry = Entry(msg, queue)
+                    self._state.index_put(entry)
+                    self._scheduler.schedule(entry)
+
         for queue in LOADED_QUEUES:
-
-            def index(messages: list[Message], queue: Queue = queue) -> None:
-                with gc_paused():
-                    for msg in messages:
-                        if queue is Queue.ACTIVE and (
-                            msg.id in cut_short or isinstance(msg.status, Sending)
-                        ):
-                            doubtful.append(msg)
-                            continue
-                        entry = Entry(msg, queue)
-                        self._state.index_put(entry)
-                        self._scheduler.schedule(entry)
-
             if queue is not Queue.ACTIVE and not self._disk.usable(queue):
                 continue  # reported below; the rest is served
             # Records are interned in the reading thread (one batch at a time:
             # ``shared`` is only ever used there), as soon as they are decoded.
             await self._disk.load(
                 queue,
-                on_batch=index,
+                on_batch=functools.partial(index, queue=queue),
                 prepare=lambda m: m.intern(shared),
                 names=None if listed is None else listed(queue.value),
+                on_moved=moved.append,
             )
+        for msg in moved:
+            home = queue_of(msg.status)
+            if home in LOADED_QUEUES and msg.id not in self._state.index:
+                index([msg], home)
         for msg in doubtful:
             await self.settle_in_doubt(msg, checked_out=msg.id in cut_short)
         for path, why in self._disk.unusable().items():

@@ -328,6 +328,7 @@ class OnDiskSpool:
         prepare: Callable[[Message], None] | None = None,
         batch_size: int = LOAD_BATCH,
         names: list[tuple[str, bool]] | None = None,
+        on_moved: Callable[[Message], None] | None = None,
     ) -> tuple[list[Message], list[Unreadable]]:
         """Read every record of ``queue``, in name order.
 
@@ -355,7 +356,9 @@ class OnDiskSpool:
         queue's listing, when the caller has one made just before
         (:meth:`RecoveryReport.take_listing
         <spoold.store.RecoveryReport.take_listing>`, right after the open);
-        else the queue is listed here.
+        else the queue is listed here. ``on_moved``, when given, is called
+        with each record moved to the queue of its status (as owner), once it
+        is there: that queue may have been listed (or loaded) already.
         """
         messages: list[Message] = []
         unreadable: list[Unreadable] = []
@@ -391,7 +394,7 @@ class OnDiskSpool:
                     try:
                         if isinstance(decoded, StoreError):
                             raise decoded
-                        good = await self._sort_batch(queue, decoded, unreadable)
+                        good = await self._sort_batch(queue, decoded, unreadable, on_moved)
                     except StoreError as exc:
                         failure = exc
                         tg.cancel_scope.cancel()
@@ -427,6 +430,7 @@ class OnDiskSpool:
         queue: Queue,
         decoded: _Decoded,
         unreadable: list[Unreadable],
+        on_moved: Callable[[Message], None] | None = None,
     ) -> list[Message]:
         """The readable messages of one batch that belong in ``queue``; the
         others are set aside or moved (as owner) and reported."""
@@ -467,6 +471,8 @@ class OnDiskSpool:
                     status=result.status.name,
                 )
                 await self.move_home(result, from_queue=queue, checked_out=rec.checked_out)
+                if on_moved is not None:
+                    on_moved(result)
                 continue
             messages.append(result)
         return messages

@@ -281,3 +281,19 @@ async def test_a_bounce_at_the_lifetimes_end_after_no_reply_keeps_its_in_doubt_d
         await spool.flush_history()
         journalled = await spool.find_outcome(mid)
         assert journalled is not None and journalled.outcome is OutcomeKind.BOUNCED
+
+
+async def test_a_misplaced_record_in_frozen_is_moved_home_and_served(tmp_path: Path) -> None:
+    """A record whose status says active (a retry is due later), found in
+    frozen, which is read after active: moved to active, and indexed by
+    the same open, not left on disk unseen until the next one."""
+    clock = FakeClock(START)
+    later = RecipientResult(451, "try again later", "4.3.0")
+    async with open_spool(tmp_path, relay_answering({RCPT: later}), clock) as spool:
+        (mid,) = await spool.add(batch(RCPT))
+        await wait_until(lambda: isinstance(status_of(spool, mid), SendAt), "the retry set")
+    os.rename(tmp_path / "active" / mid, tmp_path / "frozen" / mid)
+    async with open_spool(tmp_path, relay_answering({RCPT: later}), clock) as spool:
+        assert isinstance(status_of(spool, mid), SendAt)
+        assert [m.id for m in spool.status()] == [mid]
+    assert places(tmp_path, mid) == ["active"]
