@@ -16,6 +16,7 @@ from spoold.errors import InvalidIdError, NotFoundError, SpoolLockedError, Store
 from spoold.message import Frozen, Queue, Removed, SendAt, encode_record
 from spoold.ondisk import OnDiskSpool
 from spoold.store import Store
+from spoold.store.directory import StoreDirectory
 from spoold.times import utcnow
 from tests.factories import make_message, new_message
 from tests.spool_helpers import settle
@@ -507,3 +508,37 @@ async def test_checkouts_of_kept_queues_stay_checked_out_for_the_owner(tmp_path:
         await od.close()
     assert (tmp_path / "active" / cut.id).exists()
     assert not (tmp_path / "active" / ".checkout" / cut.id).exists()
+
+
+@pytest.mark.parametrize("where", ["active", "frozen/.checkout"])
+async def test_a_record_committed_while_recovery_runs_keeps_its_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A short-lived writer (``spoold submit``) commits its record right after
+    recovery listed the queues, and exits before recovery reaches ``data/``:
+    the message was acknowledged, so its body and registry entry stay."""
+    od, _ = await OnDiskSpool.open(tmp_path)
+    (msg,) = await od.add([new_message()])
+    await od.close()
+    record = tmp_path / "active" / msg.id
+    # The writer just before its commit: the record still aside (in tmp/),
+    # its registry entry naming a pid that has exited by the time recovery asks.
+    pending = tmp_path / "tmp" / "1.pending"
+    record.rename(pending)
+    (tmp_path / ".registry" / msg.id).unlink()
+    (tmp_path / ".registry" / msg.id).write_text("999999999\n")
+    listed = StoreDirectory.list_queue
+
+    def list_queue(self: StoreDirectory, queue: str) -> list[tuple[str, bool]]:
+        out = listed(self, queue)
+        if queue == "active" and pending.exists():
+            pending.rename(tmp_path / where / msg.id)  # the commit, then the exit
+        return out
+
+    monkeypatch.setattr(StoreDirectory, "list_queue", list_queue)
+    od, report = await OnDiskSpool.open(tmp_path)
+    await od.close()
+    assert report.removed_unacknowledged == []
+    assert (tmp_path / where / msg.id).exists()
+    assert (tmp_path / "data" / msg.id).exists()
+    assert (tmp_path / ".registry" / msg.id).exists()

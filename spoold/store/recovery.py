@@ -64,14 +64,14 @@ def recover_sync(
     for name in os.listdir(d.data):
         if name in records or not is_valid_id(name) or os.path.isdir(f"{d.data}/{name}"):
             continue
-        if registry.writer_gone(name):
+        if registry.writer_gone(name) and not _has_record(d, name):
             unlink_quiet(f"{d.data}/{name}")
             unlink_quiet(f"{d.registry}/{name}")
             report.removed_unacknowledged.append(name)
             touched += [d.data, d.registry]
     entries, writers = registry.listing(skip=records)
     for name in entries:
-        if registry.writer_gone(name):
+        if registry.writer_gone(name) and not _has_record(d, name):
             unlink_quiet(f"{d.registry}/{name}")
             if name not in report.removed_unacknowledged:
                 report.removed_unacknowledged.append(name)
@@ -152,6 +152,18 @@ def check_sync(d: StoreDirectory, registry: Registry, max_age: float) -> list[Pr
                     if not is_valid_id(e.name) or e.is_dir():
                         problems.append(Problem("stray_file", e.name, e.path, "not a record name"))
     return problems
+
+
+def _has_record(d: StoreDirectory, name: str) -> bool:
+    """Whether a record ``name`` is in a queue (or its checkout) now. Asked
+    of a name with no record in the listings once its writer is known to be
+    gone: a short-lived writer may have committed the record after the
+    queues were listed, and exited since; gone, it can commit no more."""
+    return any(
+        os.path.lexists(f"{d.qdir(q, checked_out)}/{name}")
+        for q in d.queues
+        for checked_out in (False, True)
+    )
 
 
 def _all_records(d: StoreDirectory) -> dict[str, list[tuple[str, bool]]]:
