@@ -70,7 +70,11 @@ def test_the_type_checkers_imports_are_the_names_loaded() -> None:
     """``spoold/__init__.py`` names each public name twice: imported for
     the type checker, and in the table its ``__getattr__`` loads from."""
     tree = ast.parse(Path(spoold.__file__).read_text(encoding="utf-8"))
-    (block,) = [n for n in tree.body if isinstance(n, ast.If)]
+    (block,) = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"
+    ]
     typed = {
         alias.name: node.module
         for node in block.body
@@ -149,3 +153,25 @@ def test_threads_first_using_names_at_once_import_one_at_a_time() -> None:
         text=True,
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_the_type_checker_sees_no_module_getattr() -> None:
+    """A module ``__getattr__`` tells a type checker (mypy, an IDE) that
+    every name exists: ``from spoold import Spoool`` would pass unnoticed.
+    It is defined only when not type checking, where the checker sees the
+    explicit imports alone."""
+    tree = ast.parse(Path(spoold.__file__).read_text(encoding="utf-8"))
+    seen = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert not seen & {"__getattr__", "__dir__"}
+    (hidden,) = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.If)
+        and isinstance(n.test, ast.UnaryOp)
+        and isinstance(n.test.op, ast.Not)
+        and isinstance(n.test.operand, ast.Name)
+        and n.test.operand.id == "TYPE_CHECKING"
+    ]
+    defined = {n.name for n in hidden.body if isinstance(n, ast.FunctionDef)}
+    assert defined == {"__getattr__", "__dir__"}
+    assert spoold.__dir__() == dir(spoold)
