@@ -25,6 +25,7 @@ work as ever.
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -343,16 +344,26 @@ _MODULES: dict[str, tuple[str, ...]] = {
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 
 
-def __getattr__(name: str) -> object:
-    """A public name, imported from its module the first time it is used
-    (then kept here, so the next use is a plain attribute)."""
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+# The type checker sees only the imports above: a module ``__getattr__``
+# would tell it that every name exists (a misspelt one too).
+if not TYPE_CHECKING:
+    # One lazy load at a time: the library's modules import each other (in
+    # cycles), and two threads importing two of them at once can make CPython's
+    # import locks raise _DeadlockError out of a plain ``spoold.Client``.
+    # Re-entrant, in case a module imported under it asks for a public name.
+    # Only the names of ``_HOME`` take it (a submodule's name does not).
+    _LOADING = threading.RLock()
 
+    def __getattr__(name: str) -> object:
+        """A public name, imported from its module the first time it is used
+        (then kept here, so the next use is a plain attribute)."""
+        module = _HOME.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        with _LOADING:
+            value = getattr(importlib.import_module(module), name)
+            globals()[name] = value
+        return value
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})

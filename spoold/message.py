@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import random
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,20 +68,36 @@ RECORD_VERSION: Final = 2
 _V = TypeVar("_V")
 
 
+# gc_paused's users (the load's reader threads and the event loop at
+# once): the first to come pauses the collector, the last to leave puts it
+# back as the first found it.
+_gc_lock = threading.Lock()
+_gc_users = 0
+_gc_was_enabled = False
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector around a synchronous bulk step
     (decoding or copying many records). Such a step makes many small objects
     and no cycles, and with a large queue in memory each collection it would
     trigger walks every record: pausing makes it several times faster. Never
-    hold it across an ``await``."""
-    was_enabled = gc.isenabled()
-    gc.disable()
+    hold it across an ``await``. Thread-safe: a counted pause, the collector
+    is back (if it was on when the first user came) when the last one
+    leaves, in whatever order they leave."""
+    global _gc_users, _gc_was_enabled
+    with _gc_lock:
+        if _gc_users == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_users += 1
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        with _gc_lock:
+            _gc_users -= 1
+            if _gc_users == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 class Queue(StrEnum):

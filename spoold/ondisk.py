@@ -135,10 +135,13 @@ class OnDiskSpool:
         min_free_bytes: int = 0,
         sync: SyncMode = "fsync",
         keep_checkouts: Sequence[Queue] = (),
+        keep_listings: Sequence[Queue] = (),
     ) -> tuple[OnDiskSpool, RecoveryReport]:
         """Open the spool directory (see :meth:`Store.open`); records found
         checked out in ``keep_checkouts`` stay so, for the owner to settle
-        (:meth:`save` with ``checked_out=True``)."""
+        (:meth:`save` with ``checked_out=True``); recovery's listings of the
+        ``keep_listings`` queues are kept in the report, for a load right
+        after the open."""
         store, report = await Store.open(
             spool_dir,
             QUEUES,
@@ -149,6 +152,7 @@ class OnDiskSpool:
             min_free_bytes=min_free_bytes,
             sync=sync,
             keep_checkouts=[q.value for q in keep_checkouts],
+            keep_listings=[q.value for q in keep_listings],
         )
         if report:
             log.info(

@@ -100,7 +100,7 @@ from spoold.settings import (  # the defaults are written there, re-exported her
     Setting,
     SpoolSettings,
 )
-from spoold.state import Routes, SpoolParts, SpoolState, log
+from spoold.state import LOADED_QUEUES, Routes, SpoolParts, SpoolState, log
 from spoold.store import StepHook, SyncMode
 from spoold.submission import OwnerSubmission
 from spoold.suppression import (
@@ -401,6 +401,7 @@ class Spool:
             # An attempt cut short stays checked out until it is marked in
             # doubt (see Loading.settle_in_doubt): never back in its queue unmarked.
             keep_checkouts=(Queue.ACTIVE,),
+            keep_listings=LOADED_QUEUES,  # the load takes them: not listed twice
         )
         try:
             ondisk.require(Queue.ACTIVE)  # no mail can be queued or sent without it
@@ -422,7 +423,7 @@ class Spool:
             )
             cut_short = {name for queue, name in report.kept_checkouts if queue == Queue.ACTIVE}
             await spool._loading.load(cut_short, report.take_listing)
-            report.listings.clear()  # the queues not loaded: no old listing is kept
+            report.listings.clear()  # a listing not taken: no old listing is kept
             await spool._housekeeping.repair_keys()
             await spool._state.suppressions.load()
             if before_start is not None:

@@ -3,6 +3,7 @@ derived values and construction from a routed batch."""
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from datetime import UTC, datetime, timedelta
@@ -36,6 +37,7 @@ from spoold.message import (
     Status,
     decode_record,
     encode_record,
+    gc_paused,
     of_envelope_batch,
     queue_of,
 )
@@ -750,3 +752,27 @@ def test_negative_retry_interval_is_a_record_error() -> None:
     )
     with pytest.raises(RecordError, match="negative retry interval"):
         decode_record(encode_record(msg))
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_gc_paused_is_counted_across_users(enabled_before: bool) -> None:
+    """Several threads (the load's readers and the event loop) pause the
+    collector at once, leaving in any order: it stays off while any of them
+    is in, and is back as it was when the last one leaves (never left off
+    for the daemon's life)."""
+    was = gc.isenabled()
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        first, second = gc_paused(), gc_paused()
+        first.__enter__()
+        second.__enter__()
+        assert not gc.isenabled()
+        first.__exit__(None, None, None)  # the first to come leaves first
+        assert not gc.isenabled()
+        second.__exit__(None, None, None)
+        assert gc.isenabled() is enabled_before
+        with gc_paused():
+            assert not gc.isenabled()
+        assert gc.isenabled() is enabled_before
+    finally:
+        (gc.enable if was else gc.disable)()

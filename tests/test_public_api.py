@@ -70,7 +70,11 @@ def test_the_type_checkers_imports_are_the_names_loaded() -> None:
     """``spoold/__init__.py`` names each public name twice: imported for
     the type checker, and in the table its ``__getattr__`` loads from."""
     tree = ast.parse(Path(spoold.__file__).read_text(encoding="utf-8"))
-    (block,) = [n for n in tree.body if isinstance(n, ast.If)]
+    (block,) = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"
+    ]
     typed = {
         alias.name: node.module
         for node in block.body
@@ -79,3 +83,95 @@ def test_the_type_checkers_imports_are_the_names_loaded() -> None:
     }
     assert typed == spoold._HOME
     assert sorted(typed) == sorted(spoold.__all__)
+
+
+_OVERLAP_PROBE = """
+import importlib.machinery, sys, threading
+import spoold
+
+inside: set[int] = set()
+guard = threading.Lock()
+met = threading.Event()
+overlap = []
+first: set[int] = set()
+
+
+class Probe:
+    # The first module each thread imports runs its code through this:
+    # it waits a moment there for another thread to be running one too.
+    def find_spec(self, name, path=None, target=None):
+        me = threading.get_ident()
+        if not name.startswith("spoold.") or me in first:
+            return None
+        first.add(me)
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            with guard:
+                inside.add(me)
+                if len(inside) > 1:
+                    overlap.append(name)
+                    met.set()
+            met.wait(0.5)
+            with guard:
+                inside.discard(me)
+            run(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, Probe())
+barrier = threading.Barrier(2)
+
+
+def use(name):
+    barrier.wait()
+    getattr(spoold, name)
+
+
+threads = [threading.Thread(target=use, args=(n,)) for n in ("Client", "SpoolWriter")]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(overlap)
+"""
+
+
+def test_threads_first_using_names_at_once_import_one_at_a_time() -> None:
+    """The library's modules import each other in cycles: two threads
+    importing two of them at once can make CPython's import locks raise
+    ``_DeadlockError`` out of a plain ``spoold.Client``. The lazy loads are
+    one at a time (no two threads are ever importing under them at once)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OVERLAP_PROBE],
+        capture_output=True,
+        timeout=60,
+        check=True,
+        text=True,
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_type_checker_sees_no_module_getattr() -> None:
+    """A module ``__getattr__`` tells a type checker (mypy, an IDE) that
+    every name exists: ``from spoold import Spoool`` would pass unnoticed.
+    It is defined only when not type checking, where the checker sees the
+    explicit imports alone."""
+    tree = ast.parse(Path(spoold.__file__).read_text(encoding="utf-8"))
+    seen = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert not seen & {"__getattr__", "__dir__"}
+    (hidden,) = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.If)
+        and isinstance(n.test, ast.UnaryOp)
+        and isinstance(n.test.op, ast.Not)
+        and isinstance(n.test.operand, ast.Name)
+        and n.test.operand.id == "TYPE_CHECKING"
+    ]
+    defined = {n.name for n in hidden.body if isinstance(n, ast.FunctionDef)}
+    assert defined == {"__getattr__", "__dir__"}
+    assert spoold.__dir__() == dir(spoold)

@@ -16,6 +16,7 @@ from spoold.errors import InvalidIdError, NotFoundError, SpoolLockedError, Store
 from spoold.message import Frozen, Queue, Removed, SendAt, encode_record
 from spoold.ondisk import OnDiskSpool
 from spoold.store import Store
+from spoold.store.registry import Registry
 from spoold.times import utcnow
 from tests.factories import make_message, new_message
 from tests.spool_helpers import settle
@@ -488,7 +489,9 @@ async def test_checkouts_of_kept_queues_stay_checked_out_for_the_owner(tmp_path:
         await od.checkout(held)
     finally:
         await od.close()
-    od, report = await OnDiskSpool.open(tmp_path, keep_checkouts=[Queue.ACTIVE])
+    od, report = await OnDiskSpool.open(
+        tmp_path, keep_checkouts=[Queue.ACTIVE], keep_listings=[Queue.ACTIVE, Queue.FROZEN]
+    )
     try:
         assert report.kept_checkouts == [("active", cut.id)]
         assert report.returned_checkouts == [("frozen", held.id)]
@@ -507,3 +510,65 @@ async def test_checkouts_of_kept_queues_stay_checked_out_for_the_owner(tmp_path:
         await od.close()
     assert (tmp_path / "active" / cut.id).exists()
     assert not (tmp_path / "active" / ".checkout" / cut.id).exists()
+
+
+@pytest.mark.parametrize("where", ["active", "frozen/.checkout"])
+async def test_a_record_committed_while_recovery_runs_keeps_its_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A short-lived writer (``spoold submit``) commits its record right after
+    recovery listed the queues, and exits before recovery reaches ``data/``:
+    the message was acknowledged, so its body and registry entry stay."""
+    od, _ = await OnDiskSpool.open(tmp_path)
+    (msg,) = await od.add([new_message()])
+    await od.close()
+    record = tmp_path / "active" / msg.id
+    # The writer just before its commit: the record still aside (in tmp/),
+    # its registry entry naming a pid that has exited by the time recovery asks.
+    pending = tmp_path / "tmp" / "1.pending"
+    record.rename(pending)
+    (tmp_path / ".registry" / msg.id).unlink()
+    (tmp_path / ".registry" / msg.id).write_text("999999999\n")
+    asked = Registry.writer_gone
+
+    def writer_gone(self: Registry, registry_name: str) -> bool:
+        # The queues are listed by now: the writer commits, then exits.
+        if pending.exists():
+            pending.rename(tmp_path / where / msg.id)
+        return asked(self, registry_name)
+
+    monkeypatch.setattr(Registry, "writer_gone", writer_gone)
+    od, report = await OnDiskSpool.open(tmp_path, keep_listings=[Queue.ACTIVE, Queue.FROZEN])
+    await od.close()
+    assert report.removed_unacknowledged == []
+    assert (tmp_path / where / msg.id).exists()
+    assert (tmp_path / "data" / msg.id).exists()
+    assert (tmp_path / ".registry" / msg.id).exists()
+
+
+async def test_recovery_keeps_the_listings_of_the_queues_asked_for_only(tmp_path: Path) -> None:
+    """The owner loads ``active`` and ``frozen``: recovery's listings of
+    those are kept for the load; ``removed`` (it can be the largest queue)
+    and ``quarantine`` are not listed into the report. Kept listings are not
+    part of what the report says: equal reports compare equal."""
+    od, _ = await OnDiskSpool.open(tmp_path)
+    try:
+        sent, held, gone = await od.add(
+            [new_message(), new_message(status=Frozen()), new_message(status=Removed())]
+        )
+        await od.checkout(held)
+    finally:
+        await od.close()
+    od, report = await OnDiskSpool.open(tmp_path, keep_listings=[Queue.ACTIVE])
+    await od.close()
+    assert report.listings == {"active": [(sent.id, False)]}
+    assert report.returned_checkouts == [("frozen", held.id)]
+    od, report = await OnDiskSpool.open(tmp_path)
+    await od.close()
+    assert report.listings == {}
+    od, again = await OnDiskSpool.open(tmp_path, keep_listings=[Queue.ACTIVE, Queue.REMOVED])
+    await od.close()
+    assert again.listings == {"active": [(sent.id, False)], "removed": [(gone.id, False)]}
+    assert again == report
+    assert (tmp_path / "removed" / gone.id).exists()
+    assert (tmp_path / "data" / gone.id).exists()  # a record's body is a record's body

@@ -96,12 +96,15 @@ class RecoveryReport:
     kept_checkouts: list[tuple[str, str]] = field(default_factory=list)
     removed_tmp: list[str] = field(default_factory=list)
     removed_unacknowledged: list[str] = field(default_factory=list)
-    # Each usable queue's names as recovery left them, as
-    # :meth:`~spoold.store.Store.list_queue` gives them: the owner loading a
-    # queue right after the open takes its listing from here
-    # (:meth:`take_listing`) instead of listing a large directory again.
-    # Not a repair: no part of what the report says (nor of its truth value).
-    listings: dict[str, list[tuple[str, bool]]] = field(default_factory=dict, repr=False)
+    # The names of each usable queue the owner asked for (``keep_listings``)
+    # as recovery left them, as :meth:`~spoold.store.Store.list_queue` gives
+    # them: the owner loading a queue right after the open takes its listing
+    # from here (:meth:`take_listing`) instead of listing a large directory
+    # again. Not a repair: no part of what the report says (nor of its truth
+    # value, nor of its equality).
+    listings: dict[str, list[tuple[str, bool]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def take_listing(self, queue: str) -> list[tuple[str, bool]] | None:
         """``queue``'s listing at open, once (then forgotten, so the memory

@@ -29,9 +29,14 @@ __all__ = ["recover_sync", "check_sync"]
 
 
 def recover_sync(
-    d: StoreDirectory, registry: Registry, keep_checkouts: frozenset[str]
+    d: StoreDirectory,
+    registry: Registry,
+    keep_checkouts: frozenset[str],
+    keep_listings: frozenset[str] = frozenset(),
 ) -> RecoveryReport:
-    """Repair what a crash may have left; say what was done."""
+    """Repair what a crash may have left; say what was done. The listings
+    of the ``keep_listings`` queues are kept in the report (for the owner's
+    load right after the open)."""
     report = RecoveryReport()
     touched: list[str] = []
     for q in d.queues:
@@ -57,21 +62,21 @@ def recover_sync(
         # acknowledged, and the committed copy (if any) is elsewhere.
         unlink_quiet(f"{d.tmp}/{tmp_name}")
         report.removed_tmp.append(tmp_name)
-    report.listings, records = _listings(d)
+    report.listings, records = _listings(d, keep_listings)
     # A body or a registry entry of a record (nearly all of them) is passed
     # over before anything else is asked of its name: two listings of a
     # large spool cost little more than the listings themselves.
     for name in os.listdir(d.data):
         if name in records or not is_valid_id(name) or os.path.isdir(f"{d.data}/{name}"):
             continue
-        if registry.writer_gone(name):
+        if registry.writer_gone(name) and not _has_record(d, name):
             unlink_quiet(f"{d.data}/{name}")
             unlink_quiet(f"{d.registry}/{name}")
             report.removed_unacknowledged.append(name)
             touched += [d.data, d.registry]
     entries, writers = registry.listing(skip=records)
     for name in entries:
-        if registry.writer_gone(name):
+        if registry.writer_gone(name) and not _has_record(d, name):
             unlink_quiet(f"{d.registry}/{name}")
             if name not in report.removed_unacknowledged:
                 report.removed_unacknowledged.append(name)
@@ -154,6 +159,18 @@ def check_sync(d: StoreDirectory, registry: Registry, max_age: float) -> list[Pr
     return problems
 
 
+def _has_record(d: StoreDirectory, name: str) -> bool:
+    """Whether a record ``name`` is in a queue (or its checkout) now. Asked
+    of a name with no record in the listings once its writer is known to be
+    gone: a short-lived writer may have committed the record after the
+    queues were listed, and exited since; gone, it can commit no more."""
+    return any(
+        os.path.lexists(f"{d.qdir(q, checked_out)}/{name}")
+        for q in d.queues
+        for checked_out in (False, True)
+    )
+
+
 def _all_records(d: StoreDirectory) -> dict[str, list[tuple[str, bool]]]:
     found: dict[str, list[tuple[str, bool]]] = {}
     for q in d.queues:
@@ -164,17 +181,22 @@ def _all_records(d: StoreDirectory) -> dict[str, list[tuple[str, bool]]]:
     return found
 
 
-def _listings(d: StoreDirectory) -> tuple[dict[str, list[tuple[str, bool]]], set[str]]:
-    """Each usable queue's listing (:meth:`StoreDirectory.list_queue`), and
-    the name of every record in every queue (a set: a large spool's
-    recovery asks only whether a name has a record), a checkout whose
-    queue is unusable included."""
+def _listings(
+    d: StoreDirectory, keep: frozenset[str]
+) -> tuple[dict[str, list[tuple[str, bool]]], set[str]]:
+    """The listing (:meth:`StoreDirectory.list_queue`) of each usable queue
+    of ``keep``, and the name of every record in every queue (a set: a
+    large spool's recovery asks only whether a name has a record), a
+    checkout whose queue is unusable included. The other queues (``removed``
+    can be the largest) are neither sorted nor held."""
     listings: dict[str, list[tuple[str, bool]]] = {}
     found: set[str] = set()
     for q in d.queues:
-        if d.usable(d.qdir(q)):
+        if q in keep and d.usable(d.qdir(q)):
             listing = listings[q] = d.list_queue(q)
             found.update([name for name, _checked_out in listing])
-        elif d.usable(d.qdir(q, True)):
-            found.update(d.names(d.qdir(q, True)))
+            continue
+        for checked_out in (False, True):
+            if d.usable(d.qdir(q, checked_out)):
+                found.update(d.names(d.qdir(q, checked_out)))
     return listings, found

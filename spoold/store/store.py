@@ -100,6 +100,7 @@ class Store:
         min_free_bytes: int = 0,
         sync: SyncMode = "fsync",
         keep_checkouts: Sequence[str] = (),
+        keep_listings: Sequence[str] = (),
     ) -> tuple[Store, RecoveryReport]:
         """Open (and create, missing parent directories too) the store at ``root``.
 
@@ -117,14 +118,18 @@ class Store:
         out and are listed in :attr:`RecoveryReport.kept_checkouts`: the
         owner settles each with :meth:`write` ``checked_out=True``), and
         leftovers of writers that died before committing are removed.
+        The listings recovery makes of the ``keep_listings`` queues are kept
+        in the report, for a load right after the open
+        (:meth:`RecoveryReport.take_listing`).
         Returns the store and what recovery did.
         """
         for q in queues:
             if not q or q.startswith(".") or "/" in q or q in ("tmp", "data"):
                 raise ValueError(f"bad queue name {q!r}")
-        for q in keep_checkouts:
-            if q not in queues:
-                raise ValueError(f"keep_checkouts names {q!r}, which is not a queue")
+        for what, kept in (("keep_checkouts", keep_checkouts), ("keep_listings", keep_listings)):
+            for q in kept:
+                if q not in queues:
+                    raise ValueError(f"{what} names {q!r}, which is not a queue")
         store = cls(
             Path(os.path.abspath(root)),  # noqa: ASYNC240 (no I/O: joins with the cwd)
             queues,
@@ -136,7 +141,7 @@ class Store:
         )
         try:
             report = await anyio.to_thread.run_sync(
-                store._open_sync, create, frozenset(keep_checkouts)
+                store._open_sync, create, frozenset(keep_checkouts), frozenset(keep_listings)
             )
         except BaseException:
             store._close_sync()
@@ -157,12 +162,14 @@ class Store:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _open_sync(self, create: bool, keep_checkouts: frozenset[str]) -> RecoveryReport:
+    def _open_sync(
+        self, create: bool, keep_checkouts: frozenset[str], keep_listings: frozenset[str]
+    ) -> RecoveryReport:
         self._dir.open_sync(create)
         if not self.owner:
             return RecoveryReport()
         self._dir.lock_sync()
-        return recover_sync(self._dir, self._registry, keep_checkouts)
+        return recover_sync(self._dir, self._registry, keep_checkouts, keep_listings)
 
     def _close_sync(self) -> None:
         self._hops.stop_sync()
