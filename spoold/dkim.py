@@ -128,6 +128,7 @@ MAX_SIGNED_FIELDS = 1000  # fields a signature lists (h=); a real message has te
 _RSA_PADDING = padding.PKCS1v15()
 _PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
 _FROM_MEMO_SIZE = 4096  # From: values whose domain is remembered
+_FROM_MEMO_VALUE = 512  # octets of the longest From: value remembered
 
 
 class DkimSigner:
@@ -143,7 +144,8 @@ class DkimSigner:
         # What each key's signatures share, made once per signer (a reload
         # makes a new one): not per message.
         self._plans = {id(key): _KeyPlan(key) for key in self.keys}
-        # From: values (as in the message) and their domains, or why none.
+        # From: values (as in the message, up to _FROM_MEMO_VALUE octets)
+        # and their domains, or why none.
         self._from_memo: dict[bytes, tuple[str | None, str]] = {}
 
     def __bool__(self) -> bool:
@@ -200,10 +202,15 @@ class DkimSigner:
 
     def _from_domain(self, fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
         """:func:`_from_domain`, remembered by the ``From:`` value (a spool
-        signs mail of few senders: each one's address is read once)."""
+        signs mail of few senders: each one's address is read once). A
+        value over :data:`_FROM_MEMO_VALUE` octets is read every time, never
+        kept: a legal folded ``From:`` may be a megabyte, and the memo holds
+        thousands of values."""
         values = [v for n, v in fields if n.lower() == b"from"]
         if len(values) != 1:
             return None, "no From: field" if not values else "more than one From: field"
+        if len(values[0]) > _FROM_MEMO_VALUE:
+            return _from_domain(values[0])
         memo = self._from_memo
         found = memo.get(values[0])
         if found is None:

@@ -6,9 +6,12 @@ the tests' own verifier (tests/dkim_helpers.py, from RFC 6376/8463)."""
 from __future__ import annotations
 
 import base64
+import gc
 import os
 import re
 import time
+import tracemalloc
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -329,6 +332,54 @@ def test_headers_to_sign_can_be_chosen_and_single_fields_are_oversigned() -> Non
         key("example.org", "s1", headers=("From", "DKIM-Signature"))
     with pytest.raises(ValueError, match="not a header field name"):
         key("example.org", "s1", headers=("From", "Subject;x"))  # would end h=
+
+
+# ------------------------------------------------------------ one signer, many messages
+
+
+def kept_by(signer: DkimSigner, contents: list[bytes]) -> tuple[int, list[str]]:
+    """The octets ``signer`` keeps from signing ``contents`` (still
+    allocated once the messages and signatures are gone), and why each
+    went unsigned ("" when signed)."""
+    wires = [Body.from_content(c).wire for c in contents]
+    signer.sign(Body.from_content(MESSAGE).wire, NOW)  # what a first message sets up
+    gc.collect()
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        reasons = [signer.sign(wire, NOW).reason for wire in wires]
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before, reasons
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+
+
+def long_from(i: int) -> bytes:
+    """A From: of 256 kB in 1,000 lines of 260 octets: legal SMTP."""
+    fold = b"".join(b"\r\n %04d%s" % (i, b"x" * 250) for _ in range(1000))
+    return b"From: a@example.org" + fold + b"\r\nSubject: s\r\n\r\nhi\r\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "count", "reason"),
+    [(long_from, 8, "From: too long")],
+    ids=["a long From"],
+)
+def test_what_a_signer_remembers_stays_small_whatever_messages_hold(
+    content: Callable[[int], bytes], count: int, reason: str
+) -> None:
+    """A signer remembers the domain of each From: value and, per key, its
+    plan for each order of fields to sign, for thousands of each: what it
+    keeps of one message must be small, whatever the message holds. Here
+    each message would leave over 64 kB (over 2 MB in all), and together
+    they leave under 256 kB."""
+    signer = DkimSigner([key("example.org", "s1")])
+    kept, reasons = kept_by(signer, [content(i) for i in range(count)])
+    assert reasons == [reason] * count
+    assert kept < 256 * 1024, kept
 
 
 lines = st.lists(
