@@ -192,10 +192,11 @@ class DkimSigner:
         names = [n.decode().lower() for n, _ in fields]
         plans = [self._plans[id(k)] for k in keys]
         wanted = set().union(*(plan.wanted for plan in plans))
-        if sum(1 for n in names if n in wanted) > MAX_SIGNED_FIELDS:
+        signed = [i for i, n in enumerate(names) if n in wanted]
+        if len(signed) > MAX_SIGNED_FIELDS:
             return DkimOutcome(reason="too many header fields to sign")
         body_hash = base64.b64encode(_relaxed_body_hash(wire, body_start)).decode()
-        header = _Header(fields, names)
+        header = _Header(fields, names, signed)
         timestamp = int(now.timestamp())
         signatures = b"".join(plan.sign(header, body_hash, timestamp) for plan in plans)
         return DkimOutcome(signatures, tuple((k.domain, k.selector) for k in keys))
@@ -329,24 +330,20 @@ def _relaxed_header(name: bytes, value: bytes) -> bytes:
 
 
 class _Header:
-    """A message's header fields as one signature reads them: the fields
-    (name, value) and their names in lower case; each field's canonical
-    form made once, when a signature first takes it."""
+    """A message's header fields as its signatures read them: the fields
+    (name, value), their names in lower case and where those that a key of
+    the message signs are (top down); each field's canonical form made
+    once, when a signature first takes it."""
 
-    __slots__ = ("_canonical", "_where", "fields", "names")
+    __slots__ = ("_canonical", "fields", "names", "signed")
 
-    def __init__(self, fields: list[tuple[bytes, bytes]], names: list[str]) -> None:
+    def __init__(
+        self, fields: list[tuple[bytes, bytes]], names: list[str], signed: list[int]
+    ) -> None:
         self.fields = fields
         self.names = names
+        self.signed = signed
         self._canonical: dict[int, bytes] = {}
-        where: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
-            where.setdefault(name, []).append(i)
-        self._where = where
-
-    def instances(self, name: str) -> list[int]:
-        """Where fields named ``name`` (lower case) are, top down."""
-        return self._where.get(name, [])
 
     def canonical(self, i: int) -> bytes:
         """Field ``i`` in relaxed form (``name:value`` and CRLF)."""
@@ -395,18 +392,26 @@ class _KeyPlan:
         """One ``DKIM-Signature:`` field (CRLF-terminated) of the message."""
         head = self.head
         stamp = _fold(head.column, [(f"t={timestamp};", " ")])
-        order = (tuple(header.names), stamp.column)
-        planned = self._orders.get(order)
+        # The plan is remembered by the names of the fields this key signs,
+        # not of all fields (those it does not sign are not bounded in
+        # number), and only for a message of few of them: an entry stays
+        # small. Where these fields are is the message's own.
+        names_of, wanted = header.names, self.wanted
+        at = [i for i in header.signed if names_of[i] in wanted]
+        order = (tuple([names_of[i] for i in at]), stamp.column)
+        remember = len(at) <= _ORDER_FIELDS_KEPT
+        planned = self._orders.get(order) if remember else None
         if planned is None:
-            planned = self._plan(header, stamp.column)
-            if len(self._orders) >= _ORDERS_KEPT:
-                self._orders.clear()
-            self._orders[order] = planned
+            planned = self._plan(order[0], stamp.column)
+            if remember:
+                if len(self._orders) >= _ORDERS_KEPT:
+                    self._orders.clear()
+                self._orders[order] = planned
         taken, names = planned
         tail = _fold(names.column, [(f"bh={body_hash};", " "), ("b=", " ")])
         hashed = hashlib.sha256()
-        for i in taken:
-            hashed.update(header.canonical(i))
+        for k in taken:
+            hashed.update(header.canonical(at[k]))
         # The field itself, relaxed (its folds one space, no space at its
         # ends), without its CRLF.
         value = head.canonical + stamp.canonical + names.canonical + tail.canonical
@@ -416,20 +421,20 @@ class _KeyPlan:
         folded = head.text + stamp.text + names.text + tail.text + b.text
         return b"DKIM-Signature:" + folded.encode() + b"\r\n"
 
-    def _plan(self, header: _Header, column: int) -> tuple[list[int], _Folded]:
-        """For ``header``'s order of field names: the fields hashed, in
-        order, and the ``h=`` tag folded from ``column``."""
-        wanted = self.wanted
-        names = [n for n in header.names if n in wanted] + self.oversigned
+    def _plan(self, signed: tuple[str, ...], column: int) -> tuple[list[int], _Folded]:
+        """For the names ``signed`` of the fields this key signs (top down):
+        those hashed, in order (indexes into ``signed``), and the ``h=`` tag
+        folded from ``column``."""
+        names = [*signed, *self.oversigned]
+        instances: dict[str, list[int]] = {}
+        for i, name in enumerate(signed):
+            instances.setdefault(name, []).append(i)
         # Each name takes the lowest instance not taken yet (RFC 6376 §5.4.2).
-        left: dict[str, list[int]] = {}
         taken = []
         for name in names:
-            instances = left.get(name)
-            if instances is None:
-                instances = left[name] = list(header.instances(name))
-            if instances:
-                taken.append(instances.pop())
+            left = instances.get(name)
+            if left:
+                taken.append(left.pop())
         last = len(names) - 1
         segments = [
             (("h=" if i == 0 else "") + name + (":" if i < last else ";"), " " if i == 0 else "")
@@ -438,7 +443,8 @@ class _KeyPlan:
         return taken, _fold(column, segments)
 
 
-_ORDERS_KEPT = 1024  # orders of field names a key remembers
+_ORDERS_KEPT = 1024  # orders of signed field names a key remembers
+_ORDER_FIELDS_KEPT = 64  # signed fields of the longest order remembered
 
 
 @dataclass(frozen=True, slots=True)

@@ -363,10 +363,23 @@ def long_from(i: int) -> bytes:
     return b"From: a@example.org" + fold + b"\r\nSubject: s\r\n\r\nhi\r\n"
 
 
+def many_unsigned(i: int) -> bytes:
+    """20,000 fields no key signs (180 kB), in an order of their own."""
+    names = (b"X-%05d" % ((j + i) % 20_000) for j in range(20_000))
+    return b"From: a@example.org\r\n" + b"".join(n + b":\r\n" for n in names) + b"\r\nhi\r\n"
+
+
+def many_signed(i: int) -> bytes:
+    """1,000 fields to sign (the most signed), in an order of their own."""
+    fields = [b"To: t@example.com\r\n"] * 998
+    fields.insert(i, b"Cc: c@example.com\r\n")
+    return b"From: a@example.org\r\n" + b"".join(fields) + b"\r\nhi\r\n"
+
+
 @pytest.mark.parametrize(
     ("content", "count", "reason"),
-    [(long_from, 8, "From: too long")],
-    ids=["a long From"],
+    [(long_from, 8, "From: too long"), (many_unsigned, 3, ""), (many_signed, 30, "")],
+    ids=["a long From", "many fields not signed", "many fields signed"],
 )
 def test_what_a_signer_remembers_stays_small_whatever_messages_hold(
     content: Callable[[int], bytes], count: int, reason: str
