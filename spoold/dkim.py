@@ -46,8 +46,19 @@ than :data:`MAX_SIGNED_FIELDS` fields to sign leaves the message unsigned,
 so the parse stays cheap whatever a client sends.
 :meth:`DkimSigner.sign` never raises for what a message holds: a message it
 cannot read goes unsigned, with the reason. Nothing here does I/O; signing
-is CPU work the caller may move off its event loop. :class:`DkimSigner` is
-immutable: a reload makes a new one.
+is CPU work the caller may move off its event loop.
+
+A :class:`DkimSigner`'s keys never change (a reload makes a new signer),
+but it remembers what messages of one sender share: the domain of a
+``From:`` value, and per key, for an order of the names of the fields it
+signs, which fields it hashes and its ``h=`` tag. Both memos are bounded
+in entries and in the size of each (a ``From:`` over 512 octets, or an
+order of more than 64 fields to sign, is not remembered; fields a key does
+not sign are no part of an order), so whatever clients send, a signer
+keeps a few MiB at most per key. One signer may sign in several threads
+at once: each memo is read and changed only by single dict operations,
+atomic under the GIL, and the worst a race does is work something out
+twice.
 """
 
 from __future__ import annotations
@@ -132,7 +143,9 @@ _FROM_MEMO_VALUE = 512  # octets of the longest From: value remembered
 
 
 class DkimSigner:
-    """The signing keys of a spool (see the module's docstring)."""
+    """The signing keys of a spool (see the module's docstring), and the
+    memos of what its messages share: one signer is shared by the threads
+    that sign."""
 
     def __init__(self, keys: Sequence[DkimKey]) -> None:
         self.keys = tuple(keys)
