@@ -337,6 +337,53 @@ def test_headers_to_sign_can_be_chosen_and_single_fields_are_oversigned() -> Non
 # ------------------------------------------------------------ one signer, many messages
 
 
+def test_one_signer_signs_each_message_as_a_new_signer_would() -> None:
+    """Messages of one sender through one long-lived signer, which
+    remembers what they share: the same fields refolded, respaced, in
+    another case, among fields no key signs, a field twice, over 64 fields
+    to sign, a long From:, signed at another time (t= one digit shorter,
+    so h= starts elsewhere). Each signature is byte for byte a new
+    signer's, and verifies, the first time and when all is remembered."""
+    keys = [
+        key("example.org", "rsa", RSA_KEY_2),
+        key(
+            "example.org", "ed", ED_KEY, headers=("From", "Subject", "To", "X-Campaign", "Received")
+        ),
+    ]
+    contents = [
+        b"From: Jane <jane@example.org>\r\nTo: bob@example.com\r\nSubject: hello world\r\n"
+        b"X-Campaign: 7\r\n\r\nhi\r\n",
+        b"FROM: Jane <jane@EXAMPLE.org>\r\nto:bob@example.com\r\nSubject:  hello\r\n\t world \r\n"
+        b"x-campaign:\t7\r\n\r\nhi\r\n",
+        b"Received: from a\r\nReceived: from b\r\nFrom: Jane <jane@example.org>\r\n"
+        b"X-Mailer: m\r\nTo: bob@example.com\r\nX-Spam: no\r\nSubject: hello world\r\n"
+        b"X-Campaign: 7\r\n\r\nhi\r\n",
+        b"From: Jane <jane@example.org>\r\nX-Mailer: m\r\nTo: bob@example.com\r\n"
+        b"Subject: hello world\r\nX-Campaign: 7\r\n\r\nhi\r\n",
+        b"From: Jane <jane@example.org>\r\nSubject: hello world\r\nTo: bob@example.com\r\n"
+        b"TO: carol@example.com\r\nX-Campaign: 7\r\n\r\nhi\r\n",
+        b"From: jane@example.org\r\n"
+        + b"".join(b"Cc: c%d@example.com\r\n" % i for i in range(70))
+        + b"Subject: s\r\n\r\nhi\r\n",
+        b"From: jane@example.org\r\n"
+        + b"".join(b"cc:\r\n  c%d@example.com\r\n" % i for i in range(70))
+        + b"Subject: s\r\n\r\nhi\r\n",
+        b'From: "' + b"J" * 600 + b'" <jane@example.org>\r\nSubject: s\r\n\r\nhi\r\n',
+    ]
+    times = [NOW, datetime(1973, 3, 3, tzinfo=UTC)]
+    signer = DkimSigner(keys)
+    dns = dns_for(*keys)
+    for _ in range(2):
+        for now in times:
+            for content in contents:
+                body = Body.from_content(content)
+                outcome = signer.sign(body.wire, now)
+                assert outcome == DkimSigner(keys).sign(body.wire, now), content
+                message = outcome.header + body.content()
+                assert verify_all(message, dns) == [("example.org", "rsa"), ("example.org", "ed")]
+                assert dkimpy_verify_all(message, dns) == 2
+
+
 def kept_by(signer: DkimSigner, contents: list[bytes]) -> tuple[int, list[str]]:
     """The octets ``signer`` keeps from signing ``contents`` (still
     allocated once the messages and signatures are gone), and why each
