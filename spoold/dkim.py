@@ -50,15 +50,15 @@ is CPU work the caller may move off its event loop.
 
 A :class:`DkimSigner`'s keys never change (a reload makes a new signer),
 but it remembers what messages of one sender share: the domain of a
-``From:`` value, and per key, for an order of the names of the fields it
-signs, which fields it hashes and its ``h=`` tag. Both memos are bounded
-in entries and in the size of each (a ``From:`` over 512 octets, or an
-order of more than 64 fields to sign, is not remembered; fields a key does
-not sign are no part of an order), so whatever clients send, a signer
-keeps a few MiB at most per key. One signer may sign in several threads
-at once: each memo is read and changed only by single dict operations,
-atomic under the GIL, and the worst a race does is work something out
-twice.
+``From:`` value, and per key, for an order of the names of the fields
+the message's keys sign, which fields it hashes and its ``h=`` tag.
+Both memos are bounded in entries and in the size of each (a ``From:``
+over 512 octets, or an order of more than 64 fields to sign, is not
+remembered; fields no key signs are no part of an order), so whatever
+clients send, a signer keeps a few MiB at most per key. One signer may
+sign in several threads at once: each memo is read and changed only by
+single dict operations, atomic under the GIL, and the worst a race does
+is work something out twice.
 """
 
 from __future__ import annotations
@@ -204,7 +204,9 @@ class DkimSigner:
             return DkimOutcome(reason=f"no key for {domain}", no_key=True)
         names = [n.decode().lower() for n, _ in fields]
         plans = [self._plans[id(k)] for k in keys]
-        wanted = set().union(*(plan.wanted for plan in plans))
+        wanted = (
+            plans[0].wanted if len(plans) == 1 else frozenset().union(*(p.wanted for p in plans))
+        )
         signed = [i for i, n in enumerate(names) if n in wanted]
         if len(signed) > MAX_SIGNED_FIELDS:
             return DkimOutcome(reason="too many header fields to sign")
@@ -344,11 +346,12 @@ def _relaxed_header(name: bytes, value: bytes) -> bytes:
 
 class _Header:
     """A message's header fields as its signatures read them: the fields
-    (name, value), their names in lower case and where those that a key of
-    the message signs are (top down); each field's canonical form made
-    once, when a signature first takes it."""
+    (name, value), their names in lower case, where those that a key of
+    the message signs are (``signed``, top down) and their names
+    (``order``); each field's canonical form made once, when a signature
+    first takes it."""
 
-    __slots__ = ("_canonical", "fields", "names", "signed")
+    __slots__ = ("_canonical", "fields", "names", "order", "signed")
 
     def __init__(
         self, fields: list[tuple[bytes, bytes]], names: list[str], signed: list[int]
@@ -356,6 +359,7 @@ class _Header:
         self.fields = fields
         self.names = names
         self.signed = signed
+        self.order = tuple([names[i] for i in signed])
         self._canonical: dict[int, bytes] = {}
 
     def canonical(self, i: int) -> bytes:
@@ -405,17 +409,15 @@ class _KeyPlan:
         """One ``DKIM-Signature:`` field (CRLF-terminated) of the message."""
         head = self.head
         stamp = _fold(head.column, [(f"t={timestamp};", " ")])
-        # The plan is remembered by the names of the fields this key signs,
-        # not of all fields (those it does not sign are not bounded in
-        # number), and only for a message of few of them: an entry stays
-        # small. Where these fields are is the message's own.
-        names_of, wanted = header.names, self.wanted
-        at = [i for i in header.signed if names_of[i] in wanted]
-        order = (tuple([names_of[i] for i in at]), stamp.column)
-        remember = len(at) <= _ORDER_FIELDS_KEPT
+        # The plan is remembered by the names of the fields the message's
+        # keys sign, not of all its fields (those no key signs are not
+        # bounded in number), and only for a message of few of them: an
+        # entry stays small. Where these fields are is the message's own.
+        order = (header.order, stamp.column)
+        remember = len(header.signed) <= _ORDER_FIELDS_KEPT
         planned = self._orders.get(order) if remember else None
         if planned is None:
-            planned = self._plan(order[0], stamp.column)
+            planned = self._plan(header.order, stamp.column)
             if remember:
                 if len(self._orders) >= _ORDERS_KEPT:
                     self._orders.clear()
@@ -423,8 +425,9 @@ class _KeyPlan:
         taken, names = planned
         tail = _fold(names.column, [(f"bh={body_hash};", " "), ("b=", " ")])
         hashed = hashlib.sha256()
+        signed = header.signed
         for k in taken:
-            hashed.update(header.canonical(at[k]))
+            hashed.update(header.canonical(signed[k]))
         # The field itself, relaxed (its folds one space, no space at its
         # ends), without its CRLF.
         value = head.canonical + stamp.canonical + names.canonical + tail.canonical
@@ -434,13 +437,14 @@ class _KeyPlan:
         folded = head.text + stamp.text + names.text + tail.text + b.text
         return b"DKIM-Signature:" + folded.encode() + b"\r\n"
 
-    def _plan(self, signed: tuple[str, ...], column: int) -> tuple[list[int], _Folded]:
-        """For the names ``signed`` of the fields this key signs (top down):
-        those hashed, in order (indexes into ``signed``), and the ``h=`` tag
-        folded from ``column``."""
-        names = [*signed, *self.oversigned]
+    def _plan(self, order: tuple[str, ...], column: int) -> tuple[list[int], _Folded]:
+        """For ``order``, the names of the fields the message's keys sign
+        (top down): those this key hashes, in order (indexes into
+        ``order``), and its ``h=`` tag folded from ``column``."""
+        wanted = self.wanted
+        names = [n for n in order if n in wanted] + self.oversigned
         instances: dict[str, list[int]] = {}
-        for i, name in enumerate(signed):
+        for i, name in enumerate(order):
             instances.setdefault(name, []).append(i)
         # Each name takes the lowest instance not taken yet (RFC 6376 §5.4.2).
         taken = []
@@ -457,7 +461,7 @@ class _KeyPlan:
 
 
 _ORDERS_KEPT = 1024  # orders of signed field names a key remembers
-_ORDER_FIELDS_KEPT = 64  # signed fields of the longest order remembered
+_ORDER_FIELDS_KEPT = 64  # fields to sign of the longest order remembered
 
 
 @dataclass(frozen=True, slots=True)
