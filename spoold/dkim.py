@@ -46,8 +46,19 @@ than :data:`MAX_SIGNED_FIELDS` fields to sign leaves the message unsigned,
 so the parse stays cheap whatever a client sends.
 :meth:`DkimSigner.sign` never raises for what a message holds: a message it
 cannot read goes unsigned, with the reason. Nothing here does I/O; signing
-is CPU work the caller may move off its event loop. :class:`DkimSigner` is
-immutable: a reload makes a new one.
+is CPU work the caller may move off its event loop.
+
+A :class:`DkimSigner`'s keys never change (a reload makes a new signer),
+but it remembers what messages of one sender share: the domain of a
+``From:`` value, and per key, for an order of the names of the fields
+the message's keys sign, which fields it hashes and its ``h=`` tag.
+Both memos are bounded in entries and in the size of each (a ``From:``
+over 512 octets, or an order of more than 64 fields to sign, is not
+remembered; fields no key signs are no part of an order), so whatever
+clients send, a signer keeps a few MiB at most per key. One signer may
+sign in several threads at once: each memo is read and changed only by
+single dict operations, atomic under the GIL, and the worst a race does
+is work something out twice.
 """
 
 from __future__ import annotations
@@ -128,10 +139,13 @@ MAX_SIGNED_FIELDS = 1000  # fields a signature lists (h=); a real message has te
 _RSA_PADDING = padding.PKCS1v15()
 _PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
 _FROM_MEMO_SIZE = 4096  # From: values whose domain is remembered
+_FROM_MEMO_VALUE = 512  # octets of the longest From: value remembered
 
 
 class DkimSigner:
-    """The signing keys of a spool (see the module's docstring)."""
+    """The signing keys of a spool (see the module's docstring), and the
+    memos of what its messages share: one signer is shared by the threads
+    that sign."""
 
     def __init__(self, keys: Sequence[DkimKey]) -> None:
         self.keys = tuple(keys)
@@ -143,7 +157,8 @@ class DkimSigner:
         # What each key's signatures share, made once per signer (a reload
         # makes a new one): not per message.
         self._plans = {id(key): _KeyPlan(key) for key in self.keys}
-        # From: values (as in the message) and their domains, or why none.
+        # From: values (as in the message, up to _FROM_MEMO_VALUE octets)
+        # and their domains, or why none.
         self._from_memo: dict[bytes, tuple[str | None, str]] = {}
 
     def __bool__(self) -> bool:
@@ -189,21 +204,29 @@ class DkimSigner:
             return DkimOutcome(reason=f"no key for {domain}", no_key=True)
         names = [n.decode().lower() for n, _ in fields]
         plans = [self._plans[id(k)] for k in keys]
-        wanted = set().union(*(plan.wanted for plan in plans))
-        if sum(1 for n in names if n in wanted) > MAX_SIGNED_FIELDS:
+        wanted = (
+            plans[0].wanted if len(plans) == 1 else frozenset().union(*(p.wanted for p in plans))
+        )
+        signed = [i for i, n in enumerate(names) if n in wanted]
+        if len(signed) > MAX_SIGNED_FIELDS:
             return DkimOutcome(reason="too many header fields to sign")
         body_hash = base64.b64encode(_relaxed_body_hash(wire, body_start)).decode()
-        header = _Header(fields, names)
+        header = _Header(fields, names, signed)
         timestamp = int(now.timestamp())
         signatures = b"".join(plan.sign(header, body_hash, timestamp) for plan in plans)
         return DkimOutcome(signatures, tuple((k.domain, k.selector) for k in keys))
 
     def _from_domain(self, fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str]:
         """:func:`_from_domain`, remembered by the ``From:`` value (a spool
-        signs mail of few senders: each one's address is read once)."""
+        signs mail of few senders: each one's address is read once). A
+        value over :data:`_FROM_MEMO_VALUE` octets is read every time, never
+        kept: a legal folded ``From:`` may be a megabyte, and the memo holds
+        thousands of values."""
         values = [v for n, v in fields if n.lower() == b"from"]
         if len(values) != 1:
             return None, "no From: field" if not values else "more than one From: field"
+        if len(values[0]) > _FROM_MEMO_VALUE:
+            return _from_domain(values[0])
         memo = self._from_memo
         found = memo.get(values[0])
         if found is None:
@@ -322,24 +345,22 @@ def _relaxed_header(name: bytes, value: bytes) -> bytes:
 
 
 class _Header:
-    """A message's header fields as one signature reads them: the fields
-    (name, value) and their names in lower case; each field's canonical
-    form made once, when a signature first takes it."""
+    """A message's header fields as its signatures read them: the fields
+    (name, value), their names in lower case, where those that a key of
+    the message signs are (``signed``, top down) and their names
+    (``order``); each field's canonical form made once, when a signature
+    first takes it."""
 
-    __slots__ = ("_canonical", "_where", "fields", "names")
+    __slots__ = ("_canonical", "fields", "names", "order", "signed")
 
-    def __init__(self, fields: list[tuple[bytes, bytes]], names: list[str]) -> None:
+    def __init__(
+        self, fields: list[tuple[bytes, bytes]], names: list[str], signed: list[int]
+    ) -> None:
         self.fields = fields
         self.names = names
+        self.signed = signed
+        self.order = tuple([names[i] for i in signed])
         self._canonical: dict[int, bytes] = {}
-        where: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
-            where.setdefault(name, []).append(i)
-        self._where = where
-
-    def instances(self, name: str) -> list[int]:
-        """Where fields named ``name`` (lower case) are, top down."""
-        return self._where.get(name, [])
 
     def canonical(self, i: int) -> bytes:
         """Field ``i`` in relaxed form (``name:value`` and CRLF)."""
@@ -388,18 +409,25 @@ class _KeyPlan:
         """One ``DKIM-Signature:`` field (CRLF-terminated) of the message."""
         head = self.head
         stamp = _fold(head.column, [(f"t={timestamp};", " ")])
-        order = (tuple(header.names), stamp.column)
-        planned = self._orders.get(order)
+        # The plan is remembered by the names of the fields the message's
+        # keys sign, not of all its fields (those no key signs are not
+        # bounded in number), and only for a message of few of them: an
+        # entry stays small. Where these fields are is the message's own.
+        order = (header.order, stamp.column)
+        remember = len(header.signed) <= _ORDER_FIELDS_KEPT
+        planned = self._orders.get(order) if remember else None
         if planned is None:
-            planned = self._plan(header, stamp.column)
-            if len(self._orders) >= _ORDERS_KEPT:
-                self._orders.clear()
-            self._orders[order] = planned
+            planned = self._plan(header.order, stamp.column)
+            if remember:
+                if len(self._orders) >= _ORDERS_KEPT:
+                    self._orders.clear()
+                self._orders[order] = planned
         taken, names = planned
         tail = _fold(names.column, [(f"bh={body_hash};", " "), ("b=", " ")])
         hashed = hashlib.sha256()
-        for i in taken:
-            hashed.update(header.canonical(i))
+        signed = header.signed
+        for k in taken:
+            hashed.update(header.canonical(signed[k]))
         # The field itself, relaxed (its folds one space, no space at its
         # ends), without its CRLF.
         value = head.canonical + stamp.canonical + names.canonical + tail.canonical
@@ -409,20 +437,21 @@ class _KeyPlan:
         folded = head.text + stamp.text + names.text + tail.text + b.text
         return b"DKIM-Signature:" + folded.encode() + b"\r\n"
 
-    def _plan(self, header: _Header, column: int) -> tuple[list[int], _Folded]:
-        """For ``header``'s order of field names: the fields hashed, in
-        order, and the ``h=`` tag folded from ``column``."""
+    def _plan(self, order: tuple[str, ...], column: int) -> tuple[list[int], _Folded]:
+        """For ``order``, the names of the fields the message's keys sign
+        (top down): those this key hashes, in order (indexes into
+        ``order``), and its ``h=`` tag folded from ``column``."""
         wanted = self.wanted
-        names = [n for n in header.names if n in wanted] + self.oversigned
+        names = [n for n in order if n in wanted] + self.oversigned
+        instances: dict[str, list[int]] = {}
+        for i, name in enumerate(order):
+            instances.setdefault(name, []).append(i)
         # Each name takes the lowest instance not taken yet (RFC 6376 §5.4.2).
-        left: dict[str, list[int]] = {}
         taken = []
         for name in names:
-            instances = left.get(name)
-            if instances is None:
-                instances = left[name] = list(header.instances(name))
-            if instances:
-                taken.append(instances.pop())
+            left = instances.get(name)
+            if left:
+                taken.append(left.pop())
         last = len(names) - 1
         segments = [
             (("h=" if i == 0 else "") + name + (":" if i < last else ";"), " " if i == 0 else "")
@@ -431,7 +460,8 @@ class _KeyPlan:
         return taken, _fold(column, segments)
 
 
-_ORDERS_KEPT = 1024  # orders of field names a key remembers
+_ORDERS_KEPT = 1024  # orders of signed field names a key remembers
+_ORDER_FIELDS_KEPT = 64  # fields to sign of the longest order remembered
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,12 @@ the tests' own verifier (tests/dkim_helpers.py, from RFC 6376/8463)."""
 from __future__ import annotations
 
 import base64
+import gc
 import os
 import re
 import time
+import tracemalloc
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -329,6 +332,114 @@ def test_headers_to_sign_can_be_chosen_and_single_fields_are_oversigned() -> Non
         key("example.org", "s1", headers=("From", "DKIM-Signature"))
     with pytest.raises(ValueError, match="not a header field name"):
         key("example.org", "s1", headers=("From", "Subject;x"))  # would end h=
+
+
+# ------------------------------------------------------------ one signer, many messages
+
+
+def test_one_signer_signs_each_message_as_a_new_signer_would() -> None:
+    """Messages of one sender through one long-lived signer, which
+    remembers what they share: the same fields refolded, respaced, in
+    another case, among fields no key signs, a field twice, over 64 fields
+    to sign, a long From:, signed at another time (t= one digit shorter,
+    so h= starts elsewhere). Each signature is byte for byte a new
+    signer's, and verifies, the first time and when all is remembered."""
+    keys = [
+        key("example.org", "rsa", RSA_KEY_2),
+        key(
+            "example.org", "ed", ED_KEY, headers=("From", "Subject", "To", "X-Campaign", "Received")
+        ),
+    ]
+    contents = [
+        b"From: Jane <jane@example.org>\r\nTo: bob@example.com\r\nSubject: hello world\r\n"
+        b"X-Campaign: 7\r\n\r\nhi\r\n",
+        b"FROM: Jane <jane@EXAMPLE.org>\r\nto:bob@example.com\r\nSubject:  hello\r\n\t world \r\n"
+        b"x-campaign:\t7\r\n\r\nhi\r\n",
+        b"Received: from a\r\nReceived: from b\r\nFrom: Jane <jane@example.org>\r\n"
+        b"X-Mailer: m\r\nTo: bob@example.com\r\nX-Spam: no\r\nSubject: hello world\r\n"
+        b"X-Campaign: 7\r\n\r\nhi\r\n",
+        b"From: Jane <jane@example.org>\r\nX-Mailer: m\r\nTo: bob@example.com\r\n"
+        b"Subject: hello world\r\nX-Campaign: 7\r\n\r\nhi\r\n",
+        b"From: Jane <jane@example.org>\r\nSubject: hello world\r\nTo: bob@example.com\r\n"
+        b"TO: carol@example.com\r\nX-Campaign: 7\r\n\r\nhi\r\n",
+        b"From: jane@example.org\r\n"
+        + b"".join(b"Cc: c%d@example.com\r\n" % i for i in range(70))
+        + b"Subject: s\r\n\r\nhi\r\n",
+        b"From: jane@example.org\r\n"
+        + b"".join(b"cc:\r\n  c%d@example.com\r\n" % i for i in range(70))
+        + b"Subject: s\r\n\r\nhi\r\n",
+        b'From: "' + b"J" * 600 + b'" <jane@example.org>\r\nSubject: s\r\n\r\nhi\r\n',
+    ]
+    times = [NOW, datetime(1973, 3, 3, tzinfo=UTC)]
+    signer = DkimSigner(keys)
+    dns = dns_for(*keys)
+    for _ in range(2):
+        for now in times:
+            for content in contents:
+                body = Body.from_content(content)
+                outcome = signer.sign(body.wire, now)
+                assert outcome == DkimSigner(keys).sign(body.wire, now), content
+                message = outcome.header + body.content()
+                assert verify_all(message, dns) == [("example.org", "rsa"), ("example.org", "ed")]
+                assert dkimpy_verify_all(message, dns) == 2
+
+
+def kept_by(signer: DkimSigner, contents: list[bytes]) -> tuple[int, list[str]]:
+    """The octets ``signer`` keeps from signing ``contents`` (still
+    allocated once the messages and signatures are gone), and why each
+    went unsigned ("" when signed)."""
+    wires = [Body.from_content(c).wire for c in contents]
+    signer.sign(Body.from_content(MESSAGE).wire, NOW)  # what a first message sets up
+    gc.collect()
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        reasons = [signer.sign(wire, NOW).reason for wire in wires]
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before, reasons
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+
+
+def long_from(i: int) -> bytes:
+    """A From: of 256 kB in 1,000 lines of 260 octets: legal SMTP."""
+    fold = b"".join(b"\r\n %04d%s" % (i, b"x" * 250) for _ in range(1000))
+    return b"From: a@example.org" + fold + b"\r\nSubject: s\r\n\r\nhi\r\n"
+
+
+def many_unsigned(i: int) -> bytes:
+    """20,000 fields no key signs (180 kB), in an order of their own."""
+    names = (b"X-%05d" % ((j + i) % 20_000) for j in range(20_000))
+    return b"From: a@example.org\r\n" + b"".join(n + b":\r\n" for n in names) + b"\r\nhi\r\n"
+
+
+def many_signed(i: int) -> bytes:
+    """1,000 fields to sign (the most signed), in an order of their own."""
+    fields = [b"To: t@example.com\r\n"] * 998
+    fields.insert(i, b"Cc: c@example.com\r\n")
+    return b"From: a@example.org\r\n" + b"".join(fields) + b"\r\nhi\r\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "count", "reason"),
+    [(long_from, 8, "From: too long"), (many_unsigned, 3, ""), (many_signed, 30, "")],
+    ids=["a long From", "many fields not signed", "many fields signed"],
+)
+def test_what_a_signer_remembers_stays_small_whatever_messages_hold(
+    content: Callable[[int], bytes], count: int, reason: str
+) -> None:
+    """A signer remembers the domain of each From: value and, per key, its
+    plan for each order of fields to sign, for thousands of each: what it
+    keeps of one message must be small, whatever the message holds. Here
+    each message would leave over 64 kB (over 2 MB in all), and together
+    they leave under 256 kB."""
+    signer = DkimSigner([key("example.org", "s1")])
+    kept, reasons = kept_by(signer, [content(i) for i in range(count)])
+    assert reasons == [reason] * count
+    assert kept < 256 * 1024, kept
 
 
 lines = st.lists(
