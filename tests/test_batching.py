@@ -41,6 +41,33 @@ class Runner:
             job.done = True
 
 
+class TwoCallers:
+    """Callers "one" and "two", each submitting its own job from a task
+    under a cancel scope of its own, through the same Batches."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.batches = Batches[Job](runner.run)
+        self.jobs = {name: Job(name) for name in ("one", "two")}
+        self.scopes = {name: anyio.CancelScope() for name in self.jobs}
+        self.tasks: dict[asyncio.Task[object] | None, str] = {}
+        self.left = {name: anyio.Event() for name in self.jobs}
+        self.errors: dict[str, BaseException | None] = {}  # of the callers that returned
+
+    async def submit(self, name: str) -> None:
+        self.tasks[asyncio.current_task()] = name
+        with self.scopes[name]:
+            try:
+                await self.batches.submit(self.jobs[name])
+                self.errors[name] = self.jobs[name].error
+            finally:
+                self.left[name].set()
+
+    def running_and_other(self, runner: Runner) -> tuple[str, str]:
+        """The caller running the batch now, and the other one."""
+        running = self.tasks[runner.task]
+        return running, "two" if running == "one" else "one"
+
+
 async def test_jobs_submitted_together_share_one_run() -> None:
     runner = Runner()
     runner.gate.set()
@@ -55,41 +82,25 @@ async def test_jobs_submitted_together_share_one_run() -> None:
 
 async def test_a_cancelled_runner_hands_the_other_jobs_to_the_next_batch() -> None:
     runner = Runner()
-    batches = Batches[Job](runner.run)
-    jobs = {name: Job(name) for name in ("one", "two")}
-    scopes = {name: anyio.CancelScope() for name in jobs}
-    tasks: dict[asyncio.Task[object] | None, str] = {}
-    left = {name: anyio.Event() for name in jobs}
-    errors: dict[str, BaseException | None] = {}
-
-    async def submit(name: str) -> None:
-        tasks[asyncio.current_task()] = name
-        with scopes[name]:
-            try:
-                await batches.submit(jobs[name])
-                errors[name] = jobs[name].error
-            finally:
-                left[name].set()
-
+    callers = TwoCallers(runner)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(submit, "one")
-        tg.start_soon(submit, "two")
+        tg.start_soon(callers.submit, "one")
+        tg.start_soon(callers.submit, "two")
         # One of the two callers runs the batch of both jobs, which waits
         # at the gate: cancel that caller only.
         await runner.started.wait()
         assert sorted(runner.batches[0]) == ["one", "two"]
-        cancelled = tasks[runner.task]
-        other = "two" if cancelled == "one" else "one"
-        scopes[cancelled].cancel()
-        await left[cancelled].wait()
+        cancelled, other = callers.running_and_other(runner)
+        callers.scopes[cancelled].cancel()
+        await callers.left[cancelled].wait()
         # The other job was not done by the cancelled run: its own caller
         # runs it in the next batch, and sees no cancellation.
         runner.gate.set()
 
-    assert scopes[cancelled].cancelled_caught
-    assert not jobs[cancelled].done
-    assert errors == {other: None}
-    assert jobs[other].done
+    assert callers.scopes[cancelled].cancelled_caught
+    assert not callers.jobs[cancelled].done
+    assert callers.errors == {other: None}
+    assert callers.jobs[other].done
     assert runner.batches[1:] == [[other]]
     assert runner.done == [other]
 
@@ -134,34 +145,21 @@ async def test_a_bystander_cancelled_before_the_runner_leaves_when_its_job_is_ha
     # anything: the job handed back never ran, so its caller leaves too,
     # instead of waiting for a batch nobody will run.
     runner = Runner()
-    batches = Batches[Job](runner.run)
-    jobs = {name: Job(name) for name in ("one", "two")}
-    scopes = {name: anyio.CancelScope() for name in jobs}
-    tasks: dict[asyncio.Task[object] | None, str] = {}
-    left = {name: anyio.Event() for name in jobs}
-
-    async def submit(name: str) -> None:
-        tasks[asyncio.current_task()] = name
-        with scopes[name]:
-            try:
-                await batches.submit(jobs[name])
-            finally:
-                left[name].set()
-
+    callers = TwoCallers(runner)
     with anyio.fail_after(WAIT_TIMEOUT):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(submit, "one")
-            tg.start_soon(submit, "two")
+            tg.start_soon(callers.submit, "one")
+            tg.start_soon(callers.submit, "two")
             await runner.started.wait()
-            running = tasks[runner.task]
-            bystander = "two" if running == "one" else "one"
-            scopes[bystander].cancel()
+            running, bystander = callers.running_and_other(runner)
+            callers.scopes[bystander].cancel()
             await anyio.wait_all_tasks_blocked()
-            assert not left[bystander].is_set()  # shielded: its job is in the batch
-            scopes[running].cancel()
-            await left[running].wait()
-            await left[bystander].wait()
+            assert not callers.left[bystander].is_set()  # shielded: its job is in the batch
+            callers.scopes[running].cancel()
+            await callers.left[running].wait()
+            await callers.left[bystander].wait()
 
-    assert scopes[running].cancelled_caught and scopes[bystander].cancelled_caught
-    assert not any(job.done for job in jobs.values())
+    assert callers.scopes[running].cancelled_caught
+    assert callers.scopes[bystander].cancelled_caught
+    assert not any(job.done for job in callers.jobs.values())
     assert len(runner.batches) == 1  # nothing ran again
