@@ -25,6 +25,7 @@ work as ever.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import threading
 from typing import TYPE_CHECKING
 
@@ -359,6 +360,11 @@ if not TYPE_CHECKING:
         (then kept here, so the next use is a plain attribute)."""
         module = _HOME.get(name)
         if module is None:
+            # ``import spoold`` then ``spoold.errors.X``: a submodule, which
+            # the package used to import whole at once.
+            if name.isidentifier() and importlib.util.find_spec(f"{__name__}.{name}"):
+                with _LOADING:
+                    return importlib.import_module(f"{__name__}.{name}")
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         with _LOADING:
             value = getattr(importlib.import_module(module), name)

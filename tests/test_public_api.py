@@ -66,6 +66,27 @@ def test_importing_the_package_loads_its_names_only_when_used() -> None:
     assert done.stdout.split("\n")[:2] == ["['spoold']", "True True"]
 
 
+def test_a_submodule_is_reached_from_the_package_as_before() -> None:
+    # The package once imported its modules whole: ``import spoold`` then
+    # ``spoold.errors.StoreError`` keeps working; a name that is neither a
+    # public name nor a submodule is still an AttributeError.
+    code = (
+        "import spoold\n"
+        "print(spoold.errors.StoreError.__name__, spoold.message.Queue.ACTIVE.value)\n"
+        "try:\n"
+        "    spoold.no_such_thing\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=True, text=True
+    )
+    assert done.stdout.splitlines() == [
+        "StoreError active",
+        "module 'spoold' has no attribute 'no_such_thing'",
+    ]
+
+
 def test_the_type_checkers_imports_are_the_names_loaded() -> None:
     """``spoold/__init__.py`` names each public name twice: imported for
     the type checker, and in the table its ``__getattr__`` loads from."""
