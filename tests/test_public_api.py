@@ -11,6 +11,14 @@ import spoold
 import spoold.testing
 
 
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter (nothing of spoold loaded yet)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=True, text=True
+    )
+    return done.stdout
+
+
 def test_every_public_name_is_exported_and_importable() -> None:
     assert len(spoold.__all__) == len(set(spoold.__all__))
     for name in spoold.__all__:
@@ -40,10 +48,7 @@ def test_importing_the_library_loads_nothing_of_the_daemon() -> None:
         "tools = sorted(m for m in ('click', 'prometheus_client', 'dns') if m in sys.modules)\n"
         "print(daemon, tools)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, timeout=60, check=True, text=True
-    )
-    assert done.stdout.strip() == "[] []"
+    assert _fresh_python(code).strip() == "[] []"
 
 
 def test_every_error_is_a_spoold_error() -> None:
@@ -60,10 +65,7 @@ def test_importing_the_package_loads_its_names_only_when_used() -> None:
         "spoold.Spool\n"
         "print('spoold.spool' in sys.modules, 'Spool' in vars(spoold))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, timeout=60, check=True, text=True
-    )
-    assert done.stdout.split("\n")[:2] == ["['spoold']", "True True"]
+    assert _fresh_python(code).split("\n")[:2] == ["['spoold']", "True True"]
 
 
 def test_a_submodule_is_reached_from_the_package_as_before() -> None:
@@ -78,10 +80,7 @@ def test_a_submodule_is_reached_from_the_package_as_before() -> None:
         "except AttributeError as exc:\n"
         "    print(exc)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, timeout=60, check=True, text=True
-    )
-    assert done.stdout.splitlines() == [
+    assert _fresh_python(code).splitlines() == [
         "StoreError active",
         "module 'spoold' has no attribute 'no_such_thing'",
     ]
@@ -166,14 +165,7 @@ def test_threads_first_using_names_at_once_import_one_at_a_time() -> None:
     importing two of them at once can make CPython's import locks raise
     ``_DeadlockError`` out of a plain ``spoold.Client``. The lazy loads are
     one at a time (no two threads are ever importing under them at once)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _OVERLAP_PROBE],
-        capture_output=True,
-        timeout=60,
-        check=True,
-        text=True,
-    )
-    assert done.stdout.strip() == "[]"
+    assert _fresh_python(_OVERLAP_PROBE).strip() == "[]"
 
 
 def test_the_type_checker_sees_no_module_getattr() -> None:
