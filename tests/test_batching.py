@@ -163,3 +163,31 @@ async def test_a_bystander_cancelled_before_the_runner_leaves_when_its_job_is_ha
     assert callers.scopes[bystander].cancelled_caught
     assert not any(job.done for job in callers.jobs.values())
     assert len(runner.batches) == 1  # nothing ran again
+
+
+async def test_a_cancelled_gatherer_leaves_the_batch_to_the_callers_that_joined() -> None:
+    # The first caller yields to the loop while jobs join; the others wait
+    # for the batch it will run. Cancelled meanwhile, it never runs its job,
+    # and one of the others runs the batch instead of all waiting forever.
+    runner = Runner()
+    runner.gate.set()
+    batches = Batches[Job](runner.run)
+    first, joined = Job("first"), [Job("b"), Job("c")]
+    scope = anyio.CancelScope()
+
+    async def first_caller() -> None:
+        with scope:
+            await batches.submit(first)
+
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_caller)
+            for job in joined:
+                tg.start_soon(batches.submit, job)
+            await anyio.sleep(0)  # each has submitted: the first gathers, the others wait
+            scope.cancel()
+
+    assert scope.cancelled_caught
+    assert not first.done
+    assert runner.batches == [["b", "c"]]
+    assert all(job.done and job.error is None for job in joined)

@@ -57,6 +57,9 @@ class Batches(Generic[_J]):
         self._run = run
         self._waiting: list[_J] = []
         self._running = False
+        # A caller is yielding to the loop while jobs join, before it runs
+        # the next batch: the others wait for that batch to end, not yield too.
+        self._gathering = False
         self._over: list[asyncio.Future[None]] = []  # callers waiting for the batch to end
 
     async def _batch_over(self) -> None:
@@ -70,13 +73,10 @@ class Batches(Generic[_J]):
         self._waiting.append(job)
         try:
             while not job.done:
-                if self._running:
+                if self._running or self._gathering:
                     await self._batch_over()
                     continue
-                count = -1
-                while count != len(self._waiting) and not self._running:
-                    count = len(self._waiting)
-                    await asyncio.sleep(0)
+                await self._gather()
                 if not self._running and not job.done:
                     await self._run_batch()
         except BaseException:
@@ -90,6 +90,28 @@ class Batches(Generic[_J]):
                             break
                         await self._batch_over()
             raise
+
+    async def _gather(self) -> None:
+        """Yield to the loop for as long as more jobs keep joining (one
+        caller does; the others wait for the batch it runs). Cancelled, it
+        wakes the others: one of them gathers instead."""
+        self._gathering = True
+        try:
+            count = -1
+            while count != len(self._waiting):
+                count = len(self._waiting)
+                await asyncio.sleep(0)
+        except BaseException:
+            self._gathering = False
+            self._wake_over()
+            raise
+        self._gathering = False
+
+    def _wake_over(self) -> None:
+        over, self._over = self._over, []
+        for waiter in over:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _run_batch(self) -> None:
         batch, self._waiting = self._waiting, []
@@ -111,7 +133,4 @@ class Batches(Generic[_J]):
                 raise
         finally:
             self._running = False
-            over, self._over = self._over, []
-            for waiter in over:
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._wake_over()
