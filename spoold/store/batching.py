@@ -44,7 +44,8 @@ class Batches(Generic[_J]):
     Before taking a batch, its runner yields to the loop for as long as
     more jobs keep joining: the callers the last batch woke are about to
     submit their next jobs, which then share this batch instead of waiting
-    behind a batch of one. A job cancelled while it still waits is dropped
+    behind a batch of one. Only the runner yields meanwhile; those who
+    joined wait for the end of the batch. A job cancelled while it still waits is dropped
     and never runs; once its batch runs, its caller waits for it (as for
     any hop). ``run`` sets each job's ``done`` (and ``error``); if it
     raises, the jobs it left undone get that error.
