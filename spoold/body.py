@@ -94,7 +94,13 @@ class Body:
         return cls(_STUFF.sub(b"..", content))
 
     @classmethod
-    def from_wire(cls, wire: bytes, policy: LineEndingPolicy = LineEndingPolicy.REJECT) -> Body:
+    def from_wire(
+        cls,
+        wire: bytes,
+        policy: LineEndingPolicy = LineEndingPolicy.REJECT,
+        *,
+        ended: bool = False,
+    ) -> Body:
         """Take bytes received in wire form (what an SMTP client sent between
         DATA and the final ``.`` line, already dot-stuffed by it). Without a
         bare CR or LF they are kept as they are, with no copy. ``REJECT``
@@ -102,8 +108,11 @@ class Body:
         (lines are CRLF-delimited), then encodes as :meth:`from_content`
         does: a line that only normalisation starts gets its dot stuffed, so
         no ``CRLF . CRLF`` can appear that the client did not send. Raises
-        ValueError for bytes that hold the end-of-data line itself."""
-        if wire.startswith(b".\r\n") or b"\r\n.\r\n" in wire:
+        ValueError for bytes that hold the end-of-data line itself; with
+        ``ended`` the caller vouches they hold none (an SMTP session's
+        bytes end where it found the first one), and they are not searched
+        again."""
+        if not ended and (wire.startswith(b".\r\n") or b"\r\n.\r\n" in wire):
             raise ValueError("not in wire form: the bytes hold an end-of-data line")
         if find_bare_line_ending(wire) < 0:
             if wire and not wire.endswith(b"\r\n"):

@@ -231,19 +231,40 @@ def _read_error(path: Path, exc: OSError) -> StoreError:
     return StoreError(f"cannot read the message body {path}: {exc.strerror or exc}")
 
 
-@dataclass(frozen=True, slots=True)
 class BodyFacts:
     """``content_size``: the size of the message as SIZE counts it (RFC
     1870: CRLF included, the dots added by dot-stuffing not); ``eight_bit``:
-    whether any byte is beyond ASCII (the message needs 8BITMIME)."""
+    whether any byte is beyond ASCII (the message needs 8BITMIME).
 
-    content_size: int
-    eight_bit: bool
+    The facts of a body held whole (:meth:`of`) count its dot-stuffed lines
+    only when ``content_size`` is first asked for: a pass over the whole
+    body that a hop not offering SIZE never needs."""
 
+    __slots__ = ("_content_size", "_wire", "eight_bit")
 
-def _facts_of(wire: bytes) -> BodyFacts:
-    stuffed = wire.count(b"\r\n.") + (1 if wire.startswith(b".") else 0)
-    return BodyFacts(len(wire) - stuffed, not wire.isascii())
+    def __init__(self, content_size: int, eight_bit: bool) -> None:
+        self._content_size: int | None = content_size
+        self._wire = b""
+        self.eight_bit = eight_bit
+
+    @classmethod
+    def of(cls, wire: bytes) -> BodyFacts:
+        """The facts of ``wire``, a whole body in wire form."""
+        facts = cls(0, not wire.isascii())
+        facts._content_size, facts._wire = None, wire
+        return facts
+
+    @property
+    def content_size(self) -> int:
+        size = self._content_size
+        if size is None:
+            wire, self._wire = self._wire, b""
+            stuffed = wire.count(b"\r\n.") + (1 if wire.startswith(b".") else 0)
+            self._content_size = size = len(wire) - stuffed
+        return size
+
+    def __repr__(self) -> str:
+        return f"BodyFacts(content_size={self.content_size}, eight_bit={self.eight_bit})"
 
 
 class BodyReader:
@@ -324,7 +345,7 @@ class BodyReader:
         fits in one chunk)."""
         if self._facts is None:
             if len(self.head) >= self.size:
-                self._facts = _facts_of(self.head)
+                self._facts = BodyFacts.of(self.head)
             else:
                 self._facts = await anyio.to_thread.run_sync(self._scan_sync)
         return self._facts

@@ -356,7 +356,6 @@ class SmtpRelay:
         env = message.envelope_info
         params = {p.upper() for p in env.mail_params}
         facts = await content.facts()
-        size = facts.content_size
 
         def everyone(code: int, enhanced: str, text: str) -> Delivery:
             refusal = RecipientResult(code, text, enhanced, phase="local")
@@ -365,6 +364,7 @@ class SmtpRelay:
         options: list[str] = []
         limit = client.size_limit
         if limit is not None:
+            size = facts.content_size  # (counted only for a hop that offers SIZE)
             if 0 < limit < size:
                 return everyone(
                     552, "5.3.4", f"message of {size} bytes exceeds {hop}'s limit of {limit}"

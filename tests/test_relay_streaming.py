@@ -178,6 +178,31 @@ async def test_size_counts_the_content_without_stuffing_dots(
     assert mail.endswith(f" SIZE={len(content)}".encode())
 
 
+@pytest.mark.parametrize("offers_size", [True, False])
+async def test_a_body_read_whole_reaches_a_real_hop_byte_exact_with_its_size(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path, offers_size: bool
+) -> None:
+    # Over 100 KiB, under what is read whole: dot lines at the start, at a
+    # 64 KiB read's end and at the end. SIZE (when the hop offers it)
+    # counts the content, not the stuffing dots.
+    content = b".first line\r\n" + lines_up_to(CHUNK_SIZE) + b".\r\n..\r\n"
+    content += lines_up_to(40_000) + b".last\r\n"
+    assert 100 * 1024 < len(content) < 256 * 1024
+    server = await start_smtp_server()
+    if not offers_size:
+        server.behaviour.ehlo_drop = {"SIZE"}
+    msg, body = message_to(tmp_path, [server.hop], [ALICE], content)
+
+    with anyio.fail_after(WAIT_TIMEOUT):
+        outcome = await make_relay().relay(msg, body, [ALICE])
+
+    assert delivery(outcome).recipients[ALICE].code == 250
+    (received,) = server.messages
+    assert received.content == content
+    sizes = [o for o in received.mail_options if o.upper().startswith("SIZE=")]
+    assert sizes == ([f"SIZE={len(content)}"] if offers_size else [])
+
+
 async def test_a_body_file_that_cannot_be_read_fails_the_attempt_naming_it(
     start_raw_server: StartRawServer, make_relay: MakeRelay, tmp_path: Path
 ) -> None:

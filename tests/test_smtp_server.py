@@ -10,6 +10,8 @@ The listener over real sockets is tested in ``test_smtp_listener.py``.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -286,6 +288,66 @@ async def test_the_end_of_data_is_found_however_the_reads_split_it(chunk: int) -
         )
         (delivery,) = host.deliveries
         assert delivery.wire == wire  # as received: still dot-stuffed
+
+
+def _large_wire() -> bytes:
+    """Over 100 KiB in wire form: dot-stuffed lines at the start, around the
+    64 KiB mark and at the end, an empty line and a lone ``..`` line."""
+    line = b"x" * 78 + b"\r\n"
+    wire = b"Subject: big\r\n\r\n..first\r\n" + line * 830 + b"..\r\n\r\n"
+    wire += b"..near 64 KiB\r\n" + line * 500 + b"...\r\nlast\r\n"
+    assert len(wire) > 100 * 1024
+    return wire
+
+
+_ENVELOPE = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("shift", [0, 1, 2, 3, 4, 5])
+async def test_a_large_message_is_taken_whole_however_the_reads_split_it(
+    seed: int, shift: int
+) -> None:
+    # Two messages and a NOOP in one stream, cut into reads at random
+    # places and once ``shift`` octets into the first end-of-data line: the
+    # second message comes while the first is being taken (buffered input),
+    # the first straight from the reads.
+    wire = _large_wire()
+    second = b"Subject: two\r\n\r\n..\r\n" if seed % 2 else b""  # (b"": an empty one)
+    stream = b"EHLO c\r\n" + _ENVELOPE + wire + b".\r\n" + _ENVELOPE + second + b".\r\nNOOP\r\n"
+    rng = random.Random(seed)
+    end = stream.index(b"\r\n.\r\n") + shift
+    cuts = sorted(
+        {end, 65536, *(rng.randrange(1, len(stream)) for _ in range(rng.randrange(1, 9)))}
+    )
+    cuts = [0, *cuts, len(stream)]
+    async with session(max_message_size=200_000) as (smtp, transport, host):
+        for a, b in itertools.pairwise(cuts):
+            if b > a:
+                smtp.data_received(stream[a:b])
+        await wait_until(
+            lambda: b"".join(transport.writes).endswith(b"250 2.0.0 OK\r\n"), "the NOOP's reply"
+        )
+        assert [d.wire for d in host.deliveries] == [wire, second]
+        assert codes(b"".join(transport.writes)).count("250") == 1 + 3 * 2 + 1  # EHLO, 2x3, NOOP
+
+
+async def test_a_message_at_exactly_a_read_long_is_taken() -> None:
+    # The message and its end in reads of exactly 64 KiB: the end-of-data
+    # line starts the next read, then ends one.
+    line = b"y" * 62 + b"\r\n"
+    wire = line * 1024  # 65536 octets
+    async with session(max_message_size=200_000) as (smtp, transport, host):
+        smtp.data_received(b"EHLO c\r\n" + _ENVELOPE)
+        smtp.data_received(wire)
+        smtp.data_received(b".\r\n")
+        smtp.data_received(_ENVELOPE)
+        smtp.data_received(wire[:-2])
+        smtp.data_received(b"\r\n.\r\nNOOP\r\n")
+        await wait_until(
+            lambda: b"".join(transport.writes).endswith(b"250 2.0.0 OK\r\n"), "the NOOP's reply"
+        )
+        assert [d.wire for d in host.deliveries] == [wire, wire]
 
 
 async def test_an_empty_message_is_one_too() -> None:

@@ -264,14 +264,16 @@ class Submitter:
         mail_params: Sequence[str] = (),
         envelope_id: str = "",
         idempotency_key: str | None = None,
+        ended: bool = False,
     ) -> list[str]:
         """Spool one submission given in wire form (what an SMTP client sent
         between DATA and the final ``.`` line); return the new message ids.
-        The bytes go to disk as they came, after our trace headers."""
+        The bytes go to disk as they came, after our trace headers.
+        ``ended``: as :meth:`Body.from_wire <spoold.body.Body.from_wire>`."""
         return await self._spool(
             sender,
             recipients,
-            Body.from_wire(wire, policy),
+            Body.from_wire(wire, policy, ended=ended),
             origin,
             mail_params,
             envelope_id,

@@ -486,6 +486,7 @@ class SmtpListener:
                 policy=derived.line_endings,
                 mail_params=delivery.mail_params,
                 idempotency_key=key,
+                ended=True,  # the session's bytes end at their first end-of-data line
             )
         except RecipientSuppressedError:
             # Suppressed after its RCPT was taken: a retry gets 550 for that

@@ -398,6 +398,16 @@ class SmtpSession(asyncio.Protocol):
             return
         assert self._loop is not None
         self._last_input = self._loop.time()
+        if (
+            self._state is SessionState.DATA
+            and not self._in
+            and not (self._busy or self._write_paused or self._reading_paused)
+        ):
+            # A message's lines go straight into the message (not copied
+            # through the input buffer first); nothing to answer before its end.
+            if self._take_data(data):
+                self._run()
+            return
         self._in += data
         if self._busy or self._write_paused:
             if len(self._in) > _MAX_PENDING_INPUT and not self._reading_paused:
@@ -978,13 +988,17 @@ class SmtpSession(asyncio.Protocol):
 
     # ----------------------------------------------------------- DATA
 
-    def _take_data(self) -> bool:
-        """Move buffered input into the message; at its end, check it and
-        hand it over. False when more input is needed."""
+    def _take_data(self, more: bytes | None = None) -> bool:
+        """Move buffered input (or ``more``, input not buffered) into the
+        message; at its end, check it and hand it over. False when more
+        input is needed."""
         data = self._data
         start = max(len(data) - 4, 0)
-        data += self._in
-        self._in.clear()
+        if more is None:
+            data += self._in
+            self._in.clear()
+        else:
+            data += more
         end = data.find(b"\r\n.\r\n", start)
         policy = self._policy
         assert policy is not None
@@ -995,9 +1009,10 @@ class SmtpSession(asyncio.Protocol):
             if self._oversize:
                 del data[:-4]  # only what may begin the end marker is kept
             return False
-        self._in += data[end + 5 :]  # pipelined commands after the message
         self._state = SessionState.COMMAND
-        wire = bytes(data[2 : end + 2]) if not self._oversize else b""
+        with memoryview(data) as view:  # one copy (a bytearray's slice is another)
+            self._in += view[end + 5 :]  # pipelined commands after the message
+            wire = bytes(view[2 : end + 2]) if not self._oversize else b""
         self._data = bytearray()
         if self._oversize or len(wire) > policy.max_message_size:
             self._reset_transaction()
