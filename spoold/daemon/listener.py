@@ -587,7 +587,9 @@ class SmtpListener:
     ) -> None:
         """Run a session on an accepted connection from ``peer``."""
         try:
-            await loop.connect_accepted_socket(lambda: SmtpSession(self, peer=peer), conn)
+            await loop.connect_accepted_socket(
+                lambda: SmtpSession(self, peer=peer, loop=loop), conn
+            )
         except OSError:
             conn.close()  # gone before we got to it
         except Exception as exc:  # noqa: BLE001 (a bug: serve() raises it, not the group)
