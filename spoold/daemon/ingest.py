@@ -264,14 +264,16 @@ class Submitter:
         mail_params: Sequence[str] = (),
         envelope_id: str = "",
         idempotency_key: str | None = None,
+        cut_at_end: bool = False,
     ) -> list[str]:
         """Spool one submission given in wire form (what an SMTP client sent
         between DATA and the final ``.`` line); return the new message ids.
-        The bytes go to disk as they came, after our trace headers."""
+        The bytes go to disk as they came, after our trace headers.
+        ``cut_at_end``: as for :meth:`Body.from_wire <spoold.body.Body.from_wire>`."""
         return await self._spool(
             sender,
             recipients,
-            Body.from_wire(wire, policy),
+            Body.from_wire(wire, policy, cut_at_end=cut_at_end),
             origin,
             mail_params,
             envelope_id,

@@ -509,6 +509,7 @@ class SmtpListener:
                 policy=derived.line_endings,
                 mail_params=delivery.mail_params,
                 idempotency_key=key,
+                cut_at_end=True,  # the session cut it at the first end-of-data line
             )
         except RecipientSuppressedError:
             # Suppressed after its RCPT was taken: a retry gets 550 for that
