@@ -25,9 +25,8 @@ import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from spoold.body import Body, LineEndingPolicy
 from spoold.daemon.routing import Router
@@ -43,9 +42,9 @@ _HEADER_END = re.compile(rb"\r\n\r\n|\n\n")
 _STARTS_WITH_HEADER = re.compile(rb"[!-9;-~]+:")  # an RFC 5322 field name and its colon
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where a submission came from, for the Received: header."""
+class Origin(NamedTuple):
+    """Where a submission came from, for the Received: header. (A named
+    tuple: immutable, made with one call, one per SMTP message.)"""
 
     protocol: str  # "ESMTP", "SMTP", "local"
     helo: str = ""

@@ -258,7 +258,7 @@ class SmtpListener:
         self._failure: Exception | None = None  # the first bug in a session's work
         self._stopping = anyio.Event()
         self._working = 0  # deliveries under way (spawned work)
-        self._all_done = anyio.Event()
+        self._all_done: anyio.Event | None = None  # made by who waits for no work
         self._free_space: int | None = None  # bytes, last measured (None: not known)
         self._short_of_space = False  # below the floor at the last measurement
 
@@ -381,9 +381,9 @@ class SmtpListener:
                         self._fail(exc)
                     finally:
                         self._working -= 1
-                        if self._working == 0:
+                        if self._working == 0 and self._all_done is not None:
                             self._all_done.set()
-                            self._all_done = anyio.Event()
+                            self._all_done = None
                     del work  # (not held while parked)
                     if self._closing:
                         return
@@ -392,6 +392,13 @@ class SmtpListener:
                     work = await parked
         finally:
             self._scopes.discard(scope)
+
+    async def _no_work(self) -> None:
+        """Return once no work is under way."""
+        while self._working:
+            if self._all_done is None:
+                self._all_done = anyio.Event()
+            await self._all_done.wait()
 
     def _fail(self, exc: Exception) -> None:
         """A session's work (or a connection's start) raised: the listener
@@ -412,8 +419,7 @@ class SmtpListener:
                 session.shutdown()
             for scope in self._scopes:
                 scope.cancel()
-            while self._working:
-                await self._all_done.wait()
+            await self._no_work()
         finally:
             self._release.set()
 
@@ -593,8 +599,7 @@ class SmtpListener:
                         if not session.busy:
                             session.shutdown()
                     with anyio.move_on_after(drain_timeout):
-                        while self._working:
-                            await self._all_done.wait()
+                        await self._no_work()
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self._end_work()

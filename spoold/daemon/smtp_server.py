@@ -81,7 +81,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import structlog
 
@@ -143,9 +143,10 @@ class SessionPolicy:
     auth: bool = False  # offer AUTH PLAIN LOGIN (after STARTTLS when tls_context is set)
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A message as received, handed to :meth:`SessionHost.deliver`."""
+class Delivery(NamedTuple):
+    """A message as received, handed to :meth:`SessionHost.deliver`.
+    (A named tuple: immutable, and made with one call, where a frozen
+    dataclass sets each of its eight fields through object.__setattr__.)"""
 
     sender: str  # "" for the null sender <>
     recipients: tuple[str, ...]
