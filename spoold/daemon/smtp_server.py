@@ -239,6 +239,11 @@ def parse_path(text: str) -> tuple[str, str] | None:
             return None
         i = route.end()
     start = i
+    close = text.find(">", i)
+    if close < 0:
+        return None  # no ">" at all: not a path, quoted or not
+    if '"' not in text[start:close]:
+        i = close  # the usual path, no quoted local part: its first ">" ends it
     n = len(text)
     while i < n:
         c = text[i]
