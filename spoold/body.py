@@ -45,11 +45,23 @@ class LineEndingPolicy(StrEnum):
     NORMALIZE = "normalize"
 
 
+_SMALL = 64 * 1024  # octets: up to this, the check makes a copy without CRLFs
+
+
 def find_bare_line_ending(content: bytes) -> int:
     """Offset of the first bare CR or LF in ``content``, or -1."""
-    crlf = content.count(b"\r\n")
-    if content.count(b"\r") == crlf and content.count(b"\n") == crlf:
-        return -1  # the common case, found by three C-speed counts
+    # The common case (none), at C speed: for a small message, no CR or LF
+    # left once every CRLF is taken out (two passes and two memchr: a
+    # quarter fewer instructions than three counts for 4 KiB of 80-octet
+    # lines); for a larger one, no copy: as many CRs and LFs as CRLFs.
+    if len(content) <= _SMALL:
+        rest = content.replace(b"\r\n", b"")
+        if b"\r" not in rest and b"\n" not in rest:
+            return -1
+    else:
+        crlf = content.count(b"\r\n")
+        if content.count(b"\r") == crlf and content.count(b"\n") == crlf:
+            return -1
     m = _BARE.search(content)
     return -1 if m is None else m.start()
 
@@ -99,7 +111,7 @@ class Body:
         wire: bytes,
         policy: LineEndingPolicy = LineEndingPolicy.REJECT,
         *,
-        ended: bool = False,
+        cut_at_end: bool = False,
     ) -> Body:
         """Take bytes received in wire form (what an SMTP client sent between
         DATA and the final ``.`` line, already dot-stuffed by it). Without a
@@ -109,10 +121,9 @@ class Body:
         does: a line that only normalisation starts gets its dot stuffed, so
         no ``CRLF . CRLF`` can appear that the client did not send. Raises
         ValueError for bytes that hold the end-of-data line itself; with
-        ``ended`` the caller vouches they hold none (an SMTP session's
-        bytes end where it found the first one), and they are not searched
-        again."""
-        if not ended and (wire.startswith(b".\r\n") or b"\r\n.\r\n" in wire):
+        ``cut_at_end`` the caller vouches that they hold none (an SMTP
+        session cuts them at the first), and they are not searched again."""
+        if not cut_at_end and (wire.startswith(b".\r\n") or b"\r\n.\r\n" in wire):
             raise ValueError("not in wire form: the bytes hold an end-of-data line")
         if find_bare_line_ending(wire) < 0:
             if wire and not wire.endswith(b"\r\n"):

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoold.body import Body, BodyCheck, LineEndingPolicy
+from spoold.body import _SMALL, Body, BodyCheck, LineEndingPolicy, find_bare_line_ending
 from spoold.errors import BareLineEndingError, BodyDamagedError, SpooldError
 from spoold.relay import BodyHandle
 from spoold.smtp_relay import SmtpRelay
@@ -320,11 +321,11 @@ def test_wire_holding_the_end_of_data_line_is_refused(wire: bytes) -> None:
 )
 @pytest.mark.parametrize("policy", [NORMALIZE, REJECT])
 def test_wire_vouched_for_is_taken_as_if_searched(wire: bytes, policy: LineEndingPolicy) -> None:
-    # ``ended``: the caller (an SMTP session) found no end-of-data line in
-    # them; the result (or the refusal of a bare line ending) is the same.
-    def outcome(ended: bool) -> bytes | str:
+    # ``cut_at_end``: the caller (an SMTP session) found no end-of-data line
+    # in them; the result (or the refusal of a bare line ending) is the same.
+    def outcome(cut_at_end: bool) -> bytes | str:
         try:
-            return Body.from_wire(wire, policy, ended=ended).wire
+            return Body.from_wire(wire, policy, cut_at_end=cut_at_end).wire
         except BareLineEndingError as exc:
             return str(exc)
 
@@ -498,3 +499,38 @@ async def test_check_quick_compares_sizes_only(tmp_path: Path) -> None:
     assert f"damaged_body: {changed}:" not in quick.out
     assert f"damaged_body: {truncated}:" in quick.out
     assert (full.code, quick.code) == (1, 1)
+
+
+_BARE_PATTERN = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(
+        st.sampled_from([b"\r\n", b"\r", b"\n", b"x", b"ab", b".", b"\r\r\n", b"\r\n\n"]),
+        max_size=40,
+    ),
+    st.booleans(),
+)
+def test_a_bare_line_ending_is_found_where_the_pattern_finds_it(
+    parts: list[bytes], large: bool
+) -> None:
+    """Both ways of the common case (a copy without CRLFs for a small
+    message, counts for a large one) agree with the exact pattern."""
+    content = b"".join(parts)
+    if large:  # past the small size: the counts decide
+        content = b"y\r\n" * (_SMALL // 3 + 1) + content
+    m = _BARE_PATTERN.search(content)
+    assert find_bare_line_ending(content) == (-1 if m is None else m.start())
+
+
+@given(st.binary(max_size=300))
+def test_wire_cut_at_its_end_is_taken_as_without_the_promise(content: bytes) -> None:
+    """``cut_at_end`` only skips the search for an end-of-data line the
+    caller vouches is not there: the same body, or the same refusal."""
+    wire = Body.from_content(content, LineEndingPolicy.NORMALIZE).wire
+    for policy in LineEndingPolicy:
+        assert Body.from_wire(wire, policy, cut_at_end=True) == Body.from_wire(wire, policy)
+    bare = wire + b"x\ny\r\n"
+    with pytest.raises(BareLineEndingError):
+        Body.from_wire(bare, LineEndingPolicy.REJECT, cut_at_end=True)

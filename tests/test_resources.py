@@ -406,6 +406,10 @@ async def test_accept_forever_hands_over_each_connection_with_its_address() -> N
         task = asyncio.create_task(accept_forever(listener, "test", AcceptFailures(), take))
         await asyncio.wait_for(all_taken.wait(), 10)
         assert sorted(address for _, address in taken) == sorted(c.getsockname() for c in clients)
+        for conn, _ in taken:  # a socket like accept()'s (its family and type as plain numbers)
+            assert isinstance(conn, socket.socket)
+            assert (conn.family, conn.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            assert conn.getblocking()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

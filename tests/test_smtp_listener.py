@@ -12,8 +12,10 @@ Every test is bounded by :func:`anyio.fail_after`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
+import functools
 import json
 import os
 import re
@@ -858,6 +860,85 @@ async def test_serve_returns_only_once_the_commit_under_way_is_done(
         assert len(kept) <= 1
         if kept:  # whole: its body is there too
             assert any(f.startswith("data/") for f in files), files
+
+
+async def test_work_after_work_runs_on_the_parked_runner_and_a_stop_ends_it(
+    tmp_path: Path,
+) -> None:
+    """A runner whose work is done parks and takes the next piece of work:
+    work after work runs in the same task; pieces handed over at once each
+    get a runner, which both park after; the parked runners end with the
+    listener (serving() cancels it)."""
+    async with serving(tmp_path) as served:
+        listener = served.listener
+        ran: list[int] = []
+        runners: set[asyncio.Task[Any] | None] = set()
+        release = anyio.Event()
+
+        async def work(n: int) -> None:
+            await anyio.sleep(0)
+            ran.append(n)
+            runners.add(asyncio.current_task())
+
+        listener.spawn(lambda: work(1))
+        await anyio.wait_all_tasks_blocked()
+        assert ran == [1]
+        tasks = len(asyncio.all_tasks())
+        for n in range(2, 5):
+            listener.spawn(functools.partial(work, n))
+            await anyio.wait_all_tasks_blocked()
+            assert ran[-1] == n
+            assert len(asyncio.all_tasks()) == tasks
+        assert len(runners) == 1
+
+        async def held(n: int) -> None:
+            await release.wait()
+            ran.append(n)
+
+        for n in (5, 6):  # at once: the parked runner takes one, a new one the other
+            listener.spawn(functools.partial(held, n))
+        await anyio.wait_all_tasks_blocked()
+        assert len(asyncio.all_tasks()) == tasks + 1
+        release.set()
+        await anyio.wait_all_tasks_blocked()
+        assert sorted(ran[-2:]) == [5, 6]
+        assert len(asyncio.all_tasks()) == tasks + 1  # both parked
+
+
+async def test_a_bug_in_work_on_a_parked_runner_ends_serve_with_it(tmp_path: Path) -> None:
+    """The runner that ran work before runs a bug too: serve() raises it."""
+    port = free_port()
+    config = make_config(tmp_path, port)
+    assert config.smtp is not None
+    smtp_config = config.smtp
+    async with Spool.open(
+        config.spool.dir, relay=HeldRelay(), flush_timeout=0.1, ping_interval=10.0**9
+    ) as spool:
+        router = Router(config)
+        listener = SmtpListener(Submitter(spool, lambda: router), lambda: smtp_config)
+        failure: list[BaseException] = []
+        done = anyio.Event()
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            try:
+                await listener.serve(task_status=task_status)
+            except Exception as exc:
+                failure.append(exc)
+
+        async def fine() -> None:
+            done.set()
+
+        async def bug() -> None:
+            raise RuntimeError("a bug in a session's work")
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                await tg.start(serve)
+                listener.spawn(fine)
+                await done.wait()
+                await anyio.wait_all_tasks_blocked()
+                listener.spawn(bug)
+        assert [str(e) for e in failure] == ["a bug in a session's work"]
 
 
 async def test_refused_recipients_count_as_junk(tmp_path: Path) -> None:

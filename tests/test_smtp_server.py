@@ -442,6 +442,51 @@ def test_parse_path(text: str, parsed: tuple[str, str] | None) -> None:
     assert parse_path(text) == parsed
 
 
+def _parse_path_by_scanning(text: str) -> tuple[str, str] | None:
+    """parse_path as it was, scanning every character (its reference)."""
+    if not text.startswith("<"):
+        return None
+    i = 1
+    if text.startswith("@", i):
+        route = re.compile(r"@[^,:@<>\s]+(?:,@[^,:@<>\s]+)*:").match(text, i)
+        if route is None:
+            return None
+        i = route.end()
+    start = i
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            if i >= n:
+                return None
+        elif c == ">":
+            break
+        i += 1
+    else:
+        return None
+    mailbox, rest = text[start:i], text[i + 1 :]
+    if rest and not rest.startswith(" "):
+        return None
+    if start > 1 and not mailbox:
+        return None
+    return mailbox, rest.strip(" ")
+
+
+@given(
+    st.lists(
+        st.sampled_from(["<", ">", '"', "\\", "@", "a", ".", ":", ",", " ", "x=1"]), max_size=16
+    )
+)
+def test_parse_path_finds_the_end_as_a_scan_of_every_character_does(parts: list[str]) -> None:
+    """The usual path (no quote before its first ">") is cut at that ">"
+    in one find; the answer is the full scan's, for any text."""
+    text = "<" + "".join(parts)
+    assert parse_path(text) == _parse_path_by_scanning(text)
+
+
 # ------------------------------------------------------------ AUTH
 
 

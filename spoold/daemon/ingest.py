@@ -25,9 +25,8 @@ import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from spoold.body import Body, LineEndingPolicy
 from spoold.daemon.routing import Router
@@ -43,9 +42,9 @@ _HEADER_END = re.compile(rb"\r\n\r\n|\n\n")
 _STARTS_WITH_HEADER = re.compile(rb"[!-9;-~]+:")  # an RFC 5322 field name and its colon
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where a submission came from, for the Received: header."""
+class Origin(NamedTuple):
+    """Where a submission came from, for the Received: header. (A named
+    tuple: immutable, made with one call, one per SMTP message.)"""
 
     protocol: str  # "ESMTP", "SMTP", "local"
     helo: str = ""
@@ -264,16 +263,16 @@ class Submitter:
         mail_params: Sequence[str] = (),
         envelope_id: str = "",
         idempotency_key: str | None = None,
-        ended: bool = False,
+        cut_at_end: bool = False,
     ) -> list[str]:
         """Spool one submission given in wire form (what an SMTP client sent
         between DATA and the final ``.`` line); return the new message ids.
         The bytes go to disk as they came, after our trace headers.
-        ``ended``: as :meth:`Body.from_wire <spoold.body.Body.from_wire>`."""
+        ``cut_at_end``: as for :meth:`Body.from_wire <spoold.body.Body.from_wire>`."""
         return await self._spool(
             sender,
             recipients,
-            Body.from_wire(wire, policy, ended=ended),
+            Body.from_wire(wire, policy, cut_at_end=cut_at_end),
             origin,
             mail_params,
             envelope_id,

@@ -81,7 +81,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, NamedTuple, Protocol
 
 import structlog
 
@@ -143,9 +143,10 @@ class SessionPolicy:
     auth: bool = False  # offer AUTH PLAIN LOGIN (after STARTTLS when tls_context is set)
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A message as received, handed to :meth:`SessionHost.deliver`."""
+class Delivery(NamedTuple):
+    """A message as received, handed to :meth:`SessionHost.deliver`.
+    (A named tuple: immutable, and made with one call, where a frozen
+    dataclass sets each of its eight fields through object.__setattr__.)"""
 
     sender: str  # "" for the null sender <>
     recipients: tuple[str, ...]
@@ -238,6 +239,11 @@ def parse_path(text: str) -> tuple[str, str] | None:
             return None
         i = route.end()
     start = i
+    close = text.find(">", i)
+    if close < 0:
+        return None  # no ">" at all: not a path, quoted or not
+    if '"' not in text[start:close]:
+        i = close  # the usual path, no quoted local part: its first ">" ends it
     n = len(text)
     while i < n:
         c = text[i]
@@ -284,6 +290,17 @@ def _ehlo_reply(hostname: str, size: int, starttls: bool, auth: bool) -> bytes:
     return body + b"250 " + reply_line(lines[-1])
 
 
+@functools.lru_cache(maxsize=64)
+def _greeting(hostname: str) -> bytes:
+    """The 220 banner naming ``hostname`` (made once per name)."""
+    return b"220 " + reply_line(f"{hostname} ESMTP spoold")
+
+
+@functools.lru_cache(maxsize=64)
+def _helo_reply(hostname: str) -> bytes:
+    return b"250 " + reply_line(hostname)
+
+
 def has_long_line(wire: bytes, limit: int) -> bool:
     """Whether a line of ``wire`` is longer than ``limit`` octets (without
     its line ending; a bare CR or LF ends a line too)."""
@@ -325,18 +342,27 @@ class SessionState(Enum):
     CLOSED = "closed"  # nothing: the connection is closing or gone
 
 
+_CLOSED: Final = SessionState.CLOSED
+
 _AuthStep = Callable[["SmtpSession", bytes], None]
 
 
 class SmtpSession(asyncio.Protocol):
     """One SMTP connection; see the module docstring."""
 
-    def __init__(self, host: SessionHost, *, peer: str | None = None) -> None:
+    def __init__(
+        self,
+        host: SessionHost,
+        *,
+        peer: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         """``peer``: the client's IP address when the caller knows it (from
-        ``accept()``); None: asked of the transport."""
+        ``accept()``); None: asked of the transport. ``loop``: the running
+        event loop, when the caller has it at hand (else looked up)."""
         self._host = host
         self._transport: asyncio.Transport | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = loop
         self._policy: SessionPolicy | None = None
         self._peer = "" if peer is None else peer
         self._ask_peer = peer is None
@@ -376,25 +402,28 @@ class SmtpSession(asyncio.Protocol):
     # ------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's too)
-        self._transport = transport
+        # A stream transport (uvloop's too); no cast(): a call per session.
+        stream: asyncio.Transport = transport  # type: ignore[assignment]
+        self._transport = stream
         if self._ask_peer:
             self._peer = peer_ip(transport.get_extra_info("peername"))
         opened = self._host.open_session(self, self._peer)
         if isinstance(opened, str):
             self._state = SessionState.CLOSED
-            transport.write(reply_line(opened))
-            transport.close()
+            stream.write(reply_line(opened))
+            stream.close()
             return
         self._opened = True
         self._policy, self._trusted = opened
-        self._loop = loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            self._loop = loop = asyncio.get_running_loop()
         self._last_input = loop.time()
         self._timer = loop.call_at(self._last_input + self._policy.timeout, self._on_timer)
-        transport.write(b"220 " + reply_line(f"{self._policy.hostname} ESMTP spoold"))
+        stream.write(_greeting(self._policy.hostname))
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self._state is _CLOSED:
             return
         assert self._loop is not None
         self._last_input = self._loop.time()
@@ -447,8 +476,11 @@ class SmtpSession(asyncio.Protocol):
         then write the replies in one go. Stops when work must be awaited,
         when the client stops reading, or when the session ends."""
         buf = self._in
-        while not self._busy and not self._write_paused and not self._closed:
-            if self._state is SessionState.DATA:
+        while not self._busy and not self._write_paused:
+            state = self._state
+            if state is _CLOSED:
+                break
+            if state is SessionState.DATA:
                 if not self._take_data():
                     break
                 continue
@@ -467,7 +499,7 @@ class SmtpSession(asyncio.Protocol):
             if self._discarding:
                 self._discarding = False
                 continue
-            if self._state is SessionState.AUTH:
+            if state is SessionState.AUTH:
                 step = self._auth_step
                 assert step is not None
                 self._state, self._auth_step = SessionState.COMMAND, None
@@ -480,7 +512,7 @@ class SmtpSession(asyncio.Protocol):
                 continue
             self._command(line)
         self._flush()
-        if self._closed:
+        if self._state is _CLOSED:
             return
         if self._eof and not self._busy:
             self._close()
@@ -503,12 +535,14 @@ class SmtpSession(asyncio.Protocol):
         handler[0](self, arg.strip(b" "))
 
     def _flush(self) -> None:
-        if self._out:
-            assert self._transport is not None
-            data = b"".join(self._out)
-            self._out.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
+        out = self._out
+        if out:
+            transport = self._transport
+            assert transport is not None
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if not transport.is_closing():
+                transport.write(data)
 
     def _close(self, reply: bytes = b"") -> None:
         """Send what is pending (and ``reply``), then close."""
@@ -566,7 +600,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _work_done(self) -> None:
         self._busy = False
-        if self._closed:
+        if self._state is _CLOSED:
             return
         assert self._loop is not None
         self._last_input = self._loop.time()  # our time is not the client's idle time
@@ -621,7 +655,7 @@ class SmtpSession(asyncio.Protocol):
                 _ehlo_reply(policy.hostname, policy.max_message_size, starttls, self._auth_offered)
             )
         else:
-            self._out.append(b"250 " + reply_line(policy.hostname))
+            self._out.append(_helo_reply(policy.hostname))
 
     def _cmd_mail(self, arg: bytes) -> None:
         policy = self._policy
