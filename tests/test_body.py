@@ -316,22 +316,6 @@ def test_wire_holding_the_end_of_data_line_is_refused(wire: bytes) -> None:
         Body.from_wire(wire, NORMALIZE)
 
 
-@pytest.mark.parametrize(
-    "wire", [b"", b"..\r\n", b"a\r\n..\r\nb\r\n", b"a\nb\r\n", b"a\rb\r\n.x\r\n"]
-)
-@pytest.mark.parametrize("policy", [NORMALIZE, REJECT])
-def test_wire_vouched_for_is_taken_as_if_searched(wire: bytes, policy: LineEndingPolicy) -> None:
-    # ``cut_at_end``: the caller (an SMTP session) found no end-of-data line
-    # in them; the result (or the refusal of a bare line ending) is the same.
-    def outcome(cut_at_end: bool) -> bytes | str:
-        try:
-            return Body.from_wire(wire, policy, cut_at_end=cut_at_end).wire
-        except BareLineEndingError as exc:
-            return str(exc)
-
-    assert outcome(True) == outcome(False)
-
-
 # ------------------------------------------------------------ email objects
 
 
