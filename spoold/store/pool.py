@@ -1,0 +1,151 @@
+"""The file pool: the files of removed entries kept under ``tmp/`` and
+written again by the next commits, instead of removing them and creating
+new ones.
+
+Why: on a filesystem without a journal (ext4 with no journal, as on the
+machines this was measured on), the kernel will not hand out an inode
+deleted in the last minute or more while a free one is left in the group;
+it reads each recently deleted inode of the group, one by one, before every
+new one it allocates. A spool removes and creates two files a message, so
+at a few hundred messages a second every creation scans the whole group:
+that scan was 20% of the machine in one profile. A file taken from the pool
+is opened, not created, and no inode is freed or allocated.
+
+The pool is ``tmp/pool.PID.N``: files of nobody, never an entry (recovery
+leaves them; an older recovery removes them as leftovers, which is as
+safe). Two sides:
+
+* the owner's delete *puts* a record or body it removes (renamed into the
+  pool instead of unlinked; unlinked when the pool is full, about
+  :data:`POOL_FILES` files, or the file larger than :data:`POOL_FILE_SIZE`);
+* a writer (group commit only, ``spool.sync = "syncfs"``) *claims* files
+  (renamed to ``tmp/PID.reuse.N``, its own: a dead writer's are removed by
+  recovery like any of its ``tmp/`` files) before the first ``syncfs`` of
+  a batch, and *reuses* them only in a later batch: opened at that name,
+  overwritten from the start, cut to the new length, synced and renamed
+  into place as a new file would be.
+
+The durability argument. A writer writes into a file only after a
+``syncfs`` that started after the file got its claimed name has returned.
+Before the claim, the file was in the pool, and before that in its entry's
+place; every rename that took it from there happened before the claim. So
+when the first byte of new content is written, no name but the writer's
+own ``tmp/`` name is left on disk for that inode, even after a power loss:
+the old entry cannot come back holding the new content (a delete that a
+power loss undoes brings the old entry back with its own content, as an
+unlink would). From then on the file is a ``tmp/`` file like a new one:
+until its rename into place it is nobody's message, and the content and
+length it has when renamed were made durable by the batch's first
+``syncfs`` (the length too, so no byte of the old content is left past
+the new end). A crash between any two steps leaves: a file in the entry's
+place (delete not done), in the pool, or under a writer's ``tmp/`` name
+(removed by recovery once that writer is gone); never old content under a
+new entry's name, or new content under an old one's. A body read through
+an open descriptor while it is recycled is not a concern: a delivered
+message's body is closed before the delete.
+
+Every method blocks: callers run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from spoold.store.directory import unlink_quiet
+
+__all__ = ["FilePool", "POOL_PREFIX", "POOL_FILES", "POOL_FILE_SIZE"]
+
+POOL_PREFIX = "pool."  # tmp/pool.PID.N (a tmp/ name whose first part is no pid)
+POOL_FILES = 512  # about as many files as the pool holds (a bound, not exact)
+POOL_FILE_SIZE = 64 * 1024  # larger files are removed, not pooled
+_COUNT_EVERY = 256  # puts between two counts of the pool
+_CLAIM_MAX = 64  # files a writer holds claimed or ready at most
+# One count for the whole process: two stores of one process (or one opened
+# again) never give two files one name (a rename would replace the other).
+_names = itertools.count()
+
+
+class FilePool:
+    """The pool of the store whose ``tmp/`` is ``tmp``, as process ``pid``
+    uses it."""
+
+    def __init__(self, tmp: str, pid: int) -> None:
+        self._tmp = tmp
+        self._pid = pid
+        # the owner's side
+        self._puts_left = 0  # puts before the pool is counted again
+        # a writer's side
+        self._seen: list[str] = []  # pool names found by the last listing
+        self._claimed: list[str] = []  # claimed, no syncfs since
+        self._ready: list[str] = []  # claimed before a syncfs that returned
+
+    # ------------------------------------------------------ the owner's side
+
+    def put(self, path: str, size: int) -> None:
+        """Remove ``path`` (a record or body being deleted, ``size`` bytes)
+        from its place: into the pool while it has room, else unlinked.
+        Raises :class:`FileNotFoundError` if it is not there."""
+        if size <= POOL_FILE_SIZE and self._room():
+            os.rename(path, f"{self._tmp}/{POOL_PREFIX}{self._pid}.{next(_names)}")
+            return
+        os.unlink(path)
+
+    def _room(self) -> bool:
+        if self._puts_left <= 0:
+            n = sum(1 for name in os.listdir(self._tmp) if name.startswith(POOL_PREFIX))
+            self._puts_left = min(_COUNT_EVERY, POOL_FILES - n)
+        self._puts_left -= 1
+        return self._puts_left >= 0
+
+    # ------------------------------------------------------- a writer's side
+
+    def take(self) -> str | None:
+        """A claimed file that may be written now (see the module's
+        durability argument), or None."""
+        return self._ready.pop() if self._ready else None
+
+    def claim(self, wanted: int) -> list[str]:
+        """Claim up to ``wanted`` more files (at most a few dozen held); the
+        files claimed and not yet written, for :meth:`synced` once a
+        ``syncfs`` that starts after this call has returned."""
+        wanted = min(wanted, _CLAIM_MAX - len(self._claimed) - len(self._ready))
+        self._claim(wanted)
+        return list(self._claimed)
+
+    def _claim(self, wanted: int) -> None:
+        listed = False
+        try:
+            while wanted > 0:
+                if not self._seen:
+                    if listed:
+                        return
+                    listed = True
+                    self._seen = [n for n in os.listdir(self._tmp) if n.startswith(POOL_PREFIX)]
+                    if not self._seen:
+                        return
+                mine = f"{self._tmp}/{self._pid}.reuse.{next(_names)}"
+                try:
+                    os.rename(f"{self._tmp}/{self._seen.pop()}", mine)
+                except FileNotFoundError:
+                    continue  # taken by another writer
+                self._claimed.append(mine)
+                wanted -= 1
+        except OSError:
+            return  # best effort: a file not claimed is a file created
+
+    def synced(self, claimed: list[str]) -> None:
+        """A ``syncfs`` that started after the files ``claimed`` (as
+        :meth:`claim` returned them) were claimed has returned: they may be
+        written."""
+        for path in claimed:
+            if path in self._claimed:
+                self._claimed.remove(path)
+                self._ready.append(path)
+
+    def close_sync(self) -> None:
+        """Remove the files this writer holds."""
+        for path in self._ready + self._claimed:
+            unlink_quiet(path)
+        self._ready.clear()
+        self._claimed.clear()

@@ -1,0 +1,133 @@
+"""The pool of removed files (spoold.store.pool): a delete puts a record
+and its body there, a group commit claims them, and writes into them only
+after a syncfs that followed the claim; no old content ever shows in a new
+message, and a crash at any step of a commit that reuses files loses
+nothing acknowledged and leaves nothing that reads as a message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spoold.message import Queue
+from spoold.ondisk import OnDiskSpool
+from spoold.store.pool import POOL_FILE_SIZE, POOL_PREFIX
+from tests.factories import new_message
+from tests.support import spool_files, without_pool
+
+CHILD = str(Path(__file__).with_name("store_child.py"))
+OLD = b"Subject: old\r\n\r\n" + b"old content, never to be seen again\r\n" * 50
+
+
+def _inode(path: Path) -> int:
+    return os.stat(path).st_ino
+
+
+def _pool(root: Path) -> list[str]:
+    return sorted(n for n in os.listdir(root / "tmp") if n.startswith(POOL_PREFIX))
+
+
+async def _pooled_spool(root: Path) -> set[int]:
+    """A spool whose pool holds the record and body of a deleted message
+    with a long body; their inode numbers."""
+    od, _ = await OnDiskSpool.open(root, sync="syncfs")
+    (old,) = await od.add([new_message(OLD)])
+    inodes = {_inode(root / "data" / old.id), _inode(root / "active" / old.id)}
+    await od.store.delete(Queue.ACTIVE.value, old.id)
+    await od.close()
+    assert {_inode(root / "tmp" / n) for n in _pool(root)} == inodes
+    return inodes
+
+
+async def test_a_commit_writes_again_the_files_of_a_deleted_message(tmp_path: Path) -> None:
+    inodes = await _pooled_spool(tmp_path)
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    (first,) = await od.add([new_message(b"Subject: a\r\n\r\nfirst\r\n")])  # claims them
+    assert _pool(tmp_path) == []
+    (second,) = await od.add([new_message(b"Subject: b\r\n\r\nsecond\r\n")])  # writes them
+    assert {
+        _inode(tmp_path / "data" / second.id),
+        _inode(tmp_path / "active" / second.id),
+    } == inodes
+    assert (tmp_path / "data" / second.id).read_bytes().endswith(b"\r\nsecond\r\n")
+    assert all(OLD[20:60] not in content for content in spool_files(tmp_path).values())
+    body = await od.read_body(second.id)
+    assert body.content() == b"Subject: b\r\n\r\nsecond\r\n"
+    loaded, _ = await od.load(Queue.ACTIVE)
+    assert {m.id for m in loaded} == {first.id, second.id}
+    assert (await od.read_body(first.id)).content() == b"Subject: a\r\n\r\nfirst\r\n"
+    assert await od.check(max_age=0) == []
+    await od.close()
+    # Nothing claimed is left behind by a store that closes.
+    assert without_pool(spool_files(tmp_path, "tmp")) == {}
+
+
+async def test_fsync_commits_never_write_into_pooled_files(tmp_path: Path) -> None:
+    inodes = await _pooled_spool(tmp_path)
+    od, _ = await OnDiskSpool.open(tmp_path, sync="fsync")
+    added = [m for _ in range(3) for m in await od.add([new_message()])]
+    used = {_inode(tmp_path / d / m.id) for m in added for d in ("data", "active")}
+    assert not used & inodes
+    await od.close()
+
+
+async def test_a_large_body_is_removed_not_pooled(tmp_path: Path) -> None:
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    (big,) = await od.add([new_message(b"Subject: big\r\n\r\n" + b"x" * POOL_FILE_SIZE)])
+    await od.store.delete(Queue.ACTIVE.value, big.id)
+    assert len(_pool(tmp_path)) == 1  # the record only
+    await od.close()
+
+
+async def test_recovery_keeps_the_pool_and_removes_a_dead_writers_claims(tmp_path: Path) -> None:
+    await _pooled_spool(tmp_path)
+    (tmp_path / "tmp" / "999999999.reuse.0").write_bytes(b"claimed by a dead writer")
+    od, report = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    assert report.removed_tmp == ["999999999.reuse.0"]
+    assert len(_pool(tmp_path)) == 2
+    assert await od.check(max_age=0) == []
+    await od.close()
+
+
+REUSE_STEPS = [
+    "reserve",
+    "write_body",
+    "write_record",
+    "sync_data",
+    "rename_body",
+    "rename_record",
+    "fsync_dirs",
+    "done",
+]
+
+
+@pytest.mark.parametrize("step", REUSE_STEPS)
+async def test_crash_at_each_step_of_a_commit_that_reuses_files(tmp_path: Path, step: str) -> None:
+    inodes = await _pooled_spool(tmp_path)
+    done = subprocess.run(
+        [sys.executable, CHILD, str(tmp_path), "enqueue_reuse", step], timeout=60, check=False
+    )
+    assert done.returncode == 77
+    od, _ = await OnDiskSpool.open(tmp_path)
+    messages, unreadable = await od.load(Queue.ACTIVE)
+    assert unreadable == []
+    bodies = {m.id: (await od.read_body(m.id)).content() for m in messages}
+    if REUSE_STEPS.index(step) < REUSE_STEPS.index("fsync_dirs"):  # before the commit point
+        assert sorted(bodies.values()) == [b"first\r\n"]
+    else:
+        assert sorted(bodies.values()) == [b"first\r\n", b"second\r\n"]
+        (second,) = [mid for mid, content in bodies.items() if content == b"second\r\n"]
+        assert {
+            _inode(tmp_path / "data" / second),
+            _inode(tmp_path / "active" / second),
+        } == inodes
+    # The dead writer's claimed files are gone; no old content anywhere
+    # but in the pool (none is left there: both files were claimed).
+    assert without_pool(spool_files(tmp_path, "tmp")) == {}
+    assert all(OLD[20:60] not in content for content in spool_files(tmp_path).values())
+    assert await od.check(max_age=0) == []
+    await od.close()
