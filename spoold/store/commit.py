@@ -115,7 +115,7 @@ class Committer:
         try:
             # Files for the next batches: written only after this syncfs
             # (see the pool's durability argument).
-            claimed = self._pool.claim(2 * sum(len(job.entries) for job, *_ in staged))
+            claimed = self._pool.claim(sum(len(job.entries) for job, *_ in staged))
             d.step("sync_data")
             d.syncfs()
             self._pool.synced(claimed)
@@ -181,11 +181,11 @@ class Committer:
         for name, e in zip(names, entries, strict=True):
             d.step("write_body")
             prefix = e.make_prefix(name) if e.make_prefix is not None else b""
-            reuse = None if sync else self._pool.take()
+            reuse = None if sync else self._pool.take("body")
             body_tmp = d.write_tmp(name, "body", e.body, prefix, sync=sync, reuse=reuse)
             written.append(body_tmp)
             d.step("write_record")
-            reuse = None if sync else self._pool.take()
+            reuse = None if sync else self._pool.take("record")
             record = e.make_record(name, names)
             record_tmp = d.write_tmp(name, "record", record, sync=sync, reuse=reuse)
             written.append(record_tmp)

@@ -11,7 +11,9 @@ at a few hundred messages a second every creation scans the whole group:
 that scan was 20% of the machine in one profile. A file taken from the pool
 is opened, not created, and no inode is freed or allocated.
 
-The pool is ``tmp/pool.PID.N``: files of nobody, never an entry (recovery
+The pool is ``tmp/pool.PID.N.KIND`` (``body`` or ``record``: a file is
+reused for one of its kind, so its size changes little and its blocks are
+written over, not freed and allocated again): files of nobody, never an entry (recovery
 leaves them; an older recovery removes them as leftovers, which is as
 safe). Two sides:
 
@@ -51,19 +53,32 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 
 from spoold.store.directory import unlink_quiet
 
-__all__ = ["FilePool", "POOL_PREFIX", "POOL_FILES", "POOL_FILE_SIZE"]
+__all__ = ["FilePool", "KINDS", "POOL_PREFIX", "POOL_FILES", "POOL_FILE_SIZE"]
 
-POOL_PREFIX = "pool."  # tmp/pool.PID.N (a tmp/ name whose first part is no pid)
+POOL_PREFIX = "pool."  # tmp/pool.PID.N.KIND (a tmp/ name whose first part is no pid)
 POOL_FILES = 512  # about as many files as the pool holds (a bound, not exact)
 POOL_FILE_SIZE = 64 * 1024  # larger files are removed, not pooled
+KINDS = ("body", "record")  # a file is reused for one of its own kind (sizes alike)
 _COUNT_EVERY = 256  # puts between two counts of the pool
-_CLAIM_MAX = 64  # files a writer holds claimed or ready at most
+_CLAIM_MAX = 32  # files of one kind a writer holds claimed or ready at most
 # One count for the whole process: two stores of one process (or one opened
 # again) never give two files one name (a rename would replace the other).
 _names = itertools.count()
+
+
+class _Kind:
+    """A writer's files of one kind."""
+
+    __slots__ = ("claimed", "ready", "seen")
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []  # pool names found by the last listing
+        self.claimed: list[str] = []  # claimed, no syncfs since
+        self.ready: list[str] = []  # claimed before a syncfs that returned
 
 
 class FilePool:
@@ -76,18 +91,17 @@ class FilePool:
         # the owner's side
         self._puts_left = 0  # puts before the pool is counted again
         # a writer's side
-        self._seen: list[str] = []  # pool names found by the last listing
-        self._claimed: list[str] = []  # claimed, no syncfs since
-        self._ready: list[str] = []  # claimed before a syncfs that returned
+        self._kinds = {kind: _Kind() for kind in KINDS}
+        self._random = random.Random()
 
     # ------------------------------------------------------ the owner's side
 
-    def put(self, path: str, size: int) -> None:
-        """Remove ``path`` (a record or body being deleted, ``size`` bytes)
+    def put(self, path: str, kind: str, size: int = 0) -> None:
+        """Remove ``path`` (a file of ``kind`` being deleted, ``size`` bytes)
         from its place: into the pool while it has room, else unlinked.
         Raises :class:`FileNotFoundError` if it is not there."""
         if size <= POOL_FILE_SIZE and self._room():
-            os.rename(path, f"{self._tmp}/{POOL_PREFIX}{self._pid}.{next(_names)}")
+            os.rename(path, f"{self._tmp}/{POOL_PREFIX}{self._pid}.{next(_names)}.{kind}")
             return
         os.unlink(path)
 
@@ -100,52 +114,68 @@ class FilePool:
 
     # ------------------------------------------------------- a writer's side
 
-    def take(self) -> str | None:
-        """A claimed file that may be written now (see the module's
-        durability argument), or None."""
-        return self._ready.pop() if self._ready else None
+    def take(self, kind: str) -> str | None:
+        """A claimed file of ``kind`` that may be written now (see the
+        module's durability argument), or None."""
+        ready = self._kinds[kind].ready
+        return ready.pop() if ready else None
 
     def claim(self, wanted: int) -> list[str]:
-        """Claim up to ``wanted`` more files (at most a few dozen held); the
-        files claimed and not yet written, for :meth:`synced` once a
-        ``syncfs`` that starts after this call has returned."""
-        wanted = min(wanted, _CLAIM_MAX - len(self._claimed) - len(self._ready))
-        self._claim(wanted)
-        return list(self._claimed)
-
-    def _claim(self, wanted: int) -> None:
+        """Claim up to ``wanted`` more files of each kind (at most a few
+        dozen held); the files claimed and not yet written, for
+        :meth:`synced` once a ``syncfs`` that starts after this call has
+        returned."""
+        claimed: list[str] = []
         listed = False
+        for mine in self._kinds.values():
+            n = min(wanted, _CLAIM_MAX - len(mine.claimed) - len(mine.ready))
+            if n > 0 and not mine.seen and not listed:
+                self._list()
+                listed = True
+            self._claim(mine, n)
+            claimed += mine.claimed
+        return claimed
+
+    def _list(self) -> None:
+        """List the pool, in an order of this writer's own (two writers
+        going through one listing in one order would race for each file)."""
         try:
-            while wanted > 0:
-                if not self._seen:
-                    if listed:
-                        return
-                    listed = True
-                    self._seen = [n for n in os.listdir(self._tmp) if n.startswith(POOL_PREFIX)]
-                    if not self._seen:
-                        return
-                mine = f"{self._tmp}/{self._pid}.reuse.{next(_names)}"
+            names = [n for n in os.listdir(self._tmp) if n.startswith(POOL_PREFIX)]
+        except OSError:
+            return
+        self._random.shuffle(names)
+        for kind, mine in self._kinds.items():
+            ending = f".{kind}"
+            mine.seen = [n for n in names if n.endswith(ending)]
+
+    def _claim(self, mine: _Kind, wanted: int) -> None:
+        seen = mine.seen
+        try:
+            while wanted > 0 and seen:
+                path = f"{self._tmp}/{self._pid}.reuse.{next(_names)}"
                 try:
-                    os.rename(f"{self._tmp}/{self._seen.pop()}", mine)
+                    os.rename(f"{self._tmp}/{seen.pop()}", path)
                 except FileNotFoundError:
                     continue  # taken by another writer
-                self._claimed.append(mine)
+                mine.claimed.append(path)
                 wanted -= 1
         except OSError:
-            return  # best effort: a file not claimed is a file created
+            seen.clear()  # best effort: a file not claimed is a file created
 
     def synced(self, claimed: list[str]) -> None:
         """A ``syncfs`` that started after the files ``claimed`` (as
         :meth:`claim` returned them) were claimed has returned: they may be
         written."""
-        for path in claimed:
-            if path in self._claimed:
-                self._claimed.remove(path)
-                self._ready.append(path)
+        done = set(claimed)
+        for mine in self._kinds.values():
+            if mine.claimed:
+                mine.ready += [p for p in mine.claimed if p in done]
+                mine.claimed = [p for p in mine.claimed if p not in done]
 
     def close_sync(self) -> None:
         """Remove the files this writer holds."""
-        for path in self._ready + self._claimed:
-            unlink_quiet(path)
-        self._ready.clear()
-        self._claimed.clear()
+        for mine in self._kinds.values():
+            for path in mine.ready + mine.claimed:
+                unlink_quiet(path)
+            mine.ready.clear()
+            mine.claimed.clear()

@@ -536,13 +536,13 @@ class Store:
         # spoold.store.pool, which says why that is as safe as an unlink.
         try:
             d.step("unlink_record")
-            self._pool.put(f"{qd}/{name}", 0)
+            self._pool.put(f"{qd}/{name}", "record")
         except FileNotFoundError:
             raise NotFoundError(f"{name}: not in queue {queue}") from None
         d.step("unlink_body")
         body = f"{d.data}/{name}"
         with contextlib.suppress(FileNotFoundError):
-            self._pool.put(body, os.stat(body).st_size)
+            self._pool.put(body, "body", os.stat(body).st_size)
         # Not fsynced, on purpose: if the power fails before the kernel writes
         # these removals, the entry comes back and (a delivered message) is sent
         # again; at least once, never lost. Fsyncing three directories per
