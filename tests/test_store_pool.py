@@ -15,7 +15,8 @@ import pytest
 
 from spoold.message import Queue
 from spoold.ondisk import OnDiskSpool
-from spoold.store.pool import POOL_FILE_SIZE, POOL_PREFIX
+from spoold.store import pool as pool_module
+from spoold.store.pool import POOL_FILE_SIZE, POOL_PREFIX, FilePool
 from tests.factories import new_message
 from tests.support import spool_files, without_pool
 
@@ -27,8 +28,8 @@ def _inode(path: Path) -> int:
     return os.stat(path).st_ino
 
 
-def _pool(root: Path) -> list[str]:
-    return sorted(n for n in os.listdir(root / "tmp") if n.startswith(POOL_PREFIX))
+def _pool(root: Path, tmp: str = "tmp") -> list[str]:
+    return sorted(n for n in os.listdir(root / tmp) if n.startswith(POOL_PREFIX))
 
 
 async def _pooled_spool(root: Path) -> set[int]:
@@ -131,3 +132,17 @@ async def test_crash_at_each_step_of_a_commit_that_reuses_files(tmp_path: Path, 
     assert all(OLD[20:60] not in content for content in spool_files(tmp_path).values())
     assert await od.check(max_age=0) == []
     await od.close()
+
+
+def test_the_pool_takes_files_up_to_its_bound_and_unlinks_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "POOL_FILES", 3)
+    pool = FilePool(str(tmp_path), os.getpid())
+    for n in range(5):
+        (tmp_path / f"f{n}").write_bytes(b"x")
+        pool.put(str(tmp_path / f"f{n}"), "body", 1)
+        assert not (tmp_path / f"f{n}").exists()
+    assert len(_pool(tmp_path, "")) == 3
+    with pytest.raises(FileNotFoundError):
+        pool.put(str(tmp_path / "f0"), "record")

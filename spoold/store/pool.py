@@ -60,7 +60,7 @@ from spoold.store.directory import unlink_quiet
 __all__ = ["FilePool", "KINDS", "POOL_PREFIX", "POOL_FILES", "POOL_FILE_SIZE"]
 
 POOL_PREFIX = "pool."  # tmp/pool.PID.N.KIND (a tmp/ name whose first part is no pid)
-POOL_FILES = 512  # about as many files as the pool holds (a bound, not exact)
+POOL_FILES = 1024  # about as many files as the pool holds (a bound, not exact)
 POOL_FILE_SIZE = 64 * 1024  # larger files are removed, not pooled
 KINDS = ("body", "record")  # a file is reused for one of its own kind (sizes alike)
 _COUNT_EVERY = 256  # puts between two counts of the pool
@@ -90,6 +90,7 @@ class FilePool:
         self._pid = pid
         # the owner's side
         self._puts_left = 0  # puts before the pool is counted again
+        self._room_left = 0  # files the pool takes until then
         # a writer's side
         self._kinds = {kind: _Kind() for kind in KINDS}
         self._random = random.Random()
@@ -106,11 +107,15 @@ class FilePool:
         os.unlink(path)
 
     def _room(self) -> bool:
+        """Whether the pool takes one more file: it is counted once every
+        :data:`_COUNT_EVERY` puts (a listing of ``tmp/``), writers' claims
+        since then not seen."""
         if self._puts_left <= 0:
             n = sum(1 for name in os.listdir(self._tmp) if name.startswith(POOL_PREFIX))
-            self._puts_left = min(_COUNT_EVERY, POOL_FILES - n)
+            self._puts_left, self._room_left = _COUNT_EVERY, POOL_FILES - n
         self._puts_left -= 1
-        return self._puts_left >= 0
+        self._room_left -= 1
+        return self._room_left >= 0
 
     # ------------------------------------------------------- a writer's side
 
@@ -137,13 +142,14 @@ class FilePool:
         return claimed
 
     def _list(self) -> None:
-        """List the pool, in an order of this writer's own (two writers
+        """List the pool, from a point of this writer's own (two writers
         going through one listing in one order would race for each file)."""
         try:
             names = [n for n in os.listdir(self._tmp) if n.startswith(POOL_PREFIX)]
         except OSError:
             return
-        self._random.shuffle(names)
+        start = self._random.randrange(len(names) or 1)
+        names = names[start:] + names[:start]
         for kind, mine in self._kinds.items():
             ending = f".{kind}"
             mine.seen = [n for n in names if n.endswith(ending)]
@@ -156,7 +162,8 @@ class FilePool:
                 try:
                     os.rename(f"{self._tmp}/{seen.pop()}", path)
                 except FileNotFoundError:
-                    continue  # taken by another writer
+                    seen.clear()  # taken by another writer: the listing is old
+                    return
                 mine.claimed.append(path)
                 wanted -= 1
         except OSError:
