@@ -7,6 +7,7 @@ nothing acknowledged and leaves nothing that reads as a message."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,18 @@ def test_the_pool_takes_files_up_to_its_bound_and_unlinks_the_rest(
     assert len(_pool(tmp_path, "")) == 3
     with pytest.raises(FileNotFoundError):
         pool.put(str(tmp_path / "f0"), "record")
+
+
+async def test_no_pool_in_fsync_mode_or_short_of_room(tmp_path: Path) -> None:
+    od, _ = await OnDiskSpool.open(tmp_path, sync="fsync")
+    (msg,) = await od.add([new_message()])
+    await od.store.delete(Queue.ACTIVE.value, msg.id)
+    assert _pool(tmp_path) == []
+    await od.close()
+    free = shutil.disk_usage(tmp_path).free
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs", min_free_bytes=free - 32 * 1024 * 1024)
+    (msg,) = await od.add([new_message()])
+    await od.store.delete(Queue.ACTIVE.value, msg.id)
+    assert _pool(tmp_path) == []  # a full pool would take the disk below min_free_space
+    assert spool_files(tmp_path) == {}
+    await od.close()

@@ -19,7 +19,9 @@ safe). Two sides:
 
 * the owner's delete *puts* a record or body it removes (renamed into the
   pool instead of unlinked; unlinked when the pool is full, about
-  :data:`POOL_FILES` files, or the file larger than :data:`POOL_FILE_SIZE`);
+  :data:`POOL_FILES` files, or the file larger than :data:`POOL_FILE_SIZE`,
+  or the store in ``fsync`` mode, or the disk short of room for a full
+  pool above ``spool.min_free_space``);
 * a writer (group commit only, ``spool.sync = "syncfs"``) *claims* files
   (renamed to ``tmp/PID.reuse.N``, its own: a dead writer's are removed by
   recovery like any of its ``tmp/`` files) before the first ``syncfs`` of
@@ -54,6 +56,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+from collections.abc import Callable
 
 from spoold.store.directory import unlink_quiet
 
@@ -85,9 +88,18 @@ class FilePool:
     """The pool of the store whose ``tmp/`` is ``tmp``, as process ``pid``
     uses it."""
 
-    def __init__(self, tmp: str, pid: int) -> None:
+    def __init__(
+        self,
+        tmp: str,
+        pid: int,
+        *,
+        wanted: Callable[[], bool] = lambda: True,
+        min_free: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._tmp = tmp
         self._pid = pid
+        self._wanted = wanted  # whether writers claim files (group commit)
+        self._min_free = min_free  # bytes that must stay free (spool.min_free_space)
         # the owner's side
         self._puts_left = 0  # puts before the pool is counted again
         self._room_left = 0  # files the pool takes until then
@@ -109,10 +121,17 @@ class FilePool:
     def _room(self) -> bool:
         """Whether the pool takes one more file: it is counted once every
         :data:`_COUNT_EVERY` puts (a listing of ``tmp/``), writers' claims
-        since then not seen."""
+        since then not seen. It takes none while writers claim none
+        (``spool.sync = "fsync"``), or while the disk has not room for a
+        full pool above ``spool.min_free_space`` (a delete then frees what
+        it removes, as it would without a pool)."""
         if self._puts_left <= 0:
-            n = sum(1 for name in os.listdir(self._tmp) if name.startswith(POOL_PREFIX))
-            self._puts_left, self._room_left = _COUNT_EVERY, POOL_FILES - n
+            self._puts_left, self._room_left = _COUNT_EVERY, 0
+            if self._wanted():
+                st = os.statvfs(self._tmp)
+                if st.f_bavail * st.f_frsize >= self._min_free() + POOL_FILES * POOL_FILE_SIZE:
+                    n = sum(1 for name in os.listdir(self._tmp) if name.startswith(POOL_PREFIX))
+                    self._room_left = POOL_FILES - n
         self._puts_left -= 1
         self._room_left -= 1
         return self._room_left >= 0

@@ -68,7 +68,12 @@ class Store:
         self._registry = Registry(self._dir.registry, self._dir.pid)
         self._wakeup = Wakeup(f"{root}/wakeup")
         self._hops = WorkerHops(root, max_threads)
-        self._pool = FilePool(self._dir.tmp, self._dir.pid)
+        self._pool = FilePool(
+            self._dir.tmp,
+            self._dir.pid,
+            wanted=lambda: self.sync == "syncfs",
+            min_free=lambda: self._committer.min_free_bytes,
+        )
         self._committer = Committer(
             self._dir, self._registry, self._hops, min_free_bytes, self._pool
         )
