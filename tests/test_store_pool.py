@@ -162,3 +162,18 @@ async def test_no_pool_in_fsync_mode_or_short_of_room(tmp_path: Path) -> None:
     assert _pool(tmp_path) == []  # a full pool would take the disk below min_free_space
     assert spool_files(tmp_path) == {}
     await od.close()
+
+
+async def test_the_check_finds_no_stale_file_in_the_pool_or_a_live_writers_claims(
+    tmp_path: Path,
+) -> None:
+    await _pooled_spool(tmp_path)
+    live = tmp_path / "tmp" / f"{os.getpid()}.reuse.999999"
+    dead = tmp_path / "tmp" / "999999999.reuse.0"
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    live.write_bytes(b"claimed by a writer at work")
+    dead.write_bytes(b"claimed by a dead writer")
+    problems = await od.check(max_age=0)  # every file is old
+    assert [(p.kind, p.name) for p in problems] == [("stale_tmp", dead.name)]
+    live.unlink()
+    await od.close()

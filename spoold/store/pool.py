@@ -60,7 +60,7 @@ from collections.abc import Callable
 
 from spoold.store.directory import unlink_quiet
 
-__all__ = ["FilePool", "KINDS", "POOL_PREFIX", "POOL_FILES", "POOL_FILE_SIZE"]
+__all__ = ["FilePool", "KINDS", "POOL_PREFIX", "POOL_FILES", "POOL_FILE_SIZE", "claimed_pid"]
 
 POOL_PREFIX = "pool."  # tmp/pool.PID.N.KIND (a tmp/ name whose first part is no pid)
 POOL_FILES = 1024  # about as many files as the pool holds (a bound, not exact)
@@ -71,6 +71,14 @@ _CLAIM_MAX = 32  # files of one kind a writer holds claimed or ready at most
 # One count for the whole process: two stores of one process (or one opened
 # again) never give two files one name (a rename would replace the other).
 _names = itertools.count()
+
+
+def claimed_pid(tmp_name: str) -> int | None:
+    """The pid of the writer that claimed the ``tmp/`` file ``tmp_name``
+    (``PID.reuse.N``), or None for any other name. A writer holds its
+    claimed files as long as it runs (an idle one too)."""
+    pid, _, rest = tmp_name.partition(".")
+    return int(pid) if pid.isdigit() and rest.startswith("reuse.") else None
 
 
 class _Kind:
@@ -177,7 +185,7 @@ class FilePool:
         seen = mine.seen
         try:
             while wanted > 0 and seen:
-                path = f"{self._tmp}/{self._pid}.reuse.{next(_names)}"
+                path = f"{self._tmp}/{self._pid}.reuse.{next(_names)}"  # see claimed_pid
                 try:
                     os.rename(f"{self._tmp}/{seen.pop()}", path)
                 except FileNotFoundError:

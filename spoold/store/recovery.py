@@ -23,7 +23,7 @@ import time
 
 from spoold.ids import is_valid_id
 from spoold.store.directory import CHECKOUT, REASONS, StoreDirectory, unlink_quiet
-from spoold.store.pool import POOL_PREFIX
+from spoold.store.pool import POOL_PREFIX, claimed_pid
 from spoold.store.records import Problem, RecoveryReport
 from spoold.store.registry import Registry, pid_alive
 
@@ -145,7 +145,7 @@ def check_sync(d: StoreDirectory, registry: Registry, max_age: float) -> list[Pr
             problems.append(Problem("orphan_registry", name, path, "registry entry, no record"))
     with os.scandir(d.tmp) as it:
         for e in it:
-            if old(e.path) and not e.name.startswith(POOL_PREFIX):
+            if old(e.path) and not _pool_file(e.name):
                 problems.append(Problem("stale_tmp", e.name, e.path, "left in tmp/"))
     for u in sorted(d.unusable):
         problems.append(Problem("unusable_dir", os.path.basename(u), u, d.unusable_text(u)))
@@ -161,6 +161,15 @@ def check_sync(d: StoreDirectory, registry: Registry, max_age: float) -> list[Pr
                     if not is_valid_id(e.name) or e.is_dir():
                         problems.append(Problem("stray_file", e.name, e.path, "not a record name"))
     return problems
+
+
+def _pool_file(tmp_name: str) -> bool:
+    """A file of the pool, or one a live writer claimed from it: however
+    old, not a leftover."""
+    if tmp_name.startswith(POOL_PREFIX):
+        return True
+    pid = claimed_pid(tmp_name)
+    return pid is not None and pid_alive(pid)
 
 
 def _has_record(d: StoreDirectory, name: str) -> bool:
