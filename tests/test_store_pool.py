@@ -6,6 +6,7 @@ nothing acknowledged and leaves nothing that reads as a message."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -177,3 +178,19 @@ async def test_the_check_finds_no_stale_file_in_the_pool_or_a_live_writers_claim
     assert [(p.kind, p.name) for p in problems] == [("stale_tmp", dead.name)]
     live.unlink()
     await od.close()
+
+
+def test_a_put_the_pool_cannot_take_is_an_unlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename into tmp/ that fails (its directory cannot grow on a full
+    disk) must not fail the delete: the file is unlinked, as without a pool."""
+    pool = FilePool(str(tmp_path), os.getpid())
+    (tmp_path / "f").write_bytes(b"x")
+
+    def no_room(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", dst)
+
+    monkeypatch.setattr(os, "rename", no_room)
+    pool.put(str(tmp_path / "f"), "body", 1)
+    assert os.listdir(tmp_path) == []

@@ -53,6 +53,7 @@ Every method blocks: callers run them in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -122,8 +123,14 @@ class FilePool:
         from its place: into the pool while it has room, else unlinked.
         Raises :class:`FileNotFoundError` if it is not there."""
         if size <= POOL_FILE_SIZE and self._room():
-            os.rename(path, f"{self._tmp}/{POOL_PREFIX}{self._pid}.{next(_names)}.{kind}")
-            return
+            try:
+                os.rename(path, f"{self._tmp}/{POOL_PREFIX}{self._pid}.{next(_names)}.{kind}")
+            except FileNotFoundError:
+                raise
+            except OSError:
+                self._room_left = 0  # e.g. tmp/ cannot grow on a full disk: an unlink can
+            else:
+                return
         os.unlink(path)
 
     def _room(self) -> bool:
@@ -136,10 +143,11 @@ class FilePool:
         if self._puts_left <= 0:
             self._puts_left, self._room_left = _COUNT_EVERY, 0
             if self._wanted():
-                st = os.statvfs(self._tmp)
-                if st.f_bavail * st.f_frsize >= self._min_free() + POOL_FILES * POOL_FILE_SIZE:
-                    n = sum(1 for name in os.listdir(self._tmp) if name.startswith(POOL_PREFIX))
-                    self._room_left = POOL_FILES - n
+                with contextlib.suppress(OSError):  # no pool then: the delete goes on
+                    st = os.statvfs(self._tmp)
+                    if st.f_bavail * st.f_frsize >= self._min_free() + POOL_FILES * POOL_FILE_SIZE:
+                        n = sum(1 for n in os.listdir(self._tmp) if n.startswith(POOL_PREFIX))
+                        self._room_left = POOL_FILES - n
         self._puts_left -= 1
         self._room_left -= 1
         return self._room_left >= 0
