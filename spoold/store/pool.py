@@ -69,6 +69,7 @@ POOL_FILE_SIZE = 64 * 1024  # larger files are removed, not pooled
 KINDS = ("body", "record")  # a file is reused for one of its own kind (sizes alike)
 _COUNT_EVERY = 256  # puts between two counts of the pool
 _CLAIM_MAX = 32  # files of one kind a writer holds claimed or ready at most
+_LIST_EVERY = 8  # claims between two listings of the pool by a writer (at most)
 # One count for the whole process: two stores of one process (or one opened
 # again) never give two files one name (a rename would replace the other).
 _names = itertools.count()
@@ -115,6 +116,7 @@ class FilePool:
         # a writer's side
         self._kinds = {kind: _Kind() for kind in KINDS}
         self._random = random.Random()
+        self._claims_left = 0  # claims before the pool may be listed again
 
     # ------------------------------------------------------ the owner's side
 
@@ -166,12 +168,13 @@ class FilePool:
         :meth:`synced` once a ``syncfs`` that starts after this call has
         returned."""
         claimed: list[str] = []
-        listed = False
+        self._claims_left -= 1
         for mine in self._kinds.values():
             n = min(wanted, _CLAIM_MAX - len(mine.claimed) - len(mine.ready))
-            if n > 0 and not mine.seen and not listed:
+            if n > 0 and not mine.seen and self._claims_left <= 0:
+                # A listing costs more than a claim: the pool fills between two.
                 self._list()
-                listed = True
+                self._claims_left = _LIST_EVERY
             self._claim(mine, n)
             claimed += mine.claimed
         return claimed
