@@ -8,7 +8,11 @@ point it at a copy with a mutated store), never from this checkout on its
 own. The relay holds every attempt, so the only writes are the adds and
 the checkouts of the attempts.
 
-Usage: ``python durability_child.py SPOOL_DIR COUNT fsync|syncfs``
+With POOLED, that many messages are added and deleted first (untraced in
+effect: no acknowledgement is written for them), so the adds find the pool
+of removed files full and write into its files (spoold.store.pool).
+
+Usage: ``python durability_child.py SPOOL_DIR COUNT fsync|syncfs [POOLED]``
 """
 
 from __future__ import annotations
@@ -24,9 +28,19 @@ from spoold.spool import Spool
 from spoold.testing import InMemoryRelay
 
 
-async def main(spool_dir: str, count: str, sync: str) -> None:
+async def main(spool_dir: str, count: str, sync: str, pooled: str = "0") -> None:
     relay = InMemoryRelay(gate=anyio.Event())  # never opened: attempts wait
     body = Body.from_content(b"Subject: durability\r\n\r\nhello\r\n.a dot line\r\n")
+    if int(pooled):  # delivered: the files of each one go into the pool
+        async with Spool.open(
+            spool_dir, relay=InMemoryRelay(), flush_timeout=0, sync=sync
+        ) as spool:  # type: ignore[arg-type]
+            ids = []
+            for n in range(int(pooled)):
+                envelope = RoutedEnvelope("old@example.org", [f"o{n}@example.com"], ["127.0.0.1:9"])
+                ids += await spool.add(RoutedBatch([envelope], body))
+            for mid in ids:
+                await spool.wait(mid, timeout=30)
     async with Spool.open(spool_dir, relay=relay, flush_timeout=0, sync=sync) as spool:  # type: ignore[arg-type]
         for n in range(int(count)):
             envelope = RoutedEnvelope("sender@example.org", [f"r{n}@example.com"], ["127.0.0.1:9"])
@@ -35,4 +49,4 @@ async def main(spool_dir: str, count: str, sync: str) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], sys.argv[2], sys.argv[3])
+    anyio.run(main, *sys.argv[1:5])

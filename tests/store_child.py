@@ -49,6 +49,13 @@ async def main(spool_dir: str, op: str, arg: str) -> None:
         sync = "syncfs" if op == "enqueue_syncfs" else "fsync"
         od, _ = await OnDiskSpool.open(spool_dir, owner=True, on_step=hook, sync=sync)
         await od.add([new_message(b".leading dot\r\nbody\r\n")])
+    elif op == "enqueue_reuse":
+        # Two group commits: the first claims files of the pool, the
+        # second writes into them and dies at the step named (its nth).
+        hook = crash_at(arg, 2)
+        od, _ = await OnDiskSpool.open(spool_dir, owner=True, on_step=hook, sync="syncfs")
+        await od.add([new_message(b"first\r\n")])
+        await od.add([new_message(b"second\r\n")])
     elif op in ("move", "move_checked_out"):
         od, _ = await OnDiskSpool.open(spool_dir, owner=True, on_step=hook)
         (msg,), _ = await od.load(Queue.ACTIVE)

@@ -101,6 +101,12 @@ def spool_files(root: Path, *under: str) -> dict[str, bytes]:
     return dict(sorted(out.items()))
 
 
+def without_pool(files: dict[str, bytes]) -> dict[str, bytes]:
+    """``files`` (from :func:`spool_files`) less the pool of removed files
+    kept for reuse (``tmp/pool.*``: see spoold.store.pool)."""
+    return {k: v for k, v in files.items() if not k.startswith("tmp/pool.")}
+
+
 def records_in(root: Path, queue: str) -> set[str]:
     """The ids whose record is in ``queue`` (``"active"``, ``"frozen"``, ...),
     checked out or not; ``"active/.checkout"`` gives the checked-out ones

@@ -74,7 +74,7 @@ MUTANT_MESSAGES = 3
 # arm64) is no error.
 TRACED = (
     "/^(open|openat|creat|write|writev|pwrite64|sendto|sendmsg|fsync|fdatasync|syncfs|sync"
-    "|rename|renameat|renameat2|unlink|unlinkat)$"
+    "|rename|renameat|renameat2|unlink|unlinkat|ftruncate)$"
 )
 
 
@@ -188,16 +188,27 @@ def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
     for directory, rename in renames.items():
         what = "body" if directory == "data" else "record"
         tmp = rename.strings()[0]
-        created = [
+        opened = [
             c
             for c in calls
             if c.name in ("open", "openat", "creat")
             and c.ok
             and tmp in c.strings()
-            and "O_CREAT" in c.args
             and c.end < rename.start
         ]
-        if not created:
+        # A file of the pool (spoold.store.pool) is claimed (renamed from
+        # tmp/pool.*), then opened, not created.
+        claims = [
+            c
+            for c in calls
+            if c.name.startswith("rename")
+            and c.ok
+            and len(c.strings()) >= 2
+            and c.strings()[1] == tmp
+            and c.strings()[0].startswith(f"{root}/tmp/pool.")
+            and c.end < rename.start
+        ]
+        if not any("O_CREAT" in c.args for c in opened) and not (opened and claims):
             problems.append(f"{mid}: the {what} {tmp} was not created before its rename")
         writes = [
             c
@@ -208,6 +219,10 @@ def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
             problems.append(f"{mid}: nothing was written to the {what} {tmp} before its rename")
             continue
         last_write = max(c.end for c in writes)
+        if claims:
+            problems += _reuse_problems(calls, root, mid, what, tmp, claims[-1], writes, rename)
+            cuts = [c for c in calls if c.name == "ftruncate" and c.ok and c.fd_path == tmp]
+            last_write = max([last_write] + [c.end for c in cuts if c.end < rename.start])
         synced = [
             c
             for c in calls
@@ -238,6 +253,47 @@ def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
                 f"{mid}: directory {directory}/ was not synced between the rename into it "
                 "and the ack"
             )
+    return problems
+
+
+def _reuse_problems(
+    calls: list[Call],
+    root: str,
+    mid: str,
+    what: str,
+    tmp: str,
+    claim: Call,
+    writes: list[Call],
+    rename: Call,
+) -> list[str]:
+    """A reused file: a syncfs after its claim and before its first write
+    (no old name of it can come back holding the new content), and cut to
+    its length after its last write, before its rename."""
+    problems = []
+    first_write = min(c.start for c in writes)
+    if not [
+        c
+        for c in calls
+        if c.name == SYNCFS
+        and _on_spool(c, root)
+        and c.result == "0"
+        and c.start > claim.end
+        and c.end < first_write
+    ]:
+        problems.append(
+            f"{mid}: the reused {what} {tmp} was written before a syncfs that followed its claim"
+        )
+    last_write = max(c.end for c in writes)
+    if not [
+        c
+        for c in calls
+        if c.name == "ftruncate"
+        and c.ok
+        and c.fd_path == tmp
+        and c.start > last_write
+        and c.end < rename.start
+    ]:
+        problems.append(f"{mid}: the reused {what} {tmp} was not cut to its length")
     return problems
 
 
@@ -350,15 +406,43 @@ MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
     ),
 }
 
+# Mutants of the pool of removed files (spoold.store.pool), each caught
+# when the adds reuse its files.
+_TAKE = "        return ready.pop() if ready else None\n"
+_CUT = "                os.ftruncate(fd, size)  # nothing of the old content past the new end\n"
+POOL_MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
+    "a claimed file written before a syncfs": (
+        "syncfs",
+        "pool.py",
+        [
+            (
+                _TAKE,
+                "        self.claim(1)\n"
+                "        claimed = self._kinds[kind].claimed\n"
+                "        return claimed.pop() if claimed else None\n",
+            )
+        ],
+        "was written before a syncfs that followed its claim",
+    ),
+    "a reused file not cut to its length": (
+        "syncfs",
+        "directory.py",
+        [(_CUT, "                pass  # mutant\n")],
+        "was not cut to its length",
+    ),
+}
+POOLED = 4  # messages delivered (their files pooled) before the traced adds
+
 
 def mutated_package(where: Path, mutant: str) -> Path:
     """A copy of the spoold package under ``where`` whose store module has
-    ``mutant`` applied; returns the directory to put first on PYTHONPATH."""
+    ``mutant`` (of :data:`MUTANTS` or :data:`POOL_MUTANTS`) applied;
+    returns the directory to put first on PYTHONPATH."""
     overlay = where / "overlay"
     shutil.copytree(
         PROJECT / "spoold", overlay / "spoold", ignore=shutil.ignore_patterns("__pycache__")
     )
-    _mode, module, changes, _says = MUTANTS[mutant]
+    _mode, module, changes, _says = {**MUTANTS, **POOL_MUTANTS}[mutant]
     store = overlay / "spoold" / "store" / module
     source = store.read_text()
     for original, replacement in changes:
@@ -389,12 +473,15 @@ def _strace(log: Path, *command: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_api_child(work: Path, python_path: Path, count: int, sync: str) -> tuple[list[Call], Path]:
-    """Trace the child that adds ``count`` messages; its calls and spool."""
+def run_api_child(
+    work: Path, python_path: Path, count: int, sync: str, pooled: int = 0
+) -> tuple[list[Call], Path]:
+    """Trace the child that adds ``count`` messages (after delivering
+    ``pooled`` ones); its calls and spool."""
     spool = work / "spool"
     log = work / "api.strace"
     done = subprocess.run(
-        _strace(log, sys.executable, str(CHILD), str(spool), str(count), sync),
+        _strace(log, sys.executable, str(CHILD), str(spool), str(count), sync, str(pooled)),
         cwd=work,
         env=_env(python_path),
         capture_output=True,
@@ -591,6 +678,42 @@ def test_a_store_without_one_of_its_syncs_is_caught(tmp_path: Path, mutant: str,
     for mid in acks:  # every acknowledged message is reported, for the right reason
         mine = [p for p in problems if p.startswith(f"{mid}: ")]
         assert any(MUTANTS[mutant][3] in p for p in mine), (mid, problems)
+
+
+def _reused(calls: list[Call], root: Path) -> int:
+    """How many files the trace claims from the pool."""
+    pool = f"{os.path.realpath(root)}/tmp/pool."
+    return sum(
+        1
+        for c in calls
+        if c.name.startswith("rename")
+        and c.ok
+        and c.strings()[:1]
+        and c.strings()[0].startswith(pool)
+    )
+
+
+@needs_strace
+def test_adds_into_files_of_the_pool_are_written_after_a_syncfs_and_cut(tmp_path: Path) -> None:
+    calls, spool = run_api_child(tmp_path, PROJECT, API_MESSAGES, "syncfs", pooled=POOLED)
+    acks = api_acks(calls)
+    assert len(acks) == API_MESSAGES
+    assert _reused(calls, spool) == 2 * POOLED
+    assert durability_problems(calls, spool, acks) == []
+
+
+@needs_strace
+@pytest.mark.parametrize("mutant", list(POOL_MUTANTS))
+def test_a_pool_that_writes_too_soon_or_leaves_old_bytes_is_caught(
+    tmp_path: Path, mutant: str
+) -> None:
+    overlay = mutated_package(tmp_path, mutant)
+    calls, spool = run_api_child(tmp_path, overlay, API_MESSAGES, "syncfs", pooled=POOLED)
+    acks = api_acks(calls)
+    assert len(acks) == API_MESSAGES
+    problems = durability_problems(calls, spool, acks)
+    assert problems, f"the checker missed the mutant {mutant!r}"
+    assert all(POOL_MUTANTS[mutant][3] in p for p in problems), problems
 
 
 def test_the_checker_reads_cut_calls_and_wants_each_step_in_order() -> None:

@@ -95,6 +95,7 @@ LIBRARY_ROWS: list[list[str]] = [
         "store",
         "store.store",
         "store.directory",
+        "store.pool",
         "store.commit",
         "store.hops",
         "store.batching",

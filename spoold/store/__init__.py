@@ -10,6 +10,8 @@ Layout of a store directory::
     .registry/.writer.PID.N   that pid, written once per writer process:
                       each entry is a hard link to it (see below)
     tmp/              staging: PID.NAME.KIND.RANDOM, never read back
+    tmp/pool.PID.N.KIND   a removed record or body kept to be written again by a
+                      group commit (``tmp/PID.reuse.N`` once a writer claimed it)
     data/NAME         the entry's body (opaque bytes)
     QUEUE/NAME        the entry's record (opaque bytes), one directory per queue
     QUEUE/.checkout/NAME   a record a worker has checked out of QUEUE
@@ -27,11 +29,15 @@ Invariants:
   queue last: the record's rename is the commit point. A crash before it
   leaves a body and a registry entry with no record; recovery removes those
   when the process that wrote them is gone (it never acknowledged them).
-* ``delete`` unlinks the registry entry, then the record (the commit
-  point), then the body. It is the one change that is not fsynced: after a
-  power loss a deleted entry may come back (a delivered message is then sent
-  again: at least once, never lost), which saves a delivery three directory
-  fsyncs.
+* ``delete`` unlinks the registry entry, then removes the record (the
+  commit point), then the body. It is the one change that is not fsynced:
+  after a power loss a deleted entry may come back (a delivered message is
+  then sent again: at least once, never lost), which saves a delivery three
+  directory fsyncs. The record and body are renamed into the pool
+  (``tmp/pool.*``) rather than unlinked while it has room: a group commit
+  writes into them again, but only after a ``syncfs`` that followed its
+  claim of them, so a deleted entry that comes back after a power loss
+  comes back with its own content (:mod:`spoold.store.pool`).
 * A checked-out record belongs to its queue: recovery renames it back,
   except in the queues the owner asks to keep (``keep_checkouts``): those
   stay checked out, reported, for the owner to settle (rewrite, then move

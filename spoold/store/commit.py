@@ -12,7 +12,10 @@ durable before the call returns (:data:`~spoold.store.records.SyncMode`):
   for at the same moment go in one hop (:class:`~spoold.store.batching.Batches`);
   their files are written unsynced, the filesystem synced once (the content
   is durable), every rename made, and the filesystem synced again (the
-  renames are).
+  renames are). Their files are taken from the pool of removed files when
+  it has some ready (:mod:`spoold.store.pool`, which says why that is as
+  durable), and files are claimed there for the next batches before the
+  first sync.
 
 Free space is checked before anything is written (``min_free_bytes``, which
 may change while the store is open). A call that fails removes everything
@@ -32,6 +35,7 @@ from spoold.errors import InsufficientStorageError, StoreError
 from spoold.store.batching import Batches
 from spoold.store.directory import StoreDirectory, unlink_quiet
 from spoold.store.hops import WorkerHops
+from spoold.store.pool import FilePool
 from spoold.store.records import NewEntry
 from spoold.store.registry import Registry
 from spoold.times import format_size
@@ -62,8 +66,10 @@ class Committer:
         registry: Registry,
         hops: WorkerHops,
         min_free_bytes: int,
+        pool: FilePool,
     ) -> None:
         self._dir = directory
+        self._pool = pool
         self._registry = registry
         self._hops = hops
         self.min_free_bytes = min_free_bytes
@@ -107,8 +113,12 @@ class Committer:
         if not staged:
             return
         try:
+            # Files for the next batches: written only after this syncfs
+            # (see the pool's durability argument).
+            claimed = self._pool.claim(sum(len(job.entries) for job, *_ in staged))
             d.step("sync_data")
             d.syncfs()
+            self._pool.synced(claimed)
             for _job, _names, written, moves in staged:
                 self._move_into_place(moves, written)
             d.step("fsync_dirs")
@@ -171,10 +181,13 @@ class Committer:
         for name, e in zip(names, entries, strict=True):
             d.step("write_body")
             prefix = e.make_prefix(name) if e.make_prefix is not None else b""
-            body_tmp = d.write_tmp(name, "body", e.body, prefix, sync=sync)
+            reuse = None if sync else self._pool.take("body")
+            body_tmp = d.write_tmp(name, "body", e.body, prefix, sync=sync, reuse=reuse)
             written.append(body_tmp)
             d.step("write_record")
-            record_tmp = d.write_tmp(name, "record", e.make_record(name, names), sync=sync)
+            reuse = None if sync else self._pool.take("record")
+            record = e.make_record(name, names)
+            record_tmp = d.write_tmp(name, "record", record, sync=sync, reuse=reuse)
             written.append(record_tmp)
             moves.append((name, e.queue, body_tmp, record_tmp))
         return moves

@@ -43,6 +43,7 @@ REASONS = ".reasons"
 DIR_MODE = 0o750
 FILE_MODE = 0o640
 OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_REUSE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _first = operator.itemgetter(0)
@@ -224,21 +225,37 @@ class StoreDirectory:
         return st.f_bavail * st.f_frsize
 
     def write_tmp(
-        self, name: str, kind: str, data: bytes, prefix: bytes = b"", *, sync: bool = True
+        self,
+        name: str,
+        kind: str,
+        data: bytes,
+        prefix: bytes = b"",
+        *,
+        sync: bool = True,
+        reuse: str | None = None,
     ) -> str:
-        # Unique without randomness: the name is this process's, the count too.
-        path = f"{self.tmp}/{self.pid}.{name}.{kind}.{next(self._tmp_count)}"
-        fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+        """Write ``prefix + data`` to a new file under ``tmp/``, or over the
+        file ``reuse`` (a file of the pool, ready to be written: see
+        :mod:`spoold.store.pool`), cut to the new length; its path."""
+        if reuse is None:
+            # Unique without randomness: the name is this process's, the count too.
+            path = f"{self.tmp}/{self.pid}.{name}.{kind}.{next(self._tmp_count)}"
+            fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+        else:
+            path = reuse
+            fd = os.open(path, _REUSE_FLAGS)
         try:
             # One writev for the trace header and the body (more only after
             # a short write: then what is left, as views, nothing copied).
             parts: list[bytes | memoryview] = [prefix, data] if prefix else [data]
-            left = len(prefix) + len(data)
+            size = left = len(prefix) + len(data)
             while left:
                 done = os.writev(fd, parts)
                 left -= done
                 if left:
                     parts = _after(parts, done)
+            if reuse is not None:
+                os.ftruncate(fd, size)  # nothing of the old content past the new end
             if sync:
                 os.fsync(fd)
         except BaseException:

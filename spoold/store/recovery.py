@@ -3,7 +3,8 @@
 :func:`recover_sync` runs once, when the owner opens the store (it holds the
 lock): checked-out records go back to their queues (but in the queues the
 owner keeps checked out, where they are only reported), files left in
-``tmp/`` by dead writers are removed, bodies and registry entries with no
+``tmp/`` by dead writers are removed (the pool of removed files,
+``tmp/pool.*``, is kept: :mod:`spoold.store.pool`), bodies and registry entries with no
 record are removed once their writer is gone (it never acknowledged them),
 and so are the ``.writer`` files of dead writers. A duplicate (one name in
 a queue and in its checkout) is left for the check to report. The
@@ -22,6 +23,7 @@ import time
 
 from spoold.ids import is_valid_id
 from spoold.store.directory import CHECKOUT, REASONS, StoreDirectory, unlink_quiet
+from spoold.store.pool import POOL_PREFIX, claimed_pid
 from spoold.store.records import Problem, RecoveryReport
 from spoold.store.registry import Registry, pid_alive
 
@@ -55,6 +57,8 @@ def recover_sync(
     with os.scandir(d.tmp) as it:
         tmp_names = [e.name for e in it]
     for tmp_name in tmp_names:
+        if tmp_name.startswith(POOL_PREFIX):
+            continue  # the pool of removed files: nobody's, kept for reuse
         pid_text = tmp_name.split(".", 1)[0]
         if pid_text.isdigit() and int(pid_text) != d.pid and pid_alive(int(pid_text)):
             continue  # a live writer's work in progress
@@ -141,7 +145,7 @@ def check_sync(d: StoreDirectory, registry: Registry, max_age: float) -> list[Pr
             problems.append(Problem("orphan_registry", name, path, "registry entry, no record"))
     with os.scandir(d.tmp) as it:
         for e in it:
-            if old(e.path):
+            if old(e.path) and not _pool_file(e.name):
                 problems.append(Problem("stale_tmp", e.name, e.path, "left in tmp/"))
     for u in sorted(d.unusable):
         problems.append(Problem("unusable_dir", os.path.basename(u), u, d.unusable_text(u)))
@@ -157,6 +161,15 @@ def check_sync(d: StoreDirectory, registry: Registry, max_age: float) -> list[Pr
                     if not is_valid_id(e.name) or e.is_dir():
                         problems.append(Problem("stray_file", e.name, e.path, "not a record name"))
     return problems
+
+
+def _pool_file(tmp_name: str) -> bool:
+    """A file of the pool, or one a live writer claimed from it: however
+    old, not a leftover."""
+    if tmp_name.startswith(POOL_PREFIX):
+        return True
+    pid = claimed_pid(tmp_name)
+    return pid is not None and pid_alive(pid)
 
 
 def _has_record(d: StoreDirectory, name: str) -> bool:

@@ -27,6 +27,7 @@ from spoold.ids import validate_id
 from spoold.store.commit import Committer
 from spoold.store.directory import REASONS, StoreDirectory, unlink_quiet
 from spoold.store.hops import WorkerHops, grouped_hop, one_hop
+from spoold.store.pool import FilePool
 from spoold.store.records import (
     NewEntry,
     Problem,
@@ -67,7 +68,15 @@ class Store:
         self._registry = Registry(self._dir.registry, self._dir.pid)
         self._wakeup = Wakeup(f"{root}/wakeup")
         self._hops = WorkerHops(root, max_threads)
-        self._committer = Committer(self._dir, self._registry, self._hops, min_free_bytes)
+        self._pool = FilePool(
+            self._dir.tmp,
+            self._dir.pid,
+            wanted=lambda: self.sync == "syncfs",
+            min_free=lambda: self._committer.min_free_bytes,
+        )
+        self._committer = Committer(
+            self._dir, self._registry, self._hops, min_free_bytes, self._pool
+        )
 
     @property
     def min_free_bytes(self) -> int:
@@ -173,6 +182,7 @@ class Store:
 
     def _close_sync(self) -> None:
         self._hops.stop_sync()
+        self._pool.close_sync()
         self._registry.close_sync()
         self._wakeup.close_sync()
         self._dir.close_sync()
@@ -526,15 +536,20 @@ class Store:
         # crash below must read as nobody's (recovery then removes it).
         d.step("unlink_registry")
         unlink_quiet(f"{d.registry}/{name}")
+        # The record and the body go into the pool of files for the next
+        # commits to write again (or are unlinked when it is full): see
+        # spoold.store.pool, which says why that is as safe as an unlink.
         try:
             d.step("unlink_record")
-            os.unlink(f"{qd}/{name}")
+            self._pool.put(f"{qd}/{name}", "record")
         except FileNotFoundError:
             raise NotFoundError(f"{name}: not in queue {queue}") from None
         d.step("unlink_body")
-        unlink_quiet(f"{d.data}/{name}")
+        body = f"{d.data}/{name}"
+        with contextlib.suppress(FileNotFoundError):
+            self._pool.put(body, "body", os.stat(body).st_size)
         # Not fsynced, on purpose: if the power fails before the kernel writes
-        # these unlinks, the entry comes back and (a delivered message) is sent
+        # these removals, the entry comes back and (a delivered message) is sent
         # again; at least once, never lost. Fsyncing three directories per
         # delivery would double what a message costs the disk.
         d.step("done")
