@@ -533,7 +533,9 @@ class SmtpListener:
             await self._measure_free_space()
 
     async def deliver(self, delivery: Delivery) -> str:
-        """Spool one message; the reply for the client."""
+        """Spool one message; the reply for the client. ``delivery`` comes
+        from a session: its wire holds no end-of-data line (not searched
+        again)."""
         derived = self._current()
         peer = delivery.peer
         origin = Origin(delivery.protocol, delivery.helo, peer)
@@ -549,7 +551,9 @@ class SmtpListener:
                 policy=derived.line_endings,
                 mail_params=delivery.mail_params,
                 idempotency_key=key,
-                cut_at_end=True,  # the session cut it at the first end-of-data line
+                # The session cut it at the first end-of-data line: it holds
+                # none (see Delivery.wire; pinned by test_smtp_server.py).
+                cut_at_end=True,
             )
         except RecipientSuppressedError:
             # Suppressed after its RCPT was taken: a retry gets 550 for that
