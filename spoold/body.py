@@ -106,13 +106,7 @@ class Body:
         return cls(_STUFF.sub(b"..", content))
 
     @classmethod
-    def from_wire(
-        cls,
-        wire: bytes,
-        policy: LineEndingPolicy = LineEndingPolicy.REJECT,
-        *,
-        cut_at_end: bool = False,
-    ) -> Body:
+    def from_wire(cls, wire: bytes, policy: LineEndingPolicy = LineEndingPolicy.REJECT) -> Body:
         """Take bytes received in wire form (what an SMTP client sent between
         DATA and the final ``.`` line, already dot-stuffed by it). Without a
         bare CR or LF they are kept as they are, with no copy. ``REJECT``
@@ -120,11 +114,18 @@ class Body:
         (lines are CRLF-delimited), then encodes as :meth:`from_content`
         does: a line that only normalisation starts gets its dot stuffed, so
         no ``CRLF . CRLF`` can appear that the client did not send. Raises
-        ValueError for bytes that hold the end-of-data line itself; with
-        ``cut_at_end`` the caller vouches that they hold none (an SMTP
-        session cuts them at the first), and they are not searched again."""
-        if not cut_at_end and (wire.startswith(b".\r\n") or b"\r\n.\r\n" in wire):
+        ValueError for bytes that hold the end-of-data line itself."""
+        if wire.startswith(b".\r\n") or b"\r\n.\r\n" in wire:
             raise ValueError("not in wire form: the bytes hold an end-of-data line")
+        return cls._from_cut_wire(wire, policy)
+
+    @classmethod
+    def _from_cut_wire(cls, wire: bytes, policy: LineEndingPolicy) -> Body:
+        """:meth:`from_wire` without its search for an end-of-data line: only
+        for bytes an SMTP session cut at the first one (the daemon's
+        ``Submitter.submit_wire`` when the listener vouches). Bytes that
+        held one would end the message early at the next hop and send the
+        rest as commands (SMTP smuggling): not for anything else."""
         if find_bare_line_ending(wire) < 0:
             if wire and not wire.endswith(b"\r\n"):
                 wire += b"\r\n"  # not from SMTP (which cannot send that); keep it whole

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -311,9 +312,19 @@ def test_normalized_wire_never_holds_a_lone_dot_line(probe: bytes, wire: bytes) 
 
 
 @pytest.mark.parametrize("wire", [b".\r\n", b"a\r\n.\r\n", b"a\r\n.\r\nb\r\n"])
-def test_wire_holding_the_end_of_data_line_is_refused(wire: bytes) -> None:
+@pytest.mark.parametrize("policy", list(LineEndingPolicy))
+def test_wire_holding_the_end_of_data_line_is_refused(
+    wire: bytes, policy: LineEndingPolicy
+) -> None:
     with pytest.raises(ValueError, match="end-of-data"):
-        Body.from_wire(wire, NORMALIZE)
+        Body.from_wire(wire, policy)
+
+
+def test_the_public_way_in_always_looks_for_the_end_of_data_line() -> None:
+    """No keyword of the public API skips the one check that a body holds
+    no end-of-data line (SMTP smuggling at the next hop): the session's
+    fast way in is private."""
+    assert list(inspect.signature(Body.from_wire).parameters) == ["wire", "policy"]
 
 
 # ------------------------------------------------------------ email objects
@@ -510,11 +521,11 @@ def test_a_bare_line_ending_is_found_where_the_pattern_finds_it(
 
 @given(st.binary(max_size=300))
 def test_wire_cut_at_its_end_is_taken_as_without_the_promise(content: bytes) -> None:
-    """``cut_at_end`` only skips the search for an end-of-data line the
+    """``_from_cut_wire`` only skips the search for an end-of-data line the
     caller vouches is not there: the same body, or the same refusal."""
     wire = Body.from_content(content, LineEndingPolicy.NORMALIZE).wire
     for policy in LineEndingPolicy:
-        assert Body.from_wire(wire, policy, cut_at_end=True) == Body.from_wire(wire, policy)
+        assert Body._from_cut_wire(wire, policy) == Body.from_wire(wire, policy)
     bare = wire + b"x\ny\r\n"
     with pytest.raises(BareLineEndingError):
-        Body.from_wire(bare, LineEndingPolicy.REJECT, cut_at_end=True)
+        Body._from_cut_wire(bare, LineEndingPolicy.REJECT)

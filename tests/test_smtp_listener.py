@@ -39,7 +39,7 @@ from anyio.streams.tls import TLSStream
 from spoold.daemon import logs
 from spoold.daemon.config import parse_config
 from spoold.daemon.ingest import Submitter
-from spoold.daemon.listener import SmtpListener, listener_settings
+from spoold.daemon.listener import _IDLE_FLOOR, SmtpListener, listener_settings
 from spoold.daemon.mx import MxResolver
 from spoold.daemon.routing import Router
 from spoold.errors import MxError, SpooldError
@@ -903,6 +903,122 @@ async def test_work_after_work_runs_on_the_parked_runner_and_a_stop_ends_it(
         await anyio.wait_all_tasks_blocked()
         assert sorted(ran[-2:]) == [5, 6]
         assert len(asyncio.all_tasks()) == tasks + 1  # both parked
+
+
+async def test_after_a_burst_of_work_only_a_few_runners_stay_parked(tmp_path: Path) -> None:
+    """Work outlives its connection (a failed AUTH's delay, a commit nobody
+    waits for), so a burst may take many runners at once; once it is over,
+    those past about one per open session end (none open here: the floor)."""
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served:
+            listener = served.listener
+            await anyio.wait_all_tasks_blocked()
+            tasks = len(asyncio.all_tasks())
+            release = anyio.Event()
+            ran: list[int] = []
+
+            async def held(n: int) -> None:
+                await release.wait()
+                ran.append(n)
+
+            burst = 3 * _IDLE_FLOOR
+            for n in range(burst):
+                listener.spawn(functools.partial(held, n))
+            await anyio.wait_all_tasks_blocked()
+            assert len(asyncio.all_tasks()) == tasks + burst
+            release.set()
+            await anyio.wait_all_tasks_blocked()
+            assert sorted(ran) == list(range(burst))
+            assert len(asyncio.all_tasks()) == tasks + _IDLE_FLOOR  # the rest ended
+
+
+async def test_a_runner_cancelled_as_work_is_handed_to_it_leaves_none_counted(
+    tmp_path: Path,
+) -> None:
+    """asyncio itself cancels a parked runner (not through its scope) after
+    work was handed to it, before it resumed: that work never runs, and a
+    stop does not wait for it."""
+    port = free_port()
+    config = make_config(tmp_path, port)
+    assert config.smtp is not None
+    smtp_config = config.smtp
+    async with Spool.open(
+        config.spool.dir, relay=HeldRelay(), flush_timeout=0.1, ping_interval=10.0**9
+    ) as spool:
+        router = Router(config)
+        listener = SmtpListener(Submitter(spool, lambda: router), lambda: smtp_config)
+        ran: list[str] = []
+        runners: list[asyncio.Task[Any] | None] = []
+
+        async def first() -> None:
+            ran.append("first")
+            runners.append(asyncio.current_task())
+
+        async def second() -> None:
+            ran.append("second")
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                await tg.start(functools.partial(listener.serve, drain_timeout=TIMEOUT))
+                listener.spawn(first)
+                await anyio.wait_all_tasks_blocked()
+                (runner,) = runners
+                assert runner is not None
+                listener.spawn(second)  # to the parked runner...
+                runner.cancel()  # ...cancelled before it resumed
+                await anyio.wait_all_tasks_blocked()
+                assert runner.cancelled()
+                assert ran == ["first"]
+                counted = listener._working
+                listener._working = 0  # (else the end below would wait for ever if wrong)
+                listener.stop()  # serve() returns: the group ends
+        assert counted == 0  # nothing under way is left counted
+
+
+@pytest.mark.parametrize("runner", ["parked", "new"])
+async def test_a_delivery_handed_over_as_the_listener_ends_spools_nothing(
+    tmp_path: Path, runner: str
+) -> None:
+    """The end comes in the turn the session hands its delivery over (to a
+    parked runner or a new one): the client has its 421 (or the connection
+    closes) and the delivery is cancelled at its first wait: nothing is
+    spooled, so the client's retry makes no second copy. serve() returns."""
+    port = free_port()
+    config = make_config(tmp_path, port)
+    assert config.smtp is not None
+    smtp_config = config.smtp
+    async with Spool.open(
+        config.spool.dir, relay=HeldRelay(), flush_timeout=0.1, ping_interval=10.0**9
+    ) as spool:
+        router = Router(config)
+        listener = SmtpListener(Submitter(spool, lambda: router), lambda: smtp_config)
+
+        async def nothing() -> None:
+            pass
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                await tg.start(listener.serve)
+                if runner == "parked":
+                    listener.spawn(nothing)
+                    await anyio.wait_all_tasks_blocked()
+                async with raw_smtp(port) as c:
+                    await c.command(f"MAIL FROM:<{SENDER}>")
+                    await c.command(f"RCPT TO:<{RCPT}>")
+                    await c.command("DATA")
+                    hand_over = listener.spawn
+
+                    def spawn_as_it_ends(work: Callable[[], Any]) -> None:
+                        hand_over(work)
+                        listener._cut_work()  # the end, in the same turn
+
+                    listener.spawn = spawn_as_it_ends  # type: ignore[method-assign]
+                    await c.send(MESSAGE + b".\r\n")
+                    reply = await c.rest()
+                tg.cancel_scope.cancel()  # serve() ends
+        assert reply == b"" or reply.startswith(b"421 4.3.2 "), reply
+        assert spool.status() == []
+    assert not [f for f in _on_disk(Path(config.spool.dir)) if not f.startswith(".registry")]
 
 
 async def test_a_bug_in_work_on_a_parked_runner_ends_serve_with_it(tmp_path: Path) -> None:

@@ -20,9 +20,10 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spoold.body import Body, LineEndingPolicy
 from spoold.daemon.smtp_server import (
     Delivery,
     SessionPolicy,
@@ -330,6 +331,63 @@ async def test_a_large_message_is_taken_whole_however_the_reads_split_it(
         )
         assert [d.wire for d in host.deliveries] == [wire, second]
         assert codes(b"".join(transport.writes)).count("250") == 1 + 3 * 2 + 1  # EHLO, 2x3, NOOP
+
+
+# Pieces of message bodies: line ends whole and bare, dots alone and after
+# line ends, end-of-data lines whole and near-miss, and commands.
+_BODY_PIECES = [
+    b"\r\n", b".", b"..", b"\r", b"\n", b"x", b"Subject: s\r\n",
+    b"\r\n.\r\n", b".\r\n", b"\r\n.", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\n.\n",
+    _ENVELOPE, b"NOOP\r\n", b"RSET\r\n",
+]  # fmt: skip
+
+
+async def _deliveries_of(stream: bytes, reads: list[int]) -> list[Delivery]:
+    """What a session delivers of ``stream`` read in pieces of the sizes
+    ``reads`` (over and over); after an odd one, the loop runs a turn."""
+    async with session() as (smtp, _transport, host):
+        at = 0
+        for size in itertools.cycle(reads):
+            if at >= len(stream):
+                break
+            smtp.data_received(stream[at : at + size])
+            at += size
+            if size % 2:
+                await anyio.sleep(0)
+        await anyio.wait_all_tasks_blocked()
+        return host.deliveries
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from(_BODY_PIECES), max_size=30), min_size=1, max_size=4),
+    st.lists(st.integers(1, 40), min_size=1, max_size=12),
+)
+def test_a_delivered_wire_never_holds_an_end_of_data_line(
+    bodies: list[list[bytes]], reads: list[int]
+) -> None:
+    """The listener takes a delivery's wire without searching it for an
+    end-of-data line again (the session cut it at the first): whatever the
+    client sends and however the reads split it (a CRLF, a dot line), no
+    wire holds one, and it is taken as the search would take it."""
+    stream = b"EHLO c\r\n"
+    stream += b"".join(_ENVELOPE + b"".join(body) + b"\r\n.\r\n" for body in bodies)
+    deliveries = anyio.run(_deliveries_of, stream, reads)
+    assert deliveries  # (the first message at least)
+    for delivery in deliveries:
+        wire = delivery.wire
+        assert not wire.startswith(b".\r\n"), wire
+        assert b"\r\n.\r\n" not in wire, wire
+        for line_endings in LineEndingPolicy:
+            try:
+                searched: Body | str = Body.from_wire(wire, line_endings)
+            except ValueError as exc:  # (a bare CR or LF under REJECT)
+                searched = str(exc)
+            try:
+                cut: Body | str = Body._from_cut_wire(wire, line_endings)
+            except ValueError as exc:
+                cut = str(exc)
+            assert cut == searched
 
 
 async def test_a_message_at_exactly_a_read_long_is_taken() -> None:

@@ -268,11 +268,16 @@ class Submitter:
         """Spool one submission given in wire form (what an SMTP client sent
         between DATA and the final ``.`` line); return the new message ids.
         The bytes go to disk as they came, after our trace headers.
-        ``cut_at_end``: as for :meth:`Body.from_wire <spoold.body.Body.from_wire>`."""
+        ``cut_at_end``: the caller vouches that ``wire`` holds no
+        end-of-data line (an SMTP session's :attr:`Delivery.wire
+        <spoold.daemon.smtp_server.Delivery.wire>`, cut at the first), and
+        it is not searched for one again; else :meth:`Body.from_wire
+        <spoold.body.Body.from_wire>` refuses one (ValueError)."""
+        take = Body._from_cut_wire if cut_at_end else Body.from_wire
         return await self._spool(
             sender,
             recipients,
-            Body.from_wire(wire, policy, cut_at_end=cut_at_end),
+            take(wire, policy),
             origin,
             mail_params,
             envelope_id,

@@ -122,6 +122,8 @@ _BACKLOG = 1024
 FREE_SPACE_INTERVAL = 1.0
 """Seconds between two measurements of the spool's free space (for MAIL)."""
 _NO_SPACE = b"452 4.3.1 Insufficient system storage, try again later\r\n"
+_IDLE_FLOOR = 8
+"""Runners kept parked however few sessions are open (see ``_run_work``)."""
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -247,9 +249,10 @@ class SmtpListener:
         # the store's shielded waits let a commit finish): work runs in
         # runner tasks, each in its own cancel scope (``_scopes``), cancelled
         # at the end; the holder ends through ``_release`` once no work is
-        # left. A runner whose work is done parks (``_idle``) and takes the
-        # next piece of work handed to it: no task and no cancel scope made
-        # per message (an anyio scope alone was ~40k instructions a message).
+        # left. A runner whose work is done parks (``_idle``; about one per
+        # open session at most) and takes the next piece of work handed to
+        # it: no task and no cancel scope made per message (an anyio scope
+        # alone was ~40k instructions a message).
         self._work: asyncio.TaskGroup | None = None
         self._scopes: set[anyio.CancelScope] = set()
         self._idle: list[asyncio.Future[_Work]] = []  # parked runners' next work
@@ -368,9 +371,17 @@ class SmtpListener:
 
     async def _run_work(self, work: _Work) -> None:
         """Run ``work``, then each piece of work handed to this runner while
-        it is parked, until the listener ends (its scope is cancelled)."""
+        it is parked, until the listener ends (its scope is cancelled) or
+        enough runners are parked already.
+
+        One task runs the work of many sessions, one after another: work
+        must not set context variables (``bind_contextvars``, a
+        ``ContextVar``) or leave anything on its task (an ``uncancel``
+        count...), or the next session's work would inherit it."""
         scope = anyio.CancelScope()  # cancelled by _end_work; honours shields
         self._scopes.add(scope)
+        if self._closing:  # handed over before the end, started after it
+            scope.cancel()  # (as a parked runner's is): cancelled at its first wait
         loop = asyncio.get_running_loop()
         try:
             with scope:
@@ -380,18 +391,34 @@ class SmtpListener:
                     except Exception as exc:  # noqa: BLE001 (a bug: serve() raises it)
                         self._fail(exc)
                     finally:
-                        self._working -= 1
-                        if self._working == 0 and self._all_done is not None:
-                            self._all_done.set()
-                            self._all_done = None
+                        self._work_ended()
                     del work  # (not held while parked)
-                    if self._closing:
+                    # Work outlives its connection (a failed AUTH's delay, a
+                    # commit nobody waits for): past a burst, the runners
+                    # beyond about one per open session end, and memory
+                    # returns.
+                    idle = self._idle
+                    if self._closing or len(idle) >= max(self.connections, _IDLE_FLOOR):
                         return
                     parked: asyncio.Future[_Work] = loop.create_future()
-                    self._idle.append(parked)
-                    work = await parked
+                    idle.append(parked)
+                    try:
+                        work = await parked
+                    except BaseException:
+                        # Cancelled by asyncio itself (not through our scope)
+                        # after work was handed over: it never runs.
+                        if parked.done() and not parked.cancelled():
+                            self._work_ended()
+                        raise
         finally:
             self._scopes.discard(scope)
+
+    def _work_ended(self) -> None:
+        """A piece of work counted by :meth:`spawn` is over (or never ran)."""
+        self._working -= 1
+        if self._working == 0 and self._all_done is not None:
+            self._all_done.set()
+            self._all_done = None
 
     async def _no_work(self) -> None:
         """Return once no work is under way."""
@@ -414,14 +441,21 @@ class SmtpListener:
         scope: a commit under way finishes first) and wait for it; then let
         the holder end the task group. Run shielded."""
         try:
-            self._closing = True
-            for session in list(self._sessions):
-                session.shutdown()
-            for scope in self._scopes:
-                scope.cancel()
+            self._cut_work()
             await self._no_work()
         finally:
             self._release.set()
+
+    def _cut_work(self) -> None:
+        """The end up to its wait: no new work, every session closed, the
+        work left cancelled. Work handed to a runner in the same turn is
+        cancelled at its first wait, before anything of it is spooled (its
+        client has its 421 already)."""
+        self._closing = True
+        for session in list(self._sessions):
+            session.shutdown()
+        for scope in self._scopes:
+            scope.cancel()
 
     def auth_refused(self, peer: str) -> bool:
         return self._auth_log().refused(peer)
@@ -499,7 +533,9 @@ class SmtpListener:
             await self._measure_free_space()
 
     async def deliver(self, delivery: Delivery) -> str:
-        """Spool one message; the reply for the client."""
+        """Spool one message; the reply for the client. ``delivery`` comes
+        from a session: its wire holds no end-of-data line (not searched
+        again)."""
         derived = self._current()
         peer = delivery.peer
         origin = Origin(delivery.protocol, delivery.helo, peer)
@@ -515,7 +551,9 @@ class SmtpListener:
                 policy=derived.line_endings,
                 mail_params=delivery.mail_params,
                 idempotency_key=key,
-                cut_at_end=True,  # the session cut it at the first end-of-data line
+                # The session cut it at the first end-of-data line: it holds
+                # none (see Delivery.wire; pinned by test_smtp_server.py).
+                cut_at_end=True,
             )
         except RecipientSuppressedError:
             # Suppressed after its RCPT was taken: a retry gets 550 for that

@@ -151,7 +151,10 @@ class Delivery(NamedTuple):
     sender: str  # "" for the null sender <>
     recipients: tuple[str, ...]
     mail_params: tuple[str, ...]  # normalised: "BODY=8BITMIME", "SMTPUTF8"
-    wire: bytes  # CRLF lines, dot-stuffed, without the final "." line
+    # CRLF lines, dot-stuffed, cut at the first end-of-data line: never
+    # holds one (SmtpListener.deliver relies on it and does not search
+    # again; bytes holding one would be SMTP smuggling at the next hop).
+    wire: bytes
     helo: str  # as the client gave it (make it safe before use)
     protocol: str  # for Received: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA (RFC 3848)
     peer: str  # the client's IP address, "" when unknown
@@ -191,7 +194,8 @@ class SessionHost(Protocol):
         ...
 
     async def deliver(self, delivery: Delivery) -> str:
-        """Take a message; the reply line to send (250 only once durable)."""
+        """Take a message; the reply line to send (250 only once durable).
+        ``delivery.wire`` holds no end-of-data line (see :class:`Delivery`)."""
         ...
 
     def space_refusal(self, size: int | None) -> bytes | None:
