@@ -114,7 +114,8 @@ class Body:
         (lines are CRLF-delimited), then encodes as :meth:`from_content`
         does: a line that only normalisation starts gets its dot stuffed, so
         no ``CRLF . CRLF`` can appear that the client did not send. Raises
-        ValueError for bytes that hold the end-of-data line itself."""
+        ValueError for bytes that hold the end-of-data line itself, or that
+        would once their last line gets its CRLF (a lone ``.``)."""
         if wire.startswith(b".\r\n") or b"\r\n.\r\n" in wire:
             raise ValueError("not in wire form: the bytes hold an end-of-data line")
         return cls._from_cut_wire(wire, policy)
@@ -128,7 +129,11 @@ class Body:
         rest as commands (SMTP smuggling): not for anything else."""
         if find_bare_line_ending(wire) < 0:
             if wire and not wire.endswith(b"\r\n"):
-                wire += b"\r\n"  # not from SMTP (which cannot send that); keep it whole
+                # Not from SMTP (which cannot send that): keep the last line
+                # whole, unless that would make it the end-of-data line.
+                if wire == b"." or wire.endswith(b"\r\n."):
+                    raise ValueError("not in wire form: the last line is a lone '.'")
+                wire += b"\r\n"
             return cls(wire)
         content = _STUFFED_AFTER_CRLF.sub(b"", wire)
         return cls.from_content(content, policy)

@@ -289,6 +289,10 @@ def test_received_wire_without_bare_line_endings_is_kept_as_it_is(content: bytes
 @given(received_wire)
 def test_received_wire_with_bare_line_endings(wire: bytes) -> None:
     if not has_bare_line_ending(wire):
+        if wire == b"." or wire.endswith(b"\r\n."):  # would end the message
+            with pytest.raises(ValueError, match="lone"):
+                Body.from_wire(wire, REJECT)
+            return
         assert Body.from_wire(wire, REJECT).wire == with_final_crlf(wire)
         return
     with pytest.raises(BareLineEndingError):
@@ -325,6 +329,14 @@ def test_the_public_way_in_always_looks_for_the_end_of_data_line() -> None:
     no end-of-data line (SMTP smuggling at the next hop): the session's
     fast way in is private."""
     assert list(inspect.signature(Body.from_wire).parameters) == ["wire", "policy"]
+
+
+@pytest.mark.parametrize("wire", [b".", b"a\r\n.", b"a\r\nb\r\n."])
+def test_a_last_line_of_a_lone_dot_without_its_crlf_is_refused(wire: bytes) -> None:
+    # The CRLF that keeps an unterminated last line whole would turn it into
+    # the end-of-data line: refused like one, not taken.
+    with pytest.raises(ValueError, match="lone"):
+        Body.from_wire(wire)
 
 
 # ------------------------------------------------------------ email objects
