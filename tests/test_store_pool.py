@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import pytest
 
+from spoold import ondisk as ondisk_module
 from spoold.errors import InsufficientStorageError, NotFoundError, StoreError
 from spoold.message import Queue
 from spoold.ondisk import OnDiskSpool
@@ -313,28 +314,33 @@ async def test_a_failed_sync_drops_the_claimed_files(tmp_path: Path) -> None:
     await od.close()
 
 
-def _recycling_open(monkeypatch: pytest.MonkeyPatch, path: Path, other: bytes) -> None:
-    """Make the store's next ``open`` of ``path`` race a delete: once the
-    reader holds it, the file leaves its name (as into the pool) and is
-    written with ``other`` (as a later commit would)."""
+def _recycling_open(
+    monkeypatch: pytest.MonkeyPatch, module: object, path: Path, other: bytes
+) -> None:
+    """Make ``module``'s next ``open`` of ``path`` race a delete: once the
+    reader holds it, the file leaves its name (as into the pool: here out
+    of the spool) and is written with ``other`` (as a later commit would)."""
     real_open = open
+    away = path.parents[2] / f"recycled.{path.name}"
 
-    def racing_open(name: str, mode: str = "r") -> BinaryIO:
+    def racing_open(name: str | Path, mode: str = "r") -> BinaryIO:
         f = real_open(name, mode)
-        if name == str(path):
-            os.rename(path, path.with_name("recycled"))
-            path.with_name("recycled").write_bytes(other)
+        if str(name) == str(path):
+            os.rename(path, away)
+            away.write_bytes(other)
         return f  # type: ignore[return-value]
 
-    monkeypatch.setattr(store_module, "open", racing_open, raising=False)
+    monkeypatch.setattr(module, "open", racing_open, raising=False)
 
 
 async def test_a_body_deleted_and_written_again_while_read_is_not_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    root = tmp_path / "spool"
+    od, _ = await OnDiskSpool.open(root, sync="syncfs")
     (msg,) = await od.add([new_message()])
-    _recycling_open(monkeypatch, tmp_path / "data" / msg.id, b"Subject: other\r\n\r\nnot yours\r\n")
+    other = b"Subject: other\r\n\r\nnot yours\r\n"
+    _recycling_open(monkeypatch, store_module, root / "data" / msg.id, other)
     with pytest.raises(NotFoundError):
         await od.store.read_body(msg.id)
     monkeypatch.undo()
@@ -344,11 +350,27 @@ async def test_a_body_deleted_and_written_again_while_read_is_not_found(
 async def test_a_record_deleted_and_written_again_while_read_is_left_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    root = tmp_path / "spool"
+    od, _ = await OnDiskSpool.open(root, sync="syncfs")
     (msg, other) = await od.add([new_message(), new_message()])
-    other_record = (tmp_path / "active" / other.id).read_bytes()
-    _recycling_open(monkeypatch, tmp_path / "active" / msg.id, other_record)
+    other_record = (root / "active" / other.id).read_bytes()
+    _recycling_open(monkeypatch, store_module, root / "active" / msg.id, other_record)
     records = await od.store.read_queue(Queue.ACTIVE.value)
     assert [r.name for r in records] == [other.id]
+    monkeypatch.undo()
+    await od.close()
+
+
+async def test_the_check_finds_no_damage_in_a_body_deleted_while_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``spoold check`` beside a running daemon: a body whose message is
+    delivered while the check reads it is not reported as damaged."""
+    root = tmp_path / "spool"
+    od, _ = await OnDiskSpool.open(root, sync="syncfs")
+    (msg,) = await od.add([new_message()])
+    other = b"Subject: other\r\n\r\nnot yours\r\n"
+    _recycling_open(monkeypatch, ondisk_module, root / "data" / msg.id, other)
+    assert await od.check(max_age=0) == []
     monkeypatch.undo()
     await od.close()
