@@ -58,6 +58,7 @@ from spoold.store import (
     StoredRecord,
     SyncMode,
     Woken,
+    still_named,
 )
 
 __all__ = [
@@ -585,6 +586,8 @@ class OnDiskSpool:
                         while chunk := f.read(_CHECK_READ):
                             digest.update(chunk)
                             size += len(chunk)
+                        if not still_named(str(path), f.fileno()):
+                            continue  # deleted while read: its file may hold another's now
                     check.sizes(path, size)
                     check.digest(path, digest.hexdigest())
             except FileNotFoundError:

@@ -12,12 +12,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
+from spoold import ondisk as ondisk_module
+from spoold.errors import InsufficientStorageError, NotFoundError, StoreError
 from spoold.message import Queue
 from spoold.ondisk import OnDiskSpool
 from spoold.store import pool as pool_module
+from spoold.store import store as store_module
 from spoold.store.pool import POOL_FILE_SIZE, POOL_PREFIX, FilePool
 from tests.factories import new_message
 from tests.support import spool_files, without_pool
@@ -69,12 +73,16 @@ async def test_a_commit_writes_again_the_files_of_a_deleted_message(tmp_path: Pa
     assert without_pool(spool_files(tmp_path, "tmp")) == {}
 
 
-async def test_fsync_commits_never_write_into_pooled_files(tmp_path: Path) -> None:
-    inodes = await _pooled_spool(tmp_path)
+async def test_fsync_mode_removes_the_pool_at_open_and_keeps_none(tmp_path: Path) -> None:
+    """Nobody claims pool files in fsync mode: those of an earlier run in
+    syncfs mode are removed at open, and deletes unlink."""
+    await _pooled_spool(tmp_path)
     od, _ = await OnDiskSpool.open(tmp_path, sync="fsync")
+    assert _pool(tmp_path) == []
     added = [m for _ in range(3) for m in await od.add([new_message()])]
-    used = {_inode(tmp_path / d / m.id) for m in added for d in ("data", "active")}
-    assert not used & inodes
+    await od.store.delete(Queue.ACTIVE.value, added[0].id)
+    assert _pool(tmp_path) == []
+    assert all(OLD[20:60] not in content for content in spool_files(tmp_path).values())
     await od.close()
 
 
@@ -143,11 +151,11 @@ def test_the_pool_takes_files_up_to_its_bound_and_unlinks_the_rest(
     pool = FilePool(str(tmp_path), os.getpid())
     for n in range(5):
         (tmp_path / f"f{n}").write_bytes(b"x")
-        pool.put(str(tmp_path / f"f{n}"), "body", 1)
+        pool.put(str(tmp_path / f"f{n}"), "body", 1, 1)
         assert not (tmp_path / f"f{n}").exists()
     assert len(_pool(tmp_path, "")) == 3
     with pytest.raises(FileNotFoundError):
-        pool.put(str(tmp_path / "f0"), "record")
+        pool.put(str(tmp_path / "f0"), "record", 1, 1)
 
 
 async def test_no_pool_in_fsync_mode_or_short_of_room(tmp_path: Path) -> None:
@@ -192,5 +200,177 @@ def test_a_put_the_pool_cannot_take_is_an_unlink(
         raise OSError(errno.ENOSPC, "No space left on device", dst)
 
     monkeypatch.setattr(os, "rename", no_room)
-    pool.put(str(tmp_path / "f"), "body", 1)
+    pool.put(str(tmp_path / "f"), "body", 1, 1)
     assert os.listdir(tmp_path) == []
+
+
+async def _add_until_reused(od: OnDiskSpool, count: int = 20) -> list[str]:
+    """Add ``count`` messages (enough for every pooled file to be claimed
+    and written); their ids."""
+    return [
+        m.id
+        for n in range(count)
+        for m in await od.add([new_message(b"Subject: new %d\r\n\r\nanother message\r\n" % n)])
+    ]
+
+
+async def test_a_hard_linked_record_or_body_is_unlinked_not_pooled(tmp_path: Path) -> None:
+    """An operator's snapshot (``cp -al``) or ``ln`` keeps its content: a
+    file with another name never goes into the pool."""
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    root = tmp_path / "spool"
+    od, _ = await OnDiskSpool.open(root, sync="syncfs")
+    (old,) = await od.add([new_message(OLD)])
+    os.link(root / "data" / old.id, keep / "body")
+    os.link(root / "active" / old.id, keep / "record")
+    record = (keep / "record").read_bytes()
+    await od.store.delete(Queue.ACTIVE.value, old.id)
+    assert _pool(root) == []
+    await _add_until_reused(od)
+    assert (keep / "body").read_bytes() == OLD
+    assert (keep / "record").read_bytes() == record
+    await od.close()
+
+
+async def test_a_pooled_file_linked_since_is_not_written_again(tmp_path: Path) -> None:
+    """A link made to a file once in the pool (after its delete's check):
+    the writer sees it when it opens the file, drops it and creates a new
+    one; the add succeeds and the link keeps its content."""
+    inodes = await _pooled_spool(tmp_path)
+    linked = [tmp_path / f"linked.{n}" for n in range(2)]
+    for name, link in zip(_pool(tmp_path), linked, strict=True):
+        os.link(tmp_path / "tmp" / name, link)
+    before = [p.read_bytes() for p in linked]
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    ids = await _add_until_reused(od)
+    assert [p.read_bytes() for p in linked] == before
+    used = {_inode(tmp_path / d / i) for i in ids for d in ("data", "active")}
+    assert not used & inodes
+    assert without_pool(spool_files(tmp_path, "tmp")) == {}
+    await od.close()
+
+
+@pytest.mark.parametrize("fault", ["gone", "other_owner"])
+async def test_a_claimed_file_that_cannot_be_used_gives_a_new_file(
+    tmp_path: Path, fault: str
+) -> None:
+    """A claimed file removed, or owned by another user (a restore, a
+    writer run as another uid): the add never fails because of the pool."""
+    inodes = await _pooled_spool(tmp_path)
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    await od.add([new_message(b"Subject: a\r\n\r\nfirst\r\n")])  # claims them
+    claimed = [p for p in (tmp_path / "tmp").iterdir() if ".reuse." in p.name]
+    assert {_inode(p) for p in claimed} == inodes
+    for p in claimed:
+        if fault == "gone":
+            p.unlink()
+        else:
+            os.chown(p, os.geteuid() + 4242, -1)
+    (second,) = await od.add([new_message(b"Subject: b\r\n\r\nsecond\r\n")])
+    assert (await od.read_body(second.id)).content() == b"Subject: b\r\n\r\nsecond\r\n"
+    owners = {(tmp_path / d / second.id).stat().st_uid for d in ("data", "active")}
+    assert owners == {os.geteuid()}
+    assert without_pool(spool_files(tmp_path, "tmp")) == {}
+    assert await od.check(max_age=0) == []
+    await od.close()
+
+
+async def test_a_large_record_is_removed_not_pooled(tmp_path: Path) -> None:
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    many = [f"recipient{n:06d}@example.com" for n in range(POOL_FILE_SIZE // 20)]
+    (big,) = await od.add([new_message(recipients=many)])
+    assert (tmp_path / "active" / big.id).stat().st_size > POOL_FILE_SIZE
+    await od.store.delete(Queue.ACTIVE.value, big.id)
+    assert [n.rsplit(".", 1)[1] for n in _pool(tmp_path)] == ["body"]
+    await od.close()
+
+
+async def test_mail_refused_for_space_empties_the_pool(tmp_path: Path) -> None:
+    await _pooled_spool(tmp_path)
+    free = shutil.disk_usage(tmp_path).free
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs", min_free_bytes=free + 2**30)
+    with pytest.raises(InsufficientStorageError):
+        await od.add([new_message()])
+    assert _pool(tmp_path) == []
+    assert spool_files(tmp_path) == {}
+    await od.close()
+
+
+async def test_a_failed_sync_drops_the_claimed_files(tmp_path: Path) -> None:
+    """After a failed syncfs, files claimed are removed, never written: a
+    later syncfs that succeeds does not prove the deletes reached the disk."""
+    await _pooled_spool(tmp_path)
+
+    def fail_sync(step: str) -> None:
+        if step == "sync_data":
+            raise OSError(errno.EIO, "Input/output error")
+
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs", on_step=fail_sync)
+    with pytest.raises(StoreError):
+        await od.add([new_message()])
+    assert _pool(tmp_path) == []
+    assert spool_files(tmp_path, "tmp") == {}
+    await od.close()
+
+
+def _recycling_open(
+    monkeypatch: pytest.MonkeyPatch, module: object, path: Path, other: bytes
+) -> None:
+    """Make ``module``'s next ``open`` of ``path`` race a delete: once the
+    reader holds it, the file leaves its name (as into the pool: here out
+    of the spool) and is written with ``other`` (as a later commit would)."""
+    real_open = open
+    away = path.parents[2] / f"recycled.{path.name}"
+
+    def racing_open(name: str | Path, mode: str = "r") -> BinaryIO:
+        f = real_open(name, mode)
+        if str(name) == str(path):
+            os.rename(path, away)
+            away.write_bytes(other)
+        return f  # type: ignore[return-value]
+
+    monkeypatch.setattr(module, "open", racing_open, raising=False)
+
+
+async def test_a_body_deleted_and_written_again_while_read_is_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "spool"
+    od, _ = await OnDiskSpool.open(root, sync="syncfs")
+    (msg,) = await od.add([new_message()])
+    other = b"Subject: other\r\n\r\nnot yours\r\n"
+    _recycling_open(monkeypatch, store_module, root / "data" / msg.id, other)
+    with pytest.raises(NotFoundError):
+        await od.store.read_body(msg.id)
+    monkeypatch.undo()
+    await od.close()
+
+
+async def test_a_record_deleted_and_written_again_while_read_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "spool"
+    od, _ = await OnDiskSpool.open(root, sync="syncfs")
+    (msg, other) = await od.add([new_message(), new_message()])
+    other_record = (root / "active" / other.id).read_bytes()
+    _recycling_open(monkeypatch, store_module, root / "active" / msg.id, other_record)
+    records = await od.store.read_queue(Queue.ACTIVE.value)
+    assert [r.name for r in records] == [other.id]
+    monkeypatch.undo()
+    await od.close()
+
+
+async def test_the_check_finds_no_damage_in_a_body_deleted_while_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``spoold check`` beside a running daemon: a body whose message is
+    delivered while the check reads it is not reported as damaged."""
+    root = tmp_path / "spool"
+    od, _ = await OnDiskSpool.open(root, sync="syncfs")
+    (msg,) = await od.add([new_message()])
+    other = b"Subject: other\r\n\r\nnot yours\r\n"
+    _recycling_open(monkeypatch, ondisk_module, root / "data" / msg.id, other)
+    assert await od.check(max_age=0) == []
+    monkeypatch.undo()
+    await od.close()

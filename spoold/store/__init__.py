@@ -87,6 +87,7 @@ Where each part lives (``spoold/store/``):
 
 from spoold.store.directory import CHECKOUT as CHECKOUT
 from spoold.store.directory import REASONS as REASONS
+from spoold.store.directory import still_named as still_named
 from spoold.store.records import NewEntry as NewEntry
 from spoold.store.records import Problem as Problem
 from spoold.store.records import ProblemKind as ProblemKind

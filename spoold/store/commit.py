@@ -102,8 +102,7 @@ class Committer:
             try:
                 d.step("check_space")
                 needed = sum(len(e.body) for e in job.entries)
-                self._check_free_space(needed, free)
-                free -= needed
+                free = self._check_free_space(needed, free) - needed
                 moves = self._stage(job.entries, job.on_reserve, names, written, sync=False)
             except Exception as exc:  # noqa: BLE001 (undone, and given to its caller)
                 _undo(written)
@@ -124,6 +123,7 @@ class Committer:
             d.step("fsync_dirs")
             d.syncfs()
         except Exception as exc:  # noqa: BLE001 (undone, and given to every caller)
+            self._pool.close_sync()  # claims a failed syncfs may not have made durable
             for job, _names, written, _moves in staged:
                 _undo(written)
                 job.error, job.done = self._store_error(exc, "enqueue"), True
@@ -212,10 +212,16 @@ class Committer:
             return error
         return exc
 
-    def _check_free_space(self, needed: int, free: int | None = None) -> None:
+    def _check_free_space(self, needed: int, free: int | None = None) -> int:
+        """Raise if writing ``needed`` bytes would leave less than
+        ``min_free_bytes`` free (``free``: as counted before, or counted
+        now); the bytes free. Short of room, the pool of removed files is
+        emptied first (its space returns) and free space counted again."""
         if not self.min_free_bytes:
-            return
+            return 0
         if free is None:
+            free = self._dir.free_bytes()
+        if free - needed < self.min_free_bytes and self._pool.empty_sync():
             free = self._dir.free_bytes()
         if free - needed < self.min_free_bytes:
             raise InsufficientStorageError(
@@ -224,6 +230,7 @@ class Committer:
                 f"{format_size(self.min_free_bytes)} must stay free (spool.min_free_space) "
                 f"after writing {format_size(needed)}; new mail is refused until space is freed",
             )
+        return free
 
 
 def _undo(written: Sequence[str]) -> None:

@@ -237,13 +237,14 @@ class StoreDirectory:
         """Write ``prefix + data`` to a new file under ``tmp/``, or over the
         file ``reuse`` (a file of the pool, ready to be written: see
         :mod:`spoold.store.pool`), cut to the new length; its path."""
-        if reuse is None:
+        fd = -1 if reuse is None else _open_reused(reuse)
+        if reuse is None or fd < 0:
             # Unique without randomness: the name is this process's, the count too.
             path = f"{self.tmp}/{self.pid}.{name}.{kind}.{next(self._tmp_count)}"
             fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+            reuse = None
         else:
             path = reuse
-            fd = os.open(path, _REUSE_FLAGS)
         try:
             # One writev for the trace header and the body (more only after
             # a short write: then what is left, as views, nothing copied).
@@ -265,6 +266,43 @@ class StoreDirectory:
             raise
         os.close(fd)
         return path
+
+
+def still_named(path: str, fd: int, dir_fd: int | None = None) -> bool:
+    """Whether ``path`` still names the file open on ``fd``, read through
+    it: a file deleted meanwhile may have been written again for another
+    entry (see :mod:`spoold.store.pool`), whose bytes are then not the
+    entry's. One ``stat`` and one ``fstat``."""
+    try:
+        named = os.stat(path, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    st = os.fstat(fd)
+    return named.st_ino == st.st_ino and named.st_dev == st.st_dev
+
+
+def _open_reused(path: str) -> int:
+    """A descriptor open for writing on the claimed file ``path``, or -1
+    (the file removed) when it cannot be written or is not the writer's
+    alone: another name for it (a hard link made since its delete) or
+    another owner. The caller then creates a new file: the pool never
+    fails a commit."""
+    try:
+        fd = os.open(path, _REUSE_FLAGS)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            st = os.fstat(fd)
+            mine = st.st_nlink == 1 and st.st_uid == os.geteuid()
+        except OSError:
+            mine = False
+        if mine:
+            return fd
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    return -1
 
 
 def _after(parts: list[bytes | memoryview], done: int) -> list[bytes | memoryview]:

@@ -44,9 +44,17 @@ length it has when renamed were made durable by the batch's first
 the new end). A crash between any two steps leaves: a file in the entry's
 place (delete not done), in the pool, or under a writer's ``tmp/`` name
 (removed by recovery once that writer is gone); never old content under a
-new entry's name, or new content under an old one's. A body read through
-an open descriptor while it is recycled is not a concern: a delivered
-message's body is closed before the delete.
+new entry's name, or new content under an old one's.
+
+The argument needs the file to have had exactly one name: a file with
+more (a hard link) is never put in the pool, and a writer checks again
+(``fstat``: one link, its own) when it opens a claimed file, else drops it
+and creates a new one. Registry entries are links to writer files, never
+to a record or body. A reader that opened an entry's file by its name
+before the delete may read a later message's bytes through its descriptor:
+the store's readers check after reading that the name still leads to the
+inode they read (else the entry is gone: not found), and the relay checks
+a body's size and SHA-256 against its record.
 
 Every method blocks: callers run them in a worker thread.
 """
@@ -58,8 +66,6 @@ import itertools
 import os
 import random
 from collections.abc import Callable
-
-from spoold.store.directory import unlink_quiet
 
 __all__ = ["FilePool", "KINDS", "POOL_PREFIX", "POOL_FILES", "POOL_FILE_SIZE", "claimed_pid"]
 
@@ -120,11 +126,14 @@ class FilePool:
 
     # ------------------------------------------------------ the owner's side
 
-    def put(self, path: str, kind: str, size: int = 0) -> None:
-        """Remove ``path`` (a file of ``kind`` being deleted, ``size`` bytes)
-        from its place: into the pool while it has room, else unlinked.
+    def put(self, path: str, kind: str, size: int, links: int) -> None:
+        """Remove ``path`` (a file of ``kind`` being deleted, ``size`` bytes,
+        ``links`` names, as its ``lstat`` says) from its place: into the
+        pool while it has room, else unlinked. A file with another name (a
+        hard link: an operator's ``cp -al`` snapshot, an ``ln``) is always
+        unlinked: its content must stay what it is under that name.
         Raises :class:`FileNotFoundError` if it is not there."""
-        if size <= POOL_FILE_SIZE and self._room():
+        if links == 1 and size <= POOL_FILE_SIZE and self._room():
             try:
                 os.rename(path, f"{self._tmp}/{POOL_PREFIX}{self._pid}.{next(_names)}.{kind}")
             except FileNotFoundError:
@@ -218,9 +227,29 @@ class FilePool:
                 mine.claimed = [p for p in mine.claimed if p not in done]
 
     def close_sync(self) -> None:
-        """Remove the files this writer holds."""
+        """Remove the files this writer holds (also after a failed
+        ``syncfs``: a later one that succeeds does not prove the removals
+        before it reached the disk)."""
         for mine in self._kinds.values():
             for path in mine.ready + mine.claimed:
-                unlink_quiet(path)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             mine.ready.clear()
             mine.claimed.clear()
+
+    def empty_sync(self) -> int:
+        """Remove every file of the pool and those this writer holds (the
+        disk is short of room, or writers no longer claim any); how many
+        were in the pool. Files other writers claimed are theirs."""
+        self.close_sync()
+        self._room_left = 0
+        for mine in self._kinds.values():
+            mine.seen.clear()
+        removed = 0
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self._tmp):
+                if name.startswith(POOL_PREFIX):
+                    with contextlib.suppress(OSError):
+                        os.unlink(f"{self._tmp}/{name}")
+                        removed += 1
+        return removed

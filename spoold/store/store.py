@@ -25,7 +25,7 @@ import anyio
 from spoold.errors import NotFoundError, StoreError
 from spoold.ids import validate_id
 from spoold.store.commit import Committer
-from spoold.store.directory import REASONS, StoreDirectory, unlink_quiet
+from spoold.store.directory import REASONS, StoreDirectory, still_named, unlink_quiet
 from spoold.store.hops import WorkerHops, grouped_hop, one_hop
 from spoold.store.pool import FilePool
 from spoold.store.records import (
@@ -178,7 +178,10 @@ class Store:
         if not self.owner:
             return RecoveryReport()
         self._dir.lock_sync()
-        return recover_sync(self._dir, self._registry, keep_checkouts, keep_listings)
+        report = recover_sync(self._dir, self._registry, keep_checkouts, keep_listings)
+        if self.sync != "syncfs":
+            self._pool.empty_sync()  # left by a run in syncfs mode: nobody claims them now
+        return report
 
     def _close_sync(self) -> None:
         self._hops.stop_sync()
@@ -309,16 +312,11 @@ class Store:
                     if data is not None and os.stat(path).st_size == len(data):
                         out.append(StoredRecord(name, q, data, False))
                     else:
-                        out.append(StoredRecord(name, q, self._read_file_sync(path), False))
+                        out.append(StoredRecord(name, q, _read_record(name, path), False))
                     break
                 except FileNotFoundError:
                     continue
         return out
-
-    @staticmethod
-    def _read_file_sync(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
 
     read_many = one_hop(_read_many_sync)
     read_many_grouped = grouped_hop(_read_many_sync)
@@ -334,7 +332,9 @@ class Store:
             for name in sorted(self._dir.names(d)):
                 try:
                     with open(f"{d}/{name}", "rb") as f:
-                        out.append(StoredRecord(name, queue, f.read(), checked_out))
+                        data = f.read()
+                        if _own_record(name, data) or still_named(f"{d}/{name}", f.fileno()):
+                            out.append(StoredRecord(name, queue, data, checked_out))
                 except FileNotFoundError:
                     continue  # moved away under us (we are not the owner)
                 except PermissionError as exc:
@@ -377,6 +377,8 @@ class Store:
                     while chunk := os.read(fd, _RECORD_READ):
                         chunks.append(chunk)
                     data = b"".join(chunks)
+                if not _own_record(name, data) and not still_named(name, fd, dir_fds[checked_out]):
+                    continue  # deleted under us, its file written again
             finally:
                 os.close(fd)
             out.append(StoredRecord(name, queue, data, checked_out))
@@ -430,11 +432,15 @@ class Store:
     def _read_body_sync(self, name: str) -> bytes:
         """The body of ``name``."""
         validate_id(name)
+        path = f"{self._dir.data}/{name}"
         try:
-            with open(f"{self._dir.data}/{name}", "rb") as f:
-                return f.read()
+            with open(path, "rb") as f:
+                data = f.read()
+                if still_named(path, f.fileno()):
+                    return data
         except FileNotFoundError:
-            raise NotFoundError(f"{name}: no body in {self._dir.data}") from None
+            pass
+        raise NotFoundError(f"{name}: no body in {self._dir.data}")
 
     read_body = one_hop(_read_body_sync)
 
@@ -541,13 +547,16 @@ class Store:
         # spoold.store.pool, which says why that is as safe as an unlink.
         try:
             d.step("unlink_record")
-            self._pool.put(f"{qd}/{name}", "record")
+            record = f"{qd}/{name}"
+            st = os.lstat(record)
+            self._pool.put(record, "record", st.st_size, st.st_nlink)
         except FileNotFoundError:
             raise NotFoundError(f"{name}: not in queue {queue}") from None
         d.step("unlink_body")
         body = f"{d.data}/{name}"
         with contextlib.suppress(FileNotFoundError):
-            self._pool.put(body, "body", os.stat(body).st_size)
+            st = os.lstat(body)
+            self._pool.put(body, "body", st.st_size, st.st_nlink)
         # Not fsynced, on purpose: if the power fails before the kernel writes
         # these removals, the entry comes back and (a delivered message) is sent
         # again; at least once, never lost. Fsyncing three directories per
@@ -625,3 +634,21 @@ class Store:
         return check_sync(self._dir, self._registry, max_age)
 
     check = one_hop(_check_sync)
+
+
+def _own_record(name: str, data: bytes) -> bool:
+    """Whether the record bytes ``data`` read under ``name`` name it as
+    their id near their start (where a record has it): then they are its
+    own, whatever happened to its file since (ids are never reused), and
+    no ``stat`` is needed to be sure."""
+    return data.find(b'"id":"' + name.encode() + b'"', 0, 64) >= 0
+
+
+def _read_record(name: str, path: str) -> bytes:
+    """The record ``name`` at ``path``; :class:`FileNotFoundError` if it
+    is gone, also while it was read (see :func:`still_named`)."""
+    with open(path, "rb") as f:
+        data = f.read()
+        if not _own_record(name, data) and not still_named(path, f.fileno()):
+            raise FileNotFoundError(errno.ENOENT, "deleted while read", path)
+    return data
