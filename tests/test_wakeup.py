@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
+import spoold.store.store as store_module
 from spoold import SpoolWriter
 from spoold.events import SpoolEvent
 from spoold.ids import is_valid_id, new_id
@@ -152,15 +153,14 @@ async def _delivered(events: AsyncIterator[SpoolEvent], ids: Iterable[str]) -> N
 
 def _no_reading_back(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Count the owner's reads of new records from disk (the fallback)."""
-    store = spool._disk.store
-    read_file = store._read_file_sync
+    read_record = store_module._read_record
     reads: list[str] = []
 
-    def counted_file(path: str) -> bytes:
+    def counted(name: str, path: str) -> bytes:
         reads.append(Path(path).name)
-        return read_file(path)
+        return read_record(name, path)
 
-    monkeypatch.setattr(store, "_read_file_sync", counted_file)
+    monkeypatch.setattr(store_module, "_read_record", counted)
     return reads
 
 
