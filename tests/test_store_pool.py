@@ -24,6 +24,7 @@ from spoold.store import pool as pool_module
 from spoold.store import store as store_module
 from spoold.store.pool import POOL_FILE_SIZE, POOL_PREFIX, FilePool
 from tests.factories import new_message
+from tests.store_child import GROUPED_STEPS
 from tests.support import spool_files, without_pool
 
 CHILD = str(Path(__file__).with_name("store_child.py"))
@@ -104,16 +105,7 @@ async def test_recovery_keeps_the_pool_and_removes_a_dead_writers_claims(tmp_pat
     await od.close()
 
 
-REUSE_STEPS = [
-    "reserve",
-    "write_body",
-    "write_record",
-    "sync_data",
-    "rename_body",
-    "rename_record",
-    "fsync_dirs",
-    "done",
-]
+REUSE_STEPS = GROUPED_STEPS  # a commit that reuses files has the same steps
 
 
 @pytest.mark.parametrize("step", REUSE_STEPS)
@@ -357,6 +349,20 @@ async def test_a_record_deleted_and_written_again_while_read_is_left_out(
     _recycling_open(monkeypatch, store_module, root / "active" / msg.id, other_record)
     records = await od.store.read_queue(Queue.ACTIVE.value)
     assert [r.name for r in records] == [other.id]
+    monkeypatch.undo()
+    await od.close()
+
+
+async def test_one_record_deleted_and_written_again_while_read_is_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "spool"
+    od, _ = await OnDiskSpool.open(root, sync="syncfs")
+    (msg, other) = await od.add([new_message(), new_message()])
+    other_record = (root / "active" / other.id).read_bytes()
+    _recycling_open(monkeypatch, store_module, root / "active" / msg.id, other_record)
+    with pytest.raises(NotFoundError):
+        await od.store.read(Queue.ACTIVE.value, msg.id)
     monkeypatch.undo()
     await od.close()
 

@@ -277,8 +277,8 @@ class Store:
         validate_id(name)
         for checked_out in (False, True):
             try:
-                with open(f"{self._dir.qdir(queue, checked_out)}/{name}", "rb") as f:
-                    return StoredRecord(name, queue, f.read(), checked_out)
+                data = _read_record(name, f"{self._dir.qdir(queue, checked_out)}/{name}")
+                return StoredRecord(name, queue, data, checked_out)
             except FileNotFoundError:
                 continue
         raise NotFoundError(f"{name}: not in queue {queue}")
