@@ -17,6 +17,18 @@ from tests.factories import new_message
 
 CRASH_EXIT = 77
 
+# The steps of a group commit (sync="syncfs") a child can die at, in order.
+GROUPED_STEPS = [
+    "reserve",
+    "write_body",
+    "write_record",
+    "sync_data",
+    "rename_body",
+    "rename_record",
+    "fsync_dirs",
+    "done",
+]
+
 
 def crash_at(step: str, nth: int = 1):  # type: ignore[no-untyped-def]
     seen = {"n": 0}

@@ -37,7 +37,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.tls import TLSStream
 
 from spoold.daemon import logs
-from spoold.daemon.config import parse_config
+from spoold.daemon.config import Config, parse_config
 from spoold.daemon.ingest import Submitter
 from spoold.daemon.listener import _IDLE_FLOOR, SmtpListener, listener_settings
 from spoold.daemon.mx import MxResolver
@@ -932,21 +932,26 @@ async def test_after_a_burst_of_work_only_a_few_runners_stay_parked(tmp_path: Pa
             assert len(asyncio.all_tasks()) == tasks + _IDLE_FLOOR  # the rest ended
 
 
-async def test_a_runner_cancelled_as_work_is_handed_to_it_leaves_none_counted(
-    tmp_path: Path,
-) -> None:
-    """asyncio itself cancels a parked runner (not through its scope) after
-    work was handed to it, before it resumed: that work never runs, and a
-    stop does not wait for it."""
-    port = free_port()
-    config = make_config(tmp_path, port)
+@asynccontextmanager
+async def held_listener(config: Config) -> AsyncIterator[tuple[Spool, SmtpListener]]:
+    """A listener (not serving yet) on ``config``'s spool, its relay held."""
     assert config.smtp is not None
     smtp_config = config.smtp
     async with Spool.open(
         config.spool.dir, relay=HeldRelay(), flush_timeout=0.1, ping_interval=10.0**9
     ) as spool:
         router = Router(config)
-        listener = SmtpListener(Submitter(spool, lambda: router), lambda: smtp_config)
+        yield spool, SmtpListener(Submitter(spool, lambda: router), lambda: smtp_config)
+
+
+async def test_a_runner_cancelled_as_work_is_handed_to_it_leaves_none_counted(
+    tmp_path: Path,
+) -> None:
+    """asyncio itself cancels a parked runner (not through its scope) after
+    work was handed to it, before it resumed: that work never runs, and a
+    stop does not wait for it."""
+    config = make_config(tmp_path, free_port())
+    async with held_listener(config) as (_spool, listener):
         ran: list[str] = []
         runners: list[asyncio.Task[Any] | None] = []
 
@@ -985,13 +990,7 @@ async def test_a_delivery_handed_over_as_the_listener_ends_spools_nothing(
     spooled, so the client's retry makes no second copy. serve() returns."""
     port = free_port()
     config = make_config(tmp_path, port)
-    assert config.smtp is not None
-    smtp_config = config.smtp
-    async with Spool.open(
-        config.spool.dir, relay=HeldRelay(), flush_timeout=0.1, ping_interval=10.0**9
-    ) as spool:
-        router = Router(config)
-        listener = SmtpListener(Submitter(spool, lambda: router), lambda: smtp_config)
+    async with held_listener(config) as (spool, listener):
 
         async def nothing() -> None:
             pass
@@ -1023,15 +1022,8 @@ async def test_a_delivery_handed_over_as_the_listener_ends_spools_nothing(
 
 async def test_a_bug_in_work_on_a_parked_runner_ends_serve_with_it(tmp_path: Path) -> None:
     """The runner that ran work before runs a bug too: serve() raises it."""
-    port = free_port()
-    config = make_config(tmp_path, port)
-    assert config.smtp is not None
-    smtp_config = config.smtp
-    async with Spool.open(
-        config.spool.dir, relay=HeldRelay(), flush_timeout=0.1, ping_interval=10.0**9
-    ) as spool:
-        router = Router(config)
-        listener = SmtpListener(Submitter(spool, lambda: router), lambda: smtp_config)
+    config = make_config(tmp_path, free_port())
+    async with held_listener(config) as (_spool, listener):
         failure: list[BaseException] = []
         done = anyio.Event()
 

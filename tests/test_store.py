@@ -20,6 +20,7 @@ from spoold.store.registry import Registry
 from spoold.times import utcnow
 from tests.factories import make_message, new_message
 from tests.spool_helpers import settle
+from tests.store_child import GROUPED_STEPS
 from tests.support import WAIT_TIMEOUT, spool_files, without_pool
 
 CHILD = str(Path(__file__).with_name("store_child.py"))
@@ -336,18 +337,6 @@ async def everything(od: OnDiskSpool) -> dict[str, Queue]:
             assert m.id not in where, f"{m.id} in {where[m.id]} and {q}"
             where[m.id] = q
     return where
-
-
-GROUPED_STEPS = [  # sync="syncfs": a group commit
-    "reserve",
-    "write_body",
-    "write_record",
-    "sync_data",
-    "rename_body",
-    "rename_record",
-    "fsync_dirs",
-    "done",
-]
 
 
 @pytest.mark.parametrize(
