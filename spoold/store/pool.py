@@ -157,8 +157,7 @@ class FilePool:
                 with contextlib.suppress(OSError):  # no pool then: the delete goes on
                     st = os.statvfs(self._tmp)
                     if st.f_bavail * st.f_frsize >= self._min_free() + POOL_FILES * POOL_FILE_SIZE:
-                        n = sum(1 for n in os.listdir(self._tmp) if n.startswith(POOL_PREFIX))
-                        self._room_left = POOL_FILES - n
+                        self._room_left = POOL_FILES - len(self._names())
         self._puts_left -= 1
         self._room_left -= 1
         return self._room_left >= 0
@@ -192,7 +191,7 @@ class FilePool:
         """List the pool, from a point of this writer's own (two writers
         going through one listing in one order would race for each file)."""
         try:
-            names = [n for n in os.listdir(self._tmp) if n.startswith(POOL_PREFIX)]
+            names = self._names()
         except OSError:
             return
         start = self._random.randrange(len(names) or 1)
@@ -247,9 +246,12 @@ class FilePool:
             mine.seen.clear()
         removed = 0
         with contextlib.suppress(OSError):
-            for name in os.listdir(self._tmp):
-                if name.startswith(POOL_PREFIX):
-                    with contextlib.suppress(OSError):
-                        os.unlink(f"{self._tmp}/{name}")
-                        removed += 1
+            for name in self._names():
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self._tmp}/{name}")
+                    removed += 1
         return removed
+
+    def _names(self) -> list[str]:
+        """The names of the pool's files in ``tmp/`` (a listing)."""
+        return [n for n in os.listdir(self._tmp) if n.startswith(POOL_PREFIX)]
