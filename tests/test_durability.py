@@ -8,12 +8,17 @@ telling:
 
 * its body and its record were each created under ``tmp/``, written and
   synced before their rename: an fsync of the file, or a ``syncfs`` of the
-  spool's filesystem, starting after the last write and ending before the
-  rename;
+  spool's filesystem followed at once by a flush (below), starting after the
+  last write and ending before the rename;
 * the body was renamed into ``data/`` and the record into ``active/``;
 * ``data/`` and ``active/`` were synced after the renames: an fsync of the
-  directory, or a ``syncfs``, starting after the rename into it and ending
-  before the acknowledgement.
+  directory, or a ``syncfs`` and its flush, starting after the rename into
+  it and ending before the acknowledgement.
+
+A ``syncfs`` counts only with the fsync of a spool directory that its
+thread makes next: on ext4 without a journal, ``syncfs`` flushes the
+drive's cache before its last metadata writes end, and the fsync flushes it
+after them (see ``StoreDirectory.syncfs``).
 
 Both ways of the store (``spool.sync = "fsync"`` and ``"syncfs"``, the group
 commit) are run.
@@ -33,7 +38,7 @@ The test has teeth: :data:`MUTANTS` are copies of the store's modules
 (``spoold/store/directory.py``, ``spoold/store/commit.py``) with one sync
 removed (the file fsync of ``write_tmp``, the directory fsyncs of
 ``enqueue_sync``, or only one of the two directories; either ``syncfs`` of
-a group commit). Each copy is put in
+a group commit, or the flush after each ``syncfs``). Each copy is put in
 a copy of the package in a temp dir that ``PYTHONPATH`` names first (the
 child runs in another directory, so ``python -m`` does not put this
 checkout first); the trace itself shows which store modules were loaded.
@@ -47,6 +52,7 @@ is bounded: a few messages, a timeout on every wait.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import shutil
@@ -160,13 +166,39 @@ def durability_problems(calls: list[Call], spool: Path, acks: dict[str, int]) ->
     """Every commit step missing before the acknowledgement of each id.
     ``acks`` maps an id to the line where its acknowledgement starts."""
     root = os.path.realpath(spool)
+    flushed = flushed_syncfs(calls, root)
     problems = []
     for mid, ack in acks.items():
-        problems += _problems_of(calls, root, mid, ack)
+        problems += _problems_of(calls, flushed, root, mid, ack)
     return problems
 
 
-def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
+def flushed_syncfs(calls: list[Call], root: str) -> list[Call]:
+    """Each successful ``syncfs`` of the spool's filesystem whose thread
+    next makes a successful fsync (or fdatasync) of a descriptor of the
+    spool, as one call from the start of the one to the end of the other.
+    A ``syncfs`` without it is no sync point (see the module's text)."""
+    by_thread: dict[int, list[Call]] = {}
+    for c in sorted(calls, key=lambda c: c.start):
+        by_thread.setdefault(c.pid, []).append(c)
+    out = []
+    for mine in by_thread.values():
+        for c, after in itertools.pairwise(mine):
+            if (
+                c.name == SYNCFS
+                and c.result == "0"
+                and _on_spool(c, root)
+                and after.name in SYNCS
+                and after.result == "0"
+                and _on_spool(after, root)
+            ):
+                out.append(Call(c.pid, SYNCFS, c.args, "0", c.start, after.end))
+    return out
+
+
+def _problems_of(
+    calls: list[Call], flushed: list[Call], root: str, mid: str, ack: int
+) -> list[str]:
     problems: list[str] = []
     renames = {}
     for directory in ("data", "active"):
@@ -220,16 +252,13 @@ def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
             continue
         last_write = max(c.end for c in writes)
         if claims:
-            problems += _reuse_problems(calls, root, mid, what, tmp, claims[-1], writes, rename)
+            problems += _reuse_problems(calls, flushed, mid, what, tmp, claims[-1], writes, rename)
             cuts = [c for c in calls if c.name == "ftruncate" and c.ok and c.fd_path == tmp]
             last_write = max([last_write] + [c.end for c in cuts if c.end < rename.start])
         synced = [
             c
-            for c in calls
-            if ((c.name in SYNCS and c.fd_path == tmp) or (c.name == SYNCFS and _on_spool(c, root)))
-            and c.result == "0"
-            and c.start > last_write
-            and c.end < rename.start
+            for c in [*(c for c in calls if c.name in SYNCS and c.fd_path == tmp), *flushed]
+            if c.result == "0" and c.start > last_write and c.end < rename.start
         ]
         if not synced:
             problems.append(
@@ -240,13 +269,8 @@ def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
         path = f"{root}/{directory}"
         synced = [
             c
-            for c in calls
-            if (
-                (c.name in SYNCS and c.fd_path == path) or (c.name == SYNCFS and _on_spool(c, root))
-            )
-            and c.result == "0"
-            and c.start > rename.end
-            and c.end < ack
+            for c in [*(c for c in calls if c.name in SYNCS and c.fd_path == path), *flushed]
+            if c.result == "0" and c.start > rename.end and c.end < ack
         ]
         if not synced:
             problems.append(
@@ -258,7 +282,7 @@ def _problems_of(calls: list[Call], root: str, mid: str, ack: int) -> list[str]:
 
 def _reuse_problems(
     calls: list[Call],
-    root: str,
+    flushed: list[Call],
     mid: str,
     what: str,
     tmp: str,
@@ -266,20 +290,13 @@ def _reuse_problems(
     writes: list[Call],
     rename: Call,
 ) -> list[str]:
-    """A reused file: a syncfs after its claim and before its first write
-    (no old name of it can come back holding the new content), and cut to
-    its length after its last write, before its rename."""
+    """A reused file: a syncfs (and its flush) after its claim and before
+    its first write (no old name of it can come back holding the new
+    content), and cut to its length after its last write, before its
+    rename."""
     problems = []
     first_write = min(c.start for c in writes)
-    if not [
-        c
-        for c in calls
-        if c.name == SYNCFS
-        and _on_spool(c, root)
-        and c.result == "0"
-        and c.start > claim.end
-        and c.end < first_write
-    ]:
+    if not [c for c in flushed if c.start > claim.end and c.end < first_write]:
         problems.append(
             f"{mid}: the reused {what} {tmp} was written before a syncfs that followed its claim"
         )
@@ -351,6 +368,7 @@ _MOVE = (
 _FIRST_SYNCFS = '            d.step("sync_data")\n            d.syncfs()\n'
 _SECOND_SYNCFS = '            d.step("fsync_dirs")\n            d.syncfs()\n'
 _FILES = "directory.py"  # of spoold/store/: the file steps
+_FLUSH = "            raise OSError(code, os.strerror(code), self.root_s)\n        os.fsync(fd)\n"
 _COMMIT = "commit.py"  # enqueue's commit path
 
 # name -> the store's sync mode, the module of spoold/store/ it changes, the
@@ -403,6 +421,12 @@ MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
         _COMMIT,
         [(_SECOND_SYNCFS, "            pass  # mutant\n")],
         "was not synced between the rename",
+    ),
+    "syncfs without the flush after it": (
+        "syncfs",
+        _FILES,
+        [(_FLUSH, "            raise OSError(code, os.strerror(code), self.root_s)\n")],
+        "was not synced between its last write",
     ),
 }
 
