@@ -56,7 +56,10 @@ def find_bare_line_ending(content: bytes) -> int:
     # lines); for a larger one, no copy: as many CRs and LFs as CRLFs.
     if len(content) <= _SMALL:
         rest = content.replace(b"\r\n", b"")
-        if b"\r" not in rest and b"\n" not in rest:
+        # find, not ``in``: ``bytes in bytes`` first tries the operand as
+        # an integer and makes (then drops) a TypeError, about 2k
+        # instructions a test.
+        if rest.find(b"\r") < 0 and rest.find(b"\n") < 0:
             return -1
     else:
         crlf = content.count(b"\r\n")

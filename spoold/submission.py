@@ -211,7 +211,14 @@ class Submission:
         idempotency_key: str | None,
         submitter_uid: int | None = None,
     ) -> list[str]:
-        await self._refuse_suppressed(batch)
+        if self._settings().suppressed_recipients == "refuse":
+            # No coroutine made unless the list must be read again (the
+            # usual add: one stat, no list).
+            listed = self.suppressions
+            if listed.stale():
+                await listed.refresh()
+            if len(listed):
+                self._refuse_suppressed(batch, listed)
         status: Status = Frozen() if frozen else SEND_NOW
         messages = await self.write_new(
             batch,
@@ -238,7 +245,8 @@ class Submission:
         """Check ``batch`` and write its messages with ``status``; nothing
         follows (see :meth:`_written`)."""
         self._refuse_if_closing()
-        signature = await self.signature(batch.body, flows)
+        # Without a signer, no coroutine made and awaited for nothing.
+        signature = await self.signature(batch.body, flows) if self._signer() else b""
         if signature:
             prefix = signature_prefix(prefix, signature)
         new = new_messages(
@@ -281,18 +289,13 @@ class Submission:
         )
         return outcome.header
 
-    async def _refuse_suppressed(self, batch: RoutedBatch) -> None:
-        """Under ``suppressed_recipients = "refuse"``: raise
-        :class:`~spoold.errors.RecipientSuppressedError` naming every
-        recipient of ``batch`` on the suppression list (read again first if
-        another process changed it). Under ``"fail"`` they are taken: their
-        first attempt fails them (:mod:`spoold.transitions`)."""
-        if self._settings().suppressed_recipients != "refuse":
-            return
-        listed = self.suppressions
-        await listed.refresh()
-        if not len(listed):
-            return  # the usual case: no list
+    def _refuse_suppressed(self, batch: RoutedBatch, listed: Suppressions) -> None:
+        """Under ``suppressed_recipients = "refuse"`` (the caller checks it,
+        and reads ``listed`` again first if another process changed it):
+        raise :class:`~spoold.errors.RecipientSuppressedError` naming every
+        recipient of ``batch`` on the suppression list. Under ``"fail"``
+        they are taken: their first attempt fails them
+        (:mod:`spoold.transitions`)."""
         held = listed.held((r for env in batch.envelopes for r in env.recipients), self._now())
         if held:
             listed.count("refused", len(held))

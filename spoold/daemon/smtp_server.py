@@ -346,6 +346,12 @@ class SessionState(Enum):
     CLOSED = "closed"  # nothing: the connection is closing or gone
 
 
+# The states as module constants: on Python 3.11 an enum class has a
+# ``__getattr__``, so each ``SessionState.X`` read is a slow attribute
+# lookup (about 800 instructions); a session read them ~27 times a message.
+_COMMAND: Final = SessionState.COMMAND
+_DATA: Final = SessionState.DATA
+_AUTH: Final = SessionState.AUTH
 _CLOSED: Final = SessionState.CLOSED
 
 _AuthStep = Callable[["SmtpSession", bytes], None]
@@ -372,7 +378,7 @@ class SmtpSession(asyncio.Protocol):
         self._ask_peer = peer is None
         self._trusted = False
         self._opened = False  # open_session accepted us: close_session is owed
-        self._state = SessionState.COMMAND
+        self._state: SessionState = _COMMAND
         self._busy = False  # a task works for us; input waits
         self._write_paused = False
         self._reading_paused = False
@@ -413,7 +419,7 @@ class SmtpSession(asyncio.Protocol):
             self._peer = peer_ip(transport.get_extra_info("peername"))
         opened = self._host.open_session(self, self._peer)
         if isinstance(opened, str):
-            self._state = SessionState.CLOSED
+            self._state = _CLOSED
             stream.write(reply_line(opened))
             stream.close()
             return
@@ -423,7 +429,10 @@ class SmtpSession(asyncio.Protocol):
         if loop is None:
             self._loop = loop = asyncio.get_running_loop()
         self._last_input = loop.time()
-        self._timer = loop.call_at(self._last_input + self._policy.timeout, self._on_timer)
+        # call_later, not call_at: uvloop's call_at is call_later through a
+        # keyword call (~1.5k instructions a session); the same deadline,
+        # the loop's time being read once per turn.
+        self._timer = loop.call_later(self._policy.timeout, self._on_timer)
         stream.write(_greeting(self._policy.hostname))
 
     def data_received(self, data: bytes) -> None:
@@ -432,7 +441,7 @@ class SmtpSession(asyncio.Protocol):
         assert self._loop is not None
         self._last_input = self._loop.time()
         if (
-            self._state is SessionState.DATA
+            self._state is _DATA
             and not self._in
             and not (self._busy or self._write_paused or self._reading_paused)
         ):
@@ -455,7 +464,7 @@ class SmtpSession(asyncio.Protocol):
         return not self._tls  # (over TLS the transport closes regardless)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._state = SessionState.CLOSED
+        self._state = _CLOSED
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -484,7 +493,7 @@ class SmtpSession(asyncio.Protocol):
             state = self._state
             if state is _CLOSED:
                 break
-            if state is SessionState.DATA:
+            if state is _DATA:
                 if not self._take_data():
                     break
                 continue
@@ -493,7 +502,7 @@ class SmtpSession(asyncio.Protocol):
                 if len(buf) > MAX_AUTH_LINE and not self._discarding:
                     self._discarding = True
                     # (an AUTH exchange ends)
-                    self._state, self._auth_step = SessionState.COMMAND, None
+                    self._state, self._auth_step = _COMMAND, None
                     self._error(b"500 5.5.2 Line too long\r\n")
                 if self._discarding:
                     buf.clear()
@@ -503,10 +512,10 @@ class SmtpSession(asyncio.Protocol):
             if self._discarding:
                 self._discarding = False
                 continue
-            if state is SessionState.AUTH:
+            if state is _AUTH:
                 step = self._auth_step
                 assert step is not None
-                self._state, self._auth_step = SessionState.COMMAND, None
+                self._state, self._auth_step = _COMMAND, None
                 if len(line) > MAX_AUTH_LINE:
                     self._error(b"500 5.5.6 Authentication exchange line is too long\r\n")
                 elif line == b"*":
@@ -553,7 +562,7 @@ class SmtpSession(asyncio.Protocol):
         if reply:
             self._out.append(reply)
         self._flush()
-        self._state = SessionState.CLOSED
+        self._state = _CLOSED
         self._in.clear()
         if self._transport is not None:
             self._transport.close()
@@ -622,7 +631,7 @@ class SmtpSession(asyncio.Protocol):
     def _closed(self) -> bool:
         """Whether the session has ended (a property, not a narrowed
         comparison: an ``await`` may end it)."""
-        return self._state is SessionState.CLOSED
+        return self._state is _CLOSED
 
     @property
     def _auth_offered(self) -> bool:
@@ -823,7 +832,7 @@ class SmtpSession(asyncio.Protocol):
                 self._error(b"503 5.5.1 Need RCPT command\r\n")
         else:
             self._out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-            self._state = SessionState.DATA
+            self._state = _DATA
             self._data = bytearray(b"\r\n")
             self._oversize = False
 
@@ -892,7 +901,7 @@ class SmtpSession(asyncio.Protocol):
             )
         except OSError as exc:  # ssl.SSLError, timeouts and resets alike
             log.info("TLS handshake failed", peer=self._peer, error=str(exc))
-            self._state = SessionState.CLOSED
+            self._state = _CLOSED
             transport.abort()
             return
         if tls is None or self._closed:
@@ -952,7 +961,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _ask(self, challenge: bytes, step: _AuthStep) -> None:
         self._out.append(challenge)
-        self._state = SessionState.AUTH
+        self._state = _AUTH
         self._auth_step = step
 
     def _decode(self, line: bytes) -> bytes | None:
@@ -1047,7 +1056,7 @@ class SmtpSession(asyncio.Protocol):
             if self._oversize:
                 del data[:-4]  # only what may begin the end marker is kept
             return False
-        self._state = SessionState.COMMAND
+        self._state = _COMMAND
         with memoryview(data) as view:  # one copy (a bytearray's slice is another)
             self._in += view[end + 5 :]  # pipelined commands after the message
             wire = bytes(view[2 : end + 2]) if not self._oversize else b""
