@@ -534,9 +534,13 @@ class Store:
         self._require_owner()
         validate_id(name)
         d = self._dir
-        qd = d.qdir(queue, checked_out)
-        if not os.path.exists(f"{qd}/{name}"):
-            raise NotFoundError(f"{name}: not in queue {queue}")
+        record = f"{d.qdir(queue, checked_out)}/{name}"
+        try:
+            # Whether it is there, and what the pool needs to know of it: one
+            # lstat (the pool checks the link count again when it reuses it).
+            st = os.lstat(record)
+        except FileNotFoundError:
+            raise NotFoundError(f"{name}: not in queue {queue}") from None
         # The registry entry goes first: it names the writer that created
         # the entry, which may still be alive, and a body left behind by a
         # crash below must read as nobody's (recovery then removes it).
@@ -547,8 +551,6 @@ class Store:
         # spoold.store.pool, which says why that is as safe as an unlink.
         try:
             d.step("unlink_record")
-            record = f"{qd}/{name}"
-            st = os.lstat(record)
             self._pool.put(record, "record", st.st_size, st.st_nlink)
         except FileNotFoundError:
             raise NotFoundError(f"{name}: not in queue {queue}") from None
