@@ -65,6 +65,7 @@ class Store:
         self.owner = owner
         self.sync: SyncMode = sync
         self._dir = StoreDirectory(root, self.queues, owner=owner, on_step=on_step)
+        self._data_path = Path(self._dir.data)  # a body's path is this / its id (parsed once)
         self._registry = Registry(self._dir.registry, self._dir.pid)
         self._wakeup = Wakeup(f"{root}/wakeup")
         self._hops = WorkerHops(root, max_threads)
@@ -427,7 +428,7 @@ class Store:
 
     def body_path(self, name: str) -> Path:
         """Where the body of ``name`` is (for streaming it without a copy)."""
-        return Path(self._dir.data, validate_id(name))
+        return self._data_path / validate_id(name)
 
     def _read_body_sync(self, name: str) -> bytes:
         """The body of ``name``."""
