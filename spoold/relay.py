@@ -304,10 +304,19 @@ class BodyReader:
         except OSError as exc:
             raise _read_error(path, exc) from exc
         try:
-            size = os.fstat(fd).st_size
-            if check is not None:
-                check.sizes(path, size)
-            head = os.pread(fd, size if size <= max(chunk_size, _WHOLE_SIZE) else chunk_size, 0)
+            if check is not None and check.size <= max(chunk_size, _WHOLE_SIZE):
+                # Small, of a known size: read one byte more than it has (a
+                # longer file shows) instead of asking its size first.
+                head = os.pread(fd, check.size + 1, 0)
+                size = len(head)
+                if size != check.size:
+                    check.sizes(path, os.fstat(fd).st_size)  # the error says its size
+                    check.sizes(path, size)  # (it changed while read)
+            else:
+                size = os.fstat(fd).st_size
+                if check is not None:
+                    check.sizes(path, size)
+                head = os.pread(fd, size if size <= max(chunk_size, _WHOLE_SIZE) else chunk_size, 0)
         except OSError as exc:
             os.close(fd)
             raise _read_error(path, exc) from exc

@@ -18,6 +18,8 @@ Invariants:
 * At most ``max_concurrent_send_jobs`` attempts run at once (a setting,
   changeable while running).
 * Per destination (a route), at most ``max_connections`` attempts at once
+  (an attempt's slot is freed once its connection is back and its outcome
+  throttles no hop, before that outcome is written: :meth:`Scheduler.relayed`)
   and at most its ``rate``; a next hop that throttled us is backed off for
   every message (:mod:`spoold.limits`). A message held by these waits in
   memory, due as it was: it is not an attempt, so nothing is written, no
@@ -291,6 +293,24 @@ class Scheduler:
                 await self.shared_slots.give_back(slot[0])
                 if policy.limited is not None and self.gate.wake(policy.limited[0]):
                     self.poke()  # its line, refused a slot meanwhile, asks again
+
+    def relayed(self, entry: Entry, policy: DestinationPolicy) -> None:
+        """The attempt on ``entry`` is done with its connection (the relay
+        returned, the connection is back in the cache or closed) and its
+        outcome throttles no hop (the caller checks: a backoff must be in
+        place before the next attempt): its destination's slot is free from
+        now on, while the attempt goes on to write its outcome, so the next
+        of the line starts without waiting for that local work. The
+        attempt's send job still counts. Not for an attempt that holds a
+        fleet-wide connection slot (its policy does not reuse
+        connections): that slot stays with its send job to the end."""
+        destination = entry.destination
+        if destination is None or not policy.reuse_connections:
+            return
+        entry.destination = None
+        self.gate.done(destination)
+        if self.gate.waiting(destination):
+            self.poke()
 
     def _unclaim(self, entry: Entry, gen: int, policy: DestinationPolicy, asks: bool) -> None:
         """Undo :meth:`_claim` for a message no attempt was made on (it

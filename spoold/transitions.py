@@ -156,6 +156,7 @@ class Transitions:
         self._apply = scheduler.apply
         self._poke = scheduler.poke
         self._gate = scheduler.gate
+        self._relayed = scheduler.relayed
         self._add_to_disk = submission.add_to_disk
         self._signature = submission.signature  # DKIM, for the notices made here
         self._history = history
@@ -236,6 +237,7 @@ class Transitions:
             policy=policy.delivery,
             suppressed=held,
             relayed=bool(to_send),
+            destination=policy,
         )
 
     async def _set_aside_damaged(self, entry: Entry, reason: str) -> None:
@@ -321,11 +323,15 @@ class Transitions:
         policy: DeliveryPolicy,
         suppressed: Mapping[str, Suppression] | None = None,
         relayed: bool = True,
+        destination: DestinationPolicy | None = None,
     ) -> None:
         """Apply what an attempt did. ``suppressed``: recipients failed
         because they are on the suppression list (``on_error`` is not asked
         about them); ``relayed``: whether a hop was tried at all (else the
-        attempt says nothing about hops)."""
+        attempt says nothing about hops); ``destination``: the attempt's
+        policy, given when its connection is back: its destination's slot is
+        then freed as soon as the outcome is known not to throttle a hop
+        (the next of the line need not wait for this attempt's writes)."""
         old = entry.msg
         suppressed = suppressed or {}
         actions = {
@@ -348,6 +354,8 @@ class Transitions:
             policy=policy,
             after_crash=self._parts.settings.after_crash,
         )
+        if destination is not None and not result.hops.throttled:
+            self._relayed(entry, destination)
         new = result.record
         event = result.event
         for notice in result.notices:

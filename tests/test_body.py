@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from spoold.body import _SMALL, Body, BodyCheck, LineEndingPolicy, find_bare_line_ending
 from spoold.errors import BareLineEndingError, BodyDamagedError, SpooldError
-from spoold.relay import BodyHandle
+from spoold.relay import BodyHandle, BodyReader
 from spoold.smtp_relay import SmtpRelay
 from tests.daemon_helpers import DaemonFactory, cli, prefill, spooled, write_config
 from tests.relay_helpers import ALICE, message_to, route
@@ -420,11 +420,15 @@ async def test_a_small_body_is_checked_when_opened(tmp_path: Path, damage: str) 
         with body.path.open("ab") as f:
             f.write(b"more\r\n")
     handle = BodyHandle(body.path, check=check)
-    with pytest.raises(BodyDamagedError, match="damaged body"):
+    # A body of the wrong size is told by its size on disk.
+    told = "damaged body" if damage == "changed" else f" {body.path.stat().st_size} bytes where "
+    with pytest.raises(BodyDamagedError, match=told):
         async with handle.open():
             pass
-    with pytest.raises(BodyDamagedError):
+    with pytest.raises(BodyDamagedError, match=told):
         await handle.read()
+    with pytest.raises(BodyDamagedError, match=told):
+        BodyReader.open_sync(body.path, 64 * 1024, check)
     assert msg.id in str(body.path)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -414,6 +415,76 @@ async def test_max_connections_is_never_exceeded_and_waiting_takes_no_send_job(
         await wait_until(lambda: few.transactions == 6, "the route to drain")
         assert few.max_open_connections == 2
         assert few.connections_opened == 2  # the two were reused, never a third
+
+
+async def test_a_connection_given_back_frees_the_slot_before_the_outcome_is_written(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    # With max_connections = 1, the first message is refused (550) and its
+    # bounce is held in the store's group commit, after the relay: the next
+    # of the line goes meanwhile, because the slot is the connection's, not
+    # the local work's after it.
+    rcpt_reply = asyncio.Event()
+    few = await start_smtp_server()
+    few.behaviour.rcpt["r0@few.example"] = Reply("550 5.1.1 no such user", gate=rcpt_reply)
+    router = router_for(
+        tmp_path,
+        {
+            "few": {"domains": ["few.example"], "next_hops": [few.hop], "max_connections": 1},
+            "free": {"next_hops": ["127.0.0.1:9"]},
+        },
+    )
+    hold, held, release = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_the_bounce(step: str) -> None:
+        if step == "write_record" and hold.is_set() and not held.is_set():
+            held.set()
+            release.wait(30)
+
+    async with spool_with(
+        tmp_path, make_relay(route()), router, FakeClock(START), on_step=hold_the_bounce
+    ) as (spool, _stream):
+        try:
+            first = await add(spool, router, "r0@few.example")
+            await add(spool, router, "r1@few.example")
+            await wait_until(lambda: few.count("RCPT") == 1, "the first RCPT")
+            hold.set()
+            rcpt_reply.set()
+            await wait_until(held.is_set, "the bounce to be held")
+            # The second is delivered (and gone) while the first is being finished.
+            await wait_until(lambda: [m.id for m in spool.status()] == [first], "the second")
+            assert (few.transactions, few.max_open_connections) == (1, 1)
+        finally:
+            release.set()
+        await wait_until(lambda: spool.running_sends == 0, "the first attempt to end")
+
+
+async def test_a_throttled_attempt_holds_its_slot_until_the_hop_is_backed_off(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    # The same, but the refusal throttles: the next of the line must not go
+    # to the hop before the backoff is in place (it waits for the window).
+    rcpt_reply = asyncio.Event()
+    few = await start_smtp_server()
+    few.behaviour.rcpt["r0@few.example"] = Reply("450 4.7.1 slow down", gate=rcpt_reply)
+    router = router_for(
+        tmp_path,
+        {
+            "few": {"domains": ["few.example"], "next_hops": [few.hop], "max_connections": 1},
+            "free": {"next_hops": ["127.0.0.1:9"]},
+        },
+    )
+    async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (
+        spool,
+        stream,
+    ):
+        await add(spool, router, "r0@few.example")
+        await add(spool, router, "r1@few.example")
+        await wait_until(lambda: few.count("RCPT") == 1, "the first RCPT")
+        rcpt_reply.set()
+        [e async for e in _until_kind(stream, EventKind.THROTTLED)]
+        await wait_until(lambda: spool.running_sends == 0, "the attempt to end")
+        assert few.count("MAIL") == 1
 
 
 async def test_a_reload_that_lifts_the_limit_frees_those_waiting(

@@ -65,6 +65,7 @@ class Store:
         self.owner = owner
         self.sync: SyncMode = sync
         self._dir = StoreDirectory(root, self.queues, owner=owner, on_step=on_step)
+        self._data_path = Path(self._dir.data)  # a body's path is this / its id (parsed once)
         self._registry = Registry(self._dir.registry, self._dir.pid)
         self._wakeup = Wakeup(f"{root}/wakeup")
         self._hops = WorkerHops(root, max_threads)
@@ -427,7 +428,7 @@ class Store:
 
     def body_path(self, name: str) -> Path:
         """Where the body of ``name`` is (for streaming it without a copy)."""
-        return Path(self._dir.data, validate_id(name))
+        return self._data_path / validate_id(name)
 
     def _read_body_sync(self, name: str) -> bytes:
         """The body of ``name``."""
@@ -534,9 +535,13 @@ class Store:
         self._require_owner()
         validate_id(name)
         d = self._dir
-        qd = d.qdir(queue, checked_out)
-        if not os.path.exists(f"{qd}/{name}"):
-            raise NotFoundError(f"{name}: not in queue {queue}")
+        record = f"{d.qdir(queue, checked_out)}/{name}"
+        try:
+            # Whether it is there, and what the pool needs to know of it: one
+            # lstat (the pool checks the link count again when it reuses it).
+            st = os.lstat(record)
+        except FileNotFoundError:
+            raise NotFoundError(f"{name}: not in queue {queue}") from None
         # The registry entry goes first: it names the writer that created
         # the entry, which may still be alive, and a body left behind by a
         # crash below must read as nobody's (recovery then removes it).
@@ -547,8 +552,6 @@ class Store:
         # spoold.store.pool, which says why that is as safe as an unlink.
         try:
             d.step("unlink_record")
-            record = f"{qd}/{name}"
-            st = os.lstat(record)
             self._pool.put(record, "record", st.st_size, st.st_nlink)
         except FileNotFoundError:
             raise NotFoundError(f"{name}: not in queue {queue}") from None
