@@ -22,7 +22,7 @@ from spoold.message import Queue
 from spoold.ondisk import OnDiskSpool
 from spoold.store import pool as pool_module
 from spoold.store import store as store_module
-from spoold.store.pool import POOL_FILE_SIZE, POOL_PREFIX, FilePool
+from spoold.store.pool import POOL_BYTES, POOL_FILE_SIZE, POOL_PREFIX, FilePool
 from tests.factories import new_message
 from tests.store_child import GROUPED_STEPS
 from tests.support import spool_files, without_pool
@@ -87,11 +87,20 @@ async def test_fsync_mode_removes_the_pool_at_open_and_keeps_none(tmp_path: Path
     await od.close()
 
 
-async def test_a_large_body_is_removed_not_pooled(tmp_path: Path) -> None:
+async def test_a_body_up_to_the_file_bound_is_pooled_a_larger_one_removed(
+    tmp_path: Path,
+) -> None:
     od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    (large,) = await od.add([new_message(b"Subject: large\r\n\r\n" + b"x" * 100 * 1024)])
     (big,) = await od.add([new_message(b"Subject: big\r\n\r\n" + b"x" * POOL_FILE_SIZE)])
+    await od.store.delete(Queue.ACTIVE.value, large.id)
+    # pool.PID.N.SIZE.KIND: the size the file has
+    pooled = {n.rsplit(".", 1)[1]: n for n in _pool(tmp_path)}
+    assert sorted(pooled) == ["body", "record"]
+    for name in pooled.values():
+        assert int(name.split(".")[3]) == (tmp_path / "tmp" / name).stat().st_size
     await od.store.delete(Queue.ACTIVE.value, big.id)
-    assert len(_pool(tmp_path)) == 1  # the record only
+    assert sorted(n.rsplit(".", 1)[1] for n in _pool(tmp_path)) == ["body", "record", "record"]
     await od.close()
 
 
@@ -369,4 +378,144 @@ async def test_the_check_finds_no_damage_in_a_body_deleted_while_read(
     _recycling_open(monkeypatch, ondisk_module, root / "data" / msg.id, other)
     assert await od.check(max_age=0) == []
     monkeypatch.undo()
+    await od.close()
+
+
+def _put_files(pool: FilePool, root: Path, sizes: list[int], kind: str = "body") -> list[int]:
+    """Put files of ``sizes`` bytes into ``pool``; their inode numbers."""
+    inodes = []
+    for n, size in enumerate(sizes):
+        path = root / f"{kind}.{n}"
+        path.write_bytes(b"o" * size)
+        inodes.append(_inode(path))
+        st = os.lstat(path)
+        pool.put(str(path), kind, st.st_size, st.st_nlink)
+    return inodes
+
+
+def test_the_pool_holds_bytes_up_to_its_bound_counted_in_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file counts its whole blocks (one at least); a file the pool
+    has no room left for is unlinked, a smaller one may still go in."""
+    monkeypatch.setattr(pool_module, "POOL_BYTES", 10 * 4096)
+    pool = FilePool(str(tmp_path), os.getpid())
+    _put_files(pool, tmp_path, [4 * 4096, 4 * 4096 - 1, 2 * 4096 + 1, 1, 0])
+    sizes = sorted(int(n.split(".")[3]) for n in _pool(tmp_path, ""))
+    assert sizes == [0, 1, 4 * 4096 - 1, 4 * 4096]  # 3 blocks did not fit in the 2 left
+    assert not [n for n in os.listdir(tmp_path) if not n.startswith(POOL_PREFIX)]
+
+
+def test_a_full_pool_is_counted_again_soon_and_takes_files_once_claimed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers' claims are not seen between two counts: a full pool is
+    counted again after a few puts, not after the usual many, so a pool
+    that writers empty as fast as deletes fill it keeps taking files."""
+    monkeypatch.setattr(pool_module, "POOL_BYTES", 4 * 4096)
+    owner = FilePool(str(tmp_path), os.getpid())
+    writer = FilePool(str(tmp_path), os.getpid())
+    _put_files(owner, tmp_path, [4096] * 4)
+    assert len(_pool(tmp_path, "")) == 4
+    writer.synced(writer.claim(4))
+    assert _pool(tmp_path, "") == []
+    # Unlinked: not counted again before _COUNT_FULL puts since the last count.
+    _put_files(owner, tmp_path, [4096] * (pool_module._COUNT_FULL - 4))
+    assert _pool(tmp_path, "") == []
+    _put_files(owner, tmp_path, [4096] * 4)  # counted again: room for four
+    assert len(_pool(tmp_path, "")) == 4
+
+
+def test_a_writer_takes_the_file_nearest_in_size(tmp_path: Path) -> None:
+    owner = FilePool(str(tmp_path), os.getpid())
+    writer = FilePool(str(tmp_path), os.getpid())
+    small, middle, large = _put_files(owner, tmp_path, [900, 100 * 1024, POOL_FILE_SIZE])
+    writer.synced(writer.claim(3))
+
+    def taken(size: int) -> int:
+        path = writer.take("body", size)
+        assert path is not None
+        return _inode(Path(path))
+
+    assert taken(90 * 1024) == middle
+    assert taken(10) == small
+    assert taken(50) == large  # the only one left
+    assert writer.take("body", 50) is None
+    assert writer.take("record", 50) is None
+
+
+def test_a_writer_holds_at_most_its_bound_of_bytes_claimed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "_CLAIM_BYTES", 3 * 4096)
+    owner = FilePool(str(tmp_path), os.getpid())
+    writer = FilePool(str(tmp_path), os.getpid())
+    _put_files(owner, tmp_path, [2 * 4096] * 4)
+    assert len(writer.claim(4)) == 2  # the second takes it past: no third
+    assert len(_pool(tmp_path, "")) == 2
+
+
+def test_a_pool_file_named_by_an_older_spoold_is_reused(tmp_path: Path) -> None:
+    """``pool.PID.N.KIND`` (no size): claimed and written like the others,
+    counted at the older bound (64 KiB)."""
+    old = tmp_path / f"{POOL_PREFIX}1.0.body"
+    old.write_bytes(OLD)
+    inode = _inode(old)
+    writer = FilePool(str(tmp_path), os.getpid())
+    writer.synced(writer.claim(1))
+    path = writer.take("body", 10)
+    assert path is not None and _inode(Path(path)) == inode
+    assert not old.exists()
+
+
+async def test_new_bodies_are_written_over_pooled_ones_of_any_size(tmp_path: Path) -> None:
+    """A pooled body larger than the new one is cut to its length, a
+    smaller one grows: each new body reads back whole, with nothing of the
+    old ones, and no old content is left anywhere but in the pool."""
+    old_big = b"Subject: old\r\n\r\n" + OLD * 100  # about 190 KiB
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    (old,) = await od.add([new_message(old_big)])
+    pooled = _inode(tmp_path / "data" / old.id)
+    await od.store.delete(Queue.ACTIVE.value, old.id)
+    await od.close()
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")  # lists the pool at once
+    small = b"Subject: small\r\n\r\nsmall\r\n"
+    await od.add([new_message(small)])  # claims the files
+    (second,) = await od.add([new_message(small)])  # written over the big one
+    assert _inode(tmp_path / "data" / second.id) == pooled
+    assert (await od.read_body(second.id)).content() == small
+    assert (tmp_path / "data" / second.id).stat().st_size < 1024
+    # The other way: the small body pooled, a larger one written over it.
+    await od.store.delete(Queue.ACTIVE.value, second.id)
+    await od.close()
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    large = b"Subject: large\r\n\r\n" + b"new content\r\n" * 10_000
+    await od.add([new_message(small)])
+    (third,) = await od.add([new_message(large)])
+    assert _inode(tmp_path / "data" / third.id) == pooled
+    assert (await od.read_body(third.id)).content() == large
+    assert all(
+        OLD[20:60] not in content for content in without_pool(spool_files(tmp_path)).values()
+    )
+    assert await od.check(max_age=0) == []
+    await od.close()
+
+
+async def test_the_pool_is_off_while_the_disk_has_not_room_for_all_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """Room for a full pool (its byte bound) above min_free_space, or no
+    pool: a delete then unlinks, as it would without one."""
+    free = shutil.disk_usage(tmp_path).free
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs", min_free_bytes=free - POOL_BYTES // 2)
+    (msg,) = await od.add([new_message(b"Subject: b\r\n\r\n" + b"x" * 100 * 1024)])
+    await od.store.delete(Queue.ACTIVE.value, msg.id)
+    assert spool_files(tmp_path) == {}
+    await od.close()
+    free = shutil.disk_usage(tmp_path).free
+    min_free = free - POOL_BYTES - 1024 * 1024 * 1024
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs", min_free_bytes=min_free)
+    (msg,) = await od.add([new_message(b"Subject: b\r\n\r\n" + b"x" * 100 * 1024)])
+    await od.store.delete(Queue.ACTIVE.value, msg.id)
+    assert sorted(n.rsplit(".", 1)[1] for n in _pool(tmp_path)) == ["body", "record"]
     await od.close()

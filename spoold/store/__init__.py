@@ -10,7 +10,7 @@ Layout of a store directory::
     .registry/.writer.PID.N   that pid, written once per writer process:
                       each entry is a hard link to it (see below)
     tmp/              staging: PID.NAME.KIND.RANDOM, never read back
-    tmp/pool.PID.N.KIND   a removed record or body kept to be written again by a
+    tmp/pool.PID.N.SIZE.KIND   a removed record or body kept to be written again by a
                       group commit (``tmp/PID.reuse.N`` once a writer claimed it)
     data/NAME         the entry's body (opaque bytes)
     QUEUE/NAME        the entry's record (opaque bytes), one directory per queue

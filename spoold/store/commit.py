@@ -181,12 +181,13 @@ class Committer:
         for name, e in zip(names, entries, strict=True):
             d.step("write_body")
             prefix = e.make_prefix(name) if e.make_prefix is not None else b""
-            reuse = None if sync else self._pool.take("body")
+            size = len(prefix) + len(e.body)
+            reuse = None if sync else self._pool.take("body", size)
             body_tmp = d.write_tmp(name, "body", e.body, prefix, sync=sync, reuse=reuse)
             written.append(body_tmp)
             d.step("write_record")
-            reuse = None if sync else self._pool.take("record")
             record = e.make_record(name, names)
+            reuse = None if sync else self._pool.take("record", len(record))
             record_tmp = d.write_tmp(name, "record", record, sync=sync, reuse=reuse)
             written.append(record_tmp)
             moves.append((name, e.queue, body_tmp, record_tmp))
