@@ -233,6 +233,7 @@ class _Destination(Generic[_T]):
     sent_now: int = 0
     out_sent_now: bool = False
     asking: bool = False  # an item out of the line asks for a shared token
+    finishing: int = 0  # attempts whose slot was freed early, still writing their outcome
 
     def open_at(self, now: float) -> float | None:
         """When the next attempt may start: ``now`` or later; None while
@@ -356,6 +357,26 @@ class DestinationGate(Generic[_T]):
         d = self._destinations.get(destination)
         if d is not None and d.running > 0:
             d.running -= 1
+
+    def relayed(self, destination: str) -> bool:
+        """An admitted attempt of ``destination`` is done with its
+        connection: its slot is freed now, unless as many of the
+        destination's attempts as ``max_connections`` are still finishing
+        (then it keeps it to its end: a route never holds more than twice
+        its ``max_connections`` send jobs). Returns whether it was freed
+        (then :meth:`finished` it at its end, not :meth:`done`)."""
+        d = self._destinations.get(destination)
+        if d is None or d.finishing >= d.limits.max_connections:
+            return False
+        d.running = max(0, d.running - 1)
+        d.finishing += 1
+        return True
+
+    def finished(self, destination: str) -> None:
+        """An attempt :meth:`relayed` freed early ended."""
+        d = self._destinations.get(destination)
+        if d is not None and d.finishing > 0:
+            d.finishing -= 1
 
     def ready(self, now: float) -> Iterator[tuple[str, _T]]:
         """Items that may start now, oldest first per destination; each one

@@ -86,6 +86,8 @@ class Scheduler:
         self.shared_rates: SharedRates | None = None
         # A fleet's shared connection slots (None: this spool's own limits).
         self.shared_slots: SharedSlots | None = None
+        # Attempts whose slot was freed early (relayed): message id -> destination.
+        self._finishing: dict[str, str] = {}
 
     # ------------------------------------------------------------ settings
 
@@ -307,8 +309,10 @@ class Scheduler:
         destination = entry.destination
         if destination is None or not policy.reuse_connections:
             return
+        if not self.gate.relayed(destination):
+            return  # as many of its line are finishing: it keeps its slot
         entry.destination = None
-        self.gate.done(destination)
+        self._finishing[entry.msg.id] = destination
         if self.gate.waiting(destination):
             self.poke()
 
@@ -397,6 +401,10 @@ class Scheduler:
             if entry.destination is not None:
                 self.gate.done(entry.destination)
                 entry.destination = None
+            elif self._finishing and (freed := self._finishing.pop(entry.msg.id, None)):
+                self.gate.finished(freed)
+                if self.gate.waiting(freed):
+                    self.poke()
 
     async def _shared_slot(self, policy: DestinationPolicy) -> str | SlotWait | None:
         """The destination's fleet-wide connection slot, if

@@ -459,6 +459,64 @@ async def test_a_connection_given_back_frees_the_slot_before_the_outcome_is_writ
         await wait_until(lambda: spool.running_sends == 0, "the first attempt to end")
 
 
+async def test_a_route_takes_at_most_twice_its_connections_in_send_jobs_while_outcomes_wait(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
+) -> None:
+    # max_connections = 1 and three send jobs. Every attempt of the route is
+    # refused (550) and its outcome's first write is held: the first
+    # attempt finishes without its slot, the second keeps its slot to its
+    # end, so no third starts and the third job still carries the other
+    # route's mail (a slow disk must not let one route take every job).
+    rcpt_reply = asyncio.Event()
+    few = await start_smtp_server()
+    few.behaviour.rcpt["r0@few.example"] = Reply("550 5.1.1 no such user", gate=rcpt_reply)
+    for i in range(1, 6):
+        few.behaviour.rcpt[f"r{i}@few.example"] = Reply("550 5.1.1 no such user")
+    free = await start_smtp_server()
+    router = router_for(
+        tmp_path,
+        {
+            "few": {"domains": ["few.example"], "next_hops": [few.hop], "max_connections": 1},
+            "free": {"next_hops": [free.hop]},
+        },
+    )
+    hold, release = threading.Event(), threading.Event()
+    held: list[str] = []
+    lock = threading.Lock()
+
+    def hold_two_outcomes(step: str) -> None:
+        if step != "write_record" or not hold.is_set():
+            return
+        with lock:
+            if len(held) == 2:
+                return
+            held.append(step)
+        release.wait(30)
+
+    async with spool_with(
+        tmp_path,
+        make_relay(route()),
+        router,
+        FakeClock(START),
+        on_step=hold_two_outcomes,
+        max_concurrent_send_jobs=3,
+    ) as (spool, _stream):
+        try:
+            for i in range(6):
+                await add(spool, router, f"r{i}@few.example")
+            await wait_until(lambda: few.count("RCPT") == 1, "the first RCPT")
+            hold.set()
+            rcpt_reply.set()
+            await wait_until(lambda: len(held) == 2, "two attempts writing their outcomes")
+            await delivered_through(spool, router, free)
+            await settle()
+            assert (few.count("RCPT"), few.max_open_connections) == (2, 1)
+        finally:
+            release.set()
+        await wait_until(lambda: few.count("RCPT") == 6, "the route to drain")
+        assert few.max_open_connections == 1
+
+
 async def test_a_throttled_attempt_holds_its_slot_until_the_hop_is_backed_off(
     start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
 ) -> None:
