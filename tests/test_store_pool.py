@@ -519,3 +519,45 @@ async def test_the_pool_is_off_while_the_disk_has_not_room_for_all_its_bytes(
     await od.store.delete(Queue.ACTIVE.value, msg.id)
     assert sorted(n.rsplit(".", 1)[1] for n in _pool(tmp_path)) == ["body", "record"]
     await od.close()
+
+
+async def test_odd_names_in_tmp_break_neither_recovery_nor_the_pool(tmp_path: Path) -> None:
+    """Names made by hand or by another program: a size or pid that is no
+    ASCII number ("²" is a digit to str.isdigit, not to int), or a size
+    larger than the pool takes. Recovery, deletes and adds go on; the pool
+    counts such a file at a bound."""
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    await od.close()
+    odd = [f"{POOL_PREFIX}1.0.\u00b2\u00b3.body", f"{POOL_PREFIX}1.1.{'9' * 30}.body"]
+    for name in [*odd, "\u00b2.reuse.1", "\u00b2x"]:
+        (tmp_path / "tmp" / name).write_bytes(b"o")
+    od, _ = await OnDiskSpool.open(tmp_path, sync="syncfs")
+    assert sorted(os.listdir(tmp_path / "tmp")) == sorted(odd)  # the others were nobody's
+    ids = [m.id for m in await od.add([new_message() for _ in range(3)])]
+    for mid in ids:
+        await od.store.delete(Queue.ACTIVE.value, mid)  # into the pool
+    await _add_until_reused(od)
+    assert _pool(tmp_path) == []  # every pooled file claimed, the odd ones too
+    await od.close()
+
+
+def test_a_pool_full_of_files_is_not_listed_again_every_few_puts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full by its file bound (small mail's steady state), the pool is
+    counted once every _COUNT_EVERY puts, not every _COUNT_FULL: a count
+    lists tmp/ and reads every name."""
+    monkeypatch.setattr(pool_module, "POOL_FILES", 4)
+    owner = FilePool(str(tmp_path), os.getpid())
+    listings = 0
+    names = owner._names
+
+    def counted() -> list[str]:
+        nonlocal listings
+        listings += 1
+        return names()
+
+    monkeypatch.setattr(owner, "_names", counted)
+    _put_files(owner, tmp_path, [100] * (pool_module._COUNT_EVERY - 1))
+    assert listings == 1
+    assert len(_pool(tmp_path, "")) == 4

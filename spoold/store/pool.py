@@ -107,7 +107,8 @@ def claimed_pid(tmp_name: str) -> int | None:
     (``PID.reuse.N``), or None for any other name. A writer holds its
     claimed files as long as it runs (an idle one too)."""
     pid, _, rest = tmp_name.partition(".")
-    return int(pid) if pid.isdigit() and rest.startswith("reuse.") else None
+    # isascii: "²".isdigit() is true, but int() refuses it
+    return int(pid) if pid.isascii() and pid.isdigit() and rest.startswith("reuse.") else None
 
 
 def _held(size: int) -> int:
@@ -120,8 +121,9 @@ def _pooled_size(name: str) -> int:
     """The size of the pool's file ``name`` (``pool.PID.N.SIZE.KIND``), as
     its delete found it."""
     parts = name.split(".")
-    if len(parts) == 5 and parts[3].isdigit():
-        return int(parts[3])
+    if len(parts) == 5 and parts[3].isascii() and parts[3].isdigit():
+        # No more than the pool takes: a name made by hand cannot fill it.
+        return min(int(parts[3]), POOL_FILE_SIZE)
     return _OLD_SIZE  # pool.PID.N.KIND (an older spoold): its bound
 
 
@@ -234,7 +236,11 @@ class FilePool:
         a full pool (:data:`POOL_BYTES`) above ``spool.min_free_space`` (a
         delete then frees what it removes, as it would without a pool)."""
         fits = self._files_left > 0 and held <= self._bytes_left
-        if self._puts_left <= 0 or (not fits and self._puts_counted >= _COUNT_FULL):
+        # Counted again soon only when full by bytes (big bodies): a count
+        # reads every name's size, and a pool full by files (small mail,
+        # the steady state) would be counted every few puts for nothing.
+        soon = not fits and self._files_left > 0 and self._puts_counted >= _COUNT_FULL
+        if self._puts_left <= 0 or soon:
             self._count()
             fits = self._files_left > 0 and held <= self._bytes_left
         self._puts_left -= 1

@@ -60,7 +60,12 @@ def recover_sync(
         if tmp_name.startswith(POOL_PREFIX):
             continue  # the pool of removed files: nobody's, kept for reuse
         pid_text = tmp_name.split(".", 1)[0]
-        if pid_text.isdigit() and int(pid_text) != d.pid and pid_alive(int(pid_text)):
+        if (
+            pid_text.isascii()
+            and pid_text.isdigit()
+            and int(pid_text) != d.pid
+            and pid_alive(int(pid_text))
+        ):
             continue  # a live writer's work in progress
         # Anything in tmp/ was never renamed into place: it was never
         # acknowledged, and the committed copy (if any) is elsewhere.
