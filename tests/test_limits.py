@@ -417,6 +417,27 @@ async def test_max_connections_is_never_exceeded_and_waiting_takes_no_send_job(
         assert few.connections_opened == 2  # the two were reused, never a third
 
 
+async def one_connection_route(
+    start_smtp_server: StartServer, tmp_path: Path, first: str, free_hop: str, refused: int = 1
+) -> tuple[SmtpTestServer, Router, asyncio.Event]:
+    """Route ``few`` (max_connections = 1) to a server that answers the
+    first message's RCPT with ``first`` once the event returned is set, and
+    refuses the next ``refused - 1`` (550); route ``free`` to ``free_hop``."""
+    rcpt_reply = asyncio.Event()
+    few = await start_smtp_server()
+    few.behaviour.rcpt["r0@few.example"] = Reply(first, gate=rcpt_reply)
+    for i in range(1, refused):
+        few.behaviour.rcpt[f"r{i}@few.example"] = Reply("550 5.1.1 no such user")
+    router = router_for(
+        tmp_path,
+        {
+            "few": {"domains": ["few.example"], "next_hops": [few.hop], "max_connections": 1},
+            "free": {"next_hops": [free_hop]},
+        },
+    )
+    return few, router, rcpt_reply
+
+
 async def test_a_connection_given_back_frees_the_slot_before_the_outcome_is_written(
     start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path
 ) -> None:
@@ -424,15 +445,8 @@ async def test_a_connection_given_back_frees_the_slot_before_the_outcome_is_writ
     # bounce is held in the store's group commit, after the relay: the next
     # of the line goes meanwhile, because the slot is the connection's, not
     # the local work's after it.
-    rcpt_reply = asyncio.Event()
-    few = await start_smtp_server()
-    few.behaviour.rcpt["r0@few.example"] = Reply("550 5.1.1 no such user", gate=rcpt_reply)
-    router = router_for(
-        tmp_path,
-        {
-            "few": {"domains": ["few.example"], "next_hops": [few.hop], "max_connections": 1},
-            "free": {"next_hops": ["127.0.0.1:9"]},
-        },
+    few, router, rcpt_reply = await one_connection_route(
+        start_smtp_server, tmp_path, "550 5.1.1 no such user", "127.0.0.1:9"
     )
     hold, held, release = threading.Event(), threading.Event(), threading.Event()
 
@@ -467,18 +481,9 @@ async def test_a_route_takes_at_most_twice_its_connections_in_send_jobs_while_ou
     # attempt finishes without its slot, the second keeps its slot to its
     # end, so no third starts and the third job still carries the other
     # route's mail (a slow disk must not let one route take every job).
-    rcpt_reply = asyncio.Event()
-    few = await start_smtp_server()
-    few.behaviour.rcpt["r0@few.example"] = Reply("550 5.1.1 no such user", gate=rcpt_reply)
-    for i in range(1, 6):
-        few.behaviour.rcpt[f"r{i}@few.example"] = Reply("550 5.1.1 no such user")
     free = await start_smtp_server()
-    router = router_for(
-        tmp_path,
-        {
-            "few": {"domains": ["few.example"], "next_hops": [few.hop], "max_connections": 1},
-            "free": {"next_hops": [free.hop]},
-        },
+    few, router, rcpt_reply = await one_connection_route(
+        start_smtp_server, tmp_path, "550 5.1.1 no such user", free.hop, refused=6
     )
     hold, release = threading.Event(), threading.Event()
     held: list[str] = []
@@ -522,15 +527,8 @@ async def test_a_throttled_attempt_holds_its_slot_until_the_hop_is_backed_off(
 ) -> None:
     # The same, but the refusal throttles: the next of the line must not go
     # to the hop before the backoff is in place (it waits for the window).
-    rcpt_reply = asyncio.Event()
-    few = await start_smtp_server()
-    few.behaviour.rcpt["r0@few.example"] = Reply("450 4.7.1 slow down", gate=rcpt_reply)
-    router = router_for(
-        tmp_path,
-        {
-            "few": {"domains": ["few.example"], "next_hops": [few.hop], "max_connections": 1},
-            "free": {"next_hops": ["127.0.0.1:9"]},
-        },
+    few, router, rcpt_reply = await one_connection_route(
+        start_smtp_server, tmp_path, "450 4.7.1 slow down", "127.0.0.1:9"
     )
     async with spool_with(tmp_path, make_relay(route()), router, FakeClock(START)) as (
         spool,
