@@ -368,7 +368,7 @@ class DestinationGate(Generic[_T]):
         d = self._destinations.get(destination)
         if d is None or d.finishing >= d.limits.max_connections:
             return False
-        d.running = max(0, d.running - 1)
+        self.done(destination)
         d.finishing += 1
         return True
 
