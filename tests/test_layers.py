@@ -78,6 +78,7 @@ LIBRARY_ROWS: list[list[str]] = [
     # plain values
     [
         "errors",
+        "numerals",
         "kinds",
         "times",
         "ids",
