@@ -46,6 +46,7 @@ import anyio.abc
 import structlog
 
 from spoold.errors import SpooldError
+from spoold.numerals import ascii_decimal
 from spoold.suppression import SUPPRESSION_COUNTS, SuppressionCount
 
 __all__ = ["IngestWorkers", "worker_count"]
@@ -212,9 +213,10 @@ class IngestWorkers:
                     return
                 *lines, pending = (pending + data).split(b"\n")
                 for line in lines:
-                    kind, _, number = line.decode("ascii", "replace").partition(" ")
-                    if kind in SUPPRESSION_COUNTS and number.isdigit() and self.on_count:
-                        self.on_count(kind, int(number))
+                    kind, _, text = line.decode("ascii", "replace").partition(" ")
+                    number = ascii_decimal(text)
+                    if kind in SUPPRESSION_COUNTS and number is not None and self.on_count:
+                        self.on_count(kind, number)
         finally:
             os.close(fd)
 
