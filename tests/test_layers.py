@@ -79,6 +79,7 @@ LIBRARY_ROWS: list[list[str]] = [
     [
         "errors",
         "numerals",
+        "shared_counter",
         "kinds",
         "times",
         "ids",

@@ -207,7 +207,8 @@ class SessionHost(Protocol):
 
     def suppressions_stale(self) -> bool:
         """At RCPT: whether the suppression list changed since the host read
-        it (one ``stat``), so :meth:`refresh_suppressions` must come first."""
+        it (no file I/O: see :meth:`spoold.suppression.Suppressions.stale`),
+        so :meth:`refresh_suppressions` must come first."""
         ...
 
     async def refresh_suppressions(self) -> None:
