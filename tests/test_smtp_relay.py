@@ -60,7 +60,14 @@ from tests.smtp_server import (
     TlsCertificate,
 )
 from tests.spool_helpers import settle
-from tests.support import NOT_ASCII_DIGITS, WAIT_TIMEOUT, free_port, wait_until
+from tests.support import (
+    ARABIC_TEN,
+    NOT_ASCII_DIGITS,
+    SUPERSCRIPT_TWO,
+    WAIT_TIMEOUT,
+    free_port,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -1278,7 +1285,11 @@ def test_parse_hop(hop: str, expected: tuple[str, int]) -> None:
     [
         ("h:0", "port out of range"),
         ("h:65536", "port out of range"),
-        ("h:-1", "port out of range"),
+        ("h:-1", "port is not a number"),  # a sign: int() took it
+        ("h: 25", "port is not a number"),
+        ("h:2_5", "port is not a number"),
+        (f"h:{ARABIC_TEN}", "port is not a number"),
+        (f"h:{SUPERSCRIPT_TWO}", "port is not a number"),
         ("h:smtp", "port is not a number"),
         ("[::1]:x", "port is not a number"),
         (":25", "no host"),
