@@ -46,6 +46,7 @@ from email.utils import format_datetime, make_msgid
 
 from spoold.body import Body
 from spoold.message import Message
+from spoold.numerals import ascii_decimal
 from spoold.outcome import Notice, NoticeKind, RecipientNotice
 
 __all__ = ["build_dsn", "dsn_body", "header_section", "MAILER_DAEMON", "MAX_ORIGINAL_HEADERS"]
@@ -197,7 +198,7 @@ def _recipient_fields(
 def _host_of(hop: str) -> str:
     """``host`` of a next hop written ``host:port`` or ``[v6]:port``."""
     host, sep, port = hop.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or ascii_decimal(port) is None:
         return hop
     return host.strip("[]")
 

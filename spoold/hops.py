@@ -14,6 +14,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable
 
+from spoold.numerals import ascii_decimal
+
 __all__ = ["parse_hop", "nameserver_address", "ResolveHost"]
 
 ResolveHost = Callable[[str], Awaitable[list[str]]]
@@ -34,9 +36,10 @@ def nameserver_address(text: str) -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address with an optional ':port'") from None
-    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    number = ascii_decimal(port)
+    if number is None or not 0 < number < 65536:
         raise ValueError(f"{text!r}: port out of range")
-    return host, int(port)
+    return host, number
 
 
 def parse_hop(hop: str) -> tuple[str, int]:
@@ -57,10 +60,9 @@ def parse_hop(hop: str) -> tuple[str, int]:
         raise ValueError(f"next hop {hop!r}: no host")
     if port == "":
         raise ValueError(f"next hop {hop!r}: empty port")
-    try:
-        number = 25 if port is None else int(port)
-    except ValueError:
-        raise ValueError(f"next hop {hop!r}: port is not a number") from None
+    number = 25 if port is None else ascii_decimal(port)
+    if number is None:  # int() would take " 25", "2_5" and other scripts' digits
+        raise ValueError(f"next hop {hop!r}: port is not a number")
     if not 0 < number < 65536:
         raise ValueError(f"next hop {hop!r}: port out of range")
     return host, number

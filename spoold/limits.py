@@ -74,7 +74,7 @@ DEFAULT_MAX_CONNECTIONS = 10
 BACKOFF_FIRST: Final = timedelta(minutes=1)
 BACKOFF_MAX: Final = timedelta(hours=1)
 
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\S.*?)\s*$")
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\S.*?)\s*$", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +108,7 @@ def parse_rate(value: object) -> Rate | None:
         raise ValueError(f"expected a rate like '50/s' or '1000/h', got {value!r}")
     count, unit = int(m.group(1)), m.group(2)
     try:
-        per = parse_span(unit if unit[0].isdigit() else f"1{unit}")
+        per = parse_span(unit if unit[0] in "0123456789" else f"1{unit}")
     except ValueError:
         raise ValueError(f"expected a rate like '50/s' or '1000/h', got {value!r}") from None
     if count < 1 or per <= timedelta(0):

@@ -47,6 +47,7 @@ import anyio
 
 from spoold.errors import TlsPolicyError
 from spoold.log import get_logger
+from spoold.numerals import ascii_decimal
 
 __all__ = [
     "StsMode",
@@ -175,11 +176,8 @@ def parse_policy(text: str) -> StsPolicy:
     if mode not in get_args(StsMode):
         raise TlsPolicyError(f"an MTA-STS policy with mode {mode!r} (enforce, testing or none)")
     max_age = fields.get("max_age", "")
-    if (
-        not (max_age.isascii() and max_age.isdigit())
-        or len(max_age) > 10
-        or int(max_age) > MAX_MAX_AGE
-    ):
+    seconds = ascii_decimal(max_age, max_digits=10)
+    if seconds is None or seconds > MAX_MAX_AGE:
         raise TlsPolicyError(
             f"an MTA-STS policy with max_age {max_age!r} (0 to {MAX_MAX_AGE} seconds)"
         )
@@ -190,7 +188,7 @@ def parse_policy(text: str) -> StsPolicy:
     for pattern in mx:
         if not pattern or "*" in pattern.removeprefix("*."):
             raise TlsPolicyError(f"an MTA-STS policy with a bad mx pattern {pattern!r}")
-    return StsPolicy(mode, tuple(mx), int(max_age))  # type: ignore[arg-type]  # checked above
+    return StsPolicy(mode, tuple(mx), seconds)  # type: ignore[arg-type]  # checked above
 
 
 def mx_matches(pattern: str, host: str) -> bool:

@@ -69,6 +69,7 @@ from spoold.errors import (
     SmtpTimeoutError,
     SmtpTlsError,
 )
+from spoold.numerals import ascii_decimal
 
 __all__ = [
     "MAX_REPLY_SIZE",
@@ -471,11 +472,12 @@ class SmtpClient:
     @property
     def size_limit(self) -> int | None:
         """The SIZE the server declared: ``None`` if it did not offer SIZE,
-        0 if it offered SIZE without a limit."""
+        0 if it offered SIZE without a limit (or with a value that is not
+        ASCII digits: no limit it wrote)."""
         value = self.extensions.get("SIZE")
         if value is None:
             return None
-        return int(value) if value.isdigit() else 0
+        return ascii_decimal(value) or 0
 
     @property
     def auth_mechanisms(self) -> frozenset[str]:

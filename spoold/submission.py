@@ -213,7 +213,7 @@ class Submission:
     ) -> list[str]:
         if self._settings().suppressed_recipients == "refuse":
             # No coroutine made unless the list must be read again (the
-            # usual add: one stat, no list).
+            # usual add: a look at the owner's count, or one stat, and no list).
             listed = self.suppressions
             if listed.stale():
                 await listed.refresh()

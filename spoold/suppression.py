@@ -27,14 +27,27 @@ memory first, so this process applies it at once; the call that made it
 returns once it is durable. Entries that ended are dropped when the list
 is full and by housekeeping (:meth:`Suppressions.prune`).
 Other processes (the SMTP ingest workers) read it and read it again when it
-changed: :meth:`Suppressions.stale` compares the file's identity (inode,
-size, change and modification times) with what was read (the owner sets
-each new file's modification time at least a microsecond past the last
-one's, so two writes within one clock tick still differ, even when the
-inode is reused and the size is the same), one ``stat(2)`` of a file the kernel
-has cached (a few microseconds; see ``docs/on-disk-format.md``), and
-:meth:`Suppressions.refresh` reads it again in a worker thread (one reading
-at a time: the sessions that find it changed meanwhile wait for it).
+changed (:meth:`Suppressions.stale`, asked at each ``RCPT`` and ``add``;
+:meth:`Suppressions.refresh` reads it again in a worker thread, one reading
+at a time: the sessions that find it changed meanwhile wait for it). How a
+reader knows it changed:
+
+* an ingest worker follows the owner's change count
+  (:meth:`Suppressions.change_counter`, passed to it by the daemon;
+  :meth:`Suppressions.follow`): a :class:`~spoold.shared_counter.SharedCounter`
+  the owner adds one to once each write is durable, before the change's
+  caller returns. ``stale`` is then one load from shared memory: no system
+  call, no file touched on the event loop;
+* any other reader (a :class:`~spoold.writer.SpoolWriter` in a process the
+  daemon did not start) compares the file's identity (inode, size, change
+  and modification times) with what was read: one ``stat(2)`` of a file the
+  kernel has cached (the owner sets each new file's modification time at
+  least a microsecond past the last one's, so two writes within one clock
+  tick still differ, even when the inode is reused and the size is the
+  same; see ``docs/on-disk-format.md``).
+
+Either way an entry is in force in every reader from the first question
+asked after the change's caller (``spoold suppress add``) returned.
 
 The list is bounded (``spool.max_suppressed``): when an addition would take
 it past the bound, the entries closest to their end are dropped first.
@@ -66,6 +79,7 @@ import structlog
 
 from spoold.errors import StoreError
 from spoold.relay import RecipientResult
+from spoold.shared_counter import SharedCounter
 from spoold.store.directory import replace_file
 
 __all__ = [
@@ -321,6 +335,11 @@ class Suppressions:
         self._load_lock = anyio.Lock()
         self._quiet_until = 0.0  # monotonic: no "cannot read" log line before
         self._mtime_ns = 0  # owner: the modification time of its last write
+        # Owner: counts its durable writes for the processes it starts
+        # (change_counter); reader: the owner's count it follows, and its
+        # value when the entries were read (None: not read since following).
+        self._changes: SharedCounter | None = None
+        self._seen: int | None = None
         self._version = 0  # changes made in memory (owner)
         self._written = 0  # the last of them on disk
         # What this process did because of the list: recipients refused,
@@ -344,11 +363,31 @@ class Suppressions:
 
     # ----------------------------------------------------------- reading
 
+    def change_counter(self) -> SharedCounter:
+        """Owner: the count of its writes, for the processes it starts
+        (they :meth:`follow` it); made at the first call."""
+        self._require_owner()
+        if self._changes is None:
+            self._changes = SharedCounter.create("spoold-suppressed-changes")
+        return self._changes
+
+    def follow(self, changes: SharedCounter) -> None:
+        """Reader: from now on, the list changed when the owner's count
+        ``changes`` did (:meth:`stale` without a system call); read again
+        at the next :meth:`refresh`."""
+        if self.owner:
+            raise RuntimeError("the owner counts the changes; it does not follow them")
+        self._changes = changes
+        self._seen = None
+
     async def load(self) -> None:
         """Read the file (a worker thread); damaged lines are logged."""
+        # The count before the file: a write meanwhile is seen at the next look.
+        seen = self._changes.value if self._changes is not None and not self.owner else None
         entries, damaged, file_id = await anyio.to_thread.run_sync(_read_sync, self.path)
         self._entries = {e.address: e for e in entries}
         self._read = file_id
+        self._seen = seen
         if file_id is not None:
             self._mtime_ns = max(self._mtime_ns, file_id.mtime_ns)
         self._damaged = bool(damaged)
@@ -362,9 +401,15 @@ class Suppressions:
             )
 
     def stale(self) -> bool:
-        """Whether another process wrote the file since it was read (one
-        ``stat``; always False for the owner, the only writer)."""
-        return not self.owner and _file_id(self.path) != self._read
+        r"""Whether another process wrote the file since it was read: the
+        owner's count moved (a reader that :meth:`follow`\ s it), or one
+        ``stat`` (any other reader); always False for the owner, the only
+        writer."""
+        if self.owner:
+            return False
+        if self._changes is not None:
+            return self._changes.value != self._seen
+        return _file_id(self.path) != self._read
 
     async def refresh(self) -> None:
         """Read the file again if it changed (:meth:`stale`). Raises
@@ -592,6 +637,8 @@ class Suppressions:
             self._mtime_ns = mtime_ns
             self._damaged = False
             self._written = version
+            if self._changes is not None:
+                self._changes.bump()  # durable: the readers may read it now
 
     def _require_owner(self) -> None:
         if not self.owner:

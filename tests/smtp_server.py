@@ -93,6 +93,9 @@ class Behaviour:
     greeting: Reply | None = None
     # EHLO keywords (e.g. "8BITMIME", "SIZE") left out of the EHLO reply.
     ehlo_drop: set[str] = field(default_factory=set)
+    # EHLO lines put in place of aiosmtpd's line of the same keyword (or
+    # added), e.g. "SIZE ²": what a broken or hostile hop may announce.
+    ehlo_lines: list[str] = field(default_factory=list)
     mail: Reply | None = None
     rcpt: dict[str, Reply] = field(default_factory=dict)  # by recipient address
     data: Reply | None = None  # the DATA command itself (in place of 354)
@@ -201,11 +204,13 @@ class _Handler:
     ) -> list[str]:
         self.owner._record(server, "EHLO", hostname)
         session.host_name = hostname
+        extra = self.owner.behaviour.ehlo_lines
         drop = {k.upper() for k in self.owner.behaviour.ehlo_drop}
+        drop |= {x.split(" ")[0].upper() for x in extra}
         lines = [r[4:] for r in responses]
         if self.owner.pipelining:
             lines.insert(1, "PIPELINING")
-        kept = [lines[0]] + [x for x in lines[1:] if x.split(" ")[0].upper() not in drop]
+        kept = [lines[0]] + [x for x in lines[1:] if x.split(" ")[0].upper() not in drop] + extra
         return [f"250-{x}" for x in kept[:-1]] + [f"250 {kept[-1]}"]
 
     async def handle_MAIL(

@@ -26,11 +26,26 @@ from typing import Any
 
 import anyio
 
-__all__ = ["WAIT_TIMEOUT", "free_port", "accepting", "wait_until", "spool_files", "records_in"]
+__all__ = [
+    "WAIT_TIMEOUT",
+    "SUPERSCRIPT_TWO",
+    "ARABIC_TEN",
+    "NOT_ASCII_DIGITS",
+    "free_port",
+    "accepting",
+    "wait_until",
+    "spool_files",
+    "records_in",
+]
 
 WAIT_TIMEOUT = 30.0
 """How long :func:`wait_until` waits by default: far more than anything here
 takes on a loaded machine, so reaching it means a bug, not a slow run."""
+
+# Digits that str.isdigit() takes but a protocol or a file does not write:
+SUPERSCRIPT_TWO = "\u00b2"  # int() raises ValueError on it
+ARABIC_TEN = "\u0661\u0660"  # Arabic-Indic one, zero: int() reads 10
+NOT_ASCII_DIGITS = (SUPERSCRIPT_TWO, ARABIC_TEN)
 
 
 def free_port() -> int:

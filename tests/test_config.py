@@ -35,6 +35,7 @@ from spoold.outcome import DeliveryPolicy, OnPermanentFailure, RetriesExhausted
 from spoold.spool import DEFAULT_RETRY_SPANS
 from spoold.times import format_span, parse_size, parse_span
 from tests.factories import make_message
+from tests.support import ARABIC_TEN, SUPERSCRIPT_TWO
 
 REPO = Path(__file__).absolute().parent.parent
 SAMPLE = REPO / "config" / "spoold.toml"
@@ -634,6 +635,59 @@ BAD_FILES += [
         ["dns.nameservers: expected an IP address with an optional ':port', got 'ns.example.net'"],
     ),
     ("unknown key in dns", BASE + "[dns]\nresolver = 1\n", ["dns.resolver: unknown key"]),
+]
+
+
+# Numbers in digits that str.isdigit() takes but a config never means
+# (superscript two: int() raised; Arabic-Indic ten: int() read 10, and the
+# regular expressions' \d took it): each is refused, naming the key.
+_TEN, _TWO = ARABIC_TEN, SUPERSCRIPT_TWO
+_HOP = '\n[relay]\ndefault_route = "smarthost"\n\n[routes.smarthost]\nnext_hops = '
+BAD_FILES += [
+    (
+        "smtp listen port in other digits",
+        _smtp(f'listen = ["127.0.0.1:25{_TEN}"]\n'),
+        [f"smtp.listen: expected 'address:port', got '127.0.0.1:25{_TEN}'"],
+    ),
+    (
+        "metrics listen port in other digits",
+        BASE + f'[metrics]\nlisten = "127.0.0.1:{_TWO}"\n',
+        [f"metrics.listen: expected 'address:port', got '127.0.0.1:{_TWO}'"],
+    ),
+    (
+        "next hop port in other digits, or with a space",
+        BASE + _HOP + f'["h0:{_TEN}"]\n' + '[routes.b]\nnext_hops = ["h1: 25"]\n',
+        [
+            f"routes.smarthost.next_hops: next hop 'h0:{_TEN}': port is not a number",
+            "routes.b.next_hops: next hop 'h1: 25': port is not a number",
+        ],
+    ),
+    (
+        "span, size and rate in other digits",
+        BASE
+        + f'retry_intervals = ["{_TEN}m"]\n'
+        + f'\n[smtp]\nmax_message_size = "{_TEN}MiB"\n'
+        + _HOP
+        + f'["h0:25"]\nrate = "{_TEN}/s"\n'
+        + f'[routes.b]\nnext_hops = ["h1:25"]\nrate = "5/{_TEN}s"\n',
+        [
+            f"spool.retry_intervals: {SPAN_ERROR} '{_TEN}m'",
+            "smtp.max_message_size: expected a size like '32MiB' or a number of bytes,"
+            f" got '{_TEN}MiB'",
+            f"routes.smarthost.rate: expected a rate like '50/s' or '1000/h', got '{_TEN}/s'",
+            f"routes.b.rate: expected a rate like '50/s' or '1000/h', got '5/{_TEN}s'",
+        ],
+    ),
+    (
+        "redis database in other digits",
+        BASE + f'\n[fleet]\nredis = "redis://127.0.0.1:6379/{_TWO}"\n',
+        [f"fleet.redis: expected a database number after the port, got '{_TWO}'"],
+    ),
+    (
+        "redis database in Arabic-Indic digits",
+        BASE + f'\n[fleet]\nredis = "redis://127.0.0.1:6379/{_TEN}"\n',
+        [f"fleet.redis: expected a database number after the port, got '{_TEN}'"],
+    ),
 ]
 
 

@@ -45,7 +45,14 @@ from tests.daemon_helpers import (
     write_config,
 )
 from tests.smtp_server import HANG, SmtpTestServer, StartServer
-from tests.support import free_port, records_in, spool_files, wait_until
+from tests.support import (
+    ARABIC_TEN,
+    SUPERSCRIPT_TWO,
+    free_port,
+    records_in,
+    spool_files,
+    wait_until,
+)
 
 
 async def info(daemon: DaemonProcess) -> dict[str, Any]:
@@ -115,6 +122,33 @@ async def test_ready_comes_after_the_control_socket_with_status(
     assert during[0] == {"STATUS": "1 active, 1 frozen, 0 sending"}
     assert [d.get("RELOADING") for d in during] == [None, "1", None]
     assert all("WATCHDOG" not in d for d in [*before, *during])
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WATCHDOG_USEC": SUPERSCRIPT_TWO},  # int() raised in the watchdog loop
+        {"WATCHDOG_USEC": ARABIC_TEN},  # int() read 10: a ping every 5 us
+        {"WATCHDOG_USEC": "400000", "WATCHDOG_PID": SUPERSCRIPT_TWO},
+    ],
+)
+async def test_a_watchdog_variable_not_in_ascii_digits_asks_for_no_pings(
+    tmp_path: Path,
+    start_daemon: DaemonFactory,
+    env: dict[str, str],
+) -> None:
+    """systemd writes these in ASCII digits; anything else (``str.isdigit``
+    takes superscript and Arabic-Indic digits) is not a watchdog asked of
+    this process, as for sd_watchdog_enabled(3): the daemon runs, reloads
+    and pings nobody (the reload's READY=1 comes after the loop that would
+    ping has run, as in the test above)."""
+    config = write_config(tmp_path, next_hops=[f"127.0.0.1:{free_port()}"])
+    daemon = await start_daemon(config, env=env, wait_ready=False)
+    _, before = await daemon.notify.wait_for("READY")
+    assert cli("--config", str(config), "reload").code == 0
+    _, during = await daemon.notify.wait_for("READY")
+    assert all("WATCHDOG" not in d for d in [*before, *during])
+    assert not [line for line in daemon.log_lines() if line.get("level") == "error"]
 
 
 async def test_watchdog_pings_repeat_when_watchdog_usec_is_set(

@@ -78,6 +78,8 @@ LIBRARY_ROWS: list[list[str]] = [
     # plain values
     [
         "errors",
+        "numerals",
+        "shared_counter",
         "kinds",
         "times",
         "ids",

@@ -60,7 +60,7 @@ from tests.ingest_helpers import (
 )
 from tests.log_helpers import logging_kept
 from tests.smtp_server import TlsCertificate
-from tests.support import free_port, spool_files, wait_until
+from tests.support import NOT_ASCII_DIGITS, free_port, spool_files, wait_until
 
 TIMEOUT = 60.0  # a safety net per test: none comes near it
 PASSWORD = "s3cret"
@@ -227,6 +227,29 @@ async def test_mail_from_replies(tmp_path: Path, mail: bytes, reply: str) -> Non
             _, text = await send_line(c, mail)
             assert text.startswith(reply + " "), text
             await c.quit()
+
+
+@pytest.mark.parametrize("smtputf8", ["", " SMTPUTF8"])
+async def test_a_size_not_in_ascii_digits_is_a_syntax_error_and_the_session_goes_on(
+    tmp_path: Path, smtputf8: str
+) -> None:
+    """``SIZE=`` in digits that str.isdigit() takes (superscript two, which
+    int() refuses; Arabic-Indic ten, which int() reads as 10) is a syntax
+    error (501, RFC 5321 §4.1.1.11), not a number and not a crash: the
+    session takes a good MAIL next and the message."""
+    with anyio.fail_after(TIMEOUT):
+        async with serving(tmp_path) as served, raw_smtp(served.port) as c:
+            for digits in NOT_ASCII_DIGITS:
+                line = f"MAIL FROM:<a@example.org> SIZE={digits}{smtputf8}".encode()
+                code, text = await send_line(c, line)
+                assert (code, text[:9]) == (501, "501 5.5.4"), text
+            assert (await send_line(c, b"MAIL FROM:<a@example.org> SIZE=20"))[0] == 250
+            assert (await send_line(c, f"RCPT TO:<{RCPT}>".encode()))[0] == 250
+            assert (await c.command("DATA"))[0] == 354
+            await c.send(MESSAGE + b".\r\n")
+            assert (await c.reply())[0] == 250
+            await c.quit()
+            assert len(served.messages()) == 1
 
 
 async def test_the_source_route_is_dropped_and_parameters_kept(tmp_path: Path) -> None:

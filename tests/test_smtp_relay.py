@@ -60,7 +60,14 @@ from tests.smtp_server import (
     TlsCertificate,
 )
 from tests.spool_helpers import settle
-from tests.support import WAIT_TIMEOUT, free_port, wait_until
+from tests.support import (
+    ARABIC_TEN,
+    NOT_ASCII_DIGITS,
+    SUPERSCRIPT_TWO,
+    WAIT_TIMEOUT,
+    free_port,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -1278,7 +1285,11 @@ def test_parse_hop(hop: str, expected: tuple[str, int]) -> None:
     [
         ("h:0", "port out of range"),
         ("h:65536", "port out of range"),
-        ("h:-1", "port out of range"),
+        ("h:-1", "port is not a number"),  # a sign: int() took it
+        ("h: 25", "port is not a number"),
+        ("h:2_5", "port is not a number"),
+        (f"h:{ARABIC_TEN}", "port is not a number"),
+        (f"h:{SUPERSCRIPT_TWO}", "port is not a number"),
         ("h:smtp", "port is not a number"),
         ("[::1]:x", "port is not a number"),
         (":25", "no host"),
@@ -1296,3 +1307,25 @@ def test_parse_hop_refuses_malformed_hops(hop: str) -> None:
     # Neither "host:port" nor "[v6addr]:port" nor a bare host.
     with pytest.raises(ValueError, match=r"next hop"):
         parse_hop(hop)
+
+
+@pytest.mark.parametrize("size", NOT_ASCII_DIGITS)
+async def test_a_size_that_is_not_ascii_digits_is_no_limit(
+    start_smtp_server: StartServer, make_relay: MakeRelay, tmp_path: Path, size: str
+) -> None:
+    """A hop whose EHLO offers ``SIZE`` with a value that is not ASCII
+    digits (superscript two and Arabic-Indic ten pass :meth:`str.isdigit`;
+    :func:`int` refuses the one and reads the other as 10) offers SIZE
+    without a limit: the message is sent, with its size declared, not failed
+    or refused for a limit the hop never wrote."""
+    server = await start_smtp_server(smtputf8=True)
+    server.behaviour.ehlo_lines = [f"SIZE {size}"]
+    msg, body = message_to(tmp_path, [server.hop], [ALICE])
+
+    with anyio.fail_after(WAIT_TIMEOUT):
+        outcome = await make_relay().relay(msg, body, [ALICE])
+
+    assert delivery(outcome).recipients == {ALICE: OK}
+    (received,) = server.messages
+    assert received.content == CONTENT
+    assert f"SIZE={len(CONTENT)}" in received.mail_options

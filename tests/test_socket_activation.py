@@ -28,7 +28,7 @@ from spoold.daemon.systemd import listen_fds
 from spoold.spool import Spool
 from tests.daemon_helpers import NotifySocket, child_env, write_config
 from tests.ingest_helpers import HeldRelay, make_config
-from tests.support import WAIT_TIMEOUT, free_port
+from tests.support import ARABIC_TEN, SUPERSCRIPT_TWO, WAIT_TIMEOUT, free_port
 
 
 def run_child(code: str, env: dict[str, str], pass_fd: int | None = None) -> str:
@@ -82,6 +82,10 @@ def test_listen_fds_takes_the_passed_socket_and_forgets_the_variables() -> None:
         {},
         {"LISTEN_PID": "1", "LISTEN_FDS": "1"},  # meant for another process
         {"LISTEN_PID": "self", "LISTEN_FDS": "x"},
+        # str.isdigit() takes these; int() raises on one, reads 10 from the other
+        {"LISTEN_PID": "self", "LISTEN_FDS": SUPERSCRIPT_TWO},
+        {"LISTEN_PID": "self", "LISTEN_FDS": ARABIC_TEN},
+        {"LISTEN_PID": SUPERSCRIPT_TWO, "LISTEN_FDS": "1"},
     ],
 )
 def test_listen_fds_ignores_what_is_not_for_this_process(env: dict[str, str]) -> None:

@@ -31,6 +31,7 @@ from spoold.message import Frozen, Message, RoutedBatch, RoutedEnvelope
 from spoold.outcome import DeliveryPolicy, OnPermanentFailure, is_hard_bounce
 from spoold.relay import RecipientResult
 from spoold.settings import SpoolSettings
+from spoold.shared_counter import SharedCounter
 from spoold.smtp_relay import SmtpRelay
 from spoold.spool import Spool
 from spoold.suppression import (
@@ -338,6 +339,44 @@ async def test_a_reader_sees_the_owners_changes_when_the_file_changes(tmp_path: 
     assert reader.find("a@x.org", T0) is None
     with pytest.raises(RuntimeError):
         await reader.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+
+
+async def test_a_reader_following_the_owners_count_sees_each_write_without_a_stat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ingest worker follows the daemon's count of its writes (passed as
+    an fd): whether the list changed is a load from shared memory, asked at
+    every RCPT on the event loop, never a stat of the file; a write is seen
+    from the first question after the owner's call returned."""
+    owner = await owner_list(tmp_path)
+    await owner.add([entry("a@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    reader = Suppressions(tmp_path, owner=False)
+    reader.follow(SharedCounter.attach(os.dup(owner.change_counter().fd or -1)))
+    looked: list[str] = []
+    real_stat = os.stat
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        looked.append(str(path))
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert reader.stale()  # followed, not read yet
+    await reader.refresh()
+    assert reader.find("a@x.org", T0) is not None
+    assert not reader.stale()
+    await owner.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
+    assert reader.stale()
+    await reader.refresh()
+    assert reader.find("b@x.org", T0) is not None
+    assert not reader.stale()
+    await owner.remove(["a@x.org"], now=T0)
+    assert reader.stale()
+    await reader.refresh()
+    assert reader.find("a@x.org", T0) is None
+    assert not reader.stale()
+    assert [p for p in looked if p.endswith(SUPPRESSION_FILE)] == []
+    with pytest.raises(RuntimeError):
+        owner.follow(owner.change_counter())
 
 
 async def test_a_reader_that_cannot_read_the_list_says_so_once_a_minute(

@@ -172,6 +172,14 @@ async def test_a_hard_bounce_is_refused_at_rcpt_until_lifted(
     for _ in range(4):  # each connection may land on either worker
         ((code, text),) = await _rcpt(port, "new@example.net")
         assert code == 550 and "suppressed until" in text and "asked" not in text, text
+    # ... knowing of the change from the daemon's count of its writes, in
+    # memory each of them maps, not from a stat of the list at every RCPT
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    workers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(workers) == 2
+    for worker in workers:
+        assert "/memfd:spoold-suppressed-changes" in Path(f"/proc/{worker}/maps").read_text()
 
 
 async def _is(value: Any, expected: Any) -> bool:

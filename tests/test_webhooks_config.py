@@ -34,6 +34,7 @@ from spoold.errors import ConfigError
 from spoold.events import EventKind, SpoolEvent
 from spoold.message import EnvelopeInfo
 from spoold.times import utcnow
+from tests.support import NOT_ASCII_DIGITS
 from tests.webhook_receiver import WebhookReceiver
 
 BASE = """
@@ -299,6 +300,31 @@ def test_a_webhook_name_of_64_word_characters_is_accepted(tmp_path: Path) -> Non
         f'[webhooks.{name}]\nurl = "https://hooks.example.com/in"\nsecret_file = "hook.secret"\n',
     )
     assert list(load_config(path).webhooks) == [name]
+
+
+@pytest.mark.parametrize("digits", NOT_ASCII_DIGITS)
+def test_a_file_named_in_digits_not_ascii_is_no_event(tmp_path: Path, digits: str) -> None:
+    """A file the outbox did not write, named ``DIGITS.json`` in digits that
+    str.isdigit() takes: the outbox still opens (``int()`` raised on
+    superscript two, so it never opened and nothing was posted), numbers
+    past its own newest event (Arabic-Indic ten was read as 10: the next
+    event was written over event 11), and leaves the file alone."""
+    outbox = Outbox(tmp_path / "app", max_events=100)
+    outbox.open()
+    bodies = [str(n).encode() for n in range(12)]
+    outbox.append(bodies)
+    foreign = tmp_path / "app" / f"{digits}.json"
+    foreign.write_bytes(b"not an event")
+
+    again = Outbox(tmp_path / "app", max_events=100)
+    again.open()
+    again.append([b"new"])
+    read = []
+    while (name := again.oldest()) is not None:
+        read.append(again.read(name))
+        again.remove([name])
+    assert read == [*bodies, b"new"]
+    assert foreign.read_bytes() == b"not an event"
 
 
 def test_an_outbox_file_deleted_by_hand_is_forgotten(tmp_path: Path) -> None:

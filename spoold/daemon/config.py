@@ -65,6 +65,7 @@ from spoold.hops import nameserver_address, parse_hop
 from spoold.hostname import check_hostname, local_hostname
 from spoold.limits import Rate, parse_rate
 from spoold.message import RetryInterval
+from spoold.numerals import ascii_decimal
 from spoold.outcome import AfterCrash, DeliveryPolicy, OnPermanentFailure, RetriesExhausted
 from spoold.settings import SpoolSettings
 from spoold.store import SyncMode
@@ -172,7 +173,8 @@ def _listen_address(v: object) -> str:
     address = _str(v)
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = ascii_decimal(port)
+    if not host or number is None or not 0 < number < 65536:
         raise ValueError(f"expected 'address:port', got {v!r}")
     return address
 
@@ -418,7 +420,7 @@ def _redis_url(v: object) -> str:
     if parts.password is not None:
         raise ValueError("a password in the URL would be logged; put it in fleet.password_file")
     db = parts.path.strip("/")
-    if db and not db.isdigit():
+    if db and ascii_decimal(db) is None:
         raise ValueError(f"expected a database number after the port, got {db!r}")
     if parts.query or parts.fragment or (port is not None and not 0 < port < 65536):
         raise ValueError(f"expected redis://HOST:PORT/DB or rediss://..., got {text!r}")

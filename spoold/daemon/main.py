@@ -337,6 +337,7 @@ class Daemon:
                         worker_count(cfg.smtp.workers),
                         grace=cfg.spool.flush_timeout.total_seconds(),
                         on_count=spool.suppressions.count,
+                        suppression_changes=spool.suppressions.change_counter(),
                     )
                     await services.start(self._workers.run)
                 elif self.inherited:

@@ -87,6 +87,7 @@ import structlog
 
 from spoold.address import validate_address
 from spoold.errors import AddressError, StoreError
+from spoold.numerals import ascii_decimal
 
 __all__ = [
     "SessionPolicy",
@@ -206,7 +207,8 @@ class SessionHost(Protocol):
 
     def suppressions_stale(self) -> bool:
         """At RCPT: whether the suppression list changed since the host read
-        it (one ``stat``), so :meth:`refresh_suppressions` must come first."""
+        it (no file I/O: see :meth:`spoold.suppression.Suppressions.stale`),
+        so :meth:`refresh_suppressions` must come first."""
         ...
 
     async def refresh_suppressions(self) -> None:
@@ -713,15 +715,15 @@ class SmtpSession(asyncio.Protocol):
                 return
             seen.add(key)
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                declared_size = None if value is None else ascii_decimal(value)
+                if declared_size is None:
                     self._error(b"501 5.5.4 Syntax: SIZE=<octets>\r\n")
                     return
-                if int(value) > policy.max_message_size:
+                if declared_size > policy.max_message_size:
                     self._out.append(
                         b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
                     )
                     return
-                declared_size = int(value)
             elif key == "BODY":
                 body = (value or "").upper()
                 if body not in ("7BIT", "8BITMIME"):

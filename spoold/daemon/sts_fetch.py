@@ -36,6 +36,7 @@ import anyio
 from spoold.errors import TlsPolicyError
 from spoold.hops import ResolveHost
 from spoold.mta_sts import MAX_POLICY_SIZE
+from spoold.numerals import ascii_decimal
 
 __all__ = ["PolicyFetcher"]
 
@@ -166,13 +167,14 @@ def _body(host: str, response: bytes) -> str:
     length = headers.get("content-length")
     if length is not None:
         text = length[0]
-        if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        declared = ascii_decimal(text, max_digits=12)
+        if declared is None:
             raise TlsPolicyError(f"{where}: a bad Content-Length {text[:40]!r}")
-        if len(body) < int(text):
+        if len(body) < declared:
             raise TlsPolicyError(
-                f"{where}: the policy was cut short ({len(body)} of {int(text)} bytes)"
+                f"{where}: the policy was cut short ({len(body)} of {declared} bytes)"
             )
-        if len(body) > int(text):
+        if len(body) > declared:
             raise TlsPolicyError(
                 f"{where}: {len(body)} bytes of policy, more than its Content-Length {int(text)}"
             )

@@ -14,6 +14,8 @@ import os
 import socket
 import time
 
+from spoold.numerals import ascii_decimal
+
 __all__ = ["Notifier", "watchdog_interval", "listen_fds", "LISTEN_FDS_START"]
 
 LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at this fd
@@ -53,14 +55,15 @@ class Notifier:
 
 def watchdog_interval() -> float | None:
     """Seconds between WATCHDOG=1 pings (half of ``WATCHDOG_USEC``), or
-    None when systemd asked for none (or asked another process)."""
-    usec = os.environ.get("WATCHDOG_USEC")
+    None when systemd asked for none (or asked another process). As
+    sd_watchdog_enabled(3): a value that is not ASCII digits asks for none."""
+    usec = ascii_decimal(os.environ.get("WATCHDOG_USEC", ""))
     pid = os.environ.get("WATCHDOG_PID")
-    if not usec or not usec.isdigit() or int(usec) == 0:
+    if not usec:
         return None
-    if pid and pid.isdigit() and int(pid) != os.getpid():
+    if pid and ascii_decimal(pid) != os.getpid():
         return None
-    return int(usec) / 1_000_000 / 2
+    return usec / 1_000_000 / 2
 
 
 def listen_fds(*, unset: bool = True) -> list[socket.socket]:
@@ -75,10 +78,11 @@ def listen_fds(*, unset: bool = True) -> list[socket.socket]:
     if unset:
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(name, None)
-    if not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+    fds = ascii_decimal(count)
+    if ascii_decimal(pid) != os.getpid() or fds is None:
         return []
     sockets = []
-    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + fds):
         os.set_inheritable(fd, False)
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)

@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from spoold.numerals import ascii_decimal
 from spoold.store.directory import fsync_directory
 
 __all__ = ["Outbox", "OutboxWriteError", "OUTBOX_DIR", "REJECTED_DIR"]
@@ -92,23 +93,19 @@ class Outbox:
         """Create the directory if missing, clear half-written files and
         load the names of the events waiting (oldest first)."""
         self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-        names = []
         for entry in os.scandir(self.directory):
             if entry.name.endswith(_TMP):
                 with contextlib.suppress(OSError):  # not ours to fail on (a directory)
                     os.unlink(entry.path)
-            elif entry.name.endswith(_SUFFIX) and entry.name[: -len(_SUFFIX)].isdigit():
-                names.append(entry.name)
-        names.sort()
+        numbered = _events_in(self.directory)
         rejected = self.directory / REJECTED_DIR
-        aside = sorted(_event_names(rejected)) if rejected.is_dir() else []
+        aside = _events_in(rejected) if rejected.is_dir() else []
         with self._lock:
-            self._names = deque(names)
-            self._rejected = deque(aside)
+            self._names = deque(name for _, name in numbered)
+            self._rejected = deque(name for _, name in aside)
             self._claimed.clear()
         # Numbered past the events set aside too: a name is never reused.
-        last = max(names[-1:] + aside[-1:], default=None)
-        self._next = int(last[: -len(_SUFFIX)]) + 1 if last else 0
+        self._next = max((n for n, _ in numbered[-1:] + aside[-1:]), default=-1) + 1
 
     def __len__(self) -> int:
         with self._lock:
@@ -261,12 +258,19 @@ class Outbox:
             os.unlink(self.directory / name)
 
 
-def _event_names(directory: Path) -> list[str]:
-    return [
-        entry.name
-        for entry in os.scandir(directory)
-        if entry.name.endswith(_SUFFIX) and entry.name[: -len(_SUFFIX)].isdigit()
-    ]
+def _events_in(directory: Path) -> list[tuple[int, str]]:
+    """The events in ``directory`` as (number, file name), oldest first. A
+    name that is not ASCII digits and ``.json`` is no event (it is left as
+    it is): ``"².json"`` or Arabic-Indic digits pass :meth:`str.isdigit`,
+    and numbering past such a name would fail or reuse an event's name."""
+    events = []
+    for entry in os.scandir(directory):
+        if entry.name.endswith(_SUFFIX):
+            number = ascii_decimal(entry.name[: -len(_SUFFIX)])
+            if number is not None:
+                events.append((number, entry.name))
+    events.sort()
+    return events
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -2,7 +2,7 @@
 
 The daemon (the spool's owner) starts ``smtp.workers`` of these with
 ``python -m spoold.daemon.worker --config PATH --fds N,... --ready-fd R
---lifeline-fd L``.
+--lifeline-fd L --suppression-changes-fd S``.
 Each serves the listening sockets it inherited (fds ``N,...``: the same
 sockets in every worker, so the kernel spreads connections over them),
 writes what it accepts into the spool as a
@@ -12,6 +12,10 @@ writes one byte to fd ``R`` once it serves, then reports its counts there
 (:mod:`spoold.daemon.workers`). Fd ``L`` is the read end of a
 pipe only the daemon can write to: end-of-file there means the daemon is
 gone, and the worker stops as on SIGTERM (it never outlives its daemon).
+Fd ``S`` is the daemon's count of its suppression list writes (a
+:class:`~spoold.shared_counter.SharedCounter`): the worker reads the list
+again when it moved, and touches no file to know (without it, a ``stat``
+per ``RCPT``).
 
 Signals, as for the daemon: SIGHUP reads the config file again and applies
 what it can (routes, listener limits, the ``hostname`` of new sessions and
@@ -55,6 +59,7 @@ from spoold.dkim import DkimSigner
 from spoold.errors import ConfigError, SpooldError
 from spoold.fleet import FleetSettings, SharedState
 from spoold.fleet_keys import FleetKeys
+from spoold.shared_counter import SharedCounter
 from spoold.writer import SpoolWriter
 
 __all__ = ["run_worker", "main"]
@@ -85,7 +90,11 @@ def _build(config: Config) -> _State:
 
 
 async def run_worker(
-    config_path: str, fds: list[int], ready_fd: int, lifeline_fd: int | None = None
+    config_path: str,
+    fds: list[int],
+    ready_fd: int,
+    lifeline_fd: int | None = None,
+    suppression_changes_fd: int | None = None,
 ) -> int:
     signals = Signals()
     with signals.installed():
@@ -99,7 +108,7 @@ async def run_worker(
         raise_open_files_limit()
         errors: list[str] = []
         try:
-            return await _serve(config, fds, ready_fd, signals, lifeline_fd)
+            return await _serve(config, fds, ready_fd, signals, lifeline_fd, suppression_changes_fd)
         except* (SpooldError, OSError) as group:
             errors = [str(e) for e in group.exceptions]
         log.error("ingest worker cannot run", error="; ".join(errors))
@@ -120,7 +129,12 @@ async def _watch_lifeline(fd: int, signals: Signals) -> None:
 
 
 async def _serve(
-    config: Config, fds: list[int], ready_fd: int, signals: Signals, lifeline_fd: int | None
+    config: Config,
+    fds: list[int],
+    ready_fd: int,
+    signals: Signals,
+    lifeline_fd: int | None,
+    suppression_changes_fd: int | None = None,
 ) -> int:
     state = await anyio.to_thread.run_sync(_build, config)
     sockets = []
@@ -138,6 +152,8 @@ async def _serve(
         ) as writer:
             if fleet is not None:
                 writer.shared_keys = FleetKeys(fleet)
+            if suppression_changes_fd is not None:
+                writer.suppressions.follow(SharedCounter.attach(suppression_changes_fd))
             submitter = Submitter(writer, lambda: state.router, hostname=config.hostname)
             listener = SmtpListener(submitter, lambda: state.listener, accept_failures=failures)
             drain = config.spool.flush_timeout.total_seconds()
@@ -247,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fds", required=True, help="listening socket fds, comma-separated")
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--lifeline-fd", type=int, default=None)
+    parser.add_argument("--suppression-changes-fd", type=int, default=None)
     args = parser.parse_args(argv)
     fds = [int(f) for f in args.fds.split(",") if f]
     tune_gc()
@@ -257,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             fds,
             args.ready_fd,
             args.lifeline_fd,
+            args.suppression_changes_fd,
             backend_options=event_loop_options(),
         )
     )

@@ -46,6 +46,8 @@ import anyio.abc
 import structlog
 
 from spoold.errors import SpooldError
+from spoold.numerals import ascii_decimal
+from spoold.shared_counter import SharedCounter
 from spoold.suppression import SUPPRESSION_COUNTS, SuppressionCount
 
 __all__ = ["IngestWorkers", "worker_count"]
@@ -80,9 +82,13 @@ class IngestWorkers:
         grace: float,
         *,
         on_count: Callable[[SuppressionCount, int], None] | None = None,
+        suppression_changes: SharedCounter | None = None,
     ) -> None:
         self.config_path = config_path
         self.on_count = on_count
+        # The owner's count of suppression list writes, which every worker
+        # follows (spoold.suppression: no stat per RCPT).
+        self.suppression_changes = suppression_changes
         self._reports: dict[int, int] = {}  # slot -> read end of its worker's report pipe
         self.sockets = list(sockets)
         self.count = count
@@ -129,6 +135,7 @@ class IngestWorkers:
         read_end, write_end = os.pipe()
         life_read, life_write = os.pipe()  # both ends non-inheritable
         fds = [s.fileno() for s in self.sockets]
+        changes = self.suppression_changes.fd if self.suppression_changes is not None else None
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
         command = [
             sys.executable,
@@ -142,6 +149,7 @@ class IngestWorkers:
             str(write_end),
             "--lifeline-fd",
             str(life_read),
+            *(["--suppression-changes-fd", str(changes)] if changes is not None else []),
         ]
         try:
             process = await anyio.open_process(
@@ -150,7 +158,7 @@ class IngestWorkers:
                 stdout=None,
                 stderr=None,
                 env=env,
-                pass_fds=[*fds, write_end, life_read],
+                pass_fds=[*fds, write_end, life_read, *([changes] if changes is not None else [])],
             )
         except BaseException:
             os.close(life_write)
@@ -212,9 +220,10 @@ class IngestWorkers:
                     return
                 *lines, pending = (pending + data).split(b"\n")
                 for line in lines:
-                    kind, _, number = line.decode("ascii", "replace").partition(" ")
-                    if kind in SUPPRESSION_COUNTS and number.isdigit() and self.on_count:
-                        self.on_count(kind, int(number))
+                    kind, _, text = line.decode("ascii", "replace").partition(" ")
+                    number = ascii_decimal(text)
+                    if kind in SUPPRESSION_COUNTS and number is not None and self.on_count:
+                        self.on_count(kind, number)
         finally:
             os.close(fd)
 

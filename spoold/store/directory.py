@@ -26,6 +26,7 @@ from pathlib import Path
 
 from spoold.errors import SpoolLockedError, StoreError
 from spoold.ids import is_valid_id
+from spoold.numerals import ascii_decimal
 from spoold.store.records import StepHook
 
 __all__ = [
@@ -344,7 +345,7 @@ def read_pid(path: str) -> int | None:
             text = f.read(32).decode("ascii", "replace").strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    return ascii_decimal(text)
 
 
 def _missing_dirs(path: str) -> list[str]:

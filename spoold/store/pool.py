@@ -74,6 +74,8 @@ import os
 import random
 from collections.abc import Callable
 
+from spoold.numerals import ascii_decimal
+
 __all__ = [
     "FilePool",
     "KINDS",
@@ -107,8 +109,7 @@ def claimed_pid(tmp_name: str) -> int | None:
     (``PID.reuse.N``), or None for any other name. A writer holds its
     claimed files as long as it runs (an idle one too)."""
     pid, _, rest = tmp_name.partition(".")
-    # isascii: "²".isdigit() is true, but int() refuses it
-    return int(pid) if pid.isascii() and pid.isdigit() and rest.startswith("reuse.") else None
+    return ascii_decimal(pid) if rest.startswith("reuse.") else None
 
 
 def _held(size: int) -> int:
@@ -121,9 +122,10 @@ def _pooled_size(name: str) -> int:
     """The size of the pool's file ``name`` (``pool.PID.N.SIZE.KIND``), as
     its delete found it."""
     parts = name.split(".")
-    if len(parts) == 5 and parts[3].isascii() and parts[3].isdigit():
+    size = ascii_decimal(parts[3]) if len(parts) == 5 else None
+    if size is not None:
         # No more than the pool takes: a name made by hand cannot fill it.
-        return min(int(parts[3]), POOL_FILE_SIZE)
+        return min(size, POOL_FILE_SIZE)
     return _OLD_SIZE  # pool.PID.N.KIND (an older spoold): its bound
 
 

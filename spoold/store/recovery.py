@@ -22,6 +22,7 @@ import os
 import time
 
 from spoold.ids import is_valid_id
+from spoold.numerals import ascii_decimal
 from spoold.store.directory import CHECKOUT, REASONS, StoreDirectory, unlink_quiet
 from spoold.store.pool import POOL_PREFIX, claimed_pid
 from spoold.store.records import Problem, RecoveryReport
@@ -59,13 +60,8 @@ def recover_sync(
     for tmp_name in tmp_names:
         if tmp_name.startswith(POOL_PREFIX):
             continue  # the pool of removed files: nobody's, kept for reuse
-        pid_text = tmp_name.split(".", 1)[0]
-        if (
-            pid_text.isascii()
-            and pid_text.isdigit()
-            and int(pid_text) != d.pid
-            and pid_alive(int(pid_text))
-        ):
+        pid = ascii_decimal(tmp_name.split(".", 1)[0])
+        if pid is not None and pid != d.pid and pid_alive(pid):
             continue  # a live writer's work in progress
         # Anything in tmp/ was never renamed into place: it was never
         # acknowledged, and the committed copy (if any) is elsewhere.
