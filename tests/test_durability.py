@@ -80,7 +80,7 @@ MUTANT_MESSAGES = 3
 # arm64) is no error.
 TRACED = (
     "/^(open|openat|creat|write|writev|pwrite64|sendto|sendmsg|fsync|fdatasync|syncfs|sync"
-    "|rename|renameat|renameat2|unlink|unlinkat|ftruncate)$"
+    "|rename|renameat|renameat2|unlink|unlinkat|ftruncate|link|linkat)$"
 )
 
 
@@ -240,7 +240,10 @@ def _problems_of(
             and c.strings()[0].startswith(f"{root}/tmp/pool.")
             and c.end < rename.start
         ]
-        if not any("O_CREAT" in c.args for c in opened) and not (opened and claims):
+        # Or created unnamed (O_TMPFILE), linked to its tmp/ name, and
+        # opened by that name (spoold.store.directory).
+        named = named_unnamed(calls, tmp, rename.start)
+        if not any("O_CREAT" in c.args for c in opened) and not (opened and (claims or named)):
             problems.append(f"{mid}: the {what} {tmp} was not created before its rename")
         writes = [
             c
@@ -278,6 +281,39 @@ def _problems_of(
                 "and the ack"
             )
     return problems
+
+
+_PROC_FD = re.compile(r"/proc/self/fd/(\d+)$")
+
+
+def named_unnamed(calls: list[Call], tmp: str, before: int) -> list[Call]:
+    """The ``linkat`` calls, before line ``before``, that named ``tmp`` a
+    file created unnamed (``O_TMPFILE``) by the same thread: its source is
+    ``/proc/self/fd/N``, N what that thread's last ``O_TMPFILE`` open before
+    it returned."""
+    out = []
+    for link in calls:
+        if not (
+            link.name == "linkat"
+            and link.ok
+            and link.end < before
+            and len(link.strings()) >= 2
+            and link.strings()[1] == tmp
+            and (fd := _PROC_FD.match(link.strings()[0])) is not None
+        ):
+            continue
+        made = [
+            c
+            for c in calls
+            if c.name in ("open", "openat")
+            and c.pid == link.pid
+            and c.ok
+            and "O_TMPFILE" in c.args
+            and c.end < link.start
+        ]
+        if made and made[-1].result.split("<")[0] == fd.group(1):
+            out.append(link)
+    return out
 
 
 def _reuse_problems(
@@ -678,6 +714,24 @@ def test_spool_add_returns_after_the_files_and_directories_are_synced(
     acks = api_acks(calls)
     assert len(acks) == API_MESSAGES
     assert durability_problems(calls, spool, acks) == []
+    if unnamed_files_work(tmp_path):
+        # New files were made unnamed and then named (spoold.store.directory),
+        # and the checks above held for them.
+        root = os.path.realpath(spool)
+        assert any(
+            c.name == "linkat" and c.ok and c.strings()[1].startswith(f"{root}/tmp/")
+            for c in calls
+            if len(c.strings()) >= 2 and _PROC_FD.match(c.strings()[0])
+        )
+
+
+def unnamed_files_work(directory: Path) -> bool:
+    """Whether an unnamed file (``O_TMPFILE``) can be made in ``directory``."""
+    try:
+        os.close(os.open(directory, os.O_WRONLY | os.O_TMPFILE, 0o600))
+    except OSError:
+        return False
+    return True
 
 
 @needs_strace

@@ -44,6 +44,10 @@ DIR_MODE = 0o750
 FILE_MODE = 0o640
 OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _REUSE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# An unnamed new file in a directory (0: this platform has no O_TMPFILE),
+# and that file opened again once named.
+_UNNAMED_FLAGS = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC if hasattr(os, "O_TMPFILE") else 0
+_NAMED_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _first = operator.itemgetter(0)
@@ -66,6 +70,7 @@ class StoreDirectory:
         self.registry = f"{root}/.registry"
         self._lock_fd: int | None = None
         self._tmp_count = itertools.count()
+        self._unnamed = _UNNAMED_FLAGS != 0  # new tmp/ files made unnamed first (_create_tmp)
         self.dir_fds: dict[str, int] = {}
         # Directories of queues this process cannot use (path -> why), found
         # at open: what lives there is skipped, the rest is served.
@@ -239,6 +244,56 @@ class StoreDirectory:
         st = os.fstatvfs(self.dir_fds[self.tmp])
         return st.f_bavail * st.f_frsize
 
+    def _create_tmp(self, path: str) -> int:
+        """Create the ``tmp/`` file ``path`` (it must not exist); a
+        descriptor open for writing on it.
+
+        Made unnamed (``O_TMPFILE``), named ``path`` (``linkat`` through
+        ``/proc/self/fd``), then opened by that name before anything is
+        written: the same file, under the same name and with a descriptor
+        that says so (``/proc``, ``lsof``), as ``O_CREAT|O_EXCL`` makes,
+        but the filesystem allocates its inode without holding the lock of
+        ``tmp/``. On ext4 without a journal an inode allocation goes one by
+        one past every inode freed in the last minute or so, and may take
+        most of an add's time; created by name, the files of every writer
+        thread and process of the store queue on that one lock, and two
+        threads writing one batch (:mod:`spoold.store.sharing`) would take
+        turns. Naming and opening take the lock only briefly.
+
+        A process that dies before the name is made leaves nothing (the
+        kernel frees an unnamed file with its last descriptor); a power cut
+        in that moment may leave an empty inode with no name, which the
+        filesystem's check frees. Where this way fails (no ``O_TMPFILE``:
+        FUSE, an old kernel; no ``/proc``), the file is created by name,
+        which reports the error if that fails too; once that works where
+        this did not, this directory creates files by name from then on.
+        """
+        if self._unnamed:
+            # An absolute source ignores src_dir_fd; giving one makes os.link
+            # call linkat(), which follows the /proc link to the file
+            # (link() would link the /proc link itself).
+            any_dir = self.dir_fds[self.tmp]
+            try:
+                unnamed = os.open(self.tmp, _UNNAMED_FLAGS, FILE_MODE)
+                try:
+                    os.link(
+                        f"/proc/self/fd/{unnamed}", path, src_dir_fd=any_dir, follow_symlinks=True
+                    )
+                finally:
+                    os.close(unnamed)  # unlinked, this frees it
+            except OSError:
+                pass  # created by name below
+            else:
+                try:
+                    return os.open(path, _NAMED_FLAGS)
+                except BaseException:
+                    unlink_quiet(path)
+                    raise
+            fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+            self._unnamed = False  # the plain way works where that did not
+            return fd
+        return os.open(path, OPEN_FLAGS, FILE_MODE)
+
     def write_tmp(
         self,
         name: str,
@@ -256,7 +311,7 @@ class StoreDirectory:
         if reuse is None or fd < 0:
             # Unique without randomness: the name is this process's, the count too.
             path = f"{self.tmp}/{self.pid}.{name}.{kind}.{next(self._tmp_count)}"
-            fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+            fd = self._create_tmp(path)
             reuse = None
         else:
             path = reuse
