@@ -468,7 +468,7 @@ MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
 
 # Mutants of the pool of removed files (spoold.store.pool), each caught
 # when the adds reuse its files.
-_TAKE = "        return self._kinds[kind].take(size)\n"
+_TAKE = "            return self._kinds[kind].take(size)\n"
 _CUT = "                os.ftruncate(fd, size)  # nothing of the old content past the new end\n"
 POOL_MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
     "a claimed file written before a syncfs": (
@@ -477,9 +477,9 @@ POOL_MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
         [
             (
                 _TAKE,
-                "        self.claim(1)\n"
-                "        claimed = self._kinds[kind].claimed\n"
-                "        return claimed.pop()[0] if claimed else None\n",
+                "            self.claim(1)\n"
+                "            claimed = self._kinds[kind].claimed\n"
+                "            return claimed.pop()[0] if claimed else None\n",
             )
         ],
         "was written before a syncfs that followed its claim",

@@ -77,6 +77,8 @@ Where each part lives (``spoold/store/``):
   grouped hops and the group commit;
 * ``commit.py``: ``enqueue``'s commit path, fsynced per call or as a group
   commit with two ``syncfs``;
+* ``sharing.py``: the group commit's second writer thread, which writes
+  part of a large batch's files;
 * ``directory.py``: the layout, the directory descriptors, the lock, and
   the file steps (write under ``tmp/``, fsync, ``syncfs``);
 * ``registry.py``: name reservations and the writers' pid files;

@@ -15,7 +15,9 @@ durable before the call returns (:data:`~spoold.store.records.SyncMode`):
   renames are). Their files are taken from the pool of removed files when
   it has some ready (:mod:`spoold.store.pool`, which says why that is as
   durable), and files are claimed there for the next batches before the
-  first sync.
+  first sync. A large batch's files are written by two threads at once,
+  each job by one of them (:mod:`spoold.store.sharing`); the syncs and
+  renames that follow are the hop's thread's alone.
 
 Free space is checked before anything is written (``min_free_bytes``, which
 may change while the store is open). A call that fails removes everything
@@ -26,10 +28,11 @@ failed sync undoes every call of the batch. Errors leave as
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spoold.errors import InsufficientStorageError, StoreError
 from spoold.store.batching import Batches
@@ -38,12 +41,26 @@ from spoold.store.hops import WorkerHops
 from spoold.store.pool import FilePool
 from spoold.store.records import NewEntry
 from spoold.store.registry import Registry
+from spoold.store.sharing import SecondWriter, Shares
 from spoold.times import format_size
 
 __all__ = ["Committer"]
 
 # (name, queue, body's tmp path, record's tmp path)
 _Move = tuple[str, str, str, str]
+# Entries a batch holds at least (in two jobs or more) for its files to be
+# written by two threads (below, a hand-over costs more than it saves).
+SHARED_FROM = 4
+
+
+@dataclass(eq=False)
+class _Staged:
+    """One job of a group commit, as its files are written."""
+
+    job: _Job
+    names: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)  # every path to remove if it fails
+    moves: list[_Move] | None = None  # the renames to make, once every file is written
 
 
 @dataclass(eq=False)
@@ -73,6 +90,7 @@ class Committer:
         self._registry = registry
         self._hops = hops
         self.min_free_bytes = min_free_bytes
+        self._second = SecondWriter(f"spoold-store-writer {directory.root}")
         self._commits = Batches[_Job](lambda batch: hops.run(self.commit_sync, batch))
 
     async def enqueue_grouped(
@@ -94,43 +112,79 @@ class Committer:
         (the renames are). A job that fails alone is undone alone; if a sync
         fails, every job of the batch is undone."""
         d = self._dir
-        staged: list[tuple[_Job, list[str], list[str], list[_Move]]] = []
+        jobs: list[_Staged] = []
         free = d.free_bytes() if self.min_free_bytes else 0  # once for the batch
         for job in batch:
-            names: list[str] = []
-            written: list[str] = []
             try:
                 d.step("check_space")
                 needed = sum(len(e.body) for e in job.entries)
                 free = self._check_free_space(needed, free) - needed
-                moves = self._stage(job.entries, job.on_reserve, names, written, sync=False)
-            except Exception as exc:  # noqa: BLE001 (undone, and given to its caller)
-                _undo(written)
+            except Exception as exc:  # noqa: BLE001 (given to its caller)
                 job.error, job.done = self._store_error(exc, "enqueue"), True
                 continue
-            staged.append((job, names, written, moves))
+            jobs.append(_Staged(job))
+        self._write_jobs(jobs)
+        staged = [(s, s.moves) for s in jobs if s.moves is not None]
         if not staged:
             return
         try:
             # Files for the next batches: written only after this syncfs
             # (see the pool's durability argument).
-            claimed = self._pool.claim(sum(len(job.entries) for job, *_ in staged))
+            claimed = self._pool.claim(sum(len(s.job.entries) for s, _ in staged))
             d.step("sync_data")
             d.syncfs()
             self._pool.synced(claimed)
-            for _job, _names, written, moves in staged:
-                self._move_into_place(moves, written)
+            for s, moves in staged:
+                self._move_into_place(moves, s.written)
             d.step("fsync_dirs")
             d.syncfs()
         except Exception as exc:  # noqa: BLE001 (undone, and given to every caller)
             self._pool.close_sync()  # claims a failed syncfs may not have made durable
-            for job, _names, written, _moves in staged:
-                _undo(written)
-                job.error, job.done = self._store_error(exc, "enqueue"), True
+            for s, _ in staged:
+                _undo(s.written)
+                s.job.error, s.job.done = self._store_error(exc, "enqueue"), True
             return
-        for job, names, _written, _moves in staged:
-            job.names, job.done = names, True
+        for s, _ in staged:
+            s.job.names, s.job.done = s.names, True
         d.step("done")
+
+    def _write_jobs(self, jobs: list[_Staged]) -> None:
+        """Reserve the names and write the ``tmp/`` files of ``jobs``; a job
+        that fails is undone and given its error. A large batch that needs
+        new files (more than the pool has ready) is written by two threads:
+        this one and the second writer (see :mod:`spoold.store.sharing`),
+        each taking the next job left."""
+        shares = Shares(jobs, self._write_job, self._job_failed)
+        entries = sum(len(s.job.entries) for s in jobs)
+        # Shared only to create files: those of the pool are quickly written.
+        if len(jobs) > 1 and entries >= SHARED_FROM and self._pool.ready() < entries:
+            self._second.hand(shares)  # if it cannot, this thread writes them all
+        try:
+            shares.take_all()
+        finally:
+            shares.wait()  # for the job the second writer has under way
+        for s in jobs:  # nothing should be left half done; if it is, it fails
+            if s.moves is None and not s.job.done:
+                self._job_failed(s, StoreError(f"enqueue into {self._dir.root} was not written"))
+
+    def _write_job(self, s: _Staged) -> None:
+        try:
+            s.moves = self._stage(s.job.entries, s.job.on_reserve, s.names, s.written, sync=False)
+        except Exception as exc:  # noqa: BLE001 (undone, and given to its caller)
+            self._job_failed(s, exc)
+
+    def _job_failed(self, s: _Staged, exc: BaseException) -> None:
+        """Undo what job ``s`` wrote, and give it ``exc`` (called in
+        whichever thread wrote it: it never raises)."""
+        s.moves = None
+        error = self._store_error(exc, "enqueue") if isinstance(exc, Exception) else exc
+        s.job.error, s.job.done = error, True
+        with contextlib.suppress(OSError):  # what stays, the next recovery removes
+            _undo(s.written)
+
+    def close_sync(self) -> None:
+        """End the second writer's thread (no commit is under way)."""
+        self._second.close_sync()
 
     def enqueue_sync(
         self, entries: Sequence[NewEntry], on_reserve: Callable[[str], None] | None = None

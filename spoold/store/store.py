@@ -186,6 +186,7 @@ class Store:
 
     def _close_sync(self) -> None:
         self._hops.stop_sync()
+        self._committer.close_sync()
         self._pool.close_sync()
         self._registry.close_sync()
         self._wakeup.close_sync()

@@ -1,0 +1,281 @@
+"""Group commit with two writer threads (``spoold.store.sharing``): the new
+files of a large batch are written by the hop's thread and the store's
+second writer at once. Each job is written by one of them, exactly once; a
+job that fails in either is undone alone; a second writer that cannot
+start costs nothing but the speed.
+
+Tests hold a job in one thread (a step hook waiting on an event) until
+the other thread has reached a step of its own: no timing is guessed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from spoold.errors import StoreError
+from spoold.store import NewEntry, Store
+from spoold.store.commit import SHARED_FROM
+from spoold.store.sharing import SecondWriter, Shares
+from tests.support import WAIT_TIMEOUT, records_in, spool_files
+
+QUEUES = ["active", "frozen"]
+ADDS = 16  # calls made at once: one batch, well above SHARED_FROM
+assert ADDS >= SHARED_FROM
+
+
+def entry(n: int) -> NewEntry:
+    return NewEntry(
+        "active",
+        f"body {n}\r\n".encode(),
+        lambda name, names: f"record {n} of {name}".encode(),
+    )
+
+
+def second_writer() -> bool:
+    return threading.current_thread().name.startswith("spoold-store-writer")
+
+
+class BothWriters:
+    """A step hook: the first job to reach ``write_body`` waits there until
+    the other thread reaches it too, so both threads surely write (or the
+    wait times out: one thread did everything). ``then`` sees every step
+    after that."""
+
+    def __init__(self, then: Callable[[str], None] = lambda step: None) -> None:
+        self.threads: set[str] = set()
+        self.met = threading.Event()
+        self._first: str | None = None
+        self._then = then
+        self._lock = threading.Lock()
+
+    def __call__(self, step: str) -> None:
+        if step == "write_body":
+            me = threading.current_thread().name
+            with self._lock:
+                self.threads.add(me)
+                first = self._first is None
+                if first:
+                    self._first = me
+                elif me != self._first:
+                    self.met.set()
+            if first:
+                self.met.wait(WAIT_TIMEOUT)
+        self._then(step)
+
+
+class Hook:
+    """The store's step hook, passed on to ``to`` (which a test may change)."""
+
+    def __init__(self, to: Callable[[str], None]) -> None:
+        self.to = to
+
+    def __call__(self, step: str) -> None:
+        self.to(step)
+
+
+async def enqueue_at_once(store: Store, count: int) -> list[list[str] | BaseException]:
+    """``count`` enqueue calls of one entry each, made at once (one batch)."""
+    results: list[list[str] | BaseException] = [[] for _ in range(count)]
+
+    async def one(n: int) -> None:
+        try:
+            results[n] = await store.enqueue([entry(n)])
+        except Exception as exc:
+            results[n] = exc
+
+    with anyio.fail_after(WAIT_TIMEOUT * 2):
+        async with anyio.create_task_group() as tg:
+            for n in range(count):
+                tg.start_soon(one, n)
+    return results
+
+
+def tmp_leftovers(root: Path) -> list[str]:
+    return [n for n in os.listdir(root / "tmp") if not n.startswith("pool.")]
+
+
+async def test_a_large_batch_is_written_by_two_threads_and_all_of_it_committed(
+    tmp_path: Path,
+) -> None:
+    hook = BothWriters()
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=hook)
+    async with store:
+        results = await enqueue_at_once(store, ADDS)
+        assert hook.met.is_set()
+        assert len(hook.threads) == 2
+        names = [r[0] for r in results if isinstance(r, list)]
+        assert len(names) == ADDS
+        assert records_in(tmp_path, "active") == set(names)
+        files = spool_files(tmp_path)
+        for n, r in enumerate(results):
+            assert isinstance(r, list)
+            assert files[f"active/{r[0]}"] == f"record {n} of {r[0]}".encode()
+            assert files[f"data/{r[0]}"] == f"body {n}\r\n".encode()
+        assert tmp_leftovers(tmp_path) == []
+        assert await store.check(max_age=0) == []
+
+
+async def test_a_job_failing_in_the_second_writer_fails_alone(tmp_path: Path) -> None:
+    failed: list[str] = []
+
+    def fail_one_in_the_second_writer(step: str) -> None:
+        if step == "write_record" and second_writer() and not failed:
+            failed.append(threading.current_thread().name)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    hook = Hook(BothWriters(then=fail_one_in_the_second_writer))
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=hook)
+    async with store:
+        results = await enqueue_at_once(store, ADDS)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        names = [r[0] for r in results if isinstance(r, list)]
+        assert len(failed) == 1
+        assert len(errors) == 1
+        assert isinstance(errors[0], StoreError)
+        assert errors[0].errno == errno.EIO
+        # The others, of both threads, are committed; nothing of the failed one stays.
+        assert len(names) == ADDS - 1
+        assert records_in(tmp_path, "active") == set(names)
+        assert sorted(os.listdir(tmp_path / "data")) == sorted(names)
+        assert tmp_leftovers(tmp_path) == []
+        assert await store.check(max_age=0) == []
+        # The second writer serves the next batch as before.
+        meeting = hook.to = BothWriters()
+        again = await enqueue_at_once(store, ADDS)
+        assert all(isinstance(r, list) for r in again)
+        assert len(meeting.threads) == 2
+
+
+async def test_commits_go_on_when_the_second_writer_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused: list[str] = []
+    start = threading.Thread.start
+
+    def no_second_writer(thread: threading.Thread) -> None:
+        if thread.name.startswith("spoold-store-writer"):
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    writers: set[str] = set()
+
+    def note(step: str) -> None:
+        if step == "write_body":
+            writers.add(threading.current_thread().name)
+
+    hook = Hook(note)
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=hook)
+    async with store:
+        monkeypatch.setattr(threading.Thread, "start", no_second_writer)
+        first = await enqueue_at_once(store, ADDS)
+        assert refused  # it was tried
+        assert all(isinstance(r, list) for r in first)
+        assert len(writers) == 1  # the hop's thread wrote every job
+        # Once threads start again, the next large batch gets its second
+        # writer, and no job of the first batch is written again.
+        monkeypatch.undo()
+        meeting = hook.to = BothWriters()
+        second = await enqueue_at_once(store, ADDS)
+        assert all(isinstance(r, list) for r in second)
+        assert len(meeting.threads) == 2
+        names = {r[0] for r in first + second if isinstance(r, list)}
+        assert len(names) == 2 * ADDS
+        assert records_in(tmp_path, "active") == names
+        assert sorted(os.listdir(tmp_path / "data")) == sorted(names)
+        assert tmp_leftovers(tmp_path) == []
+        assert await store.check(max_age=0) == []
+
+
+# ------------------------------------------------------------ Shares alone
+
+
+def test_each_job_is_written_once_by_whichever_thread_takes_it() -> None:
+    written: list[tuple[int, str]] = []
+    gate = threading.Barrier(2, timeout=WAIT_TIMEOUT)
+
+    def run(job: int) -> None:
+        if job == 0:
+            gate.wait()  # the other thread has taken a job meanwhile
+        elif job == 1:
+            gate.wait()
+        written.append((job, threading.current_thread().name))
+
+    shares = Shares(list(range(50)), run, lambda job, exc: None)
+    writer = SecondWriter("spoold-store-writer test")
+    try:
+        assert writer.hand(shares)
+        shares.take_all()
+        shares.wait()
+    finally:
+        writer.close_sync()
+    assert sorted(job for job, _ in written) == list(range(50))
+    assert len({thread for _, thread in written}) == 2
+
+
+def test_shares_run_after_their_batch_write_nothing() -> None:
+    written: list[int] = []
+    shares = Shares([1, 2, 3], written.append, lambda job, exc: None)
+    shares.take_all()
+    shares.wait()
+    writer = SecondWriter("spoold-store-writer test")
+    try:
+        assert writer.hand(shares)  # late: its batch is over
+    finally:
+        writer.close_sync()  # after the shares it holds
+    assert written == [1, 2, 3]
+
+
+def test_an_error_escaping_a_job_is_that_jobs_alone() -> None:
+    written: list[int] = []
+    failures: list[tuple[int, BaseException]] = []
+    boom = KeyboardInterrupt()
+
+    def run(job: int) -> None:
+        if job == 2:
+            raise boom
+        written.append(job)
+
+    shares = Shares([1, 2, 3], run, lambda job, exc: failures.append((job, exc)))
+    shares.take_all()
+    shares.wait()
+    assert written == [1, 3]
+    assert failures == [(2, boom)]
+
+
+def test_a_closed_second_writer_takes_nothing() -> None:
+    writer = SecondWriter("spoold-store-writer test")
+    writer.close_sync()
+    assert not writer.hand(Shares([1], lambda job: None, lambda job, exc: None))
+
+
+async def test_a_batch_the_pool_has_files_for_is_written_by_one_thread(tmp_path: Path) -> None:
+    """The second thread is there to create files; writing over files of
+    the pool (removed entries) is quick, and one thread does it."""
+    writers: set[str] = set()
+
+    def note(step: str) -> None:
+        if step == "write_body":
+            writers.add(threading.current_thread().name)
+
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs")
+    async with store:
+        for r in await enqueue_at_once(store, ADDS):
+            assert isinstance(r, list)
+            await store.delete("active", r[0])  # into the pool
+    hook = Hook(lambda step: None)
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=hook)
+    async with store:
+        await enqueue_at_once(store, ADDS)  # claims files of the pool, ready after its sync
+        hook.to = note
+        last = await enqueue_at_once(store, ADDS)
+        assert all(isinstance(r, list) for r in last)
+        assert len(writers) == 1
+        assert tmp_leftovers(tmp_path) == []
+        assert await store.check(max_age=0) == []
