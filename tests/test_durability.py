@@ -74,6 +74,7 @@ STRACE = shutil.which("strace")
 TIMEOUT = 60.0  # the longest any one traced run may take
 SMTP_MESSAGES = 20
 API_MESSAGES = 10
+AT_ONCE_MESSAGES = 48
 MUTANT_MESSAGES = 3
 
 # A regular expression, so a syscall this architecture lacks (rename on
@@ -534,14 +535,23 @@ def _strace(log: Path, *command: str) -> list[str]:
 
 
 def run_api_child(
-    work: Path, python_path: Path, count: int, sync: str, pooled: int = 0
+    work: Path, python_path: Path, count: int, sync: str, pooled: int = 0, at_once: int = 1
 ) -> tuple[list[Call], Path]:
     """Trace the child that adds ``count`` messages (after delivering
-    ``pooled`` ones); its calls and spool."""
+    ``pooled`` ones), ``at_once`` at a time; its calls and spool."""
     spool = work / "spool"
     log = work / "api.strace"
     done = subprocess.run(
-        _strace(log, sys.executable, str(CHILD), str(spool), str(count), sync, str(pooled)),
+        _strace(
+            log,
+            sys.executable,
+            str(CHILD),
+            str(spool),
+            str(count),
+            sync,
+            str(pooled),
+            str(at_once),
+        ),
         cwd=work,
         env=_env(python_path),
         capture_output=True,
@@ -714,9 +724,18 @@ def test_spool_add_returns_after_the_files_and_directories_are_synced(
     acks = api_acks(calls)
     assert len(acks) == API_MESSAGES
     assert durability_problems(calls, spool, acks) == []
+
+
+@needs_strace
+def test_adds_made_at_once_return_after_their_files_are_synced(tmp_path: Path) -> None:
+    """The group commit's batches hold several adds, whose files two
+    threads write (spoold.store.sharing), made unnamed and then named
+    (spoold.store.directory) where the filesystem can."""
+    calls, spool = run_api_child(tmp_path, PROJECT, AT_ONCE_MESSAGES, "syncfs", at_once=16)
+    acks = api_acks(calls)
+    assert len(acks) == AT_ONCE_MESSAGES
+    assert durability_problems(calls, spool, acks) == []
     if unnamed_files_work(tmp_path):
-        # New files were made unnamed and then named (spoold.store.directory),
-        # and the checks above held for them.
         root = os.path.realpath(spool)
         assert any(
             c.name == "linkat" and c.ok and c.strings()[1].startswith(f"{root}/tmp/")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -154,10 +155,14 @@ class Committer:
         new files (more than the pool has ready) is written by two threads:
         this one and the second writer (see :mod:`spoold.store.sharing`),
         each taking the next job left."""
-        shares = Shares(jobs, self._write_job, self._job_failed)
         entries = sum(len(s.job.entries) for s in jobs)
         # Shared only to create files: those of the pool are quickly written.
-        if len(jobs) > 1 and entries >= SHARED_FROM and self._pool.ready() < entries:
+        share = len(jobs) > 1 and entries >= SHARED_FROM and self._pool.ready() < entries
+        # Two threads creating files at once make them unnamed: they do not
+        # take turns on the lock of tmp/ (StoreDirectory._create_tmp).
+        write = functools.partial(self._write_job, unnamed=share)
+        shares = Shares(jobs, write, self._job_failed)
+        if share:
             self._second.hand(shares)  # if it cannot, this thread writes them all
         try:
             shares.take_all()
@@ -167,9 +172,11 @@ class Committer:
             if s.moves is None and not s.job.done:
                 self._job_failed(s, StoreError(f"enqueue into {self._dir.root} was not written"))
 
-    def _write_job(self, s: _Staged) -> None:
+    def _write_job(self, s: _Staged, *, unnamed: bool) -> None:
         try:
-            s.moves = self._stage(s.job.entries, s.job.on_reserve, s.names, s.written, sync=False)
+            s.moves = self._stage(
+                s.job.entries, s.job.on_reserve, s.names, s.written, sync=False, unnamed=unnamed
+            )
         except Exception as exc:  # noqa: BLE001 (undone, and given to its caller)
             self._job_failed(s, exc)
 
@@ -220,9 +227,11 @@ class Committer:
         written: list[str],
         *,
         sync: bool,
+        unnamed: bool = False,
     ) -> list[_Move]:
         """Reserve names and write the tmp files of ``entries`` (filling
-        ``names`` and ``written``, every path to remove on failure)."""
+        ``names`` and ``written``, every path to remove on failure);
+        ``unnamed``: new files made unnamed first (see ``write_tmp``)."""
         d = self._dir
         for _ in entries:
             d.step("reserve")
@@ -237,12 +246,16 @@ class Committer:
             prefix = e.make_prefix(name) if e.make_prefix is not None else b""
             size = len(prefix) + len(e.body)
             reuse = None if sync else self._pool.take("body", size)
-            body_tmp = d.write_tmp(name, "body", e.body, prefix, sync=sync, reuse=reuse)
+            body_tmp = d.write_tmp(
+                name, "body", e.body, prefix, sync=sync, reuse=reuse, unnamed=unnamed
+            )
             written.append(body_tmp)
             d.step("write_record")
             record = e.make_record(name, names)
             reuse = None if sync else self._pool.take("record", len(record))
-            record_tmp = d.write_tmp(name, "record", record, sync=sync, reuse=reuse)
+            record_tmp = d.write_tmp(
+                name, "record", record, sync=sync, reuse=reuse, unnamed=unnamed
+            )
             written.append(record_tmp)
             moves.append((name, e.queue, body_tmp, record_tmp))
         return moves

@@ -70,7 +70,7 @@ class StoreDirectory:
         self.registry = f"{root}/.registry"
         self._lock_fd: int | None = None
         self._tmp_count = itertools.count()
-        self._unnamed = _UNNAMED_FLAGS != 0  # new tmp/ files made unnamed first (_create_tmp)
+        self._unnamed = _UNNAMED_FLAGS != 0  # whether files can be made unnamed (_create_tmp)
         self.dir_fds: dict[str, int] = {}
         # Directories of queues this process cannot use (path -> why), found
         # at open: what lives there is skipped, the rest is served.
@@ -244,11 +244,12 @@ class StoreDirectory:
         st = os.fstatvfs(self.dir_fds[self.tmp])
         return st.f_bavail * st.f_frsize
 
-    def _create_tmp(self, path: str) -> int:
+    def _create_tmp(self, path: str, unnamed: bool) -> int:
         """Create the ``tmp/`` file ``path`` (it must not exist); a
         descriptor open for writing on it.
 
-        Made unnamed (``O_TMPFILE``), named ``path`` (``linkat`` through
+        With ``unnamed`` (another thread of the store creates files at the
+        same moment): made unnamed (``O_TMPFILE``), named ``path`` (``linkat`` through
         ``/proc/self/fd``), then opened by that name before anything is
         written: the same file, under the same name and with a descriptor
         that says so (``/proc``, ``lsof``), as ``O_CREAT|O_EXCL`` makes,
@@ -258,7 +259,9 @@ class StoreDirectory:
         most of an add's time; created by name, the files of every writer
         thread and process of the store queue on that one lock, and two
         threads writing one batch (:mod:`spoold.store.sharing`) would take
-        turns. Naming and opening take the lock only briefly.
+        turns. Naming and opening take the lock only briefly. A thread
+        creating files alone queues behind no one of its own, and creates
+        them by name: three more calls a file are not worth it there.
 
         A process that dies before the name is made leaves nothing (the
         kernel frees an unnamed file with its last descriptor); a power cut
@@ -268,19 +271,19 @@ class StoreDirectory:
         which reports the error if that fails too; once that works where
         this did not, this directory creates files by name from then on.
         """
-        if self._unnamed:
+        if unnamed and self._unnamed:
             # An absolute source ignores src_dir_fd; giving one makes os.link
             # call linkat(), which follows the /proc link to the file
             # (link() would link the /proc link itself).
             any_dir = self.dir_fds[self.tmp]
             try:
-                unnamed = os.open(self.tmp, _UNNAMED_FLAGS, FILE_MODE)
+                nameless = os.open(self.tmp, _UNNAMED_FLAGS, FILE_MODE)
                 try:
                     os.link(
-                        f"/proc/self/fd/{unnamed}", path, src_dir_fd=any_dir, follow_symlinks=True
+                        f"/proc/self/fd/{nameless}", path, src_dir_fd=any_dir, follow_symlinks=True
                     )
                 finally:
-                    os.close(unnamed)  # unlinked, this frees it
+                    os.close(nameless)  # unlinked, this frees it
             except OSError:
                 pass  # created by name below
             else:
@@ -303,15 +306,17 @@ class StoreDirectory:
         *,
         sync: bool = True,
         reuse: str | None = None,
+        unnamed: bool = False,
     ) -> str:
         """Write ``prefix + data`` to a new file under ``tmp/``, or over the
         file ``reuse`` (a file of the pool, ready to be written: see
-        :mod:`spoold.store.pool`), cut to the new length; its path."""
+        :mod:`spoold.store.pool`), cut to the new length; its path.
+        ``unnamed``: a new file is made unnamed first (see :meth:`_create_tmp`)."""
         fd = -1 if reuse is None else _open_reused(reuse)
         if reuse is None or fd < 0:
             # Unique without randomness: the name is this process's, the count too.
             path = f"{self.tmp}/{self.pid}.{name}.{kind}.{next(self._tmp_count)}"
-            fd = self._create_tmp(path)
+            fd = self._create_tmp(path, unnamed)
             reuse = None
         else:
             path = reuse
