@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -279,3 +280,52 @@ async def test_a_batch_the_pool_has_files_for_is_written_by_one_thread(tmp_path:
         assert len(writers) == 1
         assert tmp_leftovers(tmp_path) == []
         assert await store.check(max_age=0) == []
+
+
+async def test_the_second_writer_writes_nothing_once_its_batch_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hop's thread leaves take_all early (its failure callback raises,
+    # which it is written never to do) while the second writer holds a job.
+    # The wait that ends the batch must still be a full barrier: the second
+    # writer finishes the job it holds and takes none of those left.
+    second_in, release = threading.Event(), threading.Event()
+    second_jobs: list[str] = []
+    hop_failed: list[str] = []
+
+    def hook(step: str) -> None:
+        if step != "write_body":
+            return
+        if second_writer():
+            second_jobs.append(step)
+            if len(second_jobs) == 1:
+                second_in.set()
+                assert release.wait(WAIT_TIMEOUT)
+        elif not hop_failed:
+            assert second_in.wait(WAIT_TIMEOUT)
+            hop_failed.append(threading.current_thread().name)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=hook)
+    committer = store._committer
+    job_failed = committer._job_failed
+
+    def failed_raising(s: Any, exc: BaseException) -> None:
+        job_failed(s, exc)
+        if not second_writer():
+            raise RuntimeError("a failure callback that raised")
+
+    wait = Shares.wait
+
+    def release_then_wait(shares: Shares[Any]) -> None:
+        release.set()  # the second writer goes on from here
+        wait(shares)
+
+    monkeypatch.setattr(committer, "_job_failed", failed_raising)
+    monkeypatch.setattr(Shares, "wait", release_then_wait)
+    async with store:
+        results = await enqueue_at_once(store, ADDS)
+    # The thread is joined: whatever it would write, it has.
+    assert hop_failed
+    assert all(isinstance(r, BaseException) for r in results)
+    assert len(second_jobs) == 1

@@ -167,7 +167,11 @@ class Committer:
         try:
             shares.take_all()
         finally:
-            shares.wait()  # for the job the second writer has under way
+            # A full barrier even if take_all ended early: no job can be
+            # taken any more, then the one the second writer has under way
+            # (if any) is waited for; after that it writes nothing of this batch.
+            shares.close()
+            shares.wait()
         for s in jobs:  # nothing should be left half done; if it is, it fails
             if s.moves is None and not s.job.done:
                 self._job_failed(s, StoreError(f"enqueue into {self._dir.root} was not written"))

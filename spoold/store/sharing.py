@@ -8,9 +8,11 @@ batch's files are created one after another on one core. The jobs of a
 batch are :class:`Shares`, each taken by exactly one thread: the hop's
 thread takes them one at a time and hands the same shares to the
 :class:`SecondWriter`, which takes them too. The hop's thread never waits
-for the second one to start: once it finds none left, it waits only for
-the job the second thread has under way (if any), then goes on with the
-batch's syncs.
+for the second one to take a job: once it finds none left, it closes the
+shares (no job can be taken any more), waits only for the job the second
+thread has under way (if any), then goes on with the batch's syncs. That
+wait is a barrier whatever ended the hop's share: once it returns, the
+second thread writes nothing of that batch.
 
 What a failure of the second thread does: nothing a commit can see. If
 the thread cannot be started, or is slow to wake, the hop's thread takes
@@ -82,9 +84,15 @@ class Shares(Generic[_J]):
             finally:
                 self._finished()
 
+    def close(self) -> None:
+        """Let no thread take a job any more (those left are taken by none)."""
+        with self._lock:
+            self._jobs = iter(())
+
     def wait(self) -> None:
-        """Return once every job taken has been written (call it after
-        :meth:`take_all` has returned: then none is left to take)."""
+        """Return once every job taken has been written. After :meth:`close`
+        it is a barrier: once it returns, no thread writes a job of these
+        shares any more, however :meth:`take_all` ended in the caller's."""
         with self._lock:
             while self._running:
                 self._idle.wait()
