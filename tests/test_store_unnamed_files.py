@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import anyio
 import pytest
 
 import spoold.store.directory
+from spoold.errors import StoreError
 from spoold.store import NewEntry, Store
 from tests.support import WAIT_TIMEOUT, records_in
 
@@ -72,9 +74,13 @@ class Links:
     ``link`` from ``/proc/self/fd`` noted (what the descriptor held then)
     and, when ``refuse`` is set, refused with it."""
 
-    def __init__(self, refuse: OSError | None = None) -> None:
+    def __init__(
+        self, refuse: OSError | None = None, then: Callable[[str], None] | None = None
+    ) -> None:
         self.refuse = refuse
+        self.then = then  # called with the new name after a link made
         self.seen: list[tuple[int, int]] = []  # (links, size) of the file then
+        self.linked: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
@@ -86,6 +92,10 @@ class Links:
             if self.refuse is not None:
                 raise self.refuse
         os.link(src, dst, **kwargs)
+        if src.startswith("/proc/self/fd/"):
+            self.linked.append(dst)
+            if self.then is not None:
+                self.then(dst)
 
 
 async def test_files_created_at_once_are_named_before_anything_is_written_to_them(
@@ -162,3 +172,68 @@ async def test_where_there_is_no_o_tmpfile_files_are_created_by_name(
         assert os.listdir(root / "tmp") == []
         assert open_under(root) == []
         assert await store.check(max_age=0) == []
+
+
+async def enqueue_each(store: Store) -> list[list[str] | BaseException]:
+    """AT_ONCE calls of one entry each, made at once; each one's names or error."""
+    results: list[list[str] | BaseException] = [[] for _ in range(AT_ONCE)]
+
+    async def one(n: int) -> None:
+        try:
+            results[n] = await store.enqueue([entry(n)])
+        except Exception as exc:
+            results[n] = exc
+
+    with anyio.fail_after(WAIT_TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            for n in range(AT_ONCE):
+                tg.start_soon(one, n)
+    return results
+
+
+@pytest.mark.parametrize("put", ["hard link", "fifo"])
+async def test_a_name_replaced_after_its_link_is_neither_written_nor_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, put: str
+) -> None:
+    # Whoever can write tmp/ puts something else under the name between the
+    # link and the open by name: another file (it would be written over),
+    # or a FIFO (the open would wait for a reader for ever).
+    if not unnamed_files_work(tmp_path):
+        pytest.skip(f"no O_TMPFILE in {tmp_path}")
+    other = tmp_path / "other"
+    other.write_bytes(b"not the store's")
+    replaced: list[str] = []
+
+    def replace(name: str) -> None:
+        if replaced:
+            return
+        replaced.append(name)
+        os.unlink(name)
+        if put == "fifo":
+            os.mkfifo(name, 0o600)
+        else:
+            os.link(other, name)
+
+    links = Links(then=replace)
+    monkeypatch.setattr(spoold.store.directory, "os", links)
+    root = tmp_path / "store"
+    store, _ = await Store.open(root, QUEUES, sync="syncfs")
+    async with store:
+        results = await enqueue_each(store)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        names = {r[0] for r in results if isinstance(r, list)}
+        assert len(errors) == 1
+        assert isinstance(errors[0], StoreError)
+        assert "was replaced" in str(errors[0]) or put == "fifo"
+        assert len(names) == AT_ONCE - 1
+        assert records_in(root, "active") == names
+        assert sorted(os.listdir(root / "data")) == sorted(names)
+        # What was put there is left as it was, and nothing else of the job stays.
+        (name,) = replaced
+        assert os.listdir(root / "tmp") == [os.path.basename(name)]
+        if put == "fifo":
+            assert os.path.exists(name) and not os.path.isfile(name)
+        else:
+            assert os.path.samefile(name, other)
+        assert other.read_bytes() == b"not the store's"
+        assert open_under(root) == []

@@ -21,6 +21,7 @@ import fcntl
 import itertools
 import operator
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -47,7 +48,7 @@ _REUSE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 # An unnamed new file in a directory (0: this platform has no O_TMPFILE),
 # and that file opened again once named.
 _UNNAMED_FLAGS = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC if hasattr(os, "O_TMPFILE") else 0
-_NAMED_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NAMED_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _first = operator.itemgetter(0)
@@ -278,20 +279,23 @@ class StoreDirectory:
             any_dir = self.dir_fds[self.tmp]
             try:
                 nameless = os.open(self.tmp, _UNNAMED_FLAGS, FILE_MODE)
-                try:
-                    os.link(
-                        f"/proc/self/fd/{nameless}", path, src_dir_fd=any_dir, follow_symlinks=True
-                    )
-                finally:
-                    os.close(nameless)  # unlinked, this frees it
             except OSError:
                 pass  # created by name below
             else:
                 try:
-                    return os.open(path, _NAMED_FLAGS)
-                except BaseException:
-                    unlink_quiet(path)
-                    raise
+                    try:
+                        os.link(
+                            f"/proc/self/fd/{nameless}",
+                            path,
+                            src_dir_fd=any_dir,
+                            follow_symlinks=True,
+                        )
+                    except OSError:
+                        pass  # created by name below
+                    else:
+                        return _open_linked(path, nameless)
+                finally:
+                    os.close(nameless)  # still unnamed, this frees it
             fd = os.open(path, OPEN_FLAGS, FILE_MODE)
             self._unnamed = False  # the plain way works where that did not
             return fd
@@ -354,6 +358,42 @@ def still_named(path: str, fd: int, dir_fd: int | None = None) -> bool:
         return False
     st = os.fstat(fd)
     return named.st_ino == st.st_ino and named.st_dev == st.st_dev
+
+
+def _open_linked(path: str, nameless: int) -> int:
+    """A descriptor open for writing on ``path``, just linked to the
+    unnamed file open on ``nameless``, once it is sure to be that file:
+    anything put in its place meanwhile (by whoever can write ``tmp/``) is
+    neither written nor removed, and the job fails. Opened without blocking,
+    so a FIFO put there cannot hold the commit (on a regular file,
+    ``O_NONBLOCK`` changes nothing)."""
+    made = os.fstat(nameless)
+    try:
+        fd = os.open(path, _NAMED_FLAGS)
+    except BaseException:
+        _unlink_if_same(path, made)
+        raise
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_if_same(path, made)
+        raise
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (made.st_dev, made.st_ino):
+        os.close(fd)
+        _unlink_if_same(path, made)  # not ours now: left as it is
+        raise StoreError(
+            f"{path} was replaced between its link and its open: nothing written to it"
+        )
+    return fd
+
+
+def _unlink_if_same(path: str, made: os.stat_result) -> None:
+    """Remove ``path`` if it still names the file ``made`` describes (ours)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(path, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) == (made.st_dev, made.st_ino):
+            os.unlink(path)
 
 
 def _open_reused(path: str) -> int:
