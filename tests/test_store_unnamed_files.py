@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog.testing
 
 import spoold.store.directory
 from spoold.errors import StoreError
@@ -237,3 +238,110 @@ async def test_a_name_replaced_after_its_link_is_neither_written_nor_removed(
             assert os.path.samefile(name, other)
         assert other.read_bytes() == b"not the store's"
         assert open_under(root) == []
+
+
+class Refusing(Links):
+    """:class:`Links`, whose first ``O_TMPFILE`` open (``at="open"``),
+    ``link`` (``at="link"``) or close of an unnamed file once linked
+    (``at="close"``) fails with ``error``."""
+
+    def __init__(self, at: str, error: int) -> None:
+        super().__init__()
+        self.at, self.error, self.refused = at, error, 0
+        self.nameless: set[int] = set()
+
+    def _refuse(self, at: str) -> bool:
+        if at == self.at and not self.refused:
+            self.refused += 1
+            return True
+        return False
+
+    def open(self, path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        tmpfile = flags & os.O_TMPFILE == os.O_TMPFILE
+        if tmpfile and self._refuse("open"):
+            raise OSError(self.error, os.strerror(self.error))
+        return os.open(path, flags, *args, **kwargs)
+
+    def link(self, src: str, dst: str, **kwargs: Any) -> None:
+        if src.startswith("/proc/self/fd/") and self._refuse("link"):
+            self.seen.append((0, 0))
+            raise OSError(self.error, os.strerror(self.error))
+        super().link(src, dst, **kwargs)
+        if src.startswith("/proc/self/fd/"):
+            self.nameless.add(int(src.rsplit("/", 1)[1]))
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+        if fd in self.nameless:
+            self.nameless.discard(fd)
+            if self._refuse("close"):
+                raise OSError(self.error, os.strerror(self.error))
+
+
+@pytest.mark.parametrize(
+    ("at", "error"),
+    [("open", errno.EMFILE), ("open", errno.ENOSPC), ("link", errno.EMFILE)],
+    ids=["open-EMFILE", "open-ENOSPC", "link-EMFILE"],
+)
+async def test_an_error_of_the_moment_costs_that_file_its_way_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str, error: int
+) -> None:
+    if not unnamed_files_work(tmp_path):
+        pytest.skip(f"no O_TMPFILE in {tmp_path}")
+    links = Refusing(at, error)
+    monkeypatch.setattr(spoold.store.directory, "os", links)
+    root = tmp_path / "store"
+    store, _ = await Store.open(root, QUEUES, sync="syncfs")
+    with structlog.testing.capture_logs() as logged:
+        async with store:
+            first = await enqueue_at_once(store)
+            second = await enqueue_at_once(store)
+            assert records_in(root, "active") == {*first, *second}
+            assert os.listdir(root / "tmp") == []
+            assert open_under(root) == []
+    assert links.refused == 1
+    # The second batch's files were still made unnamed, and nothing was logged.
+    assert len(links.seen) >= 2 * AT_ONCE + 1
+    assert [e for e in logged if e["log_level"] == "warning"] == []
+
+
+async def test_files_made_by_name_from_then_on_is_logged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not unnamed_files_work(tmp_path):
+        pytest.skip(f"no O_TMPFILE in {tmp_path}")
+    links = Links(refuse=OSError(errno.EXDEV, os.strerror(errno.EXDEV)))
+    monkeypatch.setattr(spoold.store.directory, "os", links)
+    root = tmp_path / "store"
+    store, _ = await Store.open(root, QUEUES, sync="syncfs")
+    with structlog.testing.capture_logs() as logged:
+        async with store:
+            await enqueue_at_once(store)
+            await enqueue_at_once(store)
+    warnings = [e for e in logged if e["log_level"] == "warning"]
+    assert len(warnings) == 1
+    assert warnings[0]["root"] == str(root)
+    assert warnings[0]["step"] == "link"
+    assert "Invalid cross-device link" in warnings[0]["error"]
+
+
+async def test_a_close_failing_after_the_link_loses_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not unnamed_files_work(tmp_path):
+        pytest.skip(f"no O_TMPFILE in {tmp_path}")
+    links = Refusing("close", errno.EIO)
+    monkeypatch.setattr(spoold.store.directory, "os", links)
+    root = tmp_path / "store"
+    store, _ = await Store.open(root, QUEUES, sync="syncfs")
+    async with store:
+        results = await enqueue_each(store)
+        names = {r[0] for r in results if isinstance(r, list)}
+        assert links.refused == 1
+        # The file was named and opened: its job went on with it.
+        assert len(names) == AT_ONCE
+        assert records_in(root, "active") == names
+        assert sorted(os.listdir(root / "data")) == sorted(names)
+        assert os.listdir(root / "tmp") == []
+        assert open_under(root) == []
+        assert await store.check(max_age=0) == []

@@ -22,8 +22,11 @@ import itertools
 import operator
 import os
 import stat
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import structlog
 
 from spoold.errors import SpoolLockedError, StoreError
 from spoold.ids import is_valid_id
@@ -50,8 +53,18 @@ _REUSE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _UNNAMED_FLAGS = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC if hasattr(os, "O_TMPFILE") else 0
 _NAMED_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
+# The errors that say files cannot be made unnamed here, by step: no
+# O_TMPFILE (an old kernel reads it as O_DIRECTORY: EISDIR; a filesystem
+# without it: EOPNOTSUPP; EINVAL), no /proc or not ours to read (ENOENT,
+# EACCES), a link refused (EXDEV, EPERM).
+_NOT_HERE = {
+    "open": frozenset({errno.EISDIR, errno.EOPNOTSUPP, errno.EINVAL}),
+    "link": frozenset({errno.ENOENT, errno.EACCES, errno.EXDEV, errno.EPERM}),
+}
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _first = operator.itemgetter(0)
+log = structlog.get_logger("spoold.store")
 
 
 class StoreDirectory:
@@ -72,6 +85,7 @@ class StoreDirectory:
         self._lock_fd: int | None = None
         self._tmp_count = itertools.count()
         self._unnamed = _UNNAMED_FLAGS != 0  # whether files can be made unnamed (_create_tmp)
+        self._unnamed_lock = threading.Lock()
         self.dir_fds: dict[str, int] = {}
         # Directories of queues this process cannot use (path -> why), found
         # at open: what lives there is skipped, the rest is served.
@@ -267,39 +281,58 @@ class StoreDirectory:
         A process that dies before the name is made leaves nothing (the
         kernel frees an unnamed file with its last descriptor); a power cut
         in that moment may leave an empty inode with no name, which the
-        filesystem's check frees. Where this way fails (no ``O_TMPFILE``:
-        FUSE, an old kernel; no ``/proc``), the file is created by name,
-        which reports the error if that fails too; once that works where
-        this did not, this directory creates files by name from then on.
+        filesystem's check frees. Where this way fails, the file is created
+        by name, which reports the error if that fails too. If the error
+        says the way cannot work here (no ``O_TMPFILE``: FUSE, an old
+        kernel; no ``/proc``; a link refused: see :data:`_NOT_HERE`), this
+        directory creates files by name from then on, and says so once in
+        the log; any other error (no descriptor or no space left at that
+        moment) costs this file's way only.
         """
-        if unnamed and self._unnamed:
+        if not (unnamed and self._unnamed):
+            return os.open(path, OPEN_FLAGS, FILE_MODE)
+        try:
+            nameless = os.open(self.tmp, _UNNAMED_FLAGS, FILE_MODE)
+        except OSError as exc:
+            self._unnamed_failed(exc, "open")
+            return os.open(path, OPEN_FLAGS, FILE_MODE)
+        try:
             # An absolute source ignores src_dir_fd; giving one makes os.link
             # call linkat(), which follows the /proc link to the file
             # (link() would link the /proc link itself).
-            any_dir = self.dir_fds[self.tmp]
-            try:
-                nameless = os.open(self.tmp, _UNNAMED_FLAGS, FILE_MODE)
-            except OSError:
-                pass  # created by name below
-            else:
-                try:
-                    try:
-                        os.link(
-                            f"/proc/self/fd/{nameless}",
-                            path,
-                            src_dir_fd=any_dir,
-                            follow_symlinks=True,
-                        )
-                    except OSError:
-                        pass  # created by name below
-                    else:
-                        return _open_linked(path, nameless)
-                finally:
-                    os.close(nameless)  # still unnamed, this frees it
-            fd = os.open(path, OPEN_FLAGS, FILE_MODE)
-            self._unnamed = False  # the plain way works where that did not
-            return fd
-        return os.open(path, OPEN_FLAGS, FILE_MODE)
+            os.link(
+                f"/proc/self/fd/{nameless}",
+                path,
+                src_dir_fd=self.dir_fds[self.tmp],
+                follow_symlinks=True,
+            )
+        except OSError as exc:
+            _close_quiet(nameless)  # still unnamed, this frees it
+            self._unnamed_failed(exc, "link")
+            return os.open(path, OPEN_FLAGS, FILE_MODE)
+        try:
+            return _open_linked(path, nameless)
+        finally:
+            # Named (or removed) by now: a close that reports an error loses
+            # nothing, and must not lose the file the caller is given.
+            _close_quiet(nameless)
+
+    def _unnamed_failed(self, error: OSError, step: str) -> None:
+        """Stop making files unnamed here if ``error`` (of ``step``) says
+        that cannot work on this filesystem; logged once."""
+        if error.errno not in _NOT_HERE[step]:
+            return
+        with self._unnamed_lock:
+            if not self._unnamed:
+                return
+            self._unnamed = False
+        log.warning(
+            "new files are created by name from now on: this filesystem cannot make "
+            "them unnamed, so the threads of a group commit take turns creating them",
+            root=self.root_s,
+            step=step,
+            error=str(error),
+        )
 
     def write_tmp(
         self,
@@ -430,6 +463,11 @@ def _after(parts: list[bytes | memoryview], done: int) -> list[bytes | memoryvie
         rest.append(memoryview(part)[done:] if done else part)
         done = 0
     return rest
+
+
+def _close_quiet(fd: int) -> None:
+    with contextlib.suppress(OSError):  # the descriptor is gone whatever it says
+        os.close(fd)
 
 
 def unlink_quiet(path: str) -> None:
