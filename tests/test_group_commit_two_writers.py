@@ -329,3 +329,18 @@ async def test_the_second_writer_writes_nothing_once_its_batch_has_ended(
     assert hop_failed
     assert all(isinstance(r, BaseException) for r in results)
     assert len(second_jobs) == 1
+
+
+def writer_threads(root: Path) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"spoold-store-writer {root}"]
+
+
+async def test_the_second_writer_thread_ends_when_the_store_closes(tmp_path: Path) -> None:
+    hook = BothWriters()
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=hook)
+    async with store:
+        results = await enqueue_at_once(store, ADDS)
+        assert all(isinstance(r, list) for r in results)
+        assert len(hook.threads) == 2
+        assert len(writer_threads(tmp_path)) == 1
+    assert writer_threads(tmp_path) == []

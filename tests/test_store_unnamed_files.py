@@ -345,3 +345,37 @@ async def test_a_close_failing_after_the_link_loses_no_file(
         assert os.listdir(root / "tmp") == []
         assert open_under(root) == []
         assert await store.check(max_age=0) == []
+
+
+async def test_an_open_failing_after_the_link_fails_its_job_and_leaves_no_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not unnamed_files_work(tmp_path):
+        pytest.skip(f"no O_TMPFILE in {tmp_path}")
+    refused: list[str] = []
+
+    class RefusedOpen(Links):
+        def open(self, path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if path in self.linked and not refused:
+                refused.append(path)
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+            return os.open(path, flags, *args, **kwargs)
+
+    links = RefusedOpen()
+    monkeypatch.setattr(spoold.store.directory, "os", links)
+    root = tmp_path / "store"
+    store, _ = await Store.open(root, QUEUES, sync="syncfs")
+    async with store:
+        results = await enqueue_each(store)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        names = {r[0] for r in results if isinstance(r, list)}
+        assert refused
+        assert len(errors) == 1
+        assert isinstance(errors[0], StoreError)
+        assert errors[0].errno == errno.EMFILE
+        assert len(names) == AT_ONCE - 1
+        assert records_in(root, "active") == names
+        assert sorted(os.listdir(root / "data")) == sorted(names)
+        assert os.listdir(root / "tmp") == []
+        assert open_under(root) == []
+        assert await store.check(max_age=0) == []
