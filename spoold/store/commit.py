@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -160,10 +159,14 @@ class Committer:
         share = len(jobs) > 1 and entries >= SHARED_FROM and self._pool.ready() < entries
         # Two threads creating files at once make them unnamed: they do not
         # take turns on the lock of tmp/ (StoreDirectory._create_tmp).
-        write = functools.partial(self._write_job, unnamed=share)
+        unnamed = share
+
+        def write(s: _Staged) -> None:
+            self._write_job(s, unnamed=unnamed)
+
         shares = Shares(jobs, write, self._job_failed)
-        if share:
-            self._second.hand(shares)  # if it cannot, this thread writes them all
+        if share and not self._second.hand(shares):
+            unnamed = False  # no second thread: this one writes them all, by name
         try:
             shares.take_all()
         finally:
@@ -194,7 +197,8 @@ class Committer:
             _undo(s.written)
 
     def close_sync(self) -> None:
-        """End the second writer's thread (no commit is under way)."""
+        """End the second writer's thread, which the committer owns (call
+        it once no commit is under way: the store closes its hops first)."""
         self._second.close_sync()
 
     def enqueue_sync(
