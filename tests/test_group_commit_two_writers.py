@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import pytest
 
+import spoold.store.commit
 from spoold.errors import StoreError
 from spoold.store import NewEntry, Store
 from spoold.store.commit import SHARED_FROM
@@ -28,6 +29,14 @@ from tests.support import WAIT_TIMEOUT, records_in, spool_files
 QUEUES = ["active", "frozen"]
 ADDS = 16  # calls made at once: one batch, well above SHARED_FROM
 assert ADDS >= SHARED_FROM
+
+
+@pytest.fixture(autouse=True)
+def large_batches_always_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about two threads writing one batch: they share it
+    whatever the filesystem (the store's measure of how slow files are to
+    create is tested on its own, below: ``measured``)."""
+    monkeypatch.setattr(spoold.store.commit, "SLOW_ENTRY_SECONDS", 0.0)
 
 
 def entry(n: int) -> NewEntry:
@@ -344,3 +353,61 @@ async def test_the_second_writer_thread_ends_when_the_store_closes(tmp_path: Pat
         assert len(hook.threads) == 2
         assert len(writer_threads(tmp_path)) == 1
     assert writer_threads(tmp_path) == []
+
+
+class FakeClock:
+    """The committer's clock: each reading ``step`` seconds past the last."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+class Writers:
+    """A step hook: the names of the threads that wrote a body, per batch
+    (``mark`` starts the next one)."""
+
+    def __init__(self) -> None:
+        self.batches: list[set[str]] = [set()]
+        self._lock = threading.Lock()
+
+    def __call__(self, step: str) -> None:
+        if step == "write_body":
+            with self._lock:
+                self.batches[-1].add(threading.current_thread().name)
+
+    def mark(self) -> None:
+        self.batches.append(set())
+
+    def shared(self) -> list[bool]:
+        return [any(n.startswith("spoold-store-writer") for n in b) for b in self.batches[:-1]]
+
+
+@pytest.mark.parametrize("measured", ["quick", "slow"])
+async def test_a_large_batch_is_shared_only_where_one_thread_was_measured_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, measured: str
+) -> None:
+    # The store's own threshold; its clock is the test's: writing a batch
+    # alone reads it twice, so one step is the time of the whole batch.
+    monkeypatch.setattr(spoold.store.commit, "SLOW_ENTRY_SECONDS", 300e-6)
+    monkeypatch.setattr(spoold.store.commit, "SHARED_RUN", 2)
+    writers = Writers()
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=writers)
+    per_entry = 1e-3 if measured == "slow" else 10e-6
+    store._committer._clock = FakeClock(per_entry * ADDS)
+    async with store:
+        for _ in range(5):
+            results = await enqueue_at_once(store, ADDS)
+            assert all(isinstance(r, list) for r in results)
+            writers.mark()
+        assert len(records_in(tmp_path, "active")) == 5 * ADDS
+    if measured == "quick":
+        assert writers.shared() == [False] * 5
+    else:
+        # Alone until measured; then shared, with one batch in SHARED_RUN + 1
+        # written alone again, to measure anew.
+        assert writers.shared() == [False, True, True, False, True]

@@ -18,6 +18,7 @@ import anyio
 import pytest
 import structlog.testing
 
+import spoold.store.commit
 import spoold.store.directory
 from spoold.errors import StoreError
 from spoold.store import NewEntry, Store
@@ -25,6 +26,14 @@ from tests.support import WAIT_TIMEOUT, records_in
 
 QUEUES = ["active", "frozen"]
 AT_ONCE = 16  # enqueue calls made at once: a batch two threads write
+
+
+@pytest.fixture(autouse=True)
+def large_batches_always_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about two threads writing one batch: they share it
+    whatever the filesystem (the store's measure of how slow files are to
+    create is tested on its own in test_group_commit_two_writers)."""
+    monkeypatch.setattr(spoold.store.commit, "SLOW_ENTRY_SECONDS", 0.0)
 
 
 def entry(n: int) -> NewEntry:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,18 @@ _Move = tuple[str, str, str, str]
 # Entries a batch holds at least (in two jobs or more) for its files to be
 # written by two threads (below, a hand-over costs more than it saves).
 SHARED_FROM = 4
+# Seconds one thread took per entry to write a batch's new files (two
+# creates and two writes), at or past which the next large batches share
+# the work: only where creating a file is slow (ext4 without a journal,
+# going past inodes deleted in the last minute: about 0.6 ms an entry
+# measured) do two threads pay; where it is quick (tmpfs 0.04 ms, ext4
+# with a journal 0.07 ms, ext4 without one and nothing deleted lately
+# 0.09 ms), a second thread only adds hand-overs: 1.5x the wall time on
+# tmpfs, +25% CPU on ext4 with a journal, for 16 adds at once.
+SLOW_ENTRY_SECONDS = 300e-6
+# Shared batches in a row before one is written by one thread again, to
+# measure anew (shared, a batch's time says nothing of one thread's).
+SHARED_RUN = 16
 
 
 @dataclass(eq=False)
@@ -90,6 +103,14 @@ class Committer:
         self._registry = registry
         self._hops = hops
         self.min_free_bytes = min_free_bytes
+        # How long one thread took per entry of the last large batches it
+        # wrote alone (a running mean), and large batches shared in a row:
+        # see SLOW_ENTRY_SECONDS. Touched by the hop's thread only.
+        self._entry_seconds = 0.0
+        self._measured = False
+        self._shared_run = 0
+        self.slow_entry_seconds = SLOW_ENTRY_SECONDS  # 0: every large batch shared
+        self._clock = time.perf_counter  # a test's own clock may stand in
         self._second = SecondWriter(f"spoold-store-writer {directory.root}")
         self._commits = Batches[_Job](lambda batch: hops.run(self.commit_sync, batch))
 
@@ -151,12 +172,20 @@ class Committer:
     def _write_jobs(self, jobs: list[_Staged]) -> None:
         """Reserve the names and write the ``tmp/`` files of ``jobs``; a job
         that fails is undone and given its error. A large batch that needs
-        new files (more than the pool has ready) is written by two threads:
+        new files (more than the pool has ready) is written by two threads,
         this one and the second writer (see :mod:`spoold.store.sharing`),
-        each taking the next job left."""
+        each taking the next job left, when this thread alone was measured
+        slow at it (:data:`SLOW_ENTRY_SECONDS`): one large batch in
+        :data:`SHARED_RUN` + 1 is written alone, to measure again."""
         entries = sum(len(s.job.entries) for s in jobs)
-        # Shared only to create files: those of the pool are quickly written.
-        share = len(jobs) > 1 and entries >= SHARED_FROM and self._pool.ready() < entries
+        # Shared only to create files (those of the pool are quickly
+        # written), and only where creating them was measured slow.
+        large = len(jobs) > 1 and entries >= SHARED_FROM and self._pool.ready() < entries
+        share = large and self._entry_seconds >= self.slow_entry_seconds
+        if share and self.slow_entry_seconds and self._shared_run >= SHARED_RUN:
+            share = False  # one thread this time: measure again
+        self._shared_run = self._shared_run + 1 if share else 0
+        started = self._clock()
         # Two threads creating files at once make them unnamed: they do not
         # take turns on the lock of tmp/ (StoreDirectory._create_tmp).
         unnamed = share
@@ -175,6 +204,10 @@ class Committer:
             # (if any) is waited for; after that it writes nothing of this batch.
             shares.close()
             shares.wait()
+        if large and not share:  # one thread's time per entry, for the next batches
+            seconds = (self._clock() - started) / entries
+            self._entry_seconds = (self._entry_seconds + seconds) / 2 if self._measured else seconds
+            self._measured = True
         for s in jobs:  # nothing should be left half done; if it is, it fails
             if s.moves is None and not s.job.done:
                 self._job_failed(s, StoreError(f"enqueue into {self._dir.root} was not written"))
