@@ -193,17 +193,21 @@ class Committer:
         def write(s: _Staged) -> None:
             self._write_job(s, unnamed=unnamed)
 
-        shares = Shares(jobs, write, self._job_failed)
-        if share and not self._second.hand(shares):
-            unnamed = False  # no second thread: this one writes them all, by name
-        try:
-            shares.take_all()
-        finally:
-            # A full barrier even if take_all ended early: no job can be
-            # taken any more, then the one the second writer has under way
-            # (if any) is waited for; after that it writes nothing of this batch.
-            shares.close()
-            shares.wait()
+        if not share:  # this thread alone: no shares to hand out
+            for s in jobs:
+                self._write_job(s, unnamed=False)
+        else:
+            shares = Shares(jobs, write, self._job_failed)
+            if not self._second.hand(shares):
+                unnamed = False  # no second thread: this one writes them all, by name
+            try:
+                shares.take_all()
+            finally:
+                # A full barrier even if take_all ended early: no job can be
+                # taken any more, then the one the second writer has under way
+                # (if any) is waited for; after that it writes nothing of this batch.
+                shares.close()
+                shares.wait()
         if large and not share:  # one thread's time per entry, for the next batches
             seconds = (self._clock() - started) / entries
             self._entry_seconds = (self._entry_seconds + seconds) / 2 if self._measured else seconds
