@@ -312,7 +312,9 @@ class Spool:
         ``min_free_space``: bytes that must stay free on the spool's disk, or
         :meth:`add` refuses with a temporary error (0: no floor; changeable).
         ``on_step``: called with the name of each filesystem step before it
-        runs (fault injection: :class:`spoold.testing.Faults`).
+        runs (fault injection: :class:`spoold.testing.Faults`), in worker
+        threads, possibly two at once (a large group commit writes its
+        files in two): a hook that keeps state must lock it.
         ``routes``: the routing to ask for a message's current next hops and
         for :meth:`reroute` (:class:`Routes`); None: messages keep their hops.
         ``sync``: how new messages are made durable: ``"fsync"`` (each file

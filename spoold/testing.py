@@ -17,6 +17,7 @@ None of this is used by spoold itself.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class Faults:
         self._rules: list[_Rule] = []
         self.seen: Counter[str] = Counter()
         self.raised: Counter[str] = Counter()
+        self._lock = threading.Lock()
 
     def fail(
         self,
@@ -155,13 +157,18 @@ class Faults:
         self._rules = [r for r in self._rules if step is not None and r.step != step]
 
     def __call__(self, step: str) -> None:
-        self.seen[step] += 1
-        for rule in self._rules:
-            if rule.step != step or (rule.when is not None and not rule.when()):
-                continue
-            if rule.times is not None:
-                if rule.times <= 0:
+        with self._lock:  # two threads may count, or take the last of ``times``
+            self.seen[step] += 1
+            for rule in self._rules:
+                if rule.step != step or (rule.when is not None and not rule.when()):
                     continue
-                rule.times -= 1
-            self.raised[step] += 1
-            raise rule.error()
+                if rule.times is not None:
+                    if rule.times <= 0:
+                        continue
+                    rule.times -= 1
+                self.raised[step] += 1
+                error = rule.error()
+                break
+            else:
+                return
+        raise error

@@ -74,13 +74,14 @@ STRACE = shutil.which("strace")
 TIMEOUT = 60.0  # the longest any one traced run may take
 SMTP_MESSAGES = 20
 API_MESSAGES = 10
+AT_ONCE_MESSAGES = 48
 MUTANT_MESSAGES = 3
 
 # A regular expression, so a syscall this architecture lacks (rename on
 # arm64) is no error.
 TRACED = (
     "/^(open|openat|creat|write|writev|pwrite64|sendto|sendmsg|fsync|fdatasync|syncfs|sync"
-    "|rename|renameat|renameat2|unlink|unlinkat|ftruncate)$"
+    "|rename|renameat|renameat2|unlink|unlinkat|ftruncate|link|linkat)$"
 )
 
 
@@ -240,7 +241,10 @@ def _problems_of(
             and c.strings()[0].startswith(f"{root}/tmp/pool.")
             and c.end < rename.start
         ]
-        if not any("O_CREAT" in c.args for c in opened) and not (opened and claims):
+        # Or created unnamed (O_TMPFILE), linked to its tmp/ name, and
+        # opened by that name (spoold.store.directory).
+        named = named_unnamed(calls, tmp, rename.start)
+        if not any("O_CREAT" in c.args for c in opened) and not (opened and (claims or named)):
             problems.append(f"{mid}: the {what} {tmp} was not created before its rename")
         writes = [
             c
@@ -278,6 +282,39 @@ def _problems_of(
                 "and the ack"
             )
     return problems
+
+
+_PROC_FD = re.compile(r"/proc/self/fd/(\d+)$")
+
+
+def named_unnamed(calls: list[Call], tmp: str, before: int) -> list[Call]:
+    """The ``linkat`` calls, before line ``before``, that named ``tmp`` a
+    file created unnamed (``O_TMPFILE``) by the same thread: its source is
+    ``/proc/self/fd/N``, N what that thread's last ``O_TMPFILE`` open before
+    it returned."""
+    out = []
+    for link in calls:
+        if not (
+            link.name == "linkat"
+            and link.ok
+            and link.end < before
+            and len(link.strings()) >= 2
+            and link.strings()[1] == tmp
+            and (fd := _PROC_FD.match(link.strings()[0])) is not None
+        ):
+            continue
+        made = [
+            c
+            for c in calls
+            if c.name in ("open", "openat")
+            and c.pid == link.pid
+            and c.ok
+            and "O_TMPFILE" in c.args
+            and c.end < link.start
+        ]
+        if made and made[-1].result.split("<")[0] == fd.group(1):
+            out.append(link)
+    return out
 
 
 def _reuse_problems(
@@ -432,7 +469,7 @@ MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
 
 # Mutants of the pool of removed files (spoold.store.pool), each caught
 # when the adds reuse its files.
-_TAKE = "        return self._kinds[kind].take(size)\n"
+_TAKE = "            return self._kinds[kind].take(size)\n"
 _CUT = "                os.ftruncate(fd, size)  # nothing of the old content past the new end\n"
 POOL_MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
     "a claimed file written before a syncfs": (
@@ -441,9 +478,9 @@ POOL_MUTANTS: dict[str, tuple[str, str, list[tuple[str, str]], str]] = {
         [
             (
                 _TAKE,
-                "        self.claim(1)\n"
-                "        claimed = self._kinds[kind].claimed\n"
-                "        return claimed.pop()[0] if claimed else None\n",
+                "            self.claim(1)\n"
+                "            claimed = self._kinds[kind].claimed\n"
+                "            return claimed.pop()[0] if claimed else None\n",
             )
         ],
         "was written before a syncfs that followed its claim",
@@ -498,14 +535,23 @@ def _strace(log: Path, *command: str) -> list[str]:
 
 
 def run_api_child(
-    work: Path, python_path: Path, count: int, sync: str, pooled: int = 0
+    work: Path, python_path: Path, count: int, sync: str, pooled: int = 0, at_once: int = 1
 ) -> tuple[list[Call], Path]:
     """Trace the child that adds ``count`` messages (after delivering
-    ``pooled`` ones); its calls and spool."""
+    ``pooled`` ones), ``at_once`` at a time; its calls and spool."""
     spool = work / "spool"
     log = work / "api.strace"
     done = subprocess.run(
-        _strace(log, sys.executable, str(CHILD), str(spool), str(count), sync, str(pooled)),
+        _strace(
+            log,
+            sys.executable,
+            str(CHILD),
+            str(spool),
+            str(count),
+            sync,
+            str(pooled),
+            str(at_once),
+        ),
         cwd=work,
         env=_env(python_path),
         capture_output=True,
@@ -678,6 +724,44 @@ def test_spool_add_returns_after_the_files_and_directories_are_synced(
     acks = api_acks(calls)
     assert len(acks) == API_MESSAGES
     assert durability_problems(calls, spool, acks) == []
+
+
+@needs_strace
+def test_adds_made_at_once_return_after_their_files_are_synced(tmp_path: Path) -> None:
+    """The group commit's batches hold several adds, whose files two
+    threads write (spoold.store.sharing), made unnamed and then named
+    (spoold.store.directory) where the filesystem can."""
+    calls, spool = run_api_child(tmp_path, PROJECT, AT_ONCE_MESSAGES, "syncfs", at_once=16)
+    acks = api_acks(calls)
+    assert len(acks) == AT_ONCE_MESSAGES
+    assert durability_problems(calls, spool, acks) == []
+    if unnamed_files_work(tmp_path):
+        root = os.path.realpath(spool)
+        # Files were made unnamed and named, and by two threads between the
+        # same two syncfs (one batch, written by the hop's thread and the
+        # second writer): the checker above saw both at work.
+        naming: list[set[int]] = [set()]
+        for c in sorted(calls, key=lambda c: c.start):
+            if c.name == "syncfs":
+                naming.append(set())
+            elif (
+                c.name == "linkat"
+                and c.ok
+                and len(c.strings()) >= 2
+                and _PROC_FD.match(c.strings()[0])
+                and c.strings()[1].startswith(f"{root}/tmp/")
+            ):
+                naming[-1].add(c.pid)
+        assert max(len(threads) for threads in naming) == 2
+
+
+def unnamed_files_work(directory: Path) -> bool:
+    """Whether an unnamed file (``O_TMPFILE``) can be made in ``directory``."""
+    try:
+        os.close(os.open(directory, os.O_WRONLY | os.O_TMPFILE, 0o600))
+    except OSError:
+        return False
+    return True
 
 
 @needs_strace

@@ -99,6 +99,7 @@ LIBRARY_ROWS: list[list[str]] = [
         "store.directory",
         "store.pool",
         "store.commit",
+        "store.sharing",
         "store.hops",
         "store.batching",
         "store.registry",

@@ -66,6 +66,12 @@ asked for at the same moment (:meth:`Store.run_grouped`). Errors from the
 filesystem are raised as :class:`~spoold.errors.StoreError` naming the path;
 an ``enqueue`` that fails removes whatever it had written.
 
+Callbacks given to the store (``on_step``; an ``enqueue`` call's
+``on_reserve``, ``make_prefix`` and ``make_record``) run in worker threads,
+and may run in two threads at once: a large group commit writes its files
+in two (``sharing.py``). One ``enqueue`` call's callbacks all run in one
+thread; a callback that keeps state across calls must lock it.
+
 Where each part lives (``spoold/store/``):
 
 * ``store.py``: :class:`Store`, opening and closing, and every operation
@@ -77,6 +83,8 @@ Where each part lives (``spoold/store/``):
   grouped hops and the group commit;
 * ``commit.py``: ``enqueue``'s commit path, fsynced per call or as a group
   commit with two ``syncfs``;
+* ``sharing.py``: the group commit's second writer thread, which writes
+  part of a large batch's files;
 * ``directory.py``: the layout, the directory descriptors, the lock, and
   the file steps (write under ``tmp/``, fsync, ``syncfs``);
 * ``registry.py``: name reservations and the writers' pid files;

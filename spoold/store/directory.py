@@ -21,8 +21,12 @@ import fcntl
 import itertools
 import operator
 import os
+import stat
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import structlog
 
 from spoold.errors import SpoolLockedError, StoreError
 from spoold.ids import is_valid_id
@@ -45,9 +49,23 @@ DIR_MODE = 0o750
 FILE_MODE = 0o640
 OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _REUSE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# An unnamed new file in a directory (0: this platform has no O_TMPFILE),
+# and that file opened again once named.
+_UNNAMED_FLAGS = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC if hasattr(os, "O_TMPFILE") else 0
+_NAMED_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+# The errors that say files cannot be made unnamed here, by step: no
+# O_TMPFILE (an old kernel reads it as O_DIRECTORY: EISDIR; a filesystem
+# without it: EOPNOTSUPP; EINVAL), no /proc or not ours to read (ENOENT,
+# EACCES), a link refused (EXDEV, EPERM).
+_NOT_HERE = {
+    "open": frozenset({errno.EISDIR, errno.EOPNOTSUPP, errno.EINVAL}),
+    "link": frozenset({errno.ENOENT, errno.EACCES, errno.EXDEV, errno.EPERM}),
+}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _first = operator.itemgetter(0)
+log = structlog.get_logger("spoold.store")
 
 
 class StoreDirectory:
@@ -67,6 +85,8 @@ class StoreDirectory:
         self.registry = f"{root}/.registry"
         self._lock_fd: int | None = None
         self._tmp_count = itertools.count()
+        self._unnamed = _UNNAMED_FLAGS != 0  # whether files can be made unnamed (_create_tmp)
+        self._unnamed_lock = threading.Lock()
         self.dir_fds: dict[str, int] = {}
         # Directories of queues this process cannot use (path -> why), found
         # at open: what lives there is skipped, the rest is served.
@@ -240,6 +260,81 @@ class StoreDirectory:
         st = os.fstatvfs(self.dir_fds[self.tmp])
         return st.f_bavail * st.f_frsize
 
+    def _create_tmp(self, path: str, unnamed: bool) -> int:
+        """Create the ``tmp/`` file ``path`` (it must not exist); a
+        descriptor open for writing on it.
+
+        With ``unnamed`` (another thread of the store creates files at the
+        same moment): made unnamed (``O_TMPFILE``), named ``path`` (``linkat`` through
+        ``/proc/self/fd``), then opened by that name before anything is
+        written: the same file, under the same name and with a descriptor
+        that says so (``/proc``, ``lsof``), as ``O_CREAT|O_EXCL`` makes,
+        but the filesystem allocates its inode without holding the lock of
+        ``tmp/``. On ext4 without a journal an inode allocation goes one by
+        one past every inode freed in the last minute or so, and may take
+        most of an add's time; created by name, the files of every writer
+        thread and process of the store queue on that one lock, and two
+        threads writing one batch (:mod:`spoold.store.sharing`) would take
+        turns. Naming and opening take the lock only briefly. A thread
+        creating files alone queues behind no one of its own, and creates
+        them by name: three more calls a file are not worth it there.
+
+        A process that dies before the name is made leaves nothing (the
+        kernel frees an unnamed file with its last descriptor); a power cut
+        in that moment may leave an empty inode with no name, which the
+        filesystem's check frees. Where this way fails, the file is created
+        by name, which reports the error if that fails too. If the error
+        says the way cannot work here (no ``O_TMPFILE``: FUSE, an old
+        kernel; no ``/proc``; a link refused: see :data:`_NOT_HERE`), this
+        directory creates files by name from then on, and says so once in
+        the log; any other error (no descriptor or no space left at that
+        moment) costs this file's way only.
+        """
+        if not (unnamed and self._unnamed):
+            return os.open(path, OPEN_FLAGS, FILE_MODE)
+        try:
+            nameless = os.open(self.tmp, _UNNAMED_FLAGS, FILE_MODE)
+        except OSError as exc:
+            self._unnamed_failed(exc, "open")
+            return os.open(path, OPEN_FLAGS, FILE_MODE)
+        try:
+            # An absolute source ignores src_dir_fd; giving one makes os.link
+            # call linkat(), which follows the /proc link to the file
+            # (link() would link the /proc link itself).
+            os.link(
+                f"/proc/self/fd/{nameless}",
+                path,
+                src_dir_fd=self.dir_fds[self.tmp],
+                follow_symlinks=True,
+            )
+        except OSError as exc:
+            _close_quiet(nameless)  # still unnamed, this frees it
+            self._unnamed_failed(exc, "link")
+            return os.open(path, OPEN_FLAGS, FILE_MODE)
+        try:
+            return _open_linked(path, nameless)
+        finally:
+            # Named (or removed) by now: a close that reports an error loses
+            # nothing, and must not lose the file the caller is given.
+            _close_quiet(nameless)
+
+    def _unnamed_failed(self, error: OSError, step: str) -> None:
+        """Stop making files unnamed here if ``error`` (of ``step``) says
+        that cannot work on this filesystem; logged once."""
+        if error.errno not in _NOT_HERE[step]:
+            return
+        with self._unnamed_lock:
+            if not self._unnamed:
+                return
+            self._unnamed = False
+        log.warning(
+            "new files are created by name from now on: this filesystem cannot make "
+            "them unnamed, so the threads of a group commit take turns creating them",
+            root=self.root_s,
+            step=step,
+            error=str(error),
+        )
+
     def write_tmp(
         self,
         name: str,
@@ -249,15 +344,17 @@ class StoreDirectory:
         *,
         sync: bool = True,
         reuse: str | None = None,
+        unnamed: bool = False,
     ) -> str:
         """Write ``prefix + data`` to a new file under ``tmp/``, or over the
         file ``reuse`` (a file of the pool, ready to be written: see
-        :mod:`spoold.store.pool`), cut to the new length; its path."""
+        :mod:`spoold.store.pool`), cut to the new length; its path.
+        ``unnamed``: a new file is made unnamed first (see :meth:`_create_tmp`)."""
         fd = -1 if reuse is None else _open_reused(reuse)
         if reuse is None or fd < 0:
             # Unique without randomness: the name is this process's, the count too.
             path = f"{self.tmp}/{self.pid}.{name}.{kind}.{next(self._tmp_count)}"
-            fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+            fd = self._create_tmp(path, unnamed)
             reuse = None
         else:
             path = reuse
@@ -297,6 +394,42 @@ def still_named(path: str, fd: int, dir_fd: int | None = None) -> bool:
     return named.st_ino == st.st_ino and named.st_dev == st.st_dev
 
 
+def _open_linked(path: str, nameless: int) -> int:
+    """A descriptor open for writing on ``path``, just linked to the
+    unnamed file open on ``nameless``, once it is sure to be that file:
+    anything put in its place meanwhile (by whoever can write ``tmp/``) is
+    neither written nor removed, and the job fails. Opened without blocking,
+    so a FIFO put there cannot hold the commit (on a regular file,
+    ``O_NONBLOCK`` changes nothing)."""
+    made = os.fstat(nameless)
+    try:
+        fd = os.open(path, _NAMED_FLAGS)
+    except BaseException:
+        _unlink_if_same(path, made)
+        raise
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_if_same(path, made)
+        raise
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (made.st_dev, made.st_ino):
+        os.close(fd)
+        _unlink_if_same(path, made)  # not ours now: left as it is
+        raise StoreError(
+            f"{path} was replaced between its link and its open: nothing written to it"
+        )
+    return fd
+
+
+def _unlink_if_same(path: str, made: os.stat_result) -> None:
+    """Remove ``path`` if it still names the file ``made`` describes (ours)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(path, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) == (made.st_dev, made.st_ino):
+            os.unlink(path)
+
+
 def _open_reused(path: str) -> int:
     """A descriptor open for writing on the claimed file ``path``, or -1
     (the file removed) when it cannot be written or is not the writer's
@@ -331,6 +464,11 @@ def _after(parts: list[bytes | memoryview], done: int) -> list[bytes | memoryvie
         rest.append(memoryview(part)[done:] if done else part)
         done = 0
     return rest
+
+
+def _close_quiet(fd: int) -> None:
+    with contextlib.suppress(OSError):  # the descriptor is gone whatever it says
+        os.close(fd)
 
 
 def unlink_quiet(path: str) -> None:

@@ -72,6 +72,7 @@ import contextlib
 import itertools
 import os
 import random
+import threading
 from collections.abc import Callable
 
 from spoold.numerals import ascii_decimal
@@ -206,6 +207,9 @@ class FilePool:
         self._kinds = {kind: _Kind() for kind in KINDS}
         self._random = random.Random()
         self._claims_left = 0  # claims before the pool may be listed again
+        # Two threads may write one batch's files (spoold.store.sharing) and
+        # take files at once; the claims and the rest come after, in one.
+        self._take_lock = threading.Lock()
 
     # ------------------------------------------------------ the owner's side
 
@@ -269,7 +273,13 @@ class FilePool:
         """A claimed file of ``kind`` that may be written now (see the
         module's durability argument), the nearest in size to ``size``
         bytes of those held, or None."""
-        return self._kinds[kind].take(size)
+        with self._take_lock:
+            return self._kinds[kind].take(size)
+
+    def ready(self) -> int:
+        """How many entries the files ready to be written would take (a
+        body and a record each)."""
+        return min(mine.ready_count for mine in self._kinds.values())
 
     def claim(self, wanted: int) -> list[str]:
         """Claim up to ``wanted`` more files of each kind (at most a few

@@ -30,7 +30,9 @@ committed together with two ``syncfs`` (group commit)."""
 
 StepHook = Callable[[str], None]
 """Called with the name of each filesystem step just before it runs (tests
-use it to simulate a crash at that step)."""
+use it to simulate a crash at that step). It may run in two threads at
+once: a large group commit's files are written by two (see
+:mod:`spoold.store.sharing`), so a hook that keeps state must lock it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,13 @@ class NewEntry:
     """One entry to enqueue. ``make_record(name, batch_names)`` turns the
     name the store reserved (and those of the whole batch, in order) into
     the record's bytes, so a record can contain its own and its siblings'
-    ids."""
+    ids.
+
+    Threads: the callbacks of one ``enqueue`` call (these, and its
+    ``on_reserve``) all run in one thread, one after another; those of
+    different calls committed together may run at the same time in two
+    threads (see :mod:`spoold.store.sharing`). State they share between
+    calls must be locked."""
 
     queue: str
     body: bytes

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import threading
 from collections.abc import Container
 
 from spoold.errors import StoreError
@@ -41,6 +42,7 @@ class Registry:
         self._writer_file: str | None = None  # what registry entries link to
         self._writer_files: list[str] = []  # every one this store made
         self._links = True  # False once link() is found not to work here
+        self._lock = threading.Lock()  # over the three above
 
     def reserve(self) -> str:
         """A new name, its entry created (so no other writer can take it)."""
@@ -56,28 +58,29 @@ class Registry:
     def _make_entry(self, path: str) -> None:
         """Create the registry entry ``path`` (FileExistsError if taken): a
         link to this writer's pid file, or a file of its own."""
-        for _ in range(4):
-            if not self._links:
-                break
-            source = self._writer_file or self._new_writer_file()
-            try:
-                os.link(source, path)
-            except FileNotFoundError:
-                if not os.path.isdir(self.path):
+        with self._lock:  # two threads may write one batch (spoold.store.sharing)
+            for _ in range(4):
+                if not self._links:
+                    break
+                source = self._writer_file or self._new_writer_file()
+                try:
+                    os.link(source, path)
+                except FileNotFoundError:
+                    if not os.path.isdir(self.path):
+                        raise
+                    self._writer_file = None  # removed under us: make another
+                except FileExistsError:
                     raise
-                self._writer_file = None  # removed under us: make another
-            except FileExistsError:
-                raise
-            except OSError as exc:
-                if exc.errno == errno.EMLINK:
-                    self._writer_file = None  # full (65,000 links on ext4): a new one
-                elif exc.errno in _NO_LINKS:
-                    self._links = False
+                except OSError as exc:
+                    if exc.errno == errno.EMLINK:
+                        self._writer_file = None  # full (65,000 links on ext4): a new one
+                    elif exc.errno in _NO_LINKS:
+                        self._links = False
+                    else:
+                        raise
                 else:
-                    raise
-            else:
-                return
-        self._create_pid_file(path)
+                    return
+        self._create_pid_file(path)  # no link: an entry of its own (not under the lock)
 
     def _new_writer_file(self) -> str:
         for n in itertools.count(len(self._writer_files)):

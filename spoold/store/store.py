@@ -186,6 +186,7 @@ class Store:
 
     def _close_sync(self) -> None:
         self._hops.stop_sync()
+        self._committer.close_sync()
         self._pool.close_sync()
         self._registry.close_sync()
         self._wakeup.close_sync()
@@ -259,8 +260,12 @@ class Store:
     ) -> list[str]:
         """Durably add ``entries``; return their names, in order.
 
-        ``on_reserve(name)`` is called (in the worker thread) as each name is
-        reserved, before anything of it can be seen in a queue.
+        ``on_reserve(name)`` is called (in a worker thread) as each name is
+        reserved, before anything of it can be seen in a queue. The
+        callbacks of one call (``on_reserve``, and each entry's
+        ``make_prefix`` and ``make_record``) run in one thread; those of
+        different calls committed together may run at the same time in two
+        threads, so state they share between calls must be locked.
 
         All entries are committed before the call returns (the directories are
         fsynced once for the batch). If it raises, nothing it wrote remains.
