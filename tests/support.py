@@ -132,3 +132,14 @@ def records_in(root: Path, queue: str) -> set[str]:
         if Path(dirpath).name in (Path(queue).name, ".checkout"):
             found.update(files)
     return found
+
+
+def unnamed_files_work(directory: Path) -> bool:
+    """Whether an unnamed file (``O_TMPFILE``) can be made in ``directory``
+    (not on FUSE or an old kernel): the store then makes its files that way
+    where two threads create them at once."""
+    try:
+        os.close(os.open(directory, os.O_WRONLY | os.O_TMPFILE, 0o600))
+    except OSError:
+        return False
+    return True

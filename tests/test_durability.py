@@ -68,6 +68,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import unnamed_files_work
+
 PROJECT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "durability_child.py"
 STRACE = shutil.which("strace")
@@ -753,15 +755,6 @@ def test_adds_made_at_once_return_after_their_files_are_synced(tmp_path: Path) -
             ):
                 naming[-1].add(c.pid)
         assert max(len(threads) for threads in naming) == 2
-
-
-def unnamed_files_work(directory: Path) -> bool:
-    """Whether an unnamed file (``O_TMPFILE``) can be made in ``directory``."""
-    try:
-        os.close(os.open(directory, os.O_WRONLY | os.O_TMPFILE, 0o600))
-    except OSError:
-        return False
-    return True
 
 
 @needs_strace

@@ -22,7 +22,7 @@ import spoold.store.commit
 import spoold.store.directory
 from spoold.errors import StoreError
 from spoold.store import NewEntry, Store
-from tests.support import WAIT_TIMEOUT, records_in
+from tests.support import WAIT_TIMEOUT, records_in, unnamed_files_work
 
 QUEUES = ["active", "frozen"]
 AT_ONCE = 16  # enqueue calls made at once: a batch two threads write
@@ -54,12 +54,16 @@ async def enqueue_at_once(store: Store) -> list[str]:
     return names
 
 
-def unnamed_files_work(directory: Path) -> bool:
-    try:
-        os.close(os.open(directory, os.O_WRONLY | os.O_TMPFILE, 0o600))
-    except OSError:
-        return False
-    return True
+def one_failed(root: Path, results: list[list[str] | BaseException]) -> tuple[StoreError, set[str]]:
+    """Of ``AT_ONCE`` adds, exactly one failed, with a StoreError, and every
+    other is committed: that error, and the names committed."""
+    errors = [r for r in results if isinstance(r, BaseException)]
+    names = {r[0] for r in results if isinstance(r, list)}
+    assert len(errors) == 1
+    assert isinstance(errors[0], StoreError)
+    assert len(names) == AT_ONCE - 1
+    assert records_in(root, "active") == names
+    return errors[0], names
 
 
 def open_under(directory: Path) -> list[str]:
@@ -229,14 +233,8 @@ async def test_a_name_replaced_after_its_link_is_neither_written_nor_removed(
     root = tmp_path / "store"
     store, _ = await Store.open(root, QUEUES, sync="syncfs")
     async with store:
-        results = await enqueue_each(store)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        names = {r[0] for r in results if isinstance(r, list)}
-        assert len(errors) == 1
-        assert isinstance(errors[0], StoreError)
-        assert "was replaced" in str(errors[0]) or put == "fifo"
-        assert len(names) == AT_ONCE - 1
-        assert records_in(root, "active") == names
+        error, names = one_failed(root, await enqueue_each(store))
+        assert "was replaced" in str(error) or put == "fifo"
         assert sorted(os.listdir(root / "data")) == sorted(names)
         # What was put there is left as it was, and nothing else of the job stays.
         (name,) = replaced
@@ -375,15 +373,9 @@ async def test_an_open_failing_after_the_link_fails_its_job_and_leaves_no_name(
     root = tmp_path / "store"
     store, _ = await Store.open(root, QUEUES, sync="syncfs")
     async with store:
-        results = await enqueue_each(store)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        names = {r[0] for r in results if isinstance(r, list)}
+        error, names = one_failed(root, await enqueue_each(store))
         assert refused
-        assert len(errors) == 1
-        assert isinstance(errors[0], StoreError)
-        assert errors[0].errno == errno.EMFILE
-        assert len(names) == AT_ONCE - 1
-        assert records_in(root, "active") == names
+        assert error.errno == errno.EMFILE
         assert sorted(os.listdir(root / "data")) == sorted(names)
         assert os.listdir(root / "tmp") == []
         assert open_under(root) == []
