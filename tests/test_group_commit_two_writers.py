@@ -367,24 +367,31 @@ class FakeClock:
         return self.now
 
 
-class Writers:
-    """A step hook: the names of the threads that wrote a body, per batch
-    (``mark`` starts the next one)."""
+class Batches:
+    """A step hook: per group commit, how many jobs it held and whether the
+    second writer wrote any of its bodies (a batch ends at its first sync).
+    Which calls share a batch is the loop's affair: a round of calls made at
+    once may be one batch or, on a busy machine, several."""
 
     def __init__(self) -> None:
-        self.batches: list[set[str]] = [set()]
+        self.done: list[tuple[int, bool]] = []
+        self._jobs = 0
+        self._shared = False
         self._lock = threading.Lock()
 
     def __call__(self, step: str) -> None:
-        if step == "write_body":
-            with self._lock:
-                self.batches[-1].add(threading.current_thread().name)
+        with self._lock:
+            if step == "check_space":
+                self._jobs += 1
+            elif step == "write_body":
+                self._shared |= threading.current_thread().name.startswith("spoold-store-writer")
+            elif step == "sync_data":
+                self.done.append((self._jobs, self._shared))
+                self._jobs, self._shared = 0, False
 
-    def mark(self) -> None:
-        self.batches.append(set())
-
-    def shared(self) -> list[bool]:
-        return [any(n.startswith("spoold-store-writer") for n in b) for b in self.batches[:-1]]
+    def large(self) -> list[bool]:
+        """Whether each batch large enough to share (one entry a job) was."""
+        return [shared for jobs, shared in self.done if jobs >= SHARED_FROM]
 
 
 @pytest.mark.parametrize("measured", ["quick", "slow"])
@@ -392,22 +399,27 @@ async def test_a_large_batch_is_shared_only_where_one_thread_was_measured_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, measured: str
 ) -> None:
     # The store's own threshold; its clock is the test's: writing a batch
-    # alone reads it twice, so one step is the time of the whole batch.
+    # alone reads it twice in a row, so one step is the time of the batch.
     monkeypatch.setattr(spoold.store.commit, "SLOW_ENTRY_SECONDS", 300e-6)
     monkeypatch.setattr(spoold.store.commit, "SHARED_RUN", 2)
-    writers = Writers()
-    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=writers)
-    per_entry = 1e-3 if measured == "slow" else 10e-6
-    store._committer._clock = FakeClock(per_entry * ADDS)
+    batches = Batches()
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=batches)
+    # Slow: 1 s a batch, past the threshold whatever the batch's size;
+    # quick: 1 us a batch.
+    store._committer._clock = FakeClock(1.0 if measured == "slow" else 1e-6)
     async with store:
-        for _ in range(5):
+        for _ in range(6):
             results = await enqueue_at_once(store, ADDS)
             assert all(isinstance(r, list) for r in results)
-            writers.mark()
-        assert len(records_in(tmp_path, "active")) == 5 * ADDS
+        assert len(records_in(tmp_path, "active")) == 6 * ADDS
+    large = batches.large()
+    assert len(large) >= 4
     if measured == "quick":
-        assert writers.shared() == [False] * 5
+        assert not any(large)
     else:
-        # Alone until measured; then shared, with one batch in SHARED_RUN + 1
-        # written alone again, to measure anew.
-        assert writers.shared() == [False, True, True, False, True]
+        # Alone until measured; then shared, with never more than SHARED_RUN
+        # shared in a row: the next is written alone, to measure anew.
+        assert large[0] is False
+        assert any(large)
+        runs = "".join("s" if shared else "-" for shared in large).split("-")
+        assert max(len(run) for run in runs) <= 2

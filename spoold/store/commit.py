@@ -106,8 +106,7 @@ class Committer:
         # How long one thread took per entry of the last large batches it
         # wrote alone (a running mean), and large batches shared in a row:
         # see SLOW_ENTRY_SECONDS. Touched by the hop's thread only.
-        self._entry_seconds = 0.0
-        self._measured = False
+        self._entry_seconds: float | None = None  # None: not measured yet
         self._shared_run = 0
         self.slow_entry_seconds = SLOW_ENTRY_SECONDS  # 0: every large batch shared
         self._clock = time.perf_counter  # a test's own clock may stand in
@@ -181,40 +180,46 @@ class Committer:
         # Shared only to create files (those of the pool are quickly
         # written), and only where creating them was measured slow.
         large = len(jobs) > 1 and entries >= SHARED_FROM and self._pool.ready() < entries
-        share = large and self._entry_seconds >= self.slow_entry_seconds
+        share = large and (self._entry_seconds or 0.0) >= self.slow_entry_seconds
         if share and self.slow_entry_seconds and self._shared_run >= SHARED_RUN:
             share = False  # one thread this time: measure again
-        self._shared_run = self._shared_run + 1 if share else 0
+        if large:  # large batches in a row shared: the count of the probe
+            self._shared_run = self._shared_run + 1 if share else 0
         started = self._clock()
-        # Two threads creating files at once make them unnamed: they do not
-        # take turns on the lock of tmp/ (StoreDirectory._create_tmp).
-        unnamed = share
+        if share:
+            self._write_shared(jobs)
+        else:
+            for s in jobs:
+                self._write_job(s, unnamed=False)
+        if large and not share:  # one thread's time per entry, for the next batches
+            seconds = (self._clock() - started) / entries
+            last = self._entry_seconds
+            self._entry_seconds = seconds if last is None else (last + seconds) / 2
+        for s in jobs:  # nothing should be left half done; if it is, it fails
+            if s.moves is None and not s.job.done:
+                self._job_failed(s, StoreError(f"enqueue into {self._dir.root} was not written"))
+
+    def _write_shared(self, jobs: list[_Staged]) -> None:
+        """Write ``jobs`` with the second writer, each job by one of the two
+        threads; files are made unnamed, so the two do not take turns on
+        the lock of ``tmp/`` (``StoreDirectory._create_tmp``). With no
+        second thread to be had, this one writes them all, by name."""
+        unnamed = True
 
         def write(s: _Staged) -> None:
             self._write_job(s, unnamed=unnamed)
 
-        if not share:  # this thread alone: no shares to hand out
-            for s in jobs:
-                self._write_job(s, unnamed=False)
-        else:
-            shares = Shares(jobs, write, self._job_failed)
-            if not self._second.hand(shares):
-                unnamed = False  # no second thread: this one writes them all, by name
-            try:
-                shares.take_all()
-            finally:
-                # A full barrier even if take_all ended early: no job can be
-                # taken any more, then the one the second writer has under way
-                # (if any) is waited for; after that it writes nothing of this batch.
-                shares.close()
-                shares.wait()
-        if large and not share:  # one thread's time per entry, for the next batches
-            seconds = (self._clock() - started) / entries
-            self._entry_seconds = (self._entry_seconds + seconds) / 2 if self._measured else seconds
-            self._measured = True
-        for s in jobs:  # nothing should be left half done; if it is, it fails
-            if s.moves is None and not s.job.done:
-                self._job_failed(s, StoreError(f"enqueue into {self._dir.root} was not written"))
+        shares = Shares(jobs, write, self._job_failed)
+        if not self._second.hand(shares):
+            unnamed = False  # read by write() in this thread only: no other has the shares
+        try:
+            shares.take_all()
+        finally:
+            # A full barrier even if take_all ended early: no job can be
+            # taken any more, then the one the second writer has under way
+            # (if any) is waited for; after that it writes nothing of this batch.
+            shares.close()
+            shares.wait()
 
     def _write_job(self, s: _Staged, *, unnamed: bool) -> None:
         try:
