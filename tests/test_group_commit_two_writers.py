@@ -367,6 +367,34 @@ class FakeClock:
         return self.now
 
 
+async def test_a_thread_kept_waiting_while_it_writes_is_not_measured_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What is measured is the writing thread's CPU time: a thread held up
+    # (here by a step hook waiting 30 ms an entry; on a busy machine, by its
+    # wait for a CPU) is slow by the wall clock only, and a second thread
+    # would not make it faster. The threshold is far above any filesystem's
+    # CPU time an entry (under 1 ms measured), far below the wait.
+    monkeypatch.setattr(spoold.store.commit, "SLOW_ENTRY_SECONDS", 0.02)
+    held = threading.Event()  # never set: each wait runs to its timeout
+    batches = Batches()
+
+    def hook(step: str) -> None:
+        batches(step)
+        if step == "write_body":
+            held.wait(0.03)
+
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=hook)
+    async with store:
+        for _ in range(2):
+            results = await enqueue_at_once(store, ADDS)
+            assert all(isinstance(r, list) for r in results)
+        assert len(records_in(tmp_path, "active")) == 2 * ADDS
+    large = batches.large()
+    assert large, "no batch large enough to be shared was made"
+    assert not any(large)
+
+
 class Batches:
     """A step hook: per group commit, how many jobs it held and whether the
     second writer wrote any of its bodies (a batch ends at its first sync).

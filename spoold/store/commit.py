@@ -52,14 +52,19 @@ _Move = tuple[str, str, str, str]
 # Entries a batch holds at least (in two jobs or more) for its files to be
 # written by two threads (below, a hand-over costs more than it saves).
 SHARED_FROM = 4
-# Seconds one thread took per entry to write a batch's new files (two
+# CPU seconds one thread took per entry to write a batch's new files (two
 # creates and two writes), at or past which the next large batches share
 # the work: only where creating a file is slow (ext4 without a journal,
 # going past inodes deleted in the last minute: about 0.6 ms an entry
 # measured) do two threads pay; where it is quick (tmpfs 0.04 ms, ext4
 # with a journal 0.07 ms, ext4 without one and nothing deleted lately
 # 0.09 ms), a second thread only adds hand-overs: 1.5x the wall time on
-# tmpfs, +25% CPU on ext4 with a journal, for 16 adds at once.
+# tmpfs, +25% CPU on ext4 with a journal, for 16 adds at once. The
+# thread's CPU time, not the wall clock's: a slow create is the kernel's
+# work in the creating thread (0.8-1.0 ms of CPU a file, measured, for
+# as much wall time), while a thread waiting its turn for a CPU on a busy
+# machine is slow by the wall clock alone, and a second thread would not
+# help it.
 SLOW_ENTRY_SECONDS = 300e-6
 # Shared batches in a row before one is written by one thread again, to
 # measure anew (shared, a batch's time says nothing of one thread's).
@@ -103,13 +108,13 @@ class Committer:
         self._registry = registry
         self._hops = hops
         self.min_free_bytes = min_free_bytes
-        # How long one thread took per entry of the last large batches it
-        # wrote alone (a running mean), and large batches shared in a row:
-        # see SLOW_ENTRY_SECONDS. Touched by the hop's thread only.
+        # How much CPU time one thread took per entry of the last large
+        # batches it wrote alone (a running mean), and large batches shared
+        # in a row: see SLOW_ENTRY_SECONDS. Touched by the hop's thread only.
         self._entry_seconds: float | None = None  # None: not measured yet
         self._shared_run = 0
         self.slow_entry_seconds = SLOW_ENTRY_SECONDS  # 0: every large batch shared
-        self._clock = time.perf_counter  # a test's own clock may stand in
+        self._clock = time.thread_time  # a test's own clock may stand in
         self._second = SecondWriter(f"spoold-store-writer {directory.root}")
         self._commits = Batches[_Job](lambda batch: hops.run(self.commit_sync, batch))
 
@@ -191,7 +196,7 @@ class Committer:
         else:
             for s in jobs:
                 self._write_job(s, unnamed=False)
-        if large and not share:  # one thread's time per entry, for the next batches
+        if large and not share:  # one thread's CPU time per entry, for the next batches
             seconds = (self._clock() - started) / entries
             last = self._entry_seconds
             self._entry_seconds = seconds if last is None else (last + seconds) / 2
