@@ -367,34 +367,6 @@ class FakeClock:
         return self.now
 
 
-async def test_a_thread_kept_waiting_while_it_writes_is_not_measured_slow(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # What is measured is the writing thread's CPU time: a thread held up
-    # (here by a step hook waiting 30 ms an entry; on a busy machine, by its
-    # wait for a CPU) is slow by the wall clock only, and a second thread
-    # would not make it faster. The threshold is far above any filesystem's
-    # CPU time an entry (under 1 ms measured), far below the wait.
-    monkeypatch.setattr(spoold.store.commit, "SLOW_ENTRY_SECONDS", 0.02)
-    held = threading.Event()  # never set: each wait runs to its timeout
-    batches = Batches()
-
-    def hook(step: str) -> None:
-        batches(step)
-        if step == "write_body":
-            held.wait(0.03)
-
-    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=hook)
-    async with store:
-        for _ in range(2):
-            results = await enqueue_at_once(store, ADDS)
-            assert all(isinstance(r, list) for r in results)
-        assert len(records_in(tmp_path, "active")) == 2 * ADDS
-    large = batches.large()
-    assert large, "no batch large enough to be shared was made"
-    assert not any(large)
-
-
 class Batches:
     """A step hook: per group commit, how many jobs it held and whether the
     second writer wrote any of its bodies (a batch ends at its first sync).
@@ -422,6 +394,48 @@ class Batches:
         return [shared for jobs, shared in self.done if jobs >= SHARED_FROM]
 
 
+async def large_batches_shared(
+    tmp_path: Path,
+    rounds: int,
+    on_step: Callable[[str], None],
+    batches: Batches,
+    prepare: Callable[[Store], None] = lambda store: None,
+) -> list[bool]:
+    """``rounds`` rounds of ADDS calls made at once on a new store (after
+    ``prepare``), every one committed: whether each large batch was shared,
+    as ``batches`` (called by ``on_step``) saw them."""
+    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=on_step)
+    prepare(store)
+    async with store:
+        for _ in range(rounds):
+            results = await enqueue_at_once(store, ADDS)
+            assert all(isinstance(r, list) for r in results)
+        assert len(records_in(tmp_path, "active")) == rounds * ADDS
+    return batches.large()
+
+
+async def test_a_thread_kept_waiting_while_it_writes_is_not_measured_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What is measured is the writing thread's CPU time: a thread held up
+    # (here by a step hook waiting 30 ms an entry; on a busy machine, by its
+    # wait for a CPU) is slow by the wall clock only, and a second thread
+    # would not make it faster. The threshold is far above any filesystem's
+    # CPU time an entry (under 1 ms measured), far below the wait.
+    monkeypatch.setattr(spoold.store.commit, "SLOW_ENTRY_SECONDS", 0.02)
+    held = threading.Event()  # never set: each wait runs to its timeout
+    batches = Batches()
+
+    def hook(step: str) -> None:
+        batches(step)
+        if step == "write_body":
+            held.wait(0.03)
+
+    large = await large_batches_shared(tmp_path, 2, hook, batches)
+    assert large, "no batch large enough to be shared was made"
+    assert not any(large)
+
+
 @pytest.mark.parametrize("measured", ["quick", "slow"])
 async def test_a_large_batch_is_shared_only_where_one_thread_was_measured_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, measured: str
@@ -431,16 +445,13 @@ async def test_a_large_batch_is_shared_only_where_one_thread_was_measured_slow(
     monkeypatch.setattr(spoold.store.commit, "SLOW_ENTRY_SECONDS", 300e-6)
     monkeypatch.setattr(spoold.store.commit, "SHARED_RUN", 2)
     batches = Batches()
-    store, _ = await Store.open(tmp_path, QUEUES, sync="syncfs", on_step=batches)
-    # Slow: 1 s a batch, past the threshold whatever the batch's size;
-    # quick: 1 us a batch.
-    store._committer._clock = FakeClock(1.0 if measured == "slow" else 1e-6)
-    async with store:
-        for _ in range(6):
-            results = await enqueue_at_once(store, ADDS)
-            assert all(isinstance(r, list) for r in results)
-        assert len(records_in(tmp_path, "active")) == 6 * ADDS
-    large = batches.large()
+
+    def clock(store: Store) -> None:
+        # Slow: 1 s a batch, past the threshold whatever the batch's size;
+        # quick: 1 us a batch.
+        store._committer._clock = FakeClock(1.0 if measured == "slow" else 1e-6)
+
+    large = await large_batches_shared(tmp_path, 6, batches, batches, clock)
     assert len(large) >= 4
     if measured == "quick":
         assert not any(large)
