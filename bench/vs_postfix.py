@@ -25,7 +25,8 @@ d. ``Spool.add`` durable rate through the Python API (2,000 x 4 KiB, 1 and
    disk's own loop (write 4 KiB + fsync + rename + fsync(dir), as many
    threads) on the same filesystem. The reference here is the disk, not
    Postfix. Also the CPU time (user + system, all threads) of the process
-   doing it, per durable add / per write of the loop.
+   doing it, per durable add / per write of the loop. spoold is imported
+   from the tree this file is in (the commit the section records).
 
 With ``--hog``, a busy loop pinned to CPU 0 (``taskset -c 0 sh -c 'while
 :; do :; done'``) runs beside the server during every measured run of a, b
@@ -1254,14 +1255,26 @@ def add_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
     )
     home = workdir / "d"
     home.mkdir()
+    # The worker imports spoold from this tree, whose commit the section
+    # records; left to itself, the Python would take the first it finds
+    # (an editable install of another checkout, for one).
+    found = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *([found] if found else [])])}
     for rnd in range(1, plan.rounds + 1):
         for conc, metric in metrics.items():
             for mode in ("disk", "spoold"):
                 target = home / f"{mode}-{conc}-{rnd}"
                 worker = [plan.python, str(Path(__file__).resolve()), "_add-worker"]
-                done = run([*worker, mode, str(target), str(n), str(conc)], timeout=plan.timeout)
+                done = run(
+                    [*worker, mode, str(target), str(n), str(conc)], timeout=plan.timeout, env=env
+                )
                 shutil.rmtree(target, ignore_errors=True)
                 said = json.loads(done.stdout.strip().splitlines()[-1])
+                if Path(said["spoold"]) != ROOT / "spoold":
+                    raise BenchError(
+                        f"scenario d's worker imported spoold from {said['spoold']}, "
+                        f"not from this tree ({ROOT / 'spoold'})"
+                    )
                 seconds = float(said["seconds"])
                 rate, cpu_ms = n / seconds, float(said["cpu"]) * 1000 / n
                 (metric.ref if mode == "disk" else metric.spoold).append(rate)
@@ -1279,13 +1292,17 @@ def add_scenario(plan: Plan, workdir: Path, logs: Logs) -> list[Metric]:
 
 def add_worker(mode: str, directory: Path, count: int, concurrency: int) -> None:
     """Child process of scenario d: time ``count`` durable 4 KiB writes from
-    ``concurrency`` writers, and print ``{"seconds": ..., "cpu": ...}``: the
-    wall time and this process's CPU time (user + system, all its threads)
-    over the same span."""
+    ``concurrency`` writers, and print ``{"seconds": ..., "cpu": ...,
+    "spoold": ...}``: the wall time and this process's CPU time (user +
+    system, all its threads) over the same span, and the directory of the
+    spoold package it imported."""
+    import spoold
+
     directory.mkdir()
     shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
     seconds, cpu = (disk_loop if mode == "disk" else spool_adds)(directory, shares)
-    print(json.dumps({"seconds": seconds, "cpu": cpu}))
+    package = str(Path(spoold.__file__).resolve().parent)
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "spoold": package}))
 
 
 def process_cpu() -> float:

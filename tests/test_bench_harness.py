@@ -150,6 +150,38 @@ def test_another_spoold_build_can_be_the_reference(tmp_path: Path, workdir: Path
     assert processes_in(workdir) == []
 
 
+def test_scenario_d_measures_the_spoold_of_the_tree_the_harness_is_in(
+    tmp_path: Path, workdir: Path
+) -> None:
+    """A copy of the tree (a build frozen for a benchmark): its scenario d
+    imports the copy's spoold, not the checkout the test's Python has
+    installed (editable), which it would find first. The harness checks
+    the package each worker imported and fails the run on any other."""
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(HARNESS, tree / "bench" / HARNESS.name)
+    shutil.copytree(
+        HARNESS.parent.parent / "spoold",
+        tree / "spoold",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    results = tmp_path / "RESULTS.md"
+    args = ["--quick", "--count", "10", "--timeout", "60", "--spoold", str(SPOOLD)]
+    args += ["--scenarios", "d", "--workdir", str(workdir), "--results", str(results)]
+
+    done = subprocess.run(
+        [sys.executable, str(tree / "bench" / HARNESS.name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^d round 1 spoold +16 at once", done.stdout, re.MULTILINE), done.stdout
+    assert list(workdir.iterdir()) == []
+
+
 def test_the_hog_runs_beside_each_measured_run_and_is_stopped(
     tmp_path: Path, workdir: Path
 ) -> None:
