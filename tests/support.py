@@ -20,11 +20,14 @@ from __future__ import annotations
 import inspect
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
+
+if TYPE_CHECKING:
+    from spoold.store import NewEntry, Store
 
 __all__ = [
     "WAIT_TIMEOUT",
@@ -36,6 +39,7 @@ __all__ = [
     "wait_until",
     "spool_files",
     "records_in",
+    "enqueue_each_at_once",
 ]
 
 WAIT_TIMEOUT = 30.0
@@ -143,3 +147,24 @@ def unnamed_files_work(directory: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+async def enqueue_each_at_once(
+    store: Store, entries: Sequence[NewEntry], timeout: float = WAIT_TIMEOUT
+) -> list[list[str] | BaseException]:
+    """One ``store.enqueue`` call for each of ``entries``, all made at once
+    (a group commit takes them together); each call's names or error, in
+    the order of ``entries``."""
+    results: list[list[str] | BaseException] = [[] for _ in entries]
+
+    async def one(n: int) -> None:
+        try:
+            results[n] = await store.enqueue([entries[n]])
+        except Exception as exc:
+            results[n] = exc
+
+    with anyio.fail_after(timeout):
+        async with anyio.create_task_group() as tg:
+            for n in range(len(entries)):
+                tg.start_soon(one, n)
+    return results

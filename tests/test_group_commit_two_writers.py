@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 import spoold.store.commit
@@ -24,7 +23,7 @@ from spoold.errors import StoreError
 from spoold.store import NewEntry, Store
 from spoold.store.commit import SHARED_FROM
 from spoold.store.sharing import SecondWriter, Shares
-from tests.support import WAIT_TIMEOUT, records_in, spool_files
+from tests.support import WAIT_TIMEOUT, enqueue_each_at_once, records_in, spool_files
 
 QUEUES = ["active", "frozen"]
 ADDS = 16  # calls made at once: one batch, well above SHARED_FROM
@@ -91,19 +90,7 @@ class Hook:
 
 async def enqueue_at_once(store: Store, count: int) -> list[list[str] | BaseException]:
     """``count`` enqueue calls of one entry each, made at once (one batch)."""
-    results: list[list[str] | BaseException] = [[] for _ in range(count)]
-
-    async def one(n: int) -> None:
-        try:
-            results[n] = await store.enqueue([entry(n)])
-        except Exception as exc:
-            results[n] = exc
-
-    with anyio.fail_after(WAIT_TIMEOUT * 2):
-        async with anyio.create_task_group() as tg:
-            for n in range(count):
-                tg.start_soon(one, n)
-    return results
+    return await enqueue_each_at_once(store, [entry(n) for n in range(count)], WAIT_TIMEOUT * 2)
 
 
 def tmp_leftovers(root: Path) -> list[str]:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 import structlog.testing
 
@@ -22,7 +21,7 @@ import spoold.store.commit
 import spoold.store.directory
 from spoold.errors import StoreError
 from spoold.store import NewEntry, Store
-from tests.support import WAIT_TIMEOUT, records_in, unnamed_files_work
+from tests.support import enqueue_each_at_once, records_in, unnamed_files_work
 
 QUEUES = ["active", "frozen"]
 AT_ONCE = 16  # enqueue calls made at once: a batch two threads write
@@ -41,16 +40,13 @@ def entry(n: int) -> NewEntry:
 
 
 async def enqueue_at_once(store: Store) -> list[str]:
-    """AT_ONCE calls of one entry each, made at once; the names."""
+    """AT_ONCE calls of one entry each, made at once; the names (the first
+    error, if one failed, is raised)."""
     names: list[str] = []
-
-    async def one(n: int) -> None:
-        names.extend(await store.enqueue([entry(n)]))
-
-    with anyio.fail_after(WAIT_TIMEOUT):
-        async with anyio.create_task_group() as tg:
-            for n in range(AT_ONCE):
-                tg.start_soon(one, n)
+    for result in await enqueue_each(store):
+        if isinstance(result, BaseException):
+            raise result
+        names += result
     return names
 
 
@@ -190,19 +186,7 @@ async def test_where_there_is_no_o_tmpfile_files_are_created_by_name(
 
 async def enqueue_each(store: Store) -> list[list[str] | BaseException]:
     """AT_ONCE calls of one entry each, made at once; each one's names or error."""
-    results: list[list[str] | BaseException] = [[] for _ in range(AT_ONCE)]
-
-    async def one(n: int) -> None:
-        try:
-            results[n] = await store.enqueue([entry(n)])
-        except Exception as exc:
-            results[n] = exc
-
-    with anyio.fail_after(WAIT_TIMEOUT):
-        async with anyio.create_task_group() as tg:
-            for n in range(AT_ONCE):
-                tg.start_soon(one, n)
-    return results
+    return await enqueue_each_at_once(store, [entry(n) for n in range(AT_ONCE)])
 
 
 @pytest.mark.parametrize("put", ["hard link", "fifo"])
