@@ -324,19 +324,23 @@ def test_a_file_of_a_newer_version_is_refused_clearly() -> None:
     assert decode_list(b"") == ([], [])
 
 
+async def reads_again(reader: Suppressions, address: str, *, listed: bool) -> None:
+    """``reader`` knows the list changed, reads it again, and then finds
+    ``address`` listed or not, as ``listed`` says."""
+    assert reader.stale()
+    await reader.refresh()
+    assert (reader.find(address, T0) is not None) is listed
+
+
 async def test_a_reader_sees_the_owners_changes_when_the_file_changes(tmp_path: Path) -> None:
     owner = await owner_list(tmp_path)
     reader = Suppressions(tmp_path, owner=False)
     assert not reader.stale()  # no file, nothing read: the same
     await owner.add([entry("a@x.org", 1)], now=T0, max_entries=10, extend_only=False)
-    assert reader.stale()
-    await reader.refresh()
-    assert reader.find("a@x.org", T0) is not None
+    await reads_again(reader, "a@x.org", listed=True)
     assert not reader.stale()
     await owner.remove(["a@x.org"], now=T0)
-    assert reader.stale()
-    await reader.refresh()
-    assert reader.find("a@x.org", T0) is None
+    await reads_again(reader, "a@x.org", listed=False)
     with pytest.raises(RuntimeError):
         await reader.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
 
@@ -360,19 +364,13 @@ async def test_a_reader_following_the_owners_count_sees_each_write_without_a_sta
         return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "stat", stat)
-    assert reader.stale()  # followed, not read yet
-    await reader.refresh()
-    assert reader.find("a@x.org", T0) is not None
+    await reads_again(reader, "a@x.org", listed=True)  # followed, not read yet
     assert not reader.stale()
     await owner.add([entry("b@x.org", 1)], now=T0, max_entries=10, extend_only=False)
-    assert reader.stale()
-    await reader.refresh()
-    assert reader.find("b@x.org", T0) is not None
+    await reads_again(reader, "b@x.org", listed=True)
     assert not reader.stale()
     await owner.remove(["a@x.org"], now=T0)
-    assert reader.stale()
-    await reader.refresh()
-    assert reader.find("a@x.org", T0) is None
+    await reads_again(reader, "a@x.org", listed=False)
     assert not reader.stale()
     assert [p for p in looked if p.endswith(SUPPRESSION_FILE)] == []
     with pytest.raises(RuntimeError):
