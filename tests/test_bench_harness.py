@@ -182,6 +182,48 @@ def test_scenario_d_measures_the_spoold_of_the_tree_the_harness_is_in(
     assert list(workdir.iterdir()) == []
 
 
+def test_scenario_d_deletes_no_run_s_files_before_its_last_run(
+    tmp_path: Path, workdir: Path
+) -> None:
+    """Each run of d finds the files of every run before it still there
+    (a run started right after deletes would pay for them, ext4 without a
+    journal), and settles first like a and b; the files go once the last
+    run is over. Seen through a stand-in for the Python the workers run
+    with (``--python``), which notes what the work directory holds, then
+    runs the real one."""
+    seen = tmp_path / "seen"
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        f'for d in {workdir}/*/d/*; do [ -d "$d" ] || continue;'
+        ' printf "%s=%s " "${d##*/}" "$(find "$d" -type f | wc -l)"; done >> ' + f"{seen}\n"
+        f"echo >> {seen}\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+
+    done = run_harness(
+        workdir, "--scenarios", "d", "--rounds", "2", "--settle", "1", "--python", str(python)
+    )
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(settling 1 s before d)" in done.stdout, done.stdout
+    before_each = [
+        dict(pair.split("=") for pair in line.split()) for line in seen.read_text().splitlines()
+    ]
+    assert len(before_each) == 8, before_each  # 2 rounds x 2 concurrencies x 2 modes
+    order = [
+        f"{mode}-{conc}-{rnd}" for rnd in (1, 2) for conc in (1, 16) for mode in ("disk", "spoold")
+    ]
+    for i, found in enumerate(before_each):
+        assert sorted(found) == sorted(order[:i]), (i, found)
+        assert all(int(count) >= 10 for count in found.values()), (
+            i,
+            found,
+        )  # 10 adds each, at least
+    assert list(workdir.iterdir()) == []
+
+
 def test_the_hog_runs_beside_each_measured_run_and_is_stopped(
     tmp_path: Path, workdir: Path
 ) -> None:
