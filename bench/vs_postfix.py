@@ -67,12 +67,12 @@ ticks (10 ms) per process: a figure for thousands of messages, not for a
 
 Settling (``--settle``, default 65 s; 0 with ``--quick``). Before each
 run of (a) and (b), and before the first run of (d), the harness waits
-this long with nothing running. ext4
-without a journal (the machines this was made on) skips, when it allocates
-an inode, every inode freed in the last 60 seconds, looking each one up: a
-run that starts right after another pays for the tens of thousands of files
-the previous run deleted, up to three times the CPU per message, whichever
-server it is. Waiting out that window gives every run the same start.
+this long with nothing running. ext4 without a journal (the machines this
+was made on) skips, when it allocates an inode, every inode freed in the
+last 60 seconds, looking each one up: a run that starts right after
+another pays for the tens of thousands of files the previous run deleted,
+up to three times the CPU per message, whichever server it is. Waiting
+out that window gives every run the same start.
 
 Bounded and tidy: every step has a timeout (``--timeout``); on a failure, on
 Ctrl-C or SIGTERM it stops what it started (only that: by the pids it holds,
