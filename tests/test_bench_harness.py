@@ -47,10 +47,13 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_harness(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_harness(
+    workdir: Path, *args: str, harness: Path = HARNESS
+) -> subprocess.CompletedProcess[str]:
+    """``harness`` (this tree's, or a copy's) on a small run in ``workdir``."""
     common = ["--quick", "--count", "10", "--timeout", "60", "--spoold", str(SPOOLD)]
     return subprocess.run(
-        [sys.executable, str(HARNESS), *common, "--workdir", str(workdir), *args],
+        [sys.executable, str(harness), *common, "--workdir", str(workdir), *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -166,15 +169,11 @@ def test_scenario_d_measures_the_spoold_of_the_tree_the_harness_is_in(
         ignore=shutil.ignore_patterns("__pycache__"),
     )
     results = tmp_path / "RESULTS.md"
-    args = ["--quick", "--count", "10", "--timeout", "60", "--spoold", str(SPOOLD)]
-    args += ["--scenarios", "d", "--workdir", str(workdir), "--results", str(results)]
 
-    done = subprocess.run(
-        [sys.executable, str(tree / "bench" / HARNESS.name), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    done = run_harness(
+        workdir,
+        *("--scenarios", "d", "--results", str(results)),
+        harness=tree / "bench" / HARNESS.name,
     )
 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
