@@ -296,12 +296,15 @@ class DaemonProcess:
         env: dict[str, str] | None = None,
         nofile: tuple[int, int] | None = None,
         prefix: Sequence[str] = (),
+        cwd: Path | None = None,
     ) -> None:
         """Start ``spoold run``; with ``nofile`` = (soft, hard) its
         RLIMIT_NOFILE is set first (by a small Python that then execs the
         daemon: same pid, no preexec_fn in this threaded process);
         ``prefix``: a command that runs the daemon (e.g. ``setpriv ...``),
-        which must exec it (same pid)."""
+        which must exec it (same pid); ``cwd``: the directory it starts in
+        (it then imports nothing from there, as the installed ``spoold``
+        command does not: ``python -P``)."""
         limit: list[str] = []
         if nofile is not None:
             limit = ["-c", _SET_NOFILE_AND_EXEC, str(nofile[0]), str(nofile[1])]
@@ -309,6 +312,7 @@ class DaemonProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *prefix,
                 sys.executable,
+                *(["-P"] if cwd is not None else []),
                 *limit,
                 "-m",
                 "spoold.daemon.cli",
@@ -319,6 +323,7 @@ class DaemonProcess:
                 stdout=log,
                 stderr=log,
                 env=child_env({"NOTIFY_SOCKET": str(self.notify.path), **(env or {})}),
+                cwd=cwd,
             )
 
     @property
@@ -436,12 +441,13 @@ class DaemonFactory:
         notify: NotifySocket | None = None,
         nofile: tuple[int, int] | None = None,
         prefix: Sequence[str] = (),
+        cwd: Path | None = None,
     ) -> DaemonProcess:
         if notify is None:
             notify = self.notify_socket(f"notify{len(self.sockets)}.sock")
         daemon = DaemonProcess(config.parent, config, notify)
         self.daemons.append(daemon)
-        await daemon.start(env, nofile, prefix)
+        await daemon.start(env, nofile, prefix, cwd)
         if wait_ready:
             await daemon.wait_ready()
         return daemon

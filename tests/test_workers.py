@@ -4,6 +4,7 @@ worker stops by itself, freeing the shared SMTP port."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import signal
@@ -50,6 +51,35 @@ async def test_workers_stop_when_the_daemon_is_killed(
         lambda: not any(alive(p) for p in pids), "the workers to stop", timeout=WAIT_TIMEOUT
     )
     assert "the daemon is gone; ingest worker stopping" in daemon.log_text()
+
+
+async def test_workers_run_the_daemons_own_code_whatever_directory_it_starts_in(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """Started from a directory that holds a package named ``spoold`` (a
+    checkout of another version; one planted in a directory others may
+    write, such as /tmp), the daemon's workers still run the daemon's own
+    copy: the planted one never runs, and the workers serve."""
+    planted = tmp_path / "start-here"
+    ran = tmp_path / "planted-code-ran"
+    for module in ("__init__.py", "daemon/__init__.py", "daemon/worker.py"):
+        path = planted / "spoold" / module
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"open({str(ran)!r}, 'a').write({module!r} + '\\n')\n")
+    port = free_port()
+    config = write_config(tmp_path, next_hops=["127.0.0.1:9"])
+    with config.open("a") as f:
+        f.write(f'\n[smtp]\nlisten = ["127.0.0.1:{port}"]\nworkers = 2\n')
+    daemon = await start_daemon(config, cwd=planted)
+    started = [line for line in daemon.log_lines() if line.get("event") == "ingest worker started"]
+    assert len(started) == 2
+    assert not ran.exists(), ran.read_text()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await asyncio.wait_for(reader.readline(), WAIT_TIMEOUT)).startswith(b"220 ")
+    finally:
+        writer.close()
+        await writer.wait_closed()
 
 
 def test_a_worker_collects_young_garbage_less_often() -> None:

@@ -1,8 +1,10 @@
 """An SMTP ingest worker: one of the processes that take mail for the daemon.
 
-The daemon (the spool's owner) starts ``smtp.workers`` of these with
-``python -m spoold.daemon.worker --config PATH --fds N,... --ready-fd R
---lifeline-fd L --suppression-changes-fd S``.
+The daemon (the spool's owner) starts ``smtp.workers`` of these, each as
+this module run with ``--config PATH --fds N,... --ready-fd R
+--lifeline-fd L --suppression-changes-fd S`` (from the daemon's own copy of
+the package, never from its working directory: see
+:mod:`spoold.daemon.workers`).
 Each serves the listening sockets it inherited (fds ``N,...``: the same
 sockets in every worker, so the kernel spreads connections over them),
 writes what it accepts into the spool as a

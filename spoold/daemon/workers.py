@@ -59,6 +59,26 @@ _FIRST_RESTART_PAUSE = 1.0
 _LONGEST_RESTART_PAUSE = 30.0
 # What a worker must not inherit: systemd talks to the main process only.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS")
+# A worker runs this daemon's own spoold package, the one at _PACKAGE_DIR
+# (its first argument), and nothing from its working directory: ``python -m
+# spoold.daemon.worker`` would search the directory the daemon was started
+# from first, so a ``spoold/`` there (a checkout of another version, or one
+# planted in a directory others may write, such as /tmp) would run as the
+# worker, beside an owner of another version. ``-P`` keeps that directory
+# off sys.path; the package is then loaded from where the owner's is, and
+# the rest (the standard library, anyio, uvloop...) as usual.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LAUNCH = """\
+import importlib.util, runpy, sys
+where = sys.argv.pop(1)
+spec = importlib.util.spec_from_file_location(
+    "spoold", where + "/__init__.py", submodule_search_locations=[where]
+)
+package = importlib.util.module_from_spec(spec)
+sys.modules["spoold"] = package
+spec.loader.exec_module(package)
+runpy.run_module("spoold.daemon.worker", run_name="__main__", alter_sys=True)
+"""
 
 
 def worker_count(configured: int) -> int:
@@ -139,8 +159,10 @@ class IngestWorkers:
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
         command = [
             sys.executable,
-            "-m",
-            "spoold.daemon.worker",
+            "-P",  # nothing from the working directory (see _LAUNCH)
+            "-c",
+            _LAUNCH,
+            _PACKAGE_DIR,
             "--config",
             self.config_path,
             "--fds",
