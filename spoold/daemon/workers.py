@@ -59,21 +59,19 @@ _FIRST_RESTART_PAUSE = 1.0
 _LONGEST_RESTART_PAUSE = 30.0
 # What a worker must not inherit: systemd talks to the main process only.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS")
-# A worker runs this daemon's own spoold package, the one at _PACKAGE_DIR
+# A worker runs this daemon's own spoold package, the one in _PACKAGE_HOME
 # (its first argument), and nothing from its working directory: ``python -m
 # spoold.daemon.worker`` would search the directory the daemon was started
 # from first, so a ``spoold/`` there (a checkout of another version, or one
 # planted in a directory others may write, such as /tmp) would run as the
 # worker, beside an owner of another version. ``-P`` keeps that directory
-# off sys.path; the package is then loaded from where the owner's is, and
-# the rest (the standard library, anyio, uvloop...) as usual.
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# off sys.path; the package is then found in the owner's directory only
+# (sys.path unchanged), and the rest (the standard library, anyio,
+# uvloop...) as usual.
+_PACKAGE_HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LAUNCH = """\
-import importlib.util, runpy, sys
-where = sys.argv.pop(1)
-spec = importlib.util.spec_from_file_location(
-    "spoold", where + "/__init__.py", submodule_search_locations=[where]
-)
+import importlib.machinery, importlib.util, runpy, sys
+spec = importlib.machinery.PathFinder.find_spec("spoold", [sys.argv.pop(1)])
 package = importlib.util.module_from_spec(spec)
 sys.modules["spoold"] = package
 spec.loader.exec_module(package)
@@ -162,7 +160,7 @@ class IngestWorkers:
             "-P",  # nothing from the working directory (see _LAUNCH)
             "-c",
             _LAUNCH,
-            _PACKAGE_DIR,
+            _PACKAGE_HOME,
             "--config",
             self.config_path,
             "--fds",
