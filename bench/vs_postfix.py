@@ -764,7 +764,7 @@ class SpooldInstance:
         if algorithm is not None:  # a throwaway key, made as an operator would
             keygen = [self.binary, "dkim", "keygen", DKIM_DOMAIN, "bench"]
             keygen += ["--algorithm", algorithm, "--output", str(self.home / "dkim.key")]
-            run(keygen, timeout=60)
+            run(keygen, timeout=60, cwd=self.home)
         self.config_path.write_text(self.config_text())
         # Our end of the systemd notify protocol: READY=1 says spoold serves.
         # It stays open and drained while spoold runs (it sends STATUS= lines).
@@ -775,6 +775,10 @@ class SpooldInstance:
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
                 [self.binary, "run", "--config", str(self.config_path)],
+                # Started in its home: a `python -c` wrapper (or `python -m
+                # spoold`) imports spoold from its working directory first,
+                # and the harness's is often a checkout of another build.
+                cwd=self.home,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
@@ -825,7 +829,8 @@ class SpooldInstance:
         return tree_cpu_seconds(self._proc.pid)
 
     def counts(self) -> dict[str, int]:
-        out = run([self.binary, "--socket", str(self.socket_path), "count"], timeout=30).stdout
+        count = [self.binary, "--socket", str(self.socket_path), "count"]
+        out = run(count, timeout=30, cwd=self.home).stdout
         return {k: int(v) for k, v in (line.split() for line in out.splitlines() if line.strip())}
 
     def _log_events(self, event: str) -> int:
@@ -848,7 +853,7 @@ class SpooldInstance:
         workers = self._log_events("ingest worker ready")
         self.tables["log"]["level"] = self.log_level
         self.config_path.write_text(self.config_text())
-        run([self.binary, "--socket", str(self.socket_path), "reload"], timeout=30)
+        run([self.binary, "--socket", str(self.socket_path), "reload"], timeout=30, cwd=self.home)
         wait_until(
             lambda: self._log_events("ingest worker reloaded") >= workers,
             30,
