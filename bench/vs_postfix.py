@@ -882,7 +882,8 @@ class SpooldInstance:
 
     @staticmethod
     def version_of(binary: str) -> str:
-        return run([binary, "--version"], timeout=30).stdout.strip()
+        # Not in the harness's working directory either (see __enter__).
+        return run([binary, "--version"], timeout=30, cwd="/").stdout.strip()
 
 
 Server = PostfixInstance | SpooldInstance

@@ -1,9 +1,10 @@
 """The benchmark harness starts each spoold build, and runs its commands,
-in the build's own home directory under the run's work directory, never in
-the harness's working directory: a build started by a ``python -c``
-wrapper (or as ``python -m spoold``) imports spoold from its working
-directory first, and the harness is usually run from a checkout of another
-build. A stand-in for ``spoold`` records where it was started."""
+in the build's own home directory under the run's work directory (asks
+its version in ``/``), never in the harness's working directory: a build
+started by a ``python -c`` wrapper (or as ``python -m spoold``) imports
+spoold from its working directory first, and the harness is usually run
+from a checkout of another build. A stand-in for ``spoold`` records where
+it was started."""
 
 from __future__ import annotations
 
@@ -54,5 +55,6 @@ def test_a_spoold_build_runs_in_its_own_home(
 
     with harness.SpooldInstance(home, str(stand_in), 9, harness.Logs(), "info", {}):
         pass
+    harness.SpooldInstance.version_of(str(stand_in))  # for the results' header
 
-    assert record.read_text() == f"run {home}\n"
+    assert record.read_text() == f"run {home}\n--version /\n"
