@@ -828,9 +828,14 @@ class SpooldInstance:
             raise BenchError("spoold is not running")
         return tree_cpu_seconds(self._proc.pid)
 
+    def _control(self, command: str) -> str:
+        """The output of ``spoold --socket ... COMMAND`` against this
+        daemon, run in its home (see __enter__)."""
+        argv = [self.binary, "--socket", str(self.socket_path), command]
+        return run(argv, timeout=30, cwd=self.home).stdout
+
     def counts(self) -> dict[str, int]:
-        count = [self.binary, "--socket", str(self.socket_path), "count"]
-        out = run(count, timeout=30, cwd=self.home).stdout
+        out = self._control("count")
         return {k: int(v) for k, v in (line.split() for line in out.splitlines() if line.strip())}
 
     def _log_events(self, event: str) -> int:
@@ -853,7 +858,7 @@ class SpooldInstance:
         workers = self._log_events("ingest worker ready")
         self.tables["log"]["level"] = self.log_level
         self.config_path.write_text(self.config_text())
-        run([self.binary, "--socket", str(self.socket_path), "reload"], timeout=30, cwd=self.home)
+        self._control("reload")
         wait_until(
             lambda: self._log_events("ingest worker reloaded") >= workers,
             30,
